@@ -1,0 +1,3 @@
+from perpair.cli import main
+
+main()

@@ -1,0 +1,38 @@
+"""The ``perpair`` command line: a thin layer over each stage's entry point.
+
+Each stage's commands live in a module of this package and register themselves on ``app``.
+Errors perpair knows how to explain are printed as one message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from perpair.errors import PerpairError
+
+app = typer.Typer(
+    name="perpair",
+    help="Per-pair preference optimization: prepare pairs, plan per-pair beta/route/order, train, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, highlight=False)  # errors and progress
+out = Console(highlight=False, soft_wrap=True)  # results
+
+# Stage commands register on `app` when imported (order = order in --help).
+from perpair.cli import data as _data  # noqa: E402,F401
+
+
+def main() -> None:
+    try:
+        app()
+    except PerpairError as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: finished work is kept; re-run to continue")
+        sys.exit(130)

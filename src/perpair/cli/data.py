@@ -1,0 +1,116 @@
+"""``perpair prepare`` and ``perpair inspect``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from perpair.cli import app, console, out
+from perpair.data import PrepareOptions, prepare
+from perpair.data.inspect import summarize
+from perpair.data.prepare import PrepareResult
+from perpair.errors import PerpairError
+
+ROWS_SHOWN = 20
+
+
+@app.command("prepare")
+def prepare_command(
+    sources: Annotated[list[str], typer.Argument(
+        help="Files (JSONL, JSONL.gz, JSON, Parquet), local dataset folders or Hub dataset ids (owner/name).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Pairs file to write (.parquet).")],
+    format: Annotated[str | None, typer.Option(
+        help="Source layout: ultrafeedback, ultrafeedback-raw, hh-rlhf, openai, trl, columns. "
+             "Detected from the first row when not given.")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of a dataset source (default: train).")] = None,
+    revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset source.")] = None,
+    prompt_col: Annotated[str | None, typer.Option(help="Prompt column (dotted for nested fields).")] = None,
+    chosen_col: Annotated[str | None, typer.Option(help="Chosen-response column.")] = None,
+    rejected_col: Annotated[str | None, typer.Option(help="Rejected-response column.")] = None,
+    score_chosen_col: Annotated[str | None, typer.Option(help="Score of the chosen response.")] = None,
+    score_rejected_col: Annotated[str | None, typer.Option(help="Score of the rejected response.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Keep at most this many pairs.")] = None,
+    test_fraction: Annotated[float, typer.Option(
+        help="Share of pairs written to OUTPUT's .test.parquet sibling (split by pair id).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the test split and raw UltraFeedback binarization.")] = 0,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip malformed rows and count them instead of stopping.")] = False,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Stop at the first degenerate pair instead of excluding it.")] = False,
+) -> None:
+    """Read preference data in any supported layout and write canonical pairs."""
+    try:
+        options = PrepareOptions(
+            format=format, split=split, revision=revision, prompt_col=prompt_col, chosen_col=chosen_col,
+            rejected_col=rejected_col, score_chosen_col=score_chosen_col,
+            score_rejected_col=score_rejected_col, limit=limit, test_fraction=test_fraction, seed=seed,
+            skip_invalid=skip_invalid, strict=strict)
+    except ValidationError as exc:
+        raise PerpairError("invalid options: " + "; ".join(e["msg"] for e in exc.errors())) from None
+    with console.status("reading…") as status:
+        result = prepare(sources, output, options,
+                         on_progress=lambda n: status.update(f"reading… {n:,} rows"))
+    _print_prepare(result)
+
+
+def _print_prepare(result: PrepareResult) -> None:
+    for report in result.sources:
+        name = report.source.get("path") or report.source.get("dataset")
+        out.print(f"[bold]{name}[/] ({report.format}): {report.rows_read:,} rows read, "
+                      f"{report.pairs_kept:,} pairs kept")
+        for label, tally in (("malformed, skipped", report.invalid), ("degenerate, excluded", report.degenerate),
+                             ("duplicate, collapsed", report.duplicates)):
+            for reason in sorted(tally.counts):
+                rows = tally.rows[reason]
+                shown = ", ".join(map(str, rows[:ROWS_SHOWN])) + (" …" if tally.counts[reason] > ROWS_SHOWN else "")
+                out.print(f"  {label}: {reason} × {tally.counts[reason]} (rows {shown})")
+    for name, path in result.outputs.items():
+        out.print(f"wrote {result.counts[name]:,} {name} pairs to {path}")
+
+
+@app.command("inspect")
+def inspect_command(
+    file: Annotated[Path, typer.Argument(help="A pairs file written by perpair prepare.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Summarise a pairs file: counts, sources, lengths, score margins, ties."""
+    summary = summarize(str(file))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    out.print(f"[bold]{summary['file']}[/]: {summary['pairs']:,} pairs"
+              + (f" (split: {summary['split']})" if summary["split"] else ""))
+    out.print("sources: " + ", ".join(f"{k} ({v:,})" for k, v in summary["sources"].items()))
+    out.print("user turns in prompt: " + ", ".join(f"{k}: {v:,}" for k, v in summary["prompt_user_turns"].items())
+              + f"; with a system message: {summary['with_system_message']:,}")
+    lengths = Table(title="length in characters", title_justify="left")
+    lengths.add_column("part")
+    stats = ("p5", "p25", "p50", "p75", "p95", "mean", "max")
+    for stat in stats:
+        lengths.add_column(stat, justify="right")
+    for part, values in summary["length_chars"].items():
+        lengths.add_row(part, *(f"{values[s]:,.0f}" if values else "-" for s in stats))
+    out.print(lengths)
+    if summary["scored_pairs"]:
+        out.print(f"scored pairs: {summary['scored_pairs']:,}; ties (margin 0): {summary['ties']:,}; "
+                  f"negative margins: {summary['negative_margins']:,}")
+        histogram = Table(title="score margin (chosen − rejected)", title_justify="left")
+        histogram.add_column("margin", justify="right")
+        histogram.add_column("pairs", justify="right")
+        histogram.add_column("")
+        peak = max(count for _, count in summary["margin_histogram"])
+        for label, count in summary["margin_histogram"]:
+            histogram.add_row(label, f"{count:,}", "█" * max(1, round(30 * count / peak)) if count else "")
+        out.print(histogram)
+    else:
+        out.print("no scores in this file")
+    for source, kinds in summary["excluded"].items():
+        parts = [f"{kind}: " + ", ".join(f"{r} × {c}" for r, c in reasons.items())
+                 for kind, reasons in kinds.items() if reasons]
+        if parts:
+            out.print(f"excluded at prepare from {source}: " + "; ".join(parts))

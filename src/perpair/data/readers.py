@@ -1,0 +1,357 @@
+"""Readers: one function per source layout, turning a decoded row into a ``PairRecord``.
+
+A reader raises ``RowProblem`` for a malformed row (a missing or mistyped field) and ``Degenerate`` for a
+well-formed row that carries no preference signal (checked here only where it depends on the layout, such
+as HH-RLHF transcripts that disagree before the final turn; the generic checks live in ``prepare``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from perpair.data.schema import Message, PairRecord, normalise_text
+from perpair.data.sources import RowProblem
+from perpair.errors import InputError
+
+
+class Degenerate(Exception):
+    """A well-formed pair with no preference signal; ``reason`` is the counted reason."""
+
+    def __init__(self, reason: str, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Where the parts of a pair are in a row; dotted names reach into nested objects."""
+
+    prompt: str | None = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    score_chosen: str | None = None
+    score_rejected: str | None = None
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    source: str
+    row: int
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    seed: int = 0
+
+
+Reader = Callable[[dict[str, Any], ReadContext], PairRecord]
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------- field access
+
+def get(row: dict[str, Any], path: str, *, required: bool = True) -> Any:
+    """``row[path]`` where ``path`` may be dotted (``metadata.score_chosen``)."""
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            if required:
+                raise RowProblem(f"missing_field:{path}", "field is missing", path)
+            return _MISSING
+        value = value[part]
+    if value is None and required:
+        raise RowProblem(f"missing_field:{path}", "field is null", path)
+    return value
+
+
+def as_text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise RowProblem(f"wrong_type:{name}", f"expected a string, got {_type_name(value)}", name)
+    return value
+
+
+def as_score(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowProblem(f"wrong_type:{name}", f"expected a number, got {_type_name(value)}", name)
+    if not math.isfinite(value):
+        raise RowProblem(f"wrong_type:{name}", f"expected a finite number, got {value}", name)
+    return float(value)
+
+
+def as_messages(value: Any, name: str, default_role: str) -> list[Message]:
+    """A string (one message of ``default_role``) or a list of ``{"role", "content"}`` objects."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        what = "an empty list" if isinstance(value, list) else _type_name(value)
+        raise RowProblem(f"wrong_type:{name}", f"expected a string or a list of messages, got {what}", name)
+    messages = []
+    for index, message in enumerate(value):
+        where = f"{name}[{index}]"
+        if not isinstance(message, dict):
+            raise RowProblem(f"wrong_type:{name}", f"expected a message object, got {_type_name(message)}",
+                             where)
+        role = message.get("role")
+        content = message.get("content")
+        if not isinstance(role, str) or not role:
+            raise RowProblem(f"wrong_type:{name}", "message has no string 'role'", f"{where}.role")
+        if not isinstance(content, str):
+            raise RowProblem(f"wrong_type:{name}", f"message 'content' must be a string, got "
+                                                   f"{_type_name(content)}", f"{where}.content")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _meta(row: dict[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _same(a: list[Message], b: list[Message]) -> bool:
+    return len(a) == len(b) and all(
+        x["role"] == y["role"] and normalise_text(x["content"]) == normalise_text(y["content"])
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def _completion(messages: list[Message], prompt: list[Message], name: str) -> list[Message]:
+    """The assistant part of a response; a conversation that repeats the prompt first has it removed
+    (the HuggingFaceH4 layout stores ``chosen = [user prompt, assistant answer]``)."""
+    if len(messages) > len(prompt) and _same(messages[: len(prompt)], prompt):
+        messages = messages[len(prompt):]
+    if messages[0]["role"] != "assistant":
+        raise RowProblem(f"wrong_type:{name}", f"response must start with an assistant message, got role "
+                                               f"'{messages[0]['role']}' (and it does not repeat the prompt)",
+                         f"{name}[0].role")
+    return messages
+
+
+def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[float | None, float | None]:
+    """Scores from the mapped columns, else from ``score_*`` or ``metadata.score_*`` where present."""
+    if columns.score_chosen and columns.score_rejected:
+        places = [(columns.score_chosen, columns.score_rejected)]
+    else:
+        places = [("score_chosen", "score_rejected"), ("metadata.score_chosen", "metadata.score_rejected")]
+    for chosen_key, rejected_key in places:
+        found = get(row, chosen_key, required=False)
+        if found is None and not required:
+            return None, None
+        if found is not _MISSING or columns.score_chosen:
+            return (as_score(get(row, chosen_key), chosen_key),
+                    as_score(get(row, rejected_key), rejected_key))
+    if required:
+        raise RowProblem("missing_field:score_chosen",
+                         "field is missing (looked for score_chosen and metadata.score_chosen)", "score_chosen")
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------- readers
+
+def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: bool = False) -> PairRecord:
+    """TRL standard or conversational rows, explicit or implicit prompt, and the UltraFeedback binarized
+    layouts (``trl-lib``: strings + ``metadata.score_*``; ``HuggingFaceH4``: message lists + ``score_*``)."""
+    columns = ctx.columns
+    chosen_raw = get(row, columns.chosen)
+    rejected_raw = get(row, columns.rejected)
+    prompt_raw = get(row, columns.prompt, required=False) if columns.prompt else _MISSING
+    if prompt_raw is _MISSING or prompt_raw is None:
+        prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns)
+    else:
+        prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user")
+        chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant"), prompt, columns.chosen)
+        rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant"), prompt,
+                               columns.rejected)
+    score_chosen, score_rejected = _scores(row, columns, scores_required)
+    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
+                      meta=_meta(row), score_chosen=score_chosen, score_rejected=score_rejected)
+
+
+def _split_implicit(chosen_raw: Any, rejected_raw: Any,
+                    columns: ColumnMap) -> tuple[list[Message], list[Message], list[Message]]:
+    """Implicit prompt: the part the two responses share. Message lists split at the first message that
+    differs; plain strings at the first differing character, backed up to the last whitespace so that a
+    word is not cut in two (TRL's convention keeps the shared prefix as the prompt too)."""
+    if isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+        end = 0
+        limit = min(len(chosen_raw), len(rejected_raw))
+        while end < limit and chosen_raw[end] == rejected_raw[end]:
+            end += 1
+        if end < limit:
+            while end > 0 and not chosen_raw[end - 1].isspace():
+                end -= 1
+        prefix = chosen_raw[:end]
+        return ([{"role": "user", "content": prefix}],
+                [{"role": "assistant", "content": chosen_raw[end:]}],
+                [{"role": "assistant", "content": rejected_raw[end:]}])
+    chosen = as_messages(chosen_raw, columns.chosen, "assistant")
+    rejected = as_messages(rejected_raw, columns.rejected, "assistant")
+    shared = 0
+    while (shared < min(len(chosen), len(rejected)) - 1
+           and _same(chosen[shared:shared + 1], rejected[shared:shared + 1])):
+        shared += 1
+    prompt = chosen[:shared]
+    if not prompt:
+        raise RowProblem(f"missing_field:{columns.prompt or 'prompt'}",
+                         "no prompt field, and the two conversations share no leading messages",
+                         columns.prompt or "prompt")
+    if not _same(rejected[:shared], prompt):
+        raise Degenerate("transcripts_diverge", "the two conversations differ before the final turn")
+    return (prompt, _completion(chosen[shared:], prompt, columns.chosen),
+            _completion(rejected[shared:], prompt, columns.rejected))
+
+
+def read_ultrafeedback(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
+    """UltraFeedback binarized: as ``read_preference``, and the two GPT-4 overall scores are required."""
+    return read_preference(row, ctx, scores_required=True)
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _parse_transcript(text: str, name: str) -> list[Message]:
+    parts = _TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise RowProblem(f"wrong_type:{name}", "not an HH-RLHF transcript (expected '\\n\\nHuman: ...' "
+                                               "followed by '\\n\\nAssistant: ...')", name)
+    return [{"role": _HH_ROLES[speaker], "content": content.strip()}
+            for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
+
+
+def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
+    """Anthropic HH-RLHF: two full transcripts; the prompt is their shared conversation, parsed into
+    messages, and the responses are the final assistant turns."""
+    chosen = _parse_transcript(as_text(get(row, "chosen"), "chosen"), "chosen")
+    rejected = _parse_transcript(as_text(get(row, "rejected"), "rejected"), "rejected")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns[-1]["role"] != "assistant":
+            raise RowProblem(f"wrong_type:{name}", "transcript does not end with an Assistant turn", name)
+    record = PairRecord(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=ctx.source,
+                        source_row=ctx.row, meta=_meta(row))
+    if not _same(chosen[:-1], rejected[:-1]):
+        raise Degenerate("transcripts_diverge", "the two transcripts differ before the final Assistant turn")
+    return record
+
+
+def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
+    """OpenAI preference fine-tuning layout: ``input.messages``, ``preferred_output``,
+    ``non_preferred_output`` (lists of assistant messages)."""
+    prompt = as_messages(get(row, "input.messages"), "input.messages", "user")
+    chosen = _completion(as_messages(get(row, "preferred_output"), "preferred_output", "assistant"), prompt,
+                         "preferred_output")
+    rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant"),
+                           prompt, "non_preferred_output")
+    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
+                      meta=_meta(row))
+
+
+ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+
+
+def _aspect_ratings(completion: dict[str, Any], where: str) -> dict[str, float]:
+    """Per-aspect GPT-4 ratings of one raw UltraFeedback completion (``"N/A"`` ratings are left out)."""
+    annotations = completion.get("annotations")
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, dict):
+        raise RowProblem("wrong_type:completions", f"expected an object, got {_type_name(annotations)}",
+                         f"{where}.annotations")
+    ratings = {}
+    for aspect in ASPECTS:
+        entry = annotations.get(aspect)
+        if isinstance(entry, list):  # some releases wrap each aspect in a one-element list
+            entry = entry[0] if entry else None
+        if entry is None:
+            continue
+        rating = entry.get("Rating") if isinstance(entry, dict) else None
+        if rating in (None, "N/A", ""):
+            continue
+        try:
+            value = float(rating)
+        except (TypeError, ValueError):
+            raise RowProblem("wrong_type:completions", f"rating {rating!r} is not a number",
+                             f"{where}.annotations.{aspect}.Rating") from None
+        if not math.isfinite(value):
+            raise RowProblem("wrong_type:completions", f"rating {rating!r} is not finite",
+                             f"{where}.annotations.{aspect}.Rating")
+        ratings[aspect] = value
+    return ratings
+
+
+def read_ultrafeedback_raw(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
+    """Raw UltraFeedback (``instruction`` + four rated ``completions``), binarized deterministically as the
+    HuggingFaceH4 recipe does: the best ``overall_score`` is chosen (the first in list order on a tie), and
+    the rejected response is a seeded choice among the others. The choice depends only on ``--seed`` and
+    the instruction text, never on row order. Both responses keep their per-aspect ratings."""
+    instruction = as_text(get(row, "instruction"), "instruction")
+    completions = get(row, "completions")
+    if not isinstance(completions, list):
+        raise RowProblem("wrong_type:completions", f"expected a list, got {_type_name(completions)}",
+                         "completions")
+    parsed = []
+    for index, completion in enumerate(completions):
+        where = f"completions[{index}]"
+        if not isinstance(completion, dict):
+            raise RowProblem("wrong_type:completions", f"expected an object, got {_type_name(completion)}",
+                             where)
+        response = as_text(get(completion, "response"), f"{where}.response")
+        score = as_score(get(completion, "overall_score"), f"{where}.overall_score")
+        parsed.append((response, score, _aspect_ratings(completion, where)))
+    if len(parsed) < 2:
+        raise Degenerate("too_few_responses", f"{len(parsed)} completion(s); a pair needs two", "completions")
+    best = max(range(len(parsed)), key=lambda i: (parsed[i][1], -i))
+    others = [i for i in range(len(parsed)) if i != best]
+    digest = hashlib.sha256(f"{ctx.seed}\x00{instruction}".encode()).digest()
+    worse = others[int.from_bytes(digest[:8], "big") % len(others)]
+    return PairRecord(
+        prompt=[{"role": "user", "content": instruction}],
+        chosen=[{"role": "assistant", "content": parsed[best][0]}],
+        rejected=[{"role": "assistant", "content": parsed[worse][0]}],
+        source=ctx.source, source_row=ctx.row, meta=_meta(row),
+        score_chosen=parsed[best][1], score_rejected=parsed[worse][1],
+        ratings_chosen=parsed[best][2], ratings_rejected=parsed[worse][2],
+    )
+
+
+READERS: dict[str, Reader] = {
+    "ultrafeedback": read_ultrafeedback,
+    "ultrafeedback-raw": read_ultrafeedback_raw,
+    "hh-rlhf": read_hh_rlhf,
+    "openai": read_openai,
+    "trl": read_preference,
+    "columns": read_preference,
+}
+FORMATS = tuple(READERS)
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    """The layout a row is in, from its fields; ``None`` when it is none we know."""
+    if "instruction" in row and "completions" in row:
+        return "ultrafeedback-raw"
+    if "input" in row and "preferred_output" in row:
+        return "openai"
+    if "chosen" in row and "rejected" in row:
+        if "prompt" in row:
+            has_scores = "score_chosen" in row or (
+                isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])
+            return "ultrafeedback" if has_scores else "trl"
+        chosen = row["chosen"]
+        if isinstance(chosen, str) and "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
+            return "hh-rlhf"
+        return "trl"
+    return None
+
+
+def reader_for(name: str) -> Reader:
+    if name not in READERS:
+        raise InputError(f"unknown format '{name}'; known formats: {', '.join(FORMATS)}")
+    return READERS[name]

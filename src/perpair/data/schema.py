@@ -1,0 +1,107 @@
+"""The canonical preference pair, its stable id and its Parquet schema.
+
+``pair_id`` is defined so that anyone can recompute it from the pair's content alone:
+
+1. Each message becomes ``[role, content]``, with ``content`` normalised: line endings ``\\r\\n`` and
+   ``\\r`` become ``\\n``, Unicode is put in NFC form, and leading and trailing whitespace is stripped.
+2. The pair becomes the JSON array ``[prompt, chosen, rejected]`` (each a list of ``[role, content]``),
+   serialised with no whitespace between tokens and non-ASCII characters written as they are
+   (``json.dumps(value, separators=(",", ":"), ensure_ascii=False)``), encoded as UTF-8.
+3. ``pair_id`` is the first 16 hexadecimal digits of the SHA-256 of those bytes.
+
+So the same pair has the same id whichever file format it was read from (a plain-string response and a
+one-message assistant list are the same pair), and the id changes when any of the three parts changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+KIND = "pairs"
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)
+RATINGS_TYPE = pa.map_(pa.string(), pa.float64())
+
+ARROW_SCHEMA = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("prompt", MESSAGES_TYPE, nullable=False),
+    pa.field("chosen", MESSAGES_TYPE, nullable=False),
+    pa.field("rejected", MESSAGES_TYPE, nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("source_row", pa.int64(), nullable=False),
+    pa.field("score_chosen", pa.float64()),
+    pa.field("score_rejected", pa.float64()),
+    pa.field("ratings_chosen", RATINGS_TYPE),
+    pa.field("ratings_rejected", RATINGS_TYPE),
+    pa.field("meta", pa.string(), nullable=False),
+])
+
+Message = dict[str, str]
+
+
+def normalise_text(text: str) -> str:
+    """The normal form of a message's content used by ``pair_id`` (see the module docstring)."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def compute_pair_id(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
+    """The stable content hash of a pair (see the module docstring for the exact recipe)."""
+    parts = [[[m["role"], normalise_text(m["content"])] for m in messages]
+             for messages in (prompt, chosen, rejected)]
+    payload = json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+@dataclass
+class PairRecord:
+    """One preference pair in canonical form.
+
+    ``prompt`` is the conversation before the responses (system, user and earlier assistant turns);
+    ``chosen`` and ``rejected`` are the assistant messages that answer it. ``meta`` is the untouched
+    source row as JSON text.
+    """
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+    source: str
+    source_row: int
+    meta: str
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+    ratings_chosen: dict[str, float] | None = None
+    ratings_rejected: dict[str, float] | None = None
+    pair_id: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.pair_id:
+            self.pair_id = compute_pair_id(self.prompt, self.chosen, self.rejected)
+
+    def as_row(self) -> dict[str, Any]:
+        row = {name: getattr(self, name) for name in ARROW_SCHEMA.names}
+        for key in ("ratings_chosen", "ratings_rejected"):
+            if row[key] is not None:
+                row[key] = list(row[key].items())
+        return row
+
+
+def records_to_table(records: list[PairRecord]) -> pa.Table:
+    """Arrow table of records in the canonical schema (column order and types fixed)."""
+    columns: dict[str, list[Any]] = {name: [] for name in ARROW_SCHEMA.names}
+    for record in records:
+        for name, value in record.as_row().items():
+            columns[name].append(value)
+    return pa.Table.from_pydict(columns, schema=ARROW_SCHEMA)
+
+
+def text_of(messages: list[Message]) -> str:
+    """The contents of a message list joined by blank lines (for lengths and display)."""
+    return "\n\n".join(m["content"] for m in messages)

@@ -1,0 +1,171 @@
+"""Reading source rows: JSON Lines (optionally gzip), JSON arrays, Parquet, and Hugging Face datasets.
+
+Every source yields ``(row_number, value)`` with 1-based row numbers (the line number in a JSON Lines
+file, the position in an array or table). A row that cannot be decoded is yielded as a ``RowProblem``
+in place of its value, so the caller decides whether it stops the run or is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from perpair.artifacts import file_sha256
+from perpair.errors import InputError
+
+HUB_ID = re.compile(r"^(hub:)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class RowProblem(Exception):
+    """A malformed row: ``code`` is the short reason it is counted under, ``field`` what is wrong."""
+
+    def __init__(self, code: str, problem: str, field: str | None = None):
+        super().__init__(problem)
+        self.code = code
+        self.problem = problem
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where rows come from: a local file, or a dataset loaded through ``datasets.load_dataset``."""
+
+    spec: str                  # as the user gave it
+    kind: str                  # "file" or "dataset"
+    split: str | None = None
+    revision: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short, machine-independent name stored in each pair's ``source`` column."""
+        if self.kind == "file":
+            return Path(self.spec).name
+        name = self.spec.removeprefix("hub:")
+        return f"{name}:{self.split}" if self.split else name
+
+
+def resolve_source(spec: str, split: str | None = None, revision: str | None = None) -> Source:
+    """A local file if ``spec`` names one; a Hub dataset id (``owner/name`` or ``hub:owner/name``) or a
+    local dataset folder otherwise (both go through ``datasets.load_dataset``)."""
+    path = Path(spec)
+    if path.is_file():
+        return Source(spec, "file")
+    if path.is_dir() or HUB_ID.match(spec):
+        return Source(spec, "dataset", split or "train", revision)
+    raise InputError("no such file, and not a Hugging Face dataset id (owner/name)", file=spec)
+
+
+def describe(source: Source) -> dict[str, Any]:
+    """Provenance of a source: the file's SHA-256, or the dataset's id, split, revision and fingerprint."""
+    if source.kind == "file":
+        return {"path": source.spec, "sha256": file_sha256(source.spec), "bytes": os.path.getsize(source.spec)}
+    return {"dataset": source.spec.removeprefix("hub:"), "split": source.split, "revision": source.revision}
+
+
+def iter_rows(source: Source) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row_number, value_or_RowProblem)`` for every row of ``source``."""
+    if source.kind == "dataset":
+        yield from _iter_dataset(source)
+        return
+    name = source.spec.lower()
+    if name.endswith((".parquet", ".pq")):
+        yield from _iter_parquet(source.spec)
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(source.spec, "rb") as handle:
+            first = _first_byte(handle)
+        with opener(source.spec, "rb") as handle:
+            if first == b"[":
+                yield from _iter_json_array(source.spec, handle)
+            else:
+                yield from _iter_json_lines(source.spec, handle)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"compressed file is truncated or corrupt ({exc})", file=source.spec) from None
+
+
+def _first_byte(handle: io.BufferedIOBase) -> bytes:
+    while chunk := handle.read(4096):
+        stripped = chunk.lstrip()
+        if stripped.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+            stripped = stripped[3:].lstrip()
+        if stripped:
+            return stripped[:1]
+    return b""
+
+
+def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+    number = 0
+    while True:
+        try:
+            line = handle.readline()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise InputError(f"compressed file is truncated or corrupt after row {number} ({exc})",
+                             file=path) from None
+        if not line:
+            return
+        number += 1
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, RowProblem("not_utf8", f"line is not valid UTF-8 (byte {line[exc.start]:#04x} at "
+                                                 f"position {exc.start})")
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
+                                                         f"({exc.msg} at column {exc.colno})")
+
+
+def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+    raw = handle.read()
+    try:
+        values = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"file is not valid UTF-8 (byte offset {exc.start})", file=path) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"not valid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno}, "
+                         f"column {exc.colno})", file=path) from None
+    if not isinstance(values, list):
+        raise InputError("a JSON file must hold an array of rows (or be JSON Lines)", file=path)
+    yield from enumerate(values, start=1)
+
+
+def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        number = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
+
+
+def _iter_dataset(source: Source) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    name = source.spec.removeprefix("hub:")
+    try:
+        dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
+        raise InputError(f"could not load the dataset (split {source.split!r}): "
+                         f"{type(exc).__name__}: {exc}", file=source.spec) from None
+    yield from enumerate(dataset, start=1)

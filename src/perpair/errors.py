@@ -1,0 +1,28 @@
+"""Errors a user can act on. The CLI prints them as one clear message, never a traceback."""
+
+from __future__ import annotations
+
+
+class PerpairError(Exception):
+    """Base class for every error perpair reports to the user."""
+
+
+class InputError(PerpairError):
+    """Bad input that names where it is: file, row (1-based) and field."""
+
+    def __init__(self, problem: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None):
+        self.problem = problem
+        self.file = file
+        self.row = row
+        self.field = field
+        where = ", ".join(p for p in (
+            file and f"file {file}",
+            row is not None and f"row {row}",
+            field and f"field '{field}'",
+        ) if p)
+        super().__init__(f"{where}: {problem}" if where else problem)
+
+
+class ArtifactMismatch(PerpairError):
+    """An artifact does not match the input it claims to be built from."""

@@ -1,0 +1,196 @@
+"""Each reader and source type on small inputs written here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import FIXTURES, UF_TRAIN, run_cli
+
+from perpair.data import PrepareOptions, prepare, read_pairs
+from perpair.data.prepare import in_test_split
+from perpair.errors import InputError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pairs(path):
+    return read_pairs(str(path))[0].to_pylist()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_raw_ultrafeedback_binarizes_like_the_h4_recipe(tmp_path):
+    out = tmp_path / "raw.parquet"
+    result = prepare([str(FIXTURES / "ultrafeedback_raw.jsonl")], out)
+    rows = pairs(out)
+    raw = [json.loads(line) for line in (FIXTURES / "ultrafeedback_raw.jsonl").read_text().splitlines()]
+    assert [r["source_row"] for r in rows] == [1, 2]
+    for r in rows:
+        completions = raw[r["source_row"] - 1]["completions"]
+        best = max(c["overall_score"] for c in completions)
+        assert r["score_chosen"] == best
+        chosen = next(c for c in completions if c["response"] == r["chosen"][0]["content"])
+        rejected = next(c for c in completions if c["response"] == r["rejected"][0]["content"])
+        assert chosen is not rejected
+        assert dict(r["ratings_chosen"]) == {
+            k: float(v["Rating"]) for k, v in chosen["annotations"].items() if v["Rating"] != "N/A"}
+        assert dict(r["ratings_rejected"]) == {
+            k: float(v["Rating"]) for k, v in rejected["annotations"].items() if v["Rating"] != "N/A"}
+    # Row 2 has two completions at the best score: the first in list order is chosen.
+    assert rows[1]["chosen"][0]["content"].startswith("Crimson")
+    degenerate = result.sources[0].degenerate.rows
+    assert degenerate == {"identical_responses": [3], "too_few_responses": [4]}
+
+
+def test_raw_ultrafeedback_rejected_choice_is_seeded_and_order_free(tmp_path):
+    lines = (FIXTURES / "ultrafeedback_raw.jsonl").read_text().splitlines()
+    write_jsonl(tmp_path / "reversed.jsonl", [json.loads(line) for line in reversed(lines)])
+    chosen_by_seed = {}
+    for seed in range(8):
+        forward = pairs(prepare([str(FIXTURES / "ultrafeedback_raw.jsonl")], tmp_path / f"f{seed}.parquet",
+                                PrepareOptions(seed=seed)).outputs["train"])
+        backward = pairs(prepare([str(tmp_path / "reversed.jsonl")], tmp_path / f"b{seed}.parquet",
+                                 PrepareOptions(seed=seed)).outputs["train"])
+        assert {r["pair_id"] for r in forward} == {r["pair_id"] for r in backward}
+        chosen_by_seed[seed] = forward[0]["rejected"][0]["content"]
+    assert len(set(chosen_by_seed.values())) > 1  # the seed matters
+
+
+def test_trl_standard_explicit_and_implicit_prompt(tmp_path):
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
+    implicit = write_jsonl(tmp_path / "implicit.jsonl", [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."}])
+    a = pairs(prepare([str(explicit)], tmp_path / "a.parquet").outputs["train"])[0]
+    b = pairs(prepare([str(implicit)], tmp_path / "b.parquet").outputs["train"])[0]
+    assert b["prompt"] == [user("The sky is ")]
+    assert b["chosen"] == [assistant("blue.")] and b["rejected"] == [assistant("green.")]
+    assert a["pair_id"] == b["pair_id"]  # same content once normalised
+
+
+def test_trl_conversational_explicit_and_implicit_prompt(tmp_path):
+    prompt = [{"role": "system", "content": "Be terse."}, user("2+2?")]
+    rows_explicit = [{"prompt": prompt, "chosen": [assistant("4")], "rejected": [assistant("5")]}]
+    rows_implicit = [{"chosen": prompt + [assistant("4")], "rejected": prompt + [assistant("5")]}]
+    a = pairs(prepare([str(write_jsonl(tmp_path / "e.jsonl", rows_explicit))], tmp_path / "a.parquet")
+              .outputs["train"])[0]
+    b = pairs(prepare([str(write_jsonl(tmp_path / "i.jsonl", rows_implicit))], tmp_path / "b.parquet")
+              .outputs["train"])[0]
+    assert a["prompt"] == b["prompt"] == prompt
+    assert a["pair_id"] == b["pair_id"]
+    assert a["score_chosen"] is None
+
+
+def test_column_mapping_with_nested_fields(tmp_path):
+    rows = [{"q": {"text": "Name a prime."}, "good": "7", "bad": "8", "s": {"good": 9, "bad": 2}}]
+    out = tmp_path / "m.parquet"
+    prepare([str(write_jsonl(tmp_path / "m.jsonl", rows))], out, PrepareOptions(
+        prompt_col="q.text", chosen_col="good", rejected_col="bad", score_chosen_col="s.good",
+        score_rejected_col="s.bad"))
+    row = pairs(out)[0]
+    assert row["prompt"] == [user("Name a prime.")] and row["chosen"] == [assistant("7")]
+    assert (row["score_chosen"], row["score_rejected"]) == (9.0, 2.0)
+    with pytest.raises(InputError, match="row 1, field 's.bad'"):
+        write_jsonl(tmp_path / "m2.jsonl", [{**rows[0], "s": {"good": 9}}])
+        prepare([str(tmp_path / "m2.jsonl")], tmp_path / "m2.parquet", PrepareOptions(
+            prompt_col="q.text", chosen_col="good", rejected_col="bad", score_chosen_col="s.good",
+            score_rejected_col="s.bad"))
+
+
+def test_unknown_layout_asks_for_a_format_or_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(InputError, match=r"row 1.*--format"):
+        prepare([str(path)], tmp_path / "o.parquet")
+
+
+def test_json_array_parquet_and_dataset_folder_sources(tmp_path):
+    """The Hub code path (datasets.load_dataset) is exercised on a local dataset folder."""
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][:20]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000.parquet")
+    ids = []
+    for source in (tmp_path / "rows.json", folder):
+        out = tmp_path / f"{source.name}.parquet"
+        result = prepare([str(source)], out)
+        ids.append([r["pair_id"] for r in pairs(out)])
+        assert result.sources[0].format == "ultrafeedback"
+    assert ids[0] == ids[1] and len(ids[0]) == 20
+    assert read_pairs(str(tmp_path / "dataset.parquet"))[1]["sources"][0]["split"] == "train"
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    result = run_cli("prepare", tmp_path / "nope.jsonl", "-o", tmp_path / "o.parquet", check=False)
+    assert result.returncode == 2
+    assert "nope.jsonl" in result.stderr and "no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_non_utf8_line_and_truncated_gzip(tmp_path):
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + '{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}'.encode("latin-1")
+                     + b"\n")
+    with pytest.raises(InputError, match=r"row 2: line is not valid UTF-8"):
+        prepare([str(path)], tmp_path / "o.parquet")
+    result = prepare([str(path)], tmp_path / "o.parquet", PrepareOptions(skip_invalid=True))
+    assert result.sources[0].invalid.rows == {"not_utf8": [2]}
+    assert result.counts == {"train": 1}
+
+    data = gzip.compress(gzip.open(UF_TRAIN).read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        prepare([str(tmp_path / "cut.jsonl.gz")], tmp_path / "cut.parquet")
+    assert not (tmp_path / "cut.parquet").exists()
+
+
+def test_several_sources_limit_and_duplicates(tmp_path):
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][:30]
+    first = write_jsonl(tmp_path / "a.jsonl", rows[:20])
+    second = write_jsonl(tmp_path / "b.jsonl", rows[10:30])  # rows 1-10 repeat the first file's 11-20
+    out = tmp_path / "ab.parquet"
+    result = prepare([str(first), str(second)], out)
+    assert result.counts == {"train": 30}
+    assert result.sources[1].duplicates.rows == {"duplicate": list(range(1, 11))}
+    assert [r["source"] for r in pairs(out)] == ["a.jsonl"] * 20 + ["b.jsonl"] * 10
+    limited = prepare([str(first), str(second)], tmp_path / "l.parquet", PrepareOptions(limit=25))
+    assert limited.counts == {"train": 25}
+
+
+def test_test_split_is_deterministic_and_disjoint(tmp_path):
+    result = prepare([str(UF_TRAIN)], tmp_path / "s.parquet", PrepareOptions(test_fraction=0.2, seed=3))
+    train = {r["pair_id"] for r in pairs(result.outputs["train"])}
+    test = {r["pair_id"] for r in pairs(result.outputs["test"])}
+    assert result.outputs["test"].name == "s.test.parquet"
+    assert not train & test and len(train | test) == 994
+    assert 150 < len(test) < 250
+    assert all(in_test_split(pair_id, 3, 0.2) for pair_id in test)
+    other = prepare([str(UF_TRAIN)], tmp_path / "t.parquet", PrepareOptions(test_fraction=0.2, seed=4))
+    assert {r["pair_id"] for r in pairs(other.outputs["test"])} != test
+
+
+def test_invalid_options_are_reported(tmp_path):
+    result = run_cli("prepare", UF_TRAIN, "-o", tmp_path / "o.parquet", "--test-fraction", "1.5", check=False)
+    assert result.returncode == 2 and "invalid options" in result.stderr
+    result = run_cli("prepare", UF_TRAIN, "-o", tmp_path / "o.parquet", "--format", "csv", check=False)
+    assert result.returncode == 2 and "unknown format 'csv'" in result.stderr
+
+
+def test_inspect_refuses_a_file_that_is_not_a_pairs_artifact(tmp_path):
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "x.parquet")
+    result = run_cli("inspect", tmp_path / "x.parquet", check=False)
+    assert result.returncode == 2 and "not a perpair artifact" in result.stderr
