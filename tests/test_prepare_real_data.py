@@ -8,8 +8,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import HH_TEST, ORCA, UF_TRAIN, run_cli
 
+from conftest import HH_TEST, ORCA, UF_TRAIN, run_cli
 from perpair.data import read_pairs
 
 

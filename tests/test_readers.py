@@ -8,8 +8,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FIXTURES, UF_TRAIN, run_cli
 
+from conftest import FIXTURES, UF_TRAIN, run_cli
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.prepare import in_test_split
 from perpair.errors import InputError
@@ -130,7 +130,8 @@ def test_json_array_parquet_and_dataset_folder_sources(tmp_path):
         ids.append([r["pair_id"] for r in pairs(out)])
         assert result.sources[0].format == "ultrafeedback"
     assert ids[0] == ids[1] and len(ids[0]) == 20
-    assert read_pairs(str(tmp_path / "dataset.parquet"))[1]["sources"][0]["split"] == "train"
+    dataset_provenance = read_pairs(str(tmp_path / "dataset.parquet"))[1]["sources"][0]
+    assert dataset_provenance["split"] == "train" and dataset_provenance["fingerprint"]
 
 
 def test_missing_source_is_a_clear_error(tmp_path):

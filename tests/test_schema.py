@@ -26,7 +26,7 @@ def test_pair_id_follows_the_documented_recipe():
     chosen, rejected = msgs("assistant", " Yes. "), msgs("assistant", "No.")
     assert compute_pair_id(prompt, chosen, rejected) == by_the_docs(prompt, chosen, rejected)
     # Hand-computed once from the recipe for a fixed pair, so a change of recipe is caught.
-    payload = '[[["user","2+2?"]],[["assistant","4"]],[["assistant","5"]]]'.encode()
+    payload = b'[[["user","2+2?"]],[["assistant","4"]],[["assistant","5"]]]'
     assert compute_pair_id(msgs("user", "2+2?"), msgs("assistant", "4"), msgs("assistant", "5")) == \
         hashlib.sha256(payload).hexdigest()[:16]
 

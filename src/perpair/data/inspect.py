@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from perpair.data.schema import KIND, SCHEMA_VERSION
 from perpair.artifacts import read_artifact
+from perpair.data.schema import KIND, SCHEMA_VERSION
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

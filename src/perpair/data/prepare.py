@@ -157,7 +157,7 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
         source = resolve_source(spec, options.split, options.revision)
         report = SourceReport(describe(source))
         reports.append(report)
-        for number, value in iter_rows(source):
+        for number, value in iter_rows(source, report.source):
             if options.limit is not None and len(records) >= options.limit:
                 break
             report.rows_read += 1

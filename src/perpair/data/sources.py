@@ -64,16 +64,17 @@ def resolve_source(spec: str, split: str | None = None, revision: str | None = N
 
 
 def describe(source: Source) -> dict[str, Any]:
-    """Provenance of a source: the file's SHA-256, or the dataset's id, split, revision and fingerprint."""
+    """Provenance of a source: the file's SHA-256, or the dataset's id, split and revision."""
     if source.kind == "file":
         return {"path": source.spec, "sha256": file_sha256(source.spec), "bytes": os.path.getsize(source.spec)}
     return {"dataset": source.spec.removeprefix("hub:"), "split": source.split, "revision": source.revision}
 
 
-def iter_rows(source: Source) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row_number, value_or_RowProblem)`` for every row of ``source``."""
+def iter_rows(source: Source, provenance: dict[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
+    """Yield ``(row_number, value_or_RowProblem)`` for every row of ``source``. For a dataset source, its
+    fingerprint (which identifies the loaded data) is added to ``provenance`` once it is loaded."""
     if source.kind == "dataset":
-        yield from _iter_dataset(source)
+        yield from _iter_dataset(source, provenance if provenance is not None else {})
         return
     name = source.spec.lower()
     if name.endswith((".parquet", ".pq")):
@@ -159,7 +160,7 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
         raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
 
 
-def _iter_dataset(source: Source) -> Iterator[tuple[int, Any]]:
+def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[int, Any]]:
     import datasets
 
     name = source.spec.removeprefix("hub:")
@@ -168,4 +169,5 @@ def _iter_dataset(source: Source) -> Iterator[tuple[int, Any]]:
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
         raise InputError(f"could not load the dataset (split {source.split!r}): "
                          f"{type(exc).__name__}: {exc}", file=source.spec) from None
+    provenance["fingerprint"] = getattr(dataset, "_fingerprint", None)
     yield from enumerate(dataset, start=1)

