@@ -14,6 +14,7 @@ Exact duplicates (same ``pair_id``) are collapsed to their first occurrence and 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,16 +158,18 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
         source = resolve_source(spec, options.split, options.revision)
         report = SourceReport(describe(source))
         reports.append(report)
-        for number, value in iter_rows(source, report.source):
+        label = source.label
+        for number, value, text in iter_rows(source, report.source):
             if options.limit is not None and len(records) >= options.limit:
                 break
             report.rows_read += 1
             rows_total += 1
             if on_progress and rows_total % 1000 == 0:
                 on_progress(rows_total)
-            record = _read_row(source, number, value, options, report)
+            record = _read_row(source, label, number, value, options, report)
             if record is None:
                 continue
+            record.meta = text if text is not None else json.dumps(value, ensure_ascii=False, default=str)
             if record.pair_id in seen:
                 report.duplicates.add("duplicate", number)
                 continue
@@ -176,7 +179,7 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     return _write(records, Path(output), options, reports)
 
 
-def _read_row(source: Source, number: int, value: Any, options: PrepareOptions,
+def _read_row(source: Source, label: str, number: int, value: Any, options: PrepareOptions,
               report: SourceReport) -> PairRecord | None:
     """One row to a record; ``None`` when it is skipped (and counted). Raises on what must stop the run."""
     try:
@@ -191,7 +194,7 @@ def _read_row(source: Source, number: int, value: Any, options: PrepareOptions,
                     f"cannot tell the layout from the fields {sorted(value)[:12]}; name it with --format "
                     f"({', '.join(FORMATS)}) or map columns with --prompt-col/--chosen-col/--rejected-col",
                     file=source.spec, row=number)
-        context = ReadContext(source=source.label, row=number, columns=options.column_map or ColumnMap(),
+        context = ReadContext(source=label, row=number, columns=options.column_map or ColumnMap(),
                               seed=options.seed)
         record = reader_for(report.format)(value, context)
         problem = _generic_degenerate(record)

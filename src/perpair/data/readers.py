@@ -8,7 +8,6 @@ as HH-RLHF transcripts that disagree before the final turn; the generic checks l
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections.abc import Callable
@@ -112,10 +111,6 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _meta(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False, default=str)
-
-
 def _same(a: list[Message], b: list[Message]) -> bool:
     return len(a) == len(b) and all(
         x["role"] == y["role"] and normalise_text(x["content"]) == normalise_text(y["content"])
@@ -172,7 +167,7 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
                                columns.rejected)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      meta=_meta(row), score_chosen=score_chosen, score_rejected=score_rejected)
+                      score_chosen=score_chosen, score_rejected=score_rejected)
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any,
@@ -236,7 +231,7 @@ def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
         if turns[-1]["role"] != "assistant":
             raise RowProblem(f"wrong_type:{name}", "transcript does not end with an Assistant turn", name)
     record = PairRecord(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=ctx.source,
-                        source_row=ctx.row, meta=_meta(row))
+                        source_row=ctx.row)
     if not _same(chosen[:-1], rejected[:-1]):
         raise Degenerate("transcripts_diverge", "the two transcripts differ before the final Assistant turn")
     return record
@@ -250,8 +245,7 @@ def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
                          "preferred_output")
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant"),
                            prompt, "non_preferred_output")
-    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      meta=_meta(row))
+    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row)
 
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -316,7 +310,7 @@ def read_ultrafeedback_raw(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
         prompt=[{"role": "user", "content": instruction}],
         chosen=[{"role": "assistant", "content": parsed[best][0]}],
         rejected=[{"role": "assistant", "content": parsed[worse][0]}],
-        source=ctx.source, source_row=ctx.row, meta=_meta(row),
+        source=ctx.source, source_row=ctx.row,
         score_chosen=parsed[best][1], score_rejected=parsed[worse][1],
         ratings_chosen=parsed[best][2], ratings_rejected=parsed[worse][2],
     )

@@ -74,7 +74,7 @@ class PairRecord:
     rejected: list[Message]
     source: str
     source_row: int
-    meta: str
+    meta: str = ""
     score_chosen: float | None = None
     score_rejected: float | None = None
     ratings_chosen: dict[str, float] | None = None

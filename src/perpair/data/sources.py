@@ -1,8 +1,9 @@
 """Reading source rows: JSON Lines (optionally gzip), JSON arrays, Parquet, and Hugging Face datasets.
 
-Every source yields ``(row_number, value)`` with 1-based row numbers (the line number in a JSON Lines
-file, the position in an array or table). A row that cannot be decoded is yielded as a ``RowProblem``
-in place of its value, so the caller decides whether it stops the run or is skipped and counted.
+Every source yields ``(row_number, value, text)`` with 1-based row numbers (the line number in a JSON
+Lines file, the position in an array or table) and, for JSON Lines, the row's own text (kept as the
+pair's untouched ``meta``). A row that cannot be decoded is yielded as a ``RowProblem`` in place of its
+value, so the caller decides whether it stops the run or is skipped and counted.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def describe(source: Source) -> dict[str, Any]:
     return {"dataset": source.spec.removeprefix("hub:"), "split": source.split, "revision": source.revision}
 
 
-def iter_rows(source: Source, provenance: dict[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(row_number, value_or_RowProblem)`` for every row of ``source``. For a dataset source, its
+def iter_rows(source: Source, provenance: dict[str, Any] | None = None) -> Iterator[tuple[int, Any, str | None]]:
+    """Yield ``(row_number, value_or_RowProblem, text_or_None)`` for every row of ``source``. For a dataset source, its
     fingerprint (which identifies the loaded data) is added to ``provenance`` once it is loaded."""
     if source.kind == "dataset":
         yield from _iter_dataset(source, provenance if provenance is not None else {})
@@ -103,7 +104,7 @@ def _first_byte(handle: io.BufferedIOBase) -> bytes:
     return b""
 
 
-def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     number = 0
     while True:
         try:
@@ -122,16 +123,16 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             yield number, RowProblem("not_utf8", f"line is not valid UTF-8 (byte {line[exc.start]:#04x} at "
-                                                 f"position {exc.start})")
+                                                 f"position {exc.start})"), None
             continue
         try:
-            yield number, json.loads(text)
+            yield number, json.loads(text), text.strip()
         except json.JSONDecodeError as exc:
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
-                                                         f"({exc.msg} at column {exc.colno})")
+                                                         f"({exc.msg} at column {exc.colno})"), None
 
 
-def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
+def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     raw = handle.read()
     try:
         values = json.loads(raw.decode("utf-8-sig"))
@@ -142,10 +143,11 @@ def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
                          f"column {exc.colno})", file=path) from None
     if not isinstance(values, list):
         raise InputError("a JSON file must hold an array of rows (or be JSON Lines)", file=path)
-    yield from enumerate(values, start=1)
+    for number, value in enumerate(values, start=1):
+        yield number, value, None
 
 
-def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
+def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -155,12 +157,12 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any]]:
         for batch in parquet.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 number += 1
-                yield number, row
+                yield number, row, None
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
 
 
-def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[int, Any]]:
+def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[int, Any, str | None]]:
     import datasets
 
     name = source.spec.removeprefix("hub:")
@@ -170,4 +172,5 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
         raise InputError(f"could not load the dataset (split {source.split!r}): "
                          f"{type(exc).__name__}: {exc}", file=source.spec) from None
     provenance["fingerprint"] = getattr(dataset, "_fingerprint", None)
-    yield from enumerate(dataset, start=1)
+    for number, row in enumerate(dataset, start=1):
+        yield number, row, None
