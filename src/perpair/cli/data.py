@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -52,9 +53,10 @@ def prepare_command(
             skip_invalid=skip_invalid, strict=strict)
     except ValidationError as exc:
         raise PerpairError("invalid options: " + "; ".join(e["msg"] for e in exc.errors())) from None
+    start = time.perf_counter()
     with console.status("reading…") as status:
-        result = prepare(sources, output, options,
-                         on_progress=lambda n: status.update(f"reading… {n:,} rows"))
+        result = prepare(sources, output, options, on_progress=lambda n: status.update(
+            f"reading… {n:,} rows ({n / (time.perf_counter() - start):,.0f} rows/s)"))
     _print_prepare(result)
 
 
