@@ -4,6 +4,7 @@ Each stage's commands live in a module of this package and register themselves o
 Errors perpair knows how to explain are printed as one message and exit with status 2.
 """
 
+# ruff: noqa: I001  (stage commands are imported in pipeline order, which is their order in --help)
 from __future__ import annotations
 
 import sys

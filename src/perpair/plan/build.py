@@ -1,0 +1,312 @@
+"""Build, write and load a plan: per pair a β, a route and a position in the curriculum.
+
+I/O stays here at the edges (reading pairs and annotations, hashing, writing the artifact); the maths is
+in :mod:`perpair.plan.beta`, :mod:`perpair.plan.difficulty` and :mod:`perpair.plan.curriculum`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from perpair import __version__
+from perpair.annotate.schema import read_annotations
+from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.data import schema as pairs_schema
+from perpair.errors import ArtifactMismatch, InputError
+from perpair.plan import beta as beta_math
+from perpair.plan import curriculum, difficulty
+from perpair.plan.config import Schedule
+
+KIND = "plan"
+SCHEMA_VERSION = 1
+ROUTES = ("preference", "sft", "drop")
+
+ARROW_SCHEMA = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("beta", pa.float64()),  # null for dropped pairs
+    pa.field("route", pa.string(), nullable=False),  # preference | sft | drop
+    pa.field("order", pa.int64()),  # 0-based position in training; null for dropped pairs
+    pa.field("difficulty", pa.float64()),  # the margin used (large = easy); null without one
+    pa.field("label_smoothing", pa.float64(), nullable=False),  # cDPO ε; 0 off the preference route
+    pa.field("flipped", pa.bool_(), nullable=False),  # chosen and rejected swapped (mislabeled → flip)
+    pa.field("category", pa.string()),  # the annotation the β came from; null when unannotated
+    pa.field("magnitude", pa.float64()),
+    pa.field("confidence", pa.float64()),
+    pa.field("signal", pa.float64()),  # s as used for β (0 for mislabeled → beta_max)
+])
+
+
+@dataclass(frozen=True)
+class PlanTrace:
+    """Intermediate per-pair values (row order of the pairs file) that ``explain`` and the report show."""
+
+    pair_ids: np.ndarray
+    score_chosen: np.ndarray
+    score_rejected: np.ndarray
+    reference: dict[str, np.ndarray] | None  # chosen/rejected logps and tokens, NaN where missing
+    prior: np.ndarray
+    gain: np.ndarray
+    raw_beta: np.ndarray  # β_max^(1−s)·β_min^s before normalisation; NaN where not used
+    factor: float | None  # normalisation factor c
+    geometric_mean_raw: float | None
+    normalised_pairs: int
+    donor: np.ndarray  # random control: the row whose β this row received; -1 otherwise
+    mislabeled_acted: np.ndarray
+    below_tau: np.ndarray
+    lowest_quantile: np.ndarray
+    bucket: np.ndarray
+    trained: int  # pairs with an order
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    table: pa.Table  # columns of ARROW_SCHEMA, one row per pair in pairs-file order
+    provenance: dict[str, Any]
+    schedule: Schedule
+    trace: PlanTrace
+
+    def row_of(self, pair_id: str) -> int:
+        rows = np.flatnonzero(self.trace.pair_ids == pair_id)
+        if len(rows) == 0:
+            raise InputError(f"pair {pair_id!r} is not in this plan", field="pair_id")
+        return int(rows[0])
+
+
+def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLike | None,
+               schedule: Schedule, *, preset: str | None = None,
+               reference_logps: pa.Table | None = None) -> PlanResult:
+    """Plan every pair of ``pairs_path`` under ``schedule``.
+
+    ``annotations_path`` must have been made from this very pairs file (its recorded ``pairs_sha256``);
+    ``reference_logps`` (a table in :data:`perpair.plan.difficulty.REFERENCE_LOGPS_SCHEMA`) is needed only
+    for ``margin.source: reference``.
+    """
+    pairs_file = str(pairs_path)
+    pairs_sha = file_sha256(pairs_path)
+    pairs, _ = read_artifact(pairs_path, kind=pairs_schema.KIND, schema_version=pairs_schema.SCHEMA_VERSION)
+    ids_array = pairs.column("pair_id").combine_chunks().cast(pa.string())
+    pair_ids = np.asarray(ids_array.to_numpy(zero_copy_only=False), dtype=str)
+    n = len(pair_ids)
+    _check_unique(pair_ids, pairs_file)
+    rank = curriculum.id_rank(pair_ids)
+    score_chosen = _floats(pairs.column("score_chosen"))
+    score_rejected = _floats(pairs.column("score_rejected"))
+
+    # --- annotations, aligned to the pairs -------------------------------------------------------
+    beta_cfg = schedule.beta
+    annotations_sha = None
+    category = np.full(n, None, dtype=object)
+    magnitude = np.full(n, np.nan)
+    confidence = np.full(n, np.nan)
+    if annotations_path is not None:
+        annotations, ann_provenance = read_annotations(annotations_path)
+        annotations_sha = file_sha256(annotations_path)
+        if ann_provenance["pairs_sha256"] != pairs_sha:
+            raise ArtifactMismatch(
+                f"annotations {annotations_path} were made from another pairs file "
+                f"(pairs_sha256 {ann_provenance['pairs_sha256'][:12]}…), not {pairs_file} "
+                f"({pairs_sha[:12]}…); re-annotate this pairs file")
+        index = pc.index_in(ids_array, value_set=annotations.column("pair_id").combine_chunks())
+        unmatched = annotations.num_rows - int(pc.count(index).as_py())
+        if unmatched:
+            raise ArtifactMismatch(f"annotations {annotations_path} hold {unmatched} pair(s) that are not in "
+                                   f"{pairs_file}")
+        taken = annotations.select(["category", "magnitude", "confidence"]).take(index)
+        category = taken.column("category").to_numpy(zero_copy_only=False).astype(object)
+        magnitude = _floats(taken.column("magnitude"))
+        confidence = _floats(taken.column("confidence"))
+    annotated = np.array([c is not None for c in category], dtype=bool)
+    magnitude = np.where(annotated, magnitude, np.nan)
+    confidence = np.where(annotated, confidence, np.nan)
+    if beta_cfg.kind != "global" and annotations_path is None:
+        raise InputError(f"beta.kind {beta_cfg.kind!r} derives β from annotations: pass --annotations",
+                         field="beta.kind")
+
+    # --- mislabeled pairs ------------------------------------------------------------------------
+    mislabeled = annotated & (category == "mislabeled")
+    acted = mislabeled & (confidence > schedule.mislabeled.threshold)
+    action = schedule.mislabeled.action
+    dropped = acted & (action == "drop")
+    flipped = acted & (action == "flip")
+    forced_max = acted & (action == "beta_max")
+
+    # --- signal ----------------------------------------------------------------------------------
+    priors = beta_cfg.priors.model_dump()
+    prior = np.array([np.nan if c is None else priors[c] for c in category], dtype=np.float64)
+    gain = beta_math.magnitude_gain(magnitude, beta_cfg.magnitude_gain)
+    signal = beta_math.signal_strength(prior, gain, confidence)
+    signal[forced_max] = 0.0  # β_max before normalisation: as near the reference as the schedule goes
+
+    # --- difficulty margin -----------------------------------------------------------------------
+    reference = None
+    source = schedule.margin.source
+    if source == "ratings":
+        margin = difficulty.ratings_margin(score_chosen, score_rejected)
+    elif source == "teacher":
+        if annotations_path is None:
+            raise InputError("margin.source 'teacher' reads the annotations: pass --annotations",
+                             field="margin.source")
+        margin = difficulty.teacher_margin(magnitude, confidence, mislabeled)
+    elif source == "reference":
+        if reference_logps is None:
+            raise InputError("margin.source 'reference' needs the reference model's log-probs (the train "
+                             "stage's reference cache)", field="margin.source")
+        margin = difficulty.reference_margin_for(ids_array, reference_logps)
+        reference = _reference_arrays(ids_array, reference_logps)
+    else:
+        margin = np.full(n, np.nan)
+    margin = np.where(flipped, -margin, margin)  # the margin of the pair as it will be trained
+    if source != "none" and n and np.isnan(margin).all():
+        raise InputError(f"margin.source {source!r} gives no pair a margin"
+                         + (" (no pair has both score_chosen and score_rejected)" if source == "ratings"
+                            else ""), file=pairs_file, field="margin.source")
+
+    # --- routes ----------------------------------------------------------------------------------
+    route = np.full(n, "preference", dtype=object)
+    route[dropped] = "drop"
+    below_tau, lowest = curriculum.route_mask(margin, ~dropped, rank, schedule.routing.tau,
+                                              schedule.routing.quantile)
+    route[below_tau | lowest] = schedule.routing.action
+
+    # --- β ---------------------------------------------------------------------------------------
+    beta = np.full(n, beta_cfg.beta)
+    raw = np.full(n, np.nan)
+    donor = np.full(n, -1, dtype=np.int64)
+    factor = geo = None
+    basis = np.zeros(n, dtype=bool)
+    if beta_cfg.kind != "global":
+        have = annotated & (route != "drop")
+        raw[have] = beta_math.interpolate_beta(signal[have], beta_cfg.beta_min, beta_cfg.beta_max)
+        beta[have] = raw[have]
+        # Normalise over the pairs whose β acts (preference route), so the known-good global β is their
+        # geometric mean; unannotated pairs already sit at the global β.
+        basis = have & (route == "preference")
+        if beta_cfg.normalise and basis.any():
+            geo = beta_math.geometric_mean(raw[basis])
+            factor = beta_cfg.beta / geo
+            beta[have] = factor * raw[have]
+        if beta_cfg.kind == "random":
+            rows = np.flatnonzero(basis)
+            rows = rows[np.argsort(rank[rows], kind="stable")]
+            donor[rows] = rows[beta_math.random_assignment(len(rows), schedule.seed)]
+            beta[rows] = beta[donor[rows]]
+    beta[route == "drop"] = np.nan
+
+    label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
+
+    # --- curriculum ------------------------------------------------------------------------------
+    sequence, bucket = curriculum.curriculum_sequence(
+        schedule.curriculum.kind, route != "drop", margin, rank, schedule.curriculum.buckets, schedule.seed)
+    order = curriculum.positions(sequence, n)
+
+    table = pa.table({
+        "pair_id": ids_array,
+        "beta": _nullable(beta),
+        "route": pa.array(route.tolist(), pa.string()),
+        "order": pa.array(order, pa.int64(), mask=order < 0),
+        "difficulty": _nullable(margin),
+        "label_smoothing": pa.array(label_smoothing, pa.float64()),
+        "flipped": pa.array(flipped, pa.bool_()),
+        "category": pa.array(category.tolist(), pa.string()),
+        "magnitude": _nullable(magnitude),
+        "confidence": _nullable(confidence),
+        "signal": _nullable(signal),
+    }, schema=ARROW_SCHEMA)
+
+    counts = {
+        "pairs": n,
+        "routes": {name: int(np.sum(route == name)) for name in ROUTES},
+        "annotated": int(annotated.sum()),
+        "unannotated": int(n - annotated.sum()),
+        "mislabeled": {"total": int(mislabeled.sum()), "above_threshold": int(acted.sum()), "action": action,
+                       "dropped": int(dropped.sum()), "flipped": int(flipped.sum()),
+                       "beta_max": int(forced_max.sum())},
+        "no_margin": int(np.sum(np.isnan(margin) & (route != "drop"))) if source != "none" else None,
+        "routed_by": {"tau": int(below_tau.sum()), "quantile": int(lowest.sum())},
+    }
+    provenance = {
+        "pairs_sha256": pairs_sha,
+        "annotations_sha256": annotations_sha,
+        "reference_logps_sha256": None if reference_logps is None else _table_sha256(reference_logps),
+        "preset": preset,
+        "schedule": schedule.as_dict(),
+        "schedule_sha256": schedule.sha256(),
+        "counts": counts,
+        "normalisation": None if factor is None else {
+            "factor": factor, "geometric_mean_before": geo, "pairs": int(basis.sum())},
+        "perpair_version": __version__,
+    }
+    trace = PlanTrace(
+        pair_ids=pair_ids, score_chosen=score_chosen, score_rejected=score_rejected, reference=reference,
+        prior=prior, gain=gain, raw_beta=raw, factor=factor, geometric_mean_raw=geo,
+        normalised_pairs=int(basis.sum()), donor=donor, mislabeled_acted=acted, below_tau=below_tau,
+        lowest_quantile=lowest, bucket=bucket, trained=len(sequence))
+    return PlanResult(table=table, provenance=provenance, schedule=schedule, trace=trace)
+
+
+def write_plan(result: PlanResult, path: str | os.PathLike) -> None:
+    """Write the plan artifact (deterministic bytes for identical inputs and schedule)."""
+    write_artifact(path, result.table, kind=KIND, schema_version=SCHEMA_VERSION,
+                   provenance=result.provenance)
+
+
+def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
+              annotations_path: str | os.PathLike | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a plan for ``pairs_path``; refuses a plan built from another pairs (or annotations) file."""
+    table, provenance = read_artifact(plan_path, kind=KIND, schema_version=SCHEMA_VERSION)
+    pairs_sha = file_sha256(pairs_path)
+    if provenance.get("pairs_sha256") != pairs_sha:
+        raise ArtifactMismatch(f"plan {plan_path} was built from another pairs file "
+                               f"(pairs_sha256 {str(provenance.get('pairs_sha256'))[:12]}…), "
+                               f"not {pairs_path} ({pairs_sha[:12]}…); re-plan this pairs file")
+    if annotations_path is not None:
+        annotations_sha = file_sha256(annotations_path)
+        if provenance.get("annotations_sha256") != annotations_sha:
+            raise ArtifactMismatch(f"plan {plan_path} was not built from annotations {annotations_path}")
+    missing = [name for name in ARROW_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise InputError(f"plan lacks column(s) {', '.join(missing)}", file=str(plan_path))
+    return table, provenance
+
+
+def _check_unique(pair_ids: np.ndarray, file: str) -> None:
+    unique, first, counts = np.unique(pair_ids, return_index=True, return_counts=True)
+    if len(unique) != len(pair_ids):
+        duplicate = unique[np.argmax(counts > 1)]
+        rows = np.flatnonzero(pair_ids == duplicate)[:2] + 1
+        raise InputError(f"pair {duplicate} appears twice (rows {rows[0]} and {rows[1]}); a plan needs "
+                         "unique pair ids", file=file, field="pair_id")
+
+
+def _floats(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Float64 numpy values with NaN for nulls."""
+    return np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    return pa.array(values, pa.float64(), mask=np.isnan(values))
+
+
+def _reference_arrays(pair_ids: pa.Array, logps: pa.Table) -> dict[str, np.ndarray]:
+    index = pc.index_in(pair_ids, value_set=logps.column("pair_id").combine_chunks())
+    taken = logps.take(index)
+    return {name: _floats(taken.column(name)) for name in difficulty.REFERENCE_LOGPS_SCHEMA.names[1:]}
+
+
+def _table_sha256(table: pa.Table) -> str:
+    digest = hashlib.sha256()
+    for name in difficulty.REFERENCE_LOGPS_SCHEMA.names:
+        column = table.column(name)
+        digest.update(name.encode())
+        if name == "pair_id":
+            digest.update("\0".join(column.to_pylist()).encode())
+        else:
+            digest.update(_floats(column).tobytes())
+    return digest.hexdigest()

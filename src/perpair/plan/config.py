@@ -1,0 +1,224 @@
+"""The plan schedule: validated configuration, named presets, YAML loading.
+
+Where each constant comes from (see DESIGN, "What the papers state"):
+
+- **From MixDPO** (Pang et al., 2026, arXiv 2602.00954): difficulty = the rating margin
+  ``score_chosen − score_rejected``; τ = 0.5 on UltraFeedback (exactly the ties) routed to SFT; cDPO
+  label smoothing ε = 0.1 on preference-routed pairs; β = 0.01; one global sort from large to small margin.
+- **From SP²DPO** (He et al., 2026, arXiv 2601.22385): a per-pair β derived offline from a teacher's
+  (category, magnitude, confidence), and the two controls: one global β, and random β_i.
+- **Ours** (documented as ours): the mapping itself — ``s = prior(category) · g(magnitude) · confidence``,
+  ``β = β_max^(1−s) · β_min^s``, the rescale to a global geometric mean — and every default number of it
+  (β_min, β_max, the priors, the g table, the mislabeled threshold and action); the teacher and reference
+  margins; the quantile rule; the ``bucketed``, ``hard_to_easy`` and ``random`` curricula; the seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from perpair.errors import InputError
+
+_Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class CategoryPriors(_Strict):
+    """prior(category) ∈ [0, 1]: how much a gap of this category says about the preference (ours).
+
+    Ordered like the categories: the more objective the failure, the stronger the signal. ``mislabeled``
+    is the prior of a mislabeled pair that the mislabeled action leaves in training (below the threshold,
+    or flipped); 0 keeps it at β_max, as close to the reference as the schedule allows.
+    """
+
+    safety: _Unit = 1.0
+    factuality: _Unit = 0.9
+    instruction_following: _Unit = 0.8
+    helpfulness: _Unit = 0.6
+    style: _Unit = 0.3
+    no_clear_gap: _Unit = 0.0
+    mislabeled: _Unit = 0.0
+
+
+class BetaConfig(_Strict):
+    kind: Literal["global", "semantic", "random"] = Field(
+        "global", description="global: one β for every pair (DPO; SP²DPO's tuned-β control); semantic: "
+        "β_i from the annotation (SP²DPO); random: the semantic β_i shuffled across pairs (SP²DPO's control)")
+    beta: float = Field(0.1, gt=0.0, description="the global β (0.1 = the usual DPO default; MixDPO uses "
+                        "0.01); the semantic β_i are rescaled to this geometric mean when normalise is on")
+    # Ours: the geometric centre sqrt(0.025 · 0.4) = 0.1 is the usual DPO β, so s = 0.5 gives plain DPO.
+    beta_min: float = Field(0.025, gt=0.0, description="β at signal 1: enforces the preference furthest")
+    beta_max: float = Field(0.4, gt=0.0, description="β at signal 0: keeps the policy nearest the reference")
+    normalise: bool = Field(True, description="rescale the annotated β_i so their geometric mean is `beta`")
+    priors: CategoryPriors = Field(default_factory=CategoryPriors)
+    # Ours: g(0..3) for magnitude none, minor, moderate, severe; linear between entries (ensemble means
+    # are not integers). Concave, so a minor but real gap already counts.
+    magnitude_gain: tuple[_Unit, _Unit, _Unit, _Unit] = Field(
+        (0.0, 0.4, 0.7, 1.0), description="g(magnitude) at magnitudes 0, 1, 2, 3, non-decreasing")
+
+    @model_validator(mode="after")
+    def _check(self) -> BetaConfig:
+        if self.beta_min >= self.beta_max:
+            raise ValueError(f"beta.beta_min ({self.beta_min}) must be smaller than beta.beta_max "
+                             f"({self.beta_max})")
+        gain = self.magnitude_gain
+        if any(b < a for a, b in zip(gain, gain[1:], strict=False)):
+            raise ValueError(f"beta.magnitude_gain must be non-decreasing, got {list(gain)}")
+        return self
+
+
+class MislabeledConfig(_Strict):
+    """What to do with pairs the teacher calls ``mislabeled`` with confidence above ``threshold`` (ours)."""
+
+    threshold: _Unit = Field(0.7, description="confidence above which a mislabeled pair is acted on")
+    action: Literal["drop", "flip", "beta_max"] = Field(
+        "beta_max", description="drop: leave it out; flip: swap chosen and rejected; beta_max: keep it at "
+        "signal 0, i.e. β_max before normalisation")
+
+
+class MarginConfig(_Strict):
+    source: Literal["none", "ratings", "teacher", "reference"] = Field(
+        "none", description="ratings: score_chosen − score_rejected (MixDPO); teacher: magnitude × "
+        "confidence, negative for mislabeled (ours); reference: the reference model's length-normalised "
+        "log-prob margin (ours); none: no difficulty")
+
+
+class RoutingConfig(_Strict):
+    tau: float | None = Field(None, description="margin below τ → action (MixDPO: 0.5 on UltraFeedback)")
+    quantile: float | None = Field(None, ge=0.0, lt=1.0,
+                                   description="the lowest `quantile` fraction by margin → action (ours)")
+    action: Literal["sft", "drop"] = Field(
+        "sft", description="sft: the SFT loss on the chosen response (MixDPO); drop: the filtering baseline")
+
+
+class CurriculumConfig(_Strict):
+    kind: Literal["none", "easy_to_hard", "bucketed", "hard_to_easy", "random"] = Field(
+        "none", description="none: file order; easy_to_hard: one global sort by margin, large first, ties "
+        "by pair_id (MixDPO); bucketed: K buckets easy→hard, seeded shuffle inside (ours); hard_to_easy, "
+        "random: ablations (ours)")
+    buckets: int = Field(4, ge=1, description="K, the number of buckets for `bucketed`")
+
+
+class Schedule(_Strict):
+    """Everything that decides a plan, validated at load time."""
+
+    beta: BetaConfig = Field(default_factory=BetaConfig)
+    mislabeled: MislabeledConfig = Field(default_factory=MislabeledConfig)
+    margin: MarginConfig = Field(default_factory=MarginConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5,
+                                   description="cDPO ε on preference-routed pairs (MixDPO: 0.1)")
+    seed: int = Field(0, ge=0, description="seeds the random β control and the shuffled curricula")
+
+    @model_validator(mode="after")
+    def _check(self) -> Schedule:
+        if self.margin.source == "none":
+            if self.routing.tau is not None or self.routing.quantile is not None:
+                raise ValueError("routing.tau / routing.quantile need a margin: set margin.source")
+            if self.curriculum.kind in ("easy_to_hard", "bucketed", "hard_to_easy"):
+                raise ValueError(f"curriculum.kind {self.curriculum.kind!r} orders by margin: "
+                                 "set margin.source")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        payload = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+_MIXDPO: dict[str, Any] = {
+    # MixDPO's published setting (arXiv 2602.00954): β = 0.01, ratings margin, ties (τ = 0.5) to SFT,
+    # cDPO ε = 0.1 on the rest, one global sort from easy (large margin) to hard.
+    "beta": {"kind": "global", "beta": 0.01},
+    "margin": {"source": "ratings"},
+    "routing": {"tau": 0.5, "action": "sft"},
+    "label_smoothing": 0.1,
+    "curriculum": {"kind": "easy_to_hard"},
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "dpo": {},
+    "sp2dpo": {"beta": {"kind": "semantic"}},
+    "sp2dpo-random": {"beta": {"kind": "random"}},
+    "mixdpo": _MIXDPO,
+    # Ours: SP²DPO's β_i around MixDPO's global β = 0.01, with MixDPO's routing and curriculum.
+    "sp2dpo+mixdpo": {**_MIXDPO, "beta": {"kind": "semantic", "beta": 0.01}},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` laid over ``base``; nested mappings merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
+                     beta: float | None = None) -> Schedule:
+    """The schedule of ``preset``, overridden by the YAML file at ``config_path``, then by ``beta``.
+
+    Unknown keys and out-of-range values raise :class:`~perpair.errors.InputError` naming the file (or
+    the option) and the key.
+    """
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}", field="preset")
+    values = copy.deepcopy(PRESETS[preset])
+    source = f"preset {preset}"
+    if config_path is not None:
+        values = deep_merge(values, load_yaml(config_path))
+        source = str(config_path)
+    if beta is not None:
+        if not math.isfinite(beta) or beta <= 0:
+            raise InputError(f"must be a positive number, got {beta}", field="--beta")
+        values = deep_merge(values, {"beta": {"beta": beta}})
+    try:
+        return Schedule.model_validate(values)
+    except ValidationError as exc:
+        raise InputError(_describe(exc), file=source) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise InputError(f"cannot read schedule ({exc.strerror})", file=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"not valid YAML ({exc})", file=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"a schedule must be a mapping of keys to values, got {type(data).__name__}",
+                         file=str(path))
+    return data
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        elif error["type"] == "value_error":  # our cross-field rules name their keys themselves
+            problems.append(error["msg"].removeprefix("Value error, "))
+        else:
+            problems.append(f"key '{key}': {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(problems)

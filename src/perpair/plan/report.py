@@ -1,0 +1,271 @@
+"""The plan report: an HTML page with PNG plots, written next to the plan.
+
+``plan.parquet`` → ``plan_report/index.html`` plus one PNG per plot. Figures are drawn on matplotlib's
+Agg canvas without pyplot, so no global state or display is touched. A plot whose data the plan lacks
+(no annotations, no margin) is still written, saying what is missing, so the page is always complete.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import yaml
+from matplotlib.figure import Figure
+
+from perpair.annotate.schema import CATEGORIES
+
+PLOTS = (
+    ("beta_hist.png", "β histogram (pairs on the preference route)"),
+    ("beta_by_category.png", "β by category"),
+    ("category_magnitude.png", "category × magnitude (pair counts)"),
+    ("routes.png", "routed share"),
+    ("margin_hist.png", "difficulty (margin) distribution"),
+    ("curriculum.png", "curriculum position vs difficulty"),
+)
+_ROUTE_COLOURS = {"preference": "#1f77b4", "sft": "#ff7f0e", "drop": "#7f7f7f"}
+
+
+def report_dir(plan_path: str | os.PathLike) -> Path:
+    """Where the report of ``plan_path`` goes: ``plan.parquet`` → ``plan_report/``."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(f"{plan_path.stem}_report")
+
+
+def write_report(table: pa.Table, provenance: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write the plots and ``index.html`` into ``directory``; returns the page's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = _columns(table)
+    figures = {
+        "beta_hist.png": beta_histogram(data["beta"], data["route"], provenance["schedule"]["beta"]["beta"]),
+        "beta_by_category.png": beta_by_category(data["beta"], data["category"], data["route"]),
+        "category_magnitude.png": category_magnitude_figure(category_magnitude_counts(
+            data["category"], data["magnitude"])),
+        "routes.png": routes_figure(data["route"]),
+        "margin_hist.png": margin_histogram(data["difficulty"], data["route"],
+                                            provenance["schedule"]["routing"]["tau"]),
+        "curriculum.png": curriculum_figure(data["order"], data["difficulty"], data["route"]),
+    }
+    for name, figure in figures.items():
+        figure.savefig(directory / name, dpi=100, metadata={"Software": None})
+    page = directory / "index.html"
+    page.write_text(render_html(data, provenance), encoding="utf-8")
+    return page
+
+
+def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+    def floats(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+
+    return {
+        "beta": floats("beta"),
+        "difficulty": floats("difficulty"),
+        "magnitude": floats("magnitude"),
+        "order": floats("order"),
+        "route": np.asarray(table.column("route").to_numpy(zero_copy_only=False), dtype=object),
+        "category": np.asarray(table.column("category").to_numpy(zero_copy_only=False), dtype=object),
+    }
+
+
+def _placeholder(title: str, message: str) -> Figure:
+    figure = Figure(figsize=(6, 3.5))
+    ax = figure.add_subplot()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
+    ax.set_axis_off()
+    return figure
+
+
+def beta_histogram(beta: np.ndarray, route: np.ndarray, global_beta: float) -> Figure:
+    values = beta[(route == "preference") & ~np.isnan(beta)]
+    if len(values) == 0:
+        return _placeholder("β histogram", "no pair is on the preference route")
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = figure.add_subplot()
+    low, high = values.min(), values.max()
+    if high > low * (1 + 1e-9):
+        ax.hist(values, bins=np.geomspace(low, high, 41), color=_ROUTE_COLOURS["preference"])
+        ax.set_xscale("log")
+    else:
+        ax.bar([0], [len(values)], color=_ROUTE_COLOURS["preference"])
+        ax.set_xticks([0], [f"{low:.4g}"])
+    ax.axvline(global_beta, color="black", linestyle="--", label=f"global β = {global_beta:g}")
+    if high > low * (1 + 1e-9):
+        ax.legend()
+    ax.set_xlabel("β")
+    ax.set_ylabel("pairs")
+    ax.set_title("β histogram (preference route)")
+    return figure
+
+
+def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) -> Figure:
+    kept = ~np.isnan(beta)
+    labels = [c for c in (*CATEGORIES, None) if np.any(kept & (category == c))] if kept.any() else []
+    if not labels:
+        return _placeholder("β by category", "no pair has a β")
+    figure = Figure(figsize=(7, 3.8), layout="constrained")
+    ax = figure.add_subplot()
+    groups = [beta[kept & (category == c)] for c in labels]
+    ax.boxplot(groups, showfliers=False)
+    ax.set_xticks(range(1, len(labels) + 1),
+                  [f"{c or 'unannotated'} (n={len(g)})" for c, g in zip(labels, groups, strict=True)],
+                  fontsize=8, rotation=30, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("β")
+    ax.set_title("β by category (every pair with a β)")
+    return figure
+
+
+def category_magnitude_counts(category: np.ndarray, magnitude: np.ndarray) -> dict[str, list[int]]:
+    """Pair counts per category and magnitude rounded to 0–3 (the annotated pairs only)."""
+    counts = {}
+    rounded = np.rint(np.nan_to_num(magnitude)).astype(np.int64)
+    for c in CATEGORIES:
+        rows = category == c
+        counts[c] = [int(np.sum(rows & (rounded == m))) for m in range(4)]
+    return counts
+
+
+def category_magnitude_figure(counts: dict[str, list[int]]) -> Figure:
+    grid = np.array(list(counts.values()))
+    if grid.sum() == 0:
+        return _placeholder("category × magnitude", "no annotations: every pair is unannotated")
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    ax = figure.add_subplot()
+    image = ax.imshow(grid, cmap="Blues", aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, str(value), ha="center", va="center",
+                color="white" if value > grid.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(4), ["0 none", "1 minor", "2 moderate", "3 severe"])
+    ax.set_yticks(range(len(counts)), list(counts))
+    ax.set_xlabel("magnitude (rounded)")
+    ax.set_title("category × magnitude")
+    figure.colorbar(image, ax=ax, label="pairs")
+    return figure
+
+
+def routes_figure(route: np.ndarray) -> Figure:
+    names = ["preference", "sft", "drop"]
+    counts = [int(np.sum(route == name)) for name in names]
+    total = max(sum(counts), 1)
+    figure = Figure(figsize=(6, 2.8), layout="constrained")
+    ax = figure.add_subplot()
+    bars = ax.barh(names, [100 * c / total for c in counts], color=[_ROUTE_COLOURS[n] for n in names])
+    for bar, count in zip(bars, counts, strict=True):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {count} ({100 * count / total:.1f}%)",
+                va="center")
+    ax.set_xlim(0, 115)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of pairs (%)")
+    ax.set_title("routed share")
+    return figure
+
+
+def margin_histogram(difficulty: np.ndarray, route: np.ndarray, tau: float | None) -> Figure:
+    have = ~np.isnan(difficulty)
+    if not have.any():
+        return _placeholder("difficulty distribution", "no difficulty margin (margin.source none)")
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = figure.add_subplot()
+    values = difficulty[have]
+    distinct = np.unique(values)
+    if 1 < len(distinct) <= 40:  # discrete margins (ratings): one bar per value, edges halfway between
+        middles = (distinct[1:] + distinct[:-1]) / 2
+        bins = np.concatenate([[2 * distinct[0] - middles[0]], middles, [2 * distinct[-1] - middles[-1]]])
+    else:
+        bins = np.histogram_bin_edges(values, bins=40)
+    names = [n for n in ("preference", "sft", "drop") if np.any(have & (route == n))]
+    ax.hist([difficulty[have & (route == n)] for n in names], bins=bins, stacked=True, label=names,
+            color=[_ROUTE_COLOURS[n] for n in names])
+    if tau is not None:
+        ax.axvline(tau, color="black", linestyle="--", label=f"τ = {tau:g}")
+    ax.legend()
+    ax.set_xlabel("difficulty (margin; large = easy)")
+    ax.set_ylabel("pairs")
+    ax.set_title("difficulty distribution by route")
+    return figure
+
+
+def curriculum_figure(order: np.ndarray, difficulty: np.ndarray, route: np.ndarray) -> Figure:
+    have = ~np.isnan(order) & ~np.isnan(difficulty)
+    if not have.any():
+        return _placeholder("curriculum", "no difficulty margin to plot the order against")
+    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = figure.add_subplot()
+    for name in ("preference", "sft"):
+        rows = have & (route == name)
+        if rows.any():
+            ax.scatter(order[rows], difficulty[rows], s=3, color=_ROUTE_COLOURS[name], label=name,
+                       rasterized=True, linewidths=0)
+    ax.legend(markerscale=4)
+    ax.set_xlabel("position in training (order)")
+    ax.set_ylabel("difficulty (margin)")
+    ax.set_title("curriculum position vs difficulty")
+    return figure
+
+
+def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any]) -> str:
+    esc = html.escape
+    counts = provenance["counts"]
+    rows = [
+        ("pairs", counts["pairs"]),
+        *((f"route {name}", value) for name, value in counts["routes"].items()),
+        ("annotated / unannotated", f"{counts['annotated']} / {counts['unannotated']}"),
+        ("mislabeled above threshold", f"{counts['mislabeled']['above_threshold']} "
+                                       f"(action {counts['mislabeled']['action']})"),
+        ("pairs without a difficulty", counts["no_margin"] if counts["no_margin"] is not None else "n/a"),
+    ]
+    kept = data["beta"][~np.isnan(data["beta"])]
+    if len(kept):
+        rows.append(("β min / geometric mean / max",
+                     f"{kept.min():.4g} / {np.exp(np.mean(np.log(kept))):.4g} / {kept.max():.4g}"))
+    summary = "\n".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
+    grid = category_magnitude_counts(data["category"], data["magnitude"])
+    grid_rows = "\n".join(f"<tr><th>{esc(c)}</th>" + "".join(f"<td>{v}</td>" for v in values)
+                          + f"<td>{sum(values)}</td></tr>" for c, values in grid.items())
+    figures = "\n".join(
+        f'<figure><img src="{name}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
+        for name, caption in PLOTS)
+    schedule = yaml.safe_dump(provenance["schedule"], sort_keys=False)
+    inputs = (f"pairs sha256 {provenance['pairs_sha256']}<br>"
+              f"annotations sha256 {provenance['annotations_sha256'] or 'none'}<br>"
+              f"schedule sha256 {provenance['schedule_sha256']}")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>perpair plan report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 70em; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }}
+img {{ max-width: 100%; }}
+pre {{ background: #f6f6f6; padding: 0.8em; }}
+</style>
+</head>
+<body>
+<h1>perpair plan report</h1>
+<p>preset {esc(str(provenance.get('preset')))}; {inputs}</p>
+<h2>Summary</h2>
+<table>
+{summary}
+</table>
+<h2>Category × magnitude</h2>
+<table>
+<tr><th>category</th><th>0</th><th>1</th><th>2</th><th>3</th><th>total</th></tr>
+{grid_rows}
+</table>
+<h2>Plots</h2>
+{figures}
+<h2>Schedule</h2>
+<pre>{esc(schedule)}</pre>
+</body>
+</html>
+"""
