@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
+# `make demo` runs the stages that exist so far: prepare and inspect the shipped samples, then plan MixDPO.
 # Both create the virtual environment on first use; nothing needs installing by hand.
 
 PYTHON ?= python3
@@ -23,6 +24,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/perpair prepare $(DATA) -o $(OUT)/ultrafeedback.parquet --test-fraction 0.1 --seed 0
 	$(BIN)/perpair inspect $(OUT)/ultrafeedback.parquet
+	$(BIN)/perpair plan $(OUT)/ultrafeedback.parquet --preset mixdpo -o $(OUT)/plan_mixdpo.parquet
 	$(BIN)/perpair prepare $(SHARED)/hh_rlhf/harmless_base_test.jsonl.gz -o $(OUT)/hh_rlhf.parquet
 	$(BIN)/perpair inspect $(OUT)/hh_rlhf.parquet
 	$(BIN)/perpair prepare $(SHARED)/orca_dpo/validation_284.jsonl.gz -o $(OUT)/orca.parquet
@@ -36,6 +38,7 @@ test: lint
 
 bench: install
 	$(BIN)/python benchmarks/prepare_60k.py
+	$(BIN)/python benchmarks/plan_60k.py
 
 clean:
 	rm -rf $(VENV) $(OUT)
