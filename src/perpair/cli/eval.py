@@ -1,0 +1,200 @@
+"""``perpair eval``: AlpacaEval 2.0 (raw and length-controlled win rate), Arena-Hard-Auto v0.1, preference
+accuracy, and the results report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from perpair.cli import app, console, out
+from perpair.errors import PerpairError
+
+eval_app = typer.Typer(help="Evaluate models: AlpacaEval 2.0, Arena-Hard-Auto, preference accuracy, report.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+BASELINE_ARENA = "gpt-4-0314"
+OFFLINE_HELP = "Never touch the Hub (default: online unless HF_HUB_OFFLINE=1)."
+
+
+def _options(cls, **kwargs):
+    try:
+        return cls(**kwargs)
+    except ValidationError as exc:
+        raise PerpairError("invalid options: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+@eval_app.command("score")
+def score_command(
+    files: Annotated[list[Path], typer.Argument(help="AlpacaEval annotations files (.json or .json.gz).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file (leaderboard keys).")] = False,
+    difficulty: Annotated[Path | None, typer.Option(
+        help="Offline instruction difficulties (default: instruction_difficulty_reconstructed.csv in "
+             "../shared/data/alpaca_eval or $PERPAIR_ALPACA_EVAL_DATA).")] = None,
+    glm_weights: Annotated[Path | None, typer.Option(
+        help="Published LC GLM weights CSV (default: glm_weights_length_controlled_v1.csv beside the above).")] = None,
+    offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
+    no_fit: Annotated[bool, typer.Option("--no-fit", help="Skip the GLM fit; published weights only.")] = False,
+) -> None:
+    """Raw and length-controlled win rates of AlpacaEval annotations, as the official leaderboard computes them."""
+    from perpair.eval.score import ScoreOptions, json_ready, score_annotations
+
+    options = _options(ScoreOptions, offline=offline, difficulty=difficulty, glm_weights=glm_weights, fit=not no_fit)
+    rows = []
+    for file in files:
+        row = score_annotations(file, options)
+        rows.append(row)
+        if as_json:
+            row = {k: v for k, v in row.items() if k != "glm_preference"}
+            typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
+    if as_json:
+        return
+    table = Table(title="AlpacaEval 2.0", title_justify="left")
+    for column in ("model", "LC win rate", "LC s.e.", "LC from", "win rate", "s.e.", "wins", "draws", "n",
+                   "discrete", "avg length"):
+        table.add_column(column, justify="left" if column in ("model", "LC from") else "right")
+    for row in rows:
+        table.add_row(row["name"], _fmt(row["length_controlled_winrate"]), _fmt(row["lc_standard_error"]),
+                      str(row["lc_method"]), _fmt(row["win_rate"]), _fmt(row["standard_error"]),
+                      _fmt(row["n_wins"]), _fmt(row["n_draws"]), _fmt(row["n_total"]),
+                      _fmt(row["discrete_win_rate"]), _fmt(row["avg_length"]))
+    out.print(table)
+    for row in rows:
+        if row["lc_note"]:
+            out.print(f"[yellow]{row['name']}[/]: {row['lc_note']}")
+        if row["lc_method"] == "published_weights" and row["lc_fit"]:
+            fit = row["lc_fit"]
+            out.print(f"{row['name']}: offline refit gives LC {fit['length_controlled_winrate']:.2f} "
+                      f"(± {fit['lc_standard_error']:.2f}); {fit.get('note', '')}")
+
+
+def _progress():
+    """A console status line fed by (stage, done, total) callbacks."""
+    status = console.status("starting…")
+
+    def update(stage: str, done: int, total: int) -> None:
+        status.update(f"{stage}… {done:,}/{total:,}")
+
+    return status, update
+
+
+def _print_alpaca_row(row: dict) -> None:
+    out.print(f"[bold]{row['name']}[/] vs {row.get('reference', 'baseline')}: "
+              f"LC win rate {_fmt(row['length_controlled_winrate'])} (± {_fmt(row['lc_standard_error'])}, "
+              f"{row['lc_method']}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
+              f"n = {row['n_total']}, avg length {row['avg_length']:,}")
+    if row.get("lc_note"):
+        out.print(f"[yellow]note[/]: {row['lc_note']}")
+    out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "
+              f"files in {row['output_dir']}")
+
+
+@eval_app.command("alpaca-eval")
+def alpaca_eval_command(
+    model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
+    judge: Annotated[str, typer.Option(
+        help="Judge: a local model (folder, Hub id, smollm2) or the /v1 URL of an OpenAI-compatible server.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
+    judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
+    judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
+    judge_batch_size: Annotated[int, typer.Option(help="Prompts per forward pass of a local judge.")] = 4,
+    name: Annotated[str | None, typer.Option(help="Generator name written in the files.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
+    judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N instructions (quick runs).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
+    backend: Annotated[str, typer.Option(help="auto, transformers or vllm.")] = "auto",
+    difficulty: Annotated[Path | None, typer.Option(help="Offline instruction difficulties CSV.")] = None,
+    glm_weights: Annotated[Path | None, typer.Option(help="Published LC GLM weights CSV.")] = None,
+    offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
+) -> None:
+    """AlpacaEval 2.0: generate, judge with the official weighted protocol, score (raw and LC win rate)."""
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, default_output_dir, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+    from perpair.eval.score import json_ready
+
+    config = _options(
+        AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model),
+        judge=_options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
+                       concurrency=judge_concurrency, batch_size=judge_batch_size),
+        generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            backend=backend),
+        reference=reference, judge_prompt=judge_prompt, limit=limit, offline=offline, difficulty=difficulty,
+        glm_weights=glm_weights)
+    status, update = _progress()
+    with status:
+        row = run_alpaca_eval(config, on_progress=update)
+    if as_json:
+        typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
+    else:
+        _print_alpaca_row(row)
+
+
+@eval_app.command("arena-hard")
+def arena_hard_command(
+    model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
+    judge: Annotated[str, typer.Option(help="Judge: a local model or the /v1 URL of an OpenAI-compatible server.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
+    judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
+    judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
+    judge_batch_size: Annotated[int, typer.Option(help="Prompts per batch of a local judge.")] = 4,
+    judge_max_tokens: Annotated[int, typer.Option(help="Judgment length cap in tokens.")] = 4096,
+    questions: Annotated[Path | None, typer.Option(help="Arena-Hard v0.1 question.jsonl(.gz).")] = None,
+    baseline_answers: Annotated[Path | None, typer.Option(help="gpt-4-0314 answers (.jsonl(.gz)).")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name written in the files.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
+    style_control: Annotated[bool, typer.Option("--style-control", help="Control for length and markdown.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
+) -> None:
+    """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
+    from perpair.eval.alpaca_eval import JudgeConfig, default_output_dir
+    from perpair.eval.arena_run import ArenaHardConfig, run_arena_hard
+    from perpair.eval.generate import GenerationConfig
+
+    config = _options(
+        ArenaHardConfig, model=model, name=name, output_dir=output or default_output_dir(model) / "arena_hard",
+        judge=_options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
+                       concurrency=judge_concurrency, batch_size=judge_batch_size),
+        generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size),
+        questions=questions, baseline_answers=baseline_answers, limit=limit, judge_max_tokens=judge_max_tokens,
+        style_control=style_control)
+    status, update = _progress()
+    with status:
+        row = run_arena_hard(config, on_progress=update)
+    if as_json:
+        typer.echo(json.dumps(row, ensure_ascii=False))
+        return
+    out.print(f"[bold]{row['name']}[/] vs {BASELINE_ARENA}: score {row['score']:.1f} "
+              f"(95% CI {row['rating_q025']:.1f} to {row['rating_q975']:.1f}), {row['n_games']} games, "
+              f"{row['n_no_verdict']} without verdict{', style-controlled' if row['style_control'] else ''}")
+    out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,}; files in {row['output_dir']}")
+
+
+@eval_app.command("report")
+def report_command(
+    folders: Annotated[list[Path], typer.Argument(help="Output folders (or results.json files) of eval runs.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("eval_report"),
+) -> None:
+    """One results table (JSON, Markdown) and an HTML page with plots."""
+    from perpair.eval.report import write_report
+
+    for kind, path in write_report(folders, output).items():
+        out.print(f"{kind}: {path}")

@@ -1,0 +1,232 @@
+"""AlpacaEval 2.0 end to end: generate the model's answers to the 805 instructions, judge them against the
+baseline's with the official weighted protocol, write alpaca_eval's own files and score them.
+
+Files written to the output folder (alpaca_eval's formats): ``model_outputs.json`` (instruction, output,
+generator, dataset), ``annotations.json`` (instruction, output_1 = baseline, generator_1, dataset, output_2 =
+model, generator_2, annotator, preference, raw_completion), ``results.json`` (the leaderboard row), and
+``cache.sqlite`` (every generation and judgment, so a re-run or a killed run repeats nothing finished).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from perpair.errors import PerpairError
+from perpair.eval import sources
+from perpair.eval.cache import ResultCache, cache_key
+from perpair.eval.generate import GenerationConfig, generate_cached, load_generator
+from perpair.eval.judges import (
+    ApiLogprobJudge,
+    LocalLogprobJudge,
+    chatml_to_messages,
+    fill_template,
+    is_switched,
+    judged_preference,
+)
+from perpair.eval.score import ScoreOptions, json_ready, score_frame
+
+JUDGE_PROMPT_FILE = "judge_prompt_alpaca_eval_clf.txt"
+Progress = Callable[[str, int, int], None]
+
+
+class JudgeConfig(BaseModel):
+    """A judge: a local model (a path, a Hub id or ``smollm2``) or an OpenAI-compatible server (its ``/v1`` URL)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge: str = Field(description="Local model, or http(s)://host:port/v1 of an OpenAI-compatible server.")
+    model_name: str | None = Field(None, description="Model name sent to the server (API judges).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight (API judges).")
+    batch_size: int = Field(4, ge=1, description="Prompts per forward pass (local judges).")
+    max_prompt_tokens: int = Field(8192, ge=64)
+
+    @property
+    def is_api(self) -> bool:
+        return self.judge.startswith(("http://", "https://"))
+
+    def client_config(self):
+        from perpair.llm.client import ChatClientConfig
+
+        if not self.model_name:
+            raise PerpairError("an API judge needs --judge-name (the model name the server expects)")
+        return ChatClientConfig(base_urls=[self.judge], model=self.model_name, api_key_env=self.api_key_env,
+                                concurrency=self.concurrency)
+
+
+class AlpacaEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The evaluated model: a checkpoint folder, a Hub id or smollm2.")
+    name: str | None = Field(None, description="Generator name in the files (default: the model's folder name).")
+    output_dir: Path
+    judge: JudgeConfig
+    generation: GenerationConfig = GenerationConfig()
+    reference: Path | None = Field(None, description="Baseline outputs file (default: the Hub, else local).")
+    judge_prompt: Path | None = None
+    limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
+    offline: bool | None = None
+    difficulty: Path | None = None
+    glm_weights: Path | None = None
+
+
+def model_fingerprint(path: str) -> list[Any]:
+    """Identity of a local checkpoint (file names, sizes, modification times), so a retrained model at the same
+    path does not reuse the old answers; a Hub id is its own identity."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [path]
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
+    return [str(folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def judge_prompt_template(path: Path | None) -> str:
+    if path is None:
+        path = sources.local_alpaca_eval_file(JUDGE_PROMPT_FILE)
+    if path is None:
+        try:
+            import alpaca_eval
+
+            candidate = (Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo"
+                         / "alpaca_eval_clf.txt")
+            path = candidate if candidate.is_file() else None
+        except ImportError:
+            path = None
+    if path is None:
+        raise PerpairError(f"no AlpacaEval judge prompt: pass --judge-prompt ({JUDGE_PROMPT_FILE})")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def load_reference(config: AlpacaEvalConfig):
+    if config.reference is not None:
+        return sources.load_reference_outputs(config.reference)
+    if not sources.is_offline(config.offline):
+        path = sources.hub_file(sources.HUB_REFERENCE, offline=config.offline)
+        if path is not None:
+            return sources.read_outputs(path), f"hub:{sources.ALPACA_EVAL_REPO}/{sources.HUB_REFERENCE}"
+    local = sources.local_alpaca_eval_file(sources.LOCAL_REFERENCE)
+    if local is None:
+        raise PerpairError("no AlpacaEval reference outputs offline: pass --reference "
+                           "(reference_outputs_gpt4_1106_preview.json.gz)")
+    return sources.load_reference_outputs(local)
+
+
+def load_judge(config: JudgeConfig):
+    from perpair.models import resolve_model
+
+    if config.is_api:
+        return ApiLogprobJudge(config.client_config())
+    return LocalLogprobJudge(resolve_model(config.judge), batch_size=config.batch_size,
+                             max_prompt_tokens=config.max_prompt_tokens)
+
+
+def judge_identity(config: JudgeConfig) -> list[Any]:
+    if config.is_api:
+        return ["api", config.judge, config.model_name]
+    from perpair.models import resolve_model
+
+    return ["local", model_fingerprint(resolve_model(config.judge))]
+
+
+def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
+    """Generate, judge, write the files and return the results row (see module docstring)."""
+    from perpair.models import resolve_model
+
+    reference, reference_source = load_reference(config)
+    if config.limit:
+        reference = reference.iloc[:config.limit]
+    template = judge_prompt_template(config.judge_prompt)
+    model_path = resolve_model(config.model)
+    name = config.name or Path(model_path.rstrip("/")).name or config.model
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    instructions = reference["instruction"].tolist()
+    progress = on_progress or (lambda stage, done, total: None)
+
+    with ResultCache(out / "cache.sqlite") as cache:
+        gen = config.generation
+        identity = {"model": model_fingerprint(model_path),
+                    "settings": gen.model_dump(include={"max_new_tokens", "temperature", "top_p",
+                                                        "max_prompt_tokens"})}
+        outputs, n_generated = generate_cached(
+            lambda: load_generator(model_path, gen), identity,
+            [[{"role": "user", "content": text}] for text in instructions], cache, batch_size=gen.batch_size,
+            on_progress=lambda done, total: progress("generating", done, total))
+        datasets = reference["dataset"].tolist() if "dataset" in reference else [None] * len(instructions)
+        model_outputs = [{"instruction": i, "output": o, "generator": name, "dataset": d}
+                         for i, o, d in zip(instructions, outputs, datasets, strict=True)]
+        sources.write_json_records(out / "model_outputs.json", model_outputs)
+
+        annotations, n_judged = judge_alpaca_eval(reference, outputs, name, config.judge, template, cache,
+                                                  lambda done, total: progress("judging", done, total))
+    sources.write_json_records(out / "annotations.json", annotations)
+
+    frame = sources.read_annotations(out / "annotations.json")
+    row = score_frame(frame, ScoreOptions(offline=config.offline, difficulty=config.difficulty,
+                                          glm_weights=config.glm_weights), name=name)
+    row.pop("glm_preference", None)
+    row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
+                "reference": reference_source, "n_generated": n_generated, "n_judged": n_judged,
+                "output_dir": str(out)})
+    sources.write_json_records(out / "results.json", [json_ready(row)])
+    return row
+
+
+def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: JudgeConfig, template: str,
+                      cache: ResultCache, on_progress: Callable[[int, int], None]) -> tuple[list[dict], int]:
+    """Judge every (baseline, model) pair with the official order and parser; returns ``(annotations, judged
+    now)``. Judgments are cached under the judge's identity and the exact messages shown."""
+    identity = judge_identity(judge_config)
+    baseline_name = str(reference["generator"].iloc[0]) if "generator" in reference else "baseline"
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[int, str, list[dict[str, str]]]] = []
+    for i, (record, output) in enumerate(zip(reference.to_dict("records"), outputs, strict=True)):
+        switched = is_switched(record["instruction"])
+        first, second = (output, record["output"]) if switched else (record["output"], output)
+        messages = chatml_to_messages(fill_template(template, record["instruction"], first, second))
+        rows.append({"instruction": record["instruction"], "output_1": record["output"],
+                     "generator_1": record.get("generator", baseline_name), "dataset": record.get("dataset"),
+                     "output_2": output, "generator_2": name,
+                     "annotator": f"weighted_alpaca_eval:{identity[0]}:{judge_config.model_name or judge_config.judge}",
+                     "preference": None, "raw_completion": None, "_switched": switched})
+        if record["output"] == output:
+            rows[-1]["preference"] = 1.5  # identical outputs: a draw, no call (PairwiseAnnotator._preprocess)
+            continue
+        key = cache_key(identity, messages)
+        hit = cache.get("judgment", key)
+        if hit is None:
+            todo.append((i, key, messages))
+        else:
+            _fill(rows[i], hit)
+    total, done = len(rows), len(rows) - len(todo)
+    on_progress(done, total)
+    if todo:
+        judge = load_judge(judge_config)
+        step = judge_config.batch_size if not judge_config.is_api else max(judge_config.concurrency * 4, 32)
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            results = judge.judge([m for _, _, m in chunk])
+            cache.put_many("judgment", [(key, r) for (_, key, _), r in zip(chunk, results, strict=True)])
+            for (i, _, _), result in zip(chunk, results, strict=True):
+                _fill(rows[i], result)
+            done += len(chunk)
+            on_progress(done, total)
+    for row in rows:
+        row.pop("_switched")
+    return rows, len(todo)
+
+
+def _fill(row: dict[str, Any], judgment: dict[str, Any]) -> None:
+    value = judged_preference(judgment["logprobs"], row["_switched"])
+    row["preference"] = None if math.isnan(value) else value
+    row["raw_completion"] = judgment.get("raw_completion")
+
+
+def default_output_dir(model: str) -> Path:
+    return Path(os.environ.get("PERPAIR_EVAL_DIR", "eval")) / Path(model.rstrip("/")).name

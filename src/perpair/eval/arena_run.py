@@ -1,0 +1,183 @@
+"""Arena-Hard-Auto v0.1 end to end: answer the questions, judge two games per question (positions swapped) with
+one retry when no verdict, and score with Bradley–Terry and a bootstrap interval (:mod:`perpair.eval.arena_hard`).
+
+Files (arena-hard-auto's formats): ``model_answer.jsonl`` (question_id, answer_id, model_id, choices[0].turns),
+``judgment.jsonl`` (question_id, model, judge, games: user_prompt, judgment, score), ``results.json``, and
+``cache.sqlite`` (every answer and judgment; re-runs and killed runs repeat nothing finished).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from perpair.errors import InputError, PerpairError
+from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_fingerprint
+from perpair.eval.arena_hard import (
+    BASELINE,
+    N_BOOTSTRAP,
+    RETRY_MESSAGE,
+    arena_score,
+    battles_from_games,
+    judge_messages,
+    parse_verdict,
+    style_features,
+)
+from perpair.eval.cache import ResultCache, cache_key
+from perpair.eval.generate import GenerationConfig, generate_cached, load_generator
+from perpair.eval.judges import ApiChatJudge, LocalChatJudge
+from perpair.eval.sources import write_json_records
+
+LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
+LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
+
+
+class ArenaHardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    name: str | None = None
+    output_dir: Path
+    judge: JudgeConfig
+    generation: GenerationConfig = GenerationConfig()
+    questions: Path | None = Field(None, description="question.jsonl(.gz) of Arena-Hard-Auto v0.1.")
+    baseline_answers: Path | None = Field(None, description="The gpt-4-0314 answers (model_answer format).")
+    limit: int | None = Field(None, ge=1)
+    judge_max_tokens: int = Field(4096, ge=1, description="arena-hard-auto's judge max_tokens.")
+    style_control: bool = False
+    n_rounds: int = Field(N_BOOTSTRAP, ge=1)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for i, line in enumerate(handle):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"not JSON ({exc})", file=str(path), row=i + 1) from None
+    return rows
+
+
+def _local(name: str) -> Path | None:
+    candidate = Path.cwd().parent / "shared" / "data" / "arena_hard" / name
+    return candidate if candidate.is_file() else None
+
+
+def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str]]:
+    questions_path = config.questions or _local(LOCAL_QUESTIONS)
+    baseline_path = config.baseline_answers or _local(LOCAL_BASELINE)
+    if questions_path is None or baseline_path is None:
+        raise PerpairError("Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "
+                           f"{BASELINE} answers of arena-hard-auto v0.1)")
+    questions = read_jsonl(Path(questions_path))
+    baseline = {}
+    for i, row in enumerate(read_jsonl(Path(baseline_path))):
+        try:
+            baseline[row["question_id"]] = row["choices"][0]["turns"][0]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
+                             row=i + 1) from None
+    for i, q in enumerate(questions):
+        if q.get("question_id") not in baseline:
+            raise InputError(f"no baseline answer for question {q.get('question_id')}", file=str(questions_path),
+                             row=i + 1, field="question_id")
+    return questions[:config.limit] if config.limit else questions, baseline
+
+
+def run_arena_hard(config: ArenaHardConfig,
+                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    from perpair.models import resolve_model
+
+    progress = on_progress or (lambda stage, done, total: None)
+    questions, baseline = load_questions(config)
+    model_path = resolve_model(config.model)
+    name = config.name or Path(model_path.rstrip("/")).name
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [q["turns"][0]["content"] for q in questions]
+    with ResultCache(out / "cache.sqlite") as cache:
+        gen = config.generation
+        identity = {"model": model_fingerprint(model_path),
+                    "settings": gen.model_dump(include={"max_new_tokens", "temperature", "top_p",
+                                                        "max_prompt_tokens"})}
+        answers, n_generated = generate_cached(
+            lambda: load_generator(model_path, gen), identity, [[{"role": "user", "content": t}] for t in texts],
+            cache, batch_size=gen.batch_size, on_progress=lambda d, t: progress("generating", d, t))
+        (out / "model_answer.jsonl").write_text("".join(json.dumps(
+            {"question_id": q["question_id"], "answer_id": cache_key(name, q["question_id"])[:22], "model_id": name,
+             "choices": [{"index": 0, "turns": [{"content": a}]}]}, ensure_ascii=False) + "\n"
+            for q, a in zip(questions, answers, strict=True)), encoding="utf-8")
+
+        # game 1: A = baseline, B = model; game 2: A = model, B = baseline
+        games = []
+        for q, text, answer in zip(questions, texts, answers, strict=True):
+            games.append((q["question_id"], False, judge_messages(text, baseline[q["question_id"]], answer)))
+            games.append((q["question_id"], True, judge_messages(text, answer, baseline[q["question_id"]])))
+        judgments, n_judged = _judge_games(config, [g[2] for g in games], cache,
+                                           lambda d, t: progress("judging", d, t))
+
+    labels = [parse_verdict(j).label for j in judgments]
+    records: dict[str, dict[str, Any]] = {}
+    for (qid, model_is_a, messages), judgment, label in zip(games, judgments, labels, strict=True):
+        record = records.setdefault(qid, {"question_id": qid, "model": name, "judge": config.judge.judge,
+                                          "games": []})
+        record["games"].append({"user_prompt": messages[1]["content"], "judgment": judgment, "score": label,
+                                "model_is_a": model_is_a})
+    (out / "judgment.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()),
+                                        encoding="utf-8")
+    by_qid = {q["question_id"]: a for q, a in zip(questions, answers, strict=True)}
+    battles = battles_from_games([(label, g[1]) for g, label in zip(games, labels, strict=True)],
+                                 [style_features(by_qid[g[0]]) for g in games],
+                                 [style_features(baseline[g[0]]) for g in games])
+    score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
+    row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
+           **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
+           "n_no_verdict": sum(label is None for label in labels),
+           "avg_length": int(sum(len(a) for a in answers) / max(len(answers), 1)),
+           "n_generated": n_generated, "n_judged": n_judged, "output_dir": str(out)}
+    write_json_records(out / "results.json", [row])
+    return row
+
+
+def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str]]], cache: ResultCache,
+                 progress: Callable[[int, int], None]) -> tuple[list[str], int]:
+    identity = [judge_identity(config.judge), config.judge_max_tokens]
+    keys = [cache_key(identity, c) for c in conversations]
+    results: list[str | None] = []
+    for key in keys:
+        hit = cache.get("arena_judgment", key)
+        results.append(None if hit is None else hit["judgment"])
+    todo = [i for i, r in enumerate(results) if r is None]
+    done = len(results) - len(todo)
+    progress(done, len(results))
+    if todo:
+        from perpair.models import resolve_model
+
+        judge = (ApiChatJudge(config.judge.client_config()) if config.judge.is_api else
+                 LocalChatJudge(resolve_model(config.judge.judge), batch_size=config.judge.batch_size,
+                                max_prompt_tokens=config.judge.max_prompt_tokens))
+        step = config.judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            texts = judge.complete([conversations[i] for i in chunk], config.judge_max_tokens)
+            # gen_judgment.py: no verdict → one more turn asking for it; the judgment is both turns joined
+            retry = [k for k, t in enumerate(texts) if parse_verdict(t).retry]
+            if retry:
+                follow = [conversations[chunk[k]] + [{"role": "assistant", "content": texts[k]},
+                                                     {"role": "user", "content": RETRY_MESSAGE}] for k in retry]
+                for k, extra in zip(retry, judge.complete(follow, config.judge_max_tokens), strict=True):
+                    texts[k] = texts[k] + "\n" + extra
+            cache.put_many("arena_judgment", [(keys[i], {"judgment": t}) for i, t in zip(chunk, texts, strict=True)])
+            for i, t in zip(chunk, texts, strict=True):
+                results[i] = t
+            done += len(chunk)
+            progress(done, len(results))
+    return results, len(todo)  # type: ignore[return-value]

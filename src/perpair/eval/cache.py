@@ -1,0 +1,57 @@
+"""A resumable cache of generations and judgments: SQLite, one row per item, committed the moment it is made,
+so a killed run loses at most the batch in flight and a re-run repeats nothing that was finished."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable key from JSON-serialisable parts (model, settings, inputs)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class ResultCache:
+    """``cache.get(kind, key)`` / ``cache.put(kind, key, value)``; ``hits`` and ``misses`` count per kind."""
+
+    def __init__(self, path: str | os.PathLike):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS results (kind TEXT NOT NULL, key TEXT NOT NULL, "
+                         "value TEXT NOT NULL, PRIMARY KEY (kind, key))")
+        self._db.commit()
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+
+    def get(self, kind: str, key: str) -> Any | None:
+        row = self._db.execute("SELECT value FROM results WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        if row is None:
+            self.misses[kind] += 1
+            return None
+        self.hits[kind] += 1
+        return json.loads(row[0])
+
+    def put_many(self, kind: str, items: list[tuple[str, Any]]) -> None:
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO results (kind, key, value) VALUES (?, ?, ?)",
+                                 [(kind, key, json.dumps(value, ensure_ascii=False)) for key, value in items])
+
+    def count(self, kind: str) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

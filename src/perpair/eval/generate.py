@@ -1,0 +1,139 @@
+"""Batched generation of answers with a model's chat template: Transformers, or vLLM when installed.
+
+Generation is greedy by default (AlpacaEval and Arena-Hard compare one answer per prompt). Every finished batch is
+written to the cache before the next starts (:func:`generate_cached`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from perpair.eval.cache import ResultCache, cache_key
+
+Messages = list[dict[str, str]]
+
+
+class GenerationConfig(BaseModel):
+    """How answers are generated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(2048, ge=1, description="Tokens generated at most per answer.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass (Transformers).")
+    max_prompt_tokens: int = Field(4096, ge=16, description="Longer prompts lose their beginning.")
+    backend: str = Field("auto", pattern="^(auto|transformers|vllm)$")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, prompts: Sequence[Messages]) -> list[str]: ...
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+class TransformersGenerator:
+    """Left-padded batched ``generate`` with the tokenizer's chat template."""
+
+    def __init__(self, model: str, config: GenerationConfig):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name, self.config = model, config
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(config.dtype)).to(device).eval()
+
+    def format(self, messages: Messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def generate(self, prompts: Sequence[Messages]) -> list[str]:
+        import torch
+
+        cfg = self.config
+        texts = [self.format(m) for m in prompts]
+        self.tokenizer.truncation_side = "left"
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                               truncation=True, max_length=cfg.max_prompt_tokens).to(self.model.device)
+        sampling: dict[str, Any] = ({"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}
+                                    if cfg.temperature > 0 else {"do_sample": False})
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=cfg.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+class VLLMGenerator:
+    """vLLM's offline ``LLM.chat`` (continuous batching on a GPU)."""
+
+    def __init__(self, model: str, config: GenerationConfig):
+        from vllm import LLM, SamplingParams
+
+        self.name, self.config = model, config
+        self.llm = LLM(model=model, dtype=config.dtype)
+        self.params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature,
+                                     top_p=config.top_p)
+
+    def generate(self, prompts: Sequence[Messages]) -> list[str]:
+        outputs = self.llm.chat(list(prompts), self.params, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outputs]
+
+
+def load_generator(model: str, config: GenerationConfig) -> Generator:
+    use_vllm = config.backend == "vllm" or (config.backend == "auto" and importlib.util.find_spec("vllm")
+                                           is not None and _has_cuda())
+    return VLLMGenerator(model, config) if use_vllm else TransformersGenerator(model, config)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Sequence[Messages], cache: ResultCache,
+                    *, kind: str = "generation", batch_size: int = 8,
+                    on_progress: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
+    """Answers for ``prompts``; cached ones are read, the others generated in batches (the generator is only
+    loaded when something is missing). Returns ``(answers, number generated now)``."""
+    keys = [cache_key(identity, p) for p in prompts]
+    answers: list[str | None] = [None] * len(prompts)
+    missing = []
+    for i, key in enumerate(keys):
+        hit = cache.get(kind, key)
+        if hit is None:
+            missing.append(i)
+        else:
+            answers[i] = hit["output"]
+    done = len(prompts) - len(missing)
+    if on_progress:
+        on_progress(done, len(prompts))
+    generator = load() if missing else None
+    step = batch_size if not isinstance(generator, VLLMGenerator) else max(batch_size, 256)
+    for start in range(0, len(missing), step):
+        chunk = missing[start:start + step]
+        outputs = generator.generate([prompts[i] for i in chunk])
+        cache.put_many(kind, [(keys[i], {"output": o}) for i, o in zip(chunk, outputs, strict=True)])
+        for i, o in zip(chunk, outputs, strict=True):
+            answers[i] = o
+        done += len(chunk)
+        if on_progress:
+            on_progress(done, len(prompts))
+    return answers, len(missing)  # type: ignore[return-value]

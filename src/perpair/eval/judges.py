@@ -1,0 +1,188 @@
+"""Judges and the official AlpacaEval 2.0 weighted judging protocol.
+
+Protocol (alpaca_eval 0.6.6, ``weighted_alpaca_eval_gpt4_turbo``): the ChatML prompt ``alpaca_eval_clf.txt`` shows
+the two outputs as models ``m`` (first) and ``M`` (second); the judge answers one token; the preference in the
+shown order is ``2 − P(m) / (P(m) + P(M))`` from the token log-probabilities (``completion_parsers.logprob_parser``
+with numerator ``m``, denominators ``m``, ``M``, not binarised). The order is decided per instruction by
+``random.Random("is_switched_outputs" + instruction + "0").choices([False, True])``
+(``RandomSwitchTwoColumnsProcessor`` with the annotator's seed 0): when switched the model's output is shown first
+and the preference is mapped back with ``3 − x``. Identical outputs are a draw (1.5) without a call.
+
+Judges: :class:`LocalLogprobJudge` (a local Hugging Face model; P(m), P(M) read off its next-token distribution
+through :class:`perpair.llm.scoring.OptionScorer`) and :class:`ApiLogprobJudge` (any OpenAI-compatible server
+returning ``top_logprobs``, through :class:`perpair.llm.client.ChatClient`). Arena-Hard needs free-form judgments:
+:class:`LocalChatJudge` and :class:`ApiChatJudge`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from perpair.errors import PerpairError
+
+Messages = list[dict[str, str]]
+SWITCH_COLUMN = "is_switched_outputs"
+SWITCH_SEED = 0  # PairwiseAnnotator(seed=0) passes its seed to the processors
+NUMERATOR, DENOMINATORS = "m", ("m", "M")
+
+
+def is_switched(instruction: str, seed: int = SWITCH_SEED) -> bool:
+    """Whether the official protocol shows the model's output first for this instruction."""
+    return random.Random(SWITCH_COLUMN + instruction + str(seed)).choices([False, True], k=1)[0]
+
+
+def fill_template(template: str, instruction: str, output_1: str, output_2: str) -> str:
+    """alpaca_eval ``make_prompts``: each placeholder replaced once, in order of first appearance (not
+    ``str.format``, so braces in outputs are safe)."""
+    values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+    order = sorted(values, key=lambda k: template.find("{" + k + "}"))
+    for name in order:
+        template = template.replace("{" + name + "}", values[name], 1)
+    return template
+
+
+def chatml_to_messages(prompt: str) -> Messages:
+    """alpaca_eval ``prompt_to_chatml``: ``<|im_start|>role\\ncontent<|im_end|>`` blocks to chat messages."""
+    prompt = prompt.strip()
+    if not prompt.startswith("<|im_start|>") or not prompt.endswith("<|im_end|>"):
+        raise PerpairError("the judge prompt is not in ChatML (<|im_start|>role ... <|im_end|>)")
+    messages = []
+    for block in prompt.split("<|im_start|>")[1:]:
+        role, _, rest = block.partition("\n")
+        messages.append({"role": role.strip(), "content": rest.split("<|im_end|>", 1)[0].strip()})
+    return messages
+
+
+def preference_from_logprobs(logprobs: dict[str, float]) -> float:
+    """``2 − P(m) / (P(m) + P(M))``; a missing token has probability 0; neither present → NaN."""
+    present = {t: lp for t, lp in logprobs.items() if t in DENOMINATORS and lp is not None}
+    if not present:
+        return math.nan
+    top = max(present.values())
+    denominator = sum(math.exp(lp - top) for lp in present.values())
+    p_first = math.exp(present.get(NUMERATOR, -math.inf) - top) / denominator
+    return 2 - p_first
+
+
+def judged_preference(logprobs: dict[str, float], switched: bool) -> float:
+    """The preference in the file's order (1 = baseline ``output_1`` wins, 2 = model ``output_2`` wins)."""
+    value = preference_from_logprobs(logprobs)
+    return 3 - value if switched and not math.isnan(value) else value
+
+
+class LogprobJudge(Protocol):
+    name: str
+
+    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
+        """Per prompt: ``{"logprobs": {"m": .., "M": ..}, "raw_completion": ...}``."""
+        ...
+
+
+class ChatJudge(Protocol):
+    name: str
+
+    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]: ...
+
+
+def _load_hf(model: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval(), tokenizer
+
+
+class LocalLogprobJudge:
+    """A local causal LM as the AlpacaEval judge: P(m) and P(M) as its next token after the judge prompt."""
+
+    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192):
+        from perpair.llm.scoring import OptionScorer
+
+        self.name = f"local:{model}"
+        hf_model, self.tokenizer = _load_hf(model)
+        self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=batch_size, max_length=max_prompt_tokens)
+
+    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
+        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        results = []
+        for scores in self.scorer.score(texts, list(DENOMINATORS)):
+            logprobs = dict(zip(DENOMINATORS, scores.logprob, strict=True))
+            # stored in the shape of an OpenAI completion's logprobs, as alpaca_eval annotations carry it
+            top = [{"token": t, "logprob": lp} for t, lp in sorted(logprobs.items(), key=lambda kv: -kv[1])]
+            results.append({"logprobs": logprobs, "raw_completion": {
+                "logprobs": {"content": [{**top[0], "top_logprobs": top}]}, "text": top[0]["token"]}})
+        return results
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+class ApiLogprobJudge:
+    """An OpenAI-compatible server as the AlpacaEval judge: ``max_tokens=1``, ``logprobs``, ``top_logprobs=5``,
+    temperature 1 (the official completion settings)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.name = f"api:{config.model}"
+
+    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
+        from perpair.llm.client import ChatClient
+
+        async def run() -> list[dict[str, Any]]:
+            async with ChatClient(self.config) as client:
+                return list(await asyncio.gather(*(self._one(client, m) for m in prompts)))
+
+        return _run(run())
+
+    async def _one(self, client, messages: Messages) -> dict[str, Any]:
+        result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
+        logprobs: dict[str, float] = {}
+        if result.logprobs:
+            first = result.logprobs[0]
+            for entry in first.get("top_logprobs") or [first]:
+                token = entry.get("token")
+                if token in DENOMINATORS and token not in logprobs:
+                    logprobs[token] = float(entry["logprob"])
+        choice = (result.response.get("choices") or [{}])[0]
+        return {"logprobs": logprobs, "raw_completion": choice}
+
+
+class LocalChatJudge:
+    """A local model writing free-form judgments (Arena-Hard), greedy."""
+
+    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192):
+        from perpair.eval.generate import GenerationConfig, TransformersGenerator
+
+        self.name = f"local:{model}"
+        self._config = GenerationConfig(batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+        self._generator = TransformersGenerator(model, self._config)
+
+    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]:
+        self._generator.config = self._config.model_copy(update={"max_new_tokens": max_tokens})
+        return self._generator.generate(conversations)
+
+
+class ApiChatJudge:
+    """An OpenAI-compatible server writing free-form judgments (Arena-Hard: temperature 0)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.name = f"api:{config.model}"
+
+    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]:
+        from perpair.llm.client import ChatClient
+
+        async def run() -> list[str]:
+            async with ChatClient(self.config) as client:
+                results = await asyncio.gather(*(client.chat(m, max_tokens=max_tokens, temperature=0.0)
+                                                 for m in conversations))
+            return [r.content or "" for r in results]
+
+        return _run(run())

@@ -1,0 +1,148 @@
+"""One results table (JSON + Markdown) and an HTML page with plots (matplotlib, Agg) from the folders that
+``perpair eval alpaca-eval`` and ``perpair eval arena-hard`` wrote: win rates with 95% intervals, answer-length
+distributions, and the AlpacaEval win rate per source dataset."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from perpair.errors import PerpairError
+from perpair.eval.metrics import win_rate_metrics
+from perpair.eval.sources import read_annotations, read_json_records, write_json_records
+
+COLUMNS = ("benchmark", "name", "length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
+           "score", "rating_q025", "rating_q975", "n_total", "avg_length", "lc_method")
+
+
+def collect(folders: list[Path]) -> list[dict[str, Any]]:
+    rows = []
+    for folder in folders:
+        path = folder / "results.json" if folder.is_dir() else folder
+        if not path.is_file():
+            raise PerpairError(f"{folder}: no results.json (run perpair eval alpaca-eval or arena-hard first)")
+        for row in read_json_records(path):
+            row["_folder"] = str(path.parent)
+            rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def per_dataset(folder: Path) -> dict[str, float]:
+    path = folder / "annotations.json"
+    if not path.is_file():
+        return {}
+    frame = read_annotations(path)
+    if "dataset" not in frame:
+        return {}
+    return {str(k): win_rate_metrics(g["preference"])["win_rate"] for k, g in frame.groupby("dataset")}
+
+
+def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = collect(folders)
+    output.mkdir(parents=True, exist_ok=True)
+    table = [{c: row.get(c) for c in COLUMNS} for row in rows]
+    write_json_records(output / "results.json", table)
+    (output / "results.md").write_text(markdown_table(rows), encoding="utf-8")
+
+    figures: dict[str, Path] = {}
+    labels, values, errors = [], [], []
+    for row in rows:
+        if row.get("benchmark") == "alpaca_eval_2":
+            for key, se, tag in (("length_controlled_winrate", "lc_standard_error", "LC"),
+                                 ("win_rate", "standard_error", "raw")):
+                labels.append(f"{row['name']}\nAlpacaEval {tag}")
+                values.append(row.get(key) or 0.0)
+                half = 1.96 * (row.get(se) or 0.0)
+                errors.append((half, half))
+        elif row.get("benchmark") == "arena_hard_v0.1":
+            labels.append(f"{row['name']}\nArena-Hard")
+            score = row.get("score") or 0.0
+            values.append(score)
+            errors.append((max(score - (row.get("rating_q025") or score), 0), max((row.get("rating_q975") or score)
+                                                                                   - score, 0)))
+    if labels:
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 4))
+        ax.bar(range(len(labels)), values, yerr=list(zip(*errors, strict=True)), capsize=4, color="#4C72B0")
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
+        ax.set_ylabel("win rate / score vs baseline (%)")
+        ax.set_title("Win rates with 95% intervals")
+        fig.tight_layout()
+        figures["win_rates"] = output / "win_rates.png"
+        fig.savefig(figures["win_rates"], dpi=110)
+        plt.close(fig)
+
+    lengths = {}
+    for row in rows:
+        path = Path(row["_folder"]) / "model_outputs.json"
+        if path.is_file():
+            lengths[row["name"]] = [len(r.get("output", "")) for r in read_json_records(path)]
+            baseline = Path(row["_folder"]) / "annotations.json"
+            if baseline.is_file():
+                lengths.setdefault("baseline", [len(r["output_1"]) for r in read_json_records(baseline)])
+    if lengths:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, values_ in lengths.items():
+            ax.hist(values_, bins=30, alpha=0.5, label=label)
+        ax.set_xlabel("answer length (characters)")
+        ax.set_ylabel("answers")
+        ax.legend(fontsize=8)
+        ax.set_title("Length distributions (AlpacaEval)")
+        fig.tight_layout()
+        figures["lengths"] = output / "lengths.png"
+        fig.savefig(figures["lengths"], dpi=110)
+        plt.close(fig)
+
+    breakdown = {row["name"]: per_dataset(Path(row["_folder"])) for row in rows
+                 if row.get("benchmark") == "alpaca_eval_2"}
+    breakdown = {k: v for k, v in breakdown.items() if v}
+    if breakdown:
+        datasets = sorted({d for v in breakdown.values() for d in v})
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(datasets)), 4))
+        width = 0.8 / len(breakdown)
+        for k, (name, values_) in enumerate(breakdown.items()):
+            ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, 0) for d in datasets], width,
+                   label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], datasets, rotation=30, fontsize=8)
+        ax.set_ylabel("raw win rate (%)")
+        ax.set_title("AlpacaEval win rate by source dataset")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figures["per_dataset"] = output / "per_dataset.png"
+        fig.savefig(figures["per_dataset"], dpi=110)
+        plt.close(fig)
+
+    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r['lc_note'])}</p>" for r in rows
+                    if r.get("lc_note"))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in COLUMNS) + "</tr>"
+                   for r in rows)
+    images = "".join(f'<h2>{html.escape(k.replace("_", " "))}</h2><img src="{p.name}" alt="{k}">'
+                     for k, p in figures.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>perpair evaluation</title><style>"
+            f"body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;"
+            f"padding:4px 8px;text-align:right}}</style></head><body><h1>perpair evaluation</h1>"
+            f"<table><tr>{head}</tr>{body}</table>{notes}{images}"
+            f"<h2>per-dataset win rate</h2><pre>{html.escape(json.dumps(breakdown, indent=1))}</pre></body></html>")
+    (output / "report.html").write_text(page, encoding="utf-8")
+    return {"html": output / "report.html", "json": output / "results.json", "markdown": output / "results.md",
+            **figures}

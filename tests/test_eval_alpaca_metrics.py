@@ -1,0 +1,174 @@
+"""AlpacaEval 2.0 metrics against the published leaderboard and the official implementation (alpaca-eval 0.6.6)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import SHARED_DATA, run_cli
+from perpair.errors import InputError
+from perpair.eval.lc import FEATURES, GamedRows, fit_length_controlled, predict_from_weights, std_delta_len
+from perpair.eval.metrics import win_rate_metrics
+from perpair.eval.score import ScoreOptions, score_annotations
+from perpair.eval.sources import read_annotations, read_difficulty_csv
+
+AE = SHARED_DATA / "alpaca_eval"
+MODELS = sorted(p.name.removesuffix(".json.gz") for p in (AE / "annotations").glob("*.json.gz"))
+LEADERBOARD = pd.read_csv(AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", index_col=0)
+WEIGHTS = pd.read_csv(AE / "glm_weights_length_controlled_v1.csv", index_col=0)
+DIFFICULTY = read_difficulty_csv(AE / "instruction_difficulty_reconstructed.csv")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def annotations(model: str) -> pd.DataFrame:
+    return read_annotations(AE / "annotations" / f"{model}.json.gz")
+
+
+def test_six_models_present():
+    assert len(MODELS) == 6
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_raw_metrics_equal_leaderboard(model):
+    frame = annotations(model)
+    metrics = win_rate_metrics(frame["preference"])
+    published = LEADERBOARD.loc[model]
+    for key in ("win_rate", "standard_error", "discrete_win_rate"):
+        assert metrics[key] == pytest.approx(published[key], abs=1e-6), key
+    for key in ("n_total", "n_wins", "n_wins_base", "n_draws"):
+        assert metrics[key] == published[key], key
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_lc_from_published_weights_equals_leaderboard(model):
+    result = predict_from_weights(WEIGHTS.loc[model], DIFFICULTY, WEIGHTS.loc["gpt4_1106_preview"])
+    assert result.length_controlled_winrate == pytest.approx(LEADERBOARD.loc[model, "length_controlled_winrate"],
+                                                             abs=1e-4)
+    if not np.isnan(LEADERBOARD.loc[model, "lc_standard_error"]):
+        assert result.lc_standard_error == pytest.approx(LEADERBOARD.loc[model, "lc_standard_error"], abs=1e-4)
+
+
+def test_hand_worked_metrics():
+    # 4 valid preferences (one legacy draw 0 → 1.5, one null dropped): (0 + 1 + 0.5 + 0.75) / 4
+    metrics = win_rate_metrics([1.0, 2.0, 0, 1.75, None])
+    assert metrics["win_rate"] == pytest.approx(100 * 2.25 / 4)
+    assert (metrics["n_wins"], metrics["n_wins_base"], metrics["n_draws"], metrics["n_total"]) == (2, 1, 1, 4)
+    assert metrics["discrete_win_rate"] == pytest.approx(100 * (0 + 1 + 0.5 + 1) / 4)
+    assert metrics["standard_error"] == pytest.approx(100 * np.std([0, 1, 0.5, 0.75], ddof=1) / 2)
+
+
+def _gamed_frame(models: list[str]) -> pd.DataFrame:
+    """A df_gamed.csv stand-in built from real annotations (the real file is on the Hub only)."""
+    parts = []
+    for model in models:
+        frame = annotations(model)
+        parts.append(pd.DataFrame({
+            "index": range(len(frame)), "preference": frame["preference"] - 1,
+            "std_delta_len": std_delta_len(frame["output_1"], frame["output_2"]),
+            "instruction_difficulty": DIFFICULTY[:len(frame)], "not_gamed_baseline": False, "model": model}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def _official(frame: pd.DataFrame, gamed_csv: Path, regularize: bool) -> tuple[dict, np.ndarray, dict]:
+    glm = pytest.importorskip("alpaca_eval.metrics.glm_winrate")
+    info = dict(glm.GLM_INFO["length_controlled_v1" if regularize else "length_controlled_noreg"])
+    frame = frame.copy()
+    weights = {}
+    real_fit = glm.fit_LogisticRegressionCV
+
+    def spy(*args, **kwargs):
+        model = real_fit(*args, **kwargs)
+        weights.update(dict(zip(FEATURES, model.coef_[0], strict=True)))
+        return model
+
+    with mock.patch.object(glm, "hf_hub_download", lambda **kwargs: str(gamed_csv)), \
+            mock.patch.object(glm, "fit_LogisticRegressionCV", spy), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metrics = glm.get_length_controlled_winrate(frame, save_weights_dir=None, glm_info=info)
+    return metrics, frame["glm_preference"].to_numpy(), weights
+
+
+@pytest.mark.parametrize(("model", "regularize"), [("claude-2.1", True), ("gpt-3.5-turbo-1106", True),
+                                                   ("OpenHermes-2.5-Mistral-7B", False)])
+def test_glm_fit_equals_official(tmp_path, model, regularize):
+    gamed = _gamed_frame(["alpaca-7b", "gemma-7b-it"])
+    gamed_csv = tmp_path / "df_gamed.csv"
+    gamed.to_csv(gamed_csv, index=False)
+    frame = annotations(model)
+    metrics, glm_pref, weights = _official(frame, gamed_csv, regularize)
+
+    ours = fit_length_controlled(frame["preference"], std_delta_len(frame["output_1"], frame["output_2"]),
+                                 DIFFICULTY, GamedRows.from_frame(pd.read_csv(gamed_csv)) if regularize else None)
+    assert ours.length_controlled_winrate == pytest.approx(metrics["length_controlled_winrate"], abs=1e-6)
+    assert ours.lc_standard_error == pytest.approx(metrics["lc_standard_error"], abs=1e-6)
+    np.testing.assert_allclose(ours.glm_preference, glm_pref, atol=1e-6)
+    for feature in FEATURES:
+        assert ours.weights[feature] == pytest.approx(weights[feature], abs=1e-6)
+
+
+def test_glm_fit_with_missing_preferences_equals_official(tmp_path):
+    gamed_csv = tmp_path / "df_gamed.csv"
+    _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
+    frame = annotations("gemma-7b-it")
+    frame.loc[[3, 50, 400], "preference"] = np.nan
+    metrics, _, _ = _official(frame, gamed_csv, True)
+    ours = fit_length_controlled(frame["preference"], std_delta_len(frame["output_1"], frame["output_2"]),
+                                 DIFFICULTY, GamedRows.from_frame(pd.read_csv(gamed_csv)))
+    assert ours.length_controlled_winrate == pytest.approx(metrics["length_controlled_winrate"], abs=1e-6)
+    assert win_rate_metrics(frame["preference"])["win_rate"] == pytest.approx(metrics["win_rate"], abs=1e-9)
+
+
+def test_score_offline_says_approximation(tmp_path):
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))
+    for record in records:
+        record["generator_2"] = "a-model-without-published-weights"
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    row = score_annotations(path, ScoreOptions(difficulty=AE / "instruction_difficulty_reconstructed.csv",
+                                               glm_weights=AE / "glm_weights_length_controlled_v1.csv"))
+    assert row["lc_method"] == "fit_offline_approximation"
+    assert row["lc_is_approximation"] and "0.5 to 3 points" in row["lc_note"]
+    assert row["lc_published_weights"] is None
+    assert abs(row["length_controlled_winrate"] - LEADERBOARD.loc["alpaca-7b", "length_controlled_winrate"]) < 3
+
+
+def test_cli_score_json_has_leaderboard_keys():
+    files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
+    result = run_cli("eval", "score", "--json", "--offline", "--difficulty",
+                     AE / "instruction_difficulty_reconstructed.csv",
+                     "--glm-weights", AE / "glm_weights_length_controlled_v1.csv", *files)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["name"] for r in rows] == ["claude-2.1", "gemma-7b-it"]
+    for row in rows:
+        published = LEADERBOARD.loc[row["name"]]
+        for key in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total",
+                    "discrete_win_rate", "avg_length", "length_controlled_winrate"):
+            assert row[key] == pytest.approx(published[key], abs=1e-4), key
+        assert row["lc_method"] == "published_weights"
+        assert row["lc_fit"]["note"].startswith("approximation")
+    table = run_cli("eval", "score", "--offline", *files).stdout
+    assert "claude-2.1" in table and "25.25" in table
+
+
+def test_bad_annotation_names_file_row_field(tmp_path):
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))[:10]
+    records[6]["preference"] = "2"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    with pytest.raises(InputError) as info:
+        read_annotations(bad)
+    assert (info.value.row, info.value.field) == (7, "preference")
+    result = run_cli("eval", "score", bad, check=False)
+    assert result.returncode == 2
+    assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr

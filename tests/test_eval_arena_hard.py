@@ -1,0 +1,96 @@
+"""Arena-Hard-Auto v0.1 maths: verdict parser, battle weights, Bradley–Terry score and bootstrap interval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perpair.eval.arena_hard import (
+    STRONG_WEIGHT,
+    arena_score,
+    battles_from_games,
+    bradley_terry_score,
+    game_outcome,
+    judge_messages,
+    parse_verdict,
+    style_features,
+)
+
+
+@pytest.mark.parametrize("label", ["A>>B", "A>B", "A=B", "B>A", "B>>A"])
+def test_parser_every_verdict_form(label):
+    verdict = parse_verdict(f"My own answer... Assistant B forgot X.\n\nMy final verdict is: [[{label}]]")
+    assert (verdict.label, verdict.retry, verdict.conflicting) == (label, False, False)
+
+
+def test_parser_none_and_conflicting():
+    none = parse_verdict("Both answers are fine. Final verdict: A is better.")
+    assert none.label is None and none.retry and not none.conflicting
+    conflicting = parse_verdict("First I thought [[A>B]] but then [[B>>A]].")
+    assert conflicting.label is None and not conflicting.retry and conflicting.conflicting
+    repeated = parse_verdict("[[B>A]] ... so again: [[B>A]]")
+    assert repeated.label == "B>A"
+    odd = parse_verdict("[[A<B]]")  # a label outside the five counts for nothing
+    assert odd.label == "A<B" and game_outcome(odd.label, model_is_a=False) == (0, 0)
+
+
+def test_outcomes_swap_with_position():
+    # game 1: A = baseline, B = model; game 2: A = model, B = baseline
+    assert game_outcome("B>>A", model_is_a=False) == (1, STRONG_WEIGHT)
+    assert game_outcome("B>>A", model_is_a=True) == (-1, STRONG_WEIGHT)
+    assert game_outcome("A>B", model_is_a=True) == (1, 1)
+    assert game_outcome("A=B", model_is_a=True) == (0, 1)
+    assert game_outcome(None, model_is_a=True) == (0, 0)
+
+
+def test_score_equals_weighted_win_rate_and_interval_contains_it():
+    rng = np.random.default_rng(0)
+    labels = ["A>>B", "A>B", "A=B", "B>A", "B>>A", None]
+    games = [(labels[i], bool(j)) for i, j in zip(rng.integers(0, 6, 400), rng.integers(0, 2, 400), strict=True)]
+    wins = ties = total = 0
+    for label, model_is_a in games:
+        outcome, weight = game_outcome(label, model_is_a)
+        total += weight
+        wins += weight * (outcome == 1)
+        ties += weight * (outcome == 0)
+    expected = 100 * (wins + ties / 2) / total
+    battles = battles_from_games(games)
+    assert len(battles) == total
+    result = arena_score(battles)
+    assert result.score == pytest.approx(expected, abs=1e-9)
+    assert result.lower <= expected <= result.upper
+    assert result.upper - result.lower < 15
+
+
+def test_hand_worked_score():
+    # question 1: baseline much better in game 1 (3 battles), model slightly better in game 2 (1 battle);
+    # question 2: a tie in both games (2 battles) → (0·3 + 1 + 0.5·2) / 6
+    games = [("A>>B", False), ("A>B", True), ("A=B", False), ("A=B", True)]
+    assert bradley_terry_score(battles_from_games(games)) == pytest.approx(100 * 2 / 6)
+
+
+def test_style_control_removes_a_length_effect():
+    # the model's answer is longer 80% of the time and it wins 80% of those, 20% of the others: at equal length
+    # it is as good as the baseline, so style control must pull its score (68 raw) towards 50
+    rng = np.random.default_rng(1)
+    games, mf, bf = [], [], []
+    for _ in range(600):
+        longer = rng.random() < 0.8
+        wins = rng.random() < (0.8 if longer else 0.2)
+        games.append(("B>A" if wins else "A>B", False))
+        mf.append([2000.0 if longer else 500.0, 0, 0, 0])
+        bf.append([1000.0, 0, 0, 0])
+    battles = battles_from_games(games, mf, bf)
+    plain = arena_score(battles, n_rounds=20)
+    controlled = arena_score(battles, style_control=True, n_rounds=20)
+    assert plain.score == pytest.approx(100 * np.mean([g[0] == "B>A" for g in games]))
+    assert abs(controlled.score - 50) < 6 < abs(plain.score - 50)
+    assert controlled.lower <= controlled.score <= controlled.upper
+
+
+def test_style_features_and_prompt():
+    text = "# Title\n\n- one\n- two\n1. three\n\nSome **bold** and __also__."
+    assert style_features(text)[1:] == [1.0, 3.0, 2.0]
+    messages = judge_messages("Q?", "ans A", "ans B")
+    assert messages[0]["role"] == "system" and "[[A>>B]]" in messages[0]["content"]
+    assert "<|The Start of Assistant A's Answer|>\nans A\n" in messages[1]["content"]

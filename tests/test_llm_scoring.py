@@ -1,0 +1,62 @@
+"""Option scoring with a tiny randomly initialised causal LM: the KV-cache-sharing, padded, batched path
+must equal scoring each full sequence on its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perpair.llm.scoring import OptionScorer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from perpair.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def brute_force(model, scorer, prompt, option, suffix="", then=()):
+    ids, opt, suf = scorer.encode(prompt), scorer.encode(option), scorer.encode(suffix) if suffix else []
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([ids + opt + suf])).logits[0].float(), -1)
+    total = sum(float(logp[len(ids) - 1 + j, opt[j]]) for j in range(len(opt)))
+    return total, [float(logp[-1, scorer.encode(t)[0]]) for t in then]
+
+
+PROMPTS = ["Which one?", "A much longer prompt that goes on about many things before it asks. Category:", "x"]
+
+
+def test_multi_token_options_suffix_and_then_match_brute_force(tiny):
+    model, tokenizer = tiny
+    scorer = OptionScorer(model, tokenizer, batch_size=2)
+    options = [" safety", " instruction_following", " style"]
+    results = scorer.score(PROMPTS, options, suffix="\nMagnitude: ", then=["0", "1", "2"])
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        for k, option in enumerate(options):
+            total, then = brute_force(model, scorer, prompt, option, "\nMagnitude: ", ["0", "1", "2"])
+            assert result.logprob[k] == pytest.approx(total, abs=1e-4)
+            assert result.then_logprob[k] == pytest.approx(then, abs=1e-4)
+        assert sum(result.probabilities()) == pytest.approx(1.0)
+
+
+def test_single_token_fast_path_and_batching_invariance(tiny):
+    model, tokenizer = tiny
+    one = OptionScorer(model, tokenizer, batch_size=1).score(PROMPTS, ["m", "M"])
+    many = OptionScorer(model, tokenizer, batch_size=8).score(PROMPTS, ["m", "M"])
+    for prompt, a, b in zip(PROMPTS, one, many, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        expected = brute_force(model, OptionScorer(model, tokenizer), prompt, "m")[0]
+        assert a.logprob[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_then_needs_single_tokens(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="single tokens"):
+        OptionScorer(model, tokenizer).score(["p"], [" a"], then=[" instruction_following"])
