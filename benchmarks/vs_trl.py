@@ -1,0 +1,215 @@
+"""perpair vs TRL's DPOTrainer on the same workload, run alternately, each in a fresh process.
+
+Workload (issue 5): SmolLM2-135M-Instruct in float32, the first pairs of the UltraFeedback sample in file order,
+batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learning rate.
+
+Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
+(``precompute_ref_log_probs=True``), ``perpair`` (empty reference cache: the reference log-probs are computed
+in the run) and ``perpair-gc`` (the same with gradient checkpointing, for memory).
+
+Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
+step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
+= 6 × parameters × unique non-padding tokens per second of steady-state step (tokens counted the same way for
+both: prompt once + chosen + rejected, TRL tokenization), as a share of the fp32 matmul peak measured in the
+same run with the same threads.
+
+    python benchmarks/vs_trl.py --steps 8 --rounds 1 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UF_TRAIN = ROOT.parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
+VARIANTS = ("trl", "trl-precompute", "perpair", "perpair-gc")
+
+
+def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
+    """Best fp32 GFLOP/s of a square matmul with ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def worker_trl(args, precompute: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from perpair.data import read_pairs
+    from perpair.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    class SequentialDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    table, _ = read_pairs(args.pairs)
+    rows = table.select(["prompt", "chosen", "rejected"]).slice(0, args.pool).to_pylist()
+    model_dir = resolve_model("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+                       learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
+                       report_to=[], save_strategy="no", max_length=args.max_length, beta=0.1, use_cpu=True,
+                       dataloader_num_workers=0, disable_tqdm=True, precompute_ref_log_probs=precompute,
+                       bf16=False)  # TRL defaults to bf16 autocast, even on CPU; the workload is fp32
+    trainer = SequentialDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                                   processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Stamp()])
+    trainer.train()
+    steps = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
+    return {"step_seconds": steps, "parameters": sum(p.numel() for p in model.parameters()),
+            "losses": [h["loss"] for h in trainer.state.log_history if "logps/chosen" in h]}
+
+
+def worker_perpair(args, checkpointing: bool) -> dict:
+    from perpair.train import load_config, train
+
+    config = load_config(None, {
+        "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
+        "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
+        "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
+        "save_model": False, "final_checkpoint": False, "gradient_checkpointing": checkpointing})
+    result = train(config)
+    metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
+            "losses": [m["loss"] for m in metrics], "reference_seconds": result.summary["reference_seconds"],
+            "reference_seconds_detail": "in the run"}
+
+
+def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int) -> list[int]:
+    """Per step, prompt + chosen + rejected tokens of the pairs TRL and perpair both train (file order, prompts
+    that fill max_length skipped)."""
+    from transformers import AutoTokenizer
+
+    from perpair.data import read_pairs
+    from perpair.models import resolve_model
+    from perpair.train.tokenize import tokenize_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    table, _ = read_pairs(pairs_path)
+    counts = []
+    for row in table.select(["prompt", "chosen", "rejected"]).to_pylist():
+        pair = tokenize_pair(tokenizer, row["prompt"], row["chosen"], row["rejected"], max_length)
+        if pair is not None:
+            counts.append(pair.tokens)
+        if len(counts) == steps * batch_size:
+            break
+    return [sum(counts[s * batch_size:(s + 1) * batch_size]) for s in range(steps)]
+
+
+def run_variant(name: str, args) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"vs_trl_{name}_") as tmp:
+        cmd = [sys.executable, __file__, "--worker", name, "--pairs", args.pairs, "--tmp", tmp,
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+               "--threads", str(args.threads), "--pool", str(args.pool)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        stdout, stderr = process.stdout.read(), process.stderr.read()
+        if status != 0:
+            raise SystemExit(f"{name} failed:\n{stderr[-4000:]}")
+        result = json.loads(stdout.strip().splitlines()[-1])
+        result.update(variant=name, wall_seconds=wall, peak_rss_bytes=usage.ru_maxrss * 1024)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pool", type=int, default=0,
+                        help="pairs handed to TRL, the first of the file (default: steps × batch + 8, enough for "
+                             "the run; TRL's precompute_ref_log_probs computes all of them)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds over the variants")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", help="write the raw results here")
+    parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    args.pool = args.pool or args.steps * args.batch_size + 8
+    if args.worker:
+        runners = {"trl": lambda: worker_trl(args, False), "trl-precompute": lambda: worker_trl(args, True),
+                   "perpair": lambda: worker_perpair(args, False), "perpair-gc": lambda: worker_perpair(args, True)}
+        print(json.dumps(runners[args.worker]()))
+        return
+
+    from perpair.data import PrepareOptions, prepare
+
+    with tempfile.TemporaryDirectory(prefix="vs_trl_") as tmp:
+        args.pairs = str(Path(tmp) / "uf.parquet")
+        prepare([str(UF_TRAIN)], args.pairs, PrepareOptions())
+        tokens = unique_tokens(args.pairs, args.steps, args.batch_size, args.max_length)
+        peak = matmul_peak(args.threads)
+        results: dict[str, list[dict]] = {}
+        for round_ in range(args.rounds):
+            for name in args.variants.split(","):
+                print(f"round {round_ + 1}: {name} …", file=sys.stderr, flush=True)
+                results.setdefault(name, []).append(run_variant(name, args))
+                peak = max(peak, matmul_peak(args.threads))
+
+    parameters = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
+    steady_tokens = statistics.median(tokens[1:])
+    summary = {}
+    for name, runs in results.items():
+        step = statistics.median([s for r in runs for s in r["step_seconds"][1:]])
+        summary[name] = {
+            "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
+            "step_seconds": step,
+            "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30,
+            "useful_gflops": 6 * parameters * steady_tokens / step / 1e9,
+            "losses": runs[0]["losses"],
+        }
+    base, pre = summary.get("trl"), summary.get("trl-precompute")
+    print(f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s; steady-state tokens/step "
+          f"{steady_tokens:.0f}; rounds {args.rounds}")
+    print(f"{'variant':16}{'run s':>9}{'s/step':>9}{'peak GiB':>10}{'GFLOP/s':>9}{'% peak':>8}"
+          f"{'run ×':>7}{'step ×':>8}{'step × pre':>11}{'RSS ×':>7}")
+    for name, s in summary.items():
+        ratios = ""
+        if base:
+            ratios = (f"{base['wall_seconds'] / s['wall_seconds']:7.2f}{base['step_seconds'] / s['step_seconds']:8.2f}"
+                      f"{(pre['step_seconds'] / s['step_seconds']) if pre else float('nan'):11.2f}"
+                      f"{s['peak_rss_gib'] / base['peak_rss_gib']:7.2f}")
+        print(f"{name:16}{s['wall_seconds']:9.1f}{s['step_seconds']:9.2f}{s['peak_rss_gib']:10.2f}"
+              f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / peak:7.0f}%{ratios}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "matmul_peak_gflops": peak,
+                                               "tokens_per_step": tokens}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Reference log-probabilities, computed once and cached on disk, so training holds no reference model.
+
+The cache is a Parquet artifact (kind ``reference_logps``; columns of
+:data:`perpair.train.logprobs.LOGPS_SCHEMA`, the table the plan stage reads for reference margins) named by
+the SHA-256 of its key: the reference model's files, the tokenizer, the pairs file and the length settings.
+Change any of them and the key changes. A run that needs pairs the cache lacks computes only those and
+rewrites the file with the union, so runs over growing prefixes of a corpus reuse each other's work.
+Values are always stored in the pair's own orientation (chosen as in the pairs file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.models import cache_root
+from perpair.train.logprobs import LOGPS_SCHEMA, logps_of_tokenized
+from perpair.train.tokenize import TokenizedPair
+
+KIND = "reference_logps"
+SCHEMA_VERSION = 1
+KEY_VERSION = 1  # bump when the way log-probs are computed changes
+
+
+def _memo_sha256(path: Path, memo: dict[str, str]) -> str:
+    """SHA-256 of a file, remembered by (path, size, mtime) so a 500 MB checkpoint is hashed once."""
+    stat = path.stat()
+    tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    if tag not in memo:
+        memo[tag] = file_sha256(path)
+    return memo[tag]
+
+
+def model_fingerprint(spec: str, cache_dir: Path) -> str:
+    """Content hash of a local model folder (config and weight files); a Hub id stands for itself."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return f"hub:{spec}"
+    memo_path = cache_dir / "file_hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"):
+            digest.update(path.name.encode() + b"\0" + _memo_sha256(path, memo).encode())
+    _write_json_atomic(memo_path, memo)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the tokens: the vocabulary and merges, the chat template, the special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "backend": backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+        "chat_template": tokenizer.chat_template,
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int) -> dict[str, object]:
+    return {"version": KEY_VERSION, "model": model, "tokenizer": tokenizer, "pairs_sha256": pairs_sha256,
+            "max_length": max_length, "truncation": "keep_start", "template": "trl"}
+
+
+def cache_path(cache_dir: Path, key: dict[str, object]) -> Path:
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"{name}.parquet"
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "reference"
+
+
+def load_cached(path: Path) -> dict[str, tuple[float, int, float, int]]:
+    if not path.is_file():
+        return {}
+    table, _ = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
+    cols = [table.column(n).to_pylist() for n in LOGPS_SCHEMA.names]
+    return {row[0]: tuple(row[1:]) for row in zip(*cols, strict=True)}
+
+
+def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]]) -> None:
+    ids = sorted(values)
+    rows = [values[i] for i in ids]
+    table = pa.table({
+        "pair_id": pa.array(ids, pa.string()),
+        "chosen_logps": pa.array([r[0] for r in rows], pa.float64()),
+        "chosen_tokens": pa.array([r[1] for r in rows], pa.int64()),
+        "rejected_logps": pa.array([r[2] for r in rows], pa.float64()),
+        "rejected_tokens": pa.array([r[3] for r in rows], pa.int64()),
+    }, schema=LOGPS_SCHEMA)
+    write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance={"key": key})
+
+
+def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
+                    tokenized: Sequence[TokenizedPair], load_model, *, device: torch.device,
+                    tokens_per_forward: int, chunk_size: int, autocast_dtype: torch.dtype | None = None,
+                    on_progress=None) -> tuple[np.ndarray, int]:
+    """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
+    from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache.
+    Returns the values and how many pairs were computed."""
+    cached = load_cached(path)
+    missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached},
+                     key=lambda i: tokenized[i].tokens)  # similar lengths together: fewer wasted packs
+    if missing:
+        model = load_model()
+        sums, counts = logps_of_tokenized(model, [tokenized[i] for i in missing], device=device,
+                                          tokens_per_forward=tokens_per_forward, chunk_size=chunk_size,
+                                          autocast_dtype=autocast_dtype, on_progress=on_progress)
+        del model
+        for row, i in enumerate(missing):
+            cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))
+        save_cached(path, key, cached)
+    values = np.array([[cached[pid][0], cached[pid][2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
+    return values, len(missing)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)

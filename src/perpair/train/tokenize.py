@@ -1,0 +1,67 @@
+"""Tokenization of preference pairs exactly as TRL's ``DPOTrainer`` does it, so a pair gives the same tokens here
+and there.
+
+For a conversation: ``prompt_ids`` = the prompt rendered with the chat template and the generation prompt;
+``chosen_ids`` / ``rejected_ids`` = the rest of the templated ``prompt + response`` conversation. Where the
+prompt alone does not tokenize as a prefix of the full conversation, the completion starts where they diverge
+(TRL's ``common_prefix_length``). Truncation is TRL's default ``keep_start`` applied to ``prompt + completion``
+separately for each response; pairs whose prompt alone fills ``max_length`` are skipped, as TRL skips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]  # empty for a pair routed to SFT (its rejected response is never computed)
+
+    @property
+    def tokens(self) -> int:
+        """Unique tokens of the pair when the prompt is shared by both responses."""
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=generation_prompt)
+    return list(out["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dict[str, str]],
+                  rejected: list[dict[str, str]] | None, max_length: int | None) -> TokenizedPair | None:
+    """The pair's token ids (TRL-compatible), truncated to ``max_length``; ``None`` when the prompt alone fills
+    ``max_length`` (no completion token would be left). ``rejected=None`` skips the rejected response."""
+    prompt = [_message(m) for m in prompt]
+    prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
+    full_chosen = _ids(tokenizer, prompt + [_message(m) for m in chosen])
+    full_rejected = _ids(tokenizer, prompt + [_message(m) for m in rejected]) if rejected is not None else None
+    cut = _common_prefix(prompt_ids, full_chosen)
+    if full_rejected is not None:
+        cut = min(cut, _common_prefix(prompt_ids, full_rejected))
+    prompt_ids = prompt_ids[:cut]
+    chosen_ids = full_chosen[cut:]
+    rejected_ids = full_rejected[cut:] if full_rejected is not None else []
+    if max_length is not None:
+        if len(prompt_ids) >= max_length:
+            return None
+        room = max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def _message(message: dict[str, Any]) -> dict[str, str]:
+    return {"role": message["role"], "content": message["content"]}

@@ -1,0 +1,218 @@
+"""``perpair train`` end to end on a tiny randomly initialised Llama: resume after SIGKILL, MixDPO plans,
+packing invariance, two processes, LoRA, bad input and NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import UF_TRAIN, run_cli
+
+TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta", "0.1", "--lr", "1e-3",
+             "--lr-schedule", "cosine", "--warmup-ratio", "0.2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from perpair.models import resolve_model
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(model, data, out, *extra, check=True):
+    return run_cli("train", "--model", model, "--data", data, "--out", out, "--threads", "1",
+                   "--set", f"reference_cache={out.parent / 'refcache'}", *extra, check=check)
+
+
+def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
+    straight = tmp_path / "straight"
+    _train(tiny_model, uf_pairs, straight, *TINY_ARGS)
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+           "--out", str(resumed), "--threads", "1", "--set", f"reference_cache={tmp_path / 'refcache'}",
+           "--save-every", "1", *TINY_ARGS]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = resumed / "checkpoints" / "step-00000003"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 3 <= len(_metrics(resumed)) < 6
+    _train(tiny_model, uf_pairs, resumed, *TINY_ARGS, "--save-every", "1", "--resume")
+
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+        assert y["lr"] == pytest.approx(x["lr"], rel=1e-12)
+    wa = load_file(straight / "model" / "model.safetensors")
+    wb = load_file(resumed / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs, tmp_path):
+    """Reduction by the pairs of the whole step: one pair per forward or all four packed together."""
+    args = ("--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--set", "save_model=false")
+    _train(tiny_model, uf_pairs, tmp_path / "one", *args)
+    _train(tiny_model, uf_pairs, tmp_path / "packed", *args, "--set", "tokens_per_forward=1000")
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "packed"), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
+        assert x["padding_share"] == 0.0
+
+
+def _mixdpo_plan(pairs: Path, tmp_path: Path) -> Path:
+    """MixDPO's preset (ratings margin, τ routing to SFT, cDPO ε = 0.1, β = 0.01) with τ = 2 and a shuffled
+    curriculum, so the first batches mix SFT and preference pairs in an order unlike the file's."""
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("routing: {tau: 2.0}\ncurriculum: {kind: random}\n")
+    plan = tmp_path / "plan.parquet"
+    run_cli("plan", pairs, "--preset", "mixdpo", "--config", schedule, "-o", plan, "--no-report")
+    return plan
+
+
+def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perpair.data import read_pairs
+    from perpair.train import sequence_logps
+
+    plan_path = _mixdpo_plan(uf_pairs, tmp_path)
+    out = tmp_path / "run"
+    result = _train(tiny_model, uf_pairs, out, "--plan", plan_path, "--steps", "3", "--batch-size", "8",
+                    "--max-length", "96", "--lr", "1e-3", "--set", "save_model=false")
+    assert "order: plan" in result.stdout
+    metrics = _metrics(out)
+
+    # The plan's order, skipping the pairs whose prompt fills max_length (as TRL does).
+    plan = pq.read_table(plan_path).to_pandas()
+    plan = plan[plan["route"] != "drop"].sort_values("order")
+    pairs, _ = read_pairs(str(uf_pairs))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    row_of = {pid: i for i, pid in enumerate(pairs.column("pair_id").to_pylist())}
+    logps = sequence_logps(model, tokenizer, pairs.take([row_of[p] for p in plan["pair_id"][:60]]), max_length=96)
+    ordered = plan.set_index("pair_id").loc[logps.column("pair_id").to_pylist()]
+    routes = ordered["route"].to_numpy()
+    assert metrics[0]["beta_mean"] == pytest.approx(0.01)
+    for step, m in enumerate(metrics):
+        in_batch = routes[step * 8:(step + 1) * 8]
+        assert m["pairs_sft"] == int((in_batch == "sft").sum())
+        assert m["pairs_preference"] == int((in_batch == "preference").sum())
+    assert sum(m["pairs_sft"] for m in metrics) > 0 and sum(m["pairs_preference"] for m in metrics) > 0
+
+    # Step 1 runs on the initial weights, which are also the reference: every DPO margin is 0, so a cDPO
+    # pair's loss is log 2, and an SFT pair's is its chosen response's length-normalised NLL.
+    first = logps.slice(0, 8).to_pydict()
+    sft = np.array(first["chosen_logps"]) / np.array(first["chosen_tokens"])
+    expected = np.where(routes[:8] == "sft", -sft, math.log(2)).mean()
+    assert metrics[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics[0]["loss_sft"] == pytest.approx(-sft[routes[:8] == "sft"].mean(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
+    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
+            "--set", "save_model=false", "--set", f"reference_cache={tmp_path / 'refcache'}"]
+    _train(tiny_model, uf_pairs, tmp_path / "one", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = tmp_path / "two"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(two), *args],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes" not in result.stderr  # no error about the batch split
+    one, two_m = _metrics(tmp_path / "one"), _metrics(two)
+    assert len(two_m) == 3
+    for x, y in zip(one, two_m, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
+
+
+def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
+    """DATA may be a raw UltraFeedback file (prepared on the fly); --lora saves an adapter and a merged model."""
+    out = tmp_path / "lora"
+    result = _train(tiny_model, UF_TRAIN, out, "--steps", "2", "--batch-size", "2", "--max-length", "64",
+                    "--lr", "1e-3", "--lora", "--set", "lora.r=4", "--set", "lora.merge=true")
+    assert "pairs/s" in result.stdout and "peak memory" in result.stdout
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "pairs.parquet").is_file()
+    m = _metrics(out)[0]
+    for key in ("step", "loss", "seconds", "pairs", "tokens", "padding_share", "logps_chosen", "logps_rejected",
+                "rewards_chosen", "rewards_rejected", "reward_accuracy", "beta_mean"):
+        assert key in m
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
+    (("--set", "betas=0.1"), "betas: Extra inputs are not permitted"),
+    (("--beta", "-1"), "beta: Input should be greater than 0"),
+])
+def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, message):
+    result = _train(tiny_model, uf_pairs, tmp_path / "bad", "--steps", "1", *extra, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
+    """Reference log-probs corrupted to NaN for the pairs of steps 3 and 4: the run stops at step 3 with one
+    clear message, before the optimizer step, and keeps the checkpoint of step 2."""
+    from perpair.artifacts import read_artifact, write_artifact
+    from perpair.data import read_pairs
+    from perpair.train import reference
+
+    args = ("--steps", "4", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--save-every", "1",
+            "--set", "keep_checkpoints=1")
+    _train(tiny_model, uf_pairs, tmp_path / "fill", *args)  # fills the reference cache
+    (cache,) = (tmp_path / "refcache").glob("*.parquet")
+    table, provenance = read_artifact(cache, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION)
+    pairs, _ = read_pairs(str(uf_pairs))
+    row_of = {pid: i for i, pid in enumerate(pairs.column("pair_id").to_pylist())}
+    ids = table.column("pair_id").to_pylist()
+    late = {pid for pid in sorted(ids, key=row_of.get)[4:]}  # the pairs of steps 3 and 4 (file order)
+    values = [float("nan") if pid in late else v for pid, v in zip(ids, table.column("chosen_logps").to_pylist(),
+                                                                     strict=True)]
+    table = table.set_column(1, "chosen_logps", pa.array(values, pa.float64()))
+    write_artifact(cache, table, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION,
+                   provenance=provenance)
+
+    out = tmp_path / "nan"
+    result = _train(tiny_model, uf_pairs, out, *args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "step 3: the loss is nan" in result.stderr and "Traceback" not in result.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+    assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000002"]
+    assert not (out / "model").exists()

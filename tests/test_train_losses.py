@@ -1,0 +1,189 @@
+"""Losses: maths by hand, parity with TRL's DPOTrainer on the same log-probs, per-pair β, routing, and the
+packed / chunked log-prob path against a plain forward (values and gradients)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from perpair.train.logprobs import ChunkedTokenLogps, CompletionLogps, pack, run_packed
+from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses
+from perpair.train.tokenize import TokenizedPair
+
+N = 6
+
+
+def _logps(seed: int) -> tuple[Logps, Logps, torch.Tensor, torch.Tensor]:
+    """Random per-token log-probs for N pairs laid out as TRL's padded batch, and the summed Logps."""
+    g = torch.Generator().manual_seed(seed)
+    length = 12
+    token = -torch.rand(2 * N, length, generator=g, dtype=torch.float64) * 3
+    counts = torch.randint(1, length, (2 * N,), generator=g)
+    mask = (torch.arange(length)[None, :] < counts[:, None]).long()
+    sums = (token * mask).sum(1)
+    ref = sums + torch.randn(2 * N, generator=g, dtype=torch.float64) * 2
+    policy = Logps(sums[:N], sums[N:], counts[:N], counts[N:])
+    reference = Logps(ref[:N], ref[N:], counts[:N], counts[N:])
+    return policy, reference, token * mask, mask
+
+
+def _trl_loss(loss_type: str, beta: float, token: torch.Tensor, mask: torch.Tensor, reference: Logps,
+              label_smoothing: float = 0.0) -> float:
+    """TRL's own ``_compute_loss`` on a stand-in model whose forward returns the given per-token log-probs."""
+    from accelerate import Accelerator
+    from trl import DPOTrainer
+
+    length = mask.shape[1]
+    completion_mask = torch.cat([torch.zeros(2 * N, 1, dtype=torch.long), mask], 1)  # token t predicted at t-1
+    per_token = token
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                               mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
+
+    model.training = True
+    trainer = object.__new__(DPOTrainer)
+    trainer.__dict__.update(
+        model=model, accelerator=Accelerator(cpu=True), aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
+        beta=beta, label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(2 * N, length + 1, dtype=torch.long),
+              "attention_mask": torch.ones(2 * N, length + 1, dtype=torch.long),
+              "completion_mask": completion_mask,
+              "ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected}
+    return float(trainer._compute_loss(model, inputs, return_outputs=False))
+
+
+def _ours(name: str, policy: Logps, reference: Logps, beta, eps=0.0, gamma=0.0) -> torch.Tensor:
+    params = LossParams(torch.full((N,), beta, dtype=torch.float64) if isinstance(beta, float) else beta,
+                        torch.full((N,), eps, dtype=torch.float64), gamma)
+    return LOSSES[name].fn(policy, reference, params).losses
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_losses_equal_trl_on_the_same_logps(loss_type, beta):
+    policy, reference, token, mask = _logps(seed=int(beta * 10))
+    eps = 0.2 if loss_type == "robust" else 0.0
+    ours = _ours(loss_type, policy, reference, beta, eps).mean().item()
+    assert ours == pytest.approx(_trl_loss(loss_type, beta, token, mask, reference, eps), abs=1e-6)
+
+
+def test_sft_equals_trl_for_equal_lengths():
+    """TRL's sft is the token mean over the batch; ours is per pair (MixDPO), equal when lengths are equal."""
+    policy, reference, token, mask = _logps(seed=3)
+    mask = torch.ones_like(mask)
+    token = -torch.rand_like(token)
+    sums = token.sum(1)
+    counts = mask.sum(1)
+    policy = Logps(sums[:N], sums[N:], counts[:N], counts[N:])
+    ours = _ours("sft", policy, None, 0.1).mean().item()
+    assert ours == pytest.approx(_trl_loss("sft", 0.1, token, mask, reference), abs=1e-6)
+
+
+def test_simpo_is_the_paper_formula():
+    policy, _, _, _ = _logps(seed=4)
+    beta, gamma = 2.0, 0.7
+    ours = _ours("simpo", policy, None, beta, gamma=gamma)
+    for i in range(N):
+        logits = (beta / int(policy.chosen_tokens[i]) * float(policy.chosen[i])
+                  - beta / int(policy.rejected_tokens[i]) * float(policy.rejected[i]) - gamma)
+        assert ours[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-logits))), rel=1e-12)
+
+
+def test_dpo_by_hand():
+    """log π: chosen −10 (ref −12), rejected −9 (ref −8): Δ = 2 − (−1) = 3; β = 0.5 → −log σ(1.5)."""
+    one = torch.tensor([1.0], dtype=torch.float64)
+    policy = Logps(-10 * one, -9 * one, 5 * one, 4 * one)
+    reference = Logps(-12 * one, -8 * one, 5 * one, 4 * one)
+    out = LOSSES["sigmoid"].fn(policy, reference, LossParams(0.5 * one, 0 * one))
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-1.5)), rel=1e-12)
+    assert out.chosen_rewards.item() == pytest.approx(1.0) and out.rejected_rewards.item() == pytest.approx(-0.5)
+    smoothed = LOSSES["sigmoid"].fn(policy, reference, LossParams(0.5 * one, 0.1 * one)).losses.item()
+    assert smoothed == pytest.approx(0.9 * math.log1p(math.exp(-1.5)) + 0.1 * math.log1p(math.exp(1.5)))
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "hinge", "robust"])
+def test_per_pair_beta_is_each_pairs_own_formula(name):
+    """SP²DPO: pair i's loss with β_i equals the global-β loss evaluated at β = β_i."""
+    policy, reference, _, _ = _logps(seed=5)
+    betas = torch.tensor([0.01, 0.05, 0.1, 0.3, 1.0, 2.0], dtype=torch.float64)
+    eps = 0.1 if name == "robust" else 0.0
+    per_pair = _ours(name, policy, reference, betas, eps)
+    for i, b in enumerate(betas.tolist()):
+        assert per_pair[i].item() == pytest.approx(_ours(name, policy, reference, b, eps)[i].item(), rel=1e-12)
+    # and the DPO gradient weight is β_i σ(−β_i Δ_i) (Rafailov et al. Eq. 8), so β_i scales the push per pair
+    if name == "sigmoid":
+        chosen = policy.chosen.clone().requires_grad_(True)
+        loss = LOSSES[name].fn(Logps(chosen, policy.rejected, policy.chosen_tokens, policy.rejected_tokens),
+                               reference, LossParams(betas, torch.zeros(N, dtype=torch.float64))).losses.sum()
+        loss.backward()
+        delta = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+        assert torch.allclose(-chosen.grad, betas * torch.sigmoid(-betas * delta))
+
+
+def test_routes_pick_the_objective_and_sft_pairs_never_touch_rejected():
+    policy, reference, _, _ = _logps(seed=6)
+    route = torch.tensor([ROUTE_PREFERENCE, ROUTE_SFT] * (N // 2))
+    nan = torch.full((N,), float("nan"), dtype=torch.float64)
+    sft_rows = route == ROUTE_SFT
+    # the SFT pairs' rejected log-probs and reference are NaN: they must not leak into any value or gradient
+    chosen = policy.chosen.clone().requires_grad_(True)
+    rejected = torch.where(sft_rows, nan, policy.rejected).requires_grad_(True)
+    ref = Logps(torch.where(sft_rows, nan, reference.chosen), torch.where(sft_rows, nan, reference.rejected),
+                reference.chosen_tokens, reference.rejected_tokens)
+    params = LossParams(torch.full((N,), 0.1, dtype=torch.float64), torch.full((N,), 0.1, dtype=torch.float64))
+    out = routed_losses("sigmoid", Logps(chosen, rejected, policy.chosen_tokens, policy.rejected_tokens), ref,
+                        params, route)
+    out.losses.sum().backward()
+    assert torch.isfinite(out.losses).all() and torch.isfinite(chosen.grad).all()
+    assert torch.isfinite(rejected.grad).all() and (rejected.grad[sft_rows] == 0).all()
+    sft = -policy.chosen / policy.chosen_tokens
+    assert torch.allclose(out.losses[sft_rows], sft[sft_rows].to(out.losses.dtype))
+    dpo = _ours("sigmoid", policy, reference, 0.1, 0.1)
+    assert torch.allclose(out.losses[~sft_rows], dpo[~sft_rows])
+
+
+def test_chunked_projection_gradients():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.randint(0, 13, (9,), generator=g)
+    assert torch.autograd.gradcheck(lambda h, w: ChunkedTokenLogps.apply(h, w, None, target, 4), (hidden, weight))
+    full = F.log_softmax(hidden @ weight.t(), -1).gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(ChunkedTokenLogps.apply(hidden, weight, None, target, 4), full)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_tree_attention_equals_separate_sequences(share_prompt):
+    """Prompt sharing and packing give each response exactly the log-probs and gradients of its own sequence."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16]),
+             TokenizedPair([3, 3], [4, 4, 4], [])]
+    sums, counts = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs, share_prompt), torch.device("cpu"))
+    (sums * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = torch.zeros(3, 2, dtype=torch.float64)
+    for i, pair in enumerate(pairs):
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            if tokens:
+                logits = model(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
+                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
+                expected[i, side] = logits[positions, torch.tensor(tokens)].sum()
+    (expected * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
+    assert torch.allclose(sums, expected.detach(), atol=1e-10)
+    assert counts.tolist() == [[3, 2], [1, 4], [3, 0]]
+    for a, p in zip(packed_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
