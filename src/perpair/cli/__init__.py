@@ -26,7 +26,10 @@ out = Console(highlight=False, soft_wrap=True)  # results
 
 # Stage commands register on `app` when imported (order = order in --help).
 from perpair.cli import data as _data  # noqa: E402,F401
+from perpair.cli import annotate as _annotate  # noqa: E402,F401
 from perpair.cli import plan as _plan  # noqa: E402,F401
+from perpair.cli import train as _train  # noqa: E402,F401
+from perpair.cli import eval as _eval  # noqa: E402,F401
 
 
 def main() -> None:
