@@ -120,7 +120,7 @@ def test_llama_cpp_server_judge(tmp_path):
     from llama_server import MODEL_ALIAS, start_llama_server
 
     out = tmp_path / "ae"
-    with start_llama_server(n_ctx=4096) as url:
+    with start_llama_server(n_ctx=4096, logits_all=True) as url:
         _probe_logprobs(url, MODEL_ALIAS)
         first = json.loads(run_cli("eval", "alpaca-eval", *COMMON, "--judge", url, "--judge-name", MODEL_ALIAS,
                                    "--judge-concurrency", "2", "-o", out).stdout)

@@ -1,0 +1,206 @@
+"""The annotate stage's configuration: teachers (from ``--teacher SPEC`` or YAML) and run settings.
+
+A YAML file says the same as the command line with more options::
+
+    seed: 0
+    teachers:
+      - kind: api
+        model: gpt-4o-mini
+        base_urls: [https://api.openai.com/v1]
+        api_key_env: OPENAI_API_KEY          # the variable's name; the key never enters a file
+        templates: [gap, gap-brief]          # an ensemble over prompts
+        price_prompt_per_1k: 0.00015
+        price_completion_per_1k: 0.0006
+      - kind: local
+        model: smollm2
+      - kind: ratings
+        weight: 0.5
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from perpair.annotate.templates import get_template
+from perpair.errors import PerpairError
+from perpair.llm.client import ChatClientConfig
+
+
+class _Teacher(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Teacher id in cache keys and rows (default from kind/model).")
+    weight: float = Field(1.0, gt=0, description="Weight of this teacher's votes in the per-pair aggregation.")
+
+
+class RatingsTeacherConfig(_Teacher):
+    """The gap derived from the data's own ratings (free, instant)."""
+
+    kind: Literal["ratings"] = "ratings"
+    magnitude_edges: tuple[float, float] = Field(
+        (1.0, 3.0), description="Overall-score margins up to which magnitude is 1, then 2; above: 3 (1-10 scale).")
+
+    @property
+    def id(self) -> str:
+        return self.name or "ratings"
+
+    @property
+    def templates(self) -> list[str]:
+        return ["ratings@v1"]
+
+
+class LocalTeacherConfig(_Teacher):
+    """A local Hugging Face causal LM that ranks the label options by likelihood."""
+
+    kind: Literal["local"] = "local"
+    model: str = Field(min_length=1, description="Model folder, Hub id, or 'smollm2'.")
+    templates: list[str] = Field(default_factory=lambda: ["gap-local@v1"], min_length=1)
+    max_chars: int | None = Field(None, ge=50, description="Cut the prompt and each response to this many "
+                                  "characters (overrides the template's limits; part of the cache key).")
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(2048, ge=16, description="Prompt tokens kept at most (the end is kept).")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def id(self) -> str:
+        return self.name or f"local:{self.model}"
+
+    @field_validator("templates")
+    @classmethod
+    def _scoring_templates(cls, names: list[str]) -> list[str]:
+        return _check_templates(names, "score")
+
+
+class ApiTeacherConfig(ChatClientConfig):
+    """A teacher behind an OpenAI-compatible chat endpoint (client settings as in ChatClientConfig)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["api"] = "api"
+    name: str | None = None
+    weight: float = Field(1.0, gt=0)
+    templates: list[str] = Field(default_factory=lambda: ["gap@v1"], min_length=1)
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=16)
+    max_chars: int | None = Field(None, ge=50, description="Cut the prompt and each response to this many "
+                                  "characters (overrides the template's limits; part of the cache key).")
+    seed: int | None = Field(None, description="Sent to servers that honour it.")
+    structured: Literal["auto", "json_schema", "json_object", "none"] = Field(
+        "auto", description="Structured output: 'auto' tries json_schema, then json_object, then plain text.")
+    max_reasks: int = Field(2, ge=0, le=10, description="Re-asks after an invalid answer.")
+
+    @property
+    def id(self) -> str:
+        return self.name or f"api:{self.model}"
+
+    def client_config(self) -> ChatClientConfig:
+        return ChatClientConfig(**self.model_dump(include=set(ChatClientConfig.model_fields)))
+
+    @field_validator("templates")
+    @classmethod
+    def _generating_templates(cls, names: list[str]) -> list[str]:
+        return _check_templates(names, "generate")
+
+
+TeacherConfig = Annotated[RatingsTeacherConfig | LocalTeacherConfig | ApiTeacherConfig, Field(discriminator="kind")]
+
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+
+class AnnotateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    seed: int = Field(0, description="Seed of the per-pair response order.")
+    limit: int | None = Field(None, ge=1, description="Annotate only the first N pairs of the file.")
+    shard: str | None = Field(None, description="'i/n': this machine's share of the pairs, by pair id.")
+    retry_failed: bool = Field(False, description="Ask again where the cache holds a final failure.")
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, value: str | None) -> str | None:
+        if value is not None:
+            match = _SHARD.match(value)
+            if not match or not int(match.group(1)) < int(match.group(2)):
+                raise ValueError(f"shard {value!r} must be 'i/n' with 0 <= i < n")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AnnotateConfig:
+        ids = [t.id for t in self.teachers]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"two teachers share the id {duplicates[0]!r}; give one a 'name'")
+        return self
+
+    @property
+    def shard_index(self) -> tuple[int, int] | None:
+        if self.shard is None:
+            return None
+        i, n = self.shard.split("/")
+        return int(i), int(n)
+
+
+def _check_templates(names: list[str], kind: str) -> list[str]:
+    """The templates' ids (``name@vN``: the version is part of every cache key and row)."""
+    ids = []
+    for name in names:
+        template = get_template(name)
+        if template.kind != kind:
+            raise ValueError(f"template {name!r} is a {template.kind} template; this teacher needs a {kind} one")
+        ids.append(template.id)
+    if len(set(ids)) != len(ids):
+        raise ValueError("a template is listed twice")
+    return ids
+
+
+def parse_teacher_spec(spec: str) -> dict:
+    """``ratings``, ``local:MODEL`` or ``api:BASE_URL/MODEL`` as a teacher config dict."""
+    kind, _, rest = spec.partition(":")
+    if kind == "ratings" and not rest:
+        return {"kind": "ratings"}
+    if kind == "local" and rest:
+        return {"kind": "local", "model": rest}
+    if kind == "api" and rest:
+        base, _, model = rest.rstrip("/").rpartition("/")
+        if base.startswith(("http://", "https://")) and model and "://" not in model:
+            return {"kind": "api", "base_urls": [base], "model": model}
+    raise PerpairError(f"teacher {spec!r}: expected 'ratings', 'local:MODEL_DIR' or 'api:BASE_URL/MODEL' "
+                       "(e.g. api:http://127.0.0.1:8080/v1/smollm2; a model name with '/' needs a YAML config)")
+
+
+def load_config(path: str | Path | None, *, teachers: list[str] | None = None, base_urls: list[str] | None = None,
+                templates: list[str] | None = None, concurrency: int | None = None, **overrides) -> AnnotateConfig:
+    """The YAML file (if any) with the command line's options on top, validated before any work starts."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise PerpairError(f"config {path}: cannot read it ({exc})") from None
+        if not isinstance(data, dict):
+            raise PerpairError(f"config {path}: expected a mapping at the top level")
+    if teachers:
+        data["teachers"] = [parse_teacher_spec(spec) for spec in teachers]
+    for teacher in data.get("teachers") or []:
+        if isinstance(teacher, dict) and teacher.get("kind") == "api":
+            if base_urls:
+                teacher["base_urls"] = list(dict.fromkeys([*teacher.get("base_urls", []), *base_urls]))
+            if concurrency is not None:
+                teacher["concurrency"] = concurrency
+            if templates:
+                teacher["templates"] = templates
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if not data.get("teachers"):
+        raise PerpairError("no teacher: give --teacher SPEC or a config with 'teachers'")
+    try:
+        return AnnotateConfig.model_validate(data)
+    except ValidationError as exc:
+        where = f"config {path}: " if path else ""
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PerpairError(f"{where}invalid annotate settings: {problems}") from None

@@ -1,0 +1,312 @@
+"""The annotate stage's entry points: :func:`annotate` (one run, resumable) and :func:`merge` (shards).
+
+A run lists its calls (pair × teacher × template), asks teachers only for calls the cache lacks, commits
+every answer to the cache as it arrives, and then rebuilds both artifacts from the cache:
+
+- the aggregated per-pair table at ``output`` (kind ``annotations``, schema version 1, read by the plan
+  stage through :func:`perpair.annotate.schema.read_annotations`), and
+- the per-call table beside it (``NAME.calls.parquet``, kind ``annotation_calls``): one row per pair and
+  teacher call, with the raw response, attempts, re-asks, usage, and the reason of any failure.
+
+Rows are sorted by pair id, teacher and template, and hold nothing that depends on timing, so a resumed run
+writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from perpair.annotate.aggregate import aggregate
+from perpair.annotate.cache import AnswerCache, CallRecord
+from perpair.annotate.config import AnnotateConfig
+from perpair.annotate.schema import KIND, SCHEMA_VERSION
+from perpair.annotate.teachers import Call, call_key, make_teacher
+from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
+from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.data import read_pairs
+from perpair.errors import PerpairError
+
+CALLS_KIND = "annotation_calls"
+CALLS_SCHEMA_VERSION = 1
+LOCAL_CHUNK_BATCHES = 4  # local-teacher batches per cache commit: a kill loses at most this much work
+PAIR_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
+                "ratings_chosen", "ratings_rejected")
+
+CALLS_SCHEMA = pa.schema([
+    pa.field("pair_id", pa.string(), nullable=False),
+    pa.field("teacher", pa.string(), nullable=False),
+    pa.field("template", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("category", pa.string()),
+    pa.field("magnitude", pa.float64()),
+    pa.field("confidence", pa.float64()),
+    pa.field("rationale", pa.string()),
+    pa.field("preferred", pa.string()),
+    pa.field("gap_category", pa.string()),
+    pa.field("swapped", pa.bool_()),
+    pa.field("reason", pa.string()),
+    pa.field("raw_response", pa.string()),
+    pa.field("attempts", pa.int64()),
+    pa.field("reasks", pa.int64()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("cost", pa.float64()),
+])
+
+
+def calls_path(output: str | os.PathLike) -> Path:
+    """Where the per-call table of the aggregated table ``output`` lives."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".parquet") + ".calls.parquet")
+
+
+def default_cache_path(output: str | os.PathLike) -> Path:
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".parquet") + ".cache.sqlite")
+
+
+@dataclass
+class Progress:
+    """What a progress display shows; ``done`` counts cached calls too."""
+
+    total: int
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    requests: int = 0
+    retries: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+    phase: str = ""
+
+
+@dataclass
+class AnnotateResult:
+    output: Path
+    calls_output: Path
+    pairs: int
+    calls: int
+    cached: int  # calls found in the cache at the start
+    status: dict[str, int]  # calls by status (ok, failed, unknown)
+    annotated_pairs: int  # pairs with a category
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    requests: int  # HTTP requests this run sent
+    elapsed_s: float
+    failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str | os.PathLike, *,
+             cache_path: str | os.PathLike | None = None, on_progress: Callable[[Progress], None] | None = None,
+             teacher_overrides: dict[str, dict[str, Any]] | None = None) -> AnnotateResult:
+    """Annotate the pairs in ``pairs_path`` with ``config``'s teachers; write ``output`` and its calls table.
+
+    ``teacher_overrides`` maps a teacher id to extra constructor arguments (tests inject a model or an
+    HTTP transport).
+    """
+    started = time.monotonic()
+    output = Path(output)
+    table, _ = read_pairs(str(pairs_path))
+    pairs_sha = file_sha256(pairs_path)
+    pairs = _select_pairs(table, config)
+    teachers = [make_teacher(t, **(teacher_overrides or {}).get(t.id, {})) for t in config.teachers]
+
+    calls: list[tuple[Any, Call]] = []
+    for pair in pairs:
+        for teacher in teachers:
+            for template_id in teacher.templates:
+                key = call_key(pair["pair_id"], teacher.id, teacher.fingerprint, template_id, config.seed)
+                calls.append((teacher, Call(key=key, pair_id=pair["pair_id"], teacher=teacher.id,
+                                            template=template_id, swapped=is_swapped(pair["pair_id"], template_id,
+                                                                                     config.seed), pair=pair)))
+
+    cache = AnswerCache(cache_path or default_cache_path(output))
+    try:
+        cached = cache.get_many([c.key for _, c in calls])
+        todo = [(t, c) for t, c in calls
+                if c.key not in cached or (config.retry_failed and cached[c.key].status == "failed")]
+        progress = Progress(total=len(calls), done=len(calls) - len(todo), cached=len(calls) - len(todo))
+        report = on_progress or (lambda _: None)
+        report(progress)
+        api_stats = []
+        for teacher in teachers:
+            work = [c for t, c in todo if t is teacher]
+            if not work:
+                continue
+            progress.phase = teacher.id
+            if teacher.asynchronous:
+                api_stats.append(teacher.client.stats)
+                asyncio.run(_run_async(teacher, work, cache, progress, report))
+            elif hasattr(teacher, "annotate_batch"):
+                chunk = teacher.config.batch_size * LOCAL_CHUNK_BATCHES
+                for start in range(0, len(work), chunk):
+                    _save(cache, teacher.annotate_batch(work[start:start + chunk]), progress, report)
+            else:
+                for start in range(0, len(work), 1000):
+                    _save(cache, [teacher.annotate(c) for c in work[start:start + 1000]], progress, report)
+        records = cache.get_many([c.key for _, c in calls])
+    finally:
+        cache.close()
+    missing = [c.key for _, c in calls if c.key not in records]
+    if missing:  # only a bug gets here: every call was either cached or just written
+        raise PerpairError(f"{len(missing)} calls have no cached answer after the run (first: {missing[0]})")
+    ordered = sorted((records[c.key] for _, c in calls), key=lambda r: (r.pair_id, r.teacher, r.template))
+    pair_ids = sorted(p["pair_id"] for p in pairs)
+    weights = {t.id: t.weight for t in teachers}
+    aggregated = aggregate(pair_ids, ordered, weights)
+    calls_table = pa.Table.from_pylist([asdict(r) for r in ordered], schema=CALLS_SCHEMA)
+
+    status: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    for record in ordered:
+        status[record.status] = status.get(record.status, 0) + 1
+        if record.status == "failed":
+            failures[record.reason or "?"] = failures.get(record.reason or "?", 0) + 1
+    usage = {"prompt_tokens": sum(r.prompt_tokens for r in ordered),
+             "completion_tokens": sum(r.completion_tokens for r in ordered),
+             "cost": round(sum(r.cost for r in ordered), 10)}
+    annotated = sum(1 for c in aggregated.column("category").to_pylist() if c is not None)
+    provenance = {
+        "pairs_sha256": pairs_sha,
+        "pairs_file": Path(pairs_path).name,
+        "teachers": [_describe(t) for t in config.teachers],
+        "templates": {tid: _template_sha(tid) for tid in sorted({c.template for _, c in calls})},
+        "seed": config.seed,
+        "limit": config.limit,
+        "shard": config.shard,
+        "counts": {"pairs": len(pairs), "calls": len(calls), "annotated_pairs": annotated, **status},
+        "usage": usage,
+    }
+    write_artifact(output, aggregated, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
+    write_artifact(calls_path(output), calls_table, kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION,
+                   provenance=provenance)
+    return AnnotateResult(
+        output=output, calls_output=calls_path(output), pairs=len(pairs), calls=len(calls),
+        cached=progress.cached, status=status, annotated_pairs=annotated, prompt_tokens=usage["prompt_tokens"],
+        completion_tokens=usage["completion_tokens"], cost=usage["cost"],
+        requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures)
+
+
+def _select_pairs(table: pa.Table, config: AnnotateConfig) -> list[dict[str, Any]]:
+    columns = [c for c in PAIR_COLUMNS if c in table.column_names]
+    if config.limit is not None:
+        table = table.slice(0, config.limit)  # the first N of the file, then the shard's share of them
+    pairs = table.select(columns).to_pylist()
+    if (shard := config.shard_index) is not None:
+        index, count = shard
+        pairs = [p for p in pairs if int(p["pair_id"], 16) % count == index]
+    return pairs
+
+
+def _save(cache: AnswerCache, records: list[CallRecord], progress: Progress, report) -> None:
+    cache.put_many(records)
+    progress.done += len(records)
+    progress.failed += sum(1 for r in records if r.status == "failed")
+    report(progress)
+
+
+async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Progress, report) -> None:
+    """``concurrency`` workers pull calls; each answer is committed before the worker takes the next call."""
+    queue: asyncio.Queue[Call] = asyncio.Queue()
+    for call in work:
+        queue.put_nowait(call)
+    stats = teacher.client.stats
+    base = (progress.requests, progress.retries, progress.tokens, progress.cost)
+
+    async def worker() -> None:
+        while True:
+            try:
+                call = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            record = await teacher.annotate(call)
+            cache.put(record)  # committed now: a kill after this line never repeats this call
+            progress.done += 1
+            progress.failed += record.status == "failed"
+            progress.requests, progress.retries = base[0] + stats.requests, base[1] + stats.retries
+            progress.tokens, progress.cost = base[2] + stats.tokens, base[3] + stats.cost
+            report(progress)
+
+    async with teacher.client:
+        workers = [asyncio.create_task(worker()) for _ in range(min(teacher.client.config.concurrency, len(work)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+
+
+# How a teacher is reached, not what it answers: left out of provenance, so a rerun against another server,
+# or shards run against different servers, carry the same provenance (and merge).
+TRANSPORT_SETTINGS = frozenset({"base_urls", "concurrency", "timeout_s", "connect_timeout_s", "max_retries",
+                                "backoff_initial_s", "backoff_max_s", "retry_after_max_s", "api_key_env",
+                                "batch_size"})
+
+
+def _describe(config) -> dict[str, Any]:
+    # The settings that shape the answers (never a key: configs hold at most the variable's name), plus the id.
+    return {"id": config.id, **config.model_dump(mode="json", exclude_none=True, exclude=TRANSPORT_SETTINGS)}
+
+
+def _template_sha(template_id: str) -> str | None:
+    base = template_id.partition("@")[0]
+    return get_template(template_id).sha256 if base in TEMPLATES else None
+
+
+def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[int, int]:
+    """Join the outputs of ``--shard i/n`` runs (each with its calls table beside it) into ``target``.
+
+    Refuses shards of different pairs files or settings, a missing or repeated shard, and overlapping pairs.
+    Returns (pairs, calls) written.
+    """
+    if not outputs:
+        raise PerpairError("merge needs at least one annotations file")
+    aggregated, calls, provenances = [], [], []
+    for path in outputs:
+        table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
+        call_table, _ = read_artifact(calls_path(path), kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION)
+        aggregated.append(table)
+        calls.append(call_table)
+        provenances.append(provenance)
+    first = provenances[0]
+    for path, provenance in zip(outputs, provenances, strict=True):
+        for key in ("pairs_sha256", "teachers", "templates", "seed", "limit"):
+            if provenance.get(key) != first.get(key):
+                raise PerpairError(f"file {path}: its {key} differs from {outputs[0]}'s; shards must come from "
+                                   "one pairs file and one configuration")
+    shards = [p.get("shard") for p in provenances]
+    if any(s is None for s in shards):
+        raise PerpairError("merge joins the outputs of --shard runs; one file is not a shard")
+    counts = {int(s.split("/")[1]) for s in shards}
+    indexes = sorted(int(s.split("/")[0]) for s in shards)
+    if len(counts) != 1 or indexes != list(range(counts.pop())):
+        raise PerpairError(f"shards {', '.join(shards)} are not exactly 0/n … n-1/n")
+    merged = pa.concat_tables(aggregated).sort_by("pair_id")
+    merged_calls = pa.concat_tables(calls).sort_by([("pair_id", "ascending"), ("teacher", "ascending"),
+                                                    ("template", "ascending")])
+    ids = merged.column("pair_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise PerpairError("the shards overlap: a pair is annotated in two of them")
+    status: dict[str, int] = {}
+    for value in merged_calls.column("status").to_pylist():
+        status[value] = status.get(value, 0) + 1
+    usage = {key: sum(p["usage"][key] for p in provenances) for key in first["usage"]}
+    provenance = {**{k: v for k, v in first.items() if k not in ("shard", "counts", "usage")},
+                  "merged_from": [str(s) for s in shards],
+                  "counts": {"pairs": len(ids), "calls": merged_calls.num_rows,
+                             "annotated_pairs": sum(1 for c in merged.column("category").to_pylist() if c), **status},
+                  "usage": usage, "shard": None}
+    write_artifact(target, merged, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
+    write_artifact(calls_path(target), merged_calls, kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION,
+                   provenance=provenance)
+    return len(ids), merged_calls.num_rows

@@ -1,0 +1,339 @@
+"""The three teachers behind one interface: each turns :class:`Call` s into :class:`CallRecord` s.
+
+- :class:`RatingsTeacher` (sync, instant): the gap from the data's own ratings.
+- :class:`LocalTeacher` (sync, batched): a local causal LM ranks the label options by likelihood.
+- :class:`ApiTeacher` (async): a chat endpoint answers in JSON; answers are validated and re-asked.
+
+The runner (:mod:`perpair.annotate.runner`) decides what to ask and writes every record to the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from perpair.annotate.cache import CallRecord
+from perpair.annotate.config import ApiTeacherConfig, LocalTeacherConfig, RatingsTeacherConfig
+from perpair.annotate.schema import CATEGORIES
+from perpair.annotate.templates import (
+    MAGNITUDE_WORDS,
+    ParseError,
+    Template,
+    answer_json_schema,
+    get_template,
+    parse_answer,
+)
+from perpair.llm.client import ChatClient, ChatError
+
+
+@dataclass
+class Call:
+    """One unit of work: one pair, one teacher, one template."""
+
+    key: str
+    pair_id: str
+    teacher: str
+    template: str
+    swapped: bool
+    pair: dict[str, Any]
+
+    def record(self, status: str, **values: Any) -> CallRecord:
+        return CallRecord(key=self.key, pair_id=self.pair_id, teacher=self.teacher, template=self.template,
+                          status=status, **values)
+
+
+def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int) -> str:
+    """The cache key: everything that changes the answer (never the base URL or the concurrency)."""
+    text = json.dumps([pair_id, teacher_id, fingerprint, template_id, seed], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+# --- ratings -----------------------------------------------------------------------------------------
+
+# Raw UltraFeedback's GPT-4 aspects and the category each one's gap stands for.
+ASPECT_CATEGORY = {
+    "honesty": "factuality",
+    "truthfulness": "factuality",
+    "instruction_following": "instruction_following",
+    "helpfulness": "helpfulness",
+}
+
+
+class RatingsTeacher:
+    """Ours: the aspect with the largest gap in favour of the preferred response names the category (ties
+    between aspects go to the more objective category); the overall margin's size gives the magnitude; a tie
+    is ``no_clear_gap``, a negative margin ``mislabeled``. Confidence = the share of rated aspects that agree
+    with the overall margin's direction (1 for ties and when there are no aspects)."""
+
+    asynchronous = False
+
+    def __init__(self, config: RatingsTeacherConfig):
+        self.config = config
+        self.id = config.id
+        self.weight = config.weight
+        self.templates = config.templates
+        self.fingerprint = {"rule": 1, "edges": list(config.magnitude_edges)}
+
+    def magnitude(self, margin: float) -> float:
+        low, high = self.config.magnitude_edges
+        size = abs(margin)
+        return 0.0 if size == 0 else 1.0 if size <= low else 2.0 if size <= high else 3.0
+
+    def annotate(self, call: Call) -> CallRecord:
+        pair = call.pair
+        chosen, rejected = pair.get("score_chosen"), pair.get("score_rejected")
+        ratings_c = dict(pair.get("ratings_chosen") or [])
+        ratings_r = dict(pair.get("ratings_rejected") or [])
+        gaps = {a: ratings_c[a] - ratings_r[a] for a in ASPECT_CATEGORY if a in ratings_c and a in ratings_r}
+        if chosen is None or rejected is None:
+            if not gaps:
+                return call.record("unknown", reason="the pair has no ratings")
+            margin = sum(gaps.values()) / len(gaps)  # no overall score: the mean aspect gap stands in
+        else:
+            margin = chosen - rejected
+        if margin == 0:
+            return call.record("ok", category="no_clear_gap", magnitude=0.0, confidence=1.0, preferred="tie",
+                               rationale=f"tie: overall margin {margin:g}")
+        sign = 1.0 if margin > 0 else -1.0
+        magnitude = self.magnitude(margin)
+        preferred = "chosen" if sign > 0 else "rejected"
+        best: str | None = None
+        if gaps:
+            by_category: dict[str, float] = {}
+            for aspect, gap in gaps.items():
+                category = ASPECT_CATEGORY[aspect]
+                by_category[category] = max(by_category.get(category, -math.inf), sign * gap)
+            ranked = sorted(by_category.items(), key=lambda item: (-item[1], CATEGORIES.index(item[0])))
+            if ranked[0][1] > 0:
+                best = ranked[0][0]
+            agree = sum(1 for gap in gaps.values() if sign * gap > 0) / len(gaps)
+        else:
+            agree = 1.0
+        detail = ", ".join(f"{a} {g:+g}" for a, g in sorted(gaps.items()))
+        if sign < 0:
+            rationale = f"negative overall margin {margin:g}" + (f"; aspects: {detail}" if gaps else "")
+            return call.record("ok", category="mislabeled", gap_category=best, magnitude=magnitude,
+                               confidence=agree, preferred=preferred, rationale=rationale)
+        if best is None:
+            reason = ("only an overall score: category unknown" if not gaps
+                      else "no aspect rating favours the chosen response: category unknown")
+            return call.record("unknown", magnitude=magnitude, preferred=preferred, reason=reason,
+                               rationale=f"overall margin {margin:g}" + (f"; aspects: {detail}" if gaps else ""))
+        return call.record("ok", category=best, gap_category=best, magnitude=magnitude, confidence=agree,
+                           preferred=preferred, rationale=f"overall margin {margin:g}; aspects: {detail}")
+
+
+# --- local -------------------------------------------------------------------------------------------
+
+class LocalTeacher:
+    """Ranks the seven categories by likelihood after the prompt, then the magnitudes 0-3 after the winning
+    category, in one batched pass (:class:`perpair.llm.scoring.OptionScorer`). Confidence = the winning
+    category's probability normalised over the seven. Always yields a valid annotation."""
+
+    asynchronous = False
+    ANSWER_PREFIX = "Category:"
+    SUFFIX = "\nMagnitude (0-3): "
+
+    def __init__(self, config: LocalTeacherConfig, *, model=None, tokenizer=None):
+        self.config = config
+        self.id = config.id
+        self.weight = config.weight
+        self.templates = config.templates
+        self.fingerprint = {"model": config.model, "max_length": config.max_length, "dtype": config.dtype,
+                            "max_chars": config.max_chars}
+        self._model, self._tokenizer = model, tokenizer
+        self._scorer = None
+
+    def _load(self):
+        if self._scorer is None:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from perpair.llm.scoring import OptionScorer
+            from perpair.models import resolve_model
+
+            if self._model is None:
+                path = resolve_model(self.config.model)
+                dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+                self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.config.batch_size,
+                                        max_length=self.config.max_length)
+        return self._scorer
+
+    def prompt_text(self, template: Template, call: Call) -> str:
+        messages = template.render(call.pair, call.swapped)
+        tokenizer = self._tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant: "
+        return text + self.ANSWER_PREFIX
+
+    def annotate_batch(self, calls: list[Call]) -> list[CallRecord]:
+        scorer = self._load()
+        records: list[CallRecord] = []
+        by_template: dict[str, list[Call]] = {}
+        for call in calls:
+            by_template.setdefault(call.template, []).append(call)
+        for template_id, group in by_template.items():
+            template = _with_limits(get_template(template_id), self.config.max_chars)
+            prompts = [self.prompt_text(template, call) for call in group]
+            scores = scorer.score(prompts, [" " + c for c in CATEGORIES], suffix=self.SUFFIX,
+                                  then=[str(m) for m in range(len(MAGNITUDE_WORDS))])
+            for call, score in zip(group, scores, strict=True):
+                probs = score.probabilities()
+                best = max(range(len(CATEGORIES)), key=lambda k: (probs[k], -k))
+                then = score.then_logprob[best]
+                magnitude = max(range(len(then)), key=lambda m: (then[m], -m))
+                mag_probs = _softmax(then)
+                raw = {"category": {c: round(p, 6) for c, p in zip(CATEGORIES, probs, strict=True)},
+                       "magnitude": {str(m): round(p, 6) for m, p in enumerate(mag_probs)}}
+                category = CATEGORIES[best]
+                records.append(call.record(
+                    "ok", category=category, magnitude=float(magnitude), confidence=round(probs[best], 6),
+                    preferred="rejected" if category == "mislabeled" else "chosen", swapped=call.swapped,
+                    rationale=f"likelihood ranking: {category} (p={probs[best]:.2f}), magnitude {magnitude} "
+                              f"({MAGNITUDE_WORDS[magnitude]}, p={mag_probs[magnitude]:.2f})",
+                    raw_response=json.dumps(raw, sort_keys=True), attempts=1))
+        order = {call.key: i for i, call in enumerate(calls)}
+        return sorted(records, key=lambda r: order[r.key])
+
+
+def _with_limits(template: Template, max_chars: int | None) -> Template:
+    if max_chars is None:
+        return template
+    return dataclasses.replace(template, max_prompt_chars=max_chars, max_response_chars=max_chars)
+
+
+def _softmax(logprobs: list[float]) -> list[float]:
+    top = max(logprobs)
+    weights = [math.exp(x - top) for x in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+# --- API ---------------------------------------------------------------------------------------------
+
+STRUCTURED_MODES = ("json_schema", "json_object", "json_object_plain", "none")
+
+
+class ApiTeacher:
+    """Asks a chat endpoint; validates the JSON answer; re-asks (bounded) with the validation errors.
+
+    Structured output: ``json_schema`` is the OpenAI/vLLM/SGLang form, ``json_object`` with a ``schema`` the
+    llama.cpp form, plain ``json_object`` the Ollama form. In ``auto`` mode a 400/422 answer to one form
+    moves the whole teacher to the next form (servers reject forms they do not know). Servers that accept a
+    schema may still not enforce its bounds (llama.cpp lets magnitude 4 through), hence validation always.
+    """
+
+    asynchronous = True
+
+    def __init__(self, config: ApiTeacherConfig, *, transport=None):
+        self.config = config
+        self.id = config.id
+        self.weight = config.weight
+        self.templates = config.templates
+        self.fingerprint = {"model": config.model, "temperature": config.temperature,
+                            "max_tokens": config.max_tokens, "seed": config.seed, "max_reasks": config.max_reasks,
+                            "max_chars": config.max_chars}
+        self.client = ChatClient(config.client_config(), transport=transport)
+        self._mode = "json_schema" if config.structured == "auto" else config.structured
+        self._confirmed = config.structured != "auto"
+
+    def _response_format(self, mode: str) -> dict[str, Any] | None:
+        schema = answer_json_schema()
+        if mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": "annotation", "schema": schema, "strict": True}}
+        if mode == "json_object":
+            return {"type": "json_object", "schema": schema}
+        if mode == "json_object_plain":
+            return {"type": "json_object"}
+        return None
+
+    async def _chat(self, messages: list[dict[str, str]], request_id: str):
+        attempts = transient = 0
+        while True:
+            mode = self._mode
+            probing = self.config.structured == "auto" and mode != "none" and not self._confirmed
+            try:
+                # Until a form has worked once, try it without retries: a server that rejects a form rejects
+                # it every time (llama.cpp even answers 500), and retrying would only wait.
+                result = await self.client.chat(
+                    messages, max_tokens=self.config.max_tokens, temperature=self.config.temperature,
+                    seed=self.config.seed, response_format=self._response_format(mode), request_id=request_id,
+                    max_retries=0 if probing else None)
+            except ChatError as exc:
+                if probing and _rejects_format(exc):
+                    # The teacher learning what the server takes, not this call's work: left out of the
+                    # call's attempts (the client's request count has it), so that a row does not depend on
+                    # whether its call was among the first of a run (a resumed run probes again).
+                    if self._mode == mode:  # the first call to learn it moves the teacher on
+                        self._mode = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
+                    continue
+                attempts += exc.attempts
+                if probing and exc.retryable and transient < self.config.max_retries:
+                    # A transient failure says nothing about the form: probe again, within the retry bound.
+                    transient += 1
+                    await asyncio.sleep(self.client.backoff_delay(transient))
+                    continue
+                exc.attempts = attempts
+                raise
+            if mode == self._mode:
+                self._confirmed = True
+            result.attempts += attempts
+            return result
+
+    async def annotate(self, call: Call) -> CallRecord:
+        template = _with_limits(get_template(call.template), self.config.max_chars)
+        messages = template.render(call.pair, call.swapped)
+        usage = {"attempts": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+        raw: str | None = None
+        reason = ""
+        for reask in range(self.config.max_reasks + 1):
+            try:
+                result = await self._chat(messages, request_id=call.key)
+            except ChatError as exc:
+                usage["attempts"] += exc.attempts
+                return call.record("failed", swapped=call.swapped, reason=f"request failed: {exc}", raw_response=raw,
+                                   reasks=reask, **usage)
+            usage["attempts"] += result.attempts
+            usage["prompt_tokens"] += result.prompt_tokens
+            usage["completion_tokens"] += result.completion_tokens
+            usage["cost"] += result.cost
+            raw = result.content
+            try:
+                answer = parse_answer(raw, call.swapped)
+            except ParseError as exc:
+                reason = str(exc)
+                if result.finish_reason == "length":
+                    reason += f" (the answer was cut at max_tokens={self.config.max_tokens})"
+                messages = [*messages, {"role": "assistant", "content": raw or ""},
+                            {"role": "user", "content": f"That answer is invalid: {reason}. Reply again with the "
+                                                        "corrected JSON object only."}]
+                continue
+            return call.record("ok", category=answer.category, magnitude=answer.magnitude,
+                               confidence=answer.confidence, rationale=answer.rationale, preferred=answer.preferred,
+                               gap_category=answer.gap_category, swapped=call.swapped, raw_response=raw,
+                               reasks=reask, **usage)
+        return call.record("failed", swapped=call.swapped, raw_response=raw, reasks=self.config.max_reasks,
+                           reason=f"invalid answer after {self.config.max_reasks} re-asks: {reason}", **usage)
+
+
+def _rejects_format(exc: ChatError) -> bool:
+    """Whether an error says the server does not take this ``response_format``."""
+    return exc.status in (400, 422) or (exc.status is not None and exc.status >= 500
+                                        and "response_format" in exc.reason)
+
+
+def make_teacher(config, **kwargs):
+    if isinstance(config, RatingsTeacherConfig):
+        return RatingsTeacher(config)
+    if isinstance(config, LocalTeacherConfig):
+        return LocalTeacher(config, **kwargs)
+    return ApiTeacher(config, **kwargs)

@@ -1,0 +1,101 @@
+"""``perpair annotate PAIRS --teacher SPEC ... -o OUT`` and ``perpair annotate merge SHARD... -o OUT``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from perpair.annotate import annotate, load_config, merge
+from perpair.annotate.runner import AnnotateResult
+from perpair.annotate.runner import Progress as RunProgress
+from perpair.cli import app, console, out
+
+
+class _DefaultRun(typer.core.TyperGroup):
+    """``perpair annotate PAIRS ...`` means ``perpair annotate run PAIRS ...``; ``merge`` is the other command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+annotate_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True, add_completion=False,
+                           help="Label each pair's semantic gap with teacher LLMs (resumable). "
+                                "`perpair annotate PAIRS ...` runs; `perpair annotate merge` joins shards.")
+app.add_typer(annotate_app, name="annotate")
+
+
+@annotate_app.command("run")
+def run_command(
+    pairs: Annotated[Path, typer.Argument(help="Pairs file written by perpair prepare.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Aggregated annotations file (.parquet); the "
+                                         "per-call table goes beside it as NAME.calls.parquet.")],
+    teacher: Annotated[list[str] | None, typer.Option(
+        "--teacher", help="ratings | local:MODEL_DIR (or local:smollm2) | api:BASE_URL/MODEL; repeat for an "
+                          "ensemble.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML file with teachers and settings.")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight per API teacher.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Annotate only the first N pairs.")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: this machine's share of the pairs, by pair id.")] = None,
+    base_url: Annotated[list[str] | None, typer.Option(
+        "--base-url", help="Another base URL for the API teachers to share the load with (repeatable).")] = None,
+    template: Annotated[list[str] | None, typer.Option(
+        "--template", help="Prompt template(s) of the API teachers (gap, gap-brief).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the per-pair response order (default 0).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Ask again where the cache holds a "
+                                               "final failure.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every retry to stderr.")] = False,
+) -> None:
+    """Annotate pairs: category, magnitude, confidence and rationale per pair, from one or more teachers."""
+    settings = load_config(config, teachers=teacher, base_urls=base_url, templates=template, concurrency=concurrency,
+                           limit=limit, shard=shard, seed=seed, retry_failed=retry_failed or None)
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpcore2").setLevel(logging.INFO)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+               TextColumn("{task.fields[extra]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("annotating", total=None, rate="", extra="")
+        start: dict[str, float] = {}
+
+        def show(p: RunProgress) -> None:
+            now = bar.get_time()
+            fresh = p.done - p.cached
+            start.setdefault("t", now)
+            rate = fresh / (now - start["t"]) if now > start["t"] and fresh else 0.0
+            extra = (f"{p.phase} · tokens {p.tokens:,} · cost {p.cost:.4f} · requests {p.requests:,} · "
+                     f"retries {p.retries:,} · failed {p.failed:,}" + (f" · cached {p.cached:,}" if p.cached else ""))
+            bar.update(task, total=p.total, completed=p.done, rate=f"{rate:.1f}/s", extra=extra)
+
+        result = annotate(pairs, settings, output, cache_path=cache, on_progress=show)
+    _print_result(result)
+
+
+def _print_result(result: AnnotateResult) -> None:
+    status = ", ".join(f"{k} {v:,}" for k, v in sorted(result.status.items()))
+    out.print(f"{result.pairs:,} pairs, {result.calls:,} teacher calls ({status}); {result.cached:,} from the cache; "
+              f"{result.annotated_pairs:,} pairs annotated")
+    if result.prompt_tokens or result.completion_tokens:
+        out.print(f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion; "
+                  f"cost {result.cost:.4f}; {result.requests:,} HTTP requests this run")
+    for reason, count in sorted(result.failures.items(), key=lambda item: -item[1])[:10]:
+        out.print(f"  failed × {count}: {reason}")
+    out.print(f"wrote {result.output} and {result.calls_output} in {result.elapsed_s:.1f}s")
+
+
+@annotate_app.command("merge")
+def merge_command(
+    shards: Annotated[list[Path], typer.Argument(help="Annotations files of --shard i/n runs.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Merged annotations file (.parquet).")],
+) -> None:
+    """Join the outputs of `perpair annotate --shard i/n` runs into one annotations file."""
+    pairs, calls = merge(shards, output)
+    out.print(f"merged {len(shards)} shards: {pairs:,} pairs, {calls:,} teacher calls -> {output}")

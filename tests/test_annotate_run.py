@@ -1,0 +1,211 @@
+"""`perpair annotate` end to end through the CLI against loopback stub endpoints (fast): artifacts and the
+plan-stage contract, resume from the cache, byte-identical reruns, shards and merge, validation and
+re-asking, structured-output fallback, ensembles, and the API key kept out of every output."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from llama_server import LoopbackServer, Reply, Request, chat_completion
+from perpair.annotate import calls_path, read_annotations
+from perpair.artifacts import file_sha256, read_artifact
+
+VALID = {"better": "A", "category": "factuality", "magnitude": 2, "confidence": 0.8, "rationale": "B is wrong"}
+
+
+class Stub:
+    """A chat endpoint whose answers depend on the request; counts requests per call id."""
+
+    def __init__(self, answer=None):
+        self.answer = answer or (lambda body, request: json.dumps(VALID))
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        self.server = LoopbackServer(self.handle)
+
+    async def handle(self, request: Request) -> Reply:
+        with self.lock:
+            self.requests.append(request)
+        result = self.answer(request.json(), request)
+        return result if isinstance(result, Reply) else Reply(body=chat_completion(result))
+
+    def __enter__(self) -> str:
+        return self.server.__enter__() + "/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.server.__exit__(*exc)
+
+
+def annotate(pairs, out, *args, check=True):
+    return run_cli("annotate", pairs, "-o", out, *args, check=check)
+
+
+def test_api_run_contract_resume_and_identical_rerun(uf_pairs, tmp_path):
+    out = tmp_path / "ann.parquet"
+    with Stub() as url:
+        first = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "12", "--concurrency", "4")
+        table, provenance = read_annotations(out)  # the plan stage's reader accepts it
+        assert table.num_rows == 12 and provenance["pairs_sha256"] == file_sha256(uf_pairs)
+        calls, calls_provenance = read_artifact(calls_path(out), kind="annotation_calls", schema_version=1)
+        assert calls.num_rows == 12 and set(calls.column("status").to_pylist()) == {"ok"}
+        assert calls.column("template").to_pylist() == ["gap@v1"] * 12
+        assert table.column("pair_id").to_pylist() == sorted(table.column("pair_id").to_pylist())
+        # Positions were randomised per pair and mapped back: "A" is the chosen one only when not swapped.
+        for swapped, category in zip(calls.column("swapped").to_pylist(), calls.column("category").to_pylist(),
+                                     strict=True):
+            assert category == ("mislabeled" if swapped else "factuality")
+        assert 0 < sum(calls.column("swapped").to_pylist()) < 12
+        assert provenance["teachers"][0]["id"] == "api:stub" and "gap@v1" in provenance["templates"]
+        assert "12 pairs annotated" in first.stdout
+        before = out.read_bytes(), calls_path(out).read_bytes()
+    second = Stub()
+    with second as url:  # another server, another port: the cache key holds no URL
+        rerun = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "12")
+        assert "12 from the cache" in rerun.stdout
+        assert (out.read_bytes(), calls_path(out).read_bytes()) == before
+        assert second.requests == []
+        # A larger limit asks only for the new pairs.
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "15")
+    assert read_annotations(out)[0].num_rows == 15
+
+
+def test_rerun_sends_no_request_and_shards_merge(uf_pairs, tmp_path):
+    stub = Stub()
+    with stub as url:
+        whole = tmp_path / "whole.parquet"
+        annotate(uf_pairs, whole, "--teacher", f"api:{url}/stub", "--limit", "20")
+        assert len(stub.requests) == 20
+        annotate(uf_pairs, whole, "--teacher", f"api:{url}/stub", "--limit", "20")
+        assert len(stub.requests) == 20  # everything came from the cache
+        parts = []
+        for i in range(3):
+            part = tmp_path / f"part{i}.parquet"
+            annotate(uf_pairs, part, "--teacher", f"api:{url}/stub", "--limit", "20", "--shard", f"{i}/3")
+            parts.append(part)
+    merged = tmp_path / "merged.parquet"
+    run_cli("annotate", "merge", *parts, "-o", merged)
+    whole_table, _ = read_annotations(whole)
+    merged_table, provenance = read_annotations(merged)
+    assert merged_table.equals(whole_table)
+    assert pq.read_table(calls_path(merged)).equals(pq.read_table(calls_path(whole)))
+    assert provenance["merged_from"] == ["0/3", "1/3", "2/3"]
+    incomplete = run_cli("annotate", "merge", *parts[:2], "-o", tmp_path / "bad.parquet", check=False)
+    assert incomplete.returncode == 2 and "not exactly" in incomplete.stderr
+
+
+def test_invalid_answers_are_reasked_then_recorded_as_failures(uf_pairs, tmp_path):
+    def first_invalid(body, request):  # 4 is out of range; the re-ask (more messages) gets a valid answer
+        return json.dumps({**VALID, "magnitude": 4}) if len(body["messages"]) <= 2 else json.dumps(VALID)
+
+    with Stub(first_invalid) as url:
+        out = tmp_path / "reask.parquet"
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "5")
+        calls = pq.read_table(calls_path(out)).to_pylist()
+        assert all(c["status"] == "ok" and c["reasks"] == 1 and c["attempts"] == 2 for c in calls)
+
+    with Stub(lambda body, request: "I think A is better.") as url:
+        out = tmp_path / "never.parquet"
+        result = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "4")
+        calls = pq.read_table(calls_path(out)).to_pylist()
+        assert all(c["status"] == "failed" and "invalid answer after 2 re-asks" in c["reason"] for c in calls)
+        assert all(c["raw_response"] == "I think A is better." for c in calls)
+        table, _ = read_annotations(out)
+        assert table.column("category").to_pylist() == [None] * 4 and "failed × 4" in result.stdout
+
+
+def test_structured_output_falls_back_when_the_server_rejects_a_form(uf_pairs, tmp_path):
+    seen_formats = []
+
+    def picky(body, request):
+        form = body.get("response_format")
+        seen_formats.append(form and form["type"])
+        if form and form["type"] == "json_schema":
+            return Reply(400, b'{"error": "response_format json_schema is not supported"}')
+        return json.dumps(VALID)
+
+    with Stub(picky) as url:
+        out = tmp_path / "fallback.parquet"
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "8", "--concurrency", "2")
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert {c["status"] for c in calls} == {"ok"}
+    # A rejected form is not the call's attempt: rows do not depend on which calls came first in a run.
+    assert {c["attempts"] for c in calls} == {1}
+    assert seen_formats.count("json_schema") <= 2 and seen_formats[-1] == "json_object"
+
+
+def test_ensemble_of_teachers_and_templates(uf_pairs, tmp_path):
+    with Stub() as url:
+        out = tmp_path / "ensemble.parquet"
+        config = tmp_path / "ensemble.yaml"
+        config.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n"
+                          "    templates: [gap, gap-brief]\n  - kind: ratings\n    weight: 0.5\n")
+        run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "10")
+    calls = pq.read_table(calls_path(out))
+    assert calls.num_rows == 30
+    assert sorted(set(calls.column("template").to_pylist())) == ["gap-brief@v1", "gap@v1", "ratings@v1"]
+    table, provenance = read_annotations(out)
+    assert table.num_rows == 10 and set(table.column("n_calls").to_pylist()) == {3}
+    assert all(0 < a <= 1 for a in table.column("agreement").to_pylist())
+    assert [t["id"] for t in provenance["teachers"]] == ["api:stub", "ratings"]
+
+
+def test_api_key_never_leaves_the_environment(uf_pairs, tmp_path, monkeypatch):
+    secret = "sk-perpair-test-SECRET-4c1d9e"
+    monkeypatch.setenv("PERPAIR_TEST_API_KEY", secret)
+
+    def half_refused(body, request):  # refuses half the calls, echoing the key back as some servers do
+        if request.headers.get("x-client-request-id", "0")[-1] in "02468ace":
+            return Reply(401, json.dumps({"error": f"bad key {request.headers['authorization']}"}).encode())
+        assert request.headers["authorization"] == f"Bearer {secret}"
+        return json.dumps(VALID)
+
+    with Stub(half_refused) as url:
+        out = tmp_path / "secret.parquet"
+        config = tmp_path / "secret.yaml"
+        config.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n"
+                          "    api_key_env: PERPAIR_TEST_API_KEY\n")
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "10", "-v")
+    statuses = {c["status"] for c in pq.read_table(calls_path(out)).to_pylist()}
+    assert statuses == {"ok", "failed"}  # both paths ran
+    for path in tmp_path.iterdir():
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in result.stdout + result.stderr
+    assert "***" in (result.stdout + result.stderr + pq.read_table(calls_path(out)).to_pandas().to_string())
+
+
+def test_missing_key_variable_is_a_clean_error(uf_pairs, tmp_path):
+    config = tmp_path / "nokey.yaml"
+    config.write_text("teachers:\n  - kind: api\n    model: m\n    base_urls: [http://127.0.0.1:1/v1]\n"
+                      "    api_key_env: PERPAIR_SURELY_UNSET_VAR\n")
+    result = run_cli("annotate", uf_pairs, "-o", tmp_path / "x.parquet", "--config", config, check=False)
+    assert result.returncode == 2 and "PERPAIR_SURELY_UNSET_VAR is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_ratings_teacher_on_raw_and_binarized_data(uf_pairs, tmp_path):
+    from conftest import FIXTURES
+
+    raw_pairs = tmp_path / "raw.parquet"
+    run_cli("prepare", FIXTURES / "ultrafeedback_raw.jsonl", "-o", raw_pairs)
+    out = tmp_path / "raw_ann.parquet"
+    annotate(raw_pairs, out, "--teacher", "ratings")
+    table, _ = read_annotations(out)
+    assert None not in table.column("category").to_pylist()
+    binarized = tmp_path / "bin_ann.parquet"
+    annotate(uf_pairs, binarized, "--teacher", "ratings")
+    table, provenance = read_annotations(binarized)
+    categories = table.column("category").to_pylist()
+    assert len(categories) == 994 and set(categories) == {None, "no_clear_gap"}
+    assert categories.count("no_clear_gap") == provenance["counts"]["ok"]
+    reasons = set(table.column("reason").to_pylist()) - {None}
+    assert reasons == {"only an overall score: category unknown"}
+
+
+@pytest.mark.parametrize("spec", ["api:notaurl", "local:"])
+def test_bad_teacher_spec(uf_pairs, tmp_path, spec):
+    result = annotate(uf_pairs, tmp_path / "x.parquet", "--teacher", spec, check=False)
+    assert result.returncode == 2 and "expected 'ratings'" in result.stderr

@@ -1,0 +1,138 @@
+"""The API teacher end to end against a real OpenAI-compatible server: llama.cpp's, serving SmolLM2-135M on
+loopback (slow). SmolLM2 answers in JSON but breaks the schema's bounds (magnitude 10, confidence 25), so
+validation and re-asking run for real. Covers: 50 pairs; faults injected by a proxy; SIGKILL and resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from llama_server import Proxy, llama_server  # noqa: F401  (the fixture)
+from perpair.annotate import calls_path, read_annotations
+from perpair.annotate.schema import CATEGORIES
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(path, url, **extra) -> None:
+    settings = {"max_tokens": 64, "max_chars": 200, "templates": "[gap-brief]", "concurrency": 2, **extra}
+    lines = ["teachers:", "  - kind: api", "    model: smollm2", f"    base_urls: [{url}]"]
+    lines += [f"    {k}: {v}" for k, v in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def check_rows(out, n: int) -> list[dict]:
+    table, provenance = read_annotations(out)
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert table.num_rows == n and len(calls) == n and len({c["pair_id"] for c in calls}) == n
+    for call in calls:
+        if call["status"] == "ok":
+            assert call["category"] in CATEGORIES and 0 <= call["magnitude"] <= 3 and 0 <= call["confidence"] <= 1
+        else:
+            assert call["status"] == "failed" and call["reason"]
+    return calls
+
+
+def test_50_pairs_against_llama_cpp(llama_server, uf_pairs, tmp_path):  # noqa: F811
+    config = tmp_path / "real.yaml"
+    write_config(config, llama_server, timeout_s=120)
+    out = tmp_path / "real.parquet"
+    started = time.monotonic()
+    result = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "50")
+    calls = check_rows(out, 50)
+    ok = sum(c["status"] == "ok" for c in calls)
+    reasked = sum(c["reasks"] > 0 for c in calls)
+    assert ok >= 40, result.stdout
+    assert all(c["prompt_tokens"] > 0 for c in calls)
+    print(f"\n50 pairs via llama.cpp in {time.monotonic() - started:.0f}s: {ok} valid, {50 - ok} failed with a "
+          f"reason, {reasked} re-asked")
+
+
+def test_faults_are_retried_within_the_bound(llama_server, uf_pairs, tmp_path):  # noqa: F811
+    timeout_s, max_retries, max_reasks = 20, 8, 3
+    proxy = Proxy(llama_server, fault_rate=0.3, stall_s=timeout_s + 2, seed=1, retry_after_s=0.3)
+    with proxy as url:
+        config = tmp_path / "faults.yaml"
+        write_config(config, url, timeout_s=timeout_s, max_retries=max_retries, max_reasks=max_reasks,
+                     backoff_initial_s=0.1, backoff_max_s=1.0)
+        out = tmp_path / "faults.parquet"
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "30")
+        calls = check_rows(out, 30)
+    assert all(proxy.faults.values()), proxy.faults  # every kind of fault happened
+    assert not [c for c in calls if c["status"] == "failed" and c["reason"].startswith("request failed")]
+    assert sum(c["status"] == "ok" for c in calls) >= 25, result.stdout
+    # The bound: each of at most max_reasks + 1 asks takes at most max_retries + 1 attempts.
+    assert max(c["attempts"] for c in calls) <= (max_retries + 1) * (max_reasks + 1)
+    assert sum(c["attempts"] for c in calls) > sum(c["reasks"] + 1 for c in calls)  # faults were retried
+
+
+def _cached_keys(cache) -> set[str]:
+    if not cache.exists():
+        return set()
+    db = sqlite3.connect(cache, timeout=30)
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM calls")}
+    except sqlite3.OperationalError:  # created, its table not yet
+        return set()
+    finally:
+        db.close()
+
+
+def test_sigkill_and_resume_loses_nothing_and_repeats_nothing(llama_server, uf_pairs, tmp_path):  # noqa: F811
+    n, kills = 200, 5
+    rng = random.Random(7)
+    proxy = Proxy(llama_server)
+    with proxy as url:
+        config = tmp_path / "crash.yaml"
+        # The form llama.cpp takes, named: probing it (auto) repeats the first requests of every resumed run.
+        write_config(config, url, max_chars=50, max_tokens=48, timeout_s=120, structured="json_object")
+        out, cache = tmp_path / "crash.parquet", tmp_path / "crash.sqlite"
+        command = [sys.executable, "-m", "perpair", "annotate", str(uf_pairs), "-o", str(out), "--config",
+                   str(config), "--limit", str(n), "--cache", str(cache)]
+        thresholds = sorted(rng.sample(range(5, n - 10), kills))
+        lost = 0  # requests of calls that a kill cut short (their answers never reached the cache)
+        for threshold in thresholds:
+            mark = len(proxy.sent)
+            before = _cached_keys(cache)
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while len(_cached_keys(cache)) < threshold and process.poll() is None:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0, 0.5))  # land inside a request, not just after a commit
+            assert process.poll() is None, "the run ended before the kill"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            time.sleep(0.3)  # let the proxy read what the process wrote just before it died
+            sent = proxy.sent[mark:]
+            # Nothing finished before this run was sent again during it ...
+            assert not before & set(sent)
+            # ... and what it sent without finishing are the calls in flight at the kill: `concurrency` at most.
+            unfinished = [key for key in sent if key not in _cached_keys(cache)]
+            assert len(set(unfinished)) <= 2
+            lost += len(unfinished)
+        mark, before = len(proxy.sent), _cached_keys(cache)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert not before & set(proxy.sent[mark:])
+    # Every pair annotated exactly once; every request is one of a recorded call's attempts (the first ask
+    # and its re-asks), or was lost with a call in flight at a kill.
+    calls = check_rows(out, n)
+    assert len({c["key"] for c in calls}) == n and _cached_keys(cache) == {c["key"] for c in calls}
+    assert len(proxy.sent) == sum(c["attempts"] for c in calls) + lost
+    assert lost <= kills * 2 * 3  # each of at most `concurrency` calls per kill had asked at most 1 + max_reasks
+
+    # Identical to an uninterrupted run at temperature 0.
+    reference = tmp_path / "ref" / "crash.parquet"
+    reference.parent.mkdir()
+    write_config(config.with_name("ref.yaml"), llama_server, max_chars=50, max_tokens=48, timeout_s=120,
+                 structured="json_object")
+    run_cli("annotate", uf_pairs, "-o", reference, "--config", config.with_name("ref.yaml"), "--limit", str(n))
+    assert reference.read_bytes() == out.read_bytes()
+    assert calls_path(reference).read_bytes() == calls_path(out).read_bytes()

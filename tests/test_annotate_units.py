@@ -1,0 +1,157 @@
+"""Templates, answer parsing and mapping back, the ratings teacher, aggregation, configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perpair.annotate.aggregate import aggregate_pair
+from perpair.annotate.cache import AnswerCache, CallRecord
+from perpair.annotate.config import RatingsTeacherConfig, load_config, parse_teacher_spec
+from perpair.annotate.teachers import Call, RatingsTeacher
+from perpair.annotate.templates import GAP_V1, ParseError, get_template, is_swapped, parse_answer
+from perpair.errors import PerpairError
+
+PAIR = {"pair_id": "00ff", "prompt": [{"role": "user", "content": "What is 2+2?"}],
+        "chosen": [{"role": "assistant", "content": "It is 4."}],
+        "rejected": [{"role": "assistant", "content": "It is 5."}]}
+
+
+def answer(**kw) -> str:
+    base = {"better": "A", "category": "factuality", "magnitude": 2, "confidence": 0.9, "rationale": "5 is wrong"}
+    return json.dumps({**base, **kw})
+
+
+def test_render_puts_responses_in_the_recorded_order():
+    plain = GAP_V1.render(PAIR, swapped=False)[-1]["content"]
+    swapped = GAP_V1.render(PAIR, swapped=True)[-1]["content"]
+    assert plain.index("It is 4.") < plain.index("It is 5.")
+    assert swapped.index("It is 5.") < swapped.index("It is 4.")
+    assert GAP_V1.id == "gap@v1" and get_template("gap@v1") is GAP_V1
+    with pytest.raises(ValueError, match="unknown template"):
+        get_template("gap@v9")
+
+
+def test_order_is_seeded_per_pair_and_balanced():
+    flags = [is_swapped(f"{i:016x}", "gap@v1", 0) for i in range(2000)]
+    assert flags == [is_swapped(f"{i:016x}", "gap@v1", 0) for i in range(2000)]
+    assert 0.45 < sum(flags) / len(flags) < 0.55
+    assert flags != [is_swapped(f"{i:016x}", "gap@v1", 1) for i in range(2000)]
+
+
+@pytest.mark.parametrize(("better", "swapped", "category", "preferred"), [
+    ("A", False, "factuality", "chosen"), ("B", True, "factuality", "chosen"),
+    ("B", False, "mislabeled", "rejected"), ("A", True, "mislabeled", "rejected"),
+    ("tie", False, "no_clear_gap", "tie")])
+def test_answers_are_mapped_back_from_positions(better, swapped, category, preferred):
+    parsed = parse_answer(answer(better=better), swapped)
+    assert (parsed.category, parsed.preferred, parsed.gap_category) == (category, preferred, "factuality")
+    assert parsed.magnitude == 2.0 and parsed.confidence == 0.9
+
+
+def test_parsing_tolerates_fences_and_case_but_not_out_of_range_values():
+    assert parse_answer("```json\n" + answer(better="a", category="Instruction Following") + "\n```",
+                        False).category == "instruction_following"
+    assert parse_answer(answer(magnitude=0), False).category == "no_clear_gap"
+    # a raw newline inside a string (llama.cpp's JSON grammar allows it) is not worth a re-ask
+    assert parse_answer(answer(rationale="one|line").replace("|", "\n"), False).rationale == "one\nline"
+    for bad, fragment in ((answer(magnitude=4), "magnitude"), (answer(confidence=5), "confidence"),
+                          (answer(magnitude=1.5), "integer"), (answer(category="vibes"), "category"),
+                          ('{"better": "A"', "malformed"), ("no json here", "no JSON"), ("", "empty"),
+                          ("[1, 2]", "no JSON object")):
+        with pytest.raises(ParseError, match=fragment):
+            parse_answer(bad, False)
+
+
+def ratings_call(**pair) -> Call:
+    return Call(key="k", pair_id="p", teacher="ratings", template="ratings@v1", swapped=False, pair=pair)
+
+
+def test_ratings_teacher_rules():
+    teacher = RatingsTeacher(RatingsTeacherConfig())
+    aspects_c = {"helpfulness": 5.0, "honesty": 5.0, "instruction_following": 5.0, "truthfulness": 5.0}
+    aspects_r = {"helpfulness": 4.0, "honesty": 5.0, "instruction_following": 5.0, "truthfulness": 1.0}
+    record = teacher.annotate(ratings_call(score_chosen=9.0, score_rejected=3.0, ratings_chosen=aspects_c,
+                                           ratings_rejected=aspects_r))
+    assert (record.status, record.category, record.magnitude) == ("ok", "factuality", 3.0)
+    assert record.confidence == pytest.approx(0.5)  # 2 of 4 aspects agree with the margin
+    tie = teacher.annotate(ratings_call(score_chosen=7.0, score_rejected=7.0))
+    assert (tie.category, tie.magnitude, tie.confidence) == ("no_clear_gap", 0.0, 1.0)
+    flipped = teacher.annotate(ratings_call(score_chosen=4.0, score_rejected=6.5, ratings_chosen=aspects_r,
+                                            ratings_rejected=aspects_c))
+    assert (flipped.category, flipped.magnitude, flipped.preferred) == ("mislabeled", 2.0, "rejected")
+    overall_only = teacher.annotate(ratings_call(score_chosen=8.0, score_rejected=7.5))
+    assert overall_only.status == "unknown" and overall_only.category is None
+    assert "only an overall score" in overall_only.reason and overall_only.magnitude == 1.0
+    nothing = teacher.annotate(ratings_call(score_chosen=None, score_rejected=None))
+    assert nothing.status == "unknown" and "no ratings" in nothing.reason
+    # Equal aspect gaps: the more objective category wins.
+    even = teacher.annotate(ratings_call(score_chosen=8.0, score_rejected=6.0,
+                                         ratings_chosen={"helpfulness": 5.0, "instruction_following": 5.0},
+                                         ratings_rejected={"helpfulness": 3.0, "instruction_following": 3.0}))
+    assert even.category == "instruction_following"
+
+
+def rec(teacher, category, magnitude, confidence, status="ok") -> CallRecord:
+    return CallRecord(key=teacher + category, pair_id="p", teacher=teacher, template="t", status=status,
+                      category=category, magnitude=magnitude, confidence=confidence, rationale=f"{teacher} says")
+
+
+def test_aggregation_by_hand():
+    one = aggregate_pair("p", [rec("a", "style", 1.0, 0.7)], {"a": 1.0})
+    assert (one["category"], one["magnitude"], one["confidence"], one["agreement"]) == ("style", 1.0, 0.7, 1.0)
+    records = [rec("a", "factuality", 3.0, 0.9), rec("b", "style", 1.0, 0.6), rec("c", "style", 0.0, 0.5)]
+    row = aggregate_pair("p", records, {"a": 1.0, "b": 1.0, "c": 1.0})
+    # votes: factuality 0.9, style 1.1 -> style; magnitude (0.9*3 + 0.6*1 + 0.5*0) / 2.0; confidence mean.
+    assert row["category"] == "style"
+    assert row["magnitude"] == pytest.approx(3.3 / 2.0)
+    assert row["confidence"] == pytest.approx(2.0 / 3)
+    assert row["agreement"] == pytest.approx(1.1 / 2.0)
+    assert row["rationale"] == "b says"
+    weighted = aggregate_pair("p", records, {"a": 3.0, "b": 1.0, "c": 1.0})
+    assert weighted["category"] == "factuality"
+    tie = aggregate_pair("p", [rec("a", "style", 1.0, 0.5), rec("b", "safety", 1.0, 0.5)], {})
+    assert tie["category"] == "safety"  # a tie goes to the more objective category
+    failed = aggregate_pair("p", [CallRecord(key="k", pair_id="p", teacher="a", template="t", status="failed",
+                                             reason="timed out")], {})
+    assert failed["category"] is None and failed["reason"] == "timed out" and failed["n_valid"] == 0
+
+
+def test_cache_round_trip_and_persistence(tmp_path):
+    path = tmp_path / "c.sqlite"
+    record = rec("a", "style", 1.0, 0.5)
+    with AnswerCache(path) as cache:
+        cache.put(record)
+    with AnswerCache(path) as cache:
+        assert cache.get_many([record.key, "missing"]) == {record.key: record}
+        assert cache.count() == 1
+
+
+def test_teacher_specs_and_config(tmp_path):
+    assert parse_teacher_spec("ratings") == {"kind": "ratings"}
+    assert parse_teacher_spec("local:smollm2") == {"kind": "local", "model": "smollm2"}
+    assert parse_teacher_spec("api:http://127.0.0.1:8080/v1/smollm2") == {
+        "kind": "api", "base_urls": ["http://127.0.0.1:8080/v1"], "model": "smollm2"}
+    for bad in ("api:smollm2", "local:", "magic", "api:http://host"):
+        with pytest.raises(PerpairError, match="expected"):
+            parse_teacher_spec(bad)
+    config = load_config(None, teachers=["api:http://h:1/v1/m", "ratings"], base_urls=["http://h:2/v1"],
+                         concurrency=3, templates=["gap", "gap-brief"], limit=5, shard="1/4")
+    api = config.teachers[0]
+    assert api.base_urls == ["http://h:1/v1", "http://h:2/v1"] and api.concurrency == 3
+    assert api.templates == ["gap@v1", "gap-brief@v1"] and config.shard_index == (1, 4) and config.limit == 5
+    yaml_file = tmp_path / "a.yaml"
+    yaml_file.write_text("teachers:\n  - kind: local\n    model: smollm2\n    templates: [gap]\n")
+    with pytest.raises(PerpairError, match="needs a score one"):
+        load_config(yaml_file)
+    yaml_file.write_text("teachers:\n  - kind: ratings\n  - kind: ratings\n")
+    with pytest.raises(PerpairError, match="share the id"):
+        load_config(yaml_file)
+    yaml_file.write_text("teachers:\n  - kind: ratings\n    colour: red\n")
+    with pytest.raises(PerpairError, match="colour"):
+        load_config(yaml_file)
+    with pytest.raises(PerpairError, match="shard"):
+        load_config(None, teachers=["ratings"], shard="4/4")
+    with pytest.raises(PerpairError, match="no teacher"):
+        load_config(None)
