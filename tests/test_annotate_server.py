@@ -1,6 +1,13 @@
 """The API teacher end to end against a real OpenAI-compatible server: llama.cpp's, serving SmolLM2-135M on
 loopback (slow). SmolLM2 answers in JSON but breaks the schema's bounds (magnitude 10, confidence 25), so
-validation and re-asking run for real. Covers: 50 pairs; faults injected by a proxy; SIGKILL and resume."""
+validation and re-asking run for real. Covers: 50 pairs; faults injected by a proxy; SIGKILL and resume.
+
+Answers at temperature 0 do not depend on request order: llama-cpp-python's server runs one request at a time
+(a lock around the model), the fixture serves with one thread and seed 0, and its reuse of the previous
+prompt's KV cache leaves the logits bit for bit the same (checked: the same prompt after different ones
+gives identical top_logprobs). Time is the server's: about 1.5-3 s a request on a shared 2-core machine, and
+the SIGKILL test at its full size sends some 450 requests (200 pairs twice, re-asks, lost in-flight ones), so CI
+runs it on 40 pairs (PERPAIR_CRASH_TEST_PAIRS sets the size)."""
 
 from __future__ import annotations
 
@@ -88,7 +95,9 @@ def _cached_keys(cache) -> set[str]:
 
 
 def test_sigkill_and_resume_loses_nothing_and_repeats_nothing(llama_server, uf_pairs, tmp_path):  # noqa: F811
-    n, kills = 200, 5
+    # The issue's acceptance size is 200 pairs (passed: 1,069 s on 2 shared cores, some 450 requests); CI runs
+    # 40 to stay within the suite's time budget. PERPAIR_CRASH_TEST_PAIRS=200 runs the full size.
+    n, kills = int(os.environ.get("PERPAIR_CRASH_TEST_PAIRS", "40")), 5
     rng = random.Random(7)
     proxy = Proxy(llama_server)
     with proxy as url:
