@@ -94,3 +94,50 @@ def test_style_features_and_prompt():
     messages = judge_messages("Q?", "ans A", "ans B")
     assert messages[0]["role"] == "system" and "[[A>>B]]" in messages[0]["content"]
     assert "<|The Start of Assistant A's Answer|>\nans A\n" in messages[1]["content"]
+
+
+def test_bootstrap_draws_what_pandas_sample_draws():
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    games = [(["A>B", "B>A", "A=B", "B>>A"][i], False) for i in rng.integers(0, 4, 60)]
+    battles = battles_from_games(games)
+    result = arena_score(battles, n_rounds=50, seed=7)
+    state = np.random.RandomState(7)
+    frame = pd.DataFrame({"y": battles.outcome})
+    samples = [100 * ((frame.sample(frac=1.0, replace=True, random_state=state)["y"] + 1) / 2).mean()
+               for _ in range(50)]
+    assert result.lower == pytest.approx(np.percentile(samples, 2.5), abs=1e-12)
+    assert result.upper == pytest.approx(np.percentile(samples, 97.5), abs=1e-12)
+
+
+def test_no_verdict_gives_null_score():
+    result = arena_score(battles_from_games([(None, False), ("[[C]]", True)]))
+    assert result.n_battles == 0
+    assert result.as_dict()["score"] is None and result.as_dict()["rating_q025"] is None
+
+
+def test_question_sources_hub_then_local_copy(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # ../shared/data/arena_hard beside the checkout
+    config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"), limit=2,
+                                       offline=True)
+    questions, baseline, sources = arena_run.load_questions(config)
+    assert len(questions) == 2 and len(baseline) == 500 and sources["questions_source"].startswith("local:")
+    asked = []
+
+    def fake_hub(name, *, offline, repo_id):  # what hf_hub_download would return, online
+        asked.append((repo_id, name, offline))
+        local = arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE
+        return arena_run._local(local)
+
+    monkeypatch.setattr(arena_run, "hub_file", fake_hub)
+    _, _, sources = arena_run.load_questions(config.model_copy(update={"offline": False}))
+    assert sources == {"questions_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_QUESTIONS}",
+                       "baseline_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_BASELINE}"}
+    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl", False),
+                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl", False)]

@@ -162,6 +162,7 @@ def arena_hard_command(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
     style_control: Annotated[bool, typer.Option("--style-control", help="Control for length and markdown.")] = False,
+    offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
@@ -175,17 +176,54 @@ def arena_hard_command(
                        concurrency=judge_concurrency, batch_size=judge_batch_size),
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size),
         questions=questions, baseline_answers=baseline_answers, limit=limit, judge_max_tokens=judge_max_tokens,
-        style_control=style_control)
+        style_control=style_control, offline=offline)
     status, update = _progress()
     with status:
         row = run_arena_hard(config, on_progress=update)
     if as_json:
         typer.echo(json.dumps(row, ensure_ascii=False))
         return
-    out.print(f"[bold]{row['name']}[/] vs {BASELINE_ARENA}: score {row['score']:.1f} "
-              f"(95% CI {row['rating_q025']:.1f} to {row['rating_q975']:.1f}), {row['n_games']} games, "
+    out.print(f"[bold]{row['name']}[/] vs {BASELINE_ARENA}: score {_fmt(row['score'], 1)} "
+              f"(95% CI {_fmt(row['rating_q025'], 1)} to {_fmt(row['rating_q975'], 1)}), {row['n_games']} games, "
               f"{row['n_no_verdict']} without verdict{', style-controlled' if row['style_control'] else ''}")
+    if row["note"]:
+        out.print(f"[yellow]note[/]: {row['note']}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,}; files in {row['output_dir']}")
+
+
+@eval_app.command("preference")
+def preference_command(
+    model: Annotated[str, typer.Option(help="Trained policy: checkpoint folder, Hub id or smollm2.")],
+    ref: Annotated[str, typer.Option(help="Reference model (the policy's starting point).")],
+    data: Annotated[Path, typer.Option(help="Held-out pairs artifact (e.g. the test split of perpair prepare).")],
+    annotations: Annotated[Path | None, typer.Option(help="Annotations artifact: accuracy by category.")] = None,
+    beta: Annotated[float, typer.Option(help="β of the implicit reward (scales margins; accuracy unchanged).")] = 0.1,
+    max_length: Annotated[int, typer.Option(help="Prompt + response truncation in tokens, as in training.")] = 1024,
+    limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
+    tokens_per_forward: Annotated[int, typer.Option(help="Pack pairs up to this many tokens per forward.")] = 0,
+    name: Annotated[str | None, typer.Option(help="Name written in the results.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="results.json path or output folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
+) -> None:
+    """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
+    reference-free length-normalised log-prob margin, overall and by annotation category."""
+    from perpair.eval.alpaca_eval import default_output_dir
+    from perpair.eval.preference import PreferenceConfig, markdown_table, run_preference, write_results
+    from perpair.eval.score import json_ready
+
+    config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
+                      max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
+    status, update = _progress()
+    with status:
+        row = run_preference(config, on_progress=update)
+    paths = write_results(row, output or default_output_dir(model) / "preference")
+    if as_json:
+        typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
+        return
+    out.print(markdown_table(row))
+    if row["n_skipped"]:
+        out.print(f"[yellow]{row['n_skipped']} pairs left out[/]: their prompt alone fills --max-length")
+    out.print(f"files: {paths['json']}, {paths['markdown']}")
 
 
 @eval_app.command("report")

@@ -6,7 +6,13 @@ arXiv 2406.11939; lm-sys/arena-hard-auto v0.1 (``config/judge_config.yaml`` for 
 for the verdict parser and the one retry, ``show_result.py`` for battles, weights and the bootstrap); style
 control after the LMSYS post "Does Style Matter?" (2024-08-29): Bradley–Terry with normalised differences of
 answer length and markdown counts as extra covariates. The maths below are pure functions; generation and judging
-live in :mod:`perpair.eval.pipeline`.
+live in :mod:`perpair.eval.arena_run`.
+
+What differs from show_result.py: the score without style control is the closed-form MLE (equal to the fitted
+logistic regression's prediction, see :func:`bradley_terry_score`); the bootstrap draws the same indices as
+pandas ``battles.sample(frac=1.0, replace=True, random_state=RandomState(seed))`` round after round, but the
+official script draws from numpy's global state (seeded once, shared with its other random calls) over a battles
+frame that holds every model, so intervals agree in distribution, not draw for draw.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def parse_verdict(judgment: str) -> Verdict:
 
 # (winner in game-1 orientation: +1 model, -1 baseline, 0 tie; weight). Game 1: A = baseline, B = model.
 _OUTCOMES = {"A>>B": (-1, STRONG_WEIGHT), "A>B": (-1, 1), "A=B": (0, 1), "B>A": (1, 1), "B>>A": (1, STRONG_WEIGHT)}
+OUTCOME_LABELS = frozenset(_OUTCOMES)
 
 
 def game_outcome(label: str | None, model_is_a: bool) -> tuple[int, int]:
@@ -157,22 +164,27 @@ class ArenaScore:
     n_battles: int
     style_control: bool
 
-    def as_dict(self) -> dict[str, float | int | bool]:
-        return {"score": self.score, "rating_q025": self.lower, "rating_q975": self.upper,
+    def as_dict(self) -> dict[str, float | int | bool | None]:
+        """JSON-ready: with no battle (no verdict at all) the score and interval are ``None``, not NaN."""
+        def value(x: float) -> float | None:
+            return None if np.isnan(x) else x
+
+        return {"score": value(self.score), "rating_q025": value(self.lower), "rating_q975": value(self.upper),
                 "n_battles": self.n_battles, "style_control": self.style_control}
 
 
 def arena_score(battles: Battles, *, style_control: bool = False, n_rounds: int = N_BOOTSTRAP,
                 seed: int = 42) -> ArenaScore:
     """Score with a bootstrap 95% interval: battles resampled with replacement ``n_rounds`` times
-    (show_result.py ``get_bootstrap_result``; our RNG is numpy's default_rng), interval = the 2.5% and 97.5%
-    quantiles."""
+    (show_result.py ``get_bootstrap_result``: ``battles.sample(frac=1.0, replace=True)``; the indices here are
+    exactly those pandas draws with ``random_state=np.random.RandomState(seed)`` kept across rounds), interval =
+    the 2.5% and 97.5% percentiles (``np.percentile``, linear). No battle → NaN score and interval."""
     score = bradley_terry_score(battles, style_control)
-    rng = np.random.default_rng(seed)
+    rng = np.random.RandomState(seed)
     n = len(battles)
     samples = []
     for _ in range(n_rounds if n else 0):
-        take = rng.integers(0, n, n)
+        take = rng.choice(n, size=n, replace=True)  # pandas.core.sample.sample with replace=True, no weights
         sample = Battles(battles.outcome[take],
                          None if battles.model_features is None else battles.model_features[take],
                          None if battles.baseline_features is None else battles.baseline_features[take])

@@ -4,6 +4,12 @@ one retry when no verdict, and score with Bradley–Terry and a bootstrap interv
 Files (arena-hard-auto's formats): ``model_answer.jsonl`` (question_id, answer_id, model_id, choices[0].turns),
 ``judgment.jsonl`` (question_id, model, judge, games: user_prompt, judgment, score), ``results.json``, and
 ``cache.sqlite`` (every answer and judgment; re-runs and killed runs repeat nothing finished).
+
+Questions and baseline answers: the files given, else the Hub (``lmarena-ai/arena-hard-auto``, the dataset
+repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the offline copies in
+``../shared/data/arena_hard/``; the row says which (``questions_source``, ``baseline_source``). A game whose
+judgment has no usable label after the one retry weighs 0; when no game has one, the score and interval are
+``null`` and ``note`` says why.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_fingerpr
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
+    OUTCOME_LABELS,
     RETRY_MESSAGE,
     arena_score,
     battles_from_games,
@@ -31,7 +38,7 @@ from perpair.eval.arena_hard import (
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_cached, load_generator
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
-from perpair.eval.sources import write_json_records
+from perpair.eval.sources import hub_file, write_json_records
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
@@ -51,6 +58,7 @@ class ArenaHardConfig(BaseModel):
     judge_max_tokens: int = Field(4096, ge=1, description="arena-hard-auto's judge max_tokens.")
     style_control: bool = False
     n_rounds: int = Field(N_BOOTSTRAP, ge=1)
+    offline: bool | None = Field(None, description="Never touch the Hub (None: online unless HF_HUB_OFFLINE=1).")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -66,17 +74,37 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# The v0.1 files on the Hub (the dataset repository arena-hard-auto's README clones) and their offline copies.
+HUB_REPO = "lmarena-ai/arena-hard-auto"
+HUB_QUESTIONS = "data/arena-hard-v0.1/question.jsonl"
+HUB_BASELINE = f"data/arena-hard-v0.1/model_answer/{BASELINE}.jsonl"
+
+
 def _local(name: str) -> Path | None:
     candidate = Path.cwd().parent / "shared" / "data" / "arena_hard" / name
     return candidate if candidate.is_file() else None
 
 
-def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str]]:
-    questions_path = config.questions or _local(LOCAL_QUESTIONS)
-    baseline_path = config.baseline_answers or _local(LOCAL_BASELINE)
+def _source(given: Path | None, hub_name: str, local_name: str, offline: bool | None) -> tuple[Path | None, str]:
+    """A file given on the command line, else the Hub (when online), else the local copy in
+    ``../shared/data/arena_hard/``; with where it came from."""
+    if given is not None:
+        return Path(given), str(given)
+    path = hub_file(hub_name, offline=offline, repo_id=HUB_REPO)
+    if path is not None:
+        return path, f"hub:{HUB_REPO}/{hub_name}"
+    local = _local(local_name)
+    return local, (f"local:{local}" if local else "missing")
+
+
+def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """``(questions, baseline answer by question_id, sources)``."""
+    questions_path, questions_from = _source(config.questions, HUB_QUESTIONS, LOCAL_QUESTIONS, config.offline)
+    baseline_path, baseline_from = _source(config.baseline_answers, HUB_BASELINE, LOCAL_BASELINE, config.offline)
     if questions_path is None or baseline_path is None:
         raise PerpairError("Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "
-                           f"{BASELINE} answers of arena-hard-auto v0.1)")
+                           f"{BASELINE} answers of arena-hard-auto v0.1): not given, not reachable on the Hub "
+                           f"({HUB_REPO}) and no local copy in ../shared/data/arena_hard/")
     questions = read_jsonl(Path(questions_path))
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
@@ -89,7 +117,8 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str]]
         if q.get("question_id") not in baseline:
             raise InputError(f"no baseline answer for question {q.get('question_id')}", file=str(questions_path),
                              row=i + 1, field="question_id")
-    return questions[:config.limit] if config.limit else questions, baseline
+    sources = {"questions_source": questions_from, "baseline_source": baseline_from}
+    return (questions[:config.limit] if config.limit else questions), baseline, sources
 
 
 def run_arena_hard(config: ArenaHardConfig,
@@ -97,7 +126,7 @@ def run_arena_hard(config: ArenaHardConfig,
     from perpair.models import resolve_model
 
     progress = on_progress or (lambda stage, done, total: None)
-    questions, baseline = load_questions(config)
+    questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)
     name = config.name or Path(model_path.rstrip("/")).name
     out = Path(config.output_dir)
@@ -121,8 +150,9 @@ def run_arena_hard(config: ArenaHardConfig,
         for q, text, answer in zip(questions, texts, answers, strict=True):
             games.append((q["question_id"], False, judge_messages(text, baseline[q["question_id"]], answer)))
             games.append((q["question_id"], True, judge_messages(text, answer, baseline[q["question_id"]])))
-        judgments, n_judged = _judge_games(config, [g[2] for g in games], cache,
-                                           lambda d, t: progress("judging", d, t))
+        judged, n_judged = _judge_games(config, [g[2] for g in games], cache,
+                                        lambda d, t: progress("judging", d, t))
+    judgments = [j["judgment"] for j in judged]
 
     labels = [parse_verdict(j).label for j in judgments]
     records: dict[str, dict[str, Any]] = {}
@@ -131,6 +161,8 @@ def run_arena_hard(config: ArenaHardConfig,
                                           "games": []})
         record["games"].append({"user_prompt": messages[1]["content"], "judgment": judgment, "score": label,
                                 "model_is_a": model_is_a})
+    for record, j in zip((g for r in records.values() for g in r["games"]), judged, strict=True):
+        record["retried"] = j.get("retried", False)
     (out / "judgment.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()),
                                         encoding="utf-8")
     by_qid = {q["question_id"]: a for q, a in zip(questions, answers, strict=True)}
@@ -138,23 +170,32 @@ def run_arena_hard(config: ArenaHardConfig,
                                  [style_features(by_qid[g[0]]) for g in games],
                                  [style_features(baseline[g[0]]) for g in games])
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
+    n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
     row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
-           "n_no_verdict": sum(label is None for label in labels),
+           "n_no_verdict": n_no_verdict, "n_retried": sum(bool(j.get("retried")) for j in judged),
+           "note": _note(len(games), n_no_verdict), **sources,
            "avg_length": int(sum(len(a) for a in answers) / max(len(answers), 1)),
            "n_generated": n_generated, "n_judged": n_judged, "output_dir": str(out)}
     write_json_records(out / "results.json", [row])
     return row
 
 
+def _note(n_games: int, n_no_verdict: int) -> str:
+    if n_games and n_no_verdict == n_games:
+        return ("no verdict: the judge gave no [[...]] label in any game, even after the one retry; no score "
+                "(score and interval are null)")
+    if n_no_verdict:
+        return f"{n_no_verdict} of {n_games} games without a verdict (after one retry) weigh 0, as in show_result.py"
+    return ""
+
+
 def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str]]], cache: ResultCache,
-                 progress: Callable[[int, int], None]) -> tuple[list[str], int]:
+                 progress: Callable[[int, int], None]) -> tuple[list[dict[str, Any]], int]:
+    """One ``{"judgment", "retried"}`` per conversation (cached), and how many were judged now."""
     identity = [judge_identity(config.judge), config.judge_max_tokens]
     keys = [cache_key(identity, c) for c in conversations]
-    results: list[str | None] = []
-    for key in keys:
-        hit = cache.get("arena_judgment", key)
-        results.append(None if hit is None else hit["judgment"])
+    results: list[dict[str, Any] | None] = [cache.get("arena_judgment", key) for key in keys]
     todo = [i for i, r in enumerate(results) if r is None]
     done = len(results) - len(todo)
     progress(done, len(results))
@@ -175,9 +216,10 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
                                                      {"role": "user", "content": RETRY_MESSAGE}] for k in retry]
                 for k, extra in zip(retry, judge.complete(follow, config.judge_max_tokens), strict=True):
                     texts[k] = texts[k] + "\n" + extra
-            cache.put_many("arena_judgment", [(keys[i], {"judgment": t}) for i, t in zip(chunk, texts, strict=True)])
-            for i, t in zip(chunk, texts, strict=True):
-                results[i] = t
+            payloads = [{"judgment": t, "retried": k in retry} for k, t in enumerate(texts)]
+            cache.put_many("arena_judgment", [(keys[i], p) for i, p in zip(chunk, payloads, strict=True)])
+            for i, p in zip(chunk, payloads, strict=True):
+                results[i] = p
             done += len(chunk)
             progress(done, len(results))
     return results, len(todo)  # type: ignore[return-value]

@@ -1,6 +1,6 @@
 """One results table (JSON + Markdown) and an HTML page with plots (matplotlib, Agg) from the folders that
-``perpair eval alpaca-eval`` and ``perpair eval arena-hard`` wrote: win rates with 95% intervals, answer-length
-distributions, and the AlpacaEval win rate per source dataset."""
+``perpair eval alpaca-eval``, ``arena-hard`` and ``preference`` wrote: win rates with 95% intervals,
+preference accuracies, answer-length distributions, and the AlpacaEval win rate per source dataset."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from perpair.eval.metrics import win_rate_metrics
 from perpair.eval.sources import read_annotations, read_json_records, write_json_records
 
 COLUMNS = ("benchmark", "name", "length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
-           "score", "rating_q025", "rating_q975", "n_total", "avg_length", "lc_method")
+           "score", "rating_q025", "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "avg_length",
+           "lc_method")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -23,7 +24,8 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
     for folder in folders:
         path = folder / "results.json" if folder.is_dir() else folder
         if not path.is_file():
-            raise PerpairError(f"{folder}: no results.json (run perpair eval alpaca-eval or arena-hard first)")
+            raise PerpairError(f"{folder}: no results.json (run perpair eval alpaca-eval, arena-hard or "
+                               "preference first)")
         for row in read_json_records(path):
             row["_folder"] = str(path.parent)
             rows.append(row)

@@ -1,0 +1,201 @@
+"""Held-out preference accuracy: implicit-reward accuracy and margins of a policy against its reference.
+
+For a pair (x, y_w, y_l) the DPO implicit reward margin (Rafailov et al. 2023, eq. 5 rearranged) is
+
+    m = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]
+
+and the pair is ranked correctly when m > 0. The reference-free variant is the length-normalised log-prob margin
+of the policy alone, as SimPO's reward without its β (Meng et al. 2024, eq. 4):
+``log π(y_w|x) / |y_w| − log π(y_l|x) / |y_l|``.
+
+Ties (m = 0 exactly, e.g. policy = reference) count **half** in ``accuracy`` and are also reported on their own
+(``n_ties``); ``accuracy_strict`` counts them as wrong, as TRL's ``rewards/accuracies`` does
+(``chosen_rewards > rejected_rewards``). The maths are pure functions of log-prob tables
+(:data:`perpair.train.logprobs.LOGPS_SCHEMA` columns); models are loaded and scored in :func:`run_preference`,
+always through :func:`perpair.train.logprobs.sequence_logps` (the train stage's tokenization).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from perpair.errors import PerpairError
+
+UNANNOTATED = "unannotated"
+
+
+def _join(policy: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Policy and reference log-probs side by side, by pair_id (pairs present in both)."""
+    return policy.merge(reference, on="pair_id", suffixes=("", "_ref"), validate="one_to_one")
+
+
+def implicit_reward_margins(policy: pd.DataFrame, reference: pd.DataFrame, beta: float) -> pd.Series:
+    """β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))] per pair, indexed by pair_id."""
+    joined = _join(policy, reference)
+    chosen = joined["chosen_logps"] - joined["chosen_logps_ref"]
+    rejected = joined["rejected_logps"] - joined["rejected_logps_ref"]
+    return pd.Series((beta * (chosen - rejected)).to_numpy(float), index=joined["pair_id"], name="margin")
+
+
+def length_normalised_margins(policy: pd.DataFrame) -> pd.Series:
+    """log π(y_w)/|y_w| − log π(y_l)/|y_l| per pair (reference-free), indexed by pair_id."""
+    chosen = policy["chosen_logps"] / policy["chosen_tokens"].clip(lower=1)
+    rejected = policy["rejected_logps"] / policy["rejected_tokens"].clip(lower=1)
+    return pd.Series((chosen - rejected).to_numpy(float), index=policy["pair_id"], name="margin")
+
+
+def margin_summary(margins: np.ndarray | pd.Series) -> dict[str, float | int]:
+    """Accuracy (ties = ½), strict accuracy (ties = wrong), counts, and the mean margin with its standard error
+    (ddof = 1). Empty input gives NaN statistics and zero counts."""
+    m = np.asarray(margins, float)
+    n = len(m)
+    wins, ties = int((m > 0).sum()), int((m == 0).sum())
+    nan = float("nan")
+    return {
+        "n": n,
+        "n_correct": wins,
+        "n_ties": ties,
+        "n_wrong": n - wins - ties,
+        "accuracy": (wins + ties / 2) / n if n else nan,
+        "accuracy_strict": wins / n if n else nan,
+        "mean_margin": float(m.mean()) if n else nan,
+        "margin_se": float(m.std(ddof=1) / math.sqrt(n)) if n > 1 else nan,
+    }
+
+
+def summary_by_category(margins: pd.Series, categories: pd.Series) -> dict[str, dict[str, float | int]]:
+    """:func:`margin_summary` per category (``categories`` indexed by pair_id; missing → ``unannotated``)."""
+    labels = categories.reindex(margins.index).fillna(UNANNOTATED).to_numpy()
+    return {str(c): margin_summary(margins.to_numpy()[labels == c]) for c in sorted(set(labels))}
+
+
+def preference_metrics(policy: pd.DataFrame, reference: pd.DataFrame, beta: float,
+                       categories: pd.Series | None = None) -> dict[str, Any]:
+    """All the figures of a preference evaluation from the two log-prob tables (pure; no I/O)."""
+    reward = implicit_reward_margins(policy, reference, beta)
+    normalised = length_normalised_margins(policy.set_index("pair_id").loc[reward.index].reset_index())
+    result: dict[str, Any] = {"implicit_reward": margin_summary(reward),
+                              "length_normalised": margin_summary(normalised)}
+    if categories is not None:
+        result["implicit_reward_by_category"] = summary_by_category(reward, categories)
+        result["length_normalised_by_category"] = summary_by_category(normalised, categories)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+class PreferenceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The trained policy: checkpoint folder, Hub id or smollm2.")
+    ref: str = Field(description="The reference (initial) model.")
+    data: Path = Field(description="A pairs artifact (e.g. the test split written by perpair prepare).")
+    annotations: Path | None = Field(None, description="An annotations artifact: accuracy by category.")
+    beta: float = Field(0.1, gt=0, description="β of the implicit reward (scales the margin, not the accuracy).")
+    max_length: int | None = Field(1024, ge=1, description="Prompt + response truncation, as in training.")
+    limit: int | None = Field(None, ge=1, description="Only the first N pairs.")
+    tokens_per_forward: int = Field(0, ge=0, description="Pack pairs up to this many tokens per forward.")
+    name: str | None = None
+
+
+def _load(spec: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perpair.models import resolve_model
+
+    path = resolve_model(spec)
+    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(path))
+
+
+def score_model(spec: str, pairs, config: PreferenceConfig,
+                on_progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    from perpair.train.logprobs import sequence_logps
+
+    model, tokenizer = _load(spec)
+    table = sequence_logps(model, tokenizer, pairs, max_length=config.max_length,
+                           tokens_per_forward=config.tokens_per_forward, on_progress=on_progress)
+    return table.to_pandas()
+
+
+def read_categories(path: Path) -> pd.Series:
+    from perpair.annotate.schema import read_annotations
+
+    table, _ = read_annotations(path)
+    frame = table.select(["pair_id", "category"]).to_pandas()
+    return frame.set_index("pair_id")["category"]
+
+
+def run_preference(config: PreferenceConfig,
+                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Score the pairs under the policy and the reference and return the results row."""
+    from perpair.data import read_pairs
+
+    progress = on_progress or (lambda stage, done, total: None)
+    pairs, _ = read_pairs(str(config.data))
+    if config.limit:
+        pairs = pairs.slice(0, config.limit)
+    if pairs.num_rows == 0:
+        raise PerpairError(f"{config.data}: no pairs to evaluate")
+    categories = read_categories(config.annotations) if config.annotations else None
+    n = pairs.num_rows
+    policy = score_model(config.model, pairs, config, lambda d: progress("policy log-probs", d, n))
+    reference = score_model(config.ref, pairs, config, lambda d: progress("reference log-probs", d, n))
+    metrics = preference_metrics(policy, reference, config.beta, categories)
+    summary = metrics["implicit_reward"]
+    row: dict[str, Any] = {
+        "benchmark": "preference_accuracy", "name": config.name or Path(config.model.rstrip("/")).name,
+        "model": config.model, "ref": config.ref, "data": str(config.data), "beta": config.beta,
+        "max_length": config.max_length, "ties": "count half in accuracy; counted as wrong in accuracy_strict",
+        "n_pairs": n, "n_total": summary["n"], "n_skipped": n - summary["n"],
+        "accuracy": summary["accuracy"], "mean_margin": summary["mean_margin"], "margin_se": summary["margin_se"],
+        "length_normalised_accuracy": metrics["length_normalised"]["accuracy"],
+        **metrics,
+    }
+    if categories is not None:
+        row["annotations"] = str(config.annotations)
+        row["n_annotated"] = int(categories.reindex(policy["pair_id"]).notna().sum())
+    return row
+
+
+def markdown_table(row: dict[str, Any]) -> str:
+    """Overall and per-category figures of one results row."""
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    header = ("group", "n", "accuracy", "strict", "ties", "mean margin", "s.e.", "LN accuracy", "LN mean margin")
+    lines = [f"Preference accuracy of {row['name']} against {row['ref']} (β = {row['beta']}; ties count half in "
+             "accuracy, as wrong in strict; LN = reference-free length-normalised log-prob margin)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups = [("all", row["implicit_reward"], row["length_normalised"])]
+    for category, summary in row.get("implicit_reward_by_category", {}).items():
+        groups.append((category, summary, row["length_normalised_by_category"][category]))
+    for label, s, ln in groups:
+        lines.append("| " + " | ".join([label, cell(s["n"]), cell(s["accuracy"]), cell(s["accuracy_strict"]),
+                                        cell(s["n_ties"]), cell(s["mean_margin"]), cell(s["margin_se"]),
+                                        cell(ln["accuracy"]), cell(ln["mean_margin"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(row: dict[str, Any], output: Path) -> dict[str, Path]:
+    """``results.json`` (a one-row list, readable by ``perpair eval report``) and ``results.md``; ``output`` is a
+    folder, or a ``.json`` file whose Markdown goes beside it."""
+    from perpair.eval.score import json_ready
+    from perpair.eval.sources import write_json_records
+
+    path = output if output.suffix == ".json" else output / "results.json"
+    write_json_records(path, [json_ready(row)])
+    markdown = path.with_suffix(".md")
+    markdown.write_text(markdown_table(row), encoding="utf-8")
+    return {"json": path, "markdown": markdown}

@@ -1,0 +1,142 @@
+"""Held-out preference accuracy: the maths by hand on small tables, then ``perpair eval preference`` end to end on
+20 pairs of the prepared UltraFeedback sample with two tiny random Llamas (policy = reference, then another)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+from perpair.eval.preference import (
+    implicit_reward_margins,
+    length_normalised_margins,
+    margin_summary,
+    preference_metrics,
+    summary_by_category,
+)
+from plan_helpers import write_annotations
+
+
+def _table(ids, cw, ct, rw, rt):
+    return pd.DataFrame({"pair_id": ids, "chosen_logps": cw, "chosen_tokens": ct, "rejected_logps": rw,
+                         "rejected_tokens": rt})
+
+
+POLICY = _table(["a", "b", "c", "d"], [-10.0, -20.0, -5.0, -8.0], [10, 4, 5, 2], [-12.0, -18.0, -5.0, -6.0],
+                [4, 9, 5, 3])
+REFERENCE = _table(["d", "c", "b", "a"], [-8.0, -6.0, -21.0, -11.0], [2, 5, 4, 10], [-6.0, -6.0, -20.0, -11.0],
+                   [3, 5, 9, 4])
+
+
+def test_implicit_reward_margins_by_hand():
+    # a: (−10+11) − (−12+11) = 1 + 1 = 2;  b: (−20+21) − (−18+20) = 1 − 2 = −1
+    # c: (−5+6) − (−5+6) = 0;              d: (−8+8) − (−6+6) = 0   (reference rows in another order)
+    margins = implicit_reward_margins(POLICY, REFERENCE, beta=0.5)
+    assert list(margins.index) == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(margins.to_numpy(), [1.0, -0.5, 0.0, 0.0])
+
+
+def test_summary_ties_count_half_and_are_reported():
+    s = margin_summary([1.0, -0.5, 0.0, 0.0])
+    assert (s["n"], s["n_correct"], s["n_wrong"], s["n_ties"]) == (4, 1, 1, 2)
+    assert s["accuracy"] == pytest.approx((1 + 2 / 2) / 4)
+    assert s["accuracy_strict"] == pytest.approx(1 / 4)
+    assert s["mean_margin"] == pytest.approx(0.125)
+    # s.e. = sd(ddof=1)/√n: deviations 0.875, −0.625, −0.125, −0.125 → Σ² = 1.1875; sd = √(1.1875/3)
+    assert s["margin_se"] == pytest.approx(math.sqrt(1.1875 / 3) / 2)
+    empty = margin_summary([])
+    assert empty["n"] == 0 and math.isnan(empty["accuracy"]) and math.isnan(empty["margin_se"])
+    one = margin_summary([2.0])
+    assert one["accuracy"] == 1.0 and math.isnan(one["margin_se"])
+
+
+def test_length_normalised_margins_by_hand():
+    # a: −10/10 − (−12/4) = −1 + 3 = 2;  b: −20/4 + 18/9 = −3;  c: 0;  d: −8/2 + 6/3 = −2
+    np.testing.assert_allclose(length_normalised_margins(POLICY).to_numpy(), [2.0, -3.0, 0.0, -2.0])
+
+
+def test_by_category_and_full_metrics():
+    categories = pd.Series({"a": "style", "b": "style", "c": "safety"})  # d unannotated
+    margins = implicit_reward_margins(POLICY, REFERENCE, beta=1.0)
+    by = summary_by_category(margins, categories)
+    assert set(by) == {"style", "safety", "unannotated"}
+    assert by["style"]["n"] == 2 and by["style"]["accuracy"] == 0.5
+    assert by["safety"]["n_ties"] == 1 and by["safety"]["accuracy"] == 0.5
+    metrics = preference_metrics(POLICY, REFERENCE.iloc[::-1], 1.0, categories)
+    assert metrics["implicit_reward"]["accuracy"] == pytest.approx(0.5)
+    assert metrics["length_normalised"]["accuracy"] == pytest.approx((1 + 0.5) / 4)
+    assert metrics["length_normalised_by_category"]["style"]["n_correct"] == 1
+    # policy = reference: every pair a tie, margin exactly 0
+    same = preference_metrics(POLICY, POLICY, 0.1)["implicit_reward"]
+    assert same["n_ties"] == 4 and same["accuracy"] == 0.5 and same["mean_margin"] == 0.0
+
+
+def test_beta_scales_margin_not_accuracy():
+    small = margin_summary(implicit_reward_margins(POLICY, REFERENCE, 0.1))
+    large = margin_summary(implicit_reward_margins(POLICY, REFERENCE, 2.0))
+    assert small["accuracy"] == large["accuracy"]
+    assert large["mean_margin"] == pytest.approx(20 * small["mean_margin"])
+
+
+def _tiny(path, seed: int):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from perpair.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+N = 20
+
+
+def test_cli_end_to_end_on_ultrafeedback(uf_pairs, tmp_path):
+    from perpair.data import read_pairs
+
+    ref, policy = _tiny(tmp_path / "ref", 0), _tiny(tmp_path / "policy", 1)
+    ids = read_pairs(str(uf_pairs))[0].column("pair_id").to_pylist()[:N]
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, uf_pairs, ids[2:], ["style", "factuality"] * 9, [1.0] * 18, [0.9] * 18)
+    common = ("--data", uf_pairs, "--limit", N, "--max-length", 256, "--json")
+
+    same = json.loads(run_cli("eval", "preference", "--model", ref, "--ref", ref, *common,
+                              "-o", tmp_path / "same").stdout)
+    # at 256 tokens a few UltraFeedback prompts fill the budget alone: those pairs are left out and counted
+    n = same["n_total"]
+    assert n >= N // 2 and n + same["n_skipped"] == N
+    assert same["implicit_reward"]["n_ties"] == n and same["accuracy"] == 0.5
+    assert same["mean_margin"] == 0.0 and same["margin_se"] == 0.0
+    assert same["implicit_reward"]["accuracy_strict"] == 0.0
+
+    out = tmp_path / "differs" / "results.json"
+    result = run_cli("eval", "preference", "--model", policy, "--ref", ref, *common, "--annotations", annotations,
+                     "--beta", "0.5", "-o", out)
+    row = json.loads(result.stdout)
+    assert row["n_total"] == n and row["implicit_reward"]["n_ties"] == 0 and 0 <= row["accuracy"] <= 1
+    assert math.isfinite(row["mean_margin"]) and row["margin_se"] > 0
+    assert 0 <= row["length_normalised_accuracy"] <= 1
+    by = row["implicit_reward_by_category"]
+    assert set(by) <= {"style", "factuality", "unannotated"} and sum(v["n"] for v in by.values()) == n
+    assert row["n_annotated"] == n - by.get("unannotated", {"n": 0})["n"]
+    assert sum(v["n_correct"] for v in by.values()) == row["implicit_reward"]["n_correct"]
+    assert json.loads(out.read_text())[0]["accuracy"] == row["accuracy"]
+    markdown = out.with_suffix(".md").read_text()
+    assert f"| all | {n} |" in markdown and "| factuality |" in markdown
+
+    # the written results feed the report table
+    run_cli("eval", "report", out.parent, tmp_path / "same", "-o", tmp_path / "report")
+    table = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["benchmark"] for r in table] == ["preference_accuracy"] * 2
+    assert table[0]["accuracy"] == row["accuracy"] and table[1]["accuracy"] == 0.5
