@@ -24,6 +24,32 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+def tiny_llama(*, seed: int = 0, hidden: int = 32, layers: int = 2, max_positions: int = 2048):
+    """A randomly initialised Llama with SmolLM2's tokenizer and chat template, for fast tests:
+    ``(model in eval mode, tokenizer)``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from perpair.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def save_tiny_llama(path: Path, **options) -> Path:
+    """``tiny_llama`` saved as a model folder (weights, config, tokenizer) at ``path``."""
+    model, tokenizer = tiny_llama(**options)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def uf_pairs(tmp_path_factory) -> Path:
     """The UltraFeedback sample prepared once per test session."""

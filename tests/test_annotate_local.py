@@ -6,24 +6,15 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_llama
 from perpair.annotate import annotate, calls_path, load_config, read_annotations
 from perpair.annotate.schema import CATEGORIES
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from perpair.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama()
 
 
 def test_local_teacher_with_a_tiny_model_resumes_from_the_cache(uf_pairs, tmp_path, tiny_model):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, save_tiny_llama
 from perpair.eval.preference import (
     implicit_reward_margins,
     length_normalised_margins,
@@ -83,20 +83,7 @@ def test_beta_scales_margin_not_accuracy():
 
 
 def _tiny(path, seed: int):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from perpair.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(path, seed=seed, layers=1)
 
 
 N = 20

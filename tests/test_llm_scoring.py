@@ -6,20 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_llama
 from perpair.llm.scoring import OptionScorer
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from perpair.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(max_positions=256)
 
 
 def brute_force(model, scorer, prompt, option, suffix="", then=()):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import UF_TRAIN, run_cli
+from conftest import UF_TRAIN, run_cli, save_tiny_llama
 
 TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta", "0.1", "--lr", "1e-3",
              "--lr-schedule", "cosine", "--warmup-ratio", "0.2")
@@ -28,20 +28,7 @@ TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta"
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from perpair.models import resolve_model
-
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=64)
 
 
 def _metrics(out: Path) -> list[dict]:
