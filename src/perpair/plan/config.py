@@ -172,8 +172,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
-                     beta: float | None = None) -> Schedule:
-    """The schedule of ``preset``, overridden by the YAML file at ``config_path``, then by ``beta``.
+                     beta: float | None = None, overrides: dict[str, Any] | None = None) -> Schedule:
+    """The schedule of ``preset``, overridden by the YAML file at ``config_path``, then by ``overrides`` (the
+    same keys, e.g. from a run config), then by ``beta``.
 
     Unknown keys and out-of-range values raise :class:`~perpair.errors.InputError` naming the file (or
     the option) and the key.
@@ -185,6 +186,9 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     if config_path is not None:
         values = deep_merge(values, load_yaml(config_path))
         source = str(config_path)
+    if overrides:
+        values = deep_merge(values, overrides)
+        source = f"{source} with overrides"
     if beta is not None:
         if not math.isfinite(beta) or beta <= 0:
             raise InputError(f"must be a positive number, got {beta}", field="--beta")

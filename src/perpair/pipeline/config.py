@@ -1,0 +1,140 @@
+"""The one YAML of a ``perpair run``: every stage's settings and the arms, validated before any work starts.
+
+An arm is a plan preset (with optional schedule overrides) plus optional train overrides; all arms share
+the prepared pairs, the annotations and the reference log-probs. ``train.steps`` may be left out: each arm
+then trains one epoch over the pairs its plan keeps (MixDPO reads its data once, in plan order).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from perpair.errors import PerpairError
+
+STAGES = ("prepare", "annotate", "plan", "train", "eval")
+_ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# Train keys the pipeline sets itself (per arm); a config that sets them would be silently overridden.
+_TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "reference_cache"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    """``perpair prepare`` settings (see :class:`perpair.data.PrepareOptions`)."""
+
+    sources: list[str] = Field(min_length=1, description="Files, dataset folders or Hub dataset ids.")
+    format: str | None = None
+    split: str | None = None
+    revision: str | None = None
+    limit: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Held-out share for preference accuracy.")
+    seed: int = 0
+    skip_invalid: bool = False
+    strict: bool = False
+
+
+class AnnotateSection(_Section):
+    """``perpair annotate`` settings: teachers as specs (``ratings``, ``local:MODEL``, ``api:URL/MODEL``) or as
+    mappings with every option of the annotate config."""
+
+    teachers: list[str | dict[str, Any]] = Field(min_length=1)
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    retry_failed: bool = False
+
+
+class ArmConfig(_Section):
+    preset: str = Field(description="Plan preset: dpo, sp2dpo, sp2dpo-random, mixdpo, sp2dpo+mixdpo.")
+    schedule: dict[str, Any] = Field(default_factory=dict, description="Schedule keys over the preset's.")
+    beta: float | None = Field(None, gt=0, description="The plan's global β (over preset and schedule).")
+    train: dict[str, Any] = Field(default_factory=dict, description="Train keys over the shared train section.")
+
+
+class PreferenceSection(_Section):
+    limit: int | None = Field(None, ge=1, description="Only the first N held-out pairs.")
+    beta: float = Field(0.1, gt=0, description="β of the implicit reward (scales margins only).")
+    max_length: int | None = Field(None, ge=2, description="Default: the train max_length.")
+
+
+class AlpacaEvalSection(_Section):
+    judge: str = Field(description="Local model (folder, Hub id, smollm2) or an OpenAI-compatible /v1 URL.")
+    judge_name: str | None = None
+    judge_api_key_env: str | None = None
+    judge_batch_size: int = Field(4, ge=1)
+    limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
+    max_new_tokens: int = Field(2048, ge=1)
+    batch_size: int = Field(8, ge=1)
+    offline: bool | None = Field(None, description="Never touch the Hub (default: online unless HF_HUB_OFFLINE=1).")
+    reference: str | None = Field(None, description="Baseline outputs file (default: the Hub).")
+    judge_prompt: str | None = None
+    difficulty: str | None = None
+    glm_weights: str | None = None
+
+
+class EvalSection(_Section):
+    base: bool = Field(True, description="Also evaluate the initial model on AlpacaEval (the arms' baseline).")
+    preference: PreferenceSection | None = Field(default_factory=PreferenceSection)
+    alpaca_eval: AlpacaEvalSection | None = None
+
+
+class RunConfig(_Section):
+    workdir: str = Field(description="Folder of every artifact of the run (relative to the working directory).")
+    model: str = Field(description="Initial policy and reference: a folder, a Hub id, or smollm2.")
+    data: DataSection
+    annotate: AnnotateSection | None = None
+    train: dict[str, Any] = Field(default_factory=dict, description="Train keys shared by every arm.")
+    arms: dict[str, ArmConfig] = Field(min_length=1)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, arms: dict[str, ArmConfig]) -> dict[str, ArmConfig]:
+        for name in arms:
+            if not _ARM_NAME.match(name) or name == "base":
+                raise ValueError(f"arm name {name!r}: use letters, digits and _ . + - ('base' is reserved)")
+        return arms
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        owned = sorted(_TRAIN_OWNED & (set(self.train) | {k for a in self.arms.values() for k in a.train}))
+        if owned:
+            raise ValueError(f"train.{owned[0]} is set by perpair run itself (per arm); remove it")
+        if self.eval.preference is not None and self.data.test_fraction == 0:
+            raise ValueError("eval.preference needs held-out pairs: set data.test_fraction > 0 "
+                             "(or eval.preference: null)")
+        return self
+
+    def arm_train(self, name: str) -> dict[str, Any]:
+        """The train keys of one arm: the shared section with the arm's keys on top."""
+        return _merge(self.train, self.arms[name].train)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate the run config; ``overrides`` (nested, from ``--set key=value``) win over the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PerpairError(f"file {path}: cannot read the run config ({exc})") from None
+    if not isinstance(data, dict):
+        raise PerpairError(f"file {path}: the run config must be a mapping")
+    data = _merge(data, overrides or {})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise PerpairError(f"file {path}: invalid run config: {problems}") from None

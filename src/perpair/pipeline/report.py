@@ -1,0 +1,150 @@
+"""The end of a run: one comparison table of the arms (Markdown, JSON, on the terminal) and an HTML page with
+the training curves, links to each arm's plan report and the evaluation report."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from perpair.pipeline.config import RunConfig
+
+COLUMNS = (
+    ("arm", "arm"), ("preset", "preset"), ("pairs_preference", "pref. pairs"), ("pairs_sft", "SFT pairs"),
+    ("beta_geomean", "β geomean"), ("steps", "steps"), ("train_seconds", "train s"),
+    ("train_loss", "train loss (last 20%)"), ("train_reward_accuracy", "train reward acc. (last 20%)"),
+    ("heldout_accuracy", "held-out acc."), ("heldout_margin", "held-out margin"),
+    ("heldout_ln_accuracy", "held-out LN acc."), ("alpaca_lc", "AlpacaEval LC"), ("alpaca_wr", "AlpacaEval WR"),
+    ("alpaca_length", "avg length"),
+)
+
+
+def _tail_mean(metrics: list[dict[str, Any]], key: str) -> float | None:
+    values = [m[key] for m in metrics if m.get(key) is not None]
+    if not values:
+        return None
+    tail = values[-max(1, math.ceil(len(values) / 5)):]
+    return float(np.mean(tail))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def comparison_rows(config: RunConfig, trained: dict[str, dict[str, Any]],
+                    evaluated: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for arm, info in trained.items():
+        plan = pq.read_table(info["plan"], columns=["beta", "route"])
+        routes = np.array(plan.column("route").to_pylist(), dtype=object)
+        betas = np.array(plan.column("beta").to_pylist(), dtype=float)[routes == "preference"]
+        metrics = read_metrics(info["metrics"])
+        summary = info.get("summary", {})
+        row = {"arm": arm, "preset": config.arms[arm].preset,
+               "pairs_preference": int(np.sum(routes == "preference")), "pairs_sft": int(np.sum(routes == "sft")),
+               "beta_geomean": float(np.exp(np.mean(np.log(betas)))) if len(betas) else None,
+               "steps": info.get("steps"), "train_seconds": summary.get("train_seconds"),
+               "train_loss": _tail_mean(metrics, "loss"),
+               "train_reward_accuracy": _tail_mean(metrics, "reward_accuracy")}
+        rows.append({**row, **_eval_cells(evaluated.get(arm, {}))})
+    if "base" in evaluated:
+        rows.append({"arm": "base", "preset": "(initial model)", **_eval_cells(evaluated["base"])})
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
+
+
+def _eval_cells(results: dict[str, Any]) -> dict[str, Any]:
+    pref, alpaca = results.get("preference", {}), results.get("alpaca_eval", {})
+    return {"heldout_accuracy": pref.get("accuracy"), "heldout_margin": pref.get("mean_margin"),
+            "heldout_ln_accuracy": pref.get("length_normalised_accuracy"),
+            "alpaca_lc": alpaca.get("length_controlled_winrate"), "alpaca_wr": alpaca.get("win_rate"),
+            "alpaca_length": alpaca.get("avg_length")}
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:.2f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(label for _, label in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]],
+                     trained: dict[str, dict[str, Any]], evaluated: dict[str, dict[str, Any]]) -> Path:
+    """``WORKDIR/report/``: ``comparison.md``, ``comparison.json``, ``curves.png``, the evaluation report and
+    ``index.html``; returns the page's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from perpair.eval.report import write_report as write_eval_report
+
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(markdown_table(rows), encoding="utf-8")
+    (out / "comparison.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for arm, info in trained.items():
+        metrics = read_metrics(info["metrics"])
+        steps = [m["step"] for m in metrics]
+        for ax, key in zip(axes, ("loss", "reward_accuracy", "reward_margin"), strict=True):
+            values = np.array([np.nan if m.get(key) is None else m[key] for m in metrics], dtype=float)
+            ax.plot(steps, _smooth(values), label=arm)
+    for ax, title in zip(axes, ("loss (routed mean)", "reward accuracy (preference pairs)", "reward margin"),
+                         strict=True):
+        ax.set_title(title + ", moving average of 5")
+        ax.set_xlabel("optimizer step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    folders = [Path(p) for arm in evaluated for p in _eval_folders(workdir, arm)]
+    eval_page = write_eval_report(folders, out / "eval")["html"] if folders else None
+
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k)))}</td>" for k, _ in COLUMNS) + "</tr>"
+                   for r in rows)
+    plans = "".join(f'<li><a href="../arms/{html.escape(arm)}/plan_report/index.html">{html.escape(arm)}</a> '
+                    f'({html.escape(config.arms[arm].preset)})</li>' for arm in trained)
+    evaluation = (f'<p><a href="eval/{Path(eval_page).name}">evaluation report</a> (tables and plots of every '
+                  f'benchmark run)</p>' if eval_page else "<p>no evaluation configured</p>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>perpair run</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right}</style></head><body>"
+            f"<h1>perpair run: {html.escape(str(workdir))}</h1><h2>Comparison</h2><table><tr>{head}</tr>{body}"
+            "</table><p>held-out acc.: implicit-reward accuracy on the test split against the initial model (ties "
+            "count half); LN: reference-free length-normalised log-prob margin; AlpacaEval: the configured subset "
+            "and judge, so comparable between arms of this run only.</p>"
+            f"<h2>Training curves</h2><img src='curves.png' alt='training curves'><h2>Plans</h2><ul>{plans}</ul>"
+            f"<h2>Evaluation</h2>{evaluation}</body></html>")
+    (out / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
+
+
+def _smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
+    out = np.full_like(values, np.nan)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1):i + 1]
+        chunk = chunk[np.isfinite(chunk)]
+        if len(chunk):
+            out[i] = chunk.mean()
+    return out
+
+
+def _eval_folders(workdir: Path, arm: str) -> list[Path]:
+    folder = workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
+    return [folder / name for name in ("preference", "alpaca_eval") if (folder / name / "results.json").is_file()]

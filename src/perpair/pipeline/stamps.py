@@ -1,0 +1,66 @@
+"""Stage stamps: what lets ``perpair run`` skip a stage whose inputs and settings have not changed.
+
+A stage's *key* is the SHA-256 of its settings and the identities of its inputs (file hashes of the
+artifacts it reads, the keys of the stages it depends on). When a stage finishes, a stamp
+``WORKDIR/stages/NAME.json`` records the key and the outputs (a Parquet artifact by its SHA-256, a model
+folder by its files' names and sizes). A stage is skipped when its stamp holds the same key and its outputs
+are still there, unchanged; a stage killed midway has no stamp and runs again (its own caches and
+checkpoints make the re-run continue rather than restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from perpair.artifacts import file_sha256
+
+
+def stage_key(material: dict[str, Any]) -> str:
+    payload = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def output_identity(path: Path) -> Any:
+    """A file by its SHA-256; a folder by its files' relative names and sizes (model weights are large)."""
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        return sorted([str(p.relative_to(path)), p.stat().st_size] for p in path.rglob("*") if p.is_file())
+    return None
+
+
+class Stamps:
+    def __init__(self, workdir: Path):
+        self.root = workdir / "stages"
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def check(self, name: str, key: str) -> tuple[dict[str, Any] | None, str]:
+        """``(stamp, "")`` if ``name`` was finished with ``key`` and its outputs are unchanged, else
+        ``(None, why it must run)``."""
+        try:
+            stamp = json.loads(self.path(name).read_text())
+        except (OSError, ValueError):
+            return None, "not finished before"
+        if stamp.get("key") != key:
+            return None, "its inputs or settings changed"
+        for output, identity in stamp.get("outputs", {}).items():
+            if output_identity(Path(output)) != identity:
+                return None, f"{output} changed or is missing"
+        return stamp, ""
+
+    def write(self, name: str, key: str, outputs: list[Path], info: dict[str, Any] | None = None) -> None:
+        stamp = {"key": key, "outputs": {str(p): output_identity(p) for p in outputs}, "info": info or {}}
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.path(name)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(stamp, indent=1, default=str))
+        os.replace(tmp, target)
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""``perpair run``: the whole job on a tiny random Llama (policy, local teacher and local judge), then the
+skipping rules: an unchanged re-run does nothing, a changed arm re-runs only what depends on it, ``--from``
+re-runs a stage and everything after it, and a run killed mid-training resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SHARED_DATA, UF_TRAIN, save_tiny_llama
+
+AE = SHARED_DATA / "alpaca_eval"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _config(tmp: Path, model: Path, **changes) -> dict:
+    config = {
+        "workdir": str(tmp / "work"),
+        "model": str(model),
+        "data": {"sources": [str(UF_TRAIN)], "limit": 24, "test_fraction": 0.25, "seed": 0},
+        "annotate": {"teachers": [f"local:{model}"]},
+        "train": {"batch_size": 4, "max_length": 96, "lr": 1e-3, "lr_schedule": "constant", "threads": 2,
+                  "save_every": 1},
+        "arms": {"dpo": {"preset": "dpo"}, "sp2dpo": {"preset": "sp2dpo"}, "mixdpo": {"preset": "mixdpo"}},
+        "eval": {"preference": {"max_length": 96},
+                 "alpaca_eval": {"judge": str(model), "limit": 2, "max_new_tokens": 4, "batch_size": 2,
+                                 "offline": True, "reference": str(AE / "reference_outputs_gpt4_1106_preview.json.gz"),
+                                 "judge_prompt": str(AE / "judge_prompt_alpaca_eval_clf.txt"),
+                                 "difficulty": str(AE / "instruction_difficulty_reconstructed.csv")}},
+    }
+    for key, value in changes.items():
+        config[key] = value
+    return config
+
+
+def _run(config: dict, from_stage: str | None = None):
+    from perpair.pipeline import RunConfig, run
+
+    lines: list[str] = []
+    result = run(RunConfig.model_validate(config), from_stage=from_stage, log=lines.append)
+    return result, lines
+
+
+def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path, tiny)
+    first, _ = _run(config)
+    work = tmp_path / "work"
+    arms = ["dpo", "sp2dpo", "mixdpo"]
+    expected = {"prepare", "annotate", *(f"{s}.{a}" for s in ("plan", "train") for a in arms),
+                *(f"eval.{a}.preference" for a in arms), *(f"eval.{a}.alpaca_eval" for a in [*arms, "base"])}
+    assert set(first.ran) == expected and not first.skipped
+
+    # one epoch of the pairs each plan trains: MixDPO routes the ties to SFT but trains them too
+    for arm in arms:
+        lines = (work / "arms" / arm / "train" / "metrics.jsonl").read_text().splitlines()
+        row = next(r for r in first.rows if r["arm"] == arm)
+        assert len(lines) == row["steps"] == -(-(row["pairs_preference"] + row["pairs_sft"]) // 4)
+        assert row["heldout_accuracy"] is not None and row["alpaca_wr"] is not None
+    mix = next(r for r in first.rows if r["arm"] == "mixdpo")
+    assert mix["pairs_sft"] > 0 and mix["beta_geomean"] == pytest.approx(0.01)
+    assert [r["arm"] for r in first.rows] == [*arms, "base"]
+    report = first.report.read_text()
+    assert "sp2dpo/plan_report/index.html" in report and (work / "report" / "curves.png").is_file()
+    assert json.loads((work / "report" / "comparison.json").read_text()) == json.loads(json.dumps(first.rows))
+
+    # unchanged: every stage skipped, nothing written again
+    model_mtime = (work / "arms" / "dpo" / "train" / "model" / "model.safetensors").stat().st_mtime_ns
+    second, _ = _run(config)
+    assert not second.ran and set(second.skipped) == expected
+    assert second.rows == first.rows
+    assert (work / "arms" / "dpo" / "train" / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
+
+    # one arm's train setting changed: only that arm's training and evaluation run again
+    config["arms"]["dpo"]["train"] = {"lr": 5e-4}
+    third, _ = _run(config)
+    assert set(third.ran) == {"train.dpo", "eval.dpo.preference", "eval.dpo.alpaca_eval"}
+
+    # --from plan: plans, training and evaluation again; prepared pairs and annotations kept
+    fourth, _ = _run(config, from_stage="plan")
+    assert {"prepare", "annotate"} == set(fourth.skipped) and "plan.sp2dpo" in fourth.ran
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig, run
+
+    bad_lr = _config(tmp_path, tiny)
+    bad_lr["arms"]["dpo"]["train"] = {"lr": -1}
+    no_annotations = _config(tmp_path, tiny, annotate=None)
+    bad_schedule = _config(tmp_path, tiny)
+    bad_schedule["arms"]["mixdpo"]["schedule"] = {"routing": {"tau": 0.5, "unknown": 1}}
+    for config, words in ((bad_lr, "arms.dpo.train"), (no_annotations, "arms.sp2dpo: preset sp2dpo needs"),
+                          (bad_schedule, "arms.mixdpo")):
+        with pytest.raises(PerpairError, match=words.replace(".", r"\.")):
+            run(RunConfig.model_validate(config), log=lambda line: None)
+    assert not (tmp_path / "work").exists()
+    with pytest.raises(ValueError, match="train.out is set by perpair run"):
+        RunConfig.model_validate(_config(tmp_path, tiny, train={"out": "x"}))
+
+
+@pytest.mark.slow
+def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny):
+    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
+                     arms={"dpo": {"preset": "dpo", "train": {"steps": 16}}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checkpoints = tmp_path / "work" / "arms" / "dpo" / "train" / "checkpoints"
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "perpair", "run", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not any(checkpoints.glob("step-0000000[3-9]")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    log = result.stderr
+    for stage in ("prepare", "annotate", "plan.dpo"):
+        assert f"[{stage}] unchanged, skipped" in log
+    assert "resuming from step-" in log and "[train.dpo] done" in log
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+    assert "| dpo |" in result.stdout
