@@ -163,10 +163,35 @@ def setup_accelerator(config: TrainConfig):
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
     set_seed(config.seed)
+    _check_sharding(config, accelerator.distributed_type)
     if config.batch_size % accelerator.num_processes:
         raise PerpairError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
                            f"({accelerator.num_processes})")
     return accelerator
+
+
+def _check_sharding(config: TrainConfig, distributed_type) -> None:
+    """Refuse what the loop does not yet do right when the weights are sharded, before any work is done."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.DEEPSPEED:
+        # accelerator.backward runs DeepSpeed's optimizer step after every forward's backward (a step holds several),
+        # and ZeRO-3 leaves lm_head.weight partitioned where CompletionLogps reads it outside lm_head's forward.
+        raise PerpairError("DeepSpeed is not supported by perpair train yet; launch with an FSDP config "
+                           "(examples/accelerate/fsdp-*.yaml)")
+    if distributed_type != DistributedType.FSDP:
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by accelerate launch with FSDP
+            raise PerpairError(f"an FSDP launch config, but Accelerate chose {distributed_type.value}: FSDP needs "
+                               "GPUs (without one it would silently run DDP or single processes)")
+        return
+    if config.save_every or config.final_checkpoint or config.resume:
+        raise PerpairError("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
+                           "set save_every: 0, final_checkpoint: false and resume: false")
+    if config.tokens_per_forward:
+        # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
+        raise PerpairError("tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)")
+    if config.lora is not None and config.lora.merge:
+        raise PerpairError("lora.merge is not supported under FSDP; merge the saved adapter afterwards")
 
 
 def load_data(config: TrainConfig, accelerator) -> PairData:
@@ -622,18 +647,25 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:
     """HF-format outputs: full weights in OUT/model, or the adapter in OUT/adapter (and merged in OUT/model)."""
+    from accelerate.utils import DistributedType
+
     accelerator.wait_for_everyone()
+    state_dict = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Each rank holds a shard: every rank takes part in gathering the full weights, rank 0 receives them.
+        gathered = accelerator.get_state_dict(module)
+        state_dict = {name.removeprefix("model."): value for name, value in gathered.items()}  # CompletionLogps.model
     if not accelerator.is_main_process:
         return {}
     model = accelerator.unwrap_model(module).model
     out = Path(config.out)
     saved = {}
     if config.lora is None:
-        model.save_pretrained(out / "model", safe_serialization=True)
+        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(out / "model")
         saved["model"] = str(out / "model")
     else:
-        model.save_pretrained(out / "adapter")
+        model.save_pretrained(out / "adapter", state_dict=state_dict)
         saved["adapter"] = str(out / "adapter")
         if config.lora.merge:
             merged = model.merge_and_unload()

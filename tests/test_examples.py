@@ -1,0 +1,161 @@
+"""The GPU recipes in examples/ load with the stage loaders, so a recipe cannot rot silently.
+
+Each recipe's run.sh is read for the stage commands it runs; every YAML a command names is loaded by that stage's
+own loader, and every YAML in a recipe folder must be named by its run.sh.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import runpy
+import shlex
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+from perpair.annotate.config import load_config as load_annotate
+from perpair.errors import PerpairError
+from perpair.plan.config import resolve_schedule
+from perpair.train import load_config as load_train
+from perpair.train.loop import _check_sharding
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+RECIPES = sorted(p.parent for p in EXAMPLES.glob("*/run.sh"))
+
+
+def _commands(run_sh: Path) -> list[list[str]]:
+    """The shell commands of run.sh, continuation lines joined and comments dropped, as argument lists."""
+    text = re.sub(r"\\\n\s*", " ", run_sh.read_text())
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip() and
+            not line.lstrip().startswith("#")]
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def _stage_configs(recipe: Path) -> dict[str, list]:
+    """{'annotate': [path], 'plan': [(preset, path)], 'train': [(path, accelerate config path)]} from run.sh."""
+    found: dict[str, list] = {"annotate": [], "plan": [], "train": []}
+    for args in _commands(recipe / "run.sh"):
+        words = [a for a in args if "=" not in a or a.startswith("-")]
+        if words[:2] == ["perpair", "annotate"] and _option(words, "--config"):
+            found["annotate"].append(recipe / _option(words, "--config"))
+        elif words[:2] == ["perpair", "plan"]:
+            config = _option(words, "--config")
+            found["plan"].append((_option(words, "--preset"), recipe / config if config else None))
+        elif words[:2] == ["accelerate", "launch"]:
+            train = words[words.index("train") + 1]
+            found["train"].append((recipe / train, recipe / _option(words, "--config_file")))
+    return found
+
+
+def test_there_are_recipes():
+    assert {r.name for r in RECIPES} >= {"sp2dpo-llama3-8b", "mixdpo-llama3-8b"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_stage_config_loads(recipe):
+    found = _stage_configs(recipe)
+    assert found["plan"] and found["train"], "run.sh must plan and train"
+    named = set()
+    for path in found["annotate"]:
+        config = load_annotate(path)
+        assert all(t.kind == "api" for t in config.teachers)
+        named.add(path)
+    for preset, path in found["plan"]:
+        resolve_schedule(preset, path)
+        named.add(path)
+    for train, accelerate in found["train"]:
+        config = load_train(train)
+        launcher = load_config_from_file(str(accelerate))
+        assert config.batch_size % launcher.num_processes == 0
+        assert config.precision == "bf16" and launcher.mixed_precision == "bf16"
+        _check_sharding(config, launcher.distributed_type)  # the loop would refuse it at start otherwise
+        named.add(train)
+    unnamed = {p.name for p in recipe.glob("*.yaml")} - {p.name for p in named}
+    assert not unnamed, f"{recipe.name}: YAML files that run.sh never uses: {sorted(unnamed)}"
+
+
+def test_mixdpo_recipe_is_the_published_setting():
+    recipe = EXAMPLES / "mixdpo-llama3-8b"
+    assert resolve_schedule("mixdpo", recipe / "plan.yaml") == resolve_schedule("mixdpo")
+    schedule = resolve_schedule("mixdpo", recipe / "plan.yaml")
+    assert (schedule.beta.beta, schedule.routing.tau, schedule.label_smoothing) == (0.01, 0.5, 0.1)
+    for name, lr in (("train.yaml", 1e-6), ("train-mistral.yaml", 2e-7)):
+        config = load_train(recipe / name)
+        assert (config.lr, config.batch_size, config.max_length) == (lr, 160, 1024)
+        assert (config.lr_schedule, config.warmup_ratio, config.loss) == ("cosine", 0.1, "sigmoid")
+        assert not config.shuffle  # the plan's easy-to-hard order
+
+
+def test_combined_recipe_plan_equals_its_preset():
+    recipe = EXAMPLES / "sp2dpo-mixdpo-qwen3-4b"
+    assert resolve_schedule("sp2dpo+mixdpo", recipe / "plan.yaml") == resolve_schedule("sp2dpo+mixdpo")
+
+
+def test_steps_are_one_epoch_by_the_readme_calculation():
+    figures = runpy.run_path(str(EXAMPLES / "estimate.py"))
+    one_epoch = int(figures["PREPARED"] * figures["KEPT_AT_1024"] // 160)
+    for recipe in RECIPES:
+        for train, _ in _stage_configs(recipe)["train"]:
+            assert load_train(train).steps == one_epoch, train
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("accelerate/*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs(path):
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "bf16" and config.num_processes == 8 and not config.use_cpu
+    if path.name.startswith("zero3"):
+        assert config.distributed_type == DistributedType.DEEPSPEED
+        assert config.deepspeed_config["zero_stage"] == 3
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True
+        assert config.deepspeed_config["zero3_init_flag"] is False
+    else:
+        assert config.distributed_type == DistributedType.FSDP
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is False  # rank 0 needs real weights for the reference pass
+        family = path.stem.removeprefix("fsdp-")  # fsdp-llama.yaml wraps transformers' LlamaDecoderLayer
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        assert hasattr(module, fsdp["fsdp_transformer_layer_cls_to_wrap"])
+
+
+def test_recipes_use_existing_accelerate_configs():
+    for recipe in RECIPES:
+        for _, accelerate in _stage_configs(recipe)["train"]:
+            assert accelerate.resolve().parent == (EXAMPLES / "accelerate").resolve() and accelerate.exists()
+
+
+_SAFE = {"save_every": 0, "final_checkpoint": False, "tokens_per_forward": 0}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"final_checkpoint": True}, "checkpoints"), ({"save_every": 10}, "checkpoints"), ({"resume": True}, "checkpoints"),
+    ({"tokens_per_forward": 4096}, "tokens_per_forward"), ({"lora": {"merge": True}}, "lora.merge"),
+])
+def test_loop_refuses_what_fsdp_does_not_support(change, message):
+    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE, **change})
+    _check_sharding(config, DistributedType.MULTI_GPU)  # DDP: all of it is fine
+    with pytest.raises(PerpairError, match=message):
+        _check_sharding(config, DistributedType.FSDP)
+
+
+def test_loop_refuses_deepspeed():
+    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE})
+    _check_sharding(config, DistributedType.FSDP)
+    with pytest.raises(PerpairError, match="DeepSpeed"):
+        _check_sharding(config, DistributedType.DEEPSPEED)
+
+
+def test_loop_refuses_an_fsdp_launch_that_accelerate_downgraded(monkeypatch):
+    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
+    with pytest.raises(PerpairError, match="FSDP needs GPUs"):
+        _check_sharding(config, DistributedType.MULTI_CPU)  # what it becomes without a GPU
+    _check_sharding(config, DistributedType.FSDP)
