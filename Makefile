@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data/ultrafeedback/train_1k.jsonl.gz
+DATA ?= HuggingFaceH4/ultrafeedback_binarized
 SHARED ?= ../shared/data
 OUT ?= demo
 
@@ -42,14 +42,16 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed $(VENV)/.llama-cpp
 
+# A DATA file on disk means an offline run: the AlpacaEval baseline and difficulties then come from $(SHARED).
+AE := $(SHARED)/alpaca_eval
+OFFLINE := $(if $(wildcard $(DATA)),1)
+OFFLINE_SETS := --set eval.alpaca_eval.offline=true \
+	--set eval.alpaca_eval.reference=$(AE)/reference_outputs_gpt4_1106_preview.json.gz \
+	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv
+
 demo: install
-	$(BIN)/perpair prepare $(DATA) -o $(OUT)/ultrafeedback.parquet --test-fraction 0.1 --seed 0
-	$(BIN)/perpair inspect $(OUT)/ultrafeedback.parquet
-	$(BIN)/perpair plan $(OUT)/ultrafeedback.parquet --preset mixdpo -o $(OUT)/plan_mixdpo.parquet
-	$(BIN)/perpair prepare $(SHARED)/hh_rlhf/harmless_base_test.jsonl.gz -o $(OUT)/hh_rlhf.parquet
-	$(BIN)/perpair inspect $(OUT)/hh_rlhf.parquet
-	$(BIN)/perpair prepare $(SHARED)/orca_dpo/validation_284.jsonl.gz -o $(OUT)/orca.parquet
-	$(BIN)/perpair inspect $(OUT)/orca.parquet
+	$(if $(OFFLINE),HF_HUB_OFFLINE=1) $(BIN)/perpair run configs/demo.yaml --set workdir=$(OUT) \
+		--set 'data.sources=["$(DATA)"]' $(if $(OFFLINE),$(OFFLINE_SETS))
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

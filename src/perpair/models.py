@@ -9,11 +9,14 @@ in the cache folder (``$PERPAIR_CACHE`` or ``~/.cache/perpair``), so later loads
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 
+from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
@@ -71,3 +74,30 @@ def resolve_model(spec: str) -> str:
     if spec.lower() in SMOLLM2_ALIASES:
         return str(smollm2_checkpoint())
     return spec
+
+
+def model_fingerprint(spec: str) -> str:
+    """Content hash of a local model folder (config and weight files), so a model retrained at the same path is a
+    new model to every cache; a Hub id stands for itself. File hashes are remembered by (path, size, mtime) in
+    the cache folder, so a 500 MB checkpoint is hashed once."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return f"hub:{spec}"
+    memo_path = cache_root() / "file_hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"):
+            stat = path.stat()
+            tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            if tag not in memo:
+                memo[tag] = file_sha256(path)
+            digest.update(path.name.encode() + b"\0" + memo[tag].encode())
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_name(f".{memo_path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(memo, sort_keys=True))
+    os.replace(tmp, memo_path)
+    return digest.hexdigest()

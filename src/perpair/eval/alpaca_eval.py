@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpair.errors import PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_cached, load_generator
+from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -30,6 +30,7 @@ from perpair.eval.judges import (
     judged_preference,
 )
 from perpair.eval.score import ScoreOptions, json_ready, score_frame
+from perpair.models import model_fingerprint, resolve_model
 
 JUDGE_PROMPT_FILE = "judge_prompt_alpaca_eval_clf.txt"
 Progress = Callable[[str, int, int], None]
@@ -76,16 +77,6 @@ class AlpacaEvalConfig(BaseModel):
     glm_weights: Path | None = None
 
 
-def model_fingerprint(path: str) -> list[Any]:
-    """Identity of a local checkpoint (file names, sizes, modification times), so a retrained model at the same
-    path does not reuse the old answers; a Hub id is its own identity."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return [path]
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".json", ".bin"))
-    return [str(folder.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 def judge_prompt_template(path: Path | None) -> str:
     if path is None:
         path = sources.local_alpaca_eval_file(JUDGE_PROMPT_FILE)
@@ -118,8 +109,6 @@ def load_reference(config: AlpacaEvalConfig):
 
 
 def load_judge(config: JudgeConfig):
-    from perpair.models import resolve_model
-
     if config.is_api:
         return ApiLogprobJudge(config.client_config())
     return LocalLogprobJudge(resolve_model(config.judge), batch_size=config.batch_size,
@@ -129,15 +118,11 @@ def load_judge(config: JudgeConfig):
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    from perpair.models import resolve_model
-
     return ["local", model_fingerprint(resolve_model(config.judge))]
 
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
     """Generate, judge, write the files and return the results row (see module docstring)."""
-    from perpair.models import resolve_model
-
     reference, reference_source = load_reference(config)
     if config.limit:
         reference = reference.iloc[:config.limit]
@@ -150,14 +135,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     progress = on_progress or (lambda stage, done, total: None)
 
     with ResultCache(out / "cache.sqlite") as cache:
-        gen = config.generation
-        identity = {"model": model_fingerprint(model_path),
-                    "settings": gen.model_dump(include={"max_new_tokens", "temperature", "top_p",
-                                                        "max_prompt_tokens"})}
-        outputs, n_generated = generate_cached(
-            lambda: load_generator(model_path, gen), identity,
-            [[{"role": "user", "content": text}] for text in instructions], cache, batch_size=gen.batch_size,
-            on_progress=lambda done, total: progress("generating", done, total))
+        outputs, n_generated = generate_answers(model_path, config.generation, instructions, cache,
+                                                lambda done, total: progress("generating", done, total))
         datasets = reference["dataset"].tolist() if "dataset" in reference else [None] * len(instructions)
         model_outputs = [{"instruction": i, "output": o, "generator": name, "dataset": d}
                          for i, o, d in zip(instructions, outputs, datasets, strict=True)]

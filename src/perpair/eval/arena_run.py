@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_fingerprint
+from perpair.eval.alpaca_eval import JudgeConfig, judge_identity
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -36,7 +36,7 @@ from perpair.eval.arena_hard import (
     style_features,
 )
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_cached, load_generator
+from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
 from perpair.eval.sources import hub_file, write_json_records
 
@@ -133,13 +133,8 @@ def run_arena_hard(config: ArenaHardConfig,
     out.mkdir(parents=True, exist_ok=True)
     texts = [q["turns"][0]["content"] for q in questions]
     with ResultCache(out / "cache.sqlite") as cache:
-        gen = config.generation
-        identity = {"model": model_fingerprint(model_path),
-                    "settings": gen.model_dump(include={"max_new_tokens", "temperature", "top_p",
-                                                        "max_prompt_tokens"})}
-        answers, n_generated = generate_cached(
-            lambda: load_generator(model_path, gen), identity, [[{"role": "user", "content": t}] for t in texts],
-            cache, batch_size=gen.batch_size, on_progress=lambda d, t: progress("generating", d, t))
+        answers, n_generated = generate_answers(model_path, config.generation, texts, cache,
+                                                lambda d, t: progress("generating", d, t))
         (out / "model_answer.jsonl").write_text("".join(json.dumps(
             {"question_id": q["question_id"], "answer_id": cache_key(name, q["question_id"])[:22], "model_id": name,
              "choices": [{"index": 0, "turns": [{"content": a}]}]}, ensure_ascii=False) + "\n"

@@ -137,3 +137,16 @@ def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Seque
         if on_progress:
             on_progress(done, len(prompts))
     return answers, len(missing)  # type: ignore[return-value]
+
+
+def generate_answers(model_path: str, config: GenerationConfig, texts: Sequence[str], cache: ResultCache,
+                     on_progress: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
+    """Single-turn answers of the model at ``model_path`` to ``texts``, cached under the model's content and the
+    settings that change an answer. Returns ``(answers, number generated now)``."""
+    from perpair.models import model_fingerprint
+
+    identity = {"model": model_fingerprint(model_path),
+                "settings": config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})}
+    return generate_cached(lambda: load_generator(model_path, config), identity,
+                           [[{"role": "user", "content": text}] for text in texts], cache,
+                           batch_size=config.batch_size, on_progress=on_progress)

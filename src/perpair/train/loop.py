@@ -38,7 +38,7 @@ from perpair.artifacts import file_sha256, read_header
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.schema import KIND as PAIRS_KIND
 from perpair.errors import PerpairError
-from perpair.models import resolve_model
+from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference as ref_cache
 from perpair.train.config import TrainConfig
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
@@ -329,7 +329,7 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
         return {}, 0
     cache_dir = Path(config.reference_cache) if config.reference_cache else ref_cache.default_cache_dir()
     spec = resolve_model(config.reference_model or config.model)
-    key = ref_cache.cache_key(model=ref_cache.model_fingerprint(spec, cache_dir),
+    key = ref_cache.cache_key(model=model_fingerprint(spec),
                               tokenizer=ref_cache.tokenizer_fingerprint(tokenizer),
                               pairs_sha256=file_sha256(data.path), max_length=config.max_length)
     path = ref_cache.cache_path(cache_dir, key)

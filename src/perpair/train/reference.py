@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.artifacts import read_artifact, write_artifact
 from perpair.models import cache_root
 from perpair.train.logprobs import LOGPS_SCHEMA, logps_of_tokenized
 from perpair.train.tokenize import TokenizedPair
@@ -28,33 +27,6 @@ from perpair.train.tokenize import TokenizedPair
 KIND = "reference_logps"
 SCHEMA_VERSION = 1
 KEY_VERSION = 1  # bump when the way log-probs are computed changes
-
-
-def _memo_sha256(path: Path, memo: dict[str, str]) -> str:
-    """SHA-256 of a file, remembered by (path, size, mtime) so a 500 MB checkpoint is hashed once."""
-    stat = path.stat()
-    tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    if tag not in memo:
-        memo[tag] = file_sha256(path)
-    return memo[tag]
-
-
-def model_fingerprint(spec: str, cache_dir: Path) -> str:
-    """Content hash of a local model folder (config and weight files); a Hub id stands for itself."""
-    folder = Path(spec)
-    if not folder.is_dir():
-        return f"hub:{spec}"
-    memo_path = cache_dir / "file_hashes.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"):
-            digest.update(path.name.encode() + b"\0" + _memo_sha256(path, memo).encode())
-    _write_json_atomic(memo_path, memo)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -124,10 +96,3 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         save_cached(path, key, cached)
     values = np.array([[cached[pid][0], cached[pid][2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
     return values, len(missing)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
