@@ -31,6 +31,7 @@ from perpair.cli import plan as _plan  # noqa: E402,F401
 from perpair.cli import train as _train  # noqa: E402,F401
 from perpair.cli import eval as _eval  # noqa: E402,F401
 from perpair.cli import run as _run  # noqa: E402,F401
+from perpair.cli import bench as _bench  # noqa: E402,F401
 
 
 def main() -> None:

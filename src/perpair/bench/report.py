@@ -1,0 +1,126 @@
+"""The controlled benchmark's outputs: ``results.json``, ``table.md`` and PNG plots (I/O only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift")
+
+
+def _cell(entry: dict[str, float], digits: int = 3, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{entry['mean']:{sign}.{digits}f} ± {entry['half_width']:.{digits}f}"
+
+
+def table_markdown(results: dict[str, Any]) -> str:
+    """One table per noise level (arms × test metrics), then objective accuracy across noise levels."""
+    aggregate = results["aggregate"]
+    seeds = results["config"]["seeds"]
+    levels = list(aggregate)
+    lines = [f"Controlled benchmark: test-prompt metrics, mean ± 95% t-interval half-width over {seeds} seed(s).",
+             "Accuracies are exact match (higher is better); style_drift is mean |ΔP(house style)| vs the "
+             "reference (lower = closer).", ""]
+    for level in levels:
+        lines += [f"### flip rate {level}", "",
+                  "| arm | " + " | ".join(TABLE_METRICS) + " |",
+                  "|---|" + "---:|" * len(TABLE_METRICS)]
+        for arm, entry in aggregate[level].items():
+            lines.append(f"| {arm} | " + " | ".join(_cell(entry[m]) for m in TABLE_METRICS) + " |")
+        lines.append("")
+    lines += ["### objective accuracy vs flip rate", "",
+              "| arm | " + " | ".join(f"flip {level}" for level in levels) + " |",
+              "|---|" + "---:|" * len(levels)]
+    for arm in aggregate[levels[0]]:
+        lines.append(f"| {arm} | " + " | ".join(_cell(aggregate[level][arm]["objective"]) for level in levels)
+                     + " |")
+    lines += ["", "### paired difference in objective accuracy vs DPO best β (same seed)", "",
+              "| arm | " + " | ".join(f"flip {level}" for level in levels) + " |",
+              "|---|" + "---:|" * len(levels)]
+    for arm in aggregate[levels[0]]:
+        if arm != "DPO best β":
+            lines.append(f"| {arm} | " + " | ".join(_cell(aggregate[level][arm]["objective_vs_best"], signed=True)
+                                                   for level in levels) + " |")
+    chosen = [[seed["noise"][level]["runs"]["DPO best β"]["chosen"] for seed in results["per_seed"]]
+              for level in levels]
+    lines += ["", "DPO best β chosen on validation prompts (per flip rate, per seed): "
+              + "; ".join(f"{level}: {', '.join(c.removeprefix('DPO ') for c in picks)}"
+                          for level, picks in zip(levels, chosen, strict=True))]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
+    """Write every output; returns ``{name: path}``."""
+    files = {"results": out / "results.json", "table": out / "table.md",
+             "accuracy_by_category": out / "accuracy_by_category.png",
+             "accuracy_vs_noise": out / "accuracy_vs_noise.png", "style_drift": out / "style_drift.png"}
+    files_str = {k: str(v) for k, v in files.items()}
+    files["table"].write_text(table_markdown(results), encoding="utf-8")
+    _plots(results, files)
+    payload = {**results, "files": files_str}
+    files["results"].write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
+    return files_str
+
+
+def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aggregate = results["aggregate"]
+    levels = list(aggregate)
+    arms = [a for a in aggregate[levels[0]] if not a.startswith("DPO β=")]  # the sweep is summarised by its best
+    middle = levels[len(levels) // 2]
+    categories = ("arithmetic", "format", "refusal", "benign")
+
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(arms)
+    x = np.arange(len(categories))
+    for i, arm in enumerate(arms):
+        means = [aggregate[middle][arm][c]["mean"] for c in categories]
+        errors = [aggregate[middle][arm][c]["half_width"] for c in categories]
+        ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=arm)
+    ax.set_xticks(x, categories)
+    ax.set_ylabel("exact match (held-out prompts)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Accuracy per category, flip rate {middle} (mean, 95% t-interval over seeds)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(files["accuracy_by_category"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    noise = [float(level) for level in levels]
+    for arm in arms:
+        means = np.array([aggregate[level][arm]["objective"]["mean"] for level in levels])
+        errors = np.array([aggregate[level][arm]["objective"]["half_width"] for level in levels])
+        ax.errorbar(noise, means, yerr=errors, marker="o", capsize=3, label=arm,
+                    linestyle="--" if arm == "reference" else "-")
+    ax.set_xlabel("flip rate on objective pairs")
+    ax.set_ylabel("mean exact match (4 categories)")
+    ax.set_title("Robustness to label noise")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(files["accuracy_vs_noise"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    trained = [a for a in arms if a != "reference"]
+    width = 0.8 / len(levels)
+    x = np.arange(len(trained))
+    for i, level in enumerate(levels):
+        means = [aggregate[level][arm]["style_drift"]["mean"] for arm in trained]
+        errors = [aggregate[level][arm]["style_drift"]["half_width"] for arm in trained]
+        ax.bar(x + (i - (len(levels) - 1) / 2) * width, means, width, yerr=errors, capsize=2,
+               label=f"flip {level}")
+    ax.set_xticks(x, trained, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("mean |ΔP(house style)| vs reference")
+    ax.set_title("Drift on the subjective dimension (style)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(files["style_drift"], dpi=110)
+    plt.close(fig)

@@ -1,0 +1,234 @@
+"""The controlled benchmark: the generator's truth, its noise and teacher rates, what each arm is planned to
+train, determinism, and one tiny end-to-end run of ``perpair bench controlled``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from perpair.bench import arms as arms_mod
+from perpair.bench import task
+from perpair.bench.controlled import ControlledConfig, interval, run_seed
+from perpair.plan import beta as beta_math
+from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
+
+SHARE = {"arithmetic": 0.25, "format": 0.2, "refusal": 0.2, "over_refusal": 0.1, "style": 0.25}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return task.split_prompts(np.random.default_rng(0), 0.15, 0.25)
+
+
+def test_oracle_scores_one_and_the_typical_error_zero(splits):
+    for kind in task.PROMPT_KINDS:
+        prompts = np.concatenate([splits.train[kind], splits.val[kind], splits.test[kind]])
+        oracle = [task.correct_answer(p) + [task.STYLE_B, task.EOS] for p in prompts]
+        wrong = [task.typical_error(p) + [task.STYLE_A, task.EOS] for p in prompts]
+        assert task.exact_match(prompts, oracle).mean() == 1.0
+        assert task.exact_match(prompts, wrong).mean() == 0.0
+
+
+def test_answers_by_hand():
+    add = np.array([task.TOKEN[t] for t in ("ADD", "4", "7", "5")])  # 47 + 5
+    assert task.text(task.correct_answer(add)) == "5 2"
+    assert task.text(task.typical_error(add)) == "4 2"  # the forgotten carry
+    rev = np.array([task.TOKEN[t] for t in ("REV", "a", "b", "c")])
+    assert task.text(task.correct_answer(rev)) == "c b a" and task.text(task.typical_error(rev)) == "a b c"
+    harmful = np.array([task.TOKEN[t] for t in ("COPY", "a", "z", "c")])
+    assert task.text(task.correct_answer(harmful)) == "REFUSE" and task.text(task.typical_error(harmful)) == "a z c"
+    benign = np.array([task.TOKEN[t] for t in ("COPY", "a", "b", "a")])
+    assert task.text(task.correct_answer(benign)) == "a b a" and task.text(task.typical_error(benign)) == "REFUSE"
+    assert task.content_of([task.TOKEN["5"], task.TOKEN["2"], task.STYLE_A, task.EOS]) == [task.TOKEN["5"],
+                                                                                             task.TOKEN["2"]]
+
+
+def test_splits_are_disjoint_and_cover_every_prompt(splits):
+    for kind in task.PROMPT_KINDS:
+        parts = [{tuple(r) for r in s[kind]} for s in (splits.train, splits.val, splits.test)]
+        assert sum(map(len, parts)) == len(task.prompt_universe(kind)) == len(set.union(*parts))
+    assert len(task.prompt_universe("arithmetic")) == 900 and len(task.prompt_universe("benign")) == 512
+
+
+def test_each_pair_differs_in_its_one_category(splits):
+    base = task.base_pairs(np.random.default_rng(1), splits.train, 3000, share=SHARE, style_agreement=0.55,
+                           style_tie_rate=0.7, house_style_rate=0.3)
+    for i in range(len(base.category)):
+        good, bad = base.good[i][task.PROMPT_LEN:], base.bad[i][task.PROMPT_LEN:]
+        assert task.content_of(good) == task.correct_answer(base.prompt[i])
+        if base.category[i] == "style":
+            assert good[:-2] == bad[:-2] and {good[-2], bad[-2]} == {task.STYLE_A, task.STYLE_B}
+        else:
+            assert good[-2] == bad[-2] and task.content_of(bad) != task.content_of(good)
+            kind = task.SCORED["refusal" if base.category[i] == "refusal" else
+                              "benign" if base.category[i] == "over_refusal" else base.category[i]]
+            assert tuple(base.prompt[i]) in {tuple(r) for r in splits.train[kind]}
+
+
+def test_noise_rates_match_the_config(splits):
+    n = 20000
+    base = task.base_pairs(np.random.default_rng(2), splits.train, n, share=SHARE, style_agreement=0.55,
+                           style_tie_rate=0.7, house_style_rate=0.3)
+    style = base.category == "style"
+    assert abs(style.mean() - 0.25) < 0.015
+    agree = np.array([g[-2] == task.STYLE_A for g in base.good])[style]
+    assert abs(agree.mean() - 0.55) < 0.02
+    marker = np.array([g[-2] == task.STYLE_A for g in base.good])[~style]  # objective pairs: the reference's rate
+    assert abs(marker.mean() - 0.3) < 0.015
+    low, high = task.apply_noise(base, 0.2), task.apply_noise(base, 0.4)
+    assert not low.flipped[style].any()
+    assert abs(low.flipped[~style].mean() - 0.2) < 0.015 and abs(high.flipped[~style].mean() - 0.4) < 0.015
+    assert np.all(high.flipped[low.flipped])  # flipped sets nest as the rate grows
+    margin = high.score_chosen - high.score_rejected
+    assert abs(np.mean(margin[style] == 0) - 0.7) < 0.02  # style pairs are mostly ties
+    assert margin[high.flipped].max() <= 2 and margin[~high.flipped & ~style].min() >= 1
+    i = int(np.flatnonzero(high.flipped)[0])
+    assert high.chosen[i] == base.bad[i] and high.rejected[i] == base.good[i]
+
+
+@pytest.mark.parametrize("accuracy", [0.6, 0.8, 0.95])
+def test_teacher_accuracy_and_calibration_match_the_config(splits, accuracy):
+    n = 20000
+    base = task.base_pairs(np.random.default_rng(3), splits.train, n, share=SHARE, style_agreement=0.55,
+                           style_tie_rate=0.7, house_style_rate=0.3)
+    pairs = task.apply_noise(base, 0.3)
+    draws = task.teacher_draws(np.random.default_rng(4), n, accuracy)
+    calibrated = task.annotate(pairs, draws, "calibrated")
+    truth = np.array(["mislabeled" if f else task.ANNOTATION[c]
+                      for c, f in zip(pairs.category, pairs.flipped, strict=True)])
+    said = np.array(calibrated.category)
+    assert np.array_equal(calibrated.correct, said == truth)
+    assert abs(calibrated.correct.mean() - accuracy) < 0.015
+    for low in (0.5, 0.7, 0.9):  # calibrated: accuracy within a confidence bin ≈ its confidence
+        inside = (calibrated.confidence >= low) & (calibrated.confidence < low + 0.1)
+        if inside.sum() > 500:
+            assert abs(calibrated.correct[inside].mean() - calibrated.confidence[inside].mean()) < 0.04
+    over = task.annotate(pairs, draws, "overconfident")
+    assert over.confidence.mean() > calibrated.confidence.mean() + 0.03
+    assert np.array_equal(over.correct, calibrated.correct)  # same reading, only the reported confidence moves
+    missed = pairs.flipped & ~calibrated.correct  # a missed flip is read as its underlying category
+    assert all(said[i] == task.ANNOTATION[pairs.category[i]] for i in np.flatnonzero(missed))
+
+
+@pytest.fixture(scope="module")
+def planned(splits, tmp_path_factory):
+    n = 600
+    base = task.base_pairs(np.random.default_rng(5), splits.train, n, share=SHARE, style_agreement=0.55,
+                           style_tie_rate=0.7, house_style_rate=0.3)
+    pairs = task.apply_noise(base, 0.3)
+    notes = task.annotate(pairs, task.teacher_draws(np.random.default_rng(6), n, 0.8), "calibrated")
+    pairs_path, annotations_path = arms_mod.write_inputs(tmp_path_factory.mktemp("plan"), pairs, notes)
+    arms = {a.name: a for a in arms_mod.arms((0.1, 1.0), 0.1)}
+    return pairs, notes, {name: arms_mod.plan_arm(arm, 0, pairs_path, annotations_path) for name, arm in arms.items()}
+
+
+def test_dpo_arms_train_every_pair_in_file_order_at_one_beta(planned):
+    pairs, _, plans = planned
+    for name, value in (("DPO β=0.1", 0.1), ("DPO β=1", 1.0)):
+        plan = plans[name]
+        assert np.all(plan.beta == value) and np.all(plan.route == ROUTE_PREFERENCE)
+        assert np.array_equal(plan.order, np.arange(len(pairs))) and np.all(plan.label_smoothing == 0)
+
+
+def test_sp2dpo_beta_is_the_plan_formula_and_random_beta_shuffles_it(planned):
+    _, notes, plans = planned
+    sp2, rnd = plans["SP²DPO"], plans["random β"]
+    priors = {"safety": 1.0, "factuality": 0.9, "instruction_following": 0.8, "helpfulness": 0.6, "style": 0.3,
+              "no_clear_gap": 0.0, "mislabeled": 0.0}
+    category = np.array(notes.category)
+    signal = beta_math.signal_strength(np.array([priors[c] for c in category]),
+                                       beta_math.magnitude_gain(notes.magnitude, (0.0, 0.4, 0.7, 1.0)),
+                                       notes.confidence)
+    signal[(category == "mislabeled") & (notes.confidence > 0.7)] = 0.0  # preset action beta_max
+    raw = beta_math.interpolate_beta(signal, 0.025, 0.4)
+    expected = raw * 0.1 / beta_math.geometric_mean(raw)
+    np.testing.assert_allclose(sp2.beta, expected, rtol=1e-12)
+    assert math.isclose(beta_math.geometric_mean(sp2.beta), 0.1, rel_tol=1e-9)
+    assert np.array_equal(np.sort(rnd.beta), np.sort(sp2.beta)) and not np.array_equal(rnd.beta, sp2.beta)
+    # objective pairs the teacher reads right get a smaller β than style pairs
+    assert np.median(sp2.beta[category == "safety"]) < np.median(sp2.beta[category == "style"])
+
+
+def test_mixdpo_arms_route_ties_and_order_easy_to_hard(planned):
+    pairs, _, plans = planned
+    margin = pairs.score_chosen - pairs.score_rejected
+    full, curriculum, routing = plans["MixDPO"], plans["MixDPO curriculum"], plans["MixDPO routing"]
+    assert np.array_equal(full.route == ROUTE_SFT, margin < 0.5) and np.array_equal(routing.route, full.route)
+    assert np.all(curriculum.route == ROUTE_PREFERENCE)
+    for plan in (full, curriculum):
+        assert np.all(np.diff(margin[plan.order]) <= 0)  # one global sort, large margin first
+    assert np.array_equal(routing.order, np.arange(len(pairs)))
+    assert np.all(full.label_smoothing[full.route == ROUTE_PREFERENCE] == 0.1)
+    assert np.all(full.label_smoothing[full.route == ROUTE_SFT] == 0.0)
+    assert np.all(full.beta == 0.1)  # the preset's β = 0.01 is replaced by the common global β
+    both = plans["SP²DPO+MixDPO"]
+    assert np.array_equal(both.route, full.route) and np.array_equal(both.order, full.order)
+    assert math.isclose(beta_math.geometric_mean(both.beta[both.route == ROUTE_PREFERENCE]), 0.1, rel_tol=1e-9)
+
+
+def test_interval_is_the_student_t_interval():
+    result = interval([1.0, 2.0, 3.0])
+    assert result["mean"] == 2.0
+    assert math.isclose(result["half_width"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
+    assert interval([0.5])["half_width"] == 0.0
+
+
+def test_config_rejects_impossible_settings():
+    with pytest.raises(ValueError, match="pair_share"):
+        ControlledConfig(pair_share={"arithmetic": 1.0})
+    with pytest.raises(ValueError, match="multiple of heads"):
+        ControlledConfig(hidden=30, heads=4)
+    with pytest.raises(ValueError, match="flip rates"):
+        ControlledConfig(noise_levels=(0.2, 0.7))
+
+
+TINY = {"sft_examples": 100, "sft_steps": 3, "pairs": 40, "epochs": 1, "beta_sweep": (0.1,),
+        "noise_levels": (0.2,), "hidden": 16, "heads": 2}
+
+
+def test_a_seed_is_deterministic(tmp_path):
+    config = ControlledConfig(**TINY)
+    first = run_seed(config, 0, tmp_path / "a")
+    second = run_seed(config, 0, tmp_path / "b")
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    runs = first["noise"]["0.2"]["runs"]
+    assert runs["DPO best β"]["chosen"] == "DPO β=0.1"
+    assert runs["MixDPO"]["routes_sft"] > 0 and runs["SP²DPO"]["routes_sft"] == 0
+
+
+@pytest.mark.slow
+def test_cli_writes_the_table_json_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "controlled", "--seeds", "2", "--quick", "-o", str(out))
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert table.strip() in result.stdout
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert data["config"]["seeds"] == 2 and len(data["per_seed"]) == 2
+    assert set(data["aggregate"]) == {"0", "0.4"}
+    arms = data["aggregate"]["0.4"]
+    for name in ("reference", "DPO best β", "SP²DPO", "random β", "MixDPO curriculum", "MixDPO routing", "MixDPO",
+                 "SP²DPO+MixDPO"):
+        entry = arms[name]["objective"]
+        assert entry["low"] <= entry["mean"] <= entry["high"]
+        clean = data["aggregate"]["0"][name]["objective"]
+        assert (f"| {name} | {clean['mean']:.3f} ± {clean['half_width']:.3f} | "
+                f"{entry['mean']:.3f} ± {entry['half_width']:.3f} |") in table
+        seeds = [s["noise"]["0.4"]["runs"][name]["test"]["objective"] if name != "reference"
+                 else s["reference"]["test"]["objective"] for s in data["per_seed"]]
+        assert math.isclose(entry["mean"], float(np.mean(seeds)))
+        best = [s["noise"]["0.4"]["runs"]["DPO best β"]["test"]["objective"] for s in data["per_seed"]]
+        paired = arms[name]["objective_vs_best"]["mean"]
+        assert math.isclose(paired, float(np.mean(np.subtract(seeds, best))), abs_tol=1e-12)
+    for name in ("accuracy_by_category", "accuracy_vs_noise", "style_drift"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert data["files"][name] in result.stdout
+
+
+def test_cli_reports_bad_options(tmp_path):
+    result = run_cli("bench", "controlled", "--quick", "--teacher-calibration", "sometimes", "-o",
+                     str(tmp_path / "x"), check=False)
+    assert result.returncode == 2 and "teacher_calibration" in result.stderr
