@@ -62,7 +62,8 @@ class LocalTeacherConfig(_Teacher):
     templates: list[str] = Field(default_factory=lambda: ["gap-local@v1"], min_length=1)
     max_chars: int | None = Field(None, ge=50, description="Cut the prompt and each response to this many "
                                   "characters (overrides the template's limits; part of the cache key).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(1, ge=1, description="Prompts per forward pass; on a CPU 1 (no padding) is "
+                            "fastest. Does not change the answers.")
     max_length: int = Field(2048, ge=16, description="Prompt tokens kept at most (the end is kept).")
     dtype: Literal["float32", "bfloat16"] = "float32"
 
