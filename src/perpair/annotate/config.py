@@ -66,6 +66,8 @@ class LocalTeacherConfig(_Teacher):
                             "fastest. Does not change the answers.")
     max_length: int = Field(2048, ge=16, description="Prompt tokens kept at most (the end is kept).")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="CPU threads while scoring (default: PyTorch's, one per "
+                                "core); 1 is much faster on a CPU busy with other work. Does not change the answers.")
 
     @property
     def id(self) -> str:

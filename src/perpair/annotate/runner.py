@@ -250,7 +250,7 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
 # or shards run against different servers, carry the same provenance (and merge).
 TRANSPORT_SETTINGS = frozenset({"base_urls", "concurrency", "timeout_s", "connect_timeout_s", "max_retries",
                                 "backoff_initial_s", "backoff_max_s", "retry_after_max_s", "api_key_env",
-                                "batch_size"})
+                                "batch_size", "threads"})
 
 
 def _describe(config) -> dict[str, Any]:

@@ -10,6 +10,7 @@ The runner (:mod:`perpair.annotate.runner`) decides what to ask and writes every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -177,6 +178,10 @@ class LocalTeacher:
 
     def annotate_batch(self, calls: list[Call]) -> list[CallRecord]:
         scorer = self._load()
+        with _torch_threads(self.config.threads):
+            return self._annotate_batch(scorer, calls)
+
+    def _annotate_batch(self, scorer, calls: list[Call]) -> list[CallRecord]:
         records: list[CallRecord] = []
         by_template: dict[str, list[Call]] = {}
         for call in calls:
@@ -203,6 +208,22 @@ class LocalTeacher:
                     raw_response=json.dumps(raw, sort_keys=True), attempts=1))
         order = {call.key: i for i, call in enumerate(calls)}
         return sorted(records, key=lambda r: order[r.key])
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """PyTorch's intra-op threads set to ``threads`` (if given) for the block, then put back."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _with_limits(template: Template, max_chars: int | None) -> Template:
