@@ -148,7 +148,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
                 api_stats.append(teacher.client.stats)
                 asyncio.run(_run_async(teacher, work, cache, progress, report))
             elif hasattr(teacher, "annotate_batch"):
-                chunk = teacher.config.batch_size * LOCAL_CHUNK_BATCHES
+                chunk = teacher.batch_size * LOCAL_CHUNK_BATCHES
                 for start in range(0, len(work), chunk):
                     _save(cache, teacher.annotate_batch(work[start:start + chunk]), progress, report)
             else:

@@ -163,7 +163,7 @@ class LocalTeacher:
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
                 self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.config.batch_size,
+            self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer
 
@@ -176,9 +176,24 @@ class LocalTeacher:
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant: "
         return text + self.ANSWER_PREFIX
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the model runs on the CPU (the one it loads itself does; an injected one may not)."""
+        return self._model is None or next(self._model.parameters()).device.type == "cpu"
+
+    @property
+    def batch_size(self) -> int:
+        """The configured batch size, else 1 on a CPU (no padding) and 8 on an accelerator."""
+        return self.config.batch_size or (1 if self.on_cpu else 8)
+
+    @property
+    def threads(self) -> int | None:
+        """PyTorch threads while scoring: the configured number, else 1 on a CPU, else PyTorch's (None)."""
+        return self.config.threads or (1 if self.on_cpu else None)
+
     def annotate_batch(self, calls: list[Call]) -> list[CallRecord]:
         scorer = self._load()
-        with _torch_threads(self.config.threads):
+        with _torch_threads(self.threads):
             return self._annotate_batch(scorer, calls)
 
     def _annotate_batch(self, scorer, calls: list[Call]) -> list[CallRecord]:
