@@ -44,3 +44,31 @@ def test_local_smollm2_on_30_pairs(uf_pairs, tmp_path):
     assert table.num_rows == 30 and None not in table.column("category").to_pylist()
     assert provenance["counts"]["ok"] == 30 and "30 pairs annotated" in result.stdout
     print(f"local teacher (SmolLM2-135M, 2 cores): 30 pairs in {elapsed:.1f}s incl. start-up")
+
+
+@pytest.mark.parametrize(("threads", "expected"), [(None, 1), (2, 2)])  # default on a CPU: one thread
+def test_threads_setting_applies_while_scoring_only(uf_pairs, tmp_path, tiny_model, monkeypatch, threads, expected):
+    import torch
+
+    from perpair.llm.scoring import OptionScorer
+
+    model, tokenizer = tiny_model
+    seen = []
+    original = OptionScorer.score
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OptionScorer, "score", spy)
+    config = load_config(None, teachers=["local:tiny"], limit=2)
+    config = config.model_copy(update={"teachers": [config.teachers[0].model_copy(update={"threads": threads})]})
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        result = annotate(uf_pairs, config, tmp_path / "t.parquet",
+                          teacher_overrides={"local:tiny": {"model": model, "tokenizer": tokenizer}})
+        assert result.status == {"ok": 2} and seen and set(seen) == {expected}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,7 @@ re-asking, structured-output fallback, ensembles, and the API key kept out of ev
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pyarrow.parquet as pq
@@ -61,11 +62,13 @@ def test_api_run_contract_resume_and_identical_rerun(uf_pairs, tmp_path):
         assert 0 < sum(calls.column("swapped").to_pylist()) < 12
         assert provenance["teachers"][0]["id"] == "api:stub" and "gap@v1" in provenance["templates"]
         assert "12 pairs annotated" in first.stdout
+        assert re.search(r"throughput: \d+\.\d\d pairs/s \(12 calls asked this run", first.stdout)
         before = out.read_bytes(), calls_path(out).read_bytes()
     second = Stub()
     with second as url:  # another server, another port: the cache key holds no URL
         rerun = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "12")
         assert "12 from the cache" in rerun.stdout
+        assert "throughput" not in rerun.stdout  # nothing was asked
         assert (out.read_bytes(), calls_path(out).read_bytes()) == before
         assert second.requests == []
         # A larger limit asks only for the new pairs.

@@ -118,6 +118,14 @@ def test_aggregation_by_hand():
     assert failed["category"] is None and failed["reason"] == "timed out" and failed["n_valid"] == 0
 
 
+def test_single_call_passes_through_exactly():
+    # (0.844422 * 3) / 0.844422 is 3.0000000000000004 in floating point: outside the schema's magnitude range.
+    row = aggregate_pair("p", [rec("a", "safety", 3.0, 0.844422)], {"a": 1.0})
+    assert (row["magnitude"], row["confidence"], row["agreement"]) == (3.0, 0.844422, 1.0)
+    both = aggregate_pair("p", [rec("a", "safety", 3.0, 0.844422), rec("b", "safety", 3.0, 0.844422)], {})
+    assert both["magnitude"] == 3.0
+
+
 def test_cache_round_trip_and_persistence(tmp_path):
     path = tmp_path / "c.sqlite"
     record = rec("a", "style", 1.0, 0.5)

@@ -53,3 +53,21 @@ def test_then_needs_single_tokens(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="single tokens"):
         OptionScorer(model, tokenizer).score(["p"], [" a"], then=[" instruction_following"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_packed_options_of_unequal_length_match_brute_force(tiny, batch_size):
+    # The options share one packed pass after the prompt's cache: each must see only the prompt and itself.
+    model, tokenizer = tiny
+    scorer = OptionScorer(model, tokenizer, batch_size=batch_size)
+    options = [" a", " mislabeled no_clear_gap", " b", " instruction_following"]
+    for suffix, then in (("\nMagnitude (0-3): ", ["0", "3"]), ("\nnext", None)):
+        results = scorer.score(PROMPTS, options, suffix=suffix, then=then)
+        for prompt, result in zip(PROMPTS, results, strict=True):
+            for k, option in enumerate(options):
+                total, then_lp = brute_force(model, scorer, prompt, option, suffix, then or ())
+                assert result.logprob[k] == pytest.approx(total, abs=1e-4)
+                if then:
+                    assert result.then_logprob[k] == pytest.approx(then_lp, abs=1e-4)
+                else:
+                    assert result.then_logprob is None

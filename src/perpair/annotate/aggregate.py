@@ -49,15 +49,21 @@ def aggregate_pair(pair_id: str, records: list[CallRecord], weights: dict[str, f
     teacher_weight = [weights.get(r.teacher, 1.0) for r in valid]
     row.update(
         category=winner,
-        magnitude=sum(w * r.magnitude for w, r in zip(vote_weight, valid, strict=True)) / total,
-        confidence=sum(w * (r.confidence or 0.0) for w, r in zip(teacher_weight, valid, strict=True))
-        / sum(teacher_weight),
-        agreement=votes[winner] / total,
+        magnitude=_mean([r.magnitude for r in valid], vote_weight),
+        confidence=_mean([r.confidence or 0.0 for r in valid], teacher_weight),
+        agreement=min(votes[winner] / total, 1.0),
     )
     # The rationale of the strongest vote for the winner (first in teacher/template order on a tie).
     backing = [(w, i) for i, (w, r) in enumerate(zip(vote_weight, valid, strict=True)) if r.category == winner]
     row["rationale"] = valid[max(backing, key=lambda item: (item[0], -item[1]))[1]].rationale
     return row
+
+
+def _mean(values: list[float], weights: list[float]) -> float:
+    """The weighted mean, kept within its values' range: rounding alone can take (0.844422 * 3) / 0.844422 to
+    3.0000000000000004, outside the schema's [0, 3]."""
+    mean = sum(w * v for w, v in zip(weights, values, strict=True)) / sum(weights)
+    return min(max(mean, min(values)), max(values))
 
 
 def aggregate(pair_ids: Iterable[str], records: Iterable[CallRecord], weights: dict[str, float]) -> pa.Table:

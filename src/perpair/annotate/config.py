@@ -62,9 +62,13 @@ class LocalTeacherConfig(_Teacher):
     templates: list[str] = Field(default_factory=lambda: ["gap-local@v1"], min_length=1)
     max_chars: int | None = Field(None, ge=50, description="Cut the prompt and each response to this many "
                                   "characters (overrides the template's limits; part of the cache key).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="Prompts per forward pass (default: 1 on a CPU, "
+                                   "where no padding is fastest; 8 on an accelerator). Does not change the answers.")
     max_length: int = Field(2048, ge=16, description="Prompt tokens kept at most (the end is kept).")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="PyTorch threads while scoring (default: 1 on a CPU, much "
+                                "the fastest when it is shared with other work; set more on an idle many-core "
+                                "machine). Does not change the answers.")
 
     @property
     def id(self) -> str:

@@ -148,7 +148,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
                 api_stats.append(teacher.client.stats)
                 asyncio.run(_run_async(teacher, work, cache, progress, report))
             elif hasattr(teacher, "annotate_batch"):
-                chunk = teacher.config.batch_size * LOCAL_CHUNK_BATCHES
+                chunk = teacher.batch_size * LOCAL_CHUNK_BATCHES
                 for start in range(0, len(work), chunk):
                     _save(cache, teacher.annotate_batch(work[start:start + chunk]), progress, report)
             else:
@@ -250,7 +250,7 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
 # or shards run against different servers, carry the same provenance (and merge).
 TRANSPORT_SETTINGS = frozenset({"base_urls", "concurrency", "timeout_s", "connect_timeout_s", "max_retries",
                                 "backoff_initial_s", "backoff_max_s", "retry_after_max_s", "api_key_env",
-                                "batch_size"})
+                                "batch_size", "threads"})
 
 
 def _describe(config) -> dict[str, Any]:

@@ -10,6 +10,7 @@ The runner (:mod:`perpair.annotate.runner`) decides what to ask and writes every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -162,7 +163,7 @@ class LocalTeacher:
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
                 self._tokenizer = AutoTokenizer.from_pretrained(path)
                 self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.config.batch_size,
+            self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer
 
@@ -175,8 +176,27 @@ class LocalTeacher:
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant: "
         return text + self.ANSWER_PREFIX
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the model runs on the CPU (the one it loads itself does; an injected one may not)."""
+        return self._model is None or next(self._model.parameters()).device.type == "cpu"
+
+    @property
+    def batch_size(self) -> int:
+        """The configured batch size, else 1 on a CPU (no padding) and 8 on an accelerator."""
+        return self.config.batch_size or (1 if self.on_cpu else 8)
+
+    @property
+    def threads(self) -> int | None:
+        """PyTorch threads while scoring: the configured number, else 1 on a CPU, else PyTorch's (None)."""
+        return self.config.threads or (1 if self.on_cpu else None)
+
     def annotate_batch(self, calls: list[Call]) -> list[CallRecord]:
         scorer = self._load()
+        with _torch_threads(self.threads):
+            return self._annotate_batch(scorer, calls)
+
+    def _annotate_batch(self, scorer, calls: list[Call]) -> list[CallRecord]:
         records: list[CallRecord] = []
         by_template: dict[str, list[Call]] = {}
         for call in calls:
@@ -203,6 +223,22 @@ class LocalTeacher:
                     raw_response=json.dumps(raw, sort_keys=True), attempts=1))
         order = {call.key: i for i, call in enumerate(calls)}
         return sorted(records, key=lambda r: order[r.key])
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """PyTorch's intra-op threads set to ``threads`` (if given) for the block, then put back."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _with_limits(template: Template, max_chars: int | None) -> Template:

@@ -89,6 +89,11 @@ def _print_result(result: AnnotateResult) -> None:
     for reason, count in sorted(result.failures.items(), key=lambda item: -item[1])[:10]:
         out.print(f"  failed × {count}: {reason}")
     out.print(f"wrote {result.output} and {result.calls_output} in {result.elapsed_s:.1f}s")
+    fresh = result.calls - result.cached
+    if fresh and result.elapsed_s > 0:
+        # Pairs' worth of calls asked this run (cached ones excluded), over the whole run (model load included).
+        out.print(f"throughput: {fresh * result.pairs / result.calls / result.elapsed_s:.2f} pairs/s "
+                  f"({fresh:,} calls asked this run in {result.elapsed_s:.1f}s, start-up included)")
 
 
 @annotate_app.command("merge")

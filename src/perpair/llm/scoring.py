@@ -2,15 +2,19 @@
 
 A model that only has to *rank* given answers cannot produce an invalid one, so even a 135M-parameter
 model gives a usable label. Cost is dominated by the prompt, so each prompt is run once and its KV cache is
-shared by all of its options (the cache is repeated per option, not the prompt); prompts are batched by
-similar length (less padding). When every option is one token and nothing follows, the options are read
-off the prompt's last logits with no second forward pass (the AlpacaEval-style ``m`` vs ``M`` judge).
+read by all of its options: the options are packed side by side in one second, short pass with a
+block-causal mask (each option sees the prompt and itself, at the positions it would have right after the
+prompt), so neither the prompt nor its cache is repeated per option, and the vocabulary is projected only
+where a score is read. Prompts are batched by similar length (less padding); on a CPU one prompt per pass
+(no padding at all) is usually fastest. When every option is one token and nothing follows, the options are
+read off the prompt's last logits with no second forward pass (the AlpacaEval-style ``m`` vs ``M`` judge).
 
 Nothing here knows what the options mean.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +50,8 @@ class OptionScorer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
             self.pad_id = 0
+        # The forward pass's name for an input KV cache (``past_key_values`` became ``cache`` in Transformers 5).
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -93,7 +99,8 @@ class OptionScorer:
             mask[row, width - len(ids):] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        single = then_ids is None and not suffix_ids and all(len(ids) == 1 for ids in option_ids)
+        # Single-token options with nothing read after them (a suffix alone conditions nothing): one pass.
+        single = then_ids is None and all(len(ids) == 1 for ids in option_ids)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=not single, logits_to_keep=1)
         last = torch.log_softmax(out.logits[:, -1].float(), -1)  # [batch, vocab]
@@ -101,36 +108,49 @@ class OptionScorer:
             firsts = torch.tensor([ids[0] for ids in option_ids], device=self.device)
             return [OptionScores(logprob=last[row, firsts].tolist()) for row in range(batch)]
 
-        # Second pass: every option (+ suffix) of every prompt, on a copy of its prompt's cache.
-        n_opt = len(option_ids)
+        # Second pass: all options (+ suffix) of a prompt packed side by side in one row after its cache, each
+        # attending to the prompt and to its own earlier tokens only (a block-causal mask), at the positions it
+        # would have right after the prompt. The cache is neither copied per option nor per prompt, and the
+        # vocabulary is projected only where a score is read.
         sequences = [ids + suffix_ids for ids in option_ids]
-        length = max(len(s) for s in sequences)
-        cont = torch.full((n_opt, length), self.pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((n_opt, length), dtype=torch.long)
-        for k, seq in enumerate(sequences):
-            cont[k, :len(seq)] = torch.tensor(seq)
-            cont_mask[k, :len(seq)] = 1
-        cont = cont.to(self.device).repeat(batch, 1)  # row = prompt * n_opt + option
-        cont_mask = cont_mask.to(self.device).repeat(batch, 1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(n_opt)
-        full_mask = torch.cat([mask.repeat_interleave(n_opt, 0), cont_mask], 1)
-        prompt_len = mask.sum(-1).repeat_interleave(n_opt)
-        cont_positions = prompt_len[:, None] + torch.arange(length, device=self.device)[None, :]
-        logits = self.model(input_ids=cont, attention_mask=full_mask, position_ids=cont_positions,
-                            past_key_values=cache, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, -1)  # [batch * n_opt, length, vocab]
+        starts = [0]
+        for seq in sequences[:-1]:
+            starts.append(starts[-1] + len(seq))
+        length = starts[-1] + len(sequences[-1])
+        branch = torch.zeros(length, dtype=torch.long)
+        offset = torch.zeros(length, dtype=torch.long)
+        for k, (start, seq) in enumerate(zip(starts, sequences, strict=True)):
+            branch[start:start + len(seq)] = k
+            offset[start:start + len(seq)] = torch.arange(len(seq))
+        own = (branch[:, None] == branch[None, :]) & (offset[:, None] >= offset[None, :])  # [length, length]
+        cont = torch.tensor([t for seq in sequences for t in seq], device=self.device).expand(batch, length)
+        attend = torch.cat([mask.bool()[:, None, :].expand(batch, length, width),
+                            own.to(self.device)[None].expand(batch, length, length)], -1)[:, None]
+        cont_positions = mask.sum(-1)[:, None] + offset.to(self.device)[None, :]
+        # Read: option k's token j (j >= 1) at row start_k + j - 1; ``then`` after its last token.
+        reads = sorted({starts[k] + j - 1 for k, ids in enumerate(option_ids) for j in range(1, len(ids))}
+                       | ({starts[k] + len(seq) - 1 for k, seq in enumerate(sequences)} if then_ids else set()))
+        at = {position: i for i, position in enumerate(reads)}
+        logits = self.model(input_ids=cont, attention_mask=attend, position_ids=cont_positions,
+                            use_cache=False, logits_to_keep=torch.tensor(reads, device=self.device),
+                            **{self._cache_arg: _cache_of(out)}).logits
+        logp = torch.log_softmax(logits.float(), -1)  # [batch, len(reads), vocab]
 
         results = []
         for row in range(batch):
             logprobs, thens = [], []
             for k, ids in enumerate(option_ids):
-                r = row * n_opt + k
                 total = last[row, ids[0]]
                 for j in range(1, len(ids)):
-                    total = total + logp[r, j - 1, ids[j]]
+                    total = total + logp[row, at[starts[k] + j - 1], ids[j]]
                 logprobs.append(float(total))
                 if then_ids is not None:
-                    thens.append(logp[r, len(sequences[k]) - 1, then_ids].tolist())
+                    thens.append(logp[row, at[starts[k] + len(sequences[k]) - 1], then_ids].tolist())
             results.append(OptionScores(logprob=logprobs, then_logprob=thens if then_ids is not None else None))
         return results
+
+
+def _cache_of(output):
+    """The KV cache a forward pass returned (``cache`` from Transformers 5.x, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
