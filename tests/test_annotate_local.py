@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow.parquet as pq
@@ -72,3 +73,35 @@ def test_threads_setting_applies_while_scoring_only(uf_pairs, tmp_path, tiny_mod
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_calibration_divides_out_the_content_free_label_prior(tiny_model):
+    """Calibrated, the content-free pair itself is a uniform tie over the labels; uncalibrated it is not, and on
+    a real pair calibration moves each label's log-probability by exactly the content-free one."""
+    import math
+
+    from perpair.annotate.config import LocalTeacherConfig
+    from perpair.annotate.teachers import Call, LocalTeacher
+    from perpair.annotate.templates import get_template
+
+    model, tokenizer = tiny_model
+    answer = [{"role": "assistant", "content": "N/A"}]
+    empty = {"prompt": [{"role": "user", "content": "N/A"}], "chosen": answer, "rejected": answer}
+    real = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
+            "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    calls = [Call(key=name, pair_id=name, teacher="t", template="gap-local@v1", swapped=False, pair=pair)
+             for name, pair in (("empty", empty), ("real", real))]
+    results = {}
+    for calibrate in (True, False):
+        teacher = LocalTeacher(LocalTeacherConfig(model="tiny", calibrate=calibrate), model=model, tokenizer=tokenizer)
+        results[calibrate] = {r.key: json.loads(r.raw_response)["category"] for r in teacher.annotate_batch(calls)}
+    assert all(p == pytest.approx(1 / len(CATEGORIES), abs=1e-6) for p in results[True]["empty"].values())
+    assert max(results[False]["empty"].values()) > 1 / len(CATEGORIES) + 1e-3
+    # on a real pair: softmax(log p(label | pair) - log p(label | content-free pair)), from unrounded scores
+    template = get_template("gap-local@v1")
+    scorer = teacher._load()
+    real_lp, empty_lp = (teacher._score(scorer, [teacher.prompt_text(template, pair, False)])[0].logprob
+                         for pair in (real, empty))
+    weights = [math.exp(a - b) for a, b in zip(real_lp, empty_lp, strict=True)]
+    expected = [w / sum(weights) for w in weights]
+    assert [results[True]["real"][c] for c in CATEGORIES] == pytest.approx(expected, abs=2e-6)

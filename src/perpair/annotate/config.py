@@ -66,6 +66,9 @@ class LocalTeacherConfig(_Teacher):
                                    "where no padding is fastest; 8 on an accelerator). Does not change the answers.")
     max_length: int = Field(2048, ge=16, description="Prompt tokens kept at most (the end is kept).")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    calibrate: bool = Field(True, description="Contextual calibration (Zhao et al., 2021): divide each label's "
+                            "probability by its probability for a content-free pair ('N/A' everywhere), so the "
+                            "model's prior for the label words themselves does not decide (part of the cache key).")
     threads: int | None = Field(None, ge=1, description="PyTorch threads while scoring (default: 1 on a CPU, much "
                                 "the fastest when it is shared with other work; set more on an idle many-core "
                                 "machine). Does not change the answers.")

@@ -133,8 +133,11 @@ class RatingsTeacher:
 
 class LocalTeacher:
     """Ranks the seven categories by likelihood after the prompt, then the magnitudes 0-3 after the winning
-    category, in one batched pass (:class:`perpair.llm.scoring.OptionScorer`). Confidence = the winning
-    category's probability normalised over the seven. Always yields a valid annotation."""
+    category, in one batched pass (:class:`perpair.llm.scoring.OptionScorer`). With ``calibrate`` (default),
+    each label's likelihood is divided by its likelihood for a content-free pair first (contextual calibration,
+    Zhao et al., 2021): small models otherwise pick the label they like best whatever the pair (SmolLM2 said
+    ``safety`` for 987 of the 994 sample pairs). Confidence = the winning category's probability normalised
+    over the seven. Always yields a valid annotation."""
 
     asynchronous = False
     ANSWER_PREFIX = "Category:"
@@ -146,9 +149,10 @@ class LocalTeacher:
         self.weight = config.weight
         self.templates = config.templates
         self.fingerprint = {"model": config.model, "max_length": config.max_length, "dtype": config.dtype,
-                            "max_chars": config.max_chars}
+                            "max_chars": config.max_chars, "calibrate": config.calibrate}
         self._model, self._tokenizer = model, tokenizer
         self._scorer = None
+        self._content_free: dict[str, Any] = {}  # template id -> scores of the content-free pair
 
     def _load(self):
         if self._scorer is None:
@@ -167,14 +171,26 @@ class LocalTeacher:
                                         max_length=self.config.max_length)
         return self._scorer
 
-    def prompt_text(self, template: Template, call: Call) -> str:
-        messages = template.render(call.pair, call.swapped)
+    def prompt_text(self, template: Template, pair: dict[str, Any], swapped: bool) -> str:
+        messages = template.render(pair, swapped)
         tokenizer = self._tokenizer
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
             text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages) + "\n\nAssistant: "
         return text + self.ANSWER_PREFIX
+
+    def _score(self, scorer, prompts: list[str]):
+        return scorer.score(prompts, [" " + c for c in CATEGORIES], suffix=self.SUFFIX,
+                            then=[str(m) for m in range(len(MAGNITUDE_WORDS))])
+
+    def _prior(self, scorer, template: Template):
+        """The label scores of a content-free pair under ``template`` (computed once per template)."""
+        if template.id not in self._content_free:
+            answer = [{"role": "assistant", "content": "N/A"}]
+            empty = {"prompt": [{"role": "user", "content": "N/A"}], "chosen": answer, "rejected": answer}
+            self._content_free[template.id] = self._score(scorer, [self.prompt_text(template, empty, False)])[0]
+        return self._content_free[template.id]
 
     @property
     def on_cpu(self) -> bool:
@@ -203,13 +219,18 @@ class LocalTeacher:
             by_template.setdefault(call.template, []).append(call)
         for template_id, group in by_template.items():
             template = _with_limits(get_template(template_id), self.config.max_chars)
-            prompts = [self.prompt_text(template, call) for call in group]
-            scores = scorer.score(prompts, [" " + c for c in CATEGORIES], suffix=self.SUFFIX,
-                                  then=[str(m) for m in range(len(MAGNITUDE_WORDS))])
+            prompts = [self.prompt_text(template, call.pair, call.swapped) for call in group]
+            scores = self._score(scorer, prompts)
+            prior = self._prior(scorer, template) if self.config.calibrate else None
             for call, score in zip(group, scores, strict=True):
-                probs = score.probabilities()
+                logprob, then_all = score.logprob, score.then_logprob
+                if prior is not None:  # p(label | pair) / p(label | content-free pair), renormalised below
+                    logprob = [a - b for a, b in zip(logprob, prior.logprob, strict=True)]
+                    then_all = [[a - b for a, b in zip(x, y, strict=True)]
+                                for x, y in zip(then_all, prior.then_logprob, strict=True)]
+                probs = _softmax(logprob)
                 best = max(range(len(CATEGORIES)), key=lambda k: (probs[k], -k))
-                then = score.then_logprob[best]
+                then = then_all[best]
                 magnitude = max(range(len(then)), key=lambda m: (then[m], -m))
                 mag_probs = _softmax(then)
                 raw = {"category": {c: round(p, 6) for c, p in zip(CATEGORIES, probs, strict=True)},
