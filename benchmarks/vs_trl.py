@@ -5,7 +5,11 @@ batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learni
 
 Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
 (``precompute_ref_log_probs=True``), ``perpair`` (empty reference cache: the reference log-probs are computed
-in the run) and ``perpair-gc`` (the same with gradient checkpointing, for memory).
+in the run), ``perpair-gc`` (the same with gradient checkpointing, for memory) and ``perpair-nolean``
+(``lean_activations=false``: autograd saves every SwiGLU/RMSNorm intermediate, as before that option) and
+``perpair-mmap`` (perpair with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment: glibc serves every
+allocation of 1 MiB or more with its own mmap and returns it on free, so freed activations do not stay in a
+fragmented heap; less peak RSS for more page faults).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
 step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
@@ -30,7 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UF_TRAIN = ROOT.parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
-VARIANTS = ("trl", "trl-precompute", "perpair", "perpair-gc")
+VARIANTS = ("trl", "trl-precompute", "perpair", "perpair-gc", "perpair-nolean", "perpair-mmap")
+ENV = {"perpair-mmap": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 
 
 def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -88,14 +93,15 @@ def worker_trl(args, precompute: bool) -> dict:
             "losses": [h["loss"] for h in trainer.state.log_history if "logps/chosen" in h]}
 
 
-def worker_perpair(args, checkpointing: bool) -> dict:
+def worker_perpair(args, checkpointing: bool, lean: bool = True) -> dict:
     from perpair.train import load_config, train
 
     config = load_config(None, {
         "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
         "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
-        "save_model": False, "final_checkpoint": False, "gradient_checkpointing": checkpointing})
+        "save_model": False, "final_checkpoint": False, "gradient_checkpointing": checkpointing,
+        "lean_activations": lean})
     result = train(config)
     metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
@@ -130,7 +136,7 @@ def run_variant(name: str, args) -> dict:
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--threads", str(args.threads), "--pool", str(args.pool)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false", **ENV.get(name, {})}
         start = time.perf_counter()
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         _, status, usage = os.wait4(process.pid, 0)
@@ -163,7 +169,9 @@ def main() -> None:
     args.pool = args.pool or args.steps * args.batch_size + 8
     if args.worker:
         runners = {"trl": lambda: worker_trl(args, False), "trl-precompute": lambda: worker_trl(args, True),
-                   "perpair": lambda: worker_perpair(args, False), "perpair-gc": lambda: worker_perpair(args, True)}
+                   "perpair": lambda: worker_perpair(args, False), "perpair-gc": lambda: worker_perpair(args, True),
+                   "perpair-nolean": lambda: worker_perpair(args, False, lean=False),
+                   "perpair-mmap": lambda: worker_perpair(args, False)}
         print(json.dumps(runners[args.worker]()))
         return
 
@@ -178,7 +186,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             for name in args.variants.split(","):
                 print(f"round {round_ + 1}: {name} …", file=sys.stderr, flush=True)
-                results.setdefault(name, []).append(run_variant(name, args))
+                run = run_variant(name, args)
+                results.setdefault(name, []).append(run)
+                print(f"  {name}: run {run['wall_seconds']:.1f} s, s/step {run['step_seconds']}, "
+                      f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
                 peak = max(peak, matmul_peak(args.threads))
 
     parameters = 134_515_008  # SmolLM2-135M (tied embeddings counted once)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import UF_TRAIN, run_cli, save_tiny_llama
+from perpair.errors import PerpairError
 
 TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta", "0.1", "--lr", "1e-3",
              "--lr-schedule", "cosine", "--warmup-ratio", "0.2")
@@ -87,6 +88,37 @@ def _mixdpo_plan(pairs: Path, tmp_path: Path) -> Path:
     plan = tmp_path / "plan.parquet"
     run_cli("plan", pairs, "--preset", "mixdpo", "--config", schedule, "-o", plan, "--no-report")
     return plan
+
+
+def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
+    """A plan with curriculum none leaves the order free: --shuffle gives a seeded permutation of its trained
+    pairs. A plan with a curriculum fixes the order: --shuffle is refused, naming the curriculum."""
+    from perpair.train import load_config
+    from perpair.train.loop import load_data
+
+    plans = {}
+    for kind in ("none", "random"):
+        schedule = tmp_path / f"{kind}.yaml"
+        schedule.write_text(f"routing: {{tau: 2.0}}\ncurriculum: {{kind: {kind}}}\n")
+        plans[kind] = tmp_path / f"{kind}.parquet"
+        run_cli("plan", uf_pairs, "--preset", "mixdpo", "--config", schedule, "-o", plans[kind], "--no-report")
+
+    def data(plan, shuffle, seed=0):
+        config = load_config(None, {"model": "m", "data": str(uf_pairs), "out": str(tmp_path / "o"), "steps": 1,
+                                    "plan": str(plan), "shuffle": shuffle, "seed": seed})
+        return load_data(config, accelerator=None)
+
+    fixed = data(plans["none"], False)
+    assert fixed.source == "plan" and fixed.order.tolist() == sorted(fixed.order.tolist())  # none = file order
+    shuffled = data(plans["none"], True)
+    assert shuffled.source == "plan, shuffled"
+    assert sorted(shuffled.order.tolist()) == fixed.order.tolist()  # the same pairs (drops stay dropped) …
+    assert shuffled.order.tolist() != fixed.order.tolist()  # … in another order,
+    assert np.array_equal(data(plans["none"], True).order, shuffled.order)  # seeded
+    assert not np.array_equal(data(plans["none"], True, seed=1).order, shuffled.order)
+    with pytest.raises(PerpairError, match="curriculum 'random' fixes the training order.*drop --shuffle"):
+        data(plans["random"], True)
+    assert data(plans["random"], False).source == "plan"
 
 
 def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_path):

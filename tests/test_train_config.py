@@ -24,7 +24,6 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize(("update", "message"), [
     ({"loss": "ipo", "label_smoothing": 0.1}, "has no meaning for loss 'ipo'"),
     ({"loss": "simpo", "reference_model": "r"}, "reference-free"),
-    ({"plan": "p.parquet", "shuffle": True}, "shuffle and plan exclude each other"),
     ({"loss": "kto"}, "loss 'kto' is unknown"),
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ({"tokens_per_forward": 10, "max_length": 512}, "tokens_per_forward"),

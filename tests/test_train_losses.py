@@ -187,3 +187,39 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
     assert counts.tolist() == [[3, 2], [1, 4], [3, 0]]
     for a, p in zip(packed_grads, model.parameters(), strict=True):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
+
+
+def test_one_pair_as_continuations_with_lean_activations_equals_separate_sequences():
+    """One pair per forward runs prompt, then chosen and rejected over the prompt's cache; with the lean SwiGLU /
+    RMSNorm backward patched in, log-probs and gradients still equal those of plain separate sequences."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perpair.train.lean import lean_activations
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    plain = LlamaForCausalLM(config).double()
+    lean = copy.deepcopy(plain)
+    assert lean_activations(lean) == 2 + 2 * 2 + 1  # two MLPs, two norms per layer, the final norm
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([3, 3], [4, 4, 4], [])]
+    for pair in pairs:
+        packed = pack([pair])
+        assert packed.split is not None and packed.attention_mask is None
+        sums, _ = run_packed(CompletionLogps(lean, chunk_size=2), packed, torch.device("cpu"))
+        (sums * torch.tensor([[1.0, -2.0]], dtype=torch.float64)).sum().backward()
+        expected = torch.zeros(1, 2, dtype=torch.float64)
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            if tokens:
+                logits = plain(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
+                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
+                expected[0, side] = logits[positions, torch.tensor(tokens)].sum()
+        (expected * torch.tensor([[1.0, -2.0]], dtype=torch.float64)).sum().backward()
+        assert torch.allclose(sums, expected.detach(), atol=1e-10)
+        for (name, a), b in zip(lean.named_parameters(), plain.parameters(), strict=True):
+            # Llama's RMSNorm computes in float32 even in a float64 model: float32 rounding differences
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
+        lean.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)

@@ -52,7 +52,8 @@ class TrainConfig(BaseModel):
     steps: int = Field(ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Pairs per optimizer step (global, over all processes).")
     max_length: int = Field(1024, ge=2, description="Max tokens of prompt + response (TRL keep_start truncation).")
-    shuffle: bool = Field(False, description="Shuffle (seeded) instead of file order; not with a plan's order.")
+    shuffle: bool = Field(False, description="Shuffle (seeded) instead of file order; with a plan only if its "
+                          "curriculum is none (a curriculum fixes the order).")
     seed: int = Field(0, description="Seed of shuffling, initialisation of adapters and of every RNG.")
     tokens_per_forward: int = Field(
         0, ge=0, description="Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
@@ -73,6 +74,9 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast where supported (auto: on a CUDA device with bf16), else fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward (less memory).")
+    lean_activations: bool = Field(
+        True, description="Save only the inputs of SwiGLU MLPs and RMSNorms for the backward and recompute their "
+                          "elementwise outputs (about a third less activation memory, no matmul recomputed).")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
 
@@ -90,8 +94,6 @@ class TrainConfig(BaseModel):
         if self.label_smoothing > 0 and not LOSSES[self.loss].smoothing:
             raise ValueError(f"label_smoothing {self.label_smoothing} has no meaning for loss {self.loss!r}; "
                              f"losses that use it: {', '.join(n for n, s in LOSSES.items() if s.smoothing)}")
-        if self.shuffle and self.plan is not None:
-            raise ValueError("shuffle and plan exclude each other: a plan fixes the training order")
         if self.reference_model is not None and LOSSES[self.loss].reference_free:
             raise ValueError(f"loss {self.loss!r} is reference-free; drop reference_model")
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:

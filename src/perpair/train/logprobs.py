@@ -5,6 +5,10 @@
   never the chosen tokens, and their positions restart after the prompt. So the prompt is computed once for
   both responses (prompt sharing) and the result equals two separate ``prompt + response`` sequences.
   A pair never attends to another pair in the same row. Not one padding token is computed.
+* **One pair per forward: three continuations.** A row with a single pair (the default, ``tokens_per_forward``
+  0) needs no mask: the backbone runs the prompt (causal, SDPA's fast path), then the chosen and the rejected
+  tokens each as a continuation of the prompt's keys and values. The same numbers as the masked row, without
+  the quadratic mask and without attending over ``(prompt + chosen + rejected)²`` positions.
 * **Logits only at completion positions**: the backbone's hidden states are gathered at the positions that
   predict a completion token, and only those go through the vocabulary projection.
 * **Chunked projection**: :class:`ChunkedTokenLogps` projects and log-softmaxes ``chunk_size`` positions at a
@@ -91,20 +95,23 @@ class Packed:
 
     input_ids: Tensor  # [1, T]
     position_ids: Tensor  # [1, T]
-    attention_mask: Tensor  # [1, 1, T, T] bool, True = may attend
+    attention_mask: Tensor | None  # [1, 1, T, T] bool, True = may attend; None with ``split``
     gather: Tensor  # [N] positions in the row
     target: Tensor  # [N] token ids
     owner: Tensor  # [N] 2 * pair + side
     pairs: int
+    split: tuple[int, ...] | None = None  # one pair: (prompt, chosen[, rejected]) lengths, run as continuations
 
     @property
     def tokens(self) -> int:
         return self.input_ids.shape[1]
 
 
-def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True) -> Packed:
+def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True, continuations: bool = True) -> Packed:
     """Lay out ``pairs`` in one row (see the module docstring). ``share_prompt=False`` repeats the prompt
-    before the rejected response, as a padded batch would compute it (kept for comparison)."""
+    before the rejected response, as a padded batch would compute it (kept for comparison).
+    ``continuations``: a single pair is run as prompt, then chosen and rejected over the prompt's cache, instead
+    of one masked row (off with gradient checkpointing, which runs without a cache)."""
     ids: list[int] = []
     positions: list[int] = []
     segment: list[int] = []  # a sequence that attends only inside itself
@@ -135,6 +142,12 @@ def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True) -> Packed:
                 target += tokens
                 owner += [2 * index + side] * len(tokens)
             seg += 1
+    if continuations and share_prompt and len(pairs) == 1 and pairs[0].prompt:
+        pair = pairs[0]
+        split = (len(pair.prompt), len(pair.chosen)) + ((len(pair.rejected),) if pair.rejected else ())
+        return Packed(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), attention_mask=None,
+                      gather=torch.tensor(gather), target=torch.tensor(target), owner=torch.tensor(owner), pairs=1,
+                      split=split)
     seg_t, br_t = torch.tensor(segment), torch.tensor(branch)
     n = len(ids)
     causal = torch.ones(n, n, dtype=torch.bool).tril_()
@@ -163,22 +176,48 @@ class CompletionLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor, gather: Tensor,
-                target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, gather: Tensor,
+                target: Tensor, owner: Tensor, pairs: int,
+                split: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
         """``(sums [pairs, 2], counts [pairs, 2])``: summed log-probs and token counts of chosen (column 0) and
         rejected (column 1)."""
         backbone, head = backbone_and_head(self.model)
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state[0]
+        if split is None:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              use_cache=False).last_hidden_state[0]
+        else:
+            hidden = _continuations(backbone, input_ids, position_ids, split)
         token_logps = ChunkedTokenLogps.apply(hidden[gather], head.weight, head.bias, target, self.chunk_size)
         sums = token_logps.new_zeros(2 * pairs).index_add(0, owner, token_logps)
         counts = torch.bincount(owner, minlength=2 * pairs)
         return sums.view(pairs, 2), counts.view(pairs, 2)
 
 
+def _continuations(backbone: nn.Module, input_ids: Tensor, position_ids: Tensor, split: tuple[int, ...]) -> Tensor:
+    """Hidden states ``[T, hidden]`` of the row ``prompt · chosen · rejected``: the prompt once, each response
+    over a copy of the prompt's key/value cache (the copies share the prompt's tensors, so gradients from both
+    responses reach the prompt)."""
+    from transformers import DynamicCache
+
+    prompt = split[0]
+    first = backbone(input_ids=input_ids[:, :prompt], position_ids=position_ids[:, :prompt], use_cache=True)
+    parts, start = [first.last_hidden_state], prompt
+    for length in split[1:]:
+        cache = DynamicCache(config=backbone.config)
+        for index, layer in enumerate(first.cache.layers):
+            cache.update(layer.keys, layer.values, index)
+        end = start + length
+        out = backbone(input_ids=input_ids[:, start:end], position_ids=position_ids[:, start:end], cache=cache,
+                       use_cache=True)
+        parts.append(out.last_hidden_state)
+        start = end
+    return torch.cat(parts, dim=1)[0]
+
+
 def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple[Tensor, Tensor]:
-    return module(packed.input_ids.to(device), packed.position_ids.to(device), packed.attention_mask.to(device),
-                  packed.gather.to(device), packed.target.to(device), packed.owner.to(device), packed.pairs)
+    mask = None if packed.attention_mask is None else packed.attention_mask.to(device)
+    return module(packed.input_ids.to(device), packed.position_ids.to(device), mask, packed.gather.to(device),
+                  packed.target.to(device), packed.owner.to(device), packed.pairs, packed.split)
 
 
 LOGPS_SCHEMA = pa.schema([

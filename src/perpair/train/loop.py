@@ -41,6 +41,7 @@ from perpair.errors import PerpairError
 from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference as ref_cache
 from perpair.train.config import TrainConfig
+from perpair.train.lean import lean_activations
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
@@ -65,7 +66,7 @@ class PairData:
     flipped: np.ndarray
     category: list[str | None] | None
     order: np.ndarray  # row indices in training order (one epoch)
-    source: str  # "plan" | "file order" | "shuffled"
+    source: str  # "plan" | "plan, shuffled" | "file order" | "shuffled"
 
 
 @dataclass
@@ -216,12 +217,18 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
     if config.loss == "sft":  # every pair is an SFT pair: no rejected forward, no reference
         route[:] = ROUTE_SFT
     if config.plan is None:
-        order = np.random.default_rng(config.seed).permutation(n) if config.shuffle else np.arange(n)
+        order = _shuffled(np.arange(n), config.seed) if config.shuffle else np.arange(n)
         source = "shuffled" if config.shuffle else "file order"
     else:
         order, beta, smoothing, route, flipped, category = _apply_plan(config, path, pair_ids)
-        source = "plan"
+        source = "plan, shuffled" if config.shuffle else "plan"
     return PairData(path, table, pair_ids, beta, smoothing, route, flipped, category, order, source)
+
+
+def _shuffled(rows: np.ndarray, seed: int | list[int]) -> np.ndarray:
+    """``rows`` (sorted first) in a seeded random order; with no plan ``rows`` is ``arange(n)``."""
+    rows = np.sort(rows)
+    return rows[np.random.default_rng(seed).permutation(len(rows))]
 
 
 def _is_pairs_file(path: Path) -> bool:
@@ -236,7 +243,11 @@ def _is_pairs_file(path: Path) -> bool:
 def _apply_plan(config: TrainConfig, pairs_path: Path, pair_ids: list[str]):
     from perpair.plan import load_plan  # verifies that the plan was built from this very pairs file
 
-    plan, _ = load_plan(config.plan, pairs_path)
+    plan, provenance = load_plan(config.plan, pairs_path)
+    curriculum = (provenance.get("schedule") or {}).get("curriculum", {}).get("kind", "none")
+    if config.shuffle and curriculum != "none":
+        raise PerpairError(f"plan {config.plan}: its curriculum {curriculum!r} fixes the training order, so "
+                           "--shuffle would undo it; drop --shuffle, or build the plan with curriculum none")
     index = {pid: i for i, pid in enumerate(pair_ids)}
     rows = np.array([index[pid] for pid in plan.column("pair_id").to_pylist()])
     n = len(pair_ids)
@@ -255,6 +266,8 @@ def _apply_plan(config: TrainConfig, pairs_path: Path, pair_ids: list[str]):
     positions = np.array([-1 if o is None else o for o in plan.column("order").to_pylist()])
     trained = (positions >= 0) & (routes != "drop")
     order = rows[trained][np.argsort(positions[trained], kind="stable")]
+    if config.shuffle:  # curriculum none: the plan's pairs in a seeded order, as without a plan
+        order = _shuffled(order, config.seed)
     if len(order) == 0:
         raise PerpairError(f"plan {config.plan}: no pair is trained (all dropped)")
     used = route[order] == ROUTE_PREFERENCE
@@ -286,8 +299,7 @@ def build_schedule(config: TrainConfig, data: PairData, tokenizer) -> Schedule:
     epoch = 0
     while len(sequence) < needed:
         before = len(sequence)
-        order = data.order if epoch == 0 or not config.shuffle else \
-            np.random.default_rng([config.seed, epoch]).permutation(len(data.pair_ids))
+        order = data.order if epoch == 0 or not config.shuffle else _shuffled(data.order, [config.seed, epoch])
         for row in order.tolist():
             if row not in tokenized:
                 good, bad = chosen[row].as_py(), rejected[row].as_py()
@@ -365,6 +377,8 @@ def prepare_policy(config: TrainConfig, model):
     """Full fine-tuning, or a LoRA adapter (PEFT) on the frozen model."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lean_activations and config.lora is None:  # LoRA freezes the MLPs: nothing to gain there
+        lean_activations(model)
     model.train()
     if config.lora is None:
         return model
@@ -438,7 +452,7 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     for g, group in enumerate(groups):
         rows = [mine[i] for i in group]
-        packed = pack([schedule.tokenized[r] for r in rows], config.share_prompt)
+        packed = pack([schedule.tokenized[r] for r in rows], config.share_prompt, not config.gradient_checkpointing)
         sync = g == len(groups) - 1  # gradients are exchanged once per step, after the last forward
         with nullcontext() if sync else accelerator.no_sync(module):
             with accelerator.autocast():
