@@ -230,7 +230,7 @@ class _Job:
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         from perpair.train import load_config, train
-        from perpair.train.loop import _checkpoints
+        from perpair.train.loop import checkpoints
 
         out = self.workdir / "arms" / arm / "train"
         keys = dict(settings.train[arm])
@@ -245,7 +245,7 @@ class _Job:
 
         def action():
             marker = out / "run.key"
-            resume = marker.is_file() and marker.read_text() == key and bool(_checkpoints(out))
+            resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
             if not resume:
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
@@ -253,7 +253,7 @@ class _Job:
             config = load_config(None, {**options, "resume": resume})
             every = max(1, config.steps // 10)
             if resume:
-                self.log(f"  resuming from {_checkpoints(out)[-1].name}")
+                self.log(f"  resuming from {checkpoints(out)[-1].name}")
 
             def show(m: dict[str, Any]) -> None:
                 if m["step"] % every == 0 or m["step"] == config.steps:

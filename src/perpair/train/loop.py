@@ -558,7 +558,8 @@ def step_metrics(step: int, batch: list[int], s: dict[str, float], loss: float, 
 # checkpoints: safetensors and JSON only, nothing pickled
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def checkpoints(out: Path) -> list[Path]:
+    """The resumable checkpoints in ``out``, oldest first."""
     root = out / "checkpoints"
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
@@ -599,13 +600,13 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    for old in _checkpoints(out)[:-keep]:
+    for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
     """Restore the latest checkpoint in ``out``; returns its step (0 when there is none)."""
-    found = _checkpoints(out)
+    found = checkpoints(out)
     if not found:
         return 0
     folder = found[-1]
