@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
 from perpair.pipeline.config import STAGES, RunConfig
+from perpair.pipeline.report import comparison_rows, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
 
 Log = Callable[[str], None]
@@ -62,8 +63,6 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
     evaluated = {arm: job.evaluate(arm, info, test) for arm, info in trained.items()}
     if config.eval.base and config.eval.alpaca_eval is not None:
         evaluated["base"] = job.evaluate("base", {"key": job.model_key, "model": config.model}, test)
-
-    from perpair.pipeline.report import comparison_rows, write_run_report
 
     rows = comparison_rows(config, trained, evaluated)
     report = write_run_report(job.workdir, config, rows, trained, evaluated)
