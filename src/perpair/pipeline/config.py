@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perpair.errors import PerpairError
+from perpair.plan.config import deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -114,14 +115,7 @@ class RunConfig(_Section):
 
     def arm_train(self, name: str) -> dict[str, Any]:
         """The train keys of one arm: the shared section with the arm's keys on top."""
-        return _merge(self.train, self.arms[name].train)
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+        return deep_merge(self.train, self.arms[name].train)
 
 
 def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -132,7 +126,7 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
         raise PerpairError(f"file {path}: cannot read the run config ({exc})") from None
     if not isinstance(data, dict):
         raise PerpairError(f"file {path}: the run config must be a mapping")
-    data = _merge(data, overrides or {})
+    data = deep_merge(data, overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
