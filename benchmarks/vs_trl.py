@@ -4,18 +4,18 @@ Workload (issue 5): SmolLM2-135M-Instruct in float32, the first pairs of the Ult
 batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learning rate.
 
 Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
-(``precompute_ref_log_probs=True``), ``perpair`` (empty reference cache: the reference log-probs are computed
-in the run), ``perpair-gc`` (the same with gradient checkpointing, for memory) and ``perpair-nolean``
-(``lean_activations=false``: autograd saves every SwiGLU/RMSNorm intermediate, as before that option) and
-``perpair-mmap`` (perpair with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment: glibc serves every
-allocation of 1 MiB or more with its own mmap and returns it on free, so freed activations do not stay in a
-fragmented heap; less peak RSS for more page faults).
+(``precompute_ref_log_probs=True``), ``perpair`` (defaults; empty reference cache: the reference log-probs are
+computed in the run), and perpair with one setting changed: ``perpair-gc`` (``gradient_checkpointing``),
+``perpair-saved-mlp`` (``recompute_mlp=false``: the MLPs save their gate and up projections),
+``perpair-nolean`` (``lean_activations=false``: autograd saves every SwiGLU/RMSNorm intermediate),
+``perpair-heap`` (``release_cpu_memory=false``: glibc keeps freed activations in its heap, as it does by
+default) and ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a step in one row).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
 step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
-= 6 × parameters × unique non-padding tokens per second of steady-state step (tokens counted the same way for
-both: prompt once + chosen + rejected, TRL tokenization), as a share of the fp32 matmul peak measured in the
-same run with the same threads.
+= 6 × parameters × unique non-padding tokens per second over the steps after the first (their tokens over their
+time; tokens counted the same way for both: prompt once + chosen + rejected, TRL tokenization), as a share of
+the fp32 matmul peak measured in the same run with the same threads.
 
     python benchmarks/vs_trl.py --steps 8 --rounds 1 --json results.json
 """
@@ -30,12 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UF_TRAIN = ROOT.parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
-VARIANTS = ("trl", "trl-precompute", "perpair", "perpair-gc", "perpair-nolean", "perpair-mmap")
-ENV = {"perpair-mmap": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
+PERPAIR_VARIANTS = {  # variant → the train settings it changes
+    "perpair": {}, "perpair-gc": {"gradient_checkpointing": True}, "perpair-saved-mlp": {"recompute_mlp": False},
+    "perpair-nolean": {"lean_activations": False}, "perpair-heap": {"release_cpu_memory": False},
+    "perpair-packed": {"tokens_per_forward": "batch × max length"},
+}
+VARIANTS = ("trl", "trl-precompute", *PERPAIR_VARIANTS)
 
 
 def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -93,15 +98,15 @@ def worker_trl(args, precompute: bool) -> dict:
             "losses": [h["loss"] for h in trainer.state.log_history if "logps/chosen" in h]}
 
 
-def worker_perpair(args, checkpointing: bool, lean: bool = True) -> dict:
+def worker_perpair(args, changes: dict) -> dict:
     from perpair.train import load_config, train
 
+    changes = {k: args.batch_size * args.max_length if k == "tokens_per_forward" else v for k, v in changes.items()}
     config = load_config(None, {
         "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
         "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
-        "save_model": False, "final_checkpoint": False, "gradient_checkpointing": checkpointing,
-        "lean_activations": lean})
+        "save_model": False, "final_checkpoint": False, **changes})
     result = train(config)
     metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
     return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
@@ -136,7 +141,7 @@ def run_variant(name: str, args) -> dict:
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--threads", str(args.threads), "--pool", str(args.pool)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
-               "TOKENIZERS_PARALLELISM": "false", **ENV.get(name, {})}
+               "TOKENIZERS_PARALLELISM": "false"}
         start = time.perf_counter()
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         _, status, usage = os.wait4(process.pid, 0)
@@ -169,9 +174,7 @@ def main() -> None:
     args.pool = args.pool or args.steps * args.batch_size + 8
     if args.worker:
         runners = {"trl": lambda: worker_trl(args, False), "trl-precompute": lambda: worker_trl(args, True),
-                   "perpair": lambda: worker_perpair(args, False), "perpair-gc": lambda: worker_perpair(args, True),
-                   "perpair-nolean": lambda: worker_perpair(args, False, lean=False),
-                   "perpair-mmap": lambda: worker_perpair(args, False)}
+                   **{name: partial(worker_perpair, args, changes) for name, changes in PERPAIR_VARIANTS.items()}}
         print(json.dumps(runners[args.worker]()))
         return
 
@@ -193,20 +196,21 @@ def main() -> None:
                 peak = max(peak, matmul_peak(args.threads))
 
     parameters = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
-    steady_tokens = statistics.median(tokens[1:])
+    steady_tokens = sum(tokens[1:])
     summary = {}
     for name, runs in results.items():
         step = statistics.median([s for r in runs for s in r["step_seconds"][1:]])
+        steady_seconds = statistics.median(sum(r["step_seconds"][1:]) for r in runs)
         summary[name] = {
             "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
             "step_seconds": step,
             "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30,
-            "useful_gflops": 6 * parameters * steady_tokens / step / 1e9,
+            "useful_gflops": 6 * parameters * steady_tokens / steady_seconds / 1e9,
             "losses": runs[0]["losses"],
         }
     base, pre = summary.get("trl"), summary.get("trl-precompute")
-    print(f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s; steady-state tokens/step "
-          f"{steady_tokens:.0f}; rounds {args.rounds}")
+    print(f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s; tokens of the steps after the first "
+          f"{steady_tokens} (per step {tokens[1:]}); rounds {args.rounds}")
     print(f"{'variant':16}{'run s':>9}{'s/step':>9}{'peak GiB':>10}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'run ×':>7}{'step ×':>8}{'step × pre':>11}{'RSS ×':>7}")
     for name, s in summary.items():

@@ -189,9 +189,10 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
 
 
-def test_one_pair_as_continuations_with_lean_activations_equals_separate_sequences():
-    """One pair per forward runs prompt, then chosen and rejected over the prompt's cache; with the lean SwiGLU /
-    RMSNorm backward patched in, log-probs and gradients still equal those of plain separate sequences."""
+@pytest.mark.parametrize("recompute_mlp", [False, True])
+def test_one_pair_with_lean_activations_equals_separate_sequences(recompute_mlp):
+    """One pair per forward (the default) with the lean SwiGLU / RMSNorm backward patched in (the MLP saving
+    gate and up, or only its input): log-probs and gradients still equal those of plain separate sequences."""
     import copy
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -203,11 +204,12 @@ def test_one_pair_as_continuations_with_lean_activations_equals_separate_sequenc
                          num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
     plain = LlamaForCausalLM(config).double()
     lean = copy.deepcopy(plain)
-    assert lean_activations(lean) == 2 + 2 * 2 + 1  # two MLPs, two norms per layer, the final norm
+    assert lean_activations(lean, recompute_mlp) == 2 + 2 * 2 + 1  # two MLPs, two norms per layer, the final norm
+    mlp = lean.model.layers[0].mlp
+    assert mlp.forward.__func__.__name__ == ("_recomputed_mlp_forward" if recompute_mlp else "_mlp_forward")
     pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([3, 3], [4, 4, 4], [])]
     for pair in pairs:
         packed = pack([pair])
-        assert packed.split is not None and packed.attention_mask is None
         sums, _ = run_packed(CompletionLogps(lean, chunk_size=2), packed, torch.device("cpu"))
         (sums * torch.tensor([[1.0, -2.0]], dtype=torch.float64)).sum().backward()
         expected = torch.zeros(1, 2, dtype=torch.float64)
@@ -223,3 +225,72 @@ def test_one_pair_as_continuations_with_lean_activations_equals_separate_sequenc
             assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
         lean.zero_grad(set_to_none=True)
         plain.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_checkpointing_and_sparse_embedding_gradients_change_nothing(tied, tmp_path):
+    """What ``prepare_policy`` switches on for speed or memory — gradient checkpointing (recomputing the tree
+    attention in the backward), the sparse input-embedding gradient of a single process (tied to the output
+    embedding or not) — gives the log-probs and, once densified, the gradients of the plain model."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perpair.train.config import load_config
+    from perpair.train.loop import densify_gradients, prepare_policy
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, tie_word_embeddings=tied, attn_implementation="sdpa")
+    plain = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16])]
+    weights = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+
+    def grads(model):
+        sums, _ = run_packed(CompletionLogps(model, chunk_size=2), pack(pairs), torch.device("cpu"))
+        (sums * weights).sum().backward()
+        sparse = model.get_input_embeddings().weight.grad.is_sparse
+        densify_gradients(model.parameters())
+        return sums.detach(), {n: p.grad for n, p in model.named_parameters()}, sparse
+
+    expected, expected_grads, was_sparse = grads(plain)
+    assert not was_sparse
+    for checkpointing in (True, False):
+        train_config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1,
+                                          "gradient_checkpointing": checkpointing, "lean_activations": False})
+        model = copy.deepcopy(plain)
+        model.zero_grad(set_to_none=True)
+        model = prepare_policy(train_config, model, single_process=True)
+        assert model.get_input_embeddings().sparse
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        sums, got, sparse = grads(model)
+        assert sparse == (not tied)  # tied: the dense output-embedding gradient absorbs the sparse one
+        assert torch.allclose(sums, expected, atol=1e-10)
+        for name, grad in got.items():
+            assert not grad.is_sparse and torch.allclose(grad, expected_grads[name], atol=1e-8), name
+
+
+def test_sliding_window_longer_than_every_sequence_changes_nothing_and_a_shorter_one_is_refused():
+    """Mistral passes its sliding window to the attention function: tree attention runs it when the window covers
+    every sequence of the row (then it changes nothing) and refuses it, with the fix, when it does not."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from perpair.errors import PerpairError
+
+    torch.manual_seed(0)
+    pair = TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9])
+    for window, ok in ((7, True), (6, False)):  # the longest sequence: prompt 4 + chosen 3 = 7 tokens
+        config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=50, sliding_window=window,
+                               attn_implementation="eager")  # eager: not in the registry, falls back to SDPA
+        model = MistralForCausalLM(config).double()
+        module = CompletionLogps(model, chunk_size=2)
+        if not ok:
+            with pytest.raises(PerpairError, match="sliding window of 6 tokens.*lower max_length to 6"):
+                run_packed(module, pack([pair]), torch.device("cpu"))
+            continue
+        sums, _ = run_packed(module, pack([pair]), torch.device("cpu"))
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            logits = model(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
+            positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
+            assert torch.allclose(sums[0, side], logits[positions, torch.tensor(tokens)].sum(), atol=1e-10)

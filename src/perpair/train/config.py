@@ -57,7 +57,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="Seed of shuffling, initialisation of adapters and of every RNG.")
     tokens_per_forward: int = Field(
         0, ge=0, description="Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
-                             "per forward (cheapest on CPU: packed attention grows with the square of the row).")
+                             "per forward (least activation memory; packing gives the matrix multiplications more "
+                             "rows, which pays on a GPU).")
     share_prompt: bool = Field(True, description="Compute the prompt once for both responses (tree attention).")
     logits_chunk: int = Field(256, ge=1, description="Positions per chunk of the vocabulary projection "
                               "(a chunk's float32 logits are logits_chunk × vocabulary × 4 bytes).")
@@ -77,8 +78,16 @@ class TrainConfig(BaseModel):
     lean_activations: bool = Field(
         True, description="Save only the inputs of SwiGLU MLPs and RMSNorms for the backward and recompute their "
                           "elementwise outputs (about a third less activation memory, no matmul recomputed).")
+    recompute_mlp: bool = Field(
+        True, description="With lean_activations: SwiGLU MLPs save only their input and recompute the gate and "
+                           "up projections in the backward (about 40% less activation memory for a sixth more "
+                           "matmul work; a lighter trade than gradient_checkpointing).")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
+    release_cpu_memory: bool = Field(
+        True, description="Training on a CPU under glibc (Linux): give every freed buffer of 1 MiB or more back to "
+                          "the OS at once (mallopt M_MMAP_THRESHOLD, process-wide) instead of keeping it in a "
+                          "fragmented heap; a lower peak RSS for more page faults.")
 
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")

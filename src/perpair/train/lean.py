@@ -6,6 +6,9 @@ elementwise work and cost almost nothing to recompute, yet they hold a quarter t
 * **SwiGLU + down projection** (``down(silu(gate) · up)``): autograd saves ``gate``, ``silu(gate)``, ``up`` and
   the product, four ``[tokens, intermediate]`` tensors. :class:`SwiGLUDown` saves ``gate`` and ``up`` only and
   recomputes ``silu(gate) · up`` in the backward (no matmul is recomputed).
+* **SwiGLU, recomputed** (``recompute_mlp``): :class:`RecomputedSwiGLU` saves only the MLP's input and
+  recomputes ``gate`` and ``up`` in the backward: two more matmuls of ``tokens × hidden × intermediate`` per
+  layer (about a sixth more matmul work per step) for about 40% less activation memory than the above.
 * **RMSNorm** (``w · x / rms(x)``): autograd saves ``x`` and ``x / rms(x)``; :class:`RMSNormFn` saves ``x`` and
   the per-row ``1 / rms(x)``.
 
@@ -50,6 +53,40 @@ class SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias
 
 
+class RecomputedSwiGLU(torch.autograd.Function):
+    """``down(silu(gate(x)) · up(x))`` saving ``x`` only: the backward recomputes the gate and up projections
+    (two of the MLP's three matrix multiplications) instead of keeping their ``[tokens, intermediate]`` outputs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_gate: Tensor, b_gate: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                w_down: Tensor, b_down: Tensor | None) -> Tensor:
+        hidden = F.silu(F.linear(x, w_gate, b_gate)).mul_(F.linear(x, w_up, b_up))
+        ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down)
+        ctx.has_down_bias = b_down is not None
+        return F.linear(hidden, w_down, b_down)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w_gate, b_gate, w_up, b_up, w_down = ctx.saved_tensors
+        gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
+        act = F.silu(gate)
+        need = ctx.needs_input_grad
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_w_down = g2.t() @ (act * up).reshape(-1, up.shape[-1]) if need[5] else None
+        grad_b_down = g2.sum(0) if ctx.has_down_bias and need[6] else None
+        grad_hidden = grad_out @ w_down
+        grad_up = grad_hidden * act
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+        del gate, up, act, grad_hidden
+        grad_x = grad_gate @ w_gate + grad_up @ w_up if need[0] else None
+        gg2, gu2 = grad_gate.reshape(-1, grad_gate.shape[-1]), grad_up.reshape(-1, grad_up.shape[-1])
+        grad_w_gate = gg2.t() @ x2 if need[1] else None
+        grad_b_gate = gg2.sum(0) if b_gate is not None and need[2] else None
+        grad_w_up = gu2.t() @ x2 if need[3] else None
+        grad_b_up = gu2.sum(0) if b_up is not None and need[4] else None
+        return grad_x, grad_w_gate, grad_b_gate, grad_w_up, grad_b_up, grad_w_down, grad_b_down
+
+
 class RMSNormFn(torch.autograd.Function):
     """``weight · x · rsqrt(mean(x²) + eps)`` (in float32, as Llama's RMSNorm) saving ``x`` and the rsqrt."""
 
@@ -82,6 +119,13 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
     if _autocasting(x):
         return self._plain_forward(x)
     return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+
+
+def _recomputed_mlp_forward(self, x: Tensor) -> Tensor:
+    if _autocasting(x):
+        return self._plain_forward(x)
+    g, u, d = self.gate_proj, self.up_proj, self.down_proj
+    return RecomputedSwiGLU.apply(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
 
 
 def _norm_forward(self, x: Tensor) -> Tensor:
@@ -125,15 +169,16 @@ def _same(module: nn.Module, lean, width: int) -> bool:
         torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
-def lean_activations(model: nn.Module) -> int:
+def lean_activations(model: nn.Module, recompute_mlp: bool = False) -> int:
     """Patch the SwiGLU MLPs and RMSNorms of ``model`` in place (see the module docstring); returns how many
-    modules were patched. Modules whose result the lean version does not reproduce are left unchanged."""
+    modules were patched. Modules whose result the lean version does not reproduce are left unchanged.
+    ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward."""
     patched = 0
     for module in model.modules():
         if hasattr(module, "_plain_forward"):
             continue
         if _is_swiglu_mlp(module):
-            lean, width = _mlp_forward, module.gate_proj.in_features
+            lean, width = _recomputed_mlp_forward if recompute_mlp else _mlp_forward, module.gate_proj.in_features
         elif (eps := _norm_eps(module)) is not None:
             module._lean_eps = eps
             lean, width = _norm_forward, module.weight.shape[0]

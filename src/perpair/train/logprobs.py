@@ -1,19 +1,19 @@
 """Completion log-probabilities with no wasted work.
 
-* **Packing, no padding.** The pairs of one forward are concatenated into a single row. Each pair is laid out
-  as ``prompt · chosen · rejected`` with *tree attention*: the rejected tokens see the prompt and themselves,
-  never the chosen tokens, and their positions restart after the prompt. So the prompt is computed once for
-  both responses (prompt sharing) and the result equals two separate ``prompt + response`` sequences.
-  A pair never attends to another pair in the same row. Not one padding token is computed.
-* **One pair per forward: three continuations.** A row with a single pair (the default, ``tokens_per_forward``
-  0) needs no mask: the backbone runs the prompt (causal, SDPA's fast path), then the chosen and the rejected
-  tokens each as a continuation of the prompt's keys and values. The same numbers as the masked row, without
-  the quadratic mask and without attending over ``(prompt + chosen + rejected)²`` positions.
+* **Packing, no padding.** The pairs of one forward are concatenated into a single row, each laid out as
+  ``prompt · chosen · rejected``; the positions of the rejected tokens restart after the prompt. Not one padding
+  token is computed, and every linear layer runs once over the whole row.
+* **Tree attention, no mask over the row.** :func:`tree_attention` (registered with Transformers'
+  ``AttentionInterface``) runs attention block by block: a pair's prompt attends causally to itself, its chosen
+  tokens to the prompt and themselves, its rejected tokens to the prompt and themselves, never to the chosen
+  ones, and no pair sees another. So the prompt is computed once for both responses (prompt sharing), the
+  result equals two separate ``prompt + response`` sequences, and attention costs what those sequences cost,
+  not ``(prompt + chosen + rejected)²`` per pair, and no ``[tokens, tokens]`` mask is ever built.
 * **Logits only at completion positions**: the backbone's hidden states are gathered at the positions that
   predict a completion token, and only those go through the vocabulary projection.
 * **Chunked projection**: :class:`ChunkedTokenLogps` projects and log-softmaxes ``chunk_size`` positions at a
-  time and recomputes the chunk in the backward pass, so the ``[tokens, vocab]`` float32 tensor never exists
-  whole, neither in the forward nor saved for the backward.
+  time into one reused buffer and recomputes the chunk in the backward pass, so the ``[tokens, vocab]`` float32
+  tensor never exists whole, neither in the forward nor saved for the backward.
 
 The reusable entry point for other stages is :func:`sequence_logps`.
 """
@@ -21,15 +21,19 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perpair.errors import PerpairError
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 DEFAULT_CHUNK = 256
+TREE_ATTENTION = "perpair_tree"
 
 
 class ChunkedTokenLogps(torch.autograd.Function):
@@ -37,6 +41,8 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     The backward recomputes each chunk's logits instead of saving them: it costs one extra projection of the
     completion tokens and saves ``rows × vocab × 4`` bytes of memory (the same trade as Liger's fused losses).
+    Every chunk is written into the same ``[chunk, vocab]`` buffer and worked on in place: on a CPU a fresh
+    buffer of that size is a fresh mapping of memory, and faulting its pages in cost more than the softmax.
     """
 
     @staticmethod
@@ -45,9 +51,9 @@ class ChunkedTokenLogps(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = hidden.new_empty(hidden.shape[0], dtype=acc)
         lse = hidden.new_empty(hidden.shape[0], dtype=acc)
-        for start in range(0, hidden.shape[0], chunk):
-            part = slice(start, start + chunk)
-            logits = _project(hidden[part], weight, bias)
+        project = _Projection(hidden, weight, bias, chunk)
+        for part in project.parts():
+            logits = project(part)
             lse[part] = torch.logsumexp(logits, dim=-1)
             out[part] = logits.gather(1, target[part, None]).squeeze(1) - lse[part]
         ctx.save_for_backward(hidden, weight, bias, target, lse)
@@ -59,21 +65,22 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
-        grad_weight = torch.zeros_like(weight, dtype=acc) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            logits = _project(hidden[part], weight, bias)
+        grad_weight = grad_bias = None
+        project = _Projection(hidden, weight, bias, ctx.chunk)
+        for part in project.parts():
             # d log p[t] / d logits = onehot(t) − softmax(logits), scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - lse[part, None]).mul_(-grad_out[part, None])
+            grad_logits = project(part).sub_(lse[part, None]).exp_().mul_(-grad_out[part, None])
             grad_logits.scatter_add_(1, target[part, None], grad_out[part, None])
-            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
-                grad_hidden[part] = grad_logits @ weight.to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().to(acc), hidden[part].to(acc))
-            if grad_bias is not None:
-                grad_bias += grad_logits.to(acc).sum(0)
+                torch.mm(grad_logits.to(hidden.dtype), project.weight, out=grad_hidden[part])
+            if ctx.needs_input_grad[1]:  # accumulated in place: no [vocab, hidden] temporary per chunk
+                if grad_weight is None:
+                    grad_weight = grad_logits.t() @ hidden[part].to(acc)
+                else:
+                    grad_weight.addmm_(grad_logits.t(), hidden[part].to(acc))
+            if bias is not None and ctx.needs_input_grad[2]:
+                term = grad_logits.sum(0)
+                grad_bias = term if grad_bias is None else grad_bias.add_(term)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -81,11 +88,122 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
-def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    logits = hidden @ weight.to(hidden.dtype).t()
-    if bias is not None:
-        logits = logits + bias.to(hidden.dtype)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+class _Projection:
+    """Logits of ``chunk`` rows of ``hidden`` at a time, written into one reused buffer (float32 at least)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int):
+        self.hidden, self.chunk = hidden, chunk
+        self.weight = weight.to(hidden.dtype)  # cast once (autocast), not once per chunk
+        self.bias = None if bias is None else bias.to(hidden.dtype)
+        rows = min(chunk, hidden.shape[0])
+        self.buffer = hidden.new_empty(rows, weight.shape[0])  # in the hidden states' dtype, for torch.mm's out=
+        self.acc = torch.promote_types(hidden.dtype, torch.float32)
+
+    def parts(self) -> list[slice]:
+        return [slice(start, start + self.chunk) for start in range(0, self.hidden.shape[0], self.chunk)]
+
+    def __call__(self, part: slice) -> Tensor:
+        h = self.hidden[part]
+        logits = torch.mm(h, self.weight.t(), out=self.buffer[:h.shape[0]])
+        if self.bias is not None:
+            logits += self.bias
+        return logits if logits.dtype == self.acc else logits.to(self.acc)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows of a packed row that attend together: ``queries`` attend causally to themselves, after all of
+    ``prefix`` (e.g. a response after its prompt)."""
+
+    queries: tuple[int, int]  # [start, end)
+    prefix: tuple[int, int] | None = None
+
+
+@dataclass
+class TreeLayout:
+    """What :func:`tree_attention` needs to run a packed row: its blocks, in row order."""
+
+    blocks: tuple[Block, ...]
+    masks: dict[int, Tensor] = field(default_factory=dict)  # block index → [queries, prefix + queries] bool
+    calls: int = 0
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest sequence in the row (a prefix and its block)."""
+        return max((b.queries[1] - b.queries[0] + (b.prefix[1] - b.prefix[0] if b.prefix else 0)
+                    for b in self.blocks), default=0)
+
+    def with_masks(self, device: torch.device) -> TreeLayout:
+        """A copy with the masks of the blocks that follow a prefix (query i sees the prefix and queries ≤ i)."""
+        masks = {}
+        for index, block in enumerate(self.blocks):
+            if block.prefix is not None:
+                q = block.queries[1] - block.queries[0]
+                p = block.prefix[1] - block.prefix[0]
+                masks[index] = torch.ones(q, p + q, dtype=torch.bool, device=device).tril_(p)
+        return TreeLayout(self.blocks, masks)
+
+
+def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                   dropout: float = 0.0, scaling: float | None = None, perpair_tree: TreeLayout | None = None,
+                   fallback: str = "sdpa", **kwargs) -> tuple[Tensor, None]:
+    """Attention over a packed row of pairs, block by block (see the module docstring). Query ``[1, heads, T,
+    dim]``, key and value ``[1, kv_heads, T, dim]``; returns ``[1, T, heads, dim]``, as Transformers' attention
+    functions do. Called without a layout (generation, a padded batch), it is the model's own attention."""
+    if perpair_tree is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[fallback](module, query, key, value, attention_mask, dropout=dropout,
+                                                 scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise PerpairError(f"{type(module).__name__} uses a soft-capped or sink attention; perpair's packed tree "
+                           "attention supports plain causal attention only")
+    window = kwargs.get("sliding_window")
+    if window and perpair_tree.longest > window:  # a window longer than every sequence changes nothing
+        raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
+                           f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
+    perpair_tree.calls += 1
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [1, T, heads, dim]
+    for index, block in enumerate(perpair_tree.blocks):
+        qs = slice(*block.queries)
+        if block.prefix is None:
+            k, v = key[:, :, qs], value[:, :, qs]
+        else:
+            ps = slice(*block.prefix)
+            if block.prefix[1] == block.queries[0]:  # the prefix right before: one contiguous slice
+                k, v = key[:, :, ps.start:qs.stop], value[:, :, ps.start:qs.stop]
+            else:
+                k = torch.cat((key[:, :, ps], key[:, :, qs]), dim=2)
+                v = torch.cat((value[:, :, ps], value[:, :, qs]), dim=2)
+        mask = perpair_tree.masks.get(index)
+        o = F.scaled_dot_product_attention(query[:, :, qs], k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        out[:, qs] = o.transpose(1, 2)
+    return out, None
+
+
+def use_tree_attention(model: nn.Module) -> None:
+    """Route ``model``'s attention through :func:`tree_attention` (idempotent). Without a packed layout the
+    model keeps computing its own attention, so generation and padded batches are unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = base.config._attn_implementation or "sdpa"
+    if current.startswith(TREE_ATTENTION):
+        return
+    name = f"{TREE_ATTENTION}:{current}"  # the name carries the model's own attention, for the fallback
+    # "eager" is each model's own function, not in the registry; SDPA computes the same attention
+    fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
+    AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
+    masks = ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])
+    for sub in base.modules():  # the config objects of every sub-model (one for a plain causal LM)
+        sub_config = getattr(sub, "config", None)
+        if sub_config is not None and getattr(sub_config, "_attn_implementation", None) == current:
+            sub_config._attn_implementation = name
 
 
 @dataclass
@@ -95,31 +213,26 @@ class Packed:
 
     input_ids: Tensor  # [1, T]
     position_ids: Tensor  # [1, T]
-    attention_mask: Tensor | None  # [1, 1, T, T] bool, True = may attend; None with ``split``
+    layout: TreeLayout
     gather: Tensor  # [N] positions in the row
     target: Tensor  # [N] token ids
     owner: Tensor  # [N] 2 * pair + side
     pairs: int
-    split: tuple[int, ...] | None = None  # one pair: (prompt, chosen[, rejected]) lengths, run as continuations
 
     @property
     def tokens(self) -> int:
         return self.input_ids.shape[1]
 
 
-def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True, continuations: bool = True) -> Packed:
+def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True) -> Packed:
     """Lay out ``pairs`` in one row (see the module docstring). ``share_prompt=False`` repeats the prompt
-    before the rejected response, as a padded batch would compute it (kept for comparison).
-    ``continuations``: a single pair is run as prompt, then chosen and rejected over the prompt's cache, instead
-    of one masked row (off with gradient checkpointing, which runs without a cache)."""
+    before the rejected response, as a padded batch would compute it (kept for comparison)."""
     ids: list[int] = []
     positions: list[int] = []
-    segment: list[int] = []  # a sequence that attends only inside itself
-    branch: list[int] = []  # 0 prompt (seen by both responses), 1 chosen, 2 rejected
+    blocks: list[Block] = []
     gather: list[int] = []
     target: list[int] = []
     owner: list[int] = []
-    seg = 0
     for index, pair in enumerate(pairs):
         responses = [(0, pair.chosen)] + ([(1, pair.rejected)] if pair.rejected else [])
         groups = [responses] if share_prompt else [[r] for r in responses]
@@ -127,36 +240,22 @@ def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True, continuation
             start = len(ids)
             ids += pair.prompt
             positions += range(len(pair.prompt))
-            segment += [seg] * len(pair.prompt)
-            branch += [0] * len(pair.prompt)
-            last_prompt = start + len(pair.prompt) - 1
+            prompt = (start, len(ids))
+            if pair.prompt:
+                blocks.append(Block(prompt))
             for side, tokens in group:
                 first = len(ids)
                 ids += tokens
                 positions += range(len(pair.prompt), len(pair.prompt) + len(tokens))
-                segment += [seg] * len(tokens)
-                branch += [1 + side] * len(tokens)
+                blocks.append(Block((first, len(ids)), prompt if pair.prompt else None))
                 # token k of the response is predicted by the hidden state of the token before it; the first by
                 # the last prompt token (shared by both responses).
-                gather += [last_prompt] + list(range(first, first + len(tokens) - 1))
+                gather += [prompt[1] - 1] + list(range(first, first + len(tokens) - 1))
                 target += tokens
                 owner += [2 * index + side] * len(tokens)
-            seg += 1
-    if continuations and share_prompt and len(pairs) == 1 and pairs[0].prompt:
-        pair = pairs[0]
-        split = (len(pair.prompt), len(pair.chosen)) + ((len(pair.rejected),) if pair.rejected else ())
-        return Packed(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), attention_mask=None,
-                      gather=torch.tensor(gather), target=torch.tensor(target), owner=torch.tensor(owner), pairs=1,
-                      split=split)
-    seg_t, br_t = torch.tensor(segment), torch.tensor(branch)
-    n = len(ids)
-    causal = torch.ones(n, n, dtype=torch.bool).tril_()
-    same_seq = seg_t[:, None] == seg_t[None, :]
-    visible = (br_t[None, :] == 0) | (br_t[:, None] == br_t[None, :])
-    return Packed(
-        input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
-        attention_mask=(causal & same_seq & visible)[None, None],
-        gather=torch.tensor(gather), target=torch.tensor(target), owner=torch.tensor(owner), pairs=len(pairs))
+    return Packed(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                  layout=TreeLayout(tuple(blocks)), gather=torch.tensor(gather), target=torch.tensor(target),
+                  owner=torch.tensor(owner), pairs=len(pairs))
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -165,59 +264,44 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+# Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
+# [tokens, tokens] mask is built for a row whose attention tree_attention computes from the layout.
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
 class CompletionLogps(nn.Module):
     """Wraps a causal LM so that ``forward(packed)`` returns per-pair summed completion log-probs.
 
     Being an ``nn.Module`` whose forward runs the whole computation, it can be handed to Accelerate (DDP, FSDP).
+    Wrapping routes the model's attention through :func:`tree_attention`.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        use_tree_attention(model)
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None, gather: Tensor,
-                target: Tensor, owner: Tensor, pairs: int,
-                split: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
+                target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
         """``(sums [pairs, 2], counts [pairs, 2])``: summed log-probs and token counts of chosen (column 0) and
         rejected (column 1)."""
         backbone, head = backbone_and_head(self.model)
-        if split is None:
-            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                              use_cache=False).last_hidden_state[0]
-        else:
-            hidden = _continuations(backbone, input_ids, position_ids, split)
+        layout = layout.with_masks(input_ids.device)
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
+                          use_cache=False, perpair_tree=layout).last_hidden_state[0]
+        if not layout.calls:
+            raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
+                               "AttentionInterface, which perpair's packed rows need")
         token_logps = ChunkedTokenLogps.apply(hidden[gather], head.weight, head.bias, target, self.chunk_size)
         sums = token_logps.new_zeros(2 * pairs).index_add(0, owner, token_logps)
         counts = torch.bincount(owner, minlength=2 * pairs)
         return sums.view(pairs, 2), counts.view(pairs, 2)
 
 
-def _continuations(backbone: nn.Module, input_ids: Tensor, position_ids: Tensor, split: tuple[int, ...]) -> Tensor:
-    """Hidden states ``[T, hidden]`` of the row ``prompt · chosen · rejected``: the prompt once, each response
-    over a copy of the prompt's key/value cache (the copies share the prompt's tensors, so gradients from both
-    responses reach the prompt)."""
-    from transformers import DynamicCache
-
-    prompt = split[0]
-    first = backbone(input_ids=input_ids[:, :prompt], position_ids=position_ids[:, :prompt], use_cache=True)
-    parts, start = [first.last_hidden_state], prompt
-    for length in split[1:]:
-        cache = DynamicCache(config=backbone.config)
-        for index, layer in enumerate(first.cache.layers):
-            cache.update(layer.keys, layer.values, index)
-        end = start + length
-        out = backbone(input_ids=input_ids[:, start:end], position_ids=position_ids[:, start:end], cache=cache,
-                       use_cache=True)
-        parts.append(out.last_hidden_state)
-        start = end
-    return torch.cat(parts, dim=1)[0]
-
-
 def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple[Tensor, Tensor]:
-    mask = None if packed.attention_mask is None else packed.attention_mask.to(device)
-    return module(packed.input_ids.to(device), packed.position_ids.to(device), mask, packed.gather.to(device),
-                  packed.target.to(device), packed.owner.to(device), packed.pairs, packed.split)
+    return module(packed.input_ids.to(device), packed.position_ids.to(device), packed.layout,
+                  packed.gather.to(device), packed.target.to(device), packed.owner.to(device), packed.pairs)
 
 
 LOGPS_SCHEMA = pa.schema([
