@@ -294,3 +294,23 @@ def test_sliding_window_longer_than_every_sequence_changes_nothing_and_a_shorter
             logits = model(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
             positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
             assert torch.allclose(sums[0, side], logits[positions, torch.tensor(tokens)].sum(), atol=1e-10)
+
+
+def test_a_wrapped_model_still_computes_its_own_attention_without_a_layout():
+    """Wrapping routes the model's attention through tree attention; a call without a packed layout (a padded
+    batch, as generation and evaluation run) gives exactly what the model gave before."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double().eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    before = model(input_ids=ids, attention_mask=mask).logits
+    CompletionLogps(model)
+    assert model.config._attn_implementation == "perpair_tree:sdpa"
+    after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before[mask.bool()], after[mask.bool()])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 8)
