@@ -160,6 +160,13 @@ def test_chunked_projection_gradients():
     assert torch.allclose(ChunkedTokenLogps.apply(hidden, weight, None, target, 4), full)
 
 
+def _separate_sequence_logps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Summed log-probs of ``tokens`` after ``prompt``, from a plain forward of that one sequence."""
+    logits = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    return logits[positions, torch.tensor(tokens)].sum()
+
+
 @pytest.mark.parametrize("share_prompt", [True, False])
 def test_packed_tree_attention_equals_separate_sequences(share_prompt):
     """Prompt sharing and packing give each response exactly the log-probs and gradients of its own sequence."""
@@ -179,9 +186,7 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
     for i, pair in enumerate(pairs):
         for side, tokens in enumerate((pair.chosen, pair.rejected)):
             if tokens:
-                logits = model(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
-                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
-                expected[i, side] = logits[positions, torch.tensor(tokens)].sum()
+                expected[i, side] = _separate_sequence_logps(model, pair.prompt, tokens)
     (expected * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
     assert torch.allclose(sums, expected.detach(), atol=1e-10)
     assert counts.tolist() == [[3, 2], [1, 4], [3, 0]]
@@ -215,9 +220,7 @@ def test_one_pair_with_lean_activations_equals_separate_sequences(recompute_mlp)
         expected = torch.zeros(1, 2, dtype=torch.float64)
         for side, tokens in enumerate((pair.chosen, pair.rejected)):
             if tokens:
-                logits = plain(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
-                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
-                expected[0, side] = logits[positions, torch.tensor(tokens)].sum()
+                expected[0, side] = _separate_sequence_logps(plain, pair.prompt, tokens)
         (expected * torch.tensor([[1.0, -2.0]], dtype=torch.float64)).sum().backward()
         assert torch.allclose(sums, expected.detach(), atol=1e-10)
         for (name, a), b in zip(lean.named_parameters(), plain.parameters(), strict=True):
@@ -291,9 +294,7 @@ def test_sliding_window_longer_than_every_sequence_changes_nothing_and_a_shorter
             continue
         sums, _ = run_packed(module, pack([pair]), torch.device("cpu"))
         for side, tokens in enumerate((pair.chosen, pair.rejected)):
-            logits = model(torch.tensor([pair.prompt + tokens])).logits[0].log_softmax(-1)
-            positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
-            assert torch.allclose(sums[0, side], logits[positions, torch.tensor(tokens)].sum(), atol=1e-10)
+            assert torch.allclose(sums[0, side], _separate_sequence_logps(model, pair.prompt, tokens), atol=1e-10)
 
 
 def test_a_wrapped_model_still_computes_its_own_attention_without_a_layout():
