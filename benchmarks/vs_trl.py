@@ -4,12 +4,15 @@ Workload (issue 5): SmolLM2-135M-Instruct in float32, the first pairs of the Ult
 batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learning rate.
 
 Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
-(``precompute_ref_log_probs=True``), ``perpair`` (defaults; empty reference cache: the reference log-probs are
-computed in the run), and perpair with one setting changed: ``perpair-gc`` (``gradient_checkpointing``),
-``perpair-saved-mlp`` (``recompute_mlp=false``: the MLPs save their gate and up projections),
-``perpair-nolean`` (``lean_activations=false``: autograd saves every SwiGLU/RMSNorm intermediate),
-``perpair-heap`` (``release_cpu_memory=false``: glibc keeps freed activations in its heap, as it does by
-default) and ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a step in one row).
+(``precompute_ref_log_probs=True``), ``trl-malloc`` (TRL defaults under the allocator perpair's command picks,
+to show how much of the difference is the allocator), ``perpair`` (``perpair train`` as a user runs it, with its
+defaults, which include a preloaded allocator — see ``perpair.allocator``; empty reference cache: the reference
+log-probs are computed in the run), and perpair with one thing changed: ``perpair-system`` (glibc's malloc,
+``PERPAIR_MALLOC=system``), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
+``release_cpu_memory=false``), ``perpair-gc`` (``gradient_checkpointing``), ``perpair-saved-mlp``
+(``recompute_mlp=false``: the MLPs save their gate and up projections), ``perpair-nolean``
+(``lean_activations=false``) and ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
+step in one row).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
 step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
@@ -17,7 +20,11 @@ step (median s/step over the steps after the first), peak RSS (the child's ``ru_
 time; tokens counted the same way for both: prompt once + chosen + rejected, TRL tokenization), as a share of
 the fp32 matmul peak measured in the same run with the same threads.
 
-    python benchmarks/vs_trl.py --steps 8 --rounds 1 --json results.json
+``--bound`` also replays, alone, every matrix multiplication of perpair's steps after the first (captured from a
+real run, same shapes and layouts) and reports the share of the peak perpair would reach if everything else
+(attention, elementwise work, the optimizer) took no time: the ceiling of the useful FLOP/s on this machine.
+
+    python benchmarks/vs_trl.py --steps 8 --rounds 1 --bound --json results.json
 """
 
 from __future__ import annotations
@@ -35,12 +42,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 UF_TRAIN = ROOT.parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
-PERPAIR_VARIANTS = {  # variant → the train settings it changes
-    "perpair": {}, "perpair-gc": {"gradient_checkpointing": True}, "perpair-saved-mlp": {"recompute_mlp": False},
-    "perpair-nolean": {"lean_activations": False}, "perpair-heap": {"release_cpu_memory": False},
-    "perpair-packed": {"tokens_per_forward": "batch × max length"},
+PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environment it changes)
+    "perpair": ({}, {}),
+    "perpair-system": ({}, {"PERPAIR_MALLOC": "system"}),
+    "perpair-heap": ({"release_cpu_memory": False}, {"PERPAIR_MALLOC": "system"}),
+    "perpair-gc": ({"gradient_checkpointing": True}, {}),
+    "perpair-saved-mlp": ({"recompute_mlp": False}, {}),
+    "perpair-nolean": ({"lean_activations": False}, {}),
+    "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
 }
-VARIANTS = ("trl", "trl-precompute", *PERPAIR_VARIANTS)
+VARIANTS = ("trl", "trl-precompute", "trl-malloc", *PERPAIR_VARIANTS)
+PARAMETERS = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
 
 
 def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
@@ -98,20 +110,87 @@ def worker_trl(args, precompute: bool) -> dict:
             "losses": [h["loss"] for h in trainer.state.log_history if "logps/chosen" in h]}
 
 
-def worker_perpair(args, changes: dict) -> dict:
-    from perpair.train import load_config, train
+def perpair_command(args, changes: dict) -> list[str]:
+    """``perpair train`` as a user runs it (``python -m perpair``: the command re-executes itself under its
+    allocator), from a YAML config."""
+    import yaml
 
     changes = {k: args.batch_size * args.max_length if k == "tokens_per_forward" else v for k, v in changes.items()}
-    config = load_config(None, {
+    config = {"model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
+              "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
+              "lr_schedule": "constant", "threads": args.threads,
+              "reference_cache": str(Path(args.tmp) / "refcache"), "save_model": False,
+              "final_checkpoint": False, **changes}
+    path = Path(args.tmp) / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return [sys.executable, "-m", "perpair", "train", str(path)]
+
+
+def perpair_result(tmp: str) -> dict:
+    out = Path(tmp) / "out"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
+            "losses": [m["loss"] for m in metrics], "reference_seconds": summary["reference_seconds"],
+            "allocator": summary["allocator"]}
+
+
+def worker_bound(args) -> dict:
+    """Run perpair's loop, capture the matrix multiplications of the steps after the first, replay them alone."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.bmm.default,
+               aten.baddbmm.default}
+    captured: list[tuple] = []
+
+    class Capture(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            if func in matmuls:
+                def spec(a):
+                    return (tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+                captured.append((func, [spec(a) for a in args_], {k: spec(v) for k, v in (kwargs or {}).items()}))
+            return func(*args_, **(kwargs or {}))
+
+    plain_step = loop.train_step
+
+    def step(config, module, optimizer, scheduler, accelerator, data, schedule, reference, index):
+        if index == 0:  # the first step (warm-up) is not counted, as in the comparison
+            return plain_step(config, module, optimizer, scheduler, accelerator, data, schedule, reference, index)
+        with Capture():
+            return plain_step(config, module, optimizer, scheduler, accelerator, data, schedule, reference, index)
+
+    loop.train_step = step
+    train(load_config(None, {
         "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
         "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
-        "save_model": False, "final_checkpoint": False, **changes})
-    result = train(config)
-    metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
-    return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
-            "losses": [m["loss"] for m in metrics], "reference_seconds": result.summary["reference_seconds"],
-            "reference_seconds_detail": "in the run"}
+        "save_model": False, "final_checkpoint": False}))
+
+    operands: dict[tuple, torch.Tensor] = {}  # one tensor per shape and layout, drawn once: an optimistic bound
+
+    def operand(value):
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple):
+            if value not in operands:
+                operands[value] = torch.empty_strided(*value).normal_()
+            return operands[value]
+        return value
+
+    calls = [(func, [operand(a) for a in specs], {k: operand(v) for k, v in kwargs.items()})
+             for func, specs, kwargs in captured]
+
+    def replay() -> float:
+        start = time.perf_counter()
+        for func, inputs, kwargs in calls:
+            func(*inputs, **kwargs)
+        return time.perf_counter() - start
+
+    times = [replay() for _ in range(3)]
+    return {"matmul_seconds": statistics.median(times), "matmul_calls": len(captured)}
 
 
 def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int) -> list[int]:
@@ -137,19 +216,33 @@ def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int)
 
 def run_variant(name: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"vs_trl_{name}_") as tmp:
-        cmd = [sys.executable, __file__, "--worker", name, "--pairs", args.pairs, "--tmp", tmp,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-               "--threads", str(args.threads), "--pool", str(args.pool)]
+        args.tmp = tmp
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
-        start = time.perf_counter()
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        stdout, stderr = process.stdout.read(), process.stderr.read()
+        if name in PERPAIR_VARIANTS:
+            changes, changed_env = PERPAIR_VARIANTS[name]
+            cmd = perpair_command(args, changes)
+            env.update(changed_env)
+        else:
+            cmd = [sys.executable, __file__, "--worker", name, "--pairs", args.pairs, "--tmp", tmp,
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                   "--max-length", str(args.max_length), "--threads", str(args.threads), "--pool", str(args.pool)]
+            if name == "trl-malloc":
+                from perpair.allocator import find_allocator
+
+                env["LD_PRELOAD"] = find_allocator("auto") or ""
+        stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with stdout.open("w") as out, stderr.open("w") as err:  # files, not pipes: nothing blocks the child
+            start = time.perf_counter()
+            process = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS (the same process after exec)
+            wall = time.perf_counter() - start
         if status != 0:
-            raise SystemExit(f"{name} failed:\n{stderr[-4000:]}")
-        result = json.loads(stdout.strip().splitlines()[-1])
+            raise SystemExit(f"{name} failed:\n{stderr.read_text()[-4000:]}")
+        if name in PERPAIR_VARIANTS:
+            result = perpair_result(tmp)
+        else:
+            result = json.loads(stdout.read_text().strip().splitlines()[-1])
         result.update(variant=name, wall_seconds=wall, peak_rss_bytes=usage.ru_maxrss * 1024)
         return result
 
@@ -165,6 +258,8 @@ def main() -> None:
                              "the run; TRL's precompute_ref_log_probs computes all of them)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds over the variants")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--bound", action="store_true",
+                        help="also replay perpair's matrix multiplications alone: the ceiling of its useful FLOP/s")
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -173,8 +268,8 @@ def main() -> None:
 
     args.pool = args.pool or args.steps * args.batch_size + 8
     if args.worker:
-        runners = {"trl": lambda: worker_trl(args, False), "trl-precompute": lambda: worker_trl(args, True),
-                   **{name: partial(worker_perpair, args, changes) for name, changes in PERPAIR_VARIANTS.items()}}
+        runners = {"trl": partial(worker_trl, args, False), "trl-precompute": partial(worker_trl, args, True),
+                   "trl-malloc": partial(worker_trl, args, False), "bound": partial(worker_bound, args)}
         print(json.dumps(runners[args.worker]()))
         return
 
@@ -194,8 +289,12 @@ def main() -> None:
                 print(f"  {name}: run {run['wall_seconds']:.1f} s, s/step {run['step_seconds']}, "
                       f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
                 peak = max(peak, matmul_peak(args.threads))
+        bound = None
+        if args.bound:
+            print("matmul-only bound …", file=sys.stderr, flush=True)
+            bound = run_variant("bound", args)
+            peak = max(peak, matmul_peak(args.threads))
 
-    parameters = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
     steady_tokens = sum(tokens[1:])
     summary = {}
     for name, runs in results.items():
@@ -205,7 +304,7 @@ def main() -> None:
             "wall_seconds": statistics.median(r["wall_seconds"] for r in runs),
             "step_seconds": step,
             "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30,
-            "useful_gflops": 6 * parameters * steady_tokens / steady_seconds / 1e9,
+            "useful_gflops": 6 * PARAMETERS * steady_tokens / steady_seconds / 1e9,
             "losses": runs[0]["losses"],
         }
     base, pre = summary.get("trl"), summary.get("trl-precompute")
@@ -221,9 +320,14 @@ def main() -> None:
                       f"{s['peak_rss_gib'] / base['peak_rss_gib']:7.2f}")
         print(f"{name:16}{s['wall_seconds']:9.1f}{s['step_seconds']:9.2f}{s['peak_rss_gib']:10.2f}"
               f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / peak:7.0f}%{ratios}")
+    if bound:
+        gflops = 6 * PARAMETERS * steady_tokens / bound["matmul_seconds"] / 1e9
+        print(f"matmul-only bound: the {bound['matmul_calls']} matrix multiplications of perpair's steps after the "
+              f"first take {bound['matmul_seconds']:.1f} s alone: {gflops:.1f} useful GFLOP/s, "
+              f"{100 * gflops / peak:.0f}% of peak if nothing else took any time")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "matmul_peak_gflops": peak,
-                                               "tokens_per_step": tokens}, indent=1))
+                                               "tokens_per_step": tokens, "bound": bound}, indent=1))
 
 
 if __name__ == "__main__":

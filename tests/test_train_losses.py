@@ -194,6 +194,35 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
 
 
+def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
+    """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
+    gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and
+    grouped-query heads."""
+    from perpair.train.logprobs import CpuTreeAttention, Piece, tree_attention_sdpa
+
+    pairs = [TokenizedPair([1, 2, 3, 4, 5], [5, 6, 7], [8, 9, 10, 11]), TokenizedPair([], [12, 13], [14]),
+             TokenizedPair([3, 3], [4, 4, 4], [])]
+    for share_prompt in (True, False):
+        layout = pack(pairs, share_prompt).layout
+        length = layout.blocks[-1].queries[1]
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, length, 8, dtype=torch.float64, generator=generator)
+                   for heads in (6, 2, 2))
+        weights = torch.randn(1, length, 6, 8, dtype=torch.float64, generator=generator)
+        results = []
+        for pieces in (True, False):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = (CpuTreeAttention.apply(*inputs, layout.pieces, 0.3) if pieces
+                   else tree_attention_sdpa(*inputs, layout, scaling=0.3))
+            (out * weights).sum().backward()
+            results.append([out.detach()] + [t.grad for t in inputs])
+        for a, b in zip(*results, strict=True):
+            assert torch.allclose(a, b, atol=1e-12)
+    # the shared prompt: both responses attend to it in one piece, each response causally to itself
+    assert pack(pairs[:1]).layout.pieces == (Piece((0, 5), (0, 5), True, True), Piece((5, 8), (5, 8), True, True),
+                                             Piece((8, 12), (8, 12), True, True), Piece((5, 12), (0, 5), False, False))
+
+
 @pytest.mark.parametrize("recompute_mlp", [False, True])
 def test_one_pair_with_lean_activations_equals_separate_sequences(recompute_mlp):
     """One pair per forward (the default) with the lean SwiGLU / RMSNorm backward patched in (the MLP saving

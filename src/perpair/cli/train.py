@@ -62,11 +62,12 @@ def train_command(
     s = result.summary
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
-              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB")
+              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB (allocator: {s['allocator']})")
     out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
               f"{s['reference_seconds']:.1f} s (the rest from the cache); order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
-    out.print(f"metrics: {result.metrics_path}" + "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s))
+    saved = "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s)
+    out.print(f"metrics: {result.metrics_path}, summary: {result.out / 'summary.json'}{saved}")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

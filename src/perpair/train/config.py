@@ -85,9 +85,10 @@ class TrainConfig(BaseModel):
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     release_cpu_memory: bool = Field(
-        True, description="Training on a CPU under glibc (Linux): give every freed buffer of 1 MiB or more back to "
-                          "the OS at once (mallopt M_MMAP_THRESHOLD, process-wide) instead of keeping it in a "
-                          "fragmented heap; a lower peak RSS for more page faults.")
+        True, description="Training on a CPU under glibc's malloc (Linux, no tcmalloc/mimalloc/jemalloc preloaded; "
+                          "see perpair.allocator): give every freed buffer of 1 MiB or more back to the OS at once "
+                          "(mallopt M_MMAP_THRESHOLD, process-wide) instead of keeping it in a fragmented heap; a "
+                          "lower peak RSS for more page faults.")
 
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")

@@ -8,7 +8,9 @@
   tokens to the prompt and themselves, its rejected tokens to the prompt and themselves, never to the chosen
   ones, and no pair sees another. So the prompt is computed once for both responses (prompt sharing), the
   result equals two separate ``prompt + response`` sequences, and attention costs what those sequences cost,
-  not ``(prompt + chosen + rejected)²`` per pair, and no ``[tokens, tokens]`` mask is ever built.
+  not ``(prompt + chosen + rejected)²`` per pair, and no ``[tokens, tokens]`` mask is ever built. On a CPU the
+  blocks become mask-free pieces (both responses on the prompt at once, each response causally on itself)
+  run by PyTorch's flash-attention kernels and merged by their log-sum-exps (:class:`CpuTreeAttention`).
 * **Logits only at completion positions**: the backbone's hidden states are gathered at the positions that
   predict a completion token, and only those go through the vocabulary projection.
 * **Chunked projection**: :class:`ChunkedTokenLogps` projects and log-softmaxes ``chunk_size`` positions at a
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import pyarrow as pa
 import torch
@@ -119,9 +121,21 @@ class Block:
     prefix: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One mask-free attention call: ``queries`` attend to ``keys``, causally (the same rows) or to all of them.
+    ``first``: the first piece of these queries (the others are merged into it)."""
+
+    queries: tuple[int, int]
+    keys: tuple[int, int]
+    causal: bool
+    first: bool
+
+
 @dataclass
 class TreeLayout:
-    """What :func:`tree_attention` needs to run a packed row: its blocks, in row order."""
+    """What :func:`tree_attention` needs to run a packed row: its blocks, in row order. ``calls`` counts the
+    attention layers that used it (a model that bypasses the attention interface leaves it at 0)."""
 
     blocks: tuple[Block, ...]
     masks: dict[int, Tensor] = field(default_factory=dict)  # block index → [queries, prefix + queries] bool
@@ -133,15 +147,83 @@ class TreeLayout:
         return max((b.queries[1] - b.queries[0] + (b.prefix[1] - b.prefix[0] if b.prefix else 0)
                     for b in self.blocks), default=0)
 
-    def with_masks(self, device: torch.device) -> TreeLayout:
-        """A copy with the masks of the blocks that follow a prefix (query i sees the prefix and queries ≤ i)."""
-        masks = {}
-        for index, block in enumerate(self.blocks):
-            if block.prefix is not None:
-                q = block.queries[1] - block.queries[0]
-                p = block.prefix[1] - block.prefix[0]
-                masks[index] = torch.ones(q, p + q, dtype=torch.bool, device=device).tril_(p)
-        return TreeLayout(self.blocks, masks)
+    def mask(self, index: int, device: torch.device) -> Tensor | None:
+        """The mask of a block that follows a prefix (query i sees the prefix and queries ≤ i), built once."""
+        block = self.blocks[index]
+        if block.prefix is None:
+            return None
+        if index not in self.masks:
+            q, p = block.queries[1] - block.queries[0], block.prefix[1] - block.prefix[0]
+            self.masks[index] = torch.ones(q, p + q, dtype=torch.bool, device=device).tril_(p)
+        return self.masks[index]
+
+    @cached_property
+    def pieces(self) -> tuple[Piece, ...]:
+        """The blocks as mask-free pieces: every block causal on itself, then every block on its prefix, with
+        adjacent blocks of the same prefix in one piece (a pair's two responses on their shared prompt)."""
+        pieces = [Piece(b.queries, b.queries, causal=True, first=True) for b in self.blocks]
+        on_prefix: list[Piece] = []
+        for b in self.blocks:
+            if b.prefix is None:
+                continue
+            last = on_prefix[-1] if on_prefix else None
+            if last is not None and last.keys == b.prefix and last.queries[1] == b.queries[0]:
+                on_prefix[-1] = Piece((last.queries[0], b.queries[1]), b.prefix, causal=False, first=False)
+            else:
+                on_prefix.append(Piece(b.queries, b.prefix, causal=False, first=False))
+        return tuple(pieces + on_prefix)
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class CpuTreeAttention(torch.autograd.Function):
+    """Tree attention on a CPU, piece by piece (:attr:`TreeLayout.pieces`) with PyTorch's flash-attention kernels.
+
+    A response's softmax runs over two disjoint key sets, its prompt and itself; each piece returns its output
+    and log-sum-exp, and the two are merged as flash attention merges key blocks. The backward runs each piece's
+    flash backward with the *merged* output and log-sum-exp, which gives exactly that piece's share of the
+    gradients (the decomposition ring attention uses), accumulated into one gradient per input. Compared with a
+    masked call per block, no mask is built or read, the causal half of each response is skipped, the prompt's
+    keys are not copied beside each response's, and one output is saved instead of one per block.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, pieces: tuple[Piece, ...],
+                scale: float | None) -> Tensor:
+        heads, length, dim = query.shape[1:]
+        out = query.new_empty(1, length, heads, dim).transpose(1, 2)  # [1, heads, T, dim] over [1, T, heads, dim]
+        lse = None
+        for piece in pieces:
+            q, k = slice(*piece.queries), slice(*piece.keys)
+            o, piece_lse = _FLASH_CPU(query[:, :, q], key[:, :, k], value[:, :, k], 0.0, piece.causal, scale=scale)
+            if lse is None:
+                lse = piece_lse.new_empty(1, heads, length)
+            if piece.first:
+                out[:, :, q], lse[:, :, q] = o, piece_lse
+                continue
+            merged = torch.logaddexp(lse[:, :, q], piece_lse)
+            out[:, :, q] = (out[:, :, q] * (lse[:, :, q] - merged).exp_().unsqueeze(-1)
+                            + o * (piece_lse - merged).exp_().unsqueeze(-1))
+            lse[:, :, q] = merged
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        return out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        query, key, value, out, lse = ctx.saved_tensors
+        grad_out = grad_out.transpose(1, 2)
+        grad_q, grad_k, grad_v = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for piece in ctx.pieces:
+            q, k = slice(*piece.queries), slice(*piece.keys)
+            dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out[:, :, q], query[:, :, q], key[:, :, k], value[:, :, k],
+                                             out[:, :, q], lse[:, :, q], 0.0, piece.causal, scale=ctx.scale)
+            grad_q[:, :, q] += dq
+            grad_k[:, :, k] += dk
+            grad_v[:, :, k] += dv
+        return grad_q, grad_k, grad_v, None, None
 
 
 def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -163,9 +245,18 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
+    if query.device.type == "cpu" and not dropout:
+        return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
+    return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
+
+
+def tree_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, layout: TreeLayout, dropout: float = 0.0,
+                        scaling: float | None = None) -> Tensor:
+    """Tree attention as one ``scaled_dot_product_attention`` call per block (a response with a mask over its
+    prefix and itself), on any device and with dropout; returns ``[1, T, heads, dim]``."""
     gqa = query.shape[1] != key.shape[1]
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [1, T, heads, dim]
-    for index, block in enumerate(perpair_tree.blocks):
+    for index, block in enumerate(layout.blocks):
         qs = slice(*block.queries)
         if block.prefix is None:
             k, v = key[:, :, qs], value[:, :, qs]
@@ -176,11 +267,11 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
             else:
                 k = torch.cat((key[:, :, ps], key[:, :, qs]), dim=2)
                 v = torch.cat((value[:, :, ps], value[:, :, qs]), dim=2)
-        mask = perpair_tree.masks.get(index)
+        mask = layout.mask(index, query.device)
         o = F.scaled_dot_product_attention(query[:, :, qs], k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         out[:, qs] = o.transpose(1, 2)
-    return out, None
+    return out
 
 
 def use_tree_attention(model: nn.Module) -> None:
@@ -287,7 +378,7 @@ class CompletionLogps(nn.Module):
         """``(sums [pairs, 2], counts [pairs, 2])``: summed log-probs and token counts of chosen (column 0) and
         rejected (column 1)."""
         backbone, head = backbone_and_head(self.model)
-        layout = layout.with_masks(input_ids.device)
+        layout = TreeLayout(layout.blocks)  # this forward's own call count and masks
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
                           use_cache=False, perpair_tree=layout).last_hidden_state[0]
         if not layout.calls:

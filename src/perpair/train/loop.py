@@ -10,7 +10,8 @@ below it. What happens, in order:
 4. each optimizer step runs its pairs through :class:`~perpair.train.logprobs.CompletionLogps` (packed,
    prompt shared, completion-only chunked logits), takes each pair's routed loss and reduces by the number of
    pairs in the whole step (so accumulation, packing and the number of processes change nothing);
-5. every step appends one line to ``OUT/metrics.jsonl``; checkpoints make a killed run resumable exactly.
+5. every step appends one line to ``OUT/metrics.jsonl``; checkpoints make a killed run resumable exactly;
+   ``OUT/summary.json`` gets the run's totals (pairs/s, peak memory, the allocator it ran with, …).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from perpair.allocator import active_allocator
 from perpair.artifacts import file_sha256, read_header
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.schema import KIND as PAIRS_KIND
@@ -48,6 +50,7 @@ from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, Los
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
 
 
 class NonFiniteLoss(PerpairError):
@@ -144,8 +147,10 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "reference_seconds": reference_seconds, "reference_pairs_computed": computed,
         "skipped_long_prompts": schedule.skipped, "order": data.source,
         "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
-        "processes": accelerator.num_processes, **saved,
+        "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
     }
+    if accelerator.is_main_process:
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     accelerator.end_training()
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
 
@@ -165,8 +170,8 @@ def setup_accelerator(config: TrainConfig):
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
     set_seed(config.seed)
-    if config.release_cpu_memory and accelerator.device.type == "cpu":
-        release_freed_memory()
+    if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
+        release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
     _check_sharding(config, accelerator.distributed_type)
     if config.batch_size % accelerator.num_processes:
         raise PerpairError(f"batch_size {config.batch_size} must be a multiple of the number of processes "

@@ -1,0 +1,77 @@
+"""The CLI re-executes itself under a faster allocator (perpair.allocator): it takes, it can be chosen or turned
+off, a bad choice is one clear error, and the processes perpair starts get the environment the user gave."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli, save_tiny_llama
+from perpair.allocator import ALLOCATORS, find_allocator
+
+# A child that re-executes itself as the CLI does and reports what it runs with and what its own children inherit.
+PROBE = """
+import os, sys
+from perpair.allocator import active_allocator, reexec_with_allocator
+reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
+print(active_allocator(), os.environ.get("LD_PRELOAD"), os.getpid())
+"""
+
+
+def probe(**env: str) -> tuple[str, str, int]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("PERPAIR_MALLOC", "LD_PRELOAD")}
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                            env={**environment, **env})
+    assert result.returncode == 0, result.stderr
+    allocator, preload, pid = result.stdout.split()
+    return allocator, preload, int(pid)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_auto_preloads_an_allocator_and_children_inherit_nothing():
+    # mimalloc is a dependency on Linux, so auto always finds one
+    allocator, preload, _ = probe()
+    assert allocator in ALLOCATORS
+    assert preload == "None"  # removed again: a program perpair starts keeps its own allocator
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+@pytest.mark.parametrize("name", list(ALLOCATORS))
+def test_each_allocator_by_name(name):
+    if find_allocator(name) is None:
+        pytest.skip(f"{name} is not installed here")
+    allocator, _, _ = probe(PERPAIR_MALLOC=name)
+    assert allocator == name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_a_preload_of_the_user_is_kept_for_the_children():
+    library = find_allocator("mimalloc")
+    user = "libm.so.6"  # any library: the user's own preload
+    allocator, preload, _ = probe(PERPAIR_MALLOC=library, LD_PRELOAD=user)
+    assert allocator == "mimalloc" and preload == user
+
+
+def test_system_means_no_reexecution():
+    allocator, preload, _ = probe(PERPAIR_MALLOC="system")
+    assert allocator == "None" and preload == "None"
+
+
+def test_a_bad_choice_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERPAIR_MALLOC", str(tmp_path / "libnothing.so"))
+    result = run_cli("inspect", "--help", check=False)
+    assert result.returncode == 2
+    assert f"PERPAIR_MALLOC={tmp_path / 'libnothing.so'}: no such library" in result.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_perpair_train_runs_under_the_allocator_and_records_it(uf_pairs, tmp_path):
+    model = save_tiny_llama(tmp_path / "model")
+    run_cli("train", "--model", model, "--data", uf_pairs, "--steps", "1", "--batch-size", "2",
+            "--max-length", "64", "--out", tmp_path / "run", "--set", "save_model=false")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["allocator"] in ALLOCATORS
