@@ -189,8 +189,14 @@ def worker_bound(args) -> dict:
             func(*inputs, **kwargs)
         return time.perf_counter() - start
 
+    def flops(func, inputs) -> int:  # 2·M·N·K of the product, whatever the overload
+        a, b = (inputs[1], inputs[2]) if func in (aten.addmm.default, aten.addmm_.default,
+                                                  aten.baddbmm.default) else (inputs[0], inputs[1])
+        return 2 * a.numel() * b.shape[-1]
+
     times = [replay() for _ in range(3)]
-    return {"matmul_seconds": statistics.median(times), "matmul_calls": len(captured)}
+    return {"matmul_seconds": statistics.median(times), "matmul_calls": len(captured),
+            "matmul_flops": sum(flops(func, inputs) for func, inputs, _ in calls)}
 
 
 def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int) -> list[int]:
@@ -322,8 +328,10 @@ def main() -> None:
               f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / peak:7.0f}%{ratios}")
     if bound:
         gflops = 6 * PARAMETERS * steady_tokens / bound["matmul_seconds"] / 1e9
+        rate = bound["matmul_flops"] / bound["matmul_seconds"] / 1e9
         print(f"matmul-only bound: the {bound['matmul_calls']} matrix multiplications of perpair's steps after the "
-              f"first take {bound['matmul_seconds']:.1f} s alone: {gflops:.1f} useful GFLOP/s, "
+              f"first ({bound['matmul_flops'] / 1e12:.2f} TFLOP) take {bound['matmul_seconds']:.1f} s alone, at "
+              f"{rate:.1f} GFLOP/s ({100 * rate / peak:.0f}% of peak): {gflops:.1f} useful GFLOP/s, "
               f"{100 * gflops / peak:.0f}% of peak if nothing else took any time")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "matmul_peak_gflops": peak,

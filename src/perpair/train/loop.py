@@ -51,6 +51,7 @@ from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+REFERENCE_PACKING = 4  # the reference pass packs pairs up to this many × max_length tokens per forward
 
 
 class NonFiniteLoss(PerpairError):
@@ -375,7 +376,9 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
 
     computed = 0
     autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-    tokens = config.tokens_per_forward  # 0: one pair per forward, as in training (attention cost ∝ row²)
+    # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
+    # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
+    tokens = max(config.tokens_per_forward, REFERENCE_PACKING * config.max_length)
     if accelerator.is_main_process:
         _, computed = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
