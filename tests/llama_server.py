@@ -46,18 +46,22 @@ def llama_cpp_available() -> bool:
 
 
 @contextlib.contextmanager
-def start_llama_server(*, n_ctx: int = 2048, n_threads: int = 1, port: int | None = None,
+def start_llama_server(*, n_ctx: int = 2048, n_threads: int | None = None, port: int | None = None,
                        logits_all: bool = False) -> Iterator[str]:
     """Start the server on a free loopback port, wait until it answers, yield its base URL, stop it.
 
-    One thread by default: on a shared 2-core machine, ggml's threads spin at barriers while the other
-    thread is descheduled, which made a 2-thread server 10x slower than a 1-thread one under load.
+    ``n_threads``: ``PERPAIR_TEST_LLAMA_THREADS`` or 2. Two threads made the annotate tests 1.3-1.9x faster
+    than one on the 2-core CI machine (50 pairs: 168 vs 265 s; faults: 127 vs 242 s; SIGKILL: 240 vs 327 s),
+    where the tests' own processes mostly wait on the server. Set it to 1 when other jobs share the cores:
+    ggml's threads spin at barriers while one of them is descheduled, which once made a 2-thread server 10x
+    slower than a 1-thread one under such load.
 
     ``logits_all``: keep the logits of every prompt token, which llama-cpp-python needs to answer
     ``logprobs``/``top_logprobs`` (judges); off by default, as it costs time on every prompt.
     """
     from perpair.models import smollm2_gguf
 
+    n_threads = n_threads or int(os.environ.get("PERPAIR_TEST_LLAMA_THREADS", "2"))
     port = port or free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL_ALIAS,

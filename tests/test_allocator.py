@@ -56,6 +56,18 @@ def test_a_preload_of_the_user_is_kept_for_the_children():
     assert allocator == "mimalloc" and preload == user
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_the_program_reexecutes_before_importing_the_command_line():
+    # -X importtime is in the re-executed command line too; both processes write to the same stderr.
+    environment = {k: v for k, v in os.environ.items() if k not in ("PERPAIR_MALLOC", "LD_PRELOAD")}
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "perpair", "--help"], capture_output=True,
+                            text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
+    assert imported.count("perpair.allocator") == 2  # once per process: it did re-execute
+    assert imported.count("perpair.cli") == 1  # the command line's imports ran in the second process only
+
+
 def test_system_means_no_reexecution():
     allocator, preload, _ = probe(PERPAIR_MALLOC="system")
     assert allocator == "None" and preload == "None"

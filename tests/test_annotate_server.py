@@ -5,7 +5,7 @@ validation and re-asking run for real. Covers: 50 pairs; faults injected by a pr
 Answers at temperature 0 do not depend on request order: llama-cpp-python's server runs one request at a time
 (a lock around the model), the fixture serves with one thread and seed 0, and its reuse of the previous
 prompt's KV cache leaves the logits bit for bit the same (checked: the same prompt after different ones
-gives identical top_logprobs). Time is the server's: about 1.5-3 s a request on a shared 2-core machine, and
+gives identical top_logprobs). Time is the server's: about 1-3 s a request on a shared 2-core machine, and
 the SIGKILL test at its full size sends some 450 requests (200 pairs twice, re-asks, lost in-flight ones), so CI
 runs it on 40 pairs (PERPAIR_CRASH_TEST_PAIRS sets the size)."""
 

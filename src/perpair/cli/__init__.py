@@ -8,12 +8,10 @@ Errors perpair knows how to explain are printed as one message and exit with sta
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from perpair.allocator import reexec_with_allocator
 from perpair.errors import PerpairError
 
 app = typer.Typer(
@@ -38,8 +36,6 @@ from perpair.cli import bench as _bench  # noqa: E402,F401
 
 def main() -> None:
     try:
-        if _invoked_as_program():  # not when a Python caller runs main() itself
-            reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
         app()
     except PerpairError as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
@@ -47,9 +43,3 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished work is kept; re-run to continue")
         sys.exit(130)
-
-
-def _invoked_as_program() -> bool:
-    """Started as ``perpair …`` (the console script) or ``python -m perpair …``."""
-    program = Path(sys.argv[0])
-    return program.name == "perpair" or program.parts[-2:] == ("perpair", "__main__.py")
