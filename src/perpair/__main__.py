@@ -1,7 +1,7 @@
 """The ``perpair`` program: the console script and ``python -m perpair``.
 
 It chooses the memory allocator first (:mod:`perpair.allocator`), re-executing itself under it before the
-command line's modules are imported, so those imports (half a second) run once, in the process that does the
+command line's modules are imported, so those imports (about 0.7 s) run once, in the process that does the
 work; then it runs the command line.
 """
 
