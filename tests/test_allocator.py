@@ -22,10 +22,13 @@ print(active_allocator(), os.environ.get("LD_PRELOAD"), os.getpid())
 """
 
 
+def environment(**env: str) -> dict[str, str]:
+    """This environment without the allocator settings of the machine running the tests, plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("PERPAIR_MALLOC", "LD_PRELOAD")}, **env}
+
+
 def probe(**env: str) -> tuple[str, str, int]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("PERPAIR_MALLOC", "LD_PRELOAD")}
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                            env={**environment, **env})
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environment(**env))
     assert result.returncode == 0, result.stderr
     allocator, preload, pid = result.stdout.split()
     return allocator, preload, int(pid)
@@ -59,9 +62,8 @@ def test_a_preload_of_the_user_is_kept_for_the_children():
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
 def test_the_program_reexecutes_before_importing_the_command_line():
     # -X importtime is in the re-executed command line too; both processes write to the same stderr.
-    environment = {k: v for k, v in os.environ.items() if k not in ("PERPAIR_MALLOC", "LD_PRELOAD")}
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "perpair", "--help"], capture_output=True,
-                            text=True, env=environment)
+                            text=True, env=environment())
     assert result.returncode == 0, result.stderr
     imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line]
     assert imported.count("perpair.allocator") == 2  # once per process: it did re-execute
