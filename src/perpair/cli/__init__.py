@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from perpair.errors import PerpairError
 
@@ -35,11 +36,33 @@ from perpair.cli import bench as _bench  # noqa: E402,F401
 
 
 def main() -> None:
+    """Run the command line. Whatever goes wrong, the user sees one ``error:`` line and an exit status
+    (see EXIT_CODES), never a traceback."""
     try:
         app()
     except PerpairError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        sys.exit(2)
+        fail(str(exc))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished work is kept; re-run to continue")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        # Permission denied, a folder where a file was expected, a full disk: name the path and the reason.
+        where = exc.filename or ""
+        reason = exc.strerror or str(exc)
+        fail(f"{where}: {reason}" if where else reason)
+    except RecursionError:
+        fail("the input is nested too deeply to read")
+    except UnicodeError as exc:
+        fail(f"text encoding: {exc}")
+
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
+EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
+
+
+def fail(message: str) -> None:
+    """Print ``error: MESSAGE`` on one line and exit with status 2. The message is printed as plain text:
+    it holds user-derived strings (paths, field names, row content) that rich would read as markup."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.splitlines())), soft_wrap=True)
+    sys.exit(EXIT_USER_ERROR)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from perpair.cli import app, console, out
@@ -22,11 +23,12 @@ ROWS_SHOWN = 20
 
 @app.command("prepare")
 def prepare_command(
-    sources: Annotated[list[str], typer.Argument(
-        help="Files (JSONL, JSONL.gz, JSON, Parquet), local dataset folders or Hub dataset ids (owner/name).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Pairs file to write (.parquet).")],
+    sources: Annotated[list[str] | None, typer.Argument(
+        help="Files (JSONL, JSONL.gz, JSON, Parquet), local dataset folders or Hub dataset ids (owner/name).",
+        show_default=False)] = None,
     format: Annotated[str | None, typer.Option(
-        help="Source layout: ultrafeedback, ultrafeedback-raw, hh-rlhf, openai, trl, columns. "
+        help="Source layout: ultrafeedback, ultrafeedback-raw, hh-rlhf, openai, sharegpt, alpaca, trl, columns. "
              "Detected from the first row when not given.")] = None,
     split: Annotated[str | None, typer.Option(help="Split of a dataset source (default: train).")] = None,
     revision: Annotated[str | None, typer.Option(help="Revision of a Hub dataset source.")] = None,
@@ -43,36 +45,55 @@ def prepare_command(
         "--skip-invalid", help="Skip malformed rows and count them instead of stopping.")] = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop at the first degenerate pair instead of excluding it.")] = False,
+    role_map: Annotated[str | None, typer.Option(
+        help="Map source role names to system/user/assistant/tool, e.g. human=user,gpt=assistant.")] = None,
+    dataset_info: Annotated[str | None, typer.Option(
+        help="LLaMA-Factory dataset_info.json; read the ranking dataset named by --dataset from it.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Dataset name in --dataset-info.")] = None,
 ) -> None:
     """Read preference data in any supported layout and write canonical pairs."""
+    values = dict(format=format, split=split, revision=revision, prompt_col=prompt_col, chosen_col=chosen_col,
+                  rejected_col=rejected_col, score_chosen_col=score_chosen_col,
+                  score_rejected_col=score_rejected_col, limit=limit, test_fraction=test_fraction, seed=seed,
+                  skip_invalid=skip_invalid, strict=strict, role_map=role_map, dataset_info=dataset_info,
+                  dataset=dataset)
     try:
-        options = PrepareOptions(
-            format=format, split=split, revision=revision, prompt_col=prompt_col, chosen_col=chosen_col,
-            rejected_col=rejected_col, score_chosen_col=score_chosen_col,
-            score_rejected_col=score_rejected_col, limit=limit, test_fraction=test_fraction, seed=seed,
-            skip_invalid=skip_invalid, strict=strict)
+        options = PrepareOptions(**values)
     except ValidationError as exc:
-        raise PerpairError("invalid options: " + "; ".join(e["msg"] for e in exc.errors())) from None
+        raise PerpairError("invalid options: " + option_errors(exc)) from None
     start = time.perf_counter()
     with console.status("reading…") as status:
-        result = prepare(sources, output, options, on_progress=lambda n: status.update(
+        result = prepare(sources or [], output, options, on_progress=lambda n: status.update(
             f"reading… {n:,} rows ({n / (time.perf_counter() - start):,.0f} rows/s)"))
     _print_prepare(result)
 
 
+def option_errors(exc: ValidationError) -> str:
+    """Pydantic's messages, each with the option it is about (``--test-fraction: ...``)."""
+    parts = []
+    for error in exc.errors():
+        names = [str(part) for part in error["loc"] if not str(part).isdigit()]
+        option = "--" + names[0].replace("_", "-") if names else ""
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{option}: {message}" if option else message)
+    return "; ".join(parts)
+
+
 def _print_prepare(result: PrepareResult) -> None:
+    # Names, reasons and paths come from the user's data: escaped, so rich reads no markup in them.
     for report in result.sources:
         name = report.source.get("path") or report.source.get("dataset")
-        out.print(f"[bold]{name}[/] ({report.format}): {report.rows_read:,} rows read, "
-                      f"{report.pairs_kept:,} pairs kept")
+        out.print(f"[bold]{escape(str(name))}[/] ({escape(str(report.format))}): {report.rows_read:,} rows read, "
+                  f"{report.pairs_kept:,} pairs kept")
         for label, tally in (("malformed, skipped", report.invalid), ("degenerate, excluded", report.degenerate),
-                             ("duplicate, collapsed", report.duplicates)):
+                             ("duplicate, collapsed", report.duplicates),
+                             ("kept, note", report.notes)):
             for reason in sorted(tally.counts):
                 rows = tally.rows[reason]
                 shown = ", ".join(map(str, rows[:ROWS_SHOWN])) + (" …" if tally.counts[reason] > ROWS_SHOWN else "")
-                out.print(f"  {label}: {reason} × {tally.counts[reason]} (rows {shown})")
+                out.print(f"  {label}: {escape(reason)} × {tally.counts[reason]} (rows {shown})")
     for name, path in result.outputs.items():
-        out.print(f"wrote {result.counts[name]:,} {name} pairs to {path}")
+        out.print(f"wrote {result.counts[name]:,} {name} pairs to {escape(str(path))}")
 
 
 @app.command("inspect")
@@ -85,9 +106,9 @@ def inspect_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    out.print(f"[bold]{summary['file']}[/]: {summary['pairs']:,} pairs"
-              + (f" (split: {summary['split']})" if summary["split"] else ""))
-    out.print("sources: " + ", ".join(f"{k} ({v:,})" for k, v in summary["sources"].items()))
+    out.print(f"[bold]{escape(str(summary['file']))}[/]: {summary['pairs']:,} pairs"
+              + (f" (split: {escape(str(summary['split']))})" if summary["split"] else ""))
+    out.print("sources: " + ", ".join(f"{escape(str(k))} ({v:,})" for k, v in summary["sources"].items()))
     out.print("user turns in prompt: " + ", ".join(f"{k}: {v:,}" for k, v in summary["prompt_user_turns"].items())
               + f"; with a system message: {summary['with_system_message']:,}")
     lengths = Table(title="length in characters", title_justify="left")
@@ -115,4 +136,4 @@ def inspect_command(
         parts = [f"{kind}: " + ", ".join(f"{r} × {c}" for r, c in reasons.items())
                  for kind, reasons in kinds.items() if reasons]
         if parts:
-            out.print(f"excluded at prepare from {source}: " + "; ".join(parts))
+            out.print(f"excluded at prepare from {escape(str(source))}: " + escape("; ".join(parts)))

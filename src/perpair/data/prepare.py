@@ -20,17 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from perpair.artifacts import write_artifact
-from perpair.data.readers import (
-    FORMATS,
-    ColumnMap,
-    Degenerate,
-    ReadContext,
-    detect_format,
-    reader_for,
-)
+from perpair.data.llamafactory import DatasetEntry, load_dataset_entry
+from perpair.data.readers import FORMATS, detect_format, reader_for
+from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
 from perpair.data.sources import RowProblem, Source, describe, iter_rows, resolve_source
 from perpair.errors import InputError
@@ -57,6 +52,20 @@ class PrepareOptions(BaseModel):
     seed: int = Field(0, description="seed of the test split and of raw UltraFeedback binarization")
     skip_invalid: bool = False
     strict: bool = False
+    role_map: dict[str, str] | None = Field(
+        None, description="source role name -> system/user/assistant/tool ('human=user,gpt=assistant')")
+    dataset_info: str | None = Field(None, description="LLaMA-Factory dataset_info.json to read --dataset from")
+    dataset: str | None = Field(None, description="name of a ranking dataset in --dataset-info")
+
+    @field_validator("role_map", mode="before")
+    @classmethod
+    def _parse_role_map(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+            raise ValueError(f"write it as NAME=ROLE,NAME=ROLE (e.g. human=user,gpt=assistant), got {value!r}")
+        return {name.strip(): role.strip() for name, role in pairs}
 
     @model_validator(mode="after")
     def _check(self) -> PrepareOptions:
@@ -64,6 +73,14 @@ class PrepareOptions(BaseModel):
             raise ValueError(f"unknown format '{self.format}'; known formats: {', '.join(FORMATS)}")
         if (self.score_chosen_col is None) != (self.score_rejected_col is None):
             raise ValueError("give both --score-chosen-col and --score-rejected-col, or neither")
+        for name, role in (self.role_map or {}).items():
+            if role not in ROLES:
+                raise ValueError(f"--role-map {name}={role}: the role must be one of {', '.join(ROLES)}")
+        if (self.dataset_info is None) != (self.dataset is None):
+            raise ValueError("give both --dataset-info and --dataset, or neither")
+        if self.dataset_info is not None and (self.format is not None or self.column_map is not None):
+            raise ValueError("--dataset-info describes the layout itself; leave out --format and the --*-col "
+                             "options")
         return self
 
     @property
@@ -73,7 +90,14 @@ class PrepareOptions(BaseModel):
             return None
         return ColumnMap(prompt=self.prompt_col, chosen=self.chosen_col or "chosen",
                          rejected=self.rejected_col or "rejected", score_chosen=self.score_chosen_col,
-                         score_rejected=self.score_rejected_col)
+                         score_rejected=self.score_rejected_col, prompt_optional=self.prompt_col is None)
+
+    def named_columns(self) -> list[tuple[str, str]]:
+        """``(column, option)`` for every column the user named, which the data must have."""
+        named = [(self.prompt_col, "--prompt-col"), (self.chosen_col, "--chosen-col"),
+                 (self.rejected_col, "--rejected-col"), (self.score_chosen_col, "--score-chosen-col"),
+                 (self.score_rejected_col, "--score-rejected-col")]
+        return [(column, option) for column, option in named if column is not None]
 
 
 @dataclass
@@ -107,11 +131,13 @@ class SourceReport:
     invalid: Tally = field(default_factory=Tally)
     degenerate: Tally = field(default_factory=Tally)
     duplicates: Tally = field(default_factory=Tally)
+    notes: Tally = field(default_factory=Tally)       # kept pairs with something only in meta (tools)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.source, "format": self.format, "rows_read": self.rows_read,
                 "pairs_kept": self.pairs_kept, "invalid": self.invalid.as_dict(),
-                "degenerate": self.degenerate.as_dict(), "duplicates": self.duplicates.as_dict()}
+                "degenerate": self.degenerate.as_dict(), "duplicates": self.duplicates.as_dict(),
+                "notes": self.notes.as_dict()}
 
 
 @dataclass
@@ -144,18 +170,30 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             on_progress: Callable[[int], None] | None = None) -> PrepareResult:
     """Read ``sources`` (files or dataset ids), validate, and write the pairs artifact to ``output``.
 
-    With ``options.test_fraction`` > 0 the test pairs go to ``<output stem>.test.parquet`` beside it.
-    ``on_progress`` is called with the number of rows read so far (every 1,000 rows).
+    With ``options.dataset_info`` the source is the named entry of that LLaMA-Factory ``dataset_info.json``
+    (and ``sources`` must be empty). With ``options.test_fraction`` > 0 the test pairs go to
+    ``<output stem>.test.parquet`` beside it. ``on_progress`` is called with the number of rows read so far
+    (every 1,000 rows). A run that keeps no pair writes nothing and raises ``InputError``.
     """
     options = options or PrepareOptions()
+    entry = None
+    if options.dataset_info is not None:
+        if sources:
+            raise InputError("--dataset-info names the data itself; give no other source")
+        entry = load_dataset_entry(options.dataset_info, options.dataset or "")
+        sources = [entry.source]
     if not sources:
         raise InputError("no source given")
+    output = Path(output)
+    outputs = _output_paths(output, options)
+    resolved = [resolve_source(spec, entry.split if entry and entry.split else options.split, options.revision)
+                for spec in sources]
+    _refuse_overwriting_inputs(resolved, outputs)
     records: list[PairRecord] = []
     seen: set[str] = set()
     reports = []
     rows_total = 0
-    for spec in sources:
-        source = resolve_source(spec, options.split, options.revision)
+    for source in resolved:
         report = SourceReport(describe(source))
         reports.append(report)
         label = source.label
@@ -166,7 +204,7 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             rows_total += 1
             if on_progress and rows_total % 1000 == 0:
                 on_progress(rows_total)
-            record = _read_row(source, label, number, value, options, report)
+            record = _read_row(source, label, number, value, options, report, entry)
             if record is None:
                 continue
             record.meta = text if text is not None else json.dumps(value, ensure_ascii=False, default=str)
@@ -176,11 +214,70 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             seen.add(record.pair_id)
             records.append(record)
             report.pairs_kept += 1
-    return _write(records, Path(output), options, reports)
+            for note in record.notes:
+                report.notes.add(note, number)
+    if not records:
+        raise InputError(f"no pairs kept, nothing written: {_excluded_summary(reports)}",
+                         file=", ".join(sources))
+    extra = {"dataset_info": {"path": options.dataset_info, "dataset": options.dataset, "entry": entry.entry}} \
+        if entry else {}
+    return _write(records, outputs, options, reports, extra)
+
+
+def _excluded_summary(reports: list[SourceReport]) -> str:
+    rows = sum(r.rows_read for r in reports)
+    if rows == 0:
+        return "the source has no rows"
+    parts = []
+    for label, attribute in (("malformed", "invalid"), ("degenerate", "degenerate"), ("duplicate", "duplicates")):
+        counts: dict[str, int] = {}
+        for report in reports:
+            for reason, count in getattr(report, attribute).counts.items():
+                counts[reason] = counts.get(reason, 0) + count
+        if counts:
+            parts.append(f"{label}: " + ", ".join(f"{reason} × {count}" for reason, count in sorted(counts.items())))
+    return f"{rows:,} row{'s' if rows != 1 else ''} read, none kept ({'; '.join(parts)})"
+
+
+def _output_paths(output: Path, options: PrepareOptions) -> dict[str, Path]:
+    """The files prepare will write, checked before any reading so that a bad ``-o`` costs nothing."""
+    outputs = {"train": output}
+    if options.test_fraction > 0:
+        outputs["test"] = output.with_name(output.name.removesuffix(".parquet") + ".test.parquet")
+    for path in outputs.values():
+        if path.is_dir():
+            raise InputError("the output is a folder; name a file (e.g. pairs.parquet)", file=str(path))
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise InputError(f"cannot create the output: {parent} is a file, not a folder", file=str(path))
+    return outputs
+
+
+def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path]) -> None:
+    for source in sources:
+        if source.kind != "file":
+            continue
+        for path in outputs.values():
+            if path.exists() and path.samefile(source.spec):
+                raise InputError("the output is also an input; writing it would destroy the input, choose "
+                                 "another -o", file=str(path))
+
+
+def _check_named_columns(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
+                         entry: DatasetEntry | None) -> None:
+    """A column the user (or a dataset_info entry) named must be in the first row: no fallback."""
+    named = options.named_columns()
+    if entry is not None:
+        named = [(entry.layout.columns[key], f"column '{key}' of dataset '{options.dataset}'")
+                 for key in entry.layout.named if entry.layout.columns.get(key)]
+    for column, option in named:
+        if get(value, column, required=False) is MISSING:
+            raise InputError(f"{option} names column '{column}', which is not in the data"
+                             f"{fields_hint(value)}", file=source.spec, row=number, field=column)
 
 
 def _read_row(source: Source, label: str, number: int, value: Any, options: PrepareOptions,
-              report: SourceReport) -> PairRecord | None:
+              report: SourceReport, entry: DatasetEntry | None = None) -> PairRecord | None:
     """One row to a record; ``None`` when it is skipped (and counted). Raises on what must stop the run."""
     try:
         if isinstance(value, RowProblem):
@@ -188,14 +285,11 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
         if not isinstance(value, dict):
             raise RowProblem("not_an_object", f"row must be a JSON object, got {type(value).__name__}")
         if report.format is None:
-            report.format = options.format or ("columns" if options.column_map else detect_format(value))
-            if report.format is None:
-                raise InputError(
-                    f"cannot tell the layout from the fields {sorted(value)[:12]}; name it with --format "
-                    f"({', '.join(FORMATS)}) or map columns with --prompt-col/--chosen-col/--rejected-col",
-                    file=source.spec, row=number)
+            report.format = _layout_of(value, source, number, options, entry)
+            _check_named_columns(value, source, number, options, entry)
         context = ReadContext(source=label, row=number, columns=options.column_map or ColumnMap(),
-                              seed=options.seed)
+                              seed=options.seed, role_map=options.role_map or {},
+                              layout=entry.layout if entry else None)
         record = reader_for(report.format)(value, context)
         problem = _generic_degenerate(record)
         if problem is not None:
@@ -215,22 +309,53 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
     return None
 
 
-def _write(records: list[PairRecord], output: Path, options: PrepareOptions,
-           reports: list[SourceReport]) -> PrepareResult:
+def _layout_of(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
+               entry: DatasetEntry | None) -> str:
+    if entry is not None:
+        return entry.format
+    if options.format:
+        return options.format
+    if options.column_map:
+        return "columns"
+    try:
+        found = detect_format(value)
+    except InputError as exc:   # unpaired (KTO) rows: the same message, placed at this row
+        raise InputError(exc.problem, file=source.spec, row=number) from None
+    if found is None:
+        raise InputError(
+            f"cannot tell the layout from the fields {sorted(value)[:12]}; name it with --format "
+            f"({', '.join(FORMATS)}) or map columns with --prompt-col/--chosen-col/--rejected-col",
+            file=source.spec, row=number)
+    return found
+
+
+def _write(records: list[PairRecord], outputs: dict[str, Path], options: PrepareOptions,
+           reports: list[SourceReport], extra: dict[str, Any]) -> PrepareResult:
     splits: dict[str, list[PairRecord]] = {"train": records}
-    outputs = {"train": output}
     if options.test_fraction > 0:
         test = [r for r in records if in_test_split(r.pair_id, options.seed, options.test_fraction)]
         test_ids = {r.pair_id for r in test}
         splits = {"train": [r for r in records if r.pair_id not in test_ids], "test": test}
-        outputs["test"] = output.with_name(output.name.removesuffix(".parquet") + ".test.parquet")
+        for name, part in splits.items():
+            if not part:
+                raise InputError(f"the {name} split is empty ({len(records):,} pairs, --test-fraction "
+                                 f"{options.test_fraction}); nothing written")
     provenance_base = {
         "reader": "perpair.data.prepare",
         "options": options.model_dump(),
         "sources": [report.as_dict() for report in reports],
         "counts": {name: len(part) for name, part in splits.items()},
+        **extra,
     }
-    for name, part in splits.items():
-        write_artifact(outputs[name], records_to_table(part), kind=KIND, schema_version=SCHEMA_VERSION,
-                       provenance={**provenance_base, "split": name})
+    written: list[Path] = []
+    try:
+        for name, part in splits.items():
+            write_artifact(outputs[name], records_to_table(part), kind=KIND, schema_version=SCHEMA_VERSION,
+                           provenance={**provenance_base, "split": name})
+            written.append(outputs[name])
+    except BaseException:
+        # The train and test files belong together: one without the other is a partial result.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return PrepareResult(outputs=outputs, counts=provenance_base["counts"], sources=reports)

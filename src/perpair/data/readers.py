@@ -10,105 +10,26 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from perpair.data.llamafactory import UNPAIRED, is_unpaired, read_alpaca, read_sharegpt
+from perpair.data.rows import (
+    MISSING,
+    ColumnMap,
+    Degenerate,
+    ReadContext,
+    as_messages,
+    as_score,
+    as_text,
+    get,
+    type_name,
+)
 from perpair.data.schema import Message, PairRecord, normalise_text
 from perpair.data.sources import RowProblem
 from perpair.errors import InputError
 
-
-class Degenerate(Exception):
-    """A well-formed pair with no preference signal; ``reason`` is the counted reason."""
-
-    def __init__(self, reason: str, detail: str, field: str | None = None):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-        self.field = field
-
-
-@dataclass(frozen=True)
-class ColumnMap:
-    """Where the parts of a pair are in a row; dotted names reach into nested objects."""
-
-    prompt: str | None = "prompt"
-    chosen: str = "chosen"
-    rejected: str = "rejected"
-    score_chosen: str | None = None
-    score_rejected: str | None = None
-
-
-@dataclass(frozen=True)
-class ReadContext:
-    source: str
-    row: int
-    columns: ColumnMap = field(default_factory=ColumnMap)
-    seed: int = 0
-
-
 Reader = Callable[[dict[str, Any], ReadContext], PairRecord]
-
-_MISSING = object()
-
-
-# ----------------------------------------------------------------------------------------- field access
-
-def get(row: dict[str, Any], path: str, *, required: bool = True) -> Any:
-    """``row[path]`` where ``path`` may be dotted (``metadata.score_chosen``)."""
-    value: Any = row
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            if required:
-                raise RowProblem(f"missing_field:{path}", "field is missing", path)
-            return _MISSING
-        value = value[part]
-    if value is None and required:
-        raise RowProblem(f"missing_field:{path}", "field is null", path)
-    return value
-
-
-def as_text(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise RowProblem(f"wrong_type:{name}", f"expected a string, got {_type_name(value)}", name)
-    return value
-
-
-def as_score(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RowProblem(f"wrong_type:{name}", f"expected a number, got {_type_name(value)}", name)
-    if not math.isfinite(value):
-        raise RowProblem(f"wrong_type:{name}", f"expected a finite number, got {value}", name)
-    return float(value)
-
-
-def as_messages(value: Any, name: str, default_role: str) -> list[Message]:
-    """A string (one message of ``default_role``) or a list of ``{"role", "content"}`` objects."""
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if not isinstance(value, list) or not value:
-        what = "an empty list" if isinstance(value, list) else _type_name(value)
-        raise RowProblem(f"wrong_type:{name}", f"expected a string or a list of messages, got {what}", name)
-    messages = []
-    for index, message in enumerate(value):
-        where = f"{name}[{index}]"
-        if not isinstance(message, dict):
-            raise RowProblem(f"wrong_type:{name}", f"expected a message object, got {_type_name(message)}",
-                             where)
-        role = message.get("role")
-        content = message.get("content")
-        if not isinstance(role, str) or not role:
-            raise RowProblem(f"wrong_type:{name}", "message has no string 'role'", f"{where}.role")
-        if not isinstance(content, str):
-            raise RowProblem(f"wrong_type:{name}", f"message 'content' must be a string, got "
-                                                   f"{_type_name(content)}", f"{where}.content")
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _same(a: list[Message], b: list[Message]) -> bool:
@@ -140,7 +61,7 @@ def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[fl
         found = get(row, chosen_key, required=False)
         if found is None and not required:
             return None, None
-        if found is not _MISSING or columns.score_chosen:
+        if found is not MISSING or columns.score_chosen:
             return (as_score(get(row, chosen_key), chosen_key),
                     as_score(get(row, rejected_key), rejected_key))
     if required:
@@ -157,21 +78,24 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
     columns = ctx.columns
     chosen_raw = get(row, columns.chosen)
     rejected_raw = get(row, columns.rejected)
-    prompt_raw = get(row, columns.prompt, required=False) if columns.prompt else _MISSING
-    if prompt_raw is _MISSING or prompt_raw is None:
-        prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns)
+    roles = ctx.role_map
+    prompt_raw = MISSING
+    if columns.prompt:
+        prompt_raw = get(row, columns.prompt, required=not columns.prompt_optional)
+    if prompt_raw is MISSING or prompt_raw is None:
+        prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns, roles)
     else:
-        prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user")
-        chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant"), prompt, columns.chosen)
-        rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant"), prompt,
+        prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user", roles)
+        chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant", roles), prompt, columns.chosen)
+        rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant", roles), prompt,
                                columns.rejected)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
                       score_chosen=score_chosen, score_rejected=score_rejected)
 
 
-def _split_implicit(chosen_raw: Any, rejected_raw: Any,
-                    columns: ColumnMap) -> tuple[list[Message], list[Message], list[Message]]:
+def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
+                    roles: Mapping[str, str]) -> tuple[list[Message], list[Message], list[Message]]:
     """Implicit prompt: the part the two responses share. Message lists split at the first message that
     differs; plain strings at the first differing character, backed up to the last whitespace so that a
     word is not cut in two (TRL's convention keeps the shared prefix as the prompt too)."""
@@ -187,8 +111,8 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any,
         return ([{"role": "user", "content": prefix}],
                 [{"role": "assistant", "content": chosen_raw[end:]}],
                 [{"role": "assistant", "content": rejected_raw[end:]}])
-    chosen = as_messages(chosen_raw, columns.chosen, "assistant")
-    rejected = as_messages(rejected_raw, columns.rejected, "assistant")
+    chosen = as_messages(chosen_raw, columns.chosen, "assistant", roles)
+    rejected = as_messages(rejected_raw, columns.rejected, "assistant", roles)
     shared = 0
     while (shared < min(len(chosen), len(rejected)) - 1
            and _same(chosen[shared:shared + 1], rejected[shared:shared + 1])):
@@ -240,11 +164,12 @@ def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
 def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     """OpenAI preference fine-tuning layout: ``input.messages``, ``preferred_output``,
     ``non_preferred_output`` (lists of assistant messages)."""
-    prompt = as_messages(get(row, "input.messages"), "input.messages", "user")
-    chosen = _completion(as_messages(get(row, "preferred_output"), "preferred_output", "assistant"), prompt,
-                         "preferred_output")
-    rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant"),
-                           prompt, "non_preferred_output")
+    roles = ctx.role_map
+    prompt = as_messages(get(row, "input.messages"), "input.messages", "user", roles)
+    chosen = _completion(as_messages(get(row, "preferred_output"), "preferred_output", "assistant", roles),
+                         prompt, "preferred_output")
+    rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
+                                       roles), prompt, "non_preferred_output")
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row)
 
 
@@ -257,7 +182,7 @@ def _aspect_ratings(completion: dict[str, Any], where: str) -> dict[str, float]:
     if annotations is None:
         return {}
     if not isinstance(annotations, dict):
-        raise RowProblem("wrong_type:completions", f"expected an object, got {_type_name(annotations)}",
+        raise RowProblem("wrong_type:completions", f"expected an object, got {type_name(annotations)}",
                          f"{where}.annotations")
     ratings = {}
     for aspect in ASPECTS:
@@ -289,13 +214,13 @@ def read_ultrafeedback_raw(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     instruction = as_text(get(row, "instruction"), "instruction")
     completions = get(row, "completions")
     if not isinstance(completions, list):
-        raise RowProblem("wrong_type:completions", f"expected a list, got {_type_name(completions)}",
+        raise RowProblem("wrong_type:completions", f"expected a list, got {type_name(completions)}",
                          "completions")
     parsed = []
     for index, completion in enumerate(completions):
         where = f"completions[{index}]"
         if not isinstance(completion, dict):
-            raise RowProblem("wrong_type:completions", f"expected an object, got {_type_name(completion)}",
+            raise RowProblem("wrong_type:completions", f"expected an object, got {type_name(completion)}",
                              where)
         response = as_text(get(completion, "response"), f"{where}.response")
         score = as_score(get(completion, "overall_score"), f"{where}.overall_score")
@@ -321,6 +246,8 @@ READERS: dict[str, Reader] = {
     "ultrafeedback-raw": read_ultrafeedback_raw,
     "hh-rlhf": read_hh_rlhf,
     "openai": read_openai,
+    "sharegpt": read_sharegpt,
+    "alpaca": read_alpaca,
     "trl": read_preference,
     "columns": read_preference,
 }
@@ -328,12 +255,19 @@ FORMATS = tuple(READERS)
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
-    """The layout a row is in, from its fields; ``None`` when it is none we know."""
+    """The layout a row is in, from its fields; ``None`` when it is none we know. Unpaired (KTO) rows
+    are refused here, with their own message."""
+    if is_unpaired(row):
+        raise InputError(UNPAIRED)
     if "instruction" in row and "completions" in row:
         return "ultrafeedback-raw"
     if "input" in row and "preferred_output" in row:
         return "openai"
     if "chosen" in row and "rejected" in row:
+        if "conversations" in row:
+            return "sharegpt"
+        if "instruction" in row:
+            return "alpaca"
         if "prompt" in row:
             has_scores = "score_chosen" in row or (
                 isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])

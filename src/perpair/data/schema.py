@@ -80,6 +80,9 @@ class PairRecord:
     ratings_chosen: dict[str, float] | None = None
     ratings_rejected: dict[str, float] | None = None
     pair_id: str = field(default="")
+    # What a reader could not put in the pair but kept in ``meta`` (e.g. a tools column); counted by
+    # prepare, not stored as a column.
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.pair_id:

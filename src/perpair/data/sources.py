@@ -59,9 +59,24 @@ def resolve_source(spec: str, split: str | None = None, revision: str | None = N
     path = Path(spec)
     if path.is_file():
         return Source(spec, "file")
-    if path.is_dir() or HUB_ID.match(spec):
+    if path.is_dir() or spec.startswith("hub:"):
         return Source(spec, "dataset", split or "train", revision)
+    if HUB_ID.match(spec) and not looks_local(spec):
+        return Source(spec, "dataset", split or "train", revision)
+    if HUB_ID.match(spec):
+        raise InputError(f"no such file (it looks like a file path, so it was not looked up as a Hugging Face "
+                         f"dataset id; write hub:{spec} for that)", file=spec)
     raise InputError("no such file, and not a Hugging Face dataset id (owner/name)", file=spec)
+
+
+# Endings of data files: a path that has one names a local file, never a Hub dataset.
+DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".pq", ".csv", ".tsv", ".txt", ".arrow", ".zst",
+                 ".bz2", ".xz", ".zip")
+
+
+def looks_local(spec: str) -> bool:
+    """A spec written as a path (``./x``, ``../x``, ``/x``, ``~/x``, or ending in a data file suffix)."""
+    return spec.startswith(("./", "../", "/", "~")) or spec.lower().endswith(DATA_SUFFIXES)
 
 
 def describe(source: Source) -> dict[str, Any]:
@@ -126,10 +141,15 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
                                                  f"position {exc.start})"), None
             continue
         try:
-            yield number, json.loads(text), text.strip()
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
+            continue
+        except RecursionError:
+            yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
+            continue
+        yield number, value, text.strip()
 
 
 def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
@@ -141,6 +161,8 @@ def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
     except json.JSONDecodeError as exc:
         raise InputError(f"not valid JSON, truncated or corrupt ({exc.msg} at line {exc.lineno}, "
                          f"column {exc.colno})", file=path) from None
+    except RecursionError:
+        raise InputError("JSON nested too deeply to read", file=path) from None
     if not isinstance(values, list):
         raise InputError("a JSON file must hold an array of rows (or be JSON Lines)", file=path)
     for number, value in enumerate(values, start=1):
@@ -169,8 +191,10 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
     try:
         dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
-        raise InputError(f"could not load the dataset (split {source.split!r}): "
-                         f"{type(exc).__name__}: {exc}", file=source.spec) from None
+        local = "" if source.spec.startswith("hub:") or Path(source.spec).is_dir() else \
+            "there is no local file or folder of that name, and "
+        raise InputError(f"{local}loading it as a dataset (split {source.split!r}) failed: "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=source.spec) from None
     provenance["fingerprint"] = getattr(dataset, "_fingerprint", None)
     for number, row in enumerate(dataset, start=1):
         yield number, row, None
