@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from perpair.artifacts import write_artifact
-from perpair.data.llamafactory import DatasetEntry, load_dataset_entry
+from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
 from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
@@ -197,9 +197,14 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
         report = SourceReport(describe(source))
         reports.append(report)
         label = source.label
+        unseen = dict(_named_columns(options, entry, required=False))
+        complete = True
         for number, value, text in iter_rows(source, report.source):
             if options.limit is not None and len(records) >= options.limit:
+                complete = False
                 break
+            if unseen and isinstance(value, dict):
+                unseen = {c: who for c, who in unseen.items() if get(value, c, required=False) is MISSING}
             report.rows_read += 1
             rows_total += 1
             if on_progress and rows_total % 1000 == 0:
@@ -216,6 +221,9 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             report.pairs_kept += 1
             for note in record.notes:
                 report.notes.add(note, number)
+        if unseen and complete:
+            column, who = next(iter(unseen.items()))
+            raise InputError(f"{who} names column '{column}', which no row has", file=source.spec, field=column)
     if not records:
         raise InputError(f"no pairs kept, nothing written: {_excluded_summary(reports)}",
                          file=", ".join(sources))
@@ -263,14 +271,21 @@ def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path]) 
                                  "another -o", file=str(path))
 
 
+def _named_columns(options: PrepareOptions, entry: DatasetEntry | None,
+                   required: bool) -> list[tuple[str, str]]:
+    """``(column, who named it)`` for the columns the user or a dataset_info entry named: the required
+    ones (every row has them), or the optional ones (at least one row must have each)."""
+    if entry is None:
+        return options.named_columns() if required else []
+    keys = [key for key in entry.layout.named if (key in REQUIRED[entry.format]) == required]
+    return [(entry.layout.columns[key], f"dataset '{options.dataset}' (columns.{key})")
+            for key in keys if entry.layout.columns.get(key)]
+
+
 def _check_named_columns(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
                          entry: DatasetEntry | None) -> None:
-    """A column the user (or a dataset_info entry) named must be in the first row: no fallback."""
-    named = options.named_columns()
-    if entry is not None:
-        named = [(entry.layout.columns[key], f"column '{key}' of dataset '{options.dataset}'")
-                 for key in entry.layout.named if entry.layout.columns.get(key)]
-    for column, option in named:
+    """A required column the user (or a dataset_info entry) named must be in the first row: no fallback."""
+    for column, option in _named_columns(options, entry, required=True):
         if get(value, column, required=False) is MISSING:
             raise InputError(f"{option} names column '{column}', which is not in the data"
                              f"{fields_hint(value)}", file=source.spec, row=number, field=column)
@@ -353,9 +368,12 @@ def _write(records: list[PairRecord], outputs: dict[str, Path], options: Prepare
             write_artifact(outputs[name], records_to_table(part), kind=KIND, schema_version=SCHEMA_VERSION,
                            provenance={**provenance_base, "split": name})
             written.append(outputs[name])
-    except BaseException:
+    except BaseException as exc:
         # The train and test files belong together: one without the other is a partial result.
         for path in written:
             path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            target = outputs["test" if len(written) else "train"]
+            raise InputError(f"cannot write it ({exc.strerror or exc})", file=str(target)) from None
         raise
     return PrepareResult(outputs=outputs, counts=provenance_base["counts"], sources=reports)
