@@ -224,3 +224,17 @@ def test_sharegpt_response_must_be_an_assistant_turn_and_system_prompts_agree(tm
                                tmp_path / "t.parquet")
     assert result.returncode == 0
     assert written(tmp_path / "t.parquet")[0][0]["prompt"] == [msg("system", "S"), msg("user", "q")]
+
+
+def test_dataset_info_options_go_together_and_alone(tmp_path):
+    out = tmp_path / "o.parquet"
+    result = run_cli_inprocess("prepare", "--dataset", "dpo_zh_demo", "-o", out)
+    assert result.returncode == 2
+    assert result.stderr == "error: invalid options: give both --dataset-info and --dataset, or neither\n"
+    result = run_cli_inprocess("prepare", LF / "alpaca_pref.jsonl", "--dataset-info", INFO, "--dataset",
+                               "dpo_zh_demo", "-o", out)
+    assert result.stderr == "error: --dataset-info names the data itself; give no other source\n"
+    result = run_cli_inprocess("prepare", "--dataset-info", INFO, "--dataset", "dpo_zh_demo", "--format", "trl",
+                               "-o", out)
+    assert "--dataset-info describes the layout itself; leave out --format" in result.stderr
+    assert not out.exists()
