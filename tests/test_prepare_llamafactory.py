@@ -154,12 +154,15 @@ def test_dataset_info_refusals_name_what_is_there(tmp_path):
     info["dpo_zh_demo"]["columns"]["system"] = "system_prompt"       # an optional column no row has
     info["images"] = {**info["dpo_zh_demo"], "columns": {"images": "images"}}
     info["ms"] = {"ms_hub_url": "x/y", "ranking": True}
+    info["subset"] = {**info["dpo_zh_demo"], "subset": "en", "num_samples": 10}
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     (tmp_path / "sharegpt_pref.json").write_text((LF / "sharegpt_pref.json").read_text())
     assert "dataset 'dpo_zh_demo' (columns.system) names column 'system_prompt', which no row has" \
         in info_error(tmp_path, "dpo_zh_demo", tmp_path)              # the folder is enough
     assert "'images' column: perpair reads text only" in info_error(tmp_path, "images", tmp_path)
     assert "'file_name' or 'hf_hub_url'" in info_error(tmp_path, "ms", tmp_path)
+    assert "field 'num_samples': dataset 'subset': perpair does not read 'num_samples', 'subset' (it reads " \
+        "columns, file_name, formatting, hf_hub_url, ranking, split, tags)" in info_error(tmp_path, "subset", tmp_path)
     (tmp_path / "latin1.json").write_bytes('{"caf\xe9": 1}'.encode("latin-1"))
     assert "not valid UTF-8" in info_error(tmp_path, "x", tmp_path / "latin1.json")
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -237,4 +240,8 @@ def test_dataset_info_options_go_together_and_alone(tmp_path):
     result = run_cli_inprocess("prepare", "--dataset-info", INFO, "--dataset", "dpo_zh_demo", "--format", "trl",
                                "-o", out)
     assert "--dataset-info describes the layout itself; leave out --format" in result.stderr
+    result = run_cli_inprocess("prepare", LF / "alpaca_pref.jsonl", "--format", "alpaca", "--prompt-col", "x",
+                               "-o", out)
+    assert result.stderr == "error: invalid options: --format alpaca does not read --*-col options (they apply " \
+                            "to columns, trl, ultrafeedback)\n"
     assert not out.exists()
