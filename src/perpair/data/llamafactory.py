@@ -47,6 +47,11 @@ COLUMNS = {
 }
 REQUIRED = {"sharegpt": ("messages", "chosen", "rejected"), "alpaca": ("prompt", "chosen", "rejected")}
 MEDIA_COLUMNS = ("images", "videos", "audios")
+# dataset_info entry keys: those perpair reads, and other places of the same data (used when neither
+# file_name nor hf_hub_url is given: then the entry is refused). Any other key (subset, folder,
+# num_samples, ...) changes what is read and is refused rather than ignored.
+READ_KEYS = {"file_name", "hf_hub_url", "split", "formatting", "ranking", "columns", "tags"}
+OTHER_SOURCES = {"ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
 UNPAIRED = "these rows are unpaired (KTO) data; perpair needs pairs (a chosen and a rejected response to " \
            "the same prompt)"
 
@@ -243,6 +248,10 @@ def load_dataset_entry(info_path: str, name: str) -> DatasetEntry:
             raise fail(f"tag '{key}' is not one of {', '.join(DEFAULT_TAGS)}", f"tags.{key}")
     if formatting == "alpaca" and tags:
         raise fail("'tags' apply to sharegpt datasets only", "tags")
+    unsupported = sorted(set(entry) - READ_KEYS - OTHER_SOURCES)
+    if unsupported:
+        raise fail(f"perpair does not read {', '.join(map(repr, unsupported))} (it reads "
+                   f"{', '.join(sorted(READ_KEYS))}); remove it or prepare the data yourself", unsupported[0])
     layout = Layout(formatting, {**COLUMNS[formatting], **columns}, {**DEFAULT_TAGS, **tags},
                     named=tuple(dict.fromkeys([*REQUIRED[formatting], *columns])))
     if "file_name" in entry:

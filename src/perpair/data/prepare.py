@@ -30,6 +30,8 @@ from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text
 from perpair.data.sources import RowProblem, Source, describe, iter_rows, resolve_source
 from perpair.errors import InputError
 
+# The layouts whose reader takes its column names from --prompt-col/--chosen-col/...
+COLUMN_FORMATS = ("columns", "trl", "ultrafeedback")
 # Row numbers kept per reason in the provenance; the count is always exact.
 MAX_ROWS_LISTED = 1000
 
@@ -73,6 +75,9 @@ class PrepareOptions(BaseModel):
             raise ValueError(f"unknown format '{self.format}'; known formats: {', '.join(FORMATS)}")
         if (self.score_chosen_col is None) != (self.score_rejected_col is None):
             raise ValueError("give both --score-chosen-col and --score-rejected-col, or neither")
+        if self.column_map is not None and self.format not in (None, *COLUMN_FORMATS):
+            raise ValueError(f"--format {self.format} does not read --*-col options (they apply to "
+                             f"{', '.join(COLUMN_FORMATS)})")
         for name, role in (self.role_map or {}).items():
             if role not in ROLES:
                 raise ValueError(f"--role-map {name}={role}: the role must be one of {', '.join(ROLES)}")
