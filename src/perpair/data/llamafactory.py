@@ -101,11 +101,10 @@ def _optional_text(row: dict[str, Any], column: str | None) -> str:
 
 
 def _turn(value: Any, where: str, layout: Layout, roles: dict[str, str]) -> Message:
-    if not isinstance(value, dict):
-        raise RowProblem(f"wrong_type:{where.split('[')[0]}",
-                         f"expected a message object, got {type_name(value)}", where)
-    role_tag, content_tag = layout.tags["role_tag"], layout.tags["content_tag"]
     code = f"wrong_type:{where.split('[')[0]}"
+    if not isinstance(value, dict):
+        raise RowProblem(code, f"expected a message object, got {type_name(value)}", where)
+    role_tag, content_tag = layout.tags["role_tag"], layout.tags["content_tag"]
     if role_tag not in value and "role" in value and "content" in value:
         role_tag, content_tag = "role", "content"   # OpenAI-style turns in a sharegpt file
     return {"role": as_role(value.get(role_tag), code, f"{where}.{role_tag}", roles),
