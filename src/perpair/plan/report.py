@@ -17,7 +17,7 @@ import pyarrow as pa
 import yaml
 from matplotlib.figure import Figure
 
-from perpair.annotate.schema import CATEGORIES
+from perpair.annotate.schema import CATEGORIES, UNKNOWN
 
 PLOTS = (
     ("beta_hist.png", "β histogram (pairs on the preference route)"),
@@ -105,7 +105,7 @@ def beta_histogram(beta: np.ndarray, route: np.ndarray, global_beta: float) -> F
 
 def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) -> Figure:
     kept = ~np.isnan(beta)
-    labels = [c for c in (*CATEGORIES, None) if np.any(kept & (category == c))] if kept.any() else []
+    labels = [c for c in (*CATEGORIES, UNKNOWN, None) if np.any(kept & (category == c))] if kept.any() else []
     if not labels:
         return _placeholder("β by category", "no pair has a β")
     figure = Figure(figsize=(7, 3.8), layout="constrained")
@@ -125,7 +125,9 @@ def category_magnitude_counts(category: np.ndarray, magnitude: np.ndarray) -> di
     """Pair counts per category and magnitude rounded to 0–3 (the annotated pairs only)."""
     counts = {}
     rounded = np.rint(np.nan_to_num(magnitude)).astype(np.int64)
-    for c in CATEGORIES:
+    for c in (*CATEGORIES, UNKNOWN):
+        if c == UNKNOWN and not np.any(category == c):
+            continue  # a row only where a teacher said it (the ratings teacher with an overall score only)
         rows = category == c
         counts[c] = [int(np.sum(rows & (rounded == m))) for m in range(4)]
     return counts
