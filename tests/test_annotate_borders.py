@@ -159,3 +159,12 @@ def test_output_equal_to_the_input_is_refused(uf_pairs, tmp_path):
 def test_ratings_teacher_summary_on_overall_scores_only(uf_pairs, tmp_path):
     result = annotate(uf_pairs, tmp_path / "r.parquet", "--teacher", "ratings")
     assert "884 pairs have no per-aspect ratings" in result.stdout and "teacher LLM" in result.stdout
+
+
+def test_local_teacher_prints_no_dependency_noise(uf_pairs, tmp_path):
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    result = annotate(uf_pairs, tmp_path / "local.parquet", "--teacher", f"local:{model}", "--limit", "2")
+    assert result.stderr == ""  # no transformers progress bars, notices or FutureWarnings (stderr is piped)
+    assert "2 pairs annotated" in result.stdout

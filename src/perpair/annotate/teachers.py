@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,8 @@ class LocalTeacher:
         from transformers import AutoConfig
 
         try:
-            AutoConfig.from_pretrained(spec)
+            with _quiet_transformers():
+                AutoConfig.from_pretrained(spec)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             what = "a model folder (config.json)" if folder.is_dir() else "a model on the Hub or in its cache"
@@ -196,8 +198,9 @@ class LocalTeacher:
             if self._model is None:
                 path = resolve_model(self.config.model)
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
-                self._tokenizer = AutoTokenizer.from_pretrained(path)
-                self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                with _quiet_transformers():
+                    self._tokenizer = AutoTokenizer.from_pretrained(path)
+                    self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer
@@ -275,6 +278,27 @@ class LocalTeacher:
                     raw_response=json.dumps(raw, sort_keys=True), attempts=1))
         order = {call.key: i for i, call in enumerate(calls)}
         return sorted(records, key=lambda r: order[r.key])
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Loading without transformers' progress bars, notices and FutureWarnings: the user cannot act on them,
+    and perpair's own progress and errors say what matters."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
