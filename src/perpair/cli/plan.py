@@ -92,13 +92,19 @@ def plan_command(
             out.print(f"report: {escape(str(page))}")
 
 
-def _summary(result: PlanResult, output: Path, page: Path | None) -> dict:
+def _preference_betas(result: PlanResult) -> dict[str, float] | None:
+    """min, geometric mean and max of β over the preference route (None when no pair is on it)."""
     betas = result.table.column("beta").to_numpy(zero_copy_only=False).astype(np.float64)
     trained = betas[np.array(result.table.column("route").to_pylist()) == "preference"]
-    stats = None if not len(trained) else {"min": float(trained.min()), "max": float(trained.max()),
-                                           "geomean": float(np.exp(np.mean(np.log(trained))))}
+    if not len(trained):
+        return None
+    return {"min": float(trained.min()), "geomean": float(np.exp(np.mean(np.log(trained)))),
+            "max": float(trained.max())}
+
+
+def _summary(result: PlanResult, output: Path, page: Path | None) -> dict:
     return {"plan": str(output), "report": None if page is None else str(page), "preset": result.provenance["preset"],
-            "counts": result.provenance["counts"], "beta_preference": stats,
+            "counts": result.provenance["counts"], "beta_preference": _preference_betas(result),
             "warnings": result.provenance["warnings"]}
 
 
@@ -115,11 +121,9 @@ def _print_summary(result: PlanResult) -> None:
     table.add_row("mislabeled above threshold",
                   f"{mislabeled['above_threshold']:,} of {mislabeled['total']:,} "
                   f"(action {mislabeled['action']})")
-    betas = result.table.column("beta").to_numpy(zero_copy_only=False).astype(np.float64)
-    trained = betas[np.array(result.table.column("route").to_pylist()) == "preference"]
-    if len(trained):
+    if (betas := _preference_betas(result)) is not None:
         table.add_row("β (preference route) min / geomean / max",
-                      f"{trained.min():.4g} / {np.exp(np.mean(np.log(trained))):.4g} / {trained.max():.4g}")
+                      f"{betas['min']:.4g} / {betas['geomean']:.4g} / {betas['max']:.4g}")
     table.add_row("β schedule", f"{schedule.beta.kind}, global β {schedule.beta.beta:g}")
     table.add_row("margin / curriculum", f"{schedule.margin.source} / {schedule.curriculum.kind}")
     if counts["no_margin"]:
