@@ -168,3 +168,16 @@ def test_local_teacher_prints_no_dependency_noise(uf_pairs, tmp_path):
     result = annotate(uf_pairs, tmp_path / "local.parquet", "--teacher", f"local:{model}", "--limit", "2")
     assert result.stderr == ""  # no transformers progress bars, notices or FutureWarnings (stderr is piped)
     assert "2 pairs annotated" in result.stdout
+
+
+def test_ratings_without_any_score_exit_3_and_say_why(tmp_path):
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "unscored.parquet"
+    make_pairs(pairs, [(None, None)] * 3 + [(7.0, 5.0)])
+    result = annotate(pairs, tmp_path / "a.parquet", "--teacher", "ratings", check=False)
+    assert result.returncode == 0 and "no annotation × 3: the pair has no ratings" in result.stdout
+    make_pairs(pairs, [(None, None)] * 3)
+    result = annotate(pairs, tmp_path / "b.parquet", "--teacher", "ratings", check=False)
+    assert result.returncode == 3 and "no annotation × 3: the pair has no ratings" in result.stdout
+    assert "no pair of 3 got a valid annotation" in result.stderr

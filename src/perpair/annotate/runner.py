@@ -104,6 +104,7 @@ class AnnotateResult:
     requests: int  # HTTP requests this run sent
     elapsed_s: float
     failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+    unanswered: dict[str, int] = field(default_factory=dict)  # reason -> count of calls a teacher could not answer
     retried: int = 0  # cached failures asked again (--retry-failed)
     unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
     min_valid_share: float = 0.0
@@ -199,10 +200,13 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
 
     status: dict[str, int] = {}
     failures: dict[str, int] = {}
+    unanswered: dict[str, int] = {}
     for record in ordered:
         status[record.status] = status.get(record.status, 0) + 1
         if record.status == "failed":
             failures[record.reason or "?"] = failures.get(record.reason or "?", 0) + 1
+        elif record.status == "unknown":
+            unanswered[record.reason or "?"] = unanswered.get(record.reason or "?", 0) + 1
     usage = {"prompt_tokens": sum(r.prompt_tokens for r in ordered),
              "completion_tokens": sum(r.completion_tokens for r in ordered),
              "cost": round(sum(r.cost for r in ordered), 10)}
@@ -227,7 +231,8 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         cached=progress.cached, status=status, annotated_pairs=annotated, prompt_tokens=usage["prompt_tokens"],
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
         requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
-        retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share)
+        retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
+        unanswered=unanswered)
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:

@@ -112,6 +112,8 @@ def _print_result(result: AnnotateResult) -> None:
     failed = result.status.get("failed", 0)
     for reason, count in sorted(result.failures.items(), key=lambda item: -item[1])[:10]:
         out.print(f"  failed × {count}: {escape(reason)}")
+    for reason, count in sorted(result.unanswered.items(), key=lambda item: -item[1])[:10]:
+        out.print(f"  no annotation × {count}: {escape(reason)}")
     if failed:
         out.print(f"{failed:,} calls failed and are cached as failures: re-run with --retry-failed to ask them "
                   "again (answers already cached are kept)")
