@@ -112,7 +112,8 @@ def test_invalid_answers_are_reasked_then_recorded_as_failures(uf_pairs, tmp_pat
 
     with Stub(lambda body, request: "I think A is better.") as url:
         out = tmp_path / "never.parquet"
-        result = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "4")
+        result = annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "4", check=False)
+        assert result.returncode == 3  # no pair got an annotation; the files are written all the same
         calls = pq.read_table(calls_path(out)).to_pylist()
         assert all(c["status"] == "failed" and "invalid answer after 2 re-asks" in c["reason"] for c in calls)
         assert all(c["raw_response"] == "I think A is better." for c in calls)
@@ -202,10 +203,10 @@ def test_ratings_teacher_on_raw_and_binarized_data(uf_pairs, tmp_path):
     annotate(uf_pairs, binarized, "--teacher", "ratings")
     table, provenance = read_annotations(binarized)
     categories = table.column("category").to_pylist()
-    assert len(categories) == 994 and set(categories) == {None, "no_clear_gap"}
-    assert categories.count("no_clear_gap") == provenance["counts"]["ok"]
-    reasons = set(table.column("reason").to_pylist()) - {None}
-    assert reasons == {"only an overall score: category unknown"}
+    # Overall scores only: ties are no_clear_gap, every other pair a gap of known size and unknown kind.
+    assert len(categories) == 994 and set(categories) == {"unknown", "no_clear_gap"}
+    assert categories.count("no_clear_gap") + categories.count("unknown") == provenance["counts"]["ok"]
+    assert categories.count("unknown") == 884  # the count of pairs the old rule left unannotated
 
 
 @pytest.mark.parametrize("spec", ["api:notaurl", "local:"])

@@ -81,9 +81,15 @@ def test_ratings_teacher_rules():
     flipped = teacher.annotate(ratings_call(score_chosen=4.0, score_rejected=6.5, ratings_chosen=aspects_r,
                                             ratings_rejected=aspects_c))
     assert (flipped.category, flipped.magnitude, flipped.preferred) == ("mislabeled", 2.0, "rejected")
-    overall_only = teacher.annotate(ratings_call(score_chosen=8.0, score_rejected=7.5))
-    assert overall_only.status == "unknown" and overall_only.category is None
-    assert "only an overall score" in overall_only.reason and overall_only.magnitude == 1.0
+    # An overall score only: the kind of gap is unknown, its size is not (magnitude by the edges 1 and 3).
+    for margin, size in ((0.5, 1.0), (1.0, 1.0), (2.5, 2.0), (3.0, 2.0), (3.5, 3.0)):
+        overall_only = teacher.annotate(ratings_call(score_chosen=5.0 + margin, score_rejected=5.0))
+        assert (overall_only.status, overall_only.category) == ("ok", "unknown")
+        assert (overall_only.magnitude, overall_only.confidence) == (size, 1.0)
+        assert "only an overall score" in overall_only.rationale
+    against = teacher.annotate(ratings_call(score_chosen=8.0, score_rejected=6.0,
+                                            ratings_chosen={"helpfulness": 3.0}, ratings_rejected={"helpfulness": 4.0}))
+    assert (against.category, against.magnitude, against.confidence) == ("unknown", 2.0, 0.0)
     nothing = teacher.annotate(ratings_call(score_chosen=None, score_rejected=None))
     assert nothing.status == "unknown" and "no ratings" in nothing.reason
     # Equal aspect gaps: the more objective category wins.
@@ -116,6 +122,11 @@ def test_aggregation_by_hand():
     failed = aggregate_pair("p", [CallRecord(key="k", pair_id="p", teacher="a", template="t", status="failed",
                                              reason="timed out")], {})
     assert failed["category"] is None and failed["reason"] == "timed out" and failed["n_valid"] == 0
+    # "unknown" (a gap of known size, unknown kind) votes only when no call names a category.
+    named = aggregate_pair("p", [rec("r", "unknown", 3.0, 1.0), rec("a", "style", 1.0, 0.2)], {"r": 5.0})
+    assert (named["category"], named["magnitude"], named["n_valid"]) == ("style", 1.0, 2)
+    alone = aggregate_pair("p", [rec("r", "unknown", 2.0, 1.0), rec("s", "unknown", 1.0, 1.0)], {})
+    assert (alone["category"], alone["magnitude"]) == ("unknown", 1.5)
 
 
 def test_single_call_passes_through_exactly():

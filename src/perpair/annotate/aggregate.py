@@ -4,8 +4,10 @@ DESIGN: category by confidence-weighted vote; magnitude and confidence by weight
 Ours, precisely: a valid call of teacher t votes ``w_t · confidence`` for its category (the most objective
 category wins a tie: CATEGORIES order); magnitude = the mean of magnitudes weighted by ``w_t · confidence``;
 confidence = the mean of confidences weighted by ``w_t``; agreement = the winning category's share of the
-vote. A single call passes through unchanged (agreement 1). Pairs without a valid call get a null category
-(the plan treats them as unannotated) and the reasons of their calls.
+vote. A single call passes through unchanged (agreement 1). Calls whose category is ``unknown`` (a gap of
+known size, unknown kind) vote only when no call names a category: they say nothing about which one it is.
+Pairs without a valid call get a null category (the plan treats them as unannotated) and the reasons of
+their calls.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 from perpair.annotate.cache import CallRecord
-from perpair.annotate.schema import CATEGORIES
+from perpair.annotate.schema import CATEGORIES, UNKNOWN
+
+_RANK = {category: i for i, category in enumerate((*CATEGORIES, UNKNOWN))}  # tie-break: most objective first
 
 AGGREGATE_SCHEMA = pa.schema([
     pa.field("pair_id", pa.string(), nullable=False),
@@ -38,13 +42,14 @@ def aggregate_pair(pair_id: str, records: list[CallRecord], weights: dict[str, f
         reasons = sorted({r.reason for r in records if r.reason}) or ["no teacher call"]
         row["reason"] = "; ".join(reasons)
         return row
+    valid = [r for r in valid if r.category != UNKNOWN] or valid
     vote_weight = [weights.get(r.teacher, 1.0) * (r.confidence or 0.0) for r in valid]
     if sum(vote_weight) == 0:  # every call had confidence 0: count them equally rather than divide by 0
         vote_weight = [weights.get(r.teacher, 1.0) for r in valid]
     votes: dict[str, float] = {}
     for record, weight in zip(valid, vote_weight, strict=True):
         votes[record.category] = votes.get(record.category, 0.0) + weight
-    winner = min(votes, key=lambda c: (-votes[c], CATEGORIES.index(c)))
+    winner = min(votes, key=lambda c: (-votes[c], _RANK[c]))
     total = sum(vote_weight)
     teacher_weight = [weights.get(r.teacher, 1.0) for r in valid]
     row.update(

@@ -127,6 +127,9 @@ class AnnotateConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Annotate only the first N pairs of the file.")
     shard: str | None = Field(None, description="'i/n': this machine's share of the pairs, by pair id.")
     retry_failed: bool = Field(False, description="Ask again where the cache holds a final failure.")
+    min_valid_share: float = Field(0.0, ge=0.0, le=1.0, description="The run fails (exit 3, artifacts still "
+                                   "written) when fewer than this share of the pairs got a valid annotation, "
+                                   "or when none did.")
 
     @field_validator("shard")
     @classmethod
@@ -182,7 +185,8 @@ def parse_teacher_spec(spec: str) -> dict:
 
 
 def load_config(path: str | Path | None, *, teachers: list[str] | None = None, base_urls: list[str] | None = None,
-                templates: list[str] | None = None, concurrency: int | None = None, **overrides) -> AnnotateConfig:
+                templates: list[str] | None = None, concurrency: int | None = None, api_key_env: str | None = None,
+                **overrides) -> AnnotateConfig:
     """The YAML file (if any) with the command line's options on top, validated before any work starts."""
     data: dict = {}
     if path is not None:
@@ -202,6 +206,8 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
                 teacher["concurrency"] = concurrency
             if templates:
                 teacher["templates"] = templates
+            if api_key_env is not None:
+                teacher["api_key_env"] = api_key_env
     data.update({k: v for k, v in overrides.items() if v is not None})
     if not data.get("teachers"):
         raise PerpairError("no teacher: give --teacher SPEC or a config with 'teachers'")

@@ -27,12 +27,12 @@ import pyarrow as pa
 from perpair.annotate.aggregate import aggregate
 from perpair.annotate.cache import AnswerCache, CallRecord
 from perpair.annotate.config import AnnotateConfig
-from perpair.annotate.schema import KIND, SCHEMA_VERSION
+from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN
 from perpair.annotate.teachers import Call, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
 from perpair.artifacts import file_sha256, read_artifact, write_artifact
 from perpair.data import read_pairs
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 
 CALLS_KIND = "annotation_calls"
 CALLS_SCHEMA_VERSION = 1
@@ -104,6 +104,32 @@ class AnnotateResult:
     requests: int  # HTTP requests this run sent
     elapsed_s: float
     failures: dict[str, int] = field(default_factory=dict)  # reason -> count
+    unanswered: dict[str, int] = field(default_factory=dict)  # reason -> count of calls a teacher could not answer
+    retried: int = 0  # cached failures asked again (--retry-failed)
+    unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
+    min_valid_share: float = 0.0
+
+    @property
+    def shortfall(self) -> str | None:
+        """Why the run did not give the user what they asked for (no pair, or too few, annotated), or None."""
+        if self.pairs == 0:
+            return None
+        share = self.annotated_pairs / self.pairs
+        if self.annotated_pairs == 0:
+            return f"no pair of {self.pairs:,} got a valid annotation"
+        if share < self.min_valid_share:
+            return (f"{self.annotated_pairs:,} of {self.pairs:,} pairs ({share:.1%}) got a valid annotation, "
+                    f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
+        return None
+
+
+def refuse_overwrite(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse a run whose output would replace one of its inputs (``-o`` naming the input file)."""
+    for out_name, out_path in outputs.items():
+        for in_name, in_path in inputs.items():
+            if in_path is not None and Path(out_path).resolve() == Path(in_path).resolve():
+                raise PerpairError(f"{out_name} {out_path} is the {in_name}: writing it would overwrite the "
+                                   "input; choose another output path")
 
 
 def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str | os.PathLike, *,
@@ -116,10 +142,15 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     """
     started = time.monotonic()
     output = Path(output)
+    cache_path = Path(cache_path or default_cache_path(output))
+    refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
+                     {"pairs file": pairs_path})
     table, _ = read_pairs(str(pairs_path))
     pairs_sha = file_sha256(pairs_path)
-    pairs = _select_pairs(table, config)
+    pairs = _select_pairs(table, config, str(pairs_path))
     teachers = [make_teacher(t, **(teacher_overrides or {}).get(t.id, {})) for t in config.teachers]
+    for teacher in teachers:  # before the cache exists: a bad teacher leaves nothing behind
+        teacher.check()
 
     calls: list[tuple[Any, Call]] = []
     for pair in pairs:
@@ -130,11 +161,12 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
                                             template=template_id, swapped=is_swapped(pair["pair_id"], template_id,
                                                                                      config.seed), pair=pair)))
 
-    cache = AnswerCache(cache_path or default_cache_path(output))
+    cache = AnswerCache(cache_path)
     try:
         cached = cache.get_many([c.key for _, c in calls])
         todo = [(t, c) for t, c in calls
                 if c.key not in cached or (config.retry_failed and cached[c.key].status == "failed")]
+        retried = sum(1 for _, c in todo if c.key in cached)
         progress = Progress(total=len(calls), done=len(calls) - len(todo), cached=len(calls) - len(todo))
         report = on_progress or (lambda _: None)
         report(progress)
@@ -168,14 +200,18 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
 
     status: dict[str, int] = {}
     failures: dict[str, int] = {}
+    unanswered: dict[str, int] = {}
     for record in ordered:
         status[record.status] = status.get(record.status, 0) + 1
         if record.status == "failed":
             failures[record.reason or "?"] = failures.get(record.reason or "?", 0) + 1
+        elif record.status == "unknown":
+            unanswered[record.reason or "?"] = unanswered.get(record.reason or "?", 0) + 1
     usage = {"prompt_tokens": sum(r.prompt_tokens for r in ordered),
              "completion_tokens": sum(r.completion_tokens for r in ordered),
              "cost": round(sum(r.cost for r in ordered), 10)}
-    annotated = sum(1 for c in aggregated.column("category").to_pylist() if c is not None)
+    categories = aggregated.column("category").to_pylist()
+    annotated = sum(1 for c in categories if c is not None)
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
@@ -194,17 +230,29 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         output=output, calls_output=calls_path(output), pairs=len(pairs), calls=len(calls),
         cached=progress.cached, status=status, annotated_pairs=annotated, prompt_tokens=usage["prompt_tokens"],
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
-        requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures)
+        requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
+        retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
+        unanswered=unanswered)
 
 
-def _select_pairs(table: pa.Table, config: AnnotateConfig) -> list[dict[str, Any]]:
+def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
     columns = [c for c in PAIR_COLUMNS if c in table.column_names]
     if config.limit is not None:
         table = table.slice(0, config.limit)  # the first N of the file, then the shard's share of them
     pairs = table.select(columns).to_pylist()
     if (shard := config.shard_index) is not None:
         index, count = shard
-        pairs = [p for p in pairs if int(p["pair_id"], 16) % count == index]
+        chosen = []
+        for row, pair in enumerate(pairs, start=1):
+            try:
+                number = int(pair["pair_id"], 16)
+            except ValueError:
+                raise InputError(f"pair_id {pair['pair_id']!r} is not hexadecimal; --shard splits pairs by the "
+                                 "hex ids perpair prepare writes (re-prepare the file, or run without --shard)",
+                                 file=file, row=row, field="pair_id") from None
+            if number % count == index:
+                chosen.append(pair)
+        pairs = chosen
     return pairs
 
 
@@ -271,6 +319,8 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     """
     if not outputs:
         raise PerpairError("merge needs at least one annotations file")
+    refuse_overwrite({"output": target, "calls table": calls_path(target)},
+                     {f"shard {path}": path for path in outputs})
     aggregated, calls, provenances = [], [], []
     for path in outputs:
         table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)

@@ -1,8 +1,10 @@
 """The annotations artifact: one semantic-gap annotation per preference pair.
 
 A perpair artifact of kind ``annotations`` (schema version 1) with one row per pair and at least the
-columns of :data:`ARROW_SCHEMA`. ``category`` is null when the gap is unknown (the pair is then treated as
-unannotated); otherwise ``magnitude`` and ``confidence`` are required. Its provenance holds
+columns of :data:`ARROW_SCHEMA`. ``category`` is null when the pair got no annotation (the pair is then
+treated as unannotated); otherwise ``magnitude`` and ``confidence`` are required. ``category`` is
+:data:`UNKNOWN` when the size of the gap is known but not its kind (the ratings teacher with an overall score
+only): the plan gives such pairs their own prior. Its provenance holds
 ``pairs_sha256``, the :func:`perpair.artifacts.file_sha256` of the pairs file that was annotated, so a plan
 can refuse annotations made from another pairs file. Extra columns (rationale, teacher id, raw response,
 ...) are allowed and carried along untouched.
@@ -33,6 +35,8 @@ CATEGORIES: tuple[str, ...] = (
     "no_clear_gap",
     "mislabeled",
 )
+# Not a category a teacher LLM can answer: the gap's size is known (an overall score margin), its kind is not.
+UNKNOWN = "unknown"
 MAGNITUDE_MIN, MAGNITUDE_MAX = 0.0, 3.0  # none, minor, moderate, severe
 CONFIDENCE_MIN, CONFIDENCE_MAX = 0.0, 1.0
 
@@ -76,7 +80,7 @@ def _validate_rows(table: pa.Table, file: str) -> None:
     magnitudes = table.column("magnitude").to_pylist()
     confidences = table.column("confidence").to_pylist()
     seen: dict[str, int] = {}
-    known = set(CATEGORIES)
+    known = {*CATEGORIES, UNKNOWN}
     for i, (pair_id, category, magnitude, confidence) in enumerate(
             zip(pair_ids, categories, magnitudes, confidences, strict=True)):
         row = i + 1
@@ -89,7 +93,7 @@ def _validate_rows(table: pa.Table, file: str) -> None:
         if category is None:
             continue  # unknown gap: the plan treats the pair as unannotated
         if category not in known:
-            raise InputError(f"unknown category {category!r}; expected one of {', '.join(CATEGORIES)}",
+            raise InputError(f"unknown category {category!r}; expected one of {', '.join((*CATEGORIES, UNKNOWN))}",
                              file=file, row=row, field="category")
         for name, value, low, high in (("magnitude", magnitude, MAGNITUDE_MIN, MAGNITUDE_MAX),
                                        ("confidence", confidence, CONFIDENCE_MIN, CONFIDENCE_MAX)):

@@ -15,12 +15,14 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from perpair.annotate.cache import CallRecord
 from perpair.annotate.config import ApiTeacherConfig, LocalTeacherConfig, RatingsTeacherConfig
-from perpair.annotate.schema import CATEGORIES
+from perpair.annotate.schema import CATEGORIES, UNKNOWN
 from perpair.annotate.templates import (
     MAGNITUDE_WORDS,
     ParseError,
@@ -29,6 +31,7 @@ from perpair.annotate.templates import (
     get_template,
     parse_answer,
 )
+from perpair.errors import PerpairError
 from perpair.llm.client import ChatClient, ChatError
 
 
@@ -69,7 +72,11 @@ class RatingsTeacher:
     """Ours: the aspect with the largest gap in favour of the preferred response names the category (ties
     between aspects go to the more objective category); the overall margin's size gives the magnitude; a tie
     is ``no_clear_gap``, a negative margin ``mislabeled``. Confidence = the share of rated aspects that agree
-    with the overall margin's direction (1 for ties and when there are no aspects)."""
+    with the overall margin's direction (1 for ties and when there are no aspects).
+
+    With an overall score only (UltraFeedback binarized), or when no aspect favours the chosen response, the
+    category is ``unknown`` but the magnitude still comes from the margin, so a plan's β still follows the
+    margin (through its prior ``beta.priors.unknown``) instead of collapsing to one value."""
 
     asynchronous = False
 
@@ -78,7 +85,11 @@ class RatingsTeacher:
         self.id = config.id
         self.weight = config.weight
         self.templates = config.templates
-        self.fingerprint = {"rule": 1, "edges": list(config.magnitude_edges)}
+        # rule 2: an overall score alone gives category "unknown" with a magnitude (rule 1 gave no annotation)
+        self.fingerprint = {"rule": 2, "edges": list(config.magnitude_edges)}
+
+    def check(self) -> None:
+        """Nothing to check before a run: the data's own ratings need no model."""
 
     def magnitude(self, margin: float) -> float:
         low, high = self.config.magnitude_edges
@@ -121,10 +132,9 @@ class RatingsTeacher:
             return call.record("ok", category="mislabeled", gap_category=best, magnitude=magnitude,
                                confidence=agree, preferred=preferred, rationale=rationale)
         if best is None:
-            reason = ("only an overall score: category unknown" if not gaps
-                      else "no aspect rating favours the chosen response: category unknown")
-            return call.record("unknown", magnitude=magnitude, preferred=preferred, reason=reason,
-                               rationale=f"overall margin {margin:g}" + (f"; aspects: {detail}" if gaps else ""))
+            why = "only an overall score" if not gaps else f"no aspect rating favours the chosen response ({detail})"
+            return call.record("ok", category=UNKNOWN, magnitude=magnitude, confidence=agree, preferred=preferred,
+                               rationale=f"overall margin {margin:g}; {why}: category unknown")
         return call.record("ok", category=best, gap_category=best, magnitude=magnitude, confidence=agree,
                            preferred=preferred, rationale=f"overall margin {margin:g}; aspects: {detail}")
 
@@ -154,6 +164,29 @@ class LocalTeacher:
         self._scorer = None
         self._content_free: dict[str, Any] = {}  # template id -> scores of the content-free pair
 
+    def check(self) -> None:
+        """Refuse a model that cannot load, before the run creates its cache (loading the weights waits until
+        there is work: a resumed run that finds every answer cached never loads them)."""
+        if self._model is not None:
+            return
+        from perpair.models import resolve_model
+
+        spec = resolve_model(self.config.model)
+        folder = Path(spec)
+        # A Hub id is "owner/name"; anything else that names no folder here is a missing local path.
+        hub_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not folder.exists()
+        if not hub_like and not folder.is_dir():
+            raise PerpairError(f"teacher {self.id}: no model folder at {spec}")
+        from transformers import AutoConfig
+
+        try:
+            with _quiet_transformers():
+                AutoConfig.from_pretrained(spec)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            what = "a model folder (config.json)" if folder.is_dir() else "a model on the Hub or in its cache"
+            raise PerpairError(f"teacher {self.id}: {spec} is not {what}: {first}") from None
+
     def _load(self):
         if self._scorer is None:
             import torch
@@ -165,8 +198,9 @@ class LocalTeacher:
             if self._model is None:
                 path = resolve_model(self.config.model)
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
-                self._tokenizer = AutoTokenizer.from_pretrained(path)
-                self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                with _quiet_transformers():
+                    self._tokenizer = AutoTokenizer.from_pretrained(path)
+                    self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer
@@ -247,6 +281,27 @@ class LocalTeacher:
 
 
 @contextlib.contextmanager
+def _quiet_transformers():
+    """Loading without transformers' progress bars, notices and FutureWarnings: the user cannot act on them,
+    and perpair's own progress and errors say what matters."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _torch_threads(threads: int | None):
     """PyTorch's intra-op threads set to ``threads`` (if given) for the block, then put back."""
     if threads is None:
@@ -303,6 +358,10 @@ class ApiTeacher:
         self._mode = "json_schema" if config.structured == "auto" else config.structured
         self._confirmed = config.structured != "auto"
 
+    def check(self) -> None:
+        """Nothing to check before a run: the key variable is checked when the client is built, and a server
+        that is down is a failed call (retried), not bad input."""
+
     def _response_format(self, mode: str) -> dict[str, Any] | None:
         schema = answer_json_schema()
         if mode == "json_schema":
@@ -337,6 +396,7 @@ class ApiTeacher:
                 if probing and exc.retryable and transient < self.config.max_retries:
                     # A transient failure says nothing about the form: probe again, within the retry bound.
                     transient += 1
+                    self.client.stats.retries += 1  # a retry all the same (the client's own loop was off)
                     await asyncio.sleep(self.client.backoff_delay(transient))
                     continue
                 exc.attempts = attempts

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from perpair.annotate import annotate, load_config, merge
@@ -51,18 +52,36 @@ def run_command(
     seed: Annotated[int | None, typer.Option(help="Seed of the per-pair response order (default 0).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Ask again where the cache holds a "
                                                "final failure.")] = False,
+    min_valid: Annotated[float | None, typer.Option(
+        "--min-valid", metavar="SHARE", help="Exit 3 when fewer than this share of the pairs (0-1) got a valid "
+                                             "annotation (default 0: only when none did); the files are "
+                                             "written either way.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", metavar="VAR", help="Environment variable holding the API teachers' key (default: "
+                                             "no key is sent).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every retry to stderr.")] = False,
 ) -> None:
-    """Annotate pairs: category, magnitude, confidence and rationale per pair, from one or more teachers."""
+    """Annotate pairs: category, magnitude, confidence and rationale per pair, from one or more teachers.
+
+    Exit status: 0 done; 2 bad input or settings (nothing written); 3 fewer pairs than --min-valid (or none)
+    got a valid annotation (the files are written and every answer is cached).
+    """
     settings = load_config(config, teachers=teacher, base_urls=base_url, templates=template, concurrency=concurrency,
-                           limit=limit, shard=shard, seed=seed, retry_failed=retry_failed or None)
+                           api_key_env=api_key_env, limit=limit, shard=shard, seed=seed,
+                           retry_failed=retry_failed or None, min_valid_share=min_valid)
+    for spec in settings.teachers:
+        if spec.kind == "api" and spec.api_key_env is None:
+            console.print(f"note: teacher {escape(spec.id)} sends no API key (set api_key_env in a --config "
+                          "file, or --api-key-env VAR, if its server needs one)", soft_wrap=True)
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpcore2").setLevel(logging.INFO)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                TextColumn("{task.fields[extra]}"))
-    with Progress(*columns, console=console, transient=False) as bar:
+    # Off when stderr is not a terminal: rich would only print the last state, cut to 80 columns, and the
+    # summary says all of it.
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
         task = bar.add_task("annotating", total=None, rate="", extra="")
         start: dict[str, float] = {}
 
@@ -71,24 +90,44 @@ def run_command(
             fresh = p.done - p.cached
             start.setdefault("t", now)
             rate = fresh / (now - start["t"]) if now > start["t"] and fresh else 0.0
-            extra = (f"{p.phase} · tokens {p.tokens:,} · cost {p.cost:.4f} · requests {p.requests:,} · "
+            extra = (f"{escape(p.phase)} · tokens {p.tokens:,} · cost {p.cost:.4f} · requests {p.requests:,} · "
                      f"retries {p.retries:,} · failed {p.failed:,}" + (f" · cached {p.cached:,}" if p.cached else ""))
             bar.update(task, total=p.total, completed=p.done, rate=f"{rate:.1f}/s", extra=extra)
 
         result = annotate(pairs, settings, output, cache_path=cache, on_progress=show)
     _print_result(result)
+    if result.shortfall:
+        console.print(f"[bold red]error:[/] {escape(result.shortfall)}; the files were written (failed calls are "
+                      "cached; --retry-failed asks them again)", soft_wrap=True)
+        raise typer.Exit(EXIT_TOO_FEW_VALID)
+
+
+EXIT_TOO_FEW_VALID = 3  # the run finished, but too few pairs got an annotation (2 is bad input)
 
 
 def _print_result(result: AnnotateResult) -> None:
     status = ", ".join(f"{k} {v:,}" for k, v in sorted(result.status.items()))
-    out.print(f"{result.pairs:,} pairs, {result.calls:,} teacher calls ({status}); {result.cached:,} from the cache; "
-              f"{result.annotated_pairs:,} pairs annotated")
+    retried = f" ({result.retried:,} cached failures asked again)" if result.retried else ""
+    out.print(f"{result.pairs:,} pairs, {result.calls:,} teacher calls ({status}); {result.cached:,} from the cache"
+              f"{retried}; {result.annotated_pairs:,} pairs annotated")
     if result.prompt_tokens or result.completion_tokens:
         out.print(f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion; "
                   f"cost {result.cost:.4f}; {result.requests:,} HTTP requests this run")
+    failed = result.status.get("failed", 0)
     for reason, count in sorted(result.failures.items(), key=lambda item: -item[1])[:10]:
-        out.print(f"  failed × {count}: {reason}")
-    out.print(f"wrote {result.output} and {result.calls_output} in {result.elapsed_s:.1f}s")
+        out.print(f"  failed × {count}: {escape(reason)}")
+    for reason, count in sorted(result.unanswered.items(), key=lambda item: -item[1])[:10]:
+        out.print(f"  no annotation × {count}: {escape(reason)}")
+    if failed:
+        out.print(f"{failed:,} calls failed and are cached as failures: re-run with --retry-failed to ask them "
+                  "again (answers already cached are kept)")
+    if result.unknown_pairs:
+        out.print(f"{result.unknown_pairs:,} pairs have no per-aspect ratings (an overall score only): category "
+                  "'unknown', magnitude from the score margin (a plan gives them beta.priors.unknown). For a "
+                  "category per pair, annotate with a teacher LLM (--teacher local:MODEL or "
+                  "--teacher api:BASE_URL/MODEL).")
+    out.print(f"wrote {escape(str(result.output))} and {escape(str(result.calls_output))} in "
+              f"{result.elapsed_s:.1f}s")
     fresh = result.calls - result.cached
     if fresh and result.elapsed_s > 0:
         # Pairs' worth of calls asked this run (cached ones excluded), over the whole run (model load included).
@@ -103,4 +142,4 @@ def merge_command(
 ) -> None:
     """Join the outputs of `perpair annotate --shard i/n` runs into one annotations file."""
     pairs, calls = merge(shards, output)
-    out.print(f"merged {len(shards)} shards: {pairs:,} pairs, {calls:,} teacher calls -> {output}")
+    out.print(f"merged {len(shards)} shards: {pairs:,} pairs, {calls:,} teacher calls -> {escape(str(output))}")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from perpair.cli import app, console, out
@@ -14,6 +19,8 @@ from perpair.errors import InputError
 
 if TYPE_CHECKING:
     from perpair.plan import PlanResult
+
+TABLE_WIDTH_PIPED = 200  # the table is as wide as its cells need, up to this
 
 
 @app.command("plan")
@@ -35,27 +42,70 @@ def plan_command(
         "--explain", metavar="PAIR_ID",
         help="Print how this pair's β, route and order were derived (repeatable).")] = None,
     report: Annotated[bool, typer.Option(help="Write the HTML report next to the plan.")] = True,
+    reference_logps: Annotated[Path | None, typer.Option(
+        "--reference-logps", metavar="FILE|DIR",
+        help="Reference log-probs for margin.source: reference: the cache perpair train writes (a file, or "
+             "the folder $PERPAIR_CACHE/reference, or a run's WORKDIR/reference).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
 ) -> None:
     """Decide per pair a β (SP²DPO), a route and a curriculum position (MixDPO), and write the plan."""
     from perpair import plan  # matplotlib and friends load only when planning
+    from perpair.annotate.runner import refuse_overwrite
+    from perpair.artifacts import file_sha256
+    from perpair.plan.reference import read_reference_logps
 
     if output is None and not explain_ids:
         raise InputError("give -o PLAN.parquet to write the plan, or --explain PAIR_ID to only explain")
+    if output is not None:
+        refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
+                                              "schedule file": config, "reference log-probs": reference_logps})
     schedule = plan.resolve_schedule(preset, config, beta)
-    with console.status("planning…"):
-        result = plan.build_plan(pairs, annotations, schedule, preset=preset)
+    logps = None
+    if reference_logps is not None:
+        if schedule.margin.source != "reference":
+            raise InputError(f"--reference-logps is read only with margin.source: reference (this schedule's "
+                             f"is {schedule.margin.source!r}); drop the option or set the margin source",
+                             field="--reference-logps")
+        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs))
+        if found != reference_logps:
+            console.print(f"reference log-probs: {escape(str(found))}", soft_wrap=True)
+    with warnings.catch_warnings(), console.status("planning…"):
+        warnings.simplefilter("ignore")  # matplotlib's (fonts, layout) are not the user's to act on
+        result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
         page = None
         if output is not None:
             plan.write_plan(result, output)
             if report:
-                page = plan.write_report(result.table, result.provenance, plan.report_dir(output))
+                page = plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
+                                         command=shlex.join(["perpair", *sys.argv[1:]]))
     for pair_id in explain_ids or []:
         out.print(plan.explain(result, pair_id), markup=False, highlight=False)
+    for warning in result.provenance["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if output is not None:
+        if as_json:
+            out.print_json(data=_summary(result, output, page))
+            return
         _print_summary(result)
-        out.print(f"wrote plan to {output}")
+        out.print(f"wrote plan to {escape(str(output))}")
         if page is not None:
-            out.print(f"report: {page}")
+            out.print(f"report: {escape(str(page))}")
+
+
+def _preference_betas(result: PlanResult) -> dict[str, float] | None:
+    """min, geometric mean and max of β over the preference route (None when no pair is on it)."""
+    betas = result.table.column("beta").to_numpy(zero_copy_only=False).astype(np.float64)
+    trained = betas[np.array(result.table.column("route").to_pylist()) == "preference"]
+    if not len(trained):
+        return None
+    return {"min": float(trained.min()), "geomean": float(np.exp(np.mean(np.log(trained)))),
+            "max": float(trained.max())}
+
+
+def _summary(result: PlanResult, output: Path, page: Path | None) -> dict:
+    return {"plan": str(output), "report": None if page is None else str(page), "preset": result.provenance["preset"],
+            "counts": result.provenance["counts"], "beta_preference": _preference_betas(result),
+            "warnings": result.provenance["warnings"]}
 
 
 def _print_summary(result: PlanResult) -> None:
@@ -71,13 +121,14 @@ def _print_summary(result: PlanResult) -> None:
     table.add_row("mislabeled above threshold",
                   f"{mislabeled['above_threshold']:,} of {mislabeled['total']:,} "
                   f"(action {mislabeled['action']})")
-    betas = result.table.column("beta").to_numpy(zero_copy_only=False).astype(np.float64)
-    trained = betas[np.array(result.table.column("route").to_pylist()) == "preference"]
-    if len(trained):
+    if (betas := _preference_betas(result)) is not None:
         table.add_row("β (preference route) min / geomean / max",
-                      f"{trained.min():.4g} / {np.exp(np.mean(np.log(trained))):.4g} / {trained.max():.4g}")
+                      f"{betas['min']:.4g} / {betas['geomean']:.4g} / {betas['max']:.4g}")
     table.add_row("β schedule", f"{schedule.beta.kind}, global β {schedule.beta.beta:g}")
     table.add_row("margin / curriculum", f"{schedule.margin.source} / {schedule.curriculum.kind}")
     if counts["no_margin"]:
         table.add_row("pairs without a margin", f"{counts['no_margin']:,}")
-    out.print(table)
+    # Piped output gets the table's natural width, not the 80 columns (or $COLUMNS) rich assumes off a
+    # terminal: a console can print no wider than it is, hence one as wide as the table for this print.
+    target = out if out.is_terminal else Console(file=out.file, width=TABLE_WIDTH_PIPED, highlight=False)
+    target.print(table)

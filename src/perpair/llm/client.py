@@ -84,7 +84,11 @@ class ChatResult:
 
 
 class ChatError(PerpairError):
-    """A call that failed for good: a non-retryable answer, or retries exhausted."""
+    """A call that failed for good: a non-retryable answer, or retries exhausted.
+
+    The message is built when it is shown, so a caller that adds attempts of its own (a teacher probing the
+    server's output forms) reports the attempts the call really took.
+    """
 
     def __init__(self, reason: str, *, status: int | None = None, attempts: int = 0, retryable: bool = False):
         self.reason = reason
@@ -92,6 +96,11 @@ class ChatError(PerpairError):
         self.attempts = attempts
         self.retryable = retryable
         super().__init__(reason)
+
+    def __str__(self) -> str:
+        if not self.retryable:
+            return self.reason
+        return f"{self.reason} (gave up after {self.attempts} attempt{'' if self.attempts == 1 else 's'})"
 
 
 @dataclass
@@ -205,8 +214,7 @@ class ChatClient:
                 last_url = url
                 if attempt > max_retries:
                     self.stats.calls_failed += 1
-                    raise ChatError(f"{exc.reason} (gave up after {attempt} attempts)", status=exc.status,
-                                    attempts=attempt, retryable=True) from None
+                    raise ChatError(exc.reason, status=exc.status, attempts=attempt, retryable=True) from None
                 delay = self.backoff_delay(attempt, exc.retry_after)
                 self.stats.retries += 1
                 log.debug("retrying in %.2fs after %s (attempt %d)", delay, exc.reason, attempt)
@@ -249,7 +257,18 @@ class ChatClient:
         text = self.redact(response.text[:BODY_SHOWN])
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retryable(f"HTTP {status}: {text}", status, _retry_after(response.headers))
-        raise ChatError(f"HTTP {status} from {url}: {text}", status=status)
+        raise ChatError(f"HTTP {status} from {url}: {text}{self._auth_hint(status)}", status=status)
+
+    def _auth_hint(self, status: int) -> str:
+        """What to check when the server refuses the credentials: the key's variable, or that none is sent."""
+        if status not in (401, 403):
+            return ""
+        if not self._secret:
+            return (" (no API key was sent: name the environment variable that holds it with api_key_env in "
+                    "the teacher's config, or --api-key-env VAR)")
+        if self.config.api_key_env:
+            return f" (the API key was read from the environment variable {self.config.api_key_env}: check it)"
+        return " (the API key given was refused)"
 
     def _pick_url(self, avoid: str | None) -> str:
         urls = self.config.base_urls

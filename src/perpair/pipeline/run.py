@@ -104,6 +104,9 @@ def validate(config: RunConfig) -> Settings:
             schedules[name] = resolve_schedule(arm.preset, None, arm.beta, arm.schedule)
         except PerpairError as exc:
             raise fail(f"arms.{name}", exc) from None
+        if schedules[name].margin.source == "reference":  # the run computes reference log-probs only when training
+            raise PerpairError(f"run config, arms.{name}: margin.source 'reference' is not available in perpair "
+                               "run; train once, then plan with perpair plan --reference-logps")
         needs = schedules[name].beta.kind != "global" or schedules[name].margin.source == "teacher"
         if needs and annotate is None:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "

@@ -156,8 +156,9 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         margin = difficulty.teacher_margin(magnitude, confidence, mislabeled)
     elif source == "reference":
         if reference_logps is None:
-            raise InputError("margin.source 'reference' needs the reference model's log-probs (the train "
-                             "stage's reference cache)", field="margin.source")
+            raise InputError("margin.source 'reference' needs the reference model's log-probs: pass "
+                             "--reference-logps with the train stage's reference cache (a file, or the folder "
+                             "$PERPAIR_CACHE/reference)", field="margin.source")
         margin = difficulty.reference_margin_for(ids_array, reference_logps)
         reference = _reference_arrays(ids_array, reference_logps)
     else:
@@ -200,6 +201,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     beta[route == "drop"] = np.nan
 
     label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
+    warnings = _one_beta_warning(beta_cfg.kind, beta[route == "preference"], category, annotated)
 
     # --- curriculum ------------------------------------------------------------------------------
     sequence, bucket = curriculum.curriculum_sequence(
@@ -242,6 +244,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         "normalisation": None if factor is None else {
             "factor": factor, "geometric_mean_before": geo, "pairs": int(basis.sum())},
         "perpair_version": __version__,
+        "warnings": warnings,
     }
     trace = PlanTrace(
         pair_ids=pair_ids, score_chosen=score_chosen, score_rejected=score_rejected, reference=reference,
@@ -274,6 +277,18 @@ def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     if missing:
         raise InputError(f"plan lacks column(s) {', '.join(missing)}", file=str(plan_path))
     return table, provenance
+
+
+def _one_beta_warning(kind: str, trained: np.ndarray, category: np.ndarray, annotated: np.ndarray) -> list[str]:
+    """A per-pair β schedule that gave every preference pair the same β is plain DPO: say so, and why."""
+    if kind == "global" or len(trained) < 2 or np.ptp(trained) > 1e-9 * np.max(trained):
+        return []
+    names, counts = np.unique(category[annotated].astype(str), return_counts=True)
+    seen = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True)) or "none"
+    return [f"every preference pair gets β = {trained[0]:.4g}: the annotations tell no pair from another "
+            f"({int(annotated.sum())} of {len(category)} pairs annotated; categories: {seen}), so this plan is "
+            "plain DPO with one β. Annotate with a teacher LLM (perpair annotate --teacher local:MODEL or "
+            "api:BASE_URL/MODEL), or with ratings that have per-aspect scores."]
 
 
 def _check_unique(pair_ids: np.ndarray, file: str) -> None:

@@ -39,7 +39,9 @@ class CategoryPriors(_Strict):
 
     Ordered like the categories: the more objective the failure, the stronger the signal. ``mislabeled``
     is the prior of a mislabeled pair that the mislabeled action leaves in training (below the threshold,
-    or flipped); 0 keeps it at β_max, as close to the reference as the schedule allows.
+    or flipped); 0 keeps it at β_max, as close to the reference as the schedule allows. ``unknown`` is the
+    prior of a gap whose size is known but not its kind (the ratings teacher with an overall score only):
+    between helpfulness and style, as an overall score mixes every kind of gap; its β then follows the margin.
     """
 
     safety: _Unit = 1.0
@@ -49,6 +51,7 @@ class CategoryPriors(_Strict):
     style: _Unit = 0.3
     no_clear_gap: _Unit = 0.0
     mislabeled: _Unit = 0.0
+    unknown: _Unit = 0.5
 
 
 class BetaConfig(_Strict):

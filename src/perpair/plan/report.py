@@ -17,7 +17,7 @@ import pyarrow as pa
 import yaml
 from matplotlib.figure import Figure
 
-from perpair.annotate.schema import CATEGORIES
+from perpair.annotate.schema import CATEGORIES, UNKNOWN
 
 PLOTS = (
     ("beta_hist.png", "β histogram (pairs on the preference route)"),
@@ -36,8 +36,14 @@ def report_dir(plan_path: str | os.PathLike) -> Path:
     return plan_path.with_name(f"{plan_path.stem}_report")
 
 
-def write_report(table: pa.Table, provenance: dict[str, Any], directory: str | os.PathLike) -> Path:
-    """Write the plots and ``index.html`` into ``directory``; returns the page's path."""
+def write_report(table: pa.Table, provenance: dict[str, Any], directory: str | os.PathLike, *,
+                 pairs_path: str | os.PathLike | None = None, command: str | None = None) -> Path:
+    """Write the plots and ``index.html`` into ``directory``; returns the page's path.
+
+    With ``pairs_path`` (the pairs file planned) the page names it and shows a few example pairs per route
+    and category; ``command`` is the command line that made the plan.
+    """
+    examples = _examples(table, pairs_path) if pairs_path is not None else []
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = _columns(table)
@@ -54,8 +60,38 @@ def write_report(table: pa.Table, provenance: dict[str, Any], directory: str | o
     for name, figure in figures.items():
         figure.savefig(directory / name, dpi=100, metadata={"Software": None})
     page = directory / "index.html"
-    page.write_text(render_html(data, provenance), encoding="utf-8")
+    page.write_text(render_html(data, provenance, pairs_path=pairs_path, command=command, examples=examples),
+                    encoding="utf-8")
     return page
+
+
+EXAMPLES_PER_GROUP = 3
+EXAMPLE_CHARS = 400  # of each text shown: enough to recognise the pair, short enough to skim
+
+
+def _examples(table: pa.Table, pairs_path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The first few pairs (in the pairs file's order) of each route × category, with their texts."""
+    from perpair.data import read_pairs
+    from perpair.data.schema import text_of
+
+    pairs, _ = read_pairs(str(pairs_path))
+    rows: dict[str, int] = {pid: i for i, pid in enumerate(pairs.column("pair_id").to_pylist())}
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (route, category) in enumerate(zip(table.column("route").to_pylist(),
+                                              table.column("category").to_pylist(), strict=True)):
+        group = groups.setdefault((route, category or "unannotated"), [])
+        if len(group) < EXAMPLES_PER_GROUP:
+            group.append(i)
+    plan = table.to_pylist()
+    examples = []
+    for (route, category), members in sorted(groups.items()):
+        for i in members:
+            pair = pairs.slice(rows[plan[i]["pair_id"]], 1).to_pylist()[0]
+            examples.append({"route": route, "category": category, "pair_id": plan[i]["pair_id"],
+                             "beta": plan[i]["beta"], "magnitude": plan[i]["magnitude"],
+                             "prompt": text_of(pair["prompt"]), "chosen": text_of(pair["chosen"]),
+                             "rejected": text_of(pair["rejected"])})
+    return examples
 
 
 def _columns(table: pa.Table) -> dict[str, np.ndarray]:
@@ -105,7 +141,7 @@ def beta_histogram(beta: np.ndarray, route: np.ndarray, global_beta: float) -> F
 
 def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) -> Figure:
     kept = ~np.isnan(beta)
-    labels = [c for c in (*CATEGORIES, None) if np.any(kept & (category == c))] if kept.any() else []
+    labels = [c for c in (*CATEGORIES, UNKNOWN, None) if np.any(kept & (category == c))] if kept.any() else []
     if not labels:
         return _placeholder("β by category", "no pair has a β")
     figure = Figure(figsize=(7, 3.8), layout="constrained")
@@ -125,7 +161,9 @@ def category_magnitude_counts(category: np.ndarray, magnitude: np.ndarray) -> di
     """Pair counts per category and magnitude rounded to 0–3 (the annotated pairs only)."""
     counts = {}
     rounded = np.rint(np.nan_to_num(magnitude)).astype(np.int64)
-    for c in CATEGORIES:
+    for c in (*CATEGORIES, UNKNOWN):
+        if c == UNKNOWN and not np.any(category == c):
+            continue  # a row only where a teacher said it (the ratings teacher with an overall score only)
         rows = category == c
         counts[c] = [int(np.sum(rows & (rounded == m))) for m in range(4)]
     return counts
@@ -209,7 +247,28 @@ def curriculum_figure(order: np.ndarray, difficulty: np.ndarray, route: np.ndarr
     return figure
 
 
-def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any]) -> str:
+def _clip(text: str) -> str:
+    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + " …"
+
+
+def _examples_html(examples: list[dict[str, Any]]) -> str:
+    if not examples:
+        return "<p>(no pairs file given: no examples)</p>"
+    esc = html.escape
+    rows = []
+    for e in examples:
+        beta = "—" if e["beta"] is None else f"{e['beta']:.4g}"
+        magnitude = "—" if e["magnitude"] is None else f"{e['magnitude']:g}"
+        rows.append(f"<tr><td>{esc(e['route'])}</td><td>{esc(e['category'])}</td><td><code>{esc(e['pair_id'])}"
+                    f"</code></td><td>{beta}</td><td>{magnitude}</td>"
+                    + "".join(f'<td class="text">{esc(_clip(e[k]))}</td>' for k in ("prompt", "chosen", "rejected"))
+                    + "</tr>")
+    return ("<table>\n<tr><th>route</th><th>category</th><th>pair</th><th>β</th><th>magnitude</th><th>prompt</th>"
+            "<th>chosen</th><th>rejected</th></tr>\n" + "\n".join(rows) + "\n</table>")
+
+
+def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any], *, pairs_path: str | os.PathLike | None = None,
+                command: str | None = None, examples: list[dict[str, Any]] | None = None) -> str:
     esc = html.escape
     counts = provenance["counts"]
     rows = [
@@ -232,7 +291,11 @@ def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any]) -> str:
         f'<figure><img src="{name}" alt="{esc(caption)}"><figcaption>{esc(caption)}</figcaption></figure>'
         for name, caption in PLOTS)
     schedule = yaml.safe_dump(provenance["schedule"], sort_keys=False)
-    inputs = (f"pairs sha256 {provenance['pairs_sha256']}<br>"
+    warnings = "".join(f'<p class="warning"><strong>warning:</strong> {esc(w)}</p>\n'
+                       for w in provenance.get("warnings") or [])
+    inputs = ((f"pairs file {esc(str(pairs_path))}<br>" if pairs_path is not None else "")
+              + (f"command <code>{esc(command)}</code><br>" if command else "")
+              + f"pairs sha256 {provenance['pairs_sha256']}<br>"
               f"annotations sha256 {provenance['annotations_sha256'] or 'none'}<br>"
               f"schedule sha256 {provenance['schedule_sha256']}")
     return f"""<!DOCTYPE html>
@@ -248,12 +311,14 @@ th {{ text-align: left; }}
 figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 img {{ max-width: 100%; }}
 pre {{ background: #f6f6f6; padding: 0.8em; }}
+td.text {{ text-align: left; white-space: pre-wrap; font-size: 85%; max-width: 24em; vertical-align: top; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.6em; }}
 </style>
 </head>
 <body>
 <h1>perpair plan report</h1>
 <p>preset {esc(str(provenance.get('preset')))}; {inputs}</p>
-<h2>Summary</h2>
+{warnings}<h2>Summary</h2>
 <table>
 {summary}
 </table>
@@ -264,6 +329,8 @@ pre {{ background: #f6f6f6; padding: 0.8em; }}
 </table>
 <h2>Plots</h2>
 {figures}
+<h2>Example pairs (the first {EXAMPLES_PER_GROUP} of each route and category)</h2>
+{_examples_html(examples or [])}
 <h2>Schedule</h2>
 <pre>{esc(schedule)}</pre>
 </body>

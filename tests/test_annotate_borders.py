@@ -1,0 +1,183 @@
+"""`perpair annotate` at its borders, through the CLI against loopback stubs: exit codes that tell the truth
+(too few valid annotations is exit 3 with the files written), attempt counts, re-asking cached failures, the
+API-key hints, and bad teachers, shards and output paths refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import run_cli
+from llama_server import Reply
+from perpair.annotate import calls_path, read_annotations
+from perpair.artifacts import read_artifact, write_artifact
+from perpair.data.schema import KIND as PAIRS_KIND
+from perpair.data.schema import SCHEMA_VERSION as PAIRS_VERSION
+from test_annotate_run import VALID, Stub, annotate
+
+FAST = "    backoff_initial_s: 0.001\n    backoff_max_s: 0.002\n"
+
+
+def api_config(tmp_path, url, extra=""):
+    path = tmp_path / "teacher.yaml"
+    path.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}{extra}")
+    return path
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def even_call(request) -> bool:
+    return request.headers.get("x-client-request-id", "0")[-1] in "02468ace"
+
+
+def test_all_failed_exits_3_with_the_files_written(uf_pairs, tmp_path):
+    out = tmp_path / "dead.parquet"
+    with Stub(lambda body, request: Reply(404, b'{"error": "no such model"}')) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "6",
+                         check=False)
+    assert result.returncode == 3, result.stderr
+    assert len(error_lines(result)) == 1 and "no pair of 6 got a valid annotation" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "failed × 6: request failed: HTTP 404" in result.stdout
+    assert "re-run with --retry-failed" in result.stdout
+    table, _ = read_annotations(out)  # nothing lost: both artifacts are there, every call recorded
+    assert table.num_rows == 6 and pq.read_table(calls_path(out)).num_rows == 6
+
+
+def test_min_valid_share_decides_the_exit_code(uf_pairs, tmp_path):
+    def half(body, request):
+        return Reply(404, b'{"error": "nope"}') if even_call(request) else json.dumps(VALID)
+
+    with Stub(half) as url:
+        config = api_config(tmp_path, url)
+        out = tmp_path / "half.parquet"
+        default = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", check=False)
+        failed = pq.read_table(calls_path(out)).column("status").to_pylist().count("failed")
+        assert 0 < failed < 20
+        # The default reports the failures and succeeds: some pairs were annotated.
+        assert default.returncode == 0 and f"{failed} calls failed" in default.stdout
+        assert f"{20 - failed} pairs annotated" in default.stdout
+        strict = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", "--min-valid", "1.0",
+                         check=False)
+        assert strict.returncode == 3 and f"{20 - failed} of 20 pairs" in strict.stderr
+        assert "fewer than the 100.0% asked for" in strict.stderr
+        low = (20 - failed) / 20
+        assert run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", "--min-valid",
+                       str(low), check=False).returncode == 0
+        config.write_text(config.read_text() + "min_valid_share: 1.0\n")  # the same from the config file
+        assert run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20",
+                       check=False).returncode == 3
+    bad = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--min-valid", "1.5", check=False)
+    assert bad.returncode == 2 and "min_valid_share" in bad.stderr
+
+
+def test_attempt_counts_are_the_attempts_made(uf_pairs, tmp_path):
+    stub = Stub(lambda body, request: Reply(503, b'{"error": "busy"}'))
+    with stub as url:  # structured 'auto' probes the first form with the teacher's own retries
+        out = tmp_path / "busy.parquet"
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url, "    max_retries: 5\n"),
+                         "--limit", "1", check=False)
+    assert result.returncode == 3
+    (call,) = pq.read_table(calls_path(out)).to_pylist()
+    assert len(stub.requests) == 6 and call["attempts"] == 6
+    assert "(gave up after 6 attempts)" in call["reason"] and "gave up after 1 attempts" not in result.stdout
+
+
+def test_retry_failed_asks_cached_failures_again(uf_pairs, tmp_path):
+    out = tmp_path / "retry.parquet"
+    with Stub(lambda body, request: Reply(404, b'{"error": "not yet"}')) as url:
+        assert annotate(uf_pairs, out, "--config", api_config(tmp_path, url), "--limit", "5",
+                        check=False).returncode == 3
+    good = Stub()
+    with good as url:
+        config = api_config(tmp_path, url)
+        cached = annotate(uf_pairs, out, "--config", config, "--limit", "5", check=False)
+        assert cached.returncode == 3 and good.requests == []  # failures are cached: nothing asked
+        assert "re-run with --retry-failed" in cached.stdout
+        retried = annotate(uf_pairs, out, "--config", config, "--limit", "5", "--retry-failed")
+        assert len(good.requests) == 5 and "(5 cached failures asked again)" in retried.stdout
+    table, _ = read_annotations(out)
+    assert None not in table.column("category").to_pylist()
+
+
+def test_401_names_the_key_variable_or_says_none_is_sent(uf_pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERPAIR_TEST_KEY", "sk-wrong")
+    with Stub(lambda body, request: Reply(401, b'{"error": "invalid api key"}')) as url:
+        keyed = annotate(uf_pairs, tmp_path / "k.parquet", "--teacher", f"api:{url}/stub", "--api-key-env",
+                         "PERPAIR_TEST_KEY", "--limit", "1", check=False)
+        bare = annotate(uf_pairs, tmp_path / "b.parquet", "--teacher", f"api:{url}/stub", "--limit", "1",
+                        check=False)
+    assert keyed.returncode == 3 and "environment variable PERPAIR_TEST_KEY" in keyed.stdout
+    assert "sends no API key" not in keyed.stderr
+    assert bare.returncode == 3 and "no API key was sent" in bare.stdout and "api_key_env" in bare.stdout
+    assert "note: teacher api:stub sends no API key" in bare.stderr
+
+
+def test_missing_local_model_leaves_nothing_behind(uf_pairs, tmp_path):
+    for spec in ("local:/nonexistent", f"local:{tmp_path}"):  # no folder; a folder that is not a model
+        out = tmp_path / "local.parquet"
+        result = annotate(uf_pairs, out, "--teacher", spec, "--limit", "2", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(error_lines(result)) == 1 and "teacher local:" in result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "no cache or artifact may be left"
+    assert "no model folder at /nonexistent" in annotate(uf_pairs, tmp_path / "x.parquet", "--teacher",
+                                                         "local:/nonexistent", check=False).stderr
+
+
+def test_non_hex_pair_id_with_shard_is_an_error(uf_pairs, tmp_path):
+    table, provenance = read_artifact(uf_pairs, kind=PAIRS_KIND, schema_version=PAIRS_VERSION)
+    ids = table.column("pair_id").to_pylist()
+    ids[2] = "pair-three"
+    pairs = tmp_path / "named.parquet"
+    write_artifact(pairs, table.set_column(0, "pair_id", pa.array(ids, pa.string())), kind=PAIRS_KIND,
+                   schema_version=PAIRS_VERSION, provenance=provenance)
+    out = tmp_path / "out" / "ann.parquet"
+    result = annotate(pairs, out, "--teacher", "ratings", "--shard", "0/2", "--limit", "5", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"file {pairs}, row 3, field 'pair_id': pair_id 'pair-three' is not hexadecimal" in result.stderr
+    assert not out.parent.exists()
+    assert annotate(pairs, out, "--teacher", "ratings", "--limit", "5").returncode == 0  # no shard: fine
+
+
+def test_output_equal_to_the_input_is_refused(uf_pairs, tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    pairs.write_bytes(uf_pairs.read_bytes())
+    before = pairs.read_bytes()
+    for out in (pairs, tmp_path / "." / "pairs.parquet"):
+        result = annotate(pairs, out, "--teacher", "ratings", check=False)
+        assert result.returncode == 2 and "would overwrite the input" in result.stderr
+    assert pairs.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.parquet"]
+    shard = tmp_path / "s.parquet"
+    merged = run_cli("annotate", "merge", shard, "-o", shard, check=False)
+    assert merged.returncode == 2 and "would overwrite the input" in merged.stderr
+
+
+def test_ratings_teacher_summary_on_overall_scores_only(uf_pairs, tmp_path):
+    result = annotate(uf_pairs, tmp_path / "r.parquet", "--teacher", "ratings")
+    assert "884 pairs have no per-aspect ratings" in result.stdout and "teacher LLM" in result.stdout
+
+
+def test_local_teacher_prints_no_dependency_noise(uf_pairs, tmp_path):
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny")
+    result = annotate(uf_pairs, tmp_path / "local.parquet", "--teacher", f"local:{model}", "--limit", "2")
+    assert result.stderr == ""  # no transformers progress bars, notices or FutureWarnings (stderr is piped)
+    assert "2 pairs annotated" in result.stdout
+
+
+def test_ratings_without_any_score_exit_3_and_say_why(tmp_path):
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "unscored.parquet"
+    make_pairs(pairs, [(None, None)] * 3 + [(7.0, 5.0)])
+    result = annotate(pairs, tmp_path / "a.parquet", "--teacher", "ratings", check=False)
+    assert result.returncode == 0 and "no annotation × 3: the pair has no ratings" in result.stdout
+    make_pairs(pairs, [(None, None)] * 3)
+    result = annotate(pairs, tmp_path / "b.parquet", "--teacher", "ratings", check=False)
+    assert result.returncode == 3 and "no annotation × 3: the pair has no ratings" in result.stdout
+    assert "no pair of 3 got a valid annotation" in result.stderr

@@ -1,0 +1,177 @@
+"""`perpair plan` at its borders: a per-pair β schedule that gives one β says so; ratings with an overall
+score only still spread β by margin; `--reference-logps` reads the train stage's cache (and refuses another
+pairs file's); -o naming an input is refused; the report names its inputs and shows escaped example pairs;
+`--json` and piped tables are not cut."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from perpair.artifacts import file_sha256, read_artifact
+from plan_helpers import make_pairs, write_annotations
+
+
+@pytest.fixture(scope="module")
+def ratings_annotations(uf_pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ratings") / "ratings.parquet"
+    run_cli("annotate", uf_pairs, "-o", out, "--teacher", "ratings")
+    return out
+
+
+def read_plan(path):
+    table, provenance = read_artifact(path, kind="plan", schema_version=1)
+    return table.to_pylist(), provenance
+
+
+def test_overall_scores_only_spread_beta_by_margin(uf_pairs, ratings_annotations, tmp_path):
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo", "--annotations", ratings_annotations,
+                     "-o", tmp_path / "plan.parquet")
+    rows, provenance = read_plan(tmp_path / "plan.parquet")
+    assert provenance["warnings"] == [] and "warning" not in result.stderr
+    by_magnitude = {}
+    for row in rows:
+        if row["category"] == "unknown":
+            by_magnitude.setdefault(row["magnitude"], set()).add(row["beta"])
+    # One β per margin size, smaller (enforced further) the larger the margin; exactly the β_max^(1-s)·β_min^s
+    # of s = prior(unknown) · g(magnitude), rescaled by one factor for every pair.
+    assert sorted(by_magnitude) == [1.0, 2.0, 3.0] and all(len(b) == 1 for b in by_magnitude.values())
+    betas = [by_magnitude[m].pop() for m in (1.0, 2.0, 3.0)]
+    raw = [0.4 ** (1 - 0.5 * g) * 0.025 ** (0.5 * g) for g in (0.4, 0.7, 1.0)]
+    factor = betas[0] / raw[0]
+    assert betas == pytest.approx([factor * r for r in raw], rel=1e-12) and betas[0] > betas[1] > betas[2]
+
+
+def test_one_beta_for_every_pair_is_a_warning(uf_pairs, ratings_annotations, tmp_path):
+    schedule = tmp_path / "flat.yaml"
+    schedule.write_text("beta:\n  priors:\n    unknown: 0.0\n")  # unknown pairs then sit with the ties at s = 0
+    out = tmp_path / "flat.parquet"
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo", "--annotations", ratings_annotations,
+                     "--config", schedule, "-o", out)
+    rows, provenance = read_plan(out)
+    assert len({r["beta"] for r in rows if r["route"] == "preference"}) == 1
+    assert "warning: every preference pair gets β = 0.1" in result.stderr and "plain DPO" in result.stderr
+    assert "unknown 884" in provenance["warnings"][0]
+    page = (tmp_path / "flat_report" / "index.html").read_text()
+    assert html.escape(provenance["warnings"][0]) in page
+    plain = run_cli("plan", uf_pairs, "--preset", "dpo", "-o", tmp_path / "dpo.parquet")  # one β asked for
+    assert "warning" not in plain.stderr and read_plan(tmp_path / "dpo.parquet")[1]["warnings"] == []
+
+
+def test_output_naming_an_input_is_refused(uf_pairs, ratings_annotations, tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    pairs.write_bytes(uf_pairs.read_bytes())
+    annotations = tmp_path / "ann.parquet"
+    annotations.write_bytes(ratings_annotations.read_bytes())
+    before = {p: p.read_bytes() for p in (pairs, annotations)}
+    for target in (pairs, annotations):
+        result = run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "-o", target, check=False)
+        assert result.returncode == 2 and "would overwrite the input" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.parquet", "pairs.parquet"]
+
+
+def reference_cache(folder, pairs_path, pair_ids, values, model="tiny"):
+    from perpair.train import reference
+
+    key = reference.cache_key(model=model, tokenizer="t", pairs_sha256=file_sha256(pairs_path), max_length=64)
+    path = reference.cache_path(folder, key)
+    reference.save_cached(path, key, dict(zip(pair_ids, values, strict=True)))
+    return path
+
+
+def test_reference_margin_from_the_train_cache(tmp_path):
+    from perpair.plan import reference as plan_reference
+    from perpair.train import reference
+
+    assert (plan_reference.KIND, plan_reference.SCHEMA_VERSION) == (reference.KIND, reference.SCHEMA_VERSION)
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 4)
+    values = [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2), (-9.0, 3, -12.0, 6), (-1.0, 1, -7.0, 7)]
+    cache = tmp_path / "cache"
+    path = reference_cache(cache, pairs, ids, values)
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\ncurriculum:\n  kind: easy_to_hard\n")
+    expected = [c / ct - r / rt for c, ct, r, rt in values]  # -2 + 3, -2 + 2, -3 + 2, -1 + 1
+    for given in (path, cache):  # the file, or the folder it is in
+        out = tmp_path / "plan.parquet"
+        run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", given, "-o", out)
+        rows, provenance = read_plan(out)
+        assert [r["difficulty"] for r in rows] == expected == [1.0, 0.0, -1.0, 0.0]
+        assert [r["order"] for r in rows] == [0, 1 + (ids[1] > ids[3]), 3, 1 + (ids[3] > ids[1])]
+        assert provenance["reference_logps_sha256"]
+    missing = run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "-o", out, check=False)
+    assert missing.returncode == 2 and "--reference-logps" in missing.stderr
+    unused = run_cli("plan", pairs, "--preset", "mixdpo", "--reference-logps", path, "-o", out, check=False)
+    assert unused.returncode == 2 and "read only with margin.source: reference" in unused.stderr
+    other = tmp_path / "other.parquet"
+    other_ids = make_pairs(other, [(8.0, 2.0)] * 4, tag="other")
+    wrong = run_cli("plan", other, "--preset", "dpo", "--config", schedule, "--reference-logps", path, "-o",
+                    tmp_path / "o.parquet", check=False)
+    assert wrong.returncode == 2 and "computed for another pairs file" in wrong.stderr
+    empty = run_cli("plan", other, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o",
+                    tmp_path / "o.parquet", check=False)
+    assert empty.returncode == 2 and "no reference log-probs of" in empty.stderr
+    reference_cache(cache, pairs, ids, values, model="another")
+    two = run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out,
+                  check=False)
+    assert two.returncode == 2 and "2 reference log-prob files" in two.stderr
+    assert not (tmp_path / "o.parquet").exists() and other_ids
+
+
+def test_run_refuses_a_reference_margin_at_validation(tmp_path):
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig, run
+
+    config = {"workdir": str(tmp_path / "work"), "model": "smollm2", "data": {"sources": ["x.jsonl"]},
+              "arms": {"ref": {"preset": "dpo", "schedule": {"margin": {"source": "reference"}}}},
+              "eval": {"preference": None, "alpaca_eval": None}}
+    with pytest.raises(PerpairError, match=r"arms\.ref: margin.source 'reference' is not available in perpair run"):
+        run(RunConfig.model_validate(config), log=lambda line: None)
+    assert not (tmp_path / "work").exists()
+
+
+def test_report_names_its_inputs_and_shows_escaped_examples(tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(9.0, 1.0), (5.0, 5.0), (8.0, 2.0), (7.0, 6.0)], tag="<script>x</script>&")
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["safety", "no_clear_gap", None, "unknown"], [3.0, 0.0, None, 1.0],
+                      [0.9, 1.0, None, 1.0])
+    out = tmp_path / "plan.parquet"
+    run_cli("plan", pairs, "--preset", "sp2dpo+mixdpo", "--annotations", annotations, "-o", out)
+    page = (tmp_path / "plan_report" / "index.html").read_text()
+    assert f"pairs file {html.escape(str(pairs))}" in page and "command <code>perpair plan " in page
+    assert "<script>" not in page and "question &lt;script&gt;x&lt;/script&gt;&amp;0" in page
+    section = page[page.index("Example pairs"):]
+    rows, _ = read_plan(out)
+    for row in rows:  # every pair is the first of its route and category here: each is shown
+        category = row["category"] or "unannotated"
+        assert f"<td>{row['route']}</td><td>{category}</td><td><code>{row['pair_id']}</code>" in section
+    assert rows[1]["route"] == "sft" and rows[3]["category"] == "unknown"
+
+
+def test_json_summary_and_piped_table_width(uf_pairs, tmp_path):
+    result = run_cli("plan", uf_pairs, "--preset", "mixdpo", "-o", tmp_path / "p.parquet", "--json")
+    summary = json.loads(result.stdout)
+    assert summary["counts"]["routes"] == {"preference": 884, "sft": 110, "drop": 0}
+    assert summary["beta_preference"] == {"min": 0.01, "max": 0.01, "geomean": pytest.approx(0.01)}
+    assert summary["plan"] == str(tmp_path / "p.parquet")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"COLUMNS": "30"}
+    piped = subprocess.run([sys.executable, "-m", "perpair", "plan", str(uf_pairs), "--preset", "mixdpo", "-o",
+                            str(tmp_path / "q.parquet")], capture_output=True, text=True, env=env, check=True)
+    assert "│ route preference" in piped.stdout and "884 (88.9%)" in piped.stdout
+    assert max(len(line) for line in piped.stdout.splitlines()) > 30
+
+
+def test_unknown_category_prior_is_in_the_schedule():
+    from perpair.plan import resolve_schedule
+
+    assert resolve_schedule("sp2dpo").beta.priors.unknown == 0.5
+    assert resolve_schedule("sp2dpo", overrides={"beta": {"priors": {"unknown": 0.2}}}).beta.priors.unknown == 0.2
