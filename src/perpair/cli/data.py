@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from perpair.cli import app, console, out
+from perpair.config_files import format_validation_error
 from perpair.data import PrepareOptions, prepare
 from perpair.data.inspect import summarize
 from perpair.data.prepare import PrepareResult
@@ -52,7 +53,7 @@ def prepare_command(
             score_rejected_col=score_rejected_col, limit=limit, test_fraction=test_fraction, seed=seed,
             skip_invalid=skip_invalid, strict=strict)
     except ValidationError as exc:
-        raise PerpairError("invalid options: " + "; ".join(e["msg"] for e in exc.errors())) from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
     start = time.perf_counter()
     with console.status("reading…") as status:
         result = prepare(sources, output, options, on_progress=lambda n: status.update(

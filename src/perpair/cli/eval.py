@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from perpair.cli import app, console, out
+from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 
 eval_app = typer.Typer(help="Evaluate models: AlpacaEval 2.0, Arena-Hard-Auto, preference accuracy, report.",
@@ -26,8 +27,7 @@ def _options(cls, **kwargs):
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise PerpairError("invalid options: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
 
 
 def _fmt(value, digits: int = 2) -> str:
