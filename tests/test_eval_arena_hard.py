@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from perpair.eval.arena_hard import (
     STRONG_WEIGHT,
     arena_score,
@@ -117,27 +118,27 @@ def test_no_verdict_gives_null_score():
     assert result.as_dict()["score"] is None and result.as_dict()["rating_q025"] is None
 
 
-def test_question_sources_hub_then_local_copy(monkeypatch, tmp_path):
-    from pathlib import Path
-
+def test_question_sources_hub_then_data_folder(monkeypatch, tmp_path):
+    from perpair.errors import PerpairError
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # ../shared/data/arena_hard beside the checkout
+    local = SHARED_DATA / "arena_hard"
     config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"), limit=2,
-                                       offline=True)
+                                       offline=True, data_dir=local)
     questions, baseline, sources = arena_run.load_questions(config)
     assert len(questions) == 2 and len(baseline) == 500 and sources["questions_source"].startswith("local:")
+    with pytest.raises(PerpairError, match="--data-dir"):  # offline with no folder: said, not guessed
+        arena_run.load_questions(config.model_copy(update={"data_dir": None}))
     asked = []
 
-    def fake_hub(name, *, offline, repo_id):  # what hf_hub_download would return, online
-        asked.append((repo_id, name, offline))
-        local = arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE
-        return arena_run._local(local)
+    def fake_hub(name, *, repo_id, hint):  # what hf_hub_download would return, online
+        asked.append((repo_id, name))
+        return local / (arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE)
 
     monkeypatch.setattr(arena_run, "hub_file", fake_hub)
     _, _, sources = arena_run.load_questions(config.model_copy(update={"offline": False}))
     assert sources == {"questions_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_QUESTIONS}",
                        "baseline_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_BASELINE}"}
-    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl", False),
-                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl", False)]
+    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl"),
+                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl")]
