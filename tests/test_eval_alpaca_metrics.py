@@ -237,3 +237,19 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     result = run_cli("eval", "score", bad, check=False)
     assert result.returncode == 2
     assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
+    import huggingface_hub
+
+    from perpair.errors import PerpairError
+
+    def unreachable(**kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    # online with a data folder at hand: the official files were asked for, so their absence is said, not papered
+    with pytest.raises(PerpairError, match=r"could not download df_gamed\.csv .*--offline"):
+        ScoreOptions(offline=False, data_dir=AE).resolve()
+    offline = ScoreOptions(offline=True, data_dir=AE).resolve()  # offline, the folder is the source, by name
+    assert offline.difficulty_source.endswith("instruction_difficulty_reconstructed.csv") and not offline.exact
