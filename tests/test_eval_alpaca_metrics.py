@@ -253,3 +253,26 @@ def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
         ScoreOptions(offline=False, data_dir=AE).resolve()
     offline = ScoreOptions(offline=True, data_dir=AE).resolve()  # offline, the folder is the source, by name
     assert offline.difficulty_source.endswith("instruction_difficulty_reconstructed.csv") and not offline.exact
+
+
+def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    gamed_csv = tmp_path / "df_gamed.csv"
+    _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
+    asked = []
+
+    def download(*, repo_id, filename, repo_type):  # the Hub's files, as hf_hub_download would return them
+        asked.append((repo_id, filename))
+        return str(gamed_csv if filename == "df_gamed.csv" else AE / "instruction_difficulty_reconstructed.csv")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    path = AE / "annotations" / "claude-2.1.json.gz"
+    fitted = score_annotations(path, ScoreOptions(offline=False, data_dir=AE))
+    assert fitted["lc_method"] == "fit" and not fitted["lc_is_approximation"] and fitted["lc_note"] is None
+    assert asked == [("tatsu-lab/alpaca_eval", "df_gamed.csv")]
+    published = score_annotations(path, ScoreOptions(offline=False, data_dir=AE, fit=False))
+    assert published["lc_method"] == "published_weights" and published["lc_note"] is None  # official difficulties
+    assert published["instruction_difficulty_source"] == "hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv"
+    assert published["length_controlled_winrate"] == pytest.approx(
+        LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)

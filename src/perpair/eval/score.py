@@ -107,8 +107,9 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         headline, method, note = fitted, "fit", None
     elif published is not None:
         headline, method = published, "published_weights"
-        note = None if exact else ("published GLM weights with reconstructed instruction difficulties (reproduce "
-                                   "the published LC of 194 of 199 models to 1e-6)")
+        note = None if inputs.difficulty_is_official else (
+            "published GLM weights with reconstructed instruction difficulties (reproduce the published LC of 194 "
+            "of 199 models to 1e-6)")
     elif fitted is not None:
         headline, method = fitted, "fit_offline_approximation"
         note = f"{OFFLINE_NOTE}. Published weights not used: {not_published}"
@@ -118,7 +119,7 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
-    row["lc_is_approximation"] = not exact and method != "published_weights"
+    row["lc_is_approximation"] = method not in ("fit", "published_weights")
     row["lc_note"] = note
     row["instruction_difficulty_source"] = inputs.difficulty_source
     row["lc_fit"] = _lc_dict(fitted) if fitted else None

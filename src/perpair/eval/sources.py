@@ -246,6 +246,7 @@ class LCInputs:
 
     difficulty: np.ndarray  # by instruction position
     difficulty_source: str
+    difficulty_is_official: bool  # the Hub's file (else a local file, e.g. the reconstructed copy)
     gamed: GamedRows | None  # the two gamed baselines' rows (on the Hub only): with them the fit is the official one
     weights: pd.DataFrame | None  # published GLM weights by model
     leaderboard: pd.DataFrame | None  # the published leaderboard: is a file the one a model's weights were fit on?
@@ -281,5 +282,6 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
         values, source = read_difficulty_csv(path), str(path)
     weights_path = data_file(glm_weights, data_dir, LOCAL_GLM_WEIGHTS)
     board_path = data_file(leaderboard, data_dir, LOCAL_LEADERBOARD)
-    return LCInputs(values, source, gamed, load_glm_weights(weights_path) if weights_path else None,
+    return LCInputs(values, source, source.startswith("hub:"), gamed,
+                    load_glm_weights(weights_path) if weights_path else None,
                     load_leaderboard(board_path) if board_path else None)
