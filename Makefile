@@ -49,7 +49,8 @@ AE := $(SHARED)/alpaca_eval
 OFFLINE := $(if $(wildcard $(DATA)),1)
 OFFLINE_SETS := --set eval.alpaca_eval.offline=true \
 	--set eval.alpaca_eval.reference=$(AE)/reference_outputs_gpt4_1106_preview.json.gz \
-	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv
+	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv \
+	--set eval.alpaca_eval.judge_prompt=$(AE)/judge_prompt_alpaca_eval_clf.txt
 
 demo: install
 	$(if $(OFFLINE),HF_HUB_OFFLINE=1) $(BIN)/perpair run configs/demo.yaml --set workdir=$(OUT) \

@@ -2,8 +2,8 @@
 
     python benchmarks/eval_score.py [--repeats 5] [--no-fit]
 
-Offline, in one process, with the reconstructed instruction difficulties and the published GLM weights in
-../shared/data/alpaca_eval; the first (untimed) pass warms imports and file caches. Prints the median of
+Offline, in one process, with the reconstructed instruction difficulties, the published GLM weights and the
+leaderboard in ../shared/data/alpaca_eval; the first (untimed) pass warms imports and file caches. Prints the median of
 ``--repeats`` timings per file and for all six, then one ``perpair eval score`` CLI run of all six (process start
 included).
 """
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from perpair.eval.score import ScoreOptions, score_annotations
+from perpair.eval import ScoreOptions, score_annotations
 
 AE = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval"
 
@@ -28,8 +28,7 @@ def main() -> None:
     parser.add_argument("--no-fit", action="store_true", help="published GLM weights only, no offline refit")
     args = parser.parse_args()
     files = sorted((AE / "annotations").glob("*.json.gz"))
-    options = ScoreOptions(offline=True, difficulty=AE / "instruction_difficulty_reconstructed.csv",
-                           glm_weights=AE / "glm_weights_length_controlled_v1.csv", fit=not args.no_fit)
+    options = ScoreOptions(offline=True, data_dir=AE, fit=not args.no_fit)
     for file in files:  # warm-up
         score_annotations(file, options)
     per_file: dict[str, list[float]] = {f.name: [] for f in files}
@@ -46,8 +45,8 @@ def main() -> None:
     for name, times in per_file.items():
         print(f"  {name:42s} {1000 * statistics.median(times):8.1f} ms")
     print(f"  {'all six':42s} {1000 * statistics.median(totals):8.1f} ms  (last: {row['name']})")
-    cli = [sys.executable, "-m", "perpair", "eval", "score", "--json", "--offline", "--difficulty",
-           str(AE / "instruction_difficulty_reconstructed.csv"), *(["--no-fit"] if args.no_fit else []),
+    cli = [sys.executable, "-m", "perpair", "eval", "score", "--json", "--offline", "--data-dir", str(AE),
+           *(["--no-fit"] if args.no_fit else []),
            *map(str, files)]
     start = time.perf_counter()
     subprocess.run(cli, check=True, capture_output=True)

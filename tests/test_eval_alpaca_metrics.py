@@ -147,7 +147,8 @@ def test_cli_score_json_has_leaderboard_keys():
     files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
     result = run_cli("eval", "score", "--json", "--offline", "--difficulty",
                      AE / "instruction_difficulty_reconstructed.csv",
-                     "--glm-weights", AE / "glm_weights_length_controlled_v1.csv", *files)
+                     "--glm-weights", AE / "glm_weights_length_controlled_v1.csv",
+                     "--leaderboard", AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", *files)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["name"] for r in rows] == ["claude-2.1", "gemma-7b-it"]
     for row in rows:
@@ -157,8 +158,72 @@ def test_cli_score_json_has_leaderboard_keys():
             assert row[key] == pytest.approx(published[key], abs=1e-4), key
         assert row["lc_method"] == "published_weights"
         assert row["lc_fit"]["note"].startswith("approximation")
-    table = run_cli("eval", "score", "--offline", *files).stdout
-    assert "claude-2.1" in table and "25.25" in table
+    table = run_cli("eval", "score", "--offline", "--data-dir", AE, *files).stdout
+    published = LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"]
+    assert "claude-2.1" in table and f"{published:.2f}" in table
+
+
+def test_cli_score_six_models_unchanged():
+    # every shipped file, scored as a user would (the data folder gives difficulties, weights and leaderboard)
+    files = [AE / "annotations" / f"{m}.json.gz" for m in MODELS]
+    result = run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE, *files)
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["name"] for r in rows] == MODELS
+    for row in rows:
+        published = LEADERBOARD.loc[row["name"]]
+        for key in ("win_rate", "standard_error", "discrete_win_rate"):
+            assert row[key] == pytest.approx(published[key], abs=1e-6), key
+        for key in ("n_wins", "n_wins_base", "n_draws", "n_total", "avg_length"):
+            assert row[key] == published[key], key
+        assert row["length_controlled_winrate"] == pytest.approx(published["length_controlled_winrate"], abs=1e-4)
+        assert row["lc_method"] == "published_weights" and not row["lc_is_approximation"]
+
+
+def _renamed(tmp_path, model: str, generator: str):
+    records = json.load(gzip.open(AE / "annotations" / f"{model}.json.gz"))
+    for record in records:
+        record["generator_2"] = generator
+    path = tmp_path / f"{model}-as-{generator}.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize(("model", "generator"), [("alpaca-7b", "claude-2.1"), ("claude-2.1", "gemma-7b-it"),
+                                                  ("gemma-7b-it", "example")])
+def test_a_renamed_file_is_not_scored_with_the_other_models_weights(tmp_path, model, generator):
+    # `example` has published weights but no leaderboard row (issue 14: LC 0.22 instead of 86.46, flagged exact)
+    path = _renamed(tmp_path, model, generator)
+    result = run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path)
+    row = json.loads(result.stdout)
+    assert row["name"] == generator
+    assert row["lc_method"] == "fit_offline_approximation" and row["lc_is_approximation"]
+    assert row["lc_published_weights"] is None
+    assert "Published weights not used: " in row["lc_note"] and repr(generator) in row["lc_note"]
+    wrong = predict_from_weights(WEIGHTS.loc[generator], DIFFICULTY, WEIGHTS.loc["gpt4_1106_preview"])
+    assert abs(row["length_controlled_winrate"] - wrong.length_controlled_winrate) > 3
+    assert abs(row["length_controlled_winrate"] - LEADERBOARD.loc[model, "length_controlled_winrate"]) < 3
+    table = run_cli("eval", "score", "--offline", "--data-dir", AE, path).stdout
+    assert "Published weights not used" in table  # the reason is printed, not only in --json
+
+    # --name gives the file its model back: the published weights, exactly
+    named = json.loads(run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE,
+                               "--name", model, path).stdout)
+    assert named["lc_method"] == "published_weights"
+    assert named["length_controlled_winrate"] == pytest.approx(LEADERBOARD.loc[model, "length_controlled_winrate"],
+                                                               abs=1e-4)
+
+
+def test_score_inputs_missing_or_ambiguous_are_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
+    files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
+    for args, words in ((["--offline", files[0]], "--difficulty"),
+                        (["--offline", "--data-dir", tmp_path / "nowhere", files[0]], "no such data folder"),
+                        (["--offline", "--data-dir", AE, "--glm-weights", tmp_path / "w.csv", files[0]],
+                         "no such file"),
+                        (["--offline", "--data-dir", AE, "--name", "x", *files], "--name names one file")):
+        result = run_cli("eval", "score", *args, check=False)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
 
 
 def test_bad_annotation_names_file_row_field(tmp_path):
@@ -172,3 +237,42 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     result = run_cli("eval", "score", bad, check=False)
     assert result.returncode == 2
     assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
+    import huggingface_hub
+
+    from perpair.errors import PerpairError
+
+    def unreachable(**kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    # online with a data folder at hand: the official files were asked for, so their absence is said, not papered
+    with pytest.raises(PerpairError, match=r"could not download df_gamed\.csv .*--offline"):
+        ScoreOptions(offline=False, data_dir=AE).resolve()
+    offline = ScoreOptions(offline=True, data_dir=AE).resolve()  # offline, the folder is the source, by name
+    assert offline.difficulty_source.endswith("instruction_difficulty_reconstructed.csv") and not offline.exact
+
+
+def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    gamed_csv = tmp_path / "df_gamed.csv"
+    _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
+    asked = []
+
+    def download(*, repo_id, filename, repo_type):  # the Hub's files, as hf_hub_download would return them
+        asked.append((repo_id, filename))
+        return str(gamed_csv if filename == "df_gamed.csv" else AE / "instruction_difficulty_reconstructed.csv")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    path = AE / "annotations" / "claude-2.1.json.gz"
+    fitted = score_annotations(path, ScoreOptions(offline=False, data_dir=AE))
+    assert fitted["lc_method"] == "fit" and not fitted["lc_is_approximation"] and fitted["lc_note"] is None
+    assert asked == [("tatsu-lab/alpaca_eval", "df_gamed.csv")]
+    published = score_annotations(path, ScoreOptions(offline=False, data_dir=AE, fit=False))
+    assert published["lc_method"] == "published_weights" and published["lc_note"] is None  # official difficulties
+    assert published["instruction_difficulty_source"] == "hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv"
+    assert published["length_controlled_winrate"] == pytest.approx(
+        LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)

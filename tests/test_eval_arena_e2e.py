@@ -80,7 +80,7 @@ class _StubJudge(BaseHTTPRequestHandler):
 
 
 def _run(out, q_path, b_path, *judge):
-    return json.loads(run_cli("eval", "arena-hard", "--model", "smollm2", *judge, "--questions", q_path,
+    return json.loads(run_cli("eval", "arena-hard", "run", "--model", "smollm2", *judge, "--questions", q_path,
                               "--baseline-answers", b_path, "--limit", N, "--max-new-tokens", 16, "--batch-size", N,
                               "--judge-batch-size", 2 * N, "--judge-max-tokens", 8, "--offline", "--json",
                               "-o", out).stdout)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA, run_cli
 from perpair.eval.arena_hard import (
+    OUTCOME_LABELS,
     STRONG_WEIGHT,
     arena_score,
     battles_from_games,
@@ -117,27 +121,120 @@ def test_no_verdict_gives_null_score():
     assert result.as_dict()["score"] is None and result.as_dict()["rating_q025"] is None
 
 
-def test_question_sources_hub_then_local_copy(monkeypatch, tmp_path):
-    from pathlib import Path
-
+def test_question_sources_hub_then_data_folder(monkeypatch, tmp_path):
+    from perpair.errors import PerpairError
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # ../shared/data/arena_hard beside the checkout
+    local = SHARED_DATA / "arena_hard"
     config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"), limit=2,
-                                       offline=True)
+                                       offline=True, data_dir=local)
     questions, baseline, sources = arena_run.load_questions(config)
     assert len(questions) == 2 and len(baseline) == 500 and sources["questions_source"].startswith("local:")
+    with pytest.raises(PerpairError, match="--data-dir"):  # offline with no folder: said, not guessed
+        arena_run.load_questions(config.model_copy(update={"data_dir": None}))
     asked = []
 
-    def fake_hub(name, *, offline, repo_id):  # what hf_hub_download would return, online
-        asked.append((repo_id, name, offline))
-        local = arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE
-        return arena_run._local(local)
+    def fake_hub(name, *, repo_id, hint):  # what hf_hub_download would return, online
+        asked.append((repo_id, name))
+        return local / (arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE)
 
     monkeypatch.setattr(arena_run, "hub_file", fake_hub)
     _, _, sources = arena_run.load_questions(config.model_copy(update={"offline": False}))
     assert sources == {"questions_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_QUESTIONS}",
                        "baseline_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_BASELINE}"}
-    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl", False),
-                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl", False)]
+    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl"),
+                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl")]
+
+
+# --- scoring existing judgment files ----------------------------------------------------------------------
+
+_LABELS = ["A>>B", "A>B", "A=B", "B>A", "B>>A", None, "A<B"]
+
+
+def _judgment_file(folder, model: str, seed: int, n: int = 150, weights=None):
+    """A judgment file in arena-hard-auto v0.1's layout, model_judgment/JUDGE/MODEL.jsonl."""
+    rng = np.random.default_rng(seed)
+    path = folder / "model_judgment" / "gpt-4-1106-preview" / f"{model}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    swap = {"A>>B": "B>>A", "A>B": "B>A", "B>A": "A>B", "B>>A": "A>>B"}  # game 2 shows the model as A
+    rows = []
+    for i in range(n):
+        first, second = (_LABELS[k] for k in rng.choice(len(_LABELS), size=2, p=weights))
+        rows.append({"question_id": f"q{i}", "model": model, "judge": "gpt-4-1106-preview",
+                     "games": [{"user_prompt": "…", "judgment": "…", "score": first},
+                               {"user_prompt": "…", "judgment": "…", "score": swap.get(second, second)}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def _show_result(rows: list[dict], n_rounds: int = 100, seed: int = 42) -> tuple[float, float, float]:
+    """show_result.py (v0.1) worked independently: battles (strong verdicts three times, game 2's sides swapped),
+    Elo by unpenalised logistic regression on the doubled battles (a tie = one win each), the baseline anchored
+    at 1000, bootstrap by pandas sampling, percentiles of the Elo, then the win rate against the baseline."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+
+    winners = {"A=B": ("tie", 1), "A>B": ("model_a", 1), "A>>B": ("model_a", 3), "B>A": ("model_b", 1),
+               "B>>A": ("model_b", 3)}
+    battles = []
+    for row in rows:
+        for number, game in enumerate(row["games"]):
+            winner, weight = winners.get(game["score"], (None, 0))
+            if number == 1 and winner != "tie":  # game 2 shows the model as A
+                winner = {"model_a": "model_b", "model_b": "model_a"}.get(winner)
+            battles += [{"model_a": "gpt-4-0314", "model_b": row["model"], "winner": winner}] * weight
+    frame = pd.DataFrame(battles)
+
+    def elo(df) -> float:
+        doubled = pd.concat([df, df], ignore_index=True)
+        x = np.tile([np.log(10), -np.log(10)], (len(doubled), 1))  # columns: baseline, model
+        y = np.array(doubled["winner"] == "model_a", float)
+        tie = np.array(doubled["winner"] == "tie")
+        tie[len(tie) // 2:] = False
+        y[tie] = 1.0
+        coef = LogisticRegression(C=np.inf, fit_intercept=False, tol=1e-8).fit(x, y).coef_[0]
+        ratings = 400 * coef + 1000
+        return ratings[1] + 1000 - ratings[0]
+
+    def win_rate(rating: float) -> float:
+        return 100 / (1 + 10 ** ((1000 - rating) / 400))
+
+    state = np.random.RandomState(seed)
+    samples = [elo(frame.sample(frac=1.0, replace=True, random_state=state)) for _ in range(n_rounds)]
+    return win_rate(elo(frame)), win_rate(np.percentile(samples, 2.5)), win_rate(np.percentile(samples, 97.5))
+
+
+def test_cli_scores_judgment_files_as_show_result(tmp_path):
+    strong = [0.05, 0.1, 0.2, 0.25, 0.3, 0.05, 0.05]  # a model better than the baseline
+    weak = [0.3, 0.3, 0.15, 0.1, 0.05, 0.05, 0.05]
+    files = [_judgment_file(tmp_path, "strong-model", 1, weights=strong),
+             _judgment_file(tmp_path, "weak-model", 2, weights=weak)]
+    result = run_cli("eval", "arena-hard", "score", "--json", *(path for path, _ in files))
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    for row, (path, judgments) in zip(rows, files, strict=True):
+        score, lower, upper = _show_result(judgments)
+        assert (row["name"], row["judge"], row["n_questions"], row["n_games"]) == (
+            path.stem, "gpt-4-1106-preview", 150, 300)
+        assert row["n_no_verdict"] == sum(g["score"] not in OUTCOME_LABELS for j in judgments for g in j["games"])
+        assert row["score"] == pytest.approx(score, abs=1e-3)
+        # the interval: same draws; the percentile is interpolated on the Elo scale there, on the win rate here
+        assert row["rating_q025"] == pytest.approx(lower, abs=0.05)
+        assert row["rating_q975"] == pytest.approx(upper, abs=0.05)
+    assert rows[0]["score"] > 55 > 45 > rows[1]["score"]
+    table = run_cli("eval", "arena-hard", "score", files[0][0]).stdout
+    first = rows[0]
+    assert f"score {first['score']:.1f} (95% CI {first['rating_q025']:.1f} to {first['rating_q975']:.1f})" in table
+
+
+def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
+    path, rows = _judgment_file(tmp_path, "m", 3, n=5)
+    rows[3]["games"] = rows[3]["games"][:1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other, _ = _judgment_file(tmp_path / "two", "m", 3, n=5)
+    other.write_text(other.read_text() + json.dumps({**rows[0], "model": "n"}) + "\n")
+    for bad, words in ((path, "row 4, field 'games'"), (other, "several models"),
+                       (tmp_path / "missing.jsonl", "no such file")):
+        result = run_cli("eval", "arena-hard", "score", bad, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:") and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -5,33 +5,43 @@ from __future__ import annotations
 import gzip
 import json
 
+import pandas as pd
+import pytest
+
 from conftest import SHARED_DATA, run_cli
+from perpair.eval import ScoreOptions, json_ready, score_annotations
 from perpair.eval.arena_hard import arena_score, battles_from_games
-from perpair.eval.score import ScoreOptions, json_ready, score_annotations
 
 AE = SHARED_DATA / "alpaca_eval"
+LEADERBOARD = pd.read_csv(AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", index_col=0)
 
 
-def test_report_from_result_folders(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _result_folders(tmp_path, name: str = "claude-2.1"):
+    """An AlpacaEval folder (claude-2.1's published annotations, scored, shown under ``name``) and an
+    Arena-Hard one, as the eval commands write them."""
     alpaca = tmp_path / "claude"
     alpaca.mkdir()
     annotations = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
     (alpaca / "annotations.json").write_text(json.dumps(annotations))
     (alpaca / "model_outputs.json").write_text(json.dumps(
-        [{"instruction": a["instruction"], "output": a["output_2"], "generator": "claude-2.1",
+        [{"instruction": a["instruction"], "output": a["output_2"], "generator": name,
           "dataset": a["dataset"]} for a in annotations]))
-    row = score_annotations(alpaca / "annotations.json", ScoreOptions(
-        difficulty=AE / "instruction_difficulty_reconstructed.csv",
-        glm_weights=AE / "glm_weights_length_controlled_v1.csv"))
+    row = score_annotations(alpaca / "annotations.json", ScoreOptions(offline=True, data_dir=AE, fit=False))
     row.pop("glm_preference")
     row["benchmark"] = "alpaca_eval_2"
+    row["name"] = name
     (alpaca / "results.json").write_text(json.dumps([json_ready(row)]))
     arena = tmp_path / "arena"
     arena.mkdir()
     score = arena_score(battles_from_games([("B>A", False), ("A>B", True), ("A=B", False), ("A>>B", False)]))
-    (arena / "results.json").write_text(json.dumps([{"benchmark": "arena_hard_v0.1", "name": "claude-2.1",
+    (arena / "results.json").write_text(json.dumps([{"benchmark": "arena_hard_v0.1", "name": name,
                                                      **score.as_dict()}]))
+    return alpaca, arena
+
+
+def test_report_from_result_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
 
     report = tmp_path / "report"
     result = run_cli("eval", "report", alpaca, arena, "-o", report)
@@ -39,8 +49,23 @@ def test_report_from_result_folders(tmp_path, monkeypatch):
         assert (report / name).is_file(), result.stdout
     table = json.loads((report / "results.json").read_text())
     assert [r["benchmark"] for r in table] == ["alpaca_eval_2", "arena_hard_v0.1"]
-    assert abs(table[0]["length_controlled_winrate"] - 25.2519) < 1e-3
+    published = LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"]
+    assert table[0]["length_controlled_winrate"] == pytest.approx(published, abs=1e-4)
     markdown = (report / "results.md").read_text()
-    assert "claude-2.1" in markdown and "25.25" in markdown
+    assert "claude-2.1" in markdown and f"{published:.2f}" in markdown
     page = (report / "report.html").read_text()
     assert "win_rates.png" in page and "helpful_base" in page
+
+
+@pytest.mark.parametrize("name", ["$\\alpha$-model $x^$", "[/x] [bold]model"])
+def test_names_that_look_like_markup_are_shown_as_written(tmp_path, monkeypatch, name):
+    # matplotlib reads $…$ as mathtext ("$x^$" does not parse); rich reads [..] as markup ("[/x]" closes nothing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path, name)
+    report = tmp_path / "report"
+    result = run_cli("eval", "report", alpaca, arena, "-o", report)
+    assert (report / "win_rates.png").is_file() and (report / "lengths.png").is_file(), result.stderr
+    assert [r["name"] for r in json.loads((report / "results.json").read_text())] == [name, name]
+    scored = run_cli("eval", "score", "--offline", "--no-fit", "--data-dir", AE, "--name", name,
+                     alpaca / "annotations.json")
+    assert name in scored.stdout

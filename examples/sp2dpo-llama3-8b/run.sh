@@ -45,7 +45,7 @@ for name in sft sp2dpo; do
     model=$([ "$name" = sft ] && echo "$STUDENT" || echo work/train/model)
     perpair eval alpaca-eval --model "$model" --name "$name" --backend vllm --judge https://api.openai.com/v1 \
         --judge-name gpt-4-1106-preview --judge-api-key-env OPENAI_API_KEY -o "work/eval/alpaca-eval-$name"
-    perpair eval arena-hard --model "$model" --name "$name" --judge https://api.openai.com/v1 \
+    perpair eval arena-hard run --model "$model" --name "$name" --judge https://api.openai.com/v1 \
         --judge-name gpt-4-1106-preview --judge-api-key-env OPENAI_API_KEY -o "work/eval/arena-hard-$name"
 done
 perpair eval preference --model work/train/model --ref "$STUDENT" --data work/test.parquet --beta 0.01 \

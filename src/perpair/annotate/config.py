@@ -23,11 +23,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perpair.annotate.templates import get_template
-from perpair.errors import PerpairError
+from perpair.config_files import format_validation_error, load_yaml
+from perpair.errors import InputError, PerpairError
 from perpair.llm.client import ChatClientConfig
 
 
@@ -188,14 +188,7 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
                 templates: list[str] | None = None, concurrency: int | None = None, api_key_env: str | None = None,
                 **overrides) -> AnnotateConfig:
     """The YAML file (if any) with the command line's options on top, validated before any work starts."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise PerpairError(f"config {path}: cannot read it ({exc})") from None
-        if not isinstance(data, dict):
-            raise PerpairError(f"config {path}: expected a mapping at the top level")
+    data = load_yaml(path, "annotate config") if path is not None else {}
     if teachers:
         data["teachers"] = [parse_teacher_spec(spec) for spec in teachers]
     for teacher in data.get("teachers") or []:
@@ -214,6 +207,5 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
     try:
         return AnnotateConfig.model_validate(data)
     except ValidationError as exc:
-        where = f"config {path}: " if path else ""
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PerpairError(f"{where}invalid annotate settings: {problems}") from None
+        raise InputError(f"invalid annotate settings: {format_validation_error(exc)}",
+                         file=None if path is None else str(path)) from None

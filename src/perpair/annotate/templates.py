@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from perpair.annotate.schema import CATEGORIES
+from perpair.config_files import format_validation_error
 
 # The kinds of difference a blind teacher may name; `no_clear_gap` and `mislabeled` follow from "better".
 GAP_CATEGORIES: tuple[str, ...] = ("safety", "factuality", "instruction_following", "helpfulness", "style")
@@ -203,8 +204,7 @@ def parse_answer(content: str | None, swapped: bool) -> Annotation:
     try:
         raw = RawAnswer.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'answer'}: {e['msg']}" for e in exc.errors())
-        raise ParseError(problems) from None
+        raise ParseError(format_validation_error(exc)) from None
     preferred = "tie" if raw.better == "tie" else (
         "rejected" if (raw.better == "A") == swapped else "chosen")
     if preferred == "tie" or raw.magnitude == 0:

@@ -42,7 +42,6 @@ PROMPT_KINDS = ("arithmetic", "format", "benign", "harmful")
 # Objective categories scored by exact match on held-out prompts, and the prompt kind each is scored on.
 SCORED = {"arithmetic": "arithmetic", "format": "format", "refusal": "harmful", "benign": "benign"}
 PAIR_CATEGORIES = ("arithmetic", "format", "refusal", "over_refusal", "style")
-OBJECTIVE = ("arithmetic", "format", "refusal", "over_refusal")
 # The annotation category of each pair category (perpair.annotate.schema.CATEGORIES).
 ANNOTATION = {"arithmetic": "factuality", "format": "instruction_following", "refusal": "safety",
               "over_refusal": "helpfulness", "style": "style"}

@@ -9,6 +9,7 @@ import typer
 from pydantic import ValidationError
 
 from perpair.cli import app, console, out
+from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 
 bench_app = typer.Typer(help="Benchmarks of the per-pair methods on tasks whose truth is known.", no_args_is_help=True)
@@ -43,8 +44,7 @@ def controlled_command(
     try:
         config = ControlledConfig(**values)
     except ValidationError as exc:
-        raise PerpairError("invalid options: " + "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())) from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
     result = run_controlled(config, out_dir, progress=lambda line: console.print(line, highlight=False))
     out.print(Path(result["files"]["table"]).read_text(encoding="utf-8"))
     out.print(f"wall time {result['seconds']:.0f} s, CPU time {result['cpu_seconds']:.0f} s (this process)")

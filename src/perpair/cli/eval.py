@@ -9,25 +9,32 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from perpair.cli import app, console, out
+from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 
 eval_app = typer.Typer(help="Evaluate models: AlpacaEval 2.0, Arena-Hard-Auto, preference accuracy, report.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
+arena_app = typer.Typer(help="Arena-Hard-Auto v0.1: run (answer, judge, score) or score existing judgments.",
+                        no_args_is_help=True)
+eval_app.add_typer(arena_app, name="arena-hard")
+
 BASELINE_ARENA = "gpt-4-0314"
 OFFLINE_HELP = "Never touch the Hub (default: online unless HF_HUB_OFFLINE=1)."
+ALPACA_DATA_ENV = "PERPAIR_ALPACA_EVAL_DATA"
+ARENA_DATA_ENV = "PERPAIR_ARENA_HARD_DATA"
 
 
 def _options(cls, **kwargs):
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise PerpairError("invalid options: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -39,45 +46,51 @@ def _fmt(value, digits: int = 2) -> str:
 @eval_app.command("score")
 def score_command(
     files: Annotated[list[Path], typer.Argument(help="AlpacaEval annotations files (.json or .json.gz).")],
+    name: Annotated[str | None, typer.Option(
+        help="The model's name on the leaderboard (default: the file's generator_2); one file only.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file (leaderboard keys).")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        envvar=ALPACA_DATA_ENV, help="Folder laid out as ../shared/data/alpaca_eval: the offline instruction "
+                                     "difficulties, published GLM weights and leaderboard by their names.")] = None,
     difficulty: Annotated[Path | None, typer.Option(
-        help="Offline instruction difficulties (default: instruction_difficulty_reconstructed.csv in "
-             "../shared/data/alpaca_eval or $PERPAIR_ALPACA_EVAL_DATA).")] = None,
+        help="Instruction difficulties CSV (default: the Hub's online, DATA_DIR's reconstructed copy offline; "
+             "given, the LC fit is an approximation).")] = None,
     glm_weights: Annotated[Path | None, typer.Option(
-        help="Published LC GLM weights CSV (default: glm_weights_length_controlled_v1.csv beside the above).")] = None,
+        help="Published LC GLM weights CSV (default: DATA_DIR's glm_weights_length_controlled_v1.csv).")] = None,
+    leaderboard: Annotated[Path | None, typer.Option(
+        help="Published leaderboard CSV: a file gets its model's published weights only when it matches that "
+             "model's row (default: DATA_DIR's leaderboard_weighted_alpaca_eval_gpt4_turbo.csv).")] = None,
     offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
     no_fit: Annotated[bool, typer.Option("--no-fit", help="Skip the GLM fit; published weights only.")] = False,
 ) -> None:
     """Raw and length-controlled win rates of AlpacaEval annotations, as the official leaderboard computes them."""
-    from perpair.eval.score import ScoreOptions, json_ready, score_annotations
+    from perpair.eval import ScoreOptions, json_ready, score_files
 
-    options = _options(ScoreOptions, offline=offline, difficulty=difficulty, glm_weights=glm_weights, fit=not no_fit)
-    rows = []
-    for file in files:
-        row = score_annotations(file, options)
-        rows.append(row)
-        if as_json:
-            row = {k: v for k, v in row.items() if k != "glm_preference"}
-            typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
+    options = _options(ScoreOptions, offline=offline, data_dir=data_dir, difficulty=difficulty,
+                       glm_weights=glm_weights, leaderboard=leaderboard, fit=not no_fit)
+    rows = score_files(files, options, name=name)
     if as_json:
+        for row in rows:
+            typer.echo(json.dumps(json_ready({k: v for k, v in row.items() if k != "glm_preference"}),
+                                  ensure_ascii=False))
         return
     table = Table(title="AlpacaEval 2.0", title_justify="left")
     for column in ("model", "LC win rate", "LC s.e.", "LC from", "win rate", "s.e.", "wins", "draws", "n",
                    "discrete", "avg length"):
         table.add_column(column, justify="left" if column in ("model", "LC from") else "right")
     for row in rows:
-        table.add_row(row["name"], _fmt(row["length_controlled_winrate"]), _fmt(row["lc_standard_error"]),
+        table.add_row(escape(row["name"]), _fmt(row["length_controlled_winrate"]), _fmt(row["lc_standard_error"]),
                       str(row["lc_method"]), _fmt(row["win_rate"]), _fmt(row["standard_error"]),
                       _fmt(row["n_wins"]), _fmt(row["n_draws"]), _fmt(row["n_total"]),
                       _fmt(row["discrete_win_rate"]), _fmt(row["avg_length"]))
     out.print(table)
     for row in rows:
         if row["lc_note"]:
-            out.print(f"[yellow]{row['name']}[/]: {row['lc_note']}")
+            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_note'])}")
         if row["lc_method"] == "published_weights" and row["lc_fit"]:
             fit = row["lc_fit"]
-            out.print(f"{row['name']}: offline refit gives LC {fit['length_controlled_winrate']:.2f} "
-                      f"(± {fit['lc_standard_error']:.2f}); {fit.get('note', '')}")
+            out.print(f"{escape(row['name'])}: offline refit gives LC {fit['length_controlled_winrate']:.2f} "
+                      f"(± {fit['lc_standard_error']:.2f}); {escape(fit.get('note', ''))}")
 
 
 def _progress():
@@ -91,14 +104,14 @@ def _progress():
 
 
 def _print_alpaca_row(row: dict) -> None:
-    out.print(f"[bold]{row['name']}[/] vs {row.get('reference', 'baseline')}: "
+    out.print(f"[bold]{escape(row['name'])}[/] vs {escape(row.get('reference', 'baseline'))}: "
               f"LC win rate {_fmt(row['length_controlled_winrate'])} (± {_fmt(row['lc_standard_error'])}, "
               f"{row['lc_method']}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
               f"n = {row['n_total']}, avg length {row['avg_length']:,}")
     if row.get("lc_note"):
-        out.print(f"[yellow]note[/]: {row['lc_note']}")
+        out.print(f"[yellow]note[/]: {escape(row['lc_note'])}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "
-              f"files in {row['output_dir']}")
+              f"files in {escape(row['output_dir'])}")
 
 
 @eval_app.command("alpaca-eval")
@@ -120,13 +133,21 @@ def alpaca_eval_command(
     backend: Annotated[str, typer.Option(help="auto, transformers or vllm.")] = "auto",
     difficulty: Annotated[Path | None, typer.Option(help="Offline instruction difficulties CSV.")] = None,
     glm_weights: Annotated[Path | None, typer.Option(help="Published LC GLM weights CSV.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        envvar=ALPACA_DATA_ENV, help="Folder laid out as ../shared/data/alpaca_eval (offline copies of the "
+                                     "reference, judge prompt, difficulties, GLM weights and leaderboard).")] = None,
     offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """AlpacaEval 2.0: generate, judge with the official weighted protocol, score (raw and LC win rate)."""
-    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, default_output_dir, run_alpaca_eval
-    from perpair.eval.generate import GenerationConfig
-    from perpair.eval.score import json_ready
+    from perpair.eval import (
+        AlpacaEvalConfig,
+        GenerationConfig,
+        JudgeConfig,
+        default_output_dir,
+        json_ready,
+        run_alpaca_eval,
+    )
 
     config = _options(
         AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model),
@@ -135,7 +156,7 @@ def alpaca_eval_command(
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             backend=backend),
         reference=reference, judge_prompt=judge_prompt, limit=limit, offline=offline, difficulty=difficulty,
-        glm_weights=glm_weights)
+        glm_weights=glm_weights, data_dir=data_dir)
     status, update = _progress()
     with status:
         row = run_alpaca_eval(config, on_progress=update)
@@ -145,7 +166,7 @@ def alpaca_eval_command(
         _print_alpaca_row(row)
 
 
-@eval_app.command("arena-hard")
+@arena_app.command("run")
 def arena_hard_command(
     model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
     judge: Annotated[str, typer.Option(help="Judge: a local model or the /v1 URL of an OpenAI-compatible server.")],
@@ -162,13 +183,14 @@ def arena_hard_command(
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
     style_control: Annotated[bool, typer.Option("--style-control", help="Control for length and markdown.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(
+        envvar=ARENA_DATA_ENV, help="Folder laid out as ../shared/data/arena_hard (offline copies of the "
+                                    "questions and baseline answers).")] = None,
     offline: Annotated[bool | None, typer.Option("--offline/--online", help=OFFLINE_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
-    from perpair.eval.alpaca_eval import JudgeConfig, default_output_dir
-    from perpair.eval.arena_run import ArenaHardConfig, run_arena_hard
-    from perpair.eval.generate import GenerationConfig
+    from perpair.eval import ArenaHardConfig, GenerationConfig, JudgeConfig, default_output_dir, run_arena_hard
 
     config = _options(
         ArenaHardConfig, model=model, name=name, output_dir=output or default_output_dir(model) / "arena_hard",
@@ -176,19 +198,41 @@ def arena_hard_command(
                        concurrency=judge_concurrency, batch_size=judge_batch_size),
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size),
         questions=questions, baseline_answers=baseline_answers, limit=limit, judge_max_tokens=judge_max_tokens,
-        style_control=style_control, offline=offline)
+        style_control=style_control, offline=offline, data_dir=data_dir)
     status, update = _progress()
     with status:
         row = run_arena_hard(config, on_progress=update)
     if as_json:
         typer.echo(json.dumps(row, ensure_ascii=False))
         return
-    out.print(f"[bold]{row['name']}[/] vs {BASELINE_ARENA}: score {_fmt(row['score'], 1)} "
+    _print_arena_row(row)
+    out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,}; files in {escape(row['output_dir'])}")
+
+
+def _print_arena_row(row: dict) -> None:
+    out.print(f"[bold]{escape(row['name'])}[/] vs {BASELINE_ARENA}: score {_fmt(row['score'], 1)} "
               f"(95% CI {_fmt(row['rating_q025'], 1)} to {_fmt(row['rating_q975'], 1)}), {row['n_games']} games, "
               f"{row['n_no_verdict']} without verdict{', style-controlled' if row['style_control'] else ''}")
     if row["note"]:
-        out.print(f"[yellow]note[/]: {row['note']}")
-    out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,}; files in {row['output_dir']}")
+        out.print(f"[yellow]note[/]: {escape(row['note'])}")
+
+
+@arena_app.command("score")
+def arena_score_command(
+    files: Annotated[list[Path], typer.Argument(
+        help="Judgment files in arena-hard-auto v0.1's layout: model_judgment/JUDGE/MODEL.jsonl.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file.")] = False,
+) -> None:
+    """Score existing Arena-Hard-Auto v0.1 judgments as show_result.py does (score vs gpt-4-0314, 95% bootstrap
+    interval); nothing is generated or judged."""
+    from perpair.eval import score_judgment_file
+
+    rows = [score_judgment_file(file) for file in files]  # every file read and checked before any is printed
+    for row in rows:
+        if as_json:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+        else:
+            _print_arena_row(row)
 
 
 @eval_app.command("preference")
@@ -207,9 +251,7 @@ def preference_command(
 ) -> None:
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
     reference-free length-normalised log-prob margin, overall and by annotation category."""
-    from perpair.eval.alpaca_eval import default_output_dir
-    from perpair.eval.preference import PreferenceConfig, markdown_table, run_preference, write_results
-    from perpair.eval.score import json_ready
+    from perpair.eval import PreferenceConfig, default_output_dir, json_ready, run_preference, write_results
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
@@ -220,7 +262,7 @@ def preference_command(
     if as_json:
         typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
         return
-    out.print(markdown_table(row))
+    out.print(escape(paths["markdown"].read_text(encoding="utf-8")))
     if row["n_skipped"]:
         out.print(f"[yellow]{row['n_skipped']} pairs left out[/]: their prompt alone fills --max-length")
     out.print(f"files: {paths['json']}, {paths['markdown']}")
@@ -232,7 +274,7 @@ def report_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("eval_report"),
 ) -> None:
     """One results table (JSON, Markdown) and an HTML page with plots."""
-    from perpair.eval.report import write_report
+    from perpair.eval import write_report
 
     for kind, path in write_report(folders, output).items():
-        out.print(f"{kind}: {path}")
+        out.print(f"{kind}: {escape(str(path))}")

@@ -9,8 +9,8 @@ model, generator_2, annotator, preference, raw_completion), ``results.json`` (th
 
 from __future__ import annotations
 
+import importlib.util
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ from perpair.eval.judges import (
 from perpair.eval.score import ScoreOptions, json_ready, score_frame
 from perpair.models import model_fingerprint, resolve_model
 
-JUDGE_PROMPT_FILE = "judge_prompt_alpaca_eval_clf.txt"
 Progress = Callable[[str, int, int], None]
 
 
@@ -73,39 +72,28 @@ class AlpacaEvalConfig(BaseModel):
     judge_prompt: Path | None = None
     limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
     offline: bool | None = None
+    data_dir: Path | None = Field(None, description="A folder laid out as ../shared/data/alpaca_eval.")
     difficulty: Path | None = None
     glm_weights: Path | None = None
 
-
-def judge_prompt_template(path: Path | None) -> str:
-    if path is None:
-        path = sources.local_alpaca_eval_file(JUDGE_PROMPT_FILE)
-    if path is None:
-        try:
-            import alpaca_eval
-
-            candidate = (Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo"
-                         / "alpaca_eval_clf.txt")
-            path = candidate if candidate.is_file() else None
-        except ImportError:
-            path = None
-    if path is None:
-        raise PerpairError(f"no AlpacaEval judge prompt: pass --judge-prompt ({JUDGE_PROMPT_FILE})")
-    return Path(path).read_text(encoding="utf-8")
+    def score_options(self) -> ScoreOptions:
+        return ScoreOptions(offline=self.offline, data_dir=self.data_dir, difficulty=self.difficulty,
+                            glm_weights=self.glm_weights)
 
 
-def load_reference(config: AlpacaEvalConfig):
-    if config.reference is not None:
-        return sources.load_reference_outputs(config.reference)
-    if not sources.is_offline(config.offline):
-        path = sources.hub_file(sources.HUB_REFERENCE, offline=config.offline)
-        if path is not None:
-            return sources.read_outputs(path), f"hub:{sources.ALPACA_EVAL_REPO}/{sources.HUB_REFERENCE}"
-    local = sources.local_alpaca_eval_file(sources.LOCAL_REFERENCE)
-    if local is None:
-        raise PerpairError("no AlpacaEval reference outputs offline: pass --reference "
-                           "(reference_outputs_gpt4_1106_preview.json.gz)")
-    return sources.load_reference_outputs(local)
+def judge_prompt_template(path: Path | None, data_dir: Path | None) -> str:
+    """The judge prompt given, else the data folder's, else the one installed with alpaca_eval."""
+    found = sources.data_file(path, data_dir, sources.LOCAL_JUDGE_PROMPT)
+    if found is None and importlib.util.find_spec("alpaca_eval") is not None:
+        import alpaca_eval
+
+        candidate = (Path(alpaca_eval.__file__).parent / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo"
+                     / "alpaca_eval_clf.txt")
+        found = candidate if candidate.is_file() else None
+    if found is None:
+        raise PerpairError(f"no AlpacaEval judge prompt: pass --judge-prompt ({sources.LOCAL_JUDGE_PROMPT}) or "
+                           "--data-dir (a folder holding it), or install alpaca-eval")
+    return found.read_text(encoding="utf-8")
 
 
 def load_judge(config: JudgeConfig):
@@ -123,10 +111,13 @@ def judge_identity(config: JudgeConfig) -> list[Any]:
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
     """Generate, judge, write the files and return the results row (see module docstring)."""
-    reference, reference_source = load_reference(config)
+    # every input is read before the first answer is generated: a missing file stops the run at once
+    reference, reference_source = sources.load_reference_outputs(config.reference, config.data_dir, config.offline)
     if config.limit:
         reference = reference.iloc[:config.limit]
-    template = judge_prompt_template(config.judge_prompt)
+    template = judge_prompt_template(config.judge_prompt, config.data_dir)
+    score_options = config.score_options()
+    lc_inputs = score_options.resolve()
     model_path = resolve_model(config.model)
     name = config.name or Path(model_path.rstrip("/")).name or config.model
     out = Path(config.output_dir)
@@ -147,8 +138,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     sources.write_json_records(out / "annotations.json", annotations)
 
     frame = sources.read_annotations(out / "annotations.json")
-    row = score_frame(frame, ScoreOptions(offline=config.offline, difficulty=config.difficulty,
-                                          glm_weights=config.glm_weights), name=name)
+    row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline)
     row.pop("glm_preference", None)
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
                 "reference": reference_source, "n_generated": n_generated, "n_judged": n_judged,
@@ -208,4 +198,5 @@ def _fill(row: dict[str, Any], judgment: dict[str, Any]) -> None:
 
 
 def default_output_dir(model: str) -> Path:
-    return Path(os.environ.get("PERPAIR_EVAL_DIR", "eval")) / Path(model.rstrip("/")).name
+    """``eval/<the model's folder name>`` under the working directory (the CLI's ``--output`` default)."""
+    return Path("eval") / Path(model.rstrip("/")).name

@@ -6,15 +6,15 @@ Files (arena-hard-auto's formats): ``model_answer.jsonl`` (question_id, answer_i
 ``cache.sqlite`` (every answer and judgment; re-runs and killed runs repeat nothing finished).
 
 Questions and baseline answers: the files given, else the Hub (``lmarena-ai/arena-hard-auto``, the dataset
-repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the offline copies in
-``../shared/data/arena_hard/``; the row says which (``questions_source``, ``baseline_source``). A game whose
+repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the copies in the data
+folder given (laid out as ``../shared/data/arena_hard/``); the row says which (``questions_source``,
+``baseline_source``). A game whose
 judgment has no usable label after the one retry weighs 0; when no game has one, the score and interval are
 ``null`` and ``note`` says why.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +38,7 @@ from perpair.eval.arena_hard import (
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
-from perpair.eval.sources import hub_file, write_json_records
+from perpair.eval.sources import data_file, hub_file, is_offline, read_jsonl, write_json_records
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
@@ -59,19 +59,7 @@ class ArenaHardConfig(BaseModel):
     style_control: bool = False
     n_rounds: int = Field(N_BOOTSTRAP, ge=1)
     offline: bool | None = Field(None, description="Never touch the Hub (None: online unless HF_HUB_OFFLINE=1).")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"not JSON ({exc})", file=str(path), row=i + 1) from None
-    return rows
+    data_dir: Path | None = Field(None, description="Offline copies, laid out as ../shared/data/arena_hard.")
 
 
 # The v0.1 files on the Hub (the dataset repository arena-hard-auto's README clones) and their offline copies.
@@ -80,31 +68,26 @@ HUB_QUESTIONS = "data/arena-hard-v0.1/question.jsonl"
 HUB_BASELINE = f"data/arena-hard-v0.1/model_answer/{BASELINE}.jsonl"
 
 
-def _local(name: str) -> Path | None:
-    candidate = Path.cwd().parent / "shared" / "data" / "arena_hard" / name
-    return candidate if candidate.is_file() else None
-
-
-def _source(given: Path | None, hub_name: str, local_name: str, offline: bool | None) -> tuple[Path | None, str]:
-    """A file given on the command line, else the Hub (when online), else the local copy in
-    ``../shared/data/arena_hard/``; with where it came from."""
+def _source(given: Path | None, hub_name: str, local_name: str, config: ArenaHardConfig) -> tuple[Path, str]:
+    """A file given on the command line, else the Hub (online), else the data folder's copy (offline); with
+    where it came from."""
     if given is not None:
-        return Path(given), str(given)
-    path = hub_file(hub_name, offline=offline, repo_id=HUB_REPO)
-    if path is not None:
-        return path, f"hub:{HUB_REPO}/{hub_name}"
-    local = _local(local_name)
-    return local, (f"local:{local}" if local else "missing")
+        return data_file(given, None, local_name), str(given)
+    if not is_offline(config.offline):
+        hint = "pass --questions and --baseline-answers, or --offline with --data-dir"
+        return hub_file(hub_name, repo_id=HUB_REPO, hint=hint), f"hub:{HUB_REPO}/{hub_name}"
+    local = data_file(None, config.data_dir, local_name)
+    if local is None:
+        raise PerpairError(f"offline, Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "
+                           f"{BASELINE} answers of arena-hard-auto v0.1), or --data-dir (a folder holding "
+                           f"{LOCAL_QUESTIONS} and {LOCAL_BASELINE})")
+    return local, f"local:{local}"
 
 
 def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str], dict[str, str]]:
     """``(questions, baseline answer by question_id, sources)``."""
-    questions_path, questions_from = _source(config.questions, HUB_QUESTIONS, LOCAL_QUESTIONS, config.offline)
-    baseline_path, baseline_from = _source(config.baseline_answers, HUB_BASELINE, LOCAL_BASELINE, config.offline)
-    if questions_path is None or baseline_path is None:
-        raise PerpairError("Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "
-                           f"{BASELINE} answers of arena-hard-auto v0.1): not given, not reachable on the Hub "
-                           f"({HUB_REPO}) and no local copy in ../shared/data/arena_hard/")
+    questions_path, questions_from = _source(config.questions, HUB_QUESTIONS, LOCAL_QUESTIONS, config)
+    baseline_path, baseline_from = _source(config.baseline_answers, HUB_BASELINE, LOCAL_BASELINE, config)
     questions = read_jsonl(Path(questions_path))
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
@@ -218,3 +201,37 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
             done += len(chunk)
             progress(done, len(results))
     return results, len(todo)  # type: ignore[return-value]
+
+
+def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dict[str, Any]:
+    """Score an existing judgment file in arena-hard-auto v0.1's layout (``model_judgment/JUDGE/MODEL.jsonl``:
+    one line per question with ``model`` and two ``games``, each with its verdict label under ``score``; game 1
+    shows the baseline as A, game 2 the model as A) as ``show_result.py`` does: battles weighted by verdict,
+    Bradley–Terry score against the baseline, bootstrap 95% interval. Nothing is generated or judged."""
+    path = Path(path)
+    rows = read_jsonl(path)
+    if not rows:
+        raise InputError("no judgments", file=str(path))
+    games: list[tuple[str | None, bool]] = []
+    models = set()
+    for number, row in enumerate(rows, 1):
+        pair = row.get("games")
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(g, dict) for g in pair):
+            raise InputError("expected 'games': a list of the two games' objects", file=str(path), row=number,
+                             field="games")
+        for game, model_is_a in zip(pair, (False, True), strict=True):
+            label = game.get("score")
+            if label is not None and not isinstance(label, str):
+                raise InputError(f"expected a verdict label such as 'A>B' or null, got {label!r}", file=str(path),
+                                 row=number, field="games.score")
+            games.append((label, model_is_a))
+        models.add(row.get("model"))
+    if len(models) > 1:
+        raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
+                         "arena-hard-auto keeps one file per model", file=str(path), field="model")
+    name = models.pop() or path.name.split(".")[0]
+    score = arena_score(battles_from_games(games), n_rounds=n_rounds)
+    n_no_verdict = sum(label not in OUTCOME_LABELS for label, _ in games)
+    return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": path.parent.name, **score.as_dict(),
+            "n_questions": len(rows), "n_games": len(games), "n_no_verdict": n_no_verdict,
+            "note": _note(len(games), n_no_verdict), "file": str(path)}

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import sqlite3
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ def cache_key(*parts: Any) -> str:
 
 
 class ResultCache:
-    """``cache.get(kind, key)`` / ``cache.put(kind, key, value)``; ``hits`` and ``misses`` count per kind."""
+    """``cache.get(kind, key)`` / ``cache.put_many(kind, [(key, value), …])``."""
 
     def __init__(self, path: str | os.PathLike):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -28,24 +27,15 @@ class ResultCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS results (kind TEXT NOT NULL, key TEXT NOT NULL, "
                          "value TEXT NOT NULL, PRIMARY KEY (kind, key))")
         self._db.commit()
-        self.hits: Counter[str] = Counter()
-        self.misses: Counter[str] = Counter()
 
     def get(self, kind: str, key: str) -> Any | None:
         row = self._db.execute("SELECT value FROM results WHERE kind = ? AND key = ?", (kind, key)).fetchone()
-        if row is None:
-            self.misses[kind] += 1
-            return None
-        self.hits[kind] += 1
-        return json.loads(row[0])
+        return None if row is None else json.loads(row[0])
 
     def put_many(self, kind: str, items: list[tuple[str, Any]]) -> None:
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO results (kind, key, value) VALUES (?, ?, ?)",
                                  [(kind, key, json.dumps(value, ensure_ascii=False)) for key, value in items])
-
-    def count(self, kind: str) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM results WHERE kind = ?", (kind,)).fetchone()[0]
 
     def close(self) -> None:
         self._db.close()

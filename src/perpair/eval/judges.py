@@ -20,7 +20,7 @@ import asyncio
 import math
 import random
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from perpair.errors import PerpairError
 
@@ -72,20 +72,6 @@ def judged_preference(logprobs: dict[str, float], switched: bool) -> float:
     """The preference in the file's order (1 = baseline ``output_1`` wins, 2 = model ``output_2`` wins)."""
     value = preference_from_logprobs(logprobs)
     return 3 - value if switched and not math.isnan(value) else value
-
-
-class LogprobJudge(Protocol):
-    name: str
-
-    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
-        """Per prompt: ``{"logprobs": {"m": .., "M": ..}, "raw_completion": ...}``."""
-        ...
-
-
-class ChatJudge(Protocol):
-    name: str
-
-    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]: ...
 
 
 def _load_hf(model: str):

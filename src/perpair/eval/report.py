@@ -38,6 +38,11 @@ def _cell(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def _plain(text: Any) -> str:
+    """A name shown as itself in a plot: matplotlib reads text between two ``$`` as mathtext (and fails on some)."""
+    return str(text).replace("$", r"\$")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
@@ -72,12 +77,12 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         if row.get("benchmark") == "alpaca_eval_2":
             for key, se, tag in (("length_controlled_winrate", "lc_standard_error", "LC"),
                                  ("win_rate", "standard_error", "raw")):
-                labels.append(f"{row['name']}\nAlpacaEval {tag}")
+                labels.append(f"{_plain(row['name'])}\nAlpacaEval {tag}")
                 values.append(row.get(key) or 0.0)
                 half = 1.96 * (row.get(se) or 0.0)
                 errors.append((half, half))
         elif row.get("benchmark") == "arena_hard_v0.1":
-            labels.append(f"{row['name']}\nArena-Hard")
+            labels.append(f"{_plain(row['name'])}\nArena-Hard")
             score = row.get("score") or 0.0
             values.append(score)
             errors.append((max(score - (row.get("rating_q025") or score), 0), max((row.get("rating_q975") or score)
@@ -104,7 +109,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
     if lengths:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, values_ in lengths.items():
-            ax.hist(values_, bins=30, alpha=0.5, label=label)
+            ax.hist(values_, bins=30, alpha=0.5, label=_plain(label))
         ax.set_xlabel("answer length (characters)")
         ax.set_ylabel("answers")
         ax.legend(fontsize=8)
@@ -123,8 +128,9 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         width = 0.8 / len(breakdown)
         for k, (name, values_) in enumerate(breakdown.items()):
             ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, 0) for d in datasets], width,
-                   label=name)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], datasets, rotation=30, fontsize=8)
+                   label=_plain(name))
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], [_plain(d) for d in datasets],
+                      rotation=30, fontsize=8)
         ax.set_ylabel("raw win rate (%)")
         ax.set_title("AlpacaEval win rate by source dataset")
         ax.legend(fontsize=8)

@@ -1,7 +1,7 @@
 """``perpair eval score``: leaderboard metrics of one AlpacaEval annotations file.
 
-I/O (files, Hub) is done here and in :mod:`perpair.eval.sources`; the numbers come from the pure functions of
-:mod:`perpair.eval.metrics` and :mod:`perpair.eval.lc`.
+Every input (files, Hub) is read by :mod:`perpair.eval.sources` before scoring starts; :func:`score_frame` only
+computes, from the pure functions of :mod:`perpair.eval.metrics` and :mod:`perpair.eval.lc`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from perpair.errors import InputError
+from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
-from perpair.eval.lc import GamedRows, LCResult, fit_length_controlled, predict_from_weights, std_delta_len
+from perpair.eval.lc import LCResult, fit_length_controlled, predict_from_weights, std_delta_len
 from perpair.eval.metrics import average_length, win_rate_metrics
 
 OFFLINE_NOTE = ("approximation: offline, the GLM is fitted without the two gamed baselines' rows (df_gamed.csv is "
@@ -30,10 +30,18 @@ class ScoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     offline: bool | None = None  # None: online unless HF_HUB_OFFLINE is set
-    difficulty: Path | None = None  # offline fallback for instruction_difficulty.csv
+    data_dir: Path | None = None  # a folder laid out as ../shared/data/alpaca_eval (the files below, by name)
+    difficulty: Path | None = None  # instruction difficulties (default: the Hub's online, the data folder's offline)
     glm_weights: Path | None = None  # published GLM weights (glm_weights_length_controlled_v1.csv)
+    leaderboard: Path | None = None  # the published leaderboard, to check a file against its model's row
     baseline: str = BASELINE_NAME  # the baseline's row in the published weights
     fit: bool = True  # fit the GLM (otherwise only the published-weights prediction)
+
+    def resolve(self) -> sources.LCInputs:
+        """Read (and download, online) every LC input, before any file is scored."""
+        return sources.resolve_lc_inputs(offline=self.offline, fit=self.fit, difficulty=self.difficulty,
+                                         glm_weights=self.glm_weights, leaderboard=self.leaderboard,
+                                         data_dir=self.data_dir)
 
 
 def _lc_dict(result: LCResult) -> dict[str, Any]:
@@ -42,56 +50,78 @@ def _lc_dict(result: LCResult) -> dict[str, Any]:
             **({"C": result.C} if result.C is not None else {})}
 
 
-def score_frame(frame, options: ScoreOptions, *, name: str | None = None, file: str | None = None) -> dict[str, Any]:
-    """Leaderboard metrics of annotations already read (columns: instruction, output_1, output_2, preference)."""
-    generator = name or (str(frame["generator_2"].iloc[0]) if "generator_2" in frame else None) or "model"
-    row: dict[str, Any] = {"name": generator, **win_rate_metrics(frame["preference"]),
+# A file is the one a model's published weights were fitted on when it has that model's leaderboard row: the
+# same number of judged instructions, the same average length (an int on the leaderboard) and raw win rate.
+AVG_LENGTH_TOLERANCE = 1.0
+WIN_RATE_TOLERANCE = 1e-3
+
+
+def published_weights_for(row: dict[str, Any], inputs: sources.LCInputs) -> str | None:
+    """Why the published weights of ``row["name"]`` do not apply to the scored file, or None when they do."""
+    name = row["name"]
+    if inputs.weights is None:
+        return "no published GLM weights file (--glm-weights or --data-dir)"
+    if name not in inputs.weights.index:
+        return f"no published GLM weights for {name!r}"
+    if inputs.leaderboard is None:
+        return (f"no leaderboard file to check that this is the file {name!r}'s weights were fitted on "
+                "(--leaderboard or --data-dir)")
+    if name not in inputs.leaderboard.index:
+        return f"{name!r} is not on the leaderboard, so this file cannot be checked against its row"
+    published = inputs.leaderboard.loc[name]
+    if (row["n_total"] != published["n_total"]
+            or abs(row["avg_length"] - published["avg_length"]) > AVG_LENGTH_TOLERANCE
+            or abs(row["win_rate"] - published["win_rate"]) > WIN_RATE_TOLERANCE):
+        return (f"this file is not {name!r}'s leaderboard file (n_total {row['n_total']} vs "
+                f"{published['n_total']:g}, average length {row['avg_length']} vs {published['avg_length']:g}, "
+                f"win rate {row['win_rate']:.3f} vs {published['win_rate']:.3f}); use --name to name the model")
+    return None
+
+
+def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True, baseline: str = BASELINE_NAME,
+                file: str | None = None) -> dict[str, Any]:
+    """Leaderboard metrics of annotations already read (columns: instruction, output_1, output_2, preference),
+    from LC inputs already resolved (:meth:`ScoreOptions.resolve`): no I/O here."""
+    row: dict[str, Any] = {"name": name, **win_rate_metrics(frame["preference"]),
                            "avg_length": average_length(frame["output_2"].tolist())}
-    gamed = sources.load_gamed_rows(offline=options.offline) if options.fit else None
-    if gamed is not None:
-        # the official fit reads the difficulties from df_gamed.csv itself (one value per instruction index)
-        difficulty_all = gamed.drop_duplicates("index").set_index("index")["instruction_difficulty"]
-        difficulty_all = difficulty_all.sort_index().to_numpy(float)
-        difficulty_source, exact = f"hub:{sources.ALPACA_EVAL_REPO}/{sources.HUB_GAMED}", True
-    else:
-        fallback = options.difficulty or sources.local_alpaca_eval_file(sources.LOCAL_DIFFICULTY)
-        difficulty_all, difficulty_source, exact = sources.load_instruction_difficulty(fallback,
-                                                                                       offline=options.offline)
     n = len(frame)
-    if n > len(difficulty_all):
-        raise InputError(f"{n} annotations but only {len(difficulty_all)} instruction difficulties; the rows must be "
-                         "AlpacaEval's instructions in their official order", file=file)
+    if n > len(inputs.difficulty):
+        raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
+                         "must be AlpacaEval's instructions in their official order", file=file)
     # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]).
-    difficulty = difficulty_all[:n]
+    difficulty = inputs.difficulty[:n]
+    exact = inputs.exact
 
     fitted = published = None
-    if options.fit and n >= 5:
+    if fit and n >= 5:
         fitted = fit_length_controlled(frame["preference"].to_numpy(float),
                                        std_delta_len(frame["output_1"].tolist(), frame["output_2"].tolist()),
-                                       difficulty, GamedRows.from_frame(gamed) if gamed is not None else None)
-    weights_path = options.glm_weights or sources.local_alpaca_eval_file(sources.LOCAL_GLM_WEIGHTS)
-    if weights_path is not None:
-        weights = sources.load_glm_weights(weights_path)
-        if generator in weights.index:
-            baseline = weights.loc[options.baseline] if options.baseline in weights.index else None
-            published = predict_from_weights(weights.loc[generator], difficulty, baseline)
+                                       difficulty, inputs.gamed)
+    not_published = published_weights_for(row, inputs)
+    if not_published is None:
+        weights = inputs.weights
+        base = weights.loc[baseline] if baseline in weights.index else None
+        published = predict_from_weights(weights.loc[name], difficulty, base)
 
     if fitted is not None and exact:
         headline, method, note = fitted, "fit", None
     elif published is not None:
         headline, method = published, "published_weights"
-        note = None if exact else ("published GLM weights with reconstructed instruction difficulties (reproduce "
-                                   "the published LC of 194 of 199 models to 1e-6)")
+        note = None if inputs.difficulty_is_official else (
+            "published GLM weights with reconstructed instruction difficulties (reproduce the published LC of 194 "
+            "of 199 models to 1e-6)")
     elif fitted is not None:
-        headline, method, note = fitted, "fit_offline_approximation", OFFLINE_NOTE
+        headline, method = fitted, "fit_offline_approximation"
+        note = f"{OFFLINE_NOTE}. Published weights not used: {not_published}"
     else:
-        headline, method, note = None, None, "no LC: fewer than 5 annotations and no published weights"
+        headline, method = None, None
+        note = f"no LC: fewer than 5 annotations and no published weights ({not_published})"
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
-    row["lc_is_approximation"] = not exact and method != "published_weights"
+    row["lc_is_approximation"] = method not in ("fit", "published_weights")
     row["lc_note"] = note
-    row["instruction_difficulty_source"] = difficulty_source
+    row["instruction_difficulty_source"] = inputs.difficulty_source
     row["lc_fit"] = _lc_dict(fitted) if fitted else None
     if fitted is not None and not exact:
         row["lc_fit"]["note"] = OFFLINE_NOTE
@@ -102,13 +132,35 @@ def score_frame(frame, options: ScoreOptions, *, name: str | None = None, file: 
     return row
 
 
-def score_annotations(path: str | Path, options: ScoreOptions | None = None) -> dict[str, Any]:
+def model_name(frame, path: str | Path) -> str:
+    """The model an annotations file is about: its ``generator_2`` (one value per file), else the file's name."""
+    if "generator_2" in frame and frame["generator_2"].notna().any():
+        return str(frame["generator_2"].dropna().iloc[0])
+    return Path(path).name.split(".")[0]
+
+
+def score_files(paths: list[str | Path], options: ScoreOptions | None = None, *,
+                name: str | None = None) -> list[dict[str, Any]]:
+    """Score annotations files (see :func:`score_annotations`): every file is read and checked, then every LC
+    input resolved, before the first metric runs. ``name`` names the model of a single file."""
+    if name is not None and len(paths) != 1:
+        raise PerpairError(f"--name names one file's model; {len(paths)} files were given")
+    options = options or ScoreOptions()
+    frames = [sources.read_annotations(path) for path in paths]
+    inputs = options.resolve()
+    return [score_frame(frame, inputs, name=name or model_name(frame, path), fit=options.fit,
+                        baseline=options.baseline, file=str(path)) for frame, path in zip(frames, paths, strict=True)]
+
+
+def score_annotations(path: str | Path, options: ScoreOptions | None = None, *,
+                      name: str | None = None) -> dict[str, Any]:
     """Read an annotations file and return one JSON-ready object whose keys are the leaderboard's column names
     (``win_rate``, ``standard_error``, ``n_wins``, ``n_wins_base``, ``n_draws``, ``n_total``,
     ``discrete_win_rate``, ``avg_length``, ``length_controlled_winrate``, ``lc_standard_error``) plus how the LC
-    was obtained. The per-instruction GLM probabilities are under ``glm_preference``."""
-    frame = sources.read_annotations(path)
-    return score_frame(frame, options or ScoreOptions(), file=str(path))
+    was obtained. The per-instruction GLM probabilities are under ``glm_preference``. ``name`` (default: the
+    file's ``generator_2``) picks the published weights, used only when the file matches that model's
+    leaderboard row."""
+    return score_files([path], options, name=name)[0]
 
 
 def json_ready(value: Any) -> Any:

@@ -1,17 +1,20 @@
-"""The loader layer of the evaluation stage: every file read and every Hub download happens here.
+"""The loader layer of the evaluation stage: every file read and every Hub download happens here, before any
+metric runs.
 
-Hub files (the ``tatsu-lab/alpaca_eval`` dataset repository) are fetched with ``huggingface_hub`` when online; with
-``offline=True`` (or ``HF_HUB_OFFLINE=1``), or when the download fails, the caller gets ``None`` and falls back
-explicitly to a local file it names.
+Hub files (the ``tatsu-lab/alpaca_eval`` and ``lmarena-ai/arena-hard-auto`` dataset repositories) are fetched with
+``huggingface_hub`` when online. A download that fails is an error that says how to run offline: never a silent
+switch to other files. Offline (``offline=True`` or ``HF_HUB_OFFLINE=1``) every file comes from a path given, or
+from a data folder given (the layout of ``../shared/data/alpaca_eval`` and ``../shared/data/arena_hard``); nothing
+is looked up relative to the current folder.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +22,7 @@ import numpy as np
 import pandas as pd
 
 from perpair.errors import InputError, PerpairError
-from perpair.eval.lc import FEATURES
-
-log = logging.getLogger(__name__)
+from perpair.eval.lc import FEATURES, GamedRows
 
 ALPACA_EVAL_REPO = "tatsu-lab/alpaca_eval"
 HUB_GAMED = "df_gamed.csv"
@@ -36,17 +37,15 @@ def is_offline(offline: bool | None = None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def hub_file(filename: str, *, offline: bool | None = None, repo_id: str = ALPACA_EVAL_REPO) -> Path | None:
-    """A file of a Hub dataset repository, or ``None`` when offline or unreachable (the caller falls back)."""
-    if is_offline(offline):
-        return None
+def hub_file(filename: str, *, repo_id: str = ALPACA_EVAL_REPO, hint: str) -> Path:
+    """A file of a Hub dataset repository (the caller has checked that this run is online). ``hint`` says how
+    to go without it (e.g. the offline option and the local file to pass)."""
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
-    except Exception as exc:  # noqa: BLE001 - any failure to download means "use the offline fallback"
-        log.warning("could not download %s from %s (%s); using the offline fallback", filename, repo_id, exc)
-        return None
+    except OSError as exc:  # huggingface_hub's HTTP, not-found and no-connection errors are all OSErrors
+        raise PerpairError(f"could not download {filename} from the Hub dataset {repo_id} ({exc}); {hint}") from None
 
 
 def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -66,6 +65,31 @@ def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             raise InputError("expected a JSON object", file=str(path), row=i + 1)
     return records
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """JSON Lines (``.jsonl`` or ``.jsonl.gz``) of objects, as arena-hard-auto writes questions, answers and
+    judgments; a bad line is reported by file and row (its line number)."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise InputError(f"not JSON ({exc})", file=str(path), row=number) from None
+                if not isinstance(row, dict):
+                    raise InputError("expected a JSON object", file=str(path), row=number)
+                rows.append(row)
+    except FileNotFoundError:
+        raise InputError("no such file", file=str(path)) from None
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise InputError(f"not a readable JSON Lines file ({exc})", file=str(path)) from None
+    return rows
 
 
 def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
@@ -127,24 +151,50 @@ def read_outputs(path: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def load_reference_outputs(source: str | os.PathLike | None, *, offline: bool | None = None) -> tuple[pd.DataFrame,
-                                                                                                        str]:
-    """The 805 instructions with the baseline's outputs: a local file, or the Hub when ``source`` is None."""
-    if source is None:
-        path = hub_file(HUB_REFERENCE, offline=offline)
-        if path is None:
-            raise PerpairError("the AlpacaEval reference outputs are on the Hub and this run is offline: pass a "
-                               "local file with --reference (e.g. reference_outputs_gpt4_1106_preview.json.gz)")
-        return read_outputs(path), f"hub:{ALPACA_EVAL_REPO}/{HUB_REFERENCE}"
-    return read_outputs(source), str(source)
+# The files of an AlpacaEval data folder (``--data-dir``: the layout of ../shared/data/alpaca_eval).
+LOCAL_DIFFICULTY = "instruction_difficulty_reconstructed.csv"
+LOCAL_GLM_WEIGHTS = "glm_weights_length_controlled_v1.csv"
+LOCAL_LEADERBOARD = "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv"
+LOCAL_REFERENCE = "reference_outputs_gpt4_1106_preview.json.gz"
+LOCAL_JUDGE_PROMPT = "judge_prompt_alpaca_eval_clf.txt"
 
 
-def load_gamed_rows(*, offline: bool | None = None) -> pd.DataFrame | None:
-    """The gamed baselines' featurised annotations (``df_gamed.csv``), or None when they cannot be had."""
-    path = hub_file(HUB_GAMED, offline=offline)
-    if path is None:
+def data_file(given: str | os.PathLike | None, data_dir: str | os.PathLike | None, name: str) -> Path | None:
+    """``given`` when set (it must exist), else ``data_dir/name`` when that exists, else None."""
+    if given is not None:
+        if not Path(given).is_file():
+            raise InputError("no such file", file=str(given))
+        return Path(given)
+    if data_dir is None:
         return None
-    frame = pd.read_csv(path)
+    if not Path(data_dir).is_dir():
+        raise InputError("no such data folder", file=str(data_dir))
+    candidate = Path(data_dir) / name
+    return candidate if candidate.is_file() else None
+
+
+def load_reference_outputs(given: Path | None, data_dir: Path | None,
+                           offline: bool | None) -> tuple[pd.DataFrame, str]:
+    """The 805 instructions with the baseline's outputs: the file given, else the Hub (online), else the data
+    folder's copy (offline)."""
+    if given is not None:
+        return read_outputs(given), str(given)
+    if not is_offline(offline):
+        path = hub_file(HUB_REFERENCE, hint=f"pass --reference {LOCAL_REFERENCE}, or --offline with --data-dir")
+        return read_outputs(path), f"hub:{ALPACA_EVAL_REPO}/{HUB_REFERENCE}"
+    local = data_file(None, data_dir, LOCAL_REFERENCE)
+    if local is None:
+        raise PerpairError(f"offline, the AlpacaEval reference outputs come from a local file: pass --reference "
+                           f"({LOCAL_REFERENCE}) or --data-dir (a folder holding it)")
+    return read_outputs(local), str(local)
+
+
+def read_gamed_rows(path: str | os.PathLike) -> pd.DataFrame:
+    """The gamed baselines' featurised annotations (``df_gamed.csv``)."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"not a readable CSV ({exc})", file=str(path)) from None
     for name in ("index", "preference", "std_delta_len", "instruction_difficulty"):
         if name not in frame:
             raise InputError("missing column", file=str(path), field=name)
@@ -166,41 +216,72 @@ def read_difficulty_csv(path: str | os.PathLike) -> np.ndarray:
     return values.to_numpy(float)
 
 
-def load_instruction_difficulty(fallback: str | os.PathLike | None, *,
-                                offline: bool | None = None) -> tuple[np.ndarray, str, bool]:
-    """``(difficulty by instruction position, where it came from, is_exact)``: the Hub file when online, else
-    ``fallback`` (e.g. instruction_difficulty_reconstructed.csv)."""
-    path = hub_file(HUB_DIFFICULTY, offline=offline)
-    if path is not None:
-        return read_difficulty_csv(path), f"hub:{ALPACA_EVAL_REPO}/{HUB_DIFFICULTY}", True
-    if fallback is None:
-        raise PerpairError("instruction difficulties are on the Hub and this run is offline: pass a local file "
-                           "with --difficulty (e.g. instruction_difficulty_reconstructed.csv)")
-    return read_difficulty_csv(fallback), str(fallback), False
-
-
-def load_glm_weights(path: str | os.PathLike) -> pd.DataFrame:
-    """Published length-controlled GLM weights: one row per model, the three official feature columns."""
+def _read_model_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, index_col=0)
     except (OSError, ValueError) as exc:
         raise InputError(f"not a readable CSV ({exc})", file=str(path)) from None
-    for name in FEATURES:
+    for name in columns:
         if name not in frame:
             raise InputError("missing column", file=str(path), field=name)
     return frame
 
 
-# Where the offline fallbacks are looked for when not given: the data folder laid beside a perpair checkout
-# (``../shared/data/alpaca_eval``), or the folder named by $PERPAIR_ALPACA_EVAL_DATA.
-LOCAL_DIFFICULTY = "instruction_difficulty_reconstructed.csv"
-LOCAL_GLM_WEIGHTS = "glm_weights_length_controlled_v1.csv"
-LOCAL_REFERENCE = "reference_outputs_gpt4_1106_preview.json.gz"
+def load_glm_weights(path: str | os.PathLike) -> pd.DataFrame:
+    """Published length-controlled GLM weights: one row per model, the three official feature columns."""
+    return _read_model_table(path, FEATURES)
 
 
-def local_alpaca_eval_file(name: str) -> Path | None:
-    folders = [os.environ.get("PERPAIR_ALPACA_EVAL_DATA"), Path.cwd().parent / "shared" / "data" / "alpaca_eval"]
-    for folder in folders:
-        if folder and (Path(folder) / name).is_file():
-            return Path(folder) / name
-    return None
+LEADERBOARD_CHECKED = ("n_total", "avg_length", "win_rate")
+
+
+def load_leaderboard(path: str | os.PathLike) -> pd.DataFrame:
+    """The published AlpacaEval 2.0 leaderboard: one row per model (``win_rate``, ``n_total``, ``avg_length``…)."""
+    return _read_model_table(path, LEADERBOARD_CHECKED)
+
+
+@dataclass(frozen=True)
+class LCInputs:
+    """What the length-controlled win rate reads, resolved before any annotation is scored."""
+
+    difficulty: np.ndarray  # by instruction position
+    difficulty_source: str
+    difficulty_is_official: bool  # the Hub's file (else a local file, e.g. the reconstructed copy)
+    gamed: GamedRows | None  # the two gamed baselines' rows (on the Hub only): with them the fit is the official one
+    weights: pd.DataFrame | None  # published GLM weights by model
+    leaderboard: pd.DataFrame | None  # the published leaderboard: is a file the one a model's weights were fit on?
+
+    @property
+    def exact(self) -> bool:
+        return self.gamed is not None
+
+
+def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | None = None,
+                      glm_weights: Path | None = None, leaderboard: Path | None = None,
+                      data_dir: Path | None = None) -> LCInputs:
+    """Online and without ``difficulty``: the official files from the Hub (``df_gamed.csv`` for the fit, else
+    ``instruction_difficulty.csv``). Otherwise the difficulties given or the data folder's reconstructed copy.
+    Published weights and the leaderboard: the files given, else the data folder's, else none."""
+    hint = f"pass --offline with --difficulty {LOCAL_DIFFICULTY} or --data-dir"
+    gamed = None
+    if difficulty is None and not is_offline(offline):
+        if fit:
+            frame = read_gamed_rows(hub_file(HUB_GAMED, hint=hint))
+            gamed = GamedRows.from_frame(frame)
+            # the official fit reads the difficulties from df_gamed.csv itself (one value per instruction index)
+            values = frame.drop_duplicates("index").set_index("index")["instruction_difficulty"]
+            values, source = values.sort_index().to_numpy(float), f"hub:{ALPACA_EVAL_REPO}/{HUB_GAMED}"
+        else:
+            values = read_difficulty_csv(hub_file(HUB_DIFFICULTY, hint=hint))
+            source = f"hub:{ALPACA_EVAL_REPO}/{HUB_DIFFICULTY}"
+    else:
+        path = data_file(difficulty, data_dir, LOCAL_DIFFICULTY)
+        if path is None:
+            raise PerpairError(f"offline, the instruction difficulties come from a local file: pass --difficulty "
+                               f"({LOCAL_DIFFICULTY}) or --data-dir (a folder holding it)")
+        values, source = read_difficulty_csv(path), str(path)
+    weights_path = data_file(glm_weights, data_dir, LOCAL_GLM_WEIGHTS)
+    board_path = data_file(leaderboard, data_dir, LOCAL_LEADERBOARD)
+    return LCInputs(values, source, source.startswith("hub:"), gamed,
+                    load_glm_weights(weights_path) if weights_path else None,
+                    load_leaderboard(board_path) if board_path else None)

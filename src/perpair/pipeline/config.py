@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from perpair.errors import PerpairError
+from perpair.config_files import format_validation_error, load_yaml
+from perpair.errors import InputError
 from perpair.plan.config import deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
@@ -120,15 +119,8 @@ class RunConfig(_Section):
 
 def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate the run config; ``overrides`` (nested, from ``--set key=value``) win over the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise PerpairError(f"file {path}: cannot read the run config ({exc})") from None
-    if not isinstance(data, dict):
-        raise PerpairError(f"file {path}: the run config must be a mapping")
-    data = deep_merge(data, overrides or {})
+    data = deep_merge(load_yaml(path, "run config"), overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise PerpairError(f"file {path}: invalid run config: {problems}") from None
+        raise InputError(f"invalid run config: {format_validation_error(exc)}", file=str(path)) from None

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from perpair.artifacts import file_sha256
+from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 from perpair.pipeline.config import STAGES, RunConfig
 from perpair.pipeline.report import comparison_rows, write_run_report
@@ -79,11 +80,8 @@ def validate(config: RunConfig) -> Settings:
     from perpair.train import load_config as load_train_config
 
     def fail(where: str, exc: Exception) -> PerpairError:
-        if isinstance(exc, ValidationError):
-            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or where}: {e['msg']}" for e in exc.errors())
-        else:
-            detail = str(exc)
-        return PerpairError(f"run config, {where}: {detail}")
+        detail = format_validation_error(exc, where) if isinstance(exc, ValidationError) else f"{where}: {exc}"
+        return PerpairError(f"run config, {detail}")
 
     data = config.data.model_dump(exclude={"sources"})
     try:

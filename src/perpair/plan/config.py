@@ -22,9 +22,9 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from perpair.config_files import format_validation_error, load_yaml
 from perpair.errors import InputError
 
 _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -187,7 +187,7 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     values = copy.deepcopy(PRESETS[preset])
     source = f"preset {preset}"
     if config_path is not None:
-        values = deep_merge(values, load_yaml(config_path))
+        values = deep_merge(values, load_yaml(config_path, "schedule"))
         source = str(config_path)
     if overrides:
         values = deep_merge(values, overrides)
@@ -199,33 +199,4 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     try:
         return Schedule.model_validate(values)
     except ValidationError as exc:
-        raise InputError(_describe(exc), file=source) from None
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except OSError as exc:
-        raise InputError(f"cannot read schedule ({exc.strerror})", file=str(path)) from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML ({exc})", file=str(path)) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise InputError(f"a schedule must be a mapping of keys to values, got {type(data).__name__}",
-                         file=str(path))
-    return data
-
-
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"])
-        if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{key}'")
-        elif error["type"] == "value_error":  # our cross-field rules name their keys themselves
-            problems.append(error["msg"].removeprefix("Value error, "))
-        else:
-            problems.append(f"key '{key}': {error['msg']} (got {error.get('input')!r})")
-    return "; ".join(problems)
+        raise InputError(format_validation_error(exc), file=source) from None

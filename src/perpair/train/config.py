@@ -8,13 +8,13 @@ message, never discovered mid-run.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from perpair.errors import PerpairError
+from perpair.config_files import format_validation_error, load_yaml
+from perpair.errors import InputError, PerpairError
 from perpair.train.losses import LOSSES
 
 
@@ -147,19 +147,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated config from a YAML file and/or overrides (overrides win). Relative paths in the file are
     kept as written (relative to the working directory, like the CLI's)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise PerpairError(f"file {path}: cannot read the config ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise PerpairError(f"file {path}: the config must be a mapping of options")
-        data = loaded or {}
-    data = _merge(data, overrides or {})
+    data = _merge(load_yaml(path, "train config") if path is not None else {}, overrides or {})
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
-        where = f"file {path}: " if path else ""
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise PerpairError(f"{where}invalid train config: {problems}") from None
+        raise InputError(f"invalid train config: {format_validation_error(exc)}",
+                         file=None if path is None else str(path)) from None

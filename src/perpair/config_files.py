@@ -1,0 +1,70 @@
+"""Reading a stage's YAML file and describing why its values were refused: one place, so every stage names the
+file, the line and the key the same way."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from perpair.errors import InputError
+
+
+def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The mapping at the top of the YAML file ``path`` (``{}`` for an empty file).
+
+    ``what`` names the file's role in messages ("run config", "schedule"). A missing or unreadable file, a
+    syntax error (with its line and column) or a top level that is not a mapping raises
+    :class:`~perpair.errors.InputError` naming the file.
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"no such {what} file", file=file) from None
+    except IsADirectoryError:
+        raise InputError(f"the {what} is a folder, not a YAML file", file=file) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the {what} is not valid UTF-8 (byte offset {exc.start})", file=file) from None
+    except OSError as exc:
+        raise InputError(f"cannot read the {what} ({exc.strerror})", file=file) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"the {what} is not valid YAML{where}: {exc.problem or exc.context}", file=file) from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"the {what} is not valid YAML ({exc})", file=file) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"the {what} must be a mapping of keys to values, got a {type(data).__name__}", file=file)
+    return data
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """Every problem pydantic found, on one line, each naming its dotted key (under ``prefix``, e.g. the
+    config section the values came from)."""
+    problems = []
+    for error in exc.errors():
+        key = ".".join(part for part in (prefix, *map(str, error["loc"])) if part)
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+            continue
+        # A validator's ValueError reads "Value error, <our message>"; our messages need no prefix.
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        # The value the user gave helps with a scalar; a missing key's "input" is its whole parent section.
+        scalar = isinstance(value, str | int | float | bool | None)
+        shown = (f" (got {_short(repr(value))})" if scalar and error["type"] not in ("missing", "value_error")
+                 else "")
+        problems.append(f"{key}: {message}{shown}" if key else message)
+    return "; ".join(problems)
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
