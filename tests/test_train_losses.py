@@ -1,11 +1,9 @@
-"""Losses: maths by hand, parity with TRL's DPOTrainer on the same log-probs, per-pair β, routing, and the
+"""Losses: maths by hand, per-pair β, routing, and the
 packed / chunked log-prob path against a plain forward (values and gradients)."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ N = 6
 
 
 def _logps(seed: int) -> tuple[Logps, Logps, torch.Tensor, torch.Tensor]:
-    """Random per-token log-probs for N pairs laid out as TRL's padded batch, and the summed Logps."""
+    """Random per-token log-probs for N pairs laid out as a padded batch, and the summed Logps. (The comparison
+    with TRL, values and gradients, is tests/test_train_losses_trl.py.)"""
     g = torch.Generator().manual_seed(seed)
     length = 12
     token = -torch.rand(2 * N, length, generator=g, dtype=torch.float64) * 3
@@ -32,59 +31,10 @@ def _logps(seed: int) -> tuple[Logps, Logps, torch.Tensor, torch.Tensor]:
     return policy, reference, token * mask, mask
 
 
-def _trl_loss(loss_type: str, beta: float, token: torch.Tensor, mask: torch.Tensor, reference: Logps,
-              label_smoothing: float = 0.0) -> float:
-    """TRL's own ``_compute_loss`` on a stand-in model whose forward returns the given per-token log-probs."""
-    from accelerate import Accelerator
-    from trl import DPOTrainer
-
-    length = mask.shape[1]
-    completion_mask = torch.cat([torch.zeros(2 * N, 1, dtype=torch.long), mask], 1)  # token t predicted at t-1
-    per_token = token
-
-    def model(**kwargs):
-        return SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
-                               mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
-
-    model.training = True
-    trainer = object.__new__(DPOTrainer)
-    trainer.__dict__.update(
-        model=model, accelerator=Accelerator(cpu=True), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(2 * N, length + 1, dtype=torch.long),
-              "attention_mask": torch.ones(2 * N, length + 1, dtype=torch.long),
-              "completion_mask": completion_mask,
-              "ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected}
-    return float(trainer._compute_loss(model, inputs, return_outputs=False))
-
-
 def _ours(name: str, policy: Logps, reference: Logps, beta, eps=0.0, gamma=0.0) -> torch.Tensor:
     params = LossParams(torch.full((N,), beta, dtype=torch.float64) if isinstance(beta, float) else beta,
                         torch.full((N,), eps, dtype=torch.float64), gamma)
     return LOSSES[name].fn(policy, reference, params).losses
-
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_losses_equal_trl_on_the_same_logps(loss_type, beta):
-    policy, reference, token, mask = _logps(seed=int(beta * 10))
-    eps = 0.2 if loss_type == "robust" else 0.0
-    ours = _ours(loss_type, policy, reference, beta, eps).mean().item()
-    assert ours == pytest.approx(_trl_loss(loss_type, beta, token, mask, reference, eps), abs=1e-6)
-
-
-def test_sft_equals_trl_for_equal_lengths():
-    """TRL's sft is the token mean over the batch; ours is per pair (MixDPO), equal when lengths are equal."""
-    policy, reference, token, mask = _logps(seed=3)
-    mask = torch.ones_like(mask)
-    token = -torch.rand_like(token)
-    sums = token.sum(1)
-    counts = mask.sum(1)
-    policy = Logps(sums[:N], sums[N:], counts[:N], counts[N:])
-    ours = _ours("sft", policy, None, 0.1).mean().item()
-    assert ours == pytest.approx(_trl_loss("sft", 0.1, token, mask, reference), abs=1e-6)
 
 
 def test_simpo_is_the_paper_formula():
