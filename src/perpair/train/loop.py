@@ -293,9 +293,13 @@ def _apply_plan(config: TrainConfig, pairs_path: Path, pair_ids: list[str]):
     if len(order) == 0:
         raise PerpairError(f"plan {config.plan}: no pair is trained (all dropped)")
     used = route[order] == ROUTE_PREFERENCE
-    if np.any(smoothing[order][used] > 0) and not LOSSES[config.loss].smoothing:
+    if np.any(smoothing[order][used] > 0) and not config.objective.smoothing:
         raise PerpairError(f"plan {config.plan} sets label_smoothing > 0, which loss {config.loss!r} would ignore; "
-                           "use sigmoid (cDPO), robust or simpo, or a plan without smoothing")
+                           f"use one that reads it ({', '.join(n for n, s in LOSSES.items() if s.smoothing)}), "
+                           "or a plan without smoothing")
+    if config.objective.needs_smoothing and np.any(smoothing[order][used] <= 0):
+        raise PerpairError(f"plan {config.plan}: loss {config.objective.name!r} needs label_smoothing > 0 for "
+                           "every preference pair (EXO's log ε); the plan gives some 0")
     if np.any(~np.isfinite(beta[order][used]) | (beta[order][used] <= 0)):
         raise PerpairError(f"plan {config.plan}: a trained pair has no positive beta")
     return order, beta, smoothing, route, flipped, category
@@ -356,7 +360,7 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     """Reference log-probs ``{row: (chosen, rejected)}`` in the trained orientation, for the preference pairs of
     the run (SFT pairs and reference-free losses need none). The main process fills the cache; the others
     read it."""
-    if LOSSES[config.loss].reference_free:
+    if config.objective.reference_free:
         return {}, 0
     rows = sorted({r for step in schedule.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
@@ -481,6 +485,11 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     scale = accelerator.num_processes / len(batch)
     device = accelerator.device
     groups = micro_batches(config, [schedule.tokenized[r] for r in mine])
+    if config.objective.batch_level:  # AOT sorts across the step's pairs: they need one loss call, one forward
+        if accelerator.num_processes > 1:
+            raise PerpairError(f"loss {config.objective.name!r} sorts across the whole batch, which one process "
+                               "must hold: run it in a single process")
+        groups = [list(range(len(mine)))]
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     for g, group in enumerate(groups):
         rows = [mine[i] for i in group]
@@ -529,7 +538,9 @@ def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairDat
         ref = Logps(ref_values[:, 0], ref_values[:, 1], counts[:, 0], counts[:, 1])
     beta = torch.tensor(data.beta[rows], dtype=sums.dtype, device=device)
     smoothing = torch.tensor(data.label_smoothing[rows], dtype=sums.dtype, device=device)
-    result = routed_losses(config.loss, policy, ref, LossParams(beta, smoothing, config.simpo_gamma), route)
+    params = LossParams(beta, smoothing, config.simpo_gamma, config.f_divergence_type,
+                        config.f_alpha_divergence_coef, config.discopop_tau)
+    result = routed_losses(config.objective, policy, ref, params, route)
     return _StepResult(result.losses, result.chosen_rewards, result.rejected_rewards, policy, route)
 
 
