@@ -144,6 +144,46 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
 
 
+def _separate_token_logps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Per-token log-probs of ``tokens`` after ``prompt``, from a plain forward of that one sequence."""
+    logits = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    return logits[positions, torch.tensor(tokens)]
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length(share_prompt):
+    """LD-DPO in the packed layout: each response's first min(|y_w|, |y_l|) tokens count 1, the rest α, values
+    and gradients equal to splitting separate sequences' token log-probs; a pair without a rejected response (SFT)
+    keeps its plain sum."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16]),
+             TokenizedPair([3, 3], [4, 4, 4], []), TokenizedPair([7], [8, 9], [10, 11])]
+    alpha = 0.3
+    weights = torch.arange(1.0, 9.0, dtype=torch.float64).view(4, 2)
+    sums, _ = run_packed(CompletionLogps(model, chunk_size=3, ld_alpha=alpha), pack(pairs, share_prompt),
+                         torch.device("cpu"))
+    (sums * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = torch.zeros(4, 2, dtype=torch.float64)
+    for i, pair in enumerate(pairs):
+        shared = min(len(pair.chosen), len(pair.rejected)) if pair.rejected else len(pair.chosen)
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            if tokens:
+                token = _separate_token_logps(model, pair.prompt, tokens)
+                expected[i, side] = token[:shared].sum() + alpha * token[shared:].sum()
+    (expected * weights).sum().backward()
+    assert torch.allclose(sums, expected.detach(), atol=1e-10)
+    for a, p in zip(packed_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
     """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
     gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and

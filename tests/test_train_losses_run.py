@@ -59,9 +59,19 @@ def test_a_weighted_combination_with_an_f_divergence_runs(tiny_model, uf_pairs, 
     (("--loss", "nca_pair", "--set", "f_divergence_type=forward_kl"), "f_divergence_type forward_kl only applies"),
     (("--loss", "sigmoid,sft", "--set", "loss_weights=[1]"), "loss: 1 loss weights for 2 losses"),
     (("--loss", "sigmoid,kto"), "loss 'kto' is unknown"),
+    (("--loss", "sigmoid,sft", "--set", "ld_alpha=0.5"), "ld_alpha weights the preference log-probs"),
 ])
 def test_impossible_loss_settings_are_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, message):
     result = _train(tiny_model, uf_pairs, tmp_path / "bad", *extra, check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+
+
+def test_ld_dpo_reference_is_cached_apart_from_the_plain_sums(tiny_model, uf_pairs, tmp_path):
+    """LD-DPO weights policy and reference alike, so at step 1 (policy = reference) every log-ratio is 0 and the
+    loss is log 2, also when a plain run filled the same reference cache before (the LD sums are other values)."""
+    _train(tiny_model, uf_pairs, tmp_path / "plain", "--steps", "1")
+    _train(tiny_model, uf_pairs, tmp_path / "ld", "--steps", "1", "--set", "ld_alpha=0.3")
+    assert _losses(tmp_path / "ld")[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 2

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
                                   "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft).")
     f_alpha_divergence_coef: float = Field(0.5, description="alpha of alpha_divergence.")
     discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature tau (Eq. 5; 0.05 in the paper).")
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO (Liu et al. 2024): weight of the tokens past min(|y_w|, |y_l|) in "
+                                      "both responses' log-probs (policy and reference); null = plain sums.")
     beta: float = Field(0.1, gt=0, description="Global beta; a plan's per-pair beta replaces it.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Global cDPO/robust epsilon without a plan.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma (Meng et al. Eq. 6).")
@@ -131,6 +134,9 @@ class TrainConfig(BaseModel):
                              f"the chosen − rejected score, where log Z(x) cancels), not to {spec.name!r}")
         if self.reference_model is not None and spec.reference_free:
             raise ValueError(f"loss {spec.name!r} is reference-free; drop reference_model")
+        if self.ld_alpha is not None and "sft" in ([self.loss] if isinstance(self.loss, str) else self.loss):
+            # TRL's sft term reads the plain token log-probs; ours would see the LD-weighted sum
+            raise ValueError("ld_alpha weights the preference log-probs; it cannot apply to an sft loss term")
         return self
 
     @property

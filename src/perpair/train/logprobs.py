@@ -367,10 +367,11 @@ class CompletionLogps(nn.Module):
     Wrapping routes the model's attention through :func:`tree_attention`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ld_alpha: float | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.ld_alpha = ld_alpha  # LD-DPO: the sums weight tokens past the pair's shared length (ld_token_weights)
         use_tree_attention(model)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
@@ -385,9 +386,25 @@ class CompletionLogps(nn.Module):
             raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
                                "AttentionInterface, which perpair's packed rows need")
         token_logps = ChunkedTokenLogps.apply(hidden[gather], head.weight, head.bias, target, self.chunk_size)
+        if self.ld_alpha is not None:
+            token_logps = token_logps * ld_token_weights(owner, pairs, self.ld_alpha).to(token_logps.dtype)
         sums = token_logps.new_zeros(2 * pairs).index_add(0, owner, token_logps)
         counts = torch.bincount(owner, minlength=2 * pairs)
         return sums.view(pairs, 2), counts.view(pairs, 2)
+
+
+def ld_token_weights(owner: Tensor, pairs: int, alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024 Eq. 9) in a packed row: 1 for a response's first
+    min(|y_w|, |y_l|) tokens, α after them, so the longer response's excess counts α. A pair without a rejected
+    response (an SFT pair) has no shared length to cut at: all its tokens weigh 1."""
+    counts = torch.bincount(owner, minlength=2 * pairs).view(pairs, 2)
+    shared = torch.where(counts[:, 1] > 0, counts.min(1).values, counts[:, 0])
+    # pack() lays each response's tokens out contiguously: a token's place in its response is its index minus the
+    # index of the response's first token
+    index = torch.arange(owner.numel(), device=owner.device)
+    first = torch.full((2 * pairs,), owner.numel(), device=owner.device).scatter_reduce(0, owner, index, "amin")
+    inside = (index - first[owner]) < shared[owner // 2]
+    return torch.where(inside, 1.0, alpha)
 
 
 def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -408,11 +425,13 @@ LOGPS_SCHEMA = pa.schema([
 def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, tokens_per_forward: int = 0,
                        chunk_size: int = DEFAULT_CHUNK, device: torch.device | str = "cpu",
                        autocast_dtype: torch.dtype | None = None,
-                       on_progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+                       on_progress: Callable[[int], None] | None = None,
+                       ld_alpha: float | None = None) -> tuple[Tensor, Tensor]:
     """``(sums [n, 2], counts [n, 2])`` for already tokenized pairs, packing pairs up to ``tokens_per_forward``
-    tokens per forward (a pair longer than that gets a forward of its own; 0 = one pair per forward)."""
+    tokens per forward (a pair longer than that gets a forward of its own; 0 = one pair per forward); with
+    ``ld_alpha`` the LD-DPO sums (:func:`ld_token_weights`)."""
     device = torch.device(device)
-    module = CompletionLogps(model, chunk_size)
+    module = CompletionLogps(model, chunk_size, ld_alpha)
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(pairs), 2, dtype=torch.float64)

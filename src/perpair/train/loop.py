@@ -110,7 +110,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler)
-    module = CompletionLogps(model, config.logits_chunk)
+    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
     metrics_path = out / METRICS
@@ -369,7 +369,8 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     spec = resolve_model(config.reference_model or config.model)
     key = ref_cache.cache_key(model=model_fingerprint(spec),
                               tokenizer=ref_cache.tokenizer_fingerprint(tokenizer),
-                              pairs_sha256=file_sha256(data.path), max_length=config.max_length)
+                              pairs_sha256=file_sha256(data.path), max_length=config.max_length,
+                              ld_alpha=config.ld_alpha)
     path = ref_cache.cache_path(cache_dir, key)
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(schedule.tokenized[r]) if data.flipped[r] else schedule.tokenized[r] for r in rows]
@@ -386,11 +387,11 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     if accelerator.is_main_process:
         _, computed = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                                autocast_dtype=autocast)
+                                                autocast_dtype=autocast, ld_alpha=config.ld_alpha)
     accelerator.wait_for_everyone()
     values, _ = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                           tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                          autocast_dtype=autocast)
+                                          autocast_dtype=autocast, ld_alpha=config.ld_alpha)
     out = {}
     for row, (c, r) in zip(rows, values.tolist(), strict=True):
         out[row] = (r, c) if data.flipped[row] else (c, r)
