@@ -184,6 +184,46 @@ def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length(share_promp
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_log_sum_sq_probs_equals_trls_kernel():
+    """WPO's alignment term log Σ_v π(v)², chunked as our log-probs are, against TRL 1.16's own chunked kernel."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from perpair.train.logprobs import log_sum_sq_probs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 5, generator=g) * 2
+    weight = torch.randn(13, 5, generator=g)
+    bias = torch.randn(13, generator=g)
+    target = torch.randint(0, 13, (9,), generator=g)
+    theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, target, 1.0, 4, None, 1.0, ("log_sum_sq_probs",))[2]
+    assert torch.allclose(log_sum_sq_probs(hidden, weight, bias, 4), theirs, atol=1e-5)
+
+
+def test_packed_wpo_aligned_sums_equal_separate_sequences():
+    """With ``wpo`` the packed forward also returns each response's Σ_t (log π(y_t) − log Σ_v π(v)²), detached,
+    and leaves the log-probs unchanged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([3, 3], [4, 4, 4], [])]
+    plain, _ = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs), torch.device("cpu"))
+    sums, _, aligned = run_packed(CompletionLogps(model, chunk_size=3, wpo=True), pack(pairs), torch.device("cpu"))
+    assert torch.equal(sums, plain) and not aligned.requires_grad
+    for i, pair in enumerate(pairs):
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            expected = 0.0
+            if tokens:
+                logits = model(torch.tensor([pair.prompt + tokens])).logits[0].double()
+                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
+                logp = logits[positions].log_softmax(-1)
+                sq = torch.logsumexp(2 * logp, -1)  # log Σ_v π(v)²
+                expected = (logp[torch.arange(len(tokens)), torch.tensor(tokens)] - sq).sum().item()
+            assert aligned[i, side].item() == pytest.approx(expected, abs=1e-9)
+
+
 def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
     """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
     gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and

@@ -60,6 +60,7 @@ def test_a_weighted_combination_with_an_f_divergence_runs(tiny_model, uf_pairs, 
     (("--loss", "sigmoid,sft", "--set", "loss_weights=[1]"), "loss: 1 loss weights for 2 losses"),
     (("--loss", "sigmoid,kto"), "loss 'kto' is unknown"),
     (("--loss", "sigmoid,sft", "--set", "ld_alpha=0.5"), "ld_alpha weights the preference log-probs"),
+    (("--loss", "aot", "--set", "use_weighting=true"), "use_weighting cannot weight 'aot'"),
 ])
 def test_impossible_loss_settings_are_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, message):
     result = _train(tiny_model, uf_pairs, tmp_path / "bad", *extra, check=False)
@@ -75,3 +76,11 @@ def test_ld_dpo_reference_is_cached_apart_from_the_plain_sums(tiny_model, uf_pai
     _train(tiny_model, uf_pairs, tmp_path / "ld", "--steps", "1", "--set", "ld_alpha=0.3")
     assert _losses(tmp_path / "ld")[0] == pytest.approx(math.log(2), abs=1e-6)
     assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 2
+
+
+def test_wpo_weighting_runs_and_scales_the_loss(tiny_model, uf_pairs, tmp_path):
+    """WPO at step 1 (policy = reference, so every DPO term is log 2): the loss is log 2 times the mean WPO weight,
+    not log 2."""
+    _train(tiny_model, uf_pairs, tmp_path / "wpo", "--steps", "1", "--set", "use_weighting=true")
+    loss = _losses(tmp_path / "wpo")[0]
+    assert math.isfinite(loss) and abs(loss - math.log(2)) > 1e-4

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
                                   "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft).")
     f_alpha_divergence_coef: float = Field(0.5, description="alpha of alpha_divergence.")
     discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature tau (Eq. 5; 0.05 in the paper).")
+    use_weighting: bool = Field(
+        False, description="WPO (Zhou et al. 2024): scale each preference pair's loss by the policy's "
+                           "length-normalised, sampling-aligned probability of both responses (detached).")
     ld_alpha: float | None = Field(
         None, ge=0, le=1, description="LD-DPO (Liu et al. 2024): weight of the tokens past min(|y_w|, |y_l|) in "
                                       "both responses' log-probs (policy and reference); null = plain sums.")
@@ -134,6 +137,9 @@ class TrainConfig(BaseModel):
                              f"the chosen − rejected score, where log Z(x) cancels), not to {spec.name!r}")
         if self.reference_model is not None and spec.reference_free:
             raise ValueError(f"loss {spec.name!r} is reference-free; drop reference_model")
+        if self.use_weighting and spec.batch_level:
+            raise ValueError(f"use_weighting cannot weight {spec.name!r}: it sorts the batch, so its terms belong "
+                             "to no single pair")
         if self.ld_alpha is not None and "sft" in ([self.loss] if isinstance(self.loss, str) else self.loss):
             # TRL's sft term reads the plain token log-probs; ours would see the LD-weighted sum
             raise ValueError("ld_alpha weights the preference log-probs; it cannot apply to an sft loss term")

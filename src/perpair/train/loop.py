@@ -46,7 +46,7 @@ from perpair.train import reference as ref_cache
 from perpair.train.config import TrainConfig
 from perpair.train.lean import lean_activations
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
-from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses
+from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses, wpo_weights
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 METRICS = "metrics.jsonl"
@@ -110,7 +110,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler)
-    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha)
+    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
     metrics_path = out / METRICS
@@ -530,8 +530,10 @@ def densify_gradients(parameters) -> None:
 
 def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairData,
                   reference: dict[int, tuple[float, float]], device):
-    sums, counts = run_packed(module, packed, device)
+    sums, counts, *aligned = run_packed(module, packed, device)
     policy = Logps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
+    # WPO (use_weighting): each pair's loss scaled by its detached weight; SFT-route pairs are not weighted
+    weight = wpo_weights(aligned[0][:, 0], counts[:, 0], aligned[0][:, 1], counts[:, 1]) if aligned else None
     route = torch.tensor(data.route[rows], device=device)
     ref = None
     if reference:
@@ -540,7 +542,7 @@ def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairDat
     beta = torch.tensor(data.beta[rows], dtype=sums.dtype, device=device)
     smoothing = torch.tensor(data.label_smoothing[rows], dtype=sums.dtype, device=device)
     params = LossParams(beta, smoothing, config.simpo_gamma, config.f_divergence_type,
-                        config.f_alpha_divergence_coef, config.discopop_tau)
+                        config.f_alpha_divergence_coef, config.discopop_tau, weight)
     result = routed_losses(config.objective, policy, ref, params, route)
     return _StepResult(result.losses, result.chosen_rewards, result.rejected_rewards, policy, route)
 
