@@ -283,3 +283,20 @@ def test_loss_flags_and_combination_errors():
         objective(["sigmoid"], [1.0, 2.0])
     with pytest.raises(ValueError, match="'nope' is unknown"):
         objective(["sigmoid", "nope"])
+
+
+def test_trl_ignores_label_smoothing_for_sigmoid_and_ours_is_cdpo():
+    """The README's claim: TRL 1.16's sigmoid loss is the same with ε = 0.1 as with 0, while perpair's sigmoid with
+    ε is cDPO, −(1−ε) log σ(z) − ε log σ(−z) with z = βΔ. Checked through TRL: (1−2ε)·robust is
+    −(1−ε) log σ(z) + ε log σ(−z), so cDPO = (1−2ε)·robust + 2ε·(TRL's sigmoid with chosen and rejected swapped)."""
+    batch = make_batch(seed=21)
+    assert trl_loss(batch, ["sigmoid"], 0.3, eps=0.1).item() == trl_loss(batch, ["sigmoid"], 0.3).item()
+    cdpo = ours(batch, ["sigmoid"], 0.3, eps=0.1)
+    assert abs(cdpo.item() - ours(batch, ["sigmoid"], 0.3).item()) > 1e-3
+    robust = trl_loss(batch, ["robust"], 0.3, eps=0.1)
+    n = batch.n
+    swap = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])  # chosen ↔ rejected: z → −z
+    swapped = Batch(batch.token.detach()[swap].requires_grad_(True), batch.ref_token[swap], batch.log_sum_sq[swap],
+                    batch.mask[swap])
+    minus = trl_loss(swapped, ["sigmoid"], 0.3)
+    assert cdpo.item() == pytest.approx((0.8 * robust + 0.2 * minus).item(), abs=TOL)
