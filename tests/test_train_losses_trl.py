@@ -241,13 +241,17 @@ def test_constant_per_pair_beta_is_the_global_loss_exactly(loss_type):
 
 @pytest.mark.parametrize("loss_type", PER_PAIR)
 def test_distinct_betas_give_each_pair_trls_loss_on_that_pair_alone(loss_type):
-    """SP²DPO: pair i's loss (and its gradient) with β_i equals TRL's on pair i alone at β = β_i."""
+    """SP²DPO: pair i's loss (and its gradient) with β_i, and ε_i where the loss reads ε, equals TRL's on pair i
+    alone at β = β_i, ε = ε_i."""
     batch = make_batch(seed=18)
-    eps = SMOOTHED.get(loss_type, 0.0)
     betas = torch.tensor([0.02, 0.05, 0.1, 0.3, 1.0, 2.0], dtype=DTYPE)
-    per_pair = ours(batch, [loss_type], betas, eps=eps, reduce=False)
+    base = SMOOTHED.get(loss_type, 0.0)
+    epsilons = [base * (1 + i / 4) for i in range(N)]  # distinct ε_i for robust and exo_pair, 0 elsewhere
+    params = LossParams(betas, torch.tensor(epsilons, dtype=DTYPE))
+    per_pair = LOSSES[loss_type].fn(_summed(batch.token, batch, None), _summed(batch.ref_token, batch, None),
+                                    params).losses
     tol = 1e-6 if loss_type == "exo_pair" else TOL  # TRL's float32 ε (see assert_same)
-    for i, b in enumerate(betas.tolist()):
+    for i, (b, eps) in enumerate(zip(betas.tolist(), epsilons, strict=True)):
         (mine,) = torch.autograd.grad(per_pair[i], batch.token, retain_graph=True)
         alone = pair_subset(batch, [i])
         theirs = trl_loss(alone, [loss_type], b, eps=eps)
@@ -258,16 +262,14 @@ def test_distinct_betas_give_each_pair_trls_loss_on_that_pair_alone(loss_type):
 
 @pytest.mark.parametrize("loss_type", BATCH_LEVEL)
 def test_batch_level_per_pair_beta_follows_the_sorted_owner(loss_type):
-    """AOT sorts across the batch, so no pair has a loss of its own; the documented rule: the k-th sorted term
-    takes the β of the pair that owns the k-th smallest policy margin (aot) / chosen log-ratio (aot_unpaired).
-    Checked against TRL: scaling the batch so the owners' order is known, each term equals TRL's on the whole batch
-    at that β."""
+    """AOT sorts across the batch, so no pair has a loss of its own. The documented rule: the k-th sorted term takes
+    the β of the pair owning the k-th smallest policy margin (aot) / chosen log-ratio (aot_unpaired) and counts as
+    that pair's. The owners do not depend on β, so with distinct β_i pair i's term is the term it gets when every
+    pair has β_i; and that uniform-β batch is TRL's loss (TRL reports only the mean)."""
     batch = make_batch(seed=19)
     betas = torch.tensor([0.02, 0.05, 0.1, 0.3, 1.0, 2.0], dtype=DTYPE)
     per_pair = ours(batch, [loss_type], betas, eps=0.1, reduce=False)
     for i, b in enumerate(betas.tolist()):
-        # with one β for all, our per-pair term i is TRL's k-th term; TRL reports only the mean, so compare the
-        # whole batch at β = β_i where only term i is taken from the per-pair vector
         uniform = ours(batch, [loss_type], b, eps=0.1, reduce=False)
         assert per_pair[i].item() == pytest.approx(uniform[i].item(), abs=TOL)
         assert uniform.mean().item() == pytest.approx(trl_loss(batch, [loss_type], b, eps=0.1).item(), abs=TOL)
