@@ -1,11 +1,9 @@
-"""Losses: maths by hand, parity with TRL's DPOTrainer on the same log-probs, per-pair β, routing, and the
+"""Losses: maths by hand, per-pair β, routing, and the
 packed / chunked log-prob path against a plain forward (values and gradients)."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +17,8 @@ N = 6
 
 
 def _logps(seed: int) -> tuple[Logps, Logps, torch.Tensor, torch.Tensor]:
-    """Random per-token log-probs for N pairs laid out as TRL's padded batch, and the summed Logps."""
+    """Random per-token log-probs for N pairs laid out as a padded batch, and the summed Logps. (The comparison
+    with TRL, values and gradients, is tests/test_train_losses_trl.py.)"""
     g = torch.Generator().manual_seed(seed)
     length = 12
     token = -torch.rand(2 * N, length, generator=g, dtype=torch.float64) * 3
@@ -32,59 +31,10 @@ def _logps(seed: int) -> tuple[Logps, Logps, torch.Tensor, torch.Tensor]:
     return policy, reference, token * mask, mask
 
 
-def _trl_loss(loss_type: str, beta: float, token: torch.Tensor, mask: torch.Tensor, reference: Logps,
-              label_smoothing: float = 0.0) -> float:
-    """TRL's own ``_compute_loss`` on a stand-in model whose forward returns the given per-token log-probs."""
-    from accelerate import Accelerator
-    from trl import DPOTrainer
-
-    length = mask.shape[1]
-    completion_mask = torch.cat([torch.zeros(2 * N, 1, dtype=torch.long), mask], 1)  # token t predicted at t-1
-    per_token = token
-
-    def model(**kwargs):
-        return SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
-                               mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(per_token).bool())
-
-    model.training = True
-    trainer = object.__new__(DPOTrainer)
-    trainer.__dict__.update(
-        model=model, accelerator=Accelerator(cpu=True), aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0],
-        beta=beta, label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.zeros(2 * N, length + 1, dtype=torch.long),
-              "attention_mask": torch.ones(2 * N, length + 1, dtype=torch.long),
-              "completion_mask": completion_mask,
-              "ref_chosen_logps": reference.chosen, "ref_rejected_logps": reference.rejected}
-    return float(trainer._compute_loss(model, inputs, return_outputs=False))
-
-
 def _ours(name: str, policy: Logps, reference: Logps, beta, eps=0.0, gamma=0.0) -> torch.Tensor:
     params = LossParams(torch.full((N,), beta, dtype=torch.float64) if isinstance(beta, float) else beta,
                         torch.full((N,), eps, dtype=torch.float64), gamma)
     return LOSSES[name].fn(policy, reference, params).losses
-
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
-@pytest.mark.parametrize("beta", [0.1, 0.5])
-def test_losses_equal_trl_on_the_same_logps(loss_type, beta):
-    policy, reference, token, mask = _logps(seed=int(beta * 10))
-    eps = 0.2 if loss_type == "robust" else 0.0
-    ours = _ours(loss_type, policy, reference, beta, eps).mean().item()
-    assert ours == pytest.approx(_trl_loss(loss_type, beta, token, mask, reference, eps), abs=1e-6)
-
-
-def test_sft_equals_trl_for_equal_lengths():
-    """TRL's sft is the token mean over the batch; ours is per pair (MixDPO), equal when lengths are equal."""
-    policy, reference, token, mask = _logps(seed=3)
-    mask = torch.ones_like(mask)
-    token = -torch.rand_like(token)
-    sums = token.sum(1)
-    counts = mask.sum(1)
-    policy = Logps(sums[:N], sums[N:], counts[:N], counts[N:])
-    ours = _ours("sft", policy, None, 0.1).mean().item()
-    assert ours == pytest.approx(_trl_loss("sft", 0.1, token, mask, reference), abs=1e-6)
 
 
 def test_simpo_is_the_paper_formula():
@@ -192,6 +142,86 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
     assert counts.tolist() == [[3, 2], [1, 4], [3, 0]]
     for a, p in zip(packed_grads, model.parameters(), strict=True):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
+
+
+def _separate_token_logps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Per-token log-probs of ``tokens`` after ``prompt``, from a plain forward of that one sequence."""
+    logits = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    return logits[positions, torch.tensor(tokens)]
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length(share_prompt):
+    """LD-DPO in the packed layout: each response's first min(|y_w|, |y_l|) tokens count 1, the rest α, values
+    and gradients equal to splitting separate sequences' token log-probs; a pair without a rejected response (SFT)
+    keeps its plain sum."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16]),
+             TokenizedPair([3, 3], [4, 4, 4], []), TokenizedPair([7], [8, 9], [10, 11])]
+    alpha = 0.3
+    weights = torch.arange(1.0, 9.0, dtype=torch.float64).view(4, 2)
+    sums, _ = run_packed(CompletionLogps(model, chunk_size=3, ld_alpha=alpha), pack(pairs, share_prompt),
+                         torch.device("cpu"))
+    (sums * weights).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = torch.zeros(4, 2, dtype=torch.float64)
+    for i, pair in enumerate(pairs):
+        shared = min(len(pair.chosen), len(pair.rejected)) if pair.rejected else len(pair.chosen)
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            if tokens:
+                token = _separate_token_logps(model, pair.prompt, tokens)
+                expected[i, side] = token[:shared].sum() + alpha * token[shared:].sum()
+    (expected * weights).sum().backward()
+    assert torch.allclose(sums, expected.detach(), atol=1e-10)
+    for a, p in zip(packed_grads, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_log_sum_sq_probs_equals_trls_kernel():
+    """WPO's alignment term log Σ_v π(v)², chunked as our log-probs are, against TRL 1.16's own chunked kernel."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from perpair.train.logprobs import log_sum_sq_probs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(9, 5, generator=g) * 2
+    weight = torch.randn(13, 5, generator=g)
+    bias = torch.randn(13, generator=g)
+    target = torch.randint(0, 13, (9,), generator=g)
+    theirs = ChunkedLogProbFunction.apply(hidden, weight, bias, target, 1.0, 4, None, 1.0, ("log_sum_sq_probs",))[2]
+    assert torch.allclose(log_sum_sq_probs(hidden, weight, bias, 4), theirs, atol=1e-5)
+
+
+def test_packed_wpo_aligned_sums_equal_separate_sequences():
+    """With ``wpo`` the packed forward also returns each response's Σ_t (log π(y_t) − log Σ_v π(v)²), detached,
+    and leaves the log-probs unchanged."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).double()
+    pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([3, 3], [4, 4, 4], [])]
+    plain, _ = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs), torch.device("cpu"))
+    sums, _, aligned = run_packed(CompletionLogps(model, chunk_size=3, wpo=True), pack(pairs), torch.device("cpu"))
+    assert torch.equal(sums, plain) and not aligned.requires_grad
+    for i, pair in enumerate(pairs):
+        for side, tokens in enumerate((pair.chosen, pair.rejected)):
+            expected = 0.0
+            if tokens:
+                logits = model(torch.tensor([pair.prompt + tokens])).logits[0].double()
+                positions = torch.arange(len(pair.prompt) - 1, len(pair.prompt) + len(tokens) - 1)
+                logp = logits[positions].log_softmax(-1)
+                sq = torch.logsumexp(2 * logp, -1)  # log Σ_v π(v)²
+                expected = (logp[torch.arange(len(tokens)), torch.tensor(tokens)] - sq).sum().item()
+            assert aligned[i, side].item() == pytest.approx(expected, abs=1e-9)
 
 
 def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,6 +10,17 @@ import typer
 
 from perpair.cli import app, console, out
 from perpair.errors import PerpairError
+
+
+def _losses_help() -> str:
+    """``--loss``'s help, naming the registry's losses. The registry imports torch (about a second), which every
+    other command would then pay at start-up, so only a help request loads it."""
+    if not {"--help", "-h"} & set(sys.argv):
+        return "Loss (see perpair train --help)."
+    from perpair.train.losses import LOSSES
+
+    return (f"Preference loss, or several comma-separated, summed with --set loss_weights=[…]: "
+            f"{', '.join(sorted(LOSSES))}.")
 
 
 @app.command("train")
@@ -24,7 +36,7 @@ def train_command(
     batch_size: Annotated[int | None, typer.Option(help="Pairs per optimizer step (global).")] = None,
     max_length: Annotated[int | None, typer.Option(help="Max tokens of prompt + response.")] = None,
     beta: Annotated[float | None, typer.Option(help="Global beta (a plan's per-pair beta replaces it).")] = None,
-    loss: Annotated[str | None, typer.Option(help="sigmoid, ipo, hinge, robust, simpo or sft.")] = None,
+    loss: Annotated[str | None, typer.Option(help=_losses_help())] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     lr_schedule: Annotated[str | None, typer.Option(help="constant, linear or cosine.")] = None,
     warmup_ratio: Annotated[float | None, typer.Option(help="Share of steps warming up.")] = None,
@@ -47,6 +59,8 @@ def train_command(
         "save_every": save_every, "threads": threads,
     }
     options = {k: v for k, v in given.items() if v is not None}
+    if loss is not None and "," in loss:
+        options["loss"] = [name.strip() for name in loss.split(",")]
     if lora:
         options["lora"] = {}
     options.update(parse_overrides(overrides or []))

@@ -11,11 +11,11 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perpair.config_files import format_validation_error, load_yaml
 from perpair.errors import InputError, PerpairError
-from perpair.train.losses import LOSSES
+from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
 
 
 class LoraConfig(BaseModel):
@@ -43,7 +43,24 @@ class TrainConfig(BaseModel):
         None, description="Folder of cached reference log-probs (default: $PERPAIR_CACHE/reference).")
 
     # --- objective -----------------------------------------------------------------------------------
-    loss: str = Field("sigmoid", description=f"Preference loss: {', '.join(sorted(LOSSES))}.")
+    loss: str | list[str] = Field(
+        "sigmoid", description=f"Preference loss, or a list of several summed with loss_weights (TRL's loss_type): "
+                               f"{', '.join(sorted(LOSSES))}.")
+    loss_weights: list[float] | None = Field(
+        None, description="Weights of the losses in `loss` (default 1 each): MPO [sigmoid, bco_pair, sft] with "
+                          "[0.8, 0.2, 1.0]; RPO [sigmoid, sft] with [1, alpha].")
+    f_divergence_type: Literal[F_DIVERGENCES] = Field(  # type: ignore[valid-type]
+        "reverse_kl", description="f-DPO divergence (Wang et al. 2023): reverse_kl (DPO), forward_kl, "
+                                  "js_divergence, alpha_divergence; other than reverse_kl only for sigmoid, "
+                                  "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop (and sft).")
+    f_alpha_divergence_coef: float = Field(0.5, description="alpha of alpha_divergence.")
+    discopop_tau: float = Field(0.05, gt=0, description="DiscoPOP temperature tau (Eq. 5; 0.05 in the paper).")
+    use_weighting: bool = Field(
+        False, description="WPO (Zhou et al. 2024): scale each preference pair's loss by the policy's "
+                           "length-normalised, sampling-aligned probability of both responses (detached).")
+    ld_alpha: float | None = Field(
+        None, ge=0, le=1, description="LD-DPO (Liu et al. 2024): weight of the tokens past min(|y_w|, |y_l|) in "
+                                      "both responses' log-probs (policy and reference); null = plain sums.")
     beta: float = Field(0.1, gt=0, description="Global beta; a plan's per-pair beta replaces it.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Global cDPO/robust epsilon without a plan.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma (Meng et al. Eq. 6).")
@@ -97,15 +114,44 @@ class TrainConfig(BaseModel):
     save_model: bool = Field(True, description="Save the final model (HF format) to OUT/model or OUT/adapter.")
     final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too.")
 
+    @field_validator("loss")
+    @classmethod
+    def _one_loss_is_a_name(cls, value: str | list[str]) -> str | list[str]:
+        # [name] and name are the same run: keep one spelling, so `config.loss == "sft"` tests hold for both
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+    @model_validator(mode="after")
+    def _check_loss(self) -> TrainConfig:
+        try:
+            spec = objective(self.loss, self.loss_weights)
+        except ValueError as exc:
+            raise ValueError(f"loss: {exc}") from None
+        if self.label_smoothing > 0 and not spec.smoothing:
+            raise ValueError(f"label_smoothing {self.label_smoothing} has no meaning for loss {spec.name!r}; "
+                             f"losses that use it: {', '.join(n for n, s in LOSSES.items() if s.smoothing)}")
+        if spec.needs_smoothing and self.label_smoothing <= 0 and self.plan is None:
+            raise ValueError(f"loss {spec.name!r} needs label_smoothing > 0 (EXO's log ε; the paper uses 1e-3)")
+        if self.f_divergence_type != "reverse_kl" and not spec.f_divergence:
+            raise ValueError(f"f_divergence_type {self.f_divergence_type} only applies to "
+                             f"{', '.join(n for n, s in LOSSES.items() if s.f_divergence)} (the losses built on "
+                             f"the chosen − rejected score, where log Z(x) cancels), not to {spec.name!r}")
+        if self.reference_model is not None and spec.reference_free:
+            raise ValueError(f"loss {spec.name!r} is reference-free; drop reference_model")
+        if self.use_weighting and spec.batch_level:
+            raise ValueError(f"use_weighting cannot weight {spec.name!r}: it sorts the batch, so its terms belong "
+                             "to no single pair")
+        if self.ld_alpha is not None and "sft" in ([self.loss] if isinstance(self.loss, str) else self.loss):
+            # TRL's sft term reads the plain token log-probs; ours would see the LD-weighted sum
+            raise ValueError("ld_alpha weights the preference log-probs; it cannot apply to an sft loss term")
+        return self
+
+    @property
+    def objective(self) -> LossSpec:
+        """The loss (or weighted sum of losses) the preference pairs train with."""
+        return objective(self.loss, self.loss_weights)
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss {self.loss!r} is unknown; choose one of {', '.join(sorted(LOSSES))}")
-        if self.label_smoothing > 0 and not LOSSES[self.loss].smoothing:
-            raise ValueError(f"label_smoothing {self.label_smoothing} has no meaning for loss {self.loss!r}; "
-                             f"losses that use it: {', '.join(n for n, s in LOSSES.items() if s.smoothing)}")
-        if self.reference_model is not None and LOSSES[self.loss].reference_free:
-            raise ValueError(f"loss {self.loss!r} is reference-free; drop reference_model")
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")

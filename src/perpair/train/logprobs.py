@@ -90,6 +90,18 @@ class ChunkedTokenLogps(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
+@torch.no_grad()
+def log_sum_sq_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+    """log Σ_v π(v)² per row of ``hidden`` (WPO's alignment term: the log-probability that two samples of the
+    policy agree), ``chunk`` rows at a time like :class:`ChunkedTokenLogps`; not differentiated."""
+    project = _Projection(hidden, weight, bias, chunk)
+    out = []
+    for part in project.parts():
+        logits = project(part)
+        out.append(torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1))
+    return torch.cat(out)
+
+
 class _Projection:
     """Logits of ``chunk`` rows of ``hidden`` at a time, written into one reused buffer (float32 at least)."""
 
@@ -367,16 +379,21 @@ class CompletionLogps(nn.Module):
     Wrapping routes the model's attention through :func:`tree_attention`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
+    def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ld_alpha: float | None = None,
+                 wpo: bool = False):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.ld_alpha = ld_alpha  # LD-DPO: the sums weight tokens past the pair's shared length (ld_token_weights)
+        # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
+        # detached, at the price of one more (gradient-free) pass over the vocabulary projection
+        self.wpo = wpo
         use_tree_attention(model)
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
                 target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
         """``(sums [pairs, 2], counts [pairs, 2])``: summed log-probs and token counts of chosen (column 0) and
-        rejected (column 1)."""
+        rejected (column 1); with ``wpo`` a third ``[pairs, 2]``, the summed aligned log-probs."""
         backbone, head = backbone_and_head(self.model)
         layout = TreeLayout(layout.blocks)  # this forward's own call count and masks
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
@@ -384,13 +401,36 @@ class CompletionLogps(nn.Module):
         if not layout.calls:
             raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
                                "AttentionInterface, which perpair's packed rows need")
-        token_logps = ChunkedTokenLogps.apply(hidden[gather], head.weight, head.bias, target, self.chunk_size)
+        completion = hidden[gather]
+        token_logps = ChunkedTokenLogps.apply(completion, head.weight, head.bias, target, self.chunk_size)
+        aligned = None
+        if self.wpo:
+            term = token_logps.detach() - log_sum_sq_probs(completion, head.weight, head.bias, self.chunk_size)
+            aligned = term.new_zeros(2 * pairs).index_add(0, owner, term).view(pairs, 2)
+        if self.ld_alpha is not None:
+            token_logps = token_logps * ld_token_weights(owner, pairs, self.ld_alpha).to(token_logps.dtype)
         sums = token_logps.new_zeros(2 * pairs).index_add(0, owner, token_logps)
         counts = torch.bincount(owner, minlength=2 * pairs)
+        if aligned is not None:
+            return sums.view(pairs, 2), counts.view(pairs, 2), aligned
         return sums.view(pairs, 2), counts.view(pairs, 2)
 
 
-def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple[Tensor, Tensor]:
+def ld_token_weights(owner: Tensor, pairs: int, alpha: float) -> Tensor:
+    """LD-DPO's token weights (Liu et al. 2024 Eq. 9) in a packed row: 1 for a response's first
+    min(|y_w|, |y_l|) tokens, α after them, so the longer response's excess counts α. A pair without a rejected
+    response (an SFT pair) has no shared length to cut at: all its tokens weigh 1."""
+    counts = torch.bincount(owner, minlength=2 * pairs).view(pairs, 2)
+    shared = torch.where(counts[:, 1] > 0, counts.min(1).values, counts[:, 0])
+    # pack() lays each response's tokens out contiguously: a token's place in its response is its index minus the
+    # index of the response's first token
+    index = torch.arange(owner.numel(), device=owner.device)
+    first = torch.full((2 * pairs,), owner.numel(), device=owner.device).scatter_reduce(0, owner, index, "amin")
+    inside = (index - first[owner]) < shared[owner // 2]
+    return torch.where(inside, 1.0, alpha)
+
+
+def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple[Tensor, ...]:
     return module(packed.input_ids.to(device), packed.position_ids.to(device), packed.layout,
                   packed.gather.to(device), packed.target.to(device), packed.owner.to(device), packed.pairs)
 
@@ -408,11 +448,13 @@ LOGPS_SCHEMA = pa.schema([
 def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, tokens_per_forward: int = 0,
                        chunk_size: int = DEFAULT_CHUNK, device: torch.device | str = "cpu",
                        autocast_dtype: torch.dtype | None = None,
-                       on_progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+                       on_progress: Callable[[int], None] | None = None,
+                       ld_alpha: float | None = None) -> tuple[Tensor, Tensor]:
     """``(sums [n, 2], counts [n, 2])`` for already tokenized pairs, packing pairs up to ``tokens_per_forward``
-    tokens per forward (a pair longer than that gets a forward of its own; 0 = one pair per forward)."""
+    tokens per forward (a pair longer than that gets a forward of its own; 0 = one pair per forward); with
+    ``ld_alpha`` the LD-DPO sums (:func:`ld_token_weights`)."""
     device = torch.device(device)
-    module = CompletionLogps(model, chunk_size)
+    module = CompletionLogps(model, chunk_size, ld_alpha)
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(pairs), 2, dtype=torch.float64)

@@ -46,7 +46,7 @@ from perpair.train import reference as ref_cache
 from perpair.train.config import TrainConfig
 from perpair.train.lean import lean_activations
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
-from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses
+from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses, wpo_weights
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 METRICS = "metrics.jsonl"
@@ -110,7 +110,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler)
-    module = CompletionLogps(model, config.logits_chunk)
+    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
     metrics_path = out / METRICS
@@ -293,9 +293,13 @@ def _apply_plan(config: TrainConfig, pairs_path: Path, pair_ids: list[str]):
     if len(order) == 0:
         raise PerpairError(f"plan {config.plan}: no pair is trained (all dropped)")
     used = route[order] == ROUTE_PREFERENCE
-    if np.any(smoothing[order][used] > 0) and not LOSSES[config.loss].smoothing:
+    if np.any(smoothing[order][used] > 0) and not config.objective.smoothing:
         raise PerpairError(f"plan {config.plan} sets label_smoothing > 0, which loss {config.loss!r} would ignore; "
-                           "use sigmoid (cDPO), robust or simpo, or a plan without smoothing")
+                           f"use one that reads it ({', '.join(n for n, s in LOSSES.items() if s.smoothing)}), "
+                           "or a plan without smoothing")
+    if config.objective.needs_smoothing and np.any(smoothing[order][used] <= 0):
+        raise PerpairError(f"plan {config.plan}: loss {config.objective.name!r} needs label_smoothing > 0 for "
+                           "every preference pair (EXO's log ε); the plan gives some 0")
     if np.any(~np.isfinite(beta[order][used]) | (beta[order][used] <= 0)):
         raise PerpairError(f"plan {config.plan}: a trained pair has no positive beta")
     return order, beta, smoothing, route, flipped, category
@@ -356,7 +360,7 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     """Reference log-probs ``{row: (chosen, rejected)}`` in the trained orientation, for the preference pairs of
     the run (SFT pairs and reference-free losses need none). The main process fills the cache; the others
     read it."""
-    if LOSSES[config.loss].reference_free:
+    if config.objective.reference_free:
         return {}, 0
     rows = sorted({r for step in schedule.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
@@ -365,7 +369,8 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     spec = resolve_model(config.reference_model or config.model)
     key = ref_cache.cache_key(model=model_fingerprint(spec),
                               tokenizer=ref_cache.tokenizer_fingerprint(tokenizer),
-                              pairs_sha256=file_sha256(data.path), max_length=config.max_length)
+                              pairs_sha256=file_sha256(data.path), max_length=config.max_length,
+                              ld_alpha=config.ld_alpha)
     path = ref_cache.cache_path(cache_dir, key)
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(schedule.tokenized[r]) if data.flipped[r] else schedule.tokenized[r] for r in rows]
@@ -382,11 +387,11 @@ def compute_reference(config: TrainConfig, data: PairData, schedule: Schedule, t
     if accelerator.is_main_process:
         _, computed = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                                autocast_dtype=autocast)
+                                                autocast_dtype=autocast, ld_alpha=config.ld_alpha)
     accelerator.wait_for_everyone()
     values, _ = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                           tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                          autocast_dtype=autocast)
+                                          autocast_dtype=autocast, ld_alpha=config.ld_alpha)
     out = {}
     for row, (c, r) in zip(rows, values.tolist(), strict=True):
         out[row] = (r, c) if data.flipped[row] else (c, r)
@@ -481,6 +486,11 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     scale = accelerator.num_processes / len(batch)
     device = accelerator.device
     groups = micro_batches(config, [schedule.tokenized[r] for r in mine])
+    if config.objective.batch_level:  # AOT sorts across the step's pairs: they need one loss call, one forward
+        if accelerator.num_processes > 1:
+            raise PerpairError(f"loss {config.objective.name!r} sorts across the whole batch, which one process "
+                               "must hold: run it in a single process")
+        groups = [list(range(len(mine)))]
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     for g, group in enumerate(groups):
         rows = [mine[i] for i in group]
@@ -520,8 +530,10 @@ def densify_gradients(parameters) -> None:
 
 def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairData,
                   reference: dict[int, tuple[float, float]], device):
-    sums, counts = run_packed(module, packed, device)
+    sums, counts, *aligned = run_packed(module, packed, device)
     policy = Logps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
+    # WPO (use_weighting): each pair's loss scaled by its detached weight; SFT-route pairs are not weighted
+    weight = wpo_weights(aligned[0][:, 0], counts[:, 0], aligned[0][:, 1], counts[:, 1]) if aligned else None
     route = torch.tensor(data.route[rows], device=device)
     ref = None
     if reference:
@@ -529,7 +541,9 @@ def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairDat
         ref = Logps(ref_values[:, 0], ref_values[:, 1], counts[:, 0], counts[:, 1])
     beta = torch.tensor(data.beta[rows], dtype=sums.dtype, device=device)
     smoothing = torch.tensor(data.label_smoothing[rows], dtype=sums.dtype, device=device)
-    result = routed_losses(config.loss, policy, ref, LossParams(beta, smoothing, config.simpo_gamma), route)
+    params = LossParams(beta, smoothing, config.simpo_gamma, config.f_divergence_type,
+                        config.f_alpha_divergence_coef, config.discopop_tau, weight)
+    result = routed_losses(config.objective, policy, ref, params, route)
     return _StepResult(result.losses, result.chosen_rewards, result.rejected_rewards, policy, route)
 
 

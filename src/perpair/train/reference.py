@@ -40,9 +40,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int) -> dict[str, object]:
-    return {"version": KEY_VERSION, "model": model, "tokenizer": tokenizer, "pairs_sha256": pairs_sha256,
-            "max_length": max_length, "truncation": "keep_start", "template": "trl"}
+def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int,
+              ld_alpha: float | None = None) -> dict[str, object]:
+    key: dict[str, object] = {"version": KEY_VERSION, "model": model, "tokenizer": tokenizer,
+                              "pairs_sha256": pairs_sha256, "max_length": max_length, "truncation": "keep_start",
+                              "template": "trl"}
+    if ld_alpha is not None:  # LD-DPO's weighted sums are other values; plain runs keep their existing keys
+        key["ld_alpha"] = ld_alpha
+    return key
 
 
 def cache_path(cache_dir: Path, key: dict[str, object]) -> Path:
@@ -78,7 +83,7 @@ def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[floa
 def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     tokenized: Sequence[TokenizedPair], load_model, *, device: torch.device,
                     tokens_per_forward: int, chunk_size: int, autocast_dtype: torch.dtype | None = None,
-                    on_progress=None) -> tuple[np.ndarray, int]:
+                    on_progress=None, ld_alpha: float | None = None) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache.
     Returns the values and how many pairs were computed."""
@@ -89,7 +94,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         model = load_model()
         sums, counts = logps_of_tokenized(model, [tokenized[i] for i in missing], device=device,
                                           tokens_per_forward=tokens_per_forward, chunk_size=chunk_size,
-                                          autocast_dtype=autocast_dtype, on_progress=on_progress)
+                                          autocast_dtype=autocast_dtype, on_progress=on_progress,
+                                          ld_alpha=ld_alpha)
         del model
         for row, i in enumerate(missing):
             cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))
