@@ -198,7 +198,7 @@ def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
     """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
     gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and
     grouped-query heads."""
-    from perpair.train.logprobs import CpuTreeAttention, Piece, tree_attention_sdpa
+    from perpair.train.logprobs import CpuTreeAttention, Piece, tree_attention_masked
 
     pairs = [TokenizedPair([1, 2, 3, 4, 5], [5, 6, 7], [8, 9, 10, 11]), TokenizedPair([], [12, 13], [14]),
              TokenizedPair([3, 3], [4, 4, 4], [])]
@@ -213,7 +213,7 @@ def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
         for pieces in (True, False):
             inputs = [t.clone().requires_grad_() for t in (q, k, v)]
             out = (CpuTreeAttention.apply(*inputs, layout.pieces, 0.3) if pieces
-                   else tree_attention_sdpa(*inputs, layout, scaling=0.3))
+                   else tree_attention_masked(*inputs, layout, scaling=0.3))
             (out * weights).sum().backward()
             results.append([out.detach()] + [t.grad for t in inputs])
         for a, b in zip(*results, strict=True):
