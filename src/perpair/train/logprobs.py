@@ -238,6 +238,11 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
     if _runs_pieces(query, dropout):
+        if torch.is_autocast_enabled("cpu"):
+            # what autocast does for SDPA, not for these kernel ops: under it the rotary embedding leaves the
+            # query and key in float32 beside a bfloat16 value, which the kernels refuse
+            dtype = torch.get_autocast_dtype("cpu")
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
 
