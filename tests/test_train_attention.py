@@ -100,3 +100,37 @@ def test_mistral_with_a_sliding_window_on_the_bias_path(monkeypatch):
         assert len(calls) == config.num_hidden_layers
     for a, b in zip(*results, strict=True):
         assert (a - b).abs().max() <= 1e-10
+
+
+def test_routing_is_undone_per_model_and_the_registration_with_the_last():
+    """``CompletionLogps`` routes a model's attention through tree attention until ``release``; the registered
+    name stays while another model uses it and goes with the last one; ``logps_of_tokenized`` (the reference
+    pass, evaluation) leaves the caller's model as it found it."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+    from perpair.train.logprobs import logps_of_tokenized
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                            attn_implementation="sdpa")).double()
+
+    name = "perpair_tree:sdpa"
+    others = logprobs._USERS[name]  # models other tests routed and never released
+    first, second = llama(), llama()
+    pairs = [PAIRS[0], PAIRS[2]]  # with prompts: a response without one has no position predicting its first token
+    expected, _ = logps_of_tokenized(first, pairs)
+    assert first.config._attn_implementation == "sdpa" and logprobs._USERS[name] == others
+    a, b = CompletionLogps(first), CompletionLogps(second)
+    assert CompletionLogps(first)._restore_attention() is None  # routed already: the first wrapper restores
+    assert first.config._attn_implementation == second.config._attn_implementation == name
+    assert logprobs._USERS[name] == others + 2
+    a.release()
+    assert first.config._attn_implementation == "sdpa" and name in AttentionInterface._global_mapping
+    sums, _ = run_packed(b, pack(pairs), torch.device("cpu"))  # the other model still runs tree attention
+    assert torch.allclose(sums, expected, atol=1e-10)
+    b.release()
+    b.release()  # twice: nothing more
+    assert second.config._attn_implementation == "sdpa" and logprobs._USERS[name] == others
+    assert (name in AttentionInterface._global_mapping) == (others > 0)

@@ -136,3 +136,4 @@ def test_train_reports_the_patched_modules_and_undoes_them(tmp_path, monkeypatch
     (model,) = models
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())
+    assert not model.config._attn_implementation.startswith("perpair_tree")  # its own attention again

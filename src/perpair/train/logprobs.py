@@ -24,6 +24,7 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -315,9 +316,15 @@ def tree_attention_masked(query: Tensor, key: Tensor, value: Tensor, layout: Tre
     return out
 
 
-def use_tree_attention(model: nn.Module) -> None:
-    """Route ``model``'s attention through :func:`tree_attention` (idempotent). Without a packed layout the
-    model keeps computing its own attention, so generation and padded batches are unchanged."""
+_USERS: Counter[str] = Counter()  # registered attention name → models routed through it now
+
+
+def use_tree_attention(model: nn.Module) -> Callable[[], None]:
+    """Route ``model``'s attention through :func:`tree_attention` until the returned function is called, which
+    gives the model its own attention back and drops the registration once no model uses it. Without a packed
+    layout the routed model keeps computing its own attention, so generation and padded batches are unchanged.
+    On a model routed already it does nothing (and returns a function that does nothing): the first caller
+    restores."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -325,17 +332,33 @@ def use_tree_attention(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = base.config._attn_implementation or "sdpa"
     if current.startswith(TREE_ATTENTION):
-        return
+        return lambda: None
     name = f"{TREE_ATTENTION}:{current}"  # the name carries the model's own attention, for the fallback
-    # "eager" is each model's own function, not in the registry; SDPA computes the same attention
-    fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
-    AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
-    masks = ALL_MASK_ATTENTION_FUNCTIONS
-    AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])
-    for sub in base.modules():  # the config objects of every sub-model (one for a plain causal LM)
-        sub_config = getattr(sub, "config", None)
-        if sub_config is not None and getattr(sub_config, "_attn_implementation", None) == current:
-            sub_config._attn_implementation = name
+    if not _USERS[name]:
+        # "eager" is each model's own function, not in the registry; SDPA computes the same attention
+        fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
+        masks = ALL_MASK_ATTENTION_FUNCTIONS
+        AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])
+    _USERS[name] += 1
+    # the config objects of every sub-model (one for a plain causal LM)
+    configs = [c for c in {id(c): c for c in (getattr(m, "config", None) for m in base.modules())}.values()
+               if c is not None and getattr(c, "_attn_implementation", None) == current]
+    for config in configs:
+        config._attn_implementation = name
+
+    def restore() -> None:
+        if not configs:
+            return
+        for config in configs:
+            config._attn_implementation = current
+        configs.clear()
+        _USERS[name] -= 1
+        if not _USERS[name]:  # Transformers has no unregister: the class-wide mappings register() writes to
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+    return restore
 
 
 @dataclass
@@ -405,14 +428,18 @@ class CompletionLogps(nn.Module):
     """Wraps a causal LM so that ``forward(packed)`` returns per-pair summed completion log-probs.
 
     Being an ``nn.Module`` whose forward runs the whole computation, it can be handed to Accelerate (DDP, FSDP).
-    Wrapping routes the model's attention through :func:`tree_attention`.
+    Wrapping routes the model's attention through :func:`tree_attention` until :meth:`release`.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
-        use_tree_attention(model)
+        self._restore_attention = use_tree_attention(model)
+
+    def release(self) -> None:
+        """Give the model its own attention back (see :func:`use_tree_attention`)."""
+        self._restore_attention()
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
                 target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
@@ -473,6 +500,7 @@ def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, toke
                 on_progress(end)
     finally:
         model.train(was_training)
+        module.release()
     return sums, counts
 
 

@@ -136,7 +136,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     lean = lean_patches(model)
-    lean.undo()  # the model is the caller's from here: its modules' own forwards
+    lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
+    accelerator.unwrap_model(module).release()
     peak = peak_memory_bytes(accelerator.device)
 
     parameters = sum(p.numel() for p in accelerator.unwrap_model(module).model.parameters())
