@@ -7,12 +7,12 @@ For bfloat16 and float32, with grouped-query heads (32 query / 8 key-value, dim 
 packed row of ``--pairs`` pairs runs forward and backward through ``tree_attention_sdpa`` (the path training
 takes on a GPU: one SDPA call per block with a lower-right causal bias) and through ``tree_attention_masked``
 (the reference: a boolean mask per block). Printed per case: the attention kernels the profiler saw for each
-path, the largest difference of outputs and of query/key/value gradients from a float64 run of the reference,
-for both paths (the new path should be no farther than the masked one), and the median forward + backward time.
-Then the dispatch: a tiny Llama's packed forward on the device must reach ``tree_attention_sdpa``. Exit 1 when
-the new path uses the math kernel or a dense mask where flash / memory-efficient should run, or is farther from
-float64 than the masked path by more than its dtype's rounding, or the dispatch misses it. Under a minute on one
-GPU.
+path (``+mask``: handed a mask), the largest difference of outputs and of query/key/value gradients from a
+float64 run of the reference (relative to the tensor's largest value) for both paths, and the median forward +
+backward time. Then the dispatch: a tiny Llama's packed forward + backward on the device under bf16 autocast
+must reach ``tree_attention_sdpa`` in every layer, without a mask or the math kernel. Exit 1 when the new path
+runs the math kernel or hands SDPA a mask, is farther from float64 than twice the masked path's error plus its
+dtype's rounding, or the dispatch misses it. Under a minute on one GPU.
 """
 
 from __future__ import annotations
@@ -80,14 +80,17 @@ def check_case(device, dtype, kv_heads, layout, length, tolerance) -> bool:
     errors = {}
     for name, attention in (("bias", tree_attention_sdpa), ("masked", tree_attention_masked)):
         got = run(attention, *low, layout, weights)
-        errors[name] = max((a.double() - b).abs().max().item() for a, b in zip(got, exact, strict=True))
+        # relative to each tensor's largest value: gradients are far larger than outputs
+        errors[name] = max(((a.double() - b).abs().max() / b.abs().max()).item()
+                           for a, b in zip(got, exact, strict=True))
         used = kernels_used(lambda attention=attention: run(attention, *low, layout, weights))
         ms = timed(lambda attention=attention: run(attention, *low, layout, weights), device)
-        print(f"  {name:6s} max |Δ| vs float64 {errors[name]:.2e}  fwd+bwd {ms:7.2f} ms  kernels: {', '.join(used)}")
+        print(f"  {name:6s} max |Δ|/max vs float64 {errors[name]:.2e}  fwd+bwd {ms:7.2f} ms  "
+              f"kernels: {', '.join(used)}")
         if name == "bias" and device.type == "cuda" and any("math" in u or "+mask" in u for u in used):
             print("  FAIL: the mask-free path ran the math kernel or handed SDPA a mask")
             ok = False
-    if errors["bias"] > errors["masked"] + tolerance:
+    if errors["bias"] > 2 * errors["masked"] + tolerance:
         print(f"  FAIL: the mask-free path is farther from float64 than the masked one by more than {tolerance}")
         ok = False
     return ok
@@ -110,13 +113,23 @@ def check_dispatch(device) -> bool:
     logprobs.tree_attention_sdpa = record
     try:
         pairs = [TokenizedPair(list(range(1, 20)), list(range(20, 30)), list(range(30, 45)))]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            sums, _ = run_packed(CompletionLogps(model), pack(pairs), device)
-        sums.sum().backward()
+        module = CompletionLogps(model)
+
+        def step():
+            calls.clear()
+            # as training runs on a GPU: bf16 autocast, where the rotary embedding hands over float32 queries
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                sums, _ = run_packed(module, pack(pairs), device)
+            sums.sum().backward()
+
+        used = kernels_used(step)
     finally:
         logprobs.tree_attention_sdpa = original
-    print(f"dispatch on {device.type}: tree_attention_sdpa ran in {len(calls)} of {config.num_hidden_layers} layers")
-    return len(calls) == config.num_hidden_layers or device.type == "cpu"
+    print(f"dispatch on {device.type}: tree_attention_sdpa ran in {len(calls)} of {config.num_hidden_layers} "
+          f"layers of a Llama under bf16 autocast; kernels: {', '.join(used)}")
+    if device.type == "cpu":
+        return True  # the CPU runs the flash pieces
+    return len(calls) == config.num_hidden_layers and not any("math" in u or "+mask" in u for u in used)
 
 
 def main() -> int:

@@ -134,3 +134,31 @@ def test_routing_is_undone_per_model_and_the_registration_with_the_last():
     b.release()  # twice: nothing more
     assert second.config._attn_implementation == "sdpa" and logprobs._USERS[name] == others
     assert (name in AttentionInterface._global_mapping) == (others > 0)
+
+
+def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
+    """Under bf16 autocast the rotary embedding leaves query and key in float32 beside a bfloat16 value; the bias
+    would then miss the flash / memory-efficient kernels (they need one dtype) and build a mask. Tree attention
+    casts all three to autocast's dtype, as autocast does for SDPA, and the log-probs stay those of the float32
+    model up to bfloat16 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                         attn_implementation="sdpa"))
+    module = CompletionLogps(model, chunk_size=2)
+    pairs = [PAIRS[0], PAIRS[2]]
+    expected, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    monkeypatch.setattr(logprobs, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
+    dtypes = []
+
+    def record(query, key, value, *args, **kwargs):
+        dtypes.append((query.dtype, key.dtype, value.dtype))
+        return tree_attention_sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "tree_attention_sdpa", record)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    assert dtypes == [(torch.bfloat16,) * 3] * 2
+    assert torch.allclose(sums, expected, rtol=2e-2, atol=0.1), (sums, expected)

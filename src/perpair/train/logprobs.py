@@ -238,12 +238,14 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
+    if torch.is_autocast_enabled(device := query.device.type):
+        # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
+        # causal bias, which picks its kernel before autocast casts): under it the rotary embedding leaves the
+        # query and key in float32 beside a bfloat16 value, which the kernels refuse (the bias would then fall
+        # back to building a mask).
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if _runs_pieces(query, dropout):
-        if torch.is_autocast_enabled("cpu"):
-            # what autocast does for SDPA, not for these kernel ops: under it the rotary embedding leaves the
-            # query and key in float32 beside a bfloat16 value, which the kernels refuse
-            dtype = torch.get_autocast_dtype("cpu")
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
 
