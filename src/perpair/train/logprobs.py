@@ -238,7 +238,8 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
-    if torch.is_autocast_enabled(device := query.device.type):
+    device = query.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
         # causal bias, which picks its kernel before autocast casts): under it the rotary embedding leaves the
         # query and key in float32 beside a bfloat16 value, which the kernels refuse (the bias would then fall
