@@ -118,21 +118,31 @@ def test_applied_undoes_the_patches_even_on_error():
     assert mlp.forward.__func__ is own
 
 
-def test_train_reports_the_patched_modules_and_undoes_them(tmp_path, monkeypatch):
-    """``train`` records the patched modules in summary.json and gives the model its own forwards back at the end."""
+def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, monkeypatch):
+    """``perpair train --lora`` (adapters on every linear layer, so on the MLPs' down projections): its log says
+    which modules ran lean, summary.json records them, and the model has its own forwards and attention back at
+    the end (run in this process to see the model)."""
+    import json
+
+    from typer.testing import CliRunner
+
     from conftest import UF_TRAIN, save_tiny_llama
-    from perpair.train import load_config, loop, train
+    from perpair.cli import app
+    from perpair.train import loop
 
     models = []
     load = loop.load_model
     monkeypatch.setattr(loop, "load_model", lambda *a, **k: models.append(load(*a, **k)) or models[-1])
-    config = load_config(None, {"model": str(save_tiny_llama(tmp_path / "model")), "data": str(UF_TRAIN),
-                                "out": str(tmp_path / "out"), "steps": 1, "batch_size": 1, "max_length": 48,
-                                "threads": 1, "reference_cache": str(tmp_path / "cache"), "save_model": False,
-                                "final_checkpoint": False})
-    summary = train(config).summary
-    assert summary["lean_activations"] == {"mlp": 0, "mlp_recomputed": 2, "norm": 5}
-    assert (tmp_path / "out" / "summary.json").read_text().count('"mlp_recomputed": 2') == 1
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(UF_TRAIN), "--out", str(out),
+        "--steps", "1", "--batch-size", "1", "--max-length", "48", "--threads", "1", "--lora",
+        "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'cache'}", "--set", "save_model=false",
+        "--set", "final_checkpoint=false"])
+    assert result.exit_code == 0, result.output
+    assert "lean activations: 5 norm" in result.output
+    assert json.loads((out / "summary.json").read_text())["lean_activations"] == {"mlp": 0, "mlp_recomputed": 0,
+                                                                                  "norm": 5}
     (model,) = models
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())

@@ -125,7 +125,8 @@ KINDS = ("mlp", "mlp_recomputed", "norm")  # what a patched module computes (its
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else None
 
 
 def _cast(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
