@@ -80,6 +80,8 @@ def train_command(
     out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
               f"{s['reference_seconds']:.1f} s (the rest from the cache); order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
+    lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
+    out.print(f"lean activations: {lean or 'off (no module patched)'}")
     saved = "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s)
     out.print(f"metrics: {result.metrics_path}, summary: {result.out / 'summary.json'}{saved}")
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perpair.config_files import format_validation_error, load_yaml
 from perpair.errors import InputError, PerpairError
+from perpair.train.lean import DEFAULT_RECOMPUTE_MLP
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
 
 
@@ -96,9 +97,10 @@ class TrainConfig(BaseModel):
         True, description="Save only the inputs of SwiGLU MLPs and RMSNorms for the backward and recompute their "
                           "elementwise outputs (about a third less activation memory, no matmul recomputed).")
     recompute_mlp: bool = Field(
-        True, description="With lean_activations: SwiGLU MLPs save only their input and recompute the gate and "
-                           "up projections in the backward (about 40% less activation memory for a sixth more "
-                           "matmul work; a lighter trade than gradient_checkpointing).")
+        DEFAULT_RECOMPUTE_MLP,
+        description="With lean_activations: SwiGLU MLPs save only their input and recompute the gate and up "
+                    "projections in the backward (about 40% less activation memory for a sixth more matmul work; a "
+                    "lighter trade than gradient_checkpointing).")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     release_cpu_memory: bool = Field(

@@ -1,4 +1,4 @@
-"""Leaner activations for full fine-tuning: save fewer tensors for the backward, recompute cheap ones.
+"""Leaner activations for training: save fewer tensors for the backward, recompute cheap ones.
 
 Autograd keeps, per decoder layer, every intermediate that some backward formula reads. Two of them are pure
 elementwise work and cost almost nothing to recompute, yet they hold a quarter to a third of the activations:
@@ -13,14 +13,22 @@ elementwise work and cost almost nothing to recompute, yet they hold a quarter t
   the per-row ``1 / rms(x)``.
 
 :func:`lean_activations` patches the modules of a model that compute exactly these functions (checked
-numerically on a small random input, so a module with other semantics is left alone). The results equal the
-plain modules' up to float rounding. Under autocast the plain forward runs (the option is for float32 CPU
-training, where memory is tight).
+numerically on a small random input, so a module with other semantics is left alone) and returns what it patched
+(:class:`LeanPatches`, which also undoes the patches; :func:`applied` scopes them to a ``with`` block). The
+results equal the plain modules' up to float rounding, in float32 and under autocast alike: there the lean
+functions get their inputs cast as autocast would cast them and run in that dtype. Under LoRA the frozen modules
+are patched as well (their activations are still saved, for the gradients of the adapters below them), except an
+MLP whose down projection carries an adapter; gate and up projections with adapters leave the MLP patched
+without the recomputation, which needs plain linear layers.
 """
 
 from __future__ import annotations
 
 import types
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -111,39 +119,63 @@ class RMSNormFn(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-def _autocasting(x: Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type)
+DEFAULT_RECOMPUTE_MLP = True  # TrainConfig.recompute_mlp's default too: one source
+KINDS = ("mlp", "mlp_recomputed", "norm")  # what a patched module computes (its ``_lean_kind``)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else None
+
+
+def _cast(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _mlp_forward(self, x: Tensor) -> Tensor:
-    if _autocasting(x):
-        return self._plain_forward(x)
-    return SwiGLUDown.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+    # gate and up are the module's own layers (with their adapters under LoRA), cast by autocast if it is on
+    args = (self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
+    if (dtype := _autocast_dtype(x)) is None:
+        return SwiGLUDown.apply(*args)
+    # autocast would run the down projection in its dtype: cast as it would, then keep it out of the function
+    with torch.autocast(x.device.type, enabled=False):
+        return SwiGLUDown.apply(*_cast(args, dtype))
 
 
 def _recomputed_mlp_forward(self, x: Tensor) -> Tensor:
-    if _autocasting(x):
-        return self._plain_forward(x)
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
-    return RecomputedSwiGLU.apply(x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+    args = (x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+    if (dtype := _autocast_dtype(x)) is None:
+        return RecomputedSwiGLU.apply(*args)
+    with torch.autocast(x.device.type, enabled=False):  # the three projections in autocast's dtype, as autocast
+        return RecomputedSwiGLU.apply(*_cast(args, dtype))
 
 
 def _norm_forward(self, x: Tensor) -> Tensor:
-    if _autocasting(x):
-        return self._plain_forward(x)
-    return RMSNormFn.apply(x, self.weight, float(self._lean_eps))
+    # RMSNorm computes in float32 whatever autocast says (as the plain module does: its ops are float32 ones)
+    with torch.autocast(x.device.type, enabled=False):
+        return RMSNormFn.apply(x, self.weight, float(self._lean_eps))
 
 
-def _is_swiglu_mlp(module: nn.Module) -> bool:
+LEAN_FORWARDS = {"mlp": _mlp_forward, "mlp_recomputed": _recomputed_mlp_forward, "norm": _norm_forward}
+
+
+def _mlp_kind(module: nn.Module, recompute_mlp: bool) -> str | None:
+    """How a SwiGLU MLP can be patched: ``mlp_recomputed`` needs three plain linear layers, ``mlp`` a plain down
+    projection (gate and up may carry LoRA adapters); None if it is no SwiGLU MLP or its down projection is
+    adapted (the lean function reads the down projection's weight, which would skip the adapter)."""
     parts = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     act = getattr(module, "act_fn", None)
-    if not all(type(p) is nn.Linear for p in parts) or not callable(act):
-        return False
+    if not all(isinstance(p, nn.Module) for p in parts) or type(parts[2]) is not nn.Linear or not callable(act):
+        return None
     probe = torch.linspace(-6, 6, 49)
     try:  # nn.SiLU, transformers' SiLUActivation, …: any activation that computes silu
-        return torch.equal(act(probe), F.silu(probe))
+        if not torch.equal(act(probe), F.silu(probe)):
+            return None
     except (RuntimeError, TypeError):
-        return False
+        return None
+    return "mlp_recomputed" if recompute_mlp and all(type(p) is nn.Linear for p in parts) else "mlp"
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -155,39 +187,95 @@ def _norm_eps(module: nn.Module) -> float | None:
 
 
 def _same(module: nn.Module, lean, width: int) -> bool:
-    """Does the lean forward give the module's own result (and gradient) on a random input?"""
+    """Does the lean forward give the module's own result (and gradient) on a random input? (In eval mode: an
+    adapter's dropout would make two calls differ.)"""
     param = next(module.parameters())
     x = torch.randn(3, 5, width, dtype=param.dtype, device=param.device, generator=torch.Generator().manual_seed(0)
                     if param.device.type == "cpu" else None)
-    with torch.enable_grad():
-        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        plain, mine = module._plain_forward(a), lean(module, b)
-        (plain * x[..., :1]).sum().backward()
-        (mine * x[..., :1]).sum().backward()
-    module.zero_grad(set_to_none=True)
+    training = module.training
+    module.eval()
+    try:
+        with torch.enable_grad():
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            plain, mine = module._plain_forward(a), lean(module, b)
+            (plain * x[..., :1]).sum().backward()
+            (mine * x[..., :1]).sum().backward()
+    finally:
+        module.train(training)
+        module.zero_grad(set_to_none=True)
     return plain.shape == mine.shape and torch.allclose(plain, mine, rtol=1e-4, atol=1e-5) and \
         torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
-def lean_activations(model: nn.Module, recompute_mlp: bool = False) -> int:
-    """Patch the SwiGLU MLPs and RMSNorms of ``model`` in place (see the module docstring); returns how many
-    modules were patched. Modules whose result the lean version does not reproduce are left unchanged.
-    ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward."""
-    patched = 0
+@dataclass(frozen=True)
+class LeanPatches:
+    """Modules given a lean forward, and of which kind (:data:`KINDS`); :meth:`undo` gives them back their own."""
+
+    modules: tuple[nn.Module, ...]
+    kinds: tuple[str, ...]
+
+    @classmethod
+    def of(cls, modules: list[nn.Module]) -> LeanPatches:
+        return cls(tuple(modules), tuple(m._lean_kind for m in modules))
+
+    def counts(self) -> dict[str, int]:
+        """How many modules of each kind were patched: all 0 = the option did nothing here."""
+        kinds = Counter(self.kinds)
+        return {kind: kinds[kind] for kind in KINDS}
+
+    def undo(self) -> None:
+        for module in self.modules:
+            if "_lean_kind" not in vars(module):
+                continue  # undone already
+            if module._plain_forward_own:  # the instance had a forward of its own (a hook's): put it back
+                module.forward = module._plain_forward
+            else:
+                del module.forward  # the class's forward again
+            for name in ("_plain_forward", "_plain_forward_own", "_lean_kind", "_lean_eps"):
+                vars(module).pop(name, None)
+
+
+def lean_patches(model: nn.Module) -> LeanPatches:
+    """The modules of ``model`` patched now (by one or several :func:`lean_activations` calls)."""
+    return LeanPatches.of([m for m in model.modules() if "_lean_kind" in vars(m)])
+
+
+def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_MLP) -> LeanPatches:
+    """Patch the SwiGLU MLPs and RMSNorms of ``model`` in place (see the module docstring); returns the modules
+    this call patched. Modules whose result the lean version does not reproduce are left unchanged.
+    ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward.
+    A model wrapped in LoRA adapters must be patched after wrapping (an MLP patched before would run its down
+    projection without its adapter)."""
+    patched = []
     for module in model.modules():
-        if hasattr(module, "_plain_forward"):
+        if "_lean_kind" in vars(module):
             continue
-        if _is_swiglu_mlp(module):
-            lean, width = _recomputed_mlp_forward if recompute_mlp else _mlp_forward, module.gate_proj.in_features
+        if (kind := _mlp_kind(module, recompute_mlp)) is not None:
+            width = module.down_proj.out_features  # the hidden size (gate_proj may be an adapter wrapper)
         elif (eps := _norm_eps(module)) is not None:
+            kind, width = "norm", module.weight.shape[0]
             module._lean_eps = eps
-            lean, width = _norm_forward, module.weight.shape[0]
         else:
             continue
+        lean = LEAN_FORWARDS[kind]
+        module._plain_forward_own = "forward" in vars(module)
         module._plain_forward = module.forward
         if _same(module, lean, width):
             module.forward = types.MethodType(lean, module)
-            patched += 1
+            module._lean_kind = kind
+            patched.append(module)
         else:
-            del module._plain_forward
-    return patched
+            for name in ("_plain_forward", "_plain_forward_own", "_lean_eps"):
+                vars(module).pop(name, None)
+    return LeanPatches.of(patched)
+
+
+@contextmanager
+def applied(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_MLP) -> Iterator[LeanPatches]:
+    """:func:`lean_activations` for the duration of a ``with`` block: the patched modules get their own forward
+    back at its end, whatever happens inside."""
+    patches = lean_activations(model, recompute_mlp)
+    try:
+        yield patches
+    finally:
+        patches.undo()

@@ -8,9 +8,11 @@
   tokens to the prompt and themselves, its rejected tokens to the prompt and themselves, never to the chosen
   ones, and no pair sees another. So the prompt is computed once for both responses (prompt sharing), the
   result equals two separate ``prompt + response`` sequences, and attention costs what those sequences cost,
-  not ``(prompt + chosen + rejected)²`` per pair, and no ``[tokens, tokens]`` mask is ever built. On a CPU the
-  blocks become mask-free pieces (both responses on the prompt at once, each response causally on itself)
-  run by PyTorch's flash-attention kernels and merged by their log-sum-exps (:class:`CpuTreeAttention`).
+  not ``(prompt + chosen + rejected)²`` per pair, and no mask is ever built. On a GPU each block is one SDPA
+  call with PyTorch's lower-right causal bias, which its flash or memory-efficient kernel runs
+  (:func:`tree_attention_sdpa`). On a CPU the blocks become mask-free pieces (both responses on the prompt at
+  once, each response causally on itself) run by PyTorch's flash-attention kernels and merged by their
+  log-sum-exps (:class:`CpuTreeAttention`).
 * **Logits only at completion positions**: the backbone's hidden states are gathered at the positions that
   predict a completion token, and only those go through the vocabulary projection.
 * **Chunked projection**: :class:`ChunkedTokenLogps` projects and log-softmaxes ``chunk_size`` positions at a
@@ -22,8 +24,9 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property, partial
 
 import pyarrow as pa
@@ -150,7 +153,6 @@ class TreeLayout:
     attention layers that used it (a model that bypasses the attention interface leaves it at 0)."""
 
     blocks: tuple[Block, ...]
-    masks: dict[int, Tensor] = field(default_factory=dict)  # block index → [queries, prefix + queries] bool
     calls: int = 0
 
     @property
@@ -158,16 +160,6 @@ class TreeLayout:
         """Tokens of the longest sequence in the row (a prefix and its block)."""
         return max((b.queries[1] - b.queries[0] + (b.prefix[1] - b.prefix[0] if b.prefix else 0)
                     for b in self.blocks), default=0)
-
-    def mask(self, index: int, device: torch.device) -> Tensor | None:
-        """The mask of a block that follows a prefix (query i sees the prefix and queries ≤ i), built once."""
-        block = self.blocks[index]
-        if block.prefix is None:
-            return None
-        if index not in self.masks:
-            q, p = block.queries[1] - block.queries[0], block.prefix[1] - block.prefix[0]
-            self.masks[index] = torch.ones(q, p + q, dtype=torch.bool, device=device).tril_(p)
-        return self.masks[index]
 
     @cached_property
     def pieces(self) -> tuple[Piece, ...]:
@@ -253,42 +245,101 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} uses a soft-capped or sink attention; perpair's packed tree "
                            "attention supports plain causal attention only")
     window = kwargs.get("sliding_window")
-    if window and perpair_tree.longest > window:  # a window longer than every sequence changes nothing
+    # A window longer than every sequence changes nothing, and a shorter one is refused: no path applies a window.
+    if window and perpair_tree.longest > window:
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
-    if query.device.type == "cpu" and not dropout:
+    device = query.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
+        # causal bias, which picks its kernel before autocast casts): under it the rotary embedding leaves the
+        # query and key in float32 beside a bfloat16 value, which the kernels refuse (the bias would then fall
+        # back to building a mask).
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
 
 
+def _runs_pieces(query: Tensor, dropout: float) -> bool:
+    """Whether :class:`CpuTreeAttention` computes this call: its kernels are PyTorch's CPU ones and apply no
+    dropout. Everywhere else (a GPU) :func:`tree_attention_sdpa` does."""
+    return query.device.type == "cpu" and not dropout
+
+
+def _block_keys(key: Tensor, value: Tensor, block: Block) -> tuple[Tensor, Tensor]:
+    """The keys and values a block attends to: its prefix's, then its own."""
+    qs = slice(*block.queries)
+    if block.prefix is None:
+        return key[:, :, qs], value[:, :, qs]
+    ps = slice(*block.prefix)
+    if block.prefix[1] == block.queries[0]:  # the prefix right before: one contiguous slice, no copy
+        return key[:, :, ps.start:qs.stop], value[:, :, ps.start:qs.stop]
+    return torch.cat((key[:, :, ps], key[:, :, qs]), dim=2), torch.cat((value[:, :, ps], value[:, :, qs]), dim=2)
+
+
+# Flash attention, the kernel that shares key/value heads among query heads (GQA) without copying them, runs in
+# half precision only; the memory-efficient kernel that serves other dtypes does not share heads.
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def tree_attention_sdpa(query: Tensor, key: Tensor, value: Tensor, layout: TreeLayout, dropout: float = 0.0,
                         scaling: float | None = None) -> Tensor:
-    """Tree attention as one ``scaled_dot_product_attention`` call per block (a response with a mask over its
-    prefix and itself), on any device and with dropout; returns ``[1, T, heads, dim]``."""
+    """Tree attention as one ``scaled_dot_product_attention`` call per block, without a mask: a block after a
+    prefix attends with PyTorch's lower-right causal bias (query ``i`` sees the prefix and queries ``≤ i``),
+    which SDPA hands to its flash or memory-efficient kernel instead of building a ``[queries, keys]`` mask;
+    a block without prefix is plainly causal. The GPU path (any device, with dropout); returns
+    ``[1, T, heads, dim]``."""
+    from torch.nn.attention.bias import causal_lower_right
+
     gqa = query.shape[1] != key.shape[1]
+    if gqa and query.dtype not in _FLASH_DTYPES:
+        # repeated heads let the memory-efficient kernel run; SDPA would otherwise fall back to the math kernel,
+        # which keeps a [heads, queries, keys] matrix per block: far more than the copies
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        gqa = False
     out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])  # [1, T, heads, dim]
-    for index, block in enumerate(layout.blocks):
+    for block in layout.blocks:
         qs = slice(*block.queries)
-        if block.prefix is None:
-            k, v = key[:, :, qs], value[:, :, qs]
-        else:
-            ps = slice(*block.prefix)
-            if block.prefix[1] == block.queries[0]:  # the prefix right before: one contiguous slice
-                k, v = key[:, :, ps.start:qs.stop], value[:, :, ps.start:qs.stop]
-            else:
-                k = torch.cat((key[:, :, ps], key[:, :, qs]), dim=2)
-                v = torch.cat((value[:, :, ps], value[:, :, qs]), dim=2)
-        mask = layout.mask(index, query.device)
-        o = F.scaled_dot_product_attention(query[:, :, qs], k, v, attn_mask=mask, is_causal=mask is None,
+        k, v = _block_keys(key, value, block)
+        rows = qs.stop - qs.start
+        bias = None if block.prefix is None else causal_lower_right(rows, k.shape[2])
+        o = F.scaled_dot_product_attention(query[:, :, qs], k, v, attn_mask=bias, is_causal=bias is None,
                                            dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         out[:, qs] = o.transpose(1, 2)
     return out
 
 
-def use_tree_attention(model: nn.Module) -> None:
-    """Route ``model``'s attention through :func:`tree_attention` (idempotent). Without a packed layout the
-    model keeps computing its own attention, so generation and padded batches are unchanged."""
+def tree_attention_masked(query: Tensor, key: Tensor, value: Tensor, layout: TreeLayout, dropout: float = 0.0,
+                          scaling: float | None = None) -> Tensor:
+    """The reference the other paths are tested against (``tests``, ``benchmarks/gpu_attention_check.py``): one
+    SDPA call per block with an explicit boolean mask over its prefix and itself. Not used in training: the mask
+    rules out the flash kernel. Returns ``[1, T, heads, dim]``."""
+    gqa = query.shape[1] != key.shape[1]
+    out = query.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+    for block in layout.blocks:
+        qs = slice(*block.queries)
+        k, v = _block_keys(key, value, block)
+        rows = qs.stop - qs.start
+        mask = torch.ones(rows, k.shape[2], dtype=torch.bool, device=query.device).tril_(k.shape[2] - rows)
+        o = F.scaled_dot_product_attention(query[:, :, qs], k, v, attn_mask=mask, dropout_p=dropout,
+                                           scale=scaling, enable_gqa=gqa)
+        out[:, qs] = o.transpose(1, 2)
+    return out
+
+
+_USERS: Counter[str] = Counter()  # registered attention name → models routed through it now
+
+
+def use_tree_attention(model: nn.Module) -> Callable[[], None]:
+    """Route ``model``'s attention through :func:`tree_attention` until the returned function is called, which
+    gives the model its own attention back and drops the registration once no model uses it. Without a packed
+    layout the routed model keeps computing its own attention, so generation and padded batches are unchanged.
+    On a model routed already it does nothing (and returns a function that does nothing): the first caller
+    restores."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -296,17 +347,33 @@ def use_tree_attention(model: nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     current = base.config._attn_implementation or "sdpa"
     if current.startswith(TREE_ATTENTION):
-        return
+        return lambda: None
     name = f"{TREE_ATTENTION}:{current}"  # the name carries the model's own attention, for the fallback
-    # "eager" is each model's own function, not in the registry; SDPA computes the same attention
-    fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
-    AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
-    masks = ALL_MASK_ATTENTION_FUNCTIONS
-    AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])
-    for sub in base.modules():  # the config objects of every sub-model (one for a plain causal LM)
-        sub_config = getattr(sub, "config", None)
-        if sub_config is not None and getattr(sub_config, "_attn_implementation", None) == current:
-            sub_config._attn_implementation = name
+    if not _USERS[name]:
+        # "eager" is each model's own function, not in the registry; SDPA computes the same attention
+        fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
+        AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
+        masks = ALL_MASK_ATTENTION_FUNCTIONS
+        AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])
+    _USERS[name] += 1
+    # the config objects of every sub-model (one for a plain causal LM)
+    configs = [c for c in {id(c): c for c in (getattr(m, "config", None) for m in base.modules())}.values()
+               if c is not None and getattr(c, "_attn_implementation", None) == current]
+    for config in configs:
+        config._attn_implementation = name
+
+    def restore() -> None:
+        if not configs:
+            return
+        for config in configs:
+            config._attn_implementation = current
+        configs.clear()
+        _USERS[name] -= 1
+        if not _USERS[name]:  # Transformers has no unregister: the class-wide mappings register() writes to
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+
+    return restore
 
 
 @dataclass
@@ -376,7 +443,7 @@ class CompletionLogps(nn.Module):
     """Wraps a causal LM so that ``forward(packed)`` returns per-pair summed completion log-probs.
 
     Being an ``nn.Module`` whose forward runs the whole computation, it can be handed to Accelerate (DDP, FSDP).
-    Wrapping routes the model's attention through :func:`tree_attention`.
+    Wrapping routes the model's attention through :func:`tree_attention` until :meth:`release`.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = DEFAULT_CHUNK, ld_alpha: float | None = None,
@@ -388,14 +455,18 @@ class CompletionLogps(nn.Module):
         # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
-        use_tree_attention(model)
+        self._restore_attention = use_tree_attention(model)
+
+    def release(self) -> None:
+        """Give the model its own attention back (see :func:`use_tree_attention`)."""
+        self._restore_attention()
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
                 target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
         """``(sums [pairs, 2], counts [pairs, 2])``: summed log-probs and token counts of chosen (column 0) and
         rejected (column 1); with ``wpo`` a third ``[pairs, 2]``, the summed aligned log-probs."""
         backbone, head = backbone_and_head(self.model)
-        layout = TreeLayout(layout.blocks)  # this forward's own call count and masks
+        layout = TreeLayout(layout.blocks)  # this forward's own call count
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
                           use_cache=False, perpair_tree=layout).last_hidden_state[0]
         if not layout.calls:
@@ -474,6 +545,7 @@ def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, toke
                 on_progress(end)
     finally:
         model.train(was_training)
+        module.release()
     return sums, counts
 
 

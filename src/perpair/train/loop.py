@@ -44,7 +44,7 @@ from perpair.errors import PerpairError
 from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference as ref_cache
 from perpair.train.config import TrainConfig
-from perpair.train.lean import lean_activations
+from perpair.train.lean import lean_activations, lean_patches
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses, wpo_weights
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
@@ -135,6 +135,9 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     if config.final_checkpoint:
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
+    lean = lean_patches(model)
+    lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
+    accelerator.unwrap_model(module).release()
     peak = peak_memory_bytes(accelerator.device)
 
     parameters = sum(p.numel() for p in accelerator.unwrap_model(module).model.parameters())
@@ -149,6 +152,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "skipped_long_prompts": schedule.skipped, "order": data.source,
         "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
+        "lean_activations": lean.counts(),  # modules patched per kind; all 0: the option did nothing (or was off)
     }
     if accelerator.is_main_process:
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
@@ -409,7 +413,7 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lean_activations and config.lora is None:  # LoRA freezes the MLPs: nothing to gain there
+    if config.lean_activations and config.lora is None:  # under LoRA: once the adapters are in, below
         lean_activations(model, recompute_mlp=config.recompute_mlp)
     model.train()
     if config.lora is None:
@@ -427,6 +431,8 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
+    if config.lean_activations:
+        lean_activations(model, recompute_mlp=config.recompute_mlp)
     return model
 
 
