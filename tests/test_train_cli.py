@@ -94,7 +94,7 @@ def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
     """A plan with curriculum none leaves the order free: --shuffle gives a seeded permutation of its trained
     pairs. A plan with a curriculum fixes the order: --shuffle is refused, naming the curriculum."""
     from perpair.train import load_config
-    from perpair.train.loop import load_data
+    from perpair.train.batches import load_data
 
     plans = {}
     for kind in ("none", "random"):

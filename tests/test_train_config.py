@@ -8,7 +8,7 @@ import pytest
 
 from perpair.errors import PerpairError
 from perpair.train import load_config, parse_overrides
-from perpair.train.loop import lr_factor
+from perpair.train.setup import lr_factor
 
 BASE = {"model": "m", "data": "d.parquet", "out": "o", "steps": 10}
 

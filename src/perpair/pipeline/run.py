@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
 from perpair.pipeline.config import STAGES, RunConfig
@@ -229,14 +227,14 @@ class _Job:
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         from perpair.train import load_config, train
-        from perpair.train.loop import checkpoints
+        from perpair.train.checkpoints import checkpoints
 
         out = self.workdir / "arms" / arm / "train"
         keys = dict(settings.train[arm])
         if keys.get("lora") is not None:
             keys["lora"] = {**keys["lora"], "merge": True}  # the evaluation reads the merged model
         if keys.get("steps") is None:
-            keys["steps"] = _one_epoch(plan, keys.get("batch_size", 8))
+            keys["steps"] = _one_epoch(plan, pairs, keys.get("batch_size", 8))
         options = {**keys, "model": self.config.model, "data": str(pairs), "plan": str(plan), "out": str(out),
                    "reference_cache": str(self.workdir / "reference")}
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
@@ -313,11 +311,8 @@ class _Job:
         return results
 
 
-def _one_epoch(plan: Path, batch_size: int) -> int:
-    """Optimizer steps that read every pair the plan trains once."""
-    table = pq.read_table(plan, columns=["route", "order"])
-    trained = sum(1 for r, o in zip(table.column("route").to_pylist(), table.column("order").to_pylist(),
-                                    strict=True) if r != "drop" and o is not None)
-    if trained == 0:
-        raise PerpairError(f"plan {plan}: no pair is trained (all dropped)")
-    return math.ceil(trained / batch_size)
+def _one_epoch(plan: Path, pairs: Path, batch_size: int) -> int:
+    """Optimizer steps that read every pair the plan trains once (the rows ``perpair train`` trains)."""
+    from perpair.plan.decode import plan_arrays
+
+    return math.ceil(len(plan_arrays(plan, pairs).order) / batch_size)

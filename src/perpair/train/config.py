@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from perpair.errors import PerpairError
+from perpair.plan.config import deep_merge
 from perpair.train.losses import LOSSES
 
 
@@ -137,13 +138,6 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated config from a YAML file and/or overrides (overrides win). Relative paths in the file are
     kept as written (relative to the working directory, like the CLI's)."""
@@ -156,7 +150,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         if loaded is not None and not isinstance(loaded, dict):
             raise PerpairError(f"file {path}: the config must be a mapping of options")
         data = loaded or {}
-    data = _merge(data, overrides or {})
+    data = deep_merge(data, overrides or {})
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
