@@ -140,7 +140,7 @@ _SAFE = {"save_every": 0, "final_checkpoint": False, "tokens_per_forward": 0}
     ({"tokens_per_forward": 4096}, "tokens_per_forward"), ({"lora": {"merge": True}}, "lora.merge"),
 ])
 def test_loop_refuses_what_fsdp_does_not_support(change, message):
-    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE, **change})
+    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 20, **_SAFE, **change})
     check_sharding(config, DistributedType.MULTI_GPU)  # DDP: all of it is fine
     with pytest.raises(PerpairError, match=message):
         check_sharding(config, DistributedType.FSDP)

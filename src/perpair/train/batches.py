@@ -15,7 +15,7 @@ from perpair.artifacts import read_header
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.schema import KIND as PAIRS_KIND
 from perpair.errors import PerpairError
-from perpair.train.config import TrainConfig
+from perpair.train.config import TrainConfig, check_plan_fits
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
@@ -87,9 +87,8 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
 
     plan = plan_arrays(config.plan, path, pair_ids)
     check_plan(config, plan)
-    route = np.full(n, -1)
-    preference = ROUTE_SFT if config.loss == "sft" else ROUTE_PREFERENCE
-    route[plan.order] = np.where(plan.sft[plan.order], ROUTE_SFT, preference)
+    route = np.full(n, -1)  # (loss sft with a plan is refused with the config)
+    route[plan.order] = np.where(plan.sft[plan.order], ROUTE_SFT, ROUTE_PREFERENCE)
     order = shuffled(plan.order, config.seed) if config.shuffle else plan.order  # curriculum none only
     return PairData(path, table, pair_ids, plan.beta, plan.label_smoothing, route, plan.flipped, plan.category,
                     order, "plan, shuffled" if config.shuffle else "plan")
@@ -97,15 +96,9 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
 
 def check_plan(config: TrainConfig, plan) -> None:
     """Refuse a plan this config cannot train as the plan says."""
-    from perpair.train.losses import LOSSES
-
-    if config.shuffle and plan.curriculum != "none":
-        raise PerpairError(f"plan {config.plan}: its curriculum {plan.curriculum!r} fixes the training order, so "
-                           "--shuffle would undo it; drop --shuffle, or build the plan with curriculum none")
-    used = ~plan.sft[plan.order] & (config.loss != "sft")  # the pairs trained on the preference route
-    if np.any(plan.label_smoothing[plan.order][used] > 0) and not LOSSES[config.loss].smoothing:
-        raise PerpairError(f"plan {config.plan} sets label_smoothing > 0, which loss {config.loss!r} would ignore; "
-                           "use sigmoid (cDPO), robust or simpo, or a plan without smoothing")
+    used = ~plan.sft[plan.order]  # the pairs trained on the preference route
+    check_plan_fits(config, plan.curriculum, bool(np.any(plan.label_smoothing[plan.order][used] > 0)),
+                    f"plan {config.plan}")
     beta = plan.beta[plan.order][used]
     if np.any(~np.isfinite(beta) | (beta <= 0)):
         raise PerpairError(f"plan {config.plan}: a trained pair has no positive beta")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from perpair.errors import PerpairError
 from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference as ref_cache
 from perpair.train.batches import PairData, StepBatches
-from perpair.train.config import TrainConfig
+from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
 from perpair.train.lean import lean_activations
 from perpair.train.losses import LOSSES, ROUTE_PREFERENCE
 from perpair.train.tokenize import TokenizedPair
@@ -39,9 +38,6 @@ def setup_accelerator(config: TrainConfig):
     if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
     check_sharding(config, accelerator.distributed_type)
-    if config.batch_size % accelerator.num_processes:
-        raise PerpairError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
-                           f"({accelerator.num_processes})")
     return accelerator
 
 
@@ -59,27 +55,22 @@ def release_freed_memory(threshold: int = 1 << 20) -> bool:
 
 
 def check_sharding(config: TrainConfig, distributed_type) -> None:
-    """Refuse what the loop does not yet do right when the weights are sharded, before any work is done."""
+    """Refuse what the loop does not yet do right with the sharding Accelerate chose, before any work is done
+    (the config refused the same from the launch's environment already; this catches a mismatch)."""
     from accelerate.utils import DistributedType
 
     if distributed_type == DistributedType.DEEPSPEED:
-        # accelerator.backward runs DeepSpeed's optimizer step after every forward's backward (a step holds several),
-        # and ZeRO-3 leaves lm_head.weight partitioned where CompletionLogps reads it outside lm_head's forward.
-        raise PerpairError("DeepSpeed is not supported by perpair train yet; launch with an FSDP config "
-                           "(examples/accelerate/fsdp-*.yaml)")
-    if distributed_type != DistributedType.FSDP:
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by accelerate launch with FSDP
+        sharding = "deepspeed"
+    elif distributed_type == DistributedType.FSDP:
+        sharding = "fsdp"
+    else:
+        if launch_sharding() == "fsdp":  # set by accelerate launch with an FSDP config
             raise PerpairError(f"an FSDP launch config, but Accelerate chose {distributed_type.value}: FSDP needs "
                                "GPUs (without one it would silently run DDP or single processes)")
         return
-    if config.save_every or config.final_checkpoint or config.resume:
-        raise PerpairError("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
-                           "set save_every: 0, final_checkpoint: false and resume: false")
-    if config.tokens_per_forward:
-        # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
-        raise PerpairError("tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)")
-    if config.lora is not None and config.lora.merge:
-        raise PerpairError("lora.merge is not supported under FSDP; merge the saved adapter afterwards")
+    problem = sharding_problem(config, sharding)
+    if problem:
+        raise PerpairError(problem)
 
 
 def load_tokenizer(config: TrainConfig):
