@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,3 +236,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs,
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000002"]
     assert not (out / "model").exists()
+
+
+def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):
+    """OUT/run.key names the run whose outputs OUT holds: another run's settings are refused (with or without
+    --resume) and nothing in OUT changes; the same run needs --resume; --overwrite replaces the old outputs."""
+    out = tmp_path / "out"
+    first = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set",
+             "save_model=false", "--set", "keep_checkpoints=5")
+    result = _train(tiny_model, uf_pairs, out, *first)
+    assert "reference log-probs: 4/4 pairs" in result.stderr  # 2 steps × 2 pairs computed, shown as they go
+    assert "step 1/2" in result.stderr and "ETA 0:0" in result.stderr
+
+    def snapshot():
+        return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    before = snapshot()
+    other = (*first, "--beta", "0.2")
+    for extra, message in [((), r"holds another run \(its run\.key differs"),
+                           (("--resume",), "holds another run .*--resume continues only the run that wrote them"),
+                           ((), None)]:
+        args = first if message is None else other  # the same run again, without --resume
+        result = _train(tiny_model, uf_pairs, out, *args, *extra, check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out"), result.stderr
+        assert re.search(message or "holds this run's checkpoints .*step-00000002.*--resume", lines[0]), lines[0]
+        assert snapshot() == before  # nothing written, nothing pruned
+
+    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume")
+    assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
+    key = (out / "run.key").read_text()
+    _train(tiny_model, uf_pairs, out, *other, "--overwrite")
+    assert (out / "run.key").read_text() != key
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
+    assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]

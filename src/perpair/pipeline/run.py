@@ -270,7 +270,7 @@ class _Job:
         key = stage_key({"stage": "train", **material})
 
         def action():
-            marker = out / "run.key"
+            marker = out / "stage.key"  # the stage's identity (train's own OUT/run.key is its config's)
             resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
             if not resume:
                 shutil.rmtree(out, ignore_errors=True)

@@ -1,9 +1,10 @@
-"""Resumable checkpoints (safetensors and JSON only, nothing pickled), the metrics file a resumed run rewrites,
-and the final model in Hugging Face format.
+"""Who owns OUT (``OUT/run.key``), resumable checkpoints (safetensors and JSON only, nothing pickled), the
+metrics file a resumed run rewrites, and the final model in Hugging Face format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -16,6 +17,55 @@ from safetensors.torch import load_file, save_file
 
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig
+
+RUN_KEY = "run.key"
+# Settings that do not change what a run computes: a run resumed with other values is the same run.
+_NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_every", "keep_checkpoints",
+                 "save_model", "final_checkpoint", "release_cpu_memory"}
+# What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", RUN_KEY)
+
+
+def run_key(config: TrainConfig) -> str:
+    """The identity of a run: a hash of every setting that changes what it computes."""
+    options = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def check_out(config: TrainConfig) -> str:
+    """Refuse an OUT that holds another run's outputs (unless ``overwrite``), or this run's checkpoints without
+    ``resume`` (a fresh start would mix its checkpoints with theirs); returns this run's key. Reads only."""
+    out, key = Path(config.out), run_key(config)
+    if out.exists() and not out.is_dir():
+        raise PerpairError(f"--out {out}: a file, not a folder")
+    marker = out / RUN_KEY
+    held = marker.read_text().strip() if marker.is_file() else None
+    occupied = [name for name in _OUTPUTS if (out / name).exists()]
+    if config.overwrite or not occupied:
+        return key
+    if held == key:
+        if config.resume or not checkpoints(out):
+            return key
+        raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
+                           "continues it, --overwrite starts it again")
+    what = ("another run (its run.key differs: other settings)" if held is not None
+            else f"outputs of another run ({', '.join(occupied)}; no run.key)")
+    hint = "--resume continues only the run that wrote them; " if config.resume else ""
+    raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
+
+
+def claim_out(config: TrainConfig, key: str) -> None:
+    """Main process, after :func:`check_out`: remove the old run's outputs when overwriting, and mark OUT."""
+    out = Path(config.out)
+    if config.overwrite:
+        for name in _OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_KEY).write_text(key + "\n")
 
 
 def checkpoints(out: Path) -> list[Path]:

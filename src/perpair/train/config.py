@@ -94,7 +94,9 @@ class TrainConfig(BaseModel):
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
-    resume: bool = Field(False, description="Continue from the latest checkpoint in OUT.")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in OUT (of this very run: "
+                         "OUT/run.key must match these settings).")
+    overwrite: bool = Field(False, description="Replace the outputs of another run in OUT (refused otherwise).")
     save_model: bool = Field(True, description="Save the final model (HF format) to OUT/model or OUT/adapter.")
     final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too.")
 
@@ -110,6 +112,8 @@ class TrainConfig(BaseModel):
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
         if self.loss == "sft" and self.plan is not None:
             # a plan's β, ε, routes and flips say how to train preferences; SFT trains every chosen response
             raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "

@@ -33,7 +33,14 @@ import torch
 from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
 from perpair.train.batches import PairData, StepBatches, build_step_batches, load_data, micro_batches
-from perpair.train.checkpoints import load_checkpoint, save_checkpoint, save_model, truncate_metrics
+from perpair.train.checkpoints import (
+    check_out,
+    claim_out,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+    truncate_metrics,
+)
 from perpair.train.config import TrainConfig
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses
@@ -62,18 +69,26 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train as ``config`` says; returns where the outputs are and a summary (pairs/s, peak memory, …)."""
+def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
+          on_reference: Callable[[int, int], None] | None = None,
+          on_resume: Callable[[int], None] | None = None) -> TrainResult:
+    """Train as ``config`` says; returns where the outputs are and a summary (pairs/s, peak memory, …).
+    ``on_step(metrics)`` after every step, ``on_reference(done, to_compute)`` during the reference pass,
+    ``on_resume(step)`` with the checkpoint's step when a run resumes."""
     started = time.perf_counter()
     out = Path(config.out)
+    key = check_out(config)  # before any work: OUT may hold another run
     accelerator = setup_accelerator(config)
+    if accelerator.is_main_process:
+        claim_out(config, key)
+    accelerator.wait_for_everyone()
     data = load_data(config, accelerator)
     tokenizer = load_tokenizer(config)
     batches = build_step_batches(config, data, tokenizer)
 
     model = load_model(config.model, accelerator)
     reference_seconds = time.perf_counter()
-    reference, computed = compute_reference(config, data, batches, tokenizer, model, accelerator)
+    reference, computed = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference)
     reference_seconds = time.perf_counter() - reference_seconds
 
     model = prepare_policy(config, model, single_process=accelerator.num_processes == 1)
@@ -82,6 +97,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler)
+        if on_resume and start_step:
+            on_resume(start_step)
     module = CompletionLogps(model, config.logits_chunk)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)

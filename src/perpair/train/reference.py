@@ -75,7 +75,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     on_progress=None) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache.
-    Returns the values and how many pairs were computed."""
+    ``on_progress(done, to_compute)`` follows the computation. Returns the values and how many pairs were
+    computed."""
     cached = load_cached(path)
     missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached},
                      key=lambda i: tokenized[i].tokens)  # similar lengths together: fewer wasted packs
@@ -83,7 +84,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         model = load_model()
         sums, counts = logps_of_tokenized(model, [tokenized[i] for i in missing], device=device,
                                           tokens_per_forward=tokens_per_forward, chunk_size=chunk_size,
-                                          autocast_dtype=autocast_dtype, on_progress=on_progress)
+                                          autocast_dtype=autocast_dtype,
+                                          on_progress=on_progress and (lambda done: on_progress(done, len(missing))))
         del model
         for row, i in enumerate(missing):
             cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -93,7 +94,8 @@ def load_model(spec: str, accelerator):
 
 
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
-                      accelerator) -> tuple[dict[int, tuple[float, float]], int]:
+                      accelerator, on_progress: Callable[[int, int], None] | None = None,
+                      ) -> tuple[dict[int, tuple[float, float]], int]:
     """Reference log-probs ``{row: (chosen, rejected)}`` in the trained orientation, for the preference pairs of
     the run (SFT pairs and reference-free losses need none). The main process fills the cache; the others
     read it."""
@@ -123,7 +125,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     if accelerator.is_main_process:
         _, computed = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                                autocast_dtype=autocast)
+                                                autocast_dtype=autocast, on_progress=on_progress)
     accelerator.wait_for_everyone()
     values, _ = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                           tokens_per_forward=tokens, chunk_size=config.logits_chunk,
