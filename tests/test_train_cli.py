@@ -78,7 +78,6 @@ def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs,
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "packed"), strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
-        assert x["padding_share"] == 0.0
 
 
 def _mixdpo_plan(pairs: Path, tmp_path: Path) -> Path:
@@ -191,7 +190,7 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
     assert (out / "model" / "config.json").is_file()
     assert (out / "pairs.parquet").is_file()
     m = _metrics(out)[0]
-    for key in ("step", "loss", "seconds", "pairs", "tokens", "padding_share", "logps_chosen", "logps_rejected",
+    for key in ("step", "loss", "seconds", "pairs", "tokens", "logps_chosen", "logps_rejected",
                 "rewards_chosen", "rewards_rejected", "reward_accuracy", "beta_mean"):
         assert key in m
 
@@ -200,11 +199,14 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
     (("--set", "betas=0.1"), "betas: Extra inputs are not permitted"),
     (("--beta", "-1"), "beta: Input should be greater than 0"),
+    # refused, not trained: SFT would silently drop the plan's beta, label smoothing, routes and flips
+    (("--loss", "sft", "--plan", "plan.parquet"), "loss 'sft' trains every pair's chosen response and would ignore"),
 ])
 def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, message):
     result = _train(tiny_model, uf_pairs, tmp_path / "bad", "--steps", "1", *extra, check=False)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):

@@ -254,7 +254,7 @@ def step_metrics(step: int, batch: list[int], sums: dict[str, float], loss: floa
 
     metrics = {
         "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-        "pairs": len(batch), "tokens": sum(p.tokens for p in pairs), "padding_share": 0.0,  # packed: no padding
+        "pairs": len(batch), "tokens": sum(p.tokens for p in pairs),
         "completion_tokens": sum(len(p.chosen) + len(p.rejected) for p in pairs),
         "logps_chosen": sums["logps_chosen"] / len(batch),
         "logps_rejected": mean(sums["logps_rejected"], sums["rejected_count"]),
