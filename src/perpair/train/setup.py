@@ -15,7 +15,7 @@ from perpair.allocator import active_allocator
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
 from perpair.models import model_fingerprint, resolve_model
-from perpair.train import reference as ref_cache
+from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
 from perpair.train.lean import lean_activations
@@ -104,12 +104,12 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
         return {}, 0
-    cache_dir = Path(config.reference_cache) if config.reference_cache else ref_cache.default_cache_dir()
+    cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
     spec = resolve_model(config.reference_model or config.model)
-    key = ref_cache.cache_key(model=model_fingerprint(spec),
-                              tokenizer=ref_cache.tokenizer_fingerprint(tokenizer),
+    key = reference.cache_key(model=model_fingerprint(spec),
+                              tokenizer=reference.tokenizer_fingerprint(tokenizer),
                               pairs_sha256=file_sha256(data.path), max_length=config.max_length)
-    path = ref_cache.cache_path(cache_dir, key)
+    path = reference.cache_path(cache_dir, key)
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(batches.tokenized[r]) if data.flipped[r] else batches.tokenized[r] for r in rows]
     ids = [data.pair_ids[r] for r in rows]
@@ -123,11 +123,11 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
     tokens = max(config.tokens_per_forward, REFERENCE_PACKING * config.max_length)
     if accelerator.is_main_process:
-        _, computed = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
+        _, computed = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
                                                 autocast_dtype=autocast, on_progress=on_progress)
     accelerator.wait_for_everyone()
-    values, _ = ref_cache.reference_logps(path, key, ids, own, load, device=accelerator.device,
+    values, _ = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                           tokens_per_forward=tokens, chunk_size=config.logits_chunk,
                                           autocast_dtype=autocast)
     out = {}
