@@ -1,7 +1,8 @@
 """``train(config)``: per-pair DPO / SFT at plain-DPO cost.
 
-Read :func:`train` top to bottom: it is the whole run. Setup, the step and checkpoints are named functions
-below it. What happens, in order:
+Read :func:`train` top to bottom: it is the whole run. The step and its metrics are below it; setup is in
+:mod:`~perpair.train.setup`, the pairs of each step in :mod:`~perpair.train.batches`, checkpoints and the saved
+model in :mod:`~perpair.train.checkpoints`. What happens, in order:
 
 1. the pairs (and the plan, if any) give each pair a β_i, a route (preference | sft) and a position;
 2. the pairs the run will see are tokenized as TRL does;
