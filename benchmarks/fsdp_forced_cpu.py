@@ -27,8 +27,9 @@ def worker(argv: list[str]) -> None:
     from accelerate import Accelerator, FullyShardedDataParallelPlugin
     from accelerate.utils import DistributedType, set_seed
 
-    import perpair.train.loop as loop
     from perpair.cli import main
+    from perpair.train import loop
+    from perpair.train.setup import check_sharding
 
     def force(accelerator):
         accelerator.state.distributed_type = DistributedType.FSDP
@@ -40,7 +41,7 @@ def worker(argv: list[str]) -> None:
             transformer_cls_names_to_wrap=["LlamaDecoderLayer"], state_dict_type="FULL_STATE_DICT",
             cpu_ram_efficient_loading=False)
         force(accelerator)
-        loop._check_sharding(config, accelerator.distributed_type)
+        check_sharding(config, accelerator.distributed_type)
         set_seed(config.seed)
         return accelerator
 

@@ -140,8 +140,7 @@ def worker_bound(args) -> dict:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import perpair.train.loop as loop
-    from perpair.train import load_config, train
+    from perpair.train import load_config, loop, train
 
     aten = torch.ops.aten
     matmuls = {aten.mm.default, aten.mm.out, aten.addmm.default, aten.addmm_.default, aten.bmm.default,

@@ -20,7 +20,7 @@ from perpair.annotate.config import load_config as load_annotate
 from perpair.errors import PerpairError
 from perpair.plan.config import resolve_schedule
 from perpair.train import load_config as load_train
-from perpair.train.loop import _check_sharding
+from perpair.train.setup import check_sharding
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RECIPES = sorted(p.parent for p in EXAMPLES.glob("*/run.sh"))
@@ -74,7 +74,7 @@ def test_every_stage_config_loads(recipe):
         launcher = load_config_from_file(str(accelerate))
         assert config.batch_size % launcher.num_processes == 0
         assert config.precision == "bf16" and launcher.mixed_precision == "bf16"
-        _check_sharding(config, launcher.distributed_type)  # the loop would refuse it at start otherwise
+        check_sharding(config, launcher.distributed_type)  # the loop would refuse it at start otherwise
         named.add(train)
     unnamed = {p.name for p in recipe.glob("*.yaml")} - {p.name for p in named}
     assert not unnamed, f"{recipe.name}: YAML files that run.sh never uses: {sorted(unnamed)}"
@@ -140,22 +140,22 @@ _SAFE = {"save_every": 0, "final_checkpoint": False, "tokens_per_forward": 0}
     ({"tokens_per_forward": 4096}, "tokens_per_forward"), ({"lora": {"merge": True}}, "lora.merge"),
 ])
 def test_loop_refuses_what_fsdp_does_not_support(change, message):
-    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE, **change})
-    _check_sharding(config, DistributedType.MULTI_GPU)  # DDP: all of it is fine
+    config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 20, **_SAFE, **change})
+    check_sharding(config, DistributedType.MULTI_GPU)  # DDP: all of it is fine
     with pytest.raises(PerpairError, match=message):
-        _check_sharding(config, DistributedType.FSDP)
+        check_sharding(config, DistributedType.FSDP)
 
 
 def test_loop_refuses_deepspeed():
     config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE})
-    _check_sharding(config, DistributedType.FSDP)
+    check_sharding(config, DistributedType.FSDP)
     with pytest.raises(PerpairError, match="DeepSpeed"):
-        _check_sharding(config, DistributedType.DEEPSPEED)
+        check_sharding(config, DistributedType.DEEPSPEED)
 
 
 def test_loop_refuses_an_fsdp_launch_that_accelerate_downgraded(monkeypatch):
     config = load_train(None, {"model": "m", "data": "d", "out": "o", "steps": 1, **_SAFE})
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for an FSDP config
     with pytest.raises(PerpairError, match="FSDP needs GPUs"):
-        _check_sharding(config, DistributedType.MULTI_CPU)  # what it becomes without a GPU
-    _check_sharding(config, DistributedType.FSDP)
+        check_sharding(config, DistributedType.MULTI_CPU)  # what it becomes without a GPU
+    check_sharding(config, DistributedType.FSDP)

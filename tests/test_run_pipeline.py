@@ -111,6 +111,47 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
         RunConfig.model_validate(_config(tmp_path, tiny, train={"out": "x"}))
 
 
+def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tiny):
+    """An arm's train keys meet its preset's plan at validation: shuffle undoing a curriculum, loss sft ignoring
+    the plan, label smoothing a loss ignores; nothing is prepared."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig, run
+
+    cases = [({"shuffle": True}, "mixdpo", r"arms\.mixdpo\.train: preset mixdpo: its curriculum .* fixes the "
+                                            "training order"),
+             ({"loss": "sft"}, "dpo", r"arms\.dpo\.train: .*loss 'sft' .* would ignore the plan"),
+             ({"loss": "ipo"}, "mixdpo", r"arms\.mixdpo\.train: preset mixdpo sets label_smoothing > 0")]
+    for keys, arm, message in cases:
+        config = _config(tmp_path, tiny)
+        config["arms"][arm]["train"] = keys
+        with pytest.raises(PerpairError, match=message):
+            run(RunConfig.model_validate(config), log=lambda line: None)
+        assert not (tmp_path / "work" / "pairs.parquet").exists() and not (tmp_path / "work").exists()
+    allowed = _config(tmp_path, tiny)  # shuffle on a plan without a curriculum is fine: validation passes
+    allowed["arms"] = {"dpo": {"preset": "dpo", "train": {"shuffle": True}}}
+    from perpair.pipeline.run import validate
+
+    validate(RunConfig.model_validate(allowed))
+
+
+def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("hello")
+    path = tmp_path / "run.yaml"
+    config = _config(tmp_path, not_a_model, annotate=None, eval={"preference": None, "alpaca_eval": None})
+    config["arms"] = {"dpo": {"preset": "dpo"}}
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
+                            env=env)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: run config, model:") and "not_a_model" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "work").exists()
+
+
 @pytest.mark.slow
 def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny):
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,7 +78,6 @@ def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs,
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "packed"), strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
-        assert x["padding_share"] == 0.0
 
 
 def _mixdpo_plan(pairs: Path, tmp_path: Path) -> Path:
@@ -94,7 +94,7 @@ def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
     """A plan with curriculum none leaves the order free: --shuffle gives a seeded permutation of its trained
     pairs. A plan with a curriculum fixes the order: --shuffle is refused, naming the curriculum."""
     from perpair.train import load_config
-    from perpair.train.loop import load_data
+    from perpair.train.batches import load_data
 
     plans = {}
     for kind in ("none", "random"):
@@ -116,7 +116,7 @@ def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
     assert shuffled.order.tolist() != fixed.order.tolist()  # … in another order,
     assert np.array_equal(data(plans["none"], True).order, shuffled.order)  # seeded
     assert not np.array_equal(data(plans["none"], True, seed=1).order, shuffled.order)
-    with pytest.raises(PerpairError, match="curriculum 'random' fixes the training order.*drop --shuffle"):
+    with pytest.raises(PerpairError, match="curriculum 'random' fixes the training order.*drop shuffle"):
         data(plans["random"], True)
     assert data(plans["random"], False).source == "plan"
 
@@ -190,7 +190,7 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
     assert (out / "model" / "config.json").is_file()
     assert (out / "pairs.parquet").is_file()
     m = _metrics(out)[0]
-    for key in ("step", "loss", "seconds", "pairs", "tokens", "padding_share", "logps_chosen", "logps_rejected",
+    for key in ("step", "loss", "seconds", "pairs", "tokens", "logps_chosen", "logps_rejected",
                 "rewards_chosen", "rewards_rejected", "reward_accuracy", "beta_mean"):
         assert key in m
 
@@ -199,11 +199,14 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
     (("--set", "betas=0.1"), "betas: Extra inputs are not permitted"),
     (("--beta", "-1"), "beta: Input should be greater than 0"),
+    # refused, not trained: SFT would silently drop the plan's beta, label smoothing, routes and flips
+    (("--loss", "sft", "--plan", "plan.parquet"), "loss 'sft' trains every pair's chosen response and would ignore"),
 ])
 def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, message):
     result = _train(tiny_model, uf_pairs, tmp_path / "bad", "--steps", "1", *extra, check=False)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
@@ -235,3 +238,37 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs,
     assert [m["step"] for m in _metrics(out)] == [1, 2]
     assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000002"]
     assert not (out / "model").exists()
+
+
+def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):
+    """OUT/run.key names the run whose outputs OUT holds: another run's settings are refused (with or without
+    --resume) and nothing in OUT changes; the same run needs --resume; --overwrite replaces the old outputs."""
+    out = tmp_path / "out"
+    first = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set",
+             "save_model=false", "--set", "keep_checkpoints=5")
+    result = _train(tiny_model, uf_pairs, out, *first)
+    assert "reference log-probs: 4/4 pairs" in result.stderr  # 2 steps × 2 pairs computed, shown as they go
+    assert "step 1/2" in result.stderr and "ETA 0:0" in result.stderr
+
+    def snapshot():
+        return {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    before = snapshot()
+    other = (*first, "--beta", "0.2")
+    for extra, message in [((), r"holds another run \(its run\.key differs"),
+                           (("--resume",), "holds another run .*--resume continues only the run that wrote them"),
+                           ((), None)]:
+        args = first if message is None else other  # the same run again, without --resume
+        result = _train(tiny_model, uf_pairs, out, *args, *extra, check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out"), result.stderr
+        assert re.search(message or "holds this run's checkpoints .*step-00000002.*--resume", lines[0]), lines[0]
+        assert snapshot() == before  # nothing written, nothing pruned
+
+    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume")
+    assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
+    key = (out / "run.key").read_text()
+    _train(tiny_model, uf_pairs, out, *other, "--overwrite")
+    assert (out / "run.key").read_text() != key
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
+    assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]

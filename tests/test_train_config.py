@@ -8,7 +8,7 @@ import pytest
 
 from perpair.errors import PerpairError
 from perpair.train import load_config, parse_overrides
-from perpair.train.loop import lr_factor
+from perpair.train.setup import lr_factor
 
 BASE = {"model": "m", "data": "d.parquet", "out": "o", "steps": 10}
 
@@ -48,3 +48,45 @@ def test_lr_schedule_shapes():
     assert [lr_factor(linear, s) for s in (0, 5)] == [1.0, 0.5]
     constant = load_config(None, {**BASE, "lr_schedule": "constant"})
     assert {lr_factor(constant, s) for s in range(10)} == {1.0}
+
+
+@pytest.mark.parametrize(("update", "message"), [
+    ({"loss": "sft", "plan": "p.parquet"}, "loss 'sft' .* would ignore the plan"),
+    ({"loss": "sigmoid", "simpo_gamma": 1.0}, "simpo_gamma is used by loss 'simpo' only"),
+    ({"save_every": 10, "final_checkpoint": False}, "would write no checkpoint"),
+])
+def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
+    with pytest.raises(PerpairError, match=message):
+        load_config(None, {**BASE, **update})
+
+
+def test_the_rules_accept_their_allowed_neighbours():
+    """What each rule refuses differs from an accepted config in one key only (so a rule cannot refuse all)."""
+    load_config(None, {**BASE, "loss": "sft"})
+    load_config(None, {**BASE, "plan": "p.parquet"})
+    load_config(None, {**BASE, "loss": "simpo", "simpo_gamma": 1.0})
+    load_config(None, {**BASE, "save_every": 10, "final_checkpoint": True})
+    load_config(None, {**BASE, "save_every": 9, "final_checkpoint": False})
+
+
+def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):
+    """torchrun / accelerate launch set WORLD_SIZE and ACCELERATE_USE_FSDP / _DEEPSPEED before perpair starts:
+    the config refuses a batch the processes cannot split, and what sharding does not support, at load time."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(PerpairError, match=r"batch_size 8 must be a multiple of the number of processes \(3"):
+        load_config(None, BASE)
+    load_config(None, {**BASE, "batch_size": 9})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    safe = {**BASE, "final_checkpoint": False}
+    load_config(None, safe)
+    for update, message in [({"final_checkpoint": True}, "checkpoints are not supported under FSDP"),
+                            ({"tokens_per_forward": 2048}, "tokens_per_forward must be 0 under FSDP"),
+                            ({"lora": {"merge": True}}, "lora.merge is not supported under FSDP")]:
+        with pytest.raises(PerpairError, match=message):
+            load_config(None, {**safe, **update})
+    load_config(None, {**safe, "lora": {"merge": False}})
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(PerpairError, match="DeepSpeed is not supported"):
+        load_config(None, safe)

@@ -82,7 +82,7 @@ def test_under_lora_lean_equals_plain_adapters(targets, counts, tmp_path):
     LoRA, silently) and reports it; log-probs and every adapter's gradient equal those of the same adapters
     without lean activations (float64)."""
     from perpair.train.config import load_config
-    from perpair.train.loop import prepare_policy
+    from perpair.train.setup import prepare_policy
 
     base = _llama(torch.float64)
     results = []

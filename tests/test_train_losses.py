@@ -301,7 +301,8 @@ def test_checkpointing_and_sparse_embedding_gradients_change_nothing(tied, tmp_p
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from perpair.train.config import load_config
-    from perpair.train.loop import densify_gradients, prepare_policy
+    from perpair.train.loop import densify_gradients
+    from perpair.train.setup import prepare_policy
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

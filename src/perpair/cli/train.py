@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,24 @@ def _losses_help() -> str:
             f"{', '.join(sorted(LOSSES))}.")
 
 
+def _defaults() -> dict[str, Any]:
+    """TrainConfig's defaults, for --help; read only when the command is ``perpair train`` (the config module
+    imports torch, which the other commands do without)."""
+    if sys.argv[1:2] != ["train"]:
+        return {}
+    from perpair.train.config import TrainConfig
+
+    return {name: field.default for name, field in TrainConfig.model_fields.items() if not field.is_required()}
+
+
+_DEFAULTS = _defaults()
+
+
+def _help(text: str, key: str) -> str:
+    """``text`` with the config's default for ``key`` (the one place defaults live is TrainConfig)."""
+    return f"{text} (default: {_DEFAULTS[key]})" if key in _DEFAULTS else text
+
+
 @app.command("train")
 def train_command(
     config: Annotated[Path | None, typer.Argument(
@@ -33,19 +52,28 @@ def train_command(
     plan: Annotated[str | None, typer.Option(help="Plan file (perpair plan): per-pair beta, route, order.")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="Output folder.")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Pairs per optimizer step (global).")] = None,
-    max_length: Annotated[int | None, typer.Option(help="Max tokens of prompt + response.")] = None,
-    beta: Annotated[float | None, typer.Option(help="Global beta (a plan's per-pair beta replaces it).")] = None,
-    loss: Annotated[str | None, typer.Option(help=_losses_help())] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
-    lr_schedule: Annotated[str | None, typer.Option(help="constant, linear or cosine.")] = None,
-    warmup_ratio: Annotated[float | None, typer.Option(help="Share of steps warming up.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
-    shuffle: Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Seeded shuffle.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=_help("Pairs per optimizer step (global).", "batch_size"))] = None,
+    max_length: Annotated[int | None, typer.Option(
+        help=_help("Max tokens of prompt + response.", "max_length"))] = None,
+    beta: Annotated[float | None, typer.Option(
+        help=_help("Global beta (a plan's per-pair beta replaces it).", "beta"))] = None,
+    loss: Annotated[str | None, typer.Option(help=_help(_losses_help(), "loss"))] = None,
+    lr: Annotated[float | None, typer.Option(help=_help("Peak learning rate.", "lr"))] = None,
+    lr_schedule: Annotated[str | None, typer.Option(help=_help("constant, linear or cosine.", "lr_schedule"))] = None,
+    warmup_ratio: Annotated[float | None, typer.Option(
+        help=_help("Share of steps warming up.", "warmup_ratio"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_help("Seed.", "seed"))] = None,
+    shuffle: Annotated[bool | None, typer.Option(
+        "--shuffle/--no-shuffle", help=_help("Seeded shuffle.", "shuffle"))] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (defaults of lora.*).")] = False,
-    resume: Annotated[bool | None, typer.Option("--resume", help="Continue from OUT's last checkpoint.")] = None,
-    save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    overwrite: Annotated[bool | None, typer.Option(
+        "--overwrite", help="Replace the outputs of another run in OUT (without it, such an OUT is refused).")] = None,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume", help="Continue from OUT's last checkpoint (of the run OUT/run.key names).")] = None,
+    save_every: Annotated[int | None, typer.Option(
+        help=_help("Checkpoint every N steps (0: only at the end).", "save_every"))] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="Any config key, dotted for nested ones (repeatable).")] = None,
 ) -> None:
@@ -55,7 +83,7 @@ def train_command(
     given: dict[str, Any] = {
         "model": model, "data": data, "plan": plan, "out": out_dir, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "beta": beta, "loss": loss, "lr": lr, "lr_schedule": lr_schedule,
-        "warmup_ratio": warmup_ratio, "seed": seed, "shuffle": shuffle, "resume": resume,
+        "warmup_ratio": warmup_ratio, "seed": seed, "shuffle": shuffle, "resume": resume, "overwrite": overwrite,
         "save_every": save_every, "threads": threads,
     }
     options = {k: v for k, v in given.items() if v is not None}
@@ -68,11 +96,28 @@ def train_command(
         raise PerpairError("give a CONFIG.yaml, or at least --model, --data, --steps and --out")
     cfg = load_config(config, options)
 
-    def progress(m: dict[str, Any]) -> None:
-        console.print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  {m['seconds']:.2f}s  "
-                      f"acc {_fmt(m['reward_accuracy'])}  margin {_fmt(m['reward_margin'])}", highlight=False)
+    seconds: list[float] = []
 
-    result = train(cfg, on_step=progress)
+    def progress(m: dict[str, Any]) -> None:
+        seconds.append(m["seconds"])
+        eta = sum(seconds) / len(seconds) * (cfg.steps - m["step"])
+        console.print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  {m['seconds']:.2f}s  "
+                      f"acc {_fmt(m['reward_accuracy'])}  margin {_fmt(m['reward_margin'])}  "
+                      f"ETA {_duration(eta)}", highlight=False, markup=False)
+
+    shown = [0.0]
+
+    def reference(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 5 or done == total:  # a line every 5 s at most
+            shown[0] = now
+            console.print(f"reference log-probs: {done:,}/{total:,} pairs", highlight=False)
+
+    def resumed(step: int) -> None:
+        console.print(f"resumed from the checkpoint of step {step} ({cfg.steps - step} steps to go)",
+                      highlight=False)
+
+    result = train(cfg, on_step=progress, on_reference=reference, on_resume=resumed)
     s = result.summary
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
@@ -84,6 +129,12 @@ def train_command(
     out.print(f"lean activations: {lean or 'off (no module patched)'}")
     saved = "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s)
     out.print(f"metrics: {result.metrics_path}, summary: {result.out / 'summary.json'}{saved}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

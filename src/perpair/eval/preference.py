@@ -11,8 +11,8 @@ of the policy alone, as SimPO's reward without its β (Meng et al. 2024, eq. 4):
 Ties (m = 0 exactly, e.g. policy = reference) count **half** in ``accuracy`` and are also reported on their own
 (``n_ties``); ``accuracy_strict`` counts them as wrong, as TRL's ``rewards/accuracies`` does
 (``chosen_rewards > rejected_rewards``). The maths are pure functions of log-prob tables
-(:data:`perpair.train.logprobs.LOGPS_SCHEMA` columns); models are loaded and scored in :func:`run_preference`,
-always through :func:`perpair.train.logprobs.sequence_logps` (the train stage's tokenization).
+(:data:`perpair.plan.difficulty.REFERENCE_LOGPS_SCHEMA` columns); models are loaded and scored in
+:func:`run_preference`, always through :func:`perpair.train.logprobs.sequence_logps` (the train stage's tokenization).
 """
 
 from __future__ import annotations

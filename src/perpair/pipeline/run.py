@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
@@ -36,7 +34,8 @@ class Settings:
     prepare: Any
     annotate: Any | None
     schedules: dict[str, Any]
-    train: dict[str, dict[str, Any]]  # per arm, validated with placeholders for the paths the run sets
+    train: dict[str, dict[str, Any]]  # per arm, the train keys the config gives
+    train_configs: dict[str, Any]  # per arm, those keys validated (with placeholders for the paths the run sets)
 
 
 @dataclass
@@ -61,9 +60,9 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
     for arm in config.arms:
         plan = job.plan(settings, arm, pairs, annotations)
         trained[arm] = job.train(settings, arm, pairs, plan)
-    evaluated = {arm: job.evaluate(arm, info, test) for arm, info in trained.items()}
+    evaluated = {arm: job.evaluate(settings, arm, info, test) for arm, info in trained.items()}
     if config.eval.base and config.eval.alpaca_eval is not None:
-        evaluated["base"] = job.evaluate("base", {"key": job.model_key, "model": config.model}, test)
+        evaluated["base"] = job.evaluate(settings, "base", {"key": job.model_key, "model": config.model}, test)
 
     rows = comparison_rows(config, trained, evaluated)
     report = write_run_report(job.workdir, config, rows, trained, evaluated)
@@ -78,6 +77,7 @@ def validate(config: RunConfig) -> Settings:
     from perpair.data import PrepareOptions
     from perpair.plan import resolve_schedule
     from perpair.train import load_config as load_train_config
+    from perpair.train.config import check_plan_fits
 
     def fail(where: str, exc: Exception) -> PerpairError:
         detail = format_validation_error(exc, where) if isinstance(exc, ValidationError) else f"{where}: {exc}"
@@ -96,7 +96,7 @@ def validate(config: RunConfig) -> Settings:
             annotate = AnnotateConfig.model_validate(section)
         except (ValidationError, PerpairError) as exc:
             raise fail("annotate", exc) from None
-    schedules, train = {}, {}
+    schedules, train, train_configs = {}, {}, {}
     for name, arm in config.arms.items():
         try:
             schedules[name] = resolve_schedule(arm.preset, None, arm.beta, arm.schedule)
@@ -110,13 +110,40 @@ def validate(config: RunConfig) -> Settings:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
                                "'annotate' section")
         keys = config.arm_train(name)
-        placeholders = {"model": config.model, "data": "pairs.parquet", "out": "out", "steps": 1}
+        # the paths the run sets; steps left out: one epoch, known once the plan exists (checked again then)
+        placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out",
+                        "steps": 1 << 30}
         try:
-            load_train_config(None, {**placeholders, **{k: v for k, v in keys.items() if v is not None}})
+            arm_config = load_train_config(None, {**placeholders, **{k: v for k, v in keys.items() if v is not None}})
+            check_plan_fits(arm_config, schedules[name].curriculum.kind, schedules[name].label_smoothing > 0,
+                            f"preset {arm.preset}")
         except PerpairError as exc:
             raise fail(f"arms.{name}.train", exc) from None
         train[name] = keys
-    return Settings(prepare, annotate, schedules, train)
+        train_configs[name] = arm_config
+    check_model(config.model)
+    return Settings(prepare, annotate, schedules, train, train_configs)
+
+
+def check_model(spec: str) -> None:
+    """Refuse a model whose config or tokenizer does not load (or that has no chat template) before any stage."""
+    from perpair.models import resolve_model
+
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        path = resolve_model(spec)
+        AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except PerpairError as exc:
+        raise PerpairError(f"run config, model: {exc}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PerpairError(f"run config, model: {spec} is not a model that loads (its config.json and tokenizer): "
+                           f"{first}") from None
+    if tokenizer.chat_template is None:
+        raise PerpairError(f"run config, model: {spec}: the tokenizer has no chat template; perpair trains on "
+                           "conversations")
 
 
 class _Job:
@@ -230,21 +257,21 @@ class _Job:
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         from perpair.train import load_config, train
-        from perpair.train.loop import checkpoints
+        from perpair.train.checkpoints import checkpoints
 
         out = self.workdir / "arms" / arm / "train"
         keys = dict(settings.train[arm])
         if keys.get("lora") is not None:
             keys["lora"] = {**keys["lora"], "merge": True}  # the evaluation reads the merged model
         if keys.get("steps") is None:
-            keys["steps"] = _one_epoch(plan, keys.get("batch_size", 8))
+            keys["steps"] = _one_epoch(plan, pairs, settings.train_configs[arm].batch_size)
         options = {**keys, "model": self.config.model, "data": str(pairs), "plan": str(plan), "out": str(out),
                    "reference_cache": str(self.workdir / "reference")}
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
 
         def action():
-            marker = out / "run.key"
+            marker = out / "stage.key"  # the stage's identity (train's own OUT/run.key is its config's)
             resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
             if not resume:
                 shutil.rmtree(out, ignore_errors=True)
@@ -268,7 +295,7 @@ class _Job:
         info = self.stage(f"train.{arm}", "train", material, outputs, action)
         return {**info, "model": str(out / "model"), "metrics": str(out / "metrics.jsonl"), "plan": str(plan)}
 
-    def evaluate(self, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
+    def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
         from perpair.eval.generate import GenerationConfig
@@ -280,7 +307,7 @@ class _Job:
         if section.preference is not None and arm != "base" and test is not None:
             p = section.preference
             config = PreferenceConfig(model=trained["model"], ref=self.config.model, data=test, beta=p.beta,
-                                      max_length=p.max_length or self.config.train.get("max_length", 1024),
+                                      max_length=p.max_length or settings.train_configs[arm].max_length,
                                       limit=p.limit, name=arm)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data"}),
                         "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
@@ -314,11 +341,8 @@ class _Job:
         return results
 
 
-def _one_epoch(plan: Path, batch_size: int) -> int:
-    """Optimizer steps that read every pair the plan trains once."""
-    table = pq.read_table(plan, columns=["route", "order"])
-    trained = sum(1 for r, o in zip(table.column("route").to_pylist(), table.column("order").to_pylist(),
-                                    strict=True) if r != "drop" and o is not None)
-    if trained == 0:
-        raise PerpairError(f"plan {plan}: no pair is trained (all dropped)")
-    return math.ceil(trained / batch_size)
+def _one_epoch(plan: Path, pairs: Path, batch_size: int) -> int:
+    """Optimizer steps that read every pair the plan trains once (the rows ``perpair train`` trains)."""
+    from perpair.plan.decode import plan_arrays
+
+    return math.ceil(len(plan_arrays(plan, pairs).order) / batch_size)

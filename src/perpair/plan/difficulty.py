@@ -30,6 +30,18 @@ REFERENCE_LOGPS_SCHEMA = pa.schema([
 ])
 
 
+def logps_table(pair_ids, chosen_logps, chosen_tokens, rejected_logps, rejected_tokens) -> pa.Table:
+    """A table in :data:`REFERENCE_LOGPS_SCHEMA` from per-pair sequences (the train stage writes its reference
+    cache and ``sequence_logps`` results with it)."""
+    return pa.table({
+        "pair_id": pa.array(pair_ids, pa.string()),
+        "chosen_logps": pa.array(chosen_logps, pa.float64()),
+        "chosen_tokens": pa.array(chosen_tokens, pa.int64()),
+        "rejected_logps": pa.array(rejected_logps, pa.float64()),
+        "rejected_tokens": pa.array(rejected_tokens, pa.int64()),
+    }, schema=REFERENCE_LOGPS_SCHEMA)
+
+
 def ratings_margin(score_chosen: np.ndarray, score_rejected: np.ndarray) -> np.ndarray:
     """MixDPO's difficulty: the rating margin; NaN where either score is missing."""
     return np.asarray(score_chosen, dtype=np.float64) - np.asarray(score_rejected, dtype=np.float64)

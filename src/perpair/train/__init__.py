@@ -13,15 +13,17 @@ Entry points::
 Modules: :mod:`~perpair.train.losses` (pure per-pair losses, registered by name),
 :mod:`~perpair.train.tokenize` (TRL-compatible tokenization), :mod:`~perpair.train.logprobs` (packed,
 completion-only, chunked log-probs), :mod:`~perpair.train.reference` (on-disk reference cache),
-:mod:`~perpair.train.config` (the validated config), :mod:`~perpair.train.loop` (the loop).
+:mod:`~perpair.train.config` (the validated config), :mod:`~perpair.train.loop` (the loop and its step),
+:mod:`~perpair.train.setup` (accelerator, model, reference pass, optimizer), :mod:`~perpair.train.batches`
+(per-pair inputs, the pairs of every step, packing), :mod:`~perpair.train.checkpoints` (checkpoints, saved model).
 """
 
 from perpair.train.config import LoraConfig, TrainConfig, load_config, parse_overrides
-from perpair.train.logprobs import LOGPS_SCHEMA, sequence_logps
+from perpair.train.logprobs import sequence_logps
 from perpair.train.loop import NonFiniteLoss, TrainResult, train
 from perpair.train.losses import LOSSES, Logps, LossParams, PairLosses, routed_losses
 
 __all__ = [
-    "LOGPS_SCHEMA", "LOSSES", "LoraConfig", "LossParams", "Logps", "NonFiniteLoss", "PairLosses", "TrainConfig",
+    "LOSSES", "LoraConfig", "LossParams", "Logps", "NonFiniteLoss", "PairLosses", "TrainConfig",
     "TrainResult", "load_config", "parse_overrides", "routed_losses", "sequence_logps", "train",
 ]

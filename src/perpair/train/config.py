@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perpair.config_files import format_validation_error, load_yaml
 from perpair.errors import InputError, PerpairError
+from perpair.plan.config import deep_merge
 from perpair.train.lean import DEFAULT_RECOMPUTE_MLP
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
 
@@ -112,7 +113,9 @@ class TrainConfig(BaseModel):
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
-    resume: bool = Field(False, description="Continue from the latest checkpoint in OUT.")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in OUT (of this very run: "
+                         "OUT/run.key must match these settings).")
+    overwrite: bool = Field(False, description="Replace the outputs of another run in OUT (refused otherwise).")
     save_model: bool = Field(True, description="Save the final model (HF format) to OUT/model or OUT/adapter.")
     final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too.")
 
@@ -157,11 +160,83 @@ class TrainConfig(BaseModel):
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
+        if self.loss == "sft" and self.plan is not None:
+            # a plan's β, ε, routes and flips say how to train preferences; SFT trains every chosen response
+            raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "
+                             "label_smoothing, routes and flips; drop the plan, or use a preference loss (the "
+                             "plan's sft route already trains some pairs by SFT)")
+        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
+            raise ValueError(f"simpo_gamma is used by loss 'simpo' only, not {self.loss!r}; drop it")
+        if self.save_every >= self.steps and not self.final_checkpoint:
+            raise ValueError(f"save_every {self.save_every} ≥ steps {self.steps} with final_checkpoint false: the "
+                             "run would write no checkpoint; lower save_every or set final_checkpoint true")
+        processes = launch_processes()
+        if processes > 1 and self.objective.batch_level:
+            raise ValueError(f"loss {self.objective.name!r} sorts across the whole batch, which one process must "
+                             f"hold; this launch has {processes} (WORLD_SIZE): run it in a single process")
+        if self.batch_size % processes:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of the number of processes "
+                             f"({processes}, WORLD_SIZE of this launch)")
+        problem = sharding_problem(self, launch_sharding())
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_ratio * self.steps))
+
+
+def launch_processes() -> int:
+    """Processes of this launch: ``WORLD_SIZE``, set by torchrun and ``accelerate launch`` (1 without either)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def launch_sharding() -> str | None:
+    """``"fsdp"`` or ``"deepspeed"`` when ``accelerate launch`` was given such a config, else None."""
+    for name in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "").lower() == "true":
+            return name
+    return None
+
+
+def sharding_problem(config: TrainConfig, sharding: str | None) -> str | None:
+    """Why ``config`` cannot run with its weights sharded this way (None: it can). Checked when the config is
+    built (from the launch's environment) and again with the sharding Accelerate actually chose."""
+    if sharding == "deepspeed":
+        # accelerator.backward runs DeepSpeed's optimizer step after every forward's backward (a step holds several),
+        # and ZeRO-3 leaves lm_head.weight partitioned where CompletionLogps reads it outside lm_head's forward.
+        return ("DeepSpeed is not supported by perpair train yet; launch with an FSDP config "
+                "(examples/accelerate/fsdp-*.yaml)")
+    if sharding != "fsdp":
+        return None
+    if config.save_every or config.final_checkpoint or config.resume:
+        return ("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
+                "set save_every: 0, final_checkpoint: false and resume: false")
+    if config.tokens_per_forward:
+        # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
+        return "tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)"
+    if config.lora is not None and config.lora.merge:
+        return "lora.merge is not supported under FSDP; merge the saved adapter afterwards"
+    return None
+
+
+def check_plan_fits(config: TrainConfig, curriculum: str, smoothing: bool, where: str) -> None:
+    """The rules between the train config and a plan: its ``curriculum`` kind and whether it gives any trained
+    preference pair ε > 0. ``perpair train`` checks them from the plan file, ``perpair run`` from each arm's
+    schedule, both before any work."""
+    if config.shuffle and curriculum != "none":
+        raise PerpairError(f"{where}: its curriculum {curriculum!r} fixes the training order, so shuffle would "
+                           "undo it; drop shuffle, or use curriculum none")
+    if smoothing and not config.objective.smoothing:
+        raise PerpairError(f"{where} sets label_smoothing > 0, which loss {config.objective.name!r} would ignore; "
+                           f"use one that reads it ({', '.join(n for n, s in LOSSES.items() if s.smoothing)}), "
+                           "or a plan without smoothing")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -185,17 +260,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated config from a YAML file and/or overrides (overrides win). Relative paths in the file are
     kept as written (relative to the working directory, like the CLI's)."""
-    data = _merge(load_yaml(path, "train config") if path is not None else {}, overrides or {})
+    data = deep_merge(load_yaml(path, "train config") if path is not None else {}, overrides or {})
     try:
         return TrainConfig(**data)
     except ValidationError as exc:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from perpair.errors import PerpairError
+from perpair.plan.difficulty import logps_table
+from perpair.train.batches import greedy_groups
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 DEFAULT_CHUNK = 256
@@ -506,15 +508,6 @@ def run_packed(module: nn.Module, packed: Packed, device: torch.device) -> tuple
                   packed.gather.to(device), packed.target.to(device), packed.owner.to(device), packed.pairs)
 
 
-LOGPS_SCHEMA = pa.schema([
-    pa.field("pair_id", pa.string(), nullable=False),
-    pa.field("chosen_logps", pa.float64(), nullable=False),
-    pa.field("chosen_tokens", pa.int64(), nullable=False),
-    pa.field("rejected_logps", pa.float64(), nullable=False),
-    pa.field("rejected_tokens", pa.int64(), nullable=False),
-])
-
-
 @torch.no_grad()
 def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, tokens_per_forward: int = 0,
                        chunk_size: int = DEFAULT_CHUNK, device: torch.device | str = "cpu",
@@ -530,17 +523,12 @@ def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, toke
     model.eval()
     sums = torch.zeros(len(pairs), 2, dtype=torch.float64)
     counts = torch.zeros(len(pairs), 2, dtype=torch.int64)
-    start = 0
     try:
-        while start < len(pairs):
-            end, total = start, 0
-            while end < len(pairs) and (end == start or total + pairs[end].tokens <= tokens_per_forward):
-                total += pairs[end].tokens
-                end += 1
+        for group in greedy_groups([pair.tokens for pair in pairs], tokens_per_forward):
+            start, end = group[0], group[-1] + 1
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 s, c = run_packed(module, pack(pairs[start:end]), device)
             sums[start:end], counts[start:end] = s.double().cpu(), c.cpu()
-            start = end
             if on_progress:
                 on_progress(end)
     finally:
@@ -556,9 +544,10 @@ def sequence_logps(model: nn.Module, tokenizer, pairs: pa.Table, *, max_length: 
     """Summed completion log-probs and completion token counts of every pair of a pairs table under ``model``.
 
     Tokenization is TRL's (chat template, prompt masked, ``keep_start`` truncation of prompt + response to
-    ``max_length``). Returns a table with :data:`LOGPS_SCHEMA` columns ``pair_id, chosen_logps, chosen_tokens,
-    rejected_logps, rejected_tokens`` (the schema the plan stage reads for reference margins); pairs whose
-    prompt alone fills ``max_length`` are left out. Runs without gradients, in the model's dtype.
+    ``max_length``). Returns a table in :data:`~perpair.plan.difficulty.REFERENCE_LOGPS_SCHEMA` (columns
+    ``pair_id, chosen_logps, chosen_tokens, rejected_logps, rejected_tokens``; the schema the plan stage reads
+    for reference margins); pairs whose prompt alone fills ``max_length`` are left out. Runs without gradients,
+    in the model's dtype.
 
     Example (implicit-reward accuracy of a trained policy against its reference)::
 
@@ -577,10 +566,4 @@ def sequence_logps(model: nn.Module, tokenizer, pairs: pa.Table, *, max_length: 
             tokenized.append(tok)
     sums, counts = logps_of_tokenized(model, tokenized, tokens_per_forward=tokens_per_forward,
                                       chunk_size=chunk_size, device=device, on_progress=on_progress)
-    return pa.table({
-        "pair_id": pa.array(ids, pa.string()),
-        "chosen_logps": pa.array(sums[:, 0].numpy(), pa.float64()),
-        "chosen_tokens": pa.array(counts[:, 0].numpy(), pa.int64()),
-        "rejected_logps": pa.array(sums[:, 1].numpy(), pa.float64()),
-        "rejected_tokens": pa.array(counts[:, 1].numpy(), pa.int64()),
-    }, schema=LOGPS_SCHEMA)
+    return logps_table(ids, sums[:, 0].numpy(), counts[:, 0].numpy(), sums[:, 1].numpy(), counts[:, 1].numpy())

@@ -1,7 +1,7 @@
 """Reference log-probabilities, computed once and cached on disk, so training holds no reference model.
 
 The cache is a Parquet artifact (kind ``reference_logps``; columns of
-:data:`perpair.train.logprobs.LOGPS_SCHEMA`, the table the plan stage reads for reference margins) named by
+:data:`perpair.plan.difficulty.REFERENCE_LOGPS_SCHEMA`, the table the plan stage reads for reference margins) named by
 the SHA-256 of its key: the reference model's files, the tokenizer, the pairs file and the length settings.
 Change any of them and the key changes. A run that needs pairs the cache lacks computes only those and
 rewrites the file with the union, so runs over growing prefixes of a corpus reuse each other's work.
@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from perpair.artifacts import read_artifact, write_artifact
 from perpair.models import cache_root
-from perpair.train.logprobs import LOGPS_SCHEMA, logps_of_tokenized
+from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
+from perpair.train.logprobs import logps_of_tokenized
 from perpair.train.tokenize import TokenizedPair
 
 KIND = "reference_logps"
@@ -63,20 +63,14 @@ def load_cached(path: Path) -> dict[str, tuple[float, int, float, int]]:
     if not path.is_file():
         return {}
     table, _ = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
-    cols = [table.column(n).to_pylist() for n in LOGPS_SCHEMA.names]
+    cols = [table.column(n).to_pylist() for n in REFERENCE_LOGPS_SCHEMA.names]
     return {row[0]: tuple(row[1:]) for row in zip(*cols, strict=True)}
 
 
 def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]]) -> None:
     ids = sorted(values)
     rows = [values[i] for i in ids]
-    table = pa.table({
-        "pair_id": pa.array(ids, pa.string()),
-        "chosen_logps": pa.array([r[0] for r in rows], pa.float64()),
-        "chosen_tokens": pa.array([r[1] for r in rows], pa.int64()),
-        "rejected_logps": pa.array([r[2] for r in rows], pa.float64()),
-        "rejected_tokens": pa.array([r[3] for r in rows], pa.int64()),
-    }, schema=LOGPS_SCHEMA)
+    table = logps_table(ids, *([r[k] for r in rows] for k in range(4)))
     write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance={"key": key})
 
 
@@ -86,7 +80,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     on_progress=None, ld_alpha: float | None = None) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache.
-    Returns the values and how many pairs were computed."""
+    ``on_progress(done, to_compute)`` follows the computation. Returns the values and how many pairs were
+    computed."""
     cached = load_cached(path)
     missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached},
                      key=lambda i: tokenized[i].tokens)  # similar lengths together: fewer wasted packs
@@ -94,8 +89,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         model = load_model()
         sums, counts = logps_of_tokenized(model, [tokenized[i] for i in missing], device=device,
                                           tokens_per_forward=tokens_per_forward, chunk_size=chunk_size,
-                                          autocast_dtype=autocast_dtype, on_progress=on_progress,
-                                          ld_alpha=ld_alpha)
+                                          autocast_dtype=autocast_dtype, ld_alpha=ld_alpha,
+                                          on_progress=on_progress and (lambda done: on_progress(done, len(missing))))
         del model
         for row, i in enumerate(missing):
             cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))

@@ -1,0 +1,153 @@
+"""What the run trains on: per-pair inputs (β, ε, route, orientation, order), the pairs of every step, and the
+greedy packing of pairs into forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from perpair.artifacts import read_header
+from perpair.data import PrepareOptions, prepare, read_pairs
+from perpair.data.schema import KIND as PAIRS_KIND
+from perpair.errors import PerpairError
+from perpair.train.config import TrainConfig, check_plan_fits
+from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
+from perpair.train.tokenize import TokenizedPair, tokenize_pair
+
+
+@dataclass
+class PairData:
+    """Per-pair inputs aligned to the pairs file's rows."""
+
+    path: Path
+    table: pa.Table
+    pair_ids: list[str]
+    beta: np.ndarray
+    label_smoothing: np.ndarray
+    route: np.ndarray  # ROUTE_PREFERENCE / ROUTE_SFT; dropped pairs never enter ``order``
+    flipped: np.ndarray
+    category: list[str | None] | None
+    order: np.ndarray  # row indices in training order (one epoch)
+    source: str  # "plan" | "plan, shuffled" | "file order" | "shuffled"
+
+
+@dataclass
+class StepBatches:
+    """The exact pairs of every step: ``steps[s]`` = rows of the pairs file, all with a tokenized pair."""
+
+    steps: list[list[int]]
+    tokenized: dict[int, TokenizedPair]
+    skipped: int  # pairs whose prompt alone fills max_length (TRL drops them too)
+
+
+def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``sizes`` in consecutive groups, each as long as its total stays within ``budget``; an item
+    larger than the budget gets a group of its own; ``budget`` 0: one item per group."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if not groups or not budget or total + size > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += size
+    return groups
+
+
+def micro_batches(config: TrainConfig, pairs: list[TokenizedPair]) -> list[list[int]]:
+    """Indices of ``pairs`` per forward: one pair each, or greedily packed up to ``tokens_per_forward``."""
+    return greedy_groups([pair.tokens for pair in pairs], config.tokens_per_forward)
+
+
+def load_data(config: TrainConfig, accelerator) -> PairData:
+    """The pairs file (converted with ``prepare`` when DATA is another format) and the plan's per-pair values."""
+    path = Path(config.data)
+    if not path.exists():
+        raise PerpairError(f"file {path}: not found")
+    if not is_pairs_file(path):
+        target = Path(config.out) / "pairs.parquet"
+        if accelerator.is_main_process:
+            prepare([str(path)], target, PrepareOptions())
+        accelerator.wait_for_everyone()
+        path = target
+    table, _ = read_pairs(str(path))
+    n = table.num_rows
+    pair_ids = table.column("pair_id").to_pylist()
+    if config.plan is None:
+        route = np.full(n, ROUTE_SFT if config.loss == "sft" else ROUTE_PREFERENCE)
+        order = shuffled(np.arange(n), config.seed) if config.shuffle else np.arange(n)
+        return PairData(path, table, pair_ids, np.full(n, config.beta), np.full(n, config.label_smoothing), route,
+                        np.zeros(n, dtype=bool), None, order, "shuffled" if config.shuffle else "file order")
+    from perpair.plan.decode import plan_arrays
+
+    plan = plan_arrays(config.plan, path, pair_ids)
+    check_plan(config, plan)
+    route = np.full(n, -1)  # (loss sft with a plan is refused with the config)
+    route[plan.order] = np.where(plan.sft[plan.order], ROUTE_SFT, ROUTE_PREFERENCE)
+    order = shuffled(plan.order, config.seed) if config.shuffle else plan.order  # curriculum none only
+    return PairData(path, table, pair_ids, plan.beta, plan.label_smoothing, route, plan.flipped, plan.category,
+                    order, "plan, shuffled" if config.shuffle else "plan")
+
+
+def check_plan(config: TrainConfig, plan) -> None:
+    """Refuse a plan this config cannot train as the plan says."""
+    used = ~plan.sft[plan.order]  # the pairs trained on the preference route
+    check_plan_fits(config, plan.curriculum, bool(np.any(plan.label_smoothing[plan.order][used] > 0)),
+                    f"plan {config.plan}")
+    if config.objective.needs_smoothing and np.any(plan.label_smoothing[plan.order][used] <= 0):
+        raise PerpairError(f"plan {config.plan}: loss {config.objective.name!r} needs label_smoothing > 0 for "
+                           "every preference pair (EXO's log ε); the plan gives some 0")
+    beta = plan.beta[plan.order][used]
+    if np.any(~np.isfinite(beta) | (beta <= 0)):
+        raise PerpairError(f"plan {config.plan}: a trained pair has no positive beta")
+
+
+def shuffled(rows: np.ndarray, seed: int | list[int]) -> np.ndarray:
+    """``rows`` (sorted first) in a seeded random order; with no plan ``rows`` is ``arange(n)``."""
+    rows = np.sort(rows)
+    return rows[np.random.default_rng(seed).permutation(len(rows))]
+
+
+def is_pairs_file(path: Path) -> bool:
+    if path.suffix != ".parquet":
+        return False
+    try:
+        return read_header(path).get("kind") == PAIRS_KIND
+    except PerpairError:
+        return False
+
+
+def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBatches:
+    """The pairs of every step, in training order, repeating the order (reshuffled when shuffling) when the run
+    needs more pairs than one epoch. Only the pairs the run sees are tokenized."""
+    needed = config.steps * config.batch_size
+    tokenized: dict[int, TokenizedPair | None] = {}
+    sequence: list[int] = []
+    prompts, chosen, rejected = (data.table.column(c) for c in ("prompt", "chosen", "rejected"))
+    epoch = 0
+    while len(sequence) < needed:
+        before = len(sequence)
+        order = data.order if epoch == 0 or not config.shuffle else shuffled(data.order, [config.seed, epoch])
+        for row in order.tolist():
+            if row not in tokenized:
+                good, bad = chosen[row].as_py(), rejected[row].as_py()
+                if data.flipped[row]:
+                    good, bad = bad, good
+                sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
+                tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
+                                               config.max_length)
+            if tokenized[row] is not None:
+                sequence.append(row)
+                if len(sequence) == needed:
+                    break
+        if len(sequence) == before:
+            raise PerpairError(f"every pair's prompt fills max_length {config.max_length}; raise max_length")
+        epoch += 1
+    steps = [sequence[s * config.batch_size:(s + 1) * config.batch_size] for s in range(config.steps)]
+    skipped = sum(1 for t in tokenized.values() if t is None)
+    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped)

@@ -1,0 +1,200 @@
+"""Who owns OUT (``OUT/run.key``), resumable checkpoints (safetensors and JSON only, nothing pickled), the
+metrics file a resumed run rewrites, and the final model in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from perpair.errors import PerpairError
+from perpair.train.config import TrainConfig
+
+RUN_KEY = "run.key"
+# Settings that do not change what a run computes: a run resumed with other values is the same run.
+_NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_every", "keep_checkpoints",
+                 "save_model", "final_checkpoint", "release_cpu_memory"}
+# What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", RUN_KEY)
+
+
+def run_key(config: TrainConfig) -> str:
+    """The identity of a run: a hash of every setting that changes what it computes."""
+    options = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def check_out(config: TrainConfig) -> str:
+    """Refuse an OUT that holds another run's outputs (unless ``overwrite``), or this run's checkpoints without
+    ``resume`` (a fresh start would mix its checkpoints with theirs); returns this run's key. Reads only."""
+    out, key = Path(config.out), run_key(config)
+    if out.exists() and not out.is_dir():
+        raise PerpairError(f"--out {out}: a file, not a folder")
+    marker = out / RUN_KEY
+    held = marker.read_text().strip() if marker.is_file() else None
+    occupied = [name for name in _OUTPUTS if (out / name).exists()]
+    if config.overwrite or not occupied:
+        return key
+    if held == key:
+        if config.resume or not checkpoints(out):
+            return key
+        raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
+                           "continues it, --overwrite starts it again")
+    what = ("another run (its run.key differs: other settings)" if held is not None
+            else f"outputs of another run ({', '.join(occupied)}; no run.key)")
+    hint = "--resume continues only the run that wrote them; " if config.resume else ""
+    raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
+
+
+def claim_out(config: TrainConfig, key: str) -> None:
+    """Main process, after :func:`check_out`: remove the old run's outputs when overwriting, and mark OUT."""
+    out = Path(config.out)
+    if config.overwrite:
+        for name in _OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_KEY).write_text(key + "\n")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The resumable checkpoints in ``out``, oldest first."""
+    root = out / "checkpoints"
+    return sorted(root.glob("step-*")) if root.is_dir() else []
+
+
+def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
+    """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states, written to
+    a temporary folder and renamed, so a kill never leaves half a checkpoint."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(module).model
+    target = out / "checkpoints" / f"step-{step:08d}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, tmp / "model.safetensors")
+    inner = getattr(optimizer, "optimizer", optimizer)
+    tensors, groups = {}, []
+    for group in inner.param_groups:
+        groups.append({"names": [names[id(p)] for p in group["params"]],
+                       **{k: v for k, v in group.items() if k != "params"}})
+        for p in group["params"]:
+            for key, value in inner.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}::{key}"] = value.detach().contiguous().cpu()
+    save_file(tensors, tmp / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / "rng.safetensors")
+    np_state = np.random.get_state()
+    state = {
+        "step": step, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
+    """Restore the latest checkpoint in ``out``; returns its step (0 when there is none)."""
+    found = checkpoints(out)
+    if not found:
+        return 0
+    folder = found[-1]
+    state = json.loads((folder / "state.json").read_text())
+    weights = load_file(folder / "model.safetensors")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing or any(n not in params for n in weights):
+        raise PerpairError(f"checkpoint {folder} does not match this model (e.g. {(missing or list(weights))[0]}); "
+                           "resume with the configuration that wrote it")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    tensors = load_file(folder / "optimizer.safetensors")
+    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "names"})
+        for name, p in zip(saved["names"], group["params"], strict=True):
+            entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+            if entries:
+                optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    random.setstate(_tuples(state["python_rng"]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return int(state["step"])
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if not callable(v)}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics of steps up to ``step`` (a resumed run rewrites the ones after its checkpoint)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if step == 0 or not path.exists():
+        path.write_text("")
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:
+    """HF-format outputs: full weights in OUT/model, or the adapter in OUT/adapter (and merged in OUT/model)."""
+    from accelerate.utils import DistributedType
+
+    accelerator.wait_for_everyone()
+    state_dict = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Each rank holds a shard: every rank takes part in gathering the full weights, rank 0 receives them.
+        gathered = accelerator.get_state_dict(module)
+        state_dict = {name.removeprefix("model."): value for name, value in gathered.items()}  # CompletionLogps.model
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(module).model
+    out = Path(config.out)
+    saved = {}
+    if config.lora is None:
+        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out / "model")
+        saved["model"] = str(out / "model")
+    else:
+        model.save_pretrained(out / "adapter", state_dict=state_dict)
+        saved["adapter"] = str(out / "adapter")
+        if config.lora.merge:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(out / "model", safe_serialization=True)
+            tokenizer.save_pretrained(out / "model")
+            saved["model"] = str(out / "model")
+    return saved

@@ -1,0 +1,199 @@
+"""Everything a run sets up before its first step: the accelerator (and what a launch may not ask for), the
+tokenizer and model, the reference log-probs, the policy to train, its optimizer and learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from perpair.allocator import active_allocator
+from perpair.artifacts import file_sha256
+from perpair.errors import PerpairError
+from perpair.models import model_fingerprint, resolve_model
+from perpair.train import reference
+from perpair.train.batches import PairData, StepBatches
+from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
+from perpair.train.lean import lean_activations
+from perpair.train.losses import ROUTE_PREFERENCE
+from perpair.train.tokenize import TokenizedPair
+
+REFERENCE_PACKING = 4  # the reference pass packs pairs up to this many × max_length tokens per forward
+
+
+def setup_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
+        release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
+    check_sharding(config, accelerator.distributed_type)
+    return accelerator
+
+
+def release_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Ask glibc to serve every allocation of ``threshold`` bytes or more with its own mapping, unmapped when
+    freed (returns whether it took). By default glibc raises that threshold to 32 MiB as large blocks are freed,
+    so activations end up in its heap, where the holes they leave between longer-lived gradients and optimizer
+    states stay resident: on ``benchmarks/vs_trl.py`` 0.5 GiB of the peak. The cost is a page fault per fresh 4 KiB
+    page of each such buffer; the step time did not measurably change."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+
+
+def check_sharding(config: TrainConfig, distributed_type) -> None:
+    """Refuse what the loop does not yet do right with the sharding Accelerate chose, before any work is done
+    (the config refused the same from the launch's environment already; this catches a mismatch)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.DEEPSPEED:
+        sharding = "deepspeed"
+    elif distributed_type == DistributedType.FSDP:
+        sharding = "fsdp"
+    else:
+        if launch_sharding() == "fsdp":  # set by accelerate launch with an FSDP config
+            raise PerpairError(f"an FSDP launch config, but Accelerate chose {distributed_type.value}: FSDP needs "
+                               "GPUs (without one it would silently run DDP or single processes)")
+        return
+    problem = sharding_problem(config, sharding)
+    if problem:
+        raise PerpairError(problem)
+
+
+def load_tokenizer(config: TrainConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    if tokenizer.chat_template is None:
+        raise PerpairError(f"model {config.model}: the tokenizer has no chat template; perpair trains on "
+                           "conversations and tokenizes them as TRL does, with the template")
+    return tokenizer
+
+
+def load_model(spec: str, accelerator):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model.to(accelerator.device)
+
+
+def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
+                      accelerator, on_progress: Callable[[int, int], None] | None = None,
+                      ) -> tuple[dict[int, tuple[float, float]], int]:
+    """Reference log-probs ``{row: (chosen, rejected)}`` in the trained orientation, for the preference pairs of
+    the run (SFT pairs and reference-free losses need none). The main process fills the cache; the others
+    read it."""
+    if config.objective.reference_free:
+        return {}, 0
+    rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
+    if not rows:
+        return {}, 0
+    cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
+    spec = resolve_model(config.reference_model or config.model)
+    key = reference.cache_key(model=model_fingerprint(spec),
+                              tokenizer=reference.tokenizer_fingerprint(tokenizer),
+                              pairs_sha256=file_sha256(data.path), max_length=config.max_length,
+                              ld_alpha=config.ld_alpha)
+    path = reference.cache_path(cache_dir, key)
+    # cached values are in the pair's own orientation: un-flip to look them up
+    own = [_unflip(batches.tokenized[r]) if data.flipped[r] else batches.tokenized[r] for r in rows]
+    ids = [data.pair_ids[r] for r in rows]
+
+    def load():  # the initial policy is the default reference: no second model is loaded
+        return policy if config.reference_model is None else load_model(config.reference_model, accelerator)
+
+    computed = 0
+    autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+    # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
+    # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
+    tokens = max(config.tokens_per_forward, REFERENCE_PACKING * config.max_length)
+    if accelerator.is_main_process:
+        _, computed = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
+                                                tokens_per_forward=tokens, chunk_size=config.logits_chunk,
+                                                autocast_dtype=autocast, on_progress=on_progress,
+                                                ld_alpha=config.ld_alpha)
+    accelerator.wait_for_everyone()
+    values, _ = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
+                                          tokens_per_forward=tokens, chunk_size=config.logits_chunk,
+                                          autocast_dtype=autocast, ld_alpha=config.ld_alpha)
+    out = {}
+    for row, (c, r) in zip(rows, values.tolist(), strict=True):
+        out[row] = (r, c) if data.flipped[row] else (c, r)
+    return out, computed
+
+
+def _unflip(pair: TokenizedPair) -> TokenizedPair:
+    return TokenizedPair(pair.prompt, pair.rejected, pair.chosen)
+
+
+def prepare_policy(config: TrainConfig, model, single_process: bool = True):
+    """Full fine-tuning, or a LoRA adapter (PEFT) on the frozen model."""
+    if config.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since Transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lean_activations and config.lora is None:  # under LoRA: once the adapters are in, below
+        lean_activations(model, recompute_mlp=config.recompute_mlp)
+    model.train()
+    if config.lora is None:
+        if single_process:
+            # A forward reads a few hundred rows of the input embedding; its dense gradient would be a zeroed
+            # [vocab, hidden] tensor per forward. Sparse, it is added into the parameter's gradient (dense as
+            # soon as a tied output embedding contributes) and densified once before the optimizer step.
+            model.get_input_embeddings().sparse = True
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)  # adapter initialisation
+    lora = config.lora
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if config.lean_activations:
+        lean_activations(model, recompute_mlp=config.recompute_mlp)
+    return model
+
+
+def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    try:  # the fused kernel updates in place: fastest, and no temporary copies of the parameters
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant, linear or cosine decay to 0 (the shapes of transformers' schedulers)."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return step / max(1, warmup)
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    if config.lr_schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_scheduler(config: TrainConfig, optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
