@@ -34,6 +34,8 @@ def train_command(
     resume: Annotated[bool | None, typer.Option("--resume", help="Continue from OUT's last checkpoint.")] = None,
     save_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    report_to: Annotated[list[str] | None, typer.Option(
+        "--report-to", help="Tracker to log to: tensorboard, wandb, trackio or mlflow (repeatable).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="Any config key, dotted for nested ones (repeatable).")] = None,
 ) -> None:
@@ -44,7 +46,7 @@ def train_command(
         "model": model, "data": data, "plan": plan, "out": out_dir, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "beta": beta, "loss": loss, "lr": lr, "lr_schedule": lr_schedule,
         "warmup_ratio": warmup_ratio, "seed": seed, "shuffle": shuffle, "resume": resume,
-        "save_every": save_every, "threads": threads,
+        "save_every": save_every, "threads": threads, "report_to": report_to,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if lora:

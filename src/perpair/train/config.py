@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from perpair.errors import PerpairError
 from perpair.train.losses import LOSSES
+from perpair.train.tracking import missing_packages
 
 
 class LoraConfig(BaseModel):
@@ -90,6 +91,13 @@ class TrainConfig(BaseModel):
                           "(mallopt M_MMAP_THRESHOLD, process-wide) instead of keeping it in a fragmented heap; a "
                           "lower peak RSS for more page faults.")
 
+    # --- experiment tracking -----------------------------------------------------------------------
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="Trackers to log every step to (Accelerate's), under TRL's metric names "
+                                          "(train/loss, train/rewards/margins, …) plus train/perpair/….")
+    project: str = Field("perpair", description="Tracker project (TensorBoard: the sub-folder of OUT/runs).")
+    run_name: str | None = Field(None, description="Run name on the dashboard (default: the output folder's name).")
+
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
@@ -109,6 +117,9 @@ class TrainConfig(BaseModel):
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
+        missing = missing_packages(self.report_to)
+        if missing:
+            raise ValueError(f"report_to needs {', '.join(missing)}, not installed: pip install 'perpair[tracking]'")
         return self
 
     @property

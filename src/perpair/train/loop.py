@@ -48,6 +48,7 @@ from perpair.train.lean import lean_activations
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import LOSSES, ROUTE_PREFERENCE, ROUTE_SFT, Logps, LossParams, routed_losses
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
+from perpair.train.tracking import start_trackers, tracker_values
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -116,6 +117,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     metrics_path = out / METRICS
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start_step)
+    start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
+                   config=config.model_dump(), out=str(out))
 
     train_seconds, peak = 0.0, 0
     totals = Counter()
@@ -128,6 +131,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+        accelerator.log(tracker_values(metrics), step=metrics["step"])
         if on_step:
             on_step(metrics)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
@@ -169,7 +173,8 @@ def setup_accelerator(config: TrainConfig):
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
+                              log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
     set_seed(config.seed)
     if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
