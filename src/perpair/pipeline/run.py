@@ -238,7 +238,8 @@ class _Job:
         if keys.get("steps") is None:
             keys["steps"] = _one_epoch(plan, keys.get("batch_size", 8))
         options = {**keys, "model": self.config.model, "data": str(pairs), "plan": str(plan), "out": str(out),
-                   "reference_cache": str(self.workdir / "reference")}
+                   "reference_cache": str(self.workdir / "reference"),
+                   "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
 
