@@ -74,6 +74,8 @@ def train_command(
     save_every: Annotated[int | None, typer.Option(
         help=_help("Checkpoint every N steps (0: only at the end).", "save_every"))] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    report_to: Annotated[list[str] | None, typer.Option(
+        "--report-to", help="Tracker to log to: tensorboard, wandb, trackio or mlflow (repeatable).")] = None,
     overrides: Annotated[list[str] | None, typer.Option(
         "--set", metavar="KEY=VALUE", help="Any config key, dotted for nested ones (repeatable).")] = None,
 ) -> None:
@@ -84,7 +86,7 @@ def train_command(
         "model": model, "data": data, "plan": plan, "out": out_dir, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "beta": beta, "loss": loss, "lr": lr, "lr_schedule": lr_schedule,
         "warmup_ratio": warmup_ratio, "seed": seed, "shuffle": shuffle, "resume": resume, "overwrite": overwrite,
-        "save_every": save_every, "threads": threads,
+        "save_every": save_every, "threads": threads, "report_to": report_to,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if loss is not None and "," in loss:

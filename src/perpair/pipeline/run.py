@@ -266,7 +266,8 @@ class _Job:
         if keys.get("steps") is None:
             keys["steps"] = _one_epoch(plan, pairs, settings.train_configs[arm].batch_size)
         options = {**keys, "model": self.config.model, "data": str(pairs), "plan": str(plan), "out": str(out),
-                   "reference_cache": str(self.workdir / "reference")}
+                   "reference_cache": str(self.workdir / "reference"),
+                   "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
 

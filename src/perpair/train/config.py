@@ -18,6 +18,7 @@ from perpair.errors import InputError, PerpairError
 from perpair.plan.config import deep_merge
 from perpair.train.lean import DEFAULT_RECOMPUTE_MLP
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
+from perpair.train.tracking import missing_packages
 
 
 class LoraConfig(BaseModel):
@@ -110,6 +111,13 @@ class TrainConfig(BaseModel):
                           "(mallopt M_MMAP_THRESHOLD, process-wide) instead of keeping it in a fragmented heap; a "
                           "lower peak RSS for more page faults.")
 
+    # --- experiment tracking -----------------------------------------------------------------------
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(
+        default_factory=list, description="Trackers to log every step to (Accelerate's), under TRL's metric names "
+                                          "(train/loss, train/rewards/margins, …) plus train/perpair/….")
+    project: str = Field("perpair", description="Tracker project (TensorBoard: the sub-folder of OUT/runs).")
+    run_name: str | None = Field(None, description="Run name on the dashboard (default: the output folder's name).")
+
     # --- checkpoints ---------------------------------------------------------------------------------
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
@@ -182,6 +190,10 @@ class TrainConfig(BaseModel):
         problem = sharding_problem(self, launch_sharding())
         if problem:
             raise ValueError(problem)
+        missing = missing_packages(self.report_to)
+        if missing:
+            raise ValueError(f"report_to needs {', '.join(missing)}, not installed: pip install {' '.join(missing)} "
+                             "(or 'perpair[tracking]' for every tracker)")
         return self
 
     @property

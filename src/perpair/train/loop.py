@@ -55,6 +55,7 @@ from perpair.train.setup import (
     prepare_policy,
     setup_accelerator,
 )
+from perpair.train.tracking import start_trackers, tracker_values
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -107,6 +108,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     metrics_path = out / METRICS
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, start_step)
+    start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
+                   config=config.model_dump(), out=str(out))
 
     train_seconds, peak = 0.0, 0
     totals = Counter()
@@ -119,6 +122,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         if accelerator.is_main_process:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(metrics) + "\n")
+        accelerator.log(tracker_values(metrics), step=metrics["step"])
         if on_step:
             on_step(metrics)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:

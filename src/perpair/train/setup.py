@@ -34,7 +34,8 @@ def setup_accelerator(config: TrainConfig):
     bf16 = config.precision == "bf16" or (
         config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
-    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
+                              log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
     set_seed(config.seed)
     if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help

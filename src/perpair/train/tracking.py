@@ -1,0 +1,77 @@
+"""Experiment trackers (TensorBoard, W&B, Trackio, MLflow) through Accelerate's own tracking API.
+
+A TRL run reaches its dashboard through transformers' callbacks, which log each metric under ``train/`` + the
+name TRL gives it (``train/loss``, ``train/rewards/margins``, …). We log the same quantities under the same
+names, so a TRL run and a perpair run plot on the same panels, and perpair's own quantities (per-pair β,
+routes, throughput) under ``train/perpair/…``. Only quantities with the same meaning share a name: TRL's
+``num_tokens`` counts the prompt once per response, our packed layout once per pair, so ours is not called that.
+
+The tracker packages are optional (``pip install 'perpair[tracking]'``): a name whose package is missing is
+refused when the configuration is built, before any work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+# tracker name (as Accelerate and TRL's report_to spell it) -> the package it needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+# our metric -> the name TRL 1.16's DPOTrainer (through transformers' Trainer) logs the same quantity under
+TRL_NAMES = {
+    "loss": "loss",
+    "lr": "learning_rate",
+    "grad_norm": "grad_norm",
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "reward_margin": "rewards/margins",
+    "reward_accuracy": "rewards/accuracies",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
+# ours alone, logged as train/perpair/NAME
+OWN_NAMES = ("beta_mean", "beta_min", "beta_max", "loss_preference", "loss_sft", "pairs", "tokens", "seconds")
+PREFIX = "train/"
+
+
+def missing_packages(report_to: list[str]) -> list[str]:
+    """The packages the trackers in ``report_to`` need and this environment lacks."""
+    return [TRACKERS[name] for name in report_to if importlib.util.find_spec(TRACKERS[name]) is None]
+
+
+def tracker_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """One step's metrics (a line of metrics.jsonl) as the scalars a dashboard plots, under TRL's names."""
+    values = {PREFIX + TRL_NAMES[key]: metrics[key] for key in TRL_NAMES if metrics.get(key) is not None}
+    values.update({f"{PREFIX}perpair/{key}": metrics[key] for key in OWN_NAMES if metrics.get(key) is not None})
+    pairs = metrics.get("pairs") or 0
+    if pairs:
+        for route in ("preference", "sft"):
+            values[f"{PREFIX}perpair/route_share_{route}"] = metrics.get(f"pairs_{route}", 0) / pairs
+    if metrics.get("seconds"):
+        values[f"{PREFIX}perpair/tokens_per_second"] = metrics["tokens"] / metrics["seconds"]
+    return {key: float(value) for key, value in values.items()}
+
+
+def hyperparameters(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """The run's configuration flattened to the scalar values every tracker stores (dotted keys)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in hyperparameters(value).items()})
+        elif isinstance(value, bool | int | float | str):
+            flat[key] = value
+        else:  # None, lists: stored as their JSON text (TensorBoard's hparams take scalars only)
+            flat[key] = json.dumps(value)
+    return flat
+
+
+def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str, Any], out: str) -> None:
+    """Open the trackers the Accelerator was created with (``log_with``); a no-op when there are none."""
+    if not accelerator.log_with:
+        return
+    init_kwargs = {"wandb": {"name": run_name, "dir": out}, "trackio": {"name": run_name},
+                   "mlflow": {"run_name": run_name}}
+    # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
+    accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)

@@ -1,0 +1,119 @@
+"""Trackers: ``perpair train --report-to`` writes what a TRL user's dashboard reads, under TRL's names."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, save_tiny_llama
+from perpair.train import load_config
+from perpair.train.tracking import TRL_NAMES, missing_packages, tracker_values
+
+ARGS = ("--steps", "3", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--threads", "1",
+        "--set", "save_model=false", "--set", "final_checkpoint=false")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=32)
+
+
+def test_trl_names_are_the_ones_trl_logs():
+    """Every TRL name we log under is one TRL 1.16's DPOTrainer (or transformers' Trainer) writes."""
+    source = "".join(Path(importlib.util.find_spec(module).origin).read_text()
+                     for module in ("trl.trainer.dpo_trainer", "transformers.trainer"))
+    for name in TRL_NAMES.values():
+        assert f'"{name}"' in source, name
+
+
+def test_tracker_values_maps_a_metrics_line():
+    line = {"step": 2, "loss": 0.6, "lr": 1e-3, "grad_norm": 2.0, "pairs": 4, "pairs_preference": 3, "pairs_sft": 1,
+            "tokens": 800, "seconds": 2.0, "reward_margin": 0.1, "reward_accuracy": None, "beta_mean": 0.05}
+    values = tracker_values(line)
+    assert values["train/loss"] == 0.6
+    assert values["train/learning_rate"] == 1e-3
+    assert values["train/rewards/margins"] == 0.1
+    assert "train/rewards/accuracies" not in values  # no preference pair: nothing rather than a made-up 0
+    assert values["train/perpair/route_share_sft"] == 0.25
+    assert values["train/perpair/route_share_preference"] == 0.75
+    assert values["train/perpair/tokens_per_second"] == 400.0
+    assert values["train/perpair/beta_mean"] == 0.05
+
+
+@pytest.mark.skipif(bool(missing_packages(["tensorboard", "wandb"])), reason="tensorboard and wandb not installed")
+def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", out, *ARGS,
+            "--set", f"reference_cache={tmp_path / 'ref'}", "--report-to", "tensorboard", "--report-to", "wandb")
+    metrics = _metrics(out)
+
+    events = list((out / "runs" / "perpair").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    for tag, key in (("train/loss", "loss"), ("train/logps/chosen", "logps_chosen"),
+                     ("train/rewards/margins", "reward_margin"), ("train/perpair/beta_mean", "beta_mean")):
+        scalars = accumulator.Scalars(tag)
+        assert [s.step for s in scalars] == [m["step"] for m in metrics]
+        assert [s.value for s in scalars] == pytest.approx([m[key] for m in metrics], rel=1e-6)
+
+    # W&B offline: the run's history, as wandb itself syncs it, holds the same losses
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = _wandb_history(next(runs[0].glob("run-*.wandb")))
+    assert [row["train/loss"] for row in history if "train/loss" in row] == pytest.approx(
+        [m["loss"] for m in metrics], rel=1e-6)
+
+
+def _wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline W&B run file. The file is a LevelDB-style log (a 7-byte header ":W&B",
+    magic, version; 32 KiB blocks of records: crc32 u32, length u16, type u8 = full/first/middle/last) of
+    protobuf ``Record`` messages, decoded with wandb's own schema (wandb ≥ 0.20 has no Python reader)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    rows, position, pending, block = [], 7, b"", 32768
+    while position + 7 <= len(data):
+        left = block - position % block
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            position += left
+            continue
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_at_load(monkeypatch, tmp_path):
+    import perpair.train.tracking as tracking
+
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(Exception, match="report_to needs mlflow"):
+        load_config(None, {"model": "m", "data": "d", "out": str(tmp_path), "steps": 1, "report_to": ["mlflow"]})
+
+
+def test_an_unknown_tracker_is_refused_by_the_cli(tmp_path):
+    result = run_cli("train", "--model", "m", "--data", "d", "--out", tmp_path / "o", "--steps", "1",
+                     "--report-to", "tensorbored", check=False)
+    assert result.returncode == 2
+    assert "report_to" in result.stderr and "'tensorboard', 'wandb'" in result.stderr
+    assert "Traceback" not in result.stderr
