@@ -197,7 +197,7 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
-    (("--set", "betas=0.1"), "betas: Extra inputs are not permitted"),
+    (("--set", "betas=0.1"), "unknown key 'betas'"),
     (("--beta", "-1"), "beta: Input should be greater than 0"),
     # refused, not trained: SFT would silently drop the plan's beta, label smoothing, routes and flips
     (("--loss", "sft", "--plan", "plan.parquet"), "loss 'sft' trains every pair's chosen response and would ignore"),
