@@ -24,8 +24,9 @@ import time
 
 import torch
 
-from perpair.train import logprobs
-from perpair.train.logprobs import CompletionLogps, pack, run_packed, tree_attention_masked, tree_attention_sdpa
+from perpair.train import attention
+from perpair.train.attention import tree_attention_masked, tree_attention_sdpa
+from perpair.train.logprobs import CompletionLogps, pack, run_packed
 from perpair.train.tokenize import TokenizedPair
 
 # SDPA's GPU kernel ops whose fourth argument is an optional mask (flash takes none)
@@ -78,13 +79,13 @@ def check_case(device, dtype, kv_heads, layout, length, tolerance) -> bool:
     low = [t.to(dtype) for t in (q, k, v)]
     ok = True
     errors = {}
-    for name, attention in (("bias", tree_attention_sdpa), ("masked", tree_attention_masked)):
-        got = run(attention, *low, layout, weights)
+    for name, implementation in (("bias", tree_attention_sdpa), ("masked", tree_attention_masked)):
+        got = run(implementation, *low, layout, weights)
         # relative to each tensor's largest value: gradients are far larger than outputs
         errors[name] = max(((a.double() - b).abs().max() / b.abs().max()).item()
                            for a, b in zip(got, exact, strict=True))
-        used = kernels_used(lambda attention=attention: run(attention, *low, layout, weights))
-        ms = timed(lambda attention=attention: run(attention, *low, layout, weights), device)
+        used = kernels_used(lambda implementation=implementation: run(implementation, *low, layout, weights))
+        ms = timed(lambda implementation=implementation: run(implementation, *low, layout, weights), device)
         print(f"  {name:6s} max |Δ|/max vs float64 {errors[name]:.2e}  fwd+bwd {ms:7.2f} ms  "
               f"kernels: {', '.join(used)}")
         if name == "bias" and device.type == "cuda" and any("math" in u or "+mask" in u for u in used):
@@ -104,13 +105,13 @@ def check_dispatch(device) -> bool:
                          num_key_value_heads=2, vocab_size=100, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to(device)
     calls = []
-    original = logprobs.tree_attention_sdpa
+    original = attention.tree_attention_sdpa
 
     def record(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    logprobs.tree_attention_sdpa = record
+    attention.tree_attention_sdpa = record
     try:
         pairs = [TokenizedPair(list(range(1, 20)), list(range(20, 30)), list(range(30, 45)))]
         module = CompletionLogps(model)
@@ -124,7 +125,7 @@ def check_dispatch(device) -> bool:
 
         used = kernels_used(step)
     finally:
-        logprobs.tree_attention_sdpa = original
+        attention.tree_attention_sdpa = original
     print(f"dispatch on {device.type}: tree_attention_sdpa ran in {len(calls)} of {config.num_hidden_layers} "
           f"layers of a Llama under bf16 autocast; kernels: {', '.join(used)}")
     if device.type == "cpu":

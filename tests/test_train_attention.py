@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perpair.train import logprobs
-from perpair.train.logprobs import CompletionLogps, pack, run_packed, tree_attention_masked, tree_attention_sdpa
+from perpair.train import attention
+from perpair.train.attention import tree_attention_masked, tree_attention_sdpa
+from perpair.train.logprobs import CompletionLogps, pack, run_packed
 from perpair.train.tokenize import TokenizedPair
 
 # a shared prompt, a pair without a prompt, a pair without a rejected response
@@ -60,14 +61,14 @@ def test_a_non_cpu_device_takes_the_bias_path_and_a_cpu_the_pieces(monkeypatch):
     """The dispatch: tensors off the CPU (here on the meta device, as a GPU's would be) go to the mask-free SDPA
     path; on the CPU, the flash pieces, unless dropout is asked for (the pieces apply none)."""
     taken = []
-    monkeypatch.setattr(logprobs, "tree_attention_sdpa", lambda *a, **k: taken.append("sdpa") or a[0])
-    monkeypatch.setattr(logprobs.CpuTreeAttention, "apply", lambda *a, **k: taken.append("pieces") or a[0])
+    monkeypatch.setattr(attention, "tree_attention_sdpa", lambda *a, **k: taken.append("sdpa") or a[0])
+    monkeypatch.setattr(attention.CpuTreeAttention, "apply", lambda *a, **k: taken.append("pieces") or a[0])
     layout = pack(PAIRS).layout
     length = layout.blocks[-1].queries[1]
     for device, dropout in (("meta", 0.0), ("cpu", 0.0), ("cpu", 0.1)):
         q = torch.zeros(1, 4, length, 8, device=device)
         kv = torch.zeros(1, 2, length, 8, device=device)
-        logprobs.tree_attention(torch.nn.Identity(), q, kv, kv, None, dropout=dropout, perpair_tree=layout)
+        attention.tree_attention(torch.nn.Identity(), q, kv, kv, None, dropout=dropout, perpair_tree=layout)
     assert taken == ["sdpa", "pieces", "sdpa"]
 
 
@@ -82,17 +83,17 @@ def test_mistral_with_a_sliding_window_on_the_bias_path(monkeypatch):
                            num_key_value_heads=2, vocab_size=50, sliding_window=9, attn_implementation="sdpa")
     model = MistralForCausalLM(config).double()
     module = CompletionLogps(model, chunk_size=2)
-    monkeypatch.setattr(logprobs, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
+    monkeypatch.setattr(attention, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
     weights = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0]], dtype=torch.float64)
     results = []
-    for attention in (tree_attention_sdpa, tree_attention_masked):
+    for implementation in (tree_attention_sdpa, tree_attention_masked):
         calls = []
 
-        def record(*args, attention=attention, calls=calls, **kwargs):
+        def record(*args, implementation=implementation, calls=calls, **kwargs):
             calls.append(1)
-            return attention(*args, **kwargs)
+            return implementation(*args, **kwargs)
 
-        monkeypatch.setattr(logprobs, "tree_attention_sdpa", record)
+        monkeypatch.setattr(attention, "tree_attention_sdpa", record)
         sums, _ = run_packed(module, pack(PAIRS), torch.device("cpu"))
         (sums * weights).sum().backward()
         results.append([sums.detach()] + [p.grad.clone() for p in model.parameters()])
@@ -117,22 +118,22 @@ def test_routing_is_undone_per_model_and_the_registration_with_the_last():
                                             attn_implementation="sdpa")).double()
 
     name = "perpair_tree:sdpa"
-    others = logprobs._USERS[name]  # models other tests routed and never released
+    others = attention._USERS[name]  # models other tests routed and never released
     first, second = llama(), llama()
     pairs = [PAIRS[0], PAIRS[2]]  # with prompts: a response without one has no position predicting its first token
     expected, _ = logps_of_tokenized(first, pairs)
-    assert first.config._attn_implementation == "sdpa" and logprobs._USERS[name] == others
+    assert first.config._attn_implementation == "sdpa" and attention._USERS[name] == others
     a, b = CompletionLogps(first), CompletionLogps(second)
     assert CompletionLogps(first)._restore_attention() is None  # routed already: the first wrapper restores
     assert first.config._attn_implementation == second.config._attn_implementation == name
-    assert logprobs._USERS[name] == others + 2
+    assert attention._USERS[name] == others + 2
     a.release()
     assert first.config._attn_implementation == "sdpa" and name in AttentionInterface._global_mapping
     sums, _ = run_packed(b, pack(pairs), torch.device("cpu"))  # the other model still runs tree attention
     assert torch.allclose(sums, expected, atol=1e-10)
     b.release()
     b.release()  # twice: nothing more
-    assert second.config._attn_implementation == "sdpa" and logprobs._USERS[name] == others
+    assert second.config._attn_implementation == "sdpa" and attention._USERS[name] == others
     assert (name in AttentionInterface._global_mapping) == (others > 0)
 
 
@@ -150,14 +151,14 @@ def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
     module = CompletionLogps(model, chunk_size=2)
     pairs = [PAIRS[0], PAIRS[2]]
     expected, _ = run_packed(module, pack(pairs), torch.device("cpu"))
-    monkeypatch.setattr(logprobs, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
+    monkeypatch.setattr(attention, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
     dtypes = []
 
     def record(query, key, value, *args, **kwargs):
         dtypes.append((query.dtype, key.dtype, value.dtype))
         return tree_attention_sdpa(query, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(logprobs, "tree_attention_sdpa", record)
+    monkeypatch.setattr(attention, "tree_attention_sdpa", record)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
     assert dtypes == [(torch.bfloat16,) * 3] * 2

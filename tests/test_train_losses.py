@@ -228,7 +228,7 @@ def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
     """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
     gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and
     grouped-query heads."""
-    from perpair.train.logprobs import CpuTreeAttention, Piece, tree_attention_masked
+    from perpair.train.attention import CpuTreeAttention, Piece, tree_attention_masked
 
     pairs = [TokenizedPair([1, 2, 3, 4, 5], [5, 6, 7], [8, 9, 10, 11]), TokenizedPair([], [12, 13], [14]),
              TokenizedPair([3, 3], [4, 4, 4], [])]

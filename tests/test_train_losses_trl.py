@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from perpair.train.losses import LOSSES, Logps, LossParams, ld_logps, objective, wpo_weights
+from perpair.train.losses import LOSSES, Logps, LossParams, objective, wpo_weights
 
 trl = pytest.importorskip("trl")
 if not trl.__version__.startswith("1.16."):
@@ -113,7 +113,10 @@ def _summed(per_token: torch.Tensor, batch: Batch, ld_alpha: float | None) -> Lo
     if ld_alpha is not None:
         shared_len = torch.minimum(counts[:n], counts[n:]).repeat(2)
         head = torch.arange(LENGTH)[None, :] < shared_len[:, None]
-        full = ld_logps(full, (per_token * batch.mask * head).sum(1), ld_alpha)
+        # LD-DPO (Liu et al. 2024, Eq. 9): shared + α·(full − shared); perpair computes it in the packed
+        # forward (logprobs.ld_token_weights), here on TRL's padded batch
+        shared = (per_token * batch.mask * head).sum(1)
+        full = shared + ld_alpha * (full - shared)
     return Logps(full[:n], full[n:], counts[:n], counts[n:])
 
 

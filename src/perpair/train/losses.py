@@ -324,13 +324,6 @@ def wpo_weights(chosen_aligned: Tensor, chosen_tokens: Tensor, rejected_aligned:
     return torch.exp(chosen + rejected).detach()
 
 
-def ld_logps(full: Tensor, shared: Tensor, alpha: float) -> Tensor:
-    """LD-DPO, Liu et al. 2024 Eq. 9: a response's log-prob with the tokens past the pair's shared length
-    (min(|y_w|, |y_l|)) weighted by α: shared + α·(full − shared). ``shared`` is the sum over the first
-    min(|y_w|, |y_l|) tokens; α = 1 is plain DPO, α = 0 ignores the longer response's excess."""
-    return shared + alpha * (full - shared)
-
-
 def objective(names: str | Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
     """The loss a run trains with: one registered loss, or the weighted sum Σ_k w_k·loss_k of several per pair
     (TRL's ``loss_type`` list with ``loss_weights``; e.g. MPO = sigmoid + bco_pair + sft with weights 0.8, 0.2,
