@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_server import llama_server  # noqa: F401  (registers the session's one llama.cpp server)
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UF_TRAIN = SHARED_DATA / "ultrafeedback" / "train_1k.jsonl.gz"
