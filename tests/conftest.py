@@ -3,8 +3,8 @@
 Layers (README, "Development"): every test is ``unit`` (a function on small in-memory inputs), ``component``
 (one stage through its API or command line, on fixtures, tiny random models, loopback stubs) or ``e2e``
 (real models, a real llama.cpp server, several stages or processes, kills). A test's layer is, first, a
-``unit``/``component``/``e2e`` marker on it; else ``e2e`` if it is marked ``slow``; else its file's entry in
-``LAYERS``; else ``component``. ``make test-fast`` runs ``-m "not e2e"``.
+``unit``/``component``/``e2e`` marker on it; else ``e2e`` if it is marked ``slow``; else its own entry
+(``file::name``) or its file's in ``LAYERS``; else ``component``. ``make test-fast`` runs ``-m "not e2e"``.
 
 Tests that read ``../shared/data`` skip, saying so, where it is absent (``pytest_collection_modifyitems``
 and :class:`_DataModule`).
@@ -90,6 +90,11 @@ LAYERS = {
     # e2e: SmolLM2, the llama.cpp server, TRL's trainer, whole-sample runs
     "test_annotate_server.py": "e2e", "test_eval_alpaca_e2e.py": "e2e", "test_eval_arena_e2e.py": "e2e",
     "test_plan_ultrafeedback.py": "e2e", "test_train_trl.py": "e2e",
+    # single tests of component files that run several stages or processes, or kill one (a test's own entry
+    # wins over its file's): the slowest of that layer, 25-120 s each on 2 shared cores
+    "test_run_pipeline.py::test_run_all_stages_then_skip_rerun_and_from": "e2e",
+    "test_eval_preference.py::test_cli_end_to_end_on_ultrafeedback": "e2e",
+    "test_train_cli.py::test_resume_after_sigkill_is_exact": "e2e",
 }
 LAYER_NAMES = ("unit", "component", "e2e")
 
@@ -102,7 +107,8 @@ def layer_of(item: pytest.Item) -> str:
         return marked[0]
     if item.get_closest_marker("slow"):
         return "e2e"
-    return LAYERS.get(item.path.name, "component")
+    test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+    return LAYERS.get(test) or LAYERS.get(item.path.name, "component")
 
 
 # --- ../shared/data absent: skip what reads it, with the reason ---------------------------------------------
