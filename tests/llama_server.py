@@ -119,8 +119,12 @@ def llama_server() -> Iterator[str]:
     if not llama_cpp_available():
         pytest.skip("llama_cpp is not importable: pip install 'llama-cpp-python[server]' to run the real-server "
                     "tests")
-    with start_llama_server() as server_url, Proxy(server_url, memoize=True) as url:
-        yield url
+    with start_llama_server() as server_url:
+        memo = Proxy(server_url, memoize=True)
+        with memo as url:
+            yield url
+        # What the memo saved (shown with -s).
+        print(f"\nllama.cpp server: {len(memo.memo)} temperature-0 answers computed, {memo.memo_hits} from memory")
 
 
 # --- loopback HTTP servers for LLM tests: an instant stub endpoint and a counting, fault-injecting proxy ---
