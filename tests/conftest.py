@@ -116,32 +116,35 @@ def layer_of(item: pytest.Item) -> str:
 NO_DATA = f"needs the real samples in {SHARED_DATA}, which is absent (CI has ../shared beside the checkout)"
 
 
-def _points_into_data(value, data: Path) -> bool:
+def _points_into_data(value) -> bool:
     if isinstance(value, Path):
-        return value.is_relative_to(data)
+        return value.is_relative_to(SHARED_DATA)
     if isinstance(value, str):
-        return value.startswith(str(data))
+        return value.startswith(str(SHARED_DATA))
     if isinstance(value, tuple | list):
-        return any(_points_into_data(v, data) for v in value)
+        return any(_points_into_data(v) for v in value)
     return False
 
 
-def _reads_data(code: types.CodeType, module: dict, data: Path, seen: set) -> bool:
-    """Whether ``code`` names a module global that points into ``data``, directly or through the module's own
+def _own_function(value, module: dict) -> types.FunctionType | None:
+    """``value`` as a function defined in ``module`` (a fixture: the function it wraps), else None."""
+    function = getattr(value, "__wrapped__", value)
+    if isinstance(function, types.FunctionType) and function.__module__ == module.get("__name__"):
+        return function
+    return None
+
+
+def _reads_data(code: types.CodeType, module: dict, seen: set) -> bool:
+    """Whether ``code`` names a module global that points into the data, directly or through the module's own
     functions and fixtures that it calls (names only: a cheap, conservative reading of the test's code)."""
     for const in code.co_consts:
-        if isinstance(const, types.CodeType) and _reads_data(const, module, data, seen):
+        if isinstance(const, types.CodeType) and _reads_data(const, module, seen):
             return True
-    for name in code.co_names:
-        if name in seen:
-            continue
+    for name in set(code.co_names) - seen:
         seen.add(name)
         value = module.get(name)
-        if _points_into_data(value, data):
-            return True
-        function = getattr(value, "__wrapped__", value)  # a fixture's function
-        if isinstance(function, types.FunctionType) and function.__module__ == module.get("__name__") and \
-                _reads_data(function.__code__, module, data, seen):
+        function = _own_function(value, module)
+        if _points_into_data(value) or (function and _reads_data(function.__code__, module, seen)):
             return True
     return False
 
@@ -156,10 +159,8 @@ def _needs_data(item: pytest.Item) -> bool:
     if "uf_pairs" in item.fixturenames or f"{item.path.name}::{item.originalname}" in READS_DATA_UNNAMED:
         return True
     module, seen = vars(item.module), set()
-    names = [item.function.__code__] + [
-        getattr(module.get(f), "__wrapped__", module.get(f)).__code__ for f in item.fixturenames
-        if isinstance(getattr(module.get(f), "__wrapped__", module.get(f)), types.FunctionType)]
-    return any(_reads_data(code, module, SHARED_DATA, seen) for code in names)
+    fixtures = [_own_function(module.get(name), module) for name in item.fixturenames]
+    return any(_reads_data(f.__code__, module, seen) for f in [item.function, *filter(None, fixtures)])
 
 
 class _DataModule(pytest.Module):
