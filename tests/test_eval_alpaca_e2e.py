@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import SHARED_DATA, run_cli
+from llama_server import JUDGE_ALIAS
 
 AE = SHARED_DATA / "alpaca_eval"
 N = 20
@@ -107,7 +108,7 @@ def _probe_logprobs(url: str, model: str) -> None:
             choice = json.loads(response.read())["choices"][0]
     except urllib.error.HTTPError as exc:
         pytest.skip(f"llama.cpp server refuses logprobs ({exc.code}: {exc.read()[:200]!r}); the fixture must start "
-                    "it with --logits_all True")
+                    "it with logits_all")
     except OSError as exc:
         pytest.skip(f"llama.cpp server died on a one-token chat completion ({exc}); llama-cpp-python as built "
                     "here segfaults on multi-token prompts (Llama.create_completion, SIGSEGV)")
@@ -115,20 +116,16 @@ def _probe_logprobs(url: str, model: str) -> None:
         pytest.skip("llama.cpp server returned no top_logprobs for a chat completion")
 
 
-def test_llama_cpp_server_judge(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed")
-    from llama_server import MODEL_ALIAS, start_llama_server
-
-    out = tmp_path / "ae"
-    with start_llama_server(n_ctx=4096, logits_all=True) as url:
-        _probe_logprobs(url, MODEL_ALIAS)
-        first = json.loads(run_cli("eval", "alpaca-eval", *COMMON, "--judge", url, "--judge-name", MODEL_ALIAS,
-                                   "--judge-concurrency", "2", "-o", out).stdout)
-        assert (first["n_generated"], first["n_judged"]) == (N, N)
-        _check_row(first)
-        annotations = _check_files(out, "smollm2-135m-instruct")
-        assert all(a["raw_completion"]["logprobs"]["content"][0]["top_logprobs"] for a in annotations)
-        again = json.loads(run_cli("eval", "alpaca-eval", *COMMON, "--judge", url, "--judge-name", MODEL_ALIAS,
-                                   "-o", out).stdout)
+def test_llama_cpp_server_judge(llama_server, tmp_path):
+    url, out = llama_server, tmp_path / "ae"  # the session's server, shared with the annotate tests
+    _probe_logprobs(url, JUDGE_ALIAS)
+    first = json.loads(run_cli("eval", "alpaca-eval", *COMMON, "--judge", url, "--judge-name", JUDGE_ALIAS,
+                               "--judge-concurrency", "2", "-o", out).stdout)
+    assert (first["n_generated"], first["n_judged"]) == (N, N)
+    _check_row(first)
+    annotations = _check_files(out, "smollm2-135m-instruct")
+    assert all(a["raw_completion"]["logprobs"]["content"][0]["top_logprobs"] for a in annotations)
+    again = json.loads(run_cli("eval", "alpaca-eval", *COMMON, "--judge", url, "--judge-name", JUDGE_ALIAS,
+                               "-o", out).stdout)
     assert (again["n_generated"], again["n_judged"]) == (0, 0)
     assert again["win_rate"] == first["win_rate"]
