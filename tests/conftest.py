@@ -149,8 +149,8 @@ def _reads_data(code: types.CodeType, module: dict, seen: set) -> bool:
     return False
 
 
-# Tests that reach the data in a way their code does not name (a path relative to the working folder).
-READS_DATA_UNNAMED = {"test_eval_arena_hard.py::test_question_sources_hub_then_local_copy"}
+# Tests that reach the data in a way their code does not name (none now: every test names SHARED_DATA's paths).
+READS_DATA_UNNAMED: set[str] = set()
 
 
 def _needs_data(item: pytest.Item) -> bool:
