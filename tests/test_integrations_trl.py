@@ -147,6 +147,40 @@ def test_sp2dpo_mixdpo_plan_equals_perpair_train(loss, smoothing, small_pairs, t
         assert theirs["route/sft_share"] == mine["pairs_sft"] / mine["pairs"]
 
 
+def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
+    """For every TRL loss the plug-in supports: the loss of a batch with distinct β_i (and ε_i) equals the mean of
+    stock TRL's loss on each pair alone with β = β_i, ε = ε_i (TRL called, not a copy of its formulas)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    rows = _dataset(small_pairs).select([5, 7])  # two short pairs
+    betas, eps = [0.05, 0.4], [0.02, 0.2]
+    planned = rows.add_column("beta", betas).add_column("route", ["preference"] * 2)
+    planned = planned.add_column("order", [0, 1]).add_column("label_smoothing", eps)
+
+    def build(cls, dataset, **extra):
+        return cls(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=_args(tmp_path, 2, 256, 1e-3,
+                   loss_type=["robust"], label_smoothing=extra.pop("label_smoothing", 0.0)), train_dataset=dataset,
+                   processing_class=AutoTokenizer.from_pretrained(tiny_model), **extra)
+
+    ours = build(plugin.PerPairDPOTrainer, planned)
+    stock = build(DPOTrainer, rows, label_smoothing=0.1)
+    assert len(stock.train_dataset) == len(ours.train_dataset) == 2
+    batch = next(iter(ours.get_train_dataloader()))
+    singles = [stock.data_collator([stock.train_dataset[i]]) for i in range(2)]
+    for loss in sorted(plugin.PER_PAIR_LOSSES - {"sft"}):
+        ours.loss_types = stock.loss_types = [loss]
+        ours.loss_weights = stock.loss_weights = [1.0]
+        with torch.no_grad():
+            got = ours.compute_loss(ours.model, dict(batch)).item()
+            expected = []
+            for single, beta, smoothing in zip(singles, betas, eps, strict=True):
+                stock.beta, stock.label_smoothing = beta, smoothing
+                expected.append(stock.compute_loss(stock.model, dict(single)).item())
+        assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
+
+
 # ------------------------------------------------------------------------------- plan matching, refusals
 
 def test_dataset_columns_are_the_plan(small_pairs, tmp_path):
