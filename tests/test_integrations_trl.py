@@ -166,6 +166,11 @@ def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
 
     ours = build(plugin.PerPairDPOTrainer, planned)
     stock = build(DPOTrainer, rows, label_smoothing=0.1)
+    for trainer in (ours, stock):  # the same move away from the reference, so that the margins are not 0
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for parameter in trainer.model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
     assert len(stock.train_dataset) == len(ours.train_dataset) == 2
     batch = next(iter(ours.get_train_dataloader()))
     singles = [stock.data_collator([stock.train_dataset[i]]) for i in range(2)]
@@ -178,6 +183,7 @@ def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
             for single, beta, smoothing in zip(singles, betas, eps, strict=True):
                 stock.beta, stock.label_smoothing = beta, smoothing
                 expected.append(stock.compute_loss(stock.model, dict(single)).item())
+        assert expected[0] != pytest.approx(expected[1], rel=1e-3), loss  # the two pairs differ
         assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
 
 
