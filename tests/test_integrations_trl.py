@@ -254,6 +254,22 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, plan, tmp_path)
 
 
+def test_collator_leaves_unplanned_batches_to_trl():
+    """Evaluation batches carry no plan columns: TRL's collator output, unchanged; planned ones get the tensors."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    inner = DataCollatorForPreference(pad_token_id=0)
+    examples = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+                {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
+    collator = plugin.PlanCollator(inner)
+    plain = collator(examples)
+    assert set(plain) == set(inner(examples)) and all((plain[k] == inner(examples)[k]).all() for k in plain)
+    planned = collator([{**ex, plugin.BETA: b, plugin.SFT: s, plugin.EPS: 0.0}
+                        for ex, b, s in zip(examples, [0.1, 0.3], [False, True], strict=True)])
+    assert planned[plugin.BETA].tolist() == pytest.approx([0.1, 0.3]) and planned[plugin.SFT].tolist() == [False, True]
+    assert (planned["input_ids"] == plain["input_ids"]).all()
+
+
 def test_version_check_range():
     plugin.check_trl_version("1.16.0")
     plugin.check_trl_version("1.16.3")

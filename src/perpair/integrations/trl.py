@@ -222,6 +222,8 @@ class PlanCollator:
         self.inner = inner
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if BETA not in examples[0]:  # an evaluation dataset is not planned: TRL's batch as it is
+            return self.inner(examples)
         plan = {k: [ex[k] for ex in examples] for k in (BETA, SFT, EPS)}
         batch = self.inner([{k: v for k, v in ex.items() if k not in plan} for ex in examples])
         batch[BETA] = torch.tensor(plan[BETA], dtype=torch.float32)
