@@ -5,7 +5,9 @@ batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learni
 
 Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
 (``precompute_ref_log_probs=True``), ``trl-malloc`` (TRL defaults under the allocator perpair's command picks,
-to show how much of the difference is the allocator), ``perpair`` (``perpair train`` as a user runs it, with its
+to show how much of the difference is the allocator), ``trl-perpair`` (TRL with perpair's plug-in,
+``perpair.integrations.trl.PerPairDPOTrainer``, given a plan that changes nothing: every pair β = 0.1, file
+order; its cost over ``trl``), ``perpair`` (``perpair train`` as a user runs it, with its
 defaults, which include a preloaded allocator — see ``perpair.allocator``; empty reference cache: the reference
 log-probs are computed in the run), and perpair with one thing changed: ``perpair-system`` (glibc's malloc,
 ``PERPAIR_MALLOC=system``), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
@@ -51,7 +53,7 @@ PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environm
     "perpair-nolean": ({"lean_activations": False}, {}),
     "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
 }
-VARIANTS = ("trl", "trl-precompute", "trl-malloc", *PERPAIR_VARIANTS)
+VARIANTS = ("trl", "trl-precompute", "trl-malloc", "trl-perpair", *PERPAIR_VARIANTS)
 PARAMETERS = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
 
 
@@ -69,7 +71,7 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
     return best / 1e9
 
 
-def worker_trl(args, precompute: bool) -> dict:
+def worker_trl(args, precompute: bool, plugin: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -95,6 +97,13 @@ def worker_trl(args, precompute: bool) -> dict:
 
     table, _ = read_pairs(args.pairs)
     rows = table.select(["prompt", "chosen", "rejected"]).slice(0, args.pool).to_pylist()
+    trainer_class = SequentialDPOTrainer
+    if plugin:  # the plug-in with a plan that changes nothing: every pair β = 0.1, preference, in file order
+        from perpair.integrations.trl import PerPairDPOTrainer
+
+        trainer_class = PerPairDPOTrainer
+        for order, row in enumerate(rows):
+            row.update(beta=0.1, route="preference", order=order, label_smoothing=0.0)
     model_dir = resolve_model("smollm2")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
@@ -102,8 +111,8 @@ def worker_trl(args, precompute: bool) -> dict:
                        report_to=[], save_strategy="no", max_length=args.max_length, beta=0.1, use_cpu=True,
                        dataloader_num_workers=0, disable_tqdm=True, precompute_ref_log_probs=precompute,
                        bf16=False)  # TRL defaults to bf16 autocast, even on CPU; the workload is fp32
-    trainer = SequentialDPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                   processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Stamp()])
+    trainer = trainer_class(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                            processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Stamp()])
     trainer.train()
     steps = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
     return {"step_seconds": steps, "parameters": sum(p.numel() for p in model.parameters()),
@@ -274,7 +283,8 @@ def main() -> None:
     args.pool = args.pool or args.steps * args.batch_size + 8
     if args.worker:
         runners = {"trl": partial(worker_trl, args, False), "trl-precompute": partial(worker_trl, args, True),
-                   "trl-malloc": partial(worker_trl, args, False), "bound": partial(worker_bound, args)}
+                   "trl-malloc": partial(worker_trl, args, False),
+                   "trl-perpair": partial(worker_trl, args, False, plugin=True), "bound": partial(worker_bound, args)}
         print(json.dumps(runners[args.worker]()))
         return
 

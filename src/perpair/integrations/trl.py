@@ -1,0 +1,374 @@
+"""perpair plans inside TRL's own ``DPOTrainer``: change one import, pass a plan.
+
+    from perpair.integrations.trl import PerPairDPOTrainer
+    trainer = PerPairDPOTrainer(model=model, args=DPOConfig(...), train_dataset=ds, plan="plan.parquet")
+
+Inside TRL's training step each pair gets its plan values: β_i in every loss where β is a per-pair
+multiplier or parameter, ε_i where the loss reads ``label_smoothing`` (robust, exo_pair), the SFT route as
+the length-normalised NLL of the chosen response (perpair's ``sft`` loss), ``drop`` pairs removed and the
+plan's order kept by a sequential sampler. Pairs are matched by perpair's ``pair_id`` (recomputed from the
+dataset rows with perpair's own reader), so a plan made from one copy of the data applies to another.
+
+How β_i gets in without copying TRL's loss code: TRL's ``_compute_loss`` multiplies by ``self.beta`` (and
+reads ``self.label_smoothing``) elementwise, so for the duration of one call they are the batch's per-pair
+tensors; every loss TRL writes as ``β · something`` then gets β_i. Losses that sort the batch (``aot``,
+``aot_unpaired``) would pair β_i with another pair's margin, so they are refused.
+
+SFT pairs are taken out of TRL's batch: TRL's forward sees only the preference pairs (it needs chosen,
+rejected and their reference log-probs); the SFT pairs get one extra forward of their chosen sequence alone,
+with no rejected response and no reference. The two are combined as perpair reduces: the sum of per-pair
+losses over the number of pairs of the micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perpair.errors import PerpairError
+
+SUPPORTED_TRL = ("1.16", "1.17")  # [low, high): the versions whose DPOTrainer internals this module relies on
+
+
+def check_trl_version(version: str) -> None:
+    """Refuse a TRL outside the supported range with a message, instead of an attribute error mid-training."""
+    from packaging.version import Version
+
+    low, high = SUPPORTED_TRL
+    if not Version(low) <= Version(version) < Version(high):
+        raise PerpairError(f"perpair.integrations.trl supports trl>={low},<{high} (its DPOTrainer internals), "
+                           f"found trl {version}; install the supported one with: pip install 'perpair[trl]'")
+
+
+try:
+    import trl
+except ImportError as error:  # the optional extra is not installed
+    raise ImportError("perpair.integrations.trl needs TRL: pip install 'perpair[trl]'") from error
+check_trl_version(trl.__version__)
+
+import torch  # noqa: E402  (after the version check: a wrong TRL fails here, with the message above)
+from datasets import Dataset  # noqa: E402
+from torch.utils.data import SequentialSampler  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+# TRL 1.16 loss types by how a per-pair β_i enters: in all of these β is an elementwise factor or parameter
+# of each pair's own loss (TRL's "sft" type does not read β at all).
+PER_PAIR_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                             "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"})
+REFUSED_LOSSES = {
+    "aot": "it sorts the batch's margins, so a pair's β_i would multiply another pair's margin",
+    "aot_unpaired": "it sorts chosen and rejected log-ratios separately, so β_i belongs to no pair",
+}
+SMOOTHING_LOSSES = frozenset({"robust", "exo_pair"})  # the TRL 1.16 losses that read label_smoothing
+PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may carry these instead of a plan
+ROUTES = ("preference", "sft", "drop")
+# Columns this module adds to the training dataset; the collator turns them into batch tensors.
+BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
+
+
+# --------------------------------------------------------------------------------------- plan and dataset
+
+def pair_ids(dataset: Dataset) -> list[str]:
+    """perpair's ``pair_id`` of every row, from perpair's own reader of TRL's layouts (standard or
+    conversational, explicit or implicit prompt), so an id here equals the one ``perpair prepare`` gives."""
+    from perpair.data.readers import ColumnMap, ReadContext, read_preference
+    from perpair.data.sources import RowProblem
+
+    names = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    columns = ColumnMap(prompt="prompt" if "prompt" in names else None)
+    ids = []
+    for row, example in enumerate(dataset.select_columns(names), start=1):
+        try:
+            ids.append(read_preference(example, ReadContext(source="train_dataset", row=row, columns=columns))
+                       .pair_id)
+        except RowProblem as problem:
+            raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.detail}") from None
+    return ids
+
+
+def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The plan's per-pair values by pair_id. (A small reader of our own until the shared plan decoder lands.)"""
+    from perpair.artifacts import read_artifact
+    from perpair.plan.build import KIND, SCHEMA_VERSION
+
+    table, _ = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
+    missing = [c for c in ("pair_id", *PLAN_COLUMNS, "flipped") if c not in table.column_names]
+    if missing:
+        raise PerpairError(f"file {path}: the plan lacks column(s) {', '.join(missing)}")
+    rows = table.select(["pair_id", *PLAN_COLUMNS, "flipped"]).to_pylist()
+    return {r.pop("pair_id"): r for r in rows}
+
+
+@dataclass(frozen=True)
+class PlanSummary:
+    pairs: int  # trained pairs (after drop)
+    dropped: int
+    sft: int
+    flipped: int
+
+
+def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, PlanSummary]:
+    """The training dataset as the plan trains it: drop pairs removed, flipped pairs swapped, rows in the plan's
+    order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` added."""
+    ids = pair_ids(dataset)
+    first: dict[str, int] = {}
+    for row, pid in enumerate(ids, start=1):
+        if pid in first:
+            raise PerpairError(f"train_dataset: pair {pid} appears twice (rows {first[pid]} and {row}); a plan "
+                               "needs each pair once")
+        first[pid] = row
+    carried = [c for c in PLAN_COLUMNS if c in dataset.column_names]
+    if plan is not None:
+        if carried:
+            raise PerpairError(f"train_dataset carries plan column(s) {', '.join(carried)} and a plan was given; "
+                               "pass one of the two")
+        values = read_plan(plan)
+        where = f"plan {plan}"
+        absent = [pid for pid in ids if pid not in values]
+        if absent:
+            raise PerpairError(f"pair {absent[0]} (train_dataset row {first[absent[0]]}) is not in {where} "
+                               f"({len(absent)} such pair(s)); the plan was made from other data")
+        extra = [pid for pid in values if pid not in first]
+        if extra:
+            raise PerpairError(f"pair {extra[0]} of {where} is not in train_dataset ({len(extra)} such pair(s)); "
+                               "the plan was made from other data")
+        per_row = [values[pid] for pid in ids]
+    else:
+        if len(carried) != len(PLAN_COLUMNS):
+            absent = [c for c in PLAN_COLUMNS if c not in carried]
+            raise PerpairError(f"no plan: pass plan='plan.parquet', or a train_dataset with the columns "
+                               f"{', '.join(PLAN_COLUMNS)} (lacks {', '.join(absent)})")
+        where = "train_dataset"
+        names = [*PLAN_COLUMNS, *(["flipped"] if "flipped" in dataset.column_names else [])]
+        per_row = dataset.select_columns(names).to_list()
+    keep, order = [], []
+    for row, (pid, v) in enumerate(zip(ids, per_row, strict=True), start=1):
+        route = v["route"]
+        if route not in ROUTES:
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has route {route!r}; expected one of {ROUTES}")
+        if route == "drop":
+            continue
+        if v["order"] is None:
+            raise PerpairError(f"{where}: pair {pid} (row {row}) is routed {route} but has no order")
+        beta, eps = v["beta"], v["label_smoothing"]
+        if route == "preference" and (beta is None or not np.isfinite(beta) or beta <= 0):
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has beta {beta}; a preference pair needs β > 0")
+        if eps is None or not 0.0 <= eps < 0.5:
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has label_smoothing {eps}; expected 0 ≤ ε < 0.5")
+        keep.append(row - 1)
+        order.append(v["order"])
+    if not keep:
+        raise PerpairError(f"{where}: no pair is trained (all dropped)")
+    if len(set(order)) != len(order):
+        raise PerpairError(f"{where}: two trained pairs share an order position; the order must be a ranking")
+    rows = [keep[i] for i in np.argsort(order, kind="stable")]
+    routes = [per_row[i]["route"] for i in rows]
+    flipped = [bool(per_row[i].get("flipped") or False) for i in rows]
+    out = dataset.remove_columns(carried + (["flipped"] if plan is None and "flipped" in dataset.column_names
+                                            else [])).select(rows)
+    if any(flipped):  # the plan judged the pair mislabeled: it is trained with chosen and rejected swapped
+        out = out.map(lambda ex, i: {"chosen": ex["rejected"], "rejected": ex["chosen"]} if flipped[i] else {},
+                      with_indices=True)
+    # β of an SFT pair is never read; 1.0 keeps the column finite.
+    out = out.add_column(BETA, [float(per_row[i]["beta"]) if r == "preference" else 1.0
+                                for i, r in zip(rows, routes, strict=True)])
+    out = out.add_column(SFT, [r == "sft" for r in routes])
+    out = out.add_column(EPS, [float(per_row[i]["label_smoothing"]) if r == "preference" else 0.0
+                               for i, r in zip(rows, routes, strict=True)])
+    return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped))
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+
+def check_config(args: DPOConfig) -> None:
+    """Refuse, at construction, what this trainer cannot apply a plan to."""
+    for loss in args.loss_type:
+        if loss in REFUSED_LOSSES:
+            raise PerpairError(f"loss_type {loss!r} cannot take a per-pair β: {REFUSED_LOSSES[loss]}")
+        if loss not in PER_PAIR_LOSSES:
+            raise PerpairError(f"loss_type {loss!r} is not one PerPairDPOTrainer knows how β enters; supported: "
+                               f"{', '.join(sorted(PER_PAIR_LOSSES))}")
+    strategy = getattr(args, "train_sampling_strategy", "random")
+    if strategy not in ("random", "sequential"):
+        raise PerpairError(f"train_sampling_strategy {strategy!r} reorders the pairs; the plan fixes their order, "
+                           "so PerPairDPOTrainer reads them sequentially: leave the default or set 'sequential'")
+
+
+def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
+    """The plan's ε must reach a loss that reads it, and must not contradict DPOConfig.label_smoothing."""
+    eps = np.asarray(dataset[EPS], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
+    readers = [loss for loss in args.loss_type if loss in SMOOTHING_LOSSES]
+    ignoring = [loss for loss in args.loss_type if loss not in SMOOTHING_LOSSES and loss != "sft"]
+    if np.any(eps > 0) and ignoring:
+        raise PerpairError(f"the plan sets label_smoothing > 0, which TRL's loss_type {ignoring[0]!r} ignores "
+                           "(TRL 1.16 smooths only robust and exo_pair); use one of those or a plan without ε")
+    if readers and args.label_smoothing != 0 and np.any(eps != args.label_smoothing):
+        raise PerpairError(f"DPOConfig.label_smoothing = {args.label_smoothing} differs from the plan's per-pair "
+                           "label_smoothing; the plan's values are used, so leave it at 0 (or equal to the plan's)")
+    if "exo_pair" in readers and np.any(eps <= 0):
+        raise PerpairError("loss_type 'exo_pair' needs label_smoothing > 0 on every preference pair; the plan has 0")
+
+
+class PlanCollator:
+    """TRL's collator plus the per-pair tensors ``perpair_beta`` (float), ``perpair_sft`` (bool) and
+    ``perpair_label_smoothing`` (float), one entry per pair in the batch's order."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        if BETA not in examples[0]:  # an evaluation dataset is not planned: TRL's batch as it is
+            return self.inner(examples)
+        plan = {k: [ex[k] for ex in examples] for k in (BETA, SFT, EPS)}
+        batch = self.inner([{k: v for k, v in ex.items() if k not in plan} for ex in examples])
+        batch[BETA] = torch.tensor(plan[BETA], dtype=torch.float32)
+        batch[SFT] = torch.tensor(plan[SFT], dtype=torch.bool)
+        batch[EPS] = torch.tensor(plan[EPS], dtype=torch.float32)
+        return batch
+
+
+class PerPairDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` with perpair's per-pair β, ε, routes and order (see the module docstring).
+
+    ``plan`` is a ``perpair plan`` file; without it ``train_dataset`` must carry the columns ``beta``,
+    ``route``, ``order`` and ``label_smoothing`` (and optionally ``flipped``). The evaluation dataset is not
+    planned: it is scored as stock TRL does, with ``DPOConfig.beta``.
+    """
+
+    def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None,
+                 train_dataset: Dataset | None = None, *, plan: str | Path | None = None, **kwargs):
+        check_trl_version(trl.__version__)
+        if args is None:
+            raise PerpairError("PerPairDPOTrainer needs args=DPOConfig(...)")
+        check_config(args)
+        if not isinstance(train_dataset, Dataset):
+            raise PerpairError("PerPairDPOTrainer needs train_dataset as a datasets.Dataset (a plan orders and "
+                               f"selects its rows), got {type(train_dataset).__name__}")
+        if any(c in train_dataset.column_names for c in ("image", "images")):
+            raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
+        train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
+        check_smoothing(args, train_dataset)
+        super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
+        if self.aux_loss_enabled and self.plan_summary.sft:
+            raise PerpairError("a Mixture-of-Experts router loss with SFT-routed pairs is not supported; set "
+                               "router_aux_loss_coef=0 or use a plan without SFT routes")
+        if self.accelerator.num_processes > 1 and self.plan_summary.sft:
+            # Each process would split its batch differently between TRL's forward and the SFT forward, and
+            # TRL's metric gathers inside its forward would then not line up across processes.
+            raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
+                               "process, or use a plan without SFT routes")
+        self.data_collator = PlanCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, BETA, SFT, EPS]
+
+    def _get_train_sampler(self, train_dataset=None):
+        # The plan's order is the order of the dataset's rows (apply_plan sorted them).
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    @contextlib.contextmanager
+    def _per_pair(self, beta: torch.Tensor, eps: torch.Tensor):
+        """``self.beta`` (and ``self.label_smoothing`` where a loss reads it) as per-pair tensors for one call."""
+        saved = self.beta, self.label_smoothing
+        self.beta = beta
+        if any(loss in SMOOTHING_LOSSES for loss in self.loss_types):
+            self.label_smoothing = eps
+        try:
+            with warnings.catch_warnings():  # exo_pair wraps label_smoothing in torch.tensor(), harmless here
+                warnings.filterwarnings("ignore", message="To copy construct from a tensor")
+                yield
+        finally:
+            self.beta, self.label_smoothing = saved
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if BETA not in inputs:  # evaluation batches (not planned): stock TRL
+            return super()._compute_loss(model, inputs, return_outputs)
+        if return_outputs:
+            raise PerpairError("PerPairDPOTrainer computes planned batches for the loss only")
+        beta, sft, eps = inputs.pop(BETA), inputs.pop(SFT).bool(), inputs.pop(EPS)
+        n = beta.numel()
+        pref_index = torch.nonzero(~sft).flatten()
+        sft_index = torch.nonzero(sft).flatten()
+        mode = "train" if self.model.training else "eval"
+        loss = 0.0
+        if pref_index.numel():
+            batch = inputs if not sft_index.numel() else _take_pairs(inputs, pref_index, n, self.args)
+            with self._per_pair(beta[pref_index], eps[pref_index]):
+                loss = super()._compute_loss(model, batch, False) * (pref_index.numel() / n)
+        sums = {"pref": float(pref_index.numel()), "sft": float(sft_index.numel()),
+                "beta": beta[pref_index].sum().item(), "sft_logps": 0.0, "sft_nll": 0.0, "sft_tokens": 0.0}
+        if sft_index.numel():
+            nll, chosen_logps, tokens = self._sft_losses(model, inputs, sft_index)
+            loss = loss + nll.sum() / n
+            sums.update(sft_logps=chosen_logps.sum().item(), sft_nll=nll.detach().sum().item(),
+                        sft_tokens=float(tokens))
+        self._log_plan_metrics(mode, sums)
+        return loss
+
+    def _sft_losses(self, model, inputs, index: torch.Tensor):
+        """perpair's ``sft`` loss for the SFT pairs: −log π(y_w|x)/|y_w|, prompt masked, from a forward of the
+        chosen sequences alone. Returns (per-pair NLL, summed chosen log-probs, tokens forwarded)."""
+        attention = inputs["attention_mask"][index]
+        width = _width(attention, self.args)
+        ids, attention = inputs["input_ids"][index, :width], attention[:, :width]
+        completion = inputs["completion_mask"][index, :width]
+        labels = ids.masked_fill(completion == 0, -100)
+        outputs = model(input_ids=ids, attention_mask=attention, labels=labels, use_cache=False, fused_lm_head=True)
+        mask = completion[:, 1:]
+        logps = (outputs.log_probs[:, -mask.size(1):] * mask).sum(dim=1)
+        return -logps / mask.sum(dim=1).clamp(min=1), logps.detach(), attention.sum()
+
+    def _log_plan_metrics(self, mode: str, sums: dict[str, float]) -> None:
+        """β mean over preference pairs, route shares, the SFT loss; ``logps/chosen`` over every pair of the
+        batch (TRL's definition, now also counting the SFT pairs' chosen responses, as perpair's log does).
+        One gather of the per-process sums, so every process makes the same collective calls."""
+        device = self.accelerator.device
+        totals = dict(zip(sums, self.accelerator.gather_for_metrics(
+            torch.tensor([list(sums.values())], dtype=torch.float64, device=device)).sum(dim=0).tolist(),
+            strict=True))
+        metrics = self._metrics[mode]
+        pairs = totals["pref"] + totals["sft"]
+        metrics["route/preference_share"].append(totals["pref"] / pairs)
+        metrics["route/sft_share"].append(totals["sft"] / pairs)
+        if totals["pref"]:
+            metrics["beta/mean"].append(totals["beta"] / totals["pref"])
+        if totals["sft"]:
+            metrics["loss/sft"].append(totals["sft_nll"] / totals["sft"])
+            # super() appended the preference pairs' mean just now (when there were any)
+            pref_sum = metrics["logps/chosen"].pop() * totals["pref"] if totals["pref"] else 0.0
+            metrics["logps/chosen"].append((pref_sum + totals["sft_logps"]) / pairs)
+            if mode == "train":
+                self._total_train_tokens += int(totals["sft_tokens"])
+            metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _width(attention_mask: torch.Tensor, args: DPOConfig) -> int:
+    """Columns needed for these right-padded rows (rounded up as the collator's pad_to_multiple_of asks)."""
+    width = int(attention_mask.sum(dim=1).max().item())
+    multiple = args.pad_to_multiple_of
+    if multiple:
+        width = min(attention_mask.size(1), -(-width // multiple) * multiple)
+    return width
+
+
+def _take_pairs(inputs: dict[str, Any], index: torch.Tensor, n: int, args: DPOConfig) -> dict[str, Any]:
+    """The batch of TRL's collator restricted to the pairs ``index``: rows [chosen…, rejected…] of the
+    sequence tensors, entries of the per-pair ones."""
+    rows = torch.cat([index, index + n])
+    out: dict[str, Any] = {}
+    width = _width(inputs["attention_mask"][rows], args)
+    for key, value in inputs.items():
+        if key in ("input_ids", "attention_mask", "completion_mask"):
+            out[key] = value[rows, :width]
+        elif key in ("ref_chosen_logps", "ref_rejected_logps"):
+            out[key] = value[index]
+        else:
+            raise PerpairError(f"PerPairDPOTrainer cannot split the batch field {key!r} between routes (a custom "
+                               "collator?); use TRL's default collator")
+    return out

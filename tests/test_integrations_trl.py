@@ -1,0 +1,293 @@
+"""``perpair.integrations.trl``: perpair plans inside TRL's own DPOTrainer.
+
+Parity is checked against the implementations themselves: TRL's stock ``DPOTrainer`` for a plan that changes
+nothing, ``perpair train`` for an SP²DPO+MixDPO plan (per-pair β, SFT routes, flips, a curriculum order)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from conftest import run_cli, save_tiny_llama  # noqa: E402
+from perpair.artifacts import write_artifact  # noqa: E402
+from perpair.data import read_pairs  # noqa: E402
+from perpair.data.schema import SCHEMA_VERSION  # noqa: E402
+from perpair.errors import PerpairError  # noqa: E402
+from perpair.integrations import trl as plugin  # noqa: E402
+from perpair.plan import build_plan, resolve_schedule, write_plan  # noqa: E402
+from plan_helpers import random_annotations  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def small_pairs(uf_pairs, tmp_path_factory) -> Path:
+    """The first 24 UltraFeedback pairs as a pairs file of their own (plans cover every pair of their file)."""
+    table, provenance = read_pairs(str(uf_pairs))
+    path = tmp_path_factory.mktemp("small") / "pairs.parquet"
+    write_artifact(path, table.slice(0, 24), kind="pairs", schema_version=SCHEMA_VERSION, provenance=provenance)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=64)
+
+
+def _dataset(pairs: Path) -> Dataset:
+    table, _ = read_pairs(str(pairs))
+    return Dataset.from_list(table.select(["prompt", "chosen", "rejected"]).to_pylist())
+
+
+def _plan(pairs: Path, out: Path, preset: str, overrides: dict | None = None, beta: float | None = None) -> Path:
+    annotations = None
+    if preset.startswith("sp2dpo"):
+        annotations = out.with_name(out.stem + "_ann.parquet")
+        random_annotations(annotations, pairs, read_pairs(str(pairs))[0].column("pair_id").to_pylist(), seed=3)
+    result = build_plan(pairs, annotations, resolve_schedule(preset, overrides=overrides, beta=beta), preset=preset)
+    write_plan(result, out)
+    return out
+
+
+def _args(out: Path, batch: int, max_length: int, lr: float, **options):
+    from trl import DPOConfig
+
+    return DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=lr,
+                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
+                     save_strategy="no", max_length=max_length, seed=0, use_cpu=True, dataloader_num_workers=0,
+                     bf16=False, disable_tqdm=True, **options)  # bf16=False: TRL autocasts to bf16 even on CPU
+
+
+def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset,
+                            processing_class=AutoTokenizer.from_pretrained(model_dir), **extra)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "route/sft_share" in h or "logps/rejected" in h]
+
+
+# --------------------------------------------------------------------------------------------------- parity
+
+@pytest.mark.slow
+def test_constant_beta_plan_changes_nothing_against_stock_trl(small_pairs, tmp_path):
+    """SmolLM2, a plan with β = 0.1 for every pair in file order: TRL's stock DPOTrainer (reading the same file
+    order) and the plug-in log the same losses and log-probs."""
+    from torch.utils.data import SequentialSampler
+    from trl import DPOTrainer
+
+    from perpair.models import resolve_model
+
+    class FileOrderDPOTrainer(DPOTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    model = resolve_model("smollm2")
+    stock = _train(FileOrderDPOTrainer, model, _args(tmp_path / "stock", 2, 96, 1e-5, beta=0.1),
+                   _dataset(small_pairs))
+    ours = _train(plugin.PerPairDPOTrainer, model, _args(tmp_path / "ours", 2, 96, 1e-5, beta=0.1),
+                  _dataset(small_pairs), plan=plan)
+    assert len(stock) == len(ours) == STEPS
+    for mine, theirs in zip(ours, stock, strict=True):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
+        assert mine["beta/mean"] == pytest.approx(0.1, rel=1e-6)
+        assert mine["route/sft_share"] == 0.0
+
+
+def _perpair_train(model: Path, pairs: Path, plan: Path, out: Path, loss: str, batch: int, max_length: int,
+                   lr: float) -> list[dict]:
+    run_cli("train", "--model", model, "--data", pairs, "--plan", plan, "--loss", loss, "--steps", STEPS,
+            "--batch-size", batch, "--max-length", max_length, "--lr", lr, "--lr-schedule", "constant",
+            "--warmup-ratio", 0, "--out", out, "--threads", 1, "--set", f"reference_cache={out / 'cache'}",
+            "--set", "save_model=false")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("robust", 0.1)])
+def test_sp2dpo_mixdpo_plan_equals_perpair_train(loss, smoothing, small_pairs, tiny_model, tmp_path):
+    """An SP²DPO+MixDPO plan (per-pair β, τ routing to SFT, flips, a shuffled curriculum; with robust also the
+    plan's ε): three steps through TRL with the plug-in equal ``perpair train`` on the same plan, fp32."""
+    overrides = {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": smoothing}
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo", overrides)
+    batch, max_length, lr = 4, 192, 1e-3  # 18 of the 24 prompts fit: 3 steps in one epoch
+    ours = _perpair_train(tiny_model, small_pairs, plan, tmp_path / "ours", loss, batch, max_length, lr)
+    trl_logs = _train(plugin.PerPairDPOTrainer, tiny_model, _args(tmp_path / "trl", batch, max_length, lr,
+                                                                  loss_type=[loss]),
+                      _dataset(small_pairs), plan=plan)
+    # the plan exercises what it should: mixed routes within a step and distinct β within a step
+    assert any(0 < m["pairs_sft"] < m["pairs"] for m in ours)
+    assert any(m["beta_min"] is not None and m["beta_min"] < m["beta_max"] for m in ours)
+    assert len(trl_logs) == len(ours) == STEPS
+    for mine, theirs in zip(ours, trl_logs, strict=True):
+        assert theirs["loss"] == pytest.approx(mine["loss"], rel=1e-4)
+        assert theirs["logps/chosen"] == pytest.approx(mine["logps_chosen"], rel=1e-3)
+        if mine["pairs_preference"]:
+            assert theirs["logps/rejected"] == pytest.approx(mine["logps_rejected"], rel=1e-3)
+            assert theirs["rewards/margins"] == pytest.approx(mine["reward_margin"], rel=1e-3, abs=1e-7)
+            assert theirs["beta/mean"] == pytest.approx(mine["beta_mean"], rel=1e-6)
+        if mine["pairs_sft"]:
+            assert theirs["loss/sft"] == pytest.approx(mine["loss_sft"], rel=1e-4)
+        assert theirs["route/sft_share"] == mine["pairs_sft"] / mine["pairs"]
+
+
+def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
+    """For every TRL loss the plug-in supports: the loss of a batch with distinct β_i (and ε_i) equals the mean of
+    stock TRL's loss on each pair alone with β = β_i, ε = ε_i (TRL called, not a copy of its formulas)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
+
+    rows = _dataset(small_pairs).select([5, 7])  # two short pairs
+    betas, eps = [0.05, 0.4], [0.02, 0.2]
+    planned = rows.add_column("beta", betas).add_column("route", ["preference"] * 2)
+    planned = planned.add_column("order", [0, 1]).add_column("label_smoothing", eps)
+
+    def build(cls, dataset, **extra):
+        return cls(model=AutoModelForCausalLM.from_pretrained(tiny_model), args=_args(tmp_path, 2, 256, 1e-3,
+                   loss_type=["robust"], label_smoothing=extra.pop("label_smoothing", 0.0)), train_dataset=dataset,
+                   processing_class=AutoTokenizer.from_pretrained(tiny_model), **extra)
+
+    ours = build(plugin.PerPairDPOTrainer, planned)
+    stock = build(DPOTrainer, rows, label_smoothing=0.1)
+    for trainer in (ours, stock):  # the same move away from the reference, so that the margins are not 0
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for parameter in trainer.model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    assert len(stock.train_dataset) == len(ours.train_dataset) == 2
+    batch = next(iter(ours.get_train_dataloader()))
+    singles = [stock.data_collator([stock.train_dataset[i]]) for i in range(2)]
+    for loss in sorted(plugin.PER_PAIR_LOSSES - {"sft"}):
+        ours.loss_types = stock.loss_types = [loss]
+        ours.loss_weights = stock.loss_weights = [1.0]
+        with torch.no_grad():
+            got = ours.compute_loss(ours.model, dict(batch)).item()
+            expected = []
+            for single, beta, smoothing in zip(singles, betas, eps, strict=True):
+                stock.beta, stock.label_smoothing = beta, smoothing
+                expected.append(stock.compute_loss(stock.model, dict(single)).item())
+        assert expected[0] != pytest.approx(expected[1], rel=1e-3), loss  # the two pairs differ
+        assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
+
+
+# ------------------------------------------------------------------------------- plan matching, refusals
+
+def test_dataset_columns_are_the_plan(small_pairs, tmp_path):
+    """A dataset carrying beta/route/order/label_smoothing (and flipped) is applied exactly as the plan file."""
+    import pyarrow.parquet as pq
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}})
+    table = pq.read_table(plan)
+    by_id = {r["pair_id"]: r for r in table.to_pylist()}
+    dataset = _dataset(small_pairs)
+    ids = plugin.pair_ids(dataset)
+    assert ids == read_pairs(str(small_pairs))[0].column("pair_id").to_pylist()  # perpair's own ids
+    columns = dataset
+    for name in ("beta", "route", "order", "label_smoothing", "flipped"):
+        columns = columns.add_column(name, [by_id[i][name] for i in ids])
+    from_plan, summary = plugin.apply_plan(dataset, plan)
+    from_columns, _ = plugin.apply_plan(columns, None)
+    assert from_plan.to_list() == from_columns.to_list()
+    trained = sorted((r for r in table.to_pylist() if r["route"] != "drop"), key=lambda r: r["order"])
+    assert from_plan[plugin.BETA] == [r["beta"] if r["route"] == "preference" else 1.0 for r in trained]
+    assert from_plan[plugin.SFT] == [r["route"] == "sft" for r in trained]
+    assert summary.sft == sum(r["route"] == "sft" for r in trained) > 0
+    assert summary.dropped == len(table) - len(trained)
+    for planned, row in zip(trained, from_plan, strict=True):  # plan order; flipped pairs swapped
+        source = dataset[ids.index(planned["pair_id"])]
+        swap = planned["flipped"]
+        assert (row["chosen"], row["rejected"]) == ((source["rejected"], source["chosen"]) if swap
+                                                    else (source["chosen"], source["rejected"]))
+
+
+def _construct(model_dir: Path, dataset, plan, out: Path, **options):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                                    args=_args(out, 2, 64, 1e-3, **options), train_dataset=dataset,
+                                    processing_class=AutoTokenizer.from_pretrained(model_dir), plan=plan)
+
+
+def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch):
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    dataset = _dataset(small_pairs)
+    with pytest.raises(PerpairError, match=r"loss_type 'aot' cannot take a per-pair β: it sorts"):
+        _construct(tiny_model, dataset, plan, tmp_path, loss_type=["aot"])
+    with pytest.raises(PerpairError, match=r"train_sampling_strategy 'group_by_length' reorders the pairs"):
+        _construct(tiny_model, dataset, plan, tmp_path, train_sampling_strategy="group_by_length")
+    # a pair edited in the data: its id is not in the plan, and the plan's pair is not in the data
+    ids = plugin.pair_ids(dataset)
+    edited = dataset.map(lambda ex, i: {"chosen": [{"role": "assistant", "content": "edited"}]} if i == 5 else {},
+                         with_indices=True)
+    new_id = plugin.pair_ids(edited)[5]
+    with pytest.raises(PerpairError, match=rf"pair {new_id} \(train_dataset row 6\) is not in plan"):
+        _construct(tiny_model, edited, plan, tmp_path)
+    with pytest.raises(PerpairError, match=rf"pair {ids[5]} of plan .* is not in train_dataset"):
+        _construct(tiny_model, edited.select([i for i in range(len(edited)) if i != 5]), plan, tmp_path)
+    # the plan's ε reaching a TRL loss that ignores it
+    smoothed = _plan(small_pairs, tmp_path / "smoothed.parquet", "mixdpo", {"routing": {"tau": None}})
+    with pytest.raises(PerpairError, match=r"label_smoothing > 0, which TRL's loss_type 'sigmoid' ignores"):
+        _construct(tiny_model, dataset, smoothed, tmp_path)
+    with pytest.raises(PerpairError, match=r"no plan: pass plan="):
+        _construct(tiny_model, dataset, None, tmp_path)
+    # a TRL outside the supported range is named before anything else happens
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(PerpairError, match=r"supports trl>=1.16,<1.17 .* found trl 1.17.0"):
+        _construct(tiny_model, dataset, plan, tmp_path)
+
+
+def test_collator_leaves_unplanned_batches_to_trl():
+    """Evaluation batches carry no plan columns: TRL's collator output, unchanged; planned ones get the tensors."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    inner = DataCollatorForPreference(pad_token_id=0)
+    examples = [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+                {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
+    collator = plugin.PlanCollator(inner)
+    plain = collator(examples)
+    assert set(plain) == set(inner(examples)) and all((plain[k] == inner(examples)[k]).all() for k in plain)
+    planned = collator([{**ex, plugin.BETA: b, plugin.SFT: s, plugin.EPS: 0.0}
+                        for ex, b, s in zip(examples, [0.1, 0.3], [False, True], strict=True)])
+    assert planned[plugin.BETA].tolist() == pytest.approx([0.1, 0.3]) and planned[plugin.SFT].tolist() == [False, True]
+    assert (planned["input_ids"] == plain["input_ids"]).all()
+
+
+def test_version_check_range():
+    plugin.check_trl_version("1.16.0")
+    plugin.check_trl_version("1.16.3")
+    for bad in ("1.15.2", "1.17.0", "2.0.0"):
+        with pytest.raises(PerpairError, match=f"found trl {bad}"):
+            plugin.check_trl_version(bad)
+
+
+@pytest.mark.slow
+def test_example_script_runs(small_pairs, tmp_path):
+    """The example in examples/trl runs end to end on SmolLM2 (a few steps, CPU)."""
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}, "label_smoothing": 0.0})
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "trl" / "train_dpo.py"), "--pairs",
+                             str(small_pairs), "--plan", str(plan), "--output-dir", str(out), "--max-steps", "2",
+                             "--max-length", "96", "--cpu"], capture_output=True, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
+    steps = [h for h in logs if "route/sft_share" in h]
+    assert len(steps) == 2 and all(h["loss"] == h["loss"] for h in steps)  # finite, not NaN
