@@ -194,6 +194,24 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
                 "rewards_chosen", "rewards_rejected", "reward_accuracy", "beta_mean"):
         assert key in m
 
+    # The base stays frozen and the merged model is base + (alpha / r)·B·A on every adapted layer, nothing else
+    base, merged = load_file(tiny_model / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    adapted = {key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+               for key in adapter if key.endswith(".lora_A.weight")}
+    assert adapted and merged.keys() == base.keys()
+    for name, weight in base.items():
+        module = name.removesuffix(".weight")
+        if module in adapted:
+            a = adapter[f"base_model.model.{module}.lora_A.weight"]
+            b = adapter[f"base_model.model.{module}.lora_B.weight"]
+            assert b.abs().max() > 0, f"{module}: the adapter did not train"
+            torch.testing.assert_close(merged[name], weight + scale * b @ a, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(merged[name], weight), f"{name} changed although it has no adapter"
+
 
 @pytest.mark.parametrize(("extra", "message"), [
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
