@@ -180,3 +180,20 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
              (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
     assert "| dpo |" in result.stdout
+
+
+def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny):
+    """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error
+    after annotate, plans nothing and does not stamp annotate (a re-run asks again)."""
+    from conftest import ORCA
+    from perpair.errors import TooFewAnnotated
+
+    config = _config(tmp_path, tiny, annotate={"teachers": ["ratings"]})
+    config["data"] = {"sources": [str(ORCA)], "limit": 12, "test_fraction": 0.25, "seed": 0}
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    with pytest.raises(TooFewAnnotated, match=r"annotate: no pair of 9 got a valid annotation"):
+        _run(config)
+    work = tmp_path / "work"
+    assert (work / "pairs.parquet").is_file() and not (work / "arms").exists()
+    assert not (work / "stages" / "annotate.json").exists()
+    assert TooFewAnnotated("x").exit_code == 3

@@ -24,5 +24,12 @@ class InputError(PerpairError):
         super().__init__(f"{where}: {problem}" if where else problem)
 
 
+class TooFewAnnotated(PerpairError):
+    """A stage finished, but too few pairs got what the run needs (annotations): exit status 3, not 2, since
+    nothing the user gave was malformed; what was done is kept (cached) for a re-run."""
+
+    exit_code = 3
+
+
 class ArtifactMismatch(PerpairError):
     """An artifact does not match the input it claims to be built from."""

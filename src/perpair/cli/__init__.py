@@ -28,6 +28,11 @@ app = typer.Typer(
 console = Console(stderr=True, highlight=False)  # errors and progress
 out = Console(highlight=False, soft_wrap=True)  # results
 
+EXIT_OK = 0
+EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
+EXIT_TOO_FEW_ANNOTATED = 3  # annotate / run: too few pairs got a valid annotation (see errors.TooFewAnnotated)
+EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
+
 # Stage commands register on `app` when imported (order = order in --help).
 from perpair.cli import data as _data  # noqa: E402,F401
 from perpair.cli import annotate as _annotate  # noqa: E402,F401
@@ -51,7 +56,7 @@ def main() -> None:
     try:
         click_command()(prog_name="perpair")
     except PerpairError as exc:
-        fail(str(exc))
+        fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished work is kept; re-run to continue")
         sys.exit(EXIT_INTERRUPTED)
@@ -66,13 +71,9 @@ def main() -> None:
         fail(f"text encoding: {exc}")
 
 
-EXIT_OK = 0
-EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
-EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
-
-
-def fail(message: str) -> None:
-    """Print ``error: MESSAGE`` on one line and exit with status 2. The message is printed as plain text:
-    it holds user-derived strings (paths, field names, row content) that rich would read as markup."""
+def fail(message: str, status: int = EXIT_USER_ERROR) -> None:
+    """Print ``error: MESSAGE`` on one line and exit with ``status`` (2: the user's input). The message is
+    printed as plain text: it holds user-derived strings (paths, field names, row content) that rich would
+    read as markup."""
     console.print(Text.assemble(("error:", "bold red"), " ", " ".join(message.splitlines())), soft_wrap=True)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(status)

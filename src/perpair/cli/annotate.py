@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from perpair.annotate import annotate, load_config, merge
 from perpair.annotate.runner import AnnotateResult
 from perpair.annotate.runner import Progress as RunProgress
-from perpair.cli import app, console, out
+from perpair.cli import EXIT_TOO_FEW_ANNOTATED, app, console, out
 
 
 class _DefaultRun(typer.core.TyperGroup):
@@ -99,10 +99,7 @@ def run_command(
     if result.shortfall:
         console.print(f"[bold red]error:[/] {escape(result.shortfall)}; the files were written (failed calls are "
                       "cached; --retry-failed asks them again)", soft_wrap=True)
-        raise typer.Exit(EXIT_TOO_FEW_VALID)
-
-
-EXIT_TOO_FEW_VALID = 3  # the run finished, but too few pairs got an annotation (2 is bad input)
+        raise typer.Exit(EXIT_TOO_FEW_ANNOTATED)
 
 
 def _print_result(result: AnnotateResult) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
-from perpair.errors import PerpairError
+from perpair.errors import PerpairError, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig
 from perpair.pipeline.report import comparison_rows, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
@@ -227,6 +227,9 @@ class _Job:
         def action():
             result = annotate(pairs, settings.annotate, output, cache_path=self.workdir / "annotations.cache.sqlite",
                               on_progress=show)
+            if result.shortfall:  # stop before planning on annotations that are not there; not stamped
+                raise TooFewAnnotated(f"annotate: {result.shortfall}; every answer is cached, so a re-run asks only "
+                                      "what is missing (annotate.retry_failed: true asks failed calls again)")
             fresh = result.calls - result.cached
             return {"pairs": result.pairs, "annotated": result.annotated_pairs, "calls": result.calls,
                     "status": result.status, "elapsed_s": result.elapsed_s,
