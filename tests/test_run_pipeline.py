@@ -74,6 +74,8 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     assert [r["arm"] for r in first.rows] == [*arms, "base"]
     report = first.report.read_text()
     assert "sp2dpo/plan_report/index.html" in report and (work / "report" / "curves.png").is_file()
+    plan_page = (work / "arms" / "sp2dpo" / "plan_report" / "index.html").read_text()
+    assert "perpair run (arm sp2dpo, preset sp2dpo)" in plan_page and "no pairs file given" not in plan_page
     assert json.loads((work / "report" / "comparison.json").read_text()) == json.loads(json.dumps(first.rows))
 
     # unchanged: every stage skipped, nothing written again

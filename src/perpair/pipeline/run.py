@@ -252,7 +252,8 @@ class _Job:
         def action():
             result = plan.build_plan(pairs, annotations, schedule, preset=self.config.arms[arm].preset)
             plan.write_plan(result, output)
-            plan.write_report(result.table, result.provenance, plan.report_dir(output))
+            plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
+                              command=f"perpair run (arm {arm}, preset {self.config.arms[arm].preset})")
             return {"counts": result.provenance["counts"]}
 
         self.stage(f"plan.{arm}", "plan", material, lambda: [output], action)
