@@ -92,7 +92,9 @@ def pair_ids(dataset: Dataset) -> list[str]:
 
 
 def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The plan's per-pair values by pair_id. (A small reader of our own until the shared plan decoder lands.)"""
+    """The plan's per-pair values by pair_id. Not :func:`perpair.plan.decode.plan_arrays`, which aligns a plan to
+    the rows of the very pairs file it was built from (checked by hash): here the plan meets a TRL dataset, any
+    copy of the data, and pairs are matched by their content hash alone."""
     from perpair.artifacts import read_artifact
     from perpair.plan.build import KIND, SCHEMA_VERSION
 
