@@ -187,3 +187,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(layer_of(item))
         if no_data and _needs_data(item):
             item.add_marker(pytest.mark.skip(reason=NO_DATA))
+    # A LAYERS entry naming a test that no longer exists (renamed, removed) would silently stop applying
+    modules = {item.path.name: item.module for item in items if isinstance(item, pytest.Function)}
+    stale = [name for name in LAYERS if "::" in name and name.split("::")[0] in modules
+             and not hasattr(modules[name.split("::")[0]], name.split("::")[1])]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py LAYERS names tests that do not exist: {', '.join(stale)}")
