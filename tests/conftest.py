@@ -80,7 +80,8 @@ LAYERS = {
     "test_annotate_units.py": "unit", "test_eval_arena_hard.py": "unit", "test_eval_judges.py": "unit",
     "test_llm_client.py": "unit", "test_llm_scoring.py": "unit", "test_plan.py": "unit",
     "test_plan_math.py": "unit", "test_properties.py": "unit", "test_schema.py": "unit",
-    "test_train_config.py": "unit", "test_train_losses.py": "unit",
+    "test_train_config.py": "unit", "test_train_losses.py": "unit", "test_config_files.py": "unit",
+    "test_train_losses_trl.py": "unit", "test_train_batches.py": "unit",
     # component: one stage through its API or CLI on fixtures, tiny models, loopback stubs
     "test_allocator.py": "component", "test_annotate_local.py": "component", "test_annotate_run.py": "component",
     "test_bench_controlled.py": "component", "test_eval_alpaca_metrics.py": "component",
