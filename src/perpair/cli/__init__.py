@@ -26,7 +26,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True, highlight=False)  # errors and progress
-out = Console(highlight=False, soft_wrap=True)  # results
+# Results. Off a terminal (piped, redirected) rich would assume 80 columns (or $COLUMNS) and cut tables to fit:
+# there a table gets the width its cells need, up to PIPED_WIDTH.
+PIPED_WIDTH = 200
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else PIPED_WIDTH)
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what

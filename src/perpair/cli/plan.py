@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -20,7 +19,6 @@ from perpair.errors import InputError
 if TYPE_CHECKING:
     from perpair.plan import PlanResult
 
-TABLE_WIDTH_PIPED = 200  # the table is as wide as its cells need, up to this
 
 
 @app.command("plan")
@@ -128,7 +126,4 @@ def _print_summary(result: PlanResult) -> None:
     table.add_row("margin / curriculum", f"{schedule.margin.source} / {schedule.curriculum.kind}")
     if counts["no_margin"]:
         table.add_row("pairs without a margin", f"{counts['no_margin']:,}")
-    # Piped output gets the table's natural width, not the 80 columns (or $COLUMNS) rich assumes off a
-    # terminal: a console can print no wider than it is, hence one as wide as the table for this print.
-    target = out if out.is_terminal else Console(file=out.file, width=TABLE_WIDTH_PIPED, highlight=False)
-    target.print(table)
+    out.print(table)  # piped: at its natural width (see perpair.cli.PIPED_WIDTH)

@@ -103,3 +103,8 @@ def records_to_table(records: list[PairRecord]) -> pa.Table:
         for name, value in record.as_row().items():
             columns[name].append(value)
     return pa.Table.from_pydict(columns, schema=ARROW_SCHEMA)
+
+
+def text_of(messages: list[Message]) -> str:
+    """The contents of a message list joined by blank lines (for display: the plan report's example pairs)."""
+    return "\n\n".join(m["content"] for m in messages)
