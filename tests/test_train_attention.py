@@ -24,10 +24,9 @@ def _outputs_and_grads(attention, q, k, v, layout, weights):
 
 
 @pytest.mark.parametrize("kv_heads", [6, 2])  # 2: grouped-query attention, three query heads per key/value head
-@pytest.mark.parametrize("share_prompt", [True, False])  # False: the rejected response's prefix is not adjacent
-def test_bias_path_equals_masked_blocks_in_float64(kv_heads, share_prompt):
+def test_bias_path_equals_masked_blocks_in_float64(kv_heads):
     """Outputs and query/key/value gradients of the mask-free path equal one masked SDPA call per block."""
-    layout = pack(PAIRS, share_prompt).layout
+    layout = pack(PAIRS).layout
     length = layout.blocks[-1].queries[1]
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, length, 8, dtype=torch.float64, generator=generator)

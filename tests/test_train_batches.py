@@ -27,5 +27,3 @@ def test_a_packed_row_holds_exactly_the_pairs_tokens():
     packed = pack(pairs)
     assert packed.input_ids.shape == (1, sum(p.tokens for p in pairs)) == (1, 15)
     assert packed.input_ids[0].tolist() == list(range(1, 16))  # every token once, in order: nothing padded
-    unshared = pack(pairs, share_prompt=False)  # the prompt computed once per response: 3 + 1 more tokens
-    assert unshared.input_ids.shape == (1, 15 + 3 + 1)

@@ -117,8 +117,7 @@ def _separate_sequence_logps(model, prompt: list[int], tokens: list[int]) -> tor
     return logits[positions, torch.tensor(tokens)].sum()
 
 
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_packed_tree_attention_equals_separate_sequences(share_prompt):
+def test_packed_tree_attention_equals_separate_sequences():
     """Prompt sharing and packing give each response exactly the log-probs and gradients of its own sequence."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -128,7 +127,7 @@ def test_packed_tree_attention_equals_separate_sequences(share_prompt):
     model = LlamaForCausalLM(config).double()
     pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16]),
              TokenizedPair([3, 3], [4, 4, 4], [])]
-    sums, counts = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs, share_prompt), torch.device("cpu"))
+    sums, counts = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs), torch.device("cpu"))
     (sums * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -151,8 +150,7 @@ def _separate_token_logps(model, prompt: list[int], tokens: list[int]) -> torch.
     return logits[positions, torch.tensor(tokens)]
 
 
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length(share_prompt):
+def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length():
     """LD-DPO in the packed layout: each response's first min(|y_w|, |y_l|) tokens count 1, the rest α, values
     and gradients equal to splitting separate sequences' token log-probs; a pair without a rejected response (SFT)
     keeps its plain sum."""
@@ -166,7 +164,7 @@ def test_packed_ld_dpo_sums_weight_the_tokens_past_the_shared_length(share_promp
              TokenizedPair([3, 3], [4, 4, 4], []), TokenizedPair([7], [8, 9], [10, 11])]
     alpha = 0.3
     weights = torch.arange(1.0, 9.0, dtype=torch.float64).view(4, 2)
-    sums, _ = run_packed(CompletionLogps(model, chunk_size=3, ld_alpha=alpha), pack(pairs, share_prompt),
+    sums, _ = run_packed(CompletionLogps(model, chunk_size=3, ld_alpha=alpha), pack(pairs),
                          torch.device("cpu"))
     (sums * weights).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
@@ -232,8 +230,7 @@ def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
 
     pairs = [TokenizedPair([1, 2, 3, 4, 5], [5, 6, 7], [8, 9, 10, 11]), TokenizedPair([], [12, 13], [14]),
              TokenizedPair([3, 3], [4, 4, 4], [])]
-    for share_prompt in (True, False):
-        layout = pack(pairs, share_prompt).layout
+    for layout in (pack(pairs).layout, pack(pairs[:1]).layout):  # several pairs in a row, and one
         length = layout.blocks[-1].queries[1]
         generator = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, heads, length, 8, dtype=torch.float64, generator=generator)

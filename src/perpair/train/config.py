@@ -79,7 +79,6 @@ class TrainConfig(BaseModel):
         0, ge=0, description="Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
                              "per forward (least activation memory; packing gives the matrix multiplications more "
                              "rows, which pays on a GPU).")
-    share_prompt: bool = Field(True, description="Compute the prompt once for both responses (tree attention).")
     logits_chunk: int = Field(256, ge=1, description="Positions per chunk of the vocabulary projection "
                               "(a chunk's float32 logits are logits_chunk × vocabulary × 4 bytes).")
 

@@ -145,9 +145,8 @@ class Packed:
         return self.input_ids.shape[1]
 
 
-def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True) -> Packed:
-    """Lay out ``pairs`` in one row (see the module docstring). ``share_prompt=False`` repeats the prompt
-    before the rejected response, as a padded batch would compute it (kept for comparison)."""
+def pack(pairs: Sequence[TokenizedPair]) -> Packed:
+    """Lay out ``pairs`` in one row (see the module docstring): each pair's prompt once, then both responses."""
     ids: list[int] = []
     positions: list[int] = []
     blocks: list[Block] = []
@@ -156,24 +155,22 @@ def pack(pairs: Sequence[TokenizedPair], share_prompt: bool = True) -> Packed:
     owner: list[int] = []
     for index, pair in enumerate(pairs):
         responses = [(0, pair.chosen)] + ([(1, pair.rejected)] if pair.rejected else [])
-        groups = [responses] if share_prompt else [[r] for r in responses]
-        for group in groups:
-            start = len(ids)
-            ids += pair.prompt
-            positions += range(len(pair.prompt))
-            prompt = (start, len(ids))
-            if pair.prompt:
-                blocks.append(Block(prompt))
-            for side, tokens in group:
-                first = len(ids)
-                ids += tokens
-                positions += range(len(pair.prompt), len(pair.prompt) + len(tokens))
-                blocks.append(Block((first, len(ids)), prompt if pair.prompt else None))
-                # token k of the response is predicted by the hidden state of the token before it; the first by
-                # the last prompt token (shared by both responses).
-                gather += [prompt[1] - 1] + list(range(first, first + len(tokens) - 1))
-                target += tokens
-                owner += [2 * index + side] * len(tokens)
+        start = len(ids)
+        ids += pair.prompt
+        positions += range(len(pair.prompt))
+        prompt = (start, len(ids))
+        if pair.prompt:
+            blocks.append(Block(prompt))
+        for side, tokens in responses:
+            first = len(ids)
+            ids += tokens
+            positions += range(len(pair.prompt), len(pair.prompt) + len(tokens))
+            blocks.append(Block((first, len(ids)), prompt if pair.prompt else None))
+            # token k of the response is predicted by the hidden state of the token before it; the first by
+            # the last prompt token (shared by both responses).
+            gather += [prompt[1] - 1] + list(range(first, first + len(tokens) - 1))
+            target += tokens
+            owner += [2 * index + side] * len(tokens)
     return Packed(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
                   layout=TreeLayout(tuple(blocks)), gather=torch.tensor(gather), target=torch.tensor(target),
                   owner=torch.tensor(owner), pairs=len(pairs))

@@ -174,7 +174,7 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     stats = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
     for g, group in enumerate(groups):
         rows = [mine[i] for i in group]
-        packed = pack([batches.tokenized[r] for r in rows], config.share_prompt)
+        packed = pack([batches.tokenized[r] for r in rows])
         sync = g == len(groups) - 1  # gradients are exchanged once per step, after the last forward
         with nullcontext() if sync else accelerator.no_sync(module):
             with accelerator.autocast():
