@@ -224,8 +224,8 @@ def test_packed_wpo_aligned_sums_equal_separate_sequences():
 
 def test_cpu_tree_attention_pieces_equal_one_masked_call_per_block():
     """The CPU path (mask-free flash pieces merged by log-sum-exp) gives the outputs and the query, key and value
-    gradients of one masked SDPA call per block, for shared and repeated prompts, a pair without a prompt and
-    grouped-query heads."""
+    gradients of one masked SDPA call per block, for a row of several pairs and a pair alone, a pair without a
+    prompt and grouped-query heads."""
     from perpair.train.attention import CpuTreeAttention, Piece, tree_attention_masked
 
     pairs = [TokenizedPair([1, 2, 3, 4, 5], [5, 6, 7], [8, 9, 10, 11]), TokenizedPair([], [12, 13], [14]),
