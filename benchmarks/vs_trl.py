@@ -242,24 +242,24 @@ def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int)
     return [sum(counts[s * batch_size:(s + 1) * batch_size]) for s in range(steps)]
 
 
-def precision_differences(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each ``X-bf16`` variant run against ``X`` (first rounds): the absolute differences of the per-step loss
-    and mean chosen / rejected log-probs at step 1 and at most over the steps, the log-probs also relative."""
-    out = {}
-    for name in results:
-        fp32 = name.removesuffix("-bf16")
-        if fp32 == name or fp32 not in results:
-            continue
-        a, b = results[name][0], results[fp32][0]
-        loss = [abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)]
-        logps = [(abs(x - y), abs(x - y) / abs(y)) for key in ("logps_chosen", "logps_rejected")
-                 for x, y in zip(a[key], b[key], strict=True)]
-        steps = len(a["losses"])
-        first = [logps[0], logps[steps]]  # step 1 of chosen and of rejected
-        out[name] = {"against": fp32, "loss_step1": loss[0], "loss_max": max(loss),
-                     "logps_step1": max(d for d, _ in first), "logps_step1_relative": max(r for _, r in first),
-                     "logps_max": max(d for d, _ in logps), "logps_max_relative": max(r for _, r in logps)}
-    return out
+def compared(results: dict[str, list[dict]]) -> dict[str, str]:
+    """Variant → the one its numbers are compared with: ``X-bf16`` → ``X`` (what bf16 changes), ``perpair`` →
+    ``perpair-unpacked`` (what packing changes: float noise only), where both ran."""
+    pairs = {name: name.removesuffix("-bf16") for name in results if name.endswith("-bf16")}
+    pairs["perpair"] = "perpair-unpacked"
+    return {a: b for a, b in pairs.items() if a in results and b in results}
+
+
+def differences(a: dict, b: dict) -> dict:
+    """Run ``a`` against run ``b``: the absolute differences of the per-step loss and mean chosen / rejected
+    log-probs at step 1 (the same weights) and at most over the steps, the log-probs also relative."""
+    loss = [abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)]
+    logps = [(abs(x - y), abs(x - y) / abs(y)) for key in ("logps_chosen", "logps_rejected")
+             for x, y in zip(a[key], b[key], strict=True)]
+    first = [logps[0], logps[len(loss)]]  # step 1 of chosen and of rejected
+    return {"loss_step1": loss[0], "loss_max": max(loss),
+            "logps_step1": max(d for d, _ in first), "logps_step1_relative": max(r for _, r in first),
+            "logps_max": max(d for d, _ in logps), "logps_max_relative": max(r for _, r in logps)}
 
 
 def run_variant(name: str, args) -> dict:
@@ -373,14 +373,15 @@ def main() -> None:
                       f"{s['peak_rss_gib'] / base['peak_rss_gib']:7.2f}")
         print(f"{name:16}{s['wall_seconds']:9.1f}{s['step_seconds']:9.2f}{s['peak_rss_gib']:10.2f}"
               f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / s['peak_gflops']:7.0f}%{ratios}")
-    differences = precision_differences(results)
-    if differences:
-        print("bf16 against fp32, |bf16 − fp32| of the step's loss and mean log-probs (chosen, rejected): "
-              "step 1, then the largest over the steps")
-        for name, d in differences.items():
+    diffs = {name: {"against": other, **differences(results[name][0], results[other][0])}
+             for name, other in compared(results).items()}
+    if diffs:
+        print("|difference| of each step's loss and mean log-probs (chosen, rejected), first rounds: at step 1, "
+              "then the largest over the steps")
+        for name, d in diffs.items():
             print(f"  {name} vs {d['against']}: loss {d['loss_step1']:.2e}, max {d['loss_max']:.2e}; "
-                  f"log-probs {d['logps_step1']:.3f} ({100 * d['logps_step1_relative']:.2f}%), "
-                  f"max {d['logps_max']:.3f} ({100 * d['logps_max_relative']:.2f}%)")
+                  f"log-probs {d['logps_step1']:.2e} ({100 * d['logps_step1_relative']:.3f}%), "
+                  f"max {d['logps_max']:.2e} ({100 * d['logps_max_relative']:.3f}%)")
     if bound:
         gflops = 6 * PARAMETERS * steady_tokens / bound["matmul_seconds"] / 1e9
         rate = bound["matmul_flops"] / bound["matmul_seconds"] / 1e9
@@ -390,7 +391,7 @@ def main() -> None:
               f"{100 * gflops / peak:.0f}% of peak if nothing else took any time")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "matmul_peak_gflops": peak,
-                                               "bf16_matmul_peak_gflops": peak16, "precision": differences,
+                                               "bf16_matmul_peak_gflops": peak16, "differences": diffs,
                                                "tokens_per_step": tokens, "bound": bound}, indent=1))
 
 
