@@ -16,8 +16,8 @@ before issue 17), ``perpair-system`` (glibc's malloc,
 ``PERPAIR_MALLOC=system``), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
 ``release_cpu_memory=false``), ``perpair-gc`` (``gradient_checkpointing``), ``perpair-saved-mlp``
 (``recompute_mlp=false``: the MLPs save their gate and up projections), ``perpair-nolean``
-(``lean_activations=false``) and ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
-step in one row).
+(``lean_activations=false``), ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
+step in one row) and ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
 step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
@@ -60,6 +60,7 @@ PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environm
     "perpair-saved-mlp": ({"recompute_mlp": False}, {}),
     "perpair-nolean": ({"lean_activations": False}, {}),
     "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
+    "perpair-packed4": ({"tokens_per_forward": "4 × max length"}, {}),
 }
 VARIANTS = ("trl", "trl-bf16", "trl-precompute", "trl-malloc", "trl-perpair", *PERPAIR_VARIANTS)
 PARAMETERS = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
@@ -136,7 +137,8 @@ def perpair_command(args, changes: dict) -> list[str]:
     allocator), from a YAML config."""
     import yaml
 
-    changes = {k: args.batch_size * args.max_length if v == "batch × max length" else v for k, v in changes.items()}
+    sizes = {"batch × max length": args.batch_size * args.max_length, "4 × max length": 4 * args.max_length}
+    changes = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
     config = {"model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
               "lr_schedule": "constant", "threads": args.threads,

@@ -71,7 +71,7 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
 
 
 def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs, tmp_path):
-    """Reduction by the pairs of the whole step: one pair per forward, the default packing (2 × max_length
+    """Reduction by the pairs of the whole step: one pair per forward, the default packing (4 × max_length
     tokens per forward) or all four packed together give the same losses."""
     args = ("--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--set", "save_model=false")
     _train(tiny_model, uf_pairs, tmp_path / "one", *args, "--set", "tokens_per_forward=0")
@@ -79,7 +79,7 @@ def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs,
     _train(tiny_model, uf_pairs, tmp_path / "packed", *args, "--set", "tokens_per_forward=1000")
     budgets = [json.loads((tmp_path / n / "summary.json").read_text())["tokens_per_forward"]
                for n in ("one", "default", "packed")]
-    assert budgets == [0, 2 * 96, 1000]
+    assert budgets == [0, 4 * 96, 1000]
     for name in ("default", "packed"):
         for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / name), strict=True):
             assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)

@@ -93,12 +93,12 @@ def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):
 
 
 def test_packing_default_is_two_max_lengths_whatever_the_batch(monkeypatch):
-    """tokens_per_forward unset packs up to 2 × max_length (one pair's most), for any batch size; a value set is
-    kept; the longest forward the run can have is what the recompute choice is made for."""
+    """tokens_per_forward unset packs up to 4 × max_length (twice one pair's most), for any batch size; a value set
+    is kept; the longest forward the run can have is what the recompute choice is made for."""
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     for batch in (1, 8, 64):
         config = load_config(None, {**BASE, "batch_size": batch, "max_length": 300})
-        assert (config.forward_tokens, config.longest_forward) == (600, 600)
+        assert (config.forward_tokens, config.longest_forward) == (1200, 1200)
     config = load_config(None, {**BASE, "max_length": 300, "tokens_per_forward": 0})
     assert (config.forward_tokens, config.longest_forward) == (0, 600)
     config = load_config(None, {**BASE, "max_length": 300, "tokens_per_forward": 2000})

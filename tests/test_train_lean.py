@@ -166,12 +166,13 @@ def test_kept_mlp_bytes_is_what_recomputing_saves():
 
 @pytest.mark.parametrize(("update", "recomputed"), [
     # 21,792 parameters in float32 trained with AdamW hold 16 × 21,792 = 348,672 bytes; 10% is 34,867. Gate and up
-    # of 2 layers × 64 wide keep 1,024 bytes a token; the longest forward is 2 × max_length tokens.
-    ({"max_length": 17}, False),  # 34 tokens: 34,816 bytes, kept
-    ({"max_length": 18}, True),  # 36 tokens: 36,864 bytes, recomputed
+    # of 2 layers × 64 wide keep 1,024 bytes a token; the longest forward is the default 4 × max_length tokens.
+    ({"max_length": 8}, False),  # 32 tokens: 32,768 bytes, kept
+    ({"max_length": 9}, True),  # 36 tokens: 36,864 bytes, recomputed
+    ({"max_length": 17, "tokens_per_forward": 0}, False),  # one pair per forward: at most 2 × 17 = 34 tokens
     ({"max_length": 17, "tokens_per_forward": 36}, True),  # a longer packing budget counts
-    ({"max_length": 18, "recompute_mlp": False}, False),  # set: as set
-    ({"max_length": 17, "recompute_mlp": True}, True),
+    ({"max_length": 9, "recompute_mlp": False}, False),  # set: as set
+    ({"max_length": 8, "recompute_mlp": True}, True),
 ])
 def test_recompute_mlp_default_is_chosen_by_memory(update, recomputed, tmp_path):
     from perpair.train.config import load_config

@@ -121,8 +121,8 @@ class RMSNormFn(torch.autograd.Function):
 
 DEFAULT_RECOMPUTE_MLP = True  # lean_activations' default; a run's (TrainConfig.recompute_mlp null) is chosen_recompute
 # recompute_mlp null: recompute when keeping gate/up would add more than this share of the training state. On the
-# README's benchmark (SmolLM2-135M, 1,024-token forwards) keeping them is 17% of it (+0.33 GiB measured, 1.25×
-# faster steps), which would take the peak past 0.55× of TRL's; at max_length 256 it is 9% and they are kept.
+# README's benchmark (SmolLM2-135M fp32, max length 512: 2,048-token forwards at most) keeping them would be 35% of
+# it; measured: +0.32 GiB of peak and no faster step. Kept for SmolLM2-135M at max length 128 (9%).
 RECOMPUTE_SHARE = 0.10
 KINDS = ("mlp", "mlp_recomputed", "norm")  # what a patched module computes (its ``_lean_kind``)
 
