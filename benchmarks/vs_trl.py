@@ -3,24 +3,30 @@
 Workload (issue 5): SmolLM2-135M-Instruct in float32, the first pairs of the UltraFeedback sample in file order,
 batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learning rate.
 
-Variants: ``trl`` (DPOTrainer defaults: reference model forward at every step), ``trl-precompute``
+Variants: ``trl`` (DPOTrainer defaults but fp32: reference model forward at every step), ``trl-bf16`` (TRL's
+own default precision, bf16 autocast, which ``DPOConfig`` turns on even on a CPU), ``trl-precompute``
 (``precompute_ref_log_probs=True``), ``trl-malloc`` (TRL defaults under the allocator perpair's command picks,
 to show how much of the difference is the allocator), ``trl-perpair`` (TRL with perpair's plug-in,
 ``perpair.integrations.trl.PerPairDPOTrainer``, given a plan that changes nothing: every pair β = 0.1, file
 order; its cost over ``trl``), ``perpair`` (``perpair train`` as a user runs it, with its
 defaults, which include a preloaded allocator — see ``perpair.allocator``; empty reference cache: the reference
-log-probs are computed in the run), and perpair with one thing changed: ``perpair-system`` (glibc's malloc,
+log-probs are computed in the run), and perpair with one thing changed: ``perpair-bf16`` (``precision: bf16``:
+bf16 autocast, as TRL's default), ``perpair-unpacked`` (one pair per forward and the MLPs recomputed, the defaults
+before issue 17), ``perpair-system`` (glibc's malloc,
 ``PERPAIR_MALLOC=system``), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
 ``release_cpu_memory=false``), ``perpair-gc`` (``gradient_checkpointing``), ``perpair-saved-mlp``
 (``recompute_mlp=false``: the MLPs save their gate and up projections), ``perpair-nolean``
-(``lean_activations=false``) and ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
-step in one row).
+(``lean_activations=false``), ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
+step in one row) and ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
 step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
 = 6 × parameters × unique non-padding tokens per second over the steps after the first (their tokens over their
 time; tokens counted the same way for both: prompt once + chosen + rejected, TRL tokenization), as a share of
-the fp32 matmul peak measured in the same run with the same threads.
+the fp32 matmul peak measured in the same run with the same threads (bf16 variants: of the bf16 peak). Each bf16
+variant's losses and mean log-probs are compared with those of its fp32 counterpart, step by step: step 1
+(the same weights) shows what bf16 does to one computation; the largest difference over the steps adds what
+it does to the updates.
 
 ``--bound`` also replays, alone, every matrix multiplication of perpair's steps after the first (captured from a
 real run, same shapes and layouts) and reports the share of the peak perpair would reach if everything else
@@ -46,23 +52,26 @@ ROOT = Path(__file__).resolve().parents[1]
 UF_TRAIN = ROOT.parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
 PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environment it changes)
     "perpair": ({}, {}),
+    "perpair-bf16": ({"precision": "bf16"}, {}),
+    "perpair-unpacked": ({"tokens_per_forward": 0, "recompute_mlp": True}, {}),
     "perpair-system": ({}, {"PERPAIR_MALLOC": "system"}),
     "perpair-heap": ({"release_cpu_memory": False}, {"PERPAIR_MALLOC": "system"}),
     "perpair-gc": ({"gradient_checkpointing": True}, {}),
     "perpair-saved-mlp": ({"recompute_mlp": False}, {}),
     "perpair-nolean": ({"lean_activations": False}, {}),
     "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
+    "perpair-packed4": ({"tokens_per_forward": "4 × max length"}, {}),
 }
-VARIANTS = ("trl", "trl-precompute", "trl-malloc", "trl-perpair", *PERPAIR_VARIANTS)
+VARIANTS = ("trl", "trl-bf16", "trl-precompute", "trl-malloc", "trl-perpair", *PERPAIR_VARIANTS)
 PARAMETERS = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
 
 
-def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 GFLOP/s of a square matmul with ``threads`` threads."""
+def matmul_peak(threads: int, size: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best GFLOP/s of a square matmul of ``dtype`` with ``threads`` threads."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype)) for _ in range(2))
     best = 0.0
     for _ in range(repeats):
         t = time.perf_counter()
@@ -71,7 +80,8 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 10) -> float:
     return best / 1e9
 
 
-def worker_trl(args, precompute: bool, plugin: bool = False) -> dict:
+def worker_trl(args, precompute: bool, plugin: bool = False, bf16: bool | None = False) -> dict:
+    """TRL's DPOTrainer on the workload; ``bf16`` None: DPOConfig's own default (bf16 autocast)."""
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
@@ -110,13 +120,16 @@ def worker_trl(args, precompute: bool, plugin: bool = False) -> dict:
                        learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
                        report_to=[], save_strategy="no", max_length=args.max_length, beta=0.1, use_cpu=True,
                        dataloader_num_workers=0, disable_tqdm=True, precompute_ref_log_probs=precompute,
-                       bf16=False)  # TRL defaults to bf16 autocast, even on CPU; the workload is fp32
+                       # TRL defaults to bf16 autocast, even on a CPU; the workload is fp32 unless bf16 is None
+                       **({} if bf16 is None else {"bf16": bf16}))
     trainer = trainer_class(model=model, args=config, train_dataset=Dataset.from_list(rows),
                             processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Stamp()])
     trainer.train()
     steps = [stamps[i + 1] - stamps[i] for i in range(0, len(stamps) - 1, 2)]
-    return {"step_seconds": steps, "parameters": sum(p.numel() for p in model.parameters()),
-            "losses": [h["loss"] for h in trainer.state.log_history if "logps/chosen" in h]}
+    logged = [h for h in trainer.state.log_history if "logps/chosen" in h]
+    return {"step_seconds": steps, "parameters": sum(p.numel() for p in model.parameters()), "bf16": config.bf16,
+            "losses": [h["loss"] for h in logged], "logps_chosen": [h["logps/chosen"] for h in logged],
+            "logps_rejected": [h["logps/rejected"] for h in logged]}
 
 
 def perpair_command(args, changes: dict) -> list[str]:
@@ -124,7 +137,8 @@ def perpair_command(args, changes: dict) -> list[str]:
     allocator), from a YAML config."""
     import yaml
 
-    changes = {k: args.batch_size * args.max_length if k == "tokens_per_forward" else v for k, v in changes.items()}
+    sizes = {"batch × max length": args.batch_size * args.max_length, "4 × max length": 4 * args.max_length}
+    changes = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
     config = {"model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
               "lr_schedule": "constant", "threads": args.threads,
@@ -140,8 +154,10 @@ def perpair_result(tmp: str) -> dict:
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
-            "losses": [m["loss"] for m in metrics], "reference_seconds": summary["reference_seconds"],
-            "allocator": summary["allocator"]}
+            "losses": [m["loss"] for m in metrics], "logps_chosen": [m["logps_chosen"] for m in metrics],
+            "logps_rejected": [m["logps_rejected"] for m in metrics], "reference_seconds": summary["reference_seconds"],
+            "allocator": summary["allocator"], "tokens_per_forward": summary["tokens_per_forward"],
+            "lean_activations": summary["lean_activations"]}
 
 
 def worker_bound(args) -> dict:
@@ -228,6 +244,26 @@ def unique_tokens(pairs_path: str, steps: int, batch_size: int, max_length: int)
     return [sum(counts[s * batch_size:(s + 1) * batch_size]) for s in range(steps)]
 
 
+def compared(results: dict[str, list[dict]]) -> dict[str, str]:
+    """Variant → the one its numbers are compared with: ``X-bf16`` → ``X`` (what bf16 changes), ``perpair`` →
+    ``perpair-unpacked`` (what packing changes: float noise only), where both ran."""
+    pairs = {name: name.removesuffix("-bf16") for name in results if name.endswith("-bf16")}
+    pairs["perpair"] = "perpair-unpacked"
+    return {a: b for a, b in pairs.items() if a in results and b in results}
+
+
+def differences(a: dict, b: dict) -> dict:
+    """Run ``a`` against run ``b``: the absolute differences of the per-step loss and mean chosen / rejected
+    log-probs at step 1 (the same weights) and at most over the steps, the log-probs also relative."""
+    loss = [abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True)]
+    logps = [(abs(x - y), abs(x - y) / abs(y)) for key in ("logps_chosen", "logps_rejected")
+             for x, y in zip(a[key], b[key], strict=True)]
+    first = [logps[0], logps[len(loss)]]  # step 1 of chosen and of rejected
+    return {"loss_step1": loss[0], "loss_max": max(loss),
+            "logps_step1": max(d for d, _ in first), "logps_step1_relative": max(r for _, r in first),
+            "logps_max": max(d for d, _ in logps), "logps_max_relative": max(r for _, r in logps)}
+
+
 def run_variant(name: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"vs_trl_{name}_") as tmp:
         args.tmp = tmp
@@ -283,6 +319,7 @@ def main() -> None:
     args.pool = args.pool or args.steps * args.batch_size + 8
     if args.worker:
         runners = {"trl": partial(worker_trl, args, False), "trl-precompute": partial(worker_trl, args, True),
+                   "trl-bf16": partial(worker_trl, args, False, bf16=None),
                    "trl-malloc": partial(worker_trl, args, False),
                    "trl-perpair": partial(worker_trl, args, False, plugin=True), "bound": partial(worker_bound, args)}
         print(json.dumps(runners[args.worker]()))
@@ -294,7 +331,7 @@ def main() -> None:
         args.pairs = str(Path(tmp) / "uf.parquet")
         prepare([str(UF_TRAIN)], args.pairs, PrepareOptions())
         tokens = unique_tokens(args.pairs, args.steps, args.batch_size, args.max_length)
-        peak = matmul_peak(args.threads)
+        peak, peak16 = matmul_peak(args.threads), matmul_peak(args.threads, dtype="bfloat16")
         results: dict[str, list[dict]] = {}
         for round_ in range(args.rounds):
             for name in args.variants.split(","):
@@ -304,6 +341,7 @@ def main() -> None:
                 print(f"  {name}: run {run['wall_seconds']:.1f} s, s/step {run['step_seconds']}, "
                       f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
                 peak = max(peak, matmul_peak(args.threads))
+                peak16 = max(peak16, matmul_peak(args.threads, dtype="bfloat16"))
         bound = None
         if args.bound:
             print("matmul-only bound …", file=sys.stderr, flush=True)
@@ -313,6 +351,7 @@ def main() -> None:
     steady_tokens = sum(tokens[1:])
     summary = {}
     for name, runs in results.items():
+        bf16 = name.endswith("-bf16")
         step = statistics.median([s for r in runs for s in r["step_seconds"][1:]])
         steady_seconds = statistics.median(sum(r["step_seconds"][1:]) for r in runs)
         summary[name] = {
@@ -320,10 +359,11 @@ def main() -> None:
             "step_seconds": step,
             "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30,
             "useful_gflops": 6 * PARAMETERS * steady_tokens / steady_seconds / 1e9,
-            "losses": runs[0]["losses"],
+            "losses": runs[0]["losses"], "bf16": bf16, "peak_gflops": peak16 if bf16 else peak,
         }
     base, pre = summary.get("trl"), summary.get("trl-precompute")
-    print(f"fp32 matmul peak ({args.threads} threads): {peak:.1f} GFLOP/s; tokens of the steps after the first "
+    print(f"matmul peak ({args.threads} threads): fp32 {peak:.1f}, bf16 {peak16:.1f} GFLOP/s ({peak16 / peak:.2f}×; "
+          f"'% peak' of a bf16 variant is of the bf16 peak); tokens of the steps after the first "
           f"{steady_tokens} (per step {tokens[1:]}); rounds {args.rounds}")
     print(f"{'variant':16}{'run s':>9}{'s/step':>9}{'peak GiB':>10}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'run ×':>7}{'step ×':>8}{'step × pre':>11}{'RSS ×':>7}")
@@ -334,7 +374,16 @@ def main() -> None:
                       f"{(pre['step_seconds'] / s['step_seconds']) if pre else float('nan'):11.2f}"
                       f"{s['peak_rss_gib'] / base['peak_rss_gib']:7.2f}")
         print(f"{name:16}{s['wall_seconds']:9.1f}{s['step_seconds']:9.2f}{s['peak_rss_gib']:10.2f}"
-              f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / peak:7.0f}%{ratios}")
+              f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / s['peak_gflops']:7.0f}%{ratios}")
+    diffs = {name: {"against": other, **differences(results[name][0], results[other][0])}
+             for name, other in compared(results).items()}
+    if diffs:
+        print("|difference| of each step's loss and mean log-probs (chosen, rejected), first rounds: at step 1, "
+              "then the largest over the steps")
+        for name, d in diffs.items():
+            print(f"  {name} vs {d['against']}: loss {d['loss_step1']:.2e}, max {d['loss_max']:.2e}; "
+                  f"log-probs {d['logps_step1']:.2e} ({100 * d['logps_step1_relative']:.3f}%), "
+                  f"max {d['logps_max']:.2e} ({100 * d['logps_max_relative']:.3f}%)")
     if bound:
         gflops = 6 * PARAMETERS * steady_tokens / bound["matmul_seconds"] / 1e9
         rate = bound["matmul_flops"] / bound["matmul_seconds"] / 1e9
@@ -344,6 +393,7 @@ def main() -> None:
               f"{100 * gflops / peak:.0f}% of peak if nothing else took any time")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": results, "matmul_peak_gflops": peak,
+                                               "bf16_matmul_peak_gflops": peak16, "differences": diffs,
                                                "tokens_per_step": tokens, "bound": bound}, indent=1))
 
 

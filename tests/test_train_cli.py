@@ -71,13 +71,19 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
 
 
 def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs, tmp_path):
-    """Reduction by the pairs of the whole step: one pair per forward or all four packed together."""
+    """Reduction by the pairs of the whole step: one pair per forward, the default packing (4 × max_length
+    tokens per forward) or all four packed together give the same losses."""
     args = ("--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--set", "save_model=false")
-    _train(tiny_model, uf_pairs, tmp_path / "one", *args)
+    _train(tiny_model, uf_pairs, tmp_path / "one", *args, "--set", "tokens_per_forward=0")
+    _train(tiny_model, uf_pairs, tmp_path / "default", *args)
     _train(tiny_model, uf_pairs, tmp_path / "packed", *args, "--set", "tokens_per_forward=1000")
-    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "packed"), strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
-        assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
+    budgets = [json.loads((tmp_path / n / "summary.json").read_text())["tokens_per_forward"]
+               for n in ("one", "default", "packed")]
+    assert budgets == [0, 4 * 96, 1000]
+    for name in ("default", "packed"):
+        for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / name), strict=True):
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+            assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
 
 
 def _mixdpo_plan(pairs: Path, tmp_path: Path) -> Path:
@@ -290,3 +296,13 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     assert (out / "run.key").read_text() != key
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]
+
+
+def test_bf16_and_fp32_runs_keep_separate_reference_caches(tiny_model, uf_pairs, tmp_path):
+    """A bf16 run's reference log-probs (up to ~0.5% off fp32's) are never served to an fp32 run."""
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "64", "--set", "save_model=false",
+            "--set", "final_checkpoint=false")
+    _train(tiny_model, uf_pairs, tmp_path / "fp32", *args, "--set", "precision=fp32")
+    assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 1
+    _train(tiny_model, uf_pairs, tmp_path / "bf16", *args, "--set", "precision=bf16")
+    assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 2

@@ -79,7 +79,7 @@ def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     safe = {**BASE, "final_checkpoint": False}
-    load_config(None, safe)
+    assert load_config(None, safe).forward_tokens == 0  # the default packing gives way: one pair per forward
     for update, message in [({"final_checkpoint": True}, "checkpoints are not supported under FSDP"),
                             ({"tokens_per_forward": 2048}, "tokens_per_forward must be 0 under FSDP"),
                             ({"lora": {"merge": True}}, "lora.merge is not supported under FSDP")]:
@@ -90,3 +90,29 @@ def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(PerpairError, match="DeepSpeed is not supported"):
         load_config(None, safe)
+
+
+def test_packing_default_is_four_max_lengths_whatever_the_batch(monkeypatch):
+    """tokens_per_forward unset packs up to 4 × max_length (twice one pair's most), for any batch size; a value set
+    is kept; the longest forward the run can have is what the recompute choice is made for."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    for batch in (1, 8, 64):
+        config = load_config(None, {**BASE, "batch_size": batch, "max_length": 300})
+        assert (config.forward_tokens, config.longest_forward) == (1200, 1200)
+    config = load_config(None, {**BASE, "max_length": 300, "tokens_per_forward": 0})
+    assert (config.forward_tokens, config.longest_forward) == (0, 600)
+    config = load_config(None, {**BASE, "max_length": 300, "tokens_per_forward": 2000})
+    assert (config.forward_tokens, config.longest_forward) == (2000, 2000)
+    aot = load_config(None, {**BASE, "max_length": 300, "batch_size": 4, "loss": "aot"})
+    assert aot.longest_forward == 4 * 600  # a batch-level loss runs the whole step in one forward
+
+
+def test_reference_cache_keeps_bf16_and_fp32_log_probs_apart(tmp_path):
+    """bf16 reference log-probs differ from fp32 ones by up to ~0.5%: a run of one precision never reads the
+    other's cache file; fp32 keys are those of earlier versions (existing caches stay valid)."""
+    from perpair.train import reference
+
+    common = {"model": "m", "tokenizer": "t", "pairs_sha256": "p", "max_length": 64}
+    fp32, bf16 = reference.cache_key(**common), reference.cache_key(**common, precision="bf16")
+    assert "precision" not in fp32 and bf16["precision"] == "bf16"
+    assert reference.cache_path(tmp_path, fp32) != reference.cache_path(tmp_path, bf16)

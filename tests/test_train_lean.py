@@ -147,3 +147,39 @@ def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, 
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())
     assert not model.config._attn_implementation.startswith("perpair_tree")  # its own attention again
+
+
+def test_kept_mlp_bytes_is_what_recomputing_saves():
+    """The estimate behind recompute_mlp's default: the bytes autograd keeps with the MLPs saving gate and up,
+    less those it keeps with them recomputed, measured in a forward + backward of 37 tokens."""
+    from perpair.train.lean import kept_mlp_bytes
+
+    plain = _llama()
+    ids = torch.randint(0, 50, (1, 37), generator=torch.Generator().manual_seed(2))
+    saved = {}
+    for recompute in (False, True):
+        model = copy.deepcopy(plain)
+        assert lean_activations(model, recompute).counts()["mlp_recomputed" if recompute else "mlp"] == 2
+        _, saved[recompute] = _saving(lambda model=model: model(ids).logits, autocast=False)
+    assert saved[False] - saved[True] == kept_mlp_bytes(plain, 37, 4) > 0
+
+
+@pytest.mark.parametrize(("update", "recomputed"), [
+    # 21,792 parameters in float32 trained with AdamW hold 16 × 21,792 = 348,672 bytes; 10% is 34,867. Gate and up
+    # of 2 layers × 64 wide keep 1,024 bytes a token; the longest forward is the default 4 × max_length tokens.
+    ({"max_length": 8}, False),  # 32 tokens: 32,768 bytes, kept
+    ({"max_length": 9}, True),  # 36 tokens: 36,864 bytes, recomputed
+    ({"max_length": 17, "tokens_per_forward": 0}, False),  # one pair per forward: at most 2 × 17 = 34 tokens
+    ({"max_length": 17, "tokens_per_forward": 36}, True),  # a longer packing budget counts
+    ({"max_length": 9, "recompute_mlp": False}, False),  # set: as set
+    ({"max_length": 8, "recompute_mlp": True}, True),
+])
+def test_recompute_mlp_default_is_chosen_by_memory(update, recomputed, tmp_path):
+    from perpair.train.config import load_config
+    from perpair.train.setup import prepare_policy
+
+    model = _llama()
+    assert sum(p.numel() for p in model.parameters()) == 21_792
+    config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1, **update})
+    model = prepare_policy(config, model, single_process=True)
+    assert lean_patches(model).counts()["mlp_recomputed" if recomputed else "mlp"] == 2

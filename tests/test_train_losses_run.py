@@ -31,9 +31,9 @@ def _losses(out: Path) -> list[float]:
 
 
 def test_aot_sorts_over_the_whole_step_whatever_the_forwards(tiny_model, uf_pairs, tmp_path):
-    """One pair per forward (the default) and all four packed in one forward give AOT the same step: the loop
-    hands a batch-level loss all the step's pairs at once (per forward, AOT on one pair would be sigmoid)."""
-    _train(tiny_model, uf_pairs, tmp_path / "one", "--loss", "aot")
+    """One pair per forward and all four packed in one forward give AOT the same step: the loop hands a
+    batch-level loss all the step's pairs at once (per forward, AOT on one pair would be sigmoid)."""
+    _train(tiny_model, uf_pairs, tmp_path / "one", "--loss", "aot", "--set", "tokens_per_forward=0")
     _train(tiny_model, uf_pairs, tmp_path / "packed", "--loss", "aot", "--set", "tokens_per_forward=2000")
     _train(tiny_model, uf_pairs, tmp_path / "dpo", "--loss", "sigmoid")
     one, packed, dpo = (_losses(tmp_path / name) for name in ("one", "packed", "dpo"))

@@ -128,7 +128,9 @@ def train_command(
               f"{s['reference_seconds']:.1f} s (the rest from the cache); order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
-    out.print(f"lean activations: {lean or 'off (no module patched)'}")
+    packing = s["tokens_per_forward"]
+    out.print(f"lean activations: {lean or 'off (no module patched)'}; pairs per forward: "
+              f"{f'packed up to {packing} tokens' if packing else 'one'}")
     saved = "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s)
     out.print(f"metrics: {result.metrics_path}, summary: {result.out / 'summary.json'}{saved}")
 

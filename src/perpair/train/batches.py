@@ -61,7 +61,7 @@ def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
 
 def micro_batches(config: TrainConfig, pairs: list[TokenizedPair]) -> list[list[int]]:
     """Indices of ``pairs`` per forward: one pair each, or greedily packed up to ``tokens_per_forward``."""
-    return greedy_groups([pair.tokens for pair in pairs], config.tokens_per_forward)
+    return greedy_groups([pair.tokens for pair in pairs], config.forward_tokens)
 
 
 def load_data(config: TrainConfig, accelerator) -> PairData:

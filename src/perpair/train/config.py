@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from perpair.config_files import format_validation_error, load_yaml
 from perpair.errors import InputError, PerpairError
 from perpair.plan.config import deep_merge
-from perpair.train.lean import DEFAULT_RECOMPUTE_MLP
+from perpair.train.lean import RECOMPUTE_SHARE
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
 from perpair.train.tracking import missing_packages
 
@@ -29,6 +29,12 @@ class LoraConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field("all-linear", description="Modules that get an adapter.")
     merge: bool = Field(False, description="Also save the base model with the adapter merged in.")
+
+
+# tokens_per_forward's default, × max_length: twice one pair's most. README, "Performance against TRL" (batch 2,
+# max length 512): at 4 × every step is one forward and the peak 0.2 GiB lower than one pair per forward (no
+# gradient is held while another forward's activations live), the step as fast; at 2 × most steps did not pack.
+PACK_LENGTHS = 4
 
 
 class TrainConfig(BaseModel):
@@ -75,10 +81,11 @@ class TrainConfig(BaseModel):
     shuffle: bool = Field(False, description="Shuffle (seeded) instead of file order; with a plan only if its "
                           "curriculum is none (a curriculum fixes the order).")
     seed: int = Field(0, description="Seed of shuffling, initialisation of adapters and of every RNG.")
-    tokens_per_forward: int = Field(
-        0, ge=0, description="Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
-                             "per forward (least activation memory; packing gives the matrix multiplications more "
-                             "rows, which pays on a GPU).")
+    tokens_per_forward: int | None = Field(
+        None, ge=0, description=f"Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
+                                f"per forward; null (default) = {PACK_LENGTHS} × max_length (twice the most one "
+                                f"pair can have: prompt + two responses), a bound that does not grow with "
+                                f"batch_size (0 under FSDP, which needs the same number of forwards on every rank).")
     logits_chunk: int = Field(256, ge=1, description="Positions per chunk of the vocabulary projection "
                               "(a chunk's float32 logits are logits_chunk × vocabulary × 4 bytes).")
 
@@ -97,11 +104,13 @@ class TrainConfig(BaseModel):
     lean_activations: bool = Field(
         True, description="Save only the inputs of SwiGLU MLPs and RMSNorms for the backward and recompute their "
                           "elementwise outputs (about a third less activation memory, no matmul recomputed).")
-    recompute_mlp: bool = Field(
-        DEFAULT_RECOMPUTE_MLP,
-        description="With lean_activations: SwiGLU MLPs save only their input and recompute the gate and up "
-                    "projections in the backward (about 40% less activation memory for a sixth more matmul work; a "
-                    "lighter trade than gradient_checkpointing).")
+    recompute_mlp: bool | None = Field(
+        None,
+        description=f"With lean_activations: SwiGLU MLPs save only their input and recompute the gate and up "
+                    f"projections in the backward (about 40% less activation memory for a sixth more matmul work; a "
+                    f"lighter trade than gradient_checkpointing). null (default): recompute when keeping the gate "
+                    f"and up outputs of the longest possible forward would take more than "
+                    f"{RECOMPUTE_SHARE:.0%} of the memory of the weights, gradients and AdamW state.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     release_cpu_memory: bool = Field(
@@ -199,6 +208,22 @@ class TrainConfig(BaseModel):
     def warmup_steps(self) -> int:
         return int(round(self.warmup_ratio * self.steps))
 
+    @property
+    def forward_tokens(self) -> int:
+        """The packing budget in effect: ``tokens_per_forward`` as set, or its default for this launch. Resolved
+        here rather than stored, so a dumped config reloaded under another launch resolves again."""
+        if self.tokens_per_forward is not None:
+            return self.tokens_per_forward
+        return 0 if launch_sharding() == "fsdp" else PACK_LENGTHS * self.max_length
+
+    @property
+    def longest_forward(self) -> int:
+        """Tokens one forward can hold at most: a pair is at most ``2 × max_length`` (the prompt once, each
+        response up to max_length with it); a batch-level loss (AOT) runs the whole step in one forward."""
+        if self.objective.batch_level:
+            return self.batch_size * 2 * self.max_length
+        return max(self.forward_tokens, 2 * self.max_length)
+
 
 def launch_processes() -> int:
     """Processes of this launch: ``WORLD_SIZE``, set by torchrun and ``accelerate launch`` (1 without either)."""
@@ -229,7 +254,7 @@ def sharding_problem(config: TrainConfig, sharding: str | None) -> str | None:
     if config.save_every or config.final_checkpoint or config.resume:
         return ("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
                 "set save_every: 0, final_checkpoint: false and resume: false")
-    if config.tokens_per_forward:
+    if config.forward_tokens:  # its default is 0 under an FSDP launch; set, or FSDP chosen otherwise: refused
         # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
         return "tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)"
     if config.lora is not None and config.lora.merge:

@@ -119,7 +119,11 @@ class RMSNormFn(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
-DEFAULT_RECOMPUTE_MLP = True  # TrainConfig.recompute_mlp's default too: one source
+DEFAULT_RECOMPUTE_MLP = True  # lean_activations' default; a run's (TrainConfig.recompute_mlp null) is chosen_recompute
+# recompute_mlp null: recompute when keeping gate/up would add more than this share of the training state. On the
+# README's benchmark (SmolLM2-135M fp32, max length 512: 2,048-token forwards at most) keeping them would be 35% of
+# it; measured: +0.32 GiB of peak and no faster step. Kept for SmolLM2-135M at max length 128 (9%).
+RECOMPUTE_SHARE = 0.10
 KINDS = ("mlp", "mlp_recomputed", "norm")  # what a patched module computes (its ``_lean_kind``)
 
 
@@ -176,6 +180,27 @@ def _mlp_kind(module: nn.Module, recompute_mlp: bool) -> str | None:
     except (RuntimeError, TypeError):
         return None
     return "mlp_recomputed" if recompute_mlp and all(type(p) is nn.Linear for p in parts) else "mlp"
+
+
+def kept_mlp_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
+    """Bytes that recomputing saves in a forward of ``tokens`` tokens: the gate and up outputs
+    (``[tokens, intermediate]`` each, of ``element_size`` bytes) that every SwiGLU MLP it can recompute would
+    otherwise keep for the backward."""
+    return sum(2 * tokens * module.down_proj.in_features * element_size for module in model.modules()
+               if _mlp_kind(module, recompute_mlp=True) == "mlp_recomputed")
+
+
+def training_state_bytes(model: nn.Module) -> int:
+    """The memory a run holds whatever its forwards: the weights, and for each trained one its gradient and
+    AdamW's two moments (in the parameter's dtype, as torch's AdamW keeps them)."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
+
+
+def chosen_recompute(model: nn.Module, tokens: int, element_size: int) -> bool:
+    """``recompute_mlp`` unset: recompute when keeping the gate and up outputs of a ``tokens``-token forward
+    would take more than :data:`RECOMPUTE_SHARE` of :func:`training_state_bytes` (call with the trained
+    parameters marked, LoRA adapters in)."""
+    return kept_mlp_bytes(model, tokens, element_size) > RECOMPUTE_SHARE * training_state_bytes(model)
 
 
 def _norm_eps(module: nn.Module) -> float | None:

@@ -148,6 +148,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
         "lean_activations": lean.counts(),  # modules patched per kind; all 0: the option did nothing (or was off)
+        "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)
     }
     if accelerator.is_main_process:
         (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

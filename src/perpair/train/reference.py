@@ -41,12 +41,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int,
-              ld_alpha: float | None = None) -> dict[str, object]:
+              ld_alpha: float | None = None, precision: str = "fp32") -> dict[str, object]:
     key: dict[str, object] = {"version": KEY_VERSION, "model": model, "tokenizer": tokenizer,
                               "pairs_sha256": pairs_sha256, "max_length": max_length, "truncation": "keep_start",
                               "template": "trl"}
     if ld_alpha is not None:  # LD-DPO's weighted sums are other values; plain runs keep their existing keys
         key["ld_alpha"] = ld_alpha
+    if precision != "fp32":  # bf16 log-probs differ by up to ~0.5%: never served to an fp32 run (or back)
+        key["precision"] = precision
     return key
 
 

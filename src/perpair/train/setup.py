@@ -18,7 +18,7 @@ from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
-from perpair.train.lean import lean_activations
+from perpair.train.lean import chosen_recompute, lean_activations
 from perpair.train.losses import ROUTE_PREFERENCE
 from perpair.train.tokenize import TokenizedPair
 
@@ -31,8 +31,7 @@ def setup_accelerator(config: TrainConfig):
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16 = uses_bf16(config)
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
@@ -41,6 +40,20 @@ def setup_accelerator(config: TrainConfig):
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
     check_sharding(config, accelerator.distributed_type)
     return accelerator
+
+
+def uses_bf16(config: TrainConfig) -> bool:
+    """bf16 autocast: asked for, or ``auto`` on a CUDA device that has it."""
+    return config.precision == "bf16" or (
+        config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def recompute_mlp(config: TrainConfig, model) -> bool:
+    """``recompute_mlp`` as set, or chosen by memory (:func:`~perpair.train.lean.chosen_recompute`) for the
+    longest forward the run can have, its activations in the autocast dtype."""
+    if config.recompute_mlp is not None:
+        return config.recompute_mlp
+    return chosen_recompute(model, config.longest_forward, 2 if uses_bf16(config) else 4)
 
 
 def release_freed_memory(threshold: int = 1 << 20) -> bool:
@@ -110,7 +123,8 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     key = reference.cache_key(model=model_fingerprint(spec),
                               tokenizer=reference.tokenizer_fingerprint(tokenizer),
                               pairs_sha256=file_sha256(data.path), max_length=config.max_length,
-                              ld_alpha=config.ld_alpha)
+                              ld_alpha=config.ld_alpha,
+                              precision="bf16" if accelerator.mixed_precision == "bf16" else "fp32")
     path = reference.cache_path(cache_dir, key)
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(batches.tokenized[r]) if data.flipped[r] else batches.tokenized[r] for r in rows]
@@ -123,7 +137,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
     # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
-    tokens = max(config.tokens_per_forward, REFERENCE_PACKING * config.max_length)
+    tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
     if accelerator.is_main_process:
         _, computed = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
                                                 tokens_per_forward=tokens, chunk_size=config.logits_chunk,
@@ -151,7 +165,7 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lean_activations and config.lora is None:  # under LoRA: once the adapters are in, below
-        lean_activations(model, recompute_mlp=config.recompute_mlp)
+        lean_activations(model, recompute_mlp=recompute_mlp(config, model))
     model.train()
     if config.lora is None:
         if single_process:
@@ -168,8 +182,8 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
                                              target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
-    if config.lean_activations:
-        lean_activations(model, recompute_mlp=config.recompute_mlp)
+    if config.lean_activations:  # the state counted is the adapters' now: frozen weights keep no AdamW moments
+        lean_activations(model, recompute_mlp=recompute_mlp(config, model))
     return model
 
 
