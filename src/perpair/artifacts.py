@@ -74,3 +74,12 @@ def read_artifact(path: str | os.PathLike, *, kind: str,
             f"version {schema_version}; re-create it with this version"
         )
     return pq.read_table(path), header["provenance"]
+
+
+def refuse_overwrite(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse a run whose output would replace one of its inputs (``-o`` naming the input file)."""
+    for out_name, out_path in outputs.items():
+        for in_name, in_path in inputs.items():
+            if in_path is not None and Path(out_path).resolve() == Path(in_path).resolve():
+                raise PerpairError(f"{out_name} {out_path} is the {in_name}: writing it would overwrite the "
+                                   "input; choose another output path")

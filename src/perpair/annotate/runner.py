@@ -30,7 +30,7 @@ from perpair.annotate.config import AnnotateConfig
 from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN
 from perpair.annotate.teachers import Call, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
-from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.artifacts import file_sha256, read_artifact, refuse_overwrite, write_artifact
 from perpair.data import read_pairs
 from perpair.errors import InputError, PerpairError
 
@@ -121,15 +121,6 @@ class AnnotateResult:
             return (f"{self.annotated_pairs:,} of {self.pairs:,} pairs ({share:.1%}) got a valid annotation, "
                     f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
         return None
-
-
-def refuse_overwrite(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse a run whose output would replace one of its inputs (``-o`` naming the input file)."""
-    for out_name, out_path in outputs.items():
-        for in_name, in_path in inputs.items():
-            if in_path is not None and Path(out_path).resolve() == Path(in_path).resolve():
-                raise PerpairError(f"{out_name} {out_path} is the {in_name}: writing it would overwrite the "
-                                   "input; choose another output path")
 
 
 def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str | os.PathLike, *,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perpair.annotate.schema import CATEGORIES
 from perpair.config_files import format_validation_error
+from perpair.data.schema import text_of
 
 # The kinds of difference a blind teacher may name; `no_clear_gap` and `mislabeled` follow from "better".
 GAP_CATEGORIES: tuple[str, ...] = ("safety", "factuality", "instruction_following", "helpfulness", "style")
@@ -53,8 +54,8 @@ class Template:
 
     def render(self, pair: dict[str, Any], swapped: bool) -> list[dict[str, str]]:
         """Chat messages for one pair; ``swapped`` puts the rejected response first (as "A")."""
-        chosen = _truncate(_responses_text(pair["chosen"]), self.max_response_chars)
-        rejected = _truncate(_responses_text(pair["rejected"]), self.max_response_chars)
+        chosen = _truncate(text_of(pair["chosen"]), self.max_response_chars)
+        rejected = _truncate(text_of(pair["rejected"]), self.max_response_chars)
         a, b = (rejected, chosen) if swapped else (chosen, rejected)
         user = self.user.format(prompt=_truncate(_conversation_text(pair["prompt"]), self.max_prompt_chars),
                                 response_a=a, response_b=b, preferred="B" if swapped else "A")
@@ -124,10 +125,6 @@ def _conversation_text(messages: list[dict[str, str]]) -> str:
     if len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
-def _responses_text(messages: list[dict[str, str]]) -> str:
-    return "\n\n".join(m["content"] for m in messages)
 
 
 def _truncate(text: str, limit: int) -> str:

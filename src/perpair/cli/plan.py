@@ -48,8 +48,7 @@ def plan_command(
 ) -> None:
     """Decide per pair a β (SP²DPO), a route and a curriculum position (MixDPO), and write the plan."""
     from perpair import plan  # matplotlib and friends load only when planning
-    from perpair.annotate.runner import refuse_overwrite
-    from perpair.artifacts import file_sha256
+    from perpair.artifacts import file_sha256, refuse_overwrite
     from perpair.plan.reference import read_reference_logps
 
     if output is None and not explain_ids:
