@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_inprocess import run_cli_inprocess
+
 from llama_server import llama_server  # noqa: F401  (registers the session's one llama.cpp server)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -29,10 +31,17 @@ HH_TEST = SHARED_DATA / "hh_rlhf" / "harmless_base_test.jsonl.gz"
 ORCA = SHARED_DATA / "orca_dpo" / "validation_284.jsonl.gz"
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``perpair`` as a user would, in a fresh process."""
-    result = subprocess.run([sys.executable, "-m", "perpair", *map(str, args)], capture_output=True,
-                            text=True, env={**os.environ, "COLUMNS": "200"})
+def run_cli(*args: str, check: bool = True, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run ``perpair ARGS`` and return its status and output. By default in this process
+    (``cli_inprocess``: the same command line, without the 2-5 s of imports a new process pays, and with
+    the process's state put back afterwards); ``fresh=True`` in a new process, as a user starts it, for what
+    only a program has (the allocator it re-executes under, signals, its own memory). ``PERPAIR_TEST_FRESH=1``
+    runs every call in a fresh process (``tests/test_cli_inprocess.py`` checks that both answer alike)."""
+    if fresh or os.environ.get("PERPAIR_TEST_FRESH") == "1":
+        result = subprocess.run([sys.executable, "-m", "perpair", *map(str, args)], capture_output=True,
+                                text=True, env={**os.environ, "COLUMNS": "200"})
+    else:
+        result = run_cli_inprocess(*args, env={"COLUMNS": "200"})
     if check and result.returncode != 0:
         raise AssertionError(f"perpair {' '.join(map(str, args))} failed ({result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")

@@ -165,7 +165,9 @@ def test_local_teacher_prints_no_dependency_noise(uf_pairs, tmp_path):
     from conftest import save_tiny_llama
 
     model = save_tiny_llama(tmp_path / "tiny")
-    result = annotate(uf_pairs, tmp_path / "local.parquet", "--teacher", f"local:{model}", "--limit", "2")
+    # a fresh process: in this one, libraries' once-per-process notices may have been shown already
+    result = annotate(uf_pairs, tmp_path / "local.parquet", "--teacher", f"local:{model}", "--limit", "2",
+                      fresh=True)
     assert result.stderr == ""  # no transformers progress bars, notices or FutureWarnings (stderr is piped)
     assert "2 pairs annotated" in result.stdout
 

@@ -41,8 +41,8 @@ class Stub:
         self.server.__exit__(*exc)
 
 
-def annotate(pairs, out, *args, check=True):
-    return run_cli("annotate", pairs, "-o", out, *args, check=check)
+def annotate(pairs, out, *args, check=True, fresh=False):
+    return run_cli("annotate", pairs, "-o", out, *args, check=check, fresh=fresh)
 
 
 def test_api_run_contract_resume_and_identical_rerun(uf_pairs, tmp_path):

@@ -188,6 +188,6 @@ def test_in_process_runs_answer_as_the_program(fmt, line):
         source.write_text(line + "\n")
         out = Path(folder) / "o.parquet"
         inner = run_cli_inprocess("prepare", source, "--format", fmt, "-o", out)
-        outer = run_cli("prepare", source, "--format", fmt, "-o", out, check=False)
+        outer = run_cli("prepare", source, "--format", fmt, "-o", out, check=False, fresh=True)
     assert (inner.returncode, inner.stdout, inner.stderr) == (outer.returncode, outer.stdout, outer.stderr)
     assert outer.returncode == 2 and outer.stderr.startswith(f"error: file {source}")

@@ -1,0 +1,43 @@
+"""The suite runs the command line in its own process (``conftest.run_cli``): here the same commands, one per
+stage and outcome, run both ways, and must answer alike: exit status, stdout, stderr and the files written."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import FIXTURES, run_cli
+from plan_helpers import make_pairs
+
+
+def _both(tmp_path, *args: str):
+    """``args`` (with ``{out}`` standing for an output folder) in this process, then in a fresh one, each
+    writing into the same (emptied) folder, as what a command writes may name where it writes."""
+    out, results = tmp_path / "out", []
+    command = [str(a).format(out=out) for a in args]
+    for fresh in (False, True):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        result = run_cli(*command, check=False, fresh=fresh)
+        files = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        results.append((result.returncode, result.stdout, result.stderr, files))
+    return results
+
+
+@pytest.mark.parametrize("args", [
+    ("prepare", FIXTURES / "ultrafeedback_raw.jsonl", "-o", "{out}/pairs.parquet"),          # a stage that works
+    ("prepare", FIXTURES / "ultrafeedback_raw.jsonl", "--format", "trl", "-o", "{out}/p.parquet"),  # bad input
+    ("train", "--model", "{out}/absent", "--data", "{out}/absent.parquet", "--out", "{out}/run",
+     "--set", "betas=0.1"),                                                                  # a bad option
+], ids=["prepare", "prepare-refused", "train-refused"])
+def test_a_command_answers_in_this_process_as_in_a_fresh_one(tmp_path, args):
+    inprocess, fresh = _both(tmp_path, *args)
+    assert inprocess == fresh
+
+
+def test_a_plan_and_its_report_are_the_same_both_ways(tmp_path):
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(7.0, 5.0), (6.0, 6.0), (9.0, 2.0)])
+    inprocess, fresh = _both(tmp_path, "plan", pairs, "--preset", "mixdpo", "-o", "{out}/plan.parquet", "--json")
+    assert inprocess[0] == 0 and inprocess == fresh
