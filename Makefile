@@ -60,12 +60,16 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 # The whole suite (CI: .ci/run), and the inner loop: the unit and component layers (tests/conftest.py), which
-# do not need the llama.cpp build.
+# do not need the llama.cpp build. Two pytest-xdist workers, each with half the cores; the tests of the
+# llama.cpp server run after them, alone, as its threads stall when they share cores (tests/llama_server.py).
+PYTEST_WORKERS ?= 2
+
 test: lint install-test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not llama_server"
+	$(BIN)/python -m pytest -m llama_server
 
 test-fast: lint install
-	$(BIN)/python -m pytest -m "not e2e"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not e2e"
 
 bench: install
 	$(BIN)/python benchmarks/prepare_60k.py

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from cli_inprocess import run_cli_inprocess
-
 from llama_server import llama_server  # noqa: F401  (registers the session's one llama.cpp server)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -191,10 +190,25 @@ def pytest_pycollect_makemodule(module_path: Path, parent):
     return _DataModule.from_parent(parent, path=module_path)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (``make test``: ``-n 2``) each worker gets its share of the cores, so that two
+    # workers' torch threads do not contend (OpenMP threads spin while waiting for a descheduled peer).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["OMP_NUM_THREADS"] = share  # and every process a test starts
+        import torch
+
+        torch.set_num_threads(int(share))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     no_data = not SHARED_DATA.exists()
     for item in items:
         item.add_marker(layer_of(item))
+        if "llama_server" in getattr(item, "fixturenames", ()):
+            # The llama.cpp server's threads spin at barriers: its tests run alone (make test's second pass).
+            item.add_marker(pytest.mark.llama_server)
         if no_data and _needs_data(item):
             item.add_marker(pytest.mark.skip(reason=NO_DATA))
     # A LAYERS entry naming a test that no longer exists (renamed, removed) would silently stop applying
