@@ -311,6 +311,7 @@ def plot(summary: dict, path: Path, cap_gib: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     styles = {"perpair": "-", "trl": "--"}
@@ -334,12 +335,17 @@ def plot(summary: dict, path: Path, cap_gib: float) -> None:
                     axes[1].plot([r["x"]], [cap_gib], marker="x", color=kw["color"], markersize=10)
     axes[1].axhline(24, color="gray", linewidth=0.8)
     axes[1].text(256, 24, "24 GiB", va="bottom", fontsize=8)
+    batch_length = next(iter(summary.values()))["batch_length"]
     titles = ("time per step vs max length (batch 2)", "peak RSS vs max length (batch 2; × = killed at the cap)",
-              "time per step vs batch (max length 512)")
+              f"time per step vs batch (max length {batch_length})")
     for ax, title, xl, yl in zip(axes, titles, ("max length", "max length", "batch"),
                                  ("s/step", "peak RSS, GiB", "s/step"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({int(x) for line in ax.get_lines() if line.get_marker() == "o" for x in line.get_xdata()}))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
@@ -401,9 +407,15 @@ def main() -> None:
     parser.add_argument("--models", default="135M,360M")
     parser.add_argument("--json", default="scaling.json")
     parser.add_argument("--png", default="scaling.png")
+    parser.add_argument("--replot", metavar="JSON", help="only draw --png again from a run's --json")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random Llama, lengths 64, 128, batches 1, 2, 2 steps: the machinery only")
     args = parser.parse_args()
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        plot(saved["curves"], Path(args.png), saved["cap_gib"])
+        print_tables(saved["curves"])
+        return
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is a warm-up")
 
