@@ -393,6 +393,37 @@ def library_rss() -> int:
     return usage.ru_maxrss * 1024
 
 
+def merge(paths: list[str], json_path: str, png_path: str) -> None:
+    """Several runs' points as one set of curves (a measured point wins over the same point skipped in another
+    run); each point keeps its run's steps and load."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    results: dict[Point, dict] = {}
+    for run in runs:
+        for entry in run["points"]:
+            entry = dict(entry)
+            point = Point(entry.pop("model"), entry.pop("implementation"), entry.pop("max_length"), entry.pop("batch"))
+            if point not in results or "skipped" in results[point]:
+                results[point] = {**entry, "steps": run["steps"], "run_start": run["load_start"]}
+    first = runs[0]
+    models = list(dict.fromkeys(p.model for p in results))
+    parameters = {m: p for run in runs for m, p in run["parameters"].items()}
+    fixed = {(m, i): first["libraries_rss_bytes"] + STATE_BYTES[i] * parameters[m] for m in models
+             for i in IMPLEMENTATIONS}
+    batch_length = next(iter(first["curves"].values()))["batch_length"]
+    points = sorted(results, key=lambda p: (p.units(parameters), p.implementation))
+    summary = summarize(points, results, fixed, batch_length)
+    for path, run in zip(paths, runs, strict=True):
+        print(f"{path}: start {run['load_start']}; end {run['load_end']}; {run['steps']} steps per point")
+    print_tables(summary)
+    Path(json_path).write_text(json.dumps({
+        "runs": [{k: run[k] for k in ("load_start", "load_end", "steps", "cap_gib", "budget_minutes")} | {"file": path}
+                 for path, run in zip(paths, runs, strict=True)],
+        "steps": None, "cap_gib": first["cap_gib"], "parameters": parameters,
+        "libraries_rss_bytes": first["libraries_rss_bytes"],
+        "points": [{**vars(p), **results[p]} for p in points], "curves": summary}, indent=1))
+    plot(summary, Path(png_path), first["cap_gib"])
+
+
 def load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{time.strftime('%H:%M:%S', time.gmtime())} UTC load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
@@ -404,13 +435,23 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=20, help="kill a point whose RSS passes this many GiB")
     parser.add_argument("--steps", type=int, default=3, help="steps per point, the first a warm-up (default 3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="points run at once (default 1; 2 runs a perpair point beside the TRL point of the "
+                             "same size, which then share the cores alike)")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="max lengths of the length curve")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes of the batch curve")
     parser.add_argument("--models", default="135M,360M")
     parser.add_argument("--json", default="scaling.json")
     parser.add_argument("--png", default="scaling.png")
     parser.add_argument("--replot", metavar="JSON", help="only draw --png again from a run's --json")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only merge runs' --json files into one (--json, --png), tables printed")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny random Llama, lengths 64, 128, batches 1, 2, 2 steps: the machinery only")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.json, args.png)
+        return
     if args.replot:
         saved = json.loads(Path(args.replot).read_text())
         plot(saved["curves"], Path(args.png), saved["cap_gib"])
@@ -436,7 +477,9 @@ def main() -> None:
                 tmp / "tiny", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "intermediate_size": 64})
         else:
-            models, lengths, batches, batch_length = args.models.split(","), LENGTHS, BATCHES, BATCH_LENGTH
+            models, batch_length = args.models.split(","), BATCH_LENGTH
+            lengths = [int(x) for x in args.lengths.split(",") if x]
+            batches = [int(x) for x in args.batches.split(",") if x]
             for model in models:
                 if model == "135M":
                     specs[model], parameters[model] = "smollm2", vs_trl.PARAMETERS
@@ -452,16 +495,43 @@ def main() -> None:
         results: dict[Point, dict] = {}
         deadline = started + 60 * args.budget
         pair_files: dict[tuple[int, int], str] = {}
+        slots, lock, running = threading.Semaphore(args.parallel), threading.Lock(), []
+
+        def run_point(point: Point, run_args) -> None:
+            try:
+                name = "perpair" if point.implementation == "perpair" else "trl"
+                run = vs_trl.run_variant(name, run_args, watch=lambda pid, where: Watchdog(
+                    pid, int(args.cap * GIB), lambda: progress_of(where)))
+                if "killed" not in run:
+                    run["step_seconds_all"] = run.pop("step_seconds")
+                    run["step_seconds"] = statistics.median(run["step_seconds_all"][1:])
+                with lock:
+                    results[point] = {k: run[k] for k in ("step_seconds", "step_seconds_all", "peak_rss_bytes",
+                                                          "wall_seconds", "killed") if k in run}
+                shown = f"{run['step_seconds']:.2f} s/step" if "killed" not in run else run["killed"]
+                print(f"{point}: {shown}, peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB, run "
+                      f"{run['wall_seconds']:.0f} s", flush=True)
+            except BaseException as error:  # noqa: BLE001  (recorded, the run goes on with the other points)
+                with lock:
+                    results[point] = {"skipped": f"failed: {str(error)[-2000:]}"}
+                print(f"{point}: failed: {str(error)[-2000:]}", flush=True)
+            finally:
+                slots.release()
+
         for point in points:
-            why = blocked_by(point, results)
-            guess = estimate(point, results, parameters)
+            slots.acquire()  # a free slot: the points before it that could run are started or done
+            with lock:
+                why = blocked_by(point, results)
+                guess = estimate(point, results, parameters)
             left = deadline - time.perf_counter()
             if why is None and guess is not None and guess > left:
                 why = (f"skipped: estimated {guess:.0f} s, {max(left, 0):.0f} s of the {args.budget:g}-minute "
                        "budget left")
             if why:
-                results[point] = {"skipped": why}
+                with lock:
+                    results[point] = {"skipped": why}
                 print(f"{point}: {why}", flush=True)
+                slots.release()
                 continue
             count = args.steps * point.batch
             key = (point.max_length, count)
@@ -472,17 +542,11 @@ def main() -> None:
             run_args = SimpleNamespace(pairs=pair_files[key], steps=args.steps, batch_size=point.batch,
                                        max_length=point.max_length, threads=args.threads, pool=count,
                                        model=specs[point.model])
-            name = "perpair" if point.implementation == "perpair" else "trl"
-            run = vs_trl.run_variant(name, run_args, watch=lambda pid, where: Watchdog(
-                pid, int(args.cap * GIB), lambda: progress_of(where)))
-            if "killed" not in run:
-                run["step_seconds_all"] = run.pop("step_seconds")
-                run["step_seconds"] = statistics.median(run["step_seconds_all"][1:])
-            results[point] = {k: run[k] for k in ("step_seconds", "step_seconds_all", "peak_rss_bytes",
-                                                  "wall_seconds", "killed") if k in run}
-            shown = (f"{run['step_seconds']:.2f} s/step" if "killed" not in run else run["killed"])
-            print(f"{point}: {shown}, peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB, run {run['wall_seconds']:.0f} s",
-                  flush=True)
+            thread = threading.Thread(target=run_point, args=(point, run_args))
+            thread.start()
+            running.append(thread)
+        for thread in running:
+            thread.join()
     load_end = load()
     import resource
 
