@@ -97,6 +97,7 @@ def worker_trl(args, precompute: bool, plugin: bool = False, bf16: bool | None =
     class Stamp(TrainerCallback):
         def on_step_begin(self, *a, **k):
             stamps.append(time.perf_counter())
+            print(f"step {len(stamps) // 2 + 1}", file=sys.stderr, flush=True)  # progress, for a watchdog
 
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
@@ -114,7 +115,7 @@ def worker_trl(args, precompute: bool, plugin: bool = False, bf16: bool | None =
         trainer_class = PerPairDPOTrainer
         for order, row in enumerate(rows):
             row.update(beta=0.1, route="preference", order=order, label_smoothing=0.0)
-    model_dir = resolve_model("smollm2")
+    model_dir = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                        learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
@@ -132,6 +133,64 @@ def worker_trl(args, precompute: bool, plugin: bool = False, bf16: bool | None =
             "logps_rejected": [h["logps/rejected"] for h in logged]}
 
 
+def worker_trl_reference(args) -> dict:
+    """TRL's ``precompute_ref_log_probs=True`` pass alone, timed: the trainer computes the reference log-probs of
+    the whole pool when it is built (batch: its default, the training batch size)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from perpair.data import read_pairs
+    from perpair.models import resolve_model
+
+    torch.set_num_threads(args.threads)
+    seconds: list[float] = []
+    plain = DPOTrainer._precompute_ref_logps
+
+    def timed(self, *a, **k):
+        start = time.perf_counter()
+        out = plain(self, *a, **k)
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed
+    table, _ = read_pairs(args.pairs)
+    rows = table.select(["prompt", "chosen", "rejected"]).slice(0, args.pool).to_pylist()
+    model_dir = resolve_model(args.model)
+    config = DPOConfig(output_dir=args.tmp, per_device_train_batch_size=args.batch_size, max_steps=1,
+                       report_to=[], save_strategy="no", max_length=args.max_length, beta=0.1, use_cpu=True,
+                       dataloader_num_workers=0, disable_tqdm=True, precompute_ref_log_probs=True, bf16=False)
+    DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=config,
+               train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(model_dir))
+    return {"reference_seconds": sum(seconds), "pairs": len(rows)}
+
+
+def worker_perpair_reference(args) -> dict:
+    """perpair's reference pass alone, timed, through ``perpair train``'s own steps up to it: the first
+    ``pool`` pairs (file order) as ``pool / batch`` steps of the run, an empty cache."""
+    import torch
+
+    from perpair.train import load_config
+    from perpair.train.batches import build_step_batches, load_data
+    from perpair.train.setup import compute_reference, load_model, load_tokenizer, setup_accelerator
+
+    torch.set_num_threads(args.threads)
+    config = load_config(None, {
+        "model": args.model, "data": args.pairs, "out": str(Path(args.tmp) / "out"),
+        "steps": args.pool // args.batch_size, "batch_size": args.batch_size, "max_length": args.max_length,
+        "beta": 0.1, "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
+        "save_model": False, "final_checkpoint": False})
+    accelerator = setup_accelerator(config)
+    data = load_data(config, accelerator)
+    tokenizer = load_tokenizer(config)
+    batches = build_step_batches(config, data, tokenizer)
+    model = load_model(config.model, accelerator)
+    start = time.perf_counter()
+    values, computed = compute_reference(config, data, batches, tokenizer, model, accelerator)
+    return {"reference_seconds": time.perf_counter() - start, "pairs": computed}
+
+
 def perpair_command(args, changes: dict) -> list[str]:
     """``perpair train`` as a user runs it (``python -m perpair``: the command re-executes itself under its
     allocator), from a YAML config."""
@@ -139,7 +198,7 @@ def perpair_command(args, changes: dict) -> list[str]:
 
     sizes = {"batch × max length": args.batch_size * args.max_length, "4 × max length": 4 * args.max_length}
     changes = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
-    config = {"model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
+    config = {"model": args.model, "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
               "lr_schedule": "constant", "threads": args.threads,
               "reference_cache": str(Path(args.tmp) / "refcache"), "save_model": False,
@@ -264,7 +323,9 @@ def differences(a: dict, b: dict) -> dict:
             "logps_max": max(d for d, _ in logps), "logps_max_relative": max(r for _, r in logps)}
 
 
-def run_variant(name: str, args) -> dict:
+def run_variant(name: str, args, watch=None) -> dict:
+    """Run one variant in a fresh process; ``watch(pid, tmp)``, if given, starts a watchdog whose ``stop()`` says
+    why it killed the process (a variant it killed gives ``{"killed": why}`` rather than an error)."""
     with tempfile.TemporaryDirectory(prefix=f"vs_trl_{name}_") as tmp:
         args.tmp = tmp
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1",
@@ -276,8 +337,9 @@ def run_variant(name: str, args) -> dict:
         else:
             cmd = [sys.executable, __file__, "--worker", name, "--pairs", args.pairs, "--tmp", tmp,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                   "--max-length", str(args.max_length), "--threads", str(args.threads), "--pool", str(args.pool)]
-            if name == "trl-malloc":
+                   "--max-length", str(args.max_length), "--threads", str(args.threads), "--pool", str(args.pool),
+                   "--model", args.model]
+            if name in ("trl-malloc", "ref-perpair"):  # ref-perpair: under the allocator perpair's command picks
                 from perpair.allocator import find_allocator
 
                 env["LD_PRELOAD"] = find_allocator("auto") or ""
@@ -285,8 +347,12 @@ def run_variant(name: str, args) -> dict:
         with stdout.open("w") as out, stderr.open("w") as err:  # files, not pipes: nothing blocks the child
             start = time.perf_counter()
             process = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+            watchdog = watch(process.pid, Path(tmp)) if watch else None
             _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS (the same process after exec)
             wall = time.perf_counter() - start
+        killed = watchdog.stop() if watchdog else None
+        if killed:
+            return {"variant": name, "killed": killed, "wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024}
         if status != 0:
             raise SystemExit(f"{name} failed:\n{stderr.read_text()[-4000:]}")
         if name in PERPAIR_VARIANTS:
@@ -312,6 +378,7 @@ def main() -> None:
                         help="also replay perpair's matrix multiplications alone: the ceiling of its useful FLOP/s")
     parser.add_argument("--json", help="write the raw results here")
     parser.add_argument("--pairs", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="smollm2", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -321,7 +388,9 @@ def main() -> None:
         runners = {"trl": partial(worker_trl, args, False), "trl-precompute": partial(worker_trl, args, True),
                    "trl-bf16": partial(worker_trl, args, False, bf16=None),
                    "trl-malloc": partial(worker_trl, args, False),
-                   "trl-perpair": partial(worker_trl, args, False, plugin=True), "bound": partial(worker_bound, args)}
+                   "trl-perpair": partial(worker_trl, args, False, plugin=True), "bound": partial(worker_bound, args),
+                   "ref-trl": partial(worker_trl_reference, args),
+                   "ref-perpair": partial(worker_perpair_reference, args)}
         print(json.dumps(runners[args.worker]()))
         return
 

@@ -92,13 +92,18 @@ LAYERS = {
     "test_train_losses_trl.py": "unit", "test_train_batches.py": "unit",
     # component: one stage through its API or CLI on fixtures, tiny models, loopback stubs
     "test_allocator.py": "component", "test_annotate_local.py": "component", "test_annotate_run.py": "component",
-    "test_bench_controlled.py": "component", "test_eval_alpaca_metrics.py": "component",
+    "test_bench_controlled.py": "component", "test_bench_scaling.py": "component",
+    "test_eval_alpaca_metrics.py": "component",
     "test_eval_preference.py": "component", "test_eval_report.py": "component", "test_examples.py": "component",
     "test_plan_report.py": "component", "test_prepare_real_data.py": "component", "test_readers.py": "component",
     "test_run_pipeline.py": "component", "test_train_cli.py": "component",
     # e2e: SmolLM2, the llama.cpp server, TRL's trainer, whole-sample runs
     "test_annotate_server.py": "e2e", "test_eval_alpaca_e2e.py": "e2e", "test_eval_arena_e2e.py": "e2e",
     "test_plan_ultrafeedback.py": "e2e", "test_train_trl.py": "e2e",
+    # pure functions of the scaling benchmark, in a component file (its watchdog and pair tests are components)
+    "test_bench_scaling.py::test_slope_and_24_gib_extrapolation_of_a_power_law": "unit",
+    "test_bench_scaling.py::test_points_above_an_out_of_memory_point_are_not_run": "unit",
+    "test_bench_scaling.py::test_progress_names_the_step_of_each_implementation": "unit",
     # single tests of component files that run several stages or processes, or kill one (a test's own entry
     # wins over its file's): the slowest of that layer, 25-120 s each on 2 shared cores
     "test_run_pipeline.py::test_run_all_stages_then_skip_rerun_and_from": "e2e",
