@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli
 from perpair.bench import arms as arms_mod
@@ -199,6 +200,20 @@ def test_a_seed_is_deterministic(tmp_path):
     runs = first["noise"]["0.2"]["runs"]
     assert runs["DPO best β"]["chosen"] == "DPO β=0.1"
     assert runs["MixDPO"]["routes_sft"] > 0 and runs["SP²DPO"]["routes_sft"] == 0
+
+
+def test_every_level_uses_the_reference_log_probs_even_after_an_arm_trained(tmp_path):
+    from perpair.bench import controlled as ctl
+
+    config = ControlledConfig(**TINY)
+    setup = ctl.prepare_seed(config, 0, lambda _: None)
+    pairs = task.apply_noise(setup.base, 0.2)
+    notes = task.annotate(pairs, setup.draws, "calibrated")
+    first = ctl.make_level(setup, tmp_path / "a", pairs, notes)
+    ctl.train_arm(config, setup, arms_mod.arms((1.0,), 0.1)[0], first)  # trains the shared model in place
+    second = ctl.make_level(setup, tmp_path / "b", pairs, notes)
+    assert torch.equal(first.ref_logps.chosen, second.ref_logps.chosen)
+    assert torch.equal(first.ref_logps.rejected, second.ref_logps.rejected)
 
 
 @pytest.mark.slow

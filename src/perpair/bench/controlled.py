@@ -175,6 +175,9 @@ def make_level(setup: SeedSetup, folder: Path, pairs: task.PairSet, notes: task.
     """Write one pairs/annotations artifact pair and compute the reference's log-probs of the pairs."""
     folder.mkdir(parents=True, exist_ok=True)
     pairs_path, annotations_path = arms_mod.write_inputs(folder, pairs, notes)
+    # Every arm trains the same model object in place: restore the reference's weights first, or a later
+    # level's "reference" log-probs would be those of the last arm trained.
+    setup.reference.load_state_dict(setup.state)
     ref_logps = bench_model.pair_logps(setup.reference, pairs.chosen, pairs.rejected)
     return Level(pairs, notes, pairs_path, annotations_path, ref_logps)
 

@@ -34,7 +34,7 @@ from perpair.plan.config import PRESETS
 
 SWEEPS = ("teacher-accuracy", "systematic-noise", "mislabel", "tuning")
 # The flip rates each sweep runs at unless --noise says otherwise (systematic-noise sets its own noise).
-SWEEP_NOISE = {"teacher-accuracy": (0.0, 0.4), "mislabel": (0.2, 0.4), "tuning": (0.0, 0.4)}
+SWEEP_NOISE = {"teacher-accuracy": (0.4,), "mislabel": (0.2, 0.4), "tuning": (0.0, 0.4)}
 TEACHER_ACCURACIES = (0.6, 0.8, 0.95)
 ORACLE = "oracle"
 # The tuning rule's target (ours, fixed before any run): β · median |Δ_ref| = log 9 over the pairs the
