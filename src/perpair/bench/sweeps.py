@@ -30,7 +30,7 @@ import torch
 from perpair.bench import controlled as ctl
 from perpair.bench import task
 from perpair.bench.arms import Arm, sp2dpo_at
-from perpair.plan.config import PRESETS
+from perpair.plan.config import PRESETS, BetaConfig
 
 SWEEPS = ("teacher-accuracy", "systematic-noise", "mislabel", "tuning")
 # The flip rates each sweep runs at unless --noise says otherwise (systematic-noise sets its own noise).
@@ -122,8 +122,6 @@ def fixed_arms(config: ctl.ControlledConfig, sweep: str, best: float) -> list[Ar
 
 
 def _sp2_default(field: str) -> float:
-    from perpair.plan.config import BetaConfig
-
     return float(getattr(BetaConfig(**_SP2), field))
 
 
