@@ -415,15 +415,15 @@ def test_sweep_aggregate_pairs_each_arm_with_the_tuned_dpo_by_hand():
     data = {"flipped": 10, "teacher_accuracy": 0.8, "teacher_flags_mislabeled": 9}
     per_seed = [{"conditions": {"carry additions": {"best_beta": b, "variants": {"0.8 calibrated": {
         "data": data, "runs": {"DPO best β": run(best, 0.5), "DPO β=1": run(0.9, 0.9), "arm A": run(a, 0.6)}}}}}}
-        for b, best, a in ((1.0, 0.4, 0.5), (3.0, 0.4, 0.7))]
+        for b, best, a in ((1.0, 0.4, 0.5), (3.0, 0.5, 0.7))]
     aggregate = sweeps.aggregate_sweep(per_seed)
     entry = aggregate["carry additions"]["0.8 calibrated"]["arms"]["arm A"]
-    # differences 0.1 and 0.3: mean 0.2, half-width t(0.975, 1) · sd / √2 = 12.7062 · 0.141421 / 1.414214
-    assert math.isclose(entry["objective_vs_best"]["mean"], 0.2, rel_tol=1e-12)
-    assert math.isclose(entry["objective_vs_best"]["half_width"], 12.706204736174707 * 0.1, rel_tol=1e-9)
+    # differences 0.1 and 0.2 (paired by seed): mean 0.15, half-width t(0.975, 1) · sd / √2 = 12.7062 · 0.05
+    assert math.isclose(entry["objective_vs_best"]["mean"], 0.15, rel_tol=1e-12)
+    assert math.isclose(entry["objective_vs_best"]["half_width"], 12.706204736174707 * 0.05, rel_tol=1e-9)
     assert math.isclose(entry["arithmetic_vs_best"]["mean"], 0.1, rel_tol=1e-12)
     table = sweep_markdown("systematic-noise", {"config": {"seeds": 2}, "per_seed": per_seed, "aggregate": aggregate})
-    assert "| arm A | +0.200 ± 1.271 |" in table and "| DPO best β (absolute) | 0.400 ± 0.000 |" in table
+    assert "| arm A | +0.150 ± 0.635 |" in table and "| DPO best β (absolute) | 0.450 ± 0.635 |" in table
     assert "carry additions: β=1, β=3." in table
 
 
