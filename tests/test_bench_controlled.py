@@ -8,11 +8,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_cli
 from perpair.bench import arms as arms_mod
-from perpair.bench import task
+from perpair.bench import sweeps, task
 from perpair.bench.controlled import ControlledConfig, interval, run_seed
+from perpair.errors import InputError
 from perpair.plan import beta as beta_math
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 
@@ -200,6 +202,20 @@ def test_a_seed_is_deterministic(tmp_path):
     assert runs["MixDPO"]["routes_sft"] > 0 and runs["SP²DPO"]["routes_sft"] == 0
 
 
+def test_every_level_uses_the_reference_log_probs_even_after_an_arm_trained(tmp_path):
+    from perpair.bench import controlled as ctl
+
+    config = ControlledConfig(**TINY)
+    setup = ctl.prepare_seed(config, 0, lambda _: None)
+    pairs = task.apply_noise(setup.base, 0.2)
+    notes = task.annotate(pairs, setup.draws, "calibrated")
+    first = ctl.make_level(setup, tmp_path / "a", pairs, notes)
+    ctl.train_arm(config, setup, arms_mod.arms((1.0,), 0.1)[0], first)  # trains the shared model in place
+    second = ctl.make_level(setup, tmp_path / "b", pairs, notes)
+    assert torch.equal(first.ref_logps.chosen, second.ref_logps.chosen)
+    assert torch.equal(first.ref_logps.rejected, second.ref_logps.rejected)
+
+
 @pytest.mark.slow
 def test_cli_writes_the_table_json_and_plots(tmp_path):
     out = tmp_path / "bench"
@@ -232,3 +248,209 @@ def test_cli_reports_bad_options(tmp_path):
     result = run_cli("bench", "controlled", "--quick", "--teacher-calibration", "sometimes", "-o",
                      str(tmp_path / "x"), check=False)
     assert result.returncode == 2 and "teacher_calibration" in result.stderr
+
+
+# --- the sweeps (issue 18) -----------------------------------------------------------------------------------
+
+def _base(splits, n: int, seed: int):
+    return task.base_pairs(np.random.default_rng(seed), splits.train, n, share=SHARE, style_agreement=0.55,
+                           style_tie_rate=0.7, house_style_rate=0.3)
+
+
+def _truth(pairs) -> np.ndarray:
+    return np.array(["mislabeled" if f else task.ANNOTATION[c] for c, f in zip(pairs.category, pairs.flipped,
+                                                                             strict=True)])
+
+
+def test_oracle_teacher_is_the_generator_truth_and_better_teachers_read_more(splits):
+    pairs = task.apply_noise(_base(splits, 3000, 7), 0.4)
+    by_name = {t.name: t for t in sweeps.teachers(ControlledConfig(), "teacher-accuracy")}
+    assert list(by_name) == ["0.6 calibrated", "0.6 overconfident", "0.8 calibrated", "0.8 overconfident",
+                             "0.95 calibrated", "0.95 overconfident", "oracle"]
+    oracle = sweeps.teacher_notes(by_name["oracle"], pairs, seed=0)
+    said = np.array(oracle.category)
+    assert np.mean(said == _truth(pairs)) == 1.0  # measured against the pairs' truth, not the teacher's own flag
+    assert np.array_equal(said == "mislabeled", pairs.flipped) and pairs.flipped.sum() > 300
+    assert np.array_equal(oracle.magnitude, pairs.magnitude) and np.all(oracle.confidence == 1.0)
+    read = {}
+    for name in ("0.6 calibrated", "0.8 calibrated", "0.95 calibrated"):
+        notes = sweeps.teacher_notes(by_name[name], pairs, seed=0)
+        read[name] = np.array(notes.category) == _truth(pairs)
+        assert abs(read[name].mean() - float(name.split()[0])) < 0.02
+    # common random numbers: a better teacher reads every pair a worse one reads
+    assert np.all(read["0.8 calibrated"][read["0.6 calibrated"]])
+    assert np.all(read["0.95 calibrated"][read["0.8 calibrated"]])
+
+
+def test_systematic_noise_flips_exactly_the_intended_pairs(splits):
+    base = _base(splits, 3000, 8)
+    conds = dict(sweeps.conditions(ControlledConfig(), "systematic-noise", base))
+    assert list(conds) == ["independent", "carry additions", "format at 0.5"]
+    digits = [task.text(p).split() for p in base.prompt]
+    carry = np.array([c == "arithmetic" and int(d[2]) + int(d[3]) >= 10 for c, d in zip(base.category, digits,
+                                                                                      strict=True)])
+    assert np.array_equal(conds["carry additions"].flipped, carry) and carry.sum() > 200
+    for i in np.flatnonzero(carry)[:50]:  # the rater prefers the carry-forgotten sum
+        a, b = int(digits[i][1] + digits[i][2]), int(digits[i][3])
+        assert task.text(task.content_of(conds["carry additions"].chosen[i][task.PROMPT_LEN:])) == " ".join(
+            f"{a + b - 10:02d}")
+    independent = conds["independent"].flipped
+    assert independent.sum() == carry.sum() and not independent[base.category == "style"].any()
+    assert len(set(base.category[independent])) == 4  # spread over every objective category
+    objective = base.category != "style"  # the lowest flip draws: apply_noise's set at a matched rate
+    assert base.flip_draw[independent].max() < base.flip_draw[objective & ~independent].min()
+    fmt = conds["format at 0.5"].flipped
+    assert set(base.category[fmt]) == {"format"}
+    assert abs(fmt.sum() / np.sum(base.category == "format") - 0.5) < 0.05
+
+
+def test_mislabel_arms_drop_flip_and_normalise_as_configured(splits, tmp_path):
+    n = 600
+    pairs = task.apply_noise(_base(splits, n, 9), 0.4)
+    notes = task.annotate(pairs, task.teacher_draws(np.random.default_rng(10), n, 0.8), "calibrated")
+    pairs_path, annotations_path = arms_mod.write_inputs(tmp_path, pairs, notes)
+    flagged = (np.array(notes.category) == "mislabeled") & (notes.confidence > 0.7)  # the preset's threshold
+    assert flagged.sum() > 50
+    arms = {a.name: a for a in sweeps.fixed_arms(ControlledConfig(), "mislabel", best=3.0)}
+    plan = {name: arms_mod.plan_arm(arm, 0, pairs_path, annotations_path) for name, arm in arms.items()}
+    for suffix, level in (("", 0.1), (" @ best β", 3.0)):
+        drop = plan[f"drop · norm on{suffix}"]
+        assert set(drop.order) == set(np.flatnonzero(~flagged))  # exactly the flagged pairs leave training
+        flip = plan[f"flip · norm on{suffix}"]
+        assert np.array_equal(flip.flipped, flagged) and len(flip.order) == n
+        for action in ("beta_max", "drop", "flip"):
+            on, off = plan[f"{action} · norm on{suffix}"], plan[f"{action} · norm off{suffix}"]
+            trained = on.order
+            assert math.isclose(beta_math.geometric_mean(on.beta[trained]), level, rel_tol=1e-9)
+            assert not np.any(off.flipped ^ on.flipped) and np.array_equal(off.order, on.order)
+            # off: the raw β_max^(1−s)·β_min^s of the range 0.025–0.4 scaled to centre on the level, so a pair
+            # flagged mislabeled (signal 0) that stays in training sits at exactly the scaled β_max
+            scale = level / 0.1
+            if action != "drop":
+                np.testing.assert_allclose(off.beta[flagged], 0.4 * scale, rtol=1e-12)
+            ratio = off.beta[trained] / on.beta[trained]
+            assert np.ptp(ratio) < 1e-9 * ratio.max()  # normalisation only rescales the same β_i
+            assert np.all(off.beta[trained] <= 0.4 * scale + 1e-12) and np.all(off.beta[trained] >= 0.025 * scale)
+
+
+def test_rule_beta_by_hand():
+    margins = np.array([-2.0, -1.0, -4.0, 3.0, 0.5, 0.0])  # against their label: 2, 1, 4 → median 2
+    assert math.isclose(sweeps.rule_beta(margins), math.log(9) / 2.0, rel_tol=1e-12)
+    assert math.isclose(sweeps.rule_beta(margins * 4), math.log(9) / 8.0, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="no pair"):
+        sweeps.rule_beta(np.array([0.0, 1.0]))
+
+
+SWEEP_SEEDS = {"teacher-accuracy": 1, "systematic-noise": 1, "mislabel": 1, "tuning": 2}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Every sweep at a tiny size into one folder, counting the arms each trains."""
+    from perpair.bench import controlled as ctl
+
+    out = tmp_path_factory.mktemp("sweeps")
+    trained: dict[str, list[str]] = {}
+    real = ctl.train_arm
+    sections = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, seeds in SWEEP_SEEDS.items():
+            def counting(config, setup, arm, level, name=name):
+                trained.setdefault(name, []).append(arm.name)
+                return real(config, setup, arm, level)
+
+            patch.setattr(ctl, "train_arm", counting)
+            beta_sweep = (0.1, 1.0) if name == "tuning" else (0.1,)
+            config = ControlledConfig(**{**TINY, "noise_levels": (0.4,), "beta_sweep": beta_sweep, "seeds": seeds})
+            sections[name] = sweeps.run_sweep(config, name, out)
+    return out, sections, trained
+
+
+def test_each_sweep_trains_its_arms_and_shares_the_dpo_sweep(swept):
+    _, sections, trained = swept
+    # teacher-accuracy: the global-β sweep once per condition, then 3 arms for each of the 7 teachers
+    assert trained["teacher-accuracy"] == ["DPO β=0.1"] + ["SP²DPO", "SP²DPO @ best β", "random β @ best β"] * 7
+    assert len(trained["systematic-noise"]) == 3 * 6
+    assert trained["mislabel"].count("DPO β=0.1") == 1 and len(trained["mislabel"]) == 1 + 12
+    assert len(trained["tuning"]) == 2 * (2 + 2 + 2 + 2)  # seeds × (DPO sweep, SP²DPO sweep, 2 ranges, 2 rules)
+    variants = sections["teacher-accuracy"]["per_seed"][0]["conditions"]["flip 0.4"]["variants"]
+    assert len(variants) == 7 and all(v["runs"]["DPO best β"] == variants["oracle"]["runs"]["DPO best β"]
+                                      for v in variants.values())
+    assert variants["oracle"]["data"]["teacher_accuracy"] == 1.0
+
+
+def test_sweep_tables_hold_the_paired_differences(swept):
+    out, sections, _ = swept
+    table = (out / "table.md").read_text(encoding="utf-8")
+    headers = [line for line in table.splitlines() if line.startswith("## Sweep: ")]
+    assert headers == [f"## Sweep: {name}" for name in sweeps.SWEEPS]  # every section kept, in a fixed order
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert set(data["sweeps"]) == set(sweeps.SWEEPS)
+    tuning = sections["tuning"]
+    for arm in ("SP²DPO tuned", "SP²DPO tuned + range", "DPO @ rule β", "SP²DPO @ rule β", "DPO β=1"):
+        diffs = [s["conditions"]["flip 0.4"]["variants"]["0.8 calibrated"]["runs"][arm]["test"]["objective"]
+                 - s["conditions"]["flip 0.4"]["variants"]["0.8 calibrated"]["runs"]["DPO best β"]["test"]["objective"]
+                 for s in tuning["per_seed"]]
+        entry = interval(diffs)
+        assert f"| {arm} | {entry['mean']:+.3f} ± {entry['half_width']:.3f} |" in table
+    for seed in tuning["per_seed"]:
+        runs = seed["conditions"]["flip 0.4"]["variants"]["0.8 calibrated"]["runs"]
+        val = [runs[f"SP²DPO β={b}"]["val"]["objective"] for b in ("0.1", "1")]
+        assert runs["SP²DPO tuned"]["chosen"] == f"SP²DPO β={('0.1', '1')[int(val[1] > val[0])]}"
+    for name in sweeps.SWEEPS:
+        assert (out / f"sweep_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    teacher = data["sweeps"]["teacher-accuracy"]["table"]
+    assert teacher in table
+    for variant in ("0.6 calibrated", "0.95 overconfident", "oracle"):
+        assert f"| {variant} | " in teacher
+    assert "| arm | independent | carry additions | format at 0.5 |" in table
+
+
+def test_sweep_aggregate_pairs_each_arm_with_the_tuned_dpo_by_hand():
+    from perpair.bench.sweep_report import sweep_markdown
+
+    def run(objective, arithmetic):
+        return {"test": {"objective": objective, "arithmetic": arithmetic}}
+
+    data = {"flipped": 10, "teacher_accuracy": 0.8, "teacher_flags_mislabeled": 9}
+    per_seed = [{"conditions": {"carry additions": {"best_beta": b, "variants": {"0.8 calibrated": {
+        "data": data, "runs": {"DPO best β": run(best, 0.5), "DPO β=1": run(0.9, 0.9), "arm A": run(a, 0.6)}}}}}}
+        for b, best, a in ((1.0, 0.4, 0.5), (3.0, 0.5, 0.7))]
+    aggregate = sweeps.aggregate_sweep(per_seed)
+    entry = aggregate["carry additions"]["0.8 calibrated"]["arms"]["arm A"]
+    # differences 0.1 and 0.2 (paired by seed): mean 0.15, half-width t(0.975, 1) · sd / √2 = 12.7062 · 0.05
+    assert math.isclose(entry["objective_vs_best"]["mean"], 0.15, rel_tol=1e-12)
+    assert math.isclose(entry["objective_vs_best"]["half_width"], 12.706204736174707 * 0.05, rel_tol=1e-9)
+    assert math.isclose(entry["arithmetic_vs_best"]["mean"], 0.1, rel_tol=1e-12)
+    table = sweep_markdown("systematic-noise", {"config": {"seeds": 2}, "per_seed": per_seed, "aggregate": aggregate})
+    assert "| arm A | +0.150 ± 0.635 |" in table and "| DPO best β (absolute) | 0.450 ± 0.635 |" in table
+    assert "carry additions: β=1, β=3." in table
+
+
+def test_a_sweep_table_is_byte_identical_on_a_rerun(swept, tmp_path):
+    from perpair.bench.sweep_report import sweep_markdown
+
+    _, sections, _ = swept
+    sweeps.run_sweep(ControlledConfig(**{**TINY, "noise_levels": (0.4,), "seeds": 1}), "mislabel", tmp_path)
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") == sweep_markdown("mislabel", sections["mislabel"])
+
+
+def test_a_sweep_refuses_an_output_folder_it_cannot_add_to(tmp_path):
+    (tmp_path / "results.json").write_text("not json", encoding="utf-8")
+    with pytest.raises(InputError, match="results.json"):
+        sweeps.run_sweep(ControlledConfig(**TINY), "mislabel", tmp_path)
+    assert not (tmp_path / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_cli_runs_a_sweep_and_refuses_bad_sweep_options(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "controlled", "--quick", "--seeds", "1", "--sweep", "tuning", "--noise", "0.4", "-o",
+                     str(out))
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert table.startswith("## Sweep: tuning") and table.strip() in result.stdout
+    assert "| DPO @ rule β |" in table and (out / "sweep_tuning.png").exists()
+    bad = run_cli("bench", "controlled", "--quick", "--sweep", "systematic-noise", "--noise", "0.2", "-o",
+                  str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -25,7 +25,7 @@ from scipy import stats
 from perpair.bench import arms as arms_mod
 from perpair.bench import model as bench_model
 from perpair.bench import task
-from perpair.train.losses import Logps
+from perpair.train.losses import ROUTE_PREFERENCE, Logps
 
 BEST_DPO = "DPO best β"
 METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift", "house_style")
@@ -133,7 +133,26 @@ def run_seed(config: ControlledConfig, seed: int, workdir: Path,
         torch.set_num_threads(previous)
 
 
-def _run_seed(config: ControlledConfig, seed: int, workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SeedSetup:
+    """What every arm of one seed shares: the prompt split, the trained reference (its weights ``state``),
+    its scores, the noise-free pairs and the default teacher's per-pair draws."""
+
+    seed: int
+    splits: task.Splits
+    reference: Any  # the model object every arm is trained in (reloaded from ``state`` before each arm)
+    state: dict
+    ref_val: dict[str, Any]
+    ref_test: dict[str, Any]
+    base: task.BasePairs
+    draws: task.TeacherDraws
+
+    def reference_result(self) -> dict[str, Any]:
+        return {"val": _public(self.ref_val), "test": _public(self.ref_test)}
+
+
+def prepare_seed(config: ControlledConfig, seed: int, progress: Callable[[str], None]) -> SeedSetup:
+    """Split the prompts, train the reference by SFT from scratch, draw the pairs and the teacher's draws."""
     rng = np.random.default_rng([seed, 0])
     splits = task.split_prompts(rng, config.val_share, config.test_share)
     sft = task.sft_examples(np.random.default_rng([seed, 1]), splits.train, config.sft_examples,
@@ -145,60 +164,79 @@ def _run_seed(config: ControlledConfig, seed: int, workdir: Path, progress: Call
     ref_val = evaluate(reference, splits.val, None)
     ref_test = evaluate(reference, splits.test, None)
     progress(f"seed {seed}: reference objective accuracy {ref_test['objective']:.3f}")
-
     base = task.base_pairs(np.random.default_rng([seed, 2]), splits.train, config.pairs, share=config.pair_share,
                            style_agreement=config.style_agreement, style_tie_rate=config.style_tie_rate,
                            house_style_rate=config.house_style_rate)
     draws = task.teacher_draws(np.random.default_rng([seed, 3]), config.pairs, config.teacher_accuracy)
-    result: dict[str, Any] = {"reference": {"val": _public(ref_val), "test": _public(ref_test)}, "noise": {}}
+    return SeedSetup(seed, splits, reference, state, ref_val, ref_test, base, draws)
+
+
+def make_level(setup: SeedSetup, folder: Path, pairs: task.PairSet, notes: task.Annotations) -> Level:
+    """Write one pairs/annotations artifact pair and compute the reference's log-probs of the pairs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_path, annotations_path = arms_mod.write_inputs(folder, pairs, notes)
+    # Every arm trains the same model object in place: restore the reference's weights first, or a later
+    # level's "reference" log-probs would be those of the last arm trained.
+    setup.reference.load_state_dict(setup.state)
+    ref_logps = bench_model.pair_logps(setup.reference, pairs.chosen, pairs.rejected)
+    return Level(pairs, notes, pairs_path, annotations_path, ref_logps)
+
+
+def train_arm(config: ControlledConfig, setup: SeedSetup, arm: arms_mod.Arm, level: Level) -> dict[str, Any]:
+    return _train_arm(config, setup.seed, arm, level, setup.reference, setup.state, setup.splits,
+                      (setup.ref_val["_style"], setup.ref_test["_style"]))
+
+
+def dpo_sweep(config: ControlledConfig, setup: SeedSetup, level: Level) -> tuple[dict[str, Any], float]:
+    """The global-β sweep's runs, headed by ``DPO best β`` (with ``chosen``), and the chosen β.
+
+    The control's β is chosen on validation prompts, never on the test prompts; ties go to the smaller β.
+    """
+    sweep = [a for a in arms_mod.arms(config.beta_sweep, config.beta) if a.swept]
+    runs: dict[str, Any] = {a.name: train_arm(config, setup, a, level) for a in sweep}
+    best = max(sweep, key=lambda a: (runs[a.name]["val"]["objective"], -sweep.index(a)))
+    return {BEST_DPO: {**runs[best.name], "chosen": best.name}, **runs}, float(best.overrides["beta"]["beta"])
+
+
+def _run_seed(config: ControlledConfig, seed: int, workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    setup = prepare_seed(config, seed, progress)
+    result: dict[str, Any] = {"reference": setup.reference_result(), "noise": {}}
     for level in config.noise_levels:
-        pairs = task.apply_noise(base, level)
-        notes = task.annotate(pairs, draws, config.teacher_calibration)
-        folder = workdir / f"seed{seed}_noise{level:g}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pairs_path, annotations_path = arms_mod.write_inputs(folder, pairs, notes)
-        ref_logps = bench_model.pair_logps(reference, pairs.chosen, pairs.rejected)
-        level_data = _Level(pairs, pairs_path, annotations_path, ref_logps)
-
-        def train_arm(arm: arms_mod.Arm, level_data: _Level = level_data) -> dict[str, Any]:
-            return _train_arm(config, seed, arm, level_data, reference, state, splits,
-                              (ref_val["_style"], ref_test["_style"]))
-
-        all_arms = arms_mod.arms(config.beta_sweep, config.beta)
-        sweep = [a for a in all_arms if a.swept]
-        runs: dict[str, Any] = {a.name: train_arm(a) for a in sweep}
-        # The control's β is chosen on validation prompts, never on the test prompts; ties go to the smaller β.
-        best = max(sweep, key=lambda a: (runs[a.name]["val"]["objective"], -sweep.index(a)))
-        runs = {BEST_DPO: {**runs[best.name], "chosen": best.name}, **runs}
-        for arm in all_arms:
+        pairs = task.apply_noise(setup.base, level)
+        notes = task.annotate(pairs, setup.draws, config.teacher_calibration)
+        level_data = make_level(setup, workdir / f"seed{seed}_noise{level:g}", pairs, notes)
+        runs, best_beta = dpo_sweep(config, setup, level_data)
+        for arm in arms_mod.arms(config.beta_sweep, config.beta):
             if not arm.swept:
-                runs[arm.name] = train_arm(arm)
+                runs[arm.name] = train_arm(config, setup, arm, level_data)
             if arm.name == "SP²DPO":
-                tuned = arms_mod.sp2dpo_at(best.overrides["beta"]["beta"])
-                runs[tuned.name] = train_arm(tuned)
-        result["noise"][f"{level:g}"] = {
-            "runs": runs,
-            "data": {"flipped": int(pairs.flipped.sum()), "teacher_accuracy": float(notes.correct.mean()),
-                     "teacher_flags_mislabeled": int(sum(c == "mislabeled" for c in notes.category))},
-        }
-        progress(f"seed {seed}, noise {level:g}: best DPO {best.name}, objective "
+                tuned = arms_mod.sp2dpo_at(best_beta)
+                runs[tuned.name] = train_arm(config, setup, tuned, level_data)
+        result["noise"][f"{level:g}"] = {"runs": runs, "data": level_summary(pairs, notes)}
+        progress(f"seed {seed}, noise {level:g}: best DPO {runs[BEST_DPO]['chosen']}, objective "
                  f"{runs[BEST_DPO]['test']['objective']:.3f}; SP²DPO {runs['SP²DPO']['test']['objective']:.3f}; "
                  f"MixDPO {runs['MixDPO']['test']['objective']:.3f}")
-    reference.load_state_dict(state)
+    setup.reference.load_state_dict(setup.state)
     return result
 
 
+def level_summary(pairs: task.PairSet, notes: task.Annotations) -> dict[str, Any]:
+    return {"flipped": int(pairs.flipped.sum()), "teacher_accuracy": float(notes.correct.mean()),
+            "teacher_flags_mislabeled": int(sum(c == "mislabeled" for c in notes.category))}
+
+
 @dataclass(frozen=True)
-class _Level:
-    """One noise level's pairs, their artifacts and the reference's log-probs of them."""
+class Level:
+    """One noise level's pairs, the teacher's annotations, their artifacts and the reference's log-probs."""
 
     pairs: task.PairSet
+    notes: task.Annotations
     pairs_path: Path
     annotations_path: Path
     ref_logps: Logps
 
 
-def _train_arm(config: ControlledConfig, seed: int, arm: arms_mod.Arm, level: _Level, model, state: dict,
+def _train_arm(config: ControlledConfig, seed: int, arm: arms_mod.Arm, level: Level, model, state: dict,
                splits: task.Splits, ref_style: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """Plan ``arm``, train it from the reference's weights ``state`` and score it on val and test prompts."""
     planned = arms_mod.plan_arm(arm, seed, level.pairs_path, level.annotations_path)
@@ -218,7 +256,21 @@ def _train_arm(config: ControlledConfig, seed: int, arm: arms_mod.Arm, level: _L
         "final_loss": float(np.mean(losses[-5:])),
         "routes_sft": int(np.sum(planned.route[trained] == 1)), "trained_pairs": int(len(trained)),
         "beta_geomean": float(np.exp(np.mean(np.log(planned.beta[trained])))),
+        "plan_flipped": int(planned.flipped.sum()),
+        "beta_by_truth": _beta_by_truth(planned, level),
     }
+
+
+def _beta_by_truth(planned: arms_mod.PlannedArm, level: Level) -> dict[str, float | None]:
+    """Geometric-mean β of the preference-routed trained pairs by what the generator knows of them: clean pairs,
+    flipped pairs the teacher flagged ``mislabeled`` and flipped pairs it missed (how a schedule treats each)."""
+    on_preference = np.zeros(len(level.pairs), dtype=bool)
+    on_preference[planned.order] = True
+    on_preference &= planned.route == ROUTE_PREFERENCE
+    flipped, read = level.pairs.flipped, level.notes.correct
+    groups = {"clean": ~flipped, "flip_flagged": flipped & read, "flip_missed": flipped & ~read}
+    return {name: (float(np.exp(np.mean(np.log(planned.beta[on_preference & rows]))))
+                   if np.any(on_preference & rows) else None) for name, rows in groups.items()}
 
 
 def _swap(logps: Logps, flipped: np.ndarray) -> Logps:
@@ -262,8 +314,10 @@ def run_controlled(config: ControlledConfig, out_dir: str | Path,
                    progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Run the benchmark, write ``results.json``, ``table.md`` and the plots into ``out_dir``; return the
     results (with ``files``: the paths written)."""
+    from perpair.bench.report import check_out, write_outputs
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out)
     started, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="perpair-bench-") as tmp:
         per_seed = [run_seed(config, seed, Path(tmp), progress) for seed in range(config.seeds)]
@@ -271,7 +325,5 @@ def run_controlled(config: ControlledConfig, out_dir: str | Path,
                "aggregate": aggregate(per_seed), "metrics": METRIC_HELP,
                "interval": "mean over seeds and 95% Student-t interval (t_{0.975, seeds-1} · sd / sqrt(seeds))",
                "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
-    from perpair.bench.report import write_outputs
-
     results["files"] = write_outputs(results, out)
     return results

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from perpair.errors import InputError
 
 TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift")
 
@@ -53,16 +58,72 @@ def table_markdown(results: dict[str, Any]) -> str:
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> dict[str, str]:
-    """Write every output; returns ``{name: path}``."""
+    """Write every output of the main run (a sweep's section already in ``results.json`` stays); returns
+    ``{name: path}``."""
     files = {"results": out / "results.json", "table": out / "table.md",
              "accuracy_by_category": out / "accuracy_by_category.png",
              "accuracy_vs_noise": out / "accuracy_vs_noise.png", "style_drift": out / "style_drift.png"}
     files_str = {k: str(v) for k, v in files.items()}
-    files["table"].write_text(table_markdown(results), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
     _plots(results, files)
-    payload = {**results, "files": files_str}
-    files["results"].write_text(json.dumps(payload, indent=1, ensure_ascii=False, default=float), encoding="utf-8")
+
+    def replace_main(payload: dict[str, Any]) -> None:
+        sweeps = payload.get("sweeps")
+        payload.clear()
+        payload.update({**results, "files": files_str})
+        if sweeps:
+            payload["sweeps"] = sweeps
+
+    update_results(out, replace_main)
     return files_str
+
+
+def render_table(payload: dict[str, Any]) -> str:
+    """``table.md``: the main run's tables (when it ran into this folder), then each sweep's, in a fixed order."""
+    from perpair.bench.sweeps import SWEEPS
+
+    parts = [table_markdown(payload)] if "aggregate" in payload else []
+    parts += [payload["sweeps"][name]["table"] for name in SWEEPS if name in payload.get("sweeps", {})]
+    return "\n".join(parts)
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any training, an output folder whose ``results.json`` the run could not add to."""
+    if out.exists() and not out.is_dir():
+        raise InputError("is not a folder", field="--out", file=str(out))
+    results_path = out / "results.json"
+    if results_path.exists():
+        try:
+            payload = json.loads(results_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"is not a results file of perpair bench controlled ({exc}); choose another --out",
+                             file=str(results_path)) from None
+        if not isinstance(payload, dict):
+            raise InputError("is not a results file of perpair bench controlled (not a JSON object); choose "
+                             "another --out", file=str(results_path))
+
+
+def update_results(out: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Read ``results.json`` (if any), apply ``change``, write it back and re-render ``table.md`` from it.
+
+    An exclusive lock on a file beside them keeps two runs writing into the same folder (e.g. two sweeps in
+    parallel) from losing each other's section; each file is written to a temporary name and renamed, so a
+    reader never sees half a file.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, table_path = out / "results.json", out / "table.md"
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        payload = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
+        change(payload)
+        _replace(results_path, json.dumps(payload, indent=1, ensure_ascii=False, default=float))
+        _replace(table_path, render_table(payload))
+
+
+def _replace(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:

@@ -222,7 +222,37 @@ def base_pairs(rng: np.random.Generator, train: dict[str, np.ndarray], count: in
 def apply_noise(base: BasePairs, flip_rate: float) -> PairSet:
     """The pairs at one noise level: objective pairs with ``flip_draw < flip_rate`` get swapped labels (the
     flipped sets nest as the rate grows)."""
-    flipped = (base.category != "style") & (base.flip_draw < flip_rate)
+    return flip_pairs(base, (base.category != "style") & (base.flip_draw < flip_rate))
+
+
+def carry_flips(base: BasePairs) -> np.ndarray:
+    """Systematic noise: a rater who prefers the carry-forgotten sum on every addition with a carry."""
+    return (base.category == "arithmetic") & np.array([is_carry(p) for p in base.prompt], dtype=bool)
+
+
+def category_flips(base: BasePairs, category: str, rate: float) -> np.ndarray:
+    """Systematic noise: one pair category's labels flipped at ``rate`` (0.5: that category carries no signal)."""
+    if category not in PAIR_CATEGORIES or category == "style":
+        raise ValueError(f"category_flips needs an objective pair category, got {category!r}")
+    return (base.category == category) & (base.flip_draw < rate)
+
+
+def matched_flips(base: BasePairs, count: int) -> np.ndarray:
+    """Independent noise at a matched rate: the ``count`` objective pairs with the smallest flip draws (the set
+    that :func:`apply_noise` flips at the rate giving exactly ``count`` flips)."""
+    objective = np.flatnonzero(base.category != "style")
+    if not 0 <= count <= len(objective):
+        raise ValueError(f"cannot flip {count} of {len(objective)} objective pairs")
+    rows = objective[np.argsort(base.flip_draw[objective], kind="stable")[:count]]
+    flipped = np.zeros(len(base.category), dtype=bool)
+    flipped[rows] = True
+    return flipped
+
+
+def flip_pairs(base: BasePairs, flipped: np.ndarray) -> PairSet:
+    """The pairs with the labels of ``flipped`` swapped; a flipped pair is rated with a small margin."""
+    if np.any(flipped & (base.category == "style")):
+        raise ValueError("only objective pairs have a wrong label to flip to")
     chosen = [b if f else g for g, b, f in zip(base.good, base.bad, flipped, strict=True)]
     rejected = [g if f else b for g, b, f in zip(base.good, base.bad, flipped, strict=True)]
     margin = np.where(flipped, base.flip_margin, base.clean_margin)
@@ -239,6 +269,12 @@ class TeacherDraws:
     right: np.ndarray  # uniform draws: right when < competence
     wrong_pick: np.ndarray  # uniform draws choosing the wrong category
     magnitude_noise: np.ndarray
+
+
+def oracle_draws(count: int) -> TeacherDraws:
+    """A teacher that reads every pair right with confidence 1 and states the exact magnitude."""
+    return TeacherDraws(competence=np.ones(count), right=np.zeros(count), wrong_pick=np.zeros(count),
+                        magnitude_noise=np.zeros(count))
 
 
 def teacher_draws(rng: np.random.Generator, count: int, accuracy: float) -> TeacherDraws:
