@@ -335,11 +335,13 @@ class _Job:
             config = AlpacaEvalConfig(
                 model=trained["model"], name=arm, output_dir=folder / "alpaca_eval",
                 judge=JudgeConfig(judge=a.judge, model_name=a.judge_name, api_key_env=a.judge_api_key_env,
-                                  batch_size=a.judge_batch_size),
-                generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size),
+                                  batch_size=a.judge_batch_size, dtype=a.dtype),
+                generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
                 difficulty=a.difficulty, glm_weights=a.glm_weights)
-            material = {"config": a.model_dump(mode="json"), "model": trained["key"]}
+            # dtype auto leaves the stamp as it was before the option existed
+            material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
+                        "model": trained["key"]}
 
             def alpaca_eval():
                 row = run_alpaca_eval(config)
