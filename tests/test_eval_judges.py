@@ -66,3 +66,32 @@ def test_preference_from_logprobs_edge_cases():
     assert math.isnan(preference_from_logprobs({"Based": -0.1}))
     assert preference_from_logprobs({"m": math.log(0.25), "M": math.log(0.75)}) == pytest.approx(1.75)
     assert judged_preference({"m": math.log(0.25), "M": math.log(0.75)}, switched=True) == pytest.approx(1.25)
+
+
+def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_path):
+    """``dtype: bfloat16`` (perpair run's eval.alpaca_eval.dtype) loads the judge's weights in bfloat16, whose
+    log-probs are near float32's but not equal, so they are cached apart; so are answers generated in bfloat16.
+    ``auto`` keeps the identities cached before the option existed."""
+    import torch
+
+    from conftest import save_tiny_llama
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, load_judge
+    from perpair.eval.generate import GenerationConfig, generation_identity
+    from perpair.models import model_fingerprint
+
+    model = str(save_tiny_llama(tmp_path / "judge", layers=1))
+    messages = [[{"role": "user", "content": f"Which is better, {a} or {b}? Answer m or M."}]
+                for a, b in (("tea", "coffee"), ("a long answer about rivers", "no"))]
+    judged = {}
+    for dtype in ("auto", "bfloat16"):
+        judge = load_judge(JudgeConfig(judge=model, dtype=dtype))
+        assert judge.scorer.model.dtype == (torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+        judged[dtype] = [[r["logprobs"][t] for t in ("m", "M")] for r in judge.judge(messages)]
+    difference = max(abs(a - b) for x, y in zip(judged["auto"], judged["bfloat16"], strict=True)
+                     for a, b in zip(x, y, strict=True))
+    assert 0 < difference < 0.1
+    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model)]
+    assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16"]
+    plain = generation_identity("f", GenerationConfig(max_new_tokens=8))
+    assert "dtype" not in plain["settings"]
+    assert generation_identity("f", GenerationConfig(max_new_tokens=8, dtype="bfloat16")) != plain

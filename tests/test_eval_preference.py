@@ -127,3 +127,32 @@ def test_cli_end_to_end_on_ultrafeedback(uf_pairs, tmp_path):
     table = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [r["benchmark"] for r in table] == ["preference_accuracy"] * 2
     assert table[0]["accuracy"] == row["accuracy"] and table[1]["accuracy"] == 0.5
+
+
+def test_reference_cache_gives_the_uncached_results_and_is_keyed_by_the_reference(uf_pairs, tmp_path, monkeypatch):
+    """perpair run's arms share the reference's log-probs of the held-out pairs through a cache: the results equal
+    scoring the reference each time (packed forwards too, within float noise), a second evaluation against the same
+    reference loads it no more, and another reference model is never served the first one's values."""
+    from perpair.eval import preference
+    from perpair.eval.preference import PreferenceConfig, run_preference
+
+    ref, other, policy = _tiny(tmp_path / "ref", 0), _tiny(tmp_path / "other", 2), _tiny(tmp_path / "policy", 1)
+    loaded = []
+    real_load = preference._load
+    monkeypatch.setattr(preference, "_load", lambda spec: loaded.append(str(spec)) or real_load(spec))
+
+    def figures(reference, **options):
+        config = PreferenceConfig(model=str(policy), ref=str(reference), data=uf_pairs, limit=N, max_length=256,
+                                  **options)
+        row = run_preference(config)
+        return np.array([row["mean_margin"], row["margin_se"], row["accuracy"]])
+
+    plain = figures(ref)
+    cache = tmp_path / "cache"
+    packed = figures(ref, reference_cache=cache, tokens_per_forward=1024)
+    np.testing.assert_allclose(packed, plain, rtol=1e-5, atol=1e-7)
+    loaded.clear()
+    again = figures(ref, reference_cache=cache, tokens_per_forward=1024)
+    assert loaded == [str(policy)]  # the reference came from the cache
+    np.testing.assert_array_equal(again, packed)
+    np.testing.assert_allclose(figures(other, reference_cache=cache), figures(other), rtol=1e-5, atol=1e-7)

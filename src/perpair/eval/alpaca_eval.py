@@ -13,7 +13,7 @@ import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +45,10 @@ class JudgeConfig(BaseModel):
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
     concurrency: int = Field(8, ge=1, description="Requests in flight (API judges).")
     batch_size: int = Field(4, ge=1, description="Prompts per forward pass (local judges).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights of a local judge: auto = bfloat16 on a GPU, float32 on a CPU. bfloat16 is "
+                            "several times faster on CPUs with AVX512-BF16/AMX and moves the judge's log-probs a "
+                            "little (part of the judgments' cache key).")
     max_prompt_tokens: int = Field(8192, ge=64)
 
     @property
@@ -100,13 +104,15 @@ def load_judge(config: JudgeConfig):
     if config.is_api:
         return ApiLogprobJudge(config.client_config())
     return LocalLogprobJudge(resolve_model(config.judge), batch_size=config.batch_size,
-                             max_prompt_tokens=config.max_prompt_tokens)
+                             max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype)
 
 
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    return ["local", model_fingerprint(resolve_model(config.judge))]
+    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before
+    identity: list[Any] = ["local", model_fingerprint(resolve_model(config.judge))]
+    return identity + [config.dtype] if config.dtype != "auto" else identity
 
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:

@@ -139,14 +139,22 @@ def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Seque
     return answers, len(missing)  # type: ignore[return-value]
 
 
+def generation_identity(fingerprint: str, config: GenerationConfig) -> dict[str, Any]:
+    """What an answer is cached under: the model's content and the settings that change it. A dtype other than
+    auto is one of them (auto keeps the identity answers were cached under before it was)."""
+    settings = config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})
+    if config.dtype != "auto":
+        settings["dtype"] = config.dtype
+    return {"model": fingerprint, "settings": settings}
+
+
 def generate_answers(model_path: str, config: GenerationConfig, texts: Sequence[str], cache: ResultCache,
                      on_progress: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
     """Single-turn answers of the model at ``model_path`` to ``texts``, cached under the model's content and the
     settings that change an answer. Returns ``(answers, number generated now)``."""
     from perpair.models import model_fingerprint
 
-    identity = {"model": model_fingerprint(model_path),
-                "settings": config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})}
+    identity = generation_identity(model_fingerprint(model_path), config)
     return generate_cached(lambda: load_generator(model_path, config), identity,
                            [[{"role": "user", "content": text}] for text in texts], cache,
                            batch_size=config.batch_size, on_progress=on_progress)

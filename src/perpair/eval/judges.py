@@ -74,24 +74,25 @@ def judged_preference(logprobs: dict[str, float], switched: bool) -> float:
     return 3 - value if switched and not math.isnan(value) else value
 
 
-def _load_hf(model: str):
+def _load_hf(model: str, dtype: str = "auto"):
+    """The model in ``dtype``; ``auto``: bfloat16 on a GPU, float32 on a CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval(), tokenizer
+    weights = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(model, dtype=weights).to(device).eval(), tokenizer
 
 
 class LocalLogprobJudge:
     """A local causal LM as the AlpacaEval judge: P(m) and P(M) as its next token after the judge prompt."""
 
-    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192):
+    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192, dtype: str = "auto"):
         from perpair.llm.scoring import OptionScorer
 
         self.name = f"local:{model}"
-        hf_model, self.tokenizer = _load_hf(model)
+        hf_model, self.tokenizer = _load_hf(model, dtype)
         self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=batch_size, max_length=max_prompt_tokens)
 
     def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:

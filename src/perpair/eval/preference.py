@@ -103,6 +103,10 @@ class PreferenceConfig(BaseModel):
     max_length: int | None = Field(1024, ge=1, description="Prompt + response truncation, as in training.")
     limit: int | None = Field(None, ge=1, description="Only the first N pairs.")
     tokens_per_forward: int = Field(0, ge=0, description="Pack pairs up to this many tokens per forward.")
+    reference_cache: Path | None = Field(
+        None, description="Folder of cached reference log-probs (the training stage's format): the reference's are "
+                          "computed once per model, tokenizer, pairs file and max_length, and read by every later "
+                          "evaluation against the same reference (perpair run's arms share them).")
     name: str | None = None
 
 
@@ -127,6 +131,35 @@ def score_model(spec: str, pairs, config: PreferenceConfig,
     return table.to_pandas()
 
 
+def score_reference(pairs, config: PreferenceConfig,
+                    on_progress: Callable[[int], None] | None = None) -> pd.DataFrame:
+    """The reference's log-probs of ``pairs``: scored as :func:`score_model` does, or, with
+    ``config.reference_cache``, read from that cache, computing (and adding) only the pairs it lacks. The model is
+    loaded only when a pair is missing."""
+    if config.reference_cache is None:
+        return score_model(config.ref, pairs, config, on_progress)
+    from transformers import AutoTokenizer
+
+    from perpair.artifacts import file_sha256
+    from perpair.models import model_fingerprint, resolve_model
+    from perpair.plan.difficulty import logps_table
+    from perpair.train import reference
+    from perpair.train.logprobs import DEFAULT_CHUNK, tokenize_table
+
+    spec = resolve_model(config.ref)
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    ids, tokenized = tokenize_table(tokenizer, pairs, config.max_length)
+    key = reference.cache_key(model=model_fingerprint(spec), tokenizer=reference.tokenizer_fingerprint(tokenizer),
+                              pairs_sha256=file_sha256(config.data), max_length=config.max_length)
+    path = reference.cache_path(Path(config.reference_cache), key)
+    reference.reference_logps(path, key, ids, tokenized, lambda: _load(config.ref)[0], device="cpu",
+                              tokens_per_forward=config.tokens_per_forward, chunk_size=DEFAULT_CHUNK,
+                              on_progress=on_progress and (lambda done, total: on_progress(done)))
+    cached = reference.load_cached(path)  # (chosen, chosen tokens, rejected, rejected tokens) per pair_id
+    rows = [cached[i] for i in ids]
+    return logps_table(ids, *([r[k] for r in rows] for k in range(4))).to_pandas()
+
+
 def read_categories(path: Path) -> pd.Series:
     from perpair.annotate.schema import read_annotations
 
@@ -149,7 +182,7 @@ def run_preference(config: PreferenceConfig,
     categories = read_categories(config.annotations) if config.annotations else None
     n = pairs.num_rows
     policy = score_model(config.model, pairs, config, lambda d: progress("policy log-probs", d, n))
-    reference = score_model(config.ref, pairs, config, lambda d: progress("reference log-probs", d, n))
+    reference = score_reference(pairs, config, lambda d: progress("reference log-probs", d, n))
     metrics = preference_metrics(policy, reference, config.beta, categories)
     summary = metrics["implicit_reward"]
     row: dict[str, Any] = {

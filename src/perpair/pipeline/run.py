@@ -305,16 +305,21 @@ class _Job:
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
         from perpair.eval.generate import GenerationConfig
         from perpair.eval.preference import PreferenceConfig, run_preference, write_results
+        from perpair.train.setup import REFERENCE_PACKING
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
         if section.preference is not None and arm != "base" and test is not None:
             p = section.preference
+            max_length = p.max_length or settings.train_configs[arm].max_length
+            # the reference's log-probs of the held-out pairs are computed by the first arm's evaluation and read
+            # by the others; without gradients several pairs share a forward (as the training reference pass)
             config = PreferenceConfig(model=trained["model"], ref=self.config.model, data=test, beta=p.beta,
-                                      max_length=p.max_length or settings.train_configs[arm].max_length,
-                                      limit=p.limit, name=arm)
-            material = {"config": config.model_dump(mode="json", exclude={"model", "data"}),
+                                      max_length=max_length, limit=p.limit, name=arm,
+                                      tokens_per_forward=REFERENCE_PACKING * max_length,
+                                      reference_cache=self.workdir / "reference")
+            material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
                         "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
 
             def preference():
@@ -330,11 +335,13 @@ class _Job:
             config = AlpacaEvalConfig(
                 model=trained["model"], name=arm, output_dir=folder / "alpaca_eval",
                 judge=JudgeConfig(judge=a.judge, model_name=a.judge_name, api_key_env=a.judge_api_key_env,
-                                  batch_size=a.judge_batch_size),
-                generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size),
+                                  batch_size=a.judge_batch_size, dtype=a.dtype),
+                generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
                 difficulty=a.difficulty, glm_weights=a.glm_weights)
-            material = {"config": a.model_dump(mode="json"), "model": trained["key"]}
+            # dtype auto leaves the stamp as it was before the option existed
+            material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
+                        "model": trained["key"]}
 
             def alpaca_eval():
                 row = run_alpaca_eval(config)

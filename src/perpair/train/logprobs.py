@@ -283,6 +283,19 @@ def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, toke
     return sums, counts
 
 
+def tokenize_table(tokenizer, pairs: pa.Table, max_length: int | None) -> tuple[list[str], list[TokenizedPair]]:
+    """``(pair_ids, tokenized)`` of a pairs table, tokenized as training does; pairs whose prompt alone fills
+    ``max_length`` are left out."""
+    ids, tokenized = [], []
+    for pair_id, prompt, chosen, rejected in zip(*(pairs.column(c).to_pylist() for c in
+                                                   ("pair_id", "prompt", "chosen", "rejected")), strict=True):
+        tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        if tok is not None:
+            ids.append(pair_id)
+            tokenized.append(tok)
+    return ids, tokenized
+
+
 def sequence_logps(model: nn.Module, tokenizer, pairs: pa.Table, *, max_length: int | None = 1024,
                    tokens_per_forward: int = 0, chunk_size: int = DEFAULT_CHUNK,
                    device: torch.device | str = "cpu",
@@ -303,13 +316,7 @@ def sequence_logps(model: nn.Module, tokenizer, pairs: pa.Table, *, max_length: 
         margin = (policy.chosen_logps - reference.chosen_logps) - (policy.rejected_logps - reference.rejected_logps)
         accuracy = (margin > 0).mean()
     """
-    ids, tokenized = [], []
-    for pair_id, prompt, chosen, rejected in zip(*(pairs.column(c).to_pylist() for c in
-                                                   ("pair_id", "prompt", "chosen", "rejected")), strict=True):
-        tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
-        if tok is not None:
-            ids.append(pair_id)
-            tokenized.append(tok)
+    ids, tokenized = tokenize_table(tokenizer, pairs, max_length)
     sums, counts = logps_of_tokenized(model, tokenized, tokens_per_forward=tokens_per_forward,
                                       chunk_size=chunk_size, device=device, on_progress=on_progress)
     return logps_table(ids, sums[:, 0].numpy(), counts[:, 0].numpy(), sums[:, 1].numpy(), counts[:, 1].numpy())
