@@ -37,7 +37,8 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[Messages]) -> list[str]: ...
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """A dtype name as torch's; ``auto``: bfloat16 on a GPU, float32 on a CPU."""
     import torch
 
     if name == "auto":
@@ -58,7 +59,7 @@ class TransformersGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(config.dtype)).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(config.dtype)).to(device).eval()
 
     def format(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

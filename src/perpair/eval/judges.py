@@ -79,10 +79,11 @@ def _load_hf(model: str, dtype: str = "auto"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from perpair.eval.generate import torch_dtype
+
     tokenizer = AutoTokenizer.from_pretrained(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    weights = (torch.bfloat16 if device == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(model, dtype=weights).to(device).eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype)).to(device).eval(), tokenizer
 
 
 class LocalLogprobJudge:
