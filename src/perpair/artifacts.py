@@ -51,6 +51,17 @@ def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schem
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (or a run killed
+    mid-write) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The ``{kind, schema_version, provenance}`` header of a perpair artifact."""
     try:

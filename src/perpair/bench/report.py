@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from perpair.artifacts import write_text_atomic
 from perpair.errors import InputError
 
 TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift")
@@ -116,14 +116,8 @@ def update_results(out: Path, change: Callable[[dict[str, Any]], None]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         payload = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
         change(payload)
-        _replace(results_path, json.dumps(payload, indent=1, ensure_ascii=False, default=float))
-        _replace(table_path, render_table(payload))
-
-
-def _replace(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+        write_text_atomic(results_path, json.dumps(payload, indent=1, ensure_ascii=False, default=float))
+        write_text_atomic(table_path, render_table(payload))
 
 
 def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from perpair.artifacts import file_sha256
+from perpair.artifacts import file_sha256, write_text_atomic
 
 
 def stage_key(material: dict[str, Any]) -> str:
@@ -58,9 +57,7 @@ class Stamps:
         stamp = {"key": key, "outputs": {str(p): output_identity(p) for p in outputs}, "info": info or {}}
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(name)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(stamp, indent=1, default=str))
-        os.replace(tmp, target)
+        write_text_atomic(target, json.dumps(stamp, indent=1, default=str))
 
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
