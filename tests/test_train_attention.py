@@ -162,3 +162,48 @@ def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
         sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
     assert dtypes == [(torch.bfloat16,) * 3] * 2
     assert torch.allclose(sums, expected, rtol=2e-2, atol=0.1), (sums, expected)
+
+
+def test_under_cpu_autocast_attention_is_float32_and_the_output_projection_bfloat16(monkeypatch):
+    """Under bf16 autocast on a CPU the tree attention's flash kernels get float32 query, key and value while its
+    sequences are short (the CPU's bfloat16 kernels are slower there: benchmarks/cpu_kernels.py), bfloat16 past
+    CPU_FLOAT32_ATTENTION_MAX tokens; meanwhile the output projection gets bfloat16 hidden
+    states, as autocast gives a model's own ``nn.Linear`` head (it used to get the final norm's float32: an ~8x
+    slower product). The log-probs stay those of the float32 model up to bfloat16 rounding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perpair.train import logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                         attn_implementation="sdpa"))
+    module = CompletionLogps(model, chunk_size=2)
+    pairs = [PAIRS[0], PAIRS[2]]
+    expected, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    seen = {"attention": [], "head": []}
+    pieces, chunked = attention.CpuTreeAttention.apply, logprobs.ChunkedTokenLogps.apply
+
+    def attend(query, key, value, *args):
+        seen["attention"].append((query.dtype, key.dtype, value.dtype))
+        return pieces(query, key, value, *args)
+
+    def project(hidden, weight, *args):
+        seen["head"].append(hidden.dtype)
+        return chunked(hidden, weight, *args)
+
+    monkeypatch.setattr(attention.CpuTreeAttention, "apply", attend)
+    monkeypatch.setattr(logprobs.ChunkedTokenLogps, "apply", project)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    assert seen == {"attention": [(torch.float32,) * 3] * 2, "head": [torch.bfloat16]}
+    assert sums.dtype == torch.float32  # the log-softmax and the sums stay float32
+    assert torch.allclose(sums, expected, rtol=2e-2, atol=0.1), (sums, expected)
+    seen = {"attention": [], "head": []}
+    run_packed(module, pack(pairs), torch.device("cpu"))  # without autocast nothing is cast
+    assert seen == {"attention": [(torch.float32,) * 3] * 2, "head": [torch.float32]}
+    monkeypatch.setattr(attention, "CPU_FLOAT32_ATTENTION_MAX", 4)  # longer sequences: autocast's bfloat16
+    seen = {"attention": [], "head": []}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_packed(module, pack(pairs), torch.device("cpu"))
+    assert seen == {"attention": [(torch.bfloat16,) * 3] * 2, "head": [torch.bfloat16]}

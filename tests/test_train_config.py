@@ -115,4 +115,6 @@ def test_reference_cache_keeps_bf16_and_fp32_log_probs_apart(tmp_path):
     common = {"model": "m", "tokenizer": "t", "pairs_sha256": "p", "max_length": 64}
     fp32, bf16 = reference.cache_key(**common), reference.cache_key(**common, precision="bf16")
     assert "precision" not in fp32 and bf16["precision"] == "bf16"
+    # bf16 values computed before the output projection ran in bf16 (and CPU attention in fp32) are not served
+    assert "autocast_rules" not in fp32 and bf16["autocast_rules"] == reference.AUTOCAST_RULES == 2
     assert reference.cache_path(tmp_path, fp32) != reference.cache_path(tmp_path, bf16)

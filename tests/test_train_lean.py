@@ -73,9 +73,10 @@ def test_under_bf16_autocast_lean_equals_plain_and_saves_less(recompute_mlp):
 
 
 @pytest.mark.parametrize(("targets", "counts"), [
-    ("all-linear", {"mlp": 0, "mlp_recomputed": 0, "norm": 5}),  # adapted down projections: MLPs left alone
-    (["gate_proj", "up_proj"], {"mlp": 2, "mlp_recomputed": 0, "norm": 5}),  # no recomputation through adapters
-    (["q_proj", "v_proj"], {"mlp": 0, "mlp_recomputed": 2, "norm": 5}),  # frozen plain MLPs: fully lean
+    # adapted down projections: MLPs left alone; every adapted layer (7 a layer) one LoraLinear
+    ("all-linear", {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14}),
+    (["gate_proj", "up_proj"], {"mlp": 2, "mlp_recomputed": 0, "norm": 5, "lora": 4}),  # no recomputation through
+    (["q_proj", "v_proj"], {"mlp": 0, "mlp_recomputed": 2, "norm": 5, "lora": 4}),  # adapters; plain MLPs: lean
 ])
 def test_under_lora_lean_equals_plain_adapters(targets, counts, tmp_path):
     """``prepare_policy`` with LoRA patches what it can once the adapters are in (it used to patch nothing under
@@ -140,9 +141,9 @@ def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, 
         "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'cache'}", "--set", "save_model=false",
         "--set", "final_checkpoint=false"])
     assert result.exit_code == 0, result.output
-    assert "lean activations: 5 norm" in result.output
+    assert "lean activations: 5 norm, 14 lora" in result.output
     assert json.loads((out / "summary.json").read_text())["lean_activations"] == {"mlp": 0, "mlp_recomputed": 0,
-                                                                                  "norm": 5}
+                                                                                  "norm": 5, "lora": 14}
     (model,) = models
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())
@@ -183,3 +184,50 @@ def test_recompute_mlp_default_is_chosen_by_memory(update, recomputed, tmp_path)
     config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1, **update})
     model = prepare_policy(config, model, single_process=True)
     assert lean_patches(model).counts()["mlp_recomputed" if recomputed else "mlp"] == 2
+
+
+def _lora(model, dropout: float = 0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # adapters away from their zero start: their products count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def test_lora_linear_under_bf16_autocast_equals_peft():
+    """Under autocast every adapted layer runs as one LoraLinear in bfloat16 (its input cast once, not once by the
+    frozen layer and once by the adapter): the log-probs and each adapter's gradient are PEFT's up to bfloat16
+    rounding. (The float64 equality is test_under_lora_lean_equals_plain_adapters.)"""
+    plain = _lora(_llama())
+    lean = copy.deepcopy(plain)
+    assert lean_activations(lean).counts()["lora"] == 14
+    expected, expected_grads, _ = _sums_grads_saved(plain, autocast=True)
+    sums, grads, _ = _sums_grads_saved(lean, autocast=True)
+    assert torch.allclose(sums, expected, rtol=1e-2, atol=5e-2), (sums, expected)
+    assert expected_grads.keys() == grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name  # the adapters stay float32
+        scale = expected_grads[name].abs().max()
+        assert (grad - expected_grads[name]).abs().max() <= 3e-2 * scale + 1e-6, name
+
+
+def test_lora_linear_hands_over_to_peft_when_the_adapter_is_not_plain():
+    """An adapter with dropout is not patched; a patched layer whose adapter is merged (or disabled) later runs
+    PEFT's own forward, so the adapter is never applied twice or skipped."""
+    assert lean_activations(_lora(_llama(), dropout=0.1)).counts()["lora"] == 0
+    model = _lora(_llama(torch.float64))
+    lean_activations(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32, dtype=torch.float64)
+    before = layer(x)
+    layer.merge()
+    assert torch.allclose(layer(x), before) and torch.allclose(layer(x), layer.base_layer(x))
+    layer.unmerge()
+    with model.disable_adapter():
+        assert torch.equal(layer(x), layer.base_layer(x))
+    assert torch.allclose(layer(x), before, rtol=0, atol=1e-12)

@@ -77,6 +77,10 @@ class TreeLayout:
         return tuple(pieces + on_prefix)
 
 
+# Under autocast on a CPU, a row whose longest sequence (prompt + response) has at most this many tokens is
+# attended in float32 (see tree_attention).
+CPU_FLOAT32_ATTENTION_MAX = 512
+
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -154,8 +158,11 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
         # causal bias, which picks its kernel before autocast casts): under it the rotary embedding leaves the
         # query and key in float32 beside a bfloat16 value, which the kernels refuse (the bias would then fall
-        # back to building a mask).
-        dtype = torch.get_autocast_dtype(device)
+        # back to building a mask). Short sequences on a CPU take float32 instead: there PyTorch's bfloat16 flash
+        # kernels are slower (2.2x at the demo's ~200-token sequences, 1.3x at ~400; faster from ~800:
+        # benchmarks/cpu_kernels.py), and float32 attention is the more exact.
+        short = _runs_pieces(query, dropout) and perpair_tree.longest <= CPU_FLOAT32_ATTENTION_MAX
+        dtype = torch.float32 if short else torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None

@@ -221,6 +221,12 @@ class CompletionLogps(nn.Module):
             raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
                                "AttentionInterface, which perpair's packed rows need")
         completion = hidden[gather]
+        device = completion.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # What autocast does to a model's own output layer (an ``nn.Linear``): the projection in the autocast
+            # dtype, which the custom function below would otherwise run in the norm's float32. Its log-softmax
+            # stays float32. On a CPU with bfloat16 matrix units this projection is ~8x faster than in float32.
+            completion = completion.to(torch.get_autocast_dtype(device))
         token_logps = ChunkedTokenLogps.apply(completion, head.weight, head.bias, target, self.chunk_size)
         aligned = None
         if self.wpo:

@@ -27,6 +27,9 @@ from perpair.train.tokenize import TokenizedPair
 KIND = "reference_logps"
 SCHEMA_VERSION = 1
 KEY_VERSION = 1  # bump when the way log-probs are computed changes
+# bf16 keys only: what autocast runs in which dtype. 2: the output projection in bf16 (as autocast runs an
+# nn.Linear head), the CPU tree attention in fp32; the bf16 values of 1 are other numbers. fp32 keys are unchanged.
+AUTOCAST_RULES = 2
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -49,6 +52,7 @@ def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int,
         key["ld_alpha"] = ld_alpha
     if precision != "fp32":  # bf16 log-probs differ by up to ~0.5%: never served to an fp32 run (or back)
         key["precision"] = precision
+        key["autocast_rules"] = AUTOCAST_RULES
     return key
 
 
