@@ -62,7 +62,7 @@ def main() -> None:
             q = torch.randn(1, HEADS, length, DIM, dtype=dtype, requires_grad=True)
             k = torch.randn(1, KV_HEADS, length, DIM, dtype=dtype, requires_grad=True)
             v = torch.randn(1, KV_HEADS, length, DIM, dtype=dtype, requires_grad=True)
-            ms[dtype] = median_ms(lambda q=q, k=k, v=v: CpuTreeAttention.apply(q, k, v, tree.pieces, None)
+            ms[dtype] = median_ms(lambda q=q, k=k, v=v, t=tree: CpuTreeAttention.apply(q, k, v, t.pieces, None)
                                   .sum().backward(), args.repeats)
         print(f"| tree attention, fwd + bwd | {length} | {ms[torch.float32]:.1f} | {ms[torch.bfloat16]:.1f} | "
               f"{ms[torch.bfloat16] / ms[torch.float32]:.2f} |")

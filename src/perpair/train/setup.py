@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,8 +179,10 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
 
     torch.manual_seed(config.seed)  # adapter initialisation
     lora = config.lora
-    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                             target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():  # PEFT 0.21 reads Transformers 5's renamed property: a notice for PEFT's authors
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     if config.lean_activations:  # the state counted is the adapters' now: frozen weights keep no AdamW moments
