@@ -136,11 +136,9 @@ def test_routing_is_undone_per_model_and_the_registration_with_the_last():
     assert (name in AttentionInterface._global_mapping) == (others > 0)
 
 
-def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
-    """Under bf16 autocast the rotary embedding leaves query and key in float32 beside a bfloat16 value; the bias
-    would then miss the flash / memory-efficient kernels (they need one dtype) and build a mask. Tree attention
-    casts all three to autocast's dtype, as autocast does for SDPA, and the log-probs stay those of the float32
-    model up to bfloat16 rounding."""
+def _tiny_llama_and_fp32_sums():
+    """A tiny random Llama wrapped for packed log-probs, two pairs, and their float32 sums (the autocast tests'
+    reference)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -150,6 +148,15 @@ def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
     module = CompletionLogps(model, chunk_size=2)
     pairs = [PAIRS[0], PAIRS[2]]
     expected, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    return module, pairs, expected
+
+
+def test_under_autocast_the_bias_path_gets_one_dtype(monkeypatch):
+    """Under bf16 autocast the rotary embedding leaves query and key in float32 beside a bfloat16 value; the bias
+    would then miss the flash / memory-efficient kernels (they need one dtype) and build a mask. Tree attention
+    casts all three to autocast's dtype, as autocast does for SDPA, and the log-probs stay those of the float32
+    model up to bfloat16 rounding."""
+    module, pairs, expected = _tiny_llama_and_fp32_sums()
     monkeypatch.setattr(attention, "_runs_pieces", lambda query, dropout: False)  # the GPU's path, on the CPU
     dtypes = []
 
@@ -170,17 +177,9 @@ def test_under_cpu_autocast_attention_is_float32_and_the_output_projection_bfloa
     CPU_FLOAT32_ATTENTION_MAX tokens; meanwhile the output projection gets bfloat16 hidden
     states, as autocast gives a model's own ``nn.Linear`` head (it used to get the final norm's float32: an ~8x
     slower product). The log-probs stay those of the float32 model up to bfloat16 rounding."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from perpair.train import logprobs
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                                         attn_implementation="sdpa"))
-    module = CompletionLogps(model, chunk_size=2)
-    pairs = [PAIRS[0], PAIRS[2]]
-    expected, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    module, pairs, expected = _tiny_llama_and_fp32_sums()
     seen = {"attention": [], "head": []}
     pieces, chunked = attention.CpuTreeAttention.apply, logprobs.ChunkedTokenLogps.apply
 
