@@ -40,6 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = [int(t) for t in args.threads.split(",")] if args.threads else [None]
     dtypes = args.dtype.split(",") if args.dtype else [None]
+    if unknown := [d for d in dtypes if d not in (None, "float32", "bfloat16")]:
+        parser.error(f"--dtype: {', '.join(unknown)} is not float32 or bfloat16")
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "uf.parquet"
         prepare([str(DATA)], pairs, PrepareOptions())
