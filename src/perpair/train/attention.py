@@ -77,6 +77,13 @@ class TreeLayout:
         return tuple(pieces + on_prefix)
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``x``'s device now, or None when autocast is off there."""
+    device = x.device.type
+    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return torch.get_autocast_dtype(device) if on else None
+
+
 # Under autocast on a CPU, a row whose longest sequence (prompt + response) has at most this many tokens is
 # attended in float32 (see tree_attention).
 CPU_FLOAT32_ATTENTION_MAX = 512
@@ -153,8 +160,7 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
                            f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
     perpair_tree.calls += 1
-    device = query.device.type
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if (autocast := autocast_dtype(query)) is not None:
         # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
         # causal bias, which picks its kernel before autocast casts): under it the rotary embedding leaves the
         # query and key in float32 beside a bfloat16 value, which the kernels refuse (the bias would then fall
@@ -162,7 +168,7 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         # kernels are slower (2.2x at the demo's ~200-token sequences, 1.3x at ~400; faster from ~800:
         # benchmarks/cpu_kernels.py), and float32 attention is the more exact.
         short = _runs_pieces(query, dropout) and perpair_tree.longest <= CPU_FLOAT32_ATTENTION_MAX
-        dtype = torch.float32 if short else torch.get_autocast_dtype(device)
+        dtype = torch.float32 if short else autocast
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perpair.train.attention import autocast_dtype
+
 
 class SwiGLUDown(torch.autograd.Function):
     """``(silu(gate) · up) @ weightᵀ + bias`` saving ``gate`` and ``up`` only."""
@@ -159,12 +161,6 @@ RECOMPUTE_SHARE = 0.10
 KINDS = ("mlp", "mlp_recomputed", "norm", "lora")  # what a patched module computes (its ``_lean_kind``)
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    device = x.device.type
-    on = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    return torch.get_autocast_dtype(device) if on else None
-
-
 def _cast(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
@@ -172,7 +168,7 @@ def _cast(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tenso
 def _mlp_forward(self, x: Tensor) -> Tensor:
     # gate and up are the module's own layers (with their adapters under LoRA), cast by autocast if it is on
     args = (self.gate_proj(x), self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
-    if (dtype := _autocast_dtype(x)) is None:
+    if (dtype := autocast_dtype(x)) is None:
         return SwiGLUDown.apply(*args)
     # autocast would run the down projection in its dtype: cast as it would, then keep it out of the function
     with torch.autocast(x.device.type, enabled=False):
@@ -182,7 +178,7 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
 def _recomputed_mlp_forward(self, x: Tensor) -> Tensor:
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
     args = (x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
-    if (dtype := _autocast_dtype(x)) is None:
+    if (dtype := autocast_dtype(x)) is None:
         return RecomputedSwiGLU.apply(*args)
     with torch.autocast(x.device.type, enabled=False):  # the three projections in autocast's dtype, as autocast
         return RecomputedSwiGLU.apply(*_cast(args, dtype))
@@ -213,7 +209,7 @@ def _lora_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return self._plain_forward(x, *args, **kwargs)
     base = self.base_layer
     tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
-    if (dtype := _autocast_dtype(x)) is None:
+    if (dtype := autocast_dtype(x)) is None:
         return LoraLinear.apply(*tensors, float(self.scaling[name]))
     with torch.autocast(x.device.type, enabled=False):  # every product in autocast's dtype, as autocast would
         return LoraLinear.apply(*_cast(tensors, dtype), float(self.scaling[name]))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from perpair.errors import PerpairError
 from perpair.plan.difficulty import logps_table
-from perpair.train.attention import Block, TreeLayout, use_tree_attention
+from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention
 from perpair.train.batches import greedy_groups
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
@@ -221,12 +221,11 @@ class CompletionLogps(nn.Module):
             raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
                                "AttentionInterface, which perpair's packed rows need")
         completion = hidden[gather]
-        device = completion.device.type
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        if (autocast := autocast_dtype(completion)) is not None:
             # What autocast does to a model's own output layer (an ``nn.Linear``): the projection in the autocast
             # dtype, which the custom function below would otherwise run in the norm's float32. Its log-softmax
             # stays float32. On a CPU with bfloat16 matrix units this projection is 5-8x faster than in float32.
-            completion = completion.to(torch.get_autocast_dtype(device))
+            completion = completion.to(autocast)
         token_logps = ChunkedTokenLogps.apply(completion, head.weight, head.bias, target, self.chunk_size)
         aligned = None
         if self.wpo:
