@@ -183,9 +183,10 @@ class Point:
         return parameters[self.model] * self.batch * self.max_length
 
 
-def plan(models: list[str], lengths, batches, batch_length: int = BATCH_LENGTH) -> list[Point]:
-    points = {Point(m, i, n, LENGTH_BATCH) for m in models for i in IMPLEMENTATIONS for n in lengths}
-    points |= {Point(m, i, batch_length, b) for m in models for i in IMPLEMENTATIONS for b in batches}
+def plan(models: list[str], lengths, batches, batch_length: int = BATCH_LENGTH,
+         implementations=IMPLEMENTATIONS) -> list[Point]:
+    points = {Point(m, i, n, LENGTH_BATCH) for m in models for i in implementations for n in lengths}
+    points |= {Point(m, i, batch_length, b) for m in models for i in implementations for b in batches}
     return list(points)
 
 
@@ -399,11 +400,12 @@ def merge(paths: list[str], json_path: str, png_path: str) -> None:
     runs = [json.loads(Path(path).read_text()) for path in paths]
     results: dict[Point, dict] = {}
     for run in runs:
+        merged = "runs" in run  # an earlier merge: its points carry their own run's steps and start
         for entry in run["points"]:
             entry = dict(entry)
             point = Point(entry.pop("model"), entry.pop("implementation"), entry.pop("max_length"), entry.pop("batch"))
             if point not in results or "skipped" in results[point]:
-                results[point] = {**entry, "steps": run["steps"], "run_start": run["load_start"]}
+                results[point] = entry if merged else {**entry, "steps": run["steps"], "run_start": run["load_start"]}
     first = runs[0]
     models = list(dict.fromkeys(p.model for p in results))
     parameters = {m: p for run in runs for m, p in run["parameters"].items()}
@@ -412,12 +414,14 @@ def merge(paths: list[str], json_path: str, png_path: str) -> None:
     batch_length = next(iter(first["curves"].values()))["batch_length"]
     points = sorted(results, key=lambda p: (p.units(parameters), p.implementation))
     summary = summarize(points, results, fixed, batch_length)
-    for path, run in zip(paths, runs, strict=True):
-        print(f"{path}: start {run['load_start']}; end {run['load_end']}; {run['steps']} steps per point")
+    sources = [source for path, run in zip(paths, runs, strict=True) for source in (run["runs"] if "runs" in run else [
+        {k: run[k] for k in ("load_start", "load_end", "steps", "cap_gib", "budget_minutes")} | {"file": path}])]
+    for source in sources:
+        print(f"{source['file']}: start {source['load_start']}; end {source['load_end']}; {source['steps']} steps per "
+              "point")
     print_tables(summary)
     Path(json_path).write_text(json.dumps({
-        "runs": [{k: run[k] for k in ("load_start", "load_end", "steps", "cap_gib", "budget_minutes")} | {"file": path}
-                 for path, run in zip(paths, runs, strict=True)],
+        "runs": sources,
         "steps": None, "cap_gib": first["cap_gib"], "parameters": parameters,
         "libraries_rss_bytes": first["libraries_rss_bytes"],
         "points": [{**vars(p), **results[p]} for p in points], "curves": summary}, indent=1))
@@ -441,6 +445,9 @@ def main() -> None:
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="max lengths of the length curve")
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes of the batch curve")
     parser.add_argument("--models", default="135M,360M")
+    parser.add_argument("--implementations", default=",".join(IMPLEMENTATIONS),
+                        help="which of perpair, trl to run (default both; e.g. trl alone to add its points to an "
+                             "earlier run with --merge)")
     parser.add_argument("--json", default="scaling.json")
     parser.add_argument("--png", default="scaling.png")
     parser.add_argument("--replot", metavar="JSON", help="only draw --png again from a run's --json")
@@ -459,6 +466,9 @@ def main() -> None:
         return
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is a warm-up")
+    implementations = [i for i in args.implementations.split(",") if i]
+    if not implementations or set(implementations) - set(IMPLEMENTATIONS):
+        parser.error(f"--implementations: {args.implementations!r}; known: {', '.join(IMPLEMENTATIONS)}")
 
     from transformers import AutoTokenizer
 
@@ -490,7 +500,7 @@ def main() -> None:
         libraries = library_rss()
         fixed = {(m, i): libraries + STATE_BYTES[i] * parameters[m] for m in models for i in IMPLEMENTATIONS}
         print(f"parameters: {parameters}; libraries' RSS {libraries / GIB:.2f} GiB", flush=True)
-        points = plan(models, lengths, batches, batch_length)
+        points = plan(models, lengths, batches, batch_length, implementations)
         points.sort(key=lambda p: (p.units(parameters), p.implementation))
         results: dict[Point, dict] = {}
         deadline = started + 60 * args.budget

@@ -271,7 +271,9 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     first = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set",
              "save_model=false", "--set", "keep_checkpoints=5")
     result = _train(tiny_model, uf_pairs, out, *first)
-    assert "reference log-probs: 4/4 pairs" in result.stderr  # 2 steps × 2 pairs computed, shown as they go
+    assert "reference log-probs: 2/2 pairs" in result.stderr  # step 2's pairs computed, shown as they go
+    assert "reference log-probs: 2 pairs computed in" in result.stdout  # step 1's from its own forward:
+    assert ", 2 from the first step (the initial weights are the reference)" in result.stdout
     assert "step 1/2" in result.stderr and "ETA 0:0" in result.stderr
 
     def snapshot():

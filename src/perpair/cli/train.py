@@ -124,8 +124,11 @@ def train_command(
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
               f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB (allocator: {s['allocator']})")
+    first = s["reference_pairs_from_first_step"]
     out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
-              f"{s['reference_seconds']:.1f} s (the rest from the cache); order: {s['order']}; "
+              f"{s['reference_seconds']:.1f} s"
+              f"{f', {first} from the first step (the initial weights are the reference)' if first else ''} "
+              f"(the rest from the cache); order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
     packing = s["tokens_per_forward"]

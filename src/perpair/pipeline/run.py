@@ -293,7 +293,7 @@ class _Job:
 
             summary = train(config, on_step=show).summary
             keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
-                    "reference_pairs_computed", "reference_seconds", "order")
+                    "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
             return {"summary": {k: summary.get(k) for k in keep}, "steps": config.steps}
 
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731

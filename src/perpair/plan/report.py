@@ -10,14 +10,16 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import yaml
-from matplotlib.figure import Figure
 
 from perpair.annotate.schema import CATEGORIES, UNKNOWN
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PLOTS = (
     ("beta_hist.png", "β histogram (pairs on the preference route)"),
@@ -108,8 +110,16 @@ def _columns(table: pa.Table) -> dict[str, np.ndarray]:
     }
 
 
+def _figure(**options) -> Figure:
+    """A matplotlib figure, imported here rather than with the module: importing matplotlib's figures takes
+    0.25 s, which every command that imports the plan stage (``perpair train`` does) would pay at start-up."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
 def _placeholder(title: str, message: str) -> Figure:
-    figure = Figure(figsize=(6, 3.5))
+    figure = _figure(figsize=(6, 3.5))
     ax = figure.add_subplot()
     ax.set_title(title)
     ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
@@ -121,7 +131,7 @@ def beta_histogram(beta: np.ndarray, route: np.ndarray, global_beta: float) -> F
     values = beta[(route == "preference") & ~np.isnan(beta)]
     if len(values) == 0:
         return _placeholder("β histogram", "no pair is on the preference route")
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = _figure(figsize=(6, 3.5), layout="constrained")
     ax = figure.add_subplot()
     low, high = values.min(), values.max()
     if high > low * (1 + 1e-9):
@@ -144,7 +154,7 @@ def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) 
     labels = [c for c in (*CATEGORIES, UNKNOWN, None) if np.any(kept & (category == c))] if kept.any() else []
     if not labels:
         return _placeholder("β by category", "no pair has a β")
-    figure = Figure(figsize=(7, 3.8), layout="constrained")
+    figure = _figure(figsize=(7, 3.8), layout="constrained")
     ax = figure.add_subplot()
     groups = [beta[kept & (category == c)] for c in labels]
     ax.boxplot(groups, showfliers=False)
@@ -173,7 +183,7 @@ def category_magnitude_figure(counts: dict[str, list[int]]) -> Figure:
     grid = np.array(list(counts.values()))
     if grid.sum() == 0:
         return _placeholder("category × magnitude", "no annotations: every pair is unannotated")
-    figure = Figure(figsize=(6, 4), layout="constrained")
+    figure = _figure(figsize=(6, 4), layout="constrained")
     ax = figure.add_subplot()
     image = ax.imshow(grid, cmap="Blues", aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
@@ -191,7 +201,7 @@ def routes_figure(route: np.ndarray) -> Figure:
     names = ["preference", "sft", "drop"]
     counts = [int(np.sum(route == name)) for name in names]
     total = max(sum(counts), 1)
-    figure = Figure(figsize=(6, 2.8), layout="constrained")
+    figure = _figure(figsize=(6, 2.8), layout="constrained")
     ax = figure.add_subplot()
     bars = ax.barh(names, [100 * c / total for c in counts], color=[_ROUTE_COLOURS[n] for n in names])
     for bar, count in zip(bars, counts, strict=True):
@@ -208,7 +218,7 @@ def margin_histogram(difficulty: np.ndarray, route: np.ndarray, tau: float | Non
     have = ~np.isnan(difficulty)
     if not have.any():
         return _placeholder("difficulty distribution", "no difficulty margin (margin.source none)")
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = _figure(figsize=(6, 3.5), layout="constrained")
     ax = figure.add_subplot()
     values = difficulty[have]
     distinct = np.unique(values)
@@ -233,7 +243,7 @@ def curriculum_figure(order: np.ndarray, difficulty: np.ndarray, route: np.ndarr
     have = ~np.isnan(order) & ~np.isnan(difficulty)
     if not have.any():
         return _placeholder("curriculum", "no difficulty margin to plot the order against")
-    figure = Figure(figsize=(6, 3.5), layout="constrained")
+    figure = _figure(figsize=(6, 3.5), layout="constrained")
     ax = figure.add_subplot()
     for name in ("preference", "sft"):
         rows = have & (route == name)

@@ -7,7 +7,8 @@ model in :mod:`~perpair.train.checkpoints`. What happens, in order:
 1. the pairs (and the plan, if any) give each pair a β_i, a route (preference | sft) and a position;
 2. the pairs the run will see are tokenized as TRL does;
 3. reference log-probs come from the on-disk cache, the missing ones computed once — before training, so
-   training holds no reference model;
+   training holds no reference model; those of the first step's pairs come from that step's own forward, where
+   the policy still is the reference;
 4. each optimizer step runs its pairs through :class:`~perpair.train.logprobs.CompletionLogps` (packed,
    prompt shared, completion-only chunked logits), takes each pair's routed loss and reduces by the number of
    pairs in the whole step (so accumulation, packing and the number of processes change nothing);
@@ -36,6 +37,7 @@ from perpair.errors import PerpairError
 from perpair.train.batches import PairData, StepBatches, build_step_batches, load_data, micro_batches
 from perpair.train.checkpoints import (
     check_out,
+    checkpoints,
     claim_out,
     load_checkpoint,
     save_checkpoint,
@@ -46,6 +48,7 @@ from perpair.train.config import TrainConfig
 from perpair.train.lean import lean_patches
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses, wpo_weights
+from perpair.train.reference import RunReference
 from perpair.train.setup import (
     compute_reference,
     load_model,
@@ -91,8 +94,10 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
 
     model = load_model(config.model, accelerator)
     reference_seconds = time.perf_counter()
-    reference, computed = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference)
+    reference = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference,
+                                  from_first_step=not (config.resume and checkpoints(out)))
     reference_seconds = time.perf_counter() - reference_seconds
+    from_first_step = len(reference.from_first_step)
 
     model = prepare_policy(config, model, single_process=accelerator.num_processes == 1)
     optimizer = make_optimizer(config, model)
@@ -116,6 +121,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     for step in range(start_step, config.steps):
         t0 = time.perf_counter()
         metrics = train_step(config, module, optimizer, scheduler, accelerator, data, batches, reference, step)
+        reference.save_taken()  # after the first step: the reference log-probs its forward gave, into the cache
         metrics["seconds"] = time.perf_counter() - t0
         train_seconds += metrics["seconds"]
         totals.update(pairs=metrics["pairs"], tokens=metrics["tokens"])
@@ -143,7 +149,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "tokens_per_second": totals["tokens"] / train_seconds if train_seconds else None,
         # 6·N·D (Kaplan et al. 2020): forward + backward FLOPs per unique non-padding token
         "useful_flops_per_second": 6 * parameters * totals["tokens"] / train_seconds if train_seconds else None,
-        "reference_seconds": reference_seconds, "reference_pairs_computed": computed,
+        "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
+        "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "order": data.source,
         "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
@@ -161,7 +168,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
 
 
 def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, data: PairData,
-               batches: StepBatches, reference: dict[int, tuple[float, float]], step: int) -> dict[str, Any]:
+               batches: StepBatches, reference: RunReference, step: int) -> dict[str, Any]:
     """One optimizer step over ``batches.steps[step]``; this process takes every num_processes-th pair."""
     batch = batches.steps[step]
     mine = batch[accelerator.process_index::accelerator.num_processes]
@@ -209,16 +216,16 @@ def densify_gradients(parameters) -> None:
             p.grad = p.grad.to_dense()
 
 
-def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairData,
-                  reference: dict[int, tuple[float, float]], device):
+def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairData, reference: RunReference,
+                  device):
     sums, counts, *aligned = run_packed(module, packed, device)
     policy = Logps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
     # WPO (use_weighting): each pair's loss scaled by its detached weight; SFT-route pairs are not weighted
     weight = wpo_weights(aligned[0][:, 0], counts[:, 0], aligned[0][:, 1], counts[:, 1]) if aligned else None
     route = torch.tensor(data.route[rows], device=device)
     ref = None
-    if reference:
-        ref_values = torch.tensor([reference.get(r, (0.0, 0.0)) for r in rows], dtype=sums.dtype, device=device)
+    if reference.needed:
+        ref_values = reference.values_for(rows, policy.chosen.detach(), policy.rejected.detach())
         ref = Logps(ref_values[:, 0], ref_values[:, 1], counts[:, 0], counts[:, 1])
     beta = torch.tensor(data.beta[rows], dtype=sums.dtype, device=device)
     smoothing = torch.tensor(data.label_smoothing[rows], dtype=sums.dtype, device=device)

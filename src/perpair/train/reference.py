@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +84,14 @@ def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[floa
 def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     tokenized: Sequence[TokenizedPair], load_model, *, device: torch.device,
                     tokens_per_forward: int, chunk_size: int, autocast_dtype: torch.dtype | None = None,
-                    on_progress=None, ld_alpha: float | None = None) -> tuple[np.ndarray, int]:
+                    on_progress=None, ld_alpha: float | None = None,
+                    deferred: frozenset[str] = frozenset()) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
-    from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache.
-    ``on_progress(done, to_compute)`` follows the computation. Returns the values and how many pairs were
-    computed."""
+    from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache, except
+    those of ``deferred`` (the caller gets them otherwise), whose rows are NaN. ``on_progress(done, to_compute)``
+    follows the computation. Returns the values and how many pairs were computed."""
     cached = load_cached(path)
-    missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached},
+    missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached and pid not in deferred},
                      key=lambda i: tokenized[i].tokens)  # similar lengths together: fewer wasted packs
     if missing:
         model = load_model()
@@ -101,5 +103,51 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         for row, i in enumerate(missing):
             cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))
         save_cached(path, key, cached)
-    values = np.array([[cached[pid][0], cached[pid][2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
+    nan = (float("nan"), 0, float("nan"), 0)
+    values = np.array([[(v := cached.get(pid, nan))[0], v[2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
     return values, len(missing)
+
+
+def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]]) -> None:
+    """Add ``values`` (pair id → chosen log-prob, tokens, rejected log-prob, tokens) to the cache at ``path``."""
+    cached = load_cached(path)
+    cached.update(values)
+    save_cached(path, key, cached)
+
+
+@dataclass
+class RunReference:
+    """A run's reference log-probs: ``values[row] = (chosen, rejected)`` in the trained orientation, for the rows
+    that need them (preference pairs of a loss with a reference; ``needed`` is False when no row does).
+
+    ``from_first_step`` lists rows of the run's first step that the reference pass left out: there the policy *is*
+    the reference (the initial weights, and nothing stochastic in the forward), so that step's own forward gives
+    their log-probs. :meth:`values_for` takes them from it, as the same forward's detached sums, and
+    :meth:`save_taken` adds them to the cache. They are the function a separate pass computes, on the same
+    weights, packed otherwise: they differ from that pass by float rounding only."""
+
+    values: dict[int, tuple[float, float]] = field(default_factory=dict)
+    needed: bool = False
+    computed: int = 0  # pairs the reference pass computed
+    from_first_step: set[int] = field(default_factory=set)
+    # adds rows' values (trained orientation) to the cache; None: values taken are kept for this run only
+    cache: Callable[[dict[int, tuple[float, float]]], None] | None = None
+    _taken: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def values_for(self, rows: Sequence[int], chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        """``[len(rows), 2]`` reference (chosen, rejected) of ``rows``, in ``chosen``'s dtype and device; a row of
+        :attr:`from_first_step` takes the policy's own ``chosen`` / ``rejected`` (this forward's sums), and a row
+        without reference (SFT) 0."""
+        for i, row in enumerate(rows):
+            if row in self.from_first_step:
+                self.from_first_step.discard(row)
+                self.values[row] = self._taken[row] = (float(chosen[i]), float(rejected[i]))
+        return torch.tensor([self.values.get(r, (0.0, 0.0)) for r in rows], dtype=chosen.dtype,
+                            device=chosen.device)
+
+    def save_taken(self) -> int:
+        """Add the values taken from the first step's forward since the last call to the cache; returns how many."""
+        taken, self._taken = self._taken, {}
+        if taken and self.cache is not None:
+            self.cache(taken)
+        return len(taken)

@@ -110,15 +110,16 @@ def load_model(spec: str, accelerator):
 
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
                       accelerator, on_progress: Callable[[int, int], None] | None = None,
-                      ) -> tuple[dict[int, tuple[float, float]], int]:
-    """Reference log-probs ``{row: (chosen, rejected)}`` in the trained orientation, for the preference pairs of
-    the run (SFT pairs and reference-free losses need none). The main process fills the cache; the others
-    read it."""
+                      from_first_step: bool = True) -> reference.RunReference:
+    """Reference log-probs (:class:`~perpair.train.reference.RunReference`, in the trained orientation) of the
+    preference pairs of the run (SFT pairs and reference-free losses need none), from the cache, the missing
+    ones computed now, except, with ``from_first_step`` (a run starting at its first step), those that step's
+    forward gives (:func:`first_step_rows`). The main process fills the cache; the others read it."""
     if config.objective.reference_free:
-        return {}, 0
+        return reference.RunReference()
     rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
-        return {}, 0
+        return reference.RunReference()
     cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
     spec = resolve_model(config.reference_model or config.model)
     key = reference.cache_key(model=model_fingerprint(spec),
@@ -130,6 +131,9 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(batches.tokenized[r]) if data.flipped[r] else batches.tokenized[r] for r in rows]
     ids = [data.pair_ids[r] for r in rows]
+    first = first_step_rows(config, data, batches, policy, accelerator.num_processes) if from_first_step else set()
+    cached = reference.load_cached(path) if first else {}
+    deferred = frozenset(pid for r in first if (pid := data.pair_ids[r]) not in cached)
 
     def load():  # the initial policy is the default reference: no second model is loaded
         return policy if config.reference_model is None else load_model(config.reference_model, accelerator)
@@ -139,19 +143,61 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
     tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
+    options = dict(device=accelerator.device, tokens_per_forward=tokens, chunk_size=config.logits_chunk,
+                   autocast_dtype=autocast, ld_alpha=config.ld_alpha, deferred=deferred)
     if accelerator.is_main_process:
-        _, computed = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
-                                                tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                                autocast_dtype=autocast, on_progress=on_progress,
-                                                ld_alpha=config.ld_alpha)
+        _, computed = reference.reference_logps(path, key, ids, own, load, on_progress=on_progress, **options)
     accelerator.wait_for_everyone()
-    values, _ = reference.reference_logps(path, key, ids, own, load, device=accelerator.device,
-                                          tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                                          autocast_dtype=autocast, ld_alpha=config.ld_alpha)
-    out = {}
+    values, _ = reference.reference_logps(path, key, ids, own, load, **options)
+    run = reference.RunReference(needed=True, computed=computed)
     for row, (c, r) in zip(rows, values.tolist(), strict=True):
-        out[row] = (r, c) if data.flipped[row] else (c, r)
-    return out, computed
+        if data.pair_ids[row] in deferred:  # not cached (NaN here): the first step's forward gives them
+            run.from_first_step.add(row)
+        else:
+            run.values[row] = (r, c) if data.flipped[row] else (c, r)
+
+    def cache(taken: dict[int, tuple[float, float]]) -> None:
+        entries = {}
+        for row, (c, r) in taken.items():
+            pair = batches.tokenized[row]  # trained orientation: un-flip values and token counts alike
+            c_tokens, r_tokens = len(pair.chosen), len(pair.rejected)
+            if data.flipped[row]:
+                c, r, c_tokens, r_tokens = r, c, r_tokens, c_tokens
+            entries[data.pair_ids[row]] = (c, c_tokens, r, r_tokens)
+        reference.add_cached(path, key, entries)
+
+    run.cache = cache if accelerator.is_main_process else None
+    return run
+
+
+def first_step_rows(config: TrainConfig, data: PairData, batches: StepBatches, policy, processes: int) -> set[int]:
+    """Preference rows of the first step whose reference log-probs that step's own forward can give: the policy
+    still has its initial weights, which are the reference (no ``reference_model``; a LoRA adapter starts as a
+    zero update), and nothing in its forward is random (no dropout rate above 0). One process only: with several,
+    each would hold only its share of the step's values."""
+    if config.reference_model is not None or processes != 1 or _dropout_rates(policy, config):
+        return set()
+    return {r for r in batches.steps[0] if data.route[r] == ROUTE_PREFERENCE}
+
+
+def _dropout_rates(model, config: TrainConfig) -> list[float]:
+    """The dropout rates above 0 a training forward of ``model`` (with ``config``'s adapter) would apply: its
+    dropout modules', and any ``*dropout*`` / ``*pdrop`` setting of its configuration (attention dropout is a
+    setting, not a module)."""
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    if config.lora is not None:
+        rates.append(config.lora.dropout)
+
+    def settings(values: dict) -> None:
+        for name, value in values.items():
+            if isinstance(value, dict):
+                settings(value)
+            elif isinstance(name, str) and ("dropout" in name or name.endswith("pdrop")) \
+                    and isinstance(value, int | float):
+                rates.append(float(value))
+
+    settings(model.config.to_dict())
+    return [rate for rate in rates if rate > 0]
 
 
 def _unflip(pair: TokenizedPair) -> TokenizedPair:
@@ -169,6 +215,7 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
         lean_activations(model, recompute_mlp=recompute_mlp(config, model))
     model.train()
     if config.lora is None:
+        own_cpu_weights(model)
         if single_process:
             # A forward reads a few hundred rows of the input embedding; its dense gradient would be a zeroed
             # [vocab, hidden] tensor per forward. Sparse, it is added into the parameter's gradient (dense as
@@ -188,6 +235,18 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
     if config.lean_activations:  # the state counted is the adapters' now: frozen weights keep no AdamW moments
         lean_activations(model, recompute_mlp=recompute_mlp(config, model))
     return model
+
+
+def own_cpu_weights(model) -> None:
+    """Give every CPU parameter storage of its own, in this process's memory. Transformers maps a safetensors
+    checkpoint into memory and hands out the tensors of its dtype as views of that file mapping; the first
+    optimizer step then writes every page of it, each first write a copy-on-write fault. On
+    ``benchmarks/vs_trl.py``'s 135M model that made the first AdamW step 1.9 s instead of 0.09 s; the copy here
+    takes 0.16 s. Tied parameters stay tied (one ``Parameter``, one copy)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu":
+                p.data = p.data.clone()
 
 
 def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:

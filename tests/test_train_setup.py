@@ -1,0 +1,155 @@
+"""What a run sets up before and around its first step: weights of its own to train, and reference log-probs
+from the cache, the reference pass and, for the first step's pairs, that step's own forward."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+from perpair.train import reference as refcache
+from perpair.train.batches import build_step_batches, load_data
+from perpair.train.config import load_config
+from perpair.train.setup import (
+    compute_reference,
+    first_step_rows,
+    load_model,
+    load_tokenizer,
+    prepare_policy,
+    setup_accelerator,
+)
+
+CPU = SimpleNamespace(device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=32)
+
+
+def _config(model: Path, pairs: Path, tmp_path: Path, **update):
+    return load_config(None, {"model": str(model), "data": str(pairs), "out": str(tmp_path / "out"), "steps": 3,
+                              "batch_size": 2, "max_length": 64, "threads": 1, "lr": 1e-3,
+                              "reference_cache": str(tmp_path / "refcache"), "save_model": False,
+                              "final_checkpoint": False, **update})
+
+
+def _file_mapped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors whose data lies in a file's mapping (``/proc/self/maps``: a nonzero inode)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return [t for t in tensors if any(a <= t.data_ptr() < b for a, b in ranges)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_full_fine_tuning_trains_weights_of_its_own_not_the_checkpoints_mapping(tiny_model, tmp_path):
+    """Transformers hands out a safetensors checkpoint's tensors as views of the file's mapping; trained in
+    place, every page's first write would be a copy-on-write fault (SmolLM2-135M's first AdamW step: 1.9 s
+    instead of 0.09 s). After prepare_policy no trained weight is in a file mapping, the values are the same and
+    the tied embedding is still one parameter."""
+    model = load_model(str(tiny_model), CPU)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert _file_mapped(list(model.parameters()))  # the premise: loaded as views of the file
+    config = load_config(None, {"model": str(tiny_model), "data": "x", "out": str(tmp_path), "steps": 1})
+    model = prepare_policy(config, model)
+    assert not _file_mapped(list(model.parameters()))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _train(config):
+    from perpair.train import train
+
+    result = train(config)
+    metrics = [json.loads(line) for line in result.metrics_path.read_text().splitlines()]
+    return result.summary, metrics
+
+
+def _cache(folder: Path) -> dict[str, tuple]:
+    (path,) = folder.glob("*.parquet")
+    return refcache.load_cached(path)
+
+
+def test_first_step_pairs_take_their_reference_from_that_steps_forward(tiny_model, uf_pairs, tmp_path):
+    """On an empty cache the reference pass computes only the pairs of steps 2 and 3: at step 1 the policy is the
+    reference, so its forward gives those of step 1 (every DPO margin exactly 0: the loss is log 2), and they
+    go into the cache, equal to a separate pass's within float rounding. A run on a cache a separate pass
+    filled (no pair left to step 1) trains the same numbers."""
+    one = _config(tiny_model, uf_pairs, tmp_path / "one")
+    summary, metrics = _train(one)
+    assert (summary["reference_pairs_computed"], summary["reference_pairs_from_first_step"]) == (4, 2)
+    assert metrics[0]["rewards_chosen"] == metrics[0]["rewards_rejected"] == 0  # exactly: the same sums
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), rel=1e-7)
+    taken = _cache(tmp_path / "one" / "refcache")
+    assert len(taken) == 6
+
+    two = _config(tiny_model, uf_pairs, tmp_path / "two")
+    accelerator = setup_accelerator(two)
+    data = load_data(two, accelerator)
+    tokenizer = load_tokenizer(two)
+    batches = build_step_batches(two, data, tokenizer)
+    separate = compute_reference(two, data, batches, tokenizer, load_model(str(tiny_model), accelerator),
+                                 accelerator, from_first_step=False)
+    assert (separate.computed, separate.from_first_step) == (6, set())
+    passed = _cache(tmp_path / "two" / "refcache")
+    assert passed.keys() == taken.keys()
+    for pair_id, values in passed.items():
+        assert taken[pair_id][1::2] == values[1::2]  # token counts
+        assert taken[pair_id][0::2] == pytest.approx(values[0::2], rel=1e-5)
+
+    summary_two, metrics_two = _train(two)
+    assert (summary_two["reference_pairs_computed"], summary_two["reference_pairs_from_first_step"]) == (0, 0)
+    for a, b in zip(metrics, metrics_two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["logps_chosen"] == pytest.approx(b["logps_chosen"], rel=1e-6)
+
+
+def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_model, uf_pairs, tmp_path):
+    """A plan may flip a pair (trained with chosen and rejected swapped); the cache keeps every pair as the pairs
+    file has it, values and token counts alike."""
+    config = _config(tiny_model, uf_pairs, tmp_path, steps=1, max_length=1024)  # responses of their own lengths
+    accelerator = setup_accelerator(config)
+    data = load_data(config, accelerator)
+    data.flipped[data.order[0]] = True
+    tokenizer = load_tokenizer(config)
+    batches = build_step_batches(config, data, tokenizer)
+    model = load_model(str(tiny_model), accelerator)
+    run = compute_reference(config, data, batches, tokenizer, model, accelerator)
+    rows = batches.steps[0]
+    assert run.computed == 0 and run.from_first_step == set(rows)
+    values = run.values_for(rows, torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -4.0]))
+    assert values.tolist() == [[-1.0, -2.0], [-3.0, -4.0]] and run.save_taken() == 2 and run.save_taken() == 0
+    cached = _cache(tmp_path / "refcache")
+    flipped, plain = (batches.tokenized[r] for r in rows)
+    assert len(flipped.chosen) != len(flipped.rejected)
+    assert cached[data.pair_ids[rows[0]]] == (-2.0, len(flipped.rejected), -1.0, len(flipped.chosen))
+    assert cached[data.pair_ids[rows[1]]] == (-3.0, len(plain.chosen), -4.0, len(plain.rejected))
+
+
+@pytest.mark.parametrize(("update", "processes", "model_update", "left"), [
+    ({}, 1, {}, True),
+    ({"reference_model": "other"}, 1, {}, False),  # the reference is another model
+    ({}, 2, {}, False),  # each process holds its share of the step only
+    ({"lora": {"dropout": 0.1}}, 1, {}, False),  # a random adapter input
+    ({"lora": {}}, 1, {}, True),  # an adapter starts as a zero update
+    ({}, 1, {"attention_dropout": 0.1}, False),  # a dropout setting, not a module
+])
+def test_first_step_rows_only_where_the_policy_is_the_reference(tiny_model, uf_pairs, tmp_path, update,
+                                                                processes, model_update, left):
+    config = _config(tiny_model, uf_pairs, tmp_path, **update)
+    data = load_data(config, CPU)
+    batches = build_step_batches(config, data, load_tokenizer(config))
+    model = load_model(str(tiny_model), CPU)
+    for name, value in model_update.items():
+        setattr(model.config, name, value)
+    rows = first_step_rows(config, data, batches, model, processes)
+    assert rows == (set(batches.steps[0]) if left else set())
