@@ -74,6 +74,13 @@ def save_tiny_llama(path: Path, **options) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """``tiny_llama`` (hidden 32) saved once per test session as a model folder, for training runs that only
+    need some model (files needing a wider one save their own)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=32)
+
+
+@pytest.fixture(scope="session")
 def uf_pairs(tmp_path_factory) -> Path:
     """The UltraFeedback sample prepared once per test session."""
     path = tmp_path_factory.mktemp("uf") / "uf.parquet"

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import save_tiny_llama
 from perpair.train import reference as refcache
 from perpair.train.batches import build_step_batches, load_data
 from perpair.train.config import load_config
@@ -25,11 +24,6 @@ from perpair.train.setup import (
 )
 
 CPU = SimpleNamespace(device=torch.device("cpu"))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=32)
 
 
 def _config(model: Path, pairs: Path, tmp_path: Path, **update):
@@ -51,15 +45,15 @@ def _file_mapped(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
-def test_full_fine_tuning_trains_weights_of_its_own_not_the_checkpoints_mapping(tiny_model, tmp_path):
+def test_full_fine_tuning_trains_weights_of_its_own_not_the_checkpoints_mapping(tiny_model_dir, tmp_path):
     """Transformers hands out a safetensors checkpoint's tensors as views of the file's mapping; trained in
     place, every page's first write would be a copy-on-write fault (SmolLM2-135M's first AdamW step: 1.9 s
     instead of 0.09 s). After prepare_policy no trained weight is in a file mapping, the values are the same and
     the tied embedding is still one parameter."""
-    model = load_model(str(tiny_model), CPU)
+    model = load_model(str(tiny_model_dir), CPU)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     assert _file_mapped(list(model.parameters()))  # the premise: loaded as views of the file
-    config = load_config(None, {"model": str(tiny_model), "data": "x", "out": str(tmp_path), "steps": 1})
+    config = load_config(None, {"model": str(tiny_model_dir), "data": "x", "out": str(tmp_path), "steps": 1})
     model = prepare_policy(config, model)
     assert not _file_mapped(list(model.parameters()))
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
@@ -79,12 +73,12 @@ def _cache(folder: Path) -> dict[str, tuple]:
     return refcache.load_cached(path)
 
 
-def test_first_step_pairs_take_their_reference_from_that_steps_forward(tiny_model, uf_pairs, tmp_path):
+def test_first_step_pairs_take_their_reference_from_that_steps_forward(tiny_model_dir, uf_pairs, tmp_path):
     """On an empty cache the reference pass computes only the pairs of steps 2 and 3: at step 1 the policy is the
     reference, so its forward gives those of step 1 (every DPO margin exactly 0: the loss is log 2), and they
     go into the cache, equal to a separate pass's within float rounding. A run on a cache a separate pass
     filled (no pair left to step 1) trains the same numbers."""
-    one = _config(tiny_model, uf_pairs, tmp_path / "one")
+    one = _config(tiny_model_dir, uf_pairs, tmp_path / "one")
     summary, metrics = _train(one)
     assert (summary["reference_pairs_computed"], summary["reference_pairs_from_first_step"]) == (4, 2)
     assert metrics[0]["rewards_chosen"] == metrics[0]["rewards_rejected"] == 0  # exactly: the same sums
@@ -92,12 +86,12 @@ def test_first_step_pairs_take_their_reference_from_that_steps_forward(tiny_mode
     taken = _cache(tmp_path / "one" / "refcache")
     assert len(taken) == 6
 
-    two = _config(tiny_model, uf_pairs, tmp_path / "two")
+    two = _config(tiny_model_dir, uf_pairs, tmp_path / "two")
     accelerator = setup_accelerator(two)
     data = load_data(two, accelerator)
     tokenizer = load_tokenizer(two)
     batches = build_step_batches(two, data, tokenizer)
-    separate = compute_reference(two, data, batches, tokenizer, load_model(str(tiny_model), accelerator),
+    separate = compute_reference(two, data, batches, tokenizer, load_model(str(tiny_model_dir), accelerator),
                                  accelerator, from_first_step=False)
     assert (separate.computed, separate.from_first_step) == (6, set())
     passed = _cache(tmp_path / "two" / "refcache")
@@ -113,16 +107,16 @@ def test_first_step_pairs_take_their_reference_from_that_steps_forward(tiny_mode
         assert a["logps_chosen"] == pytest.approx(b["logps_chosen"], rel=1e-6)
 
 
-def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_model, uf_pairs, tmp_path):
+def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_model_dir, uf_pairs, tmp_path):
     """A plan may flip a pair (trained with chosen and rejected swapped); the cache keeps every pair as the pairs
     file has it, values and token counts alike."""
-    config = _config(tiny_model, uf_pairs, tmp_path, steps=1, max_length=1024)  # responses of their own lengths
+    config = _config(tiny_model_dir, uf_pairs, tmp_path, steps=1, max_length=1024)  # responses of their own lengths
     accelerator = setup_accelerator(config)
     data = load_data(config, accelerator)
     data.flipped[data.order[0]] = True
     tokenizer = load_tokenizer(config)
     batches = build_step_batches(config, data, tokenizer)
-    model = load_model(str(tiny_model), accelerator)
+    model = load_model(str(tiny_model_dir), accelerator)
     run = compute_reference(config, data, batches, tokenizer, model, accelerator)
     rows = batches.steps[0]
     assert run.computed == 0 and run.from_first_step == set(rows)
@@ -143,12 +137,12 @@ def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_m
     ({"lora": {}}, 1, {}, True),  # an adapter starts as a zero update
     ({}, 1, {"attention_dropout": 0.1}, False),  # a dropout setting, not a module
 ])
-def test_first_step_rows_only_where_the_policy_is_the_reference(tiny_model, uf_pairs, tmp_path, update,
+def test_first_step_rows_only_where_the_policy_is_the_reference(tiny_model_dir, uf_pairs, tmp_path, update,
                                                                 processes, model_update, left):
-    config = _config(tiny_model, uf_pairs, tmp_path, **update)
+    config = _config(tiny_model_dir, uf_pairs, tmp_path, **update)
     data = load_data(config, CPU)
     batches = build_step_batches(config, data, load_tokenizer(config))
-    model = load_model(str(tiny_model), CPU)
+    model = load_model(str(tiny_model_dir), CPU)
     for name, value in model_update.items():
         setattr(model.config, name, value)
     rows = first_step_rows(config, data, batches, model, processes)

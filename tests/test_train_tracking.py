@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, save_tiny_llama
+from conftest import run_cli
 from perpair.train import load_config
 from perpair.train.tracking import TRL_NAMES, missing_packages, tracker_values
 
@@ -19,11 +19,6 @@ ARGS = ("--steps", "3", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", hidden=32)
 
 
 def test_trl_names_are_the_ones_trl_logs():
@@ -49,13 +44,13 @@ def test_tracker_values_maps_a_metrics_line():
 
 
 @pytest.mark.skipif(bool(missing_packages(["tensorboard", "wandb"])), reason="tensorboard and wandb not installed")
-def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
+def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model_dir, uf_pairs, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", out, *ARGS,
+    run_cli("train", "--model", tiny_model_dir, "--data", uf_pairs, "--out", out, *ARGS,
             "--set", f"reference_cache={tmp_path / 'ref'}", "--report-to", "tensorboard", "--report-to", "wandb")
     metrics = _metrics(out)
 
