@@ -55,7 +55,8 @@ def test_under_bf16_autocast_lean_equals_plain_and_saves_less(recompute_mlp):
     model's log-probs and gradients up to bfloat16 rounding while autograd keeps fewer bytes."""
     plain = _llama()
     lean = copy.deepcopy(plain)
-    assert sum(lean_activations(lean, recompute_mlp).counts().values()) == 7
+    # 2 MLPs, 5 norms, and the 14 linear layers of the 2 layers (the output projection is not patched)
+    assert sum(lean_activations(lean, recompute_mlp).counts().values()) == 21
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
     for name in ("model.layers.0.mlp", "model.layers.0.input_layernorm"):
         a, plain_bytes = _saving(lambda name=name: plain.get_submodule(name)(x), autocast=True)
@@ -74,9 +75,10 @@ def test_under_bf16_autocast_lean_equals_plain_and_saves_less(recompute_mlp):
 
 @pytest.mark.parametrize(("targets", "counts"), [
     # adapted down projections: MLPs left alone; every adapted layer (7 a layer) one LoraLinear
-    ("all-linear", {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14}),
-    (["gate_proj", "up_proj"], {"mlp": 2, "mlp_recomputed": 0, "norm": 5, "lora": 4}),  # no recomputation through
-    (["q_proj", "v_proj"], {"mlp": 0, "mlp_recomputed": 2, "norm": 5, "lora": 4}),  # adapters; plain MLPs: lean
+    ("all-linear", {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14, "linear": 0}),
+    (["gate_proj", "up_proj"], {"mlp": 2, "mlp_recomputed": 0, "norm": 5, "lora": 4, "linear": 10}),  # no recompu-
+    (["q_proj", "v_proj"], {"mlp": 0, "mlp_recomputed": 2, "norm": 5, "lora": 4, "linear": 10}),  # tation through
+    # adapters; plain MLPs: lean; the layers without an adapter: linear
 ])
 def test_under_lora_lean_equals_plain_adapters(targets, counts, tmp_path):
     """``prepare_policy`` with LoRA patches what it can once the adapters are in (it used to patch nothing under
@@ -111,7 +113,7 @@ def test_applied_undoes_the_patches_even_on_error():
     mlp = model.model.layers[0].mlp
     own = type(mlp).forward
     with pytest.raises(RuntimeError, match="inside"), applied(model) as patches:
-        assert sum(patches.counts().values()) == 7 and mlp.forward.__func__ is not own
+        assert sum(patches.counts().values()) == 21 and mlp.forward.__func__ is not own
         raise RuntimeError("inside")
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) and not any(k.startswith(("_lean", "_plain")) for k in vars(m))
@@ -142,8 +144,8 @@ def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, 
         "--set", "final_checkpoint=false"])
     assert result.exit_code == 0, result.output
     assert "lean activations: 5 norm, 14 lora" in result.output
-    assert json.loads((out / "summary.json").read_text())["lean_activations"] == {"mlp": 0, "mlp_recomputed": 0,
-                                                                                  "norm": 5, "lora": 14}
+    assert json.loads((out / "summary.json").read_text())["lean_activations"] == {
+        "mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14, "linear": 0}
     (model,) = models
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())
@@ -165,25 +167,102 @@ def test_kept_mlp_bytes_is_what_recomputing_saves():
     assert saved[False] - saved[True] == kept_mlp_bytes(plain, 37, 4) > 0
 
 
-@pytest.mark.parametrize(("update", "recomputed"), [
-    # 21,792 parameters in float32 trained with AdamW hold 16 × 21,792 = 348,672 bytes; 10% is 34,867. Gate and up
-    # of 2 layers × 64 wide keep 1,024 bytes a token; the longest forward is the default 4 × max_length tokens.
-    ({"max_length": 8}, False),  # 32 tokens: 32,768 bytes, kept
-    ({"max_length": 9}, True),  # 36 tokens: 36,864 bytes, recomputed
-    ({"max_length": 17, "tokens_per_forward": 0}, False),  # one pair per forward: at most 2 × 17 = 34 tokens
-    ({"max_length": 17, "tokens_per_forward": 36}, True),  # a longer packing budget counts
-    ({"max_length": 9, "recompute_mlp": False}, False),  # set: as set
-    ({"max_length": 8, "recompute_mlp": True}, True),
+@pytest.mark.parametrize(("tokens", "keeping"), [
+    # 21,792 parameters in float32 trained with AdamW hold 16 × 21,792 = 348,672 bytes; the budget, 10% of it,
+    # 34,867. Gate and up of one 64-wide MLP keep 512 bytes a token: both MLPs fit up to 34 tokens, one up to 68.
+    (34, 2), (35, 1), (68, 1), (69, 0),
 ])
-def test_recompute_mlp_default_is_chosen_by_memory(update, recomputed, tmp_path):
+def test_recompute_mlp_default_keeps_gate_up_of_the_last_mlps_within_the_budget(tokens, keeping, tmp_path):
+    """recompute_mlp unset: in each forward, the last MLPs whose gate and up outputs fit in the budget keep them
+    (measured: the bytes autograd saves above those of a model recomputing every MLP), the others recompute."""
     from perpair.train.config import load_config
+    from perpair.train.lean import kept_gate_up, keeps_gate_up, keeps_for
     from perpair.train.setup import prepare_policy
 
-    model = _llama()
-    assert sum(p.numel() for p in model.parameters()) == 21_792
-    config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1, **update})
-    model = prepare_policy(config, model, single_process=True)
-    assert lean_patches(model).counts()["mlp_recomputed" if recomputed else "mlp"] == 2
+    plain = _llama()
+    assert sum(p.numel() for p in plain.parameters()) == 21_792
+    ids = torch.randint(0, 50, (1, tokens), generator=torch.Generator().manual_seed(2))
+    saved = {}
+    for setting in (None, True, False):
+        config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1,
+                                    "recompute_mlp": setting})
+        model = prepare_policy(config, copy.deepcopy(plain), single_process=True)
+        counts = lean_patches(model).counts()
+        assert (counts["mlp_recomputed"], counts["mlp"]) == ((0, 2) if setting is False else (2, 0))
+        _, saved[setting] = _saving(lambda model=model: model(ids).logits, autocast=False)
+        if setting is None:
+            assert kept_gate_up(model, tokens, 4) == (keeping, 2)
+            mlps = [layer.mlp for layer in model.model.layers]
+            assert [keeps_for(m, tokens, 4) for m in mlps] == [keeping == 2, keeping >= 1]  # the last ones keep
+            x = torch.zeros(1, tokens, 32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 outputs: half the bytes, twice the tokens
+                assert keeps_gate_up(mlps[1], x) == (tokens <= 2 * 68)
+        if setting is True:
+            assert kept_gate_up(model, tokens, 4) == (0, 2)
+    assert saved[None] - saved[True] == keeping * 512 * tokens
+    assert saved[False] - saved[True] == 2 * 512 * tokens
+
+
+def test_norm_outputs_are_recomputed_not_saved():
+    """The layers reading an RMSNorm's output (query/key/value, gate/up) keep nothing of it: with the MLPs saving
+    gate and up, or recomputing them, autograd keeps exactly two [tokens, hidden] float32 tensors per layer less
+    than when each layer saves its input (norm_source off), and the log-probs and every gradient are bit for bit
+    the same."""
+    from perpair.train import lean
+
+    plain = _llama()
+    for recompute in (False, True):
+        results = []
+        for recompute_norms in (True, False):
+            model = copy.deepcopy(plain)
+            lean_activations(model, recompute)
+            with pytest.MonkeyPatch.context() as patch:
+                if not recompute_norms:
+                    patch.setattr(lean, "norm_source", lambda x: None)
+                results.append(_sums_grads_saved(model, autocast=False))
+        (sums, grads, saved), (sums_kept, grads_kept, saved_kept) = results
+        tokens = sum(p.tokens for p in PAIRS)
+        assert saved_kept - saved == 2 * 2 * tokens * 32 * 4  # 2 layers × 2 norms × tokens × hidden × float32
+        assert torch.equal(sums, sums_kept)
+        assert all(torch.equal(grads[name], grads_kept[name]) for name in grads)
+
+
+def test_a_norm_output_is_recomputed_once_for_its_readers_and_then_dropped():
+    """Three layers read a norm's output (query, key, value): the first backward to need it recomputes it, the
+    next two take the same tensor, and the last lets it go (it would otherwise live on with the graph)."""
+    from perpair.train.lean import NormSource, _normed
+
+    x, weight = torch.randn(4, 8), torch.randn(8)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    source = NormSource(x, rstd, weight, version=0)
+    recomputed = [source.claim() for _ in range(3)]
+    assert all(r is recomputed[0] for r in recomputed)
+    first = recomputed[0].value(x, rstd, weight)
+    assert torch.equal(first, _normed(x, weight, rstd))
+    assert recomputed[1].value(x, rstd, weight) is first and recomputed[1]._value is first
+    assert recomputed[2].value(x, rstd, weight) is first and recomputed[2]._value is None
+
+
+def test_a_norm_output_changed_in_place_is_saved_as_it_is():
+    """A norm output modified in place before a layer reads it is not the norm's output any more: that layer
+    saves it as plain autograd would (recomputing the norm would give the wrong gradient)."""
+    model = _llama(torch.float64)
+    lean_activations(model)
+    norm, q = model.model.layers[0].input_layernorm, model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    for change in (False, True):
+        normed = norm(x)
+        if change:
+            normed = normed.clone()
+            normed.mul_(3.0)  # a clone carries no source; the in-place case below keeps it
+        out = q(normed)
+        expected = torch.nn.functional.linear(normed, q.weight)
+        assert torch.equal(out, expected)
+    normed = norm(x)
+    normed.mul_(3.0)  # in place on the norm's own output: its version moved on
+    q.weight.grad = None
+    q(normed).sum().backward()
+    assert torch.allclose(q.weight.grad, normed.detach().sum((0, 1)).expand_as(q.weight), rtol=1e-12)
 
 
 def _lora(model, dropout: float = 0.0):

@@ -267,7 +267,7 @@ def test_one_pair_with_lean_activations_equals_separate_sequences(recompute_mlp)
     lean = copy.deepcopy(plain)
     mlp = "mlp_recomputed" if recompute_mlp else "mlp"
     # two MLPs, two norms per layer and the final norm
-    expected = {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 0, mlp: 2}
+    expected = {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 0, "linear": 14, mlp: 2}
     assert lean_activations(lean, recompute_mlp).counts() == expected
     mlp = lean.model.layers[0].mlp
     assert mlp.forward.__func__.__name__ == ("_recomputed_mlp_forward" if recompute_mlp else "_mlp_forward")

@@ -132,7 +132,10 @@ def train_command(
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
     packing = s["tokens_per_forward"]
-    out.print(f"lean activations: {lean or 'off (no module patched)'}; pairs per forward: "
+    kept = s["mlp_gate_up_kept"]
+    budget = (f" (gate/up kept in the last {kept['mlps']} of {kept['of']} recomputing MLPs at the longest forward, "
+              f"{kept['longest_forward']:,} tokens)" if kept["of"] else "")
+    out.print(f"lean activations: {lean or 'off (no module patched)'}{budget}; pairs per forward: "
               f"{f'packed up to {packing} tokens' if packing else 'one'}")
     saved = "".join(f"; {k}: {s[k]}" for k in ("model", "adapter") if k in s)
     out.print(f"metrics: {result.metrics_path}, summary: {result.out / 'summary.json'}{saved}")

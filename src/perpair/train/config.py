@@ -108,9 +108,10 @@ class TrainConfig(BaseModel):
         None,
         description=f"With lean_activations: SwiGLU MLPs save only their input and recompute the gate and up "
                     f"projections in the backward (about 40% less activation memory for a sixth more matmul work; a "
-                    f"lighter trade than gradient_checkpointing). null (default): recompute when keeping the gate "
-                    f"and up outputs of the longest possible forward would take more than "
-                    f"{RECOMPUTE_SHARE:.0%} of the memory of the weights, gradients and AdamW state.")
+                    f"lighter trade than gradient_checkpointing). true: every MLP; false: none. null (default): by a "
+                    f"memory budget, {RECOMPUTE_SHARE:.0%} of the memory of the weights, gradients and AdamW state: in "
+                    f"each forward the last MLPs keep their gate and up outputs as long as they fit in it, the others "
+                    f"recompute (a short forward recomputes nothing).")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice).")
     release_cpu_memory: bool = Field(

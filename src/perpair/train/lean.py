@@ -8,9 +8,20 @@ elementwise work and cost almost nothing to recompute, yet they hold a quarter t
   recomputes ``silu(gate) · up`` in the backward (no matmul is recomputed).
 * **SwiGLU, recomputed** (``recompute_mlp``): :class:`RecomputedSwiGLU` saves only the MLP's input and
   recomputes ``gate`` and ``up`` in the backward: two more matmuls of ``tokens × hidden × intermediate`` per
-  layer (about a sixth more matmul work per step) for about 40% less activation memory than the above.
+  layer (about a sixth more matmul work per step) for about 40% less activation memory than the above. With a
+  ``keep_budget``, the last MLPs of the model keep ``gate`` and ``up`` instead, as many as that forward's outputs
+  fit in the budget (:func:`keeps_gate_up`): short forwards recompute nothing, long ones recompute in the first
+  layers only. The last layers are the ones to keep: their backward runs first, so what they keep is freed while
+  few gradients exist yet.
 * **RMSNorm** (``w · x / rms(x)``): autograd saves ``x`` and ``x / rms(x)``; :class:`RMSNormFn` saves ``x`` and
   the per-row ``1 / rms(x)``.
+* **The layers that read a norm's output** (the attention's query, key and value projections, the MLP's gate and
+  up projections): each saves its input, the norm's ``[tokens, hidden]`` output, beside the norm's own input: two
+  such tensors per layer, about 30% of a Llama layer's activations once the above are lean. Here
+  (:class:`LinearOnNorm`, and :class:`RecomputedSwiGLU` and :class:`LoraLinear` when their input is a norm's
+  output) they save nothing of it: the norm's output carries a :class:`NormSource` (the norm's input and
+  ``1 / rms``, which the norm keeps anyway), and the backward recomputes it from that, once for all the layers
+  that read it.
 * **A LoRA linear layer** (``x Wᵀ + s · (x Aᵀ) Bᵀ``, PEFT's ``lora.Linear``): as modules, the frozen layer and
   the adapter each cast ``x`` under autocast, and the scaling and the sum are two more passes over the
   ``[tokens, out]`` output (and two more in the backward). :class:`LoraLinear` casts ``x`` once, scales the
@@ -70,20 +81,25 @@ class SwiGLUDown(torch.autograd.Function):
 
 
 class RecomputedSwiGLU(torch.autograd.Function):
-    """``down(silu(gate(x)) · up(x))`` saving ``x`` only: the backward recomputes the gate and up projections
-    (two of the MLP's three matrix multiplications) instead of keeping their ``[tokens, intermediate]`` outputs."""
+    """``down(silu(gate(x)) · up(x))`` saving ``x`` only (nothing of it when it is a lean norm's output with a
+    :class:`NormSource`): the backward recomputes the gate and up projections (two of the MLP's three matrix
+    multiplications) instead of keeping their ``[tokens, intermediate]`` outputs."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_gate: Tensor, b_gate: Tensor | None, w_up: Tensor, b_up: Tensor | None,
-                w_down: Tensor, b_down: Tensor | None) -> Tensor:
+                w_down: Tensor, b_down: Tensor | None, source: NormSource | None = None) -> Tensor:
+        ctx.in_dtype, x = x.dtype, x.to(w_gate.dtype)  # (under autocast: the weights cast already)
         hidden = F.silu(F.linear(x, w_gate, b_gate)).mul_(F.linear(x, w_up, b_up))
-        ctx.save_for_backward(x, w_gate, b_gate, w_up, b_up, w_down)
-        ctx.has_down_bias = b_down is not None
+        ctx.save_for_backward(None if source else x, w_gate, b_gate, w_up, b_up, w_down,
+                              *(source.tensors if source else ()))
+        ctx.recomputed, ctx.has_down_bias = source and source.claim(), b_down is not None
         return F.linear(hidden, w_down, b_down)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, w_gate, b_gate, w_up, b_up, w_down = ctx.saved_tensors
+        x, w_gate, b_gate, w_up, b_up, w_down, *norm = ctx.saved_tensors
+        if ctx.recomputed is not None:
+            x = ctx.recomputed.value(*norm).to(w_gate.dtype)
         gate, up = F.linear(x, w_gate, b_gate), F.linear(x, w_up, b_up)
         act = F.silu(gate)
         need = ctx.needs_input_grad
@@ -94,27 +110,28 @@ class RecomputedSwiGLU(torch.autograd.Function):
         grad_up = grad_hidden * act
         grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
         del gate, up, act, grad_hidden
-        grad_x = grad_gate @ w_gate + grad_up @ w_up if need[0] else None
+        grad_x = (grad_gate @ w_gate + grad_up @ w_up).to(ctx.in_dtype) if need[0] else None
         gg2, gu2 = grad_gate.reshape(-1, grad_gate.shape[-1]), grad_up.reshape(-1, grad_up.shape[-1])
         grad_w_gate = gg2.t() @ x2 if need[1] else None
         grad_b_gate = gg2.sum(0) if b_gate is not None and need[2] else None
         grad_w_up = gu2.t() @ x2 if need[3] else None
         grad_b_up = gu2.sum(0) if b_up is not None and need[4] else None
-        return grad_x, grad_w_gate, grad_b_gate, grad_w_up, grad_b_up, grad_w_down, grad_b_down
+        return grad_x, grad_w_gate, grad_b_gate, grad_w_up, grad_b_up, grad_w_down, grad_b_down, None
 
 
 class RMSNormFn(torch.autograd.Function):
-    """``weight · x · rsqrt(mean(x²) + eps)`` (in float32, as Llama's RMSNorm) saving ``x`` and the rsqrt."""
+    """``weight · x · rsqrt(mean(x²) + eps)`` (in float32, as Llama's RMSNorm) saving ``x`` and the rsqrt.
+    Returns the output and the rsqrt (not differentiable), from which :class:`NormSource` recomputes the output."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        ctx.mark_non_differentiable(rstd)
+        return _normed(x, weight, rstd), rstd
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_rstd: Tensor | None):
         x, weight, rstd = ctx.saved_tensors
         normed = x.float() * rstd
         grad_weight = None
@@ -127,38 +144,115 @@ class RMSNormFn(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def _normed(x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """RMSNorm's output from its input and rsqrt: what :class:`RMSNormFn` returns and :class:`NormSource`
+    recomputes, with the same operations (so the same bits)."""
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
+class NormSource:
+    """What a lean RMSNorm's output is recomputed from: the norm's input, rsqrt and weight (tensors the norm's own
+    backward keeps), attached to the output for the layers that read it. Each of them saves these tensors (with
+    ``save_for_backward``, so gradient checkpointing's hooks see them) and holds the :class:`Recomputed` of
+    :meth:`claim`, which computes the output once for all of them."""
+
+    __slots__ = ("tensors", "version", "recomputed")
+
+    def __init__(self, x: Tensor, rstd: Tensor, weight: Tensor, version: int):
+        self.tensors, self.version = (x, rstd, weight), version
+        self.recomputed = Recomputed()
+
+    def claim(self) -> Recomputed:
+        self.recomputed.claims += 1
+        return self.recomputed
+
+
+class Recomputed:
+    """A norm's output in the backward, shared by the layers that read it: the first of their backwards to need it
+    computes it (:meth:`value`), the last drops it, so it lives only while those backwards run. Holds no tensor
+    before or after."""
+
+    __slots__ = ("claims", "_value")
+
+    def __init__(self):
+        self.claims = 0
+        self._value: Tensor | None = None
+
+    def value(self, x: Tensor, rstd: Tensor, weight: Tensor) -> Tensor:
+        value = self._value if self._value is not None else _normed(x, weight, rstd)
+        self.claims -= 1
+        self._value = value if self.claims > 0 else None
+        return value
+
+
+def norm_source(x: Tensor) -> NormSource | None:
+    """The :class:`NormSource` of ``x`` if ``x`` is a lean RMSNorm's output, unchanged since (a tensor modified in
+    place after the norm is saved as it is), and a backward will need it; else None."""
+    source = getattr(x, "_perpair_norm", None)
+    if source is None or x._version != source.version or not (torch.is_grad_enabled() and x.requires_grad):
+        return None
+    return source
+
+
+class LinearOnNorm(torch.autograd.Function):
+    """``normed @ weightᵀ + bias`` where ``normed`` is a lean RMSNorm's output: saves ``weight`` and the norm's
+    tensors (:class:`NormSource`), not ``normed``, which the weight's gradient recomputes."""
+
+    @staticmethod
+    def forward(ctx, normed: Tensor, weight: Tensor, bias: Tensor | None, source: NormSource) -> Tensor:
+        ctx.save_for_backward(weight, *source.tensors)
+        ctx.recomputed, ctx.has_bias = source.claim(), bias is not None
+        return F.linear(normed.to(weight.dtype), weight, bias)  # (under autocast: weight and bias cast already)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weight, *norm = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        normed = ctx.recomputed.value(*norm)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_normed = (grad_out @ weight).to(normed.dtype) if need[0] else None
+        grad_weight = g2.t() @ normed.reshape(-1, normed.shape[-1]).to(weight.dtype) if need[1] else None
+        grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
+        return grad_normed, grad_weight, grad_bias, None
+
+
 class LoraLinear(torch.autograd.Function):
     """``x @ weightᵀ + bias + scale · (x @ aᵀ) @ bᵀ``, saving ``x`` once and the ``[tokens, r]`` intermediate."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scale: float,
+                source: NormSource | None = None) -> Tensor:
+        ctx.in_dtype, x = x.dtype, x.to(weight.dtype)  # (under autocast: the weights cast already)
         x2 = x.reshape(-1, x.shape[-1])
         low = (x2 @ a.t()).mul_(scale)
         out = torch.addmm(F.linear(x2, weight, bias), low, b.t())
-        ctx.save_for_backward(x, weight, a, b, low)
-        ctx.scale, ctx.has_bias = scale, bias is not None
+        ctx.save_for_backward(None if source else x, weight, a, b, low, *(source.tensors if source else ()))
+        ctx.scale, ctx.has_bias, ctx.recomputed = scale, bias is not None, source and source.claim()
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, a, b, low = ctx.saved_tensors
+        x, weight, a, b, low, *norm = ctx.saved_tensors
+        if ctx.recomputed is not None:
+            x = ctx.recomputed.value(*norm).to(weight.dtype)
         need = ctx.needs_input_grad
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
         grad_low = (g2 @ b).mul_(ctx.scale)  # the gradient of x @ aᵀ: [tokens, r]
-        grad_x = torch.addmm(g2 @ weight, grad_low, a).view(x.shape) if need[0] else None
+        grad_x = torch.addmm(g2 @ weight, grad_low, a).view(x.shape).to(ctx.in_dtype) if need[0] else None
         grad_weight = g2.t() @ x2 if need[1] else None
         grad_bias = g2.sum(0) if ctx.has_bias and need[2] else None
         grad_a = grad_low.t() @ x2 if need[3] else None
         grad_b = g2.t() @ low if need[4] else None
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None
 
 
-DEFAULT_RECOMPUTE_MLP = True  # lean_activations' default; a run's (TrainConfig.recompute_mlp null) is chosen_recompute
-# recompute_mlp null: recompute when keeping gate/up would add more than this share of the training state. On the
-# README's benchmark (SmolLM2-135M fp32, max length 512: 2,048-token forwards at most) keeping them would be 35% of
-# it; measured: +0.32 GiB of peak and no faster step. Kept for SmolLM2-135M at max length 128 (9%).
+DEFAULT_RECOMPUTE_MLP = True  # lean_activations' default; a run's (TrainConfig.recompute_mlp null) is budgeted:
+# the last MLPs keep gate/up within this share of the training state (weights, gradients, AdamW moments), counted
+# in each forward. On the README's benchmark (SmolLM2-135M fp32, max length 512) that is 205 MiB: a 1,540-token
+# forward keeps them in the last 11 of 30 layers, a 464-token one in all; keeping every layer's would take 0.37 GiB
+# more at the peak.
 RECOMPUTE_SHARE = 0.10
-KINDS = ("mlp", "mlp_recomputed", "norm", "lora")  # what a patched module computes (its ``_lean_kind``)
+KINDS = ("mlp", "mlp_recomputed", "norm", "lora", "linear")  # what a patched module computes (its ``_lean_kind``)
 
 
 def _cast(tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
@@ -176,18 +270,32 @@ def _mlp_forward(self, x: Tensor) -> Tensor:
 
 
 def _recomputed_mlp_forward(self, x: Tensor) -> Tensor:
+    if keeps_gate_up(self, x):
+        return _mlp_forward(self, x)
     g, u, d = self.gate_proj, self.up_proj, self.down_proj
-    args = (x, g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
+    weights = (g.weight, g.bias, u.weight, u.bias, d.weight, d.bias)
     if (dtype := autocast_dtype(x)) is None:
-        return RecomputedSwiGLU.apply(*args)
+        return RecomputedSwiGLU.apply(x, *weights, norm_source(x))
     with torch.autocast(x.device.type, enabled=False):  # the three projections in autocast's dtype, as autocast
-        return RecomputedSwiGLU.apply(*_cast(args, dtype))
+        return RecomputedSwiGLU.apply(x, *_cast(weights, dtype), norm_source(x))
 
 
 def _norm_forward(self, x: Tensor) -> Tensor:
     # RMSNorm computes in float32 whatever autocast says (as the plain module does: its ops are float32 ones)
     with torch.autocast(x.device.type, enabled=False):
-        return RMSNormFn.apply(x, self.weight, float(self._lean_eps))
+        out, rstd = RMSNormFn.apply(x, self.weight, float(self._lean_eps))
+    if out.requires_grad:  # the layers reading it save this instead of it (see norm_source)
+        out._perpair_norm = NormSource(x, rstd, self.weight, out._version)
+    return out
+
+
+def _linear_forward(self, x: Tensor) -> Tensor:
+    if (source := norm_source(x)) is None:
+        return self._plain_forward(x)
+    if (dtype := autocast_dtype(x)) is None:
+        return LinearOnNorm.apply(x, self.weight, self.bias, source)
+    with torch.autocast(x.device.type, enabled=False):  # the product in autocast's dtype, as autocast would
+        return LinearOnNorm.apply(x, *_cast((self.weight, self.bias), dtype), source)
 
 
 def _plain_lora_adapter(module: nn.Module) -> str | None:
@@ -208,15 +316,16 @@ def _lora_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if args or kwargs or (name := _plain_lora_adapter(self)) is None:
         return self._plain_forward(x, *args, **kwargs)
     base = self.base_layer
-    tensors = (x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+    weights = (base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight)
+    scale, source = float(self.scaling[name]), norm_source(x)
     if (dtype := autocast_dtype(x)) is None:
-        return LoraLinear.apply(*tensors, float(self.scaling[name]))
+        return LoraLinear.apply(x, *weights, scale, source)
     with torch.autocast(x.device.type, enabled=False):  # every product in autocast's dtype, as autocast would
-        return LoraLinear.apply(*_cast(tensors, dtype), float(self.scaling[name]))
+        return LoraLinear.apply(x, *_cast(weights, dtype), scale, source)
 
 
 LEAN_FORWARDS = {"mlp": _mlp_forward, "mlp_recomputed": _recomputed_mlp_forward, "norm": _norm_forward,
-                 "lora": _lora_forward}
+                 "lora": _lora_forward, "linear": _linear_forward}
 
 
 def _is_lora_linear(module: nn.Module) -> bool:
@@ -242,6 +351,25 @@ def _mlp_kind(module: nn.Module, recompute_mlp: bool) -> str | None:
     return "mlp_recomputed" if recompute_mlp and all(type(p) is nn.Linear for p in parts) else "mlp"
 
 
+def keeps_gate_up(module: nn.Module, x: Tensor) -> bool:
+    """Does this recomputing MLP keep its gate and up outputs for input ``x`` (see :func:`keeps_for`)?"""
+    return keeps_for(module, x.numel() // x.shape[-1], (autocast_dtype(x) or x.dtype).itemsize)
+
+
+def keeps_for(module: nn.Module, tokens: int, element_size: int) -> bool:
+    """Whether the gate and up outputs of a ``tokens``-token forward, of the MLPs from this one to the model's last
+    (``_lean_rank`` + 1 of them, all of one size), fit in its ``_lean_budget`` bytes."""
+    per_mlp = 2 * tokens * module.down_proj.in_features * element_size
+    return bool(module._lean_budget) and (module._lean_rank + 1) * per_mlp <= module._lean_budget
+
+
+def kept_gate_up(model: nn.Module, tokens: int, element_size: int) -> tuple[int, int]:
+    """``(keeping, recomputing)``: how many of ``model``'s recomputing MLPs keep their gate and up outputs in a
+    ``tokens``-token forward, and how many there are."""
+    mlps = [m for m in model.modules() if vars(m).get("_lean_kind") == "mlp_recomputed"]
+    return sum(keeps_for(m, tokens, element_size) for m in mlps), len(mlps)
+
+
 def kept_mlp_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
     """Bytes that recomputing saves in a forward of ``tokens`` tokens: the gate and up outputs
     (``[tokens, intermediate]`` each, of ``element_size`` bytes) that every SwiGLU MLP it can recompute would
@@ -256,11 +384,21 @@ def training_state_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
-def chosen_recompute(model: nn.Module, tokens: int, element_size: int) -> bool:
-    """``recompute_mlp`` unset: recompute when keeping the gate and up outputs of a ``tokens``-token forward
-    would take more than :data:`RECOMPUTE_SHARE` of :func:`training_state_bytes` (call with the trained
-    parameters marked, LoRA adapters in)."""
-    return kept_mlp_bytes(model, tokens, element_size) > RECOMPUTE_SHARE * training_state_bytes(model)
+def keep_budget(model: nn.Module) -> int:
+    """``recompute_mlp`` unset: the bytes the last MLPs may keep their gate and up outputs in, in any forward,
+    :data:`RECOMPUTE_SHARE` of :func:`training_state_bytes` (call with the trained parameters marked, LoRA
+    adapters in)."""
+    return int(RECOMPUTE_SHARE * training_state_bytes(model))
+
+
+def _not_reading_norms(model: nn.Module) -> set[int]:
+    """Linear layers not to give the ``linear`` forward: the output embedding (perpair's log-probs read its weight;
+    its input is the last norm's output gathered at completion positions, a copy) and the layers inside a LoRA
+    layer, frozen or adapter (the LoRA layer is patched as ``lora``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inner = {id(part) for m in model.modules() if hasattr(m, "lora_A") for part in m.modules() if part is not m}
+    return inner | ({id(head)} if head is not None else set())
 
 
 def _norm_eps(module: nn.Module) -> float | None:
@@ -316,7 +454,8 @@ class LeanPatches:
                 module.forward = module._plain_forward
             else:
                 del module.forward  # the class's forward again
-            for name in ("_plain_forward", "_plain_forward_own", "_lean_kind", "_lean_eps"):
+            for name in ("_plain_forward", "_plain_forward_own", "_lean_kind", "_lean_eps", "_lean_rank",
+                         "_lean_budget"):
                 vars(module).pop(name, None)
 
 
@@ -325,13 +464,20 @@ def lean_patches(model: nn.Module) -> LeanPatches:
     return LeanPatches.of([m for m in model.modules() if "_lean_kind" in vars(m)])
 
 
-def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_MLP) -> LeanPatches:
-    """Patch the SwiGLU MLPs and RMSNorms of ``model`` in place (see the module docstring); returns the modules
+def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_MLP,
+                     keep_budget: int = 0) -> LeanPatches:
+    """Patch the SwiGLU MLPs, RMSNorms and linear layers of ``model`` in place (see the module docstring); returns the modules
     this call patched. Modules whose result the lean version does not reproduce are left unchanged.
-    ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward.
+    ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward,
+    but the last ones keep them while that forward's fit in ``keep_budget`` bytes (see :func:`keeps_gate_up`).
     A model wrapped in LoRA adapters must be patched after wrapping (an MLP patched before would run its down
     projection without its adapter)."""
     patched = []
+    not_linear = _not_reading_norms(model)
+    recomputing = [m for m in model.modules() if "_lean_kind" not in vars(m) and
+                   _mlp_kind(m, recompute_mlp) == "mlp_recomputed"]
+    for rank, module in enumerate(reversed(recomputing)):
+        module._lean_rank, module._lean_budget = rank, keep_budget
     for module in model.modules():
         if "_lean_kind" in vars(module):
             continue
@@ -342,6 +488,8 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
             module._lean_eps = eps
         elif _is_lora_linear(module):
             kind, width = "lora", module.base_layer.in_features
+        elif type(module) is nn.Linear and id(module) not in not_linear:
+            kind, width = "linear", module.in_features
         else:
             continue
         lean = LEAN_FORWARDS[kind]
@@ -352,7 +500,7 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
             module._lean_kind = kind
             patched.append(module)
         else:
-            for name in ("_plain_forward", "_plain_forward_own", "_lean_eps"):
+            for name in ("_plain_forward", "_plain_forward_own", "_lean_eps", "_lean_rank", "_lean_budget"):
                 vars(module).pop(name, None)
     return LeanPatches.of(patched)
 

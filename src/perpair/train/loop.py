@@ -45,7 +45,7 @@ from perpair.train.checkpoints import (
     truncate_metrics,
 )
 from perpair.train.config import TrainConfig
-from perpair.train.lean import lean_patches
+from perpair.train.lean import kept_gate_up, lean_patches
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses, wpo_weights
 from perpair.train.reference import RunReference
@@ -57,6 +57,7 @@ from perpair.train.setup import (
     make_scheduler,
     prepare_policy,
     setup_accelerator,
+    uses_bf16,
 )
 from perpair.train.tracking import start_trackers, tracker_values
 
@@ -137,6 +138,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     lean = lean_patches(model)
+    kept = kept_gate_up(model, config.longest_forward, 2 if uses_bf16(config) else 4)
     lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
     accelerator.unwrap_model(module).release()
     peak = peak_memory_bytes(accelerator.device)
@@ -155,6 +157,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
         "lean_activations": lean.counts(),  # modules patched per kind; all 0: the option did nothing (or was off)
+        # of the MLPs that recompute gate/up, how many keep them instead in the longest forward the run can have
+        "mlp_gate_up_kept": {"longest_forward": config.longest_forward, "mlps": kept[0], "of": kept[1]},
         "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)
     }
     if accelerator.is_main_process:

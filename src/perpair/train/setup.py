@@ -19,7 +19,7 @@ from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
-from perpair.train.lean import chosen_recompute, lean_activations
+from perpair.train.lean import keep_budget, lean_activations
 from perpair.train.losses import ROUTE_PREFERENCE
 from perpair.train.tokenize import TokenizedPair
 
@@ -49,12 +49,12 @@ def uses_bf16(config: TrainConfig) -> bool:
         config.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
-def recompute_mlp(config: TrainConfig, model) -> bool:
-    """``recompute_mlp`` as set, or chosen by memory (:func:`~perpair.train.lean.chosen_recompute`) for the
-    longest forward the run can have, its activations in the autocast dtype."""
+def recompute_mlp(config: TrainConfig, model) -> dict:
+    """``lean_activations``' MLP arguments: ``recompute_mlp`` as set (true: every MLP recomputes, false: none), or
+    unset, recomputing with the memory budget of :func:`~perpair.train.lean.keep_budget` for the last MLPs."""
     if config.recompute_mlp is not None:
-        return config.recompute_mlp
-    return chosen_recompute(model, config.longest_forward, 2 if uses_bf16(config) else 4)
+        return {"recompute_mlp": config.recompute_mlp}
+    return {"recompute_mlp": True, "keep_budget": keep_budget(model)}
 
 
 def release_freed_memory(threshold: int = 1 << 20) -> bool:
@@ -212,7 +212,7 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lean_activations and config.lora is None:  # under LoRA: once the adapters are in, below
-        lean_activations(model, recompute_mlp=recompute_mlp(config, model))
+        lean_activations(model, **recompute_mlp(config, model))
     model.train()
     if config.lora is None:
         own_cpu_weights(model)
@@ -233,7 +233,7 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     if config.lean_activations:  # the state counted is the adapters' now: frozen weights keep no AdamW moments
-        lean_activations(model, recompute_mlp=recompute_mlp(config, model))
+        lean_activations(model, **recompute_mlp(config, model))
     return model
 
 
