@@ -176,7 +176,7 @@ def test_recompute_mlp_default_keeps_gate_up_of_the_last_mlps_within_the_budget(
     """recompute_mlp unset: in each forward, the last MLPs whose gate and up outputs fit in the budget keep them
     (measured: the bytes autograd saves above those of a model recomputing every MLP), the others recompute."""
     from perpair.train.config import load_config
-    from perpair.train.lean import kept_gate_up, keeps_gate_up, keeps_for
+    from perpair.train.lean import keeps_for, keeps_gate_up, kept_gate_up
     from perpair.train.setup import prepare_policy
 
     plain = _llama()

@@ -466,8 +466,8 @@ def lean_patches(model: nn.Module) -> LeanPatches:
 
 def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_MLP,
                      keep_budget: int = 0) -> LeanPatches:
-    """Patch the SwiGLU MLPs, RMSNorms and linear layers of ``model`` in place (see the module docstring); returns the modules
-    this call patched. Modules whose result the lean version does not reproduce are left unchanged.
+    """Patch the SwiGLU MLPs, RMSNorms and linear layers of ``model`` in place (see the module docstring); returns
+    the modules this call patched. Modules whose result the lean version does not reproduce are left unchanged.
     ``recompute_mlp``: the MLPs save only their input and recompute the gate and up projections in the backward,
     but the last ones keep them while that forward's fit in ``keep_budget`` bytes (see :func:`keeps_gate_up`).
     A model wrapped in LoRA adapters must be patched after wrapping (an MLP patched before would run its down
