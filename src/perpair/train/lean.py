@@ -384,7 +384,7 @@ def training_state_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
 
 
-def keep_budget(model: nn.Module) -> int:
+def mlp_keep_budget(model: nn.Module) -> int:
     """``recompute_mlp`` unset: the bytes the last MLPs may keep their gate and up outputs in, in any forward,
     :data:`RECOMPUTE_SHARE` of :func:`training_state_bytes` (call with the trained parameters marked, LoRA
     adapters in)."""

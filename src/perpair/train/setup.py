@@ -19,7 +19,7 @@ from perpair.models import model_fingerprint, resolve_model
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
-from perpair.train.lean import keep_budget, lean_activations
+from perpair.train.lean import lean_activations, mlp_keep_budget
 from perpair.train.losses import ROUTE_PREFERENCE
 from perpair.train.tokenize import TokenizedPair
 
@@ -51,10 +51,10 @@ def uses_bf16(config: TrainConfig) -> bool:
 
 def recompute_mlp(config: TrainConfig, model) -> dict:
     """``lean_activations``' MLP arguments: ``recompute_mlp`` as set (true: every MLP recomputes, false: none), or
-    unset, recomputing with the memory budget of :func:`~perpair.train.lean.keep_budget` for the last MLPs."""
+    unset, recomputing with the memory budget of :func:`~perpair.train.lean.mlp_keep_budget` for the last MLPs."""
     if config.recompute_mlp is not None:
         return {"recompute_mlp": config.recompute_mlp}
-    return {"recompute_mlp": True, "keep_budget": keep_budget(model)}
+    return {"recompute_mlp": True, "keep_budget": mlp_keep_budget(model)}
 
 
 def release_freed_memory(threshold: int = 1 << 20) -> bool:
