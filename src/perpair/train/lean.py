@@ -370,14 +370,6 @@ def kept_gate_up(model: nn.Module, tokens: int, element_size: int) -> tuple[int,
     return sum(keeps_for(m, tokens, element_size) for m in mlps), len(mlps)
 
 
-def kept_mlp_bytes(model: nn.Module, tokens: int, element_size: int) -> int:
-    """Bytes that recomputing saves in a forward of ``tokens`` tokens: the gate and up outputs
-    (``[tokens, intermediate]`` each, of ``element_size`` bytes) that every SwiGLU MLP it can recompute would
-    otherwise keep for the backward."""
-    return sum(2 * tokens * module.down_proj.in_features * element_size for module in model.modules()
-               if _mlp_kind(module, recompute_mlp=True) == "mlp_recomputed")
-
-
 def training_state_bytes(model: nn.Module) -> int:
     """The memory a run holds whatever its forwards: the weights, and for each trained one its gradient and
     AdamW's two moments (in the parameter's dtype, as torch's AdamW keeps them)."""
