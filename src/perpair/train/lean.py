@@ -121,7 +121,8 @@ class RecomputedSwiGLU(torch.autograd.Function):
 
 class RMSNormFn(torch.autograd.Function):
     """``weight · x · rsqrt(mean(x²) + eps)`` (in float32, as Llama's RMSNorm) saving ``x`` and the rsqrt.
-    Returns the output and the rsqrt (not differentiable), from which :class:`NormSource` recomputes the output."""
+    Returns the output and the rsqrt (not differentiable): with the input, what :class:`NormSource` carries for
+    :class:`Recomputed` to compute the output again."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
