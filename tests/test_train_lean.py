@@ -4,6 +4,7 @@ scoped (the patches are undone after ``applied`` and after ``train``)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -123,8 +124,9 @@ def test_applied_undoes_the_patches_even_on_error():
 
 def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, monkeypatch):
     """``perpair train --lora`` (adapters on every linear layer, so on the MLPs' down projections): its log says
-    which modules ran lean, summary.json records them, and the model has its own forwards and attention back at
-    the end (run in this process to see the model)."""
+    which modules ran lean, summary.json records them (also when the adapter is merged at the end, which replaces
+    the adapted layers: they used to be counted after it, as 0), and the model has its own forwards and attention
+    back at the end (run in this process to see the model)."""
     import json
 
     from typer.testing import CliRunner
@@ -140,12 +142,22 @@ def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, 
     result = CliRunner().invoke(app, [
         "train", "--model", str(save_tiny_llama(tmp_path / "model")), "--data", str(UF_TRAIN), "--out", str(out),
         "--steps", "1", "--batch-size", "1", "--max-length", "48", "--threads", "1", "--lora",
-        "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'cache'}", "--set", "save_model=false",
+        "--set", "lora.r=4", "--set", "lora.merge=true", "--set", f"reference_cache={tmp_path / 'cache'}",
         "--set", "final_checkpoint=false"])
     assert result.exit_code == 0, result.output
+    assert (out / "model" / "model.safetensors").is_file()
     assert "lean activations: 5 norm, 14 lora" in result.output
-    assert json.loads((out / "summary.json").read_text())["lean_activations"] == {
-        "mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14, "linear": 0}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lean_activations"] == {"mlp": 0, "mlp_recomputed": 0, "norm": 5, "lora": 14, "linear": 0}
+    # useful FLOPs: 6 per trained parameter and token, 4 per frozen one (no weight gradient): not 6 for all
+    from safetensors import safe_open
+
+    def numel(path):
+        with safe_open(path, "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    frozen, trained = numel(out / "model" / "model.safetensors"), numel(out / "adapter" / "adapter_model.safetensors")
+    per_token = summary["useful_flops_per_second"] * summary["train_seconds"] / summary["tokens"]
+    assert per_token == pytest.approx(4 * frozen + 6 * trained, rel=1e-9)
     (model,) = models
     assert not lean_patches(model).modules
     assert all("forward" not in vars(m) for m in model.modules())
@@ -225,8 +237,27 @@ def test_a_norm_output_is_recomputed_once_for_its_readers_and_then_dropped():
     assert all(r is recomputed[0] for r in recomputed)
     first = recomputed[0].value(x, rstd, weight)
     assert torch.equal(first, _normed(x, weight, rstd))
-    assert recomputed[1].value(x, rstd, weight) is first and recomputed[1]._value is first
-    assert recomputed[2].value(x, rstd, weight) is first and recomputed[2]._value is None
+    assert recomputed[1].value(x, rstd, weight) is first and list(recomputed[1]._values.values()) == [first]
+    assert recomputed[2].value(x, rstd, weight) is first and not recomputed[2]._values
+
+
+def test_under_autocast_a_norm_output_is_cast_once_for_its_readers():
+    """Forward: the readers of a norm's output share one cast of it (query, key and value each cast it to bf16
+    under autocast). Backward: the recomputed output is cast once and that copy shared, then dropped."""
+    from perpair.train.lean import NormSource, _normed
+
+    x, weight = torch.randn(4, 8), torch.randn(8)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    normed = _normed(x, weight, rstd)
+    source = NormSource(x, rstd, weight, version=0)
+    cast = source.cast(normed, torch.bfloat16)
+    assert torch.equal(cast, normed.to(torch.bfloat16)) and source.cast(normed, torch.bfloat16) is cast
+    assert source.cast(normed, torch.float32) is normed
+    recomputed = [source.claim() for _ in range(3)]
+    first = recomputed[0].value(x, rstd, weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, cast)
+    assert recomputed[1].value(x, rstd, weight, torch.bfloat16) is first
+    assert recomputed[2].value(x, rstd, weight, torch.bfloat16) is first and not recomputed[2]._values
 
 
 def test_a_norm_output_changed_in_place_is_saved_as_it_is():
@@ -279,6 +310,43 @@ def test_lora_linear_under_bf16_autocast_equals_peft():
         assert grad.dtype == torch.float32, name  # the adapters stay float32
         scale = expected_grads[name].abs().max()
         assert (grad - expected_grads[name]).abs().max() <= 3e-2 * scale + 1e-6, name
+
+
+def test_under_lora_and_autocast_frozen_weights_are_cast_once_and_again_when_changed():
+    """cache_casts (what training sets): each frozen weight is cast to bfloat16 once and the cast reused by the
+    next forwards (autocast casts it again in every one), the adapters (trainable) are cast as autocast would;
+    log-probs and gradients are bit for bit those without the cache; a weight changed in place is cast again;
+    undo drops the casts. Without autocast nothing is cast."""
+    plain = _lora(_llama())
+    cached = copy.deepcopy(plain)
+    lean_activations(plain)
+    patches = lean_activations(cached, cache_casts=True)
+    _sums_grads_saved(cached, autocast=False)
+    assert not any(vars(m).get("_lean_casts") for m in cached.modules())
+
+    def check():
+        expected, expected_grads, _ = _sums_grads_saved(plain, autocast=True)
+        sums, grads, _ = _sums_grads_saved(cached, autocast=True)
+        assert torch.equal(sums, expected)
+        assert grads.keys() == expected_grads.keys() and all(torch.equal(grads[n], expected_grads[n]) for n in grads)
+
+    check()
+    casts = {id(m): dict(m._lean_casts) for m in cached.modules() if vars(m).get("_lean_casts")}
+    assert len(casts) == 14 and all(len(c) == 1 for c in casts.values())  # the base weight of each adapted layer
+    q = cached.base_model.model.model.layers[0].self_attn.q_proj
+    ((ref, _, cast),) = q._lean_casts.values()
+    assert ref() is q.base_layer.weight and cast.dtype == torch.bfloat16
+    check()
+    assert all(m._lean_casts[k][2] is c[k][2] for m in cached.modules() if id(m) in casts
+               for c in [casts[id(m)]] for k in c)  # the same casts, reused
+    with torch.no_grad():  # a frozen weight changed in place (in both models): cast again
+        for model in (plain, cached):
+            model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    check()
+    ((_, _, recast),) = q._lean_casts.values()
+    assert recast is not cast and torch.equal(recast, q.base_layer.weight.to(torch.bfloat16))
+    patches.undo()
+    assert not any("_lean_casts" in vars(m) for m in cached.modules())
 
 
 def test_lora_linear_hands_over_to_peft_when_the_adapter_is_not_plain():

@@ -147,3 +147,26 @@ def test_first_step_rows_only_where_the_policy_is_the_reference(tiny_model_dir, 
         setattr(model.config, name, value)
     rows = first_step_rows(config, data, batches, model, processes)
     assert rows == (set(batches.steps[0]) if left else set())
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets Linux's resident high-water mark")
+def test_peak_memory_is_the_runs_own_not_the_process(tiny_model_dir, uf_pairs, tmp_path):
+    """``perpair run`` trains its arms one after another in one process: each summary's peak memory is that run's
+    (it used to be the process's ``ru_maxrss``, so an arm after a bigger one reported the bigger one's peak).
+    Here 1 GiB written and freed before the run is not in its peak."""
+    import numpy as np
+
+    from perpair.train.loop import peak_memory_bytes
+
+    def rss() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+    big = np.ones(2**27)  # 1 GiB, every page written
+    before_free = rss()
+    del big
+    assert rss() < before_free - 2**29  # given back (a mapping of its own), so the process's peak is above now
+    assert peak_memory_bytes(torch.device("cpu")) >= before_free - 2**26  # (the kernel syncs its counters lazily)
+    summary, _ = _train(_config(tiny_model_dir, uf_pairs, tmp_path))
+    assert summary["peak_memory_scope"] == "run"
+    assert 0 < summary["peak_memory_bytes"] < before_free - 2**29

@@ -123,7 +123,9 @@ def train_command(
     s = result.summary
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
-              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB (allocator: {s['allocator']})")
+              f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"
+              f"{' (of the whole process: not resettable here)' if s['peak_memory_scope'] == 'process' else ''} "
+              f"(allocator: {s['allocator']})")
     first = s["reference_pairs_from_first_step"]
     out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
               f"{s['reference_seconds']:.1f} s"

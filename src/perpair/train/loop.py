@@ -86,6 +86,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
     accelerator = setup_accelerator(config)
+    peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
     if accelerator.is_main_process:
         claim_out(config, key)
     accelerator.wait_for_everyone()
@@ -136,25 +137,28 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
             save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     if config.final_checkpoint:
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
-    saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
+    # before the model is saved: merging a LoRA adapter replaces the adapted layers (their patches with them)
+    # 6·N·D (Kaplan et al. 2020) forward + backward FLOPs per unique non-padding token, 4 per frozen parameter
+    # (a LoRA run's base weights: the backward computes no gradient of theirs)
+    flops_per_token = sum((6 if p.requires_grad else 4) * p.numel()
+                          for p in accelerator.unwrap_model(module).model.parameters())
     lean = lean_patches(model)
     kept = kept_gate_up(model, config.longest_forward, 2 if uses_bf16(config) else 4)
     lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
+    saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     accelerator.unwrap_model(module).release()
     peak = peak_memory_bytes(accelerator.device)
 
-    parameters = sum(p.numel() for p in accelerator.unwrap_model(module).model.parameters())
     summary = {
         "steps": config.steps - start_step, "resumed_from": start_step or None,
         "pairs": totals["pairs"], "tokens": totals["tokens"], "train_seconds": train_seconds,
         "pairs_per_second": totals["pairs"] / train_seconds if train_seconds else None,
         "tokens_per_second": totals["tokens"] / train_seconds if train_seconds else None,
-        # 6·N·D (Kaplan et al. 2020): forward + backward FLOPs per unique non-padding token
-        "useful_flops_per_second": 6 * parameters * totals["tokens"] / train_seconds if train_seconds else None,
+        "useful_flops_per_second": flops_per_token * totals["tokens"] / train_seconds if train_seconds else None,
         "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
         "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "order": data.source,
-        "peak_memory_bytes": peak, "total_seconds": time.perf_counter() - started,
+        "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
         "lean_activations": lean.counts(),  # modules patched per kind; all 0: the option did nothing (or was off)
         # of the MLPs that recompute gate/up, how many keep them instead in the longest forward the run can have
@@ -301,7 +305,25 @@ def step_metrics(step: int, batch: list[int], sums: dict[str, float], loss: floa
     return metrics
 
 
+def reset_peak_memory(device: torch.device) -> str:
+    """Start the peak that :func:`peak_memory_bytes` reads at the memory in use now, so that a process training
+    several runs (``perpair run``'s arms, a sweep) reports each run's own peak. Returns what the peak will cover:
+    ``"run"``, or ``"process"`` where it cannot be reset (no ``/proc/self/clear_refs``: not Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "run"
+    try:  # "5" resets the resident set's high-water mark (Linux ≥ 4.0) and nothing else
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return "process"
+    return "run"
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:  # the high-water mark that reset_peak_memory resets (ru_maxrss keeps the process's)
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
