@@ -137,9 +137,10 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
             save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     if config.final_checkpoint:
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
-    # before the model is saved: merging a LoRA adapter replaces the adapted layers (their patches with them)
-    # 6·N·D (Kaplan et al. 2020) forward + backward FLOPs per unique non-padding token, 4 per frozen parameter
-    # (a LoRA run's base weights: the backward computes no gradient of theirs)
+    # What the summary counts of the model, before it is saved (merging a LoRA adapter replaces the adapted layers,
+    # and their patches with them): forward + backward FLOPs per unique non-padding token, 6·N·D (Kaplan et al.
+    # 2020) for trained parameters and 4 for frozen ones (a LoRA run's base weights: no weight gradient), and the
+    # lean patches.
     flops_per_token = sum((6 if p.requires_grad else 4) * p.numel()
                           for p in accelerator.unwrap_model(module).model.parameters())
     lean = lean_patches(model)
