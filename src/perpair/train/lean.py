@@ -199,9 +199,7 @@ class Recomputed:
     def value(self, x: Tensor, rstd: Tensor, weight: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The output, cast to ``dtype`` if given (under autocast every reader asks for the same one: one cast)."""
         if (value := self._values.get(dtype)) is None:
-            value = self._values.get(None)
-            if value is None:
-                value = _normed(x, weight, rstd)
+            value = _normed(x, weight, rstd)
             value = value if dtype is None else value.to(dtype)
         self.claims -= 1
         if self.claims > 0:
