@@ -506,8 +506,9 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
     but the last ones keep them while that forward's fit in ``keep_budget`` bytes (see :func:`keeps_gate_up`).
     A model wrapped in LoRA adapters must be patched after wrapping (an MLP patched before would run its down
     projection without its adapter). ``cache_casts``: under autocast, the patched modules cast each frozen weight
-    once and keep the cast until :meth:`LeanPatches.undo` (see :func:`_cast`), for a caller that does not
-    change frozen weights meanwhile other than in place (training does not change them at all)."""
+    once and keep the cast until :meth:`LeanPatches.undo` (see :func:`_cast`), for a caller that changes frozen
+    weights meanwhile only through the parameters themselves (a write through ``.data`` is not seen; training does
+    not change them at all)."""
     patched = []
     not_linear = _not_reading_norms(model)
     recomputing = [m for m in model.modules() if "_lean_kind" not in vars(m) and
