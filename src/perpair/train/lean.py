@@ -278,6 +278,9 @@ DEFAULT_RECOMPUTE_MLP = True  # lean_activations' default; a run's (TrainConfig.
 # more at the peak.
 RECOMPUTE_SHARE = 0.10
 KINDS = ("mlp", "mlp_recomputed", "norm", "lora", "linear")  # what a patched module computes (its ``_lean_kind``)
+# what patching sets on a module, removed again by LeanPatches.undo (or at once if the module is left unpatched)
+PATCH_ATTRIBUTES = ("_plain_forward", "_plain_forward_own", "_lean_kind", "_lean_eps", "_lean_rank", "_lean_budget",
+                    "_lean_casts")
 
 
 def _cast(module: nn.Module, tensors: tuple[Tensor | None, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
@@ -488,8 +491,7 @@ class LeanPatches:
                 module.forward = module._plain_forward
             else:
                 del module.forward  # the class's forward again
-            for name in ("_plain_forward", "_plain_forward_own", "_lean_kind", "_lean_eps", "_lean_rank",
-                         "_lean_budget", "_lean_casts"):
+            for name in PATCH_ATTRIBUTES:
                 vars(module).pop(name, None)
 
 
@@ -539,7 +541,7 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
                 module._lean_casts = {}
             patched.append(module)
         else:
-            for name in ("_plain_forward", "_plain_forward_own", "_lean_eps", "_lean_rank", "_lean_budget"):
+            for name in PATCH_ATTRIBUTES:
                 vars(module).pop(name, None)
     return LeanPatches.of(patched)
 
