@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import SHARED_DATA, UF_TRAIN, save_tiny_llama
@@ -93,6 +94,35 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     # --from plan: plans, training and evaluation again; prepared pairs and annotations kept
     fourth, _ = _run(config, from_stage="plan")
     assert {"prepare", "annotate"} == set(fourth.skipped) and "plan.sp2dpo" in fourth.ran
+
+
+def test_stages_side_by_side_give_the_same_results(tmp_path, tiny, monkeypatch):
+    """workers: 2 runs the arms (and annotation beside the reference pass and the base model's evaluation) in two
+    worker processes: every stage runs once, the results are those of the run in order (one thread each, so the
+    same bits), each stage's progress is logged under its name, and the arms read the reference log-probs the
+    reference pass computed (no training computes any)."""
+    import perpair.pipeline.workers as workers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)  # one thread per worker on any machine
+    arms = {"dpo": {"preset": "dpo"}, "mixdpo": {"preset": "mixdpo"}}
+    results = {}
+    for count in (1, 2):
+        config = _config(tmp_path / f"workers{count}", tiny, arms=arms)
+        config["train"]["threads"] = 1
+        config["workers"] = count
+        torch.set_num_threads(1)  # the run in order evaluates in this process
+        results[count] = _run(config)
+    (in_order, _), (side_by_side, lines) = results[1], results[2]
+    assert set(side_by_side.ran) == set(in_order.ran) and len(side_by_side.ran) == len(set(side_by_side.ran))
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
+    assert timeless(side_by_side.rows) == timeless(in_order.rows)
+    assert [r["arm"] for r in side_by_side.rows] == ["dpo", "mixdpo", "base"]
+    assert any(line.startswith("[train.mixdpo] step ") for line in lines)
+    assert any(line.startswith("[reference] training pairs: ") for line in lines)
+    for arm in arms:
+        summary = json.loads((tmp_path / "workers2" / "work" / "arms" / arm / "train" / "summary.json").read_text())
+        assert summary["reference_pairs_computed"] == 0 and summary["reference_pairs_from_first_step"] == 0
 
 
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
@@ -184,15 +214,18 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     assert "| dpo |" in result.stdout
 
 
-def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error
-    after annotate, plans nothing and does not stamp annotate (a re-run asks again)."""
+    after annotate, plans nothing and does not stamp annotate (a re-run asks again); the same error when annotate
+    ran in a worker process."""
     from conftest import ORCA
     from perpair.errors import TooFewAnnotated
 
     config = _config(tmp_path, tiny, annotate={"teachers": ["ratings"]})
     config["data"] = {"sources": [str(ORCA)], "limit": 12, "test_fraction": 0.25, "seed": 0}
     config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["workers"] = workers
     with pytest.raises(TooFewAnnotated, match=r"annotate: no pair of 9 got a valid annotation"):
         _run(config)
     work = tmp_path / "work"

@@ -168,17 +168,30 @@ def read_categories(path: Path) -> pd.Series:
     return frame.set_index("pair_id")["category"]
 
 
-def run_preference(config: PreferenceConfig,
-                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Score the pairs under the policy and the reference and return the results row."""
+def _pairs(config: PreferenceConfig):
     from perpair.data import read_pairs
 
-    progress = on_progress or (lambda stage, done, total: None)
     pairs, _ = read_pairs(str(config.data))
     if config.limit:
         pairs = pairs.slice(0, config.limit)
     if pairs.num_rows == 0:
         raise PerpairError(f"{config.data}: no pairs to evaluate")
+    return pairs
+
+
+def cache_reference(config: PreferenceConfig) -> None:
+    """The reference's log-probs of the pairs, into ``config.reference_cache`` (the missing ones computed): what
+    several evaluations against the same reference, run side by side, then read instead of each computing."""
+    if config.reference_cache is None:
+        raise PerpairError("cache_reference needs a reference_cache folder")
+    score_reference(_pairs(config), config)
+
+
+def run_preference(config: PreferenceConfig,
+                   on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Score the pairs under the policy and the reference and return the results row."""
+    progress = on_progress or (lambda stage, done, total: None)
+    pairs = _pairs(config)
     categories = read_categories(config.annotations) if config.annotations else None
     n = pairs.num_rows
     policy = score_model(config.model, pairs, config, lambda d: progress("policy log-probs", d, n))

@@ -5,6 +5,8 @@ Read :func:`run` top to bottom: it is the whole job. Every stage goes through :m
 it when its stamp (see :mod:`perpair.pipeline.stamps`) matches, and otherwise runs it and stamps it. Stages
 are resumable inside too: the annotate cache keeps every answer, training checkpoints every
 ``train.save_every`` steps and a re-run resumes from the last one, evaluation caches answers and judgments.
+With ``workers: N`` the stages that do not wait for each other run side by side, N at a time, each in a worker
+process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level function below the job, for that.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from perpair.errors import PerpairError, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig
 from perpair.pipeline.report import comparison_rows, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
+from perpair.pipeline.workers import Workers, available_cores
 
 Log = Callable[[str], None]
 
@@ -53,16 +56,30 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         raise PerpairError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     settings = validate(config)
     job = _Job(config, Path(config.workdir), STAGES[STAGES.index(from_stage):] if from_stage else (), log)
+    busy = config.workers * max(settings.train_configs[arm].threads or 1 for arm in config.arms)
+    if config.workers > 1 and busy > available_cores():
+        log(f"note: workers {config.workers} × train.threads use {busy} threads on {available_cores()} cores; "
+            "leave train.threads out to give each worker its share")
 
     pairs, test = job.prepare(settings)
-    annotations = job.annotate(settings, pairs)
-    trained: dict[str, dict[str, Any]] = {}
-    for arm in config.arms:
-        plan = job.plan(settings, arm, pairs, annotations)
-        trained[arm] = job.train(settings, arm, pairs, plan)
-    evaluated = {arm: job.evaluate(settings, arm, info, test) for arm, info in trained.items()}
-    if config.eval.base and config.eval.alpaca_eval is not None:
-        evaluated["base"] = job.evaluate(settings, "base", {"key": job.model_key, "model": config.model}, test)
+    with Workers(config.workers, log) as job.workers:
+        # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
+        annotating = job.workers.side(job.annotate, settings, pairs)
+        referencing = job.workers.side(job.reference, settings, pairs, test)
+        base = None
+        if config.eval.base and config.eval.alpaca_eval is not None:
+            base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
+                                    test)
+        annotations = annotating.result()
+        referencing.result()
+        # then every arm: its plan, its training, its evaluations, in that order; the arms side by side
+        arms = {arm: job.workers.side(job.arm, settings, arm, pairs, annotations, test) for arm in config.arms}
+        trained: dict[str, dict[str, Any]] = {}
+        evaluated: dict[str, dict[str, Any]] = {}
+        for arm, chain in arms.items():
+            trained[arm], evaluated[arm] = chain.result()
+        if base is not None:
+            evaluated["base"] = base.result()
 
     rows = comparison_rows(config, trained, evaluated)
     report = write_run_report(job.workdir, config, rows, trained, evaluated)
@@ -153,13 +170,15 @@ class _Job:
         self.config, self.workdir, self.forced, self.log = config, workdir, set(forced), log
         self.forced_from = forced[0] if forced else None
         self.stamps = Stamps(workdir)
+        self.workers = Workers(1, log)  # run() sets the run's own
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self._model_key: str | None = None
 
     def stage(self, name: str, kind: str, material: dict[str, Any], outputs: Callable[[], list[Path]],
-              action: Callable[[], dict[str, Any] | None]) -> dict[str, Any]:
-        """Skip ``name`` if its stamp matches ``material``, else run ``action`` and stamp its ``outputs``."""
+              action: Callable[..., dict[str, Any] | None], *args) -> dict[str, Any]:
+        """Skip ``name`` if its stamp matches ``material``, else run ``action(*args, log=…)`` (in a worker, with
+        several) and stamp its ``outputs``."""
         key = stage_key({"stage": kind, **material})
         stamp, why = self.stamps.check(name, key)
         if kind in self.forced:
@@ -169,13 +188,11 @@ class _Job:
             self.log(f"[{name}] unchanged, skipped")
             return {**stamp["info"], "key": key}
         self.stamps.remove(name)
-        self.log(f"[{name}] running ({why})")
-        started = time.perf_counter()
-        info = action() or {}
-        info["seconds"] = time.perf_counter() - started
+        info, seconds = self.workers.call(name, why, action, *args)
+        info = {**(info or {}), "seconds": seconds}
         self.stamps.write(name, key, outputs(), info)
         self.ran.append(name)
-        self.log(f"[{name}] done in {info['seconds']:.1f} s")
+        self.log(f"[{name}] done in {seconds:.1f} s")
         return {**info, "key": key}
 
     @property
@@ -192,19 +209,13 @@ class _Job:
     # stages
 
     def prepare(self, settings: Settings) -> tuple[Path, Path | None]:
-        from perpair.data import prepare
-
         pairs = self.workdir / "pairs.parquet"
         test = pairs.with_name("pairs.test.parquet") if settings.prepare.test_fraction > 0 else None
         sources = self.config.data.sources
         material = {"options": settings.prepare.model_dump(mode="json"),
                     "sources": [file_sha256(s) if Path(s).is_file() else s for s in sources]}
-
-        def action():
-            result = prepare(sources, pairs, settings.prepare)
-            return {"counts": result.counts}
-
-        info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], action)
+        info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], _prepare,
+                          sources, pairs, settings.prepare)
         counts = info.get("counts", {})
         self.log(f"  pairs: {', '.join(f'{k} {v:,}' for k, v in counts.items())}")
         return pairs, test
@@ -212,124 +223,104 @@ class _Job:
     def annotate(self, settings: Settings, pairs: Path) -> Path | None:
         if settings.annotate is None:
             return None
-        from perpair.annotate import annotate, calls_path
+        from perpair.annotate import calls_path
 
         output = self.workdir / "annotations.parquet"
         material = {"config": settings.annotate.model_dump(mode="json"), "pairs": file_sha256(pairs)}
-        last = [0.0]
-
-        def show(p) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 30 or p.done == p.total:
-                last[0] = now
-                self.log(f"  annotated {p.done:,}/{p.total:,} ({p.cached:,} cached, {p.failed:,} failed)")
-
-        def action():
-            result = annotate(pairs, settings.annotate, output, cache_path=self.workdir / "annotations.cache.sqlite",
-                              on_progress=show)
-            if result.shortfall:  # stop before planning on annotations that are not there; not stamped
-                raise TooFewAnnotated(f"annotate: {result.shortfall}; every answer is cached, so a re-run asks only "
-                                      "what is missing (annotate.retry_failed: true asks failed calls again)")
-            fresh = result.calls - result.cached
-            return {"pairs": result.pairs, "annotated": result.annotated_pairs, "calls": result.calls,
-                    "status": result.status, "elapsed_s": result.elapsed_s,
-                    "calls_per_second": fresh / result.elapsed_s if result.elapsed_s and fresh else None}
-
-        info = self.stage("annotate", "annotate", material, lambda: [output, calls_path(output)], action)
+        info = self.stage("annotate", "annotate", material, lambda: [output, calls_path(output)], _annotate,
+                          pairs, settings.annotate, output, self.workdir / "annotations.cache.sqlite")
         if info.get("calls_per_second"):
             self.log(f"  {info['annotated']:,} of {info['pairs']:,} pairs annotated, "
                      f"{info['calls_per_second']:.2f} teacher calls/s")
         return output
 
-    def plan(self, settings: Settings, arm: str, pairs: Path, annotations: Path | None) -> Path:
-        from perpair import plan
+    def reference(self, settings: Settings, pairs: Path, test: Path | None) -> None:
+        """The reference log-probs the arms' trainings and held-out evaluations read, computed once before them,
+        into ``WORKDIR/reference`` (a cache keyed by what decides them: nothing to compute when it has them all)."""
+        trainings: dict[tuple, dict[str, Any]] = {}
+        evaluations: dict[tuple, Any] = {}
+        for arm in self.config.arms:
+            config = settings.train_configs[arm]
+            if not config.objective.reference_free:
+                same = (config.reference_model, config.max_length, config.ld_alpha, config.precision)
+                trainings.setdefault(same, {**self._train_options(settings, arm, pairs), "plan": None,
+                                            "steps": _one_epoch(None, pairs, config.batch_size),
+                                            "out": str(self.workdir / "reference")})
+            if self.config.eval.preference is not None and test is not None:
+                evaluation = self._preference_config(settings, arm, self.config.model, test)
+                evaluations.setdefault((evaluation.max_length, evaluation.limit), evaluation)
+        if trainings or evaluations:
+            _, seconds = self.workers.call("reference", "log-probs every arm reads", _reference,
+                                           list(trainings.values()), list(evaluations.values()))
+            self.log(f"[reference] done in {seconds:.1f} s")
 
+    def arm(self, settings: Settings, arm: str, pairs: Path, annotations: Path | None,
+            test: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One arm's stages, in order: plan, train, evaluate."""
+        plan = self.plan(settings, arm, pairs, annotations)
+        trained = self.train(settings, arm, pairs, plan)
+        return trained, self.evaluate(settings, arm, trained, test)
+
+    def plan(self, settings: Settings, arm: str, pairs: Path, annotations: Path | None) -> Path:
         schedule = settings.schedules[arm]
         output = self.workdir / "arms" / arm / "plan.parquet"
         material = {"preset": self.config.arms[arm].preset, "schedule": schedule.as_dict(),
                     "pairs": file_sha256(pairs), "annotations": file_sha256(annotations) if annotations else None}
-
-        def action():
-            result = plan.build_plan(pairs, annotations, schedule, preset=self.config.arms[arm].preset)
-            plan.write_plan(result, output)
-            plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
-                              command=f"perpair run (arm {arm}, preset {self.config.arms[arm].preset})")
-            return {"counts": result.provenance["counts"]}
-
-        self.stage(f"plan.{arm}", "plan", material, lambda: [output], action)
+        self.stage(f"plan.{arm}", "plan", material, lambda: [output], _plan, pairs, annotations, schedule,
+                   self.config.arms[arm].preset, output, arm)
         return output
 
-    def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
-        from perpair.train import load_config, train
-        from perpair.train.checkpoints import checkpoints
-
-        out = self.workdir / "arms" / arm / "train"
+    def _train_options(self, settings: Settings, arm: str, pairs: Path) -> dict[str, Any]:
+        """An arm's train keys, as the run sets them (``steps`` as given: None for one epoch)."""
         keys = dict(settings.train[arm])
         if keys.get("lora") is not None:
             keys["lora"] = {**keys["lora"], "merge": True}  # the evaluation reads the merged model
+        return {**keys, "model": self.config.model, "data": str(pairs),
+                "reference_cache": str(self.workdir / "reference"),
+                "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
+
+    def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
+        out = self.workdir / "arms" / arm / "train"
+        keys = dict(settings.train[arm])
+        if keys.get("lora") is not None:
+            keys["lora"] = {**keys["lora"], "merge": True}
         if keys.get("steps") is None:
             keys["steps"] = _one_epoch(plan, pairs, settings.train_configs[arm].batch_size)
-        options = {**keys, "model": self.config.model, "data": str(pairs), "plan": str(plan), "out": str(out),
-                   "reference_cache": str(self.workdir / "reference"),
-                   "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
+        options = {**self._train_options(settings, arm, pairs), "steps": keys["steps"], "plan": str(plan),
+                   "out": str(out)}
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
-
-        def action():
-            marker = out / "stage.key"  # the stage's identity (train's own OUT/run.key is its config's)
-            resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
-            if not resume:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                marker.write_text(key)
-            config = load_config(None, {**options, "resume": resume})
-            every = max(1, config.steps // 10)
-            if resume:
-                self.log(f"  resuming from {checkpoints(out)[-1].name}")
-
-            def show(m: dict[str, Any]) -> None:
-                if m["step"] % every == 0 or m["step"] == config.steps:
-                    self.log(f"  step {m['step']}/{config.steps} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
-
-            summary = train(config, on_step=show).summary
-            keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
-                    "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
-            return {"summary": {k: summary.get(k) for k in keep}, "steps": config.steps}
-
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731
-        info = self.stage(f"train.{arm}", "train", material, outputs, action)
+        info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key)
         return {**info, "model": str(out / "model"), "metrics": str(out / "metrics.jsonl"), "plan": str(plan)}
+
+    def _preference_config(self, settings: Settings, arm: str, model: str, test: Path):
+        from perpair.eval.preference import PreferenceConfig
+        from perpair.train.setup import REFERENCE_PACKING
+
+        p = self.config.eval.preference
+        max_length = p.max_length or settings.train_configs[arm].max_length
+        # the reference's log-probs of the held-out pairs come from the run's reference pass; without gradients
+        # several pairs share a forward (as the training reference pass)
+        return PreferenceConfig(model=model, ref=self.config.model, data=test, beta=p.beta, max_length=max_length,
+                                limit=p.limit, name=arm, tokens_per_forward=REFERENCE_PACKING * max_length,
+                                reference_cache=self.workdir / "reference")
 
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
-        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig
         from perpair.eval.generate import GenerationConfig
-        from perpair.eval.preference import PreferenceConfig, run_preference, write_results
-        from perpair.train.setup import REFERENCE_PACKING
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
         if section.preference is not None and arm != "base" and test is not None:
-            p = section.preference
-            max_length = p.max_length or settings.train_configs[arm].max_length
-            # the reference's log-probs of the held-out pairs are computed by the first arm's evaluation and read
-            # by the others; without gradients several pairs share a forward (as the training reference pass)
-            config = PreferenceConfig(model=trained["model"], ref=self.config.model, data=test, beta=p.beta,
-                                      max_length=max_length, limit=p.limit, name=arm,
-                                      tokens_per_forward=REFERENCE_PACKING * max_length,
-                                      reference_cache=self.workdir / "reference")
+            config = self._preference_config(settings, arm, trained["model"], test)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
                         "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
-
-            def preference():
-                row = run_preference(config)
-                write_results(row, folder / "preference")
-                return {k: row.get(k) for k in ("accuracy", "mean_margin", "margin_se", "n_total",
-                                                "length_normalised_accuracy")}
-
             results["preference"] = self.stage(f"eval.{arm}.preference", "eval", material,
-                                               lambda: [folder / "preference" / "results.json"], preference)
+                                               lambda: [folder / "preference" / "results.json"], _preference,
+                                               config, folder / "preference")
         if section.alpaca_eval is not None:
             a = section.alpaca_eval
             config = AlpacaEvalConfig(
@@ -342,19 +333,114 @@ class _Job:
             # dtype auto leaves the stamp as it was before the option existed
             material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
                         "model": trained["key"]}
-
-            def alpaca_eval():
-                row = run_alpaca_eval(config)
-                return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate",
-                                                "standard_error", "n_total", "avg_length", "lc_method")}
-
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
-                                                lambda: [folder / "alpaca_eval" / "results.json"], alpaca_eval)
+                                                lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
+                                                config)
         return results
 
 
-def _one_epoch(plan: Path, pairs: Path, batch_size: int) -> int:
-    """Optimizer steps that read every pair the plan trains once (the rows ``perpair train`` trains)."""
+# -------------------------------------------------------------------------------------------------------
+# each stage's work: module-level functions of picklable arguments, called with a ``log`` (in a worker process
+# when the run has several)
+
+def _prepare(sources: list[str], pairs: Path, options, *, log: Log) -> dict[str, Any]:
+    from perpair.data import prepare
+
+    return {"counts": prepare(sources, pairs, options).counts}
+
+
+def _annotate(pairs: Path, config, output: Path, cache: Path, *, log: Log) -> dict[str, Any]:
+    from perpair.annotate import annotate
+
+    last = [0.0]
+
+    def show(p) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 30 or p.done == p.total:
+            last[0] = now
+            log(f"  annotated {p.done:,}/{p.total:,} ({p.cached:,} cached, {p.failed:,} failed)")
+
+    result = annotate(pairs, config, output, cache_path=cache, on_progress=show)
+    if result.shortfall:  # stop before planning on annotations that are not there; not stamped
+        raise TooFewAnnotated(f"annotate: {result.shortfall}; every answer is cached, so a re-run asks only "
+                              "what is missing (annotate.retry_failed: true asks failed calls again)")
+    fresh = result.calls - result.cached
+    return {"pairs": result.pairs, "annotated": result.annotated_pairs, "calls": result.calls,
+            "status": result.status, "elapsed_s": result.elapsed_s,
+            "calls_per_second": fresh / result.elapsed_s if result.elapsed_s and fresh else None}
+
+
+def _reference(trainings: list[dict[str, Any]], evaluations: list, *, log: Log) -> None:
+    from perpair.eval.preference import cache_reference
+    from perpair.train import load_config, reference_pass
+
+    for options in trainings:
+        result = reference_pass(load_config(None, options))
+        if result["pairs_computed"]:
+            log(f"  training pairs: {result['pairs_computed']:,} computed in {result['seconds']:.1f} s")
+    for config in evaluations:
+        cache_reference(config)
+
+
+def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: Path, arm: str, *,
+          log: Log) -> dict[str, Any]:
+    from perpair import plan
+
+    result = plan.build_plan(pairs, annotations, schedule, preset=preset)
+    plan.write_plan(result, output)
+    plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
+                      command=f"perpair run (arm {arm}, preset {preset})")
+    return {"counts": result.provenance["counts"]}
+
+
+def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[str, Any]:
+    from perpair.train import load_config, train
+    from perpair.train.checkpoints import checkpoints
+
+    marker = out / "stage.key"  # the stage's identity (train's own OUT/run.key is its config's)
+    resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        marker.write_text(key)
+    config = load_config(None, {**options, "resume": resume})
+    every = max(1, config.steps // 10)
+    if resume:
+        log(f"  resuming from {checkpoints(out)[-1].name}")
+
+    def show(m: dict[str, Any]) -> None:
+        if m["step"] % every == 0 or m["step"] == config.steps:
+            log(f"  step {m['step']}/{config.steps} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
+
+    summary = train(config, on_step=show).summary
+    keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
+            "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
+    return {"summary": {k: summary.get(k) for k in keep}, "steps": config.steps}
+
+
+def _preference(config, folder: Path, *, log: Log) -> dict[str, Any]:
+    from perpair.eval.preference import run_preference, write_results
+
+    row = run_preference(config)
+    write_results(row, folder)
+    return {k: row.get(k) for k in ("accuracy", "mean_margin", "margin_se", "n_total", "length_normalised_accuracy")}
+
+
+def _alpaca_eval(config, *, log: Log) -> dict[str, Any]:
+    from perpair.eval.alpaca_eval import run_alpaca_eval
+
+    row = run_alpaca_eval(config)
+    return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
+                                    "n_total", "avg_length", "lc_method")}
+
+
+def _one_epoch(plan: Path | None, pairs: Path, batch_size: int) -> int:
+    """Optimizer steps that read every pair the plan trains once (the rows ``perpair train`` trains; no plan:
+    every pair)."""
+    if plan is None:
+        import pyarrow.parquet as pq
+
+        return math.ceil(pq.ParquetFile(pairs).metadata.num_rows / batch_size)
     from perpair.plan.decode import plan_arrays
 
     return math.ceil(len(plan_arrays(plan, pairs).order) / batch_size)

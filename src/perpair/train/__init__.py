@@ -20,10 +20,11 @@ completion-only, chunked log-probs), :mod:`~perpair.train.reference` (on-disk re
 
 from perpair.train.config import LoraConfig, TrainConfig, load_config, parse_overrides
 from perpair.train.logprobs import sequence_logps
-from perpair.train.loop import NonFiniteLoss, TrainResult, train
+from perpair.train.loop import NonFiniteLoss, TrainResult, reference_pass, train
 from perpair.train.losses import LOSSES, Logps, LossParams, PairLosses, routed_losses
 
 __all__ = [
     "LOSSES", "LoraConfig", "LossParams", "Logps", "NonFiniteLoss", "PairLosses", "TrainConfig",
-    "TrainResult", "load_config", "parse_overrides", "routed_losses", "sequence_logps", "train",
+    "TrainResult", "load_config", "parse_overrides", "reference_pass", "routed_losses", "sequence_logps",
+    "train",
 ]

@@ -172,6 +172,21 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
 
 
+def reference_pass(config: TrainConfig, on_reference: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """The reference log-probs a run of ``config`` needs, into its cache (``config.reference_cache``), without
+    training: runs over the same pairs that start after it (``perpair run``'s arms, side by side) read them
+    instead of each computing them. ``config.plan`` left out means every pair. Returns how many pairs were
+    computed and in how many seconds."""
+    accelerator = setup_accelerator(config)
+    data = load_data(config, accelerator)
+    tokenizer = load_tokenizer(config)
+    batches = build_step_batches(config, data, tokenizer)
+    started = time.perf_counter()
+    reference = compute_reference(config, data, batches, tokenizer, load_model(config.model, accelerator),
+                                  accelerator, on_reference, from_first_step=False)
+    return {"pairs_computed": reference.computed, "seconds": time.perf_counter() - started}
+
+
 # --------------------------------------------------------------------------------------------------------
 # the step
 

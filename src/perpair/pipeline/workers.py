@@ -1,0 +1,141 @@
+"""Stages side by side: ``perpair run`` with ``workers: N`` keeps up to N stages running, each in a worker process.
+
+On a CPU two stages with one core each finish sooner than the same stages one after the other with two cores
+each: much of a small model's work (attention over short rows, elementwise kernels, the optimizer, generating
+token by token) does not speed up with a second thread (README, "Stages side by side", says by how much). So the
+run's independent work goes through a pool of N spawned processes (nothing of the run's own process is shared),
+each with cores / N PyTorch threads: the annotation pass beside the reference pass the arms share and the base
+model's evaluation, then the arms, each arm's training and evaluations in order, N stages at a time.
+
+The run's own process stays the one that decides: it checks and writes the stamps and starts each stage's work
+(a module-level function and picklable arguments, called with a ``log``). What a worker logs comes back to the
+run's log, named by its stage. A stage that fails stops new stages from starting; the running ones finish (their
+work is kept) and the first failure is the error the run reports. A worker dies with the run (Linux), so a killed
+run never leaves one writing into its workdir. ``workers: 1`` runs everything in the run's process, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any
+
+from perpair.errors import PerpairError
+
+Log = Callable[[str], None]
+
+_log_queue = None  # in a worker process: where its stages' log lines go
+
+
+class Stopped(PerpairError):
+    """A stage not started because another one failed (that one is the run's error)."""
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Workers:
+    """``side(chain, ...)`` runs a chain of stages beside the others; inside it, ``call(name, why, action, ...)``
+    runs one stage's work in a worker process. With one worker both run at once, in the caller's process."""
+
+    def __init__(self, workers: int, log: Log):
+        self.workers, self.log = workers, log
+        self.threads = max(1, available_cores() // workers)  # PyTorch threads of each worker process
+        self._errors: list[BaseException] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Workers:
+        if self.workers > 1:
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")
+            self._queue = context.Queue()
+            self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                  initargs=(self._queue, self.threads, os.getpid()))
+            self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
+            self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
+            self._printer.start()
+        return self
+
+    def side(self, chain: Callable[..., Any], *args) -> Future:
+        """``chain(*args)`` (stages in order) beside the other chains; with one worker, now."""
+        if self.workers == 1:
+            done: Future = Future()
+            done.set_result(chain(*args))
+            return done
+        return self._chains.submit(self._chain, chain, *args)
+
+    def call(self, name: str, why: str, action: Callable[..., Any], *args) -> tuple[Any, float]:
+        """``action(*args, log=…)``, logged as stage ``name`` running for ``why``; returns its result and seconds."""
+        if self.workers == 1:
+            return _timed(name, why, action, args, self.log)
+        if self._stop.is_set():
+            raise Stopped(f"{name}: not started, as another stage failed")
+        return self._processes.submit(_in_worker, name, why, action, args).result()
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if self.workers == 1:
+            return False
+        if exc is not None:
+            self._stop.set()
+        if isinstance(exc, KeyboardInterrupt):  # workers outside the terminal's process group did not get it
+            for process in list((getattr(self._processes, "_processes", None) or {}).values()):
+                process.terminate()
+        self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
+        self._processes.shutdown(wait=True, cancel_futures=True)
+        self._queue.put(None)
+        self._printer.join()
+        self._queue.close()
+        self._queue.join_thread()
+        if isinstance(exc, KeyboardInterrupt):
+            return False
+        first = next((e for e in self._errors if not isinstance(e, Stopped)), None)
+        if first is not None and first is not exc:
+            raise first
+        return False
+
+    def _chain(self, chain: Callable[..., Any], *args) -> Any:
+        try:
+            return chain(*args)
+        except BaseException as exc:
+            self._errors.append(exc)
+            self._stop.set()
+            raise
+
+    def _print(self) -> None:
+        while (line := self._queue.get()) is not None:
+            self.log(line)
+
+
+def _timed(name: str, why: str, action: Callable[..., Any], args: tuple, log: Log) -> tuple[Any, float]:
+    log(f"[{name}] running ({why})")
+    started = time.perf_counter()
+    result = action(*args, log=log)
+    return result, time.perf_counter() - started
+
+
+def _start_worker(log_queue, threads: int, parent: int) -> None:
+    global _log_queue
+    _log_queue = log_queue
+    if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:  # the run died before that took effect
+            os._exit(1)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _in_worker(name: str, why: str, action: Callable[..., Any], args: tuple) -> tuple[Any, float]:
+    def log(line: str) -> None:  # the run's own lines name their stage; a stage's progress lines get its name
+        _log_queue.put(line if line.startswith("[") else f"[{name}] {line.strip()}")
+
+    return _timed(name, why, action, args, log)
