@@ -185,9 +185,14 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny, workers):
+    """A run killed mid-training resumes there; with workers, its worker processes die with it (none is left
+    training into the workdir)."""
+    import psutil
+
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
-                     arms={"dpo": {"preset": "dpo", "train": {"steps": 16}}})
+                     arms={"dpo": {"preset": "dpo", "train": {"steps": 16}}}, workers=workers)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     checkpoints = tmp_path / "work" / "arms" / "dpo" / "train" / "checkpoints"
@@ -198,8 +203,12 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     while not any(checkpoints.glob("step-0000000[3-9]")) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert len(children) >= (workers if workers > 1 else 0)  # the pool (and the resource tracker of spawn)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive
     assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
     result = subprocess.run(command, capture_output=True, text=True, env=env)

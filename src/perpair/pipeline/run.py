@@ -65,7 +65,7 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
     with Workers(config.workers, log) as job.workers:
         # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
         annotating = job.workers.side(job.annotate, settings, pairs)
-        referencing = job.workers.side(job.reference, settings, pairs, test)
+        referencing = job.workers.side(job.reference, *job.reference_work(settings, pairs, test))
         base = None
         if config.eval.base and config.eval.alpaca_eval is not None:
             base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
@@ -234,9 +234,17 @@ class _Job:
                      f"{info['calls_per_second']:.2f} teacher calls/s")
         return output
 
-    def reference(self, settings: Settings, pairs: Path, test: Path | None) -> None:
+    def reference(self, trainings: list[dict[str, Any]], evaluations: list) -> None:
         """The reference log-probs the arms' trainings and held-out evaluations read, computed once before them,
         into ``WORKDIR/reference`` (a cache keyed by what decides them: nothing to compute when it has them all)."""
+        if trainings or evaluations:
+            _, seconds = self.workers.call("reference", "log-probs every arm reads", _reference, trainings,
+                                           evaluations)
+            self.log(f"[reference] done in {seconds:.1f} s")
+
+    def reference_work(self, settings: Settings, pairs: Path, test: Path | None) -> tuple[list, list]:
+        """What :meth:`reference` computes: the train options of each distinct reference of the arms' trainings
+        (every pair) and the preference configs of their held-out evaluations."""
         trainings: dict[tuple, dict[str, Any]] = {}
         evaluations: dict[tuple, Any] = {}
         for arm in self.config.arms:
@@ -249,10 +257,7 @@ class _Job:
             if self.config.eval.preference is not None and test is not None:
                 evaluation = self._preference_config(settings, arm, self.config.model, test)
                 evaluations.setdefault((evaluation.max_length, evaluation.limit), evaluation)
-        if trainings or evaluations:
-            _, seconds = self.workers.call("reference", "log-probs every arm reads", _reference,
-                                           list(trainings.values()), list(evaluations.values()))
-            self.log(f"[reference] done in {seconds:.1f} s")
+        return list(trainings.values()), list(evaluations.values())
 
     def arm(self, settings: Settings, arm: str, pairs: Path, annotations: Path | None,
             test: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:

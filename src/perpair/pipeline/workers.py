@@ -53,6 +53,10 @@ class Workers:
         if self.workers > 1:
             import multiprocessing
 
+            from perpair.allocator import children_preloaded
+
+            self._allocator = children_preloaded()  # the workers' malloc is the run's (tcmalloc & co.)
+            self._allocator.__enter__()
             context = multiprocessing.get_context("spawn")
             self._queue = context.Queue()
             self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
@@ -92,6 +96,7 @@ class Workers:
         self._printer.join()
         self._queue.close()
         self._queue.join_thread()
+        self._allocator.__exit__(None, None, None)
         if isinstance(exc, KeyboardInterrupt):
             return False
         first = next((e for e in self._errors if not isinstance(e, Stopped)), None)
@@ -120,11 +125,13 @@ def _timed(name: str, why: str, action: Callable[..., Any], args: tuple, log: Lo
 
 
 def _start_worker(log_queue, threads: int, parent: int) -> None:
+    import signal
+
     global _log_queue
     _log_queue = log_queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's: it stops its workers (no tracebacks here)
     if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG
         import ctypes
-        import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
         if os.getppid() != parent:  # the run died before that took effect
