@@ -124,6 +124,18 @@ def test_stages_side_by_side_give_the_same_results(tmp_path, tiny, monkeypatch):
         summary = json.loads((tmp_path / "workers2" / "work" / "arms" / arm / "train" / "summary.json").read_text())
         assert summary["reference_pairs_computed"] == 0 and summary["reference_pairs_from_first_step"] == 0
 
+    # unchanged, again: every stage skipped, and the reference pass finds every pair without loading a model
+    import perpair.train.loop as loop
+    import perpair.train.setup as setup
+
+    for module in (setup, loop):
+        monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: pytest.fail("a model was loaded"))
+    config = _config(tmp_path / "workers1", tiny, arms=arms)
+    config["train"]["threads"] = 1
+    again, lines = _run(config)
+    assert not again.ran and timeless(again.rows) == timeless(in_order.rows)
+    assert "[reference] running (log-probs every arm reads)" in lines
+
 
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     from perpair.errors import PerpairError

@@ -251,7 +251,8 @@ class _Job:
             config = settings.train_configs[arm]
             if not config.objective.reference_free:
                 same = (config.reference_model, config.max_length, config.ld_alpha, config.precision)
-                trainings.setdefault(same, {**self._train_options(settings, arm, pairs), "plan": None,
+                trainings.setdefault(same, {**self._train_options(self._train_keys(settings, arm), arm, pairs),
+                                            "plan": None,
                                             "steps": _one_epoch(None, pairs, config.batch_size),
                                             "out": str(self.workdir / "reference")})
             if self.config.eval.preference is not None and test is not None:
@@ -275,24 +276,26 @@ class _Job:
                    self.config.arms[arm].preset, output, arm)
         return output
 
-    def _train_options(self, settings: Settings, arm: str, pairs: Path) -> dict[str, Any]:
-        """An arm's train keys, as the run sets them (``steps`` as given: None for one epoch)."""
+    @staticmethod
+    def _train_keys(settings: Settings, arm: str) -> dict[str, Any]:
+        """An arm's train keys (``steps`` as given: None for one epoch), a LoRA adapter merged after training."""
         keys = dict(settings.train[arm])
         if keys.get("lora") is not None:
             keys["lora"] = {**keys["lora"], "merge": True}  # the evaluation reads the merged model
+        return keys
+
+    def _train_options(self, keys: dict[str, Any], arm: str, pairs: Path) -> dict[str, Any]:
+        """``keys`` and what the run sets itself, but the plan, the steps and the output folder."""
         return {**keys, "model": self.config.model, "data": str(pairs),
                 "reference_cache": str(self.workdir / "reference"),
                 "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         out = self.workdir / "arms" / arm / "train"
-        keys = dict(settings.train[arm])
-        if keys.get("lora") is not None:
-            keys["lora"] = {**keys["lora"], "merge": True}
+        keys = self._train_keys(settings, arm)
         if keys.get("steps") is None:
             keys["steps"] = _one_epoch(plan, pairs, settings.train_configs[arm].batch_size)
-        options = {**self._train_options(settings, arm, pairs), "steps": keys["steps"], "plan": str(plan),
-                   "out": str(out)}
+        options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731

@@ -58,7 +58,8 @@ class Workers:
             self._allocator = children_preloaded()  # the workers' malloc is the run's (tcmalloc & co.)
             self._allocator.__enter__()
             context = multiprocessing.get_context("spawn")
-            self._queue = context.Queue()
+            _start_resource_tracker()
+            self._queue = context.SimpleQueue()
             self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
                                                   initargs=(self._queue, self.threads, os.getpid()))
             self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
@@ -87,7 +88,7 @@ class Workers:
             return False
         if exc is not None:
             self._stop.set()
-        if isinstance(exc, KeyboardInterrupt):  # workers outside the terminal's process group did not get it
+        if isinstance(exc, KeyboardInterrupt):  # the workers ignore Ctrl-C: the run stops them
             for process in list((getattr(self._processes, "_processes", None) or {}).values()):
                 process.terminate()
         self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
@@ -95,7 +96,6 @@ class Workers:
         self._queue.put(None)
         self._printer.join()
         self._queue.close()
-        self._queue.join_thread()
         self._allocator.__exit__(None, None, None)
         if isinstance(exc, KeyboardInterrupt):
             return False
@@ -115,6 +115,22 @@ class Workers:
     def _print(self) -> None:
         while (line := self._queue.get()) is not None:
             self.log(line)
+
+
+def _start_resource_tracker() -> None:
+    """Start spawn's resource tracker (it unlinks the semaphores of queues and locks left at exit) without its
+    warning about them: the libraries the workers import leave two, which the user can do nothing about."""
+    from multiprocessing import resource_tracker
+
+    before = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore::UserWarning"
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if before is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = before
 
 
 def _timed(name: str, why: str, action: Callable[..., Any], args: tuple, log: Log) -> tuple[Any, float]:

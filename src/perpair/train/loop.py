@@ -182,8 +182,8 @@ def reference_pass(config: TrainConfig, on_reference: Callable[[int, int], None]
     tokenizer = load_tokenizer(config)
     batches = build_step_batches(config, data, tokenizer)
     started = time.perf_counter()
-    reference = compute_reference(config, data, batches, tokenizer, load_model(config.model, accelerator),
-                                  accelerator, on_reference, from_first_step=False)
+    reference = compute_reference(config, data, batches, tokenizer, None, accelerator, on_reference,
+                                  from_first_step=False)  # the model is loaded only if a pair is missing
     return {"pairs_computed": reference.computed, "seconds": time.perf_counter() - started}
 
 

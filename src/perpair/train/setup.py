@@ -114,7 +114,8 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     """Reference log-probs (:class:`~perpair.train.reference.RunReference`, in the trained orientation) of the
     preference pairs of the run (SFT pairs and reference-free losses need none), from the cache, the missing
     ones computed now, except, with ``from_first_step`` (a run starting at its first step), those that step's
-    forward gives (:func:`first_step_rows`). The main process fills the cache; the others read it."""
+    forward gives (:func:`first_step_rows`). The main process fills the cache; the others read it. ``policy``
+    None: the initial model is loaded if a pair is missing (a pass that does not train)."""
     if config.objective.reference_free:
         return reference.RunReference()
     rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
@@ -136,7 +137,9 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     deferred = frozenset(pid for r in first if (pid := data.pair_ids[r]) not in cached)
 
     def load():  # the initial policy is the default reference: no second model is loaded
-        return policy if config.reference_model is None else load_model(config.reference_model, accelerator)
+        if config.reference_model is not None:
+            return load_model(config.reference_model, accelerator)
+        return policy if policy is not None else load_model(config.model, accelerator)
 
     computed = 0
     autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
