@@ -107,12 +107,16 @@ def test_stages_side_by_side_give_the_same_results(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(workers, "available_cores", lambda: 2)  # one thread per worker on any machine
     arms = {"dpo": {"preset": "dpo"}, "mixdpo": {"preset": "mixdpo"}}
     results = {}
-    for count in (1, 2):
-        config = _config(tmp_path / f"workers{count}", tiny, arms=arms)
-        config["train"]["threads"] = 1
-        config["workers"] = count
-        torch.set_num_threads(1)  # the run in order evaluates in this process
-        results[count] = _run(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the run in order evaluates in this process
+    try:
+        for count in (1, 2):
+            config = _config(tmp_path / f"workers{count}", tiny, arms=arms)
+            config["train"]["threads"] = 1
+            config["workers"] = count
+            results[count] = _run(config)
+    finally:
+        torch.set_num_threads(threads)
     (in_order, _), (side_by_side, lines) = results[1], results[2]
     assert set(side_by_side.ran) == set(in_order.ran) and len(side_by_side.ran) == len(set(side_by_side.ran))
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rows]  # noqa: E731
