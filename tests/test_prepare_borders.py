@@ -12,7 +12,7 @@ import pytest
 import perpair.artifacts
 import perpair.data.sources
 from cli_inprocess import run_cli_inprocess
-from conftest import UF_TRAIN, run_cli
+from conftest import SHARED_DATA, UF_TRAIN, run_cli
 from perpair.data import read_pairs
 
 GOOD = {"prompt": "Name a prime.", "chosen": "7", "rejected": "8"}
@@ -104,6 +104,19 @@ def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, spec):
     assert line.startswith(f"error: file {spec}: no such file")
     if "/" in spec and not spec.startswith(("/", ".")):
         assert f"not looked up as a Hugging Face dataset id; write hub:{spec} for that" in line
+
+
+@pytest.mark.parametrize("folder", [SHARED_DATA / "alpaca_eval" / "annotations", SHARED_DATA])
+def test_a_folder_that_is_no_dataset_is_one_short_error_line(tmp_path, folder):
+    """AlpacaEval's annotation files, whose columns differ (and the whole data folder, whose README the Hub
+    library reads): Datasets' error lists every file of the folder, and it and the Hub library print progress
+    bars and notices; the user gets one error line naming the folder, the error's start and end (Datasets'
+    advice), and how much was cut."""
+    line = one_error(run_cli_inprocess("prepare", folder, "-o", tmp_path / "o.parquet"))
+    assert line.startswith(f"error: file {folder}: loading it as a dataset (split 'train') failed: "
+                           "DatasetGenerationCastError: ")
+    assert len(line) < 700 and "characters cut) … " in line and line.endswith("#multiple-configurations)")
+    assert nothing_written(tmp_path)
 
 
 def test_a_bad_option_value_names_the_option(tmp_path):

@@ -8,6 +8,7 @@ value, so the caller decides whether it stops the run or is skipped and counted.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -184,17 +185,49 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
         raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
 
 
+DETAIL_CHARS = 400  # of a Datasets error, in the one error line
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool):
+    """Datasets' progress bars and notices (and the Hub library's, which reads a folder's README) off for the
+    block (``quiet``), then as they were."""
+    from datasets.utils import logging as ds_logging
+    from huggingface_hub.utils import logging as hub_logging
+
+    if not quiet:
+        yield
+        return
+    bars, verbosity, hub = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity(), hub_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
 def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[int, Any, str | None]]:
     import datasets
 
     name = source.spec.removeprefix("hub:")
+    folder = not source.spec.startswith("hub:") and Path(name).is_dir()
     try:
-        dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
+        with _quiet_datasets(folder):  # a local folder: no download to follow, only Datasets' notices
+            dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
-        local = "" if source.spec.startswith("hub:") or Path(source.spec).is_dir() else \
+        local = "" if source.spec.startswith("hub:") or folder else \
             "there is no local file or folder of that name, and "
+        detail = " ".join(str(exc).split())
+        if len(detail) > DETAIL_CHARS:  # Datasets may list every file of a folder: its start and its advice
+            head, tail = detail[:DETAIL_CHARS - 150].rstrip(), detail[-150:].lstrip()
+            detail = f"{head} … ({len(detail) - len(head) - len(tail):,} characters cut) … {tail}"
         raise InputError(f"{local}loading it as a dataset (split {source.split!r}) failed: "
-                         f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=source.spec) from None
+                         f"{type(exc).__name__}: {detail}", file=source.spec) from None
     provenance["fingerprint"] = getattr(dataset, "_fingerprint", None)
     for number, row in enumerate(dataset, start=1):
         yield number, row, None
