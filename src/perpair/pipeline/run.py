@@ -56,10 +56,11 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         raise PerpairError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
     settings = validate(config)
     job = _Job(config, Path(config.workdir), STAGES[STAGES.index(from_stage):] if from_stage else (), log)
-    busy = config.workers * max(settings.train_configs[arm].threads or 1 for arm in config.arms)
-    if config.workers > 1 and busy > available_cores():
-        log(f"note: workers {config.workers} × train.threads use {busy} threads on {available_cores()} cores; "
-            "leave train.threads out to give each worker its share")
+    threads = max(settings.train_configs[arm].threads or 0 for arm in config.arms)
+    if config.workers > 1 and config.workers * max(threads, 1) > available_cores():
+        given = f" × train.threads {threads}" if threads else ""
+        log(f"note: workers {config.workers}{given} > {available_cores()} cores: the stages will share cores"
+            + ("; leave train.threads out to give each worker its share" if threads else ""))
 
     pairs, test = job.prepare(settings)
     with Workers(config.workers, log) as job.workers:
