@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from perpair.pipeline.workers import available_cores
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 AE = SHARED / "alpaca_eval"
@@ -53,7 +55,8 @@ def main() -> None:
     perpair = Path(sys.executable).with_name("perpair")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     walls: dict[int, list[float]] = {count: [] for count in counts}
-    print(f"{len(arms)} arms, {args.limit} pairs, {os.cpu_count()} cores; {args.rounds} rounds of workers {counts}")
+    print(f"{len(arms)} arms, {args.limit} pairs, {available_cores()} cores; {args.rounds} rounds of workers "
+          f"{counts}")
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for count in counts:

@@ -189,15 +189,12 @@ DETAIL_CHARS = 400  # of a Datasets error, in the one error line
 
 
 @contextlib.contextmanager
-def _quiet_datasets(quiet: bool):
+def _quiet_datasets():
     """Datasets' progress bars and notices (and the Hub library's, which reads a folder's README) off for the
-    block (``quiet``), then as they were."""
+    block, then as they were."""
     from datasets.utils import logging as ds_logging
     from huggingface_hub.utils import logging as hub_logging
 
-    if not quiet:
-        yield
-        return
     bars, verbosity, hub = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity(), hub_logging.get_verbosity()
     ds_logging.disable_progress_bar()
     ds_logging.set_verbosity_error()
@@ -217,7 +214,7 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
     name = source.spec.removeprefix("hub:")
     folder = not source.spec.startswith("hub:") and Path(name).is_dir()
     try:
-        with _quiet_datasets(folder):  # a local folder: no download to follow, only Datasets' notices
+        with _quiet_datasets() if folder else contextlib.nullcontext():  # a folder: no download to follow
             dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
         local = "" if source.spec.startswith("hub:") or folder else \

@@ -17,6 +17,7 @@ run never leaves one writing into its workdir. ``workers: 1`` runs everything in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -56,16 +57,17 @@ class Workers:
 
             from perpair.allocator import children_preloaded
 
-            self._allocator = children_preloaded()  # the workers' malloc is the run's (tcmalloc & co.)
-            self._allocator.__enter__()
-            context = multiprocessing.get_context("spawn")
-            _start_resource_tracker()
-            self._queue = context.SimpleQueue()
-            self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
-                                                  initargs=(self._queue, self.threads, os.getpid()))
-            self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
-            self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
-            self._printer.start()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(children_preloaded())  # the workers' malloc is the run's (tcmalloc & co.)
+                context = multiprocessing.get_context("spawn")
+                _start_resource_tracker()
+                self._queue = context.SimpleQueue()
+                self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
+                                                      initargs=(self._queue, self.threads, os.getpid()))
+                self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
+                self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
+                self._printer.start()
+                self._environment = stack.pop_all()  # put back in __exit__
         return self
 
     def side(self, chain: Callable[..., Any], *args) -> Future:
@@ -97,7 +99,7 @@ class Workers:
         self._queue.put(None)
         self._printer.join()
         self._queue.close()
-        self._allocator.__exit__(None, None, None)
+        self._environment.close()
         if isinstance(exc, KeyboardInterrupt):
             return False
         first = next((e for e in self._errors if not isinstance(e, Stopped)), None)
