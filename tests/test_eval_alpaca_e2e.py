@@ -20,8 +20,7 @@ from llama_server import JUDGE_ALIAS
 
 AE = SHARED_DATA / "alpaca_eval"
 N = 20
-COMMON = ("--model", "smollm2", "--limit", str(N), "--max-new-tokens", "24", "--batch-size", "4",
-          "--judge-batch-size", "4", "--offline",
+COMMON = ("--model", "smollm2", "--limit", str(N), "--max-new-tokens", "24", "--batch-size", "4", "--offline",
           "--reference", str(AE / "reference_outputs_gpt4_1106_preview.json.gz"),
           "--judge-prompt", str(AE / "judge_prompt_alpaca_eval_clf.txt"),
           "--difficulty", str(AE / "instruction_difficulty_reconstructed.csv"), "--json")

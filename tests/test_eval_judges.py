@@ -95,3 +95,19 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
     plain = generation_identity("f", GenerationConfig(max_new_tokens=8))
     assert "dtype" not in plain["settings"]
     assert generation_identity("f", GenerationConfig(max_new_tokens=8, dtype="bfloat16")) != plain
+
+
+@pytest.mark.component
+def test_local_judge_scores_one_prompt_per_pass_on_a_cpu_unless_told(tiny_model_dir):
+    """By default a local AlpacaEval judge on a CPU runs its prompts one by one (no padding: faster there); a
+    batch size given is kept; both give the same judgments up to float noise."""
+    from perpair.eval.judges import LocalLogprobJudge
+
+    instructions = ["Name a colour.", "Write two sentences about the sea and one about the sky, please."]
+    prompts = [chatml_to_messages(fill_template(TEMPLATE, text, "an answer", "another, longer answer " * k))
+               for k, text in enumerate(instructions, start=1)]
+    default, batched = LocalLogprobJudge(str(tiny_model_dir)), LocalLogprobJudge(str(tiny_model_dir), batch_size=3)
+    assert (default.batch_size, default.scorer.batch_size) == (1, 1)
+    assert (batched.batch_size, batched.scorer.batch_size) == (3, 3)
+    for one, many in zip(default.judge(prompts), batched.judge(prompts), strict=True):
+        assert one["logprobs"] == pytest.approx(many["logprobs"], abs=1e-4)

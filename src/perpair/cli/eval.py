@@ -123,7 +123,8 @@ def alpaca_eval_command(
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
-    judge_batch_size: Annotated[int, typer.Option(help="Prompts per forward pass of a local judge.")] = 4,
+    judge_batch_size: Annotated[int | None, typer.Option(
+        help="Prompts per forward pass of a local judge (default: 1 on a CPU, 8 on an accelerator).")] = None,
     name: Annotated[str | None, typer.Option(help="Generator name written in the files.")] = None,
     reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
     judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
@@ -174,7 +175,7 @@ def arena_hard_command(
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
-    judge_batch_size: Annotated[int, typer.Option(help="Prompts per batch of a local judge.")] = 4,
+    judge_batch_size: Annotated[int | None, typer.Option(help="A local judge's prompts per batch (default 4).")] = None,
     judge_max_tokens: Annotated[int, typer.Option(help="Judgment length cap in tokens.")] = 4096,
     questions: Annotated[Path | None, typer.Option(help="Arena-Hard v0.1 question.jsonl(.gz).")] = None,
     baseline_answers: Annotated[Path | None, typer.Option(help="gpt-4-0314 answers (.jsonl(.gz)).")] = None,

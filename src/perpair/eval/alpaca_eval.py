@@ -44,7 +44,10 @@ class JudgeConfig(BaseModel):
     model_name: str | None = Field(None, description="Model name sent to the server (API judges).")
     api_key_env: str | None = Field(None, description="Environment variable holding the server's API key.")
     concurrency: int = Field(8, ge=1, description="Requests in flight (API judges).")
-    batch_size: int = Field(4, ge=1, description="Prompts per forward pass (local judges).")
+    batch_size: int | None = Field(
+        None, ge=1, description="Prompts per forward pass of a local judge (default: the AlpacaEval judge 1 on a CPU, "
+                                "where padding costs more than batching gains, 8 on an accelerator; Arena-Hard's "
+                                "writing judge 4).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights of a local judge: auto = bfloat16 on a GPU, float32 on a CPU. bfloat16 is "
                             "several times faster on CPUs with AVX512-BF16/AMX and moves the judge's log-probs a "
@@ -183,7 +186,7 @@ def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: Ju
     on_progress(done, total)
     if todo:
         judge = load_judge(judge_config)
-        step = judge_config.batch_size if not judge_config.is_api else max(judge_config.concurrency * 4, 32)
+        step = judge.batch_size if not judge_config.is_api else max(judge_config.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             results = judge.judge([m for _, _, m in chunk])

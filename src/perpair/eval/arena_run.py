@@ -183,7 +183,7 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
         judge = (ApiChatJudge(config.judge.client_config()) if config.judge.is_api else
                  LocalChatJudge(resolve_model(config.judge.judge), batch_size=config.judge.batch_size,
                                 max_prompt_tokens=config.judge.max_prompt_tokens))
-        step = config.judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
+        step = judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             texts = judge.complete([conversations[i] for i in chunk], config.judge_max_tokens)

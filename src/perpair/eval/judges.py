@@ -89,12 +89,17 @@ def _load_hf(model: str, dtype: str = "auto"):
 class LocalLogprobJudge:
     """A local causal LM as the AlpacaEval judge: P(m) and P(M) as its next token after the judge prompt."""
 
-    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192, dtype: str = "auto"):
+    def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192,
+                 dtype: str = "auto"):
         from perpair.llm.scoring import OptionScorer
 
         self.name = f"local:{model}"
         hf_model, self.tokenizer = _load_hf(model, dtype)
-        self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=batch_size, max_length=max_prompt_tokens)
+        # None: one prompt per pass on a CPU (judge prompts differ in length by hundreds of tokens, and the padded,
+        # masked batch is slower there than the prompts one by one: README, "Evaluate"), 8 on an accelerator
+        self.batch_size = batch_size or (1 if hf_model.device.type == "cpu" else 8)
+        self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=self.batch_size,
+                                   max_length=max_prompt_tokens)
 
     def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
         texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
@@ -145,11 +150,12 @@ class ApiLogprobJudge:
 class LocalChatJudge:
     """A local model writing free-form judgments (Arena-Hard), greedy."""
 
-    def __init__(self, model: str, *, batch_size: int = 4, max_prompt_tokens: int = 8192):
+    def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192):
         from perpair.eval.generate import GenerationConfig, TransformersGenerator
 
         self.name = f"local:{model}"
-        self._config = GenerationConfig(batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+        self.batch_size = batch_size or 4
+        self._config = GenerationConfig(batch_size=self.batch_size, max_prompt_tokens=max_prompt_tokens)
         self._generator = TransformersGenerator(model, self._config)
 
     def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]:

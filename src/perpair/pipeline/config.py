@@ -68,7 +68,8 @@ class AlpacaEvalSection(_Section):
     judge: str = Field(description="Local model (folder, Hub id, smollm2) or an OpenAI-compatible /v1 URL.")
     judge_name: str | None = None
     judge_api_key_env: str | None = None
-    judge_batch_size: int = Field(4, ge=1)
+    judge_batch_size: int | None = Field(None, ge=1, description="Prompts per forward pass of a local judge "
+                                                                 "(default: 1 on a CPU, 8 on an accelerator).")
     limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
     max_new_tokens: int = Field(2048, ge=1)
     batch_size: int = Field(8, ge=1)
