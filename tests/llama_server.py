@@ -53,10 +53,10 @@ def llama_cpp_available() -> bool:
 
 def served_gguf(folder: str) -> str:
     """SmolLM2's GGUF file as the server reads it: the shipped Q4_1 weights dequantized to F16 into ``folder``
-    (llama.cpp's own conversion, under a second). The same weights; the portable build multiplies F16 faster than
-    Q4_1, and the tests' time is the server's: a 900-token prompt took 2.55 s instead of 4.12 (4.78 instead of
-    7.45 with the judge's logits_all), 64 greedy tokens 0.93 s instead of 0.91 (2 threads, 21:04 UTC 2 Dec 2026).
-    """
+    (llama.cpp's own conversion, under a second). The same weights, to F16's rounding; the portable build
+    multiplies F16 faster than Q4_1, and the tests' time is the server's: a 900-token prompt took 2.55 s instead
+    of 4.12 (4.78 instead of 7.45 with the judge's logits_all), 64 greedy tokens 0.93 s instead of 0.91 (2
+    threads, 21:04 UTC 2 Dec 2026)."""
     import ctypes
 
     import llama_cpp

@@ -96,7 +96,7 @@ class LocalLogprobJudge:
         self.name = f"local:{model}"
         hf_model, self.tokenizer = _load_hf(model, dtype)
         # None: one prompt per pass on a CPU (judge prompts differ in length by hundreds of tokens, and the padded,
-        # masked batch is slower there than the prompts one by one: README, "Evaluate"), 8 on an accelerator
+        # masked batch is slower there than the prompts one by one: benchmarks/judge_batch.py), 8 on an accelerator
         self.batch_size = batch_size or (1 if hf_model.device.type == "cpu" else 8)
         self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=self.batch_size,
                                    max_length=max_prompt_tokens)
