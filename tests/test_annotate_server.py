@@ -175,3 +175,34 @@ def test_memo_answers_only_a_repeated_temperature_0_request_from_memory():
         assert post(url, **{**asks, "temperature": 1.0}) == "answer 3"  # sampled: never from memory
         assert post(url, **{**asks, "temperature": 1.0}) == "answer 4"
     assert len(upstream_calls) == 4
+
+
+@pytest.mark.component  # the fault proxy itself, on a loopback stub: no llama.cpp needed
+def test_every_fault_kind_comes_in_turn_and_a_memoized_answer_can_be_truncated():
+    import http.client
+    import json
+    import urllib.parse
+
+    from llama_server import LoopbackServer, stub_handler
+
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}).encode()
+    with LoopbackServer(stub_handler("fine")) as upstream:
+        proxy = Proxy(upstream + "/v1", fault_rate=1.0, stall_s=0.2, memoize=True)
+        proxy.memo[("POST", "/v1/chat/completions", body)] = b'{"choices": []}'  # answered from memory
+        with proxy as url:
+            address = urllib.parse.urlsplit(url)
+            seen = []
+            for _ in range(2 * len(Proxy.FAULTS)):
+                connection = http.client.HTTPConnection(address.hostname, address.port, timeout=5)
+                try:
+                    connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    seen.append((response.status, response.read()))
+                except (http.client.IncompleteRead, http.client.RemoteDisconnected) as exc:
+                    seen.append(type(exc).__name__)
+                finally:
+                    connection.close()
+    assert proxy.faults == {kind: 2 for kind in Proxy.FAULTS}  # ten faults: each kind twice
+    assert seen[:5] == [(429, b'{"error": "slow down"}'), (500, b'{"error": "boom"}'), "RemoteDisconnected",
+                        (200, b'{"choices": [{"message": '), "IncompleteRead"]  # the memo's answer, cut short
+    assert seen[5:] == seen[:5]
