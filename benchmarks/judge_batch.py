@@ -47,9 +47,9 @@ def main() -> None:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     dtypes = args.dtypes.split(",")
     judges = {(d, b): LocalLogprobJudge(model, batch_size=b, dtype=d) for d in dtypes for b in sizes}
-    tokens = [len(judges[dtypes[0], sizes[0]].scorer.encode(
-        judges[dtypes[0], sizes[0]].tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)))
-        for p in prompts]
+    first = judges[dtypes[0], sizes[0]]
+    tokens = [len(first.scorer.encode(first.tokenizer.apply_chat_template(p, add_generation_prompt=True,
+                                                                          tokenize=False))) for p in prompts]
     print(f"{len(prompts)} judge prompts, {min(tokens)}-{max(tokens)} tokens ({sum(tokens)} in all), "
           f"torch {torch.__version__}, 1 thread")
     for judge in judges.values():  # warm-up: first-call allocations

@@ -233,8 +233,10 @@ class LocalTeacher:
 
     @property
     def batch_size(self) -> int:
-        """The configured batch size, else 1 on a CPU (no padding) and 8 on an accelerator."""
-        return self.config.batch_size or (1 if self.on_cpu else 8)
+        """The configured batch size, else :func:`perpair.llm.scoring.default_batch_size`."""
+        from perpair.llm.scoring import default_batch_size
+
+        return self.config.batch_size or default_batch_size(self.on_cpu)
 
     @property
     def threads(self) -> int | None:

@@ -91,13 +91,11 @@ class LocalLogprobJudge:
 
     def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192,
                  dtype: str = "auto"):
-        from perpair.llm.scoring import OptionScorer
+        from perpair.llm.scoring import OptionScorer, default_batch_size
 
         self.name = f"local:{model}"
         hf_model, self.tokenizer = _load_hf(model, dtype)
-        # None: one prompt per pass on a CPU (judge prompts differ in length by hundreds of tokens, and the padded,
-        # masked batch is slower there than the prompts one by one: benchmarks/judge_batch.py), 8 on an accelerator
-        self.batch_size = batch_size or (1 if hf_model.device.type == "cpu" else 8)
+        self.batch_size = batch_size or default_batch_size(hf_model.device.type == "cpu")
         self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=self.batch_size,
                                    max_length=max_prompt_tokens)
 

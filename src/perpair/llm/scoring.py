@@ -34,6 +34,12 @@ class OptionScores:
         return torch.softmax(torch.tensor(self.logprob, dtype=torch.float64), 0).tolist()
 
 
+def default_batch_size(on_cpu: bool) -> int:
+    """Prompts per pass when none is configured: 1 on a CPU, where prompts of different lengths run faster one by one
+    than padded and masked in a batch (``benchmarks/judge_batch.py``), 8 on an accelerator."""
+    return 1 if on_cpu else 8
+
+
 class OptionScorer:
     """Scores options after prompts with ``model`` (a ``*ForCausalLM``) and its ``tokenizer``.
 
