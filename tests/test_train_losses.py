@@ -110,6 +110,77 @@ def test_chunked_projection_gradients():
     assert torch.allclose(ChunkedTokenLogps.apply(hidden, weight, None, target, 4), full)
 
 
+def test_a_frozen_projection_takes_its_gradient_in_the_forward(monkeypatch):
+    """With the weight frozen (a LoRA run's output layer) the hidden states' gradient comes from the forward's
+    logits: the backward projects nothing onto the vocabulary again, and the gradient is the plain one."""
+    from perpair.train import logprobs
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, generator=g)
+    weight = torch.randn(13, 5, dtype=torch.float64, generator=g)
+    target = torch.randint(0, 13, (9,), generator=g)
+    assert torch.autograd.gradcheck(lambda h: ChunkedTokenLogps.apply(h, weight, bias, target, 4), (hidden,))
+    projections = []
+    project = logprobs._Projection.__call__
+    monkeypatch.setattr(logprobs._Projection, "__call__", lambda self, part: projections.append(part) or
+                        project(self, part))
+    grad_out = torch.randn(9, dtype=torch.float64, generator=g)
+    out = ChunkedTokenLogps.apply(hidden, weight, bias, target, 4)
+    assert len(projections) == 3  # 9 rows in chunks of 4, in the forward
+    (ours,) = torch.autograd.grad(out, hidden, grad_out)
+    assert len(projections) == 3  # none in the backward
+    plain = hidden.detach().requires_grad_()
+    full = F.log_softmax(plain @ weight.t() + bias, -1).gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(out, full)
+    (expected,) = torch.autograd.grad(full, plain, grad_out)
+    assert torch.allclose(ours, expected)
+    trained = weight.clone().requires_grad_()  # a trained weight: the backward projects each chunk again
+    torch.autograd.grad(ChunkedTokenLogps.apply(hidden, trained, bias, target, 4), (hidden, trained), grad_out)
+    assert len(projections) == 9
+
+
+def test_a_frozen_output_layer_is_cast_once_under_autocast(monkeypatch):
+    """Under bf16 autocast a frozen head's weight reaches the projection in bfloat16, one cast for every forward
+    of the module, cast again when the weight changes; a trained head's as the float32 parameter itself (its
+    gradient accumulated in float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perpair.train import logprobs
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                         tie_word_embeddings=False))
+    seen = []
+    chunked = logprobs.ChunkedTokenLogps.apply
+    monkeypatch.setattr(logprobs.ChunkedTokenLogps, "apply",
+                        lambda hidden, weight, *args: seen.append(weight) or chunked(hidden, weight, *args))
+    module = CompletionLogps(model, chunk_size=2)
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8])]
+    head = model.get_output_embeddings().weight
+    head.requires_grad_(False)
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+        sums.sum().backward()
+    assert seen[0].dtype == torch.bfloat16 and seen[0] is seen[1]
+    assert torch.equal(seen[0], head.to(torch.bfloat16))
+    with torch.no_grad():
+        head.mul_(2)  # changed in place: cast again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_packed(module, pack(pairs), torch.device("cpu"))
+    assert seen[2] is not seen[1] and torch.equal(seen[2], head.to(torch.bfloat16))
+    head.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, _ = run_packed(module, pack(pairs), torch.device("cpu"))
+    assert seen[3] is head
+    (grad,) = torch.autograd.grad(sums.sum(), head)
+    assert grad.dtype == torch.float32
+    module.release()
+    assert not module._casts
+
+
 def _separate_sequence_logps(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Summed log-probs of ``tokens`` after ``prompt``, from a plain forward of that one sequence."""
     logits = model(torch.tensor([prompt + tokens])).logits[0].log_softmax(-1)

@@ -290,11 +290,12 @@ def _cast(module: nn.Module, tensors: tuple[Tensor | None, ...], dtype: torch.dt
     only within one ``autocast`` block. At the peak of a step this holds no more than before (each forward's
     casts were saved for its backward); :meth:`LeanPatches.undo` drops them."""
     cache = vars(module).get("_lean_casts")
-    return tuple(None if t is None else _cached_cast(cache, t, dtype) if cache is not None else t.to(dtype)
+    return tuple(None if t is None else cached_cast(cache, t, dtype) if cache is not None else t.to(dtype)
                  for t in tensors)
 
 
-def _cached_cast(cache: dict, t: Tensor, dtype: torch.dtype) -> Tensor:
+def cached_cast(cache: dict, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``; for a frozen parameter, the cast kept in ``cache`` while the parameter is unchanged."""
     if not isinstance(t, nn.Parameter) or t.requires_grad or t.dtype == dtype:
         return t.to(dtype)
     state = (t._version, t.data_ptr())  # a change in place moves the version; a new ``.data`` the storage

@@ -17,8 +17,9 @@
 * **Logits only at completion positions**: the backbone's hidden states are gathered at the positions that
   predict a completion token, and only those go through the vocabulary projection.
 * **Chunked projection**: :class:`ChunkedTokenLogps` projects and log-softmaxes ``chunk_size`` positions at a
-  time into one reused buffer and recomputes the chunk in the backward pass, so the ``[tokens, vocab]`` float32
-  tensor never exists whole, neither in the forward nor saved for the backward.
+  time into one reused buffer, so the ``[tokens, vocab]`` float32 tensor never exists whole, neither in the
+  forward nor saved for the backward. A frozen output layer (LoRA) gets its ``[tokens, hidden]`` gradient
+  direction in the forward, from the logits at hand; a trained one has each chunk recomputed in the backward.
 
 The reusable entry point for other stages is :func:`sequence_logps`.
 """
@@ -36,6 +37,7 @@ from perpair.errors import PerpairError
 from perpair.plan.difficulty import logps_table
 from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention
 from perpair.train.batches import greedy_groups
+from perpair.train.lean import cached_cast
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 DEFAULT_CHUNK = 256
@@ -44,10 +46,19 @@ DEFAULT_CHUNK = 256
 class ChunkedTokenLogps(torch.autograd.Function):
     """``log_softmax(hidden @ weightᵀ + bias)[target]`` per row, computed ``chunk`` rows at a time.
 
-    The backward recomputes each chunk's logits instead of saving them: it costs one extra projection of the
-    completion tokens and saves ``rows × vocab × 4`` bytes of memory (the same trade as Liger's fused losses).
-    Every chunk is written into the same ``[chunk, vocab]`` buffer and worked on in place: on a CPU a fresh
-    buffer of that size is a fresh mapping of memory, and faulting its pages in cost more than the softmax.
+    Every chunk is written into the same ``[chunk, vocab]`` buffer and worked on in place: on a CPU a fresh buffer
+    of that size is a fresh mapping of memory, and faulting its pages in cost more than the softmax. The
+    ``[rows, vocab]`` logits are never kept for the backward; what it needs depends on what is trained:
+
+    * **A frozen projection** (a LoRA run's, or any whose weight and bias need no gradient): the gradient of a
+      row's log-prob with respect to its hidden state, ``(onehot(t) − softmax) @ weight``, does not depend on
+      the incoming gradient, which only scales the row. So the forward computes it from the chunk's logits at
+      hand (one more product with the weight) and keeps that ``[rows, hidden]`` tensor; the backward is one
+      multiplication. The other way, the backward would project the chunk again, redo its softmax and then
+      take that product: one projection onto the vocabulary fewer per step, and its elementwise passes.
+    * **A trained projection** (full fine-tuning, a tied embedding): its weight's gradient needs the incoming
+      gradient inside the vocabulary-sized product, so the backward recomputes each chunk's logits (one extra
+      projection of the completion tokens; the same trade as Liger's fused losses).
     """
 
     @staticmethod
@@ -55,18 +66,35 @@ class ChunkedTokenLogps(torch.autograd.Function):
         # log-softmax in float32 at least, whatever the autocast dtype of the hidden states
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = hidden.new_empty(hidden.shape[0], dtype=acc)
-        lse = hidden.new_empty(hidden.shape[0], dtype=acc)
         project = _Projection(hidden, weight, bias, chunk)
+        frozen = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
+        if frozen:  # −d out / d hidden per row, in the dtype of the hidden states (the gradient's)
+            direction = torch.empty_like(hidden)
+            for part in project.parts():
+                t = target[part, None]
+                logp = torch.log_softmax(project(part), dim=-1)
+                out[part] = logp.gather(1, t).squeeze(1)
+                # softmax − onehot(t): −d out / d logits, in place of the log-probs
+                step = logp.exp_().scatter_add_(1, t, logp.new_full(t.shape, -1.0))
+                torch.mm(step.to(hidden.dtype), project.weight, out=direction[part])
+            ctx.save_for_backward(direction)
+            ctx.frozen = True
+            return out
+        lse = hidden.new_empty(hidden.shape[0], dtype=acc)
         for part in project.parts():
             logits = project(part)
             lse[part] = torch.logsumexp(logits, dim=-1)
             out[part] = logits.gather(1, target[part, None]).squeeze(1) - lse[part]
         ctx.save_for_backward(hidden, weight, bias, target, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.frozen = chunk, False
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.frozen:
+            (direction,) = ctx.saved_tensors
+            grad_hidden = (direction.to(grad_out.dtype) * -grad_out[:, None]).to(direction.dtype)
+            return grad_hidden, None, None, None, None
         hidden, weight, bias, target, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
@@ -204,10 +232,12 @@ class CompletionLogps(nn.Module):
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
         self._restore_attention = use_tree_attention(model)
+        self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
 
     def release(self) -> None:
         """Give the model its own attention back (see :func:`use_tree_attention`)."""
         self._restore_attention()
+        self._casts.clear()
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, layout: TreeLayout, gather: Tensor,
                 target: Tensor, owner: Tensor, pairs: int) -> tuple[Tensor, Tensor]:
@@ -226,10 +256,15 @@ class CompletionLogps(nn.Module):
             # dtype, which the custom function below would otherwise run in the norm's float32. Its log-softmax
             # stays float32. On a CPU with bfloat16 matrix units this projection is 5-8x faster than in float32.
             completion = completion.to(autocast)
-        token_logps = ChunkedTokenLogps.apply(completion, head.weight, head.bias, target, self.chunk_size)
+        # A frozen output layer (a LoRA run's) is cast to that dtype once, not in every forward and backward: on a
+        # CPU casting SmolLM2's 49,152 × 576 embedding takes as long as projecting 150 positions onto it.
+        # (A trained one is handed over as it is: its gradient is accumulated in float32 either way.)
+        weight, bias = (p if p is None or p.requires_grad else cached_cast(self._casts, p, completion.dtype)
+                        for p in (head.weight, head.bias))
+        token_logps = ChunkedTokenLogps.apply(completion, weight, bias, target, self.chunk_size)
         aligned = None
         if self.wpo:
-            term = token_logps.detach() - log_sum_sq_probs(completion, head.weight, head.bias, self.chunk_size)
+            term = token_logps.detach() - log_sum_sq_probs(completion, weight, bias, self.chunk_size)
             aligned = term.new_zeros(2 * pairs).index_add(0, owner, term).view(pairs, 2)
         if self.ld_alpha is not None:
             token_logps = token_logps * ld_token_weights(owner, pairs, self.ld_alpha).to(token_logps.dtype)
