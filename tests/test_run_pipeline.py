@@ -141,6 +141,43 @@ def test_stages_side_by_side_give_the_same_results(tmp_path, tiny, monkeypatch):
     assert "[reference] running (log-probs every arm reads)" in lines
 
 
+def test_an_arms_two_evaluations_run_side_by_side(tmp_path, tiny):
+    """With several workers an arm's held-out evaluation and its AlpacaEval start together (both read only the
+    trained model), so the last arm's do not run one after the other while the other workers wait: here each
+    evaluation waits for the other to have started."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import _Job, validate
+
+    config = RunConfig.model_validate(_config(tmp_path, tiny, arms={"dpo": {"preset": "dpo"}}, workers=2))
+    job = _Job(config, tmp_path / "work", (), log=lambda line: None)
+    both_started = threading.Barrier(2, timeout=30)
+    started = []
+
+    class Workers:  # the run's Workers, the stages' work left out: side() a thread, call() a stage
+        def side(self, chain, *args):
+            return pool.submit(chain, *args)
+
+        def call(self, name, why, action, *args):
+            started.append(name)
+            both_started.wait()  # broken (an error) if the other evaluation only starts after this one
+            folder = job.workdir / "arms" / "dpo" / "eval" / name.rsplit(".", 1)[1]
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "results.json").write_text("{}")
+            return {"name": name}, 0.0
+
+    test = tmp_path / "test.parquet"
+    test.write_bytes(b"held-out pairs")
+    with ThreadPoolExecutor(4) as pool:
+        job.workers = Workers()
+        results = job.evaluate(validate(config), "dpo", {"model": str(tiny), "key": "trained"}, test)
+    assert sorted(started) == ["eval.dpo.alpaca_eval", "eval.dpo.preference"]
+    assert list(results) == ["preference", "alpaca_eval"]
+    assert results["preference"]["name"] == "eval.dpo.preference"
+
+
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     from perpair.errors import PerpairError
     from perpair.pipeline import RunConfig, run

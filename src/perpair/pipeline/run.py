@@ -323,13 +323,16 @@ class _Job:
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
+        preference = None
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
                         "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
-            results["preference"] = self.stage(f"eval.{arm}.preference", "eval", material,
-                                               lambda: [folder / "preference" / "results.json"], _preference,
-                                               config, folder / "preference")
+            # The two evaluations read only the trained model: beside each other when a worker is free (the last
+            # arm's would otherwise run one after the other while the other workers wait)
+            preference = self.workers.side(self.stage, f"eval.{arm}.preference", "eval", material,
+                                           lambda: [folder / "preference" / "results.json"], _preference,
+                                           config, folder / "preference")
         if section.alpaca_eval is not None:
             a = section.alpaca_eval
             config = AlpacaEvalConfig(
@@ -345,6 +348,8 @@ class _Job:
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
                                                 config)
+        if preference is not None:
+            results = {"preference": preference.result(), **results}
         return results
 
 
