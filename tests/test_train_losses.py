@@ -188,19 +188,23 @@ def _separate_sequence_logps(model, prompt: list[int], tokens: list[int]) -> tor
     return logits[positions, torch.tensor(tokens)].sum()
 
 
-def test_packed_tree_attention_equals_separate_sequences():
-    """Prompt sharing and packing give each response exactly the log-probs and gradients of its own sequence."""
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_packed_tree_attention_equals_separate_sequences(frozen_head):
+    """Prompt sharing and packing give each response exactly the log-probs and gradients of its own sequence;
+    with the output layer frozen (as under LoRA) too, its gradient then taken in the forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa")
+                         num_key_value_heads=2, vocab_size=50, attn_implementation="sdpa",
+                         tie_word_embeddings=not frozen_head)
     model = LlamaForCausalLM(config).double()
+    model.get_output_embeddings().weight.requires_grad_(not frozen_head)
     pairs = [TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9]), TokenizedPair([10, 11], [12], [13, 14, 15, 16]),
              TokenizedPair([3, 3], [4, 4, 4], [])]
     sums, counts = run_packed(CompletionLogps(model, chunk_size=3), pack(pairs), torch.device("cpu"))
     (sums * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
-    packed_grads = [p.grad.clone() for p in model.parameters()]
+    packed_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     expected = torch.zeros(3, 2, dtype=torch.float64)
     for i, pair in enumerate(pairs):
@@ -210,7 +214,9 @@ def test_packed_tree_attention_equals_separate_sequences():
     (expected * torch.arange(1.0, 7.0, dtype=torch.float64).view(3, 2)).sum().backward()
     assert torch.allclose(sums, expected.detach(), atol=1e-10)
     assert counts.tolist() == [[3, 2], [1, 4], [3, 0]]
-    for a, p in zip(packed_grads, model.parameters(), strict=True):
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == len(packed_grads) == len(list(model.parameters())) - frozen_head
+    for a, p in zip(packed_grads, trained, strict=True):
         assert torch.allclose(a, p.grad, rtol=1e-6, atol=1e-6), (a - p.grad).abs().max()
 
 
