@@ -25,10 +25,11 @@ LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSI
 # llama.cpp with the default (crashing) flags and are not needed to read the file.
 # `make demo` needs perpair's own dependencies only; the test extras (TRL, alpaca_eval, wandb, …) come with the
 # targets that need them, so a newcomer's first `make demo` does not wait for them.
-# pip compiles every installed module to bytecode, one file after the other, which is most of an install's time;
+# pip compiles every installed module to bytecode, one file after the other, a good part of an install's time;
 # here pip installs without compiling and COMPILE then compiles what is not compiled yet, on every core (a fresh
-# `make install` on 2 cores: 66.5 s instead of ~90). Like pip, it leaves as source the files this Python cannot
-# compile (torch's Python 3.12 test helper).
+# `make install` on 2 cores: median 80 s against 96 s, six alternating runs each, 06:10-07:05 UTC 3 Dec 2026; the
+# test targets' installs gain nothing, 105-115 s either way). Like pip, it leaves as source the files this Python
+# cannot compile (torch's Python 3.12 test helper).
 PIP := $(BIN)/pip install --quiet --no-compile
 COMPILE = $(BIN)/python -m compileall -q -j 0 "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 
