@@ -96,7 +96,7 @@ LAYERS = {
     "test_llm_client.py": "unit", "test_llm_scoring.py": "unit", "test_plan.py": "unit",
     "test_plan_math.py": "unit", "test_properties.py": "unit", "test_schema.py": "unit",
     "test_train_config.py": "unit", "test_train_losses.py": "unit", "test_config_files.py": "unit",
-    "test_train_losses_trl.py": "unit", "test_train_batches.py": "unit",
+    "test_train_losses_trl.py": "unit", "test_train_batches.py": "unit", "test_onednn.py": "unit",
     # component: one stage through its API or CLI on fixtures, tiny models, loopback stubs
     "test_allocator.py": "component", "test_annotate_local.py": "component", "test_annotate_run.py": "component",
     "test_bench_controlled.py": "component", "test_bench_scaling.py": "component",
@@ -111,6 +111,7 @@ LAYERS = {
     "test_bench_scaling.py::test_slope_and_24_gib_extrapolation_of_a_power_law": "unit",
     "test_bench_scaling.py::test_points_above_an_out_of_memory_point_are_not_run": "unit",
     "test_bench_scaling.py::test_progress_names_the_step_of_each_implementation": "unit",
+    "test_onednn.py::test_the_inference_stages_load_their_models_packed": "component",  # saves and loads a model
     # single tests of component files that run several stages or processes, or kill one (a test's own entry
     # wins over its file's): the slowest of that layer, 25-120 s each on 2 shared cores
     "test_run_pipeline.py::test_run_all_stages_then_skip_rerun_and_from": "e2e",

@@ -194,6 +194,7 @@ class LocalTeacher:
 
             from perpair.llm.scoring import OptionScorer
             from perpair.models import resolve_model
+            from perpair.onednn import PROMPT_ROWS, pack_linears
 
             if self._model is None:
                 path = resolve_model(self.config.model)
@@ -201,6 +202,7 @@ class LocalTeacher:
                 with _quiet_transformers():
                     self._tokenizer = AutoTokenizer.from_pretrained(path)
                     self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer

@@ -53,6 +53,8 @@ class TransformersGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from perpair.onednn import pack_linears
+
         self.name, self.config = model, config
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.tokenizer.padding_side = "left"
@@ -60,6 +62,7 @@ class TransformersGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(config.dtype)).to(device).eval()
+        pack_linears(self.model, rows=config.batch_size)  # on a CPU: a token step's products have batch_size rows
 
     def format(self, messages: Messages) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -80,10 +80,13 @@ def _load_hf(model: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from perpair.eval.generate import torch_dtype
+    from perpair.onednn import PROMPT_ROWS, pack_linears
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype)).to(device).eval(), tokenizer
+    hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(dtype)).to(device).eval()
+    pack_linears(hf_model, rows=PROMPT_ROWS)
+    return hf_model, tokenizer
 
 
 class LocalLogprobJudge:

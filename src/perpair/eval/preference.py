@@ -115,10 +115,12 @@ def _load(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from perpair.models import resolve_model
+    from perpair.onednn import PROMPT_ROWS, pack_linears
 
     path = resolve_model(spec)
-    return (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-            AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    pack_linears(model, rows=PROMPT_ROWS)  # on a CPU: the evaluation only runs forwards
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def score_model(spec: str, pairs, config: PreferenceConfig,

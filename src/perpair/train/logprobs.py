@@ -33,6 +33,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from perpair import onednn
 from perpair.errors import PerpairError
 from perpair.plan.difficulty import logps_table
 from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention
@@ -62,11 +63,12 @@ class ChunkedTokenLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, chunk: int,
+                packed: Tensor | None = None) -> Tensor:
         # log-softmax in float32 at least, whatever the autocast dtype of the hidden states
         acc = torch.promote_types(hidden.dtype, torch.float32)
         out = hidden.new_empty(hidden.shape[0], dtype=acc)
-        project = _Projection(hidden, weight, bias, chunk)
+        project = _Projection(hidden, weight, bias, chunk, packed)
         frozen = ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3])
         if frozen:  # −d out / d hidden per row, in the dtype of the hidden states (the gradient's)
             direction = torch.empty_like(hidden)
@@ -94,7 +96,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
         if ctx.frozen:
             (direction,) = ctx.saved_tensors
             grad_hidden = (direction.to(grad_out.dtype) * -grad_out[:, None]).to(direction.dtype)
-            return grad_hidden, None, None, None, None
+            return grad_hidden, None, None, None, None, None
         hidden, weight, bias, target, lse = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         acc = lse.dtype
@@ -118,7 +120,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 @torch.no_grad()
@@ -134,14 +136,17 @@ def log_sum_sq_probs(hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk:
 
 
 class _Projection:
-    """Logits of ``chunk`` rows of ``hidden`` at a time, written into one reused buffer (float32 at least)."""
+    """Logits of ``chunk`` rows of ``hidden`` at a time, written into one reused buffer (float32 at least); with
+    ``packed`` (the weight as :func:`perpair.onednn.pack_linears` packs it, for a forward without gradients) by
+    oneDNN's prepacked product, into a buffer of its own."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int):
-        self.hidden, self.chunk = hidden, chunk
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, chunk: int, packed: Tensor | None = None):
+        self.hidden, self.chunk, self.packed = hidden, chunk, packed
         self.weight = weight.to(hidden.dtype)  # cast once (autocast), not once per chunk
         self.bias = None if bias is None else bias.to(hidden.dtype)
         rows = min(chunk, hidden.shape[0])
-        self.buffer = hidden.new_empty(rows, weight.shape[0])  # in the hidden states' dtype, for torch.mm's out=
+        # in the hidden states' dtype, for torch.mm's out=
+        self.buffer = hidden.new_empty(rows, weight.shape[0]) if packed is None else None
         self.acc = torch.promote_types(hidden.dtype, torch.float32)
 
     def parts(self) -> list[slice]:
@@ -149,9 +154,12 @@ class _Projection:
 
     def __call__(self, part: slice) -> Tensor:
         h = self.hidden[part]
-        logits = torch.mm(h, self.weight.t(), out=self.buffer[:h.shape[0]])
-        if self.bias is not None:
-            logits += self.bias
+        if self.packed is not None:
+            logits = onednn.linear(h, self.packed, self.bias)
+        else:
+            logits = torch.mm(h, self.weight.t(), out=self.buffer[:h.shape[0]])
+            if self.bias is not None:
+                logits += self.bias
         return logits if logits.dtype == self.acc else logits.to(self.acc)
 
 
@@ -261,7 +269,8 @@ class CompletionLogps(nn.Module):
         # (A trained one is handed over as it is: its gradient is accumulated in float32 either way.)
         weight, bias = (p if p is None or p.requires_grad else cached_cast(self._casts, p, completion.dtype)
                         for p in (head.weight, head.bias))
-        token_logps = ChunkedTokenLogps.apply(completion, weight, bias, target, self.chunk_size)
+        token_logps = ChunkedTokenLogps.apply(completion, weight, bias, target, self.chunk_size,
+                                              onednn.packed_weight(head, completion.dtype))
         aligned = None
         if self.wpo:
             term = token_logps.detach() - log_sum_sq_probs(completion, weight, bias, self.chunk_size)

@@ -16,6 +16,7 @@ from perpair.allocator import active_allocator
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
 from perpair.models import model_fingerprint, resolve_model
+from perpair.onednn import PROMPT_ROWS, pack_linears
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
@@ -136,13 +137,16 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     cached = reference.load_cached(path) if first else {}
     deferred = frozenset(pid for r in first if (pid := data.pair_ids[r]) not in cached)
 
+    autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+
     def load():  # the initial policy is the default reference: no second model is loaded
-        if config.reference_model is not None:
-            return load_model(config.reference_model, accelerator)
-        return policy if policy is not None else load_model(config.model, accelerator)
+        if policy is not None and config.reference_model is None:
+            return policy
+        model = load_model(config.reference_model or config.model, accelerator)
+        pack_linears(model, rows=PROMPT_ROWS, dtype=autocast)  # on a CPU: this model only runs forwards
+        return model
 
     computed = 0
-    autocast = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
     # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
     tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
