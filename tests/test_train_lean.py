@@ -349,6 +349,60 @@ def test_under_lora_and_autocast_frozen_weights_are_cast_once_and_again_when_cha
     assert not any("_lean_casts" in vars(m) for m in cached.modules())
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_under_lora_frozen_weights_packed_for_onednn_give_the_unpacked_results(autocast, monkeypatch):
+    """pack_frozen (what training sets, on a CPU): each adapted layer's frozen weight is packed once, as the forward
+    and (transposed) as the backward reads it, in the dtype the products run in, and no cast of it is kept; the
+    log-probs and gradients are those without packing (float32: to float noise; bfloat16: to half a percent); a
+    weight changed in place is packed again; without the memory for the copies nothing is packed."""
+    from perpair import onednn
+    from perpair.train.lean import FrozenPacks
+
+    dtype = torch.bfloat16 if autocast else torch.float32
+    if not onednn.supported(dtype):
+        pytest.skip(f"no prepacked oneDNN linear in {dtype} here")
+    plain = _lora(_llama())
+    packed = copy.deepcopy(plain)
+    lean_activations(plain, cache_casts=True)
+    patches = lean_activations(packed, cache_casts=True, pack_frozen=True)
+    used = []
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", lambda x, w, b=None: used.append(w.dtype) or real(x, w, b))
+
+    def check():
+        used.clear()
+        expected, expected_grads, _ = _sums_grads_saved(plain, autocast=autocast)
+        sums, grads, _ = _sums_grads_saved(packed, autocast=autocast)
+        # packed: each adapted layer's forward, and each backward that wants the input's gradient (all but the
+        # first layer's query, key and value projections, which read the embeddings)
+        assert len(used) == 14 + 11 and set(used) == {dtype}
+        tolerance = 5e-3 if autocast else 1e-5  # (equal here; another CPU's kernels may round bf16 otherwise)
+        torch.testing.assert_close(sums, expected, rtol=tolerance, atol=tolerance)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            scale = expected_grads[name].abs().max()
+            assert (grad - expected_grads[name]).abs().max() <= tolerance * scale + 1e-6, name
+
+    check()
+    q = packed.base_model.model.model.layers[0].self_attn.q_proj
+    ((key, (ref, _, packs)),) = q._lean_casts.items()  # the packs, and no cast of the weight beside them
+    assert key[0] == "packs" and ref() is q.base_layer.weight and isinstance(packs, FrozenPacks)
+    assert packs.dtype == dtype and sum(len(vars(m).get("_lean_casts", {})) for m in packed.modules()) == 14
+    with torch.no_grad():  # changed in place (in both models): packed again, and still the unpacked results
+        for model in (plain, packed):
+            model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.mul_(1.5)
+    check()
+    assert q._lean_casts["packs", id(q.base_layer.weight), dtype][2] is not packs
+    patches.undo()
+    assert not any("_lean_casts" in vars(m) or "_lean_pack" in vars(m) for m in packed.modules())
+    monkeypatch.setattr(onednn, "available_memory", lambda: 1000)
+    small = copy.deepcopy(plain)
+    lean_activations(small, cache_casts=True, pack_frozen=True)
+    used.clear()
+    _sums_grads_saved(small, autocast=autocast)
+    assert not used and not any(vars(m).get("_lean_pack") for m in small.modules())
+
+
 def test_lora_linear_hands_over_to_peft_when_the_adapter_is_not_plain():
     """An adapter with dropout is not patched; a patched layer whose adapter is merged (or disabled) later runs
     PEFT's own forward, so the adapter is never applied twice or skipped."""
