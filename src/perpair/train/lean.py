@@ -559,9 +559,9 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
     are packed for oneDNN once, as the forward and the backward read them (:class:`FrozenPacks`), instead of being
     laid out anew by every product, if the two copies fit in half of the memory available."""
     patched = []
-    frozen = sum(m.base_layer.weight.numel() for m in model.modules() if _is_lora_linear(m)
-                 and not m.base_layer.weight.requires_grad)
-    pack = pack_frozen and cache_casts and 2 * 2 * frozen * 4 <= onednn.available_memory()  # float32 at most
+    pack = pack_frozen and cache_casts and 2 * 2 * 4 * sum(  # two copies of each, float32 at most
+        m.base_layer.weight.numel() for m in model.modules() if _is_lora_linear(m)
+        and not m.base_layer.weight.requires_grad) <= onednn.available_memory()
     not_linear = _not_reading_norms(model)
     recomputing = [m for m in model.modules() if "_lean_kind" not in vars(m) and
                    _mlp_kind(m, recompute_mlp) == "mlp_recomputed"]
