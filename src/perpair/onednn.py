@@ -79,10 +79,7 @@ class PackedLinear(nn.Linear):
         """The weight in ``dtype``, packed (again if the weight changed since)."""
         kept = self._packs.get(dtype)
         if kept is None or kept[0] != self.weight._version:
-            with torch.no_grad():
-                weight = self.weight.detach().to(dtype)
-                kept = (self.weight._version, torch.ops.mkldnn._reorder_linear_weight(weight, self._rows))
-            self._packs[dtype] = kept
+            kept = self._packs[dtype] = (self.weight._version, pack(self.weight.detach().to(dtype), self._rows))
         return kept[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -99,6 +96,11 @@ def packed_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor | None:
     if type(layer) is not PackedLinear or torch.is_grad_enabled() or not supported(dtype):
         return None
     return layer.packed(dtype)
+
+
+def pack(weight: Tensor, rows: int) -> Tensor:
+    """``weight`` ``[out, in]`` laid out for :func:`linear`, for products of about ``rows`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
 
 
 def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -321,10 +321,15 @@ def cached_cast(cache: dict, t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``; for a frozen parameter, the cast kept in ``cache`` while the parameter is unchanged."""
     if not isinstance(t, nn.Parameter) or t.requires_grad or t.dtype == dtype:
         return t.to(dtype)
+    return _kept(cache, (id(t), dtype), t, lambda: t.to(dtype))
+
+
+def _kept(cache: dict, key: tuple, t: Tensor, make):
+    """``make()``, kept in ``cache`` under ``key`` while ``t`` (a frozen tensor it is made from) is unchanged."""
     state = (t._version, t.data_ptr())  # a change in place moves the version; a new ``.data`` the storage
-    entry = cache.get((id(t), dtype))
+    entry = cache.get(key)
     if entry is None or entry[0]() is not t or entry[1] != state:
-        entry = cache[id(t), dtype] = (weakref.ref(t), state, t.to(dtype))
+        entry = cache[key] = (weakref.ref(t), state, make())
     return entry[2]
 
 
@@ -402,16 +407,12 @@ def _frozen_packs(module: nn.Module, weight: Tensor, dtype: torch.dtype, x: Tens
     if cache is None or not vars(module).get("_lean_pack") or weight.requires_grad or x.device.type != "cpu" \
             or weight.device.type != "cpu" or not onednn.supported(dtype):
         return None
-    state = (weight._version, weight.data_ptr())
-    entry = cache.get(("packs", id(weight), dtype))
-    if entry is None or entry[0]() is not weight or entry[1] != state:
-        with torch.no_grad():
-            w = weight.detach().to(dtype)
-            rows = x.numel() // x.shape[-1]
-            packs = FrozenPacks(torch.ops.mkldnn._reorder_linear_weight(w, rows),
-                                torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows), dtype)
-        entry = cache["packs", id(weight), dtype] = (weakref.ref(weight), state, packs)
-    return entry[2]
+
+    def make() -> FrozenPacks:
+        w, rows = weight.detach().to(dtype), x.numel() // x.shape[-1]
+        return FrozenPacks(onednn.pack(w, rows), onednn.pack(w.t().contiguous(), rows), dtype)
+
+    return _kept(cache, ("packs", id(weight), dtype), weight, make)
 
 
 LEAN_FORWARDS = {"mlp": _mlp_forward, "mlp_recomputed": _recomputed_mlp_forward, "norm": _norm_forward,
