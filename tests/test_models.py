@@ -1,0 +1,33 @@
+"""``smollm2``: the GGUF file, converted once to a safetensors checkpoint, holds what Transformers reads from it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow  # the conversion and Transformers' own GGUF load: ~30 s
+
+
+def test_smollm2_checkpoint_holds_transformers_own_reading_of_the_gguf_file(tmp_path, monkeypatch):
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from perpair.models import smollm2_checkpoint, smollm2_gguf
+
+    library = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path))
+    folder = smollm2_checkpoint()
+    assert folder == tmp_path / "models" / "smollm2-135m-instruct"
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == library  # the conversion's shortcuts are undone
+
+    path = smollm2_gguf()
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    ours = load_file(folder / "model.safetensors")
+    assert set(ours) == set(theirs) - {"lm_head.weight"}  # tied to the input embedding, stored once
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+    text = "<|im_start|>user\nWhat is 1+1? Ünïcödé, emoji 🙂 and  two spaces.<|im_end|>\n"
+    their_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == their_tokenizer(text)["input_ids"]
+    assert smollm2_checkpoint() == folder  # converted once: a second use reads the cache
