@@ -111,3 +111,38 @@ def test_local_judge_scores_one_prompt_per_pass_on_a_cpu_unless_told(tiny_model_
     assert (batched.batch_size, batched.scorer.batch_size) == (3, 3)
     for one, many in zip(default.judge(prompts), batched.judge(prompts), strict=True):
         assert one["logprobs"] == pytest.approx(many["logprobs"], abs=1e-4)
+
+
+def test_the_judge_is_told_each_prompt_with_the_models_output_left_empty(tmp_path, monkeypatch):
+    """What the evaluations of one instruction share: the prompt up to the evaluated model's output, wherever the
+    official order shows it (first when switched), so a local judge keeps that beginning's cache."""
+    import pandas as pd
+
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_alpaca_eval
+    from perpair.eval.cache import ResultCache
+
+    instructions = [f"Instruction number {i}: say something." for i in range(8)]
+    switched = [is_switched(text) for text in instructions]
+    assert any(switched) and not all(switched)
+    told = []
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):
+            told.extend(zip(prompts, shared, strict=True))
+            return [{"logprobs": {"m": -1.0, "M": -0.5}} for _ in prompts]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    reference = pd.DataFrame({"instruction": instructions, "output": [f"baseline {i}" for i in range(8)],
+                              "generator": "gpt4"})
+    outputs = [f"model answer {i}" for i in range(8)]
+    with ResultCache(tmp_path / "cache.sqlite") as cache:
+        judge_alpaca_eval(reference, outputs, "m", JudgeConfig(judge="local-model"), TEMPLATE, cache,
+                          lambda done, total: None)
+    assert len(told) == 8
+    for i, (prompt, shared) in enumerate(told):
+        content, empty = prompt[1]["content"], shared[1]["content"]
+        assert empty == content.replace(outputs[i], "", 1)
+        assert (content.index(outputs[i]) < content.index(f"baseline {i}")) == switched[i]

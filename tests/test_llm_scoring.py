@@ -71,3 +71,41 @@ def test_packed_options_of_unequal_length_match_brute_force(tiny, batch_size):
                     assert result.then_logprob[k] == pytest.approx(then_lp, abs=1e-4)
                 else:
                     assert result.then_logprob is None
+
+
+def test_a_shared_beginning_is_computed_once_stored_and_read_with_the_same_scores(tiny, tmp_path):
+    """Prompts given a ``shared`` beginning run it, then the rest on its cache; the beginning's cache is stored and
+    the next call (another process, in perpair run) reads it instead of running it: the same scores to the bit,
+    and those of the whole prompt in one pass up to float rounding."""
+    from perpair.llm.scoring import PREFIX_MARGIN, PrefixStore, _shared_length
+
+    model, tokenizer = tiny
+    head = "Instruction shared by every prompt of this test: compare two answers about rivers and the sea." * 2
+    prompts = [head + " Answer: blue.", head + " Answer: a much longer answer, with several more words in it."]
+    store = PrefixStore(tmp_path / "kv", ["tiny", "float32"])
+    scorer = OptionScorer(model, tokenizer, batch_size=1, prefix_store=store)
+    lengths = [len(scorer.encode(p)) for p in prompts]
+    begins = _shared_length(scorer.encode(prompts[0]), scorer.encode(head))
+    assert begins == len(scorer.encode(head)) - PREFIX_MARGIN > 0
+    seen: list[int] = []  # the tokens of each forward pass
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[-1]),
+                                           with_kwargs=True)
+    try:
+        first = scorer.score(prompts, ["m", "M"], shared=[head, head])
+        computed, seen[:] = list(seen), []
+        again = OptionScorer(model, tokenizer, batch_size=1, prefix_store=store).score(prompts, ["m", "M"],
+                                                                                      shared=[head, head])
+        read = list(seen)
+    finally:
+        hook.remove()
+    assert computed == [begins, lengths[0] - begins, lengths[1] - begins]  # the second prompt read the first's
+    assert read == [lengths[0] - begins, lengths[1] - begins]
+    assert len(list((tmp_path / "kv").glob("*.safetensors"))) == 1
+    whole = OptionScorer(model, tokenizer, batch_size=1).score(prompts, ["m", "M"])
+    for a, b, c in zip(first, again, whole, strict=True):
+        assert a.logprob == b.logprob
+        assert a.logprob == pytest.approx(c.logprob, abs=1e-4)
+    assert PrefixStore(tmp_path / "kv", ["other model", "float32"]).load(scorer.encode(prompts[0])[:begins]) is None
+    assert _shared_length(scorer.encode(prompts[0]), scorer.encode("Something else entirely")) == 0
+    with pytest.raises(ValueError, match="one prompt per pass"):
+        OptionScorer(model, tokenizer, batch_size=2, prefix_store=store).score(prompts, ["m"], shared=[head, head])

@@ -78,6 +78,8 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     plan_page = (work / "arms" / "sp2dpo" / "plan_report" / "index.html").read_text()
     assert "perpair run (arm sp2dpo, preset sp2dpo)" in plan_page and "no pairs file given" not in plan_page
     assert json.loads((work / "report" / "comparison.json").read_text()) == json.loads(json.dumps(first.rows))
+    # the local judge's prompts begin alike in the four evaluations: one stored beginning per instruction
+    assert len(list((work / "judge_prefixes").glob("*.safetensors"))) == 2
 
     # unchanged: every stage skipped, nothing written again
     model_mtime = (work / "arms" / "dpo" / "train" / "model" / "model.safetensors").stat().st_mtime_ns

@@ -53,6 +53,10 @@ class JudgeConfig(BaseModel):
                             "several times faster on CPUs with AVX512-BF16/AMX and moves the judge's log-probs a "
                             "little (part of the judgments' cache key).")
     max_prompt_tokens: int = Field(8192, ge=64)
+    prefix_cache: Path | None = Field(
+        None, description="A local judge's folder of prompt beginnings' key/value caches, shared by evaluations of "
+                          "the same instructions (perpair run's arms): the template, the instruction and the baseline "
+                          "output before each model's answer are computed once (one prompt per pass only).")
 
     @property
     def is_api(self) -> bool:
@@ -107,7 +111,8 @@ def load_judge(config: JudgeConfig):
     if config.is_api:
         return ApiLogprobJudge(config.client_config())
     return LocalLogprobJudge(resolve_model(config.judge), batch_size=config.batch_size,
-                             max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype)
+                             max_prompt_tokens=config.max_prompt_tokens, dtype=config.dtype,
+                             prefix_cache=config.prefix_cache)
 
 
 def judge_identity(config: JudgeConfig) -> list[Any]:
@@ -164,10 +169,13 @@ def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: Ju
     baseline_name = str(reference["generator"].iloc[0]) if "generator" in reference else "baseline"
     rows: list[dict[str, Any]] = []
     todo: list[tuple[int, str, list[dict[str, str]]]] = []
+    shared: dict[int, list[dict[str, str]]] = {}  # each prompt with the model's output left empty
     for i, (record, output) in enumerate(zip(reference.to_dict("records"), outputs, strict=True)):
         switched = is_switched(record["instruction"])
         first, second = (output, record["output"]) if switched else (record["output"], output)
         messages = chatml_to_messages(fill_template(template, record["instruction"], first, second))
+        shared[i] = chatml_to_messages(fill_template(template, record["instruction"],
+                                                     *(("", record["output"]) if switched else (record["output"], ""))))
         rows.append({"instruction": record["instruction"], "output_1": record["output"],
                      "generator_1": record.get("generator", baseline_name), "dataset": record.get("dataset"),
                      "output_2": output, "generator_2": name,
@@ -189,7 +197,7 @@ def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: Ju
         step = judge.batch_size if not judge_config.is_api else max(judge_config.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            results = judge.judge([m for _, _, m in chunk])
+            results = judge.judge([m for _, _, m in chunk], [shared[i] for i, _, _ in chunk])
             cache.put_many("judgment", [(key, r) for (_, key, _), r in zip(chunk, results, strict=True)])
             for (i, _, _), result in zip(chunk, results, strict=True):
                 _fill(rows[i], result)

@@ -20,6 +20,7 @@ import asyncio
 import math
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from perpair.errors import PerpairError
@@ -90,22 +91,36 @@ def _load_hf(model: str, dtype: str = "auto"):
 
 
 class LocalLogprobJudge:
-    """A local causal LM as the AlpacaEval judge: P(m) and P(M) as its next token after the judge prompt."""
+    """A local causal LM as the AlpacaEval judge: P(m) and P(M) as its next token after the judge prompt.
+
+    With a ``prefix_cache`` folder and one prompt per pass, the beginnings :meth:`judge` is told its prompts share
+    with other evaluations' (the template, the instruction and, where it is shown first, the baseline's output: half
+    of the demo's judge prompt tokens) have their key/value caches kept there
+    (:class:`perpair.llm.scoring.PrefixStore`): the next evaluation of the same instructions computes only the rest."""
 
     def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192,
-                 dtype: str = "auto"):
-        from perpair.llm.scoring import OptionScorer, default_batch_size
+                 dtype: str = "auto", prefix_cache: Path | None = None):
+        from perpair.llm.scoring import OptionScorer, PrefixStore, default_batch_size
+        from perpair.models import model_fingerprint
 
         self.name = f"local:{model}"
         hf_model, self.tokenizer = _load_hf(model, dtype)
         self.batch_size = batch_size or default_batch_size(hf_model.device.type == "cpu")
+        store = None
+        if prefix_cache is not None and self.batch_size == 1:
+            store = PrefixStore(prefix_cache, [model_fingerprint(model), str(next(hf_model.parameters()).dtype)])
         self.scorer = OptionScorer(hf_model, self.tokenizer, batch_size=self.batch_size,
-                                   max_length=max_prompt_tokens)
+                                   max_length=max_prompt_tokens, prefix_store=store)
 
-    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
-        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+    def judge(self, prompts: Sequence[Messages], shared: Sequence[Messages] | None = None) -> list[dict[str, Any]]:
+        """``shared[i]``: prompt ``i`` with what varies between evaluations left out (its beginning is cached)."""
+        def render(messages: Messages) -> str:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+        texts = [render(m) for m in prompts]
+        beginnings = [render(m) for m in shared] if shared is not None and self.scorer.prefix_store else None
         results = []
-        for scores in self.scorer.score(texts, list(DENOMINATORS)):
+        for scores in self.scorer.score(texts, list(DENOMINATORS), shared=beginnings):
             logprobs = dict(zip(DENOMINATORS, scores.logprob, strict=True))
             # stored in the shape of an OpenAI completion's logprobs, as alpaca_eval annotations carry it
             top = [{"token": t, "logprob": lp} for t, lp in sorted(logprobs.items(), key=lambda kv: -kv[1])]
@@ -126,7 +141,8 @@ class ApiLogprobJudge:
         self.config = config
         self.name = f"api:{config.model}"
 
-    def judge(self, prompts: Sequence[Messages]) -> list[dict[str, Any]]:
+    def judge(self, prompts: Sequence[Messages], shared: Sequence[Messages] | None = None) -> list[dict[str, Any]]:
+        """``shared`` is not used: a server keeps (or not) its own prompt cache."""
         from perpair.llm.client import ChatClient
 
         async def run() -> list[dict[str, Any]]:

@@ -338,7 +338,8 @@ class _Job:
             config = AlpacaEvalConfig(
                 model=trained["model"], name=arm, output_dir=folder / "alpaca_eval",
                 judge=JudgeConfig(judge=a.judge, model_name=a.judge_name, api_key_env=a.judge_api_key_env,
-                                  batch_size=a.judge_batch_size, dtype=a.dtype),
+                                  batch_size=a.judge_batch_size, dtype=a.dtype,
+                                  prefix_cache=self.workdir / "judge_prefixes"),  # the judge prompts' shared beginnings
                 generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
                 difficulty=a.difficulty, glm_weights=a.glm_weights)
