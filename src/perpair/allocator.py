@@ -48,10 +48,9 @@ SETTINGS = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
 
 
 def allocator_name(library: str) -> str | None:
-    """Which of :data:`ALLOCATORS` a library file is (by its name), or ``None``."""
-    file = Path(library).name
-    return next((name for name, libraries in ALLOCATORS.items()
-                 if any(file.startswith(f"lib{lib}.") for lib in libraries)), None)
+    """Which of :data:`ALLOCATORS` a library file is, by the rule :func:`active_allocator` reads the process's
+    mapped files with, or ``None``."""
+    return next((name for name in ALLOCATORS if f"lib{name}" in Path(library).name), None)
 
 
 def find_allocator(choice: str = "auto") -> str | None:
