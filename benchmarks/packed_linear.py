@@ -67,12 +67,12 @@ def main() -> None:
 
     import tempfile
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from perpair.data import PrepareOptions, prepare, read_pairs
     from perpair.eval.judges import chatml_to_messages, fill_template, is_switched
     from perpair.llm.scoring import OptionScorer
-    from perpair.models import resolve_model
+    from perpair.models import load_causal_lm, resolve_model
     from perpair.train.logprobs import logps_of_tokenized, tokenize_table
 
     path = resolve_model("smollm2")
@@ -85,14 +85,14 @@ def main() -> None:
         pairs, _ = read_pairs(f"{tmp}/uf.parquet")
     _, tokenized = tokenize_table(tokenizer, pairs.slice(0, args.pairs), 256)
     tokens = sum(p.tokens for p in tokenized)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_causal_lm(path, dtype=torch.float32).eval()
     for name, autocast in (("held-out evaluation (fp32)", None), ("reference pass (bf16)", torch.bfloat16)):
         runs = timed(model, PROMPT_ROWS, autocast, lambda a=autocast: logps_of_tokenized(
             model, tokenized, tokens_per_forward=1024, autocast_dtype=a)[0], args.repeats)
         delta = (runs["plain"][1] - runs["packed"][1]).abs().max().item()
         report(f"{name}", runs, f"{len(tokenized)} pairs, {tokens} tokens; largest log-prob difference {delta:.2e}")
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = load_causal_lm(path, dtype=torch.bfloat16).eval()
     references = json.loads(gzip.open(ALPACA / "reference_outputs_gpt4_1106_preview.json.gz").read())[:8]
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -120,6 +121,42 @@ def test_applied_undoes_the_patches_even_on_error():
     assert all("forward" not in vars(m) and not any(k.startswith(("_lean", "_plain")) for k in vars(m))
                for m in model.modules())
     assert mlp.forward.__func__ is own
+
+
+def test_undo_leaves_a_forward_set_since_and_counts_only_the_patches_in_place():
+    """Something may set a patched module's forward after patching (Transformers 5.25's kernels put the class's
+    back at every train()/eval() change; a hook sets its own): the counts are those of the lean forwards still in
+    place, and undoing leaves the newer forward where it is (it used to delete it, or fail on a missing one)."""
+    model = _llama()
+    before = lean_activations(model).counts()
+    norm, mlp = model.model.norm, model.model.layers[0].mlp
+    del norm.forward  # the class's forward again, as kernelize does it
+    mlp.forward = hook = types.MethodType(lambda self, x: x, mlp)
+    patches = lean_patches(model)
+    assert patches.counts() == {**before, "norm": before["norm"] - 1, mlp._lean_kind: before[mlp._lean_kind] - 1}
+    patches.undo()
+    assert mlp.forward is hook and "forward" not in vars(norm)
+    assert not lean_patches(model).modules
+    assert all(not any(k.startswith(("_lean", "_plain")) for k in vars(m)) for m in model.modules())
+
+
+def test_lean_forwards_stay_through_train_and_eval_of_a_model_loaded_as_perpair_loads_it(tmp_path):
+    """Transformers 5.25 loads a model with its Hub kernels on by default and then sets each RMSNorm's forward
+    again whenever the model switches between train() and eval(); training switches (the reference pass runs in
+    eval mode), so the lean norms were dropped after the first switch and undoing them failed. perpair loads
+    every model with them off (``load_causal_lm``): the patches stay."""
+    from perpair.models import load_causal_lm
+
+    _llama().save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    patches = lean_activations(model)
+    expected = patches.counts()
+    assert sum(expected.values()) == 21
+    for training in (True, False, True):
+        model.train(training)
+        assert lean_patches(model).counts() == expected
+    patches.undo()
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_train_under_lora_reports_the_patched_modules_and_undoes_them(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
@@ -48,12 +49,12 @@ def smollm2_checkpoint() -> Path:
     if (target / "config.json").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     gguf = smollm2_gguf()
     with _gguf_read_once():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        quantized = load_causal_lm(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -90,6 +91,17 @@ def _gguf_read_once():
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def load_causal_lm(path: str, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` as every stage loads a model: without the Hub's kernel
+    layers. Transformers 5.25 turned them on by default: on a GPU it fetches code such as Liger's RMSNorm from the
+    Hub at load time, and it swaps each decorated module's forward again whenever the model goes between
+    ``train()`` and ``eval()`` (which dropped training's lean forwards mid-run). A run's numbers must not depend on
+    what the Hub serves that day, so perpair loads every model as Transformers 4.56-5.24 did by default."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
 
 
 def resolve_model(spec: str) -> str:

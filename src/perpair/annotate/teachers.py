@@ -190,10 +190,10 @@ class LocalTeacher:
     def _load(self):
         if self._scorer is None:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
             from perpair.llm.scoring import OptionScorer
-            from perpair.models import resolve_model
+            from perpair.models import load_causal_lm, resolve_model
             from perpair.onednn import PROMPT_ROWS, pack_linears
 
             if self._model is None:
@@ -201,7 +201,7 @@ class LocalTeacher:
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
                 with _quiet_transformers():
                     self._tokenizer = AutoTokenizer.from_pretrained(path)
-                    self._model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                    self._model = load_causal_lm(path, dtype=dtype)
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)

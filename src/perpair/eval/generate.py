@@ -51,8 +51,9 @@ class TransformersGenerator:
 
     def __init__(self, model: str, config: GenerationConfig):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        from perpair.models import load_causal_lm
         from perpair.onednn import pack_linears
 
         self.name, self.config = model, config
@@ -61,7 +62,7 @@ class TransformersGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype(config.dtype)).to(device).eval()
+        self.model = load_causal_lm(model, dtype=torch_dtype(config.dtype)).to(device).eval()
         pack_linears(self.model, rows=config.batch_size)  # on a CPU: a token step's products have batch_size rows
 
     def format(self, messages: Messages) -> str:

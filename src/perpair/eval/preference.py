@@ -112,13 +112,13 @@ class PreferenceConfig(BaseModel):
 
 def _load(spec: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from perpair.models import resolve_model
+    from perpair.models import load_causal_lm, resolve_model
     from perpair.onednn import PROMPT_ROWS, pack_linears
 
     path = resolve_model(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_causal_lm(path, dtype=torch.float32)
     pack_linears(model, rows=PROMPT_ROWS)  # on a CPU: the evaluation only runs forwards
     return model, AutoTokenizer.from_pretrained(path)
 

@@ -525,20 +525,30 @@ class LeanPatches:
         return cls(tuple(modules), tuple(m._lean_kind for m in modules))
 
     def counts(self) -> dict[str, int]:
-        """How many modules of each kind were patched: all 0 = the option did nothing here."""
-        kinds = Counter(self.kinds)
+        """How many modules of each kind run their lean forward now: all 0 = the option did nothing here (or
+        something has set other forwards since)."""
+        kinds = Counter(kind for module, kind in zip(self.modules, self.kinds, strict=True) if _in_place(module))
         return {kind: kinds[kind] for kind in KINDS}
 
     def undo(self) -> None:
         for module in self.modules:
             if "_lean_kind" not in vars(module):
                 continue  # undone already
-            if module._plain_forward_own:  # the instance had a forward of its own (a hook's): put it back
+            if not _in_place(module):
+                pass  # something set another forward since (a hook, Transformers' kernels): it stays
+            elif module._plain_forward_own:  # the instance had a forward of its own (a hook's): put it back
                 module.forward = module._plain_forward
             else:
                 del module.forward  # the class's forward again
             for name in PATCH_ATTRIBUTES:
                 vars(module).pop(name, None)
+
+
+def _in_place(module: nn.Module) -> bool:
+    """The module's forward is still the lean one patching gave it."""
+    forward = vars(module).get("forward")
+    return "_lean_kind" in vars(module) and getattr(forward, "__self__", None) is module and \
+        getattr(forward, "__func__", None) is LEAN_FORWARDS[module._lean_kind]
 
 
 def lean_patches(model: nn.Module) -> LeanPatches:

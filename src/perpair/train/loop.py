@@ -144,7 +144,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     flops_per_token = sum((6 if p.requires_grad else 4) * p.numel()
                           for p in accelerator.unwrap_model(module).model.parameters())
     lean = lean_patches(model)
-    kept = kept_gate_up(model, config.longest_forward, 2 if uses_bf16(config) else 4)
+    lean_counts, kept = lean.counts(), kept_gate_up(model, config.longest_forward, 2 if uses_bf16(config) else 4)
     lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     accelerator.unwrap_model(module).release()
@@ -161,7 +161,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "skipped_long_prompts": batches.skipped, "order": data.source,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "allocator": active_allocator() or "system", **saved,
-        "lean_activations": lean.counts(),  # modules patched per kind; all 0: the option did nothing (or was off)
+        "lean_activations": lean_counts,  # modules lean at the end, per kind; all 0: the option did nothing (or off)
         # of the MLPs that recompute gate/up, how many keep them instead in the longest forward the run can have
         "mlp_gate_up_kept": {"longest_forward": config.longest_forward, "mlps": kept[0], "of": kept[1]},
         "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)

@@ -15,7 +15,7 @@ import torch
 from perpair.allocator import active_allocator
 from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
-from perpair.models import model_fingerprint, resolve_model
+from perpair.models import load_causal_lm, model_fingerprint, resolve_model
 from perpair.onednn import PROMPT_ROWS, pack_linears
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
@@ -101,10 +101,7 @@ def load_tokenizer(config: TrainConfig):
 
 
 def load_model(spec: str, accelerator):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+    model = load_causal_lm(resolve_model(spec), dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     return model.to(accelerator.device)
 
