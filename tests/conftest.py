@@ -112,6 +112,7 @@ LAYERS = {
     "test_bench_scaling.py::test_points_above_an_out_of_memory_point_are_not_run": "unit",
     "test_bench_scaling.py::test_progress_names_the_step_of_each_implementation": "unit",
     "test_onednn.py::test_the_inference_stages_load_their_models_packed": "component",  # saves and loads a model
+    "test_eval_judges.py::test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses": "component",
     # single tests of component files that run several stages or processes, or kill one (a test's own entry
     # wins over its file's): the slowest of that layer, 25-120 s each on 2 shared cores
     "test_run_pipeline.py::test_run_all_stages_then_skip_rerun_and_from": "e2e",

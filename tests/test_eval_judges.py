@@ -146,3 +146,30 @@ def test_the_judge_is_told_each_prompt_with_the_models_output_left_empty(tmp_pat
         content, empty = prompt[1]["content"], shared[1]["content"]
         assert empty == content.replace(outputs[i], "", 1)
         assert (content.index(outputs[i]) < content.index(f"baseline {i}")) == switched[i]
+
+
+def test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses(tmp_path, tiny_model_dir):
+    """``perpair eval alpaca-eval --judge-prefix-cache DIR``: the judge prompts' beginnings that do not depend on
+    the evaluated model are stored there, and the next evaluation given the folder reads them (it stores nothing
+    new). Where the option could not be used (an API judge, several prompts per pass) the command refuses it (exit
+    2, one error line, nothing written) instead of ignoring it."""
+    from conftest import run_cli
+
+    prefixes = tmp_path / "prefixes"
+    common = ("eval", "alpaca-eval", "--model", tiny_model_dir, "--judge", tiny_model_dir, "--limit", "3",
+              "--max-new-tokens", "4", "--offline", "--reference", AE / "reference_outputs_gpt4_1106_preview.json.gz",
+              "--judge-prompt", AE / "judge_prompt_alpaca_eval_clf.txt", "--difficulty",
+              AE / "instruction_difficulty_reconstructed.csv", "--json", "--judge-prefix-cache", prefixes)
+    first = json.loads(run_cli(*common, "-o", tmp_path / "first").stdout)
+    stored = {path.name: path.stat().st_mtime_ns for path in prefixes.iterdir()}
+    assert first["n_judged"] == 3 and len(stored) == 3  # one beginning per instruction
+    second = json.loads(run_cli(*common, "--name", "again", "-o", tmp_path / "second").stdout)
+    assert second["n_judged"] == 3 and second["win_rate"] == first["win_rate"]
+    assert {path.name: path.stat().st_mtime_ns for path in prefixes.iterdir()} == stored
+
+    for extra, says in ((("--judge", "http://127.0.0.1:9/v1", "--judge-name", "j"), "an API judge"),
+                        (("--judge-batch-size", "4"), "--judge-batch-size is 4")):
+        result = run_cli(*common, *extra, "-o", tmp_path / "refused", check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --judge-prefix-cache")
+        assert says in lines[0] and not (tmp_path / "refused").exists()

@@ -125,6 +125,10 @@ def alpaca_eval_command(
     judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
     judge_batch_size: Annotated[int | None, typer.Option(
         help="Prompts per forward pass of a local judge (default: 1 on a CPU, 8 on an accelerator).")] = None,
+    judge_prefix_cache: Annotated[Path | None, typer.Option(
+        help="Folder where a local judge keeps the key/value caches of the prompts' beginnings that do not depend "
+             "on the evaluated model; give every model of a comparison the same folder and they are computed once "
+             "(one prompt per pass: a judge batch size of 1).")] = None,
     name: Annotated[str | None, typer.Option(help="Generator name written in the files.")] = None,
     reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
     judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
@@ -150,10 +154,17 @@ def alpaca_eval_command(
         run_alpaca_eval,
     )
 
+    if judge_prefix_cache is not None:  # used, or refused: never ignored
+        if judge.startswith(("http://", "https://")):
+            raise PerpairError("--judge-prefix-cache keeps a local judge's key/value caches; an API judge has none")
+        if (judge_batch_size or 1) != 1:
+            raise PerpairError(f"--judge-prefix-cache runs the judge one prompt per pass; --judge-batch-size is "
+                               f"{judge_batch_size}")
+        judge_batch_size = 1
     config = _options(
         AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model),
         judge=_options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
-                       concurrency=judge_concurrency, batch_size=judge_batch_size),
+                       concurrency=judge_concurrency, batch_size=judge_batch_size, prefix_cache=judge_prefix_cache),
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             backend=backend),
         reference=reference, judge_prompt=judge_prompt, limit=limit, offline=offline, difficulty=difficulty,

@@ -534,12 +534,11 @@ class LeanPatches:
         for module in self.modules:
             if "_lean_kind" not in vars(module):
                 continue  # undone already
-            if not _in_place(module):
-                pass  # something set another forward since (a hook, Transformers' kernels): it stays
-            elif module._plain_forward_own:  # the instance had a forward of its own (a hook's): put it back
-                module.forward = module._plain_forward
-            else:
-                del module.forward  # the class's forward again
+            if _in_place(module):  # else a forward set since (a hook, Transformers' kernels) stays
+                if module._plain_forward_own:  # the instance had a forward of its own (a hook's): put it back
+                    module.forward = module._plain_forward
+                else:
+                    del module.forward  # the class's forward again
             for name in PATCH_ATTRIBUTES:
                 vars(module).pop(name, None)
 
