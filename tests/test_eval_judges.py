@@ -152,7 +152,8 @@ def test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses(tmp_
     """``perpair eval alpaca-eval --judge-prefix-cache DIR``: the judge prompts' beginnings that do not depend on
     the evaluated model are stored there, and the next evaluation given the folder reads them (it stores nothing
     new). Where the option could not be used (an API judge, several prompts per pass) the command refuses it (exit
-    2, one error line, nothing written) instead of ignoring it."""
+    2, one error line, nothing written) instead of ignoring it, and so is a path that cannot be a folder, before any
+    answer is generated."""
     from conftest import run_cli
 
     prefixes = tmp_path / "prefixes"
@@ -167,8 +168,11 @@ def test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses(tmp_
     assert second["n_judged"] == 3 and second["win_rate"] == first["win_rate"]
     assert {path.name: path.stat().st_mtime_ns for path in prefixes.iterdir()} == stored
 
+    (tmp_path / "a file").write_text("x")
     for extra, says in ((("--judge", "http://127.0.0.1:9/v1", "--judge-name", "j"), "an API judge"),
-                        (("--judge-batch-size", "4"), "--judge-batch-size is 4")):
+                        (("--judge-batch-size", "4"), "--judge-batch-size is 4"),
+                        (("--judge-prefix-cache", tmp_path / "a file"), "not a folder"),
+                        (("--judge-prefix-cache", tmp_path / "a file" / "sub"), "not a folder")):
         result = run_cli(*common, *extra, "-o", tmp_path / "refused", check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --judge-prefix-cache")

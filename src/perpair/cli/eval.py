@@ -154,17 +154,22 @@ def alpaca_eval_command(
         run_alpaca_eval,
     )
 
+    judge_config = _options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
+                            concurrency=judge_concurrency, batch_size=judge_batch_size, prefix_cache=judge_prefix_cache)
     if judge_prefix_cache is not None:  # used, or refused: never ignored
-        if judge.startswith(("http://", "https://")):
+        if judge_config.is_api:
             raise PerpairError("--judge-prefix-cache keeps a local judge's key/value caches; an API judge has none")
         if (judge_batch_size or 1) != 1:
             raise PerpairError(f"--judge-prefix-cache runs the judge one prompt per pass; --judge-batch-size is "
                                f"{judge_batch_size}")
-        judge_batch_size = 1
+        judge_config.batch_size = 1
+        try:  # before any work: a path that cannot be a folder is refused now, not after the answers are generated
+            judge_prefix_cache.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PerpairError(f"--judge-prefix-cache {judge_prefix_cache}: not a folder that can be created "
+                               f"({exc.strerror})") from None
     config = _options(
-        AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model),
-        judge=_options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
-                       concurrency=judge_concurrency, batch_size=judge_batch_size, prefix_cache=judge_prefix_cache),
+        AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model), judge=judge_config,
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             backend=backend),
         reference=reference, judge_prompt=judge_prompt, limit=limit, offline=offline, difficulty=difficulty,
