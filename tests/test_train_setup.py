@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from perpair.onednn import PackedLinear, supported
 from perpair.train import reference as refcache
 from perpair.train.batches import build_step_batches, load_data
 from perpair.train.config import load_config
@@ -170,3 +171,45 @@ def test_peak_memory_is_the_runs_own_not_the_process(tiny_model_dir, uf_pairs, t
     summary, _ = _train(_config(tiny_model_dir, uf_pairs, tmp_path))
     assert summary["peak_memory_scope"] == "run"
     assert 0 < summary["peak_memory_bytes"] < before_free - 2**29
+
+
+@pytest.mark.skipif(not supported(torch.float32), reason="oneDNN's prepacked linear is not in this PyTorch build")
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_reference_pass_over_the_policy_runs_packed_and_gives_the_policy_back_plain(
+        tiny_model_dir, uf_pairs, tmp_path, monkeypatch, fails):
+    """The reference pass over the policy itself (full fine-tuning) only runs forwards: on a CPU its products go
+    through oneDNN's prepacked weights. Training then gets plain ``nn.Linear`` layers without packed copies, also
+    when the pass fails; the values are those of the unpacked model within float rounding."""
+    from perpair import onednn
+    from perpair.train.logprobs import logps_of_tokenized
+
+    config = _config(tiny_model_dir, uf_pairs, tmp_path)
+    data = load_data(config, CPU)
+    tokenizer = load_tokenizer(config)
+    batches = build_step_batches(config, data, tokenizer)
+    model = load_model(str(tiny_model_dir), CPU)
+    rows = sorted(r for step in batches.steps for r in step)
+    plain, _ = logps_of_tokenized(model, [batches.tokenized[r] for r in rows])
+
+    calls = []
+
+    def linear(*args):
+        calls.append(args[1].shape)
+        if fails:
+            raise RuntimeError("the pass fails")
+        return real(*args)
+
+    real = onednn.linear
+    monkeypatch.setattr(onednn, "linear", linear)
+    accelerator = setup_accelerator(config)
+    if fails:
+        with pytest.raises(RuntimeError, match="the pass fails"):
+            compute_reference(config, data, batches, tokenizer, model, accelerator, from_first_step=False)
+    else:
+        run = compute_reference(config, data, batches, tokenizer, model, accelerator, from_first_step=False)
+        assert run.computed == len(rows)
+        for i, row in enumerate(rows):
+            assert run.values[row] == pytest.approx(plain[i].tolist(), rel=1e-5)
+    assert calls  # the pass ran packed products
+    assert not [m for m in model.modules() if isinstance(m, PackedLinear) or hasattr(m, "_packs")]
+    assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
