@@ -5,7 +5,8 @@ randomly initialised Llama of SmolLM2-360M's shape (hidden 960, 32 layers, 15 he
 tied embeddings: 361.8M parameters) with SmolLM2's vocabulary and tokenizer. perpair runs with its defaults,
 TRL 1.16's ``DPOTrainer`` with its defaults but in fp32 (``bf16=False``; its own default is bf16 autocast, even on
 a CPU), both through ``vs_trl.py``'s harness: each point is one fresh process, so its peak RSS (``ru_maxrss``) is
-its own.
+its own. perpair's command runs under the allocator it picks (``perpair.allocator``: tcmalloc if installed, else
+mimalloc, whose peak is higher at long sequences), recorded with each of its points; TRL's worker under glibc's malloc.
 
 Every sequence fills the max length: a pair's prompt is UltraFeedback prompts concatenated and cut to a quarter of
 the max length, its chosen and rejected responses are UltraFeedback chosen and rejected responses concatenated past
@@ -517,10 +518,11 @@ def main() -> None:
                     run["step_seconds"] = statistics.median(run["step_seconds_all"][1:])
                 with lock:
                     results[point] = {k: run[k] for k in ("step_seconds", "step_seconds_all", "peak_rss_bytes",
-                                                          "wall_seconds", "killed") if k in run}
+                                                          "wall_seconds", "killed", "allocator") if k in run}
                 shown = f"{run['step_seconds']:.2f} s/step" if "killed" not in run else run["killed"]
+                allocator = f", allocator {run['allocator']}" if "allocator" in run else ""
                 print(f"{point}: {shown}, peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB, run "
-                      f"{run['wall_seconds']:.0f} s", flush=True)
+                      f"{run['wall_seconds']:.0f} s{allocator}", flush=True)
             except BaseException as error:  # noqa: BLE001  (recorded, the run goes on with the other points)
                 with lock:
                     results[point] = {"skipped": f"failed: {str(error)[-2000:]}"}
@@ -562,8 +564,11 @@ def main() -> None:
 
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # a floor under every point's figure
     summary = summarize(points, results, fixed, batch_length)
+    # the allocator moves perpair's peak at long sequences (perpair.allocator); TRL's worker keeps glibc's malloc
+    allocators = sorted({r["allocator"] for r in results.values() if "allocator" in r}) or ["-"]
     print(f"\nstart {load_start}; end {load_end}; {args.steps} steps per point, s/step = median of the steps after "
-          f"the first; TRL fp32 (bf16=False); time × and RSS × = perpair / TRL; fixed memory = libraries' RSS + "
+          f"the first; TRL fp32 (bf16=False), glibc's malloc; perpair's allocator {', '.join(allocators)}; "
+          f"time × and RSS × = perpair / TRL; fixed memory = libraries' RSS + "
           f"16 B/parameter (perpair) or 20 B/parameter (TRL: its reference copy); cap {args.cap:g} GiB; this "
           f"process's own peak RSS {own_peak / GIB:.2f} GiB (a floor under the points' figures)")
     print_tables(summary)
