@@ -111,6 +111,7 @@ LAYERS = {
     "test_bench_scaling.py::test_slope_and_24_gib_extrapolation_of_a_power_law": "unit",
     "test_bench_scaling.py::test_points_above_an_out_of_memory_point_are_not_run": "unit",
     "test_bench_scaling.py::test_progress_names_the_step_of_each_implementation": "unit",
+    "test_allocator.py::test_the_mimalloc_fallback_on_a_cpu_names_the_leaner_allocator": "unit",  # a pure function
     "test_onednn.py::test_the_inference_stages_load_their_models_packed": "component",  # saves and loads a model
     "test_eval_judges.py::test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses": "component",
     # single tests of component files that run several stages or processes, or kill one (a test's own entry

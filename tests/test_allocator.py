@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import run_cli, save_tiny_llama
-from perpair.allocator import ALLOCATORS, find_allocator
+from perpair import allocator
+from perpair.allocator import ALLOCATORS, find_allocator, tcmalloc_hint
 
 # A child that re-executes itself as the CLI does and reports what it runs with and what its own children inherit.
 PROBE = """
@@ -113,6 +114,16 @@ def test_perpair_train_runs_under_the_allocator_and_records_it(uf_pairs, tmp_pat
             "--max-length", "64", "--out", tmp_path / "run", "--set", "save_model=false", fresh=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["allocator"] in ALLOCATORS
+
+
+def test_the_mimalloc_fallback_on_a_cpu_names_the_leaner_allocator(monkeypatch):
+    # what `perpair train` prints beside the allocator: only a CPU run that fell back to mimalloc hears of tcmalloc
+    for installed in (None, "/usr/lib/libtcmalloc_minimal.so.4"):
+        monkeypatch.setattr(allocator, "find_allocator", lambda choice, path=installed: path)
+        said = tcmalloc_hint("mimalloc", on_cpu=True)
+        assert ("apt install libtcmalloc-minimal4" in said) == (installed is None), said
+        assert tcmalloc_hint("mimalloc", on_cpu=False) == ""
+        assert tcmalloc_hint("tcmalloc", on_cpu=True) == tcmalloc_hint("system", on_cpu=True) == ""
 
 
 # A program that ends as perpair's does (perpair.__main__.finish): an exit handler, an object whose finalizer would
