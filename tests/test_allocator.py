@@ -110,20 +110,21 @@ def test_a_bad_choice_is_one_clear_error(tmp_path, monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
 def test_perpair_train_runs_under_the_allocator_and_records_it(uf_pairs, tmp_path):
     model = save_tiny_llama(tmp_path / "model")
-    run_cli("train", "--model", model, "--data", uf_pairs, "--steps", "1", "--batch-size", "2",
-            "--max-length", "64", "--out", tmp_path / "run", "--set", "save_model=false", fresh=True)
+    result = run_cli("train", "--model", model, "--data", uf_pairs, "--steps", "1", "--batch-size", "2",
+                     "--max-length", "64", "--out", tmp_path / "run", "--set", "save_model=false", fresh=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["allocator"] in ALLOCATORS
+    assert summary["allocator"] in ALLOCATORS and summary["device"] == "cpu"
+    assert f"(allocator: {summary['allocator']}{tcmalloc_hint(summary['allocator'], 'cpu')})" in result.stdout
 
 
 def test_the_mimalloc_fallback_on_a_cpu_names_the_leaner_allocator(monkeypatch):
     # what `perpair train` prints beside the allocator: only a CPU run that fell back to mimalloc hears of tcmalloc
     for installed in (None, "/usr/lib/libtcmalloc_minimal.so.4"):
         monkeypatch.setattr(allocator, "find_allocator", lambda choice, path=installed: path)
-        said = tcmalloc_hint("mimalloc", on_cpu=True)
+        said = tcmalloc_hint("mimalloc", "cpu")
         assert ("apt install libtcmalloc-minimal4" in said) == (installed is None), said
-        assert tcmalloc_hint("mimalloc", on_cpu=False) == ""
-        assert tcmalloc_hint("tcmalloc", on_cpu=True) == tcmalloc_hint("system", on_cpu=True) == ""
+        assert tcmalloc_hint("mimalloc", "cuda") == ""
+        assert tcmalloc_hint("tcmalloc", "cpu") == tcmalloc_hint("system", "cpu") == ""
 
 
 # A program that ends as perpair's does (perpair.__main__.finish): an exit handler, an object whose finalizer would

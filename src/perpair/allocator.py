@@ -138,10 +138,11 @@ def active_allocator() -> str | None:
     return None
 
 
-def tcmalloc_hint(active: str, on_cpu: bool) -> str:
-    """What to say beside a CPU run's allocator when it fell back to mimalloc because tcmalloc is not installed:
-    mimalloc without its purge (:data:`SETTINGS`) keeps freed memory it cannot always reuse, so its peak was 10–24%
-    above tcmalloc's on the workloads measured (README "Quickstart: ``perpair train``"). Empty otherwise."""
-    if active != "mimalloc" or not on_cpu or find_allocator("tcmalloc") is not None:
+def tcmalloc_hint(active: str, device: str) -> str:
+    """What to say beside a run's allocator when it trained on a CPU (``device``: the type of the device it trained
+    on) under mimalloc because tcmalloc is not installed: mimalloc without its purge (:data:`SETTINGS`) keeps freed
+    memory it cannot always reuse, so tcmalloc's peak was 6–19% lower on the workloads measured (README
+    "Quickstart: ``perpair train``"). Empty otherwise."""
+    if active != "mimalloc" or device != "cpu" or find_allocator("tcmalloc") is not None:
         return ""
-    return "; tcmalloc would peak 9–19% lower: apt install libtcmalloc-minimal4"
+    return "; tcmalloc would peak 6–19% lower: apt install libtcmalloc-minimal4"

@@ -80,8 +80,6 @@ def train_command(
         "--set", metavar="KEY=VALUE", help="Any config key, dotted for nested ones (repeatable).")] = None,
 ) -> None:
     """Train with per-pair beta / route / order (a run without a plan is plain DPO with a global beta)."""
-    import torch
-
     from perpair.allocator import tcmalloc_hint
     from perpair.train import load_config, parse_overrides, train
 
@@ -128,7 +126,7 @@ def train_command(
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
               f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"
               f"{' (of the whole process: not resettable here)' if s['peak_memory_scope'] == 'process' else ''} "
-              f"(allocator: {s['allocator']}{tcmalloc_hint(s['allocator'], not torch.cuda.is_available())})")
+              f"(allocator: {s['allocator']}{tcmalloc_hint(s['allocator'], s['device'])})")
     first = s["reference_pairs_from_first_step"]
     out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
               f"{s['reference_seconds']:.1f} s"
