@@ -160,7 +160,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "order": data.source,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
-        "processes": accelerator.num_processes, "device": accelerator.device.type, "allocator": active_allocator() or "system", **saved,
+        "processes": accelerator.num_processes, "device": accelerator.device.type,
+        "allocator": active_allocator() or "system", **saved,
         "lean_activations": lean_counts,  # modules lean at the end, per kind; all 0: the option did nothing (or off)
         # of the MLPs that recompute gate/up, how many keep them instead in the longest forward the run can have
         "mlp_gate_up_kept": {"longest_forward": config.longest_forward, "mlps": kept[0], "of": kept[1]},
