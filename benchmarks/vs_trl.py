@@ -26,7 +26,9 @@ time; tokens counted the same way for both: prompt once + chosen + rejected, TRL
 the fp32 matmul peak measured in the same run with the same threads (bf16 variants: of the bf16 peak). Each bf16
 variant's losses and mean log-probs are compared with those of its fp32 counterpart, step by step: step 1
 (the same weights) shows what bf16 does to one computation; the largest difference over the steps adds what
-it does to the updates.
+it does to the updates. Also printed: the allocator each perpair variant ran under (its peak memory depends on
+it: tcmalloc's is lower than the mimalloc fallback's), and how far ``perpair``'s fp32 losses are from ``trl``'s
+(same pairs, order and β: they should agree to float noise).
 
 ``--bound`` also replays, alone, every matrix multiplication of perpair's steps after the first (captured from a
 real run, same shapes and layouts) and reports the share of the peak perpair would reach if everything else
@@ -408,8 +410,9 @@ def main() -> None:
                 print(f"round {round_ + 1}: {name} …", file=sys.stderr, flush=True)
                 run = run_variant(name, args)
                 results.setdefault(name, []).append(run)
+                under = f" (allocator: {run['allocator']})" if "allocator" in run else ""
                 print(f"  {name}: run {run['wall_seconds']:.1f} s, s/step {run['step_seconds']}, "
-                      f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+                      f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB{under}", file=sys.stderr, flush=True)
                 peak = max(peak, matmul_peak(args.threads))
                 peak16 = max(peak16, matmul_peak(args.threads, dtype="bfloat16"))
         bound = None
@@ -430,6 +433,7 @@ def main() -> None:
             "peak_rss_gib": statistics.median(r["peak_rss_bytes"] for r in runs) / 2**30,
             "useful_gflops": 6 * PARAMETERS * steady_tokens / steady_seconds / 1e9,
             "losses": runs[0]["losses"], "bf16": bf16, "peak_gflops": peak16 if bf16 else peak,
+            "allocators": sorted({r["allocator"] for r in runs if "allocator" in r}),  # perpair's; TRL: glibc's
         }
     base, pre = summary.get("trl"), summary.get("trl-precompute")
     print(f"matmul peak ({args.threads} threads): fp32 {peak:.1f}, bf16 {peak16:.1f} GFLOP/s ({peak16 / peak:.2f}×; "
@@ -445,6 +449,16 @@ def main() -> None:
                       f"{s['peak_rss_gib'] / base['peak_rss_gib']:7.2f}")
         print(f"{name:16}{s['wall_seconds']:9.1f}{s['step_seconds']:9.2f}{s['peak_rss_gib']:10.2f}"
               f"{s['useful_gflops']:9.1f}{100 * s['useful_gflops'] / s['peak_gflops']:7.0f}%{ratios}")
+    # perpair's peak depends on the allocator its command chose (README: tcmalloc's is 6–19% lower than mimalloc's)
+    allocators = {name: ", ".join(s["allocators"]) for name, s in summary.items() if s["allocators"]}
+    if allocators:
+        trl = [name for name in summary if name.startswith("trl")]
+        print("allocators: " + "; ".join(f"{name} {a}" for name, a in allocators.items())
+              + ("; TRL's variants glibc's malloc" if trl else "")
+              + (" (trl-malloc: the one perpair's command picks)" if "trl-malloc" in trl else ""))
+    if "trl" in results and "perpair" in results:  # the same pairs, order and β: the fp32 losses should agree
+        gap = max(abs(a - b) for a, b in zip(results["trl"][0]["losses"], results["perpair"][0]["losses"], strict=True))
+        print(f"perpair vs trl, fp32, first rounds: each step's loss within {gap:.2e}")
     diffs = {name: {"against": other, **differences(results[name][0], results[other][0])}
              for name, other in compared(results).items()}
     if diffs:
