@@ -457,7 +457,7 @@ def main() -> None:
               + ("; TRL's variants glibc's malloc" if trl else "")
               + (" (trl-malloc: the one perpair's command picks)" if "trl-malloc" in trl else ""))
     if "trl" in results and "perpair" in results:  # the same pairs, order and β: the fp32 losses should agree
-        gap = max(abs(a - b) for a, b in zip(results["trl"][0]["losses"], results["perpair"][0]["losses"], strict=True))
+        gap = differences(results["perpair"][0], results["trl"][0])["loss_max"]
         print(f"perpair vs trl, fp32, first rounds: each step's loss within {gap:.2e}")
     diffs = {name: {"against": other, **differences(results[name][0], results[other][0])}
              for name, other in compared(results).items()}
