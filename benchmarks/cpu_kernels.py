@@ -6,7 +6,8 @@ Times (median of --repeats, after one warm-up) on this CPU:
 * the tree attention of a packed row (CpuTreeAttention, forward + backward; SmolLM2-135M's 9 query / 3 key-value
   heads of 64): four pairs whose prompt / chosen / rejected lengths are those of the demo's UltraFeedback pairs
   (about 300 tokens a pair), then 2x, 4x and 8x longer;
-* the output projection of 256 positions onto SmolLM2's 49,152-token vocabulary (one chunk of ChunkedTokenLogps).
+* the output projection of 256 positions onto SmolLM2's 49,152-token vocabulary (one chunk of ChunkedTokenLogps
+  until 4 Dec 2026, when it began projecting blocks of vocabulary columns; the same products, cut otherwise).
 Under autocast perpair runs the first in float32 and the second in bfloat16 (train/attention.py, train/logprobs.py):
 these figures are why. A CPU without bfloat16 matrix units (no AMX / AVX512-BF16) will show other ratios.
 """

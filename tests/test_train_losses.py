@@ -108,6 +108,37 @@ def test_chunked_projection_gradients():
     assert torch.autograd.gradcheck(lambda h, w: ChunkedTokenLogps.apply(h, w, None, target, 4), (hidden, weight))
     full = F.log_softmax(hidden @ weight.t(), -1).gather(1, target[:, None]).squeeze(1)
     assert torch.allclose(ChunkedTokenLogps.apply(hidden, weight, None, target, 4), full)
+    bias = torch.randn(13, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: ChunkedTokenLogps.apply(h, w, b, target, 4), (hidden, weight, bias))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_the_projection_in_blocks_of_columns_equals_the_whole_one(chunk, frozen, monkeypatch):
+    """Blocks of vocabulary columns (several targets in one block, a shorter last block, blocks one column wide)
+    give the log-probs and gradients of the whole ``[rows, vocab]`` log-softmax, and the reused buffer never
+    holds more than ``chunk × vocab`` values."""
+    from perpair.train import logprobs
+
+    monkeypatch.setattr(logprobs, "COLUMNS", 7)  # a last block of 40 % 7 = 5 columns
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(11, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(40, 6, dtype=torch.float64, generator=g, requires_grad=not frozen)
+    bias = torch.randn(40, dtype=torch.float64, generator=g, requires_grad=not frozen)
+    target = torch.tensor([0, 39, 3, 3, 6, 7, 13, 14, 35, 36, 20])
+    buffers = []
+    columns = logprobs._Columns.__init__
+    monkeypatch.setattr(logprobs._Columns, "__init__", lambda self, *a: columns(self, *a) or buffers.append(self))
+    out = ChunkedTokenLogps.apply(hidden, weight, bias, target, chunk)
+    grad_out = torch.randn(11, dtype=torch.float64, generator=g)
+    inputs = (hidden,) if frozen else (hidden, weight, bias)
+    ours = torch.autograd.grad(out, inputs, grad_out)
+    full = F.log_softmax(hidden @ weight.t() + bias, -1).gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(out, full)
+    for a, b in zip(ours, torch.autograd.grad(full, inputs, grad_out), strict=True):
+        assert torch.allclose(a, b)
+    assert buffers and all(b.buffer.numel() <= chunk * 40 for b in buffers)
+    assert buffers[0].width == min(7, max(1, chunk * 40 // 11))
 
 
 def test_a_frozen_projection_takes_its_gradient_in_the_forward(monkeypatch):
@@ -122,12 +153,13 @@ def test_a_frozen_projection_takes_its_gradient_in_the_forward(monkeypatch):
     target = torch.randint(0, 13, (9,), generator=g)
     assert torch.autograd.gradcheck(lambda h: ChunkedTokenLogps.apply(h, weight, bias, target, 4), (hidden,))
     projections = []
-    project = logprobs._Projection.__call__
-    monkeypatch.setattr(logprobs._Projection, "__call__", lambda self, part: projections.append(part) or
-                        project(self, part))
+    project = logprobs._Columns.logits
+    monkeypatch.setattr(logprobs._Columns, "logits", lambda self, cols: projections.append(cols) or
+                        project(self, cols))
     grad_out = torch.randn(9, dtype=torch.float64, generator=g)
     out = ChunkedTokenLogps.apply(hidden, weight, bias, target, 4)
-    assert len(projections) == 3  # 9 rows in chunks of 4, in the forward
+    # 13 columns in blocks of 5 (a buffer of at most chunk × vocab = 4 × 13 values for 9 rows), in the forward
+    assert projections == [slice(0, 5), slice(5, 10), slice(10, 13)]
     (ours,) = torch.autograd.grad(out, hidden, grad_out)
     assert len(projections) == 3  # none in the backward
     plain = hidden.detach().requires_grad_()

@@ -86,8 +86,10 @@ class TrainConfig(BaseModel):
                                 f"per forward; null (default) = {PACK_LENGTHS} × max_length (twice the most one "
                                 f"pair can have: prompt + two responses), a bound that does not grow with "
                                 f"batch_size (0 under FSDP, which needs the same number of forwards on every rank).")
-    logits_chunk: int = Field(256, ge=1, description="Positions per chunk of the vocabulary projection "
-                              "(a chunk's float32 logits are logits_chunk × vocabulary × 4 bytes).")
+    logits_chunk: int = Field(256, ge=1, description="Bounds the vocabulary projection's buffer to logits_chunk "
+                              "× vocabulary logits (float32: 4 bytes each): a forward's completion positions are "
+                              "projected onto blocks of at most 4,096 vocabulary entries, narrower where that "
+                              "bound requires (the reference pass on a CPU: logits_chunk positions at a time).")
 
     # --- optimisation --------------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
