@@ -172,6 +172,71 @@ def test_a_frozen_projection_takes_its_gradient_in_the_forward(monkeypatch):
     assert len(projections) == 9
 
 
+def test_a_trained_projection_writes_its_weight_gradient_into_one_tensor_for_the_run():
+    """With a ``WeightGradInto`` the weight's gradient lands in ``.grad`` (autograd gets none for it), in one tensor
+    reused after ``.grad`` is set to None; added to a dense gradient of an earlier forward, and a sparse one (a tied
+    input embedding's) added into it; the hidden states' gradient as without it."""
+    from perpair.train.logprobs import WeightGradInto
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(13, 5, dtype=torch.float64, generator=g))
+    target = torch.randint(0, 13, (9,), generator=g)
+    into = WeightGradInto()
+
+    def expected(grad_out):  # the gradients of the whole log-softmax, by autograd
+        full = F.log_softmax(hidden @ weight.t(), -1).gather(1, target[:, None]).squeeze(1)
+        return torch.autograd.grad(full, (hidden, weight), grad_out)
+
+    def backward(grad_out):
+        (ChunkedTokenLogps.apply(hidden, weight, None, target, 4, None, into) * grad_out).sum().backward()
+
+    first, second = (torch.randn(9, dtype=torch.float64, generator=g) for _ in range(2))
+    backward(first)
+    assert weight.grad is into.buffer and torch.allclose(weight.grad, expected(first)[1])
+    assert torch.allclose(hidden.grad, expected(first)[0])
+    weight.grad, hidden.grad = None, None  # zero_grad(set_to_none=True)
+    backward(second)  # overwrites the buffer: nothing of the first step left
+    assert weight.grad is into.buffer and torch.allclose(weight.grad, expected(second)[1])
+    backward(first)  # a second forward of the same step adds to it
+    assert torch.allclose(weight.grad, expected(first)[1] + expected(second)[1])
+    sparse = torch.sparse_coo_tensor(torch.tensor([[2, 7]]), torch.randn(2, 5, dtype=torch.float64, generator=g),
+                                     (13, 5))
+    weight.grad = sparse  # a tied input embedding's gradient, come first
+    backward(first)
+    assert not weight.grad.is_sparse and torch.allclose(weight.grad, expected(first)[1] + sparse.to_dense())
+
+
+def test_a_tied_embedding_takes_the_same_gradients_written_into_one_tensor():
+    """A tied embedding (sparse input gradient, as training in one process sets it): every parameter's gradient
+    equals autograd's own over two steps, and the output layer's tensor is the same at both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pairs = [TokenizedPair([1, 2, 3], [4, 5, 9], [6, 7]), TokenizedPair([3, 1], [8, 2], [5, 5, 5, 4])]
+    grads = []
+    for into in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                             tie_word_embeddings=True))
+        model.get_input_embeddings().sparse = True
+        module = CompletionLogps(model, chunk_size=3, grad_into_weight=into)
+        steps = []
+        for step in range(2):
+            sums, _ = run_packed(module, pack(pairs[step:] + pairs[:step]), torch.device("cpu"))
+            (sums * torch.tensor([[1.0, -0.5]])).sum().backward()
+            steps.append({n: p.grad.to_dense().clone() for n, p in model.named_parameters()})
+            if into:
+                assert model.get_output_embeddings().weight.grad is module._grad_into.buffer
+            model.zero_grad(set_to_none=True)
+        module.release()
+        grads.append(steps)
+    assert grads[0][0].keys() == grads[1][0].keys() and "model.embed_tokens.weight" in grads[0][0]
+    for plain, written in zip(grads[0], grads[1], strict=True):
+        for name in plain:
+            assert torch.allclose(plain[name], written[name], atol=1e-6), name
+
+
 def test_a_frozen_output_layer_is_cast_once_under_autocast(monkeypatch):
     """Under bf16 autocast a frozen head's weight reaches the projection in bfloat16, one cast for every forward
     of the module, cast again when the weight changes; a trained head's as the float32 parameter itself (its

@@ -109,7 +109,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         start_step = load_checkpoint(out, model, optimizer, scheduler)
         if on_resume and start_step:
             on_resume(start_step)
-    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting)
+    module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting,
+                             grad_into_weight=accelerator.num_processes == 1)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
     metrics_path = out / METRICS
