@@ -201,7 +201,7 @@ def test_a_trained_projection_writes_its_weight_gradient_into_one_tensor_for_the
     backward(first)  # a second forward of the same step adds to it
     assert torch.allclose(weight.grad, expected(first)[1] + expected(second)[1])
     sparse = torch.sparse_coo_tensor(torch.tensor([[2, 7]]), torch.randn(2, 5, dtype=torch.float64, generator=g),
-                                     (13, 5))
+                                     (13, 5), check_invariants=True)
     weight.grad = sparse  # a tied input embedding's gradient, come first
     backward(first)
     assert not weight.grad.is_sparse and torch.allclose(weight.grad, expected(first)[1] + sparse.to_dense())
