@@ -57,10 +57,10 @@ class _Outer(BaseModel):
         return self
 
 
-def _problems(data: dict, prefix: str = "") -> str:
+def _problems(data: dict, prefix: str = "", command_line: dict | None = None) -> str:
     with pytest.raises(ValidationError) as caught:
         _Outer.model_validate(data)
-    return format_validation_error(caught.value, prefix)
+    return format_validation_error(caught.value, prefix, command_line)
 
 
 def test_every_problem_is_named_by_its_dotted_key():
@@ -72,3 +72,33 @@ def test_every_problem_is_named_by_its_dotted_key():
         "arms.dpo.inner.rate: Input should be greater than 0 (got 0)")
     long = _problems({"name": "x", "low": "y" * 200})  # a long value is cut, so the line stays readable
     assert long.startswith("low: Input should be a valid integer") and long.endswith("yyy…)") and len(long) < 200
+
+
+def test_a_value_from_the_command_line_is_not_blamed_on_the_file(tmp_path):
+    """Keys set by ``--set`` or an option say so; the file is named only when a refused key is not among them
+    (a train config and a run config, as their commands read them)."""
+    from perpair.pipeline.config import load_run_config
+    from perpair.train.config import load_config
+
+    text = _problems({"name": "x", "inner": {"rate": 0, "colour": "red"}},
+                     command_line={"inner": {"colour": "red"}})
+    assert text.split("; ") == ["inner.rate: Input should be greater than 0 (got 0)",
+                                "unknown key 'inner.colour' (from the command line)"]
+    assert _problems({"name": "x", "low": 3}, command_line={"low": 3}) == "low must be smaller than high"
+    train = tmp_path / "train.yaml"
+    train.write_text("model: smollm2\ndata: pairs.parquet\nout: out\nsteps: 3\n")
+    with pytest.raises(InputError) as caught:
+        load_config(train, {"recompute_mlpp": True})
+    assert caught.value.file is None
+    assert str(caught.value) == "invalid train config: unknown key 'recompute_mlpp' (from the command line)"
+    train.write_text("model: smollm2\ndata: pairs.parquet\nout: out\nstepz: 3\n")
+    with pytest.raises(InputError) as caught:
+        load_config(train, {"beta": -1})
+    assert caught.value.file == str(train)  # the file's own mistake is there too
+    assert "unknown key 'stepz'" in str(caught.value) and "(got -1) (from the command line)" in str(caught.value)
+    run = tmp_path / "run.yaml"
+    run.write_text("model: smollm2\n")
+    with pytest.raises(InputError) as caught:
+        load_run_config(run, {"colour": "red"})
+    assert caught.value.file == str(run)  # the file misses required keys
+    assert "unknown key 'colour' (from the command line)" in str(caught.value)

@@ -46,14 +46,16 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+def format_validation_error(exc: ValidationError, prefix: str = "", command_line: dict[str, Any] | None = None) -> str:
     """Every problem pydantic found, on one line, each naming its dotted key (under ``prefix``, e.g. the
-    config section the values came from)."""
+    config section the values came from); a key whose value came from ``command_line`` (the values of ``--set``
+    and the options, nested like the file's) says so."""
     problems = []
     for error in exc.errors():
         key = ".".join(part for part in (prefix, *map(str, error["loc"])) if part)
+        there = " (from the command line)" if _given(command_line, error["loc"]) else ""
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{key}'")
+            problems.append(f"unknown key '{key}'{there}")
             continue
         # A validator's ValueError reads "Value error, <our message>"; our messages need no prefix.
         message = error["msg"].removeprefix("Value error, ")
@@ -62,8 +64,29 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         scalar = isinstance(value, str | int | float | bool | None)
         shown = (f" (got {_short(repr(value))})" if scalar and error["type"] not in ("missing", "value_error")
                  else "")
-        problems.append(f"{key}: {message}{shown}" if key else message)
+        problems.append(f"{key}: {message}{shown}{there}" if key else message)
     return "; ".join(problems)
+
+
+def invalid_config(exc: ValidationError, what: str, path: str | os.PathLike | None,
+                   command_line: dict[str, Any] | None) -> InputError:
+    """The error for values pydantic refused in a config read from ``path`` and overridden by ``command_line``:
+    it names the file unless every refused key was given on the command line."""
+    every = all(_given(command_line, error["loc"]) for error in exc.errors())
+    return InputError(f"invalid {what}: {format_validation_error(exc, command_line=command_line)}",
+                      file=None if path is None or every else str(path))
+
+
+def _given(values: dict[str, Any] | None, loc: tuple) -> bool:
+    """Whether the key at ``loc`` is set in the nested ``values`` (a rule over several keys, ``loc`` empty: no)."""
+    if not values or not loc:
+        return False
+    node: Any = values
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from perpair.config_files import format_validation_error, load_yaml
-from perpair.errors import InputError
+from perpair.config_files import invalid_config, load_yaml
 from perpair.plan.config import deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
@@ -130,4 +129,4 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise InputError(f"invalid run config: {format_validation_error(exc)}", file=str(path)) from None
+        raise invalid_config(exc, "run config", path, overrides) from None

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from perpair.config_files import format_validation_error, load_yaml
-from perpair.errors import InputError, PerpairError
+from perpair.config_files import invalid_config, load_yaml
+from perpair.errors import PerpairError
 from perpair.plan.config import deep_merge
 from perpair.train.lean import RECOMPUTE_SHARE
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
@@ -306,5 +306,4 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     try:
         return TrainConfig(**data)
     except ValidationError as exc:
-        raise InputError(f"invalid train config: {format_validation_error(exc)}",
-                         file=None if path is None else str(path)) from None
+        raise invalid_config(exc, "train config", path, overrides) from None
