@@ -102,3 +102,24 @@ def test_a_value_from_the_command_line_is_not_blamed_on_the_file(tmp_path):
         load_run_config(run, {"colour": "red"})
     assert caught.value.file == str(run)  # the file misses required keys
     assert "unknown key 'colour' (from the command line)" in str(caught.value)
+
+
+def test_an_annotate_option_is_not_blamed_on_the_file(tmp_path):
+    """The annotate command's options reach into each API teacher (``--concurrency``): a refused one says it came
+    from the command line and leaves the file unnamed; the same value in the file names the file."""
+    from perpair.annotate.config import load_config
+
+    config = tmp_path / "annotate.yaml"
+    config.write_text("teachers:\n  - kind: api\n    base_urls: [http://127.0.0.1:9/v1]\n    model: m\n")
+    with pytest.raises(InputError) as caught:
+        load_config(config, concurrency=0)
+    assert caught.value.file is None
+    assert str(caught.value) == ("invalid annotate settings: teachers.0.api.concurrency: Input should be greater "
+                                 "than or equal to 1 (got 0) (from the command line)")
+    with pytest.raises(InputError) as caught:
+        load_config(config, teachers=["api:http://127.0.0.1:9/v1/m"], concurrency=0)  # --teacher replaces the file's
+    assert caught.value.file is None and str(caught.value).endswith("(from the command line)")
+    config.write_text(config.read_text() + "    concurrency: 0\n")
+    with pytest.raises(InputError) as caught:
+        load_config(config)
+    assert caught.value.file == str(config) and "(from the command line)" not in str(caught.value)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perpair.annotate.templates import get_template
-from perpair.config_files import format_validation_error, load_yaml
-from perpair.errors import InputError, PerpairError
+from perpair.config_files import invalid_config, load_yaml
+from perpair.errors import PerpairError
 from perpair.llm.client import ChatClientConfig
 
 
@@ -189,23 +189,31 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
                 **overrides) -> AnnotateConfig:
     """The YAML file (if any) with the command line's options on top, validated before any work starts."""
     data = load_yaml(path, "annotate config") if path is not None else {}
+    # what the command line set, nested as pydantic locates it (a teacher's keys under its kind): its mistakes
+    # are not blamed on the file
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if teachers:
         data["teachers"] = [parse_teacher_spec(spec) for spec in teachers]
-    for teacher in data.get("teachers") or []:
-        if isinstance(teacher, dict) and teacher.get("kind") == "api":
+    for index, teacher in enumerate(data.get("teachers") or []):
+        if not isinstance(teacher, dict):
+            continue
+        options = {}
+        if teacher.get("kind") == "api":
             if base_urls:
-                teacher["base_urls"] = list(dict.fromkeys([*teacher.get("base_urls", []), *base_urls]))
+                options["base_urls"] = list(dict.fromkeys([*teacher.get("base_urls", []), *base_urls]))
             if concurrency is not None:
-                teacher["concurrency"] = concurrency
+                options["concurrency"] = concurrency
             if templates:
-                teacher["templates"] = templates
+                options["templates"] = templates
             if api_key_env is not None:
-                teacher["api_key_env"] = api_key_env
+                options["api_key_env"] = api_key_env
+            teacher.update(options)
+        if teachers or options:
+            given.setdefault("teachers", {})[index] = {teacher.get("kind"): teacher if teachers else options}
     data.update({k: v for k, v in overrides.items() if v is not None})
     if not data.get("teachers"):
         raise PerpairError("no teacher: give --teacher SPEC or a config with 'teachers'")
     try:
         return AnnotateConfig.model_validate(data)
     except ValidationError as exc:
-        raise InputError(f"invalid annotate settings: {format_validation_error(exc)}",
-                         file=None if path is None else str(path)) from None
+        raise invalid_config(exc, "annotate settings", path, given) from None
