@@ -123,6 +123,32 @@ def test_applied_undoes_the_patches_even_on_error():
     assert mlp.forward.__func__ is own
 
 
+def test_twin_modules_are_checked_once_and_a_module_unlike_its_twins_alone(monkeypatch):
+    """Whether a lean forward reproduces a module is checked once per kind of module (same class, shapes and
+    attributes), not once per module; a module with a different attribute or a forward of its own is checked on
+    its own, and a forward that computes something else keeps it unpatched while its twins are patched."""
+    import perpair.train.lean as lean
+
+    checked = []
+    plain_same = lean._same
+    monkeypatch.setattr(lean, "_same", lambda module, *a: checked.append(module) or plain_same(module, *a))
+    model = _llama()
+    assert sum(lean_activations(model).counts().values()) == 21
+    # one MLP, one norm, and the linear layers' four shapes (q/o 32→32, k/v 32→16, gate/up 32→64, down 64→32)
+    assert len(checked) == 6
+
+    checked.clear()
+    model = _llama()
+    layer = model.model.layers[1]
+    layer.post_attention_layernorm.variance_epsilon = 0.5  # another attribute: its own check, still patched
+    norm = layer.input_layernorm
+    norm.forward = types.MethodType(lambda self, x: 2 * type(self).forward(self, x), norm)  # another result
+    counts = lean_activations(model).counts()
+    assert len(checked) == 8
+    assert counts["norm"] == 4 and "_lean_kind" not in vars(norm)
+    assert vars(layer.post_attention_layernorm)["_lean_kind"] == "norm"
+
+
 def test_undo_leaves_a_forward_set_since_and_counts_only_the_patches_in_place():
     """Something may set a patched module's forward after patching (Transformers 5.25's kernels put the class's
     back at every train()/eval() change; a hook sets its own): the counts are those of the lean forwards still in

@@ -38,13 +38,13 @@ elementwise work and cost almost nothing to recompute, yet they hold a quarter t
   lay it out anew at every call (bfloat16) or hand it to MKL (float32). The same losses to 5 decimals; the demo's
   dpo arm 1.07-1.13x faster a step (README, "Quickstart: `perpair train`").
 
-:func:`lean_activations` patches the modules of a model that compute exactly these functions (checked
-numerically on a small random input, so a module with other semantics is left alone) and returns what it patched
-(:class:`LeanPatches`, which also undoes the patches; :func:`applied` scopes them to a ``with`` block). The
-results equal the plain modules' up to float rounding, in float32 and under autocast alike: there the lean
-functions get their inputs cast as autocast would cast them and run in that dtype. Under LoRA the frozen modules
-are patched as well (their activations are still saved, for the gradients of the adapters below them), except an
-MLP whose down projection carries an adapter; gate and up projections with adapters leave the MLP patched
+:func:`lean_activations` patches the modules of a model that compute exactly these functions (checked numerically
+on a small random input, once for each set of twins, so a module with other semantics is left alone) and returns
+what it patched (:class:`LeanPatches`, which also undoes the patches; :func:`applied` scopes them to a ``with``
+block). The results equal the plain modules' up to float rounding, in float32 and under autocast alike: there the
+lean functions get their inputs cast as autocast would cast them and run in that dtype. Under LoRA the frozen
+modules are patched as well (their activations are still saved, for the gradients of the adapters below them),
+except an MLP whose down projection carries an adapter; gate and up projections with adapters leave the MLP patched
 without the recomputation, which needs plain linear layers.
 """
 
@@ -514,6 +514,44 @@ def _same(module: nn.Module, lean, width: int) -> bool:
         torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_MODULE_STATE = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", *_HOOKS, *PATCH_ATTRIBUTES}
+
+
+def _twin_key(module: nn.Module, kind: str) -> tuple | None:
+    """What :func:`_same`'s verdict on ``module`` depends on, so that twins (the 30 MLPs of a 30-layer model, its 210
+    linear layers of four shapes) are checked once, not 300 times (1.2 s of every run): for the module and each
+    submodule, its class, the shapes, dtypes and devices of its parameters and buffers, and its other attributes
+    (values where plain, identity otherwise: a shared config or function is one object). Not the weights' values,
+    which the lean and plain forwards read alike, nor hooks, which run around either forward. None (check it
+    alone) where a forward set on the instance could make it differ from its twins."""
+    key: list = [kind]
+    for name, m in module.named_modules():
+        if "forward" in vars(m):
+            return None
+        tensors = tuple((n, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad) if t is not None else (n,)
+                        for n, t in (*m._parameters.items(), *m._buffers.items()))
+        attributes = tuple((k, _plain_value(v)) for k, v in sorted(vars(m).items())
+                           if k not in _MODULE_STATE)
+        key.append((name, type(m), tensors, attributes))
+    return tuple(key)
+
+
+def _plain_value(value):
+    """``value`` as a hashable key part: plain values as they are, containers of them element by element, tensors by
+    shape and dtype, anything else by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    if isinstance(value, dict):
+        return ("dict", tuple((_plain_value(k), _plain_value(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, tuple(_plain_value(v) for v in items))
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device)
+    return ("object", id(value))
+
+
 @dataclass(frozen=True)
 class LeanPatches:
     """Modules given a lean forward, and of which kind (:data:`KINDS`); :meth:`undo` gives them back their own."""
@@ -578,6 +616,7 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
                    _mlp_kind(m, recompute_mlp) == "mlp_recomputed"]
     for rank, module in enumerate(reversed(recomputing)):
         module._lean_rank, module._lean_budget = rank, keep_budget
+    verdicts: dict[tuple, bool] = {}  # _twin_key → what _same said of the first module with that key
     for module in model.modules():
         if "_lean_kind" in vars(module):
             continue
@@ -595,7 +634,13 @@ def lean_activations(model: nn.Module, recompute_mlp: bool = DEFAULT_RECOMPUTE_M
         lean = LEAN_FORWARDS[kind]
         module._plain_forward_own = "forward" in vars(module)
         module._plain_forward = module.forward
-        if _same(module, lean, width):
+        twins = _twin_key(module, kind)
+        same = verdicts.get(twins) if twins is not None else None
+        if same is None:
+            same = _same(module, lean, width)
+            if twins is not None:
+                verdicts[twins] = same
+        if same:
             module.forward = types.MethodType(lean, module)
             module._lean_kind = kind
             if cache_casts:
