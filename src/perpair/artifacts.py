@@ -73,6 +73,13 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(metadata[METADATA_KEY])
 
 
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table. Not ``pq.read_table``, which reads through ``pyarrow.dataset``, and that
+    imports pandas: 37 MB more at a training run's peak memory for nothing a single file needs."""
+    with pq.ParquetFile(path) as parquet:
+        return parquet.read(columns=columns)
+
+
 def read_artifact(path: str | os.PathLike, *, kind: str,
                   schema_version: int) -> tuple[pa.Table, dict[str, Any]]:
     """Read an artifact of the expected kind and schema version; returns ``(table, provenance)``."""
@@ -84,7 +91,7 @@ def read_artifact(path: str | os.PathLike, *, kind: str,
             f"file {path}: {kind} schema version {header.get('schema_version')}, this perpair reads "
             f"version {schema_version}; re-create it with this version"
         )
-    return pq.read_table(path), header["provenance"]
+    return read_parquet(path), header["provenance"]
 
 
 def refuse_overwrite(outputs: dict[str, str | os.PathLike], inputs: dict[str, str | os.PathLike | None]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from perpair.artifacts import read_parquet
 from perpair.pipeline.config import RunConfig
 
 COLUMNS = (
@@ -41,7 +41,7 @@ def comparison_rows(config: RunConfig, trained: dict[str, dict[str, Any]],
                     evaluated: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for arm, info in trained.items():
-        plan = pq.read_table(info["plan"], columns=["beta", "route"])
+        plan = read_parquet(info["plan"], columns=["beta", "route"])
         routes = np.array(plan.column("route").to_pylist(), dtype=object)
         betas = np.array(plan.column("beta").to_pylist(), dtype=float)[routes == "preference"]
         metrics = read_metrics(info["metrics"])

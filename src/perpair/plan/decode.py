@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
+from perpair.artifacts import read_parquet
 from perpair.errors import PerpairError
 
 
@@ -38,7 +37,7 @@ def plan_arrays(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
 
     plan, provenance = load_plan(plan_path, pairs_path)
     if pair_ids is None:
-        pair_ids = pq.read_table(Path(pairs_path), columns=["pair_id"]).column("pair_id").to_pylist()
+        pair_ids = read_parquet(pairs_path, columns=["pair_id"]).column("pair_id").to_pylist()
     index = {pid: i for i, pid in enumerate(pair_ids)}
     rows = np.array([index[pid] for pid in plan.column("pair_id").to_pylist()], dtype=np.int64)
     n = len(pair_ids)
