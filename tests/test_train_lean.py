@@ -125,8 +125,8 @@ def test_applied_undoes_the_patches_even_on_error():
 
 def test_twin_modules_are_checked_once_and_a_module_unlike_its_twins_alone(monkeypatch):
     """Whether a lean forward reproduces a module is checked once per kind of module (same class, shapes and
-    attributes), not once per module; a module with a different attribute or a forward of its own is checked on
-    its own, and a forward that computes something else keeps it unpatched while its twins are patched."""
+    attributes), not once per module; a module with a different attribute, a forward of its own or a hook is checked
+    on its own, and one that computes something else stays unpatched while its twins are patched."""
     import perpair.train.lean as lean
 
     checked = []
@@ -143,10 +143,14 @@ def test_twin_modules_are_checked_once_and_a_module_unlike_its_twins_alone(monke
     layer.post_attention_layernorm.variance_epsilon = 0.5  # another attribute: its own check, still patched
     norm = layer.input_layernorm
     norm.forward = types.MethodType(lambda self, x: 2 * type(self).forward(self, x), norm)  # another result
+    # a hook inside an MLP, which a lean MLP reading its projections' weights would bypass: it stays as it is
+    layer.mlp.gate_proj.register_forward_hook(lambda module, args, out: 2 * out)
     counts = lean_activations(model).counts()
-    assert len(checked) == 8
+    assert "_lean_kind" not in vars(layer.mlp) and "_lean_kind" in vars(model.model.layers[0].mlp)
+    assert vars(layer.mlp.gate_proj)["_lean_kind"] == "linear"  # its hook runs around its lean forward
     assert counts["norm"] == 4 and "_lean_kind" not in vars(norm)
     assert vars(layer.post_attention_layernorm)["_lean_kind"] == "norm"
+    assert len(checked) == 10
 
 
 def test_undo_leaves_a_forward_set_since_and_counts_only_the_patches_in_place():

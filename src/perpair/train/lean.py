@@ -523,11 +523,12 @@ def _twin_key(module: nn.Module, kind: str) -> tuple | None:
     linear layers of four shapes) are checked once, not 300 times (1.2 s of every run): for the module and each
     submodule, its class, the shapes, dtypes and devices of its parameters and buffers, and its other attributes
     (values where plain, identity otherwise: a shared config or function is one object). Not the weights' values,
-    which the lean and plain forwards read alike, nor hooks, which run around either forward. None (check it
-    alone) where a forward set on the instance could make it differ from its twins."""
+    which the lean and plain forwards read alike. None (check it alone) where a forward set on the instance or a
+    hook could make it differ from its twins (a hook on a submodule, which a lean forward reading the submodule's
+    weights would bypass)."""
     key: list = [kind]
     for name, m in module.named_modules():
-        if "forward" in vars(m):
+        if "forward" in vars(m) or any(vars(m).get(h) for h in _HOOKS):
             return None
         tensors = tuple((n, type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad) if t is not None else (n,)
                         for n, t in (*m._parameters.items(), *m._buffers.items()))
