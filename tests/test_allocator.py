@@ -35,6 +35,18 @@ def probe(**env: str) -> tuple[str, str, int]:
     return allocator, preload, int(pid)
 
 
+def probe_value(expression: str, choice: str, **env: str) -> tuple[str, str]:
+    """The allocator a re-executed child runs under with ``PERPAIR_MALLOC=choice``, and what ``expression`` gives
+    there; ``env`` is what the user set (the settings it names are unset otherwise)."""
+    base = {k: v for k, v in environment(PERPAIR_MALLOC=choice).items()
+            if k not in ("MIMALLOC_PURGE_DELAY", "ARROW_DEFAULT_MEMORY_POOL")}
+    code = PROBE.replace('os.environ.get("LD_PRELOAD")', expression)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env})
+    assert result.returncode == 0, result.stderr
+    allocator, value, _ = result.stdout.split()
+    return allocator, value
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
 def test_auto_preloads_an_allocator_and_children_inherit_nothing():
     # mimalloc is a dependency on Linux, so auto always finds one
@@ -77,19 +89,11 @@ def test_mimalloc_keeps_freed_memory_unless_the_user_says_otherwise():
     mimalloc perpair runs with its purge off, and its workers inherit that; a value the user set is kept."""
     from perpair.allocator import allocator_name
 
-    probe_setting = PROBE.replace('os.environ.get("LD_PRELOAD")', 'os.environ.get("MIMALLOC_PURGE_DELAY")')
-    for env, expected in (({}, "-1"), ({"MIMALLOC_PURGE_DELAY": "250"}, "250")):
-        base = {k: v for k, v in environment(PERPAIR_MALLOC="mimalloc").items() if k != "MIMALLOC_PURGE_DELAY"}
-        result = subprocess.run([sys.executable, "-c", probe_setting], capture_output=True, text=True,
-                                env={**base, **env})
-        assert result.returncode == 0, result.stderr
-        allocator, setting, _ = result.stdout.split()
-        assert (allocator, setting) == ("mimalloc", expected)
-    library = find_allocator("tcmalloc")
-    if library is not None:  # tcmalloc gets no mimalloc setting
-        result = subprocess.run([sys.executable, "-c", probe_setting], capture_output=True, text=True,
-                                env=environment(PERPAIR_MALLOC="tcmalloc"))
-        assert result.stdout.split()[:2] == ["tcmalloc", "None"]
+    setting = 'os.environ.get("MIMALLOC_PURGE_DELAY")'
+    assert probe_value(setting, "mimalloc") == ("mimalloc", "-1")
+    assert probe_value(setting, "mimalloc", MIMALLOC_PURGE_DELAY="250") == ("mimalloc", "250")
+    if find_allocator("tcmalloc") is not None:  # tcmalloc gets no mimalloc setting
+        assert probe_value(setting, "tcmalloc") == ("tcmalloc", "None")
     assert allocator_name(find_allocator("mimalloc")) == "mimalloc"
     assert allocator_name("/usr/lib/libtcmalloc_minimal.so.4") == "tcmalloc"
     assert allocator_name("/usr/lib/libm.so.6") is None
@@ -99,15 +103,10 @@ def test_mimalloc_keeps_freed_memory_unless_the_user_says_otherwise():
 def test_arrow_allocates_through_the_chosen_allocator_unless_the_user_says_otherwise():
     """pyarrow would keep its tables in the mimalloc heap it bundles, beside the allocator perpair preloads (34 MB
     more at a training run's peak): under that allocator Arrow's pool is the system one, which is it."""
-    pool_name = '__import__("pyarrow").default_memory_pool().backend_name'
-    probe_pool = PROBE.replace('os.environ.get("LD_PRELOAD")', pool_name)
-    for env, expected in (({}, "system"), ({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}, "mimalloc")):
-        base = {k: v for k, v in environment(PERPAIR_MALLOC="auto").items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-        result = subprocess.run([sys.executable, "-c", probe_pool], capture_output=True, text=True,
-                                env={**base, **env})
-        assert result.returncode == 0, result.stderr
-        allocator, pool, _ = result.stdout.split()
-        assert allocator != "None" and pool == expected
+    pool = '__import__("pyarrow").default_memory_pool().backend_name'
+    allocator, name = probe_value(pool, "auto")
+    assert allocator != "None" and name == "system"
+    assert probe_value(pool, "auto", ARROW_DEFAULT_MEMORY_POOL="mimalloc") == (allocator, "mimalloc")
 
 
 def test_system_means_no_reexecution():
