@@ -241,6 +241,30 @@ def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, me
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_path):
+    """A pairs file whose footer reads but whose pages do not (it used to say only "error: ZSTD decompression
+    failed: ...", naming nothing), and a read asking for a column the file lacks (``ParquetFile.read`` would leave
+    it out without a word)."""
+    import pyarrow as pa
+
+    from perpair.artifacts import read_parquet
+    from perpair.errors import PerpairError
+
+    data = bytearray(uf_pairs.read_bytes())
+    for i in range(1000, 60000, 7):  # the first row group's pages; the footer at the end stays intact
+        data[i] ^= 0xFF
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(bytes(data))
+    result = _train(tiny_model, corrupt, tmp_path / "out", "--steps", "1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: file {corrupt}: not a readable Parquet file (ZSTD decompression failed: Data corruption detected)"]
+    assert read_parquet(uf_pairs, columns=["pair_id"]).column_names == ["pair_id"]
+    with pytest.raises(PerpairError, match=f"file {uf_pairs}: no column 'route'"):
+        read_parquet(uf_pairs, columns=["pair_id", "route"])
+    assert isinstance(read_parquet(uf_pairs), pa.Table)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
     """Reference log-probs corrupted to NaN for the pairs of steps 3 and 4: the run stops at step 3 with one
     clear message, before the optimizer step, and keeps the checkpoint of step 2."""

@@ -74,10 +74,18 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file as a table. Not ``pq.read_table``, which reads through ``pyarrow.dataset``, and that
-    imports pandas: 37 MB more at a training run's peak memory for nothing a single file needs."""
-    with pq.ParquetFile(path) as parquet:
-        return parquet.read(columns=columns)
+    """One Parquet file as a table (``columns``: only these top-level columns); a file that cannot be read (corrupt
+    pages) or lacks one of ``columns`` is an error naming it, where ``ParquetFile.read`` would leave the column
+    out. Not ``pq.read_table``, which reads through ``pyarrow.dataset``, and that imports pandas: 37 MB more at a
+    training run's peak memory for nothing a single file needs."""
+    try:
+        with pq.ParquetFile(path) as parquet:
+            missing = [name for name in columns or () if name not in parquet.schema_arrow.names]
+            if not missing:
+                return parquet.read(columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise PerpairError(f"file {path}: not a readable Parquet file ({exc})") from None
+    raise PerpairError(f"file {path}: no column {', '.join(map(repr, missing))}")
 
 
 def read_artifact(path: str | os.PathLike, *, kind: str,
