@@ -124,8 +124,8 @@ def test_missing_local_model_leaves_nothing_behind(uf_pairs, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(error_lines(result)) == 1 and "teacher local:" in result.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == [], "no cache or artifact may be left"
-    assert "no model folder at /nonexistent" in annotate(uf_pairs, tmp_path / "x.parquet", "--teacher",
-                                                         "local:/nonexistent", check=False).stderr
+    assert "model /nonexistent: no such folder, and not a Hub id" in annotate(
+        uf_pairs, tmp_path / "x.parquet", "--teacher", "local:/nonexistent", check=False).stderr
 
 
 def test_non_hex_pair_id_with_shard_is_an_error(uf_pairs, tmp_path):

@@ -332,6 +332,31 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]
 
 
+def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_out(tiny_model, uf_pairs,
+                                                                                     tmp_path):
+    """A model path that names no folder is refused by name before OUT is written (it used to reach
+    ``from_pretrained`` as a malformed Hub id: "Repo id must be in the form 'repo_name' ..."), and so is a file. A run
+    that claimed OUT but stopped before its first step (here: unreadable pairs) leaves only its run.key, which does
+    not make the corrected run "another run" (it used to be refused until --overwrite)."""
+    out = tmp_path / "out"
+    for model, message in ((tmp_path / "nowhere" / "model", "no such folder, and not a Hub id (NAME or OWNER/NAME)"),
+                           (uf_pairs, "a file; give the folder that holds its config.json and weights")):
+        result = _train(str(model), uf_pairs, out, "--steps", "1", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [f"error: model {model}: {message}"], result.stderr
+        assert not out.exists()
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(uf_pairs.read_bytes()[:-100] + bytes(100))  # the footer gone: not a Parquet file
+    result = _train(tiny_model, broken, out, "--steps", "1", check=False)
+    assert result.returncode == 2 and "not a readable Parquet file" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["run.key"]
+    _train(tiny_model, uf_pairs, out, "--steps", "1", "--set", "save_model=false")
+    assert len(_metrics(out)) == 1
+    result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--beta", "0.2", check=False)
+    assert result.returncode == 2 and "holds another run" in result.stderr  # a run that trained is protected
+
+
 def test_bf16_and_fp32_runs_keep_separate_reference_caches(tiny_model, uf_pairs, tmp_path):
     """A bf16 run's reference log-probs (up to ~0.5% off fp32's) are never served to an fp32 run."""
     args = ("--steps", "1", "--batch-size", "2", "--max-length", "64", "--set", "save_model=false",

@@ -105,10 +105,27 @@ def load_causal_lm(path: str, **kwargs: Any):
 
 
 def resolve_model(spec: str) -> str:
-    """A path or Hub id that ``from_pretrained`` accepts; ``smollm2`` becomes the local checkpoint."""
+    """A path or Hub id that ``from_pretrained`` accepts; ``smollm2`` becomes the local checkpoint. A local path
+    that is no folder is refused here, by name: ``from_pretrained`` would take it for a malformed Hub id."""
     if spec.lower() in SMOLLM2_ALIASES:
         return str(smollm2_checkpoint())
+    path = Path(spec)
+    if path.exists() and not path.is_dir():
+        raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
+    if not path.exists() and not _hub_id(spec):
+        raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
     return spec
+
+
+def _hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the form of a Hugging Face Hub repository id (the Hub library's own check)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def model_fingerprint(spec: str) -> str:

@@ -171,12 +171,11 @@ class LocalTeacher:
             return
         from perpair.models import resolve_model
 
-        spec = resolve_model(self.config.model)
+        try:  # a local path that names no folder is refused here (a Hub id is checked by loading its config)
+            spec = resolve_model(self.config.model)
+        except PerpairError as exc:
+            raise PerpairError(f"teacher {self.id}: {exc}") from None
         folder = Path(spec)
-        # A Hub id is "owner/name"; anything else that names no folder here is a missing local path.
-        hub_like = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not folder.exists()
-        if not hub_like and not folder.is_dir():
-            raise PerpairError(f"teacher {self.id}: no model folder at {spec}")
         from transformers import AutoConfig
 
         try:

@@ -24,6 +24,7 @@ _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "sa
                  "save_model", "final_checkpoint", "release_cpu_memory"}
 # What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", RUN_KEY)
+_RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metrics.jsonl: what a run that trained leaves
 
 
 def run_key(config: TrainConfig) -> str:
@@ -41,8 +42,8 @@ def check_out(config: TrainConfig) -> str:
     marker = out / RUN_KEY
     held = marker.read_text().strip() if marker.is_file() else None
     occupied = [name for name in _OUTPUTS if (out / name).exists()]
-    if config.overwrite or not occupied:
-        return key
+    if config.overwrite or not occupied or (held is not None and not trained(out)):
+        return key  # (the last: a run that stopped before its first step, e.g. on a wrong path, left only its claim)
     if held == key:
         if config.resume or not checkpoints(out):
             return key
@@ -54,10 +55,18 @@ def check_out(config: TrainConfig) -> str:
     raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
 
 
+def trained(out: Path) -> bool:
+    """Whether a run in ``out`` got as far as a step: a line of metrics, a checkpoint, a summary or a model."""
+    metrics = out / "metrics.jsonl"
+    return (metrics.is_file() and metrics.stat().st_size > 0) or any((out / name).exists() for name in _RESULTS)
+
+
 def claim_out(config: TrainConfig, key: str) -> None:
-    """Main process, after :func:`check_out`: remove the old run's outputs when overwriting, and mark OUT."""
+    """Main process, after :func:`check_out`: remove the old run's outputs when overwriting or when the run that
+    claimed OUT never trained, and mark OUT."""
     out = Path(config.out)
-    if config.overwrite:
+    held = (out / RUN_KEY).read_text().strip() if (out / RUN_KEY).is_file() else None
+    if config.overwrite or held not in (None, key):
         for name in _OUTPUTS:
             path = out / name
             if path.is_dir():

@@ -85,13 +85,13 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
+    tokenizer = load_tokenizer(config)  # a wrong model path is refused before OUT is written
     accelerator = setup_accelerator(config)
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
     if accelerator.is_main_process:
         claim_out(config, key)
     accelerator.wait_for_everyone()
     data = load_data(config, accelerator)
-    tokenizer = load_tokenizer(config)
     batches = build_step_batches(config, data, tokenizer)
 
     model = load_model(config.model, accelerator)
