@@ -243,8 +243,8 @@ def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, me
 
 def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_path):
     """A pairs file whose footer reads but whose pages do not (it used to say only "error: ZSTD decompression
-    failed: ...", naming nothing), and a read asking for a column the file lacks (``ParquetFile.read`` would leave
-    it out without a word)."""
+    failed: ...", naming nothing), a read asking for a column the file lacks (``ParquetFile.read`` would leave it
+    out without a word), and a pairs file that is not there."""
     import pyarrow as pa
 
     from perpair.artifacts import read_parquet
@@ -263,6 +263,9 @@ def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_p
     with pytest.raises(PerpairError, match=f"file {uf_pairs}: no column 'route'"):
         read_parquet(uf_pairs, columns=["pair_id", "route"])
     assert isinstance(read_parquet(uf_pairs), pa.Table)
+    missing = tmp_path / "missing.parquet"  # not Arrow's "[Errno 2] Failed to open local file ..."
+    result = run_cli("inspect", missing, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: file {missing}: not found"]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):

@@ -64,6 +64,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The ``{kind, schema_version, provenance}`` header of a perpair artifact."""
+    if not Path(path).exists():
+        raise PerpairError(f"file {path}: not found")
     try:
         metadata = pq.read_schema(path).metadata or {}
     except (OSError, pa.ArrowInvalid) as exc:
