@@ -354,7 +354,8 @@ def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_
     result = _train(tiny_model, broken, out, "--steps", "1", check=False)
     assert result.returncode == 2 and "not a readable Parquet file" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["run.key"]
-    _train(tiny_model, uf_pairs, out, "--steps", "1", "--set", "save_model=false")
+    result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--set", "save_model=false", "--resume")
+    assert f"--resume: no checkpoint in {out} yet; training from step 1" in result.stderr  # said, not silent
     assert len(_metrics(out)) == 1
     result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--beta", "0.2", check=False)
     assert result.returncode == 2 and "holds another run" in result.stderr  # a run that trained is protected

@@ -117,6 +117,9 @@ def train_command(
             console.print(f"reference log-probs: {done:,}/{total:,} pairs", highlight=False)
 
     def resumed(step: int) -> None:
+        if not step:  # a job re-launched with --resume every time starts this way: said, not refused
+            console.print(f"--resume: no checkpoint in {cfg.out} yet; training from step 1", highlight=False)
+            return
         console.print(f"resumed from the checkpoint of step {step} ({cfg.steps - step} steps to go)",
                       highlight=False)
 

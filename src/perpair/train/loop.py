@@ -81,7 +81,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
           on_resume: Callable[[int], None] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the outputs are and a summary (pairs/s, peak memory, …).
     ``on_step(metrics)`` after every step, ``on_reference(done, to_compute)`` during the reference pass,
-    ``on_resume(step)`` with the checkpoint's step when a run resumes."""
+    ``on_resume(step)`` with ``resume``: the checkpoint's step, 0 when OUT has none yet."""
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
@@ -107,7 +107,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     start_step = 0
     if config.resume:
         start_step = load_checkpoint(out, model, optimizer, scheduler)
-        if on_resume and start_step:
+        if on_resume:
             on_resume(start_step)
     module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting,
                              grad_into_weight=accelerator.num_processes == 1)
