@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from perpair.cli import app, console, out
 from perpair.errors import PerpairError
@@ -118,7 +119,8 @@ def train_command(
 
     def resumed(step: int) -> None:
         if not step:  # a job re-launched with --resume every time starts this way: said, not refused
-            console.print(f"--resume: no checkpoint in {cfg.out} yet; training from step 1", highlight=False)
+            console.print(f"--resume: no checkpoint in {escape(str(cfg.out))} yet; training from step 1",
+                          soft_wrap=True)
             return
         console.print(f"resumed from the checkpoint of step {step} ({cfg.steps - step} steps to go)",
                       highlight=False)
