@@ -191,7 +191,8 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
     data = load_yaml(path, "annotate config") if path is not None else {}
     # what the command line set, nested as pydantic locates it (a teacher's keys under its kind): its mistakes
     # are not blamed on the file
-    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    options_set = {k: v for k, v in overrides.items() if v is not None}
+    given: dict[str, Any] = dict(options_set)
     if teachers:
         data["teachers"] = [parse_teacher_spec(spec) for spec in teachers]
     for index, teacher in enumerate(data.get("teachers") or []):
@@ -210,7 +211,7 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
             teacher.update(options)
         if teachers or options:
             given.setdefault("teachers", {})[index] = {teacher.get("kind"): teacher if teachers else options}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update(options_set)
     if not data.get("teachers"):
         raise PerpairError("no teacher: give --teacher SPEC or a config with 'teachers'")
     try:

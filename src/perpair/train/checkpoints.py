@@ -39,8 +39,7 @@ def check_out(config: TrainConfig) -> str:
     out, key = Path(config.out), run_key(config)
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
-    marker = out / RUN_KEY
-    held = marker.read_text().strip() if marker.is_file() else None
+    held = held_key(out)
     occupied = [name for name in _OUTPUTS if (out / name).exists()]
     if config.overwrite or not occupied or (held is not None and not trained(out)):
         return key  # (the last: a run that stopped before its first step, e.g. on a wrong path, left only its claim)
@@ -55,6 +54,12 @@ def check_out(config: TrainConfig) -> str:
     raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
 
 
+def held_key(out: Path) -> str | None:
+    """The key of the run that claimed ``out`` (its run.key), or None."""
+    marker = out / RUN_KEY
+    return marker.read_text().strip() if marker.is_file() else None
+
+
 def trained(out: Path) -> bool:
     """Whether a run in ``out`` got as far as a step: a line of metrics, a checkpoint, a summary or a model."""
     metrics = out / "metrics.jsonl"
@@ -65,8 +70,7 @@ def claim_out(config: TrainConfig, key: str) -> None:
     """Main process, after :func:`check_out`: remove the old run's outputs when overwriting or when the run that
     claimed OUT never trained, and mark OUT."""
     out = Path(config.out)
-    held = (out / RUN_KEY).read_text().strip() if (out / RUN_KEY).is_file() else None
-    if config.overwrite or held not in (None, key):
+    if config.overwrite or held_key(out) not in (None, key):
         for name in _OUTPUTS:
             path = out / name
             if path.is_dir():
