@@ -238,6 +238,16 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "work").exists()
 
+    # a path that is no folder: named once, as the field it came from
+    config["model"] = str(tmp_path / "no_such_model")
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id (NAME or OWNER/NAME)"]
+    assert not (tmp_path / "work").exists()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
