@@ -1,6 +1,7 @@
 """``perpair run``: the whole job on a tiny random Llama (policy, local teacher and local judge), then the
 skipping rules: an unchanged re-run does nothing, a changed arm re-runs only what depends on it, ``--from``
-re-runs a stage and everything after it, and a run killed mid-training resumes from its checkpoint."""
+re-runs a stage and everything after it, a run killed mid-training resumes from its checkpoint, and one killed
+mid-annotation keeps every answer it got."""
 
 from __future__ import annotations
 
@@ -286,6 +287,54 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
              (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
     assert "| dpo |" in result.stdout
+
+
+@pytest.mark.slow
+def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
+    """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
+    its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
+    to plan and train: nothing lost, nothing asked twice."""
+    import sqlite3
+
+    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
+                     arms={"sp2dpo": {"preset": "sp2dpo", "train": {"steps": 2}}})
+    config["data"]["limit"] = 400
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    cache = work / "annotations.cache.sqlite"
+
+    def answered() -> int:
+        if not cache.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=5) as db:
+                return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is not there yet
+            return 0
+
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "perpair", "run", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while answered() < 20 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = answered()
+    assert before >= 20
+    assert not (work / "annotations.parquet").exists() and not (work / "stages" / "annotate.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    log = result.stderr
+    assert "[prepare] unchanged, skipped" in log and "[train.sp2dpo] done" in log
+    progress = [line for line in log.splitlines() if "annotated" in line and "cached" in line][-1]
+    done, total = (int(n.replace(",", "")) for n in progress.split("annotated ")[1].split(" ")[0].split("/"))
+    cached = int(progress.split("(")[1].split(" cached")[0].replace(",", ""))
+    assert done == total == answered() and cached == before < total  # the rest asked once each
+    assert (work / "annotations.parquet").is_file() and (work / "stages" / "annotate.json").is_file()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
