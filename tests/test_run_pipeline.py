@@ -337,6 +337,52 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
     assert (work / "annotations.parquet").is_file() and (work / "stages" / "annotate.json").is_file()
 
 
+@pytest.mark.slow
+def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny):
+    """A run killed inside an arm's AlpacaEval (answers and judgments committed as they come) re-runs that
+    evaluation only, generating and judging nothing it had finished."""
+    import sqlite3
+
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 2}}})
+    config["eval"]["preference"] = None
+    config["eval"]["alpaca_eval"].update(limit=48, max_new_tokens=8)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    folder = tmp_path / "work" / "arms" / "dpo" / "eval" / "alpaca_eval"
+
+    def cached() -> dict[str, int]:
+        if not (folder / "cache.sqlite").exists():
+            return {}
+        try:
+            with sqlite3.connect(f"file:{folder / 'cache.sqlite'}?mode=ro", uri=True, timeout=5) as db:
+                return dict(db.execute("SELECT kind, COUNT(*) FROM results GROUP BY kind").fetchall())
+        except sqlite3.OperationalError:  # the table is not there yet
+            return {}
+
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "perpair", "run", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while cached().get("judgment", 0) < 4 and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = cached()
+    answers = sum(n for kind, n in before.items() if kind != "judgment")
+    assert answers == 48 and 4 <= before["judgment"] < 48, before
+    assert not (folder / "results.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    for stage in ("prepare", "plan.dpo", "train.dpo", "eval.base.alpaca_eval"):
+        assert f"[{stage}] unchanged, skipped" in result.stderr
+    row = json.loads((folder / "results.json").read_text())[0]
+    after = cached()
+    assert row["n_generated"] == 0 and row["n_judged"] == after["judgment"] - before["judgment"] > 0
+    assert "| dpo |" in result.stdout
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error
