@@ -1,7 +1,7 @@
 """``perpair run``: the whole job on a tiny random Llama (policy, local teacher and local judge), then the
 skipping rules: an unchanged re-run does nothing, a changed arm re-runs only what depends on it, ``--from``
 re-runs a stage and everything after it, a run killed mid-training resumes from its checkpoint, and one killed
-mid-annotation keeps every answer it got."""
+mid-annotation or mid-evaluation keeps every answer (and judgment) it got."""
 
 from __future__ import annotations
 
