@@ -153,9 +153,9 @@ def check_model(spec: str) -> None:
         path = resolve_model(spec)
         AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except PerpairError as exc:  # resolve_model's "model X: …" names the field already
-        raise PerpairError(f"run config, {exc}" if str(exc).startswith("model ") else f"run config, model: {exc}") \
-            from None
+    except PerpairError as exc:
+        detail = str(exc) if str(exc).startswith("model ") else f"model: {exc}"  # "model X: …" names the field
+        raise PerpairError(f"run config, {detail}") from None
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PerpairError(f"run config, model: {spec} is not a model that loads (its config.json and tokenizer): "
