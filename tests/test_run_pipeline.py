@@ -289,6 +289,22 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     assert "| dpo |" in result.stdout
 
 
+def _kill_once(command: list[str], env: dict[str, str], ready, log: Path) -> None:
+    """Start ``command`` (its output into ``log``, never a pipe that could fill up and stall it) and SIGKILL it as
+    soon as ``ready()``, polled every 50 ms for up to five minutes; it must not have ended before."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert process.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "not ready after 300 s"
+                time.sleep(0.05)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
 @pytest.mark.slow
 def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
     """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
@@ -315,13 +331,7 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
 
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "perpair", "run", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while answered() < 20 and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    _kill_once(command, env, lambda: answered() >= 20, tmp_path / "killed.log")
     before = answered()
     assert before >= 20
     assert not (work / "annotations.parquet").exists() and not (work / "stages" / "annotate.json").exists()
@@ -361,13 +371,7 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
 
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "perpair", "run", str(path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 300
-    while cached().get("judgment", 0) < 4 and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    _kill_once(command, env, lambda: cached().get("judgment", 0) >= 4, tmp_path / "killed.log")
     before = cached()
     answers = sum(n for kind, n in before.items() if kind != "judgment")
     assert answers == 48 and 4 <= before["judgment"] < 48, before
