@@ -126,14 +126,18 @@ def test_reference_margin_from_the_train_cache(tmp_path):
     assert not (tmp_path / "o.parquet").exists() and other_ids
 
 
-def test_run_refuses_a_reference_margin_at_validation(tmp_path):
+def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):
+    """``perpair run`` plans reference margins from the log-probs it computes for an arm's training
+    (tests/test_run_pipeline.py); a reference-free loss has none, and is refused before any work."""
     from perpair.errors import PerpairError
     from perpair.pipeline import RunConfig, run
 
     config = {"workdir": str(tmp_path / "work"), "model": "smollm2", "data": {"sources": ["x.jsonl"]},
-              "arms": {"ref": {"preset": "dpo", "schedule": {"margin": {"source": "reference"}}}},
+              "arms": {"ref": {"preset": "dpo", "schedule": {"margin": {"source": "reference"}},
+                               "train": {"loss": "simpo"}}},
               "eval": {"preference": None, "alpaca_eval": None}}
-    with pytest.raises(PerpairError, match=r"arms\.ref: margin.source 'reference' is not available in perpair run"):
+    with pytest.raises(PerpairError, match=r"arms\.ref: margin.source 'reference' reads the reference log-probs .* "
+                                           r"loss 'simpo' uses no reference"):
         run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -385,6 +386,41 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
     after = cached()
     assert row["n_generated"] == 0 and row["n_judged"] == after["judgment"] - before["judgment"] > 0
     assert "| dpo |" in result.stdout
+
+
+def test_an_arm_plans_with_the_reference_margins_of_its_own_reference_pass(tmp_path, tiny, monkeypatch):
+    """``margin.source: reference`` in a run: the plan's difficulty of every pair is the length-normalised
+    reference margin from the log-probs the run's reference pass wrote for that arm's training; an unchanged
+    re-run skips the plan."""
+    from perpair.artifacts import file_sha256, read_artifact
+    from perpair.plan.difficulty import reference_margin_for
+    from perpair.plan.reference import read_reference_logps
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None},
+                     arms={"ref": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}},
+                                   "train": {"steps": 2}}})
+    first, _ = _run(config)
+    assert {"prepare", "plan.ref", "train.ref"} <= set(first.ran)
+    work = tmp_path / "work"
+    pairs = work / "pairs.parquet"
+    logps, found = read_reference_logps(work / "reference", file_sha256(pairs), str(pairs))
+    plan, provenance = read_artifact(work / "arms" / "ref" / "plan.parquet", kind="plan", schema_version=1)
+    ids = plan.column("pair_id").to_pylist()
+    expected = reference_margin_for(ids, logps)
+    # pairs whose prompt fills max_length (96 here) are not trained and have no reference log-probs: no margin,
+    # as with perpair plan --reference-logps
+    covered = ~np.isnan(expected)
+    assert 0 < covered.sum() == logps.num_rows < len(ids)
+    difficulty = np.array([np.nan if d is None else d for d in plan.column("difficulty").to_pylist()])
+    np.testing.assert_allclose(difficulty[covered], expected[covered], rtol=0, atol=1e-12)
+    assert np.isnan(difficulty[~covered]).all()
+    assert provenance["reference_logps_sha256"]
+    routes = set(plan.column("route").to_pylist())
+    assert "preference" in routes  # the margins decide: not every pair below τ
+
+    second, _ = _run(config)
+    assert not second.ran and "plan.ref" in second.skipped
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -120,9 +120,6 @@ def validate(config: RunConfig) -> Settings:
             schedules[name] = resolve_schedule(arm.preset, None, arm.beta, arm.schedule)
         except PerpairError as exc:
             raise fail(f"arms.{name}", exc) from None
-        if schedules[name].margin.source == "reference":  # the run computes reference log-probs only when training
-            raise PerpairError(f"run config, arms.{name}: margin.source 'reference' is not available in perpair "
-                               "run; train once, then plan with perpair plan --reference-logps")
         needs = schedules[name].beta.kind != "global" or schedules[name].margin.source == "teacher"
         if needs and annotate is None:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
@@ -137,6 +134,10 @@ def validate(config: RunConfig) -> Settings:
                             f"preset {arm.preset}")
         except PerpairError as exc:
             raise fail(f"arms.{name}.train", exc) from None
+        if schedules[name].margin.source == "reference" and arm_config.objective.reference_free:
+            raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "
+                               f"the run computes for the arm's training, and loss {arm_config.loss!r} uses no "
+                               "reference: take another margin source or loss")
         train[name] = keys
         train_configs[name] = arm_config
     check_model(config.model)
@@ -274,9 +275,27 @@ class _Job:
         output = self.workdir / "arms" / arm / "plan.parquet"
         material = {"preset": self.config.arms[arm].preset, "schedule": schedule.as_dict(),
                     "pairs": file_sha256(pairs), "annotations": file_sha256(annotations) if annotations else None}
+        reference = None
+        if schedule.margin.source == "reference":  # the margins of the arm's own reference log-probs
+            reference = self._reference_file(settings, arm, pairs)
+            material["reference"] = file_sha256(reference)
         self.stage(f"plan.{arm}", "plan", material, lambda: [output], _plan, pairs, annotations, schedule,
-                   self.config.arms[arm].preset, output, arm)
+                   self.config.arms[arm].preset, output, arm, reference)
         return output
+
+    def _reference_file(self, settings: Settings, arm: str, pairs: Path) -> Path:
+        """The file of ``WORKDIR/reference`` holding the reference log-probs of the arm's training (filled by
+        :meth:`reference` before any plan)."""
+        from perpair.train import load_config
+        from perpair.train.setup import load_tokenizer, reference_cache_file, uses_bf16
+
+        config = load_config(None, {**self._train_options(self._train_keys(settings, arm), arm, pairs),
+                                    "plan": None, "steps": 1, "out": str(self.workdir / "reference")})
+        path, _ = reference_cache_file(config, load_tokenizer(config), pairs, bf16=uses_bf16(config))
+        if not path.is_file():
+            raise PerpairError(f"arms.{arm}: margin.source 'reference': the reference pass left no log-probs for "
+                               f"this arm's settings in {path.parent} (every prompt longer than max_length?)")
+        return path
 
     @staticmethod
     def _train_keys(settings: Settings, arm: str) -> dict[str, Any]:
@@ -398,11 +417,13 @@ def _reference(trainings: list[dict[str, Any]], evaluations: list, *, log: Log) 
         cache_reference(config)
 
 
-def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: Path, arm: str, *,
-          log: Log) -> dict[str, Any]:
+def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: Path, arm: str,
+          reference: Path | None = None, *, log: Log) -> dict[str, Any]:
     from perpair import plan
+    from perpair.plan.reference import read_reference_logps
 
-    result = plan.build_plan(pairs, annotations, schedule, preset=preset)
+    logps = read_reference_logps(reference, file_sha256(pairs), str(pairs))[0] if reference else None
+    result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
     plan.write_plan(result, output)
     plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
                       command=f"perpair run (arm {arm}, preset {preset})")

@@ -106,6 +106,19 @@ def load_model(spec: str, accelerator):
     return model.to(accelerator.device)
 
 
+def reference_cache_file(config: TrainConfig, tokenizer, pairs: str | Path, *,
+                         bf16: bool) -> tuple[Path, dict[str, object]]:
+    """The file of the reference cache that a run of ``config`` on the pairs file ``pairs`` reads and fills, and
+    the key it is named by: the reference model's files, the tokenizer, the pairs file, the length settings and
+    the precision."""
+    cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
+    spec = resolve_model(config.reference_model or config.model)
+    key = reference.cache_key(model=model_fingerprint(spec), tokenizer=reference.tokenizer_fingerprint(tokenizer),
+                              pairs_sha256=file_sha256(pairs), max_length=config.max_length,
+                              ld_alpha=config.ld_alpha, precision="bf16" if bf16 else "fp32")
+    return reference.cache_path(cache_dir, key), key
+
+
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
                       accelerator, on_progress: Callable[[int, int], None] | None = None,
                       from_first_step: bool = True) -> reference.RunReference:
@@ -119,14 +132,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
         return reference.RunReference()
-    cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
-    spec = resolve_model(config.reference_model or config.model)
-    key = reference.cache_key(model=model_fingerprint(spec),
-                              tokenizer=reference.tokenizer_fingerprint(tokenizer),
-                              pairs_sha256=file_sha256(data.path), max_length=config.max_length,
-                              ld_alpha=config.ld_alpha,
-                              precision="bf16" if accelerator.mixed_precision == "bf16" else "fp32")
-    path = reference.cache_path(cache_dir, key)
+    path, key = reference_cache_file(config, tokenizer, data.path, bf16=accelerator.mixed_precision == "bf16")
     # cached values are in the pair's own orientation: un-flip to look them up
     own = [_unflip(batches.tokenized[r]) if data.flipped[r] else batches.tokenized[r] for r in rows]
     ids = [data.pair_ids[r] for r in rows]
