@@ -389,9 +389,9 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
 
 
 def test_an_arm_plans_with_the_reference_margins_of_its_own_reference_pass(tmp_path, tiny, monkeypatch):
-    """``margin.source: reference`` in a run: the plan's difficulty of every pair is the length-normalised
-    reference margin from the log-probs the run's reference pass wrote for that arm's training; an unchanged
-    re-run skips the plan."""
+    """``margin.source: reference`` in a run: the plan's difficulty of each pair the run's reference pass covered
+    is the length-normalised reference margin from the log-probs that pass wrote for the arm's training; the
+    others have none; an unchanged re-run skips the plan."""
     from perpair.artifacts import file_sha256, read_artifact
     from perpair.plan.difficulty import reference_margin_for
     from perpair.plan.reference import read_reference_logps
@@ -404,7 +404,7 @@ def test_an_arm_plans_with_the_reference_margins_of_its_own_reference_pass(tmp_p
     assert {"prepare", "plan.ref", "train.ref"} <= set(first.ran)
     work = tmp_path / "work"
     pairs = work / "pairs.parquet"
-    logps, found = read_reference_logps(work / "reference", file_sha256(pairs), str(pairs))
+    logps, _ = read_reference_logps(work / "reference", file_sha256(pairs), str(pairs))
     plan, provenance = read_artifact(work / "arms" / "ref" / "plan.parquet", kind="plan", schema_version=1)
     ids = plan.column("pair_id").to_pylist()
     expected = reference_margin_for(ids, logps)
