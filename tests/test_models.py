@@ -1,12 +1,12 @@
-"""``smollm2``: the GGUF file, converted once to a safetensors checkpoint, holds what Transformers reads from it."""
+"""``smollm2``: the GGUF file, converted once to a safetensors checkpoint, holds what Transformers reads from it;
+a model folder's fingerprint, taken from several threads at once."""
 
 from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow  # the conversion and Transformers' own GGUF load: ~30 s
 
-
+@pytest.mark.slow  # the conversion and Transformers' own GGUF load: ~30 s
 def test_smollm2_checkpoint_holds_transformers_own_reading_of_the_gguf_file(tmp_path, monkeypatch):
     import gguf
     import torch
@@ -31,3 +31,21 @@ def test_smollm2_checkpoint_holds_transformers_own_reading_of_the_gguf_file(tmp_
     their_tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     assert AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == their_tokenizer(text)["input_ids"]
     assert smollm2_checkpoint() == folder  # converted once: a second use reads the cache
+
+
+def test_model_fingerprints_taken_from_several_threads_at_once(tmp_path, monkeypatch):
+    """``perpair run`` fingerprints models from several threads of one process (arms side by side, each finding its
+    reference log-probs); the remembered file hashes go through a temporary file of each thread's own, so no thread
+    renames away another's (FileNotFoundError, when the name was the process's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from perpair.models import model_fingerprint
+
+    monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    with ThreadPoolExecutor(8) as pool:
+        fingerprints = list(pool.map(lambda _: model_fingerprint(str(folder)), range(400)))
+    assert len(set(fingerprints)) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()

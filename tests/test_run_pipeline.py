@@ -388,39 +388,45 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
     assert "| dpo |" in result.stdout
 
 
-def test_an_arm_plans_with_the_reference_margins_of_its_own_reference_pass(tmp_path, tiny, monkeypatch):
-    """``margin.source: reference`` in a run: the plan's difficulty of each pair the run's reference pass covered
-    is the length-normalised reference margin from the log-probs that pass wrote for the arm's training; the
-    others have none; an unchanged re-run skips the plan."""
-    from perpair.artifacts import file_sha256, read_artifact
+def test_arms_plan_with_the_reference_margins_of_their_own_reference_pass(tmp_path, tiny, monkeypatch):
+    """``margin.source: reference`` in a run (two arms side by side, their max lengths apart): each plan's
+    difficulty of each pair the run's reference pass covered for that arm's training is the length-normalised
+    reference margin from that pass's log-probs; the others have none; an unchanged re-run skips the plans."""
+    from perpair.artifacts import read_artifact
     from perpair.plan.difficulty import reference_margin_for
-    from perpair.plan.reference import read_reference_logps
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None},
-                     arms={"ref": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}},
-                                   "train": {"steps": 2}}})
+    arms = {"short": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}}, "train": {"steps": 2}},
+            "long": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}},
+                     "train": {"steps": 2, "max_length": 160}}}
+    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None}, arms=arms,
+                     workers=2)
     first, _ = _run(config)
-    assert {"prepare", "plan.ref", "train.ref"} <= set(first.ran)
+    assert {"prepare", "plan.short", "plan.long"} <= set(first.ran)
     work = tmp_path / "work"
-    pairs = work / "pairs.parquet"
-    logps, _ = read_reference_logps(work / "reference", file_sha256(pairs), str(pairs))
-    plan, provenance = read_artifact(work / "arms" / "ref" / "plan.parquet", kind="plan", schema_version=1)
-    ids = plan.column("pair_id").to_pylist()
-    expected = reference_margin_for(ids, logps)
-    # pairs whose prompt fills max_length (96 here) are not trained and have no reference log-probs: no margin,
-    # as with perpair plan --reference-logps
-    covered = ~np.isnan(expected)
-    assert 0 < covered.sum() == logps.num_rows < len(ids)
-    difficulty = np.array([np.nan if d is None else d for d in plan.column("difficulty").to_pylist()])
-    np.testing.assert_allclose(difficulty[covered], expected[covered], rtol=0, atol=1e-12)
-    assert np.isnan(difficulty[~covered]).all()
-    assert provenance["reference_logps_sha256"]
-    routes = set(plan.column("route").to_pylist())
-    assert "preference" in routes  # the margins decide: not every pair below τ
+    files = {}
+    for path in (work / "reference").glob("*.parquet"):
+        logps, provenance = read_artifact(path, kind="reference_logps", schema_version=1)
+        files[provenance["key"]["max_length"]] = logps
+    assert sorted(files) == [96, 160]  # one reference file for each arm's max length
+    for arm, max_length in (("short", 96), ("long", 160)):
+        logps = files[max_length]
+        plan, provenance = read_artifact(work / "arms" / arm / "plan.parquet", kind="plan", schema_version=1)
+        ids = plan.column("pair_id").to_pylist()
+        expected = reference_margin_for(ids, logps)
+        # pairs whose prompt fills max_length are not trained and have no reference log-probs: no margin, as with
+        # perpair plan --reference-logps
+        covered = ~np.isnan(expected)
+        assert 0 < covered.sum() == logps.num_rows < len(ids)
+        difficulty = np.array([np.nan if d is None else d for d in plan.column("difficulty").to_pylist()])
+        np.testing.assert_allclose(difficulty[covered], expected[covered], rtol=0, atol=1e-12)
+        assert np.isnan(difficulty[~covered]).all()
+        assert provenance["reference_logps_sha256"]
+        assert "preference" in set(plan.column("route").to_pylist())  # the margins decide: not every pair below τ
+    assert files[96].num_rows < files[160].num_rows
 
     second, _ = _run(config)
-    assert not second.ran and "plan.ref" in second.skipped
+    assert not second.ran and {"plan.short", "plan.long"} <= set(second.skipped)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

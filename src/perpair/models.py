@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,9 @@ def smollm2_checkpoint() -> Path:
         model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict(), assign=True)
     model.tie_weights()
-    # Written to a temporary folder and renamed, so concurrent first uses never see half a checkpoint.
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    # Written to a temporary folder of this thread's own and renamed, so concurrent first uses (processes or threads)
+    # never see half a checkpoint.
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -149,7 +151,8 @@ def model_fingerprint(spec: str) -> str:
                 memo[tag] = file_sha256(path)
             digest.update(path.name.encode() + b"\0" + memo[tag].encode())
     memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_name(f".{memo_path.name}.tmp-{os.getpid()}")
+    # a name of this thread's own: several threads of one process (perpair run's arms) may write at once
+    tmp = memo_path.with_name(f".{memo_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(memo, sort_keys=True))
     os.replace(tmp, memo_path)
     return digest.hexdigest()
