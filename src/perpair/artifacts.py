@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def temporary_beside(path: Path) -> Path:
+    """A name beside ``path`` to write it under before renaming it over ``path``: this process's and this thread's
+    own, so concurrent writers (processes, or threads of one: ``perpair run``'s arms side by side) never share one."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+
+
 def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schema_version: int,
                    provenance: dict[str, Any]) -> None:
     """Write ``table`` to ``path`` atomically, with kind, schema version and provenance embedded.
@@ -43,7 +50,7 @@ def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schem
     table = table.replace_schema_metadata(metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, path)
@@ -54,7 +61,7 @@ def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schem
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (or a run killed
     mid-write) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

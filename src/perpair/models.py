@@ -16,11 +16,10 @@ import importlib.util
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
-from perpair.artifacts import file_sha256
+from perpair.artifacts import file_sha256, temporary_beside, write_text_atomic
 from perpair.errors import PerpairError
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
@@ -63,9 +62,8 @@ def smollm2_checkpoint() -> Path:
         model = LlamaForCausalLM(config)
     model.load_state_dict(quantized.state_dict(), assign=True)
     model.tie_weights()
-    # Written to a temporary folder of this thread's own and renamed, so concurrent first uses (processes or threads)
-    # never see half a checkpoint.
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    # Written to a temporary folder and renamed, so concurrent first uses never see half a checkpoint.
+    tmp = temporary_beside(target)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -151,8 +149,5 @@ def model_fingerprint(spec: str) -> str:
                 memo[tag] = file_sha256(path)
             digest.update(path.name.encode() + b"\0" + memo[tag].encode())
     memo_path.parent.mkdir(parents=True, exist_ok=True)
-    # a name of this thread's own: several threads of one process (perpair run's arms) may write at once
-    tmp = memo_path.with_name(f".{memo_path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(memo, sort_keys=True))
-    os.replace(tmp, memo_path)
+    write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
     return digest.hexdigest()

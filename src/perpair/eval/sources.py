@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from perpair.artifacts import temporary_beside
 from perpair.errors import InputError, PerpairError
 from perpair.eval.lc import FEATURES, GamedRows
 
@@ -96,7 +97,7 @@ def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -
     """Write records as alpaca_eval does (indented JSON list), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     text = json.dumps(records, indent=2, ensure_ascii=False)
     try:
         if path.suffix == ".gz":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from perpair.artifacts import temporary_beside
+
 
 @dataclass
 class OptionScores:
@@ -80,7 +82,7 @@ class PrefixStore:
         tensors = {}
         for i, (keys, values) in enumerate(layers):
             tensors[f"keys.{i}"], tensors[f"values.{i}"] = keys.contiguous(), values.contiguous()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temporary_beside(path)
         save_file(tensors, tmp)
         os.replace(tmp, path)
 
