@@ -142,8 +142,7 @@ def score_reference(pairs, config: PreferenceConfig,
         return score_model(config.ref, pairs, config, on_progress)
     from transformers import AutoTokenizer
 
-    from perpair.artifacts import file_sha256
-    from perpair.models import model_fingerprint, resolve_model
+    from perpair.models import resolve_model
     from perpair.plan.difficulty import logps_table
     from perpair.train import reference
     from perpair.train.logprobs import DEFAULT_CHUNK, tokenize_table
@@ -151,9 +150,7 @@ def score_reference(pairs, config: PreferenceConfig,
     spec = resolve_model(config.ref)
     tokenizer = AutoTokenizer.from_pretrained(spec)
     ids, tokenized = tokenize_table(tokenizer, pairs, config.max_length)
-    key = reference.cache_key(model=model_fingerprint(spec), tokenizer=reference.tokenizer_fingerprint(tokenizer),
-                              pairs_sha256=file_sha256(config.data), max_length=config.max_length)
-    path = reference.cache_path(Path(config.reference_cache), key)
+    path, key = reference.cache_file(Path(config.reference_cache), spec, tokenizer, config.data, config.max_length)
     reference.reference_logps(path, key, ids, tokenized, lambda: _load(config.ref)[0], device="cpu",
                               tokens_per_forward=config.tokens_per_forward, chunk_size=DEFAULT_CHUNK,
                               on_progress=on_progress and (lambda done, total: on_progress(done)))

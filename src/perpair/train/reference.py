@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perpair.artifacts import read_artifact, write_artifact
-from perpair.models import cache_root
+from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.models import cache_root, model_fingerprint
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
 from perpair.train.logprobs import logps_of_tokenized
 from perpair.train.tokenize import TokenizedPair
@@ -60,6 +60,15 @@ def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int,
 def cache_path(cache_dir: Path, key: dict[str, object]) -> Path:
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"{name}.parquet"
+
+
+def cache_file(cache_dir: Path, model: str, tokenizer, pairs: str | Path, max_length: int, *,
+               ld_alpha: float | None = None, precision: str = "fp32") -> tuple[Path, dict[str, object]]:
+    """The cache file in ``cache_dir`` of the reference model ``model`` (a resolved folder or Hub id) over the pairs
+    file ``pairs``, and its key (:func:`cache_key`)."""
+    key = cache_key(model=model_fingerprint(model), tokenizer=tokenizer_fingerprint(tokenizer),
+                    pairs_sha256=file_sha256(pairs), max_length=max_length, ld_alpha=ld_alpha, precision=precision)
+    return cache_path(cache_dir, key), key
 
 
 def default_cache_dir() -> Path:

@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 
 from perpair.allocator import active_allocator
-from perpair.artifacts import file_sha256
 from perpair.errors import PerpairError
-from perpair.models import load_causal_lm, model_fingerprint, resolve_model
+from perpair.models import load_causal_lm, resolve_model
 from perpair.onednn import PROMPT_ROWS, pack_linears, unpack_linears
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
@@ -112,11 +111,8 @@ def reference_cache_file(config: TrainConfig, tokenizer, pairs: str | Path, *,
     the key it is named by: the reference model's files, the tokenizer, the pairs file, the length settings and
     the precision."""
     cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
-    spec = resolve_model(config.reference_model or config.model)
-    key = reference.cache_key(model=model_fingerprint(spec), tokenizer=reference.tokenizer_fingerprint(tokenizer),
-                              pairs_sha256=file_sha256(pairs), max_length=config.max_length,
-                              ld_alpha=config.ld_alpha, precision="bf16" if bf16 else "fp32")
-    return reference.cache_path(cache_dir, key), key
+    return reference.cache_file(cache_dir, resolve_model(config.reference_model or config.model), tokenizer, pairs,
+                                config.max_length, ld_alpha=config.ld_alpha, precision="bf16" if bf16 else "fp32")
 
 
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
