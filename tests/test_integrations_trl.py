@@ -5,6 +5,7 @@ nothing, ``perpair train`` for an SP²DPO+MixDPO plan (per-pair β, SFT routes, 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -18,9 +19,9 @@ pytest.importorskip("trl")
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from conftest import run_cli, save_tiny_llama  # noqa: E402
+from conftest import HH_TEST, NO_DATA, run_cli, save_tiny_llama  # noqa: E402
 from perpair.artifacts import write_artifact  # noqa: E402
-from perpair.data import read_pairs  # noqa: E402
+from perpair.data import prepare, read_pairs  # noqa: E402
 from perpair.data.schema import SCHEMA_VERSION  # noqa: E402
 from perpair.errors import PerpairError  # noqa: E402
 from perpair.integrations import trl as plugin  # noqa: E402
@@ -248,10 +249,45 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, smoothed, tmp_path)
     with pytest.raises(PerpairError, match=r"no plan: pass plan="):
         _construct(tiny_model, dataset, None, tmp_path)
+    # a loss that reads no β; a DPOConfig ε that the plan contradicts, read or ignored by the loss; exo_pair, which
+    # TRL refuses without DPOConfig's ε > 0, with a plan of another ε
+    with pytest.raises(PerpairError, match=r"loss_type 'sft' alone reads no β and no label_smoothing"):
+        _construct(tiny_model, dataset, plan, tmp_path, loss_type=["sft"])
+    for loss in ("sigmoid", "robust"):
+        with pytest.raises(PerpairError, match=r"DPOConfig.label_smoothing = 0.2 differs from the plan's per-pair "
+                                               r"label_smoothing \(0\)"):
+            _construct(tiny_model, dataset, plan, tmp_path, loss_type=[loss], label_smoothing=0.2)
+    for config_eps in (0.0, 0.2):
+        with pytest.raises(PerpairError, match=rf"loss_type 'exo_pair' needs DPOConfig.label_smoothing > 0 .*"
+                                               rf"\(DPOConfig {config_eps}, plan 0.1\)"):
+            _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["exo_pair"], label_smoothing=config_eps)
+    assert _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["exo_pair"],
+                      label_smoothing=0.1).plan_summary.pairs > 0
+    # plan columns carried by the dataset: an order that is no number
+    carried = dataset.add_column("beta", [0.1] * len(dataset)).add_column("route", ["preference"] * len(dataset))
+    carried = carried.add_column("label_smoothing", [0.0] * len(dataset))
+    with pytest.raises(PerpairError, match=r"pair .* \(row 2\) is routed preference but has no order \(nan\)"):
+        _construct(tiny_model, carried.add_column("order", [0.0, float("nan"), *range(2, len(dataset))]), None,
+                   tmp_path)
     # a TRL outside the supported range is named before anything else happens
     monkeypatch.setattr(trl, "__version__", "1.17.0")
     with pytest.raises(PerpairError, match=r"supports trl>=1.16,<1.17 .* found trl 1.17.0"):
         _construct(tiny_model, dataset, plan, tmp_path)
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
+def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
+    """TRL reads HH-RLHF's transcripts with an implicit prompt; the plug-in parses them as prepare does, so a plan
+    made from prepare's pairs finds every row."""
+    rows = [json.loads(line) for line in gzip.open(HH_TEST, "rt")][:40]
+    source = tmp_path / "hh.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare([str(source)], tmp_path / "pairs.parquet")
+    table, _ = read_pairs(str(tmp_path / "pairs.parquet"))
+    kept = set(table.column("pair_id").to_pylist())
+    ids = plugin.pair_ids(Dataset.from_list(rows))
+    assert len(kept) > 30 and kept <= set(ids)
+    assert [ids[row - 1] for row in table.column("source_row").to_pylist()] == table.column("pair_id").to_pylist()
 
 
 def test_collator_leaves_unplanned_batches_to_trl():
@@ -281,11 +317,11 @@ def test_version_check_range():
 @pytest.mark.slow
 def test_example_script_runs(small_pairs, tmp_path):
     """The example in examples/trl runs end to end on SmolLM2 (a few steps, CPU)."""
-    plan = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}, "label_smoothing": 0.0})
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}})  # ε 0.1, as documented
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "trl" / "train_dpo.py"), "--pairs",
-                             str(small_pairs), "--plan", str(plan), "--output-dir", str(out), "--max-steps", "2",
-                             "--max-length", "96", "--cpu"], capture_output=True, text=True,
+                             str(small_pairs), "--plan", str(plan), "--loss-type", "robust", "--output-dir", str(out),
+                             "--max-steps", "2", "--max-length", "96", "--cpu"], capture_output=True, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]

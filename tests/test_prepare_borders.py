@@ -106,17 +106,25 @@ def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, spec):
         assert f"not looked up as a Hugging Face dataset id; write hub:{spec} for that" in line
 
 
-@pytest.mark.parametrize("folder", [SHARED_DATA / "alpaca_eval" / "annotations", SHARED_DATA])
-def test_a_folder_that_is_no_dataset_is_one_short_error_line(tmp_path, folder):
-    """AlpacaEval's annotation files, whose columns differ (and the whole data folder, whose README the Hub
-    library reads): Datasets' error lists every file of the folder, and it and the Hub library print progress
-    bars and notices; the user gets one error line naming the folder, the error's start and end (Datasets'
-    advice), and how much was cut."""
+def test_a_folder_that_is_no_dataset_is_one_short_error_line(tmp_path):
+    """The whole data folder, whose files have other columns and whose README the Hub library reads: Datasets'
+    error lists every file of the folder, and it and the Hub library print progress bars and notices; the user
+    gets one error line naming the folder, the error's start and end (Datasets' advice), and how much was cut."""
     # a new process: the libraries' loggers write to the stderr they found when first used
-    line = one_error(run_cli("prepare", folder, "-o", tmp_path / "o.parquet", check=False, fresh=True))
-    assert line.startswith(f"error: file {folder}: loading it as a dataset (split 'train') failed: "
+    line = one_error(run_cli("prepare", SHARED_DATA, "-o", tmp_path / "o.parquet", check=False, fresh=True))
+    assert line.startswith(f"error: file {SHARED_DATA}: loading it as a dataset (split 'train') failed: "
                            "DatasetGenerationCastError: ")
     assert len(line) < 700 and "characters cut) … " in line and line.endswith("#multiple-configurations)")
+    assert nothing_written(tmp_path)
+
+
+def test_a_folder_of_json_files_is_read_file_by_file(tmp_path):
+    """AlpacaEval's annotation files (JSON, no pairs in them): read one by one, the error names the first file
+    and its row, as for a file given alone."""
+    folder = SHARED_DATA / "alpaca_eval" / "annotations"
+    first = sorted(folder.iterdir())[0]
+    line = one_error(run_cli_inprocess("prepare", folder, "-o", tmp_path / "o.parquet"))
+    assert line.startswith(f"error: file {first}, row 1: cannot tell the layout from the fields")
     assert nothing_written(tmp_path)
 
 

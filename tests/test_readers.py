@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURES, UF_TRAIN, run_cli
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.prepare import in_test_split
+from perpair.data.sources import Source, iter_rows
 from perpair.errors import InputError
 
 
@@ -117,21 +118,32 @@ def test_unknown_layout_asks_for_a_format_or_mapping(tmp_path):
 
 
 def test_json_array_parquet_and_dataset_folder_sources(tmp_path):
-    """The Hub code path (datasets.load_dataset) is exercised on a local dataset folder."""
+    """A local dataset folder: the files of its split, as Datasets picks them, read one by one (the other split's
+    file left alone); and the Hub code path (datasets.load_dataset) on the same folder gives the same rows."""
     rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][:20]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     folder = tmp_path / "dataset"
     folder.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:12]), folder / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[12:]), folder / "train-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:3]), folder / "test-00000.parquet")
     ids = []
     for source in (tmp_path / "rows.json", folder):
         out = tmp_path / f"{source.name}.parquet"
         result = prepare([str(source)], out)
         ids.append([r["pair_id"] for r in pairs(out)])
-        assert result.sources[0].format == "ultrafeedback"
+        assert {report.format for report in result.sources} == {"ultrafeedback"}
     assert ids[0] == ids[1] and len(ids[0]) == 20
-    dataset_provenance = read_pairs(str(tmp_path / "dataset.parquet"))[1]["sources"][0]
-    assert dataset_provenance["split"] == "train" and dataset_provenance["fingerprint"]
+    table, provenance = read_pairs(str(tmp_path / "dataset.parquet"))
+    assert [s["path"] for s in provenance["sources"]] == [str(folder / "train-00000.parquet"),
+                                                          str(folder / "train-00001.parquet")]
+    assert table.column("source").to_pylist() == ["dataset/train-00000.parquet"] * 12 + \
+        ["dataset/train-00001.parquet"] * 8
+    assert table.column("source_row").to_pylist() == [*range(1, 13), *range(1, 9)]
+    hub_path = Source(str(folder), "dataset", "train")
+    provenance = {}
+    assert [value for _, value, _ in iter_rows(hub_path, provenance)] == rows
+    assert provenance["fingerprint"]
 
 
 def test_missing_source_is_a_clear_error(tmp_path):

@@ -2,7 +2,10 @@
 
     perpair prepare data.jsonl -o pairs.parquet
     perpair plan pairs.parquet --preset mixdpo -o plan.parquet
-    python examples/trl/train_dpo.py --pairs pairs.parquet --plan plan.parquet --output-dir out
+    python examples/trl/train_dpo.py --pairs pairs.parquet --plan plan.parquet --loss-type robust --output-dir out
+
+MixDPO's plan smooths labels (ε 0.1), which TRL's ``robust`` loss reads and its default ``sigmoid`` ignores (the
+trainer refuses that); an sp2dpo plan trains with either. One epoch reads the curriculum once, easy to hard.
 
 Any TRL preference dataset works in place of the pairs file (prompt/chosen/rejected, standard or conversational)
 as long as it holds the pairs the plan was made from: pairs are matched by perpair's ``pair_id``.
@@ -30,6 +33,8 @@ def main() -> None:
     parser.add_argument("--plan", required=True, help="the plan file (perpair plan)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--loss-type", default="sigmoid", help="TRL's loss_type (robust reads the plan's ε)")
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -42,7 +47,8 @@ def main() -> None:
     # (the pairs file also has a map column that datasets cannot read, so only these three are loaded)
     dataset = Dataset.from_list(pq.read_table(args.pairs, columns=["prompt", "chosen", "rejected"]).to_pylist())
     config = DPOConfig(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
-                       max_steps=args.max_steps, max_length=args.max_length, learning_rate=5e-7, logging_steps=1,
+                       loss_type=[args.loss_type], num_train_epochs=args.epochs, max_steps=args.max_steps,
+                       max_length=args.max_length, learning_rate=5e-7, logging_steps=1,
                        report_to=[], save_strategy="no", use_cpu=args.cpu, bf16=not args.cpu)
     trainer = PerPairDPOTrainer(  # perpair 2/3 (was: DPOTrainer)
         model=model,

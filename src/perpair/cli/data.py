@@ -37,6 +37,8 @@ def prepare_command(
     rejected_col: Annotated[str | None, typer.Option(help="Rejected-response column.")] = None,
     score_chosen_col: Annotated[str | None, typer.Option(help="Score of the chosen response.")] = None,
     score_rejected_col: Annotated[str | None, typer.Option(help="Score of the rejected response.")] = None,
+    system_col: Annotated[str | None, typer.Option(
+        help="System-message column (default: a 'system' column, where the data has one).")] = None,
     limit: Annotated[int | None, typer.Option(help="Keep at most this many pairs.")] = None,
     test_fraction: Annotated[float, typer.Option(
         help="Share of pairs written to OUTPUT's .test.parquet sibling (split by pair id).")] = 0.0,
@@ -54,7 +56,8 @@ def prepare_command(
     """Read preference data in any supported layout and write canonical pairs."""
     values = dict(format=format, split=split, revision=revision, prompt_col=prompt_col, chosen_col=chosen_col,
                   rejected_col=rejected_col, score_chosen_col=score_chosen_col,
-                  score_rejected_col=score_rejected_col, limit=limit, test_fraction=test_fraction, seed=seed,
+                  score_rejected_col=score_rejected_col, system_col=system_col, limit=limit,
+                  test_fraction=test_fraction, seed=seed,
                   skip_invalid=skip_invalid, strict=strict, role_map=role_map, dataset_info=dataset_info,
                   dataset=dataset)
     try:

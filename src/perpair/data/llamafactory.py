@@ -27,9 +27,11 @@ from perpair.data.rows import (
     as_role,
     as_text,
     get,
+    optional_text,
     type_name,
+    with_system,
 )
-from perpair.data.schema import Message, PairRecord, normalise_text
+from perpair.data.schema import Message, PairRecord
 from perpair.data.sources import RowProblem
 from perpair.errors import InputError
 
@@ -91,15 +93,6 @@ def is_unpaired(row: dict[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------------------- readers
 
-def _optional_text(row: dict[str, Any], column: str | None) -> str:
-    if not column:
-        return ""
-    value = get(row, column, required=False)
-    if value is MISSING or value is None:
-        return ""
-    return as_text(value, column)
-
-
 def _turn(value: Any, where: str, layout: Layout, roles: dict[str, str]) -> Message:
     code = f"wrong_type:{where.split('[')[0]}"
     if not isinstance(value, dict):
@@ -109,17 +102,6 @@ def _turn(value: Any, where: str, layout: Layout, roles: dict[str, str]) -> Mess
         role_tag, content_tag = "role", "content"   # OpenAI-style turns in a sharegpt file
     return {"role": as_role(value.get(role_tag), code, f"{where}.{role_tag}", roles),
             "content": as_content(value.get(content_tag), code, f"{where}.{content_tag}")}
-
-
-def _with_system(prompt: list[Message], system: str, column: str | None) -> list[Message]:
-    if not system:
-        return prompt
-    if prompt and prompt[0]["role"] == "system":
-        if normalise_text(prompt[0]["content"]) != normalise_text(system):
-            raise RowProblem("two_system_prompts", "the row has a system column and a different system turn; "
-                                                   "perpair would have to drop one", column)
-        return prompt
-    return [{"role": "system", "content": system}, *prompt]
 
 
 def _check_order(prompt: list[Message], chosen: Message, rejected: Message, names: tuple[str, str, str]) -> None:
@@ -144,7 +126,7 @@ def read_sharegpt(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
         what = "an empty list" if isinstance(turns, list) else type_name(turns)
         raise RowProblem(f"wrong_type:{name}", f"expected a list of turns, got {what}", name)
     prompt = [_turn(turn, f"{name}[{i}]", layout, roles) for i, turn in enumerate(turns)]
-    prompt = _with_system(prompt, _optional_text(row, layout.column("system")), layout.column("system"))
+    prompt = with_system(prompt, optional_text(row, layout.column("system")), layout.column("system"))
     chosen = _turn(get(row, chosen_name), chosen_name, layout, roles)
     rejected = _turn(get(row, rejected_name), rejected_name, layout, roles)
     _check_order(prompt, chosen, rejected, (name, chosen_name, rejected_name))
@@ -172,9 +154,9 @@ def read_alpaca(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
             prompt += [{"role": "user", "content": as_text(turn[0], f"{where}[0]")},
                        {"role": "assistant", "content": as_text(turn[1], f"{where}[1]")}]
     instruction_name = layout.column("prompt")
-    parts = [as_text(get(row, instruction_name), instruction_name), _optional_text(row, layout.column("query"))]
+    parts = [as_text(get(row, instruction_name), instruction_name), optional_text(row, layout.column("query"))]
     prompt.append({"role": "user", "content": "\n".join(p for p in parts if p)})
-    prompt = _with_system(prompt, _optional_text(row, layout.column("system")), layout.column("system"))
+    prompt = with_system(prompt, optional_text(row, layout.column("system")), layout.column("system"))
     chosen_name, rejected_name = layout.column("chosen"), layout.column("rejected")
     return PairRecord(prompt=prompt,
                       chosen=[{"role": "assistant", "content": as_text(get(row, chosen_name), chosen_name)}],

@@ -15,25 +15,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from perpair.artifacts import write_artifact
+from perpair.artifacts import temporary_beside, write_artifact
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
 from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
-from perpair.data.sources import RowProblem, Source, describe, iter_rows, resolve_source
+from perpair.data.sources import RowProblem, Source, describe, folder_files, iter_rows, resolve_source
 from perpair.errors import InputError
 
 # The layouts whose reader takes its column names from --prompt-col/--chosen-col/...
 COLUMN_FORMATS = ("columns", "trl", "ultrafeedback")
 # Row numbers kept per reason in the provenance; the count is always exact.
 MAX_ROWS_LISTED = 1000
+# Fields a row with an implicit prompt may have beside its responses without being asked about (see
+# _source_columns); any other might be the prompt under another name.
+IMPLICIT_PROMPT_ALSO = ("score_chosen", "score_rejected", "metadata", "tools")
 
 
 class PrepareOptions(BaseModel):
@@ -49,6 +53,7 @@ class PrepareOptions(BaseModel):
     rejected_col: str | None = None
     score_chosen_col: str | None = None
     score_rejected_col: str | None = None
+    system_col: str | None = Field(None, description="column of a system message (default: 'system' where present)")
     limit: int | None = Field(None, ge=1, description="keep at most this many pairs (before the split)")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of pairs put in the test file")
     seed: int = Field(0, description="seed of the test split and of raw UltraFeedback binarization")
@@ -90,18 +95,21 @@ class PrepareOptions(BaseModel):
 
     @property
     def column_map(self) -> ColumnMap | None:
-        mapped = (self.prompt_col, self.chosen_col, self.rejected_col, self.score_chosen_col)
+        """The columns named by the ``--*-col`` options, the usual names for the others (a ``prompt`` column is
+        read where the data has one); None when no option names a column."""
+        mapped = (self.prompt_col, self.chosen_col, self.rejected_col, self.score_chosen_col, self.system_col)
         if all(value is None for value in mapped):
             return None
-        return ColumnMap(prompt=self.prompt_col, chosen=self.chosen_col or "chosen",
+        return ColumnMap(prompt=self.prompt_col or "prompt", chosen=self.chosen_col or "chosen",
                          rejected=self.rejected_col or "rejected", score_chosen=self.score_chosen_col,
-                         score_rejected=self.score_rejected_col, prompt_optional=self.prompt_col is None)
+                         score_rejected=self.score_rejected_col, prompt_optional=self.prompt_col is None,
+                         system=self.system_col or "system")
 
     def named_columns(self) -> list[tuple[str, str]]:
         """``(column, option)`` for every column the user named, which the data must have."""
         named = [(self.prompt_col, "--prompt-col"), (self.chosen_col, "--chosen-col"),
                  (self.rejected_col, "--rejected-col"), (self.score_chosen_col, "--score-chosen-col"),
-                 (self.score_rejected_col, "--score-rejected-col")]
+                 (self.score_rejected_col, "--score-rejected-col"), (self.system_col, "--system-col")]
         return [(column, option) for column, option in named if column is not None]
 
 
@@ -137,6 +145,7 @@ class SourceReport:
     degenerate: Tally = field(default_factory=Tally)
     duplicates: Tally = field(default_factory=Tally)
     notes: Tally = field(default_factory=Tally)       # kept pairs with something only in meta (tools)
+    columns: ColumnMap | None = None                  # for the column layouts: this source's, from its first row
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.source, "format": self.format, "rows_read": self.rows_read,
@@ -153,10 +162,16 @@ class PrepareResult:
 
 
 def _generic_degenerate(record: PairRecord) -> Degenerate | None:
-    """Checks that hold whatever the layout: empty parts and identical responses."""
+    """Checks that hold whatever the layout: empty parts (a prompt of a system message alone is empty) and
+    identical responses."""
     for name in ("prompt", "chosen", "rejected"):
-        if not any(normalise_text(m["content"]) for m in getattr(record, name)):
-            return Degenerate(f"empty_{name}", f"the {name} is empty", name)
+        messages = getattr(record, name)
+        if name == "prompt":
+            messages = [m for m in messages if m["role"] != "system"]
+        if not any(normalise_text(m["content"]) for m in messages):
+            return Degenerate(f"empty_{name}", f"the {name} is empty" + (" (beside a system message)" if
+                                                                           messages != getattr(record, name) else ""),
+                              name)
     chosen = [(m["role"], normalise_text(m["content"])) for m in record.chosen]
     rejected = [(m["role"], normalise_text(m["content"])) for m in record.rejected]
     if chosen == rejected:
@@ -193,9 +208,16 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     outputs = _output_paths(output, options)
     resolved = [resolve_source(spec, entry.split if entry and entry.split else options.split, options.revision)
                 for spec in sources]
-    _refuse_overwriting_inputs(resolved, outputs)
+    for source in resolved:
+        given = [option for option, value in (("--split", options.split), ("--revision", options.revision)) if value]
+        if source.kind == "file" and given:
+            raise InputError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to a Hub dataset or a "
+                             f"dataset folder, not to a file",
+                             file=source.spec)
+    _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
+    resolved = _named_apart([part for source in resolved for part in folder_files(source)])
     records: list[PairRecord] = []
-    seen: set[str] = set()
+    seen: dict[str, tuple] = {}  # pair_id -> the kept pair's scores
     reports = []
     rows_total = 0
     for source in resolved:
@@ -217,11 +239,14 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             record = _read_row(source, label, number, value, options, report, entry)
             if record is None:
                 continue
-            record.meta = text if text is not None else json.dumps(value, ensure_ascii=False, default=str)
+            record.meta = text if text is not None else _meta(value)
+            scores = (record.score_chosen, record.score_rejected, record.ratings_chosen, record.ratings_rejected)
             if record.pair_id in seen:
-                report.duplicates.add("duplicate", number)
+                # the same texts with other scores: the first pair's are kept, and the count says so
+                report.duplicates.add("duplicate" if seen[record.pair_id] == scores else
+                                      "duplicate_other_scores", number)
                 continue
-            seen.add(record.pair_id)
+            seen[record.pair_id] = scores
             records.append(record)
             report.pairs_kept += 1
             for note in record.notes:
@@ -266,14 +291,56 @@ def _output_paths(output: Path, options: PrepareOptions) -> dict[str, Path]:
     return outputs
 
 
-def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path]) -> None:
-    for source in sources:
-        if source.kind != "file":
+def _named_apart(sources: list[Source]) -> list[Source]:
+    """The sources, none given twice (its every pair would be a duplicate, and its report would replace the
+    first's), and files of the same name (``a/p.jsonl``, ``b/p.jsonl``) labelled by as much of their paths as
+    tells them apart, so a pair's ``source`` and ``source_row`` name one row."""
+    for index, source in enumerate(sources):
+        for earlier in sources[:index]:
+            same = earlier.spec == source.spec or (earlier.kind == source.kind == "file"
+                                                   and Path(earlier.spec).samefile(source.spec))
+            if same:
+                raise InputError("this source is given twice", file=source.spec)
+    given = [source.label for source in sources]
+    labels = list(given)
+    for index, source in enumerate(sources):
+        if source.kind != "file" or given.count(source.label) == 1:
             continue
-        for path in outputs.values():
-            if path.exists() and path.samefile(source.spec):
-                raise InputError("the output is also an input; writing it would destroy the input, choose "
-                                 "another -o", file=str(path))
+        parts = Path(source.spec).resolve().parts
+        rivals = [Path(other.spec).resolve().parts for other in sources if other.kind == "file" and other is not source
+                  and other.label == source.label]
+        depth = next(n for n in range(2, len(parts) + 1) if all(other[-n:] != parts[-n:] for other in rivals))
+        labels[index] = "/".join(parts[-depth:])
+    return [replace(source, name=label) if label != source.label else source
+            for source, label in zip(sources, labels, strict=True)]
+
+
+def _meta(value: Any) -> str:
+    """A decoded row as JSON text (its ``meta``); with ASCII escapes where it holds text that is not valid
+    Unicode (a lone surrogate in a field no reader reads), which UTF-8 cannot store."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value, default=str)
+    return text
+
+
+def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path], dataset_info: str | None) -> None:
+    """``-o`` may not name an input (a source file, the ``dataset_info.json``) nor lie inside a source folder,
+    where the next run would read it as data."""
+    for path in outputs.values():
+        inputs = [source.spec for source in sources if source.kind == "file"] + ([dataset_info] if dataset_info
+                                                                                  else [])
+        if path.exists() and any(path.samefile(spec) for spec in inputs):
+            raise InputError("the output is also an input; writing it would destroy the input, choose "
+                             "another -o", file=str(path))
+        for source in sources:
+            folder = Path(source.spec)
+            if source.kind == "dataset" and not source.spec.startswith("hub:") and folder.is_dir() \
+                    and folder.resolve() in path.resolve().parents:
+                raise InputError(f"the output is inside the input folder {source.spec}, whose next read would "
+                                 f"take it for data; choose another -o", file=str(path))
 
 
 def _named_columns(options: PrepareOptions, entry: DatasetEntry | None,
@@ -307,9 +374,15 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
         if report.format is None:
             report.format = _layout_of(value, source, number, options, entry)
             _check_named_columns(value, source, number, options, entry)
-        context = ReadContext(source=label, row=number, columns=options.column_map or ColumnMap(),
-                              seed=options.seed, role_map=options.role_map or {},
-                              layout=entry.layout if entry else None)
+        if report.columns is None:  # decided at the first row that has the responses
+            report.columns = _source_columns(value, report.format, options, source, number)
+        columns = report.columns or options.column_map or ColumnMap()
+        if columns.prompt is None and get(value, "prompt", required=False) is not MISSING:
+            raise RowProblem("unexpected_field:prompt", "the row has a prompt, but the source's first row has "
+                                                        "none, so its pairs' prompts are the shared start of "
+                                                        "their responses (TRL's implicit prompt)", "prompt")
+        context = ReadContext(source=label, row=number, columns=columns, seed=options.seed,
+                              role_map=options.role_map or {}, layout=entry.layout if entry else None)
         record = reader_for(report.format)(value, context)
         problem = _generic_degenerate(record)
         if problem is not None:
@@ -327,6 +400,33 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
                              field=exc.field) from None
         report.degenerate.add(exc.reason, number)
     return None
+
+
+def _source_columns(value: dict[str, Any], layout: str, options: PrepareOptions, source: Source,
+                    number: int) -> ColumnMap | None:
+    """The columns of a source in a column layout (None for the others, and for a row without the chosen
+    response, which cannot tell), decided once from its first row that has the responses. An
+    implicit prompt (the responses' shared start, TRL's convention) only where that row has no prompt field,
+    and then no row may have one. Responses written as strings share a start by chance as well (two answers
+    "The answer is 4" / "The answer is 5"), so there an implicit prompt also needs a row that has no field
+    that could be the prompt under another name (a misspelt ``promt``, a ``question`` column), or ``--format
+    trl`` saying the data is TRL's implicit layout."""
+    columns = options.column_map or ColumnMap()
+    if layout not in COLUMN_FORMATS or get(value, columns.chosen, required=False) is MISSING:
+        return None
+    if not columns.prompt_optional or get(value, columns.prompt or "prompt", required=False) is not MISSING:
+        return replace(columns, prompt_optional=False)
+    if options.format != "trl" and isinstance(get(value, columns.chosen, required=False), str):
+        read = {c.split(".")[0] for c in (columns.chosen, columns.rejected, columns.score_chosen,
+                                          columns.score_rejected, columns.system) if c}
+        others = sorted(str(k) for k in value if k not in read and k not in IMPLICIT_PROMPT_ALSO)
+        if others:
+            shown = ", ".join(others[:8]) + (", …" if len(others) > 8 else "")
+            raise InputError(f"the row has no 'prompt' field, and fields that are not read ({shown}): name the "
+                             f"prompt's column with --prompt-col, or give --format trl to take each pair's prompt "
+                             f"as the shared start of its two responses (TRL's implicit prompt)",
+                             file=source.spec, row=number)
+    return replace(columns, prompt=None)
 
 
 def _layout_of(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
@@ -367,18 +467,19 @@ def _write(records: list[PairRecord], outputs: dict[str, Path], options: Prepare
         "counts": {name: len(part) for name, part in splits.items()},
         **extra,
     }
-    written: list[Path] = []
+    # The train and test files belong together: both are written beside their names first and renamed once
+    # both are complete, so a failure (or Ctrl-C) leaves the files of a run before as they were.
+    staged: dict[str, Path] = {}
     try:
         for name, part in splits.items():
-            write_artifact(outputs[name], records_to_table(part), kind=KIND, schema_version=SCHEMA_VERSION,
+            staged[name] = temporary_beside(outputs[name])
+            write_artifact(staged[name], records_to_table(part), kind=KIND, schema_version=SCHEMA_VERSION,
                            provenance={**provenance_base, "split": name})
-            written.append(outputs[name])
-    except BaseException as exc:
-        # The train and test files belong together: one without the other is a partial result.
-        for path in written:
+        for name, path in staged.items():
+            os.replace(path, outputs[name])
+    except OSError as exc:
+        raise InputError(f"cannot write it ({exc.strerror or exc})", file=str(outputs[list(staged)[-1]])) from None
+    finally:
+        for path in staged.values():
             path.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            target = outputs["test" if len(written) else "train"]
-            raise InputError(f"cannot write it ({exc.strerror or exc})", file=str(target)) from None
-        raise
     return PrepareResult(outputs=outputs, counts=provenance_base["counts"], sources=reports)

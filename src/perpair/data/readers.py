@@ -23,7 +23,10 @@ from perpair.data.rows import (
     as_score,
     as_text,
     get,
+    optional_text,
     type_name,
+    unicode_text,
+    with_system,
 )
 from perpair.data.schema import Message, PairRecord, normalise_text
 from perpair.data.sources import RowProblem
@@ -52,22 +55,29 @@ def _completion(messages: list[Message], prompt: list[Message], name: str) -> li
 
 
 def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[float | None, float | None]:
-    """Scores from the mapped columns, else from ``score_*`` or ``metadata.score_*`` where present."""
+    """Scores from the mapped columns (both numbers in every row), else from ``score_*`` or ``metadata.score_*``
+    where a row has them: both numbers, or both null (no scores); one without the other is an error."""
     if columns.score_chosen and columns.score_rejected:
-        places = [(columns.score_chosen, columns.score_rejected)]
-    else:
-        places = [("score_chosen", "score_rejected"), ("metadata.score_chosen", "metadata.score_rejected")]
-    for chosen_key, rejected_key in places:
-        found = get(row, chosen_key, required=False)
-        if found is None and not required:
+        chosen_key, rejected_key = columns.score_chosen, columns.score_rejected
+        return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
+    for chosen_key, rejected_key in (("score_chosen", "score_rejected"),
+                                     ("metadata.score_chosen", "metadata.score_rejected")):
+        found = (get(row, chosen_key, required=False), get(row, rejected_key, required=False))
+        if found[0] is MISSING and found[1] is MISSING:
+            continue
+        if found[0] is None and found[1] is None and not required:
             return None, None
-        if found is not MISSING or columns.score_chosen:
-            return (as_score(get(row, chosen_key), chosen_key),
-                    as_score(get(row, rejected_key), rejected_key))
+        return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
     if required:
         raise RowProblem("missing_field:score_chosen",
                          "field is missing (looked for score_chosen and metadata.score_chosen)", "score_chosen")
     return None, None
+
+
+def _tools_note(tools: Any) -> list[str]:
+    """``tools_in_meta_only`` where a row describes tools: a pair has no place for them (the row's ``meta`` keeps
+    them), so they are counted, as for LLaMA-Factory's ``tools`` column."""
+    return [] if tools is MISSING or tools in (None, "", [], {}) else ["tools_in_meta_only"]
 
 
 # ---------------------------------------------------------------------------------------------- readers
@@ -82,16 +92,20 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
     prompt_raw = MISSING
     if columns.prompt:
         prompt_raw = get(row, columns.prompt, required=not columns.prompt_optional)
-    if prompt_raw is MISSING or prompt_raw is None:
+        if prompt_raw is None:
+            raise RowProblem(f"missing_field:{columns.prompt}", "field is null", columns.prompt)
+    if prompt_raw is MISSING:
         prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns, roles)
     else:
         prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user", roles)
         chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant", roles), prompt, columns.chosen)
         rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant", roles), prompt,
                                columns.rejected)
+    prompt = with_system(prompt, optional_text(row, columns.system), columns.system)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      score_chosen=score_chosen, score_rejected=score_rejected)
+                      score_chosen=score_chosen, score_rejected=score_rejected,
+                      notes=_tools_note(get(row, "tools", required=False)))
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
@@ -100,6 +114,8 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
     differs; plain strings at the first differing character, backed up to the last whitespace so that a
     word is not cut in two (TRL's convention keeps the shared prefix as the prompt too)."""
     if isinstance(chosen_raw, str) and isinstance(rejected_raw, str):
+        unicode_text(chosen_raw, columns.chosen)
+        unicode_text(rejected_raw, columns.rejected)
         end = 0
         limit = min(len(chosen_raw), len(rejected_raw))
         while end < limit and chosen_raw[end] == rejected_raw[end]:
@@ -170,7 +186,8 @@ def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
                          prompt, "preferred_output")
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
                                        roles), prompt, "non_preferred_output")
-    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row)
+    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
+                      notes=_tools_note(get(row, "input.tools", required=False)))
 
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -196,8 +213,10 @@ def _aspect_ratings(completion: dict[str, Any], where: str) -> dict[str, float]:
             continue
         try:
             value = float(rating)
-        except (TypeError, ValueError):
-            raise RowProblem("wrong_type:completions", f"rating {rating!r} is not a number",
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(rating)
+            shown = shown if len(shown) <= 40 else f"{shown[:20]}… ({len(shown)} characters)"
+            raise RowProblem("wrong_type:completions", f"rating {shown} is not a number",
                              f"{where}.annotations.{aspect}.Rating") from None
         if not math.isfinite(value):
             raise RowProblem("wrong_type:completions", f"rating {rating!r} is not finite",

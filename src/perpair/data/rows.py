@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from perpair.data.schema import Message
+from perpair.data.schema import Message, normalise_text
 from perpair.data.sources import RowProblem
 
 # The roles a pair's messages may have once read; chat templates know these four.
@@ -30,9 +30,11 @@ class Degenerate(Exception):
 
 @dataclass(frozen=True)
 class ColumnMap:
-    """Where the parts of a pair are in a row; dotted names reach into nested objects. With
-    ``prompt_optional`` a missing prompt means an implicit prompt (the responses' shared start); without
-    it (the user named the column), a missing prompt is an error."""
+    """Where the parts of a pair are in a row; dotted names reach into nested objects. ``prompt`` None: the
+    prompt is implicit (the responses' shared start). With ``prompt_optional`` a row without the prompt
+    field has an implicit prompt (``prepare`` decides that once per source, from its first row); without it
+    (the user named the column), a missing prompt is an error. A null prompt is an error either way.
+    ``system``: a column whose text, where a row has it, is the prompt's system message."""
 
     prompt: str | None = "prompt"
     chosen: str = "chosen"
@@ -40,6 +42,7 @@ class ColumnMap:
     score_chosen: str | None = None
     score_rejected: str | None = None
     prompt_optional: bool = True
+    system: str | None = "system"
 
 
 @dataclass(frozen=True)
@@ -85,15 +88,54 @@ def type_name(value: Any) -> str:
 def as_text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise RowProblem(f"wrong_type:{name}", f"expected a string, got {type_name(value)}", name)
-    return value
+    return unicode_text(value, name)
+
+
+def unicode_text(text: str, where: str) -> str:
+    """``text``, which must be Unicode that UTF-8 can store: a lone surrogate (from a ``\\ud83d`` escape in JSON,
+    half of an emoji) is not."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowProblem("not_unicode", f"the text holds U+{ord(exc.object[exc.start]):04X}, half of a surrogate "
+                                        f"pair without its other half, which is not a character", where) from None
+    return text
 
 
 def as_score(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RowProblem(f"wrong_type:{name}", f"expected a number, got {type_name(value)}", name)
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        raise RowProblem(f"wrong_type:{name}", f"expected a finite number, got an integer of "
+                                               f"{len(str(abs(value)))} digits", name) from None
+    if not math.isfinite(number):
         raise RowProblem(f"wrong_type:{name}", f"expected a finite number, got {value}", name)
-    return float(value)
+    return number
+
+
+def optional_text(row: dict[str, Any], column: str | None) -> str:
+    """The text of an optional column: "" where the row lacks it or it is null."""
+    if not column:
+        return ""
+    value = get(row, column, required=False)
+    if value is MISSING or value is None:
+        return ""
+    return as_text(value, column)
+
+
+def with_system(prompt: list[Message], system: str, column: str | None) -> list[Message]:
+    """``prompt`` after the system message ``system`` (a system column's text), unless it is empty or the
+    prompt starts with the same system message; a different one is an error (one of them would be lost)."""
+    if not system:
+        return prompt
+    if prompt and prompt[0]["role"] == "system":
+        if normalise_text(prompt[0]["content"]) != normalise_text(system):
+            raise RowProblem("two_system_prompts", "the row has a system column and a different system turn; "
+                                                   "perpair would have to drop one", column)
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
 
 
 def as_content(value: Any, code: str, where: str) -> str:
@@ -101,7 +143,7 @@ def as_content(value: Any, code: str, where: str) -> str:
     (``{"type": "text", "text": ...}``) are read. The text parts are concatenated as they are, with nothing
     added between them (they are pieces of one text, as chat APIs treat them)."""
     if isinstance(value, str):
-        return value
+        return unicode_text(value, where)
     if not isinstance(value, list):
         raise RowProblem(code, f"content must be a string or a list of text parts, got {type_name(value)}",
                          where)
@@ -118,7 +160,7 @@ def as_content(value: Any, code: str, where: str) -> str:
         if not isinstance(part.get("text"), str):
             raise RowProblem(code, f"text part has no string 'text', got {type_name(part.get('text'))}",
                              f"{where}[{index}].text")
-        texts.append(part["text"])
+        texts.append(unicode_text(part["text"], f"{where}[{index}].text"))
     return "".join(texts)
 
 
@@ -133,11 +175,22 @@ def as_role(value: Any, code: str, where: str, role_map: Mapping[str, str]) -> s
     return role
 
 
+def check_message_fields(message: dict[str, Any], read: tuple[str, ...], where: str) -> None:
+    """A message field besides role and content that holds something (a tool call, a tool's name or call id,
+    reasoning text, …) is refused: a pair keeps each message's role and content only, and dropping the field
+    would train on another conversation than the data's."""
+    for key, value in message.items():
+        if key not in read and value not in (None, "", [], {}):
+            raise RowProblem("unsupported_message_field", f"message field '{key}' is not read: perpair's pairs "
+                                                          f"keep a message's role and content only, and dropping it "
+                                                          f"would change the conversation", f"{where}.{key}")
+
+
 def as_messages(value: Any, name: str, default_role: str,
                 role_map: Mapping[str, str] | None = None) -> list[Message]:
     """A string (one message of ``default_role``) or a non-empty list of ``{"role", "content"}`` objects."""
     if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
+        return [{"role": default_role, "content": unicode_text(value, name)}]
     if not isinstance(value, list) or not value:
         what = "an empty list" if isinstance(value, list) else type_name(value)
         raise RowProblem(f"wrong_type:{name}", f"expected a string or a list of messages, got {what}", name)
@@ -147,6 +200,7 @@ def as_messages(value: Any, name: str, default_role: str,
         if not isinstance(message, dict):
             raise RowProblem(f"wrong_type:{name}", f"expected a message object, got {type_name(message)}",
                              where)
+        check_message_fields(message, ("role", "content"), where)
         role = as_role(message.get("role"), f"wrong_type:{name}", f"{where}.role", role_map or {})
         content = as_content(message.get("content"), f"wrong_type:{name}", f"{where}.content")
         messages.append({"role": role, "content": content})

@@ -44,10 +44,13 @@ class Source:
     kind: str                  # "file" or "dataset"
     split: str | None = None
     revision: str | None = None
+    name: str | None = None    # the label, where the file's name alone is not it (see folder_files)
 
     @property
     def label(self) -> str:
         """Short, machine-independent name stored in each pair's ``source`` column."""
+        if self.name:
+            return self.name
         if self.kind == "file":
             return Path(self.spec).name
         name = self.spec.removeprefix("hub:")
@@ -59,6 +62,10 @@ def resolve_source(spec: str, split: str | None = None, revision: str | None = N
     local dataset folder otherwise (both go through ``datasets.load_dataset``)."""
     path = Path(spec)
     if path.is_file():
+        if path.name.lower().removesuffix(".gz").endswith((".csv", ".tsv")):
+            raise InputError("CSV files are not read (their cells carry no types, so a score and an answer "
+                             "such as '4' look alike): convert it to JSON Lines or Parquet first",
+                             file=spec)
         return Source(spec, "file")
     if path.is_dir() or spec.startswith("hub:"):
         return Source(spec, "dataset", split or "train", revision)
@@ -78,6 +85,35 @@ DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".pq", ".csv", ".tsv", ".
 def looks_local(spec: str) -> bool:
     """A spec written as a path (``./x``, ``../x``, ``/x``, ``~/x``, or ending in a data file suffix)."""
     return spec.startswith(("./", "../", "/", "~")) or spec.lower().endswith(DATA_SUFFIXES)
+
+
+def folder_files(source: Source) -> list[Source]:
+    """A local dataset folder as the files of its split that Datasets would load, where they are files perpair
+    reads itself (JSON Lines, JSON arrays, Parquet): then each row is named by its own file and row (not by its
+    position among all the folder's rows), and its ``meta`` is its own text (not a row widened with the other
+    files' columns). Each is labelled ``FOLDER/PATH``. Any other folder stays one source, which Datasets loads."""
+    folder = Path(source.spec)
+    if source.kind != "dataset" or source.spec.startswith("hub:") or not folder.is_dir():
+        return [source]
+    import datasets
+
+    try:
+        with _quiet_datasets():
+            builder = datasets.load_dataset_builder(source.spec)
+    except Exception:  # noqa: BLE001 - loading it reports the problem in its own words (see _iter_dataset)
+        return [source]
+    files = [files for split, files in (builder.config.data_files or {}).items() if str(split) == source.split]
+    if builder.name not in ("json", "parquet") or getattr(builder.config, "field", None) or not files:
+        return [source]
+    root = folder.resolve()
+    parts = []
+    for path in map(Path, files[0]):
+        if path.resolve().is_relative_to(root):  # named as the user named the folder
+            inside = path.resolve().relative_to(root)
+            parts.append(Source(str(folder / inside), "file", name=f"{root.name}/{inside.as_posix()}"))
+        else:
+            parts.append(Source(str(path), "file", name=f"{root.name}/{path.name}"))
+    return parts
 
 
 def describe(source: Source) -> dict[str, Any]:

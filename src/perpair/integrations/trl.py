@@ -76,16 +76,18 @@ BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
 def pair_ids(dataset: Dataset) -> list[str]:
     """perpair's ``pair_id`` of every row, from perpair's own reader of TRL's layouts (standard or
     conversational, explicit or implicit prompt), so an id here equals the one ``perpair prepare`` gives."""
-    from perpair.data.readers import ColumnMap, ReadContext, read_preference
+    from perpair.data.readers import ColumnMap, ReadContext, detect_format, read_hh_rlhf, read_preference
     from perpair.data.sources import RowProblem
 
-    names = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+    names = [c for c in ("prompt", "chosen", "rejected", "system") if c in dataset.column_names]
     columns = ColumnMap(prompt="prompt" if "prompt" in names else None)
+    rows = dataset.select_columns(names)
+    # HH-RLHF transcripts, which TRL reads with an implicit prompt, are parsed into turns as prepare parses them
+    read = read_hh_rlhf if len(rows) and detect_format(rows[0]) == "hh-rlhf" else read_preference
     ids = []
-    for row, example in enumerate(dataset.select_columns(names), start=1):
+    for row, example in enumerate(rows, start=1):
         try:
-            ids.append(read_preference(example, ReadContext(source="train_dataset", row=row, columns=columns))
-                       .pair_id)
+            ids.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)).pair_id)
         except RowProblem as problem:
             raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.detail}") from None
     return ids
@@ -155,8 +157,9 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
             raise PerpairError(f"{where}: pair {pid} (row {row}) has route {route!r}; expected one of {ROUTES}")
         if route == "drop":
             continue
-        if v["order"] is None:
-            raise PerpairError(f"{where}: pair {pid} (row {row}) is routed {route} but has no order")
+        if v["order"] is None or not np.isfinite(v["order"]):
+            raise PerpairError(f"{where}: pair {pid} (row {row}) is routed {route} but has no order "
+                               f"({v['order']})")
         beta, eps = v["beta"], v["label_smoothing"]
         if route == "preference" and (beta is None or not np.isfinite(beta) or beta <= 0):
             raise PerpairError(f"{where}: pair {pid} (row {row}) has beta {beta}; a preference pair needs β > 0")
@@ -189,6 +192,9 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
 
 def check_config(args: DPOConfig) -> None:
     """Refuse, at construction, what this trainer cannot apply a plan to."""
+    if set(args.loss_type) == {"sft"}:
+        raise PerpairError("loss_type 'sft' alone reads no β and no label_smoothing: the plan's would change "
+                           "nothing; take a preference loss (the plan's SFT routes train their pairs by SFT)")
     for loss in args.loss_type:
         if loss in REFUSED_LOSSES:
             raise PerpairError(f"loss_type {loss!r} cannot take a per-pair β: {REFUSED_LOSSES[loss]}")
@@ -209,11 +215,20 @@ def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
     if np.any(eps > 0) and ignoring:
         raise PerpairError(f"the plan sets label_smoothing > 0, which TRL's loss_type {ignoring[0]!r} ignores "
                            "(TRL 1.16 smooths only robust and exo_pair); use one of those or a plan without ε")
-    if readers and args.label_smoothing != 0 and np.any(eps != args.label_smoothing):
+    if "exo_pair" in readers and (args.label_smoothing <= 0 or np.any(eps != args.label_smoothing)):
+        # TRL refuses exo_pair without DPOConfig.label_smoothing > 0 before any pair is seen
+        raise PerpairError(f"loss_type 'exo_pair' needs DPOConfig.label_smoothing > 0 (TRL checks it), equal to "
+                           f"the plan's ε on every preference pair (DPOConfig {args.label_smoothing}, plan "
+                           f"{_values(eps)}); per-pair ε values take loss_type 'robust'")
+    if args.label_smoothing != 0 and np.any(eps != args.label_smoothing):
+        said = "the plan's values are used" if readers else f"TRL's loss_type {args.loss_type[0]!r} ignores it"
         raise PerpairError(f"DPOConfig.label_smoothing = {args.label_smoothing} differs from the plan's per-pair "
-                           "label_smoothing; the plan's values are used, so leave it at 0 (or equal to the plan's)")
-    if "exo_pair" in readers and np.any(eps <= 0):
-        raise PerpairError("loss_type 'exo_pair' needs label_smoothing > 0 on every preference pair; the plan has 0")
+                           f"label_smoothing ({_values(eps)}); {said}, so leave it at 0 (or equal to the plan's)")
+
+
+def _values(eps: np.ndarray) -> str:
+    low, high = (float(eps.min()), float(eps.max())) if eps.size else (0.0, 0.0)
+    return f"{low:g}" if low == high else f"{low:g} to {high:g}"
 
 
 class PlanCollator:

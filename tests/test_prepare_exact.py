@@ -1,0 +1,246 @@
+"""`perpair prepare` reads what users bring exactly, or refuses it: the cases where it once wrote garbage pairs or
+dropped a part of the data with exit 0 (a prompt column, a system column, tool calls, a null prompt), crashed
+(a huge score), or left the files of a run before damaged."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+import perpair.artifacts
+from cli_inprocess import run_cli_inprocess
+from perpair.artifacts import read_header
+from perpair.data import read_pairs
+from test_prepare_borders import nothing_written, one_error, write_jsonl
+
+Q = "What is 2+2?"
+ANSWERS = {"chosen": "The answer is 4", "rejected": "The answer is 5"}  # responses that share a start by chance
+
+
+def prepare(tmp_path, rows, *options, name="in.jsonl"):
+    source = write_jsonl(tmp_path / name, rows)
+    out = tmp_path / "out.parquet"
+    out.unlink(missing_ok=True)
+    return source, run_cli_inprocess("prepare", source, *options, "-o", out)
+
+
+def pairs(tmp_path):
+    table, _ = read_pairs(str(tmp_path / "out.parquet"))
+    return table.select(["prompt", "chosen", "rejected", "score_chosen", "score_rejected"]).to_pylist()
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def excluded(tmp_path, kind):
+    """Counts by reason of the excluded rows of one kind (invalid, degenerate, duplicates, notes)."""
+    return {reason: entry["count"] for reason, entry in
+            read_header(tmp_path / "out.parquet")["provenance"]["sources"][0][kind].items()}
+
+
+@pytest.mark.parametrize("options", [["--chosen-col", "good", "--rejected-col", "bad"],
+                                     ["--score-chosen-col", "s1", "--score-rejected-col", "s2"]])
+def test_the_prompt_column_is_read_when_other_columns_are_named(tmp_path, options):
+    row = {"prompt": Q, "good": ANSWERS["chosen"], "bad": ANSWERS["rejected"], **ANSWERS, "s1": 8, "s2": 3}
+    _, result = prepare(tmp_path, [row], *options)
+    assert result.returncode == 0, result.stderr
+    [pair] = pairs(tmp_path)
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (user(Q), assistant(ANSWERS["chosen"]),
+                                                                  assistant(ANSWERS["rejected"]))
+
+
+@pytest.mark.parametrize(("second", "field", "reason"), [
+    ({"prompt": None, **ANSWERS}, "prompt", "field is null"),
+    (ANSWERS, "prompt", "field is missing"),
+])
+def test_a_row_without_the_prompt_its_source_has_is_an_error(tmp_path, second, field, reason):
+    source, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS}, second])
+    assert one_error(result).startswith(f"error: file {source}, row 2, field '{field}': {reason}")
+    assert nothing_written(tmp_path)
+    _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS}, second], "--skip-invalid")
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 1
+    assert excluded(tmp_path, "invalid") == {"missing_field:prompt": 1}
+
+
+def test_an_implicit_prompt_is_decided_once_per_source(tmp_path):
+    rows = [{"chosen": "Say hi. Hi!", "rejected": "Say hi. Go away."}, {"prompt": Q, **ANSWERS}]
+    source, result = prepare(tmp_path, rows)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'prompt': the row has a prompt, but "
+                                        "the source's first row has none")
+
+
+@pytest.mark.parametrize("field", ["promt", "question", "messages"])
+def test_an_implicit_prompt_beside_fields_that_are_not_read_is_refused(tmp_path, field):
+    row = {field: Q, **ANSWERS}
+    source, result = prepare(tmp_path, [row])
+    assert one_error(result) == (
+        f"error: file {source}, row 1: the row has no 'prompt' field, and fields that are not read ({field}): name "
+        "the prompt's column with --prompt-col, or give --format trl to take each pair's prompt as the shared start "
+        "of its two responses (TRL's implicit prompt)")
+    assert nothing_written(tmp_path)
+    # Said to be TRL's implicit layout, the shared start is the prompt; without other fields it is taken as is.
+    for rows, options in (([row], ["--format", "trl"]), ([ANSWERS], [])):
+        _, result = prepare(tmp_path, rows, *options)
+        assert result.returncode == 0, result.stderr
+        assert [(p["prompt"], p["chosen"]) for p in pairs(tmp_path)] == [(user("The answer is "), assistant("4"))]
+
+
+def test_a_system_column_is_the_prompts_system_message(tmp_path):
+    orca = {"system": "You are a pirate.", "question": Q, "chosen": "Arr, 4!", "rejected": "5"}
+    _, result = prepare(tmp_path, [orca], "--prompt-col", "question")
+    assert result.returncode == 0, result.stderr
+    assert pairs(tmp_path)[0]["prompt"] == [{"role": "system", "content": "You are a pirate."}, *user(Q)]
+    # Under another name, with --system-col; a named column the data lacks is an error.
+    renamed = {"sys": "Be brief.", "prompt": Q, **ANSWERS}
+    _, result = prepare(tmp_path, [renamed], "--system-col", "sys")
+    assert result.returncode == 0 and pairs(tmp_path)[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    source, result = prepare(tmp_path, [renamed], "--system-col", "system_prompt")
+    assert "--system-col names column 'system_prompt', which is not in the data" in one_error(result)
+    # A conversational prompt with the same system message keeps one; with another one, the row is refused.
+    conversation = [{"role": "system", "content": "Be brief."}, *user(Q)]
+    _, result = prepare(tmp_path, [{"system": "Be brief.", "prompt": conversation, **ANSWERS}])
+    assert result.returncode == 0 and pairs(tmp_path)[0]["prompt"] == conversation
+    source, result = prepare(tmp_path, [{"system": "Be long.", "prompt": conversation, **ANSWERS}])
+    assert one_error(result).startswith(f"error: file {source}, row 1, field 'system': the row has a system column "
+                                        "and a different system turn")
+
+
+def test_message_fields_besides_role_and_content_are_refused_not_dropped(tmp_path):
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "weather", "arguments": "{}"}}]}
+    prompt = [*user("Weather in Paris?"), call, {"role": "tool", "content": "22C"}]
+    rows = [{"prompt": prompt, "chosen": assistant("It is 22C."), "rejected": assistant("Sunny.")},
+            {"prompt": user("Hi"), "chosen": [{**assistant("Hi!")[0], "reasoning_content": "greet"}],
+             "rejected": assistant("Go.")},
+            {"prompt": user("Hi"), "chosen": [{**assistant("Hello!")[0], "name": None}], "rejected": assistant("No.")}]
+    source, result = prepare(tmp_path, rows)
+    assert one_error(result).startswith(f"error: file {source}, row 1, field 'prompt[1].tool_calls': message field "
+                                        "'tool_calls' is not read")
+    _, result = prepare(tmp_path, rows, "--skip-invalid")
+    assert result.returncode == 0 and [p["chosen"] for p in pairs(tmp_path)] == [assistant("Hello!")]
+    assert excluded(tmp_path, "invalid") == {"unsupported_message_field": 2}
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": Q, **ANSWERS, "tools": [{"type": "function", "function": {"name": "weather"}}]},
+    {"input": {"messages": user(Q), "tools": [{"type": "function"}]}, "preferred_output": assistant("4"),
+     "non_preferred_output": assistant("5")},
+])
+def test_tools_are_kept_in_meta_and_counted(tmp_path, row):
+    _, result = prepare(tmp_path, [row])
+    assert result.returncode == 0 and "note: tools_in_meta_only × 1" in result.stdout
+    assert excluded(tmp_path, "notes") == {"tools_in_meta_only": 1}
+    assert json.loads(pq.read_table(tmp_path / "out.parquet").column("meta")[0].as_py()) == row
+
+
+@pytest.mark.parametrize(("rows", "options", "message"), [
+    ([{"prompt": Q, **ANSWERS, "score_chosen": 10 ** 400, "score_rejected": 1}], [],
+     "row 1, field 'score_chosen': expected a finite number, got an integer of 401 digits"),
+    ([{"prompt": Q, **ANSWERS, "score_chosen": None, "score_rejected": 7}], [],
+     "row 1, field 'score_chosen': field is null"),
+    ([{"prompt": Q, **ANSWERS, "s1": 8, "s2": 3}, {"prompt": "Q2", **ANSWERS, "s1": None, "s2": 2}],
+     ["--score-chosen-col", "s1", "--score-rejected-col", "s2"], "row 2, field 's1': field is null"),
+    ([{"instruction": Q, "completions": [{"response": "4", "overall_score": 9, "annotations": {
+        "honesty": {"Rating": 10 ** 400}}}, {"response": "5", "overall_score": 1}]}], [],
+     "row 1, field 'completions[0].annotations.honesty.Rating': rating 10000000000000000000… (401 characters) is "
+     "not a number"),
+])
+def test_a_score_that_is_no_number_is_an_error_naming_it(tmp_path, rows, options, message):
+    source, result = prepare(tmp_path, rows, *options)
+    assert one_error(result).startswith(f"error: file {source}, {message}")
+    assert nothing_written(tmp_path)
+
+
+def test_both_scores_null_is_a_pair_without_scores(tmp_path):
+    # (detected, such rows are UltraFeedback's, whose every pair has scores: --format trl reads them as TRL's)
+    _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS, "score_chosen": None, "score_rejected": None}],
+                        "--format", "trl")
+    assert result.returncode == 0
+    assert [(p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path)] == [(None, None)]
+
+
+def test_the_same_pair_with_other_scores_is_counted_apart(tmp_path):
+    rows = [{"prompt": Q, **ANSWERS, "score_chosen": 9, "score_rejected": 1},
+            {"prompt": Q, **ANSWERS, "score_chosen": 9, "score_rejected": 1},
+            {"prompt": Q, **ANSWERS, "score_chosen": 2, "score_rejected": 1}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0 and [p["score_chosen"] for p in pairs(tmp_path)] == [9.0]
+    assert excluded(tmp_path, "duplicates") == {"duplicate": 1, "duplicate_other_scores": 1}
+
+
+def test_text_that_is_not_unicode_is_a_malformed_row(tmp_path):
+    lone = '{"prompt": "Hi \\ud83d", "chosen": "A", "rejected": "B"}'
+    source, result = prepare(tmp_path, [{"prompt": "Hi", "chosen": "A", "rejected": "B"}, lone])
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'prompt': the text holds U+D83D, half "
+                                        "of a surrogate pair without its other half")
+    _, result = prepare(tmp_path, [{"prompt": "Hi", "chosen": "A", "rejected": "B"}, lone], "--skip-invalid")
+    assert result.returncode == 0 and excluded(tmp_path, "invalid") == {"not_unicode": 1}
+
+
+def test_a_prompt_of_a_system_message_alone_is_empty(tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": "Be nice"}], **ANSWERS},
+            {"prompt": [{"role": "system", "content": "Be nice"}, *user("  ")], **ANSWERS},
+            {"prompt": Q, **ANSWERS}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 1
+    assert excluded(tmp_path, "degenerate") == {"empty_prompt": 2}
+
+
+def test_outputs_that_would_destroy_or_join_an_input_are_refused(tmp_path):
+    data = write_jsonl(tmp_path / "lf" / "rows.json", [{"instruction": Q, "chosen": "4", "rejected": "5"}])
+    info = tmp_path / "lf" / "dataset_info.json"
+    info.write_text(json.dumps({"mine": {"file_name": data.name, "ranking": True}}))
+    before = info.read_bytes()
+    line = one_error(run_cli_inprocess("prepare", "--dataset-info", info, "--dataset", "mine", "-o", info))
+    assert line == f"error: file {info}: the output is also an input; writing it would destroy the input, choose " \
+                   "another -o"
+    assert info.read_bytes() == before
+    folder = tmp_path / "data"
+    write_jsonl(folder / "part.jsonl", [{"prompt": Q, **ANSWERS}])
+    for output in (folder / "pairs.parquet", folder / "sub" / "pairs.parquet"):
+        line = one_error(run_cli_inprocess("prepare", folder, "-o", output))
+        assert line == f"error: file {output}: the output is inside the input folder {folder}, whose next read " \
+                       "would take it for data; choose another -o"
+    assert sorted(p.name for p in folder.iterdir()) == ["part.jsonl"]
+
+
+def test_options_for_datasets_and_csv_files_are_refused_for_files(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": Q, **ANSWERS}])
+    for options, said in ((["--split", "test"], "--split applies"),
+                          (["--split", "test", "--revision", "v1"], "--split and --revision apply")):
+        line = one_error(run_cli_inprocess("prepare", source, *options, "-o", tmp_path / "o.parquet"))
+        assert line == f"error: file {source}: {said} to a Hub dataset or a dataset folder, not to a file"
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f'prompt,chosen,rejected\n"{Q}",4,5\n')
+    line = one_error(run_cli_inprocess("prepare", csv, "-o", tmp_path / "o.parquet"))
+    assert line.startswith(f"error: file {csv}: CSV files are not read")
+    assert nothing_written(tmp_path)
+
+
+def test_a_failed_write_leaves_the_files_of_the_run_before_as_they_were(tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Q{i}", **ANSWERS} for i in range(20)])
+    out, test = tmp_path / "out.parquet", tmp_path / "out.test.parquet"
+    assert run_cli_inprocess("prepare", source, "--test-fraction", "0.5", "-o", out).returncode == 0
+    before = out.read_bytes(), test.read_bytes()
+    calls = []
+    real = perpair.artifacts.write_artifact
+
+    def second_fails(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("perpair.data.prepare"), "write_artifact", second_fails)
+    result = run_cli_inprocess("prepare", source, "--test-fraction", "0.5", "--seed", "1", "-o", out)
+    assert result.returncode == 130 and len(calls) == 2
+    assert (out.read_bytes(), test.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.parquet", "out.test.parquet"]
