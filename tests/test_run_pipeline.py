@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from conftest import SHARED_DATA, UF_TRAIN, save_tiny_llama
 
@@ -59,6 +61,9 @@ def _run(config: dict, from_stage: str | None = None):
 def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _config(tmp_path, tiny)
+    policy = tmp_path / "policy"  # the trained model's own copy: its weights are rewritten below
+    shutil.copytree(tiny, policy)
+    config["model"] = str(policy)
     first, _ = _run(config)
     work = tmp_path / "work"
     arms = ["dpo", "sp2dpo", "mixdpo"]
@@ -98,6 +103,13 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     # --from plan: plans, training and evaluation again; prepared pairs and annotations kept
     fourth, _ = _run(config, from_stage="plan")
     assert {"prepare", "annotate"} == set(fourth.skipped) and "plan.sp2dpo" in fourth.ran
+
+    # the initial model's weights rewritten in place (same files, same sizes): trained and evaluated again
+    weights = load_file(policy / "model.safetensors")
+    save_file({name: w + 0.01 for name, w in weights.items()}, policy / "model.safetensors", metadata={"format": "pt"})
+    fifth, _ = _run(config)
+    assert {"prepare", "annotate", "plan.dpo", "plan.sp2dpo", "plan.mixdpo"} == set(fifth.skipped)
+    assert {f"train.{a}" for a in arms} | {f"eval.{a}.alpaca_eval" for a in [*arms, "base"]} <= set(fifth.ran)
 
 
 def test_stages_side_by_side_give_the_same_results(tmp_path, tiny, monkeypatch):

@@ -335,6 +335,44 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]
 
 
+def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, uf_pairs, tmp_path):
+    """run.key holds the contents of the data, plan and model files, not only their paths: a file rewritten at the
+    same path (re-planned, re-prepared, retrained) makes another run, which --resume refuses instead of going on
+    with it (steps of two plans, or of two models, in one run)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model, data, plan = tmp_path / "model", tmp_path / "pairs.parquet", tmp_path / "plan.parquet"
+    shutil.copytree(tiny_model, model)
+    shutil.copy(uf_pairs, data)
+    run_cli("plan", data, "--preset", "dpo", "-o", plan)
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--set", "save_model=false")
+    refused = "holds another run (its run.key differs: other settings, or data, plan or model files changed since)"
+
+    def rewrite_plan():
+        run_cli("plan", data, "--preset", "dpo", "--beta", "0.3", "-o", plan)
+
+    def rewrite_data():
+        table = pq.read_table(data)
+        pq.write_table(table.slice(1).replace_schema_metadata(table.schema.metadata), data)
+
+    def rewrite_model():
+        weights = load_file(model / "model.safetensors")
+        save_file({name: w + 0.01 for name, w in weights.items()}, model / "model.safetensors",
+                  metadata={"format": "pt"})
+
+    for name, rewrite, planned in (("plan", rewrite_plan, True), ("data", rewrite_data, False),
+                                   ("model", rewrite_model, False)):
+        out = tmp_path / f"out-{name}"
+        extra = ("--plan", str(plan)) if planned else ()
+        _train(str(model), data, out, *args, *extra)
+        rewrite()
+        result = _train(str(model), data, out, *args, *extra, "--resume", check=False)
+        assert result.returncode == 2 and refused in result.stderr, (name, result.stderr[-500:])
+        assert len(_metrics(out)) == 2
+
+
 def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_out(tiny_model, uf_pairs,
                                                                                      tmp_path):
     """A model path that names no folder is refused by name before OUT is written (it used to reach

@@ -200,12 +200,14 @@ class _Job:
 
     @property
     def model_key(self) -> str:
-        """Identity of the initial model: a local folder by its files, a Hub id by itself."""
+        """Identity of the initial model: a local folder by its files and the contents of its weights and
+        config (weights rewritten in place are another model), a Hub id by itself."""
         if self._model_key is None:
-            from perpair.models import resolve_model
+            from perpair.models import model_fingerprint, resolve_model
 
             path = Path(resolve_model(self.config.model))
-            self._model_key = stage_key({"model": output_identity(path) if path.is_dir() else str(path)})
+            self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path))]
+                                         if path.is_dir() else str(path)})
         return self._model_key
 
     # ---------------------------------------------------------------------------------------------------

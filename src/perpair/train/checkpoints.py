@@ -28,8 +28,18 @@ _RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metric
 
 
 def run_key(config: TrainConfig) -> str:
-    """The identity of a run: a hash of every setting that changes what it computes."""
+    """The identity of a run: a hash of every setting that changes what it computes, and of the contents of the
+    files it reads (data, plan, models), so a file rewritten at the same path makes another run."""
+    from perpair.artifacts import file_sha256
+    from perpair.models import model_fingerprint, resolve_model
+
+    def contents(path: str | None) -> str | None:
+        return file_sha256(path) if path is not None and Path(path).is_file() else path
+
     options = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),
+                           **{name: model_fingerprint(resolve_model(spec)) for name, spec in
+                              (("model", config.model), ("reference_model", config.reference_model)) if spec}}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
@@ -48,7 +58,8 @@ def check_out(config: TrainConfig) -> str:
             return key
         raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
                            "continues it, --overwrite starts it again")
-    what = ("another run (its run.key differs: other settings)" if held is not None
+    what = ("another run (its run.key differs: other settings, or data, plan or model files changed since)"
+            if held is not None
             else f"outputs of another run ({', '.join(occupied)}; no run.key)")
     hint = "--resume continues only the run that wrote them; " if config.resume else ""
     raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
