@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -203,9 +204,18 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     no_annotations = _config(tmp_path, tiny, annotate=None)
     bad_schedule = _config(tmp_path, tiny)
     bad_schedule["arms"]["mixdpo"]["schedule"] = {"routing": {"tau": 0.5, "unknown": 1}}
-    for config, words in ((bad_lr, "arms.dpo.train"), (no_annotations, "arms.sp2dpo: preset sp2dpo needs"),
-                          (bad_schedule, "arms.mixdpo")):
-        with pytest.raises(PerpairError, match=words.replace(".", r"\.")):
+    shared_beta = _config(tmp_path, tiny)
+    shared_beta["train"]["beta"] = 0.5  # every arm has a plan, whose per-pair β would silently replace it
+    arm_smoothing = _config(tmp_path, tiny)
+    arm_smoothing["arms"]["dpo"]["train"] = {"label_smoothing": 0.2}
+    shared_typo = _config(tmp_path, tiny)
+    shared_typo["train"]["batchsize"] = 4  # named in the shared section, not in an arm's, nor as a command line's
+    for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
+                          (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
+                          (shared_beta, "train.beta: every arm trains with its plan"),
+                          (arm_smoothing, "arms.dpo.train.label_smoothing: every arm trains with its plan"),
+                          (shared_typo, "unknown key 'train.batchsize'")):
+        with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
     with pytest.raises(ValueError, match="train.out is set by perpair run"):

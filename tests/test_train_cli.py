@@ -362,6 +362,11 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
         save_file({name: w + 0.01 for name, w in weights.items()}, model / "model.safetensors",
                   metadata={"format": "pt"})
 
+    # a global β or ε beside the plan would be silently unused: refused, nothing written
+    for option, name in ((("--beta", "0.5"), "beta"), (("--set", "label_smoothing=0.1"), "label_smoothing")):
+        result = _train(str(model), data, tmp_path / "unused", *args, "--plan", str(plan), *option, check=False)
+        assert result.returncode == 2 and f"{name} would be ignored: the plan gives every pair its own" \
+            in result.stderr and not (tmp_path / "unused").exists()
     for name, rewrite, planned in (("plan", rewrite_plan, True), ("data", rewrite_data, False),
                                    ("model", rewrite_model, False)):
         out = tmp_path / f"out-{name}"

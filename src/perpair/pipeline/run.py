@@ -94,8 +94,7 @@ def validate(config: RunConfig) -> Settings:
     from perpair.annotate import AnnotateConfig, parse_teacher_spec
     from perpair.data import PrepareOptions
     from perpair.plan import resolve_schedule
-    from perpair.train import load_config as load_train_config
-    from perpair.train.config import check_plan_fits
+    from perpair.train.config import TrainConfig, check_plan_fits
 
     def fail(where: str, exc: Exception) -> PerpairError:
         detail = format_validation_error(exc, where) if isinstance(exc, ValidationError) else f"{where}: {exc}"
@@ -114,6 +113,19 @@ def validate(config: RunConfig) -> Settings:
             annotate = AnnotateConfig.model_validate(section)
         except (ValidationError, PerpairError) as exc:
             raise fail("annotate", exc) from None
+    for key in ("beta", "label_smoothing"):
+        places = (["train"] if key in config.train else []) + [f"arms.{name}.train" for name, arm in
+                                                               config.arms.items() if key in arm.train]
+        if places:
+            raise PerpairError(f"run config, {places[0]}.{key}: every arm trains with its plan, which gives each "
+                               f"pair its own {key}; set it where the plan is made: arms.NAME.beta (the plan's "
+                               "global β) or arms.NAME.schedule")
+    placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out",
+                    "steps": 1 << 30}
+    try:  # the shared section alone first, so that its mistakes are named there rather than in an arm
+        TrainConfig.model_validate({**placeholders, **{k: v for k, v in config.train.items() if v is not None}})
+    except ValidationError as exc:
+        raise fail("train", exc) from None
     schedules, train, train_configs = {}, {}, {}
     for name, arm in config.arms.items():
         try:
@@ -125,14 +137,14 @@ def validate(config: RunConfig) -> Settings:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
                                "'annotate' section")
         keys = config.arm_train(name)
-        # the paths the run sets; steps left out: one epoch, known once the plan exists (checked again then)
-        placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out",
-                        "steps": 1 << 30}
+        # (placeholders: the paths the run sets; steps left out: one epoch, known once the plan exists, checked
+        # again then)
         try:
-            arm_config = load_train_config(None, {**placeholders, **{k: v for k, v in keys.items() if v is not None}})
+            arm_config = TrainConfig.model_validate({**placeholders, **{k: v for k, v in keys.items()
+                                                                        if v is not None}})
             check_plan_fits(arm_config, schedules[name].curriculum.kind, schedules[name].label_smoothing > 0,
                             f"preset {arm.preset}")
-        except PerpairError as exc:
+        except (ValidationError, PerpairError) as exc:
             raise fail(f"arms.{name}.train", exc) from None
         if schedules[name].margin.source == "reference" and arm_config.objective.reference_free:
             raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "

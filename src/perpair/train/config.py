@@ -186,6 +186,12 @@ class TrainConfig(BaseModel):
             raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "
                              "label_smoothing, routes and flips; drop the plan, or use a preference loss (the "
                              "plan's sft route already trains some pairs by SFT)")
+        given = [name for name in ("beta", "label_smoothing") if name in self.model_fields_set]
+        if self.plan is not None and given:
+            # the plan's per-pair values are what trains: a global one beside it would be silently unused
+            raise ValueError(f"{' and '.join(given)} would be ignored: the plan gives every pair its own; drop "
+                             f"{'them' if len(given) > 1 else 'it'}, or make the plan with other values (perpair "
+                             f"plan --beta, the schedule's label_smoothing)")
         if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
             raise ValueError(f"simpo_gamma is used by loss 'simpo' only, not {self.loss!r}; drop it")
         if self.save_every >= self.steps and not self.final_checkpoint:
