@@ -220,6 +220,8 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     assert not (tmp_path / "work").exists()
     with pytest.raises(ValueError, match="train.out is set by perpair run"):
         RunConfig.model_validate(_config(tmp_path, tiny, train={"out": "x"}))
+    with pytest.raises(ValueError, match="workdir\n  Value error, an empty path; name a folder"):
+        RunConfig.model_validate(_config(tmp_path, tiny, workdir=""))  # not the working directory, silently
 
 
 def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tiny):

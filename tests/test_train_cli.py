@@ -378,6 +378,21 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
         assert len(_metrics(out)) == 2
 
 
+def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs, tmp_path):
+    """A step never holds a pair twice: a batch_size above the pairs whose prompts fit max_length is refused, naming
+    both counts (it used to repeat pairs within the step, exit 0); an empty path is no output folder."""
+    table = pq.read_table(uf_pairs)
+    small = tmp_path / "small.parquet"
+    pq.write_table(table.slice(0, 6).replace_schema_metadata(table.schema.metadata), small)
+    result = _train(tiny_model, small, tmp_path / "out", "--steps", "1", "--batch-size", "20", "--max-length", "96",
+                    check=False)
+    assert result.returncode == 2 and re.search(r"error: batch_size 20 is more than the \d pairs this run can train "
+                                                r"\(\d more have prompts that fill max_length 96\): a step would hold "
+                                                r"some pair twice", result.stderr), result.stderr[-600:]
+    result = run_cli("train", "--model", tiny_model, "--data", small, "--out", "", "--steps", "1", check=False)
+    assert result.returncode == 2 and "out: an empty path; name a file or folder" in result.stderr
+
+
 def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_out(tiny_model, uf_pairs,
                                                                                      tmp_path):
     """A model path that names no folder is refused by name before OUT is written (it used to reach

@@ -100,6 +100,13 @@ class RunConfig(_Section):
                                               "workers threads (the arms, and annotation beside the reference "
                                               "pass): on a CPU, 2 finish sooner than 1 with all cores.")
 
+    @field_validator("workdir", "model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():  # '' would silently be the working directory
+            raise ValueError("an empty path; name a folder")
+        return value
+
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, arms: dict[str, ArmConfig]) -> dict[str, ArmConfig]:

@@ -147,6 +147,11 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                     break
         if len(sequence) == before:
             raise PerpairError(f"every pair's prompt fills max_length {config.max_length}; raise max_length")
+        if epoch == 0 and len(sequence) < config.batch_size:  # (the whole order read: these are all there are)
+            skipped = sum(1 for t in tokenized.values() if t is None)
+            also = f" ({skipped} more have prompts that fill max_length {config.max_length})" if skipped else ""
+            raise PerpairError(f"batch_size {config.batch_size} is more than the {len(sequence)} pairs this run can "
+                               f"train{also}: a step would hold some pair twice; lower batch_size")
         epoch += 1
     steps = [sequence[s * config.batch_size:(s + 1) * config.batch_size] for s in range(config.steps)]
     skipped = sum(1 for t in tokenized.values() if t is None)

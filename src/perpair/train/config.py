@@ -138,6 +138,13 @@ class TrainConfig(BaseModel):
     save_model: bool = Field(True, description="Save the final model (HF format) to OUT/model or OUT/adapter.")
     final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too.")
 
+    @field_validator("model", "data", "plan", "out", "reference_model", "reference_cache")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # '' would silently be the working directory
+            raise ValueError("an empty path; name a file or folder")
+        return value
+
     @field_validator("loss")
     @classmethod
     def _one_loss_is_a_name(cls, value: str | list[str]) -> str | list[str]:
