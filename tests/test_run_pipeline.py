@@ -210,11 +210,22 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     arm_smoothing["arms"]["dpo"]["train"] = {"label_smoothing": 0.2}
     shared_typo = _config(tmp_path, tiny)
     shared_typo["train"]["batchsize"] = 4  # named in the shared section, not in an arm's, nor as a command line's
+    # models and files that were first read after training: a teacher or judge without weights, a missing reference
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    weightless_teacher = _config(tmp_path, tiny, annotate={"teachers": [f"local:{no_weights}"]})
+    weightless_judge = _config(tmp_path, tiny)
+    weightless_judge["eval"]["alpaca_eval"]["judge"] = str(no_weights)
+    no_reference = _config(tmp_path, tiny)
+    no_reference["eval"]["alpaca_eval"]["reference"] = str(tmp_path / "nowhere.json")
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
                           (arm_smoothing, "arms.dpo.train.label_smoothing: every arm trains with its plan"),
-                          (shared_typo, "unknown key 'train.batchsize'")):
+                          (shared_typo, "unknown key 'train.batchsize'"),
+                          (weightless_teacher, f"annotate.teachers[0]: model {no_weights}: the folder holds no"),
+                          (weightless_judge, f"eval.alpaca_eval.judge: model {no_weights}: the folder holds no"),
+                          (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
@@ -247,22 +258,25 @@ def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tin
     validate(RunConfig.model_validate(allowed))
 
 
-def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path):
+def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny):
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("hello")
+    no_weights = tmp_path / "no_weights"  # config and tokenizer, but the weights left behind
+    shutil.copytree(tiny, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     path = tmp_path / "run.yaml"
-    config = _config(tmp_path, not_a_model, annotate=None, eval={"preference": None, "alpaca_eval": None})
-    config["arms"] = {"dpo": {"preset": "dpo"}}
-    path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                            env=env)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: run config, model:") and "not_a_model" in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    assert not (tmp_path / "work").exists()
+    for model in (not_a_model, no_weights):
+        config = _config(tmp_path, model, annotate=None, eval={"preference": None, "alpaca_eval": None})
+        config["arms"] = {"dpo": {"preset": "dpo"}}
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
+                                env=env)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert result.stderr.strip().splitlines() == [f"error: run config, model {model}: the folder holds no weights "
+                                                      "(model.safetensors, pytorch_model.bin or their shards)"]
+        assert not (tmp_path / "work").exists()
 
     # a path that is no folder: named once, as the field it came from
     config["model"] = str(tmp_path / "no_such_model")

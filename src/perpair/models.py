@@ -114,7 +114,15 @@ def resolve_model(spec: str) -> str:
         raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
     if not path.exists() and not _hub_id(spec):
         raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
+    if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json")
+                                 for p in path.iterdir()):
+        raise PerpairError(f"model {spec}: the folder holds no weights (model.safetensors, pytorch_model.bin or "
+                           "their shards)")
     return spec
+
+
+# Files that hold a model's (or an adapter's) weights, as from_pretrained finds them.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".msgpack", ".h5")
 
 
 def _hub_id(spec: str) -> bool:

@@ -153,7 +153,30 @@ def validate(config: RunConfig) -> Settings:
         train[name] = keys
         train_configs[name] = arm_config
     check_model(config.model)
+    _check_other_models_and_files(config, annotate, fail)
     return Settings(prepare, annotate, schedules, train, train_configs)
+
+
+def _check_other_models_and_files(config: RunConfig, annotate: Any,
+                                  fail: Callable[[str, Exception], Exception]) -> None:
+    """Local teachers and a local judge must be model folders with weights, and the evaluation's files must exist,
+    before any stage: they are first read after training otherwise."""
+    from perpair.models import resolve_model
+
+    models = [(f"annotate.teachers[{i}]", t.model) for i, t in enumerate(annotate.teachers if annotate else [])
+              if getattr(t, "kind", None) == "local"]
+    section = config.eval.alpaca_eval
+    if section is not None and not section.judge.startswith(("http://", "https://")):
+        models.append(("eval.alpaca_eval.judge", section.judge))
+    for where, spec in models:
+        try:
+            resolve_model(spec)
+        except PerpairError as exc:
+            raise fail(where, exc) from None
+    for key in ("reference", "judge_prompt", "difficulty", "glm_weights"):
+        value = getattr(section, key) if section is not None else None
+        if value is not None and not Path(value).is_file():
+            raise PerpairError(f"run config, eval.alpaca_eval.{key}: {value}: no such file")
 
 
 def check_model(spec: str) -> None:
