@@ -177,3 +177,16 @@ def test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses(tmp_
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --judge-prefix-cache")
         assert says in lines[0] and not (tmp_path / "refused").exists()
+
+
+def test_the_vllm_backend_without_vllm_is_one_error_line(monkeypatch):
+    """``--backend vllm`` where vLLM is not installed: a message saying so (it was a ModuleNotFoundError)."""
+    import importlib.util
+
+    from perpair.errors import PerpairError
+    from perpair.eval.generate import GenerationConfig, load_generator
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(PerpairError, match=r"^backend vllm: vLLM is not installed \(pip install vllm"):
+        load_generator("model", GenerationConfig(backend="vllm"))

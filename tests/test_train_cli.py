@@ -393,6 +393,29 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
     assert result.returncode == 2 and "out: an empty path; name a file or folder" in result.stderr
 
 
+def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
+    the run with a traceback."""
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "96")
+    result = _train(tiny_model, uf_pairs, tmp_path / "lora", *args, "--lora", "--set",
+                    "lora.target_modules=[nonexistent_proj]", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: lora.target_modules ['nonexistent_proj']: Target modules {'nonexistent_proj'} not found in the base "
+        "model. Please check the target modules and try again.")
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc with a key
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    # a process of its own: W&B keeps its settings in the process that first used it (other tests run it offline)
+    result = run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", tmp_path / "wandb-run", "--threads",
+                     "1", "--set", f"reference_cache={tmp_path / 'refcache'}", *args, "--report-to", "wandb",
+                     check=False, fresh=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: report_to wandb: the tracker did not start: ")
+
+
 def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_out(tiny_model, uf_pairs,
                                                                                      tmp_path):
     """A model path that names no folder is refused by name before OUT is written (it used to reach

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from perpair.errors import PerpairError
 from perpair.eval.cache import ResultCache, cache_key
 
 Messages = list[dict[str, str]]
@@ -102,6 +103,9 @@ class VLLMGenerator:
 
 
 def load_generator(model: str, config: GenerationConfig) -> Generator:
+    if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PerpairError("backend vllm: vLLM is not installed (pip install vllm, on a machine with a CUDA GPU); "
+                           "the transformers backend needs nothing more")
     use_vllm = config.backend == "vllm" or (config.backend == "auto" and importlib.util.find_spec("vllm")
                                            is not None and _has_cuda())
     return VLLMGenerator(model, config) if use_vllm else TransformersGenerator(model, config)

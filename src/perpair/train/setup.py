@@ -239,8 +239,12 @@ def prepare_policy(config: TrainConfig, model, single_process: bool = True):
     lora = config.lora
     with warnings.catch_warnings():  # PEFT 0.21 reads Transformers 5's renamed property: a notice for PEFT's authors
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        try:
+            model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        except ValueError as exc:  # PEFT's "Target modules {...} not found in the base model" (and its kin)
+            first = " ".join(str(exc).split())
+            raise PerpairError(f"lora.target_modules {lora.target_modules}: {first[:300]}") from None
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
     if config.lean_activations:  # the state counted is the adapters' now: frozen weights keep no AdamW moments

@@ -16,6 +16,8 @@ import importlib.util
 import json
 from typing import Any
 
+from perpair.errors import PerpairError
+
 # tracker name (as Accelerate and TRL's report_to spell it) -> the package it needs
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
@@ -74,4 +76,9 @@ def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str
     init_kwargs = {"wandb": {"name": run_name, "dir": out}, "trackio": {"name": run_name},
                    "mlflow": {"run_name": run_name}}
     # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
-    accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
+    try:
+        accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - each tracker raises its own types (W&B's UsageError without a login)
+        first = " ".join(str(exc).split()) or type(exc).__name__
+        raise PerpairError(f"report_to {', '.join(map(str, accelerator.log_with))}: the tracker did not start: "
+                           f"{first[:300]}") from None
