@@ -72,11 +72,15 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
                 *(f"eval.{a}.preference" for a in arms), *(f"eval.{a}.alpaca_eval" for a in [*arms, "base"])}
     assert set(first.ran) == expected and not first.skipped
 
-    # one epoch of the pairs each plan trains: MixDPO routes the ties to SFT but trains them too
+    # one epoch of the pairs each plan trains (MixDPO routes the ties to SFT but trains them too) whose prompts fit
+    # max_length (at 96 tokens, most do not): no pair trained twice
     for arm in arms:
         lines = (work / "arms" / arm / "train" / "metrics.jsonl").read_text().splitlines()
         row = next(r for r in first.rows if r["arm"] == arm)
-        assert len(lines) == row["steps"] == -(-(row["pairs_preference"] + row["pairs_sft"]) // 4)
+        skipped = json.loads((work / "arms" / arm / "train" / "summary.json").read_text())["skipped_long_prompts"]
+        fit = row["pairs_preference"] + row["pairs_sft"] - skipped
+        assert skipped > 0 and len(lines) == row["steps"] == -(-fit // 4)
+        assert sum(json.loads(line)["pairs"] for line in lines) == row["steps"] * 4 < fit + 4
         assert row["heldout_accuracy"] is not None and row["alpaca_wr"] is not None
     mix = next(r for r in first.rows if r["arm"] == "mixdpo")
     assert mix["pairs_sft"] > 0 and mix["beta_geomean"] == pytest.approx(0.01)

@@ -391,6 +391,13 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
                                                 r"some pair twice", result.stderr), result.stderr[-600:]
     result = run_cli("train", "--model", tiny_model, "--data", small, "--out", "", "--steps", "1", check=False)
     assert result.returncode == 2 and "out: an empty path; name a file or folder" in result.stderr
+    # without --steps: one epoch of the pairs that fit, every one of them once
+    result = _train(tiny_model, small, tmp_path / "epoch", "--batch-size", "2", "--max-length", "96")
+    summary = json.loads((tmp_path / "epoch" / "summary.json").read_text())
+    fit = 6 - summary["skipped_long_prompts"]
+    steps = -(-fit // 2)
+    assert 0 < fit < 6 and summary["steps"] == steps == len(_metrics(tmp_path / "epoch"))
+    assert f"step {steps}/{steps} " in result.stderr + result.stdout
 
 
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):

@@ -52,7 +52,8 @@ def train_command(
         help="A pairs file, or any file `perpair prepare` reads (converted on the fly).")] = None,
     plan: Annotated[str | None, typer.Option(help="Plan file (perpair plan): per-pair beta, route, order.")] = None,
     out_dir: Annotated[str | None, typer.Option("--out", help="Output folder.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Optimizer steps (default: one epoch over the pairs whose prompt fits max_length).")] = None,
     batch_size: Annotated[int | None, typer.Option(
         help=_help("Pairs per optimizer step (global).", "batch_size"))] = None,
     max_length: Annotated[int | None, typer.Option(
@@ -96,16 +97,17 @@ def train_command(
     if lora:
         options["lora"] = {}
     options.update(parse_overrides(overrides or []))
-    if config is None and not {"model", "data", "out", "steps"} <= options.keys():
-        raise PerpairError("give a CONFIG.yaml, or at least --model, --data, --steps and --out")
+    if config is None and not {"model", "data", "out"} <= options.keys():
+        raise PerpairError("give a CONFIG.yaml, or at least --model, --data and --out")
     cfg = load_config(config, options)
+    total = [cfg.steps or 0]  # one epoch's steps: known once the pairs are tokenized (on_steps)
 
     seconds: list[float] = []
 
     def progress(m: dict[str, Any]) -> None:
         seconds.append(m["seconds"])
-        eta = sum(seconds) / len(seconds) * (cfg.steps - m["step"])
-        console.print(f"step {m['step']}/{cfg.steps}  loss {m['loss']:.4f}  {m['seconds']:.2f}s  "
+        eta = sum(seconds) / len(seconds) * (total[0] - m["step"])
+        console.print(f"step {m['step']}/{total[0]}  loss {m['loss']:.4f}  {m['seconds']:.2f}s  "
                       f"acc {_fmt(m['reward_accuracy'])}  margin {_fmt(m['reward_margin'])}  "
                       f"ETA {_duration(eta)}", highlight=False, markup=False)
 
@@ -122,10 +124,13 @@ def train_command(
             console.print(f"--resume: no checkpoint in {escape(str(cfg.out))} yet; training from step 1",
                           soft_wrap=True)
             return
-        console.print(f"resumed from the checkpoint of step {step} ({cfg.steps - step} steps to go)",
+        console.print(f"resumed from the checkpoint of step {step} ({total[0] - step} steps to go)",
                       highlight=False)
 
-    result = train(cfg, on_step=progress, on_reference=reference, on_resume=resumed)
+    def steps_known(steps: int) -> None:
+        total[0] = steps
+
+    result = train(cfg, on_step=progress, on_reference=reference, on_resume=resumed, on_steps=steps_known)
     s = result.summary
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "

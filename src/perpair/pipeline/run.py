@@ -11,7 +11,6 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -293,7 +292,7 @@ class _Job:
                 same = (config.reference_model, config.max_length, config.ld_alpha, config.precision)
                 trainings.setdefault(same, {**self._train_options(self._train_keys(settings, arm), arm, pairs),
                                             "plan": None,
-                                            "steps": _one_epoch(None, pairs, config.batch_size),
+                                            "steps": None,  # one epoch: every pair that fits
                                             "out": str(self.workdir / "reference")})
             if self.config.eval.preference is not None and test is not None:
                 evaluation = self._preference_config(settings, arm, self.config.model, test)
@@ -351,8 +350,6 @@ class _Job:
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         out = self.workdir / "arms" / arm / "train"
         keys = self._train_keys(settings, arm)
-        if keys.get("steps") is None:
-            keys["steps"] = _one_epoch(plan, pairs, settings.train_configs[arm].batch_size)
         options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
         material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
         key = stage_key({"stage": "train", **material})
@@ -478,18 +475,18 @@ def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[st
         out.mkdir(parents=True)
         marker.write_text(key)
     config = load_config(None, {**options, "resume": resume})
-    every = max(1, config.steps // 10)
+    steps = [config.steps or 0]  # without train.steps: one epoch, whose steps train() counts
     if resume:
         log(f"  resuming from {checkpoints(out)[-1].name}")
 
     def show(m: dict[str, Any]) -> None:
-        if m["step"] % every == 0 or m["step"] == config.steps:
-            log(f"  step {m['step']}/{config.steps} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
+        if m["step"] % max(1, steps[0] // 10) == 0 or m["step"] == steps[0]:
+            log(f"  step {m['step']}/{steps[0]} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
 
-    summary = train(config, on_step=show).summary
+    summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
     keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
             "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
-    return {"summary": {k: summary.get(k) for k in keep}, "steps": config.steps}
+    return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0]}
 
 
 def _preference(config, folder: Path, *, log: Log) -> dict[str, Any]:
@@ -506,15 +503,3 @@ def _alpaca_eval(config, *, log: Log) -> dict[str, Any]:
     row = run_alpaca_eval(config)
     return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
                                     "n_total", "avg_length", "lc_method")}
-
-
-def _one_epoch(plan: Path | None, pairs: Path, batch_size: int) -> int:
-    """Optimizer steps that read every pair the plan trains once (the rows ``perpair train`` trains; no plan:
-    every pair)."""
-    if plan is None:
-        import pyarrow.parquet as pq
-
-        return math.ceil(pq.ParquetFile(pairs).metadata.num_rows / batch_size)
-    from perpair.plan.decode import plan_arrays
-
-    return math.ceil(len(plan_arrays(plan, pairs).order) / batch_size)

@@ -4,6 +4,7 @@ greedy packing of pairs into forwards.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,13 +125,14 @@ def is_pairs_file(path: Path) -> bool:
 
 def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBatches:
     """The pairs of every step, in training order, repeating the order (reshuffled when shuffling) when the run
-    needs more pairs than one epoch. Only the pairs the run sees are tokenized."""
-    needed = config.steps * config.batch_size
+    needs more pairs than one epoch. Only the pairs the run sees are tokenized. Without ``config.steps``: the steps
+    of one epoch of the pairs whose prompt fits max_length (the last step filled from the next epoch's start)."""
+    needed = config.steps * config.batch_size if config.steps else None
     tokenized: dict[int, TokenizedPair | None] = {}
     sequence: list[int] = []
     prompts, chosen, rejected = (data.table.column(c) for c in ("prompt", "chosen", "rejected"))
     epoch = 0
-    while len(sequence) < needed:
+    while needed is None or len(sequence) < needed:
         before = len(sequence)
         order = data.order if epoch == 0 or not config.shuffle else shuffled(data.order, [config.seed, epoch])
         for row in order.tolist():
@@ -152,7 +154,10 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
             also = f" ({skipped} more have prompts that fill max_length {config.max_length})" if skipped else ""
             raise PerpairError(f"batch_size {config.batch_size} is more than the {len(sequence)} pairs this run can "
                                f"train{also}: a step would hold some pair twice; lower batch_size")
+        if needed is None:  # one epoch: every pair that fits, in whole steps
+            needed = math.ceil(len(sequence) / config.batch_size) * config.batch_size
         epoch += 1
-    steps = [sequence[s * config.batch_size:(s + 1) * config.batch_size] for s in range(config.steps)]
+    sequence = sequence[:needed]
+    steps = [sequence[s:s + config.batch_size] for s in range(0, needed, config.batch_size)]
     skipped = sum(1 for t in tokenized.values() if t is None)
     return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped)

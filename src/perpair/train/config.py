@@ -75,7 +75,8 @@ class TrainConfig(BaseModel):
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma (Meng et al. Eq. 6).")
 
     # --- data order and sizes ------------------------------------------------------------------------
-    steps: int = Field(ge=1, description="Optimizer steps.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (unset: one epoch over the pairs the run "
+                                                       "trains, those whose prompt fits max_length).")
     batch_size: int = Field(8, ge=1, description="Pairs per optimizer step (global, over all processes).")
     max_length: int = Field(1024, ge=2, description="Max tokens of prompt + response (TRL keep_start truncation).")
     shuffle: bool = Field(False, description="Shuffle (seeded) instead of file order; with a plan only if its "
@@ -201,7 +202,7 @@ class TrainConfig(BaseModel):
                              f"plan --beta, the schedule's label_smoothing)")
         if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
             raise ValueError(f"simpo_gamma is used by loss 'simpo' only, not {self.loss!r}; drop it")
-        if self.save_every >= self.steps and not self.final_checkpoint:
+        if self.steps is not None and self.save_every >= self.steps and not self.final_checkpoint:
             raise ValueError(f"save_every {self.save_every} ≥ steps {self.steps} with final_checkpoint false: the "
                              "run would write no checkpoint; lower save_every or set final_checkpoint true")
         processes = launch_processes()
@@ -222,6 +223,7 @@ class TrainConfig(BaseModel):
 
     @property
     def warmup_steps(self) -> int:
+        assert self.steps is not None, "the steps of one epoch are resolved by train() before the scheduler"
         return int(round(self.warmup_ratio * self.steps))
 
     @property

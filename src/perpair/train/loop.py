@@ -78,10 +78,12 @@ class TrainResult:
 
 def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
           on_reference: Callable[[int, int], None] | None = None,
-          on_resume: Callable[[int], None] | None = None) -> TrainResult:
+          on_resume: Callable[[int], None] | None = None,
+          on_steps: Callable[[int], None] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the outputs are and a summary (pairs/s, peak memory, …).
-    ``on_step(metrics)`` after every step, ``on_reference(done, to_compute)`` during the reference pass,
-    ``on_resume(step)`` with ``resume``: the checkpoint's step, 0 when OUT has none yet."""
+    ``on_steps(steps)`` once the run's steps are known (without ``config.steps``: one epoch's), ``on_step(metrics)``
+    after every step, ``on_reference(done, to_compute)`` during the reference pass, ``on_resume(step)`` with
+    ``resume``: the checkpoint's step, 0 when OUT has none yet."""
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
@@ -93,6 +95,10 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     accelerator.wait_for_everyone()
     data = load_data(config, accelerator)
     batches = build_step_batches(config, data, tokenizer)
+    if config.steps is None:  # one epoch: its steps are known now (run.key keeps "one epoch", not their number)
+        config = config.model_copy(update={"steps": len(batches.steps)})
+    if on_steps:
+        on_steps(config.steps)
 
     model = load_model(config.model, accelerator)
     reference_seconds = time.perf_counter()
