@@ -183,3 +183,77 @@ def test_ratings_without_any_score_exit_3_and_say_why(tmp_path):
     result = annotate(pairs, tmp_path / "b.parquet", "--teacher", "ratings", check=False)
     assert result.returncode == 3 and "no annotation × 3: the pair has no ratings" in result.stdout
     assert "no pair of 3 got a valid annotation" in result.stderr
+
+
+def _refused(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def _small_pairs(tmp_path):
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0), (5.0, 4.0)])
+    return pairs
+
+
+def test_output_paths_that_cannot_be_written_leave_nothing_behind(tmp_path, monkeypatch):
+    """-o '' / -o . used to end in a traceback, -o FOLDER in an error naming perpair's temporary file and a
+    FOLDER.cache.sqlite left behind; merge -o the same. Each is one error line now, before the cache exists."""
+    pairs = _small_pairs(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "a file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args, says in ((("-o", ""), "-o/--output: an empty path"), (("-o", "."), "-o/--output .: a folder"),
+                       (("-o", "d"), "-o/--output d: a folder; name a file"),
+                       (("-o", "a file/ann.parquet"), "is a file, not a folder"),
+                       (("-o", "ann.parquet", "--cache", ""), "--cache: an empty path"),
+                       (("-o", "ann.parquet", "--cache", "d"), "--cache d: a folder")):
+        assert says in _refused(run_cli("annotate", pairs, "--teacher", "ratings", *args, check=False))
+    for output in ("", ".", "d"):
+        assert "-o/--output" in _refused(run_cli("annotate", "merge", "x.parquet", "-o", output, check=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_an_answer_cache_that_cannot_be_opened_is_one_error_line(tmp_path, monkeypatch):
+    """SQLite refusing the cache (a folder that cannot be written: `unable to open database file`) used to be a
+    traceback."""
+    import sqlite3
+
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", refuse)
+    out = tmp_path / "ann.parquet"
+    line = _refused(annotate(_small_pairs(tmp_path), out, "--teacher", "ratings", check=False))
+    assert f"answer cache {tmp_path / 'ann.cache.sqlite'}: cannot be opened (unable to open database file)" in line
+    assert not out.exists()
+
+
+def test_a_model_folder_without_weights_leaves_no_cache(tmp_path):
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "model", layers=1)
+    (folder / "model.safetensors").unlink()
+    out = tmp_path / "out" / "x.parquet"
+    line = _refused(annotate(_small_pairs(tmp_path), out, "--teacher", f"local:{folder}", check=False))
+    assert f"teacher local:{folder}: {folder} holds no model weights" in line
+    assert not out.parent.exists(), "no cache or artifact may be left"
+
+
+def test_api_teacher_options_are_checked_whatever_the_teachers(tmp_path):
+    """--concurrency 0 is refused with a ratings teacher too (it used to pass: the value went nowhere), and the
+    options only API teachers read are refused where there is none."""
+    pairs = _small_pairs(tmp_path)
+    out = tmp_path / "out" / "ann.parquet"
+    line = _refused(annotate(pairs, out, "--teacher", "ratings", "--concurrency", "0", check=False))
+    assert "--concurrency 0" in line and "(from the command line)" in line
+    line = _refused(annotate(pairs, out, "--teacher", "ratings", "--concurrency", "4", "--api-key-env", "KEY",
+                             check=False))
+    assert "--concurrency, --api-key-env set the API teachers; this run has none (ratings)" in line
+    assert not out.parent.exists()

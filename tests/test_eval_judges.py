@@ -190,3 +190,25 @@ def test_the_vllm_backend_without_vllm_is_one_error_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
     with pytest.raises(PerpairError, match=r"^backend vllm: vLLM is not installed \(pip install vllm"):
         load_generator("model", GenerationConfig(backend="vllm"))
+
+
+def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output_folders(tmp_path, tiny_model_dir):
+    """--judge-name, --judge-api-key-env and --judge-concurrency are read by an API judge only: given with a local
+    judge they are refused (they used to be ignored); so are -o '' and a file where the output folder goes. Exit
+    2, one error line, nothing written."""
+    from conftest import run_cli
+
+    (tmp_path / "a file").write_text("x")
+    out = tmp_path / "out"
+    for command in (("eval", "alpaca-eval"), ("eval", "arena-hard", "run")):
+        common = (*command, "--model", tiny_model_dir, "--judge", tiny_model_dir, "--offline")
+        for extra, says in ((("--judge-name", "foo", "--judge-api-key-env", "NOPE", "-o", out),
+                             "--judge-name, --judge-api-key-env: options of an API judge"),
+                            (("--judge-concurrency", "3", "-o", out), "--judge-concurrency: an option of an API"),
+                            (("-o", ""), "-o/--output: an empty path"),
+                            (("-o", tmp_path / "a file"), "a file, not a folder")):
+            result = run_cli(*common, *extra, check=False)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+            assert says in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]

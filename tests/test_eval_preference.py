@@ -156,3 +156,52 @@ def test_reference_cache_gives_the_uncached_results_and_is_keyed_by_the_referenc
     assert loaded == [str(policy)]  # the reference came from the cache
     np.testing.assert_array_equal(again, packed)
     np.testing.assert_allclose(figures(other, reference_cache=cache), figures(other), rtol=1e-5, atol=1e-7)
+
+
+def _refused(result) -> str:
+    """The one `error:` line of a refused command (exit 2, no traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+def test_annotations_of_other_pairs_and_no_pair_that_fits_are_refused(tmp_path):
+    """Annotations made from another pairs file are refused as `perpair plan` refuses them (they used to list every
+    pair as unannotated, exit 0); a --max-length that no pair fits is refused too (it used to give accuracy null,
+    exit 0). Either way nothing is written."""
+    from plan_helpers import make_pairs
+
+    pairs, other = tmp_path / "pairs.parquet", tmp_path / "other.parquet"
+    make_pairs(pairs, [(8.0, 2.0)] * 4)
+    other_ids = make_pairs(other, [(8.0, 2.0)] * 4, tag="other ")
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, other, other_ids, ["style"] * 4, [1.0] * 4, [0.9] * 4)
+    model = _tiny(tmp_path / "model", 0)
+    out = tmp_path / "out"
+    common = ("eval", "preference", "--model", model, "--ref", model, "--data", pairs, "-o", out)
+
+    line = _refused(run_cli(*common, "--annotations", annotations, check=False))
+    assert f"annotations {annotations} were made from another pairs file" in line
+    assert "re-annotate this pairs file" in line
+    line = _refused(run_cli(*common, "--max-length", 1, check=False))
+    assert "no pair fits --max-length 1" in line and "raise --max-length" in line
+    assert not out.exists()
+
+
+def test_output_paths_that_cannot_be_written_are_refused(tmp_path):
+    """-o '' (never the current folder), a file where the folder goes, a folder where results.json goes: refused
+    before any model is loaded, nothing written."""
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0)] * 2)
+    (tmp_path / "a file").write_text("x")
+    (tmp_path / "r.json").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for output, says in (("", "-o/--output: an empty path"), (tmp_path / "a file", "a file, not a folder"),
+                         (tmp_path / "r.json", "a folder; name a file")):
+        result = run_cli("eval", "preference", "--model", "nowhere", "--ref", "nowhere", "--data", pairs,
+                         "-o", output, check=False)
+        assert says in _refused(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

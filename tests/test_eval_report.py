@@ -69,3 +69,14 @@ def test_names_that_look_like_markup_are_shown_as_written(tmp_path, monkeypatch,
     scored = run_cli("eval", "score", "--offline", "--no-fit", "--data-dir", AE, "--name", name,
                      alpaca / "annotations.json")
     assert name in scored.stdout
+
+
+def test_report_output_that_is_empty_or_a_file_is_refused(tmp_path):
+    """-o '' used to write the report into the current folder; a file where the folder goes is refused too."""
+    (tmp_path / "a file").write_text("x")
+    for output, says in (("", "error: -o/--output: an empty path"),
+                         (tmp_path / "a file", "a file, not a folder")):
+        result = run_cli("eval", "report", tmp_path, "-o", output, check=False)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert says in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]

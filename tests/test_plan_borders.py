@@ -179,3 +179,73 @@ def test_unknown_category_prior_is_in_the_schedule():
 
     assert resolve_schedule("sp2dpo").beta.priors.unknown == 0.5
     assert resolve_schedule("sp2dpo", overrides={"beta": {"priors": {"unknown": 0.2}}}).beta.priors.unknown == 0.2
+
+
+def _refused(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_output_that_is_empty_or_a_folder_is_refused(tmp_path, monkeypatch):
+    """-o '' and -o . used to end in a traceback (PosixPath('.') has an empty name); a folder, a path under a file
+    and an empty path are refused before planning, nothing written."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0), (5.0, 4.0)])
+    (tmp_path / "a file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for output, says in (("", "-o/--output: an empty path"), (".", "-o/--output .: a folder; name a file"),
+                         (tmp_path, "a folder; name a file"), (tmp_path / "a file" / "p.parquet", "is a file")):
+        assert says in _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", output, check=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_annotations_the_schedule_never_reads_are_refused(tmp_path):
+    """dpo and mixdpo read no annotations (global β; beta_max acts only through a per-pair β): --annotations there
+    is refused, not ignored. Schedules that read them (a per-pair β, the teacher margin, a mislabeled action
+    drop/flip) take them."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0), (5.0, 4.0), (6.0, 6.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["style", "mislabeled", "safety"], [1.0, 2.0, 3.0], [0.9] * 3)
+    out = tmp_path / "plan.parquet"
+    for preset in ("dpo", "mixdpo"):
+        line = _refused(run_cli("plan", pairs, "--preset", preset, "--annotations", annotations, "-o", out,
+                                check=False))
+        assert "'--annotations'" in line and f"(preset {preset}) reads no annotations" in line
+        assert not out.exists()
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "-o", out)
+    schedule = tmp_path / "drop.yaml"
+    schedule.write_text("mislabeled:\n  action: drop\n")
+    run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--annotations", annotations, "-o", out)
+
+
+def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path, monkeypatch):
+    """Artifacts are written to `.NAME.tmp-PID-THREAD` and renamed: an error (a folder in the way, Arrow failing to
+    open the file on a read-only file system) names the path asked for, never that temporary name."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from perpair import artifacts
+
+    folder = tmp_path / "plan.parquet"
+    folder.mkdir()
+    table = pa.table({"x": [1]})
+    with pytest.raises(IsADirectoryError) as caught:
+        artifacts.write_artifact(folder, table, kind="plan", schema_version=1, provenance={})
+    assert caught.value.filename == str(folder) and ".tmp-" not in str(caught.value)
+    with pytest.raises(IsADirectoryError) as caught:
+        artifacts.write_text_atomic(folder, "text")
+    assert caught.value.filename == str(folder) and ".tmp-" not in str(caught.value)
+
+    def read_only(table, where, **options):  # what Arrow raises there: no errno, no filename, only a message
+        raise OSError(f"Failed to open local file '{where}'. Detail: [errno 30] Read-only file system")
+
+    monkeypatch.setattr(pq, "write_table", read_only)
+    target = tmp_path / "rofs" / "a.parquet"
+    with pytest.raises(OSError) as caught:
+        artifacts.write_artifact(target, table, kind="plan", schema_version=1, provenance={})
+    assert (caught.value.filename, caught.value.strerror) == (str(target), "Read-only file system")
+    assert list(target.parent.iterdir()) == []

@@ -8,10 +8,15 @@ half-written artifact behind.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,62 @@ def temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
+@contextlib.contextmanager
+def writing(path: Path, tmp: Path) -> Iterator[None]:
+    """Around writing ``tmp`` and renaming it over ``path``: an error names ``path``, the file the user asked for,
+    never the temporary name beside it (``.NAME.tmp-PID-THREAD``, which the user never gave and never sees)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _naming(exc, path, tmp) from None
+
+
+def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
+    """``exc`` about ``path`` instead of ``tmp``. Arrow's errors carry no errno or filename, only a message such
+    as ``Failed to open local file '…/.x.tmp-1-2'. Detail: [errno 30] Read-only file system``: its errno is read
+    back from the message."""
+    number = exc.errno
+    if number is None:
+        found = re.search(r"\[errno (\d+)\]", str(exc))
+        number = int(found.group(1)) if found else None
+    if number is not None:
+        return OSError(number, os.strerror(number), str(path))
+    text = str(exc).replace(str(tmp), str(path)).replace(tmp.name, path.name)
+    return OSError(errno.EIO, text, str(path))
+
+
+def check_output_file(path: Path, option: str, example: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder (``-o .``, ``-o DIR``), a path
+    under a file, or one in a folder that cannot be written (read-only, no permission)."""
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise PerpairError(f"{option} {path}: a folder; name a file (e.g. {example})")
+    _check_writable(path, option)
+
+
+def check_output_folder(path: Path, option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be written: an existing file, a path under a file,
+    or one in a folder that cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise PerpairError(f"{option} {path}: a file, not a folder; name a folder")
+    _check_writable(path, option)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """The nearest existing folder at or above ``path`` must be a folder in which a file can be created (tried
+    with a nameless temporary file, gone when closed: permissions, a read-only file system, a full quota)."""
+    target = path.absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if existing == target and not target.is_dir():  # a file to replace: its folder is written
+        existing = target.parent
+    if not existing.is_dir():
+        raise PerpairError(f"{option} {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise PerpairError(f"{option} {path}: cannot write in {existing} ({exc.strerror or exc})") from None
+
+
 def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schema_version: int,
                    provenance: dict[str, Any]) -> None:
     """Write ``table`` to ``path`` atomically, with kind, schema version and provenance embedded.
@@ -52,8 +113,9 @@ def write_artifact(path: str | os.PathLike, table: pa.Table, *, kind: str, schem
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_beside(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -63,8 +125,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     mid-write) never sees half a file."""
     tmp = temporary_beside(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from perpair.errors import PerpairError
+
 CACHE_FORMAT = 1
 
 
@@ -64,15 +66,18 @@ class AnswerCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, each put is its own durable transaction.
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, pair_id TEXT NOT NULL, "
-                         "teacher TEXT NOT NULL, template TEXT NOT NULL, status TEXT NOT NULL, "
-                         "record TEXT NOT NULL)")
-        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
+        try:
+            # isolation_level=None: autocommit, each put is its own durable transaction.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, pair_id TEXT NOT NULL, "
+                             "teacher TEXT NOT NULL, template TEXT NOT NULL, status TEXT NOT NULL, "
+                             "record TEXT NOT NULL)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
+        except sqlite3.Error as exc:  # a folder that cannot be written, a file that is no SQLite database
+            raise PerpairError(f"answer cache {self.path}: cannot be opened ({exc})") from None
 
     def close(self) -> None:
         self._db.close()

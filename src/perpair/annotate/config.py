@@ -116,6 +116,8 @@ class ApiTeacherConfig(ChatClientConfig):
 
 TeacherConfig = Annotated[RatingsTeacherConfig | LocalTeacherConfig | ApiTeacherConfig, Field(discriminator="kind")]
 
+MAX_CONCURRENCY = next(m.le for m in ChatClientConfig.model_fields["concurrency"].metadata if hasattr(m, "le"))
+
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
@@ -188,6 +190,9 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
                 templates: list[str] | None = None, concurrency: int | None = None, api_key_env: str | None = None,
                 **overrides) -> AnnotateConfig:
     """The YAML file (if any) with the command line's options on top, validated before any work starts."""
+    if concurrency is not None and not 1 <= concurrency <= MAX_CONCURRENCY:  # refused whatever the teachers
+        raise PerpairError(f"invalid annotate settings: --concurrency {concurrency}: requests in flight per API "
+                           f"teacher, from 1 to {MAX_CONCURRENCY} (from the command line)")
     data = load_yaml(path, "annotate config") if path is not None else {}
     # what the command line set, nested as pydantic locates it (a teacher's keys under its kind): its mistakes
     # are not blamed on the file
@@ -214,6 +219,13 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
     data.update(options_set)
     if not data.get("teachers"):
         raise PerpairError("no teacher: give --teacher SPEC or a config with 'teachers'")
+    api_only = [name for name, value in (("--concurrency", concurrency), ("--base-url", base_urls),
+                                         ("--template", templates), ("--api-key-env", api_key_env)) if value]
+    kinds = [t.get("kind") for t in data["teachers"] if isinstance(t, dict)]
+    if api_only and "api" not in kinds:  # they set API teachers only: ignored, they would go unnoticed
+        raise PerpairError(f"{', '.join(api_only)} set{'s' if len(api_only) == 1 else ''} the API teachers; this "
+                           f"run has none ({', '.join(map(str, kinds))}): drop {'it' if len(api_only) == 1 else 'them'}"
+                           ", or add an API teacher")
     try:
         return AnnotateConfig.model_validate(data)
     except ValidationError as exc:

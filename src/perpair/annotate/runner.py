@@ -30,7 +30,7 @@ from perpair.annotate.config import AnnotateConfig
 from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN
 from perpair.annotate.teachers import Call, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
-from perpair.artifacts import file_sha256, read_artifact, refuse_overwrite, write_artifact
+from perpair.artifacts import check_output_file, file_sha256, read_artifact, refuse_overwrite, write_artifact
 from perpair.data import read_pairs
 from perpair.errors import InputError, PerpairError
 
@@ -133,9 +133,12 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     """
     started = time.monotonic()
     output = Path(output)
+    check_output_file(output, "-o/--output", "ann.parquet")  # a folder has no name to put the others beside
     cache_path = Path(cache_path or default_cache_path(output))
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
+    check_output_file(calls_path(output), "the calls table of -o/--output", "ann.parquet")
+    check_output_file(cache_path, "--cache", "ann.cache.sqlite")
     table, _ = read_pairs(str(pairs_path))
     pairs_sha = file_sha256(pairs_path)
     pairs = _select_pairs(table, config, str(pairs_path))
@@ -310,8 +313,10 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     """
     if not outputs:
         raise PerpairError("merge needs at least one annotations file")
+    check_output_file(Path(target), "-o/--output", "ann.parquet")
     refuse_overwrite({"output": target, "calls table": calls_path(target)},
                      {f"shard {path}": path for path in outputs})
+    check_output_file(calls_path(target), "the calls table of -o/--output", "ann.parquet")
     aggregated, calls, provenances = [], [], []
     for path in outputs:
         table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)

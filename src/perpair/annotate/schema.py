@@ -17,9 +17,10 @@ import os
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from perpair.artifacts import read_artifact
-from perpair.errors import InputError
+from perpair.errors import ArtifactMismatch, InputError
 
 KIND = "annotations"
 SCHEMA_VERSION = 1
@@ -72,6 +73,25 @@ def read_annotations(path: str | os.PathLike) -> tuple[pa.Table, dict[str, Any]]
         table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
     _validate_rows(table, file)
     return table, provenance
+
+
+def align_to_pairs(annotations_path: str | os.PathLike, annotations: pa.Table, provenance: dict[str, Any],
+                   pairs_file: str, pairs_sha256: str, pair_ids: pa.Array) -> pa.Array:
+    """The row of each pair's annotation (``pair_ids``, the pairs file's ids in its order; null where the pair has
+    none), after refusing annotations made from another pairs file (their recorded ``pairs_sha256``) or holding
+    pairs that are not in it. ``perpair plan``, ``perpair train`` (through the plan) and ``perpair eval
+    preference`` refuse with these same words."""
+    if provenance["pairs_sha256"] != pairs_sha256:
+        raise ArtifactMismatch(
+            f"annotations {annotations_path} were made from another pairs file "
+            f"(pairs_sha256 {provenance['pairs_sha256'][:12]}…), not {pairs_file} "
+            f"({pairs_sha256[:12]}…); re-annotate this pairs file")
+    index = pc.index_in(pair_ids, value_set=annotations.column("pair_id").combine_chunks())
+    unmatched = annotations.num_rows - int(pc.count(index).as_py())
+    if unmatched:
+        raise ArtifactMismatch(f"annotations {annotations_path} hold {unmatched} pair(s) that are not in "
+                               f"{pairs_file}")
+    return index
 
 
 def _validate_rows(table: pa.Table, file: str) -> None:

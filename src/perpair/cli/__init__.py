@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 import typer
@@ -35,6 +37,22 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
 EXIT_TOO_FEW_ANNOTATED = 3  # annotate / run: too few pairs got a valid annotation (see errors.TooFewAnnotated)
 EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
+
+
+
+def given_path(option: str) -> Callable[[str | Path], Path]:
+    """The ``parser`` of a path option: the path as typed. An empty one (``-o ''``, an unset variable in a script)
+    is refused: ``Path('')`` is ``Path('.')``, and an empty path must never mean the current folder."""
+
+    def parse(value: str | Path) -> Path:
+        if isinstance(value, Path):  # the option's default
+            return value
+        if not value.strip():
+            raise PerpairError(f"{option}: an empty path; give the path to write")
+        return Path(value)
+
+    return parse
+
 
 # Stage commands register on `app` when imported (order = order in --help).
 from perpair.cli import data as _data  # noqa: E402,F401

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from perpair.annotate import annotate, load_config, merge
 from perpair.annotate.runner import AnnotateResult
 from perpair.annotate.runner import Progress as RunProgress
-from perpair.cli import EXIT_TOO_FEW_ANNOTATED, app, console, out
+from perpair.cli import EXIT_TOO_FEW_ANNOTATED, app, console, given_path, out
 
 
 class _DefaultRun(typer.core.TyperGroup):
@@ -35,13 +35,15 @@ app.add_typer(annotate_app, name="annotate")
 @annotate_app.command("run")
 def run_command(
     pairs: Annotated[Path, typer.Argument(help="Pairs file written by perpair prepare.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Aggregated annotations file (.parquet); the "
-                                         "per-call table goes beside it as NAME.calls.parquet.")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                         help="Aggregated annotations file (.parquet); the per-call table goes "
+                                              "beside it as NAME.calls.parquet.")],
     teacher: Annotated[list[str] | None, typer.Option(
         "--teacher", help="ratings | local:MODEL_DIR (or local:smollm2) | api:BASE_URL/MODEL; repeat for an "
                           "ensemble.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with teachers and settings.")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
+    cache: Annotated[Path | None, typer.Option(parser=given_path("--cache"),
+                                               help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight per API teacher.")] = None,
     limit: Annotated[int | None, typer.Option(help="Annotate only the first N pairs.")] = None,
     shard: Annotated[str | None, typer.Option(help="i/n: this machine's share of the pairs, by pair id.")] = None,
@@ -135,7 +137,8 @@ def _print_result(result: AnnotateResult) -> None:
 @annotate_app.command("merge")
 def merge_command(
     shards: Annotated[list[Path], typer.Argument(help="Annotations files of --shard i/n runs.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Merged annotations file (.parquet).")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                         help="Merged annotations file (.parquet).")],
 ) -> None:
     """Join the outputs of `perpair annotate --shard i/n` runs into one annotations file."""
     pairs, calls = merge(shards, output)

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from perpair.cli import app, console, out
+from perpair.artifacts import check_output_file, check_output_folder
+from perpair.cli import app, console, given_path, out
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 
@@ -35,6 +36,18 @@ def _options(cls, **kwargs):
         return cls(**kwargs)
     except ValidationError as exc:
         raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
+
+
+def _judge_config(cls, *, concurrency: int | None, **options):
+    """The judge's settings; an API judge's options given to a local judge are refused: it would ignore them."""
+    config = _options(cls, **options, **({} if concurrency is None else {"concurrency": concurrency}))
+    given = [name for name, value in (("--judge-name", options.get("model_name")),
+                                      ("--judge-api-key-env", options.get("api_key_env")),
+                                      ("--judge-concurrency", concurrency)) if value is not None]
+    if given and not config.is_api:
+        raise PerpairError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of an API judge, and "
+                           f"--judge {config.judge} is a local judge; drop {'them' if len(given) > 1 else 'it'}")
+    return config
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -119,10 +132,11 @@ def alpaca_eval_command(
     model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
     judge: Annotated[str, typer.Option(
         help="Judge: a local model (folder, Hub id, smollm2) or the /v1 URL of an OpenAI-compatible server.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                                help="Output folder.")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
-    judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
+    judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
     judge_batch_size: Annotated[int | None, typer.Option(
         help="Prompts per forward pass of a local judge (default: 1 on a CPU, 8 on an accelerator).")] = None,
     judge_prefix_cache: Annotated[Path | None, typer.Option(
@@ -154,8 +168,9 @@ def alpaca_eval_command(
         run_alpaca_eval,
     )
 
-    judge_config = _options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
-                            concurrency=judge_concurrency, batch_size=judge_batch_size, prefix_cache=judge_prefix_cache)
+    judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
+                                 concurrency=judge_concurrency, batch_size=judge_batch_size,
+                                 prefix_cache=judge_prefix_cache)
     if judge_prefix_cache is not None:  # used, or refused: never ignored
         if judge_config.is_api:
             raise PerpairError("--judge-prefix-cache keeps a local judge's key/value caches; an API judge has none")
@@ -168,8 +183,10 @@ def alpaca_eval_command(
         except OSError as exc:
             raise PerpairError(f"--judge-prefix-cache {judge_prefix_cache}: not a folder that can be created "
                                f"({exc.strerror})") from None
+    output = output or default_output_dir(model)
+    check_output_folder(output, "-o/--output")
     config = _options(
-        AlpacaEvalConfig, model=model, name=name, output_dir=output or default_output_dir(model), judge=judge_config,
+        AlpacaEvalConfig, model=model, name=name, output_dir=output, judge=judge_config,
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             backend=backend),
         reference=reference, judge_prompt=judge_prompt, limit=limit, offline=offline, difficulty=difficulty,
@@ -187,10 +204,11 @@ def alpaca_eval_command(
 def arena_hard_command(
     model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
     judge: Annotated[str, typer.Option(help="Judge: a local model or the /v1 URL of an OpenAI-compatible server.")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                                help="Output folder.")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
-    judge_concurrency: Annotated[int, typer.Option(help="API requests in flight.")] = 8,
+    judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
     judge_batch_size: Annotated[int | None, typer.Option(help="A local judge's prompts per batch (default 4).")] = None,
     judge_max_tokens: Annotated[int, typer.Option(help="Judgment length cap in tokens.")] = 4096,
     questions: Annotated[Path | None, typer.Option(help="Arena-Hard v0.1 question.jsonl(.gz).")] = None,
@@ -209,10 +227,12 @@ def arena_hard_command(
     """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
     from perpair.eval import ArenaHardConfig, GenerationConfig, JudgeConfig, default_output_dir, run_arena_hard
 
+    output = output or default_output_dir(model) / "arena_hard"
+    judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
+                                 concurrency=judge_concurrency, batch_size=judge_batch_size)
+    check_output_folder(output, "-o/--output")
     config = _options(
-        ArenaHardConfig, model=model, name=name, output_dir=output or default_output_dir(model) / "arena_hard",
-        judge=_options(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
-                       concurrency=judge_concurrency, batch_size=judge_batch_size),
+        ArenaHardConfig, model=model, name=name, output_dir=output, judge=judge_config,
         generation=_options(GenerationConfig, max_new_tokens=max_new_tokens, batch_size=batch_size),
         questions=questions, baseline_answers=baseline_answers, limit=limit, judge_max_tokens=judge_max_tokens,
         style_control=style_control, offline=offline, data_dir=data_dir)
@@ -263,7 +283,8 @@ def preference_command(
     limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
     tokens_per_forward: Annotated[int, typer.Option(help="Pack pairs up to this many tokens per forward.")] = 0,
     name: Annotated[str | None, typer.Option(help="Name written in the results.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="results.json path or output folder.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                                help="results.json path or output folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
@@ -272,10 +293,15 @@ def preference_command(
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
+    output = output or default_output_dir(model) / "preference"
+    if output.suffix == ".json":
+        check_output_file(output, "-o/--output", "results.json")
+    else:
+        check_output_folder(output, "-o/--output")
     status, update = _progress()
     with status:
         row = run_preference(config, on_progress=update)
-    paths = write_results(row, output or default_output_dir(model) / "preference")
+    paths = write_results(row, output)
     if as_json:
         typer.echo(json.dumps(json_ready(row), ensure_ascii=False))
         return
@@ -288,10 +314,13 @@ def preference_command(
 @eval_app.command("report")
 def report_command(
     folders: Annotated[list[Path], typer.Argument(help="Output folders (or results.json files) of eval runs.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Report folder.")] = Path("eval_report"),
+    output: Annotated[Path, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                         help="Report folder.")] = Path("eval_report"),
 ) -> None:
     """One results table (JSON, Markdown) and an HTML page with plots."""
     from perpair.eval import write_report
+
+    check_output_folder(output, "-o/--output")
 
     for kind, path in write_report(folders, output).items():
         out.print(f"{kind}: {escape(str(path))}")

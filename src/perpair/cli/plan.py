@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perpair.cli import app, console, out
+from perpair.cli import app, console, given_path, out
 from perpair.errors import InputError
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def plan_command(
     beta: Annotated[float | None, typer.Option(
         metavar="B", help="Global β; overrides preset and config.")] = None,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", metavar="plan.parquet",
+        "--output", "-o", metavar="plan.parquet", parser=given_path("-o/--output"),
         help="Plan file to write (.parquet); its report goes to <stem>_report/.")] = None,
     explain_ids: Annotated[list[str] | None, typer.Option(
         "--explain", metavar="PAIR_ID",
@@ -48,7 +48,7 @@ def plan_command(
 ) -> None:
     """Decide per pair a β (SP²DPO), a route and a curriculum position (MixDPO), and write the plan."""
     from perpair import plan  # matplotlib and friends load only when planning
-    from perpair.artifacts import file_sha256, refuse_overwrite
+    from perpair.artifacts import check_output_file, file_sha256, refuse_overwrite
     from perpair.plan.reference import read_reference_logps
 
     if output is None and not explain_ids:
@@ -56,7 +56,14 @@ def plan_command(
     if output is not None:
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})
+        check_output_file(output, "-o/--output", "plan.parquet")
     schedule = plan.resolve_schedule(preset, config, beta)
+    if annotations is not None and not schedule.reads_annotations:
+        raise InputError(f"the schedule (preset {preset}{f' with {config}' if config else ''}) reads no annotations "
+                         f"(beta.kind {schedule.beta.kind}, margin.source {schedule.margin.source}, mislabeled.action "
+                         f"{schedule.mislabeled.action}, which acts only through a per-pair β); drop --annotations, "
+                         "or use a schedule that reads them (an sp2dpo preset, margin.source teacher, or "
+                         "mislabeled.action drop or flip)", field="--annotations")
     logps = None
     if reference_logps is not None:
         if schedule.margin.source != "reference":

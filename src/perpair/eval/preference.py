@@ -159,18 +159,27 @@ def score_reference(pairs, config: PreferenceConfig,
     return logps_table(ids, *([r[k] for r in rows] for k in range(4))).to_pandas()
 
 
-def read_categories(path: Path) -> pd.Series:
-    from perpair.annotate.schema import read_annotations
+def read_categories(path: Path, pairs_path: Path | None = None, pairs=None) -> pd.Series:
+    """The category of each annotated pair of ``path``, by pair_id. Given the pairs file (``pairs_path`` and its
+    table ``pairs``), annotations made from another pairs file are refused, as ``perpair plan`` refuses them."""
+    from perpair.annotate.schema import align_to_pairs, read_annotations
+    from perpair.artifacts import file_sha256
 
-    table, _ = read_annotations(path)
+    table, provenance = read_annotations(path)
+    if pairs_path is not None:
+        align_to_pairs(path, table, provenance, str(pairs_path), file_sha256(pairs_path),
+                       pairs.column("pair_id").combine_chunks().cast("string"))
     frame = table.select(["pair_id", "category"]).to_pandas()
     return frame.set_index("pair_id")["category"]
 
 
-def _pairs(config: PreferenceConfig):
+def _pairs(config: PreferenceConfig, pairs=None):
+    """The pairs to evaluate: those of ``config.data`` (``pairs``: its table, already read), the first
+    ``config.limit`` of them."""
     from perpair.data import read_pairs
 
-    pairs, _ = read_pairs(str(config.data))
+    if pairs is None:
+        pairs, _ = read_pairs(str(config.data))
     if config.limit:
         pairs = pairs.slice(0, config.limit)
     if pairs.num_rows == 0:
@@ -189,14 +198,22 @@ def cache_reference(config: PreferenceConfig) -> None:
 def run_preference(config: PreferenceConfig,
                    on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Score the pairs under the policy and the reference and return the results row."""
+    from perpair.data import read_pairs
+
     progress = on_progress or (lambda stage, done, total: None)
-    pairs = _pairs(config)
-    categories = read_categories(config.annotations) if config.annotations else None
+    every, _ = read_pairs(str(config.data))
+    # annotations of another pairs file are refused before any model is loaded
+    categories = read_categories(config.annotations, config.data, every) if config.annotations else None
+    pairs = _pairs(config, every)
     n = pairs.num_rows
     policy = score_model(config.model, pairs, config, lambda d: progress("policy log-probs", d, n))
+    if policy.empty:  # before the reference is scored: nothing to compare, and nothing is written
+        raise _none_fits(config, n, config.model)
     reference = score_reference(pairs, config, lambda d: progress("reference log-probs", d, n))
     metrics = preference_metrics(policy, reference, config.beta, categories)
     summary = metrics["implicit_reward"]
+    if summary["n"] == 0:  # the reference's tokenizer left out the pairs the policy's kept
+        raise _none_fits(config, n, config.ref)
     row: dict[str, Any] = {
         "benchmark": "preference_accuracy", "name": config.name or Path(config.model.rstrip("/")).name,
         "model": config.model, "ref": config.ref, "data": str(config.data), "beta": config.beta,
@@ -210,6 +227,13 @@ def run_preference(config: PreferenceConfig,
         row["annotations"] = str(config.annotations)
         row["n_annotated"] = int(categories.reindex(policy["pair_id"]).notna().sum())
     return row
+
+
+def _none_fits(config: PreferenceConfig, n: int, model: str) -> PerpairError:
+    """No pair of ``n`` fits ``max_length`` (under ``model``'s tokenizer): an accuracy of nothing is no result."""
+    return PerpairError(f"no pair fits --max-length {config.max_length}: the prompt alone fills it in each of the {n} "
+                        f"pair(s) of {config.data} evaluated ({model}'s tokenizer); raise --max-length (training's "
+                        "max_length) or evaluate other pairs")
 
 
 def markdown_table(row: dict[str, Any]) -> str:

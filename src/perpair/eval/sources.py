@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perpair.artifacts import temporary_beside
+from perpair.artifacts import temporary_beside, writing
 from perpair.errors import InputError, PerpairError
 from perpair.eval.lc import FEATURES, GamedRows
 
@@ -100,12 +100,13 @@ def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -
     tmp = temporary_beside(path)
     text = json.dumps(records, indent=2, ensure_ascii=False)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(tmp, "wt", encoding="utf-8") as handle:
-                handle.write(text)
-        else:
-            tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with writing(path, tmp):
+            if path.suffix == ".gz":
+                with gzip.open(tmp, "wt", encoding="utf-8") as handle:
+                    handle.write(text)
+            else:
+                tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from perpair import __version__
-from perpair.annotate.schema import read_annotations
+from perpair.annotate.schema import align_to_pairs, read_annotations
 from perpair.artifacts import file_sha256, read_artifact, write_artifact
 from perpair.data import schema as pairs_schema
 from perpair.errors import ArtifactMismatch, InputError
@@ -108,16 +108,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     if annotations_path is not None:
         annotations, ann_provenance = read_annotations(annotations_path)
         annotations_sha = file_sha256(annotations_path)
-        if ann_provenance["pairs_sha256"] != pairs_sha:
-            raise ArtifactMismatch(
-                f"annotations {annotations_path} were made from another pairs file "
-                f"(pairs_sha256 {ann_provenance['pairs_sha256'][:12]}…), not {pairs_file} "
-                f"({pairs_sha[:12]}…); re-annotate this pairs file")
-        index = pc.index_in(ids_array, value_set=annotations.column("pair_id").combine_chunks())
-        unmatched = annotations.num_rows - int(pc.count(index).as_py())
-        if unmatched:
-            raise ArtifactMismatch(f"annotations {annotations_path} hold {unmatched} pair(s) that are not in "
-                                   f"{pairs_file}")
+        index = align_to_pairs(annotations_path, annotations, ann_provenance, pairs_file, pairs_sha, ids_array)
         taken = annotations.select(["category", "magnitude", "confidence"]).take(index)
         category = taken.column("category").to_numpy(zero_copy_only=False).astype(object)
         magnitude = _floats(taken.column("magnitude"))
