@@ -242,7 +242,7 @@ def test_a_model_folder_without_weights_leaves_no_cache(tmp_path):
     (folder / "model.safetensors").unlink()
     out = tmp_path / "out" / "x.parquet"
     line = _refused(annotate(_small_pairs(tmp_path), out, "--teacher", f"local:{folder}", check=False))
-    assert f"teacher local:{folder}: {folder} holds no model weights" in line
+    assert f"teacher local:{folder}: model {folder}: the folder holds no weights" in line
     assert not out.parent.exists(), "no cache or artifact may be left"
 
 

@@ -114,8 +114,8 @@ def test_an_annotate_option_is_not_blamed_on_the_file(tmp_path):
     with pytest.raises(InputError) as caught:
         load_config(config, concurrency=0)
     assert caught.value.file is None
-    assert str(caught.value) == ("invalid annotate settings: teachers.0.api.concurrency: Input should be greater "
-                                 "than or equal to 1 (got 0) (from the command line)")
+    assert str(caught.value) == ("invalid annotate settings: --concurrency 0: requests in flight per API teacher, "
+                                 "from 1 to 4096 (from the command line)")
     with pytest.raises(InputError) as caught:
         load_config(config, teachers=["api:http://127.0.0.1:9/v1/m"], concurrency=0)  # --teacher replaces the file's
     assert caught.value.file is None and str(caught.value).endswith("(from the command line)")

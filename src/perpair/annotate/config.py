@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perpair.annotate.templates import get_template
 from perpair.config_files import invalid_config, load_yaml
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 from perpair.llm.client import ChatClientConfig
 
 
@@ -191,8 +191,8 @@ def load_config(path: str | Path | None, *, teachers: list[str] | None = None, b
                 **overrides) -> AnnotateConfig:
     """The YAML file (if any) with the command line's options on top, validated before any work starts."""
     if concurrency is not None and not 1 <= concurrency <= MAX_CONCURRENCY:  # refused whatever the teachers
-        raise PerpairError(f"invalid annotate settings: --concurrency {concurrency}: requests in flight per API "
-                           f"teacher, from 1 to {MAX_CONCURRENCY} (from the command line)")
+        raise InputError(f"invalid annotate settings: --concurrency {concurrency}: requests in flight per API "
+                         f"teacher, from 1 to {MAX_CONCURRENCY} (from the command line)")
     data = load_yaml(path, "annotate config") if path is not None else {}
     # what the command line set, nested as pydantic locates it (a teacher's keys under its kind): its mistakes
     # are not blamed on the file

@@ -57,10 +57,6 @@ def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], templat
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-# The files a model folder keeps its weights in (sharded: with an index), as ``from_pretrained`` looks for them.
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
-
-
 # --- ratings -----------------------------------------------------------------------------------------
 
 # Raw UltraFeedback's GPT-4 aspects and the category each one's gap stands for.
@@ -189,9 +185,6 @@ class LocalTeacher:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             what = "a model folder (config.json)" if folder.is_dir() else "a model on the Hub or in its cache"
             raise PerpairError(f"teacher {self.id}: {spec} is not {what}: {first}") from None
-        if folder.is_dir() and not any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES):
-            raise PerpairError(f"teacher {self.id}: {spec} holds no model weights (model.safetensors, "
-                               "pytorch_model.bin or a sharded index)")
 
     def _load(self):
         if self._scorer is None:

@@ -39,7 +39,6 @@ EXIT_TOO_FEW_ANNOTATED = 3  # annotate / run: too few pairs got a valid annotati
 EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
 
 
-
 def given_path(option: str) -> Callable[[str | Path], Path]:
     """The ``parser`` of a path option: the path as typed. An empty one (``-o ''``, an unset variable in a script)
     is refused: ``Path('')`` is ``Path('.')``, and an empty path must never mean the current folder."""
