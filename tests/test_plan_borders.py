@@ -200,6 +200,12 @@ def test_output_that_is_empty_or_a_folder_is_refused(tmp_path, monkeypatch):
                          (tmp_path, "a folder; name a file"), (tmp_path / "a file" / "p.parquet", "is a file")):
         assert says in _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", output, check=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+    # another perpair artifact in the way (the pairs themselves, or annotations): refused, not replaced
+    held = pairs.read_bytes()
+    (tmp_path / "copy.parquet").write_bytes(held)
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "copy.parquet", check=False))
+    assert line.endswith("copy.parquet: holds perpair pairs, which writing plan there would destroy; name another file")
+    assert (tmp_path / "copy.parquet").read_bytes() == held
 
 
 def test_annotations_the_schedule_never_reads_are_refused(tmp_path):

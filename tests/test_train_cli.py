@@ -329,8 +329,11 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     resumed = _train(tiny_model, uf_pairs, out, *first, "--resume")
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
     key = (out / "run.key").read_text()
+    old_events = out / "runs" / "perpair" / "events.out.tfevents.old"  # the replaced run's TensorBoard log
+    old_events.parent.mkdir(parents=True)
+    old_events.write_text("old")
     _train(tiny_model, uf_pairs, out, *other, "--overwrite")
-    assert (out / "run.key").read_text() != key
+    assert (out / "run.key").read_text() != key and not old_events.exists()
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000001", "step-00000002"]
     assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]
 

@@ -67,11 +67,20 @@ def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
     return OSError(errno.EIO, text, str(path))
 
 
-def check_output_file(path: Path, option: str, example: str) -> None:
+def check_output_file(path: Path, option: str, example: str, kind: str | None = None) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder (``-o .``, ``-o DIR``), a path
-    under a file, or one in a folder that cannot be written (read-only, no permission)."""
+    under a file, or one in a folder that cannot be written (read-only, no permission); with ``kind``, a perpair
+    artifact of another kind (``perpair plan -o ann.parquet`` would replace the annotations)."""
     if path.is_dir() or path.name in ("", ".", ".."):
         raise PerpairError(f"{option} {path}: a folder; name a file (e.g. {example})")
+    if kind is not None and path.is_file():
+        try:
+            held = read_header(path).get("kind")
+        except PerpairError:  # not an artifact (or not readable): replaced as any file is
+            held = kind
+        if held != kind:
+            raise PerpairError(f"{option} {path}: holds perpair {held}, which writing {kind} there would destroy; "
+                               f"name another file")
     _check_writable(path, option)
 
 

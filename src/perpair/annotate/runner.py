@@ -133,7 +133,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     """
     started = time.monotonic()
     output = Path(output)
-    check_output_file(output, "-o/--output", "ann.parquet")  # a folder has no name to put the others beside
+    check_output_file(output, "-o/--output", "ann.parquet", kind=KIND)  # a folder: no name to put the rest beside
     cache_path = Path(cache_path or default_cache_path(output))
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
@@ -313,7 +313,7 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     """
     if not outputs:
         raise PerpairError("merge needs at least one annotations file")
-    check_output_file(Path(target), "-o/--output", "ann.parquet")
+    check_output_file(Path(target), "-o/--output", "ann.parquet", kind=KIND)
     refuse_overwrite({"output": target, "calls table": calls_path(target)},
                      {f"shard {path}": path for path in outputs})
     check_output_file(calls_path(target), "the calls table of -o/--output", "ann.parquet")

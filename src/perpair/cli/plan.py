@@ -56,7 +56,7 @@ def plan_command(
     if output is not None:
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})
-        check_output_file(output, "-o/--output", "plan.parquet")
+        check_output_file(output, "-o/--output", "plan.parquet", kind="plan")
     schedule = plan.resolve_schedule(preset, config, beta)
     if annotations is not None and not schedule.reads_annotations:
         raise InputError(f"the schedule (preset {preset}{f' with {config}' if config else ''}) reads no annotations "

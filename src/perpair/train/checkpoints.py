@@ -23,7 +23,8 @@ RUN_KEY = "run.key"
 _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_every", "keep_checkpoints",
                  "save_model", "final_checkpoint", "release_cpu_memory"}
 # What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
-_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", RUN_KEY)
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", "runs", "wandb",
+            RUN_KEY)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
 _RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metrics.jsonl: what a run that trained leaves
 
 
