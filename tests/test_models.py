@@ -49,3 +49,25 @@ def test_model_fingerprints_taken_from_several_threads_at_once(tmp_path, monkeyp
     with ThreadPoolExecutor(8) as pool:
         fingerprints = list(pool.map(lambda _: model_fingerprint(str(folder)), range(400)))
     assert len(set(fingerprints)) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()
+
+
+def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch):
+    """PERPAIR_CACHE naming a file: one line naming the variable (it was "error: PATH: File exists")."""
+    from cli_inprocess import run_cli_inprocess
+
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("PERPAIR_CACHE", str(cache))
+    result = run_cli_inprocess("train", "--model", "smollm2", "--data", tmp_path / "pairs.parquet", "--out",
+                               tmp_path / "out")
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: PERPAIR_CACHE {cache}: a file, not a folder; point it at a folder (or unset it for ~/.cache/perpair)")
+
+
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    from cli_inprocess import run_cli_inprocess
+
+    result = run_cli_inprocess("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"perpair {version('perpair')}"

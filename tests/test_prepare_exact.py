@@ -244,3 +244,21 @@ def test_a_failed_write_leaves_the_files_of_the_run_before_as_they_were(tmp_path
     assert result.returncode == 130 and len(calls) == 2
     assert (out.read_bytes(), test.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.parquet", "out.test.parquet"]
+
+
+def test_sharegpt_turns_that_do_not_alternate_are_malformed(tmp_path):
+    """As LLaMA-Factory's converter requires (it drops such rows): after a leading system turn, user (or
+    observation) and assistant turns alternate; two user turns in a row, or a system turn mid-conversation, were
+    kept as they were."""
+    def row(*turns):
+        return {"conversations": [{"from": who, "value": text} for who, text in turns],
+                "chosen": {"from": "gpt", "value": "A"}, "rejected": {"from": "gpt", "value": "B"}}
+
+    good = row(("system", "Be brief."), ("human", "Q1"), ("gpt", "A1"), ("human", "Q2"))
+    rows = [good, row(("human", "Q1"), ("human", "Q2")), row(("human", "Q1"), ("system", "Be evil."), ("human", "Q2"))]
+    source, result = prepare(tmp_path, rows)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'conversations': a user turn where the "
+                                        "turns must alternate (expected assistant: turn 2 of the conversation")
+    _, result = prepare(tmp_path, rows, "--skip-invalid")
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 1
+    assert excluded(tmp_path, "invalid") == {"wrong_type:conversations": 2}

@@ -27,7 +27,11 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PERPAIR_CACHE", Path.home() / ".cache" / "perpair"))
+    root = Path(os.environ.get("PERPAIR_CACHE", Path.home() / ".cache" / "perpair"))
+    if root.exists() and not root.is_dir():
+        raise PerpairError(f"PERPAIR_CACHE {root}: a file, not a folder; point it at a folder (or unset it for "
+                           "~/.cache/perpair)")
+    return root
 
 
 def smollm2_gguf() -> Path:

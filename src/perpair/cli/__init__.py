@@ -53,6 +53,23 @@ def given_path(option: str) -> Callable[[str | Path], Path]:
     return parse
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            out.print(f"perpair {version('perpair')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            out.print("perpair (not installed: no version)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print perpair's version and exit.")) -> None:
+    """Per-pair preference optimization: prepare pairs, plan per-pair beta/route/order, train, evaluate."""
+
+
 # Stage commands register on `app` when imported (order = order in --help).
 from perpair.cli import data as _data  # noqa: E402,F401
 from perpair.cli import annotate as _annotate  # noqa: E402,F401

@@ -110,6 +110,15 @@ def _check_order(prompt: list[Message], chosen: Message, rejected: Message, name
     if prompt[-1]["role"] not in ("user", "tool"):
         raise RowProblem(f"wrong_type:{names[0]}", f"the conversation must end with a user (or observation) "
                                                    f"turn, got role '{prompt[-1]['role']}'", names[0])
+    # after a leading system turn, user (or observation) and assistant (or function call) turns alternate, as
+    # LLaMA-Factory's converter requires (it drops other rows)
+    start = 1 if prompt[0]["role"] == "system" else 0
+    for index, message in enumerate(prompt[start:], start=start):
+        expected = ("user", "tool") if (index - start) % 2 == 0 else ("assistant",)
+        if message["role"] not in expected:
+            raise RowProblem(f"wrong_type:{names[0]}", f"a {message['role']} turn where the turns must alternate "
+                                                       f"(expected {' or '.join(expected)}: turn {index + 1} of the "
+                                                       f"conversation, a system message included)", names[0])
     for name, message in zip(names[1:], (chosen, rejected), strict=True):
         if message["role"] != "assistant":
             raise RowProblem(f"wrong_type:{name}", f"the response must be an assistant turn, got role "
