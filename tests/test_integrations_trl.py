@@ -263,6 +263,10 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
             _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["exo_pair"], label_smoothing=config_eps)
     assert _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["exo_pair"],
                       label_smoothing=0.1).plan_summary.pairs > 0
+    # an evaluation dataset carrying plan columns: evaluation would not read them
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(beta\), which evaluation does not "):
+        plugin.PerPairDPOTrainer(model=tiny_model, args=_args(tmp_path, 2, 64, 1e-3), train_dataset=dataset,
+                                 eval_dataset=dataset.add_column("beta", [1.0] * len(dataset)), plan=plan)
     # plan columns carried by the dataset: an order that is no number
     carried = dataset.add_column("beta", [0.1] * len(dataset)).add_column("route", ["preference"] * len(dataset))
     carried = carried.add_column("label_smoothing", [0.0] * len(dataset))

@@ -268,6 +268,12 @@ class PerPairDPOTrainer(DPOTrainer):
                                f"selects its rows), got {type(train_dataset).__name__}")
         if any(c in train_dataset.column_names for c in ("image", "images")):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
+        evaluation = kwargs.get("eval_dataset")
+        for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
+            carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
+            if carried:  # they would go unread: evaluation scores every pair with DPOConfig.beta, as stock TRL
+                raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
+                                   "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
