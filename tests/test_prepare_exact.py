@@ -262,3 +262,15 @@ def test_sharegpt_turns_that_do_not_alternate_are_malformed(tmp_path):
     _, result = prepare(tmp_path, rows, "--skip-invalid")
     assert result.returncode == 0 and len(pairs(tmp_path)) == 1
     assert excluded(tmp_path, "invalid") == {"wrong_type:conversations": 2}
+
+
+def test_sources_left_by_limit_are_said_to_be(tmp_path):
+    """--limit reached in the first source: the second is not read, and the output says so (it said "(None): 0 rows
+    read", as if the file were empty)."""
+    first = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Q{i}", **ANSWERS} for i in range(3)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "Q", **ANSWERS}])
+    result = run_cli_inprocess("prepare", first, second, "--limit", "2", "-o", tmp_path / "out.parquet")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[:2] == [f"{first} (trl): 2 rows read, 2 pairs kept (--limit reached)",
+                                              f"{second}: not read (--limit reached before it)"]
+    assert [s["limit_reached"] for s in read_header(tmp_path / "out.parquet")["provenance"]["sources"]] == [True, True]

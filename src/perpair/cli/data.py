@@ -86,8 +86,12 @@ def _print_prepare(result: PrepareResult) -> None:
     # Names, reasons and paths come from the user's data: escaped, so rich reads no markup in them.
     for report in result.sources:
         name = report.source.get("path") or report.source.get("dataset")
+        if report.limited and not report.rows_read:
+            out.print(f"[bold]{escape(str(name))}[/]: not read (--limit reached before it)")
+            continue
+        limited = " (--limit reached)" if report.limited else ""
         out.print(f"[bold]{escape(str(name))}[/] ({escape(str(report.format))}): {report.rows_read:,} rows read, "
-                  f"{report.pairs_kept:,} pairs kept")
+                  f"{report.pairs_kept:,} pairs kept{limited}")
         for label, tally in (("malformed, skipped", report.invalid), ("degenerate, excluded", report.degenerate),
                              ("duplicate, collapsed", report.duplicates),
                              ("kept, note", report.notes)):

@@ -146,12 +146,13 @@ class SourceReport:
     duplicates: Tally = field(default_factory=Tally)
     notes: Tally = field(default_factory=Tally)       # kept pairs with something only in meta (tools)
     columns: ColumnMap | None = None                  # for the column layouts: this source's, from its first row
+    limited: bool = False                             # --limit was reached before its end
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.source, "format": self.format, "rows_read": self.rows_read,
                 "pairs_kept": self.pairs_kept, "invalid": self.invalid.as_dict(),
                 "degenerate": self.degenerate.as_dict(), "duplicates": self.duplicates.as_dict(),
-                "notes": self.notes.as_dict()}
+                "notes": self.notes.as_dict(), "limit_reached": self.limited}
 
 
 @dataclass
@@ -228,7 +229,7 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
         complete = True
         for number, value, text in iter_rows(source, report.source):
             if options.limit is not None and len(records) >= options.limit:
-                complete = False
+                complete, report.limited = False, True
                 break
             if unseen and isinstance(value, dict):
                 unseen = {c: who for c, who in unseen.items() if get(value, c, required=False) is MISSING}
