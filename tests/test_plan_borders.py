@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
@@ -208,24 +209,18 @@ def test_output_that_is_empty_or_a_folder_is_refused(tmp_path, monkeypatch):
     assert (tmp_path / "copy.parquet").read_bytes() == held
 
 
-def test_annotations_the_schedule_never_reads_are_refused(tmp_path):
-    """dpo and mixdpo read no annotations (global β; beta_max acts only through a per-pair β): --annotations there
-    is refused, not ignored. Schedules that read them (a per-pair β, the teacher margin, a mislabeled action
-    drop/flip) take them."""
+def test_a_global_beta_plan_keeps_the_annotations_categories(tmp_path):
+    """dpo reads no β from the annotations, but its plan records each pair's category (the plan report's β by
+    category, perpair run's dpo arm): --annotations is taken, not refused."""
     pairs = tmp_path / "pairs.parquet"
     ids = make_pairs(pairs, [(8.0, 2.0), (5.0, 4.0), (6.0, 6.0)])
     annotations = tmp_path / "ann.parquet"
     write_annotations(annotations, pairs, ids, ["style", "mislabeled", "safety"], [1.0, 2.0, 3.0], [0.9] * 3)
     out = tmp_path / "plan.parquet"
-    for preset in ("dpo", "mixdpo"):
-        line = _refused(run_cli("plan", pairs, "--preset", preset, "--annotations", annotations, "-o", out,
-                                check=False))
-        assert "'--annotations'" in line and f"(preset {preset}) reads no annotations" in line
-        assert not out.exists()
-    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "-o", out)
-    schedule = tmp_path / "drop.yaml"
-    schedule.write_text("mislabeled:\n  action: drop\n")
-    run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--annotations", annotations, "-o", out)
+    run_cli("plan", pairs, "--preset", "dpo", "--annotations", annotations, "-o", out)
+    table = pq.read_table(out)
+    assert table.column("category").to_pylist() == ["style", "mislabeled", "safety"]
+    assert set(table.column("beta").to_pylist()) == {0.1}
 
 
 def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path, monkeypatch):

@@ -58,12 +58,6 @@ def plan_command(
                                               "schedule file": config, "reference log-probs": reference_logps})
         check_output_file(output, "-o/--output", "plan.parquet", kind="plan")
     schedule = plan.resolve_schedule(preset, config, beta)
-    if annotations is not None and not schedule.reads_annotations:
-        raise InputError(f"the schedule (preset {preset}{f' with {config}' if config else ''}) reads no annotations "
-                         f"(beta.kind {schedule.beta.kind}, margin.source {schedule.margin.source}, mislabeled.action "
-                         f"{schedule.mislabeled.action}, which acts only through a per-pair β); drop --annotations, "
-                         "or use a schedule that reads them (an sp2dpo preset, margin.source teacher, or "
-                         "mislabeled.action drop or flip)", field="--annotations")
     logps = None
     if reference_logps is not None:
         if schedule.margin.source != "reference":

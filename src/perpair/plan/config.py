@@ -135,14 +135,6 @@ class Schedule(_Strict):
                                  "set margin.source")
         return self
 
-    @property
-    def reads_annotations(self) -> bool:
-        """Whether a plan under this schedule reads annotations: a per-pair β (semantic, random), the teacher margin,
-        or a mislabeled action that needs no per-pair β (drop, flip; ``beta_max`` acts only through one). Without
-        any of them the annotations would only be copied into the plan's category columns."""
-        return (self.beta.kind != "global" or self.margin.source == "teacher"
-                or self.mislabeled.action in ("drop", "flip"))
-
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
