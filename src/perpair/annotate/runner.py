@@ -133,10 +133,11 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     """
     started = time.monotonic()
     output = Path(output)
-    check_output_file(output, "-o/--output", "ann.parquet", kind=KIND)  # a folder: no name to put the rest beside
+    check_output_file(output, "-o/--output", "ann.parquet")  # a folder has no name to put the others beside
     cache_path = Path(cache_path or default_cache_path(output))
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
+    check_output_file(output, "-o/--output", "ann.parquet", kind=KIND)  # another artifact there (not the input)
     check_output_file(calls_path(output), "the calls table of -o/--output", "ann.parquet")
     check_output_file(cache_path, "--cache", "ann.cache.sqlite")
     table, _ = read_pairs(str(pairs_path))
