@@ -63,10 +63,11 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test $(VENV)/.llama-cpp
 
-# A DATA file on disk means an offline run: the AlpacaEval baseline and difficulties then come from $(SHARED).
+# A DATA file on disk means an offline run: the AlpacaEval baseline and difficulties then come from $(SHARED), and
+# the config's Hub split (train_prefs) does not apply.
 AE := $(SHARED)/alpaca_eval
 OFFLINE := $(if $(wildcard $(DATA)),1)
-OFFLINE_SETS := --set eval.alpaca_eval.offline=true \
+OFFLINE_SETS := --set data.split=null --set eval.alpaca_eval.offline=true \
 	--set eval.alpaca_eval.reference=$(AE)/reference_outputs_gpt4_1106_preview.json.gz \
 	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv \
 	--set eval.alpaca_eval.judge_prompt=$(AE)/judge_prompt_alpaca_eval_clf.txt

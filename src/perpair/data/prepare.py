@@ -209,12 +209,12 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     outputs = _output_paths(output, options)
     resolved = [resolve_source(spec, entry.split if entry and entry.split else options.split, options.revision)
                 for spec in sources]
-    for source in resolved:
-        given = [option for option, value in (("--split", options.split), ("--revision", options.revision)) if value]
-        if source.kind == "file" and given:
-            raise InputError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to a Hub dataset or a "
-                             f"dataset folder, not to a file",
-                             file=source.spec)
+    given = [f"{option} {value!r}" for option, value in (("--split", options.split), ("--revision", options.revision))
+             if value]
+    if given and all(source.kind == "file" for source in resolved):  # nothing they could select from
+        raise InputError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to a Hub dataset or a dataset "
+                         f"folder, not to a file: drop {'them' if len(given) > 1 else 'it'} (data.split, "
+                         f"data.revision in a run config)", file=resolved[0].spec)
     _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
     resolved = _named_apart([part for source in resolved for part in folder_files(source)])
     records: list[PairRecord] = []
