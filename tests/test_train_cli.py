@@ -401,6 +401,10 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
     steps = -(-fit // 2)
     assert 0 < fit < 6 and summary["steps"] == steps == len(_metrics(tmp_path / "epoch"))
     assert f"step {steps}/{steps} " in result.stderr + result.stdout
+    result = _train(tiny_model, small, tmp_path / "nocheckpoint", "--batch-size", "2", "--max-length", "96",
+                    "--save-every", "50", "--set", "final_checkpoint=false", check=False)
+    assert result.returncode == 2 and f"save_every 50 ≥ the {steps} steps of one epoch with final_checkpoint false" \
+        in result.stderr
 
 
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):

@@ -119,8 +119,8 @@ def validate(config: RunConfig) -> Settings:
             raise PerpairError(f"run config, {places[0]}.{key}: every arm trains with its plan, which gives each "
                                f"pair its own {key}; set it where the plan is made: arms.NAME.beta (the plan's "
                                "global β) or arms.NAME.schedule")
-    placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out",
-                    "steps": 1 << 30}
+    # the paths the run sets, as placeholders (steps left out: one epoch, counted when the arm trains)
+    placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out"}
     try:  # the shared section alone first, so that its mistakes are named there rather than in an arm
         TrainConfig.model_validate({**placeholders, **{k: v for k, v in config.train.items() if v is not None}})
     except ValidationError as exc:
@@ -136,8 +136,6 @@ def validate(config: RunConfig) -> Settings:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
                                "'annotate' section")
         keys = config.arm_train(name)
-        # (placeholders: the paths the run sets; steps left out: one epoch, known once the plan exists, checked
-        # again then)
         try:
             arm_config = TrainConfig.model_validate({**placeholders, **{k: v for k, v in keys.items()
                                                                         if v is not None}})
