@@ -257,3 +257,14 @@ def test_api_teacher_options_are_checked_whatever_the_teachers(tmp_path):
                              check=False))
     assert "--concurrency, --api-key-env set the API teachers; this run has none (ratings)" in line
     assert not out.parent.exists()
+
+
+def test_teachers_given_on_the_command_line_replace_the_configs_with_a_note(tmp_path):
+    """--teacher and a --config that lists teachers: the command line's replace the file's (overrides win), and the
+    run says so instead of dropping the file's silently."""
+    pairs = _small_pairs(tmp_path)
+    config = tmp_path / "teachers.yaml"
+    config.write_text("teachers:\n  - kind: ratings\n  - kind: ratings\n    name: second\n")
+    result = annotate(pairs, tmp_path / "ann.parquet", "--config", config, "--teacher", "ratings", check=False)
+    assert f"note: --teacher replaces the 2 teacher(s) of {config}" in " ".join(result.stderr.split())
+    assert len(read_annotations(tmp_path / "ann.parquet")[1]["teachers"]) == 1

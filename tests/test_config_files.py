@@ -123,3 +123,19 @@ def test_an_annotate_option_is_not_blamed_on_the_file(tmp_path):
     with pytest.raises(InputError) as caught:
         load_config(config)
     assert caught.value.file == str(config) and "(from the command line)" not in str(caught.value)
+
+
+def test_a_section_made_by_the_command_line_is_not_blamed_on_the_file(tmp_path):
+    """``--set arms.dop.train.lr=1`` (a misspelt arm): the arm exists only on the command line, so its missing preset
+    is the command line's mistake, not the file's (it said "file run.yaml: ... arms.dop.preset: Field required")."""
+    from perpair.pipeline.config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}}\n")
+    with pytest.raises(InputError) as caught:
+        load_run_config(config, {"arms": {"dop": {"train": {"lr": 1}}}})
+    assert caught.value.file is None and "arms.dop.preset: Field required" in str(caught.value)
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dop: {train: {lr: 1}}}\n")
+    with pytest.raises(InputError) as caught:
+        load_run_config(config, {"arms": {"dop": {"train": {"lr": 2}}}})  # the file's own arm lacks its preset
+    assert caught.value.file == str(config)

@@ -69,10 +69,18 @@ def format_validation_error(exc: ValidationError, prefix: str = "", command_line
 
 
 def invalid_config(exc: ValidationError, what: str, path: str | os.PathLike | None,
-                   command_line: dict[str, Any] | None) -> InputError:
-    """The error for values pydantic refused in a config read from ``path`` and overridden by ``command_line``:
-    it names the file unless every refused key was given on the command line."""
-    every = all(_given(command_line, error["loc"]) for error in exc.errors())
+                   command_line: dict[str, Any] | None, file_values: dict[str, Any] | None = None) -> InputError:
+    """The error for values pydantic refused in a config read from ``path`` (``file_values``: what it holds) and
+    overridden by ``command_line``: it names the file unless every refused key was given on the command line. A
+    key missing from a section that only the command line made (``--set arms.dop.train.lr=1``: a misspelt arm) is
+    the command line's too."""
+    def given(error: dict[str, Any]) -> bool:
+        loc = error["loc"]
+        if error["type"] == "missing" and file_values is not None and loc[:-1]:
+            return _given(command_line, loc[:-1]) and not _given(file_values, loc[:-1])
+        return _given(command_line, loc)
+
+    every = all(given(error) for error in exc.errors())
     return InputError(f"invalid {what}: {format_validation_error(exc, command_line=command_line)}",
                       file=None if path is None or every else str(path))
 

@@ -71,6 +71,13 @@ def run_command(
     settings = load_config(config, teachers=teacher, base_urls=base_url, templates=template, concurrency=concurrency,
                            api_key_env=api_key_env, limit=limit, shard=shard, seed=seed,
                            retry_failed=retry_failed or None, min_valid_share=min_valid)
+    if teacher and config is not None:
+        from perpair.config_files import load_yaml
+
+        replaced = (load_yaml(config, "annotate config") or {}).get("teachers") or []
+        if replaced:  # the command line wins, as everywhere; said, since a list is replaced, not merged
+            console.print(f"note: --teacher replaces the {len(replaced)} teacher(s) of {escape(str(config))}",
+                          soft_wrap=True)
     for spec in settings.teachers:
         if spec.kind == "api" and spec.api_key_env is None:
             console.print(f"note: teacher {escape(spec.id)} sends no API key (set api_key_env in a --config "

@@ -132,8 +132,9 @@ class RunConfig(_Section):
 
 def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate the run config; ``overrides`` (nested, from ``--set key=value``) win over the file."""
-    data = deep_merge(load_yaml(path, "run config"), overrides or {})
+    in_file = load_yaml(path, "run config")
+    data = deep_merge(in_file, overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise invalid_config(exc, "run config", path, overrides) from None
+        raise invalid_config(exc, "run config", path, overrides, in_file) from None
