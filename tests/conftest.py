@@ -73,6 +73,15 @@ def save_tiny_llama(path: Path, **options) -> Path:
     return path
 
 
+def rewrite_weights(folder: Path) -> None:
+    """Rewrite a model folder's weights in place, other values in files of the same names and sizes: what a
+    retraining saved to the same path looks like to anything that keys a model by its files' names and sizes."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: w + 0.01 for name, w in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """``tiny_llama`` (hidden 32) saved once per test session as a model folder, for training runs that only

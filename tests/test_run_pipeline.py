@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-from conftest import SHARED_DATA, UF_TRAIN, save_tiny_llama
+from conftest import SHARED_DATA, UF_TRAIN, rewrite_weights, save_tiny_llama
 
 AE = SHARED_DATA / "alpaca_eval"
 
@@ -110,8 +109,7 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     assert {"prepare", "annotate"} == set(fourth.skipped) and "plan.sp2dpo" in fourth.ran
 
     # the initial model's weights rewritten in place (same files, same sizes): trained and evaluated again
-    weights = load_file(policy / "model.safetensors")
-    save_file({name: w + 0.01 for name, w in weights.items()}, policy / "model.safetensors", metadata={"format": "pt"})
+    rewrite_weights(policy)
     fifth, _ = _run(config)
     assert {"prepare", "annotate", "plan.dpo", "plan.sp2dpo", "plan.mixdpo"} == set(fifth.skipped)
     assert {f"train.{a}" for a in arms} | {f"eval.{a}.alpaca_eval" for a in [*arms, "base"]} <= set(fifth.ran)

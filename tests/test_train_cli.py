@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import UF_TRAIN, run_cli, save_tiny_llama
+from conftest import UF_TRAIN, rewrite_weights, run_cli, save_tiny_llama
 from perpair.errors import PerpairError
 
 TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta", "0.1", "--lr", "1e-3",
@@ -344,8 +344,6 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
     with it (steps of two plans, or of two models, in one run)."""
     import shutil
 
-    from safetensors.torch import save_file
-
     model, data, plan = tmp_path / "model", tmp_path / "pairs.parquet", tmp_path / "plan.parquet"
     shutil.copytree(tiny_model, model)
     shutil.copy(uf_pairs, data)
@@ -361,9 +359,7 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
         pq.write_table(table.slice(1).replace_schema_metadata(table.schema.metadata), data)
 
     def rewrite_model():
-        weights = load_file(model / "model.safetensors")
-        save_file({name: w + 0.01 for name, w in weights.items()}, model / "model.safetensors",
-                  metadata={"format": "pt"})
+        rewrite_weights(model)
 
     # a global β or ε beside the plan would be silently unused: refused, nothing written
     for option, name in ((("--beta", "0.5"), "beta"), (("--set", "label_smoothing=0.1"), "label_smoothing")):

@@ -73,15 +73,22 @@ def check_output_file(path: Path, option: str, example: str, kind: str | None = 
     artifact of another kind (``perpair plan -o ann.parquet`` would replace the annotations)."""
     if path.is_dir() or path.name in ("", ".", ".."):
         raise PerpairError(f"{option} {path}: a folder; name a file (e.g. {example})")
-    if kind is not None and path.is_file():
-        try:
-            held = read_header(path).get("kind")
-        except PerpairError:  # not an artifact (or not readable): replaced as any file is
-            held = kind
-        if held != kind:
-            raise PerpairError(f"{option} {path}: holds perpair {held}, which writing {kind} there would destroy; "
-                               f"name another file")
+    if kind is not None:
+        refuse_other_artifact(path, option, kind)
     _check_writable(path, option)
+
+
+def refuse_other_artifact(path: Path, option: str, kind: str) -> None:
+    """Refuse writing a ``kind`` artifact over a perpair artifact of another kind (another file is replaced)."""
+    if not path.is_file():
+        return
+    try:
+        held = read_header(path).get("kind")
+    except PerpairError:  # not an artifact (or not readable): replaced as any file is
+        return
+    if held != kind:
+        raise PerpairError(f"{option} {path}: holds perpair {held}, which writing {kind} there would destroy; "
+                           f"name another file")
 
 
 def check_output_folder(path: Path, option: str) -> None:

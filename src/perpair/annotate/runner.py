@@ -30,7 +30,14 @@ from perpair.annotate.config import AnnotateConfig
 from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN
 from perpair.annotate.teachers import Call, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
-from perpair.artifacts import check_output_file, file_sha256, read_artifact, refuse_overwrite, write_artifact
+from perpair.artifacts import (
+    check_output_file,
+    file_sha256,
+    read_artifact,
+    refuse_other_artifact,
+    refuse_overwrite,
+    write_artifact,
+)
 from perpair.data import read_pairs
 from perpair.errors import InputError, PerpairError
 
@@ -137,7 +144,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     cache_path = Path(cache_path or default_cache_path(output))
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
-    check_output_file(output, "-o/--output", "ann.parquet", kind=KIND)  # another artifact there (not the input)
+    refuse_other_artifact(output, "-o/--output", KIND)  # (after the input check, whose words say more)
     check_output_file(calls_path(output), "the calls table of -o/--output", "ann.parquet")
     check_output_file(cache_path, "--cache", "ann.cache.sqlite")
     table, _ = read_pairs(str(pairs_path))

@@ -56,7 +56,7 @@ def plan_command(
     if output is not None:
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})
-        check_output_file(output, "-o/--output", "plan.parquet", kind="plan")
+        check_output_file(output, "-o/--output", "plan.parquet", kind=plan.KIND)
     schedule = plan.resolve_schedule(preset, config, beta)
     logps = None
     if reference_logps is not None:

@@ -412,12 +412,15 @@ def _source_columns(value: dict[str, Any], layout: str, options: PrepareOptions,
     "The answer is 4" / "The answer is 5"), so there an implicit prompt also needs a row that has no field
     that could be the prompt under another name (a misspelt ``promt``, a ``question`` column), or ``--format
     trl`` saying the data is TRL's implicit layout."""
-    columns = options.column_map or ColumnMap()
-    if layout not in COLUMN_FORMATS or get(value, columns.chosen, required=False) is MISSING:
+    if layout not in COLUMN_FORMATS:
         return None
-    if not columns.prompt_optional or get(value, columns.prompt or "prompt", required=False) is not MISSING:
+    columns = options.column_map or ColumnMap()
+    chosen = get(value, columns.chosen, required=False)
+    if chosen is MISSING:
+        return None
+    if not columns.prompt_optional or get(value, columns.prompt, required=False) is not MISSING:
         return replace(columns, prompt_optional=False)
-    if options.format != "trl" and isinstance(get(value, columns.chosen, required=False), str):
+    if options.format != "trl" and isinstance(chosen, str):
         read = {c.split(".")[0] for c in (columns.chosen, columns.rejected, columns.score_chosen,
                                           columns.score_rejected, columns.system) if c}
         others = sorted(str(k) for k in value if k not in read and k not in IMPLICIT_PROMPT_ALSO)
