@@ -299,6 +299,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs,
     assert not (out / "model").exists()
 
 
+def test_out_holding_files_no_run_wrote_is_refused_even_with_overwrite(tiny_model, uf_pairs, tmp_path):
+    """A folder of the user's (here their base model in `model/`, one of the names a run writes, and a notes file)
+    is never written into nor cleared: --overwrite replaces only a run's outputs. A folder holding only hidden
+    files (.gitkeep) is taken."""
+    out = tmp_path / "project"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "model.safetensors").write_text("the user's weights")
+    (out / "notes.txt").write_text("mine")
+    before = {p.relative_to(out): p.read_text() for p in out.rglob("*") if p.is_file()}
+    for extra in ((), ("--overwrite",)):
+        result = _train(tiny_model, uf_pairs, out, *TINY_ARGS, *extra, check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == (f"error: --out {out} holds files that no perpair run wrote (model, notes.txt; no run.key): "
+                            "choose a new or empty folder (--overwrite replaces only a perpair run's outputs)")
+        assert {p.relative_to(out): p.read_text() for p in out.rglob("*") if p.is_file()} == before
+    hidden = tmp_path / "kept"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")
+    _train(tiny_model, uf_pairs, hidden, *TINY_ARGS)
+    assert (hidden / "run.key").is_file() and (hidden / ".gitkeep").is_file()
+
+
 def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):
     """OUT/run.key names the run whose outputs OUT holds: another run's settings are refused (with or without
     --resume) and nothing in OUT changes; the same run needs --resume; --overwrite replaces the old outputs."""

@@ -464,9 +464,9 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[str, Any]:
     from perpair.train import load_config, train
-    from perpair.train.checkpoints import checkpoints
+    from perpair.train.checkpoints import STAGE_KEY, checkpoints
 
-    marker = out / "stage.key"  # the stage's identity (train's own OUT/run.key is its config's)
+    marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
     resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
     if not resume:
         shutil.rmtree(out, ignore_errors=True)

@@ -19,6 +19,7 @@ from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig
 
 RUN_KEY = "run.key"
+STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
 # Settings that do not change what a run computes: a run resumed with other values is the same run.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_every", "keep_checkpoints",
                  "save_model", "final_checkpoint", "release_cpu_memory"}
@@ -45,12 +46,19 @@ def run_key(config: TrainConfig) -> str:
 
 
 def check_out(config: TrainConfig) -> str:
-    """Refuse an OUT that holds another run's outputs (unless ``overwrite``), or this run's checkpoints without
-    ``resume`` (a fresh start would mix its checkpoints with theirs); returns this run's key. Reads only."""
+    """Refuse an OUT that holds files no run claimed (even with ``overwrite``: they are the user's), another run's
+    outputs (unless ``overwrite``), or this run's checkpoints without ``resume`` (a fresh start would mix its
+    checkpoints with theirs); returns this run's key. Reads only."""
     out, key = Path(config.out), run_key(config)
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != STAGE_KEY) \
+        if held is None and out.is_dir() else []
+    if others:  # nothing claimed it: what is there is the user's, even under our names (a `model` folder)
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise PerpairError(f"--out {out} holds files that no perpair run wrote ({shown}; no run.key): choose a new "
+                           "or empty folder (--overwrite replaces only a perpair run's outputs)")
     occupied = [name for name in _OUTPUTS if (out / name).exists()]
     if config.overwrite or not occupied or (held is not None and not trained(out)):
         return key  # (the last: a run that stopped before its first step, e.g. on a wrong path, left only its claim)
@@ -59,11 +67,9 @@ def check_out(config: TrainConfig) -> str:
             return key
         raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
                            "continues it, --overwrite starts it again")
-    what = ("another run (its run.key differs: other settings, or data, plan or model files changed since)"
-            if held is not None
-            else f"outputs of another run ({', '.join(occupied)}; no run.key)")
     hint = "--resume continues only the run that wrote them; " if config.resume else ""
-    raise PerpairError(f"--out {out} holds {what}; {hint}choose another --out, or --overwrite to replace them")
+    raise PerpairError(f"--out {out} holds another run (its run.key differs: other settings, or data, plan or model "
+                       f"files changed since); {hint}choose another --out, or --overwrite to replace them")
 
 
 def held_key(out: Path) -> str | None:
