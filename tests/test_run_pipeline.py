@@ -81,6 +81,9 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
         assert skipped > 0 and len(lines) == row["steps"] == -(-fit // 4)
         assert sum(json.loads(line)["pairs"] for line in lines) == row["steps"] * 4 < fit + 4
         assert row["heldout_accuracy"] is not None and row["alpaca_wr"] is not None
+        scored = json.loads((work / "arms" / arm / "eval" / "preference" / "results.json").read_text())
+        assert row["heldout_n"] == scored[0]["n_total"] > 0
+        assert row["alpaca_n"] == 2  # eval.alpaca_eval.limit
     mix = next(r for r in first.rows if r["arm"] == "mixdpo")
     assert mix["pairs_sft"] > 0 and mix["beta_geomean"] == pytest.approx(0.01)
     assert [r["arm"] for r in first.rows] == [*arms, "base"]

@@ -18,9 +18,9 @@ COLUMNS = (
     ("arm", "arm"), ("preset", "preset"), ("pairs_preference", "pref. pairs"), ("pairs_sft", "SFT pairs"),
     ("beta_geomean", "β geomean"), ("steps", "steps"), ("train_seconds", "train s"),
     ("train_loss", "train loss (last 20%)"), ("train_reward_accuracy", "train reward acc. (last 20%)"),
-    ("heldout_accuracy", "held-out acc."), ("heldout_margin", "held-out margin"),
-    ("heldout_ln_accuracy", "held-out LN acc."), ("alpaca_lc", "AlpacaEval LC"), ("alpaca_wr", "AlpacaEval WR"),
-    ("alpaca_length", "avg length"),
+    ("heldout_n", "held-out pairs"), ("heldout_accuracy", "held-out acc."), ("heldout_margin", "held-out margin"),
+    ("heldout_ln_accuracy", "held-out LN acc."), ("alpaca_n", "AlpacaEval instr."), ("alpaca_lc", "AlpacaEval LC"),
+    ("alpaca_wr", "AlpacaEval WR"), ("alpaca_length", "avg length"),
 )
 
 
@@ -60,10 +60,10 @@ def comparison_rows(config: RunConfig, trained: dict[str, dict[str, Any]],
 
 def _eval_cells(results: dict[str, Any]) -> dict[str, Any]:
     pref, alpaca = results.get("preference", {}), results.get("alpaca_eval", {})
-    return {"heldout_accuracy": pref.get("accuracy"), "heldout_margin": pref.get("mean_margin"),
-            "heldout_ln_accuracy": pref.get("length_normalised_accuracy"),
-            "alpaca_lc": alpaca.get("length_controlled_winrate"), "alpaca_wr": alpaca.get("win_rate"),
-            "alpaca_length": alpaca.get("avg_length")}
+    return {"heldout_n": pref.get("n_total"), "heldout_accuracy": pref.get("accuracy"),
+            "heldout_margin": pref.get("mean_margin"), "heldout_ln_accuracy": pref.get("length_normalised_accuracy"),
+            "alpaca_n": alpaca.get("n_total"), "alpaca_lc": alpaca.get("length_controlled_winrate"),
+            "alpaca_wr": alpaca.get("win_rate"), "alpaca_length": alpaca.get("avg_length")}
 
 
 def _cell(value: Any) -> str:
@@ -126,9 +126,10 @@ def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:4px 8px;text-align:right}</style></head><body>"
             f"<h1>perpair run: {html.escape(str(workdir))}</h1><h2>Comparison</h2><table><tr>{head}</tr>{body}"
-            "</table><p>held-out acc.: implicit-reward accuracy on the test split against the initial model (ties "
-            "count half); LN: reference-free length-normalised log-prob margin; AlpacaEval: the configured subset "
-            "and judge, so comparable between arms of this run only.</p>"
+            "</table><p>held-out pairs: the test split's pairs scored (those that fit max_length); held-out acc.: "
+            "implicit-reward accuracy on them against the initial model (ties count half); LN: reference-free "
+            "length-normalised log-prob margin; AlpacaEval instr.: the instructions judged, from the configured "
+            "subset and by the configured judge, so comparable between arms of this run only.</p>"
             f"<h2>Training curves</h2><img src='curves.png' alt='training curves'><h2>Plans</h2><ul>{plans}</ul>"
             f"<h2>Evaluation</h2>{evaluation}</body></html>")
     (out / "index.html").write_text(page, encoding="utf-8")
