@@ -76,7 +76,7 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
 
     from conftest import save_tiny_llama
     from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, load_judge
-    from perpair.eval.generate import GenerationConfig, generation_identity
+    from perpair.eval.generate import GenerationConfig, generation_identity, tokenizer_identity
     from perpair.models import model_fingerprint
 
     model = str(save_tiny_llama(tmp_path / "judge", layers=1))
@@ -90,8 +90,10 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
     difference = max(abs(a - b) for x, y in zip(judged["auto"], judged["bfloat16"], strict=True)
                      for a, b in zip(x, y, strict=True))
     assert 0 < difference < 0.1
-    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model)]
-    assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16"]
+    tokenizer = {"tokenizer": tokenizer_identity(model)}
+    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model), tokenizer]
+    assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16",
+                                                                          tokenizer]
     plain = generation_identity("f", GenerationConfig(max_new_tokens=8))
     assert "dtype" not in plain["settings"]
     assert generation_identity("f", GenerationConfig(max_new_tokens=8, dtype="bfloat16")) != plain
@@ -212,3 +214,26 @@ def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output
             assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
             assert says in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_a_chat_template_edited_in_place_is_generated_and_judged_again(tmp_path):
+    """The weights' fingerprint does not cover the tokenizer: an evaluated model or a judge whose chat template
+    is edited in place (the same weights) shows other prompts, so its cached answers and judgments are not reused."""
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_identity
+    from perpair.eval.cache import ResultCache
+    from perpair.eval.generate import GenerationConfig, generate_answers
+
+    model = str(save_tiny_llama(tmp_path / "model", layers=1))
+    config = GenerationConfig(max_new_tokens=2, batch_size=2)
+    before = judge_identity(JudgeConfig(judge=model))
+    with ResultCache(tmp_path / "cache.sqlite") as cache:
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 2
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 0  # cached
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}### Answer:"
+        tokenizer.save_pretrained(model)
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 2
+    assert judge_identity(JudgeConfig(judge=model)) != before

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpair.errors import PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_answers
+from perpair.eval.generate import GenerationConfig, generate_answers, tokenizer_identity
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -118,9 +118,13 @@ def load_judge(config: JudgeConfig):
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before
-    identity: list[Any] = ["local", model_fingerprint(resolve_model(config.judge))]
-    return identity + [config.dtype] if config.dtype != "auto" else identity
+    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before.
+    # The tokenizer and chat template render the judge's prompt: edited in place, the judgments are others.
+    path = resolve_model(config.judge)
+    identity: list[Any] = ["local", model_fingerprint(path)]
+    identity += [config.dtype] if config.dtype != "auto" else []
+    tokenizer = tokenizer_identity(path)
+    return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
