@@ -276,3 +276,29 @@ def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monke
     assert published["instruction_difficulty_source"] == "hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv"
     assert published["length_controlled_winrate"] == pytest.approx(
         LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)
+
+
+def test_unjudged_instructions_are_said_and_none_judged_is_an_error(tmp_path):
+    """A null preference (the judge gave no usable answer) is left out of every figure, as alpaca_eval does; the
+    row says how many and the table says so. A file where no instruction is judged has no win rate: exit 2."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    for i in (3, 50, 400):
+        records[i]["preference"] = None
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(records))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["n_unjudged"]) == (802, 3)
+    assert row["judgment_note"].startswith("3 of 805 instructions have no judgment")
+    assert "3 of 805 instructions have no judgment" in run_cli("eval", "score", "--offline", "--no-fit",
+                                                               "--data-dir", AE, path).stdout
+    whole = score_annotations(AE / "annotations" / "claude-2.1.json.gz", ScoreOptions(offline=True, data_dir=AE,
+                                                                                        fit=False))
+    assert (whole["n_unjudged"], whole["judgment_note"]) == (0, None)
+
+    for n in (3, 805):  # 3: too few for the LC fit, which used to be skipped and the null win rate printed, exit 0
+        for record in records[:n]:
+            record["preference"] = None
+        path.write_text(json.dumps(records[:n]))
+        result = run_cli("eval", "score", "--offline", "--data-dir", AE, path, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), (n, result.stdout, result.stderr)
+        assert "no judged instruction" in result.stderr and "Traceback" not in result.stderr

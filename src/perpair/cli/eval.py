@@ -98,6 +98,8 @@ def score_command(
                       _fmt(row["discrete_win_rate"]), _fmt(row["avg_length"]))
     out.print(table)
     for row in rows:
+        if row["judgment_note"]:
+            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['judgment_note'])}")
         if row["lc_note"]:
             out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_note'])}")
         if row["lc_method"] == "published_weights" and row["lc_fit"]:
@@ -121,6 +123,8 @@ def _print_alpaca_row(row: dict) -> None:
               f"LC win rate {_fmt(row['length_controlled_winrate'])} (± {_fmt(row['lc_standard_error'])}, "
               f"{row['lc_method']}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
               f"n = {row['n_total']}, avg length {row['avg_length']:,}")
+    if row.get("judgment_note"):
+        out.print(f"[yellow]note[/]: {escape(row['judgment_note'])}")
     if row.get("lc_note"):
         out.print(f"[yellow]note[/]: {escape(row['lc_note'])}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "

@@ -139,8 +139,8 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["per_dataset"], dpi=110)
         plt.close(fig)
 
-    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r['lc_note'])}</p>" for r in rows
-                    if r.get("lc_note"))
+    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r[key])}</p>" for r in rows
+                    for key in ("judgment_note", "lc_note", "note") if r.get(key))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in COLUMNS) + "</tr>"
                    for r in rows)

@@ -85,6 +85,14 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row: dict[str, Any] = {"name": name, **win_rate_metrics(frame["preference"]),
                            "avg_length": average_length(frame["output_2"].tolist())}
     n = len(frame)
+    if row["n_total"] == 0:
+        raise InputError(f"no judged instruction: the preference of each of the {n} annotation(s) is null (the judge "
+                         "gave no usable answer); there is no win rate to report", file=file)
+    # rows whose judge gave no usable answer (null preference) are left out of every figure, as alpaca_eval leaves
+    # them out: said, so a partial evaluation does not read as a complete one
+    row["n_unjudged"] = n - row["n_total"]
+    row["judgment_note"] = (f"{row['n_unjudged']} of {n} instructions have no judgment (null preference) and are "
+                            f"not counted: the win rates are over {row['n_total']}") if row["n_unjudged"] else None
     if n > len(inputs.difficulty):
         raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
                          "must be AlpacaEval's instructions in their official order", file=file)
