@@ -302,3 +302,27 @@ def test_unjudged_instructions_are_said_and_none_judged_is_an_error(tmp_path):
         result = run_cli("eval", "score", "--offline", "--data-dir", AE, path, check=False)
         assert result.returncode == 2 and result.stderr.startswith("error:"), (n, result.stdout, result.stderr)
         assert "no judged instruction" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_raw_metrics_equal_the_official_get_winrate():
+    """win_rate_metrics against alpaca_eval 0.6.6's own get_winrate (not numbers copied from it): ties (1.5), the
+    legacy draw 0, nulls, values a hair off 1.5, single rows, and the six real files."""
+    winrate = pytest.importorskip("alpaca_eval.metrics.winrate")
+    rng = np.random.default_rng(0)
+    cases = [[1.0, 2.0, 0, 1.75, None], [1.5, 1.5, 1.5], [0, 0, 2], [1.4999999, 1.5000001, 1.5, np.nan], [2.0],
+             [np.nan, 1.2]]
+    for _ in range(50):
+        values = rng.choice([1.0, 2.0, 1.5, 0.0, np.nan], size=int(rng.integers(1, 40)))
+        soft = rng.random(len(values)) < 0.5
+        values[soft] = rng.uniform(1, 2, int(soft.sum()))
+        cases.append(list(values))
+    cases += [list(annotations(model)["preference"]) for model in MODELS]
+    for preferences in cases:
+        official = winrate.get_winrate(pd.DataFrame({"preference": preferences}))
+        ours = win_rate_metrics(preferences)
+        assert set(official) <= set(ours)
+        for key, value in official.items():
+            if np.isnan(float(value)):
+                assert np.isnan(ours[key]), (key, preferences)
+            else:
+                assert ours[key] == pytest.approx(float(value), abs=1e-9), (key, preferences)
