@@ -111,8 +111,10 @@ def test_bootstrap_draws_what_pandas_sample_draws():
     frame = pd.DataFrame({"y": battles.outcome})
     samples = [100 * ((frame.sample(frac=1.0, replace=True, random_state=state)["y"] + 1) / 2).mean()
                for _ in range(50)]
-    assert result.lower == pytest.approx(np.percentile(samples, 2.5), abs=1e-12)
-    assert result.upper == pytest.approx(np.percentile(samples, 97.5), abs=1e-12)
+    # the percentiles of the Elo ratings (linear in the logit of the win rate), as show_result.py takes them
+    logits = np.log(np.array(samples) / (100 - np.array(samples)))
+    assert result.lower == pytest.approx(100 / (1 + np.exp(-np.percentile(logits, 2.5))), abs=1e-9)
+    assert result.upper == pytest.approx(100 / (1 + np.exp(-np.percentile(logits, 97.5))), abs=1e-9)
 
 
 def test_no_verdict_gives_null_score():
@@ -218,9 +220,9 @@ def test_cli_scores_judgment_files_as_show_result(tmp_path):
             path.stem, "gpt-4-1106-preview", 150, 300)
         assert row["n_no_verdict"] == sum(g["score"] not in OUTCOME_LABELS for j in judgments for g in j["games"])
         assert row["score"] == pytest.approx(score, abs=1e-3)
-        # the interval: same draws; the percentile is interpolated on the Elo scale there, on the win rate here
-        assert row["rating_q025"] == pytest.approx(lower, abs=0.05)
-        assert row["rating_q975"] == pytest.approx(upper, abs=0.05)
+        # the interval: the same draws, the percentiles taken on the Elo scale as there
+        assert row["rating_q025"] == pytest.approx(lower, abs=1e-4)
+        assert row["rating_q975"] == pytest.approx(upper, abs=1e-4)
     assert rows[0]["score"] > 55 > 45 > rows[1]["score"]
     table = run_cli("eval", "arena-hard", "score", files[0][0]).stdout
     first = rows[0]
