@@ -326,3 +326,26 @@ def test_raw_metrics_equal_the_official_get_winrate():
                 assert np.isnan(ours[key]), (key, preferences)
             else:
                 assert ours[key] == pytest.approx(float(value), abs=1e-9), (key, preferences)
+
+
+def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
+    """The LC reads each instruction's difficulty by row position (as alpaca_eval does): a file missing an
+    instruction (a model that left one unanswered) or in another order would be fitted on other instructions'
+    difficulties. With the data folder's instructions at hand it gets no LC, and says why; its raw figures stand."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    missing, shuffled = tmp_path / "missing.json", tmp_path / "shuffled.json"
+    missing.write_text(json.dumps(records[:10] + records[11:]))
+    order = np.random.default_rng(0).permutation(len(records))
+    shuffled.write_text(json.dumps([records[i] for i in order]))
+    for path, where in ((missing, "row 11 is "), (shuffled, "row 1 is ")):
+        row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, "--name", "claude-2.1",
+                                 path).stdout)
+        assert row["length_controlled_winrate"] is None and row["lc_method"] is None, row["lc_method"]
+        assert row["lc_note"].startswith("no LC: the rows are not AlpacaEval's instructions in the official order")
+        assert where in row["lc_note"]
+        assert row["win_rate"] == pytest.approx(win_rate_metrics(pd.read_json(path)["preference"])["win_rate"])
+    # the first N instructions (perpair eval alpaca-eval --limit N) are in the official order
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(records[:40]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, first).stdout)
+    assert row["length_controlled_winrate"] is not None and row["lc_method"] == "fit_offline_approximation"

@@ -96,7 +96,21 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     if n > len(inputs.difficulty):
         raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
                          "must be AlpacaEval's instructions in their official order", file=file)
-    # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]).
+    # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
+    # be instruction k, or every figure of the LC reads another instruction's difficulty
+    misplaced = _misplaced_row(frame["instruction"].tolist(), inputs.instructions)
+    if misplaced is not None:
+        for key in ("length_controlled_winrate", "lc_standard_error"):
+            row[key] = math.nan
+        row.update({"lc_method": None, "lc_is_approximation": False, "lc_note": (
+            f"no LC: the rows are not AlpacaEval's instructions in the official order ({misplaced}); the "
+            "length-controlled GLM reads each instruction's difficulty by its row position, as alpaca_eval does, so "
+            "it would read other instructions' difficulties"),
+            "instruction_difficulty_source": inputs.difficulty_source, "lc_fit": None, "lc_published_weights": None,
+            "glm_preference": None})
+        if file:
+            row["file"] = file
+        return row
     difficulty = inputs.difficulty[:n]
     exact = inputs.exact
 
@@ -138,6 +152,23 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         row["file"] = file
     row["glm_preference"] = headline.glm_preference.tolist() if headline else None
     return row
+
+
+def _misplaced_row(instructions: list[str], official: list[str] | None) -> str | None:
+    """Where the annotations' instructions first differ from the official order (None when they do not, or when
+    the official order is not at hand)."""
+    if official is None:
+        return None
+    for k, (ours, theirs) in enumerate(zip(instructions, official, strict=False)):
+        if ours != theirs:
+            return f"row {k + 1} is {_clip(ours)!r}, instruction {k + 1} is {_clip(theirs)!r}"
+    if len(instructions) > len(official):
+        return f"{len(instructions)} rows, {len(official)} instructions"
+    return None
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width] + "…"
 
 
 def model_name(frame, path: str | Path) -> str:
