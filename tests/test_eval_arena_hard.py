@@ -240,3 +240,17 @@ def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
         result = run_cli("eval", "arena-hard", "score", bad, check=False)
         assert result.returncode == 2 and result.stderr.startswith("error:") and words in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_judgments_without_any_verdict_are_an_error_not_a_null_score(tmp_path):
+    """No game with one of the five labels: there is no score to report, so exit 2 (it was exit 0 with a null
+    score); one game with a verdict is enough for a score, and the others are counted in the note."""
+    path, rows = _judgment_file(tmp_path, "m", 4, n=6, weights=[0, 0, 0, 0, 0, 0.5, 0.5])  # None and A<B only
+    result = run_cli("eval", "arena-hard", "score", path, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error:"), (result.stdout, result.stderr)
+    assert "no verdict" in result.stderr and "12 games" in result.stderr and "Traceback" not in result.stderr
+    rows[0]["games"][0]["score"] = "A>B"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)
+    assert (row["score"], row["n_battles"], row["n_no_verdict"]) == (0.0, 1, 11)
+    assert row["note"].startswith("11 of 12 games without a verdict")

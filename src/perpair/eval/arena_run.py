@@ -9,8 +9,8 @@ Questions and baseline answers: the files given, else the Hub (``lmarena-ai/aren
 repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the copies in the data
 folder given (laid out as ``../shared/data/arena_hard/``); the row says which (``questions_source``,
 ``baseline_source``). A game whose
-judgment has no usable label after the one retry weighs 0; when no game has one, the score and interval are
-``null`` and ``note`` says why.
+judgment has no usable label after the one retry weighs 0 (``note`` counts them); when no game has one there is no
+score: an error, after the answers and judgments are written and cached.
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def run_arena_hard(config: ArenaHardConfig,
     battles = battles_from_games([(label, g[1]) for g, label in zip(games, labels, strict=True)],
                                  [style_features(by_qid[g[0]]) for g in games],
                                  [style_features(baseline[g[0]]) for g in games])
+    if len(battles) == 0:  # the judgments are written and cached: nothing done is lost
+        raise PerpairError(f"{_NO_VERDICT.format(n=len(games))}; the judgments are in {out / 'judgment.jsonl'}")
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
     row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
@@ -159,10 +161,11 @@ def run_arena_hard(config: ArenaHardConfig,
     return row
 
 
+_NO_VERDICT = ("no verdict: the judge gave none of the five [[...]] labels in any of the {n} games (after the one "
+               "retry), so there is no score")
+
+
 def _note(n_games: int, n_no_verdict: int) -> str:
-    if n_games and n_no_verdict == n_games:
-        return ("no verdict: the judge gave no [[...]] label in any game, even after the one retry; no score "
-                "(score and interval are null)")
     if n_no_verdict:
         return f"{n_no_verdict} of {n_games} games without a verdict (after one retry) weigh 0, as in show_result.py"
     return ""
@@ -230,7 +233,10 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
                          "arena-hard-auto keeps one file per model", file=str(path), field="model")
     name = models.pop() or path.name.split(".")[0]
-    score = arena_score(battles_from_games(games), n_rounds=n_rounds)
+    battles = battles_from_games(games)
+    if len(battles) == 0:
+        raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))
+    score = arena_score(battles, n_rounds=n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label, _ in games)
     return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": path.parent.name, **score.as_dict(),
             "n_questions": len(rows), "n_games": len(games), "n_no_verdict": n_no_verdict,
