@@ -254,3 +254,26 @@ def test_judgments_without_any_verdict_are_an_error_not_a_null_score(tmp_path):
     row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)
     assert (row["score"], row["n_battles"], row["n_no_verdict"]) == (0.0, 1, 11)
     assert row["note"].startswith("11 of 12 games without a verdict")
+
+
+def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path):
+    """A question row without turns[0].content used to stop the run with a KeyError traceback after the files were
+    read; a question given twice would be answered and judged twice, its battles counted twice."""
+    from perpair.errors import InputError
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    baseline = tmp_path / "b.jsonl"
+    baseline.write_text("".join(json.dumps({"question_id": q, "choices": [{"turns": [{"content": "ans"}]}]}) + "\n"
+                                for q in ("q1", "q2")))
+    good = {"question_id": "q1", "turns": [{"content": "Why?"}]}
+    for rows, field in (([good, {"question_id": "q2"}], "turns"),
+                        ([good, {"question_id": "q2", "turns": [{"content": 3}]}], "turns[0].content"),
+                        ([good, good], "question_id")):
+        questions = tmp_path / "q.jsonl"
+        questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"),
+                                           questions=questions, baseline_answers=baseline, offline=True)
+        with pytest.raises(InputError) as info:
+            arena_run.load_questions(config)
+        assert (info.value.row, info.value.field) == (2, field), str(info.value)

@@ -92,14 +92,30 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
         try:
-            baseline[row["question_id"]] = row["choices"][0]["turns"][0]["content"]
+            baseline[row["question_id"]] = content = row["choices"][0]["turns"][0]["content"]
         except (KeyError, IndexError, TypeError):
             raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
                              row=i + 1) from None
+        if not isinstance(content, str):
+            raise InputError(f"expected a string, got {type(content).__name__}", file=str(baseline_path), row=i + 1,
+                             field="choices[0].turns[0].content")
+    seen = set()
     for i, q in enumerate(questions):
+        try:
+            text = q["turns"][0]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise InputError("expected turns[0].content (the question)", file=str(questions_path), row=i + 1,
+                             field="turns") from None
+        if not isinstance(text, str):
+            raise InputError(f"expected a string, got {type(text).__name__}", file=str(questions_path), row=i + 1,
+                             field="turns[0].content")
         if q.get("question_id") not in baseline:
             raise InputError(f"no baseline answer for question {q.get('question_id')}", file=str(questions_path),
                              row=i + 1, field="question_id")
+        if q["question_id"] in seen:
+            raise InputError(f"question {q['question_id']} appears twice", file=str(questions_path), row=i + 1,
+                             field="question_id")
+        seen.add(q["question_id"])
     sources = {"questions_source": questions_from, "baseline_source": baseline_from}
     return (questions[:config.limit] if config.limit else questions), baseline, sources
 
