@@ -237,3 +237,29 @@ def test_a_chat_template_edited_in_place_is_generated_and_judged_again(tmp_path)
         tokenizer.save_pretrained(model)
         assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 2
     assert judge_identity(JudgeConfig(judge=model)) != before
+
+
+def test_alpaca_eval_results_record_the_settings_and_count_the_unjudged(tmp_path, monkeypatch, tiny_model_dir):
+    """results.json says what produced it (the API judge's model name, not only its URL; the generation settings;
+    the limit), and an instruction the judge gave no usable answer for is counted and said, not silently dropped."""
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):  # the first prompt without m or M among the tokens: no judgment
+            return [{"logprobs": {} if k == 0 else {"m": -1.0, "M": -0.5}} for k in range(len(prompts))]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    config = AlpacaEvalConfig(model=str(tiny_model_dir), output_dir=tmp_path / "ae", limit=3, offline=True,
+                              data_dir=AE, judge=JudgeConfig(judge="http://127.0.0.1:9/v1", model_name="judge-x"),
+                              generation=GenerationConfig(max_new_tokens=2, batch_size=3))
+    row = run_alpaca_eval(config)
+    saved = json.loads((tmp_path / "ae" / "results.json").read_text())[0]
+    for result in (row, saved):
+        assert (result["judge"], result["judge_name"], result["limit"]) == ("http://127.0.0.1:9/v1", "judge-x", 3)
+        assert result["generation"]["max_new_tokens"] == 2 and result["generation"]["temperature"] == 0.0
+        assert (result["n_total"], result["n_unjudged"]) == (2, 1)
+        assert result["judgment_note"].startswith("1 of 3 instructions have no judgment")

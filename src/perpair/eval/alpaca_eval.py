@@ -159,6 +159,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline)
     row.pop("glm_preference", None)
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
+                "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
+                "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
                 "reference": reference_source, "n_generated": n_generated, "n_judged": n_judged,
                 "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])

@@ -168,6 +168,8 @@ def run_arena_hard(config: ArenaHardConfig,
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
     row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
+           "judge_name": config.judge.model_name, "judge_max_tokens": config.judge_max_tokens,
+           "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
            "n_no_verdict": n_no_verdict, "n_retried": sum(bool(j.get("retried")) for j in judged),
            "note": _note(len(games), n_no_verdict), **sources,
