@@ -331,7 +331,8 @@ def test_raw_metrics_equal_the_official_get_winrate():
 def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
     """The LC reads each instruction's difficulty by row position (as alpaca_eval does): a file missing an
     instruction (a model that left one unanswered) or in another order would be fitted on other instructions'
-    difficulties. With the data folder's instructions at hand it gets no LC, and says why; its raw figures stand."""
+    difficulties, and another baseline's outputs against difficulties measured for gpt4_1106_preview's. With the
+    data folder's rows at hand such a file gets no LC, and says why; its raw figures stand."""
     records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
     missing, shuffled = tmp_path / "missing.json", tmp_path / "shuffled.json"
     missing.write_text(json.dumps(records[:10] + records[11:]))
@@ -344,6 +345,12 @@ def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
         assert row["lc_note"].startswith("no LC: the rows are not AlpacaEval's instructions in the official order")
         assert where in row["lc_note"]
         assert row["win_rate"] == pytest.approx(win_rate_metrics(pd.read_json(path)["preference"])["win_rate"])
+    # another baseline's outputs (a --reference of the same instructions from another model): no LC either
+    other = tmp_path / "other_baseline.json"
+    other.write_text(json.dumps([{**r, "output_1": r["output_1"] + " And more."} for r in records]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, other).stdout)
+    assert row["length_controlled_winrate"] is None and row["lc_method"] is None
+    assert row["lc_note"].startswith("no LC: row 1's output_1 is not the AlpacaEval 2.0 baseline's")
     # the first N instructions (perpair eval alpaca-eval --limit N) are in the official order
     first = tmp_path / "first.json"
     first.write_text(json.dumps(records[:40]))

@@ -98,14 +98,11 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
                          "must be AlpacaEval's instructions in their official order", file=file)
     # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
     # be instruction k, or every figure of the LC reads another instruction's difficulty
-    misplaced = _misplaced_row(frame["instruction"].tolist(), inputs.instructions)
-    if misplaced is not None:
+    mismatch = _not_official(frame, inputs)
+    if mismatch is not None:
         for key in ("length_controlled_winrate", "lc_standard_error"):
             row[key] = math.nan
-        row.update({"lc_method": None, "lc_is_approximation": False, "lc_note": (
-            f"no LC: the rows are not AlpacaEval's instructions in the official order ({misplaced}); the "
-            "length-controlled GLM reads each instruction's difficulty by its row position, as alpaca_eval does, so "
-            "it would read other instructions' difficulties"),
+        row.update({"lc_method": None, "lc_is_approximation": False, "lc_note": f"no LC: {mismatch}",
             "instruction_difficulty_source": inputs.difficulty_source, "lc_fit": None, "lc_published_weights": None,
             "glm_preference": None})
         if file:
@@ -154,16 +151,25 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     return row
 
 
-def _misplaced_row(instructions: list[str], official: list[str] | None) -> str | None:
-    """Where the annotations' instructions first differ from the official order (None when they do not, or when
-    the official order is not at hand)."""
-    if official is None:
+def _not_official(frame, inputs: sources.LCInputs) -> str | None:
+    """Why the annotations are not AlpacaEval 2.0's rows (the official instructions in order, the baseline's
+    outputs as ``output_1``), or None when they are, or when the official rows are not at hand."""
+    if inputs.instructions is None:
         return None
-    for k, (ours, theirs) in enumerate(zip(instructions, official, strict=False)):
+    instructions, baseline = frame["instruction"].tolist(), frame["output_1"].tolist()
+    for k, (ours, theirs) in enumerate(zip(instructions, inputs.instructions, strict=False)):
         if ours != theirs:
-            return f"row {k + 1} is {_clip(ours)!r}, instruction {k + 1} is {_clip(theirs)!r}"
-    if len(instructions) > len(official):
-        return f"{len(instructions)} rows, {len(official)} instructions"
+            return (f"the rows are not AlpacaEval's instructions in the official order (row {k + 1} is "
+                    f"{_clip(ours)!r}, instruction {k + 1} is {_clip(theirs)!r}); the length-controlled GLM reads "
+                    "each instruction's difficulty by its row position, as alpaca_eval does, so it would read other "
+                    "instructions' difficulties")
+    if len(instructions) > len(inputs.instructions):
+        return f"{len(instructions)} rows, and AlpacaEval has {len(inputs.instructions)} instructions"
+    for k, (ours, theirs) in enumerate(zip(baseline, inputs.baseline_outputs or [], strict=False)):
+        if ours != theirs:
+            return (f"row {k + 1}'s output_1 is not the AlpacaEval 2.0 baseline's ({BASELINE_NAME}) output to its "
+                    "instruction; the instruction difficulties, the gamed baselines' rows and the published weights "
+                    "are measured against that baseline")
     return None
 
 

@@ -253,6 +253,7 @@ class LCInputs:
     weights: pd.DataFrame | None  # published GLM weights by model
     leaderboard: pd.DataFrame | None  # the published leaderboard: is a file the one a model's weights were fit on?
     instructions: list[str] | None = None  # AlpacaEval's instructions in the official order (the data folder's copy)
+    baseline_outputs: list[str] | None = None  # and the AlpacaEval 2.0 baseline's outputs to them, in that order
 
     @property
     def exact(self) -> bool:
@@ -289,7 +290,9 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
     # the difficulties are by position in the official order: with the data folder's copy of the instructions, a
     # file in another order, or missing some, is told apart from one whose row k is instruction k
     reference_path = data_file(None, data_dir, LOCAL_REFERENCE)
+    reference = read_outputs(reference_path) if reference_path else None
     return LCInputs(values, source, source.startswith("hub:"), gamed,
                     load_glm_weights(weights_path) if weights_path else None,
                     load_leaderboard(board_path) if board_path else None,
-                    read_outputs(reference_path)["instruction"].tolist() if reference_path else None)
+                    *((reference["instruction"].tolist(), reference["output"].tolist()) if reference is not None
+                      else (None, None)))
