@@ -263,3 +263,30 @@ def test_alpaca_eval_results_record_the_settings_and_count_the_unjudged(tmp_path
         assert result["generation"]["max_new_tokens"] == 2 and result["generation"]["temperature"] == 0.0
         assert (result["n_total"], result["n_unjudged"]) == (2, 1)
         assert result["judgment_note"].startswith("1 of 3 instructions have no judgment")
+
+
+def test_a_run_that_stops_leaves_no_earlier_results_beside_its_files(tmp_path, monkeypatch, tiny_model_dir):
+    """A results.json of an earlier run in the output folder is removed before the new run rewrites the folder's
+    files: if the new one stops (here: no judgment at all), perpair eval report cannot show the old numbers with
+    the new run's answers."""
+    from perpair.errors import PerpairError
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):
+            return [{"logprobs": {}} for _ in prompts]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    out = tmp_path / "ae"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "earlier", "win_rate": 50}]))
+    config = AlpacaEvalConfig(model=str(tiny_model_dir), output_dir=out, limit=2, offline=True, data_dir=AE,
+                              judge=JudgeConfig(judge="http://127.0.0.1:9/v1", model_name="judge-x"),
+                              generation=GenerationConfig(max_new_tokens=2, batch_size=2))
+    with pytest.raises(PerpairError, match="no judged instruction"):
+        run_alpaca_eval(config)
+    assert (out / "model_outputs.json").is_file() and not (out / "results.json").exists()

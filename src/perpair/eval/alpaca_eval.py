@@ -143,6 +143,9 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     instructions = reference["instruction"].tolist()
     progress = on_progress or (lambda stage, done, total: None)
 
+    # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
+    # one stops before its own (perpair eval report would show its numbers with this run's answers)
+    (out / "results.json").unlink(missing_ok=True)
     with ResultCache(out / "cache.sqlite") as cache:
         outputs, n_generated = generate_answers(model_path, config.generation, instructions, cache,
                                                 lambda done, total: progress("generating", done, total))

@@ -131,6 +131,9 @@ def run_arena_hard(config: ArenaHardConfig,
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = [q["turns"][0]["content"] for q in questions]
+    # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
+    # one stops before its own (perpair eval report would show its numbers with this run's answers)
+    (out / "results.json").unlink(missing_ok=True)
     with ResultCache(out / "cache.sqlite") as cache:
         answers, n_generated = generate_answers(model_path, config.generation, texts, cache,
                                                 lambda d, t: progress("generating", d, t))
