@@ -22,7 +22,7 @@ from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig
-from perpair.pipeline.report import comparison_rows, write_run_report
+from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
 from perpair.pipeline.workers import Workers, available_cores
 
@@ -47,6 +47,7 @@ class RunResult:
     report: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the table's evaluation figures do not say
 
 
 def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -> RunResult:
@@ -83,7 +84,7 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
 
     rows = comparison_rows(config, trained, evaluated)
     report = write_run_report(job.workdir, config, rows, trained, evaluated)
-    return RunResult(job.workdir, rows, report, job.ran, job.skipped)
+    return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
 
 
 def validate(config: RunConfig) -> Settings:
@@ -506,4 +507,4 @@ def _alpaca_eval(config, *, log: Log) -> dict[str, Any]:
 
     row = run_alpaca_eval(config)
     return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
-                                    "n_total", "avg_length", "lc_method")}
+                                    "n_total", "avg_length", "lc_method", "n_unjudged", "lc_note")}
