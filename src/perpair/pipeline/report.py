@@ -69,15 +69,17 @@ def _eval_cells(results: dict[str, Any]) -> dict[str, Any]:
 def evaluation_notes(evaluated: dict[str, dict[str, Any]]) -> list[str]:
     """What the table's AlpacaEval figures do not say: instructions left without a judgment, and an LC that is not
     the official one (the offline approximation) or not given, with the reason."""
-    notes = []
+    notes: dict[str, list[str]] = {}  # one line per note, naming the arms it is about
     for arm, results in evaluated.items():
         alpaca = results.get("alpaca_eval") or {}
         if alpaca.get("n_unjudged"):
-            notes.append(f"{arm}: AlpacaEval: {alpaca['n_unjudged']} of {alpaca['n_unjudged'] + alpaca['n_total']} "
-                         "instructions have no judgment and are not counted")
+            notes.setdefault(f"AlpacaEval: {alpaca['n_unjudged']} of {alpaca['n_unjudged'] + alpaca['n_total']} "
+                             "instructions have no judgment and are not counted", []).append(arm)
         if alpaca.get("lc_note") and alpaca.get("lc_method") != "published_weights":
-            notes.append(f"{arm}: AlpacaEval LC: {alpaca['lc_note']}")
-    return notes
+            # the reason the published weights were not used names the arm: the same note for every arm
+            note = alpaca["lc_note"].split(". Published weights not used:")[0]
+            notes.setdefault(f"AlpacaEval LC: {note}", []).append(arm)
+    return [f"{', '.join(arms)}: {note}" for note, arms in notes.items()]
 
 
 def _cell(value: Any) -> str:
