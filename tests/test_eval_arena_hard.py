@@ -277,3 +277,22 @@ def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path)
         with pytest.raises(InputError) as info:
             arena_run.load_questions(config)
         assert (info.value.row, info.value.field) == (2, field), str(info.value)
+
+
+def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monkeypatch, tiny_model_dir):
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    monkeypatch.setattr(arena_run, "generate_answers",
+                        lambda path, generation, texts, cache, progress: (["## An answer\n- " + "x" * k
+                                                                           for k in range(len(texts))], 0))
+    monkeypatch.setattr(arena_run, "_judge_games", lambda config, conversations, cache, progress: (
+        [{"judgment": "[[B>A]]" if k % 3 else "[[A>B]]", "retried": False} for k in range(len(conversations))], 0))
+    rows = {}
+    for style in (False, True):
+        config = arena_run.ArenaHardConfig(model=str(tiny_model_dir), output_dir=tmp_path / str(style), limit=12,
+                                           judge=JudgeConfig(judge="smollm2"), offline=True, style_control=style,
+                                           data_dir=SHARED_DATA / "arena_hard", n_rounds=5)
+        rows[style] = arena_run.run_arena_hard(config)
+    assert rows[False]["note"] == "" and rows[True]["style_control"]
+    assert "perpair's own variant" in rows[True]["note"] and "not arena-hard-auto's" in rows[True]["note"]

@@ -175,13 +175,17 @@ def run_arena_hard(config: ArenaHardConfig,
            "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
            "n_no_verdict": n_no_verdict, "n_retried": sum(bool(j.get("retried")) for j in judged),
-           "note": _note(len(games), n_no_verdict), **sources,
+           "note": " ".join(filter(None, [_note(len(games), n_no_verdict),
+                                          STYLE_NOTE if config.style_control else ""])), **sources,
            "avg_length": int(sum(len(a) for a in answers) / max(len(answers), 1)),
            "n_generated": n_generated, "n_judged": n_judged, "output_dir": str(out)}
     write_json_records(out / "results.json", [row])
     return row
 
 
+STYLE_NOTE = ("Style control is perpair's own variant (answer length in characters and markdown counts, normalised "
+              "differences not centred), not arena-hard-auto's style-controlled score: compare it with other perpair "
+              "runs only.")
 _NO_VERDICT = ("no verdict: the judge gave none of the five [[...]] labels in any of the {n} games (after the one "
                "retry), so there is no score")
 
