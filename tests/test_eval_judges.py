@@ -290,3 +290,26 @@ def test_a_run_that_stops_leaves_no_earlier_results_beside_its_files(tmp_path, m
     with pytest.raises(PerpairError, match="no judged instruction"):
         run_alpaca_eval(config)
     assert (out / "model_outputs.json").is_file() and not (out / "results.json").exists()
+
+
+def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one():
+    """A server that returns the sampled token's log-probability but no top_logprobs: P(m) and P(M) are unknown.
+    Reading the sampled token alone made a temperature-1 sample a preference of exactly 1 or 2."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from perpair.eval.judges import ApiLogprobJudge
+
+    class Client:
+        def __init__(self, entry):
+            self.entry = entry
+
+        async def chat(self, messages, **options):
+            return SimpleNamespace(logprobs=[self.entry], response={"choices": [{"text": "m"}]})
+
+    judge = ApiLogprobJudge(SimpleNamespace(model="x"))
+    alone = asyncio.run(judge._one(Client({"token": "m", "logprob": -0.7}), []))
+    assert alone["logprobs"] == {} and math.isnan(judged_preference(alone["logprobs"], switched=False))
+    top = [{"token": "M", "logprob": math.log(0.6)}, {"token": "m", "logprob": math.log(0.4)}]
+    full = asyncio.run(judge._one(Client({"token": "m", "logprob": math.log(0.4), "top_logprobs": top}), []))
+    assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)
