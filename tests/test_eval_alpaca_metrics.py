@@ -356,3 +356,15 @@ def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
     first.write_text(json.dumps(records[:40]))
     row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, first).stdout)
     assert row["length_controlled_winrate"] is not None and row["lc_method"] == "fit_offline_approximation"
+
+
+def test_too_few_judged_rows_for_the_fit_give_no_lc_not_an_error(tmp_path):
+    """6 rows of which 2 unjudged: the raw figures over 4, and no LC (said), where the fit used to be tried on the
+    4 judged rows and stop the whole evaluation (exit 2, after every answer was generated and judged)."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))[:6]
+    records[0]["preference"] = records[1]["preference"] = None
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps(records))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["n_unjudged"], row["length_controlled_winrate"]) == (4, 2, None)
+    assert row["lc_note"].startswith("no LC: fewer than 5 judged instructions")

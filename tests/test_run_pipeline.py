@@ -505,7 +505,7 @@ def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny
     assert evaluations <= set(first.ran)
     assert evaluations <= set(_run(config)[0].skipped)
     # the table's AlpacaEval LC cell is empty: the notes say why (2 instructions are too few for the fit)
-    assert len(first.notes) == 1 and first.notes[0].startswith("dpo, base: AlpacaEval LC: no LC: fewer than 5")
+    assert len(first.notes) == 1 and first.notes[0].startswith("dpo, base: AlpacaEval LC: no LC: fewer than 5 judged")
     assert first.notes[0] in (tmp_path / "work" / "report" / "comparison.md").read_text()
 
     rewrite_weights(judge)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
-from perpair.eval.lc import LCResult, fit_length_controlled, predict_from_weights, std_delta_len
+from perpair.eval.lc import N_SPLITS, LCResult, fit_length_controlled, predict_from_weights, std_delta_len
 from perpair.eval.metrics import average_length, win_rate_metrics
 
 OFFLINE_NOTE = ("approximation: offline, the GLM is fitted without the two gamed baselines' rows (df_gamed.csv is "
@@ -112,7 +112,8 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     exact = inputs.exact
 
     fitted = published = None
-    if fit and n >= 5:
+    # the fit's 5-fold cross-validation needs 5 judged rows (the gamed baselines' rows count, as they are fitted too)
+    if fit and row["n_total"] + (len(inputs.gamed) if inputs.gamed is not None else 0) >= N_SPLITS:
         fitted = fit_length_controlled(frame["preference"].to_numpy(float),
                                        std_delta_len(frame["output_1"].tolist(), frame["output_2"].tolist()),
                                        difficulty, inputs.gamed)
@@ -134,7 +135,7 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         note = f"{OFFLINE_NOTE}. Published weights not used: {not_published}"
     else:
         headline, method = None, None
-        note = f"no LC: fewer than 5 annotations and no published weights ({not_published})"
+        note = f"no LC: fewer than {N_SPLITS} judged instructions and no published weights ({not_published})"
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
