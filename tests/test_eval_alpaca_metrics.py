@@ -368,3 +368,26 @@ def test_too_few_judged_rows_for_the_fit_give_no_lc_not_an_error(tmp_path):
     row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path).stdout)
     assert (row["n_total"], row["n_unjudged"], row["length_controlled_winrate"]) == (4, 2, None)
     assert row["lc_note"].startswith("no LC: fewer than 5 judged instructions")
+
+
+def test_score_annotations_online_equals_the_official_lc(tmp_path, monkeypatch):
+    """The whole scoring path (file read, length feature, difficulties from df_gamed.csv, fit) against alpaca_eval's
+    get_length_controlled_winrate on the same file and the same df_gamed.csv, unjudged rows included."""
+    import huggingface_hub
+
+    gamed_csv = tmp_path / "df_gamed.csv"
+    _gamed_frame(["alpaca-7b", "gemma-7b-it"]).to_csv(gamed_csv, index=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: str(gamed_csv))
+    records = json.load(gzip.open(AE / "annotations" / "gpt-3.5-turbo-1106.json.gz"))
+    for i in (0, 7, 300):
+        records[i]["preference"] = None
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    ours = score_annotations(path, ScoreOptions(offline=False))
+    official, glm_pref, _ = _official(read_annotations(path), gamed_csv, True)
+    assert ours["lc_method"] == "fit" and ours["n_unjudged"] == 3
+    assert ours["length_controlled_winrate"] == pytest.approx(official["length_controlled_winrate"], abs=1e-6)
+    assert ours["lc_standard_error"] == pytest.approx(official["lc_standard_error"], abs=1e-6)
+    np.testing.assert_allclose(ours["glm_preference"], glm_pref, atol=1e-6)
+    for key in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate"):
+        assert ours[key] == pytest.approx(float(official[key]), abs=1e-9), key
