@@ -276,3 +276,118 @@ def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monke
     assert published["instruction_difficulty_source"] == "hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv"
     assert published["length_controlled_winrate"] == pytest.approx(
         LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)
+
+
+def test_unjudged_instructions_are_said_and_none_judged_is_an_error(tmp_path):
+    """A null preference (the judge gave no usable answer) is left out of every figure, as alpaca_eval does; the
+    row says how many and the table says so. A file where no instruction is judged has no win rate: exit 2."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    for i in (3, 50, 400):
+        records[i]["preference"] = None
+    path = tmp_path / "partial.json"
+    path.write_text(json.dumps(records))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["n_unjudged"]) == (802, 3)
+    assert row["judgment_note"].startswith("3 of 805 instructions have no judgment")
+    assert "3 of 805 instructions have no judgment" in run_cli("eval", "score", "--offline", "--no-fit",
+                                                               "--data-dir", AE, path).stdout
+    whole = score_annotations(AE / "annotations" / "claude-2.1.json.gz", ScoreOptions(offline=True, data_dir=AE,
+                                                                                        fit=False))
+    assert (whole["n_unjudged"], whole["judgment_note"]) == (0, None)
+
+    for n in (3, 805):  # 3: too few for the LC fit, which used to be skipped and the null win rate printed, exit 0
+        for record in records[:n]:
+            record["preference"] = None
+        path.write_text(json.dumps(records[:n]))
+        result = run_cli("eval", "score", "--offline", "--data-dir", AE, path, check=False)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), (n, result.stdout, result.stderr)
+        assert "no judged instruction" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_raw_metrics_equal_the_official_get_winrate():
+    """win_rate_metrics against alpaca_eval 0.6.6's own get_winrate (not numbers copied from it): ties (1.5), the
+    legacy draw 0, nulls, values a hair off 1.5, single rows, and the six real files."""
+    winrate = pytest.importorskip("alpaca_eval.metrics.winrate")
+    rng = np.random.default_rng(0)
+    cases = [[1.0, 2.0, 0, 1.75, None], [1.5, 1.5, 1.5], [0, 0, 2], [1.4999999, 1.5000001, 1.5, np.nan], [2.0],
+             [np.nan, 1.2]]
+    for _ in range(50):
+        values = rng.choice([1.0, 2.0, 1.5, 0.0, np.nan], size=int(rng.integers(1, 40)))
+        soft = rng.random(len(values)) < 0.5
+        values[soft] = rng.uniform(1, 2, int(soft.sum()))
+        cases.append(list(values))
+    cases += [list(annotations(model)["preference"]) for model in MODELS]
+    for preferences in cases:
+        official = winrate.get_winrate(pd.DataFrame({"preference": preferences}))
+        ours = win_rate_metrics(preferences)
+        assert set(official) <= set(ours)
+        for key, value in official.items():
+            if np.isnan(float(value)):
+                assert np.isnan(ours[key]), (key, preferences)
+            else:
+                assert ours[key] == pytest.approx(float(value), abs=1e-9), (key, preferences)
+
+
+def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
+    """The LC reads each instruction's difficulty by row position (as alpaca_eval does): a file missing an
+    instruction (a model that left one unanswered) or in another order would be fitted on other instructions'
+    difficulties, and another baseline's outputs against difficulties measured for gpt4_1106_preview's. With the
+    data folder's rows at hand such a file gets no LC, and says why; its raw figures stand."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    missing, shuffled = tmp_path / "missing.json", tmp_path / "shuffled.json"
+    missing.write_text(json.dumps(records[:10] + records[11:]))
+    order = np.random.default_rng(0).permutation(len(records))
+    shuffled.write_text(json.dumps([records[i] for i in order]))
+    for path, where in ((missing, "row 11 is "), (shuffled, "row 1 is ")):
+        row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, "--name", "claude-2.1",
+                                 path).stdout)
+        assert row["length_controlled_winrate"] is None and row["lc_method"] is None, row["lc_method"]
+        assert row["lc_note"].startswith("no LC: the rows are not AlpacaEval's instructions in the official order")
+        assert where in row["lc_note"]
+        assert row["win_rate"] == pytest.approx(win_rate_metrics(pd.read_json(path)["preference"])["win_rate"])
+    # another baseline's outputs (a --reference of the same instructions from another model): no LC either
+    other = tmp_path / "other_baseline.json"
+    other.write_text(json.dumps([{**r, "output_1": r["output_1"] + " And more."} for r in records]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, other).stdout)
+    assert row["length_controlled_winrate"] is None and row["lc_method"] is None
+    assert row["lc_note"].startswith("no LC: row 1's output_1 is not the AlpacaEval 2.0 baseline's")
+    # the first N instructions (perpair eval alpaca-eval --limit N) are in the official order
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(records[:40]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, first).stdout)
+    assert row["length_controlled_winrate"] is not None and row["lc_method"] == "fit_offline_approximation"
+
+
+def test_too_few_judged_rows_for_the_fit_give_no_lc_not_an_error(tmp_path):
+    """6 rows of which 2 unjudged: the raw figures over 4, and no LC (said), where the fit used to be tried on the
+    4 judged rows and stop the whole evaluation (exit 2, after every answer was generated and judged)."""
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))[:6]
+    records[0]["preference"] = records[1]["preference"] = None
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps(records))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["n_unjudged"], row["length_controlled_winrate"]) == (4, 2, None)
+    assert row["lc_note"].startswith("no LC: fewer than 5 judged instructions")
+
+
+def test_score_annotations_online_equals_the_official_lc(tmp_path, monkeypatch):
+    """The whole scoring path (file read, length feature, difficulties from df_gamed.csv, fit) against alpaca_eval's
+    get_length_controlled_winrate on the same file and the same df_gamed.csv, unjudged rows included."""
+    import huggingface_hub
+
+    gamed_csv = tmp_path / "df_gamed.csv"
+    _gamed_frame(["alpaca-7b", "gemma-7b-it"]).to_csv(gamed_csv, index=False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: str(gamed_csv))
+    records = json.load(gzip.open(AE / "annotations" / "gpt-3.5-turbo-1106.json.gz"))
+    for i in (0, 7, 300):
+        records[i]["preference"] = None
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    ours = score_annotations(path, ScoreOptions(offline=False))
+    official, glm_pref, _ = _official(read_annotations(path), gamed_csv, True)
+    assert ours["lc_method"] == "fit" and ours["n_unjudged"] == 3
+    assert ours["length_controlled_winrate"] == pytest.approx(official["length_controlled_winrate"], abs=1e-6)
+    assert ours["lc_standard_error"] == pytest.approx(official["lc_standard_error"], abs=1e-6)
+    np.testing.assert_allclose(ours["glm_preference"], glm_pref, atol=1e-6)
+    for key in ("win_rate", "standard_error", "n_wins", "n_wins_base", "n_draws", "n_total", "discrete_win_rate"):
+        assert ours[key] == pytest.approx(float(official[key]), abs=1e-9), key

@@ -1,7 +1,7 @@
 """Arena-Hard-Auto v0.1 end to end through the real CLI, offline: SmolLM2-135M-Instruct answers 3 questions and
-judges them locally (too small to give ``[[...]]`` verdicts: the one-retry-then-no-verdict path), a second run
-repeats nothing; then a stub OpenAI-compatible judge gives verdicts only after the retry, so the score and its
-interval are known by hand."""
+judges them locally (too small to give ``[[...]]`` verdicts: the one-retry-then-no-verdict path, no score and
+exit 2 with every judgment kept), a second run repeats nothing; then a stub OpenAI-compatible judge gives
+verdicts only after the retry, so the score and its interval are known by hand."""
 
 from __future__ import annotations
 
@@ -79,34 +79,46 @@ class _StubJudge(BaseHTTPRequestHandler):
         pass
 
 
-def _run(out, q_path, b_path, *judge):
-    return json.loads(run_cli("eval", "arena-hard", "run", "--model", "smollm2", *judge, "--questions", q_path,
-                              "--baseline-answers", b_path, "--limit", N, "--max-new-tokens", 16, "--batch-size", N,
-                              "--judge-batch-size", 2 * N, "--judge-max-tokens", 8, "--offline", "--json",
-                              "-o", out).stdout)
+def _run(out, q_path, b_path, *judge, check: bool = True):
+    result = run_cli("eval", "arena-hard", "run", "--model", "smollm2", *judge, "--questions", q_path,
+                     "--baseline-answers", b_path, "--limit", N, "--max-new-tokens", 16, "--batch-size", N,
+                     "--judge-batch-size", 2 * N, "--judge-max-tokens", 8, "--offline", "--json", "-o", out,
+                     check=check)
+    return json.loads(result.stdout) if check else result
+
+
+def _cached(out) -> dict[str, int]:
+    import sqlite3
+
+    with sqlite3.connect(out / "cache.sqlite") as db:
+        return dict(db.execute("SELECT kind, COUNT(*) FROM results GROUP BY kind").fetchall())
 
 
 def test_local_judge_cached_then_api_judge(short_questions, tmp_path):
     q_path, b_path, baseline_answers = short_questions
     out = tmp_path / "arena"
-    first = _run(out, q_path, b_path, "--judge", "smollm2")
-    assert (first["n_questions"], first["n_games"], first["n_generated"], first["n_judged"]) == (N, 2 * N, N, 2 * N)
+    result = _run(out, q_path, b_path, "--judge", "smollm2", check=False)
     answers = [json.loads(line) for line in (out / "model_answer.jsonl").read_text().splitlines()]
     assert len(answers) == N and all(a["choices"][0]["turns"][0]["content"] for a in answers)
     judgments = [json.loads(line) for line in (out / "judgment.jsonl").read_text().splitlines()]
     games = [g for j in judgments for g in j["games"]]
     assert len(games) == 2 * N and [g["model_is_a"] for g in games] == [False, True] * N
     # a game without a label was asked once more (gen_judgment.py), and a label-less retry counts as no verdict
-    assert first["n_retried"] == sum(g["retried"] for g in games)
     assert all(g["retried"] for g in games if g["score"] is None)
-    if first["n_battles"] == 0:  # what a 135M judge with 8 tokens gives: a labelled verdict-less result
-        assert first["n_no_verdict"] == 2 * N == first["n_retried"]
-        assert first["score"] is None and first["rating_q025"] is None and first["rating_q975"] is None
-        assert first["note"].startswith("no verdict")
-    else:
-        assert 0 <= first["rating_q025"] <= first["score"] <= first["rating_q975"] <= 100
+    assert _cached(out) == {"generation": N, "arena_judgment": 2 * N}
+    if result.returncode:  # what a 135M judge with 8 tokens gives: no verdict at all, so no score (exit 2)
+        error = result.stderr.splitlines()[-1]
+        assert result.returncode == 2 and error.startswith("error: no verdict"), result.stderr
+        assert all(g["score"] is None for g in games) and not (out / "results.json").exists()
+        again = _run(out, q_path, b_path, "--judge", "smollm2", check=False)
+        assert again.returncode == 2 and again.stderr.splitlines()[-1] == error
+        assert _cached(out) == {"generation": N, "arena_judgment": 2 * N}  # nothing asked again
+        return
+    first = json.loads(result.stdout)
+    assert (first["n_questions"], first["n_games"], first["n_generated"], first["n_judged"]) == (N, 2 * N, N, 2 * N)
+    assert first["n_retried"] == sum(g["retried"] for g in games)
+    assert 0 <= first["rating_q025"] <= first["score"] <= first["rating_q975"] <= 100
     assert json.loads((out / "results.json").read_text())[0]["score"] == first["score"]
-
     again = _run(out, q_path, b_path, "--judge", "smollm2")
     assert (again["n_generated"], again["n_judged"]) == (0, 0)
     assert {k: again[k] for k in ("score", "rating_q025", "rating_q975", "n_no_verdict")} == \

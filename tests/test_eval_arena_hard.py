@@ -111,8 +111,10 @@ def test_bootstrap_draws_what_pandas_sample_draws():
     frame = pd.DataFrame({"y": battles.outcome})
     samples = [100 * ((frame.sample(frac=1.0, replace=True, random_state=state)["y"] + 1) / 2).mean()
                for _ in range(50)]
-    assert result.lower == pytest.approx(np.percentile(samples, 2.5), abs=1e-12)
-    assert result.upper == pytest.approx(np.percentile(samples, 97.5), abs=1e-12)
+    # the percentiles of the Elo ratings (linear in the logit of the win rate), as show_result.py takes them
+    logits = np.log(np.array(samples) / (100 - np.array(samples)))
+    assert result.lower == pytest.approx(100 / (1 + np.exp(-np.percentile(logits, 2.5))), abs=1e-9)
+    assert result.upper == pytest.approx(100 / (1 + np.exp(-np.percentile(logits, 97.5))), abs=1e-9)
 
 
 def test_no_verdict_gives_null_score():
@@ -218,9 +220,9 @@ def test_cli_scores_judgment_files_as_show_result(tmp_path):
             path.stem, "gpt-4-1106-preview", 150, 300)
         assert row["n_no_verdict"] == sum(g["score"] not in OUTCOME_LABELS for j in judgments for g in j["games"])
         assert row["score"] == pytest.approx(score, abs=1e-3)
-        # the interval: same draws; the percentile is interpolated on the Elo scale there, on the win rate here
-        assert row["rating_q025"] == pytest.approx(lower, abs=0.05)
-        assert row["rating_q975"] == pytest.approx(upper, abs=0.05)
+        # the interval: the same draws, the percentiles taken on the Elo scale as there
+        assert row["rating_q025"] == pytest.approx(lower, abs=1e-4)
+        assert row["rating_q975"] == pytest.approx(upper, abs=1e-4)
     assert rows[0]["score"] > 55 > 45 > rows[1]["score"]
     table = run_cli("eval", "arena-hard", "score", files[0][0]).stdout
     first = rows[0]
@@ -238,3 +240,59 @@ def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
         result = run_cli("eval", "arena-hard", "score", bad, check=False)
         assert result.returncode == 2 and result.stderr.startswith("error:") and words in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_judgments_without_any_verdict_are_an_error_not_a_null_score(tmp_path):
+    """No game with one of the five labels: there is no score to report, so exit 2 (it was exit 0 with a null
+    score); one game with a verdict is enough for a score, and the others are counted in the note."""
+    path, rows = _judgment_file(tmp_path, "m", 4, n=6, weights=[0, 0, 0, 0, 0, 0.5, 0.5])  # None and A<B only
+    result = run_cli("eval", "arena-hard", "score", path, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error:"), (result.stdout, result.stderr)
+    assert "no verdict" in result.stderr and "12 games" in result.stderr and "Traceback" not in result.stderr
+    rows[0]["games"][0]["score"] = "A>B"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)
+    assert (row["score"], row["n_battles"], row["n_no_verdict"]) == (0.0, 1, 11)
+    assert row["note"].startswith("11 of 12 games without a verdict")
+
+
+def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path):
+    """A question row without turns[0].content used to stop the run with a KeyError traceback after the files were
+    read; a question given twice would be answered and judged twice, its battles counted twice."""
+    from perpair.errors import InputError
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    baseline = tmp_path / "b.jsonl"
+    baseline.write_text("".join(json.dumps({"question_id": q, "choices": [{"turns": [{"content": "ans"}]}]}) + "\n"
+                                for q in ("q1", "q2")))
+    good = {"question_id": "q1", "turns": [{"content": "Why?"}]}
+    for rows, field in (([good, {"question_id": "q2"}], "turns"),
+                        ([good, {"question_id": "q2", "turns": [{"content": 3}]}], "turns[0].content"),
+                        ([good, good], "question_id")):
+        questions = tmp_path / "q.jsonl"
+        questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"),
+                                           questions=questions, baseline_answers=baseline, offline=True)
+        with pytest.raises(InputError) as info:
+            arena_run.load_questions(config)
+        assert (info.value.row, info.value.field) == (2, field), str(info.value)
+
+
+def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monkeypatch, tiny_model_dir):
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    monkeypatch.setattr(arena_run, "generate_answers",
+                        lambda path, generation, texts, cache, progress: (["## An answer\n- " + "x" * k
+                                                                           for k in range(len(texts))], 0))
+    monkeypatch.setattr(arena_run, "_judge_games", lambda config, conversations, cache, progress: (
+        [{"judgment": "[[B>A]]" if k % 3 else "[[A>B]]", "retried": False} for k in range(len(conversations))], 0))
+    rows = {}
+    for style in (False, True):
+        config = arena_run.ArenaHardConfig(model=str(tiny_model_dir), output_dir=tmp_path / str(style), limit=12,
+                                           judge=JudgeConfig(judge="smollm2"), offline=True, style_control=style,
+                                           data_dir=SHARED_DATA / "arena_hard", n_rounds=5)
+        rows[style] = arena_run.run_arena_hard(config)
+    assert rows[False]["note"] == "" and rows[True]["style_control"]
+    assert "perpair's own variant" in rows[True]["note"] and "not arena-hard-auto's" in rows[True]["note"]

@@ -76,7 +76,7 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
 
     from conftest import save_tiny_llama
     from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, load_judge
-    from perpair.eval.generate import GenerationConfig, generation_identity
+    from perpair.eval.generate import GenerationConfig, generation_identity, tokenizer_identity
     from perpair.models import model_fingerprint
 
     model = str(save_tiny_llama(tmp_path / "judge", layers=1))
@@ -90,8 +90,10 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
     difference = max(abs(a - b) for x, y in zip(judged["auto"], judged["bfloat16"], strict=True)
                      for a, b in zip(x, y, strict=True))
     assert 0 < difference < 0.1
-    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model)]
-    assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16"]
+    tokenizer = {"tokenizer": tokenizer_identity(model)}
+    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model), tokenizer]
+    assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16",
+                                                                          tokenizer]
     plain = generation_identity("f", GenerationConfig(max_new_tokens=8))
     assert "dtype" not in plain["settings"]
     assert generation_identity("f", GenerationConfig(max_new_tokens=8, dtype="bfloat16")) != plain
@@ -212,3 +214,102 @@ def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output
             assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
             assert says in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_a_chat_template_edited_in_place_is_generated_and_judged_again(tmp_path):
+    """The weights' fingerprint does not cover the tokenizer: an evaluated model or a judge whose chat template
+    is edited in place (the same weights) shows other prompts, so its cached answers and judgments are not reused."""
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_identity
+    from perpair.eval.cache import ResultCache
+    from perpair.eval.generate import GenerationConfig, generate_answers
+
+    model = str(save_tiny_llama(tmp_path / "model", layers=1))
+    config = GenerationConfig(max_new_tokens=2, batch_size=2)
+    before = judge_identity(JudgeConfig(judge=model))
+    with ResultCache(tmp_path / "cache.sqlite") as cache:
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 2
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 0  # cached
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}### Answer:"
+        tokenizer.save_pretrained(model)
+        assert generate_answers(model, config, ["Hi.", "Name a colour."], cache)[1] == 2
+    assert judge_identity(JudgeConfig(judge=model)) != before
+
+
+def test_alpaca_eval_results_record_the_settings_and_count_the_unjudged(tmp_path, monkeypatch, tiny_model_dir):
+    """results.json says what produced it (the API judge's model name, not only its URL; the generation settings;
+    the limit), and an instruction the judge gave no usable answer for is counted and said, not silently dropped."""
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):  # the first prompt without m or M among the tokens: no judgment
+            return [{"logprobs": {} if k == 0 else {"m": -1.0, "M": -0.5}} for k in range(len(prompts))]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    config = AlpacaEvalConfig(model=str(tiny_model_dir), output_dir=tmp_path / "ae", limit=3, offline=True,
+                              data_dir=AE, judge=JudgeConfig(judge="http://127.0.0.1:9/v1", model_name="judge-x"),
+                              generation=GenerationConfig(max_new_tokens=2, batch_size=3))
+    row = run_alpaca_eval(config)
+    saved = json.loads((tmp_path / "ae" / "results.json").read_text())[0]
+    for result in (row, saved):
+        assert (result["judge"], result["judge_name"], result["limit"]) == ("http://127.0.0.1:9/v1", "judge-x", 3)
+        assert result["generation"]["max_new_tokens"] == 2 and result["generation"]["temperature"] == 0.0
+        assert (result["n_total"], result["n_unjudged"]) == (2, 1)
+        assert result["judgment_note"].startswith("1 of 3 instructions have no judgment")
+
+
+def test_a_run_that_stops_leaves_no_earlier_results_beside_its_files(tmp_path, monkeypatch, tiny_model_dir):
+    """A results.json of an earlier run in the output folder is removed before the new run rewrites the folder's
+    files: if the new one stops (here: no judgment at all), perpair eval report cannot show the old numbers with
+    the new run's answers."""
+    from perpair.errors import PerpairError
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):
+            return [{"logprobs": {}} for _ in prompts]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    out = tmp_path / "ae"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "earlier", "win_rate": 50}]))
+    config = AlpacaEvalConfig(model=str(tiny_model_dir), output_dir=out, limit=2, offline=True, data_dir=AE,
+                              judge=JudgeConfig(judge="http://127.0.0.1:9/v1", model_name="judge-x"),
+                              generation=GenerationConfig(max_new_tokens=2, batch_size=2))
+    with pytest.raises(PerpairError, match="no judged instruction"):
+        run_alpaca_eval(config)
+    assert (out / "model_outputs.json").is_file() and not (out / "results.json").exists()
+
+
+def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one():
+    """A server that returns the sampled token's log-probability but no top_logprobs: P(m) and P(M) are unknown.
+    Reading the sampled token alone made a temperature-1 sample a preference of exactly 1 or 2."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from perpair.eval.judges import ApiLogprobJudge
+
+    class Client:
+        def __init__(self, entry):
+            self.entry = entry
+
+        async def chat(self, messages, **options):
+            return SimpleNamespace(logprobs=[self.entry], response={"choices": [{"text": "m"}]})
+
+    judge = ApiLogprobJudge(SimpleNamespace(model="x"))
+    alone = asyncio.run(judge._one(Client({"token": "m", "logprob": -0.7}), []))
+    assert alone["logprobs"] == {} and math.isnan(judged_preference(alone["logprobs"], switched=False))
+    top = [{"token": "M", "logprob": math.log(0.6)}, {"token": "m", "logprob": math.log(0.4)}]
+    full = asyncio.run(judge._one(Client({"token": "m", "logprob": math.log(0.4), "top_logprobs": top}), []))
+    assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)

@@ -80,3 +80,26 @@ def test_report_output_that_is_empty_or_a_file_is_refused(tmp_path):
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [result.stderr.strip()]
         assert says in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_a_missing_figure_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypatch):
+    """A results row without an LC win rate (too few rows, or rows not in the official order) or an Arena-Hard row
+    without a score used to be drawn as a bar at 0: a number the evaluation never gave."""
+    import matplotlib.axes
+
+    from perpair.eval import write_report
+
+    alpaca, arena = _result_folders(tmp_path)
+    row = json.loads((alpaca / "results.json").read_text())[0]
+    (alpaca / "results.json").write_text(json.dumps([{**row, "length_controlled_winrate": None}]))
+    (arena / "results.json").write_text(json.dumps([{"benchmark": "arena_hard_v0.1", "name": "x", "score": None}]))
+    drawn = []
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        drawn.append(list(height))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    write_report([alpaca, arena], tmp_path / "report")
+    assert drawn[0] == [pytest.approx(row["win_rate"])]

@@ -490,3 +490,30 @@ def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny
     assert (work / "pairs.parquet").is_file() and not (work / "arms").exists()
     assert not (work / "stages" / "annotate.json").exists()
     assert TooFewAnnotated("x").exit_code == 3
+
+
+def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny, monkeypatch):
+    """The AlpacaEval stage's stamp holds what its judge and files hold, not only their paths: a local judge
+    retrained at the same path, or a judge prompt edited in place, evaluates again (it was 'unchanged, skipped',
+    the old judge's numbers reported as the new one's)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    judge, prompt = tmp_path / "judge", tmp_path / "judge_prompt.txt"
+    shutil.copytree(tiny, judge)
+    shutil.copy(AE / "judge_prompt_alpaca_eval_clf.txt", prompt)
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"]["preference"] = None
+    config["eval"]["alpaca_eval"].update(judge=str(judge), judge_prompt=str(prompt))
+    evaluations = {"eval.dpo.alpaca_eval", "eval.base.alpaca_eval"}
+    first, _ = _run(config)
+    assert evaluations <= set(first.ran)
+    assert evaluations <= set(_run(config)[0].skipped)
+    # the table's AlpacaEval LC cell is empty: the notes say why (2 instructions are too few for the fit)
+    assert len(first.notes) == 1 and first.notes[0].startswith("dpo, base: AlpacaEval LC: no LC: fewer than 5 judged")
+    assert first.notes[0] in (tmp_path / "work" / "report" / "comparison.md").read_text()
+
+    rewrite_weights(judge)
+    second, _ = _run(config)
+    assert set(second.ran) == evaluations
+    prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
+    third, _ = _run(config)
+    assert set(third.ran) == evaluations

@@ -93,11 +93,13 @@ def score_command(
         table.add_column(column, justify="left" if column in ("model", "LC from") else "right")
     for row in rows:
         table.add_row(escape(row["name"]), _fmt(row["length_controlled_winrate"]), _fmt(row["lc_standard_error"]),
-                      str(row["lc_method"]), _fmt(row["win_rate"]), _fmt(row["standard_error"]),
+                      row["lc_method"] or "-", _fmt(row["win_rate"]), _fmt(row["standard_error"]),
                       _fmt(row["n_wins"]), _fmt(row["n_draws"]), _fmt(row["n_total"]),
                       _fmt(row["discrete_win_rate"]), _fmt(row["avg_length"]))
     out.print(table)
     for row in rows:
+        if row["judgment_note"]:
+            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['judgment_note'])}")
         if row["lc_note"]:
             out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_note'])}")
         if row["lc_method"] == "published_weights" and row["lc_fit"]:
@@ -119,8 +121,10 @@ def _progress():
 def _print_alpaca_row(row: dict) -> None:
     out.print(f"[bold]{escape(row['name'])}[/] vs {escape(row.get('reference', 'baseline'))}: "
               f"LC win rate {_fmt(row['length_controlled_winrate'])} (± {_fmt(row['lc_standard_error'])}, "
-              f"{row['lc_method']}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
+              f"{row['lc_method'] or 'no LC'}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
               f"n = {row['n_total']}, avg length {row['avg_length']:,}")
+    if row.get("judgment_note"):
+        out.print(f"[yellow]note[/]: {escape(row['judgment_note'])}")
     if row.get("lc_note"):
         out.print(f"[yellow]note[/]: {escape(row['lc_note'])}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "

@@ -29,5 +29,7 @@ def run_command(
     result = run(settings, from_stage=from_stage, log=lambda line: console.print(line, markup=False,
                                                                                     highlight=False))
     out.print(markdown_table(result.rows), markup=False, highlight=False)
+    for note in result.notes:
+        out.print(note, markup=False, highlight=False)
     out.print(f"stages run: {len(result.ran)}, skipped (unchanged): {len(result.skipped)}")
     out.print(f"report: {result.report}")

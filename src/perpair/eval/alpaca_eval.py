@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpair.errors import PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_answers
+from perpair.eval.generate import GenerationConfig, generate_answers, tokenizer_identity
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -118,9 +118,13 @@ def load_judge(config: JudgeConfig):
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before
-    identity: list[Any] = ["local", model_fingerprint(resolve_model(config.judge))]
-    return identity + [config.dtype] if config.dtype != "auto" else identity
+    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before.
+    # The tokenizer and chat template render the judge's prompt: edited in place, the judgments are others.
+    path = resolve_model(config.judge)
+    identity: list[Any] = ["local", model_fingerprint(path)]
+    identity += [config.dtype] if config.dtype != "auto" else []
+    tokenizer = tokenizer_identity(path)
+    return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
@@ -139,6 +143,9 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     instructions = reference["instruction"].tolist()
     progress = on_progress or (lambda stage, done, total: None)
 
+    # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
+    # one stops before its own (perpair eval report would show its numbers with this run's answers)
+    (out / "results.json").unlink(missing_ok=True)
     with ResultCache(out / "cache.sqlite") as cache:
         outputs, n_generated = generate_answers(model_path, config.generation, instructions, cache,
                                                 lambda done, total: progress("generating", done, total))
@@ -155,6 +162,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline)
     row.pop("glm_preference", None)
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
+                "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
+                "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
                 "reference": reference_source, "n_generated": n_generated, "n_judged": n_judged,
                 "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])

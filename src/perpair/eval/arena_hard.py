@@ -178,7 +178,8 @@ def arena_score(battles: Battles, *, style_control: bool = False, n_rounds: int 
     """Score with a bootstrap 95% interval: battles resampled with replacement ``n_rounds`` times
     (show_result.py ``get_bootstrap_result``: ``battles.sample(frac=1.0, replace=True)``; the indices here are
     exactly those pandas draws with ``random_state=np.random.RandomState(seed)`` kept across rounds), interval =
-    the 2.5% and 97.5% percentiles (``np.percentile``, linear). No battle → NaN score and interval."""
+    the 2.5% and 97.5% percentiles on the Elo scale (:func:`_percentile_on_elo_scale`). No battle → NaN score and
+    interval."""
     score = bradley_terry_score(battles, style_control)
     rng = np.random.RandomState(seed)
     n = len(battles)
@@ -189,8 +190,28 @@ def arena_score(battles: Battles, *, style_control: bool = False, n_rounds: int 
                          None if battles.model_features is None else battles.model_features[take],
                          None if battles.baseline_features is None else battles.baseline_features[take])
         samples.append(bradley_terry_score(sample, style_control))
-    lower, upper = (np.quantile(samples, [0.025, 0.975]) if samples else (np.nan, np.nan))
+    lower, upper = ((_percentile_on_elo_scale(samples, 0.025), _percentile_on_elo_scale(samples, 0.975)) if samples
+                    else (np.nan, np.nan))
     return ArenaScore(score, float(lower), float(upper), n, style_control)
+
+
+def _percentile_on_elo_scale(samples: Sequence[float], q: float) -> float:
+    """The ``q`` percentile of bootstrap scores as show_result.py takes it: ``np.percentile`` (linear) of the Elo
+    ratings, then their win rate against the baseline. The Elo is linear in the logit of the win rate, so this is the
+    linear interpolation between the two neighbouring order statistics done on the logit scale (on the win rate
+    itself it differs by up to a few hundredths of a point). Between a score of 0 or 100 and another (the fit at the
+    boundary, where the official solver stops at some large finite Elo) the interpolation is on the win rate."""
+    ordered = np.sort(np.asarray(samples, float)) / 100
+    h = (len(ordered) - 1) * q
+    i = int(np.floor(h))
+    j = min(i + 1, len(ordered) - 1)
+    a, b, g = ordered[i], ordered[j], h - i
+    if g == 0 or a == b:
+        return float(100 * a)
+    if 0 < a and b < 1:
+        la, lb = np.log(a / (1 - a)), np.log(b / (1 - b))
+        return float(100 * expit(la + (lb - la) * g))
+    return float(100 * (a + (b - a) * g))
 
 
 _HEADER = re.compile(r"^#{1,6}\s", re.MULTILINE)

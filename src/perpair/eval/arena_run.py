@@ -9,8 +9,8 @@ Questions and baseline answers: the files given, else the Hub (``lmarena-ai/aren
 repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the copies in the data
 folder given (laid out as ``../shared/data/arena_hard/``); the row says which (``questions_source``,
 ``baseline_source``). A game whose
-judgment has no usable label after the one retry weighs 0; when no game has one, the score and interval are
-``null`` and ``note`` says why.
+judgment has no usable label after the one retry weighs 0 (``note`` counts them); when no game has one there is no
+score: an error, after the answers and judgments are written and cached.
 """
 
 from __future__ import annotations
@@ -92,14 +92,30 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
         try:
-            baseline[row["question_id"]] = row["choices"][0]["turns"][0]["content"]
+            baseline[row["question_id"]] = content = row["choices"][0]["turns"][0]["content"]
         except (KeyError, IndexError, TypeError):
             raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
                              row=i + 1) from None
+        if not isinstance(content, str):
+            raise InputError(f"expected a string, got {type(content).__name__}", file=str(baseline_path), row=i + 1,
+                             field="choices[0].turns[0].content")
+    seen = set()
     for i, q in enumerate(questions):
+        try:
+            text = q["turns"][0]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise InputError("expected turns[0].content (the question)", file=str(questions_path), row=i + 1,
+                             field="turns") from None
+        if not isinstance(text, str):
+            raise InputError(f"expected a string, got {type(text).__name__}", file=str(questions_path), row=i + 1,
+                             field="turns[0].content")
         if q.get("question_id") not in baseline:
             raise InputError(f"no baseline answer for question {q.get('question_id')}", file=str(questions_path),
                              row=i + 1, field="question_id")
+        if q["question_id"] in seen:
+            raise InputError(f"question {q['question_id']} appears twice", file=str(questions_path), row=i + 1,
+                             field="question_id")
+        seen.add(q["question_id"])
     sources = {"questions_source": questions_from, "baseline_source": baseline_from}
     return (questions[:config.limit] if config.limit else questions), baseline, sources
 
@@ -115,6 +131,9 @@ def run_arena_hard(config: ArenaHardConfig,
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = [q["turns"][0]["content"] for q in questions]
+    # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
+    # one stops before its own (perpair eval report would show its numbers with this run's answers)
+    (out / "results.json").unlink(missing_ok=True)
     with ResultCache(out / "cache.sqlite") as cache:
         answers, n_generated = generate_answers(model_path, config.generation, texts, cache,
                                                 lambda d, t: progress("generating", d, t))
@@ -147,22 +166,31 @@ def run_arena_hard(config: ArenaHardConfig,
     battles = battles_from_games([(label, g[1]) for g, label in zip(games, labels, strict=True)],
                                  [style_features(by_qid[g[0]]) for g in games],
                                  [style_features(baseline[g[0]]) for g in games])
+    if len(battles) == 0:  # the judgments are written and cached: nothing done is lost
+        raise PerpairError(f"{_NO_VERDICT.format(n=len(games))}; the judgments are in {out / 'judgment.jsonl'}")
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
     row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
+           "judge_name": config.judge.model_name, "judge_max_tokens": config.judge_max_tokens,
+           "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
            "n_no_verdict": n_no_verdict, "n_retried": sum(bool(j.get("retried")) for j in judged),
-           "note": _note(len(games), n_no_verdict), **sources,
+           "note": " ".join(filter(None, [_note(len(games), n_no_verdict),
+                                          STYLE_NOTE if config.style_control else ""])), **sources,
            "avg_length": int(sum(len(a) for a in answers) / max(len(answers), 1)),
            "n_generated": n_generated, "n_judged": n_judged, "output_dir": str(out)}
     write_json_records(out / "results.json", [row])
     return row
 
 
+STYLE_NOTE = ("Style control is perpair's own variant (answer length in characters and markdown counts, normalised "
+              "differences not centred), not arena-hard-auto's style-controlled score: compare it with other perpair "
+              "runs only.")
+_NO_VERDICT = ("no verdict: the judge gave none of the five [[...]] labels in any of the {n} games (after the one "
+               "retry), so there is no score")
+
+
 def _note(n_games: int, n_no_verdict: int) -> str:
-    if n_games and n_no_verdict == n_games:
-        return ("no verdict: the judge gave no [[...]] label in any game, even after the one retry; no score "
-                "(score and interval are null)")
     if n_no_verdict:
         return f"{n_no_verdict} of {n_games} games without a verdict (after one retry) weigh 0, as in show_result.py"
     return ""
@@ -230,7 +258,10 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
                          "arena-hard-auto keeps one file per model", file=str(path), field="model")
     name = models.pop() or path.name.split(".")[0]
-    score = arena_score(battles_from_games(games), n_rounds=n_rounds)
+    battles = battles_from_games(games)
+    if len(battles) == 0:
+        raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))
+    score = arena_score(battles, n_rounds=n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label, _ in games)
     return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": path.parent.name, **score.as_dict(),
             "n_questions": len(rows), "n_games": len(games), "n_no_verdict": n_no_verdict,

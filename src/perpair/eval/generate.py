@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -148,22 +149,39 @@ def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Seque
     return answers, len(missing)  # type: ignore[return-value]
 
 
-def generation_identity(fingerprint: str, config: GenerationConfig) -> dict[str, Any]:
-    """What an answer is cached under: the model's content and the settings that change it. A dtype other than
-    auto is one of them (auto keeps the identity answers were cached under before it was)."""
+def generation_identity(fingerprint: str, config: GenerationConfig, tokenizer: str | None = None) -> dict[str, Any]:
+    """What an answer is cached under: the model's content, its tokenizer and chat template (``tokenizer``, from
+    :func:`tokenizer_identity`) and the settings that change it. A dtype other than auto is one of them (auto keeps
+    the identity answers were cached under before it was)."""
     settings = config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})
     if config.dtype != "auto":
         settings["dtype"] = config.dtype
-    return {"model": fingerprint, "settings": settings}
+    identity: dict[str, Any] = {"model": fingerprint, "settings": settings}
+    if tokenizer is not None:
+        identity["tokenizer"] = tokenizer
+    return identity
+
+
+def tokenizer_identity(model_path: str) -> str | None:
+    """Hash of a local model folder's tokenizer: vocabulary, special tokens and chat template, which decide the
+    prompt the model is shown (the weights' fingerprint does not cover them: a template edited in place is another
+    prompt). None for a Hub id, which stands for itself."""
+    if not Path(model_path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    from perpair.train.reference import tokenizer_fingerprint
+
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_path))
 
 
 def generate_answers(model_path: str, config: GenerationConfig, texts: Sequence[str], cache: ResultCache,
                      on_progress: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
     """Single-turn answers of the model at ``model_path`` to ``texts``, cached under the model's content and the
-    settings that change an answer. Returns ``(answers, number generated now)``."""
+    settings that change an answer, and its tokenizer and chat template. Returns ``(answers, number generated now)``."""
     from perpair.models import model_fingerprint
 
-    identity = generation_identity(model_fingerprint(model_path), config)
+    identity = generation_identity(model_fingerprint(model_path), config, tokenizer_identity(model_path))
     return generate_cached(lambda: load_generator(model_path, config), identity,
                            [[{"role": "user", "content": text}] for text in texts], cache,
                            batch_size=config.batch_size, on_progress=on_progress)

@@ -156,8 +156,10 @@ class ApiLogprobJudge:
         result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
         logprobs: dict[str, float] = {}
         if result.logprobs:
-            first = result.logprobs[0]
-            for entry in first.get("top_logprobs") or [first]:
+            # only the top log-probabilities give P(m) and P(M) (alpaca_eval's logprob_parser reads them alone): the
+            # sampled token by itself (temperature 1) would make a coin flip a certain verdict, so a server that
+            # leaves them out gives no judgment, counted as such
+            for entry in result.logprobs[0].get("top_logprobs") or []:
                 token = entry.get("token")
                 if token in DENOMINATORS and token not in logprobs:
                     logprobs[token] = float(entry["logprob"])

@@ -77,13 +77,15 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         if row.get("benchmark") == "alpaca_eval_2":
             for key, se, tag in (("length_controlled_winrate", "lc_standard_error", "LC"),
                                  ("win_rate", "standard_error", "raw")):
+                if row.get(key) is None:  # no such figure (e.g. no LC): no bar, rather than a bar at 0
+                    continue
                 labels.append(f"{_plain(row['name'])}\nAlpacaEval {tag}")
-                values.append(row.get(key) or 0.0)
+                values.append(row[key])
                 half = 1.96 * (row.get(se) or 0.0)
                 errors.append((half, half))
-        elif row.get("benchmark") == "arena_hard_v0.1":
+        elif row.get("benchmark") == "arena_hard_v0.1" and row.get("score") is not None:
             labels.append(f"{_plain(row['name'])}\nArena-Hard")
-            score = row.get("score") or 0.0
+            score = row["score"]
             values.append(score)
             errors.append((max(score - (row.get("rating_q025") or score), 0), max((row.get("rating_q975") or score)
                                                                                    - score, 0)))
@@ -139,8 +141,8 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["per_dataset"], dpi=110)
         plt.close(fig)
 
-    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r['lc_note'])}</p>" for r in rows
-                    if r.get("lc_note"))
+    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r[key])}</p>" for r in rows
+                    for key in ("judgment_note", "lc_note", "note") if r.get(key))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in COLUMNS) + "</tr>"
                    for r in rows)

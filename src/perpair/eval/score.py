@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
-from perpair.eval.lc import LCResult, fit_length_controlled, predict_from_weights, std_delta_len
+from perpair.eval.lc import N_SPLITS, LCResult, fit_length_controlled, predict_from_weights, std_delta_len
 from perpair.eval.metrics import average_length, win_rate_metrics
 
 OFFLINE_NOTE = ("approximation: offline, the GLM is fitted without the two gamed baselines' rows (df_gamed.csv is "
@@ -85,15 +85,35 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row: dict[str, Any] = {"name": name, **win_rate_metrics(frame["preference"]),
                            "avg_length": average_length(frame["output_2"].tolist())}
     n = len(frame)
+    if row["n_total"] == 0:
+        raise InputError(f"no judged instruction: the preference of each of the {n} annotation(s) is null (the judge "
+                         "gave no usable answer); there is no win rate to report", file=file)
+    # rows whose judge gave no usable answer (null preference) are left out of every figure, as alpaca_eval leaves
+    # them out: said, so a partial evaluation does not read as a complete one
+    row["n_unjudged"] = n - row["n_total"]
+    row["judgment_note"] = (f"{row['n_unjudged']} of {n} instructions have no judgment (null preference) and are "
+                            f"not counted: the win rates are over {row['n_total']}") if row["n_unjudged"] else None
     if n > len(inputs.difficulty):
         raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
                          "must be AlpacaEval's instructions in their official order", file=file)
-    # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]).
+    # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
+    # be instruction k, or every figure of the LC reads another instruction's difficulty
+    mismatch = _not_official(frame, inputs)
+    if mismatch is not None:
+        for key in ("length_controlled_winrate", "lc_standard_error"):
+            row[key] = math.nan
+        row.update({"lc_method": None, "lc_is_approximation": False, "lc_note": f"no LC: {mismatch}",
+            "instruction_difficulty_source": inputs.difficulty_source, "lc_fit": None, "lc_published_weights": None,
+            "glm_preference": None})
+        if file:
+            row["file"] = file
+        return row
     difficulty = inputs.difficulty[:n]
     exact = inputs.exact
 
     fitted = published = None
-    if fit and n >= 5:
+    # the fit's 5-fold cross-validation needs 5 judged rows (the gamed baselines' rows count, as they are fitted too)
+    if fit and row["n_total"] + (len(inputs.gamed) if inputs.gamed is not None else 0) >= N_SPLITS:
         fitted = fit_length_controlled(frame["preference"].to_numpy(float),
                                        std_delta_len(frame["output_1"].tolist(), frame["output_2"].tolist()),
                                        difficulty, inputs.gamed)
@@ -115,7 +135,7 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         note = f"{OFFLINE_NOTE}. Published weights not used: {not_published}"
     else:
         headline, method = None, None
-        note = f"no LC: fewer than 5 annotations and no published weights ({not_published})"
+        note = f"no LC: fewer than {N_SPLITS} judged instructions and no published weights ({not_published})"
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
@@ -130,6 +150,32 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         row["file"] = file
     row["glm_preference"] = headline.glm_preference.tolist() if headline else None
     return row
+
+
+def _not_official(frame, inputs: sources.LCInputs) -> str | None:
+    """Why the annotations are not AlpacaEval 2.0's rows (the official instructions in order, the baseline's
+    outputs as ``output_1``), or None when they are, or when the official rows are not at hand."""
+    if inputs.instructions is None:
+        return None
+    instructions, baseline = frame["instruction"].tolist(), frame["output_1"].tolist()
+    for k, (ours, theirs) in enumerate(zip(instructions, inputs.instructions, strict=False)):
+        if ours != theirs:
+            return (f"the rows are not AlpacaEval's instructions in the official order (row {k + 1} is "
+                    f"{_clip(ours)!r}, instruction {k + 1} is {_clip(theirs)!r}); the length-controlled GLM reads "
+                    "each instruction's difficulty by its row position, as alpaca_eval does, so it would read other "
+                    "instructions' difficulties")
+    if len(instructions) > len(inputs.instructions):
+        return f"{len(instructions)} rows, and AlpacaEval has {len(inputs.instructions)} instructions"
+    for k, (ours, theirs) in enumerate(zip(baseline, inputs.baseline_outputs or [], strict=False)):
+        if ours != theirs:
+            return (f"row {k + 1}'s output_1 is not the AlpacaEval 2.0 baseline's ({BASELINE_NAME}) output to its "
+                    "instruction; the instruction difficulties, the gamed baselines' rows and the published weights "
+                    "are measured against that baseline")
+    return None
+
+
+def _clip(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width] + "…"
 
 
 def model_name(frame, path: str | Path) -> str:

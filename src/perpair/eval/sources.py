@@ -252,6 +252,8 @@ class LCInputs:
     gamed: GamedRows | None  # the two gamed baselines' rows (on the Hub only): with them the fit is the official one
     weights: pd.DataFrame | None  # published GLM weights by model
     leaderboard: pd.DataFrame | None  # the published leaderboard: is a file the one a model's weights were fit on?
+    instructions: list[str] | None = None  # AlpacaEval's instructions in the official order (the data folder's copy)
+    baseline_outputs: list[str] | None = None  # and the AlpacaEval 2.0 baseline's outputs to them, in that order
 
     @property
     def exact(self) -> bool:
@@ -263,7 +265,8 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
                       data_dir: Path | None = None) -> LCInputs:
     """Online and without ``difficulty``: the official files from the Hub (``df_gamed.csv`` for the fit, else
     ``instruction_difficulty.csv``). Otherwise the difficulties given or the data folder's reconstructed copy.
-    Published weights and the leaderboard: the files given, else the data folder's, else none."""
+    Published weights and the leaderboard: the files given, else the data folder's, else none; the official
+    instruction order: the data folder's reference outputs, else none."""
     hint = f"pass --offline with --difficulty {LOCAL_DIFFICULTY} or --data-dir"
     gamed = None
     if difficulty is None and not is_offline(offline):
@@ -284,6 +287,12 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
         values, source = read_difficulty_csv(path), str(path)
     weights_path = data_file(glm_weights, data_dir, LOCAL_GLM_WEIGHTS)
     board_path = data_file(leaderboard, data_dir, LOCAL_LEADERBOARD)
+    # the difficulties are by position in the official order: with the data folder's copy of the instructions, a
+    # file in another order, or missing some, is told apart from one whose row k is instruction k
+    reference_path = data_file(None, data_dir, LOCAL_REFERENCE)
+    reference = read_outputs(reference_path) if reference_path else None
     return LCInputs(values, source, source.startswith("hub:"), gamed,
                     load_glm_weights(weights_path) if weights_path else None,
-                    load_leaderboard(board_path) if board_path else None)
+                    load_leaderboard(board_path) if board_path else None,
+                    *((reference["instruction"].tolist(), reference["output"].tolist()) if reference is not None
+                      else (None, None)))

@@ -66,6 +66,22 @@ def _eval_cells(results: dict[str, Any]) -> dict[str, Any]:
             "alpaca_wr": alpaca.get("win_rate"), "alpaca_length": alpaca.get("avg_length")}
 
 
+def evaluation_notes(evaluated: dict[str, dict[str, Any]]) -> list[str]:
+    """What the table's AlpacaEval figures do not say: instructions left without a judgment, and an LC that is not
+    the official one (the offline approximation) or not given, with the reason."""
+    notes: dict[str, list[str]] = {}  # one line per note, naming the arms it is about
+    for arm, results in evaluated.items():
+        alpaca = results.get("alpaca_eval") or {}
+        if alpaca.get("n_unjudged"):
+            notes.setdefault(f"AlpacaEval: {alpaca['n_unjudged']} of {alpaca['n_unjudged'] + alpaca['n_total']} "
+                             "instructions have no judgment and are not counted", []).append(arm)
+        if alpaca.get("lc_note") and alpaca.get("lc_method") != "published_weights":
+            # the reason the published weights were not used names the arm: the same note for every arm
+            note = alpaca["lc_note"].split(". Published weights not used:")[0]
+            notes.setdefault(f"AlpacaEval LC: {note}", []).append(arm)
+    return [f"{', '.join(arms)}: {note}" for note, arms in notes.items()]
+
+
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -93,7 +109,9 @@ def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]
 
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(markdown_table(rows), encoding="utf-8")
+    notes = evaluation_notes(evaluated)
+    (out / "comparison.md").write_text(markdown_table(rows) + "".join(f"\n{n}\n" for n in notes),
+                                       encoding="utf-8")
     (out / "comparison.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -130,6 +148,7 @@ def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]
             "implicit-reward accuracy on them against the initial model (ties count half); LN: reference-free "
             "length-normalised log-prob margin; AlpacaEval instr.: the instructions judged, from the configured "
             "subset and by the configured judge, so comparable between arms of this run only.</p>"
+            + "".join(f"<p>{html.escape(n)}</p>" for n in notes) +
             f"<h2>Training curves</h2><img src='curves.png' alt='training curves'><h2>Plans</h2><ul>{plans}</ul>"
             f"<h2>Evaluation</h2>{evaluation}</body></html>")
     (out / "index.html").write_text(page, encoding="utf-8")

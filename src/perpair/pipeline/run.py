@@ -22,7 +22,7 @@ from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig
-from perpair.pipeline.report import comparison_rows, write_run_report
+from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
 from perpair.pipeline.workers import Workers, available_cores
 
@@ -47,6 +47,7 @@ class RunResult:
     report: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the table's evaluation figures do not say
 
 
 def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -> RunResult:
@@ -83,7 +84,7 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
 
     rows = comparison_rows(config, trained, evaluated)
     report = write_run_report(job.workdir, config, rows, trained, evaluated)
-    return RunResult(job.workdir, rows, report, job.ran, job.skipped)
+    return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
 
 
 def validate(config: RunConfig) -> Settings:
@@ -154,6 +155,9 @@ def validate(config: RunConfig) -> Settings:
     return Settings(prepare, annotate, schedules, train, train_configs)
 
 
+EVAL_FILES = ("reference", "judge_prompt", "difficulty", "glm_weights")  # eval.alpaca_eval's files
+
+
 def _check_other_models_and_files(config: RunConfig, annotate: Any,
                                   fail: Callable[[str, Exception], Exception]) -> None:
     """Local teachers and a local judge must be model folders with weights, and the evaluation's files must exist,
@@ -170,7 +174,7 @@ def _check_other_models_and_files(config: RunConfig, annotate: Any,
             resolve_model(spec)
         except PerpairError as exc:
             raise fail(where, exc) from None
-    for key in ("reference", "judge_prompt", "difficulty", "glm_weights"):
+    for key in EVAL_FILES:
         value = getattr(section, key) if section is not None else None
         if value is not None and not Path(value).is_file():
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: {value}: no such file")
@@ -369,7 +373,7 @@ class _Job:
 
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
-        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig
+        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
         from perpair.eval.generate import GenerationConfig
 
         section = self.config.eval
@@ -395,9 +399,12 @@ class _Job:
                 generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
                 difficulty=a.difficulty, glm_weights=a.glm_weights)
-            # dtype auto leaves the stamp as it was before the option existed
+            # dtype auto leaves the stamp as it was before the option existed. The config names the judge and the
+            # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
+            # files' contents), so a judge retrained or a prompt edited in place evaluates again
             material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
-                        "model": trained["key"]}
+                        "model": trained["key"], "judge": judge_identity(config.judge),
+                        "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
                                                 config)
@@ -500,4 +507,4 @@ def _alpaca_eval(config, *, log: Log) -> dict[str, Any]:
 
     row = run_alpaca_eval(config)
     return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
-                                    "n_total", "avg_length", "lc_method")}
+                                    "n_total", "avg_length", "lc_method", "n_unjudged", "lc_note")}
