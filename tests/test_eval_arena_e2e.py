@@ -80,10 +80,10 @@ class _StubJudge(BaseHTTPRequestHandler):
 
 
 def _run(out, q_path, b_path, *judge, check: bool = True):
+    local = () if judge[1].startswith("http") else ("--judge-batch-size", 2 * N)  # (an API judge refuses it)
     result = run_cli("eval", "arena-hard", "run", "--model", "smollm2", *judge, "--questions", q_path,
                      "--baseline-answers", b_path, "--limit", N, "--max-new-tokens", 16, "--batch-size", N,
-                     "--judge-batch-size", 2 * N, "--judge-max-tokens", 8, "--offline", "--json", "-o", out,
-                     check=check)
+                     *local, "--judge-max-tokens", 8, "--offline", "--json", "-o", out, check=check)
     return json.loads(result.stdout) if check else result
 
 

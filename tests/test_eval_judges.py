@@ -214,6 +214,28 @@ def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output
             assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
             assert says in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+    # and the other way round: a local judge's batch size given to an API judge (it sends requests one prompt each)
+    for command in (("eval", "alpaca-eval"), ("eval", "arena-hard", "run")):
+        result = run_cli(*command, "--model", tiny_model_dir, "--judge", "http://127.0.0.1:9/v1", "--judge-name",
+                         "j", "--judge-batch-size", "4", "--offline", "-o", out, check=False)
+        assert result.returncode == 2 and result.stderr.strip() == (
+            "error: --judge-batch-size: an option of a local judge, and --judge http://127.0.0.1:9/v1 is an API "
+            "judge (requests in flight: --judge-concurrency); drop it"), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_run_config_refuses_judge_options_the_judge_would_ignore():
+    from pydantic import ValidationError
+
+    from perpair.pipeline.config import AlpacaEvalSection
+
+    with pytest.raises(ValidationError, match="judge_batch_size is for a local judge, and http://h/v1 is an API"):
+        AlpacaEvalSection(judge="http://h/v1", judge_name="m", judge_batch_size=2)
+    with pytest.raises(ValidationError, match="judge_name, judge_api_key_env: for an API judge, and smollm2 is a "
+                                              "local judge: drop them"):
+        AlpacaEvalSection(judge="smollm2", judge_name="m", judge_api_key_env="K")
+    assert AlpacaEvalSection(judge="smollm2", judge_batch_size=2).judge_batch_size == 2  # each where it applies
+    assert AlpacaEvalSection(judge="http://h/v1", judge_name="m").judge_name == "m"
 
 
 def test_a_chat_template_edited_in_place_is_generated_and_judged_again(tmp_path):

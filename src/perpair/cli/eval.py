@@ -39,7 +39,8 @@ def _options(cls, **kwargs):
 
 
 def _judge_config(cls, *, concurrency: int | None, **options):
-    """The judge's settings; an API judge's options given to a local judge are refused: it would ignore them."""
+    """The judge's settings; an API judge's options given to a local judge, and a local judge's given to an API
+    judge, are refused: it would ignore them."""
     config = _options(cls, **options, **({} if concurrency is None else {"concurrency": concurrency}))
     given = [name for name, value in (("--judge-name", options.get("model_name")),
                                       ("--judge-api-key-env", options.get("api_key_env")),
@@ -47,6 +48,9 @@ def _judge_config(cls, *, concurrency: int | None, **options):
     if given and not config.is_api:
         raise PerpairError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of an API judge, and "
                            f"--judge {config.judge} is a local judge; drop {'them' if len(given) > 1 else 'it'}")
+    if config.is_api and options.get("batch_size") is not None:
+        raise PerpairError(f"--judge-batch-size: an option of a local judge, and --judge {config.judge} is an API "
+                           "judge (requests in flight: --judge-concurrency); drop it")
     return config
 
 

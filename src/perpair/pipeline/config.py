@@ -81,6 +81,17 @@ class AlpacaEvalSection(_Section):
     difficulty: str | None = None
     glm_weights: str | None = None
 
+    @model_validator(mode="after")
+    def _options_of_this_kind_of_judge(self):  # an option the judge would ignore is refused, not dropped
+        api = self.judge.startswith(("http://", "https://"))
+        if api and self.judge_batch_size is not None:
+            raise ValueError(f"judge_batch_size is for a local judge, and {self.judge} is an API judge: drop it")
+        given = [k for k in ("judge_name", "judge_api_key_env") if getattr(self, k) is not None]
+        if given and not api:
+            raise ValueError(f"{', '.join(given)}: for an API judge, and {self.judge} is a local judge: drop "
+                             f"{'them' if len(given) > 1 else 'it'}")
+        return self
+
 
 class EvalSection(_Section):
     base: bool = Field(True, description="Also evaluate the initial model on AlpacaEval (the arms' baseline).")
