@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,38 @@ def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_p
     missing = tmp_path / "missing.parquet"  # not Arrow's "[Errno 2] Failed to open local file ..."
     result = run_cli("inspect", missing, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: file {missing}: not found"]
+
+
+def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_exactly(tiny_model, uf_pairs,
+                                                                                     tmp_path):
+    """--resume reads the latest checkpoint whole before restoring anything: a truncated weights file, a missing
+    or unreadable state is one error naming the checkpoint and the one before it, with OUT's metrics kept; removing
+    the damaged one resumes from the one before, exactly."""
+    args = ("--steps", "3", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--save-every", "1",
+            "--set", "keep_checkpoints=3", "--set", "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    straight = _metrics(out)
+    last, before = out / "checkpoints" / "step-00000003", "step-00000002"
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk that filled while it was written
+    for damage in (None, "missing state", "bad state"):
+        if damage == "missing state":
+            (last / "state.json").unlink()
+        elif damage == "bad state":
+            (last / "state.json").write_text('{"step": 3')
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {last} is damaged or incomplete"), lines
+        assert f"remove it to resume from the one before ({before})" in lines[0]
+        assert "Traceback" not in result.stderr
+        assert _metrics(out) == straight
+    shutil.rmtree(last)
+    _train(tiny_model, uf_pairs, out, *args, "--resume")
+    resumed = _metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):

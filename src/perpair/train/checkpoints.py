@@ -140,13 +140,14 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
 
 
 def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint in ``out``; returns its step (0 when there is none)."""
+    """Restore the latest checkpoint in ``out``; returns its step (0 when there is none). Every file is read and
+    checked against the model before anything is restored: a damaged or incomplete checkpoint (a disk that filled,
+    files copied in part) is refused, naming it, never half applied and never silently skipped for an older one."""
     found = checkpoints(out)
     if not found:
         return 0
     folder = found[-1]
-    state = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "model.safetensors")
+    state, weights, tensors, rng = _read_checkpoint(folder, found[-2] if len(found) > 1 else None)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
@@ -155,7 +156,6 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    tensors = load_file(folder / "optimizer.safetensors")
     for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
         group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "names"})
         for name, p in zip(saved["names"], group["params"], strict=True):
@@ -163,7 +163,6 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
             if entries:
                 optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
@@ -171,6 +170,34 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return int(state["step"])
+
+
+def _read_checkpoint(folder: Path, previous: Path | None) -> tuple[dict, dict, dict, dict]:
+    """The state, weights, optimizer tensors and RNG states of the checkpoint ``folder``, or one error naming it."""
+    from safetensors import SafetensorError
+
+    def damaged(reason: str) -> PerpairError:
+        then = (f"remove it to resume from the one before ({previous.name})" if previous is not None
+                else "remove it, or start again with --overwrite")
+        return PerpairError(f"checkpoint {folder} is damaged or incomplete ({reason}); {then}")
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "model.safetensors")
+        tensors = load_file(folder / "optimizer.safetensors")
+        rng = load_file(folder / "rng.safetensors")
+    except FileNotFoundError as exc:
+        raise damaged(f"no {Path(exc.filename).name}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
+        raise damaged(" ".join(str(exc).split())[:200]) from None
+    number = folder.name.removeprefix("step-")
+    expected = int(number) if number.isdigit() else None
+    keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
+        raise damaged(f"state.json is not the state of step {expected}")
+    if "torch" not in rng:
+        raise damaged("rng.safetensors holds no torch RNG state")
+    return state, weights, tensors, rng
 
 
 def _jsonable(value):
