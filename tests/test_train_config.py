@@ -54,6 +54,16 @@ def test_lr_schedule_shapes():
     ({"loss": "sft", "plan": "p.parquet"}, "loss 'sft' .* would ignore the plan"),
     ({"loss": "sigmoid", "simpo_gamma": 1.0}, "simpo_gamma is used by loss 'simpo' only"),
     ({"save_every": 10, "final_checkpoint": False}, "would write no checkpoint"),
+    # settings that would change nothing: each was accepted and silently unused
+    ({"loss": "sigmoid", "discopop_tau": 0.1}, "discopop_tau is used by loss 'discopop' only"),
+    ({"f_alpha_divergence_coef": 0.3}, "f_alpha_divergence_coef is the alpha of f_divergence_type alpha_divergence"),
+    ({"f_divergence_type": "forward_kl", "f_alpha_divergence_coef": 0.3}, "not forward_kl; drop it"),
+    ({"loss": "sft", "beta": 0.5}, "loss 'sft' .* would ignore beta; drop it"),
+    ({"loss": "sft", "f_divergence_type": "forward_kl"}, "loss 'sft' .* would ignore f_divergence_type"),
+    ({"loss": "sft", "use_weighting": True, "beta": 0.1}, "would ignore beta and use_weighting; drop them"),
+    ({"lean_activations": False, "recompute_mlp": True}, "recompute_mlp applies with lean_activations only"),
+    ({"lean_activations": False, "recompute_mlp": False}, "recompute_mlp applies with lean_activations only"),
+    ({"loss": "aot", "tokens_per_forward": 5000}, "tokens_per_forward would be ignored: loss 'aot'"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
     with pytest.raises(PerpairError, match=message):
@@ -65,6 +75,15 @@ def test_the_rules_accept_their_allowed_neighbours():
     load_config(None, {**BASE, "loss": "sft"})
     load_config(None, {**BASE, "plan": "p.parquet"})
     load_config(None, {**BASE, "loss": "simpo", "simpo_gamma": 1.0})
+    load_config(None, {**BASE, "loss": ["simpo", "sft"], "simpo_gamma": 1.0})  # the combination reads it too
+    load_config(None, {**BASE, "loss": "discopop", "discopop_tau": 0.1})
+    load_config(None, {**BASE, "loss": ["sigmoid", "discopop"], "discopop_tau": 0.1})
+    load_config(None, {**BASE, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3})
+    load_config(None, {**BASE, "loss": "sft", "use_weighting": False})
+    load_config(None, {**BASE, "loss": ["sigmoid", "sft"], "beta": 0.5, "use_weighting": True,
+                       "f_divergence_type": "forward_kl"})  # the sigmoid term reads them
+    load_config(None, {**BASE, "lean_activations": True, "recompute_mlp": False})
+    load_config(None, {**BASE, "loss": "sigmoid", "tokens_per_forward": 5000})
     load_config(None, {**BASE, "save_every": 10, "final_checkpoint": True})
     load_config(None, {**BASE, "save_every": 9, "final_checkpoint": False})
 
