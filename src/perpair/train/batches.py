@@ -135,6 +135,9 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     while needed is None or len(sequence) < needed:
         before = len(sequence)
         order = data.order if epoch == 0 or not config.shuffle else shuffled(data.order, [config.seed, epoch])
+        # A step that spans two epochs never holds a pair twice: a pair of the new epoch already in that step (a
+        # reshuffled order can start with the previous one's last pairs) waits until the step is full.
+        waiting: list[int] = []
         for row in order.tolist():
             if row not in tokenized:
                 good, bad = chosen[row].as_py(), rejected[row].as_py()
@@ -143,10 +146,18 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
                 tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
                                                config.max_length)
-            if tokenized[row] is not None:
-                sequence.append(row)
-                if len(sequence) == needed:
-                    break
+            if tokenized[row] is None:
+                continue
+            if row in sequence[len(sequence) - len(sequence) % config.batch_size:]:
+                waiting.append(row)
+                continue
+            sequence.append(row)
+            if len(sequence) % config.batch_size == 0:  # the step is full: the waiting pairs start the next
+                sequence.extend(waiting[:needed - len(sequence) if needed else None])
+                waiting = []
+            if len(sequence) == needed:
+                break
+        sequence.extend(waiting)  # (a step that the epoch's other pairs could not fill: only with a too-large batch)
         if len(sequence) == before:
             raise PerpairError(f"every pair's prompt fills max_length {config.max_length}; raise max_length")
         if epoch == 0 and len(sequence) < config.batch_size:  # (the whole order read: these are all there are)
