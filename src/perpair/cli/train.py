@@ -142,7 +142,8 @@ def train_command(
               f"{s['reference_seconds']:.1f} s"
               f"{f', {first} from the first step (the initial weights are the reference)' if first else ''} "
               f"(the rest from the cache); order: {s['order']}; "
-              f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
+              f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}; "
+              f"trained with a response cut to max_length: {s['truncated_pairs']}")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
     packing = s["tokens_per_forward"]
     kept = s["mlp_gate_up_kept"]

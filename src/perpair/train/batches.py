@@ -44,6 +44,7 @@ class StepBatches:
     steps: list[list[int]]
     tokenized: dict[int, TokenizedPair]
     skipped: int  # pairs whose prompt alone fills max_length (TRL drops them too)
+    truncated: int = 0  # pairs trained with a response cut to max_length (TRL's keep_start truncation)
 
 
 def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -171,4 +172,5 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     sequence = sequence[:needed]
     steps = [sequence[s:s + config.batch_size] for s in range(0, needed, config.batch_size)]
     skipped = sum(1 for t in tokenized.values() if t is None)
-    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped)
+    truncated = sum(1 for row in set(sequence) if tokenized[row].truncated)
+    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated)

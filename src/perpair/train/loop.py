@@ -169,7 +169,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "useful_flops_per_second": flops_per_token * totals["tokens"] / train_seconds if train_seconds else None,
         "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
         "reference_pairs_from_first_step": from_first_step,
-        "skipped_long_prompts": batches.skipped, "order": data.source,
+        "skipped_long_prompts": batches.skipped, "truncated_pairs": batches.truncated, "order": data.source,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "device": accelerator.device.type,
         "allocator": active_allocator() or "system", **saved,
