@@ -301,6 +301,22 @@ def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_ex
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
 
 
+def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(tmp_path):
+    """A run killed while it appended a step's metrics leaves a torn last line, of a step after any checkpoint:
+    --resume drops it with the other lines past its checkpoint. A line that is not metrics before the last is
+    refused, naming the file and line."""
+    from perpair.train.checkpoints import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n" + lines[2][:-7].replace("3", "4"))  # step 4's line, torn
+    truncate_metrics(path, 2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    path.write_text(lines[0] + "\n" + "garbage\n" + lines[2] + "\n")
+    with pytest.raises(PerpairError, match=f"file {re.escape(str(path))}, line 2: not a line of metrics"):
+        truncate_metrics(path, 2)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
     """Reference log-probs corrupted to NaN for the pairs of steps 3 and 4: the run stops at step 3 with one
     clear message, before the optimizer step, and keeps the checkpoint of step 2."""

@@ -218,8 +218,19 @@ def truncate_metrics(path: Path, step: int) -> None:
     if step == 0 or not path.exists():
         path.write_text("")
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            at = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # the line of a step being written when the run was killed: after the checkpoint
+                break
+            raise PerpairError(f"file {path}, line {number}: not a line of metrics; it cannot be kept for the "
+                               f"steps up to {step} that --resume continues after") from None
+        if at <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:
