@@ -195,6 +195,39 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
         assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
+    """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
+    resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""
+    args = ["--steps", "4", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--threads", "1", "--lora",
+            "--set", "lora.r=4", "--set", "lora.dropout=0.3", "--save-every", "1", "--set", "keep_checkpoints=4",
+            "--set", f"reference_cache={tmp_path / 'refcache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def two(out, *extra):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+             "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
+             *args, *extra], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    two(tmp_path / "straight")
+    resumed = tmp_path / "resumed"
+    two(resumed)
+    assert (resumed / "checkpoints" / "step-00000002" / "rng-1.safetensors").is_file()
+    for late in ("step-00000003", "step-00000004"):  # as if killed after the checkpoint of step 2
+        shutil.rmtree(resumed / "checkpoints" / late)
+    shutil.rmtree(resumed / "adapter")
+    two(resumed, "--resume")
+    a, b = _metrics(tmp_path / "straight"), _metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == x["loss"] and y["grad_norm"] == x["grad_norm"]
+    wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
     """DATA may be a raw UltraFeedback file (prepared on the fly); --lora saves an adapter and a merged model."""
     out = tmp_path / "lora"

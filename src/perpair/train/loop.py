@@ -116,7 +116,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     scheduler = make_scheduler(config, optimizer)
     start_step = 0
     if config.resume:
-        start_step = load_checkpoint(out, model, optimizer, scheduler)
+        start_step = load_checkpoint(out, model, optimizer, scheduler, accelerator.process_index)
         if on_resume:
             on_resume(start_step)
     module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting,
