@@ -188,6 +188,8 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
         capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes" not in result.stderr  # no error about the batch split
+    shown = result.stdout + result.stderr  # the first process reports for both: each line once
+    assert shown.count("step 1/3") == 1 and shown.count("trained 3 steps") == 1, shown[-3000:]
     one, two_m = _metrics(tmp_path / "one"), _metrics(two)
     assert len(two_m) == 3
     for x, y in zip(one, two_m, strict=True):
