@@ -383,6 +383,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs,
     assert not (out / "model").exists()
 
 
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm would write NaN
+    into every weight, and the next checkpoint would hold them. The run stops at step 2 with the weights and the
+    checkpoint of step 1 as they were."""
+    import perpair.train.loop as loop
+    from perpair.train import NonFiniteLoss, load_config, train
+
+    densify, calls = loop.densify_gradients, []
+
+    def poisoned(parameters):
+        parameters = list(parameters)
+        densify(parameters)
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(loop, "densify_gradients", poisoned)
+    out = tmp_path / "run"
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 3,
+                                "batch_size": 2, "max_length": 64, "lr": 1e-3, "threads": 1, "save_every": 1,
+                                "reference_cache": str(tmp_path / "refcache")})
+    with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is [0-9.]+ but its gradient norm is nan"):
+        train(config)
+    assert [m["step"] for m in _metrics(out)] == [1]
+    assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
+    assert not (out / "model").exists()
+
+
 def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):
     """OUT/run.key names the run whose outputs OUT holds: another run's settings are refused (with or without
     --resume) and nothing in OUT changes; the same run needs --resume; --overwrite replaces the old outputs."""

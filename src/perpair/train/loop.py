@@ -238,6 +238,12 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     grad_norm = None
     if config.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm))
+        if not math.isfinite(grad_norm):  # clipping by a NaN norm would write NaN into every weight
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {loss} but its gradient norm is {grad_norm}; stopped "
+                                f"before the optimizer step, so the weights are unchanged. The last good checkpoint "
+                                f"is kept in {Path(config.out) / 'checkpoints'}. Lower the learning rate or check the "
+                                "data.")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
