@@ -469,6 +469,21 @@ def test_arms_plan_with_the_reference_margins_of_their_own_reference_pass(tmp_pa
     assert not second.ran and {"plan.short", "plan.long"} <= set(second.skipped)
 
 
+def test_an_arm_whose_loss_takes_epsilon_from_its_plan_gets_its_reference_pass(tmp_path, tiny, monkeypatch):
+    """exo_pair needs ε > 0, which MixDPO's plan gives every preference pair (0.1): the run's reference pass,
+    before any plan (and the reference margins of margin.source reference), ran it as a run without a plan and
+    stopped on 'needs label_smoothing > 0'. It trains, with the plan's ε."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    arms = {"exo": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}},
+                    "train": {"steps": 2, "loss": "exo_pair"}}}
+    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None}, arms=arms)
+    result, _ = _run(config)
+    assert {"plan.exo", "train.exo"} <= set(result.ran)
+    metrics = [json.loads(line) for line in
+               (tmp_path / "work" / "arms" / "exo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error
