@@ -64,6 +64,7 @@ def test_lr_schedule_shapes():
     ({"lean_activations": False, "recompute_mlp": True}, "recompute_mlp applies with lean_activations only"),
     ({"lean_activations": False, "recompute_mlp": False}, "recompute_mlp applies with lean_activations only"),
     ({"loss": "aot", "tokens_per_forward": 5000}, "tokens_per_forward would be ignored: loss 'aot'"),
+    ({"lora": {"merge": True}, "save_model": False}, "lora.merge saves the merged model, and save_model false"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
     with pytest.raises(PerpairError, match=message):
@@ -84,6 +85,8 @@ def test_the_rules_accept_their_allowed_neighbours():
                        "f_divergence_type": "forward_kl"})  # the sigmoid term reads them
     load_config(None, {**BASE, "lean_activations": True, "recompute_mlp": False})
     load_config(None, {**BASE, "loss": "sigmoid", "tokens_per_forward": 5000})
+    load_config(None, {**BASE, "lora": {"merge": True}, "save_model": True})
+    load_config(None, {**BASE, "lora": {"merge": False}, "save_model": False})
     load_config(None, {**BASE, "save_every": 10, "final_checkpoint": True})
     load_config(None, {**BASE, "save_every": 9, "final_checkpoint": False})
 

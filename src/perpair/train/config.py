@@ -214,6 +214,8 @@ class TrainConfig(BaseModel):
             if unused:
                 raise ValueError(f"loss 'sft' trains each chosen response's length-normalised NLL and would ignore "
                                  f"{' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
+        if self.lora is not None and self.lora.merge and not self.save_model:
+            raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
         if self.recompute_mlp is not None and not self.lean_activations:
             raise ValueError("recompute_mlp applies with lean_activations only, which is false here; drop "
                              "recompute_mlp, or set lean_activations true")
