@@ -136,6 +136,51 @@ def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
     assert data(plans["random"], False).source == "plan"
 
 
+def _edited(plan: Path, out: Path, edit) -> Path:
+    """``plan`` with ``edit(columns)`` applied to its columns (a dict of lists), its provenance kept: a plan edited
+    by hand after perpair plan wrote it."""
+    table = pq.read_table(plan)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    edit(columns)
+    rows = len(columns["pair_id"])
+    edited = pa.table({name: pa.array(values, table.schema.field(name).type) for name, values in columns.items()})
+    pq.write_table(edited.replace_schema_metadata(table.schema.metadata), out)
+    assert rows == edited.num_rows
+    return out
+
+
+def _set(column: str, row: int, value):
+    return lambda columns: columns[column].__setitem__(row, value)
+
+
+def _drop_rows(columns):
+    for values in columns.values():
+        del values[10:]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set("route", 0, "SFT"), r"row 1, field 'route': route 'SFT': expected one of preference, sft, drop"),
+    (_set("pair_id", 0, "nowhere"), r"row 1, field 'pair_id': pair 'nowhere' is not in the pairs file"),
+    (lambda c: c["pair_id"].__setitem__(1, c["pair_id"][0]), r"row 2, field 'pair_id': pair '\w+' appears twice"),
+    (_drop_rows, r"the plan covers 10 of the \d+ pairs of .*a plan has a row for every pair"),
+    (_set("order", 3, None), r"row 4, field 'order': a pair routed to (sft|preference) has no order position"),
+    (lambda c: c["order"].__setitem__(1, c["order"][0]), r"field 'order': order \d+ is given to two trained pairs"),
+    (lambda c: c.__setitem__("label_smoothing", [0.7] * len(c["pair_id"])),
+     r"a trained pair has label_smoothing 0.7; it must be in \[0, 0.5\)"),
+])
+def test_a_plan_edited_into_something_else_is_refused_naming_where(tiny_model, uf_pairs, tmp_path, edit, message):
+    """plan.parquet is there to be read (and maybe edited): what perpair plan never writes (a route it does not
+    know, a pair of another file, a pair twice or not at all, a trained pair without its own position, ε ≥ 0.5) is
+    one error naming the plan's row and field. They were trained: 'SFT' as a preference pair, the pairs without a
+    row or position left out, a pair twice, ε 0.7 (the opposite preference); a foreign pair_id was a traceback."""
+    plan = _edited(_mixdpo_plan(uf_pairs, tmp_path), tmp_path / "edited.parquet", edit)
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--plan", plan, "--steps", "1", "--batch-size", "2",
+                    "--max-length", "96", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

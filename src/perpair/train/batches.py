@@ -99,6 +99,11 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
 def check_plan(config: TrainConfig, plan) -> None:
     """Refuse a plan this config cannot train as the plan says."""
     used = ~plan.sft[plan.order]  # the pairs trained on the preference route
+    eps = plan.label_smoothing[plan.order][used]
+    if np.any(~np.isfinite(eps) | (eps < 0) | (eps >= 0.5)):  # the range the config's label_smoothing has
+        bad = eps[~np.isfinite(eps) | (eps < 0) | (eps >= 0.5)][0]
+        raise PerpairError(f"plan {config.plan}: a trained pair has label_smoothing {bad}; it must be in [0, 0.5) "
+                           "(at 0.5 or above the label's flip is as likely as not, or likelier)")
     check_plan_fits(config, plan.curriculum, bool(np.any(plan.label_smoothing[plan.order][used] > 0)),
                     f"plan {config.plan}")
     if config.objective.needs_smoothing and np.any(plan.label_smoothing[plan.order][used] <= 0):
