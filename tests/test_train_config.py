@@ -39,6 +39,27 @@ def test_bad_override_syntax():
         parse_overrides(["beta"])
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize(("steps", "ratio"), [(14, 0.1), (10, 0.1), (7, 0.3), (20, 0.0)])
+def test_lr_schedule_is_transformers_for_the_same_warmup_ratio(schedule, steps, ratio, tmp_path):
+    """The learning rate of every step equals Transformers' scheduler (what TRL's DPOTrainer runs) given the same
+    warmup_ratio: its warm-up steps are the ratio of the steps rounded up (0.1 of 14 is 2, not 1)."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    config = load_config(None, {**BASE, "steps": steps, "warmup_ratio": ratio, "lr_schedule": schedule})
+    warmup = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to=[]).get_warmup_steps(steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(theirs.get_last_lr()[0])
+        optimizer.step()
+        theirs.step()
+    assert config.warmup_steps == warmup
+    assert [lr_factor(config, s) for s in range(steps)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_lr_schedule_shapes():
     config = load_config(None, {**BASE, "warmup_ratio": 0.2, "lr_schedule": "cosine"})
     assert [lr_factor(config, s) for s in (0, 1)] == [0.0, 0.5]

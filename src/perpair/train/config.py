@@ -7,6 +7,7 @@ message, never discovered mid-run.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -244,7 +245,8 @@ class TrainConfig(BaseModel):
     @property
     def warmup_steps(self) -> int:
         assert self.steps is not None, "the steps of one epoch are resolved by train() before the scheduler"
-        return int(round(self.warmup_ratio * self.steps))
+        # rounded up, as Transformers' Trainer (TRL's) turns a warm-up ratio into steps: 0.1 of 14 steps is 2
+        return math.ceil(self.warmup_ratio * self.steps)
 
     @property
     def forward_tokens(self) -> int:
