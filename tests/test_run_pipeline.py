@@ -324,10 +324,14 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     for stage in ("prepare", "annotate", "plan.dpo"):
         assert f"[{stage}] unchanged, skipped" in log
     assert "resuming from step-" in log and "[train.dpo] done" in log
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 17))
+    metrics = [json.loads(line) for line in
+               (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 17))
     assert "| dpo |" in result.stdout
+    # the report's figures are the arm's whole training, not the stretch after the resume
+    summary = json.loads((tmp_path / "work" / "stages" / "train.dpo.json").read_text())["info"]["summary"]
+    assert summary["steps"] == 16 and summary["pairs"] == 16 * 4
+    assert summary["train_seconds"] == pytest.approx(sum(m["seconds"] for m in metrics), rel=1e-12)
 
 
 def _kill_once(command: list[str], env: dict[str, str], ready, log: Path) -> None:
