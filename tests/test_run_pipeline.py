@@ -327,10 +327,14 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     for stage in ("prepare", "annotate", "plan.dpo"):
         assert f"[{stage}] unchanged, skipped" in log
     assert "resuming from step-" in log and "[train.dpo] done" in log
-    steps = [json.loads(line)["step"] for line in
-             (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 17))
+    metrics = [json.loads(line) for line in
+               (tmp_path / "work" / "arms" / "dpo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 17))
     assert "| dpo |" in result.stdout
+    # the report's figures are the arm's whole training, not the stretch after the resume
+    summary = json.loads((tmp_path / "work" / "stages" / "train.dpo.json").read_text())["info"]["summary"]
+    assert summary["steps"] == 16 and summary["pairs"] == 16 * 4
+    assert summary["train_seconds"] == pytest.approx(sum(m["seconds"] for m in metrics), rel=1e-12)
 
 
 def _kill_once(command: list[str], env: dict[str, str], ready, log: Path) -> None:
@@ -470,6 +474,21 @@ def test_arms_plan_with_the_reference_margins_of_their_own_reference_pass(tmp_pa
 
     second, _ = _run(config)
     assert not second.ran and {"plan.short", "plan.long"} <= set(second.skipped)
+
+
+def test_an_arm_whose_loss_takes_epsilon_from_its_plan_gets_its_reference_pass(tmp_path, tiny, monkeypatch):
+    """exo_pair needs ε > 0, which MixDPO's plan gives every preference pair (0.1): the run's reference pass,
+    before any plan (and the reference margins of margin.source reference), ran it as a run without a plan and
+    stopped on 'needs label_smoothing > 0'. It trains, with the plan's ε."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    arms = {"exo": {"preset": "mixdpo", "schedule": {"margin": {"source": "reference"}},
+                    "train": {"steps": 2, "loss": "exo_pair"}}}
+    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None}, arms=arms)
+    result, _ = _run(config)
+    assert {"plan.exo", "train.exo"} <= set(result.ran)
+    metrics = [json.loads(line) for line in
+               (tmp_path / "work" / "arms" / "exo" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

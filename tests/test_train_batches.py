@@ -27,3 +27,82 @@ def test_a_packed_row_holds_exactly_the_pairs_tokens():
     packed = pack(pairs)
     assert packed.input_ids.shape == (1, sum(p.tokens for p in pairs)) == (1, 15)
     assert packed.input_ids[0].tolist() == list(range(1, 16))  # every token once, in order: nothing padded
+
+
+class _Tokenizer:
+    """A chat template of one token per message (enough for build_step_batches: every pair fits)."""
+
+    def apply_chat_template(self, messages, tokenize, return_dict, add_generation_prompt):
+        return {"input_ids": list(range(len(messages) + add_generation_prompt))}
+
+
+@pytest.mark.parametrize("steps", [None, 12])
+def test_a_step_across_two_shuffled_epochs_never_holds_a_pair_twice(steps):
+    """--shuffle reshuffles every epoch, and a step that spans two takes the new order's first pairs: those already
+    in the step wait until it is full (they repeated in it), and every epoch still trains every pair once."""
+    import numpy as np
+    import pyarrow as pa
+
+    from perpair.train import load_config
+    from perpair.train.batches import PairData, build_step_batches, shuffled
+
+    n, batch = 7, 4
+    message = [{"role": "user", "content": "x"}]
+    table = pa.table({"prompt": [message] * n, "chosen": [message] * n, "rejected": [message] * n})
+    repeated = 0
+    for seed in range(20):
+        config = load_config(None, {"model": "m", "data": "d.parquet", "out": "o", "steps": steps,
+                                    "batch_size": batch, "shuffle": True, "seed": seed})
+        order = shuffled(np.arange(n), seed)
+        data = PairData(None, table, [str(i) for i in range(n)], np.full(n, 0.1), np.zeros(n), np.zeros(n, int),
+                        np.zeros(n, bool), None, order, "shuffled")
+        result = build_step_batches(config, data, _Tokenizer())
+        assert all(len(set(step)) == batch for step in result.steps), result.steps
+        sequence = [row for step in result.steps for row in step]
+        assert sequence[:n] == order.tolist()  # the first epoch in its order
+        for start in range(0, len(sequence) - n + 1, n):  # each whole epoch: every pair once
+            assert sorted(sequence[start:start + n]) == list(range(n))
+        # how often the next epoch's plain order would have put a pair twice into the step spanning the two
+        tail = sequence[n - n % batch:n]
+        repeated += bool(set(tail) & set(shuffled(order, [seed, 1])[:batch - len(tail)].tolist()))
+    assert repeated  # the case arose
+
+
+class _CharTokenizer:
+    """A chat template of one token per character of each message, and one for the generation prompt."""
+
+    def apply_chat_template(self, messages, tokenize, return_dict, add_generation_prompt):
+        ids = [ord(c) for m in messages for c in m["content"]]
+        return {"input_ids": ids + [0] * add_generation_prompt}
+
+
+def test_pairs_trained_with_a_response_cut_to_max_length_are_counted():
+    """keep_start truncation cuts prompt + response to max_length; the run counts the pairs it trains cut (the
+    summary's truncated_pairs), apart from those whose prompt fills max_length (skipped) and from pairs routed to
+    SFT whose long rejected response is never computed."""
+    import numpy as np
+    import pyarrow as pa
+
+    from perpair.train import load_config
+    from perpair.train.batches import PairData, build_step_batches
+    from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    # prompt 4 tokens, max_length 10: room for 6 completion tokens
+    rows = [("pppp", "c" * 6, "r" * 6, ROUTE_PREFERENCE),  # fits
+            ("pppp", "c" * 7, "r" * 2, ROUTE_PREFERENCE),  # chosen cut
+            ("pppp", "c" * 2, "r" * 9, ROUTE_PREFERENCE),  # rejected cut
+            ("pppp", "c" * 3, "r" * 9, ROUTE_SFT),  # its rejected response is not trained: not cut
+            ("p" * 10, "c", "r", ROUTE_PREFERENCE)]  # the prompt fills max_length: skipped
+    table = pa.table({"prompt": [turn("user", r[0]) for r in rows], "chosen": [turn("assistant", r[1]) for r in rows],
+                      "rejected": [turn("assistant", r[2]) for r in rows]})
+    n = len(rows)
+    data = PairData(None, table, [str(i) for i in range(n)], np.full(n, 0.1), np.zeros(n),
+                    np.array([r[3] for r in rows]), np.zeros(n, bool), None, np.arange(n), "file order")
+    config = load_config(None, {"model": "m", "data": "d.parquet", "out": "o", "batch_size": 2, "max_length": 10})
+    result = build_step_batches(config, data, _CharTokenizer())
+    assert (result.skipped, result.truncated) == (1, 2)
+    assert [len(result.tokenized[i].chosen) for i in range(4)] == [6, 6, 2, 3]
+    assert [result.tokenized[i].truncated for i in range(4)] == [False, True, True, False]

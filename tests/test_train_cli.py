@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,51 @@ def test_shuffle_with_a_plan_only_without_curriculum(uf_pairs, tmp_path):
     assert data(plans["random"], False).source == "plan"
 
 
+def _edited(plan: Path, out: Path, edit) -> Path:
+    """``plan`` with ``edit(columns)`` applied to its columns (a dict of lists), its provenance kept: a plan edited
+    by hand after perpair plan wrote it."""
+    table = pq.read_table(plan)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    edit(columns)
+    rows = len(columns["pair_id"])
+    edited = pa.table({name: pa.array(values, table.schema.field(name).type) for name, values in columns.items()})
+    pq.write_table(edited.replace_schema_metadata(table.schema.metadata), out)
+    assert rows == edited.num_rows
+    return out
+
+
+def _set(column: str, row: int, value):
+    return lambda columns: columns[column].__setitem__(row, value)
+
+
+def _drop_rows(columns):
+    for values in columns.values():
+        del values[10:]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set("route", 0, "SFT"), r"row 1, field 'route': route 'SFT': expected one of preference, sft, drop"),
+    (_set("pair_id", 0, "nowhere"), r"row 1, field 'pair_id': pair 'nowhere' is not in the pairs file"),
+    (lambda c: c["pair_id"].__setitem__(1, c["pair_id"][0]), r"row 2, field 'pair_id': pair '\w+' appears twice"),
+    (_drop_rows, r"the plan covers 10 of the \d+ pairs of .*a plan has a row for every pair"),
+    (_set("order", 3, None), r"row 4, field 'order': a pair routed to (sft|preference) has no order position"),
+    (lambda c: c["order"].__setitem__(1, c["order"][0]), r"field 'order': order \d+ is given to two trained pairs"),
+    (lambda c: c.__setitem__("label_smoothing", [0.7] * len(c["pair_id"])),
+     r"a trained pair has label_smoothing 0.7; it must be in \[0, 0.5\)"),
+])
+def test_a_plan_edited_into_something_else_is_refused_naming_where(tiny_model, uf_pairs, tmp_path, edit, message):
+    """plan.parquet is there to be read (and maybe edited): what perpair plan never writes (a route it does not
+    know, a pair of another file, a pair twice or not at all, a trained pair without its own position, ε ≥ 0.5) is
+    one error naming the plan's row and field. They were trained: 'SFT' as a preference pair, the pairs without a
+    row or position left out, a pair twice, ε 0.7 (the opposite preference); a foreign pair_id was a traceback."""
+    plan = _edited(_mixdpo_plan(uf_pairs, tmp_path), tmp_path / "edited.parquet", edit)
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--plan", plan, "--steps", "1", "--batch-size", "2",
+                    "--max-length", "96", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -187,11 +233,46 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
         capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes" not in result.stderr  # no error about the batch split
+    shown = result.stdout + result.stderr  # the first process reports for both: each line once
+    assert shown.count("step 1/3") == 1 and shown.count("trained 3 steps") == 1, shown[-3000:]
     one, two_m = _metrics(tmp_path / "one"), _metrics(two)
     assert len(two_m) == 3
     for x, y in zip(one, two_m, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
+    """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
+    resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""
+    args = ["--steps", "4", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--threads", "1", "--lora",
+            "--set", "lora.r=4", "--set", "lora.dropout=0.3", "--save-every", "1", "--set", "keep_checkpoints=4",
+            "--set", f"reference_cache={tmp_path / 'refcache'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def two(out, *extra):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+             "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
+             *args, *extra], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    two(tmp_path / "straight")
+    resumed = tmp_path / "resumed"
+    two(resumed)
+    assert (resumed / "checkpoints" / "step-00000002" / "rng-1.safetensors").is_file()
+    for late in ("step-00000003", "step-00000004"):  # as if killed after the checkpoint of step 2
+        shutil.rmtree(resumed / "checkpoints" / late)
+    shutil.rmtree(resumed / "adapter")
+    two(resumed, "--resume")
+    a, b = _metrics(tmp_path / "straight"), _metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == x["loss"] and y["grad_norm"] == x["grad_norm"]
+    wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
@@ -268,6 +349,54 @@ def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_p
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: file {missing}: not found"]
 
 
+def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_exactly(tiny_model, uf_pairs,
+                                                                                     tmp_path):
+    """--resume reads the latest checkpoint whole before restoring anything: a truncated weights file, a missing
+    or unreadable state is one error naming the checkpoint and the one before it, with OUT's metrics kept; removing
+    the damaged one resumes from the one before, exactly."""
+    args = ("--steps", "3", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--save-every", "1",
+            "--set", "keep_checkpoints=3", "--set", "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    straight = _metrics(out)
+    last, before = out / "checkpoints" / "step-00000003", "step-00000002"
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a disk that filled while it was written
+    for damage in (None, "missing state", "bad state"):
+        if damage == "missing state":
+            (last / "state.json").unlink()
+        elif damage == "bad state":
+            (last / "state.json").write_text('{"step": 3')
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {last} is damaged or incomplete"), lines
+        assert f"remove it to resume from the one before ({before})" in lines[0]
+        assert "Traceback" not in result.stderr
+        assert _metrics(out) == straight
+    shutil.rmtree(last)
+    _train(tiny_model, uf_pairs, out, *args, "--resume")
+    resumed = _metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3]
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
+
+
+def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(tmp_path):
+    """A run killed while it appended a step's metrics leaves a torn last line, of a step after any checkpoint:
+    --resume drops it with the other lines past its checkpoint. A line that is not metrics before the last is
+    refused, naming the file and line."""
+    from perpair.train.checkpoints import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n" + lines[2][:-7].replace("3", "4"))  # step 4's line, torn
+    truncate_metrics(path, 2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    path.write_text(lines[0] + "\n" + "garbage\n" + lines[2] + "\n")
+    with pytest.raises(PerpairError, match=f"file {re.escape(str(path))}, line 2: not a line of metrics"):
+        truncate_metrics(path, 2)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
     """Reference log-probs corrupted to NaN for the pairs of steps 3 and 4: the run stops at step 3 with one
     clear message, before the optimizer step, and keeps the checkpoint of step 2."""
@@ -320,6 +449,34 @@ def test_out_holding_files_no_run_wrote_is_refused_even_with_overwrite(tiny_mode
     (hidden / ".gitkeep").write_text("")
     _train(tiny_model, uf_pairs, hidden, *TINY_ARGS)
     assert (hidden / "run.key").is_file() and (hidden / ".gitkeep").is_file()
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm would write NaN
+    into every weight, and the next checkpoint would hold them. The run stops at step 2 with the weights and the
+    checkpoint of step 1 as they were."""
+    import perpair.train.loop as loop
+    from perpair.train import NonFiniteLoss, load_config, train
+
+    densify, calls = loop.densify_gradients, []
+
+    def poisoned(parameters):
+        parameters = list(parameters)
+        densify(parameters)
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(loop, "densify_gradients", poisoned)
+    out = tmp_path / "run"
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 3,
+                                "batch_size": 2, "max_length": 64, "lr": 1e-3, "threads": 1, "save_every": 1,
+                                "reference_cache": str(tmp_path / "refcache")})
+    with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is [0-9.]+ but its gradient norm is nan"):
+        train(config)
+    assert [m["step"] for m in _metrics(out)] == [1]
+    assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
+    assert not (out / "model").exists()
 
 
 def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):

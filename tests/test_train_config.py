@@ -39,6 +39,27 @@ def test_bad_override_syntax():
         parse_overrides(["beta"])
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize(("steps", "ratio"), [(14, 0.1), (10, 0.1), (7, 0.3), (20, 0.0)])
+def test_lr_schedule_is_transformers_for_the_same_warmup_ratio(schedule, steps, ratio, tmp_path):
+    """The learning rate of every step equals Transformers' scheduler (what TRL's DPOTrainer runs) given the same
+    warmup_ratio: its warm-up steps are the ratio of the steps rounded up (0.1 of 14 is 2, not 1)."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    config = load_config(None, {**BASE, "steps": steps, "warmup_ratio": ratio, "lr_schedule": schedule})
+    warmup = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to=[]).get_warmup_steps(steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    theirs = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(theirs.get_last_lr()[0])
+        optimizer.step()
+        theirs.step()
+    assert config.warmup_steps == warmup
+    assert [lr_factor(config, s) for s in range(steps)] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 def test_lr_schedule_shapes():
     config = load_config(None, {**BASE, "warmup_ratio": 0.2, "lr_schedule": "cosine"})
     assert [lr_factor(config, s) for s in (0, 1)] == [0.0, 0.5]
@@ -54,6 +75,17 @@ def test_lr_schedule_shapes():
     ({"loss": "sft", "plan": "p.parquet"}, "loss 'sft' .* would ignore the plan"),
     ({"loss": "sigmoid", "simpo_gamma": 1.0}, "simpo_gamma is used by loss 'simpo' only"),
     ({"save_every": 10, "final_checkpoint": False}, "would write no checkpoint"),
+    # settings that would change nothing: each was accepted and silently unused
+    ({"loss": "sigmoid", "discopop_tau": 0.1}, "discopop_tau is used by loss 'discopop' only"),
+    ({"f_alpha_divergence_coef": 0.3}, "f_alpha_divergence_coef is the alpha of f_divergence_type alpha_divergence"),
+    ({"f_divergence_type": "forward_kl", "f_alpha_divergence_coef": 0.3}, "not forward_kl; drop it"),
+    ({"loss": "sft", "beta": 0.5}, "loss 'sft' .* would ignore beta; drop it"),
+    ({"loss": "sft", "f_divergence_type": "forward_kl"}, "loss 'sft' .* would ignore f_divergence_type"),
+    ({"loss": "sft", "use_weighting": True, "beta": 0.1}, "would ignore beta and use_weighting; drop them"),
+    ({"lean_activations": False, "recompute_mlp": True}, "recompute_mlp applies with lean_activations only"),
+    ({"lean_activations": False, "recompute_mlp": False}, "recompute_mlp applies with lean_activations only"),
+    ({"loss": "aot", "tokens_per_forward": 5000}, "tokens_per_forward would be ignored: loss 'aot'"),
+    ({"lora": {"merge": True}, "save_model": False}, "lora.merge saves the merged model, and save_model false"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
     with pytest.raises(PerpairError, match=message):
@@ -65,6 +97,17 @@ def test_the_rules_accept_their_allowed_neighbours():
     load_config(None, {**BASE, "loss": "sft"})
     load_config(None, {**BASE, "plan": "p.parquet"})
     load_config(None, {**BASE, "loss": "simpo", "simpo_gamma": 1.0})
+    load_config(None, {**BASE, "loss": ["simpo", "sft"], "simpo_gamma": 1.0})  # the combination reads it too
+    load_config(None, {**BASE, "loss": "discopop", "discopop_tau": 0.1})
+    load_config(None, {**BASE, "loss": ["sigmoid", "discopop"], "discopop_tau": 0.1})
+    load_config(None, {**BASE, "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3})
+    load_config(None, {**BASE, "loss": "sft", "use_weighting": False})
+    load_config(None, {**BASE, "loss": ["sigmoid", "sft"], "beta": 0.5, "use_weighting": True,
+                       "f_divergence_type": "forward_kl"})  # the sigmoid term reads them
+    load_config(None, {**BASE, "lean_activations": True, "recompute_mlp": False})
+    load_config(None, {**BASE, "loss": "sigmoid", "tokens_per_forward": 5000})
+    load_config(None, {**BASE, "lora": {"merge": True}, "save_model": True})
+    load_config(None, {**BASE, "lora": {"merge": False}, "save_model": False})
     load_config(None, {**BASE, "save_every": 10, "final_checkpoint": True})
     load_config(None, {**BASE, "save_every": 9, "final_checkpoint": False})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,12 @@ def train_command(
     def steps_known(steps: int) -> None:
         total[0] = steps
 
-    result = train(cfg, on_step=progress, on_reference=reference, on_resume=resumed, on_steps=steps_known)
+    # Under torchrun / accelerate launch every process runs this command: the first one reports for all
+    lead = os.environ.get("RANK", "0") == "0"
+    result = train(cfg, on_step=progress if lead else None, on_reference=reference if lead else None,
+                   on_resume=resumed if lead else None, on_steps=steps_known)
+    if not lead:
+        return
     s = result.summary
     out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
@@ -142,7 +148,8 @@ def train_command(
               f"{s['reference_seconds']:.1f} s"
               f"{f', {first} from the first step (the initial weights are the reference)' if first else ''} "
               f"(the rest from the cache); order: {s['order']}; "
-              f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}")
+              f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}; "
+              f"trained with a response cut to max_length: {s['truncated_pairs']}")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
     packing = s["tokens_per_forward"]
     kept = s["mlp_gate_up_kept"]

@@ -11,6 +11,7 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -292,10 +293,8 @@ class _Job:
             config = settings.train_configs[arm]
             if not config.objective.reference_free:
                 same = (config.reference_model, config.max_length, config.ld_alpha, config.precision)
-                trainings.setdefault(same, {**self._train_options(self._train_keys(settings, arm), arm, pairs),
-                                            "plan": None,
-                                            "steps": None,  # one epoch: every pair that fits
-                                            "out": str(self.workdir / "reference")})
+                trainings.setdefault(same, {**self._reference_options(settings, arm, pairs),
+                                            "steps": None})  # one epoch: every pair that fits
             if self.config.eval.preference is not None and test is not None:
                 evaluation = self._preference_config(settings, arm, self.config.model, test)
                 evaluations.setdefault((evaluation.max_length, evaluation.limit), evaluation)
@@ -327,8 +326,7 @@ class _Job:
         from perpair.train import load_config
         from perpair.train.setup import load_tokenizer, reference_cache_file, uses_bf16
 
-        config = load_config(None, {**self._train_options(self._train_keys(settings, arm), arm, pairs),
-                                    "plan": None, "steps": 1, "out": str(self.workdir / "reference")})
+        config = load_config(None, {**self._reference_options(settings, arm, pairs), "steps": 1})
         path, _ = reference_cache_file(config, load_tokenizer(config), pairs, bf16=uses_bf16(config))
         if not path.is_file():
             raise PerpairError(f"arms.{arm}: margin.source 'reference': the reference pass left no log-probs for "
@@ -342,6 +340,16 @@ class _Job:
         if keys.get("lora") is not None:
             keys["lora"] = {**keys["lora"], "merge": True}  # the evaluation reads the merged model
         return keys
+
+    def _reference_options(self, settings: Settings, arm: str, pairs: Path) -> dict[str, Any]:
+        """The train options of the arm's reference pass: every pair, no plan (it runs before the plans). A loss
+        that needs ε > 0 (exo_pair) takes it from the plan when it trains; the reference log-probs do not depend on
+        the loss, so a placeholder ε lets the pass's config meet the rule for a run without a plan."""
+        options = {**self._train_options(self._train_keys(settings, arm), arm, pairs), "plan": None,
+                   "out": str(self.workdir / "reference")}
+        if settings.train_configs[arm].objective.needs_smoothing:
+            options["label_smoothing"] = 1e-3
+        return options
 
     def _train_options(self, keys: dict[str, Any], arm: str, pairs: Path) -> dict[str, Any]:
         """``keys`` and what the run sets itself, but the plan, the steps and the output folder."""
@@ -489,6 +497,12 @@ def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[st
             log(f"  step {m['step']}/{steps[0]} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
 
     summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
+    if summary.get("resumed_from"):  # the arm's whole training, not the last stretch (the report compares arms)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        seconds = sum(m["seconds"] for m in lines)
+        pairs = sum(m["pairs"] for m in lines)
+        summary = {**summary, "steps": len(lines), "pairs": pairs, "tokens": sum(m["tokens"] for m in lines),
+                   "train_seconds": seconds, "pairs_per_second": pairs / seconds if seconds else None}
     keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
             "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
     return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0]}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perpair.artifacts import read_parquet
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 
 
 @dataclass
@@ -39,8 +39,8 @@ def plan_arrays(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     if pair_ids is None:
         pair_ids = read_parquet(pairs_path, columns=["pair_id"]).column("pair_id").to_pylist()
     index = {pid: i for i, pid in enumerate(pair_ids)}
-    rows = np.array([index[pid] for pid in plan.column("pair_id").to_pylist()], dtype=np.int64)
     n = len(pair_ids)
+    rows = _rows(plan, index, str(plan_path), str(pairs_path))
     beta, smoothing = np.full(n, np.nan), np.zeros(n)
     sft = np.zeros(n, dtype=bool)
     flipped = np.zeros(n, dtype=bool)
@@ -53,9 +53,52 @@ def plan_arrays(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     for row, cat in zip(rows, plan.column("category").to_pylist(), strict=True):
         category[row] = cat
     positions = np.array([-1 if o is None else o for o in plan.column("order").to_pylist()])
-    trained = (positions >= 0) & (routes != "drop")
+    trained = routes != "drop"
+    _check_order(positions, trained, routes, str(plan_path))
     order = rows[trained][np.argsort(positions[trained], kind="stable")]
     if len(order) == 0:
         raise PerpairError(f"plan {plan_path}: no pair is trained (all dropped)")
     curriculum = (provenance.get("schedule") or {}).get("curriculum", {}).get("kind", "none")
     return PlanArrays(beta, smoothing, sft, flipped, category, order, curriculum)
+
+
+ROUTES = ("preference", "sft", "drop")
+
+
+def _rows(plan, index: dict[str, int], plan_file: str, pairs_file: str) -> np.ndarray:
+    """The pairs file's row of each plan row. A plan has one row for every pair (route ``drop`` leaves a pair out),
+    each with a route perpair knows: an edited plan that breaks this is refused, never trained in part."""
+    rows = np.empty(plan.num_rows, dtype=np.int64)
+    seen: dict[str, int] = {}
+    for i, (pid, route) in enumerate(zip(plan.column("pair_id").to_pylist(), plan.column("route").to_pylist(),
+                                         strict=True)):
+        if route not in ROUTES:
+            raise InputError(f"route {route!r}: expected one of {', '.join(ROUTES)}", file=plan_file, row=i + 1,
+                             field="route")
+        if pid not in index:
+            raise InputError(f"pair {pid!r} is not in the pairs file {pairs_file}", file=plan_file, row=i + 1,
+                             field="pair_id")
+        if pid in seen:
+            raise InputError(f"pair {pid!r} appears twice (rows {seen[pid]} and {i + 1}); a plan needs unique pair "
+                             "ids", file=plan_file, row=i + 1, field="pair_id")
+        seen[pid] = i + 1
+        rows[i] = index[pid]
+    if len(seen) < len(index):
+        missing = next(pid for pid in index if pid not in seen)
+        raise InputError(f"the plan covers {len(seen)} of the {len(index)} pairs of {pairs_file} (e.g. {missing!r} "
+                         "has no row); a plan has a row for every pair, route 'drop' for those it leaves out",
+                         file=plan_file)
+    return rows
+
+
+def _check_order(positions: np.ndarray, trained: np.ndarray, routes: np.ndarray, plan_file: str) -> None:
+    """Every trained pair (route preference or sft) has its own position in the order."""
+    for i in np.flatnonzero(trained & (positions < 0)):
+        raise InputError(f"a pair routed to {routes[i]} has no order position (null or negative); give it one, or "
+                         "route it to drop", file=plan_file, row=int(i) + 1, field="order")
+    values, counts = np.unique(positions[trained], return_counts=True)
+    if np.any(counts > 1):
+        position = values[np.argmax(counts > 1)]
+        twice = np.flatnonzero(trained & (positions == position))[:2] + 1
+        raise InputError(f"order {position} is given to two trained pairs (rows {twice[0]} and {twice[1]}); the "
+                         "order must be a sequence without ties", file=plan_file, field="order")

@@ -44,6 +44,7 @@ class StepBatches:
     steps: list[list[int]]
     tokenized: dict[int, TokenizedPair]
     skipped: int  # pairs whose prompt alone fills max_length (TRL drops them too)
+    truncated: int = 0  # pairs trained with a response cut to max_length (TRL's keep_start truncation)
 
 
 def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -98,6 +99,11 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
 def check_plan(config: TrainConfig, plan) -> None:
     """Refuse a plan this config cannot train as the plan says."""
     used = ~plan.sft[plan.order]  # the pairs trained on the preference route
+    eps = plan.label_smoothing[plan.order][used]
+    if np.any(~np.isfinite(eps) | (eps < 0) | (eps >= 0.5)):  # the range the config's label_smoothing has
+        bad = eps[~np.isfinite(eps) | (eps < 0) | (eps >= 0.5)][0]
+        raise PerpairError(f"plan {config.plan}: a trained pair has label_smoothing {bad}; it must be in [0, 0.5) "
+                           "(at 0.5 or above the label's flip is as likely as not, or likelier)")
     check_plan_fits(config, plan.curriculum, bool(np.any(plan.label_smoothing[plan.order][used] > 0)),
                     f"plan {config.plan}")
     if config.objective.needs_smoothing and np.any(plan.label_smoothing[plan.order][used] <= 0):
@@ -135,6 +141,9 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     while needed is None or len(sequence) < needed:
         before = len(sequence)
         order = data.order if epoch == 0 or not config.shuffle else shuffled(data.order, [config.seed, epoch])
+        # A step that spans two epochs never holds a pair twice: a pair of the new epoch already in that step (a
+        # reshuffled order can start with the previous one's last pairs) waits until the step is full.
+        waiting: list[int] = []
         for row in order.tolist():
             if row not in tokenized:
                 good, bad = chosen[row].as_py(), rejected[row].as_py()
@@ -143,10 +152,18 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
                 tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
                                                config.max_length)
-            if tokenized[row] is not None:
-                sequence.append(row)
-                if len(sequence) == needed:
-                    break
+            if tokenized[row] is None:
+                continue
+            if row in sequence[len(sequence) - len(sequence) % config.batch_size:]:
+                waiting.append(row)
+                continue
+            sequence.append(row)
+            if len(sequence) % config.batch_size == 0:  # the step is full: the waiting pairs start the next
+                sequence.extend(waiting[:needed - len(sequence) if needed else None])
+                waiting = []
+            if len(sequence) == needed:
+                break
+        sequence.extend(waiting)  # (a step that the epoch's other pairs could not fill: only with a too-large batch)
         if len(sequence) == before:
             raise PerpairError(f"every pair's prompt fills max_length {config.max_length}; raise max_length")
         if epoch == 0 and len(sequence) < config.batch_size:  # (the whole order read: these are all there are)
@@ -160,4 +177,5 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     sequence = sequence[:needed]
     steps = [sequence[s:s + config.batch_size] for s in range(0, needed, config.batch_size)]
     skipped = sum(1 for t in tokenized.values() if t is None)
-    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped)
+    truncated = sum(1 for row in set(sequence) if tokenized[row].truncated)
+    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated)

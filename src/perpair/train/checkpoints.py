@@ -106,16 +106,24 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
-    """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states, written to
-    a temporary folder and renamed, so a kill never leaves half a checkpoint."""
+    """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
+    process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
+    never leaves half a checkpoint."""
+    accelerator.wait_for_everyone()
+    target = out / "checkpoints" / f"step-{step:08d}"
+    tmp = target.with_name(f".{target.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, tmp / rng_file(accelerator.process_index))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(module).model
-    target = out / "checkpoints" / f"step-{step:08d}"
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, tmp / "model.safetensors")
@@ -128,10 +136,6 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
             for key, value in inner.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}::{key}"] = value.detach().contiguous().cpu()
     save_file(tensors, tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, tmp / "rng.safetensors")
     np_state = np.random.get_state()
     state = {
         "step": step, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
@@ -145,14 +149,22 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
-    """Restore the latest checkpoint in ``out``; returns its step (0 when there is none)."""
+def rng_file(process: int) -> str:
+    """The file of a checkpoint holding process ``process``'s RNG states (the first process's: ``rng.safetensors``)."""
+    return "rng.safetensors" if process == 0 else f"rng-{process}.safetensors"
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, process: int = 0) -> int:
+    """Restore the latest checkpoint in ``out`` into process ``process``; returns its step (0 when there is none).
+    Every file is read and checked against the model before anything is restored: a damaged or incomplete
+    checkpoint (a disk that filled, files copied in part) is refused, naming it, never half applied and never
+    silently skipped for an older one. A process the checkpoint has no RNG states of (it was written by fewer
+    processes) takes the first process's."""
     found = checkpoints(out)
     if not found:
         return 0
     folder = found[-1]
-    state = json.loads((folder / "state.json").read_text())
-    weights = load_file(folder / "model.safetensors")
+    state, weights, tensors, rng = _read_checkpoint(folder, found[-2] if len(found) > 1 else None, process)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
@@ -161,7 +173,6 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    tensors = load_file(folder / "optimizer.safetensors")
     for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
         group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "names"})
         for name, p in zip(saved["names"], group["params"], strict=True):
@@ -169,7 +180,6 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
             if entries:
                 optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
@@ -177,6 +187,35 @@ def load_checkpoint(out: Path, model, optimizer, scheduler) -> int:
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     return int(state["step"])
+
+
+def _read_checkpoint(folder: Path, previous: Path | None, process: int) -> tuple[dict, dict, dict, dict]:
+    """The state, weights, optimizer tensors and RNG states of the checkpoint ``folder``, or one error naming it."""
+    from safetensors import SafetensorError
+
+    def damaged(reason: str) -> PerpairError:
+        then = (f"remove it to resume from the one before ({previous.name})" if previous is not None
+                else "remove it, or start again with --overwrite")
+        return PerpairError(f"checkpoint {folder} is damaged or incomplete ({reason}); {then}")
+
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        weights = load_file(folder / "model.safetensors")
+        tensors = load_file(folder / "optimizer.safetensors")
+        own = folder / rng_file(process)
+        rng = load_file(own if own.exists() else folder / rng_file(0))
+    except FileNotFoundError as exc:
+        raise damaged(f"no {Path(exc.filename).name}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
+        raise damaged(" ".join(str(exc).split())[:200]) from None
+    number = folder.name.removeprefix("step-")
+    expected = int(number) if number.isdigit() else None
+    keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
+        raise damaged(f"state.json is not the state of step {expected}")
+    if "torch" not in rng:
+        raise damaged("its RNG states lack torch's")
+    return state, weights, tensors, rng
 
 
 def _jsonable(value):
@@ -197,8 +236,19 @@ def truncate_metrics(path: Path, step: int) -> None:
     if step == 0 or not path.exists():
         path.write_text("")
         return
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            at = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):  # the line of a step being written when the run was killed: after the checkpoint
+                break
+            raise PerpairError(f"file {path}, line {number}: not a line of metrics; it cannot be kept for the "
+                               f"steps up to {step} that --resume continues after") from None
+        if at <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:

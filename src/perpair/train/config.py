@@ -7,6 +7,7 @@ message, never discovered mid-run.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Literal
 
@@ -200,8 +201,28 @@ class TrainConfig(BaseModel):
             raise ValueError(f"{' and '.join(given)} would be ignored: the plan gives every pair its own; drop "
                              f"{'them' if len(given) > 1 else 'it'}, or make the plan with other values (perpair "
                              f"plan --beta, the schedule's label_smoothing)")
-        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
-            raise ValueError(f"simpo_gamma is used by loss 'simpo' only, not {self.loss!r}; drop it")
+        names = [self.loss] if isinstance(self.loss, str) else self.loss
+        for option, loss in (("simpo_gamma", "simpo"), ("discopop_tau", "discopop")):
+            if option in self.model_fields_set and loss not in names:
+                raise ValueError(f"{option} is used by loss {loss!r} only, not {self.loss!r}; drop it")
+        if "f_alpha_divergence_coef" in self.model_fields_set and self.f_divergence_type != "alpha_divergence":
+            raise ValueError(f"f_alpha_divergence_coef is the alpha of f_divergence_type alpha_divergence, not "
+                             f"{self.f_divergence_type}; drop it")
+        if names == ["sft"]:  # every pair's chosen NLL: no β, no score for an f-divergence, no WPO weight
+            unused = ["beta"] if "beta" in self.model_fields_set else []
+            unused += ["f_divergence_type"] if self.f_divergence_type != "reverse_kl" else []
+            unused += ["use_weighting"] if self.use_weighting else []
+            if unused:
+                raise ValueError(f"loss 'sft' trains each chosen response's length-normalised NLL and would ignore "
+                                 f"{' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
+        if self.lora is not None and self.lora.merge and not self.save_model:
+            raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
+        if self.recompute_mlp is not None and not self.lean_activations:
+            raise ValueError("recompute_mlp applies with lean_activations only, which is false here; drop "
+                             "recompute_mlp, or set lean_activations true")
+        if self.objective.batch_level and self.tokens_per_forward is not None:
+            raise ValueError(f"tokens_per_forward would be ignored: loss {self.objective.name!r} sorts across the "
+                             "step, so the step's pairs always share one forward; drop it")
         if self.steps is not None and self.save_every >= self.steps and not self.final_checkpoint:
             raise ValueError(f"save_every {self.save_every} ≥ steps {self.steps} with final_checkpoint false: the "
                              "run would write no checkpoint; lower save_every or set final_checkpoint true")
@@ -224,7 +245,8 @@ class TrainConfig(BaseModel):
     @property
     def warmup_steps(self) -> int:
         assert self.steps is not None, "the steps of one epoch are resolved by train() before the scheduler"
-        return int(round(self.warmup_ratio * self.steps))
+        # rounded up, as Transformers' Trainer (TRL's) turns a warm-up ratio into steps: 0.1 of 14 steps is 2
+        return math.ceil(self.warmup_ratio * self.steps)
 
     @property
     def forward_tokens(self) -> int:

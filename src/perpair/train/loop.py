@@ -116,7 +116,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     scheduler = make_scheduler(config, optimizer)
     start_step = 0
     if config.resume:
-        start_step = load_checkpoint(out, model, optimizer, scheduler)
+        start_step = load_checkpoint(out, model, optimizer, scheduler, accelerator.process_index)
         if on_resume:
             on_resume(start_step)
     module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting,
@@ -169,7 +169,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "useful_flops_per_second": flops_per_token * totals["tokens"] / train_seconds if train_seconds else None,
         "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
         "reference_pairs_from_first_step": from_first_step,
-        "skipped_long_prompts": batches.skipped, "order": data.source,
+        "skipped_long_prompts": batches.skipped, "truncated_pairs": batches.truncated, "order": data.source,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "device": accelerator.device.type,
         "allocator": active_allocator() or "system", **saved,
@@ -238,6 +238,12 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
     grad_norm = None
     if config.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm))
+        if not math.isfinite(grad_norm):  # clipping by a NaN norm would write NaN into every weight
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"step {step + 1}: the loss is {loss} but its gradient norm is {grad_norm}; stopped "
+                                f"before the optimizer step, so the weights are unchanged. The last good checkpoint "
+                                f"is kept in {Path(config.out) / 'checkpoints'}. Lower the learning rate or check the "
+                                "data.")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

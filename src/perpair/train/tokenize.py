@@ -10,7 +10,7 @@ separately for each response; pairs whose prompt alone fills ``max_length`` are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -19,6 +19,7 @@ class TokenizedPair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]  # empty for a pair routed to SFT (its rejected response is never computed)
+    truncated: bool = field(default=False, compare=False)  # a response was cut to fit max_length
 
     @property
     def tokens(self) -> int:
@@ -59,7 +60,8 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
         if len(prompt_ids) >= max_length:
             return None
         room = max_length - len(prompt_ids)
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+        truncated = len(chosen_ids) > room or len(rejected_ids) > room
+        return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated)
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
 
 
