@@ -209,6 +209,28 @@ def test_ratings_teacher_on_raw_and_binarized_data(uf_pairs, tmp_path):
     assert categories.count("unknown") == 884  # the issue's count of pairs the old rule left unannotated
 
 
+def test_ratings_answers_are_not_reused_for_the_same_texts_with_other_scores(tmp_path):
+    """The pair id hashes the texts only: the ratings teacher's cache key holds the scores it read, so the same
+    texts prepared again with other scores are annotated from the new scores (they got the old answers)."""
+    from plan_helpers import make_pairs
+
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    ids = make_pairs(first, [(8.0, 3.0), (8.0, 3.0)])
+    assert make_pairs(second, [(8.0, 8.0), (8.0, 7.5)]) == ids  # the same texts: the same pair ids
+    out = tmp_path / "ann.parquet"
+    annotate(first, out, "--teacher", "ratings")
+    assert read_annotations(out)[0].column("magnitude").to_pylist() == [3.0, 3.0]
+    rerun = annotate(second, out, "--teacher", "ratings")  # the same -o, so the same answer cache
+    assert "0 from the cache" in rerun.stdout
+    table, provenance = read_annotations(out)
+    by_id = dict(zip(table.column("pair_id").to_pylist(), table.select(["category", "magnitude"]).to_pylist(),
+                     strict=True))
+    assert by_id[ids[0]] == {"category": "no_clear_gap", "magnitude": 0.0}  # a tie now
+    assert by_id[ids[1]] == {"category": "unknown", "magnitude": 1.0}
+    assert provenance["pairs_sha256"] == file_sha256(second)
+    assert "2 from the cache" in annotate(second, out, "--teacher", "ratings").stdout  # unchanged: reused
+
+
 @pytest.mark.parametrize("spec", ["api:notaurl", "local:"])
 def test_bad_teacher_spec(uf_pairs, tmp_path, spec):
     result = annotate(uf_pairs, tmp_path / "x.parquet", "--teacher", spec, check=False)

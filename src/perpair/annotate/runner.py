@@ -158,7 +158,8 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     for pair in pairs:
         for teacher in teachers:
             for template_id in teacher.templates:
-                key = call_key(pair["pair_id"], teacher.id, teacher.fingerprint, template_id, config.seed)
+                material = teacher.key_material(pair) if hasattr(teacher, "key_material") else None
+                key = call_key(pair["pair_id"], teacher.id, teacher.fingerprint, template_id, config.seed, material)
                 calls.append((teacher, Call(key=key, pair_id=pair["pair_id"], teacher=teacher.id,
                                             template=template_id, swapped=is_swapped(pair["pair_id"], template_id,
                                                                                      config.seed), pair=pair)))

@@ -51,13 +51,21 @@ class Call:
                           status=status, **values)
 
 
-def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int) -> str:
-    """The cache key: everything that changes the answer (never the base URL or the concurrency)."""
-    text = json.dumps([pair_id, teacher_id, fingerprint, template_id, seed], sort_keys=True)
+def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int,
+             material: dict[str, Any] | None = None) -> str:
+    """The cache key: everything that changes the answer (never the base URL or the concurrency). ``material``:
+    what of the pair beyond its texts (which its id hashes) the teacher reads, for a teacher that reads more
+    (the ratings teacher: the scores); left out of the key when None, so other teachers' keys stay as they were."""
+    parts: list[Any] = [pair_id, teacher_id, fingerprint, template_id, seed]
+    if material is not None:
+        parts.append(material)
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # --- ratings -----------------------------------------------------------------------------------------
+
+RATING_COLUMNS = ("score_chosen", "score_rejected", "ratings_chosen", "ratings_rejected")
 
 # Raw UltraFeedback's GPT-4 aspects and the category each one's gap stands for.
 ASPECT_CATEGORY = {
@@ -90,6 +98,12 @@ class RatingsTeacher:
 
     def check(self) -> None:
         """Nothing to check before a run: the data's own ratings need no model."""
+
+    @staticmethod
+    def key_material(pair: dict[str, Any]) -> dict[str, Any]:
+        """The scores and ratings the answer is made of: the pair id hashes only the texts, so the same texts
+        with other scores (another preparation of the data) must not find this answer in the cache."""
+        return {name: pair.get(name) for name in RATING_COLUMNS}
 
     def magnitude(self, margin: float) -> float:
         low, high = self.config.magnitude_edges
