@@ -487,3 +487,32 @@ def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny
     assert (work / "pairs.parquet").is_file() and not (work / "arms").exists()
     assert not (work / "stages" / "annotate.json").exists()
     assert TooFewAnnotated("x").exit_code == 3
+
+
+def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
+    """An arm's plan that warns (here: annotations of the first 6 pairs only, so the others fall back to the
+    global β) says so in the run's log, as `perpair plan` does, and again when the plan stage is skipped."""
+    import importlib
+
+    from perpair.pipeline import RunConfig, run
+
+    run_module = importlib.import_module("perpair.pipeline.run")  # the module (the package's `run` is the function)
+
+    class Planned(Exception):
+        pass
+
+    def stop(self, settings, arm, pairs, plan):
+        raise Planned(plan)
+
+    monkeypatch.setattr(run_module._Job, "train", stop)  # what the arm trains is not this test's
+    config = _config(tmp_path, tiny, annotate={"teachers": ["ratings"], "limit": 6})
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["eval"] = {}
+    for _ in range(2):
+        lines = []
+        with pytest.raises(Planned):
+            run(RunConfig.model_validate(config), log=lines.append)
+        (warning,) = [line for line in lines if "warning:" in line]
+        assert "14 of the 20 preference pairs are unannotated and get the global β 0.1" in warning
+        assert "(annotated with --limit 6)" in warning
+    assert any("[plan.sp2dpo] unchanged, skipped" in line for line in lines)
