@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -326,3 +327,26 @@ def test_annotations_of_one_shard_say_so(uf_pairs, tmp_path):
     assert warning.startswith(f"{994 - annotated} of the 994 preference pairs are unannotated")
     assert "(annotated with --limit 30 and --shard 1/3; join the shards with perpair annotate merge)" in warning
     assert "perpair annotate merge" in result.stderr
+
+
+def test_the_reports_numbers_are_the_plans(uf_pairs, ratings_annotations, tmp_path):
+    """The report's summary holds the plan's numbers: its β row is the preference route's, as perpair plan prints
+    it (it took every pair with a β, the SFT-routed ties too, whose β no loss reads: geometric mean 0.01103, not
+    the 0.01 the schedule normalises to), and its routes and category × magnitude counts are the plan's rows."""
+    out = tmp_path / "plan.parquet"
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo+mixdpo", "--annotations", ratings_annotations, "-o", out,
+                     "--json")
+    betas = json.loads(result.stdout)["beta_preference"]
+    page = (tmp_path / "plan_report" / "index.html").read_text()
+    shown = re.search(r"<th>β \(preference route\) min / geometric mean / max</th><td>([^<]*)</td>", page).group(1)
+    assert shown == f"{betas['min']:.4g} / {betas['geomean']:.4g} / {betas['max']:.4g}" == "0.006056 / 0.01 / 0.01391"
+    rows, _ = read_plan(out)
+    for route in ("preference", "sft", "drop"):
+        count = sum(r["route"] == route for r in rows)
+        assert f"<tr><th>route {route}</th><td>{count}</td></tr>" in page
+    grid = re.findall(r"<tr><th>(\w+)</th>((?:<td>\d+</td>){5})</tr>", page)
+    assert grid
+    for category, cells in grid:
+        counts = [int(c) for c in re.findall(r"\d+", cells)]
+        expected = [sum(r["category"] == category and r["magnitude"] == m for r in rows) for m in range(4)]
+        assert counts == [*expected, sum(expected)]

@@ -289,9 +289,11 @@ def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any], *, pair
                                        f"(action {counts['mislabeled']['action']})"),
         ("pairs without a difficulty", counts["no_margin"] if counts["no_margin"] is not None else "n/a"),
     ]
-    kept = data["beta"][~np.isnan(data["beta"])]
+    # The β that act: the preference route's (an SFT pair's β is never read), as perpair plan's summary shows
+    # them and as the geometric mean is normalised over.
+    kept = data["beta"][(data["route"] == "preference") & ~np.isnan(data["beta"])]
     if len(kept):
-        rows.append(("β min / geometric mean / max",
+        rows.append(("β (preference route) min / geometric mean / max",
                      f"{kept.min():.4g} / {np.exp(np.mean(np.log(kept))):.4g} / {kept.max():.4g}"))
     summary = "\n".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
     grid = category_magnitude_counts(data["category"], data["magnitude"])
