@@ -8,9 +8,10 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import run_cli
-from llama_server import Reply
+from llama_server import Reply, chat_completion
 from perpair.annotate import calls_path, read_annotations
 from perpair.artifacts import read_artifact, write_artifact
 from perpair.data.schema import KIND as PAIRS_KIND
@@ -268,3 +269,56 @@ def test_teachers_given_on_the_command_line_replace_the_configs_with_a_note(tmp_
     result = annotate(pairs, tmp_path / "ann.parquet", "--config", config, "--teacher", "ratings", check=False)
     assert f"note: --teacher replaces the 2 teacher(s) of {config}" in " ".join(result.stderr.split())
     assert len(read_annotations(tmp_path / "ann.parquet")[1]["teachers"]) == 1
+
+
+def _completion(**changes) -> Reply:
+    body = json.loads(chat_completion(json.dumps(VALID)))
+    for path, value in changes.items():
+        node = body
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last] = value
+    return Reply(body=json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"choices.0.message.content": [{"type": "text", "text": json.dumps(VALID)}]},
+     "choices[0].message.content is not a string (list)"),
+    ({"choices.0.message.content": 5}, "choices[0].message.content is not a string (int)"),
+    ({"choices.0.message": "hello"}, "choices[0].message is not an object (str)"),
+    ({"usage": [1, 2]}, "usage is not an object (list)"),
+    ({"usage.prompt_tokens": "abc"}, "usage.prompt_tokens is 'abc', not a whole number of tokens"),
+    ({"usage.completion_tokens": -5}, "usage.completion_tokens is -5, not a whole number of tokens"),
+])
+def test_a_malformed_answer_body_is_a_failed_call_not_the_runs_end(uf_pairs, tmp_path, changes, reason):
+    """A 200 answer whose message, content or usage is not of the chat-completion form is retried and then
+    recorded as a failed call with the reason: it used to end the whole run in a traceback (exit 1), losing the
+    calls in flight, or to count negative tokens."""
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: _completion(**changes)) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config",
+                         api_config(tmp_path, url, "    max_retries: 1\n"), "--limit", "2", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert [c["status"] for c in calls] == ["failed", "failed"]
+    assert all(c["reason"] == f"request failed: malformed response body ({reason}) (gave up after 2 attempts)"
+               and c["prompt_tokens"] == 0 for c in calls)
+    good = _completion(**{"usage.prompt_tokens": 7.0})  # a whole number written as a float is a count
+    with Stub(lambda body, request: good) as url:
+        run_cli("annotate", uf_pairs, "-o", tmp_path / "good.parquet", "--config", api_config(tmp_path, url),
+                "--limit", "1")
+    assert pq.read_table(calls_path(tmp_path / "good.parquet")).column("prompt_tokens").to_pylist() == [7]
+
+
+def test_a_reply_nested_too_deeply_is_reasked_not_blamed_on_the_input(uf_pairs, tmp_path):
+    """A reply whose JSON nests deeper than Python's parser goes: an invalid answer (re-asked, then a failed call),
+    not 'error: the input is nested too deeply to read' ending the run with exit 2."""
+    deep = '{"better": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: deep) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "1",
+                         check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    (call,) = pq.read_table(calls_path(out)).to_pylist()
+    assert call["reason"] == "invalid answer after 2 re-asks: the JSON object is nested too deeply"
