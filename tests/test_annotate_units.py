@@ -59,7 +59,8 @@ def test_parsing_tolerates_fences_and_case_but_not_out_of_range_values():
     for bad, fragment in ((answer(magnitude=4), "magnitude"), (answer(confidence=5), "confidence"),
                           (answer(magnitude=1.5), "integer"), (answer(category="vibes"), "category"),
                           ('{"better": "A"', "malformed"), ("no json here", "no JSON"), ("", "empty"),
-                          ("[1, 2]", "no JSON object")):
+                          ("[1, 2]", "no JSON object"),
+                          (answer(confidence=True), "confidence must be a number")):  # true was taken for 1.0
         with pytest.raises(ParseError, match=fragment):
             parse_answer(bad, False)
 
