@@ -516,3 +516,35 @@ def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
         assert "14 of the 20 preference pairs are unannotated and get the global β 0.1" in warning
         assert "(annotated with --limit 6)" in warning
     assert any("[plan.sp2dpo] unchanged, skipped" in line for line in lines)
+
+
+def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monkeypatch):
+    """The annotate stage's identity holds its local teachers' weights, as the initial model's holds its own:
+    a teacher rewritten at the same path annotated nothing again (the stage was skipped, the old answers kept)."""
+    import importlib
+
+    from perpair.pipeline import RunConfig, run
+
+    run_module = importlib.import_module("perpair.pipeline.run")
+
+    class Planned(Exception):
+        pass
+
+    def stop(self, settings, arm, pairs, plan):
+        raise Planned(plan)
+
+    monkeypatch.setattr(run_module._Job, "train", stop)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny, teacher)
+    config = _config(tmp_path, tiny, annotate={"teachers": [f"local:{teacher}"], "limit": 4})
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["eval"] = {}
+    ran = []
+    for rewrite in (False, False, True):
+        if rewrite:
+            rewrite_weights(teacher)
+        lines = []
+        with pytest.raises(Planned):
+            run(RunConfig.model_validate(config), log=lines.append)
+        ran.append(any(line.startswith("[annotate] done") for line in lines))
+    assert ran == [True, False, True]
