@@ -235,3 +235,61 @@ def test_ratings_answers_are_not_reused_for_the_same_texts_with_other_scores(tmp
 def test_bad_teacher_spec(uf_pairs, tmp_path, spec):
     result = annotate(uf_pairs, tmp_path / "x.parquet", "--teacher", spec, check=False)
     assert result.returncode == 2 and "expected 'ratings'" in result.stderr
+
+
+def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_pairs, tmp_path):
+    """A run killed with SIGKILL while answers arrive: every answer it committed stays in the cache, the re-run
+    asks only the calls the cache lacks (each at least once), and the files equal an uninterrupted run's. On a
+    loopback stub, so it runs everywhere (test_annotate_server.py does the same against llama.cpp, when installed)."""
+    import asyncio
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    asked: list[str] = []
+
+    async def slow(request: Request) -> Reply:  # 20 ms an answer, 4 in flight: the kill lands mid-run
+        asked.append(request.headers.get("x-client-request-id", ""))
+        await asyncio.sleep(0.02)
+        return Reply(body=chat_completion(json.dumps(VALID)))
+
+    def cached_keys(cache) -> set[str]:
+        if not cache.exists():
+            return set()
+        db = sqlite3.connect(cache, timeout=30)
+        try:
+            return {row[0] for row in db.execute("SELECT key FROM calls")}
+        except sqlite3.OperationalError:  # created, its table not yet
+            return set()
+        finally:
+            db.close()
+
+    out, cache = tmp_path / "killed.parquet", tmp_path / "killed.sqlite"
+    with LoopbackServer(slow) as url:
+        args = ["annotate", str(uf_pairs), "-o", str(out), "--cache", str(cache), "--teacher", f"api:{url}/v1/stub",
+                "--limit", "60", "--concurrency", "4"]
+        process = subprocess.Popen([sys.executable, "-m", "perpair", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(cached_keys(cache)) < 20 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, "the run ended before the kill"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        time.sleep(0.2)
+        kept = cached_keys(cache)
+        assert 20 <= len(kept) < 60 and not out.exists()
+        mark = len(asked)
+        annotate(uf_pairs, out, "--cache", cache, "--teacher", f"api:{url}/v1/stub", "--limit", "60")
+        rerun = asked[mark:]
+        reference = tmp_path / "ref" / "uninterrupted.parquet"
+        annotate(uf_pairs, reference, "--teacher", f"api:{url}/v1/stub", "--limit", "60")
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    keys = {c["key"] for c in calls}
+    assert len(keys) == 60 and all(c["status"] == "ok" for c in calls)
+    assert not kept & set(rerun) and set(rerun) == keys - kept and len(rerun) == 60 - len(kept)
+    assert out.read_bytes() == reference.read_bytes()
+    assert calls_path(out).read_bytes() == calls_path(reference).read_bytes()
