@@ -293,3 +293,36 @@ def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_
     assert not kept & set(rerun) and set(rerun) == keys - kept and len(rerun) == 60 - len(kept)
     assert out.read_bytes() == reference.read_bytes()
     assert calls_path(out).read_bytes() == calls_path(reference).read_bytes()
+
+
+def test_answers_arriving_out_of_order_stay_with_their_pairs(uf_pairs, tmp_path):
+    """Under concurrency, answers come back in another order than asked (random delays here): each call's row
+    holds the answer to its own pair, not a neighbour's. The stub names a category from the response texts it
+    was shown, so a row's category says which pair's request it answered."""
+    import asyncio
+    import hashlib
+    import random
+
+    from perpair.annotate.templates import GAP_CATEGORIES, get_template
+    from perpair.data import read_pairs
+
+    rng = random.Random(3)
+
+    def category_of(user: str) -> str:
+        return GAP_CATEGORIES[hashlib.sha256(user.encode()).digest()[0] % len(GAP_CATEGORIES)]
+
+    async def shuffled(request: Request) -> Reply:
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        user = request.json()["messages"][-1]["content"]
+        return Reply(body=chat_completion(json.dumps({**VALID, "category": category_of(user)})))
+
+    out = tmp_path / "ann.parquet"
+    with LoopbackServer(shuffled) as url:
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/v1/stub", "--limit", "40", "--concurrency", "8")
+    pairs = {p["pair_id"]: p for p in read_pairs(str(uf_pairs))[0].slice(0, 40).to_pylist()}
+    template = get_template("gap@v1")
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert len(calls) == 40 and len({c["gap_category"] for c in calls}) > 1
+    for call in calls:
+        user = template.render(pairs[call["pair_id"]], call["swapped"])[-1]["content"]
+        assert call["gap_category"] == category_of(user)
