@@ -322,3 +322,23 @@ def test_a_reply_nested_too_deeply_is_reasked_not_blamed_on_the_input(uf_pairs, 
     assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
     (call,) = pq.read_table(calls_path(out)).to_pylist()
     assert call["reason"] == "invalid answer after 2 re-asks: the JSON object is nested too deeply"
+
+
+def test_an_ensemble_teacher_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
+    """An API teacher refused on every call beside a ratings teacher: every pair still has a category (the ratings'),
+    which passed as the ensemble's with exit 0. Exit 3 names the teacher; the files are written."""
+    def config(url):
+        path = tmp_path / "ensemble.yaml"
+        path.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}  - kind: ratings\n")
+        return path
+
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: Reply(401, b'{"error": "bad key"}')) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", config(url), "--limit", "5", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    (line,) = error_lines(result)
+    assert "teacher api:stub gave no valid annotation in 5 calls" in line
+    assert read_annotations(out)[0].num_rows == 5 and "5 pairs annotated" in result.stdout
+    with Stub() as url:  # the same ensemble answering: exit 0
+        assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", config(url), "--limit",
+                       "5").returncode == 0
