@@ -326,3 +326,31 @@ def test_answers_arriving_out_of_order_stay_with_their_pairs(uf_pairs, tmp_path)
     for call in calls:
         user = template.render(pairs[call["pair_id"]], call["swapped"])[-1]["content"]
         assert call["gap_category"] == category_of(user)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_call_refused_in_every_form_does_not_turn_structured_output_off(uf_pairs, tmp_path, concurrency):
+    """A 400 that is not about the output form (one pair's prompt past the server's context, here the first pair
+    asked) is refused in every form: that call fails, and the teacher goes back to the form it started from. It
+    used to stay at plain text for the whole run (no schema sent with any later request), recorded nowhere."""
+    long_prompt = {}
+    forms = []
+
+    def context_limited(body, request):
+        call = request.headers.get("x-client-request-id")
+        long_prompt.setdefault("id", call)  # the first call asked is the "too long" one
+        form = body.get("response_format")
+        if call == long_prompt["id"]:
+            return Reply(400, b'{"error": "the request exceeds the available context size"}')
+        forms.append(form and form["type"])
+        return json.dumps(VALID)
+
+    with Stub(context_limited) as url:
+        out = tmp_path / "ann.parquet"
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "6", "--concurrency", str(concurrency))
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert sorted(c["status"] for c in calls) == ["failed", "ok", "ok", "ok", "ok", "ok"]
+    if concurrency == 1:
+        assert forms == ["json_schema"] * 5
+    else:  # a call in flight beside the refused one may have been asked in the next form meanwhile
+        assert forms[-3:] == ["json_schema"] * 3 and forms.count("json_schema") >= 4

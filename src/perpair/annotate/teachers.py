@@ -395,6 +395,7 @@ class ApiTeacher:
 
     async def _chat(self, messages: list[dict[str, str]], request_id: str):
         attempts = transient = 0
+        started: str | None = None  # the form this call's refusals first moved the teacher away from
         while True:
             mode = self._mode
             probing = self.config.structured == "auto" and mode != "none" and not self._confirmed
@@ -411,8 +412,14 @@ class ApiTeacher:
                     # call's attempts (the client's request count has it), so that a row does not depend on
                     # whether its call was among the first of a run (a resumed run probes again).
                     if self._mode == mode:  # the first call to learn it moves the teacher on
+                        started = started or mode
                         self._mode = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
                     continue
+                if (started is not None and mode == "none" and exc.status in (400, 422)
+                        and self._mode == "none" and not self._confirmed):
+                    # Refused in every form, plain text too: the refusal was this call's own (its prompt past the
+                    # server's context, say), not the form's. The teacher goes back to the form it started from.
+                    self._mode = started
                 attempts += exc.attempts
                 if probing and exc.retryable and transient < self.config.max_retries:
                     # A transient failure says nothing about the form: probe again, within the retry bound.
@@ -422,7 +429,10 @@ class ApiTeacher:
                     continue
                 exc.attempts = attempts
                 raise
-            if mode == self._mode:
+            if mode == self._mode or STRUCTURED_MODES.index(mode) < STRUCTURED_MODES.index(self._mode):
+                # a form that worked is one the server takes, even if another call's refusal (of something else)
+                # moved the teacher past it meanwhile
+                self._mode = mode
                 self._confirmed = True
             result.attempts += attempts
             return result
