@@ -208,6 +208,14 @@ def test_output_that_is_empty_or_a_folder_is_refused(tmp_path, monkeypatch):
     line = _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "copy.parquet", check=False))
     assert line.endswith("copy.parquet: holds perpair pairs, which writing plan there would destroy; name another file")
     assert (tmp_path / "copy.parquet").read_bytes() == held
+    # the report's folder taken by a file: refused before planning (the plan was written, then the report failed
+    # with 'File exists')
+    (tmp_path / "p_report").write_text("x")
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "p.parquet", check=False))
+    assert line.endswith("its report goes to " + str(tmp_path / "p_report") + ", which is a file; move it, name "
+                         "another -o, or give --no-report")
+    assert not (tmp_path / "p.parquet").exists()
+    assert run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "p.parquet", "--no-report").returncode == 0
 
 
 def test_a_global_beta_plan_keeps_the_annotations_categories(tmp_path):

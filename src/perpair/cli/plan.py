@@ -48,7 +48,7 @@ def plan_command(
 ) -> None:
     """Decide per pair a β (SP²DPO), a route and a curriculum position (MixDPO), and write the plan."""
     from perpair import plan  # matplotlib and friends load only when planning
-    from perpair.artifacts import check_output_file, file_sha256, refuse_overwrite
+    from perpair.artifacts import check_output_file, check_output_folder, file_sha256, refuse_overwrite
     from perpair.plan.reference import read_reference_logps
 
     if output is None and not explain_ids:
@@ -57,6 +57,12 @@ def plan_command(
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})
         check_output_file(output, "-o/--output", "plan.parquet", kind=plan.KIND)
+        if report:  # before planning: a report that cannot be written failed after the plan was written
+            folder = plan.report_dir(output)
+            if folder.exists() and not folder.is_dir():
+                raise InputError(f"-o/--output {output}: its report goes to {folder}, which is a file; move it, "
+                                 "name another -o, or give --no-report")
+            check_output_folder(folder, "the report folder of -o/--output")
     schedule = plan.resolve_schedule(preset, config, beta)
     logps = None
     if reference_logps is not None:
