@@ -147,7 +147,8 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         if annotations_path is None:
             raise InputError("margin.source 'teacher' reads the annotations: pass --annotations",
                              field="margin.source")
-        margin = difficulty.teacher_margin(magnitude, confidence, mislabeled)
+        margin = difficulty.teacher_margin(magnitude, confidence, mislabeled,
+                                           annotated & (category == "no_clear_gap"))
     elif source == "reference":
         if reference_logps is None:
             raise InputError("margin.source 'reference' needs the reference model's log-probs: pass "
