@@ -201,7 +201,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
     warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
                 *_one_beta_warning(beta_cfg.kind, beta[route == "preference"], category, annotated),
-                *_routing_warnings(schedule, margin, route, below_tau, lowest, dropped)]
+                *_routing_warnings(schedule, margin, below_tau, lowest, dropped)]
 
     # --- curriculum ------------------------------------------------------------------------------
     sequence, bucket = curriculum.curriculum_sequence(
@@ -320,8 +320,8 @@ def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.nd
             f"and get {' and '.join(reads)}: {'; '.join(why)}"]
 
 
-def _routing_warnings(schedule: Schedule, margin: np.ndarray, route: np.ndarray, below_tau: np.ndarray,
-                      lowest: np.ndarray, dropped: np.ndarray) -> list[str]:
+def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndarray, lowest: np.ndarray,
+                      dropped: np.ndarray) -> list[str]:
     """A routing rule that routes no pair changes nothing in the plan: say so, with the margins it met."""
     routing = schedule.routing
     eligible = ~dropped & ~np.isnan(margin)
