@@ -342,3 +342,21 @@ def test_an_ensemble_teacher_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
     with Stub() as url:  # the same ensemble answering: exit 0
         assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", config(url), "--limit",
                        "5").returncode == 0
+
+
+def test_a_pairs_file_holding_a_pair_twice_is_refused_before_anything_is_written(tmp_path):
+    """Two rows with one pair_id (pairs files joined by hand): refused naming both rows, where annotate wrote
+    annotations holding the pair twice, which the plan stage then refused as 'annotated twice'."""
+    pairs = _small_pairs(tmp_path)
+    table, provenance = read_artifact(pairs, kind=PAIRS_KIND, schema_version=PAIRS_VERSION)
+    doubled = tmp_path / "doubled.parquet"
+    write_artifact(doubled, pa.concat_tables([table, table.slice(0, 1)]), kind=PAIRS_KIND,
+                   schema_version=PAIRS_VERSION, provenance=provenance)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("annotate", doubled, "--teacher", "ratings", "-o", tmp_path / "ann.parquet", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = error_lines(result)
+    pair_id = table.column("pair_id")[0].as_py()
+    assert line == (f"error: file {doubled}, row 3, field 'pair_id': pair {pair_id} appears twice (rows 1 and 3); "
+                    "annotations need unique pair ids (perpair prepare keeps the first of identical pairs)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

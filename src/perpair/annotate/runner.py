@@ -250,6 +250,13 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
+    first: dict[str, int] = {}
+    for row, pair_id in enumerate(table.column("pair_id").to_pylist(), start=1):
+        if pair_id in first:  # its annotations would hold the pair twice, which the plan stage refuses
+            raise InputError(f"pair {pair_id} appears twice (rows {first[pair_id]} and {row}); annotations need "
+                             "unique pair ids (perpair prepare keeps the first of identical pairs)",
+                             file=file, row=row, field="pair_id")
+        first[pair_id] = row
     columns = [c for c in PAIR_COLUMNS if c in table.column_names]
     if config.limit is not None:
         table = table.slice(0, config.limit)  # the first N of the file, then the shard's share of them
