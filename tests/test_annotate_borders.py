@@ -360,3 +360,17 @@ def test_a_pairs_file_holding_a_pair_twice_is_refused_before_anything_is_written
     assert line == (f"error: file {doubled}, row 3, field 'pair_id': pair {pair_id} appears twice (rows 1 and 3); "
                     "annotations need unique pair ids (perpair prepare keeps the first of identical pairs)")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_cache_named_as_an_output_is_refused(tmp_path):
+    """--cache naming -o (or its calls table): the artifact replaced the SQLite cache at the end of the run, so
+    every answer the run paid for was gone from it, exit 0, and the next run could not open its cache."""
+    pairs = _small_pairs(tmp_path)
+    out = tmp_path / "ann.parquet"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for cache, name in ((out, "-o/--output"), (tmp_path / "ann.calls.parquet", "calls table of -o/--output")):
+        result = run_cli("annotate", pairs, "--teacher", "ratings", "-o", out, "--cache", cache, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        (line,) = error_lines(result)
+        assert line.startswith(f"error: --cache {cache} is the {name}: writing it would destroy the answer cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -147,6 +147,10 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     output = Path(output)
     check_output_file(output, "-o/--output", "ann.parquet")  # a folder has no name to put the others beside
     cache_path = Path(cache_path or default_cache_path(output))
+    for name, path in (("-o/--output", output), ("calls table of -o/--output", calls_path(output))):
+        if cache_path.resolve() == path.resolve():  # the artifact would replace every answer the run paid for
+            raise PerpairError(f"--cache {cache_path} is the {name}: writing it would destroy the answer cache; "
+                               "name another --cache (or leave it out: NAME.cache.sqlite beside -o)")
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
     refuse_other_artifact(output, "-o/--output", KIND)  # (after the input check, whose words say more)
