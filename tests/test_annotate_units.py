@@ -148,6 +148,44 @@ def test_cache_round_trip_and_persistence(tmp_path):
         assert cache.count() == 1
 
 
+def test_a_database_that_is_no_answer_cache_is_refused_untouched(tmp_path):
+    """--cache naming another program's SQLite database (or a cache of another format): refused before anything
+    is written to it. It ended in a traceback (no such column: key), after adding perpair's tables to it."""
+    import sqlite3
+    import threading
+
+    from perpair.errors import PerpairError
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE calls (a INTEGER)")
+    held = other.read_bytes()
+    with pytest.raises(PerpairError, match=r"other.db: not a perpair answer cache \(its tables are calls\)"):
+        AnswerCache(other)
+    assert other.read_bytes() == held
+    newer = tmp_path / "newer.sqlite"
+    AnswerCache(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE meta SET value = '2' WHERE name = 'format'")
+    with pytest.raises(PerpairError, match="format 2, this perpair reads format 1"):
+        AnswerCache(newer)
+    # Processes opening one new cache at once (shards on one machine): each sees it whole, or not at all.
+    errors = []
+
+    def open_it():
+        try:
+            AnswerCache(tmp_path / "shared.sqlite").close()
+        except PerpairError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
 def test_teacher_specs_and_config(tmp_path):
     assert parse_teacher_spec("ratings") == {"kind": "ratings"}
     assert parse_teacher_spec("local:smollm2") == {"kind": "local", "model": "smollm2"}
