@@ -168,9 +168,10 @@ def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) 
 
 
 def category_magnitude_counts(category: np.ndarray, magnitude: np.ndarray) -> dict[str, list[int]]:
-    """Pair counts per category and magnitude rounded to 0–3 (the annotated pairs only)."""
+    """Pair counts per category and magnitude rounded to 0–3, halves up (the annotated pairs only; an ensemble's
+    magnitudes are means). numpy's rint rounds halves to even: 0.5 counted as 0 but 1.5 as 2, 2.5 as 2."""
     counts = {}
-    rounded = np.rint(np.nan_to_num(magnitude)).astype(np.int64)
+    rounded = np.floor(np.nan_to_num(magnitude) + 0.5).astype(np.int64)
     for c in (*CATEGORIES, UNKNOWN):
         if c == UNKNOWN and not np.any(category == c):
             continue  # a row only where a teacher said it (the ratings teacher with an overall score only)
