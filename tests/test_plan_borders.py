@@ -358,3 +358,25 @@ def test_the_reports_numbers_are_the_plans(uf_pairs, ratings_annotations, tmp_pa
         counts = [int(c) for c in re.findall(r"\d+", cells)]
         expected = [sum(r["category"] == category and r["magnitude"] == m for r in rows) for m in range(4)]
         assert counts == [*expected, sum(expected)]
+
+
+def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
+    """--beta with a per-pair β and normalise off reaches only unannotated preference pairs: with every pair
+    annotated the plan was the same with or without it, exit 0. Refused, nothing written; taken while a pair
+    falls back to it."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    schedule = tmp_path / "raw.yaml"
+    schedule.write_text("beta: {normalise: false}\n")
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "--beta", "0.05", "-o", out, check=False))
+    assert line.startswith("error: --beta 0.05 would change nothing: beta.normalise is off")
+    assert not out.exists()
+    partial = tmp_path / "partial.parquet"
+    write_annotations(partial, pairs, ids[:1], ["safety"], [3.0], [0.9])
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "--beta", "0.05",
+            "-o", out)
+    assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
