@@ -8,9 +8,10 @@ import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import run_cli
-from llama_server import Reply
+from llama_server import Reply, chat_completion
 from perpair.annotate import calls_path, read_annotations
 from perpair.artifacts import read_artifact, write_artifact
 from perpair.data.schema import KIND as PAIRS_KIND
@@ -268,3 +269,108 @@ def test_teachers_given_on_the_command_line_replace_the_configs_with_a_note(tmp_
     result = annotate(pairs, tmp_path / "ann.parquet", "--config", config, "--teacher", "ratings", check=False)
     assert f"note: --teacher replaces the 2 teacher(s) of {config}" in " ".join(result.stderr.split())
     assert len(read_annotations(tmp_path / "ann.parquet")[1]["teachers"]) == 1
+
+
+def _completion(**changes) -> Reply:
+    body = json.loads(chat_completion(json.dumps(VALID)))
+    for path, value in changes.items():
+        node = body
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last] = value
+    return Reply(body=json.dumps(body).encode())
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"choices.0.message.content": [{"type": "text", "text": json.dumps(VALID)}]},
+     "choices[0].message.content is not a string (list)"),
+    ({"choices.0.message.content": 5}, "choices[0].message.content is not a string (int)"),
+    ({"choices.0.message": "hello"}, "choices[0].message is not an object (str)"),
+    ({"usage": [1, 2]}, "usage is not an object (list)"),
+    ({"usage.prompt_tokens": "abc"}, "usage.prompt_tokens is 'abc', not a whole number of tokens"),
+    ({"usage.completion_tokens": -5}, "usage.completion_tokens is -5, not a whole number of tokens"),
+])
+def test_a_malformed_answer_body_is_a_failed_call_not_the_runs_end(uf_pairs, tmp_path, changes, reason):
+    """A 200 answer whose message, content or usage is not of the chat-completion form is retried and then
+    recorded as a failed call with the reason: it used to end the whole run in a traceback (exit 1), losing the
+    calls in flight, or to count negative tokens."""
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: _completion(**changes)) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config",
+                         api_config(tmp_path, url, "    max_retries: 1\n"), "--limit", "2", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert [c["status"] for c in calls] == ["failed", "failed"]
+    assert all(c["reason"] == f"request failed: malformed response body ({reason}) (gave up after 2 attempts)"
+               and c["prompt_tokens"] == 0 for c in calls)
+    good = _completion(**{"usage.prompt_tokens": 7.0})  # a whole number written as a float is a count
+    with Stub(lambda body, request: good) as url:
+        run_cli("annotate", uf_pairs, "-o", tmp_path / "good.parquet", "--config", api_config(tmp_path, url),
+                "--limit", "1")
+    assert pq.read_table(calls_path(tmp_path / "good.parquet")).column("prompt_tokens").to_pylist() == [7]
+
+
+def test_a_reply_nested_too_deeply_is_reasked_not_blamed_on_the_input(uf_pairs, tmp_path):
+    """A reply whose JSON nests deeper than Python's parser goes: an invalid answer (re-asked, then a failed call),
+    not 'error: the input is nested too deeply to read' ending the run with exit 2."""
+    deep = '{"better": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: deep) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "1",
+                         check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    (call,) = pq.read_table(calls_path(out)).to_pylist()
+    assert call["reason"] == "invalid answer after 2 re-asks: the JSON object is nested too deeply"
+
+
+def test_an_ensemble_teacher_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
+    """An API teacher refused on every call beside a ratings teacher: every pair still has a category (the ratings'),
+    which passed as the ensemble's with exit 0. Exit 3 names the teacher; the files are written."""
+    def config(url):
+        path = tmp_path / "ensemble.yaml"
+        path.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}  - kind: ratings\n")
+        return path
+
+    out = tmp_path / "ann.parquet"
+    with Stub(lambda body, request: Reply(401, b'{"error": "bad key"}')) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", config(url), "--limit", "5", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    (line,) = error_lines(result)
+    assert "teacher api:stub gave no valid annotation in 5 calls" in line
+    assert read_annotations(out)[0].num_rows == 5 and "5 pairs annotated" in result.stdout
+    with Stub() as url:  # the same ensemble answering: exit 0
+        assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", config(url), "--limit",
+                       "5").returncode == 0
+
+
+def test_a_pairs_file_holding_a_pair_twice_is_refused_before_anything_is_written(tmp_path):
+    """Two rows with one pair_id (pairs files joined by hand): refused naming both rows, where annotate wrote
+    annotations holding the pair twice, which the plan stage then refused as 'annotated twice'."""
+    pairs = _small_pairs(tmp_path)
+    table, provenance = read_artifact(pairs, kind=PAIRS_KIND, schema_version=PAIRS_VERSION)
+    doubled = tmp_path / "doubled.parquet"
+    write_artifact(doubled, pa.concat_tables([table, table.slice(0, 1)]), kind=PAIRS_KIND,
+                   schema_version=PAIRS_VERSION, provenance=provenance)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("annotate", doubled, "--teacher", "ratings", "-o", tmp_path / "ann.parquet", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = error_lines(result)
+    pair_id = table.column("pair_id")[0].as_py()
+    assert line == (f"error: file {doubled}, row 3, field 'pair_id': pair {pair_id} appears twice (rows 1 and 3); "
+                    "annotations need unique pair ids (perpair prepare keeps the first of identical pairs)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_cache_named_as_an_output_is_refused(tmp_path):
+    """--cache naming -o (or its calls table): the artifact replaced the SQLite cache at the end of the run, so
+    every answer the run paid for was gone from it, exit 0, and the next run could not open its cache."""
+    pairs = _small_pairs(tmp_path)
+    out = tmp_path / "ann.parquet"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for cache, name in ((out, "-o/--output"), (tmp_path / "ann.calls.parquet", "calls table of -o/--output")):
+        result = run_cli("annotate", pairs, "--teacher", "ratings", "-o", out, "--cache", cache, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        (line,) = error_lines(result)
+        assert line.startswith(f"error: --cache {cache} is the {name}: writing it would destroy the answer cache")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -35,6 +35,24 @@ def test_local_teacher_with_a_tiny_model_resumes_from_the_cache(uf_pairs, tmp_pa
     assert again.cached == 12
 
 
+def test_a_model_retrained_at_the_same_path_is_asked_again(uf_pairs, tmp_path):
+    """The cache key holds the contents of a local teacher's weights, not only its path: weights rewritten in
+    place (a retraining saved to the same folder) are asked again, where the old model's answers were reused."""
+    from conftest import rewrite_weights, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "teacher")
+    out = tmp_path / "ann.parquet"
+    first = run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "3", "-o", out)
+    assert "0 from the cache" in first.stdout
+    before = pq.read_table(calls_path(out)).column("raw_response").to_pylist()
+    assert "3 from the cache" in run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "3",
+                                         "-o", out).stdout
+    rewrite_weights(folder)
+    again = run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "3", "-o", out)
+    assert "0 from the cache" in again.stdout
+    assert pq.read_table(calls_path(out)).column("raw_response").to_pylist() != before  # the new model's scores
+
+
 @pytest.mark.slow
 def test_local_smollm2_on_30_pairs(uf_pairs, tmp_path):
     out = tmp_path / "smollm2.parquet"

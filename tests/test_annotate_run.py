@@ -209,7 +209,148 @@ def test_ratings_teacher_on_raw_and_binarized_data(uf_pairs, tmp_path):
     assert categories.count("unknown") == 884  # the issue's count of pairs the old rule left unannotated
 
 
+def test_ratings_answers_are_not_reused_for_the_same_texts_with_other_scores(tmp_path):
+    """The pair id hashes the texts only: the ratings teacher's cache key holds the scores it read, so the same
+    texts prepared again with other scores are annotated from the new scores (they got the old answers)."""
+    from plan_helpers import make_pairs
+
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    ids = make_pairs(first, [(8.0, 3.0), (8.0, 3.0)])
+    assert make_pairs(second, [(8.0, 8.0), (8.0, 7.5)]) == ids  # the same texts: the same pair ids
+    out = tmp_path / "ann.parquet"
+    annotate(first, out, "--teacher", "ratings")
+    assert read_annotations(out)[0].column("magnitude").to_pylist() == [3.0, 3.0]
+    rerun = annotate(second, out, "--teacher", "ratings")  # the same -o, so the same answer cache
+    assert "0 from the cache" in rerun.stdout
+    table, provenance = read_annotations(out)
+    by_id = dict(zip(table.column("pair_id").to_pylist(), table.select(["category", "magnitude"]).to_pylist(),
+                     strict=True))
+    assert by_id[ids[0]] == {"category": "no_clear_gap", "magnitude": 0.0}  # a tie now
+    assert by_id[ids[1]] == {"category": "unknown", "magnitude": 1.0}
+    assert provenance["pairs_sha256"] == file_sha256(second)
+    assert "2 from the cache" in annotate(second, out, "--teacher", "ratings").stdout  # unchanged: reused
+
+
 @pytest.mark.parametrize("spec", ["api:notaurl", "local:"])
 def test_bad_teacher_spec(uf_pairs, tmp_path, spec):
     result = annotate(uf_pairs, tmp_path / "x.parquet", "--teacher", spec, check=False)
     assert result.returncode == 2 and "expected 'ratings'" in result.stderr
+
+
+def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_pairs, tmp_path):
+    """A run killed with SIGKILL while answers arrive: every answer it committed stays in the cache, the re-run
+    asks only the calls the cache lacks (each at least once), and the files equal an uninterrupted run's. On a
+    loopback stub, so it runs everywhere (test_annotate_server.py does the same against llama.cpp, when installed)."""
+    import asyncio
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    asked: list[str] = []
+
+    async def slow(request: Request) -> Reply:  # 20 ms an answer, 4 in flight: the kill lands mid-run
+        asked.append(request.headers.get("x-client-request-id", ""))
+        await asyncio.sleep(0.02)
+        return Reply(body=chat_completion(json.dumps(VALID)))
+
+    def cached_keys(cache) -> set[str]:
+        if not cache.exists():
+            return set()
+        db = sqlite3.connect(cache, timeout=30)
+        try:
+            return {row[0] for row in db.execute("SELECT key FROM calls")}
+        except sqlite3.OperationalError:  # created, its table not yet
+            return set()
+        finally:
+            db.close()
+
+    out, cache = tmp_path / "killed.parquet", tmp_path / "killed.sqlite"
+    with LoopbackServer(slow) as url:
+        args = ["annotate", str(uf_pairs), "-o", str(out), "--cache", str(cache), "--teacher", f"api:{url}/v1/stub",
+                "--limit", "60", "--concurrency", "4"]
+        process = subprocess.Popen([sys.executable, "-m", "perpair", *args], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while len(cached_keys(cache)) < 20 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.poll() is None, "the run ended before the kill"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        time.sleep(0.2)
+        kept = cached_keys(cache)
+        assert 20 <= len(kept) < 60 and not out.exists()
+        mark = len(asked)
+        annotate(uf_pairs, out, "--cache", cache, "--teacher", f"api:{url}/v1/stub", "--limit", "60")
+        rerun = asked[mark:]
+        reference = tmp_path / "ref" / "uninterrupted.parquet"
+        annotate(uf_pairs, reference, "--teacher", f"api:{url}/v1/stub", "--limit", "60")
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    keys = {c["key"] for c in calls}
+    assert len(keys) == 60 and all(c["status"] == "ok" for c in calls)
+    assert not kept & set(rerun) and set(rerun) == keys - kept and len(rerun) == 60 - len(kept)
+    assert out.read_bytes() == reference.read_bytes()
+    assert calls_path(out).read_bytes() == calls_path(reference).read_bytes()
+
+
+def test_answers_arriving_out_of_order_stay_with_their_pairs(uf_pairs, tmp_path):
+    """Under concurrency, answers come back in another order than asked (random delays here): each call's row
+    holds the answer to its own pair, not a neighbour's. The stub names a category from the response texts it
+    was shown, so a row's category says which pair's request it answered."""
+    import asyncio
+    import hashlib
+    import random
+
+    from perpair.annotate.templates import GAP_CATEGORIES, get_template
+    from perpair.data import read_pairs
+
+    rng = random.Random(3)
+
+    def category_of(user: str) -> str:
+        return GAP_CATEGORIES[hashlib.sha256(user.encode()).digest()[0] % len(GAP_CATEGORIES)]
+
+    async def shuffled(request: Request) -> Reply:
+        await asyncio.sleep(rng.uniform(0, 0.03))
+        user = request.json()["messages"][-1]["content"]
+        return Reply(body=chat_completion(json.dumps({**VALID, "category": category_of(user)})))
+
+    out = tmp_path / "ann.parquet"
+    with LoopbackServer(shuffled) as url:
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/v1/stub", "--limit", "40", "--concurrency", "8")
+    pairs = {p["pair_id"]: p for p in read_pairs(str(uf_pairs))[0].slice(0, 40).to_pylist()}
+    template = get_template("gap@v1")
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert len(calls) == 40 and len({c["gap_category"] for c in calls}) > 1
+    for call in calls:
+        user = template.render(pairs[call["pair_id"]], call["swapped"])[-1]["content"]
+        assert call["gap_category"] == category_of(user)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_call_refused_in_every_form_does_not_turn_structured_output_off(uf_pairs, tmp_path, concurrency):
+    """A 400 that is not about the output form (one pair's prompt past the server's context, here the first pair
+    asked) is refused in every form: that call fails, and the teacher goes back to the form it started from. It
+    used to stay at plain text for the whole run (no schema sent with any later request), recorded nowhere."""
+    long_prompt = {}
+    forms = []
+
+    def context_limited(body, request):
+        call = request.headers.get("x-client-request-id")
+        long_prompt.setdefault("id", call)  # the first call asked is the "too long" one
+        form = body.get("response_format")
+        if call == long_prompt["id"]:
+            return Reply(400, b'{"error": "the request exceeds the available context size"}')
+        forms.append(form and form["type"])
+        return json.dumps(VALID)
+
+    with Stub(context_limited) as url:
+        out = tmp_path / "ann.parquet"
+        annotate(uf_pairs, out, "--teacher", f"api:{url}/stub", "--limit", "6", "--concurrency", str(concurrency))
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert sorted(c["status"] for c in calls) == ["failed", "ok", "ok", "ok", "ok", "ok"]
+    if concurrency == 1:
+        assert forms == ["json_schema"] * 5
+    else:  # a call in flight beside the refused one may have been asked in the next form meanwhile
+        assert forms[-3:] == ["json_schema"] * 3 and forms.count("json_schema") >= 4

@@ -59,7 +59,8 @@ def test_parsing_tolerates_fences_and_case_but_not_out_of_range_values():
     for bad, fragment in ((answer(magnitude=4), "magnitude"), (answer(confidence=5), "confidence"),
                           (answer(magnitude=1.5), "integer"), (answer(category="vibes"), "category"),
                           ('{"better": "A"', "malformed"), ("no json here", "no JSON"), ("", "empty"),
-                          ("[1, 2]", "no JSON object")):
+                          ("[1, 2]", "no JSON object"),
+                          (answer(confidence=True), "confidence must be a number")):  # true was taken for 1.0
         with pytest.raises(ParseError, match=fragment):
             parse_answer(bad, False)
 
@@ -145,6 +146,44 @@ def test_cache_round_trip_and_persistence(tmp_path):
     with AnswerCache(path) as cache:
         assert cache.get_many([record.key, "missing"]) == {record.key: record}
         assert cache.count() == 1
+
+
+def test_a_database_that_is_no_answer_cache_is_refused_untouched(tmp_path):
+    """--cache naming another program's SQLite database (or a cache of another format): refused before anything
+    is written to it. It ended in a traceback (no such column: key), after adding perpair's tables to it."""
+    import sqlite3
+    import threading
+
+    from perpair.errors import PerpairError
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE calls (a INTEGER)")
+    held = other.read_bytes()
+    with pytest.raises(PerpairError, match=r"other.db: not a perpair answer cache \(its tables are calls\)"):
+        AnswerCache(other)
+    assert other.read_bytes() == held
+    newer = tmp_path / "newer.sqlite"
+    AnswerCache(newer).close()
+    with sqlite3.connect(newer) as db:
+        db.execute("UPDATE meta SET value = '2' WHERE name = 'format'")
+    with pytest.raises(PerpairError, match="format 2, this perpair reads format 1"):
+        AnswerCache(newer)
+    # Processes opening one new cache at once (shards on one machine): each sees it whole, or not at all.
+    errors = []
+
+    def open_it():
+        try:
+            AnswerCache(tmp_path / "shared.sqlite").close()
+        except PerpairError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
 
 
 def test_teacher_specs_and_config(tmp_path):

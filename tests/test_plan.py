@@ -434,3 +434,20 @@ def test_explain_unknown_pair(files):
     result = build_plan(pairs, None, resolve_schedule("dpo"))
     with pytest.raises(InputError, match="not in this plan"):
         explain(result, "nope")
+
+
+def test_a_tie_has_no_teacher_margin(tmp_path):
+    """margin.source teacher: a no_clear_gap pair's margin is 0, so τ routes it to SFT and the curriculum puts it
+    with the hard pairs; an API teacher's tie comes with its magnitude (3 here), which made it the easiest pair."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0)] * 3)
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["no_clear_gap", "style", "factuality"], [3.0, 1.0, 2.0],
+                      [0.9, 0.8, 0.5])
+    config = _config(tmp_path, {"margin": {"source": "teacher"}, "routing": {"tau": 0.5},
+                                "curriculum": {"kind": "easy_to_hard"}})
+    result = build_plan(pairs, annotations, resolve_schedule("sp2dpo", config))
+    assert _col(result, "difficulty") == pytest.approx([0.0, 0.8, 1.0])
+    assert _col(result, "route") == ["sft", "preference", "preference"]
+    assert _col(result, "order") == [2, 1, 0]
+    assert "difficulty = 0 (no_clear_gap: a tie has no margin; magnitude 3.0) = 0.0" in explain(result, ids[0])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -207,6 +208,14 @@ def test_output_that_is_empty_or_a_folder_is_refused(tmp_path, monkeypatch):
     line = _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "copy.parquet", check=False))
     assert line.endswith("copy.parquet: holds perpair pairs, which writing plan there would destroy; name another file")
     assert (tmp_path / "copy.parquet").read_bytes() == held
+    # the report's folder taken by a file: refused before planning (the plan was written, then the report failed
+    # with 'File exists')
+    (tmp_path / "p_report").write_text("x")
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "p.parquet", check=False))
+    assert line.endswith("its report goes to " + str(tmp_path / "p_report") + ", which is a file; move it, name "
+                         "another -o, or give --no-report")
+    assert not (tmp_path / "p.parquet").exists()
+    assert run_cli("plan", pairs, "--preset", "dpo", "-o", tmp_path / "p.parquet", "--no-report").returncode == 0
 
 
 def test_a_global_beta_plan_keeps_the_annotations_categories(tmp_path):
@@ -250,3 +259,124 @@ def test_write_errors_name_the_destination_not_the_temporary_file(tmp_path, monk
         artifacts.write_artifact(target, table, kind="plan", schema_version=1, provenance={})
     assert (caught.value.filename, caught.value.strerror) == (str(target), "Read-only file system")
     assert list(target.parent.iterdir()) == []
+
+
+def test_settings_that_change_nothing_are_warnings(tmp_path):
+    """A routing rule that routes no pair, or a curriculum by margin over equal margins, leaves the plan as it
+    would be without it: the plan says so (stderr, provenance, report) instead of looking like MixDPO."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0)] * 5)  # one margin, 5, and no tie
+    out = tmp_path / "mixdpo.parquet"
+    result = run_cli("plan", pairs, "--preset", "mixdpo", "-o", out)
+    rows, provenance = read_plan(out)
+    assert {r["route"] for r in rows} == {"preference"}
+    tau, curriculum = provenance["warnings"]
+    assert tau.startswith("routing.tau 0.5 routes no pair to sft") and "the smallest is 5" in tau
+    assert curriculum.startswith("curriculum.kind easy_to_hard orders by margin") and "(5)" in curriculum
+    assert result.stderr.count("warning:") == 2
+    page = (tmp_path / "mixdpo_report" / "index.html").read_text()
+    assert all(html.escape(w) in page for w in provenance["warnings"])
+    schedule = tmp_path / "quantile.yaml"
+    schedule.write_text("routing: {tau: null, quantile: 0.1}\ncurriculum: {kind: none}\n")  # 0.1 of 5 pairs: none
+    run_cli("plan", pairs, "--preset", "mixdpo", "--config", schedule, "-o", out)
+    assert read_plan(out)[1]["warnings"] == ["routing.quantile 0.1 routes no pair to sft: 0.1 of the 5 pairs with a "
+                                             "margin is less than one"]
+    spread = tmp_path / "spread.parquet"
+    make_pairs(spread, [(8.0, 3.0), (7.0, 7.0), (9.0, 2.0)], tag="spread")
+    plain = run_cli("plan", spread, "--preset", "mixdpo", "-o", tmp_path / "plain.parquet")
+    assert "warning" not in plain.stderr and read_plan(tmp_path / "plain.parquet")[1]["warnings"] == []
+
+
+def test_a_plan_with_no_preference_pair_is_refused(tmp_path):
+    """τ above every margin routes every pair to SFT: β and label smoothing would act on nothing, and the
+    'preference' plan would train SFT alone. Refused, saying why, and nothing is written."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0), (7.0, 7.0), (9.0, 2.0)])
+    schedule = tmp_path / "tau.yaml"
+    schedule.write_text("routing: {tau: 100}\n")
+    out = tmp_path / "plan.parquet"
+    result = run_cli("plan", pairs, "--preset", "mixdpo", "--config", schedule, "-o", out, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "no pair is left on the preference route (preference 0, sft 3, drop 0)" in line
+    assert "routing.tau 100 routes 3 pairs to sft (the largest margin is 7)" in line
+    assert not out.exists() and not (tmp_path / "plan_report").exists()
+    ties = tmp_path / "ties.parquet"
+    make_pairs(ties, [(7.0, 7.0)] * 3, tag="ties")  # MixDPO on ties only: SFT alone
+    assert run_cli("plan", ties, "--preset", "mixdpo", "-o", out, check=False).returncode == 2
+
+
+def test_unannotated_pairs_under_a_per_pair_beta_are_a_warning(tmp_path):
+    """Pairs the annotations leave without a category fall back to the global β: the plan says how many and why
+    (no row: annotated with --limit or one --shard; a row without a category: the teacher calls failed)."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0)] * 6)
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids[:4], ["safety", "style", None, None], [3.0, 1.0, None, None],
+                      [0.9, 0.8, None, None])
+    out = tmp_path / "plan.parquet"
+    result = run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "-o", out)
+    (warning,) = read_plan(out)[1]["warnings"]
+    assert warning.startswith("4 of the 6 preference pairs are unannotated and get the global β 0.1 instead of a "
+                              "per-pair β: 2 have no row in ")
+    assert "; 2 got no valid annotation" in warning and "--retry-failed" in warning
+    assert "warning: 4 of the 6 preference pairs are unannotated" in result.stderr
+    # One β for every pair asked for (dpo): the annotations only label the report, nothing falls back.
+    dpo = run_cli("plan", pairs, "--preset", "dpo", "--annotations", annotations, "-o", tmp_path / "dpo.parquet")
+    assert "warning" not in dpo.stderr and read_plan(tmp_path / "dpo.parquet")[1]["warnings"] == []
+
+
+def test_annotations_of_one_shard_say_so(uf_pairs, tmp_path):
+    shard = tmp_path / "shard.parquet"
+    run_cli("annotate", uf_pairs, "--teacher", "ratings", "--shard", "1/3", "--limit", "30", "-o", shard)
+    annotated = read_artifact(shard, kind="annotations", schema_version=1)[0].num_rows
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo", "--annotations", shard, "-o", tmp_path / "p.parquet")
+    (warning,) = read_plan(tmp_path / "p.parquet")[1]["warnings"]
+    assert warning.startswith(f"{994 - annotated} of the 994 preference pairs are unannotated")
+    assert "(annotated with --limit 30 and --shard 1/3; join the shards with perpair annotate merge)" in warning
+    assert "perpair annotate merge" in result.stderr
+
+
+def test_the_reports_numbers_are_the_plans(uf_pairs, ratings_annotations, tmp_path):
+    """The report's summary holds the plan's numbers: its β row is the preference route's, as perpair plan prints
+    it (it took every pair with a β, the SFT-routed ties too, whose β no loss reads: geometric mean 0.01103, not
+    the 0.01 the schedule normalises to), and its routes and category × magnitude counts are the plan's rows."""
+    out = tmp_path / "plan.parquet"
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo+mixdpo", "--annotations", ratings_annotations, "-o", out,
+                     "--json")
+    betas = json.loads(result.stdout)["beta_preference"]
+    page = (tmp_path / "plan_report" / "index.html").read_text()
+    shown = re.search(r"<th>β \(preference route\) min / geometric mean / max</th><td>([^<]*)</td>", page).group(1)
+    assert shown == f"{betas['min']:.4g} / {betas['geomean']:.4g} / {betas['max']:.4g}" == "0.006056 / 0.01 / 0.01391"
+    rows, _ = read_plan(out)
+    for route in ("preference", "sft", "drop"):
+        count = sum(r["route"] == route for r in rows)
+        assert f"<tr><th>route {route}</th><td>{count}</td></tr>" in page
+    grid = re.findall(r"<tr><th>(\w+)</th>((?:<td>\d+</td>){5})</tr>", page)
+    assert grid
+    for category, cells in grid:
+        counts = [int(c) for c in re.findall(r"\d+", cells)]
+        expected = [sum(r["category"] == category and r["magnitude"] == m for r in rows) for m in range(4)]
+        assert counts == [*expected, sum(expected)]
+
+
+def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
+    """--beta with a per-pair β and normalise off reaches only unannotated preference pairs: with every pair
+    annotated the plan was the same with or without it, exit 0. Refused, nothing written; taken while a pair
+    falls back to it."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    schedule = tmp_path / "raw.yaml"
+    schedule.write_text("beta: {normalise: false}\n")
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "--beta", "0.05", "-o", out, check=False))
+    assert line.startswith("error: --beta 0.05 would change nothing: beta.normalise is off")
+    assert not out.exists()
+    partial = tmp_path / "partial.parquet"
+    write_annotations(partial, pairs, ids[:1], ["safety"], [3.0], [0.9])
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "--beta", "0.05",
+            "-o", out)
+    assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05

@@ -60,6 +60,10 @@ def test_margins_by_hand():
     assert math.isnan(dif.ratings_margin(np.array([np.nan]), np.array([3.0]))[0])
     teacher = dif.teacher_margin(np.array([2.0, 3.0]), np.array([0.5, 0.9]), np.array([False, True]))
     assert teacher.tolist() == pytest.approx([1.0, -2.7])
+    # a tie (no_clear_gap) has no margin, whatever magnitude the teacher gave with it; unannotated stays NaN
+    tie = dif.teacher_margin(np.array([3.0, 2.0, np.nan]), np.array([0.9, 0.5, np.nan]),
+                             np.array([False, False, False]), np.array([True, False, False]))
+    assert tie[:2].tolist() == [0.0, 1.0] and math.isnan(tie[2])
     # (−20 / 10) − (−90 / 30) = −2 + 3 = 1; (−5 / 5) − (−4 / 2) = −1 + 2 = 1; (−30/10) − (−10/10) = −2
     ref = dif.reference_margin(np.array([-20.0, -5.0, -30.0]), np.array([10, 5, 10]),
                                np.array([-90.0, -4.0, -10.0]), np.array([30, 2, 10]))

@@ -79,3 +79,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert set(seen) == {name for name, _ in PLOTS}
     for name, (complete, width, height) in seen.items():
         assert complete and width > 100 and height > 100, name
+
+
+def test_category_magnitude_counts_round_halves_up():
+    """An ensemble's mean magnitudes counted in the report's grid: halves go up, alike at every magnitude."""
+    import numpy as np
+
+    from perpair.plan.report import category_magnitude_counts
+
+    category = np.array(["style"] * 6 + [None], dtype=object)
+    magnitude = np.array([0.5, 1.5, 2.5, 0.49, 3.0, 0.0, np.nan])
+    assert category_magnitude_counts(category, magnitude)["style"] == [2, 1, 1, 2]

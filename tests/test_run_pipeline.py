@@ -536,3 +536,64 @@ def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny
     prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
     third, _ = _run(config)
     assert set(third.ran) == evaluations
+
+
+def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
+    """An arm's plan that warns (here: annotations of the first 6 pairs only, so the others fall back to the
+    global β) says so in the run's log, as `perpair plan` does, and again when the plan stage is skipped."""
+    import importlib
+
+    from perpair.pipeline import RunConfig, run
+
+    run_module = importlib.import_module("perpair.pipeline.run")  # the module (the package's `run` is the function)
+
+    class Planned(Exception):
+        pass
+
+    def stop(self, settings, arm, pairs, plan):
+        raise Planned(plan)
+
+    monkeypatch.setattr(run_module._Job, "train", stop)  # what the arm trains is not this test's
+    config = _config(tmp_path, tiny, annotate={"teachers": ["ratings"], "limit": 6})
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["eval"] = {}
+    for _ in range(2):
+        lines = []
+        with pytest.raises(Planned):
+            run(RunConfig.model_validate(config), log=lines.append)
+        (warning,) = [line for line in lines if "warning:" in line]
+        assert "14 of the 20 preference pairs are unannotated and get the global β 0.1" in warning
+        assert "(annotated with --limit 6)" in warning
+    assert any("[plan.sp2dpo] unchanged, skipped" in line for line in lines)
+
+
+def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monkeypatch):
+    """The annotate stage's identity holds its local teachers' weights, as the initial model's holds its own:
+    a teacher rewritten at the same path annotated nothing again (the stage was skipped, the old answers kept)."""
+    import importlib
+
+    from perpair.pipeline import RunConfig, run
+
+    run_module = importlib.import_module("perpair.pipeline.run")
+
+    class Planned(Exception):
+        pass
+
+    def stop(self, settings, arm, pairs, plan):
+        raise Planned(plan)
+
+    monkeypatch.setattr(run_module._Job, "train", stop)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny, teacher)
+    config = _config(tmp_path, tiny, annotate={"teachers": [f"local:{teacher}"], "limit": 4})
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["eval"] = {}
+    ran = []
+    for rewrite in (False, False, True):
+        if rewrite:
+            rewrite_weights(teacher)
+        lines = []
+        with pytest.raises(Planned):
+            run(RunConfig.model_validate(config), log=lines.append)
+        ran.append(any(line.startswith("[annotate] done") for line in lines))
+    assert ran == [True, False, True]

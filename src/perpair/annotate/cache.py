@@ -19,6 +19,7 @@ from typing import Any
 from perpair.errors import PerpairError
 
 CACHE_FORMAT = 1
+_CALL_COLUMNS = ("key", "pair_id", "teacher", "template", "status", "record")
 
 
 @dataclass
@@ -69,15 +70,38 @@ class AnswerCache:
         try:
             # isolation_level=None: autocommit, each put is its own durable transaction.
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+            problem = self._foreign()
+            if problem is not None:  # before anything is written to it: another program's database stays as it was
+                self._db.close()
+                raise PerpairError(f"answer cache {self.path}: not a perpair answer cache ({problem}); name another "
+                                   "--cache")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # One transaction: a process opening the same new cache sees both tables and the format, or none.
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
             self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, pair_id TEXT NOT NULL, "
                              "teacher TEXT NOT NULL, template TEXT NOT NULL, status TEXT NOT NULL, "
                              "record TEXT NOT NULL)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
+            self._db.execute("COMMIT")
         except sqlite3.Error as exc:  # a folder that cannot be written, a file that is no SQLite database
             raise PerpairError(f"answer cache {self.path}: cannot be opened ({exc})") from None
+
+    def _foreign(self) -> str | None:
+        """Why an existing database is not an answer cache of this format (None: it is one, or it is empty)."""
+        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return None
+        if not {"meta", "calls"} <= tables:
+            return f"its tables are {', '.join(sorted(tables))}"
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(calls)")]
+        if columns != list(_CALL_COLUMNS):
+            return f"its calls table has the columns {', '.join(columns)}"
+        held = self._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+        if held is None or held[0] != str(CACHE_FORMAT):
+            return f"format {held[0] if held else 'unknown'}, this perpair reads format {CACHE_FORMAT}"
+        return None
 
     def close(self) -> None:
         self._db.close()

@@ -115,10 +115,12 @@ class AnnotateResult:
     retried: int = 0  # cached failures asked again (--retry-failed)
     unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
     min_valid_share: float = 0.0
+    silent_teachers: dict[str, int] = field(default_factory=dict)  # teacher id -> its calls, none of them valid
 
     @property
     def shortfall(self) -> str | None:
-        """Why the run did not give the user what they asked for (no pair, or too few, annotated), or None."""
+        """Why the run did not give the user what they asked for (no pair, or too few, annotated; or, in an ensemble,
+        a teacher with no valid answer at all, so the annotations are not the ensemble's), or None."""
         if self.pairs == 0:
             return None
         share = self.annotated_pairs / self.pairs
@@ -127,6 +129,9 @@ class AnnotateResult:
         if share < self.min_valid_share:
             return (f"{self.annotated_pairs:,} of {self.pairs:,} pairs ({share:.1%}) got a valid annotation, "
                     f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
+        if self.silent_teachers:  # the ensemble asked for is not the one the annotations come from
+            return "; ".join(f"teacher {teacher} gave no valid annotation in {calls:,} calls (the pairs' annotations "
+                             "come from the other teachers alone)" for teacher, calls in self.silent_teachers.items())
         return None
 
 
@@ -142,6 +147,10 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     output = Path(output)
     check_output_file(output, "-o/--output", "ann.parquet")  # a folder has no name to put the others beside
     cache_path = Path(cache_path or default_cache_path(output))
+    for name, path in (("-o/--output", output), ("calls table of -o/--output", calls_path(output))):
+        if cache_path.resolve() == path.resolve():  # the artifact would replace every answer the run paid for
+            raise PerpairError(f"--cache {cache_path} is the {name}: writing it would destroy the answer cache; "
+                               "name another --cache (or leave it out: NAME.cache.sqlite beside -o)")
     refuse_overwrite({"output": output, "calls table": calls_path(output), "cache": cache_path},
                      {"pairs file": pairs_path})
     refuse_other_artifact(output, "-o/--output", KIND)  # (after the input check, whose words say more)
@@ -158,7 +167,8 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     for pair in pairs:
         for teacher in teachers:
             for template_id in teacher.templates:
-                key = call_key(pair["pair_id"], teacher.id, teacher.fingerprint, template_id, config.seed)
+                material = teacher.key_material(pair) if hasattr(teacher, "key_material") else None
+                key = call_key(pair["pair_id"], teacher.id, teacher.fingerprint, template_id, config.seed, material)
                 calls.append((teacher, Call(key=key, pair_id=pair["pair_id"], teacher=teacher.id,
                                             template=template_id, swapped=is_swapped(pair["pair_id"], template_id,
                                                                                      config.seed), pair=pair)))
@@ -214,6 +224,12 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
              "cost": round(sum(r.cost for r in ordered), 10)}
     categories = aggregated.column("category").to_pylist()
     annotated = sum(1 for c in categories if c is not None)
+    asked = {t.id: 0 for t in teachers}
+    valid = dict(asked)
+    for record in ordered:
+        asked[record.teacher] += 1
+        valid[record.teacher] += record.status == "ok"
+    silent = {teacher: count for teacher, count in asked.items() if count and not valid[teacher]}
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
@@ -234,10 +250,17 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
         requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
         retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
-        unanswered=unanswered)
+        unanswered=unanswered, silent_teachers=silent if len(teachers) > 1 else {})
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
+    first: dict[str, int] = {}
+    for row, pair_id in enumerate(table.column("pair_id").to_pylist(), start=1):
+        if pair_id in first:  # its annotations would hold the pair twice, which the plan stage refuses
+            raise InputError(f"pair {pair_id} appears twice (rows {first[pair_id]} and {row}); annotations need "
+                             "unique pair ids (perpair prepare keeps the first of identical pairs)",
+                             file=file, row=row, field="pair_id")
+        first[pair_id] = row
     columns = [c for c in PAIR_COLUMNS if c in table.column_names]
     if config.limit is not None:
         table = table.slice(0, config.limit)  # the first N of the file, then the shard's share of them

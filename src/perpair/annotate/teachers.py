@@ -51,13 +51,21 @@ class Call:
                           status=status, **values)
 
 
-def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int) -> str:
-    """The cache key: everything that changes the answer (never the base URL or the concurrency)."""
-    text = json.dumps([pair_id, teacher_id, fingerprint, template_id, seed], sort_keys=True)
+def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int,
+             material: dict[str, Any] | None = None) -> str:
+    """The cache key: everything that changes the answer (never the base URL or the concurrency). ``material``:
+    what of the pair beyond its texts (which its id hashes) the teacher reads, for a teacher that reads more
+    (the ratings teacher: the scores); left out of the key when None, so other teachers' keys stay as they were."""
+    parts: list[Any] = [pair_id, teacher_id, fingerprint, template_id, seed]
+    if material is not None:
+        parts.append(material)
+    text = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # --- ratings -----------------------------------------------------------------------------------------
+
+RATING_COLUMNS = ("score_chosen", "score_rejected", "ratings_chosen", "ratings_rejected")
 
 # Raw UltraFeedback's GPT-4 aspects and the category each one's gap stands for.
 ASPECT_CATEGORY = {
@@ -90,6 +98,12 @@ class RatingsTeacher:
 
     def check(self) -> None:
         """Nothing to check before a run: the data's own ratings need no model."""
+
+    @staticmethod
+    def key_material(pair: dict[str, Any]) -> dict[str, Any]:
+        """The scores and ratings the answer is made of: the pair id hashes only the texts, so the same texts
+        with other scores (another preparation of the data) must not find this answer in the cache."""
+        return {name: pair.get(name) for name in RATING_COLUMNS}
 
     def magnitude(self, margin: float) -> float:
         low, high = self.config.magnitude_edges
@@ -185,6 +199,10 @@ class LocalTeacher:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             what = "a model folder (config.json)" if folder.is_dir() else "a model on the Hub or in its cache"
             raise PerpairError(f"teacher {self.id}: {spec} is not {what}: {first}") from None
+        if folder.is_dir():  # part of every cache key: a model retrained at the same path is another teacher
+            from perpair.models import model_fingerprint
+
+            self.fingerprint["weights"] = model_fingerprint(spec)
 
     def _load(self):
         if self._scorer is None:
@@ -377,6 +395,7 @@ class ApiTeacher:
 
     async def _chat(self, messages: list[dict[str, str]], request_id: str):
         attempts = transient = 0
+        started: str | None = None  # the form this call's refusals first moved the teacher away from
         while True:
             mode = self._mode
             probing = self.config.structured == "auto" and mode != "none" and not self._confirmed
@@ -393,8 +412,14 @@ class ApiTeacher:
                     # call's attempts (the client's request count has it), so that a row does not depend on
                     # whether its call was among the first of a run (a resumed run probes again).
                     if self._mode == mode:  # the first call to learn it moves the teacher on
+                        started = started or mode
                         self._mode = STRUCTURED_MODES[STRUCTURED_MODES.index(mode) + 1]
                     continue
+                if (started is not None and mode == "none" and exc.status in (400, 422)
+                        and self._mode == "none" and not self._confirmed):
+                    # Refused in every form, plain text too: the refusal was this call's own (its prompt past the
+                    # server's context, say), not the form's. The teacher goes back to the form it started from.
+                    self._mode = started
                 attempts += exc.attempts
                 if probing and exc.retryable and transient < self.config.max_retries:
                     # A transient failure says nothing about the form: probe again, within the retry bound.
@@ -404,7 +429,10 @@ class ApiTeacher:
                     continue
                 exc.attempts = attempts
                 raise
-            if mode == self._mode:
+            if mode == self._mode or STRUCTURED_MODES.index(mode) < STRUCTURED_MODES.index(self._mode):
+                # a form that worked is one the server takes, even if another call's refusal (of something else)
+                # moved the teacher past it meanwhile
+                self._mode = mode
                 self._confirmed = True
             result.attempts += attempts
             return result

@@ -178,6 +178,13 @@ class RawAnswer(BaseModel):
             raise ValueError("magnitude must be an integer 0, 1, 2 or 3")
         return value
 
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # true is no confidence of 1.0
+            raise ValueError("confidence must be a number from 0 to 1")
+        return value
+
 
 @dataclass(frozen=True)
 class Annotation:
@@ -231,6 +238,8 @@ def _first_json_object(content: str) -> Any:
         value, _ = json.JSONDecoder(strict=False).raw_decode(text[start:])
     except json.JSONDecodeError as exc:
         raise ParseError(f"the JSON object is malformed ({exc.msg} at character {exc.pos})") from None
+    except RecursionError:  # a reply, not the user's input: re-asked, not the run's end
+        raise ParseError("the JSON object is nested too deeply") from None
     if not isinstance(value, dict):
         raise ParseError("the answer is not a JSON object")
     return value

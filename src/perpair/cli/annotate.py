@@ -66,7 +66,8 @@ def run_command(
     """Annotate pairs: category, magnitude, confidence and rationale per pair, from one or more teachers.
 
     Exit status: 0 done; 2 bad input or settings (nothing written); 3 fewer pairs than --min-valid (or none)
-    got a valid annotation (the files are written and every answer is cached).
+    got a valid annotation, or a teacher of an ensemble gave none (the files are written and every answer is
+    cached).
     """
     settings = load_config(config, teachers=teacher, base_urls=base_url, templates=template, concurrency=concurrency,
                            api_key_env=api_key_env, limit=limit, shard=shard, seed=seed,

@@ -48,7 +48,7 @@ def plan_command(
 ) -> None:
     """Decide per pair a β (SP²DPO), a route and a curriculum position (MixDPO), and write the plan."""
     from perpair import plan  # matplotlib and friends load only when planning
-    from perpair.artifacts import check_output_file, file_sha256, refuse_overwrite
+    from perpair.artifacts import check_output_file, check_output_folder, file_sha256, refuse_overwrite
     from perpair.plan.reference import read_reference_logps
 
     if output is None and not explain_ids:
@@ -57,6 +57,12 @@ def plan_command(
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})
         check_output_file(output, "-o/--output", "plan.parquet", kind=plan.KIND)
+        if report:  # before planning: a report that cannot be written failed after the plan was written
+            folder = plan.report_dir(output)
+            if folder.exists() and not folder.is_dir():
+                raise InputError(f"-o/--output {output}: its report goes to {folder}, which is a file; move it, "
+                                 "name another -o, or give --no-report")
+            check_output_folder(folder, "the report folder of -o/--output")
     schedule = plan.resolve_schedule(preset, config, beta)
     logps = None
     if reference_logps is not None:
@@ -70,6 +76,8 @@ def plan_command(
     with warnings.catch_warnings(), console.status("planning…"):
         warnings.simplefilter("ignore")  # matplotlib's (fonts, layout) are not the user's to act on
         result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
+        if beta is not None:
+            _refuse_an_idle_beta(result, beta)
         page = None
         if output is not None:
             plan.write_plan(result, output)
@@ -88,6 +96,21 @@ def plan_command(
         out.print(f"wrote plan to {escape(str(output))}")
         if page is not None:
             out.print(f"report: {escape(str(page))}")
+
+
+def _refuse_an_idle_beta(result: PlanResult, beta: float) -> None:
+    """--beta sets the global β; a per-pair schedule without normalisation gives it only to the preference pairs
+    it finds unannotated. With none, --beta changes nothing in the plan: refused rather than ignored."""
+    cfg = result.schedule.beta
+    if cfg.kind == "global" or cfg.normalise:
+        return
+    table = result.table
+    routes = np.array(table.column("route").to_pylist(), dtype=object)
+    annotated = np.array([c is not None for c in table.column("category").to_pylist()], dtype=bool)
+    if not np.any((routes == "preference") & ~annotated):
+        raise InputError(f"--beta {beta:g} would change nothing: beta.normalise is off, so every preference pair "
+                         f"takes its β from its annotation (between beta.beta_min {cfg.beta_min:g} and beta.beta_max "
+                         f"{cfg.beta_max:g}); drop --beta, or set beta.normalise: true to rescale them to it")
 
 
 def _preference_betas(result: PlanResult) -> dict[str, float] | None:

@@ -251,8 +251,10 @@ class ChatClient:
                 choice = decoded["choices"][0]
                 if not isinstance(choice, dict) or "message" not in choice:
                     raise KeyError("message")
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
+            except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
                 raise _Retryable(f"malformed response body ({type(exc).__name__})", status) from None
+            if (problem := _shape_problem(decoded)) is not None:
+                raise _Retryable(f"malformed response body ({problem})", status)
             return decoded
         text = self.redact(response.text[:BODY_SHOWN])
         if status in RETRYABLE_STATUS or status >= 500:
@@ -308,6 +310,31 @@ class ChatClient:
             logprobs=logprobs.get("content") if isinstance(logprobs, dict) else None,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost=cost, attempts=attempts,
             base_url=url, latency_s=latency, response=decoded)
+
+
+def _shape_problem(decoded: dict[str, Any]) -> str | None:
+    """What in a 200 answer's body is not of the chat-completion form the result is read from (None: nothing):
+    a message that is no object, content that is no string, usage counts that are no whole numbers. Read as they
+    were, they ended the whole run in a traceback (or counted negative tokens)."""
+    choice = decoded["choices"][0]
+    message = choice["message"]
+    if message is not None and not isinstance(message, dict):
+        return f"choices[0].message is not an object ({type(message).__name__})"
+    content = (message or {}).get("content")
+    if content is not None and not isinstance(content, str):
+        return f"choices[0].message.content is not a string ({type(content).__name__})"
+    logprobs = choice.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, dict):
+        return f"choices[0].logprobs is not an object ({type(logprobs).__name__})"
+    usage = decoded.get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return f"usage is not an object ({type(usage).__name__})"
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = (usage or {}).get(name)
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if value is not None and (isinstance(value, bool) or not whole or value < 0):
+            return f"usage.{name} is {value!r}, not a whole number of tokens"
+    return None
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:

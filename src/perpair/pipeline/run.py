@@ -269,6 +269,11 @@ class _Job:
 
         output = self.workdir / "annotations.parquet"
         material = {"config": settings.annotate.model_dump(mode="json"), "pairs": file_sha256(pairs)}
+        local = [t.model for t in settings.annotate.teachers if t.kind == "local"]
+        if local:  # a local teacher retrained at the same path is another teacher: annotate again
+            from perpair.models import model_fingerprint, resolve_model
+
+            material["teacher_weights"] = [model_fingerprint(resolve_model(model)) for model in local]
         info = self.stage("annotate", "annotate", material, lambda: [output, calls_path(output)], _annotate,
                           pairs, settings.annotate, output, self.workdir / "annotations.cache.sqlite")
         if info.get("calls_per_second"):
@@ -316,8 +321,10 @@ class _Job:
         if schedule.margin.source == "reference":  # the margins of the arm's own reference log-probs
             reference = self._reference_file(settings, arm, pairs)
             material["reference"] = file_sha256(reference)
-        self.stage(f"plan.{arm}", "plan", material, lambda: [output], _plan, pairs, annotations, schedule,
-                   self.config.arms[arm].preset, output, arm, reference)
+        info = self.stage(f"plan.{arm}", "plan", material, lambda: [output], _plan, pairs, annotations, schedule,
+                          self.config.arms[arm].preset, output, arm, reference)
+        for warning in info.get("warnings", []):  # shown again when the stage is skipped: the plan still says it
+            self.log(f"  warning: {warning}")
         return output
 
     def _reference_file(self, settings: Settings, arm: str, pairs: Path) -> Path:
@@ -474,7 +481,7 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
     plan.write_plan(result, output)
     plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
                       command=f"perpair run (arm {arm}, preset {preset})")
-    return {"counts": result.provenance["counts"]}
+    return {"counts": result.provenance["counts"], "warnings": result.provenance["warnings"]}
 
 
 def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[str, Any]:

@@ -102,6 +102,8 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     # --- annotations, aligned to the pairs -------------------------------------------------------
     beta_cfg = schedule.beta
     annotations_sha = None
+    ann_provenance: dict[str, Any] = {}
+    no_row = np.zeros(n, dtype=bool)  # pairs the annotations file has no row for
     category = np.full(n, None, dtype=object)
     magnitude = np.full(n, np.nan)
     confidence = np.full(n, np.nan)
@@ -109,6 +111,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         annotations, ann_provenance = read_annotations(annotations_path)
         annotations_sha = file_sha256(annotations_path)
         index = align_to_pairs(annotations_path, annotations, ann_provenance, pairs_file, pairs_sha, ids_array)
+        no_row = np.asarray(index.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         taken = annotations.select(["category", "magnitude", "confidence"]).take(index)
         category = taken.column("category").to_numpy(zero_copy_only=False).astype(object)
         magnitude = _floats(taken.column("magnitude"))
@@ -144,7 +147,8 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         if annotations_path is None:
             raise InputError("margin.source 'teacher' reads the annotations: pass --annotations",
                              field="margin.source")
-        margin = difficulty.teacher_margin(magnitude, confidence, mislabeled)
+        margin = difficulty.teacher_margin(magnitude, confidence, mislabeled,
+                                           annotated & (category == "no_clear_gap"))
     elif source == "reference":
         if reference_logps is None:
             raise InputError("margin.source 'reference' needs the reference model's log-probs: pass "
@@ -166,6 +170,9 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     below_tau, lowest = curriculum.route_mask(margin, ~dropped, rank, schedule.routing.tau,
                                               schedule.routing.quantile)
     route[below_tau | lowest] = schedule.routing.action
+    if n and not np.any(route == "preference"):
+        raise InputError(_no_preference_pair(schedule, margin, route, below_tau, lowest, dropped),
+                         file=pairs_file, field="routing")
 
     # --- β ---------------------------------------------------------------------------------------
     beta = np.full(n, beta_cfg.beta)
@@ -192,12 +199,16 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     beta[route == "drop"] = np.nan
 
     label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
-    warnings = _one_beta_warning(beta_cfg.kind, beta[route == "preference"], category, annotated)
+    warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
+                *_one_beta_warning(beta_cfg.kind, beta[route == "preference"], category, annotated),
+                *_routing_warnings(schedule, margin, below_tau, lowest, dropped)]
 
     # --- curriculum ------------------------------------------------------------------------------
     sequence, bucket = curriculum.curriculum_sequence(
         schedule.curriculum.kind, route != "drop", margin, rank, schedule.curriculum.buckets, schedule.seed)
     order = curriculum.positions(sequence, n)
+
+    warnings += _curriculum_warning(schedule.curriculum.kind, margin[sequence])
 
     table = pa.table({
         "pair_id": ids_array,
@@ -280,6 +291,82 @@ def _one_beta_warning(kind: str, trained: np.ndarray, category: np.ndarray, anno
             f"({int(annotated.sum())} of {len(category)} pairs annotated; categories: {seen}), so this plan is "
             "plain DPO with one β. Annotate with a teacher LLM (perpair annotate --teacher local:MODEL or "
             "api:BASE_URL/MODEL), or with ratings that have per-aspect scores."]
+
+
+def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.ndarray, no_row: np.ndarray,
+                         provenance: dict[str, Any], annotations: str) -> list[str]:
+    """Pairs on the preference route that a schedule reading the annotations finds unannotated: they fall back
+    to the global β (and, with margin.source teacher, to no margin), which the summary's count alone does not say."""
+    reads = [what for what, used in (
+        (f"the global β {schedule.beta.beta:g} instead of a per-pair β", schedule.beta.kind != "global"),
+        ("no difficulty margin (never routed; last in the curriculum)", schedule.margin.source == "teacher"))
+        if used]
+    missing = (route == "preference") & ~annotated
+    if not reads or not missing.any():
+        return []
+    absent, failed = int(np.sum(missing & no_row)), int(np.sum(missing & ~no_row))
+    why = []
+    if absent:
+        made = [option for option, value in (("--limit", provenance.get("limit")),
+                                             ("--shard", provenance.get("shard"))) if value]
+        how = " and ".join(f"{option} {provenance[option[2:]]}" for option in made)
+        why.append(f"{absent:,} have no row in {annotations}" + (f" (annotated with {how}" if made else "")
+                   + ("; join the shards with perpair annotate merge" if "--shard" in made else "")
+                   + (")" if made else ""))
+    if failed:
+        why.append(f"{failed:,} got no valid annotation (its reason column says why; perpair annotate "
+                   "--retry-failed asks failed calls again)")
+    return [f"{int(missing.sum()):,} of the {int(np.sum(route == 'preference')):,} preference pairs are unannotated "
+            f"and get {' and '.join(reads)}: {'; '.join(why)}"]
+
+
+def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndarray, lowest: np.ndarray,
+                      dropped: np.ndarray) -> list[str]:
+    """A routing rule that routes no pair changes nothing in the plan: say so, with the margins it met."""
+    routing = schedule.routing
+    eligible = ~dropped & ~np.isnan(margin)
+    if not eligible.any():
+        return []
+    smallest = float(np.min(margin[eligible]))
+    warnings = []
+    if routing.tau is not None and not below_tau.any():
+        warnings.append(f"routing.tau {routing.tau:g} routes no pair to {routing.action}: every margin is at least "
+                        f"{routing.tau:g} (the smallest is {smallest:g}), so the plan is the same without it")
+    if routing.quantile is not None and not lowest.any():
+        warnings.append(f"routing.quantile {routing.quantile:g} routes no pair to {routing.action}: "
+                        f"{routing.quantile:g} of the {int(eligible.sum()):,} pairs with a margin is less than one")
+    return warnings
+
+
+def _no_preference_pair(schedule: Schedule, margin: np.ndarray, route: np.ndarray, below_tau: np.ndarray,
+                        lowest: np.ndarray, dropped: np.ndarray) -> str:
+    """Why no pair is left on the preference route, for the refusal (a preference plan without preference pairs:
+    its β and label smoothing would act on nothing)."""
+    routing = schedule.routing
+    why = []
+    if below_tau.any():
+        largest = float(np.nanmax(margin[~dropped])) if np.any(~dropped & ~np.isnan(margin)) else float("nan")
+        why.append(f"routing.tau {routing.tau:g} routes {int(below_tau.sum()):,} pairs to {routing.action} "
+                   f"(the largest margin is {largest:g})")
+    if lowest.any():
+        why.append(f"routing.quantile {routing.quantile:g} routes {int(lowest.sum()):,} pairs to {routing.action}")
+    if dropped.any():
+        why.append(f"{int(dropped.sum()):,} mislabeled pairs are dropped (mislabeled.action drop)")
+    counts = ", ".join(f"{name} {int(np.sum(route == name)):,}" for name in ROUTES)
+    return (f"no pair is left on the preference route ({counts}): {'; '.join(why)}. Lower routing.tau or "
+            "routing.quantile (for SFT alone: perpair train --loss sft, without a plan)")
+
+
+def _curriculum_warning(kind: str, margins: np.ndarray) -> list[str]:
+    """A curriculum by margin over pairs whose margins are all equal orders them by pair id only."""
+    if kind not in ("easy_to_hard", "hard_to_easy", "bucketed"):
+        return []
+    known = margins[~np.isnan(margins)]
+    if len(known) < 2 or np.ptp(known) > 0:
+        return []
+    return [f"curriculum.kind {kind} orders by margin, but every trained pair with a margin has the same one "
+            f"({known[0]:g}): the order is by pair id" + (", shuffled within buckets" if kind == "bucketed" else "")
+            + ", not from easy to hard"]
 
 
 def _check_unique(pair_ids: np.ndarray, file: str) -> None:

@@ -93,8 +93,8 @@ class MislabeledConfig(_Strict):
 class MarginConfig(_Strict):
     source: Literal["none", "ratings", "teacher", "reference"] = Field(
         "none", description="ratings: score_chosen − score_rejected (MixDPO); teacher: magnitude × "
-        "confidence, negative for mislabeled (ours); reference: the reference model's length-normalised "
-        "log-prob margin (ours); none: no difficulty")
+        "confidence, negative for mislabeled, 0 for no_clear_gap (ours); reference: the reference model's "
+        "length-normalised log-prob margin (ours); none: no difficulty")
 
 
 class RoutingConfig(_Strict):

@@ -5,7 +5,8 @@ Three sources, each a pure function of per-pair arrays (NaN where a pair has no 
 - ``ratings``: ``score_chosen − score_rejected`` — MixDPO's difficulty (UltraFeedback's GPT-4 overall
   scores, 1–10).
 - ``teacher``: ``magnitude × confidence`` of the semantic-gap annotation, negative when the teacher says
-  the pair is mislabeled (ours).
+  the pair is mislabeled, 0 when it says ``no_clear_gap`` (a tie has no margin, whatever magnitude came with
+  it) (ours).
 - ``reference``: the reference model's length-normalised log-prob margin,
   ``logp(chosen)/tokens(chosen) − logp(rejected)/tokens(rejected)`` (ours; the sequence-level
   implicit reward of the reference, read from the train stage's reference log-prob cache).
@@ -47,10 +48,16 @@ def ratings_margin(score_chosen: np.ndarray, score_rejected: np.ndarray) -> np.n
     return np.asarray(score_chosen, dtype=np.float64) - np.asarray(score_rejected, dtype=np.float64)
 
 
-def teacher_margin(magnitude: np.ndarray, confidence: np.ndarray, mislabeled: np.ndarray) -> np.ndarray:
-    """magnitude × confidence, signed: negative where the teacher says the rejected response is better."""
+def teacher_margin(magnitude: np.ndarray, confidence: np.ndarray, mislabeled: np.ndarray,
+                   tie: np.ndarray | None = None) -> np.ndarray:
+    """magnitude × confidence, signed: negative where the teacher says the rejected response is better; 0 where
+    it says neither is (``tie``: category ``no_clear_gap``): an API teacher's "tie" comes with the magnitude it
+    gave (up to 3), which made a tie the easiest pair of the curriculum and kept it from τ's SFT route."""
     margin = np.asarray(magnitude, dtype=np.float64) * np.asarray(confidence, dtype=np.float64)
-    return np.where(np.asarray(mislabeled, dtype=bool), -margin, margin)
+    margin = np.where(np.asarray(mislabeled, dtype=bool), -margin, margin)
+    if tie is not None:
+        margin = np.where(np.asarray(tie, dtype=bool) & ~np.isnan(margin), 0.0, margin)
+    return margin
 
 
 def reference_margin(chosen_logps: np.ndarray, chosen_tokens: np.ndarray, rejected_logps: np.ndarray,

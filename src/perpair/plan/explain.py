@@ -128,6 +128,9 @@ def _difficulty_lines(result: PlanResult, row: int) -> list[str]:
         formula = f"{sign}magnitude × confidence = {sign}{_f(magnitude)} × {_f(confidence)}"
         raw = (-1.0 if sign else 1.0) * magnitude * confidence
         note = "margin.source teacher, negative for mislabeled; ours"
+        if table["category"][row].as_py() == "no_clear_gap":
+            formula, raw = f"0 (no_clear_gap: a tie has no margin; magnitude {_f(magnitude)})", 0.0
+            note = "margin.source teacher, 0 for no_clear_gap; ours"
     else:
         ref = trace.reference or {}
         names = ("chosen_logps", "chosen_tokens", "rejected_logps", "rejected_tokens")

@@ -168,9 +168,10 @@ def beta_by_category(beta: np.ndarray, category: np.ndarray, route: np.ndarray) 
 
 
 def category_magnitude_counts(category: np.ndarray, magnitude: np.ndarray) -> dict[str, list[int]]:
-    """Pair counts per category and magnitude rounded to 0–3 (the annotated pairs only)."""
+    """Pair counts per category and magnitude rounded to 0–3, halves up (the annotated pairs only; an ensemble's
+    magnitudes are means). numpy's rint rounds halves to even: 0.5 counted as 0 but 1.5 as 2, 2.5 as 2."""
     counts = {}
-    rounded = np.rint(np.nan_to_num(magnitude)).astype(np.int64)
+    rounded = np.floor(np.nan_to_num(magnitude) + 0.5).astype(np.int64)
     for c in (*CATEGORIES, UNKNOWN):
         if c == UNKNOWN and not np.any(category == c):
             continue  # a row only where a teacher said it (the ratings teacher with an overall score only)
@@ -289,9 +290,11 @@ def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any], *, pair
                                        f"(action {counts['mislabeled']['action']})"),
         ("pairs without a difficulty", counts["no_margin"] if counts["no_margin"] is not None else "n/a"),
     ]
-    kept = data["beta"][~np.isnan(data["beta"])]
+    # The β that act: the preference route's (an SFT pair's β is never read), as perpair plan's summary shows
+    # them and as the geometric mean is normalised over.
+    kept = data["beta"][(data["route"] == "preference") & ~np.isnan(data["beta"])]
     if len(kept):
-        rows.append(("β min / geometric mean / max",
+        rows.append(("β (preference route) min / geometric mean / max",
                      f"{kept.min():.4g} / {np.exp(np.mean(np.log(kept))):.4g} / {kept.max():.4g}"))
     summary = "\n".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows)
     grid = category_magnitude_counts(data["category"], data["magnitude"])
