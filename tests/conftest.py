@@ -13,6 +13,7 @@ and :class:`_DataModule`).
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import types
@@ -241,3 +242,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
              and not hasattr(modules[name.split("::")[0]], name.split("::")[1])]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py LAYERS names tests that do not exist: {', '.join(stale)}")
+
+
+def cached_call_keys(cache: Path) -> set[str]:
+    """The keys of the answers an annotation cache holds (read while a run may be writing it)."""
+    if not cache.exists():
+        return set()
+    db = sqlite3.connect(cache, timeout=30)
+    try:
+        return {row[0] for row in db.execute("SELECT key FROM calls")}
+    except sqlite3.OperationalError:  # created, its table not yet
+        return set()
+    finally:
+        db.close()

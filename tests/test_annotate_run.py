@@ -11,7 +11,7 @@ import threading
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import cached_call_keys, run_cli
 from llama_server import LoopbackServer, Reply, Request, chat_completion
 from perpair.annotate import calls_path, read_annotations
 from perpair.artifacts import file_sha256, read_artifact
@@ -244,7 +244,6 @@ def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_
     import asyncio
     import os
     import signal
-    import sqlite3
     import subprocess
     import sys
     import time
@@ -256,17 +255,6 @@ def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_
         await asyncio.sleep(0.02)
         return Reply(body=chat_completion(json.dumps(VALID)))
 
-    def cached_keys(cache) -> set[str]:
-        if not cache.exists():
-            return set()
-        db = sqlite3.connect(cache, timeout=30)
-        try:
-            return {row[0] for row in db.execute("SELECT key FROM calls")}
-        except sqlite3.OperationalError:  # created, its table not yet
-            return set()
-        finally:
-            db.close()
-
     out, cache = tmp_path / "killed.parquet", tmp_path / "killed.sqlite"
     with LoopbackServer(slow) as url:
         args = ["annotate", str(uf_pairs), "-o", str(out), "--cache", str(cache), "--teacher", f"api:{url}/v1/stub",
@@ -274,13 +262,13 @@ def test_sigkill_mid_run_keeps_every_answer_and_the_rerun_asks_only_the_rest(uf_
         process = subprocess.Popen([sys.executable, "-m", "perpair", *args], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
-        while len(cached_keys(cache)) < 20 and process.poll() is None and time.monotonic() < deadline:
+        while len(cached_call_keys(cache)) < 20 and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert process.poll() is None, "the run ended before the kill"
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
         time.sleep(0.2)
-        kept = cached_keys(cache)
+        kept = cached_call_keys(cache)
         assert 20 <= len(kept) < 60 and not out.exists()
         mark = len(asked)
         annotate(uf_pairs, out, "--cache", cache, "--teacher", f"api:{url}/v1/stub", "--limit", "60")

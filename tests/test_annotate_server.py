@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import cached_call_keys, run_cli
 from llama_server import Proxy
 from perpair.annotate import calls_path, read_annotations
 from perpair.annotate.schema import CATEGORIES
@@ -84,18 +83,6 @@ def test_faults_are_retried_within_the_bound(llama_server, uf_pairs, tmp_path):
     assert sum(c["attempts"] for c in calls) > sum(c["reasks"] + 1 for c in calls)  # faults were retried
 
 
-def _cached_keys(cache) -> set[str]:
-    if not cache.exists():
-        return set()
-    db = sqlite3.connect(cache, timeout=30)
-    try:
-        return {row[0] for row in db.execute("SELECT key FROM calls")}
-    except sqlite3.OperationalError:  # created, its table not yet
-        return set()
-    finally:
-        db.close()
-
-
 def test_sigkill_and_resume_loses_nothing_and_repeats_nothing(llama_server, uf_pairs, tmp_path):
     # The acceptance size is 200 pairs (passed: 1,069 s on 2 shared cores, some 450 requests); CI runs
     # 40 to stay within the suite's time budget. PERPAIR_CRASH_TEST_PAIRS=200 runs the full size.
@@ -113,9 +100,9 @@ def test_sigkill_and_resume_loses_nothing_and_repeats_nothing(llama_server, uf_p
         lost = 0  # requests of calls that a kill cut short (their answers never reached the cache)
         for threshold in thresholds:
             mark = len(proxy.sent)
-            before = _cached_keys(cache)
+            before = cached_call_keys(cache)
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            while len(_cached_keys(cache)) < threshold and process.poll() is None:
+            while len(cached_call_keys(cache)) < threshold and process.poll() is None:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0, 0.5))  # land inside a request, not just after a commit
             assert process.poll() is None, "the run ended before the kill"
@@ -126,16 +113,16 @@ def test_sigkill_and_resume_loses_nothing_and_repeats_nothing(llama_server, uf_p
             # Nothing finished before this run was sent again during it ...
             assert not before & set(sent)
             # ... and what it sent without finishing are the calls in flight at the kill: `concurrency` at most.
-            unfinished = [key for key in sent if key not in _cached_keys(cache)]
+            unfinished = [key for key in sent if key not in cached_call_keys(cache)]
             assert len(set(unfinished)) <= 2
             lost += len(unfinished)
-        mark, before = len(proxy.sent), _cached_keys(cache)
+        mark, before = len(proxy.sent), cached_call_keys(cache)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert not before & set(proxy.sent[mark:])
     # Every pair annotated exactly once; every request is one of a recorded call's attempts (the first ask
     # and its re-asks), or was lost with a call in flight at a kill.
     calls = check_rows(out, n)
-    assert len({c["key"] for c in calls}) == n and _cached_keys(cache) == {c["key"] for c in calls}
+    assert len({c["key"] for c in calls}) == n and cached_call_keys(cache) == {c["key"] for c in calls}
     assert len(proxy.sent) == sum(c["attempts"] for c in calls) + lost
     assert lost <= kills * 2 * 3  # each of at most `concurrency` calls per kill had asked at most 1 + max_reasks
 
