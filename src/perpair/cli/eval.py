@@ -141,7 +141,8 @@ def alpaca_eval_command(
     judge: Annotated[str, typer.Option(
         help="Judge: a local model (folder, Hub id, smollm2) or the /v1 URL of an OpenAI-compatible server.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="Output folder.")] = None,
+                                                help="Output folder (default: eval/LABEL, LABEL the model's "
+                                                     "folder name, or RUN for perpair train's RUN/model).")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
@@ -151,7 +152,9 @@ def alpaca_eval_command(
         help="Folder where a local judge keeps the key/value caches of the prompts' beginnings that do not depend "
              "on the evaluated model; give every model of a comparison the same folder and they are computed once "
              "(one prompt per pass: a judge batch size of 1).")] = None,
-    name: Annotated[str | None, typer.Option(help="Generator name written in the files.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Generator name written in the files (default: the model's folder name, or RUN for the model perpair "
+             "train saved in RUN/model).")] = None,
     reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
     judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N instructions (quick runs).")] = None,
@@ -213,7 +216,9 @@ def arena_hard_command(
     model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
     judge: Annotated[str, typer.Option(help="Judge: a local model or the /v1 URL of an OpenAI-compatible server.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="Output folder.")] = None,
+                                                help="Output folder (default: eval/LABEL/arena_hard, LABEL the "
+                                                     "model's folder name, or RUN for perpair train's "
+                                                     "RUN/model).")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
@@ -221,7 +226,9 @@ def arena_hard_command(
     judge_max_tokens: Annotated[int, typer.Option(help="Judgment length cap in tokens.")] = 4096,
     questions: Annotated[Path | None, typer.Option(help="Arena-Hard v0.1 question.jsonl(.gz).")] = None,
     baseline_answers: Annotated[Path | None, typer.Option(help="gpt-4-0314 answers (.jsonl(.gz)).")] = None,
-    name: Annotated[str | None, typer.Option(help="Model name written in the files.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Model name written in the files (default: the model's folder name, or RUN for the model perpair train "
+             "saved in RUN/model).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N questions.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
@@ -290,9 +297,13 @@ def preference_command(
     max_length: Annotated[int, typer.Option(help="Prompt + response truncation in tokens, as in training.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
     tokens_per_forward: Annotated[int, typer.Option(help="Pack pairs up to this many tokens per forward.")] = 0,
-    name: Annotated[str | None, typer.Option(help="Name written in the results.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Name written in the results (default: the model's folder name, or RUN for the model perpair train "
+             "saved in RUN/model).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="results.json path or output folder.")] = None,
+                                                help="results.json path or output folder (default: "
+                                                     "eval/LABEL/preference, LABEL the model's folder name, or RUN "
+                                                     "for perpair train's RUN/model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
