@@ -150,6 +150,11 @@ class TrainConfig(BaseModel):
     @field_validator("loss")
     @classmethod
     def _one_loss_is_a_name(cls, value: str | list[str]) -> str | list[str]:
+        # an unknown name is this key's mistake (named as given, on the command line or in the file), not a rule
+        # across keys as those of _check_loss
+        unknown = [n for n in ([value] if isinstance(value, str) else value) if n not in LOSSES]
+        if unknown:
+            raise ValueError(f"loss {unknown[0]!r} is unknown; choose one of {', '.join(sorted(LOSSES))}")
         # [name] and name are the same run: keep one spelling, so `config.loss == "sft"` tests hold for both
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
