@@ -340,6 +340,11 @@ def report_command(
     from perpair.eval import write_report
 
     check_output_folder(output, "-o/--output")
+    for folder in folders:  # the report's results.json would replace the evaluation's (a report given: refused below)
+        base = folder if folder.is_dir() else folder.parent
+        if output.resolve() == base.resolve() and not (base / "report.html").is_file():
+            raise PerpairError(f"-o/--output {output}: the folder of the evaluation {folder}, whose results.json the "
+                               "report would replace; name another folder")
 
     for kind, path in write_report(folders, output).items():
         out.print(f"{kind}: {escape(str(path))}")
