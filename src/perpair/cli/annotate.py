@@ -46,7 +46,8 @@ def run_command(
                                                help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight per API teacher.")] = None,
     limit: Annotated[int | None, typer.Option(help="Annotate only the first N pairs.")] = None,
-    shard: Annotated[str | None, typer.Option(help="i/n: this machine's share of the pairs, by pair id.")] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="i/n, 0 <= i < n: this machine's share of the pairs, by pair id.")] = None,
     base_url: Annotated[list[str] | None, typer.Option(
         "--base-url", help="Another base URL for the API teachers to share the load with (repeatable).")] = None,
     template: Annotated[list[str] | None, typer.Option(
