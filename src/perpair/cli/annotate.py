@@ -44,7 +44,8 @@ def run_command(
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with teachers and settings.")] = None,
     cache: Annotated[Path | None, typer.Option(parser=given_path("--cache"),
                                                help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight per API teacher.")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Requests in flight per API teacher, 1-4096 (default 16).")] = None,
     limit: Annotated[int | None, typer.Option(help="Annotate only the first N pairs.")] = None,
     shard: Annotated[str | None, typer.Option(
         help="i/n, 0 <= i < n: this machine's share of the pairs, by pair id.")] = None,
