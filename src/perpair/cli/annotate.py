@@ -28,7 +28,8 @@ class _DefaultRun(typer.core.TyperGroup):
 
 annotate_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True, add_completion=False,
                            help="Label each pair's semantic gap with teacher LLMs (resumable). "
-                                "`perpair annotate PAIRS ...` runs; `perpair annotate merge` joins shards.")
+                                "`perpair annotate PAIRS ...` runs (its options: `perpair annotate run --help`); "
+                                "`perpair annotate merge` joins shards.")
 app.add_typer(annotate_app, name="annotate")
 
 
