@@ -48,6 +48,9 @@ def _judge_config(cls, *, concurrency: int | None, **options):
     if given and not config.is_api:
         raise PerpairError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of an API judge, and "
                            f"--judge {config.judge} is a local judge; drop {'them' if len(given) > 1 else 'it'}")
+    if config.is_api and not config.model_name:  # now, not after the answers are generated
+        raise PerpairError(f"--judge {config.judge} is an API judge: give --judge-name, the model name the server "
+                           "expects")
     if config.is_api and options.get("batch_size") is not None:
         raise PerpairError(f"--judge-batch-size: an option of a local judge, and --judge {config.judge} is an API "
                            "judge (requests in flight: --judge-concurrency); drop it")
