@@ -158,8 +158,10 @@ def alpaca_eval_command(
     name: Annotated[str | None, typer.Option(
         help="Generator name written in the files (default: the model's folder name, or RUN for the model perpair "
              "train saved in RUN/model).")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
-    judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Baseline outputs (default: the Hub's online, DATA_DIR's copy offline).")] = None,
+    judge_prompt: Annotated[Path | None, typer.Option(
+        help="alpaca_eval_clf.txt judge prompt (default: DATA_DIR's copy, else the installed alpaca_eval's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N instructions (quick runs).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,

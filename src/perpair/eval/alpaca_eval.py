@@ -80,7 +80,8 @@ class AlpacaEvalConfig(BaseModel):
     output_dir: Path
     judge: JudgeConfig
     generation: GenerationConfig = GenerationConfig()
-    reference: Path | None = Field(None, description="Baseline outputs file (default: the Hub, else local).")
+    reference: Path | None = Field(None, description="Baseline outputs file (default: the Hub's online, "
+                                                           "data_dir's copy offline).")
     judge_prompt: Path | None = None
     limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
     offline: bool | None = None
