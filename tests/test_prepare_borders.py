@@ -229,3 +229,12 @@ def test_a_line_cut_short_is_reported_at_its_end(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"row 2: line is not valid JSON, truncated or corrupt (Expecting value at column {len(line) + 1})" \
         in result.stderr
+
+
+def test_an_empty_output_path_is_refused_as_such(tmp_path):
+    """-o '' (an unset variable in a script) was taken for the current folder ("file .: the output is a folder"),
+    where the other commands say what it is."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    result = run_cli("prepare", source, "-o", "", check=False)
+    assert result.returncode == 2 and result.stderr == "error: -o/--output: an empty path; give the path to write\n"
