@@ -91,6 +91,8 @@ def _given(values: dict[str, Any] | None, loc: tuple) -> bool:
         return False
     node: Any = values
     for part in loc:
+        if isinstance(node, list):  # an item of a list given there (report_to.0): the list is the key's value
+            return True
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]

@@ -158,6 +158,16 @@ class TrainConfig(BaseModel):
         # [name] and name are the same run: keep one spelling, so `config.loss == "sft"` tests hold for both
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        # this key's own error (named as given: --report-to on the command line does not blame a config file)
+        missing = missing_packages(value)
+        if missing:
+            raise ValueError(f"needs {', '.join(missing)}, not installed: pip install {' '.join(missing)} "
+                             "(or 'perpair[tracking]' for every tracker)")
+        return value
+
     @model_validator(mode="after")
     def _check_loss(self) -> TrainConfig:
         try:
@@ -241,10 +251,6 @@ class TrainConfig(BaseModel):
         problem = sharding_problem(self, launch_sharding())
         if problem:
             raise ValueError(problem)
-        missing = missing_packages(self.report_to)
-        if missing:
-            raise ValueError(f"report_to needs {', '.join(missing)}, not installed: pip install {' '.join(missing)} "
-                             "(or 'perpair[tracking]' for every tracker)")
         return self
 
     @property
