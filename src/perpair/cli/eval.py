@@ -301,7 +301,8 @@ def preference_command(
     beta: Annotated[float, typer.Option(help="β of the implicit reward (scales margins; accuracy unchanged).")] = 0.1,
     max_length: Annotated[int, typer.Option(help="Prompt + response truncation in tokens, as in training.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
-    tokens_per_forward: Annotated[int, typer.Option(help="Pack pairs up to this many tokens per forward.")] = 0,
+    tokens_per_forward: Annotated[int, typer.Option(
+        help="Pack pairs up to this many tokens per forward (0: one pair per forward).")] = 0,
     name: Annotated[str | None, typer.Option(
         help="Name written in the results (default: the model's folder name, or RUN for the model perpair train "
              "saved in RUN/model).")] = None,
