@@ -51,6 +51,19 @@ def test_an_unknown_loss_is_named_where_it_was_given(tmp_path):
     assert str(written.value).startswith(f"file {path}: ") and "command line" not in str(written.value)
 
 
+def test_resume_beside_overwrite_is_named_where_they_were_given(tmp_path):
+    """`perpair train config.yaml --resume --overwrite` blamed the file, which holds neither."""
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d.parquet\nout: o\n")
+    with pytest.raises(PerpairError) as given:
+        load_config(path, {"resume": True, "overwrite": True})
+    assert str(given.value) == ("invalid train config: overwrite: resume continues the run in OUT, overwrite replaces "
+                                "it: choose one (from the command line)")
+    path.write_text("model: m\ndata: d.parquet\nout: o\nresume: true\noverwrite: true\n")
+    with pytest.raises(PerpairError, match=f"^file {path}: invalid train config: overwrite: resume continues"):
+        load_config(path, {})
+
+
 def test_bad_override_syntax():
     with pytest.raises(PerpairError, match="expected key=value"):
         parse_overrides(["beta"])

@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from perpair.config_files import invalid_config, load_yaml
 from perpair.errors import PerpairError
@@ -158,6 +158,14 @@ class TrainConfig(BaseModel):
         # [name] and name are the same run: keep one spelling, so `config.loss == "sft"` tests hold for both
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
+    @field_validator("overwrite")
+    @classmethod
+    def _resume_or_overwrite(cls, value: bool, info: ValidationInfo) -> bool:
+        # a key's own error (resume is read first), so --resume --overwrite is named as the command line's
+        if value and info.data.get("resume"):
+            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
+        return value
+
     @field_validator("report_to")
     @classmethod
     def _trackers_installed(cls, value: list[str]) -> list[str]:
@@ -203,8 +211,6 @@ class TrainConfig(BaseModel):
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
-        if self.resume and self.overwrite:
-            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
         if self.loss == "sft" and self.plan is not None:
             # a plan's β, ε, routes and flips say how to train preferences; SFT trains every chosen response
             raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "
