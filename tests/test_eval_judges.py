@@ -351,3 +351,21 @@ def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one()
     top = [{"token": "M", "logprob": math.log(0.6)}, {"token": "m", "logprob": math.log(0.4)}]
     full = asyncio.run(judge._one(Client({"token": "m", "logprob": math.log(0.4), "top_logprobs": top}), []))
     assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)
+
+
+def test_a_refused_option_value_is_named_by_its_option(tmp_path):
+    """The eval commands named a refused value by its config field (`limit: ...`, `batch_size: ...`), where prepare
+    and the help name the option (`--limit`); a judge's fields are its --judge-* options."""
+    for args, says in ((("eval", "preference", "--model", "m", "--ref", "m", "--data", tmp_path / "p.parquet",
+                         "--limit", "0"), "--limit: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "alpaca-eval", "--model", "m", "--judge", "m", "--max-new-tokens", "0"),
+                        "--max-new-tokens: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "alpaca-eval", "--model", "m", "--judge", "m", "--judge-batch-size", "0"),
+                        "--judge-batch-size: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "arena-hard", "run", "--model", "m", "--judge", "http://h/v1", "--judge-name", "j",
+                         "--judge-concurrency", "0"), "--judge-concurrency: Input should be greater than or equal"),
+                       (("bench", "controlled", "--quick", "--seeds", "0", "-o", tmp_path / "b"),
+                        "--seeds: Input should be greater than or equal to 1 (got 0)")):
+        result = run_cli(*args, check=False)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: invalid options: {says}"), result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -60,7 +60,8 @@ def controlled_command(
     try:
         config = ControlledConfig(**values)
     except ValidationError as exc:
-        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc, options={'noise_levels': '--noise'})}") \
+            from None
     progress = lambda line: console.print(line, highlight=False)  # noqa: E731
     if sweep is not None:
         section = run_sweep(config, sweep, out_dir, progress=progress)

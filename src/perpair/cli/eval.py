@@ -31,11 +31,22 @@ ALPACA_DATA_ENV = "PERPAIR_ALPACA_EVAL_DATA"
 ARENA_DATA_ENV = "PERPAIR_ARENA_HARD_DATA"
 
 
+# the config fields whose option is not --FIELD (field_name → --field-name)
+OPTION_NAMES = {"model_name": "--judge-name", "api_key_env": "--judge-api-key-env",
+                "concurrency": "--judge-concurrency", "batch_size": "--judge-batch-size",
+                "prefix_cache": "--judge-prefix-cache", "output_dir": "-o/--output", "fit": "--no-fit"}
+
+
 def _options(cls, **kwargs):
+    """The options validated as ``cls``; a refused value is named by its option (``--limit``), not its field."""
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    names = OPTION_NAMES if cls is JudgeConfig else {k: v for k, v in OPTION_NAMES.items()
+                                                      if k in ("output_dir", "fit")}
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc, options=names)}") from None
 
 
 def _judge_config(cls, *, concurrency: int | None, **options):
