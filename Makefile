@@ -78,7 +78,7 @@ demo: $(if $(OFFLINE),install,$(VENV)/.installed-test)
 		--set 'data.sources=["$(DATA)"]' $(if $(OFFLINE),$(OFFLINE_SETS))
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 # The whole suite (CI: .ci/run), and the inner loop: the unit and component layers (tests/conftest.py), which
 # do not need the llama.cpp build. Two pytest-xdist workers, each with half the cores; the tests of the

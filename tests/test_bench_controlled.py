@@ -247,7 +247,7 @@ def test_cli_writes_the_table_json_and_plots(tmp_path):
 def test_cli_reports_bad_options(tmp_path):
     result = run_cli("bench", "controlled", "--quick", "--teacher-calibration", "sometimes", "-o",
                      str(tmp_path / "x"), check=False)
-    assert result.returncode == 2 and "teacher_calibration" in result.stderr
+    assert result.returncode == 2 and "--teacher-calibration: " in result.stderr  # named by its option
 
 
 # --- the sweeps (issue 18) -----------------------------------------------------------------------------------
@@ -454,3 +454,11 @@ def test_cli_runs_a_sweep_and_refuses_bad_sweep_options(tmp_path):
                   str(tmp_path / "x"), check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkeypatch):
+    """-o '' was Path('') = the current folder: results.json, table.md and the plots were written there."""
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("bench", "controlled", "--quick", "--seeds", "1", "-o", "", check=False)
+    assert result.returncode == 2 and result.stderr == "error: -o/--out: an empty path; give the path to write\n"
+    assert list(tmp_path.iterdir()) == []

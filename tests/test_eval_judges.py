@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, run_cli
 from perpair.eval.judges import (
     chatml_to_messages,
     fill_template,
@@ -236,6 +236,22 @@ def test_run_config_refuses_judge_options_the_judge_would_ignore():
         AlpacaEvalSection(judge="smollm2", judge_name="m", judge_api_key_env="K")
     assert AlpacaEvalSection(judge="smollm2", judge_batch_size=2).judge_batch_size == 2  # each where it applies
     assert AlpacaEvalSection(judge="http://h/v1", judge_name="m").judge_name == "m"
+    # an API judge without the model name the server expects: refused at validation, not after the answers
+    with pytest.raises(ValidationError, match="http://h/v1 is an API judge: give judge_name"):
+        AlpacaEvalSection(judge="http://h/v1")
+
+
+def test_an_api_judge_without_its_model_name_is_refused_before_any_answer(tiny_model_dir, tmp_path):
+    """`perpair eval arena-hard run --judge URL` without --judge-name (the README's own example) generated every
+    answer, then stopped at the judge: the name is now asked for before the model is loaded."""
+    for command, data in ((("eval", "alpaca-eval"), AE), (("eval", "arena-hard", "run"), SHARED_DATA / "arena_hard")):
+        out = tmp_path / command[-1]
+        result = run_cli(*command, "--model", tiny_model_dir, "--judge", "http://127.0.0.1:9/v1", "--offline",
+                         "--data-dir", data, "--limit", "1", "--max-new-tokens", "2", "-o", out, check=False)
+        assert result.returncode == 2 and result.stderr == (
+            "error: --judge http://127.0.0.1:9/v1 is an API judge: give --judge-name, the model name the server "
+            "expects\n"), result.stderr
+        assert not out.exists()
 
 
 def test_a_chat_template_edited_in_place_is_generated_and_judged_again(tmp_path):
@@ -335,3 +351,21 @@ def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one()
     top = [{"token": "M", "logprob": math.log(0.6)}, {"token": "m", "logprob": math.log(0.4)}]
     full = asyncio.run(judge._one(Client({"token": "m", "logprob": math.log(0.4), "top_logprobs": top}), []))
     assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)
+
+
+def test_a_refused_option_value_is_named_by_its_option(tmp_path):
+    """The eval commands named a refused value by its config field (`limit: ...`, `batch_size: ...`), where prepare
+    and the help name the option (`--limit`); a judge's fields are its --judge-* options."""
+    for args, says in ((("eval", "preference", "--model", "m", "--ref", "m", "--data", tmp_path / "p.parquet",
+                         "--limit", "0"), "--limit: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "alpaca-eval", "--model", "m", "--judge", "m", "--max-new-tokens", "0"),
+                        "--max-new-tokens: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "alpaca-eval", "--model", "m", "--judge", "m", "--judge-batch-size", "0"),
+                        "--judge-batch-size: Input should be greater than or equal to 1 (got 0)"),
+                       (("eval", "arena-hard", "run", "--model", "m", "--judge", "http://h/v1", "--judge-name", "j",
+                         "--judge-concurrency", "0"), "--judge-concurrency: Input should be greater than or equal"),
+                       (("bench", "controlled", "--quick", "--seeds", "0", "-o", tmp_path / "b"),
+                        "--seeds: Input should be greater than or equal to 1 (got 0)")):
+        result = run_cli(*args, check=False)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: invalid options: {says}"), result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -205,3 +205,29 @@ def test_output_paths_that_cannot_be_written_are_refused(tmp_path):
                          "-o", output, check=False)
         assert says in _refused(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_models_perpair_train_saved_are_told_apart_by_their_run(uf_pairs, tmp_path, monkeypatch):
+    """``perpair train --out runs/NAME`` saves runs/NAME/model: evaluated without -o or --name, two such models were
+    both named "model" and wrote into one folder, eval/model, the second replacing the first's results. The default
+    label is the run's folder (the one holding run.key); a folder named model anywhere else keeps its name."""
+    ref = _tiny(tmp_path / "ref", 0)
+    for run, seed in (("dpo", 1), ("mixdpo", 2)):
+        _tiny(tmp_path / "runs" / run / "model", seed)
+        (tmp_path / "runs" / run / "run.key").write_text("key\n")
+    plain = _tiny(tmp_path / "mine" / "model", 3)  # no run.key beside it: not a perpair train output
+    monkeypatch.chdir(tmp_path)
+    rows = {}
+    for model in ("runs/dpo/model", "runs/mixdpo/model/"):
+        row = json.loads(run_cli("eval", "preference", "--model", model, "--ref", ref, "--data", uf_pairs,
+                                 "--limit", 3, "--max-length", 256, "--json").stdout)
+        rows[row["name"]] = row
+    assert set(rows) == {"dpo", "mixdpo"}
+    for name, row in rows.items():
+        written = json.loads((tmp_path / "eval" / name / "preference" / "results.json").read_text())
+        assert written[0]["name"] == name and written[0]["model"] == row["model"]
+    assert not (tmp_path / "eval" / "model").exists()
+    from perpair.eval.alpaca_eval import default_output_dir, model_label
+
+    assert model_label(str(plain)) == "model" and default_output_dir(str(plain)).parts == ("eval", "model")
+    assert model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"

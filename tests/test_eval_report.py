@@ -103,3 +103,21 @@ def test_a_missing_figure_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
     write_report([alpaca, arena], tmp_path / "report")
     assert drawn[0] == [pytest.approx(row["win_rate"])]
+
+
+def test_a_report_is_not_read_as_an_evaluation_nor_written_over_one(tmp_path, monkeypatch):
+    """The recipes' `perpair eval report work/eval/* -o work/eval/report`, run twice, read the first report's
+    results.json as an evaluation's: every row twice. And -o naming an evaluation's folder replaced its results."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    report = tmp_path / "report"
+    run_cli("eval", "report", alpaca, arena, "-o", report)
+    again = run_cli("eval", "report", alpaca, arena, report, "-o", report, check=False)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert f"error: {report}: a report perpair eval report wrote" in again.stderr
+    assert [r["benchmark"] for r in json.loads((report / "results.json").read_text())] == ["alpaca_eval_2",
+                                                                                           "arena_hard_v0.1"]
+    before = (arena / "results.json").read_text()
+    over = run_cli("eval", "report", alpaca, arena / "results.json", "-o", arena, check=False)
+    assert over.returncode == 2 and f"error: -o/--output {arena}: the folder of the evaluation" in over.stderr
+    assert (arena / "results.json").read_text() == before and not (arena / "report.html").exists()

@@ -71,3 +71,26 @@ def test_version_is_the_installed_one():
 
     result = run_cli_inprocess("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"perpair {version('perpair')}"
+
+
+def test_a_lora_adapter_folder_is_refused_as_a_model(tmp_path):
+    """`perpair train --lora` saves OUT/adapter (lora.merge is false by default); given to `perpair eval` as the model
+    it loaded the adapter, then crashed with a traceback looking for a tokenizer there. Refused by name instead."""
+    import json
+
+    from conftest import run_cli
+
+    adapter = tmp_path / "runs" / "dpo" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "m"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    pairs = tmp_path / "pairs.parquet"
+    run_cli("prepare", rows, "-o", pairs)
+    result = run_cli("eval", "preference", "--model", adapter, "--ref", adapter, "--data", pairs, "-o",
+                     tmp_path / "out", check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: model {adapter}: a LoRA adapter (adapter_config.json), not a whole model; give the model with the "
+        "adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)\n")
+    assert not (tmp_path / "out").exists()

@@ -217,3 +217,24 @@ def test_an_undecodable_source_is_an_error(tmp_path):
     gz.write_bytes(gzip.compress(b"\xff\xfe" + json.dumps(GOOD).encode()))
     assert "row 1: line is not valid UTF-8" in one_error(run_cli_inprocess("prepare", gz, "-o", tmp_path / "o.parquet"))
     assert nothing_written(tmp_path)
+
+
+def test_a_line_cut_short_is_reported_at_its_end(tmp_path):
+    """json.loads saw the line with its line break, so a truncated line was "Expecting value at column 1" (of the
+    break's next line): the column must point at the line's end."""
+    line = '{"prompt": "What is 2+2?", "chosen": "4", "rejected":'
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n", encoding="utf-8")
+    result = run_cli("prepare", path, "-o", tmp_path / "out.parquet", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"row 2: line is not valid JSON, truncated or corrupt (Expecting value at column {len(line) + 1})" \
+        in result.stderr
+
+
+def test_an_empty_output_path_is_refused_as_such(tmp_path):
+    """-o '' (an unset variable in a script) was taken for the current folder ("file .: the output is a folder"),
+    where the other commands say what it is."""
+    source = tmp_path / "rows.jsonl"
+    source.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n', encoding="utf-8")
+    result = run_cli("prepare", source, "-o", "", check=False)
+    assert result.returncode == 2 and result.stderr == "error: -o/--output: an empty path; give the path to write\n"

@@ -34,6 +34,36 @@ def test_impossible_combinations_are_refused_at_load_time(update, message):
         load_config(None, {**BASE, **update})
 
 
+def test_an_unknown_loss_is_named_where_it_was_given(tmp_path):
+    """`perpair train config.yaml --loss nonsense` blamed the file ("file config.yaml: ... loss 'nonsense' is
+    unknown"): the unknown name was checked as a rule across keys, which no key is given for."""
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d.parquet\nout: o\n")
+    with pytest.raises(PerpairError) as given:
+        load_config(path, {"loss": ["sigmoid", "nonsense"]})
+    assert str(given.value).endswith("loss 'nonsense' is unknown; choose one of aot, aot_unpaired, apo_down, "
+                                     "apo_zero, bco_pair, discopop, exo_pair, hinge, ipo, nca_pair, robust, sft, "
+                                     "sigmoid, sigmoid_norm, simpo, sppo_hard (from the command line)")
+    assert "train.yaml" not in str(given.value)
+    path.write_text("model: m\ndata: d.parquet\nout: o\nloss: nonsense\n")
+    with pytest.raises(PerpairError) as written:
+        load_config(path, {"steps": 3})
+    assert str(written.value).startswith(f"file {path}: ") and "command line" not in str(written.value)
+
+
+def test_resume_beside_overwrite_is_named_where_they_were_given(tmp_path):
+    """`perpair train config.yaml --resume --overwrite` blamed the file, which holds neither."""
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d.parquet\nout: o\n")
+    with pytest.raises(PerpairError) as given:
+        load_config(path, {"resume": True, "overwrite": True})
+    assert str(given.value) == ("invalid train config: overwrite: resume continues the run in OUT, overwrite replaces "
+                                "it: choose one (from the command line)")
+    path.write_text("model: m\ndata: d.parquet\nout: o\nresume: true\noverwrite: true\n")
+    with pytest.raises(PerpairError, match=f"^file {path}: invalid train config: overwrite: resume continues"):
+        load_config(path, {})
+
+
 def test_bad_override_syntax():
     with pytest.raises(PerpairError, match="expected key=value"):
         parse_overrides(["beta"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from perpair.errors import PerpairError
 from perpair.train import load_config
 from perpair.train.tracking import TRL_NAMES, missing_packages, tracker_values
 
@@ -102,8 +103,17 @@ def test_a_tracker_whose_package_is_missing_is_refused_at_load(monkeypatch, tmp_
     import perpair.train.tracking as tracking
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(Exception, match="report_to needs mlflow"):
+    with pytest.raises(Exception, match="report_to: needs mlflow"):
         load_config(None, {"model": "m", "data": "d", "out": str(tmp_path), "steps": 1, "report_to": ["mlflow"]})
+    # given on the command line beside a config file, the tracker is named as the command line's, not the file's
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d\nout: o\nsteps: 1\n")
+    for trackers, says in ((["mlflow"], "report_to: needs mlflow, not installed"),
+                           (["tensorboard", "bogus"], "report_to.1: Input should be")):
+        with pytest.raises(PerpairError) as given:
+            load_config(path, {"report_to": trackers})
+        assert says in str(given.value) and str(given.value).endswith("(from the command line)")
+        assert "train.yaml" not in str(given.value)
 
 
 def test_an_unknown_tracker_is_refused_by_the_cli(tmp_path):

@@ -2,7 +2,7 @@
 # MixDPO with its published settings, full UltraFeedback, Llama-3-8B SFT (and Mistral-7B SFT with MIXDPO_MISTRAL=1):
 # the stage commands in order, on one node of 8×H100 (README.md: needs and time, by calculation). Outputs: ./work.
 # No teacher: MixDPO's difficulty is the dataset's own rating margin.
-# Needs: pip install 'perpair' vllm deepspeed (ZeRO-3 only); OPENAI_API_KEY for the AlpacaEval / Arena-Hard judge.
+# Needs: pip install 'perpair' vllm (no deepspeed: perpair train refuses it for now); OPENAI_API_KEY for the AlpacaEval / Arena-Hard judge.
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p work
@@ -35,4 +35,4 @@ for name in sft mixdpo; do
 done
 perpair eval preference --model work/train-llama3-8b/model --ref "$STUDENT" --data work/test.parquet --beta 0.01 \
     --max-length 1024 --name mixdpo -o work/eval/preference
-perpair eval report work/eval/* -o work/eval/report
+perpair eval report work/eval/alpaca-eval-* work/eval/arena-hard-* work/eval/preference -o work/eval/report

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SP²DPO, full UltraFeedback, Llama-3-8B SFT student: the stage commands in order, on one node of 8×H100
 # (see README.md for what it needs and how long it takes, by calculation). Outputs go to ./work.
-# Needs: pip install 'perpair' vllm deepspeed (ZeRO-3 only); OPENAI_API_KEY for the AlpacaEval / Arena-Hard judge.
+# Needs: pip install 'perpair' vllm (no deepspeed: perpair train refuses it for now); OPENAI_API_KEY for the AlpacaEval / Arena-Hard judge.
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p work
@@ -50,4 +50,4 @@ for name in sft sp2dpo; do
 done
 perpair eval preference --model work/train/model --ref "$STUDENT" --data work/test.parquet --beta 0.01 \
     --max-length 1024 --name sp2dpo -o work/eval/preference
-perpair eval report work/eval/* -o work/eval/report
+perpair eval report work/eval/alpaca-eval-* work/eval/arena-hard-* work/eval/preference -o work/eval/report

@@ -25,4 +25,4 @@ for name in base sp2dpo-mixdpo; do
 done
 perpair eval preference --model work/train/model --ref "$STUDENT" --data "$SHARED/test.parquet" --beta 0.01 \
     --max-length 1024 --name sp2dpo-mixdpo -o work/eval/preference
-perpair eval report work/eval/* -o work/eval/report
+perpair eval report work/eval/alpaca-eval-* work/eval/preference -o work/eval/report

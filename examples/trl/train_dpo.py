@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig
@@ -38,8 +39,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU in float32")
+    parser.add_argument("--cpu", action="store_true",
+                        help="train on the CPU in float32 (the default without a CUDA GPU; with one: bf16 on the GPU)")
     args = parser.parse_args()
+    cpu = args.cpu or not torch.cuda.is_available()  # Transformers refuses bf16 without a GPU
 
     model_path = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -49,7 +52,7 @@ def main() -> None:
     config = DPOConfig(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
                        loss_type=[args.loss_type], num_train_epochs=args.epochs, max_steps=args.max_steps,
                        max_length=args.max_length, learning_rate=5e-7, logging_steps=1,
-                       report_to=[], save_strategy="no", use_cpu=args.cpu, bf16=not args.cpu)
+                       report_to=[], save_strategy="no", use_cpu=cpu, bf16=not cpu)
     trainer = PerPairDPOTrainer(  # perpair 2/3 (was: DPOTrainer)
         model=model,
         args=config,

@@ -46,13 +46,19 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "", command_line: dict[str, Any] | None = None) -> str:
+def format_validation_error(exc: ValidationError, prefix: str = "", command_line: dict[str, Any] | None = None,
+                            options: dict[str, str] | None = None) -> str:
     """Every problem pydantic found, on one line, each naming its dotted key (under ``prefix``, e.g. the
     config section the values came from); a key whose value came from ``command_line`` (the values of ``--set``
-    and the options, nested like the file's) says so."""
+    and the options, nested like the file's) says so. With ``options`` (a command's values, validated without a
+    file) a key is named as the option that gave it: ``--max-new-tokens``, or ``options[key]`` where the names
+    differ."""
     problems = []
     for error in exc.errors():
-        key = ".".join(part for part in (prefix, *map(str, error["loc"])) if part)
+        loc = [str(part) for part in error["loc"]]
+        if options is not None and loc:
+            loc[0] = options.get(loc[0], "--" + loc[0].replace("_", "-"))
+        key = ".".join(part for part in (prefix, *loc) if part)
         there = " (from the command line)" if _given(command_line, error["loc"]) else ""
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'{there}")
@@ -91,6 +97,8 @@ def _given(values: dict[str, Any] | None, loc: tuple) -> bool:
         return False
     node: Any = values
     for part in loc:
+        if isinstance(node, list):  # an item of a list given there (report_to.0): the list is the key's value
+            return True
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]

@@ -118,6 +118,11 @@ def resolve_model(spec: str) -> str:
         raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
     if not path.exists() and not _hub_id(spec):
         raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        # perpair train --lora saves OUT/adapter: no tokenizer, and its base model is only named in it (a model
+        # keyed by these files would not see that base change); the merged model is a whole one
+        raise PerpairError(f"model {spec}: a LoRA adapter (adapter_config.json), not a whole model; give the model "
+                           "with the adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)")
     if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json")
                                  for p in path.iterdir()):
         raise PerpairError(f"model {spec}: the folder holds no weights (model.safetensors, pytorch_model.bin or "

@@ -28,7 +28,8 @@ class _DefaultRun(typer.core.TyperGroup):
 
 annotate_app = typer.Typer(cls=_DefaultRun, no_args_is_help=True, add_completion=False,
                            help="Label each pair's semantic gap with teacher LLMs (resumable). "
-                                "`perpair annotate PAIRS ...` runs; `perpair annotate merge` joins shards.")
+                                "`perpair annotate PAIRS ...` runs (its options: `perpair annotate run --help`); "
+                                "`perpair annotate merge` joins shards.")
 app.add_typer(annotate_app, name="annotate")
 
 
@@ -44,9 +45,11 @@ def run_command(
     config: Annotated[Path | None, typer.Option("--config", help="YAML file with teachers and settings.")] = None,
     cache: Annotated[Path | None, typer.Option(parser=given_path("--cache"),
                                                help="Answer cache (SQLite; default NAME.cache.sqlite).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight per API teacher.")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Requests in flight per API teacher, 1-4096 (default 16).")] = None,
     limit: Annotated[int | None, typer.Option(help="Annotate only the first N pairs.")] = None,
-    shard: Annotated[str | None, typer.Option(help="i/n: this machine's share of the pairs, by pair id.")] = None,
+    shard: Annotated[str | None, typer.Option(
+        help="i/n, 0 <= i < n: this machine's share of the pairs, by pair id.")] = None,
     base_url: Annotated[list[str] | None, typer.Option(
         "--base-url", help="Another base URL for the API teachers to share the load with (repeatable).")] = None,
     template: Annotated[list[str] | None, typer.Option(

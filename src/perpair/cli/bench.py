@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from perpair.cli import app, console, out
+from perpair.cli import app, console, given_path, out
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError
 
@@ -19,7 +19,8 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("controlled")
 def controlled_command(
     seeds: Annotated[int, typer.Option(help="Independent seeds (intervals are over seeds).")] = 3,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("bench_controlled"),
+    out_dir: Annotated[Path, typer.Option("--out", "-o", parser=given_path("-o/--out"),
+                                          help="Output folder.")] = Path("bench_controlled"),
     quick: Annotated[bool, typer.Option(
         "--quick", help="A tiny run (seconds) for smoke tests; its numbers mean little.")] = False,
     noise: Annotated[list[float] | None, typer.Option(
@@ -59,7 +60,8 @@ def controlled_command(
     try:
         config = ControlledConfig(**values)
     except ValidationError as exc:
-        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc, options={'noise_levels': '--noise'})}") \
+            from None
     progress = lambda line: console.print(line, highlight=False)  # noqa: E731
     if sweep is not None:
         section = run_sweep(config, sweep, out_dir, progress=progress)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from perpair.cli import app, console, out
+from perpair.cli import app, console, given_path, out
 from perpair.data import PrepareOptions, prepare
 from perpair.data.inspect import summarize
 from perpair.data.prepare import PrepareResult
@@ -23,7 +23,8 @@ ROWS_SHOWN = 20
 
 @app.command("prepare")
 def prepare_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Pairs file to write (.parquet).")],
+    output: Annotated[Path, typer.Option("--output", "-o", parser=given_path("-o/--output"),
+                                         help="Pairs file to write (.parquet).")],
     sources: Annotated[list[str] | None, typer.Argument(
         help="Files (JSONL, JSONL.gz, JSON, Parquet), local dataset folders or Hub dataset ids (owner/name).",
         show_default=False)] = None,

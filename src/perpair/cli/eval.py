@@ -31,11 +31,22 @@ ALPACA_DATA_ENV = "PERPAIR_ALPACA_EVAL_DATA"
 ARENA_DATA_ENV = "PERPAIR_ARENA_HARD_DATA"
 
 
+# the config fields whose option is not --FIELD (field_name → --field-name)
+OPTION_NAMES = {"model_name": "--judge-name", "api_key_env": "--judge-api-key-env",
+                "concurrency": "--judge-concurrency", "batch_size": "--judge-batch-size",
+                "prefix_cache": "--judge-prefix-cache", "output_dir": "-o/--output", "fit": "--no-fit"}
+
+
 def _options(cls, **kwargs):
+    """The options validated as ``cls``; a refused value is named by its option (``--limit``), not its field."""
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    names = OPTION_NAMES if cls is JudgeConfig else {k: v for k, v in OPTION_NAMES.items()
+                                                      if k in ("output_dir", "fit")}
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise PerpairError(f"invalid options: {format_validation_error(exc)}") from None
+        raise PerpairError(f"invalid options: {format_validation_error(exc, options=names)}") from None
 
 
 def _judge_config(cls, *, concurrency: int | None, **options):
@@ -48,6 +59,9 @@ def _judge_config(cls, *, concurrency: int | None, **options):
     if given and not config.is_api:
         raise PerpairError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of an API judge, and "
                            f"--judge {config.judge} is a local judge; drop {'them' if len(given) > 1 else 'it'}")
+    if config.is_api and not config.model_name:  # now, not after the answers are generated
+        raise PerpairError(f"--judge {config.judge} is an API judge: give --judge-name, the model name the server "
+                           "expects")
     if config.is_api and options.get("batch_size") is not None:
         raise PerpairError(f"--judge-batch-size: an option of a local judge, and --judge {config.judge} is an API "
                            "judge (requests in flight: --judge-concurrency); drop it")
@@ -141,7 +155,8 @@ def alpaca_eval_command(
     judge: Annotated[str, typer.Option(
         help="Judge: a local model (folder, Hub id, smollm2) or the /v1 URL of an OpenAI-compatible server.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="Output folder.")] = None,
+                                                help="Output folder (default: eval/LABEL, LABEL the model's "
+                                                     "folder name, or RUN for perpair train's RUN/model).")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
@@ -151,9 +166,13 @@ def alpaca_eval_command(
         help="Folder where a local judge keeps the key/value caches of the prompts' beginnings that do not depend "
              "on the evaluated model; give every model of a comparison the same folder and they are computed once "
              "(one prompt per pass: a judge batch size of 1).")] = None,
-    name: Annotated[str | None, typer.Option(help="Generator name written in the files.")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Baseline outputs (default: Hub, else local copy).")] = None,
-    judge_prompt: Annotated[Path | None, typer.Option(help="alpaca_eval_clf.txt judge prompt.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Generator name written in the files (default: the model's folder name, or RUN for the model perpair "
+             "train saved in RUN/model).")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="Baseline outputs (default: the Hub's online, DATA_DIR's copy offline).")] = None,
+    judge_prompt: Annotated[Path | None, typer.Option(
+        help="alpaca_eval_clf.txt judge prompt (default: DATA_DIR's copy, else the installed alpaca_eval's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N instructions (quick runs).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
@@ -213,7 +232,9 @@ def arena_hard_command(
     model: Annotated[str, typer.Option(help="Evaluated model: checkpoint folder, Hub id or smollm2.")],
     judge: Annotated[str, typer.Option(help="Judge: a local model or the /v1 URL of an OpenAI-compatible server.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="Output folder.")] = None,
+                                                help="Output folder (default: eval/LABEL/arena_hard, LABEL the "
+                                                     "model's folder name, or RUN for perpair train's "
+                                                     "RUN/model).")] = None,
     judge_name: Annotated[str | None, typer.Option(help="Model name sent to an API judge.")] = None,
     judge_api_key_env: Annotated[str | None, typer.Option(help="Env variable with the API judge's key.")] = None,
     judge_concurrency: Annotated[int | None, typer.Option(help="API judge requests in flight (default 8).")] = None,
@@ -221,7 +242,9 @@ def arena_hard_command(
     judge_max_tokens: Annotated[int, typer.Option(help="Judgment length cap in tokens.")] = 4096,
     questions: Annotated[Path | None, typer.Option(help="Arena-Hard v0.1 question.jsonl(.gz).")] = None,
     baseline_answers: Annotated[Path | None, typer.Option(help="gpt-4-0314 answers (.jsonl(.gz)).")] = None,
-    name: Annotated[str | None, typer.Option(help="Model name written in the files.")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Model name written in the files (default: the model's folder name, or RUN for the model perpair train "
+             "saved in RUN/model).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N questions.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
@@ -289,10 +312,15 @@ def preference_command(
     beta: Annotated[float, typer.Option(help="β of the implicit reward (scales margins; accuracy unchanged).")] = 0.1,
     max_length: Annotated[int, typer.Option(help="Prompt + response truncation in tokens, as in training.")] = 1024,
     limit: Annotated[int | None, typer.Option(help="Only the first N pairs.")] = None,
-    tokens_per_forward: Annotated[int, typer.Option(help="Pack pairs up to this many tokens per forward.")] = 0,
-    name: Annotated[str | None, typer.Option(help="Name written in the results.")] = None,
+    tokens_per_forward: Annotated[int, typer.Option(
+        help="Pack pairs up to this many tokens per forward (0: one pair per forward).")] = 0,
+    name: Annotated[str | None, typer.Option(
+        help="Name written in the results (default: the model's folder name, or RUN for the model perpair train "
+             "saved in RUN/model).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", parser=given_path("-o/--output"),
-                                                help="results.json path or output folder.")] = None,
+                                                help="results.json path or output folder (default: "
+                                                     "eval/LABEL/preference, LABEL the model's folder name, or RUN "
+                                                     "for perpair train's RUN/model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
@@ -329,6 +357,11 @@ def report_command(
     from perpair.eval import write_report
 
     check_output_folder(output, "-o/--output")
+    for folder in folders:  # the report's results.json would replace the evaluation's (a report given: refused below)
+        base = folder if folder.is_dir() else folder.parent
+        if output.resolve() == base.resolve() and not (base / "report.html").is_file():
+            raise PerpairError(f"-o/--output {output}: the folder of the evaluation {folder}, whose results.json the "
+                               "report would replace; name another folder")
 
     for kind, path in write_report(folders, output).items():
         out.print(f"{kind}: {escape(str(path))}")

@@ -35,7 +35,7 @@ def plan_command(
         metavar="B", help="Global β; overrides preset and config.")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", metavar="plan.parquet", parser=given_path("-o/--output"),
-        help="Plan file to write (.parquet); its report goes to <stem>_report/.")] = None,
+        help="Plan file to write (.parquet); its report goes to <stem>_report/. Optional with --explain.")] = None,
     explain_ids: Annotated[list[str] | None, typer.Option(
         "--explain", metavar="PAIR_ID",
         help="Print how this pair's β, route and order were derived (repeatable).")] = None,

@@ -63,9 +63,11 @@ def train_command(
         help=_help("Global beta (a plan's per-pair beta replaces it).", "beta"))] = None,
     loss: Annotated[str | None, typer.Option(help=_help(_losses_help(), "loss"))] = None,
     lr: Annotated[float | None, typer.Option(help=_help("Peak learning rate.", "lr"))] = None,
-    lr_schedule: Annotated[str | None, typer.Option(help=_help("constant, linear or cosine.", "lr_schedule"))] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        help=_help("constant, linear or cosine, after the warm-up.", "lr_schedule"))] = None,
     warmup_ratio: Annotated[float | None, typer.Option(
-        help=_help("Share of steps warming up.", "warmup_ratio"))] = None,
+        help=_help("Share of steps warming up: ceil(ratio × steps) steps, as Transformers counts them.",
+                   "warmup_ratio"))] = None,
     seed: Annotated[int | None, typer.Option(help=_help("Seed.", "seed"))] = None,
     shuffle: Annotated[bool | None, typer.Option(
         "--shuffle/--no-shuffle", help=_help("Seeded shuffle.", "shuffle"))] = None,

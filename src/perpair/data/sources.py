@@ -177,8 +177,8 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
             yield number, RowProblem("not_utf8", f"line is not valid UTF-8 (byte {line[exc.start]:#04x} at "
                                                  f"position {exc.start})"), None
             continue
-        try:
-            value = json.loads(text)
+        try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
+            value = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None

@@ -75,11 +75,13 @@ class AlpacaEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="The evaluated model: a checkpoint folder, a Hub id or smollm2.")
-    name: str | None = Field(None, description="Generator name in the files (default: the model's folder name).")
+    name: str | None = Field(None, description="Generator name in the files (default: model_label(model): the "
+                                               "model's folder name, or the run's for perpair train's OUT/model).")
     output_dir: Path
     judge: JudgeConfig
     generation: GenerationConfig = GenerationConfig()
-    reference: Path | None = Field(None, description="Baseline outputs file (default: the Hub, else local).")
+    reference: Path | None = Field(None, description="Baseline outputs file (default: the Hub's online, "
+                                                           "data_dir's copy offline).")
     judge_prompt: Path | None = None
     limit: int | None = Field(None, ge=1, description="Only the first N instructions.")
     offline: bool | None = None
@@ -137,7 +139,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     score_options = config.score_options()
     lc_inputs = score_options.resolve()
     model_path = resolve_model(config.model)
-    name = config.name or Path(model_path.rstrip("/")).name or config.model
+    name = config.name or model_label(model_path) or config.model
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     instructions = reference["instruction"].tolist()
@@ -223,6 +225,18 @@ def _fill(row: dict[str, Any], judgment: dict[str, Any]) -> None:
     row["raw_completion"] = judgment.get("raw_completion")
 
 
+def model_label(model: str) -> str:
+    """The name an evaluation gives a model by default: its folder's name, or for a model ``perpair train`` saved
+    (``OUT/model`` or ``OUT/adapter``, OUT holding the run's ``run.key``) OUT's name, so that ``runs/dpo/model`` and
+    ``runs/mixdpo/model`` are ``dpo`` and ``mixdpo``, not two models named ``model`` writing into one folder."""
+    from perpair.train.checkpoints import RUN_KEY
+
+    path = Path(model.rstrip("/"))
+    if path.name in ("model", "adapter") and path.parent.name and (path.parent / RUN_KEY).is_file():
+        return path.parent.name
+    return path.name
+
+
 def default_output_dir(model: str) -> Path:
-    """``eval/<the model's folder name>`` under the working directory (the CLI's ``--output`` default)."""
-    return Path("eval") / Path(model.rstrip("/")).name
+    """``eval/<model_label(model)>`` under the working directory (the CLI's ``--output`` default)."""
+    return Path("eval") / model_label(model)

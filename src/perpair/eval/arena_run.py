@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import JudgeConfig, judge_identity
+from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -127,7 +127,7 @@ def run_arena_hard(config: ArenaHardConfig,
     progress = on_progress or (lambda stage, done, total: None)
     questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)
-    name = config.name or Path(model_path.rstrip("/")).name
+    name = config.name or model_label(model_path)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     texts = [q["turns"][0]["content"] for q in questions]

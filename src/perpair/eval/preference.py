@@ -31,6 +31,12 @@ from perpair.errors import PerpairError
 UNANNOTATED = "unannotated"
 
 
+def _model_label(model: str) -> str:
+    from perpair.eval.alpaca_eval import model_label
+
+    return model_label(model)
+
+
 def _join(policy: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     """Policy and reference log-probs side by side, by pair_id (pairs present in both)."""
     return policy.merge(reference, on="pair_id", suffixes=("", "_ref"), validate="one_to_one")
@@ -215,7 +221,7 @@ def run_preference(config: PreferenceConfig,
     if summary["n"] == 0:  # the reference's tokenizer left out the pairs the policy's kept
         raise _none_fits(config, n, config.ref)
     row: dict[str, Any] = {
-        "benchmark": "preference_accuracy", "name": config.name or Path(config.model.rstrip("/")).name,
+        "benchmark": "preference_accuracy", "name": config.name or _model_label(config.model),
         "model": config.model, "ref": config.ref, "data": str(config.data), "beta": config.beta,
         "max_length": config.max_length, "ties": "count half in accuracy; counted as wrong in accuracy_strict",
         "n_pairs": n, "n_total": summary["n"], "n_skipped": n - summary["n"],

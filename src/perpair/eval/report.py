@@ -26,6 +26,9 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         if not path.is_file():
             raise PerpairError(f"{folder}: no results.json (run perpair eval alpaca-eval, arena-hard or "
                                "preference first)")
+        if (path.parent / "report.html").is_file():  # its results.json is a table of other folders' rows
+            raise PerpairError(f"{folder}: a report perpair eval report wrote, not an evaluation's results; give the "
+                               "evaluations' folders (a shell glob over them must leave the report's -o out)")
         for row in read_json_records(path):
             row["_folder"] = str(path.parent)
             rows.append(row)

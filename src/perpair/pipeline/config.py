@@ -86,6 +86,8 @@ class AlpacaEvalSection(_Section):
         api = self.judge.startswith(("http://", "https://"))
         if api and self.judge_batch_size is not None:
             raise ValueError(f"judge_batch_size is for a local judge, and {self.judge} is an API judge: drop it")
+        if api and not self.judge_name:  # at validation, not after the arms' answers are generated
+            raise ValueError(f"{self.judge} is an API judge: give judge_name, the model name the server expects")
         given = [k for k in ("judge_name", "judge_api_key_env") if getattr(self, k) is not None]
         if given and not api:
             raise ValueError(f"{', '.join(given)}: for an API judge, and {self.judge} is a local judge: drop "

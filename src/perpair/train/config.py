@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from perpair.config_files import invalid_config, load_yaml
 from perpair.errors import PerpairError
@@ -150,8 +150,31 @@ class TrainConfig(BaseModel):
     @field_validator("loss")
     @classmethod
     def _one_loss_is_a_name(cls, value: str | list[str]) -> str | list[str]:
+        # an unknown name is this key's mistake (named as given, on the command line or in the file), not a rule
+        # across keys as those of _check_loss
+        unknown = [n for n in ([value] if isinstance(value, str) else value) if n not in LOSSES]
+        if unknown:
+            raise ValueError(f"loss {unknown[0]!r} is unknown; choose one of {', '.join(sorted(LOSSES))}")
         # [name] and name are the same run: keep one spelling, so `config.loss == "sft"` tests hold for both
         return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+    @field_validator("overwrite")
+    @classmethod
+    def _resume_or_overwrite(cls, value: bool, info: ValidationInfo) -> bool:
+        # a key's own error (resume is read first), so --resume --overwrite is named as the command line's
+        if value and info.data.get("resume"):
+            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        # this key's own error (named as given: --report-to on the command line does not blame a config file)
+        missing = missing_packages(value)
+        if missing:
+            raise ValueError(f"needs {', '.join(missing)}, not installed: pip install {' '.join(missing)} "
+                             "(or 'perpair[tracking]' for every tracker)")
+        return value
 
     @model_validator(mode="after")
     def _check_loss(self) -> TrainConfig:
@@ -188,8 +211,6 @@ class TrainConfig(BaseModel):
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
-        if self.resume and self.overwrite:
-            raise ValueError("resume continues the run in OUT, overwrite replaces it: choose one")
         if self.loss == "sft" and self.plan is not None:
             # a plan's β, ε, routes and flips say how to train preferences; SFT trains every chosen response
             raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "
@@ -236,10 +257,6 @@ class TrainConfig(BaseModel):
         problem = sharding_problem(self, launch_sharding())
         if problem:
             raise ValueError(problem)
-        missing = missing_packages(self.report_to)
-        if missing:
-            raise ValueError(f"report_to needs {', '.join(missing)}, not installed: pip install {' '.join(missing)} "
-                             "(or 'perpair[tracking]' for every tracker)")
         return self
 
     @property
