@@ -320,6 +320,70 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+def logit_multiplier(model: nn.Module) -> float | None:
+    """What ``model``'s causal-LM forward does to its output layer's logits, which perpair's log-probs (the output
+    layer applied to the backbone's last hidden states, :class:`ChunkedTokenLogps`) must do as well: None (nothing),
+    or a factor (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), applied to the hidden states (the
+    same logits, the layer having no bias). Anything else is refused: a final-logit soft-capping (Gemma 2/3) by its
+    setting, any other transformation by a check on a short input (the model's own logits against the output
+    layer's, times the factor), so that no architecture trains on log-probs its own forward would not give."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    name = type(base).__name__
+    if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
+        raise PerpairError(f"{name} soft-caps its logits (final_logit_softcapping {cap}); perpair's log-probs read "
+                           "the output layer directly and do not apply it")
+    factor = None
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, int | float) and not isinstance(scale, bool) and scale != 1:
+        factor = float(scale)
+    divisor = getattr(config, "logits_scaling", None)
+    if isinstance(divisor, int | float) and not isinstance(divisor, bool) and divisor != 1:
+        factor = (factor or 1.0) / float(divisor)
+    backbone, head = backbone_and_head(model)
+    embedding = base.get_input_embeddings()
+    ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = base(input_ids=ids, use_cache=False).logits.float()
+            mine = backbone(input_ids=ids, use_cache=False).last_hidden_state
+            mine = head(mine if factor is None else mine * factor).float()
+    finally:
+        model.train(training)
+    tolerance = 64 * torch.finfo(head.weight.dtype).eps
+    if own.shape != mine.shape or not torch.allclose(own, mine, rtol=tolerance,
+                                                     atol=tolerance * max(1.0, own.abs().max().item())):
+        raise PerpairError(f"{name} computes its logits with more than its output layer (its own logits differ "
+                           "from the output layer's on its last hidden states); perpair's log-probs cannot "
+                           "reproduce them")
+    return factor
+
+
+def rope_length_limit(model: nn.Module) -> tuple[int, str] | None:
+    """``(tokens, rope_type)`` when ``model``'s rotary embedding changes with the length of the sequence beyond
+    ``tokens`` (Transformers' ``dynamic`` and ``longrope`` types read the row's largest position): a packed row
+    holds sequences of several lengths, so beyond that a sequence would get another's frequencies. None if not."""
+    limits = []
+    for module in model.modules():
+        types = getattr(module, "rope_type", None)
+        config = getattr(module, "config", None)
+        if config is None or not isinstance(types, str | dict):
+            continue
+        for layer_type, rope_type in (types.items() if isinstance(types, dict) else [(None, types)]):
+            if "dynamic" in rope_type:
+                limit = getattr(module, "original_max_seq_len", None) or config.max_position_embeddings
+            elif rope_type == "longrope":
+                params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+                limit = params.get("original_max_position_embeddings") or \
+                    getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+            else:
+                continue
+            limits.append((int(limit), rope_type))
+    return min(limits) if limits else None
+
+
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
 # [tokens, tokens] mask is built for a row whose attention tree_attention computes from the layout.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
@@ -341,6 +405,8 @@ class CompletionLogps(nn.Module):
         # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
+        self.logit_multiplier = logit_multiplier(model)  # refuses a model whose logits it would get wrong
+        self._rope_limit = rope_length_limit(model)
         self._restore_attention = use_tree_attention(model)
         self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
         # a trained output layer's weight gradient written into its .grad, in one tensor for the run (one process,
@@ -359,12 +425,30 @@ class CompletionLogps(nn.Module):
         rejected (column 1); with ``wpo`` a third ``[pairs, 2]``, the summed aligned log-probs."""
         backbone, head = backbone_and_head(self.model)
         layout = TreeLayout(layout.blocks)  # this forward's own call count
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
-                          use_cache=False, perpair_tree=layout).last_hidden_state[0]
+        if self._rope_limit and layout.longest > self._rope_limit[0]:
+            limit, rope_type = self._rope_limit
+            raise PerpairError(f"{type(backbone).__name__} scales its rotary embedding by the sequence's length "
+                               f"beyond {limit} tokens ({rope_type} RoPE), which a row of packed sequences of "
+                               f"several lengths would get wrong (a sequence here has {layout.longest}); lower "
+                               f"max_length to {limit}")
+        unrouted = (f"{type(backbone).__name__} does not compute attention through Transformers' "
+                    "AttentionInterface, which perpair's packed rows need")
+        try:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids,
+                              attention_mask=_NO_MASK.to(input_ids.device), use_cache=False,
+                              perpair_tree=layout).last_hidden_state[0]
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            if layout.calls:
+                raise
+            # no attention layer was routed: a model that builds its own attention from the mask (ALiBi: Bloom,
+            # Falcon) fails on the packed row's placeholder mask before any layer would
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise PerpairError(f"{unrouted} (it failed on a packed row: {first})") from exc
         if not layout.calls:
-            raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
-                               "AttentionInterface, which perpair's packed rows need")
+            raise PerpairError(unrouted)
         completion = hidden[gather]
+        if self.logit_multiplier is not None:  # (logits * s) = (hidden * s) @ weightᵀ, the layer having no bias
+            completion = completion * self.logit_multiplier
         if (autocast := autocast_dtype(completion)) is not None:
             # What autocast does to a model's own output layer (an ``nn.Linear``): the projection in the autocast
             # dtype, which the custom function below would otherwise run in the norm's float32. Its log-softmax
