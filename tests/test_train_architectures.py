@@ -144,3 +144,32 @@ def test_alibi_models_are_refused_with_one_error(config, attention):
     with pytest.raises(PerpairError, match="Model does not compute attention through Transformers' "
                                            "AttentionInterface.*failed on a packed row"):
         run_packed(module, pack(PAIRS), torch.device("cpu"))
+
+
+def test_a_wrapped_eager_model_keeps_its_own_attention_without_a_layout():
+    """Gemma 2 soft-caps its attention in its eager function only: routed through tree attention, a call without
+    a packed layout still runs that function (SDPA in its place refused the soft-capping)."""
+    model = _model(T.Gemma2Config(**COMMON, head_dim=8, sliding_window=64, attn_logit_softcapping=0.5,
+                                  final_logit_softcapping=None), "eager")
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    before = model(input_ids=ids).logits
+    module = CompletionLogps(model)
+    try:
+        assert model.config._attn_implementation == "perpair_tree:eager"
+        assert torch.equal(model(input_ids=ids).logits, before)
+        with pytest.raises(PerpairError, match="Gemma2Attention uses a soft-capped"):  # packed: refused
+            run_packed(module, pack(PAIRS), torch.device("cpu"))
+    finally:
+        module.release()
+
+
+def test_a_model_without_sdpa_loads_with_its_own_attention(tmp_path):
+    """Training loads models with SDPA attention; one Transformers has no SDPA version of (Gemma 2) loads with its
+    own instead of failing with Transformers' error."""
+    from types import SimpleNamespace
+
+    from perpair.train.setup import load_model
+
+    _model(T.Gemma2Config(**COMMON, head_dim=8, sliding_window=64), "eager").save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), SimpleNamespace(device=torch.device("cpu")))
+    assert type(model).__name__ == "Gemma2ForCausalLM" and model.config._attn_implementation == "eager"

@@ -100,7 +100,16 @@ def load_tokenizer(config: TrainConfig):
 
 
 def load_model(spec: str, accelerator):
-    model = load_causal_lm(resolve_model(spec), dtype=torch.float32, attn_implementation="sdpa")
+    """The model in float32, with SDPA attention, or its own (``eager``) where Transformers has no SDPA version of
+    it (Gemma 2, Bloom): a packed forward computes attention with :func:`~perpair.train.attention.tree_attention`
+    either way, or refuses the model."""
+    path = resolve_model(spec)
+    try:
+        model = load_causal_lm(path, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        model = load_causal_lm(path, dtype=torch.float32, attn_implementation="eager")
     model.config.use_cache = False
     return model.to(accelerator.device)
 
