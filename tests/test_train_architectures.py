@@ -10,6 +10,7 @@ import torch
 import transformers as T
 
 from perpair.errors import PerpairError
+from perpair.train.attention import use_tree_attention
 from perpair.train.lean import lean_activations
 from perpair.train.logprobs import CompletionLogps, pack, run_packed
 from perpair.train.tokenize import TokenizedPair
@@ -138,12 +139,12 @@ def test_a_rotary_embedding_scaled_by_the_sequence_length_is_refused_beyond_it(c
 ])
 def test_alibi_models_are_refused_with_one_error(config, attention):
     """Falcon with ALiBi and Bloom build their attention bias from the mask and fail on the packed row before
-    any attention layer runs: one error naming the model, not a traceback from inside it."""
+    any attention layer runs: one error naming the model when wrapped, not a traceback from inside it."""
     model = _model(config(), attention)
-    module = CompletionLogps(model, chunk_size=8)
     with pytest.raises(PerpairError, match="Model does not compute attention through Transformers' "
-                                           "AttentionInterface.*failed on a packed row"):
-        run_packed(module, pack(PAIRS), torch.device("cpu"))
+                                           "AttentionInterface.*fails on a packed row"):
+        CompletionLogps(model, chunk_size=8)
+    assert not model.config._attn_implementation.startswith("perpair_tree")  # refused: its own attention back
 
 
 def test_a_wrapped_eager_model_keeps_its_own_attention_without_a_layout():
@@ -153,14 +154,14 @@ def test_a_wrapped_eager_model_keeps_its_own_attention_without_a_layout():
                                   final_logit_softcapping=None), "eager")
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
     before = model(input_ids=ids).logits
-    module = CompletionLogps(model)
+    restore = use_tree_attention(model)
     try:
         assert model.config._attn_implementation == "perpair_tree:eager"
         assert torch.equal(model(input_ids=ids).logits, before)
-        with pytest.raises(PerpairError, match="Gemma2Attention uses a soft-capped"):  # packed: refused
-            run_packed(module, pack(PAIRS), torch.device("cpu"))
     finally:
-        module.release()
+        restore()
+    with pytest.raises(PerpairError, match="Gemma2Attention uses a soft-capped"):  # a packed row: refused
+        CompletionLogps(model)
 
 
 def test_a_model_without_sdpa_loads_with_its_own_attention(tmp_path):

@@ -28,7 +28,8 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -320,6 +321,23 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+@contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """A check's forward on a few tokens: in eval mode, without gradients, and leaving no cast or packed weight
+    behind in the lean modules' caches (made in the check's dtype, perhaps not the run's)."""
+    caches = [(cache, set(cache)) for m in model.modules() if (cache := vars(m).get("_lean_casts")) is not None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+        for cache, keys in caches:
+            for key in set(cache) - keys:
+                del cache[key]
+
+
 def logit_multiplier(model: nn.Module) -> float | None:
     """What ``model``'s causal-LM forward does to its output layer's logits, which perpair's log-probs (the output
     layer applied to the backbone's last hidden states, :class:`ChunkedTokenLogps`) must do as well: None (nothing),
@@ -343,15 +361,10 @@ def logit_multiplier(model: nn.Module) -> float | None:
     backbone, head = backbone_and_head(model)
     embedding = base.get_input_embeddings()
     ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            own = base(input_ids=ids, use_cache=False).logits.float()
-            mine = backbone(input_ids=ids, use_cache=False).last_hidden_state
-            mine = head(mine if factor is None else mine * factor).float()
-    finally:
-        model.train(training)
+    with _probing(model):
+        own = base(input_ids=ids, use_cache=False).logits.float()
+        mine = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        mine = head(mine if factor is None else mine * factor).float()
     tolerance = 64 * torch.finfo(head.weight.dtype).eps
     if own.shape != mine.shape or not torch.allclose(own, mine, rtol=tolerance,
                                                      atol=tolerance * max(1.0, own.abs().max().item())):
@@ -384,6 +397,33 @@ def rope_length_limit(model: nn.Module) -> tuple[int, str] | None:
     return min(limits) if limits else None
 
 
+def _unrouted(backbone: nn.Module) -> str:
+    return (f"{type(backbone).__name__} does not compute attention through Transformers' AttentionInterface, "
+            "which perpair's packed rows need")
+
+
+def _check_routed(model: nn.Module) -> None:
+    """Refuse a model whose attention a packed row does not reach, before any work: a one-pair row of four tokens
+    through the backbone. A model that computes attention its own way runs it without calling tree attention, or
+    fails on the row's placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon)."""
+    backbone, _ = backbone_and_head(model)
+    embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    device = embedding.weight.device if embedding is not None else next(model.parameters()).device
+    row = pack([TokenizedPair([0, 1], [1], [0])])
+    layout = TreeLayout(row.layout.blocks)
+    try:
+        with _probing(model):
+            backbone(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                     attention_mask=_NO_MASK.to(device), use_cache=False, perpair_tree=layout)
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        if layout.calls:
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PerpairError(f"{_unrouted(backbone)} (it fails on a packed row: {first})") from exc
+    if not layout.calls:
+        raise PerpairError(_unrouted(backbone))
+
+
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
 # [tokens, tokens] mask is built for a row whose attention tree_attention computes from the layout.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
@@ -408,6 +448,11 @@ class CompletionLogps(nn.Module):
         self.logit_multiplier = logit_multiplier(model)  # refuses a model whose logits it would get wrong
         self._rope_limit = rope_length_limit(model)
         self._restore_attention = use_tree_attention(model)
+        try:
+            _check_routed(model)
+        except BaseException:
+            self._restore_attention()
+            raise
         self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
         # a trained output layer's weight gradient written into its .grad, in one tensor for the run (one process,
         # gradients by .backward(): WeightGradInto)
@@ -431,21 +476,10 @@ class CompletionLogps(nn.Module):
                                f"beyond {limit} tokens ({rope_type} RoPE), which a row of packed sequences of "
                                f"several lengths would get wrong (a sequence here has {layout.longest}); lower "
                                f"max_length to {limit}")
-        unrouted = (f"{type(backbone).__name__} does not compute attention through Transformers' "
-                    "AttentionInterface, which perpair's packed rows need")
-        try:
-            hidden = backbone(input_ids=input_ids, position_ids=position_ids,
-                              attention_mask=_NO_MASK.to(input_ids.device), use_cache=False,
-                              perpair_tree=layout).last_hidden_state[0]
-        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
-            if layout.calls:
-                raise
-            # no attention layer was routed: a model that builds its own attention from the mask (ALiBi: Bloom,
-            # Falcon) fails on the packed row's placeholder mask before any layer would
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise PerpairError(f"{unrouted} (it failed on a packed row: {first})") from exc
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
+                          use_cache=False, perpair_tree=layout).last_hidden_state[0]
         if not layout.calls:
-            raise PerpairError(unrouted)
+            raise PerpairError(_unrouted(backbone))
         completion = hidden[gather]
         if self.logit_multiplier is not None:  # (logits * s) = (hidden * s) @ weightᵀ, the layer having no bias
             completion = completion * self.logit_multiplier
