@@ -640,3 +640,56 @@ def test_bf16_and_fp32_runs_keep_separate_reference_caches(tiny_model, uf_pairs,
     assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 1
     _train(tiny_model, uf_pairs, tmp_path / "bf16", *args, "--set", "precision=bf16")
     assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 2
+
+
+def test_a_reference_model_gives_the_reference_log_probs(tiny_model, uf_pairs, tmp_path):
+    """With ``reference_model`` the cached reference log-probs are that model's (not the policy's initial ones)."""
+    from transformers import AutoTokenizer
+
+    from perpair.models import load_causal_lm
+    from perpair.train import sequence_logps
+
+    other = save_tiny_llama(tmp_path / "other", hidden=64, seed=7)
+    out = tmp_path / "ref"
+    _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", "--set",
+           f"reference_model={other}", "--set", "save_model=false")
+    (cache,) = (tmp_path / "refcache").glob("*.parquet")
+    cached = pq.read_table(cache).to_pandas().set_index("pair_id")
+    pairs = pq.read_table(uf_pairs)
+    pairs = pairs.filter(pa.array([p in cached.index for p in pairs.column("pair_id").to_pylist()]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for model, same in ((other, True), (tiny_model, False)):
+        values = sequence_logps(load_causal_lm(str(model), dtype=torch.float32), tokenizer, pairs, max_length=64)
+        values = values.to_pandas().set_index("pair_id").loc[cached.index]
+        close = np.allclose(values.chosen_logps, cached.chosen_logps, atol=1e-4) and \
+            np.allclose(values.rejected_logps, cached.rejected_logps, atol=1e-4)
+        assert close == same, model
+
+
+def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model, uf_pairs, tmp_path):
+    """The reference scores the policy's token ids: one with another vocabulary (same size: it trained, exit 0, on
+    another text's log-probs) or with an embedding too small for them (a traceback) is one error, before OUT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    model, tokenizer = tiny_llama(hidden=64, seed=3)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(len(tokenizer))}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1")
+    other.chat_template = AutoTokenizer.from_pretrained(tiny_model).chat_template
+    model.save_pretrained(tmp_path / "other_tokens")
+    other.save_pretrained(tmp_path / "other_tokens")
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    small.save_pretrained(tmp_path / "small")  # no tokenizer files: the embedding is checked
+    for reference, message in (("other_tokens", "its tokenizer's vocabulary differs from that of model"),
+                               ("small", "its embedding has 1000 rows, and the tokenizer of model")):
+        out = tmp_path / f"out_{reference}"
+        result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                        "--set", f"reference_model={tmp_path / reference}", check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"error: reference_model {tmp_path / reference}: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert reference == "small" or not out.exists()  # the vocabulary is compared before OUT is written
