@@ -693,3 +693,30 @@ def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model, uf_pair
         assert f"error: reference_model {tmp_path / reference}: {message}" in result.stderr
         assert "Traceback" not in result.stderr
         assert reference == "small" or not out.exists()  # the vocabulary is compared before OUT is written
+
+
+def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tmp_path, uf_pairs):
+    """A template that raises on a conversation (Gemma's refuses a system message) stops the run with one error
+    naming the pairs file and the pair, not a Jinja traceback."""
+    from transformers import AutoTokenizer
+
+    model = save_tiny_llama(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(model)
+    table = pq.read_table(uf_pairs)
+    prompts = table.column("prompt").to_pylist()
+    prompts[0] = [{"role": "system", "content": "Be brief."}, *prompts[0]]
+    table = table.set_column(table.schema.get_field_index("prompt"), table.schema.field("prompt"),
+                             pa.array(prompts, table.schema.field("prompt").type))
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(table, pairs)
+    out = tmp_path / "out"
+    result = _train(model, pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", check=False)
+    assert result.returncode == 2, result.stderr
+    first = table.column("pair_id")[0].as_py()
+    assert (f"error: {pairs}: pair {first}: the tokenizer's chat template refuses the conversation (system, user): "
+            "System role not supported") in result.stderr
+    assert "Traceback" not in result.stderr

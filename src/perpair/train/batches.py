@@ -150,8 +150,11 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 if data.flipped[row]:
                     good, bad = bad, good
                 sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
-                tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
-                                               config.max_length)
+                try:
+                    tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
+                                                   config.max_length)
+                except PerpairError as exc:
+                    raise PerpairError(f"{data.path}: pair {data.pair_ids[row]}: {exc}") from None
             if tokenized[row] is None:
                 continue
             if row in sequence[len(sequence) - len(sequence) % config.batch_size:]:

@@ -562,7 +562,10 @@ def tokenize_table(tokenizer, pairs: pa.Table, max_length: int | None) -> tuple[
     ids, tokenized = [], []
     for pair_id, prompt, chosen, rejected in zip(*(pairs.column(c).to_pylist() for c in
                                                    ("pair_id", "prompt", "chosen", "rejected")), strict=True):
-        tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        try:
+            tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        except PerpairError as exc:
+            raise PerpairError(f"pair {pair_id}: {exc}") from None
         if tok is not None:
             ids.append(pair_id)
             tokenized.append(tok)

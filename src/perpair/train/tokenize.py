@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from perpair.errors import PerpairError
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -28,8 +30,14 @@ class TokenizedPair:
 
 
 def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)
+    except TemplateError as exc:  # the template's own refusal (Gemma's "System role not supported", …)
+        roles = ", ".join(m["role"] for m in messages)
+        raise PerpairError(f"the tokenizer's chat template refuses the conversation ({roles}): {exc}") from None
     return list(out["input_ids"])
 
 
