@@ -170,6 +170,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
         "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "truncated_pairs": batches.truncated, "order": data.source,
+        # pairs whose prompt the template renders otherwise before a response, trained on the common start (TRL)
+        "prompt_cut_pairs": batches.prompt_cut,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "device": accelerator.device.type,
         "allocator": active_allocator() or "system", **saved,

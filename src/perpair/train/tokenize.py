@@ -22,6 +22,9 @@ class TokenizedPair:
     chosen: list[int]
     rejected: list[int]  # empty for a pair routed to SFT (its rejected response is never computed)
     truncated: bool = field(default=False, compare=False)  # a response was cut to fit max_length
+    # the prompt rendered alone is no prefix of prompt + response (a generation prompt the template does not render
+    # before a response, tokens merged across the boundary): trained on their common start, as TRL does
+    prompt_cut: bool = field(default=False, compare=False)
 
     @property
     def tokens(self) -> int:
@@ -61,6 +64,7 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
     cut = _common_prefix(prompt_ids, full_chosen)
     if full_rejected is not None:
         cut = min(cut, _common_prefix(prompt_ids, full_rejected))
+    prompt_cut = cut < len(prompt_ids)
     prompt_ids = prompt_ids[:cut]
     chosen_ids = full_chosen[cut:]
     rejected_ids = full_rejected[cut:] if full_rejected is not None else []
@@ -69,8 +73,8 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
             return None
         room = max_length - len(prompt_ids)
         truncated = len(chosen_ids) > room or len(rejected_ids) > room
-        return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated)
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+        return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated, prompt_cut)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, prompt_cut=prompt_cut)
 
 
 def _message(message: dict[str, Any]) -> dict[str, str]:
