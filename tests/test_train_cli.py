@@ -720,3 +720,23 @@ def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tm
     assert (f"error: {pairs}: pair {first}: the tokenizer's chat template refuses the conversation (system, user): "
             "System role not supported") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):
+    """A Mixture-of-Experts config with output_router_logits and a router_aux_loss_coef: Transformers and TRL add the
+    router's load-balancing loss, perpair does not; refused before OUT is written (it trained without a word)."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "llama"))
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.02)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "out"
+    result = _train(tmp_path / "moe", uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                    check=False)
+    assert result.returncode == 2, result.stderr
+    assert (f"error: model {tmp_path / 'moe'}: its config sets output_router_logits with router_aux_loss_coef 0.02"
+            in result.stderr) and "Traceback" not in result.stderr
+    assert not out.exists()

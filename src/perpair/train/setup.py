@@ -197,6 +197,21 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     return run
 
 
+def check_router_loss(config: TrainConfig) -> None:
+    """Refuse a Mixture-of-Experts model whose config asks for its router's load-balancing loss
+    (``output_router_logits`` with a ``router_aux_loss_coef`` above 0): Transformers and TRL add it to the loss,
+    perpair's losses do not, so the setting would change nothing."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    model_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    coef = getattr(model_config, "router_aux_loss_coef", 0) or 0
+    if getattr(model_config, "output_router_logits", False) and coef > 0:
+        raise PerpairError(f"model {config.model}: its config sets output_router_logits with router_aux_loss_coef "
+                           f"{coef}, a load-balancing loss of the experts' router that perpair train does not add "
+                           "(TRL does); set output_router_logits to false in its config.json to train without it")
+
+
 def check_reference_tokenizer(config: TrainConfig, tokenizer) -> None:
     """A ``reference_model`` scores the policy's token ids: refuse one whose own tokenizer (where its folder or Hub
     repository has one) has another vocabulary, whose log-probs of those ids would be another text's."""
