@@ -23,7 +23,7 @@ GPT = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256, bo
 ARCHITECTURES = {
     "llama-untied-biases": lambda: T.LlamaConfig(**COMMON, attention_bias=True, mlp_bias=True,
                                                  tie_word_embeddings=False),
-    "mistral-window-covers": lambda: T.MistralConfig(**COMMON, sliding_window=19),  # the longest sequence: 19
+    "mistral-window-covers": lambda: T.MistralConfig(**COMMON, sliding_window=17),  # the longest sequence: 17
     "qwen2-biases": lambda: T.Qwen2Config(**COMMON),
     "qwen3-qk-norm": lambda: T.Qwen3Config(**COMMON, head_dim=8),
     "gemma-scaled-embedding": lambda: T.GemmaConfig(**COMMON, head_dim=8),
@@ -39,11 +39,13 @@ ARCHITECTURES = {
     "mixtral-moe": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen2-moe": lambda: T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                           shared_expert_intermediate_size=32),
+    "phimoe-window-covers": lambda: T.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                                   sliding_window=17),
     "cohere-logit-scale": lambda: T.CohereConfig(**COMMON, logit_scale=0.5),
     "granite-logits-scaling": lambda: T.GraniteConfig(**COMMON, logits_scaling=4.0),
 }
 
-# three pairs in one row: sequences of 12 to 19 tokens
+# three pairs in one row: sequences of 5 to 17 tokens
 PAIRS = [TokenizedPair([5, 9, 13, 17, 21, 25, 29], [31, 37, 41, 43, 47], [53, 59, 61, 67, 71, 73, 79, 83, 89]),
          TokenizedPair([3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33], [36, 39, 42, 45, 48, 51], [54, 57, 60, 63]),
          TokenizedPair([7, 14, 28], [35, 42, 49, 56, 63, 70, 77, 84], [91, 4])]
@@ -120,7 +122,7 @@ def test_logits_changed_beyond_the_output_layer_without_a_known_setting_are_refu
 ])
 def test_a_rotary_embedding_scaled_by_the_sequence_length_is_refused_beyond_it(config, limit, kind):
     """Longrope and dynamic RoPE pick their frequencies by the largest position of the forward: in a packed row a
-    sequence of 16 tokens would get those of a 19-token one beside it. Refused beyond the length where they start
+    sequence of 16 tokens would get those of a 17-token one beside it. Refused beyond the length where they start
     to scale; exact within it."""
     model = _model(config())
     module = CompletionLogps(model, chunk_size=8)
@@ -174,3 +176,26 @@ def test_a_model_without_sdpa_loads_with_its_own_attention(tmp_path):
     _model(T.Gemma2Config(**COMMON, head_dim=8, sliding_window=64), "eager").save_pretrained(tmp_path)
     model = load_model(str(tmp_path), SimpleNamespace(device=torch.device("cpu")))
     assert type(model).__name__ == "Gemma2ForCausalLM" and model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("config, name", [
+    (lambda window: T.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=window),
+     "PhimoeAttention"),
+    (lambda window: T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=32, use_sliding_window=True,
+                                     sliding_window=window, max_window_layers=2), "Qwen2MoeAttention"),
+])
+def test_a_sliding_window_applied_through_the_mask_alone_is_refused_when_shorter(config, name):
+    """PhiMoE and Qwen2-MoE apply their sliding window through the mask only (they do not hand it to the attention
+    function), and a packed row builds no mask: a window shorter than a sequence of the row is refused as
+    Mistral's is (they trained with no window at all); one that covers every sequence is exact."""
+    model = _model(config(16))  # the longest sequence: 17 tokens
+    module = CompletionLogps(model, chunk_size=8)
+    with pytest.raises(PerpairError, match=f"{name} attends within a sliding window of 16 tokens.*lower "
+                                           "max_length to 16"):
+        run_packed(module, pack(PAIRS), torch.device("cpu"))
+    module.release()
+    model = _model(config(17))
+    with torch.no_grad():
+        got = run_packed(CompletionLogps(model, chunk_size=8), pack(PAIRS), torch.device("cpu"))[0]
+        assert torch.allclose(got, _separate(model, PAIRS), atol=2e-5)

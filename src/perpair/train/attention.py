@@ -156,7 +156,7 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise PerpairError(f"{type(module).__name__} uses a soft-capped or sink attention; perpair's packed tree "
                            "attention supports plain causal attention only")
-    window = kwargs.get("sliding_window")
+    window = sliding_window(module, kwargs)
     # A window longer than every sequence changes nothing, and a shorter one is refused: no path applies a window.
     if window and perpair_tree.longest > window:
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
@@ -175,6 +175,23 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
+
+
+def sliding_window(module: nn.Module, kwargs: dict) -> int | None:
+    """The sliding window this attention layer attends within, None for none: the one handed to the attention
+    function, else the layer's own or its config's (Qwen2-MoE and PhiMoE apply theirs through the mask alone, which a
+    packed row does not build), where the config's layer types, if it has them, make this layer a sliding one."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window:
+        return window
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and index is not None and index < len(types):
+        return window if types[index] == "sliding_attention" else None
+    return window
 
 
 def _eager_attention(module: nn.Module) -> Callable | None:
