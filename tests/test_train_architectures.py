@@ -199,3 +199,36 @@ def test_a_sliding_window_applied_through_the_mask_alone_is_refused_when_shorter
     with torch.no_grad():
         got = run_packed(CompletionLogps(model, chunk_size=8), pack(PAIRS), torch.device("cpu"))[0]
         assert torch.allclose(got, _separate(model, PAIRS), atol=2e-5)
+
+
+@pytest.mark.parametrize("config, mixer", [
+    (lambda: T.JambaConfig(**COMMON, attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0,
+                           expert_layer_period=4, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4), "JambaMambaMixer"),
+    (lambda: T.Lfm2Config(**{k: v for k, v in COMMON.items() if k != "max_position_embeddings"},
+                          layer_types=["conv", "full_attention"]), "Lfm2ShortConv"),
+])
+def test_a_convolution_over_the_sequence_is_refused(config, mixer):
+    """Hybrid models mix tokens outside attention too (Mamba's and LFM2's short convolutions): in a packed row a
+    sequence would read the end of the pair before it. They trained on those log-probs; now refused by name."""
+    with pytest.raises(PerpairError, match=f"{mixer} mixes tokens by a convolution over the sequence"):
+        CompletionLogps(_model(config()))
+
+
+def test_any_other_mixing_of_tokens_is_refused_by_the_packed_check():
+    """A layer that mixes tokens neither by attention nor by a convolution (here a running mean over the sequence
+    added to the first MLP's output): the packed row of two pairs, compared with each sequence alone, refuses it."""
+
+    class RunningMean(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            steps = torch.arange(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[None, :, None]
+            return self.mlp(x) + 0.5 * x.cumsum(1) / steps
+
+    model = _model(ARCHITECTURES["llama-untied-biases"]())
+    model.model.layers[0].mlp = RunningMean(model.model.layers[0].mlp)
+    with pytest.raises(PerpairError, match="LlamaModel: a packed row of pairs does not give each sequence the hidden "
+                                           "states it has alone"):
+        CompletionLogps(model)

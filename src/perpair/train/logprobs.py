@@ -402,19 +402,38 @@ def _unrouted(backbone: nn.Module) -> str:
             "which perpair's packed rows need")
 
 
-def _check_routed(model: nn.Module) -> None:
-    """Refuse a model whose attention a packed row does not reach, before any work: a one-pair row of four tokens
-    through the backbone. A model that computes attention its own way runs it without calling tree attention, or
-    fails on the row's placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon)."""
+def _check_packing(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose packed row is not its sequences run alone: two pairs (sequences of 2
+    to 5 tokens) through the backbone packed, then each ``prompt + response`` alone, hidden state by hidden state.
+    A model that computes attention its own way runs the row without calling tree attention, or fails on the row's
+    placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon); one with a layer that
+    mixes tokens other than by attention (a state-space, convolution or recurrent layer: Jamba, LFM2) lets a
+    sequence see the one before it in the row."""
     backbone, _ = backbone_and_head(model)
+    parents = {id(child): type(parent).__name__ for parent in backbone.modules() for child in parent.children()}
+    mixers = sorted({parents[id(m)] for m in backbone.modules() if isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1})
+    if mixers:  # a convolution over the sequence (Mamba's, a short convolution's): reads the sequence before
+        raise PerpairError(f"{type(backbone).__name__}: {', '.join(mixers)} mixes tokens by a convolution over the "
+                           "sequence, which in a packed row would read the pair before; perpair's packed rows cannot "
+                           "train it")
     embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
     device = embedding.weight.device if embedding is not None else next(model.parameters()).device
-    row = pack([TokenizedPair([0, 1], [1], [0])])
+    vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else 2
+    tokens = [(7 * i + 3) % vocab for i in range(11)]
+    pairs = [TokenizedPair(tokens[:3], tokens[3:5], tokens[5:6]), TokenizedPair(tokens[6:8], tokens[8:9], tokens[9:])]
+    row = pack(pairs)
     layout = TreeLayout(row.layout.blocks)
     try:
         with _probing(model):
-            backbone(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                     attention_mask=_NO_MASK.to(device), use_cache=False, perpair_tree=layout)
+            packed = backbone(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                              attention_mask=_NO_MASK.to(device), use_cache=False,
+                              perpair_tree=layout).last_hidden_state[0].float()
+            alone = []
+            for pair in pairs:
+                for side, response in enumerate((pair.chosen, pair.rejected)):
+                    ids = torch.tensor([pair.prompt + response], device=device)
+                    hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+                    alone.append(hidden if side == 0 else hidden[len(pair.prompt):])  # the prompt once
     except (ValueError, TypeError, IndexError, RuntimeError) as exc:
         if layout.calls:
             raise
@@ -422,6 +441,16 @@ def _check_routed(model: nn.Module) -> None:
         raise PerpairError(f"{_unrouted(backbone)} (it fails on a packed row: {first})") from exc
     if not layout.calls:
         raise PerpairError(_unrouted(backbone))
+    alone = torch.cat(alone)
+    # float32: the models that pack exactly differed by at most 6e-7 of the largest value, tiny random Jamba and
+    # LFM2 by 2e-4 to 9e-4 (tests/test_train_architectures.py)
+    dtype = embedding.weight.dtype if embedding is not None else packed.dtype
+    tolerance = 2e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    scale = max(1.0, alone.abs().max().item())
+    if packed.shape != alone.shape or not torch.allclose(packed, alone, rtol=tolerance, atol=tolerance * scale):
+        raise PerpairError(f"{type(backbone).__name__}: a packed row of pairs does not give each sequence the hidden "
+                           "states it has alone (a layer mixes tokens other than by attention: a state-space, "
+                           "convolution or recurrent layer); perpair's packed rows cannot train it")
 
 
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
@@ -449,7 +478,7 @@ class CompletionLogps(nn.Module):
         self._rope_limit = rope_length_limit(model)
         self._restore_attention = use_tree_attention(model)
         try:
-            _check_routed(model)
+            _check_packing(model)
         except BaseException:
             self._restore_attention()
             raise
