@@ -43,6 +43,7 @@ ARCHITECTURES = {
                                                    sliding_window=17),
     "cohere-logit-scale": lambda: T.CohereConfig(**COMMON, logit_scale=0.5),
     "granite-logits-scaling": lambda: T.GraniteConfig(**COMMON, logits_scaling=4.0),
+    "hyperclovax-logits-scaling": lambda: T.HyperCLOVAXConfig(**COMMON, logits_scaling=3.0),  # a factor here
 }
 
 # three pairs in one row: sequences of 5 to 17 tokens

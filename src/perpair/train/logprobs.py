@@ -341,7 +341,7 @@ def _probing(model: nn.Module) -> Iterator[None]:
 def logit_multiplier(model: nn.Module) -> float | None:
     """What ``model``'s causal-LM forward does to its output layer's logits, which perpair's log-probs (the output
     layer applied to the backbone's last hidden states, :class:`ChunkedTokenLogps`) must do as well: None (nothing),
-    or a factor (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``), applied to the hidden states (the
+    or a factor (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, …), applied to the hidden states (the
     same logits, the layer having no bias). Anything else is refused: a final-logit soft-capping (Gemma 2/3) by its
     setting, any other transformation by a check on a short input (the model's own logits against the output
     layer's, times the factor), so that no architecture trains on log-probs its own forward would not give."""
@@ -351,13 +351,17 @@ def logit_multiplier(model: nn.Module) -> float | None:
     if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
         raise PerpairError(f"{name} soft-caps its logits (final_logit_softcapping {cap}); perpair's log-probs read "
                            "the output layer directly and do not apply it")
-    factor = None
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, int | float) and not isinstance(scale, bool) and scale != 1:
-        factor = float(scale)
-    divisor = getattr(config, "logits_scaling", None)
-    if isinstance(divisor, int | float) and not isinstance(divisor, bool) and divisor != 1:
-        factor = (factor or 1.0) / float(divisor)
+    def number(name: str) -> float | None:
+        value = getattr(config, name, None)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    # the settings TRL's fused output layer reads too: a factor (Cohere's logit_scale, Falcon-H1's
+    # lm_head_multiplier), or logits_scaling, a divisor (Granite) except in HyperCLOVA X, which multiplies by it
+    factor = next((v for v in map(number, ("logit_scale", "output_multiplier", "lm_head_multiplier"))
+                   if v is not None), None)
+    if (scaling := number("logits_scaling")) is not None:
+        factor = (factor or 1.0) * (scaling if config.model_type == "hyperclovax" else 1 / scaling)
+    factor = None if factor == 1 else factor
     backbone, head = backbone_and_head(model)
     embedding = base.get_input_embeddings()
     ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
