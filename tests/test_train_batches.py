@@ -147,3 +147,22 @@ def test_pairs_whose_prompt_the_template_renders_otherwise_are_counted():
     assert result.prompt_cut == 2
     assert result.tokenized[1].prompt == [ord("p")] * 2 + [0]  # the common start: the "think" token left out
     assert result.tokenized[1].rejected == [1, ord("t"), ord("r")]
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair():
+    """sequence_logps (the preference evaluation) tokenizes with the model's chat template as training does: a
+    tokenizer without one is one error naming the pair (Transformers' ValueError was a traceback)."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from perpair.errors import PerpairError
+    from perpair.models import resolve_model
+    from perpair.train.logprobs import tokenize_table
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tokenizer.chat_template = None
+    table = pa.table({"pair_id": ["p1"], "prompt": [[{"role": "user", "content": "hi"}]],
+                      "chosen": [[{"role": "assistant", "content": "yes"}]],
+                      "rejected": [[{"role": "assistant", "content": "no"}]]})
+    with pytest.raises(PerpairError, match="^pair p1: the tokenizer has no chat template"):
+        tokenize_table(tokenizer, table, 64)

@@ -35,6 +35,8 @@ class TokenizedPair:
 def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
     from jinja2 import TemplateError
 
+    if hasattr(tokenizer, "chat_template") and tokenizer.chat_template is None:
+        raise PerpairError("the tokenizer has no chat template; perpair tokenizes conversations with it, as TRL does")
     try:
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
                                             add_generation_prompt=generation_prompt)
