@@ -365,10 +365,16 @@ def logit_multiplier(model: nn.Module) -> float | None:
     backbone, head = backbone_and_head(model)
     embedding = base.get_input_embeddings()
     ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
-    with _probing(model):
-        own = base(input_ids=ids, use_cache=False).logits.float()
-        mine = backbone(input_ids=ids, use_cache=False).last_hidden_state
-        mine = head(mine if factor is None else mine * factor).float()
+    hidden: list[Tensor] = []  # the backbone's output within the model's own forward
+    hook = backbone.register_forward_hook(lambda module, args, out: hidden.append(out[0]))
+    try:
+        with _probing(model):
+            own = base(input_ids=ids, use_cache=False).logits.float()
+            if not hidden:  # the causal LM called a part of the backbone (OPT its decoder): the backbone, then
+                hidden.append(backbone(input_ids=ids, use_cache=False).last_hidden_state)
+            mine = head(hidden[0] if factor is None else hidden[0] * factor).float()
+    finally:
+        hook.remove()
     tolerance = 64 * torch.finfo(head.weight.dtype).eps
     if own.shape != mine.shape or not torch.allclose(own, mine, rtol=tolerance,
                                                      atol=tolerance * max(1.0, own.abs().max().item())):
@@ -408,7 +414,8 @@ def _unrouted(backbone: nn.Module) -> str:
 
 def _check_packing(model: nn.Module) -> None:
     """Refuse, before any work, a model whose packed row is not its sequences run alone: two pairs (sequences of 2
-    to 5 tokens) through the backbone packed, then each ``prompt + response`` alone, hidden state by hidden state.
+    to 5 tokens) through the backbone packed, then three of its ``prompt + response`` sequences alone (all but the
+    second pair's chosen response, the rows after both kinds of boundary), hidden state by hidden state.
     A model that computes attention its own way runs the row without calling tree attention, or fails on the row's
     placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon); one with a layer that
     mixes tokens other than by attention (a state-space, convolution or recurrent layer: Jamba, LFM2) lets a
@@ -432,12 +439,12 @@ def _check_packing(model: nn.Module) -> None:
             packed = backbone(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
                               attention_mask=_NO_MASK.to(device), use_cache=False,
                               perpair_tree=layout).last_hidden_state[0].float()
-            alone = []
-            for pair in pairs:
-                for side, response in enumerate((pair.chosen, pair.rejected)):
-                    ids = torch.tensor([pair.prompt + response], device=device)
-                    hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state[0].float()
-                    alone.append(hidden if side == 0 else hidden[len(pair.prompt):])  # the prompt once
+            alone = []  # the packed row's hidden states from its sequences alone, but the second pair's chosen
+            for sequence, rows in ((pairs[0].prompt + pairs[0].chosen, slice(None)),
+                                   (pairs[0].prompt + pairs[0].rejected, slice(len(pairs[0].prompt), None)),
+                                   (pairs[1].prompt + pairs[1].rejected, slice(None))):
+                ids = torch.tensor([sequence], device=device)
+                alone.append(backbone(input_ids=ids, use_cache=False).last_hidden_state[0, rows].float())
     except (ValueError, TypeError, IndexError, RuntimeError) as exc:
         if layout.calls:
             raise
@@ -446,6 +453,8 @@ def _check_packing(model: nn.Module) -> None:
     if not layout.calls:
         raise PerpairError(_unrouted(backbone))
     alone = torch.cat(alone)
+    skipped = pairs[0].tokens + len(pairs[1].prompt)  # where the second pair's chosen response starts
+    packed = torch.cat((packed[:skipped], packed[skipped + len(pairs[1].chosen):]))
     # float32: the models that pack exactly differed by at most 6e-7 of the largest value, tiny random Jamba and
     # LFM2 by 2e-4 to 9e-4 (tests/test_train_architectures.py)
     dtype = embedding.weight.dtype if embedding is not None else packed.dtype
