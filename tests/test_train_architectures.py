@@ -233,3 +233,13 @@ def test_any_other_mixing_of_tokens_is_refused_by_the_packed_check():
     with pytest.raises(PerpairError, match="LlamaModel: a packed row of pairs does not give each sequence the hidden "
                                            "states it has alone"):
         CompletionLogps(model)
+
+
+def test_a_model_on_the_meta_device_is_wrapped_without_the_checks_forwards():
+    """An FSDP rank that receives its weights from the first holds them on the meta device: wrapping it runs none
+    of the checks' forwards (there is nothing to compute them with; the first process checks the model)."""
+    with torch.device("meta"):
+        model = T.LlamaForCausalLM(ARCHITECTURES["llama-untied-biases"]())
+    module = CompletionLogps(model)
+    assert model.config._attn_implementation.startswith("perpair_tree")
+    module.release()

@@ -321,6 +321,12 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+def _on_meta(model: nn.Module) -> bool:
+    """Weights not loaded in this process (an FSDP rank that receives them from the first): nothing to run the
+    checks' forwards on; the first process checks the model."""
+    return any(p.is_meta for p in model.parameters())
+
+
 @contextmanager
 def _probing(model: nn.Module) -> Iterator[None]:
     """A check's forward on a few tokens: in eval mode, without gradients, and leaving no cast or packed weight
@@ -363,6 +369,8 @@ def logit_multiplier(model: nn.Module) -> float | None:
         factor = (factor or 1.0) * (scaling if config.model_type == "hyperclovax" else 1 / scaling)
     factor = None if factor == 1 else factor
     backbone, head = backbone_and_head(model)
+    if _on_meta(model):
+        return factor
     embedding = base.get_input_embeddings()
     ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
     hidden: list[Tensor] = []  # the backbone's output within the model's own forward
@@ -427,6 +435,8 @@ def _check_packing(model: nn.Module) -> None:
         raise PerpairError(f"{type(backbone).__name__}: {', '.join(mixers)} mixes tokens by a convolution over the "
                            "sequence, which in a packed row would read the pair before; perpair's packed rows cannot "
                            "train it")
+    if _on_meta(model):
+        return
     embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
     device = embedding.weight.device if embedding is not None else next(model.parameters()).device
     vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else 2
