@@ -106,3 +106,63 @@ def test_pairs_trained_with_a_response_cut_to_max_length_are_counted():
     assert (result.skipped, result.truncated) == (1, 2)
     assert [len(result.tokenized[i].chosen) for i in range(4)] == [6, 6, 2, 3]
     assert [result.tokenized[i].truncated for i in range(4)] == [False, True, True, False]
+
+
+class _ThinkingTokenizer:
+    """A template whose generation prompt is ``[0, 1]`` (an assistant header, then a "think" token) and which
+    renders an assistant message as ``[0] + its characters``, or ``[0, 1] + …`` when it starts with "t" (thought
+    out loud): the prompt alone is a prefix of prompt + response only for those."""
+
+    def apply_chat_template(self, messages, tokenize, return_dict, add_generation_prompt):
+        ids = []
+        for m in messages:
+            head = ([0, 1] if m["content"].startswith("t") else [0]) if m["role"] == "assistant" else []
+            ids += head + [ord(c) for c in m["content"]]
+        return {"input_ids": ids + [0, 1] * add_generation_prompt}
+
+
+def test_pairs_whose_prompt_the_template_renders_otherwise_are_counted():
+    """Where the prompt rendered alone is no prefix of prompt + response (a generation prompt the template drops
+    once the answer follows), the pair trains on the common start, as TRL does; the run counts those pairs (the
+    summary's prompt_cut_pairs) instead of saying nothing. Both responses must keep the prompt whole."""
+    import numpy as np
+    import pyarrow as pa
+
+    from perpair.train import load_config
+    from perpair.train.batches import PairData, build_step_batches
+    from perpair.train.losses import ROUTE_PREFERENCE
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    rows = [("pp", "tc", "tr"), ("pp", "c", "tr"), ("pp", "tc", "r"), ("pp", "tcc", "trr")]
+    table = pa.table({"prompt": [turn("user", r[0]) for r in rows], "chosen": [turn("assistant", r[1]) for r in rows],
+                      "rejected": [turn("assistant", r[2]) for r in rows]})
+    n = len(rows)
+    data = PairData(None, table, [str(i) for i in range(n)], np.full(n, 0.1), np.zeros(n),
+                    np.full(n, ROUTE_PREFERENCE), np.zeros(n, bool), None, np.arange(n), "file order")
+    config = load_config(None, {"model": "m", "data": "d.parquet", "out": "o", "batch_size": 2, "max_length": 10})
+    result = build_step_batches(config, data, _ThinkingTokenizer())
+    assert [result.tokenized[i].prompt_cut for i in range(n)] == [False, True, True, False]
+    assert result.prompt_cut == 2
+    assert result.tokenized[1].prompt == [ord("p")] * 2 + [0]  # the common start: the "think" token left out
+    assert result.tokenized[1].rejected == [1, ord("t"), ord("r")]
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair():
+    """sequence_logps (the preference evaluation) tokenizes with the model's chat template as training does: a
+    tokenizer without one is one error naming the pair (Transformers' ValueError was a traceback)."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from perpair.errors import PerpairError
+    from perpair.models import resolve_model
+    from perpair.train.logprobs import tokenize_table
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tokenizer.chat_template = None
+    table = pa.table({"pair_id": ["p1"], "prompt": [[{"role": "user", "content": "hi"}]],
+                      "chosen": [[{"role": "assistant", "content": "yes"}]],
+                      "rejected": [[{"role": "assistant", "content": "no"}]]})
+    with pytest.raises(PerpairError, match="^pair p1: the tokenizer has no chat template"):
+        tokenize_table(tokenizer, table, 64)

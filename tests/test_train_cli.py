@@ -640,3 +640,103 @@ def test_bf16_and_fp32_runs_keep_separate_reference_caches(tiny_model, uf_pairs,
     assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 1
     _train(tiny_model, uf_pairs, tmp_path / "bf16", *args, "--set", "precision=bf16")
     assert len(list((tmp_path / "refcache").glob("*.parquet"))) == 2
+
+
+def test_a_reference_model_gives_the_reference_log_probs(tiny_model, uf_pairs, tmp_path):
+    """With ``reference_model`` the cached reference log-probs are that model's (not the policy's initial ones)."""
+    from transformers import AutoTokenizer
+
+    from perpair.models import load_causal_lm
+    from perpair.train import sequence_logps
+
+    other = save_tiny_llama(tmp_path / "other", hidden=64, seed=7)
+    out = tmp_path / "ref"
+    _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", "--set",
+           f"reference_model={other}", "--set", "save_model=false")
+    (cache,) = (tmp_path / "refcache").glob("*.parquet")
+    cached = pq.read_table(cache).to_pandas().set_index("pair_id")
+    pairs = pq.read_table(uf_pairs)
+    pairs = pairs.filter(pa.array([p in cached.index for p in pairs.column("pair_id").to_pylist()]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for model, same in ((other, True), (tiny_model, False)):
+        values = sequence_logps(load_causal_lm(str(model), dtype=torch.float32), tokenizer, pairs, max_length=64)
+        values = values.to_pandas().set_index("pair_id").loc[cached.index]
+        close = np.allclose(values.chosen_logps, cached.chosen_logps, atol=1e-4) and \
+            np.allclose(values.rejected_logps, cached.rejected_logps, atol=1e-4)
+        assert close == same, model
+
+
+def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model, uf_pairs, tmp_path):
+    """The reference scores the policy's token ids: one with another vocabulary (same size: it trained, exit 0, on
+    another text's log-probs) or with an embedding too small for them (a traceback) is one error, before OUT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    model, tokenizer = tiny_llama(hidden=64, seed=3)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(len(tokenizer))}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", eos_token="w1")
+    other.chat_template = AutoTokenizer.from_pretrained(tiny_model).chat_template
+    model.save_pretrained(tmp_path / "other_tokens")
+    other.save_pretrained(tmp_path / "other_tokens")
+    small = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    small.save_pretrained(tmp_path / "small")  # no tokenizer files: the embedding is checked
+    for reference, message in (("other_tokens", "its tokenizer's vocabulary differs from that of model"),
+                               ("small", "its embedding has 1000 rows, and the tokenizer of model")):
+        out = tmp_path / f"out_{reference}"
+        result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                        "--set", f"reference_model={tmp_path / reference}", check=False)
+        assert result.returncode == 2, result.stderr
+        assert f"error: reference_model {tmp_path / reference}: {message}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert reference == "small" or not out.exists()  # the vocabulary is compared before OUT is written
+
+
+def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tmp_path, uf_pairs):
+    """A template that raises on a conversation (Gemma's refuses a system message) stops the run with one error
+    naming the pairs file and the pair, not a Jinja traceback."""
+    from transformers import AutoTokenizer
+
+    model = save_tiny_llama(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role "
+                               "not supported') }}{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.save_pretrained(model)
+    table = pq.read_table(uf_pairs)
+    prompts = table.column("prompt").to_pylist()
+    prompts[0] = [{"role": "system", "content": "Be brief."}, *prompts[0]]
+    table = table.set_column(table.schema.get_field_index("prompt"), table.schema.field("prompt"),
+                             pa.array(prompts, table.schema.field("prompt").type))
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(table, pairs)
+    out = tmp_path / "out"
+    result = _train(model, pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", check=False)
+    assert result.returncode == 2, result.stderr
+    first = table.column("pair_id")[0].as_py()
+    assert (f"error: {pairs}: pair {first}: the tokenizer's chat template refuses the conversation (system, user): "
+            "System role not supported") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):
+    """A Mixture-of-Experts config with output_router_logits and a router_aux_loss_coef: Transformers and TRL add the
+    router's load-balancing loss, perpair does not; refused before OUT is written (it trained without a word)."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "llama"))
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.02)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "out"
+    result = _train(tmp_path / "moe", uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                    check=False)
+    assert result.returncode == 2, result.stderr
+    assert (f"error: model {tmp_path / 'moe'}: its config sets output_router_logits with router_aux_loss_coef 0.02"
+            in result.stderr) and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -40,10 +40,12 @@ def _saving(fn, autocast: bool):
         return fn(), sum(saved.values())
 
 
-def _sums_grads_saved(model, autocast: bool):
-    """Summed log-probs, every trainable parameter's gradient, and the bytes autograd saved for the backward."""
-    (sums, _), saved = _saving(lambda: run_packed(CompletionLogps(model, chunk_size=4), pack(PAIRS),
-                                                  torch.device("cpu")), autocast)
+def _sums_grads_saved(model, autocast: bool, built=lambda: None):
+    """Summed log-probs, every trainable parameter's gradient, and the bytes autograd saved for the backward.
+    ``built`` is called once the wrapper is (its checks of the model ran), before the forward."""
+    module = CompletionLogps(model, chunk_size=4)
+    built()
+    (sums, _), saved = _saving(lambda: run_packed(module, pack(PAIRS), torch.device("cpu")), autocast)
     (sums * WEIGHTS.to(sums.dtype)).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -439,7 +441,7 @@ def test_under_lora_frozen_weights_packed_for_onednn_give_the_unpacked_results(a
     def check():
         used.clear()
         expected, expected_grads, _ = _sums_grads_saved(plain, autocast=autocast)
-        sums, grads, _ = _sums_grads_saved(packed, autocast=autocast)
+        sums, grads, _ = _sums_grads_saved(packed, autocast=autocast, built=used.clear)
         # packed: each adapted layer's forward, and each backward that wants the input's gradient (all but the
         # first layer's query, key and value projections, which read the embeddings)
         assert len(used) == 14 + 11 and set(used) == {dtype}

@@ -152,6 +152,10 @@ def train_command(
               f"(the rest from the cache); order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}; "
               f"trained with a response cut to max_length: {s['truncated_pairs']}")
+    if s["prompt_cut_pairs"]:
+        out.print(f"note: for {s['prompt_cut_pairs']} pairs the chat template renders the prompt otherwise before a "
+                  "response than alone (e.g. a generation prompt it drops once the answer follows); they trained on "
+                  "the prompt up to where the two differ, as TRL does, a context unlike the one generation sees")
     lean = ", ".join(f"{n} {kind}" for kind, n in s["lean_activations"].items() if n)
     packing = s["tokens_per_forward"]
     kept = s["mlp_gate_up_kept"]

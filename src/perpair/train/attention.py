@@ -12,6 +12,7 @@ plain masked version, kept as the reference the tests compare with.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,12 +150,13 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if perpair_tree is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        return ALL_ATTENTION_FUNCTIONS[fallback](module, query, key, value, attention_mask, dropout=dropout,
-                                                 scaling=scaling, **kwargs)
+        own = _eager_attention(module) if fallback == "eager" else None
+        return (own or ALL_ATTENTION_FUNCTIONS[fallback if fallback in ALL_ATTENTION_FUNCTIONS else "sdpa"])(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise PerpairError(f"{type(module).__name__} uses a soft-capped or sink attention; perpair's packed tree "
                            "attention supports plain causal attention only")
-    window = kwargs.get("sliding_window")
+    window = sliding_window(module, kwargs)
     # A window longer than every sequence changes nothing, and a shorter one is refused: no path applies a window.
     if window and perpair_tree.longest > window:
         raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
@@ -173,6 +175,30 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
+
+
+def sliding_window(module: nn.Module, kwargs: dict) -> int | None:
+    """The sliding window this attention layer attends within, None for none: the one handed to the attention
+    function, else the layer's own or its config's (Qwen2-MoE and PhiMoE apply theirs through the mask alone, which a
+    packed row does not build), where the config's layer types, if it has them, make this layer a sliding one."""
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if window:
+        return window
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types, index = getattr(config, "layer_types", None), getattr(module, "layer_idx", None)
+    if types is not None and index is not None and index < len(types):
+        return window if types[index] == "sliding_attention" else None
+    return window
+
+
+def _eager_attention(module: nn.Module) -> Callable | None:
+    """The model's own ``eager`` attention function (``eager_attention_forward`` of its modeling module), which is
+    in no registry: SDPA in its place would drop what only it computes (Gemma 2's soft-capping)."""
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return own if callable(own) else None
 
 
 def _runs_pieces(query: Tensor, dropout: float) -> bool:
@@ -262,8 +288,8 @@ def use_tree_attention(model: nn.Module) -> Callable[[], None]:
         return lambda: None
     name = f"{TREE_ATTENTION}:{current}"  # the name carries the model's own attention, for the fallback
     if not _USERS[name]:
-        # "eager" is each model's own function, not in the registry; SDPA computes the same attention
-        fallback = current if current in ALL_ATTENTION_FUNCTIONS else "sdpa"
+        # "eager" is each model's own function, not in the registry (tree_attention finds it in the model's module)
+        fallback = current if current in ALL_ATTENTION_FUNCTIONS or current == "eager" else "sdpa"
         AttentionInterface.register(name, partial(tree_attention, fallback=fallback))
         masks = ALL_MASK_ATTENTION_FUNCTIONS
         AttentionMaskInterface.register(name, masks[current] if current in masks else masks["sdpa"])

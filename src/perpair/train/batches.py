@@ -45,6 +45,7 @@ class StepBatches:
     tokenized: dict[int, TokenizedPair]
     skipped: int  # pairs whose prompt alone fills max_length (TRL drops them too)
     truncated: int = 0  # pairs trained with a response cut to max_length (TRL's keep_start truncation)
+    prompt_cut: int = 0  # pairs whose prompt the template renders otherwise before a response (TokenizedPair)
 
 
 def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -150,8 +151,11 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 if data.flipped[row]:
                     good, bad = bad, good
                 sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
-                tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
-                                               config.max_length)
+                try:
+                    tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
+                                                   config.max_length)
+                except PerpairError as exc:
+                    raise PerpairError(f"{data.path}: pair {data.pair_ids[row]}: {exc}") from None
             if tokenized[row] is None:
                 continue
             if row in sequence[len(sequence) - len(sequence) % config.batch_size:]:
@@ -178,4 +182,5 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     steps = [sequence[s:s + config.batch_size] for s in range(0, needed, config.batch_size)]
     skipped = sum(1 for t in tokenized.values() if t is None)
     truncated = sum(1 for row in set(sequence) if tokenized[row].truncated)
-    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated)
+    prompt_cut = sum(1 for row in set(sequence) if tokenized[row].prompt_cut)
+    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated, prompt_cut)

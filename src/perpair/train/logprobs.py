@@ -28,7 +28,8 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -320,6 +321,161 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
+def _on_meta(model: nn.Module) -> bool:
+    """Weights not loaded in this process (an FSDP rank that receives them from the first): nothing to run the
+    checks' forwards on; the first process checks the model."""
+    return any(p.is_meta for p in model.parameters())
+
+
+@contextmanager
+def _probing(model: nn.Module) -> Iterator[None]:
+    """A check's forward on a few tokens: in eval mode, without gradients, and leaving no cast or packed weight
+    behind in the lean modules' caches (made in the check's dtype, perhaps not the run's)."""
+    caches = [(cache, set(cache)) for m in model.modules() if (cache := vars(m).get("_lean_casts")) is not None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+        for cache, keys in caches:
+            for key in set(cache) - keys:
+                del cache[key]
+
+
+def logit_multiplier(model: nn.Module) -> float | None:
+    """What ``model``'s causal-LM forward does to its output layer's logits, which perpair's log-probs (the output
+    layer applied to the backbone's last hidden states, :class:`ChunkedTokenLogps`) must do as well: None (nothing),
+    or a factor (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``, …), applied to the hidden states (the
+    same logits, the layer having no bias). Anything else is refused: a final-logit soft-capping (Gemma 2/3) by its
+    setting, any other transformation by a check on a short input (the model's own logits against the output
+    layer's, times the factor), so that no architecture trains on log-probs its own forward would not give."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    name = type(base).__name__
+    if (cap := getattr(config, "final_logit_softcapping", None)) is not None:
+        raise PerpairError(f"{name} soft-caps its logits (final_logit_softcapping {cap}); perpair's log-probs read "
+                           "the output layer directly and do not apply it")
+    def number(name: str) -> float | None:
+        value = getattr(config, name, None)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    # the settings TRL's fused output layer reads too: a factor (Cohere's logit_scale, Falcon-H1's
+    # lm_head_multiplier), or logits_scaling, a divisor (Granite) except in HyperCLOVA X, which multiplies by it
+    factor = next((v for v in map(number, ("logit_scale", "output_multiplier", "lm_head_multiplier"))
+                   if v is not None), None)
+    if (scaling := number("logits_scaling")) is not None:
+        factor = (factor or 1.0) * (scaling if config.model_type == "hyperclovax" else 1 / scaling)
+    factor = None if factor == 1 else factor
+    backbone, head = backbone_and_head(model)
+    if _on_meta(model):
+        return factor
+    embedding = base.get_input_embeddings()
+    ids = (torch.arange(3, 11) * 7919 % embedding.num_embeddings)[None].to(embedding.weight.device)
+    hidden: list[Tensor] = []  # the backbone's output within the model's own forward
+    hook = backbone.register_forward_hook(lambda module, args, out: hidden.append(out[0]))
+    try:
+        with _probing(model):
+            own = base(input_ids=ids, use_cache=False).logits.float()
+            if not hidden:  # the causal LM called a part of the backbone (OPT its decoder): the backbone, then
+                hidden.append(backbone(input_ids=ids, use_cache=False).last_hidden_state)
+            mine = head(hidden[0] if factor is None else hidden[0] * factor).float()
+    finally:
+        hook.remove()
+    tolerance = 64 * torch.finfo(head.weight.dtype).eps
+    if own.shape != mine.shape or not torch.allclose(own, mine, rtol=tolerance,
+                                                     atol=tolerance * max(1.0, own.abs().max().item())):
+        raise PerpairError(f"{name} computes its logits with more than its output layer (its own logits differ "
+                           "from the output layer's on its last hidden states); perpair's log-probs cannot "
+                           "reproduce them")
+    return factor
+
+
+def rope_length_limit(model: nn.Module) -> tuple[int, str] | None:
+    """``(tokens, rope_type)`` when ``model``'s rotary embedding changes with the length of the sequence beyond
+    ``tokens`` (Transformers' ``dynamic`` and ``longrope`` types read the row's largest position): a packed row
+    holds sequences of several lengths, so beyond that a sequence would get another's frequencies. None if not."""
+    limits = []
+    for module in model.modules():
+        types = getattr(module, "rope_type", None)
+        config = getattr(module, "config", None)
+        if config is None or not isinstance(types, str | dict):
+            continue
+        for layer_type, rope_type in (types.items() if isinstance(types, dict) else [(None, types)]):
+            if "dynamic" in rope_type:
+                limit = getattr(module, "original_max_seq_len", None) or config.max_position_embeddings
+            elif rope_type == "longrope":
+                params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+                limit = params.get("original_max_position_embeddings") or \
+                    getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+            else:
+                continue
+            limits.append((int(limit), rope_type))
+    return min(limits) if limits else None
+
+
+def _unrouted(backbone: nn.Module) -> str:
+    return (f"{type(backbone).__name__} does not compute attention through Transformers' AttentionInterface, "
+            "which perpair's packed rows need")
+
+
+def _check_packing(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose packed row is not its sequences run alone: two pairs (sequences of 2
+    to 5 tokens) through the backbone packed, then three of its ``prompt + response`` sequences alone (all but the
+    second pair's chosen response, the rows after both kinds of boundary), hidden state by hidden state.
+    A model that computes attention its own way runs the row without calling tree attention, or fails on the row's
+    placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon); one with a layer that
+    mixes tokens other than by attention (a state-space, convolution or recurrent layer: Jamba, LFM2) lets a
+    sequence see the one before it in the row."""
+    backbone, _ = backbone_and_head(model)
+    parents = {id(child): type(parent).__name__ for parent in backbone.modules() for child in parent.children()}
+    mixers = sorted({parents[id(m)] for m in backbone.modules() if isinstance(m, nn.Conv1d) and m.kernel_size[0] > 1})
+    if mixers:  # a convolution over the sequence (Mamba's, a short convolution's): reads the sequence before
+        raise PerpairError(f"{type(backbone).__name__}: {', '.join(mixers)} mixes tokens by a convolution over the "
+                           "sequence, which in a packed row would read the pair before; perpair's packed rows cannot "
+                           "train it")
+    if _on_meta(model):
+        return
+    embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+    device = embedding.weight.device if embedding is not None else next(model.parameters()).device
+    vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else 2
+    tokens = [(7 * i + 3) % vocab for i in range(11)]
+    pairs = [TokenizedPair(tokens[:3], tokens[3:5], tokens[5:6]), TokenizedPair(tokens[6:8], tokens[8:9], tokens[9:])]
+    row = pack(pairs)
+    layout = TreeLayout(row.layout.blocks)
+    try:
+        with _probing(model):
+            packed = backbone(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                              attention_mask=_NO_MASK.to(device), use_cache=False,
+                              perpair_tree=layout).last_hidden_state[0].float()
+            alone = []  # the packed row's hidden states from its sequences alone, but the second pair's chosen
+            for sequence, rows in ((pairs[0].prompt + pairs[0].chosen, slice(None)),
+                                   (pairs[0].prompt + pairs[0].rejected, slice(len(pairs[0].prompt), None)),
+                                   (pairs[1].prompt + pairs[1].rejected, slice(None))):
+                ids = torch.tensor([sequence], device=device)
+                alone.append(backbone(input_ids=ids, use_cache=False).last_hidden_state[0, rows].float())
+    except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+        if layout.calls:
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PerpairError(f"{_unrouted(backbone)} (it fails on a packed row: {first})") from exc
+    if not layout.calls:
+        raise PerpairError(_unrouted(backbone))
+    alone = torch.cat(alone)
+    skipped = pairs[0].tokens + len(pairs[1].prompt)  # where the second pair's chosen response starts
+    packed = torch.cat((packed[:skipped], packed[skipped + len(pairs[1].chosen):]))
+    # float32: the models that pack exactly differed by at most 6e-7 of the largest value, tiny random Jamba and
+    # LFM2 by 2e-4 to 9e-4 (tests/test_train_architectures.py)
+    dtype = embedding.weight.dtype if embedding is not None else packed.dtype
+    tolerance = 2e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    scale = max(1.0, alone.abs().max().item())
+    if packed.shape != alone.shape or not torch.allclose(packed, alone, rtol=tolerance, atol=tolerance * scale):
+        raise PerpairError(f"{type(backbone).__name__}: a packed row of pairs does not give each sequence the hidden "
+                           "states it has alone (a layer mixes tokens other than by attention: a state-space, "
+                           "convolution or recurrent layer); perpair's packed rows cannot train it")
+
+
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
 # [tokens, tokens] mask is built for a row whose attention tree_attention computes from the layout.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
@@ -341,7 +497,14 @@ class CompletionLogps(nn.Module):
         # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
+        self.logit_multiplier = logit_multiplier(model)  # refuses a model whose logits it would get wrong
+        self._rope_limit = rope_length_limit(model)
         self._restore_attention = use_tree_attention(model)
+        try:
+            _check_packing(model)
+        except BaseException:
+            self._restore_attention()
+            raise
         self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
         # a trained output layer's weight gradient written into its .grad, in one tensor for the run (one process,
         # gradients by .backward(): WeightGradInto)
@@ -359,12 +522,19 @@ class CompletionLogps(nn.Module):
         rejected (column 1); with ``wpo`` a third ``[pairs, 2]``, the summed aligned log-probs."""
         backbone, head = backbone_and_head(self.model)
         layout = TreeLayout(layout.blocks)  # this forward's own call count
+        if self._rope_limit and layout.longest > self._rope_limit[0]:
+            limit, rope_type = self._rope_limit
+            raise PerpairError(f"{type(backbone).__name__} scales its rotary embedding by the sequence's length "
+                               f"beyond {limit} tokens ({rope_type} RoPE), which a row of packed sequences of "
+                               f"several lengths would get wrong (a sequence here has {layout.longest}); lower "
+                               f"max_length to {limit}")
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
                           use_cache=False, perpair_tree=layout).last_hidden_state[0]
         if not layout.calls:
-            raise PerpairError(f"{type(backbone).__name__} does not compute attention through Transformers' "
-                               "AttentionInterface, which perpair's packed rows need")
+            raise PerpairError(_unrouted(backbone))
         completion = hidden[gather]
+        if self.logit_multiplier is not None:  # (logits * s) = (hidden * s) @ weightᵀ, the layer having no bias
+            completion = completion * self.logit_multiplier
         if (autocast := autocast_dtype(completion)) is not None:
             # What autocast does to a model's own output layer (an ``nn.Linear``): the projection in the autocast
             # dtype, which the custom function below would otherwise run in the norm's float32. Its log-softmax
@@ -444,7 +614,10 @@ def tokenize_table(tokenizer, pairs: pa.Table, max_length: int | None) -> tuple[
     ids, tokenized = [], []
     for pair_id, prompt, chosen, rejected in zip(*(pairs.column(c).to_pylist() for c in
                                                    ("pair_id", "prompt", "chosen", "rejected")), strict=True):
-        tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        try:
+            tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length)
+        except PerpairError as exc:
+            raise PerpairError(f"pair {pair_id}: {exc}") from None
         if tok is not None:
             ids.append(pair_id)
             tokenized.append(tok)

@@ -50,6 +50,7 @@ from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses, wpo_weights
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
+    check_router_loss,
     compute_reference,
     load_model,
     load_tokenizer,
@@ -88,6 +89,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
     tokenizer = load_tokenizer(config)  # a wrong model path is refused before OUT is written
+    check_router_loss(config)
     accelerator = setup_accelerator(config)
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
     if accelerator.is_main_process:
@@ -170,6 +172,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
         "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "truncated_pairs": batches.truncated, "order": data.source,
+        # pairs whose prompt the template renders otherwise before a response, trained on the common start (TRL)
+        "prompt_cut_pairs": batches.prompt_cut,
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "device": accelerator.device.type,
         "allocator": active_allocator() or "system", **saved,

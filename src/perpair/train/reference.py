@@ -27,7 +27,7 @@ from perpair.train.tokenize import TokenizedPair
 
 KIND = "reference_logps"
 SCHEMA_VERSION = 1
-KEY_VERSION = 1  # bump when the way log-probs are computed changes
+KEY_VERSION = 2  # bump when the way log-probs are computed changes (2: logit scales applied, e.g. Cohere, Granite)
 # bf16 keys only: what autocast runs in which dtype. 2: the output projection in bf16 (as autocast runs an
 # nn.Linear head), the CPU tree attention in fp32; the bf16 values of 1 are other numbers. fp32 keys are unchanged.
 AUTOCAST_RULES = 2

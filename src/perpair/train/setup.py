@@ -96,11 +96,22 @@ def load_tokenizer(config: TrainConfig):
     if tokenizer.chat_template is None:
         raise PerpairError(f"model {config.model}: the tokenizer has no chat template; perpair trains on "
                            "conversations and tokenizes them as TRL does, with the template")
+    if config.reference_model is not None:
+        check_reference_tokenizer(config, tokenizer)
     return tokenizer
 
 
 def load_model(spec: str, accelerator):
-    model = load_causal_lm(resolve_model(spec), dtype=torch.float32, attn_implementation="sdpa")
+    """The model in float32, with SDPA attention, or its own (``eager``) where Transformers has no SDPA version of
+    it (Gemma 2, Bloom): a packed forward computes attention with :func:`~perpair.train.attention.tree_attention`
+    either way, or refuses the model."""
+    path = resolve_model(spec)
+    try:
+        model = load_causal_lm(path, dtype=torch.float32, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "does not support an attention implementation" not in str(exc):
+            raise
+        model = load_causal_lm(path, dtype=torch.float32, attn_implementation="eager")
     model.config.use_cache = False
     return model.to(accelerator.device)
 
@@ -141,6 +152,11 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     def load():  # the initial policy is the default reference: no second model is loaded
         reuse = policy is not None and config.reference_model is None
         model = policy if reuse else load_model(config.reference_model or config.model, accelerator)
+        top = max(max(p.prompt + p.chosen + p.rejected) for p in own)
+        if (rows_ := model.get_input_embeddings().num_embeddings) <= top:
+            raise PerpairError(f"reference_model {config.reference_model or config.model}: its embedding has "
+                               f"{rows_} rows, and the tokenizer of model {config.model} gives token id {top}; the "
+                               "reference must share the model's tokenizer")
         # On a CPU the pass runs forwards only: oneDNN's prepacked products (float32: 1.2-1.4x the pass on
         # the vs_trl workload). The policy's packed copies are dropped after the pass, before training.
         pack_linears(model, rows=PROMPT_ROWS, dtype=autocast)
@@ -179,6 +195,36 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
 
     run.cache = cache if accelerator.is_main_process else None
     return run
+
+
+def check_router_loss(config: TrainConfig) -> None:
+    """Refuse a Mixture-of-Experts model whose config asks for its router's load-balancing loss
+    (``output_router_logits`` with a ``router_aux_loss_coef`` above 0): Transformers and TRL add it to the loss,
+    perpair's losses do not, so the setting would change nothing."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    model_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    coef = getattr(model_config, "router_aux_loss_coef", 0) or 0
+    if getattr(model_config, "output_router_logits", False) and coef > 0:
+        raise PerpairError(f"model {config.model}: its config sets output_router_logits with router_aux_loss_coef "
+                           f"{coef}, a load-balancing loss of the experts' router that perpair train does not add "
+                           "(TRL does); set output_router_logits to false in its config.json to train without it")
+
+
+def check_reference_tokenizer(config: TrainConfig, tokenizer) -> None:
+    """A ``reference_model`` scores the policy's token ids: refuse one whose own tokenizer (where its folder or Hub
+    repository has one) has another vocabulary, whose log-probs of those ids would be another text's."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(resolve_model(config.reference_model))
+    except (OSError, ValueError, TypeError):  # no tokenizer beside the weights: nothing to compare
+        return
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise PerpairError(f"reference_model {config.reference_model}: its tokenizer's vocabulary differs from that "
+                           f"of model {config.model}; the reference scores the model's tokens, so both must share "
+                           "one tokenizer")
 
 
 def first_step_rows(config: TrainConfig, data: PairData, batches: StepBatches, policy, processes: int) -> set[int]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from perpair.errors import PerpairError
+
 
 @dataclass(frozen=True)
 class TokenizedPair:
@@ -20,6 +22,9 @@ class TokenizedPair:
     chosen: list[int]
     rejected: list[int]  # empty for a pair routed to SFT (its rejected response is never computed)
     truncated: bool = field(default=False, compare=False)  # a response was cut to fit max_length
+    # the prompt rendered alone is no prefix of prompt + response (a generation prompt the template does not render
+    # before a response, tokens merged across the boundary): trained on their common start, as TRL does
+    prompt_cut: bool = field(default=False, compare=False)
 
     @property
     def tokens(self) -> int:
@@ -28,8 +33,16 @@ class TokenizedPair:
 
 
 def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=generation_prompt)
+    from jinja2 import TemplateError
+
+    if hasattr(tokenizer, "chat_template") and tokenizer.chat_template is None:
+        raise PerpairError("the tokenizer has no chat template; perpair tokenizes conversations with it, as TRL does")
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            add_generation_prompt=generation_prompt)
+    except TemplateError as exc:  # the template's own refusal (Gemma's "System role not supported", …)
+        roles = ", ".join(m["role"] for m in messages)
+        raise PerpairError(f"the tokenizer's chat template refuses the conversation ({roles}): {exc}") from None
     return list(out["input_ids"])
 
 
@@ -53,6 +66,7 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
     cut = _common_prefix(prompt_ids, full_chosen)
     if full_rejected is not None:
         cut = min(cut, _common_prefix(prompt_ids, full_rejected))
+    prompt_cut = cut < len(prompt_ids)
     prompt_ids = prompt_ids[:cut]
     chosen_ids = full_chosen[cut:]
     rejected_ids = full_rejected[cut:] if full_rejected is not None else []
@@ -61,8 +75,8 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
             return None
         room = max_length - len(prompt_ids)
         truncated = len(chosen_ids) > room or len(rejected_ids) > room
-        return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated)
-    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+        return TokenizedPair(prompt_ids, chosen_ids[:room], rejected_ids[:room], truncated, prompt_cut)
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, prompt_cut=prompt_cut)
 
 
 def _message(message: dict[str, Any]) -> dict[str, str]:
