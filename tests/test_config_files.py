@@ -15,6 +15,10 @@ def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
     assert load_yaml(path, "run config") == {"a": 1, "b": {"c": [1, 2]}}
     path.write_text("# nothing set\n")
     assert load_yaml(path, "run config") == {}
+    # the same key in two mappings is no duplicate, nor is a key a merge brings in and the mapping overrides
+    path.write_text("a: {k: 1}\nb: {k: 2}\nbase: &base {lr: 1, r: 8}\narm:\n  <<: *base\n  lr: 2\n")
+    assert load_yaml(path, "run config") == {"a": {"k": 1}, "b": {"k": 2}, "base": {"lr": 1, "r": 8},
+                                             "arm": {"lr": 2, "r": 8}}
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -24,6 +28,10 @@ def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
     ("- 1\n- 2\n", "must be a mapping of keys to values, got a list"),
     (b"a: \xff\n", "not valid UTF-8"),
     ("folder", "is a folder"),
+    # PyYAML keeps the last of a key written twice: a setting appended below the original would silently win
+    ("workdir: a\nworkdir: b\n", "has the key 'workdir' twice in one mapping, at lines 1 and 2"),
+    ("data:\n  limit: 3\n  seed: 0\n  limit: 4\n", "has the key 'limit' twice in one mapping, at lines 2 and 4"),
+    ("arms: {dpo: {preset: dpo}, dpo: {preset: sp2dpo}}\n", "has the key 'dpo' twice"),
 ])
 def test_load_yaml_names_the_file_and_the_problem(tmp_path, content, words):
     path = tmp_path / "my.yaml"

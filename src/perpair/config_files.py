@@ -32,7 +32,10 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot read the {what} ({exc.strerror})", file=file) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise InputError(f"the {what} has the key {exc.key!r} twice in one mapping, at lines {exc.first} and "
+                         f"{exc.line} (YAML would silently keep the last): remove one", file=file) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -44,6 +47,35 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"the {what} must be a mapping of keys to values, got a {type(data).__name__}", file=file)
     return data
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that holds a key twice: PyYAML silently keeps the last one,
+    so a setting written twice (an edit appended below the original) would quietly change or do nothing. Keys
+    that a merge (``<<: *anchor``) brings in may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", command_line: dict[str, Any] | None = None) -> str:
