@@ -332,7 +332,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PerpairError(f"override {item!r}: expected key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else None)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:  # `--set 'data.sources=[a'`: the value, not a traceback
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PerpairError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
