@@ -597,3 +597,51 @@ def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monk
             run(RunConfig.model_validate(config), log=lines.append)
         ran.append(any(line.startswith("[annotate] done") for line in lines))
     assert ran == [True, False, True]
+
+
+def _small(tmp_path: Path, model: Path, **changes) -> dict:
+    """Two DPO arms of 2 steps, held-out accuracy only: the stamps' rules in seconds."""
+    config = _config(tmp_path, model, annotate=None, eval={"preference": {"max_length": 96}, "alpaca_eval": None},
+                     arms={"a": {"preset": "dpo"}, "b": {"preset": "dpo", "beta": 0.2}})
+    config["data"]["limit"] = 12
+    config["train"] = {**config["train"], "steps": 2, "threads": 1}
+    config.update(changes)
+    return config
+
+
+def test_a_model_trained_again_under_the_same_key_is_evaluated_again(tmp_path, tiny, monkeypatch):
+    """The evaluations' stamps hold the training they evaluated, not only its key: an arm's train folder deleted
+    (or its model) trains again, and that model, which need not equal the first (other threads, other rounding),
+    is evaluated again; the evaluation was 'unchanged, skipped', the first model's numbers shown as the new one's.
+    The other arm's stages stay skipped."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny)
+    first, _ = _run(config)
+    assert {"train.a", "eval.a.preference", "train.b", "eval.b.preference"} <= set(first.ran)
+    shutil.rmtree(tmp_path / "work" / "arms" / "a" / "train")
+    second, _ = _run(config)
+    assert set(second.ran) == {"train.a", "eval.a.preference"}
+    assert {"train.b", "eval.b.preference", "plan.a", "plan.b", "prepare"} <= set(second.skipped)
+    assert not _run(config)[0].ran
+
+
+def test_a_dataset_folder_edited_in_place_prepares_again(tmp_path, tiny, monkeypatch):
+    """A local dataset folder is keyed by what its files hold, as a file is: one rewritten in place prepares the
+    pairs again (the stage was skipped and every arm trained on the old pairs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import gzip
+
+    lines = gzip.open(UF_TRAIN, "rt").read().splitlines()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}, eval={"preference": {"max_length": 512}})
+    config["data"]["sources"] = [str(folder)]
+    config["train"]["max_length"] = 512
+    first, _ = _run(config)
+    pairs = tmp_path / "work" / "pairs.parquet"
+    before = pairs.read_bytes()
+    (folder / "train.jsonl").write_text("\n".join(lines[24:48]) + "\n")
+    second, _ = _run(config)
+    assert {"prepare", "plan.a", "train.a", "eval.a.preference"} <= set(second.ran)
+    assert pairs.read_bytes() != before

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,7 +256,7 @@ class _Job:
         test = pairs.with_name("pairs.test.parquet") if settings.prepare.test_fraction > 0 else None
         sources = self.config.data.sources
         material = {"options": settings.prepare.model_dump(mode="json"),
-                    "sources": [file_sha256(s) if Path(s).is_file() else s for s in sources]}
+                    "sources": [_source_identity(s) for s in sources]}
         info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], _prepare,
                           sources, pairs, settings.prepare)
         counts = info.get("counts", {})
@@ -398,7 +399,8 @@ class _Job:
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
-                        "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
+                        "model": trained["key"], "trained": trained.get("trained"), "reference": self.model_key,
+                        "test": file_sha256(test)}
             # The two evaluations read only the trained model: beside each other when a worker is free (the last
             # arm's would otherwise run one after the other while the other workers wait)
             preference = self.workers.side(self.stage, f"eval.{arm}.preference", "eval", material,
@@ -418,7 +420,8 @@ class _Job:
             # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
             # files' contents), so a judge retrained or a prompt edited in place evaluates again
             material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
-                        "model": trained["key"], "judge": judge_identity(config.judge),
+                        "model": trained["key"], "trained": trained.get("trained"),
+                        "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
@@ -426,6 +429,17 @@ class _Job:
         if preference is not None:
             results = {"preference": preference.result(), **results}
         return results
+
+
+def _source_identity(source: str) -> Any:
+    """A data source as the prepare stage's key holds it: a file by its SHA-256, a local dataset folder by the
+    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself."""
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        return [source, sorted([str(p.relative_to(path)), file_sha256(p)] for p in path.rglob("*") if p.is_file())]
+    return source
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -512,7 +526,9 @@ def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[st
                    "train_seconds": seconds, "pairs_per_second": pairs / seconds if seconds else None}
     keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
             "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
-    return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0]}
+    # this training's own identity: a model trained again under the same key (its folder deleted, other threads)
+    # is another model, which the evaluations, keyed by it, evaluate again
+    return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0], "trained": uuid.uuid4().hex}
 
 
 def _preference(config, folder: Path, *, log: Log) -> dict[str, Any]:
