@@ -645,3 +645,45 @@ def test_a_dataset_folder_edited_in_place_prepares_again(tmp_path, tiny, monkeyp
     second, _ = _run(config)
     assert {"prepare", "plan.a", "train.a", "eval.a.preference"} <= set(second.ran)
     assert pairs.read_bytes() != before
+
+
+def test_a_second_run_on_the_same_workdir_is_refused_while_the_first_runs(tmp_path, tiny, monkeypatch):
+    """Two runs on one workdir at once wrote the same stamps, artifacts and checkpoints (each one's training
+    deleting the other's): the second is refused with one error naming the first's process, and writes nothing;
+    once the first is over (or killed: the lock goes with its process) a run proceeds."""
+    from perpair.errors import PerpairError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    work = tmp_path / "work"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(work / ".lock")],
+                              stdout=subprocess.PIPE, text=True)  # a run in another process, holding the lock
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PerpairError, match=rf"^workdir {re.escape(str(work))}: another perpair run is using it "
+                                               rf"\(process {holder.pid}\); wait for it"):
+            _run(config)
+        assert sorted(p.name for p in work.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    result, _ = _run(config)
+    assert "train.a" in result.ran
+    from perpair.pipeline.run import workdir_lock
+
+    with workdir_lock(work), pytest.raises(PerpairError, match="another perpair run is using it"):
+        _run(config)  # the same process's own lock counts too: a script running two at once
+
+
+def test_a_missing_data_source_is_refused_before_any_work_named_by_its_key(tmp_path, tiny):
+    from perpair.errors import PerpairError
+
+    config = _small(tmp_path, tiny)
+    config["data"]["sources"] = [str(UF_TRAIN), str(tmp_path / "nope.jsonl")]
+    with pytest.raises(PerpairError, match=rf"^run config, data.sources\[1\]: file {re.escape(str(tmp_path))}/nope"
+                                           r"\.jsonl: no such file"):
+        _run(config)
+    assert not (tmp_path / "work").exists()

@@ -11,11 +11,12 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,29 +65,63 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         log(f"note: workers {config.workers}{given} > {available_cores()} cores: the stages will share cores"
             + ("; leave train.threads out to give each worker its share" if threads else ""))
 
-    pairs, test = job.prepare(settings)
-    with Workers(config.workers, log) as job.workers:
-        # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
-        annotating = job.workers.side(job.annotate, settings, pairs)
-        referencing = job.workers.side(job.reference, *job.reference_work(settings, pairs, test))
-        base = None
-        if config.eval.base and config.eval.alpaca_eval is not None:
-            base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
-                                    test)
-        annotations = annotating.result()
-        referencing.result()
-        # then every arm: its plan, its training, its evaluations, in that order; the arms side by side
-        arms = {arm: job.workers.side(job.arm, settings, arm, pairs, annotations, test) for arm in config.arms}
-        trained: dict[str, dict[str, Any]] = {}
-        evaluated: dict[str, dict[str, Any]] = {}
-        for arm, chain in arms.items():
-            trained[arm], evaluated[arm] = chain.result()
-        if base is not None:
-            evaluated["base"] = base.result()
+    with workdir_lock(job.workdir):  # a second run on the same workdir is refused, not mixed in
+        pairs, test = job.prepare(settings)
+        with Workers(config.workers, log) as job.workers:
+            # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
+            annotating = job.workers.side(job.annotate, settings, pairs)
+            referencing = job.workers.side(job.reference, *job.reference_work(settings, pairs, test))
+            base = None
+            if config.eval.base and config.eval.alpaca_eval is not None:
+                base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
+                                        test)
+            annotations = annotating.result()
+            referencing.result()
+            # then every arm: its plan, its training, its evaluations, in that order; the arms side by side
+            arms = {arm: job.workers.side(job.arm, settings, arm, pairs, annotations, test) for arm in config.arms}
+            trained: dict[str, dict[str, Any]] = {}
+            evaluated: dict[str, dict[str, Any]] = {}
+            for arm, chain in arms.items():
+                trained[arm], evaluated[arm] = chain.result()
+            if base is not None:
+                evaluated["base"] = base.result()
 
-    rows = comparison_rows(config, trained, evaluated)
-    report = write_run_report(job.workdir, config, rows, trained, evaluated)
-    return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
+        rows = comparison_rows(config, trained, evaluated)
+        report = write_run_report(job.workdir, config, rows, trained, evaluated)
+        return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``WORKDIR/.lock`` (an exclusive ``flock``) for the run: a second run on the same workdir while the
+    first is running (two terminals, a scheduler starting the job twice) would write the same artifacts, stamps and
+    checkpoints at once (each deleting the other's half-trained arm), so it is refused. The lock goes with the
+    process that holds it: a killed run leaves none behind. The worker processes write under the run's lock."""
+    import fcntl
+    import os
+
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise PerpairError(f"workdir {workdir}: another perpair run is using it"
+                               + (f" (process {holder})" if holder else "")
+                               + "; wait for it to finish or give this run another workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            if created and [p.name for p in workdir.iterdir()] == [".lock"]:  # a first stage that failed: as before
+                shutil.rmtree(workdir, ignore_errors=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def validate(config: RunConfig) -> Settings:
@@ -95,6 +130,7 @@ def validate(config: RunConfig) -> Settings:
 
     from perpair.annotate import AnnotateConfig, parse_teacher_spec
     from perpair.data import PrepareOptions
+    from perpair.data.sources import resolve_source
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
 
@@ -107,6 +143,11 @@ def validate(config: RunConfig) -> Settings:
         prepare = PrepareOptions(**data)
     except ValidationError as exc:
         raise fail("data", exc) from None
+    for i, source in enumerate(config.data.sources):  # a missing file: named as the key it came from, before prepare
+        try:
+            resolve_source(source, prepare.split, prepare.revision)
+        except PerpairError as exc:
+            raise fail(f"data.sources[{i}]", exc) from None
     annotate = None
     if config.annotate is not None:
         section = config.annotate.model_dump()
