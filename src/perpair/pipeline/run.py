@@ -15,7 +15,6 @@ import contextlib
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,15 +431,19 @@ class _Job:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
         from perpair.eval.generate import GenerationConfig
+        from perpair.models import model_fingerprint
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
+        # the trained weights by content, not only the training's key: a model trained again under the same key
+        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again
+        weights = model_fingerprint(trained["model"]) if arm != "base" else None
         preference = None
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
-                        "model": trained["key"], "trained": trained.get("trained"), "reference": self.model_key,
+                        "model": trained["key"], "weights": weights, "reference": self.model_key,
                         "test": file_sha256(test)}
             # The two evaluations read only the trained model: beside each other when a worker is free (the last
             # arm's would otherwise run one after the other while the other workers wait)
@@ -461,7 +464,7 @@ class _Job:
             # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
             # files' contents), so a judge retrained or a prompt edited in place evaluates again
             material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
-                        "model": trained["key"], "trained": trained.get("trained"),
+                        "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
@@ -567,9 +570,7 @@ def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[st
                    "train_seconds": seconds, "pairs_per_second": pairs / seconds if seconds else None}
     keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
             "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
-    # this training's own identity: a model trained again under the same key (its folder deleted, other threads)
-    # is another model, which the evaluations, keyed by it, evaluate again
-    return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0], "trained": uuid.uuid4().hex}
+    return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0]}
 
 
 def _preference(config, folder: Path, *, log: Log) -> dict[str, Any]:
