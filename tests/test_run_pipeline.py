@@ -694,3 +694,19 @@ def test_a_missing_data_source_is_refused_before_any_work_named_by_its_key(tmp_p
                                            r"\.jsonl: no such file"):
         _run(config)
     assert not (tmp_path / "work").exists()
+
+
+def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_content(tmp_path, tiny, monkeypatch):
+    """The train stage's key holds every setting as training reads it (a default written out is no change; a
+    default that changes would be one) and a reference model of its own by content: one retrained at the same
+    path trains again (it was skipped: the arm's numbers were the old reference's)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reference = tmp_path / "reference_model"
+    shutil.copytree(tiny, reference)
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo", "train": {"reference_model": str(reference)}}})
+    assert "train.a" in _run(config)[0].ran
+    config["train"]["seed"] = 0  # training's default, now written
+    config["train"]["lr"] = "1e-3"  # YAML reads 1e-3 (no dot) as a string, which training reads as 0.001
+    assert "train.a" in _run(config)[0].skipped
+    rewrite_weights(reference)
+    assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)

@@ -409,7 +409,17 @@ class _Job:
         out = self.workdir / "arms" / arm / "train"
         keys = self._train_keys(settings, arm)
         options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
-        material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
+        from perpair.models import model_fingerprint, resolve_model
+        from perpair.train import load_config
+
+        # every setting as training reads it, defaults included (a default that changes is another training), and
+        # the models by content: the initial one and a reference model of its own (retrained at the same path)
+        config = load_config(None, options)
+        material = {"train": config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
+                                                                     "reference_cache"}),
+                    "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
+                    "reference_model": model_fingerprint(resolve_model(config.reference_model))
+                    if config.reference_model else None}
         key = stage_key({"stage": "train", **material})
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731
         info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key)
