@@ -710,3 +710,24 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
     assert "train.a" in _run(config)[0].skipped
     rewrite_weights(reference)
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
+    """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
+    message alone did not say); the other arm's finished stages are stamped, so the re-run with the mistake fixed
+    runs only the failed arm's training and evaluation."""
+    from perpair.errors import PerpairError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, workers=workers,
+                    arms={"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}})
+    with pytest.raises(PerpairError, match=r"^train\.b: batch_size 64 is more than the \d+ pairs"):
+        _run(config)
+    stamps = {p.stem for p in (tmp_path / "work" / "stages").iterdir()}
+    assert {"prepare", "plan.a", "plan.b", "train.a"} <= stamps and "train.b" not in stamps
+    assert not (tmp_path / "work" / "report").exists()  # no table of a run that failed
+    del config["arms"]["b"]["train"]
+    result, _ = _run(config)
+    assert set(result.ran) == {"train.b", "eval.b.preference"} | ({"eval.a.preference"} - stamps)
+    assert [row["arm"] for row in result.rows] == ["a", "b"]

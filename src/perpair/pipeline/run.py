@@ -269,7 +269,12 @@ class _Job:
             self.log(f"[{name}] unchanged, skipped")
             return {**stamp["info"], "key": key}
         self.stamps.remove(name)
-        info, seconds = self.workers.call(name, why, action, *args)
+        try:
+            info, seconds = self.workers.call(name, why, action, *args)
+        except PerpairError as exc:  # which arm's training refused its pairs: the stage named in the one error line
+            if not str(exc).startswith((f"{name}:", f"{kind}:")) and len(exc.args) == 1:
+                exc.args = (f"{name}: {exc.args[0]}",)
+            raise
         info = {**(info or {}), "seconds": seconds}
         self.stamps.write(name, key, outputs(), info)
         self.ran.append(name)
