@@ -731,3 +731,18 @@ def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, 
     result, _ = _run(config)
     assert set(result.ran) == {"train.b", "eval.b.preference"} | ({"eval.a.preference"} - stamps)
     assert [row["arm"] for row in result.rows] == ["a", "b"]
+
+
+def _killed(*, log) -> None:  # a stage's work whose worker process dies (the out-of-memory killer's SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_process_that_dies_is_one_error_naming_the_stage():
+    """A worker killed mid-stage broke the pool: a traceback ending in BrokenProcessPool (exit 1), no stage named.
+    Now one error naming the stage it ran, which the command line prints as its `error:` line."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline.workers import Workers
+
+    with pytest.raises(PerpairError, match=r"^train\.a: a worker process of the run died abruptly .* re-run to "
+                                           "continue$"), Workers(2, lambda line: None) as workers:
+        workers.call("train.a", "a test", _killed)

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from perpair.errors import PerpairError
@@ -84,7 +85,12 @@ class Workers:
             return _timed(name, why, action, args, self.log)
         if self._stop.is_set():
             raise Stopped(f"{name}: not started, as another stage failed")
-        return self._processes.submit(_in_worker, name, why, action, args).result()
+        try:
+            return self._processes.submit(_in_worker, name, why, action, args).result()
+        except BrokenProcessPool:  # a worker killed (the out-of-memory killer, by hand) or crashed: the pool is gone
+            raise PerpairError(f"{name}: a worker process of the run died abruptly (killed, e.g. by the "
+                               "out-of-memory killer, or crashed); finished stages are kept: re-run to continue"
+                               ) from None
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if self.workers == 1:
