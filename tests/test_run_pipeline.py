@@ -746,3 +746,51 @@ def test_a_worker_process_that_dies_is_one_error_naming_the_stage():
     with pytest.raises(PerpairError, match=r"^train\.a: a worker process of the run died abruptly .* re-run to "
                                            "continue$"), Workers(2, lambda line: None) as workers:
         workers.call("train.a", "a test", _killed)
+
+
+def _holds_the_log_lock(*, log) -> None:
+    """A stage's work stopped while writing a log line: it holds the lock of the queue its lines go through."""
+    from perpair.pipeline import workers
+
+    log("started")
+    workers._log_queue._wlock.acquire()
+    time.sleep(120)
+
+
+def test_ctrl_c_while_a_worker_writes_a_line_stops_the_run(tmp_path):
+    """Ctrl-C terminates the workers; one stopped while writing a line kept the lock of the log queue, and the
+    run, putting its end marker on that queue, hung for good (seen on `perpair run` with workers 2). It stops."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_run_pipeline import _holds_the_log_lock
+from perpair.pipeline.workers import Workers
+
+lines = []
+try:
+    with Workers(2, lines.append) as workers:
+        workers._chains.submit(workers.call, "train.a", "a test", _holds_the_log_lock)
+        while "[train.a] started" not in lines:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        raise KeyboardInterrupt
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                            cwd=tmp_path)
+    assert result.stdout.strip() == "stopped", result.stderr
+
+
+def test_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
+    """Typer turned Ctrl-C into exit 130 without a word; the command line's own message was never printed."""
+    import perpair.pipeline.config as run_config
+    from conftest import run_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_config, "load_yaml", interrupted)
+    result = run_cli("run", tmp_path / "run.yaml", check=False)
+    assert result.returncode == 130
+    assert "interrupted: finished work is kept; re-run to continue" in result.stderr
