@@ -794,3 +794,20 @@ def test_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
     result = run_cli("run", tmp_path / "run.yaml", check=False)
     assert result.returncode == 130
     assert "interrupted: finished work is kept; re-run to continue" in result.stderr
+
+
+def test_from_train_trains_again_from_the_start(tmp_path, tiny, monkeypatch):
+    """`--from train` after a finished training resumed from its last checkpoint, the final step: nothing was
+    trained again and the same model came back. It trains from the start; a re-run without --from after a kill
+    still resumes (test_killed_during_training_resumes_without_redoing_finished_stages)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    _run(config)
+    metrics = tmp_path / "work" / "arms" / "a" / "train" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    result, lines = _run(config, from_stage="train")
+    assert {"train.a", "eval.a.preference"} <= set(result.ran)
+    assert not any("resuming from" in line for line in lines)
+    assert [line.split(" loss")[0].strip() for line in lines if line.strip().startswith("step ")] == \
+        ["step 1/2", "step 2/2"]
+    assert metrics.stat().st_mtime_ns != before and len(metrics.read_text().splitlines()) == 2

@@ -427,7 +427,9 @@ class _Job:
                     if config.reference_model else None}
         key = stage_key({"stage": "train", **material})
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731
-        info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key)
+        # --from train trains again from the start: resuming would load the finished run's last checkpoint
+        info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key,
+                          "train" in self.forced)
         return {**info, "model": str(out / "model"), "metrics": str(out / "metrics.jsonl"), "plan": str(plan)}
 
     def _preference_config(self, settings: Settings, arm: str, model: str, test: Path):
@@ -557,12 +559,12 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
     return {"counts": result.provenance["counts"], "warnings": result.provenance["warnings"]}
 
 
-def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[str, Any]:
+def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
     from perpair.train import load_config, train
     from perpair.train.checkpoints import STAGE_KEY, checkpoints
 
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
-    resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
+    resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
