@@ -715,21 +715,25 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
-    message alone did not say); the other arm's finished stages are stamped, so the re-run with the mistake fixed
-    runs only the failed arm's training and evaluation."""
+    message alone did not say) and leaves no comparison (the run before's stayed, showing that arm's numbers under
+    its old settings); the other arm's finished stages are stamped, so the re-run with the mistake fixed trains
+    only the failed arm."""
     from perpair.errors import PerpairError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = _small(tmp_path, tiny, workers=workers,
-                    arms={"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}})
+    config = _small(tmp_path, tiny, workers=workers, arms={"b": {"preset": "dpo"}})
+    _run(config)
+    assert (tmp_path / "work" / "report" / "comparison.md").is_file()  # a first run's table, arm b's settings
+    config["arms"] = {"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}}
     with pytest.raises(PerpairError, match=r"^train\.b: batch_size 64 is more than the \d+ pairs"):
         _run(config)
     stamps = {p.stem for p in (tmp_path / "work" / "stages").iterdir()}
     assert {"prepare", "plan.a", "plan.b", "train.a"} <= stamps and "train.b" not in stamps
-    assert not (tmp_path / "work" / "report").exists()  # no table of a run that failed
+    # no table of a run that failed: the first run's, arm b's numbers under other settings, is gone too
+    assert not (tmp_path / "work" / "report").exists()
     del config["arms"]["b"]["train"]
     result, _ = _run(config)
-    assert set(result.ran) == {"train.b", "eval.b.preference"} | ({"eval.a.preference"} - stamps)
+    assert "train.b" in result.ran and not {"prepare", "plan.a", "plan.b", "train.a"} & set(result.ran)
     assert [row["arm"] for row in result.rows] == ["a", "b"]
 
 

@@ -65,6 +65,9 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
             + ("; leave train.threads out to give each worker its share" if threads else ""))
 
     with workdir_lock(job.workdir):  # a second run on the same workdir is refused, not mixed in
+        # the comparison of the run before goes: if this one fails, no table shows the previous settings' numbers
+        # (or an arm that failed now) as this run's; an unchanged re-run writes it again in seconds
+        shutil.rmtree(job.workdir / "report", ignore_errors=True)
         pairs, test = job.prepare(settings)
         with Workers(config.workers, log) as job.workers:
             # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
