@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from perpair.config_files import format_validation_error, load_yaml
-from perpair.errors import InputError
+from perpair.errors import InputError, PerpairError
 
 
 def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
@@ -147,3 +149,33 @@ def test_a_section_made_by_the_command_line_is_not_blamed_on_the_file(tmp_path):
     with pytest.raises(InputError) as caught:
         load_run_config(config, {"arms": {"dop": {"train": {"lr": 2}}}})  # the file's own arm lacks its preset
     assert caught.value.file == str(config)
+
+
+def test_true_or_false_is_not_a_number(tmp_path):
+    """Pydantic reads true and false as 1 and 0: `lr: true` trained at 1.0, `steps: yes` (YAML's true) one step,
+    `workers: true` one worker, a schedule's `tau: true` routed at 1.0, all silently. Each is refused by its key;
+    a truth value where one is expected still reads."""
+    from perpair.pipeline.config import load_run_config
+    from perpair.plan import resolve_schedule
+    from perpair.train import load_config
+
+    config = tmp_path / "run.yaml"
+    base = "workdir: w\nmodel: m\narms: {dpo: {preset: dpo}}\n"
+    data = "data: {sources: [x.jsonl]}\n"
+    for line, words in (("workers: true\n" + data, "workers: expected a number, got true"),
+                        ("data: {sources: [x.jsonl], limit: yes}\n", "data.limit: expected a number, got true"),
+                        ("eval: {preference: {beta: false}}\n" + data,
+                         "eval.preference.beta: expected a number, got false")):
+        config.write_text(base + line)
+        with pytest.raises(InputError, match=re.escape(words)):
+            load_run_config(config)
+    config.write_text(base + "eval: {base: false}\ndata: {sources: [x.jsonl], strict: yes}\n")
+    loaded = load_run_config(config)
+    assert loaded.eval.base is False and loaded.data.strict is True
+    train = {"model": "m", "data": "d", "out": "o"}
+    for key, value in (("lr", True), ("steps", True), ("lora", {"r": True})):
+        with pytest.raises(PerpairError, match=rf"{key}.*expected a number, got true"):
+            load_config(None, {**train, key: value})
+    assert load_config(None, {**train, "steps": 3, "shuffle": True}).shuffle is True
+    with pytest.raises(PerpairError, match=r"routing\.tau: expected a number, got true"):
+        resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})

@@ -4,11 +4,13 @@ file, the line and the key the same way."""
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from perpair.errors import InputError
 
@@ -47,6 +49,29 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"the {what} must be a mapping of keys to values, got a {type(data).__name__}", file=file)
     return data
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and not a truth value (``int``, ``float | None``, …)."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(_number_not_bool(a) for a in args) and bool not in args
+
+
+class NumbersNotBools(BaseModel):
+    """A config model whose number fields refuse ``true``/``false``: pydantic reads them as 1 and 0, so ``lr: true``
+    trained at 1.0, ``steps: yes`` (YAML's true) one step and ``workers: true`` one worker, silently."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(value, bool) and field is not None and _number_not_bool(field.annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class _DuplicateKey(yaml.YAMLError):

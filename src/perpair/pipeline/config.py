@@ -11,9 +11,9 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from perpair.config_files import invalid_config, load_yaml
+from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
 from perpair.plan.config import deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
@@ -22,7 +22,7 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "reference_cache"}
 
 
-class _Section(BaseModel):
+class _Section(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
 

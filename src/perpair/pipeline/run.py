@@ -145,11 +145,6 @@ def validate(config: RunConfig) -> Settings:
         prepare = PrepareOptions(**data)
     except ValidationError as exc:
         raise fail("data", exc) from None
-    for i, source in enumerate(config.data.sources):  # a missing file: named as the key it came from, before prepare
-        try:
-            resolve_source(source, prepare.split, prepare.revision)
-        except PerpairError as exc:
-            raise fail(f"data.sources[{i}]", exc) from None
     annotate = None
     if config.annotate is not None:
         section = config.annotate.model_dump()
@@ -195,6 +190,11 @@ def validate(config: RunConfig) -> Settings:
                                "reference: take another margin source or loss")
         train[name] = keys
         train_configs[name] = arm_config
+    for i, source in enumerate(config.data.sources):  # a missing file: named as the key it came from, before prepare
+        try:
+            resolve_source(source, prepare.split, prepare.revision)
+        except PerpairError as exc:
+            raise fail(f"data.sources[{i}]", exc) from None
     check_model(config.model)
     _check_other_models_and_files(config, annotate, fail)
     return Settings(prepare, annotate, schedules, train, train_configs)
