@@ -179,3 +179,15 @@ def test_true_or_false_is_not_a_number(tmp_path):
     assert load_config(None, {**train, "steps": 3, "shuffle": True}).shuffle is True
     with pytest.raises(PerpairError, match=r"routing\.tau: expected a number, got true"):
         resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})
+
+
+def test_arm_names_that_differ_only_in_case_are_refused(tmp_path):
+    """arms/dpo and arms/DPO are one folder on a case-insensitive file system (macOS, Windows): two arms would
+    write into each other's plan, checkpoints and evaluations."""
+    from perpair.pipeline.config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}, DPO: {preset: "
+                      "sp2dpo}}\n")
+    with pytest.raises(InputError, match="arm names 'dpo' and 'DPO' differ only in case"):
+        load_run_config(config)

@@ -121,9 +121,14 @@ class RunConfig(_Section):
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, arms: dict[str, ArmConfig]) -> dict[str, ArmConfig]:
+        seen: dict[str, str] = {}
         for name in arms:
             if not _ARM_NAME.match(name) or name == "base":
                 raise ValueError(f"arm name {name!r}: use letters, digits and _ . + - ('base' is reserved)")
+            if name.lower() in seen:  # one folder on a case-insensitive file system (macOS, Windows)
+                raise ValueError(f"arm names {seen[name.lower()]!r} and {name!r} differ only in case; their folders "
+                                 "would be one on a case-insensitive file system: rename one")
+            seen[name.lower()] = name
         return arms
 
     @model_validator(mode="after")
