@@ -815,3 +815,20 @@ def test_from_train_trains_again_from_the_start(tmp_path, tiny, monkeypatch):
     assert [line.split(" loss")[0].strip() for line in lines if line.strip().startswith("step ")] == \
         ["step 1/2", "step 2/2"]
     assert metrics.stat().st_mtime_ns != before and len(metrics.read_text().splitlines()) == 2
+
+
+def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch):
+    """Stamps named their outputs by the path the run wrote them at: a copy of the workdir checked the original's
+    files, so an arm's metrics deleted in the copy were 'unchanged' (the copy's table then had no training
+    columns) and a moved workdir ran everything again. Now by their place in the workdir."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    _run(config)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "work", copy)
+    (copy / "arms" / "a" / "train" / "metrics.jsonl").unlink()
+    result, _ = _run({**config, "workdir": str(copy)})
+    assert "train.a" in result.ran and result.rows[0]["train_loss"] is not None
+    moved = tmp_path / "moved"
+    (tmp_path / "work").rename(moved)
+    assert not _run({**config, "workdir": str(moved)})[0].ran

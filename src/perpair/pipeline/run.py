@@ -564,10 +564,12 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
     from perpair.train import load_config, train
-    from perpair.train.checkpoints import STAGE_KEY, checkpoints
+    from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
 
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
     resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
+    # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
+    resume = resume and held_key(out) == run_key(load_config(None, {**options, "resume": True}))
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
