@@ -279,8 +279,9 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
                                 env=env)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
-        assert result.stderr.strip().splitlines() == [f"error: run config, model {model}: the folder holds no weights "
-                                                      "(model.safetensors, pytorch_model.bin or their shards)"]
+        assert result.stderr.strip().splitlines() == [f"error: file {path}: run config, model {model}: the folder "
+                                                      "holds no weights (model.safetensors, pytorch_model.bin or their "
+                                                      "shards)"]
         assert not (tmp_path / "work").exists()
 
     # a path that is no folder: named once, as the field it came from
@@ -290,7 +291,20 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
                             env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id (NAME or OWNER/NAME)"]
+        f"error: file {path}: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id "
+        "(NAME or OWNER/NAME)"]
+    assert not (tmp_path / "work").exists()
+    # the run's own checks name the file as loading it does (they named only the key), but not for a --set value
+    config["model"] = str(tiny)
+    config["arms"]["dpo"]["preset"] = "dpoo"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: run config, arms.dpo: field "
+                                                               "'preset': unknown preset 'dpoo'")
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
+                             "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")
     assert not (tmp_path / "work").exists()
 
 

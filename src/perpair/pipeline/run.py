@@ -23,7 +23,7 @@ from typing import Any
 from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError, TooFewAnnotated
-from perpair.pipeline.config import STAGES, RunConfig
+from perpair.pipeline.config import STAGES, RunConfig, name_the_file
 from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
 from perpair.pipeline.workers import Workers, available_cores
@@ -56,7 +56,10 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
     """Run the job ``config`` describes in ``config.workdir``; ``from_stage`` re-runs that stage and all after."""
     if from_stage is not None and from_stage not in STAGES:
         raise PerpairError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
-    settings = validate(config)
+    try:
+        settings = validate(config)
+    except PerpairError as exc:
+        raise name_the_file(config, exc) from None
     job = _Job(config, Path(config.workdir), STAGES[STAGES.index(from_stage):] if from_stage else (), log)
     threads = max(settings.train_configs[arm].threads or 0 for arm in config.arms)
     if config.workers > 1 and config.workers * max(threads, 1) > available_cores():
