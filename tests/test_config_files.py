@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from perpair.config_files import format_validation_error, load_yaml
-from perpair.errors import InputError
+from perpair.errors import InputError, PerpairError
 
 
 def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
@@ -15,6 +17,10 @@ def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
     assert load_yaml(path, "run config") == {"a": 1, "b": {"c": [1, 2]}}
     path.write_text("# nothing set\n")
     assert load_yaml(path, "run config") == {}
+    # the same key in two mappings is no duplicate, nor is a key a merge brings in and the mapping overrides
+    path.write_text("a: {k: 1}\nb: {k: 2}\nbase: &base {lr: 1, r: 8}\narm:\n  <<: *base\n  lr: 2\n")
+    assert load_yaml(path, "run config") == {"a": {"k": 1}, "b": {"k": 2}, "base": {"lr": 1, "r": 8},
+                                             "arm": {"lr": 2, "r": 8}}
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -24,6 +30,10 @@ def test_load_yaml_reads_a_mapping_and_an_empty_file(tmp_path):
     ("- 1\n- 2\n", "must be a mapping of keys to values, got a list"),
     (b"a: \xff\n", "not valid UTF-8"),
     ("folder", "is a folder"),
+    # PyYAML keeps the last of a key written twice: a setting appended below the original would silently win
+    ("workdir: a\nworkdir: b\n", "has the key 'workdir' twice in one mapping, at lines 1 and 2"),
+    ("data:\n  limit: 3\n  seed: 0\n  limit: 4\n", "has the key 'limit' twice in one mapping, at lines 2 and 4"),
+    ("arms: {dpo: {preset: dpo}, dpo: {preset: sp2dpo}}\n", "has the key 'dpo' twice"),
 ])
 def test_load_yaml_names_the_file_and_the_problem(tmp_path, content, words):
     path = tmp_path / "my.yaml"
@@ -139,3 +149,45 @@ def test_a_section_made_by_the_command_line_is_not_blamed_on_the_file(tmp_path):
     with pytest.raises(InputError) as caught:
         load_run_config(config, {"arms": {"dop": {"train": {"lr": 2}}}})  # the file's own arm lacks its preset
     assert caught.value.file == str(config)
+
+
+def test_true_or_false_is_not_a_number(tmp_path):
+    """Pydantic reads true and false as 1 and 0: `lr: true` trained at 1.0, `steps: yes` (YAML's true) one step,
+    `workers: true` one worker, a schedule's `tau: true` routed at 1.0, all silently. Each is refused by its key;
+    a truth value where one is expected still reads."""
+    from perpair.pipeline.config import load_run_config
+    from perpair.plan import resolve_schedule
+    from perpair.train import load_config
+
+    config = tmp_path / "run.yaml"
+    base = "workdir: w\nmodel: m\narms: {dpo: {preset: dpo}}\n"
+    data = "data: {sources: [x.jsonl]}\n"
+    for line, words in (("workers: true\n" + data, "workers: expected a number, got true"),
+                        ("data: {sources: [x.jsonl], limit: yes}\n", "data.limit: expected a number, got true"),
+                        ("eval: {preference: {beta: false}}\n" + data,
+                         "eval.preference.beta: expected a number, got false")):
+        config.write_text(base + line)
+        with pytest.raises(InputError, match=re.escape(words)):
+            load_run_config(config)
+    config.write_text(base + "eval: {base: false}\ndata: {sources: [x.jsonl], strict: yes}\n")
+    loaded = load_run_config(config)
+    assert loaded.eval.base is False and loaded.data.strict is True
+    train = {"model": "m", "data": "d", "out": "o"}
+    for key, value in (("lr", True), ("steps", True), ("lora", {"r": True})):
+        with pytest.raises(PerpairError, match=rf"{key}.*expected a number, got true"):
+            load_config(None, {**train, key: value})
+    assert load_config(None, {**train, "steps": 3, "shuffle": True}).shuffle is True
+    with pytest.raises(PerpairError, match=r"routing\.tau: expected a number, got true"):
+        resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})
+
+
+def test_arm_names_that_differ_only_in_case_are_refused(tmp_path):
+    """arms/dpo and arms/DPO are one folder on a case-insensitive file system (macOS, Windows): two arms would
+    write into each other's plan, checkpoints and evaluations."""
+    from perpair.pipeline.config import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}, DPO: {preset: "
+                      "sp2dpo}}\n")
+    with pytest.raises(InputError, match="arm names 'dpo' and 'DPO' differ only in case"):
+        load_run_config(config)

@@ -279,8 +279,9 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
                                 env=env)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
-        assert result.stderr.strip().splitlines() == [f"error: run config, model {model}: the folder holds no weights "
-                                                      "(model.safetensors, pytorch_model.bin or their shards)"]
+        assert result.stderr.strip().splitlines() == [f"error: file {path}: run config, model {model}: the folder "
+                                                      "holds no weights (model.safetensors, pytorch_model.bin or their "
+                                                      "shards)"]
         assert not (tmp_path / "work").exists()
 
     # a path that is no folder: named once, as the field it came from
@@ -290,7 +291,20 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
                             env=env)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id (NAME or OWNER/NAME)"]
+        f"error: file {path}: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id "
+        "(NAME or OWNER/NAME)"]
+    assert not (tmp_path / "work").exists()
+    # the run's own checks name the file as loading it does (they named only the key), but not for a --set value
+    config["model"] = str(tiny)
+    config["arms"]["dpo"]["preset"] = "dpoo"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
+                            env=env)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: run config, arms.dpo: field "
+                                                               "'preset': unknown preset 'dpoo'")
+    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
+                             "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")
     assert not (tmp_path / "work").exists()
 
 
@@ -597,3 +611,238 @@ def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monk
             run(RunConfig.model_validate(config), log=lines.append)
         ran.append(any(line.startswith("[annotate] done") for line in lines))
     assert ran == [True, False, True]
+
+
+def _small(tmp_path: Path, model: Path, **changes) -> dict:
+    """Two DPO arms of 2 steps, held-out accuracy only: the stamps' rules in seconds."""
+    config = _config(tmp_path, model, annotate=None, eval={"preference": {"max_length": 96}, "alpaca_eval": None},
+                     arms={"a": {"preset": "dpo"}, "b": {"preset": "dpo", "beta": 0.2}})
+    config["data"]["limit"] = 12
+    config["train"] = {**config["train"], "steps": 2, "threads": 1}
+    config.update(changes)
+    return config
+
+
+def test_a_model_trained_again_under_the_same_key_is_evaluated_again(tmp_path, tiny, monkeypatch):
+    """The evaluations' stamps hold the trained weights by content, not only the training's key: an arm's train
+    folder deleted trains again, and that model, which need not equal the first (other threads, other rounding),
+    is evaluated again, as is a model edited by hand; the evaluation was 'unchanged, skipped', the first model's
+    numbers shown as the new one's. The other arm's stages stay skipped."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny)
+    from perpair.models import model_fingerprint
+
+    first, _ = _run(config)
+    assert {"train.a", "eval.a.preference", "train.b", "eval.b.preference"} <= set(first.ran)
+    model = tmp_path / "work" / "arms" / "a" / "train" / "model"
+    weights = model_fingerprint(str(model))
+    shutil.rmtree(model.parent)
+    second, _ = _run(config)
+    again = model_fingerprint(str(model)) != weights  # bit for bit the same model here, as a rule: not evaluated
+    assert set(second.ran) == {"train.a", *(["eval.a.preference"] if again else [])}
+    assert {"train.b", "eval.b.preference", "plan.a", "plan.b", "prepare"} <= set(second.skipped)
+    assert not _run(config)[0].ran
+    rewrite_weights(tmp_path / "work" / "arms" / "b" / "train" / "model")  # by hand: same names and sizes
+    assert set(_run(config)[0].ran) == {"eval.b.preference"}
+
+
+def test_a_dataset_folder_edited_in_place_prepares_again(tmp_path, tiny, monkeypatch):
+    """A local dataset folder is keyed by what its files hold, as a file is: one rewritten in place prepares the
+    pairs again (the stage was skipped and every arm trained on the old pairs)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import gzip
+
+    lines = gzip.open(UF_TRAIN, "rt").read().splitlines()
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}, eval={"preference": {"max_length": 512}})
+    config["data"]["sources"] = [str(folder)]
+    config["train"]["max_length"] = 512
+    first, _ = _run(config)
+    pairs = tmp_path / "work" / "pairs.parquet"
+    before = pairs.read_bytes()
+    (folder / "train.jsonl").write_text("\n".join(lines[24:48]) + "\n")
+    second, _ = _run(config)
+    assert {"prepare", "plan.a", "train.a", "eval.a.preference"} <= set(second.ran)
+    assert pairs.read_bytes() != before
+
+
+def test_a_second_run_on_the_same_workdir_is_refused_while_the_first_runs(tmp_path, tiny, monkeypatch):
+    """Two runs on one workdir at once wrote the same stamps, artifacts and checkpoints (each one's training
+    deleting the other's): the second is refused with one error naming the first's process, and writes nothing;
+    once the first is over (or killed: the lock goes with its process) a run proceeds."""
+    from perpair.errors import PerpairError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    work = tmp_path / "work"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(work / ".lock")],
+                              stdout=subprocess.PIPE, text=True)  # a run in another process, holding the lock
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PerpairError, match=rf"^workdir {re.escape(str(work))}: another perpair run is using it "
+                                               rf"\(process {holder.pid}\); wait for it"):
+            _run(config)
+        assert sorted(p.name for p in work.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    result, _ = _run(config)
+    assert "train.a" in result.ran
+    from perpair.pipeline.run import workdir_lock
+
+    with workdir_lock(work), pytest.raises(PerpairError, match="another perpair run is using it"):
+        _run(config)  # the same process's own lock counts too: a script running two at once
+
+
+def test_a_missing_data_source_is_refused_before_any_work_named_by_its_key(tmp_path, tiny):
+    from perpair.errors import PerpairError
+
+    config = _small(tmp_path, tiny)
+    config["data"]["sources"] = [str(UF_TRAIN), str(tmp_path / "nope.jsonl")]
+    with pytest.raises(PerpairError, match=rf"^run config, data.sources\[1\]: file {re.escape(str(tmp_path))}/nope"
+                                           r"\.jsonl: no such file"):
+        _run(config)
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_content(tmp_path, tiny, monkeypatch):
+    """The train stage's key holds every setting as training reads it (a default written out is no change; a
+    default that changes would be one) and a reference model of its own by content: one retrained at the same
+    path trains again (it was skipped: the arm's numbers were the old reference's)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reference = tmp_path / "reference_model"
+    shutil.copytree(tiny, reference)
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo", "train": {"reference_model": str(reference)}}})
+    assert "train.a" in _run(config)[0].ran
+    config["train"]["seed"] = 0  # training's default, now written
+    config["train"]["lr"] = "1e-3"  # YAML reads 1e-3 (no dot) as a string, which training reads as 0.001
+    assert "train.a" in _run(config)[0].skipped
+    rewrite_weights(reference)
+    assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
+    """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
+    message alone did not say) and leaves no comparison (the run before's stayed, showing that arm's numbers under
+    its old settings); the other arm's finished stages are stamped, so the re-run with the mistake fixed trains
+    only the failed arm."""
+    from perpair.errors import PerpairError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, workers=workers, arms={"b": {"preset": "dpo"}})
+    _run(config)
+    assert (tmp_path / "work" / "report" / "comparison.md").is_file()  # a first run's table, arm b's settings
+    config["arms"] = {"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}}
+    with pytest.raises(PerpairError, match=r"^train\.b: batch_size 64 is more than the \d+ pairs"):
+        _run(config)
+    stamps = {p.stem for p in (tmp_path / "work" / "stages").iterdir()}
+    assert {"prepare", "plan.a", "plan.b", "train.a"} <= stamps and "train.b" not in stamps
+    # no table of a run that failed: the first run's, arm b's numbers under other settings, is gone too
+    assert not (tmp_path / "work" / "report").exists()
+    del config["arms"]["b"]["train"]
+    result, _ = _run(config)
+    assert "train.b" in result.ran and not {"prepare", "plan.a", "plan.b", "train.a"} & set(result.ran)
+    assert [row["arm"] for row in result.rows] == ["a", "b"]
+
+
+def _killed(*, log) -> None:  # a stage's work whose worker process dies (the out-of-memory killer's SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_process_that_dies_is_one_error_naming_the_stage():
+    """A worker killed mid-stage broke the pool: a traceback ending in BrokenProcessPool (exit 1), no stage named.
+    Now one error naming the stage it ran, which the command line prints as its `error:` line."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline.workers import Workers
+
+    with pytest.raises(PerpairError, match=r"^train\.a: a worker process of the run died abruptly .* re-run to "
+                                           "continue$"), Workers(2, lambda line: None) as workers:
+        workers.call("train.a", "a test", _killed)
+
+
+def _holds_the_log_lock(*, log) -> None:
+    """A stage's work stopped while writing a log line: it holds the lock of the queue its lines go through."""
+    from perpair.pipeline import workers
+
+    log("started")
+    workers._log_queue._wlock.acquire()
+    time.sleep(120)
+
+
+def test_ctrl_c_while_a_worker_writes_a_line_stops_the_run(tmp_path):
+    """Ctrl-C terminates the workers; one stopped while writing a line kept the lock of the log queue, and the
+    run, putting its end marker on that queue, hung for good (seen on `perpair run` with workers 2). It stops."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_run_pipeline import _holds_the_log_lock
+from perpair.pipeline.workers import Workers
+
+lines = []
+try:
+    with Workers(2, lines.append) as workers:
+        workers._chains.submit(workers.call, "train.a", "a test", _holds_the_log_lock)
+        while "[train.a] started" not in lines:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        raise KeyboardInterrupt
+except KeyboardInterrupt:
+    print("stopped", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90,
+                            cwd=tmp_path)
+    assert result.stdout.strip() == "stopped", result.stderr
+
+
+def test_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
+    """Typer turned Ctrl-C into exit 130 without a word; the command line's own message was never printed."""
+    import perpair.pipeline.config as run_config
+    from conftest import run_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_config, "load_yaml", interrupted)
+    result = run_cli("run", tmp_path / "run.yaml", check=False)
+    assert result.returncode == 130
+    assert "interrupted: finished work is kept; re-run to continue" in result.stderr
+
+
+def test_from_train_trains_again_from_the_start(tmp_path, tiny, monkeypatch):
+    """`--from train` after a finished training resumed from its last checkpoint, the final step: nothing was
+    trained again and the same model came back. It trains from the start; a re-run without --from after a kill
+    still resumes (test_killed_during_training_resumes_without_redoing_finished_stages)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    _run(config)
+    metrics = tmp_path / "work" / "arms" / "a" / "train" / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    result, lines = _run(config, from_stage="train")
+    assert {"train.a", "eval.a.preference"} <= set(result.ran)
+    assert not any("resuming from" in line for line in lines)
+    assert [line.split(" loss")[0].strip() for line in lines if line.strip().startswith("step ")] == \
+        ["step 1/2", "step 2/2"]
+    assert metrics.stat().st_mtime_ns != before and len(metrics.read_text().splitlines()) == 2
+
+
+def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch):
+    """Stamps named their outputs by the path the run wrote them at: a copy of the workdir checked the original's
+    files, so an arm's metrics deleted in the copy were 'unchanged' (the copy's table then had no training
+    columns) and a moved workdir ran everything again. Now by their place in the workdir."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    _run(config)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "work", copy)
+    (copy / "arms" / "a" / "train" / "metrics.jsonl").unlink()
+    result, _ = _run({**config, "workdir": str(copy)})
+    assert "train.a" in result.ran and result.rows[0]["train_loss"] is not None
+    moved = tmp_path / "moved"
+    (tmp_path / "work").rename(moved)
+    assert not _run({**config, "workdir": str(moved)})[0].ran

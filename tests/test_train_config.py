@@ -67,6 +67,9 @@ def test_resume_beside_overwrite_is_named_where_they_were_given(tmp_path):
 def test_bad_override_syntax():
     with pytest.raises(PerpairError, match="expected key=value"):
         parse_overrides(["beta"])
+    # a value that is not YAML (`perpair run --set 'data.sources=[a'`): the override named, not a traceback
+    with pytest.raises(PerpairError, match=r"^override 'data.sources=\[a': the value is not valid YAML \("):
+        parse_overrides(["data.sources=[a"])
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -4,11 +4,13 @@ file, the line and the key the same way."""
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 from perpair.errors import InputError
 
@@ -32,7 +34,10 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(f"cannot read the {what} ({exc.strerror})", file=file) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise InputError(f"the {what} has the key {exc.key!r} twice in one mapping, at lines {exc.first} and "
+                         f"{exc.line} (YAML would silently keep the last): remove one", file=file) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -44,6 +49,58 @@ def load_yaml(path: str | os.PathLike, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"the {what} must be a mapping of keys to values, got a {type(data).__name__}", file=file)
     return data
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and not a truth value (``int``, ``float | None``, …)."""
+    if annotation is bool:
+        return False
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    return any(_number_not_bool(a) for a in args) and bool not in args
+
+
+class NumbersNotBools(BaseModel):
+    """A config model whose number fields refuse ``true``/``false``: pydantic reads them as 1 and 0, so ``lr: true``
+    trained at 1.0, ``steps: yes`` (YAML's true) one step and ``workers: true`` one worker, silently."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if isinstance(value, bool) and field is not None and _number_not_bool(field.annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, line: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.line = key, first, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that holds a key twice: PyYAML silently keeps the last one,
+    so a setting written twice (an edit appended below the original) would quietly change or do nothing. Keys
+    that a merge (``<<: *anchor``) brings in may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, first, line)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "", command_line: dict[str, Any] | None = None,

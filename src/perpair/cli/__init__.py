@@ -91,7 +91,13 @@ def main() -> None:
     """Run the command line. Whatever goes wrong, the user sees one ``error:`` line and an exit status
     (see EXIT_CODES), never a traceback."""
     try:
-        click_command()(prog_name="perpair")
+        try:
+            click_command()(prog_name="perpair")
+        except SystemExit as exc:  # Typer turns Ctrl-C into exit 130 without a word: say what is kept
+            if exc.code == EXIT_INTERRUPTED and isinstance(getattr(exc.__context__, "__cause__", None),
+                                                           KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:

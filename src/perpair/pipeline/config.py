@@ -11,9 +11,10 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from perpair.config_files import invalid_config, load_yaml
+from perpair.config_files import NumbersNotBools, _given, invalid_config, load_yaml
+from perpair.errors import InputError, PerpairError
 from perpair.plan.config import deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
@@ -22,7 +23,7 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "reference_cache"}
 
 
-class _Section(BaseModel):
+class _Section(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -109,6 +110,7 @@ class RunConfig(_Section):
     train: dict[str, Any] = Field(default_factory=dict, description="Train keys shared by every arm.")
     arms: dict[str, ArmConfig] = Field(min_length=1)
     eval: EvalSection = Field(default_factory=EvalSection)
+    _source: tuple[str, dict[str, Any], dict[str, Any]] | None = PrivateAttr(None)  # file, its values, --set's
     workers: int = Field(1, ge=1, description="Stages run side by side, each in its own process with cores / "
                                               "workers threads (the arms, and annotation beside the reference "
                                               "pass): on a CPU, 2 finish sooner than 1 with all cores.")
@@ -123,9 +125,14 @@ class RunConfig(_Section):
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, arms: dict[str, ArmConfig]) -> dict[str, ArmConfig]:
+        seen: dict[str, str] = {}
         for name in arms:
             if not _ARM_NAME.match(name) or name == "base":
                 raise ValueError(f"arm name {name!r}: use letters, digits and _ . + - ('base' is reserved)")
+            if name.lower() in seen:  # one folder on a case-insensitive file system (macOS, Windows)
+                raise ValueError(f"arm names {seen[name.lower()]!r} and {name!r} differ only in case; their folders "
+                                 "would be one on a case-insensitive file system: rename one")
+            seen[name.lower()] = name
         return arms
 
     @model_validator(mode="after")
@@ -148,6 +155,22 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
     in_file = load_yaml(path, "run config")
     data = deep_merge(in_file, overrides or {})
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise invalid_config(exc, "run config", path, overrides, in_file) from None
+    config._source = (str(path), in_file, overrides or {})
+    return config
+
+
+def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:
+    """``exc`` (a ``run config, KEY: …`` error of the run's validation) naming the config file, as the errors of
+    loading it do, unless the command line (``--set``) set that key or one inside it."""
+    message = str(exc)
+    if config._source is None or not message.startswith("run config, "):
+        return exc
+    path, in_file, command_line = config._source
+    key = re.split(r"[: ]", message.removeprefix("run config, "), maxsplit=1)[0]
+    loc = tuple(re.sub(r"\[\d+\]$", "", part) for part in key.split("."))
+    if _given(command_line, loc):  # (--set there: the file need not be the one to blame)
+        return exc
+    return InputError(message, file=path)

@@ -11,10 +11,11 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from perpair.artifacts import file_sha256
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError, TooFewAnnotated
-from perpair.pipeline.config import STAGES, RunConfig
+from perpair.pipeline.config import STAGES, RunConfig, name_the_file
 from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
 from perpair.pipeline.workers import Workers, available_cores
@@ -55,7 +56,10 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
     """Run the job ``config`` describes in ``config.workdir``; ``from_stage`` re-runs that stage and all after."""
     if from_stage is not None and from_stage not in STAGES:
         raise PerpairError(f"--from {from_stage!r}: expected one of {', '.join(STAGES)}")
-    settings = validate(config)
+    try:
+        settings = validate(config)
+    except PerpairError as exc:
+        raise name_the_file(config, exc) from None
     job = _Job(config, Path(config.workdir), STAGES[STAGES.index(from_stage):] if from_stage else (), log)
     threads = max(settings.train_configs[arm].threads or 0 for arm in config.arms)
     if config.workers > 1 and config.workers * max(threads, 1) > available_cores():
@@ -63,29 +67,66 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         log(f"note: workers {config.workers}{given} > {available_cores()} cores: the stages will share cores"
             + ("; leave train.threads out to give each worker its share" if threads else ""))
 
-    pairs, test = job.prepare(settings)
-    with Workers(config.workers, log) as job.workers:
-        # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
-        annotating = job.workers.side(job.annotate, settings, pairs)
-        referencing = job.workers.side(job.reference, *job.reference_work(settings, pairs, test))
-        base = None
-        if config.eval.base and config.eval.alpaca_eval is not None:
-            base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
-                                    test)
-        annotations = annotating.result()
-        referencing.result()
-        # then every arm: its plan, its training, its evaluations, in that order; the arms side by side
-        arms = {arm: job.workers.side(job.arm, settings, arm, pairs, annotations, test) for arm in config.arms}
-        trained: dict[str, dict[str, Any]] = {}
-        evaluated: dict[str, dict[str, Any]] = {}
-        for arm, chain in arms.items():
-            trained[arm], evaluated[arm] = chain.result()
-        if base is not None:
-            evaluated["base"] = base.result()
+    with workdir_lock(job.workdir):  # a second run on the same workdir is refused, not mixed in
+        # the comparison of the run before goes: if this one fails, no table shows the previous settings' numbers
+        # (or an arm that failed now) as this run's; an unchanged re-run writes it again in seconds
+        shutil.rmtree(job.workdir / "report", ignore_errors=True)
+        pairs, test = job.prepare(settings)
+        with Workers(config.workers, log) as job.workers:
+            # side by side: the annotation pass, the reference log-probs every arm reads, the initial model's evaluation
+            annotating = job.workers.side(job.annotate, settings, pairs)
+            referencing = job.workers.side(job.reference, *job.reference_work(settings, pairs, test))
+            base = None
+            if config.eval.base and config.eval.alpaca_eval is not None:
+                base = job.workers.side(job.evaluate, settings, "base", {"key": job.model_key, "model": config.model},
+                                        test)
+            annotations = annotating.result()
+            referencing.result()
+            # then every arm: its plan, its training, its evaluations, in that order; the arms side by side
+            arms = {arm: job.workers.side(job.arm, settings, arm, pairs, annotations, test) for arm in config.arms}
+            trained: dict[str, dict[str, Any]] = {}
+            evaluated: dict[str, dict[str, Any]] = {}
+            for arm, chain in arms.items():
+                trained[arm], evaluated[arm] = chain.result()
+            if base is not None:
+                evaluated["base"] = base.result()
 
-    rows = comparison_rows(config, trained, evaluated)
-    report = write_run_report(job.workdir, config, rows, trained, evaluated)
-    return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
+        rows = comparison_rows(config, trained, evaluated)
+        report = write_run_report(job.workdir, config, rows, trained, evaluated)
+        return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``WORKDIR/.lock`` (an exclusive ``flock``) for the run: a second run on the same workdir while the
+    first is running (two terminals, a scheduler starting the job twice) would write the same artifacts, stamps and
+    checkpoints at once (each deleting the other's half-trained arm), so it is refused. The lock goes with the
+    process that holds it: a killed run leaves none behind. The worker processes write under the run's lock."""
+    import fcntl
+    import os
+
+    created = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise PerpairError(f"workdir {workdir}: another perpair run is using it"
+                               + (f" (process {holder})" if holder else "")
+                               + "; wait for it to finish or give this run another workdir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            if created and [p.name for p in workdir.iterdir()] == [".lock"]:  # a first stage that failed: as before
+                shutil.rmtree(workdir, ignore_errors=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def validate(config: RunConfig) -> Settings:
@@ -94,6 +135,7 @@ def validate(config: RunConfig) -> Settings:
 
     from perpair.annotate import AnnotateConfig, parse_teacher_spec
     from perpair.data import PrepareOptions
+    from perpair.data.sources import resolve_source
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
 
@@ -151,6 +193,11 @@ def validate(config: RunConfig) -> Settings:
                                "reference: take another margin source or loss")
         train[name] = keys
         train_configs[name] = arm_config
+    for i, source in enumerate(config.data.sources):  # a missing file: named as the key it came from, before prepare
+        try:
+            resolve_source(source, prepare.split, prepare.revision)
+        except PerpairError as exc:
+            raise fail(f"data.sources[{i}]", exc) from None
     check_model(config.model)
     _check_other_models_and_files(config, annotate, fail)
     return Settings(prepare, annotate, schedules, train, train_configs)
@@ -228,7 +275,12 @@ class _Job:
             self.log(f"[{name}] unchanged, skipped")
             return {**stamp["info"], "key": key}
         self.stamps.remove(name)
-        info, seconds = self.workers.call(name, why, action, *args)
+        try:
+            info, seconds = self.workers.call(name, why, action, *args)
+        except PerpairError as exc:  # which arm's training refused its pairs: the stage named in the one error line
+            if not str(exc).startswith((f"{name}:", f"{kind}:")) and len(exc.args) == 1:
+                exc.args = (f"{name}: {exc.args[0]}",)
+            raise
         info = {**(info or {}), "seconds": seconds}
         self.stamps.write(name, key, outputs(), info)
         self.ran.append(name)
@@ -255,7 +307,7 @@ class _Job:
         test = pairs.with_name("pairs.test.parquet") if settings.prepare.test_fraction > 0 else None
         sources = self.config.data.sources
         material = {"options": settings.prepare.model_dump(mode="json"),
-                    "sources": [file_sha256(s) if Path(s).is_file() else s for s in sources]}
+                    "sources": [_source_identity(s) for s in sources]}
         info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], _prepare,
                           sources, pairs, settings.prepare)
         counts = info.get("counts", {})
@@ -368,10 +420,22 @@ class _Job:
         out = self.workdir / "arms" / arm / "train"
         keys = self._train_keys(settings, arm)
         options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
-        material = {"train": keys, "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key}
+        from perpair.models import model_fingerprint, resolve_model
+        from perpair.train import load_config
+
+        # every setting as training reads it, defaults included (a default that changes is another training), and
+        # the models by content: the initial one and a reference model of its own (retrained at the same path)
+        config = load_config(None, options)
+        material = {"train": config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
+                                                                     "reference_cache"}),
+                    "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
+                    "reference_model": model_fingerprint(resolve_model(config.reference_model))
+                    if config.reference_model else None}
         key = stage_key({"stage": "train", **material})
         outputs = lambda: [out / "model", out / "metrics.jsonl"]  # noqa: E731
-        info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key)
+        # --from train trains again from the start: resuming would load the finished run's last checkpoint
+        info = self.stage(f"train.{arm}", "train", material, outputs, _train, options, out, key,
+                          "train" in self.forced)
         return {**info, "model": str(out / "model"), "metrics": str(out / "metrics.jsonl"), "plan": str(plan)}
 
     def _preference_config(self, settings: Settings, arm: str, model: str, test: Path):
@@ -390,15 +454,20 @@ class _Job:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
         from perpair.eval.generate import GenerationConfig
+        from perpair.models import model_fingerprint
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
+        # the trained weights by content, not only the training's key: a model trained again under the same key
+        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again
+        weights = model_fingerprint(trained["model"]) if arm != "base" else None
         preference = None
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
             material = {"config": config.model_dump(mode="json", exclude={"model", "data", "reference_cache"}),
-                        "model": trained["key"], "reference": self.model_key, "test": file_sha256(test)}
+                        "model": trained["key"], "weights": weights, "reference": self.model_key,
+                        "test": file_sha256(test)}
             # The two evaluations read only the trained model: beside each other when a worker is free (the last
             # arm's would otherwise run one after the other while the other workers wait)
             preference = self.workers.side(self.stage, f"eval.{arm}.preference", "eval", material,
@@ -418,7 +487,8 @@ class _Job:
             # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
             # files' contents), so a judge retrained or a prompt edited in place evaluates again
             material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
-                        "model": trained["key"], "judge": judge_identity(config.judge),
+                        "model": trained["key"], "weights": weights,
+                        "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
@@ -426,6 +496,17 @@ class _Job:
         if preference is not None:
             results = {"preference": preference.result(), **results}
         return results
+
+
+def _source_identity(source: str) -> Any:
+    """A data source as the prepare stage's key holds it: a file by its SHA-256, a local dataset folder by the
+    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself."""
+    path = Path(source)
+    if path.is_file():
+        return file_sha256(path)
+    if path.is_dir():
+        return [source, sorted([str(p.relative_to(path)), file_sha256(p)] for p in path.rglob("*") if p.is_file())]
+    return source
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -484,12 +565,14 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
     return {"counts": result.provenance["counts"], "warnings": result.provenance["warnings"]}
 
 
-def _train(options: dict[str, Any], out: Path, key: str, *, log: Log) -> dict[str, Any]:
+def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
     from perpair.train import load_config, train
-    from perpair.train.checkpoints import STAGE_KEY, checkpoints
+    from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
 
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
-    resume = marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
+    resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
+    # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
+    resume = resume and held_key(out) == run_key(load_config(None, {**options, "resume": True}))
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)

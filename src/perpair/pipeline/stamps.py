@@ -48,13 +48,19 @@ class Stamps:
             return None, "not finished before"
         if stamp.get("key") != key:
             return None, "its inputs or settings changed"
+        workdir = self.root.parent
         for output, identity in stamp.get("outputs", {}).items():
-            if output_identity(Path(output)) != identity:
-                return None, f"{output} changed or is missing"
+            path = workdir / output if stamp.get("relative") else Path(output)  # stamps before were the cwd's
+            if output_identity(path) != identity:
+                return None, f"{path} changed or is missing"
         return stamp, ""
 
     def write(self, name: str, key: str, outputs: list[Path], info: dict[str, Any] | None = None) -> None:
-        stamp = {"key": key, "outputs": {str(p): output_identity(p) for p in outputs}, "info": info or {}}
+        # the outputs by their path in the workdir: a workdir copied or moved checks its own files, not the
+        # original's (a file deleted in the copy was 'unchanged' while the original had it)
+        workdir = self.root.parent
+        stamp = {"key": key, "relative": True, "outputs": {str(p.relative_to(workdir)): output_identity(p)
+                                                           for p in outputs}, "info": info or {}}
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(name)
         write_text_atomic(target, json.dumps(stamp, indent=1, default=str))

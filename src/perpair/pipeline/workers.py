@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from perpair.errors import PerpairError
@@ -65,6 +66,7 @@ class Workers:
                 self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
                                                       initargs=(self._queue, self.threads, os.getpid()))
                 self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
+                self._printed = threading.Event()
                 self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
                 self._printer.start()
                 self._environment = stack.pop_all()  # put back in __exit__
@@ -84,7 +86,12 @@ class Workers:
             return _timed(name, why, action, args, self.log)
         if self._stop.is_set():
             raise Stopped(f"{name}: not started, as another stage failed")
-        return self._processes.submit(_in_worker, name, why, action, args).result()
+        try:
+            return self._processes.submit(_in_worker, name, why, action, args).result()
+        except BrokenProcessPool:  # a worker killed (the out-of-memory killer, by hand) or crashed: the pool is gone
+            raise PerpairError(f"{name}: a worker process of the run died abruptly (killed, e.g. by the "
+                               "out-of-memory killer, or crashed); finished stages are kept: re-run to continue"
+                               ) from None
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if self.workers == 1:
@@ -96,7 +103,7 @@ class Workers:
                 process.terminate()
         self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
         self._processes.shutdown(wait=True, cancel_futures=True)
-        self._queue.put(None)
+        self._printed.set()  # not a sentinel put on the queue: a worker killed while writing a line holds its lock
         self._printer.join()
         self._queue.close()
         self._environment.close()
@@ -116,8 +123,16 @@ class Workers:
             raise
 
     def _print(self) -> None:
-        while (line := self._queue.get()) is not None:
-            self.log(line)
+        """The workers' lines, until the run is over and every line is read. The queue's write lock is shared with
+        the workers, and a worker stopped by Ctrl-C (or killed) while writing keeps it forever: putting an end
+        marker on the queue hung the run there, so the run says it is over through an event."""
+        while True:
+            if not self._queue.empty():
+                self.log(self._queue.get())  # a line is written whole (one write under the pipe's atomic size)
+            elif self._printed.is_set():
+                return
+            else:
+                time.sleep(0.05)
 
 
 def _start_resource_tracker() -> None:

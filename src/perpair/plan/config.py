@@ -22,15 +22,15 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from perpair.config_files import format_validation_error, load_yaml
+from perpair.config_files import NumbersNotBools, format_validation_error, load_yaml
 from perpair.errors import InputError
 
 _Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class _Strict(BaseModel):
+class _Strict(NumbersNotBools):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
 
 

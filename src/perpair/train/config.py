@@ -12,9 +12,9 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from perpair.config_files import invalid_config, load_yaml
+from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
 from perpair.errors import PerpairError
 from perpair.plan.config import deep_merge
 from perpair.train.lean import RECOMPUTE_SHARE
@@ -22,7 +22,7 @@ from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
 from perpair.train.tracking import missing_packages
 
 
-class LoraConfig(BaseModel):
+class LoraConfig(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -38,7 +38,7 @@ class LoraConfig(BaseModel):
 PACK_LENGTHS = 4
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(NumbersNotBools):
     """Every option of ``perpair train``. Defaults follow TRL's DPOConfig where one exists."""
 
     model_config = ConfigDict(extra="forbid")
@@ -349,7 +349,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise PerpairError(f"override {item!r}: expected key=value")
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else None)
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as exc:  # `--set 'data.sources=[a'`: the value, not a traceback
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise PerpairError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+        _set_dotted(data, key.strip(), value)
     return data
 
 
