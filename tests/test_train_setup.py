@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,7 +133,7 @@ def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_m
 
 @pytest.mark.parametrize(("update", "processes", "model_update", "left"), [
     ({}, 1, {}, True),
-    ({"reference_model": "other"}, 1, {}, False),  # the reference is another model
+    ({"reference_model": "TINY"}, 1, {}, False),  # a reference model given (here a copy of the policy's folder)
     ({}, 2, {}, False),  # each process holds its share of the step only
     ({"lora": {"dropout": 0.1}}, 1, {}, False),  # a random adapter input
     ({"lora": {}}, 1, {}, True),  # an adapter starts as a zero update
@@ -140,6 +141,8 @@ def test_taken_values_of_a_flipped_pair_are_cached_in_its_own_orientation(tiny_m
 ])
 def test_first_step_rows_only_where_the_policy_is_the_reference(tiny_model_dir, uf_pairs, tmp_path, update,
                                                                 processes, model_update, left):
+    if update.get("reference_model") == "TINY":  # (a local folder: a Hub id would be looked up for its tokenizer)
+        update = {"reference_model": str(shutil.copytree(tiny_model_dir, tmp_path / "reference"))}
     config = _config(tiny_model_dir, uf_pairs, tmp_path, **update)
     data = load_data(config, CPU)
     batches = build_step_batches(config, data, load_tokenizer(config))
