@@ -211,5 +211,10 @@ def test_teacher_specs_and_config(tmp_path):
         load_config(yaml_file)
     with pytest.raises(PerpairError, match="shard"):
         load_config(None, teachers=["ratings"], shard="4/4")
+    # true/false where a number goes (YAML's yes/on too): pydantic would read them as 1 and 0
+    for key in ("limit", "min_valid_share"):
+        yaml_file.write_text(f"{key}: yes\nteachers: [{{kind: ratings}}]\n")
+        with pytest.raises(PerpairError, match=f"{key}: expected a number, got true"):
+            load_config(yaml_file)
     with pytest.raises(PerpairError, match="no teacher"):
         load_config(None)

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perpair.annotate.templates import get_template
-from perpair.config_files import invalid_config, load_yaml
+from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
 from perpair.errors import InputError, PerpairError
 from perpair.llm.client import ChatClientConfig
 
@@ -121,7 +121,7 @@ MAX_CONCURRENCY = next(m.le for m in ChatClientConfig.model_fields["concurrency"
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
-class AnnotateConfig(BaseModel):
+class AnnotateConfig(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
     teachers: list[TeacherConfig] = Field(min_length=1)
