@@ -82,9 +82,14 @@ class AlpacaEvalSection(_Section):
     difficulty: str | None = None
     glm_weights: str | None = None
 
+    @property
+    def judge_is_api(self) -> bool:
+        """An OpenAI-compatible server's URL rather than a local model (as ``JudgeConfig.is_api`` reads it)."""
+        return self.judge.startswith(("http://", "https://"))
+
     @model_validator(mode="after")
     def _options_of_this_kind_of_judge(self):  # an option the judge would ignore is refused, not dropped
-        api = self.judge.startswith(("http://", "https://"))
+        api = self.judge_is_api
         if api and self.judge_batch_size is not None:
             raise ValueError(f"judge_batch_size is for a local judge, and {self.judge} is an API judge: drop it")
         if api and not self.judge_name:  # at validation, not after the arms' answers are generated

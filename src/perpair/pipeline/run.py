@@ -215,7 +215,7 @@ def _check_other_models_and_files(config: RunConfig, annotate: Any,
     models = [(f"annotate.teachers[{i}]", t.model) for i, t in enumerate(annotate.teachers if annotate else [])
               if getattr(t, "kind", None) == "local"]
     section = config.eval.alpaca_eval
-    if section is not None and not section.judge.startswith(("http://", "https://")):
+    if section is not None and not section.judge_is_api:
         models.append(("eval.alpaca_eval.judge", section.judge))
     for where, spec in models:
         try:
