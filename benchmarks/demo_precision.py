@@ -7,7 +7,7 @@ bfloat16 each round, times with SmolLM2-135M-Instruct: the local teacher on 4 pa
 AlpacaEval judge on 4 prompts (two 1,500-character answers each), and greedy generation of 48 tokens for 4
 instructions. One thread, and CPU seconds beside wall seconds, so that the ratio means something on a CPU that
 other jobs share (wall seconds then stretch by the load; CPU seconds much less). Training's autocast is timed by
-`perpair train` itself (`precision: bf16`; README, "The demo's result").
+`perpair train` itself (`precision: bf16`; benchmarks/RESULTS.md, `make demo`).
 """
 
 from __future__ import annotations

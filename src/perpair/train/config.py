@@ -32,9 +32,10 @@ class LoraConfig(NumbersNotBools):
     merge: bool = Field(False, description="Also save the base model with the adapter merged in.")
 
 
-# tokens_per_forward's default, × max_length: twice one pair's most. README, "Performance against TRL" (batch 2,
-# max length 512): at 4 × every step is one forward and the peak 0.2 GiB lower than one pair per forward (no
-# gradient is held while another forward's activations live), the step as fast; at 2 × most steps did not pack.
+# tokens_per_forward's default, × max_length: twice one pair's most. benchmarks/RESULTS.md, "How the defaults were
+# chosen" (batch 2, max length 512): at 4 × every step is one forward and the peak 0.2 GiB lower than one pair per
+# forward (no gradient is held while another forward's activations live), the step as fast; at 2 × most steps did
+# not pack.
 PACK_LENGTHS = 4
 
 

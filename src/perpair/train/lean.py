@@ -26,12 +26,12 @@ elementwise work and cost almost nothing to recompute, yet they hold a quarter t
   the adapter each cast ``x`` under autocast, and the scaling and the sum are two more passes over the
   ``[tokens, out]`` output (and two more in the backward). :class:`LoraLinear` casts ``x`` once, scales the
   rank-``r`` intermediate instead and adds the adapter's product into the output in one ``addmm``; it keeps the
-  tensors autograd keeps (README, "The demo's result": with the bf16 output projection and float32 short-sequence
-  attention, the demo's LoRA training 1.37x faster).
+  tensors autograd keeps (benchmarks/RESULTS.md, `make demo`: with the bf16 output projection and float32
+  short-sequence attention, the demo's LoRA training 1.37x faster).
 * **Casts under autocast**: the readers of a norm's output share one cast of it (:meth:`NormSource.cast`; in the
   backward, :class:`Recomputed` casts once), and with ``cache_casts`` (training's setting) a frozen weight is cast
   once for the run instead of in every forward (:func:`_cast`). Same bits; 5.7% off a forward + backward of the
-  demo's LoRA step on a CPU without AMX (README, "The demo's result").
+  demo's LoRA step on a CPU without AMX (benchmarks/RESULTS.md, `make demo`).
 * **A LoRA layer's frozen weight packed** (``pack_frozen``, training's setting, on a CPU): instead of that cast,
   the frozen weight is laid out once for oneDNN's prepacked product (:mod:`perpair.onednn`), as the forward reads it
   and transposed, as the backward's input gradient reads it (:class:`FrozenPacks`), where ``F.linear`` and ``@``
