@@ -451,10 +451,12 @@ def test_out_holding_files_no_run_wrote_is_refused_even_with_overwrite(tiny_mode
     assert (hidden / "run.key").is_file() and (hidden / ".gitkeep").is_file()
 
 
-def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
-    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm would write NaN
-    into every weight, and the next checkpoint would hold them. The run stops at step 2 with the weights and the
-    checkpoint of step 1 as they were."""
+@pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clipping", "not-clipping"])
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch,
+                                                               max_grad_norm):
+    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm, or the
+    optimizer step on it unclipped, would write NaN into every weight, and the next checkpoint would hold them. The
+    run stops at step 2 with the weights and the checkpoint of step 1 as they were, clipping or not."""
     import perpair.train.loop as loop
     from perpair.train import NonFiniteLoss, load_config, train
 
@@ -471,10 +473,11 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pa
     out = tmp_path / "run"
     config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 3,
                                 "batch_size": 2, "max_length": 64, "lr": 1e-3, "threads": 1, "save_every": 1,
-                                "reference_cache": str(tmp_path / "refcache")})
+                                "max_grad_norm": max_grad_norm, "reference_cache": str(tmp_path / "refcache")})
     with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is [0-9.]+ but its gradient norm is nan"):
         train(config)
     assert [m["step"] for m in _metrics(out)] == [1]
+    assert math.isfinite(_metrics(out)[0]["grad_norm"])  # the norm of a step that does not clip is logged too
     assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
     assert not (out / "model").exists()
 
