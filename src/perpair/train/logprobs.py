@@ -28,6 +28,8 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from perpair.errors import PerpairError
 from perpair.plan.difficulty import logps_table
 from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention
 from perpair.train.batches import greedy_groups
-from perpair.train.lean import cached_cast
+from perpair.train.lean import LEAN_FORWARDS, cached_cast
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 DEFAULT_CHUNK = 256
@@ -476,6 +478,39 @@ def _check_packing(model: nn.Module) -> None:
                            "convolution or recurrent layer); perpair's packed rows cannot train it")
 
 
+# model → (its _checks_key, logit_multiplier's factor) of the last CompletionLogps that checked it: the same policy
+# is wrapped by the reference pass, then by training, and the checks of SmolLM2-135M run forwards for 0.4 s. Weak:
+# kept no longer than the model.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, float | None]] = weakref.WeakKeyDictionary()
+
+
+def _checks_key(model: nn.Module) -> tuple:
+    """What :func:`logit_multiplier` and :func:`_check_packing` read of ``model``, but its weights' values (they
+    compare the model with itself): its configuration and attention implementation, the class of every module, the
+    name, shape, dtype and device of every parameter, any forward or hook set on a module instance, and the
+    autocast in effect. A model changed in any of these is checked again. Two module changes that compute the same
+    function do not count: oneDNN's prepacked linear layers (:func:`perpair.onednn.pack_linears`, the reference
+    pass's) are ``nn.Linear`` here, and the forwards of :func:`~perpair.train.lean.lean_activations` are none,
+    each checked to give its module's own result and gradient when patched."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = []
+    for name, m in model.named_modules():
+        forward = vars(m).get("forward")
+        function = getattr(forward, "__func__", forward)
+        own = None if forward is None or function in LEAN_FORWARDS.values() else id(function)
+        hooks = tuple(tuple(vars(m).get(h) or ()) for h in _HOOKS)  # the handles' ids
+        modules.append((name, nn.Linear if type(m) is onednn.PackedLinear else type(m), own, hooks))
+    parameters = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters())
+    device = parameters[0][3].type if parameters else "cpu"
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and \
+        torch.get_autocast_dtype(device)
+    return (json.dumps(base.config.to_dict(), sort_keys=True, default=str), base.config._attn_implementation,
+            tuple(modules), parameters, autocast)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
 # [tokens, tokens] mask is built for a row whose attention tree_attention computes from the layout.
 _NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
@@ -497,14 +532,20 @@ class CompletionLogps(nn.Module):
         # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
-        self.logit_multiplier = logit_multiplier(model)  # refuses a model whose logits it would get wrong
+        # the checks of the model's architecture, once per model while what they read is unchanged (_CHECKED)
+        key, known = _checks_key(model), _CHECKED.get(model)
+        checked = known is not None and known[0] == key
+        # refuses a model whose logits it would get wrong
+        self.logit_multiplier = known[1] if checked else logit_multiplier(model)
         self._rope_limit = rope_length_limit(model)
         self._restore_attention = use_tree_attention(model)
-        try:
-            _check_packing(model)
-        except BaseException:
-            self._restore_attention()
-            raise
+        if not checked:
+            try:
+                _check_packing(model)
+            except BaseException:
+                self._restore_attention()
+                raise
+            _CHECKED[model] = (key, self.logit_multiplier)
         self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
         # a trained output layer's weight gradient written into its .grad, in one tensor for the run (one process,
         # gradients by .backward(): WeightGradInto)
