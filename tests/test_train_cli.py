@@ -509,7 +509,9 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
         assert re.search(message or "holds this run's checkpoints .*step-00000002.*--resume", lines[0]), lines[0]
         assert snapshot() == before  # nothing written, nothing pruned
 
-    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume")
+    # where it logs and when it checkpoints change nothing it computes: the same run, resumed
+    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume", "--report-to", "tensorboard", "--set",
+                     "project=mine", "--set", "run_name=again", "--set", "keep_checkpoints=3")
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
     key = (out / "run.key").read_text()
     old_events = out / "runs" / "perpair" / "events.out.tfevents.old"  # the replaced run's TensorBoard log
