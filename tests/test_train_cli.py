@@ -745,3 +745,42 @@ def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):
     assert (f"error: model {tmp_path / 'moe'}: its config sets output_router_logits with router_aux_loss_coef 0.02"
             in result.stderr) and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["sliding-window", "dynamic-rope"])
+def test_a_sequence_longer_than_the_models_window_is_refused_before_the_reference_pass(uf_pairs, tmp_path, kind):
+    """A model that attends within a sliding window (Mistral), or scales its rotary embedding by the sequence's
+    length beyond some length (dynamic RoPE), cannot train a packed sequence longer than that. It was refused at
+    the first forward holding one: in the reference pass, which takes the longest pairs last, after computing the
+    others. Now before the reference pass, naming the longest pair, with the same fix."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from perpair.data import read_pairs
+    from perpair.train import load_config, train
+    from perpair.train.logprobs import tokenize_table
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "llama"))
+    pairs, _ = read_pairs(str(uf_pairs))
+    ids, tokenized = tokenize_table(tokenizer, pairs, 256)
+    # the run's pairs (4 steps of 4, in file order) and their longest sequences, a prompt and one response
+    ids, lengths = ids[:16], [len(t.prompt) + max(len(t.chosen), len(t.rejected)) for t in tokenized[:16]]
+    limit = max(n for n in lengths if n < 256)  # the pairs cut to max_length do not fit
+    longest = ids[lengths.index(max(lengths))]
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    if kind == "sliding-window":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=limit))
+        message = f"MistralAttention attends within a sliding window of {limit} tokens, shorter than pair {longest} "
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=limit,
+                                             rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+        message = f"LlamaModel scales its rotary embedding by the sequence's length beyond {limit} tokens"
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    progress = []
+    config = load_config(None, {"model": str(tmp_path / "model"), "data": str(uf_pairs), "out": str(tmp_path / "out"),
+                                "steps": 4, "batch_size": 4, "max_length": 256, "threads": 1,
+                                "reference_cache": str(tmp_path / "refcache")})
+    with pytest.raises(PerpairError, match=f"^{re.escape(message)}.*lower max_length to {limit}$"):
+        train(config, on_reference=lambda done, total: progress.append(done))
+    assert not progress and not list((tmp_path / "refcache").glob("*.parquet"))  # no reference log-prob computed

@@ -51,6 +51,7 @@ from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_los
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
     check_router_loss,
+    check_sequence_lengths,
     compute_reference,
     load_model,
     load_tokenizer,
@@ -107,6 +108,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         on_steps(config.steps)
 
     model = load_model(config.model, accelerator)
+    check_sequence_lengths(model, data, batches)  # one its sliding window or RoPE cannot take: refused before any work
     reference_seconds = time.perf_counter()
     reference = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference,
                                   from_first_step=not (config.resume and checkpoints(out)))
