@@ -529,8 +529,8 @@ _CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Architecture]] = wea
 
 
 def _checks_key(model: nn.Module) -> tuple:
-    """What :func:`logit_multiplier` and :func:`_check_packing` read of ``model``, but its weights' values (they
-    compare the model with itself): its configuration and attention implementation, the class of every module, the
+    """What the checks of :func:`check_architecture` read of ``model``, but its weights' values (they compare the
+    model with itself): its configuration and attention implementation, the class of every module, the
     name, shape, dtype and device of every parameter, any forward or hook set on a module instance, and the
     autocast in effect. A model changed in any of these is checked again. Two module changes that compute the same
     function do not count: oneDNN's prepacked linear layers (:func:`perpair.onednn.pack_linears`, the reference
