@@ -726,6 +726,21 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
+def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch):
+    """Changing when an arm checkpoints or where it logs (save_every, keep_checkpoints, report_to, project,
+    run_name) changed the train stage's key, and the arm trained again from scratch: an hour lost to a logging
+    change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    assert "train.a" in _run(config)[0].ran
+    config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
+                       "project": "mine", "run_name": "first"}
+    result, _ = _run(config)
+    assert not result.ran and "train.a" in result.skipped
+    config["train"]["lr"] = 2e-3
+    assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the

@@ -115,6 +115,41 @@ def test_logits_changed_beyond_the_output_layer_without_a_known_setting_are_refu
         CompletionLogps(model)
 
 
+def test_a_model_wrapped_again_is_checked_again_only_if_something_the_checks_read_changed(monkeypatch):
+    """A run wraps its policy twice (the reference pass, then training): the second wrap of the same object,
+    unchanged or given lean forwards or oneDNN's packed linear layers (each the same function), does not run the
+    checks' forwards again. Another object, a changed config (Cohere's logit_scale, refused as above), a hook or
+    another dtype is checked again."""
+    from perpair import onednn
+    from perpair.train import logprobs
+
+    checked = []
+    check = logprobs._check_packing
+    monkeypatch.setattr(logprobs, "_check_packing", lambda model: (checked.append(model), check(model))[1])
+
+    def wrap(model):
+        CompletionLogps(model).release()
+        return len(checked)
+
+    model = _model(T.CohereConfig(**COMMON, logit_scale=0.5))
+    assert wrap(model) == 1
+    if onednn.pack_linears(model):  # 0 where oneDNN cannot
+        assert wrap(model) == 1
+    onednn.unpack_linears(model)
+    assert sum(lean_activations(model).counts().values())
+    assert wrap(model) == 1
+    assert wrap(_model(T.CohereConfig(**COMMON, logit_scale=0.5))) == 2  # a twin, but another object
+    handle = model.model.layers[0].register_forward_hook(lambda *args: None)
+    assert wrap(model) == 3
+    handle.remove()
+    model.double()
+    assert wrap(model) == 4
+    assert wrap(model) == 4
+    model.config.logit_scale = 1.0  # the model still scales by 0.5
+    with pytest.raises(PerpairError, match="CohereForCausalLM computes its logits with more than its output layer"):
+        CompletionLogps(model)
+
+
 @pytest.mark.parametrize("config, limit, kind", [
     (lambda: T.Phi3Config(**COMMON, original_max_position_embeddings=16, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}), 16, "longrope"),

@@ -451,10 +451,12 @@ def test_out_holding_files_no_run_wrote_is_refused_even_with_overwrite(tiny_mode
     assert (hidden / "run.key").is_file() and (hidden / ".gitkeep").is_file()
 
 
-def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch):
-    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm would write NaN
-    into every weight, and the next checkpoint would hold them. The run stops at step 2 with the weights and the
-    checkpoint of step 1 as they were."""
+@pytest.mark.parametrize("max_grad_norm", [1.0, None], ids=["clipping", "not-clipping"])
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pairs, tmp_path, monkeypatch,
+                                                               max_grad_norm):
+    """A finite loss whose gradient is not (a NaN in one gradient at step 2): clipping by a NaN norm, or the
+    optimizer step on it unclipped, would write NaN into every weight, and the next checkpoint would hold them. The
+    run stops at step 2 with the weights and the checkpoint of step 1 as they were, clipping or not."""
     import perpair.train.loop as loop
     from perpair.train import NonFiniteLoss, load_config, train
 
@@ -471,10 +473,11 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pa
     out = tmp_path / "run"
     config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 3,
                                 "batch_size": 2, "max_length": 64, "lr": 1e-3, "threads": 1, "save_every": 1,
-                                "reference_cache": str(tmp_path / "refcache")})
+                                "max_grad_norm": max_grad_norm, "reference_cache": str(tmp_path / "refcache")})
     with pytest.raises(NonFiniteLoss, match=r"step 2: the loss is [0-9.]+ but its gradient norm is nan"):
         train(config)
     assert [m["step"] for m in _metrics(out)] == [1]
+    assert math.isfinite(_metrics(out)[0]["grad_norm"])  # the norm of a step that does not clip is logged too
     assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-00000001"]
     assert not (out / "model").exists()
 
@@ -506,7 +509,9 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
         assert re.search(message or "holds this run's checkpoints .*step-00000002.*--resume", lines[0]), lines[0]
         assert snapshot() == before  # nothing written, nothing pruned
 
-    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume")
+    # where it logs and when it checkpoints change nothing it computes: the same run, resumed
+    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume", "--report-to", "tensorboard", "--set",
+                     "project=mine", "--set", "run_name=again", "--set", "keep_checkpoints=3")
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
     key = (out / "run.key").read_text()
     old_events = out / "runs" / "perpair" / "events.out.tfevents.old"  # the replaced run's TensorBoard log
@@ -740,3 +745,42 @@ def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):
     assert (f"error: model {tmp_path / 'moe'}: its config sets output_router_logits with router_aux_loss_coef 0.02"
             in result.stderr) and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["sliding-window", "dynamic-rope"])
+def test_a_sequence_longer_than_the_models_window_is_refused_before_the_reference_pass(uf_pairs, tmp_path, kind):
+    """A model that attends within a sliding window (Mistral), or scales its rotary embedding by the sequence's
+    length beyond some length (dynamic RoPE), cannot train a packed sequence longer than that. It was refused at
+    the first forward holding one: in the reference pass, which takes the longest pairs last, after computing the
+    others. Now before the reference pass, naming the longest pair, with the same fix."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from perpair.data import read_pairs
+    from perpair.train import load_config, train
+    from perpair.train.logprobs import tokenize_table
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_llama(tmp_path / "llama"))
+    pairs, _ = read_pairs(str(uf_pairs))
+    ids, tokenized = tokenize_table(tokenizer, pairs, 256)
+    # the run's pairs (4 steps of 4, in file order) and their longest sequences, a prompt and one response
+    ids, lengths = ids[:16], [len(t.prompt) + max(len(t.chosen), len(t.rejected)) for t in tokenized[:16]]
+    limit = max(n for n in lengths if n < 256)  # the pairs cut to max_length do not fit
+    longest = ids[lengths.index(max(lengths))]
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+    if kind == "sliding-window":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=limit))
+        message = f"MistralAttention attends within a sliding window of {limit} tokens, shorter than pair {longest} "
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=limit,
+                                             rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+        message = f"LlamaModel scales its rotary embedding by the sequence's length beyond {limit} tokens"
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    progress = []
+    config = load_config(None, {"model": str(tmp_path / "model"), "data": str(uf_pairs), "out": str(tmp_path / "out"),
+                                "steps": 4, "batch_size": 4, "max_length": 256, "threads": 1,
+                                "reference_cache": str(tmp_path / "refcache")})
+    with pytest.raises(PerpairError, match=f"^{re.escape(message)}.*lower max_length to {limit}$"):
+        train(config, on_reference=lambda done, total: progress.append(done))
+    assert not progress and not list((tmp_path / "refcache").glob("*.parquet"))  # no reference log-prob computed

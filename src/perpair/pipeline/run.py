@@ -421,13 +421,19 @@ class _Job:
         keys = self._train_keys(settings, arm)
         options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
         from perpair.models import model_fingerprint, resolve_model
-        from perpair.train import load_config
+        from perpair.train import TrainConfig, load_config
+        from perpair.train.checkpoints import RECORDING_ONLY
 
         # every setting as training reads it, defaults included (a default that changes is another training), and
-        # the models by content: the initial one and a reference model of its own (retrained at the same path)
+        # the models by content: the initial one and a reference model of its own (retrained at the same path). The
+        # settings of the logs and checkpoints alone (RECORDING_ONLY) are keyed at the run's defaults: changing one
+        # trains no arm again, and the stamps made before they were left out still match.
         config = load_config(None, options)
-        material = {"train": config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
-                                                                     "reference_cache"}),
+        settings_read = config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
+                                                                "reference_cache"})
+        settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
+                              for name in RECORDING_ONLY}, run_name=arm)
+        material = {"train": settings_read,
                     "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
                     "reference_model": model_fingerprint(resolve_model(config.reference_model))
                     if config.reference_model else None}

@@ -54,6 +54,7 @@ class TreeLayout:
 
     blocks: tuple[Block, ...]
     calls: int = 0
+    window: tuple[int, str] | None = None  # the shortest sliding window a layer attended within, and its class
 
     @property
     def longest(self) -> int:
@@ -157,10 +158,12 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
         raise PerpairError(f"{type(module).__name__} uses a soft-capped or sink attention; perpair's packed tree "
                            "attention supports plain causal attention only")
     window = sliding_window(module, kwargs)
-    # A window longer than every sequence changes nothing, and a shorter one is refused: no path applies a window.
-    if window and perpair_tree.longest > window:
-        raise PerpairError(f"{type(module).__name__} attends within a sliding window of {window} tokens, shorter "
-                           f"than a sequence of this row ({perpair_tree.longest}); lower max_length to {window}")
+    if window:
+        # A window longer than every sequence changes nothing, and a shorter one is refused: no path applies a window.
+        if perpair_tree.longest > window:
+            raise window_error(type(module).__name__, window, f"a sequence of this row ({perpair_tree.longest})")
+        if perpair_tree.window is None or window < perpair_tree.window[0]:
+            perpair_tree.window = (window, type(module).__name__)
     perpair_tree.calls += 1
     if (autocast := autocast_dtype(query)) is not None:
         # What autocast does for SDPA but not for what these paths hand the call to (the CPU kernel ops; the
@@ -175,6 +178,11 @@ def tree_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     if _runs_pieces(query, dropout):
         return CpuTreeAttention.apply(query, key, value, perpair_tree.pieces, scaling), None
     return tree_attention_sdpa(query, key, value, perpair_tree, dropout, scaling), None
+
+
+def window_error(layer: str, window: int, sequence: str) -> PerpairError:
+    return PerpairError(f"{layer} attends within a sliding window of {window} tokens, shorter than {sequence}; lower "
+                        f"max_length to {window}")
 
 
 def sliding_window(module: nn.Module, kwargs: dict) -> int | None:

@@ -20,9 +20,12 @@ from perpair.train.config import TrainConfig
 
 RUN_KEY = "run.key"
 STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
+# Settings that change only where a run logs and when it writes checkpoints, never its weights, data order, loss or
+# metrics: `perpair run`'s train stage leaves them out of its key too, so changing one trains no arm again.
+RECORDING_ONLY = frozenset({"save_every", "keep_checkpoints", "final_checkpoint", "report_to", "project", "run_name"})
 # Settings that do not change what a run computes: a run resumed with other values is the same run.
-_NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_every", "keep_checkpoints",
-                 "save_model", "final_checkpoint", "release_cpu_memory"}
+_NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_model", "release_cpu_memory",
+                 *RECORDING_ONLY}
 # What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", "runs", "wandb",
             RUN_KEY)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)

@@ -28,6 +28,8 @@ The reusable entry point for other stages is :func:`sequence_logps`.
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +41,9 @@ from torch import Tensor, nn
 from perpair import onednn
 from perpair.errors import PerpairError
 from perpair.plan.difficulty import logps_table
-from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention
+from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention, window_error
 from perpair.train.batches import greedy_groups
-from perpair.train.lean import cached_cast
+from perpair.train.lean import LEAN_FORWARDS, cached_cast
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 DEFAULT_CHUNK = 256
@@ -420,10 +422,12 @@ def _unrouted(backbone: nn.Module) -> str:
             "which perpair's packed rows need")
 
 
-def _check_packing(model: nn.Module) -> None:
+def _check_packing(model: nn.Module) -> tuple[int, str] | None:
     """Refuse, before any work, a model whose packed row is not its sequences run alone: two pairs (sequences of 2
     to 5 tokens) through the backbone packed, then three of its ``prompt + response`` sequences alone (all but the
-    second pair's chosen response, the rows after both kinds of boundary), hidden state by hidden state.
+    second pair's chosen response, the rows after both kinds of boundary), hidden state by hidden state. Returns
+    the shortest sliding window its attention layers applied in the packed forward, and the layer's class (None:
+    none, or weights not in this process).
     A model that computes attention its own way runs the row without calling tree attention, or fails on the row's
     placeholder mask (ALiBi models, which build their bias from the mask: Bloom, Falcon); one with a layer that
     mixes tokens other than by attention (a state-space, convolution or recurrent layer: Jamba, LFM2) lets a
@@ -436,7 +440,7 @@ def _check_packing(model: nn.Module) -> None:
                            "sequence, which in a packed row would read the pair before; perpair's packed rows cannot "
                            "train it")
     if _on_meta(model):
-        return
+        return None
     embedding = backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
     device = embedding.weight.device if embedding is not None else next(model.parameters()).device
     vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else 2
@@ -474,6 +478,81 @@ def _check_packing(model: nn.Module) -> None:
         raise PerpairError(f"{type(backbone).__name__}: a packed row of pairs does not give each sequence the hidden "
                            "states it has alone (a layer mixes tokens other than by attention: a state-space, "
                            "convolution or recurrent layer); perpair's packed rows cannot train it")
+    return layout.window
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What :func:`check_architecture` found of a model that perpair's packed forward computes right."""
+
+    logit_multiplier: float | None  # see logit_multiplier
+    window: tuple[int, str] | None  # the shortest sliding window of its attention layers (tokens, layer class)
+    rope_limit: tuple[int, str] | None  # see rope_length_limit
+
+    def check_sequence(self, model: nn.Module, tokens: int, sequence: str) -> None:
+        """Refuse a sequence of ``tokens`` tokens (``sequence`` names it) that the window or the rotary embedding
+        cannot take: the refusals of a forward holding it (:func:`tree_attention`, :meth:`CompletionLogps.forward`),
+        before one runs."""
+        if self.window and tokens > self.window[0]:
+            raise window_error(self.window[1], self.window[0], sequence)
+        if self.rope_limit and tokens > self.rope_limit[0]:
+            raise _rope_error(model, *self.rope_limit, sequence)
+
+
+def check_architecture(model: nn.Module) -> Architecture:
+    """Refuse a model whose log-probs perpair's packed forward would get wrong (:func:`logit_multiplier`,
+    :func:`_check_packing`; their forwards took 0.4 s on SmolLM2-135M), once per model object while nothing they
+    read changes (:func:`_checks_key`): a run wraps the same policy for the reference pass, then for training."""
+    key, known = _checks_key(model), _CHECKED.get(model)
+    if known is not None and known[0] == key:
+        return known[1]
+    factor = logit_multiplier(model)
+    restore = use_tree_attention(model)
+    try:
+        window = _check_packing(model)
+    finally:
+        restore()
+    checked = Architecture(factor, window, rope_length_limit(model))
+    _CHECKED[model] = (key, checked)
+    return checked
+
+
+def _rope_error(model: nn.Module, limit: int, rope_type: str, sequence: str) -> PerpairError:
+    backbone, _ = backbone_and_head(model)
+    return PerpairError(f"{type(backbone).__name__} scales its rotary embedding by the sequence's length beyond "
+                        f"{limit} tokens ({rope_type} RoPE), which a row of packed sequences of several lengths would "
+                        f"get wrong ({sequence}); lower max_length to {limit}")
+
+
+# model → (its _checks_key, what check_architecture found). Weak: kept no longer than the model.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, Architecture]] = weakref.WeakKeyDictionary()
+
+
+def _checks_key(model: nn.Module) -> tuple:
+    """What the checks of :func:`check_architecture` read of ``model``, but its weights' values (they compare the
+    model with itself): its configuration and attention implementation, the class of every module, the
+    name, shape, dtype and device of every parameter, any forward or hook set on a module instance, and the
+    autocast in effect. A model changed in any of these is checked again. Two module changes that compute the same
+    function do not count: oneDNN's prepacked linear layers (:func:`perpair.onednn.pack_linears`, the reference
+    pass's) are ``nn.Linear`` here, and the forwards of :func:`~perpair.train.lean.lean_activations` are none,
+    each checked to give its module's own result and gradient when patched."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = []
+    for name, m in model.named_modules():
+        forward = vars(m).get("forward")
+        function = getattr(forward, "__func__", forward)
+        own = None if forward is None or function in LEAN_FORWARDS.values() else id(function)
+        hooks = tuple(tuple(vars(m).get(h) or ()) for h in _HOOKS)  # the handles' ids
+        modules.append((name, nn.Linear if type(m) is onednn.PackedLinear else type(m), own, hooks))
+    parameters = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters())
+    device = parameters[0][3].type if parameters else "cpu"
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and \
+        torch.get_autocast_dtype(device)
+    return (json.dumps(base.config.to_dict(), sort_keys=True, default=str), base.config._attn_implementation,
+            tuple(modules), parameters, autocast)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 # Handed to the backbone as its attention mask: Transformers passes a 4D mask through untouched, so no
@@ -497,14 +576,9 @@ class CompletionLogps(nn.Module):
         # WPO: forward also returns each response's summed aligned log-probs Σ_t (log π(y_t) − log Σ_v π(v)²),
         # detached, at the price of one more (gradient-free) pass over the vocabulary projection
         self.wpo = wpo
-        self.logit_multiplier = logit_multiplier(model)  # refuses a model whose logits it would get wrong
-        self._rope_limit = rope_length_limit(model)
+        self.architecture = check_architecture(model)  # refuses a model whose log-probs it would get wrong
+        self.logit_multiplier = self.architecture.logit_multiplier
         self._restore_attention = use_tree_attention(model)
-        try:
-            _check_packing(model)
-        except BaseException:
-            self._restore_attention()
-            raise
         self._casts: dict = {}  # a frozen output layer's weights in the autocast dtype, cast once (cached_cast)
         # a trained output layer's weight gradient written into its .grad, in one tensor for the run (one process,
         # gradients by .backward(): WeightGradInto)
@@ -522,12 +596,8 @@ class CompletionLogps(nn.Module):
         rejected (column 1); with ``wpo`` a third ``[pairs, 2]``, the summed aligned log-probs."""
         backbone, head = backbone_and_head(self.model)
         layout = TreeLayout(layout.blocks)  # this forward's own call count
-        if self._rope_limit and layout.longest > self._rope_limit[0]:
-            limit, rope_type = self._rope_limit
-            raise PerpairError(f"{type(backbone).__name__} scales its rotary embedding by the sequence's length "
-                               f"beyond {limit} tokens ({rope_type} RoPE), which a row of packed sequences of "
-                               f"several lengths would get wrong (a sequence here has {layout.longest}); lower "
-                               f"max_length to {limit}")
+        if (rope := self.architecture.rope_limit) and layout.longest > rope[0]:
+            raise _rope_error(self.model, *rope, f"a sequence here has {layout.longest}")
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=_NO_MASK.to(input_ids.device),
                           use_cache=False, perpair_tree=layout).last_hidden_state[0]
         if not layout.calls:

@@ -51,6 +51,7 @@ from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_los
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
     check_router_loss,
+    check_sequence_lengths,
     compute_reference,
     load_model,
     load_tokenizer,
@@ -107,6 +108,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         on_steps(config.steps)
 
     model = load_model(config.model, accelerator)
+    check_sequence_lengths(model, data, batches)  # one its sliding window or RoPE cannot take: refused before any work
     reference_seconds = time.perf_counter()
     reference = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference,
                                   from_first_step=not (config.resume and checkpoints(out)))
@@ -239,15 +241,16 @@ def train_step(config: TrainConfig, module, optimizer, scheduler, accelerator, d
                             f"weights are unchanged. The last good checkpoint is kept in "
                             f"{Path(config.out) / 'checkpoints'}. Lower the learning rate or check the data.")
     densify_gradients(module.parameters())
-    grad_norm = None
-    if config.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm))
-        if not math.isfinite(grad_norm):  # clipping by a NaN norm would write NaN into every weight
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"step {step + 1}: the loss is {loss} but its gradient norm is {grad_norm}; stopped "
-                                f"before the optimizer step, so the weights are unchanged. The last good checkpoint "
-                                f"is kept in {Path(config.out) / 'checkpoints'}. Lower the learning rate or check the "
-                                "data.")
+    # The norm at every step, clipping or not (max_norm inf scales the gradients by 1: unchanged; Accelerate's call
+    # takes the norm over every process's shard under FSDP): a NaN or infinite gradient, clipped or stepped on,
+    # would write NaN into every weight.
+    grad_norm = float(accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"step {step + 1}: the loss is {loss} but its gradient norm is {grad_norm}; stopped "
+                            f"before the optimizer step, so the weights are unchanged. The last good checkpoint "
+                            f"is kept in {Path(config.out) / 'checkpoints'}. Lower the learning rate or check the "
+                            "data.")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()

@@ -20,6 +20,7 @@ from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
 from perpair.train.lean import lean_activations, mlp_keep_budget
+from perpair.train.logprobs import check_architecture
 from perpair.train.losses import ROUTE_PREFERENCE
 from perpair.train.tokenize import TokenizedPair
 
@@ -157,6 +158,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
             raise PerpairError(f"reference_model {config.reference_model or config.model}: its embedding has "
                                f"{rows_} rows, and the tokenizer of model {config.model} gives token id {top}; the "
                                "reference must share the model's tokenizer")
+        check_sequence_lengths(model, data, batches, rows)
         # On a CPU the pass runs forwards only: oneDNN's prepacked products (float32: 1.2-1.4x the pass on
         # the vs_trl workload). The policy's packed copies are dropped after the pass, before training.
         pack_linears(model, rows=PROMPT_ROWS, dtype=autocast)
@@ -195,6 +197,17 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
 
     run.cache = cache if accelerator.is_main_process else None
     return run
+
+
+def check_sequence_lengths(model, data: PairData, batches: StepBatches, rows: list[int] | None = None) -> None:
+    """Refuse the longest sequence (a prompt and one response) of ``rows`` (default: every row of the run's steps)
+    if ``model``'s sliding window or length-scaled rotary embedding cannot take it, before any forward: the refusal
+    the forward holding it would make, after the work before it (the reference pass takes the longest pairs last)."""
+    rows = rows if rows is not None else sorted({r for step in batches.steps for r in step})
+    row = max(rows, key=lambda r: batches.tokenized[r].longest)
+    tokens = batches.tokenized[row].longest
+    check_architecture(model).check_sequence(model, tokens, f"pair {data.pair_ids[row]} of {data.path} ({tokens} "
+                                                            "tokens of prompt and response)")
 
 
 def check_router_loss(config: TrainConfig) -> None:

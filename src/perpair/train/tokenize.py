@@ -31,6 +31,11 @@ class TokenizedPair:
         """Unique tokens of the pair when the prompt is shared by both responses."""
         return len(self.prompt) + len(self.chosen) + len(self.rejected)
 
+    @property
+    def longest(self) -> int:
+        """Tokens of its longest sequence, the prompt and one response (what attention runs over)."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
 
 def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
     from jinja2 import TemplateError
