@@ -181,6 +181,36 @@ def test_true_or_false_is_not_a_number(tmp_path):
         resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})
 
 
+def test_true_or_false_is_not_a_number_in_a_teacher_or_prepare_options(tmp_path):
+    """A teacher's keys (`max_tokens: true`, `batch_size: yes`, `magnitude_edges: [true, 3]`) and prepare's
+    options (`PrepareOptions(limit=True)`) read true/false as 1/0 too; they are refused with the same words, and
+    a teacher's kind is still found."""
+    from perpair.annotate import load_config
+    from perpair.data import PrepareOptions
+
+    config = tmp_path / "annotate.yaml"
+    api = "{kind: api, model: m, base_urls: ['http://127.0.0.1:1/v1'], "
+    for teacher, words in ((api + "max_tokens: true}", "teachers.0.api.max_tokens: expected a number, got true"),
+                           (api + "concurrency: yes}", "teachers.0.api.concurrency: expected a number, got true"),
+                           ("{kind: local, model: m, batch_size: true}",
+                            "teachers.0.local.batch_size: expected a number, got true"),
+                           ("{kind: ratings, weight: false}",
+                            "teachers.0.ratings.weight: expected a number, got false"),
+                           ("{kind: ratings, magnitude_edges: [true, 3]}",
+                            "teachers.0.ratings.magnitude_edges: expected numbers, got true"),
+                           ("{kind: bogus}", "teachers.0: a teacher's 'kind' must be 'ratings', 'local' or 'api'")):
+        config.write_text(f"teachers: [{teacher}]\n")
+        with pytest.raises(InputError, match=re.escape(words)):
+            load_config(config)
+    config.write_text("teachers: [{kind: local, model: m, calibrate: false, batch_size: 2}]\n")
+    teacher = load_config(config).teachers[0]
+    assert teacher.calibrate is False and teacher.batch_size == 2
+    for key in ("limit", "test_fraction", "seed"):
+        with pytest.raises(ValueError, match=f"{key}\n.*expected a number, got true"):
+            PrepareOptions(**{key: True})
+    assert PrepareOptions(skip_invalid=True, limit=3).limit == 3
+
+
 def test_arm_names_that_differ_only_in_case_are_refused(tmp_path):
     """arms/dpo and arms/DPO are one folder on a case-insensitive file system (macOS, Windows): two arms would
     write into each other's plan, checkpoints and evaluations."""
