@@ -151,6 +151,27 @@ def test_a_section_made_by_the_command_line_is_not_blamed_on_the_file(tmp_path):
     assert caught.value.file == str(config)
 
 
+def test_a_value_refused_by_the_runs_second_pass_says_it_came_from_the_command_line(tmp_path):
+    """The run's keys that only a stage's own config checks (an arm's train keys, prepare's format) were refused
+    as "run config, arms.dpo.train.lr: ..." without saying that --set gave the value, as the first pass does."""
+    from perpair.pipeline import load_run_config, run
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}}\n")
+    for given, words in (({"arms": {"dpo": {"train": {"lr": -1}}}}, "arms.dpo.train.lr: Input should be greater"),
+                         ({"train": {"lr": -1}}, "train.lr: Input should be greater"),
+                         ({"data": {"format": "bogus"}}, "data: unknown format 'bogus'")):
+        with pytest.raises(PerpairError) as caught:
+            run(load_run_config(config, given))
+        assert words in str(caught.value) and str(caught.value).endswith(" (from the command line)")
+        assert getattr(caught.value, "file", None) is None
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo, train: "
+                      "{lr: -1}}}\n")
+    with pytest.raises(InputError) as caught:  # the file's own value: the file is named, the command line not
+        run(load_run_config(config, {"train": {"steps": 3}}))
+    assert caught.value.file == str(config) and "(from the command line)" not in str(caught.value)
+
+
 def test_true_or_false_is_not_a_number(tmp_path):
     """Pydantic reads true and false as 1 and 0: `lr: true` trained at 1.0, `steps: yes` (YAML's true) one step,
     `workers: true` one worker, a schedule's `tau: true` routed at 1.0, all silently. Each is refused by its key;

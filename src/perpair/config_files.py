@@ -121,16 +121,17 @@ def format_validation_error(exc: ValidationError, prefix: str = "", command_line
                             options: dict[str, str] | None = None) -> str:
     """Every problem pydantic found, on one line, each naming its dotted key (under ``prefix``, e.g. the
     config section the values came from); a key whose value came from ``command_line`` (the values of ``--set``
-    and the options, nested like the file's) says so. With ``options`` (a command's values, validated without a
-    file) a key is named as the option that gave it: ``--max-new-tokens``, or ``options[key]`` where the names
-    differ."""
+    and the options, nested like the file's, ``prefix`` included) says so. With ``options`` (a command's values,
+    validated without a file) a key is named as the option that gave it: ``--max-new-tokens``, or
+    ``options[key]`` where the names differ."""
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         if options is not None and loc:
             loc[0] = options.get(loc[0], "--" + loc[0].replace("_", "-"))
         key = ".".join(part for part in (prefix, *loc) if part)
-        there = " (from the command line)" if _given(command_line, error["loc"]) else ""
+        there = " (from the command line)" if _given(command_line, (*prefix.split("."), *error["loc"]) if prefix
+                                                     else error["loc"]) else ""
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'{there}")
             continue

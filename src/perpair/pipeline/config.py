@@ -169,7 +169,7 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
 
 def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:
     """``exc`` (a ``run config, KEY: …`` error of the run's validation) naming the config file, as the errors of
-    loading it do, unless the command line (``--set``) set that key or one inside it."""
+    loading it do, unless the command line (``--set``) set that key or one inside it: then it says so."""
     message = str(exc)
     if config._source is None or not message.startswith("run config, "):
         return exc
@@ -177,5 +177,5 @@ def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:
     key = re.split(r"[: ]", message.removeprefix("run config, "), maxsplit=1)[0]
     loc = tuple(re.sub(r"\[\d+\]$", "", part) for part in key.split("."))
     if _given(command_line, loc):  # (--set there: the file need not be the one to blame)
-        return exc
+        return exc if "(from the command line)" in message else PerpairError(f"{message} (from the command line)")
     return InputError(message, file=path)

@@ -139,8 +139,11 @@ def validate(config: RunConfig) -> Settings:
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
 
+    command_line = config._source[2] if config._source is not None else None
+
     def fail(where: str, exc: Exception) -> PerpairError:
-        detail = format_validation_error(exc, where) if isinstance(exc, ValidationError) else f"{where}: {exc}"
+        detail = (format_validation_error(exc, where, command_line) if isinstance(exc, ValidationError)
+                  else f"{where}: {exc}")
         return PerpairError(f"run config, {detail}")
 
     data = config.data.model_dump(exclude={"sources"})
