@@ -300,8 +300,8 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
                             env=env)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: run config, arms.dpo: field "
-                                                               "'preset': unknown preset 'dpoo'")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: invalid run config: "
+                                                               "arms.dpo.preset: unknown preset 'dpoo'")
     result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
                              "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 import warnings
@@ -63,14 +64,18 @@ def plan_command(
                 raise InputError(f"-o/--output {output}: its report goes to {folder}, which is a file; move it, "
                                  "name another -o, or give --no-report")
             check_output_folder(folder, "the report folder of -o/--output")
+    # the options named as such (resolve_schedule's own words fit a library call or a run config as well)
+    if preset not in plan.PRESETS:
+        raise InputError(f"--preset {preset}: unknown preset; expected one of {', '.join(plan.PRESETS)}")
+    if beta is not None and not (math.isfinite(beta) and beta > 0):
+        raise InputError(f"--beta {beta}: must be a positive number")
     schedule = plan.resolve_schedule(preset, config, beta)
     logps = None
     if reference_logps is not None:
         if schedule.margin.source != "reference":
             raise InputError(f"--reference-logps is read only with margin.source: reference (this schedule's "
-                             f"is {schedule.margin.source!r}); drop the option or set the margin source",
-                             field="--reference-logps")
-        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs))
+                             f"is {schedule.margin.source!r}); drop the option or set the margin source")
+        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs), "--reference-logps")
         if found != reference_logps:
             console.print(f"reference log-probs: {escape(str(found))}", soft_wrap=True)
     with warnings.catch_warnings(), console.status("planning…"):

@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_vali
 
 from perpair.config_files import NumbersNotBools, _given, invalid_config, load_yaml
 from perpair.errors import InputError, PerpairError
-from perpair.plan.config import deep_merge
+from perpair.plan.config import PRESETS, deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -54,8 +54,16 @@ class AnnotateSection(_Section):
 class ArmConfig(_Section):
     preset: str = Field(description="Plan preset: dpo, sp2dpo, sp2dpo-random, mixdpo, sp2dpo+mixdpo.")
     schedule: dict[str, Any] = Field(default_factory=dict, description="Schedule keys over the preset's.")
-    beta: float | None = Field(None, gt=0, description="The plan's global β (over preset and schedule).")
+    beta: float | None = Field(None, gt=0, allow_inf_nan=False,
+                               description="The plan's global β (over preset and schedule).")
     train: dict[str, Any] = Field(default_factory=dict, description="Train keys over the shared train section.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        return preset
 
 
 class PreferenceSection(_Section):
