@@ -72,6 +72,11 @@ class PreferenceSection(_Section):
     max_length: int | None = Field(None, ge=2, description="Default: the train max_length.")
 
 
+# the judge's settings (JudgeConfig's fields) as this section's keys
+_JUDGE_KEYS = {"judge": "judge", "model_name": "judge_name", "api_key_env": "judge_api_key_env",
+               "batch_size": "judge_batch_size"}
+
+
 class AlpacaEvalSection(_Section):
     judge: str = Field(description="Local model (folder, Hub id, smollm2) or an OpenAI-compatible /v1 URL.")
     judge_name: str | None = None
@@ -93,19 +98,19 @@ class AlpacaEvalSection(_Section):
     @property
     def judge_is_api(self) -> bool:
         """An OpenAI-compatible server's URL rather than a local model (as ``JudgeConfig.is_api`` reads it)."""
-        return self.judge.startswith(("http://", "https://"))
+        from perpair.eval.alpaca_eval import is_api_judge
+
+        return is_api_judge(self.judge)
 
     @model_validator(mode="after")
     def _options_of_this_kind_of_judge(self):  # an option the judge would ignore is refused, not dropped
-        api = self.judge_is_api
-        if api and self.judge_batch_size is not None:
-            raise ValueError(f"judge_batch_size is for a local judge, and {self.judge} is an API judge: drop it")
-        if api and not self.judge_name:  # at validation, not after the arms' answers are generated
-            raise ValueError(f"{self.judge} is an API judge: give judge_name, the model name the server expects")
-        given = [k for k in ("judge_name", "judge_api_key_env") if getattr(self, k) is not None]
-        if given and not api:
-            raise ValueError(f"{', '.join(given)}: for an API judge, and {self.judge} is a local judge: drop "
-                             f"{'them' if len(given) > 1 else 'it'}")
+        from perpair.eval.alpaca_eval import JudgeConfig
+
+        problem = JudgeConfig.settings_problem(self.judge, {field: getattr(self, key) for field, key in
+                                                            _JUDGE_KEYS.items() if key != "judge"},
+                                               _JUDGE_KEYS, "key")
+        if problem:
+            raise ValueError(problem)
         return self
 
 
