@@ -81,8 +81,9 @@ def plan_command(
     with warnings.catch_warnings(), console.status("planning…"):
         warnings.simplefilter("ignore")  # matplotlib's (fonts, layout) are not the user's to act on
         result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
-        if beta is not None:
-            _refuse_an_idle_beta(result, beta)
+        if beta is not None and (idle := plan.idle_global_beta(result)):
+            raise InputError(f"--beta {beta:g} would change nothing: {idle}; drop --beta, or set beta.normalise: "
+                             "true to rescale them to it")
         page = None
         if output is not None:
             plan.write_plan(result, output)
@@ -101,21 +102,6 @@ def plan_command(
         out.print(f"wrote plan to {escape(str(output))}")
         if page is not None:
             out.print(f"report: {escape(str(page))}")
-
-
-def _refuse_an_idle_beta(result: PlanResult, beta: float) -> None:
-    """--beta sets the global β; a per-pair schedule without normalisation gives it only to the preference pairs
-    it finds unannotated. With none, --beta changes nothing in the plan: refused rather than ignored."""
-    cfg = result.schedule.beta
-    if cfg.kind == "global" or cfg.normalise:
-        return
-    table = result.table
-    routes = np.array(table.column("route").to_pylist(), dtype=object)
-    annotated = np.array([c is not None for c in table.column("category").to_pylist()], dtype=bool)
-    if not np.any((routes == "preference") & ~annotated):
-        raise InputError(f"--beta {beta:g} would change nothing: beta.normalise is off, so every preference pair "
-                         f"takes its β from its annotation (between beta.beta_min {cfg.beta_min:g} and beta.beta_max "
-                         f"{cfg.beta_max:g}); drop --beta, or set beta.normalise: true to rescale them to it")
 
 
 def _preference_betas(result: PlanResult) -> dict[str, float] | None:
