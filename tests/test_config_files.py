@@ -151,6 +151,27 @@ def test_a_section_made_by_the_command_line_is_not_blamed_on_the_file(tmp_path):
     assert caught.value.file == str(config)
 
 
+def test_a_value_refused_by_the_runs_second_pass_says_it_came_from_the_command_line(tmp_path):
+    """The run's keys that only a stage's own config checks (an arm's train keys, prepare's format) were refused
+    as "run config, arms.dpo.train.lr: ..." without saying that --set gave the value, as the first pass does."""
+    from perpair.pipeline import load_run_config, run
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}}\n")
+    for given, words in (({"arms": {"dpo": {"train": {"lr": -1}}}}, "arms.dpo.train.lr: Input should be greater"),
+                         ({"train": {"lr": -1}}, "train.lr: Input should be greater"),
+                         ({"data": {"format": "bogus"}}, "data: unknown format 'bogus'")):
+        with pytest.raises(PerpairError) as caught:
+            run(load_run_config(config, given))
+        assert words in str(caught.value) and str(caught.value).endswith(" (from the command line)")
+        assert getattr(caught.value, "file", None) is None
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo, train: "
+                      "{lr: -1}}}\n")
+    with pytest.raises(InputError) as caught:  # the file's own value: the file is named, the command line not
+        run(load_run_config(config, {"train": {"steps": 3}}))
+    assert caught.value.file == str(config) and "(from the command line)" not in str(caught.value)
+
+
 def test_true_or_false_is_not_a_number(tmp_path):
     """Pydantic reads true and false as 1 and 0: `lr: true` trained at 1.0, `steps: yes` (YAML's true) one step,
     `workers: true` one worker, a schedule's `tau: true` routed at 1.0, all silently. Each is refused by its key;
@@ -179,6 +200,36 @@ def test_true_or_false_is_not_a_number(tmp_path):
     assert load_config(None, {**train, "steps": 3, "shuffle": True}).shuffle is True
     with pytest.raises(PerpairError, match=r"routing\.tau: expected a number, got true"):
         resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})
+
+
+def test_true_or_false_is_not_a_number_in_a_teacher_or_prepare_options(tmp_path):
+    """A teacher's keys (`max_tokens: true`, `batch_size: yes`, `magnitude_edges: [true, 3]`) and prepare's
+    options (`PrepareOptions(limit=True)`) read true/false as 1/0 too; they are refused with the same words, and
+    a teacher's kind is still found."""
+    from perpair.annotate import load_config
+    from perpair.data import PrepareOptions
+
+    config = tmp_path / "annotate.yaml"
+    api = "{kind: api, model: m, base_urls: ['http://127.0.0.1:1/v1'], "
+    for teacher, words in ((api + "max_tokens: true}", "teachers.0.api.max_tokens: expected a number, got true"),
+                           (api + "concurrency: yes}", "teachers.0.api.concurrency: expected a number, got true"),
+                           ("{kind: local, model: m, batch_size: true}",
+                            "teachers.0.local.batch_size: expected a number, got true"),
+                           ("{kind: ratings, weight: false}",
+                            "teachers.0.ratings.weight: expected a number, got false"),
+                           ("{kind: ratings, magnitude_edges: [true, 3]}",
+                            "teachers.0.ratings.magnitude_edges: expected numbers, got true"),
+                           ("{kind: bogus}", "teachers.0: a teacher's 'kind' must be 'ratings', 'local' or 'api'")):
+        config.write_text(f"teachers: [{teacher}]\n")
+        with pytest.raises(InputError, match=re.escape(words)):
+            load_config(config)
+    config.write_text("teachers: [{kind: local, model: m, calibrate: false, batch_size: 2}]\n")
+    teacher = load_config(config).teachers[0]
+    assert teacher.calibrate is False and teacher.batch_size == 2
+    for key in ("limit", "test_fraction", "seed"):
+        with pytest.raises(ValueError, match=f"{key}\n.*expected a number, got true"):
+            PrepareOptions(**{key: True})
+    assert PrepareOptions(skip_invalid=True, limit=3).limit == 3
 
 
 def test_arm_names_that_differ_only_in_case_are_refused(tmp_path):

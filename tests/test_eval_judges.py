@@ -221,6 +221,12 @@ def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output
         assert result.returncode == 2 and result.stderr.strip() == (
             "error: --judge-batch-size: an option of a local judge, and --judge http://127.0.0.1:9/v1 is an API "
             "judge (requests in flight: --judge-concurrency); drop it"), result.stderr
+    result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--judge", "http://127.0.0.1:9/v1",
+                     "--judge-name", "j", "--judge-prefix-cache", tmp_path / "prefixes", "--offline", "-o", out,
+                     check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --judge-prefix-cache: an option of a local judge, and --judge http://127.0.0.1:9/v1 is an API "
+        "judge (requests in flight: --judge-concurrency); drop it"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
 
 
@@ -229,10 +235,11 @@ def test_run_config_refuses_judge_options_the_judge_would_ignore():
 
     from perpair.pipeline.config import AlpacaEvalSection
 
-    with pytest.raises(ValidationError, match="judge_batch_size is for a local judge, and http://h/v1 is an API"):
+    with pytest.raises(ValidationError, match="judge_batch_size: a key of a local judge, and judge http://h/v1 is an "
+                                              "API judge; drop it"):
         AlpacaEvalSection(judge="http://h/v1", judge_name="m", judge_batch_size=2)
-    with pytest.raises(ValidationError, match="judge_name, judge_api_key_env: for an API judge, and smollm2 is a "
-                                              "local judge: drop them"):
+    with pytest.raises(ValidationError, match="judge_name, judge_api_key_env: keys of an API judge, and judge "
+                                              "smollm2 is a local judge; drop them"):
         AlpacaEvalSection(judge="smollm2", judge_name="m", judge_api_key_env="K")
     assert AlpacaEvalSection(judge="smollm2", judge_batch_size=2).judge_batch_size == 2  # each where it applies
     assert AlpacaEvalSection(judge="http://h/v1", judge_name="m").judge_name == "m"

@@ -400,7 +400,7 @@ def test_schedule_needs_a_margin_for_routing(tmp_path):
         resolve_schedule("dpo", bad)
     with pytest.raises(InputError, match="unknown preset"):
         resolve_schedule("ipo")
-    with pytest.raises(InputError, match="--beta"):
+    with pytest.raises(InputError, match="global β must be a positive number"):
         resolve_schedule("dpo", beta=-1.0)
 
 

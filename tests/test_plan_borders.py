@@ -17,6 +17,7 @@ import pytest
 
 from conftest import run_cli
 from perpair.artifacts import file_sha256, read_artifact
+from perpair.errors import InputError
 from plan_helpers import make_pairs, write_annotations
 
 
@@ -380,3 +381,38 @@ def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
     run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "--beta", "0.05",
             "-o", out)
     assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
+
+
+def test_a_bad_option_is_named_as_the_option(tmp_path):
+    """`--preset bogus` said "field 'preset': unknown preset", `--beta -1` "field '--beta'" and a missing
+    `--reference-logps` "file X, field '--reference-logps'": options are named as the options they are, with
+    the values they take; a run's arm names its key."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "bogus", "-o", out, check=False))
+    assert line == "error: --preset bogus: unknown preset; expected one of dpo, sp2dpo, sp2dpo-random, mixdpo, " \
+                   "sp2dpo+mixdpo"
+    for beta in ("-1", "inf"):
+        line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--beta", beta, "-o", out, check=False))
+        assert line.startswith(f"error: --beta {float(beta)}: must be a positive number")
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    missing = tmp_path / "nowhere"
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", missing,
+                            "-o", out, check=False))
+    assert line == f"error: --reference-logps {missing}: no such file or folder"
+    assert not out.exists()
+    from perpair.pipeline import load_run_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: bogus}}\n")
+    with pytest.raises(InputError, match=r"arms\.dpo\.preset: unknown preset 'bogus'; expected one of dpo, "):
+        load_run_config(config)
+    config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo, beta: .inf}}\n")
+    with pytest.raises(InputError, match=r"arms\.dpo\.beta: Input should be a finite number"):
+        load_run_config(config)
+    from perpair.bench.report import check_out
+
+    with pytest.raises(InputError, match=rf"^--out {re.escape(str(config))}: is not a folder$"):
+        check_out(config)  # perpair bench's --out

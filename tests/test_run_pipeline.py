@@ -300,8 +300,8 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
                             env=env)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: run config, arms.dpo: field "
-                                                               "'preset': unknown preset 'dpoo'")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: invalid run config: "
+                                                               "arms.dpo.preset: unknown preset 'dpoo'")
     result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
                              "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")
@@ -861,3 +861,21 @@ def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch):
     moved = tmp_path / "moved"
     (tmp_path / "work").rename(moved)
     assert not _run({**config, "workdir": str(moved)})[0].ran
+
+
+def test_an_arm_beta_that_would_change_nothing_is_refused_as_plan_refuses_it(tmp_path, tiny):
+    """perpair plan refuses --beta with a per-pair β and normalise off when every preference pair is annotated
+    (each takes its β from its annotation: the plan is the same with or without it); a run arm's `beta` with
+    `normalise: false` was silently ignored. Refused at the arm's plan (what came before is kept), nothing
+    planned."""
+    from perpair.errors import PerpairError
+
+    config = _config(tmp_path, tiny, annotate={"teachers": ["ratings"]}, eval={"base": False, "preference": None})
+    config["arms"] = {"sp2dpo": {"preset": "sp2dpo", "beta": 0.05, "schedule": {"beta": {"normalise": False}}}}
+    with pytest.raises(PerpairError, match=r"^plan\.sp2dpo: arms\.sp2dpo\.beta 0\.05 would change nothing: "
+                                           r"beta\.normalise is off, .*set arms\.sp2dpo\.schedule\.beta\.normalise: "
+                                           "true"):
+        _run(config)
+    assert not (tmp_path / "work" / "arms" / "sp2dpo" / "plan.parquet").exists()
+    assert not (tmp_path / "work" / "stages" / "plan.sp2dpo.json").exists()
+    assert (tmp_path / "work" / "stages" / "annotate.json").exists()

@@ -61,6 +61,14 @@ def _number_not_bool(annotation: Any) -> bool:
     return any(_number_not_bool(a) for a in args) and bool not in args
 
 
+def _numbers_not_bools(annotation: Any) -> bool:
+    """Whether a field of this type is a list or tuple of numbers (``tuple[float, float]``, ``list[int]``)."""
+    if typing.get_origin(annotation) not in (list, tuple):
+        return False
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    return bool(args) and all(_number_not_bool(a) for a in args)
+
+
 class NumbersNotBools(BaseModel):
     """A config model whose number fields refuse ``true``/``false``: pydantic reads them as 1 and 0, so ``lr: true``
     trained at 1.0, ``steps: yes`` (YAML's true) one step and ``workers: true`` one worker, silently."""
@@ -69,8 +77,14 @@ class NumbersNotBools(BaseModel):
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         field = cls.model_fields.get(info.field_name) if info.field_name else None
-        if isinstance(value, bool) and field is not None and _number_not_bool(field.annotation):
+        if field is None:
+            return value
+        if isinstance(value, bool) and _number_not_bool(field.annotation):
             raise ValueError(f"expected a number, got {str(value).lower()}")
+        if isinstance(value, list | tuple) and _numbers_not_bools(field.annotation):
+            for item in value:
+                if isinstance(item, bool):
+                    raise ValueError(f"expected numbers, got {str(item).lower()} in {_short(repr(value))}")
         return value
 
 
@@ -107,16 +121,17 @@ def format_validation_error(exc: ValidationError, prefix: str = "", command_line
                             options: dict[str, str] | None = None) -> str:
     """Every problem pydantic found, on one line, each naming its dotted key (under ``prefix``, e.g. the
     config section the values came from); a key whose value came from ``command_line`` (the values of ``--set``
-    and the options, nested like the file's) says so. With ``options`` (a command's values, validated without a
-    file) a key is named as the option that gave it: ``--max-new-tokens``, or ``options[key]`` where the names
-    differ."""
+    and the options, nested like the file's, ``prefix`` included) says so. With ``options`` (a command's values,
+    validated without a file) a key is named as the option that gave it: ``--max-new-tokens``, or
+    ``options[key]`` where the names differ."""
     problems = []
     for error in exc.errors():
         loc = [str(part) for part in error["loc"]]
         if options is not None and loc:
             loc[0] = options.get(loc[0], "--" + loc[0].replace("_", "-"))
         key = ".".join(part for part in (prefix, *loc) if part)
-        there = " (from the command line)" if _given(command_line, error["loc"]) else ""
+        there = " (from the command line)" if _given(command_line, (*prefix.split("."), *error["loc"]) if prefix
+                                                     else error["loc"]) else ""
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'{there}")
             continue

@@ -102,10 +102,20 @@ def load_causal_lm(path: str, **kwargs: Any):
     layers. Transformers 5.25 turned them on by default: on a GPU it fetches code such as Liger's RMSNorm from the
     Hub at load time, and it swaps each decorated module's forward again whenever the model goes between
     ``train()`` and ``eval()`` (which dropped training's lean forwards mid-run). A run's numbers must not depend on
-    what the Hub serves that day, so perpair loads every model as Transformers 4.56-5.24 did by default."""
-    from transformers import AutoModelForCausalLM
+    what the Hub serves that day, so perpair loads every model as Transformers 4.56-5.24 did by default.
 
-    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+    Without Transformers' "Loading weights" bar: a model that loads can still be refused (LoRA target modules it
+    lacks, a sliding window shorter than the data), and then the one ``error:`` line must be all stderr holds."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model(spec: str) -> str:

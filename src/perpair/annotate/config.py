@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from perpair.annotate.templates import get_template
 from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
@@ -31,7 +31,7 @@ from perpair.errors import InputError, PerpairError
 from perpair.llm.client import ChatClientConfig
 
 
-class _Teacher(BaseModel):
+class _Teacher(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Teacher id in cache keys and rows (default from kind/model).")
@@ -83,7 +83,7 @@ class LocalTeacherConfig(_Teacher):
         return _check_templates(names, "score")
 
 
-class ApiTeacherConfig(ChatClientConfig):
+class ApiTeacherConfig(ChatClientConfig, NumbersNotBools):
     """A teacher behind an OpenAI-compatible chat endpoint (client settings as in ChatClientConfig)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -114,7 +114,20 @@ class ApiTeacherConfig(ChatClientConfig):
         return _check_templates(names, "generate")
 
 
-TeacherConfig = Annotated[RatingsTeacherConfig | LocalTeacherConfig | ApiTeacherConfig, Field(discriminator="kind")]
+
+
+def _kind(teacher: Any) -> Any:
+    return teacher.get("kind") if isinstance(teacher, dict) else getattr(teacher, "kind", None)
+
+
+# The kind is read by a function, not named as a discriminator field: pydantic refuses a before-validator on a
+# discriminator field, and NumbersNotBools puts one on every field of the teachers.
+TeacherConfig = Annotated[
+    Annotated[RatingsTeacherConfig, Tag("ratings")] | Annotated[LocalTeacherConfig, Tag("local")]
+    | Annotated[ApiTeacherConfig, Tag("api")],
+    Discriminator(_kind, custom_error_type="teacher_kind",
+                  custom_error_message="a teacher's 'kind' must be 'ratings', 'local' or 'api'"),
+]
 
 MAX_CONCURRENCY = next(m.le for m in ChatClientConfig.model_fields["concurrency"].metadata if hasattr(m, "le"))
 

@@ -90,7 +90,7 @@ def render_table(payload: dict[str, Any]) -> str:
 def check_out(out: Path) -> None:
     """Refuse, before any training, an output folder whose ``results.json`` the run could not add to."""
     if out.exists() and not out.is_dir():
-        raise InputError("is not a folder", field="--out", file=str(out))
+        raise InputError(f"--out {out}: is not a folder")
     results_path = out / "results.json"
     if results_path.exists():
         try:

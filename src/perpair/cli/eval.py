@@ -51,20 +51,12 @@ def _options(cls, **kwargs):
 
 def _judge_config(cls, *, concurrency: int | None, **options):
     """The judge's settings; an API judge's options given to a local judge, and a local judge's given to an API
-    judge, are refused: it would ignore them."""
+    judge, are refused: it would ignore them (the rule: ``JudgeConfig.settings_problem``)."""
     config = _options(cls, **options, **({} if concurrency is None else {"concurrency": concurrency}))
-    given = [name for name, value in (("--judge-name", options.get("model_name")),
-                                      ("--judge-api-key-env", options.get("api_key_env")),
-                                      ("--judge-concurrency", concurrency)) if value is not None]
-    if given and not config.is_api:
-        raise PerpairError(f"{', '.join(given)}: {'options' if len(given) > 1 else 'an option'} of an API judge, and "
-                           f"--judge {config.judge} is a local judge; drop {'them' if len(given) > 1 else 'it'}")
-    if config.is_api and not config.model_name:  # now, not after the answers are generated
-        raise PerpairError(f"--judge {config.judge} is an API judge: give --judge-name, the model name the server "
-                           "expects")
-    if config.is_api and options.get("batch_size") is not None:
-        raise PerpairError(f"--judge-batch-size: an option of a local judge, and --judge {config.judge} is an API "
-                           "judge (requests in flight: --judge-concurrency); drop it")
+    problem = cls.settings_problem(config.judge, {**options, "concurrency": concurrency},
+                                   {**OPTION_NAMES, "judge": "--judge"}, "option")
+    if problem:
+        raise PerpairError(problem)
     return config
 
 
@@ -198,9 +190,7 @@ def alpaca_eval_command(
     judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
                                  concurrency=judge_concurrency, batch_size=judge_batch_size,
                                  prefix_cache=judge_prefix_cache)
-    if judge_prefix_cache is not None:  # used, or refused: never ignored
-        if judge_config.is_api:
-            raise PerpairError("--judge-prefix-cache keeps a local judge's key/value caches; an API judge has none")
+    if judge_prefix_cache is not None:  # used (an API judge refused it above): never ignored
         if (judge_batch_size or 1) != 1:
             raise PerpairError(f"--judge-prefix-cache runs the judge one prompt per pass; --judge-batch-size is "
                                f"{judge_batch_size}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 import warnings
@@ -63,21 +64,26 @@ def plan_command(
                 raise InputError(f"-o/--output {output}: its report goes to {folder}, which is a file; move it, "
                                  "name another -o, or give --no-report")
             check_output_folder(folder, "the report folder of -o/--output")
+    # the options named as such (resolve_schedule's own words fit a library call or a run config as well)
+    if preset not in plan.PRESETS:
+        raise InputError(f"--preset {preset}: unknown preset; expected one of {', '.join(plan.PRESETS)}")
+    if beta is not None and not (math.isfinite(beta) and beta > 0):
+        raise InputError(f"--beta {beta}: must be a positive number")
     schedule = plan.resolve_schedule(preset, config, beta)
     logps = None
     if reference_logps is not None:
         if schedule.margin.source != "reference":
             raise InputError(f"--reference-logps is read only with margin.source: reference (this schedule's "
-                             f"is {schedule.margin.source!r}); drop the option or set the margin source",
-                             field="--reference-logps")
-        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs))
+                             f"is {schedule.margin.source!r}); drop the option or set the margin source")
+        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs), "--reference-logps")
         if found != reference_logps:
             console.print(f"reference log-probs: {escape(str(found))}", soft_wrap=True)
     with warnings.catch_warnings(), console.status("planning…"):
         warnings.simplefilter("ignore")  # matplotlib's (fonts, layout) are not the user's to act on
         result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
-        if beta is not None:
-            _refuse_an_idle_beta(result, beta)
+        if beta is not None and (idle := plan.idle_global_beta(result)):
+            raise InputError(f"--beta {beta:g} would change nothing: {idle}; drop --beta, or set beta.normalise: "
+                             "true to rescale them to it")
         page = None
         if output is not None:
             plan.write_plan(result, output)
@@ -96,21 +102,6 @@ def plan_command(
         out.print(f"wrote plan to {escape(str(output))}")
         if page is not None:
             out.print(f"report: {escape(str(page))}")
-
-
-def _refuse_an_idle_beta(result: PlanResult, beta: float) -> None:
-    """--beta sets the global β; a per-pair schedule without normalisation gives it only to the preference pairs
-    it finds unannotated. With none, --beta changes nothing in the plan: refused rather than ignored."""
-    cfg = result.schedule.beta
-    if cfg.kind == "global" or cfg.normalise:
-        return
-    table = result.table
-    routes = np.array(table.column("route").to_pylist(), dtype=object)
-    annotated = np.array([c is not None for c in table.column("category").to_pylist()], dtype=bool)
-    if not np.any((routes == "preference") & ~annotated):
-        raise InputError(f"--beta {beta:g} would change nothing: beta.normalise is off, so every preference pair "
-                         f"takes its β from its annotation (between beta.beta_min {cfg.beta_min:g} and beta.beta_max "
-                         f"{cfg.beta_max:g}); drop --beta, or set beta.normalise: true to rescale them to it")
 
 
 def _preference_betas(result: PlanResult) -> dict[str, float] | None:

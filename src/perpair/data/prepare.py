@@ -21,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from perpair.artifacts import temporary_beside, write_artifact
+from perpair.config_files import NumbersNotBools
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
 from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
@@ -40,7 +41,7 @@ MAX_ROWS_LISTED = 1000
 IMPLICIT_PROMPT_ALSO = ("score_chosen", "score_rejected", "metadata", "tools")
 
 
-class PrepareOptions(BaseModel):
+class PrepareOptions(NumbersNotBools):
     """Everything that decides the content of a pairs file (recorded in its provenance)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

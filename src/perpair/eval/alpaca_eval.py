@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,11 @@ from perpair.eval.score import ScoreOptions, json_ready, score_frame
 from perpair.models import model_fingerprint, resolve_model
 
 Progress = Callable[[str, int, int], None]
+
+
+def is_api_judge(judge: str) -> bool:
+    """Whether ``judge`` names an OpenAI-compatible server (its URL) rather than a local model."""
+    return judge.startswith(("http://", "https://"))
 
 
 class JudgeConfig(BaseModel):
@@ -58,9 +63,31 @@ class JudgeConfig(BaseModel):
                           "the same instructions (perpair run's arms): the template, the instruction and the baseline "
                           "output before each model's answer are computed once (one prompt per pass only).")
 
+    # The settings only one kind of judge reads: given to the other kind, which would ignore them, they are refused.
+    API_SETTINGS: ClassVar[tuple[str, ...]] = ("model_name", "api_key_env", "concurrency")
+    LOCAL_SETTINGS: ClassVar[tuple[str, ...]] = ("batch_size", "prefix_cache")
+
     @property
     def is_api(self) -> bool:
-        return self.judge.startswith(("http://", "https://"))
+        return is_api_judge(self.judge)
+
+    @classmethod
+    def settings_problem(cls, judge: str, values: Mapping[str, Any], names: Mapping[str, str],
+                         noun: str) -> str | None:
+        """Why the settings ``values`` (by field name; None: not given) do not fit the judge ``judge``, or None.
+        ``names`` says how the user wrote the judge (``"judge"``) and each field (``--judge-name`` on the command
+        line, ``judge_name`` in a run config); ``noun`` is what those are ("option", "key")."""
+        api = is_api_judge(judge)
+        if api and not values.get("model_name"):  # now, not after the answers are generated
+            return (f"{names['judge']} {judge} is an API judge: give {names['model_name']}, the model name the "
+                    "server expects")
+        given = [names[f] for f in (cls.LOCAL_SETTINGS if api else cls.API_SETTINGS) if values.get(f) is not None]
+        if not given:
+            return None
+        what = f"{noun}s" if len(given) > 1 else f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+        hint = f" (requests in flight: {names['concurrency']})" if api and "concurrency" in names else ""
+        return (f"{', '.join(given)}: {what} of {'a local' if api else 'an API'} judge, and {names['judge']} {judge} "
+                f"is {'an API' if api else 'a local'} judge{hint}; drop {'them' if len(given) > 1 else 'it'}")
 
     def client_config(self):
         from perpair.llm.client import ChatClientConfig

@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_vali
 
 from perpair.config_files import NumbersNotBools, _given, invalid_config, load_yaml
 from perpair.errors import InputError, PerpairError
-from perpair.plan.config import deep_merge
+from perpair.plan.config import PRESETS, deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -54,14 +54,27 @@ class AnnotateSection(_Section):
 class ArmConfig(_Section):
     preset: str = Field(description="Plan preset: dpo, sp2dpo, sp2dpo-random, mixdpo, sp2dpo+mixdpo.")
     schedule: dict[str, Any] = Field(default_factory=dict, description="Schedule keys over the preset's.")
-    beta: float | None = Field(None, gt=0, description="The plan's global β (over preset and schedule).")
+    beta: float | None = Field(None, gt=0, allow_inf_nan=False,
+                               description="The plan's global β (over preset and schedule).")
     train: dict[str, Any] = Field(default_factory=dict, description="Train keys over the shared train section.")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str) -> str:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+        return preset
 
 
 class PreferenceSection(_Section):
     limit: int | None = Field(None, ge=1, description="Only the first N held-out pairs.")
     beta: float = Field(0.1, gt=0, description="β of the implicit reward (scales margins only).")
     max_length: int | None = Field(None, ge=2, description="Default: the train max_length.")
+
+
+# the judge's settings (JudgeConfig's fields) as this section's keys
+_JUDGE_KEYS = {"judge": "judge", "model_name": "judge_name", "api_key_env": "judge_api_key_env",
+               "batch_size": "judge_batch_size"}
 
 
 class AlpacaEvalSection(_Section):
@@ -85,19 +98,19 @@ class AlpacaEvalSection(_Section):
     @property
     def judge_is_api(self) -> bool:
         """An OpenAI-compatible server's URL rather than a local model (as ``JudgeConfig.is_api`` reads it)."""
-        return self.judge.startswith(("http://", "https://"))
+        from perpair.eval.alpaca_eval import is_api_judge
+
+        return is_api_judge(self.judge)
 
     @model_validator(mode="after")
     def _options_of_this_kind_of_judge(self):  # an option the judge would ignore is refused, not dropped
-        api = self.judge_is_api
-        if api and self.judge_batch_size is not None:
-            raise ValueError(f"judge_batch_size is for a local judge, and {self.judge} is an API judge: drop it")
-        if api and not self.judge_name:  # at validation, not after the arms' answers are generated
-            raise ValueError(f"{self.judge} is an API judge: give judge_name, the model name the server expects")
-        given = [k for k in ("judge_name", "judge_api_key_env") if getattr(self, k) is not None]
-        if given and not api:
-            raise ValueError(f"{', '.join(given)}: for an API judge, and {self.judge} is a local judge: drop "
-                             f"{'them' if len(given) > 1 else 'it'}")
+        from perpair.eval.alpaca_eval import JudgeConfig
+
+        problem = JudgeConfig.settings_problem(self.judge, {field: getattr(self, key) for field, key in
+                                                            _JUDGE_KEYS.items() if key != "judge"},
+                                               _JUDGE_KEYS, "key")
+        if problem:
+            raise ValueError(problem)
         return self
 
 
@@ -169,7 +182,7 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
 
 def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:
     """``exc`` (a ``run config, KEY: …`` error of the run's validation) naming the config file, as the errors of
-    loading it do, unless the command line (``--set``) set that key or one inside it."""
+    loading it do, unless the command line (``--set``) set that key or one inside it: then it says so."""
     message = str(exc)
     if config._source is None or not message.startswith("run config, "):
         return exc
@@ -177,5 +190,5 @@ def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:
     key = re.split(r"[: ]", message.removeprefix("run config, "), maxsplit=1)[0]
     loc = tuple(re.sub(r"\[\d+\]$", "", part) for part in key.split("."))
     if _given(command_line, loc):  # (--set there: the file need not be the one to blame)
-        return exc
+        return exc if "(from the command line)" in message else PerpairError(f"{message} (from the command line)")
     return InputError(message, file=path)

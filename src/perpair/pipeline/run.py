@@ -139,8 +139,11 @@ def validate(config: RunConfig) -> Settings:
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
 
+    command_line = config._source[2] if config._source is not None else None
+
     def fail(where: str, exc: Exception) -> PerpairError:
-        detail = format_validation_error(exc, where) if isinstance(exc, ValidationError) else f"{where}: {exc}"
+        detail = (format_validation_error(exc, where, command_line) if isinstance(exc, ValidationError)
+                  else f"{where}: {exc}")
         return PerpairError(f"run config, {detail}")
 
     data = config.data.model_dump(exclude={"sources"})
@@ -374,7 +377,7 @@ class _Job:
             reference = self._reference_file(settings, arm, pairs)
             material["reference"] = file_sha256(reference)
         info = self.stage(f"plan.{arm}", "plan", material, lambda: [output], _plan, pairs, annotations, schedule,
-                          self.config.arms[arm].preset, output, arm, reference)
+                          self.config.arms[arm].preset, output, arm, reference, self.config.arms[arm].beta)
         for warning in info.get("warnings", []):  # shown again when the stage is skipped: the plan still says it
             self.log(f"  warning: {warning}")
         return output
@@ -559,12 +562,15 @@ def _reference(trainings: list[dict[str, Any]], evaluations: list, *, log: Log) 
 
 
 def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: Path, arm: str,
-          reference: Path | None = None, *, log: Log) -> dict[str, Any]:
+          reference: Path | None = None, beta: float | None = None, *, log: Log) -> dict[str, Any]:
     from perpair import plan
     from perpair.plan.reference import read_reference_logps
 
     logps = read_reference_logps(reference, file_sha256(pairs), str(pairs))[0] if reference else None
     result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)
+    if beta is not None and (idle := plan.idle_global_beta(result)):  # as perpair plan --beta: refused, not ignored
+        raise PerpairError(f"arms.{arm}.beta {beta:g} would change nothing: {idle}; drop it, or set "
+                           f"arms.{arm}.schedule.beta.normalise: true to rescale them to it")
     plan.write_plan(result, output)
     plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
                       command=f"perpair run (arm {arm}, preset {preset})")

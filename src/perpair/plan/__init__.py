@@ -19,6 +19,7 @@ from perpair.plan.build import (
     SCHEMA_VERSION,
     PlanResult,
     build_plan,
+    idle_global_beta,
     load_plan,
     write_plan,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PlanResult",
     "Schedule",
     "build_plan",
+    "idle_global_beta",
     "explain",
     "load_plan",
     "report_dir",

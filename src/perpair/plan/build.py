@@ -256,6 +256,21 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     return PlanResult(table=table, provenance=provenance, schedule=schedule, trace=trace)
 
 
+def idle_global_beta(result: PlanResult) -> str | None:
+    """Why the schedule's global β changes nothing in this plan, or None. A per-pair schedule without
+    normalisation gives it only to the preference pairs it finds unannotated: with none, a global β the user set
+    (``perpair plan --beta``, a run arm's ``beta``) would be ignored, and is refused instead."""
+    cfg = result.schedule.beta
+    if cfg.kind == "global" or cfg.normalise:
+        return None
+    routes = np.array(result.table.column("route").to_pylist(), dtype=object)
+    annotated = np.array([c is not None for c in result.table.column("category").to_pylist()], dtype=bool)
+    if np.any((routes == "preference") & ~annotated):
+        return None
+    return (f"beta.normalise is off, so every preference pair takes its β from its annotation (between "
+            f"beta.beta_min {cfg.beta_min:g} and beta.beta_max {cfg.beta_max:g})")
+
+
 def write_plan(result: PlanResult, path: str | os.PathLike) -> None:
     """Write the plan artifact (deterministic bytes for identical inputs and schedule)."""
     write_artifact(path, result.table, kind=KIND, schema_version=SCHEMA_VERSION,

@@ -183,7 +183,7 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     the option) and the key.
     """
     if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}", field="preset")
+        raise InputError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     values = copy.deepcopy(PRESETS[preset])
     source = f"preset {preset}"
     if config_path is not None:
@@ -194,7 +194,7 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
         source = f"{source} with overrides"
     if beta is not None:
         if not math.isfinite(beta) or beta <= 0:
-            raise InputError(f"must be a positive number, got {beta}", field="--beta")
+            raise InputError(f"the global β must be a positive number, got {beta}")
         values = deep_merge(values, {"beta": {"beta": beta}})
     try:
         return Schedule.model_validate(values)

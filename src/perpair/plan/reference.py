@@ -21,14 +21,16 @@ KIND = "reference_logps"
 SCHEMA_VERSION = 1
 
 
-def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file: str) -> tuple[pa.Table, Path]:
+def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file: str,
+                         given_as: str = "reference log-probs") -> tuple[pa.Table, Path]:
     """The reference log-prob table for the pairs file whose SHA-256 is ``pairs_sha256``, and the file it came
-    from. ``path`` is a cache file, or a folder holding cache files (the one of these pairs is taken)."""
+    from. ``path`` is a cache file, or a folder holding cache files (the one of these pairs is taken);
+    ``given_as`` names it in messages (the option that gave it: ``--reference-logps``)."""
     path = Path(path)
     if path.is_dir():
-        return _find(path, pairs_sha256, pairs_file)
+        return _find(path, pairs_sha256, pairs_file, given_as)
     if not path.exists():
-        raise InputError("no such file or folder", file=str(path), field="--reference-logps")
+        raise InputError(f"{given_as} {path}: no such file or folder")
     table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
     made_from = _pairs_sha(provenance)
     if made_from != pairs_sha256:
@@ -38,7 +40,7 @@ def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file:
     return table, path
 
 
-def _find(folder: Path, pairs_sha256: str, pairs_file: str) -> tuple[pa.Table, Path]:
+def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tuple[pa.Table, Path]:
     found = []
     for candidate in sorted(folder.glob("*.parquet")):
         try:
@@ -48,12 +50,12 @@ def _find(folder: Path, pairs_sha256: str, pairs_file: str) -> tuple[pa.Table, P
         if _pairs_sha(provenance) == pairs_sha256:
             found.append((table, candidate, provenance["key"].get("model")))
     if not found:
-        raise InputError(f"no reference log-probs of {pairs_file} here; run perpair train on it first (its "
-                         "reference pass fills this cache)", file=str(folder), field="--reference-logps")
+        raise InputError(f"{given_as} {folder}: no reference log-probs of {pairs_file} here; run perpair train on "
+                         "it first (its reference pass fills this cache)")
     if len(found) > 1:
         listed = "; ".join(f"{p} (model {m})" for _, p, m in found)
-        raise InputError(f"{len(found)} reference log-prob files for {pairs_file} (different models or "
-                         f"settings): name one of {listed}", file=str(folder), field="--reference-logps")
+        raise InputError(f"{given_as} {folder}: {len(found)} reference log-prob files for {pairs_file} (different "
+                         f"models or settings): name one of {listed}")
     table, candidate, _ = found[0]
     return table, candidate
 
