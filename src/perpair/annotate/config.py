@@ -114,8 +114,6 @@ class ApiTeacherConfig(ChatClientConfig, NumbersNotBools):
         return _check_templates(names, "generate")
 
 
-
-
 def _kind(teacher: Any) -> Any:
     return teacher.get("kind") if isinstance(teacher, dict) else getattr(teacher, "kind", None)
 
