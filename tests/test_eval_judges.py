@@ -369,3 +369,49 @@ def test_a_refused_option_value_is_named_by_its_option(tmp_path):
         result = run_cli(*args, check=False)
         assert result.returncode == 2 and result.stderr.startswith(f"error: invalid options: {says}"), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reference_file_given_is_checked_against_the_official_rows_before_its_lc(tmp_path, monkeypatch,
+                                                                                   tiny_model_dir):
+    """The annotations' rows are the reference file's, and the LC reads each instruction's difficulty by its row
+    position. perpair run has no --data-dir, so a reference file of its config was never checked: a file in another
+    order got an LC of other instructions' difficulties. Now it is checked against the data folder's copy, else the
+    Hub's; offline without a data folder it gets no LC (its raw figures stand), and the official file gets its LC."""
+    from perpair.eval import alpaca_eval, sources
+    from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, run_alpaca_eval
+    from perpair.eval.generate import GenerationConfig
+
+    class Judge:
+        batch_size = 8
+
+        def judge(self, prompts, shared):
+            return [{"logprobs": {"m": -0.2 * (k % 3 + 1), "M": -0.5}} for k in range(len(prompts))]
+
+    monkeypatch.setattr(alpaca_eval, "load_judge", lambda config: Judge())
+    official = AE / sources.LOCAL_REFERENCE
+    records = json.load(gzip.open(official))[:6]
+    reordered = tmp_path / "reference.json"
+    reordered.write_text(json.dumps(records[::-1]))
+
+    def evaluate(reference, **options):
+        config = AlpacaEvalConfig(model=str(tiny_model_dir), output_dir=tmp_path / "ae", limit=6,
+                                  reference=reference, judge_prompt=AE / sources.LOCAL_JUDGE_PROMPT,
+                                  difficulty=AE / sources.LOCAL_DIFFICULTY, judge=JudgeConfig(judge="http://h:9/v1",
+                                                                                              model_name="j"),
+                                  generation=GenerationConfig(max_new_tokens=2, batch_size=6), **options)
+        return run_alpaca_eval(config)
+
+    # offline, no data folder (a run's config before): nothing to check the file against, so no LC
+    row = evaluate(reordered, offline=True)
+    assert row["length_controlled_winrate"] is None or math.isnan(row["length_controlled_winrate"])
+    assert row["lc_note"].startswith("no LC") and "cannot be checked" in row["lc_note"] and row["n_total"] == 6
+    # with the data folder, or online against the Hub's copy: the first row that differs is named
+    row = evaluate(reordered, offline=True, data_dir=AE)
+    assert "row 1 is" in row["lc_note"] and math.isnan(row["length_controlled_winrate"])
+    fetched = []
+    monkeypatch.setattr(sources, "hub_file", lambda filename, **kw: fetched.append(filename) or official)
+    row = evaluate(reordered, offline=False)
+    assert fetched == [sources.HUB_REFERENCE] and "row 1 is" in row["lc_note"]
+    # the official file given: its LC
+    row = evaluate(official, offline=False)
+    assert 0 < row["length_controlled_winrate"] < 100 and row["lc_method"] == "fit_offline_approximation"

@@ -9,6 +9,7 @@ model, generator_2, annotator, preference, raw_completion), ``results.json`` (th
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from perpair.eval.judges import (
     is_switched,
     judged_preference,
 )
-from perpair.eval.score import ScoreOptions, json_ready, score_frame
+from perpair.eval.score import BASELINE_NAME, ScoreOptions, json_ready, score_frame
 from perpair.models import model_fingerprint, resolve_model
 
 Progress = Callable[[str, int, int], None]
@@ -137,7 +138,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
         reference = reference.iloc[:config.limit]
     template = judge_prompt_template(config.judge_prompt, config.data_dir)
     score_options = config.score_options()
-    lc_inputs = score_options.resolve()
+    lc_inputs, unchecked = official_rows(config, score_options.resolve())
     model_path = resolve_model(config.model)
     name = config.name or model_label(model_path) or config.model
     out = Path(config.output_dir)
@@ -161,7 +162,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     sources.write_json_records(out / "annotations.json", annotations)
 
     frame = sources.read_annotations(out / "annotations.json")
-    row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline)
+    row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline,
+                      unchecked=unchecked)
     row.pop("glm_preference", None)
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
                 "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
@@ -170,6 +172,27 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
                 "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])
     return row
+
+
+def official_rows(config: AlpacaEvalConfig, lc_inputs: sources.LCInputs) -> tuple[sources.LCInputs, str | None]:
+    """The LC inputs with AlpacaEval's official rows to check the annotations against, and why there are none
+    when they are needed. The annotations' rows are the reference file's, and the length-controlled GLM reads each
+    instruction's difficulty by its row position: a reference file given (another instruction set, order or
+    baseline?) is checked against the data folder's copy, else the Hub's (online); offline without a data folder
+    it cannot be, and its rows get no LC rather than other instructions' difficulties."""
+    if config.reference is None or lc_inputs.instructions is not None:  # the official file itself, or checked
+        return lc_inputs, None
+    if sources.is_offline(config.offline):
+        return lc_inputs, (f"the rows are the reference file's ({config.reference}), which offline cannot be checked "
+                           f"against AlpacaEval's instructions in the official order and the {BASELINE_NAME} "
+                           "baseline's outputs, whose positions the length-controlled GLM reads: give a data folder "
+                           f"holding {sources.LOCAL_REFERENCE} (--data-dir; eval.alpaca_eval.data_dir in a run "
+                           "config)")
+    hint = (f"the reference file given is checked against it: give a data folder holding {sources.LOCAL_REFERENCE} "
+            "(--data-dir; eval.alpaca_eval.data_dir in a run config)")
+    official = sources.read_outputs(sources.hub_file(sources.HUB_REFERENCE, hint=hint))
+    return dataclasses.replace(lc_inputs, instructions=official["instruction"].tolist(),
+                               baseline_outputs=official["output"].tolist()), None
 
 
 def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: JudgeConfig, template: str,

@@ -226,6 +226,8 @@ def _check_other_models_and_files(config: RunConfig, annotate: Any,
         value = getattr(section, key) if section is not None else None
         if value is not None and not Path(value).is_file():
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: {value}: no such file")
+    if section is not None and section.data_dir is not None and not Path(section.data_dir).is_dir():
+        raise PerpairError(f"run config, eval.alpaca_eval.data_dir: {section.data_dir}: no such folder")
 
 
 def check_model(spec: str) -> None:
@@ -482,7 +484,7 @@ class _Job:
                                   prefix_cache=self.workdir / "judge_prefixes"),  # the judge prompts' shared beginnings
                 generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
-                difficulty=a.difficulty, glm_weights=a.glm_weights)
+                difficulty=a.difficulty, glm_weights=a.glm_weights, data_dir=a.data_dir)
             # dtype auto leaves the stamp as it was before the option existed. The config names the judge and the
             # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
             # files' contents), so a judge retrained or a prompt edited in place evaluates again
@@ -490,6 +492,13 @@ class _Job:
                         "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
+            if a.data_dir is not None:  # the data folder's files it reads, by content
+                from perpair.eval import sources
+
+                names = (sources.LOCAL_REFERENCE, sources.LOCAL_JUDGE_PROMPT, sources.LOCAL_DIFFICULTY,
+                         sources.LOCAL_GLM_WEIGHTS, sources.LOCAL_LEADERBOARD)
+                material["data_dir"] = {name: file_sha256(Path(a.data_dir) / name) for name in names
+                                        if (Path(a.data_dir) / name).is_file()}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
                                                 config)
