@@ -71,7 +71,7 @@ def test_preference_from_logprobs_edge_cases():
 def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_path):
     """``dtype: bfloat16`` (perpair run's eval.alpaca_eval.dtype) loads the judge's weights in bfloat16, whose
     log-probs are near float32's but not equal, so they are cached apart; so are answers generated in bfloat16.
-    ``auto`` keeps the identities cached before the option existed."""
+    ``auto`` is keyed as it resolves (float32 on this CPU)."""
     import torch
 
     from conftest import save_tiny_llama
@@ -91,7 +91,7 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
                      for a, b in zip(x, y, strict=True))
     assert 0 < difference < 0.1
     tokenizer = {"tokenizer": tokenizer_identity(model)}
-    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model), tokenizer]
+    assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model), "float32", tokenizer]
     assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16",
                                                                           tokenizer]
     plain = generation_identity("f", GenerationConfig(max_new_tokens=8))

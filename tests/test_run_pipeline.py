@@ -585,6 +585,30 @@ def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_key
     assert third.ran == ["eval.dpo.alpaca_eval"] and third.notes[0].startswith("dpo: AlpacaEval LC: no LC: fewer")
 
 
+def test_dtype_auto_evaluates_again_where_it_resolves_to_another_dtype(tmp_path, tiny, monkeypatch):
+    """eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
+    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
+    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
+    stage, the answers and the judgments are keyed by the dtype as it resolves."""
+    import torch
+
+    from perpair.eval import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"].update(preference=None)
+    evaluations = {"eval.dpo.alpaca_eval", "eval.base.alpaca_eval"}
+    assert evaluations <= set(_run(config)[0].ran)
+    assert evaluations <= set(_run(config)[0].skipped)
+    # where auto is bfloat16 (a GPU: here the same CPU, told so)
+    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
+                        else getattr(torch, name))
+    again, _ = _run(config)
+    assert set(again.ran) == evaluations
+    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
+    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
+
+
 def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
     """An arm's plan that warns (here: annotations of the first 6 pairs only, so the others fall back to the
     global β) says so in the run's log, as `perpair plan` does, and again when the plan stage is skipped."""

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpair.errors import PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_answers, tokenizer_identity
+from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers, tokenizer_identity
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -121,11 +121,10 @@ def load_judge(config: JudgeConfig):
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before.
-    # The tokenizer and chat template render the judge's prompt: edited in place, the judgments are others.
+    # the dtype as it resolves here (auto: bfloat16 on a GPU, float32 on a CPU: other log-probs). The tokenizer and
+    # chat template render the judge's prompt: edited in place, the judgments are others.
     path = resolve_model(config.judge)
-    identity: list[Any] = ["local", model_fingerprint(path)]
-    identity += [config.dtype] if config.dtype != "auto" else []
+    identity: list[Any] = ["local", model_fingerprint(path), dtype_name(config.dtype)]
     tokenizer = tokenizer_identity(path)
     return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 

@@ -160,15 +160,24 @@ def generation_identity(fingerprint: str, config: GenerationConfig, tokenizer: s
     """What an answer is cached under: the model's content, its tokenizer and chat template (``tokenizer``, from
     :func:`tokenizer_identity`) and the settings that change it, the backend and dtype as they resolve here (``auto``
     is vLLM on one machine and Transformers on another, bfloat16 on a GPU and float32 on a CPU: other answers)."""
-    settings = config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})
-    settings["backend"] = resolved_backend(config.backend)
-    # vLLM reads dtype auto from the model's config.json, which the fingerprint holds
-    settings["dtype"] = (config.dtype if settings["backend"] == "vllm"
-                         else str(torch_dtype(config.dtype)).removeprefix("torch."))
+    settings = {**config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"}),
+                **resolved_settings(config)}
     identity: dict[str, Any] = {"model": fingerprint, "settings": settings}
     if tokenizer is not None:
         identity["tokenizer"] = tokenizer
     return identity
+
+
+def resolved_settings(config: GenerationConfig) -> dict[str, str]:
+    """The backend and dtype that generate, as ``auto`` resolves them on this machine."""
+    backend = resolved_backend(config.backend)
+    # vLLM reads dtype auto from the model's config.json, which the model's fingerprint holds
+    return {"backend": backend, "dtype": config.dtype if backend == "vllm" else dtype_name(config.dtype)}
+
+
+def dtype_name(name: str) -> str:
+    """A dtype name as :func:`torch_dtype` resolves it here (``auto``: bfloat16 on a GPU, float32 on a CPU)."""
+    return str(torch_dtype(name)).removeprefix("torch.")
 
 
 def tokenizer_identity(model_path: str) -> str | None:

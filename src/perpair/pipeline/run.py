@@ -455,7 +455,7 @@ class _Job:
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
-        from perpair.eval.generate import GenerationConfig
+        from perpair.eval.generate import GenerationConfig, resolved_settings
         from perpair.models import model_fingerprint
 
         section = self.config.eval
@@ -485,10 +485,11 @@ class _Job:
                 generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
                 difficulty=a.difficulty, glm_weights=a.glm_weights, data_dir=a.data_dir)
-            # dtype auto leaves the stamp as it was before the option existed. The config names the judge and the
-            # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
-            # files' contents), so a judge retrained or a prompt edited in place evaluates again
-            material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
+            # the generation's backend and dtype as auto resolves them here (a workdir evaluated on a GPU, in
+            # bfloat16, is evaluated again on a CPU, in float32). The config names the judge and the files by path:
+            # what they hold is part of the stamp too (a local judge's weights, dtype and tokenizer, the files'
+            # contents), so a judge retrained or a prompt edited in place evaluates again
+            material = {"config": a.model_dump(mode="json"), "generation": resolved_settings(config.generation),
                         "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
