@@ -292,13 +292,13 @@ class _Job:
     @property
     def model_key(self) -> str:
         """Identity of the initial model: a local folder by its files and the contents of its weights and
-        config (weights rewritten in place are another model), a Hub id by itself."""
+        config (weights rewritten in place are another model), a Hub id by itself and the commit it loads."""
         if self._model_key is None:
             from perpair.models import model_fingerprint, resolve_model
 
             path = Path(resolve_model(self.config.model))
             self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path))]
-                                         if path.is_dir() else str(path)})
+                                         if path.is_dir() else [str(path), model_fingerprint(str(path))]})
         return self._model_key
 
     # ---------------------------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ class _Job:
         test = pairs.with_name("pairs.test.parquet") if settings.prepare.test_fraction > 0 else None
         sources = self.config.data.sources
         material = {"options": settings.prepare.model_dump(mode="json"),
-                    "sources": [_source_identity(s) for s in sources]}
+                    "sources": [_source_identity(s, settings.prepare.revision) for s in sources]}
         info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], _prepare,
                           sources, pairs, settings.prepare)
         counts = info.get("counts", {})
@@ -456,7 +456,8 @@ class _Job:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
         from perpair.eval.generate import GenerationConfig, resolved_settings
-        from perpair.models import model_fingerprint
+        from perpair.eval.sources import ALPACA_EVAL_REPO, is_offline
+        from perpair.models import hub_commit, model_fingerprint
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
@@ -493,6 +494,8 @@ class _Job:
                         "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
+            if not is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
+                material["hub"] = hub_commit(ALPACA_EVAL_REPO, "dataset")
             if a.data_dir is not None:  # the data folder's files it reads, by content
                 from perpair.eval import sources
 
@@ -508,15 +511,18 @@ class _Job:
         return results
 
 
-def _source_identity(source: str) -> Any:
+def _source_identity(source: str, revision: str | None = None) -> Any:
     """A data source as the prepare stage's key holds it: a file by its SHA-256, a local dataset folder by the
-    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself."""
+    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself and the
+    commit it loads (data.revision, else main, moves when the dataset's repository does)."""
+    from perpair.models import hub_commit
+
     path = Path(source)
     if path.is_file():
         return file_sha256(path)
     if path.is_dir():
         return [source, sorted([str(p.relative_to(path)), file_sha256(p)] for p in path.rglob("*") if p.is_file())]
-    return source
+    return [source, hub_commit(source.removeprefix("hub:"), "dataset", revision)]
 
 
 # -------------------------------------------------------------------------------------------------------
