@@ -227,6 +227,12 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     no_reference["eval"]["alpaca_eval"]["reference"] = str(tmp_path / "nowhere.json")
     no_data_dir = _config(tmp_path, tiny)
     no_data_dir["eval"]["alpaca_eval"]["data_dir"] = str(tmp_path / "nowhere")
+    # offline, a file neither given nor in the data folder: read after training, an error then
+    offline_no_reference = _config(tmp_path, tiny)
+    offline_no_reference["eval"]["alpaca_eval"].update(reference=None, data_dir=None)
+    (tmp_path / "empty").mkdir()
+    offline_no_difficulty = _config(tmp_path, tiny)
+    offline_no_difficulty["eval"]["alpaca_eval"].update(difficulty=None, data_dir=str(tmp_path / "empty"))
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
@@ -235,7 +241,9 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
                           (weightless_teacher, f"annotate.teachers[0]: model {no_weights}: the folder holds no"),
                           (weightless_judge, f"eval.alpaca_eval.judge: model {no_weights}: the folder holds no"),
                           (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file"),
-                          (no_data_dir, f"eval.alpaca_eval.data_dir: {tmp_path / 'nowhere'}: no such folder")):
+                          (no_data_dir, f"eval.alpaca_eval.data_dir: {tmp_path / 'nowhere'}: no such folder"),
+                          (offline_no_reference, "eval.alpaca_eval.reference: offline, no file to read it from"),
+                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()

@@ -228,6 +228,28 @@ def _check_other_models_and_files(config: RunConfig, annotate: Any,
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: {value}: no such file")
     if section is not None and section.data_dir is not None and not Path(section.data_dir).is_dir():
         raise PerpairError(f"run config, eval.alpaca_eval.data_dir: {section.data_dir}: no such folder")
+    if section is not None:
+        _check_alpaca_eval_files(section)
+
+
+def _check_alpaca_eval_files(section: Any) -> None:
+    """The files the evaluation reads from the data folder, or (offline) has nowhere else to read, are there: they
+    are first read after training otherwise."""
+    from perpair.eval import sources
+    from perpair.eval.alpaca_eval import judge_prompt_template
+
+    try:  # given, else the data folder's, else the one installed with alpaca-eval
+        judge_prompt_template(section.judge_prompt, section.data_dir)
+    except PerpairError:
+        raise PerpairError(f"run config, eval.alpaca_eval.judge_prompt: no AlpacaEval judge prompt: give judge_prompt "
+                           f"({sources.LOCAL_JUDGE_PROMPT}) or data_dir (a folder holding it), or install "
+                           "alpaca-eval") from None
+    if not sources.is_offline(section.offline):  # online, the Hub's
+        return
+    for key, name in (("reference", sources.LOCAL_REFERENCE), ("difficulty", sources.LOCAL_DIFFICULTY)):
+        if getattr(section, key) is None and sources.data_file(None, section.data_dir, name) is None:
+            raise PerpairError(f"run config, eval.alpaca_eval.{key}: offline, no file to read it from: give {key} "
+                               f"({name}) or data_dir (a folder holding it)")
 
 
 def check_model(spec: str) -> None:
@@ -454,9 +476,9 @@ class _Job:
 
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
+        from perpair.eval import sources
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
         from perpair.eval.generate import GenerationConfig, resolved_settings
-        from perpair.eval.sources import ALPACA_EVAL_REPO, is_offline
         from perpair.models import hub_commit, model_fingerprint
 
         section = self.config.eval
@@ -494,11 +516,9 @@ class _Job:
                         "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
-            if not is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
-                material["hub"] = hub_commit(ALPACA_EVAL_REPO, "dataset")
+            if not sources.is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
+                material["hub"] = hub_commit(sources.ALPACA_EVAL_REPO, "dataset")
             if a.data_dir is not None:  # the data folder's files it reads, by content
-                from perpair.eval import sources
-
                 names = (sources.LOCAL_REFERENCE, sources.LOCAL_JUDGE_PROMPT, sources.LOCAL_DIFFICULTY,
                          sources.LOCAL_GLM_WEIGHTS, sources.LOCAL_LEADERBOARD)
                 material["data_dir"] = {name: file_sha256(Path(a.data_dir) / name) for name in names
