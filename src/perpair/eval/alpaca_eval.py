@@ -9,7 +9,6 @@ model, generator_2, annotator, preference, raw_completion), ``results.json`` (th
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from collections.abc import Callable
@@ -137,7 +136,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
         reference = reference.iloc[:config.limit]
     template = judge_prompt_template(config.judge_prompt, config.data_dir)
     score_options = config.score_options()
-    lc_inputs, unchecked = official_rows(config, score_options.resolve())
+    lc_inputs = score_options.resolve()
+    unchecked = unchecked_rows(config, lc_inputs)
     model_path = resolve_model(config.model)
     name = config.name or model_label(model_path) or config.model
     out = Path(config.output_dir)
@@ -173,25 +173,18 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     return row
 
 
-def official_rows(config: AlpacaEvalConfig, lc_inputs: sources.LCInputs) -> tuple[sources.LCInputs, str | None]:
-    """The LC inputs with AlpacaEval's official rows to check the annotations against, and why there are none
-    when they are needed. The annotations' rows are the reference file's, and the length-controlled GLM reads each
-    instruction's difficulty by its row position: a reference file given (another instruction set, order or
-    baseline?) is checked against the data folder's copy, else the Hub's (online); offline without a data folder
-    it cannot be, and its rows get no LC rather than other instructions' difficulties."""
+def unchecked_rows(config: AlpacaEvalConfig, lc_inputs: sources.LCInputs) -> str | None:
+    """Why the annotations' rows cannot be checked against AlpacaEval's official ones, or None. The rows are the
+    reference file's, and the length-controlled GLM reads each instruction's difficulty by its row position: a
+    reference file given (another instruction set, order or baseline?) is checked against the data folder's copy,
+    else online the Hub's; offline without a data folder it cannot be, and gets no LC rather than other
+    instructions' difficulties."""
     if config.reference is None or lc_inputs.instructions is not None:  # the official file itself, or checked
-        return lc_inputs, None
-    if sources.is_offline(config.offline):
-        return lc_inputs, (f"the rows are the reference file's ({config.reference}), which offline cannot be checked "
-                           f"against AlpacaEval's instructions in the official order and the {BASELINE_NAME} "
-                           "baseline's outputs, whose positions the length-controlled GLM reads: give a data folder "
-                           f"holding {sources.LOCAL_REFERENCE} (--data-dir; eval.alpaca_eval.data_dir in a run "
-                           "config)")
-    hint = (f"the reference file given is checked against it: give a data folder holding {sources.LOCAL_REFERENCE} "
+        return None
+    return (f"the rows are the reference file's ({config.reference}), which offline cannot be checked against "
+            f"AlpacaEval's instructions in the official order and the {BASELINE_NAME} baseline's outputs, whose "
+            f"positions the length-controlled GLM reads: give a data folder holding {sources.LOCAL_REFERENCE} "
             "(--data-dir; eval.alpaca_eval.data_dir in a run config)")
-    official = sources.read_outputs(sources.hub_file(sources.HUB_REFERENCE, hint=hint))
-    return dataclasses.replace(lc_inputs, instructions=official["instruction"].tolist(),
-                               baseline_outputs=official["output"].tolist()), None
 
 
 def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: JudgeConfig, template: str,
