@@ -71,10 +71,7 @@ install-test: $(VENV)/.installed-test $(VENV)/.llama-cpp
 # the config's Hub split (train_prefs) does not apply.
 AE := $(SHARED)/alpaca_eval
 OFFLINE := $(if $(wildcard $(DATA)),1)
-OFFLINE_SETS := --set data.split=null --set eval.alpaca_eval.offline=true \
-	--set eval.alpaca_eval.reference=$(AE)/reference_outputs_gpt4_1106_preview.json.gz \
-	--set eval.alpaca_eval.difficulty=$(AE)/instruction_difficulty_reconstructed.csv \
-	--set eval.alpaca_eval.judge_prompt=$(AE)/judge_prompt_alpaca_eval_clf.txt
+OFFLINE_SETS := --set data.split=null --set eval.alpaca_eval.offline=true --set eval.alpaca_eval.data_dir=$(AE)
 
 # Online, the AlpacaEval judge prompt comes from the alpaca_eval package (a test extra); offline, from $(SHARED).
 demo: $(if $(OFFLINE),install,$(VENV)/.installed-test)

@@ -37,9 +37,7 @@ def job(workdir: Path, workers: int, limit: int, arms: list[str]) -> dict:
     config["train"].pop("threads", None)
     config["arms"] = {arm: config["arms"][arm] for arm in arms}
     config["eval"]["alpaca_eval"].update(
-        limit=4, max_new_tokens=48, offline=True, reference=str(AE / "reference_outputs_gpt4_1106_preview.json.gz"),
-        difficulty=str(AE / "instruction_difficulty_reconstructed.csv"),
-        judge_prompt=str(AE / "judge_prompt_alpaca_eval_clf.txt"))
+        limit=4, max_new_tokens=48, offline=True, data_dir=str(AE))
     return config
 
 

@@ -23,7 +23,7 @@ N = 20
 COMMON = ("--model", "smollm2", "--limit", str(N), "--max-new-tokens", "24", "--batch-size", "4", "--offline",
           "--reference", str(AE / "reference_outputs_gpt4_1106_preview.json.gz"),
           "--judge-prompt", str(AE / "judge_prompt_alpaca_eval_clf.txt"),
-          "--difficulty", str(AE / "instruction_difficulty_reconstructed.csv"), "--json")
+          "--difficulty", str(AE / "instruction_difficulty_reconstructed.csv"), "--data-dir", str(AE), "--json")
 
 pytestmark = pytest.mark.slow
 

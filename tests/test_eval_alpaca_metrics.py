@@ -358,6 +358,31 @@ def test_rows_out_of_the_official_order_get_no_lc(tmp_path):
     assert row["length_controlled_winrate"] is not None and row["lc_method"] == "fit_offline_approximation"
 
 
+def test_online_without_a_data_folder_the_rows_are_checked_against_the_hubs(tmp_path, monkeypatch):
+    """Online, the official rows were checked only when a data folder was given: a file in another order, scored
+    with the Hub's difficulties, got an LC of other instructions' difficulties. Now the Hub's reference outputs are
+    the official rows there."""
+    import huggingface_hub
+
+    from perpair.eval.sources import HUB_DIFFICULTY, HUB_REFERENCE
+
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    shuffled = tmp_path / "shuffled.json"
+    shuffled.write_text(json.dumps([records[i] for i in np.random.default_rng(0).permutation(len(records))]))
+    hub = {HUB_REFERENCE: AE / "reference_outputs_gpt4_1106_preview.json.gz",
+           HUB_DIFFICULTY: AE / "instruction_difficulty_reconstructed.csv"}
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *, repo_id, filename, repo_type: asked.append(filename) or str(hub[filename]))
+    monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
+    row = score_annotations(shuffled, ScoreOptions(offline=False, fit=False))
+    assert sorted(asked) == sorted(hub) and pd.isna(row["length_controlled_winrate"])
+    assert row["lc_note"].startswith("no LC: the rows are not AlpacaEval's instructions")
+    assert "row 1 is" in row["lc_note"]
+    row = score_annotations(AE / "annotations" / "claude-2.1.json.gz", ScoreOptions(offline=False, fit=False))
+    assert "official order" not in row["lc_note"]  # in order: only no weights (no data folder) leave it without LC
+
+
 def test_too_few_judged_rows_for_the_fit_give_no_lc_not_an_error(tmp_path):
     """6 rows of which 2 unjudged: the raw figures over 4, and no LC (said), where the fit used to be tried on the
     4 judged rows and stop the whole evaluation (exit 2, after every answer was generated and judged)."""
@@ -377,7 +402,9 @@ def test_score_annotations_online_equals_the_official_lc(tmp_path, monkeypatch):
 
     gamed_csv = tmp_path / "df_gamed.csv"
     _gamed_frame(["alpaca-7b", "gemma-7b-it"]).to_csv(gamed_csv, index=False)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: str(gamed_csv))
+    reference = AE / "reference_outputs_gpt4_1106_preview.json.gz"  # the official rows the file is checked against
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda **kwargs: str(reference if kwargs["filename"].endswith(".json") else gamed_csv))
     records = json.load(gzip.open(AE / "annotations" / "gpt-3.5-turbo-1106.json.gz"))
     for i in (0, 7, 300):
         records[i]["preference"] = None

@@ -94,3 +94,62 @@ def test_a_lora_adapter_folder_is_refused_as_a_model(tmp_path):
         f"error: model {adapter}: a LoRA adapter (adapter_config.json), not a whole model; give the model with the "
         "adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, monkeypatch):
+    """A Hub id stood for itself in every key (answers, judgments, annotations, reference log-probs, a run's stages):
+    when its repository moved, the old commit's results were served. Now the key holds the commit: online the one
+    the Hub serves (what from_pretrained and load_dataset download), offline (or with no answer from the Hub) the
+    one the local cache's ref points to (what they read)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, constants
+
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_identity
+    from perpair.eval.generate import GenerationConfig, generation_identity
+    from perpair.models import hub_commit, model_fingerprint
+    from perpair.pipeline.run import _source_identity
+
+    served = {("org/model", "model"): "a" * 40, ("org/data", "dataset"): "c" * 40}
+    asked = []
+
+    def repo_info(self, repo_id, *, repo_type=None, revision=None, timeout=None):
+        asked.append((repo_id, repo_type or "model", revision))
+        if ("org/gone", "model") == (repo_id, repo_type or "model"):
+            raise ConnectionError("no network")
+        return SimpleNamespace(sha=served[(repo_id, repo_type or "model")])
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    refs = tmp_path / "hub" / "models--org--gone" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("e" * 40)
+    hub_commit.cache_clear()
+    try:
+        before = model_fingerprint("org/model")
+        answers = generation_identity(before, GenerationConfig())
+        judgments = judge_identity(JudgeConfig(judge="org/model"))
+        data = _source_identity("org/data")
+        assert before == f"hub:org/model@{'a' * 40}" and data == ["org/data", "c" * 40]
+        assert model_fingerprint("org/gone") == f"hub:org/gone@{'e' * 40}"  # the Hub unreachable: the cache's
+
+        served.update({("org/model", "model"): "b" * 40, ("org/data", "dataset"): "d" * 40})  # the repositories move
+        hub_commit.cache_clear()  # a new process
+        after = model_fingerprint("org/model")
+        assert after != before and generation_identity(after, GenerationConfig()) != answers
+        assert judge_identity(JudgeConfig(judge="org/model")) != judgments
+        assert _source_identity("org/data") != data
+        assert _source_identity("hub:org/data", "main") == ["hub:org/data", "d" * 40]
+        assert _source_identity("org/data", "f" * 40) == ["org/data", "f" * 40]  # a commit: nothing to ask
+
+        # offline: the local cache's ref, never the Hub
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        hub_commit.cache_clear()
+        asked.clear()
+        (tmp_path / "hub" / "models--org--model" / "refs").mkdir(parents=True)
+        (tmp_path / "hub" / "models--org--model" / "refs" / "main").write_text("9" * 40 + "\n")
+        assert model_fingerprint("org/model") == f"hub:org/model@{'9' * 40}" and not asked
+    finally:
+        hub_commit.cache_clear()

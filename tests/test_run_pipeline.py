@@ -5,6 +5,7 @@ mid-annotation or mid-evaluation keeps every answer (and judgment) it got."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -43,7 +44,8 @@ def _config(tmp: Path, model: Path, **changes) -> dict:
                  "alpaca_eval": {"judge": str(model), "limit": 2, "max_new_tokens": 4, "batch_size": 2,
                                  "offline": True, "reference": str(AE / "reference_outputs_gpt4_1106_preview.json.gz"),
                                  "judge_prompt": str(AE / "judge_prompt_alpaca_eval_clf.txt"),
-                                 "difficulty": str(AE / "instruction_difficulty_reconstructed.csv")}},
+                                 "difficulty": str(AE / "instruction_difficulty_reconstructed.csv"),
+                                 "data_dir": str(AE)}},  # the official rows the reference file is checked against
     }
     for key, value in changes.items():
         config[key] = value
@@ -223,6 +225,14 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     weightless_judge["eval"]["alpaca_eval"]["judge"] = str(no_weights)
     no_reference = _config(tmp_path, tiny)
     no_reference["eval"]["alpaca_eval"]["reference"] = str(tmp_path / "nowhere.json")
+    no_data_dir = _config(tmp_path, tiny)
+    no_data_dir["eval"]["alpaca_eval"]["data_dir"] = str(tmp_path / "nowhere")
+    # offline, a file neither given nor in the data folder: read after training, an error then
+    offline_no_reference = _config(tmp_path, tiny)
+    offline_no_reference["eval"]["alpaca_eval"].update(reference=None, data_dir=None)
+    (tmp_path / "empty").mkdir()
+    offline_no_difficulty = _config(tmp_path, tiny)
+    offline_no_difficulty["eval"]["alpaca_eval"].update(difficulty=None, data_dir=str(tmp_path / "empty"))
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
@@ -230,7 +240,10 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
                           (shared_typo, "unknown key 'train.batchsize'"),
                           (weightless_teacher, f"annotate.teachers[0]: model {no_weights}: the folder holds no"),
                           (weightless_judge, f"eval.alpaca_eval.judge: model {no_weights}: the folder holds no"),
-                          (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file")):
+                          (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file"),
+                          (no_data_dir, f"eval.alpaca_eval.data_dir: {tmp_path / 'nowhere'}: no such folder"),
+                          (offline_no_reference, "eval.alpaca_eval.reference: offline, no file to read it from"),
+                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
@@ -550,6 +563,58 @@ def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny
     prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
     third, _ = _run(config)
     assert set(third.ran) == evaluations
+
+
+def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_keyed(tmp_path, tiny, monkeypatch):
+    """The AlpacaEval rows are the reference file's, and the LC reads each instruction's difficulty by its row
+    position: a run's reference file was never checked against the official order (perpair run had no data folder),
+    so one in another order got an LC of other instructions' difficulties. Now, offline without
+    eval.alpaca_eval.data_dir it gets no LC, said below the table; with it, the row that differs is named; the data
+    folder's files are part of the stage's stamp (a copy edited in place evaluates again)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    official = AE / "reference_outputs_gpt4_1106_preview.json.gz"
+    reference, data = tmp_path / "reference.json", tmp_path / "alpaca_eval"
+    reference.write_text(json.dumps(json.loads(gzip.open(official).read())[:2][::-1]))
+    data.mkdir()
+    shutil.copy(official, data / official.name)
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"].update(preference=None, base=False)
+    config["eval"]["alpaca_eval"].update(reference=str(reference), data_dir=None)
+    first, _ = _run(config)
+    assert len(first.notes) == 1 and "cannot be checked" in first.notes[0]
+    assert first.notes[0].startswith("dpo: AlpacaEval LC: no LC: the rows are the reference file's")
+    config["eval"]["alpaca_eval"]["data_dir"] = str(data)
+    second, _ = _run(config)
+    assert second.ran == ["eval.dpo.alpaca_eval"] and "row 1 is" in second.notes[0]
+    assert _run(config)[0].ran == []
+    with gzip.open(data / official.name, "wt") as handle:  # the official rows, edited: checked again
+        handle.write(json.dumps(json.loads(gzip.open(official).read())[:2][::-1]))
+    third, _ = _run(config)
+    assert third.ran == ["eval.dpo.alpaca_eval"] and third.notes[0].startswith("dpo: AlpacaEval LC: no LC: fewer")
+
+
+def test_dtype_auto_evaluates_again_where_it_resolves_to_another_dtype(tmp_path, tiny, monkeypatch):
+    """eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
+    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
+    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
+    stage, the answers and the judgments are keyed by the dtype as it resolves."""
+    import torch
+
+    from perpair.eval import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"].update(preference=None)
+    evaluations = {"eval.dpo.alpaca_eval", "eval.base.alpaca_eval"}
+    assert evaluations <= set(_run(config)[0].ran)
+    assert evaluations <= set(_run(config)[0].skipped)
+    # where auto is bfloat16 (a GPU: here the same CPU, told so)
+    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
+                        else getattr(torch, name))
+    again, _ = _run(config)
+    assert set(again.ran) == evaluations
+    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
+    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
 def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):

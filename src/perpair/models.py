@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -157,11 +158,12 @@ def _hub_id(spec: str) -> bool:
 
 def model_fingerprint(spec: str) -> str:
     """Content hash of a local model folder (config and weight files), so a model retrained at the same path is a
-    new model to every cache; a Hub id stands for itself. File hashes are remembered by (path, size, mtime) in
-    the cache folder, so a 500 MB checkpoint is hashed once."""
+    new model to every cache; a Hub id by the commit its files come from (:func:`hub_commit`), so a repository
+    that moves is another model. File hashes are remembered by (path, size, mtime) in the cache folder, so a
+    500 MB checkpoint is hashed once."""
     folder = Path(spec)
     if not folder.is_dir():
-        return f"hub:{spec}"
+        return f"hub:{spec}@{hub_commit(spec) or 'unresolved'}"
     memo_path = cache_root() / "file_hashes.json"
     try:
         memo = json.loads(memo_path.read_text())
@@ -178,3 +180,34 @@ def model_fingerprint(spec: str) -> str:
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(memo_path, json.dumps(memo, sort_keys=True))
     return digest.hexdigest()
+
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@functools.cache  # one question to the Hub per repository and process: every stage keys its models by it
+def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = None) -> str | None:
+    """The commit a Hub repository's files are loaded from (``from_pretrained``, ``load_dataset``): online, the one
+    ``revision`` (default main) points to on the Hub now, which they download; offline, or when the Hub does not
+    answer (they then read the local cache), the one the local cache's ref points to. None when neither knows."""
+    if revision is not None and COMMIT.fullmatch(revision):
+        return revision
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline:
+        try:
+            sha = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision,
+                                   timeout=constants.HF_HUB_ETAG_TIMEOUT).sha  # as long as the loaders wait
+        except Exception:  # noqa: BLE001 - no network, no access: the loaders fall back to the cache, so do we
+            sha = None
+        if sha:
+            return sha
+    ref = (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs"
+           / (revision or "main"))
+    try:
+        commit = ref.read_text().strip()
+    except OSError:
+        return None
+    return commit or None

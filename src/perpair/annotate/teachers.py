@@ -199,10 +199,10 @@ class LocalTeacher:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             what = "a model folder (config.json)" if folder.is_dir() else "a model on the Hub or in its cache"
             raise PerpairError(f"teacher {self.id}: {spec} is not {what}: {first}") from None
-        if folder.is_dir():  # part of every cache key: a model retrained at the same path is another teacher
-            from perpair.models import model_fingerprint
+        # part of every cache key: a model retrained at the same path, or a Hub repository moved, is another teacher
+        from perpair.models import model_fingerprint
 
-            self.fingerprint["weights"] = model_fingerprint(spec)
+        self.fingerprint["weights"] = model_fingerprint(spec)
 
     def _load(self):
         if self._scorer is None:

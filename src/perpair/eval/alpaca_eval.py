@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from perpair.errors import PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, generate_answers, tokenizer_identity
+from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers, tokenizer_identity
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -29,7 +29,7 @@ from perpair.eval.judges import (
     is_switched,
     judged_preference,
 )
-from perpair.eval.score import ScoreOptions, json_ready, score_frame
+from perpair.eval.score import BASELINE_NAME, ScoreOptions, json_ready, score_frame
 from perpair.models import model_fingerprint, resolve_model
 
 Progress = Callable[[str, int, int], None]
@@ -147,11 +147,10 @@ def load_judge(config: JudgeConfig):
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
-    # a dtype other than auto is part of the identity; auto keeps the identity judgments were cached under before.
-    # The tokenizer and chat template render the judge's prompt: edited in place, the judgments are others.
+    # the dtype as it resolves here (auto: bfloat16 on a GPU, float32 on a CPU: other log-probs). The tokenizer and
+    # chat template render the judge's prompt: edited in place, the judgments are others.
     path = resolve_model(config.judge)
-    identity: list[Any] = ["local", model_fingerprint(path)]
-    identity += [config.dtype] if config.dtype != "auto" else []
+    identity: list[Any] = ["local", model_fingerprint(path), dtype_name(config.dtype)]
     tokenizer = tokenizer_identity(path)
     return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 
@@ -165,6 +164,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     template = judge_prompt_template(config.judge_prompt, config.data_dir)
     score_options = config.score_options()
     lc_inputs = score_options.resolve()
+    unchecked = unchecked_rows(config, lc_inputs)
     model_path = resolve_model(config.model)
     name = config.name or model_label(model_path) or config.model
     out = Path(config.output_dir)
@@ -188,7 +188,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     sources.write_json_records(out / "annotations.json", annotations)
 
     frame = sources.read_annotations(out / "annotations.json")
-    row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline)
+    row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline,
+                      unchecked=unchecked)
     row.pop("glm_preference", None)
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
                 "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
@@ -197,6 +198,20 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
                 "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])
     return row
+
+
+def unchecked_rows(config: AlpacaEvalConfig, lc_inputs: sources.LCInputs) -> str | None:
+    """Why the annotations' rows cannot be checked against AlpacaEval's official ones, or None. The rows are the
+    reference file's, and the length-controlled GLM reads each instruction's difficulty by its row position: a
+    reference file given (another instruction set, order or baseline?) is checked against the data folder's copy,
+    else online the Hub's; offline without a data folder it cannot be, and gets no LC rather than other
+    instructions' difficulties."""
+    if config.reference is None or lc_inputs.instructions is not None:  # the official file itself, or checked
+        return None
+    return (f"the rows are the reference file's ({config.reference}), which offline cannot be checked against "
+            f"AlpacaEval's instructions in the official order and the {BASELINE_NAME} baseline's outputs, whose "
+            f"positions the length-controlled GLM reads: give a data folder holding {sources.LOCAL_REFERENCE} "
+            "(--data-dir; eval.alpaca_eval.data_dir in a run config)")
 
 
 def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: JudgeConfig, template: str,

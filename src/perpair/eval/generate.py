@@ -103,13 +103,20 @@ class VLLMGenerator:
         return [o.outputs[0].text.strip() for o in outputs]
 
 
-def load_generator(model: str, config: GenerationConfig) -> Generator:
-    if config.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+def resolved_backend(backend: str) -> str:
+    """The backend that generates: ``auto`` is vLLM when it is installed and a GPU is there, else Transformers."""
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise PerpairError("backend vllm: vLLM is not installed (pip install vllm, on a machine with a CUDA GPU); "
                            "the transformers backend needs nothing more")
-    use_vllm = config.backend == "vllm" or (config.backend == "auto" and importlib.util.find_spec("vllm")
-                                           is not None and _has_cuda())
-    return VLLMGenerator(model, config) if use_vllm else TransformersGenerator(model, config)
+    if backend != "auto":
+        return backend
+    return "vllm" if importlib.util.find_spec("vllm") is not None and _has_cuda() else "transformers"
+
+
+def load_generator(model: str, config: GenerationConfig) -> Generator:
+    if resolved_backend(config.backend) == "vllm":
+        return VLLMGenerator(model, config)
+    return TransformersGenerator(model, config)
 
 
 def _has_cuda() -> bool:
@@ -151,15 +158,26 @@ def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Seque
 
 def generation_identity(fingerprint: str, config: GenerationConfig, tokenizer: str | None = None) -> dict[str, Any]:
     """What an answer is cached under: the model's content, its tokenizer and chat template (``tokenizer``, from
-    :func:`tokenizer_identity`) and the settings that change it. A dtype other than auto is one of them (auto keeps
-    the identity answers were cached under before it was)."""
-    settings = config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"})
-    if config.dtype != "auto":
-        settings["dtype"] = config.dtype
+    :func:`tokenizer_identity`) and the settings that change it, the backend and dtype as they resolve here (``auto``
+    is vLLM on one machine and Transformers on another, bfloat16 on a GPU and float32 on a CPU: other answers)."""
+    settings = {**config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"}),
+                **resolved_settings(config)}
     identity: dict[str, Any] = {"model": fingerprint, "settings": settings}
     if tokenizer is not None:
         identity["tokenizer"] = tokenizer
     return identity
+
+
+def resolved_settings(config: GenerationConfig) -> dict[str, str]:
+    """The backend and dtype that generate, as ``auto`` resolves them on this machine."""
+    backend = resolved_backend(config.backend)
+    # vLLM reads dtype auto from the model's config.json, which the model's fingerprint holds
+    return {"backend": backend, "dtype": config.dtype if backend == "vllm" else dtype_name(config.dtype)}
+
+
+def dtype_name(name: str) -> str:
+    """A dtype name as :func:`torch_dtype` resolves it here (``auto``: bfloat16 on a GPU, float32 on a CPU)."""
+    return str(torch_dtype(name)).removeprefix("torch.")
 
 
 def tokenizer_identity(model_path: str) -> str | None:

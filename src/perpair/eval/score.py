@@ -79,9 +79,10 @@ def published_weights_for(row: dict[str, Any], inputs: sources.LCInputs) -> str 
 
 
 def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True, baseline: str = BASELINE_NAME,
-                file: str | None = None) -> dict[str, Any]:
+                file: str | None = None, unchecked: str | None = None) -> dict[str, Any]:
     """Leaderboard metrics of annotations already read (columns: instruction, output_1, output_2, preference),
-    from LC inputs already resolved (:meth:`ScoreOptions.resolve`): no I/O here."""
+    from LC inputs already resolved (:meth:`ScoreOptions.resolve`): no I/O here. ``unchecked``: why the rows cannot
+    be checked against the official ones when they must be (no LC then, as for rows that differ)."""
     row: dict[str, Any] = {"name": name, **win_rate_metrics(frame["preference"]),
                            "avg_length": average_length(frame["output_2"].tolist())}
     n = len(frame)
@@ -98,7 +99,7 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
                          "must be AlpacaEval's instructions in their official order", file=file)
     # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
     # be instruction k, or every figure of the LC reads another instruction's difficulty
-    mismatch = _not_official(frame, inputs)
+    mismatch = unchecked or _not_official(frame, inputs)
     if mismatch is not None:
         for key in ("length_controlled_winrate", "lc_standard_error"):
             row[key] = math.nan
@@ -135,7 +136,10 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         note = f"{OFFLINE_NOTE}. Published weights not used: {not_published}"
     else:
         headline, method = None, None
-        note = f"no LC: fewer than {N_SPLITS} judged instructions and no published weights ({not_published})"
+        # the reason the published weights were not used last, in the words the fit's note has them (a run's table
+        # shows one note for every arm, up to that reason, which names the arm)
+        note = (f"no LC: fewer than {N_SPLITS} judged instructions and no published weights. Published weights not "
+                f"used: {not_published}")
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method

@@ -266,7 +266,7 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
     """Online and without ``difficulty``: the official files from the Hub (``df_gamed.csv`` for the fit, else
     ``instruction_difficulty.csv``). Otherwise the difficulties given or the data folder's reconstructed copy.
     Published weights and the leaderboard: the files given, else the data folder's, else none; the official
-    instruction order: the data folder's reference outputs, else none."""
+    instruction order: the data folder's reference outputs, else the Hub's online, else none."""
     hint = f"pass --offline with --difficulty {LOCAL_DIFFICULTY} or --data-dir"
     gamed = None
     if difficulty is None and not is_offline(offline):
@@ -287,9 +287,12 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
         values, source = read_difficulty_csv(path), str(path)
     weights_path = data_file(glm_weights, data_dir, LOCAL_GLM_WEIGHTS)
     board_path = data_file(leaderboard, data_dir, LOCAL_LEADERBOARD)
-    # the difficulties are by position in the official order: with the data folder's copy of the instructions, a
-    # file in another order, or missing some, is told apart from one whose row k is instruction k
+    # the difficulties are by position in the official order: with the data folder's copy of the instructions (else
+    # online the Hub's), a file in another order, or missing some, is told apart from one whose row k is instruction k
     reference_path = data_file(None, data_dir, LOCAL_REFERENCE)
+    if reference_path is None and not is_offline(offline):
+        reference_path = hub_file(HUB_REFERENCE, hint=f"pass --offline with --data-dir (a folder holding "
+                                                      f"{LOCAL_REFERENCE})")
     reference = read_outputs(reference_path) if reference_path else None
     return LCInputs(values, source, source.startswith("hub:"), gamed,
                     load_glm_weights(weights_path) if weights_path else None,

@@ -94,6 +94,9 @@ class AlpacaEvalSection(_Section):
     judge_prompt: str | None = None
     difficulty: str | None = None
     glm_weights: str | None = None
+    data_dir: str | None = Field(None, description="A folder laid out as ../shared/data/alpaca_eval (perpair eval's "
+                                                   "--data-dir): the files above not given, and the official rows a "
+                                                   "reference file given is checked against offline.")
 
     @property
     def judge_is_api(self) -> bool:

@@ -229,6 +229,30 @@ def _check_other_models_and_files(config: RunConfig, annotate: Any,
         value = getattr(section, key) if section is not None else None
         if value is not None and not Path(value).is_file():
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: {value}: no such file")
+    if section is not None and section.data_dir is not None and not Path(section.data_dir).is_dir():
+        raise PerpairError(f"run config, eval.alpaca_eval.data_dir: {section.data_dir}: no such folder")
+    if section is not None:
+        _check_alpaca_eval_files(section)
+
+
+def _check_alpaca_eval_files(section: Any) -> None:
+    """The files the evaluation reads from the data folder, or (offline) has nowhere else to read, are there: they
+    are first read after training otherwise."""
+    from perpair.eval import sources
+    from perpair.eval.alpaca_eval import judge_prompt_template
+
+    try:  # given, else the data folder's, else the one installed with alpaca-eval
+        judge_prompt_template(section.judge_prompt, section.data_dir)
+    except PerpairError:
+        raise PerpairError(f"run config, eval.alpaca_eval.judge_prompt: no AlpacaEval judge prompt: give judge_prompt "
+                           f"({sources.LOCAL_JUDGE_PROMPT}) or data_dir (a folder holding it), or install "
+                           "alpaca-eval") from None
+    if not sources.is_offline(section.offline):  # online, the Hub's
+        return
+    for key, name in (("reference", sources.LOCAL_REFERENCE), ("difficulty", sources.LOCAL_DIFFICULTY)):
+        if getattr(section, key) is None and sources.data_file(None, section.data_dir, name) is None:
+            raise PerpairError(f"run config, eval.alpaca_eval.{key}: offline, no file to read it from: give {key} "
+                               f"({name}) or data_dir (a folder holding it)")
 
 
 def check_model(spec: str) -> None:
@@ -293,13 +317,13 @@ class _Job:
     @property
     def model_key(self) -> str:
         """Identity of the initial model: a local folder by its files and the contents of its weights and
-        config (weights rewritten in place are another model), a Hub id by itself."""
+        config (weights rewritten in place are another model), a Hub id by itself and the commit it loads."""
         if self._model_key is None:
             from perpair.models import model_fingerprint, resolve_model
 
             path = Path(resolve_model(self.config.model))
             self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path))]
-                                         if path.is_dir() else str(path)})
+                                         if path.is_dir() else [str(path), model_fingerprint(str(path))]})
         return self._model_key
 
     # ---------------------------------------------------------------------------------------------------
@@ -310,7 +334,7 @@ class _Job:
         test = pairs.with_name("pairs.test.parquet") if settings.prepare.test_fraction > 0 else None
         sources = self.config.data.sources
         material = {"options": settings.prepare.model_dump(mode="json"),
-                    "sources": [_source_identity(s) for s in sources]}
+                    "sources": [_source_identity(s, settings.prepare.revision) for s in sources]}
         info = self.stage("prepare", "prepare", material, lambda: [p for p in (pairs, test) if p], _prepare,
                           sources, pairs, settings.prepare)
         counts = info.get("counts", {})
@@ -461,9 +485,10 @@ class _Job:
 
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
+        from perpair.eval import sources
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
-        from perpair.eval.generate import GenerationConfig
-        from perpair.models import model_fingerprint
+        from perpair.eval.generate import GenerationConfig, resolved_settings
+        from perpair.models import hub_commit, model_fingerprint
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
@@ -491,14 +516,22 @@ class _Job:
                                   prefix_cache=self.workdir / "judge_prefixes"),  # the judge prompts' shared beginnings
                 generation=GenerationConfig(max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, dtype=a.dtype),
                 limit=a.limit, offline=a.offline, reference=a.reference, judge_prompt=a.judge_prompt,
-                difficulty=a.difficulty, glm_weights=a.glm_weights)
-            # dtype auto leaves the stamp as it was before the option existed. The config names the judge and the
-            # files by path: what they hold is part of the stamp too (a local judge's weights and tokenizer, the
-            # files' contents), so a judge retrained or a prompt edited in place evaluates again
-            material = {"config": a.model_dump(mode="json", exclude={"dtype"} if a.dtype == "auto" else None),
+                difficulty=a.difficulty, glm_weights=a.glm_weights, data_dir=a.data_dir)
+            # the generation's backend and dtype as auto resolves them here (a workdir evaluated on a GPU, in
+            # bfloat16, is evaluated again on a CPU, in float32). The config names the judge and the files by path:
+            # what they hold is part of the stamp too (a local judge's weights, dtype and tokenizer, the files'
+            # contents), so a judge retrained or a prompt edited in place evaluates again
+            material = {"config": a.model_dump(mode="json"), "generation": resolved_settings(config.generation),
                         "model": trained["key"], "weights": weights,
                         "judge": judge_identity(config.judge),
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
+            if not sources.is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
+                material["hub"] = hub_commit(sources.ALPACA_EVAL_REPO, "dataset")
+            if a.data_dir is not None:  # the data folder's files it reads, by content
+                names = (sources.LOCAL_REFERENCE, sources.LOCAL_JUDGE_PROMPT, sources.LOCAL_DIFFICULTY,
+                         sources.LOCAL_GLM_WEIGHTS, sources.LOCAL_LEADERBOARD)
+                material["data_dir"] = {name: file_sha256(Path(a.data_dir) / name) for name in names
+                                        if (Path(a.data_dir) / name).is_file()}
             results["alpaca_eval"] = self.stage(f"eval.{arm}.alpaca_eval", "eval", material,
                                                 lambda: [folder / "alpaca_eval" / "results.json"], _alpaca_eval,
                                                 config)
@@ -507,15 +540,18 @@ class _Job:
         return results
 
 
-def _source_identity(source: str) -> Any:
+def _source_identity(source: str, revision: str | None = None) -> Any:
     """A data source as the prepare stage's key holds it: a file by its SHA-256, a local dataset folder by the
-    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself."""
+    names and SHA-256 of its files (a file of it rewritten in place is other data), a Hub id by itself and the
+    commit it loads (data.revision, else main, moves when the dataset's repository does)."""
+    from perpair.models import hub_commit
+
     path = Path(source)
     if path.is_file():
         return file_sha256(path)
     if path.is_dir():
         return [source, sorted([str(p.relative_to(path)), file_sha256(p)] for p in path.rglob("*") if p.is_file())]
-    return source
+    return [source, hub_commit(source.removeprefix("hub:"), "dataset", revision)]
 
 
 # -------------------------------------------------------------------------------------------------------
