@@ -14,7 +14,7 @@ from conftest import run_cli
 from perpair.bench import arms as arms_mod
 from perpair.bench import sweeps, task
 from perpair.bench.controlled import ControlledConfig, interval, run_seed
-from perpair.errors import InputError
+from perpair.errors import InputError, PerpairError
 from perpair.plan import beta as beta_math
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 
@@ -462,3 +462,15 @@ def test_an_empty_output_path_is_refused_not_the_current_folder(tmp_path, monkey
     result = run_cli("bench", "controlled", "--quick", "--seeds", "1", "-o", "", check=False)
     assert result.returncode == 2 and result.stderr == "error: -o/--out: an empty path; give the path to write\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_folder_under_a_file_is_refused_before_any_training(tmp_path, monkeypatch):
+    """-o FILE/sub passed the check, trained every arm, then failed to write: the whole run was lost."""
+    from perpair.bench import controlled as ctl
+
+    monkeypatch.setattr(ctl, "run_seed", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    with pytest.raises(PerpairError, match=r"^--out .*a_file/sub: .*a_file is a file, not a folder$"):
+        ctl.run_controlled(ControlledConfig(**TINY), tmp_path / "a_file" / "sub")
+    with pytest.raises(PerpairError, match="is a file, not a folder"):
+        sweeps.run_sweep(ControlledConfig(**TINY), "mislabel", tmp_path / "a_file" / "sub")

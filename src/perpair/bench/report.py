@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from perpair.artifacts import write_text_atomic
+from perpair.artifacts import check_output_folder, write_text_atomic
 from perpair.errors import InputError
 
 TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift")
@@ -91,6 +91,7 @@ def check_out(out: Path) -> None:
     """Refuse, before any training, an output folder whose ``results.json`` the run could not add to."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is not a folder")
+    check_output_folder(out, "--out")  # a path under a file, a read-only folder: refused now, not after the run
     results_path = out / "results.json"
     if results_path.exists():
         try:
