@@ -474,3 +474,26 @@ def test_an_output_folder_under_a_file_is_refused_before_any_training(tmp_path, 
         ctl.run_controlled(ControlledConfig(**TINY), tmp_path / "a_file" / "sub")
     with pytest.raises(PerpairError, match="is a file, not a folder"):
         sweeps.run_sweep(ControlledConfig(**TINY), "mislabel", tmp_path / "a_file" / "sub")
+
+
+def test_another_commands_results_file_is_refused_not_overwritten(tmp_path, monkeypatch):
+    """perpair eval's results.json in --out was replaced by the benchmark's (or got a sweeps section added)."""
+    from perpair.bench import controlled as ctl
+    from perpair.bench.report import check_out
+
+    monkeypatch.setattr(ctl, "run_seed", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    theirs = '{"model": "mine", "win_rate": 0.5}'
+    (tmp_path / "results.json").write_text(theirs, encoding="utf-8")
+    with pytest.raises(InputError, match=r"not a results file of perpair bench controlled \(key\(s\) model, win_rate"):
+        ctl.run_controlled(ControlledConfig(**TINY), tmp_path)
+    with pytest.raises(InputError, match="not a results file of perpair bench controlled"):
+        sweeps.run_sweep(ControlledConfig(**TINY), "mislabel", tmp_path)
+    assert (tmp_path / "results.json").read_text(encoding="utf-8") == theirs
+    (tmp_path / "results.json").write_text('{"config": {}}', encoding="utf-8")  # only keys the benchmark writes
+    with pytest.raises(InputError, match="neither a main run nor a sweep"):
+        check_out(tmp_path)
+    from perpair.bench.report import RESULTS_KEYS
+
+    for accepted in ({}, {"sweeps": {}}, dict.fromkeys(RESULTS_KEYS, 0)):  # the benchmark's own sections
+        (tmp_path / "results.json").write_text(json.dumps(accepted), encoding="utf-8")
+        check_out(tmp_path)

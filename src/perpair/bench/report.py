@@ -14,6 +14,8 @@ from perpair.artifacts import check_output_folder, write_text_atomic
 from perpair.errors import InputError
 
 TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "style_drift")
+# The top-level keys of the results.json this benchmark writes (the main run's, and "sweeps").
+RESULTS_KEYS = {"config", "per_seed", "aggregate", "metrics", "interval", "seconds", "cpu_seconds", "files", "sweeps"}
 
 
 def _cell(entry: dict[str, float], digits: int = 3, signed: bool = False) -> str:
@@ -102,6 +104,13 @@ def check_out(out: Path) -> None:
         if not isinstance(payload, dict):
             raise InputError("is not a results file of perpair bench controlled (not a JSON object); choose "
                              "another --out", file=str(results_path))
+        # Another command's results.json (perpair eval's, say) would be replaced by this run's, or get a sweep
+        # section added to it: only a file this benchmark wrote is added to.
+        foreign = sorted(set(payload) - RESULTS_KEYS)
+        if foreign or (payload and not {"aggregate", "sweeps"} & set(payload)):
+            why = f"key(s) {', '.join(foreign)}" if foreign else "neither a main run nor a sweep"
+            raise InputError(f"is not a results file of perpair bench controlled ({why}), which this run would "
+                             "overwrite; choose another --out", file=str(results_path))
 
 
 def update_results(out: Path, change: Callable[[dict[str, Any]], None]) -> None:
