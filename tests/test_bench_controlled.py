@@ -186,6 +186,13 @@ def test_config_rejects_impossible_settings():
         ControlledConfig(hidden=30, heads=4)
     with pytest.raises(ValueError, match="flip rates"):
         ControlledConfig(noise_levels=(0.2, 0.7))
+    # Results are keyed by the printed value: --noise 0.1 --noise 0.1 ran twice into one column.
+    with pytest.raises(ValueError, match=r"noise_levels must be distinct values, got \[0.1, 0.1\]"):
+        ControlledConfig(noise_levels=(0.1, 0.1))
+    with pytest.raises(ValueError, match="noise_levels must be distinct"):
+        ControlledConfig(noise_levels=(0.1, 0.1000001))  # both "0.1"
+    with pytest.raises(ValueError, match="beta_sweep must be distinct"):
+        ControlledConfig(beta_sweep=(0.1, 1.0, 0.1))
 
 
 TINY = {"sft_examples": 100, "sft_steps": 3, "pairs": 40, "epochs": 1, "beta_sweep": (0.1,),

@@ -91,6 +91,11 @@ class ControlledConfig(BaseModel):
             raise ValueError(f"noise_levels are flip rates in [0, 0.5], got {list(self.noise_levels)}")
         if any(b <= 0 for b in self.beta_sweep):
             raise ValueError(f"beta_sweep values must be positive, got {list(self.beta_sweep)}")
+        # Results are keyed by the printed value ("0.1", "DPO β=0.1"): two equal keys would overwrite one run with
+        # the other, under the first one's label.
+        for name, values in (("noise_levels", self.noise_levels), ("beta_sweep", self.beta_sweep)):
+            if len({f"{v:g}" for v in values}) != len(values):
+                raise ValueError(f"{name} must be distinct values, got {list(values)}")
         return self
 
 
