@@ -504,3 +504,12 @@ def test_another_commands_results_file_is_refused_not_overwritten(tmp_path, monk
     for accepted in ({}, {"sweeps": {}}, dict.fromkeys(RESULTS_KEYS, 0)):  # the benchmark's own sections
         (tmp_path / "results.json").write_text(json.dumps(accepted), encoding="utf-8")
         check_out(tmp_path)
+
+
+def test_the_dpo_sweep_breaks_a_validation_tie_towards_the_smaller_beta_in_any_order(monkeypatch):
+    """The tie went to the first β of ``beta_sweep``, the larger one when a caller listed it first."""
+    from perpair.bench import controlled as ctl
+
+    monkeypatch.setattr(ctl, "train_arm", lambda config, setup, arm, level: {"val": {"objective": 0.5}})
+    runs, best = ctl.dpo_sweep(ControlledConfig(**{**TINY, "beta_sweep": (1.0, 0.1, 3.0)}), None, None)
+    assert best == 0.1 and runs["DPO best β"]["chosen"] == "DPO β=0.1"

@@ -199,7 +199,7 @@ def dpo_sweep(config: ControlledConfig, setup: SeedSetup, level: Level) -> tuple
     """
     sweep = [a for a in arms_mod.arms(config.beta_sweep, config.beta) if a.swept]
     runs: dict[str, Any] = {a.name: train_arm(config, setup, a, level) for a in sweep}
-    best = max(sweep, key=lambda a: (runs[a.name]["val"]["objective"], -sweep.index(a)))
+    best = max(sweep, key=lambda a: (runs[a.name]["val"]["objective"], -a.overrides["beta"]["beta"]))
     return {BEST_DPO: {**runs[best.name], "chosen": best.name}, **runs}, float(best.overrides["beta"]["beta"])
 
 
