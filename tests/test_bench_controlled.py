@@ -513,3 +513,19 @@ def test_the_dpo_sweep_breaks_a_validation_tie_towards_the_smaller_beta_in_any_o
     monkeypatch.setattr(ctl, "train_arm", lambda config, setup, arm, level: {"val": {"objective": 0.5}})
     runs, best = ctl.dpo_sweep(ControlledConfig(**{**TINY, "beta_sweep": (1.0, 0.1, 3.0)}), None, None)
     assert best == 0.1 and runs["DPO best β"]["chosen"] == "DPO β=0.1"
+
+
+def test_every_arm_trains_from_the_reference_whatever_trained_before(tmp_path):
+    """The shared model object is trained in place by every arm: an arm's result must not depend on which arm
+    trained before it (the README's past bug, from the training side)."""
+    from perpair.bench import controlled as ctl
+
+    config = ControlledConfig(**TINY)
+    setup = ctl.prepare_seed(config, 0, lambda _: None)
+    pairs = task.apply_noise(setup.base, 0.2)
+    level = ctl.make_level(setup, tmp_path, pairs, task.annotate(pairs, setup.draws, "calibrated"))
+    every = {a.name: a for a in arms_mod.arms((1.0,), 0.1)}
+    alone = ctl.train_arm(config, setup, every["SP²DPO"], level)
+    ctl.train_arm(config, setup, every["MixDPO"], level)
+    after = ctl.train_arm(config, setup, every["SP²DPO"], level)
+    assert json.dumps(alone, sort_keys=True) == json.dumps(after, sort_keys=True)
