@@ -529,3 +529,18 @@ def test_every_arm_trains_from_the_reference_whatever_trained_before(tmp_path):
     ctl.train_arm(config, setup, every["MixDPO"], level)
     after = ctl.train_arm(config, setup, every["SP²DPO"], level)
     assert json.dumps(alone, sort_keys=True) == json.dumps(after, sort_keys=True)
+
+
+def test_beta_geomean_is_over_the_pairs_whose_beta_acts(tmp_path):
+    """It averaged the β of SFT-routed pairs too, so SP²DPO+MixDPO's normalised β_i (geometric mean 0.1 over the
+    preference pairs, as ``perpair run``'s table reports it) showed another value."""
+    from perpair.bench import controlled as ctl
+
+    config = ControlledConfig(**TINY)
+    setup = ctl.prepare_seed(config, 0, lambda _: None)
+    pairs = task.apply_noise(setup.base, 0.2)
+    level = ctl.make_level(setup, tmp_path, pairs, task.annotate(pairs, setup.draws, "calibrated"))
+    arm = {a.name: a for a in arms_mod.arms((1.0,), 0.1)}["SP²DPO+MixDPO"]
+    result = ctl.train_arm(config, setup, arm, level)
+    assert result["routes_sft"] > 0
+    assert math.isclose(result["beta_geomean"], 0.1, rel_tol=1e-9)

@@ -255,12 +255,13 @@ def _train_arm(config: ControlledConfig, seed: int, arm: arms_mod.Arm, level: Le
         label_smoothing=planned.label_smoothing, route=planned.route, epochs=config.epochs,
         batch=config.batch, lr=config.lr, warmup=config.warmup)
     trained = planned.order
+    on_preference = trained[planned.route[trained] == ROUTE_PREFERENCE]  # an SFT-routed pair's β acts on nothing
     return {
         "val": _public(evaluate(model, splits.val, ref_style[0])),
         "test": _public(evaluate(model, splits.test, ref_style[1])),
         "final_loss": float(np.mean(losses[-5:])),
         "routes_sft": int(np.sum(planned.route[trained] == 1)), "trained_pairs": int(len(trained)),
-        "beta_geomean": float(np.exp(np.mean(np.log(planned.beta[trained])))),
+        "beta_geomean": float(np.exp(np.mean(np.log(planned.beta[on_preference])))),
         "plan_flipped": int(planned.flipped.sum()),
         "beta_by_truth": _beta_by_truth(planned, level),
     }
