@@ -176,7 +176,8 @@ def test_interval_is_the_student_t_interval():
     result = interval([1.0, 2.0, 3.0])
     assert result["mean"] == 2.0
     assert math.isclose(result["half_width"], 4.302652729911275 / math.sqrt(3), rel_tol=1e-9)
-    assert interval([0.5])["half_width"] == 0.0
+    # One seed has no interval: it was reported as ± 0.000, as if the seed's number were exact.
+    assert interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "half_width": None}
 
 
 def test_config_rejects_impossible_settings():
@@ -544,3 +545,15 @@ def test_beta_geomean_is_over_the_pairs_whose_beta_acts(tmp_path):
     result = ctl.train_arm(config, setup, arm, level)
     assert result["routes_sft"] > 0
     assert math.isclose(result["beta_geomean"], 0.1, rel_tol=1e-9)
+
+
+def test_a_one_seed_table_shows_no_interval_rather_than_zero_width():
+    from perpair.bench.controlled import METRICS, aggregate
+    from perpair.bench.report import table_markdown
+
+    metrics = dict.fromkeys(METRICS, 0.5)
+    per_seed = [{"reference": {"test": metrics}, "noise": {"0": {"runs": {
+        "DPO best β": {"test": metrics, "chosen": "DPO β=1"}, "SP²DPO": {"test": {**metrics, "objective": 0.25}}}}}}]
+    table = table_markdown({"config": {"seeds": 1}, "per_seed": per_seed, "aggregate": aggregate(per_seed)})
+    assert "| SP²DPO | 0.500 ± n/a | 0.500 ± n/a | 0.500 ± n/a | 0.500 ± n/a | 0.250 ± n/a |" in table
+    assert "| SP²DPO | -0.250 ± n/a |" in table and "0.000" not in table.replace("+0.000 ± n/a", "")

@@ -286,12 +286,12 @@ def _swap(logps: Logps, flipped: np.ndarray) -> Logps:
                        torch.where(f, logps.chosen_tokens, logps.rejected_tokens))
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean and 95% Student-t interval over seeds (half-width 0 for one seed)."""
+def interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and 95% Student-t interval over seeds; one seed has no interval (``None``, not a width of 0)."""
     x = np.asarray(values, dtype=float)
     mean = float(x.mean())
     if len(x) < 2:
-        return {"mean": mean, "low": mean, "high": mean, "half_width": 0.0}
+        return {"mean": mean, "low": None, "high": None, "half_width": None}
     half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
     return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half}
 
@@ -329,7 +329,8 @@ def run_controlled(config: ControlledConfig, out_dir: str | Path,
         per_seed = [run_seed(config, seed, Path(tmp), progress) for seed in range(config.seeds)]
     results = {"config": config.model_dump(mode="json"), "per_seed": per_seed,
                "aggregate": aggregate(per_seed), "metrics": METRIC_HELP,
-               "interval": "mean over seeds and 95% Student-t interval (t_{0.975, seeds-1} · sd / sqrt(seeds))",
+               "interval": "mean over seeds and 95% Student-t interval (t_{0.975, seeds-1} · sd / sqrt(seeds)); "
+                           "null for one seed",
                "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
     results["files"] = write_outputs(results, out)
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,15 @@ TABLE_METRICS = ("arithmetic", "format", "refusal", "benign", "objective", "styl
 RESULTS_KEYS = {"config", "per_seed", "aggregate", "metrics", "interval", "seconds", "cpu_seconds", "files", "sweeps"}
 
 
-def _cell(entry: dict[str, float], digits: int = 3, signed: bool = False) -> str:
+def interval_cell(entry: dict[str, float], digits: int = 3, signed: bool = False) -> str:
     sign = "+" if signed else ""
-    return f"{entry['mean']:{sign}.{digits}f} ± {entry['half_width']:.{digits}f}"
+    half = entry["half_width"]
+    return f"{entry['mean']:{sign}.{digits}f} ± " + ("n/a" if half is None else f"{half:.{digits}f}")
+
+
+def error_bar(entry: dict[str, float]) -> float:
+    """The half-width to draw (NaN draws no bar: one seed has no interval)."""
+    return math.nan if entry["half_width"] is None else entry["half_width"]
 
 
 def table_markdown(results: dict[str, Any]) -> str:
@@ -36,21 +43,21 @@ def table_markdown(results: dict[str, Any]) -> str:
                   "| arm | " + " | ".join(TABLE_METRICS) + " |",
                   "|---|" + "---:|" * len(TABLE_METRICS)]
         for arm, entry in aggregate[level].items():
-            lines.append(f"| {arm} | " + " | ".join(_cell(entry[m]) for m in TABLE_METRICS) + " |")
+            lines.append(f"| {arm} | " + " | ".join(interval_cell(entry[m]) for m in TABLE_METRICS) + " |")
         lines.append("")
     lines += ["### objective accuracy vs flip rate", "",
               "| arm | " + " | ".join(f"flip {level}" for level in levels) + " |",
               "|---|" + "---:|" * len(levels)]
     for arm in aggregate[levels[0]]:
-        lines.append(f"| {arm} | " + " | ".join(_cell(aggregate[level][arm]["objective"]) for level in levels)
+        lines.append(f"| {arm} | " + " | ".join(interval_cell(aggregate[level][arm]["objective"]) for level in levels)
                      + " |")
     lines += ["", "### paired difference in objective accuracy vs DPO best β (same seed)", "",
               "| arm | " + " | ".join(f"flip {level}" for level in levels) + " |",
               "|---|" + "---:|" * len(levels)]
     for arm in aggregate[levels[0]]:
         if arm != "DPO best β":
-            lines.append(f"| {arm} | " + " | ".join(_cell(aggregate[level][arm]["objective_vs_best"], signed=True)
-                                                   for level in levels) + " |")
+            cells = [interval_cell(aggregate[level][arm]["objective_vs_best"], signed=True) for level in levels]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     chosen = [[seed["noise"][level]["runs"]["DPO best β"]["chosen"] for seed in results["per_seed"]]
               for level in levels]
     lines += ["", "DPO best β chosen on validation prompts (per flip rate, per seed): "
@@ -147,7 +154,7 @@ def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:
     x = np.arange(len(categories))
     for i, arm in enumerate(arms):
         means = [aggregate[middle][arm][c]["mean"] for c in categories]
-        errors = [aggregate[middle][arm][c]["half_width"] for c in categories]
+        errors = [error_bar(aggregate[middle][arm][c]) for c in categories]
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=arm)
     ax.set_xticks(x, categories)
     ax.set_ylabel("exact match (held-out prompts)")
@@ -162,7 +169,7 @@ def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:
     noise = [float(level) for level in levels]
     for arm in arms:
         means = np.array([aggregate[level][arm]["objective"]["mean"] for level in levels])
-        errors = np.array([aggregate[level][arm]["objective"]["half_width"] for level in levels])
+        errors = np.array([error_bar(aggregate[level][arm]["objective"]) for level in levels])
         ax.errorbar(noise, means, yerr=errors, marker="o", capsize=3, label=arm,
                     linestyle="--" if arm == "reference" else "-")
     ax.set_xlabel("flip rate on objective pairs")
@@ -179,7 +186,7 @@ def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:
     x = np.arange(len(trained))
     for i, level in enumerate(levels):
         means = [aggregate[level][arm]["style_drift"]["mean"] for arm in trained]
-        errors = [aggregate[level][arm]["style_drift"]["half_width"] for arm in trained]
+        errors = [error_bar(aggregate[level][arm]["style_drift"]) for arm in trained]
         ax.bar(x + (i - (len(levels) - 1) / 2) * width, means, width, yerr=errors, capsize=2,
                label=f"flip {level}")
     ax.set_xticks(x, trained, rotation=25, ha="right", fontsize=8)

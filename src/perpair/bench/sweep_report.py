@@ -15,11 +15,11 @@ TEACHER_ARMS = ("SP²DPO", "SP²DPO @ best β", "random β @ best β")
 
 
 def _cell(entry: dict[str, float]) -> str:
-    return f"{entry['mean']:+.3f} ± {entry['half_width']:.3f}"
+    return report.interval_cell(entry, signed=True)
 
 
 def _abs(entry: dict[str, float]) -> str:
-    return f"{entry['mean']:.3f} ± {entry['half_width']:.3f}"
+    return report.interval_cell(entry)
 
 
 def sweep_markdown(sweep: str, section: dict[str, Any]) -> str:
@@ -163,7 +163,7 @@ def _plot(sweep: str, section: dict[str, Any], path: Path) -> None:
                     names = [v for v in variants if v.endswith(calibration)] + [ORACLE]
                     x = [variants[v]["data"]["teacher_accuracy"] for v in names]
                     y = [variants[v]["arms"][arm]["objective_vs_best"] for v in names]
-                    ax.errorbar(x, [e["mean"] for e in y], yerr=[e["half_width"] for e in y], color=color,
+                    ax.errorbar(x, [e["mean"] for e in y], yerr=[report.error_bar(e) for e in y], color=color,
                                 linestyle=style, marker="o", capsize=2, label=f"{arm} ({calibration})")
             ax.axhline(0, color="gray", linewidth=0.8)
             ax.set_xlabel("teacher accuracy (measured)")
@@ -178,7 +178,7 @@ def _plot(sweep: str, section: dict[str, Any], path: Path) -> None:
         for i, cond in enumerate(conds):
             cell = _only_variant(aggregate, cond)[1]["arms"]
             ax.barh(y + (i - (len(conds) - 1) / 2) * height, [cell[a]["objective_vs_best"]["mean"] for a in arms],
-                    height, xerr=[cell[a]["objective_vs_best"]["half_width"] for a in arms], capsize=2, label=cond)
+                    height, xerr=[report.error_bar(cell[a]["objective_vs_best"]) for a in arms], capsize=2, label=cond)
         ax.axvline(0, color="gray", linewidth=0.8)
         ax.set_yticks(y, arms, fontsize=8)
         ax.set_xlabel("objective − DPO best β (paired, 95% t-interval)")
