@@ -557,3 +557,23 @@ def test_a_one_seed_table_shows_no_interval_rather_than_zero_width():
     table = table_markdown({"config": {"seeds": 1}, "per_seed": per_seed, "aggregate": aggregate(per_seed)})
     assert "| SP²DPO | 0.500 ± n/a | 0.500 ± n/a | 0.500 ± n/a | 0.500 ± n/a | 0.250 ± n/a |" in table
     assert "| SP²DPO | -0.250 ± n/a |" in table and "0.000" not in table.replace("+0.000 ± n/a", "")
+
+
+def test_the_noise_plot_joins_the_flip_rates_in_increasing_order(tmp_path, monkeypatch):
+    """--noise 0.4 --noise 0 --noise 0.2 drew each arm's line from 0.4 back to 0 and out to 0.2."""
+    import matplotlib.axes
+
+    from perpair.bench import report
+    from perpair.bench.controlled import METRICS, aggregate
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, *a, **k: drawn.append((k.get("label"), list(x), list(y)))
+                        or real(self, x, y, *a, **k))
+    per_seed = [{"reference": {"test": dict.fromkeys(METRICS, 0.5)}, "noise": {
+        level: {"runs": {"DPO best β": {"test": {**dict.fromkeys(METRICS, 0.5), "objective": 1 - float(level)}}}}
+        for level in ("0.4", "0", "0.2")}} for _ in range(2)]
+    files = {name: tmp_path / f"{name}.png" for name in ("accuracy_by_category", "accuracy_vs_noise", "style_drift")}
+    report._plots({"aggregate": aggregate(per_seed)}, files)
+    assert ("DPO best β", [0.0, 0.2, 0.4], [1.0, 0.8, 0.6]) in drawn

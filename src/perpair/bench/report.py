@@ -166,10 +166,11 @@ def _plots(results: dict[str, Any], files: dict[str, Path]) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    noise = [float(level) for level in levels]
+    by_noise = sorted(levels, key=float)  # a line joins the flip rates left to right, whatever order --noise gave
+    noise = [float(level) for level in by_noise]
     for arm in arms:
-        means = np.array([aggregate[level][arm]["objective"]["mean"] for level in levels])
-        errors = np.array([error_bar(aggregate[level][arm]["objective"]) for level in levels])
+        means = np.array([aggregate[level][arm]["objective"]["mean"] for level in by_noise])
+        errors = np.array([error_bar(aggregate[level][arm]["objective"]) for level in by_noise])
         ax.errorbar(noise, means, yerr=errors, marker="o", capsize=3, label=arm,
                     linestyle="--" if arm == "reference" else "-")
     ax.set_xlabel("flip rate on objective pairs")
