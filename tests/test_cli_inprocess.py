@@ -41,3 +41,29 @@ def test_a_plan_and_its_report_are_the_same_both_ways(tmp_path):
     make_pairs(pairs, [(7.0, 5.0), (6.0, 6.0), (9.0, 2.0)])
     inprocess, fresh = _both(tmp_path, "plan", pairs, "--preset", "mixdpo", "-o", "{out}/plan.parquet", "--json")
     assert inprocess[0] == 0 and inprocess == fresh
+
+
+@pytest.mark.parametrize("args, names", [
+    (("train", "--bogus"), "No such option: --bogus (Possible options: --loss, --out) (see 'perpair train --help')"),
+    (("bench", "controlled", "--seeds", "abc"), "Invalid value for '--seeds'"),
+    (("eval", "alpaca-eval", "--limit", "x"), "Invalid value for '--limit'"),
+    (("prepare",), "Missing option '--output' / '-o'."),
+    (("nonexistent",), "No such command 'nonexistent'. (see 'perpair --help')"),
+], ids=["unknown-option", "not-a-number", "not-a-number-eval", "missing-option", "unknown-command"])
+def test_a_wrong_option_or_value_is_one_error_line(args, names):
+    """Typer drew a box of five lines around a bad option or value (`Usage: …`, `Try … --help`, `╭─ Error ─…`);
+    the command line's own errors are one `error:` line. Now these are too, naming the command whose --help lists
+    what it takes; exit status 2 as before."""
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert names in result.stderr
+
+
+def test_help_and_no_command_answer_as_before():
+    """`--help` prints the help (exit 0); `perpair` or a command group alone prints its help and exits 2."""
+    assert "Usage: perpair plan" in run_cli("plan", "--help").stdout
+    for args in ((), ("eval",)):
+        result = run_cli(*args, check=False)
+        assert result.returncode == 2 and "Usage: perpair" in result.stdout + result.stderr
+        assert "error:" not in result.stderr

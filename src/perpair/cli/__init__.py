@@ -92,12 +92,20 @@ def main() -> None:
     (see EXIT_CODES), never a traceback."""
     try:
         try:
-            click_command()(prog_name="perpair")
-        except SystemExit as exc:  # Typer turns Ctrl-C into exit 130 without a word: say what is kept
-            if exc.code == EXIT_INTERRUPTED and isinstance(getattr(exc.__context__, "__cause__", None),
-                                                           KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            raise
+            # not standalone: a bad option or value comes here as an exception (Typer would draw a box around
+            # it), Ctrl-C as Typer's status 130, a command's own typer.Exit as its status
+            status = click_command().main(prog_name="perpair", standalone_mode=False)
+        except typer.TyperException as exc:  # Typer's click: a usage error, a bad value
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `perpair` or `perpair eval` alone: the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            fail(usage_error(exc), exc.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            fail("input ended")
+        if status == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        if isinstance(status, int) and status != EXIT_OK:
+            sys.exit(status)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:
@@ -112,6 +120,14 @@ def main() -> None:
         fail("the input is nested too deeply to read")
     except UnicodeError as exc:
         fail(f"text encoding: {exc}")
+
+
+def usage_error(exc: typer.TyperException) -> str:
+    """Click's message for a bad option or value, with the command whose ``--help`` lists what it takes."""
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return exc.format_message()
+    return f"{exc.format_message()} (see '{ctx.command_path} --help')"
 
 
 def fail(message: str, status: int = EXIT_USER_ERROR) -> None:
