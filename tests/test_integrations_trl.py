@@ -279,6 +279,20 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, plan, tmp_path)
 
 
+def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
+    """A dataset with TRL's token columns only: there is no text to match the plan by. It was refused as if the plan
+    were made from other data (or, with plan columns, a zip() traceback)."""
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    tokenized = _dataset(small_pairs).map(lambda ex: {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]},
+                                          remove_columns=["prompt", "chosen", "rejected"])
+    carried = tokenized.add_column("beta", [0.1] * 24).add_column("route", ["preference"] * 24)
+    carried = carried.add_column("order", list(range(24))).add_column("label_smoothing", [0.0] * 24)
+    for dataset, given in ((tokenized, plan), (carried, None)):
+        with pytest.raises(PerpairError, match=r"train_dataset has no 'chosen' or 'rejected' column \(it has "
+                                               r"prompt_ids, chosen_ids, rejected_ids.*before tokenization"):
+            plugin.apply_plan(dataset, given)
+
+
 @pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
 def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     """TRL reads HH-RLHF's transcripts with an implicit prompt; the plug-in parses them as prepare does, so a plan

@@ -79,6 +79,11 @@ def pair_ids(dataset: Dataset) -> list[str]:
     from perpair.data.readers import ColumnMap, ReadContext, detect_format, read_hh_rlhf, read_preference
     from perpair.data.sources import RowProblem
 
+    lacking = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if lacking:  # a tokenized-only dataset (prompt_ids, …): without the text no pair can be matched to the plan
+        raise PerpairError(f"train_dataset has no {' or '.join(repr(c) for c in lacking)} column (it has "
+                           f"{', '.join(dataset.column_names) or 'none'}); pairs are matched to the plan by their "
+                           "text, so pass the dataset before tokenization (TRL tokenizes it itself)")
     names = [c for c in ("prompt", "chosen", "rejected", "system") if c in dataset.column_names]
     columns = ColumnMap(prompt="prompt" if "prompt" in names else None)
     rows = dataset.select_columns(names)
