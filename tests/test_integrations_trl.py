@@ -293,6 +293,26 @@ def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
             plugin.apply_plan(dataset, given)
 
 
+def test_plan_columns_of_another_type_are_refused(small_pairs):
+    """Plan columns a user made (read from a CSV as text, say): a flipped of "False" flipped every pair, and a
+    beta, order or label_smoothing of text ended in a numpy TypeError."""
+    dataset = _dataset(small_pairs)
+    n = len(dataset)
+    columns = {"beta": [0.1] * n, "route": ["preference"] * n, "order": list(range(n)), "label_smoothing": [0.0] * n}
+
+    def carrying(**changed):
+        out = dataset
+        for name, values in {**columns, **changed}.items():
+            out = out.add_column(name, values)
+        return out
+
+    assert plugin.apply_plan(carrying(flipped=[False] * n), None)[1].flipped == 0
+    for name, values, shown in (("flipped", ["False"] * n, "'False'"), ("beta", ["0.1"] * n, "'0.1'"),
+                                ("order", [str(i) for i in range(n)], "'0'"), ("label_smoothing", ["0"] * n, "'0'")):
+        with pytest.raises(PerpairError, match=rf"train_dataset: pair \w+ \(row 1\) has {name} {shown}; expected"):
+            plugin.apply_plan(carrying(**{name: values}), None)
+
+
 @pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
 def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     """TRL reads HH-RLHF's transcripts with an implicit prompt; the plug-in parses them as prepare does, so a plan

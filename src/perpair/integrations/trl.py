@@ -162,6 +162,12 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
             raise PerpairError(f"{where}: pair {pid} (row {row}) has route {route!r}; expected one of {ROUTES}")
         if route == "drop":
             continue
+        for name in ("beta", "order", "label_smoothing"):  # columns a user made (a CSV's text, say)
+            if v[name] is not None and (isinstance(v[name], bool) or not isinstance(v[name], int | float)):
+                raise PerpairError(f"{where}: pair {pid} (row {row}) has {name} {v[name]!r}; expected a number")
+        if v.get("flipped") is not None and not isinstance(v["flipped"], bool):  # bool("False") would flip it
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has flipped {v['flipped']!r}; expected true or "
+                               "false")
         if v["order"] is None or not np.isfinite(v["order"]):
             raise PerpairError(f"{where}: pair {pid} (row {row}) is routed {route} but has no order "
                                f"({v['order']})")
