@@ -64,10 +64,11 @@ def _plan(pairs: Path, out: Path, preset: str, overrides: dict | None = None, be
 def _args(out: Path, batch: int, max_length: int, lr: float, **options):
     from trl import DPOConfig
 
-    return DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=lr,
-                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
-                     save_strategy="no", max_length=max_length, seed=0, use_cpu=True, dataloader_num_workers=0,
-                     bf16=False, disable_tqdm=True, **options)  # bf16=False: TRL autocasts to bf16 even on CPU
+    defaults = dict(max_steps=STEPS, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
+                    save_strategy="no", seed=0, use_cpu=True, dataloader_num_workers=0, bf16=False, disable_tqdm=True)
+    # bf16=False: TRL autocasts to bf16 even on CPU
+    return DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr, max_length=max_length,
+                     **{**defaults, **options})
 
 
 def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]:
@@ -311,6 +312,41 @@ def test_plan_columns_of_another_type_are_refused(small_pairs):
                                 ("order", [str(i) for i in range(n)], "'0'"), ("label_smoothing", ["0"] * n, "'0'")):
         with pytest.raises(PerpairError, match=rf"train_dataset: pair \w+ \(row 1\) has {name} {shown}; expected"):
             plugin.apply_plan(carrying(**{name: values}), None)
+
+
+def test_resume_continues_the_plan_it_stopped_in(small_pairs, tiny_model, tmp_path):
+    """A resumed run skips the batches its checkpoint trained: with the same plan it continues where it stopped
+    (steps 3 and 4 as in one run); with another plan, or as many steps over other pairs a step, the skipped batches
+    would be other pairs, so it is refused (it resumed silently)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": 0.0})
+    other = _plan(small_pairs, tmp_path / "other.parquet", "dpo", beta=0.1)
+    out = tmp_path / "run"
+
+    def run(plan, batch=2, resume=None, **options):
+        trainer = plugin.PerPairDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model),
+            args=_args(out, batch, 128, 1e-3, max_steps=4, save_strategy="steps", save_steps=2, **options),
+            train_dataset=_dataset(small_pairs), processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    whole = run(plan)
+    checkpoint = out / "checkpoint-2"
+    assert run(plan, resume=str(checkpoint)) == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(PerpairError, match=r"checkpoint .*checkpoint-2 was trained on other pairs or another plan"):
+        run(other, resume=str(checkpoint))
+    with pytest.raises(PerpairError, match=r"checkpoint .*checkpoint-2 trained 2 pairs a step, this run 4"):
+        run(plan, batch=4, resume=str(checkpoint))
+    stock = tmp_path / "stock-checkpoint"
+    shutil.copytree(checkpoint, stock)
+    (stock / plugin.PLAN_RECORD).unlink()
+    with pytest.raises(PerpairError, match=r"has no perpair_plan.json: it was not saved by PerPairDPOTrainer"):
+        run(plan, resume=str(stock))
 
 
 @pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)

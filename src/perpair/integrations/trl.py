@@ -23,6 +23,8 @@ losses over the number of pairs of the micro-batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ check_trl_version(trl.__version__)
 import torch  # noqa: E402  (after the version check: a wrong TRL fails here, with the message above)
 from datasets import Dataset  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 # TRL 1.16 loss types by how a per-pair β_i enters: in all of these β is an elementwise factor or parameter
@@ -69,6 +72,8 @@ PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may ca
 ROUTES = ("preference", "sft", "drop")
 # Columns this module adds to the training dataset; the collator turns them into batch tensors.
 BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
+PAIR = "perpair_pair_id"  # (not a batch tensor: it identifies the run's pairs for its checkpoints)
+PLAN_RECORD = "perpair_plan.json"  # in each checkpoint: the pairs it trained, so that a resume continues those
 
 
 # --------------------------------------------------------------------------------------- plan and dataset
@@ -123,7 +128,8 @@ class PlanSummary:
 
 def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, PlanSummary]:
     """The training dataset as the plan trains it: drop pairs removed, flipped pairs swapped, rows in the plan's
-    order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` added."""
+    order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` and
+    ``perpair_pair_id`` added."""
     ids = pair_ids(dataset)
     first: dict[str, int] = {}
     for row, pid in enumerate(ids, start=1):
@@ -196,6 +202,7 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     out = out.add_column(SFT, [r == "sft" for r in routes])
     out = out.add_column(EPS, [float(per_row[i]["label_smoothing"]) if r == "preference" else 0.0
                                for i, r in zip(rows, routes, strict=True)])
+    out = out.add_column(PAIR, [ids[i] + (" flipped" if flip else "") for i, flip in zip(rows, flipped, strict=True)])
     return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped))
 
 
@@ -297,6 +304,49 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
                                "process, or use a plan without SFT routes")
         self.data_collator = PlanCollator(self.data_collator)
+        # The pairs TRL kept (it drops those whose prompt fills max_length), in order, with their plan values
+        trained = self.train_dataset.select_columns([PAIR, BETA, SFT, EPS])
+        self._plan_digest = hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint and not self.args.ignore_data_skip:
+            checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                          else resume_from_checkpoint)
+            if checkpoint is not None:  # (None: Transformers says there is no checkpoint)
+                self._check_resumed_plan(Path(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _pairs_per_step(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _check_resumed_plan(self, checkpoint: Path) -> None:
+        """Transformers resumes by skipping the batches the checkpoint trained: in this plan's order, that is the
+        position the checkpoint reached only if it trained the same pairs in the same order, as many a step."""
+        restart = "or set ignore_data_skip=True to read the current epoch of this plan from its first pair"
+        try:
+            record = json.loads((checkpoint / PLAN_RECORD).read_text())
+        except FileNotFoundError:
+            raise PerpairError(f"checkpoint {checkpoint} has no {PLAN_RECORD}: it was not saved by "
+                               "PerPairDPOTrainer, so where it stopped in the plan's order is unknown; resume one that "
+                               f"was, {restart}") from None
+        if record["plan"] != self._plan_digest:
+            raise PerpairError(f"checkpoint {checkpoint} was trained on other pairs or another plan ({record['pairs']}"
+                               f" pairs; this run {len(self.train_dataset)}): skipping its batches would skip other "
+                               "pairs of this run's order; resume with the plan, dataset and max_length it was "
+                               f"trained with, {restart}")
+        if record["pairs_per_step"] != self._pairs_per_step():
+            raise PerpairError(f"checkpoint {checkpoint} trained {record['pairs_per_step']} pairs a step, this run "
+                               f"{self._pairs_per_step()} (per_device_train_batch_size × gradient_accumulation_steps"
+                               " × processes): skipping its steps would land elsewhere in the plan's order; resume "
+                               f"with its batch size, {restart}")
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # written first, so that a checkpoint pushed or copied from here has it
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PLAN_RECORD).write_text(json.dumps({"plan": self._plan_digest, "pairs": len(self.train_dataset),
+                                                          "pairs_per_step": self._pairs_per_step()}) + "\n")
+        super()._save_checkpoint(model, trial)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
