@@ -349,6 +349,24 @@ def test_resume_continues_the_plan_it_stopped_in(small_pairs, tiny_model, tmp_pa
         run(plan, resume=str(stock))
 
 
+def test_evaluate_refuses_plan_columns_as_construction_does(small_pairs, tiny_model, tmp_path):
+    """A dataset with plan columns given to evaluate() later: its β went unread as silently as the one refused at
+    construction would have."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dataset = _dataset(small_pairs)
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 256, 1e-3), train_dataset=dataset,
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model),
+                                       plan=_plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1))
+    held_out = dataset.select([5, 7])  # two short pairs
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(beta\), which evaluation does not"):
+        trainer.evaluate(held_out.add_column("beta", [0.5, 0.5]))
+    with pytest.raises(PerpairError, match=r"probe carries plan columns \(route\)"):
+        trainer.evaluate({"probe": held_out.add_column("route", ["sft", "sft"])})
+    assert "eval_loss" in trainer.evaluate(held_out)
+
+
 @pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
 def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     """TRL reads HH-RLHF's transcripts with an implicit prompt; the plug-in parses them as prepare does, so a plan

@@ -244,6 +244,16 @@ def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
                            f"label_smoothing ({_values(eps)}); {said}, so leave it at 0 (or equal to the plan's)")
 
 
+def check_eval_dataset(evaluation) -> None:
+    """Plan columns in an evaluation dataset would go unread: evaluation scores every pair with DPOConfig.beta,
+    as stock TRL does."""
+    for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
+        carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
+        if carried:
+            raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
+                               "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
+
+
 def _values(eps: np.ndarray) -> str:
     low, high = (float(eps.min()), float(eps.max())) if eps.size else (0.0, 0.0)
     return f"{low:g}" if low == high else f"{low:g} to {high:g}"
@@ -286,12 +296,7 @@ class PerPairDPOTrainer(DPOTrainer):
                                f"selects its rows), got {type(train_dataset).__name__}")
         if any(c in train_dataset.column_names for c in ("image", "images")):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
-        evaluation = kwargs.get("eval_dataset")
-        for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
-            carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
-            if carried:  # they would go unread: evaluation scores every pair with DPOConfig.beta, as stock TRL
-                raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
-                                   "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
+        check_eval_dataset(kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
@@ -315,6 +320,11 @@ class PerPairDPOTrainer(DPOTrainer):
             if checkpoint is not None:  # (None: Transformers says there is no checkpoint)
                 self._check_resumed_plan(Path(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        if not isinstance(eval_dataset, str):  # (a name: one of the datasets checked at construction)
+            check_eval_dataset(eval_dataset)
+        return super().evaluate(eval_dataset, *args, **kwargs)
 
     def _pairs_per_step(self) -> int:
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
