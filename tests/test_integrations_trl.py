@@ -19,7 +19,7 @@ pytest.importorskip("trl")
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from conftest import HH_TEST, NO_DATA, run_cli, save_tiny_llama  # noqa: E402
+from conftest import HH_TEST, NO_DATA, UF_TRAIN, run_cli, save_tiny_llama  # noqa: E402
 from perpair.artifacts import write_artifact  # noqa: E402
 from perpair.data import prepare, read_pairs  # noqa: E402
 from perpair.data.schema import SCHEMA_VERSION  # noqa: E402
@@ -380,6 +380,31 @@ def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     ids = plugin.pair_ids(Dataset.from_list(rows))
     assert len(kept) > 30 and kept <= set(ids)
     assert [ids[row - 1] for row in table.column("source_row").to_pylist()] == table.column("pair_id").to_pylist()
+
+
+def test_rows_prepare_leaves_out_are_named_as_such(uf_pairs, tmp_path):
+    """The raw data the plan's pairs were prepared from: a row prepare leaves out (identical responses) was
+    reported as if the plan were made from other data."""
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][300:310]
+    source = tmp_path / "uf.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare([str(source)], tmp_path / "pairs.parquet")
+    assert len(read_pairs(str(tmp_path / "pairs.parquet"))[0]) == 9  # row 7 (306 of the file) is left out
+    plan = _plan(tmp_path / "pairs.parquet", tmp_path / "plan.parquet", "dpo", beta=0.1)
+    with pytest.raises(PerpairError, match=r"\(train_dataset row 7\) is not in plan .*: chosen and rejected are "
+                                           r"identical, a pair perpair prepare leaves out.*\(1 such row\(s\)\)"):
+        plugin.apply_plan(Dataset.from_list(rows), plan)
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
+def test_hh_rlhf_transcripts_that_diverge_are_refused_by_row(small_pairs, tmp_path):
+    """HH-RLHF rows whose transcripts differ before the last turn (5 of the harmless test split) have no pair_id:
+    the plug-in ended in a Degenerate traceback."""
+    rows = [json.loads(line) for line in gzip.open(HH_TEST, "rt")][1250:1256]
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    with pytest.raises(PerpairError, match=r"train_dataset row 5: the two transcripts differ before the final "
+                                           r"Assistant turn, a pair perpair prepare leaves out"):
+        plugin.apply_plan(Dataset.from_list(rows), plan)
 
 
 def test_collator_leaves_unplanned_batches_to_trl():

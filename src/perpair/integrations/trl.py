@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from perpair.data.prepare import _generic_degenerate
 from perpair.errors import PerpairError
 
 SUPPORTED_TRL = ("1.16", "1.17")  # [low, high): the versions whose DPOTrainer internals this module relies on
@@ -78,10 +79,19 @@ PLAN_RECORD = "perpair_plan.json"  # in each checkpoint: the pairs it trained, s
 
 # --------------------------------------------------------------------------------------- plan and dataset
 
+LEFT_OUT = ("a pair perpair prepare leaves out, so no plan has it; remove such rows, or train on the pairs file the "
+            "plan was made from")
+
+
 def pair_ids(dataset: Dataset) -> list[str]:
     """perpair's ``pair_id`` of every row, from perpair's own reader of TRL's layouts (standard or
     conversational, explicit or implicit prompt), so an id here equals the one ``perpair prepare`` gives."""
+    return [record.pair_id for record in _records(dataset)]
+
+
+def _records(dataset: Dataset) -> list:
     from perpair.data.readers import ColumnMap, ReadContext, detect_format, read_hh_rlhf, read_preference
+    from perpair.data.rows import Degenerate
     from perpair.data.sources import RowProblem
 
     lacking = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
@@ -94,13 +104,15 @@ def pair_ids(dataset: Dataset) -> list[str]:
     rows = dataset.select_columns(names)
     # HH-RLHF transcripts, which TRL reads with an implicit prompt, are parsed into turns as prepare parses them
     read = read_hh_rlhf if len(rows) and detect_format(rows[0]) == "hh-rlhf" else read_preference
-    ids = []
+    records = []
     for row, example in enumerate(rows, start=1):
         try:
-            ids.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)).pair_id)
+            records.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)))
         except RowProblem as problem:
             raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.detail}") from None
-    return ids
+        except Degenerate as problem:  # HH-RLHF transcripts that differ before their last turn, say
+            raise PerpairError(f"train_dataset row {row}: {problem.detail}, {LEFT_OUT}") from None
+    return records
 
 
 def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -130,7 +142,8 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     """The training dataset as the plan trains it: drop pairs removed, flipped pairs swapped, rows in the plan's
     order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` and
     ``perpair_pair_id`` added."""
-    ids = pair_ids(dataset)
+    records = _records(dataset)
+    ids = [record.pair_id for record in records]
     first: dict[str, int] = {}
     for row, pid in enumerate(ids, start=1):
         if pid in first:
@@ -144,10 +157,17 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
                                "pass one of the two")
         values = read_plan(plan)
         where = f"plan {plan}"
-        absent = [pid for pid in ids if pid not in values]
+        absent = [row for row, pid in enumerate(ids, start=1) if pid not in values]
+        # identical or empty responses: prepare's own test, so that the message says why the pair is not there
+        left_out = [(row, problem) for row in absent if (problem := _generic_degenerate(records[row - 1]))]
+        if left_out:
+            row, problem = left_out[0]
+            raise PerpairError(f"pair {ids[row - 1]} (train_dataset row {row}) is not in {where}: "
+                               f"{problem.detail}, {LEFT_OUT} ({len(left_out)} such row(s))")
         if absent:
-            raise PerpairError(f"pair {absent[0]} (train_dataset row {first[absent[0]]}) is not in {where} "
-                               f"({len(absent)} such pair(s)); the plan was made from other data")
+            raise PerpairError(f"pair {ids[absent[0] - 1]} (train_dataset row {absent[0]}) is not in {where} "
+                               f"({len(absent)} such pair(s)); the plan was made from other data (or another split "
+                               "of it)")
         extra = [pid for pid in values if pid not in first]
         if extra:
             raise PerpairError(f"pair {extra[0]} of {where} is not in train_dataset ({len(extra)} such pair(s)); "
