@@ -407,6 +407,21 @@ def test_hh_rlhf_transcripts_that_diverge_are_refused_by_row(small_pairs, tmp_pa
         plugin.apply_plan(Dataset.from_list(rows), plan)
 
 
+def test_a_training_batch_without_plan_values_is_refused(small_pairs, tiny_model, tmp_path):
+    """A training dataset swapped in after construction (here: the planned one without its plan columns) trained
+    with DPOConfig.beta, as stock TRL, without a word."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 128, 1e-3, max_steps=1),
+                                       train_dataset=_dataset(small_pairs),
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model),
+                                       plan=_plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.3))
+    trainer.train_dataset = trainer.train_dataset.remove_columns([plugin.BETA, plugin.SFT, plugin.EPS])
+    with pytest.raises(PerpairError, match=r"a training batch carries no plan values: the training dataset was "):
+        trainer.train()
+
+
 def test_collator_leaves_unplanned_batches_to_trl():
     """Evaluation batches carry no plan columns: TRL's collator output, unchanged; planned ones get the tensors."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference

@@ -401,8 +401,11 @@ class PerPairDPOTrainer(DPOTrainer):
             self.beta, self.label_smoothing = saved
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if BETA not in inputs:  # evaluation batches (not planned): stock TRL
-            return super()._compute_loss(model, inputs, return_outputs)
+        if BETA not in inputs:
+            if model.training:  # a dataset swapped in after construction, say: it would train with DPOConfig.beta
+                raise PerpairError("a training batch carries no plan values: the training dataset was replaced after "
+                                   "PerPairDPOTrainer applied the plan to it; pass the dataset to the constructor")
+            return super()._compute_loss(model, inputs, return_outputs)  # evaluation (not planned): stock TRL
         if return_outputs:
             raise PerpairError("PerPairDPOTrainer computes planned batches for the loss only")
         beta, sft, eps = inputs.pop(BETA), inputs.pop(SFT).bool(), inputs.pop(EPS)
