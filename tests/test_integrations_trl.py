@@ -347,6 +347,8 @@ def test_resume_continues_the_plan_it_stopped_in(small_pairs, tiny_model, tmp_pa
     (stock / plugin.PLAN_RECORD).unlink()
     with pytest.raises(PerpairError, match=r"has no perpair_plan.json: it was not saved by PerPairDPOTrainer"):
         run(plan, resume=str(stock))
+    with pytest.raises(ValueError, match=r"Can't find a valid checkpoint at"):  # Transformers' own message
+        run(plan, resume=str(tmp_path / "no-such-checkpoint"))
 
 
 def test_evaluate_refuses_plan_columns_as_construction_does(small_pairs, tiny_model, tmp_path):

@@ -337,7 +337,7 @@ class PerPairDPOTrainer(DPOTrainer):
         if resume_from_checkpoint and not self.args.ignore_data_skip:
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
-            if checkpoint is not None:  # (None: Transformers says there is no checkpoint)
+            if checkpoint is not None and Path(checkpoint).is_dir():  # (else Transformers says there is none)
                 self._check_resumed_plan(Path(checkpoint))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
