@@ -189,6 +189,35 @@ def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
         assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
 
 
+def test_plan_values_survive_deepspeeds_cast_of_float_inputs(small_pairs, tiny_model, tmp_path, monkeypatch):
+    """Under DeepSpeed, Transformers' _prepare_input casts every float tensor of a batch to the model's dtype (bf16
+    here): β_i and ε_i were rounded to bf16 (β 0.0137 became 0.013702…) before TRL's loss read them."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    planned = _dataset(small_pairs).select([5, 7]).add_column("beta", [0.0137, 0.4])
+    planned = planned.add_column("route", ["preference"] * 2).add_column("order", [0, 1])
+    planned = planned.add_column("label_smoothing", [0.0123, 0.2])
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 256, 1e-3, loss_type=["robust"]), train_dataset=planned,
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the reference, so that β_i and ε_i matter
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        exact = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch))).item()
+        monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+        bf16 = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
+        monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: bf16))
+        cast = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch))).item()
+    assert cast == pytest.approx(exact, rel=1e-7)
+
+
 # ------------------------------------------------------------------------------- plan matching, refusals
 
 def test_dataset_columns_are_the_plan(small_pairs, tmp_path):
@@ -436,7 +465,8 @@ def test_collator_leaves_unplanned_batches_to_trl():
     assert set(plain) == set(inner(examples)) and all((plain[k] == inner(examples)[k]).all() for k in plain)
     planned = collator([{**ex, plugin.BETA: b, plugin.SFT: s, plugin.EPS: 0.0}
                         for ex, b, s in zip(examples, [0.1, 0.3], [False, True], strict=True)])
-    assert planned[plugin.BETA].tolist() == pytest.approx([0.1, 0.3]) and planned[plugin.SFT].tolist() == [False, True]
+    assert plugin._floats(planned[plugin.BETA]).tolist() == pytest.approx([0.1, 0.3])
+    assert planned[plugin.SFT].tolist() == [False, True]
     assert (planned["input_ids"] == plain["input_ids"]).all()
 
 

@@ -279,9 +279,19 @@ def _values(eps: np.ndarray) -> str:
     return f"{low:g}" if low == high else f"{low:g} to {high:g}"
 
 
+def _bits(values: list[float]) -> torch.Tensor:
+    """Floats as the bits of float64 in an int64 tensor: Trainer._prepare_input casts every float tensor of a batch
+    to the model's dtype under DeepSpeed, which would round β_i and ε_i to bf16; integers pass unchanged."""
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64)
+
+
+def _floats(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float64).float()
+
+
 class PlanCollator:
-    """TRL's collator plus the per-pair tensors ``perpair_beta`` (float), ``perpair_sft`` (bool) and
-    ``perpair_label_smoothing`` (float), one entry per pair in the batch's order."""
+    """TRL's collator plus the per-pair tensors ``perpair_beta`` (float, as :func:`_bits`), ``perpair_sft`` (bool)
+    and ``perpair_label_smoothing`` (float, as :func:`_bits`), one entry per pair in the batch's order."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -291,9 +301,9 @@ class PlanCollator:
             return self.inner(examples)
         plan = {k: [ex[k] for ex in examples] for k in (BETA, SFT, EPS)}
         batch = self.inner([{k: v for k, v in ex.items() if k not in plan} for ex in examples])
-        batch[BETA] = torch.tensor(plan[BETA], dtype=torch.float32)
+        batch[BETA] = _bits(plan[BETA])
         batch[SFT] = torch.tensor(plan[SFT], dtype=torch.bool)
-        batch[EPS] = torch.tensor(plan[EPS], dtype=torch.float32)
+        batch[EPS] = _bits(plan[EPS])
         return batch
 
 
@@ -408,7 +418,7 @@ class PerPairDPOTrainer(DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)  # evaluation (not planned): stock TRL
         if return_outputs:
             raise PerpairError("PerPairDPOTrainer computes planned batches for the loss only")
-        beta, sft, eps = inputs.pop(BETA), inputs.pop(SFT).bool(), inputs.pop(EPS)
+        beta, sft, eps = _floats(inputs.pop(BETA)), inputs.pop(SFT).bool(), _floats(inputs.pop(EPS))
         n = beta.numel()
         pref_index = torch.nonzero(~sft).flatten()
         sft_index = torch.nonzero(sft).flatten()
