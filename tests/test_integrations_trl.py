@@ -19,7 +19,7 @@ pytest.importorskip("trl")
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from conftest import HH_TEST, NO_DATA, run_cli, save_tiny_llama  # noqa: E402
+from conftest import HH_TEST, NO_DATA, UF_TRAIN, run_cli, save_tiny_llama  # noqa: E402
 from perpair.artifacts import write_artifact  # noqa: E402
 from perpair.data import prepare, read_pairs  # noqa: E402
 from perpair.data.schema import SCHEMA_VERSION  # noqa: E402
@@ -64,10 +64,11 @@ def _plan(pairs: Path, out: Path, preset: str, overrides: dict | None = None, be
 def _args(out: Path, batch: int, max_length: int, lr: float, **options):
     from trl import DPOConfig
 
-    return DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=lr,
-                     lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
-                     save_strategy="no", max_length=max_length, seed=0, use_cpu=True, dataloader_num_workers=0,
-                     bf16=False, disable_tqdm=True, **options)  # bf16=False: TRL autocasts to bf16 even on CPU
+    defaults = dict(max_steps=STEPS, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, report_to=[],
+                    save_strategy="no", seed=0, use_cpu=True, dataloader_num_workers=0, bf16=False, disable_tqdm=True)
+    # bf16=False: TRL autocasts to bf16 even on CPU
+    return DPOConfig(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=lr, max_length=max_length,
+                     **{**defaults, **options})
 
 
 def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]:
@@ -188,6 +189,35 @@ def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
         assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
 
 
+def test_plan_values_survive_deepspeeds_cast_of_float_inputs(small_pairs, tiny_model, tmp_path, monkeypatch):
+    """Under DeepSpeed, Transformers' _prepare_input casts every float tensor of a batch to the model's dtype (bf16
+    here): β_i and ε_i were rounded to bf16 (β 0.0137 became 0.013702…) before TRL's loss read them."""
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    planned = _dataset(small_pairs).select([5, 7]).add_column("beta", [0.0137, 0.4])
+    planned = planned.add_column("route", ["preference"] * 2).add_column("order", [0, 1])
+    planned = planned.add_column("label_smoothing", [0.0123, 0.2])
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 256, 1e-3, loss_type=["robust"]), train_dataset=planned,
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model))
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the reference, so that β_i and ε_i matter
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        exact = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch))).item()
+        monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+        bf16 = SimpleNamespace(hf_ds_config=SimpleNamespace(dtype=lambda: torch.bfloat16))
+        monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: bf16))
+        cast = trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch))).item()
+    assert cast == pytest.approx(exact, rel=1e-7)
+
+
 # ------------------------------------------------------------------------------- plan matching, refusals
 
 def test_dataset_columns_are_the_plan(small_pairs, tmp_path):
@@ -279,6 +309,95 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, plan, tmp_path)
 
 
+def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
+    """A dataset with TRL's token columns only: there is no text to match the plan by. It was refused as if the plan
+    were made from other data (or, with plan columns, a zip() traceback)."""
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    tokenized = _dataset(small_pairs).map(lambda ex: {"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]},
+                                          remove_columns=["prompt", "chosen", "rejected"])
+    carried = tokenized.add_column("beta", [0.1] * 24).add_column("route", ["preference"] * 24)
+    carried = carried.add_column("order", list(range(24))).add_column("label_smoothing", [0.0] * 24)
+    for dataset, given in ((tokenized, plan), (carried, None)):
+        with pytest.raises(PerpairError, match=r"train_dataset has no 'chosen' or 'rejected' column \(it has "
+                                               r"prompt_ids, chosen_ids, rejected_ids.*before tokenization"):
+            plugin.apply_plan(dataset, given)
+
+
+def test_plan_columns_of_another_type_are_refused(small_pairs):
+    """Plan columns a user made (read from a CSV as text, say): a flipped of "False" flipped every pair, and a
+    beta, order or label_smoothing of text ended in a numpy TypeError."""
+    dataset = _dataset(small_pairs)
+    n = len(dataset)
+    columns = {"beta": [0.1] * n, "route": ["preference"] * n, "order": list(range(n)), "label_smoothing": [0.0] * n}
+
+    def carrying(**changed):
+        out = dataset
+        for name, values in {**columns, **changed}.items():
+            out = out.add_column(name, values)
+        return out
+
+    assert plugin.apply_plan(carrying(flipped=[False] * n), None)[1].flipped == 0
+    for name, values, shown in (("flipped", ["False"] * n, "'False'"), ("beta", ["0.1"] * n, "'0.1'"),
+                                ("order", [str(i) for i in range(n)], "'0'"), ("label_smoothing", ["0"] * n, "'0'")):
+        with pytest.raises(PerpairError, match=rf"train_dataset: pair \w+ \(row 1\) has {name} {shown}; expected"):
+            plugin.apply_plan(carrying(**{name: values}), None)
+
+
+def test_resume_continues_the_plan_it_stopped_in(small_pairs, tiny_model, tmp_path):
+    """A resumed run skips the batches its checkpoint trained: with the same plan it continues where it stopped
+    (steps 3 and 4 as in one run); with another plan, or as many steps over other pairs a step, the skipped batches
+    would be other pairs, so it is refused (it resumed silently)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": 0.0})
+    other = _plan(small_pairs, tmp_path / "other.parquet", "dpo", beta=0.1)
+    out = tmp_path / "run"
+
+    def run(plan, batch=2, resume=None, **options):
+        trainer = plugin.PerPairDPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model),
+            args=_args(out, batch, 128, 1e-3, max_steps=4, save_strategy="steps", save_steps=2, **options),
+            train_dataset=_dataset(small_pairs), processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+        trainer.train(resume_from_checkpoint=resume)
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+    whole = run(plan)
+    checkpoint = out / "checkpoint-2"
+    assert run(plan, resume=str(checkpoint)) == pytest.approx(whole, rel=1e-6)
+    with pytest.raises(PerpairError, match=r"checkpoint .*checkpoint-2 was trained on other pairs or another plan"):
+        run(other, resume=str(checkpoint))
+    with pytest.raises(PerpairError, match=r"checkpoint .*checkpoint-2 trained 2 pairs a step, this run 4"):
+        run(plan, batch=4, resume=str(checkpoint))
+    stock = tmp_path / "stock-checkpoint"
+    shutil.copytree(checkpoint, stock)
+    (stock / plugin.PLAN_RECORD).unlink()
+    with pytest.raises(PerpairError, match=r"has no perpair_plan.json: it was not saved by PerPairDPOTrainer"):
+        run(plan, resume=str(stock))
+    with pytest.raises(ValueError, match=r"Can't find a valid checkpoint at"):  # Transformers' own message
+        run(plan, resume=str(tmp_path / "no-such-checkpoint"))
+
+
+def test_evaluate_refuses_plan_columns_as_construction_does(small_pairs, tiny_model, tmp_path):
+    """A dataset with plan columns given to evaluate() later: its β went unread as silently as the one refused at
+    construction would have."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dataset = _dataset(small_pairs)
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 256, 1e-3), train_dataset=dataset,
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model),
+                                       plan=_plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1))
+    held_out = dataset.select([5, 7])  # two short pairs
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(beta\), which evaluation does not"):
+        trainer.evaluate(held_out.add_column("beta", [0.5, 0.5]))
+    with pytest.raises(PerpairError, match=r"probe carries plan columns \(route\)"):
+        trainer.evaluate({"probe": held_out.add_column("route", ["sft", "sft"])})
+    assert "eval_loss" in trainer.evaluate(held_out)
+
+
 @pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
 def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     """TRL reads HH-RLHF's transcripts with an implicit prompt; the plug-in parses them as prepare does, so a plan
@@ -294,6 +413,46 @@ def test_hh_rlhf_transcripts_match_the_pairs_prepare_made(tmp_path):
     assert [ids[row - 1] for row in table.column("source_row").to_pylist()] == table.column("pair_id").to_pylist()
 
 
+def test_rows_prepare_leaves_out_are_named_as_such(uf_pairs, tmp_path):
+    """The raw data the plan's pairs were prepared from: a row prepare leaves out (identical responses) was
+    reported as if the plan were made from other data."""
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][300:310]
+    source = tmp_path / "uf.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    prepare([str(source)], tmp_path / "pairs.parquet")
+    assert len(read_pairs(str(tmp_path / "pairs.parquet"))[0]) == 9  # row 7 (306 of the file) is left out
+    plan = _plan(tmp_path / "pairs.parquet", tmp_path / "plan.parquet", "dpo", beta=0.1)
+    with pytest.raises(PerpairError, match=r"\(train_dataset row 7\) is not in plan .*: chosen and rejected are "
+                                           r"identical, a pair perpair prepare leaves out.*\(1 such row\(s\)\)"):
+        plugin.apply_plan(Dataset.from_list(rows), plan)
+
+
+@pytest.mark.skipif(not HH_TEST.exists(), reason=NO_DATA)
+def test_hh_rlhf_transcripts_that_diverge_are_refused_by_row(small_pairs, tmp_path):
+    """HH-RLHF rows whose transcripts differ before the last turn (5 of the harmless test split) have no pair_id:
+    the plug-in ended in a Degenerate traceback."""
+    rows = [json.loads(line) for line in gzip.open(HH_TEST, "rt")][1250:1256]
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    with pytest.raises(PerpairError, match=r"train_dataset row 5: the two transcripts differ before the final "
+                                           r"Assistant turn, a pair perpair prepare leaves out"):
+        plugin.apply_plan(Dataset.from_list(rows), plan)
+
+
+def test_a_training_batch_without_plan_values_is_refused(small_pairs, tiny_model, tmp_path):
+    """A training dataset swapped in after construction (here: the planned one without its plan columns) trained
+    with DPOConfig.beta, as stock TRL, without a word."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 128, 1e-3, max_steps=1),
+                                       train_dataset=_dataset(small_pairs),
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model),
+                                       plan=_plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.3))
+    trainer.train_dataset = trainer.train_dataset.remove_columns([plugin.BETA, plugin.SFT, plugin.EPS])
+    with pytest.raises(PerpairError, match=r"a training batch carries no plan values: the training dataset was "):
+        trainer.train()
+
+
 def test_collator_leaves_unplanned_batches_to_trl():
     """Evaluation batches carry no plan columns: TRL's collator output, unchanged; planned ones get the tensors."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -306,7 +465,8 @@ def test_collator_leaves_unplanned_batches_to_trl():
     assert set(plain) == set(inner(examples)) and all((plain[k] == inner(examples)[k]).all() for k in plain)
     planned = collator([{**ex, plugin.BETA: b, plugin.SFT: s, plugin.EPS: 0.0}
                         for ex, b, s in zip(examples, [0.1, 0.3], [False, True], strict=True)])
-    assert planned[plugin.BETA].tolist() == pytest.approx([0.1, 0.3]) and planned[plugin.SFT].tolist() == [False, True]
+    assert plugin._floats(planned[plugin.BETA]).tolist() == pytest.approx([0.1, 0.3])
+    assert planned[plugin.SFT].tolist() == [False, True]
     assert (planned["input_ids"] == plain["input_ids"]).all()
 
 

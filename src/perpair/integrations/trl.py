@@ -23,6 +23,8 @@ losses over the number of pairs of the micro-batch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from perpair.data.prepare import _generic_degenerate
 from perpair.errors import PerpairError
 
 SUPPORTED_TRL = ("1.16", "1.17")  # [low, high): the versions whose DPOTrainer internals this module relies on
@@ -54,6 +57,7 @@ check_trl_version(trl.__version__)
 import torch  # noqa: E402  (after the version check: a wrong TRL fails here, with the message above)
 from datasets import Dataset  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 # TRL 1.16 loss types by how a per-pair β_i enters: in all of these β is an elementwise factor or parameter
@@ -69,28 +73,46 @@ PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may ca
 ROUTES = ("preference", "sft", "drop")
 # Columns this module adds to the training dataset; the collator turns them into batch tensors.
 BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
+PAIR = "perpair_pair_id"  # (not a batch tensor: it identifies the run's pairs for its checkpoints)
+PLAN_RECORD = "perpair_plan.json"  # in each checkpoint: the pairs it trained, so that a resume continues those
 
 
 # --------------------------------------------------------------------------------------- plan and dataset
 
+LEFT_OUT = ("a pair perpair prepare leaves out, so no plan has it; remove such rows, or train on the pairs file the "
+            "plan was made from")
+
+
 def pair_ids(dataset: Dataset) -> list[str]:
     """perpair's ``pair_id`` of every row, from perpair's own reader of TRL's layouts (standard or
     conversational, explicit or implicit prompt), so an id here equals the one ``perpair prepare`` gives."""
+    return [record.pair_id for record in _records(dataset)]
+
+
+def _records(dataset: Dataset) -> list:
     from perpair.data.readers import ColumnMap, ReadContext, detect_format, read_hh_rlhf, read_preference
+    from perpair.data.rows import Degenerate
     from perpair.data.sources import RowProblem
 
+    lacking = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if lacking:  # a tokenized-only dataset (prompt_ids, …): without the text no pair can be matched to the plan
+        raise PerpairError(f"train_dataset has no {' or '.join(repr(c) for c in lacking)} column (it has "
+                           f"{', '.join(dataset.column_names) or 'none'}); pairs are matched to the plan by their "
+                           "text, so pass the dataset before tokenization (TRL tokenizes it itself)")
     names = [c for c in ("prompt", "chosen", "rejected", "system") if c in dataset.column_names]
     columns = ColumnMap(prompt="prompt" if "prompt" in names else None)
     rows = dataset.select_columns(names)
     # HH-RLHF transcripts, which TRL reads with an implicit prompt, are parsed into turns as prepare parses them
     read = read_hh_rlhf if len(rows) and detect_format(rows[0]) == "hh-rlhf" else read_preference
-    ids = []
+    records = []
     for row, example in enumerate(rows, start=1):
         try:
-            ids.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)).pair_id)
+            records.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)))
         except RowProblem as problem:
             raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.detail}") from None
-    return ids
+        except Degenerate as problem:  # HH-RLHF transcripts that differ before their last turn, say
+            raise PerpairError(f"train_dataset row {row}: {problem.detail}, {LEFT_OUT}") from None
+    return records
 
 
 def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -118,8 +140,10 @@ class PlanSummary:
 
 def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, PlanSummary]:
     """The training dataset as the plan trains it: drop pairs removed, flipped pairs swapped, rows in the plan's
-    order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` added."""
-    ids = pair_ids(dataset)
+    order, and the per-pair columns ``perpair_beta``, ``perpair_sft``, ``perpair_label_smoothing`` and
+    ``perpair_pair_id`` added."""
+    records = _records(dataset)
+    ids = [record.pair_id for record in records]
     first: dict[str, int] = {}
     for row, pid in enumerate(ids, start=1):
         if pid in first:
@@ -133,10 +157,17 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
                                "pass one of the two")
         values = read_plan(plan)
         where = f"plan {plan}"
-        absent = [pid for pid in ids if pid not in values]
+        absent = [row for row, pid in enumerate(ids, start=1) if pid not in values]
+        # identical or empty responses: prepare's own test, so that the message says why the pair is not there
+        left_out = [(row, problem) for row in absent if (problem := _generic_degenerate(records[row - 1]))]
+        if left_out:
+            row, problem = left_out[0]
+            raise PerpairError(f"pair {ids[row - 1]} (train_dataset row {row}) is not in {where}: "
+                               f"{problem.detail}, {LEFT_OUT} ({len(left_out)} such row(s))")
         if absent:
-            raise PerpairError(f"pair {absent[0]} (train_dataset row {first[absent[0]]}) is not in {where} "
-                               f"({len(absent)} such pair(s)); the plan was made from other data")
+            raise PerpairError(f"pair {ids[absent[0] - 1]} (train_dataset row {absent[0]}) is not in {where} "
+                               f"({len(absent)} such pair(s)); the plan was made from other data (or another split "
+                               "of it)")
         extra = [pid for pid in values if pid not in first]
         if extra:
             raise PerpairError(f"pair {extra[0]} of {where} is not in train_dataset ({len(extra)} such pair(s)); "
@@ -157,6 +188,12 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
             raise PerpairError(f"{where}: pair {pid} (row {row}) has route {route!r}; expected one of {ROUTES}")
         if route == "drop":
             continue
+        for name in ("beta", "order", "label_smoothing"):  # columns a user made (a CSV's text, say)
+            if v[name] is not None and (isinstance(v[name], bool) or not isinstance(v[name], int | float)):
+                raise PerpairError(f"{where}: pair {pid} (row {row}) has {name} {v[name]!r}; expected a number")
+        if v.get("flipped") is not None and not isinstance(v["flipped"], bool):  # bool("False") would flip it
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has flipped {v['flipped']!r}; expected true or "
+                               "false")
         if v["order"] is None or not np.isfinite(v["order"]):
             raise PerpairError(f"{where}: pair {pid} (row {row}) is routed {route} but has no order "
                                f"({v['order']})")
@@ -185,6 +222,7 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     out = out.add_column(SFT, [r == "sft" for r in routes])
     out = out.add_column(EPS, [float(per_row[i]["label_smoothing"]) if r == "preference" else 0.0
                                for i, r in zip(rows, routes, strict=True)])
+    out = out.add_column(PAIR, [ids[i] + (" flipped" if flip else "") for i, flip in zip(rows, flipped, strict=True)])
     return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped))
 
 
@@ -226,14 +264,34 @@ def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
                            f"label_smoothing ({_values(eps)}); {said}, so leave it at 0 (or equal to the plan's)")
 
 
+def check_eval_dataset(evaluation) -> None:
+    """Plan columns in an evaluation dataset would go unread: evaluation scores every pair with DPOConfig.beta,
+    as stock TRL does."""
+    for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
+        carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
+        if carried:
+            raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
+                               "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
+
+
 def _values(eps: np.ndarray) -> str:
     low, high = (float(eps.min()), float(eps.max())) if eps.size else (0.0, 0.0)
     return f"{low:g}" if low == high else f"{low:g} to {high:g}"
 
 
+def _bits(values: list[float]) -> torch.Tensor:
+    """Floats as the bits of float64 in an int64 tensor: Trainer._prepare_input casts every float tensor of a batch
+    to the model's dtype under DeepSpeed, which would round β_i and ε_i to bf16; integers pass unchanged."""
+    return torch.tensor(values, dtype=torch.float64).view(torch.int64)
+
+
+def _floats(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float64).float()
+
+
 class PlanCollator:
-    """TRL's collator plus the per-pair tensors ``perpair_beta`` (float), ``perpair_sft`` (bool) and
-    ``perpair_label_smoothing`` (float), one entry per pair in the batch's order."""
+    """TRL's collator plus the per-pair tensors ``perpair_beta`` (float, as :func:`_bits`), ``perpair_sft`` (bool)
+    and ``perpair_label_smoothing`` (float, as :func:`_bits`), one entry per pair in the batch's order."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -243,9 +301,9 @@ class PlanCollator:
             return self.inner(examples)
         plan = {k: [ex[k] for ex in examples] for k in (BETA, SFT, EPS)}
         batch = self.inner([{k: v for k, v in ex.items() if k not in plan} for ex in examples])
-        batch[BETA] = torch.tensor(plan[BETA], dtype=torch.float32)
+        batch[BETA] = _bits(plan[BETA])
         batch[SFT] = torch.tensor(plan[SFT], dtype=torch.bool)
-        batch[EPS] = torch.tensor(plan[EPS], dtype=torch.float32)
+        batch[EPS] = _bits(plan[EPS])
         return batch
 
 
@@ -268,12 +326,7 @@ class PerPairDPOTrainer(DPOTrainer):
                                f"selects its rows), got {type(train_dataset).__name__}")
         if any(c in train_dataset.column_names for c in ("image", "images")):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
-        evaluation = kwargs.get("eval_dataset")
-        for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
-            carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
-            if carried:  # they would go unread: evaluation scores every pair with DPOConfig.beta, as stock TRL
-                raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
-                                   "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
+        check_eval_dataset(kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
@@ -286,6 +339,54 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
                                "process, or use a plan without SFT routes")
         self.data_collator = PlanCollator(self.data_collator)
+        # The pairs TRL kept (it drops those whose prompt fills max_length), in order, with their plan values
+        trained = self.train_dataset.select_columns([PAIR, BETA, SFT, EPS])
+        self._plan_digest = hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if resume_from_checkpoint and not self.args.ignore_data_skip:
+            checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
+                          else resume_from_checkpoint)
+            if checkpoint is not None and Path(checkpoint).is_dir():  # (else Transformers says there is none)
+                self._check_resumed_plan(Path(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        if not isinstance(eval_dataset, str):  # (a name: one of the datasets checked at construction)
+            check_eval_dataset(eval_dataset)
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def _pairs_per_step(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
+    def _check_resumed_plan(self, checkpoint: Path) -> None:
+        """Transformers resumes by skipping the batches the checkpoint trained: in this plan's order, that is the
+        position the checkpoint reached only if it trained the same pairs in the same order, as many a step."""
+        restart = "or set ignore_data_skip=True to read the current epoch of this plan from its first pair"
+        try:
+            record = json.loads((checkpoint / PLAN_RECORD).read_text())
+        except FileNotFoundError:
+            raise PerpairError(f"checkpoint {checkpoint} has no {PLAN_RECORD}: it was not saved by "
+                               "PerPairDPOTrainer, so where it stopped in the plan's order is unknown; resume one that "
+                               f"was, {restart}") from None
+        if record["plan"] != self._plan_digest:
+            raise PerpairError(f"checkpoint {checkpoint} was trained on other pairs or another plan ({record['pairs']}"
+                               f" pairs; this run {len(self.train_dataset)}): skipping its batches would skip other "
+                               "pairs of this run's order; resume with the plan, dataset and max_length it was "
+                               f"trained with, {restart}")
+        if record["pairs_per_step"] != self._pairs_per_step():
+            raise PerpairError(f"checkpoint {checkpoint} trained {record['pairs_per_step']} pairs a step, this run "
+                               f"{self._pairs_per_step()} (per_device_train_batch_size × gradient_accumulation_steps"
+                               " × processes): skipping its steps would land elsewhere in the plan's order; resume "
+                               f"with its batch size, {restart}")
+
+    def _save_checkpoint(self, model, trial):
+        if self.args.should_save:  # written first, so that a checkpoint pushed or copied from here has it
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / PLAN_RECORD).write_text(json.dumps({"plan": self._plan_digest, "pairs": len(self.train_dataset),
+                                                          "pairs_per_step": self._pairs_per_step()}) + "\n")
+        super()._save_checkpoint(model, trial)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -310,11 +411,14 @@ class PerPairDPOTrainer(DPOTrainer):
             self.beta, self.label_smoothing = saved
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if BETA not in inputs:  # evaluation batches (not planned): stock TRL
-            return super()._compute_loss(model, inputs, return_outputs)
+        if BETA not in inputs:
+            if model.training:  # a dataset swapped in after construction, say: it would train with DPOConfig.beta
+                raise PerpairError("a training batch carries no plan values: the training dataset was replaced after "
+                                   "PerPairDPOTrainer applied the plan to it; pass the dataset to the constructor")
+            return super()._compute_loss(model, inputs, return_outputs)  # evaluation (not planned): stock TRL
         if return_outputs:
             raise PerpairError("PerPairDPOTrainer computes planned batches for the loss only")
-        beta, sft, eps = inputs.pop(BETA), inputs.pop(SFT).bool(), inputs.pop(EPS)
+        beta, sft, eps = _floats(inputs.pop(BETA)), inputs.pop(SFT).bool(), _floats(inputs.pop(EPS))
         n = beta.numel()
         pref_index = torch.nonzero(~sft).flatten()
         sft_index = torch.nonzero(sft).flatten()
