@@ -243,6 +243,36 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
+    """Each process computes its share of the missing reference log-probs, none twice, and the run equals one
+    process's. They were all computed by the first process while the others waited in a barrier: on 8 GPUs the
+    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run."""
+    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
+            "--set", "save_model=false"]
+    record = tmp_path / "computed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PERPAIR_TEST_RECORD": str(record),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+         "-m", "perpair_recording_reference", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+         "--out", str(tmp_path / "two"), "--set", f"reference_cache={tmp_path / 'two-cache'}", *args],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = [Path(f"{record}.{rank}").read_text().splitlines() if Path(f"{record}.{rank}").exists() else []
+              for rank in (0, 1)]
+    assert all(shares), [len(s) for s in shares]  # both processes computed some
+    assert not set(shares[0]) & set(shares[1]) and all(len(set(s)) == len(s) for s in shares)  # none twice
+    (cache,) = (tmp_path / "two-cache").glob("*.parquet")
+    assert pq.read_table(cache).num_rows == len(shares[0]) + len(shares[1]) == 12  # every pair of the 3 steps
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["reference_pairs_computed"] == 12
+
+    _train(tiny_model, uf_pairs, tmp_path / "one", *args)  # its own cache: computed in one process
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["reward_margin"] == pytest.approx(x["reward_margin"], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
     """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
     resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""
