@@ -273,6 +273,47 @@ def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_refusal_of_the_main_process_alone_stops_every_process_with_its_one_error(tiny_model, tmp_path):
+    """DATA in another format is prepared by the first process alone: its refusal is one `error:` line, and every
+    process exits with its status 2. The other process failed in its next collective instead, a gloo traceback
+    ("Connection closed by peer") after the error."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": 5, "chosen": \n')
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+         "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(data), "--out", str(tmp_path / "out"),
+         "--steps", "1", "--batch-size", "2", "--threads", "1"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl, row 2" in errors[0], result.stderr[-3000:]
+    assert "[rank" not in result.stderr, result.stderr[-3000:]  # no process's traceback
+    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # torchrun's report: both exited 2
+
+
+@pytest.mark.slow
+def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
+    """Every process of a launch exits once the run is done. The second hung in about a third of the runs at the
+    return of train(): gloo frees the last broadcast's tensors on its own thread, which needs the GIL, while the
+    DDP module's teardown joined that thread holding it. A race, so several runs (each hung or not)."""
+    for run in range(4):
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(29527 + run), "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+                 "--out", str(tmp_path / f"run{run}"), "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                 "--threads", "1", "--lora", "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'ref'}"],
+                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+                start_new_session=True)
+        except subprocess.TimeoutExpired:
+            for line in subprocess.run(["pgrep", "-f", str(tmp_path / f"run{run}")], capture_output=True,
+                                       text=True).stdout.split():
+                os.kill(int(line), signal.SIGKILL)  # the launcher and the process that hung
+            pytest.fail(f"run {run + 1}: a process of the launch did not exit after training")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
     """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
     resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""

@@ -18,7 +18,7 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from perpair.errors import PerpairError
+from perpair.errors import FailedOnMainProcess, PerpairError
 
 app = typer.Typer(
     name="perpair",
@@ -98,6 +98,8 @@ def main() -> None:
                                                            KeyboardInterrupt):
                 raise KeyboardInterrupt from None
             raise
+    except FailedOnMainProcess as exc:  # another process of the launch: the main one printed the error
+        sys.exit(exc.exit_code)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:
