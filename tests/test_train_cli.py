@@ -288,7 +288,25 @@ def test_a_refusal_of_the_main_process_alone_stops_every_process_with_its_one_er
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.jsonl, row 2" in errors[0], result.stderr[-3000:]
     assert "[rank" not in result.stderr, result.stderr[-3000:]  # no process's traceback
-    assert result.stderr.count("exitcode  : 2") == 2, result.stderr[-3000:]  # torchrun's report: both exited 2
+    assert "exitcode  : 2" in result.stderr, result.stderr[-3000:]  # torchrun's report: the first one exited 2
+
+
+@pytest.mark.slow
+def test_only_train_runs_under_a_launch_of_several_processes(tmp_path):
+    """perpair run (or any stage but train) under torchrun would run whole in every process: it is refused, one
+    `error:` line, before anything is written. The second process was refused as 'another perpair run' using the
+    workdir (its own sibling) while the first one prepared the data."""
+    workdir = tmp_path / "work"
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525",
+         "-m", "perpair", "run", str(config), "--set", f"workdir={workdir}"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "perpair run runs in one process" in errors[0], result.stderr[-3000:]
+    assert "only perpair train takes several" in errors[0]
+    assert not workdir.exists()
 
 
 @pytest.mark.slow
