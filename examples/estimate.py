@@ -19,7 +19,7 @@ PREPARED = PAIRS * 0.994  # perpair prepare excluded 6 of 1,000 sample rows as d
 SFT_SHARE_MIXDPO = 0.12  # ties routed to SFT (MixDPO: 12% of UltraFeedback)
 H100_BF16 = 989e12  # H100 SXM dense bf16 peak, FLOP/s
 MFU = 0.30  # assumed model FLOPs utilisation of training: one pair (~720 tokens) per forward under FSDP
-MFU_REFERENCE = 0.30  # the reference pass (forward only, one pair per forward, one GPU: rank 0 computes it)
+MFU_REFERENCE = 0.30  # the reference pass (forward only, packed pairs; every GPU computes a share)
 NVLINK_BUS = 360e9  # bytes/s per GPU achievable in all-gather / reduce-scatter on 8×H100 SXM (450 GB/s peak)
 ANSWER_TOKENS = 120  # assumed mean teacher answer (JSON + a rationale of at most 300 characters; max_tokens 256)
 TEACHER_PARAMS = 70.6e9  # a Llama-3.3-70B-Instruct teacher
@@ -35,7 +35,7 @@ def training(name: str, params: float, gpus: int, sft_share: float = 0.0, batch:
     policy_flops = 6 * params * tokens
     ref_flops = 2 * params * ref_tokens
     compute_s = policy_flops / (gpus * MFU * H100_BF16)
-    ref_s = ref_flops / (MFU_REFERENCE * H100_BF16)
+    ref_s = ref_flops / (gpus * MFU_REFERENCE * H100_BF16)
     # FSDP full shard: per forward (one pair) each GPU receives (g-1)/g of the bf16 weights twice (all-gather in the
     # forward and again in the backward); gradients are reduce-scattered once per step (no_sync in between), fp32.
     comm_bytes = 2 * 2 * params * (gpus - 1) / gpus
@@ -50,7 +50,7 @@ def training(name: str, params: float, gpus: int, sft_share: float = 0.0, batch:
     print(f"policy 6·N·D = 6 × {params:.3g} × {tokens:.3g} = {policy_flops:.3g} FLOP → "
           f"{compute_s / 60:.0f} min at {MFU:.0%} MFU on {gpus} GPUs")
     print(f"reference 2·N·D = 2 × {params:.3g} × {ref_tokens:.3g} = {ref_flops:.3g} FLOP → "
-          f"{ref_s / 60:.0f} min on ONE GPU at {MFU_REFERENCE:.0%} (rank 0 computes the cache; once per model+data)")
+          f"{ref_s / 60:.0f} min at {MFU_REFERENCE:.0%} MFU on {gpus} GPUs (a share each; once per model+data)")
     print(f"sharding traffic = ({pairs / gpus:,.0f} forwards/GPU × {comm_bytes / 1e9:.1f} GB + {pairs // batch:.0f} "
           f"steps × {step_bytes / 1e9:.1f} GB) / {NVLINK_BUS / 1e9:.0f} GB/s = {comm_s / 60:.0f} min if not overlapped")
     print(f"training time ≈ {max(compute_s, comm_s) / 60:.0f}–{(compute_s + comm_s) / 60:.0f} min "

@@ -243,6 +243,95 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
+    """Each process computes its share of the missing reference log-probs, none twice, and the run equals one
+    process's. They were all computed by the first process while the others waited in a barrier: on 8 GPUs the
+    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run."""
+    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
+            "--set", "save_model=false"]
+    record = tmp_path / "computed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PERPAIR_TEST_RECORD": str(record),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
+         "-m", "perpair_recording_reference", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+         "--out", str(tmp_path / "two"), "--set", f"reference_cache={tmp_path / 'two-cache'}", *args],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shares = [Path(f"{record}.{rank}").read_text().splitlines() if Path(f"{record}.{rank}").exists() else []
+              for rank in (0, 1)]
+    assert all(shares), [len(s) for s in shares]  # both processes computed some
+    assert not set(shares[0]) & set(shares[1]) and all(len(set(s)) == len(s) for s in shares)  # none twice
+    (cache,) = (tmp_path / "two-cache").glob("*.parquet")
+    assert pq.read_table(cache).num_rows == len(shares[0]) + len(shares[1]) == 12  # every pair of the 3 steps
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["reference_pairs_computed"] == 12
+
+    _train(tiny_model, uf_pairs, tmp_path / "one", *args)  # its own cache: computed in one process
+    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["reward_margin"] == pytest.approx(x["reward_margin"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_refusal_of_the_main_process_alone_stops_every_process_with_its_one_error(tiny_model, tmp_path):
+    """DATA in another format is prepared by the first process alone: its refusal is one `error:` line, and every
+    process exits with its status 2. The other process failed in its next collective instead, a gloo traceback
+    ("Connection closed by peer") after the error."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": 5, "chosen": \n')
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+         "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(data), "--out", str(tmp_path / "out"),
+         "--steps", "1", "--batch-size", "2", "--threads", "1"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl, row 2" in errors[0], result.stderr[-3000:]
+    assert "[rank" not in result.stderr, result.stderr[-3000:]  # no process's traceback
+    assert "exitcode  : 2" in result.stderr, result.stderr[-3000:]  # torchrun's report: the first one exited 2
+
+
+@pytest.mark.slow
+def test_only_train_runs_under_a_launch_of_several_processes(tmp_path):
+    """perpair run (or any stage but train) under torchrun would run whole in every process: it is refused, one
+    `error:` line, before anything is written. The second process was refused as 'another perpair run' using the
+    workdir (its own sibling) while the first one prepared the data."""
+    workdir = tmp_path / "work"
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29525",
+         "-m", "perpair", "run", str(config), "--set", f"workdir={workdir}"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "perpair run runs in one process" in errors[0], result.stderr[-3000:]
+    assert "only perpair train takes several" in errors[0]
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
+    """Every process of a launch exits once the run is done. The second hung in about a third of the runs at the
+    return of train(): gloo frees the last broadcast's tensors on its own thread, which needs the GIL, while the
+    DDP module's teardown joined that thread holding it. A race, so several runs (each hung or not)."""
+    for run in range(4):
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                 str(29527 + run), "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+                 "--out", str(tmp_path / f"run{run}"), "--steps", "1", "--batch-size", "2", "--max-length", "64",
+                 "--threads", "1", "--lora", "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'ref'}"],
+                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+                start_new_session=True)
+        except subprocess.TimeoutExpired:
+            for line in subprocess.run(["pgrep", "-f", str(tmp_path / f"run{run}")], capture_output=True,
+                                       text=True).stdout.split():
+                os.kill(int(line), signal.SIGKILL)  # the launcher and the process that hung
+            pytest.fail(f"run {run + 1}: a process of the launch did not exit after training")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
     """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
     resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""

@@ -33,3 +33,13 @@ class TooFewAnnotated(PerpairError):
 
 class ArtifactMismatch(PerpairError):
     """An artifact does not match the input it claims to be built from."""
+
+
+class FailedOnMainProcess(PerpairError):
+    """Raised on the other processes of a launch (torchrun, accelerate launch) when the main process refused work
+    it does alone (preparing DATA, claiming OUT, writing a checkpoint): the main process prints the error, these
+    exit with its status without a word, instead of each failing in its next collective with a traceback."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("the main process of this launch failed (its error is above)")
+        self.exit_code = exit_code

@@ -8,7 +8,9 @@ Errors perpair knows how to explain are printed as one message and exit with sta
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from perpair.errors import PerpairError
+from perpair.errors import FailedOnMainProcess, PerpairError
 
 app = typer.Typer(
     name="perpair",
@@ -65,9 +67,26 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+def _options(ctx: typer.Context,
+             version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                           help="Print perpair's version and exit.")) -> None:
     """Per-pair preference optimization: prepare pairs, plan per-pair beta/route/order, train, evaluate."""
+    one_process_only(ctx.invoked_subcommand)
+
+
+def one_process_only(command: str | None) -> None:
+    """Refuse any command but ``train`` under a launch of several processes (torchrun, accelerate launch set
+    WORLD_SIZE): each process would do the whole work again into the same outputs (``perpair run``: the second
+    one was refused as 'another perpair run' using the workdir, its own sibling). The first process says so; the
+    others exit with it without a word."""
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if command in (None, "train") or not processes.isdigit() or int(processes) <= 1:
+        return
+    if os.environ.get("RANK", "0") != "0":
+        raise FailedOnMainProcess(EXIT_USER_ERROR)
+    raise PerpairError(f"perpair {command} runs in one process, and this launch started {processes} (WORLD_SIZE of "
+                       "torchrun / accelerate launch), each of which would do all its work again; only perpair train "
+                       "takes several: run the other stages without a launcher, as examples/*/run.sh do")
 
 
 # Stage commands register on `app` when imported (order = order in --help).
@@ -106,6 +125,9 @@ def main() -> None:
             raise KeyboardInterrupt
         if isinstance(status, int) and status != EXIT_OK:
             sys.exit(status)
+    except FailedOnMainProcess as exc:  # another process of the launch, whose main process prints the error:
+        time.sleep(3)  # not gone first, so that the launcher does not stop the main process before it has printed
+        sys.exit(exc.exit_code)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from perpair.data.schema import KIND as PAIRS_KIND
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig, check_plan_fits
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
+from perpair.train.processes import on_main_process
 from perpair.train.tokenize import TokenizedPair, tokenize_pair
 
 
@@ -74,9 +75,7 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
         raise PerpairError(f"file {path}: not found")
     if not is_pairs_file(path):
         target = Path(config.out) / "pairs.parquet"
-        if accelerator.is_main_process:
-            prepare([str(path)], target, PrepareOptions())
-        accelerator.wait_for_everyone()
+        on_main_process(accelerator, lambda: prepare([str(path)], target, PrepareOptions()))
         path = target
     table, _ = read_pairs(str(path))
     n = table.num_rows

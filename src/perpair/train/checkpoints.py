@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig
+from perpair.train.processes import on_main_process
 
 RUN_KEY = "run.key"
 STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
@@ -111,21 +112,27 @@ def checkpoints(out: Path) -> list[Path]:
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
-    never leaves half a checkpoint."""
-    accelerator.wait_for_everyone()
+    never leaves half a checkpoint. The main process writes all but the other processes' RNG states; a failure
+    there (a full disk) stops every process."""
     target = out / "checkpoints" / f"step-{step:08d}"
     tmp = target.with_name(f".{target.name}.tmp")
-    if accelerator.is_main_process:
+
+    def fresh() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+
+    on_main_process(accelerator, fresh)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / rng_file(accelerator.process_index))
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
+    on_main_process(accelerator, lambda: _write_checkpoint(out, step, tmp, target, accelerator, module, optimizer,
+                                                           scheduler, keep))
+
+
+def _write_checkpoint(out: Path, step: int, tmp: Path, target: Path, accelerator, module, optimizer, scheduler,
+                      keep: int) -> None:
     model = accelerator.unwrap_model(module).model
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -264,8 +271,10 @@ def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str,
         # Each rank holds a shard: every rank takes part in gathering the full weights, rank 0 receives them.
         gathered = accelerator.get_state_dict(module)
         state_dict = {name.removeprefix("model."): value for name, value in gathered.items()}  # CompletionLogps.model
-    if not accelerator.is_main_process:
-        return {}
+    return on_main_process(accelerator, lambda: _save_model(config, accelerator, module, tokenizer, state_dict)) or {}
+
+
+def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict) -> dict[str, str]:
     model = accelerator.unwrap_model(module).model
     out = Path(config.out)
     saved = {}

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from perpair.train.config import TrainConfig
 from perpair.train.lean import kept_gate_up, lean_patches
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses, wpo_weights
+from perpair.train.processes import on_main_process
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
     check_router_loss,
@@ -93,9 +95,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     check_router_loss(config)
     accelerator = setup_accelerator(config)
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
-    if accelerator.is_main_process:
-        claim_out(config, key)
-    accelerator.wait_for_everyone()
+    on_main_process(accelerator, lambda: claim_out(config, key))
     data = load_data(config, accelerator)
     batches = build_step_batches(config, data, tokenizer)
     if config.steps is None:  # one epoch: its steps are known now (run.key keeps "one epoch", not their number)
@@ -128,8 +128,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
     metrics_path = out / METRICS
-    if accelerator.is_main_process:
-        truncate_metrics(metrics_path, start_step)
+    on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step))
     start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
                    config=config.model_dump(), out=str(out))
 
@@ -142,9 +141,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         metrics["seconds"] = time.perf_counter() - t0
         train_seconds += metrics["seconds"]
         totals.update(pairs=metrics["pairs"], tokens=metrics["tokens"])
-        if accelerator.is_main_process:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+        on_main_process(accelerator, partial(append_line, metrics_path, metrics))
         accelerator.log(tracker_values(metrics), step=metrics["step"])
         if on_step:
             on_step(metrics)
@@ -184,10 +181,14 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "mlp_gate_up_kept": {"longest_forward": config.longest_forward, "mlps": kept[0], "of": kept[1]},
         "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)
     }
-    if accelerator.is_main_process:
-        (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    on_main_process(accelerator, lambda: (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n"))
     accelerator.end_training()
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
+
+
+def append_line(path: Path, metrics: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(metrics) + "\n")
 
 
 def reference_pass(config: TrainConfig, on_reference: Callable[[int, int], None] | None = None) -> dict[str, Any]:

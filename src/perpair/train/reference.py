@@ -94,23 +94,38 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     tokenized: Sequence[TokenizedPair], load_model, *, device: torch.device,
                     tokens_per_forward: int, chunk_size: int, autocast_dtype: torch.dtype | None = None,
                     on_progress=None, ld_alpha: float | None = None,
-                    deferred: frozenset[str] = frozenset()) -> tuple[np.ndarray, int]:
+                    deferred: frozenset[str] = frozenset(), share: tuple[int, int] = (0, 1),
+                    agree: Callable[[dict], dict] | None = None, gather: Callable[[dict], dict] | None = None,
+                    write: bool = True) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache, except
     those of ``deferred`` (the caller gets them otherwise), whose rows are NaN. ``on_progress(done, to_compute)``
-    follows the computation. Returns the values and how many pairs were computed."""
+    follows the computation. Several processes: ``agree`` gives every process the first one's reading of the cache
+    (another run may write it between their reads), process ``share[0]`` of ``share[1]`` computes every
+    ``share[1]``-th missing pair, ``gather`` merges every process's values, and only the process with ``write``
+    writes the cache. Returns the values and how many pairs were computed (by all processes)."""
     cached = load_cached(path)
+    if agree is not None:
+        cached = agree(cached)
     missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached and pid not in deferred},
                      key=lambda i: tokenized[i].tokens)  # similar lengths together: fewer wasted packs
-    if missing:
+    index, processes = share
+    mine = missing[index::processes]  # every process gets pairs of every length: shares that take as long
+    computed: dict[str, tuple[float, int, float, int]] = {}
+    if mine:
         model = load_model()
-        sums, counts = logps_of_tokenized(model, [tokenized[i] for i in missing], device=device,
+        sums, counts = logps_of_tokenized(model, [tokenized[i] for i in mine], device=device,
                                           tokens_per_forward=tokens_per_forward, chunk_size=chunk_size,
                                           autocast_dtype=autocast_dtype, ld_alpha=ld_alpha,
-                                          on_progress=on_progress and (lambda done: on_progress(done, len(missing))))
+                                          on_progress=on_progress and (lambda done: on_progress(done, len(mine))))
         del model
-        for row, i in enumerate(missing):
-            cached[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]), int(counts[row, 1]))
+        for row, i in enumerate(mine):
+            computed[pair_ids[i]] = (float(sums[row, 0]), int(counts[row, 0]), float(sums[row, 1]),
+                                     int(counts[row, 1]))
+    if gather is not None:
+        computed = gather(computed)
+    cached.update(computed)
+    if missing and write:
         save_cached(path, key, cached)
     nan = (float("nan"), 0, float("nan"), 0)
     values = np.array([[(v := cached.get(pid, nan))[0], v[2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)

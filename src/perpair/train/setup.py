@@ -133,7 +133,9 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     """Reference log-probs (:class:`~perpair.train.reference.RunReference`, in the trained orientation) of the
     preference pairs of the run (SFT pairs and reference-free losses need none), from the cache, the missing
     ones computed now, except, with ``from_first_step`` (a run starting at its first step), those that step's
-    forward gives (:func:`first_step_rows`). The main process fills the cache; the others read it. ``policy``
+    forward gives (:func:`first_step_rows`). Several processes compute a share each (waiting while one process
+    computed them all would outlast NCCL's 10-minute collective timeout on a large corpus); the main process
+    writes the cache. ``policy``
     None: the initial model is loaded if a pair is missing (a pass that does not train)."""
     if config.objective.reference_free:
         return reference.RunReference()
@@ -164,17 +166,22 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
         pack_linears(model, rows=PROMPT_ROWS, dtype=autocast)
         return model
 
-    computed = 0
     # Without gradients a forward keeps no activations, so several pairs share one (tree attention keeps each
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
     tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
     options = dict(device=accelerator.device, tokens_per_forward=tokens, chunk_size=config.logits_chunk,
                    autocast_dtype=autocast, ld_alpha=config.ld_alpha, deferred=deferred)
+    if accelerator.num_processes > 1:  # every process computes a share: none waits on another's whole pass
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        options.update(share=(accelerator.process_index, accelerator.num_processes),
+                       agree=lambda cached: broadcast_object_list([cached])[0],
+                       gather=lambda mine: {k: v for part in gather_object([mine]) for k, v in part.items()},
+                       write=accelerator.is_main_process)
     try:
-        if accelerator.is_main_process:
-            _, computed = reference.reference_logps(path, key, ids, own, load, on_progress=on_progress, **options)
-        accelerator.wait_for_everyone()
-        values, _ = reference.reference_logps(path, key, ids, own, load, **options)
+        values, computed = reference.reference_logps(path, key, ids, own, load,
+                                                     on_progress=on_progress if accelerator.is_main_process else None,
+                                                     **options)
     finally:
         if policy is not None:
             unpack_linears(policy)

@@ -1,0 +1,22 @@
+"""``python -m perpair_recording_reference ARGS``: ``perpair ARGS``, each process appending the pairs its reference
+pass computes to ``$PERPAIR_TEST_RECORD.RANK``, one line of token ids per pair (tests/test_train_cli.py: who
+computes what under torchrun). Not a test module."""
+
+import os
+
+import perpair.train.reference as reference
+from perpair.__main__ import main
+
+computed = reference.logps_of_tokenized
+
+
+def recording(model, tokenized, **options):
+    with open(f"{os.environ['PERPAIR_TEST_RECORD']}.{os.environ.get('RANK', '0')}", "a") as handle:
+        handle.write("".join(f"{t.prompt} {t.chosen} {t.rejected}\n" for t in tokenized))
+    return computed(model, tokenized, **options)
+
+
+reference.logps_of_tokenized = recording
+
+if __name__ == "__main__":
+    main()
