@@ -311,9 +311,10 @@ def test_only_train_runs_under_a_launch_of_several_processes(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
-    """Every process of a launch exits once the run is done. The second hung in about a third of the runs at the
-    return of train(): gloo frees the last broadcast's tensors on its own thread, which needs the GIL, while the
-    DDP module's teardown joined that thread holding it. A race, so several runs (each hung or not)."""
+    """Every process of a launch exits once the run is done. The second hung at the return of train() in about 1
+    run of 10 under load (3 of 17 in a row once): gloo's worker thread releases the last collective's tensors, which
+    takes the GIL, while the DDP module's teardown joins that thread holding it (processes.let_collectives_finish).
+    A race, so several runs (each hung or not)."""
     for run in range(4):
         try:
             result = subprocess.run(

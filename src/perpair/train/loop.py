@@ -49,7 +49,7 @@ from perpair.train.config import TrainConfig
 from perpair.train.lean import kept_gate_up, lean_patches
 from perpair.train.logprobs import CompletionLogps, Packed, pack, run_packed
 from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_losses, wpo_weights
-from perpair.train.processes import on_main_process
+from perpair.train.processes import let_collectives_finish, on_main_process
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
     check_router_loss,
@@ -183,6 +183,7 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     }
     on_main_process(accelerator, lambda: (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n"))
     accelerator.end_training()
+    let_collectives_finish(accelerator)  # before the DDP module is freed: see there
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
 
 

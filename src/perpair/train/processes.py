@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import torch
 
 from perpair.errors import FailedOnMainProcess, PerpairError
 
 T = TypeVar("T")
+
+_STATUS: dict[str, torch.Tensor] = {}  # the tensor each process's status travels in, one per device
 
 
 def on_main_process(accelerator, work: Callable[[], T]) -> T | None:
@@ -22,16 +27,35 @@ def on_main_process(accelerator, work: Callable[[], T]) -> T | None:
         except (PerpairError, OSError) as exc:
             failure = exc
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        code = None if failure is None else getattr(failure, "exit_code", 2)
-        code = broadcast_object_list([code])[0]  # a collective: also the others' wait for the main process
-        # gloo frees the broadcast's tensors on its own thread, which takes the GIL to do so; a process group torn
-        # down before that (train()'s return frees the DDP module) joins that thread holding the GIL: a deadlock.
-        # The barrier runs after that free on the same thread, and is waited on without the GIL.
-        accelerator.wait_for_everyone()
+        code = _main_process_status(accelerator, None if failure is None else getattr(failure, "exit_code", 2))
         if code is not None and not accelerator.is_main_process:
             raise FailedOnMainProcess(code)
     if failure is not None:
         raise failure
     return result
+
+
+def _main_process_status(accelerator, code: int | None) -> int | None:
+    """The main process's exit status (None: it succeeded), sent to every process; a collective, so also the
+    others' wait for the main process."""
+    import torch.distributed as dist
+
+    device = accelerator.device
+    status = _STATUS.setdefault(str(device), torch.zeros(1, dtype=torch.int64, device=device))
+    status.fill_(-1 if code is None else code)
+    dist.broadcast(status, src=0)  # the main process is rank 0
+    value = int(status.item())
+    return None if value < 0 else value
+
+
+def let_collectives_finish(accelerator) -> None:
+    """Call before the model wrapped for several processes is freed (train()'s return). A process group's worker
+    thread releases a finished collective's tensors just after the collective returns, and releasing a tensor
+    Python created takes the GIL; freeing the DDP module tears the process group down holding the GIL and joins
+    that thread: a deadlock, the second process of a two-process gloo launch hung at exit in about 1 run of 10 on
+    2 busy cores (py-spy: the main thread in ``~ProcessGroupGloo`` joining, the worker in ``gil_scoped_acquire``
+    releasing a broadcast's tensors). A barrier (no tensors), then a pause without the GIL, in which that thread
+    finishes."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.2)
