@@ -182,8 +182,8 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
         "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)
     }
     on_main_process(accelerator, lambda: (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n"))
+    let_collectives_finish(accelerator)  # before the process group goes (end_training) and the DDP module: see there
     accelerator.end_training()
-    let_collectives_finish(accelerator)  # before the DDP module is freed: see there
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
 
 

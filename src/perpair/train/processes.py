@@ -49,13 +49,13 @@ def _main_process_status(accelerator, code: int | None) -> int | None:
 
 
 def let_collectives_finish(accelerator) -> None:
-    """Call before the model wrapped for several processes is freed (train()'s return). A process group's worker
-    thread releases a finished collective's tensors just after the collective returns, and releasing a tensor
-    Python created takes the GIL; freeing the DDP module tears the process group down holding the GIL and joins
-    that thread: a deadlock, the second process of a two-process gloo launch hung at exit in about 1 run of 10 on
-    2 busy cores (py-spy: the main thread in ``~ProcessGroupGloo`` joining, the worker in ``gil_scoped_acquire``
-    releasing a broadcast's tensors). A barrier (no tensors), then a pause without the GIL, in which that thread
-    finishes."""
+    """Call before the process group is destroyed (Accelerate's end_training) and the model wrapped for several
+    processes freed. A process group's worker thread releases a finished collective's tensors just after the
+    collective returns, and releasing a tensor Python created takes the GIL; freeing the DDP module tears the
+    process group down holding the GIL and joins that thread: a deadlock, the second process of a two-process gloo
+    launch hung at exit in about 1 run of 10 on 2 busy cores (py-spy: the main thread in ``~ProcessGroupGloo``
+    joining, the worker in ``gil_scoped_acquire`` releasing a broadcast's tensors). A barrier (no tensors), then a
+    pause without the GIL, in which that thread finishes."""
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         time.sleep(0.2)
