@@ -12,8 +12,6 @@ from perpair.errors import FailedOnMainProcess, PerpairError
 
 T = TypeVar("T")
 
-_STATUS: dict[str, torch.Tensor] = {}  # the tensor each process's status travels in, one per device
-
 
 def on_main_process(accelerator, work: Callable[[], T]) -> T | None:
     """``work()`` on the main process alone (its result; None elsewhere), the others waiting for it. Its refusal
@@ -40,9 +38,7 @@ def _main_process_status(accelerator, code: int | None) -> int | None:
     others' wait for the main process."""
     import torch.distributed as dist
 
-    device = accelerator.device
-    status = _STATUS.setdefault(str(device), torch.zeros(1, dtype=torch.int64, device=device))
-    status.fill_(-1 if code is None else code)
+    status = torch.tensor([-1 if code is None else code], dtype=torch.int64, device=accelerator.device)
     dist.broadcast(status, src=0)  # the main process is rank 0
     value = int(status.item())
     return None if value < 0 else value
