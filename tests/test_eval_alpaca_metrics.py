@@ -295,7 +295,7 @@ def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monke
     _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
     asked = []
 
-    def download(*, repo_id, filename, repo_type):  # the Hub's files, as hf_hub_download would return them
+    def download(*, repo_id, filename, repo_type, revision=None):  # the Hub's files, as hf_hub_download returns them
         asked.append((repo_id, filename))
         return str(gamed_csv if filename == "df_gamed.csv" else AE / "instruction_difficulty_reconstructed.csv")
 
@@ -406,7 +406,7 @@ def test_online_without_a_data_folder_the_rows_are_checked_against_the_hubs(tmp_
            HUB_DIFFICULTY: AE / "instruction_difficulty_reconstructed.csv"}
     asked = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda *, repo_id, filename, repo_type: asked.append(filename) or str(hub[filename]))
+                        lambda *, filename, **kw: asked.append(filename) or str(hub[filename]))
     monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
     row = score_annotations(shuffled, ScoreOptions(offline=False, fit=False))
     assert sorted(asked) == sorted(hub) and pd.isna(row["length_controlled_winrate"])
