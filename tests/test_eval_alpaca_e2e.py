@@ -90,7 +90,8 @@ def test_local_judge_cached_resumable_after_kill(tmp_path):
 
     # the written annotations are alpaca_eval files: `eval score` reads them and agrees
     scored = json.loads(run_cli("eval", "score", "--json", "--offline", "--difficulty",
-                                AE / "instruction_difficulty_reconstructed.csv", out / "annotations.json").stdout)
+                                AE / "instruction_difficulty_reconstructed.csv", "--data-dir", AE,
+                                out / "annotations.json").stdout)
     assert scored["win_rate"] == pytest.approx(resumed["win_rate"])
     assert scored["length_controlled_winrate"] == pytest.approx(resumed["length_controlled_winrate"])
 

@@ -136,7 +136,7 @@ def test_score_offline_says_approximation(tmp_path):
     path = tmp_path / "annotations.json"
     path.write_text(json.dumps(records))
     row = score_annotations(path, ScoreOptions(difficulty=AE / "instruction_difficulty_reconstructed.csv",
-                                               glm_weights=AE / "glm_weights_length_controlled_v1.csv"))
+                                               glm_weights=AE / "glm_weights_length_controlled_v1.csv", data_dir=AE))
     assert row["lc_method"] == "fit_offline_approximation"
     assert row["lc_is_approximation"] and "0.5 to 3 points" in row["lc_note"]
     assert row["lc_published_weights"] is None
@@ -148,7 +148,8 @@ def test_cli_score_json_has_leaderboard_keys():
     result = run_cli("eval", "score", "--json", "--offline", "--difficulty",
                      AE / "instruction_difficulty_reconstructed.csv",
                      "--glm-weights", AE / "glm_weights_length_controlled_v1.csv",
-                     "--leaderboard", AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", *files)
+                     "--leaderboard", AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv", "--data-dir", AE,
+                     *files)
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["name"] for r in rows] == ["claude-2.1", "gemma-7b-it"]
     for row in rows:
@@ -213,6 +214,38 @@ def test_a_renamed_file_is_not_scored_with_the_other_models_weights(tmp_path, mo
                                                                abs=1e-4)
 
 
+def test_score_offline_without_the_official_rows_gives_no_lc(tmp_path, monkeypatch):
+    """`eval score --offline --difficulty FILE` without a data folder read each row's difficulty by its position
+    with no official rows to check the file against: a shuffled file got an LC of other instructions'
+    difficulties (by the fit, or by the published weights of the model whose leaderboard row it matches). Now, as
+    `alpaca-eval` given an unchecked --reference, it gets no LC and a note saying how to get one; its raw figures
+    stand, exit 0."""
+    monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    shuffled = tmp_path / "claude-2.1.json"
+    shuffled.write_text(json.dumps([records[i] for i in np.random.default_rng(0).permutation(len(records))]))
+    lc_files = ("--difficulty", AE / "instruction_difficulty_reconstructed.csv",
+                "--glm-weights", AE / "glm_weights_length_controlled_v1.csv",
+                "--leaderboard", AE / "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv")
+    for options in ((), ("--no-fit",)):
+        row = json.loads(run_cli("eval", "score", "--json", "--offline", *lc_files, *options, shuffled).stdout)
+        assert row["length_controlled_winrate"] is None and row["lc_method"] is None, options
+        assert row["lc_note"] == (
+            "no LC: offline, the rows cannot be checked against AlpacaEval's instructions in the official order and "
+            "the gpt4_1106_preview baseline's outputs, whose positions the length-controlled GLM reads: give a "
+            "data folder holding reference_outputs_gpt4_1106_preview.json.gz (--data-dir), or score online")
+        assert row["win_rate"] == pytest.approx(LEADERBOARD.loc["claude-2.1", "win_rate"], abs=1e-4)
+    table = run_cli("eval", "score", "--offline", *lc_files, shuffled).stdout
+    assert "no LC: offline, the rows cannot be checked" in " ".join(table.split())
+    # with the data folder the rows are checked: the shuffled file is told apart, the official one gets its LC
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", *lc_files, "--data-dir", AE, shuffled).stdout)
+    assert row["length_controlled_winrate"] is None and "row 1 is" in row["lc_note"]
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", *lc_files, "--data-dir", AE,
+                             AE / "annotations" / "claude-2.1.json.gz").stdout)
+    assert row["length_controlled_winrate"] == pytest.approx(
+        LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)
+
+
 def test_score_inputs_missing_or_ambiguous_are_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
     files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
@@ -262,7 +295,7 @@ def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monke
     _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
     asked = []
 
-    def download(*, repo_id, filename, repo_type):  # the Hub's files, as hf_hub_download would return them
+    def download(*, repo_id, filename, repo_type, revision=None):  # the Hub's files, as hf_hub_download returns them
         asked.append((repo_id, filename))
         return str(gamed_csv if filename == "df_gamed.csv" else AE / "instruction_difficulty_reconstructed.csv")
 
@@ -373,7 +406,7 @@ def test_online_without_a_data_folder_the_rows_are_checked_against_the_hubs(tmp_
            HUB_DIFFICULTY: AE / "instruction_difficulty_reconstructed.csv"}
     asked = []
     monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda *, repo_id, filename, repo_type: asked.append(filename) or str(hub[filename]))
+                        lambda *, filename, **kw: asked.append(filename) or str(hub[filename]))
     monkeypatch.delenv("PERPAIR_ALPACA_EVAL_DATA", raising=False)
     row = score_annotations(shuffled, ScoreOptions(offline=False, fit=False))
     assert sorted(asked) == sorted(hub) and pd.isna(row["length_controlled_winrate"])

@@ -143,3 +143,7 @@ def test_api_judge_verdicts_after_retry(short_questions, tmp_path):
     # per question: game 1 baseline (A) wins, game 2 a tie → (0 + ½) / 2 battles = 25
     assert row["score"] == pytest.approx(25.0) and row["n_battles"] == 2 * N
     assert 0 <= row["rating_q025"] <= 25.0 <= row["rating_q975"] <= 50.0 and row["note"] == ""
+    from perpair.artifacts import file_sha256  # the questions and baseline answers it read, by content
+
+    assert (row["questions_source"], row["baseline_source"]) == (str(q_path), str(b_path))
+    assert (row["questions_sha256"], row["baseline_sha256"]) == (file_sha256(q_path), file_sha256(b_path))

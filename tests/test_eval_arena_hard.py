@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -124,29 +125,70 @@ def test_no_verdict_gives_null_score():
 
 
 def test_question_sources_hub_then_data_folder(monkeypatch, tmp_path):
+    """The questions and baseline answers come from the Hub online, else the data folder; results.json named the
+    Hub file without its commit, and a local file by its path alone, so two results could not tell whether they
+    answered the same questions. Each source now says the commit the Hub file was read at (the one downloaded),
+    and the SHA-256 of what was read."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    from perpair.artifacts import file_sha256
     from perpair.errors import PerpairError
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig
+    from perpair.models import hub_commit
 
     local = SHARED_DATA / "arena_hard"
     config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"), limit=2,
                                        offline=True, data_dir=local)
     questions, baseline, sources = arena_run.load_questions(config)
-    assert len(questions) == 2 and len(baseline) == 500 and sources["questions_source"].startswith("local:")
+    assert len(questions) == 2 and len(baseline) == 500
+    hashes = {"questions_sha256": file_sha256(local / arena_run.LOCAL_QUESTIONS),
+              "baseline_sha256": file_sha256(local / arena_run.LOCAL_BASELINE)}
+    assert sources == {"questions_source": f"local:{local / arena_run.LOCAL_QUESTIONS}",
+                       "baseline_source": f"local:{local / arena_run.LOCAL_BASELINE}", **hashes}
     with pytest.raises(PerpairError, match="--data-dir"):  # offline with no folder: said, not guessed
         arena_run.load_questions(config.model_copy(update={"data_dir": None}))
-    asked = []
 
-    def fake_hub(name, *, repo_id, hint):  # what hf_hub_download would return, online
-        asked.append((repo_id, name))
-        return local / (arena_run.LOCAL_QUESTIONS if name == arena_run.HUB_QUESTIONS else arena_run.LOCAL_BASELINE)
+    served = {"commit": "a" * 40}  # the commit the dataset's main points to on the Hub
+    downloads = []
 
-    monkeypatch.setattr(arena_run, "hub_file", fake_hub)
-    _, _, sources = arena_run.load_questions(config.model_copy(update={"offline": False}))
-    assert sources == {"questions_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_QUESTIONS}",
-                       "baseline_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_BASELINE}"}
-    assert asked == [("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/question.jsonl"),
-                     ("lmarena-ai/arena-hard-auto", "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl")]
+    def download(*, repo_id, filename, repo_type, revision):  # what hf_hub_download would return, online
+        downloads.append((repo_id, repo_type, filename, revision))
+        return str(local / (arena_run.LOCAL_QUESTIONS if filename == arena_run.HUB_QUESTIONS
+                            else arena_run.LOCAL_BASELINE))
+
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, *, repo_type=None, revision=None, timeout=None:
+                        SimpleNamespace(sha=served["commit"]) if (repo_id, repo_type) == (arena_run.HUB_REPO,
+                                                                                          "dataset") else None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    online = config.model_copy(update={"offline": False})
+    hub_commit.cache_clear()
+    try:
+        _, _, sources = arena_run.load_questions(online)
+        assert sources == {"questions_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_QUESTIONS}@{'a' * 40}",
+                           "baseline_source": f"hub:{arena_run.HUB_REPO}/{arena_run.HUB_BASELINE}@{'a' * 40}",
+                           **hashes}
+        assert downloads == [("lmarena-ai/arena-hard-auto", "dataset", "data/arena-hard-v0.1/question.jsonl", "a" * 40),
+                             ("lmarena-ai/arena-hard-auto", "dataset",
+                              "data/arena-hard-v0.1/model_answer/gpt-4-0314.jsonl", "a" * 40)]
+        served["commit"] = "b" * 40  # the repository moves: another run reads (and says) the new commit
+        hub_commit.cache_clear()
+        assert arena_run.load_questions(online)[2]["questions_source"].endswith("@" + "b" * 40)
+    finally:
+        hub_commit.cache_clear()
+
+    # a questions file given: its path, and what it held (one question fewer is other questions)
+    lines = gzip.open(local / arena_run.LOCAL_QUESTIONS, "rt").read().splitlines(keepends=True)
+    fewer = tmp_path / "question.jsonl"
+    fewer.write_text("".join(lines[1:]))
+    sources = arena_run.load_questions(config.model_copy(update={"questions": fewer}))[2]
+    assert sources["questions_source"] == str(fewer) and sources["questions_sha256"] == file_sha256(fewer)
+    assert sources["questions_sha256"] != hashes["questions_sha256"]
 
 
 # --- scoring existing judgment files ----------------------------------------------------------------------

@@ -194,6 +194,50 @@ def test_the_vllm_backend_without_vllm_is_one_error_line(monkeypatch):
         load_generator("model", GenerationConfig(backend="vllm"))
 
 
+def test_vllm_shows_the_prompt_transformers_shows_cut_to_max_prompt_tokens(monkeypatch, tiny_model_dir):
+    """The vLLM backend sent every prompt whole to ``LLM.chat`` (no ``max_prompt_tokens``), where Transformers keeps
+    a long prompt's last ``max_prompt_tokens`` tokens: the same settings gave other answers per backend, or an error
+    past the model's length. Now vLLM is given the tokens the Transformers backend generates from."""
+    import sys
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from perpair.eval.generate import GenerationConfig, TransformersGenerator, VLLMGenerator
+
+    seen: dict = {}
+
+    class LLM:  # vLLM is not installed here: a stand-in that records what it is given
+        def __init__(self, model, dtype):
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+
+        def get_tokenizer(self):
+            return self.tokenizer
+
+        def generate(self, inputs, params, use_tqdm=True):
+            seen["generate"] = inputs
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=" answer ")]) for _ in inputs]
+
+        def chat(self, conversations, params, use_tqdm=True):
+            seen["chat"] = conversations
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=" answer ")]) for _ in conversations]
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    config = GenerationConfig(max_new_tokens=2, max_prompt_tokens=48)
+    prompts = [[{"role": "user", "content": "Hi."}], [{"role": "user", "content": "one two three four " * 20}]]
+    assert VLLMGenerator(str(tiny_model_dir), config).generate(prompts) == ["answer", "answer"]
+
+    transformers = TransformersGenerator(str(tiny_model_dir), config)
+    shown = []
+    real = transformers.model.generate
+    monkeypatch.setattr(transformers.model, "generate", lambda **kw: shown.append(kw) or real(**kw))
+    transformers.generate(prompts)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(shown[0]["input_ids"], shown[0]["attention_mask"],
+                                                              strict=True)]
+    assert "chat" not in seen and [p["prompt_token_ids"] for p in seen["generate"]] == rows
+    assert len(rows[1]) == 48 and len(rows[0]) < 48  # the long prompt lost its beginning, the short one nothing
+
+
 def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output_folders(tmp_path, tiny_model_dir):
     """--judge-name, --judge-api-key-env and --judge-concurrency are read by an API judge only: given with a local
     judge they are refused (they used to be ignored); so are -o '' and a file where the output folder goes. Exit

@@ -141,6 +141,26 @@ def info_error(tmp_path, name, info=INFO):
     return lines[0]
 
 
+def test_dataset_info_rows_are_read_where_llamafactory_reads_them(tmp_path):
+    """An entry naming its rows in two places was read from its file_name, where LLaMA-Factory (get_dataset_list)
+    reads hf_hub_url, ms_hub_url, om_hub_url, script_url and cloud_file_name first: other data than the dataset it
+    trains on. Now hf_hub_url is followed (a Hub dataset, as `perpair prepare hub:ID` reads it), and an entry that
+    LLaMA-Factory reads from a place perpair does not read is refused, naming it."""
+    from perpair.data.llamafactory import load_dataset_entry
+
+    info = json.loads(INFO.read_text())
+    info["both"] = {**info["dpo_zh_demo"], "hf_hub_url": "llamafactory/DPO-En-Zh-20k"}
+    info["modelscope"] = {**info["dpo_zh_demo"], "ms_hub_url": "llamafactory/DPO-En-Zh-20k"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    (tmp_path / "sharegpt_pref.json").write_text((LF / "sharegpt_pref.json").read_text())
+    assert load_dataset_entry(str(tmp_path), "both").source == "hub:llamafactory/DPO-En-Zh-20k"
+    assert load_dataset_entry(str(tmp_path), "dpo_zh_demo").source == str(tmp_path / "sharegpt_pref.json")
+    assert info_error(tmp_path, "modelscope", tmp_path) == (
+        f"error: file {tmp_path / 'dataset_info.json'}, field 'ms_hub_url': dataset 'modelscope': LLaMA-Factory "
+        "reads it from 'ms_hub_url', and perpair reads datasets given by 'file_name' or 'hf_hub_url'; download the "
+        "data and name it with file_name alone")
+
+
 def test_dataset_info_refusals_name_what_is_there(tmp_path):
     listing = "ranking datasets there: dpo_alpaca_demo, dpo_custom_tags, dpo_misnamed_column, dpo_zh_demo"
     assert f"no dataset 'nope' in it; {listing}" in info_error(tmp_path, "nope")

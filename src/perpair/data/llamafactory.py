@@ -49,8 +49,8 @@ COLUMNS = {
 }
 REQUIRED = {"sharegpt": ("messages", "chosen", "rejected"), "alpaca": ("prompt", "chosen", "rejected")}
 MEDIA_COLUMNS = ("images", "videos", "audios")
-# dataset_info entry keys: those perpair reads, and other places of the same data (used when neither
-# file_name nor hf_hub_url is given: then the entry is refused). Any other key (subset, folder,
+# dataset_info entry keys: those perpair reads, and other places of the data (where LLaMA-Factory would read
+# the rows from one of them, the entry is refused). Any other key (subset, folder,
 # num_samples, ...) changes what is read and is refused rather than ignored.
 READ_KEYS = {"file_name", "hf_hub_url", "split", "formatting", "ranking", "columns", "tags"}
 OTHER_SOURCES = {"ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"}
@@ -244,11 +244,15 @@ def load_dataset_entry(info_path: str, name: str) -> DatasetEntry:
                    f"{', '.join(sorted(READ_KEYS))}); remove it or prepare the data yourself", unsupported[0])
     layout = Layout(formatting, {**COLUMNS[formatting], **columns}, {**DEFAULT_TAGS, **tags},
                     named=tuple(dict.fromkeys([*REQUIRED[formatting], *columns])))
-    if "file_name" in entry:
-        source = str(path.parent / str(entry["file_name"]))
-    elif "hf_hub_url" in entry:
+    # where the rows are, in LLaMA-Factory's order (get_dataset_list): a Hub id before any other place, file_name
+    # last, so an entry naming several is read where LLaMA-Factory reads it, or refused
+    elsewhere = sorted(OTHER_SOURCES & set(entry))
+    if "hf_hub_url" in entry:
         source = "hub:" + str(entry["hf_hub_url"])
+    elif elsewhere or "file_name" not in entry:
+        read_from = f"LLaMA-Factory reads it from {elsewhere[0]!r}, and " if elsewhere else ""
+        raise fail(f"{read_from}perpair reads datasets given by 'file_name' or 'hf_hub_url'; download the data and "
+                   "name it with file_name alone", elsewhere[0] if elsewhere else "file_name")
     else:
-        raise fail("perpair reads datasets given by 'file_name' or 'hf_hub_url'; download the data and "
-                   "name it with file_name", "file_name")
+        source = str(path.parent / str(entry["file_name"]))
     return DatasetEntry(source, entry.get("split"), formatting, layout, entry)

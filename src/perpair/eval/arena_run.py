@@ -8,7 +8,8 @@ Files (arena-hard-auto's formats): ``model_answer.jsonl`` (question_id, answer_i
 Questions and baseline answers: the files given, else the Hub (``lmarena-ai/arena-hard-auto``, the dataset
 repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the copies in the data
 folder given (laid out as ``../shared/data/arena_hard/``); the row says which (``questions_source``,
-``baseline_source``). A game whose
+``baseline_source``: a Hub file with the commit it was read at) and what they held (``questions_sha256``,
+``baseline_sha256``), so two results tell whether they answered the same questions. A game whose
 judgment has no usable label after the one retry weighs 0 (``note`` counts them); when no game has one there is no
 score: an error, after the answers and judgments are written and cached.
 """
@@ -22,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from perpair.artifacts import file_sha256
 from perpair.errors import InputError, PerpairError
 from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label
 from perpair.eval.arena_hard import (
@@ -70,12 +72,16 @@ HUB_BASELINE = f"data/arena-hard-v0.1/model_answer/{BASELINE}.jsonl"
 
 def _source(given: Path | None, hub_name: str, local_name: str, config: ArenaHardConfig) -> tuple[Path, str]:
     """A file given on the command line, else the Hub (online), else the data folder's copy (offline); with
-    where it came from."""
+    where it came from (a Hub file: at the commit main points to, which the source names)."""
+    from perpair.models import hub_commit
+
     if given is not None:
         return data_file(given, None, local_name), str(given)
     if not is_offline(config.offline):
         hint = "pass --questions and --baseline-answers, or --offline with --data-dir"
-        return hub_file(hub_name, repo_id=HUB_REPO, hint=hint), f"hub:{HUB_REPO}/{hub_name}"
+        commit = hub_commit(HUB_REPO, "dataset")
+        return (hub_file(hub_name, repo_id=HUB_REPO, hint=hint, revision=commit),
+                f"hub:{HUB_REPO}/{hub_name}@{commit or 'unresolved'}")
     local = data_file(None, config.data_dir, local_name)
     if local is None:
         raise PerpairError(f"offline, Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "
@@ -116,7 +122,8 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
             raise InputError(f"question {q['question_id']} appears twice", file=str(questions_path), row=i + 1,
                              field="question_id")
         seen.add(q["question_id"])
-    sources = {"questions_source": questions_from, "baseline_source": baseline_from}
+    sources = {"questions_source": questions_from, "questions_sha256": file_sha256(questions_path),
+               "baseline_source": baseline_from, "baseline_sha256": file_sha256(baseline_path)}
     return (questions[:config.limit] if config.limit else questions), baseline, sources
 
 

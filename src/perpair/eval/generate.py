@@ -88,18 +88,27 @@ class TransformersGenerator:
 
 
 class VLLMGenerator:
-    """vLLM's offline ``LLM.chat`` (continuous batching on a GPU)."""
+    """vLLM's offline ``LLM.generate`` (continuous batching on a GPU) on the prompts' tokens as
+    :class:`TransformersGenerator` makes them: the chat template, then the last ``max_prompt_tokens`` tokens. vLLM's
+    own ``truncate_prompt_tokens`` cannot do it: ``LLM.chat`` ignores it (vllm-project/vllm#27642) and vLLM 0.17
+    removed it from ``SamplingParams``; a longer prompt was sent whole (another answer, or an error past the
+    model's length)."""
 
     def __init__(self, model: str, config: GenerationConfig):
         from vllm import LLM, SamplingParams
 
         self.name, self.config = model, config
         self.llm = LLM(model=model, dtype=config.dtype)
+        self.tokenizer = self.llm.get_tokenizer()
         self.params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature,
                                      top_p=config.top_p)
 
     def generate(self, prompts: Sequence[Messages]) -> list[str]:
-        outputs = self.llm.chat(list(prompts), self.params, use_tqdm=False)
+        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # the beginning goes, as in TransformersGenerator (truncation_side left)
+        inputs = [{"prompt_token_ids": list(i[-self.config.max_prompt_tokens:])} for i in ids]
+        outputs = self.llm.generate(inputs, self.params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
 

@@ -158,9 +158,11 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
 
 def _not_official(frame, inputs: sources.LCInputs) -> str | None:
     """Why the annotations are not AlpacaEval 2.0's rows (the official instructions in order, the baseline's
-    outputs as ``output_1``), or None when they are, or when the official rows are not at hand."""
-    if inputs.instructions is None:
-        return None
+    outputs as ``output_1``), or cannot be told to be (the official rows not at hand), or None when they are."""
+    if inputs.instructions is None:  # offline without the data folder's copy: unchecked rows get no LC either
+        return (f"offline, the rows cannot be checked against AlpacaEval's instructions in the official order and "
+                f"the {BASELINE_NAME} baseline's outputs, whose positions the length-controlled GLM reads: give a "
+                f"data folder holding {sources.LOCAL_REFERENCE} (--data-dir), or score online")
     instructions, baseline = frame["instruction"].tolist(), frame["output_1"].tolist()
     for k, (ours, theirs) in enumerate(zip(instructions, inputs.instructions, strict=False)):
         if ours != theirs:

@@ -38,13 +38,13 @@ def is_offline(offline: bool | None = None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def hub_file(filename: str, *, repo_id: str = ALPACA_EVAL_REPO, hint: str) -> Path:
-    """A file of a Hub dataset repository (the caller has checked that this run is online). ``hint`` says how
-    to go without it (e.g. the offline option and the local file to pass)."""
+def hub_file(filename: str, *, repo_id: str = ALPACA_EVAL_REPO, hint: str, revision: str | None = None) -> Path:
+    """A file of a Hub dataset repository (the caller has checked that this run is online), at ``revision``
+    (default main). ``hint`` says how to go without it (e.g. the offline option and the local file to pass)."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset"))
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", revision=revision))
     except OSError as exc:  # huggingface_hub's HTTP, not-found and no-connection errors are all OSErrors
         raise PerpairError(f"could not download {filename} from the Hub dataset {repo_id} ({exc}); {hint}") from None
 
