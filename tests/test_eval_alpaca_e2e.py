@@ -17,6 +17,7 @@ import pytest
 
 from conftest import SHARED_DATA, run_cli
 from llama_server import JUDGE_ALIAS
+from perpair.artifacts import file_sha256
 
 AE = SHARED_DATA / "alpaca_eval"
 N = 20
@@ -59,6 +60,9 @@ def _check_row(row: dict) -> None:
     assert 0 <= row["win_rate"] <= 100 and row["standard_error"] > 0
     assert 0 < row["length_controlled_winrate"] < 100
     assert row["lc_method"] == "fit_offline_approximation" and "approximation" in row["lc_note"]
+    # which reference was read: the data folder's copy, by path and by what it held
+    reference = AE / "reference_outputs_gpt4_1106_preview.json.gz"
+    assert (row["reference"], row["reference_sha256"]) == (str(reference), file_sha256(reference))
 
 
 def test_local_judge_cached_resumable_after_kill(tmp_path):

@@ -6,6 +6,7 @@ import gzip
 import json
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -290,25 +291,40 @@ def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
 
 def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    from perpair.models import hub_commit
 
     gamed_csv = tmp_path / "df_gamed.csv"
     _gamed_frame(["alpaca-7b"]).to_csv(gamed_csv, index=False)
     asked = []
 
     def download(*, repo_id, filename, repo_type, revision=None):  # the Hub's files, as hf_hub_download returns them
-        asked.append((repo_id, filename))
+        asked.append((repo_id, filename, revision))
         return str(gamed_csv if filename == "df_gamed.csv" else AE / "instruction_difficulty_reconstructed.csv")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
-    path = AE / "annotations" / "claude-2.1.json.gz"
-    fitted = score_annotations(path, ScoreOptions(offline=False, data_dir=AE))
-    assert fitted["lc_method"] == "fit" and not fitted["lc_is_approximation"] and fitted["lc_note"] is None
-    assert asked == [("tatsu-lab/alpaca_eval", "df_gamed.csv")]
-    published = score_annotations(path, ScoreOptions(offline=False, data_dir=AE, fit=False))
-    assert published["lc_method"] == "published_weights" and published["lc_note"] is None  # official difficulties
-    assert published["instruction_difficulty_source"] == "hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv"
-    assert published["length_controlled_winrate"] == pytest.approx(
-        LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)
+    # the commit the repository's main points to: files are read at it, and the row names it
+    monkeypatch.setattr(HfApi, "repo_info", lambda self, repo_id, *, repo_type=None, revision=None, timeout=None:
+                        SimpleNamespace(sha="c" * 40) if (repo_id, repo_type) == ("tatsu-lab/alpaca_eval", "dataset")
+                        else None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_commit.cache_clear()
+    try:
+        path = AE / "annotations" / "claude-2.1.json.gz"
+        fitted = score_annotations(path, ScoreOptions(offline=False, data_dir=AE))
+        assert fitted["lc_method"] == "fit" and not fitted["lc_is_approximation"] and fitted["lc_note"] is None
+        assert asked == [("tatsu-lab/alpaca_eval", "df_gamed.csv", "c" * 40)]
+        assert fitted["instruction_difficulty_source"] == f"hub:tatsu-lab/alpaca_eval/df_gamed.csv@{'c' * 40}"
+        published = score_annotations(path, ScoreOptions(offline=False, data_dir=AE, fit=False))
+        assert published["lc_method"] == "published_weights" and published["lc_note"] is None  # official difficulties
+        assert published["instruction_difficulty_source"] == \
+            f"hub:tatsu-lab/alpaca_eval/instruction_difficulty.csv@{'c' * 40}"
+        assert published["length_controlled_winrate"] == pytest.approx(
+            LEADERBOARD.loc["claude-2.1", "length_controlled_winrate"], abs=1e-4)
+    finally:
+        hub_commit.cache_clear()
 
 
 def test_unjudged_instructions_are_said_and_none_judged_is_an_error(tmp_path):

@@ -499,7 +499,7 @@ def test_a_reference_file_given_is_checked_against_the_official_rows_before_its_
     row = evaluate(reordered, offline=True, data_dir=AE)
     assert "row 1 is" in row["lc_note"] and math.isnan(row["length_controlled_winrate"])
     fetched = []
-    monkeypatch.setattr(sources, "hub_file", lambda filename, **kw: fetched.append(filename) or official)
+    monkeypatch.setattr(sources, "hub_file", lambda filename, **kw: (fetched.append(filename) or official, "hub"))
     row = evaluate(reordered, offline=False)
     assert fetched == [sources.HUB_REFERENCE] and "row 1 is" in row["lc_note"]
     # the official file given: its LC

@@ -158,7 +158,8 @@ def judge_identity(config: JudgeConfig) -> list[Any]:
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
     """Generate, judge, write the files and return the results row (see module docstring)."""
     # every input is read before the first answer is generated: a missing file stops the run at once
-    reference, reference_source = sources.load_reference_outputs(config.reference, config.data_dir, config.offline)
+    reference, reference_source, reference_sha256 = sources.load_reference_outputs(config.reference, config.data_dir,
+                                                                                   config.offline)
     if config.limit:
         reference = reference.iloc[:config.limit]
     template = judge_prompt_template(config.judge_prompt, config.data_dir)
@@ -194,7 +195,8 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
                 "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
                 "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
-                "reference": reference_source, "n_generated": n_generated, "n_judged": n_judged,
+                "reference": reference_source, "reference_sha256": reference_sha256, "n_generated": n_generated,
+                "n_judged": n_judged,
                 "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])
     return row

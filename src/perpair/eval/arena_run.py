@@ -73,15 +73,11 @@ HUB_BASELINE = f"data/arena-hard-v0.1/model_answer/{BASELINE}.jsonl"
 def _source(given: Path | None, hub_name: str, local_name: str, config: ArenaHardConfig) -> tuple[Path, str]:
     """A file given on the command line, else the Hub (online), else the data folder's copy (offline); with
     where it came from (a Hub file: at the commit main points to, which the source names)."""
-    from perpair.models import hub_commit
-
     if given is not None:
         return data_file(given, None, local_name), str(given)
     if not is_offline(config.offline):
         hint = "pass --questions and --baseline-answers, or --offline with --data-dir"
-        commit = hub_commit(HUB_REPO, "dataset")
-        return (hub_file(hub_name, repo_id=HUB_REPO, hint=hint, revision=commit),
-                f"hub:{HUB_REPO}/{hub_name}@{commit or 'unresolved'}")
+        return hub_file(hub_name, repo_id=HUB_REPO, hint=hint)
     local = data_file(None, config.data_dir, local_name)
     if local is None:
         raise PerpairError(f"offline, Arena-Hard needs --questions and --baseline-answers (question.jsonl, and the "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from perpair.artifacts import temporary_beside, writing
+from perpair.artifacts import file_sha256, temporary_beside, writing
 from perpair.errors import InputError, PerpairError
 from perpair.eval.lc import FEATURES, GamedRows
 
@@ -38,15 +38,21 @@ def is_offline(offline: bool | None = None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def hub_file(filename: str, *, repo_id: str = ALPACA_EVAL_REPO, hint: str, revision: str | None = None) -> Path:
-    """A file of a Hub dataset repository (the caller has checked that this run is online), at ``revision``
-    (default main). ``hint`` says how to go without it (e.g. the offline option and the local file to pass)."""
+def hub_file(filename: str, *, repo_id: str = ALPACA_EVAL_REPO, hint: str) -> tuple[Path, str]:
+    """A file of a Hub dataset repository (the caller has checked that this run is online), downloaded at the commit
+    main points to now, and its source for a results row: ``hub:REPO/FILE@COMMIT`` (two results read the same file
+    when their sources are equal). ``hint`` says how to go without it (e.g. the offline option and the local file
+    to pass)."""
     from huggingface_hub import hf_hub_download
 
+    from perpair.models import hub_commit
+
+    commit = hub_commit(repo_id, "dataset")
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", revision=revision))
+        path = Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", revision=commit))
     except OSError as exc:  # huggingface_hub's HTTP, not-found and no-connection errors are all OSErrors
         raise PerpairError(f"could not download {filename} from the Hub dataset {repo_id} ({exc}); {hint}") from None
+    return path, f"hub:{repo_id}/{filename}@{commit or 'unresolved'}"
 
 
 def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -176,19 +182,21 @@ def data_file(given: str | os.PathLike | None, data_dir: str | os.PathLike | Non
 
 
 def load_reference_outputs(given: Path | None, data_dir: Path | None,
-                           offline: bool | None) -> tuple[pd.DataFrame, str]:
+                           offline: bool | None) -> tuple[pd.DataFrame, str, str]:
     """The 805 instructions with the baseline's outputs: the file given, else the Hub (online), else the data
-    folder's copy (offline)."""
+    folder's copy (offline); with where they came from and the file's SHA-256 (what it held)."""
     if given is not None:
-        return read_outputs(given), str(given)
-    if not is_offline(offline):
-        path = hub_file(HUB_REFERENCE, hint=f"pass --reference {LOCAL_REFERENCE}, or --offline with --data-dir")
-        return read_outputs(path), f"hub:{ALPACA_EVAL_REPO}/{HUB_REFERENCE}"
-    local = data_file(None, data_dir, LOCAL_REFERENCE)
-    if local is None:
-        raise PerpairError(f"offline, the AlpacaEval reference outputs come from a local file: pass --reference "
-                           f"({LOCAL_REFERENCE}) or --data-dir (a folder holding it)")
-    return read_outputs(local), str(local)
+        path, source = Path(given), str(given)
+    elif not is_offline(offline):
+        path, source = hub_file(HUB_REFERENCE, hint=f"pass --reference {LOCAL_REFERENCE}, or --offline with "
+                                                    f"--data-dir")
+    else:
+        path = data_file(None, data_dir, LOCAL_REFERENCE)
+        if path is None:
+            raise PerpairError(f"offline, the AlpacaEval reference outputs come from a local file: pass --reference "
+                               f"({LOCAL_REFERENCE}) or --data-dir (a folder holding it)")
+        source = str(path)
+    return read_outputs(path), source, file_sha256(path)
 
 
 def read_gamed_rows(path: str | os.PathLike) -> pd.DataFrame:
@@ -271,14 +279,15 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
     gamed = None
     if difficulty is None and not is_offline(offline):
         if fit:
-            frame = read_gamed_rows(hub_file(HUB_GAMED, hint=hint))
+            path, source = hub_file(HUB_GAMED, hint=hint)
+            frame = read_gamed_rows(path)
             gamed = GamedRows.from_frame(frame)
             # the official fit reads the difficulties from df_gamed.csv itself (one value per instruction index)
             values = frame.drop_duplicates("index").set_index("index")["instruction_difficulty"]
-            values, source = values.sort_index().to_numpy(float), f"hub:{ALPACA_EVAL_REPO}/{HUB_GAMED}"
+            values = values.sort_index().to_numpy(float)
         else:
-            values = read_difficulty_csv(hub_file(HUB_DIFFICULTY, hint=hint))
-            source = f"hub:{ALPACA_EVAL_REPO}/{HUB_DIFFICULTY}"
+            path, source = hub_file(HUB_DIFFICULTY, hint=hint)
+            values = read_difficulty_csv(path)
     else:
         path = data_file(difficulty, data_dir, LOCAL_DIFFICULTY)
         if path is None:
@@ -291,7 +300,7 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
     # online the Hub's), a file in another order, or missing some, is told apart from one whose row k is instruction k
     reference_path = data_file(None, data_dir, LOCAL_REFERENCE)
     if reference_path is None and not is_offline(offline):
-        reference_path = hub_file(HUB_REFERENCE, hint=f"pass --offline with --data-dir (a folder holding "
+        reference_path, _ = hub_file(HUB_REFERENCE, hint=f"pass --offline with --data-dir (a folder holding "
                                                       f"{LOCAL_REFERENCE})")
     reference = read_outputs(reference_path) if reference_path else None
     return LCInputs(values, source, source.startswith("hub:"), gamed,
