@@ -246,7 +246,8 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
 def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
     """Each process computes its share of the missing reference log-probs, none twice, and the run equals one
     process's. They were all computed by the first process while the others waited in a barrier: on 8 GPUs the
-    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run."""
+    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run.
+    The summary's peak memory is the largest of the processes'."""
     args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
             "--set", "save_model=false"]
     record = tmp_path / "computed"
@@ -264,7 +265,9 @@ def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
     assert not set(shares[0]) & set(shares[1]) and all(len(set(s)) == len(s) for s in shares)  # none twice
     (cache,) = (tmp_path / "two-cache").glob("*.parquet")
     assert pq.read_table(cache).num_rows == len(shares[0]) + len(shares[1]) == 12  # every pair of the 3 steps
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["reference_pairs_computed"] == 12
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference_pairs_computed"] == 12
+    assert summary["peak_memory_bytes"] == 2 * 2**20  # the second process's, the larger (it was the first's)
 
     _train(tiny_model, uf_pairs, tmp_path / "one", *args)  # its own cache: computed in one process
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):

@@ -172,7 +172,9 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
     lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     accelerator.unwrap_model(module).release()
-    peak = peak_memory_bytes(accelerator.device)
+    # the largest of every process's peak: what the run needs of each device (the main process's can be less)
+    peak = int(accelerator.reduce(torch.tensor(peak_memory_bytes(accelerator.device), device=accelerator.device),
+                                  reduction="max"))
 
     summary = {
         "steps": config.steps - start_step, "resumed_from": start_step or None,
