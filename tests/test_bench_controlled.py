@@ -188,9 +188,9 @@ def test_config_rejects_impossible_settings():
     with pytest.raises(ValueError, match="flip rates"):
         ControlledConfig(noise_levels=(0.2, 0.7))
     # Results are keyed by the printed value: --noise 0.1 --noise 0.1 ran twice into one column.
-    with pytest.raises(ValueError, match=r"noise_levels must be distinct values, got \[0.1, 0.1\]"):
+    with pytest.raises(ValueError, match=r"noise_levels\n.*must be distinct values, got \[0.1, 0.1\]"):
         ControlledConfig(noise_levels=(0.1, 0.1))
-    with pytest.raises(ValueError, match="noise_levels must be distinct"):
+    with pytest.raises(ValueError, match=r"noise_levels\n.*must be distinct"):
         ControlledConfig(noise_levels=(0.1, 0.1000001))  # both "0.1"
     with pytest.raises(ValueError, match="beta_sweep must be distinct"):
         ControlledConfig(beta_sweep=(0.1, 1.0, 0.1))
@@ -256,6 +256,13 @@ def test_cli_reports_bad_options(tmp_path):
     result = run_cli("bench", "controlled", "--quick", "--teacher-calibration", "sometimes", "-o",
                      str(tmp_path / "x"), check=False)
     assert result.returncode == 2 and "--teacher-calibration: " in result.stderr  # named by its option
+    # --noise too (it was named noise_levels, the config's field, which no option of the command is called)
+    for noise, message in ((("0.7",), "flip rates are in [0, 0.5], got [0.7]"),
+                           (("0.2", "0.2"), "must be distinct values, got [0.2, 0.2]")):
+        result = run_cli("bench", "controlled", "--quick", *(a for n in noise for a in ("--noise", n)), "-o",
+                         str(tmp_path / "x"), check=False)
+        assert result.returncode == 2 and result.stderr == f"error: invalid options: --noise: {message}\n"
+    assert not (tmp_path / "x").exists()
 
 
 # --- the sweeps (issue 18) -----------------------------------------------------------------------------------

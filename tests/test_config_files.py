@@ -160,7 +160,7 @@ def test_a_value_refused_by_the_runs_second_pass_says_it_came_from_the_command_l
     config.write_text("workdir: w\nmodel: m\ndata: {sources: [x.jsonl]}\narms: {dpo: {preset: dpo}}\n")
     for given, words in (({"arms": {"dpo": {"train": {"lr": -1}}}}, "arms.dpo.train.lr: Input should be greater"),
                          ({"train": {"lr": -1}}, "train.lr: Input should be greater"),
-                         ({"data": {"format": "bogus"}}, "data: unknown format 'bogus'")):
+                         ({"data": {"format": "bogus"}}, "data.format: unknown format 'bogus'")):
         with pytest.raises(PerpairError) as caught:
             run(load_run_config(config, given))
         assert words in str(caught.value) and str(caught.value).endswith(" (from the command line)")

@@ -246,7 +246,8 @@ def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
 def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
     """Each process computes its share of the missing reference log-probs, none twice, and the run equals one
     process's. They were all computed by the first process while the others waited in a barrier: on 8 GPUs the
-    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run."""
+    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run.
+    The summary's peak memory is the largest of the processes'."""
     args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
             "--set", "save_model=false"]
     record = tmp_path / "computed"
@@ -264,7 +265,9 @@ def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
     assert not set(shares[0]) & set(shares[1]) and all(len(set(s)) == len(s) for s in shares)  # none twice
     (cache,) = (tmp_path / "two-cache").glob("*.parquet")
     assert pq.read_table(cache).num_rows == len(shares[0]) + len(shares[1]) == 12  # every pair of the 3 steps
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["reference_pairs_computed"] == 12
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference_pairs_computed"] == 12
+    assert summary["peak_memory_bytes"] == 2 * 2**20  # the second process's, the larger (it was the first's)
 
     _train(tiny_model, uf_pairs, tmp_path / "one", *args)  # its own cache: computed in one process
     for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
@@ -613,6 +616,36 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     assert [m["beta_mean"] for m in _metrics(out)] == [0.2, 0.2]
 
 
+def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tiny_model, uf_pairs, tmp_path):
+    """A job submitted again while the first still trains (or the processes of a killed launcher) passed the OUT
+    check, the same run, and both wrote metrics.jsonl, checkpoints and the model, exit 0 each: the second is
+    refused, one error naming OUT and the first's process, nothing written; once the first is gone (killed: the
+    lock goes with its process, its file stays) --resume continues."""
+    out = tmp_path / "out"
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set",
+            "save_model=false")
+    _train(tiny_model, uf_pairs, out, *args)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)  # a training in another process, holding OUT
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p.relative_to(out): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and lines == [
+            f"error: --out {out}: another training holds it (process {holder.pid}); wait for it to finish, or give "
+            "this one another --out"], result.stderr
+        assert {p.relative_to(out): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = _train(tiny_model, uf_pairs, out, *args, "--resume")
+    assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
+    assert [m["step"] for m in _metrics(out)] == [1, 2]
+
+
 def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, uf_pairs, tmp_path):
     """run.key holds the contents of the data, plan and model files, not only their paths: a file rewritten at the
     same path (re-planned, re-prepared, retrained) makes another run, which --resume refuses instead of going on
@@ -706,8 +739,8 @@ def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_
                                                                                      tmp_path):
     """A model path that names no folder is refused by name before OUT is written (it used to reach
     ``from_pretrained`` as a malformed Hub id: "Repo id must be in the form 'repo_name' ..."), and so is a file. A run
-    that claimed OUT but stopped before its first step (here: unreadable pairs) leaves only its run.key, which does
-    not make the corrected run "another run" (it used to be refused until --overwrite)."""
+    that claimed OUT but stopped before its first step (here: unreadable pairs) leaves only its run.key (and an
+    empty .lock), which does not make the corrected run "another run" (it used to be refused until --overwrite)."""
     out = tmp_path / "out"
     for model, message in ((tmp_path / "nowhere" / "model", "no such folder, and not a Hub id (NAME or OWNER/NAME)"),
                            (uf_pairs, "a file; give the folder that holds its config.json and weights")):
@@ -720,7 +753,7 @@ def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_
     broken.write_bytes(uf_pairs.read_bytes()[:-100] + bytes(100))  # the footer gone: not a Parquet file
     result = _train(tiny_model, broken, out, "--steps", "1", check=False)
     assert result.returncode == 2 and "not a readable Parquet file" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["run.key"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "run.key"]  # (.lock: empty, held by no one)
     result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--set", "save_model=false", "--resume")
     assert f"--resume: no checkpoint in {out} yet; training from step 1" in result.stderr  # said, not silent
     assert len(_metrics(out)) == 1

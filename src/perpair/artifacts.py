@@ -67,6 +67,37 @@ def _naming(exc: OSError, path: Path, tmp: Path) -> OSError:
     return OSError(errno.EIO, text, str(path))
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, busy: str, advice: str) -> Iterator[None]:
+    """Hold ``FOLDER/.lock`` (an exclusive ``flock``) while the block runs: a second process that would write the
+    same folder at once is refused, ``busy (process PID); advice``. The lock goes with the process that holds it: a
+    killed one leaves none behind (its file stays and blocks nothing). A folder this call created that holds only
+    the lock file at the end (the work failed before writing) is removed, as if never started."""
+    import fcntl
+    import shutil
+
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise PerpairError(f"{busy}" + (f" (process {holder})" if holder else "") + f"; {advice}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            if created and [p.name for p in folder.iterdir()] == [".lock"]:
+                shutil.rmtree(folder, ignore_errors=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_output_file(path: Path, option: str, example: str, kind: str | None = None) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder (``-o .``, ``-o DIR``), a path
     under a file, or one in a folder that cannot be written (read-only, no permission); with ``kind``, a perpair

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy import stats
 
 from perpair.bench import arms as arms_mod
@@ -77,6 +77,18 @@ class ControlledConfig(BaseModel):
     test_share: float = Field(0.25, gt=0, lt=0.5)
     threads: int = Field(1, ge=1, description="torch CPU threads")
 
+    @field_validator("noise_levels")
+    @classmethod
+    def _flip_rates(cls, levels: tuple[float, ...]) -> tuple[float, ...]:
+        # a field's own check, so that the error names the key the user wrote (--noise, noise_levels)
+        if not levels:
+            raise ValueError("needs at least one flip rate")
+        if any(not 0 <= level <= 0.5 for level in levels):
+            raise ValueError(f"flip rates are in [0, 0.5], got {list(levels)}")
+        if _repeated(levels):
+            raise ValueError(f"must be distinct values, got {list(levels)}")
+        return levels
+
     @model_validator(mode="after")
     def _check(self) -> ControlledConfig:
         if set(self.pair_share) != set(task.PAIR_CATEGORIES):
@@ -85,18 +97,19 @@ class ControlledConfig(BaseModel):
             raise ValueError(f"sft_share keys must be among {', '.join(task.PROMPT_KINDS)}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
-        if not self.noise_levels or not self.beta_sweep:
-            raise ValueError("noise_levels and beta_sweep need at least one value")
-        if any(not 0 <= level <= 0.5 for level in self.noise_levels):
-            raise ValueError(f"noise_levels are flip rates in [0, 0.5], got {list(self.noise_levels)}")
+        if not self.beta_sweep:
+            raise ValueError("beta_sweep needs at least one value")
         if any(b <= 0 for b in self.beta_sweep):
             raise ValueError(f"beta_sweep values must be positive, got {list(self.beta_sweep)}")
-        # Results are keyed by the printed value ("0.1", "DPO β=0.1"): two equal keys would overwrite one run with
-        # the other, under the first one's label.
-        for name, values in (("noise_levels", self.noise_levels), ("beta_sweep", self.beta_sweep)):
-            if len({f"{v:g}" for v in values}) != len(values):
-                raise ValueError(f"{name} must be distinct values, got {list(values)}")
+        if _repeated(self.beta_sweep):
+            raise ValueError(f"beta_sweep must be distinct values, got {list(self.beta_sweep)}")
         return self
+
+
+def _repeated(values: tuple[float, ...]) -> bool:
+    """Whether two values print alike: results are keyed by the printed value ("0.1", "DPO β=0.1"), so two equal
+    keys would overwrite one run with the other, under the first one's label."""
+    return len({f"{v:g}" for v in values}) != len(values)
 
 
 QUICK = {"sft_examples": 300, "sft_steps": 30, "pairs": 96, "epochs": 1, "beta_sweep": (0.1, 1.0),

@@ -65,6 +65,14 @@ class PrepareOptions(NumbersNotBools):
     dataset_info: str | None = Field(None, description="LLaMA-Factory dataset_info.json to read --dataset from")
     dataset: str | None = Field(None, description="name of a ranking dataset in --dataset-info")
 
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        # a field's own check, so that the error names the key the user wrote (--format, data.format)
+        if value is not None and value not in FORMATS:
+            raise ValueError(f"unknown format '{value}'; known formats: {', '.join(FORMATS)}")
+        return value
+
     @field_validator("role_map", mode="before")
     @classmethod
     def _parse_role_map(cls, value: Any) -> Any:
@@ -77,8 +85,6 @@ class PrepareOptions(NumbersNotBools):
 
     @model_validator(mode="after")
     def _check(self) -> PrepareOptions:
-        if self.format is not None and self.format not in FORMATS:
-            raise ValueError(f"unknown format '{self.format}'; known formats: {', '.join(FORMATS)}")
         if (self.score_chosen_col is None) != (self.score_rejected_col is None):
             raise ValueError("give both --score-chosen-col and --score-rejected-col, or neither")
         if self.column_map is not None and self.format not in (None, *COLUMN_FORMATS):

@@ -15,12 +15,12 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perpair.artifacts import file_sha256
+from perpair.artifacts import file_sha256, folder_lock
 from perpair.config_files import format_validation_error
 from perpair.errors import PerpairError, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig, name_the_file
@@ -96,37 +96,13 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         return RunResult(job.workdir, rows, report, job.ran, job.skipped, evaluation_notes(evaluated))
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold ``WORKDIR/.lock`` (an exclusive ``flock``) for the run: a second run on the same workdir while the
-    first is running (two terminals, a scheduler starting the job twice) would write the same artifacts, stamps and
-    checkpoints at once (each deleting the other's half-trained arm), so it is refused. The lock goes with the
-    process that holds it: a killed run leaves none behind. The worker processes write under the run's lock."""
-    import fcntl
-    import os
-
-    created = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
-            raise PerpairError(f"workdir {workdir}: another perpair run is using it"
-                               + (f" (process {holder})" if holder else "")
-                               + "; wait for it to finish or give this run another workdir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            handle.truncate(0)
-            if created and [p.name for p in workdir.iterdir()] == [".lock"]:  # a first stage that failed: as before
-                shutil.rmtree(workdir, ignore_errors=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def workdir_lock(workdir: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold ``WORKDIR/.lock`` for the run: a second run on the same workdir while the first is running (two
+    terminals, a scheduler starting the job twice) would write the same artifacts, stamps and checkpoints at once
+    (each deleting the other's half-trained arm), so it is refused. The worker processes write under the run's
+    lock (each arm's training takes its own OUT's: another file)."""
+    return folder_lock(workdir, f"workdir {workdir}: another perpair run is using it",
+                       "wait for it to finish or give this run another workdir")
 
 
 def validate(config: RunConfig) -> Settings:

@@ -1,8 +1,8 @@
 """``train(config)``: per-pair DPO / SFT at plain-DPO cost.
 
-Read :func:`train` top to bottom: it is the whole run. The step and its metrics are below it; setup is in
-:mod:`~perpair.train.setup`, the pairs of each step in :mod:`~perpair.train.batches`, checkpoints and the saved
-model in :mod:`~perpair.train.checkpoints`. What happens, in order:
+Read :func:`train` (its body: :func:`_train`) top to bottom: it is the whole run. The step and its metrics are
+below it; setup is in :mod:`~perpair.train.setup`, the pairs of each step in :mod:`~perpair.train.batches`,
+checkpoints and the saved model in :mod:`~perpair.train.checkpoints`. What happens, in order:
 
 1. the pairs (and the plan, if any) give each pair a β_i, a route (preference | sft) and a position;
 2. the pairs the run will see are tokenized as TRL does;
@@ -24,7 +24,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from perpair.allocator import active_allocator
+from perpair.artifacts import folder_lock
 from perpair.errors import PerpairError
 from perpair.train.batches import PairData, StepBatches, build_step_batches, load_data, micro_batches
 from perpair.train.checkpoints import (
@@ -88,12 +89,23 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     ``on_steps(steps)`` once the run's steps are known (without ``config.steps``: one epoch's), ``on_step(metrics)``
     after every step, ``on_reference(done, to_compute)`` during the reference pass, ``on_resume(step)`` with
     ``resume``: the checkpoint's step, 0 when OUT has none yet."""
+    with ExitStack() as lock:  # OUT's, taken once the processes are known; released however the run ends
+        return _train(config, lock, on_step, on_reference, on_resume, on_steps)
+
+
+def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resume, on_steps) -> TrainResult:
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
     tokenizer = load_tokenizer(config)  # a wrong model path is refused before OUT is written
     check_router_loss(config)
     accelerator = setup_accelerator(config)
+    # One training at a time writes OUT: a job submitted again while the first runs, or the processes a killed
+    # launcher left, would pass check_out (the same run) and mix their metrics, checkpoints and model. The main
+    # process holds it; the others exit with its refusal.
+    on_main_process(accelerator, lambda: lock.enter_context(
+        folder_lock(out, f"--out {out}: another training holds it", "wait for it to finish, or give this one "
+                    "another --out")))
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
     on_main_process(accelerator, lambda: claim_out(config, key))
     data = load_data(config, accelerator)
@@ -160,7 +172,9 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     lean.undo()  # the model is the caller's from here: its modules' own forwards and attention
     saved = save_model(config, accelerator, module, tokenizer) if config.save_model else {}
     accelerator.unwrap_model(module).release()
-    peak = peak_memory_bytes(accelerator.device)
+    # the largest of every process's peak: what the run needs of each device (the main process's can be less)
+    peak = int(accelerator.reduce(torch.tensor(peak_memory_bytes(accelerator.device), device=accelerator.device),
+                                  reduction="max"))
 
     summary = {
         "steps": config.steps - start_step, "resumed_from": start_step or None,
