@@ -7,8 +7,9 @@
 MixDPO's plan smooths labels (ε 0.1), which TRL's ``robust`` loss reads and its default ``sigmoid`` ignores (the
 trainer refuses that); an sp2dpo plan trains with either. One epoch reads the curriculum once, easy to hard.
 
-Any TRL preference dataset works in place of the pairs file (prompt/chosen/rejected, standard or conversational)
-as long as it holds the pairs the plan was made from: pairs are matched by perpair's ``pair_id``.
+Any TRL preference dataset saved as Parquet works in place of the pairs file (prompt/chosen/rejected or an implicit
+prompt, standard or conversational) as long as it holds the pairs the plan was made from: pairs
+are matched by perpair's ``pair_id``.
 ``--model smollm2`` (the default) is the offline SmolLM2-135M-Instruct checkpoint perpair ships.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
@@ -47,8 +49,11 @@ def main() -> None:
     model_path = resolve_model(args.model)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # (the pairs file also has a map column that datasets cannot read, so only these three are loaded)
-    dataset = Dataset.from_list(pq.read_table(args.pairs, columns=["prompt", "chosen", "rejected"]).to_pylist())
+    # every column but the pairs file's ratings maps, which datasets cannot read (TRL reads none of them): a TRL
+    # parquet with an implicit prompt (chosen/rejected only) is read as TRL would read it
+    table = pq.read_table(args.pairs)
+    table = table.select([f.name for f in table.schema if not pa.types.is_map(f.type)])
+    dataset = Dataset.from_list(table.to_pylist())
     config = DPOConfig(output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
                        loss_type=[args.loss_type], num_train_epochs=args.epochs, max_steps=args.max_steps,
                        max_length=args.max_length, learning_rate=5e-7, logging_steps=1,
