@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -121,3 +122,40 @@ def test_a_report_is_not_read_as_an_evaluation_nor_written_over_one(tmp_path, mo
     over = run_cli("eval", "report", alpaca, arena / "results.json", "-o", arena, check=False)
     assert over.returncode == 2 and f"error: -o/--output {arena}: the folder of the evaluation" in over.stderr
     assert (arena / "results.json").read_text() == before and not (arena / "report.html").exists()
+
+
+def _bars(monkeypatch) -> dict[str, list[float]]:
+    """The heights of the bars each labelled series is drawn with (matplotlib's Axes.bar watched)."""
+    import matplotlib.axes
+
+    drawn: dict[str, list[float]] = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        if "label" in kwargs:
+            drawn[kwargs["label"]] = [float(h) for h in height]
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    return drawn
+
+
+def test_a_dataset_an_evaluation_did_not_judge_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypatch):
+    """The per-dataset plot of an evaluation of the first instructions alone (--limit: one source dataset) beside a
+    whole one drew a 0% win rate for every dataset it never judged."""
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    whole, _ = _result_folders(tmp_path)
+    annotations = json.loads((whole / "annotations.json").read_text())
+    first = [a for a in annotations if a["dataset"] == annotations[0]["dataset"]]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "annotations.json").write_text(json.dumps(first))
+    (part / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "part", "win_rate": 1.0}]))
+    drawn = _bars(monkeypatch)
+    write_report([whole, part], tmp_path / "report")
+    datasets = sorted({a["dataset"] for a in annotations})
+    assert len(datasets) > 1 and len(drawn["part"]) == len(datasets)
+    for dataset, height in zip(datasets, drawn["part"], strict=True):
+        assert (height > 0) if dataset == first[0]["dataset"] else np.isnan(height), dataset

@@ -132,8 +132,9 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(datasets)), 4))
         width = 0.8 / len(breakdown)
         for k, (name, values_) in enumerate(breakdown.items()):
-            ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, 0) for d in datasets], width,
-                   label=_plain(name))
+            # a dataset none of whose instructions this row's evaluation judged (another --limit) gets no bar
+            ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, math.nan) for d in datasets],
+                   width, label=_plain(name))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], [_plain(d) for d in datasets],
                       rotation=30, fontsize=8)
         ax.set_ylabel("raw win rate (%)")
