@@ -159,3 +159,33 @@ def test_a_dataset_an_evaluation_did_not_judge_gets_no_bar_not_a_bar_at_zero(tmp
     assert len(datasets) > 1 and len(drawn["part"]) == len(datasets)
     for dataset, height in zip(datasets, drawn["part"], strict=True):
         assert (height > 0) if dataset == first[0]["dataset"] else np.isnan(height), dataset
+
+
+def test_one_model_judged_twice_is_two_rows_and_two_series(tmp_path, monkeypatch):
+    """The same model (one name) evaluated by two judges, or the same arm of two runs: the table's rows said nothing
+    of the judge or the folder, and the plots drew one series under the name, the last folder's figures."""
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, _ = _result_folders(tmp_path / "one")
+    second, _ = _result_folders(tmp_path / "two")
+    for folder, judge in ((first, "gpt-4-turbo"), (second, "a-local-judge")):
+        row = json.loads((folder / "results.json").read_text())[0]
+        (folder / "results.json").write_text(json.dumps([{**row, "judge": "http://x/v1", "judge_name": judge}]))
+    annotations = json.loads((second / "annotations.json").read_text())
+    (second / "annotations.json").write_text(json.dumps([{**a, "preference": 3 - a["preference"]}
+                                                        for a in annotations if a["preference"] is not None]))
+    drawn = _bars(monkeypatch)
+    report = tmp_path / "report"
+    write_report([first, second], report)
+    table = json.loads((report / "results.json").read_text())
+    assert [(r["name"], r["judge"], r["folder"]) for r in table] == [
+        ("claude-2.1", "gpt-4-turbo", str(first)), ("claude-2.1", "a-local-judge", str(second))]
+    series = {label: heights for label, heights in drawn.items() if label.startswith("claude-2.1")}
+    assert sorted(series) == [f"claude-2.1 ({first})", f"claude-2.1 ({second})"]
+    # each series is its own folder's: win rates by dataset that add up to 100 between the flipped judgments
+    ones, twos = series[f"claude-2.1 ({first})"], series[f"claude-2.1 ({second})"]
+    assert all(a + b == pytest.approx(100) for a, b in zip(ones, twos, strict=True)) and ones != twos
+    assert "| gpt-4-turbo |" in (report / "results.md").read_text()
