@@ -189,3 +189,18 @@ def test_one_model_judged_twice_is_two_rows_and_two_series(tmp_path, monkeypatch
     ones, twos = series[f"claude-2.1 ({first})"], series[f"claude-2.1 ({second})"]
     assert all(a + b == pytest.approx(100) for a, b in zip(ones, twos, strict=True)) and ones != twos
     assert "| gpt-4-turbo |" in (report / "results.md").read_text()
+
+
+def test_fractions_are_not_rounded_to_what_they_are_not(tmp_path):
+    """A preference accuracy of 0.996 was "1.00" in the table and a margin's standard error of 0.004 "0.00": two
+    decimals fit win rates in percent, not fractions."""
+    from perpair.eval import write_report
+
+    folder = tmp_path / "preference"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps([{
+        "benchmark": "preference_accuracy", "name": "dpo", "accuracy": 0.996, "mean_margin": 0.0123,
+        "margin_se": 0.0041, "n_total": 250}]))
+    write_report([folder], tmp_path / "report")
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert "| 0.996 | 0.0123 | 0.0041 | 250 |" in row, row

@@ -48,7 +48,9 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # two decimals fit win rates in percent; a fraction's said 1.00 for 0.996
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
+    return str(value)
 
 
 def _plain(text: Any) -> str:
