@@ -204,3 +204,33 @@ def test_fractions_are_not_rounded_to_what_they_are_not(tmp_path):
     write_report([folder], tmp_path / "report")
     row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
     assert "| 0.996 | 0.0123 | 0.0041 | 250 |" in row, row
+
+
+def test_evaluations_of_other_instructions_each_have_their_baseline_lengths(tmp_path, monkeypatch):
+    """The length plot's one "baseline" series was the first folder's reference answers, also for an evaluation of
+    other instructions (--limit): each evaluation now has its own where they differ, and one where they agree."""
+    import matplotlib.axes
+
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    whole, _ = _result_folders(tmp_path)
+    annotations = json.loads((whole / "annotations.json").read_text())[:10]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "annotations.json").write_text(json.dumps(annotations))
+    (part / "model_outputs.json").write_text(json.dumps([{"output": a["output_2"]} for a in annotations]))
+    (part / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "part", "win_rate": 1.0}]))
+    drawn: dict[str, int] = {}
+    real_hist = matplotlib.axes.Axes.hist
+
+    def hist(self, values, *args, **kwargs):
+        drawn[kwargs["label"]] = len(values)
+        return real_hist(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", hist)
+    write_report([whole, part], tmp_path / "report")
+    assert drawn == {"claude-2.1": 805, "part": 10, "baseline (claude-2.1)": 805, "baseline (part)": 10}
+    drawn.clear()
+    write_report([whole], tmp_path / "again")
+    assert drawn == {"claude-2.1": 805, "baseline": 805}

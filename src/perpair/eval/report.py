@@ -115,14 +115,20 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["win_rates"], dpi=110)
         plt.close(fig)
 
-    lengths = {}
+    lengths, baselines = {}, {}
     for row in rows:
         path = Path(row["_folder"]) / "model_outputs.json"
-        if path.is_file():
+        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
             lengths[row["_label"]] = [len(r.get("output", "")) for r in read_json_records(path)]
             baseline = Path(row["_folder"]) / "annotations.json"
             if baseline.is_file():
-                lengths.setdefault("baseline", [len(r["output_1"]) for r in read_json_records(baseline)])
+                baselines[row["_label"]] = [len(r["output_1"]) for r in read_json_records(baseline)]
+    # one baseline where every evaluation had the same; else each its own (another --limit or reference file): the
+    # first folder's alone stood for every row's
+    if len({tuple(values_) for values_ in baselines.values()}) == 1:
+        lengths["baseline"] = next(iter(baselines.values()))
+    else:
+        lengths.update({f"baseline ({label})": values_ for label, values_ in baselines.items()})
     if lengths:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, values_ in lengths.items():
