@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -121,3 +122,115 @@ def test_a_report_is_not_read_as_an_evaluation_nor_written_over_one(tmp_path, mo
     over = run_cli("eval", "report", alpaca, arena / "results.json", "-o", arena, check=False)
     assert over.returncode == 2 and f"error: -o/--output {arena}: the folder of the evaluation" in over.stderr
     assert (arena / "results.json").read_text() == before and not (arena / "report.html").exists()
+
+
+def _bars(monkeypatch) -> dict[str, list[float]]:
+    """The heights of the bars each labelled series is drawn with (matplotlib's Axes.bar watched)."""
+    import matplotlib.axes
+
+    drawn: dict[str, list[float]] = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        if "label" in kwargs:
+            drawn[kwargs["label"]] = [float(h) for h in height]
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    return drawn
+
+
+def test_a_dataset_an_evaluation_did_not_judge_gets_no_bar_not_a_bar_at_zero(tmp_path, monkeypatch):
+    """The per-dataset plot of an evaluation of the first instructions alone (--limit: one source dataset) beside a
+    whole one drew a 0% win rate for every dataset it never judged."""
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    whole, _ = _result_folders(tmp_path)
+    annotations = json.loads((whole / "annotations.json").read_text())
+    first = [a for a in annotations if a["dataset"] == annotations[0]["dataset"]]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "annotations.json").write_text(json.dumps(first))
+    (part / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "part", "win_rate": 1.0}]))
+    drawn = _bars(monkeypatch)
+    write_report([whole, part], tmp_path / "report")
+    datasets = sorted({a["dataset"] for a in annotations})
+    assert len(datasets) > 1 and len(drawn["part"]) == len(datasets)
+    for dataset, height in zip(datasets, drawn["part"], strict=True):
+        assert (height > 0) if dataset == first[0]["dataset"] else np.isnan(height), dataset
+
+
+def test_one_model_judged_twice_is_two_rows_and_two_series(tmp_path, monkeypatch):
+    """The same model (one name) evaluated by two judges, or the same arm of two runs: the table's rows said nothing
+    of the judge or the folder, and the plots drew one series under the name, the last folder's figures."""
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first, _ = _result_folders(tmp_path / "one")
+    second, _ = _result_folders(tmp_path / "two")
+    for folder, judge in ((first, "gpt-4-turbo"), (second, "a-local-judge")):
+        row = json.loads((folder / "results.json").read_text())[0]
+        (folder / "results.json").write_text(json.dumps([{**row, "judge": "http://x/v1", "judge_name": judge}]))
+    annotations = json.loads((second / "annotations.json").read_text())
+    (second / "annotations.json").write_text(json.dumps([{**a, "preference": 3 - a["preference"]}
+                                                        for a in annotations if a["preference"] is not None]))
+    drawn = _bars(monkeypatch)
+    report = tmp_path / "report"
+    write_report([first, second], report)
+    table = json.loads((report / "results.json").read_text())
+    assert [(r["name"], r["judge"], r["folder"]) for r in table] == [
+        ("claude-2.1", "gpt-4-turbo", str(first)), ("claude-2.1", "a-local-judge", str(second))]
+    series = {label: heights for label, heights in drawn.items() if label.startswith("claude-2.1")}
+    assert sorted(series) == [f"claude-2.1 ({first})", f"claude-2.1 ({second})"]
+    # each series is its own folder's: win rates by dataset that add up to 100 between the flipped judgments
+    ones, twos = series[f"claude-2.1 ({first})"], series[f"claude-2.1 ({second})"]
+    assert all(a + b == pytest.approx(100) for a, b in zip(ones, twos, strict=True)) and ones != twos
+    assert "| gpt-4-turbo |" in (report / "results.md").read_text()
+
+
+def test_fractions_are_not_rounded_to_what_they_are_not(tmp_path):
+    """A preference accuracy of 0.996 was "1.00" in the table and a margin's standard error of 0.004 "0.00": two
+    decimals fit win rates in percent, not fractions."""
+    from perpair.eval import write_report
+
+    folder = tmp_path / "preference"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps([{
+        "benchmark": "preference_accuracy", "name": "dpo", "accuracy": 0.996, "mean_margin": 0.0123,
+        "margin_se": 0.0041, "n_total": 250}]))
+    write_report([folder], tmp_path / "report")
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert "| 0.996 | 0.0123 | 0.0041 | 250 |" in row, row
+
+
+def test_evaluations_of_other_instructions_each_have_their_baseline_lengths(tmp_path, monkeypatch):
+    """The length plot's one "baseline" series was the first folder's reference answers, also for an evaluation of
+    other instructions (--limit): each evaluation now has its own where they differ, and one where they agree."""
+    import matplotlib.axes
+
+    from perpair.eval import write_report
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    whole, _ = _result_folders(tmp_path)
+    annotations = json.loads((whole / "annotations.json").read_text())[:10]
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "annotations.json").write_text(json.dumps(annotations))
+    (part / "model_outputs.json").write_text(json.dumps([{"output": a["output_2"]} for a in annotations]))
+    (part / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "part", "win_rate": 1.0}]))
+    drawn: dict[str, int] = {}
+    real_hist = matplotlib.axes.Axes.hist
+
+    def hist(self, values, *args, **kwargs):
+        drawn[kwargs["label"]] = len(values)
+        return real_hist(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", hist)
+    write_report([whole, part], tmp_path / "report")
+    assert drawn == {"claude-2.1": 805, "part": 10, "baseline (claude-2.1)": 805, "baseline (part)": 10}
+    drawn.clear()
+    write_report([whole], tmp_path / "again")
+    assert drawn == {"claude-2.1": 805, "baseline": 805}

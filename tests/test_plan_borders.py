@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -416,3 +417,19 @@ def test_a_bad_option_is_named_as_the_option(tmp_path):
 
     with pytest.raises(InputError, match=rf"^--out {re.escape(str(config))}: is not a folder$"):
         check_out(config)  # perpair bench's --out
+
+
+def test_a_share_of_routed_pairs_is_not_rounded_to_none_or_all(tmp_path):
+    """One tied pair of 2,001 on MixDPO's SFT route was "1 (0.0%)" and the other 2,000 "(100.0%)" of the pairs:
+    a share that is not 0 nor all is never printed as one."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(5.0, 1.0)] * 2000 + [(3.0, 3.0)])
+    result = run_cli("plan", pairs, "--preset", "mixdpo", "-o", tmp_path / "plan.parquet")
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines()
+             if line.count("│") == 3}
+    assert lines["route preference"] == "2,000 (>99.9%)" and lines["route sft"] == "1 (<0.1%)"
+    assert lines["route drop"] == "0 (0.0%)"
+    from perpair.plan.report import routes_figure  # the report's routed-share plot says the same
+
+    figure = routes_figure(np.array(["preference"] * 2000 + ["sft"], dtype=object))
+    assert [t.get_text() for t in figure.axes[0].texts] == [" 2000 (>99.9%)", " 1 (<0.1%)", " 0 (0.0%)"]

@@ -944,3 +944,20 @@ def test_an_arm_beta_that_would_change_nothing_is_refused_as_plan_refuses_it(tmp
     assert not (tmp_path / "work" / "arms" / "sp2dpo" / "plan.parquet").exists()
     assert not (tmp_path / "work" / "stages" / "plan.sp2dpo.json").exists()
     assert (tmp_path / "work" / "stages" / "annotate.json").exists()
+
+
+def test_an_evaluation_taken_out_of_the_config_leaves_the_report(tmp_path, tiny, monkeypatch):
+    """A re-run without eval.alpaca_eval showed, in its evaluation report (report/eval), the AlpacaEval rows the run
+    before had left in the arms' folders: numbers of other settings as this run's, beside a comparison table without
+    them. The report holds this run's evaluations only."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    config["eval"]["alpaca_eval"] = _config(tmp_path, tiny)["eval"]["alpaca_eval"]
+    _run(config)
+    report = tmp_path / "work" / "report" / "eval" / "results.json"
+    assert {r["benchmark"] for r in json.loads(report.read_text())} == {"preference_accuracy", "alpaca_eval_2"}
+    config["eval"]["alpaca_eval"] = None
+    result, _ = _run(config)
+    assert (tmp_path / "work" / "arms" / "a" / "eval" / "alpaca_eval" / "results.json").is_file()  # kept, not shown
+    assert result.rows[0]["alpaca_wr"] is None
+    assert [r["benchmark"] for r in json.loads(report.read_text())] == ["preference_accuracy"]

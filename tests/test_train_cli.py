@@ -908,3 +908,17 @@ def test_a_sequence_longer_than_the_models_window_is_refused_before_the_referenc
     with pytest.raises(PerpairError, match=f"^{re.escape(message)}.*lower max_length to {limit}$"):
         train(config, on_reference=lambda done, total: progress.append(done))
     assert not progress and not list((tmp_path / "refcache").glob("*.parquet"))  # no reference log-prob computed
+
+
+def test_the_last_lines_count_the_reference_log_probs_the_run_read(tiny_model, uf_pairs, tmp_path):
+    """The run's reference log-probs, each pair counted where it came from: a SimPO run, which reads none, printed
+    "0 pairs computed (the rest from the cache)"; a run on a cache another filled now says how many it read."""
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--set", "save_model=false")
+    simpo = _train(tiny_model, uf_pairs, tmp_path / "simpo", *args, "--loss", "simpo")
+    assert "reference log-probs: none (loss simpo uses no reference); order:" in simpo.stdout
+    assert json.loads((tmp_path / "simpo" / "summary.json").read_text())["reference_pairs"] == 0
+    first = _train(tiny_model, uf_pairs, tmp_path / "first", *args)
+    assert "reference log-probs: 2 pairs computed in" in first.stdout
+    assert ", 2 from the first step (the initial weights are the reference), 0 from the cache;" in first.stdout
+    again = _train(tiny_model, uf_pairs, tmp_path / "again", *args)
+    assert re.search(r"reference log-probs: 0 pairs computed in [0-9.]+ s, 4 from the cache;", again.stdout)

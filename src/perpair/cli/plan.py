@@ -121,13 +121,15 @@ def _summary(result: PlanResult, output: Path, page: Path | None) -> dict:
 
 
 def _print_summary(result: PlanResult) -> None:
+    from perpair.plan.report import percent
+
     counts = result.provenance["counts"]
     schedule = result.schedule
     n = max(counts["pairs"], 1)
     table = Table(title=f"plan ({result.provenance['preset']})", show_header=False)
     table.add_row("pairs", f"{counts['pairs']:,}")
     for route, count in counts["routes"].items():
-        table.add_row(f"route {route}", f"{count:,} ({100 * count / n:.1f}%)")
+        table.add_row(f"route {route}", f"{count:,} ({percent(count, n)})")
     table.add_row("annotated / unannotated", f"{counts['annotated']:,} / {counts['unannotated']:,}")
     mislabeled = counts["mislabeled"]
     table.add_row("mislabeled above threshold",

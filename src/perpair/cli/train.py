@@ -145,11 +145,16 @@ def train_command(
               f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"
               f"{' (of the whole process: not resettable here)' if s['peak_memory_scope'] == 'process' else ''} "
               f"(allocator: {s['allocator']}{tcmalloc_hint(s['allocator'], s['device'])})")
-    first = s["reference_pairs_from_first_step"]
-    out.print(f"reference log-probs: {s['reference_pairs_computed']} pairs computed in "
-              f"{s['reference_seconds']:.1f} s"
-              f"{f', {first} from the first step (the initial weights are the reference)' if first else ''} "
-              f"(the rest from the cache); order: {s['order']}; "
+    first, computed = s["reference_pairs_from_first_step"], s["reference_pairs_computed"]
+    if not s["reference_pairs"]:  # "0 computed (the rest from the cache)" read as a reference there was
+        why = (f"loss {cfg.objective.name} uses no reference" if cfg.objective.reference_free
+               else "no pair this run trains is on the preference route")
+        reference_text = f"none ({why})"
+    else:
+        reference_text = (f"{computed} pairs computed in {s['reference_seconds']:.1f} s"
+                          f"{f', {first} from the first step (the initial weights are the reference)' if first else ''}"
+                          f", {s['reference_pairs'] - computed - first} from the cache")
+    out.print(f"reference log-probs: {reference_text}; order: {s['order']}; "
               f"skipped (prompt ≥ max_length): {s['skipped_long_prompts']}; "
               f"trained with a response cut to max_length: {s['truncated_pairs']}")
     if s["prompt_cut_pairs"]:

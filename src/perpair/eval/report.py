@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from perpair.errors import PerpairError
 from perpair.eval.metrics import win_rate_metrics
 from perpair.eval.sources import read_annotations, read_json_records, write_json_records
 
-COLUMNS = ("benchmark", "name", "length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
-           "score", "rating_q025", "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "avg_length",
-           "lc_method")
+COLUMNS = ("benchmark", "name", "judge", "length_controlled_winrate", "lc_standard_error", "win_rate",
+           "standard_error", "score", "rating_q025", "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total",
+           "avg_length", "lc_method", "folder")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -32,13 +33,24 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         for row in read_json_records(path):
             row["_folder"] = str(path.parent)
             rows.append(row)
+    # which model, judged by which judge, from which folder: two rows of one benchmark may differ only there (the
+    # same model judged twice, the same arm of two runs)
+    names = Counter((row.get("benchmark"), row.get("name")) for row in rows)
+    for row in rows:
+        row["judge"] = row.get("judge_name") or row.get("judge")
+        row["folder"] = row["_folder"]
+        # the plots' series, one per row: two under one name were drawn as one, the last row's figures shown
+        row["_label"] = (str(row.get("name")) if names[row.get("benchmark"), row.get("name")] == 1
+                         else f"{row.get('name')} ({row['_folder']})")
     return rows
 
 
 def _cell(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):  # two decimals fit win rates in percent; a fraction's said 1.00 for 0.996
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4g}"
+    return str(value)
 
 
 def _plain(text: Any) -> str:
@@ -82,12 +94,12 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
                                  ("win_rate", "standard_error", "raw")):
                 if row.get(key) is None:  # no such figure (e.g. no LC): no bar, rather than a bar at 0
                     continue
-                labels.append(f"{_plain(row['name'])}\nAlpacaEval {tag}")
+                labels.append(f"{_plain(row['_label'])}\nAlpacaEval {tag}")
                 values.append(row[key])
                 half = 1.96 * (row.get(se) or 0.0)
                 errors.append((half, half))
         elif row.get("benchmark") == "arena_hard_v0.1" and row.get("score") is not None:
-            labels.append(f"{_plain(row['name'])}\nArena-Hard")
+            labels.append(f"{_plain(row['_label'])}\nArena-Hard")
             score = row["score"]
             values.append(score)
             errors.append((max(score - (row.get("rating_q025") or score), 0), max((row.get("rating_q975") or score)
@@ -103,14 +115,20 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["win_rates"], dpi=110)
         plt.close(fig)
 
-    lengths = {}
+    lengths, baselines = {}, {}
     for row in rows:
         path = Path(row["_folder"]) / "model_outputs.json"
-        if path.is_file():
-            lengths[row["name"]] = [len(r.get("output", "")) for r in read_json_records(path)]
+        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
+            lengths[row["_label"]] = [len(r.get("output", "")) for r in read_json_records(path)]
             baseline = Path(row["_folder"]) / "annotations.json"
             if baseline.is_file():
-                lengths.setdefault("baseline", [len(r["output_1"]) for r in read_json_records(baseline)])
+                baselines[row["_label"]] = [len(r["output_1"]) for r in read_json_records(baseline)]
+    # one baseline where every evaluation had the same; else each its own (another --limit or reference file): the
+    # first folder's alone stood for every row's
+    if len({tuple(values_) for values_ in baselines.values()}) == 1:
+        lengths["baseline"] = next(iter(baselines.values()))
+    else:
+        lengths.update({f"baseline ({label})": values_ for label, values_ in baselines.items()})
     if lengths:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, values_ in lengths.items():
@@ -124,7 +142,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["lengths"], dpi=110)
         plt.close(fig)
 
-    breakdown = {row["name"]: per_dataset(Path(row["_folder"])) for row in rows
+    breakdown = {row["_label"]: per_dataset(Path(row["_folder"])) for row in rows
                  if row.get("benchmark") == "alpaca_eval_2"}
     breakdown = {k: v for k, v in breakdown.items() if v}
     if breakdown:
@@ -132,8 +150,9 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(datasets)), 4))
         width = 0.8 / len(breakdown)
         for k, (name, values_) in enumerate(breakdown.items()):
-            ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, 0) for d in datasets], width,
-                   label=_plain(name))
+            # a dataset none of whose instructions this row's evaluation judged (another --limit) gets no bar
+            ax.bar([i + k * width for i in range(len(datasets))], [values_.get(d, math.nan) for d in datasets],
+                   width, label=_plain(name))
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(datasets))], [_plain(d) for d in datasets],
                       rotation=30, fontsize=8)
         ax.set_ylabel("raw win rate (%)")
@@ -144,7 +163,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["per_dataset"], dpi=110)
         plt.close(fig)
 
-    notes = "".join(f"<p><b>{html.escape(r['name'])}</b>: {html.escape(r[key])}</p>" for r in rows
+    notes = "".join(f"<p><b>{html.escape(r['_label'])}</b>: {html.escape(r[key])}</p>" for r in rows
                     for key in ("judgment_note", "lc_note", "note") if r.get(key))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in COLUMNS) + "</tr>"

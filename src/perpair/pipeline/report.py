@@ -130,7 +130,7 @@ def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
 
-    folders = [Path(p) for arm in evaluated for p in _eval_folders(workdir, arm)]
+    folders = [p for arm, results in evaluated.items() for p in _eval_folders(workdir, arm, results)]
     eval_page = write_eval_report(folders, out / "eval")["html"] if folders else None
 
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
@@ -165,6 +165,8 @@ def _smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     return out
 
 
-def _eval_folders(workdir: Path, arm: str) -> list[Path]:
+def _eval_folders(workdir: Path, arm: str, results: dict[str, Any]) -> list[Path]:
+    """The folders of the evaluations this run made of ``arm``: one left by an earlier run whose config had it (an
+    evaluation since taken out of the config) holds numbers of other settings."""
     folder = workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
-    return [folder / name for name in ("preference", "alpaca_eval") if (folder / name / "results.json").is_file()]
+    return [folder / name for name in ("preference", "alpaca_eval") if name in results]

@@ -126,6 +126,7 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
                                   from_first_step=not (config.resume and checkpoints(out)))
     reference_seconds = time.perf_counter() - reference_seconds
     from_first_step = len(reference.from_first_step)
+    reference_pairs = len(reference.values) + from_first_step  # every pair whose loss reads one (none: no reference)
 
     model = prepare_policy(config, model, single_process=accelerator.num_processes == 1)
     optimizer = make_optimizer(config, model)
@@ -182,8 +183,8 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
         "pairs_per_second": totals["pairs"] / train_seconds if train_seconds else None,
         "tokens_per_second": totals["tokens"] / train_seconds if train_seconds else None,
         "useful_flops_per_second": flops_per_token * totals["tokens"] / train_seconds if train_seconds else None,
-        "reference_seconds": reference_seconds, "reference_pairs_computed": reference.computed,
-        "reference_pairs_from_first_step": from_first_step,
+        "reference_seconds": reference_seconds, "reference_pairs": reference_pairs,
+        "reference_pairs_computed": reference.computed, "reference_pairs_from_first_step": from_first_step,
         "skipped_long_prompts": batches.skipped, "truncated_pairs": batches.truncated, "order": data.source,
         # pairs whose prompt the template renders otherwise before a response, trained on the common start (TRL)
         "prompt_cut_pairs": batches.prompt_cut,
