@@ -15,8 +15,11 @@ from perpair.artifacts import read_parquet
 from perpair.pipeline.config import RunConfig
 
 COLUMNS = (
-    ("arm", "arm"), ("preset", "preset"), ("pairs_preference", "pref. pairs"), ("pairs_sft", "SFT pairs"),
-    ("beta_geomean", "β geomean"), ("steps", "steps"), ("train_seconds", "train s"),
+    # the plan's counts (what each route holds) beside what the training read: pairs whose prompt fills max_length
+    # are planned but not trained, and a run of more than one epoch reads pairs again
+    ("arm", "arm"), ("preset", "preset"), ("pairs_preference", "pref. pairs (plan)"),
+    ("pairs_sft", "SFT pairs (plan)"), ("beta_geomean", "β geomean (plan)"), ("steps", "steps"),
+    ("pairs_trained", "pairs trained"), ("train_seconds", "train s"),
     ("train_loss", "train loss (last 20%)"), ("train_reward_accuracy", "train reward acc. (last 20%)"),
     ("heldout_n", "held-out pairs"), ("heldout_accuracy", "held-out acc."), ("heldout_margin", "held-out margin"),
     ("heldout_ln_accuracy", "held-out LN acc."), ("alpaca_n", "AlpacaEval instr."), ("alpaca_lc", "AlpacaEval LC"),
@@ -49,7 +52,8 @@ def comparison_rows(config: RunConfig, trained: dict[str, dict[str, Any]],
         row = {"arm": arm, "preset": config.arms[arm].preset,
                "pairs_preference": int(np.sum(routes == "preference")), "pairs_sft": int(np.sum(routes == "sft")),
                "beta_geomean": float(np.exp(np.mean(np.log(betas)))) if len(betas) else None,
-               "steps": info.get("steps"), "train_seconds": summary.get("train_seconds"),
+               "steps": info.get("steps"), "pairs_trained": sum(m["pairs"] for m in metrics) if metrics else None,
+               "train_seconds": summary.get("train_seconds"),
                "train_loss": _tail_mean(metrics, "loss"),
                "train_reward_accuracy": _tail_mean(metrics, "reward_accuracy")}
         rows.append({**row, **_eval_cells(evaluated.get(arm, {}))})
