@@ -202,6 +202,24 @@ def test_an_arms_two_evaluations_run_side_by_side(tmp_path, tiny):
     assert results["preference"]["name"] == "eval.dpo.preference"
 
 
+def test_every_arm_is_scored_on_the_same_held_out_pairs(tmp_path, tiny):
+    """Arms trained at other max_length are scored at one, the longest, unless eval.preference.max_length is set: at
+    its own, an arm at 64 tokens left out the held-out pairs longer than that, and its accuracy was over fewer
+    pairs than the other arm's, side by side in one table."""
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import _Job, validate
+
+    arms = {"short": {"preset": "dpo", "train": {"max_length": 64}}, "long": {"preset": "dpo"}}
+    test = tmp_path / "test.parquet"
+    for setting, expected in ((None, 96), (80, 80)):
+        config = RunConfig.model_validate(_config(tmp_path, tiny, arms=arms, eval={"preference": {"max_length":
+                                                                                                  setting}}))
+        job = _Job(config, tmp_path / "work", (), log=lambda line: None)
+        settings = validate(config)
+        assert [settings.train_configs[arm].max_length for arm in arms] == [64, 96]
+        assert [job._preference_config(settings, arm, str(tiny), test).max_length for arm in arms] == [expected] * 2
+
+
 def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     from perpair.errors import PerpairError
     from perpair.pipeline import RunConfig, run

@@ -69,7 +69,8 @@ class ArmConfig(_Section):
 class PreferenceSection(_Section):
     limit: int | None = Field(None, ge=1, description="Only the first N held-out pairs.")
     beta: float = Field(0.1, gt=0, description="β of the implicit reward (scales margins only).")
-    max_length: int | None = Field(None, ge=2, description="Default: the train max_length.")
+    max_length: int | None = Field(None, ge=2, description="Default: the longest train max_length of the arms "
+                                                           "(every arm scored on the same held-out pairs).")
 
 
 # the judge's settings (JudgeConfig's fields) as this section's keys

@@ -452,7 +452,9 @@ class _Job:
         from perpair.train.setup import REFERENCE_PACKING
 
         p = self.config.eval.preference
-        max_length = p.max_length or settings.train_configs[arm].max_length
+        # unset: the longest of the arms' train max_length, one for every arm, so that each is scored on the same
+        # held-out pairs (an arm's own limit left out another arm's pairs whose prompt fills it)
+        max_length = p.max_length or max(c.max_length for c in settings.train_configs.values())
         # the reference's log-probs of the held-out pairs come from the run's reference pass; without gradients
         # several pairs share a forward (as the training reference pass)
         return PreferenceConfig(model=model, ref=self.config.model, data=test, beta=p.beta, max_length=max_length,
