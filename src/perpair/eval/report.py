@@ -102,8 +102,8 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
             labels.append(f"{_plain(row['_label'])}\nArena-Hard")
             score = row["score"]
             values.append(score)
-            errors.append((max(score - (row.get("rating_q025") or score), 0), max((row.get("rating_q975") or score)
-                                                                                   - score, 0)))
+            low, high = (score if row.get(k) is None else row[k] for k in ("rating_q025", "rating_q975"))
+            errors.append((max(score - low, 0), max(high - score, 0)))  # a bound of 0.0 is a bound (not "or")
     if labels:
         fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels)), 4))
         ax.bar(range(len(labels)), values, yerr=list(zip(*errors, strict=True)), capsize=4, color="#4C72B0")
