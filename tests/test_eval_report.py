@@ -234,3 +234,22 @@ def test_evaluations_of_other_instructions_each_have_their_baseline_lengths(tmp_
     drawn.clear()
     write_report([whole], tmp_path / "again")
     assert drawn == {"claude-2.1": 805, "baseline": 805}
+
+
+def test_preference_rows_say_against_which_reference_and_data(tmp_path):
+    """Two held-out accuracies of one model against other references (or on other pairs) sat side by side with
+    nothing in the table to tell them apart: a preference row's judge is the implicit reward against its reference."""
+    from perpair.eval import write_report
+
+    folders = []
+    for name, ref, data in (("a", "smollm2", "uf.test.parquet"), ("b", "runs/sft/model", "hh.test.parquet")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps([{
+            "benchmark": "preference_accuracy", "name": "dpo", "ref": ref, "data": data, "beta": 0.1,
+            "accuracy": 0.6, "n_total": 20}]))
+        folders.append(folder)
+    write_report(folders, tmp_path / "report")
+    table = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["judge"] for r in table] == ["implicit reward against smollm2 (β 0.1) on uf.test.parquet",
+                                           "implicit reward against runs/sft/model (β 0.1) on hh.test.parquet"]

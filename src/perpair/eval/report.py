@@ -38,6 +38,8 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
     names = Counter((row.get("benchmark"), row.get("name")) for row in rows)
     for row in rows:
         row["judge"] = row.get("judge_name") or row.get("judge")
+        if row.get("benchmark") == "preference_accuracy":  # judged by the implicit reward: against which reference
+            row["judge"] = f"implicit reward against {row.get('ref')} (β {row.get('beta')}) on {row.get('data')}"
         row["folder"] = row["_folder"]
         # the plots' series, one per row: two under one name were drawn as one, the last row's figures shown
         row["_label"] = (str(row.get("name")) if names[row.get("benchmark"), row.get("name")] == 1
