@@ -275,3 +275,18 @@ def test_sources_left_by_limit_are_said_to_be(tmp_path):
     assert result.stdout.splitlines()[:2] == [f"{first} (trl): 2 rows read, 2 pairs kept (--limit reached)",
                                               f"{second}: not read (--limit reached before it)"]
     assert [s["limit_reached"] for s in read_header(tmp_path / "out.parquet")["provenance"]["sources"]] == [True, True]
+
+
+def test_an_implicit_prompt_is_never_cut_inside_a_word(tmp_path):
+    # One response a start of the other ("4" / "42"): the shared text ends inside a word, so the prompt ends before
+    # it, as where the two differ inside a word (TRL keeps the whole pair too); identical texts are identical
+    # responses, not an empty one.
+    rows = [{"chosen": "The answer is 4", "rejected": "The answer is 42"},
+            {"chosen": "The answer is 42", "rejected": "The answer is 4"},
+            {"chosen": "The answer is 5", "rejected": "The answer is 5"}]
+    _, result = prepare(tmp_path, rows, "--format", "trl")
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        (user("The answer is "), assistant("4"), assistant("42")),
+        (user("The answer is "), assistant("42"), assistant("4"))]
+    assert excluded(tmp_path, "degenerate") == {"identical_responses": 1}

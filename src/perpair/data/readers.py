@@ -120,9 +120,9 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
         limit = min(len(chosen_raw), len(rejected_raw))
         while end < limit and chosen_raw[end] == rejected_raw[end]:
             end += 1
-        if end < limit:
-            while end > 0 and not chosen_raw[end - 1].isspace():
-                end -= 1
+        # also where one text is a start of the other ("… 4" / "… 42"): the shared text ends inside a word there too
+        while end > 0 and not chosen_raw[end - 1].isspace():
+            end -= 1
         prefix = chosen_raw[:end]
         return ([{"role": "user", "content": prefix}],
                 [{"role": "assistant", "content": chosen_raw[end:]}],
