@@ -290,3 +290,26 @@ def test_an_implicit_prompt_is_never_cut_inside_a_word(tmp_path):
         (user("The answer is "), assistant("4"), assistant("42")),
         (user("The answer is "), assistant("42"), assistant("4"))]
     assert excluded(tmp_path, "degenerate") == {"identical_responses": 1}
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.json"])
+def test_a_key_written_twice_in_a_row_is_malformed_not_one_value_chosen(tmp_path, name):
+    # Python's json keeps the last value, Arrow (so Datasets, which TRL reads files with) refuses the file: which
+    # of the two the data means is unknown.
+    twice = '{"prompt": "Q", "chosen": "A", "rejected": "B", "rejected": "A"}'
+    nested = '{"prompt": [{"role": "user", "role": "assistant", "content": "Q"}], "chosen": "A", "rejected": "B"}'
+    good = json.dumps({"prompt": Q, **ANSWERS})
+    rows = [good, twice, nested]
+    if name == "in.json":
+        (tmp_path / name).write_text("[" + ",\n".join(rows) + "]")
+        rows = None
+    source, result = prepare(tmp_path, rows, name=name) if rows else (
+        tmp_path / name, run_cli_inprocess("prepare", tmp_path / name, "-o", tmp_path / "out.parquet"))
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'rejected': the row names the key "
+                                        "'rejected' twice")
+    assert nothing_written(tmp_path)
+    result = run_cli_inprocess("prepare", source, "--skip-invalid", "-o", tmp_path / "out.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
+    assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["invalid"] == {
+        "duplicate_key": {"count": 2, "rows": [2, 3]}}

@@ -146,6 +146,35 @@ def iter_rows(source: Source, provenance: dict[str, Any] | None = None) -> Itera
         raise InputError(f"compressed file is truncated or corrupt ({exc})", file=source.spec) from None
 
 
+class _KeyTwice(dict):
+    """A decoded JSON object that names ``key`` twice."""
+
+    key = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict (``object_pairs_hook``); one that names a key twice is marked, not read as its
+    last value (Python's json takes that one, Arrow and so Datasets refuse the file: which one the data means is
+    unknown)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        keys = [key for key, _ in pairs]
+        value = _KeyTwice(value)
+        value.key = next(key for index, key in enumerate(keys) if key in keys[:index])
+    return value
+
+
+def _key_twice(value: Any) -> RowProblem | None:
+    """The problem of a decoded row where an object names a key twice; None where none does."""
+    if isinstance(value, _KeyTwice):
+        return RowProblem("duplicate_key", f"the row names the key {value.key!r} twice (in one object), so which of "
+                                           f"the two values it means is unknown", value.key)
+    for child in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        if problem := _key_twice(child):
+            return problem
+    return None
+
+
 def _first_byte(handle: io.BufferedIOBase) -> bytes:
     while chunk := handle.read(4096):
         stripped = chunk.lstrip()
@@ -178,7 +207,7 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
                                                  f"position {exc.start})"), None
             continue
         try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
-            value = json.loads(text.rstrip("\r\n"))
+            value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
@@ -186,13 +215,13 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         except RecursionError:
             yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
             continue
-        yield number, value, text.strip()
+        yield number, _key_twice(value) or value, text.strip()
 
 
 def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     raw = handle.read()
     try:
-        values = json.loads(raw.decode("utf-8-sig"))
+        values = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_object)
     except UnicodeDecodeError as exc:
         raise InputError(f"file is not valid UTF-8 (byte offset {exc.start})", file=path) from None
     except json.JSONDecodeError as exc:
@@ -203,7 +232,7 @@ def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
     if not isinstance(values, list):
         raise InputError("a JSON file must hold an array of rows (or be JSON Lines)", file=path)
     for number, value in enumerate(values, start=1):
-        yield number, value, None
+        yield number, _key_twice(value) or value, None
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
