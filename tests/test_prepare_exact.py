@@ -313,3 +313,18 @@ def test_a_key_written_twice_in_a_row_is_malformed_not_one_value_chosen(tmp_path
     assert [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
     assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["invalid"] == {
         "duplicate_key": {"count": 2, "rows": [2, 3]}}
+
+
+def test_implicit_conversations_that_differ_before_the_final_turn_are_degenerate(tmp_path):
+    # The turns after the first difference are no response to a shared prompt (a user turn among them): left out
+    # and counted as HH-RLHF transcripts are, whether they differ at an assistant turn or at a user turn.
+    start = [*user("Hi"), *assistant("Hello")]
+    rows = [{"chosen": [*user("Hi"), *assistant("Hey"), *user(Q), *assistant("4")],
+             "rejected": [*start, *user(Q), *assistant("5")]},
+            {"chosen": [*start, *user(Q), *assistant("4")], "rejected": [*start, *user("2+3?"), *assistant("5")]},
+            {"chosen": [*start, *user(Q), *assistant("4")], "rejected": [*start, *user(Q), *assistant("5")]}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        ([*start, *user(Q)], assistant("4"), assistant("5"))]
+    assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 2}

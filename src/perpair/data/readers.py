@@ -138,10 +138,11 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
         raise RowProblem(f"missing_field:{columns.prompt or 'prompt'}",
                          "no prompt field, and the two conversations share no leading messages",
                          columns.prompt or "prompt")
-    if not _same(rejected[:shared], prompt):
-        raise Degenerate("transcripts_diverge", "the two conversations differ before the final turn")
-    return (prompt, _completion(chosen[shared:], prompt, columns.chosen),
-            _completion(rejected[shared:], prompt, columns.rejected))
+    # After the first difference, a user (or tool) turn: the conversations differ before their final assistant
+    # turn, and the turns after the difference answer no shared prompt (as HH-RLHF transcripts that diverge)
+    if any(m["role"] != "assistant" for m in chosen[shared:] + rejected[shared:]):
+        raise Degenerate("transcripts_diverge", "the two conversations differ before their final assistant turn")
+    return prompt, chosen[shared:], rejected[shared:]
 
 
 def read_ultrafeedback(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
