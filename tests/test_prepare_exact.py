@@ -328,3 +328,21 @@ def test_implicit_conversations_that_differ_before_the_final_turn_are_degenerate
     assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
         ([*start, *user(Q)], assistant("4"), assistant("5"))]
     assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 2}
+
+
+def test_responses_that_repeat_the_prompt_are_split_where_the_conversations_differ(tmp_path):
+    # HuggingFaceH4's layout (a prompt column; responses that are whole conversations starting with it) with more
+    # than one turn: the turns both conversations share after the prompt are prompt too, not the start of each
+    # response; conversations that differ before their final turn are left out, as with an implicit prompt.
+    start = [*user("Hi"), *assistant("Hello")]
+    rows = [{"prompt": "Hi", "chosen": [*start, *user(Q), *assistant("4")],
+             "rejected": [*start, *user(Q), *assistant("5")]},
+            {"prompt": "Hi", "chosen": [*start, *user(Q), *assistant("4")],
+             "rejected": [*user("Hi"), *assistant("Go away"), *user(Q), *assistant("5")]},
+            {"prompt": "Hi", "chosen": [*user("Hi"), *assistant("Hey")], "rejected": assistant("Go away")}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        ([*start, *user(Q)], assistant("4"), assistant("5")),
+        (user("Hi"), assistant("Hey"), assistant("Go away"))]
+    assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 1}

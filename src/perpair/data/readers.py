@@ -42,10 +42,15 @@ def _same(a: list[Message], b: list[Message]) -> bool:
     )
 
 
+def _repeats(messages: list[Message], prompt: list[Message]) -> bool:
+    """Whether a response is a whole conversation that starts with the prompt (the HuggingFaceH4 layout stores
+    ``chosen = [user prompt, assistant answer]``)."""
+    return len(messages) > len(prompt) and _same(messages[: len(prompt)], prompt)
+
+
 def _completion(messages: list[Message], prompt: list[Message], name: str) -> list[Message]:
-    """The assistant part of a response; a conversation that repeats the prompt first has it removed
-    (the HuggingFaceH4 layout stores ``chosen = [user prompt, assistant answer]``)."""
-    if len(messages) > len(prompt) and _same(messages[: len(prompt)], prompt):
+    """The assistant part of a response; a conversation that repeats the prompt first has it removed."""
+    if _repeats(messages, prompt):
         messages = messages[len(prompt):]
     if messages[0]["role"] != "assistant":
         raise RowProblem(f"wrong_type:{name}", f"response must start with an assistant message, got role "
@@ -98,9 +103,16 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
         prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns, roles)
     else:
         prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user", roles)
-        chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant", roles), prompt, columns.chosen)
-        rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant", roles), prompt,
-                               columns.rejected)
+        chosen = as_messages(chosen_raw, columns.chosen, "assistant", roles)
+        rejected = as_messages(rejected_raw, columns.rejected, "assistant", roles)
+        if _repeats(chosen, prompt) and _repeats(rejected, prompt):
+            # two whole conversations: all they share is the prompt, which goes on past the prompt column where they
+            # share later turns too (the column holds the first user turn of a longer conversation)
+            shared, chosen, rejected = _split_conversations(chosen, rejected, columns)
+            prompt = prompt + shared[len(prompt):]
+        else:
+            chosen = _completion(chosen, prompt, columns.chosen)
+            rejected = _completion(rejected, prompt, columns.rejected)
     prompt = with_system(prompt, optional_text(row, columns.system), columns.system)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
@@ -127,8 +139,13 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
         return ([{"role": "user", "content": prefix}],
                 [{"role": "assistant", "content": chosen_raw[end:]}],
                 [{"role": "assistant", "content": rejected_raw[end:]}])
-    chosen = as_messages(chosen_raw, columns.chosen, "assistant", roles)
-    rejected = as_messages(rejected_raw, columns.rejected, "assistant", roles)
+    return _split_conversations(as_messages(chosen_raw, columns.chosen, "assistant", roles),
+                                as_messages(rejected_raw, columns.rejected, "assistant", roles), columns)
+
+
+def _split_conversations(chosen: list[Message], rejected: list[Message],
+                         columns: ColumnMap) -> tuple[list[Message], list[Message], list[Message]]:
+    """Two whole conversations split at the first message that differs: the prompt, and the two responses."""
     shared = 0
     while (shared < min(len(chosen), len(rejected)) - 1
            and _same(chosen[shared:shared + 1], rejected[shared:shared + 1])):
