@@ -278,9 +278,14 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
 
     name = source.spec.removeprefix("hub:")
     folder = not source.spec.startswith("hub:") and Path(name).is_dir()
+    saved = folder and (Path(name) / "state.json").is_file()  # by Dataset.save_to_disk: load_dataset refuses it
+    if saved and source.split != "train":
+        raise InputError(f"--split {source.split!r}: this folder, written by Dataset.save_to_disk, holds one dataset, "
+                         f"without splits", file=source.spec)
     try:
         with _quiet_datasets() if folder else contextlib.nullcontext():  # a folder: no download to follow
-            dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
+            dataset = datasets.load_from_disk(name) if saved else \
+                datasets.load_dataset(name, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
         local = "" if source.spec.startswith("hub:") or folder else \
             "there is no local file or folder of that name, and "
