@@ -165,6 +165,21 @@ def test_folders_written_by_save_to_disk(tmp_path):
         prepare([str(tmp_path / "one")], tmp_path / "out.parquet", PrepareOptions(split="test"))
 
 
+def test_a_parquet_column_named_twice_is_refused(tmp_path):
+    """Parquet allows two columns (or two fields of a struct) of one name; a row read from it kept the last one's
+    value (Datasets refuses the file): which one the data means is unknown."""
+    text = pa.array(["Q"]), pa.array(["A"]), pa.array(["B"]), pa.array(["A"])
+    pq.write_table(pa.Table.from_arrays(list(text), names=["prompt", "chosen", "rejected", "rejected"]),
+                   tmp_path / "top.parquet")
+    message = pa.StructArray.from_arrays([pa.array(["user"]), pa.array(["assistant"]), pa.array(["Q"])],
+                                         names=["role", "role", "content"])
+    pq.write_table(pa.Table.from_arrays([pa.ListArray.from_arrays([0, 1], message), *text[1:3]],
+                                        names=["prompt", "chosen", "rejected"]), tmp_path / "nested.parquet")
+    for name, column in (("top", "rejected"), ("nested", "prompt.role")):
+        with pytest.raises(InputError, match=rf"file .*{name}.parquet, field '{column}': the column is named twice"):
+            prepare([str(tmp_path / f"{name}.parquet")], tmp_path / "out.parquet")
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     result = run_cli("prepare", tmp_path / "nope.jsonl", "-o", tmp_path / "o.parquet", check=False)
     assert result.returncode == 2

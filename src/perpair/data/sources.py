@@ -241,6 +241,10 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
 
     try:
         parquet = pq.ParquetFile(path)
+        twice = _named_twice(list(parquet.schema_arrow))
+        if twice:  # a row would hold the last one's value (Datasets refuses the file)
+            raise InputError("the column is named twice in the file's schema, so which one a row means is unknown",
+                             file=path, field=twice)
         number = 0
         for batch in parquet.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
@@ -248,6 +252,25 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, row, None
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
+
+
+def _named_twice(fields: list[Any], prefix: str = "") -> str | None:
+    """The first of ``fields`` (Arrow fields; inside a struct, or a list of structs, dotted) whose name another
+    field beside it has too."""
+    import pyarrow as pa
+
+    names = [field.name for field in fields]
+    for field in fields:
+        if names.count(field.name) > 1:
+            return prefix + field.name
+        kind = field.type
+        while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind = kind.value_type
+        if pa.types.is_struct(kind):
+            found = _named_twice([kind.field(i) for i in range(kind.num_fields)], f"{prefix}{field.name}.")
+            if found:
+                return found
+    return None
 
 
 DETAIL_CHARS = 400  # of a Datasets error, in the one error line
