@@ -346,3 +346,19 @@ def test_responses_that_repeat_the_prompt_are_split_where_the_conversations_diff
         ([*start, *user(Q)], assistant("4"), assistant("5")),
         (user("Hi"), assistant("Hey"), assistant("Go away"))]
     assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 1}
+
+
+def test_scores_of_the_chosen_and_rejected_columns_are_not_given_to_other_columns(tmp_path):
+    # score_chosen / score_rejected score the chosen and rejected columns: with the responses read from other columns
+    # (here swapped), they were given to those, the higher score to the response it does not score.
+    row = {"prompt": Q, **ANSWERS, "score_chosen": 9, "score_rejected": 2}
+    source, result = prepare(tmp_path, [row], "--chosen-col", "rejected", "--rejected-col", "chosen")
+    assert one_error(result).startswith(
+        f"error: file {source}, row 1, field 'score_chosen': the row's score_chosen and score_rejected score its "
+        "'chosen' and 'rejected' fields, and the responses are read from 'rejected' and 'chosen': name the scores "
+        "with --score-chosen-col and --score-rejected-col")
+    _, result = prepare(tmp_path, [row], "--chosen-col", "rejected", "--rejected-col", "chosen",
+                        "--score-chosen-col", "score_rejected", "--score-rejected-col", "score_chosen")
+    assert result.returncode == 0, result.stderr
+    assert [(p["chosen"], p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path)] == [
+        (assistant(ANSWERS["rejected"]), 2.0, 9.0)]

@@ -61,7 +61,8 @@ def _completion(messages: list[Message], prompt: list[Message], name: str) -> li
 
 def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[float | None, float | None]:
     """Scores from the mapped columns (both numbers in every row), else from ``score_*`` or ``metadata.score_*``
-    where a row has them: both numbers, or both null (no scores); one without the other is an error."""
+    where a row has them: both numbers, or both null (no scores); one without the other is an error, and so are
+    they where the responses are read from other fields than ``chosen`` and ``rejected``, which they score."""
     if columns.score_chosen and columns.score_rejected:
         chosen_key, rejected_key = columns.score_chosen, columns.score_rejected
         return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
@@ -72,6 +73,11 @@ def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[fl
             continue
         if found[0] is None and found[1] is None and not required:
             return None, None
+        if (columns.chosen, columns.rejected) != ("chosen", "rejected"):  # they score other fields
+            raise RowProblem("scores_of_other_fields", f"the row's {chosen_key} and {rejected_key} score its 'chosen' "
+                                                       f"and 'rejected' fields, and the responses are read from "
+                                                       f"'{columns.chosen}' and '{columns.rejected}': name the scores "
+                                                       f"with --score-chosen-col and --score-rejected-col", chosen_key)
         return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
     if required:
         raise RowProblem("missing_field:score_chosen",
