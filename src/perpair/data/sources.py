@@ -106,6 +106,8 @@ def folder_files(source: Source) -> list[Source]:
     if builder.name not in ("json", "parquet") or getattr(builder.config, "field", None) or not files:
         return [source]
     root = folder.resolve()
+    loaded = {Path(path).resolve() for split_files in builder.config.data_files.values() for path in split_files}
+    _refuse_files_left_out(folder, builder.name, loaded)
     parts = []
     for path in map(Path, files[0]):
         if path.resolve().is_relative_to(root):  # named as the user named the folder
@@ -114,6 +116,29 @@ def folder_files(source: Source) -> list[Source]:
         else:
             parts.append(Source(str(path), "file", name=f"{root.name}/{path.name}"))
     return parts
+
+
+# Files of a dataset folder that hold no rows (Datasets reads them as the folder's description).
+FOLDER_METADATA = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def _refuse_files_left_out(folder: Path, module: str, loaded: set[Path]) -> None:
+    """A data file of ``folder`` that Datasets would load in none of its splits (a Parquet file beside JSON Lines
+    files: it loads the files of one format) is refused, not left out with its rows; unless the folder's README
+    chooses its files (``configs`` in its YAML header, as on the Hub), which says the others are no part of it."""
+    readme = folder / "README.md"
+    header = readme.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0] if readme.is_file() else ""
+    if header.startswith("---") and "\nconfigs:" in header:
+        return
+    left = sorted(path.relative_to(folder) for path in folder.rglob("*")
+                  if path.is_file() and path.resolve() not in loaded and path.name not in FOLDER_METADATA
+                  and path.name.lower().endswith(tuple(s for s in DATA_SUFFIXES if s != ".txt"))
+                  and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts))
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise InputError(f"the folder also holds {left[0].as_posix()}{more}, a data file Datasets would not load with "
+                         f"the others (it loads the folder's {module} files only): give the files to read as "
+                         f"sources, or move the others out", file=str(folder))
 
 
 def describe(source: Source) -> dict[str, Any]:
