@@ -186,16 +186,31 @@ def _parse_transcript(text: str, name: str) -> list[Message]:
             for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
 
 
+def _is_hh_prompt(value: Any) -> bool:
+    """An HH-RLHF transcript cut before the final turns' text (``"\\n\\nHuman: …\\n\\nAssistant:"``)."""
+    return isinstance(value, str) and value.startswith("\n\nHuman:") and value.rstrip().endswith("\n\nAssistant:")
+
+
 def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     """Anthropic HH-RLHF: two full transcripts; the prompt is their shared conversation, parsed into
-    messages, and the responses are the final assistant turns."""
-    chosen = _parse_transcript(as_text(get(row, "chosen"), "chosen"), "chosen")
-    rejected = _parse_transcript(as_text(get(row, "rejected"), "rejected"), "rejected")
+    messages, and the responses are the final assistant turns. Copies that cut the transcript before the final
+    turns' text (a ``prompt`` ending ``"\\n\\nAssistant:"``, the responses' text in ``chosen`` and ``rejected``) are
+    read as the transcripts they join into."""
+    texts = [as_text(get(row, name), name) for name in ("chosen", "rejected")]
+    prompt = get(row, "prompt", required=False)
+    if prompt is not MISSING:
+        if not _is_hh_prompt(prompt):
+            raise RowProblem("wrong_type:prompt", "not an HH-RLHF prompt (expected '\\n\\nHuman: ...' ending with "
+                                                  "'\\n\\nAssistant:')", "prompt")
+        texts = [text if text.startswith(prompt) else prompt + text for text in texts]
+    chosen = _parse_transcript(texts[0], "chosen")
+    rejected = _parse_transcript(texts[1], "rejected")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise RowProblem(f"wrong_type:{name}", "transcript does not end with an Assistant turn", name)
+    score_chosen, score_rejected = _scores(row, ctx.columns, False)
     record = PairRecord(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=ctx.source,
-                        source_row=ctx.row)
+                        source_row=ctx.row, score_chosen=score_chosen, score_rejected=score_rejected)
     if not _same(chosen[:-1], rejected[:-1]):
         raise Degenerate("transcripts_diverge", "the two transcripts differ before the final Assistant turn")
     return record
@@ -311,6 +326,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
             return "sharegpt"
         if "instruction" in row:
             return "alpaca"
+        if _is_hh_prompt(row.get("prompt")):
+            return "hh-rlhf"
         if "prompt" in row:
             has_scores = "score_chosen" in row or (
                 isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])
