@@ -224,6 +224,12 @@ def test_options_for_datasets_and_csv_files_are_refused_for_files(tmp_path):
     line = one_error(run_cli_inprocess("prepare", csv, "-o", tmp_path / "o.parquet"))
     assert line.startswith(f"error: file {csv}: CSV files are not read")
     assert nothing_written(tmp_path)
+    # Compressed otherwise than with gzip, or an Arrow file: named as such, not "row 1: line is not valid UTF-8".
+    for name in ("pairs.jsonl.zst", "pairs.json.bz2", "pairs.jsonl.xz", "pairs.zip", "data-00000-of-00001.arrow"):
+        (tmp_path / name).write_bytes(b"(\xb5/\xfd\x00\x01binary")
+        line = one_error(run_cli_inprocess("prepare", tmp_path / name, "-o", tmp_path / "o.parquet"))
+        assert line.startswith(f"error: file {tmp_path / name}: {name.rsplit('.', 1)[1]} files are not read")
+    assert nothing_written(tmp_path)
 
 
 def test_a_failed_write_leaves_the_files_of_the_run_before_as_they_were(tmp_path, monkeypatch):

@@ -66,6 +66,10 @@ def resolve_source(spec: str, split: str | None = None, revision: str | None = N
             raise InputError("CSV files are not read (their cells carry no types, so a score and an answer "
                              "such as '4' look alike): convert it to JSON Lines or Parquet first",
                              file=spec)
+        suffix = path.suffix.lower()
+        if suffix in (".zst", ".bz2", ".xz", ".zip", ".arrow"):  # read as JSON Lines, each line would be "not UTF-8"
+            raise InputError(f"{suffix[1:]} files are not read: perpair reads JSON Lines or JSON (plain or gzip) and "
+                             f"Parquet files, and folders written by save_to_disk", file=spec)
         return Source(spec, "file")
     if path.is_dir() or spec.startswith("hub:"):
         return Source(spec, "dataset", split or "train", revision)
