@@ -323,6 +323,14 @@ def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
             plugin.apply_plan(dataset, given)
 
 
+def test_a_malformed_row_is_refused_by_row_and_field():
+    """A row perpair's reader refuses (a role outside the four): it ended in an AttributeError traceback."""
+    row = {"prompt": [{"role": "human", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello"}],
+           "rejected": [{"role": "assistant", "content": "Go"}]}
+    with pytest.raises(PerpairError, match=r"train_dataset row 1, field 'prompt\[0\]\.role': role 'human' is not one"):
+        plugin.pair_ids(Dataset.from_list([row]))
+
+
 def test_plan_columns_of_another_type_are_refused(small_pairs):
     """Plan columns a user made (read from a CSV as text, say): a flipped of "False" flipped every pair, and a
     beta, order or label_smoothing of text ended in a numpy TypeError."""

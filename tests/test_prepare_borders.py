@@ -128,6 +128,34 @@ def test_a_folder_of_json_files_is_read_file_by_file(tmp_path):
     assert nothing_written(tmp_path)
 
 
+def test_a_folder_with_data_files_datasets_would_leave_out_is_refused(tmp_path):
+    """A folder of JSON Lines files and a Parquet file: Datasets loads the files of one format only, so the Parquet
+    file's rows were left out with exit 0. The folder is refused, naming the file; its other files (a README, a
+    dataset_info.json) do not count."""
+    folder = tmp_path / "data"
+    write_jsonl(folder / "a.jsonl", [GOOD])
+    write_jsonl(folder / "b.jsonl", [{**GOOD, "prompt": "Name another prime."}])
+    (folder / "README.md").write_text("# my data\n")
+    (folder / "dataset_info.json").write_text("{}")
+    result = run_cli_inprocess("prepare", folder, "-o", tmp_path / "o.parquet")
+    assert result.returncode == 0, result.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{**GOOD, "prompt": "A third prime?"}]), folder / "c.parquet")
+    line = one_error(run_cli_inprocess("prepare", folder, "-o", tmp_path / "o2.parquet"))
+    assert line == (f"error: file {folder}: the folder also holds c.parquet, a data file Datasets would not load with "
+                    "the others (it loads the folder's json files only): give the files to read as sources, or move "
+                    "the others out")
+    assert not (tmp_path / "o2.parquet").exists()
+    # A README whose header chooses the files (as on the Hub) says the others are no part of the data.
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: a.jsonl\n---\n# my data\n")
+    result = run_cli_inprocess("prepare", folder, "-o", tmp_path / "o2.parquet")
+    assert result.returncode == 0, result.stderr
+    assert read_pairs(str(tmp_path / "o2.parquet"))[0].column("source").to_pylist() == ["data/a.jsonl"]
+
+
 def test_a_bad_option_value_names_the_option(tmp_path):
     result = run_cli("prepare", UF_TRAIN, "-o", tmp_path / "o.parquet", "--test-fraction", "1.5", check=False)
     assert one_error(result) == "error: invalid options: --test-fraction: Input should be less than 1"

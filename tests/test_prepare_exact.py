@@ -224,6 +224,12 @@ def test_options_for_datasets_and_csv_files_are_refused_for_files(tmp_path):
     line = one_error(run_cli_inprocess("prepare", csv, "-o", tmp_path / "o.parquet"))
     assert line.startswith(f"error: file {csv}: CSV files are not read")
     assert nothing_written(tmp_path)
+    # Compressed otherwise than with gzip, or an Arrow file: named as such, not "row 1: line is not valid UTF-8".
+    for name in ("pairs.jsonl.zst", "pairs.json.bz2", "pairs.jsonl.xz", "pairs.zip", "data-00000-of-00001.arrow"):
+        (tmp_path / name).write_bytes(b"(\xb5/\xfd\x00\x01binary")
+        line = one_error(run_cli_inprocess("prepare", tmp_path / name, "-o", tmp_path / "o.parquet"))
+        assert line.startswith(f"error: file {tmp_path / name}: {name.rsplit('.', 1)[1]} files are not read")
+    assert nothing_written(tmp_path)
 
 
 def test_a_failed_write_leaves_the_files_of_the_run_before_as_they_were(tmp_path, monkeypatch):
@@ -275,3 +281,90 @@ def test_sources_left_by_limit_are_said_to_be(tmp_path):
     assert result.stdout.splitlines()[:2] == [f"{first} (trl): 2 rows read, 2 pairs kept (--limit reached)",
                                               f"{second}: not read (--limit reached before it)"]
     assert [s["limit_reached"] for s in read_header(tmp_path / "out.parquet")["provenance"]["sources"]] == [True, True]
+
+
+def test_an_implicit_prompt_is_never_cut_inside_a_word(tmp_path):
+    # One response a start of the other ("4" / "42"): the shared text ends inside a word, so the prompt ends before
+    # it, as where the two differ inside a word (TRL keeps the whole pair too); identical texts are identical
+    # responses, not an empty one.
+    rows = [{"chosen": "The answer is 4", "rejected": "The answer is 42"},
+            {"chosen": "The answer is 42", "rejected": "The answer is 4"},
+            {"chosen": "The answer is 5", "rejected": "The answer is 5"}]
+    _, result = prepare(tmp_path, rows, "--format", "trl")
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        (user("The answer is "), assistant("4"), assistant("42")),
+        (user("The answer is "), assistant("42"), assistant("4"))]
+    assert excluded(tmp_path, "degenerate") == {"identical_responses": 1}
+
+
+@pytest.mark.parametrize("name", ["in.jsonl", "in.json"])
+def test_a_key_written_twice_in_a_row_is_malformed_not_one_value_chosen(tmp_path, name):
+    # Python's json keeps the last value, Arrow (so Datasets, which TRL reads files with) refuses the file: which
+    # of the two the data means is unknown.
+    twice = '{"prompt": "Q", "chosen": "A", "rejected": "B", "rejected": "A"}'
+    nested = '{"prompt": [{"role": "user", "role": "assistant", "content": "Q"}], "chosen": "A", "rejected": "B"}'
+    good = json.dumps({"prompt": Q, **ANSWERS})
+    rows = [good, twice, nested]
+    if name == "in.json":
+        (tmp_path / name).write_text("[" + ",\n".join(rows) + "]")
+        rows = None
+    source, result = prepare(tmp_path, rows, name=name) if rows else (
+        tmp_path / name, run_cli_inprocess("prepare", tmp_path / name, "-o", tmp_path / "out.parquet"))
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'rejected': the row names the key "
+                                        "'rejected' twice")
+    assert nothing_written(tmp_path)
+    result = run_cli_inprocess("prepare", source, "--skip-invalid", "-o", tmp_path / "out.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
+    assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["invalid"] == {
+        "duplicate_key": {"count": 2, "rows": [2, 3]}}
+
+
+def test_implicit_conversations_that_differ_before_the_final_turn_are_degenerate(tmp_path):
+    # The turns after the first difference are no response to a shared prompt (a user turn among them): left out
+    # and counted as HH-RLHF transcripts are, whether they differ at an assistant turn or at a user turn.
+    start = [*user("Hi"), *assistant("Hello")]
+    rows = [{"chosen": [*user("Hi"), *assistant("Hey"), *user(Q), *assistant("4")],
+             "rejected": [*start, *user(Q), *assistant("5")]},
+            {"chosen": [*start, *user(Q), *assistant("4")], "rejected": [*start, *user("2+3?"), *assistant("5")]},
+            {"chosen": [*start, *user(Q), *assistant("4")], "rejected": [*start, *user(Q), *assistant("5")]}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        ([*start, *user(Q)], assistant("4"), assistant("5"))]
+    assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 2}
+
+
+def test_responses_that_repeat_the_prompt_are_split_where_the_conversations_differ(tmp_path):
+    # HuggingFaceH4's layout (a prompt column; responses that are whole conversations starting with it) with more
+    # than one turn: the turns both conversations share after the prompt are prompt too, not the start of each
+    # response; conversations that differ before their final turn are left out, as with an implicit prompt.
+    start = [*user("Hi"), *assistant("Hello")]
+    rows = [{"prompt": "Hi", "chosen": [*start, *user(Q), *assistant("4")],
+             "rejected": [*start, *user(Q), *assistant("5")]},
+            {"prompt": "Hi", "chosen": [*start, *user(Q), *assistant("4")],
+             "rejected": [*user("Hi"), *assistant("Go away"), *user(Q), *assistant("5")]},
+            {"prompt": "Hi", "chosen": [*user("Hi"), *assistant("Hey")], "rejected": assistant("Go away")}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [
+        ([*start, *user(Q)], assistant("4"), assistant("5")),
+        (user("Hi"), assistant("Hey"), assistant("Go away"))]
+    assert excluded(tmp_path, "degenerate") == {"transcripts_diverge": 1}
+
+
+def test_scores_of_the_chosen_and_rejected_columns_are_not_given_to_other_columns(tmp_path):
+    # score_chosen / score_rejected score the chosen and rejected columns: with the responses read from other columns
+    # (here swapped), they were given to those, the higher score to the response it does not score.
+    row = {"prompt": Q, **ANSWERS, "score_chosen": 9, "score_rejected": 2}
+    source, result = prepare(tmp_path, [row], "--chosen-col", "rejected", "--rejected-col", "chosen")
+    assert one_error(result).startswith(
+        f"error: file {source}, row 1, field 'score_chosen': the row's score_chosen and score_rejected score its "
+        "'chosen' and 'rejected' fields, and the responses are read from 'rejected' and 'chosen': name the scores "
+        "with --score-chosen-col and --score-rejected-col")
+    _, result = prepare(tmp_path, [row], "--chosen-col", "rejected", "--rejected-col", "chosen",
+                        "--score-chosen-col", "score_rejected", "--score-rejected-col", "score_chosen")
+    assert result.returncode == 0, result.stderr
+    assert [(p["chosen"], p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path)] == [
+        (assistant(ANSWERS["rejected"]), 2.0, 9.0)]

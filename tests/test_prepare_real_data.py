@@ -174,3 +174,29 @@ def test_skip_invalid_writes_989_pairs_and_counts_each_reason(broken_copy, tmp_p
     assert report["degenerate"]["identical_responses"]["rows"] == [51, 307, 656, 911, 998]
     assert "undecodable_json × 1 (rows 11)" in result.stdout
     assert "wrong_type:prompt × 1 (rows 41)" in result.stdout
+
+
+def test_hh_rlhf_split_into_prompt_and_responses_gives_the_same_pairs(tmp_path):
+    # HH-RLHF as many copies hold it (Dahoas/rm-static, full-hh-rlhf): the transcript up to the final
+    # "\n\nAssistant:" as `prompt`, the final turns' text as `chosen` and `rejected`. Its turns were merged into one
+    # user message holding the whole transcript; they are parsed as the transcripts are, giving the same pairs.
+    marker = "\n\nAssistant:"
+    rows = [json.loads(line) for line in gzip.open(HH_TEST, "rt")]
+    split = []
+    for row in rows:
+        end = row["chosen"].rfind(marker) + len(marker)
+        if row["rejected"][:end] == row["chosen"][:end] and row["rejected"].rfind(marker) + len(marker) == end:
+            split.append({"prompt": row["chosen"][:end], "response": row["chosen"][end:],
+                          "chosen": row["chosen"][end:], "rejected": row["rejected"][end:]})
+    assert len(split) > 2200
+    source = tmp_path / "hh_split.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in split))
+    transcripts = tmp_path / "hh.jsonl"
+    transcripts.write_text("".join(json.dumps({"chosen": r["prompt"] + r["chosen"],
+                                               "rejected": r["prompt"] + r["rejected"]}) + "\n" for r in split))
+    run_cli("prepare", source, "-o", tmp_path / "split.parquet")
+    run_cli("prepare", transcripts, "-o", tmp_path / "hh.parquet")
+    ours, provenance = read_pairs(str(tmp_path / "split.parquet"))
+    assert provenance["sources"][0]["format"] == "hh-rlhf"
+    theirs = read_pairs(str(tmp_path / "hh.parquet"))[0]
+    assert ours.column("pair_id").to_pylist() == theirs.column("pair_id").to_pylist()

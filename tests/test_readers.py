@@ -146,6 +146,40 @@ def test_json_array_parquet_and_dataset_folder_sources(tmp_path):
     assert provenance["fingerprint"]
 
 
+def test_folders_written_by_save_to_disk(tmp_path):
+    """A folder of ``Dataset.save_to_disk`` (which ``datasets.load_dataset`` refuses: "use load_from_disk") and one
+    of ``DatasetDict.save_to_disk`` (its split chosen by --split) give the rows they hold."""
+    import datasets
+
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][:6]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "two"))
+    for spec, options, expected in ((tmp_path / "one", {}, rows), (tmp_path / "two", {}, rows[:4]),
+                                    (tmp_path / "two", {"split": "test"}, rows[4:])):
+        out = tmp_path / "out.parquet"
+        prepare([str(spec)], out, PrepareOptions(**options))
+        assert [json.loads(r["meta"]) for r in pairs(out)] == expected
+        assert [r["chosen"][0]["content"] for r in pairs(out)] == [r["chosen"] for r in expected]
+    with pytest.raises(InputError, match="holds one dataset, without splits"):
+        prepare([str(tmp_path / "one")], tmp_path / "out.parquet", PrepareOptions(split="test"))
+
+
+def test_a_parquet_column_named_twice_is_refused(tmp_path):
+    """Parquet allows two columns (or two fields of a struct) of one name; a row read from it kept the last one's
+    value (Datasets refuses the file): which one the data means is unknown."""
+    text = pa.array(["Q"]), pa.array(["A"]), pa.array(["B"]), pa.array(["A"])
+    pq.write_table(pa.Table.from_arrays(list(text), names=["prompt", "chosen", "rejected", "rejected"]),
+                   tmp_path / "top.parquet")
+    message = pa.StructArray.from_arrays([pa.array(["user"]), pa.array(["assistant"]), pa.array(["Q"])],
+                                         names=["role", "role", "content"])
+    pq.write_table(pa.Table.from_arrays([pa.ListArray.from_arrays([0, 1], message), *text[1:3]],
+                                        names=["prompt", "chosen", "rejected"]), tmp_path / "nested.parquet")
+    for name, column in (("top", "rejected"), ("nested", "prompt.role")):
+        with pytest.raises(InputError, match=rf"file .*{name}.parquet, field '{column}': the column is named twice"):
+            prepare([str(tmp_path / f"{name}.parquet")], tmp_path / "out.parquet")
+
+
 def test_missing_source_is_a_clear_error(tmp_path):
     result = run_cli("prepare", tmp_path / "nope.jsonl", "-o", tmp_path / "o.parquet", check=False)
     assert result.returncode == 2

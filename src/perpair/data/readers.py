@@ -42,10 +42,15 @@ def _same(a: list[Message], b: list[Message]) -> bool:
     )
 
 
+def _repeats(messages: list[Message], prompt: list[Message]) -> bool:
+    """Whether a response is a whole conversation that starts with the prompt (the HuggingFaceH4 layout stores
+    ``chosen = [user prompt, assistant answer]``)."""
+    return len(messages) > len(prompt) and _same(messages[: len(prompt)], prompt)
+
+
 def _completion(messages: list[Message], prompt: list[Message], name: str) -> list[Message]:
-    """The assistant part of a response; a conversation that repeats the prompt first has it removed
-    (the HuggingFaceH4 layout stores ``chosen = [user prompt, assistant answer]``)."""
-    if len(messages) > len(prompt) and _same(messages[: len(prompt)], prompt):
+    """The assistant part of a response; a conversation that repeats the prompt first has it removed."""
+    if _repeats(messages, prompt):
         messages = messages[len(prompt):]
     if messages[0]["role"] != "assistant":
         raise RowProblem(f"wrong_type:{name}", f"response must start with an assistant message, got role "
@@ -56,7 +61,8 @@ def _completion(messages: list[Message], prompt: list[Message], name: str) -> li
 
 def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[float | None, float | None]:
     """Scores from the mapped columns (both numbers in every row), else from ``score_*`` or ``metadata.score_*``
-    where a row has them: both numbers, or both null (no scores); one without the other is an error."""
+    where a row has them: both numbers, or both null (no scores); one without the other is an error, and so are
+    they where the responses are read from other fields than ``chosen`` and ``rejected``, which they score."""
     if columns.score_chosen and columns.score_rejected:
         chosen_key, rejected_key = columns.score_chosen, columns.score_rejected
         return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
@@ -67,6 +73,11 @@ def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[fl
             continue
         if found[0] is None and found[1] is None and not required:
             return None, None
+        if (columns.chosen, columns.rejected) != ("chosen", "rejected"):  # they score other fields
+            raise RowProblem("scores_of_other_fields", f"the row's {chosen_key} and {rejected_key} score its 'chosen' "
+                                                       f"and 'rejected' fields, and the responses are read from "
+                                                       f"'{columns.chosen}' and '{columns.rejected}': name the scores "
+                                                       f"with --score-chosen-col and --score-rejected-col", chosen_key)
         return as_score(get(row, chosen_key), chosen_key), as_score(get(row, rejected_key), rejected_key)
     if required:
         raise RowProblem("missing_field:score_chosen",
@@ -98,9 +109,16 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
         prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns, roles)
     else:
         prompt = as_messages(prompt_raw, columns.prompt or "prompt", "user", roles)
-        chosen = _completion(as_messages(chosen_raw, columns.chosen, "assistant", roles), prompt, columns.chosen)
-        rejected = _completion(as_messages(rejected_raw, columns.rejected, "assistant", roles), prompt,
-                               columns.rejected)
+        chosen = as_messages(chosen_raw, columns.chosen, "assistant", roles)
+        rejected = as_messages(rejected_raw, columns.rejected, "assistant", roles)
+        if _repeats(chosen, prompt) and _repeats(rejected, prompt):
+            # two whole conversations: all they share is the prompt, which goes on past the prompt column where they
+            # share later turns too (the column holds the first user turn of a longer conversation)
+            shared, chosen, rejected = _split_conversations(chosen, rejected, columns)
+            prompt = prompt + shared[len(prompt):]
+        else:
+            chosen = _completion(chosen, prompt, columns.chosen)
+            rejected = _completion(rejected, prompt, columns.rejected)
     prompt = with_system(prompt, optional_text(row, columns.system), columns.system)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
@@ -120,15 +138,20 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
         limit = min(len(chosen_raw), len(rejected_raw))
         while end < limit and chosen_raw[end] == rejected_raw[end]:
             end += 1
-        if end < limit:
-            while end > 0 and not chosen_raw[end - 1].isspace():
-                end -= 1
+        # also where one text is a start of the other ("… 4" / "… 42"): the shared text ends inside a word there too
+        while end > 0 and not chosen_raw[end - 1].isspace():
+            end -= 1
         prefix = chosen_raw[:end]
         return ([{"role": "user", "content": prefix}],
                 [{"role": "assistant", "content": chosen_raw[end:]}],
                 [{"role": "assistant", "content": rejected_raw[end:]}])
-    chosen = as_messages(chosen_raw, columns.chosen, "assistant", roles)
-    rejected = as_messages(rejected_raw, columns.rejected, "assistant", roles)
+    return _split_conversations(as_messages(chosen_raw, columns.chosen, "assistant", roles),
+                                as_messages(rejected_raw, columns.rejected, "assistant", roles), columns)
+
+
+def _split_conversations(chosen: list[Message], rejected: list[Message],
+                         columns: ColumnMap) -> tuple[list[Message], list[Message], list[Message]]:
+    """Two whole conversations split at the first message that differs: the prompt, and the two responses."""
     shared = 0
     while (shared < min(len(chosen), len(rejected)) - 1
            and _same(chosen[shared:shared + 1], rejected[shared:shared + 1])):
@@ -138,10 +161,11 @@ def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
         raise RowProblem(f"missing_field:{columns.prompt or 'prompt'}",
                          "no prompt field, and the two conversations share no leading messages",
                          columns.prompt or "prompt")
-    if not _same(rejected[:shared], prompt):
-        raise Degenerate("transcripts_diverge", "the two conversations differ before the final turn")
-    return (prompt, _completion(chosen[shared:], prompt, columns.chosen),
-            _completion(rejected[shared:], prompt, columns.rejected))
+    # After the first difference, a user (or tool) turn: the conversations differ before their final assistant
+    # turn, and the turns after the difference answer no shared prompt (as HH-RLHF transcripts that diverge)
+    if any(m["role"] != "assistant" for m in chosen[shared:] + rejected[shared:]):
+        raise Degenerate("transcripts_diverge", "the two conversations differ before their final assistant turn")
+    return prompt, chosen[shared:], rejected[shared:]
 
 
 def read_ultrafeedback(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
@@ -162,16 +186,31 @@ def _parse_transcript(text: str, name: str) -> list[Message]:
             for speaker, content in zip(parts[1::2], parts[2::2], strict=True)]
 
 
+def _is_hh_prompt(value: Any) -> bool:
+    """An HH-RLHF transcript cut before the final turns' text (``"\\n\\nHuman: …\\n\\nAssistant:"``)."""
+    return isinstance(value, str) and value.startswith("\n\nHuman:") and value.rstrip().endswith("\n\nAssistant:")
+
+
 def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     """Anthropic HH-RLHF: two full transcripts; the prompt is their shared conversation, parsed into
-    messages, and the responses are the final assistant turns."""
-    chosen = _parse_transcript(as_text(get(row, "chosen"), "chosen"), "chosen")
-    rejected = _parse_transcript(as_text(get(row, "rejected"), "rejected"), "rejected")
+    messages, and the responses are the final assistant turns. Copies that cut the transcript before the final
+    turns' text (a ``prompt`` ending ``"\\n\\nAssistant:"``, the responses' text in ``chosen`` and ``rejected``) are
+    read as the transcripts they join into."""
+    texts = [as_text(get(row, name), name) for name in ("chosen", "rejected")]
+    prompt = get(row, "prompt", required=False)
+    if prompt is not MISSING:
+        if not _is_hh_prompt(prompt):
+            raise RowProblem("wrong_type:prompt", "not an HH-RLHF prompt (expected '\\n\\nHuman: ...' ending with "
+                                                  "'\\n\\nAssistant:')", "prompt")
+        texts = [text if text.startswith(prompt) else prompt + text for text in texts]
+    chosen = _parse_transcript(texts[0], "chosen")
+    rejected = _parse_transcript(texts[1], "rejected")
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
         if turns[-1]["role"] != "assistant":
             raise RowProblem(f"wrong_type:{name}", "transcript does not end with an Assistant turn", name)
+    score_chosen, score_rejected = _scores(row, ctx.columns, False)
     record = PairRecord(prompt=chosen[:-1], chosen=chosen[-1:], rejected=rejected[-1:], source=ctx.source,
-                        source_row=ctx.row)
+                        source_row=ctx.row, score_chosen=score_chosen, score_rejected=score_rejected)
     if not _same(chosen[:-1], rejected[:-1]):
         raise Degenerate("transcripts_diverge", "the two transcripts differ before the final Assistant turn")
     return record
@@ -287,6 +326,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
             return "sharegpt"
         if "instruction" in row:
             return "alpaca"
+        if _is_hh_prompt(row.get("prompt")):
+            return "hh-rlhf"
         if "prompt" in row:
             has_scores = "score_chosen" in row or (
                 isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])

@@ -66,6 +66,10 @@ def resolve_source(spec: str, split: str | None = None, revision: str | None = N
             raise InputError("CSV files are not read (their cells carry no types, so a score and an answer "
                              "such as '4' look alike): convert it to JSON Lines or Parquet first",
                              file=spec)
+        suffix = path.suffix.lower()
+        if suffix in (".zst", ".bz2", ".xz", ".zip", ".arrow"):  # read as JSON Lines, each line would be "not UTF-8"
+            raise InputError(f"{suffix[1:]} files are not read: perpair reads JSON Lines or JSON (plain or gzip) and "
+                             f"Parquet files, and folders written by save_to_disk", file=spec)
         return Source(spec, "file")
     if path.is_dir() or spec.startswith("hub:"):
         return Source(spec, "dataset", split or "train", revision)
@@ -106,6 +110,8 @@ def folder_files(source: Source) -> list[Source]:
     if builder.name not in ("json", "parquet") or getattr(builder.config, "field", None) or not files:
         return [source]
     root = folder.resolve()
+    loaded = {Path(path).resolve() for split_files in builder.config.data_files.values() for path in split_files}
+    _refuse_files_left_out(folder, builder.name, loaded)
     parts = []
     for path in map(Path, files[0]):
         if path.resolve().is_relative_to(root):  # named as the user named the folder
@@ -114,6 +120,29 @@ def folder_files(source: Source) -> list[Source]:
         else:
             parts.append(Source(str(path), "file", name=f"{root.name}/{path.name}"))
     return parts
+
+
+# Files of a dataset folder that hold no rows (Datasets reads them as the folder's description).
+FOLDER_METADATA = ("dataset_info.json", "dataset_dict.json", "state.json")
+
+
+def _refuse_files_left_out(folder: Path, module: str, loaded: set[Path]) -> None:
+    """A data file of ``folder`` that Datasets would load in none of its splits (a Parquet file beside JSON Lines
+    files: it loads the files of one format) is refused, not left out with its rows; unless the folder's README
+    chooses its files (``configs`` in its YAML header, as on the Hub), which says the others are no part of it."""
+    readme = folder / "README.md"
+    header = readme.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0] if readme.is_file() else ""
+    if header.startswith("---") and "\nconfigs:" in header:
+        return
+    left = sorted(path.relative_to(folder) for path in folder.rglob("*")
+                  if path.is_file() and path.resolve() not in loaded and path.name not in FOLDER_METADATA
+                  and path.name.lower().endswith(tuple(s for s in DATA_SUFFIXES if s != ".txt"))
+                  and not any(part.startswith((".", "_")) for part in path.relative_to(folder).parts))
+    if left:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise InputError(f"the folder also holds {left[0].as_posix()}{more}, a data file Datasets would not load with "
+                         f"the others (it loads the folder's {module} files only): give the files to read as "
+                         f"sources, or move the others out", file=str(folder))
 
 
 def describe(source: Source) -> dict[str, Any]:
@@ -144,6 +173,35 @@ def iter_rows(source: Source, provenance: dict[str, Any] | None = None) -> Itera
                 yield from _iter_json_lines(source.spec, handle)
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise InputError(f"compressed file is truncated or corrupt ({exc})", file=source.spec) from None
+
+
+class _KeyTwice(dict):
+    """A decoded JSON object that names ``key`` twice."""
+
+    key = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict (``object_pairs_hook``); one that names a key twice is marked, not read as its
+    last value (Python's json takes that one, Arrow and so Datasets refuse the file: which one the data means is
+    unknown)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        keys = [key for key, _ in pairs]
+        value = _KeyTwice(value)
+        value.key = next(key for index, key in enumerate(keys) if key in keys[:index])
+    return value
+
+
+def _key_twice(value: Any) -> RowProblem | None:
+    """The problem of a decoded row where an object names a key twice; None where none does."""
+    if isinstance(value, _KeyTwice):
+        return RowProblem("duplicate_key", f"the row names the key {value.key!r} twice (in one object), so which of "
+                                           f"the two values it means is unknown", value.key)
+    for child in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        if problem := _key_twice(child):
+            return problem
+    return None
 
 
 def _first_byte(handle: io.BufferedIOBase) -> bytes:
@@ -178,7 +236,7 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
                                                  f"position {exc.start})"), None
             continue
         try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
-            value = json.loads(text.rstrip("\r\n"))
+            value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
@@ -186,13 +244,13 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         except RecursionError:
             yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
             continue
-        yield number, value, text.strip()
+        yield number, _key_twice(value) or value, text.strip()
 
 
 def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     raw = handle.read()
     try:
-        values = json.loads(raw.decode("utf-8-sig"))
+        values = json.loads(raw.decode("utf-8-sig"), object_pairs_hook=_object)
     except UnicodeDecodeError as exc:
         raise InputError(f"file is not valid UTF-8 (byte offset {exc.start})", file=path) from None
     except json.JSONDecodeError as exc:
@@ -203,7 +261,7 @@ def _iter_json_array(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
     if not isinstance(values, list):
         raise InputError("a JSON file must hold an array of rows (or be JSON Lines)", file=path)
     for number, value in enumerate(values, start=1):
-        yield number, value, None
+        yield number, _key_twice(value) or value, None
 
 
 def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
@@ -212,6 +270,10 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
 
     try:
         parquet = pq.ParquetFile(path)
+        twice = _named_twice(list(parquet.schema_arrow))
+        if twice:  # a row would hold the last one's value (Datasets refuses the file)
+            raise InputError("the column is named twice in the file's schema, so which one a row means is unknown",
+                             file=path, field=twice)
         number = 0
         for batch in parquet.iter_batches(batch_size=4096):
             for row in batch.to_pylist():
@@ -219,6 +281,25 @@ def _iter_parquet(path: str) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, row, None
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"not a readable Parquet file ({exc})", file=path) from None
+
+
+def _named_twice(fields: list[Any], prefix: str = "") -> str | None:
+    """The first of ``fields`` (Arrow fields; inside a struct, or a list of structs, dotted) whose name another
+    field beside it has too."""
+    import pyarrow as pa
+
+    names = [field.name for field in fields]
+    for field in fields:
+        if names.count(field.name) > 1:
+            return prefix + field.name
+        kind = field.type
+        while pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+            kind = kind.value_type
+        if pa.types.is_struct(kind):
+            found = _named_twice([kind.field(i) for i in range(kind.num_fields)], f"{prefix}{field.name}.")
+            if found:
+                return found
+    return None
 
 
 DETAIL_CHARS = 400  # of a Datasets error, in the one error line
@@ -249,9 +330,14 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
 
     name = source.spec.removeprefix("hub:")
     folder = not source.spec.startswith("hub:") and Path(name).is_dir()
+    saved = folder and (Path(name) / "state.json").is_file()  # by Dataset.save_to_disk: load_dataset refuses it
+    if saved and source.split != "train":
+        raise InputError(f"--split {source.split!r}: this folder, written by Dataset.save_to_disk, holds one dataset, "
+                         f"without splits", file=source.spec)
     try:
         with _quiet_datasets() if folder else contextlib.nullcontext():  # a folder: no download to follow
-            dataset = datasets.load_dataset(name, split=source.split, revision=source.revision)
+            dataset = datasets.load_from_disk(name) if saved else \
+                datasets.load_dataset(name, split=source.split, revision=source.revision)
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types; report them as input errors
         local = "" if source.spec.startswith("hub:") or folder else \
             "there is no local file or folder of that name, and "

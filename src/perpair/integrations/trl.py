@@ -109,7 +109,7 @@ def _records(dataset: Dataset) -> list:
         try:
             records.append(read(example, ReadContext(source="train_dataset", row=row, columns=columns)))
         except RowProblem as problem:
-            raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.detail}") from None
+            raise PerpairError(f"train_dataset row {row}, field '{problem.field}': {problem.problem}") from None
         except Degenerate as problem:  # HH-RLHF transcripts that differ before their last turn, say
             raise PerpairError(f"train_dataset row {row}: {problem.detail}, {LEFT_OUT}") from None
     return records
