@@ -26,6 +26,7 @@ from perpair.plan import (
     write_plan,
 )
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA
+from perpair.plan.report import mislabeled_action
 from plan_helpers import beta_from_explanation, make_pairs, random_annotations, write_annotations
 
 N = 60
@@ -178,6 +179,22 @@ def test_mislabeled_action(mislabeled_files, tmp_path, action):
         assert first["beta"] == pytest.approx(0.4) and first["signal"] == 0.0 and not first["flipped"]
         assert counts["beta_max"] == 1
     assert rows[2]["beta"] == pytest.approx(0.025)  # safety, magnitude 3, confidence 1 → s = 1 → β_min
+
+
+def test_beta_max_under_a_global_beta_moves_no_pair(mislabeled_files):
+    """Action beta_max sets a β; a global-β schedule (dpo, mixdpo) given annotations keeps every pair at its one β:
+    the plan's counts, the summary and --explain said the confident mislabeled pair was given β_max."""
+    pairs, annotations, ids = mislabeled_files
+    result = build_plan(pairs, annotations, resolve_schedule("dpo"), preset="dpo")
+    counts = result.provenance["counts"]["mislabeled"]
+    assert counts["above_threshold"] == 1 and counts["beta_max"] == 0
+    assert set(_col(result, "beta")) == {0.1}
+    assert "action beta_max: no effect, one global β" in explain(result, ids[0])
+    assert mislabeled_action(result.provenance["counts"]) == "action beta_max: no effect, one global β"  # summary
+    per_pair = build_plan(pairs, annotations, resolve_schedule("sp2dpo"), preset="sp2dpo")
+    assert per_pair.provenance["counts"]["mislabeled"]["beta_max"] == 1
+    assert mislabeled_action(per_pair.provenance["counts"]) == "action beta_max"
+    assert "no effect" not in explain(per_pair, ids[0])
 
 
 # --- routing -------------------------------------------------------------------------------------------
