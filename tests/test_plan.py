@@ -228,6 +228,19 @@ def test_quantile_routing_to_drop(files, tmp_path):
     assert sorted(r["order"] for r in rows if r["route"] != "drop") == list(range(N - len(dropped)))
 
 
+@pytest.mark.parametrize(("routing", "rule"), [({"tau": 0.5}, "difficulty 0.0 < τ = 0.5"),
+                                               ({"tau": None, "quantile": 0.25}, "in the lowest q = 0.25 fraction")])
+def test_explain_names_the_rule_that_dropped_a_pair(files, tmp_path, routing, rule):
+    """--explain shows the comparison that routed a pair to SFT; a pair the same rule routed to drop (the filtering
+    baseline) read only "routing.action drop", without its difficulty against τ or the quantile."""
+    pairs, _, _ = files
+    result = build_plan(pairs, None, resolve_schedule("mixdpo", _config(tmp_path, {"routing": routing | {
+        "action": "drop"}})))
+    rows = result.table.to_pylist()
+    tie = next(r["pair_id"] for r in rows if r["difficulty"] == 0.0)
+    assert f"route = drop: {rule}" in explain(result, tie) and "routing.action drop" in explain(result, tie)
+
+
 def test_teacher_margin_is_signed_by_mislabeled(mislabeled_files, tmp_path):
     pairs, annotations, _ = mislabeled_files
     config = _config(tmp_path, {"margin": {"source": "teacher"}, "routing": {"tau": 0.0},
