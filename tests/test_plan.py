@@ -26,6 +26,7 @@ from perpair.plan import (
     write_plan,
 )
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA
+from perpair.plan.report import mislabeled_action
 from plan_helpers import beta_from_explanation, make_pairs, random_annotations, write_annotations
 
 N = 60
@@ -180,6 +181,22 @@ def test_mislabeled_action(mislabeled_files, tmp_path, action):
     assert rows[2]["beta"] == pytest.approx(0.025)  # safety, magnitude 3, confidence 1 → s = 1 → β_min
 
 
+def test_beta_max_under_a_global_beta_moves_no_pair(mislabeled_files):
+    """Action beta_max sets a β; a global-β schedule (dpo, mixdpo) given annotations keeps every pair at its one β:
+    the plan's counts, the summary and --explain said the confident mislabeled pair was given β_max."""
+    pairs, annotations, ids = mislabeled_files
+    result = build_plan(pairs, annotations, resolve_schedule("dpo"), preset="dpo")
+    counts = result.provenance["counts"]["mislabeled"]
+    assert counts["above_threshold"] == 1 and counts["beta_max"] == 0
+    assert set(_col(result, "beta")) == {0.1}
+    assert "action beta_max: no effect, one global β" in explain(result, ids[0])
+    assert mislabeled_action(result.provenance["counts"]) == "action beta_max: no effect, one global β"  # summary
+    per_pair = build_plan(pairs, annotations, resolve_schedule("sp2dpo"), preset="sp2dpo")
+    assert per_pair.provenance["counts"]["mislabeled"]["beta_max"] == 1
+    assert mislabeled_action(per_pair.provenance["counts"]) == "action beta_max"
+    assert "no effect" not in explain(per_pair, ids[0])
+
+
 # --- routing -------------------------------------------------------------------------------------------
 
 def test_tau_routes_ties_to_sft_and_smooths_the_rest(files):
@@ -209,6 +226,19 @@ def test_quantile_routing_to_drop(files, tmp_path):
     assert max(r["difficulty"] for r in dropped) <= min(kept)
     assert all(r["order"] is None and r["beta"] is None for r in dropped)
     assert sorted(r["order"] for r in rows if r["route"] != "drop") == list(range(N - len(dropped)))
+
+
+@pytest.mark.parametrize(("routing", "rule"), [({"tau": 0.5}, "difficulty 0.0 < τ = 0.5"),
+                                               ({"tau": None, "quantile": 0.25}, "in the lowest q = 0.25 fraction")])
+def test_explain_names_the_rule_that_dropped_a_pair(files, tmp_path, routing, rule):
+    """--explain shows the comparison that routed a pair to SFT; a pair the same rule routed to drop (the filtering
+    baseline) read only "routing.action drop", without its difficulty against τ or the quantile."""
+    pairs, _, _ = files
+    result = build_plan(pairs, None, resolve_schedule("mixdpo", _config(tmp_path, {"routing": routing | {
+        "action": "drop"}})))
+    rows = result.table.to_pylist()
+    tie = next(r["pair_id"] for r in rows if r["difficulty"] == 0.0)
+    assert f"route = drop: {rule}" in explain(result, tie) and "routing.action drop" in explain(result, tie)
 
 
 def test_teacher_margin_is_signed_by_mislabeled(mislabeled_files, tmp_path):

@@ -121,7 +121,7 @@ def _summary(result: PlanResult, output: Path, page: Path | None) -> dict:
 
 
 def _print_summary(result: PlanResult) -> None:
-    from perpair.plan.report import percent
+    from perpair.plan.report import mislabeled_action, percent
 
     counts = result.provenance["counts"]
     schedule = result.schedule
@@ -133,8 +133,7 @@ def _print_summary(result: PlanResult) -> None:
     table.add_row("annotated / unannotated", f"{counts['annotated']:,} / {counts['unannotated']:,}")
     mislabeled = counts["mislabeled"]
     table.add_row("mislabeled above threshold",
-                  f"{mislabeled['above_threshold']:,} of {mislabeled['total']:,} "
-                  f"(action {mislabeled['action']})")
+                  f"{mislabeled['above_threshold']:,} of {mislabeled['total']:,} ({mislabeled_action(counts)})")
     if (betas := _preference_betas(result)) is not None:
         table.add_row("β (preference route) min / geomean / max",
                       f"{betas['min']:.4g} / {betas['geomean']:.4g} / {betas['max']:.4g}")

@@ -129,7 +129,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     action = schedule.mislabeled.action
     dropped = acted & (action == "drop")
     flipped = acted & (action == "flip")
-    forced_max = acted & (action == "beta_max")
+    forced_max = acted & (action == "beta_max") & (beta_cfg.kind != "global")  # one global β: no β to move
 
     # --- signal ----------------------------------------------------------------------------------
     priors = beta_cfg.priors.model_dump()

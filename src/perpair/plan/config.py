@@ -59,11 +59,13 @@ class BetaConfig(_Strict):
         "global", description="global: one β for every pair (DPO; SP²DPO's tuned-β control); semantic: "
         "β_i from the annotation (SP²DPO); random: the semantic β_i shuffled across pairs (SP²DPO's control)")
     beta: float = Field(0.1, gt=0.0, description="the global β (0.1 = the usual DPO default; MixDPO uses "
-                        "0.01); the semantic β_i are rescaled to this geometric mean when normalise is on")
+                        "0.01); the semantic β_i of the preference route are rescaled to this geometric mean "
+                        "when normalise is on")
     # Ours: the geometric centre sqrt(0.025 · 0.4) = 0.1 is the usual DPO β, so s = 0.5 gives plain DPO.
     beta_min: float = Field(0.025, gt=0.0, description="β at signal 1: enforces the preference furthest")
     beta_max: float = Field(0.4, gt=0.0, description="β at signal 0: keeps the policy nearest the reference")
-    normalise: bool = Field(True, description="rescale the annotated β_i so their geometric mean is `beta`")
+    normalise: bool = Field(True, description="rescale the annotated β_i so their geometric mean over the "
+                            "preference-routed pairs is `beta`")
     priors: CategoryPriors = Field(default_factory=CategoryPriors)
     # Ours: g(0..3) for magnitude none, minor, moderate, severe; linear between entries (ensemble means
     # are not integers). Concave, so a minor but real gap already counts.

@@ -30,8 +30,10 @@ def explain(result: PlanResult, pair_id: str) -> str:
         _annotation_line(result, row),
     ]
     if result.trace.mislabeled_acted[row]:
+        idle = schedule.mislabeled.action == "beta_max" and schedule.beta.kind == "global"
         lines.append(f"  mislabeled with confidence {_f(table['confidence'][row].as_py())} > threshold "
-                     f"{_f(schedule.mislabeled.threshold)}: action {schedule.mislabeled.action}")
+                     f"{_f(schedule.mislabeled.threshold)}: action {schedule.mislabeled.action}"
+                     + (": no effect, one global β" if idle else ""))
     lines += ["", *_beta_lines(result, row), "", *_difficulty_lines(result, row), "",
               *_route_lines(result, row), "", *_order_lines(result, row)]
     return "\n".join(lines) + "\n"
@@ -151,26 +153,26 @@ def _route_lines(result: PlanResult, row: int) -> list[str]:
     route = table["route"][row].as_py()
     value = table["difficulty"][row].as_py()
     eps = table["label_smoothing"][row].as_py()
-    if route == "drop":
-        reason = ("mislabeled above threshold, action drop" if trace.mislabeled_acted[row]
-                  else "routing.action drop")
-    else:
-        reasons = []
-        if trace.below_tau[row]:
-            reasons.append(f"difficulty {_f(value)} < τ = {_f(routing.tau)}")
-        if trace.lowest_quantile[row]:
-            reasons.append(f"in the lowest q = {_f(routing.quantile)} fraction by difficulty")
-        if not reasons:
-            if routing.tau is None and routing.quantile is None:
-                reasons.append("routing off")
-            elif value is None:
-                reasons.append("no difficulty: kept on the preference route")
-            else:
-                if routing.tau is not None:
-                    reasons.append(f"difficulty {_f(value)} ≥ τ = {_f(routing.tau)}")
-                if routing.quantile is not None:
-                    reasons.append(f"not in the lowest q = {_f(routing.quantile)} fraction")
-        reason = "; ".join(reasons)
+    reasons = []
+    if trace.below_tau[row]:
+        reasons.append(f"difficulty {_f(value)} < τ = {_f(routing.tau)}")
+    if trace.lowest_quantile[row]:
+        reasons.append(f"in the lowest q = {_f(routing.quantile)} fraction by difficulty")
+    if route == "drop" and trace.mislabeled_acted[row]:
+        reasons = ["mislabeled above threshold, action drop"]
+    elif route == "drop":  # routed: which rule did it, as for the sft route
+        reasons.append("routing.action drop")
+    elif not reasons:
+        if routing.tau is None and routing.quantile is None:
+            reasons.append("routing off")
+        elif value is None:
+            reasons.append("no difficulty: kept on the preference route")
+        else:
+            if routing.tau is not None:
+                reasons.append(f"difficulty {_f(value)} ≥ τ = {_f(routing.tau)}")
+            if routing.quantile is not None:
+                reasons.append(f"not in the lowest q = {_f(routing.quantile)} fraction")
+    reason = "; ".join(reasons)
     lines = [f"route = {route}: {reason}"]
     if route == "preference":
         lines.append(f"  label_smoothing = ε = {_f(eps)}  [cDPO on preference-routed pairs; MixDPO uses 0.1]")

@@ -209,6 +209,13 @@ def percent(count: int, n: int) -> str:
     return f"{share:.1f}%"
 
 
+def mislabeled_action(counts: dict[str, Any]) -> str:
+    """The mislabeled action as the summary shows it: beta_max under one global β moves no pair's β."""
+    mislabeled = counts["mislabeled"]
+    idle = mislabeled["action"] == "beta_max" and mislabeled["above_threshold"] and not mislabeled["beta_max"]
+    return f"action {mislabeled['action']}" + (": no effect, one global β" if idle else "")
+
+
 def routes_figure(route: np.ndarray) -> Figure:
     names = ["preference", "sft", "drop"]
     counts = [int(np.sum(route == name)) for name in names]
@@ -297,8 +304,7 @@ def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any], *, pair
         ("pairs", counts["pairs"]),
         *((f"route {name}", value) for name, value in counts["routes"].items()),
         ("annotated / unannotated", f"{counts['annotated']} / {counts['unannotated']}"),
-        ("mislabeled above threshold", f"{counts['mislabeled']['above_threshold']} "
-                                       f"(action {counts['mislabeled']['action']})"),
+        ("mislabeled above threshold", f"{counts['mislabeled']['above_threshold']} ({mislabeled_action(counts)})"),
         ("pairs without a difficulty", counts["no_margin"] if counts["no_margin"] is not None else "n/a"),
     ]
     # The β that act: the preference route's (an SFT pair's β is never read), as perpair plan's summary shows
