@@ -52,18 +52,19 @@ def test_overall_scores_only_spread_beta_by_margin(uf_pairs, ratings_annotations
     assert betas == pytest.approx([factor * r for r in raw], rel=1e-12) and betas[0] > betas[1] > betas[2]
 
 
-def test_one_beta_for_every_pair_is_a_warning(uf_pairs, ratings_annotations, tmp_path):
+def test_one_beta_for_every_pair_is_refused(uf_pairs, ratings_annotations, tmp_path):
+    """A per-pair β schedule whose annotations tell no pair from another gave every pair one β with a warning and
+    exit 0: an arm trained on it was plain DPO under SP²DPO's name, beside the DPO arm in the comparison. Refused,
+    saying why and what to do; one β asked for (preset dpo) is no problem."""
     schedule = tmp_path / "flat.yaml"
     schedule.write_text("beta:\n  priors:\n    unknown: 0.0\n")  # unknown pairs then sit with the ties at s = 0
     out = tmp_path / "flat.parquet"
     result = run_cli("plan", uf_pairs, "--preset", "sp2dpo", "--annotations", ratings_annotations,
-                     "--config", schedule, "-o", out)
-    rows, provenance = read_plan(out)
-    assert len({r["beta"] for r in rows if r["route"] == "preference"}) == 1
-    assert "warning: every preference pair gets β = 0.1" in result.stderr and "plain DPO" in result.stderr
-    assert "unknown 884" in provenance["warnings"][0]
-    page = (tmp_path / "flat_report" / "index.html").read_text()
-    assert html.escape(provenance["warnings"][0]) in page
+                     "--config", schedule, "-o", out, check=False)
+    assert result.returncode == 2 and not out.exists() and not (tmp_path / "flat_report").exists()
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: file {ratings_annotations}, field 'beta': a per-pair β that gives every "
+                           "preference pair β = 0.1") and "unknown 884" in line and "use preset dpo" in line
     plain = run_cli("plan", uf_pairs, "--preset", "dpo", "-o", tmp_path / "dpo.parquet")  # one β asked for
     assert "warning" not in plain.stderr and read_plan(tmp_path / "dpo.parquet")[1]["warnings"] == []
 

@@ -31,12 +31,17 @@ def tiny(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
 
 
+# An SP²DPO arm annotated by the tiny random model: it calls every pair no_clear_gap, whose prior 0 gives every
+# pair one β, a plan refused as plain DPO; a prior above 0 lets its confidences tell the pairs apart.
+SP2DPO_TINY_TEACHER = {"preset": "sp2dpo", "schedule": {"beta": {"priors": {"no_clear_gap": 0.5}}}}
+
+
 def _config(tmp: Path, model: Path, **changes) -> dict:
     config = {
         "workdir": str(tmp / "work"),
         "model": str(model),
         "data": {"sources": [str(UF_TRAIN)], "limit": 24, "test_fraction": 0.25, "seed": 0},
-        "annotate": {"teachers": [f"local:{model}"]},
+        "annotate": {"teachers": ["ratings"]},  # β_i that differ: a tiny random local teacher tells no pair apart
         "train": {"batch_size": 4, "max_length": 96, "lr": 1e-3, "lr_schedule": "constant", "threads": 2,
                   "save_every": 1},
         "arms": {"dpo": {"preset": "dpo"}, "sp2dpo": {"preset": "sp2dpo"}, "mixdpo": {"preset": "mixdpo"}},
@@ -406,7 +411,8 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
     import sqlite3
 
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
-                     arms={"sp2dpo": {"preset": "sp2dpo", "train": {"steps": 2}}})
+                     annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
+                                                                                "train": {"steps": 2}}})
     config["data"]["limit"] = 400
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -683,7 +689,7 @@ def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monk
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny, teacher)
     config = _config(tmp_path, tiny, annotate={"teachers": [f"local:{teacher}"], "limit": 4})
-    config["arms"] = {"sp2dpo": {"preset": "sp2dpo"}}
+    config["arms"] = {"sp2dpo": SP2DPO_TINY_TEACHER}
     config["eval"] = {}
     ran = []
     for rewrite in (False, False, True):

@@ -199,8 +199,9 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     beta[route == "drop"] = np.nan
 
     label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
+    if same := _one_beta(beta_cfg.kind, beta[route == "preference"], category, annotated):
+        raise InputError(same, file=str(annotations_path) if annotations_path else pairs_file, field="beta")
     warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
-                *_one_beta_warning(beta_cfg.kind, beta[route == "preference"], category, annotated),
                 *_routing_warnings(schedule, margin, below_tau, lowest, dropped)]
 
     # --- curriculum ------------------------------------------------------------------------------
@@ -296,16 +297,18 @@ def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     return table, provenance
 
 
-def _one_beta_warning(kind: str, trained: np.ndarray, category: np.ndarray, annotated: np.ndarray) -> list[str]:
-    """A per-pair β schedule that gave every preference pair the same β is plain DPO: say so, and why."""
+def _one_beta(kind: str, trained: np.ndarray, category: np.ndarray, annotated: np.ndarray) -> str | None:
+    """Why a per-pair β schedule that gave every preference pair the same β is refused (None where it did not): the
+    plan would be plain DPO under a per-pair method's name, and an arm trained on it a copy of the DPO arm, read
+    in a comparison as the method's result."""
     if kind == "global" or len(trained) < 2 or np.ptp(trained) > 1e-9 * np.max(trained):
-        return []
+        return None
     names, counts = np.unique(category[annotated].astype(str), return_counts=True)
     seen = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True)) or "none"
-    return [f"every preference pair gets β = {trained[0]:.4g}: the annotations tell no pair from another "
-            f"({int(annotated.sum())} of {len(category)} pairs annotated; categories: {seen}), so this plan is "
-            "plain DPO with one β. Annotate with a teacher LLM (perpair annotate --teacher local:MODEL or "
-            "api:BASE_URL/MODEL), or with ratings that have per-aspect scores."]
+    return (f"a per-pair β that gives every preference pair β = {trained[0]:.4g}: the annotations tell no pair from "
+            f"another ({int(annotated.sum())} of {len(category)} pairs annotated; categories: {seen}), so the plan "
+            "would be plain DPO with one β. Annotate with a teacher LLM (perpair annotate --teacher local:MODEL or "
+            "api:BASE_URL/MODEL) or with ratings that have per-aspect scores; or, for one β, use preset dpo")
 
 
 def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.ndarray, no_row: np.ndarray,
