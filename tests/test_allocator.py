@@ -195,3 +195,23 @@ def test_reading_the_pairs_leaves_pandas_out(uf_pairs):
             f"table, _ = read_pairs({str(uf_pairs)!r}); print(table.num_rows, 'pandas' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["994", "False"]
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_not_a_traceback():
+    """Ctrl-C in the seconds ``perpair train`` spends importing torch, before the command line's own handler was
+    there, printed a traceback (KeyboardInterrupt in an import). Now the interrupted line and exit 130, as later."""
+    code = """
+import builtins, sys
+real = builtins.__import__
+def loading(name, *args, **kwargs):  # Ctrl-C arriving while the command line's modules load
+    if name == "perpair.cli":
+        raise KeyboardInterrupt
+    return real(name, *args, **kwargs)
+builtins.__import__ = loading
+sys.argv = ["perpair", "train", "--help"]
+from perpair.__main__ import main
+main()
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment())
+    assert result.returncode == 130
+    assert result.stderr == "interrupted: finished work is kept; re-run to continue\n"

@@ -490,6 +490,31 @@ def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(t
         truncate_metrics(path, 2)
 
 
+def test_a_kill_while_resume_rewrites_the_metrics_keeps_every_line(tmp_path, monkeypatch):
+    """--resume rewrites metrics.jsonl without the lines past its checkpoint. It was rewritten in place: a run killed
+    during that write (here: the write stops halfway, as a kill leaves it) lost the lines of the steps before the
+    checkpoint too. The old file now stands until the new one is whole."""
+    from perpair.train.checkpoints import truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    before = "".join(line + "\n" for line in lines)
+    path.write_text(before)
+    write_text = Path.write_text
+
+    def killed_halfway(self, data, *args, **kwargs):
+        write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        truncate_metrics(path, 2)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    truncate_metrics(path, 2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, uf_pairs, tmp_path):
     """Reference log-probs corrupted to NaN for the pairs of steps 3 and 4: the run stops at step 3 with one
     clear message, before the optimizer step, and keeps the checkpoint of step 2."""

@@ -9,15 +9,19 @@ import sys
 
 
 def main() -> None:
-    from perpair.allocator import reexec_with_allocator
-    from perpair.errors import PerpairError
-
     try:
-        reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
-    except PerpairError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
-    from perpair.cli import main as command_line
+        from perpair.allocator import reexec_with_allocator
+        from perpair.errors import PerpairError
+
+        try:
+            reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
+        except PerpairError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            sys.exit(2)
+        from perpair.cli import main as command_line
+    except KeyboardInterrupt:  # Ctrl-C while the modules load (perpair train's import torch: seconds): no traceback
+        sys.stderr.write("interrupted: finished work is kept; re-run to continue\n")
+        sys.exit(130)  # (the command line's EXIT_INTERRUPTED, not imported yet)
 
     try:
         command_line()

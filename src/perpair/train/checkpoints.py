@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from perpair.artifacts import write_text_atomic
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig
 from perpair.train.processes import on_main_process
@@ -258,7 +259,8 @@ def truncate_metrics(path: Path, step: int) -> None:
                                f"steps up to {step} that --resume continues after") from None
         if at <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    # renamed over the file, not rewritten in place: a run killed here keeps every line, not half of them
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:
