@@ -57,7 +57,8 @@ class CategoryPriors(_Strict):
 class BetaConfig(_Strict):
     kind: Literal["global", "semantic", "random"] = Field(
         "global", description="global: one β for every pair (DPO; SP²DPO's tuned-β control); semantic: "
-        "β_i from the annotation (SP²DPO); random: the semantic β_i shuffled across pairs (SP²DPO's control)")
+        "β_i from the annotation (SP²DPO); random: the semantic β_i shuffled across pairs (SP²DPO's random-β "
+        "control; the same multiset, shuffled, is our reading of it)")
     beta: float = Field(0.1, gt=0.0, description="the global β (0.1 = the usual DPO default; MixDPO uses "
                         "0.01); the semantic β_i of the preference route are rescaled to this geometric mean "
                         "when normalise is on")
