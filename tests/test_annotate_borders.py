@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import HH_TEST, run_cli
 from llama_server import Reply, chat_completion
 from perpair.annotate import calls_path, read_annotations
 from perpair.artifacts import read_artifact, write_artifact
@@ -45,8 +45,21 @@ def test_all_failed_exits_3_with_the_files_written(uf_pairs, tmp_path):
     assert "Traceback" not in result.stderr
     assert "failed × 6: request failed: HTTP 404" in result.stdout
     assert "re-run with --retry-failed" in result.stdout
+    assert "--retry-failed asks them again" in error_lines(result)[0]
     table, _ = read_annotations(out)  # nothing lost: both artifacts are there, every call recorded
     assert table.num_rows == 6 and pq.read_table(calls_path(out)).num_rows == 6
+
+
+def test_no_annotation_that_asking_again_cannot_change_is_not_sent_to_retry_failed(tmp_path):
+    """HH-RLHF pairs have no ratings: the ratings teacher answers none of them. Its error line said "--retry-failed
+    asks them again", which asks nothing (no call failed) and could change nothing; it now names the reason."""
+    pairs = tmp_path / "hh.parquet"
+    run_cli("prepare", HH_TEST, "-o", pairs, "--limit", "5")
+    result = run_cli("annotate", pairs, "--teacher", "ratings", "-o", tmp_path / "ann.parquet", check=False)
+    assert result.returncode == 3
+    [line] = error_lines(result)
+    assert line == ("error: no pair of 5 got a valid annotation; the files were written; 5 calls got no annotation "
+                    "(the pair has no ratings), which asking again does not change")
 
 
 def test_min_valid_share_decides_the_exit_code(uf_pairs, tmp_path):

@@ -110,8 +110,14 @@ def run_command(
         result = annotate(pairs, settings, output, cache_path=cache, on_progress=show)
     _print_result(result)
     if result.shortfall:
-        console.print(f"[bold red]error:[/] {escape(result.shortfall)}; the files were written (failed calls are "
-                      "cached; --retry-failed asks them again)", soft_wrap=True)
+        # what a re-run can change: failed calls (--retry-failed), not a teacher's "cannot answer" (no ratings)
+        kept = ["the files were written"]
+        if result.status.get("failed"):
+            kept.append("failed calls are cached; --retry-failed asks them again")
+        if result.unanswered:
+            reason, count = max(result.unanswered.items(), key=lambda item: item[1])
+            kept.append(f"{count:,} calls got no annotation ({reason}), which asking again does not change")
+        console.print(f"[bold red]error:[/] {escape(result.shortfall)}; {escape('; '.join(kept))}", soft_wrap=True)
         raise typer.Exit(EXIT_TOO_FEW_ANNOTATED)
 
 
