@@ -196,8 +196,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
                 "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
                 "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
                 "reference": reference_source, "reference_sha256": reference_sha256, "n_generated": n_generated,
-                "n_judged": n_judged,
-                "output_dir": str(out)})
+                "n_judged": n_judged, "output_dir": str(out)})
     sources.write_json_records(out / "results.json", [json_ready(row)])
     return row
 

@@ -301,7 +301,7 @@ def resolve_lc_inputs(*, offline: bool | None, fit: bool, difficulty: Path | Non
     reference_path = data_file(None, data_dir, LOCAL_REFERENCE)
     if reference_path is None and not is_offline(offline):
         reference_path, _ = hub_file(HUB_REFERENCE, hint=f"pass --offline with --data-dir (a folder holding "
-                                                      f"{LOCAL_REFERENCE})")
+                                                         f"{LOCAL_REFERENCE})")
     reference = read_outputs(reference_path) if reference_path else None
     return LCInputs(values, source, source.startswith("hub:"), gamed,
                     load_glm_weights(weights_path) if weights_path else None,

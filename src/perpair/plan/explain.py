@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from perpair.plan.build import PlanResult
+from perpair.plan.report import mislabeled_action
 
 
 def _f(value: float) -> str:
@@ -30,10 +31,8 @@ def explain(result: PlanResult, pair_id: str) -> str:
         _annotation_line(result, row),
     ]
     if result.trace.mislabeled_acted[row]:
-        idle = schedule.mislabeled.action == "beta_max" and schedule.beta.kind == "global"
         lines.append(f"  mislabeled with confidence {_f(table['confidence'][row].as_py())} > threshold "
-                     f"{_f(schedule.mislabeled.threshold)}: action {schedule.mislabeled.action}"
-                     + (": no effect, one global β" if idle else ""))
+                     f"{_f(schedule.mislabeled.threshold)}: {mislabeled_action(provenance['counts'])}")
     lines += ["", *_beta_lines(result, row), "", *_difficulty_lines(result, row), "",
               *_route_lines(result, row), "", *_order_lines(result, row)]
     return "\n".join(lines) + "\n"
