@@ -66,7 +66,8 @@ class BetaConfig(_Strict):
     beta_min: float = Field(0.025, gt=0.0, description="β at signal 1: enforces the preference furthest")
     beta_max: float = Field(0.4, gt=0.0, description="β at signal 0: keeps the policy nearest the reference")
     normalise: bool = Field(True, description="rescale the annotated β_i so their geometric mean over the "
-                            "preference-routed pairs is `beta`")
+                            "preference-routed pairs is `beta` (one factor, not clipped: beta_min and beta_max "
+                            "set the spread of β_i, not its bounds)")
     priors: CategoryPriors = Field(default_factory=CategoryPriors)
     # Ours: g(0..3) for magnitude none, minor, moderate, severe; linear between entries (ensemble means
     # are not integers). Concave, so a minor but real gap already counts.
