@@ -290,6 +290,24 @@ def test_settings_that_change_nothing_are_warnings(tmp_path):
     assert "warning" not in plain.stderr and read_plan(tmp_path / "plain.parquet")[1]["warnings"] == []
 
 
+def test_sft_on_a_chosen_response_the_ratings_call_worse_is_a_warning(tmp_path):
+    """MixDPO's τ routes the ties to SFT on the chosen response; a pair whose rejected response scored higher has a
+    margin below τ too, and SFT would train on the response its ratings call worse: the plan says so."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0), (7.0, 7.0), (2.0, 9.0), (9.0, 2.0)], tag="reversed")
+    out = tmp_path / "mixdpo.parquet"
+    result = run_cli("plan", pairs, "--preset", "mixdpo", "-o", out)
+    rows, provenance = read_plan(out)
+    assert sorted(r["route"] for r in rows) == ["preference", "preference", "sft", "sft"]  # MixDPO's rule, kept
+    (warning,) = provenance["warnings"]
+    assert warning.startswith("1 pairs routed to sft have a negative margin (the rejected response has the higher")
+    assert result.stderr.count("warning:") == 1
+    drop = tmp_path / "drop.yaml"
+    drop.write_text("routing: {action: drop}\n")  # dropped, not imitated: nothing to say
+    run_cli("plan", pairs, "--preset", "mixdpo", "--config", drop, "-o", out)
+    assert read_plan(out)[1]["warnings"] == []
+
+
 def test_a_plan_with_no_preference_pair_is_refused(tmp_path):
     """τ above every margin routes every pair to SFT: β and label smoothing would act on nothing, and the
     'preference' plan would train SFT alone. Refused, saying why, and nothing is written."""

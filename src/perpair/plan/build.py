@@ -353,6 +353,18 @@ def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndar
     if routing.quantile is not None and not lowest.any():
         warnings.append(f"routing.quantile {routing.quantile:g} routes no pair to {routing.action}: "
                         f"{routing.quantile:g} of the {int(eligible.sum()):,} pairs with a margin is less than one")
+    # MixDPO routes the ties (its data has no negative margin); a pair whose ratings or teacher say the rejected
+    # response is the better one would be trained to imitate the chosen one. (A negative reference margin is a
+    # pair the model gets wrong, not a label in doubt.)
+    reversed_ = (below_tau | lowest) & (margin < 0)
+    source = schedule.margin.source
+    if routing.action == "sft" and source in ("ratings", "teacher") and reversed_.any():
+        better, fix = (("has the higher score", "check their labels, or set routing.action drop") if source == "ratings"
+                       else ("is the better one by the teacher (mislabeled)",
+                             "mislabeled.action flip or drop keeps them out of SFT"))
+        warnings.append(f"{int(reversed_.sum()):,} pairs routed to sft have a negative margin (the rejected response "
+                        f"{better}): SFT trains the policy on their chosen response, which the margin calls the "
+                        f"worse one; {fix}")
     return warnings
 
 
