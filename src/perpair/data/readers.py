@@ -22,6 +22,7 @@ from perpair.data.rows import (
     as_messages,
     as_score,
     as_text,
+    as_tools,
     get,
     optional_text,
     type_name,
@@ -85,12 +86,6 @@ def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[fl
     return None, None
 
 
-def _tools_note(tools: Any) -> list[str]:
-    """``tools_in_meta_only`` where a row describes tools: a pair has no place for them (the row's ``meta`` keeps
-    them), so they are counted, as for LLaMA-Factory's ``tools`` column."""
-    return [] if tools is MISSING or tools in (None, "", [], {}) else ["tools_in_meta_only"]
-
-
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: bool = False) -> PairRecord:
@@ -123,7 +118,7 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
     score_chosen, score_rejected = _scores(row, columns, scores_required)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
                       score_chosen=score_chosen, score_rejected=score_rejected,
-                      notes=_tools_note(get(row, "tools", required=False)))
+                      tools=as_tools(get(row, "tools", required=False), "tools"))
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
@@ -226,7 +221,7 @@ def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
                                        roles), prompt, "non_preferred_output")
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      notes=_tools_note(get(row, "input.tools", required=False)))
+                      tools=as_tools(get(row, "input.tools", required=False), "input.tools"))
 
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
