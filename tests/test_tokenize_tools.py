@@ -127,3 +127,19 @@ def test_malformed_tools_are_an_error_naming_the_row(tmp_path, tools, message):
     result = run_cli_inprocess("prepare", source, "-o", tmp_path / "out.parquet")
     assert result.returncode == 2 and f"row 1, {message}" in result.stderr, result.stderr
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_chat_template_kwargs_are_refused_as_they_would_change_the_tokens(tmp_path):
+    """TRL passes a row's chat_template_kwargs to the template (Qwen 3's enable_thinking=False adds an empty think
+    block); read without them, the pair would be other tokens than TRL's."""
+    source = tmp_path / "in.jsonl"
+    kwargs = ({"enable_thinking": None}, None, {"enable_thinking": False})
+    source.write_text("".join(json.dumps({"prompt": msgs("user", f"Hi {i}"), "chosen": msgs("assistant", "Hello"),
+                                          "rejected": msgs("assistant", "Go"), "chat_template_kwargs": value}) + "\n"
+                              for i, value in enumerate(kwargs)))
+    result = run_cli_inprocess("prepare", source, "-o", tmp_path / "out.parquet")
+    assert result.returncode == 2, result.stderr
+    assert "row 3, field 'chat_template_kwargs': chat_template_kwargs are not read" in result.stderr
+    # a struct column's null fields, or a null, set nothing
+    result = run_cli_inprocess("prepare", source, "-o", tmp_path / "out.parquet", "--skip-invalid")
+    assert result.returncode == 0 and read_pairs(str(tmp_path / "out.parquet"))[0].num_rows == 2

@@ -116,9 +116,22 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
             rejected = _completion(rejected, prompt, columns.rejected)
     prompt = with_system(prompt, optional_text(row, columns.system), columns.system)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
+    _no_template_kwargs(row)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
                       score_chosen=score_chosen, score_rejected=score_rejected,
                       tools=as_tools(get(row, "tools", required=False), "tools"))
+
+
+def _no_template_kwargs(row: dict[str, Any]) -> None:
+    """TRL passes a row's ``chat_template_kwargs`` (``enable_thinking``, …) to the chat template; a pair has no place
+    for them, and tokenizing without them would train on other tokens than TRL's, so a row that sets one is
+    malformed (a struct column's null fields set nothing)."""
+    kwargs = get(row, "chat_template_kwargs", required=False)
+    if kwargs is MISSING or kwargs is None or (isinstance(kwargs, dict) and all(v is None for v in kwargs.values())):
+        return
+    raise RowProblem("unsupported_field", "chat_template_kwargs are not read: TRL passes them to the chat template, "
+                                          "perpair's pairs have no place for them; remove the column to train "
+                                          "without them", "chat_template_kwargs")
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
