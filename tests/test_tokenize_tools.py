@@ -143,3 +143,26 @@ def test_chat_template_kwargs_are_refused_as_they_would_change_the_tokens(tmp_pa
     # a struct column's null fields, or a null, set nothing
     result = run_cli_inprocess("prepare", source, "-o", tmp_path / "out.parquet", "--skip-invalid")
     assert result.returncode == 0 and read_pairs(str(tmp_path / "out.parquet"))[0].num_rows == 2
+
+
+def test_a_pairs_file_that_kept_tools_in_meta_only_is_refused(tmp_path, tiny_model_dir):
+    """A pairs file an earlier perpair wrote from tool-use data has no tools column: trained as it is, its prompts
+    would render without the tools, as they did before; it is refused, naming the file and the fix."""
+    from perpair.artifacts import write_artifact
+    from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, records_to_table
+
+    record = PairRecord(msgs("user", "Weather?"), msgs("assistant", "call"), msgs("assistant", "no"), "in.jsonl", 1)
+    old = records_to_table([record, PairRecord(msgs("user", "Hi"), msgs("assistant", "A"), msgs("assistant", "B"),
+                                               "in.jsonl", 2)])
+    old = old.drop_columns([c for c in ("tools",) if c in old.column_names])
+    notes = {"tools_in_meta_only": {"count": 1, "rows": [1]}}
+    path = tmp_path / "old.parquet"
+    write_artifact(path, old, kind=KIND, schema_version=SCHEMA_VERSION, provenance={"sources": [{"notes": notes}]})
+    with pytest.raises(PerpairError, match="keeps in 'meta' only"):
+        read_pairs(str(path))
+    result = run_cli_inprocess("train", "--model", tiny_model_dir, "--data", path, "--out", tmp_path / "out",
+                               "--steps", "1", "--batch-size", "2", "--max-length", "64")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: 1 pair(s) describe tools")
+    # without such pairs the same file is read as before
+    write_artifact(path, old, kind=KIND, schema_version=SCHEMA_VERSION, provenance={"sources": [{"notes": {}}]})
+    assert read_pairs(str(path))[0].num_rows == 2
