@@ -134,11 +134,13 @@ def test_message_fields_besides_role_and_content_are_refused_not_dropped(tmp_pat
     {"input": {"messages": user(Q), "tools": [{"type": "function"}]}, "preferred_output": assistant("4"),
      "non_preferred_output": assistant("5")},
 ])
-def test_tools_are_kept_in_meta_and_counted(tmp_path, row):
+def test_tools_are_the_pairs_tools(tmp_path, row):
+    """They go to the chat template with the prompt, as TRL passes them (tests/test_tokenize_tools.py)."""
     _, result = prepare(tmp_path, [row])
-    assert result.returncode == 0 and "note: tools_in_meta_only × 1" in result.stdout
-    assert excluded(tmp_path, "notes") == {"tools_in_meta_only": 1}
-    assert json.loads(pq.read_table(tmp_path / "out.parquet").column("meta")[0].as_py()) == row
+    assert result.returncode == 0 and "note:" not in result.stdout
+    written = pq.read_table(tmp_path / "out.parquet")
+    assert json.loads(written.column("tools")[0].as_py()) == row.get("tools", row.get("input", {}).get("tools"))
+    assert json.loads(written.column("meta")[0].as_py()) == row
 
 
 @pytest.mark.parametrize(("rows", "options", "message"), [

@@ -78,10 +78,12 @@ def test_sharegpt_detected_and_read_message_by_message(tmp_path):
     report = provenance["sources"][0]
     assert report["format"] == "sharegpt"
     assert report["duplicates"] == {"duplicate": {"count": 1, "rows": [3]}}
-    # The tools column has no place in a message list: it is in meta, and counted.
-    assert report["notes"] == {"tools_in_meta_only": {"count": 1, "rows": [2]}}
-    assert json.loads(rows[1]["meta"])["tools"].startswith('[{"name": "get_weather"')
-    assert "tools_in_meta_only × 1 (rows 2)" in result.stdout
+    # The tools go to the chat template, in the form templates take; the function call stays JSON text, counted.
+    described = json.loads(json.loads(rows[1]["meta"])["tools"])
+    assert json.loads(rows[1]["tools"]) == [{"type": "function", "function": described[0]}]
+    assert rows[0]["tools"] is None and rows[2]["tools"] is None  # (row 4's tools are "")
+    assert report["notes"] == {"function_call_as_text": {"count": 1, "rows": [2]}}
+    assert "function_call_as_text × 1 (rows 2)" in result.stdout
 
 
 def test_alpaca_detected_with_history_system_and_input(tmp_path):

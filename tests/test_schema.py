@@ -31,6 +31,16 @@ def test_pair_id_follows_the_documented_recipe():
         hashlib.sha256(payload).hexdigest()[:16]
 
 
+def test_pair_id_of_a_pair_with_tools_follows_the_documented_recipe():
+    """The tools are part of the prompt the model sees: the same messages with other tools are another pair."""
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Météo"}}]
+    args = (msgs("user", "Weather?"), msgs("assistant", "Sunny"), msgs("assistant", "Rain"))
+    payload = json.dumps([*[[[m["role"], m["content"]] for m in part] for part in args], tools],
+                         separators=(",", ":"), ensure_ascii=False).encode()
+    assert compute_pair_id(*args, json.dumps(tools)) == hashlib.sha256(payload).hexdigest()[:16]
+    assert compute_pair_id(*args, json.dumps(tools)) != compute_pair_id(*args) != compute_pair_id(*args, "[]")
+
+
 def test_pair_id_ignores_only_normalisation_differences():
     base = compute_pair_id(msgs("user", "Hi"), msgs("assistant", "A"), msgs("assistant", "B"))
     decomposed = unicodedata.normalize("NFD", "é")

@@ -9,8 +9,12 @@
 
 Roles map to perpair's four: ``human`` -> user, ``gpt`` -> assistant, ``system`` -> system,
 ``observation`` (a tool's result) -> tool, and ``function_call`` -> assistant, since it is the model's own
-turn (its content, the call as JSON text, is kept as the message's text). ``tools`` has no place in a
-message list; it stays in the pair's ``meta`` (the untouched row) and prepare counts the pairs that have it.
+turn. Its content, the call as JSON text, is kept as the message's text (LLaMA-Factory's templates render a
+call in each model's own format, which a pair of role and content cannot hold), and prepare counts the pairs
+that have one (``function_call_as_text``). ``tools`` (a JSON list of function descriptions) becomes the pair's
+``tools``, given to the chat template with the prompt; a bare description ``{"name", ...}`` is wrapped as
+``{"type": "function", "function": ...}``, the form chat templates take (and LLaMA-Factory's Qwen, Llama 3 and
+Mistral tool formats write).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from perpair.data.rows import (
     as_content,
     as_role,
     as_text,
+    as_tools,
     get,
     optional_text,
     type_name,
@@ -139,12 +144,19 @@ def read_sharegpt(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     chosen = _turn(get(row, chosen_name), chosen_name, layout, roles)
     rejected = _turn(get(row, rejected_name), rejected_name, layout, roles)
     _check_order(prompt, chosen, rejected, (name, chosen_name, rejected_name))
-    notes = []
-    tools = get(row, layout.column("tools"), required=False) if layout.column("tools") else MISSING
-    if tools not in (MISSING, None, "", [], {}):
-        notes.append("tools_in_meta_only")
+    function_tag = layout.tags.get("function_tag")
+    turns_read = [*turns, get(row, chosen_name), get(row, rejected_name)]
+    calls = any(isinstance(t, dict) and t.get(layout.tags["role_tag"], t.get("role")) == function_tag
+                for t in turns_read)
+    tools_name = layout.column("tools")
+    tools = as_tools(get(row, tools_name, required=False), tools_name) if tools_name else None
+    if tools is not None:
+        described = json.loads(tools)
+        # LLaMA-Factory treats an empty list as no tools
+        tools = json.dumps([t if t.get("type") == "function" else {"type": "function", "function": t}
+                            for t in described], ensure_ascii=False) if described else None
     return PairRecord(prompt=prompt, chosen=[chosen], rejected=[rejected], source=ctx.source,
-                      source_row=ctx.row, notes=notes)
+                      source_row=ctx.row, tools=tools, notes=["function_call_as_text"] if calls else [])
 
 
 def read_alpaca(row: dict[str, Any], ctx: ReadContext) -> PairRecord:

@@ -151,7 +151,7 @@ class SourceReport:
     invalid: Tally = field(default_factory=Tally)
     degenerate: Tally = field(default_factory=Tally)
     duplicates: Tally = field(default_factory=Tally)
-    notes: Tally = field(default_factory=Tally)       # kept pairs with something only in meta (tools)
+    notes: Tally = field(default_factory=Tally)       # kept pairs read in a way worth counting (a function call)
     columns: ColumnMap | None = None                  # for the column layouts: this source's, from its first row
     limited: bool = False                             # --limit was reached before its end
 

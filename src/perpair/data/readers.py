@@ -22,6 +22,7 @@ from perpair.data.rows import (
     as_messages,
     as_score,
     as_text,
+    as_tools,
     get,
     optional_text,
     type_name,
@@ -85,12 +86,6 @@ def _scores(row: dict[str, Any], columns: ColumnMap, required: bool) -> tuple[fl
     return None, None
 
 
-def _tools_note(tools: Any) -> list[str]:
-    """``tools_in_meta_only`` where a row describes tools: a pair has no place for them (the row's ``meta`` keeps
-    them), so they are counted, as for LLaMA-Factory's ``tools`` column."""
-    return [] if tools is MISSING or tools in (None, "", [], {}) else ["tools_in_meta_only"]
-
-
 # ---------------------------------------------------------------------------------------------- readers
 
 def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: bool = False) -> PairRecord:
@@ -121,9 +116,22 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
             rejected = _completion(rejected, prompt, columns.rejected)
     prompt = with_system(prompt, optional_text(row, columns.system), columns.system)
     score_chosen, score_rejected = _scores(row, columns, scores_required)
+    _no_template_kwargs(row)
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
                       score_chosen=score_chosen, score_rejected=score_rejected,
-                      notes=_tools_note(get(row, "tools", required=False)))
+                      tools=as_tools(get(row, "tools", required=False), "tools"))
+
+
+def _no_template_kwargs(row: dict[str, Any]) -> None:
+    """TRL passes a row's ``chat_template_kwargs`` (``enable_thinking``, …) to the chat template; a pair has no place
+    for them, and tokenizing without them would train on other tokens than TRL's, so a row that sets one is
+    malformed (a struct column's null fields set nothing)."""
+    kwargs = get(row, "chat_template_kwargs", required=False)
+    if kwargs is MISSING or kwargs is None or (isinstance(kwargs, dict) and all(v is None for v in kwargs.values())):
+        return
+    raise RowProblem("unsupported_field", "chat_template_kwargs are not read: TRL passes them to the chat template, "
+                                          "perpair's pairs have no place for them; remove the column to train "
+                                          "without them", "chat_template_kwargs")
 
 
 def _split_implicit(chosen_raw: Any, rejected_raw: Any, columns: ColumnMap,
@@ -226,7 +234,7 @@ def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
                                        roles), prompt, "non_preferred_output")
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      notes=_tools_note(get(row, "input.tools", required=False)))
+                      tools=as_tools(get(row, "input.tools", required=False), "input.tools"))
 
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")

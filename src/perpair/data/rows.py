@@ -6,6 +6,7 @@ for a well-formed row that carries no preference signal.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,6 +163,29 @@ def as_content(value: Any, code: str, where: str) -> str:
                              f"{where}[{index}].text")
         texts.append(unicode_text(part["text"], f"{where}[{index}].text"))
     return "".join(texts)
+
+
+def as_tools(value: Any, name: str) -> str | None:
+    """A row's tool descriptions as a pair stores them (JSON text), read as TRL's ``DPOTrainer`` reads a ``tools``
+    column: a list of objects, or that list as JSON text, passed to the chat template as it is (an empty list
+    too: some templates render it). None where the row has none (no field, null, empty text)."""
+    if value is MISSING or value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowProblem(f"wrong_type:{name}", f"tools are not JSON text ({exc.msg}, character {exc.pos})",
+                             name) from None
+    if not isinstance(value, list):
+        raise RowProblem(f"wrong_type:{name}", f"expected a list of tool descriptions, got {type_name(value)}", name)
+    for index, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise RowProblem(f"wrong_type:{name}", f"expected a tool description (an object), got "
+                                                   f"{type_name(tool)}", f"{name}[{index}]")
+    text = json.dumps(value, ensure_ascii=False)
+    unicode_text(text, name)
+    return text
 
 
 def as_role(value: Any, code: str, where: str, role_map: Mapping[str, str]) -> str:

@@ -9,6 +9,10 @@
    (``json.dumps(value, separators=(",", ":"), ensure_ascii=False)``), encoded as UTF-8.
 3. ``pair_id`` is the first 16 hexadecimal digits of the SHA-256 of those bytes.
 
+A pair with tool descriptions (``tools``, passed to the chat template with the prompt) has the array
+``[prompt, chosen, rejected, tools]`` instead, ``tools`` being the decoded JSON list as the data gives it: the
+same messages with other tools are another pair (the model sees another prompt).
+
 So the same pair has the same id whichever file format it was read from (a plain-string response and a
 one-message assistant list are the same pair), and the id changes when any of the three parts changes.
 """
@@ -42,6 +46,9 @@ ARROW_SCHEMA = pa.schema([
     pa.field("ratings_chosen", RATINGS_TYPE),
     pa.field("ratings_rejected", RATINGS_TYPE),
     pa.field("meta", pa.string(), nullable=False),
+    # the tool descriptions given to the chat template with the prompt, a JSON list (null: none), as TRL's
+    # ``tools`` column
+    pa.field("tools", pa.string()),
 ])
 
 Message = dict[str, str]
@@ -52,10 +59,14 @@ def normalise_text(text: str) -> str:
     return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
 
 
-def compute_pair_id(prompt: list[Message], chosen: list[Message], rejected: list[Message]) -> str:
-    """The stable content hash of a pair (see the module docstring for the exact recipe)."""
-    parts = [[[m["role"], normalise_text(m["content"])] for m in messages]
-             for messages in (prompt, chosen, rejected)]
+def compute_pair_id(prompt: list[Message], chosen: list[Message], rejected: list[Message],
+                    tools: str | None = None) -> str:
+    """The stable content hash of a pair (see the module docstring for the exact recipe); ``tools`` is the pair's
+    JSON text of tool descriptions, or None."""
+    parts: list[Any] = [[[m["role"], normalise_text(m["content"])] for m in messages]
+                        for messages in (prompt, chosen, rejected)]
+    if tools is not None:
+        parts.append(json.loads(tools))
     payload = json.dumps(parts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()[:16]
 
@@ -79,14 +90,15 @@ class PairRecord:
     score_rejected: float | None = None
     ratings_chosen: dict[str, float] | None = None
     ratings_rejected: dict[str, float] | None = None
+    tools: str | None = None  # JSON text of the tool descriptions the chat template renders with the prompt
     pair_id: str = field(default="")
-    # What a reader could not put in the pair but kept in ``meta`` (e.g. a tools column); counted by
-    # prepare, not stored as a column.
+    # What a reader read in a way worth counting (a function call kept as text); counted by prepare, not stored
+    # as a column.
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.pair_id:
-            self.pair_id = compute_pair_id(self.prompt, self.chosen, self.rejected)
+            self.pair_id = compute_pair_id(self.prompt, self.chosen, self.rejected, self.tools)
 
     def as_row(self) -> dict[str, Any]:
         row = {name: getattr(self, name) for name in ARROW_SCHEMA.names}

@@ -99,7 +99,8 @@ def _records(dataset: Dataset) -> list:
         raise PerpairError(f"train_dataset has no {' or '.join(repr(c) for c in lacking)} column (it has "
                            f"{', '.join(dataset.column_names) or 'none'}); pairs are matched to the plan by their "
                            "text, so pass the dataset before tokenization (TRL tokenizes it itself)")
-    names = [c for c in ("prompt", "chosen", "rejected", "system") if c in dataset.column_names]
+    # (tools: part of a pair's id, as they are of the prompt TRL renders)
+    names = [c for c in ("prompt", "chosen", "rejected", "system", "tools") if c in dataset.column_names]
     columns = ColumnMap(prompt="prompt" if "prompt" in names else None)
     rows = dataset.select_columns(names)
     # HH-RLHF transcripts, which TRL reads with an implicit prompt, are parsed into turns as prepare parses them

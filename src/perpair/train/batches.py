@@ -19,7 +19,7 @@ from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig, check_plan_fits
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 from perpair.train.processes import on_main_process
-from perpair.train.tokenize import TokenizedPair, tokenize_pair
+from perpair.train.tokenize import TokenizedPair, pair_tools, tokenize_pair
 
 
 @dataclass
@@ -137,6 +137,7 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     tokenized: dict[int, TokenizedPair | None] = {}
     sequence: list[int] = []
     prompts, chosen, rejected = (data.table.column(c) for c in ("prompt", "chosen", "rejected"))
+    tools = pair_tools(data.table)
     epoch = 0
     while needed is None or len(sequence) < needed:
         before = len(sequence)
@@ -152,7 +153,7 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 sft = data.route[row] == ROUTE_SFT  # the rejected response of an SFT pair is never computed
                 try:
                     tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
-                                                   config.max_length)
+                                                   config.max_length, tools[row])
                 except PerpairError as exc:
                     raise PerpairError(f"{data.path}: pair {data.pair_ids[row]}: {exc}") from None
             if tokenized[row] is None:

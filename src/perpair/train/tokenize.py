@@ -6,10 +6,13 @@ For a conversation: ``prompt_ids`` = the prompt rendered with the chat template 
 prompt alone does not tokenize as a prefix of the full conversation, the completion starts where they diverge
 (TRL's ``common_prefix_length``). Truncation is TRL's default ``keep_start`` applied to ``prompt + completion``
 separately for each response; pairs whose prompt alone fills ``max_length`` are skipped, as TRL skips them.
+A pair's ``tools`` (JSON text of tool descriptions) go to the chat template with every rendering, as TRL passes
+a ``tools`` column.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,18 +40,26 @@ class TokenizedPair:
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> list[int]:
+def _ids(tokenizer: Any, messages: list[dict[str, str]], tools: list[dict] | None, *,
+         generation_prompt: bool = False) -> list[int]:
     from jinja2 import TemplateError
 
     if hasattr(tokenizer, "chat_template") and tokenizer.chat_template is None:
         raise PerpairError("the tokenizer has no chat template; perpair tokenizes conversations with it, as TRL does")
     try:
+        # (tools=None is the default; not passed, so a template call without tools is the one it was before)
+        extra = {"tools": tools} if tools is not None else {}
         out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            add_generation_prompt=generation_prompt)
+                                            add_generation_prompt=generation_prompt, **extra)
     except TemplateError as exc:  # the template's own refusal (Gemma's "System role not supported", …)
         roles = ", ".join(m["role"] for m in messages)
         raise PerpairError(f"the tokenizer's chat template refuses the conversation ({roles}): {exc}") from None
     return list(out["input_ids"])
+
+
+def pair_tools(pairs: Any) -> list[str | None]:
+    """Each pair's ``tools`` of a pairs table; None throughout for a pairs file written before the column."""
+    return pairs.column("tools").to_pylist() if "tools" in pairs.column_names else [None] * len(pairs)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -61,13 +72,23 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dict[str, str]],
-                  rejected: list[dict[str, str]] | None, max_length: int | None) -> TokenizedPair | None:
+                  rejected: list[dict[str, str]] | None, max_length: int | None,
+                  tools: str | None = None) -> TokenizedPair | None:
     """The pair's token ids (TRL-compatible), truncated to ``max_length``; ``None`` when the prompt alone fills
-    ``max_length`` (no completion token would be left). ``rejected=None`` skips the rejected response."""
+    ``max_length`` (no completion token would be left). ``rejected=None`` skips the rejected response. ``tools``:
+    the pair's tool descriptions (JSON text), or None."""
     prompt = [_message(m) for m in prompt]
-    prompt_ids = _ids(tokenizer, prompt, generation_prompt=True)
-    full_chosen = _ids(tokenizer, prompt + [_message(m) for m in chosen])
-    full_rejected = _ids(tokenizer, prompt + [_message(m) for m in rejected]) if rejected is not None else None
+    described = json.loads(tools) if tools is not None else None
+    prompt_ids = _ids(tokenizer, prompt, described, generation_prompt=True)
+    if described and prompt_ids == _ids(tokenizer, prompt, None, generation_prompt=True):
+        # TRL drops them the same way, without a word: the model would learn to call tools it is never shown
+        raise PerpairError(f"the pair describes {len(described)} tool(s), which the tokenizer's chat template does "
+                           "not render (it ignores its 'tools' input): the model would be trained without the "
+                           "tool descriptions; use a model whose template renders tools, or leave the tools column "
+                           "out of the data to train without them")
+    full_chosen = _ids(tokenizer, prompt + [_message(m) for m in chosen], described)
+    full_rejected = (_ids(tokenizer, prompt + [_message(m) for m in rejected], described)
+                     if rejected is not None else None)
     cut = _common_prefix(prompt_ids, full_chosen)
     if full_rejected is not None:
         cut = min(cut, _common_prefix(prompt_ids, full_rejected))
