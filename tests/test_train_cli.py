@@ -71,6 +71,45 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_the_model_is_saved_whole_or_not_at_all(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """OUT/model appears once every file of it is written: a save that fails half-way (a full disk; a kill) leaves
+    none, and a resumed run's failed save leaves the complete model that was there. A half-written OUT/model (the
+    weights without the tokenizer) looked like a model."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    out = tmp_path / "run"
+
+    def settings(**extra):
+        return load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 2,
+                                  "batch_size": 2, "max_length": 64, "threads": 1,
+                                  "reference_cache": str(tmp_path / "ref"), **extra})
+
+    load_tokenizer = loop.load_tokenizer
+
+    def failing_save(config):
+        tokenizer = load_tokenizer(config)
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        tokenizer.save_pretrained = full_disk
+        return tokenizer
+
+    monkeypatch.setattr(loop, "load_tokenizer", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(settings())
+    assert not (out / "model").exists()
+    monkeypatch.setattr(loop, "load_tokenizer", load_tokenizer)
+    train(settings(resume=True))
+    files = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files.keys()
+    monkeypatch.setattr(loop, "load_tokenizer", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(settings(resume=True))
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == files
+
+
 def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs, tmp_path):
     """Reduction by the pairs of the whole step: one pair per forward, the default packing (4 × max_length
     tokens per forward) or all four packed together give the same losses."""

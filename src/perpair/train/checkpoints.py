@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -281,15 +282,34 @@ def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict)
     out = Path(config.out)
     saved = {}
     if config.lora is None:
-        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
+        with _in_place(out / "model") as folder:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
         saved["model"] = str(out / "model")
     else:
-        model.save_pretrained(out / "adapter", state_dict=state_dict)
+        with _in_place(out / "adapter") as folder:
+            model.save_pretrained(folder, state_dict=state_dict)
         saved["adapter"] = str(out / "adapter")
         if config.lora.merge:
             merged = model.merge_and_unload()
-            merged.save_pretrained(out / "model", safe_serialization=True)
-            tokenizer.save_pretrained(out / "model")
+            with _in_place(out / "model") as folder:
+                merged.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
             saved["model"] = str(out / "model")
     return saved
+
+
+@contextmanager
+def _in_place(target: Path):
+    """A folder to write ``target``'s files into, renamed to ``target`` once they all are: a run killed while
+    saving leaves no ``target`` that looks complete (only ``.NAME.tmp``, which the next save removes), and a
+    ``target`` already there (a resumed run's) is replaced only by a complete one."""
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if target.exists():  # a folder cannot be renamed over another: the old one goes aside first, then away
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
