@@ -816,14 +816,14 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
 
 
 def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch):
-    """Changing when an arm checkpoints or where it logs (save_every, keep_checkpoints, report_to, project,
-    run_name) changed the train stage's key, and the arm trained again from scratch: an hour lost to a logging
-    change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
+    """Changing when an arm checkpoints or where it logs (save_every, save_every_minutes, keep_checkpoints,
+    report_to, project, run_name) changed the train stage's key, and the arm trained again from scratch: an hour
+    lost to a logging change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
     assert "train.a" in _run(config)[0].ran
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
-                       "project": "mine", "run_name": "first"}
+                       "project": "mine", "run_name": "first", "save_every_minutes": 10}
     result, _ = _run(config)
     assert not result.ran and "train.a" in result.skipped
     config["train"]["lr"] = 2e-3

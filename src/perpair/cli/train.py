@@ -77,7 +77,8 @@ def train_command(
     resume: Annotated[bool | None, typer.Option(
         "--resume", help="Continue from OUT's last checkpoint (of the run OUT/run.key names).")] = None,
     save_every: Annotated[int | None, typer.Option(
-        help=_help("Checkpoint every N steps (0: only at the end).", "save_every"))] = None,
+        help=_help("Checkpoint every N steps (0: by the clock alone, save_every_minutes, and at the end).",
+                   "save_every"))] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     report_to: Annotated[list[str] | None, typer.Option(
         "--report-to", help="Tracker to log to: tensorboard, wandb, trackio or mlflow (repeatable).")] = None,

@@ -436,6 +436,7 @@ class _Job:
                                                                 "reference_cache"})
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
                               for name in RECORDING_ONLY}, run_name=arm)
+        del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
         material = {"train": settings_read,
                     "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
                     "reference_model": model_fingerprint(resolve_model(config.reference_model))

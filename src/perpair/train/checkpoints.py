@@ -25,7 +25,8 @@ RUN_KEY = "run.key"
 STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
 # Settings that change only where a run logs and when it writes checkpoints, never its weights, data order, loss or
 # metrics: `perpair run`'s train stage leaves them out of its key too, so changing one trains no arm again.
-RECORDING_ONLY = frozenset({"save_every", "keep_checkpoints", "final_checkpoint", "report_to", "project", "run_name"})
+RECORDING_ONLY = frozenset({"save_every", "save_every_minutes", "keep_checkpoints", "final_checkpoint", "report_to",
+                            "project", "run_name"})
 # Settings that do not change what a run computes: a run resumed with other values is the same run.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_model", "release_cpu_memory",
                  *RECORDING_ONLY}
@@ -111,12 +112,16 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
+def checkpoint_folder(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
     never leaves half a checkpoint. The main process writes all but the other processes' RNG states; a failure
     there (a full disk) stops every process."""
-    target = out / "checkpoints" / f"step-{step:08d}"
+    target = checkpoint_folder(out, step)
     tmp = target.with_name(f".{target.name}.tmp")
 
     def fresh() -> None:
