@@ -830,6 +830,24 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
+def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, monkeypatch):
+    """An arm's training stopped by SIGTERM says how to continue: perpair run again (it resumes the arm from its
+    checkpoint), not train's --resume, which perpair run does not take; the status stays 143."""
+    import perpair.train
+    from perpair.errors import TrainingStopped
+
+    def stopped(config, **callbacks):
+        raise TrainingStopped(f"stopped by SIGTERM after step 2 of 6: checkpoint {config.out}/checkpoints/"
+                              "step-00000002; rerun with --resume to continue", 15)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(perpair.train, "train", stopped)
+    with pytest.raises(TrainingStopped, match=r"^train\.a: stopped by SIGTERM after step 2 of 6: checkpoint "
+                                              r".*step-00000002; re-run to continue$") as exc:
+        _run(_small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}))
+    assert exc.value.exit_code == 143
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the

@@ -593,6 +593,7 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 
 def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
+    from perpair.errors import TrainingStopped
     from perpair.train import load_config, train
     from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
 
@@ -613,7 +614,10 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
         if m["step"] % max(1, steps[0] // 10) == 0 or m["step"] == steps[0]:
             log(f"  step {m['step']}/{steps[0]} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
 
-    summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
+    try:
+        summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
+    except TrainingStopped as exc:  # perpair run has no --resume: a re-run resumes the arm by itself
+        raise TrainingStopped(str(exc).replace("rerun with --resume", "re-run"), exc.exit_code - 128) from None
     if summary.get("resumed_from"):  # the arm's whole training, not the last stretch (the report compares arms)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         seconds = sum(m["seconds"] for m in lines)
