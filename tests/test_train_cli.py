@@ -127,6 +127,28 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_exact(tiny_model
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_stop_signal_before_the_first_step_stops_at_once(tiny_model, uf_pairs, tmp_path):
+    """SIGTERM during the reference pass (or the model's loading): nothing to save yet, the run stops there with its
+    one line and status 143; it died without a word."""
+    from perpair.train import load_config, train
+
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached the process's own handler")
+
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / "run"),
+                                "steps": 3, "batch_size": 2, "max_length": 64, "threads": 1,
+                                "reference_cache": str(tmp_path / "ref")})
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before the first step; rerun with --resume to "
+                                               r"continue$") as stopped:
+            train(config, on_reference=lambda done, total: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 143
+    assert not (tmp_path / "run" / "metrics.jsonl").is_file() or not _metrics(tmp_path / "run")
+
+
 def test_sigterm_to_perpair_train_is_one_line_and_exit_143(tiny_model, uf_pairs, tmp_path):
     """The command line a job scheduler stops: one line naming the signal, the step and its checkpoint, and exit
     143, so the job reads as stopped, not finished. It died at once (status -15), nothing said, the steps since the
