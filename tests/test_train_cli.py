@@ -156,7 +156,7 @@ def test_sigterm_to_perpair_train_is_one_line_and_exit_143(tiny_model, uf_pairs,
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
            "--out", str(out), "--threads", "1", "--set", f"reference_cache={tmp_path / 'refcache'}",
-           "--steps", "40", "--batch-size", "4", "--max-length", "96"]
+           "--steps", "40", "--batch-size", "4", "--max-length", "96", "--save-every-minutes", "30"]
     with (tmp_path / "stderr").open("w") as stderr:
         process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 120
