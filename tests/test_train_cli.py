@@ -127,7 +127,7 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_exact(tiny_model
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_stop_signal_before_the_first_step_stops_at_once(tiny_model, uf_pairs, tmp_path):
+def test_a_stop_signal_before_training_stops_at_once(tiny_model, uf_pairs, tmp_path):
     """SIGTERM during the reference pass (or the model's loading): nothing to save yet, the run stops there with its
     one line and status 143; it died without a word."""
     from perpair.train import load_config, train
@@ -140,8 +140,8 @@ def test_a_stop_signal_before_the_first_step_stops_at_once(tiny_model, uf_pairs,
                                 "reference_cache": str(tmp_path / "ref")})
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
-        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before the first step; rerun with --resume to "
-                                               r"continue$") as stopped:
+        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before training \(loading, the reference "
+                                               r"pass\); rerun with --resume to continue$") as stopped:
             train(config, on_reference=lambda done, total: os.kill(os.getpid(), signal.SIGTERM))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -317,7 +317,7 @@ def sharding_problem(config: TrainConfig, sharding: str | None) -> str | None:
     timed = "save_every_minutes" in config.model_fields_set and config.save_every_minutes
     if config.save_every or timed or config.final_checkpoint or config.resume:
         return ("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
-                "set save_every: 0, final_checkpoint: false and resume: false (and leave save_every_minutes out)")
+                "set save_every: 0, final_checkpoint: false and resume: false (save_every_minutes: 0 or left out)")
     if config.forward_tokens:  # its default is 0 under an FSDP launch; set, or FSDP chosen otherwise: refused
         # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
         return "tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)"

@@ -43,8 +43,8 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         self.received = self.received or signum
         if not self._deferred:
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before the first step; rerun with "
-                                  "--resume to continue", signum)
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training (loading, the reference "
+                                  "pass); rerun with --resume to continue", signum)
 
 
 def agreed(accelerator, received: int, due: bool) -> tuple[int, bool]:
