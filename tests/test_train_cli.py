@@ -180,6 +180,7 @@ def test_checkpoints_by_the_clock(tiny_model, uf_pairs, tmp_path, monkeypatch):
     without save_every wrote its first checkpoint at its end: killed at hour 3, it started again from step 1."""
     import perpair.train.loop as loop
     from perpair.train import load_config, train
+    from perpair.train.checkpoints import run_key
 
     def run(name):
         out = tmp_path / name
@@ -189,6 +190,10 @@ def test_checkpoints_by_the_clock(tiny_model, uf_pairs, tmp_path, monkeypatch):
         return [c.name for c in (out / "checkpoints").iterdir()]
 
     assert run("short") == ["step-00000006"]
+    # when to checkpoint is not what a run computes: a run resumed with another interval is the same run
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / "short"),
+                                "steps": 6, "batch_size": 2, "save_every_minutes": 5})
+    assert run_key(config) == run_key(config.model_copy(update={"save_every_minutes": 60}))
     minutes = iter(range(0, 1000, 11))  # 11 minutes a step: the interval's 30 end in step 3, then in step 6
     monkeypatch.setattr(loop, "clock", lambda: 60.0 * next(minutes), raising=False)
     assert sorted(run("long")) == ["step-00000003", "step-00000006"]
