@@ -205,7 +205,7 @@ def perpair_command(args, changes: dict) -> list[str]:
               "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
               "lr_schedule": "constant", "threads": args.threads,
               "reference_cache": str(Path(args.tmp) / "refcache"), "save_model": False,
-              "final_checkpoint": False, **changes}
+              "final_checkpoint": False, "save_every_minutes": 0, **changes}  # no checkpoint inside the timing
     path = Path(args.tmp) / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "perpair", "train", str(path)]
@@ -255,7 +255,7 @@ def worker_bound(args) -> dict:
         "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
         "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
-        "save_model": False, "final_checkpoint": False}))
+        "save_model": False, "final_checkpoint": False, "save_every_minutes": 0}))
 
     operands: dict[tuple, torch.Tensor] = {}  # one tensor per shape and layout, drawn once: an optimistic bound
 

@@ -816,18 +816,36 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
 
 
 def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch):
-    """Changing when an arm checkpoints or where it logs (save_every, keep_checkpoints, report_to, project,
-    run_name) changed the train stage's key, and the arm trained again from scratch: an hour lost to a logging
-    change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
+    """Changing when an arm checkpoints or where it logs (save_every, save_every_minutes, keep_checkpoints,
+    report_to, project, run_name) changed the train stage's key, and the arm trained again from scratch: an hour
+    lost to a logging change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
     assert "train.a" in _run(config)[0].ran
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
-                       "project": "mine", "run_name": "first"}
+                       "project": "mine", "run_name": "first", "save_every_minutes": 10}
     result, _ = _run(config)
     assert not result.ran and "train.a" in result.skipped
     config["train"]["lr"] = 2e-3
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+
+
+def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, monkeypatch):
+    """An arm's training stopped by SIGTERM says how to continue: perpair run again (it resumes the arm from its
+    checkpoint), not train's --resume, which perpair run does not take; the status stays 143."""
+    import perpair.train
+    from perpair.errors import TrainingStopped
+
+    def stopped(config, **callbacks):
+        raise TrainingStopped(f"stopped by SIGTERM after step 2 of 6: checkpoint {config.out}/checkpoints/"
+                              "step-00000002; rerun with --resume to continue", 15)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(perpair.train, "train", stopped)
+    with pytest.raises(TrainingStopped, match=r"^train\.a: stopped by SIGTERM after step 2 of 6: checkpoint "
+                                              r".*step-00000002; re-run to continue$") as exc:
+        _run(_small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}))
+    assert exc.value.exit_code == 143
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -71,6 +71,173 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _weights(out: Path, folder: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(out / folder / "model.safetensors")
+
+
+@pytest.mark.parametrize(("number", "status"), [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_exact(tiny_model, uf_pairs, tmp_path, monkeypatch,
+                                                                      number, status):
+    """SIGTERM (a scheduler's preemption, `timeout`, scancel) or SIGUSR1 (SLURM's --signal warning) during step 2:
+    the step finishes, its checkpoint is written (a second SIGTERM while it is written changes nothing) and the run
+    stops with status 128 + the signal; --resume then ends with the weights of a run never stopped. The signal
+    ended the process, losing every step since the last checkpoint (here: all, save_every 0)."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    def settings(out, **extra):
+        return load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 5,
+                                  "batch_size": 4, "max_length": 96, "lr": 1e-3, "lr_schedule": "cosine",
+                                  "warmup_ratio": 0.2, "threads": 1, "reference_cache": str(tmp_path / "ref"),
+                                  **extra})
+
+    train(settings(tmp_path / "straight"))
+    save, saving = loop.save_checkpoint, []
+
+    def save_signalled(*args, **kwargs):  # a second signal while the checkpoint is written
+        saving.append(args[1])
+        os.kill(os.getpid(), signal.SIGTERM)
+        return save(*args, **kwargs)
+
+    def unhandled(signum, frame):  # what the signal did without a handler of the run's (ended the process)
+        raise AssertionError(f"{signal.Signals(signum).name} reached the process's own handler")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_signalled)
+    out = tmp_path / "stopped"
+    previous = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(PerpairError) as stopped:  # TrainingStopped
+            train(settings(out), on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), number))
+        assert signal.getsignal(number) is unhandled  # the run's handlers are gone with it
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert stopped.value.exit_code == status
+    assert str(stopped.value) == (f"stopped by {signal.Signals(number).name} after step 2 of 5: checkpoint "
+                                  f"{out / 'checkpoints' / 'step-00000002'}; rerun with --resume to continue")
+    assert saving == [2] and [c.name for c in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert [m["step"] for m in _metrics(out)] == [1, 2] and not (out / "model").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    train(settings(out, resume=True))
+    a, b = _metrics(tmp_path / "straight"), _metrics(out)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], abs=1e-6)
+    wa, wb = _weights(tmp_path / "straight"), _weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_stop_signal_before_training_stops_at_once(tiny_model, uf_pairs, tmp_path):
+    """SIGTERM during the reference pass (or the model's loading): nothing to save yet, the run stops there with its
+    one line and status 143; it died without a word."""
+    from perpair.train import load_config, train
+
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached the process's own handler")
+
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / "run"),
+                                "steps": 3, "batch_size": 2, "max_length": 64, "threads": 1,
+                                "reference_cache": str(tmp_path / "ref")})
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before training \(loading, the reference "
+                                               r"pass\); rerun with --resume to continue$") as stopped:
+            train(config, on_reference=lambda done, total: os.kill(os.getpid(), signal.SIGTERM))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.exit_code == 143
+    assert not (tmp_path / "run" / "metrics.jsonl").is_file() or not _metrics(tmp_path / "run")
+
+
+def test_sigterm_to_perpair_train_is_one_line_and_exit_143(tiny_model, uf_pairs, tmp_path):
+    """The command line a job scheduler stops: one line naming the signal, the step and its checkpoint, and exit
+    143, so the job reads as stopped, not finished. It died at once (status -15), nothing said, the steps since the
+    last checkpoint lost."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+           "--out", str(out), "--threads", "1", "--set", f"reference_cache={tmp_path / 'refcache'}",
+           "--steps", "40", "--batch-size", "4", "--max-length", "96", "--save-every-minutes", "30"]
+    with (tmp_path / "stderr").open("w") as stderr:
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 1) \
+                and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, (tmp_path / "stderr").read_text()[-3000:]
+    shown = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in shown and "error" not in shown and shown.count("stopped") == 1, shown[-3000:]
+    step = len(_metrics(out))
+    assert 1 <= step < 40
+    assert shown.splitlines()[-1:] == [f"stopped by SIGTERM after step {step} of 40: checkpoint {out / 'checkpoints'}/"
+                     f"step-{step:08d}; rerun with --resume to continue"], shown[-3000:]
+    assert [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+
+
+def test_checkpoints_by_the_clock(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """save_every_minutes (default 30): a checkpoint after the first step that ends 30 minutes after the last one,
+    so that a run killed without warning loses at most that much; a short run writes none but its last. A run
+    without save_every wrote its first checkpoint at its end: killed at hour 3, it started again from step 1."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+    from perpair.train.checkpoints import run_key
+
+    def run(name):
+        out = tmp_path / name
+        train(load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 6,
+                                 "batch_size": 2, "max_length": 64, "threads": 1, "save_model": False,
+                                 "keep_checkpoints": 5, "reference_cache": str(tmp_path / "ref")}))
+        return [c.name for c in (out / "checkpoints").iterdir()]
+
+    assert run("short") == ["step-00000006"]
+    # when to checkpoint is not what a run computes: a run resumed with another interval is the same run
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / "short"),
+                                "steps": 6, "batch_size": 2, "save_every_minutes": 5})
+    assert run_key(config) == run_key(config.model_copy(update={"save_every_minutes": 60}))
+    minutes = iter(range(0, 1000, 11))  # 11 minutes a step: the interval's 30 end in step 3, then in step 6
+    monkeypatch.setattr(loop, "clock", lambda: 60.0 * next(minutes), raising=False)
+    assert sorted(run("long")) == ["step-00000003", "step-00000006"]
+
+
+def test_the_model_is_saved_whole_or_not_at_all(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """OUT/model appears once every file of it is written: a save that fails half-way (a full disk; a kill) leaves
+    none, and a resumed run's failed save leaves the complete model that was there. A half-written OUT/model (the
+    weights without the tokenizer) looked like a model."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    out = tmp_path / "run"
+
+    def settings(**extra):
+        return load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 2,
+                                  "batch_size": 2, "max_length": 64, "threads": 1,
+                                  "reference_cache": str(tmp_path / "ref"), **extra})
+
+    load_tokenizer = loop.load_tokenizer
+
+    def failing_save(config):
+        tokenizer = load_tokenizer(config)
+
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        tokenizer.save_pretrained = full_disk
+        return tokenizer
+
+    monkeypatch.setattr(loop, "load_tokenizer", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(settings())
+    assert not (out / "model").exists()
+    monkeypatch.setattr(loop, "load_tokenizer", load_tokenizer)
+    train(settings(resume=True))
+    files = {p.name: p.read_bytes() for p in (out / "model").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= files.keys()
+    monkeypatch.setattr(loop, "load_tokenizer", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(settings(resume=True))
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == files
+
+
 def test_packing_several_pairs_per_forward_changes_nothing(tiny_model, uf_pairs, tmp_path):
     """Reduction by the pairs of the whole step: one pair per forward, the default packing (4 × max_length
     tokens per forward) or all four packed together give the same losses."""
@@ -333,6 +500,39 @@ def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
                 os.kill(int(line), signal.SIGKILL)  # the launcher and the process that hung
             pytest.fail(f"run {run + 1}: a process of the launch did not exit after training")
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_launch_stops_every_process_after_the_same_step(tiny_model, uf_pairs, tmp_path):
+    """A signal may reach one process of a launch alone: every process stops after the same step and saves that
+    step's checkpoint together (each its RNG state), the first one says so, and the launch exits 143. The process
+    signalled died alone, the other one failed in its next collective."""
+    out = tmp_path / "run"
+    with (tmp_path / "log").open("w") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+             "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
+             "--steps", "40", "--batch-size", "4", "--max-length", "96", "--threads", "1",
+             "--set", f"reference_cache={tmp_path / 'ref'}"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 180
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) \
+                and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        second = next(int(pid) for pid in children
+                      if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"))
+        os.kill(second, signal.SIGTERM)
+        try:
+            launcher.wait(timeout=120)
+        finally:
+            launcher.kill()
+    shown = (tmp_path / "log").read_text()
+    step = len(_metrics(out))
+    assert shown.count("stopped by SIGTERM") == 1 and f"after step {step} of 40" in shown, shown[-3000:]
+    assert "exitcode  : 143" in shown, shown[-3000:]  # torchrun's report
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert checkpoint.name == f"step-{step:08d}" and (checkpoint / "rng-1.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -43,3 +43,12 @@ class FailedOnMainProcess(PerpairError):
     def __init__(self, exit_code: int):
         super().__init__("the main process of this launch failed (its error is above)")
         self.exit_code = exit_code
+
+
+class TrainingStopped(PerpairError):
+    """A training stopped on SIGTERM or SIGUSR1 (:mod:`perpair.train.stopping`); its message is the one line the
+    command prints, its status ``128 + the signal's number``, as a shell reports a process that a signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

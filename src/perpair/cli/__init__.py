@@ -20,7 +20,7 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from perpair.errors import FailedOnMainProcess, PerpairError
+from perpair.errors import FailedOnMainProcess, PerpairError, TrainingStopped
 
 app = typer.Typer(
     name="perpair",
@@ -39,6 +39,7 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
 EXIT_TOO_FEW_ANNOTATED = 3  # annotate / run: too few pairs got a valid annotation (see errors.TooFewAnnotated)
 EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
+# training stopped by SIGTERM (143) or SIGUSR1 (138), 128 + the signal: its checkpoint saved (errors.TrainingStopped)
 
 
 def given_path(option: str) -> Callable[[str | Path], Path]:
@@ -127,6 +128,10 @@ def main() -> None:
             sys.exit(status)
     except FailedOnMainProcess as exc:  # another process of the launch, whose main process prints the error:
         time.sleep(3)  # not gone first, so that the launcher does not stop the main process before it has printed
+        sys.exit(exc.exit_code)
+    except TrainingStopped as exc:  # not an error: what a scheduler asked (every process of a launch stopped)
+        if os.environ.get("RANK", "0") == "0":
+            console.print(Text(str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))

@@ -77,7 +77,11 @@ def train_command(
     resume: Annotated[bool | None, typer.Option(
         "--resume", help="Continue from OUT's last checkpoint (of the run OUT/run.key names).")] = None,
     save_every: Annotated[int | None, typer.Option(
-        help=_help("Checkpoint every N steps (0: only at the end).", "save_every"))] = None,
+        help=_help("Checkpoint every N steps (0: by the clock alone, save_every_minutes, and at the end).",
+                   "save_every"))] = None,
+    save_every_minutes: Annotated[float | None, typer.Option(
+        help=_help("Checkpoint after the first step ending this many minutes after the last checkpoint (0: off).",
+                   "save_every_minutes"))] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     report_to: Annotated[list[str] | None, typer.Option(
         "--report-to", help="Tracker to log to: tensorboard, wandb, trackio or mlflow (repeatable).")] = None,
@@ -92,7 +96,8 @@ def train_command(
         "model": model, "data": data, "plan": plan, "out": out_dir, "steps": steps, "batch_size": batch_size,
         "max_length": max_length, "beta": beta, "loss": loss, "lr": lr, "lr_schedule": lr_schedule,
         "warmup_ratio": warmup_ratio, "seed": seed, "shuffle": shuffle, "resume": resume, "overwrite": overwrite,
-        "save_every": save_every, "threads": threads, "report_to": report_to,
+        "save_every": save_every, "save_every_minutes": save_every_minutes, "threads": threads,
+        "report_to": report_to,
     }
     options = {k: v for k, v in given.items() if v is not None}
     if loss is not None and "," in loss:

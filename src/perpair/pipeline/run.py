@@ -436,6 +436,7 @@ class _Job:
                                                                 "reference_cache"})
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
                               for name in RECORDING_ONLY}, run_name=arm)
+        del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
         material = {"train": settings_read,
                     "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
                     "reference_model": model_fingerprint(resolve_model(config.reference_model))
@@ -592,6 +593,7 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 
 def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
+    from perpair.errors import TrainingStopped
     from perpair.train import load_config, train
     from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
 
@@ -612,7 +614,10 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
         if m["step"] % max(1, steps[0] // 10) == 0 or m["step"] == steps[0]:
             log(f"  step {m['step']}/{steps[0]} loss {m['loss']:.4f} ({m['seconds']:.2f} s)")
 
-    summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
+    try:
+        summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
+    except TrainingStopped as exc:  # perpair run has no --resume: a re-run resumes the arm by itself
+        raise TrainingStopped(str(exc).replace("rerun with --resume", "re-run"), exc.exit_code - 128) from None
     if summary.get("resumed_from"):  # the arm's whole training, not the last stretch (the report compares arms)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
         seconds = sum(m["seconds"] for m in lines)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ RUN_KEY = "run.key"
 STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
 # Settings that change only where a run logs and when it writes checkpoints, never its weights, data order, loss or
 # metrics: `perpair run`'s train stage leaves them out of its key too, so changing one trains no arm again.
-RECORDING_ONLY = frozenset({"save_every", "keep_checkpoints", "final_checkpoint", "report_to", "project", "run_name"})
+RECORDING_ONLY = frozenset({"save_every", "save_every_minutes", "keep_checkpoints", "final_checkpoint", "report_to",
+                            "project", "run_name"})
 # Settings that do not change what a run computes: a run resumed with other values is the same run.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_model", "release_cpu_memory",
                  *RECORDING_ONLY}
@@ -110,12 +112,16 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
+def checkpoint_folder(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
     never leaves half a checkpoint. The main process writes all but the other processes' RNG states; a failure
     there (a full disk) stops every process."""
-    target = out / "checkpoints" / f"step-{step:08d}"
+    target = checkpoint_folder(out, step)
     tmp = target.with_name(f".{target.name}.tmp")
 
     def fresh() -> None:
@@ -281,15 +287,34 @@ def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict)
     out = Path(config.out)
     saved = {}
     if config.lora is None:
-        model.save_pretrained(out / "model", state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out / "model")
+        with _in_place(out / "model") as folder:
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
         saved["model"] = str(out / "model")
     else:
-        model.save_pretrained(out / "adapter", state_dict=state_dict)
+        with _in_place(out / "adapter") as folder:
+            model.save_pretrained(folder, state_dict=state_dict)
         saved["adapter"] = str(out / "adapter")
         if config.lora.merge:
             merged = model.merge_and_unload()
-            merged.save_pretrained(out / "model", safe_serialization=True)
-            tokenizer.save_pretrained(out / "model")
+            with _in_place(out / "model") as folder:
+                merged.save_pretrained(folder, safe_serialization=True)
+                tokenizer.save_pretrained(folder)
             saved["model"] = str(out / "model")
     return saved
+
+
+@contextmanager
+def _in_place(target: Path):
+    """A folder to write ``target``'s files into, renamed to ``target`` once they all are: a run killed while
+    saving leaves no ``target`` that looks complete (only ``.NAME.tmp``, which the next save removes), and a
+    ``target`` already there (a resumed run's) is replaced only by a complete one."""
+    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if target.exists():  # a folder cannot be renamed over another: the old one goes aside first, then away
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

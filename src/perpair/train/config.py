@@ -133,7 +133,11 @@ class TrainConfig(NumbersNotBools):
     run_name: str | None = Field(None, description="Run name on the dashboard (default: the output folder's name).")
 
     # --- checkpoints ---------------------------------------------------------------------------------
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: by the clock alone, save_every_minutes, "
+                                                 "and at the end).")
+    save_every_minutes: float = Field(
+        30, ge=0, description="Checkpoint after the first step that ends this many minutes after the last checkpoint "
+                              "(or the run's first step): a killed run loses at most that much (0: off).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in OUT (of this very run: "
                          "OUT/run.key must match these settings).")
@@ -309,9 +313,11 @@ def sharding_problem(config: TrainConfig, sharding: str | None) -> str | None:
                 "(examples/accelerate/fsdp-*.yaml)")
     if sharding != "fsdp":
         return None
-    if config.save_every or config.final_checkpoint or config.resume:
+    # (save_every_minutes left at its default does nothing under FSDP: the loop writes no timed checkpoint there)
+    timed = "save_every_minutes" in config.model_fields_set and config.save_every_minutes
+    if config.save_every or timed or config.final_checkpoint or config.resume:
         return ("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
-                "set save_every: 0, final_checkpoint: false and resume: false")
+                "set save_every: 0, final_checkpoint: false and resume: false (save_every_minutes: 0 or left out)")
     if config.forward_tokens:  # its default is 0 under an FSDP launch; set, or FSDP chosen otherwise: refused
         # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
         return "tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)"

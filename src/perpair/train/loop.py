@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,10 +36,11 @@ import torch
 
 from perpair.allocator import active_allocator
 from perpair.artifacts import folder_lock
-from perpair.errors import PerpairError
+from perpair.errors import PerpairError, TrainingStopped
 from perpair.train.batches import PairData, StepBatches, build_step_batches, load_data, micro_batches
 from perpair.train.checkpoints import (
     check_out,
+    checkpoint_folder,
     checkpoints,
     claim_out,
     load_checkpoint,
@@ -64,10 +66,12 @@ from perpair.train.setup import (
     setup_accelerator,
     uses_bf16,
 )
+from perpair.train.stopping import StopSignals, agreed
 from perpair.train.tracking import start_trackers, tracker_values
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+clock = time.monotonic  # of the timed checkpoints (save_every_minutes); tests replace it
 
 
 class NonFiniteLoss(PerpairError):
@@ -89,11 +93,13 @@ def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None 
     ``on_steps(steps)`` once the run's steps are known (without ``config.steps``: one epoch's), ``on_step(metrics)``
     after every step, ``on_reference(done, to_compute)`` during the reference pass, ``on_resume(step)`` with
     ``resume``: the checkpoint's step, 0 when OUT has none yet."""
-    with ExitStack() as lock:  # OUT's, taken once the processes are known; released however the run ends
-        return _train(config, lock, on_step, on_reference, on_resume, on_steps)
+    # OUT's lock, taken once the processes are known, released however the run ends; SIGTERM / SIGUSR1 stop the run
+    with ExitStack() as lock, StopSignals() as signals:
+        return _train(config, lock, signals, on_step, on_reference, on_resume, on_steps)
 
 
-def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resume, on_steps) -> TrainResult:
+def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, on_reference, on_resume,
+           on_steps) -> TrainResult:
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
@@ -147,6 +153,12 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
 
     train_seconds, peak = 0.0, 0
     totals = Counter()
+    # checkpoints by the clock too, so that a run killed without warning (SIGKILL, a node lost) loses at most
+    # save_every_minutes; none under FSDP (refused there unless left at its default, see config.sharding_problem)
+    resumable = not fsdp(accelerator)
+    timed = config.save_every_minutes * 60 if resumable else 0
+    saved_at = clock()
+    signals.defer()  # from here a stop signal stops the run at the end of its step, with a checkpoint
     for step in range(start_step, config.steps):
         t0 = time.perf_counter()
         metrics = train_step(config, module, optimizer, scheduler, accelerator, data, batches, reference, step)
@@ -158,8 +170,17 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
         accelerator.log(tracker_values(metrics), step=metrics["step"])
         if on_step:
             on_step(metrics)
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+        if step + 1 == config.steps:
+            break  # (a signal now: the run saves its last checkpoint and model as it ends anyway)
+        stop, due = agreed(accelerator, signals.received, bool(timed) and clock() - saved_at >= timed)
+        if (config.save_every and (step + 1) % config.save_every == 0) or due or (stop and resumable):
             save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
+            saved_at = clock()
+        if stop:
+            let_collectives_finish(accelerator)  # as at the end of a run: no process hangs at exit
+            accelerator.end_training()
+            checkpoint = checkpoint_folder(out, step + 1) if resumable else None
+            raise TrainingStopped(stopped_line(stop, step + 1, config.steps, checkpoint), stop)
     if config.final_checkpoint:
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     # What the summary counts of the model, before it is saved (merging a LoRA adapter replaces the adapted layers,
@@ -200,6 +221,21 @@ def _train(config: TrainConfig, lock: ExitStack, on_step, on_reference, on_resum
     let_collectives_finish(accelerator)  # before the process group goes (end_training) and the DDP module: see there
     accelerator.end_training()
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)
+
+
+def fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def stopped_line(signum: int, step: int, steps: int, checkpoint: Path | None) -> str:
+    """The one line of a run stopped by ``signum`` after ``step``."""
+    if checkpoint is None:
+        return (f"stopped by {signal.Signals(signum).name} after step {step} of {steps}, without a checkpoint (not "
+                "supported under FSDP yet): a new run starts from step 1")
+    return (f"stopped by {signal.Signals(signum).name} after step {step} of {steps}: checkpoint {checkpoint}; rerun "
+            "with --resume to continue")
 
 
 def append_line(path: Path, metrics: dict[str, Any]) -> None:

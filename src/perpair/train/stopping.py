@@ -1,0 +1,59 @@
+"""A run stopped by its job scheduler (SLURM preemption or time limit, Kubernetes eviction, ``timeout``,
+``scancel``: SIGTERM; SLURM's ``--signal=USR1@SECONDS``: SIGUSR1 ahead of it) keeps its last step: the loop
+finishes the step, every process saves the checkpoint of that step, and the run exits
+``128 + the signal's number`` (143 for SIGTERM, 138 for SIGUSR1, as a shell reports a process a signal ended),
+so that no scheduler takes it for a finished run."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+
+from perpair.errors import TrainingStopped
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 during a run. Before :meth:`defer` (loading, the reference pass: nothing to save yet)
+    they stop it at once; after it they are only noted in :attr:`received` (a second one too: the checkpoint being
+    written is finished), for the loop to stop at the end of the step. The previous handlers come back on exit.
+    Signal handlers can be set on the main thread alone: elsewhere (an arm of ``perpair run`` in a thread) the
+    process's own stay."""
+
+    def __init__(self) -> None:
+        self.received = 0  # the first signal's number; 0: none
+        self._deferred = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def defer(self) -> None:
+        self._deferred = True
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = self.received or signum
+        if not self._deferred:
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training (loading, the reference "
+                                  "pass); rerun with --resume to continue", signum)
+
+
+def agreed(accelerator, received: int, due: bool) -> tuple[int, bool]:
+    """The stop signal (0: none) and whether a timed checkpoint is due, the same on every process, so that they all
+    stop, or save, after the same step: a signal may reach one process alone, and each process's clock would decide
+    a little apart. The largest signal any process received, the main process's clock. One all-reduce of two
+    numbers a step, next to the step's own."""
+    if accelerator.num_processes == 1:
+        return received, due
+    values = torch.tensor([received, int(due and accelerator.is_main_process)], device=accelerator.device)
+    received, due = accelerator.reduce(values, reduction="max").tolist()
+    return int(received), bool(due)
