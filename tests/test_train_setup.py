@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -254,3 +255,33 @@ def test_a_reference_pass_stopped_by_ctrl_c_keeps_its_pairs_and_a_rerun_computes
         assert rerun.values[row] == pytest.approx(values, rel=1e-6)
     cached = refcache.load_cached(next((tmp_path / "straight").glob("*.parquet")))
     assert refcache.load_cached(path).keys() == cached.keys()
+
+
+def test_a_plan_takes_the_reference_pass_of_one_epoch_and_refuses_that_of_fewer_steps(tiny_model_dir, uf_pairs,
+                                                                                         tmp_path):
+    """The reference pass records the pairs whose prompt fills max_length (no value; trained by none): a plan on the
+    cache of a one-epoch pass gives every other pair its margin. The cache of a 3-step run lacks most pairs: the
+    plan is refused, naming how many (it gave them no margin, never routed and last in the curriculum, exit 0)."""
+    from conftest import run_cli
+
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    plan = ("plan", uf_pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", tmp_path / "refcache",
+            "-o", tmp_path / "plan.parquet")
+    for steps in (3, None):
+        config = _config(tiny_model_dir, uf_pairs, tmp_path, steps=steps)
+        accelerator = setup_accelerator(config)
+        data = load_data(config, accelerator)
+        tokenizer = load_tokenizer(config)
+        batches = build_step_batches(config, data, tokenizer)
+        run = compute_reference(config, data, batches, tokenizer, None, accelerator, from_first_step=False)
+        result = run_cli(*plan, check=False)
+        if steps == 3:
+            lacking = data.table.num_rows - len(run.values) - batches.skipped
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert result.returncode == 2 and len(errors) == 1, result.stderr
+            assert f"lacks {lacking:,} of the {data.table.num_rows:,} pairs of {uf_pairs}" in errors[0]
+    assert result.returncode == 0, result.stderr
+    assert batches.skipped_rows and len(run.values) + len(batches.skipped_rows) == data.table.num_rows
+    difficulty = [r["difficulty"] for r in pq.read_table(tmp_path / "plan.parquet").to_pylist()]
+    assert [d is None for d in difficulty] == [row in batches.skipped_rows for row in range(len(difficulty))]

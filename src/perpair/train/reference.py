@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,11 +93,13 @@ def load_cached(path: Path) -> dict[str, tuple[float, int, float, int]]:
     return read_cache(path)[0]
 
 
-def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]]) -> None:
+def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]],
+                left_out: Collection[str] = ()) -> None:
     ids = sorted(values)
     rows = [values[i] for i in ids]
     table = logps_table(ids, *([r[k] for r in rows] for k in range(4)))
-    write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance={"key": key})
+    provenance = {"key": key, **({"left_out": sorted(left_out)} if left_out else {})}
+    write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
 
 
 def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
@@ -106,17 +108,19 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     on_progress=None, ld_alpha: float | None = None,
                     deferred: frozenset[str] = frozenset(), share: tuple[int, int] = (0, 1),
                     agree: Callable[[dict], dict] | None = None, gather: Callable[[dict], dict] | None = None,
-                    write: bool = True) -> tuple[np.ndarray, int]:
+                    write: bool = True, left_out: Collection[str] = ()) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache, except
     those of ``deferred`` (the caller gets them otherwise), whose rows are NaN. ``on_progress(done, to_compute)``
-    follows the computation. Several processes: ``agree`` gives every process the first one's reading of the cache
-    (another run may write it between their reads), process ``share[0]`` of ``share[1]`` computes every
-    ``share[1]``-th missing pair, ``gather`` merges every process's values, and only the process with ``write``
-    writes the cache. Each process saves its values as it goes into a part file of its own. Returns the values and
-    how many pairs were computed (by all processes)."""
-    cached = read_cache(path, key)[0]
-    unsaved = bool(part_files(path))  # a stopped pass's parts: folded into the file
+    follows the computation. ``left_out``: ids of pairs that have no value (their prompt alone fills max_length),
+    recorded in the cache, so that a plan tells them from pairs not computed yet. Several processes: ``agree`` gives
+    every process the first one's reading of the cache (another run may write it between their reads), process
+    ``share[0]`` of ``share[1]`` computes every ``share[1]``-th missing pair, ``gather`` merges every process's
+    values, and only the process with ``write`` writes the cache. Each process saves its values as it goes into a
+    part file of its own. Returns the values and how many pairs were computed (by all processes)."""
+    cached, provenance = read_cache(path, key)
+    # a stopped pass's parts to fold into the file, or pairs left out that it does not record yet
+    unsaved = bool(part_files(path)) or not set(left_out) <= set(provenance["left_out"] if provenance else ())
     if agree is not None:
         cached = agree(cached)
     missing = sorted({i for i, pid in enumerate(pair_ids) if pid not in cached and pid not in deferred},
@@ -139,7 +143,7 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
             nonlocal done, saved
             done = end
             if time.monotonic() - saved >= SAVE_SECONDS:
-                save_cached(part, key, so_far())
+                save_cached(part, key, so_far(), left_out)
                 saved = time.monotonic()
             if on_progress:
                 on_progress(end, len(mine))
@@ -152,25 +156,26 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         finally:  # stopped (an error, Ctrl-C), or one of several processes: its values are kept in its part
             computed = so_far()
             if computed and (done < len(mine) or gather is not None or not write):
-                save_cached(part, key, computed)
+                save_cached(part, key, computed, left_out)
         del model
     if gather is not None:
         computed = gather(computed)
     cached.update(computed)
     if write and (missing or unsaved):
-        add_cached(path, key, computed)
+        add_cached(path, key, computed, left_out)
     nan = (float("nan"), 0, float("nan"), 0)
     values = np.array([[(v := cached.get(pid, nan))[0], v[2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
     return values, len(missing)
 
 
-def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]]) -> None:
-    """Add ``values`` (pair id → chosen log-prob, tokens, rejected log-prob, tokens) to the cache at ``path``, with
-    the values of its part files, which are then removed (folded in)."""
+def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]],
+               left_out: Collection[str] = ()) -> None:
+    """Add ``values`` (pair id → chosen log-prob, tokens, rejected log-prob, tokens) and the ids ``left_out`` to the
+    cache at ``path``, with the values of its part files, which are then removed (folded in)."""
     parts = part_files(path)
-    cached = read_cache(path, key)[0]
+    cached, provenance = read_cache(path, key)
     cached.update(values)
-    save_cached(path, key, cached)
+    save_cached(path, key, cached, set(left_out) | set(provenance["left_out"] if provenance else ()))
     for part in parts:  # (listed before the reading: each one removed was read)
         part.unlink(missing_ok=True)
 
