@@ -131,6 +131,48 @@ def test_reference_margin_from_the_train_cache(tmp_path):
     assert not (tmp_path / "o.parquet").exists() and other_ids
 
 
+def test_reference_log_probs_lacking_pairs_are_refused_and_a_stopped_passs_parts_are_read(tmp_path):
+    """A cache that lacks pairs of the pairs file (a training of fewer steps than an epoch, or whose reference pass
+    was killed) is refused, naming how many and how to compute them: those pairs got no margin, never routed and
+    last in the curriculum, exit 0. Pairs the pass left out (prompt longer than max_length: trained by none) keep
+    no margin; the part files a stopped pass saved are read with the file, also where it wrote no file yet."""
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 4)
+    values = [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2), (-9.0, 3, -12.0, 6), (-1.0, 1, -7.0, 7)]
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\nrouting:\n  tau: 0.5\n")
+    out = tmp_path / "plan.parquet"
+    cache = tmp_path / "cache"
+    path = reference_cache(cache, pairs, ids[:2], values[:2])
+    for given in (path, cache):
+        line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", given,
+                                "-o", out, check=False))
+        assert f"lacks 2 of the 4 pairs of {pairs}, e.g. {ids[2]}, {ids[3]}; a plan would give them no margin" in line
+        assert f"perpair train --data {pairs} over every pair (no --plan, no --steps: one epoch)" in line
+        assert not out.exists()
+
+    key = reference.cache_key(model="tiny", tokenizer="t", pairs_sha256=file_sha256(pairs), max_length=64)
+    part = path.with_name(f"{path.name}.part-1-0a1b2c3d")  # what a killed pass saved of its share
+    reference.save_cached(part, key, {ids[2]: values[2]})
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache,
+                            "-o", out, check=False))
+    assert (f"lacks 1 of the 4 pairs of {pairs} (a reference pass did not finish: stopped, or still running), "
+            f"e.g. {ids[3]};") in line
+    reference.save_cached(path, key, dict(zip(ids[:2], values[:2], strict=True)), left_out=[ids[3]])
+    for given in (path, cache):
+        run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", given, "-o", out)
+        rows, _ = read_plan(out)
+        assert [r["difficulty"] for r in rows] == [1.0, 0.0, -1.0, None]  # the part's, and none for the long one
+        assert [r["route"] for r in rows] == ["preference", "sft", "sft", "preference"]
+
+    path.unlink()  # a first pass killed before it wrote the file: its parts alone
+    reference.save_cached(part, key, dict(zip(ids[:3], values[:3], strict=True)), left_out=[ids[3]])
+    run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out)
+    assert [r["difficulty"] for r in read_plan(out)[0]] == [1.0, 0.0, -1.0, None]
+
+
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):
     """``perpair run`` plans reference margins from the log-probs it computes for an arm's training
     (tests/test_run_pipeline.py); a reference-free loss has none, and is refused before any work."""

@@ -442,6 +442,84 @@ def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
         assert y["reward_margin"] == pytest.approx(x["reward_margin"], abs=1e-5)
 
 
+def _recording(tmp_path: Path, record: str, **env: str) -> dict[str, str]:
+    """The environment of ``python -m perpair_recording_reference`` (tests/perpair_recording_reference.py)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PERPAIR_TEST_RECORD": str(tmp_path / record), **env,
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+
+def _cache_name(folder: Path) -> Path:
+    """The one cache file of ``folder``, existing or named by its parts."""
+    (name,) = {p.name.partition(".part-")[0] for p in folder.iterdir()}
+    return folder / name
+
+
+@pytest.mark.slow
+def test_a_killed_reference_pass_keeps_what_it_saved_and_the_same_command_computes_the_rest(
+        tiny_model, uf_pairs, tmp_path):
+    """A training killed during its reference pass (SIGKILL: preempted, out of memory; no handler runs) keeps the
+    pairs its pass saved as it went (here after every forward); the same command run again computes only the
+    others, and folds them all into the cache file. The pass kept nothing: the rerun computed every pair again."""
+    from perpair.train import reference
+
+    cache = tmp_path / "refcache"
+    args = ["train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(tmp_path / "out"),
+            "--steps", "6", "--batch-size", "2", "--max-length", "64", "--threads", "1",
+            "--set", f"reference_cache={cache}"]  # 12 pairs: the first step's 2 from its forward, 10 in the pass
+    killed = subprocess.run([sys.executable, "-m", "perpair_recording_reference", *args], capture_output=True,
+                            text=True, env=_recording(tmp_path, "killed", PERPAIR_TEST_KILL="0:3"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    path = _cache_name(cache)
+    kept = reference.load_cached(path)
+    assert not path.exists() and 3 <= len(kept) < 10
+
+    result = subprocess.run([sys.executable, "-m", "perpair", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["reference_pairs_computed"] == 10 - len(kept)
+    assert [p.name for p in cache.iterdir()] == [path.name] and len(reference.load_cached(path)) == 12
+
+
+@pytest.mark.slow
+def test_two_processes_killed_in_their_reference_pass_keep_their_shares(tiny_model, uf_pairs, tmp_path):
+    """Two processes whose second is killed in the reference pass (the launcher then stops the first): each kept
+    the pairs it computed, in a part file of its own (no collective: their shares end at different times). The
+    same launch again computes only the others, and the cache holds every pair with a one-process pass's values."""
+    from perpair.train import reference
+
+    cache = tmp_path / "refcache"
+    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
+            "--set", "save_model=false"]
+
+    def launch(record, **env):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29529", "-m", "perpair_recording_reference", "train", "--model",
+                               str(tiny_model), "--data", str(uf_pairs), "--out", str(tmp_path / "two"), *args,
+                               "--set", f"reference_cache={cache}"],
+                              capture_output=True, text=True, env=_recording(tmp_path, record, **env))
+
+    killed = launch("killed", PERPAIR_TEST_KILL="1:2")
+    assert killed.returncode != 0 and "(SIGKILL)" in killed.stderr, killed.stderr[-3000:]
+    path = _cache_name(cache)
+    kept = reference.load_cached(path)
+    assert not path.exists() and 2 <= len(kept) < 12
+
+    again = launch("again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    computed = [line for rank in (0, 1) if (record := tmp_path / f"again.{rank}").exists()
+                for line in record.read_text().splitlines()]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["reference_pairs_computed"] == len(computed) == 12 - len(kept)
+    assert [p.name for p in cache.iterdir()] == [path.name]
+    _train(tiny_model, uf_pairs, tmp_path / "one" / "out", *args)  # its own cache: computed in one process
+    one = reference.load_cached(tmp_path / "one" / "refcache" / path.name)
+    two = reference.load_cached(path)
+    assert one.keys() == two.keys()
+    for pair_id, values in one.items():
+        assert two[pair_id][1::2] == values[1::2]  # token counts
+        assert two[pair_id][0::2] == pytest.approx(values[0::2], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_a_refusal_of_the_main_process_alone_stops_every_process_with_its_one_error(tiny_model, tmp_path):
     """DATA in another format is prepared by the first process alone: its refusal is one `error:` line, and every

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -216,3 +217,71 @@ def test_the_reference_pass_over_the_policy_runs_packed_and_gives_the_policy_bac
     assert calls  # the pass ran packed products
     assert not [m for m in model.modules() if isinstance(m, PackedLinear) or hasattr(m, "_packs")]
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+
+
+def test_a_reference_pass_stopped_by_ctrl_c_keeps_its_pairs_and_a_rerun_computes_only_the_rest(
+        tiny_model_dir, uf_pairs, tmp_path):
+    """Ctrl-C during the reference pass (here in its third forward's progress) keeps the pairs computed so far, in a
+    part file beside the cache that every reader takes with it: they were all lost, and a rerun computed them again.
+    The rerun computes only the others and folds the part into the cache file; every value is the uninterrupted
+    pass's within float rounding (packed with other pairs; float-identical on the machines we ran it on)."""
+    config = _config(tiny_model_dir, uf_pairs, tmp_path, steps=6)  # 12 pairs, 2 to 4 per forward
+    accelerator = setup_accelerator(config)
+    data = load_data(config, accelerator)
+    tokenizer = load_tokenizer(config)
+    batches = build_step_batches(config, data, tokenizer)
+    seen = []
+
+    def stop(done, total):
+        seen.append(done)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compute_reference(config, data, batches, tokenizer, None, accelerator, stop, from_first_step=False)
+    (cache,) = {p.name.partition(".part-")[0] for p in (tmp_path / "refcache").iterdir()}
+    path = tmp_path / "refcache" / cache
+    assert not path.exists() and len(refcache.part_files(path)) == 1
+    kept = refcache.load_cached(path)
+    assert 0 < len(kept) == seen[-1] < 12
+
+    rerun = compute_reference(config, data, batches, tokenizer, None, accelerator, from_first_step=False)
+    assert rerun.computed == 12 - len(kept)
+    assert path.is_file() and not refcache.part_files(path)
+    straight = compute_reference(config.model_copy(update={"reference_cache": str(tmp_path / "straight")}), data,
+                                 batches, tokenizer, None, accelerator, from_first_step=False)
+    assert straight.computed == 12 and rerun.values.keys() == straight.values.keys()
+    for row, values in straight.values.items():
+        assert rerun.values[row] == pytest.approx(values, rel=1e-6)
+    cached = refcache.load_cached(next((tmp_path / "straight").glob("*.parquet")))
+    assert refcache.load_cached(path).keys() == cached.keys()
+
+
+def test_a_plan_takes_the_reference_pass_of_one_epoch_and_refuses_that_of_fewer_steps(tiny_model_dir, uf_pairs,
+                                                                                         tmp_path):
+    """The reference pass records the pairs whose prompt fills max_length (no value; trained by none): a plan on the
+    cache of a one-epoch pass gives every other pair its margin. The cache of a 3-step run lacks most pairs: the
+    plan is refused, naming how many (it gave them no margin, never routed and last in the curriculum, exit 0)."""
+    from conftest import run_cli
+
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    plan = ("plan", uf_pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", tmp_path / "refcache",
+            "-o", tmp_path / "plan.parquet")
+    for steps in (3, None):
+        config = _config(tiny_model_dir, uf_pairs, tmp_path, steps=steps)
+        accelerator = setup_accelerator(config)
+        data = load_data(config, accelerator)
+        tokenizer = load_tokenizer(config)
+        batches = build_step_batches(config, data, tokenizer)
+        run = compute_reference(config, data, batches, tokenizer, None, accelerator, from_first_step=False)
+        result = run_cli(*plan, check=False)
+        if steps == 3:
+            lacking = data.table.num_rows - len(run.values) - batches.skipped
+            errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            assert result.returncode == 2 and len(errors) == 1, result.stderr
+            assert f"lacks {lacking:,} of the {data.table.num_rows:,} pairs of {uf_pairs}" in errors[0]
+    assert result.returncode == 0, result.stderr
+    assert batches.skipped_rows and len(run.values) + len(batches.skipped_rows) == data.table.num_rows
+    difficulty = [r["difficulty"] for r in pq.read_table(tmp_path / "plan.parquet").to_pylist()]
+    assert [d is None for d in difficulty] == [row in batches.skipped_rows for row in range(len(difficulty))]

@@ -3,18 +3,25 @@
 ``perpair train`` caches the reference model's summed log-probs per pair (kind ``reference_logps``, one file
 per model, tokenizer, pairs file and length settings, in ``$PERPAIR_CACHE/reference/``; a ``perpair run``
 keeps its own in ``WORKDIR/reference/``). A plan reads one file, or finds in a folder the one made from its
-pairs file, and refuses a file made from another pairs file.
+pairs file, and refuses a file made from another pairs file, or one that lacks pairs of it: those would get no
+margin, never routed and last in the curriculum, in a plan that reads as complete.
+
+A reference pass saves what it computed as it goes, each process into part files beside the cache file
+(``NAME.part-RANK-TOKEN``), folded into it when the pass ends: the parts left are those of a stopped pass, read
+with the file.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
 import pyarrow as pa
 
-from perpair.artifacts import read_artifact
+from perpair.artifacts import read_artifact, read_parquet
 from perpair.errors import ArtifactMismatch, InputError, PerpairError
+from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
 
 # The kind and version perpair.train.reference writes (not imported from there: that module loads torch).
 KIND = "reference_logps"
@@ -25,39 +32,85 @@ def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file:
                          given_as: str = "reference log-probs") -> tuple[pa.Table, Path]:
     """The reference log-prob table for the pairs file whose SHA-256 is ``pairs_sha256``, and the file it came
     from. ``path`` is a cache file, or a folder holding cache files (the one of these pairs is taken);
-    ``given_as`` names it in messages (the option that gave it: ``--reference-logps``)."""
+    ``given_as`` names it in messages (the option that gave it: ``--reference-logps``). A file that lacks pairs of
+    ``pairs_file`` (but those the pass found too long for max_length) is refused."""
     path = Path(path)
     if path.is_dir():
-        return _find(path, pairs_sha256, pairs_file, given_as)
-    if not path.exists():
-        raise InputError(f"{given_as} {path}: no such file or folder")
-    table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
-    made_from = _pairs_sha(provenance)
-    if made_from != pairs_sha256:
-        raise ArtifactMismatch(f"reference log-probs {path} were computed for another pairs file "
-                               f"(pairs_sha256 {str(made_from)[:12]}…), not {pairs_file} ({pairs_sha256[:12]}…); "
-                               f"run perpair train on {pairs_file} to compute them")
-    return table, path
+        values, provenance, path = _find(path, pairs_sha256, pairs_file, given_as)
+    else:
+        values, provenance = read_cache(path)
+        if provenance is None:
+            raise InputError(f"{given_as} {path}: no such file or folder")
+        made_from = _pairs_sha(provenance)
+        if made_from != pairs_sha256:
+            raise ArtifactMismatch(f"reference log-probs {path} were computed for another pairs file "
+                                   f"(pairs_sha256 {str(made_from)[:12]}…), not {pairs_file} ({pairs_sha256[:12]}…); "
+                                   f"run perpair train on {pairs_file} to compute them")
+    known = values.keys() | set(provenance["left_out"])
+    pair_ids = read_parquet(pairs_file, ["pair_id"]).column("pair_id").to_pylist()
+    lacking = [pid for pid in pair_ids if pid not in known]
+    if lacking:
+        stopped = " (a reference pass did not finish: stopped, or still running)" if part_files(path) else ""
+        raise InputError(f"{given_as} {path}: lacks {len(lacking):,} of the {len(pair_ids):,} pairs of "
+                         f"{pairs_file}{stopped}, e.g. "
+                         f"{', '.join(map(str, lacking[:3]))}; a plan would give them no margin. Compute them with "
+                         f"perpair train --data {pairs_file} over every pair (no --plan, no --steps: one epoch) with "
+                         "the model and max_length of the cache: its reference pass computes only those lacking, and "
+                         "the cache holds them all once its first step is done")
+    ids = sorted(values)
+    rows = [values[i] for i in ids]
+    return logps_table(ids, *([r[k] for r in rows] for k in range(4))), path
 
 
-def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tuple[pa.Table, Path]:
-    found = []
-    for candidate in sorted(folder.glob("*.parquet")):
+def part_files(path: Path) -> list[Path]:
+    """The part files of the cache file ``path`` that a reference pass saved as it went, not yet folded into it."""
+    return sorted(path.parent.glob(f"{glob.escape(path.name)}.part-*"))
+
+
+def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[float, int, float, int]], dict | None]:
+    """The values of the cache file ``path`` and of its part files, by pair id, and their provenance (None: none of
+    them exists): the key, and ``left_out``, the pairs a pass found without a value (their prompt alone fills
+    max_length: trained by none). A part made with another key than ``key`` (or than the file's) is refused."""
+    values: dict[str, tuple[float, int, float, int]] = {}
+    left_out: set[str] = set()
+    found = False
+    for file in ([path] if path.is_file() else []) + part_files(path):
         try:
-            table, provenance = read_artifact(candidate, kind=KIND, schema_version=SCHEMA_VERSION)
+            table, provenance = read_artifact(file, kind=KIND, schema_version=SCHEMA_VERSION)
+        except PerpairError:
+            if not file.exists():  # a part folded into the file (and removed) since it was listed
+                continue
+            raise
+        key = provenance.get("key") if key is None else key
+        if provenance.get("key") != key:
+            raise ArtifactMismatch(f"reference log-probs {file}: computed with other settings than {path}; "
+                                   "remove it")
+        cols = [table.column(n).to_pylist() for n in REFERENCE_LOGPS_SCHEMA.names]
+        values.update((row[0], tuple(row[1:])) for row in zip(*cols, strict=True))
+        left_out.update(provenance.get("left_out", ()))
+        found = True
+    return values, {"key": key, "left_out": sorted(left_out)} if found else None
+
+
+def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tuple[dict, dict, Path]:
+    found = []
+    # cache files, and those of which only parts exist (the first pass over them was stopped)
+    for candidate in sorted({folder / p.name.partition(".part-")[0] for p in folder.glob("*.parquet*")
+                             if not p.name.startswith(".")}):  # (.NAME.tmp-…: a file being written)
+        try:
+            values, provenance = read_cache(candidate)
         except PerpairError:
             continue  # another kind of file in the folder: not a candidate
-        if _pairs_sha(provenance) == pairs_sha256:
-            found.append((table, candidate, provenance["key"].get("model")))
+        if provenance is not None and _pairs_sha(provenance) == pairs_sha256:
+            found.append((values, provenance, candidate))
     if not found:
         raise InputError(f"{given_as} {folder}: no reference log-probs of {pairs_file} here; run perpair train on "
                          "it first (its reference pass fills this cache)")
     if len(found) > 1:
-        listed = "; ".join(f"{p} (model {m})" for _, p, m in found)
+        listed = "; ".join(f"{p} (model {provenance['key'].get('model')})" for _, provenance, p in found)
         raise InputError(f"{given_as} {folder}: {len(found)} reference log-prob files for {pairs_file} (different "
                          f"models or settings): name one of {listed}")
-    table, candidate, _ = found[0]
-    return table, candidate
+    return found[0]
 
 
 def _pairs_sha(provenance: dict) -> str | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class StepBatches:
     skipped: int  # pairs whose prompt alone fills max_length (TRL drops them too)
     truncated: int = 0  # pairs trained with a response cut to max_length (TRL's keep_start truncation)
     prompt_cut: int = 0  # pairs whose prompt the template renders otherwise before a response (TokenizedPair)
+    skipped_rows: list[int] = field(default_factory=list)  # the rows of the ``skipped`` pairs
 
 
 def greedy_groups(sizes: Sequence[int], budget: int) -> list[list[int]]:
@@ -183,4 +184,5 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     skipped = sum(1 for t in tokenized.values() if t is None)
     truncated = sum(1 for row in set(sequence) if tokenized[row].truncated)
     prompt_cut = sum(1 for row in set(sequence) if tokenized[row].prompt_cut)
-    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated, prompt_cut)
+    return StepBatches(steps, {k: v for k, v in tokenized.items() if v is not None}, skipped, truncated, prompt_cut,
+                       sorted(k for k, v in tokenized.items() if v is None))

@@ -654,16 +654,18 @@ def logps_of_tokenized(model: nn.Module, pairs: Sequence[TokenizedPair], *, toke
                        chunk_size: int = DEFAULT_CHUNK, device: torch.device | str = "cpu",
                        autocast_dtype: torch.dtype | None = None,
                        on_progress: Callable[[int], None] | None = None,
-                       ld_alpha: float | None = None) -> tuple[Tensor, Tensor]:
+                       ld_alpha: float | None = None,
+                       out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``(sums [n, 2], counts [n, 2])`` for already tokenized pairs, packing pairs up to ``tokens_per_forward``
     tokens per forward (a pair longer than that gets a forward of its own; 0 = one pair per forward); with
-    ``ld_alpha`` the LD-DPO sums (:func:`ld_token_weights`)."""
+    ``ld_alpha`` the LD-DPO sums (:func:`ld_token_weights`). ``on_progress(done)`` follows: the first ``done`` rows
+    are computed; ``out``: the (float64, int64) tensors to fill, whose rows a caller can read as they are."""
     device = torch.device(device)
     module = CompletionLogps(model, chunk_size, ld_alpha)
     was_training = model.training
     model.eval()
-    sums = torch.zeros(len(pairs), 2, dtype=torch.float64)
-    counts = torch.zeros(len(pairs), 2, dtype=torch.int64)
+    sums, counts = out if out is not None else (torch.zeros(len(pairs), 2, dtype=torch.float64),
+                                                torch.zeros(len(pairs), 2, dtype=torch.int64))
     try:
         for group in greedy_groups([pair.tokens for pair in pairs], tokens_per_forward):
             start, end = group[0], group[-1] + 1

@@ -170,7 +170,8 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     # pair's attention its own): larger matrix multiplications, fewer passes over the vocabulary projection.
     tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
     options = dict(device=accelerator.device, tokens_per_forward=tokens, chunk_size=config.logits_chunk,
-                   autocast_dtype=autocast, ld_alpha=config.ld_alpha, deferred=deferred)
+                   autocast_dtype=autocast, ld_alpha=config.ld_alpha, deferred=deferred,
+                   left_out=[data.pair_ids[r] for r in batches.skipped_rows])
     if accelerator.num_processes > 1:  # every process computes a share: none waits on another's whole pass
         from accelerate.utils import broadcast_object_list, gather_object
 
