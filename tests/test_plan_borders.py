@@ -173,6 +173,38 @@ def test_reference_log_probs_lacking_pairs_are_refused_and_a_stopped_passs_parts
     assert [r["difficulty"] for r in read_plan(out)[0]] == [1.0, 0.0, -1.0, None]
 
 
+def test_a_reference_cache_that_cannot_be_read_is_named_never_passed_over(tmp_path):
+    """A part file cut short (empty: a node lost after its rename reached the disk, before its data) made a plan
+    given the folder pass over that cache for another model's cache of the same pairs, exit 0, and a reference pass
+    reading it said only that it was not a readable Parquet file. Both refuse it now, naming it and that removing it
+    loses nothing; another kind of file in the folder (a pairs file) is still no candidate."""
+    import shutil
+
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 2)
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    cache, out = tmp_path / "cache", tmp_path / "plan.parquet"
+    mine = reference_cache(cache, pairs, ids, [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2)], model="mine")
+    reference_cache(cache, pairs, ids, [(-1.0, 5, -1.0, 10), (-1.0, 4, -1.0, 2)], model="another")
+    part = mine.with_name(f"{mine.name}.part-0-0a1b2c3d")
+    part.write_bytes(b"")
+    for given in (cache, mine):
+        line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", given,
+                                "-o", out, check=False))
+        assert f"{part}: not a readable Parquet file" in line and "remove it" in line
+        assert not out.exists()
+    with pytest.raises(InputError, match=r"part-0-0a1b2c3d: not a readable Parquet file .*; remove it, and the next "
+                                         r"reference pass computes its pairs again"):
+        reference.load_cached(mine)
+    part.unlink()
+    mine.unlink()
+    shutil.copy(pairs, cache / "pairs.parquet")
+    run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out)
+
+
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):
     """``perpair run`` plans reference margins from the log-probs it computes for an arm's training
     (tests/test_run_pipeline.py); a reference-free loss has none, and is refused before any work."""

@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from perpair.artifacts import read_artifact, read_parquet
+from perpair.artifacts import read_artifact, read_header, read_parquet
 from perpair.errors import ArtifactMismatch, InputError, PerpairError
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
 
@@ -77,10 +78,15 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
     for file in ([path] if path.is_file() else []) + part_files(path):
         try:
             table, provenance = read_artifact(file, kind=KIND, schema_version=SCHEMA_VERSION)
-        except PerpairError:
+        except PerpairError as exc:
             if not file.exists():  # a part folded into the file (and removed) since it was listed
                 continue
-            raise
+            if _other_kind(file):  # (a pairs file given as --reference-logps: not one to remove)
+                raise
+            # a file renamed into place just before a node went down can be empty (the rename reached the disk, its
+            # data did not): it holds nothing to keep
+            raise InputError(f"reference log-probs of {path}: {exc}; remove it, and the next reference pass "
+                             "computes its pairs again") from None
         key = provenance.get("key") if key is None else key
         if provenance.get("key") != key:
             raise ArtifactMismatch(f"reference log-probs {file}: computed with other settings than {path}; "
@@ -100,7 +106,9 @@ def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tu
         try:
             values, provenance = read_cache(candidate)
         except PerpairError:
-            continue  # another kind of file in the folder: not a candidate
+            if part_files(candidate) or not _other_kind(candidate):
+                raise  # a cache file or part that cannot be read is never passed over for another model's cache
+            continue  # another kind of file in the folder (a pairs file, a plan): not a candidate
         if provenance is not None and _pairs_sha(provenance) == pairs_sha256:
             found.append((values, provenance, candidate))
     if not found:
@@ -111,6 +119,20 @@ def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tu
         raise InputError(f"{given_as} {folder}: {len(found)} reference log-prob files for {pairs_file} (different "
                          f"models or settings): name one of {listed}")
     return found[0]
+
+
+def _other_kind(path: Path) -> bool:
+    """Whether ``path`` is a readable Parquet file that is not a reference log-prob file (a pairs file, a plan, a
+    file not perpair's); not one that cannot be read, which may be the cache asked for, cut short."""
+    try:
+        kind = read_header(path).get("kind")
+    except PerpairError:
+        try:
+            pq.read_schema(path)
+        except (OSError, pa.ArrowException):
+            return False
+        return True  # no perpair header
+    return kind != KIND
 
 
 def _pairs_sha(provenance: dict) -> str | None:
