@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from perpair.artifacts import file_sha256, read_artifact
+from perpair.artifacts import file_sha256, read_artifact, write_artifact
 from perpair.errors import InputError
 from plan_helpers import make_pairs, write_annotations
 
@@ -171,6 +171,68 @@ def test_reference_log_probs_lacking_pairs_are_refused_and_a_stopped_passs_parts
     reference.save_cached(part, key, dict(zip(ids[:3], values[:3], strict=True)), left_out=[ids[3]])
     run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out)
     assert [r["difficulty"] for r in read_plan(out)[0]] == [1.0, 0.0, -1.0, None]
+
+
+def test_an_earlier_perpairs_cache_says_its_lacking_pairs_may_be_too_long_ones(tmp_path):
+    """A cache written before the reference pass recorded the pairs whose prompt alone fills max_length (no value,
+    trained by none) lacks them, and the plan, which cannot tell them from pairs never computed, is refused: it
+    said only to compute them, to a user whose cache was complete. It now says the cache is an earlier perpair's and
+    that the run it names records those pairs, computing none of them; a cache of this perpair says nothing of it."""
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 3)
+    values = {ids[0]: (-10.0, 5, -30.0, 10), ids[1]: (-8.0, 4, -4.0, 2)}  # ids[2]: its prompt too long
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    plan = ("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", tmp_path / "cache", "-o",
+            tmp_path / "plan.parquet")
+    key = reference.cache_key(model="tiny", tokenizer="t", pairs_sha256=file_sha256(pairs), max_length=64)
+    path = reference.cache_path(tmp_path / "cache", key)
+    reference.save_cached(path, key, values)
+    table, _ = read_artifact(path, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION)
+    write_artifact(path, table, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION,
+                   provenance={"key": key})  # as an earlier perpair wrote it
+    line = _refused(run_cli(*plan, check=False))
+    assert f"lacks 1 of the 3 pairs of {pairs}, e.g. {ids[2]}; a plan would give them no margin. This cache was " \
+           "written by an earlier perpair, which did not record the pairs whose prompt alone fills max_length" in line
+    reference.save_cached(path, key, values)  # this perpair's, lacking a pair
+    line = _refused(run_cli(*plan, check=False))
+    assert f"lacks 1 of the 3 pairs of {pairs}" in line and "earlier perpair" not in line
+    reference.save_cached(path, key, values, left_out=[ids[2]])
+    run_cli(*plan)
+
+
+def test_a_reference_cache_that_cannot_be_read_is_named_never_passed_over(tmp_path):
+    """A part file cut short (empty: a node lost after its rename reached the disk, before its data) made a plan
+    given the folder pass over that cache for another model's cache of the same pairs, exit 0, and a reference pass
+    reading it said only that it was not a readable Parquet file. Both refuse it now, naming it and that removing it
+    loses nothing; another kind of file in the folder (a pairs file) is still no candidate."""
+    import shutil
+
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 2)
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    cache, out = tmp_path / "cache", tmp_path / "plan.parquet"
+    mine = reference_cache(cache, pairs, ids, [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2)], model="mine")
+    reference_cache(cache, pairs, ids, [(-1.0, 5, -1.0, 10), (-1.0, 4, -1.0, 2)], model="another")
+    part = mine.with_name(f"{mine.name}.part-0-0a1b2c3d")
+    part.write_bytes(b"")
+    for given in (cache, mine):
+        line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", given,
+                                "-o", out, check=False))
+        assert f"{part}: not a readable Parquet file" in line and "remove it" in line
+        assert not out.exists()
+    with pytest.raises(InputError, match=r"part-0-0a1b2c3d: not a readable Parquet file .*; remove it, and the next "
+                                         r"reference pass computes its pairs again"):
+        reference.load_cached(mine)
+    part.unlink()
+    mine.unlink()
+    shutil.copy(pairs, cache / "pairs.parquet")
+    run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out)
 
 
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):

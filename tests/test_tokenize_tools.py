@@ -106,6 +106,37 @@ def test_the_same_texts_with_other_tools_are_two_pairs_with_the_plugins_ids(tmp_
     assert pair_ids(Dataset.from_parquet(str(source))) == ids
 
 
+def test_tools_of_a_struct_column_are_the_pair_their_json_gives(tmp_path):
+    """A Parquet struct column (a Hub dataset's too) gives every tool description each field any description of the
+    column has, null where it has none: the same data in JSON Lines, as objects or as JSON text, gave other pairs
+    (other ids, a plan of one copy refused on the other), and the prompt described a "city": null parameter of the
+    search function and "required": null. Without the nulls the three are one pair, token for token."""
+    search = {"type": "function", "function": {"name": "search", "description": "Search the web",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"query": {"type": "string"},
+                                                                              "limit": {"type": "integer"}},
+                                                               "required": ["query"]}}}
+    data = [{"prompt": msgs("user", "Weather in Paris?"), "chosen": msgs("assistant", "get_weather(Paris)"),
+             "rejected": msgs("assistant", "I cannot know."), "tools": [WEATHER]},
+            {"prompt": msgs("user", "Find cats"), "chosen": msgs("assistant", "search(cats)"),
+             "rejected": msgs("assistant", "No."), "tools": [search, TIME]}]
+    sources = {"objects.jsonl": data, "text.jsonl": [{**r, "tools": json.dumps(r["tools"])} for r in data]}
+    for name, rows_ in sources.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    pq.write_table(pa.Table.from_pylist(data), tmp_path / "structs.parquet")
+    tok, read = tokenizer(), {}
+    for name in (*sources, "structs.parquet"):
+        out = tmp_path / f"{name}.pairs.parquet"
+        result = run_cli_inprocess("prepare", tmp_path / name, "-o", out)
+        assert result.returncode == 0, result.stderr
+        pairs = read_pairs(str(out))[0]
+        ids, tokenized = tokenize_table(tok, pairs, None)
+        read[name] = (ids, pairs.column("tools").to_pylist(), [(t.prompt, t.chosen, t.rejected) for t in tokenized])
+    assert read["structs.parquet"] == read["objects.jsonl"] == read["text.jsonl"]
+    assert [json.loads(t) for t in read["structs.parquet"][1]] == [r["tools"] for r in data]
+    assert pair_ids(Dataset.from_parquet(str(tmp_path / "structs.parquet"))) == read["objects.jsonl"][0]
+
+
 def test_a_chat_template_that_ignores_tools_is_refused(tmp_path):
     """SmolLM2's template renders no tools: TRL would train on the pair without them, the model learning to call
     functions it is never shown."""

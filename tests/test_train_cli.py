@@ -127,21 +127,31 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_exact(tiny_model
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_stop_signal_before_training_stops_at_once(tiny_model, uf_pairs, tmp_path):
-    """SIGTERM during the reference pass (or the model's loading): nothing to save yet, the run stops there with its
-    one line and status 143; it died without a word."""
+@pytest.mark.parametrize("phase", ["tokenizing", "reference pass"])
+def test_a_stop_signal_before_training_stops_at_once(tiny_model, uf_pairs, tmp_path, monkeypatch, phase):
+    """SIGTERM while the pairs are tokenized or during the reference pass (or the model's loading): nothing to save
+    yet, the run stops there with its one line and status 143; it died without a word, and while tokenizing it was
+    an error about the pair being tokenized (`error: PAIRS: pair ID: stopped by SIGTERM …`, exit 2)."""
+    import perpair.train.batches as batches
     from perpair.train import load_config, train
 
     def unhandled(signum, frame):
         raise AssertionError(f"{signal.Signals(signum).name} reached the process's own handler")
 
+    def tokenize_signalled(*args, **kwargs):  # the signal arrives inside the tokenization of the first pair
+        os.kill(os.getpid(), signal.SIGTERM)
+        return tokenize(*args, **kwargs)
+
+    tokenize = batches.tokenize_pair
+    if phase == "tokenizing":
+        monkeypatch.setattr(batches, "tokenize_pair", tokenize_signalled)
     config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / "run"),
                                 "steps": 3, "batch_size": 2, "max_length": 64, "threads": 1,
                                 "reference_cache": str(tmp_path / "ref")})
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
-        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before training \(loading, the reference "
-                                               r"pass\); rerun with --resume to continue$") as stopped:
+        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before training \(tokenizing, loading, the "
+                                               r"reference pass\); rerun with --resume to continue$") as stopped:
             train(config, on_reference=lambda done, total: os.kill(os.getpid(), signal.SIGTERM))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -168,7 +168,8 @@ def as_content(value: Any, code: str, where: str) -> str:
 def as_tools(value: Any, name: str) -> str | None:
     """A row's tool descriptions as a pair stores them (JSON text), read as TRL's ``DPOTrainer`` reads a ``tools``
     column: a list of objects, or that list as JSON text, passed to the chat template as it is (an empty list
-    too: some templates render it). None where the row has none (no field, null, empty text)."""
+    too: some templates render it), but for the null fields of objects. None where the row has none (no field,
+    null, empty text)."""
     if value is MISSING or value is None or value == "":
         return None
     if isinstance(value, str):
@@ -177,6 +178,11 @@ def as_tools(value: Any, name: str) -> str | None:
         except json.JSONDecodeError as exc:
             raise RowProblem(f"wrong_type:{name}", f"tools are not JSON text ({exc.msg}, character {exc.pos})",
                              name) from None
+    else:
+        # A struct column (Parquet, a Hub dataset) gives every description each field that any description of the
+        # column has, null where it has none: another function's parameters ("city": null), "required": null. The
+        # data never wrote them (TRL renders them into the prompt); without them the pair is the one its JSON gives.
+        value = _without_nulls(value)
     if not isinstance(value, list):
         raise RowProblem(f"wrong_type:{name}", f"expected a list of tool descriptions, got {type_name(value)}", name)
     for index, tool in enumerate(value):
@@ -186,6 +192,15 @@ def as_tools(value: Any, name: str) -> str | None:
     text = json.dumps(value, ensure_ascii=False)
     unicode_text(text, name)
     return text
+
+
+def _without_nulls(value: Any) -> Any:
+    """``value`` without the null fields of its objects, at every depth (a list keeps its null items)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def as_role(value: Any, code: str, where: str, role_map: Mapping[str, str]) -> str:

@@ -10,7 +10,7 @@
 3. ``pair_id`` is the first 16 hexadecimal digits of the SHA-256 of those bytes.
 
 A pair with tool descriptions (``tools``, passed to the chat template with the prompt) has the array
-``[prompt, chosen, rejected, tools]`` instead, ``tools`` being the decoded JSON list as the data gives it: the
+``[prompt, chosen, rejected, tools]`` instead, ``tools`` being the decoded JSON list the pair stores: the
 same messages with other tools are another pair (the model sees another prompt).
 
 So the same pair has the same id whichever file format it was read from (a plain-string response and a

@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from perpair.artifacts import read_artifact, read_parquet
+from perpair.artifacts import read_artifact, read_header, read_parquet
 from perpair.errors import ArtifactMismatch, InputError, PerpairError
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
 
@@ -51,12 +52,17 @@ def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file:
     lacking = [pid for pid in pair_ids if pid not in known]
     if lacking:
         stopped = " (a reference pass did not finish: stopped, or still running)" if part_files(path) else ""
+        # an earlier perpair's cache does not tell the pairs too long for max_length from those never computed
+        earlier = "" if provenance["left_out_recorded"] else (
+            " This cache was written by an earlier perpair, which did not record the pairs whose prompt alone fills "
+            "max_length (no value, trained by none): those count as lacking until the run below records them, "
+            "computing none of them.")
         raise InputError(f"{given_as} {path}: lacks {len(lacking):,} of the {len(pair_ids):,} pairs of "
                          f"{pairs_file}{stopped}, e.g. "
-                         f"{', '.join(map(str, lacking[:3]))}; a plan would give them no margin. Compute them with "
-                         f"perpair train --data {pairs_file} over every pair (no --plan, no --steps: one epoch) with "
-                         "the model and max_length of the cache: its reference pass computes only those lacking, and "
-                         "the cache holds them all once its first step is done")
+                         f"{', '.join(map(str, lacking[:3]))}; a plan would give them no margin.{earlier} Compute "
+                         f"them with perpair train --data {pairs_file} over every pair (no --plan, no --steps: one "
+                         "epoch) with the model and max_length of the cache: its reference pass computes only those "
+                         "lacking, and the cache holds them all once its first step is done")
     ids = sorted(values)
     rows = [values[i] for i in ids]
     return logps_table(ids, *([r[k] for r in rows] for k in range(4))), path
@@ -70,17 +76,23 @@ def part_files(path: Path) -> list[Path]:
 def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[float, int, float, int]], dict | None]:
     """The values of the cache file ``path`` and of its part files, by pair id, and their provenance (None: none of
     them exists): the key, and ``left_out``, the pairs a pass found without a value (their prompt alone fills
-    max_length: trained by none). A part made with another key than ``key`` (or than the file's) is refused."""
+    max_length: trained by none), which files an earlier perpair wrote do not record (``left_out_recorded``). A
+    part made with another key than ``key`` (or than the file's) is refused."""
     values: dict[str, tuple[float, int, float, int]] = {}
     left_out: set[str] = set()
-    found = False
+    found, recorded = False, True
     for file in ([path] if path.is_file() else []) + part_files(path):
         try:
             table, provenance = read_artifact(file, kind=KIND, schema_version=SCHEMA_VERSION)
-        except PerpairError:
+        except PerpairError as exc:
             if not file.exists():  # a part folded into the file (and removed) since it was listed
                 continue
-            raise
+            if _other_kind(file):  # (a pairs file given as --reference-logps: not one to remove)
+                raise
+            # a file renamed into place just before a node went down can be empty (the rename reached the disk, its
+            # data did not): it holds nothing to keep
+            raise InputError(f"reference log-probs of {path}: {exc}; remove it, and the next reference pass "
+                             "computes its pairs again") from None
         key = provenance.get("key") if key is None else key
         if provenance.get("key") != key:
             raise ArtifactMismatch(f"reference log-probs {file}: computed with other settings than {path}; "
@@ -88,8 +100,9 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
         cols = [table.column(n).to_pylist() for n in REFERENCE_LOGPS_SCHEMA.names]
         values.update((row[0], tuple(row[1:])) for row in zip(*cols, strict=True))
         left_out.update(provenance.get("left_out", ()))
+        recorded = recorded and "left_out" in provenance
         found = True
-    return values, {"key": key, "left_out": sorted(left_out)} if found else None
+    return values, {"key": key, "left_out": sorted(left_out), "left_out_recorded": recorded} if found else None
 
 
 def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tuple[dict, dict, Path]:
@@ -100,7 +113,9 @@ def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tu
         try:
             values, provenance = read_cache(candidate)
         except PerpairError:
-            continue  # another kind of file in the folder: not a candidate
+            if part_files(candidate) or not _other_kind(candidate):
+                raise  # a cache file or part that cannot be read is never passed over for another model's cache
+            continue  # another kind of file in the folder (a pairs file, a plan): not a candidate
         if provenance is not None and _pairs_sha(provenance) == pairs_sha256:
             found.append((values, provenance, candidate))
     if not found:
@@ -111,6 +126,20 @@ def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tu
         raise InputError(f"{given_as} {folder}: {len(found)} reference log-prob files for {pairs_file} (different "
                          f"models or settings): name one of {listed}")
     return found[0]
+
+
+def _other_kind(path: Path) -> bool:
+    """Whether ``path`` is a readable Parquet file that is not a reference log-prob file (a pairs file, a plan, a
+    file not perpair's); not one that cannot be read, which may be the cache asked for, cut short."""
+    try:
+        kind = read_header(path).get("kind")
+    except PerpairError:
+        try:
+            pq.read_schema(path)
+        except (OSError, pa.ArrowException):
+            return False
+        return True  # no perpair header
+    return kind != KIND
 
 
 def _pairs_sha(provenance: dict) -> str | None:

@@ -98,7 +98,8 @@ def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[floa
     ids = sorted(values)
     rows = [values[i] for i in ids]
     table = logps_table(ids, *([r[k] for r in rows] for k in range(4)))
-    provenance = {"key": key, **({"left_out": sorted(left_out)} if left_out else {})}
+    # (recorded when empty too: a file without the record is an earlier perpair's, see read_reference_logps)
+    provenance = {"key": key, "left_out": sorted(left_out)}
     write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
 
 

@@ -17,11 +17,11 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 during a run. Before :meth:`defer` (loading, the reference pass: nothing to save yet)
-    they stop it at once; after it they are only noted in :attr:`received` (a second one too: the checkpoint being
-    written is finished), for the loop to stop at the end of the step. The previous handlers come back on exit.
-    Signal handlers can be set on the main thread alone: elsewhere (an arm of ``perpair run`` in a thread) the
-    process's own stay."""
+    """SIGTERM and SIGUSR1 during a run. Before :meth:`defer` (tokenizing, loading, the reference pass: nothing to
+    save yet) they stop it at once; after it they are only noted in :attr:`received` (a second one too: the
+    checkpoint being written is finished), for the loop to stop at the end of the step. The previous handlers come
+    back on exit. Signal handlers can be set on the main thread alone: elsewhere (an arm of ``perpair run`` in a
+    thread) the process's own stay."""
 
     def __init__(self) -> None:
         self.received = 0  # the first signal's number; 0: none
@@ -43,8 +43,8 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         self.received = self.received or signum
         if not self._deferred:
-            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training (loading, the reference "
-                                  "pass); rerun with --resume to continue", signum)
+            raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training (tokenizing, loading, "
+                                  "the reference pass); rerun with --resume to continue", signum)
 
 
 def agreed(accelerator, received: int, due: bool) -> tuple[int, bool]:
