@@ -848,6 +848,88 @@ def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, m
     assert exc.value.exit_code == 143
 
 
+def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False):
+    """Start ``command`` (its output into ``log``), send it SIGTERM as soon as ``ready()`` (and to every process
+    it started, as ``scancel`` signals each process of a job, with ``workers_too``); its exit status and the
+    processes it had started."""
+    import psutil
+
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert process.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "not ready after 300 s"
+                time.sleep(0.01)
+            children = psutil.Process(process.pid).children(recursive=True)
+            process.send_signal(signal.SIGTERM)
+            for child in children if workers_too else ():
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except psutil.NoSuchProcess:
+                    pass
+            return process.wait(timeout=120), children
+        finally:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["run", "run and workers"])
+def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to):
+    """workers: 2, SIGTERM while an arm trains, to the run's process (`timeout`, `kill`) or to it and its workers
+    (`scancel`): the run passes it on and waits, the arm's worker finishes its step and saves its checkpoint, the
+    run says so in one line and exits 143, no worker left; a re-run resumes the arm from that step. The run died at
+    once (status -15), its workers killed with it, every step since the arm's last checkpoint lost."""
+    import psutil
+
+    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
+                     arms={"dpo": {"preset": "dpo", "train": {"steps": 30}}}, workers=2)
+    config["train"] = {**config["train"], "save_every": 0, "threads": 1}  # a checkpoint only where it stops
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "work" / "arms" / "dpo" / "train"
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "perpair", "run", str(path)]
+    metrics = out / "metrics.jsonl"
+    status, children = _signal_once(command, env, lambda: metrics.is_file() and metrics.read_text().count("\n"),
+                                     tmp_path / "stopped.log", workers_too=to == "run and workers")
+    shown = (tmp_path / "stopped.log").read_text()
+    assert status == 143, shown[-3000:]
+    assert len(children) >= 2 and not psutil.wait_procs(children, timeout=30)[1]
+    step = metrics.read_text().count("\n")
+    assert 1 <= step < 30 and [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+    assert "Traceback" not in shown and "error:" not in shown and shown.count("stopped by") == 1, shown[-3000:]
+    assert shown.splitlines()[-1] == (f"train.dpo: stopped by SIGTERM after step {step} of 30: checkpoint "
+                                      f"{out / 'checkpoints'}/step-{step:08d}; re-run to continue")
+    assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step-{step:08d}" in result.stderr and "[train.dpo] done" in result.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
+
+
+def _stopped_in_a_worker(*, log) -> None:  # a stage's work stopped by a signal (an arm's training)
+    from perpair.errors import TrainingStopped
+
+    raise TrainingStopped("stopped by SIGTERM after step 2 of 6: checkpoint c; re-run to continue", 15)
+
+
+def test_a_stage_stopped_by_a_signal_in_a_worker_comes_back_as_its_stop():
+    """A TrainingStopped raised in a worker process did not come back to the run (rebuilt without its signal): the
+    pool broke, its other workers were killed, and the run said a worker died abruptly, exit 2. It comes back as it
+    was: its line, status 143."""
+    from perpair.errors import TrainingStopped
+    from perpair.pipeline.workers import Workers
+
+    with pytest.raises(TrainingStopped, match=r"^stopped by SIGTERM after step 2 of 6: checkpoint c; re-run to "
+                                              "continue$") as stopped, Workers(2, lambda line: None) as workers:
+        workers.call("train.a", "a test", _stopped_in_a_worker)
+    assert stopped.value.exit_code == 143
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
