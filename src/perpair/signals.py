@@ -8,6 +8,9 @@ step, with a checkpoint)."""
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from perpair.errors import StoppedBySignal
 
@@ -29,3 +32,22 @@ def stopped(signum: int) -> StoppedBySignal:
     return StoppedBySignal(f"stopped by {signal.Signals(signum).name}: finished work is kept; re-run to continue",
                            signum)
 
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, the first SIGTERM or SIGUSR1 raises :class:`StoppedBySignal` where the main thread is; the previous
+    handlers come back after. (Handlers are the main thread's to set: from another thread, nothing changes.)"""
+    global received
+    received = 0
+    main = threading.current_thread() is threading.main_thread()
+    previous = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _stop(signum: int, frame) -> None:
+    if note(signum):
+        raise stopped(signum)

@@ -58,6 +58,7 @@ class Workers:
         self._errors: list[BaseException] = []
         self._stop = threading.Event()
         self.signalled = 0  # the stop signal the run got while its workers ran; 0: none
+        self._noted = signals.received  # (one worker) the stop signal noted before: see _stop_noted
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
@@ -94,6 +95,7 @@ class Workers:
     def call(self, name: str, why: str, action: Callable[..., Any], *args) -> tuple[Any, float]:
         """``action(*args, log=…)``, logged as stage ``name`` running for ``why``; returns its result and seconds."""
         if self.workers == 1:
+            self._stop_noted()
             return _timed(name, why, action, args, self.log)
         if self._stop.is_set() or self.signalled:
             raise Stopped(f"{name}: not started, as another stage failed or the run was stopped")
@@ -106,6 +108,8 @@ class Workers:
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if self.workers == 1:
+            if exc is None:
+                self._stop_noted()
             return False
         if exc is not None:
             self._stop.set()
@@ -142,6 +146,12 @@ class Workers:
         for process in self._worker_processes():
             with contextlib.suppress(ProcessLookupError):  # one that just ended
                 os.kill(process.pid, signum)
+
+    def _stop_noted(self) -> None:
+        """(One worker) A stop signal that a training took during its last step (it ended, saving what it would
+        have saved anyway) stops the run there: no stage starts after it, and the run does not end as done."""
+        if signals.received != self._noted:
+            raise signals.stopped(signals.received)
 
     def _worker_processes(self) -> list:
         return list((getattr(self._processes, "_processes", None) or {}).values())
