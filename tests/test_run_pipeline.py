@@ -403,13 +403,24 @@ def _kill_once(command: list[str], env: dict[str, str], ready, log: Path) -> Non
             process.wait()
 
 
+def _answered(cache: Path) -> int:
+    """The answers in the annotation cache ``cache`` (read while a run writes it)."""
+    import sqlite3
+
+    if not cache.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not there yet
+        return 0
+
+
 @pytest.mark.slow
 def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
     """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
     its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
     to plan and train: nothing lost, nothing asked twice."""
-    import sqlite3
-
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
                                                                                 "train": {"steps": 2}}})
@@ -420,13 +431,7 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
     cache = work / "annotations.cache.sqlite"
 
     def answered() -> int:
-        if not cache.exists():
-            return 0
-        try:
-            with sqlite3.connect(f"file:{cache}?mode=ro", uri=True, timeout=5) as db:
-                return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
-        except sqlite3.OperationalError:  # the table is not there yet
-            return 0
+        return _answered(cache)
 
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "perpair", "run", str(path)]
@@ -846,6 +851,161 @@ def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, m
                                               r".*step-00000002; re-run to continue$") as exc:
         _run(_small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}))
     assert exc.value.exit_code == 143
+
+
+def test_a_signal_in_an_arms_last_step_stops_the_run_after_it(tmp_path, tiny, monkeypatch):
+    """workers: 1, SIGTERM during an arm's last step: its training ends as it would (model saved, stage stamped),
+    and the run stops there with status 143; it went on to the evaluations and ended with 0."""
+    import perpair.train
+    from perpair import signals
+    from perpair.errors import StoppedBySignal
+
+    train = perpair.train.train
+
+    def signalled_in_the_last_step(config, on_step, **callbacks):
+        def step(metrics):
+            on_step(metrics)
+            if metrics["step"] == config.steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return train(config, on_step=step, **callbacks)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(signals, "received", 0)  # (this process's: a test before may have signalled it)
+    monkeypatch.setattr(perpair.train, "train", signalled_in_the_last_step)
+    with pytest.raises(StoppedBySignal, match=r"^eval\.a\.preference: stopped by SIGTERM: finished work is kept; "
+                                              "re-run to continue$") as stopped:
+        _run(_small(tmp_path, tiny, arms={"a": {"preset": "dpo"}}))
+    assert stopped.value.exit_code == 143
+    assert (tmp_path / "work" / "stages" / "train.a.json").is_file()
+    assert not (tmp_path / "work" / "stages" / "eval.a.preference.json").exists()
+
+
+def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False):
+    """Start ``command`` (its output into ``log``), send it SIGTERM as soon as ``ready()`` (and to every process
+    it started, as ``scancel`` signals each process of a job, with ``workers_too``); its exit status and the
+    processes it had started."""
+    import psutil
+
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready():
+                assert process.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "not ready after 300 s"
+                time.sleep(0.01)
+            children = psutil.Process(process.pid).children(recursive=True)
+            process.send_signal(signal.SIGTERM)
+            for child in children if workers_too else ():
+                try:
+                    child.send_signal(signal.SIGTERM)
+                except psutil.NoSuchProcess:
+                    pass
+            return process.wait(timeout=120), children
+        finally:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["run", "run and workers"])
+def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to):
+    """workers: 2, SIGTERM while an arm trains, to the run's process (`timeout`, `kill`) or to it and its workers
+    (`scancel`): the run passes it on and waits, the arm's worker finishes its step and saves its checkpoint, the
+    run says so in one line and exits 143, no worker left; a re-run resumes the arm from that step. The run died at
+    once (status -15), its workers killed with it, every step since the arm's last checkpoint lost."""
+    import psutil
+
+    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
+                     arms={"dpo": {"preset": "dpo", "train": {"steps": 30}}}, workers=2)
+    config["train"] = {**config["train"], "save_every": 0, "threads": 1}  # a checkpoint only where it stops
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "work" / "arms" / "dpo" / "train"
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "perpair", "run", str(path)]
+    metrics = out / "metrics.jsonl"
+    status, children = _signal_once(command, env, lambda: metrics.is_file() and metrics.read_text().count("\n"),
+                                     tmp_path / "stopped.log", workers_too=to == "run and workers")
+    shown = (tmp_path / "stopped.log").read_text()
+    assert status == 143, shown[-3000:]
+    assert len(children) >= 2 and not psutil.wait_procs(children, timeout=30)[1]
+    step = metrics.read_text().count("\n")
+    assert 1 <= step < 30 and [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+    assert "Traceback" not in shown and "error:" not in shown and shown.count("stopped by") == 1, shown[-3000:]
+    assert shown.splitlines()[-1] == (f"train.dpo: stopped by SIGTERM after step {step} of 30: checkpoint "
+                                      f"{out / 'checkpoints'}/step-{step:08d}; re-run to continue")
+    assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step-{step:08d}" in result.stderr and "[train.dpo] done" in result.stderr
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_sigterm_during_annotation_stops_the_run_in_one_line_keeping_the_answers(tmp_path, tiny):
+    """workers: 1, SIGTERM while a local teacher annotates in the run's own process: one line naming the stage,
+    exit 143, every answer so far in the cache, nothing stamped or written as if complete. The run died without a
+    word (status -15)."""
+    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
+                     annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
+                                                                                "train": {"steps": 2}}})
+    config["data"]["limit"] = 400
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    work = tmp_path / "work"
+    cache = work / "annotations.cache.sqlite"
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    status, _ = _signal_once([sys.executable, "-m", "perpair", "run", str(path)], env,
+                             lambda: _answered(cache) >= 20, tmp_path / "stopped.log")
+    shown = (tmp_path / "stopped.log").read_text()
+    assert status == 143, shown[-3000:]
+    assert "Traceback" not in shown and shown.count("stopped by") == 1, shown[-3000:]
+    assert shown.splitlines()[-1] == "annotate: stopped by SIGTERM: finished work is kept; re-run to continue"
+    assert _answered(cache) >= 20
+    assert not (work / "annotations.parquet").exists() and not (work / "stages" / "annotate.json").exists()
+
+
+def _stopped_in_a_worker(*, log) -> None:  # a stage's work stopped by a signal (an arm's training)
+    from perpair.errors import TrainingStopped
+
+    raise TrainingStopped("stopped by SIGTERM after step 2 of 6: checkpoint c; re-run to continue", 15)
+
+
+def test_a_stage_stopped_by_a_signal_in_a_worker_comes_back_as_its_stop():
+    """A TrainingStopped raised in a worker process did not come back to the run (rebuilt without its signal): the
+    pool broke, its other workers were killed, and the run said a worker died abruptly, exit 2. It comes back as it
+    was: its line, status 143."""
+    from perpair.errors import TrainingStopped
+    from perpair.pipeline.workers import Workers
+
+    with pytest.raises(TrainingStopped, match=r"^stopped by SIGTERM after step 2 of 6: checkpoint c; re-run to "
+                                              "continue$") as stopped, Workers(2, lambda line: None) as workers:
+        workers.call("train.a", "a test", _stopped_in_a_worker)
+    assert stopped.value.exit_code == 143
+
+
+def test_a_stop_signal_outside_training_stops_once_where_it_is():
+    """The command line's handler (perpair.signals): the first SIGTERM / SIGUSR1 stops the work where it is, with
+    its line and status; a second one (scancel's copy, the run's forwarded one) does not cut short what the stop is
+    saving; the previous handlers come back."""
+    from perpair.errors import StoppedBySignal
+    from perpair.signals import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    saved = []
+    with pytest.raises(StoppedBySignal, match="^stopped by SIGUSR1: finished work is kept; re-run to continue$") \
+            as stopped, stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(10)
+        finally:  # what a stage saves as it stops (the reference pass's part file)
+            os.kill(os.getpid(), signal.SIGTERM)
+            saved.append("part")
+    assert stopped.value.exit_code == 138 and saved == ["part"]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 
 @pytest.mark.parametrize("workers", [1, 2])

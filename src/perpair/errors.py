@@ -52,3 +52,19 @@ class TrainingStopped(PerpairError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+    def __reduce__(self):  # back from a worker process of perpair run (the default gives the class the message alone)
+        return type(self), (self.args[0], self.exit_code - 128)
+
+
+class StoppedBySignal(BaseException):
+    """Any other work stopped on SIGTERM or SIGUSR1 (:mod:`perpair.signals`), where it was, as Ctrl-C stops it: a
+    ``BaseException`` as ``KeyboardInterrupt`` is, so that no ``except Exception`` (or ``except PerpairError``) takes
+    it for a failure of the work it stopped. Printed and ended as :class:`TrainingStopped`."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.exit_code - 128)

@@ -20,7 +20,8 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from perpair.errors import FailedOnMainProcess, PerpairError, TrainingStopped
+from perpair.errors import FailedOnMainProcess, PerpairError, StoppedBySignal, TrainingStopped
+from perpair.signals import stop_on_signals
 
 app = typer.Typer(
     name="perpair",
@@ -39,7 +40,8 @@ EXIT_OK = 0
 EXIT_USER_ERROR = 2      # bad input, options or environment: one `error:` line says what
 EXIT_TOO_FEW_ANNOTATED = 3  # annotate / run: too few pairs got a valid annotation (see errors.TooFewAnnotated)
 EXIT_INTERRUPTED = 130   # Ctrl-C; finished work is kept
-# training stopped by SIGTERM (143) or SIGUSR1 (138), 128 + the signal: its checkpoint saved (errors.TrainingStopped)
+# stopped by SIGTERM (143) or SIGUSR1 (138), 128 + the signal: a training after its step with a checkpoint
+# (errors.TrainingStopped), other work where it was, keeping what it finished (errors.StoppedBySignal)
 
 
 def given_path(option: str) -> Callable[[str | Path], Path]:
@@ -109,7 +111,13 @@ def click_command() -> click.Command:
 
 def main() -> None:
     """Run the command line. Whatever goes wrong, the user sees one ``error:`` line and an exit status
-    (see EXIT_CODES), never a traceback."""
+    (see EXIT_CODES), never a traceback. SIGTERM and SIGUSR1 (a job scheduler) stop it with one line and status
+    128 + the signal, until that status is decided (a later copy of the signal does not end it without a word)."""
+    with stop_on_signals():
+        _command_line()
+
+
+def _command_line() -> None:
     try:
         try:
             # not standalone: a bad option or value comes here as an exception (Typer would draw a box around
@@ -129,7 +137,7 @@ def main() -> None:
     except FailedOnMainProcess as exc:  # another process of the launch, whose main process prints the error:
         time.sleep(3)  # not gone first, so that the launcher does not stop the main process before it has printed
         sys.exit(exc.exit_code)
-    except TrainingStopped as exc:  # not an error: what a scheduler asked (every process of a launch stopped)
+    except (TrainingStopped, StoppedBySignal) as exc:  # not an error: what a scheduler asked (a launch: all stopped)
         if os.environ.get("RANK", "0") == "0":
             console.print(Text(str(exc)), soft_wrap=True)
         sys.exit(exc.exit_code)

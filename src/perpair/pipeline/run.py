@@ -22,7 +22,7 @@ from typing import Any
 
 from perpair.artifacts import file_sha256, folder_lock
 from perpair.config_files import format_validation_error
-from perpair.errors import PerpairError, TooFewAnnotated
+from perpair.errors import PerpairError, StoppedBySignal, TooFewAnnotated
 from perpair.pipeline.config import STAGES, RunConfig, name_the_file
 from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
@@ -280,7 +280,7 @@ class _Job:
         self.stamps.remove(name)
         try:
             info, seconds = self.workers.call(name, why, action, *args)
-        except PerpairError as exc:  # which arm's training refused its pairs: the stage named in the one error line
+        except (PerpairError, StoppedBySignal) as exc:  # its one line names the stage (which arm refused its pairs)
             if not str(exc).startswith((f"{name}:", f"{kind}:")) and len(exc.args) == 1:
                 exc.args = (f"{name}: {exc.args[0]}",)
             raise
@@ -340,8 +340,12 @@ class _Job:
         """The reference log-probs the arms' trainings and held-out evaluations read, computed once before them,
         into ``WORKDIR/reference`` (a cache keyed by what decides them: nothing to compute when it has them all)."""
         if trainings or evaluations:
-            _, seconds = self.workers.call("reference", "log-probs every arm reads", _reference, trainings,
-                                           evaluations)
+            try:
+                _, seconds = self.workers.call("reference", "log-probs every arm reads", _reference, trainings,
+                                               evaluations)
+            except StoppedBySignal as exc:  # (what it computed is saved) its line names it, as a stage's does
+                exc.args = (f"reference: {exc.args[0]}",)
+                raise
             self.log(f"[reference] done in {seconds:.1f} s")
 
     def reference_work(self, settings: Settings, pairs: Path, test: Path | None) -> tuple[list, list]:

@@ -12,13 +12,16 @@ The run's own process stays the one that decides: it checks and writes the stamp
 (a module-level function and picklable arguments, called with a ``log``). What a worker logs comes back to the
 run's log, named by its stage. A stage that fails stops new stages from starting; the running ones finish (their
 work is kept) and the first failure is the error the run reports. A worker dies with the run (Linux), so a killed
-run never leaves one writing into its workdir. ``workers: 1`` runs everything in the run's process, in order.
+run never leaves one writing into its workdir; SIGTERM or SIGUSR1 (a job scheduler) to the run goes to every worker
+instead, whose stage stops as in the run's own process (a training after its step, with a checkpoint), and the run
+waits for them. ``workers: 1`` runs everything in the run's process, in order.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -27,15 +30,18 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from perpair.errors import PerpairError
+from perpair import signals
+from perpair.errors import PerpairError, StoppedBySignal, TrainingStopped
 
 Log = Callable[[str], None]
 
 _log_queue = None  # in a worker process: where its stages' log lines go
+_in_stage = False  # in a worker process: whether a stage runs (a stop signal stops it)
+STOPS = (TrainingStopped, StoppedBySignal)  # a stage stopped by SIGTERM / SIGUSR1, its work kept
 
 
 class Stopped(PerpairError):
-    """A stage not started because another one failed (that one is the run's error)."""
+    """A stage not started because another one failed (that one is the run's error) or the run was stopped."""
 
 
 def available_cores() -> int:
@@ -51,6 +57,8 @@ class Workers:
         self.threads = max(1, available_cores() // workers)  # PyTorch threads of each worker process
         self._errors: list[BaseException] = []
         self._stop = threading.Event()
+        self.signalled = 0  # the stop signal the run got while its workers ran; 0: none
+        self._noted = signals.received  # (one worker) the stop signal noted before: see _stop_noted
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
@@ -65,10 +73,14 @@ class Workers:
                 self._queue = context.SimpleQueue()
                 self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
                                                       initargs=(self._queue, self.threads, os.getpid()))
-                self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain")
+                self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain",
+                                                  initializer=_block_stop_signals)
                 self._printed = threading.Event()
                 self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
                 self._printer.start()
+                if threading.current_thread() is threading.main_thread():  # (where handlers can be set)
+                    previous = {number: signal.signal(number, self._forward) for number in signals.STOP_SIGNALS}
+                    stack.callback(lambda: [signal.signal(number, h) for number, h in previous.items()])
                 self._environment = stack.pop_all()  # put back in __exit__
         return self
 
@@ -83,9 +95,10 @@ class Workers:
     def call(self, name: str, why: str, action: Callable[..., Any], *args) -> tuple[Any, float]:
         """``action(*args, log=…)``, logged as stage ``name`` running for ``why``; returns its result and seconds."""
         if self.workers == 1:
+            self._stop_noted()
             return _timed(name, why, action, args, self.log)
-        if self._stop.is_set():
-            raise Stopped(f"{name}: not started, as another stage failed")
+        if self._stop.is_set() or self.signalled:
+            raise Stopped(f"{name}: not started, as another stage failed or the run was stopped")
         try:
             return self._processes.submit(_in_worker, name, why, action, args).result()
         except BrokenProcessPool:  # a worker killed (the out-of-memory killer, by hand) or crashed: the pool is gone
@@ -95,11 +108,13 @@ class Workers:
 
     def __exit__(self, kind, exc, traceback) -> bool:
         if self.workers == 1:
+            if exc is None:
+                self._stop_noted()
             return False
         if exc is not None:
             self._stop.set()
-        if isinstance(exc, KeyboardInterrupt):  # the workers ignore Ctrl-C: the run stops them
-            for process in list((getattr(self._processes, "_processes", None) or {}).values()):
+        if isinstance(exc, KeyboardInterrupt):  # the workers ignore Ctrl-C: the run stops them (as a SIGTERM does)
+            for process in self._worker_processes():
                 process.terminate()
         self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
         self._processes.shutdown(wait=True, cancel_futures=True)
@@ -109,16 +124,44 @@ class Workers:
         self._environment.close()
         if isinstance(exc, KeyboardInterrupt):
             return False
-        first = next((e for e in self._errors if not isinstance(e, Stopped)), None)
+        first = next((e for e in self._errors if not isinstance(e, (Stopped, *STOPS))), None)
         if first is not None and first is not exc:
             raise first
+        stops = [e for e in self._errors if isinstance(e, STOPS)]
+        if first is None and (stops or self.signalled) and stops != [exc]:
+            # a line for each stage the signal stopped (what it kept), or the run's own if it stopped none
+            lines = [str(e) for e in stops] or [str(signals.stopped(self.signalled))]
+            raise StoppedBySignal("\n".join(lines), self.signalled or stops[0].exit_code - 128)
         return False
+
+    def _forward(self, signum: int, frame) -> None:
+        """SIGTERM / SIGUSR1 to the run (a scheduler, ``timeout``, ``kill``): no stage starts any more, and the
+        signal goes to every worker, whose stage stops as in the run's own process (a training after its step, with
+        a checkpoint); the run waits for them. Its default, ending the run, killed them with it (PR_SET_PDEATHSIG),
+        a checkpoint half written. Once: a copy (``scancel`` also signals the workers) changes nothing."""
+        signals.note(signum)
+        if self.signalled:
+            return
+        self.signalled = signum  # (not _stop.set(): the main thread may hold its lock, and a handler runs there)
+        for process in self._worker_processes():
+            with contextlib.suppress(ProcessLookupError):  # one that just ended
+                os.kill(process.pid, signum)
+
+    def _stop_noted(self) -> None:
+        """(One worker) A stop signal that a training took during its last step (it ended, saving what it would
+        have saved anyway) stops the run there: no stage starts after it, and the run does not end as done."""
+        if signals.received != self._noted:
+            raise signals.stopped(signals.received)
+
+    def _worker_processes(self) -> list:
+        return list((getattr(self._processes, "_processes", None) or {}).values())
 
     def _chain(self, chain: Callable[..., Any], *args) -> Any:
         try:
             return chain(*args)
         except BaseException as exc:
-            self._errors.append(exc)
+            if exc not in self._errors:  # (a chain that waited for another raises that one's again)
+                self._errors.append(exc)
             self._stop.set()
             raise
 
@@ -158,12 +201,20 @@ def _timed(name: str, why: str, action: Callable[..., Any], args: tuple, log: Lo
     return result, time.perf_counter() - started
 
 
-def _start_worker(log_queue, threads: int, parent: int) -> None:
-    import signal
+def _block_stop_signals() -> None:
+    """In the run's chain threads: SIGTERM and SIGUSR1 go to its main thread (where Python runs their handler in any
+    case), and a worker process started from a chain (the pool starts them as stages come) holds them blocked from
+    its start until it has its handlers, instead of dying of one at its start."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)
 
+
+def _start_worker(log_queue, threads: int, parent: int) -> None:
     global _log_queue
     _log_queue = log_queue
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's: it stops its workers (no tracebacks here)
+    for number in signals.STOP_SIGNALS:
+        signal.signal(number, _stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)  # (blocked since the start, as the chain's)
     if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG
         import ctypes
 
@@ -175,8 +226,24 @@ def _start_worker(log_queue, threads: int, parent: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _stop_signal(signum: int, frame) -> None:
+    """SIGTERM / SIGUSR1 in a worker (the run forwards its own; ``scancel`` signals every process): the stage stops
+    as in the run's own process (:mod:`perpair.signals`; a training takes them over: after its step, with a
+    checkpoint). Between stages it is only noted, and no stage starts after it."""
+    if signals.note(signum) and _in_stage:
+        raise signals.stopped(signum)
+
+
 def _in_worker(name: str, why: str, action: Callable[..., Any], args: tuple) -> tuple[Any, float]:
+    global _in_stage
+
     def log(line: str) -> None:  # the run's own lines name their stage; a stage's progress lines get its name
         _log_queue.put(line if line.startswith("[") else f"[{name}] {line.strip()}")
 
-    return _timed(name, why, action, args, log)
+    _in_stage = True  # before the check: a signal in between stops the stage at once
+    try:
+        if signals.received:  # a signal between stages: this one does not start
+            raise signals.stopped(signals.received)
+        return _timed(name, why, action, args, log)
+    finally:
+        _in_stage = False

@@ -12,16 +12,16 @@ import threading
 import torch
 
 from perpair.errors import TrainingStopped
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from perpair.signals import STOP_SIGNALS, note
 
 
 class StopSignals:
     """SIGTERM and SIGUSR1 during a run. Before :meth:`defer` (tokenizing, loading, the reference pass: nothing to
-    save yet) they stop it at once; after it they are only noted in :attr:`received` (a second one too: the
-    checkpoint being written is finished), for the loop to stop at the end of the step. The previous handlers come
-    back on exit. Signal handlers can be set on the main thread alone: elsewhere (an arm of ``perpair run`` in a
-    thread) the process's own stay."""
+    save yet) the first stops it at once; after it they are only noted in :attr:`received`, for the loop to stop at
+    the end of the step. A second one is only noted too: what the first one's stop is saving (the checkpoint, the
+    reference log-probs) is finished. The previous handlers come back on exit, told of the signal
+    (:func:`perpair.signals.note`: a later copy stops nothing again). Signal handlers can be set on the main thread
+    alone: elsewhere (an arm of ``perpair run`` in a thread) the process's own stay."""
 
     def __init__(self) -> None:
         self.received = 0  # the first signal's number; 0: none
@@ -41,8 +41,10 @@ class StopSignals:
         self._deferred = True
 
     def _handle(self, signum: int, frame) -> None:
+        first = not self.received
         self.received = self.received or signum
-        if not self._deferred:
+        note(signum)
+        if first and not self._deferred:
             raise TrainingStopped(f"stopped by {signal.Signals(signum).name} before training (tokenizing, loading, "
                                   "the reference pass); rerun with --resume to continue", signum)
 

@@ -1,0 +1,53 @@
+"""SIGTERM and SIGUSR1 (a job scheduler: SLURM's preemption, time limit or ``scancel``, a Kubernetes eviction,
+``timeout``; SLURM's ``--signal=USR1@SECONDS`` ahead of them) outside a training: the work stops where it is, as
+Ctrl-C stops it, keeping what it finished (annotation and evaluation commit every answer as it comes, the reference
+pass saves what it computed), and the command exits with one line and ``128 + the signal's number``, never 0. A
+training takes the signals over while it runs (:class:`perpair.train.stopping.StopSignals`: it stops after its
+step, with a checkpoint)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from perpair.errors import StoppedBySignal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+received = 0  # the process's first stop signal, whoever handled it; 0: none
+
+
+def note(signum: int) -> bool:
+    """Note a stop signal; whether it is the process's first. Only the first stops anything: ``scancel`` signals
+    every process of a job, ``perpair run`` forwards the signal to its workers and torchrun to its processes, and a
+    second copy must not cut short what the first one's stop is finishing (a checkpoint, reference log-probs)."""
+    global received
+    first = not received
+    received = received or signum
+    return first
+
+
+def stopped(signum: int) -> StoppedBySignal:
+    return StoppedBySignal(f"stopped by {signal.Signals(signum).name}: finished work is kept; re-run to continue",
+                           signum)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, the first SIGTERM or SIGUSR1 raises :class:`StoppedBySignal` where the main thread is; the previous
+    handlers come back after. (Handlers are the main thread's to set: from another thread, nothing changes.)"""
+    global received
+    received = 0
+    main = threading.current_thread() is threading.main_thread()
+    previous = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _stop(signum: int, frame) -> None:
+    if note(signum):
+        raise stopped(signum)
