@@ -393,14 +393,19 @@ def _kill_once(command: list[str], env: dict[str, str], ready, log: Path) -> Non
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 300
-            while not ready():
-                assert process.poll() is None, log.read_text()[-4000:]
-                assert time.monotonic() < deadline, "not ready after 300 s"
-                time.sleep(0.05)
+            _wait_until(ready, process, log, 0.05)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
+
+
+def _wait_until(ready, process: subprocess.Popen, log: Path, poll: float) -> None:
+    """Poll ``ready()`` every ``poll`` seconds, for up to five minutes; ``process`` must not end before."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert process.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, "not ready after 300 s"
+        time.sleep(poll)
 
 
 def _answered(cache: Path) -> int:
@@ -416,19 +421,24 @@ def _answered(cache: Path) -> int:
         return 0
 
 
-@pytest.mark.slow
-def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
-    """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
-    its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
-    to plan and train: nothing lost, nothing asked twice."""
+def _annotating_run(tmp_path: Path, tiny) -> tuple[Path, Path]:
+    """A run config whose annotation by a local teacher takes a while (400 pairs), and its annotation cache."""
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
                                                                                 "train": {"steps": 2}}})
     config["data"]["limit"] = 400
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path, tmp_path / "work" / "annotations.cache.sqlite"
+
+
+@pytest.mark.slow
+def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
+    """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
+    its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
+    to plan and train: nothing lost, nothing asked twice."""
+    path, cache = _annotating_run(tmp_path, tiny)
     work = tmp_path / "work"
-    cache = work / "annotations.cache.sqlite"
 
     def answered() -> int:
         return _answered(cache)
@@ -890,11 +900,7 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 300
-            while not ready():
-                assert process.poll() is None, log.read_text()[-4000:]
-                assert time.monotonic() < deadline, "not ready after 300 s"
-                time.sleep(0.01)
+            _wait_until(ready, process, log, 0.01)
             children = psutil.Process(process.pid).children(recursive=True)
             process.send_signal(signal.SIGTERM)
             for child in children if workers_too else ():
@@ -949,14 +955,8 @@ def test_sigterm_during_annotation_stops_the_run_in_one_line_keeping_the_answers
     """workers: 1, SIGTERM while a local teacher annotates in the run's own process: one line naming the stage,
     exit 143, every answer so far in the cache, nothing stamped or written as if complete. The run died without a
     word (status -15)."""
-    config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
-                     annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
-                                                                                "train": {"steps": 2}}})
-    config["data"]["limit"] = 400
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, cache = _annotating_run(tmp_path, tiny)
     work = tmp_path / "work"
-    cache = work / "annotations.cache.sqlite"
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     status, _ = _signal_once([sys.executable, "-m", "perpair", "run", str(path)], env,
                              lambda: _answered(cache) >= 20, tmp_path / "stopped.log")

@@ -7,6 +7,7 @@ Errors perpair knows how to explain are printed as one message and exit with sta
 # ruff: noqa: I001  (stage commands are imported in pipeline order, which is their order in --help)
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -114,7 +115,17 @@ def main() -> None:
     (see EXIT_CODES), never a traceback. SIGTERM and SIGUSR1 (a job scheduler) stop it with one line and status
     128 + the signal, until that status is decided (a later copy of the signal does not end it without a word)."""
     with stop_on_signals():
-        _command_line()
+        try:
+            _command_line()
+        except StoppedBySignal as exc:  # one that came while an error was being reported: its line, not a traceback
+            _stopped(exc)
+
+
+def _stopped(exc: TrainingStopped | StoppedBySignal) -> None:
+    """What a scheduler asked, not an error: its line (once for a launch: every process stopped) and status."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(Text(str(exc)), soft_wrap=True)
+    sys.exit(exc.exit_code)
 
 
 def _command_line() -> None:
@@ -135,12 +146,13 @@ def _command_line() -> None:
         if isinstance(status, int) and status != EXIT_OK:
             sys.exit(status)
     except FailedOnMainProcess as exc:  # another process of the launch, whose main process prints the error:
-        time.sleep(3)  # not gone first, so that the launcher does not stop the main process before it has printed
+        # not gone first, so that the launcher does not stop the main process before it has printed; the launcher
+        # ends this one with SIGTERM once the main one has exited: with the main one's status, without a word
+        with contextlib.suppress(StoppedBySignal):
+            time.sleep(3)
         sys.exit(exc.exit_code)
-    except (TrainingStopped, StoppedBySignal) as exc:  # not an error: what a scheduler asked (a launch: all stopped)
-        if os.environ.get("RANK", "0") == "0":
-            console.print(Text(str(exc)), soft_wrap=True)
-        sys.exit(exc.exit_code)
+    except (TrainingStopped, StoppedBySignal) as exc:
+        _stopped(exc)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from typing import Any
 
 from perpair.artifacts import file_sha256, folder_lock
 from perpair.config_files import format_validation_error
-from perpair.errors import PerpairError, StoppedBySignal, TooFewAnnotated
+from perpair.errors import PerpairError, StoppedBySignal, TooFewAnnotated, TrainingStopped
 from perpair.pipeline.config import STAGES, RunConfig, name_the_file
 from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
@@ -597,7 +597,6 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 
 def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
-    from perpair.errors import TrainingStopped
     from perpair.train import load_config, train
     from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
 
