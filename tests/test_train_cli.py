@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import UF_TRAIN, rewrite_weights, run_cli, save_tiny_llama
-from perpair.errors import PerpairError
+from perpair.errors import PerpairError, TrainingStopped
 
 TINY_ARGS = ("--steps", "6", "--batch-size", "4", "--max-length", "96", "--beta", "0.1", "--lr", "1e-3",
              "--lr-schedule", "cosine", "--warmup-ratio", "0.2")
@@ -107,7 +107,7 @@ def test_a_stop_signal_finishes_the_step_saves_it_and_resume_is_exact(tiny_model
     out = tmp_path / "stopped"
     previous = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        with pytest.raises(PerpairError) as stopped:  # TrainingStopped
+        with pytest.raises(TrainingStopped) as stopped:
             train(settings(out), on_step=lambda m: m["step"] == 2 and os.kill(os.getpid(), number))
         assert signal.getsignal(number) is unhandled  # the run's handlers are gone with it
     finally:
@@ -150,7 +150,7 @@ def test_a_stop_signal_before_training_stops_at_once(tiny_model, uf_pairs, tmp_p
                                 "reference_cache": str(tmp_path / "ref")})
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
-        with pytest.raises(PerpairError, match=r"^stopped by SIGTERM before training \(tokenizing, loading, the "
+        with pytest.raises(TrainingStopped, match=r"^stopped by SIGTERM before training \(tokenizing, loading, the "
                                                r"reference pass\); rerun with --resume to continue$") as stopped:
             train(config, on_reference=lambda done, total: os.kill(os.getpid(), signal.SIGTERM))
     finally:

@@ -45,9 +45,11 @@ class FailedOnMainProcess(PerpairError):
         self.exit_code = exit_code
 
 
-class TrainingStopped(PerpairError):
-    """A training stopped on SIGTERM or SIGUSR1 (:mod:`perpair.train.stopping`); its message is the one line the
-    command prints, its status ``128 + the signal's number``, as a shell reports a process that a signal ended."""
+class StoppedBySignal(BaseException):
+    """Work stopped on SIGTERM or SIGUSR1 (:mod:`perpair.signals`), where it was, as Ctrl-C stops it: a
+    ``BaseException`` as ``KeyboardInterrupt`` is, so that no ``except Exception`` (or ``except PerpairError``) takes
+    it for a failure of the work it stopped. Its message is the one line the command prints, its status ``128 + the
+    signal's number``, as a shell reports a process that a signal ended."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -57,14 +59,6 @@ class TrainingStopped(PerpairError):
         return type(self), (self.args[0], self.exit_code - 128)
 
 
-class StoppedBySignal(BaseException):
-    """Any other work stopped on SIGTERM or SIGUSR1 (:mod:`perpair.signals`), where it was, as Ctrl-C stops it: a
-    ``BaseException`` as ``KeyboardInterrupt`` is, so that no ``except Exception`` (or ``except PerpairError``) takes
-    it for a failure of the work it stopped. Printed and ended as :class:`TrainingStopped`."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-    def __reduce__(self):
-        return type(self), (self.args[0], self.exit_code - 128)
+class TrainingStopped(StoppedBySignal):
+    """A training stopped on SIGTERM or SIGUSR1 (:mod:`perpair.train.stopping`): after its step, with a checkpoint,
+    or before training at once."""

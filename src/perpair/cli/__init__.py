@@ -21,7 +21,7 @@ import typer.main
 from rich.console import Console
 from rich.text import Text
 
-from perpair.errors import FailedOnMainProcess, PerpairError, StoppedBySignal, TrainingStopped
+from perpair.errors import FailedOnMainProcess, PerpairError, StoppedBySignal
 from perpair.signals import stop_on_signals
 
 app = typer.Typer(
@@ -121,7 +121,7 @@ def main() -> None:
             _stopped(exc)
 
 
-def _stopped(exc: TrainingStopped | StoppedBySignal) -> None:
+def _stopped(exc: StoppedBySignal) -> None:
     """What a scheduler asked, not an error: its line (once for a launch: every process stopped) and status."""
     if os.environ.get("RANK", "0") == "0":
         console.print(Text(str(exc)), soft_wrap=True)
@@ -151,7 +151,7 @@ def _command_line() -> None:
         with contextlib.suppress(StoppedBySignal):
             time.sleep(3)
         sys.exit(exc.exit_code)
-    except (TrainingStopped, StoppedBySignal) as exc:
+    except StoppedBySignal as exc:  # (a training's too: TrainingStopped)
         _stopped(exc)
     except PerpairError as exc:
         fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))

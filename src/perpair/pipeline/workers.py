@@ -31,13 +31,12 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from perpair import signals
-from perpair.errors import PerpairError, StoppedBySignal, TrainingStopped
+from perpair.errors import PerpairError, StoppedBySignal
 
 Log = Callable[[str], None]
 
 _log_queue = None  # in a worker process: where its stages' log lines go
 _in_stage = False  # in a worker process: whether a stage runs (a stop signal stops it)
-STOPS = (TrainingStopped, StoppedBySignal)  # a stage stopped by SIGTERM / SIGUSR1, its work kept
 
 
 class Stopped(PerpairError):
@@ -124,10 +123,10 @@ class Workers:
         self._environment.close()
         if isinstance(exc, KeyboardInterrupt):
             return False
-        first = next((e for e in self._errors if not isinstance(e, (Stopped, *STOPS))), None)
+        first = next((e for e in self._errors if not isinstance(e, (Stopped, StoppedBySignal))), None)
         if first is not None and first is not exc:
             raise first
-        stops = [e for e in self._errors if isinstance(e, STOPS)]
+        stops = [e for e in self._errors if isinstance(e, StoppedBySignal)]  # (a training's: TrainingStopped)
         if first is None and (stops or self.signalled) and stops != [exc]:
             # a line for each stage the signal stopped (what it kept), or the run's own if it stopped none
             lines = [str(e) for e in stops] or [str(signals.stopped(self.signalled))]

@@ -15,7 +15,7 @@ import pyarrow as pa
 from perpair.artifacts import read_header
 from perpair.data import PrepareOptions, prepare, read_pairs
 from perpair.data.schema import KIND as PAIRS_KIND
-from perpair.errors import PerpairError, TrainingStopped
+from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig, check_plan_fits
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 from perpair.train.processes import on_main_process
@@ -155,8 +155,6 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
                 try:
                     tokenized[row] = tokenize_pair(tokenizer, prompts[row].as_py(), good, None if sft else bad,
                                                    config.max_length, tools[row])
-                except TrainingStopped:  # SIGTERM while tokenizing: the run's stop, not a refusal of this pair
-                    raise
                 except PerpairError as exc:
                     raise PerpairError(f"{data.path}: pair {data.pair_ids[row]}: {exc}") from None
             if tokenized[row] is None:

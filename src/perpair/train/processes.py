@@ -8,21 +8,22 @@ from typing import TypeVar
 
 import torch
 
-from perpair.errors import FailedOnMainProcess, PerpairError
+from perpair.errors import FailedOnMainProcess, PerpairError, StoppedBySignal
 
 T = TypeVar("T")
 
 
 def on_main_process(accelerator, work: Callable[[], T]) -> T | None:
     """``work()`` on the main process alone (its result; None elsewhere), the others waiting for it. Its refusal
-    (a :class:`PerpairError` or an ``OSError``: a full disk, a folder it may not write) is raised there as usual
+    (a :class:`PerpairError` or an ``OSError``: a full disk, a folder it may not write), or a stop signal's
+    :class:`StoppedBySignal`, is raised there as usual
     and as :class:`FailedOnMainProcess` on the others, so that every process exits with the main one's status
     instead of the others failing in their next collective, a traceback each, once it is gone."""
     result, failure = None, None
     if accelerator.is_main_process:
         try:
             result = work()
-        except (PerpairError, OSError) as exc:
+        except (PerpairError, OSError, StoppedBySignal) as exc:  # (a stop signal: the others stop with it)
             failure = exc
     if accelerator.num_processes > 1:
         code = _main_process_status(accelerator, None if failure is None else getattr(failure, "exit_code", 2))
