@@ -233,6 +233,12 @@ def test_a_reference_cache_that_cannot_be_read_is_named_never_passed_over(tmp_pa
     mine.unlink()
     shutil.copy(pairs, cache / "pairs.parquet")
     run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out)
+    # a file of the user's given by mistake is not a cache cut short: refused, and never advised removed
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", notes,
+                            "-o", out, check=False))
+    assert f"{notes}: not a readable Parquet file" in line and "remove it" not in line
 
 
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):

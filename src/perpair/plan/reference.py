@@ -87,7 +87,8 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
         except PerpairError as exc:
             if not file.exists():  # a part folded into the file (and removed) since it was listed
                 continue
-            if _other_kind(file):  # (a pairs file given as --reference-logps: not one to remove)
+            # (a pairs file, or a file not named as a cache, given as --reference-logps: not one to remove)
+            if _other_kind(file) or ".parquet" not in file.name:
                 raise
             # a file renamed into place just before a node went down can be empty (the rename reached the disk, its
             # data did not): it holds nothing to keep
