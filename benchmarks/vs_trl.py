@@ -252,7 +252,7 @@ def worker_bound(args) -> dict:
 
     loop.train_step = step
     train(load_config(None, {
-        "model": "smollm2", "data": args.pairs, "out": args.tmp, "steps": args.steps,
+        "model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
         "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
         "save_model": False, "final_checkpoint": False, "save_every_minutes": 0}))
