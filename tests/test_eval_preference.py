@@ -158,6 +158,31 @@ def test_reference_cache_gives_the_uncached_results_and_is_keyed_by_the_referenc
     np.testing.assert_allclose(figures(other, reference_cache=cache), figures(other), rtol=1e-5, atol=1e-7)
 
 
+def test_the_reference_cache_records_the_pairs_too_long_for_max_length(tmp_path):
+    """The evaluation's reference cache is the train stage's format, which perpair plan reads: like the train
+    stage's pass, it records the pairs whose prompt alone fills max_length (no value). It recorded none and said so
+    (an empty record, not a missing one): a plan given it was refused as lacking those pairs, advised to compute
+    them, which no pass can."""
+    from perpair.artifacts import file_sha256, write_artifact
+    from perpair.data.schema import SCHEMA_VERSION, PairRecord, records_to_table
+    from perpair.eval.preference import PreferenceConfig, cache_reference
+    from perpair.plan.reference import read_reference_logps
+
+    records = [PairRecord(prompt=[{"role": "user", "content": "question " + ("word " * 300 if i == 1 else str(i))}],
+                          chosen=[{"role": "assistant", "content": f"good answer {i}"}],
+                          rejected=[{"role": "assistant", "content": f"bad answer {i}"}],
+                          source="test", source_row=i, meta="{}") for i in range(3)]
+    pairs = tmp_path / "pairs.parquet"
+    write_artifact(pairs, records_to_table(records), kind="pairs", schema_version=SCHEMA_VERSION,
+                   provenance={"source": "tests"})
+    ids = [r.pair_id for r in records]
+    model, cache = _tiny(tmp_path / "model", 0), tmp_path / "cache"
+    cache_reference(PreferenceConfig(model=str(model), ref=str(model), data=pairs, max_length=64,
+                                     reference_cache=cache))
+    table, _ = read_reference_logps(cache, file_sha256(pairs), str(pairs))  # refused: "lacks 1 of the 3 pairs"
+    assert sorted(table.column("pair_id").to_pylist()) == sorted([ids[0], ids[2]])
+
+
 def _refused(result) -> str:
     """The one `error:` line of a refused command (exit 2, no traceback)."""
     lines = result.stderr.strip().splitlines()

@@ -209,6 +209,34 @@ def test_checkpoints_by_the_clock(tiny_model, uf_pairs, tmp_path, monkeypatch):
     assert sorted(run("long")) == ["step-00000003", "step-00000006"]
 
 
+def test_no_final_checkpoint_leaves_no_clock_checkpoint(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """final_checkpoint false: a run that finishes removes the checkpoints the clock wrote (each holds the
+    optimizer state, ~96 GB for an 8B model) and keeps those save_every asked for. A run longer than
+    save_every_minutes left its clock checkpoints in OUT after it finished."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    minutes = iter(range(0, 1000, 11))  # 11 minutes a step: the clock's 30 end in step 3 (then 6, 9)
+    monkeypatch.setattr(loop, "clock", lambda: 60.0 * next(minutes), raising=False)
+    written = []
+    save_checkpoint = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda out, step, *rest: (written.append(step),
+                                                                           save_checkpoint(out, step, *rest)))
+
+    def run(name, **extra):
+        out = tmp_path / name
+        train(load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 10,
+                                 "batch_size": 2, "max_length": 64, "threads": 1, "final_checkpoint": False,
+                                 "keep_checkpoints": 5, "reference_cache": str(tmp_path / "ref"), **extra}))
+        return sorted(c.name for c in (out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+
+    assert run("clock") == [] and written == [3, 6, 9]  # the clock wrote them, the end removed them
+    assert (tmp_path / "clock" / "model").is_dir()
+    written.clear()
+    assert run("both", save_every=4) == ["step-00000004", "step-00000008"]
+    assert written == [3, 4, 7, 8]  # (the clock's count starts again at each checkpoint)
+
+
 def test_the_model_is_saved_whole_or_not_at_all(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """OUT/model appears once every file of it is written: a save that fails half-way (a full disk; a kill) leaves
     none, and a resumed run's failed save leaves the complete model that was there. A half-written OUT/model (the

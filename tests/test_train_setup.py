@@ -257,6 +257,32 @@ def test_a_reference_pass_stopped_by_ctrl_c_keeps_its_pairs_and_a_rerun_computes
     assert refcache.load_cached(path).keys() == cached.keys()
 
 
+def test_folding_parts_keeps_a_part_another_pass_rewrote_since_it_was_read(tmp_path, monkeypatch):
+    """Two runs sharing a reference cache: the one that folds the parts into the file removed a part the other had
+    rewritten after it was read, so the values saved by that rewrite were in no file until the other's next save
+    (lost if it was killed before). The part rewritten since it was read is kept now; the one read is removed."""
+    key = refcache.cache_key(model="tiny", tokenizer="t", pairs_sha256="0" * 64, max_length=64)
+    path = refcache.cache_path(tmp_path, key)
+    values = {f"p{i}": (-1.0 - i, 2, -3.0 - i, 4) for i in range(4)}
+    theirs, stopped = (path.with_name(f"{path.name}.part-{n}") for n in ("0-aaaaaaaa", "0-bbbbbbbb"))
+    refcache.save_cached(theirs, key, {"p0": values["p0"]})  # the other run's, as it goes
+    refcache.save_cached(stopped, key, {"p1": values["p1"]})  # a killed pass's
+    save_cached = refcache.save_cached
+
+    def meanwhile(file, *args, **kwargs):  # the other run saves again while the cache file is written
+        if file == path:
+            save_cached(theirs, key, {"p0": values["p0"], "p2": values["p2"]})
+        save_cached(file, *args, **kwargs)
+
+    monkeypatch.setattr(refcache, "save_cached", meanwhile)
+    refcache.add_cached(path, key, {"p3": values["p3"]})
+    assert refcache.part_files(path) == [theirs]
+    assert refcache.load_cached(path) == values
+    monkeypatch.setattr(refcache, "save_cached", save_cached)
+    refcache.add_cached(path, key, {})  # (the other run's own fold, at the end of its pass)
+    assert not refcache.part_files(path) and refcache.load_cached(path) == values
+
+
 def test_a_plan_takes_the_reference_pass_of_one_epoch_and_refuses_that_of_fewer_steps(tiny_model_dir, uf_pairs,
                                                                                          tmp_path):
     """The reference pass records the pairs whose prompt fills max_length (no value; trained by none): a plan on the

@@ -156,10 +156,12 @@ def score_reference(pairs, config: PreferenceConfig,
     spec = resolve_model(config.ref)
     tokenizer = AutoTokenizer.from_pretrained(spec)
     ids, tokenized = tokenize_table(tokenizer, pairs, config.max_length)
+    # recorded, as the train stage's pass does: a plan reading the cache tells them from pairs not computed yet
+    left_out = sorted(set(pairs.column("pair_id").to_pylist()) - set(ids))  # their prompt alone fills max_length
     path, key = reference.cache_file(Path(config.reference_cache), spec, tokenizer, config.data, config.max_length)
     reference.reference_logps(path, key, ids, tokenized, lambda: _load(config.ref)[0], device="cpu",
                               tokens_per_forward=config.tokens_per_forward, chunk_size=DEFAULT_CHUNK,
-                              on_progress=on_progress and (lambda done, total: on_progress(done)))
+                              on_progress=on_progress and (lambda done, total: on_progress(done)), left_out=left_out)
     cached = reference.load_cached(path)  # (chosen, chosen tokens, rejected, rejected tokens) per pair_id
     rows = [cached[i] for i in ids]
     return logps_table(ids, *([r[k] for r in rows] for k in range(4))).to_pandas()

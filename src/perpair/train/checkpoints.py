@@ -116,6 +116,17 @@ def checkpoint_folder(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:08d}"
 
 
+def drop_resume_points(out: Path, save_every: int) -> None:
+    """At the end of a run that finished without a final checkpoint: remove the checkpoints that only kept it
+    resumable (by the clock, or at a stop signal of an earlier attempt), keeping those at multiples of
+    ``save_every``, which the user asked for. Each holds the optimizer state (~12 bytes a parameter, ~96 GB for
+    an 8B model): they were left in OUT after a run that was asked for no final checkpoint."""
+    for folder in checkpoints(out):
+        number = folder.name.removeprefix("step-")
+        if not (save_every and number.isdigit() and int(number) % save_every == 0):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill

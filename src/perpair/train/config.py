@@ -137,13 +137,16 @@ class TrainConfig(NumbersNotBools):
                                                  "and at the end).")
     save_every_minutes: float = Field(
         30, ge=0, description="Checkpoint after the first step that ends this many minutes after the last checkpoint "
-                              "(or the run's first step): a killed run loses at most that much (0: off).")
+                              "(or the run's first step): a killed run loses at most that much (0: off). With "
+                              "final_checkpoint false, a run that finishes removes these (save_every's stay).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
     resume: bool = Field(False, description="Continue from the latest checkpoint in OUT (of this very run: "
                          "OUT/run.key must match these settings).")
     overwrite: bool = Field(False, description="Replace the outputs of another run in OUT (refused otherwise).")
     save_model: bool = Field(True, description="Save the final model (HF format) to OUT/model or OUT/adapter.")
-    final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too.")
+    final_checkpoint: bool = Field(True, description="Write a resumable checkpoint after the last step too (false: "
+                                   "a run that finishes also removes the checkpoints written by the clock or at a "
+                                   "stop, keeping save_every's).")
 
     @field_validator("model", "data", "plan", "out", "reference_model", "reference_cache")
     @classmethod

@@ -43,6 +43,7 @@ from perpair.train.checkpoints import (
     checkpoint_folder,
     checkpoints,
     claim_out,
+    drop_resume_points,
     load_checkpoint,
     save_checkpoint,
     save_model,
@@ -218,6 +219,8 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
         "tokens_per_forward": config.forward_tokens,  # the packing budget in effect (its default resolved)
     }
     on_main_process(accelerator, lambda: (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n"))
+    if not config.final_checkpoint:  # the run is complete: what only made it resumable goes (save_every's stay)
+        on_main_process(accelerator, lambda: drop_resume_points(out, config.save_every))
     let_collectives_finish(accelerator)  # before the process group goes (end_training) and the DDP module: see there
     accelerator.end_training()
     return TrainResult(out=out, metrics_path=metrics_path, summary=summary)

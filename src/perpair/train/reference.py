@@ -172,13 +172,26 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
 def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]],
                left_out: Collection[str] = ()) -> None:
     """Add ``values`` (pair id → chosen log-prob, tokens, rejected log-prob, tokens) and the ids ``left_out`` to the
-    cache at ``path``, with the values of its part files, which are then removed (folded in)."""
-    parts = part_files(path)
+    cache at ``path``, with the values of its part files, which are then removed (folded in). A part that another
+    pass (a run sharing the cache) rewrote since it was read is kept: it holds values this file lacks, and removed,
+    they were lost if that pass was killed before its next save. (A rewrite between the check and the removal, a
+    window of microseconds, is not caught: that would take a lock.)"""
+    parts = {part: _version(part) for part in part_files(path)}  # (before the reading: each one removed was read)
     cached, provenance = read_cache(path, key)
     cached.update(values)
     save_cached(path, key, cached, set(left_out) | set(provenance["left_out"] if provenance else ()))
-    for part in parts:  # (listed before the reading: each one removed was read)
-        part.unlink(missing_ok=True)
+    for part, read in parts.items():
+        if read is not None and _version(part) == read:  # each save renames a new file into place: another inode
+            part.unlink(missing_ok=True)
+
+
+def _version(file: Path) -> tuple[int, int, int] | None:
+    """What tells one write of ``file`` from another (None: there is none)."""
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
