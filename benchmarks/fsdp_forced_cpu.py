@@ -85,7 +85,7 @@ def main() -> None:
         run([sys.executable, "-m", "perpair", "prepare", str(UF_TRAIN), "-o", str(tmp / "uf.parquet")], env)
         common = ["train", "--model", str(model), "--data", str(tmp / "uf.parquet"), "--steps", "3", "--batch-size",
                   "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1", "--set", "final_checkpoint=false",
-                  "--set", f"reference_cache={tmp / 'refcache'}"]
+                  "--set", "tokens_per_forward=0", "--set", f"reference_cache={tmp / 'refcache'}"]
         run([sys.executable, "-m", "perpair", *common, "--out", str(tmp / "one")], env)
         run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
              __file__, "--worker", *common, "--out", str(tmp / "fsdp")], env)
