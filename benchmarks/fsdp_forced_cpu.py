@@ -3,9 +3,10 @@
 Accelerate never selects FSDP without a GPU, so the worker forces it: it builds the Accelerator on gloo, then sets
 the distributed type to FSDP with an FSDP2 plugin before ``prepare`` and again before each step, clipping and saving
 (Accelerate's ``prepare`` resets the forced type). What runs is then FSDP2's real sharding (``fully_shard``),
-``no_sync`` (``set_requires_gradient_sync``), DTensor-aware clipping and the full-state-dict gathering of
-``save_model``. A tiny random Llama, 2 ranks, 3 steps of 4 pairs; printed: per-step loss and gradient norm of both
-runs, and the largest difference of the saved weights.
+``no_sync`` (``set_requires_gradient_sync``), DTensor-aware clipping, the sharded checkpoints and the
+full-state-dict gathering of ``save_model`` (``tests/test_train_cli.py`` runs the worker to check resuming). A tiny
+random Llama, 2 ranks, 3 steps of 4 pairs; printed: per-step loss and gradient norm of both runs, and the largest
+difference of the saved weights.
 
     python benchmarks/fsdp_forced_cpu.py
 """
@@ -60,6 +61,7 @@ def worker(argv: list[str]) -> None:
 
     saver = wrap(loop.save_model)
     loop.setup_accelerator, loop.train_step, loop.save_model = setup, wrap(loop.train_step), save_model
+    loop.save_checkpoint = wrap(loop.save_checkpoint)
     Accelerator.clip_grad_norm_ = (lambda clip: lambda self, *a, **k: (force(self), clip(self, *a, **k))[1])(
         Accelerator.clip_grad_norm_)
     sys.argv = ["perpair", *argv]
@@ -84,7 +86,7 @@ def main() -> None:
         model = save_tiny_llama(tmp / "model", hidden=64)
         run([sys.executable, "-m", "perpair", "prepare", str(UF_TRAIN), "-o", str(tmp / "uf.parquet")], env)
         common = ["train", "--model", str(model), "--data", str(tmp / "uf.parquet"), "--steps", "3", "--batch-size",
-                  "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1", "--set", "final_checkpoint=false",
+                  "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1", "--set", "tokens_per_forward=0",
                   "--set", f"reference_cache={tmp / 'refcache'}"]
         run([sys.executable, "-m", "perpair", *common, "--out", str(tmp / "one")], env)
         run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",

@@ -11,6 +11,7 @@ import random
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "sa
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", "runs", "wandb",
             RUN_KEY)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
 _RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metrics.jsonl: what a run that trained leaves
+SHARDS = "shards"  # under FSDP, a checkpoint's folder of every process's shards
+SHARD_FILE_BYTES = 2 << 30
 
 
 def run_key(config: TrainConfig) -> str:
@@ -131,7 +134,10 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
     never leaves half a checkpoint. The main process writes all but the other processes' RNG states; a failure
-    there (a full disk) stops every process."""
+    there (a full disk) stops every process. Under FSDP each process holds a shard of the weights and optimizer
+    state: each writes its own into ``shards/`` (torch.distributed.checkpoint, safetensors), nothing gathered."""
+    from accelerate.utils import DistributedType
+
     target = checkpoint_folder(out, step)
     tmp = target.with_name(f".{target.name}.tmp")
 
@@ -144,14 +150,37 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, tmp / rng_file(accelerator.process_index))
+    groups = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        groups = _save_shards(tmp / SHARDS, accelerator, module, optimizer, target)
     accelerator.wait_for_everyone()
     on_main_process(accelerator, lambda: _write_checkpoint(out, step, tmp, target, accelerator, module, optimizer,
-                                                           scheduler, keep))
+                                                           scheduler, keep, groups))
 
 
 def _write_checkpoint(out: Path, step: int, tmp: Path, target: Path, accelerator, module, optimizer, scheduler,
-                      keep: int) -> None:
-    model = accelerator.unwrap_model(module).model
+                      keep: int, sharded_groups: list[dict] | None) -> None:
+    if sharded_groups is None:
+        groups, shards = _write_weights(tmp, accelerator.unwrap_model(module).model, optimizer), {}
+    else:  # the shards are written: their files and sizes, which a resume checks before it reads any
+        groups = sharded_groups
+        shards = {"shards": {p.name: p.stat().st_size for p in sorted((tmp / SHARDS).iterdir())}}
+    np_state = np.random.get_state()
+    state = {
+        "step": step, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
+        "python_rng": _jsonable(random.getstate()),
+        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]], **shards,
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_weights(tmp: Path, model, optimizer) -> list[dict]:
+    """One process's whole weights and optimizer state (``model`` / ``optimizer.safetensors``); returns the
+    optimizer's parameter groups, their parameters by name."""
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, tmp / "model.safetensors")
@@ -164,17 +193,63 @@ def _write_checkpoint(out: Path, step: int, tmp: Path, target: Path, accelerator
             for key, value in inner.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}::{key}"] = value.detach().contiguous().cpu()
     save_file(tensors, tmp / "optimizer.safetensors")
-    np_state = np.random.get_state()
-    state = {
-        "step": step, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
-        "python_rng": _jsonable(random.getstate()),
-        "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    return groups
+
+
+def _sharded_state(module, optimizer) -> tuple[dict, dict, dict]:
+    """Under FSDP: this process's shards of the trainable weights and of the optimizer state (initialised, zero,
+    if it has none yet), every tensor by a name of its own (the files' keys), and the optimizer's state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(module, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(ignore_frozen_params=True))
+    seen, tied = set(), set()  # a weight under two names (tied embeddings) is stored under its first
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    tensors = {f"model::{name}": value for name, value in weights.items() if name not in tied}
+    tensors.update({f"optimizer::{name}::{key}": value for name, entries in optim["state"].items()
+                    for key, value in entries.items()})
+    return weights, optim, tensors
+
+
+def _save_shards(folder: Path, accelerator, module, optimizer, target: Path) -> list[dict]:
+    """Every process its shards into ``folder``, in files of about SHARD_FILE_BYTES (of the whole tensors: a
+    process holds its part of each), so that none holds more than one file's in memory while writing."""
+    import torch.distributed.checkpoint as dcp
+
+    _, optim, tensors = _sharded_state(module, optimizer)
+    files, size, index = {}, 0, 1
+    for name, value in tensors.items():  # the same on every process: the whole tensors' sizes, in the same order
+        if size and size + value.numel() * value.element_size() > SHARD_FILE_BYTES:
+            index, size = index + 1, 0
+        files[name] = index
+        size += value.numel() * value.element_size()
+    writer = dcp.HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files, save_distributed=True)
+    _together(accelerator, lambda: dcp.save(tensors, storage_writer=writer),
+              lambda reason: f"checkpoint {target}: its shards could not be written ({reason})")
+    return [{"names": group["params"], **{k: v for k, v in group.items() if k != "params"}}
+            for group in optim["param_groups"]]
+
+
+def _together(accelerator, work, message) -> None:
+    """``work()``, a collective of torch.distributed.checkpoint's, whose failure it raises on every process
+    (whichever failed: a full disk), as one error of the first process's: ``message(the first failure)``."""
+    import torch.distributed.checkpoint as dcp
+
+    failure = None
+    try:
+        work()
+    except dcp.CheckpointException as exc:  # (a BaseException)
+        rank, (error, _) = next(iter(exc.failures.items()))
+        failure = message(f"process {rank}: {type(error).__name__}: {' '.join(str(error).split())[:200]}")
+
+    def report() -> None:
+        if failure is not None:
+            raise PerpairError(failure)
+
+    on_main_process(accelerator, report)
 
 
 def rng_file(process: int) -> str:
@@ -182,17 +257,37 @@ def rng_file(process: int) -> str:
     return "rng.safetensors" if process == 0 else f"rng-{process}.safetensors"
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, process: int = 0) -> int:
-    """Restore the latest checkpoint in ``out`` into process ``process``; returns its step (0 when there is none).
+def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded: bool = False) -> int:
+    """Restore the latest checkpoint in ``out`` into this process; returns its step (0 when there is none).
     Every file is read and checked against the model before anything is restored: a damaged or incomplete
     checkpoint (a disk that filled, files copied in part) is refused, naming it, never half applied and never
     silently skipped for an older one. A process the checkpoint has no RNG states of (it was written by fewer
-    processes) takes the first process's."""
+    processes) takes the first process's. ``sharded``: under FSDP, ``model`` the module FSDP prepared and
+    ``optimizer`` its optimizer, every process reading its own shards (any number of processes: each reads its part
+    of the tensors), once the first process found the files whole and fitting the model (one error, not one per
+    process); a checkpoint written under FSDP resumes only under FSDP, and one written without only without."""
     found = checkpoints(out)
     if not found:
         return 0
-    folder = found[-1]
-    state, weights, tensors, rng = _read_checkpoint(folder, found[-2] if len(found) > 1 else None, process)
+    folder, previous = found[-1], found[-2] if len(found) > 1 else None
+    if sharded:
+        on_main_process(accelerator, lambda: _read_checkpoint(folder, previous, 0, sharded))
+    state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
+    if sharded:
+        _load_shards(folder, state, stored, accelerator, model, optimizer)
+    else:
+        _load_weights(folder, state, *stored, model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+    random.setstate(_tuples(state["python_rng"]))
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    return int(state["step"])
+
+
+def _load_weights(folder: Path, state: dict, weights: dict, tensors: dict, model, optimizer) -> None:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
@@ -207,18 +302,41 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, process: int = 0) ->
             entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
             if entries:
                 optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
-    random.setstate(_tuples(state["python_rng"]))
-    kind, keys, *rest = state["numpy_rng"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    return int(state["step"])
 
 
-def _read_checkpoint(folder: Path, previous: Path | None, process: int) -> tuple[dict, dict, dict, dict]:
-    """The state, weights, optimizer tensors and RNG states of the checkpoint ``folder``, or one error naming it."""
+def _load_shards(folder: Path, state: dict, metadata, accelerator, module, optimizer) -> None:
+    """Under FSDP: this process's shards of the checkpoint's weights and optimizer state, read into ``module`` and
+    ``optimizer`` (torch.distributed.checkpoint); the files' keys and shapes are checked against the model's first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights, optim, tensors = _sharded_state(module, optimizer)
+    saved = metadata.state_dict_metadata
+    wrong = next((name for name, value in tensors.items()
+                  if name not in saved or tuple(saved[name].size) != tuple(value.shape)), None)
+    wrong = wrong or next((name for name in saved if name not in tensors), None)
+
+    def fits() -> None:  # (every process finds the same: the first one says so)
+        if wrong is not None:
+            raise PerpairError(f"checkpoint {folder} does not match this model (e.g. {wrong.split('::')[1]}); "
+                               "resume with the configuration that wrote it")
+
+    on_main_process(accelerator, fits)
+    reader = dcp.HuggingFaceStorageReader(str(folder / SHARDS))
+    _together(accelerator, lambda: dcp.load(tensors, storage_reader=reader),  # (the files were checked before)
+              lambda reason: f"checkpoint {folder} is damaged or incomplete ({reason})")
+    optim["param_groups"] = [{"params": group["names"], **{k: (tuple(v) if isinstance(v, list) else v)
+                                                           for k, v in group.items() if k != "names"}}
+                             for group in state["param_groups"]]
+    # not strict: the frozen weights (a LoRA run's base) are the model's own, not the checkpoint's; the trained
+    # ones were checked above
+    set_state_dict(module, getattr(optimizer, "optimizer", optimizer), model_state_dict=weights,
+                   optim_state_dict=optim, options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+
+def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded: bool) -> tuple[dict, Any, dict]:
+    """The state, weights and optimizer tensors (``sharded``: the shards' metadata, from the files' headers, instead)
+    and RNG states of the checkpoint ``folder``, or one error naming it."""
     from safetensors import SafetensorError
 
     def damaged(reason: str) -> PerpairError:
@@ -228,22 +346,45 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int) -> tuple
 
     try:
         state = json.loads((folder / "state.json").read_text())
-        weights = load_file(folder / "model.safetensors")
-        tensors = load_file(folder / "optimizer.safetensors")
+        number = folder.name.removeprefix("step-")
+        expected = int(number) if number.isdigit() else None
+        keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
+        if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
+            raise damaged(f"state.json is not the state of step {expected}")
+        if ("shards" in state) != sharded:  # (its files differ: no part of it would be read right)
+            how = "under" if "shards" in state else "without"
+            raise PerpairError(f"checkpoint {folder} was written by a run {how} FSDP; resume it {how} FSDP, as the "
+                               "run that wrote it")
         own = folder / rng_file(process)
         rng = load_file(own if own.exists() else folder / rng_file(0))
+        if sharded:
+            stored = _read_shards(folder / SHARDS, state["shards"], damaged)
+        else:
+            stored = load_file(folder / "model.safetensors"), load_file(folder / "optimizer.safetensors")
     except FileNotFoundError as exc:
         raise damaged(f"no {Path(exc.filename).name}") from None
     except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
         raise damaged(" ".join(str(exc).split())[:200]) from None
-    number = folder.name.removeprefix("step-")
-    expected = int(number) if number.isdigit() else None
-    keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
-    if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
-        raise damaged(f"state.json is not the state of step {expected}")
     if "torch" not in rng:
         raise damaged("its RNG states lack torch's")
-    return state, weights, tensors, rng
+    return state, stored, rng
+
+
+def _read_shards(folder: Path, files: dict, damaged):
+    """The shards' metadata (every tensor's whole shape and the parts each file holds), once the files are those
+    state.json names, of the sizes it gives."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    held = {p.name: p.stat().st_size for p in folder.iterdir()} if folder.is_dir() else {}
+    for name, size in files.items():
+        if name not in held:
+            raise damaged(f"no {SHARDS}/{name}")
+        if held[name] != size:
+            raise damaged(f"{SHARDS}/{name} holds {held[name]} bytes, not the {size} written")
+    stray = sorted(set(held) - set(files))
+    if stray:
+        raise damaged(f"{SHARDS}/{stray[0]} is not one of its files")
+    return HuggingFaceStorageReader(str(folder)).read_metadata()
 
 
 def _jsonable(value):

@@ -316,17 +316,31 @@ def sharding_problem(config: TrainConfig, sharding: str | None) -> str | None:
                 "(examples/accelerate/fsdp-*.yaml)")
     if sharding != "fsdp":
         return None
-    # (save_every_minutes left at its default does nothing under FSDP: the loop writes no timed checkpoint there)
-    timed = "save_every_minutes" in config.model_fields_set and config.save_every_minutes
-    if config.save_every or timed or config.final_checkpoint or config.resume:
-        return ("resumable checkpoints are not supported under FSDP yet (they would hold one rank's shard): "
-                "set save_every: 0, final_checkpoint: false and resume: false (save_every_minutes: 0 or left out)")
+    if (config.save_every or config.save_every_minutes or config.final_checkpoint or config.resume) \
+            and not sharded_checkpoints():
+        import torch
+
+        return (f"resumable checkpoints under FSDP need torch.distributed.checkpoint's sharded safetensors storage "
+                f"(HuggingFaceStorageWriter with save_distributed), which torch {torch.__version__} lacks: upgrade "
+                "torch (2.13 was tested), or set save_every: 0, save_every_minutes: 0 and final_checkpoint: false")
     if config.forward_tokens:  # its default is 0 under an FSDP launch; set, or FSDP chosen otherwise: refused
         # FSDP gathers weights in every forward, a collective: ranks packing into different numbers of forwards hang
         return "tokens_per_forward must be 0 under FSDP (every rank must run the same number of forwards)"
     if config.lora is not None and config.lora.merge:
         return "lora.merge is not supported under FSDP; merge the saved adapter afterwards"
     return None
+
+
+def sharded_checkpoints() -> bool:
+    """Whether torch can write and read checkpoints under FSDP as perpair does: every process its shards, in
+    safetensors files (checkpoints.save_checkpoint)."""
+    import inspect
+
+    try:
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    except ImportError:
+        return False
+    return "save_distributed" in inspect.signature(HuggingFaceStorageWriter).parameters
 
 
 def check_plan_fits(config: TrainConfig, curriculum: str, smoothing: bool, where: str) -> None:

@@ -138,15 +138,17 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     model = prepare_policy(config, model, single_process=accelerator.num_processes == 1)
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)
-    start_step = 0
-    if config.resume:
-        start_step = load_checkpoint(out, model, optimizer, scheduler, accelerator.process_index)
-        if on_resume:
-            on_resume(start_step)
+    start_step, sharded = 0, fsdp(accelerator)
+    if config.resume and not sharded:
+        start_step = load_checkpoint(out, accelerator, model, optimizer, scheduler)
     module = CompletionLogps(model, config.logits_chunk, config.ld_alpha, wpo=config.use_weighting,
                              grad_into_weight=accelerator.num_processes == 1)
     # The scheduler stays ours: Accelerate's wrapper would advance it once per process at every step.
     module, optimizer = accelerator.prepare(module, optimizer)
+    if config.resume and sharded:  # under FSDP into the shards, which prepare makes
+        start_step = load_checkpoint(out, accelerator, module, optimizer, scheduler, sharded=True)
+    if config.resume and on_resume:
+        on_resume(start_step)
     metrics_path = out / METRICS
     on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step))
     start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
@@ -155,9 +157,8 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     train_seconds, peak = 0.0, 0
     totals = Counter()
     # checkpoints by the clock too, so that a run killed without warning (SIGKILL, a node lost) loses at most
-    # save_every_minutes; none under FSDP (refused there unless left at its default, see config.sharding_problem)
-    resumable = not fsdp(accelerator)
-    timed = config.save_every_minutes * 60 if resumable else 0
+    # save_every_minutes
+    timed = config.save_every_minutes * 60
     saved_at = clock()
     signals.defer()  # from here a stop signal stops the run at the end of its step, with a checkpoint
     for step in range(start_step, config.steps):
@@ -174,14 +175,13 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
         if step + 1 == config.steps:
             break  # (a signal now: the run saves its last checkpoint and model as it ends anyway)
         stop, due = agreed(accelerator, signals.received, bool(timed) and clock() - saved_at >= timed)
-        if (config.save_every and (step + 1) % config.save_every == 0) or due or (stop and resumable):
+        if (config.save_every and (step + 1) % config.save_every == 0) or due or stop:
             save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
             saved_at = clock()
         if stop:
             let_collectives_finish(accelerator)  # as at the end of a run: no process hangs at exit
             accelerator.end_training()
-            checkpoint = checkpoint_folder(out, step + 1) if resumable else None
-            raise TrainingStopped(stopped_line(stop, step + 1, config.steps, checkpoint), stop)
+            raise TrainingStopped(stopped_line(stop, step + 1, config.steps, checkpoint_folder(out, step + 1)), stop)
     if config.final_checkpoint:
         save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
     # What the summary counts of the model, before it is saved (merging a LoRA adapter replaces the adapted layers,
@@ -232,11 +232,8 @@ def fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def stopped_line(signum: int, step: int, steps: int, checkpoint: Path | None) -> str:
+def stopped_line(signum: int, step: int, steps: int, checkpoint: Path) -> str:
     """The one line of a run stopped by ``signum`` after ``step``."""
-    if checkpoint is None:
-        return (f"stopped by {signal.Signals(signum).name} after step {step} of {steps}, without a checkpoint (not "
-                "supported under FSDP yet): a new run starts from step 1")
     return (f"stopped by {signal.Signals(signum).name} after step {step} of {steps}: checkpoint {checkpoint}; rerun "
             "with --resume to continue")
 
