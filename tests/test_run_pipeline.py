@@ -891,10 +891,11 @@ def test_a_signal_in_an_arms_last_step_stops_the_run_after_it(tmp_path, tiny, mo
     assert not (tmp_path / "work" / "stages" / "eval.a.preference.json").exists()
 
 
-def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False):
-    """Start ``command`` (its output into ``log``), send it SIGTERM as soon as ``ready()`` (and to every process
-    it started, as ``scancel`` signals each process of a job, with ``workers_too``); its exit status and the
-    processes it had started."""
+def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False,
+                 number: int = signal.SIGTERM):
+    """Start ``command`` (its output into ``log``), send it signal ``number`` as soon as ``ready()`` (and to every
+    process it started, its workers and multiprocessing's resource tracker, as ``scancel`` signals each process of a
+    job, with ``workers_too``); its exit status and the processes it had started."""
     import psutil
 
     with log.open("w") as out:
@@ -902,10 +903,10 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
         try:
             _wait_until(ready, process, log, 0.01)
             children = psutil.Process(process.pid).children(recursive=True)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(number)
             for child in children if workers_too else ():
                 try:
-                    child.send_signal(signal.SIGTERM)
+                    child.send_signal(number)
                 except psutil.NoSuchProcess:
                     pass
             return process.wait(timeout=120), children
@@ -915,12 +916,17 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to", ["run", "run and workers"])
-def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to):
+@pytest.mark.parametrize(("to", "number"), [("run", signal.SIGTERM), ("run and workers", signal.SIGTERM),
+                                            ("run and workers", signal.SIGUSR1)],
+                         ids=["SIGTERM to the run", "SIGTERM to every process", "SIGUSR1 to every process"])
+def test_a_stop_signal_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to, number):
     """workers: 2, SIGTERM while an arm trains, to the run's process (`timeout`, `kill`) or to it and its workers
     (`scancel`): the run passes it on and waits, the arm's worker finishes its step and saves its checkpoint, the
-    run says so in one line and exits 143, no worker left; a re-run resumes the arm from that step. The run died at
-    once (status -15), its workers killed with it, every step since the arm's last checkpoint lost."""
+    run says so in one line and exits 143 (138), no worker left; a re-run resumes the arm from that step. The run
+    died at once (status -15), its workers killed with it, every step since the arm's last checkpoint lost. SIGUSR1
+    to every process (`scancel --signal=USR1`, SLURM's `--signal=USR1@N`) killed multiprocessing's resource
+    tracker, and the run's end printed "resource_tracker: process died unexpectedly" and a KeyError traceback for
+    each semaphore."""
     import psutil
 
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
@@ -933,14 +939,16 @@ def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_
     command = [sys.executable, "-m", "perpair", "run", str(path)]
     metrics = out / "metrics.jsonl"
     status, children = _signal_once(command, env, lambda: metrics.is_file() and metrics.read_text().count("\n"),
-                                     tmp_path / "stopped.log", workers_too=to == "run and workers")
+                                     tmp_path / "stopped.log", workers_too=to == "run and workers", number=number)
     shown = (tmp_path / "stopped.log").read_text()
-    assert status == 143, shown[-3000:]
+    assert status == 128 + number, shown[-3000:]
     assert len(children) >= 2 and not psutil.wait_procs(children, timeout=30)[1]
     step = metrics.read_text().count("\n")
     assert 1 <= step < 30 and [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
     assert "Traceback" not in shown and "error:" not in shown and shown.count("stopped by") == 1, shown[-3000:]
-    assert shown.splitlines()[-1] == (f"train.dpo: stopped by SIGTERM after step {step} of 30: checkpoint "
+    assert "Warning" not in shown and "resource_tracker" not in shown, shown[-3000:]
+    assert shown.splitlines()[-1] == (f"train.dpo: stopped by {signal.Signals(number).name} after step {step} of 30: "
+                                      "checkpoint "
                                       f"{out / 'checkpoints'}/step-{step:08d}; re-run to continue")
     assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 

@@ -179,14 +179,20 @@ class Workers:
 
 def _start_resource_tracker() -> None:
     """Start spawn's resource tracker (it unlinks the semaphores of queues and locks left at exit) without its
-    warning about them: the libraries the workers import leave two, which the user can do nothing about."""
+    warning about them: the libraries the workers import leave two, which the user can do nothing about. It
+    ignores SIGTERM and SIGINT but not SIGUSR1, which ``scancel --signal=USR1`` and SLURM's ``--signal=USR1@N``
+    send every process of the job: it died of it, and the run's end printed "resource_tracker: process died
+    unexpectedly" and a KeyError traceback for each semaphore. Started with SIGUSR1 blocked, which it keeps (a
+    blocked signal stays pending: the tracker lives until the run's end, as with SIGTERM)."""
     from multiprocessing import resource_tracker
 
     before = os.environ.get("PYTHONWARNINGS")
     os.environ["PYTHONWARNINGS"] = "ignore::UserWarning"
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)  # (one to the run meanwhile waits)
     try:
         resource_tracker.ensure_running()
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if before is None:
             del os.environ["PYTHONWARNINGS"]
         else:
