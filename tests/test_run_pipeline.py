@@ -995,6 +995,41 @@ def test_a_stage_stopped_by_a_signal_in_a_worker_comes_back_as_its_stop():
     assert stopped.value.exit_code == 143
 
 
+def _ran(marker: str, *, log) -> None:  # a stage's work, which leaves a file where it ran
+    Path(marker).touch()
+
+
+def test_a_worker_started_as_the_run_forwards_a_stop_signal_gets_it_too(tmp_path, monkeypatch):
+    """The pool starts a worker process as a stage comes: a SIGTERM to the run after the stage's check but before
+    that worker was in the pool's list was passed on to the workers there were, and the new one ran its stage (an
+    arm trained on to its end, the run waiting for it). The run passes it on to the worker it started too, whose
+    stage does not start."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from perpair import signals
+    from perpair.errors import StoppedBySignal
+    from perpair.pipeline.workers import Workers
+
+    spawn = ProcessPoolExecutor._spawn_process
+
+    def signalled_first(pool) -> None:  # the signal comes, and is passed on, as the worker is being started
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not workers.signalled:
+            assert time.monotonic() < deadline, "the run did not take the signal"
+            time.sleep(0.01)
+        spawn(pool)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "_spawn_process", signalled_first)
+    monkeypatch.setattr(signals, "received", 0)  # (this process's: a test before may have signalled it)
+    marker = tmp_path / "ran"
+    with pytest.raises(StoppedBySignal, match="^stopped by SIGTERM: finished work is kept; re-run to continue$") \
+            as stopped, Workers(2, lambda line: None) as workers:
+        workers.side(workers.call, "train.a", "a test", _ran, str(marker)).result()
+    assert stopped.value.exit_code == 143
+    assert not marker.exists(), "the worker started as the signal came ran its stage"
+
+
 def test_a_stop_signal_outside_training_stops_once_where_it_is():
     """The command line's handler (perpair.signals): the first SIGTERM / SIGUSR1 stops the work where it is, with
     its line and status; a second one (scancel's copy, the run's forwarded one) does not cut short what the stop is

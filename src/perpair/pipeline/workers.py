@@ -99,7 +99,10 @@ class Workers:
         if self._stop.is_set() or self.signalled:
             raise Stopped(f"{name}: not started, as another stage failed or the run was stopped")
         try:
-            return self._processes.submit(_in_worker, name, why, action, args).result()
+            done = self._processes.submit(_in_worker, name, why, action, args)
+            if self.signalled:  # it came as the pool started a worker for this stage, maybe after _forward's list
+                self._signal_workers(self.signalled)
+            return done.result()
         except BrokenProcessPool:  # a worker killed (the out-of-memory killer, by hand) or crashed: the pool is gone
             raise PerpairError(f"{name}: a worker process of the run died abruptly (killed, e.g. by the "
                                "out-of-memory killer, or crashed); finished stages are kept: re-run to continue"
@@ -142,6 +145,10 @@ class Workers:
         if self.signalled:
             return
         self.signalled = signum  # (not _stop.set(): the main thread may hold its lock, and a handler runs there)
+        self._signal_workers(signum)
+
+    def _signal_workers(self, signum: int) -> None:
+        """The signal to every worker process; again to one that has it already changes nothing."""
         for process in self._worker_processes():
             with contextlib.suppress(ProcessLookupError):  # one that just ended
                 os.kill(process.pid, signum)
