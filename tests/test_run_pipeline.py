@@ -995,6 +995,48 @@ def test_a_stage_stopped_by_a_signal_in_a_worker_comes_back_as_its_stop():
     assert stopped.value.exit_code == 143
 
 
+def _nothing(*, log) -> None:  # a stage's work that ends at once
+    pass
+
+
+def _slow(marker: str, *, log) -> None:  # a stage's work that takes a while, then leaves a file
+    time.sleep(3)
+    Path(marker).touch()
+
+
+def test_a_stage_that_fails_leaves_the_stage_running_in_its_chains_worker_to_finish(tmp_path):
+    """A worker process dies with the thread that started it (PR_SET_PDEATHSIG), and the run ended the threads of
+    its chains as it stopped: a stage that failed (or that a stop signal stopped, as a scheduler's SIGUSR1 to every
+    process did: "reference: a worker process of the run died abruptly", exit 2) killed the worker its chain had
+    started, running another chain's stage (an arm's training lost since its last checkpoint). That stage
+    finishes, as the running ones do, and the run reports the failure."""
+    import threading
+
+    from perpair.errors import PerpairError
+    from perpair.pipeline.workers import Workers
+
+    marker = tmp_path / "b"
+    a_done, b_started = threading.Event(), threading.Event()
+
+    def chain_a() -> None:  # starts the first worker, then fails while b runs in it
+        workers.call("a", "a test", _nothing)
+        a_done.set()
+        assert b_started.wait(60)
+        time.sleep(1)
+        raise PerpairError("a: refused")
+
+    def chain_b() -> None:
+        assert a_done.wait(60)
+        time.sleep(0.5)  # the worker chain a started is idle: b runs in it
+        b_started.set()
+        workers.call("b", "a test", _slow, str(marker))
+
+    with pytest.raises(PerpairError, match="^a: refused$"), Workers(2, lambda line: None) as workers:
+        workers.side(chain_b)
+        workers.side(chain_a).result()
+    assert marker.exists(), "stage b was killed with the worker chain a had started"
+
+
 def _ran(marker: str, *, log) -> None:  # a stage's work, which leaves a file where it ran
     Path(marker).touch()
 

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -58,6 +58,7 @@ class Workers:
         self._stop = threading.Event()
         self.signalled = 0  # the stop signal the run got while its workers ran; 0: none
         self._noted = signals.received  # (one worker) the stop signal noted before: see _stop_noted
+        self._sides: list[Future] = []  # every chain started
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
@@ -89,7 +90,9 @@ class Workers:
             done: Future = Future()
             done.set_result(chain(*args))
             return done
-        return self._chains.submit(self._chain, chain, *args)
+        done = self._chains.submit(self._chain, chain, *args)
+        self._sides.append(done)
+        return done
 
     def call(self, name: str, why: str, action: Callable[..., Any], *args) -> tuple[Any, float]:
         """``action(*args, log=…)``, logged as stage ``name`` running for ``why``; returns its result and seconds."""
@@ -118,8 +121,13 @@ class Workers:
         if isinstance(exc, KeyboardInterrupt):  # the workers ignore Ctrl-C: the run stops them (as a SIGTERM does)
             for process in self._worker_processes():
                 process.terminate()
-        self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
+        # running stages finish; chains start nothing new once stopped. The chains' threads end after the workers:
+        # a worker dies with the thread that started it (PR_SET_PDEATHSIG), and one whose chain was over (a stage
+        # that failed, or stopped by a signal) was killed running another chain's stage ("died abruptly")
+        while not all(side.done() for side in self._sides):  # (a chain may start another)
+            wait(self._sides)
         self._processes.shutdown(wait=True, cancel_futures=True)
+        self._chains.shutdown(wait=True)
         self._printed.set()  # not a sentinel put on the queue: a worker killed while writing a line holds its lock
         self._printer.join()
         self._queue.close()
@@ -227,7 +235,7 @@ def _start_worker(log_queue, threads: int, parent: int) -> None:
     for number in signals.STOP_SIGNALS:
         signal.signal(number, _stop_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)  # (blocked since the start, as the chain's)
-    if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG
+    if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG (with the thread that started it)
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
