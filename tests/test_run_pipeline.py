@@ -1093,6 +1093,48 @@ def test_a_stop_signal_outside_training_stops_once_where_it_is():
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 
+class _SignalledInDel:
+    """An object whose ``__del__`` is where a stop signal comes (the regex module's, as a tokenizer loads)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # (Python runs the handler here, inside __del__)
+            pass
+
+
+def _signalled_in_a_del(marker: str, *, log) -> None:  # a stage's work, signalled in a __del__, then going on
+    _SignalledInDel()  # (dropped at once: its __del__ runs here)
+    for _ in range(100):
+        time.sleep(0.02)
+    Path(marker).touch()
+
+
+@pytest.mark.parametrize("where", ["command", "training", "worker"])
+def test_a_stop_signal_that_comes_inside_a_del_still_stops_the_work(tmp_path, capfd, where):
+    """A handler's stop raised inside a ``__del__`` is swallowed by Python: it printed 'Exception ignored in
+    <function Group.__del__>' and a traceback, and the work (an annotation, an evaluation, tokenizing) went on as
+    if no signal had come (a scheduler's SIGUSR1 to every process of perpair run, 1 run in 10 in the right
+    second). The stop is raised again a moment later, where the work is, and nothing is printed: in a command
+    (perpair.signals), before a training's steps (StopSignals) and in a stage of a worker process."""
+    from perpair.errors import StoppedBySignal
+    from perpair.pipeline.workers import Workers
+    from perpair.signals import stop_on_signals
+    from perpair.train.stopping import StopSignals
+
+    before = sys.unraisablehook
+    marker = tmp_path / "went on"
+    with pytest.raises(StoppedBySignal, match="^stopped by SIGTERM") as stopped:
+        if where == "worker":
+            with Workers(2, lambda line: None) as workers:
+                workers.call("annotate", "a test", _signalled_in_a_del, str(marker))
+        else:
+            with stop_on_signals() if where == "command" else StopSignals():
+                _signalled_in_a_del(str(marker), log=None)
+    assert stopped.value.exit_code == 143 and not marker.exists()
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert sys.unraisablehook is before
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the

@@ -234,6 +234,7 @@ def _start_worker(log_queue, threads: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's: it stops its workers (no tracebacks here)
     for number in signals.STOP_SIGNALS:
         signal.signal(number, _stop_signal)
+    sys.unraisablehook = signals.unswallowing(sys.unraisablehook)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)  # (blocked since the start, as the chain's)
     if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG (with the thread that started it)
         import ctypes
@@ -250,6 +251,8 @@ def _stop_signal(signum: int, frame) -> None:
     """SIGTERM / SIGUSR1 in a worker (the run forwards its own; ``scancel`` signals every process): the stage stops
     as in the run's own process (:mod:`perpair.signals`; a training takes them over: after its step, with a
     checkpoint). Between stages it is only noted, and no stage starts after it."""
+    if _in_stage:  # (between stages nothing raises: the next one does not start)
+        signals.raise_again()
     if signals.note(signum) and _in_stage:
         raise signals.stopped(signum)
 
