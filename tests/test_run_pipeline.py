@@ -891,10 +891,11 @@ def test_a_signal_in_an_arms_last_step_stops_the_run_after_it(tmp_path, tiny, mo
     assert not (tmp_path / "work" / "stages" / "eval.a.preference.json").exists()
 
 
-def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False):
-    """Start ``command`` (its output into ``log``), send it SIGTERM as soon as ``ready()`` (and to every process
-    it started, as ``scancel`` signals each process of a job, with ``workers_too``); its exit status and the
-    processes it had started."""
+def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, workers_too: bool = False,
+                 number: int = signal.SIGTERM):
+    """Start ``command`` (its output into ``log``), send it signal ``number`` as soon as ``ready()`` (and to every
+    process it started, its workers and multiprocessing's resource tracker, as ``scancel`` signals each process of a
+    job, with ``workers_too``); its exit status and the processes it had started."""
     import psutil
 
     with log.open("w") as out:
@@ -902,10 +903,10 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
         try:
             _wait_until(ready, process, log, 0.01)
             children = psutil.Process(process.pid).children(recursive=True)
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(number)
             for child in children if workers_too else ():
                 try:
-                    child.send_signal(signal.SIGTERM)
+                    child.send_signal(number)
                 except psutil.NoSuchProcess:
                     pass
             return process.wait(timeout=120), children
@@ -915,12 +916,17 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to", ["run", "run and workers"])
-def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to):
+@pytest.mark.parametrize(("to", "number"), [("run", signal.SIGTERM), ("run and workers", signal.SIGTERM),
+                                            ("run and workers", signal.SIGUSR1)],
+                         ids=["SIGTERM to the run", "SIGTERM to every process", "SIGUSR1 to every process"])
+def test_a_stop_signal_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny, to, number):
     """workers: 2, SIGTERM while an arm trains, to the run's process (`timeout`, `kill`) or to it and its workers
     (`scancel`): the run passes it on and waits, the arm's worker finishes its step and saves its checkpoint, the
-    run says so in one line and exits 143, no worker left; a re-run resumes the arm from that step. The run died at
-    once (status -15), its workers killed with it, every step since the arm's last checkpoint lost."""
+    run says so in one line and exits 143 (138), no worker left; a re-run resumes the arm from that step. The run
+    died at once (status -15), its workers killed with it, every step since the arm's last checkpoint lost. SIGUSR1
+    to every process (`scancel --signal=USR1`, SLURM's `--signal=USR1@N`) killed multiprocessing's resource
+    tracker, and the run's end printed "resource_tracker: process died unexpectedly" and a KeyError traceback for
+    each semaphore."""
     import psutil
 
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
@@ -933,14 +939,16 @@ def test_sigterm_to_a_run_with_workers_keeps_the_arms_step_and_a_re_run_resumes_
     command = [sys.executable, "-m", "perpair", "run", str(path)]
     metrics = out / "metrics.jsonl"
     status, children = _signal_once(command, env, lambda: metrics.is_file() and metrics.read_text().count("\n"),
-                                     tmp_path / "stopped.log", workers_too=to == "run and workers")
+                                     tmp_path / "stopped.log", workers_too=to == "run and workers", number=number)
     shown = (tmp_path / "stopped.log").read_text()
-    assert status == 143, shown[-3000:]
+    assert status == 128 + number, shown[-3000:]
     assert len(children) >= 2 and not psutil.wait_procs(children, timeout=30)[1]
     step = metrics.read_text().count("\n")
     assert 1 <= step < 30 and [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
     assert "Traceback" not in shown and "error:" not in shown and shown.count("stopped by") == 1, shown[-3000:]
-    assert shown.splitlines()[-1] == (f"train.dpo: stopped by SIGTERM after step {step} of 30: checkpoint "
+    assert "Warning" not in shown and "resource_tracker" not in shown, shown[-3000:]
+    assert shown.splitlines()[-1] == (f"train.dpo: stopped by {signal.Signals(number).name} after step {step} of 30: "
+                                      "checkpoint "
                                       f"{out / 'checkpoints'}/step-{step:08d}; re-run to continue")
     assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
@@ -987,6 +995,83 @@ def test_a_stage_stopped_by_a_signal_in_a_worker_comes_back_as_its_stop():
     assert stopped.value.exit_code == 143
 
 
+def _nothing(*, log) -> None:  # a stage's work that ends at once
+    pass
+
+
+def _slow(marker: str, *, log) -> None:  # a stage's work that takes a while, then leaves a file
+    time.sleep(3)
+    Path(marker).touch()
+
+
+def test_a_stage_that_fails_leaves_the_stage_running_in_its_chains_worker_to_finish(tmp_path):
+    """A worker process dies with the thread that started it (PR_SET_PDEATHSIG), and the run ended the threads of
+    its chains as it stopped: a stage that failed (or that a stop signal stopped, as a scheduler's SIGUSR1 to every
+    process did: "reference: a worker process of the run died abruptly", exit 2) killed the worker its chain had
+    started, running another chain's stage (an arm's training lost since its last checkpoint). That stage
+    finishes, as the running ones do, and the run reports the failure."""
+    import threading
+
+    from perpair.errors import PerpairError
+    from perpair.pipeline.workers import Workers
+
+    marker = tmp_path / "b"
+    a_done, b_started = threading.Event(), threading.Event()
+
+    def chain_a() -> None:  # starts the first worker, then fails while b runs in it
+        workers.call("a", "a test", _nothing)
+        a_done.set()
+        assert b_started.wait(60)
+        time.sleep(1)
+        raise PerpairError("a: refused")
+
+    def chain_b() -> None:
+        assert a_done.wait(60)
+        time.sleep(0.5)  # the worker chain a started is idle: b runs in it
+        b_started.set()
+        workers.call("b", "a test", _slow, str(marker))
+
+    with pytest.raises(PerpairError, match="^a: refused$"), Workers(2, lambda line: None) as workers:
+        workers.side(chain_b)
+        workers.side(chain_a).result()
+    assert marker.exists(), "stage b was killed with the worker chain a had started"
+
+
+def _ran(marker: str, *, log) -> None:  # a stage's work, which leaves a file where it ran
+    Path(marker).touch()
+
+
+def test_a_worker_started_as_the_run_forwards_a_stop_signal_gets_it_too(tmp_path, monkeypatch):
+    """The pool starts a worker process as a stage comes: a SIGTERM to the run after the stage's check but before
+    that worker was in the pool's list was passed on to the workers there were, and the new one ran its stage (an
+    arm trained on to its end, the run waiting for it). The run passes it on to the worker it started too, whose
+    stage does not start."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from perpair import signals
+    from perpair.errors import StoppedBySignal
+    from perpair.pipeline.workers import Workers
+
+    spawn = ProcessPoolExecutor._spawn_process
+
+    def signalled_first(pool) -> None:  # the signal comes, and is passed on, as the worker is being started
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not workers.signalled:
+            assert time.monotonic() < deadline, "the run did not take the signal"
+            time.sleep(0.01)
+        spawn(pool)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "_spawn_process", signalled_first)
+    monkeypatch.setattr(signals, "received", 0)  # (this process's: a test before may have signalled it)
+    marker = tmp_path / "ran"
+    with pytest.raises(StoppedBySignal, match="^stopped by SIGTERM: finished work is kept; re-run to continue$") \
+            as stopped, Workers(2, lambda line: None) as workers:
+        workers.side(workers.call, "train.a", "a test", _ran, str(marker)).result()
+    assert stopped.value.exit_code == 143
+    assert not marker.exists(), "the worker started as the signal came ran its stage"
+
+
 def test_a_stop_signal_outside_training_stops_once_where_it_is():
     """The command line's handler (perpair.signals): the first SIGTERM / SIGUSR1 stops the work where it is, with
     its line and status; a second one (scancel's copy, the run's forwarded one) does not cut short what the stop is
@@ -1006,6 +1091,48 @@ def test_a_stop_signal_outside_training_stops_once_where_it_is():
             saved.append("part")
     assert stopped.value.exit_code == 138 and saved == ["part"]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+
+
+class _SignalledInDel:
+    """An object whose ``__del__`` is where a stop signal comes (the regex module's, as a tokenizer loads)."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # (Python runs the handler here, inside __del__)
+            pass
+
+
+def _signalled_in_a_del(marker: str, *, log) -> None:  # a stage's work, signalled in a __del__, then going on
+    _SignalledInDel()  # (dropped at once: its __del__ runs here)
+    for _ in range(100):
+        time.sleep(0.02)
+    Path(marker).touch()
+
+
+@pytest.mark.parametrize("where", ["command", "training", "worker"])
+def test_a_stop_signal_that_comes_inside_a_del_still_stops_the_work(tmp_path, capfd, where):
+    """A handler's stop raised inside a ``__del__`` is swallowed by Python: it printed 'Exception ignored in
+    <function Group.__del__>' and a traceback, and the work (an annotation, an evaluation, tokenizing) went on as
+    if no signal had come (a scheduler's SIGUSR1 to every process of perpair run, 1 run in 10 in the right
+    second). The stop is raised again a moment later, where the work is, and nothing is printed: in a command
+    (perpair.signals), before a training's steps (StopSignals) and in a stage of a worker process."""
+    from perpair.errors import StoppedBySignal
+    from perpair.pipeline.workers import Workers
+    from perpair.signals import stop_on_signals
+    from perpair.train.stopping import StopSignals
+
+    before = sys.unraisablehook
+    marker = tmp_path / "went on"
+    with pytest.raises(StoppedBySignal, match="^stopped by SIGTERM") as stopped:
+        if where == "worker":
+            with Workers(2, lambda line: None) as workers:
+                workers.call("annotate", "a test", _signalled_in_a_del, str(marker))
+        else:
+            with stop_on_signals() if where == "command" else StopSignals():
+                _signalled_in_a_del(str(marker), log=None)
+    assert stopped.value.exit_code == 143 and not marker.exists()
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert sys.unraisablehook is before
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -8,6 +8,7 @@ step, with a checkpoint)."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from perpair.errors import StoppedBySignal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 received = 0  # the process's first stop signal, whoever handled it; 0: none
+_again: StoppedBySignal | None = None  # a stop Python swallowed, for the next handler to raise: see unswallowing
 
 
 def note(signum: int) -> bool:
@@ -37,17 +39,49 @@ def stopped(signum: int) -> StoppedBySignal:
 def stop_on_signals() -> Iterator[None]:
     """Inside, the first SIGTERM or SIGUSR1 raises :class:`StoppedBySignal` where the main thread is; the previous
     handlers come back after. (Handlers are the main thread's to set: from another thread, nothing changes.)"""
-    global received
-    received = 0
+    global received, _again
+    received, _again = 0, None
     main = threading.current_thread() is threading.main_thread()
     previous = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if main else {}
+    hook = sys.unraisablehook = unswallowing(sys.unraisablehook)
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = hook.previous
 
 
 def _stop(signum: int, frame) -> None:
+    raise_again()
     if note(signum):
         raise stopped(signum)
+
+
+def unswallowing(previous):
+    """An ``unraisablehook`` (over ``previous``) for a stop that a handler raised where Python cannot raise: the
+    signal came during a ``__del__`` (the regex module's, as a tokenizer loads) or a weakref callback. Python
+    swallowed it, printing 'Exception ignored in …' and a traceback, and the work went on as if no signal had
+    come (the first one is the one that stops). The signal comes again a moment later, to the main thread, whose
+    handler raises the stop (:func:`raise_again`) where the work is then. (Not at once: its handler would run in
+    this hook, where the stop is swallowed again.)"""
+
+    def hook(unraisable) -> None:
+        global _again
+        if not isinstance(unraisable.exc_value, StoppedBySignal):
+            return previous(unraisable)
+        _again = unraisable.exc_value
+        signum = _again.exit_code - 128
+        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum)).start()
+
+    hook.previous = previous
+    return hook
+
+
+def raise_again() -> None:
+    """(First in a stop handler that raises.) The stop Python swallowed (:func:`unswallowing`), raised now."""
+    global _again
+    if _again is not None:
+        stop, _again = _again, None
+        raise stop

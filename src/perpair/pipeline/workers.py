@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -58,6 +58,7 @@ class Workers:
         self._stop = threading.Event()
         self.signalled = 0  # the stop signal the run got while its workers ran; 0: none
         self._noted = signals.received  # (one worker) the stop signal noted before: see _stop_noted
+        self._sides: list[Future] = []  # every chain started
 
     def __enter__(self) -> Workers:
         if self.workers > 1:
@@ -89,7 +90,9 @@ class Workers:
             done: Future = Future()
             done.set_result(chain(*args))
             return done
-        return self._chains.submit(self._chain, chain, *args)
+        done = self._chains.submit(self._chain, chain, *args)
+        self._sides.append(done)
+        return done
 
     def call(self, name: str, why: str, action: Callable[..., Any], *args) -> tuple[Any, float]:
         """``action(*args, log=…)``, logged as stage ``name`` running for ``why``; returns its result and seconds."""
@@ -99,7 +102,10 @@ class Workers:
         if self._stop.is_set() or self.signalled:
             raise Stopped(f"{name}: not started, as another stage failed or the run was stopped")
         try:
-            return self._processes.submit(_in_worker, name, why, action, args).result()
+            done = self._processes.submit(_in_worker, name, why, action, args)
+            if self.signalled:  # it came as the pool started a worker for this stage, maybe after _forward's list
+                self._signal_workers(self.signalled)
+            return done.result()
         except BrokenProcessPool:  # a worker killed (the out-of-memory killer, by hand) or crashed: the pool is gone
             raise PerpairError(f"{name}: a worker process of the run died abruptly (killed, e.g. by the "
                                "out-of-memory killer, or crashed); finished stages are kept: re-run to continue"
@@ -115,8 +121,13 @@ class Workers:
         if isinstance(exc, KeyboardInterrupt):  # the workers ignore Ctrl-C: the run stops them (as a SIGTERM does)
             for process in self._worker_processes():
                 process.terminate()
-        self._chains.shutdown(wait=True)  # running stages finish; chains start nothing new once stopped
+        # running stages finish; chains start nothing new once stopped. The chains' threads end after the workers:
+        # a worker dies with the thread that started it (PR_SET_PDEATHSIG), and one whose chain was over (a stage
+        # that failed, or stopped by a signal) was killed running another chain's stage ("died abruptly")
+        while not all(side.done() for side in self._sides):  # (a chain may start another)
+            wait(self._sides)
         self._processes.shutdown(wait=True, cancel_futures=True)
+        self._chains.shutdown(wait=True)
         self._printed.set()  # not a sentinel put on the queue: a worker killed while writing a line holds its lock
         self._printer.join()
         self._queue.close()
@@ -142,6 +153,10 @@ class Workers:
         if self.signalled:
             return
         self.signalled = signum  # (not _stop.set(): the main thread may hold its lock, and a handler runs there)
+        self._signal_workers(signum)
+
+    def _signal_workers(self, signum: int) -> None:
+        """The signal to every worker process; again to one that has it already changes nothing."""
         for process in self._worker_processes():
             with contextlib.suppress(ProcessLookupError):  # one that just ended
                 os.kill(process.pid, signum)
@@ -179,14 +194,20 @@ class Workers:
 
 def _start_resource_tracker() -> None:
     """Start spawn's resource tracker (it unlinks the semaphores of queues and locks left at exit) without its
-    warning about them: the libraries the workers import leave two, which the user can do nothing about."""
+    warning about them: the libraries the workers import leave two, which the user can do nothing about. It
+    ignores SIGTERM and SIGINT but not SIGUSR1, which ``scancel --signal=USR1`` and SLURM's ``--signal=USR1@N``
+    send every process of the job: it died of it, and the run's end printed "resource_tracker: process died
+    unexpectedly" and a KeyError traceback for each semaphore. Started with SIGUSR1 blocked, which it keeps (a
+    blocked signal stays pending: the tracker lives until the run's end, as with SIGTERM)."""
     from multiprocessing import resource_tracker
 
     before = os.environ.get("PYTHONWARNINGS")
     os.environ["PYTHONWARNINGS"] = "ignore::UserWarning"
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.STOP_SIGNALS)  # (one to the run meanwhile waits)
     try:
         resource_tracker.ensure_running()
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if before is None:
             del os.environ["PYTHONWARNINGS"]
         else:
@@ -213,8 +234,9 @@ def _start_worker(log_queue, threads: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's: it stops its workers (no tracebacks here)
     for number in signals.STOP_SIGNALS:
         signal.signal(number, _stop_signal)
+    sys.unraisablehook = signals.unswallowing(sys.unraisablehook)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.STOP_SIGNALS)  # (blocked since the start, as the chain's)
-    if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG
+    if sys.platform.startswith("linux"):  # killed with the run: PR_SET_PDEATHSIG (with the thread that started it)
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
@@ -229,6 +251,8 @@ def _stop_signal(signum: int, frame) -> None:
     """SIGTERM / SIGUSR1 in a worker (the run forwards its own; ``scancel`` signals every process): the stage stops
     as in the run's own process (:mod:`perpair.signals`; a training takes them over: after its step, with a
     checkpoint). Between stages it is only noted, and no stage starts after it."""
+    if _in_stage:  # (between stages nothing raises: the next one does not start)
+        signals.raise_again()
     if signals.note(signum) and _in_stage:
         raise signals.stopped(signum)
 

@@ -7,12 +7,13 @@ so that no scheduler takes it for a finished run."""
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import torch
 
 from perpair.errors import TrainingStopped
-from perpair.signals import STOP_SIGNALS, note
+from perpair.signals import STOP_SIGNALS, note, raise_again, unswallowing
 
 
 class StopSignals:
@@ -27,20 +28,26 @@ class StopSignals:
         self.received = 0  # the first signal's number; 0: none
         self._deferred = False
         self._previous: dict[int, object] = {}
+        self._hook = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+            self._hook = sys.unraisablehook = unswallowing(sys.unraisablehook)  # (a stop raised in a __del__)
         return self
 
     def __exit__(self, *exc) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        if self._hook is not None and sys.unraisablehook is self._hook:
+            sys.unraisablehook = self._hook.previous
 
     def defer(self) -> None:
         self._deferred = True
 
     def _handle(self, signum: int, frame) -> None:
+        if not self._deferred:
+            raise_again()
         first = not self.received
         self.received = self.received or signum
         note(signum)
