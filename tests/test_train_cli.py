@@ -701,11 +701,15 @@ def _fsdp(model, data, out: Path, *extra) -> list[str]:
 _LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+FSDP_CHECKPOINTS = ("--save-every", "2", "--set", "keep_checkpoints=3")
+
+
 @pytest.fixture(scope="module")
 def fsdp_straight(tiny_model, uf_pairs, tmp_path_factory) -> Path:
-    """8 steps of two FSDP processes, never stopped: the run the resumed ones must equal."""
+    """8 steps of two FSDP processes, never stopped, with a checkpoint every 2 steps (3 kept): the run the resumed
+    ones must equal, and whose checkpoints a resume starts from (writing them changes nothing in the run)."""
     out = tmp_path_factory.mktemp("fsdp") / "straight"
-    result = subprocess.run(_fsdp(tiny_model, uf_pairs, out), capture_output=True, text=True,
+    result = subprocess.run(_fsdp(tiny_model, uf_pairs, out, *FSDP_CHECKPOINTS), capture_output=True, text=True,
                             env=_LAUNCH_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -733,11 +737,10 @@ def test_fsdp_checkpoints_hold_every_processs_shards_and_resume_exactly(tiny_mod
     out = tmp_path / "run"
 
     def launch(*extra):
-        return subprocess.run(_fsdp(tiny_model, uf_pairs, out, "--save-every", "2", "--set", "keep_checkpoints=3",
-                                    *extra), capture_output=True, text=True, env=_LAUNCH_ENV)
+        return subprocess.run(_fsdp(tiny_model, uf_pairs, out, *FSDP_CHECKPOINTS, *extra), capture_output=True,
+                              text=True, env=_LAUNCH_ENV)
 
-    result = launch()
-    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(fsdp_straight, out)  # its checkpoints, as the run wrote them
     folders = out / "checkpoints"
     assert sorted(c.name for c in folders.iterdir()) == ["step-00000004", "step-00000006", "step-00000008"]
     checkpoint = folders / "step-00000004"
@@ -758,8 +761,8 @@ def test_fsdp_checkpoints_hold_every_processs_shards_and_resume_exactly(tiny_mod
     assert _metrics(out) == written
     shards[0].write_bytes(whole)
 
-    result = _train(tiny_model, uf_pairs, out, *FSDP_ARGS, "--save-every", "2", "--set", "keep_checkpoints=3",
-                    "--resume", check=False)  # one process, no FSDP
+    result = _train(tiny_model, uf_pairs, out, *FSDP_ARGS, *FSDP_CHECKPOINTS, "--resume",
+                    check=False)  # one process, no FSDP
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: checkpoint {checkpoint} was written by a run under FSDP; resume it under FSDP, as the run that "
         "wrote it"]
