@@ -116,7 +116,7 @@ LAYERS = {
     "test_run_pipeline.py": "component", "test_train_cli.py": "component",
     # e2e: SmolLM2, the llama.cpp server, TRL's trainer, whole-sample runs
     "test_annotate_server.py": "e2e", "test_eval_alpaca_e2e.py": "e2e", "test_eval_arena_e2e.py": "e2e",
-    "test_plan_ultrafeedback.py": "e2e", "test_train_trl.py": "e2e",
+    "test_plan_ultrafeedback.py": "e2e",
     # pure functions of the scaling benchmark, in a component file (its watchdog and pair tests are components)
     "test_bench_scaling.py::test_slope_and_24_gib_extrapolation_of_a_power_law": "unit",
     "test_bench_scaling.py::test_points_above_an_out_of_memory_point_are_not_run": "unit",

@@ -86,25 +86,42 @@ def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]
 # --------------------------------------------------------------------------------------------------- parity
 
 @pytest.mark.slow
-def test_constant_beta_plan_changes_nothing_against_stock_trl(small_pairs, tmp_path):
-    """SmolLM2, a plan with β = 0.1 for every pair in file order: TRL's stock DPOTrainer (reading the same file
-    order) and the plug-in log the same losses and log-probs."""
+def test_perpair_train_and_a_constant_beta_plan_reproduce_stock_trl(small_pairs, tmp_path):
+    """Three steps of TRL's stock DPOTrainer on SmolLM2 (the pairs in file order, fp32), run once for two
+    claims: ``perpair train`` on the same pairs reproduces its logged log-probs (1e-3) and losses (1e-4), and TRL
+    with the plug-in and a plan that changes nothing (β = 0.1 for every pair, in file order) logs the same
+    losses, log-probs, margins and gradient norms (1e-6)."""
     from torch.utils.data import SequentialSampler
     from trl import DPOTrainer
 
     from perpair.models import resolve_model
 
     class FileOrderDPOTrainer(DPOTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
+        def _get_train_sampler(self, *args, **kwargs):  # the pairs in file order, as perpair without a plan
             return SequentialSampler(self.train_dataset)
 
-    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    batch, max_length, lr, beta = 2, 128, 1e-6, 0.1
     model = resolve_model("smollm2")
-    stock = _train(FileOrderDPOTrainer, model, _args(tmp_path / "stock", 2, 96, 1e-5, beta=0.1),
+    stock = _train(FileOrderDPOTrainer, model, _args(tmp_path / "stock", batch, max_length, lr, beta=beta),
                    _dataset(small_pairs))
-    ours = _train(plugin.PerPairDPOTrainer, model, _args(tmp_path / "ours", 2, 96, 1e-5, beta=0.1),
+    assert len(stock) == STEPS
+
+    run_cli("train", "--model", "smollm2", "--data", small_pairs, "--steps", STEPS, "--batch-size", batch,
+            "--max-length", max_length, "--beta", beta, "--lr", lr, "--lr-schedule", "constant",
+            "--out", tmp_path / "perpair", "--set", f"reference_cache={tmp_path / 'cache'}", "--set",
+            "save_model=false")
+    trained = [json.loads(line) for line in (tmp_path / "perpair" / "metrics.jsonl").read_text().splitlines()]
+    assert len(trained) == STEPS
+    for mine, theirs in zip(trained, stock, strict=True):
+        assert mine["logps_chosen"] == pytest.approx(theirs["logps/chosen"], rel=1e-3)
+        assert mine["logps_rejected"] == pytest.approx(theirs["logps/rejected"], rel=1e-3)
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+        assert mine["reward_accuracy"] == pytest.approx(theirs["rewards/accuracies"], abs=1e-6)
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=beta)
+    ours = _train(plugin.PerPairDPOTrainer, model, _args(tmp_path / "ours", batch, max_length, lr, beta=beta),
                   _dataset(small_pairs), plan=plan)
-    assert len(stock) == len(ours) == STEPS
+    assert len(ours) == STEPS
     for mine, theirs in zip(ours, stock, strict=True):
         for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
