@@ -785,6 +785,18 @@ def test_fsdp_checkpoints_hold_every_processs_shards_and_resume_exactly(tiny_mod
         f"bytes, not the {len(whole)} written); remove it, or start again with --overwrite"], result.stderr[-3000:]
     assert _metrics(out) == written
     shards[0].write_bytes(whole)
+    # the second process's RNG states cut short: refused by the first process as well, not by the second alone,
+    # which left the first in a collective ("[rank0]: Traceback … Connection closed by peer", killed by torchrun)
+    rng = checkpoint / "rng-1.safetensors"
+    whole = rng.read_bytes()
+    rng.write_bytes(whole[: len(whole) // 2])
+    result = launch("--resume")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr and "[rank0]: Traceback" not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {checkpoint} is damaged or incomplete ("), \
+        result.stderr[-3000:]
+    assert _metrics(out) == written
+    rng.write_bytes(whole)
 
     result = _train(tiny_model, uf_pairs, out, *FSDP_ARGS, "--save-every", "2", "--set", "keep_checkpoints=3",
                     "--resume", check=False)  # one process, no FSDP

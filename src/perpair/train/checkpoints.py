@@ -279,8 +279,10 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded
     if not found:
         return 0
     folder, previous = found[-1], found[-2] if len(found) > 1 else None
-    if sharded:
-        on_main_process(accelerator, lambda: _read_checkpoint(folder, previous, 0, sharded))
+    if sharded:  # every process's files, the RNG states of each too: one that fails alone left the others in a
+        # collective, which failed with a traceback
+        on_main_process(accelerator, lambda: [_read_checkpoint(folder, previous, process, sharded)
+                                              for process in range(accelerator.num_processes)])
     state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
     if sharded:
         _load_shards(folder, state, stored, accelerator, model, optimizer)
