@@ -237,6 +237,34 @@ def test_no_final_checkpoint_leaves_no_clock_checkpoint(tiny_model, uf_pairs, tm
     assert written == [3, 4, 7, 8]  # (the clock's count starts again at each checkpoint)
 
 
+def test_a_checkpoint_cut_short_by_a_kill_does_not_stay_in_out(tiny_model, uf_pairs, tmp_path):
+    """A kill in the middle of writing a checkpoint (SIGKILL after a preemption's grace period, while an FSDP run
+    wrote its shards) leaves its temporary folder, which a resume never reads: the resumed run's next checkpoint,
+    or its end without a final one, removes it. It stayed in OUT for good (up to a whole checkpoint: ~96 GB for an
+    8B model), unless a checkpoint of the very same step was written again."""
+    from perpair.train import load_config, train
+    from perpair.train.checkpoints import drop_resume_points
+
+    out = tmp_path / "run"
+
+    def run(**extra):
+        train(load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 4,
+                                 "batch_size": 2, "max_length": 64, "threads": 1, "save_every": 2,
+                                 "save_model": False, "reference_cache": str(tmp_path / "ref"), **extra}))
+
+    run()
+    folders = out / "checkpoints"
+    shutil.rmtree(folders / "step-00000004")  # killed in step 3's timed checkpoint, half of it written:
+    cut = folders / ".step-00000003.tmp"
+    shutil.copytree(folders / "step-00000002", cut)
+    (cut / "state.json").unlink()
+    run(resume=True)
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000002", "step-00000004"]
+    cut.mkdir()  # and a run that finishes without a final checkpoint, writing none after it
+    drop_resume_points(out, 2)
+    assert sorted(p.name for p in folders.iterdir()) == ["step-00000002", "step-00000004"]
+
+
 def test_the_model_is_saved_whole_or_not_at_all(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """OUT/model appears once every file of it is written: a save that fails half-way (a full disk; a kill) leaves
     none, and a resumed run's failed save leaves the complete model that was there. A half-written OUT/model (the
@@ -760,6 +788,18 @@ def test_fsdp_checkpoints_hold_every_processs_shards_and_resume_exactly(tiny_mod
         f"bytes, not the {len(whole)} written); remove it, or start again with --overwrite"], result.stderr[-3000:]
     assert _metrics(out) == written
     shards[0].write_bytes(whole)
+    # the second process's RNG states cut short: refused by the first process as well, not by the second alone,
+    # which left the first in a collective ("[rank0]: Traceback … Connection closed by peer", killed by torchrun)
+    rng = checkpoint / "rng-1.safetensors"
+    whole = rng.read_bytes()
+    rng.write_bytes(whole[: len(whole) // 2])
+    result = launch("--resume")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr and "[rank0]: Traceback" not in result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {checkpoint} is damaged or incomplete ("), \
+        result.stderr[-3000:]
+    assert _metrics(out) == written
+    rng.write_bytes(whole)
 
     result = _train(tiny_model, uf_pairs, out, *FSDP_ARGS, *FSDP_CHECKPOINTS, "--resume",
                     check=False)  # one process, no FSDP

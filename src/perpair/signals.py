@@ -72,11 +72,19 @@ def unswallowing(previous):
         if not isinstance(unraisable.exc_value, StoppedBySignal):
             return previous(unraisable)
         _again = unraisable.exc_value
-        signum = _again.exit_code - 128
-        threading.Timer(0.01, signal.pthread_kill, (threading.main_thread().ident, signum)).start()
+        threading.Timer(0.01, _send_again, (_again,)).start()
 
     hook.previous = previous
     return hook
+
+
+def _send_again(stop: StoppedBySignal) -> None:
+    """The signal of ``stop`` again to the main thread, if no copy of it raised the stop yet and a handler still
+    takes it. Not once the work is over and the default handlers are back (a command's status decided): the
+    signal killed the process, without a word, after it had done its work."""
+    signum = stop.exit_code - 128
+    if _again is stop and signal.getsignal(signum) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def raise_again() -> None:

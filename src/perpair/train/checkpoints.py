@@ -128,6 +128,15 @@ def drop_resume_points(out: Path, save_every: int) -> None:
         number = folder.name.removeprefix("step-")
         if not (save_every and number.isdigit() and int(number) % save_every == 0):
             shutil.rmtree(folder, ignore_errors=True)
+    _drop_cut_short(out)
+
+
+def _drop_cut_short(out: Path) -> None:
+    """Remove the temporary folders of checkpoints whose writing a kill cut short (a SIGKILL after a preemption's
+    grace period, in the middle of an FSDP run's shards): never read, each held up to a whole checkpoint's files,
+    left in OUT for good. (One training at a time writes OUT: none is another's being written.)"""
+    for folder in (out / "checkpoints").glob(".step-*.tmp"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
@@ -142,7 +151,7 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
     tmp = target.with_name(f".{target.name}.tmp")
 
     def fresh() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _drop_cut_short(out)  # this step's and any other's
         tmp.mkdir(parents=True)
 
     on_main_process(accelerator, fresh)
@@ -270,8 +279,10 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded
     if not found:
         return 0
     folder, previous = found[-1], found[-2] if len(found) > 1 else None
-    if sharded:
-        on_main_process(accelerator, lambda: _read_checkpoint(folder, previous, 0, sharded))
+    if sharded:  # every process's files, the RNG states of each too: one that fails alone left the others in a
+        # collective, which failed with a traceback
+        on_main_process(accelerator, lambda: [_read_checkpoint(folder, previous, process, sharded)
+                                              for process in range(accelerator.num_processes)])
     state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
     if sharded:
         _load_shards(folder, state, stored, accelerator, model, optimizer)
