@@ -646,23 +646,18 @@ def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_of_a_launch_stops_every_process_after_the_same_step(tiny_model, uf_pairs, tmp_path):
-    """A signal may reach one process of a launch alone: every process stops after the same step and saves that
-    step's checkpoint together (each its RNG state), the first one says so, and the launch exits 143. The process
-    signalled died alone, the other one failed in its next collective."""
-    out = tmp_path / "run"
-    with (tmp_path / "log").open("w") as log:
-        launcher = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-             "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
-             "--steps", "40", "--batch-size", "4", "--max-length", "96", "--threads", "1",
-             "--set", f"reference_cache={tmp_path / 'ref'}"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+_LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _sigterm_to_the_second_process(command: list[str], out: Path, log: Path) -> str:
+    """Launch ``command`` (two processes under torchrun), send SIGTERM to the second process alone once the first
+    step's metrics are written, wait for the launch to end; what it printed."""
+    with log.open("w") as written:
+        launcher = subprocess.Popen(command, stdout=written, stderr=subprocess.STDOUT, env=_LAUNCH_ENV)
         deadline = time.monotonic() + 180
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) \
                 and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
         children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
         second = next(int(pid) for pid in children
                       if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"))
@@ -671,7 +666,20 @@ def test_sigterm_to_one_process_of_a_launch_stops_every_process_after_the_same_s
             launcher.wait(timeout=120)
         finally:
             launcher.kill()
-    shown = (tmp_path / "log").read_text()
+    return log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_of_a_launch_stops_every_process_after_the_same_step(tiny_model, uf_pairs, tmp_path):
+    """A signal may reach one process of a launch alone: every process stops after the same step and saves that
+    step's checkpoint together (each its RNG state), the first one says so, and the launch exits 143. The process
+    signalled died alone, the other one failed in its next collective."""
+    out = tmp_path / "run"
+    shown = _sigterm_to_the_second_process(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
+         "--steps", "40", "--batch-size", "4", "--max-length", "96", "--threads", "1",
+         "--set", f"reference_cache={tmp_path / 'ref'}"], out, tmp_path / "log")
     step = len(_metrics(out))
     assert shown.count("stopped by SIGTERM") == 1 and f"after step {step} of 40" in shown, shown[-3000:]
     assert "exitcode  : 143" in shown, shown[-3000:]  # torchrun's report
@@ -725,8 +733,6 @@ def _fsdp(model, data, out: Path, *extra) -> list[str]:
             str(FORCED_FSDP), "--worker", "train", "--model", str(model), "--data", str(data), "--out", str(out),
             "--set", f"reference_cache={out.parent / 'refcache'}", *FSDP_ARGS, *extra]
 
-
-_LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 FSDP_CHECKPOINTS = ("--save-every", "2", "--set", "keep_checkpoints=3")
@@ -820,22 +826,7 @@ def test_sigterm_stops_an_fsdp_run_with_its_checkpoint_and_resume_is_exact(tiny_
     step's checkpoint, the line names it, the launch exits 143, and --resume continues as the run never stopped.
     It said "without a checkpoint (not supported under FSDP yet): a new run starts from step 1"."""
     out = tmp_path / "run"
-    with (tmp_path / "log").open("w") as log:
-        launcher = subprocess.Popen(_fsdp(tiny_model, uf_pairs, out), stdout=log,
-                                    stderr=subprocess.STDOUT, env=_LAUNCH_ENV)
-        deadline = time.monotonic() + 180
-        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size) \
-                and launcher.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
-        second = next(int(pid) for pid in children
-                      if "RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0"))
-        os.kill(second, signal.SIGTERM)
-        try:
-            launcher.wait(timeout=120)
-        finally:
-            launcher.kill()
-    shown = (tmp_path / "log").read_text()
+    shown = _sigterm_to_the_second_process(_fsdp(tiny_model, uf_pairs, out), out, tmp_path / "log")
     step = len(_metrics(out))
     assert 1 <= step < 8, shown[-3000:]
     checkpoint = out / "checkpoints" / f"step-{step:08d}"
