@@ -224,8 +224,8 @@ def _sharded_state(module, optimizer) -> tuple[dict, dict, dict]:
 
 
 def _save_shards(folder: Path, accelerator, module, optimizer, target: Path) -> list[dict]:
-    """Every process its shards into ``folder``, in files of about SHARD_FILE_BYTES (of the whole tensors: a
-    process holds its part of each), so that none holds more than one file's in memory while writing."""
+    """Every process its shards into ``folder``, in files of about SHARD_FILE_BYTES of the whole tensors (a
+    process holds its part of each): files of a bounded size, as Hugging Face's sharded safetensors."""
     import torch.distributed.checkpoint as dcp
 
     _, optim, tensors = _sharded_state(module, optimizer)
