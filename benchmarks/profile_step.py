@@ -19,8 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from perpair.data import PrepareOptions, prepare
 from perpair.train import load_config, loop, train
-
-UF_TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ultrafeedback" / "train_1k.jsonl.gz"
+from vs_trl import UF_TRAIN, train_settings  # (this folder: the comparison's workload, the same settings)
 
 
 def main() -> None:
@@ -43,14 +42,11 @@ def main() -> None:
         return metrics
 
     with tempfile.TemporaryDirectory(prefix="profile_step_") as tmp:
-        pairs = str(Path(tmp) / "uf.parquet")
-        prepare([str(UF_TRAIN)], pairs, PrepareOptions())
+        args.tmp, args.pairs, args.model, args.batch_size, args.max_length = tmp, str(Path(tmp) / "uf.parquet"), \
+            "smollm2", 2, 512
+        prepare([str(UF_TRAIN)], args.pairs, PrepareOptions())
         loop.train_step = step
-        train(load_config(None, {
-            "model": "smollm2", "data": pairs, "out": str(Path(tmp) / "out"), "steps": args.steps, "batch_size": 2,
-            "max_length": 512, "beta": 0.1, "lr": 1e-6, "lr_schedule": "constant", "threads": args.threads,
-            "reference_cache": str(Path(tmp) / "refcache"), "save_model": False, "final_checkpoint": False,
-            "save_every_minutes": 0}))
+        train(load_config(None, train_settings(args)))
     print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -194,6 +194,15 @@ def worker_perpair_reference(args) -> dict:
     return {"reference_seconds": time.perf_counter() - start, "pairs": run.computed}
 
 
+def train_settings(args) -> dict:
+    """``perpair train``'s settings for the workload (``args``: model, pairs, tmp, steps, batch_size, max_length,
+    threads), trained into ``TMP/out``; no checkpoint inside the timing."""
+    return {"model": args.model, "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
+            "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
+            "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
+            "save_model": False, "final_checkpoint": False, "save_every_minutes": 0}
+
+
 def perpair_command(args, changes: dict) -> list[str]:
     """``perpair train`` as a user runs it (``python -m perpair``: the command re-executes itself under its
     allocator), from a YAML config."""
@@ -201,11 +210,7 @@ def perpair_command(args, changes: dict) -> list[str]:
 
     sizes = {"batch × max length": args.batch_size * args.max_length, "4 × max length": 4 * args.max_length}
     changes = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in changes.items()}
-    config = {"model": args.model, "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
-              "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
-              "lr_schedule": "constant", "threads": args.threads,
-              "reference_cache": str(Path(args.tmp) / "refcache"), "save_model": False,
-              "final_checkpoint": False, "save_every_minutes": 0, **changes}  # no checkpoint inside the timing
+    config = {**train_settings(args), **changes}
     path = Path(args.tmp) / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     return [sys.executable, "-m", "perpair", "train", str(path)]
@@ -251,11 +256,7 @@ def worker_bound(args) -> dict:
             return plain_step(config, module, optimizer, scheduler, accelerator, data, schedule, reference, index)
 
     loop.train_step = step
-    train(load_config(None, {
-        "model": "smollm2", "data": args.pairs, "out": str(Path(args.tmp) / "out"), "steps": args.steps,
-        "batch_size": args.batch_size, "max_length": args.max_length, "beta": 0.1, "lr": 1e-6,
-        "lr_schedule": "constant", "threads": args.threads, "reference_cache": str(Path(args.tmp) / "refcache"),
-        "save_model": False, "final_checkpoint": False, "save_every_minutes": 0}))
+    train(load_config(None, train_settings(args)))
 
     operands: dict[tuple, torch.Tensor] = {}  # one tensor per shape and layout, drawn once: an optimistic bound
 
