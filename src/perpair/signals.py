@@ -43,20 +43,30 @@ def stop_on_signals() -> Iterator[None]:
     received, _again = 0, None
     main = threading.current_thread() is threading.main_thread()
     previous = {number: signal.signal(number, _stop) for number in STOP_SIGNALS} if main else {}
-    hook = sys.unraisablehook = unswallowing(sys.unraisablehook)
     try:
-        yield
+        with unswallowed():
+            yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        if sys.unraisablehook is hook:
-            sys.unraisablehook = hook.previous
 
 
 def _stop(signum: int, frame) -> None:
     raise_again()
     if note(signum):
         raise stopped(signum)
+
+
+@contextmanager
+def unswallowed() -> Iterator[None]:
+    """Inside, :func:`unswallowing`'s hook over the process's own; that one back after (unless another was set
+    over it meanwhile, which keeps passing other unraisables on)."""
+    hook = sys.unraisablehook = unswallowing(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = hook.previous
 
 
 def unswallowing(previous):

@@ -7,13 +7,13 @@ so that no scheduler takes it for a finished run."""
 from __future__ import annotations
 
 import signal
-import sys
 import threading
+from contextlib import ExitStack
 
 import torch
 
 from perpair.errors import TrainingStopped
-from perpair.signals import STOP_SIGNALS, note, raise_again, unswallowing
+from perpair.signals import STOP_SIGNALS, note, raise_again, unswallowed
 
 
 class StopSignals:
@@ -28,19 +28,18 @@ class StopSignals:
         self.received = 0  # the first signal's number; 0: none
         self._deferred = False
         self._previous: dict[int, object] = {}
-        self._hook = None
+        self._hook = ExitStack()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
-            self._hook = sys.unraisablehook = unswallowing(sys.unraisablehook)  # (a stop raised in a __del__)
+            self._hook.enter_context(unswallowed())  # (a stop raised in a __del__)
         return self
 
     def __exit__(self, *exc) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
-        if self._hook is not None and sys.unraisablehook is self._hook:
-            sys.unraisablehook = self._hook.previous
+        self._hook.close()
 
     def defer(self) -> None:
         self._deferred = True
