@@ -235,6 +235,35 @@ def test_no_final_checkpoint_leaves_no_clock_checkpoint(tiny_model, uf_pairs, tm
     written.clear()
     assert run("both", save_every=4) == ["step-00000004", "step-00000008"]
     assert written == [3, 4, 7, 8]  # (the clock's count starts again at each checkpoint)
+    # each records why it was written: a resume with another save_every (3) keeps the first attempt's (they went)
+    from perpair.train.checkpoints import drop_resume_points
+    drop_resume_points(tmp_path / "both", 3)
+    assert sorted(c.name for c in (tmp_path / "both" / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+
+
+def test_keep_checkpoints_counts_the_checkpoints_asked_for(tiny_model, uf_pairs, tmp_path, monkeypatch):
+    """keep_checkpoints keeps the newest of save_every's; a checkpoint of the clock stays only while it is the
+    newest. The clock's counted too: with keep 2, the clock's after step 7 pushed out step 4's, and the run, which
+    removed the clock's at its end (final_checkpoint false), left one checkpoint of the two asked for."""
+    import perpair.train.loop as loop
+    from perpair.train import load_config, train
+
+    minutes = iter(range(0, 1000, 11))  # 11 minutes a step: the clock's 30 end in step 3, then 7
+    monkeypatch.setattr(loop, "clock", lambda: 60.0 * next(minutes), raising=False)
+    out, on_disk = tmp_path / "run", []
+    save_checkpoint = loop.save_checkpoint
+
+    def saved(*args):
+        save_checkpoint(*args)
+        on_disk.append([int(c.name.removeprefix("step-")) for c in sorted((out / "checkpoints").iterdir())])
+
+    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    train(load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 10,
+                             "batch_size": 2, "max_length": 64, "threads": 1, "final_checkpoint": False,
+                             "save_every": 4, "keep_checkpoints": 2, "save_model": False,
+                             "reference_cache": str(tmp_path / "ref")}))
+    assert on_disk == [[3], [4], [4, 7], [4, 8]]
+    assert sorted(c.name for c in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
 
 
 def test_a_checkpoint_cut_short_by_a_kill_does_not_stay_in_out(tiny_model, uf_pairs, tmp_path):

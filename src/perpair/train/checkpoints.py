@@ -119,14 +119,50 @@ def checkpoint_folder(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:08d}"
 
 
+# Why a checkpoint was written (its state.json's "reason"): save_every's and the final one are the user's and count
+# towards keep_checkpoints; the clock's and a stop's only keep the run resumable (with save_every 0, the clock's are
+# the only checkpoints a run writes on its way, and count too).
+ASKED = ("save_every", "final")
+RESUME_POINTS = ("clock", "stop")
+
+
+def _reason(folder: Path, save_every: int) -> str:
+    """Why the checkpoint ``folder`` was written; for one written before checkpoints recorded it, "save_every" where
+    its step is a multiple of ``save_every``, else "clock"."""
+    try:
+        reason = json.loads((folder / "state.json").read_text()).get("reason")
+    except (OSError, ValueError, AttributeError):
+        reason = None
+    if reason in ASKED + RESUME_POINTS:
+        return reason
+    number = folder.name.removeprefix("step-")
+    return "save_every" if save_every and number.isdigit() and int(number) % save_every == 0 else "clock"
+
+
+def prune_checkpoints(out: Path, keep: int, save_every: int) -> None:
+    """Keep the newest ``keep`` of the checkpoints that count (save_every's and the final one; every one when
+    save_every is 0) and, of the others (the clock's, a stop's), the newest only while no checkpoint is newer:
+    a resume point never pushes out a checkpoint the user asked for (it did: with keep 2, the clock's checkpoint
+    after step 300 deleted step 200's, and a run without a final checkpoint ended with one of save_every's)."""
+    folders = checkpoints(out)
+    reasons = [_reason(f, save_every) for f in folders]
+    counted = [f for f, r in zip(folders, reasons, strict=True) if r in ASKED or not save_every]
+    kept = set(counted[-keep:])
+    if folders and folders[-1] not in counted:
+        kept.add(folders[-1])
+    for folder in folders:
+        if folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def drop_resume_points(out: Path, save_every: int) -> None:
     """At the end of a run that finished without a final checkpoint: remove the checkpoints that only kept it
-    resumable (by the clock, or at a stop signal of an earlier attempt), keeping those at multiples of
-    ``save_every``, which the user asked for. Each holds the optimizer state (~12 bytes a parameter, ~96 GB for
-    an 8B model): they were left in OUT after a run that was asked for no final checkpoint."""
+    resumable (written by the clock, or at a stop signal of an earlier attempt), keeping those save_every wrote
+    (an earlier attempt's too, with another save_every), which the user asked for. Each holds the optimizer state
+    (~12 bytes a parameter, ~96 GB for an 8B model): they were left in OUT after a run that was asked for no final
+    checkpoint."""
     for folder in checkpoints(out):
-        number = folder.name.removeprefix("step-")
-        if not (save_every and number.isdigit() and int(number) % save_every == 0):
+        if _reason(folder, save_every) not in ASKED:
             shutil.rmtree(folder, ignore_errors=True)
     _drop_cut_short(out)
 
@@ -139,12 +175,15 @@ def _drop_cut_short(out: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, keep: int) -> None:
+def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, scheduler, config: TrainConfig,
+                    reason: str) -> None:
     """Model (trainable weights), optimizer, scheduler, sampler position (the step) and RNG states (every
     process's torch RNG: each draws its own dropout masks), written to a temporary folder and renamed, so a kill
-    never leaves half a checkpoint. The main process writes all but the other processes' RNG states; a failure
-    there (a full disk) stops every process. Under FSDP each process holds a shard of the weights and optimizer
-    state: each writes its own into ``shards/`` (torch.distributed.checkpoint, safetensors), nothing gathered."""
+    never leaves half a checkpoint; then the checkpoints beyond ``keep_checkpoints`` go (:func:`prune_checkpoints`).
+    ``reason`` (one of ASKED or RESUME_POINTS) is recorded. The main process writes all but the other processes'
+    RNG states; a failure there (a full disk) stops every process. Under FSDP each process holds a shard of the
+    weights and optimizer state: each writes its own into ``shards/`` (torch.distributed.checkpoint, safetensors),
+    nothing gathered."""
     from accelerate.utils import DistributedType
 
     target = checkpoint_folder(out, step)
@@ -163,12 +202,16 @@ def save_checkpoint(out: Path, step: int, accelerator, module, optimizer, schedu
     if accelerator.distributed_type == DistributedType.FSDP:
         groups = _save_shards(tmp / SHARDS, accelerator, module, optimizer, target)
     accelerator.wait_for_everyone()
-    on_main_process(accelerator, lambda: _write_checkpoint(out, step, tmp, target, accelerator, module, optimizer,
-                                                           scheduler, keep, groups))
+
+    def write() -> None:
+        _write_checkpoint(out, step, reason, tmp, target, accelerator, module, optimizer, scheduler, groups)
+        prune_checkpoints(out, config.keep_checkpoints, config.save_every)
+
+    on_main_process(accelerator, write)
 
 
-def _write_checkpoint(out: Path, step: int, tmp: Path, target: Path, accelerator, module, optimizer, scheduler,
-                      keep: int, sharded_groups: list[dict] | None) -> None:
+def _write_checkpoint(out: Path, step: int, reason: str, tmp: Path, target: Path, accelerator, module, optimizer,
+                      scheduler, sharded_groups: list[dict] | None) -> None:
     if sharded_groups is None:
         groups, shards = _write_weights(tmp, accelerator.unwrap_model(module).model, optimizer), {}
     else:  # the shards are written: their files and sizes, which a resume checks before it reads any
@@ -176,15 +219,13 @@ def _write_checkpoint(out: Path, step: int, tmp: Path, target: Path, accelerator
         shards = {"shards": {p.name: p.stat().st_size for p in sorted((tmp / SHARDS).iterdir())}}
     np_state = np.random.get_state()
     state = {
-        "step": step, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
+        "step": step, "reason": reason, "param_groups": groups, "scheduler": _jsonable(scheduler.state_dict()),
         "python_rng": _jsonable(random.getstate()),
         "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]], **shards,
     }
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    for old in checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_weights(tmp: Path, model, optimizer) -> list[dict]:

@@ -139,7 +139,9 @@ class TrainConfig(NumbersNotBools):
         30, ge=0, description="Checkpoint after the first step that ends this many minutes after the last checkpoint "
                               "(or the run's first step): a killed run loses at most that much (0: off). With "
                               "final_checkpoint false, a run that finishes removes these (save_every's stay).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted): save_every's and "
+                                  "the final one (the clock's when save_every is 0); beside them, a checkpoint of the "
+                                  "clock or a stop only while it is the newest.")
     resume: bool = Field(False, description="Continue from the latest checkpoint in OUT (of this very run: "
                          "OUT/run.key must match these settings).")
     overwrite: bool = Field(False, description="Replace the outputs of another run in OUT (refused otherwise).")

@@ -175,15 +175,17 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
         if step + 1 == config.steps:
             break  # (a signal now: the run saves its last checkpoint and model as it ends anyway)
         stop, due = agreed(accelerator, signals.received, bool(timed) and clock() - saved_at >= timed)
-        if (config.save_every and (step + 1) % config.save_every == 0) or due or stop:
-            save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
+        asked = bool(config.save_every) and (step + 1) % config.save_every == 0
+        if asked or due or stop:
+            reason = "save_every" if asked else "clock" if due else "stop"
+            save_checkpoint(out, step + 1, accelerator, module, optimizer, scheduler, config, reason)
             saved_at = clock()
         if stop:
             let_collectives_finish(accelerator)  # as at the end of a run: no process hangs at exit
             accelerator.end_training()
             raise TrainingStopped(stopped_line(stop, step + 1, config.steps, checkpoint_folder(out, step + 1)), stop)
     if config.final_checkpoint:
-        save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config.keep_checkpoints)
+        save_checkpoint(out, config.steps, accelerator, module, optimizer, scheduler, config, "final")
     # What the summary counts of the model, before it is saved (merging a LoRA adapter replaces the adapted layers,
     # and their patches with them): forward + backward FLOPs per unique non-padding token, 6·N·D (Kaplan et al.
     # 2020) for trained parameters and 4 for frozen ones (a LoRA run's base weights: no weight gradient), and the
