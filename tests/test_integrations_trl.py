@@ -505,22 +505,24 @@ def test_version_check_range():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["pairs file", "TRL implicit prompt"])
-def test_example_script_runs(small_pairs, tmp_path, layout):
-    """The example in examples/trl runs end to end on SmolLM2 (a few steps), typed as its docstring says: without
-    --cpu, which it needed on a machine without a GPU (Transformers refused its bf16 there); on the pairs file, and
-    on a TRL dataset of the same pairs with an implicit prompt (conversational chosen/rejected only), which the
-    example read as prompt/chosen/rejected columns and stopped on with a pyarrow traceback."""
+def test_example_script_runs(small_pairs, tiny_model, tmp_path, layout):
+    """The example in examples/trl runs end to end (a few steps), typed as its docstring says: without --cpu,
+    which it needed on a machine without a GPU (Transformers refused its bf16 there); on the pairs file with its
+    default model (SmolLM2), and on a TRL dataset of the same pairs with an implicit prompt (conversational
+    chosen/rejected only), which the example read as prompt/chosen/rejected columns and stopped on with a pyarrow
+    traceback (reading the data does not depend on the model: a tiny one, SmolLM2's tokenizer and template)."""
     plan = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}})  # ε 0.1, as documented
-    data = small_pairs
+    data, model = small_pairs, []
     if layout == "TRL implicit prompt":
         rows = read_pairs(str(small_pairs))[0].to_pylist()
         data = tmp_path / "implicit.parquet"
         Dataset.from_list([{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
                            for r in rows]).to_parquet(str(data))
+        model = ["--model", str(tiny_model)]
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "trl" / "train_dpo.py"), "--pairs",
                              str(data), "--plan", str(plan), "--loss-type", "robust", "--output-dir", str(out),
-                             "--max-steps", "2", "--max-length", "96"], capture_output=True, text=True,
+                             "--max-steps", "2", "--max-length", "96", *model], capture_output=True, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     logs = [json.loads(line) for line in (out / "log_history.jsonl").read_text().splitlines()]
