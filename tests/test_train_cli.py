@@ -719,26 +719,41 @@ def test_sigterm_to_one_process_of_a_launch_stops_every_process_after_the_same_s
 @pytest.mark.slow
 def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_path):
     """Each process draws its own dropout masks: a checkpoint keeps every process's RNG state, so two processes
-    resumed from step 2 continue as the run that was not stopped (they all took the first process's state)."""
+    resumed from step 2 continue as the run that was not stopped (they all took the first process's state). The
+    second process's RNG file damaged: refused by the first process too, in one line; the second alone refused it,
+    which left the first in a collective ("[rank0]: Traceback … Connection closed by peer")."""
     args = ["--steps", "4", "--batch-size", "4", "--max-length", "96", "--lr", "1e-3", "--threads", "1", "--lora",
             "--set", "lora.r=4", "--set", "lora.dropout=0.3", "--save-every", "1", "--set", "keep_checkpoints=4",
             "--set", f"reference_cache={tmp_path / 'refcache'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def two(out, *extra):
+    def two(out, *extra, ok=True):
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
              "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(out),
              *args, *extra], capture_output=True, text=True, env=env)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert (result.returncode == 0) == ok, result.stderr[-3000:]
+        return result
 
     two(tmp_path / "straight")
     resumed = tmp_path / "resumed"
     two(resumed)
-    assert (resumed / "checkpoints" / "step-00000002" / "rng-1.safetensors").is_file()
+    checkpoint = resumed / "checkpoints" / "step-00000002"
+    assert (checkpoint / "rng-1.safetensors").is_file()
     for late in ("step-00000003", "step-00000004"):  # as if killed after the checkpoint of step 2
         shutil.rmtree(resumed / "checkpoints" / late)
     shutil.rmtree(resumed / "adapter")
+
+    rng = checkpoint / "rng-1.safetensors"
+    whole = rng.read_bytes()
+    rng.write_bytes(whole[: len(whole) // 2])
+    result = two(resumed, "--resume", ok=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "exitcode  : 2" in result.stderr and "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {checkpoint} is damaged or incomplete ("), \
+        result.stderr[-3000:]
+    assert errors[0].endswith("remove it to resume from the one before (step-00000001)")
+    rng.write_bytes(whole)
     two(resumed, "--resume")
     a, b = _metrics(tmp_path / "straight"), _metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]

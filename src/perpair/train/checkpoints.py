@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -320,9 +321,14 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded
     if not found:
         return 0
     folder, previous = found[-1], found[-2] if len(found) > 1 else None
-    if sharded:  # every process's files, the RNG states of each too: one that fails alone left the others in a
-        # collective, which failed with a traceback
+    # Every process's files checked by the first one (under FSDP the shards' headers too; without, the weights every
+    # process reads are the same files): a process that failed alone, on its own RNG file, left the others in a
+    # collective, which failed with a traceback.
+    if sharded:
         on_main_process(accelerator, lambda: [_read_checkpoint(folder, previous, process, sharded)
+                                              for process in range(accelerator.num_processes)])
+    elif accelerator.num_processes > 1:
+        on_main_process(accelerator, lambda: [_read_rng(folder, process, _damaged(folder, previous))
                                               for process in range(accelerator.num_processes)])
     state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
     if sharded:
@@ -391,11 +397,7 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
     and RNG states of the checkpoint ``folder``, or one error naming it."""
     from safetensors import SafetensorError
 
-    def damaged(reason: str) -> PerpairError:
-        then = (f"remove it to resume from the one before ({previous.name})" if previous is not None
-                else "remove it, or start again with --overwrite")
-        return PerpairError(f"checkpoint {folder} is damaged or incomplete ({reason}); {then}")
-
+    damaged = _damaged(folder, previous)
     try:
         state = json.loads((folder / "state.json").read_text())
         number = folder.name.removeprefix("step-")
@@ -407,8 +409,6 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
             how = "under" if "shards" in state else "without"
             raise PerpairError(f"checkpoint {folder} was written by a run {how} FSDP; resume it {how} FSDP, as the "
                                "run that wrote it")
-        own = folder / rng_file(process)
-        rng = load_file(own if own.exists() else folder / rng_file(0))
         if sharded:
             stored = _read_shards(folder / SHARDS, state["shards"], damaged)
         else:
@@ -417,9 +417,32 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
         raise damaged(f"no {Path(exc.filename).name}") from None
     except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
         raise damaged(" ".join(str(exc).split())[:200]) from None
+    return state, stored, _read_rng(folder, process, damaged)
+
+
+def _damaged(folder: Path, previous: Path | None) -> Callable[[str], PerpairError]:
+    """The error that refuses the checkpoint ``folder`` for a reason, saying what resumes instead."""
+    def damaged(reason: str) -> PerpairError:
+        then = (f"remove it to resume from the one before ({previous.name})" if previous is not None
+                else "remove it, or start again with --overwrite")
+        return PerpairError(f"checkpoint {folder} is damaged or incomplete ({reason}); {then}")
+    return damaged
+
+
+def _read_rng(folder: Path, process: int, damaged: Callable[[str], PerpairError]) -> dict:
+    """Process ``process``'s RNG states in the checkpoint ``folder`` (the first process's where it has none)."""
+    from safetensors import SafetensorError
+
+    own = folder / rng_file(process)
+    try:
+        rng = load_file(own if own.exists() else folder / rng_file(0))
+    except FileNotFoundError as exc:
+        raise damaged(f"no {Path(exc.filename).name}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise damaged(" ".join(str(exc).split())[:200]) from None
     if "torch" not in rng:
         raise damaged("its RNG states lack torch's")
-    return state, stored, rng
+    return rng
 
 
 def _read_shards(folder: Path, files: dict, damaged):
