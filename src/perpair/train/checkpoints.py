@@ -321,15 +321,15 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded
     if not found:
         return 0
     folder, previous = found[-1], found[-2] if len(found) > 1 else None
-    # Every process's files checked by the first one (under FSDP the shards' headers too; without, the weights every
-    # process reads are the same files): a process that failed alone, on its own RNG file, left the others in a
-    # collective, which failed with a traceback.
-    if sharded:
-        on_main_process(accelerator, lambda: [_read_checkpoint(folder, previous, process, sharded)
-                                              for process in range(accelerator.num_processes)])
-    elif accelerator.num_processes > 1:
-        on_main_process(accelerator, lambda: [_read_rng(folder, process, _damaged(folder, previous))
-                                              for process in range(accelerator.num_processes)])
+    if accelerator.num_processes > 1:  # every process's files checked by the first one: a process that failed
+        # alone (on its own RNG file, or its shards) left the others in a collective, which failed with a traceback
+        def check() -> None:
+            if sharded:  # the shards' sizes and headers (without FSDP every process reads the same weights' files)
+                _read_checkpoint(folder, previous, 0, sharded)
+            for process in range(accelerator.num_processes):
+                _read_rng(folder, process, _damaged(folder, previous))
+
+        on_main_process(accelerator, check)
     state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
     if sharded:
         _load_shards(folder, state, stored, accelerator, model, optimizer)
