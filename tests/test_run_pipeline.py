@@ -422,11 +422,14 @@ def _answered(cache: Path) -> int:
 
 
 def _annotating_run(tmp_path: Path, tiny) -> tuple[Path, Path]:
-    """A run config whose annotation by a local teacher takes a while (400 pairs), and its annotation cache."""
+    """A run config whose annotation by a local teacher takes a while (90 training pairs), and its annotation
+    cache."""
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
                                                                                 "train": {"steps": 2}}})
-    config["data"]["limit"] = 400
+    # enough that a stop at 20 answers comes mid-annotation: a local teacher on a CPU commits every 4 answers
+    # (LOCAL_CHUNK_BATCHES batches of 1), so 70 are still to come (at 400 pairs, 280 were)
+    config["data"]["limit"] = 120
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, tmp_path / "work" / "annotations.cache.sqlite"
@@ -469,7 +472,9 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
 
     config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 2}}})
     config["eval"]["preference"] = None
-    config["eval"]["alpaca_eval"].update(limit=48, max_new_tokens=8)
+    # enough that the kill at 4 judgments comes mid-evaluation: a local judge on a CPU judges one answer at a time,
+    # each committed, so 20 are still to come (48 instructions had 44); the base model's evaluation, before, too
+    config["eval"]["alpaca_eval"].update(limit=24, max_new_tokens=8)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     folder = tmp_path / "work" / "arms" / "dpo" / "eval" / "alpaca_eval"
@@ -488,7 +493,7 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
     _kill_once(command, env, lambda: cached().get("judgment", 0) >= 4, tmp_path / "killed.log")
     before = cached()
     answers = sum(n for kind, n in before.items() if kind != "judgment")
-    assert answers == 48 and 4 <= before["judgment"] < 48, before
+    assert answers == 24 and 4 <= before["judgment"] < 24, before
     assert not (folder / "results.json").exists()
 
     result = subprocess.run(command, capture_output=True, text=True, env=env)
