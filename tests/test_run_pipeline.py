@@ -299,20 +299,21 @@ def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tin
     validate(RunConfig.model_validate(allowed))
 
 
-def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny):
+def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny, monkeypatch):
+    from conftest import run_cli  # the command line in this process (its imports done once): the same lines
+
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("hello")
     no_weights = tmp_path / "no_weights"  # config and tokenizer, but the weights left behind
     shutil.copytree(tiny, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     path = tmp_path / "run.yaml"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for model in (not_a_model, no_weights):
         config = _config(tmp_path, model, annotate=None, eval={"preference": None, "alpaca_eval": None})
         config["arms"] = {"dpo": {"preset": "dpo"}}
         path.write_text(yaml.safe_dump(config))
-        result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                                env=env)
+        result = run_cli("run", path, check=False)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
         assert result.stderr.strip().splitlines() == [f"error: file {path}: run config, model {model}: the folder "
@@ -323,8 +324,7 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     # a path that is no folder: named once, as the field it came from
     config["model"] = str(tmp_path / "no_such_model")
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                            env=env)
+    result = run_cli("run", path, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: file {path}: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id "
@@ -334,22 +334,22 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     config["model"] = str(tiny)
     config["arms"]["dpo"]["preset"] = "dpoo"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                            env=env)
+    result = run_cli("run", path, check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: invalid run config: "
                                                                "arms.dpo.preset: unknown preset 'dpoo'")
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
-                             "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
+    result = run_cli("run", path, "--set", "arms.dpo.preset=dpo", "--set", "train.beta=0.5", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")
     assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny, workers):
+def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny, monkeypatch, workers):
     """A run killed mid-training resumes there; with workers, its worker processes die with it (none is left
     training into the workdir)."""
     import psutil
+
+    from conftest import run_cli
 
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      arms={"dpo": {"preset": "dpo", "train": {"steps": 16}}}, workers=workers)
@@ -371,7 +371,8 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     assert not alive
     assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     log = result.stderr
     for stage in ("prepare", "annotate", "plan.dpo"):
@@ -436,7 +437,7 @@ def _annotating_run(tmp_path: Path, tiny) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
+def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny, monkeypatch):
     """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
     its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
     to plan and train: nothing lost, nothing asked twice."""
@@ -453,7 +454,10 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
     assert before >= 20
     assert not (work / "annotations.parquet").exists() and not (work / "stages" / "annotate.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     log = result.stderr
     assert "[prepare] unchanged, skipped" in log and "[train.sp2dpo] done" in log
@@ -465,7 +469,7 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
 
 
 @pytest.mark.slow
-def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny):
+def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny, monkeypatch):
     """A run killed inside an arm's AlpacaEval (answers and judgments committed as they come) re-runs that
     evaluation only, generating and judging nothing it had finished."""
     import sqlite3
@@ -496,7 +500,10 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
     assert answers == 24 and 4 <= before["judgment"] < 24, before
     assert not (folder / "results.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     for stage in ("prepare", "plan.dpo", "train.dpo", "eval.base.alpaca_eval"):
         assert f"[{stage}] unchanged, skipped" in result.stderr
@@ -921,7 +928,8 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
 
 
 @pytest.mark.slow
-def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny):
+def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny,
+                                                                                         monkeypatch):
     """workers: 2, a stop signal while an arm trains, three times over, each re-run resuming the last stop's
     checkpoint: SIGTERM to the run's process (`timeout`, `kill`), then SIGTERM and SIGUSR1 to it and every process
     it started (`scancel`, `scancel --signal=USR1`, SLURM's `--signal=USR1@N`). Each time the run passes it on and
@@ -964,7 +972,10 @@ def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resu
         assert not before or f"resuming from step-{before:08d}" in shown, shown[-3000:]
         assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from step-{stops[-1]:08d}" in result.stderr and "[train.dpo] done" in result.stderr
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
