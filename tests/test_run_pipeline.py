@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -842,13 +843,26 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
-def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch):
+@pytest.fixture(scope="module")
+def run_of_arm_a(tmp_path_factory, tiny) -> tuple[Path, Any]:
+    """A finished run of ``_small`` with one arm, a (in this process): its workdir and result, for the tests that
+    start from one in a workdir of their own (a copy: what they check holds no workdir path). Never changed."""
+    tmp = tmp_path_factory.mktemp("arm_a")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        result, _ = _run(_small(tmp, tiny, arms={"a": {"preset": "dpo"}}))
+    return tmp / "work", result
+
+
+def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """Changing when an arm checkpoints or where it logs (save_every, save_every_minutes, keep_checkpoints,
     report_to, project, run_name) changed the train stage's key, and the arm trained again from scratch: an hour
     lost to a logging change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
-    assert "train.a" in _run(config)[0].ran
+    work, first = run_of_arm_a
+    assert "train.a" in first.ran
+    shutil.copytree(work, tmp_path / "work")
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
                        "project": "mine", "run_name": "first", "save_every_minutes": 10}
     result, _ = _run(config)
@@ -1185,8 +1199,20 @@ def test_a_stop_swallowed_as_the_command_ends_does_not_kill_it_after():
     assert result.returncode == 0 and result.stdout in ("done\n", "stopped\n") and not result.stderr, result
 
 
+@pytest.fixture(scope="module")
+def run_of_arm_b(tmp_path_factory, tiny) -> Path:
+    """The workdir of a finished run of ``_small`` with one arm, b (in this process): the run before
+    test_an_arm_that_fails_is_named_and_the_others_work_is_kept's, which is the same for either number of
+    workers (their keys hold none). Copied by each test, never changed."""
+    tmp = tmp_path_factory.mktemp("arm_b")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        _run(_small(tmp, tiny, arms={"b": {"preset": "dpo"}}))
+    return tmp / "work"
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
+def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers, run_of_arm_b):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
     message alone did not say) and leaves no comparison (the run before's stayed, showing that arm's numbers under
     its old settings); the other arm's finished stages are stamped, so the re-run with the mistake fixed trains
@@ -1195,7 +1221,7 @@ def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, 
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, workers=workers, arms={"b": {"preset": "dpo"}})
-    _run(config)
+    shutil.copytree(run_of_arm_b, tmp_path / "work")  # the first run, of this config
     assert (tmp_path / "work" / "report" / "comparison.md").is_file()  # a first run's table, arm b's settings
     config["arms"] = {"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}}
     with pytest.raises(PerpairError, match=r"^train\.b: batch_size 64 is more than the \d+ pairs"):
@@ -1290,13 +1316,13 @@ def test_from_train_trains_again_from_the_start(tmp_path, tiny, monkeypatch):
     assert metrics.stat().st_mtime_ns != before and len(metrics.read_text().splitlines()) == 2
 
 
-def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch):
+def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """Stamps named their outputs by the path the run wrote them at: a copy of the workdir checked the original's
     files, so an arm's metrics deleted in the copy were 'unchanged' (the copy's table then had no training
     columns) and a moved workdir ran everything again. Now by their place in the workdir."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
-    _run(config)
+    shutil.copytree(run_of_arm_a[0], tmp_path / "work")  # a finished run of this config
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "work", copy)
     (copy / "arms" / "a" / "train" / "metrics.jsonl").unlink()
