@@ -590,10 +590,20 @@ def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny
     assert TooFewAnnotated("x").exit_code == 3
 
 
-def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny, monkeypatch):
+def test_a_judge_or_judge_prompt_changed_in_place_or_another_dtype_evaluates_again(tmp_path, tiny, monkeypatch):
     """The AlpacaEval stage's stamp holds what its judge and files hold, not only their paths: a local judge
     retrained at the same path, or a judge prompt edited in place, evaluates again (it was 'unchanged, skipped',
-    the old judge's numbers reported as the new one's)."""
+    the old judge's numbers reported as the new one's).
+
+    eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
+    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
+    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
+    stage, the answers and the judgments are keyed by the dtype as it resolves. (One chain of runs: each change
+    is checked against the run before it, for half the runs of a chain each.)"""
+    import torch
+
+    from perpair.eval import generate
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     judge, prompt = tmp_path / "judge", tmp_path / "judge_prompt.txt"
     shutil.copytree(tiny, judge)
@@ -615,6 +625,14 @@ def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny
     prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
     third, _ = _run(config)
     assert set(third.ran) == evaluations
+
+    # where auto is bfloat16 (a GPU: here the same CPU, told so)
+    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
+                        else getattr(torch, name))
+    again, _ = _run(config)
+    assert set(again.ran) == evaluations
+    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
+    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
 def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_keyed(tmp_path, tiny, monkeypatch):
@@ -643,30 +661,6 @@ def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_key
         handle.write(json.dumps(json.loads(gzip.open(official).read())[:2][::-1]))
     third, _ = _run(config)
     assert third.ran == ["eval.dpo.alpaca_eval"] and third.notes[0].startswith("dpo: AlpacaEval LC: no LC: fewer")
-
-
-def test_dtype_auto_evaluates_again_where_it_resolves_to_another_dtype(tmp_path, tiny, monkeypatch):
-    """eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
-    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
-    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
-    stage, the answers and the judgments are keyed by the dtype as it resolves."""
-    import torch
-
-    from perpair.eval import generate
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
-    config["eval"].update(preference=None)
-    evaluations = {"eval.dpo.alpaca_eval", "eval.base.alpaca_eval"}
-    assert evaluations <= set(_run(config)[0].ran)
-    assert evaluations <= set(_run(config)[0].skipped)
-    # where auto is bfloat16 (a GPU: here the same CPU, told so)
-    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
-                        else getattr(torch, name))
-    again, _ = _run(config)
-    assert set(again.ran) == evaluations
-    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
-    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
 def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
