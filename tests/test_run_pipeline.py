@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -299,20 +300,21 @@ def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tin
     validate(RunConfig.model_validate(allowed))
 
 
-def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny):
+def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny, monkeypatch):
+    from conftest import run_cli  # the command line in this process (its imports done once): the same lines
+
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("hello")
     no_weights = tmp_path / "no_weights"  # config and tokenizer, but the weights left behind
     shutil.copytree(tiny, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     path = tmp_path / "run.yaml"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for model in (not_a_model, no_weights):
         config = _config(tmp_path, model, annotate=None, eval={"preference": None, "alpaca_eval": None})
         config["arms"] = {"dpo": {"preset": "dpo"}}
         path.write_text(yaml.safe_dump(config))
-        result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                                env=env)
+        result = run_cli("run", path, check=False)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
         assert result.stderr.strip().splitlines() == [f"error: file {path}: run config, model {model}: the folder "
@@ -323,8 +325,7 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     # a path that is no folder: named once, as the field it came from
     config["model"] = str(tmp_path / "no_such_model")
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                            env=env)
+    result = run_cli("run", path, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: file {path}: run config, model {tmp_path / 'no_such_model'}: no such folder, and not a Hub id "
@@ -334,22 +335,22 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
     config["model"] = str(tiny)
     config["arms"]["dpo"]["preset"] = "dpoo"
     path.write_text(yaml.safe_dump(config))
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path)], capture_output=True, text=True,
-                            env=env)
+    result = run_cli("run", path, check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"error: file {path}: invalid run config: "
                                                                "arms.dpo.preset: unknown preset 'dpoo'")
-    result = subprocess.run([sys.executable, "-m", "perpair", "run", str(path), "--set", "arms.dpo.preset=dpo",
-                             "--set", "train.beta=0.5"], capture_output=True, text=True, env=env)
+    result = run_cli("run", path, "--set", "arms.dpo.preset=dpo", "--set", "train.beta=0.5", check=False)
     assert result.returncode == 2 and result.stderr.startswith("error: run config, train.beta: every arm trains")
     assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny, workers):
+def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path, tiny, monkeypatch, workers):
     """A run killed mid-training resumes there; with workers, its worker processes die with it (none is left
     training into the workdir)."""
     import psutil
+
+    from conftest import run_cli
 
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      arms={"dpo": {"preset": "dpo", "train": {"steps": 16}}}, workers=workers)
@@ -371,7 +372,8 @@ def test_killed_during_training_resumes_without_redoing_finished_stages(tmp_path
     assert not alive
     assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     log = result.stderr
     for stage in ("prepare", "annotate", "plan.dpo"):
@@ -422,18 +424,21 @@ def _answered(cache: Path) -> int:
 
 
 def _annotating_run(tmp_path: Path, tiny) -> tuple[Path, Path]:
-    """A run config whose annotation by a local teacher takes a while (400 pairs), and its annotation cache."""
+    """A run config whose annotation by a local teacher takes a while (90 training pairs), and its annotation
+    cache."""
     config = _config(tmp_path, tiny, eval={"preference": None, "alpaca_eval": None},
                      annotate={"teachers": [f"local:{tiny}"]}, arms={"sp2dpo": {**SP2DPO_TINY_TEACHER,
                                                                                 "train": {"steps": 2}}})
-    config["data"]["limit"] = 400
+    # enough that a stop at 20 answers comes mid-annotation: a local teacher on a CPU commits every 4 answers
+    # (LOCAL_CHUNK_BATCHES batches of 1), so 70 are still to come (at 400 pairs, 280 were)
+    config["data"]["limit"] = 120
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, tmp_path / "work" / "annotations.cache.sqlite"
 
 
 @pytest.mark.slow
-def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny):
+def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_path, tiny, monkeypatch):
     """A run killed inside annotation (SIGKILL, no chance to clean up) writes no annotations and stamps nothing;
     its re-run finds every answer given before the kill in the cache, asks the teacher only the rest, and goes on
     to plan and train: nothing lost, nothing asked twice."""
@@ -450,7 +455,10 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
     assert before >= 20
     assert not (work / "annotations.parquet").exists() and not (work / "stages" / "annotate.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     log = result.stderr
     assert "[prepare] unchanged, skipped" in log and "[train.sp2dpo] done" in log
@@ -462,14 +470,16 @@ def test_killed_during_annotation_keeps_every_answer_and_asks_only_the_rest(tmp_
 
 
 @pytest.mark.slow
-def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny):
+def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny, monkeypatch):
     """A run killed inside an arm's AlpacaEval (answers and judgments committed as they come) re-runs that
     evaluation only, generating and judging nothing it had finished."""
     import sqlite3
 
     config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 2}}})
     config["eval"]["preference"] = None
-    config["eval"]["alpaca_eval"].update(limit=48, max_new_tokens=8)
+    # enough that the kill at 4 judgments comes mid-evaluation: a local judge on a CPU judges one answer at a time,
+    # each committed, so 20 are still to come (48 instructions had 44); the base model's evaluation, before, too
+    config["eval"]["alpaca_eval"].update(limit=24, max_new_tokens=8)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     folder = tmp_path / "work" / "arms" / "dpo" / "eval" / "alpaca_eval"
@@ -488,10 +498,13 @@ def test_killed_during_evaluation_keeps_every_answer_and_judgment(tmp_path, tiny
     _kill_once(command, env, lambda: cached().get("judgment", 0) >= 4, tmp_path / "killed.log")
     before = cached()
     answers = sum(n for kind, n in before.items() if kind != "judgment")
-    assert answers == 48 and 4 <= before["judgment"] < 48, before
+    assert answers == 24 and 4 <= before["judgment"] < 24, before
     assert not (folder / "results.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr
     for stage in ("prepare", "plan.dpo", "train.dpo", "eval.base.alpaca_eval"):
         assert f"[{stage}] unchanged, skipped" in result.stderr
@@ -577,10 +590,20 @@ def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny
     assert TooFewAnnotated("x").exit_code == 3
 
 
-def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny, monkeypatch):
+def test_a_judge_or_judge_prompt_changed_in_place_or_another_dtype_evaluates_again(tmp_path, tiny, monkeypatch):
     """The AlpacaEval stage's stamp holds what its judge and files hold, not only their paths: a local judge
     retrained at the same path, or a judge prompt edited in place, evaluates again (it was 'unchanged, skipped',
-    the old judge's numbers reported as the new one's)."""
+    the old judge's numbers reported as the new one's).
+
+    eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
+    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
+    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
+    stage, the answers and the judgments are keyed by the dtype as it resolves. (One chain of runs: each change
+    is checked against the run before it, for half the runs of a chain each.)"""
+    import torch
+
+    from perpair.eval import generate
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     judge, prompt = tmp_path / "judge", tmp_path / "judge_prompt.txt"
     shutil.copytree(tiny, judge)
@@ -602,6 +625,14 @@ def test_a_judge_or_judge_prompt_changed_in_place_evaluates_again(tmp_path, tiny
     prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
     third, _ = _run(config)
     assert set(third.ran) == evaluations
+
+    # where auto is bfloat16 (a GPU: here the same CPU, told so)
+    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
+                        else getattr(torch, name))
+    again, _ = _run(config)
+    assert set(again.ran) == evaluations
+    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
+    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
 def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_keyed(tmp_path, tiny, monkeypatch):
@@ -630,30 +661,6 @@ def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_key
         handle.write(json.dumps(json.loads(gzip.open(official).read())[:2][::-1]))
     third, _ = _run(config)
     assert third.ran == ["eval.dpo.alpaca_eval"] and third.notes[0].startswith("dpo: AlpacaEval LC: no LC: fewer")
-
-
-def test_dtype_auto_evaluates_again_where_it_resolves_to_another_dtype(tmp_path, tiny, monkeypatch):
-    """eval.alpaca_eval.dtype auto is bfloat16 on a GPU and float32 on a CPU, for the generation and a local judge:
-    it was left out of the AlpacaEval stage's stamp and of the judgments' cache key, so a workdir evaluated where it
-    is one dtype was 'unchanged, skipped' where it is the other, the other precision's numbers reported. Now the
-    stage, the answers and the judgments are keyed by the dtype as it resolves."""
-    import torch
-
-    from perpair.eval import generate
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
-    config["eval"].update(preference=None)
-    evaluations = {"eval.dpo.alpaca_eval", "eval.base.alpaca_eval"}
-    assert evaluations <= set(_run(config)[0].ran)
-    assert evaluations <= set(_run(config)[0].skipped)
-    # where auto is bfloat16 (a GPU: here the same CPU, told so)
-    monkeypatch.setattr(generate, "torch_dtype", lambda name: torch.bfloat16 if name == "auto"
-                        else getattr(torch, name))
-    again, _ = _run(config)
-    assert set(again.ran) == evaluations
-    results = json.loads((tmp_path / "work" / "base" / "eval" / "alpaca_eval" / "results.json").read_text())[0]
-    assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
 def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
@@ -830,13 +837,26 @@ def test_a_training_is_keyed_by_its_settings_as_read_and_its_reference_model_by_
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
-def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch):
+@pytest.fixture(scope="module")
+def run_of_arm_a(tmp_path_factory, tiny) -> tuple[Path, Any]:
+    """A finished run of ``_small`` with one arm, a (in this process): its workdir and result, for the tests that
+    start from one in a workdir of their own (a copy: what they check holds no workdir path). Never changed."""
+    tmp = tmp_path_factory.mktemp("arm_a")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        result, _ = _run(_small(tmp, tiny, arms={"a": {"preset": "dpo"}}))
+    return tmp / "work", result
+
+
+def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """Changing when an arm checkpoints or where it logs (save_every, save_every_minutes, keep_checkpoints,
     report_to, project, run_name) changed the train stage's key, and the arm trained again from scratch: an hour
     lost to a logging change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
-    assert "train.a" in _run(config)[0].ran
+    work, first = run_of_arm_a
+    assert "train.a" in first.ran
+    shutil.copytree(work, tmp_path / "work")
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
                        "project": "mine", "run_name": "first", "save_every_minutes": 10}
     result, _ = _run(config)
@@ -916,7 +936,8 @@ def _signal_once(command: list[str], env: dict[str, str], ready, log: Path, *, w
 
 
 @pytest.mark.slow
-def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny):
+def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resumes_it(tmp_path, tiny,
+                                                                                         monkeypatch):
     """workers: 2, a stop signal while an arm trains, three times over, each re-run resuming the last stop's
     checkpoint: SIGTERM to the run's process (`timeout`, `kill`), then SIGTERM and SIGUSR1 to it and every process
     it started (`scancel`, `scancel --signal=USR1`, SLURM's `--signal=USR1@N`). Each time the run passes it on and
@@ -959,7 +980,10 @@ def test_stop_signals_to_a_run_with_workers_keep_the_arms_step_and_a_re_run_resu
         assert not before or f"resuming from step-{before:08d}" in shown, shown[-3000:]
         assert not (tmp_path / "work" / "stages" / "train.dpo.json").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    from conftest import run_cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run_cli("run", path, check=False)  # the re-run in this process: its imports are done
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from step-{stops[-1]:08d}" in result.stderr and "[train.dpo] done" in result.stderr
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 31))
@@ -1169,8 +1193,20 @@ def test_a_stop_swallowed_as_the_command_ends_does_not_kill_it_after():
     assert result.returncode == 0 and result.stdout in ("done\n", "stopped\n") and not result.stderr, result
 
 
+@pytest.fixture(scope="module")
+def run_of_arm_b(tmp_path_factory, tiny) -> Path:
+    """The workdir of a finished run of ``_small`` with one arm, b (in this process): the run before
+    test_an_arm_that_fails_is_named_and_the_others_work_is_kept's, which is the same for either number of
+    workers (their keys hold none). Copied by each test, never changed."""
+    tmp = tmp_path_factory.mktemp("arm_b")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        _run(_small(tmp, tiny, arms={"b": {"preset": "dpo"}}))
+    return tmp / "work"
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers):
+def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, monkeypatch, workers, run_of_arm_b):
     """An arm whose training refuses its pairs stops the run with one error naming the stage (which arm: the
     message alone did not say) and leaves no comparison (the run before's stayed, showing that arm's numbers under
     its old settings); the other arm's finished stages are stamped, so the re-run with the mistake fixed trains
@@ -1179,7 +1215,7 @@ def test_an_arm_that_fails_is_named_and_the_others_work_is_kept(tmp_path, tiny, 
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, workers=workers, arms={"b": {"preset": "dpo"}})
-    _run(config)
+    shutil.copytree(run_of_arm_b, tmp_path / "work")  # the first run, of this config
     assert (tmp_path / "work" / "report" / "comparison.md").is_file()  # a first run's table, arm b's settings
     config["arms"] = {"a": {"preset": "dpo"}, "b": {"preset": "dpo", "train": {"batch_size": 64}}}
     with pytest.raises(PerpairError, match=r"^train\.b: batch_size 64 is more than the \d+ pairs"):
@@ -1274,13 +1310,13 @@ def test_from_train_trains_again_from_the_start(tmp_path, tiny, monkeypatch):
     assert metrics.stat().st_mtime_ns != before and len(metrics.read_text().splitlines()) == 2
 
 
-def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch):
+def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """Stamps named their outputs by the path the run wrote them at: a copy of the workdir checked the original's
     files, so an arm's metrics deleted in the copy were 'unchanged' (the copy's table then had no training
     columns) and a moved workdir ran everything again. Now by their place in the workdir."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
-    _run(config)
+    shutil.copytree(run_of_arm_a[0], tmp_path / "work")  # a finished run of this config
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "work", copy)
     (copy / "arms" / "a" / "train" / "metrics.jsonl").unlink()
