@@ -482,45 +482,39 @@ def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_pa
     assert metrics[0]["loss_sft"] == pytest.approx(-sft[routes[:8] == "sft"].mean(), rel=1e-5)
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(tiny_model, uf_pairs, tmp_path):
-    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
-            "--set", "save_model=false", "--set", f"reference_cache={tmp_path / 'refcache'}"]
-    _train(tiny_model, uf_pairs, tmp_path / "one", *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = tmp_path / "two"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs), "--out", str(two), *args],
-        capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "processes" not in result.stderr  # no error about the batch split
-    shown = result.stdout + result.stderr  # the first process reports for both: each line once
-    assert shown.count("step 1/3") == 1 and shown.count("trained 3 steps") == 1, shown[-3000:]
-    one, two_m = _metrics(tmp_path / "one"), _metrics(two)
-    assert len(two_m) == 3
-    for x, y in zip(one, two_m, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
-        assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
+# The settings of the two-process runs compared with one process's (tests below).
+TWO_ARGS = ("--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
+            "--set", "save_model=false")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, uf_pairs, tmp_path_factory) -> Path:
+    """TWO_ARGS trained by one process, its reference cache computed by it (OUT/../refcache): the run, and the
+    reference log-probs, that two processes must give. Never changed."""
+    out = tmp_path_factory.mktemp("one") / "out"
+    _train(tiny_model, uf_pairs, out, *TWO_ARGS)
+    return out
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
-    """Each process computes its share of the missing reference log-probs, none twice, and the run equals one
-    process's. They were all computed by the first process while the others waited in a barrier: on 8 GPUs the
-    recipes' 34-38 min pass (examples/README.md) outlasted NCCL's 10-minute collective timeout, killing the run.
-    The summary's peak memory is the largest of the processes'."""
-    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
-            "--set", "save_model=false"]
+def test_two_processes_equal_one_and_share_the_reference_pass(tiny_model, uf_pairs, one_process, tmp_path):
+    """Two processes train as one does (the batch split between them; the first reports for both, each line once),
+    and each computes its share of the missing reference log-probs, none twice. They were all computed by the first
+    process while the others waited in a barrier: on 8 GPUs the recipes' 34-38 min pass (examples/README.md)
+    outlasted NCCL's 10-minute collective timeout, killing the run. The summary's peak memory is the largest of the
+    processes'."""
     record = tmp_path / "computed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PERPAIR_TEST_RECORD": str(record),
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
          "-m", "perpair_recording_reference", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
-         "--out", str(tmp_path / "two"), "--set", f"reference_cache={tmp_path / 'two-cache'}", *args],
+         "--out", str(tmp_path / "two"), "--set", f"reference_cache={tmp_path / 'two-cache'}", *TWO_ARGS],
         capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes" not in result.stderr  # no error about the batch split
+    shown = result.stdout + result.stderr  # the first process reports for both: each line once
+    assert shown.count("step 1/3") == 1 and shown.count("trained 3 steps") == 1, shown[-3000:]
     shares = [Path(f"{record}.{rank}").read_text().splitlines() if Path(f"{record}.{rank}").exists() else []
               for rank in (0, 1)]
     assert all(shares), [len(s) for s in shares]  # both processes computed some
@@ -531,10 +525,12 @@ def test_two_processes_share_the_reference_pass(tiny_model, uf_pairs, tmp_path):
     assert summary["reference_pairs_computed"] == 12
     assert summary["peak_memory_bytes"] == 2 * 2**20  # the second process's, the larger (it was the first's)
 
-    _train(tiny_model, uf_pairs, tmp_path / "one", *args)  # its own cache: computed in one process
-    for x, y in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"), strict=True):
+    two = _metrics(tmp_path / "two")
+    assert len(two) == 3
+    for x, y in zip(_metrics(one_process), two, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
         assert y["reward_margin"] == pytest.approx(x["reward_margin"], abs=1e-5)
+        assert y["logps_chosen"] == pytest.approx(x["logps_chosen"], rel=1e-5)
 
 
 def _recording(tmp_path: Path, record: str, **env: str) -> dict[str, str]:
@@ -576,20 +572,18 @@ def test_a_killed_reference_pass_keeps_what_it_saved_and_the_same_command_comput
 
 
 @pytest.mark.slow
-def test_two_processes_killed_in_their_reference_pass_keep_their_shares(tiny_model, uf_pairs, tmp_path):
+def test_two_processes_killed_in_their_reference_pass_keep_their_shares(tiny_model, uf_pairs, one_process, tmp_path):
     """Two processes whose second is killed in the reference pass (the launcher then stops the first): each kept
     the pairs it computed, in a part file of its own (no collective: their shares end at different times). The
     same launch again computes only the others, and the cache holds every pair with a one-process pass's values."""
     from perpair.train import reference
 
     cache = tmp_path / "refcache"
-    args = ["--steps", "3", "--batch-size", "4", "--max-length", "96", "--lr", "1e-4", "--threads", "1",
-            "--set", "save_model=false"]
 
     def launch(record, **env):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", "29529", "-m", "perpair_recording_reference", "train", "--model",
-                               str(tiny_model), "--data", str(uf_pairs), "--out", str(tmp_path / "two"), *args,
+                               str(tiny_model), "--data", str(uf_pairs), "--out", str(tmp_path / "two"), *TWO_ARGS,
                                "--set", f"reference_cache={cache}"],
                               capture_output=True, text=True, env=_recording(tmp_path, record, **env))
 
@@ -606,8 +600,7 @@ def test_two_processes_killed_in_their_reference_pass_keep_their_shares(tiny_mod
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["reference_pairs_computed"] == len(computed) == 12 - len(kept)
     assert [p.name for p in cache.iterdir()] == [path.name]
-    _train(tiny_model, uf_pairs, tmp_path / "one" / "out", *args)  # its own cache: computed in one process
-    one = reference.load_cached(tmp_path / "one" / "refcache" / path.name)
+    one = reference.load_cached(one_process.parent / "refcache" / path.name)  # computed in one process
     two = reference.load_cached(path)
     assert one.keys() == two.keys()
     for pair_id, values in one.items():
@@ -662,7 +655,7 @@ def test_two_processes_exit_after_training(tiny_model, uf_pairs, tmp_path):
         try:
             result = subprocess.run(
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                 str(29527 + run), "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
+                 str(29541 + run), "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
                  "--out", str(tmp_path / f"run{run}"), "--steps", "1", "--batch-size", "2", "--max-length", "64",
                  "--threads", "1", "--lora", "--set", "lora.r=4", "--set", f"reference_cache={tmp_path / 'ref'}"],
                 capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
@@ -737,7 +730,7 @@ def test_two_processes_resume_exactly_with_dropout(tiny_model, uf_pairs, tmp_pat
 
     two(tmp_path / "straight")
     resumed = tmp_path / "resumed"
-    two(resumed)
+    shutil.copytree(tmp_path / "straight", resumed)  # its checkpoints, as the run wrote them
     checkpoint = resumed / "checkpoints" / "step-00000002"
     assert (checkpoint / "rng-1.safetensors").is_file()
     for late in ("step-00000003", "step-00000004"):  # as if killed after the checkpoint of step 2
