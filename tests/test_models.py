@@ -153,3 +153,27 @@ def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, m
         assert model_fingerprint("org/model") == f"hub:org/model@{'9' * 40}" and not asked
     finally:
         hub_commit.cache_clear()
+
+
+def test_a_tokenizer_loaded_again_is_a_copy_of_the_folder_as_it_is_now(tmp_path):
+    """load_tokenizer remembers a folder's tokenizer (a load ~0.3 s, `perpair run` loads each model's at every stage
+    and evaluation) and hands out copies: what one caller sets (padding side, pad token) reaches no other, and a
+    tokenizer saved again into the folder (a template edited in place) is the one loaded next."""
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
+    from perpair.models import load_tokenizer
+
+    folder = str(save_tiny_llama(tmp_path / "model", layers=1))
+    fresh = AutoTokenizer.from_pretrained(folder)
+    first = load_tokenizer(folder)
+    first.padding_side, first.pad_token = "left", "<|im_start|>"
+    second = load_tokenizer(folder)
+    assert second is not first and (second.padding_side, second.pad_token) == (fresh.padding_side, fresh.pad_token)
+    assert (fresh.padding_side, fresh.pad_token) != ("left", "<|im_start|>")
+    assert second("hello world")["input_ids"] == first("hello world")["input_ids"]
+    assert second.name_or_path == folder
+
+    second.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
+    second.save_pretrained(folder)
+    assert load_tokenizer(folder).chat_template == second.chat_template

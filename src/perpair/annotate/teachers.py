@@ -207,17 +207,16 @@ class LocalTeacher:
     def _load(self):
         if self._scorer is None:
             import torch
-            from transformers import AutoTokenizer
 
             from perpair.llm.scoring import OptionScorer
-            from perpair.models import load_causal_lm, resolve_model
+            from perpair.models import load_causal_lm, load_tokenizer, resolve_model
             from perpair.onednn import PROMPT_ROWS, pack_linears
 
             if self._model is None:
                 path = resolve_model(self.config.model)
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
                 with _quiet_transformers():
-                    self._tokenizer = AutoTokenizer.from_pretrained(path)
+                    self._tokenizer = load_tokenizer(path)
                     self._model = load_causal_lm(path, dtype=dtype)
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,

@@ -6,6 +6,7 @@ written to the cache before the next starts (:func:`generate_cached`).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,13 +54,12 @@ class TransformersGenerator:
 
     def __init__(self, model: str, config: GenerationConfig):
         import torch
-        from transformers import AutoTokenizer
 
-        from perpair.models import load_causal_lm
+        from perpair.models import load_causal_lm, load_tokenizer
         from perpair.onednn import pack_linears
 
         self.name, self.config = model, config
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(model)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -192,14 +192,20 @@ def dtype_name(name: str) -> str:
 def tokenizer_identity(model_path: str) -> str | None:
     """Hash of a local model folder's tokenizer: vocabulary, special tokens and chat template, which decide the
     prompt the model is shown (the weights' fingerprint does not cover them: a template edited in place is another
-    prompt). None for a Hub id, which stands for itself."""
-    if not Path(model_path).is_dir():
-        return None
-    from transformers import AutoTokenizer
+    prompt). None for a Hub id, which stands for itself. Remembered per process while no file of the folder changed
+    (``perpair run`` asks for each model's at every evaluation and judgment)."""
+    folder = Path(model_path)
+    from perpair.models import folder_state
 
+    return _tokenizer_identity(model_path, folder_state(folder)) if folder.is_dir() else None
+
+
+@functools.lru_cache(maxsize=64)
+def _tokenizer_identity(model_path: str, state: tuple) -> str:  # (``state``: part of the key only)
+    from perpair.models import load_tokenizer
     from perpair.train.reference import tokenizer_fingerprint
 
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_path))
+    return tokenizer_fingerprint(load_tokenizer(model_path))
 
 
 def generate_answers(model_path: str, config: GenerationConfig, texts: Sequence[str], cache: ResultCache,

@@ -78,13 +78,12 @@ def judged_preference(logprobs: dict[str, float], switched: bool) -> float:
 def _load_hf(model: str, dtype: str = "auto"):
     """The model in ``dtype``; ``auto``: bfloat16 on a GPU, float32 on a CPU."""
     import torch
-    from transformers import AutoTokenizer
 
     from perpair.eval.generate import torch_dtype
-    from perpair.models import load_causal_lm
+    from perpair.models import load_causal_lm, load_tokenizer
     from perpair.onednn import PROMPT_ROWS, pack_linears
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model = load_causal_lm(model, dtype=torch_dtype(dtype)).to(device).eval()
     pack_linears(hf_model, rows=PROMPT_ROWS)

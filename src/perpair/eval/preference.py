@@ -118,15 +118,14 @@ class PreferenceConfig(BaseModel):
 
 def _load(spec: str):
     import torch
-    from transformers import AutoTokenizer
 
-    from perpair.models import load_causal_lm, resolve_model
+    from perpair.models import load_causal_lm, load_tokenizer, resolve_model
     from perpair.onednn import PROMPT_ROWS, pack_linears
 
     path = resolve_model(spec)
     model = load_causal_lm(path, dtype=torch.float32)
     pack_linears(model, rows=PROMPT_ROWS)  # on a CPU: the evaluation only runs forwards
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
 
 
 def score_model(spec: str, pairs, config: PreferenceConfig,
@@ -146,15 +145,13 @@ def score_reference(pairs, config: PreferenceConfig,
     loaded only when a pair is missing."""
     if config.reference_cache is None:
         return score_model(config.ref, pairs, config, on_progress)
-    from transformers import AutoTokenizer
-
-    from perpair.models import resolve_model
+    from perpair.models import load_tokenizer, resolve_model
     from perpair.plan.difficulty import logps_table
     from perpair.train import reference
     from perpair.train.logprobs import DEFAULT_CHUNK, tokenize_table
 
     spec = resolve_model(config.ref)
-    tokenizer = AutoTokenizer.from_pretrained(spec)
+    tokenizer = load_tokenizer(spec)
     ids, tokenized = tokenize_table(tokenizer, pairs, config.max_length)
     # recorded, as the train stage's pass does: a plan reading the cache tells them from pairs not computed yet
     left_out = sorted(set(pairs.column("pair_id").to_pylist()) - set(ids))  # their prompt alone fills max_length

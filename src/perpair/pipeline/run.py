@@ -233,14 +233,14 @@ def _check_alpaca_eval_files(section: Any) -> None:
 
 def check_model(spec: str) -> None:
     """Refuse a model whose config or tokenizer does not load (or that has no chat template) before any stage."""
-    from perpair.models import resolve_model
+    from perpair.models import load_tokenizer, resolve_model
 
     try:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         path = resolve_model(spec)
         AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     except PerpairError as exc:
         detail = str(exc) if str(exc).startswith("model ") else f"model: {exc}"  # "model X: …" names the field
         raise PerpairError(f"run config, {detail}") from None

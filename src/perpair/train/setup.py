@@ -15,6 +15,7 @@ import torch
 from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
 from perpair.models import load_causal_lm, resolve_model
+from perpair.models import load_tokenizer as load_tokenizer_of
 from perpair.onednn import PROMPT_ROWS, pack_linears, unpack_linears
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
@@ -91,9 +92,7 @@ def check_sharding(config: TrainConfig, distributed_type) -> None:
 
 
 def load_tokenizer(config: TrainConfig):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.model))
+    tokenizer = load_tokenizer_of(resolve_model(config.model))
     if tokenizer.chat_template is None:
         raise PerpairError(f"model {config.model}: the tokenizer has no chat template; perpair trains on "
                            "conversations and tokenizes them as TRL does, with the template")
@@ -236,10 +235,8 @@ def check_router_loss(config: TrainConfig) -> None:
 def check_reference_tokenizer(config: TrainConfig, tokenizer) -> None:
     """A ``reference_model`` scores the policy's token ids: refuse one whose own tokenizer (where its folder or Hub
     repository has one) has another vocabulary, whose log-probs of those ids would be another text's."""
-    from transformers import AutoTokenizer
-
     try:
-        own = AutoTokenizer.from_pretrained(resolve_model(config.reference_model))
+        own = load_tokenizer_of(resolve_model(config.reference_model))
     except (OSError, ValueError, TypeError):  # no tokenizer beside the weights: nothing to compare
         return
     if own.get_vocab() != tokenizer.get_vocab():
