@@ -109,7 +109,7 @@ def folder_state(folder: Path) -> tuple:
 def load_tokenizer(spec: str):
     """``AutoTokenizer.from_pretrained(spec)``; for a local folder, a copy of the one this process loaded before
     while none of the folder's files changed (:func:`folder_state`). A load takes ~0.3 s for SmolLM2's 49k
-    vocabulary, a copy ~0.1 s, and `perpair run` loads each model's tokenizer in every stage and evaluation (78 times
+    vocabulary, a copy ~0.1 s, and `perpair run` loads each model's tokenizer in every stage and evaluation (111 times
     in a run of the tests' pipeline). Each caller gets its own copy: one that sets its padding side or pad token
     changes no other's."""
     folder = Path(spec)
