@@ -194,9 +194,9 @@ def tokenizer_identity(model_path: str) -> str | None:
     prompt the model is shown (the weights' fingerprint does not cover them: a template edited in place is another
     prompt). None for a Hub id, which stands for itself. Remembered per process while no file of the folder changed
     (``perpair run`` asks for each model's at every evaluation and judgment)."""
-    folder = Path(model_path)
     from perpair.models import folder_state
 
+    folder = Path(model_path)
     return _tokenizer_identity(model_path, folder_state(folder)) if folder.is_dir() else None
 
 

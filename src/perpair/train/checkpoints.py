@@ -9,7 +9,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -395,10 +395,8 @@ def _load_shards(folder: Path, state: dict, metadata, accelerator, module, optim
 def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded: bool) -> tuple[dict, Any, dict]:
     """The state, weights and optimizer tensors (``sharded``: the shards' metadata, from the files' headers, instead)
     and RNG states of the checkpoint ``folder``, or one error naming it."""
-    from safetensors import SafetensorError
-
     damaged = _damaged(folder, previous)
-    try:
+    with _refused_as(damaged):
         state = json.loads((folder / "state.json").read_text())
         number = folder.name.removeprefix("step-")
         expected = int(number) if number.isdigit() else None
@@ -413,10 +411,6 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
             stored = _read_shards(folder / SHARDS, state["shards"], damaged)
         else:
             stored = load_file(folder / "model.safetensors"), load_file(folder / "optimizer.safetensors")
-    except FileNotFoundError as exc:
-        raise damaged(f"no {Path(exc.filename).name}") from None
-    except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
-        raise damaged(" ".join(str(exc).split())[:200]) from None
     return state, stored, _read_rng(folder, process, damaged)
 
 
@@ -429,17 +423,24 @@ def _damaged(folder: Path, previous: Path | None) -> Callable[[str], PerpairErro
     return damaged
 
 
-def _read_rng(folder: Path, process: int, damaged: Callable[[str], PerpairError]) -> dict:
-    """Process ``process``'s RNG states in the checkpoint ``folder`` (the first process's where it has none)."""
+@contextmanager
+def _refused_as(damaged: Callable[[str], PerpairError]) -> Iterator[None]:
+    """A file of a checkpoint missing, unreadable or not what it should be: ``damaged``'s error, naming it."""
     from safetensors import SafetensorError
 
-    own = folder / rng_file(process)
     try:
-        rng = load_file(own if own.exists() else folder / rng_file(0))
+        yield
     except FileNotFoundError as exc:
         raise damaged(f"no {Path(exc.filename).name}") from None
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # (json's JSONDecodeError is a ValueError)
         raise damaged(" ".join(str(exc).split())[:200]) from None
+
+
+def _read_rng(folder: Path, process: int, damaged: Callable[[str], PerpairError]) -> dict:
+    """Process ``process``'s RNG states in the checkpoint ``folder`` (the first process's where it has none)."""
+    own = folder / rng_file(process)
+    with _refused_as(damaged):
+        rng = load_file(own if own.exists() else folder / rng_file(0))
     if "torch" not in rng:
         raise damaged("its RNG states lack torch's")
     return rng
