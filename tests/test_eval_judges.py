@@ -505,3 +505,49 @@ def test_a_reference_file_given_is_checked_against_the_official_rows_before_its_
     # the official file given: its LC
     row = evaluate(official, offline=False)
     assert 0 < row["length_controlled_winrate"] < 100 and row["lc_method"] == "fit_offline_approximation"
+
+
+def test_a_results_cache_damaged_of_another_program_or_on_a_full_disk_is_one_error_naming_it(tmp_path):
+    """The generations and judgments cache in the output folder: a file that is no database (a cut copy), or
+    another program's database, is refused by the command with one line naming it (exit 2, the file untouched), and a
+    write the disk has no room for is one error naming it, the results committed before it kept. Each ended in
+    sqlite3's traceback."""
+    import re
+    import sqlite3
+
+    from perpair.errors import PerpairError
+    from perpair.eval.cache import ResultCache
+
+    out = tmp_path / "out"
+    out.mkdir()
+    damaged = out / "cache.sqlite"
+    damaged.write_bytes(b"not a database, a file cut short " * 40)
+    held = damaged.read_bytes()
+    result = run_cli("eval", "alpaca-eval", "--model", "smollm2", "--limit", "2", "--offline", "--reference",
+                     AE / "reference_outputs_gpt4_1106_preview.json.gz", "--judge-prompt",
+                     AE / "judge_prompt_alpaca_eval_clf.txt", "--data-dir", AE, "--judge", "smollm2", "-o", out,
+                     check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: results cache {damaged}: cannot be opened (file is not a database)"], result.stderr
+    assert damaged.read_bytes() == held
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE results (id INTEGER, score REAL)")
+    held = other.read_bytes()
+    with pytest.raises(PerpairError, match=re.escape(
+            f"results cache {other}: not a perpair results cache (its results table has the columns id, score); "
+            "remove it, or name another output folder")):
+        ResultCache(other)
+    assert other.read_bytes() == held
+
+    path = tmp_path / "full.sqlite"
+    with ResultCache(path) as cache:
+        cache.put_many("judgment", [("a", {"preference": 1.0})])
+        pages = cache._db.execute("PRAGMA page_count").fetchone()[0]
+        cache._db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(PerpairError, match=re.escape(
+                f"results cache {path}: cannot be written (database or disk is full)")):
+            cache.put_many("generation", [(str(i), "x" * 10_000) for i in range(20)])
+    with ResultCache(path) as cache:
+        assert cache.get("judgment", "a") == {"preference": 1.0} and cache.get("generation", "0") is None

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from perpair.errors import PerpairError
+from perpair import sqlite_files
 
 CACHE_FORMAT = 1
 _CALL_COLUMNS = ("key", "pair_id", "teacher", "template", "status", "record")
@@ -61,47 +61,38 @@ class CallRecord:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
 
 
+def _another_format(db: sqlite3.Connection) -> str | None:
+    """Why a cache with the answer cache's tables cannot be read here (None: its format is this perpair's)."""
+    held = db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
+    if held is None or held[0] != str(CACHE_FORMAT):
+        return f"format {held[0] if held else 'unknown'}, this perpair reads format {CACHE_FORMAT}"
+    return None
+
+
 class AnswerCache:
     """``AnswerCache(path)``; ``put`` commits at once; ``get_many`` reads back by key."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite_files.connect(self.path, what="answer cache", remedy="name another --cache",
+                                        tables={"meta": ("name", "value"), "calls": _CALL_COLUMNS},
+                                        check=_another_format)
         try:
-            # isolation_level=None: autocommit, each put is its own durable transaction.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-            problem = self._foreign()
-            if problem is not None:  # before anything is written to it: another program's database stays as it was
-                self._db.close()
-                raise PerpairError(f"answer cache {self.path}: not a perpair answer cache ({problem}); name another "
-                                   "--cache")
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            # One transaction: a process opening the same new cache sees both tables and the format, or none.
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, pair_id TEXT NOT NULL, "
-                             "teacher TEXT NOT NULL, template TEXT NOT NULL, status TEXT NOT NULL, "
-                             "record TEXT NOT NULL)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:  # a folder that cannot be written, a file that is no SQLite database
-            raise PerpairError(f"answer cache {self.path}: cannot be opened ({exc})") from None
+            with self._refused("cannot be opened"):
+                # One transaction: a process opening the same new cache sees both tables and the format, or none.
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, pair_id TEXT NOT NULL, "
+                                 "teacher TEXT NOT NULL, template TEXT NOT NULL, status TEXT NOT NULL, "
+                                 "record TEXT NOT NULL)")
+                self._db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(CACHE_FORMAT),))
+                self._db.execute("COMMIT")
+        except BaseException:
+            self._db.close()
+            raise
 
-    def _foreign(self) -> str | None:
-        """Why an existing database is not an answer cache of this format (None: it is one, or it is empty)."""
-        tables = {name for (name,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
-            return None
-        if not {"meta", "calls"} <= tables:
-            return f"its tables are {', '.join(sorted(tables))}"
-        columns = [row[1] for row in self._db.execute("PRAGMA table_info(calls)")]
-        if columns != list(_CALL_COLUMNS):
-            return f"its calls table has the columns {', '.join(columns)}"
-        held = self._db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()
-        if held is None or held[0] != str(CACHE_FORMAT):
-            return f"format {held[0] if held else 'unknown'}, this perpair reads format {CACHE_FORMAT}"
-        return None
+    def _refused(self, failed: str):
+        return sqlite_files.refused_as("answer cache", self.path, failed)
 
     def close(self) -> None:
         self._db.close()
@@ -119,21 +110,24 @@ class AnswerCache:
         rows = [(r.key, r.pair_id, r.teacher, r.template, r.status, r.to_json()) for r in records]
         if not rows:
             return
-        with self._db:  # one transaction for a batch (the local teacher's)
+        with self._refused("cannot be written"), self._db:  # one transaction for a batch (the local teacher's)
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO calls VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def get_many(self, keys: Sequence[str]) -> dict[str, CallRecord]:
         found: dict[str, CallRecord] = {}
-        for start in range(0, len(keys), 500):  # SQLite's bound on query parameters
-            chunk = list(keys[start:start + 500])
-            marks = ",".join("?" * len(chunk))
-            for key, text in self._db.execute(f"SELECT key, record FROM calls WHERE key IN ({marks})", chunk):
-                found[key] = CallRecord.from_json(text)
+        with self._refused("cannot be read"):
+            for start in range(0, len(keys), 500):  # SQLite's bound on query parameters
+                chunk = list(keys[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                for key, text in self._db.execute(f"SELECT key, record FROM calls WHERE key IN ({marks})", chunk):
+                    found[key] = CallRecord.from_json(text)
         return found
 
     def count(self) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+        with self._refused("cannot be read"):
+            return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._db.execute("SELECT status, COUNT(*) FROM calls GROUP BY status").fetchall())
+        with self._refused("cannot be read"):
+            return dict(self._db.execute("SELECT status, COUNT(*) FROM calls GROUP BY status").fetchall())

@@ -6,9 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
+
+from perpair import sqlite_files
 
 
 def cache_key(*parts: Any) -> str:
@@ -20,22 +21,30 @@ class ResultCache:
     """``cache.get(kind, key)`` / ``cache.put_many(kind, [(key, value), …])``."""
 
     def __init__(self, path: str | os.PathLike):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS results (kind TEXT NOT NULL, key TEXT NOT NULL, "
-                         "value TEXT NOT NULL, PRIMARY KEY (kind, key))")
-        self._db.commit()
+        self._db = sqlite_files.connect(self.path, what="results cache", tables={"results": ("kind", "key", "value")},
+                                        remedy="remove it, or name another output folder")
+        try:
+            with self._refused("cannot be opened"):
+                self._db.execute("CREATE TABLE IF NOT EXISTS results (kind TEXT NOT NULL, key TEXT NOT NULL, "
+                                 "value TEXT NOT NULL, PRIMARY KEY (kind, key))")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _refused(self, failed: str):
+        return sqlite_files.refused_as("results cache", self.path, failed)
 
     def get(self, kind: str, key: str) -> Any | None:
-        row = self._db.execute("SELECT value FROM results WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        with self._refused("cannot be read"):
+            row = self._db.execute("SELECT value FROM results WHERE kind = ? AND key = ?", (kind, key)).fetchone()
         return None if row is None else json.loads(row[0])
 
     def put_many(self, kind: str, items: list[tuple[str, Any]]) -> None:
-        with self._db:
-            self._db.executemany("INSERT OR REPLACE INTO results (kind, key, value) VALUES (?, ?, ?)",
-                                 [(kind, key, json.dumps(value, ensure_ascii=False)) for key, value in items])
+        rows = [(kind, key, json.dumps(value, ensure_ascii=False)) for key, value in items]
+        with self._refused("cannot be written"), self._db:  # one transaction for the batch
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO results (kind, key, value) VALUES (?, ?, ?)", rows)
 
     def close(self) -> None:
         self._db.close()
