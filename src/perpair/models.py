@@ -113,11 +113,12 @@ def load_tokenizer(spec: str):
     in a run of the tests' pipeline). Each caller gets its own copy: one that sets its padding side or pad token
     changes no other's."""
     folder = Path(spec)
-    if not folder.is_dir():
-        from transformers import AutoTokenizer
+    with _refused_by_transformers(spec, "its tokenizer"):
+        if not folder.is_dir():
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(spec)
-    return copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
+            return AutoTokenizer.from_pretrained(spec)
+        return copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
 
 
 @functools.lru_cache(maxsize=8)  # (~8 MB each for a 49k vocabulary)
@@ -142,10 +143,28 @@ def load_causal_lm(path: str, **kwargs: Any):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+        with _refused_by_transformers(path, "it"):
+            return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _refused_by_transformers(spec: str, what: str):
+    """What Transformers cannot load from a model's files (a tokenizer.json or weights file cut short, of another
+    format, weights that do not match the config, an architecture it does not know) as one error naming the model,
+    not the parser's traceback (``json``, ``safetensors``, ``tokenizers``). Its ``OSError`` (a file missing, no
+    network, a config that is no JSON) already names the file; memory running out is no fault of the files. The
+    error's ``__cause__`` is Transformers' own."""
+    try:
+        yield
+    except (OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - these parsers raise anything from KeyError to a bare Exception
+        message = " ".join(str(exc).split())  # one line: some span several
+        raise PerpairError(f"model {spec}: Transformers cannot load {what} ({type(exc).__name__}: {message})") \
+            from exc
 
 
 def resolve_model(spec: str) -> str:

@@ -108,8 +108,8 @@ def load_model(spec: str, accelerator):
     path = resolve_model(spec)
     try:
         model = load_causal_lm(path, dtype=torch.float32, attn_implementation="sdpa")
-    except ValueError as exc:
-        if "does not support an attention implementation" not in str(exc):
+    except PerpairError as exc:
+        if "does not support an attention implementation" not in str(exc.__cause__):
             raise
         model = load_causal_lm(path, dtype=torch.float32, attn_implementation="eager")
     model.config.use_cache = False
