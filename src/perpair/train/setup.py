@@ -237,8 +237,12 @@ def check_reference_tokenizer(config: TrainConfig, tokenizer) -> None:
     repository has one) has another vocabulary, whose log-probs of those ids would be another text's."""
     try:
         own = load_tokenizer_of(resolve_model(config.reference_model))
-    except (OSError, ValueError, TypeError):  # no tokenizer beside the weights: nothing to compare
+    except OSError:  # no tokenizer beside the weights: nothing to compare
         return
+    except PerpairError as exc:  # (Transformers' ValueError or TypeError where it finds none)
+        if isinstance(exc.__cause__, ValueError | TypeError):
+            return
+        raise
     if own.get_vocab() != tokenizer.get_vocab():
         raise PerpairError(f"reference_model {config.reference_model}: its tokenizer's vocabulary differs from that "
                            f"of model {config.model}; the reference scores the model's tokens, so both must share "
