@@ -273,6 +273,29 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_compressed_file_cut_short_or_damaged_is_an_error_naming_it(tmp_path):
+    # gzip's EOFError (which click took for the end of input at a prompt: "error: input ended", no file named) and
+    # zlib.error (a traceback), in the annotations scored and in the data folder's reference outputs
+    data = (AE / "annotations" / "alpaca-7b.json.gz").read_bytes()
+    damaged = bytearray(data)
+    damaged[2000:2100] = bytes(b ^ 0xFF for b in damaged[2000:2100])
+    (tmp_path / "cut.json.gz").write_bytes(data[:5000])
+    (tmp_path / "damaged.json.gz").write_bytes(damaged)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in AE.iterdir():
+        (folder / path.name).symlink_to(path)
+    reference = folder / "reference_outputs_gpt4_1106_preview.json.gz"
+    reference.unlink()
+    reference.write_bytes((AE / reference.name).read_bytes()[:20000])
+    for args, named in ((["--data-dir", AE, tmp_path / "cut.json.gz"], tmp_path / "cut.json.gz"),
+                        (["--data-dir", AE, tmp_path / "damaged.json.gz"], tmp_path / "damaged.json.gz"),
+                        (["--data-dir", folder, AE / "annotations" / "alpaca-7b.json.gz"], reference)):
+        result = run_cli("eval", "score", "--offline", *args, check=False)
+        assert result.returncode == 2 and f"file {named}: not a readable JSON file" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
     import huggingface_hub
 

@@ -321,6 +321,17 @@ def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path)
         assert (info.value.row, info.value.field) == (2, field), str(info.value)
 
 
+def test_a_damaged_compressed_judgment_file_is_refused_naming_it(tmp_path):
+    """zlib's error (not an OSError as gzip's own are) was a traceback."""
+    path, _ = _judgment_file(tmp_path, "m", 3, n=40)
+    data = gzip.compress(path.read_bytes())
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(data[:60] + bytes(b ^ 0xFF for b in data[60:120]) + data[120:])
+    result = run_cli("eval", "arena-hard", "score", damaged, check=False)
+    assert result.returncode == 2 and f"file {damaged}: not a readable JSON Lines file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monkeypatch, tiny_model_dir):
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig

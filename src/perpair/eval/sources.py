@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             records = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # a .gz cut short or damaged: gzip's EOFError and zlib.error (neither an OSError; click takes an EOFError for
+    # the end of input at a prompt)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError, zlib.error) as exc:
         raise InputError(f"not a readable JSON file ({exc})", file=str(path)) from None
     if not isinstance(records, list):
         raise InputError("expected a JSON list of objects", file=str(path))
@@ -94,7 +97,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 rows.append(row)
     except FileNotFoundError:
         raise InputError("no such file", file=str(path)) from None
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
         raise InputError(f"not a readable JSON Lines file ({exc})", file=str(path)) from None
     return rows
 
