@@ -321,6 +321,22 @@ def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path)
         assert (info.value.row, info.value.field) == (2, field), str(info.value)
 
 
+def test_an_empty_questions_file_is_refused_naming_it(tmp_path):
+    """An empty questions file went on to load the model, overwrite the folder's answers and judgments with empty
+    files and end in "no verdict in 0 games"."""
+    from perpair.errors import InputError
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    empty = tmp_path / "q.jsonl"
+    empty.write_text("\n")
+    config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"),
+                                       questions=empty, baseline_answers=empty, offline=True)
+    with pytest.raises(InputError, match="no questions") as info:
+        arena_run.load_questions(config)
+    assert info.value.file == str(empty)
+
+
 def test_a_damaged_compressed_judgment_file_is_refused_naming_it(tmp_path):
     """zlib's error (not an OSError as gzip's own are) was a traceback."""
     path, _ = _judgment_file(tmp_path, "m", 3, n=40)

@@ -91,6 +91,8 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
     questions_path, questions_from = _source(config.questions, HUB_QUESTIONS, LOCAL_QUESTIONS, config)
     baseline_path, baseline_from = _source(config.baseline_answers, HUB_BASELINE, LOCAL_BASELINE, config)
     questions = read_jsonl(Path(questions_path))
+    if not questions:  # else the run went on to a model, an empty answers file and "no verdict in 0 games"
+        raise InputError("no questions", file=str(questions_path))
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
         try:
