@@ -144,6 +144,29 @@ def test_score_offline_says_approximation(tmp_path):
     assert abs(row["length_controlled_winrate"] - LEADERBOARD.loc["alpaca-7b", "length_controlled_winrate"]) < 3
 
 
+def test_difficulties_are_read_by_their_instruction_index_not_row_position(tmp_path):
+    """alpaca_eval reads instruction k's difficulty at index k; read by position, a file with its rows in another
+    order gave each instruction another's difficulty (a model without published weights: LC 19.6, not 6.6, exit 0),
+    and an index missing or given twice went unseen."""
+    frame = pd.read_csv(AE / "instruction_difficulty_reconstructed.csv")
+    shuffled = tmp_path / "shuffled.csv"
+    frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
+    np.testing.assert_array_equal(read_difficulty_csv(shuffled), DIFFICULTY)
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))
+    for record in records:
+        record["generator_2"] = "a-model-without-published-weights"
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    rows = [score_annotations(path, ScoreOptions(difficulty=difficulty, data_dir=AE))["length_controlled_winrate"]
+            for difficulty in (AE / "instruction_difficulty_reconstructed.csv", shuffled)]
+    assert rows[0] == pytest.approx(rows[1], abs=1e-9)
+    twice = tmp_path / "twice.csv"
+    frame.assign(index=frame["index"].where(frame.index != 5, 4)).to_csv(twice, index=False)
+    with pytest.raises(InputError) as info:
+        read_difficulty_csv(twice)
+    assert (info.value.row, info.value.field) == (6, "index"), str(info.value)
+
+
 def test_cli_score_json_has_leaderboard_keys():
     files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
     result = run_cli("eval", "score", "--json", "--offline", "--difficulty",

@@ -215,7 +215,8 @@ def read_gamed_rows(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_difficulty_csv(path: str | os.PathLike) -> np.ndarray:
-    """Per-instruction difficulty by row position: a two-column CSV (index, instruction_difficulty)."""
+    """Per-instruction difficulty by instruction index: a two-column CSV (index, instruction_difficulty) whose
+    index holds 0 … N-1 once each, as alpaca_eval reads it (by label: rows in another order are the same file)."""
     try:
         frame = pd.read_csv(path, index_col=0)
     except (OSError, ValueError) as exc:
@@ -226,7 +227,15 @@ def read_difficulty_csv(path: str | os.PathLike) -> np.ndarray:
     bad = np.flatnonzero(values.isna().to_numpy())
     if len(bad):
         raise InputError("not a number", file=str(path), row=int(bad[0]) + 1, field=str(frame.columns[0]))
-    return values.to_numpy(float)
+    # read by position, rows in another order gave each instruction another's difficulty, and every LC figure moved
+    index = pd.to_numeric(pd.Series(frame.index), errors="coerce").to_numpy(float)
+    order = np.argsort(index, kind="stable")
+    bad = np.flatnonzero(index[order] != np.arange(len(index)))
+    if len(bad):
+        row = int(order[bad[0]])
+        raise InputError(f"expected the instruction indices 0 to {len(index) - 1} once each, got "
+                         f"{frame.index[row]}", file=str(path), row=row + 1, field=str(frame.index.name or "index"))
+    return values.to_numpy(float)[order]
 
 
 def _read_model_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame:
