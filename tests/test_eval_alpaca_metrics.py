@@ -167,6 +167,30 @@ def test_difficulties_are_read_by_their_instruction_index_not_row_position(tmp_p
     assert (info.value.row, info.value.field) == (6, "index"), str(info.value)
 
 
+@pytest.mark.parametrize("name", ["glm_weights", "leaderboard"])
+def test_published_tables_with_a_bad_cell_or_a_model_twice_are_refused_with_file_and_row(tmp_path, name):
+    """A weight or leaderboard figure not a number, or a model on two rows, was float()'s or pandas' traceback;
+    an empty weight was a NaN."""
+    source = AE / ("glm_weights_length_controlled_v1.csv" if name == "glm_weights"
+                   else "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv")
+    frame = pd.read_csv(source, index_col=0)
+    row = frame.index.get_loc("alpaca-7b")
+    column = "instruction_difficulty" if name == "glm_weights" else "win_rate"
+    for value, words in (("abc", "not a number ('abc')"), ("", "empty")):
+        bad = frame.astype({column: object})
+        bad.loc["alpaca-7b", column] = value
+        path = tmp_path / f"{name}.csv"
+        bad.to_csv(path)
+        result = run_cli("eval", "score", "--offline", "--data-dir", AE, f"--{name.replace('_', '-')}", path,
+                         AE / "annotations" / "alpaca-7b.json.gz", check=False)
+        assert result.returncode == 2 and f"row {row + 1}, field '{column}': {words}" in result.stderr, result.stderr
+    pd.concat([frame, frame.loc[["alpaca-7b"]]]).to_csv(path)
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, f"--{name.replace('_', '-')}", path,
+                     AE / "annotations" / "alpaca-7b.json.gz", check=False)
+    assert result.returncode == 2 and "model alpaca-7b on two rows" in result.stderr and "Traceback" not in \
+        result.stderr, result.stderr
+
+
 def test_cli_score_json_has_leaderboard_keys():
     files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
     result = run_cli("eval", "score", "--json", "--offline", "--difficulty",

@@ -246,6 +246,18 @@ def _read_model_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.D
     for name in columns:
         if name not in frame:
             raise InputError("missing column", file=str(path), field=name)
+        # a cell not a number (or empty) was a traceback, or a NaN weight that left the LC without a word
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy())
+        if len(bad):
+            value = frame[name].iloc[bad[0]]
+            raise InputError("empty" if pd.isna(value) else f"not a number ({value!r})", file=str(path),
+                             row=int(bad[0]) + 1, field=name)
+        frame[name] = values
+    # a model on two rows: which weights or figures are its is unknown (it was pandas' traceback)
+    twice = np.flatnonzero(frame.index.duplicated())
+    if len(twice):
+        raise InputError(f"model {frame.index[twice[0]]} on two rows", file=str(path), row=int(twice[0]) + 1)
     return frame
 
 
