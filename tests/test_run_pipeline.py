@@ -1327,6 +1327,22 @@ def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch, run_
     assert not _run({**config, "workdir": str(moved)})[0].ran
 
 
+def test_a_stamp_of_another_shape_runs_its_stage_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """A stage's stamp that is valid JSON of another shape (a list; an object without its info) was a traceback on
+    the re-run (AttributeError at once, KeyError after the stage was skipped); it is now no stamp: the stage runs
+    again."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    for damage in (lambda stamp: [stamp], lambda stamp: {k: v for k, v in stamp.items() if k != "info"}):
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(run_of_arm_a[0], work)
+        path = work / "stages" / "train.a.json"
+        path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+        result, _ = _run({**config, "workdir": str(work)})
+        assert "train.a" in result.ran and result.rows[0]["train_loss"] is not None
+
+
 def test_an_arm_beta_that_would_change_nothing_is_refused_as_plan_refuses_it(tmp_path, tiny):
     """perpair plan refuses --beta with a per-pair β and normalise off when every preference pair is annotated
     (each takes its β from its annotation: the plan is the same with or without it); a run arm's `beta` with
