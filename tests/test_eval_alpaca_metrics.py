@@ -343,6 +343,28 @@ def test_a_compressed_file_cut_short_or_damaged_is_an_error_naming_it(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("name", ["glm_weights_length_controlled_v1.csv",
+                                  "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv"])
+def test_a_data_folder_file_that_is_a_folder_or_a_dangling_link_is_refused_not_taken_for_absent(tmp_path, name):
+    """It was taken for absent: the LC went on without the published weights (exit 0, the note saying there was
+    no such file)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in AE.iterdir():
+        if path.name != name:
+            (folder / path.name).symlink_to(path)
+    for make in (lambda target: target.mkdir(), lambda target: target.symlink_to(tmp_path / "nowhere")):
+        target = folder / name
+        make(target)
+        result = run_cli("eval", "score", "--offline", "--data-dir", folder, AE / "annotations" / "alpaca-7b.json.gz",
+                         check=False)
+        assert result.returncode == 2 and f"file {target}: not a readable file" in result.stderr, result.stderr
+        if target.is_symlink():
+            target.unlink()
+        else:
+            target.rmdir()
+
+
 def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
     import huggingface_hub
 

@@ -181,6 +181,10 @@ def data_file(given: str | os.PathLike | None, data_dir: str | os.PathLike | Non
     if not Path(data_dir).is_dir():
         raise InputError("no such data folder", file=str(data_dir))
     candidate = Path(data_dir) / name
+    # there but not a file (a folder, a link to nothing): refused, not taken for absent (the LC then went on
+    # without the published weights, or without the instruction order, saying there was no such file)
+    if not candidate.is_file() and (candidate.exists() or candidate.is_symlink()):
+        raise InputError("not a readable file (a folder, or a link to nothing)", file=str(candidate))
     return candidate if candidate.is_file() else None
 
 
