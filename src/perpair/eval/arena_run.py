@@ -96,10 +96,14 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
         try:
-            baseline[row["question_id"]] = content = row["choices"][0]["turns"][0]["content"]
+            question, content = row["question_id"], row["choices"][0]["turns"][0]["content"]
         except (KeyError, IndexError, TypeError):
             raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
                              row=i + 1) from None
+        if question in baseline:  # the last one was taken, without a word: which answer is the baseline's is unknown
+            raise InputError(f"a second answer to question {question}", file=str(baseline_path), row=i + 1,
+                             field="question_id")
+        baseline[question] = content
         if not isinstance(content, str):
             raise InputError(f"expected a string, got {type(content).__name__}", file=str(baseline_path), row=i + 1,
                              field="choices[0].turns[0].content")
