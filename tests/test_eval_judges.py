@@ -570,3 +570,15 @@ def test_a_judge_prompt_file_cut_short_or_not_text_is_refused_before_any_answer(
                          check=False)
         assert result.returncode == 2 and result.stderr.startswith(f"error: file {prompt}: "), result.stderr
         assert words in result.stderr and not out.exists(), result.stderr
+
+
+def test_an_empty_reference_file_is_refused_naming_it(tmp_path, tiny_model_dir):
+    """A reference file holding no outputs (``[]``) was pandas' KeyError traceback, after the output folder was
+    made."""
+    reference = tmp_path / "reference.json"
+    reference.write_text("[]")
+    out = tmp_path / "out"
+    result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--max-new-tokens", "2", "--offline",
+                     "--data-dir", AE, "--reference", reference, "--judge", tiny_model_dir, "-o", out, check=False)
+    assert result.returncode == 2 and result.stderr == f"error: file {reference}: no outputs\n", result.stderr
+    assert not out.exists()

@@ -155,6 +155,8 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
 def read_outputs(path: str | os.PathLike) -> pd.DataFrame:
     """AlpacaEval model outputs: records with ``instruction`` and ``output`` (and ``generator``, ``dataset``)."""
     records = read_json_records(path)
+    if not records:  # (an empty reference was a KeyError traceback, after the output folder was made)
+        raise InputError("no outputs", file=str(path))
     for i, record in enumerate(records):
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str):
