@@ -365,6 +365,14 @@ def test_a_data_folder_file_that_is_a_folder_or_a_dangling_link_is_refused_not_t
             target.rmdir()
 
 
+def test_a_json_file_nested_too_deeply_is_an_error_naming_it(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, deep, check=False)
+    assert result.returncode == 2 and result.stderr == f"error: file {deep}: not a readable JSON file (nested too " \
+                                                       "deeply)\n", result.stderr
+
+
 def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):
     import huggingface_hub
 

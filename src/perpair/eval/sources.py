@@ -69,6 +69,8 @@ def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     # the end of input at a prompt)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError, zlib.error) as exc:
         raise InputError(f"not a readable JSON file ({exc})", file=str(path)) from None
+    except RecursionError:  # (else the command's one line named no file)
+        raise InputError("not a readable JSON file (nested too deeply)", file=str(path)) from None
     if not isinstance(records, list):
         raise InputError("expected a JSON list of objects", file=str(path))
     for i, record in enumerate(records):
