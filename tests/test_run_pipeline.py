@@ -257,6 +257,11 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     (tmp_path / "empty").mkdir()
     offline_no_difficulty = _config(tmp_path, tiny)
     offline_no_difficulty["eval"]["alpaca_eval"].update(difficulty=None, data_dir=str(tmp_path / "empty"))
+    # a judge prompt cut short: found out after training (or never: prompts without the model's answer judged)
+    cut_prompt = _config(tmp_path, tiny)
+    prompt = (AE / "judge_prompt_alpaca_eval_clf.txt").read_text()
+    (tmp_path / "cut.txt").write_text(prompt[:prompt.index("{output_2}")])
+    cut_prompt["eval"]["alpaca_eval"]["judge_prompt"] = str(tmp_path / "cut.txt")
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
@@ -267,7 +272,9 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
                           (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file"),
                           (no_data_dir, f"eval.alpaca_eval.data_dir: {tmp_path / 'nowhere'}: no such folder"),
                           (offline_no_reference, "eval.alpaca_eval.reference: offline, no file to read it from"),
-                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from")):
+                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from"),
+                          (cut_prompt, f"eval.alpaca_eval.judge_prompt: file {tmp_path / 'cut.txt'}: not an "
+                                       "AlpacaEval judge prompt: no {output_2}")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
