@@ -262,6 +262,13 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     prompt = (AE / "judge_prompt_alpaca_eval_clf.txt").read_text()
     (tmp_path / "cut.txt").write_text(prompt[:prompt.index("{output_2}")])
     cut_prompt["eval"]["alpaca_eval"]["judge_prompt"] = str(tmp_path / "cut.txt")
+    # offline, a reference or difficulties file cut short: read (and refused) after every arm's training
+    cut_reference = _config(tmp_path, tiny)
+    (tmp_path / "cut.json.gz").write_bytes((AE / "reference_outputs_gpt4_1106_preview.json.gz").read_bytes()[:9000])
+    cut_reference["eval"]["alpaca_eval"]["reference"] = str(tmp_path / "cut.json.gz")
+    cut_difficulty = _config(tmp_path, tiny)
+    (tmp_path / "cut.csv").write_text((AE / "instruction_difficulty_reconstructed.csv").read_text()[:2000] + ",")
+    cut_difficulty["eval"]["alpaca_eval"]["difficulty"] = str(tmp_path / "cut.csv")
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
@@ -274,7 +281,9 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
                           (offline_no_reference, "eval.alpaca_eval.reference: offline, no file to read it from"),
                           (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from"),
                           (cut_prompt, f"eval.alpaca_eval.judge_prompt: file {tmp_path / 'cut.txt'}: not an "
-                                       "AlpacaEval judge prompt: no {output_2}")):
+                                       "AlpacaEval judge prompt: no {output_2}"),
+                          (cut_reference, f"eval.alpaca_eval: file {tmp_path / 'cut.json.gz'}: not a readable JSON"),
+                          (cut_difficulty, f"eval.alpaca_eval: file {tmp_path / 'cut.csv'}: not a readable CSV")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()

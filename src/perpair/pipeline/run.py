@@ -233,6 +233,16 @@ def _check_alpaca_eval_files(section: Any) -> None:
         if getattr(section, key) is None and sources.data_file(None, section.data_dir, name) is None:
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: offline, no file to read it from: give {key} "
                                f"({name}) or data_dir (a folder holding it)")
+    # offline, every file is local: read now, so that one cut short or of another shape stops the run before any
+    # stage, not after every arm's training
+    from perpair.eval.score import ScoreOptions
+
+    try:
+        sources.load_reference_outputs(section.reference, section.data_dir, True)
+        ScoreOptions(offline=True, data_dir=section.data_dir, difficulty=section.difficulty,
+                     glm_weights=section.glm_weights).resolve()
+    except PerpairError as exc:
+        raise PerpairError(f"run config, eval.alpaca_eval: {exc}") from None
 
 
 def check_model(spec: str) -> None:
