@@ -318,6 +318,12 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     result = run_cli("eval", "score", bad, check=False)
     assert result.returncode == 2
     assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr
+    records[6]["preference"] = 2
+    records[4]["dataset"] = ["helpful_base"]  # (pandas' traceback in eval report's per-dataset win rates)
+    bad.write_text(json.dumps(records))
+    with pytest.raises(InputError) as info:
+        read_annotations(bad)
+    assert (info.value.row, info.value.field) == (5, "dataset") and "expected a string or null" in str(info.value)
 
 
 def test_a_compressed_file_cut_short_or_damaged_is_an_error_naming_it(tmp_path):

@@ -137,6 +137,10 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
             if not isinstance(record[name], str):
                 raise InputError(f"expected a string, got {type(record[name]).__name__}", file=str(path),
                                  row=i + 1, field=name)
+        for name in ("generator_1", "generator_2", "dataset"):  # (a list was pandas' traceback in eval report)
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise InputError(f"expected a string or null, got {type(record[name]).__name__}", file=str(path),
+                                 row=i + 1, field=name)
         value = record["preference"]
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
