@@ -514,6 +514,30 @@ def test_another_commands_results_file_is_refused_not_overwritten(tmp_path, monk
         check_out(tmp_path)
 
 
+def test_a_results_file_whose_kept_sections_are_damaged_is_refused_before_training(tmp_path, monkeypatch):
+    """The benchmark's own results.json with a section of another shape (edited by hand): the sections a run keeps
+    are rendered into table.md with its own, and one that could not be was a traceback after the training (a
+    sweep's results lost). Refused before any training; the section the run replaces is not looked at."""
+    from perpair.bench import controlled as ctl
+
+    monkeypatch.setattr(ctl, "run_seed", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    monkeypatch.setattr(sweeps, "run_sweep_seed", lambda *a, **k: pytest.fail("trained before refusing --out"))
+    path = tmp_path / "results.json"
+    for payload, run in (({"sweeps": {"mislabel": 3}}, lambda: ctl.run_controlled(ControlledConfig(**TINY), tmp_path)),
+                         ({"sweeps": ["mislabel"]}, lambda: sweeps.run_sweep(ControlledConfig(**TINY), "mislabel",
+                                                                             tmp_path)),
+                         ({"aggregate": 0, "config": {}}, lambda: sweeps.run_sweep(ControlledConfig(**TINY),
+                                                                                    "mislabel", tmp_path))):
+        path.write_text(json.dumps(payload), encoding="utf-8")
+        with pytest.raises(InputError, match="sections this run keeps cannot be read") as info:
+            run()
+        assert info.value.file == str(path) and json.loads(path.read_text(encoding="utf-8")) == payload
+    from perpair.bench.report import check_out
+
+    path.write_text(json.dumps({"aggregate": 0, "config": {}}), encoding="utf-8")
+    check_out(tmp_path)  # a main run replaces that section
+
+
 def test_the_dpo_sweep_breaks_a_validation_tie_towards_the_smaller_beta_in_any_order(monkeypatch):
     """The tie went to the first β of ``beta_sweep``, the larger one when a caller listed it first."""
     from perpair.bench import controlled as ctl

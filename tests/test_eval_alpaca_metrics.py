@@ -144,6 +144,53 @@ def test_score_offline_says_approximation(tmp_path):
     assert abs(row["length_controlled_winrate"] - LEADERBOARD.loc["alpaca-7b", "length_controlled_winrate"]) < 3
 
 
+def test_difficulties_are_read_by_their_instruction_index_not_row_position(tmp_path):
+    """alpaca_eval reads instruction k's difficulty at index k; read by position, a file with its rows in another
+    order gave each instruction another's difficulty (a model without published weights: LC 19.6, not 6.6, exit 0),
+    and an index missing or given twice went unseen."""
+    frame = pd.read_csv(AE / "instruction_difficulty_reconstructed.csv")
+    shuffled = tmp_path / "shuffled.csv"
+    frame.sample(frac=1, random_state=0).to_csv(shuffled, index=False)
+    np.testing.assert_array_equal(read_difficulty_csv(shuffled), DIFFICULTY)
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))
+    for record in records:
+        record["generator_2"] = "a-model-without-published-weights"
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    rows = [score_annotations(path, ScoreOptions(difficulty=difficulty, data_dir=AE))["length_controlled_winrate"]
+            for difficulty in (AE / "instruction_difficulty_reconstructed.csv", shuffled)]
+    assert rows[0] == pytest.approx(rows[1], abs=1e-9)
+    twice = tmp_path / "twice.csv"
+    frame.assign(index=frame["index"].where(frame.index != 5, 4)).to_csv(twice, index=False)
+    with pytest.raises(InputError) as info:
+        read_difficulty_csv(twice)
+    assert (info.value.row, info.value.field) == (6, "index"), str(info.value)
+
+
+@pytest.mark.parametrize("name", ["glm_weights", "leaderboard"])
+def test_published_tables_with_a_bad_cell_or_a_model_twice_are_refused_with_file_and_row(tmp_path, name):
+    """A weight or leaderboard figure not a number, or a model on two rows, was float()'s or pandas' traceback;
+    an empty weight was a NaN."""
+    source = AE / ("glm_weights_length_controlled_v1.csv" if name == "glm_weights"
+                   else "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv")
+    frame = pd.read_csv(source, index_col=0)
+    row = frame.index.get_loc("alpaca-7b")
+    column = "instruction_difficulty" if name == "glm_weights" else "win_rate"
+    for value, words in (("abc", "not a number ('abc')"), ("", "empty")):
+        bad = frame.astype({column: object})
+        bad.loc["alpaca-7b", column] = value
+        path = tmp_path / f"{name}.csv"
+        bad.to_csv(path)
+        result = run_cli("eval", "score", "--offline", "--data-dir", AE, f"--{name.replace('_', '-')}", path,
+                         AE / "annotations" / "alpaca-7b.json.gz", check=False)
+        assert result.returncode == 2 and f"row {row + 1}, field '{column}': {words}" in result.stderr, result.stderr
+    pd.concat([frame, frame.loc[["alpaca-7b"]]]).to_csv(path)
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, f"--{name.replace('_', '-')}", path,
+                     AE / "annotations" / "alpaca-7b.json.gz", check=False)
+    assert result.returncode == 2 and "model alpaca-7b on two rows" in result.stderr and "Traceback" not in \
+        result.stderr, result.stderr
+
+
 def test_cli_score_json_has_leaderboard_keys():
     files = [AE / "annotations" / f"{m}.json.gz" for m in ("claude-2.1", "gemma-7b-it")]
     result = run_cli("eval", "score", "--json", "--offline", "--difficulty",
@@ -271,6 +318,65 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     result = run_cli("eval", "score", bad, check=False)
     assert result.returncode == 2
     assert "row 7" in result.stderr and "preference" in result.stderr and "Traceback" not in result.stderr
+    records[6]["preference"] = 2
+    records[4]["dataset"] = ["helpful_base"]  # (pandas' traceback in eval report's per-dataset win rates)
+    bad.write_text(json.dumps(records))
+    with pytest.raises(InputError) as info:
+        read_annotations(bad)
+    assert (info.value.row, info.value.field) == (5, "dataset") and "expected a string or null" in str(info.value)
+
+
+def test_a_compressed_file_cut_short_or_damaged_is_an_error_naming_it(tmp_path):
+    # gzip's EOFError (which click took for the end of input at a prompt: "error: input ended", no file named) and
+    # zlib.error (a traceback), in the annotations scored and in the data folder's reference outputs
+    data = (AE / "annotations" / "alpaca-7b.json.gz").read_bytes()
+    damaged = bytearray(data)
+    damaged[2000:2100] = bytes(b ^ 0xFF for b in damaged[2000:2100])
+    (tmp_path / "cut.json.gz").write_bytes(data[:5000])
+    (tmp_path / "damaged.json.gz").write_bytes(damaged)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in AE.iterdir():
+        (folder / path.name).symlink_to(path)
+    reference = folder / "reference_outputs_gpt4_1106_preview.json.gz"
+    reference.unlink()
+    reference.write_bytes((AE / reference.name).read_bytes()[:20000])
+    for args, named in ((["--data-dir", AE, tmp_path / "cut.json.gz"], tmp_path / "cut.json.gz"),
+                        (["--data-dir", AE, tmp_path / "damaged.json.gz"], tmp_path / "damaged.json.gz"),
+                        (["--data-dir", folder, AE / "annotations" / "alpaca-7b.json.gz"], reference)):
+        result = run_cli("eval", "score", "--offline", *args, check=False)
+        assert result.returncode == 2 and f"file {named}: not a readable JSON file" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name", ["glm_weights_length_controlled_v1.csv",
+                                  "leaderboard_weighted_alpaca_eval_gpt4_turbo.csv"])
+def test_a_data_folder_file_that_is_a_folder_or_a_dangling_link_is_refused_not_taken_for_absent(tmp_path, name):
+    """It was taken for absent: the LC went on without the published weights (exit 0, the note saying there was
+    no such file)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for path in AE.iterdir():
+        if path.name != name:
+            (folder / path.name).symlink_to(path)
+    for make in (lambda target: target.mkdir(), lambda target: target.symlink_to(tmp_path / "nowhere")):
+        target = folder / name
+        make(target)
+        result = run_cli("eval", "score", "--offline", "--data-dir", folder, AE / "annotations" / "alpaca-7b.json.gz",
+                         check=False)
+        assert result.returncode == 2 and f"file {target}: not a readable file" in result.stderr, result.stderr
+        if target.is_symlink():
+            target.unlink()
+        else:
+            target.rmdir()
+
+
+def test_a_json_file_nested_too_deeply_is_an_error_naming_it(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, deep, check=False)
+    assert result.returncode == 2 and result.stderr == f"error: file {deep}: not a readable JSON file (nested too " \
+                                                       "deeply)\n", result.stderr
 
 
 def test_a_failed_download_is_an_error_not_a_silent_fallback(monkeypatch):

@@ -321,6 +321,52 @@ def test_questions_without_text_or_twice_are_refused_with_file_and_row(tmp_path)
         assert (info.value.row, info.value.field) == (2, field), str(info.value)
 
 
+def test_an_empty_questions_file_is_refused_naming_it(tmp_path):
+    """An empty questions file went on to load the model, overwrite the folder's answers and judgments with empty
+    files and end in "no verdict in 0 games"."""
+    from perpair.errors import InputError
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    empty = tmp_path / "q.jsonl"
+    empty.write_text("\n")
+    config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"),
+                                       questions=empty, baseline_answers=empty, offline=True)
+    with pytest.raises(InputError, match="no questions") as info:
+        arena_run.load_questions(config)
+    assert info.value.file == str(empty)
+
+
+def test_a_question_answered_twice_in_the_baseline_file_is_refused_with_file_and_row(tmp_path):
+    """The last of the two answers was taken as the baseline's, without a word."""
+    from perpair.errors import InputError
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    baseline = tmp_path / "b.jsonl"
+    baseline.write_text("".join(json.dumps({"question_id": q, "choices": [{"turns": [{"content": a}]}]}) + "\n"
+                                for q, a in (("q1", "one"), ("q2", "two"), ("q1", "another"))))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q, "turns": [{"content": "Why?"}]}) + "\n"
+                                 for q in ("q1", "q2")))
+    config = arena_run.ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"),
+                                       questions=questions, baseline_answers=baseline, offline=True)
+    with pytest.raises(InputError, match="a second answer to question q1") as info:
+        arena_run.load_questions(config)
+    assert (info.value.file, info.value.row, info.value.field) == (str(baseline), 3, "question_id")
+
+
+def test_a_damaged_compressed_judgment_file_is_refused_naming_it(tmp_path):
+    """zlib's error (not an OSError as gzip's own are) was a traceback."""
+    path, _ = _judgment_file(tmp_path, "m", 3, n=40)
+    data = gzip.compress(path.read_bytes())
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(data[:60] + bytes(b ^ 0xFF for b in data[60:120]) + data[120:])
+    result = run_cli("eval", "arena-hard", "score", damaged, check=False)
+    assert result.returncode == 2 and f"file {damaged}: not a readable JSON Lines file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monkeypatch, tiny_model_dir):
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig

@@ -551,3 +551,34 @@ def test_a_results_cache_damaged_of_another_program_or_on_a_full_disk_is_one_err
             cache.put_many("generation", [(str(i), "x" * 10_000) for i in range(20)])
     with ResultCache(path) as cache:
         assert cache.get("judgment", "a") == {"preference": 1.0} and cache.get("generation", "0") is None
+
+
+def test_a_judge_prompt_file_cut_short_or_not_text_is_refused_before_any_answer(tmp_path, tiny_model_dir):
+    """An empty judge prompt, or one cut before {output_2}, went on to generate every answer and then stopped with
+    an error naming no file, or judged prompts without the model's answer; a cut ChatML block, the same after the
+    answers; a file not UTF-8 was "text encoding: ..." naming no file."""
+    text = (AE / "judge_prompt_alpaca_eval_clf.txt").read_text()
+    prompt = tmp_path / "prompt.txt"
+    for content, words in ((b"", "no {instruction}, {output_1}, {output_2}"),
+                           (text[:text.index("{output_2}")].encode(), "no {output_2}"),
+                           (text.rstrip()[:-5].encode(), "not in ChatML"),
+                           (b"\xff\xfe" + text.encode("utf-16-le"), "not UTF-8 text")):
+        prompt.write_bytes(content)
+        out = tmp_path / "out"
+        result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--limit", "2", "--max-new-tokens", "2",
+                         "--offline", "--data-dir", AE, "--judge-prompt", prompt, "--judge", tiny_model_dir, "-o", out,
+                         check=False)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: file {prompt}: "), result.stderr
+        assert words in result.stderr and not out.exists(), result.stderr
+
+
+def test_an_empty_reference_file_is_refused_naming_it(tmp_path, tiny_model_dir):
+    """A reference file holding no outputs (``[]``) was pandas' KeyError traceback, after the output folder was
+    made."""
+    reference = tmp_path / "reference.json"
+    reference.write_text("[]")
+    out = tmp_path / "out"
+    result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--max-new-tokens", "2", "--offline",
+                     "--data-dir", AE, "--reference", reference, "--judge", tiny_model_dir, "-o", out, check=False)
+    assert result.returncode == 2 and result.stderr == f"error: file {reference}: no outputs\n", result.stderr
+    assert not out.exists()

@@ -219,7 +219,8 @@ def test_evaluations_of_other_instructions_each_have_their_baseline_lengths(tmp_
     part = tmp_path / "part"
     part.mkdir()
     (part / "annotations.json").write_text(json.dumps(annotations))
-    (part / "model_outputs.json").write_text(json.dumps([{"output": a["output_2"]} for a in annotations]))
+    (part / "model_outputs.json").write_text(json.dumps([{"instruction": a["instruction"], "output": a["output_2"]}
+                                                         for a in annotations]))
     (part / "results.json").write_text(json.dumps([{"benchmark": "alpaca_eval_2", "name": "part", "win_rate": 1.0}]))
     drawn: dict[str, int] = {}
     real_hist = matplotlib.axes.Axes.hist
@@ -253,3 +254,28 @@ def test_preference_rows_say_against_which_reference_and_data(tmp_path):
     table = json.loads((tmp_path / "report" / "results.json").read_text())
     assert [r["judge"] for r in table] == ["implicit reward against smollm2 (β 0.1) on uf.test.parquet",
                                            "implicit reward against runs/sft/model (β 0.1) on hh.test.parquet"]
+
+
+def test_results_rows_of_another_shape_are_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    """A results.json with no rows, or another program's rows, gave a report of nothing or of dashes (exit 0); a
+    figure written as a string or a note as a number, and an AlpacaEval folder's model_outputs.json without an
+    output, stopped the report with a traceback after its results.json and results.md were written."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    good = json.loads((arena / "results.json").read_text())[0]
+    for rows, words in (([], "no results rows"),
+                        ([{"name": "m", "win_rate": 12.0}], "row 1, field 'benchmark': not a results row"),
+                        ([{**good, "score": "50.1"}], "row 1, field 'score': expected a number or null"),
+                        ([good, {**good, "note": 3}], "row 2, field 'note': expected a string or null")):
+        (arena / "results.json").write_text(json.dumps(rows))
+        report = tmp_path / "report"
+        result = run_cli("eval", "report", alpaca, arena, "-o", report, check=False)
+        assert result.returncode == 2 and f"file {arena / 'results.json'}" in result.stderr, result.stderr
+        assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not report.exists()
+    (arena / "results.json").write_text(json.dumps([good]))
+    outputs = json.loads((alpaca / "model_outputs.json").read_text())
+    del outputs[3]["output"]
+    (alpaca / "model_outputs.json").write_text(json.dumps(outputs))
+    result = run_cli("eval", "report", alpaca, arena, "-o", report, check=False)
+    assert result.returncode == 2 and "row 4, field 'output'" in result.stderr and not report.exists(), result.stderr

@@ -109,3 +109,28 @@ def test_a_shared_beginning_is_computed_once_stored_and_read_with_the_same_score
     assert _shared_length(scorer.encode(prompts[0]), scorer.encode("Something else entirely")) == 0
     with pytest.raises(ValueError, match="one prompt per pass"):
         OptionScorer(model, tokenizer, batch_size=2, prefix_store=store).score(prompts, ["m"], shared=[head, head])
+
+
+def test_a_stored_beginning_cut_short_or_of_another_shape_is_one_error_naming_it(tmp_path):
+    """It was safetensors' (or a KeyError's) traceback in the middle of judging."""
+    import re
+
+    import torch
+
+    from perpair.errors import PerpairError
+    from perpair.llm.scoring import PrefixStore
+
+    store = PrefixStore(tmp_path / "kv", ["tiny", "float32"])
+    store.save([1, 2, 3], [(torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4))])
+    path = store.path([1, 2, 3])
+    whole, named = path.read_bytes(), re.escape(f"judge prefix cache {path}: cannot be read")
+    assert torch.equal(store.load([1, 2, 3])[0][1], torch.ones(1, 2, 3, 4))
+    for damaged in (b"", whole[:40]):
+        path.write_bytes(damaged)
+        with pytest.raises(PerpairError, match=rf"^{named} .*remove it"):
+            store.load([1, 2, 3])
+    from safetensors.torch import save_file
+
+    save_file({"other.0": torch.zeros(2), "other.1": torch.zeros(2)}, path)
+    with pytest.raises(PerpairError, match=rf"^{named}"):
+        store.load([1, 2, 3])

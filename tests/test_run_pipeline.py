@@ -257,6 +257,18 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     (tmp_path / "empty").mkdir()
     offline_no_difficulty = _config(tmp_path, tiny)
     offline_no_difficulty["eval"]["alpaca_eval"].update(difficulty=None, data_dir=str(tmp_path / "empty"))
+    # a judge prompt cut short: found out after training (or never: prompts without the model's answer judged)
+    cut_prompt = _config(tmp_path, tiny)
+    prompt = (AE / "judge_prompt_alpaca_eval_clf.txt").read_text()
+    (tmp_path / "cut.txt").write_text(prompt[:prompt.index("{output_2}")])
+    cut_prompt["eval"]["alpaca_eval"]["judge_prompt"] = str(tmp_path / "cut.txt")
+    # offline, a reference or difficulties file cut short: read (and refused) after every arm's training
+    cut_reference = _config(tmp_path, tiny)
+    (tmp_path / "cut.json.gz").write_bytes((AE / "reference_outputs_gpt4_1106_preview.json.gz").read_bytes()[:9000])
+    cut_reference["eval"]["alpaca_eval"]["reference"] = str(tmp_path / "cut.json.gz")
+    cut_difficulty = _config(tmp_path, tiny)
+    (tmp_path / "cut.csv").write_text((AE / "instruction_difficulty_reconstructed.csv").read_text()[:2000] + ",")
+    cut_difficulty["eval"]["alpaca_eval"]["difficulty"] = str(tmp_path / "cut.csv")
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
@@ -267,7 +279,11 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
                           (no_reference, f"eval.alpaca_eval.reference: {tmp_path / 'nowhere.json'}: no such file"),
                           (no_data_dir, f"eval.alpaca_eval.data_dir: {tmp_path / 'nowhere'}: no such folder"),
                           (offline_no_reference, "eval.alpaca_eval.reference: offline, no file to read it from"),
-                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from")):
+                          (offline_no_difficulty, "eval.alpaca_eval.difficulty: offline, no file to read it from"),
+                          (cut_prompt, f"eval.alpaca_eval.judge_prompt: file {tmp_path / 'cut.txt'}: not an "
+                                       "AlpacaEval judge prompt: no {output_2}"),
+                          (cut_reference, f"eval.alpaca_eval: file {tmp_path / 'cut.json.gz'}: not a readable JSON"),
+                          (cut_difficulty, f"eval.alpaca_eval: file {tmp_path / 'cut.csv'}: not a readable CSV")):
         with pytest.raises(PerpairError, match="^run config, " + re.escape(words)):
             run(RunConfig.model_validate(config), log=lambda line: None)
     assert not (tmp_path / "work").exists()
@@ -1325,6 +1341,22 @@ def test_a_copied_workdir_checks_its_own_files(tmp_path, tiny, monkeypatch, run_
     moved = tmp_path / "moved"
     (tmp_path / "work").rename(moved)
     assert not _run({**config, "workdir": str(moved)})[0].ran
+
+
+def test_a_stamp_of_another_shape_runs_its_stage_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """A stage's stamp that is valid JSON of another shape (a list; an object without its info) was a traceback on
+    the re-run (AttributeError at once, KeyError after the stage was skipped); it is now no stamp: the stage runs
+    again."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    for damage in (lambda stamp: [stamp], lambda stamp: {k: v for k, v in stamp.items() if k != "info"}):
+        work = tmp_path / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(run_of_arm_a[0], work)
+        path = work / "stages" / "train.a.json"
+        path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+        result, _ = _run({**config, "workdir": str(work)})
+        assert "train.a" in result.ran and result.rows[0]["train_loss"] is not None
 
 
 def test_an_arm_beta_that_would_change_nothing_is_refused_as_plan_refuses_it(tmp_path, tiny):

@@ -96,8 +96,9 @@ def render_table(payload: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def check_out(out: Path) -> None:
-    """Refuse, before any training, an output folder whose ``results.json`` the run could not add to."""
+def check_out(out: Path, *, sweep: bool = False) -> None:
+    """Refuse, before any training, an output folder whose ``results.json`` the run could not add to (``sweep``: a
+    sweep's run, which keeps the main run's section; the main run keeps the sweeps')."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is not a folder")
     check_output_folder(out, "--out")  # a path under a file, a read-only folder: refused now, not after the run
@@ -118,6 +119,17 @@ def check_out(out: Path) -> None:
             why = f"key(s) {', '.join(foreign)}" if foreign else "neither a main run nor a sweep"
             raise InputError(f"is not a results file of perpair bench controlled ({why}), which this run would "
                              "overwrite; choose another --out", file=str(results_path))
+        # the sections this run keeps are rendered into table.md again with its own: one of another shape (edited by
+        # hand) was a traceback after the training, its results lost
+        kept = payload if sweep else {"sweeps": payload["sweeps"]} if payload.get("sweeps") else {}
+        try:
+            if not isinstance(kept.get("sweeps", {}), dict):
+                raise TypeError(f"sweeps is a {type(kept['sweeps']).__name__}, not an object")
+            render_table(kept)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise InputError(f"is a results file of perpair bench controlled whose sections this run keeps cannot "
+                             f"be read ({type(exc).__name__}: {exc}); remove it or choose another --out",
+                             file=str(results_path)) from None
 
 
 def update_results(out: Path, change: Callable[[dict[str, Any]], None]) -> None:

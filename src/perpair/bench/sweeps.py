@@ -251,7 +251,7 @@ def run_sweep(config: ctl.ControlledConfig, sweep: str, out_dir: str | Path,
     from perpair.bench.report import check_out
     from perpair.bench.sweep_report import write_sweep
 
-    check_out(Path(out_dir))
+    check_out(Path(out_dir), sweep=True)
     started, cpu = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="perpair-sweep-") as tmp:
         per_seed = [run_sweep_seed(config, sweep, seed, Path(tmp), progress) for seed in range(config.seeds)]

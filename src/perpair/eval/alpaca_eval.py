@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers, tokenizer_identity
@@ -133,7 +133,21 @@ def judge_prompt_template(path: Path | None, data_dir: Path | None) -> str:
     if found is None:
         raise PerpairError(f"no AlpacaEval judge prompt: pass --judge-prompt ({sources.LOCAL_JUDGE_PROMPT}) or "
                            "--data-dir (a folder holding it), or install alpaca-eval")
-    return found.read_text(encoding="utf-8")
+    # checked here, before any answer is generated: a file cut short (an empty one, one without {output_2}) was
+    # found out after every answer was generated, or not at all (each judge saw a prompt without the model's answer)
+    try:
+        template = found.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text ({exc})", file=str(found)) from None
+    missing = [name for name in ("instruction", "output_1", "output_2") if "{" + name + "}" not in template]
+    if missing:
+        raise InputError(f"not an AlpacaEval judge prompt: no {', '.join('{' + m + '}' for m in missing)}",
+                         file=str(found))
+    try:
+        chatml_to_messages(template)
+    except PerpairError as exc:
+        raise InputError(str(exc), file=str(found)) from None
+    return template
 
 
 def load_judge(config: JudgeConfig):

@@ -91,13 +91,19 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
     questions_path, questions_from = _source(config.questions, HUB_QUESTIONS, LOCAL_QUESTIONS, config)
     baseline_path, baseline_from = _source(config.baseline_answers, HUB_BASELINE, LOCAL_BASELINE, config)
     questions = read_jsonl(Path(questions_path))
+    if not questions:  # else the run went on to a model, an empty answers file and "no verdict in 0 games"
+        raise InputError("no questions", file=str(questions_path))
     baseline = {}
     for i, row in enumerate(read_jsonl(Path(baseline_path))):
         try:
-            baseline[row["question_id"]] = content = row["choices"][0]["turns"][0]["content"]
+            question, content = row["question_id"], row["choices"][0]["turns"][0]["content"]
         except (KeyError, IndexError, TypeError):
             raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
                              row=i + 1) from None
+        if question in baseline:  # the last one was taken, without a word: which answer is the baseline's is unknown
+            raise InputError(f"a second answer to question {question}", file=str(baseline_path), row=i + 1,
+                             field="question_id")
+        baseline[question] = content
         if not isinstance(content, str):
             raise InputError(f"expected a string, got {type(content).__name__}", file=str(baseline_path), row=i + 1,
                              field="choices[0].turns[0].content")

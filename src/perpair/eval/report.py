@@ -11,9 +11,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 from perpair.eval.metrics import win_rate_metrics
-from perpair.eval.sources import read_annotations, read_json_records, write_json_records
+from perpair.eval.sources import read_annotations, read_json_records, read_outputs, write_json_records
 
 COLUMNS = ("benchmark", "name", "judge", "length_controlled_winrate", "lc_standard_error", "win_rate",
            "standard_error", "score", "rating_q025", "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total",
@@ -30,7 +30,11 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         if (path.parent / "report.html").is_file():  # its results.json is a table of other folders' rows
             raise PerpairError(f"{folder}: a report perpair eval report wrote, not an evaluation's results; give the "
                                "evaluations' folders (a shell glob over them must leave the report's -o out)")
-        for row in read_json_records(path):
+        records = read_json_records(path)
+        if not records:
+            raise InputError("no results rows", file=str(path))
+        for number, row in enumerate(records, 1):
+            _check_row(row, path, number)
             row["_folder"] = str(path.parent)
             rows.append(row)
     # which model, judged by which judge, from which folder: two rows of one benchmark may differ only there (the
@@ -45,6 +49,29 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         row["_label"] = (str(row.get("name")) if names[row.get("benchmark"), row.get("name")] == 1
                          else f"{row.get('name')} ({row['_folder']})")
     return rows
+
+
+BENCHMARKS = ("alpaca_eval_2", "arena_hard_v0.1", "preference_accuracy")
+FIGURES = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "score", "rating_q025",
+           "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "avg_length")
+NOTES = ("judgment_note", "lc_note", "note")
+
+
+def _check_row(row: dict[str, Any], path: Path, number: int) -> None:
+    """A row as perpair eval writes it, or refused by file, row and field: another program's row was shown as a row
+    of dashes (exit 0), a figure written as a string or a note as a number stopped the report with a traceback."""
+    if row.get("benchmark") not in BENCHMARKS:
+        raise InputError(f"not a results row of perpair eval (benchmark {row.get('benchmark')!r}; expected one of "
+                         f"{', '.join(BENCHMARKS)})", file=str(path), row=number, field="benchmark")
+    if not isinstance(row.get("name"), str):
+        raise InputError(f"expected a string, got {row.get('name')!r}", file=str(path), row=number, field="name")
+    for key in FIGURES:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InputError(f"expected a number or null, got {value!r}", file=str(path), row=number, field=key)
+    for key in NOTES:
+        if row.get(key) is not None and not isinstance(row[key], str):
+            raise InputError(f"expected a string or null, got {row[key]!r}", file=str(path), row=number, field=key)
 
 
 def _cell(value: Any) -> str:
@@ -83,6 +110,24 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     rows = collect(folders)
+    # every file is read before the report's first is written: a bad one leaves no half report
+    lengths, baselines = {}, {}
+    for row in rows:
+        path = Path(row["_folder"]) / "model_outputs.json"
+        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
+            lengths[row["_label"]] = read_outputs(path)["output"].str.len().tolist()
+            baseline = Path(row["_folder"]) / "annotations.json"
+            if baseline.is_file():
+                baselines[row["_label"]] = read_annotations(baseline)["output_1"].str.len().tolist()
+    # one baseline where every evaluation had the same; else each its own (another --limit or reference file): the
+    # first folder's alone stood for every row's
+    if len({tuple(values_) for values_ in baselines.values()}) == 1:
+        lengths["baseline"] = next(iter(baselines.values()))
+    else:
+        lengths.update({f"baseline ({label})": values_ for label, values_ in baselines.items()})
+    breakdown = {row["_label"]: per_dataset(Path(row["_folder"])) for row in rows
+                 if row.get("benchmark") == "alpaca_eval_2"}
+    breakdown = {k: v for k, v in breakdown.items() if v}
     output.mkdir(parents=True, exist_ok=True)
     table = [{c: row.get(c) for c in COLUMNS} for row in rows]
     write_json_records(output / "results.json", table)
@@ -117,20 +162,6 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["win_rates"], dpi=110)
         plt.close(fig)
 
-    lengths, baselines = {}, {}
-    for row in rows:
-        path = Path(row["_folder"]) / "model_outputs.json"
-        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
-            lengths[row["_label"]] = [len(r.get("output", "")) for r in read_json_records(path)]
-            baseline = Path(row["_folder"]) / "annotations.json"
-            if baseline.is_file():
-                baselines[row["_label"]] = [len(r["output_1"]) for r in read_json_records(baseline)]
-    # one baseline where every evaluation had the same; else each its own (another --limit or reference file): the
-    # first folder's alone stood for every row's
-    if len({tuple(values_) for values_ in baselines.values()}) == 1:
-        lengths["baseline"] = next(iter(baselines.values()))
-    else:
-        lengths.update({f"baseline ({label})": values_ for label, values_ in baselines.items()})
     if lengths:
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, values_ in lengths.items():
@@ -144,9 +175,6 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         fig.savefig(figures["lengths"], dpi=110)
         plt.close(fig)
 
-    breakdown = {row["_label"]: per_dataset(Path(row["_folder"])) for row in rows
-                 if row.get("benchmark") == "alpaca_eval_2"}
-    breakdown = {k: v for k, v in breakdown.items() if v}
     if breakdown:
         datasets = sorted({d for v in breakdown.values() for d in v})
         fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(datasets)), 4))

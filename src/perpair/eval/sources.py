@@ -14,6 +14,7 @@ import gzip
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,12 @@ def read_json_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             records = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # a .gz cut short or damaged: gzip's EOFError and zlib.error (neither an OSError; click takes an EOFError for
+    # the end of input at a prompt)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError, zlib.error) as exc:
         raise InputError(f"not a readable JSON file ({exc})", file=str(path)) from None
+    except RecursionError:  # (else the command's one line named no file)
+        raise InputError("not a readable JSON file (nested too deeply)", file=str(path)) from None
     if not isinstance(records, list):
         raise InputError("expected a JSON list of objects", file=str(path))
     for i, record in enumerate(records):
@@ -94,7 +99,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 rows.append(row)
     except FileNotFoundError:
         raise InputError("no such file", file=str(path)) from None
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as exc:
         raise InputError(f"not a readable JSON Lines file ({exc})", file=str(path)) from None
     return rows
 
@@ -132,6 +137,10 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
             if not isinstance(record[name], str):
                 raise InputError(f"expected a string, got {type(record[name]).__name__}", file=str(path),
                                  row=i + 1, field=name)
+        for name in ("generator_1", "generator_2", "dataset"):  # (a list was pandas' traceback in eval report)
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise InputError(f"expected a string or null, got {type(record[name]).__name__}", file=str(path),
+                                 row=i + 1, field=name)
         value = record["preference"]
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
@@ -152,6 +161,8 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
 def read_outputs(path: str | os.PathLike) -> pd.DataFrame:
     """AlpacaEval model outputs: records with ``instruction`` and ``output`` (and ``generator``, ``dataset``)."""
     records = read_json_records(path)
+    if not records:  # (an empty reference was a KeyError traceback, after the output folder was made)
+        raise InputError("no outputs", file=str(path))
     for i, record in enumerate(records):
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str):
@@ -178,6 +189,10 @@ def data_file(given: str | os.PathLike | None, data_dir: str | os.PathLike | Non
     if not Path(data_dir).is_dir():
         raise InputError("no such data folder", file=str(data_dir))
     candidate = Path(data_dir) / name
+    # there but not a file (a folder, a link to nothing): refused, not taken for absent (the LC then went on
+    # without the published weights, or without the instruction order, saying there was no such file)
+    if not candidate.is_file() and (candidate.exists() or candidate.is_symlink()):
+        raise InputError("not a readable file (a folder, or a link to nothing)", file=str(candidate))
     return candidate if candidate.is_file() else None
 
 
@@ -212,7 +227,8 @@ def read_gamed_rows(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def read_difficulty_csv(path: str | os.PathLike) -> np.ndarray:
-    """Per-instruction difficulty by row position: a two-column CSV (index, instruction_difficulty)."""
+    """Per-instruction difficulty by instruction index: a two-column CSV (index, instruction_difficulty) whose
+    index holds 0 … N-1 once each, as alpaca_eval reads it (by label: rows in another order are the same file)."""
     try:
         frame = pd.read_csv(path, index_col=0)
     except (OSError, ValueError) as exc:
@@ -223,7 +239,15 @@ def read_difficulty_csv(path: str | os.PathLike) -> np.ndarray:
     bad = np.flatnonzero(values.isna().to_numpy())
     if len(bad):
         raise InputError("not a number", file=str(path), row=int(bad[0]) + 1, field=str(frame.columns[0]))
-    return values.to_numpy(float)
+    # read by position, rows in another order gave each instruction another's difficulty, and every LC figure moved
+    index = pd.to_numeric(pd.Series(frame.index), errors="coerce").to_numpy(float)
+    order = np.argsort(index, kind="stable")
+    bad = np.flatnonzero(index[order] != np.arange(len(index)))
+    if len(bad):
+        row = int(order[bad[0]])
+        raise InputError(f"expected the instruction indices 0 to {len(index) - 1} once each, got "
+                         f"{frame.index[row]}", file=str(path), row=row + 1, field=str(frame.index.name or "index"))
+    return values.to_numpy(float)[order]
 
 
 def _read_model_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -234,6 +258,18 @@ def _read_model_table(path: str | os.PathLike, columns: tuple[str, ...]) -> pd.D
     for name in columns:
         if name not in frame:
             raise InputError("missing column", file=str(path), field=name)
+        # a cell not a number (or empty) was a traceback, or a NaN weight that left the LC without a word
+        values = pd.to_numeric(frame[name], errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy())
+        if len(bad):
+            value = frame[name].iloc[bad[0]]
+            raise InputError("empty" if pd.isna(value) else f"not a number ({value!r})", file=str(path),
+                             row=int(bad[0]) + 1, field=name)
+        frame[name] = values
+    # a model on two rows: which weights or figures are its is unknown (it was pandas' traceback)
+    twice = np.flatnonzero(frame.index.duplicated())
+    if len(twice):
+        raise InputError(f"model {frame.index[twice[0]]} on two rows", file=str(path), row=int(twice[0]) + 1)
     return frame
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from perpair.artifacts import temporary_beside
+from perpair.errors import PerpairError
 
 
 @dataclass
@@ -66,13 +67,20 @@ class PrefixStore:
 
     def load(self, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per layer (keys, values) of the beginning ``ids``, or None when not stored."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = self.path(ids)
         if not path.is_file():
             return None
-        tensors = load_file(path)
-        return [(tensors[f"keys.{i}"], tensors[f"values.{i}"]) for i in range(len(tensors) // 2)]
+        # one cut short (renamed into place just before a node went down) or of another shape was safetensors' or a
+        # KeyError's traceback in the middle of judging; the judgments so far are in the results cache
+        try:
+            tensors = load_file(path)
+            return [(tensors[f"keys.{i}"], tensors[f"values.{i}"]) for i in range(len(tensors) // 2)]
+        except (SafetensorError, OSError, KeyError) as exc:
+            raise PerpairError(f"judge prefix cache {path}: cannot be read ({exc}); remove it, and the next run "
+                               "computes it again") from None
 
     def save(self, ids: Sequence[int], layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         from safetensors.torch import save_file

@@ -22,7 +22,7 @@ from typing import Any
 
 from perpair.artifacts import file_sha256, folder_lock
 from perpair.config_files import format_validation_error
-from perpair.errors import PerpairError, StoppedBySignal, TooFewAnnotated, TrainingStopped
+from perpair.errors import InputError, PerpairError, StoppedBySignal, TooFewAnnotated, TrainingStopped
 from perpair.pipeline.config import STAGES, RunConfig, name_the_file
 from perpair.pipeline.report import comparison_rows, evaluation_notes, write_run_report
 from perpair.pipeline.stamps import Stamps, output_identity, stage_key
@@ -217,18 +217,32 @@ def _check_alpaca_eval_files(section: Any) -> None:
     from perpair.eval import sources
     from perpair.eval.alpaca_eval import judge_prompt_template
 
+    none = PerpairError(f"run config, eval.alpaca_eval.judge_prompt: no AlpacaEval judge prompt: give judge_prompt "
+                        f"({sources.LOCAL_JUDGE_PROMPT}) or data_dir (a folder holding it), or install alpaca-eval")
     try:  # given, else the data folder's, else the one installed with alpaca-eval
         judge_prompt_template(section.judge_prompt, section.data_dir)
+    except InputError as exc:  # there, but no judge prompt (cut short, not text): what is wrong with it, not "none"
+        if exc.problem != "no such file":
+            raise PerpairError(f"run config, eval.alpaca_eval.judge_prompt: {exc}") from None
+        raise none from None
     except PerpairError:
-        raise PerpairError(f"run config, eval.alpaca_eval.judge_prompt: no AlpacaEval judge prompt: give judge_prompt "
-                           f"({sources.LOCAL_JUDGE_PROMPT}) or data_dir (a folder holding it), or install "
-                           "alpaca-eval") from None
+        raise none from None
     if not sources.is_offline(section.offline):  # online, the Hub's
         return
     for key, name in (("reference", sources.LOCAL_REFERENCE), ("difficulty", sources.LOCAL_DIFFICULTY)):
         if getattr(section, key) is None and sources.data_file(None, section.data_dir, name) is None:
             raise PerpairError(f"run config, eval.alpaca_eval.{key}: offline, no file to read it from: give {key} "
                                f"({name}) or data_dir (a folder holding it)")
+    # offline, every file is local: read now, so that one cut short or of another shape stops the run before any
+    # stage, not after every arm's training
+    from perpair.eval.score import ScoreOptions
+
+    try:
+        sources.load_reference_outputs(section.reference, section.data_dir, True)
+        ScoreOptions(offline=True, data_dir=section.data_dir, difficulty=section.difficulty,
+                     glm_weights=section.glm_weights).resolve()
+    except PerpairError as exc:
+        raise PerpairError(f"run config, eval.alpaca_eval: {exc}") from None
 
 
 def check_model(spec: str) -> None:

@@ -46,6 +46,11 @@ class Stamps:
             stamp = json.loads(self.path(name).read_text())
         except (OSError, ValueError):
             return None, "not finished before"
+        # a stamp of another shape (edited, another program's) is none: the stage runs again, as without one (it was
+        # a traceback, at once or after the stage was skipped)
+        if not (isinstance(stamp, dict) and isinstance(stamp.get("outputs", {}), dict)
+                and isinstance(stamp.get("info"), dict)):
+            return None, f"its stamp {self.path(name)} is not one perpair run wrote"
         if stamp.get("key") != key:
             return None, "its inputs or settings changed"
         workdir = self.root.parent
