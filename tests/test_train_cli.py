@@ -1025,6 +1025,54 @@ def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_ex
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
 
 
+def test_a_checkpoint_holding_other_values_than_its_runs_is_refused_before_anything_is_restored(tiny_model, uf_pairs,
+                                                                                                tmp_path):
+    """Checkpoint files that read but hold values of another shape: a weight of another shape was broadcast into the
+    model and an integer one cast (exit 0, other weights), optimizer state under other names or none at all skipped
+    (exit 0, fresh moments), state of another shape crashed the process, and a state.json whose scheduler, parameter
+    groups or random states are not a run's ended in a traceback. Each is one error naming the checkpoint."""
+    from safetensors.torch import save_file
+
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--save-every", "1",
+            "--set", "keep_checkpoints=2", "--set", "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    last = out / "checkpoints" / "step-00000002"
+    whole = {name: (last / name).read_bytes() for name in ("state.json", "model.safetensors",
+                                                            "optimizer.safetensors", "rng.safetensors")}
+
+    def state(**values):
+        return lambda: (last / "state.json").write_text(json.dumps({**json.loads(whole["state.json"]), **values}))
+
+    def tensors(file, edit):
+        return lambda: save_file(edit(load_file(last / file)), last / file)
+
+    damages = {
+        "weights of another shape": tensors("model.safetensors", lambda w: {n: v[:1].clone() for n, v in w.items()}),
+        "integer weights": tensors("model.safetensors", lambda w: {n: v.long() for n, v in w.items()}),
+        "optimizer state of other names": tensors("optimizer.safetensors", lambda _: {"x::exp_avg": torch.zeros(2)}),
+        "no optimizer state": tensors("optimizer.safetensors", lambda _: {}),
+        "optimizer state of another shape": tensors("optimizer.safetensors",
+                                                    lambda o: {n: torch.zeros(1) for n in o}),
+        "RNG state not torch's": tensors("rng.safetensors", lambda _: {"torch": torch.zeros(3)}),
+        "a scheduler of another shape": state(scheduler=[]),
+        "another scheduler": state(scheduler={"foo": 1}),
+        "no parameter groups": state(param_groups=[]),
+        "Python's random state not one": state(python_rng=[1, 2]),
+        "NumPy's random state not one": state(numpy_rng=[1]),
+    }
+    for damage, write in damages.items():
+        write()
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (damage, result.stderr[-2000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {last} is damaged or incomplete ("), \
+            (damage, errors)
+        for name, data in whole.items():
+            (last / name).write_bytes(data)
+    _train(tiny_model, uf_pairs, out, *args, "--resume")  # whole again: it resumes
+
+
 def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(tmp_path):
     """A run killed while it appended a step's metrics leaves a torn last line, of a step after any checkpoint:
     --resume drops it with the other lines past its checkpoint. A line that is not metrics before the last is
