@@ -1475,6 +1475,19 @@ def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tm
     assert "Traceback" not in result.stderr
 
 
+def test_a_model_whose_chat_template_file_is_empty_is_refused_naming_it(uf_pairs, tmp_path):
+    """A chat_template.jinja of 0 bytes (a copy cut short) gives the tokenizer the template "": every conversation
+    rendered as no tokens, and the run ended in torch's traceback; now one error naming the model, exit 2."""
+    model = save_tiny_llama(tmp_path / "model", layers=1)
+    (model / "chat_template.jinja").write_text("")
+    out = tmp_path / "out"
+    result = _train(model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: model {model}: the tokenizer has no chat template (or an empty one)"), lines
+    assert not (out / "metrics.jsonl").exists()
+
+
 def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):
     """A Mixture-of-Experts config with output_router_logits and a router_aux_loss_coef: Transformers and TRL add the
     router's load-balancing loss, perpair does not; refused before OUT is written (it trained without a word)."""
