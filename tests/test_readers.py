@@ -243,3 +243,15 @@ def test_inspect_refuses_a_file_that_is_not_a_pairs_artifact(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "x.parquet")
     result = run_cli("inspect", tmp_path / "x.parquet", check=False)
     assert result.returncode == 2 and "not a perpair artifact" in result.stderr
+
+
+@pytest.mark.parametrize("header", [b'{"kind": "pairs"', b"[1]", b'{"kind": "pairs", "schema_version": 1}',
+                                    b'{"kind": "pairs", "schema_version": 1, "provenance": [1]}'])
+def test_a_parquet_file_whose_perpair_metadata_is_not_perpairs_header_is_one_error(tmp_path, header):
+    """Metadata under perpair's key that is no JSON, or JSON of another shape (another program's, or ours edited)
+    ended `perpair inspect` and the other stages in json's traceback, or an AttributeError or KeyError."""
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"perpair": header}), path)
+    result = run_cli("inspect", path, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: file {path}: not a perpair artifact (its 'perpair' metadata is not the header perpair writes)"]
