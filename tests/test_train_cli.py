@@ -1089,6 +1089,22 @@ def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(t
         truncate_metrics(path, 2)
 
 
+def test_a_run_key_or_metrics_file_that_is_no_text_is_named_not_a_decoding_traceback(tmp_path):
+    """OUT/run.key or OUT/metrics.jsonl overwritten with bytes that are no UTF-8 text (another program's file): the
+    command said only "error: text encoding: 'utf-8' codec can't decode byte 0xff ...", naming no file. A run.key
+    that is no text is no run's key (OUT holds another run: refused, as any other key is); metrics that are no text
+    are refused naming the file."""
+    from perpair.train.checkpoints import held_key, truncate_metrics
+
+    (tmp_path / "run.key").write_bytes(b"\xff\xfe\x00")
+    assert held_key(tmp_path) == "\ufffd\ufffd\x00"
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(json.dumps({"step": 1}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(PerpairError, match=f"^file {re.escape(str(path))}: not a metrics file \\(not UTF-8 text at "
+                                           "byte 12\\)"):
+        truncate_metrics(path, 1)
+
+
 def test_a_kill_while_resume_rewrites_the_metrics_keeps_every_line(tmp_path, monkeypatch):
     """--resume rewrites metrics.jsonl without the lines past its checkpoint. It was rewritten in place: a run killed
     during that write (here: the write stops halfway, as a kill leaves it) lost the lines of the steps before the

@@ -86,7 +86,8 @@ def check_out(config: TrainConfig) -> str:
 def held_key(out: Path) -> str | None:
     """The key of the run that claimed ``out`` (its run.key), or None."""
     marker = out / RUN_KEY
-    return marker.read_text().strip() if marker.is_file() else None
+    # (bytes that are no text, a file overwritten by another program's: no run's key, never UTF-8's traceback)
+    return marker.read_bytes().decode(errors="replace").strip() if marker.is_file() else None
 
 
 def trained(out: Path) -> bool:
@@ -540,7 +541,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     if step == 0 or not path.exists():
         path.write_text("")
         return
-    lines = [line for line in path.read_text().splitlines() if line]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except UnicodeDecodeError as exc:
+        raise PerpairError(f"file {path}: not a metrics file (not UTF-8 text at byte {exc.start}); it cannot be kept "
+                           f"for the steps up to {step} that --resume continues after") from None
     kept = []
     for number, line in enumerate(lines, 1):
         try:
