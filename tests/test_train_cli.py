@@ -1073,6 +1073,24 @@ def test_a_checkpoint_holding_other_values_than_its_runs_is_refused_before_anyth
     _train(tiny_model, uf_pairs, out, *args, "--resume")  # whole again: it resumes
 
 
+def test_resume_refuses_an_out_whose_checkpoints_is_a_file_keeping_the_metrics(tiny_model, uf_pairs, tmp_path):
+    """OUT/checkpoints a file (another program wrote one there) read as no checkpoints: --resume started the run
+    again, emptied its metrics.jsonl, and failed at its first checkpoint, naming a temporary folder. Now refused
+    before any work, naming it; OUT is as it was."""
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "64", "--save-every", "1", "--set",
+            "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    metrics = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove it, or "
+        "--overwrite to replace the run's outputs"], result.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(tmp_path):
     """A run killed while it appended a step's metrics leaves a torn last line, of a step after any checkpoint:
     --resume drops it with the other lines past its checkpoint. A line that is not metrics before the last is

@@ -64,6 +64,10 @@ def check_out(config: TrainConfig) -> str:
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
+        # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
+        raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
+                           "it, or --overwrite to replace the run's outputs")
     others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != STAGE_KEY) \
         if held is None and out.is_dir() else []
     if others:  # nothing claimed it: what is there is the user's, even under our names (a `model` folder)
