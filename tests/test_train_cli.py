@@ -1058,6 +1058,7 @@ def test_a_checkpoint_holding_other_values_than_its_runs_is_refused_before_anyth
         "a scheduler of another shape": state(scheduler=[]),
         "another scheduler": state(scheduler={"foo": 1}),
         "no parameter groups": state(param_groups=[]),
+        "parameter groups of another shape": state(param_groups={"names": []}),
         "Python's random state not one": state(python_rng=[1, 2]),
         "NumPy's random state not one": state(numpy_rng=[1]),
     }

@@ -458,6 +458,10 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
         keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
         if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
             raise damaged(f"state.json is not the state of step {expected}")
+        groups = state["param_groups"]  # (checked against the model's once it is at hand; the shards' read names)
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("names"), list)
+                                                   for g in groups):
+            raise damaged("state.json's param_groups are not an optimizer's")
         if ("shards" in state) != sharded:  # (its files differ: no part of it would be read right)
             how = "under" if "shards" in state else "without"
             raise PerpairError(f"checkpoint {folder} was written by a run {how} FSDP; resume it {how} FSDP, as the "
