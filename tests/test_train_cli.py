@@ -405,7 +405,8 @@ def _edited(plan: Path, out: Path, edit) -> Path:
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     edit(columns)
     rows = len(columns["pair_id"])
-    edited = pa.table({name: pa.array(values, table.schema.field(name).type) for name, values in columns.items()})
+    edited = pa.table({name: values if isinstance(values, pa.Array) else pa.array(values, table.schema.field(name).type)
+                       for name, values in columns.items()})  # (an edit may give a column of its own type)
     pq.write_table(edited.replace_schema_metadata(table.schema.metadata), out)
     assert rows == edited.num_rows
     return out
@@ -429,12 +430,15 @@ def _drop_rows(columns):
     (lambda c: c["order"].__setitem__(1, c["order"][0]), r"field 'order': order \d+ is given to two trained pairs"),
     (lambda c: c.__setitem__("label_smoothing", [0.7] * len(c["pair_id"])),
      r"a trained pair has label_smoothing 0.7; it must be in \[0, 0.5\)"),
+    (lambda c: c.__setitem__("flipped", pa.array(["no"] * len(c["pair_id"]))),
+     r"field 'flipped': column has type string, a plan's is bool \(Failed to parse value: no\)"),
 ])
 def test_a_plan_edited_into_something_else_is_refused_naming_where(tiny_model, uf_pairs, tmp_path, edit, message):
     """plan.parquet is there to be read (and maybe edited): what perpair plan never writes (a route it does not
     know, a pair of another file, a pair twice or not at all, a trained pair without its own position, ε ≥ 0.5) is
     one error naming the plan's row and field. They were trained: 'SFT' as a preference pair, the pairs without a
-    row or position left out, a pair twice, ε 0.7 (the opposite preference); a foreign pair_id was a traceback."""
+    row or position left out, a pair twice, ε 0.7 (the opposite preference), flipped written as text 'no' (every
+    pair flipped: a non-empty string is true); a foreign pair_id was a traceback."""
     plan = _edited(_mixdpo_plan(uf_pairs, tmp_path), tmp_path / "edited.parquet", edit)
     result = _train(tiny_model, uf_pairs, tmp_path / "out", "--plan", plan, "--steps", "1", "--batch-size", "2",
                     "--max-length", "96", check=False)
