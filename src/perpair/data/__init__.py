@@ -27,8 +27,13 @@ def read_pairs(path: str) -> tuple[pa.Table, dict]:
                 raise InputError(f"no column '{field.name}'; a pairs file holds {', '.join(REQUIRED)}", file=path)
             continue
         held = table.schema.field(field.name).type
-        if held != field.type:
-            raise InputError(f"column has type {held}, a pairs file's is {field.type}", file=path, field=field.name)
+        if held != field.type:  # read as its values say (int32 scores), or refused: text for messages
+            try:
+                column = table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise InputError(f"column has type {held}, a pairs file's is {field.type}", file=path,
+                                 field=field.name) from None
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
         if field.name in REQUIRED and table.column(field.name).null_count:
             raise InputError("column holds nulls; no pair lacks it", file=path, field=field.name)
     stale = sum(s.get("notes", {}).get("tools_in_meta_only", {}).get("count", 0)
