@@ -118,7 +118,7 @@ def test_merge_refuses_a_shard_of_other_columns_or_shard_naming_the_file(uf_pair
                                          "field 'category': required column is missing"),
         "calls without pair_id": (calls_path(shards[1]),
                                   lambda: rewrite(calls_path(shards[1]), lambda t: t.drop_columns(["pair_id"])),
-                                  "not a calls table's columns (column 'pair_id'"),
+                                  "not a calls table: no column 'pair_id' of string values"),
         "a shard not i/n": (shards[1], lambda: rewrite(shards[1], edit_header=lambda h: h["provenance"].update(
             shard="x")), "its provenance's shard 'x' is not i/n"),
     }

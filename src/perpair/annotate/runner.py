@@ -354,13 +354,14 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
         read_annotations(path)  # its columns and values checked (files of others were pyarrow's traceback)
         table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)  # as written: not cast
         call_table, _ = read_artifact(calls_path(path), kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION)
-        if aggregated and not table.schema.remove_metadata().equals(aggregated[0].schema.remove_metadata()):
-            raise InputError(f"its columns differ from those of {outputs[0]}", file=str(path))
-        if not call_table.schema.remove_metadata().equals(CALLS_SCHEMA):
-            wrong = [f.name for f in CALLS_SCHEMA if f not in call_table.schema] or call_table.column_names
-            raise InputError(f"not a calls table's columns (column '{wrong[0]}': "
-                             f"{CALLS_SCHEMA.field(wrong[0]).type if wrong[0] in CALLS_SCHEMA.names else 'none'} in "
-                             "a calls table)", file=str(calls_path(path)))
+        wrong = next((f for f in CALLS_SCHEMA if f not in call_table.schema), None)
+        if wrong is not None:
+            raise InputError(f"not a calls table: no column '{wrong.name}' of {wrong.type} values",
+                             file=str(calls_path(path)))
+        for file, held, first, first_file in ((path, table, aggregated, outputs[0]),
+                                              (calls_path(path), call_table, calls, calls_path(outputs[0]))):
+            if first and not held.schema.remove_metadata().equals(first[0].schema.remove_metadata()):
+                raise InputError(f"its columns differ from those of {first_file}", file=str(file))
         aggregated.append(table)
         calls.append(call_table)
         provenances.append(provenance)

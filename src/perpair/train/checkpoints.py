@@ -405,8 +405,9 @@ def _check_fits(state: dict, weights: dict, tensors: dict, params: dict, optimiz
 
 def _shaped_as(saved: Any, current: Any) -> bool:
     """Whether ``saved`` (read from a checkpoint's JSON) has the shape of ``current`` (as :func:`_jsonable` gives
-    it): a mapping holding the keys both have in that shape (other torch versions add or drop some), a list of as
-    many items, a number where it has a number."""
+    it): a mapping holding the keys both have in that shape (other torch versions add or drop some) and those that
+    restoring reads (a schedule's last_epoch, base_lrs and lr_lambdas, a group's names), a list of as many items, a
+    number where it has a number."""
     if isinstance(current, dict):
         return isinstance(saved, dict) and all(_shaped_as(saved[k], v) for k, v in current.items() if k in saved) \
             and all(k in saved for k in ("last_epoch", "base_lrs", "lr_lambdas", "names") if k in current)
