@@ -54,6 +54,21 @@ def test_a_model_retrained_at_the_same_path_is_asked_again(uf_pairs, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path):
+    """A chat_template.jinja of 0 bytes gives the tokenizer the template "", which the local teacher took for a
+    model without one: it annotated with the plain "User: ..." layout, exit 0. Now one error naming the model."""
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "teacher", layers=1)
+    (folder / "chat_template.jinja").write_text("")
+    out = tmp_path / "ann.parquet"
+    result = run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "2", "-o", out, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: teacher local:{folder}: model {folder}: its chat template is empty; restore the model's "
+        "chat_template.jinja"], result.stderr
+    assert not out.exists()
+
+
 def test_local_smollm2_on_30_pairs(uf_pairs, tmp_path):
     out = tmp_path / "smollm2.parquet"
     started = time.monotonic()

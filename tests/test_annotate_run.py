@@ -100,6 +100,40 @@ def test_rerun_sends_no_request_and_shards_merge(uf_pairs, tmp_path):
     assert incomplete.returncode == 2 and "not exactly" in incomplete.stderr
 
 
+def test_merge_refuses_a_shard_of_other_columns_or_shard_naming_the_file(uf_pairs, tmp_path):
+    """Shards that read but are not what a --shard run writes (a column gone from the annotations or from the calls
+    table beside them, a provenance whose shard is not i/n: another program's or edited files) ended `perpair
+    annotate merge` in pyarrow's traceback or an IndexError; each is one error naming the file, nothing written."""
+    def rewrite(path, edit_table=lambda t: t, edit_header=lambda h: None):
+        table = pq.read_table(path)
+        metadata = dict(table.schema.metadata)
+        header = json.loads(metadata[b"perpair"])
+        edit_header(header)
+        metadata[b"perpair"] = json.dumps(header).encode()
+        pq.write_table(edit_table(table).replace_schema_metadata(metadata), path)
+
+    shards = [tmp_path / f"shard{i}.parquet" for i in range(2)]
+    damages = {
+        "annotations without category": (shards[1], lambda: rewrite(shards[1], lambda t: t.drop_columns(["category"])),
+                                         "field 'category': required column is missing"),
+        "calls without pair_id": (calls_path(shards[1]),
+                                  lambda: rewrite(calls_path(shards[1]), lambda t: t.drop_columns(["pair_id"])),
+                                  "not a calls table: no column 'pair_id' of string values"),
+        "a shard not i/n": (shards[1], lambda: rewrite(shards[1], edit_header=lambda h: h["provenance"].update(
+            shard="x")), "its provenance's shard 'x' is not i/n"),
+    }
+    for damage, (file, write, said) in damages.items():
+        for i, shard in enumerate(shards):
+            annotate(uf_pairs, shard, "--teacher", "ratings", "--shard", f"{i}/2")
+        write()
+        merged = tmp_path / "merged.parquet"
+        result = run_cli("annotate", "merge", *shards, "-o", merged, check=False)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (damage, result.stderr)
+        assert lines[0].startswith(f"error: file {file}") and said in lines[0], (damage, lines)
+        assert not merged.exists() and not calls_path(merged).exists()
+
+
 def test_invalid_answers_are_reasked_then_recorded_as_failures(uf_pairs, tmp_path):
     def first_invalid(body, request):  # 4 is out of range; the re-ask (more messages) gets a valid answer
         return json.dumps({**VALID, "magnitude": 4}) if len(body["messages"]) <= 2 else json.dumps(VALID)

@@ -207,3 +207,26 @@ def test_a_model_folder_with_a_file_cut_short_is_one_error_naming_the_model(tmp_
             assert lines[0].startswith(f"error: model {model}: Transformers cannot load {problem}"), lines[0]
         assert not (tmp_path / "out" / name / "metrics.jsonl").exists()
         assert not (tmp_path / "out" / name / "model").exists()
+
+
+def test_a_model_config_without_its_model_type_is_one_error_naming_the_model(tmp_path):
+    """A config.json that is JSON but not a model's config (no ``model_type``: another program's file, or one
+    edited) ended `perpair train` in Transformers' ValueError traceback, from the check of its router's loss; now
+    one line naming the model, exit 2."""
+    import json
+
+    from conftest import run_cli, save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", layers=1)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "model_type"}))
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(f'{{"prompt": "q{i}", "chosen": "yes {i}", "rejected": "no"}}\n' for i in range(4)))
+    pairs = tmp_path / "pairs.parquet"
+    run_cli("prepare", rows, "-o", pairs)
+    result = run_cli("train", "--model", model, "--data", pairs, "--out", tmp_path / "out", "--steps", 1,
+                     "--batch-size", 2, "--max-length", 64, check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: model {model}: Transformers cannot load its config (ValueError: "), lines[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -241,6 +241,29 @@ def test_a_reference_cache_that_cannot_be_read_is_named_never_passed_over(tmp_pa
     assert f"{notes}: not a readable Parquet file" in line and "remove it" not in line
 
 
+def test_a_reference_cache_without_its_columns_is_one_error_naming_it(tmp_path):
+    """A cache file of the right kind and key whose columns are not a cache's (edited, or another program's) ended
+    the plan and the reference pass in pyarrow's KeyError traceback; now one error naming the file."""
+    from perpair.errors import InputError
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 2)
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    cache = reference_cache(tmp_path / "cache", pairs, ids, [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2)])
+    table = pq.read_table(cache)
+    pq.write_table(table.drop_columns(["chosen_logps"]).replace_schema_metadata(table.schema.metadata), cache)
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o",
+                            out, check=False))
+    assert line == (f"error: reference log-probs {cache}: no column 'chosen_logps' of double values; remove it, and "
+                    "the next reference pass computes its pairs again")
+    assert not out.exists()
+    with pytest.raises(InputError, match="no column 'chosen_logps'"):
+        reference.load_cached(cache)
+
+
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):
     """``perpair run`` plans reference margins from the log-probs it computes for an arm's training
     (tests/test_run_pipeline.py); a reference-free loss has none, and is refused before any work."""

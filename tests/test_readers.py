@@ -243,3 +243,41 @@ def test_inspect_refuses_a_file_that_is_not_a_pairs_artifact(tmp_path):
     pq.write_table(pa.table({"x": [1]}), tmp_path / "x.parquet")
     result = run_cli("inspect", tmp_path / "x.parquet", check=False)
     assert result.returncode == 2 and "not a perpair artifact" in result.stderr
+
+
+@pytest.mark.parametrize("edit", ["no chosen", "chosen as text", "a null rejected"])
+def test_a_pairs_file_of_other_columns_is_one_error_naming_the_column(uf_pairs, tmp_path, edit):
+    """A file with a pairs header whose columns are not a pairs file's (another program wrote it, or it was edited):
+    `perpair annotate --teacher ratings` annotated one without its responses (exit 0), and training ended in a
+    KeyError or TypeError traceback. Each stage reads pairs through read_pairs, which refuses it naming the column."""
+    table = pq.read_table(uf_pairs)
+    metadata = table.schema.metadata
+    if edit == "no chosen":
+        table = table.drop_columns(["chosen"])
+        said = "no column 'chosen'; a pairs file holds pair_id, prompt, chosen, rejected"
+    elif edit == "chosen as text":
+        table = table.set_column(table.column_names.index("chosen"), "chosen", pa.array(["yes"] * len(table)))
+        said = "field 'chosen': column has type string, a pairs file's is list<"
+    else:
+        rejected = table.column("rejected").to_pylist()
+        table = table.set_column(table.column_names.index("rejected"), "rejected",
+                                 pa.array([None, *rejected[1:]], table.schema.field("rejected").type))
+        said = "field 'rejected': column holds nulls; no pair lacks it"
+    path = tmp_path / "edited.parquet"
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+    result = run_cli("annotate", path, "-o", tmp_path / "ann.parquet", "--teacher", "ratings", check=False)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"error: file {path}") and said in result.stderr, result.stderr
+    assert not (tmp_path / "ann.parquet").exists()
+
+
+@pytest.mark.parametrize("header", [b'{"kind": "pairs"', b"[1]", b'{"kind": "pairs", "schema_version": 1}',
+                                    b'{"kind": "pairs", "schema_version": 1, "provenance": [1]}'])
+def test_a_parquet_file_whose_perpair_metadata_is_not_perpairs_header_is_one_error(tmp_path, header):
+    """Metadata under perpair's key that is no JSON, or JSON of another shape (another program's, or ours edited)
+    ended `perpair inspect` and the other stages in json's traceback, or an AttributeError or KeyError."""
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"perpair": header}), path)
+    result = run_cli("inspect", path, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: file {path}: not a perpair artifact (its 'perpair' metadata is not the header perpair writes)"]

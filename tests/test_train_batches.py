@@ -149,9 +149,11 @@ def test_pairs_whose_prompt_the_template_renders_otherwise_are_counted():
     assert result.tokenized[1].rejected == [1, ord("t"), ord("r")]
 
 
-def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair():
+@pytest.mark.parametrize("template", [None, ""])
+def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair(template):
     """sequence_logps (the preference evaluation) tokenizes with the model's chat template as training does: a
-    tokenizer without one is one error naming the pair (Transformers' ValueError was a traceback)."""
+    tokenizer without one is one error naming the pair (Transformers' ValueError was a traceback), and so is one
+    whose template is empty (a chat_template.jinja of 0 bytes: every conversation was no tokens)."""
     import pyarrow as pa
     from transformers import AutoTokenizer
 
@@ -160,7 +162,7 @@ def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair():
     from perpair.train.logprobs import tokenize_table
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
-    tokenizer.chat_template = None
+    tokenizer.chat_template = template
     table = pa.table({"pair_id": ["p1"], "prompt": [[{"role": "user", "content": "hi"}]],
                       "chosen": [[{"role": "assistant", "content": "yes"}]],
                       "rejected": [[{"role": "assistant", "content": "no"}]]})

@@ -405,7 +405,8 @@ def _edited(plan: Path, out: Path, edit) -> Path:
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     edit(columns)
     rows = len(columns["pair_id"])
-    edited = pa.table({name: pa.array(values, table.schema.field(name).type) for name, values in columns.items()})
+    edited = pa.table({name: values if isinstance(values, pa.Array) else pa.array(values, table.schema.field(name).type)
+                       for name, values in columns.items()})  # (an edit may give a column of its own type)
     pq.write_table(edited.replace_schema_metadata(table.schema.metadata), out)
     assert rows == edited.num_rows
     return out
@@ -429,12 +430,15 @@ def _drop_rows(columns):
     (lambda c: c["order"].__setitem__(1, c["order"][0]), r"field 'order': order \d+ is given to two trained pairs"),
     (lambda c: c.__setitem__("label_smoothing", [0.7] * len(c["pair_id"])),
      r"a trained pair has label_smoothing 0.7; it must be in \[0, 0.5\)"),
+    (lambda c: c.__setitem__("flipped", pa.array(["no"] * len(c["pair_id"]))),
+     r"field 'flipped': column has type string, a plan's is bool \(Failed to parse value: no\)"),
 ])
 def test_a_plan_edited_into_something_else_is_refused_naming_where(tiny_model, uf_pairs, tmp_path, edit, message):
     """plan.parquet is there to be read (and maybe edited): what perpair plan never writes (a route it does not
     know, a pair of another file, a pair twice or not at all, a trained pair without its own position, ε ≥ 0.5) is
     one error naming the plan's row and field. They were trained: 'SFT' as a preference pair, the pairs without a
-    row or position left out, a pair twice, ε 0.7 (the opposite preference); a foreign pair_id was a traceback."""
+    row or position left out, a pair twice, ε 0.7 (the opposite preference), flipped written as text 'no' (every
+    pair flipped: a non-empty string is true); a foreign pair_id was a traceback."""
     plan = _edited(_mixdpo_plan(uf_pairs, tmp_path), tmp_path / "edited.parquet", edit)
     result = _train(tiny_model, uf_pairs, tmp_path / "out", "--plan", plan, "--steps", "1", "--batch-size", "2",
                     "--max-length", "96", check=False)
@@ -1025,6 +1029,73 @@ def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_ex
     assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], abs=1e-6)
 
 
+def test_a_checkpoint_holding_other_values_than_its_runs_is_refused_before_anything_is_restored(tiny_model, uf_pairs,
+                                                                                                tmp_path):
+    """Checkpoint files that read but hold values of another shape: a weight of another shape was broadcast into the
+    model and an integer one cast (exit 0, other weights), optimizer state under other names or none at all skipped
+    (exit 0, fresh moments), state of another shape crashed the process, and a state.json whose scheduler, parameter
+    groups or random states are not a run's ended in a traceback. Each is one error naming the checkpoint."""
+    from safetensors.torch import save_file
+
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "64", "--lr", "1e-3", "--save-every", "1",
+            "--set", "keep_checkpoints=2", "--set", "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    last = out / "checkpoints" / "step-00000002"
+    whole = {name: (last / name).read_bytes() for name in ("state.json", "model.safetensors",
+                                                            "optimizer.safetensors", "rng.safetensors")}
+
+    def state(**values):
+        return lambda: (last / "state.json").write_text(json.dumps({**json.loads(whole["state.json"]), **values}))
+
+    def tensors(file, edit):
+        return lambda: save_file(edit(load_file(last / file)), last / file)
+
+    damages = {
+        "weights of another shape": tensors("model.safetensors", lambda w: {n: v[:1].clone() for n, v in w.items()}),
+        "integer weights": tensors("model.safetensors", lambda w: {n: v.long() for n, v in w.items()}),
+        "optimizer state of other names": tensors("optimizer.safetensors", lambda _: {"x::exp_avg": torch.zeros(2)}),
+        "no optimizer state": tensors("optimizer.safetensors", lambda _: {}),
+        "optimizer state of another shape": tensors("optimizer.safetensors",
+                                                    lambda o: {n: torch.zeros(1) for n in o}),
+        "RNG state not torch's": tensors("rng.safetensors", lambda _: {"torch": torch.zeros(3)}),
+        "a scheduler of another shape": state(scheduler=[]),
+        "another scheduler": state(scheduler={"foo": 1}),
+        "no parameter groups": state(param_groups=[]),
+        "parameter groups of another shape": state(param_groups={"names": []}),
+        "Python's random state not one": state(python_rng=[1, 2]),
+        "NumPy's random state not one": state(numpy_rng=[1]),
+    }
+    for damage, write in damages.items():
+        write()
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (damage, result.stderr[-2000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {last} is damaged or incomplete ("), \
+            (damage, errors)
+        for name, data in whole.items():
+            (last / name).write_bytes(data)
+    _train(tiny_model, uf_pairs, out, *args, "--resume")  # whole again: it resumes
+
+
+def test_resume_refuses_an_out_whose_checkpoints_is_a_file_keeping_the_metrics(tiny_model, uf_pairs, tmp_path):
+    """OUT/checkpoints a file (another program wrote one there) read as no checkpoints: --resume started the run
+    again, emptied its metrics.jsonl, and failed at its first checkpoint, naming a temporary folder. Now refused
+    before any work, naming it; OUT is as it was."""
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "64", "--save-every", "1", "--set",
+            "save_model=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    metrics = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").write_text("not a folder")
+    result = _train(tiny_model, uf_pairs, out, *args, "--resume", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove it, or "
+        "--overwrite to replace the run's outputs"], result.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(tmp_path):
     """A run killed while it appended a step's metrics leaves a torn last line, of a step after any checkpoint:
     --resume drops it with the other lines past its checkpoint. A line that is not metrics before the last is
@@ -1039,6 +1110,22 @@ def test_resume_drops_a_metrics_line_torn_by_the_kill_and_refuses_other_damage(t
     path.write_text(lines[0] + "\n" + "garbage\n" + lines[2] + "\n")
     with pytest.raises(PerpairError, match=f"file {re.escape(str(path))}, line 2: not a line of metrics"):
         truncate_metrics(path, 2)
+
+
+def test_a_run_key_or_metrics_file_that_is_no_text_is_named_not_a_decoding_traceback(tmp_path):
+    """OUT/run.key or OUT/metrics.jsonl overwritten with bytes that are no UTF-8 text (another program's file): the
+    command said only "error: text encoding: 'utf-8' codec can't decode byte 0xff ...", naming no file. A run.key
+    that is no text is no run's key (OUT holds another run: refused, as any other key is); metrics that are no text
+    are refused naming the file."""
+    from perpair.train.checkpoints import held_key, truncate_metrics
+
+    (tmp_path / "run.key").write_bytes(b"\xff\xfe\x00")
+    assert held_key(tmp_path) == "\ufffd\ufffd\x00"
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(json.dumps({"step": 1}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(PerpairError, match=f"^file {re.escape(str(path))}: not a metrics file \\(not UTF-8 text at "
+                                           "byte 12\\)"):
+        truncate_metrics(path, 1)
 
 
 def test_a_kill_while_resume_rewrites_the_metrics_keeps_every_line(tmp_path, monkeypatch):
@@ -1425,6 +1512,19 @@ def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tm
     assert (f"error: {pairs}: pair {first}: the tokenizer's chat template refuses the conversation (system, user): "
             "System role not supported") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_model_whose_chat_template_file_is_empty_is_refused_naming_it(uf_pairs, tmp_path):
+    """A chat_template.jinja of 0 bytes (a copy cut short) gives the tokenizer the template "": every conversation
+    rendered as no tokens, and the run ended in torch's traceback; now one error naming the model, exit 2."""
+    model = save_tiny_llama(tmp_path / "model", layers=1)
+    (model / "chat_template.jinja").write_text("")
+    out = tmp_path / "out"
+    result = _train(model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", check=False)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: model {model}: the tokenizer has no chat template (or an empty one)"), lines
+    assert not (out / "metrics.jsonl").exists()
 
 
 def test_a_moe_router_loss_the_run_would_not_add_is_refused(uf_pairs, tmp_path):

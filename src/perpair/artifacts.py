@@ -189,7 +189,15 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         raise PerpairError(f"file {path}: not a readable Parquet file ({exc})") from None
     if METADATA_KEY not in metadata:
         raise PerpairError(f"file {path}: not a perpair artifact (no '{METADATA_KEY.decode()}' metadata)")
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except ValueError:  # (UnicodeDecodeError too)
+        header = None
+    # another program's metadata under our key, or ours edited: every reader takes the header's fields as written
+    if not isinstance(header, dict) or not isinstance(header.get("provenance"), dict) or "kind" not in header:
+        raise PerpairError(f"file {path}: not a perpair artifact (its '{METADATA_KEY.decode()}' metadata is not the "
+                           "header perpair writes)")
+    return header
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

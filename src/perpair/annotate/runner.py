@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ import pyarrow as pa
 from perpair.annotate.aggregate import aggregate
 from perpair.annotate.cache import AnswerCache, CallRecord
 from perpair.annotate.config import AnnotateConfig
-from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN
+from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN, read_annotations
 from perpair.annotate.teachers import Call, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
 from perpair.artifacts import (
@@ -350,8 +351,17 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     check_output_file(calls_path(target), "the calls table of -o/--output", "ann.parquet")
     aggregated, calls, provenances = [], [], []
     for path in outputs:
-        table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
+        read_annotations(path)  # its columns and values checked (files of others were pyarrow's traceback)
+        table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)  # as written: not cast
         call_table, _ = read_artifact(calls_path(path), kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION)
+        wrong = next((f for f in CALLS_SCHEMA if f not in call_table.schema), None)
+        if wrong is not None:
+            raise InputError(f"not a calls table: no column '{wrong.name}' of {wrong.type} values",
+                             file=str(calls_path(path)))
+        for file, held, first, first_file in ((path, table, aggregated, outputs[0]),
+                                              (calls_path(path), call_table, calls, calls_path(outputs[0]))):
+            if first and not held.schema.remove_metadata().equals(first[0].schema.remove_metadata()):
+                raise InputError(f"its columns differ from those of {first_file}", file=str(file))
         aggregated.append(table)
         calls.append(call_table)
         provenances.append(provenance)
@@ -364,6 +374,9 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     shards = [p.get("shard") for p in provenances]
     if any(s is None for s in shards):
         raise PerpairError("merge joins the outputs of --shard runs; one file is not a shard")
+    for path, shard in zip(outputs, shards, strict=True):
+        if not (isinstance(shard, str) and re.fullmatch(r"\d+/\d+", shard)):
+            raise InputError(f"its provenance's shard {shard!r} is not i/n", file=str(path))
     counts = {int(s.split("/")[1]) for s in shards}
     indexes = sorted(int(s.split("/")[0]) for s in shards)
     if len(counts) != 1 or indexes != list(range(counts.pop())):

@@ -9,14 +9,33 @@ import pyarrow as pa
 
 from perpair.artifacts import read_artifact
 from perpair.data.prepare import PrepareOptions, PrepareResult, prepare
-from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, compute_pair_id
-from perpair.errors import PerpairError
+from perpair.data.schema import ARROW_SCHEMA, KIND, SCHEMA_VERSION, PairRecord, compute_pair_id
+from perpair.errors import InputError, PerpairError
+
+REQUIRED = ("pair_id", "prompt", "chosen", "rejected")  # what the stages read of every pair
 
 
 def read_pairs(path: str) -> tuple[pa.Table, dict]:
     """The pairs table and its provenance; refuses files that are not a pairs artifact of this version, and those
     an earlier perpair wrote with tool descriptions left in ``meta`` (they would be tokenized without them)."""
     table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)
+    # a file with our header and other columns (written by another program, or edited) ended each stage in a
+    # traceback, or was annotated without its responses
+    for field in ARROW_SCHEMA:
+        if field.name not in table.column_names:
+            if field.name in REQUIRED:
+                raise InputError(f"no column '{field.name}'; a pairs file holds {', '.join(REQUIRED)}", file=path)
+            continue
+        held = table.schema.field(field.name).type
+        if held != field.type:  # read as its values say (int32 scores), or refused: text for messages
+            try:
+                column = table.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise InputError(f"column has type {held}, a pairs file's is {field.type}", file=path,
+                                 field=field.name) from None
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+        if field.name in REQUIRED and table.column(field.name).null_count:
+            raise InputError("column holds nulls; no pair lacks it", file=path, field=field.name)
     stale = sum(s.get("notes", {}).get("tools_in_meta_only", {}).get("count", 0)
                 for s in provenance.get("sources", []) if isinstance(s, dict))
     if stale and "tools" not in table.column_names:

@@ -294,6 +294,19 @@ def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     missing = [name for name in ARROW_SCHEMA.names if name not in table.column_names]
     if missing:
         raise InputError(f"plan lacks column(s) {', '.join(missing)}", file=str(plan_path))
+    # a plan edited with other types is read as its values say, or refused: flipped 'no' read as true flipped every
+    # pair, silently, and order as text ended in numpy's traceback
+    for field in ARROW_SCHEMA:
+        try:
+            column = table.column(field.name).cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"column has type {table.column(field.name).type}, a plan's is {field.type} ({exc})",
+                             file=str(plan_path), field=field.name) from None
+        if not field.nullable and column.null_count:
+            raise InputError("column holds nulls; every pair has one", file=str(plan_path), field=field.name)
+        table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+    if not isinstance(provenance.get("schedule", {}), dict):
+        raise InputError("its provenance's schedule is not a mapping", file=str(plan_path))
     return table, provenance
 
 

@@ -98,6 +98,11 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
         if provenance.get("key") != key:
             raise ArtifactMismatch(f"reference log-probs {file}: computed with other settings than {path}; "
                                    "remove it")
+        # (another program's file, or one edited: its values would be read by position, or not at all)
+        wrong = next((f for f in REFERENCE_LOGPS_SCHEMA if f not in table.schema), None)
+        if wrong is not None:
+            raise InputError(f"reference log-probs {file}: no column '{wrong.name}' of {wrong.type} values; remove it, "
+                             "and the next reference pass computes its pairs again")
         cols = [table.column(n).to_pylist() for n in REFERENCE_LOGPS_SCHEMA.names]
         values.update((row[0], tuple(row[1:])) for row in zip(*cols, strict=True))
         left_out.update(provenance.get("left_out", ()))

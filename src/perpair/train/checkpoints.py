@@ -64,6 +64,10 @@ def check_out(config: TrainConfig) -> str:
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
+        # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
+        raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
+                           "it, or --overwrite to replace the run's outputs")
     others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name != STAGE_KEY) \
         if held is None and out.is_dir() else []
     if others:  # nothing claimed it: what is there is the user's, even under our names (a `model` folder)
@@ -86,7 +90,8 @@ def check_out(config: TrainConfig) -> str:
 def held_key(out: Path) -> str | None:
     """The key of the run that claimed ``out`` (its run.key), or None."""
     marker = out / RUN_KEY
-    return marker.read_text().strip() if marker.is_file() else None
+    # (bytes that are no text, a file overwritten by another program's: no run's key, never UTF-8's traceback)
+    return marker.read_bytes().decode(errors="replace").strip() if marker.is_file() else None
 
 
 def trained(out: Path) -> bool:
@@ -331,26 +336,35 @@ def load_checkpoint(out: Path, accelerator, model, optimizer, scheduler, sharded
 
         on_main_process(accelerator, check)
     state, stored, rng = _read_checkpoint(folder, previous, accelerator.process_index, sharded)
+    damaged = _damaged(folder, previous)
+    if not _shaped_as(state["scheduler"], _jsonable(scheduler.state_dict())):
+        raise damaged("state.json's scheduler is not a learning-rate schedule of this run's")
     if sharded:
         _load_shards(folder, state, stored, accelerator, model, optimizer)
     else:
-        _load_weights(folder, state, *stored, model, optimizer)
+        _load_weights(folder, state, *stored, model, optimizer, damaged)
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available() and "cuda0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     random.setstate(_tuples(state["python_rng"]))
-    kind, keys, *rest = state["numpy_rng"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    np.random.set_state(_numpy_state(state["numpy_rng"]))
     return int(state["step"])
 
 
-def _load_weights(folder: Path, state: dict, weights: dict, tensors: dict, model, optimizer) -> None:
+def _numpy_state(saved: list) -> tuple:
+    kind, keys, *rest = saved
+    return kind, np.array(keys, dtype=np.uint32), *rest
+
+
+def _load_weights(folder: Path, state: dict, weights: dict, tensors: dict, model, optimizer,
+                  damaged: Callable[[str], PerpairError]) -> None:
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing or any(n not in params for n in weights):
         raise PerpairError(f"checkpoint {folder} does not match this model (e.g. {(missing or list(weights))[0]}); "
                            "resume with the configuration that wrote it")
+    _check_fits(state, weights, tensors, params, optimizer, damaged)
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -360,6 +374,48 @@ def _load_weights(folder: Path, state: dict, weights: dict, tensors: dict, model
             entries = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
             if entries:
                 optimizer.state[p] = {k: v.to(p.device) for k, v in entries.items()}
+
+
+def _check_fits(state: dict, weights: dict, tensors: dict, params: dict, optimizer,
+                damaged: Callable[[str], PerpairError]) -> None:
+    """Refuse, before anything is restored, weights and optimizer state that would be restored wrong: ``copy_``
+    broadcasts a weight of another shape (and casts an integer one) without a word, optimizer state under names of
+    no parameter was skipped (the run went on with fresh moments), and state of another shape crashed the process.
+    (The run's key matched: the configuration is the one that wrote it, so these are damage.)"""
+    for name, value in weights.items():
+        if value.shape != params[name].shape or not value.is_floating_point():
+            raise damaged(f"model.safetensors holds {name} as {value.dtype} {list(value.shape)}, the model "
+                          f"{params[name].dtype} {list(params[name].shape)}")
+    by_id = {id(p): n for n, p in params.items()}
+    current = [{"names": [by_id[id(p)] for p in group["params"]],
+                **_jsonable({k: v for k, v in group.items() if k != "params"})} for group in optimizer.param_groups]
+    if not _shaped_as(state["param_groups"], current) or any(
+            saved["names"] != group["names"] for saved, group in zip(state["param_groups"], current, strict=True)):
+        raise damaged("state.json's param_groups are not this model's optimizer's")
+    if not tensors and int(state["step"]) > 0:  # AdamW holds moments of every parameter it stepped
+        raise damaged("optimizer.safetensors holds no optimizer state")
+    for key, value in tensors.items():
+        name = key.split("::", 1)[0]
+        if "::" not in key or name not in params or not params[name].requires_grad:
+            raise damaged(f"optimizer.safetensors holds {key!r}, of no parameter this run trains")
+        if (value.dim() and value.shape != params[name].shape) or not value.is_floating_point():
+            raise damaged(f"optimizer.safetensors holds {key!r} as {value.dtype} {list(value.shape)}, the "
+                          f"parameter is {list(params[name].shape)}")
+
+
+def _shaped_as(saved: Any, current: Any) -> bool:
+    """Whether ``saved`` (read from a checkpoint's JSON) has the shape of ``current`` (as :func:`_jsonable` gives
+    it): a mapping holding the keys both have in that shape (other torch versions add or drop some) and those that
+    restoring reads (a schedule's last_epoch, base_lrs and lr_lambdas, a group's names), a list of as many items, a
+    number where it has a number."""
+    if isinstance(current, dict):
+        return isinstance(saved, dict) and all(_shaped_as(saved[k], v) for k, v in current.items() if k in saved) \
+            and all(k in saved for k in ("last_epoch", "base_lrs", "lr_lambdas", "names") if k in current)
+    if isinstance(current, list | tuple):
+        return isinstance(saved, list) and len(saved) == len(current) and all(map(_shaped_as, saved, current))
+    if isinstance(current, int | float) and not isinstance(current, bool):
+        return isinstance(saved, int | float) and not isinstance(saved, bool)
+    return True
 
 
 def _load_shards(folder: Path, state: dict, metadata, accelerator, module, optimizer) -> None:
@@ -403,10 +459,19 @@ def _read_checkpoint(folder: Path, previous: Path | None, process: int, sharded:
         keys = ("step", "param_groups", "scheduler", "python_rng", "numpy_rng")
         if not isinstance(state, dict) or any(k not in state for k in keys) or state["step"] != expected:
             raise damaged(f"state.json is not the state of step {expected}")
+        groups = state["param_groups"]  # (checked against the model's once it is at hand; the shards' read names)
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("names"), list)
+                                                   for g in groups):
+            raise damaged("state.json's param_groups are not an optimizer's")
         if ("shards" in state) != sharded:  # (its files differ: no part of it would be read right)
             how = "under" if "shards" in state else "without"
             raise PerpairError(f"checkpoint {folder} was written by a run {how} FSDP; resume it {how} FSDP, as the "
                                "run that wrote it")
+        try:  # restored last, into the process's generators: tried on generators of their own first
+            random.Random().setstate(_tuples(state["python_rng"]))
+            np.random.RandomState().set_state(_numpy_state(state["numpy_rng"]))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise damaged(f"state.json's random states are not Python's and NumPy's ({exc})") from None
         if sharded:
             stored = _read_shards(folder / SHARDS, state["shards"], damaged)
         else:
@@ -443,6 +508,10 @@ def _read_rng(folder: Path, process: int, damaged: Callable[[str], PerpairError]
         rng = load_file(own if own.exists() else folder / rng_file(0))
     if "torch" not in rng:
         raise damaged("its RNG states lack torch's")
+    try:  # (set on a generator of its own: the process's is set once every file was read)
+        torch.Generator().set_state(rng["torch"])
+    except (TypeError, RuntimeError) as exc:
+        raise damaged(f"{own.name if own.exists() else rng_file(0)} holds no RNG state of torch's ({exc})") from None
     return rng
 
 
@@ -481,7 +550,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     if step == 0 or not path.exists():
         path.write_text("")
         return
-    lines = [line for line in path.read_text().splitlines() if line]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    except UnicodeDecodeError as exc:
+        raise PerpairError(f"file {path}: not a metrics file (not UTF-8 text at byte {exc.start}); it cannot be kept "
+                           f"for the steps up to {step} that --resume continues after") from None
     kept = []
     for number, line in enumerate(lines, 1):
         try:

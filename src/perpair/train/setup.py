@@ -14,7 +14,7 @@ import torch
 
 from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
-from perpair.models import load_causal_lm, resolve_model
+from perpair.models import _refused_by_transformers, load_causal_lm, resolve_model
 from perpair.models import load_tokenizer as load_tokenizer_of
 from perpair.onednn import PROMPT_ROWS, pack_linears, unpack_linears
 from perpair.train import reference
@@ -93,9 +93,9 @@ def check_sharding(config: TrainConfig, distributed_type) -> None:
 
 def load_tokenizer(config: TrainConfig):
     tokenizer = load_tokenizer_of(resolve_model(config.model))
-    if tokenizer.chat_template is None:
-        raise PerpairError(f"model {config.model}: the tokenizer has no chat template; perpair trains on "
-                           "conversations and tokenizes them as TRL does, with the template")
+    if not tokenizer.chat_template:  # (an empty chat_template.jinja gives '': conversations of no tokens)
+        raise PerpairError(f"model {config.model}: the tokenizer has no chat template (or an empty one); perpair "
+                           "trains on conversations and tokenizes them as TRL does, with the template")
     if config.reference_model is not None:
         check_reference_tokenizer(config, tokenizer)
     return tokenizer
@@ -223,7 +223,8 @@ def check_router_loss(config: TrainConfig) -> None:
     perpair's losses do not, so the setting would change nothing."""
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(resolve_model(config.model))
+    with _refused_by_transformers(config.model, "its config"):  # (a config.json without model_type: a ValueError)
+        model_config = AutoConfig.from_pretrained(resolve_model(config.model))
     model_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     coef = getattr(model_config, "router_aux_loss_coef", 0) or 0
     if getattr(model_config, "output_router_logits", False) and coef > 0:

@@ -44,7 +44,7 @@ def _ids(tokenizer: Any, messages: list[dict[str, str]], tools: list[dict] | Non
          generation_prompt: bool = False) -> list[int]:
     from jinja2 import TemplateError
 
-    if hasattr(tokenizer, "chat_template") and tokenizer.chat_template is None:
+    if hasattr(tokenizer, "chat_template") and not tokenizer.chat_template:  # (None, or an empty file's "")
         raise PerpairError("the tokenizer has no chat template; perpair tokenizes conversations with it, as TRL does")
     try:
         # (tools=None is the default; not passed, so a template call without tools is the one it was before)
