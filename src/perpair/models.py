@@ -113,7 +113,7 @@ def load_tokenizer(spec: str):
     in a run of the tests' pipeline). Each caller gets its own copy: one that sets its padding side or pad token
     changes no other's."""
     folder = Path(spec)
-    with _refused_by_transformers(spec, "its tokenizer"):
+    with refused_by_transformers(spec, "its tokenizer"):
         if not folder.is_dir():
             from transformers import AutoTokenizer
 
@@ -143,7 +143,7 @@ def load_causal_lm(path: str, **kwargs: Any):
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with _refused_by_transformers(path, "it"):
+        with refused_by_transformers(path, "it"):
             return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
     finally:
         if bars:
@@ -151,7 +151,7 @@ def load_causal_lm(path: str, **kwargs: Any):
 
 
 @contextlib.contextmanager
-def _refused_by_transformers(spec: str, what: str):
+def refused_by_transformers(spec: str, what: str):
     """What Transformers cannot load from a model's files (a tokenizer.json or weights file cut short, of another
     format, weights that do not match the config, an architecture it does not know) as one error naming the model,
     not the parser's traceback (``json``, ``safetensors``, ``tokenizers``). Its ``OSError`` (a file missing, no

@@ -14,7 +14,7 @@ import torch
 
 from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
-from perpair.models import _refused_by_transformers, load_causal_lm, resolve_model
+from perpair.models import load_causal_lm, refused_by_transformers, resolve_model
 from perpair.models import load_tokenizer as load_tokenizer_of
 from perpair.onednn import PROMPT_ROWS, pack_linears, unpack_linears
 from perpair.train import reference
@@ -223,7 +223,7 @@ def check_router_loss(config: TrainConfig) -> None:
     perpair's losses do not, so the setting would change nothing."""
     from transformers import AutoConfig
 
-    with _refused_by_transformers(config.model, "its config"):  # (a config.json without model_type: a ValueError)
+    with refused_by_transformers(config.model, "its config"):  # (a config.json without model_type: a ValueError)
         model_config = AutoConfig.from_pretrained(resolve_model(config.model))
     model_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     coef = getattr(model_config, "router_aux_loss_coef", 0) or 0
