@@ -200,6 +200,13 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
+def missing_field(table: pa.Table, schema: pa.Schema) -> pa.Field | None:
+    """The first field of ``schema`` that ``table`` lacks, by name and type (None: it has them all): a file of the
+    right kind written by another program, or edited. Nullability and field metadata do not count."""
+    return next((f for f in schema if f.name not in table.schema.names or table.schema.field(f.name).type != f.type),
+                None)
+
+
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file as a table (``columns``: only these top-level columns); a file that cannot be read (corrupt
     pages) or lacks one of ``columns`` is an error naming it, where ``ParquetFile.read`` would leave the column

@@ -34,6 +34,7 @@ from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
 from perpair.artifacts import (
     check_output_file,
     file_sha256,
+    missing_field,
     read_artifact,
     refuse_other_artifact,
     refuse_overwrite,
@@ -354,7 +355,7 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
         read_annotations(path)  # its columns and values checked (files of others were pyarrow's traceback)
         table, provenance = read_artifact(path, kind=KIND, schema_version=SCHEMA_VERSION)  # as written: not cast
         call_table, _ = read_artifact(calls_path(path), kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION)
-        wrong = next((f for f in CALLS_SCHEMA if f not in call_table.schema), None)
+        wrong = missing_field(call_table, CALLS_SCHEMA)
         if wrong is not None:
             raise InputError(f"not a calls table: no column '{wrong.name}' of {wrong.type} values",
                              file=str(calls_path(path)))

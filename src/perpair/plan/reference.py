@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perpair.artifacts import read_artifact, read_header, read_parquet
+from perpair.artifacts import missing_field, read_artifact, read_header, read_parquet
 from perpair.errors import ArtifactMismatch, InputError, PerpairError
 from perpair.plan.difficulty import REFERENCE_LOGPS_SCHEMA, logps_table
 
@@ -99,7 +99,7 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
             raise ArtifactMismatch(f"reference log-probs {file}: computed with other settings than {path}; "
                                    "remove it")
         # (another program's file, or one edited: its values would be read by position, or not at all)
-        wrong = next((f for f in REFERENCE_LOGPS_SCHEMA if f not in table.schema), None)
+        wrong = missing_field(table, REFERENCE_LOGPS_SCHEMA)
         if wrong is not None:
             raise InputError(f"reference log-probs {file}: no column '{wrong.name}' of {wrong.type} values; remove it, "
                              "and the next reference pass computes its pairs again")
