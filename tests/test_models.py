@@ -181,8 +181,9 @@ def test_a_tokenizer_loaded_again_is_a_copy_of_the_folder_as_it_is_now(tmp_path)
 
 def test_a_model_folder_with_a_file_cut_short_is_one_error_naming_the_model(tmp_path):
     """A tokenizer.json or weights file cut short (a copy or download interrupted) ended `perpair train` and
-    `perpair eval preference` in the parser's traceback (json's JSONDecodeError, safetensors' SafetensorError);
-    now one line naming the model, exit 2, and a training's OUT holds nothing trained."""
+    `perpair eval preference` in the parser's traceback (json's JSONDecodeError, safetensors' SafetensorError), and
+    a generation_config.json cut short was passed over for defaults without a word; now one line naming the model
+    or the file, exit 2, and a training's OUT holds nothing trained."""
     import shutil
 
     from conftest import run_cli, save_tiny_llama
@@ -192,11 +193,15 @@ def test_a_model_folder_with_a_file_cut_short_is_one_error_naming_the_model(tmp_
     rows.write_text("".join(f'{{"prompt": "q{i}", "chosen": "yes {i}", "rejected": "no"}}\n' for i in range(4)))
     pairs = tmp_path / "pairs.parquet"
     run_cli("prepare", rows, "-o", pairs)
-    for name, problem in (("tokenizer.json", "its tokenizer (JSONDecodeError: "),
-                          ("model.safetensors", "it (SafetensorError: Error while deserializing header")):
+    cannot = "model {model}: Transformers cannot load"
+    for name, problem in (("tokenizer.json", cannot + " its tokenizer (JSONDecodeError: "),
+                          ("model.safetensors", cannot + " it (SafetensorError: Error while deserializing header"),
+                          ("generation_config.json",  # (from_pretrained took defaults for it, silently)
+                           "It looks like the config file at '{model}/generation_config.json' is not a valid JSON")):
         model = tmp_path / f"cut-{name}"
         shutil.copytree(good, model)
-        (model / name).write_bytes((good / name).read_bytes()[:300])
+        whole = (good / name).read_bytes()
+        (model / name).write_bytes(whole[: len(whole) // 2])
         for command in (("train", "--model", model, "--data", pairs, "--out", tmp_path / "out" / name, "--steps", 1,
                          "--batch-size", 2, "--max-length", 64),
                         ("eval", "preference", "--model", model, "--ref", good, "--data", pairs, "-o",
@@ -204,7 +209,7 @@ def test_a_model_folder_with_a_file_cut_short_is_one_error_naming_the_model(tmp_
             result = run_cli(*command, check=False)
             lines = result.stderr.splitlines()
             assert result.returncode == 2 and len(lines) == 1, result.stderr
-            assert lines[0].startswith(f"error: model {model}: Transformers cannot load {problem}"), lines[0]
+            assert lines[0].startswith("error: " + problem.format(model=model)), lines[0]
         assert not (tmp_path / "out" / name / "metrics.jsonl").exists()
         assert not (tmp_path / "out" / name / "model").exists()
 

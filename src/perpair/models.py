@@ -144,6 +144,12 @@ def load_causal_lm(path: str, **kwargs: Any):
     hf_logging.disable_progress_bar()
     try:
         with refused_by_transformers(path, "it"):
+            if (Path(path) / "generation_config.json").is_file():
+                # read alone, as from_pretrained reads it only to fall back on defaults without a word when it is
+                # cut short (the trained model was saved with them, generation ran with them)
+                from transformers import GenerationConfig
+
+                GenerationConfig.from_pretrained(path)
             return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
     finally:
         if bars:
