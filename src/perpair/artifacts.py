@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 
 METADATA_KEY = b"perpair"
 
@@ -205,6 +205,20 @@ def missing_field(table: pa.Table, schema: pa.Schema) -> pa.Field | None:
     right kind written by another program, or edited. Nullability and field metadata do not count."""
     return next((f for f in schema if f.name not in table.schema.names or table.schema.field(f.name).type != f.type),
                 None)
+
+
+def cast_column(table: pa.Table, field: pa.Field, *, file: str, expected: str) -> pa.Table:
+    """``table`` with its column ``field.name`` read as ``field.type`` (int32 scores as int64, …), or one error naming
+    ``file`` and the field, ``expected`` saying what it should be: values of another kind (text for messages, "no" for
+    a flag) in a file another program wrote, or one edited."""
+    held = table.schema.field(field.name).type
+    if held == field.type:
+        return table
+    try:
+        column = table.column(field.name).cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"column has type {held}, {expected} ({exc})", file=file, field=field.name) from None
+    return table.set_column(table.schema.get_field_index(field.name), field.name, column)
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from perpair.artifacts import read_artifact
+from perpair.artifacts import cast_column, read_artifact
 from perpair.errors import ArtifactMismatch, InputError
 
 KIND = "annotations"
@@ -65,12 +65,7 @@ def read_annotations(path: str | os.PathLike) -> tuple[pa.Table, dict[str, Any]]
     for field in ARROW_SCHEMA:
         if field.name not in table.column_names:
             raise InputError("required column is missing", file=file, field=field.name)
-        try:
-            column = table.column(field.name).cast(field.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise InputError(f"column has type {table.column(field.name).type}, expected {field.type} "
-                             f"({exc})", file=file, field=field.name) from None
-        table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
+        table = cast_column(table, field, file=file, expected=f"expected {field.type}")
     _validate_rows(table, file)
     return table, provenance
 

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from perpair import __version__
 from perpair.annotate.schema import align_to_pairs, read_annotations
-from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.artifacts import cast_column, file_sha256, read_artifact, write_artifact
 from perpair.data import schema as pairs_schema
 from perpair.errors import ArtifactMismatch, InputError
 from perpair.plan import beta as beta_math
@@ -297,14 +297,9 @@ def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     # a plan edited with other types is read as its values say, or refused: flipped 'no' read as true flipped every
     # pair, silently, and order as text ended in numpy's traceback
     for field in ARROW_SCHEMA:
-        try:
-            column = table.column(field.name).cast(field.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise InputError(f"column has type {table.column(field.name).type}, a plan's is {field.type} ({exc})",
-                             file=str(plan_path), field=field.name) from None
-        if not field.nullable and column.null_count:
+        table = cast_column(table, field, file=str(plan_path), expected=f"a plan's is {field.type}")
+        if not field.nullable and table.column(field.name).null_count:
             raise InputError("column holds nulls; every pair has one", file=str(plan_path), field=field.name)
-        table = table.set_column(table.schema.get_field_index(field.name), field.name, column)
     if not isinstance(provenance.get("schedule", {}), dict):
         raise InputError("its provenance's schedule is not a mapping", file=str(plan_path))
     return table, provenance
