@@ -54,18 +54,20 @@ def test_a_model_retrained_at_the_same_path_is_asked_again(uf_pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path):
+@pytest.mark.parametrize("template", ["", " \n"])
+def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path, template):
     """A chat_template.jinja of 0 bytes gives the tokenizer the template "", which the local teacher took for a
-    model without one: it annotated with the plain "User: ..." layout, exit 0. Now one error naming the model."""
+    model without one: it annotated with the plain "User: ..." layout, exit 0; one of whitespace only rendered
+    every prompt as blanks, exit 0. Now one error naming the model and the file."""
     from conftest import save_tiny_llama
 
     folder = save_tiny_llama(tmp_path / "teacher", layers=1)
-    (folder / "chat_template.jinja").write_text("")
+    (folder / "chat_template.jinja").write_text(template)
     out = tmp_path / "ann.parquet"
     result = run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "2", "-o", out, check=False)
     assert result.returncode == 2 and result.stderr.splitlines() == [
-        f"error: teacher local:{folder}: model {folder}: its chat template is empty; restore the model's "
-        "chat_template.jinja"], result.stderr
+        f"error: model {folder}: {folder / 'chat_template.jinja'}: the chat template is empty or only whitespace "
+        "(every conversation would render as blanks); restore the model's chat template"], result.stderr
     assert not out.exists()
 
 

@@ -235,3 +235,30 @@ def test_a_model_config_without_its_model_type_is_one_error_naming_the_model(tmp
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: model {model}: Transformers cannot load its config (ValueError: "), lines[0]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(("name", "blank"), [("chat_template.jinja", ""), ("chat_template.jinja", "  \n"),
+                                             ("tokenizer_config.json", " \n\t")])
+def test_a_blank_chat_template_is_refused_naming_its_file(tmp_path, name, blank):
+    """A chat template of whitespace only (in chat_template.jinja, or in tokenizer_config.json where there is no
+    such file) rendered every conversation as blanks: `perpair train` and `perpair run` ended in a floating point
+    exception, the local teacher annotated blank prompts with exit 0. load_tokenizer, which every command loads a
+    tokenizer with, refuses it as it refuses an empty one, naming the file the template came from."""
+    import json
+
+    from conftest import save_tiny_llama
+    from perpair.errors import PerpairError
+    from perpair.models import load_tokenizer
+
+    folder = save_tiny_llama(tmp_path / "model", layers=1)
+    if name == "tokenizer_config.json":
+        (folder / "chat_template.jinja").unlink()
+        config = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**config, "chat_template": blank}))
+    else:
+        (folder / name).write_text(blank)
+    with pytest.raises(PerpairError) as refused:
+        load_tokenizer(str(folder))
+    assert str(refused.value) == (f"model {folder}: {folder / name}: the chat template is empty or only whitespace "
+                                  "(every conversation would render as blanks); restore the model's chat template")
+

@@ -338,6 +338,18 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny
                                                       "shards)"]
         assert not (tmp_path / "work").exists()
 
+    # a chat template of whitespace only: the run prepared, then died in the reference pass (exit 136)
+    blank = tmp_path / "blank_template"
+    shutil.copytree(tiny, blank)
+    (blank / "chat_template.jinja").write_text("  \n")
+    config["model"] = str(blank)
+    path.write_text(yaml.safe_dump(config))
+    result = run_cli("run", path, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: file {path}: run config, model {blank}: {blank / 'chat_template.jinja'}: the chat template is empty "
+        "or only whitespace (every conversation would render as blanks); restore the model's chat template"]
+    assert not (tmp_path / "work").exists()
+
     # a path that is no folder: named once, as the field it came from
     config["model"] = str(tmp_path / "no_such_model")
     path.write_text(yaml.safe_dump(config))

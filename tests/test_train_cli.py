@@ -1514,16 +1514,19 @@ def test_a_chat_template_refusing_a_conversation_is_one_error_naming_the_pair(tm
     assert "Traceback" not in result.stderr
 
 
-def test_a_model_whose_chat_template_file_is_empty_is_refused_naming_it(uf_pairs, tmp_path):
+@pytest.mark.parametrize("template", ["", "  \n"])
+def test_a_model_whose_chat_template_file_is_empty_is_refused_naming_it(uf_pairs, tmp_path, template):
     """A chat_template.jinja of 0 bytes (a copy cut short) gives the tokenizer the template "": every conversation
-    rendered as no tokens, and the run ended in torch's traceback; now one error naming the model, exit 2."""
+    rendered as no tokens, and the run ended in torch's traceback; one of whitespace only rendered blanks and ended
+    the process in a floating point exception (exit 136). Now one error naming the model and the file, exit 2."""
     model = save_tiny_llama(tmp_path / "model", layers=1)
-    (model / "chat_template.jinja").write_text("")
+    (model / "chat_template.jinja").write_text(template)
     out = tmp_path / "out"
     result = _train(model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "64", check=False)
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: model {model}: the tokenizer has no chat template (or an empty one)"), lines
+    assert lines == [f"error: model {model}: {model / 'chat_template.jinja'}: the chat template is empty or only "
+                     "whitespace (every conversation would render as blanks); restore the model's chat template"]
     assert not (out / "metrics.jsonl").exists()
 
 

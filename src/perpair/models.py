@@ -117,8 +117,26 @@ def load_tokenizer(spec: str):
         if not folder.is_dir():
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(spec)
-        return copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        else:
+            tokenizer = copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
+    _refuse_a_blank_chat_template(spec, folder, tokenizer)
+    return tokenizer
+
+
+def _refuse_a_blank_chat_template(spec: str, folder: Path, tokenizer) -> None:
+    """A chat template that is empty or only whitespace (a chat_template.jinja cut short or blanked) renders every
+    conversation as blanks: refused here, for every stage, naming the file it came from. (None, no template at all,
+    is for each caller to judge: the local teacher then lays a prompt out plainly.)"""
+    templates = getattr(tokenizer, "chat_template", None)
+    named = templates if isinstance(templates, dict) else {"default": templates}
+    for name, template in named.items():
+        if isinstance(template, str) and not template.strip():
+            where = [folder / "chat_template.jinja"] if name == "default" else []
+            where += [folder / "chat_templates" / f"{name}.jinja", folder / "tokenizer_config.json"]
+            source = next((f"{p}: the" for p in where if p.is_file()), "its")  # (a Hub model: no file to name)
+            raise PerpairError(f"model {spec}: {source} chat template is empty or only whitespace (every "
+                               "conversation would render as blanks); restore the model's chat template")
 
 
 @functools.lru_cache(maxsize=8)  # (~8 MB each for a 49k vocabulary)

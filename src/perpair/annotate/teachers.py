@@ -216,12 +216,7 @@ class LocalTeacher:
                 path = resolve_model(self.config.model)
                 dtype = torch.bfloat16 if self.config.dtype == "bfloat16" else torch.float32
                 with _quiet_transformers():
-                    self._tokenizer = load_tokenizer(path)
-                    # a chat_template.jinja of 0 bytes (a copy cut short) is no model without a template: the
-                    # plain layout of one would be used, silently
-                    if self._tokenizer.chat_template == "":
-                        raise PerpairError(f"teacher {self.id}: model {path}: its chat template is empty; restore "
-                                           "the model's chat_template.jinja")
+                    self._tokenizer = load_tokenizer(path)  # (it refuses a blank chat template)
                     self._model = load_causal_lm(path, dtype=dtype)
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,

@@ -262,7 +262,7 @@ def check_model(spec: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PerpairError(f"run config, model: {spec} is not a model that loads (its config.json and tokenizer): "
                            f"{first}") from None
-    if not tokenizer.chat_template:  # (None, or an empty chat_template.jinja's "")
+    if not tokenizer.chat_template:  # (a blank one load_tokenizer refuses, naming its file)
         raise PerpairError(f"run config, model: {spec}: the tokenizer has no chat template; perpair trains on "
                            "conversations")
 

@@ -93,8 +93,8 @@ def check_sharding(config: TrainConfig, distributed_type) -> None:
 
 def load_tokenizer(config: TrainConfig):
     tokenizer = load_tokenizer_of(resolve_model(config.model))
-    if not tokenizer.chat_template:  # (an empty chat_template.jinja gives '': conversations of no tokens)
-        raise PerpairError(f"model {config.model}: the tokenizer has no chat template (or an empty one); perpair "
+    if not tokenizer.chat_template:  # (a blank one load_tokenizer refuses, naming its file)
+        raise PerpairError(f"model {config.model}: the tokenizer has no chat template; perpair "
                            "trains on conversations and tokenizes them as TRL does, with the template")
     if config.reference_model is not None:
         check_reference_tokenizer(config, tokenizer)
