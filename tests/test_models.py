@@ -262,3 +262,43 @@ def test_a_blank_chat_template_is_refused_naming_its_file(tmp_path, name, blank)
     assert str(refused.value) == (f"model {folder}: {folder / name}: the chat template is empty or only whitespace "
                                   "(every conversation would render as blanks); restore the model's chat template")
 
+
+def test_a_tokenizer_config_that_is_a_folder_is_refused_naming_it(tmp_path):
+    """A model folder whose tokenizer_config.json is a folder: Transformers passed it over without a word and
+    `perpair train` ran with exit 0, on a tokenizer without its settings. Now one line naming it, exit 2, before
+    OUT is written."""
+    from conftest import run_cli, save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "model", layers=1)
+    name = "tokenizer_config.json"
+    (model / name).unlink()
+    (model / name).mkdir()
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(f'{{"prompt": "q{i}", "chosen": "yes {i}", "rejected": "no"}}\n' for i in range(4)))
+    pairs = tmp_path / "pairs.parquet"
+    run_cli("prepare", rows, "-o", pairs)
+    out = tmp_path / "out"
+    result = run_cli("train", "--model", model, "--data", pairs, "--out", out, "--steps", 1, "--batch-size", 2,
+                     "--max-length", 64, "--set", f"reference_cache={tmp_path / 'refcache'}", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: model {model}: {model / name} is not a readable file (a folder, or a link to nothing); "
+        "Transformers would load the tokenizer without it"], result.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "special_tokens_map.json", "added_tokens.json"])
+def test_a_tokenizer_file_that_is_a_folder_or_a_dangling_link_is_refused(tmp_path, name):
+    """The other tokenizer files Transformers passes over when they are no file: a chat_template.jinja that is a
+    folder left the tokenizer without a template, and the local teacher then annotated with the plain "User: ..."
+    layout, exit 0."""
+    from conftest import save_tiny_llama
+    from perpair.errors import PerpairError
+    from perpair.models import load_tokenizer
+
+    folder = save_tiny_llama(tmp_path / "model", layers=1)
+    (folder / name).unlink(missing_ok=True)
+    for make in (lambda p: p.mkdir(), lambda p: p.symlink_to(tmp_path / "nothing")):
+        make(folder / name)
+        with pytest.raises(PerpairError, match=f"^model {folder}: {folder / name} is not a readable file"):
+            load_tokenizer(str(folder))
+        (folder / name).rmdir() if (folder / name).is_dir() else (folder / name).unlink()

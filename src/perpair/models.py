@@ -113,6 +113,8 @@ def load_tokenizer(spec: str):
     in a run of the tests' pipeline). Each caller gets its own copy: one that sets its padding side or pad token
     changes no other's."""
     folder = Path(spec)
+    if folder.is_dir():
+        _refuse_tokenizer_files_that_are_none(spec, folder)
     with refused_by_transformers(spec, "its tokenizer"):
         if not folder.is_dir():
             from transformers import AutoTokenizer
@@ -122,6 +124,19 @@ def load_tokenizer(spec: str):
             tokenizer = copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
     _refuse_a_blank_chat_template(spec, folder, tokenizer)
     return tokenizer
+
+
+# A model folder's tokenizer files that Transformers passes over without a word when they are no file (a folder, a
+# link to nothing): the tokenizer then loads without its settings or its chat template.
+TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json")
+
+
+def _refuse_tokenizer_files_that_are_none(spec: str, folder: Path) -> None:
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if not path.is_file() and (path.exists() or path.is_symlink()):
+            raise PerpairError(f"model {spec}: {path} is not a readable file (a folder, or a link to nothing); "
+                               "Transformers would load the tokenizer without it")
 
 
 def _refuse_a_blank_chat_template(spec: str, folder: Path, tokenizer) -> None:
