@@ -1061,6 +1061,8 @@ def test_a_checkpoint_holding_other_values_than_its_runs_is_refused_before_anyth
         "RNG state not torch's": tensors("rng.safetensors", lambda _: {"torch": torch.zeros(3)}),
         "a scheduler of another shape": state(scheduler=[]),
         "another scheduler": state(scheduler={"foo": 1}),
+        "a scheduler between steps": state(scheduler={**json.loads(whole["state.json"])["scheduler"],
+                                                      "last_epoch": 1.5}),
         "no parameter groups": state(param_groups=[]),
         "parameter groups of another shape": state(param_groups={"names": []}),
         "Python's random state not one": state(python_rng=[1, 2]),

@@ -407,14 +407,16 @@ def _shaped_as(saved: Any, current: Any) -> bool:
     """Whether ``saved`` (read from a checkpoint's JSON) has the shape of ``current`` (as :func:`_jsonable` gives
     it): a mapping holding the keys both have in that shape (other torch versions add or drop some) and those that
     restoring reads (a schedule's last_epoch, base_lrs and lr_lambdas, a group's names), a list of as many items, a
-    number where it has a number."""
+    number where it has a number, a whole one where it has an integer (a schedule's last_epoch of 1.5 was restored
+    and stepped on: every later learning rate taken half a step off, exit 0)."""
     if isinstance(current, dict):
         return isinstance(saved, dict) and all(_shaped_as(saved[k], v) for k, v in current.items() if k in saved) \
             and all(k in saved for k in ("last_epoch", "base_lrs", "lr_lambdas", "names") if k in current)
     if isinstance(current, list | tuple):
         return isinstance(saved, list) and len(saved) == len(current) and all(map(_shaped_as, saved, current))
     if isinstance(current, int | float) and not isinstance(current, bool):
-        return isinstance(saved, int | float) and not isinstance(saved, bool)
+        number = int if isinstance(current, int) else int | float
+        return isinstance(saved, number) and not isinstance(saved, bool)
     return True
 
 
