@@ -264,6 +264,33 @@ def test_a_reference_cache_without_its_columns_is_one_error_naming_it(tmp_path):
         reference.load_cached(cache)
 
 
+@pytest.mark.parametrize("left_out", ["p1", 5, None, [1]])
+def test_a_reference_cache_whose_left_out_is_not_a_list_of_ids_is_one_error_naming_it(tmp_path, left_out):
+    """A cache file whose provenance's left_out (the pairs with no value) is not a list of pair ids (edited, or
+    another program's): a number ended the plan and the reference pass in a TypeError traceback, a string was read
+    as its letters, pair ids that a training's reference pass wrote back into the cache, exit 0. Now one error
+    naming the file."""
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 2)
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    cache = reference_cache(tmp_path / "cache", pairs, ids, [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2)])
+    table, provenance = read_artifact(cache, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION)
+    write_artifact(cache, table, kind=reference.KIND, schema_version=reference.SCHEMA_VERSION,
+                   provenance={**provenance, "left_out": left_out})
+    out = tmp_path / "plan.parquet"
+    said = (f"reference log-probs {cache}: its provenance's left_out is not a list of pair ids; remove it, and the "
+            "next reference pass computes its pairs again")
+    result = run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps", cache, "-o", out,
+                     check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == ["error: " + said], result.stderr
+    assert not out.exists()
+    with pytest.raises(InputError, match=re.escape(said)):
+        reference.load_cached(cache)
+
+
 def test_run_refuses_a_reference_margin_for_a_loss_without_reference_at_validation(tmp_path):
     """``perpair run`` plans reference margins from the log-probs it computes for an arm's training
     (tests/test_run_pipeline.py); a reference-free loss has none, and is refused before any work."""

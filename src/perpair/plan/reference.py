@@ -103,9 +103,13 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
         if wrong is not None:
             raise InputError(f"reference log-probs {file}: no column '{wrong.name}' of {wrong.type} values; remove it, "
                              "and the next reference pass computes its pairs again")
+        listed = provenance.get("left_out", [])  # (a string was read as its letters, a number as a traceback)
+        if not isinstance(listed, list) or not all(isinstance(pid, str) for pid in listed):
+            raise InputError(f"reference log-probs {file}: its provenance's left_out is not a list of pair ids; "
+                             "remove it, and the next reference pass computes its pairs again")
         cols = [table.column(n).to_pylist() for n in REFERENCE_LOGPS_SCHEMA.names]
         values.update((row[0], tuple(row[1:])) for row in zip(*cols, strict=True))
-        left_out.update(provenance.get("left_out", ()))
+        left_out.update(listed)
         recorded = recorded and "left_out" in provenance
         found = True
     return values, {"key": key, "left_out": sorted(left_out), "left_out_recorded": recorded} if found else None
