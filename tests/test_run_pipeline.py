@@ -316,6 +316,28 @@ def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tin
     validate(RunConfig.model_validate(allowed))
 
 
+def test_a_workdir_whose_stages_is_no_folder_is_refused_before_any_stage(tmp_path, tiny):
+    from conftest import run_cli
+
+    # WORKDIR/stages a file, or a link to nothing: each stage was taken for unfinished and ran, then its stamp could
+    # not be written (a link to nothing: the prepare stage's work done, then 'File exists', exit 1)
+    config = _config(tmp_path, tiny, annotate=None, eval={"preference": None, "alpaca_eval": None})
+    config["arms"] = {"dpo": {"preset": "dpo"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stages = tmp_path / "work" / "stages"
+    stages.parent.mkdir()
+    for make in (lambda: stages.write_text("not a folder"), lambda: stages.symlink_to(tmp_path / "gone")):
+        make()
+        result = run_cli("run", path, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"error: {stages} is not a folder (perpair run keeps its stage stamps there); move it away or give the "
+            "run another workdir"]
+        assert sorted(p.name for p in stages.parent.iterdir()) == ["stages"]
+        stages.unlink()
+
+
 def test_a_folder_that_is_not_a_model_is_refused_before_any_stage(tmp_path, tiny, monkeypatch):
     from conftest import run_cli  # the command line in this process (its imports done once): the same lines
 

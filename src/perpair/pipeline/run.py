@@ -67,6 +67,7 @@ def run(config: RunConfig, *, from_stage: str | None = None, log: Log = print) -
         log(f"note: workers {config.workers}{given} > {available_cores()} cores: the stages will share cores"
             + ("; leave train.threads out to give each worker its share" if threads else ""))
 
+    job.stamps.check_root()
     with workdir_lock(job.workdir):  # a second run on the same workdir is refused, not mixed in
         # the comparison of the run before goes: if this one fails, no table shows the previous settings' numbers
         # (or an arm that failed now) as this run's; an unchanged re-run writes it again in seconds

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from perpair.artifacts import file_sha256, write_text_atomic
+from perpair.errors import InputError
 
 
 def stage_key(material: dict[str, Any]) -> str:
@@ -38,6 +39,13 @@ class Stamps:
 
     def path(self, name: str) -> Path:
         return self.root / f"{name}.json"
+
+    def check_root(self) -> None:
+        """Refuse ``WORKDIR/stages`` that is there but no folder (a file, a link to nothing): each stage would be
+        taken for unfinished and run, and its stamp then fail to be written, the stage's work done for nothing."""
+        if (self.root.exists() or self.root.is_symlink()) and not self.root.is_dir():
+            raise InputError(f"{self.root} is not a folder (perpair run keeps its stage stamps there); move it away "
+                             "or give the run another workdir")
 
     def check(self, name: str, key: str) -> tuple[dict[str, Any] | None, str]:
         """``(stamp, "")`` if ``name`` was finished with ``key`` and its outputs are unchanged, else
