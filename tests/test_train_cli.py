@@ -1374,6 +1374,27 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
         in result.stderr
 
 
+@pytest.mark.parametrize(("targets", "refused"), [
+    ("[q_proj,typo_proj]", "'typo_proj' matches no module of model"),
+    ("q_proj", "'q_proj' matches no module of model"),
+    ("[q_proj,lm_head]", "'lm_head' is the model's output layer; perpair's log-probs apply its weight directly"),
+    ("[lm_head]", "'lm_head' is the model's output layer"),
+    ("[embed_tokens]", "'model.embed_tokens' is the model's input embedding; an adapter there is not supported")])
+def test_lora_targets_that_would_train_nothing_are_refused_before_the_reference_pass(tiny_model, uf_pairs, tmp_path,
+                                                                                    targets, refused):
+    """A list entry matching no module (a typo beside a real name) was left out by PEFT without a word and the run
+    trained the rest; an adapter on the output layer never trained (perpair's log-probs read the layer's weight, so
+    its lora_B stayed 0 beside q_proj's, or alone the backward failed with a traceback); one on the input embedding
+    ended in an AttributeError traceback; a string that matches nothing was refused only after the reference pass.
+    Each is one error line now, before the reference pass writes anything."""
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--steps", "1", "--batch-size", "2", "--max-length", "96",
+                    "--lora", "--set", "lora.r=4", "--set", f"lora.target_modules={targets}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: lora.target_modules ") and refused in lines[0], lines
+    assert not (tmp_path / "refcache").exists() and not (tmp_path / "out" / "adapter").exists()
+
+
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
     the run with a traceback. The model loads before the adapter is refused: Transformers' "Loading weights" bar
@@ -1383,8 +1404,9 @@ def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, u
                     "lora.target_modules=[nonexistent_proj]", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: lora.target_modules ['nonexistent_proj']: Target modules {'nonexistent_proj'} not found in the base "
-        "model. Please check the target modules and try again."]
+        f"error: lora.target_modules ['nonexistent_proj']: 'nonexistent_proj' matches no module of model {tiny_model} "
+        "(its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj); PEFT would leave it out "
+        "and train the rest without a word"]
     pytest.importorskip("wandb")
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)
