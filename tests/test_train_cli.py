@@ -956,6 +956,33 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
             assert torch.equal(merged[name], weight), f"{name} changed although it has no adapter"
 
 
+def test_an_adapter_names_its_base_by_an_absolute_path_and_merges_to_its_logits(tiny_model, uf_pairs, tmp_path,
+                                                                                monkeypatch):
+    """`--model models/tiny` (a path relative to the working directory) was recorded as such in the adapter's
+    adapter_config.json: PEFT loading the adapter from anywhere else read it as a Hub id and failed. The adapter now
+    names its base by an absolute path, and base + adapter, loaded from another directory by PEFT, gives the merged
+    model's logits."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    monkeypatch.chdir(work)
+    _train(Path("models/tiny"), uf_pairs, Path("runs/lora"), "--steps", "2", "--batch-size", "2", "--max-length",
+           "64", "--lr", "1e-3", "--lora", "--set", "lora.r=4", "--set", "lora.merge=true")
+    config = json.loads((work / "runs" / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(work / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    adapted = AutoPeftModelForCausalLM.from_pretrained(work / "runs" / "lora" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(work / "runs" / "lora" / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = (torch.arange(3, 40) * 7919 % merged.config.vocab_size)[None]
+    with torch.no_grad():
+        logits = adapted(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+        assert (logits - base(input_ids=ids).logits).abs().max() > 1e-4  # the adapter changed something
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
     (("--set", "betas=0.1"), "unknown key 'betas'"),

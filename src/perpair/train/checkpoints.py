@@ -593,6 +593,14 @@ def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict)
             tokenizer.save_pretrained(folder)
         saved["model"] = str(out / "model")
     else:
+        from perpair.models import resolve_model
+
+        base = Path(resolve_model(config.model))
+        if base.is_dir():
+            # PEFT records the path the model was loaded from, as given: a relative one (`--model models/mine`)
+            # named the base only from this working directory, and elsewhere read as a Hub id
+            for adapter in model.peft_config.values():
+                adapter.base_model_name_or_path = str(base.resolve())
         with _in_place(out / "adapter") as folder:
             model.save_pretrained(folder, state_dict=state_dict)
         saved["adapter"] = str(out / "adapter")
