@@ -1422,6 +1422,25 @@ def test_lora_targets_that_would_train_nothing_are_refused_before_the_reference_
     assert not (tmp_path / "refcache").exists() and not (tmp_path / "out" / "adapter").exists()
 
 
+def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pairs, tmp_path):
+    """Under LoRA an MLP with an adapter on any projection runs PEFT's layers, not the recomputing one: with the
+    default all-linear targets `recompute_mlp=true` did nothing (the summary's lean counts showed no
+    mlp_recomputed) without a word. Refused now, before the reference pass; with attention-only adapters the MLPs
+    recompute as asked."""
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "96", "--lora", "--set", "lora.r=4", "--set",
+            "recompute_mlp=true")
+    result = _train(tiny_model, uf_pairs, tmp_path / "all", *args, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: recompute_mlp true does nothing with lora.target_modules all-linear: every MLP has an adapter on a "
+        "projection, and an adapted MLP runs its own layers, which recompute nothing; drop recompute_mlp "
+        "(gradient_checkpointing=true saves memory), or adapt no MLP projection (e.g. [q_proj, k_proj, v_proj, "
+        "o_proj])"]
+    assert not (tmp_path / "refcache").exists()
+    _train(tiny_model, uf_pairs, tmp_path / "attention", *args, "--set", "lora.target_modules=[q_proj,v_proj]")
+    summary = json.loads((tmp_path / "attention" / "summary.json").read_text())
+    assert summary["lean_activations"]["mlp_recomputed"] == 2
+
+
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
     the run with a traceback. The model loads before the adapter is refused: Transformers' "Loading weights" bar
