@@ -1422,6 +1422,22 @@ def test_lora_targets_that_would_train_nothing_are_refused_before_the_reference_
     assert not (tmp_path / "refcache").exists() and not (tmp_path / "out" / "adapter").exists()
 
 
+def test_a_lora_run_resumed_as_another_adapter_or_full_fine_tuning_is_refused(tiny_model, uf_pairs, tmp_path):
+    """A LoRA checkpoint holds the adapter alone: resumed with another rank, other targets or no adapter at all it
+    would restart or mix two runs. Each is refused (the run's key differs), the checkpoints kept; the same
+    settings resume."""
+    out = tmp_path / "lora"
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--save-every", "1")
+    _train(tiny_model, uf_pairs, out, *args, "--lora", "--set", "lora.r=4")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    for other in (("--lora", "--set", "lora.r=8"), ("--lora", "--set", "lora.r=4", "--set",
+                                                    "lora.target_modules=[q_proj,v_proj]"), ()):
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", *other, check=False)
+        assert result.returncode == 2 and "holds another run" in result.stderr, (other, result.stderr[-1000:])
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    _train(tiny_model, uf_pairs, out, *args, "--resume", "--lora", "--set", "lora.r=4")
+
+
 def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pairs, tmp_path):
     """Under LoRA an MLP with an adapter on any projection runs PEFT's layers, not the recomputing one: with the
     default all-linear targets `recompute_mlp=true` did nothing (the summary's lean counts showed no
