@@ -1406,14 +1406,16 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
     ("q_proj", "'q_proj' matches no module of model"),
     ("[q_proj,lm_head]", "'lm_head' is the model's output layer; perpair's log-probs apply its weight directly"),
     ("[lm_head]", "'lm_head' is the model's output layer"),
-    ("[embed_tokens]", "'model.embed_tokens' is the model's input embedding; an adapter there is not supported")])
+    ("[embed_tokens]", "'model.embed_tokens' is the model's input embedding; an adapter there is not supported"),
+    ("[self_attn]", "'model.layers.0.self_attn' is a LlamaAttention, not a layer an adapter goes on")])
 def test_lora_targets_that_would_train_nothing_are_refused_before_the_reference_pass(tiny_model, uf_pairs, tmp_path,
                                                                                     targets, refused):
     """A list entry matching no module (a typo beside a real name) was left out by PEFT without a word and the run
     trained the rest; an adapter on the output layer never trained (perpair's log-probs read the layer's weight, so
     its lora_B stayed 0 beside q_proj's, or alone the backward failed with a traceback); one on the input embedding
-    ended in an AttributeError traceback; a string that matches nothing was refused only after the reference pass.
-    Each is one error line now, before the reference pass writes anything."""
+    ended in an AttributeError traceback; a string that matches nothing, or a module no adapter goes on (an attention
+    block), was refused only after the reference pass. Each is one error line now, before the reference pass writes
+    anything."""
     result = _train(tiny_model, uf_pairs, tmp_path / "out", "--steps", "1", "--batch-size", "2", "--max-length", "96",
                     "--lora", "--set", "lora.r=4", "--set", f"lora.target_modules={targets}", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]

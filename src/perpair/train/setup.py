@@ -323,6 +323,11 @@ def check_lora_targets(config: TrainConfig, model) -> None:
                                    f"{config.model} (its linear layers: {', '.join(linear)}); PEFT would leave it "
                                    "out and train the rest without a word")
         found = set(matched(targets))
+        modules = dict(model.named_modules())
+        adaptable = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        if other := sorted(key for key in found if not isinstance(modules[key], adaptable)):
+            raise PerpairError(f"lora.target_modules {targets}: {other[0]!r} is a {type(modules[other[0]]).__name__}, "
+                               f"not a layer an adapter goes on; name its linear layers ({', '.join(linear)})")
         embedding = model.get_input_embeddings()
         for kind, layer, why in (("output layer", output, "perpair's log-probs apply its weight directly, so an "
                                                           "adapter there would never train"),
