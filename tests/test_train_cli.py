@@ -1440,6 +1440,24 @@ def test_a_lora_run_resumed_as_another_adapter_or_full_fine_tuning_is_refused(ti
     _train(tiny_model, uf_pairs, out, *args, "--resume", "--lora", "--set", "lora.r=4")
 
 
+def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_model, uf_pairs, tmp_path):
+    """`perpair eval` reads OUT/model, which a LoRA run writes only with lora.merge=true. A run finished without it
+    could not get one: `--resume --set lora.merge=true` was refused as another run (merge was part of the run's
+    key), so the adapter had to be trained again. It resumes now, trains nothing and saves the model merged, the
+    same weights as a run merged at its end; the metrics stay those of the run."""
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--lora", "--set", "lora.r=4")
+    _train(tiny_model, uf_pairs, tmp_path / "merged", *args, "--set", "lora.merge=true")
+    out = tmp_path / "later"
+    _train(tiny_model, uf_pairs, out, *args)
+    metrics = (out / "metrics.jsonl").read_text()
+    assert not (out / "model").exists()
+    _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "lora.merge=true")
+    assert (out / "metrics.jsonl").read_text() == metrics
+    a = load_file(tmp_path / "merged" / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pairs, tmp_path):
     """Under LoRA an MLP with an adapter on any projection runs PEFT's layers, not the recomputing one: with the
     default all-linear targets `recompute_mlp=true` did nothing (the summary's lean counts showed no

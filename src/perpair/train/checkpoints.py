@@ -64,6 +64,11 @@ def check_out(config: TrainConfig) -> str:
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
+    if config.lora is not None and held not in (None, key) and held == run_key(config.model_copy(update={
+            "lora": config.lora.model_copy(update={"merge": not config.lora.merge})})):
+        # lora.merge only adds OUT/model when the run saves its adapter: the same run (its key as it was written), so
+        # that `--resume --set lora.merge=true` merges a finished run's adapter instead of refusing it
+        key = held
     if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
         # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
         raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
