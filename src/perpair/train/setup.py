@@ -287,7 +287,8 @@ def _unflip(pair: TokenizedPair) -> TokenizedPair:
 def check_lora_targets(config: TrainConfig, model) -> None:
     """Refuse, before any work, ``lora.target_modules`` that PEFT would take without training what they name: an
     entry of a list that matches no module of the model (PEFT leaves it out without a word when another entry
-    matches), a pattern that matches none, and the model's output layer or input embedding. perpair's log-probs
+    matches), a pattern that matches none, a module no adapter goes on (a block such as ``self_attn``: PEFT refused
+    it only after the reference pass), and the model's output layer or input embedding. perpair's log-probs
     apply the output layer's weight directly (:class:`~perpair.train.logprobs.ChunkedTokenLogps`), so an adapter
     there never took part in the loss: it stayed zero (with other targets) or the run failed in its backward; an
     adapter on the input embedding failed the architecture check with a traceback. And ``recompute_mlp: true``
