@@ -1451,6 +1451,11 @@ def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_mode
     _train(tiny_model, uf_pairs, out, *args)
     metrics = (out / "metrics.jsonl").read_text()
     assert not (out / "model").exists()
+    result = run_cli("eval", "preference", "--model", out / "model", "--ref", tiny_model, "--data", uf_pairs, "-o",
+                     tmp_path / "eval", check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: model {out / 'model'}: no such folder; {out} holds a LoRA adapter alone (adapter/): the same perpair "
+        "train command with --resume --set lora.merge=true saves the merged model there\n")
     _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "lora.merge=true")
     assert (out / "metrics.jsonl").read_text() == metrics
     a = load_file(tmp_path / "merged" / "model" / "model.safetensors")

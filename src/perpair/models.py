@@ -181,6 +181,11 @@ def resolve_model(spec: str) -> str:
     path = Path(spec)
     if path.exists() and not path.is_dir():
         raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
+    if not path.exists() and (path.parent / "adapter" / "adapter_config.json").is_file():
+        # OUT/model of a LoRA run that saved its adapter alone (lora.merge false, the default)
+        raise PerpairError(f"model {spec}: no such folder; {path.parent} holds a LoRA adapter alone (adapter/): "
+                           "the same perpair train command with --resume --set lora.merge=true saves the merged "
+                           "model there")
     if not path.exists() and not _hub_id(spec):
         raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not any(
