@@ -1463,6 +1463,20 @@ def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_mode
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_saved_model_has_its_base_models_config(tiny_model, uf_pairs, tmp_path, lora):
+    """Training turns the model's key/value cache off (`use_cache`), and the model saved to OUT/model (fully
+    trained, or merged from a LoRA adapter) kept `use_cache: false` in its config.json, a setting of training, not
+    of the model: whatever loads it and calls it without saying otherwise got no cache. Its config.json is now the
+    base model's."""
+    out = tmp_path / "out"
+    _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3",
+           *(("--lora", "--set", "lora.r=4", "--set", "lora.merge=true") if lora else ()))
+    base = json.loads((tiny_model / "config.json").read_text())
+    assert base["use_cache"] is True
+    assert json.loads((out / "model" / "config.json").read_text()) == base
+
+
 def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pairs, tmp_path):
     """Under LoRA an MLP with an adapter on any projection runs PEFT's layers, not the recomputing one: with the
     default all-linear targets `recompute_mlp=true` did nothing (the summary's lean counts showed no

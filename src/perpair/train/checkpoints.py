@@ -592,6 +592,9 @@ def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict)
     model = accelerator.unwrap_model(module).model
     out = Path(config.out)
     saved = {}
+    inner = model.get_base_model() if config.lora is not None else model
+    if hasattr(inner, "perpair_use_cache"):  # training turned the key/value cache off: the model's own setting
+        inner.config.use_cache = inner.perpair_use_cache
     if config.lora is None:
         with _in_place(out / "model") as folder:
             model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)

@@ -112,6 +112,7 @@ def load_model(spec: str, accelerator):
         if "does not support an attention implementation" not in str(exc.__cause__):
             raise
         model = load_causal_lm(path, dtype=torch.float32, attn_implementation="eager")
+    model.perpair_use_cache = model.config.use_cache  # the saved model's, put back by checkpoints.save_model
     model.config.use_cache = False
     return model.to(accelerator.device)
 
