@@ -71,7 +71,7 @@ def _args(out: Path, batch: int, max_length: int, lr: float, **options):
                      **{**defaults, **options})
 
 
-def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]:
+def _train(trainer_class, model_dir: Path, args, dataset, trainers: list | None = None, **extra) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,6 +79,8 @@ def _train(trainer_class, model_dir: Path, args, dataset, **extra) -> list[dict]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     trainer = trainer_class(model=model, args=args, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(model_dir), **extra)
+    if trainers is not None:
+        trainers.append(trainer)
     trainer.train()
     return [h for h in trainer.state.log_history if "route/sft_share" in h or "logps/rejected" in h]
 
@@ -130,11 +132,11 @@ def test_perpair_train_and_a_constant_beta_plan_reproduce_stock_trl(small_pairs,
 
 
 def _perpair_train(model: Path, pairs: Path, plan: Path, out: Path, loss: str, batch: int, max_length: int,
-                   lr: float) -> list[dict]:
+                   lr: float, *extra) -> list[dict]:
     run_cli("train", "--model", model, "--data", pairs, "--plan", plan, "--loss", loss, "--steps", STEPS,
             "--batch-size", batch, "--max-length", max_length, "--lr", lr, "--lr-schedule", "constant",
             "--warmup-ratio", 0, "--out", out, "--threads", 1, "--set", f"reference_cache={out / 'cache'}",
-            "--set", "save_model=false")
+            "--set", "save_model=false", *extra)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -164,6 +166,36 @@ def test_sp2dpo_mixdpo_plan_equals_perpair_train(loss, smoothing, small_pairs, t
         if mine["pairs_sft"]:
             assert theirs["loss/sft"] == pytest.approx(mine["loss_sft"], rel=1e-4)
         assert theirs["route/sft_share"] == mine["pairs_sft"] / mine["pairs"]
+
+
+@pytest.mark.slow
+def test_a_peft_lora_adapter_trains_as_perpair_train_lora(small_pairs, tiny_model, tmp_path):
+    """``peft_config`` passes through to TRL: the plan applies to the adapter's training and TRL's reference is the
+    base model with the adapter off (perpair's reference is the initial weights, the adapter a zero update), so
+    three steps of an SP²DPO+MixDPO plan (per-pair β, SFT routes) equal ``perpair train --lora`` with the same
+    adapter (r 4, α 32, all linear layers, the same seed before wrapping), fp32."""
+    from peft import LoraConfig, PeftModel
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": 0.0})
+    batch, max_length, lr = 4, 192, 1e-2
+    ours = _perpair_train(tiny_model, small_pairs, plan, tmp_path / "ours", "sigmoid", batch, max_length, lr,
+                          "--lora", "--set", "lora.r=4", "--set", "lora.alpha=32")
+    peft_config = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainers = []
+    trl_logs = _train(plugin.PerPairDPOTrainer, tiny_model, _args(tmp_path / "trl", batch, max_length, lr),
+                      _dataset(small_pairs), plan=plan, peft_config=peft_config, trainers=trainers)
+    assert isinstance(trainers[0].model, PeftModel) and trainers[0].ref_model is None
+    assert any(0 < m["pairs_sft"] < m["pairs"] for m in ours) and ours[-1]["reward_margin"] != 0
+    assert len(trl_logs) == len(ours) == STEPS
+    for mine, theirs in zip(ours, trl_logs, strict=True):
+        assert theirs["loss"] == pytest.approx(mine["loss"], rel=1e-4)
+        assert theirs["logps/chosen"] == pytest.approx(mine["logps_chosen"], rel=1e-3)
+        assert theirs["rewards/margins"] == pytest.approx(mine["reward_margin"], rel=1e-3, abs=1e-6)
+        assert theirs["loss/sft"] == pytest.approx(mine["loss_sft"], rel=1e-4)
+    trained = [n for n, p in trainers[0].model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)  # the base stays frozen
+    assert any(p.abs().max() > 0 for n, p in trainers[0].model.named_parameters() if "lora_B" in n)
 
 
 def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):

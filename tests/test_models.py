@@ -88,12 +88,17 @@ def test_a_lora_adapter_folder_is_refused_as_a_model(tmp_path):
     rows.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     pairs = tmp_path / "pairs.parquet"
     run_cli("prepare", rows, "-o", pairs)
-    result = run_cli("eval", "preference", "--model", adapter, "--ref", adapter, "--data", pairs, "-o",
-                     tmp_path / "out", check=False)
-    assert result.returncode == 2 and result.stderr == (
-        f"error: model {adapter}: a LoRA adapter (adapter_config.json), not a whole model; give the model with the "
-        "adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)\n")
-    assert not (tmp_path / "out").exists()
+    for extra in ((), ("config.json", "tokenizer.json")):
+        # saved with its base's config.json and tokenizer (as some trainers save an adapter): it passed as a model
+        # and failed in Transformers ("no file named model.safetensors"), not named as an adapter
+        for name in extra:
+            (adapter / name).write_text("{}")
+        result = run_cli("eval", "preference", "--model", adapter, "--ref", adapter, "--data", pairs, "-o",
+                         tmp_path / "out", check=False)
+        assert result.returncode == 2 and result.stderr == (
+            f"error: model {adapter}: a LoRA adapter (adapter_config.json), not a whole model; give the model with "
+            "the adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)\n"), extra
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, monkeypatch):

@@ -269,7 +269,15 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
     cut_difficulty = _config(tmp_path, tiny)
     (tmp_path / "cut.csv").write_text((AE / "instruction_difficulty_reconstructed.csv").read_text()[:2000] + ",")
     cut_difficulty["eval"]["alpaca_eval"]["difficulty"] = str(tmp_path / "cut.csv")
+    # LoRA target modules that would train nothing: refused when the arm trained (after annotation), or never
+    arm_targets = _config(tmp_path, tiny)
+    arm_targets["arms"]["dpo"]["train"] = {"lora": {"target_modules": ["q_proj", "typo_proj"]}}
+    shared_targets = _config(tmp_path, tiny, train={**_config(tmp_path, tiny)["train"],
+                                                     "lora": {"target_modules": ["lm_head"]}})
     for config, words in ((bad_lr, "arms.dpo.train.lr: Input should be greater than 0"),
+                          (arm_targets, "arms.dpo.train: lora.target_modules ['q_proj', 'typo_proj']: 'typo_proj' "
+                                        "matches no module of model"),
+                          (shared_targets, "train: lora.target_modules ['lm_head']: 'lm_head' is the model's output"),
                           (no_annotations, "arms.sp2dpo: preset sp2dpo needs"), (bad_schedule, "arms.mixdpo"),
                           (shared_beta, "train.beta: every arm trains with its plan"),
                           (arm_smoothing, "arms.dpo.train.label_smoothing: every arm trains with its plan"),

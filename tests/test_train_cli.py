@@ -956,6 +956,33 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
             assert torch.equal(merged[name], weight), f"{name} changed although it has no adapter"
 
 
+def test_an_adapter_names_its_base_by_an_absolute_path_and_merges_to_its_logits(tiny_model, uf_pairs, tmp_path,
+                                                                                monkeypatch):
+    """`--model models/tiny` (a path relative to the working directory) was recorded as such in the adapter's
+    adapter_config.json: PEFT loading the adapter from anywhere else read it as a Hub id and failed. The adapter now
+    names its base by an absolute path, and base + adapter, loaded from another directory by PEFT, gives the merged
+    model's logits."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    monkeypatch.chdir(work)
+    _train(Path("models/tiny"), uf_pairs, Path("runs/lora"), "--steps", "2", "--batch-size", "2", "--max-length",
+           "64", "--lr", "1e-3", "--lora", "--set", "lora.r=4", "--set", "lora.merge=true")
+    config = json.loads((work / "runs" / "lora" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(work / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    adapted = AutoPeftModelForCausalLM.from_pretrained(work / "runs" / "lora" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(work / "runs" / "lora" / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = (torch.arange(3, 40) * 7919 % merged.config.vocab_size)[None]
+    with torch.no_grad():
+        logits = adapted(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+        assert (logits - base(input_ids=ids).logits).abs().max() > 1e-4  # the adapter changed something
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (("--loss", "ipo", "--set", "label_smoothing=0.1"), "label_smoothing 0.1 has no meaning for loss 'ipo'"),
     (("--set", "betas=0.1"), "unknown key 'betas'"),
@@ -1376,6 +1403,101 @@ def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs
         in result.stderr
 
 
+@pytest.mark.parametrize(("targets", "refused"), [
+    ("[q_proj,typo_proj]", "'typo_proj' matches no module of model"),
+    ("q_proj", "'q_proj' matches no module of model"),
+    ("[q_proj,lm_head]", "'lm_head' is the model's output layer; perpair's log-probs apply its weight directly"),
+    ("[lm_head]", "'lm_head' is the model's output layer"),
+    ("[embed_tokens]", "'model.embed_tokens' is the model's input embedding; an adapter there is not supported"),
+    ("[self_attn]", "'model.layers.0.self_attn' is a LlamaAttention, not a layer an adapter goes on")])
+def test_lora_targets_that_would_train_nothing_are_refused_before_the_reference_pass(tiny_model, uf_pairs, tmp_path,
+                                                                                    targets, refused):
+    """A list entry matching no module (a typo beside a real name) was left out by PEFT without a word and the run
+    trained the rest; an adapter on the output layer never trained (perpair's log-probs read the layer's weight, so
+    its lora_B stayed 0 beside q_proj's, or alone the backward failed with a traceback); one on the input embedding
+    ended in an AttributeError traceback; a string that matches nothing, or a module no adapter goes on (an attention
+    block), was refused only after the reference pass. Each is one error line now, before the reference pass writes
+    anything."""
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--steps", "1", "--batch-size", "2", "--max-length", "96",
+                    "--lora", "--set", "lora.r=4", "--set", f"lora.target_modules={targets}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: lora.target_modules ") and refused in lines[0], lines
+    assert not (tmp_path / "refcache").exists() and not (tmp_path / "out" / "adapter").exists()
+
+
+def test_a_lora_run_resumed_as_another_adapter_or_full_fine_tuning_is_refused(tiny_model, uf_pairs, tmp_path):
+    """A LoRA checkpoint holds the adapter alone: resumed with another rank, other targets or no adapter at all it
+    would restart or mix two runs. Each is refused (the run's key differs), the checkpoints kept; the same
+    settings resume."""
+    out = tmp_path / "lora"
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--save-every", "1")
+    _train(tiny_model, uf_pairs, out, *args, "--lora", "--set", "lora.r=4")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    for other in (("--lora", "--set", "lora.r=8"), ("--lora", "--set", "lora.r=4", "--set",
+                                                    "lora.target_modules=[q_proj,v_proj]"), ()):
+        result = _train(tiny_model, uf_pairs, out, *args, "--resume", *other, check=False)
+        assert result.returncode == 2 and "holds another run" in result.stderr, (other, result.stderr[-1000:])
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    _train(tiny_model, uf_pairs, out, *args, "--resume", "--lora", "--set", "lora.r=4")
+
+
+def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_model, uf_pairs, tmp_path):
+    """`perpair eval` reads OUT/model, which a LoRA run writes only with lora.merge=true. A run finished without it
+    could not get one: `--resume --set lora.merge=true` was refused as another run (merge was part of the run's
+    key), so the adapter had to be trained again. It resumes now, trains nothing and saves the model merged, the
+    same weights as a run merged at its end; the metrics stay those of the run."""
+    args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--lora", "--set", "lora.r=4")
+    _train(tiny_model, uf_pairs, tmp_path / "merged", *args, "--set", "lora.merge=true")
+    out = tmp_path / "later"
+    _train(tiny_model, uf_pairs, out, *args)
+    metrics = (out / "metrics.jsonl").read_text()
+    assert not (out / "model").exists()
+    result = run_cli("eval", "preference", "--model", out / "model", "--ref", tiny_model, "--data", uf_pairs, "-o",
+                     tmp_path / "eval", check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: model {out / 'model'}: no such folder; {out} holds a LoRA adapter alone (adapter/): the same perpair "
+        "train command with --resume --set lora.merge=true saves the merged model there\n")
+    _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "lora.merge=true")
+    assert (out / "metrics.jsonl").read_text() == metrics
+    a = load_file(tmp_path / "merged" / "model" / "model.safetensors")
+    b = load_file(out / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_saved_model_has_its_base_models_config(tiny_model, uf_pairs, tmp_path, lora):
+    """Training turns the model's key/value cache off (`use_cache`), and the model saved to OUT/model (fully
+    trained, or merged from a LoRA adapter) kept `use_cache: false` in its config.json, a setting of training, not
+    of the model: whatever loads it and calls it without saying otherwise got no cache. Its config.json is now the
+    base model's."""
+    out = tmp_path / "out"
+    _train(tiny_model, uf_pairs, out, "--steps", "1", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3",
+           *(("--lora", "--set", "lora.r=4", "--set", "lora.merge=true") if lora else ()))
+    base = json.loads((tiny_model / "config.json").read_text())
+    assert base["use_cache"] is True
+    assert json.loads((out / "model" / "config.json").read_text()) == base
+
+
+def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pairs, tmp_path):
+    """Under LoRA an MLP with an adapter on any projection runs PEFT's layers, not the recomputing one: with the
+    default all-linear targets `recompute_mlp=true` did nothing (the summary's lean counts showed no
+    mlp_recomputed) without a word. Refused now, before the reference pass; with attention-only adapters the MLPs
+    recompute as asked."""
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "96", "--lora", "--set", "lora.r=4", "--set",
+            "recompute_mlp=true")
+    result = _train(tiny_model, uf_pairs, tmp_path / "all", *args, check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: recompute_mlp true does nothing with lora.target_modules all-linear: every MLP has an adapter on a "
+        "projection, and an adapted MLP runs its own layers, which recompute nothing; drop recompute_mlp "
+        "(gradient_checkpointing=true saves memory), or adapt no MLP projection (e.g. [q_proj, k_proj, v_proj, "
+        "o_proj])"]
+    assert not (tmp_path / "refcache").exists()
+    _train(tiny_model, uf_pairs, tmp_path / "attention", *args, "--set", "lora.target_modules=[q_proj,v_proj]")
+    summary = json.loads((tmp_path / "attention" / "summary.json").read_text())
+    assert summary["lean_activations"]["mlp_recomputed"] == 2
+
+
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
     the run with a traceback. The model loads before the adapter is refused: Transformers' "Loading weights" bar
@@ -1385,8 +1507,9 @@ def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, u
                     "lora.target_modules=[nonexistent_proj]", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: lora.target_modules ['nonexistent_proj']: Target modules {'nonexistent_proj'} not found in the base "
-        "model. Please check the target modules and try again."]
+        f"error: lora.target_modules ['nonexistent_proj']: 'nonexistent_proj' matches no module of model {tiny_model} "
+        "(its linear layers: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj); PEFT would leave it out "
+        "and train the rest without a word"]
     pytest.importorskip("wandb")
     for name in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(name, raising=False)

@@ -28,6 +28,9 @@ def test_yaml_then_overrides(tmp_path):
     ({"warmup_ratio": 1.0}, "warmup_ratio"),
     ({"tokens_per_forward": 10, "max_length": 512}, "tokens_per_forward"),
     ({"lora": {"rank": 4}}, "lora.rank"),
+    # PEFT refused no target only after the reference pass
+    ({"lora": {"target_modules": []}}, "lora.target_modules: no module named"),
+    ({"lora": {"target_modules": ""}}, "lora.target_modules: no module named"),
 ])
 def test_impossible_combinations_are_refused_at_load_time(update, message):
     with pytest.raises(PerpairError, match=message):

@@ -214,11 +214,19 @@ def resolve_model(spec: str) -> str:
     path = Path(spec)
     if path.exists() and not path.is_dir():
         raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
+    if not path.exists() and (path.parent / "adapter" / "adapter_config.json").is_file():
+        # OUT/model of a LoRA run that saved its adapter alone (lora.merge false, the default)
+        raise PerpairError(f"model {spec}: no such folder; {path.parent} holds a LoRA adapter alone (adapter/): "
+                           "the same perpair train command with --resume --set lora.merge=true saves the merged "
+                           "model there")
     if not path.exists() and not _hub_id(spec):
         raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not any(
+            p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("adapter_model") for p in path.iterdir()):
         # perpair train --lora saves OUT/adapter: no tokenizer, and its base model is only named in it (a model
-        # keyed by these files would not see that base change); the merged model is a whole one
+        # keyed by these files would not see that base change); the merged model is a whole one. A config.json
+        # beside the adapter (a tokenizer and config saved with it) makes it no whole model either: Transformers
+        # then looks for the model's weights there and fails
         raise PerpairError(f"model {spec}: a LoRA adapter (adapter_config.json), not a whole model; give the model "
                            "with the adapter merged in (perpair train --set lora.merge=true saves it to OUT/model)")
     if path.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json")

@@ -179,11 +179,39 @@ def validate(config: RunConfig) -> Settings:
         except PerpairError as exc:
             raise fail(f"data.sources[{i}]", exc) from None
     check_model(config.model)
+    _check_lora_targets(config, train_configs, fail)
     _check_other_models_and_files(config, annotate, fail)
     return Settings(prepare, annotate, schedules, train, train_configs)
 
 
 EVAL_FILES = ("reference", "judge_prompt", "difficulty", "glm_weights")  # eval.alpaca_eval's files
+
+
+def _check_lora_targets(config: RunConfig, train_configs: dict[str, Any],
+                        fail: Callable[[str, Exception], Exception]) -> None:
+    """The arms' LoRA target modules against the model's modules (built from its config, without weights), as
+    ``perpair train`` checks them: before any stage, not when the arm trains."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from perpair.models import resolve_model
+    from perpair.train.setup import check_lora_targets
+
+    arms = {name: arm for name, arm in train_configs.items() if arm.lora is not None}
+    if not arms:
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(config.model)))
+    except (ValueError, KeyError, TypeError, OSError):  # no causal LM Transformers builds: the arm's training says so
+        return
+    for name, arm in arms.items():
+        try:
+            check_lora_targets(arm, skeleton)
+        except PerpairError as exc:
+            own = config.arms[name].train  # named where the setting it refuses comes from
+            mine = "recompute_mlp" in own or "target_modules" in (own.get("lora") or {})
+            raise fail(f"arms.{name}.train" if mine else "train", exc) from None
 
 
 def _check_other_models_and_files(config: RunConfig, annotate: Any,

@@ -64,6 +64,11 @@ def check_out(config: TrainConfig) -> str:
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
+    if config.lora is not None and held not in (None, key) and held == run_key(config.model_copy(update={
+            "lora": config.lora.model_copy(update={"merge": not config.lora.merge})})):
+        # lora.merge only adds OUT/model when the run saves its adapter: the same run (its key as it was written), so
+        # that `--resume --set lora.merge=true` merges a finished run's adapter instead of refusing it
+        key = held
     if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
         # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
         raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
@@ -589,12 +594,23 @@ def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict)
     model = accelerator.unwrap_model(module).model
     out = Path(config.out)
     saved = {}
+    inner = model.get_base_model() if config.lora is not None else model
+    if hasattr(inner, "perpair_use_cache"):  # training turned the key/value cache off: the model's own setting
+        inner.config.use_cache = inner.perpair_use_cache
     if config.lora is None:
         with _in_place(out / "model") as folder:
             model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(folder)
         saved["model"] = str(out / "model")
     else:
+        from perpair.models import resolve_model
+
+        base = Path(resolve_model(config.model))
+        if base.is_dir():
+            # PEFT records the path the model was loaded from, as given: a relative one (`--model models/mine`)
+            # named the base only from this working directory, and elsewhere read as a Hub id
+            for adapter in model.peft_config.values():
+                adapter.base_model_name_or_path = str(base.resolve())
         with _in_place(out / "adapter") as folder:
             model.save_pretrained(folder, state_dict=state_dict)
         saved["adapter"] = str(out / "adapter")

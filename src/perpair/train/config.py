@@ -31,6 +31,13 @@ class LoraConfig(NumbersNotBools):
     target_modules: list[str] | str = Field("all-linear", description="Modules that get an adapter.")
     merge: bool = Field(False, description="Also save the base model with the adapter merged in.")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_target(cls, value: list[str] | str) -> list[str] | str:
+        if not value:  # (PEFT refused it only after the reference pass)
+            raise ValueError("no module named; 'all-linear' (the default) adapts every linear layer")
+        return value
+
 
 # tokens_per_forward's default, × max_length: twice one pair's most. benchmarks/RESULTS.md, "How the defaults were
 # chosen" (batch 2, max length 512): at 4 × every step is one forward and the peak 0.2 GiB lower than one pair per

@@ -56,6 +56,7 @@ from perpair.train.losses import ROUTE_PREFERENCE, Logps, LossParams, routed_los
 from perpair.train.processes import let_collectives_finish, on_main_process
 from perpair.train.reference import RunReference
 from perpair.train.setup import (
+    check_lora_targets,
     check_router_loss,
     check_sequence_lengths,
     compute_reference,
@@ -128,6 +129,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
 
     model = load_model(config.model, accelerator)
     check_sequence_lengths(model, data, batches)  # one its sliding window or RoPE cannot take: refused before any work
+    check_lora_targets(config, model)  # names that match nothing, or layers an adapter would not train: likewise
     reference_seconds = time.perf_counter()
     reference = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference,
                                   from_first_step=not (config.resume and checkpoints(out)))

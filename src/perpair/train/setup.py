@@ -112,6 +112,7 @@ def load_model(spec: str, accelerator):
         if "does not support an attention implementation" not in str(exc.__cause__):
             raise
         model = load_causal_lm(path, dtype=torch.float32, attn_implementation="eager")
+    model.perpair_use_cache = model.config.use_cache  # the saved model's, put back by checkpoints.save_model
     model.config.use_cache = False
     return model.to(accelerator.device)
 
@@ -282,6 +283,71 @@ def _dropout_rates(model, config: TrainConfig) -> list[float]:
 
 def _unflip(pair: TokenizedPair) -> TokenizedPair:
     return TokenizedPair(pair.prompt, pair.rejected, pair.chosen)
+
+
+def check_lora_targets(config: TrainConfig, model) -> None:
+    """Refuse, before any work, ``lora.target_modules`` that PEFT would take without training what they name: an
+    entry of a list that matches no module of the model (PEFT leaves it out without a word when another entry
+    matches), a pattern that matches none, a module no adapter goes on (a block such as ``self_attn``: PEFT refused
+    it only after the reference pass), and the model's output layer or input embedding. perpair's log-probs
+    apply the output layer's weight directly (:class:`~perpair.train.logprobs.ChunkedTokenLogps`), so an adapter
+    there never took part in the loss: it stayed zero (with other targets) or the run failed in its backward; an
+    adapter on the input embedding failed the architecture check with a traceback. And ``recompute_mlp: true``
+    where every MLP carries an adapter (``all-linear``), which recomputes nothing."""
+    if config.lora is None:
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
+
+    targets = config.lora.target_modules
+    output = model.get_output_embeddings()
+    linear_keys = [key for key, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear | Conv1D) and module is not output]
+    linear = sorted({key.rsplit(".", 1)[-1] for key in linear_keys})
+    keys = [name for name, _ in model.named_modules() if name]
+
+    def matched(target: str | list[str]) -> list[str]:
+        spec = LoraConfig(target_modules=target)
+        return [key for key in keys if check_target_module_exists(spec, key)]
+
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # PEFT's: every linear layer but the output
+        found = set(linear_keys)
+    else:
+        if isinstance(targets, str) and not matched(targets):  # (PEFT refuses it too, but after the reference pass)
+            raise PerpairError(f"lora.target_modules {targets!r} matches no module of model {config.model}: a string "
+                               "is a regular expression over each module's whole name (model.layers.0.self_attn."
+                               "q_proj), a list names modules by the last part of their names; its linear layers: "
+                               f"{', '.join(linear)}")
+        for target in [] if isinstance(targets, str) else targets:
+            if not matched([target]):
+                raise PerpairError(f"lora.target_modules {targets}: {target!r} matches no module of model "
+                                   f"{config.model} (its linear layers: {', '.join(linear)}); PEFT would leave it "
+                                   "out and train the rest without a word")
+        found = set(matched(targets))
+        modules = dict(model.named_modules())
+        adaptable = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        if other := sorted(key for key in found if not isinstance(modules[key], adaptable)):
+            raise PerpairError(f"lora.target_modules {targets}: {other[0]!r} is a {type(modules[other[0]]).__name__}, "
+                               f"not a layer an adapter goes on; name its linear layers ({', '.join(linear)})")
+        embedding = model.get_input_embeddings()
+        for kind, layer, why in (("output layer", output, "perpair's log-probs apply its weight directly, so an "
+                                                          "adapter there would never train"),
+                                 ("input embedding", embedding, "an adapter there is not supported")):
+            name = next((key for key, module in model.named_modules() if module is layer), None)
+            if name in found:
+                raise PerpairError(f"lora.target_modules {targets}: {name!r} is the model's {kind}; {why}. Adapt "
+                                   f"the layers inside the model ({', '.join(linear)}; 'all-linear' takes them all)")
+    # recompute_mlp true: an MLP recomputes only with none of its projections adapted (lean.py's _mlp_kind)
+    projections = ("gate_proj", "up_proj", "down_proj")
+    mlps = [key for key, module in model.named_modules()
+            if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in projections)]
+    if config.recompute_mlp and config.lean_activations and mlps and \
+            all(any(f"{key}.{n}" in found for n in projections) for key in mlps):
+        raise PerpairError(f"recompute_mlp true does nothing with lora.target_modules {targets}: every MLP has an "
+                           "adapter on a projection, and an adapted MLP runs its own layers, which recompute "
+                           "nothing; drop recompute_mlp (gradient_checkpointing=true saves memory), or adapt no MLP "
+                           "projection (e.g. [q_proj, k_proj, v_proj, o_proj])")
 
 
 def prepare_policy(config: TrainConfig, model, single_process: bool = True):
