@@ -433,9 +433,17 @@ class _Job:
 
     def _train_options(self, keys: dict[str, Any], arm: str, pairs: Path) -> dict[str, Any]:
         """``keys`` and what the run sets itself, but the plan, the steps and the output folder."""
-        return {**keys, "model": self.config.model, "data": str(pairs),
-                "reference_cache": str(self.workdir / "reference"),
-                "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
+        from perpair.train import TrainConfig
+        from perpair.train.losses import objective
+
+        options = {**keys, "model": self.config.model, "data": str(pairs)}
+        # each only where training reads it (a setting that would go unread is refused by the train config)
+        if not objective(keys.get("loss") or TrainConfig.model_fields["loss"].default,
+                         keys.get("loss_weights")).reference_free:
+            options["reference_cache"] = str(self.workdir / "reference")
+        if keys.get("report_to"):
+            options["run_name"] = keys.get("run_name") or arm  # trackers: one dashboard run per arm
+        return options
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         out = self.workdir / "arms" / arm / "train"

@@ -201,8 +201,10 @@ class TrainConfig(NumbersNotBools):
             raise ValueError(f"f_divergence_type {self.f_divergence_type} only applies to "
                              f"{', '.join(n for n, s in LOSSES.items() if s.f_divergence)} (the losses built on "
                              f"the chosen − rejected score, where log Z(x) cancels), not to {spec.name!r}")
-        if self.reference_model is not None and spec.reference_free:
-            raise ValueError(f"loss {spec.name!r} is reference-free; drop reference_model")
+        if spec.reference_free:  # no reference pass runs: a reference model or cache would go unread
+            unread = [name for name in ("reference_model", "reference_cache") if getattr(self, name) is not None]
+            if unread:
+                raise ValueError(f"loss {spec.name!r} is reference-free; drop {' and '.join(unread)}")
         if self.use_weighting and spec.batch_level:
             raise ValueError(f"use_weighting cannot weight {spec.name!r}: it sorts the batch, so its terms belong "
                              "to no single pair")
@@ -246,6 +248,11 @@ class TrainConfig(NumbersNotBools):
             if unused:
                 raise ValueError(f"loss 'sft' trains each chosen response's length-normalised NLL and would ignore "
                                  f"{' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
+        named = ["project"] * ("project" in self.model_fields_set) + ["run_name"] * (self.run_name is not None)
+        if named and not self.report_to:  # read only when a tracker starts
+            raise ValueError(f"{' and '.join(named)} name{'s' if len(named) == 1 else ''} the run on a tracker's "
+                             f"dashboard, and report_to names no tracker; drop {'it' if len(named) == 1 else 'them'}"
+                             ", or add report_to")
         if self.lora is not None and self.lora.merge and not self.save_model:
             raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
         if self.recompute_mlp is not None and not self.lean_activations:
@@ -365,6 +372,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PerpairError(f"override {key}: {part} is not a section")
+    if parts[-1] in node:  # as a key written twice in a YAML mapping: one of the two would go unread
+        raise PerpairError(f"override {key}: given twice (--set); keep one")
     node[parts[-1]] = value
 
 
