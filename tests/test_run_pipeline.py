@@ -586,6 +586,36 @@ def test_an_arm_whose_loss_takes_epsilon_from_its_plan_gets_its_reference_pass(t
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
 
 
+def test_a_reference_free_arm_without_a_tracker_trains(tmp_path, tiny, monkeypatch):
+    """The run set every arm's reference_cache and run_name, which train now refuses where they would go unread
+    (a loss without a reference, no report_to): a SimPO arm without a tracker gets neither, and trains."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"simpo": {"preset": "dpo", "train": {"loss": "simpo"}}},
+                    eval={"preference": None, "alpaca_eval": None})
+    result, _ = _run(config)
+    assert "train.simpo" in result.ran
+    summary = json.loads((tmp_path / "work" / "arms" / "simpo" / "train" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["reference_pairs"] == 0
+
+
+def test_an_arm_schedule_key_that_would_change_nothing_is_refused_before_prepare(tmp_path, tiny):
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    for arm, changes, message in (
+            ({"preset": "dpo", "schedule": {"curriculum": {"buckets": 2}}}, {},
+             r"arms\.a: curriculum\.buckets is read by curriculum\.kind bucketed only"),
+            ({"preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}, {"annotate": None},
+             r"arms\.a\.schedule\.mislabeled\.action acts on the pairs the annotations call mislabeled, and the "
+             "run annotates none")):
+        config = _config(tmp_path, tiny, arms={"a": arm}, **changes)
+        with pytest.raises(PerpairError, match=message):
+            validate(RunConfig.model_validate(config))
+    validate(RunConfig.model_validate(_config(tmp_path, tiny, arms={"a": {
+        "preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}})))  # annotated: read
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error

@@ -158,6 +158,10 @@ def validate(config: RunConfig) -> Settings:
         if needs and annotate is None:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
                                "'annotate' section")
+        if annotate is None and (given := sorted(schedules[name].mislabeled.model_fields_set)):
+            raise PerpairError(f"run config, arms.{name}.schedule.mislabeled.{given[0]} acts on the pairs the "
+                               "annotations call mislabeled, and the run annotates none: add an 'annotate' section, "
+                               "or drop it")
         keys = config.arm_train(name)
         try:
             arm_config = TrainConfig.model_validate({**placeholders, **{k: v for k, v in keys.items()

@@ -122,6 +122,10 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     if beta_cfg.kind != "global" and annotations_path is None:
         raise InputError(f"beta.kind {beta_cfg.kind!r} derives β from annotations: pass --annotations",
                          field="beta.kind")
+    if annotations_path is None and (given := sorted(schedule.mislabeled.model_fields_set)):
+        # without annotations no pair is called mislabeled: the setting would change nothing
+        raise InputError(f"mislabeled.{given[0]} acts on the pairs the annotations call mislabeled, and there are "
+                         "no annotations: pass --annotations, or drop it", field=f"mislabeled.{given[0]}")
 
     # --- mislabeled pairs ------------------------------------------------------------------------
     mislabeled = annotated & (category == "mislabeled")
