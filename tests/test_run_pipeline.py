@@ -616,6 +616,18 @@ def test_an_arm_schedule_key_that_would_change_nothing_is_refused_before_prepare
         "preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}})))  # annotated: read
 
 
+def test_an_annotate_seed_the_ratings_teacher_would_not_read_is_refused(tmp_path, tiny):
+    """The run's annotate section passed its default seed as set: the rule on a seed the ratings teacher alone
+    does not read holds for a seed the config gives, and only for it."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    validate(RunConfig.model_validate(_config(tmp_path, tiny)))  # ratings, no seed given
+    with pytest.raises(PerpairError, match="^run config, annotate: .*seed orders the two responses a teacher model"):
+        validate(RunConfig.model_validate(_config(tmp_path, tiny, annotate={"teachers": ["ratings"], "seed": 1})))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error

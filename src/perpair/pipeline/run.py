@@ -129,7 +129,7 @@ def validate(config: RunConfig) -> Settings:
         raise fail("data", exc) from None
     annotate = None
     if config.annotate is not None:
-        section = config.annotate.model_dump()
+        section = config.annotate.model_dump(exclude_unset=True)  # a default is not a setting (a seed with no reader)
         try:
             section["teachers"] = [parse_teacher_spec(t) if isinstance(t, str) else t for t in section["teachers"]]
             annotate = AnnotateConfig.model_validate(section)
