@@ -83,6 +83,26 @@ def test_output_naming_an_input_is_refused(uf_pairs, ratings_annotations, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.parquet", "pairs.parquet"]
 
 
+def test_a_schedule_key_the_schedule_would_not_read_is_one_error(uf_pairs, tmp_path):
+    """perpair plan --preset dpo with a schedule setting a per-pair β's spread, and --json or --no-report with
+    --explain alone (no plan written, no summary, no report): each was accepted and changed nothing."""
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("beta:\n  beta_min: 0.01\n")
+    result = run_cli("plan", uf_pairs, "--preset", "dpo", "--config", schedule, "-o", tmp_path / "p.parquet",
+                     check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: file {schedule}: beta.beta_min shapes the per-pair β of beta.kind semantic or random, and this "
+        "schedule's beta.kind is global (one β for every pair): it would change nothing; drop it, or set beta.kind"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule.yaml"]
+    pair_id = pq.read_table(uf_pairs, columns=["pair_id"]).column("pair_id")[0].as_py()
+    for options, named in ((["--json"], "--json applies"), (["--no-report"], "--no-report applies"),
+                           (["--json", "--no-report"], "--json and --no-report apply")):
+        result = run_cli("plan", uf_pairs, "--preset", "dpo", "--explain", pair_id, *options, check=False)
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: {named} to the plan -o writes, and only --explain is asked for: drop it, or give -o")
+    assert run_cli("plan", uf_pairs, "--preset", "dpo", "--explain", pair_id).returncode == 0
+
+
 def reference_cache(folder, pairs_path, pair_ids, values, model="tiny"):
     from perpair.train import reference
 
