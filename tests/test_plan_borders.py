@@ -556,6 +556,32 @@ def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
     assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
 
 
+def test_a_beta_of_the_schedule_file_that_would_change_nothing_is_refused(tmp_path):
+    """The same global β written in the schedule file (beta.beta) beside normalise off, every pair annotated: the
+    file's β reached no pair, exit 0. Refused naming the file and key; --beta given, the file's is not the user's
+    last word (--beta wins), and --beta's own refusal stands."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    schedule = tmp_path / "raw.yaml"
+    schedule.write_text("beta: {normalise: false, beta: 0.05}\n")
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "-o", out, check=False))
+    assert line == (f"error: file {schedule}, field 'beta.beta': beta.beta 0.05 would change nothing: beta.normalise "
+                    "is off, so every preference pair takes its β from its annotation (between beta.beta_min 0.025 "
+                    "and beta.beta_max 0.4); drop it, or set beta.normalise: true to rescale them to it")
+    assert not out.exists()
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "--beta", "0.07", "-o", out, check=False))
+    assert line.startswith("error: --beta 0.07 would change nothing")
+    partial = tmp_path / "partial.parquet"  # a pair falls back to it: read
+    write_annotations(partial, pairs, ids[:1], ["safety"], [3.0], [0.9])
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "-o", out)
+    assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
+
+
 def test_a_bad_option_is_named_as_the_option(tmp_path):
     """`--preset bogus` said "field 'preset': unknown preset", `--beta -1` "field '--beta'" and a missing
     `--reference-logps` "file X, field '--reference-logps'": options are named as the options they are, with

@@ -22,7 +22,7 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from perpair.config_files import NumbersNotBools, format_validation_error, load_yaml
 from perpair.errors import InputError
@@ -128,6 +128,18 @@ class Schedule(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5,
                                    description="cDPO ε on preference-routed pairs (MixDPO: 0.1)")
     seed: int = Field(0, ge=0, description="seeds the random β control and the shuffled curricula")
+    # where the user set beta.beta (a schedule file, or "" for overrides: a run arm's schedule), None where the
+    # preset or --beta did: a plan in which that global β acts on no pair refuses it (build_plan)
+    _beta_given_in: str | None = PrivateAttr(None)
+
+    @property
+    def beta_given_in(self) -> str | None:
+        return self._beta_given_in
+
+    def __eq__(self, other: object) -> bool:  # the settings alone: where beta.beta was given is no setting
+        return isinstance(other, Schedule) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, as pydantic's models are)
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
@@ -211,6 +223,8 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     for keys, where in given:
         if problem := unread_setting(schedule, keys):
             raise InputError(problem, file=where)
+        if beta is None and isinstance(keys.get("beta"), dict) and "beta" in keys["beta"]:
+            schedule._beta_given_in = where or ""
     return schedule
 
 
