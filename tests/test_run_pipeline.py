@@ -616,6 +616,26 @@ def test_an_arm_schedule_key_that_would_change_nothing_is_refused_before_prepare
         "preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}})))  # annotated: read
 
 
+def test_release_cpu_memory_the_arms_would_not_read_is_refused_before_any_stage(tmp_path, tiny, monkeypatch):
+    """Set in a run config where the arms train under tcmalloc (the perpair command's allocator where installed,
+    which the workers share), it changed nothing; refused at validation, as train refuses it."""
+    import torch
+
+    import perpair.train.setup as setup
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    config = _config(tmp_path, tiny, train={"release_cpu_memory": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU arms, on any machine
+    monkeypatch.setattr(setup, "active_allocator", lambda: "tcmalloc")
+    with pytest.raises(PerpairError, match=r"^run config, arms\.dpo\.train: release_cpu_memory applies to a training "
+                                           "on a CPU under glibc's malloc .* under tcmalloc"):
+        validate(RunConfig.model_validate(config))
+    monkeypatch.setattr(setup, "active_allocator", lambda: None)
+    validate(RunConfig.model_validate(config))
+
+
 def test_an_annotate_seed_the_ratings_teacher_would_not_read_is_refused(tmp_path, tiny):
     """The run's annotate section passed its default seed as set: the rule on a seed the ratings teacher alone
     does not read holds for a seed the config gives, and only for it."""

@@ -323,6 +323,7 @@ def test_release_cpu_memory_set_where_nothing_reads_it_is_refused(tmp_path, monk
 
     base = {"model": "m", "data": "d.parquet", "out": str(tmp_path / "out"), "steps": 1}
     monkeypatch.setattr(setup, "active_allocator", lambda: "tcmalloc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, on any machine
     try:
         for value in (True, False):
             with pytest.raises(PerpairError, match=r"^release_cpu_memory applies to a training on a CPU under "

@@ -114,6 +114,7 @@ def validate(config: RunConfig) -> Settings:
     from perpair.data.sources import resolve_source
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
+    from perpair.train.setup import unread_release_cpu_memory
 
     command_line = config._source[2] if config._source is not None else None
 
@@ -170,6 +171,11 @@ def validate(config: RunConfig) -> Settings:
                             f"preset {arm.preset}")
         except (ValidationError, PerpairError) as exc:
             raise fail(f"arms.{name}.train", exc) from None
+        # the device and allocator the arm will train with are this process's: checked now, not after annotation
+        import torch
+
+        if problem := unread_release_cpu_memory(arm_config, "cuda" if torch.cuda.is_available() else "cpu"):
+            raise PerpairError(f"run config, arms.{name}.train: {problem}")
         if schedules[name].margin.source == "reference" and arm_config.objective.reference_free:
             raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "
                                f"the run computes for the arm's training, and loss {arm_config.loss!r} uses no "
