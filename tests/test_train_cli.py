@@ -975,6 +975,18 @@ def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, me
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_a_warm_up_of_every_step_of_one_epoch_is_refused(tiny_model, uf_pairs, tmp_path):
+    """Without --steps the steps are known once the pairs are tokenized: a warm-up covering all of them (the
+    learning rate never reaching --lr, the schedule's decay never starting) is refused then, before any step."""
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--batch-size", "4", "--max-length", "96",
+                    "--warmup-ratio", "0.999", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: warmup_ratio 0.999 warms up for all (\d+) steps .* lower warmup_ratio \(the steps "
+                        r"of one epoch\)", line), line
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_path):
     """A pairs file whose footer reads but whose pages do not (it used to say only "error: ZSTD decompression
     failed: ...", naming nothing), a read asking for a column the file lacks (``ParquetFile.read`` would leave it

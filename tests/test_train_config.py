@@ -133,6 +133,10 @@ def test_lr_schedule_shapes():
     ({"loss": "sft", "reference_model": "r", "reference_cache": "refs"},
      "reference-free; drop reference_model and reference_cache$"),
     ({"project": "mine"}, "project names the run on a tracker's dashboard, and report_to names no tracker"),
+    # a warm-up of every step: lr never reached, lr_schedule never read (one step: trained at learning rate 0)
+    ({"steps": 1, "warmup_ratio": 0.1}, r"warmup_ratio 0.1 warms up for all 1 steps .*step 1 trains at 0, the only "
+                                        "step\\) and lr_schedule linear would never start"),
+    ({"steps": 10, "warmup_ratio": 0.95, "lr_schedule": "cosine"}, "warms up for all 10 steps"),
     ({"run_name": "mine", "project": "p"}, "project and run_name name the run .* drop them"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
@@ -161,6 +165,8 @@ def test_the_rules_accept_their_allowed_neighbours():
     load_config(None, {**BASE, "loss": "sigmoid", "reference_cache": "refs"})
     load_config(None, {**BASE, "loss": ["simpo", "sigmoid"], "reference_cache": "refs"})
     load_config(None, {**BASE, "run_name": None})  # unset, as perpair run leaves it without a tracker
+    load_config(None, {**BASE, "steps": 10, "warmup_ratio": 0.9})  # 9 steps warm up, the 10th at lr
+    load_config(None, {**BASE, "steps": 1, "warmup_ratio": 0.0})
 
 
 def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):

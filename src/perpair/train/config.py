@@ -261,6 +261,8 @@ class TrainConfig(NumbersNotBools):
         if self.objective.batch_level and self.tokens_per_forward is not None:
             raise ValueError(f"tokens_per_forward would be ignored: loss {self.objective.name!r} sorts across the "
                              "step, so the step's pairs always share one forward; drop it")
+        if self.steps is not None and (problem := self.warmup_problem(self.steps)):
+            raise ValueError(problem)
         if self.steps is not None and self.save_every >= self.steps and not self.final_checkpoint:
             raise ValueError(f"save_every {self.save_every} ≥ steps {self.steps} with final_checkpoint false: the "
                              "run would write no checkpoint; lower save_every or set final_checkpoint true")
@@ -275,6 +277,18 @@ class TrainConfig(NumbersNotBools):
         if problem:
             raise ValueError(problem)
         return self
+
+    def warmup_problem(self, steps: int) -> str | None:
+        """Why ``warmup_ratio`` over ``steps`` steps leaves the schedule unread (None: it does not): a warm-up of
+        every step never reaches ``lr`` (step 1 trains at 0; a run of one step, at 0 alone), and the decay of
+        ``lr_schedule`` never starts."""
+        warmup = math.ceil(self.warmup_ratio * steps)
+        if not self.warmup_ratio or warmup < steps:
+            return None
+        return (f"warmup_ratio {self.warmup_ratio:g} warms up for all {steps} steps (⌈{self.warmup_ratio:g} × "
+                f"{steps}⌉, as Transformers counts them): the learning rate would never reach lr (step 1 trains at 0"
+                f"{', the only step' if steps == 1 else ''}) and lr_schedule {self.lr_schedule} would never start; "
+                "lower warmup_ratio")
 
     @property
     def warmup_steps(self) -> int:
