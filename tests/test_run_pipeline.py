@@ -612,6 +612,11 @@ def test_an_arm_schedule_key_that_would_change_nothing_is_refused_before_prepare
         config = _config(tmp_path, tiny, arms={"a": arm}, **changes)
         with pytest.raises(PerpairError, match=message):
             validate(RunConfig.model_validate(config))
+    # the arm's beta and its schedule's beta.beta: the first won, the second unread
+    config = _config(tmp_path, tiny, arms={"a": {"preset": "dpo", "beta": 0.2, "schedule": {"beta": {"beta": 0.3}}}})
+    with pytest.raises(PerpairError, match=r"^run config, arms\.a: beta and schedule\.beta\.beta both set the "
+                                           "plan's global β, and beta would win unseen; keep one$"):
+        validate(RunConfig.model_validate(config))
     validate(RunConfig.model_validate(_config(tmp_path, tiny, arms={"a": {
         "preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}})))  # annotated: read
 

@@ -151,6 +151,9 @@ def validate(config: RunConfig) -> Settings:
         raise fail("train", exc) from None
     schedules, train, train_configs = {}, {}, {}
     for name, arm in config.arms.items():
+        if arm.beta is not None and isinstance(arm.schedule.get("beta"), dict) and "beta" in arm.schedule["beta"]:
+            raise PerpairError(f"run config, arms.{name}: beta and schedule.beta.beta both set the plan's global β, "
+                               "and beta would win unseen; keep one")
         try:
             schedules[name] = resolve_schedule(arm.preset, None, arm.beta, arm.schedule)
         except PerpairError as exc:
