@@ -249,3 +249,21 @@ def test_teacher_specs_and_config(tmp_path):
             load_config(yaml_file)
     with pytest.raises(PerpairError, match="no teacher"):
         load_config(None)
+
+
+def test_settings_that_would_change_no_annotation_are_refused(tmp_path):
+    """A seed with the ratings teacher alone (it reads the data's scores, no responses in an order) and a weight on
+    the only teacher (it weighs votes against other teachers'): each was accepted and changed nothing."""
+    with pytest.raises(PerpairError, match=r"^invalid annotate settings: seed orders the two responses a teacher "
+                                           r"model reads, and the ratings teacher reads none .*; drop it$"):
+        load_config(None, teachers=["ratings"], seed=3)
+    yaml_file = tmp_path / "a.yaml"
+    yaml_file.write_text("teachers:\n  - kind: local\n    model: smollm2\n    weight: 2\n")
+    with pytest.raises(PerpairError, match=f"^file {yaml_file}: invalid annotate settings: teachers.0.weight weighs "
+                                           "a teacher's votes against the other teachers', and this run has one"):
+        load_config(yaml_file)
+    # read: a seed where a model reads the responses, a weight beside another teacher
+    assert load_config(None, teachers=["ratings", "local:smollm2"], seed=3).seed == 3
+    yaml_file.write_text("seed: 2\nteachers:\n  - kind: local\n    model: smollm2\n    weight: 2\n  - kind: ratings\n")
+    assert load_config(yaml_file).teachers[0].weight == 2
+    assert load_config(None, teachers=["ratings"]).seed == 0

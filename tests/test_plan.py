@@ -143,6 +143,52 @@ def test_semantic_schedule_needs_annotations(files):
         build_plan(pairs, None, resolve_schedule("sp2dpo"))
 
 
+@pytest.mark.parametrize(("preset", "values", "message"), [
+    # each was accepted, and the plan was the same as without it
+    ("dpo", {"beta": {"beta_min": 0.01}}, "beta.beta_min shapes the per-pair β .* beta.kind is global"),
+    ("mixdpo", {"beta": {"priors": {"style": 0.1}}}, "beta.priors shapes the per-pair β"),
+    ("dpo", {"beta": {"normalise": False}}, "beta.normalise shapes the per-pair β"),
+    ("dpo", {"mislabeled": {"threshold": 0.5}}, "mislabeled.threshold would change nothing: mislabeled.action "
+                                                "beta_max moves a pair's β, and beta.kind global"),
+    ("dpo", {"routing": {"action": "drop"}}, "routing.action says what routing.tau or routing.quantile do"),
+    ("mixdpo", {"curriculum": {"buckets": 3}}, "curriculum.buckets is read by curriculum.kind bucketed only, not "
+                                               "'easy_to_hard'"),
+    ("mixdpo", {"seed": 1}, "seed draws beta.kind random's β and curriculum.kind random's or bucketed's order"),
+    ("sp2dpo", {"seed": 1}, r"seed draws .* \(beta.kind semantic, curriculum.kind none\)"),
+])
+def test_a_schedule_key_that_would_change_nothing_is_refused(tmp_path, preset, values, message):
+    config = _config(tmp_path, values)
+    with pytest.raises(InputError, match=f"^file {config}: {message}"):
+        resolve_schedule(preset, config)
+
+
+def test_the_same_keys_where_they_are_read_are_accepted(tmp_path):
+    """Each refused key in a schedule that reads it; and a preset's own key left unread by the file's change is
+    not the user's (MixDPO's routing.action with routing.tau: null)."""
+    for preset, values in (("sp2dpo", {"beta": {"beta_min": 0.01, "priors": {"style": 0.1}, "normalise": False}}),
+                           ("sp2dpo", {"mislabeled": {"threshold": 0.5}}),
+                           ("dpo", {"mislabeled": {"action": "flip", "threshold": 0.5}}),
+                           ("mixdpo", {"routing": {"action": "drop"}}),
+                           ("mixdpo", {"routing": {"tau": None}}),
+                           ("mixdpo", {"curriculum": {"kind": "bucketed", "buckets": 3}}),
+                           ("mixdpo", {"curriculum": {"kind": "random"}, "seed": 1}),
+                           ("sp2dpo-random", {"seed": 1})):
+        resolve_schedule(preset, _config(tmp_path, values))
+    # a perpair run arm's schedule keys are checked as a file's are
+    with pytest.raises(InputError, match="^curriculum.buckets is read by curriculum.kind bucketed only"):
+        resolve_schedule("dpo", None, None, {"curriculum": {"buckets": 2}})
+
+
+def test_mislabeled_settings_without_annotations_are_refused(files, tmp_path):
+    """No annotations, no pair called mislabeled: mislabeled.action flip changed nothing, without a word."""
+    pairs, _, _ = files
+    schedule = resolve_schedule("dpo", _config(tmp_path, {"mislabeled": {"action": "flip"}}))
+    with pytest.raises(InputError, match="field 'mislabeled.action': mislabeled.action acts on the pairs the "
+                                         "annotations call mislabeled, and there are no annotations"):
+        build_plan(pairs, None, schedule)
+    build_plan(pairs, None, resolve_schedule("dpo"))
+
+
 # --- mislabeled pairs ----------------------------------------------------------------------------------
 
 @pytest.fixture()
@@ -284,7 +330,7 @@ def test_curriculum_depends_only_on_content(files, tmp_path, kind):
                                   source=row["source"], source_row=row["source_row"], meta=row["meta"],
                                   score_chosen=scores[i][0], score_rejected=scores[i][1]))
     write_artifact(shuffled, records_to_table(records), kind="pairs", schema_version=1, provenance={})
-    config = _config(tmp_path, {"curriculum": {"kind": kind, "buckets": 3}})
+    config = _config(tmp_path, {"curriculum": {"kind": kind, **({"buckets": 3} if kind == "bucketed" else {})}})
     schedule = resolve_schedule("mixdpo", config)
     a = build_plan(pairs, None, schedule)
     b = build_plan(shuffled, None, schedule)
@@ -387,10 +433,10 @@ def test_presets_resolve_and_overrides_apply_in_order(tmp_path):
             mix.label_smoothing, mix.curriculum.kind) == ("global", 0.01, "ratings", 0.5, "sft", 0.1,
                                                           "easy_to_hard")
     config = _config(tmp_path, {"beta": {"beta": 0.05, "priors": {"style": 0.5}}, "seed": 3})
-    schedule = resolve_schedule("sp2dpo", config)
+    schedule = resolve_schedule("sp2dpo-random", config)
     assert (schedule.beta.kind, schedule.beta.beta, schedule.beta.priors.style, schedule.beta.priors.safety,
-            schedule.seed) == ("semantic", 0.05, 0.5, 1.0, 3)
-    assert resolve_schedule("sp2dpo", config, beta=0.2).beta.beta == 0.2  # the CLI's --beta wins
+            schedule.seed) == ("random", 0.05, 0.5, 1.0, 3)
+    assert resolve_schedule("sp2dpo-random", config, beta=0.2).beta.beta == 0.2  # the CLI's --beta wins
 
 
 @pytest.mark.parametrize(("values", "key", "message"), [

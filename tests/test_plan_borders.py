@@ -83,6 +83,26 @@ def test_output_naming_an_input_is_refused(uf_pairs, ratings_annotations, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ann.parquet", "pairs.parquet"]
 
 
+def test_a_schedule_key_the_schedule_would_not_read_is_one_error(uf_pairs, tmp_path):
+    """perpair plan --preset dpo with a schedule setting a per-pair β's spread, and --json or --no-report with
+    --explain alone (no plan written, no summary, no report): each was accepted and changed nothing."""
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("beta:\n  beta_min: 0.01\n")
+    result = run_cli("plan", uf_pairs, "--preset", "dpo", "--config", schedule, "-o", tmp_path / "p.parquet",
+                     check=False)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: file {schedule}: beta.beta_min shapes the per-pair β of beta.kind semantic or random, and this "
+        "schedule's beta.kind is global (one β for every pair): it would change nothing; drop it, or set beta.kind"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule.yaml"]
+    pair_id = pq.read_table(uf_pairs, columns=["pair_id"]).column("pair_id")[0].as_py()
+    for options, named in ((["--json"], "--json applies"), (["--no-report"], "--no-report applies"),
+                           (["--json", "--no-report"], "--json and --no-report apply")):
+        result = run_cli("plan", uf_pairs, "--preset", "dpo", "--explain", pair_id, *options, check=False)
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: {named} to the plan -o writes, and only --explain is asked for: drop it, or give -o")
+    assert run_cli("plan", uf_pairs, "--preset", "dpo", "--explain", pair_id).returncode == 0
+
+
 def reference_cache(folder, pairs_path, pair_ids, values, model="tiny"):
     from perpair.train import reference
 
@@ -560,6 +580,32 @@ def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
     write_annotations(partial, pairs, ids[:1], ["safety"], [3.0], [0.9])
     run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "--beta", "0.05",
             "-o", out)
+    assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
+
+
+def test_a_beta_of_the_schedule_file_that_would_change_nothing_is_refused(tmp_path):
+    """The same global β written in the schedule file (beta.beta) beside normalise off, every pair annotated: the
+    file's β reached no pair, exit 0. Refused naming the file and key; --beta given, the file's is not the user's
+    last word (--beta wins), and --beta's own refusal stands."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    schedule = tmp_path / "raw.yaml"
+    schedule.write_text("beta: {normalise: false, beta: 0.05}\n")
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "-o", out, check=False))
+    assert line == (f"error: file {schedule}, field 'beta.beta': beta.beta 0.05 would change nothing: beta.normalise "
+                    "is off, so every preference pair takes its β from its annotation (between beta.beta_min 0.025 "
+                    "and beta.beta_max 0.4); drop it, or set beta.normalise: true to rescale them to it")
+    assert not out.exists()
+    line = _refused(run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule,
+                            "--beta", "0.07", "-o", out, check=False))
+    assert line.startswith("error: --beta 0.07 would change nothing")
+    partial = tmp_path / "partial.parquet"  # a pair falls back to it: read
+    write_annotations(partial, pairs, ids[:1], ["safety"], [3.0], [0.9])
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", partial, "--config", schedule, "-o", out)
     assert [r["beta"] for r in read_plan(out)[0]][1] == 0.05
 
 

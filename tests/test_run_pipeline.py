@@ -628,6 +628,73 @@ def test_an_arm_whose_loss_takes_epsilon_from_its_plan_gets_its_reference_pass(t
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
 
 
+def test_a_reference_free_arm_without_a_tracker_trains(tmp_path, tiny, monkeypatch):
+    """The run set every arm's reference_cache and run_name, which train now refuses where they would go unread
+    (a loss without a reference, no report_to): a SimPO arm without a tracker gets neither, and trains."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _small(tmp_path, tiny, arms={"simpo": {"preset": "dpo", "train": {"loss": "simpo"}}},
+                    eval={"preference": None, "alpaca_eval": None})
+    result, _ = _run(config)
+    assert "train.simpo" in result.ran
+    summary = json.loads((tmp_path / "work" / "arms" / "simpo" / "train" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["reference_pairs"] == 0
+
+
+def test_an_arm_schedule_key_that_would_change_nothing_is_refused_before_prepare(tmp_path, tiny):
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    for arm, changes, message in (
+            ({"preset": "dpo", "schedule": {"curriculum": {"buckets": 2}}}, {},
+             r"arms\.a: curriculum\.buckets is read by curriculum\.kind bucketed only"),
+            ({"preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}, {"annotate": None},
+             r"arms\.a\.schedule\.mislabeled\.action acts on the pairs the annotations call mislabeled, and the "
+             "run annotates none")):
+        config = _config(tmp_path, tiny, arms={"a": arm}, **changes)
+        with pytest.raises(PerpairError, match=message):
+            validate(RunConfig.model_validate(config))
+    # the arm's beta and its schedule's beta.beta: the first won, the second unread
+    config = _config(tmp_path, tiny, arms={"a": {"preset": "dpo", "beta": 0.2, "schedule": {"beta": {"beta": 0.3}}}})
+    with pytest.raises(PerpairError, match=r"^run config, arms\.a: beta and schedule\.beta\.beta both set the "
+                                           "plan's global β, and beta would win unseen; keep one$"):
+        validate(RunConfig.model_validate(config))
+    validate(RunConfig.model_validate(_config(tmp_path, tiny, arms={"a": {
+        "preset": "dpo", "schedule": {"mislabeled": {"action": "flip"}}}})))  # annotated: read
+
+
+def test_release_cpu_memory_the_arms_would_not_read_is_refused_before_any_stage(tmp_path, tiny, monkeypatch):
+    """Set in a run config where the arms train under tcmalloc (the perpair command's allocator where installed,
+    which the workers share), it changed nothing; refused at validation, as train refuses it."""
+    import torch
+
+    import perpair.train.setup as setup
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    config = _config(tmp_path, tiny, train={"release_cpu_memory": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU arms, on any machine
+    monkeypatch.setattr(setup, "active_allocator", lambda: "tcmalloc")
+    with pytest.raises(PerpairError, match=r"^run config, arms\.dpo\.train: release_cpu_memory applies to a training "
+                                           "on a CPU under glibc's malloc .* under tcmalloc"):
+        validate(RunConfig.model_validate(config))
+    monkeypatch.setattr(setup, "active_allocator", lambda: None)
+    validate(RunConfig.model_validate(config))
+
+
+def test_an_annotate_seed_the_ratings_teacher_would_not_read_is_refused(tmp_path, tiny):
+    """The run's annotate section passed its default seed as set: the rule on a seed the ratings teacher alone
+    does not read holds for a seed the config gives, and only for it."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    validate(RunConfig.model_validate(_config(tmp_path, tiny)))  # ratings, no seed given
+    with pytest.raises(PerpairError, match="^run config, annotate: .*seed orders the two responses a teacher model"):
+        validate(RunConfig.model_validate(_config(tmp_path, tiny, annotate={"teachers": ["ratings"], "seed": 1})))
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_annotations_that_fall_short_stop_the_run_before_planning(tmp_path, tiny, workers):
     """The ratings teacher on Orca pairs (no scores): no pair is annotated, so the run stops with exit 3's error

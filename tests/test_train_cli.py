@@ -39,8 +39,13 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def _train(model, data, out, *extra, check=True):
-    return run_cli("train", "--model", model, "--data", data, "--out", out, "--threads", "1",
-                   "--set", f"reference_cache={out.parent / 'refcache'}", *extra, check=check)
+    from perpair.train.losses import objective
+
+    # a cache of the test's own, where the loss reads a reference (a reference-free one refuses the setting)
+    loss = str(dict(zip(extra, extra[1:], strict=False)).get("--loss", "sigmoid"))
+    cache = () if objective(loss.split(",")).reference_free else ("--set", f"reference_cache={out.parent / 'refcache'}")
+    return run_cli("train", "--model", model, "--data", data, "--out", out, "--threads", "1", *cache, *extra,
+                   check=check)
 
 
 def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
@@ -997,6 +1002,18 @@ def test_bad_config_is_one_clear_error(tiny_model, uf_pairs, tmp_path, extra, me
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_a_warm_up_of_every_step_of_one_epoch_is_refused(tiny_model, uf_pairs, tmp_path):
+    """Without --steps the steps are known once the pairs are tokenized: a warm-up covering all of them (the
+    learning rate never reaching --lr, the schedule's decay never starting) is refused then, before any step."""
+    result = _train(tiny_model, uf_pairs, tmp_path / "out", "--batch-size", "4", "--max-length", "96",
+                    "--warmup-ratio", "0.999", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: warmup_ratio 0.999 warms up for all (\d+) steps .* lower warmup_ratio \(the steps "
+                        r"of one epoch\)", line), line
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_path):
     """A pairs file whose footer reads but whose pages do not (it used to say only "error: ZSTD decompression
     failed: ...", naming nothing), a read asking for a column the file lacks (``ParquetFile.read`` would leave it
@@ -1295,8 +1312,9 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
         assert snapshot() == before  # nothing written, nothing pruned
 
     # where it logs and when it checkpoints change nothing it computes: the same run, resumed
-    resumed = _train(tiny_model, uf_pairs, out, *first, "--resume", "--report-to", "tensorboard", "--set",
-                     "project=mine", "--set", "run_name=again", "--set", "keep_checkpoints=3")
+    logged = (*first[:-1], "keep_checkpoints=3")  # (one --set per key: a second would be refused)
+    resumed = _train(tiny_model, uf_pairs, out, *logged, "--resume", "--report-to", "tensorboard", "--set",
+                     "project=mine", "--set", "run_name=again")
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
     key = (out / "run.key").read_text()
     old_events = out / "runs" / "perpair" / "events.out.tfevents.old"  # the replaced run's TensorBoard log

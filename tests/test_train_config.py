@@ -67,6 +67,15 @@ def test_resume_beside_overwrite_is_named_where_they_were_given(tmp_path):
         load_config(path, {})
 
 
+def test_a_key_set_twice_on_the_command_line_is_refused():
+    """`--set beta=0.1 --set beta=0.2` kept the last without a word, where a YAML file refuses a key written twice."""
+    with pytest.raises(PerpairError, match=r"^override beta: given twice \(--set\); keep one$"):
+        parse_overrides(["beta=0.1", "beta=0.2"])
+    with pytest.raises(PerpairError, match="override lora: given twice"):
+        parse_overrides(["lora.r=8", "lora=null"])
+    assert parse_overrides(["lora.r=8", "lora.alpha=4"]) == {"lora": {"r": 8, "alpha": 4}}
+
+
 def test_bad_override_syntax():
     with pytest.raises(PerpairError, match="expected key=value"):
         parse_overrides(["beta"])
@@ -122,6 +131,16 @@ def test_lr_schedule_shapes():
     ({"lean_activations": False, "recompute_mlp": False}, "recompute_mlp applies with lean_activations only"),
     ({"loss": "aot", "tokens_per_forward": 5000}, "tokens_per_forward would be ignored: loss 'aot'"),
     ({"lora": {"merge": True}, "save_model": False}, "lora.merge saves the merged model, and save_model false"),
+    # read only where another setting asks for them: accepted and silently unused before
+    ({"loss": "simpo", "reference_cache": "refs"}, "loss 'simpo' is reference-free; drop reference_cache$"),
+    ({"loss": "sft", "reference_model": "r", "reference_cache": "refs"},
+     "reference-free; drop reference_model and reference_cache$"),
+    ({"project": "mine"}, "project names the run on a tracker's dashboard, and report_to names no tracker"),
+    # a warm-up of every step: lr never reached, lr_schedule never read (one step: trained at learning rate 0)
+    ({"steps": 1, "warmup_ratio": 0.1}, r"warmup_ratio 0.1 warms up for all 1 steps .*step 1 trains at 0, the only "
+                                        "step\\) and lr_schedule linear would never start"),
+    ({"steps": 10, "warmup_ratio": 0.95, "lr_schedule": "cosine"}, "warms up for all 10 steps"),
+    ({"run_name": "mine", "project": "p"}, "project and run_name name the run .* drop them"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
     with pytest.raises(PerpairError, match=message):
@@ -146,6 +165,11 @@ def test_the_rules_accept_their_allowed_neighbours():
     load_config(None, {**BASE, "lora": {"merge": False}, "save_model": False})
     load_config(None, {**BASE, "save_every": 10, "final_checkpoint": True})
     load_config(None, {**BASE, "save_every": 9, "final_checkpoint": False})
+    load_config(None, {**BASE, "loss": "sigmoid", "reference_cache": "refs"})
+    load_config(None, {**BASE, "loss": ["simpo", "sigmoid"], "reference_cache": "refs"})
+    load_config(None, {**BASE, "run_name": None})  # unset, as perpair run leaves it without a tracker
+    load_config(None, {**BASE, "steps": 10, "warmup_ratio": 0.9})  # 9 steps warm up, the 10th at lr
+    load_config(None, {**BASE, "steps": 1, "warmup_ratio": 0.0})
 
 
 def test_launch_rules_are_checked_from_the_launch_environment(monkeypatch):
@@ -197,3 +221,27 @@ def test_reference_cache_keeps_bf16_and_fp32_log_probs_apart(tmp_path):
     # bf16 values computed before the output projection ran in bf16 (and CPU attention in fp32) are not served
     assert "autocast_rules" not in fp32 and bf16["autocast_rules"] == reference.AUTOCAST_RULES == 2
     assert reference.cache_path(tmp_path, fp32) != reference.cache_path(tmp_path, bf16)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--beta", "0.2", "--set", "beta=0.3"), "--beta and --set beta=… both set beta; keep one"),
+    (("--loss", "ipo", "--set", "loss=hinge"), "--loss and --set loss=… both set loss; keep one"),
+    (("--lora", "--set", "lora=null"), "--lora and --set lora=… both set lora; keep one"),
+    (("--set", "seed=1", "--set", "seed=2"), r"override seed: given twice \(--set\); keep one"),
+])
+def test_an_option_and_a_set_of_the_same_key_are_refused(args, message, tmp_path):
+    """The command line's option and its --set of the same key: --set won without a word (the option unread)."""
+    from cli_inprocess import run_cli_inprocess
+
+    result = run_cli_inprocess("train", "--model", "m", "--data", "d.parquet", "--out", str(tmp_path / "o"), *args)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {message.replace(chr(92), '')}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_lora_and_a_set_of_its_keys_add_up(tmp_path):
+    from cli_inprocess import run_cli_inprocess
+
+    # the run goes as far as the model, which does not exist: the options were accepted together
+    result = run_cli_inprocess("train", "--model", str(tmp_path / "no-such-model"), "--data", "d.parquet", "--out",
+                               str(tmp_path / "o"), "--lora", "--set", "lora.r=8")
+    assert result.returncode == 2 and "no such folder" in result.stderr, result.stderr

@@ -311,3 +311,30 @@ def test_a_plan_takes_the_reference_pass_of_one_epoch_and_refuses_that_of_fewer_
     assert batches.skipped_rows and len(run.values) + len(batches.skipped_rows) == data.table.num_rows
     difficulty = [r["difficulty"] for r in pq.read_table(tmp_path / "plan.parquet").to_pylist()]
     assert [d is None for d in difficulty] == [row in batches.skipped_rows for row in range(len(difficulty))]
+
+
+def test_release_cpu_memory_set_where_nothing_reads_it_is_refused(tmp_path, monkeypatch):
+    """release_cpu_memory acts under glibc's malloc on a CPU only; set under tcmalloc (the perpair command's
+    allocator where installed) it was accepted and changed nothing. Unset, the default is no one's setting."""
+    from accelerate.state import AcceleratorState
+
+    import perpair.train.setup as setup
+    from perpair.errors import PerpairError
+
+    base = {"model": "m", "data": "d.parquet", "out": str(tmp_path / "out"), "steps": 1}
+    monkeypatch.setattr(setup, "active_allocator", lambda: "tcmalloc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU run, on any machine
+    try:
+        for value in (True, False):
+            with pytest.raises(PerpairError, match=r"^release_cpu_memory applies to a training on a CPU under "
+                                                   r"glibc's malloc \(PERPAIR_MALLOC=system\), and this one runs "
+                                                   "under tcmalloc: it would change nothing; drop it$"):
+                setup.setup_accelerator(load_config(None, {**base, "release_cpu_memory": value}))
+            AcceleratorState._reset_state(reset_partial_state=True)
+        setup.setup_accelerator(load_config(None, base))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        monkeypatch.setattr(setup, "active_allocator", lambda: None)  # glibc's: read
+        setup.setup_accelerator(load_config(None, {**base, "release_cpu_memory": False}))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "out").exists()

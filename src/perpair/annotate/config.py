@@ -161,6 +161,17 @@ class AnnotateConfig(NumbersNotBools):
             raise ValueError(f"two teachers share the id {duplicates[0]!r}; give one a 'name'")
         return self
 
+    @model_validator(mode="after")
+    def _all_read(self) -> AnnotateConfig:
+        # settings that change no annotation here: accepted, they would go unnoticed
+        if len(self.teachers) == 1 and "weight" in self.teachers[0].model_fields_set:
+            raise ValueError("teachers.0.weight weighs a teacher's votes against the other teachers', and this run "
+                             "has one teacher: it would change nothing; drop it, or add a teacher")
+        if "seed" in self.model_fields_set and all(t.kind == "ratings" for t in self.teachers):
+            raise ValueError("seed orders the two responses a teacher model reads, and the ratings teacher reads "
+                             "none (it reads the data's scores): it would change nothing; drop it")
+        return self
+
     @property
     def shard_index(self) -> tuple[int, int] | None:
         if self.shard is None:

@@ -54,6 +54,10 @@ def plan_command(
 
     if output is None and not explain_ids:
         raise InputError("give -o PLAN.parquet to write the plan, or --explain PAIR_ID to only explain")
+    if output is None and (unread := [o for o, given in (("--json", as_json), ("--no-report", not report)) if given]):
+        # they shape the summary and the report of the plan -o writes: with --explain alone, neither is made
+        raise InputError(f"{' and '.join(unread)} appl{'y' if len(unread) > 1 else 'ies'} to the plan -o writes, and "
+                         "only --explain is asked for: drop it, or give -o")
     if output is not None:
         refuse_overwrite({"output": output}, {"pairs file": pairs, "annotations file": annotations,
                                               "schedule file": config, "reference log-probs": reference_logps})

@@ -90,6 +90,7 @@ def train_command(
 ) -> None:
     """Train with per-pair beta / route / order (a run without a plan is plain DPO with a global beta)."""
     from perpair.allocator import tcmalloc_hint
+    from perpair.plan.config import deep_merge
     from perpair.train import load_config, parse_overrides, train
 
     given: dict[str, Any] = {
@@ -104,7 +105,12 @@ def train_command(
         options["loss"] = [name.strip() for name in loss.split(",")]
     if lora:
         options["lora"] = {}
-    options.update(parse_overrides(overrides or []))
+    set_keys = parse_overrides(overrides or [])
+    # an option and a --set of the same key: one of them would go unread (--lora and --set lora.r=8 add up)
+    twice = [k for k, v in set_keys.items() if k in options and not (isinstance(v, dict) and options[k] == {})]
+    if twice:
+        raise PerpairError(f"--{twice[0].replace('_', '-')} and --set {twice[0]}=… both set {twice[0]}; keep one")
+    options = deep_merge(options, set_keys)
     if config is None and not {"model", "data", "out"} <= options.keys():
         raise PerpairError("give a CONFIG.yaml, or at least --model, --data and --out")
     cfg = load_config(config, options)

@@ -115,6 +115,7 @@ def validate(config: RunConfig) -> Settings:
     from perpair.data.sources import resolve_source
     from perpair.plan import resolve_schedule
     from perpair.train.config import TrainConfig, check_plan_fits
+    from perpair.train.setup import unread_release_cpu_memory
 
     command_line = config._source[2] if config._source is not None else None
 
@@ -130,7 +131,7 @@ def validate(config: RunConfig) -> Settings:
         raise fail("data", exc) from None
     annotate = None
     if config.annotate is not None:
-        section = config.annotate.model_dump()
+        section = config.annotate.model_dump(exclude_unset=True)  # a default is not a setting (a seed with no reader)
         try:
             section["teachers"] = [parse_teacher_spec(t) if isinstance(t, str) else t for t in section["teachers"]]
             annotate = AnnotateConfig.model_validate(section)
@@ -151,6 +152,9 @@ def validate(config: RunConfig) -> Settings:
         raise fail("train", exc) from None
     schedules, train, train_configs = {}, {}, {}
     for name, arm in config.arms.items():
+        if arm.beta is not None and isinstance(arm.schedule.get("beta"), dict) and "beta" in arm.schedule["beta"]:
+            raise PerpairError(f"run config, arms.{name}: beta and schedule.beta.beta both set the plan's global β, "
+                               "and beta would win unseen; keep one")
         try:
             schedules[name] = resolve_schedule(arm.preset, None, arm.beta, arm.schedule)
         except PerpairError as exc:
@@ -159,6 +163,10 @@ def validate(config: RunConfig) -> Settings:
         if needs and annotate is None:
             raise PerpairError(f"run config, arms.{name}: preset {arm.preset} needs annotations; add an "
                                "'annotate' section")
+        if annotate is None and (given := sorted(schedules[name].mislabeled.model_fields_set)):
+            raise PerpairError(f"run config, arms.{name}.schedule.mislabeled.{given[0]} acts on the pairs the "
+                               "annotations call mislabeled, and the run annotates none: add an 'annotate' section, "
+                               "or drop it")
         keys = config.arm_train(name)
         try:
             arm_config = TrainConfig.model_validate({**placeholders, **{k: v for k, v in keys.items()
@@ -167,6 +175,11 @@ def validate(config: RunConfig) -> Settings:
                             f"preset {arm.preset}")
         except (ValidationError, PerpairError) as exc:
             raise fail(f"arms.{name}.train", exc) from None
+        # the device and allocator the arm will train with are this process's: checked now, not after annotation
+        import torch
+
+        if problem := unread_release_cpu_memory(arm_config, "cuda" if torch.cuda.is_available() else "cpu"):
+            raise PerpairError(f"run config, arms.{name}.train: {problem}")
         if schedules[name].margin.source == "reference" and arm_config.objective.reference_free:
             raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "
                                f"the run computes for the arm's training, and loss {arm_config.loss!r} uses no "
@@ -462,9 +475,17 @@ class _Job:
 
     def _train_options(self, keys: dict[str, Any], arm: str, pairs: Path) -> dict[str, Any]:
         """``keys`` and what the run sets itself, but the plan, the steps and the output folder."""
-        return {**keys, "model": self.config.model, "data": str(pairs),
-                "reference_cache": str(self.workdir / "reference"),
-                "run_name": keys.get("run_name") or arm}  # trackers: one dashboard run per arm
+        from perpair.train import TrainConfig
+        from perpair.train.losses import objective
+
+        options = {**keys, "model": self.config.model, "data": str(pairs)}
+        # each only where training reads it (a setting that would go unread is refused by the train config)
+        if not objective(keys.get("loss") or TrainConfig.model_fields["loss"].default,
+                         keys.get("loss_weights")).reference_free:
+            options["reference_cache"] = str(self.workdir / "reference")
+        if keys.get("report_to"):
+            options["run_name"] = keys.get("run_name") or arm  # trackers: one dashboard run per arm
+        return options
 
     def train(self, settings: Settings, arm: str, pairs: Path, plan: Path) -> dict[str, Any]:
         out = self.workdir / "arms" / arm / "train"

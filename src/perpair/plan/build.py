@@ -122,6 +122,10 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     if beta_cfg.kind != "global" and annotations_path is None:
         raise InputError(f"beta.kind {beta_cfg.kind!r} derives β from annotations: pass --annotations",
                          field="beta.kind")
+    if annotations_path is None and (given := sorted(schedule.mislabeled.model_fields_set)):
+        # without annotations no pair is called mislabeled: the setting would change nothing
+        raise InputError(f"mislabeled.{given[0]} acts on the pairs the annotations call mislabeled, and there are "
+                         "no annotations: pass --annotations, or drop it", field=f"mislabeled.{given[0]}")
 
     # --- mislabeled pairs ------------------------------------------------------------------------
     mislabeled = annotated & (category == "mislabeled")
@@ -254,7 +258,12 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         prior=prior, gain=gain, raw_beta=raw, factor=factor, geometric_mean_raw=geo,
         normalised_pairs=int(basis.sum()), donor=donor, mislabeled_acted=acted, below_tau=below_tau,
         lowest_quantile=lowest, bucket=bucket, trained=len(sequence))
-    return PlanResult(table=table, provenance=provenance, schedule=schedule, trace=trace)
+    result = PlanResult(table=table, provenance=provenance, schedule=schedule, trace=trace)
+    if schedule.beta_given_in is not None and (idle := idle_global_beta(result)):  # as --beta: refused, not ignored
+        raise InputError(f"beta.beta {beta_cfg.beta:g} would change nothing: {idle}; drop it, or set "
+                         "beta.normalise: true to rescale them to it", file=schedule.beta_given_in or None,
+                         field="beta.beta")
+    return result
 
 
 def idle_global_beta(result: PlanResult) -> str | None:

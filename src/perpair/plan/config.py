@@ -22,7 +22,7 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from perpair.config_files import NumbersNotBools, format_validation_error, load_yaml
 from perpair.errors import InputError
@@ -128,6 +128,18 @@ class Schedule(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5,
                                    description="cDPO ε on preference-routed pairs (MixDPO: 0.1)")
     seed: int = Field(0, ge=0, description="seeds the random β control and the shuffled curricula")
+    # where the user set beta.beta (a schedule file, or "" for overrides: a run arm's schedule), None where the
+    # preset or --beta did: a plan in which that global β acts on no pair refuses it (build_plan)
+    _beta_given_in: str | None = PrivateAttr(None)
+
+    @property
+    def beta_given_in(self) -> str | None:
+        return self._beta_given_in
+
+    def __eq__(self, other: object) -> bool:  # the settings alone: where beta.beta was given is no setting
+        return isinstance(other, Schedule) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, as pydantic's models are)
 
     @model_validator(mode="after")
     def _check(self) -> Schedule:
@@ -190,17 +202,56 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
         raise InputError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     values = copy.deepcopy(PRESETS[preset])
     source = f"preset {preset}"
+    given: list[tuple[dict[str, Any], str | None]] = []  # what the user wrote, and where: the preset's own keys aside
     if config_path is not None:
-        values = deep_merge(values, load_yaml(config_path, "schedule"))
+        in_file = load_yaml(config_path, "schedule")
+        values = deep_merge(values, in_file)
         source = str(config_path)
+        given.append((in_file, str(config_path)))
     if overrides:
         values = deep_merge(values, overrides)
         source = f"{source} with overrides"
+        given.append((overrides, None))
     if beta is not None:
         if not math.isfinite(beta) or beta <= 0:
             raise InputError(f"the global β must be a positive number, got {beta}")
         values = deep_merge(values, {"beta": {"beta": beta}})
     try:
-        return Schedule.model_validate(values)
+        schedule = Schedule.model_validate(values)
     except ValidationError as exc:
         raise InputError(format_validation_error(exc), file=source) from None
+    for keys, where in given:
+        if problem := unread_setting(schedule, keys):
+            raise InputError(problem, file=where)
+        if beta is None and isinstance(keys.get("beta"), dict) and "beta" in keys["beta"]:
+            schedule._beta_given_in = where or ""
+    return schedule
+
+
+def unread_setting(schedule: Schedule, given: dict[str, Any]) -> str | None:
+    """Why a key of ``given`` (a schedule file's or a run arm's keys, laid over a preset to make ``schedule``)
+    would change nothing in the plan (None: each is read). Keys a preset sets are not the user's: they are not
+    checked (MixDPO's ``routing.action`` stays, read or not, when a file sets ``routing.tau: null``)."""
+    def keys(section: str) -> set[str]:
+        value = given.get(section)
+        return set(value) if isinstance(value, dict) else set()
+
+    per_pair = sorted(keys("beta") & {"beta_min", "beta_max", "normalise", "priors", "magnitude_gain"})
+    if per_pair and schedule.beta.kind == "global":
+        return (f"beta.{per_pair[0]} shapes the per-pair β of beta.kind semantic or random, and this schedule's "
+                f"beta.kind is global (one β for every pair): it would change nothing; drop it, or set beta.kind")
+    mislabeled = sorted(keys("mislabeled"))
+    if mislabeled and schedule.beta.kind == "global" and schedule.mislabeled.action == "beta_max":
+        return (f"mislabeled.{mislabeled[0]} would change nothing: mislabeled.action beta_max moves a pair's β, and "
+                "beta.kind global gives every pair one β; drop it, or set mislabeled.action drop or flip")
+    if "action" in keys("routing") and schedule.routing.tau is None and schedule.routing.quantile is None:
+        return ("routing.action says what routing.tau or routing.quantile do with the pairs they pick, and neither "
+                "is set: it would change nothing; drop it, or set one of them")
+    if "buckets" in keys("curriculum") and schedule.curriculum.kind != "bucketed":
+        return (f"curriculum.buckets is read by curriculum.kind bucketed only, not {schedule.curriculum.kind!r}: it "
+                "would change nothing; drop it")
+    if "seed" in given and schedule.beta.kind != "random" and schedule.curriculum.kind not in ("random", "bucketed"):
+        return (f"seed draws beta.kind random's β and curriculum.kind random's or bucketed's order, and this "
+                f"schedule has none (beta.kind {schedule.beta.kind}, curriculum.kind {schedule.curriculum.kind}): "
+                "it would change nothing; drop it")
+    return None

@@ -208,8 +208,10 @@ class TrainConfig(NumbersNotBools):
             raise ValueError(f"f_divergence_type {self.f_divergence_type} only applies to "
                              f"{', '.join(n for n, s in LOSSES.items() if s.f_divergence)} (the losses built on "
                              f"the chosen − rejected score, where log Z(x) cancels), not to {spec.name!r}")
-        if self.reference_model is not None and spec.reference_free:
-            raise ValueError(f"loss {spec.name!r} is reference-free; drop reference_model")
+        if spec.reference_free:  # no reference pass runs: a reference model or cache would go unread
+            unread = [name for name in ("reference_model", "reference_cache") if getattr(self, name) is not None]
+            if unread:
+                raise ValueError(f"loss {spec.name!r} is reference-free; drop {' and '.join(unread)}")
         if self.use_weighting and spec.batch_level:
             raise ValueError(f"use_weighting cannot weight {spec.name!r}: it sorts the batch, so its terms belong "
                              "to no single pair")
@@ -253,6 +255,11 @@ class TrainConfig(NumbersNotBools):
             if unused:
                 raise ValueError(f"loss 'sft' trains each chosen response's length-normalised NLL and would ignore "
                                  f"{' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
+        named = ["project"] * ("project" in self.model_fields_set) + ["run_name"] * (self.run_name is not None)
+        if named and not self.report_to:  # read only when a tracker starts
+            raise ValueError(f"{' and '.join(named)} name{'s' if len(named) == 1 else ''} the run on a tracker's "
+                             f"dashboard, and report_to names no tracker; drop {'it' if len(named) == 1 else 'them'}"
+                             ", or add report_to")
         if self.lora is not None and self.lora.merge and not self.save_model:
             raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
         if self.recompute_mlp is not None and not self.lean_activations:
@@ -261,6 +268,8 @@ class TrainConfig(NumbersNotBools):
         if self.objective.batch_level and self.tokens_per_forward is not None:
             raise ValueError(f"tokens_per_forward would be ignored: loss {self.objective.name!r} sorts across the "
                              "step, so the step's pairs always share one forward; drop it")
+        if self.steps is not None and (problem := self.warmup_problem(self.steps)):
+            raise ValueError(problem)
         if self.steps is not None and self.save_every >= self.steps and not self.final_checkpoint:
             raise ValueError(f"save_every {self.save_every} ≥ steps {self.steps} with final_checkpoint false: the "
                              "run would write no checkpoint; lower save_every or set final_checkpoint true")
@@ -275,6 +284,18 @@ class TrainConfig(NumbersNotBools):
         if problem:
             raise ValueError(problem)
         return self
+
+    def warmup_problem(self, steps: int) -> str | None:
+        """Why ``warmup_ratio`` over ``steps`` steps leaves the schedule unread (None: it does not): a warm-up of
+        every step never reaches ``lr`` (step 1 trains at 0; a run of one step, at 0 alone), and the decay of
+        ``lr_schedule`` never starts."""
+        warmup = math.ceil(self.warmup_ratio * steps)
+        if not self.warmup_ratio or warmup < steps:
+            return None
+        return (f"warmup_ratio {self.warmup_ratio:g} warms up for all {steps} steps (⌈{self.warmup_ratio:g} × "
+                f"{steps}⌉, as Transformers counts them): the learning rate would never reach lr (step 1 trains at 0"
+                f"{', the only step' if steps == 1 else ''}) and lr_schedule {self.lr_schedule} would never start; "
+                "lower warmup_ratio")
 
     @property
     def warmup_steps(self) -> int:
@@ -372,6 +393,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise PerpairError(f"override {key}: {part} is not a section")
+    if parts[-1] in node:  # as a key written twice in a YAML mapping: one of the two would go unread
+        raise PerpairError(f"override {key}: given twice (--set); keep one")
     node[parts[-1]] = value
 
 

@@ -120,7 +120,9 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     batches = build_step_batches(config, data, tokenizer)
     if config.steps is None:  # one epoch: its steps are known now (run.key keeps "one epoch", not their number)
         config = config.model_copy(update={"steps": len(batches.steps)})
-        if config.save_every >= config.steps and not config.final_checkpoint:  # the validator's rule, now decidable
+        if problem := config.warmup_problem(config.steps):  # the validator's rules, now decidable
+            raise PerpairError(f"{problem} (the steps of one epoch)")
+        if config.save_every >= config.steps and not config.final_checkpoint:
             raise PerpairError(f"save_every {config.save_every} ≥ the {config.steps} steps of one epoch with "
                                "final_checkpoint false: the run would write no checkpoint; lower save_every or set "
                                "final_checkpoint true")

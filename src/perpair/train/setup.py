@@ -39,10 +39,24 @@ def setup_accelerator(config: TrainConfig):
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
     set_seed(config.seed)
+    if problem := unread_release_cpu_memory(config, accelerator.device.type):
+        raise PerpairError(problem)
     if config.release_cpu_memory and accelerator.device.type == "cpu" and active_allocator() is None:
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
     check_sharding(config, accelerator.distributed_type)
     return accelerator
+
+
+def unread_release_cpu_memory(config: TrainConfig, device: str) -> str | None:
+    """Why ``release_cpu_memory``, set, would change nothing in a training on ``device`` (a device type) in this
+    process (None: it is read, or not set)."""
+    if "release_cpu_memory" not in config.model_fields_set:
+        return None
+    if device == "cpu" and (allocator := active_allocator()) is None:
+        return None
+    where = f"under {allocator}" if device == "cpu" else f"on {device}"
+    return (f"release_cpu_memory applies to a training on a CPU under glibc's malloc (PERPAIR_MALLOC=system), and "
+            f"this one runs {where}: it would change nothing; drop it")
 
 
 def uses_bf16(config: TrainConfig) -> bool:
