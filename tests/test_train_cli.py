@@ -67,6 +67,11 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
 
     a, b = _metrics(straight), _metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 7))
+    # the summary counts the whole run, not the stretch after the checkpoint (it said steps 3, pairs of 3 steps)
+    first, then = (json.loads((out / "summary.json").read_text()) for out in (straight, resumed))
+    assert then["resumed_from"] >= 3 and first["resumed_from"] is None
+    assert {k: then[k] for k in ("steps", "pairs", "tokens")} == {k: first[k] for k in ("steps", "pairs", "tokens")}
+    assert then["train_seconds"] == pytest.approx(sum(m["seconds"] for m in b), rel=1e-9)
     for x, y in zip(a, b, strict=True):
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
         assert y["lr"] == pytest.approx(x["lr"], rel=1e-12)
@@ -1476,8 +1481,13 @@ def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_mode
     assert result.returncode == 2 and result.stderr == (
         f"error: model {out / 'model'}: no such folder; {out} holds a LoRA adapter alone (adapter/): the same perpair "
         "train command with --resume --set lora.merge=true saves the merged model there\n")
+    summary = json.loads((out / "summary.json").read_text())
     _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "lora.merge=true")
     assert (out / "metrics.jsonl").read_text() == metrics
+    resumed = json.loads((out / "summary.json").read_text())  # still the run's training (it said 0 steps, 0 pairs)
+    assert resumed["resumed_from"] == 2 and resumed["model"] == str(out / "model")
+    assert {k: resumed[k] for k in ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second")} == \
+        {k: summary[k] for k in ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second")}
     a = load_file(tmp_path / "merged" / "model" / "model.safetensors")
     b = load_file(out / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

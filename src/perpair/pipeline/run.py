@@ -12,7 +12,6 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -685,12 +684,6 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
         summary = train(config, on_step=show, on_steps=lambda n: steps.__setitem__(0, n)).summary
     except TrainingStopped as exc:  # perpair run has no --resume: a re-run resumes the arm by itself
         raise TrainingStopped(str(exc).replace("rerun with --resume", "re-run"), exc.exit_code - 128) from None
-    if summary.get("resumed_from"):  # the arm's whole training, not the last stretch (the report compares arms)
-        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-        seconds = sum(m["seconds"] for m in lines)
-        pairs = sum(m["pairs"] for m in lines)
-        summary = {**summary, "steps": len(lines), "pairs": pairs, "tokens": sum(m["tokens"] for m in lines),
-                   "train_seconds": seconds, "pairs_per_second": pairs / seconds if seconds else None}
     keep = ("steps", "pairs", "tokens", "train_seconds", "pairs_per_second", "peak_memory_bytes",
             "reference_pairs_computed", "reference_pairs_from_first_step", "reference_seconds", "order")
     return {"summary": {k: summary.get(k) for k in keep}, "steps": steps[0]}

@@ -551,21 +551,22 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics of steps up to ``step`` (a resumed run rewrites the ones after its checkpoint)."""
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Keep the metrics of steps up to ``step`` (a resumed run rewrites the ones after its checkpoint); returns
+    them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if step == 0 or not path.exists():
         path.write_text("")
-        return
+        return []
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
     except UnicodeDecodeError as exc:
         raise PerpairError(f"file {path}: not a metrics file (not UTF-8 text at byte {exc.start}); it cannot be kept "
                            f"for the steps up to {step} that --resume continues after") from None
-    kept = []
+    kept, metrics = [], []
     for number, line in enumerate(lines, 1):
         try:
-            at = json.loads(line)["step"]
+            at = (values := json.loads(line))["step"]
         except (ValueError, KeyError, TypeError):
             if number == len(lines):  # the line of a step being written when the run was killed: after the checkpoint
                 break
@@ -573,8 +574,10 @@ def truncate_metrics(path: Path, step: int) -> None:
                                f"steps up to {step} that --resume continues after") from None
         if at <= step:
             kept.append(line)
+            metrics.append(values)
     # renamed over the file, not rewritten in place: a run killed here keeps every line, not half of them
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return metrics
 
 
 def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str, str]:

@@ -154,12 +154,15 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     if config.resume and on_resume:
         on_resume(start_step)
     metrics_path = out / METRICS
-    on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step))
+    # the steps before the checkpoint, which the summary counts with this process's (the main one's: it writes both)
+    earlier = on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step)) or []
     start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
                    config=config.model_dump(), out=str(out))
 
-    train_seconds, peak = 0.0, 0
-    totals = Counter()
+    # the whole run's training: with a resumed run's steps before its checkpoint (a run resumed to its end counted
+    # 0 steps and 0 pairs; a preempted one, its last stretch)
+    train_seconds, peak = sum(_number(m, "seconds") for m in earlier), 0
+    totals = Counter({key: sum(_number(m, key) for m in earlier) for key in ("pairs", "tokens")})
     # checkpoints by the clock too, so that a run killed without warning (SIGKILL, a node lost) loses at most
     # save_every_minutes
     timed = config.save_every_minutes * 60
@@ -206,7 +209,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
                                   reduction="max"))
 
     summary = {
-        "steps": config.steps - start_step, "resumed_from": start_step or None,
+        "steps": config.steps, "resumed_from": start_step or None,
         "pairs": totals["pairs"], "tokens": totals["tokens"], "train_seconds": train_seconds,
         "pairs_per_second": totals["pairs"] / train_seconds if train_seconds else None,
         "tokens_per_second": totals["tokens"] / train_seconds if train_seconds else None,
@@ -236,6 +239,12 @@ def fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def _number(metrics: dict[str, Any], key: str) -> float:
+    """A step's count or seconds from its metrics line (0 where a line edited by hand lacks it)."""
+    value = metrics.get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def stopped_line(signum: int, step: int, steps: int, checkpoint: Path) -> str:
