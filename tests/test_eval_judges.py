@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 
 import pytest
 
@@ -272,6 +273,27 @@ def test_eval_commands_refuse_api_judge_options_for_a_local_judge_and_bad_output
         "error: --judge-prefix-cache: an option of a local judge, and --judge http://127.0.0.1:9/v1 is an API "
         "judge (requests in flight: --judge-concurrency); drop it"), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_an_evaluation_into_a_folder_another_one_is_writing_is_refused(tmp_path, tiny_model_dir):
+    """Two evaluations into one folder at once (two judges of one model share its default folder) interleaved
+    their files: one's answers beside the other's judgments and results.json, exit 0 for both. The second is now
+    refused before it reads or writes anything, naming the folder and the process writing it."""
+    from conftest import run_cli
+    from perpair.artifacts import folder_lock
+
+    out, ae = tmp_path / "out", SHARED_DATA / "alpaca_eval"
+    inputs = ("--reference", ae / "reference_outputs_gpt4_1106_preview.json.gz", "--judge-prompt",
+              ae / "judge_prompt_alpaca_eval_clf.txt", "--data-dir", ae, "--limit", "2", "--max-new-tokens", "4")
+    for command, extra in ((("eval", "alpaca-eval"), inputs), (("eval", "arena-hard", "run"), ())):
+        with folder_lock(out, "held", "by the test"):  # what a running evaluation holds
+            result = run_cli(*command, "--model", tiny_model_dir, "--judge", tiny_model_dir, "--offline", *extra,
+                             "-o", out, check=False)
+            assert sorted(p.name for p in out.iterdir()) == [".lock"]
+        assert result.returncode == 2 and result.stderr.strip() == (
+            f"error: -o/--output {out}: another evaluation is writing it (process {os.getpid()}); wait for it to "
+            "finish, or give this one another folder (-o)"), result.stderr
+        assert not out.exists()  # (the holder made it and left it empty)
 
 
 def test_run_config_refuses_judge_options_the_judge_would_ignore():

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from perpair.artifacts import folder_lock
 from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
@@ -169,8 +170,19 @@ def judge_identity(config: JudgeConfig) -> list[Any]:
     return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 
 
+# Two evaluations writing one folder at once (two judges of a model, whose default folder is the model's) would leave
+# one's answers beside the other's judgments and results
+BUSY_ADVICE = "wait for it to finish, or give this one another folder (-o)"
+
+
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
     """Generate, judge, write the files and return the results row (see module docstring)."""
+    out = Path(config.output_dir)
+    with folder_lock(out, f"-o/--output {out}: another evaluation is writing it", BUSY_ADVICE):
+        return _run_alpaca_eval(config, out, on_progress)
+
+
+def _run_alpaca_eval(config: AlpacaEvalConfig, out: Path, on_progress: Progress | None) -> dict[str, Any]:
     # every input is read before the first answer is generated: a missing file stops the run at once
     reference, reference_source, reference_sha256 = sources.load_reference_outputs(config.reference, config.data_dir,
                                                                                    config.offline)
@@ -182,8 +194,6 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
     unchecked = unchecked_rows(config, lc_inputs)
     model_path = resolve_model(config.model)
     name = config.name or model_label(model_path) or config.model
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     instructions = reference["instruction"].tolist()
     progress = on_progress or (lambda stage, done, total: None)
 

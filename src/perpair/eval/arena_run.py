@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from perpair.artifacts import file_sha256
+from perpair.artifacts import file_sha256, folder_lock
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label
+from perpair.eval.alpaca_eval import BUSY_ADVICE, JudgeConfig, judge_identity, model_label
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -131,14 +131,19 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
 
 def run_arena_hard(config: ArenaHardConfig,
                    on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    out = Path(config.output_dir)
+    with folder_lock(out, f"-o/--output {out}: another evaluation is writing it", BUSY_ADVICE):
+        return _run_arena_hard(config, out, on_progress)
+
+
+def _run_arena_hard(config: ArenaHardConfig, out: Path,
+                    on_progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     from perpair.models import resolve_model
 
     progress = on_progress or (lambda stage, done, total: None)
     questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)
     name = config.name or model_label(model_path)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     texts = [q["turns"][0]["content"] for q in questions]
     # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
     # one stops before its own (perpair eval report would show its numbers with this run's answers)
