@@ -561,14 +561,20 @@ def test_the_reports_numbers_are_the_plans(uf_pairs, ratings_annotations, tmp_pa
         assert counts == [*expected, sum(expected)]
 
 
-def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
-    """--beta with a per-pair β and normalise off reaches only unannotated preference pairs: with every pair
-    annotated the plan was the same with or without it, exit 0. Refused, nothing written; taken while a pair
-    falls back to it."""
+def _two_pairs_annotated(tmp_path):
+    """Two pairs, both annotated: a global β reaches none of them when beta.normalise is off."""
     pairs = tmp_path / "pairs.parquet"
     ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
     annotations = tmp_path / "ann.parquet"
     write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    return pairs, ids, annotations
+
+
+def test_a_beta_that_would_change_nothing_is_refused(tmp_path):
+    """--beta with a per-pair β and normalise off reaches only unannotated preference pairs: with every pair
+    annotated the plan was the same with or without it, exit 0. Refused, nothing written; taken while a pair
+    falls back to it."""
+    pairs, ids, annotations = _two_pairs_annotated(tmp_path)
     schedule = tmp_path / "raw.yaml"
     schedule.write_text("beta: {normalise: false}\n")
     out = tmp_path / "plan.parquet"
@@ -587,10 +593,7 @@ def test_a_beta_of_the_schedule_file_that_would_change_nothing_is_refused(tmp_pa
     """The same global β written in the schedule file (beta.beta) beside normalise off, every pair annotated: the
     file's β reached no pair, exit 0. Refused naming the file and key; --beta given, the file's is not the user's
     last word (--beta wins), and --beta's own refusal stands."""
-    pairs = tmp_path / "pairs.parquet"
-    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
-    annotations = tmp_path / "ann.parquet"
-    write_annotations(annotations, pairs, ids, ["safety", "style"], [3.0, 1.0], [0.9, 0.8])
+    pairs, ids, annotations = _two_pairs_annotated(tmp_path)
     schedule = tmp_path / "raw.yaml"
     schedule.write_text("beta: {normalise: false, beta: 0.05}\n")
     out = tmp_path / "plan.parquet"
