@@ -170,15 +170,18 @@ def judge_identity(config: JudgeConfig) -> list[Any]:
     return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
 
 
-# Two evaluations writing one folder at once (two judges of a model, whose default folder is the model's) would leave
-# one's answers beside the other's judgments and results
-BUSY_ADVICE = "wait for it to finish, or give this one another folder (-o)"
+def output_lock(out: Path):
+    """Hold ``out/.lock`` while an evaluation writes ``out``: two evaluations writing one folder at once (two judges
+    of a model, whose default folder is the model's) would leave one's answers beside the other's judgments and
+    results."""
+    return folder_lock(out, f"-o/--output {out}: another evaluation is writing it",
+                       "wait for it to finish, or give this one another folder (-o)")
 
 
 def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = None) -> dict[str, Any]:
     """Generate, judge, write the files and return the results row (see module docstring)."""
     out = Path(config.output_dir)
-    with folder_lock(out, f"-o/--output {out}: another evaluation is writing it", BUSY_ADVICE):
+    with output_lock(out):
         return _run_alpaca_eval(config, out, on_progress)
 
 

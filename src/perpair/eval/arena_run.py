@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from perpair.artifacts import file_sha256, folder_lock
+from perpair.artifacts import file_sha256
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import BUSY_ADVICE, JudgeConfig, judge_identity, model_label
+from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label, output_lock
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -132,7 +132,7 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
 def run_arena_hard(config: ArenaHardConfig,
                    on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     out = Path(config.output_dir)
-    with folder_lock(out, f"-o/--output {out}: another evaluation is writing it", BUSY_ADVICE):
+    with output_lock(out):
         return _run_arena_hard(config, out, on_progress)
 
 
