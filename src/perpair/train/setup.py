@@ -315,11 +315,12 @@ def check_lora_targets(config: TrainConfig, model) -> None:
     from transformers.pytorch_utils import Conv1D  # (GPT-2's linear layers)
 
     targets = config.lora.target_modules
+    modules = dict(model.named_modules())
     output = model.get_output_embeddings()
-    linear_keys = [key for key, module in model.named_modules()
+    linear_keys = [key for key, module in modules.items()
                    if isinstance(module, torch.nn.Linear | Conv1D) and module is not output]
     linear = sorted({key.rsplit(".", 1)[-1] for key in linear_keys})
-    keys = [name for name, _ in model.named_modules() if name]
+    keys = [name for name in modules if name]
 
     def matched(target: str | list[str]) -> list[str]:
         spec = LoraConfig(target_modules=target)
@@ -339,7 +340,6 @@ def check_lora_targets(config: TrainConfig, model) -> None:
                                    f"{config.model} (its linear layers: {', '.join(linear)}); PEFT would leave it "
                                    "out and train the rest without a word")
         found = set(matched(targets))
-        modules = dict(model.named_modules())
         adaptable = (torch.nn.Linear, Conv1D, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
         if other := sorted(key for key in found if not isinstance(modules[key], adaptable)):
             raise PerpairError(f"lora.target_modules {targets}: {other[0]!r} is a {type(modules[other[0]]).__name__}, "
@@ -348,13 +348,13 @@ def check_lora_targets(config: TrainConfig, model) -> None:
         for kind, layer, why in (("output layer", output, "perpair's log-probs apply its weight directly, so an "
                                                           "adapter there would never train"),
                                  ("input embedding", embedding, "an adapter there is not supported")):
-            name = next((key for key, module in model.named_modules() if module is layer), None)
+            name = next((key for key, module in modules.items() if module is layer), None)
             if name in found:
                 raise PerpairError(f"lora.target_modules {targets}: {name!r} is the model's {kind}; {why}. Adapt "
                                    f"the layers inside the model ({', '.join(linear)}; 'all-linear' takes them all)")
     # recompute_mlp true: an MLP recomputes only with none of its projections adapted (lean.py's _mlp_kind)
     projections = ("gate_proj", "up_proj", "down_proj")
-    mlps = [key for key, module in model.named_modules()
+    mlps = [key for key, module in modules.items()
             if all(isinstance(getattr(module, n, None), torch.nn.Module) for n in projections)]
     if config.recompute_mlp and config.lean_activations and mlps and \
             all(any(f"{key}.{n}" in found for n in projections) for key in mlps):
