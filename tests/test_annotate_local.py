@@ -53,6 +53,23 @@ def test_a_model_retrained_at_the_same_path_is_asked_again(uf_pairs, tmp_path):
     assert pq.read_table(calls_path(out)).column("raw_response").to_pylist() != before  # the new model's scores
 
 
+def test_a_chat_template_edited_in_place_is_asked_again(uf_pairs, tmp_path):
+    """The local teacher scores the prompt its chat template renders, and the cache key held the weights only: a
+    template edited in the model folder (the weights untouched) got the old template's answers from the cache."""
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "teacher", layers=1)
+    out = tmp_path / "ann.parquet"
+    args = ("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "3", "-o", out)
+    assert "0 from the cache" in run_cli(*args).stdout
+    before = pq.read_table(calls_path(out)).column("raw_response").to_pylist()
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    assert "0 from the cache" in run_cli(*args).stdout
+    assert pq.read_table(calls_path(out)).column("raw_response").to_pylist() != before  # the new prompts' scores
+    assert "3 from the cache" in run_cli(*args).stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["", " \n"])
 def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path, template):

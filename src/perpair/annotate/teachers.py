@@ -203,6 +203,12 @@ class LocalTeacher:
         from perpair.models import model_fingerprint
 
         self.fingerprint["weights"] = model_fingerprint(spec)
+        # and so is one whose chat template or tokenizer was edited in place: the prompts it scores are others (a
+        # Hub id stands for itself: its commit is in the weights' fingerprint)
+        from perpair.eval.generate import tokenizer_identity
+
+        if (tokenizer := tokenizer_identity(spec)) is not None:
+            self.fingerprint["tokenizer"] = tokenizer
 
     def _load(self):
         if self._scorer is None:
