@@ -661,3 +661,15 @@ def test_a_share_of_routed_pairs_is_not_rounded_to_none_or_all(tmp_path):
 
     figure = routes_figure(np.array(["preference"] * 2000 + ["sft"], dtype=object))
     assert [t.get_text() for t in figure.axes[0].texts] == [" 2000 (>99.9%)", " 1 (<0.1%)", " 0 (0.0%)"]
+
+
+def test_explain_of_a_pair_not_in_the_plan_writes_nothing(tmp_path):
+    """`perpair plan -o PLAN --explain ID` with a mistyped id wrote the plan and its report, then exited 2 on the id:
+    a refused command left its files behind (a plan the user may not have meant, beside an error), and the error
+    named a 'field pair_id' of no file. The ids are checked before anything is written, and named as the option's."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "mixdpo", "-o", out, "--explain", "deadbeef", check=False))
+    assert line == f"error: --explain deadbeef: no pair of {pairs} has this id"
+    assert not out.exists() and not (tmp_path / "plan_report").exists()
