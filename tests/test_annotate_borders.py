@@ -387,3 +387,26 @@ def test_a_cache_named_as_an_output_is_refused(tmp_path):
         (line,) = error_lines(result)
         assert line.startswith(f"error: --cache {cache} is the {name}: writing it would destroy the answer cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_answer_cache_named_as_an_output_is_refused_untouched(tmp_path):
+    """-o naming an existing answer cache (`-o ann.cache.sqlite`, the name completion offers beside ann.parquet) of
+    `perpair annotate`, `annotate merge` or `plan`: the artifact replaced the database, every answer paid for gone,
+    exit 0. Refused before anything is written; the cache still answers."""
+    pairs = _small_pairs(tmp_path)
+    shards = [tmp_path / f"ann.{i}.parquet" for i in range(2)]
+    for i, shard in enumerate(shards):
+        run_cli("annotate", pairs, "--teacher", "ratings", "--shard", f"{i}/2", "-o", shard)
+    cache = tmp_path / "ann.0.cache.sqlite"
+    held = cache.read_bytes()
+    for command in (("annotate", pairs, "--teacher", "ratings"), ("annotate", "merge", *shards),
+                    ("plan", pairs, "--preset", "dpo")):
+        result = run_cli(*command, "-o", cache, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr)
+        (line,) = error_lines(result)
+        assert line.startswith(f"error: -o/--output {cache}: an SQLite database"), line
+        assert cache.read_bytes() == held
+    assert not (tmp_path / "ann.0.cache.sqlite.calls.parquet").exists()
+    assert not (tmp_path / "ann.0.cache_report").exists()
+    again = run_cli("annotate", pairs, "--teacher", "ratings", "--shard", "0/2", "-o", shards[0])
+    assert "0 from the cache" not in again.stdout and " from the cache" in again.stdout
