@@ -410,3 +410,25 @@ def test_an_answer_cache_named_as_an_output_is_refused_untouched(tmp_path):
     assert not (tmp_path / "ann.0.cache_report").exists()
     again = run_cli("annotate", pairs, "--teacher", "ratings", "--shard", "0/2", "-o", shards[0])
     assert "0 from the cache" not in again.stdout and " from the cache" in again.stdout
+
+
+def test_a_teachers_refusal_is_recorded_as_such_not_reasked_as_empty(uf_pairs, tmp_path):
+    """OpenAI's structured outputs answer a refusal as message.refusal with null content: it was re-asked twice as
+    "the answer is empty" (three paid calls) and recorded as that, the refusal's words nowhere. Now one call, failed
+    with the refusal as its reason and raw response."""
+    words = "I'm sorry, I can't help with that."
+
+    def refuse(body, request):
+        message = {"role": "assistant", "content": None, "refusal": words}
+        return Reply(body=json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode())
+
+    out = tmp_path / "refused.parquet"
+    stub = Stub(refuse)
+    with stub as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "3",
+                         check=False)
+    assert result.returncode == 3 and len(stub.requests) == 3, result.stdout
+    assert f"failed × 3: the teacher refused: {words}" in result.stdout
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert {(c["status"], c["raw_response"], c["reasks"]) for c in calls} == {("failed", words, 0)}
