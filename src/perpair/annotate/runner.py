@@ -235,7 +235,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
-        "teachers": [_describe(t) for t in config.teachers],
+        "teachers": [_describe(t.config, t) for t in teachers],
         "templates": {tid: _template_sha(tid) for tid in sorted({c.template for _, c in calls})},
         "seed": config.seed,
         "limit": config.limit,
@@ -328,9 +328,16 @@ TRANSPORT_SETTINGS = frozenset({"base_urls", "concurrency", "timeout_s", "connec
                                 "batch_size", "threads"})
 
 
-def _describe(config) -> dict[str, Any]:
+# What a teacher's settings do not say of its answers: the contents of a local teacher's model (weights; tokenizer and
+# chat template). In provenance, so that shards annotated by other models at the same path (another machine's copy,
+# a retraining between shards) do not merge.
+CONTENT_IDENTITY = ("weights", "tokenizer")
+
+
+def _describe(config, teacher) -> dict[str, Any]:
     # The settings that shape the answers (never a key: configs hold at most the variable's name), plus the id.
-    return {"id": config.id, **config.model_dump(mode="json", exclude_none=True, exclude=TRANSPORT_SETTINGS)}
+    described = {"id": config.id, **config.model_dump(mode="json", exclude_none=True, exclude=TRANSPORT_SETTINGS)}
+    return {**described, **{k: teacher.fingerprint[k] for k in CONTENT_IDENTITY if k in teacher.fingerprint}}
 
 
 def _template_sha(template_id: str) -> str | None:
@@ -370,7 +377,8 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     for path, provenance in zip(outputs, provenances, strict=True):
         for key in ("pairs_sha256", "teachers", "templates", "seed", "limit"):
             if provenance.get(key) != first.get(key):
-                raise PerpairError(f"file {path}: its {key} differs from {outputs[0]}'s; shards must come from "
+                what = " (their settings, or a local teacher's model files)" if key == "teachers" else ""
+                raise PerpairError(f"file {path}: its {key}{what} differs from {outputs[0]}'s; shards must come from "
                                    "one pairs file and one configuration")
     shards = [p.get("shard") for p in provenances]
     if any(s is None for s in shards):
