@@ -432,3 +432,24 @@ def test_a_teachers_refusal_is_recorded_as_such_not_reasked_as_empty(uf_pairs, t
     assert f"failed × 3: the teacher refused: {words}" in result.stdout
     calls = pq.read_table(calls_path(out)).to_pylist()
     assert {(c["status"], c["raw_response"], c["reasks"]) for c in calls} == {("failed", words, 0)}
+
+
+def test_an_ensemble_template_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
+    """An ensemble over templates (--template gap --template gap-brief) in which one template's answers are never
+    valid: every pair still had a category (the other template's), which passed as the ensemble's with exit 0, as a
+    silent teacher beside another did before it was exit 3. Exit 3 names the teacher and template."""
+    def brief_invalid(body, request):  # gap-brief's system prompt; its answers out of range
+        brief = "strict grader" in body["messages"][0]["content"]
+        return json.dumps({**VALID, "magnitude": 7} if brief else VALID)
+
+    out = tmp_path / "ann.parquet"
+    with Stub(brief_invalid) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--template", "gap",
+                         "--template", "gap-brief", "--limit", "4", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stdout
+    (line,) = error_lines(result)
+    assert "teacher api:stub with template gap-brief@v1 gave no valid annotation in 4 calls" in line
+    assert "gap@v1" not in line and read_annotations(out)[0].num_rows == 4
+    with Stub() as url:  # both templates answering: exit 0
+        assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", api_config(tmp_path, url),
+                       "--template", "gap", "--template", "gap-brief", "--limit", "4").returncode == 0

@@ -117,7 +117,8 @@ class AnnotateResult:
     retried: int = 0  # cached failures asked again (--retry-failed)
     unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
     min_valid_share: float = 0.0
-    silent_teachers: dict[str, int] = field(default_factory=dict)  # teacher id -> its calls, none of them valid
+    # teacher id (and template, for a teacher of several) -> its calls, none of them valid
+    silent_teachers: dict[str, int] = field(default_factory=dict)
 
     @property
     def shortfall(self) -> str | None:
@@ -133,7 +134,8 @@ class AnnotateResult:
                     f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
         if self.silent_teachers:  # the ensemble asked for is not the one the annotations come from
             return "; ".join(f"teacher {teacher} gave no valid annotation in {calls:,} calls (the pairs' annotations "
-                             "come from the other teachers alone)" for teacher, calls in self.silent_teachers.items())
+                             "come from the rest of the ensemble alone)"
+                             for teacher, calls in self.silent_teachers.items())
         return None
 
 
@@ -226,12 +228,15 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
              "cost": round(sum(r.cost for r in ordered), 10)}
     categories = aggregated.column("category").to_pylist()
     annotated = sum(1 for c in categories if c is not None)
-    asked = {t.id: 0 for t in teachers}
+    # each teacher and template of an ensemble: one that gave no valid answer leaves the annotations to the others
+    asked = {(t.id, template): 0 for t in teachers for template in t.templates}
     valid = dict(asked)
     for record in ordered:
-        asked[record.teacher] += 1
-        valid[record.teacher] += record.status == "ok"
-    silent = {teacher: count for teacher, count in asked.items() if count and not valid[teacher]}
+        asked[record.teacher, record.template] += 1
+        valid[record.teacher, record.template] += record.status == "ok"
+    templates = {t.id: len(t.templates) for t in teachers}
+    silent = {(f"{teacher} with template {template}" if templates[teacher] > 1 else teacher): count
+              for (teacher, template), count in asked.items() if count and not valid[teacher, template]}
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
@@ -252,7 +257,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
         requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
         retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
-        unanswered=unanswered, silent_teachers=silent if len(teachers) > 1 else {})
+        unanswered=unanswered, silent_teachers=silent if len(asked) > 1 else {})
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
