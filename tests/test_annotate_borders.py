@@ -387,3 +387,69 @@ def test_a_cache_named_as_an_output_is_refused(tmp_path):
         (line,) = error_lines(result)
         assert line.startswith(f"error: --cache {cache} is the {name}: writing it would destroy the answer cache")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_answer_cache_named_as_an_output_is_refused_untouched(tmp_path):
+    """-o naming an existing answer cache (`-o ann.cache.sqlite`, the name completion offers beside ann.parquet) of
+    `perpair annotate`, `annotate merge` or `plan`: the artifact replaced the database, every answer paid for gone,
+    exit 0. Refused before anything is written; the cache still answers."""
+    pairs = _small_pairs(tmp_path)
+    shards = [tmp_path / f"ann.{i}.parquet" for i in range(2)]
+    for i, shard in enumerate(shards):
+        run_cli("annotate", pairs, "--teacher", "ratings", "--shard", f"{i}/2", "-o", shard)
+    cache = tmp_path / "ann.0.cache.sqlite"
+    held = cache.read_bytes()
+    for command in (("annotate", pairs, "--teacher", "ratings"), ("annotate", "merge", *shards),
+                    ("plan", pairs, "--preset", "dpo")):
+        result = run_cli(*command, "-o", cache, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (command, result.stderr)
+        (line,) = error_lines(result)
+        assert line.startswith(f"error: -o/--output {cache}: an SQLite database"), line
+        assert cache.read_bytes() == held
+    assert not (tmp_path / "ann.0.cache.sqlite.calls.parquet").exists()
+    assert not (tmp_path / "ann.0.cache_report").exists()
+    again = run_cli("annotate", pairs, "--teacher", "ratings", "--shard", "0/2", "-o", shards[0])
+    assert "0 from the cache" not in again.stdout and " from the cache" in again.stdout
+
+
+def test_a_teachers_refusal_is_recorded_as_such_not_reasked_as_empty(uf_pairs, tmp_path):
+    """OpenAI's structured outputs answer a refusal as message.refusal with null content: it was re-asked twice as
+    "the answer is empty" (three paid calls) and recorded as that, the refusal's words nowhere. Now one call, failed
+    with the refusal as its reason and raw response."""
+    words = "I'm sorry, I can't help with that."
+
+    def refuse(body, request):
+        message = {"role": "assistant", "content": None, "refusal": words}
+        return Reply(body=json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                                      "usage": {"prompt_tokens": 10, "completion_tokens": 5}}).encode())
+
+    out = tmp_path / "refused.parquet"
+    stub = Stub(refuse)
+    with stub as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "3",
+                         check=False)
+    assert result.returncode == 3 and len(stub.requests) == 3, result.stdout
+    assert f"failed × 3: the teacher refused: {words}" in result.stdout
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert {(c["status"], c["raw_response"], c["reasks"]) for c in calls} == {("failed", words, 0)}
+
+
+def test_an_ensemble_template_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
+    """An ensemble over templates (--template gap --template gap-brief) in which one template's answers are never
+    valid: every pair still had a category (the other template's), which passed as the ensemble's with exit 0, as a
+    silent teacher beside another did before it was exit 3. Exit 3 names the teacher and template."""
+    def brief_invalid(body, request):  # gap-brief's system prompt; its answers out of range
+        brief = "strict grader" in body["messages"][0]["content"]
+        return json.dumps({**VALID, "magnitude": 7} if brief else VALID)
+
+    out = tmp_path / "ann.parquet"
+    with Stub(brief_invalid) as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--template", "gap",
+                         "--template", "gap-brief", "--limit", "4", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stdout
+    (line,) = error_lines(result)
+    assert "teacher api:stub with template gap-brief@v1 gave no valid annotation in 4 calls" in line
+    assert "gap@v1" not in line and read_annotations(out)[0].num_rows == 4
+    with Stub() as url:  # both templates answering: exit 0
+        assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", api_config(tmp_path, url),
+                       "--template", "gap", "--template", "gap-brief", "--limit", "4").returncode == 0

@@ -53,6 +53,23 @@ def test_a_model_retrained_at_the_same_path_is_asked_again(uf_pairs, tmp_path):
     assert pq.read_table(calls_path(out)).column("raw_response").to_pylist() != before  # the new model's scores
 
 
+def test_a_chat_template_edited_in_place_is_asked_again(uf_pairs, tmp_path):
+    """The local teacher scores the prompt its chat template renders, and the cache key held the weights only: a
+    template edited in the model folder (the weights untouched) got the old template's answers from the cache."""
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "teacher", layers=1)
+    out = tmp_path / "ann.parquet"
+    args = ("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "3", "-o", out)
+    assert "0 from the cache" in run_cli(*args).stdout
+    before = pq.read_table(calls_path(out)).column("raw_response").to_pylist()
+    template = folder / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    assert "0 from the cache" in run_cli(*args).stdout
+    assert pq.read_table(calls_path(out)).column("raw_response").to_pylist() != before  # the new prompts' scores
+    assert "3 from the cache" in run_cli(*args).stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["", " \n"])
 def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path, template):
@@ -140,3 +157,25 @@ def test_calibration_divides_out_the_content_free_label_prior(tiny_model):
     weights = [math.exp(a - b) for a, b in zip(real_lp, empty_lp, strict=True)]
     expected = [w / sum(weights) for w in weights]
     assert [results[True]["real"][c] for c in CATEGORIES] == pytest.approx(expected, abs=2e-6)
+
+
+def test_shards_of_other_model_files_at_the_same_path_do_not_merge(uf_pairs, tmp_path):
+    """A shard's provenance named a local teacher by its settings (its path) only: shards annotated by other models
+    at one path (another machine's copy, a retraining between shards) merged into one file of two teachers, exit 0.
+    The provenance now holds the model's content identity, and merge refuses them."""
+    from conftest import rewrite_weights, save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "teacher", layers=1)
+    shards = [tmp_path / f"ann.{i}.parquet" for i in range(2)]
+    for i, shard in enumerate(shards):
+        if i == 1:
+            rewrite_weights(folder)
+        run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "4", "--shard", f"{i}/2", "-o", shard)
+    merged = tmp_path / "merged.parquet"
+    result = run_cli("annotate", "merge", *shards, "-o", merged, check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: file {shards[1]}: its teachers (their settings, or a local teacher's model files) differs from "
+        f"{shards[0]}'s; shards must come from one pairs file and one configuration"], result.stderr
+    assert not merged.exists()
+    run_cli("annotate", uf_pairs, "--teacher", f"local:{folder}", "--limit", "4", "--shard", "0/2", "-o", shards[0])
+    run_cli("annotate", "merge", *shards, "-o", merged)  # the same model's shards merge

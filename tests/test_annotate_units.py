@@ -67,6 +67,25 @@ def test_parsing_tolerates_fences_and_case_but_not_out_of_range_values():
             parse_answer(bad, False)
 
 
+def test_the_answer_is_never_taken_from_reasoning_or_one_of_two_answers():
+    """The first JSON object of a reply was the answer: a reasoning model's draft inside <think> (which servers
+    leave in the content) was taken over its answer after it, and of two differing answers, or a key given twice
+    (json keeps the last), one was taken without a word; "2.5" as text passed as magnitude 2.5."""
+    draft, final = answer(better="B", category="style", magnitude=1), answer()
+    for reply in (f"<think>A first draft: {draft}. No: A is better.</think>\n{final}",
+                  f"Draft: {draft} Hmm, A is better.</think>{final}",  # <think> opened by the chat template
+                  f"Let me think. {{first}} then:\n```json\n{final}\n```", f"{final}\n{final}"):
+        parsed = parse_answer(reply, False)
+        assert (parsed.category, parsed.magnitude, parsed.preferred) == ("factuality", 2.0, "chosen"), reply
+    for reply, fragment in ((f"<think>A first draft: {draft}", "only reasoning"),
+                            (f"{draft}\nOn reflection:\n{final}", "2 different JSON answers"),
+                            (final[:-1] + ', "better": "B"}', "gives 'better' twice"),
+                            (answer(magnitude="2.5"), "integer")):
+        with pytest.raises(ParseError, match=fragment):
+            parse_answer(reply, False)
+    assert parse_answer(answer(magnitude="3"), False).magnitude == 3.0
+
+
 def ratings_call(**pair) -> Call:
     return Call(key="k", pair_id="p", teacher="ratings", template="ratings@v1", swapped=False, pair=pair)
 

@@ -527,6 +527,30 @@ def test_unannotated_pairs_under_a_per_pair_beta_are_a_warning(tmp_path):
     assert "warning" not in dpo.stderr and read_plan(tmp_path / "dpo.parquet")[1]["warnings"] == []
 
 
+def test_unannotated_pairs_under_a_mislabeled_action_are_a_warning(tmp_path):
+    """mislabeled.action drop or flip acts on the pairs the annotations call mislabeled: under a global β (mixdpo,
+    dpo) the pairs the annotations leave out were kept as labelled without a word, the plan's only warning being
+    for a per-pair β. Now the same warning counts them."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0), (9.0, 2.0), (6.0, 4.0), (5.0, 5.0), (8.0, 1.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids[:2], ["mislabeled", "style"], [3.0, 1.0], [0.9, 0.8])
+    schedule = tmp_path / "schedule.yaml"
+    for preset, action, first, preference in (("mixdpo", "drop", "drop", 4), ("dpo", "flip", "preference", 6)):
+        schedule.write_text(f"mislabeled:\n  action: {action}\n")
+        out = tmp_path / f"{action}.parquet"
+        result = run_cli("plan", pairs, "--preset", preset, "--annotations", annotations, "--config", schedule,
+                         "-o", out)
+        rows, provenance = read_plan(out)
+        assert rows[0]["route"] == first and rows[0]["flipped"] == (action == "flip")
+        (warning,) = provenance["warnings"]
+        unannotated = preference - 1 if action == "drop" else preference - 2
+        assert warning.startswith(f"{unannotated} of the {preference} preference pairs are unannotated and get no "
+                                  f"check for a mislabeled pair (mislabeled.action {action}: kept as labelled): "
+                                  f"{unannotated} have no row in "), warning
+        assert f"warning: {warning}" in result.stderr
+
+
 def test_annotations_of_one_shard_say_so(uf_pairs, tmp_path):
     shard = tmp_path / "shard.parquet"
     run_cli("annotate", uf_pairs, "--teacher", "ratings", "--shard", "1/3", "--limit", "30", "-o", shard)
@@ -661,3 +685,15 @@ def test_a_share_of_routed_pairs_is_not_rounded_to_none_or_all(tmp_path):
 
     figure = routes_figure(np.array(["preference"] * 2000 + ["sft"], dtype=object))
     assert [t.get_text() for t in figure.axes[0].texts] == [" 2000 (>99.9%)", " 1 (<0.1%)", " 0 (0.0%)"]
+
+
+def test_explain_of_a_pair_not_in_the_plan_writes_nothing(tmp_path):
+    """`perpair plan -o PLAN --explain ID` with a mistyped id wrote the plan and its report, then exited 2 on the id:
+    a refused command left its files behind (a plan the user may not have meant, beside an error), and the error
+    named a 'field pair_id' of no file. The ids are checked before anything is written, and named as the option's."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 3.0), (7.0, 5.0)])
+    out = tmp_path / "plan.parquet"
+    line = _refused(run_cli("plan", pairs, "--preset", "mixdpo", "-o", out, "--explain", "deadbeef", check=False))
+    assert line == f"error: --explain deadbeef: no pair of {pairs} has this id"
+    assert not out.exists() and not (tmp_path / "plan_report").exists()

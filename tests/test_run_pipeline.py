@@ -819,7 +819,8 @@ def test_a_plans_warnings_are_in_the_runs_log(tmp_path, tiny, monkeypatch):
 
 def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monkeypatch):
     """The annotate stage's identity holds its local teachers' weights, as the initial model's holds its own:
-    a teacher rewritten at the same path annotated nothing again (the stage was skipped, the old answers kept)."""
+    a teacher rewritten at the same path annotated nothing again (the stage was skipped, the old answers kept). So
+    does its chat template: one edited in place (the weights untouched) was skipped the same way."""
     import importlib
 
     from perpair.pipeline import RunConfig, run
@@ -839,14 +840,17 @@ def test_a_local_teacher_retrained_in_place_annotates_again(tmp_path, tiny, monk
     config["arms"] = {"sp2dpo": SP2DPO_TINY_TEACHER}
     config["eval"] = {}
     ran = []
-    for rewrite in (False, False, True):
-        if rewrite:
+    template = teacher / "chat_template.jinja"
+    for change in (None, None, "weights", "template", None):
+        if change == "weights":
             rewrite_weights(teacher)
+        elif change == "template":
+            template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
         lines = []
         with pytest.raises(Planned):
             run(RunConfig.model_validate(config), log=lines.append)
         ran.append(any(line.startswith("[annotate] done") for line in lines))
-    assert ran == [True, False, True]
+    assert ran == [True, False, True, True, False]
 
 
 def _small(tmp_path: Path, model: Path, **changes) -> dict:

@@ -98,6 +98,9 @@ def folder_lock(folder: Path, busy: str, advice: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first bytes of every SQLite 3 database file
+
+
 def check_output_file(path: Path, option: str, example: str, kind: str | None = None) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder (``-o .``, ``-o DIR``), a path
     under a file, or one in a folder that cannot be written (read-only, no permission); with ``kind``, a perpair
@@ -110,9 +113,19 @@ def check_output_file(path: Path, option: str, example: str, kind: str | None = 
 
 
 def refuse_other_artifact(path: Path, option: str, kind: str) -> None:
-    """Refuse writing a ``kind`` artifact over a perpair artifact of another kind (another file is replaced)."""
+    """Refuse writing a ``kind`` artifact over a perpair artifact of another kind, or over an SQLite database (the
+    answer cache of ``perpair annotate``, the results cache of an evaluation: the answers paid for); another file is
+    replaced."""
     if not path.is_file():
         return
+    try:
+        with path.open("rb") as handle:
+            database = handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:  # not readable: refused as unwritable, or replaced, below
+        database = False
+    if database:
+        raise PerpairError(f"{option} {path}: an SQLite database (perpair's caches are: an answer cache holds every "
+                           f"answer paid for), which writing {kind} there would destroy; name another file")
     try:
         held = read_header(path).get("kind")
     except PerpairError:  # not an artifact (or not readable): replaced as any file is

@@ -117,7 +117,8 @@ class AnnotateResult:
     retried: int = 0  # cached failures asked again (--retry-failed)
     unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
     min_valid_share: float = 0.0
-    silent_teachers: dict[str, int] = field(default_factory=dict)  # teacher id -> its calls, none of them valid
+    # teacher id (and template, for a teacher of several) -> its calls, none of them valid
+    silent_teachers: dict[str, int] = field(default_factory=dict)
 
     @property
     def shortfall(self) -> str | None:
@@ -133,7 +134,8 @@ class AnnotateResult:
                     f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
         if self.silent_teachers:  # the ensemble asked for is not the one the annotations come from
             return "; ".join(f"teacher {teacher} gave no valid annotation in {calls:,} calls (the pairs' annotations "
-                             "come from the other teachers alone)" for teacher, calls in self.silent_teachers.items())
+                             "come from the rest of the ensemble alone)"
+                             for teacher, calls in self.silent_teachers.items())
         return None
 
 
@@ -226,16 +228,19 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
              "cost": round(sum(r.cost for r in ordered), 10)}
     categories = aggregated.column("category").to_pylist()
     annotated = sum(1 for c in categories if c is not None)
-    asked = {t.id: 0 for t in teachers}
+    # each teacher and template of an ensemble: one that gave no valid answer leaves the annotations to the others
+    asked = {(t.id, template): 0 for t in teachers for template in t.templates}
     valid = dict(asked)
     for record in ordered:
-        asked[record.teacher] += 1
-        valid[record.teacher] += record.status == "ok"
-    silent = {teacher: count for teacher, count in asked.items() if count and not valid[teacher]}
+        asked[record.teacher, record.template] += 1
+        valid[record.teacher, record.template] += record.status == "ok"
+    templates = {t.id: len(t.templates) for t in teachers}
+    silent = {(f"{teacher} with template {template}" if templates[teacher] > 1 else teacher): count
+              for (teacher, template), count in asked.items() if count and not valid[teacher, template]}
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
-        "teachers": [_describe(t) for t in config.teachers],
+        "teachers": [_describe(t.config, t) for t in teachers],
         "templates": {tid: _template_sha(tid) for tid in sorted({c.template for _, c in calls})},
         "seed": config.seed,
         "limit": config.limit,
@@ -252,7 +257,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
         requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
         retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
-        unanswered=unanswered, silent_teachers=silent if len(teachers) > 1 else {})
+        unanswered=unanswered, silent_teachers=silent if len(asked) > 1 else {})
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
@@ -328,9 +333,16 @@ TRANSPORT_SETTINGS = frozenset({"base_urls", "concurrency", "timeout_s", "connec
                                 "batch_size", "threads"})
 
 
-def _describe(config) -> dict[str, Any]:
+# What a teacher's settings do not say of its answers: the contents of a local teacher's model (weights; tokenizer and
+# chat template). In provenance, so that shards annotated by other models at the same path (another machine's copy,
+# a retraining between shards) do not merge.
+CONTENT_IDENTITY = ("weights", "tokenizer")
+
+
+def _describe(config, teacher) -> dict[str, Any]:
     # The settings that shape the answers (never a key: configs hold at most the variable's name), plus the id.
-    return {"id": config.id, **config.model_dump(mode="json", exclude_none=True, exclude=TRANSPORT_SETTINGS)}
+    described = {"id": config.id, **config.model_dump(mode="json", exclude_none=True, exclude=TRANSPORT_SETTINGS)}
+    return {**described, **{k: teacher.fingerprint[k] for k in CONTENT_IDENTITY if k in teacher.fingerprint}}
 
 
 def _template_sha(template_id: str) -> str | None:
@@ -370,7 +382,8 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     for path, provenance in zip(outputs, provenances, strict=True):
         for key in ("pairs_sha256", "teachers", "templates", "seed", "limit"):
             if provenance.get(key) != first.get(key):
-                raise PerpairError(f"file {path}: its {key} differs from {outputs[0]}'s; shards must come from "
+                what = " (their settings, or a local teacher's model files)" if key == "teachers" else ""
+                raise PerpairError(f"file {path}: its {key}{what} differs from {outputs[0]}'s; shards must come from "
                                    "one pairs file and one configuration")
     shards = [p.get("shard") for p in provenances]
     if any(s is None for s in shards):

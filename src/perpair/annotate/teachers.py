@@ -203,6 +203,12 @@ class LocalTeacher:
         from perpair.models import model_fingerprint
 
         self.fingerprint["weights"] = model_fingerprint(spec)
+        # and so is one whose chat template or tokenizer was edited in place: the prompts it scores are others (a
+        # Hub id stands for itself: its commit is in the weights' fingerprint)
+        from perpair.eval.generate import tokenizer_identity
+
+        if (tokenizer := tokenizer_identity(spec)) is not None:
+            self.fingerprint["tokenizer"] = tokenizer
 
     def _load(self):
         if self._scorer is None:
@@ -454,6 +460,11 @@ class ApiTeacher:
             usage["completion_tokens"] += result.completion_tokens
             usage["cost"] += result.cost
             raw = result.content
+            if not (raw or "").strip() and (refusal := _refusal(result.response)) is not None:
+                # OpenAI's structured outputs answer a refusal as message.refusal with no content: re-asked, it was
+                # "the answer is empty" twice more, the refusal recorded nowhere
+                return call.record("failed", swapped=call.swapped, raw_response=refusal, reasks=reask,
+                                   reason=f"the teacher refused: {refusal.strip()[:200]}", **usage)
             try:
                 answer = parse_answer(raw, call.swapped)
             except ParseError as exc:
@@ -470,6 +481,13 @@ class ApiTeacher:
                                reasks=reask, **usage)
         return call.record("failed", swapped=call.swapped, raw_response=raw, reasks=self.config.max_reasks,
                            reason=f"invalid answer after {self.config.max_reasks} re-asks: {reason}", **usage)
+
+
+def _refusal(response: dict[str, Any]) -> str | None:
+    """The refusal text of a chat completion (``choices[0].message.refusal``), or None."""
+    message = response["choices"][0].get("message") or {}
+    refusal = message.get("refusal")
+    return refusal if isinstance(refusal, str) and refusal.strip() else None
 
 
 def _rejects_format(exc: ChatError) -> bool:

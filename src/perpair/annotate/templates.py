@@ -174,6 +174,11 @@ class RawAnswer(BaseModel):
     @field_validator("magnitude", mode="before")
     @classmethod
     def _whole(cls, value: Any) -> Any:
+        if isinstance(value, str):  # "2" is 2, and "2.5" no more whole than 2.5 (it was taken as 2.5)
+            try:
+                value = float(value.strip())
+            except ValueError:
+                return value  # refused below as not a number
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError("magnitude must be an integer 0, 1, 2 or 3")
         return value
@@ -204,7 +209,7 @@ def parse_answer(content: str | None, swapped: bool) -> Annotation:
     """Parse, validate and map back a blind answer; raises :class:`ParseError` with a fixable reason."""
     if not content or not content.strip():
         raise ParseError("the answer is empty")
-    data = _first_json_object(content)
+    data = _answer_object(content)
     try:
         raw = RawAnswer.model_validate(data)
     except ValidationError as exc:
@@ -223,23 +228,59 @@ def parse_answer(content: str | None, swapped: bool) -> Annotation:
                       gap_category=raw.category)
 
 
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
+# Reasoning a model writes before its answer (DeepSeek-R1, Qwen3 and others, where the server leaves it in the
+# content): drafts in it are not the answer. A template may open the block in the prompt, so a closing tag alone
+# ends it too.
+_REASONING_END = re.compile(r"</(think|thinking|reasoning)>", re.IGNORECASE)
+_REASONING_START = re.compile(r"<(think|thinking|reasoning)>", re.IGNORECASE)
+_ANSWER_KEYS = frozenset(RawAnswer.model_fields) - {"rationale"}
 
 
-def _first_json_object(content: str) -> Any:
-    fenced = _FENCE.search(content)
-    text = fenced.group(1) if fenced else content
-    start = text.find("{")
-    if start < 0:
+def _answer_object(content: str) -> Any:
+    """The one answer object of a reply: reasoning before it left out; prose, fences and other JSON around it
+    passed over; two answers that differ refused (taking either would be a guess)."""
+    text = content
+    ends = list(_REASONING_END.finditer(text))
+    if ends:
+        text = text[ends[-1].end():]
+    elif (start := _REASONING_START.match(text.lstrip())) is not None:
+        # no answer after the reasoning (cut at max_tokens, say): a draft inside it is no answer
+        raise ParseError(f"the answer is only reasoning ({start.group(0)} is never closed)")
+    decoder = json.JSONDecoder(strict=False, object_pairs_hook=_no_conflicting_keys)
+    found: list[tuple[Any, str | None]] = []  # each '{' in reading order: the object it opens, or why none
+    position = 0
+    while (start := text.find("{", position)) >= 0:
+        try:
+            # strict=False: raw newlines and tabs inside strings pass (small models write them, and llama.cpp's
+            # JSON grammar lets them through); anything else malformed is re-asked.
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as exc:
+            found.append((None, f"the JSON object is malformed ({exc.msg} at character {exc.pos - start})"))
+            position = start + 1
+            continue
+        except RecursionError:  # a reply, not the user's input: re-asked, not the run's end
+            raise ParseError("the JSON object is nested too deeply") from None
+        found.append((value, None))
+        position = end
+    if not found:
         raise ParseError("the answer holds no JSON object")
-    try:
-        # strict=False: raw newlines and tabs inside strings pass (small models write them, and llama.cpp's
-        # JSON grammar lets them through); anything else malformed is re-asked.
-        value, _ = json.JSONDecoder(strict=False).raw_decode(text[start:])
-    except json.JSONDecodeError as exc:
-        raise ParseError(f"the JSON object is malformed ({exc.msg} at character {exc.pos})") from None
-    except RecursionError:  # a reply, not the user's input: re-asked, not the run's end
-        raise ParseError("the JSON object is nested too deeply") from None
-    if not isinstance(value, dict):
-        raise ParseError("the answer is not a JSON object")
+    answers = [value for value, _ in found if isinstance(value, dict) and value.keys() & _ANSWER_KEYS]
+    distinct = {json.dumps(a, sort_keys=True) for a in answers}
+    if len(distinct) > 1:
+        raise ParseError(f"the answer holds {len(distinct)} different JSON answers; give exactly one")
+    if answers:
+        return answers[0]
+    value, problem = found[0]
+    if problem is not None:
+        raise ParseError(problem)
+    return value
+
+
+def _no_conflicting_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refused where it gives one key two values (json keeps the last without a word)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value and value[key] != item:
+            raise ParseError(f"the JSON object gives {key!r} twice, as {value[key]!r} and {item!r}")
+        value[key] = item
     return value

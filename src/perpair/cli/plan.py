@@ -88,6 +88,10 @@ def plan_command(
         if beta is not None and (idle := plan.idle_global_beta(result)):
             raise InputError(f"--beta {beta:g} would change nothing: {idle}; drop --beta, or set beta.normalise: "
                              "true to rescale them to it")
+        known = set(result.trace.pair_ids.tolist())
+        for pair_id in explain_ids or []:  # before writing: a mistyped id left a plan behind an exit 2
+            if pair_id not in known:
+                raise InputError(f"--explain {pair_id}: no pair of {pairs} has this id")
         page = None
         if output is not None:
             plan.write_plan(result, output)

@@ -380,10 +380,13 @@ class _Job:
         output = self.workdir / "annotations.parquet"
         material = {"config": settings.annotate.model_dump(mode="json"), "pairs": file_sha256(pairs)}
         local = [t.model for t in settings.annotate.teachers if t.kind == "local"]
-        if local:  # a local teacher retrained at the same path is another teacher: annotate again
+        if local:  # a local teacher retrained, or its chat template edited, at the same path is another teacher
+            from perpair.eval.generate import tokenizer_identity
             from perpair.models import model_fingerprint, resolve_model
 
             material["teacher_weights"] = [model_fingerprint(resolve_model(model)) for model in local]
+            if any(tokenizers := [tokenizer_identity(resolve_model(model)) for model in local]):
+                material["teacher_tokenizers"] = tokenizers
         info = self.stage("annotate", "annotate", material, lambda: [output, calls_path(output)], _annotate,
                           pairs, settings.annotate, output, self.workdir / "annotations.cache.sqlite")
         if info.get("calls_per_second"):

@@ -331,10 +331,14 @@ def _one_beta(kind: str, trained: np.ndarray, category: np.ndarray, annotated: n
 def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.ndarray, no_row: np.ndarray,
                          provenance: dict[str, Any], annotations: str) -> list[str]:
     """Pairs on the preference route that a schedule reading the annotations finds unannotated: they fall back
-    to the global β (and, with margin.source teacher, to no margin), which the summary's count alone does not say."""
+    to the global β (with margin.source teacher, to no margin; with mislabeled.action drop or flip, to being kept as
+    labelled), which the summary's count alone does not say."""
+    action = schedule.mislabeled.action
     reads = [what for what, used in (
         (f"the global β {schedule.beta.beta:g} instead of a per-pair β", schedule.beta.kind != "global"),
-        ("no difficulty margin (never routed; last in the curriculum)", schedule.margin.source == "teacher"))
+        ("no difficulty margin (never routed; last in the curriculum)", schedule.margin.source == "teacher"),
+        (f"no check for a mislabeled pair (mislabeled.action {action}: kept as labelled)",
+         action in ("drop", "flip")))
         if used]
     missing = (route == "preference") & ~annotated
     if not reads or not missing.any():
