@@ -77,8 +77,8 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
 
     from conftest import save_tiny_llama
     from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, load_judge
-    from perpair.eval.generate import GenerationConfig, generation_identity, tokenizer_identity
-    from perpair.models import model_fingerprint
+    from perpair.eval.generate import GenerationConfig, generation_identity
+    from perpair.models import model_fingerprint, tokenizer_identity
 
     model = str(save_tiny_llama(tmp_path / "judge", layers=1))
     messages = [[{"role": "user", "content": f"Which is better, {a} or {b}? Answer m or M."}]

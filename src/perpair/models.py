@@ -161,6 +161,31 @@ def _loaded_tokenizer(spec: str, state: tuple):  # (``state``: part of the key o
     return AutoTokenizer.from_pretrained(spec)
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of what decides the tokens: the vocabulary and merges, the chat template, the special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "backend": backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+        "chat_template": tokenizer.chat_template,
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_identity(model_path: str) -> str | None:
+    """Hash of a local model folder's tokenizer: vocabulary, special tokens and chat template, which decide the
+    prompt the model is shown (the weights' fingerprint does not cover them: a template edited in place is another
+    prompt). None for a Hub id, which stands for itself. Remembered per process while no file of the folder changed
+    (``perpair run`` asks for each model's at every evaluation and judgment)."""
+    folder = Path(model_path)
+    return _tokenizer_identity(model_path, folder_state(folder)) if folder.is_dir() else None
+
+
+@functools.lru_cache(maxsize=64)
+def _tokenizer_identity(model_path: str, state: tuple) -> str:  # (``state``: part of the key only)
+    return tokenizer_fingerprint(load_tokenizer(model_path))
+
+
 def load_causal_lm(path: str, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` as every stage loads a model: without the Hub's kernel
     layers. Transformers 5.25 turned them on by default: on a GPU it fetches code such as Liger's RMSNorm from the

@@ -205,7 +205,7 @@ class LocalTeacher:
         self.fingerprint["weights"] = model_fingerprint(spec)
         # and so is one whose chat template or tokenizer was edited in place: the prompts it scores are others (a
         # Hub id stands for itself: its commit is in the weights' fingerprint)
-        from perpair.eval.generate import tokenizer_identity
+        from perpair.models import tokenizer_identity
 
         if (tokenizer := tokenizer_identity(spec)) is not None:
             self.fingerprint["tokenizer"] = tokenizer

@@ -21,7 +21,7 @@ from perpair.artifacts import folder_lock
 from perpair.errors import InputError, PerpairError
 from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
-from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers, tokenizer_identity
+from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers
 from perpair.eval.judges import (
     ApiLogprobJudge,
     LocalLogprobJudge,
@@ -31,7 +31,7 @@ from perpair.eval.judges import (
     judged_preference,
 )
 from perpair.eval.score import BASELINE_NAME, ScoreOptions, json_ready, score_frame
-from perpair.models import model_fingerprint, resolve_model
+from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
 
 Progress = Callable[[str, int, int], None]
 

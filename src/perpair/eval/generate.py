@@ -6,10 +6,8 @@ written to the cache before the next starts (:func:`generate_cached`).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -167,8 +165,9 @@ def generate_cached(load: Callable[[], Generator], identity: Any, prompts: Seque
 
 def generation_identity(fingerprint: str, config: GenerationConfig, tokenizer: str | None = None) -> dict[str, Any]:
     """What an answer is cached under: the model's content, its tokenizer and chat template (``tokenizer``, from
-    :func:`tokenizer_identity`) and the settings that change it, the backend and dtype as they resolve here (``auto``
-    is vLLM on one machine and Transformers on another, bfloat16 on a GPU and float32 on a CPU: other answers)."""
+    :func:`perpair.models.tokenizer_identity`) and the settings that change it, the backend and dtype as they resolve
+    here (``auto`` is vLLM on one machine and Transformers on another, bfloat16 on a GPU and float32 on a CPU: other
+    answers)."""
     settings = {**config.model_dump(include={"max_new_tokens", "temperature", "top_p", "max_prompt_tokens"}),
                 **resolved_settings(config)}
     identity: dict[str, Any] = {"model": fingerprint, "settings": settings}
@@ -189,30 +188,11 @@ def dtype_name(name: str) -> str:
     return str(torch_dtype(name)).removeprefix("torch.")
 
 
-def tokenizer_identity(model_path: str) -> str | None:
-    """Hash of a local model folder's tokenizer: vocabulary, special tokens and chat template, which decide the
-    prompt the model is shown (the weights' fingerprint does not cover them: a template edited in place is another
-    prompt). None for a Hub id, which stands for itself. Remembered per process while no file of the folder changed
-    (``perpair run`` asks for each model's at every evaluation and judgment)."""
-    from perpair.models import folder_state
-
-    folder = Path(model_path)
-    return _tokenizer_identity(model_path, folder_state(folder)) if folder.is_dir() else None
-
-
-@functools.lru_cache(maxsize=64)
-def _tokenizer_identity(model_path: str, state: tuple) -> str:  # (``state``: part of the key only)
-    from perpair.models import load_tokenizer
-    from perpair.train.reference import tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(model_path))
-
-
 def generate_answers(model_path: str, config: GenerationConfig, texts: Sequence[str], cache: ResultCache,
                      on_progress: Callable[[int, int], None] | None = None) -> tuple[list[str], int]:
     """Single-turn answers of the model at ``model_path`` to ``texts``, cached under the model's content and the
     settings that change an answer, and its tokenizer and chat template. Returns ``(answers, number generated now)``."""
-    from perpair.models import model_fingerprint
+    from perpair.models import model_fingerprint, tokenizer_identity
 
     identity = generation_identity(model_fingerprint(model_path), config, tokenizer_identity(model_path))
     return generate_cached(lambda: load_generator(model_path, config), identity,

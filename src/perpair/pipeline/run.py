@@ -381,8 +381,7 @@ class _Job:
         material = {"config": settings.annotate.model_dump(mode="json"), "pairs": file_sha256(pairs)}
         local = [t.model for t in settings.annotate.teachers if t.kind == "local"]
         if local:  # a local teacher retrained, or its chat template edited, at the same path is another teacher
-            from perpair.eval.generate import tokenizer_identity
-            from perpair.models import model_fingerprint, resolve_model
+            from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
 
             material["teacher_weights"] = [model_fingerprint(resolve_model(model)) for model in local]
             if any(tokenizers := [tokenizer_identity(resolve_model(model)) for model in local]):

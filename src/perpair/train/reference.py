@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from perpair.artifacts import file_sha256, write_artifact
-from perpair.models import cache_root, model_fingerprint
+from perpair.models import cache_root, model_fingerprint, tokenizer_fingerprint
 from perpair.plan.difficulty import logps_table
 from perpair.plan.reference import part_files, read_cache
 from perpair.train.logprobs import logps_of_tokenized
@@ -43,17 +43,6 @@ AUTOCAST_RULES = 2
 # so far: for 60k pairs a 2 MB part file, 0.04 s, a 0.07% cost at this period; one process whose pass is shorter
 # writes none (the cache file at its end only): the pass of a small run is as fast as it was.
 SAVE_SECONDS = 60.0
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides the tokens: the vocabulary and merges, the chat template, the special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = {
-        "backend": backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
-        "chat_template": tokenizer.chat_template,
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def cache_key(*, model: str, tokenizer: str, pairs_sha256: str, max_length: int,
