@@ -370,3 +370,26 @@ def test_scores_of_the_chosen_and_rejected_columns_are_not_given_to_other_column
     assert result.returncode == 0, result.stderr
     assert [(p["chosen"], p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path)] == [
         (assistant(ANSWERS["rejected"]), 2.0, 9.0)]
+
+
+@pytest.mark.parametrize(("row", "options", "field"), [
+    ({"images": ["cat.png"], "prompt": "<image>What is in the picture?", **ANSWERS}, [], "images"),
+    ({"conversations": [{"from": "human", "value": "<image>What is in the picture?"}],
+      "chosen": {"from": "gpt", "value": "A cat."}, "rejected": {"from": "gpt", "value": "A dog."},
+      "images": ["mllm_demo_data/1.jpg"]}, [], "images"),
+    ({"instruction": "<image>What is in the picture?", "input": "", "chosen": "A cat.", "rejected": "A dog.",
+      "videos": ["clip.mp4"]}, [], "videos"),
+    ({"image": {"bytes": None, "path": "cat.png"}, "question": "What is in the picture?", **ANSWERS},
+     ["--prompt-col", "question"], "image"),
+])
+def test_rows_with_images_are_refused_not_read_as_text_only(tmp_path, row, options, field):
+    # Vision data (TRL's images column, LLaMA-Factory's images/videos/audios, RLAIF-V's image) was read as text-only
+    # pairs, exit 0: prompts about a picture the model would never see.
+    empty = {**row, field: [] if isinstance(row[field], list) else None}
+    source, result = prepare(tmp_path, [empty, row], *options)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field '{field}': the row has {field}: perpair "
+                                        "reads text only")
+    assert nothing_written(tmp_path)
+    _, result = prepare(tmp_path, [empty, row], *options, "--skip-invalid")
+    assert result.returncode == 0, result.stderr
+    assert len(pairs(tmp_path)) == 1 and excluded(tmp_path, "invalid") == {"non_text_content": 1}

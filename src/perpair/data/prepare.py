@@ -27,7 +27,16 @@ from perpair.artifacts import temporary_beside, write_artifact
 from perpair.config_files import NumbersNotBools
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
-from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
+from perpair.data.rows import (
+    MISSING,
+    ROLES,
+    ColumnMap,
+    Degenerate,
+    ReadContext,
+    check_no_media,
+    fields_hint,
+    get,
+)
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
 from perpair.data.sources import RowProblem, Source, describe, folder_files, iter_rows, resolve_source
 from perpair.errors import InputError
@@ -391,6 +400,7 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
                                                         "their responses (TRL's implicit prompt)", "prompt")
         context = ReadContext(source=label, row=number, columns=columns, seed=options.seed,
                               role_map=options.role_map or {}, layout=entry.layout if entry else None)
+        check_no_media(value)
         record = reader_for(report.format)(value, context)
         problem = _generic_degenerate(record)
         if problem is not None:

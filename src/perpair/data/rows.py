@@ -203,6 +203,30 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+# Row fields that hold a pair's media, whatever the layout: TRL's vision data (``images``), LLaMA-Factory's
+# (``images``, ``videos``, ``audios``), and ``image`` as RLAIF-V and other vision sets name it.
+MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
+
+
+def holds_something(value: Any) -> bool:
+    """Whether ``value`` holds data: not null, empty, nor a list or object of such (a struct column's nulls)."""
+    if isinstance(value, dict):
+        return any(holds_something(v) for v in value.values())
+    if isinstance(value, list):
+        return any(holds_something(v) for v in value)
+    return value not in (None, "")
+
+
+def check_no_media(row: dict[str, Any]) -> None:
+    """A row with media (an ``images`` column, …) is vision (or audio) data: read as text alone, its pair would
+    train on a prompt that refers to a picture the model never sees, so it is malformed, as an image part is."""
+    for key in MEDIA_FIELDS:
+        if key in row and holds_something(row[key]):
+            raise RowProblem("non_text_content", f"the row has {key}: perpair reads text only (images, video and audio "
+                                                 f"are not supported), and the pair read without them would be "
+                                                 f"another pair", key)
+
+
 def as_role(value: Any, code: str, where: str, role_map: Mapping[str, str]) -> str:
     """A role name mapped to one of ``ROLES``; anything else is an error naming the field, with the fix."""
     if not isinstance(value, str) or not value:
