@@ -393,3 +393,19 @@ def test_rows_with_images_are_refused_not_read_as_text_only(tmp_path, row, optio
     _, result = prepare(tmp_path, [empty, row], *options, "--skip-invalid")
     assert result.returncode == 0, result.stderr
     assert len(pairs(tmp_path)) == 1 and excluded(tmp_path, "invalid") == {"non_text_content": 1}
+
+
+def test_openai_style_turns_of_sharegpt_data_keep_their_other_fields_or_are_refused(tmp_path):
+    # sharegpt turns written {"role", "content"} are read too; their tool calls were dropped without a word, the call
+    # turn kept as an empty assistant message, exit 0 (a message list of any other layout is refused so).
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "weather", "arguments": "{}"}}]}
+    good = {"conversations": user("Hi"), "chosen": assistant("Hello!")[0], "rejected": assistant("Go.")[0]}
+    rows = [good, {"conversations": [*user("Weather in Paris?"), call, {"role": "tool", "content": "22C"}],
+                   "chosen": assistant("It is 22C.")[0], "rejected": assistant("Sunny.")[0]}]
+    source, result = prepare(tmp_path, rows)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'conversations[1].tool_calls': message "
+                                        "field 'tool_calls' is not read")
+    _, result = prepare(tmp_path, rows, "--skip-invalid")
+    assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user("Hi")]
+    assert excluded(tmp_path, "invalid") == {"unsupported_message_field": 1}
