@@ -409,3 +409,30 @@ def test_openai_style_turns_of_sharegpt_data_keep_their_other_fields_or_are_refu
     _, result = prepare(tmp_path, rows, "--skip-invalid")
     assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user("Hi")]
     assert excluded(tmp_path, "invalid") == {"unsupported_message_field": 1}
+
+
+HH_CUT = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello", "rejected": " Go away"}
+HH_WHOLE = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"}
+
+
+@pytest.mark.parametrize(("first", "hh"), [
+    ({"prompt": Q, **ANSWERS}, HH_CUT),
+    ({"chosen": "Q A", "rejected": "Q B"}, HH_WHOLE),
+    ({"chosen": [*user(Q), *assistant("4")], "rejected": [*user(Q), *assistant("5")]}, HH_WHOLE),
+])
+def test_a_row_in_another_layout_than_its_sources_first_row_is_malformed(tmp_path, first, hh):
+    # A file that mixes layouts row by row (two data sets joined) is read as its first row says: an HH-RLHF row in a
+    # TRL file was read as TRL's, the whole transcript one user message (or, with an implicit prompt, the transcript's
+    # start), exit 0.
+    source, result = prepare(tmp_path, [first, hh])
+    assert one_error(result).startswith(f"error: file {source}, row 2: the row is in the hh-rlhf layout, and the "
+                                        "source in the trl layout (from its first row)")
+    _, result = prepare(tmp_path, [first, hh], "--skip-invalid")
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 1
+    assert excluded(tmp_path, "invalid") == {"other_layout": 1}
+    # A source in the HH-RLHF layout reads both kinds of its rows; scores in some rows of a TRL source are read.
+    _, result = prepare(tmp_path, [hh, {**hh, "chosen": hh["chosen"] + "!"}])
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 2
+    _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS}, {"prompt": "Q2", **ANSWERS, "score_chosen": 2,
+                                                              "score_rejected": 1}])
+    assert result.returncode == 0 and [p["score_chosen"] for p in pairs(tmp_path)] == [None, 2.0]

@@ -402,6 +402,8 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
                               role_map=options.role_map or {}, layout=entry.layout if entry else None)
         check_no_media(value)
         record = reader_for(report.format)(value, context)
+        if entry is None and options.format is None and options.column_map is None:
+            _same_layout(value, report.format)
         problem = _generic_degenerate(record)
         if problem is not None:
             raise problem
@@ -448,6 +450,22 @@ def _source_columns(value: dict[str, Any], layout: str, options: PrepareOptions,
                              f"as the shared start of its two responses (TRL's implicit prompt)",
                              file=source.spec, row=number)
     return replace(columns, prompt=None)
+
+
+# Layouts one reader reads alike: a TRL source whose first row has no scores reads those of later rows.
+SAME_LAYOUT = {"ultrafeedback": "trl"}
+
+
+def _same_layout(value: dict[str, Any], layout: str) -> None:
+    """A row of a source whose layout was detected (from its first row) that is in another layout, which the
+    source's reader read all the same (a transcript cut before the final turns, ``prompt`` ending
+    ``"\n\nAssistant:"``, in a TRL file: one user message holding the transcript), is malformed: a file that mixes
+    layouts row by row would give such rows wrong pairs."""
+    found = detect_format(value)
+    if found is not None and SAME_LAYOUT.get(found, found) != SAME_LAYOUT.get(layout, layout):
+        raise RowProblem("other_layout", f"the row is in the {found} layout, and the source in the {layout} layout "
+                                         f"(from its first row), as which it would be read wrongly: give the rows of "
+                                         f"each layout their own file")
 
 
 def _layout_of(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
