@@ -115,6 +115,25 @@ def test_dataset_info_tags_and_renamed_columns(tmp_path):
         ([msg("system", "Answer briefly."), msg("user", "2+2?")], [msg("assistant", "4")], [msg("assistant", "5")])]
 
 
+def test_alpaca_tools_are_the_pairs_tools(tmp_path):
+    """LLaMA-Factory's alpaca layout has a tools column too (its converter reads it as the sharegpt one's): detected
+    from the data it was left out without a word, and an entry naming it (columns.tools) was refused."""
+    tool = {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    row = {"instruction": "Weather in Paris?", "input": "", "chosen": '{"name": "weather", "arguments": '
+           '{"city": "Paris"}}', "rejected": "It is sunny.", "tools": json.dumps([tool])}
+    write_jsonl(tmp_path / "tools.jsonl", [row, {**row, "funcs": row["tools"], "tools": ""}])
+    info = {"named": {"file_name": "tools.jsonl", "ranking": True, "columns": {"tools": "funcs"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    wrapped = [{"type": "function", "function": tool}]
+    result = run_cli_inprocess("prepare", tmp_path / "tools.jsonl", "-o", tmp_path / "d.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [r["tools"] and json.loads(r["tools"]) for r in written(tmp_path / "d.parquet")[0]] == [wrapped, None]
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "named", "-o",
+                               tmp_path / "n.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [r["tools"] and json.loads(r["tools"]) for r in written(tmp_path / "n.parquet")[0]] == [None, wrapped]
+
+
 def test_role_names_outside_the_four_are_errors_unless_mapped(tmp_path):
     row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "2+2?"}],
            "chosen": [{"role": "gpt", "content": "4"}], "rejected": [{"role": "gpt", "content": "5"}]}
