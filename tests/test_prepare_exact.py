@@ -98,12 +98,17 @@ def test_a_system_column_is_the_prompts_system_message(tmp_path):
     _, result = prepare(tmp_path, [orca], "--prompt-col", "question")
     assert result.returncode == 0, result.stderr
     assert pairs(tmp_path)[0]["prompt"] == [{"role": "system", "content": "You are a pirate."}, *user(Q)]
-    # Under another name, with --system-col; a named column the data lacks is an error.
+    # Under another name, with --system-col, in the rows that have one (a row without a system message may lack the
+    # column: it was refused as "not in the data" where the first row did); a named column no row has is an error.
     renamed = {"sys": "Be brief.", "prompt": Q, **ANSWERS}
-    _, result = prepare(tmp_path, [renamed], "--system-col", "sys")
-    assert result.returncode == 0 and pairs(tmp_path)[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    _, result = prepare(tmp_path, [{"prompt": "Q2", **ANSWERS}, renamed], "--system-col", "sys")
+    assert result.returncode == 0, result.stderr
+    assert [p["prompt"] for p in pairs(tmp_path)] == [user("Q2"),
+                                                      [{"role": "system", "content": "Be brief."}, *user(Q)]]
     source, result = prepare(tmp_path, [renamed], "--system-col", "system_prompt")
-    assert "--system-col names column 'system_prompt', which is not in the data" in one_error(result)
+    assert one_error(result) == f"error: file {source}, field 'system_prompt': --system-col names column " \
+                                "'system_prompt', which no row has"
+    assert nothing_written(tmp_path)
     # A conversational prompt with the same system message keeps one; with another one, the row is refused.
     conversation = [{"role": "system", "content": "Be brief."}, *user(Q)]
     _, result = prepare(tmp_path, [{"system": "Be brief.", "prompt": conversation, **ANSWERS}])

@@ -365,7 +365,9 @@ def _named_columns(options: PrepareOptions, entry: DatasetEntry | None,
     """``(column, who named it)`` for the columns the user or a dataset_info entry named: the required
     ones (every row has them), or the optional ones (at least one row must have each)."""
     if entry is None:
-        return options.named_columns() if required else []
+        # a system column, as a dataset_info entry's, may be absent from rows without a system message
+        return [(column, option) for column, option in options.named_columns()
+                if (option != "--system-col") == required]
     keys = [key for key in entry.layout.named if (key in REQUIRED[entry.format]) == required]
     return [(entry.layout.columns[key], f"dataset '{options.dataset}' (columns.{key})")
             for key in keys if entry.layout.columns.get(key)]
