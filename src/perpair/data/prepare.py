@@ -232,7 +232,8 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
                          f"folder, not to a file: drop {'them' if len(given) > 1 else 'it'} (data.split, "
                          f"data.revision in a run config)", file=resolved[0].spec)
     _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
-    resolved = _named_apart([part for source in resolved for part in folder_files(source)])
+    in_folder = _entry_folder(resolved[0], options) if entry else None
+    resolved = _named_apart(in_folder or [part for source in resolved for part in folder_files(source)])
     records: list[PairRecord] = []
     seen: dict[str, tuple] = {}  # pair_id -> the kept pair's scores
     reports = []
@@ -277,6 +278,23 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     extra = {"dataset_info": {"path": options.dataset_info, "dataset": options.dataset, "entry": entry.entry}} \
         if entry else {}
     return _write(records, outputs, options, reports, extra)
+
+
+def _entry_folder(source: Source, options: PrepareOptions) -> list[Source] | None:
+    """The files of a dataset_info entry whose ``file_name`` is a local folder, read as LLaMA-Factory reads them: every
+    file in it (not in its subfolders), in one split, whatever their names (Datasets, which reads other folders, would
+    put ``test.json`` in a split of its own, and leave its rows out). None for an entry read otherwise."""
+    folder = Path(source.spec)
+    if source.kind != "dataset" or source.spec.startswith("hub:") or not folder.is_dir():
+        return None
+    if source.split != "train":
+        raise InputError(f"dataset '{options.dataset}': split {source.split!r}: LLaMA-Factory loads the files of a "
+                         f"folder given by file_name as one split, 'train'", file=options.dataset_info, field="split")
+    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    if not files:
+        raise InputError(f"dataset '{options.dataset}': the folder its file_name names holds no files",
+                         file=source.spec)
+    return [replace(resolve_source(str(path)), name=f"{folder.name}/{path.name}") for path in files]
 
 
 def _excluded_summary(reports: list[SourceReport]) -> str:
