@@ -441,3 +441,12 @@ def test_a_row_in_another_layout_than_its_sources_first_row_is_malformed(tmp_pat
     _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS}, {"prompt": "Q2", **ANSWERS, "score_chosen": 2,
                                                               "score_rejected": 1}])
     assert result.returncode == 0 and [p["score_chosen"] for p in pairs(tmp_path)] == [None, 2.0]
+
+
+def test_a_message_without_a_role_says_so_not_that_a_field_would_be_dropped(tmp_path):
+    # sharegpt's {"from", "value"} turns in a TRL layout were refused as "message field 'from' is not read: …
+    # dropping it would change the conversation", as if the message were read without it.
+    turn = {"from": "human", "value": Q}
+    source, result = prepare(tmp_path, [{"prompt": [turn], **ANSWERS}])
+    assert one_error(result).startswith(f"error: file {source}, row 1, field 'prompt[0].role': message has no 'role' "
+                                        "field (its fields: from, value)")

@@ -263,6 +263,10 @@ def as_messages(value: Any, name: str, default_role: str,
         if not isinstance(message, dict):
             raise RowProblem(f"wrong_type:{name}", f"expected a message object, got {type_name(message)}",
                              where)
+        if "role" not in message:  # another program's turns ({"from", "value"}): not fields to drop, but no message
+            shown = ", ".join(sorted(map(str, message))) or "none"
+            raise RowProblem(f"wrong_type:{name}", f"message has no 'role' field (its fields: {shown}); a message is "
+                                                   f"written {{\"role\": …, \"content\": …}}", f"{where}.role")
         check_message_fields(message, ("role", "content"), where)
         role = as_role(message.get("role"), f"wrong_type:{name}", f"{where}.role", role_map or {})
         content = as_content(message.get("content"), f"wrong_type:{name}", f"{where}.content")
