@@ -450,3 +450,13 @@ def test_a_message_without_a_role_says_so_not_that_a_field_would_be_dropped(tmp_
     source, result = prepare(tmp_path, [{"prompt": [turn], **ANSWERS}])
     assert one_error(result).startswith(f"error: file {source}, row 1, field 'prompt[0].role': message has no 'role' "
                                         "field (its fields: from, value)")
+
+
+def test_a_file_of_one_json_object_is_said_to_be_one(tmp_path):
+    # {"train": [rows]} written over many lines was refused as "row 1: line is not valid JSON, truncated or corrupt".
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps({"train": [{"prompt": Q, **ANSWERS}]}, indent=2))
+    result = run_cli_inprocess("prepare", source, "--skip-invalid", "-o", tmp_path / "out.parquet")
+    assert one_error(result) == f"error: file {source}: the file holds one JSON object (keys: train), not rows: " \
+                                "perpair reads JSON Lines (one row per line) or a JSON array of rows"
+    assert nothing_written(tmp_path)

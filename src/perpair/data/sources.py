@@ -214,8 +214,23 @@ def _first_byte(handle: io.BufferedIOBase) -> bytes:
     return b""
 
 
+def _refuse_one_object(path: str) -> None:
+    """A file that opens with a line ``{`` may be one JSON object written over many lines (``{"train": [...]}``), not
+    JSON Lines: that is said, rather than that its first line is corrupt."""
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as handle:
+            value = json.loads(handle.read().decode("utf-8-sig"))
+    except (ValueError, RecursionError, OSError, EOFError, zlib.error):  # not one JSON value: JSON Lines cut short
+        return
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(map(str, value))[:8]) + (", …" if len(value) > 8 else "")
+        raise InputError(f"the file holds one JSON object (keys: {keys or 'none'}), not rows: perpair reads JSON Lines "
+                         f"(one row per line) or a JSON array of rows", file=path)
+
+
 def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     number = 0
+    yielded = False
     while True:
         try:
             line = handle.readline()
@@ -238,12 +253,15 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
             value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
+            if text.strip() == "{" and not yielded:
+                _refuse_one_object(path)
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
             continue
         except RecursionError:
             yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
             continue
+        yielded = True
         yield number, _key_twice(value) or value, text.strip()
 
 
