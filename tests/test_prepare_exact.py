@@ -460,3 +460,17 @@ def test_a_file_of_one_json_object_is_said_to_be_one(tmp_path):
     assert one_error(result) == f"error: file {source}: the file holds one JSON object (keys: train), not rows: " \
                                 "perpair reads JSON Lines (one row per line) or a JSON array of rows"
     assert nothing_written(tmp_path)
+
+
+def test_an_openai_input_field_outside_its_layout_is_refused_not_ignored(tmp_path):
+    # A misspelt input.tool (for tools) was passed over, exit 0: the pair trained without the tools its prompt has.
+    row = {"input": {"messages": user(Q), "tools": [{"type": "function", "function": {"name": "add"}}],
+                     "parallel_tool_calls": False}, "preferred_output": assistant("4"),
+           "non_preferred_output": assistant("5")}
+    misspelt = {**row, "input": {"messages": user("2+3?"), "tool": row["input"]["tools"]}}
+    source, result = prepare(tmp_path, [row, misspelt])
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'input.tool': input.tool is not part of "
+                                        "OpenAI's preference layout (input holds messages, tools, parallel_tool_calls)")
+    _, result = prepare(tmp_path, [row, misspelt], "--skip-invalid")
+    assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
+    assert excluded(tmp_path, "invalid") == {"unsupported_field": 1}

@@ -224,11 +224,20 @@ def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     return record
 
 
+# What OpenAI's preference layout puts in ``input``; ``parallel_tool_calls`` (whether the model may call several
+# tools at once) is an API setting that chat templates do not take, and a pair holds no tool call it could change.
+OPENAI_INPUT = ("messages", "tools", "parallel_tool_calls")
+
+
 def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     """OpenAI preference fine-tuning layout: ``input.messages``, ``preferred_output``,
     ``non_preferred_output`` (lists of assistant messages)."""
     roles = ctx.role_map
     prompt = as_messages(get(row, "input.messages"), "input.messages", "user", roles)
+    for key, value in get(row, "input").items():  # a misspelt "tool" would leave the tools out
+        if key not in OPENAI_INPUT and value not in (None, "", [], {}):
+            raise RowProblem("unsupported_field", f"input.{key} is not part of OpenAI's preference layout (input holds "
+                                                  f"{', '.join(OPENAI_INPUT)})", f"input.{key}")
     chosen = _completion(as_messages(get(row, "preferred_output"), "preferred_output", "assistant", roles),
                          prompt, "preferred_output")
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
