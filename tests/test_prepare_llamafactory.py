@@ -152,6 +152,8 @@ def test_a_dataset_info_folder_is_read_as_llamafactory_reads_it(tmp_path):
     assert [s["rows_read"] for s in provenance["sources"]] == [2, 2]
     assert "split 'test': LLaMA-Factory loads the files of a folder given by file_name as one split, 'train'" in \
         info_error(tmp_path, "folder", tmp_path / "dataset_info.json", "--split", "test")
+    assert "--revision 'v1' applies to a Hub dataset, not to the folder dataset 'folder' names" in \
+        info_error(tmp_path, "folder", tmp_path / "dataset_info.json", "--revision", "v1")
 
 
 def test_role_names_outside_the_four_are_errors_unless_mapped(tmp_path):

@@ -290,6 +290,9 @@ def _entry_folder(source: Source, options: PrepareOptions) -> list[Source] | Non
     if source.split != "train":
         raise InputError(f"dataset '{options.dataset}': split {source.split!r}: LLaMA-Factory loads the files of a "
                          f"folder given by file_name as one split, 'train'", file=options.dataset_info, field="split")
+    if options.revision:
+        raise InputError(f"--revision {options.revision!r} applies to a Hub dataset, not to the folder dataset "
+                         f"'{options.dataset}' names: drop it", file=source.spec)
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
     if not files:
         raise InputError(f"dataset '{options.dataset}': the folder its file_name names holds no files",
