@@ -474,3 +474,19 @@ def test_an_openai_input_field_outside_its_layout_is_refused_not_ignored(tmp_pat
     _, result = prepare(tmp_path, [row, misspelt], "--skip-invalid")
     assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
     assert excluded(tmp_path, "invalid") == {"unsupported_field": 1}
+
+
+def test_hh_rlhf_transcripts_stripped_of_their_leading_newlines_are_read_as_transcripts(tmp_path):
+    # Copies that strip the transcripts ("Human: …" for "\n\nHuman: …") were read as TRL's layout: the transcript's
+    # start (or the cut prompt) one user message "Human: Hi\n\nAssistant:", exit 0.
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: 2+2?\n\nAssistant: 5"},
+            {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello", "rejected": " Go away"}]
+    expected = [([*user("Hi"), *assistant("Hey"), *user("2+2?")], assistant("4"), assistant("5")),
+                (user("Hi"), assistant("Hello"), assistant("Go away"))]
+    for row, want in zip(rows, expected, strict=True):
+        stripped = {key: value.lstrip() for key, value in row.items()}
+        for variant in (row, stripped):
+            _, result = prepare(tmp_path, [variant])
+            assert result.returncode == 0, result.stderr
+            assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [want], variant

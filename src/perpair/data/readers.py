@@ -185,7 +185,14 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
+def _starts_transcript(text: str) -> bool:
+    """Whether ``text`` starts as an HH-RLHF transcript: ``"\n\nHuman:"``, or ``"Human:"`` where a copy stripped it."""
+    return text.lstrip().startswith("Human:")
+
+
 def _parse_transcript(text: str, name: str) -> list[Message]:
+    if _starts_transcript(text):  # a copy that stripped the transcript's leading "\n\n"
+        text = "\n\n" + text.lstrip()
     parts = _TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise RowProblem(f"wrong_type:{name}", "not an HH-RLHF transcript (expected '\\n\\nHuman: ...' "
@@ -196,7 +203,7 @@ def _parse_transcript(text: str, name: str) -> list[Message]:
 
 def _is_hh_prompt(value: Any) -> bool:
     """An HH-RLHF transcript cut before the final turns' text (``"\\n\\nHuman: …\\n\\nAssistant:"``)."""
-    return isinstance(value, str) and value.startswith("\n\nHuman:") and value.rstrip().endswith("\n\nAssistant:")
+    return isinstance(value, str) and _starts_transcript(value) and value.rstrip().endswith("\n\nAssistant:")
 
 
 def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
@@ -350,7 +357,8 @@ def detect_format(row: dict[str, Any]) -> str | None:
                 isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])
             return "ultrafeedback" if has_scores else "trl"
         chosen = row["chosen"]
-        if isinstance(chosen, str) and "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
+        if isinstance(chosen, str) and "\n\nAssistant:" in chosen and ("\n\nHuman:" in chosen
+                                                                     or _starts_transcript(chosen)):
             return "hh-rlhf"
         return "trl"
     return None
