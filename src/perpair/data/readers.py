@@ -353,8 +353,9 @@ def detect_format(row: dict[str, Any]) -> str | None:
         if _is_hh_prompt(row.get("prompt")):
             return "hh-rlhf"
         if "prompt" in row:
-            has_scores = "score_chosen" in row or (
-                isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])
+            # (null scores, as a Parquet column gives a row without them, are none: TRL's layout, scores optional)
+            has_scores = row.get("score_chosen") is not None or (
+                isinstance(row.get("metadata"), dict) and row["metadata"].get("score_chosen") is not None)
             return "ultrafeedback" if has_scores else "trl"
         chosen = row["chosen"]
         if isinstance(chosen, str) and "\n\nAssistant:" in chosen and ("\n\nHuman:" in chosen
