@@ -482,7 +482,7 @@ SAME_LAYOUT = {"ultrafeedback": "trl"}
 def _same_layout(value: dict[str, Any], layout: str) -> None:
     """A row of a source whose layout was detected (from its first row) that is in another layout, which the
     source's reader read all the same (a transcript cut before the final turns, ``prompt`` ending
-    ``"\n\nAssistant:"``, in a TRL file: one user message holding the transcript), is malformed: a file that mixes
+    ``"\\n\\nAssistant:"``, in a TRL file: one user message holding the transcript), is malformed: a file that mixes
     layouts row by row would give such rows wrong pairs."""
     found = detect_format(value)
     if found is not None and SAME_LAYOUT.get(found, found) != SAME_LAYOUT.get(layout, layout):

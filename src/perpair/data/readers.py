@@ -186,7 +186,8 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def _starts_transcript(text: str) -> bool:
-    """Whether ``text`` starts as an HH-RLHF transcript: ``"\n\nHuman:"``, or ``"Human:"`` where a copy stripped it."""
+    """Whether ``text`` starts as an HH-RLHF transcript: ``"\\n\\nHuman:"``, or ``"Human:"`` where a copy stripped
+    it."""
     return text.lstrip().startswith("Human:")
 
 

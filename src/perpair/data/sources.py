@@ -215,8 +215,8 @@ def _first_byte(handle: io.BufferedIOBase) -> bytes:
 
 
 def _refuse_one_object(path: str) -> None:
-    """A file that opens with a line ``{`` may be one JSON object written over many lines (``{"train": [...]}``), not
-    JSON Lines: that is said, rather than that its first line is corrupt."""
+    """A file whose first line is not JSON may be one JSON object written over many lines (``{"train": [...]}``),
+    not JSON Lines: that is said, rather than that its first line is corrupt."""
     try:
         with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as handle:
             value = json.loads(handle.read().decode("utf-8-sig"))
@@ -230,7 +230,7 @@ def _refuse_one_object(path: str) -> None:
 
 def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     number = 0
-    yielded = False
+    first = 0  # the number of the first line that is not blank
     while True:
         try:
             line = handle.readline()
@@ -244,6 +244,7 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
             line = line[3:]
         if not line.strip():
             continue
+        first = first or number
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -253,7 +254,9 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
             value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
-            if text.strip() == "{" and not yielded:
+            # (a short first line, as such an object opens: not a row of JSON Lines cut short, whose file is not read
+            # whole for this)
+            if number == first and text.lstrip().startswith("{") and len(text.strip()) <= 100:
                 _refuse_one_object(path)
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
@@ -261,7 +264,6 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         except RecursionError:
             yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
             continue
-        yielded = True
         yield number, _key_twice(value) or value, text.strip()
 
 
