@@ -98,12 +98,17 @@ def test_a_system_column_is_the_prompts_system_message(tmp_path):
     _, result = prepare(tmp_path, [orca], "--prompt-col", "question")
     assert result.returncode == 0, result.stderr
     assert pairs(tmp_path)[0]["prompt"] == [{"role": "system", "content": "You are a pirate."}, *user(Q)]
-    # Under another name, with --system-col; a named column the data lacks is an error.
+    # Under another name, with --system-col, in the rows that have one (a row without a system message may lack the
+    # column: it was refused as "not in the data" where the first row did); a named column no row has is an error.
     renamed = {"sys": "Be brief.", "prompt": Q, **ANSWERS}
-    _, result = prepare(tmp_path, [renamed], "--system-col", "sys")
-    assert result.returncode == 0 and pairs(tmp_path)[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
+    _, result = prepare(tmp_path, [{"prompt": "Q2", **ANSWERS}, renamed], "--system-col", "sys")
+    assert result.returncode == 0, result.stderr
+    assert [p["prompt"] for p in pairs(tmp_path)] == [user("Q2"),
+                                                      [{"role": "system", "content": "Be brief."}, *user(Q)]]
     source, result = prepare(tmp_path, [renamed], "--system-col", "system_prompt")
-    assert "--system-col names column 'system_prompt', which is not in the data" in one_error(result)
+    assert one_error(result) == f"error: file {source}, field 'system_prompt': --system-col names column " \
+                                "'system_prompt', which no row has"
+    assert nothing_written(tmp_path)
     # A conversational prompt with the same system message keeps one; with another one, the row is refused.
     conversation = [{"role": "system", "content": "Be brief."}, *user(Q)]
     _, result = prepare(tmp_path, [{"system": "Be brief.", "prompt": conversation, **ANSWERS}])
@@ -370,3 +375,118 @@ def test_scores_of_the_chosen_and_rejected_columns_are_not_given_to_other_column
     assert result.returncode == 0, result.stderr
     assert [(p["chosen"], p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path)] == [
         (assistant(ANSWERS["rejected"]), 2.0, 9.0)]
+
+
+@pytest.mark.parametrize(("row", "options", "field"), [
+    ({"images": ["cat.png"], "prompt": "<image>What is in the picture?", **ANSWERS}, [], "images"),
+    ({"conversations": [{"from": "human", "value": "<image>What is in the picture?"}],
+      "chosen": {"from": "gpt", "value": "A cat."}, "rejected": {"from": "gpt", "value": "A dog."},
+      "images": ["mllm_demo_data/1.jpg"]}, [], "images"),
+    ({"instruction": "<image>What is in the picture?", "input": "", "chosen": "A cat.", "rejected": "A dog.",
+      "videos": ["clip.mp4"]}, [], "videos"),
+    ({"image": {"bytes": None, "path": "cat.png"}, "question": "What is in the picture?", **ANSWERS},
+     ["--prompt-col", "question"], "image"),
+])
+def test_rows_with_images_are_refused_not_read_as_text_only(tmp_path, row, options, field):
+    # Vision data (TRL's images column, LLaMA-Factory's images/videos/audios, RLAIF-V's image) was read as text-only
+    # pairs, exit 0: prompts about a picture the model would never see.
+    empty = {**row, field: [] if isinstance(row[field], list) else None}
+    source, result = prepare(tmp_path, [empty, row], *options)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field '{field}': the row has {field}: perpair "
+                                        "reads text only")
+    assert nothing_written(tmp_path)
+    _, result = prepare(tmp_path, [empty, row], *options, "--skip-invalid")
+    assert result.returncode == 0, result.stderr
+    assert len(pairs(tmp_path)) == 1 and excluded(tmp_path, "invalid") == {"non_text_content": 1}
+
+
+def test_openai_style_turns_of_sharegpt_data_keep_their_other_fields_or_are_refused(tmp_path):
+    # sharegpt turns written {"role", "content"} are read too; their tool calls were dropped without a word, the call
+    # turn kept as an empty assistant message, exit 0 (a message list of any other layout is refused so).
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "weather", "arguments": "{}"}}]}
+    good = {"conversations": user("Hi"), "chosen": assistant("Hello!")[0], "rejected": assistant("Go.")[0]}
+    rows = [good, {"conversations": [*user("Weather in Paris?"), call, {"role": "tool", "content": "22C"}],
+                   "chosen": assistant("It is 22C.")[0], "rejected": assistant("Sunny.")[0]}]
+    source, result = prepare(tmp_path, rows)
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'conversations[1].tool_calls': message "
+                                        "field 'tool_calls' is not read")
+    _, result = prepare(tmp_path, rows, "--skip-invalid")
+    assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user("Hi")]
+    assert excluded(tmp_path, "invalid") == {"unsupported_message_field": 1}
+
+
+HH_CUT = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello", "rejected": " Go away"}
+HH_WHOLE = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away"}
+
+
+@pytest.mark.parametrize(("first", "hh"), [
+    ({"prompt": Q, **ANSWERS}, HH_CUT),
+    ({"chosen": "Q A", "rejected": "Q B"}, HH_WHOLE),
+    ({"chosen": [*user(Q), *assistant("4")], "rejected": [*user(Q), *assistant("5")]}, HH_WHOLE),
+])
+def test_a_row_in_another_layout_than_its_sources_first_row_is_malformed(tmp_path, first, hh):
+    # A file that mixes layouts row by row (two data sets joined) is read as its first row says: an HH-RLHF row in a
+    # TRL file was read as TRL's, the whole transcript one user message (or, with an implicit prompt, the transcript's
+    # start), exit 0.
+    source, result = prepare(tmp_path, [first, hh])
+    assert one_error(result).startswith(f"error: file {source}, row 2: the row is in the hh-rlhf layout, and the "
+                                        "source in the trl layout (from its first row)")
+    _, result = prepare(tmp_path, [first, hh], "--skip-invalid")
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 1
+    assert excluded(tmp_path, "invalid") == {"other_layout": 1}
+    # A source in the HH-RLHF layout reads both kinds of its rows; scores in some rows of a TRL source are read.
+    _, result = prepare(tmp_path, [hh, {**hh, "chosen": hh["chosen"] + "!"}])
+    assert result.returncode == 0 and len(pairs(tmp_path)) == 2
+    _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS}, {"prompt": "Q2", **ANSWERS, "score_chosen": 2,
+                                                              "score_rejected": 1}])
+    assert result.returncode == 0 and [p["score_chosen"] for p in pairs(tmp_path)] == [None, 2.0]
+
+
+def test_a_message_without_a_role_says_so_not_that_a_field_would_be_dropped(tmp_path):
+    # sharegpt's {"from", "value"} turns in a TRL layout were refused as "message field 'from' is not read: …
+    # dropping it would change the conversation", as if the message were read without it.
+    turn = {"from": "human", "value": Q}
+    source, result = prepare(tmp_path, [{"prompt": [turn], **ANSWERS}])
+    assert one_error(result).startswith(f"error: file {source}, row 1, field 'prompt[0].role': message has no 'role' "
+                                        "field (its fields: from, value)")
+
+
+def test_a_file_of_one_json_object_is_said_to_be_one(tmp_path):
+    # {"train": [rows]} written over many lines was refused as "row 1: line is not valid JSON, truncated or corrupt".
+    source = tmp_path / "in.json"
+    source.write_text(json.dumps({"train": [{"prompt": Q, **ANSWERS}]}, indent=2))
+    result = run_cli_inprocess("prepare", source, "--skip-invalid", "-o", tmp_path / "out.parquet")
+    assert one_error(result) == f"error: file {source}: the file holds one JSON object (keys: train), not rows: " \
+                                "perpair reads JSON Lines (one row per line) or a JSON array of rows"
+    assert nothing_written(tmp_path)
+
+
+def test_an_openai_input_field_outside_its_layout_is_refused_not_ignored(tmp_path):
+    # A misspelt input.tool (for tools) was passed over, exit 0: the pair trained without the tools its prompt has.
+    row = {"input": {"messages": user(Q), "tools": [{"type": "function", "function": {"name": "add"}}],
+                     "parallel_tool_calls": False}, "preferred_output": assistant("4"),
+           "non_preferred_output": assistant("5")}
+    misspelt = {**row, "input": {"messages": user("2+3?"), "tool": row["input"]["tools"]}}
+    source, result = prepare(tmp_path, [row, misspelt])
+    assert one_error(result).startswith(f"error: file {source}, row 2, field 'input.tool': input.tool is not part of "
+                                        "OpenAI's preference layout (input holds messages, tools, parallel_tool_calls)")
+    _, result = prepare(tmp_path, [row, misspelt], "--skip-invalid")
+    assert result.returncode == 0 and [p["prompt"] for p in pairs(tmp_path)] == [user(Q)]
+    assert excluded(tmp_path, "invalid") == {"unsupported_field": 1}
+
+
+def test_hh_rlhf_transcripts_stripped_of_their_leading_newlines_are_read_as_transcripts(tmp_path):
+    # Copies that strip the transcripts ("Human: …" for "\n\nHuman: …") were read as TRL's layout: the transcript's
+    # start (or the cut prompt) one user message "Human: Hi\n\nAssistant:", exit 0.
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: 2+2?\n\nAssistant: 4",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hey\n\nHuman: 2+2?\n\nAssistant: 5"},
+            {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello", "rejected": " Go away"}]
+    expected = [([*user("Hi"), *assistant("Hey"), *user("2+2?")], assistant("4"), assistant("5")),
+                (user("Hi"), assistant("Hello"), assistant("Go away"))]
+    for row, want in zip(rows, expected, strict=True):
+        stripped = {key: value.lstrip() for key, value in row.items()}
+        for variant in (row, stripped):
+            _, result = prepare(tmp_path, [variant])
+            assert result.returncode == 0, result.stderr
+            assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [want], variant

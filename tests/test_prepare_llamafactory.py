@@ -115,6 +115,47 @@ def test_dataset_info_tags_and_renamed_columns(tmp_path):
         ([msg("system", "Answer briefly."), msg("user", "2+2?")], [msg("assistant", "4")], [msg("assistant", "5")])]
 
 
+def test_alpaca_tools_are_the_pairs_tools(tmp_path):
+    """LLaMA-Factory's alpaca layout has a tools column too (its converter reads it as the sharegpt one's): detected
+    from the data it was left out without a word, and an entry naming it (columns.tools) was refused."""
+    tool = {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    row = {"instruction": "Weather in Paris?", "input": "", "chosen": '{"name": "weather", "arguments": '
+           '{"city": "Paris"}}', "rejected": "It is sunny.", "tools": json.dumps([tool])}
+    write_jsonl(tmp_path / "tools.jsonl", [row, {**row, "funcs": row["tools"], "tools": ""}])
+    info = {"named": {"file_name": "tools.jsonl", "ranking": True, "columns": {"tools": "funcs"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    wrapped = [{"type": "function", "function": tool}]
+    result = run_cli_inprocess("prepare", tmp_path / "tools.jsonl", "-o", tmp_path / "d.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [r["tools"] and json.loads(r["tools"]) for r in written(tmp_path / "d.parquet")[0]] == [wrapped, None]
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "named", "-o",
+                               tmp_path / "n.parquet")
+    assert result.returncode == 0, result.stderr
+    assert [r["tools"] and json.loads(r["tools"]) for r in written(tmp_path / "n.parquet")[0]] == [None, wrapped]
+
+
+def test_a_dataset_info_folder_is_read_as_llamafactory_reads_it(tmp_path):
+    """file_name naming a folder: LLaMA-Factory loads every file in it as one split; perpair let Datasets choose, which
+    reads train.json as the train split and left test.json's rows out, exit 0."""
+    rows = alpaca_rows()
+    (tmp_path / "parts").mkdir()
+    write_jsonl(tmp_path / "parts" / "train.jsonl", rows[:2])
+    write_jsonl(tmp_path / "parts" / "test.jsonl", rows[2:])
+    info = {"folder": {"file_name": "parts", "ranking": True, "columns": {"system": "system", "history": "history"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    out = tmp_path / "f.parquet"
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "folder", "-o", out)
+    assert result.returncode == 0, result.stderr
+    written_rows, provenance = written(out)
+    assert sorted((r["source"], r["source_row"]) for r in written_rows) == [
+        ("parts/test.jsonl", 1), ("parts/test.jsonl", 2), ("parts/train.jsonl", 2)]  # (train row 1 repeats test's)
+    assert [s["rows_read"] for s in provenance["sources"]] == [2, 2]
+    assert "split 'test': LLaMA-Factory loads the files of a folder given by file_name as one split, 'train'" in \
+        info_error(tmp_path, "folder", tmp_path / "dataset_info.json", "--split", "test")
+    assert "--revision 'v1' applies to a Hub dataset, not to the folder dataset 'folder' names" in \
+        info_error(tmp_path, "folder", tmp_path / "dataset_info.json", "--revision", "v1")
+
+
 def test_role_names_outside_the_four_are_errors_unless_mapped(tmp_path):
     row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "human", "content": "2+2?"}],
            "chosen": [{"role": "gpt", "content": "4"}], "rejected": [{"role": "gpt", "content": "5"}]}
@@ -134,9 +175,9 @@ def test_role_names_outside_the_four_are_errors_unless_mapped(tmp_path):
         in result.stderr
 
 
-def info_error(tmp_path, name, info=INFO):
+def info_error(tmp_path, name, info=INFO, *options):
     out = tmp_path / "x.parquet"
-    result = run_cli_inprocess("prepare", "--dataset-info", info, "--dataset", name, "-o", out)
+    result = run_cli_inprocess("prepare", "--dataset-info", info, "--dataset", name, *options, "-o", out)
     assert result.returncode == 2 and not out.exists()
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

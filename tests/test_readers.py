@@ -281,3 +281,15 @@ def test_a_parquet_file_whose_perpair_metadata_is_not_perpairs_header_is_one_err
     result = run_cli("inspect", path, check=False)
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: file {path}: not a perpair artifact (its 'perpair' metadata is not the header perpair writes)"]
+
+
+def test_a_parquet_file_whose_first_row_has_null_scores_is_read_with_optional_scores(tmp_path):
+    # A score column is null in a Parquet row without scores: the first row's nulls made the layout UltraFeedback's,
+    # which requires them, so a valid file (a pairs file written by prepare, too) stopped at "field is null".
+    rows = [{"prompt": "Q1", "chosen": "A", "rejected": "B", "score_chosen": None, "score_rejected": None},
+            {"prompt": "Q2", "chosen": "A", "rejected": "B", "score_chosen": 8.0, "score_rejected": 2.0}]
+    source = tmp_path / "scores.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    run_cli("prepare", source, "-o", tmp_path / "out.parquet")
+    assert [(p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path / "out.parquet")] == [
+        (None, None), (8.0, 2.0)]

@@ -4,8 +4,8 @@
   ``observation``, ``function_call``); ``chosen`` and ``rejected`` are one such turn each; optional top-level
   ``system`` (a system prompt) and ``tools`` (tool descriptions, a JSON string) columns.
 * **alpaca**: ``instruction`` and ``input`` (joined by a newline into the last user turn, as LLaMA-Factory
-  does), ``chosen`` and ``rejected`` strings, optional ``system`` and ``history`` (``[user, assistant]`` pairs
-  before the instruction).
+  does), ``chosen`` and ``rejected`` strings, optional ``system``, ``history`` (``[user, assistant]`` pairs
+  before the instruction) and ``tools``.
 
 Roles map to perpair's four: ``human`` -> user, ``gpt`` -> assistant, ``system`` -> system,
 ``observation`` (a tool's result) -> tool, and ``function_call`` -> assistant, since it is the model's own
@@ -31,6 +31,7 @@ from perpair.data.rows import (
     as_role,
     as_text,
     as_tools,
+    check_message_fields,
     get,
     optional_text,
     type_name,
@@ -50,7 +51,7 @@ COLUMNS = {
     "sharegpt": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": None,
                  "tools": None},
     "alpaca": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
-               "system": None, "history": None},
+               "system": None, "history": None, "tools": None},
 }
 REQUIRED = {"sharegpt": ("messages", "chosen", "rejected"), "alpaca": ("prompt", "chosen", "rejected")}
 MEDIA_COLUMNS = ("images", "videos", "audios")
@@ -105,6 +106,8 @@ def _turn(value: Any, where: str, layout: Layout, roles: dict[str, str]) -> Mess
     role_tag, content_tag = layout.tags["role_tag"], layout.tags["content_tag"]
     if role_tag not in value and "role" in value and "content" in value:
         role_tag, content_tag = "role", "content"   # OpenAI-style turns in a sharegpt file
+        # their other fields (tool_calls, a tool's name, …) are part of the conversation, as in any message list
+        check_message_fields(value, ("role", "content"), where)
     return {"role": as_role(value.get(role_tag), code, f"{where}.{role_tag}", roles),
             "content": as_content(value.get(content_tag), code, f"{where}.{content_tag}")}
 
@@ -148,15 +151,20 @@ def read_sharegpt(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     turns_read = [*turns, get(row, chosen_name), get(row, rejected_name)]
     calls = any(isinstance(t, dict) and t.get(layout.tags["role_tag"], t.get("role")) == function_tag
                 for t in turns_read)
-    tools_name = layout.column("tools")
-    tools = as_tools(get(row, tools_name, required=False), tools_name) if tools_name else None
-    if tools is not None:
-        described = json.loads(tools)
-        # LLaMA-Factory treats an empty list as no tools
-        tools = json.dumps([t if t.get("type") == "function" else {"type": "function", "function": t}
-                            for t in described], ensure_ascii=False) if described else None
     return PairRecord(prompt=prompt, chosen=[chosen], rejected=[rejected], source=ctx.source,
-                      source_row=ctx.row, tools=tools, notes=["function_call_as_text"] if calls else [])
+                      source_row=ctx.row, tools=_tools(row, layout), notes=["function_call_as_text"] if calls else [])
+
+
+def _tools(row: dict[str, Any], layout: Layout) -> str | None:
+    """The row's tool descriptions (its ``tools`` column, a JSON list), each as chat templates take it."""
+    name = layout.column("tools")
+    tools = as_tools(get(row, name, required=False), name) if name else None
+    if tools is None:
+        return None
+    described = json.loads(tools)
+    # LLaMA-Factory treats an empty list as no tools
+    return json.dumps([t if t.get("type") == "function" else {"type": "function", "function": t}
+                       for t in described], ensure_ascii=False) if described else None
 
 
 def read_alpaca(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
@@ -182,7 +190,7 @@ def read_alpaca(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     return PairRecord(prompt=prompt,
                       chosen=[{"role": "assistant", "content": as_text(get(row, chosen_name), chosen_name)}],
                       rejected=[{"role": "assistant", "content": as_text(get(row, rejected_name), rejected_name)}],
-                      source=ctx.source, source_row=ctx.row)
+                      source=ctx.source, source_row=ctx.row, tools=_tools(row, layout))
 
 
 # --------------------------------------------------------------------------------------- dataset_info.json

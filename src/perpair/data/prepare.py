@@ -27,7 +27,16 @@ from perpair.artifacts import temporary_beside, write_artifact
 from perpair.config_files import NumbersNotBools
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
-from perpair.data.rows import MISSING, ROLES, ColumnMap, Degenerate, ReadContext, fields_hint, get
+from perpair.data.rows import (
+    MISSING,
+    ROLES,
+    ColumnMap,
+    Degenerate,
+    ReadContext,
+    check_no_media,
+    fields_hint,
+    get,
+)
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
 from perpair.data.sources import RowProblem, Source, describe, folder_files, iter_rows, resolve_source
 from perpair.errors import InputError
@@ -223,7 +232,8 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
                          f"folder, not to a file: drop {'them' if len(given) > 1 else 'it'} (data.split, "
                          f"data.revision in a run config)", file=resolved[0].spec)
     _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
-    resolved = _named_apart([part for source in resolved for part in folder_files(source)])
+    in_folder = _entry_folder(resolved[0], options) if entry else None
+    resolved = _named_apart(in_folder or [part for source in resolved for part in folder_files(source)])
     records: list[PairRecord] = []
     seen: dict[str, tuple] = {}  # pair_id -> the kept pair's scores
     reports = []
@@ -268,6 +278,26 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     extra = {"dataset_info": {"path": options.dataset_info, "dataset": options.dataset, "entry": entry.entry}} \
         if entry else {}
     return _write(records, outputs, options, reports, extra)
+
+
+def _entry_folder(source: Source, options: PrepareOptions) -> list[Source] | None:
+    """The files of a dataset_info entry whose ``file_name`` is a local folder, read as LLaMA-Factory reads them: every
+    file in it (not in its subfolders), in one split, whatever their names (Datasets, which reads other folders, would
+    put ``test.json`` in a split of its own, and leave its rows out). None for an entry read otherwise."""
+    folder = Path(source.spec)
+    if source.kind != "dataset" or source.spec.startswith("hub:") or not folder.is_dir():
+        return None
+    if source.split != "train":
+        raise InputError(f"dataset '{options.dataset}': split {source.split!r}: LLaMA-Factory loads the files of a "
+                         f"folder given by file_name as one split, 'train'", file=options.dataset_info, field="split")
+    if options.revision:
+        raise InputError(f"--revision {options.revision!r} applies to a Hub dataset, not to the folder dataset "
+                         f"'{options.dataset}' names: drop it", file=source.spec)
+    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    if not files:
+        raise InputError(f"dataset '{options.dataset}': the folder its file_name names holds no files",
+                         file=source.spec)
+    return [replace(resolve_source(str(path)), name=f"{folder.name}/{path.name}") for path in files]
 
 
 def _excluded_summary(reports: list[SourceReport]) -> str:
@@ -356,7 +386,9 @@ def _named_columns(options: PrepareOptions, entry: DatasetEntry | None,
     """``(column, who named it)`` for the columns the user or a dataset_info entry named: the required
     ones (every row has them), or the optional ones (at least one row must have each)."""
     if entry is None:
-        return options.named_columns() if required else []
+        # a system column, as a dataset_info entry's, may be absent from rows without a system message
+        return [(column, option) for column, option in options.named_columns()
+                if (option != "--system-col") == required]
     keys = [key for key in entry.layout.named if (key in REQUIRED[entry.format]) == required]
     return [(entry.layout.columns[key], f"dataset '{options.dataset}' (columns.{key})")
             for key in keys if entry.layout.columns.get(key)]
@@ -391,7 +423,10 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
                                                         "their responses (TRL's implicit prompt)", "prompt")
         context = ReadContext(source=label, row=number, columns=columns, seed=options.seed,
                               role_map=options.role_map or {}, layout=entry.layout if entry else None)
+        check_no_media(value)
         record = reader_for(report.format)(value, context)
+        if entry is None and options.format is None and options.column_map is None:
+            _same_layout(value, report.format)
         problem = _generic_degenerate(record)
         if problem is not None:
             raise problem
@@ -438,6 +473,22 @@ def _source_columns(value: dict[str, Any], layout: str, options: PrepareOptions,
                              f"as the shared start of its two responses (TRL's implicit prompt)",
                              file=source.spec, row=number)
     return replace(columns, prompt=None)
+
+
+# Layouts one reader reads alike: a TRL source whose first row has no scores reads those of later rows.
+SAME_LAYOUT = {"ultrafeedback": "trl"}
+
+
+def _same_layout(value: dict[str, Any], layout: str) -> None:
+    """A row of a source whose layout was detected (from its first row) that is in another layout, which the
+    source's reader read all the same (a transcript cut before the final turns, ``prompt`` ending
+    ``"\\n\\nAssistant:"``, in a TRL file: one user message holding the transcript), is malformed: a file that mixes
+    layouts row by row would give such rows wrong pairs."""
+    found = detect_format(value)
+    if found is not None and SAME_LAYOUT.get(found, found) != SAME_LAYOUT.get(layout, layout):
+        raise RowProblem("other_layout", f"the row is in the {found} layout, and the source in the {layout} layout "
+                                         f"(from its first row), as which it would be read wrongly: give the rows of "
+                                         f"each layout their own file")
 
 
 def _layout_of(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,

@@ -185,7 +185,15 @@ _TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
+def _starts_transcript(text: str) -> bool:
+    """Whether ``text`` starts as an HH-RLHF transcript: ``"\\n\\nHuman:"``, or ``"Human:"`` where a copy stripped
+    it."""
+    return text.lstrip().startswith("Human:")
+
+
 def _parse_transcript(text: str, name: str) -> list[Message]:
+    if _starts_transcript(text):  # a copy that stripped the transcript's leading "\n\n"
+        text = "\n\n" + text.lstrip()
     parts = _TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise RowProblem(f"wrong_type:{name}", "not an HH-RLHF transcript (expected '\\n\\nHuman: ...' "
@@ -196,7 +204,7 @@ def _parse_transcript(text: str, name: str) -> list[Message]:
 
 def _is_hh_prompt(value: Any) -> bool:
     """An HH-RLHF transcript cut before the final turns' text (``"\\n\\nHuman: …\\n\\nAssistant:"``)."""
-    return isinstance(value, str) and value.startswith("\n\nHuman:") and value.rstrip().endswith("\n\nAssistant:")
+    return isinstance(value, str) and _starts_transcript(value) and value.rstrip().endswith("\n\nAssistant:")
 
 
 def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
@@ -224,11 +232,20 @@ def read_hh_rlhf(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     return record
 
 
+# What OpenAI's preference layout puts in ``input``; ``parallel_tool_calls`` (whether the model may call several
+# tools at once) is an API setting that chat templates do not take, and a pair holds no tool call it could change.
+OPENAI_INPUT = ("messages", "tools", "parallel_tool_calls")
+
+
 def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
     """OpenAI preference fine-tuning layout: ``input.messages``, ``preferred_output``,
     ``non_preferred_output`` (lists of assistant messages)."""
     roles = ctx.role_map
     prompt = as_messages(get(row, "input.messages"), "input.messages", "user", roles)
+    for key, value in get(row, "input").items():  # a misspelt "tool" would leave the tools out
+        if key not in OPENAI_INPUT and value not in (None, "", [], {}):
+            raise RowProblem("unsupported_field", f"input.{key} is not part of OpenAI's preference layout (input holds "
+                                                  f"{', '.join(OPENAI_INPUT)})", f"input.{key}")
     chosen = _completion(as_messages(get(row, "preferred_output"), "preferred_output", "assistant", roles),
                          prompt, "preferred_output")
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
@@ -337,11 +354,13 @@ def detect_format(row: dict[str, Any]) -> str | None:
         if _is_hh_prompt(row.get("prompt")):
             return "hh-rlhf"
         if "prompt" in row:
-            has_scores = "score_chosen" in row or (
-                isinstance(row.get("metadata"), dict) and "score_chosen" in row["metadata"])
+            # (null scores, as a Parquet column gives a row without them, are none: TRL's layout, scores optional)
+            has_scores = row.get("score_chosen") is not None or (
+                isinstance(row.get("metadata"), dict) and row["metadata"].get("score_chosen") is not None)
             return "ultrafeedback" if has_scores else "trl"
         chosen = row["chosen"]
-        if isinstance(chosen, str) and "\n\nHuman:" in chosen and "\n\nAssistant:" in chosen:
+        if isinstance(chosen, str) and "\n\nAssistant:" in chosen and ("\n\nHuman:" in chosen
+                                                                     or _starts_transcript(chosen)):
             return "hh-rlhf"
         return "trl"
     return None

@@ -203,6 +203,30 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+# Row fields that hold a pair's media, whatever the layout: TRL's vision data (``images``), LLaMA-Factory's
+# (``images``, ``videos``, ``audios``), and ``image`` as RLAIF-V and other vision sets name it.
+MEDIA_FIELDS = ("images", "image", "videos", "video", "audios", "audio")
+
+
+def holds_something(value: Any) -> bool:
+    """Whether ``value`` holds data: not null, empty, nor a list or object of such (a struct column's nulls)."""
+    if isinstance(value, dict):
+        return any(holds_something(v) for v in value.values())
+    if isinstance(value, list):
+        return any(holds_something(v) for v in value)
+    return value not in (None, "")
+
+
+def check_no_media(row: dict[str, Any]) -> None:
+    """A row with media (an ``images`` column, …) is vision (or audio) data: read as text alone, its pair would
+    train on a prompt that refers to a picture the model never sees, so it is malformed, as an image part is."""
+    for key in MEDIA_FIELDS:
+        if key in row and holds_something(row[key]):
+            raise RowProblem("non_text_content", f"the row has {key}: perpair reads text only (images, video and audio "
+                                                 f"are not supported), and the pair read without them would be "
+                                                 f"another pair", key)
+
+
 def as_role(value: Any, code: str, where: str, role_map: Mapping[str, str]) -> str:
     """A role name mapped to one of ``ROLES``; anything else is an error naming the field, with the fix."""
     if not isinstance(value, str) or not value:
@@ -239,6 +263,10 @@ def as_messages(value: Any, name: str, default_role: str,
         if not isinstance(message, dict):
             raise RowProblem(f"wrong_type:{name}", f"expected a message object, got {type_name(message)}",
                              where)
+        if "role" not in message:  # another program's turns ({"from", "value"}): not fields to drop, but no message
+            shown = ", ".join(sorted(map(str, message))) or "none"
+            raise RowProblem(f"wrong_type:{name}", f"message has no 'role' field (its fields: {shown}); a message is "
+                                                   f"written {{\"role\": …, \"content\": …}}", f"{where}.role")
         check_message_fields(message, ("role", "content"), where)
         role = as_role(message.get("role"), f"wrong_type:{name}", f"{where}.role", role_map or {})
         content = as_content(message.get("content"), f"wrong_type:{name}", f"{where}.content")

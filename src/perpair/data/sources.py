@@ -214,8 +214,23 @@ def _first_byte(handle: io.BufferedIOBase) -> bytes:
     return b""
 
 
+def _refuse_one_object(path: str) -> None:
+    """A file whose first line is not JSON may be one JSON object written over many lines (``{"train": [...]}``),
+    not JSON Lines: that is said, rather than that its first line is corrupt."""
+    try:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as handle:
+            value = json.loads(handle.read().decode("utf-8-sig"))
+    except (ValueError, RecursionError, OSError, EOFError, zlib.error):  # not one JSON value: JSON Lines cut short
+        return
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(map(str, value))[:8]) + (", …" if len(value) > 8 else "")
+        raise InputError(f"the file holds one JSON object (keys: {keys or 'none'}), not rows: perpair reads JSON Lines "
+                         f"(one row per line) or a JSON array of rows", file=path)
+
+
 def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int, Any, str | None]]:
     number = 0
+    first = 0  # the number of the first line that is not blank
     while True:
         try:
             line = handle.readline()
@@ -229,6 +244,7 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
             line = line[3:]
         if not line.strip():
             continue
+        first = first or number
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -238,6 +254,10 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
         try:  # without its line break: a line cut short is reported at its end, not at "column 1" of a next line
             value = json.loads(text.rstrip("\r\n"), object_pairs_hook=_object)
         except json.JSONDecodeError as exc:
+            # (a short first line, as such an object opens: not a row of JSON Lines cut short, whose file is not read
+            # whole for this)
+            if number == first and text.lstrip().startswith("{") and len(text.strip()) <= 100:
+                _refuse_one_object(path)
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
                                                          f"({exc.msg} at column {exc.colno})"), None
             continue
