@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,18 @@ def check_config(args: DPOConfig) -> None:
                            "so PerPairDPOTrainer reads them sequentially: leave the default or set 'sequential'")
 
 
+def check_beta(args: DPOConfig, evaluation) -> None:
+    """DPOConfig.beta is TRL's global β: with a plan every training step reads the pairs' own β_i, and only
+    evaluation reads DPOConfig.beta. Set to another value than TRL's default with nothing to evaluate, it would
+    change nothing."""
+    default = next(f.default for f in fields(DPOConfig) if f.name == "beta")
+    if args.beta != default and evaluation is None:
+        raise PerpairError(f"DPOConfig.beta = {args.beta:g} would change nothing: the plan gives every preference "
+                           "pair its own β, which training reads, and only evaluation reads DPOConfig.beta (there "
+                           f"is no eval_dataset); leave it at TRL's default {default:g}, or make the plan with that "
+                           "β (perpair plan --beta)")
+
+
 def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
     """The plan's ε must reach a loss that reads it, and must not contradict DPOConfig.label_smoothing."""
     eps = np.asarray(dataset[EPS], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
@@ -328,6 +340,7 @@ class PerPairDPOTrainer(DPOTrainer):
         if any(c in train_dataset.column_names for c in ("image", "images")):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
         check_eval_dataset(kwargs.get("eval_dataset"))
+        check_beta(args, kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
