@@ -528,6 +528,30 @@ def test_a_dpoconfig_beta_that_no_step_reads_is_refused(small_pairs, tiny_model,
     assert trainer.beta == 0.5 and set(trainer.train_dataset[plugin.BETA]) == {0.3}
 
 
+def test_a_training_dataset_reordered_after_construction_is_refused(small_pairs, tiny_model, tmp_path):
+    """``trainer.train_dataset`` shuffled after the plan was applied: each pair kept its β, but the sequential sampler
+    read the shuffled rows, so the plan's curriculum was replaced without a word. A select that keeps the plan's
+    order trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": 0.0})
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 128, 1e-3, max_steps=1),
+                                       train_dataset=_dataset(small_pairs),
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+    planned = trainer.train_dataset
+    trainer.train_dataset = planned.shuffle(seed=0)
+    assert trainer.train_dataset[plugin.PAIR] != planned[plugin.PAIR]
+    with pytest.raises(PerpairError, match=r"trainer.train_dataset was reordered after PerPairDPOTrainer applied the "
+                                           r"plan: row \d+ holds pair \w+, which the plan's order puts before pair"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    trainer.train_dataset = planned.select(range(1, len(planned), 2))  # every other pair, in the plan's order
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
 def test_collator_leaves_unplanned_batches_to_trl():
     """Evaluation batches carry no plan columns: TRL's collator output, unchanged; planned ones get the tensors."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference

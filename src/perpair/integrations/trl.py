@@ -353,11 +353,42 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
                                "process, or use a plan without SFT routes")
         self.data_collator = PlanCollator(self.data_collator)
-        # The pairs TRL kept (it drops those whose prompt fills max_length), in order, with their plan values
+        # The pairs TRL kept (it drops those whose prompt fills max_length), in the plan's order
+        self._planned = {pid: position for position, pid in enumerate(self.train_dataset[PAIR])}
+        self._plan_digest = self._digest()
+
+    def _digest(self) -> str:
+        """The pairs the training dataset trains, in order, with their plan values (what a checkpoint records)."""
         trained = self.train_dataset.select_columns([PAIR, BETA, SFT, EPS])
-        self._plan_digest = hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+
+    def _check_order(self) -> bool:
+        """The training dataset, if replaced after construction (``trainer.train_dataset = ...``), must still read the
+        planned pairs in the plan's order: the sequential sampler reads its rows as they come, so a shuffle would
+        replace the curriculum without a word. A filter or select that keeps the order is fine. False where the
+        dataset carries no plan values (the batch check refuses it)."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or not {PAIR, BETA, SFT, EPS} <= set(dataset.column_names):
+            return False
+        last, previous = -1, None
+        for row, pid in enumerate(dataset[PAIR], start=1):
+            position = self._planned.get(pid)
+            if position is None:
+                raise PerpairError(f"trainer.train_dataset row {row} holds pair {pid}, which PerPairDPOTrainer did not "
+                                   "plan: the training dataset was changed after the plan was applied to it; pass "
+                                   "the dataset to the constructor")
+            if position <= last:
+                raise PerpairError(f"trainer.train_dataset was reordered after PerPairDPOTrainer applied the plan: row "
+                                   f"{row} holds pair {pid}, which the plan's order puts before pair {previous} of "
+                                   f"row {row - 1}; the rows are read as they come, so the plan's curriculum would be "
+                                   "lost; leave them in the order the trainer set (a filter or select that keeps it "
+                                   "is fine), or make the plan with the order you want")
+            last, previous = position, pid
+        return True
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if self._check_order():  # what this run trains, if the dataset was filtered since construction
+            self._plan_digest = self._digest()
         if resume_from_checkpoint and not self.args.ignore_data_skip:
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
