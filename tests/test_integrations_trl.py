@@ -358,6 +358,20 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, plan, tmp_path)
 
 
+def test_a_flipped_column_beside_a_plan_is_refused(small_pairs, tmp_path):
+    """A dataset whose own flipped column says to swap its pairs, given with a plan: the plan's flips were applied
+    and the column was left unread (every pair marked flipped, none trained swapped), where the other plan columns
+    beside a plan are refused. An evaluation dataset with it is refused as with the others."""
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    dataset = _dataset(small_pairs)
+    marked = dataset.add_column("flipped", [True] * len(dataset))
+    with pytest.raises(PerpairError, match=r"train_dataset carries plan column\(s\) flipped and a plan was given"):
+        plugin.apply_plan(marked, plan)
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(flipped\)"):
+        plugin.check_eval_dataset(marked)
+    assert plugin.apply_plan(dataset, plan)[1].flipped == 0
+
+
 def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
     """A dataset with TRL's token columns only: there is no text to match the plan by. It was refused as if the plan
     were made from other data (or, with plan columns, a zip() traceback)."""

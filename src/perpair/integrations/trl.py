@@ -70,6 +70,7 @@ REFUSED_LOSSES = {
 }
 SMOOTHING_LOSSES = frozenset({"robust", "exo_pair"})  # the TRL 1.16 losses that read label_smoothing
 PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may carry these instead of a plan
+CARRIED = (*PLAN_COLUMNS, "flipped")  # (flipped: optional)
 ROUTES = ("preference", "sft", "drop")
 # Columns this module adds to the training dataset; the collator turns them into batch tensors.
 BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
@@ -153,8 +154,8 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
         first[pid] = row
     carried = [c for c in PLAN_COLUMNS if c in dataset.column_names]
     if plan is not None:
-        if carried:
-            raise PerpairError(f"train_dataset carries plan column(s) {', '.join(carried)} and a plan was given; "
+        if given := [c for c in CARRIED if c in dataset.column_names]:  # a flipped column the plan's would override
+            raise PerpairError(f"train_dataset carries plan column(s) {', '.join(given)} and a plan was given; "
                                "pass one of the two")
         values = read_plan(plan)
         where = f"plan {plan}"
@@ -281,7 +282,7 @@ def check_eval_dataset(evaluation) -> None:
     """Plan columns in an evaluation dataset would go unread: evaluation scores every pair with DPOConfig.beta,
     as stock TRL does."""
     for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
-        carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
+        carried = [c for c in CARRIED if c in (getattr(part, "column_names", None) or [])]
         if carried:
             raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
                                "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
