@@ -527,14 +527,16 @@ def test_a_training_batch_without_plan_values_is_refused(small_pairs, tiny_model
 def test_a_dpoconfig_beta_that_no_step_reads_is_refused(small_pairs, tiny_model, tmp_path):
     """DPOConfig.beta beside a plan: training reads each pair's β_i and only evaluation reads DPOConfig.beta, so with
     no eval_dataset a β of 0.5 trained with the plan's β without a word (``perpair train`` refuses --beta beside a
-    plan). With an eval_dataset it is the β evaluation scores with."""
+    plan). With an eval_dataset it is the β evaluation scores with; equal to the plan's β it contradicts nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.3)
     dataset = _dataset(small_pairs)
     with pytest.raises(PerpairError, match=r"DPOConfig.beta = 0.5 would change nothing: the plan gives every "
-                                           r"preference pair its own β.*no eval_dataset.*TRL's default 0.1"):
+                                           r"preference pair its own β \(0.3\).*no eval_dataset.*TRL's default "
+                                           r"0.1"):
         _construct(tiny_model, dataset, plan, tmp_path, beta=0.5)
+    assert _construct(tiny_model, dataset, plan, tmp_path, beta=0.3).beta == 0.3
     trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
                                        args=_args(tmp_path, 2, 64, 1e-3, beta=0.5), train_dataset=dataset,
                                        eval_dataset=dataset.select([5, 7]),

@@ -247,16 +247,17 @@ def check_config(args: DPOConfig) -> None:
                            "so PerPairDPOTrainer reads them sequentially: leave the default or set 'sequential'")
 
 
-def check_beta(args: DPOConfig, evaluation) -> None:
+def check_beta(args: DPOConfig, dataset: Dataset, evaluation) -> None:
     """DPOConfig.beta is TRL's global β: with a plan every training step reads the pairs' own β_i, and only
-    evaluation reads DPOConfig.beta. Set to another value than TRL's default with nothing to evaluate, it would
-    change nothing."""
+    evaluation reads DPOConfig.beta. Set to another value than TRL's default (and the plan's) with nothing to
+    evaluate, it would change nothing."""
     default = next(f.default for f in fields(DPOConfig) if f.name == "beta")
-    if args.beta != default and evaluation is None:
+    beta = np.asarray(dataset[BETA], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
+    if args.beta != default and evaluation is None and np.any(beta != args.beta):
         raise PerpairError(f"DPOConfig.beta = {args.beta:g} would change nothing: the plan gives every preference "
-                           "pair its own β, which training reads, and only evaluation reads DPOConfig.beta (there "
-                           f"is no eval_dataset); leave it at TRL's default {default:g}, or make the plan with that "
-                           "β (perpair plan --beta)")
+                           f"pair its own β ({_values(beta)}), which training reads, and only evaluation reads "
+                           f"DPOConfig.beta (there is no eval_dataset); leave it at TRL's default {default:g}, or "
+                           "make the plan with that β (perpair plan --beta)")
 
 
 def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
@@ -341,8 +342,8 @@ class PerPairDPOTrainer(DPOTrainer):
         if any(c in train_dataset.column_names for c in ("image", "images")):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
         check_eval_dataset(kwargs.get("eval_dataset"))
-        check_beta(args, kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
+        check_beta(args, train_dataset, kwargs.get("eval_dataset"))
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
         if self.aux_loss_enabled and self.plan_summary.sft:
