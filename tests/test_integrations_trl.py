@@ -358,6 +358,20 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, dataset, plan, tmp_path)
 
 
+def test_a_flipped_column_beside_a_plan_is_refused(small_pairs, tmp_path):
+    """A dataset whose own flipped column says to swap its pairs, given with a plan: the plan's flips were applied
+    and the column was left unread (every pair marked flipped, none trained swapped), where the other plan columns
+    beside a plan are refused. An evaluation dataset with it is refused as with the others."""
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    dataset = _dataset(small_pairs)
+    marked = dataset.add_column("flipped", [True] * len(dataset))
+    with pytest.raises(PerpairError, match=r"train_dataset carries plan column\(s\) flipped and a plan was given"):
+        plugin.apply_plan(marked, plan)
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(flipped\)"):
+        plugin.check_eval_dataset(marked)
+    assert plugin.apply_plan(dataset, plan)[1].flipped == 0
+
+
 def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
     """A dataset with TRL's token columns only: there is no text to match the plan by. It was refused as if the plan
     were made from other data (or, with plan columns, a zip() traceback)."""
@@ -508,6 +522,50 @@ def test_a_training_batch_without_plan_values_is_refused(small_pairs, tiny_model
     trainer.train_dataset = trainer.train_dataset.remove_columns([plugin.BETA, plugin.SFT, plugin.EPS])
     with pytest.raises(PerpairError, match=r"a training batch carries no plan values: the training dataset was "):
         trainer.train()
+
+
+def test_a_dpoconfig_beta_that_no_step_reads_is_refused(small_pairs, tiny_model, tmp_path):
+    """DPOConfig.beta beside a plan: training reads each pair's β_i and only evaluation reads DPOConfig.beta, so with
+    no eval_dataset a β of 0.5 trained with the plan's β without a word (``perpair train`` refuses --beta beside a
+    plan). With an eval_dataset it is the β evaluation scores with; equal to the plan's β it contradicts nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.3)
+    dataset = _dataset(small_pairs)
+    with pytest.raises(PerpairError, match=r"DPOConfig.beta = 0.5 would change nothing: the plan gives every "
+                                           r"preference pair its own β \(0.3\).*no eval_dataset.*TRL's default "
+                                           r"0.1"):
+        _construct(tiny_model, dataset, plan, tmp_path, beta=0.5)
+    assert _construct(tiny_model, dataset, plan, tmp_path, beta=0.3).beta == 0.3
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 64, 1e-3, beta=0.5), train_dataset=dataset,
+                                       eval_dataset=dataset.select([5, 7]),
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+    assert trainer.beta == 0.5 and set(trainer.train_dataset[plugin.BETA]) == {0.3}
+
+
+def test_a_training_dataset_reordered_after_construction_is_refused(small_pairs, tiny_model, tmp_path):
+    """``trainer.train_dataset`` shuffled after the plan was applied: each pair kept its β, but the sequential sampler
+    read the shuffled rows, so the plan's curriculum was replaced without a word. A select that keeps the plan's
+    order trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo",
+                 {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": 0.0})
+    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                       args=_args(tmp_path, 2, 128, 1e-3, max_steps=1),
+                                       train_dataset=_dataset(small_pairs),
+                                       processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+    planned = trainer.train_dataset
+    trainer.train_dataset = planned.shuffle(seed=0)
+    assert trainer.train_dataset[plugin.PAIR] != planned[plugin.PAIR]
+    with pytest.raises(PerpairError, match=r"trainer.train_dataset was reordered after PerPairDPOTrainer applied the "
+                                           r"plan: row \d+ holds pair \w+, which the plan's order puts before pair"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    trainer.train_dataset = planned.select(range(1, len(planned), 2))  # every other pair, in the plan's order
+    trainer.train()
+    assert trainer.state.global_step == 1
 
 
 def test_collator_leaves_unplanned_batches_to_trl():

@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ REFUSED_LOSSES = {
 }
 SMOOTHING_LOSSES = frozenset({"robust", "exo_pair"})  # the TRL 1.16 losses that read label_smoothing
 PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may carry these instead of a plan
+CARRIED = (*PLAN_COLUMNS, "flipped")  # (flipped: optional)
 ROUTES = ("preference", "sft", "drop")
 # Columns this module adds to the training dataset; the collator turns them into batch tensors.
 BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
@@ -153,8 +154,8 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
         first[pid] = row
     carried = [c for c in PLAN_COLUMNS if c in dataset.column_names]
     if plan is not None:
-        if carried:
-            raise PerpairError(f"train_dataset carries plan column(s) {', '.join(carried)} and a plan was given; "
+        if given := [c for c in CARRIED if c in dataset.column_names]:  # a flipped column the plan's would override
+            raise PerpairError(f"train_dataset carries plan column(s) {', '.join(given)} and a plan was given; "
                                "pass one of the two")
         values = read_plan(plan)
         where = f"plan {plan}"
@@ -246,6 +247,19 @@ def check_config(args: DPOConfig) -> None:
                            "so PerPairDPOTrainer reads them sequentially: leave the default or set 'sequential'")
 
 
+def check_beta(args: DPOConfig, dataset: Dataset, evaluation) -> None:
+    """DPOConfig.beta is TRL's global β: with a plan every training step reads the pairs' own β_i, and only
+    evaluation reads DPOConfig.beta. Set to another value than TRL's default (and the plan's) with nothing to
+    evaluate, it would change nothing."""
+    default = next(f.default for f in fields(DPOConfig) if f.name == "beta")
+    beta = np.asarray(dataset[BETA], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
+    if args.beta != default and evaluation is None and np.any(beta != args.beta):
+        raise PerpairError(f"DPOConfig.beta = {args.beta:g} would change nothing: the plan gives every preference "
+                           f"pair its own β ({_values(beta)}), which training reads, and only evaluation reads "
+                           f"DPOConfig.beta (there is no eval_dataset); leave it at TRL's default {default:g}, or "
+                           "make the plan with that β (perpair plan --beta)")
+
+
 def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
     """The plan's ε must reach a loss that reads it, and must not contradict DPOConfig.label_smoothing."""
     eps = np.asarray(dataset[EPS], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
@@ -269,7 +283,7 @@ def check_eval_dataset(evaluation) -> None:
     """Plan columns in an evaluation dataset would go unread: evaluation scores every pair with DPOConfig.beta,
     as stock TRL does."""
     for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
-        carried = [c for c in PLAN_COLUMNS if c in (getattr(part, "column_names", None) or [])]
+        carried = [c for c in CARRIED if c in (getattr(part, "column_names", None) or [])]
         if carried:
             raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
                                "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
@@ -329,6 +343,7 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
         check_eval_dataset(kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
+        check_beta(args, train_dataset, kwargs.get("eval_dataset"))
         check_smoothing(args, train_dataset)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
         if self.aux_loss_enabled and self.plan_summary.sft:
@@ -340,11 +355,42 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
                                "process, or use a plan without SFT routes")
         self.data_collator = PlanCollator(self.data_collator)
-        # The pairs TRL kept (it drops those whose prompt fills max_length), in order, with their plan values
+        # The pairs TRL kept (it drops those whose prompt fills max_length), in the plan's order
+        self._planned = {pid: position for position, pid in enumerate(self.train_dataset[PAIR])}
+        self._plan_digest = self._digest()
+
+    def _digest(self) -> str:
+        """The pairs the training dataset trains, in order, with their plan values (what a checkpoint records)."""
         trained = self.train_dataset.select_columns([PAIR, BETA, SFT, EPS])
-        self._plan_digest = hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(list(trained.to_dict().values())).encode()).hexdigest()
+
+    def _check_order(self) -> bool:
+        """The training dataset, if replaced after construction (``trainer.train_dataset = ...``), must still read the
+        planned pairs in the plan's order: the sequential sampler reads its rows as they come, so a shuffle would
+        replace the curriculum without a word. A filter or select that keeps the order is fine. False where the
+        dataset carries no plan values (the batch check refuses it)."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Dataset) or not {PAIR, BETA, SFT, EPS} <= set(dataset.column_names):
+            return False
+        last, previous = -1, None
+        for row, pid in enumerate(dataset[PAIR], start=1):
+            position = self._planned.get(pid)
+            if position is None:
+                raise PerpairError(f"trainer.train_dataset row {row} holds pair {pid}, which PerPairDPOTrainer did not "
+                                   "plan: the training dataset was changed after the plan was applied to it; pass "
+                                   "the dataset to the constructor")
+            if position <= last:
+                raise PerpairError(f"trainer.train_dataset was reordered after PerPairDPOTrainer applied the plan: row "
+                                   f"{row} holds pair {pid}, which the plan's order puts before pair {previous} of "
+                                   f"row {row - 1}; the rows are read as they come, so the plan's curriculum would be "
+                                   "lost; leave them in the order the trainer set (a filter or select that keeps it "
+                                   "is fine), or make the plan with the order you want")
+            last, previous = position, pid
+        return True
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if self._check_order():  # what this run trains, if the dataset was filtered since construction
+            self._plan_digest = self._digest()
         if resume_from_checkpoint and not self.args.ignore_data_skip:
             checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
                           else resume_from_checkpoint)
