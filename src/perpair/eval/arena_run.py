@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from perpair.artifacts import file_sha256
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label, output_lock
+from perpair.eval.alpaca_eval import JudgeConfig, check_judge, judge_identity, model_label, output_lock
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -143,6 +143,7 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
     progress = on_progress or (lambda stage, done, total: None)
     questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)
+    check_judge(config.judge)
     name = config.name or model_label(model_path)
     texts = [q["turns"][0]["content"] for q in questions]
     # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
