@@ -262,6 +262,22 @@ def test_a_renamed_file_is_not_scored_with_the_other_models_weights(tmp_path, mo
                                                                abs=1e-4)
 
 
+def test_a_file_without_generator_2_is_named_by_its_whole_file_name(tmp_path):
+    """Without generator_2 a file's model is its file's name: gpt-3.5-turbo-1106.json was scored as `gpt-3` (cut at
+    the first dot), whose published weights there are none of, and shown under that other name."""
+    records = json.load(gzip.open(AE / "annotations" / "gpt-3.5-turbo-1106.json.gz"))
+    for record in records:
+        record.pop("generator_2")
+    for file in ("gpt-3.5-turbo-1106.json", "gpt-3.5-turbo-1106.json.gz"):
+        path = tmp_path / file
+        with (gzip.open(path, "wt") if file.endswith(".gz") else open(path, "w")) as handle:
+            json.dump(records, handle)
+        row = json.loads(run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE, path).stdout)
+        assert row["name"] == "gpt-3.5-turbo-1106" and row["lc_method"] == "published_weights"
+        assert row["length_controlled_winrate"] == pytest.approx(
+            LEADERBOARD.loc["gpt-3.5-turbo-1106", "length_controlled_winrate"], abs=1e-4)
+
+
 def test_score_offline_without_the_official_rows_gives_no_lc(tmp_path, monkeypatch):
     """`eval score --offline --difficulty FILE` without a data folder read each row's difficulty by its position
     with no official rows to check the file against: a shuffled file got an LC of other instructions'

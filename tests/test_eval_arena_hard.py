@@ -271,6 +271,14 @@ def test_cli_scores_judgment_files_as_show_result(tmp_path):
     assert f"score {first['score']:.1f} (95% CI {first['rating_q025']:.1f} to {first['rating_q975']:.1f})" in table
 
 
+def test_a_judgment_file_without_model_is_named_by_its_whole_file_name(tmp_path):
+    """Without `model` in its rows a judgment file's model is its file's name: Llama-3.1-8B.jsonl was `Llama-3`."""
+    path, rows = _judgment_file(tmp_path, "Llama-3.1-8B", 5, n=4)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model"}) + "\n" for r in rows))
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)
+    assert row["name"] == "Llama-3.1-8B"
+
+
 def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
     path, rows = _judgment_file(tmp_path, "m", 3, n=5)
     rows[3]["games"] = rows[3]["games"][:1]

@@ -40,7 +40,7 @@ from perpair.eval.arena_hard import (
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
-from perpair.eval.sources import data_file, hub_file, is_offline, read_jsonl, write_json_records
+from perpair.eval.sources import data_file, hub_file, is_offline, name_of_file, read_jsonl, write_json_records
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
@@ -272,7 +272,7 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
     if len(models) > 1:
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
                          "arena-hard-auto keeps one file per model", file=str(path), field="model")
-    name = models.pop() or path.name.split(".")[0]
+    name = models.pop() or name_of_file(path)
     battles = battles_from_games(games)
     if len(battles) == 0:
         raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))

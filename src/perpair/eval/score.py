@@ -188,7 +188,7 @@ def model_name(frame, path: str | Path) -> str:
     """The model an annotations file is about: its ``generator_2`` (one value per file), else the file's name."""
     if "generator_2" in frame and frame["generator_2"].notna().any():
         return str(frame["generator_2"].dropna().iloc[0])
-    return Path(path).name.split(".")[0]
+    return sources.name_of_file(path)
 
 
 def score_files(paths: list[str | Path], options: ScoreOptions | None = None, *,

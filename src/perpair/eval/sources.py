@@ -104,6 +104,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def name_of_file(path: str | os.PathLike) -> str:
+    """A model's name from its file's name, its ``.json`` / ``.jsonl`` and ``.gz`` endings dropped:
+    ``claude-2.1.json.gz`` is ``claude-2.1`` (cut at the first dot it was ``claude-2``, another model's name)."""
+    name = Path(path).name.removesuffix(".gz")
+    for suffix in (".jsonl", ".json"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
 def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write records as alpaca_eval does (indented JSON list), atomically."""
     path = Path(path)
