@@ -198,6 +198,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
 
 
 def _run_alpaca_eval(config: AlpacaEvalConfig, out: Path, on_progress: Progress | None) -> dict[str, Any]:
+    sources.check_results_owner(out / "results.json", "alpaca_eval_2", "-o/--output")
     # every input is read before the first answer is generated: a missing file stops the run at once
     reference, reference_source, reference_sha256 = sources.load_reference_outputs(config.reference, config.data_dir,
                                                                                    config.offline)

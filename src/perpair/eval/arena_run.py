@@ -40,7 +40,15 @@ from perpair.eval.arena_hard import (
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
-from perpair.eval.sources import data_file, hub_file, is_offline, name_of_file, read_jsonl, write_json_records
+from perpair.eval.sources import (
+    check_results_owner,
+    data_file,
+    hub_file,
+    is_offline,
+    name_of_file,
+    read_jsonl,
+    write_json_records,
+)
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
@@ -140,6 +148,7 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
                     on_progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     from perpair.models import resolve_model
 
+    check_results_owner(out / "results.json", "arena_hard_v0.1", "-o/--output")
     progress = on_progress or (lambda stage, done, total: None)
     questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)

@@ -132,6 +132,34 @@ def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -
         tmp.unlink(missing_ok=True)
 
 
+def check_results_owner(path: Path, benchmark: str | None, option: str) -> None:
+    """Refuse, before any work, to write ``path`` (a ``results.json``) where it holds what another command wrote,
+    which it would replace: ``benchmark`` (an evaluation's, e.g. ``alpaca_eval_2``) refuses another benchmark's
+    results and a report's table (a ``report.html`` beside it); ``None`` (``perpair eval report``) refuses an
+    evaluation's results (rows with more than the report's columns). ``eval preference -o eval/dpo`` replaced the
+    AlpacaEval results there without a word (``eval report`` then showed no AlpacaEval row); ``arena-hard run`` and
+    ``eval report`` did the same."""
+    if not path.is_file():
+        return
+    from perpair.eval.report import COLUMNS
+
+    rows = read_json_records(path)
+    if benchmark is None:
+        if (path.parent / "report.html").is_file() or not any(set(row) - set(COLUMNS) for row in rows):
+            return
+        what = "an evaluation's results (" + ", ".join(sorted({str(r.get("benchmark")) for r in rows})) + ")"
+    elif (path.parent / "report.html").is_file():
+        what = "a report's table (perpair eval report)"
+    else:
+        others = sorted({str(row.get("benchmark")) for row in rows} - {benchmark})
+        if not others:
+            return
+        what = f"the results of another evaluation ({', '.join(others)})"
+    where = path.parent if path.name == "results.json" else path
+    raise PerpairError(f"{option} {where}: {path.name} there holds {what}, which this command would replace; give "
+                       "it another folder")
+
+
 def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
     """AlpacaEval annotations (alpaca_eval's ``annotations.json`` or ours): one row per instruction with
     ``instruction``, ``output_1`` (baseline), ``output_2`` (model), ``preference`` (number in [1, 2], 0 = draw, or
