@@ -392,3 +392,29 @@ def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monk
         rows[style] = arena_run.run_arena_hard(config)
     assert rows[False]["note"] == "" and rows[True]["style_control"]
     assert "perpair's own variant" in rows[True]["note"] and "not arena-hard-auto's" in rows[True]["note"]
+
+
+def test_a_local_judge_writes_its_judgments_in_the_dtype_they_are_cached_under(tmp_path, monkeypatch, tiny_model_dir):
+    """The judgments are cached under the judge's dtype (judge_identity), but the Arena-Hard local judge was loaded
+    in the default dtype whatever JudgeConfig.dtype said: bfloat16 asked, float32 judgments cached as bfloat16's."""
+    from perpair.eval import arena_run, generate
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    loaded = []
+
+    class Generator:
+        def __init__(self, model, config):
+            loaded.append(config.dtype)
+            self.config = config
+
+        def generate(self, conversations):
+            return ["[[A=B]]"] * len(conversations)
+
+    monkeypatch.setattr(generate, "TransformersGenerator", Generator)
+    monkeypatch.setattr(arena_run, "generate_answers",
+                        lambda path, generation, texts, cache, progress: (["an answer"] * len(texts), 0))
+    config = arena_run.ArenaHardConfig(model=str(tiny_model_dir), output_dir=tmp_path / "out", limit=2, n_rounds=2,
+                                       judge=JudgeConfig(judge=str(tiny_model_dir), dtype="bfloat16"), offline=True,
+                                       data_dir=SHARED_DATA / "arena_hard")
+    row = arena_run.run_arena_hard(config)
+    assert loaded == ["bfloat16"] and row["n_judged"] == 4 and row["score"] == 50.0

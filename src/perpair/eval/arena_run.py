@@ -234,7 +234,7 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
 
         judge = (ApiChatJudge(config.judge.client_config()) if config.judge.is_api else
                  LocalChatJudge(resolve_model(config.judge.judge), batch_size=config.judge.batch_size,
-                                max_prompt_tokens=config.judge.max_prompt_tokens))
+                                max_prompt_tokens=config.judge.max_prompt_tokens, dtype=config.judge.dtype))
         step = judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
