@@ -279,6 +279,17 @@ def test_a_judgment_file_without_model_is_named_by_its_whole_file_name(tmp_path)
     assert row["name"] == "Llama-3.1-8B"
 
 
+def test_a_judgment_file_is_said_judged_by_the_judge_its_rows_name(tmp_path):
+    """perpair's own judgment.jsonl lies in OUT/arena_hard: its score was said judged by `arena_hard` (the folder's
+    name), not by the judge every row names."""
+    path, rows = _judgment_file(tmp_path, "m", 6, n=4)
+    mine = tmp_path / "eval" / "m" / "arena_hard" / "judgment.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(path.read_text())
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", mine).stdout)
+    assert (row["name"], row["judge"]) == ("m", "gpt-4-1106-preview")
+
+
 def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
     path, rows = _judgment_file(tmp_path, "m", 3, n=5)
     rows[3]["games"] = rows[3]["games"][:1]

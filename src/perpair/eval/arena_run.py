@@ -282,11 +282,15 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
                          "arena-hard-auto keeps one file per model", file=str(path), field="model")
     name = models.pop() or name_of_file(path)
+    # the judge the rows name (arena-hard-auto and perpair write it on every row), else the folder's name
+    # (model_judgment/JUDGE/MODEL.jsonl): perpair's own judgment.jsonl lies in OUT/arena_hard, no judge's name
+    judges = {str(row["judge"]) for row in rows if row.get("judge") is not None}
+    judge = judges.pop() if len(judges) == 1 else path.parent.name
     battles = battles_from_games(games)
     if len(battles) == 0:
         raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))
     score = arena_score(battles, n_rounds=n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label, _ in games)
-    return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": path.parent.name, **score.as_dict(),
+    return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": judge, **score.as_dict(),
             "n_questions": len(rows), "n_games": len(games), "n_no_verdict": n_no_verdict,
             "note": _note(len(games), n_no_verdict), "file": str(path)}
