@@ -278,6 +278,20 @@ def test_a_file_without_generator_2_is_named_by_its_whole_file_name(tmp_path):
             LEADERBOARD.loc["gpt-3.5-turbo-1106", "length_controlled_winrate"], abs=1e-4)
 
 
+def test_more_rows_than_alpaca_eval_has_get_raw_figures_and_no_lc(tmp_path):
+    """A file with a row twice (806 rows) was an error, no figure at all, where a file with a row left out gets its
+    raw figures and no LC; an alpaca-eval run on a --reference of more than 805 instructions ended so after every
+    answer was generated and judged."""
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps([*records, records[10]]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["length_controlled_winrate"], row["lc_method"]) == (806, None, None)
+    assert row["lc_note"] == "no LC: 806 rows, and AlpacaEval has 805 instructions"
+    assert row["win_rate"] == pytest.approx(win_rate_metrics(
+        [r["preference"] for r in [*records, records[10]]])["win_rate"])
+
+
 def test_score_offline_without_the_official_rows_gives_no_lc(tmp_path, monkeypatch):
     """`eval score --offline --difficulty FILE` without a data folder read each row's difficulty by its position
     with no official rows to check the file against: a shuffled file got an LC of other instructions'

@@ -94,12 +94,13 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row["n_unjudged"] = n - row["n_total"]
     row["judgment_note"] = (f"{row['n_unjudged']} of {n} instructions have no judgment (null preference) and are "
                             f"not counted: the win rates are over {row['n_total']}") if row["n_unjudged"] else None
-    if n > len(inputs.difficulty):
-        raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
-                         "must be AlpacaEval's instructions in their official order", file=file)
     # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
-    # be instruction k, or every figure of the LC reads another instruction's difficulty
-    mismatch = unchecked or _not_official(frame, inputs)
+    # be instruction k, or every figure of the LC reads another instruction's difficulty. More rows than there are
+    # difficulties (a row twice, another instruction set) get no LC either, their raw figures standing: it was an
+    # error, which ended an alpaca-eval run on such a --reference after every answer was generated and judged
+    mismatch = unchecked or _not_official(frame, inputs) or (
+        f"{n} rows, and there are {len(inputs.difficulty)} instruction difficulties (one per AlpacaEval "
+        "instruction)" if n > len(inputs.difficulty) else None)
     if mismatch is not None:
         for key in ("length_controlled_winrate", "lc_standard_error"):
             row[key] = math.nan
