@@ -337,6 +337,16 @@ def test_score_inputs_missing_or_ambiguous_are_errors(tmp_path, monkeypatch):
         assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
 
 
+def test_a_model_outputs_file_given_for_annotations_is_said_to_be_one():
+    """alpaca_eval's model_outputs.json given to eval score was `missing field 'output_1'`, no more."""
+    path = AE / "model_outputs" / "alpaca-7b.json.gz"
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, path, check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: file {path}, row 1, field 'output_1': missing field: a model's outputs (instruction, output), not "
+        "annotations (instruction, output_1, output_2, preference: alpaca_eval's annotations.json, or perpair eval "
+        "alpaca-eval's)\n"), result.stderr
+
+
 def test_bad_annotation_names_file_row_field(tmp_path):
     records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))[:10]
     records[6]["preference"] = "2"

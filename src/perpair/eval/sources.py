@@ -170,7 +170,12 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
     for i, record in enumerate(records):
         for name in ANNOTATION_FIELDS:
             if name not in record:
-                raise InputError("missing field", file=str(path), row=i + 1, field=name)
+                # a model outputs file (alpaca_eval's model_outputs.json) given where annotations go: said so
+                outputs = "output" in record and not any(f in record for f in ("output_1", "output_2", "preference"))
+                raise InputError("missing field" + (
+                    ": a model's outputs (instruction, output), not annotations (instruction, output_1, output_2, "
+                    "preference: alpaca_eval's annotations.json, or perpair eval alpaca-eval's)" if outputs else ""),
+                    file=str(path), row=i + 1, field=name)
         for name in ("instruction", "output_1", "output_2"):
             if not isinstance(record[name], str):
                 raise InputError(f"expected a string, got {type(record[name]).__name__}", file=str(path),
