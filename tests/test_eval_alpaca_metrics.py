@@ -347,6 +347,15 @@ def test_a_model_outputs_file_given_for_annotations_is_said_to_be_one():
         "alpaca-eval's)\n"), result.stderr
 
 
+def test_no_lc_under_no_fit_says_no_fit_was_asked():
+    """--no-fit on 805 judged instructions without published weights said `fewer than 5 judged instructions`."""
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, "--no-fit", "--name", "foo",
+                             AE / "annotations" / "alpaca-7b.json.gz").stdout)
+    assert (row["n_total"], row["length_controlled_winrate"]) == (805, None)
+    assert row["lc_note"] == ("no LC: --no-fit and no published weights. Published weights not used: no published "
+                              "GLM weights for 'foo'")
+
+
 def test_bad_annotation_names_file_row_field(tmp_path):
     records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))[:10]
     records[6]["preference"] = "2"

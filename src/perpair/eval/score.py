@@ -139,8 +139,8 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         headline, method = None, None
         # the reason the published weights were not used last, in the words the fit's note has them (a run's table
         # shows one note for every arm, up to that reason, which names the arm)
-        note = (f"no LC: fewer than {N_SPLITS} judged instructions and no published weights. Published weights not "
-                f"used: {not_published}")
+        why = "--no-fit" if not fit else f"fewer than {N_SPLITS} judged instructions"  # (805 of them, --no-fit)
+        note = f"no LC: {why} and no published weights. Published weights not used: {not_published}"
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
