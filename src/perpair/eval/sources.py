@@ -144,14 +144,16 @@ def check_results_owner(path: Path, benchmark: str | None, option: str) -> None:
     from perpair.eval.report import COLUMNS
 
     rows = read_json_records(path)
+    benchmarks = {str(row["benchmark"]) if row.get("benchmark") is not None else "rows of no benchmark"
+                  for row in rows}
     if benchmark is None:
         if (path.parent / "report.html").is_file() or not any(set(row) - set(COLUMNS) for row in rows):
             return
-        what = "an evaluation's results (" + ", ".join(sorted({str(r.get("benchmark")) for r in rows})) + ")"
+        what = f"an evaluation's results ({', '.join(sorted(benchmarks))})"
     elif (path.parent / "report.html").is_file():
         what = "a report's table (perpair eval report)"
     else:
-        others = sorted({str(row.get("benchmark")) for row in rows} - {benchmark})
+        others = sorted(benchmarks - {benchmark})
         if not others:
             return
         what = f"the results of another evaluation ({', '.join(others)})"
