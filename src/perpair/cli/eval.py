@@ -318,11 +318,10 @@ def preference_command(
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
     reference-free length-normalised log-prob margin, overall and by annotation category."""
     from perpair.eval import PreferenceConfig, default_output_dir, json_ready, run_preference, write_results
+    from perpair.eval.sources import check_results_owner
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
-    from perpair.eval.sources import check_results_owner
-
     output = output or default_output_dir(model) / "preference"
     if output.suffix == ".json":
         check_output_file(output, "-o/--output", "results.json")
