@@ -262,6 +262,36 @@ def test_a_renamed_file_is_not_scored_with_the_other_models_weights(tmp_path, mo
                                                                abs=1e-4)
 
 
+def test_a_file_without_generator_2_is_named_by_its_whole_file_name(tmp_path):
+    """Without generator_2 a file's model is its file's name: gpt-3.5-turbo-1106.json was scored as `gpt-3` (cut at
+    the first dot), whose published weights there are none of, and shown under that other name."""
+    records = json.load(gzip.open(AE / "annotations" / "gpt-3.5-turbo-1106.json.gz"))
+    for record in records:
+        record.pop("generator_2")
+    for file in ("gpt-3.5-turbo-1106.json", "gpt-3.5-turbo-1106.json.gz"):
+        path = tmp_path / file
+        with (gzip.open(path, "wt") if file.endswith(".gz") else open(path, "w")) as handle:
+            json.dump(records, handle)
+        row = json.loads(run_cli("eval", "score", "--json", "--offline", "--no-fit", "--data-dir", AE, path).stdout)
+        assert row["name"] == "gpt-3.5-turbo-1106" and row["lc_method"] == "published_weights"
+        assert row["length_controlled_winrate"] == pytest.approx(
+            LEADERBOARD.loc["gpt-3.5-turbo-1106", "length_controlled_winrate"], abs=1e-4)
+
+
+def test_more_rows_than_alpaca_eval_has_get_raw_figures_and_no_lc(tmp_path):
+    """A file with a row twice (806 rows) was an error, no figure at all, where a file with a row left out gets its
+    raw figures and no LC; an alpaca-eval run on a --reference of more than 805 instructions ended so after every
+    answer was generated and judged."""
+    records = json.load(gzip.open(AE / "annotations" / "alpaca-7b.json.gz"))
+    path = tmp_path / "twice.json"
+    path.write_text(json.dumps([*records, records[10]]))
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, path).stdout)
+    assert (row["n_total"], row["length_controlled_winrate"], row["lc_method"]) == (806, None, None)
+    assert row["lc_note"] == "no LC: 806 rows, and AlpacaEval has 805 instructions"
+    assert row["win_rate"] == pytest.approx(win_rate_metrics(
+        [r["preference"] for r in [*records, records[10]]])["win_rate"])
+
+
 def test_score_offline_without_the_official_rows_gives_no_lc(tmp_path, monkeypatch):
     """`eval score --offline --difficulty FILE` without a data folder read each row's difficulty by its position
     with no official rows to check the file against: a shuffled file got an LC of other instructions'
@@ -305,6 +335,25 @@ def test_score_inputs_missing_or_ambiguous_are_errors(tmp_path, monkeypatch):
         result = run_cli("eval", "score", *args, check=False)
         assert result.returncode == 2 and words in result.stderr, result.stderr
         assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_a_model_outputs_file_given_for_annotations_is_said_to_be_one():
+    """alpaca_eval's model_outputs.json given to eval score was `missing field 'output_1'`, no more."""
+    path = AE / "model_outputs" / "alpaca-7b.json.gz"
+    result = run_cli("eval", "score", "--offline", "--data-dir", AE, path, check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: file {path}, row 1, field 'output_1': missing field: a model's outputs (instruction, output), not "
+        "annotations (instruction, output_1, output_2, preference: alpaca_eval's annotations.json, or perpair eval "
+        "alpaca-eval's)\n"), result.stderr
+
+
+def test_no_lc_under_no_fit_says_no_fit_was_asked():
+    """--no-fit on 805 judged instructions without published weights said `fewer than 5 judged instructions`."""
+    row = json.loads(run_cli("eval", "score", "--json", "--offline", "--data-dir", AE, "--no-fit", "--name", "foo",
+                             AE / "annotations" / "alpaca-7b.json.gz").stdout)
+    assert (row["n_total"], row["length_controlled_winrate"]) == (805, None)
+    assert row["lc_note"] == ("no LC: --no-fit and no published weights. Published weights not used: no published "
+                              "GLM weights for 'foo'")
 
 
 def test_bad_annotation_names_file_row_field(tmp_path):

@@ -271,6 +271,25 @@ def test_cli_scores_judgment_files_as_show_result(tmp_path):
     assert f"score {first['score']:.1f} (95% CI {first['rating_q025']:.1f} to {first['rating_q975']:.1f})" in table
 
 
+def test_a_judgment_file_without_model_is_named_by_its_whole_file_name(tmp_path):
+    """Without `model` in its rows a judgment file's model is its file's name: Llama-3.1-8B.jsonl was `Llama-3`."""
+    path, rows = _judgment_file(tmp_path, "Llama-3.1-8B", 5, n=4)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "model"}) + "\n" for r in rows))
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)
+    assert row["name"] == "Llama-3.1-8B"
+
+
+def test_a_judgment_file_is_said_judged_by_the_judge_its_rows_name(tmp_path):
+    """perpair's own judgment.jsonl lies in OUT/arena_hard: its score was said judged by `arena_hard` (the folder's
+    name), not by the judge every row names."""
+    path, rows = _judgment_file(tmp_path, "m", 6, n=4)
+    mine = tmp_path / "eval" / "m" / "arena_hard" / "judgment.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text(path.read_text())
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", mine).stdout)
+    assert (row["name"], row["judge"]) == ("m", "gpt-4-1106-preview")
+
+
 def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
     path, rows = _judgment_file(tmp_path, "m", 3, n=5)
     rows[3]["games"] = rows[3]["games"][:1]
@@ -384,3 +403,29 @@ def test_a_style_controlled_score_says_it_is_perpairs_own_variant(tmp_path, monk
         rows[style] = arena_run.run_arena_hard(config)
     assert rows[False]["note"] == "" and rows[True]["style_control"]
     assert "perpair's own variant" in rows[True]["note"] and "not arena-hard-auto's" in rows[True]["note"]
+
+
+def test_a_local_judge_writes_its_judgments_in_the_dtype_they_are_cached_under(tmp_path, monkeypatch, tiny_model_dir):
+    """The judgments are cached under the judge's dtype (judge_identity), but the Arena-Hard local judge was loaded
+    in the default dtype whatever JudgeConfig.dtype said: bfloat16 asked, float32 judgments cached as bfloat16's."""
+    from perpair.eval import arena_run, generate
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    loaded = []
+
+    class Generator:
+        def __init__(self, model, config):
+            loaded.append(config.dtype)
+            self.config = config
+
+        def generate(self, conversations):
+            return ["[[A=B]]"] * len(conversations)
+
+    monkeypatch.setattr(generate, "TransformersGenerator", Generator)
+    monkeypatch.setattr(arena_run, "generate_answers",
+                        lambda path, generation, texts, cache, progress: (["an answer"] * len(texts), 0))
+    config = arena_run.ArenaHardConfig(model=str(tiny_model_dir), output_dir=tmp_path / "out", limit=2, n_rounds=2,
+                                       judge=JudgeConfig(judge=str(tiny_model_dir), dtype="bfloat16"), offline=True,
+                                       data_dir=SHARED_DATA / "arena_hard")
+    row = arena_run.run_arena_hard(config)
+    assert loaded == ["bfloat16"] and row["n_judged"] == 4 and row["score"] == 50.0

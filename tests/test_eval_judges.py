@@ -604,3 +604,21 @@ def test_an_empty_reference_file_is_refused_naming_it(tmp_path, tiny_model_dir):
                      "--data-dir", AE, "--reference", reference, "--judge", tiny_model_dir, "-o", out, check=False)
     assert result.returncode == 2 and result.stderr == f"error: file {reference}: no outputs\n", result.stderr
     assert not out.exists()
+
+
+def test_a_judge_that_is_no_model_is_refused_before_any_answer(tmp_path, tiny_model_dir, monkeypatch):
+    """A local --judge that is no model (a mistyped path) was found out after every answer was generated and
+    model_outputs.json written, in words that called it a model: it is refused first, as the judge, exit 2."""
+    from perpair.eval import generate
+
+    loaded = []
+    monkeypatch.setattr(generate, "load_generator", lambda *args: loaded.append(args) or pytest.fail("generated"))
+    missing = tmp_path / "no-such-judge"
+    for command, data in ((("eval", "alpaca-eval"), AE), (("eval", "arena-hard", "run"), SHARED_DATA / "arena_hard")):
+        out = tmp_path / command[-1]
+        result = run_cli(*command, "--model", tiny_model_dir, "--judge", missing, "--offline", "--data-dir", data,
+                         "--limit", "1", "--max-new-tokens", "2", "-o", out, check=False)
+        assert result.returncode == 2 and result.stderr == (
+            f"error: judge model {missing}: no such folder, and not a Hub id (NAME or OWNER/NAME)\n"), result.stderr
+        assert not any(p.name in ("model_outputs.json", "model_answer.jsonl") for p in out.glob("*"))
+    assert loaded == []

@@ -279,3 +279,38 @@ def test_results_rows_of_another_shape_are_refused_and_nothing_is_written(tmp_pa
     (alpaca / "model_outputs.json").write_text(json.dumps(outputs))
     result = run_cli("eval", "report", alpaca, arena, "-o", report, check=False)
     assert result.returncode == 2 and "row 4, field 'output'" in result.stderr and not report.exists(), result.stderr
+
+
+def test_no_command_writes_its_results_over_another_evaluations(tmp_path, monkeypatch, tiny_model_dir):
+    """`eval preference -o eval/dpo` (the folder of dpo's AlpacaEval), `arena-hard run -o` it, or `eval report -o`
+    it replaced the AlpacaEval results.json there without a word (exit 0; the report then showed no AlpacaEval row).
+    Each is now refused before any work, naming the folder and what its results.json holds; nothing is written."""
+    from plan_helpers import make_pairs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0)] * 2)
+    def files():  # (an evaluation's lock, .lock, is left empty where it was taken, as every run leaves it)
+        return {p: p.read_bytes() for folder in (alpaca, arena) for p in folder.iterdir() if p.name != ".lock"}
+
+    before = files()
+    model = ("--model", tiny_model_dir, "--judge", tiny_model_dir, "--offline", "--limit", "1", "--max-new-tokens", "2")
+    for args, folder, holds in (
+            (("eval", "preference", "--model", tiny_model_dir, "--ref", tiny_model_dir, "--data", pairs), alpaca,
+             "alpaca_eval_2"),
+            (("eval", "report", arena), alpaca, "alpaca_eval_2"),
+            (("eval", "arena-hard", "run", *model, "--judge-max-tokens", "2", "--data-dir",
+              SHARED_DATA / "arena_hard"), alpaca, "alpaca_eval_2"),
+            (("eval", "alpaca-eval", *model, "--data-dir", AE), arena, "arena_hard_v0.1")):
+        result = run_cli(*args, "-o", folder, check=False)
+        assert result.returncode == 2 and result.stderr == (
+            f"error: -o/--output {folder}: results.json there holds the results of another evaluation ({holds}), "
+            "which this command would replace; give it another folder\n"
+            if args[1] != "report" else
+            f"error: -o/--output {folder}: results.json there holds an evaluation's results ({holds}), which this "
+            "command would replace; give it another folder\n"), (args, result.stderr)
+    assert files() == before
+    # an evaluation's own folder, and a report's, are written again as before
+    run_cli("eval", "report", alpaca, arena, "-o", tmp_path / "report")
+    run_cli("eval", "report", alpaca, "-o", tmp_path / "report")

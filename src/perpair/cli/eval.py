@@ -318,6 +318,7 @@ def preference_command(
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
     reference-free length-normalised log-prob margin, overall and by annotation category."""
     from perpair.eval import PreferenceConfig, default_output_dir, json_ready, run_preference, write_results
+    from perpair.eval.sources import check_results_owner
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
@@ -326,6 +327,8 @@ def preference_command(
         check_output_file(output, "-o/--output", "results.json")
     else:
         check_output_folder(output, "-o/--output")
+    check_results_owner(output if output.suffix == ".json" else output / "results.json", "preference_accuracy",
+                        "-o/--output")
     status, update = _progress()
     with status:
         row = run_preference(config, on_progress=update)
@@ -347,6 +350,7 @@ def report_command(
 ) -> None:
     """One results table (JSON, Markdown) and an HTML page with plots."""
     from perpair.eval import write_report
+    from perpair.eval.sources import check_results_owner
 
     check_output_folder(output, "-o/--output")
     for folder in folders:  # the report's results.json would replace the evaluation's (a report given: refused below)
@@ -354,6 +358,7 @@ def report_command(
         if output.resolve() == base.resolve() and not (base / "report.html").is_file():
             raise PerpairError(f"-o/--output {output}: the folder of the evaluation {folder}, whose results.json the "
                                "report would replace; name another folder")
+    check_results_owner(output / "results.json", None, "-o/--output")
 
     for kind, path in write_report(folders, output).items():
         out.print(f"{kind}: {escape(str(path))}")

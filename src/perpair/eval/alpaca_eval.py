@@ -159,6 +159,18 @@ def load_judge(config: JudgeConfig):
                              prefix_cache=config.prefix_cache)
 
 
+def check_judge(config: JudgeConfig) -> None:
+    """A local judge that is no model (a path to nothing, a file, an adapter, a folder without weights or tokenizer)
+    is refused before any answer is generated, as the judge: it was found out after every answer was generated
+    (and ``model_outputs.json`` written), in words that named it a model."""
+    if config.is_api:
+        return
+    try:
+        judge_identity(config)
+    except PerpairError as exc:
+        raise PerpairError(f"judge {exc}") from None
+
+
 def judge_identity(config: JudgeConfig) -> list[Any]:
     if config.is_api:
         return ["api", config.judge, config.model_name]
@@ -186,6 +198,7 @@ def run_alpaca_eval(config: AlpacaEvalConfig, on_progress: Progress | None = Non
 
 
 def _run_alpaca_eval(config: AlpacaEvalConfig, out: Path, on_progress: Progress | None) -> dict[str, Any]:
+    sources.check_results_owner(out / "results.json", "alpaca_eval_2", "-o/--output")
     # every input is read before the first answer is generated: a missing file stops the run at once
     reference, reference_source, reference_sha256 = sources.load_reference_outputs(config.reference, config.data_dir,
                                                                                    config.offline)
@@ -196,6 +209,7 @@ def _run_alpaca_eval(config: AlpacaEvalConfig, out: Path, on_progress: Progress 
     lc_inputs = score_options.resolve()
     unchecked = unchecked_rows(config, lc_inputs)
     model_path = resolve_model(config.model)
+    check_judge(config.judge)
     name = config.name or model_label(model_path) or config.model
     instructions = reference["instruction"].tolist()
     progress = on_progress or (lambda stage, done, total: None)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from perpair.artifacts import file_sha256
 from perpair.errors import InputError, PerpairError
-from perpair.eval.alpaca_eval import JudgeConfig, judge_identity, model_label, output_lock
+from perpair.eval.alpaca_eval import JudgeConfig, check_judge, judge_identity, model_label, output_lock
 from perpair.eval.arena_hard import (
     BASELINE,
     N_BOOTSTRAP,
@@ -40,7 +40,15 @@ from perpair.eval.arena_hard import (
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_answers
 from perpair.eval.judges import ApiChatJudge, LocalChatJudge
-from perpair.eval.sources import data_file, hub_file, is_offline, read_jsonl, write_json_records
+from perpair.eval.sources import (
+    check_results_owner,
+    data_file,
+    hub_file,
+    is_offline,
+    name_of_file,
+    read_jsonl,
+    write_json_records,
+)
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
@@ -140,9 +148,11 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
                     on_progress: Callable[[str, int, int], None] | None) -> dict[str, Any]:
     from perpair.models import resolve_model
 
+    check_results_owner(out / "results.json", "arena_hard_v0.1", "-o/--output")
     progress = on_progress or (lambda stage, done, total: None)
     questions, baseline, sources = load_questions(config)
     model_path = resolve_model(config.model)
+    check_judge(config.judge)
     name = config.name or model_label(model_path)
     texts = [q["turns"][0]["content"] for q in questions]
     # the folder's files are rewritten below: a results.json of an earlier run must not stand beside them if this
@@ -224,7 +234,7 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
 
         judge = (ApiChatJudge(config.judge.client_config()) if config.judge.is_api else
                  LocalChatJudge(resolve_model(config.judge.judge), batch_size=config.judge.batch_size,
-                                max_prompt_tokens=config.judge.max_prompt_tokens))
+                                max_prompt_tokens=config.judge.max_prompt_tokens, dtype=config.judge.dtype))
         step = judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
@@ -271,12 +281,16 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
     if len(models) > 1:
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "
                          "arena-hard-auto keeps one file per model", file=str(path), field="model")
-    name = models.pop() or path.name.split(".")[0]
+    name = models.pop() or name_of_file(path)
+    # the judge the rows name (arena-hard-auto and perpair write it on every row), else the folder's name
+    # (model_judgment/JUDGE/MODEL.jsonl): perpair's own judgment.jsonl lies in OUT/arena_hard, no judge's name
+    judges = {str(row["judge"]) for row in rows if row.get("judge") is not None}
+    judge = judges.pop() if len(judges) == 1 else path.parent.name
     battles = battles_from_games(games)
     if len(battles) == 0:
         raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))
     score = arena_score(battles, n_rounds=n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label, _ in games)
-    return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": path.parent.name, **score.as_dict(),
+    return {"benchmark": "arena_hard_v0.1", "name": str(name), "judge": judge, **score.as_dict(),
             "n_questions": len(rows), "n_games": len(games), "n_no_verdict": n_no_verdict,
             "note": _note(len(games), n_no_verdict), "file": str(path)}

@@ -169,12 +169,13 @@ class ApiLogprobJudge:
 class LocalChatJudge:
     """A local model writing free-form judgments (Arena-Hard), greedy."""
 
-    def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192):
+    def __init__(self, model: str, *, batch_size: int | None = None, max_prompt_tokens: int = 8192,
+                 dtype: str = "auto"):
         from perpair.eval.generate import GenerationConfig, TransformersGenerator
 
         self.name = f"local:{model}"
         self.batch_size = batch_size or 4
-        self._config = GenerationConfig(batch_size=self.batch_size, max_prompt_tokens=max_prompt_tokens)
+        self._config = GenerationConfig(batch_size=self.batch_size, max_prompt_tokens=max_prompt_tokens, dtype=dtype)
         self._generator = TransformersGenerator(model, self._config)
 
     def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]:

@@ -94,12 +94,13 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row["n_unjudged"] = n - row["n_total"]
     row["judgment_note"] = (f"{row['n_unjudged']} of {n} instructions have no judgment (null preference) and are "
                             f"not counted: the win rates are over {row['n_total']}") if row["n_unjudged"] else None
-    if n > len(inputs.difficulty):
-        raise InputError(f"{n} annotations but only {len(inputs.difficulty)} instruction difficulties; the rows "
-                         "must be AlpacaEval's instructions in their official order", file=file)
     # alpaca_eval maps each annotation to a difficulty by its row position (df.reset_index()["index"]): row k must
-    # be instruction k, or every figure of the LC reads another instruction's difficulty
-    mismatch = unchecked or _not_official(frame, inputs)
+    # be instruction k, or every figure of the LC reads another instruction's difficulty. More rows than there are
+    # difficulties (a row twice, another instruction set) get no LC either, their raw figures standing: it was an
+    # error, which ended an alpaca-eval run on such a --reference after every answer was generated and judged
+    mismatch = unchecked or _not_official(frame, inputs) or (
+        f"{n} rows, and there are {len(inputs.difficulty)} instruction difficulties (one per AlpacaEval "
+        "instruction)" if n > len(inputs.difficulty) else None)
     if mismatch is not None:
         for key in ("length_controlled_winrate", "lc_standard_error"):
             row[key] = math.nan
@@ -138,8 +139,8 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         headline, method = None, None
         # the reason the published weights were not used last, in the words the fit's note has them (a run's table
         # shows one note for every arm, up to that reason, which names the arm)
-        note = (f"no LC: fewer than {N_SPLITS} judged instructions and no published weights. Published weights not "
-                f"used: {not_published}")
+        why = "--no-fit" if not fit else f"fewer than {N_SPLITS} judged instructions"  # (805 of them, --no-fit)
+        note = f"no LC: {why} and no published weights. Published weights not used: {not_published}"
     row["length_controlled_winrate"] = headline.length_controlled_winrate if headline else math.nan
     row["lc_standard_error"] = headline.lc_standard_error if headline else math.nan
     row["lc_method"] = method
@@ -188,7 +189,7 @@ def model_name(frame, path: str | Path) -> str:
     """The model an annotations file is about: its ``generator_2`` (one value per file), else the file's name."""
     if "generator_2" in frame and frame["generator_2"].notna().any():
         return str(frame["generator_2"].dropna().iloc[0])
-    return Path(path).name.split(".")[0]
+    return sources.name_of_file(path)
 
 
 def score_files(paths: list[str | Path], options: ScoreOptions | None = None, *,

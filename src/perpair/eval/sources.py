@@ -104,6 +104,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def name_of_file(path: str | os.PathLike) -> str:
+    """A model's name from its file's name, its ``.json`` / ``.jsonl`` and ``.gz`` endings dropped:
+    ``claude-2.1.json.gz`` is ``claude-2.1`` (cut at the first dot it was ``claude-2``, another model's name)."""
+    name = Path(path).name.removesuffix(".gz")
+    for suffix in (".jsonl", ".json"):
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
 def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
     """Write records as alpaca_eval does (indented JSON list), atomically."""
     path = Path(path)
@@ -122,6 +132,36 @@ def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -
         tmp.unlink(missing_ok=True)
 
 
+def check_results_owner(path: Path, benchmark: str | None, option: str) -> None:
+    """Refuse, before any work, to write ``path`` (a ``results.json``) where it holds what another command wrote,
+    which it would replace: ``benchmark`` (an evaluation's, e.g. ``alpaca_eval_2``) refuses another benchmark's
+    results and a report's table (a ``report.html`` beside it); ``None`` (``perpair eval report``) refuses an
+    evaluation's results (rows with more than the report's columns). ``eval preference -o eval/dpo`` replaced the
+    AlpacaEval results there without a word (``eval report`` then showed no AlpacaEval row); ``arena-hard run`` and
+    ``eval report`` did the same."""
+    if not path.is_file():
+        return
+    from perpair.eval.report import COLUMNS
+
+    rows = read_json_records(path)
+    benchmarks = {str(row["benchmark"]) if row.get("benchmark") is not None else "rows of no benchmark"
+                  for row in rows}
+    if benchmark is None:
+        if (path.parent / "report.html").is_file() or not any(set(row) - set(COLUMNS) for row in rows):
+            return
+        what = f"an evaluation's results ({', '.join(sorted(benchmarks))})"
+    elif (path.parent / "report.html").is_file():
+        what = "a report's table (perpair eval report)"
+    else:
+        others = sorted(benchmarks - {benchmark})
+        if not others:
+            return
+        what = f"the results of another evaluation ({', '.join(others)})"
+    where = path.parent if path.name == "results.json" else path
+    raise PerpairError(f"{option} {where}: {path.name} there holds {what}, which this command would replace; give "
+                       "it another folder")
+
+
 def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
     """AlpacaEval annotations (alpaca_eval's ``annotations.json`` or ours): one row per instruction with
     ``instruction``, ``output_1`` (baseline), ``output_2`` (model), ``preference`` (number in [1, 2], 0 = draw, or
@@ -132,7 +172,12 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
     for i, record in enumerate(records):
         for name in ANNOTATION_FIELDS:
             if name not in record:
-                raise InputError("missing field", file=str(path), row=i + 1, field=name)
+                # a model outputs file (alpaca_eval's model_outputs.json) given where annotations go: said so
+                outputs = "output" in record and not any(f in record for f in ("output_1", "output_2", "preference"))
+                raise InputError("missing field" + (
+                    ": a model's outputs (instruction, output), not annotations (instruction, output_1, output_2, "
+                    "preference: alpaca_eval's annotations.json, or perpair eval alpaca-eval's)" if outputs else ""),
+                    file=str(path), row=i + 1, field=name)
         for name in ("instruction", "output_1", "output_2"):
             if not isinstance(record[name], str):
                 raise InputError(f"expected a string, got {type(record[name]).__name__}", file=str(path),
