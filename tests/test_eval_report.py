@@ -314,3 +314,38 @@ def test_no_command_writes_its_results_over_another_evaluations(tmp_path, monkey
     # an evaluation's own folder, and a report's, are written again as before
     run_cli("eval", "report", alpaca, arena, "-o", tmp_path / "report")
     run_cli("eval", "report", alpaca, "-o", tmp_path / "report")
+
+
+def test_a_default_output_folder_holding_another_models_results_is_refused(tmp_path, monkeypatch, tiny_model_dir):
+    """Two models whose folders share a name (two runs' `checkpoint-100`) share the default output folder
+    `eval/checkpoint-100`: the second model's evaluation replaced the first's results there without a word. Now it
+    is refused before any work, naming both models; the same model is evaluated there again, and an -o given by the
+    user is the user's choice."""
+    import shutil
+
+    from plan_helpers import make_pairs
+
+    monkeypatch.chdir(tmp_path)
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0)] * 2)
+    a, b = (tmp_path / run / "checkpoint-100" for run in ("a", "b"))
+    for folder in (a, b):
+        shutil.copytree(tiny_model_dir, folder)
+    results = tmp_path / "eval" / "checkpoint-100" / "preference" / "results.json"
+
+    def evaluate(model, *extra):
+        return run_cli("eval", "preference", "--model", model, "--ref", tiny_model_dir, "--data", pairs, *extra,
+                       check=False)
+
+    assert evaluate(a).returncode == 0
+    first = results.read_bytes()
+    assert json.loads(first)[0]["model_path"] == str(a.resolve())
+    refused = evaluate(b)
+    assert refused.returncode == 2 and refused.stderr == (
+        "error: the default output eval/checkpoint-100/preference: results.json there holds the preference_accuracy "
+        f"results of another model ({a.resolve()}; this one is {b.resolve()}), which this command would replace; "
+        "give it another folder with -o/--output (and --name, to tell the two apart in a report)\n"), refused.stderr
+    assert results.read_bytes() == first
+    assert evaluate(a).returncode == 0  # the same model, evaluated again
+    assert evaluate(b, "-o", tmp_path / "eval" / "checkpoint-100" / "preference").returncode == 0  # asked for
+    assert json.loads(results.read_text())[0]["model_path"] == str(b.resolve())

@@ -188,6 +188,7 @@ def alpaca_eval_command(
         json_ready,
         run_alpaca_eval,
     )
+    from perpair.eval.sources import check_results_owner, model_identity
 
     judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
                                  concurrency=judge_concurrency, batch_size=judge_batch_size,
@@ -202,7 +203,9 @@ def alpaca_eval_command(
         except OSError as exc:
             raise PerpairError(f"--judge-prefix-cache {judge_prefix_cache}: not a folder that can be created "
                                f"({exc.strerror})") from None
-    output = output or default_output_dir(model)
+    if output is None:  # a folder named after the model's: another model of that name may have written it
+        output = default_output_dir(model)
+        check_results_owner(output / "results.json", "alpaca_eval_2", "the default output", model_identity(model))
     check_output_folder(output, "-o/--output")
     config = _options(
         AlpacaEvalConfig, model=model, name=name, output_dir=output, judge=judge_config,
@@ -249,8 +252,11 @@ def arena_hard_command(
 ) -> None:
     """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
     from perpair.eval import ArenaHardConfig, GenerationConfig, JudgeConfig, default_output_dir, run_arena_hard
+    from perpair.eval.sources import check_results_owner, model_identity
 
-    output = output or default_output_dir(model) / "arena_hard"
+    if output is None:  # a folder named after the model's: another model of that name may have written it
+        output = default_output_dir(model) / "arena_hard"
+        check_results_owner(output / "results.json", "arena_hard_v0.1", "the default output", model_identity(model))
     judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
                                  concurrency=judge_concurrency, batch_size=judge_batch_size)
     check_output_folder(output, "-o/--output")
@@ -318,11 +324,14 @@ def preference_command(
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
     reference-free length-normalised log-prob margin, overall and by annotation category."""
     from perpair.eval import PreferenceConfig, default_output_dir, json_ready, run_preference, write_results
-    from perpair.eval.sources import check_results_owner
+    from perpair.eval.sources import check_results_owner, model_identity
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
-    output = output or default_output_dir(model) / "preference"
+    if output is None:  # a folder named after the model's: another model of that name may have written it
+        output = default_output_dir(model) / "preference"
+        check_results_owner(output / "results.json", "preference_accuracy", "the default output",
+                            model_identity(model))
     if output.suffix == ".json":
         check_output_file(output, "-o/--output", "results.json")
     else:

@@ -233,8 +233,8 @@ def _run_alpaca_eval(config: AlpacaEvalConfig, out: Path, on_progress: Progress 
     row = score_frame(frame, lc_inputs, name=name, fit=score_options.fit, baseline=score_options.baseline,
                       unchecked=unchecked)
     row.pop("glm_preference", None)
-    row.update({"benchmark": "alpaca_eval_2", "model": config.model, "judge": config.judge.judge,
-                "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
+    row.update({"benchmark": "alpaca_eval_2", "model": config.model, "model_path": sources.model_identity(config.model),
+                "judge": config.judge.judge, "judge_name": config.judge.model_name, "judge_dtype": config.judge.dtype,
                 "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
                 "reference": reference_source, "reference_sha256": reference_sha256, "n_generated": n_generated,
                 "n_judged": n_judged, "output_dir": str(out)})

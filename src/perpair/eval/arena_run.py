@@ -45,6 +45,7 @@ from perpair.eval.sources import (
     data_file,
     hub_file,
     is_offline,
+    model_identity,
     name_of_file,
     read_jsonl,
     write_json_records,
@@ -194,7 +195,8 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
         raise PerpairError(f"{_NO_VERDICT.format(n=len(games))}; the judgments are in {out / 'judgment.jsonl'}")
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
-    row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model, "judge": config.judge.judge,
+    row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model,
+           "model_path": model_identity(config.model), "judge": config.judge.judge,
            "judge_name": config.judge.model_name, "judge_max_tokens": config.judge_max_tokens,
            "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),

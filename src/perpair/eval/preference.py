@@ -27,6 +27,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from perpair.errors import PerpairError
+from perpair.eval.sources import model_identity
 
 UNANNOTATED = "unannotated"
 
@@ -221,7 +222,8 @@ def run_preference(config: PreferenceConfig,
         raise _none_fits(config, n, config.ref)
     row: dict[str, Any] = {
         "benchmark": "preference_accuracy", "name": config.name or _model_label(config.model),
-        "model": config.model, "ref": config.ref, "data": str(config.data), "beta": config.beta,
+        "model": config.model, "model_path": model_identity(config.model), "ref": config.ref,
+        "data": str(config.data), "beta": config.beta,
         "max_length": config.max_length, "ties": "count half in accuracy; counted as wrong in accuracy_strict",
         "n_pairs": n, "n_total": summary["n"], "n_skipped": n - summary["n"],
         "accuracy": summary["accuracy"], "mean_margin": summary["mean_margin"], "margin_se": summary["margin_se"],

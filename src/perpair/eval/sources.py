@@ -132,13 +132,23 @@ def write_json_records(path: str | os.PathLike, records: list[dict[str, Any]]) -
         tmp.unlink(missing_ok=True)
 
 
-def check_results_owner(path: Path, benchmark: str | None, option: str) -> None:
+def model_identity(model: str) -> str:
+    """What a results row names its model by, to tell two models apart: a local folder's absolute path (two runs'
+    ``checkpoint-100`` folders are two models), else the Hub id."""
+    path = Path(model)
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def check_results_owner(path: Path, benchmark: str | None, option: str, model: str | None = None) -> None:
     """Refuse, before any work, to write ``path`` (a ``results.json``) where it holds what another command wrote,
     which it would replace: ``benchmark`` (an evaluation's, e.g. ``alpaca_eval_2``) refuses another benchmark's
     results and a report's table (a ``report.html`` beside it); ``None`` (``perpair eval report``) refuses an
     evaluation's results (rows with more than the report's columns). ``eval preference -o eval/dpo`` replaced the
     AlpacaEval results there without a word (``eval report`` then showed no AlpacaEval row); ``arena-hard run`` and
-    ``eval report`` did the same."""
+    ``eval report`` did the same. With ``model`` (:func:`model_identity`; the CLI passes it for an output folder it
+    chose), the results of the same benchmark for another model are refused too: two folders of one name
+    (``a/checkpoint-100``, ``b/checkpoint-100``) share a default output folder, where the second's results replaced
+    the first's without a word."""
     if not path.is_file():
         return
     from perpair.eval.report import COLUMNS
@@ -154,12 +164,20 @@ def check_results_owner(path: Path, benchmark: str | None, option: str) -> None:
         what = "a report's table (perpair eval report)"
     else:
         others = sorted(benchmarks - {benchmark})
-        if not others:
+        held = sorted({str(row["model_path"]) for row in rows
+                       if row.get("benchmark") == benchmark and row.get("model_path") is not None} - {model})
+        # (a folder that is gone, moved with the project, say, is no other model to keep the results of)
+        held = [h for h in held if Path(h).is_dir() or not Path(h).is_absolute()]
+        if others:
+            what = f"the results of another evaluation ({', '.join(others)})"
+        elif model is not None and held:
+            what = f"the {benchmark} results of another model ({', '.join(held)}; this one is {model})"
+        else:
             return
-        what = f"the results of another evaluation ({', '.join(others)})"
     where = path.parent if path.name == "results.json" else path
     raise PerpairError(f"{option} {where}: {path.name} there holds {what}, which this command would replace; give "
-                       "it another folder")
+                       "it another folder" + (" with -o/--output (and --name, to tell the two apart in a report)"
+                                              if model is not None and not others else ""))
 
 
 def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
