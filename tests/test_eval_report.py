@@ -279,3 +279,21 @@ def test_results_rows_of_another_shape_are_refused_and_nothing_is_written(tmp_pa
     (alpaca / "model_outputs.json").write_text(json.dumps(outputs))
     result = run_cli("eval", "report", alpaca, arena, "-o", report, check=False)
     assert result.returncode == 2 and "row 4, field 'output'" in result.stderr and not report.exists(), result.stderr
+
+
+def test_a_report_into_the_folder_of_an_earlier_one_leaves_none_of_its_plots(tmp_path, monkeypatch):
+    """A report written into the folder of an earlier one, of rows with no win rate to plot (held-out accuracies),
+    left the earlier report's win-rate, length and per-dataset plots beside its table: another model's numbers in
+    the report's folder. Only the plots of this report's rows are there."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    report = tmp_path / "report"
+    run_cli("eval", "report", alpaca, arena, "-o", report)
+    assert (report / "win_rates.png").is_file() and (report / "per_dataset.png").is_file()
+    preference = tmp_path / "preference"
+    preference.mkdir()
+    (preference / "results.json").write_text(json.dumps([{
+        "benchmark": "preference_accuracy", "name": "dpo", "ref": "smollm2", "data": "uf.test.parquet", "beta": 0.1,
+        "accuracy": 0.6, "n_total": 20}]))
+    result = run_cli("eval", "report", preference, "-o", report)
+    assert sorted(p.name for p in report.iterdir()) == ["report.html", "results.json", "results.md"], result.stdout
