@@ -82,6 +82,20 @@ def test_beta_scales_margin_not_accuracy():
     assert large["mean_margin"] == pytest.approx(20 * small["mean_margin"])
 
 
+def test_the_table_shows_a_small_margin_and_its_se_as_they_are_not_as_zero():
+    """A policy close to its reference (a few steps of training) has margins of 1e-5: the table printed and written
+    as results.md said mean margin 0.0000 and s.e. 0.0000 for a mean of 3.5e-05."""
+    from perpair.eval.preference import markdown_table
+
+    close = POLICY.assign(chosen_logps=POLICY["chosen_logps"] + [2e-4, 3e-4, 4e-4, 5e-4])  # margins 2e-5 … 5e-5
+    metrics = preference_metrics(close, POLICY, 0.1)
+    assert metrics["implicit_reward"]["mean_margin"] == pytest.approx(3.5e-05)
+    assert metrics["implicit_reward"]["margin_se"] == pytest.approx(6.455e-06, rel=1e-3)
+    table = markdown_table({"name": "dpo", "ref": "smollm2", "beta": 0.1, **metrics})
+    assert table.splitlines()[-1].split(" | ")[:7] == ["| all", "4", "1.0000", "1.0000", "0", "3.5e-05",
+                                                       "6.45e-06"], table
+
+
 def _tiny(path, seed: int):
     return save_tiny_llama(path, seed=seed, layers=1)
 

@@ -349,3 +349,21 @@ def test_a_default_output_folder_holding_another_models_results_is_refused(tmp_p
     assert evaluate(a).returncode == 0  # the same model, evaluated again
     assert evaluate(b, "-o", tmp_path / "eval" / "checkpoint-100" / "preference").returncode == 0  # asked for
     assert json.loads(results.read_text())[0]["model_path"] == str(b.resolve())
+
+
+def test_a_report_into_the_folder_of_an_earlier_one_leaves_none_of_its_plots(tmp_path, monkeypatch):
+    """A report written into the folder of an earlier one, of rows with no win rate to plot (held-out accuracies),
+    left the earlier report's win-rate, length and per-dataset plots beside its table: another model's numbers in
+    the report's folder. Only the plots of this report's rows are there."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    report = tmp_path / "report"
+    run_cli("eval", "report", alpaca, arena, "-o", report)
+    assert (report / "win_rates.png").is_file() and (report / "per_dataset.png").is_file()
+    preference = tmp_path / "preference"
+    preference.mkdir()
+    (preference / "results.json").write_text(json.dumps([{
+        "benchmark": "preference_accuracy", "name": "dpo", "ref": "smollm2", "data": "uf.test.parquet", "beta": 0.1,
+        "accuracy": 0.6, "n_total": 20}]))
+    result = run_cli("eval", "report", preference, "-o", report)
+    assert sorted(p.name for p in report.iterdir()) == ["report.html", "results.json", "results.md"], result.stdout

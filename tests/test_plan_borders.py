@@ -697,3 +697,19 @@ def test_explain_of_a_pair_not_in_the_plan_writes_nothing(tmp_path):
     line = _refused(run_cli("plan", pairs, "--preset", "mixdpo", "-o", out, "--explain", "deadbeef", check=False))
     assert line == f"error: --explain deadbeef: no pair of {pairs} has this id"
     assert not out.exists() and not (tmp_path / "plan_report").exists()
+
+
+def test_a_plan_written_with_no_report_over_a_reported_plan_leaves_no_report_of_the_old_plan(tmp_path):
+    """perpair plan --no-report over a plan written with its report left that report beside the new plan: a page
+    of the other preset's β and routes, as this plan's. It goes (a file of the user's in the folder stays)."""
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(5.0 + (i % 4), 5.0) for i in range(12)])
+    plan, folder = tmp_path / "plan.parquet", tmp_path / "plan_report"
+    run_cli("plan", pairs, "--preset", "mixdpo", "-o", plan)
+    assert "preset mixdpo" in (folder / "index.html").read_text()
+    run_cli("plan", pairs, "--preset", "dpo", "-o", plan, "--no-report")
+    assert not folder.exists() and read_artifact(plan, kind="plan", schema_version=1)[1]["preset"] == "dpo"
+    run_cli("plan", pairs, "--preset", "mixdpo", "-o", plan)
+    (folder / "notes.txt").write_text("mine")
+    run_cli("plan", pairs, "--preset", "dpo", "-o", plan, "--no-report")
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

@@ -293,3 +293,21 @@ def test_a_parquet_file_whose_first_row_has_null_scores_is_read_with_optional_sc
     run_cli("prepare", source, "-o", tmp_path / "out.parquet")
     assert [(p["score_chosen"], p["score_rejected"]) for p in pairs(tmp_path / "out.parquet")] == [
         (None, None), (8.0, 2.0)]
+
+
+def test_inspect_bins_of_many_margins_say_which_holds_the_largest(tmp_path):
+    """Margins of many distinct values are counted in 10 bins; numpy's last bin holds the largest margin, which its
+    label "[26.1, 29)" said it did not. Every margin lies in the bin its label names."""
+    rows = [{"prompt": f"Q{i}", "chosen": "A", "rejected": "B", "score_chosen": float(i), "score_rejected": 0.0}
+            for i in range(30)]
+    source = tmp_path / "scored.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_cli("prepare", source, "-o", tmp_path / "pairs.parquet")
+    bins = json.loads(run_cli("inspect", tmp_path / "pairs.parquet", "--json").stdout)["margin_histogram"]
+
+    def holds(label: str, margin: float) -> bool:
+        low, high = (float(x) for x in label[1:-1].split(", "))
+        return low <= margin and (margin <= high if label.endswith("]") else margin < high)
+
+    assert len(bins) == 10 and bins[-1] == ["[26.1, 29]", 3]
+    assert [count for _, count in bins] == [sum(holds(label, m) for m in range(30)) for label, _ in bins]

@@ -98,6 +98,8 @@ def plan_command(
             if report:
                 page = plan.write_report(result.table, result.provenance, plan.report_dir(output), pairs_path=pairs,
                                          command=shlex.join(["perpair", *sys.argv[1:]]))
+            else:  # the report of the plan this one replaces would describe that plan
+                plan.remove_report(plan.report_dir(output))
     for pair_id in explain_ids or []:
         out.print(plan.explain(result, pair_id), markup=False, highlight=False)
     for warning in result.provenance["warnings"]:

@@ -63,4 +63,7 @@ def _histogram(margins: np.ndarray) -> list[tuple[str, int]]:
     if len(values) <= 25:
         return [(f"{v:g}", int(c)) for v, c in zip(values, counts, strict=True)]
     counts, edges = np.histogram(margins, bins=10)
-    return [(f"[{lo:.3g}, {hi:.3g})", int(c)) for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True)]
+    # numpy's last bin is closed: it holds the largest margin, which "[lo, max)" said it did not
+    ends = [")"] * (len(counts) - 1) + ["]"]
+    return [(f"[{lo:.3g}, {hi:.3g}{end}", int(c))
+            for lo, hi, end, c in zip(edges[:-1], edges[1:], ends, counts, strict=True)]

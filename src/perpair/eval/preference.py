@@ -248,7 +248,10 @@ def markdown_table(row: dict[str, Any]) -> str:
     def cell(value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        if not isinstance(value, float):
+            return str(value)
+        # a margin of a model close to its reference (3.4e-05) read "0.0000", and its s.e. too: as none
+        return f"{value:.3g}" if value and abs(value) < 5e-5 else f"{value:.4f}"
 
     header = ("group", "n", "accuracy", "strict", "ties", "mean margin", "s.e.", "LN accuracy", "LN mean margin")
     lines = [f"Preference accuracy of {row['name']} against {row['ref']} (β = {row['beta']}; ties count half in "

@@ -55,6 +55,9 @@ BENCHMARKS = ("alpaca_eval_2", "arena_hard_v0.1", "preference_accuracy")
 FIGURES = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "score", "rating_q025",
            "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "avg_length")
 NOTES = ("judgment_note", "lc_note", "note")
+# the plots a report may write: those of an earlier report into the same folder that this one does not draw (its rows
+# have no AlpacaEval or Arena-Hard figures) go, rather than stand beside its table with another report's numbers
+FIGURE_FILES = {"win_rates": "win_rates.png", "lengths": "lengths.png", "per_dataset": "per_dataset.png"}
 
 
 def _check_row(row: dict[str, Any], path: Path, number: int) -> None:
@@ -129,6 +132,8 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
                  if row.get("benchmark") == "alpaca_eval_2"}
     breakdown = {k: v for k, v in breakdown.items() if v}
     output.mkdir(parents=True, exist_ok=True)
+    for name in FIGURE_FILES.values():
+        (output / name).unlink(missing_ok=True)
     table = [{c: row.get(c) for c in COLUMNS} for row in rows]
     write_json_records(output / "results.json", table)
     (output / "results.md").write_text(markdown_table(rows), encoding="utf-8")
@@ -158,7 +163,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         ax.set_ylabel("win rate / score vs baseline (%)")
         ax.set_title("Win rates with 95% intervals")
         fig.tight_layout()
-        figures["win_rates"] = output / "win_rates.png"
+        figures["win_rates"] = output / FIGURE_FILES["win_rates"]
         fig.savefig(figures["win_rates"], dpi=110)
         plt.close(fig)
 
@@ -171,7 +176,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         ax.legend(fontsize=8)
         ax.set_title("Length distributions (AlpacaEval)")
         fig.tight_layout()
-        figures["lengths"] = output / "lengths.png"
+        figures["lengths"] = output / FIGURE_FILES["lengths"]
         fig.savefig(figures["lengths"], dpi=110)
         plt.close(fig)
 
@@ -189,7 +194,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         ax.set_title("AlpacaEval win rate by source dataset")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        figures["per_dataset"] = output / "per_dataset.png"
+        figures["per_dataset"] = output / FIGURE_FILES["per_dataset"]
         fig.savefig(figures["per_dataset"], dpi=110)
         plt.close(fig)
 

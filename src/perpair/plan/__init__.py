@@ -25,7 +25,7 @@ from perpair.plan.build import (
 )
 from perpair.plan.config import PRESETS, Schedule, resolve_schedule
 from perpair.plan.explain import explain
-from perpair.plan.report import report_dir, write_report
+from perpair.plan.report import remove_report, report_dir, write_report
 
 __all__ = [
     "ARROW_SCHEMA",
@@ -38,6 +38,7 @@ __all__ = [
     "idle_global_beta",
     "explain",
     "load_plan",
+    "remove_report",
     "report_dir",
     "resolve_schedule",
     "write_plan",

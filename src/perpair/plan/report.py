@@ -67,6 +67,19 @@ def write_report(table: pa.Table, provenance: dict[str, Any], directory: str | o
     return page
 
 
+def remove_report(directory: str | os.PathLike) -> None:
+    """Remove the files a report of an earlier plan left in ``directory`` (the page and its plots, then the folder
+    if that empties it): a plan written with ``--no-report`` over that plan would stand beside a report of the
+    other plan's β and routes."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for name in ("index.html", *(name for name, _ in PLOTS)):
+        (directory / name).unlink(missing_ok=True)
+    if not any(directory.iterdir()):
+        directory.rmdir()
+
+
 EXAMPLES_PER_GROUP = 3
 EXAMPLE_CHARS = 400  # of each text shown: enough to recognise the pair, short enough to skim
 
