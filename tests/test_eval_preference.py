@@ -270,3 +270,13 @@ def test_models_perpair_train_saved_are_told_apart_by_their_run(uf_pairs, tmp_pa
 
     assert model_label(str(plain)) == "model" and default_output_dir(str(plain)).parts == ("eval", "model")
     assert model_label("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+
+
+def test_a_model_alias_is_named_as_the_other_evaluations_name_it():
+    """`eval preference --model smollm2` named the model `smollm2` where alpaca-eval and arena-hard run name it by its
+    checkpoint's folder: one model, two rows' names in a report."""
+    from perpair.eval.alpaca_eval import model_label
+    from perpair.eval.preference import _model_label
+    from perpair.models import resolve_model
+
+    assert _model_label("smollm2") == model_label(resolve_model("smollm2")) == "smollm2-135m-instruct"

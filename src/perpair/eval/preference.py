@@ -33,9 +33,12 @@ UNANNOTATED = "unannotated"
 
 
 def _model_label(model: str) -> str:
+    """The name the other evaluations give the model (``smollm2``: its checkpoint's folder), so that a report's rows
+    of one model carry one name."""
     from perpair.eval.alpaca_eval import model_label
+    from perpair.models import resolve_model
 
-    return model_label(model)
+    return model_label(resolve_model(model))
 
 
 def _join(policy: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
