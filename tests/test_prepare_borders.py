@@ -257,6 +257,10 @@ def test_a_line_cut_short_is_reported_at_its_end(tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert f"row 2: line is not valid JSON, truncated or corrupt (Expecting value at column {len(line) + 1})" \
         in result.stderr
+    # a line cut inside a string: json's "Unterminated string starting at" (its position) read "at at column"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "What is 2+2\n', encoding="utf-8")
+    result = run_cli("prepare", path, "-o", tmp_path / "out.parquet", check=False)
+    assert "truncated or corrupt (Unterminated string starting at column 12)" in result.stderr, result.stderr
 
 
 def test_an_empty_output_path_is_refused_as_such(tmp_path):

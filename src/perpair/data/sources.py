@@ -259,7 +259,7 @@ def _iter_json_lines(path: str, handle: io.BufferedIOBase) -> Iterator[tuple[int
             if number == first and text.lstrip().startswith("{") and len(text.strip()) <= 100:
                 _refuse_one_object(path)
             yield number, RowProblem("undecodable_json", f"line is not valid JSON, truncated or corrupt "
-                                                         f"({exc.msg} at column {exc.colno})"), None
+                                                         f"({exc.msg.removesuffix(' at')} at column {exc.colno})"), None
             continue
         except RecursionError:
             yield number, RowProblem("nested_too_deeply", "line is JSON nested too deeply to read"), None
