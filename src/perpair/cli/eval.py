@@ -347,7 +347,8 @@ def preference_command(
         return
     out.print(escape(paths["markdown"].read_text(encoding="utf-8")))
     if row["n_skipped"]:
-        out.print(f"[yellow]{row['n_skipped']} pairs left out[/]: their prompt alone fills --max-length")
+        out.print(f"[yellow]{row['n_skipped']} pair{'s' * (row['n_skipped'] != 1)} left out[/]: "
+                  f"{'their prompt' if row['n_skipped'] != 1 else 'its prompt'} alone fills --max-length")
     out.print(f"files: {paths['json']}, {paths['markdown']}")
 
 

@@ -151,7 +151,8 @@ def train_command(
     if not lead:
         return
     s = result.summary
-    out.print(f"trained {s['steps']} steps, {s['pairs']:,} pairs in {s['train_seconds']:.1f} s: "
+    steps, pairs = f"{s['steps']} step{'s' * (s['steps'] != 1)}", f"{s['pairs']:,} pair{'s' * (s['pairs'] != 1)}"
+    out.print(f"trained {steps}, {pairs} in {s['train_seconds']:.1f} s: "
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
               f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"
               f"{' (of the whole process: not resettable here)' if s['peak_memory_scope'] == 'process' else ''} "
