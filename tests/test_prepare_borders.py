@@ -96,6 +96,25 @@ def test_an_output_equal_to_an_input_is_refused(tmp_path):
     assert "the output is also an input" in line and not (tmp_path / "p.parquet").exists()
 
 
+def test_a_plan_or_annotations_file_given_as_data_is_named_as_such(tmp_path, tiny_model_dir):
+    """`perpair prepare plan.parquet` (or `perpair train --data plan.parquet`) said it could not tell the layout from
+    the plan's columns; a perpair artifact other than pairs is now named as what it is."""
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0), (6.0, 1.0)])
+    plan = tmp_path / "plan.parquet"
+    run_cli("plan", pairs, "--preset", "dpo", "-o", plan, "--no-report")
+    for args in (("prepare", plan, "-o", tmp_path / "out.parquet"),
+                 ("train", "--model", tiny_model_dir, "--data", plan, "--out", tmp_path / "run", "--steps", "1")):
+        assert one_error(run_cli_inprocess(*args)) == (
+            f"error: file {plan}: a perpair plan file, not pairs or data of pairs: give the pairs file (perpair "
+            "prepare's output) or the data it was prepared from"), args
+    assert not (tmp_path / "out.parquet").exists()
+    # a pairs file is data as before
+    assert run_cli_inprocess("prepare", pairs, "-o", tmp_path / "again.parquet").returncode == 0
+
+
 @pytest.mark.parametrize("spec", ["bad/nonexist.jsonl", "./nonexist", "data/x.parquet", "/no/such/file"])
 def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, spec):
     start = time.perf_counter()

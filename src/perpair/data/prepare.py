@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from perpair.artifacts import temporary_beside, write_artifact
+from perpair.artifacts import read_header, temporary_beside, write_artifact
 from perpair.config_files import NumbersNotBools
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
 from perpair.data.readers import FORMATS, detect_format, reader_for
@@ -39,7 +39,7 @@ from perpair.data.rows import (
 )
 from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
 from perpair.data.sources import RowProblem, Source, describe, folder_files, iter_rows, resolve_source
-from perpair.errors import InputError
+from perpair.errors import InputError, PerpairError
 
 # The layouts whose reader takes its column names from --prompt-col/--chosen-col/...
 COLUMN_FORMATS = ("columns", "trl", "ultrafeedback")
@@ -234,6 +234,7 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
     _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
     in_folder = _entry_folder(resolved[0], options) if entry else None
     resolved = _named_apart(in_folder or [part for source in resolved for part in folder_files(source)])
+    _refuse_other_artifacts(resolved)
     records: list[PairRecord] = []
     seen: dict[str, tuple] = {}  # pair_id -> the kept pair's scores
     reports = []
@@ -362,6 +363,21 @@ def _meta(value: Any) -> str:
     except UnicodeEncodeError:
         return json.dumps(value, default=str)
     return text
+
+
+def _refuse_other_artifacts(sources: list[Source]) -> None:
+    """A perpair artifact other than pairs (a plan, annotations, their calls) given as data is named as what it is:
+    its columns are no layout, and the error said only that the layout could not be told from them."""
+    for source in sources:
+        if source.kind != "file" or not source.spec.lower().endswith(".parquet"):
+            continue
+        try:
+            kind = read_header(source.spec).get("kind")
+        except PerpairError:  # another program's Parquet file: data, read as such
+            continue
+        if kind != KIND:
+            raise InputError(f"a perpair {kind} file, not pairs or data of pairs: give the pairs file (perpair "
+                             "prepare's output) or the data it was prepared from", file=source.spec)
 
 
 def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path], dataset_info: str | None) -> None:
