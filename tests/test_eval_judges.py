@@ -95,6 +95,9 @@ def test_local_judge_and_generation_in_bfloat16_are_their_own_cache_entries(tmp_
     assert judge_identity(JudgeConfig(judge=model)) == ["local", model_fingerprint(model), "float32", tokenizer]
     assert judge_identity(JudgeConfig(judge=model, dtype="bfloat16")) == ["local", model_fingerprint(model), "bfloat16",
                                                                           tokenizer]
+    # a local judge's prompt bound cuts long prompts: judgments under another bound are others
+    assert judge_identity(JudgeConfig(judge=model, max_prompt_tokens=512)) == [
+        "local", model_fingerprint(model), "float32", tokenizer, {"max_prompt_tokens": 512}]
     plain = generation_identity("f", GenerationConfig(max_new_tokens=8))
     assert plain["settings"]["dtype"] == "float32"  # auto, as it resolves on a CPU
     assert generation_identity("f", GenerationConfig(max_new_tokens=8, dtype="bfloat16")) != plain

@@ -179,7 +179,12 @@ def judge_identity(config: JudgeConfig) -> list[Any]:
     path = resolve_model(config.judge)
     identity: list[Any] = ["local", model_fingerprint(path), dtype_name(config.dtype)]
     tokenizer = tokenizer_identity(path)
-    return identity + [{"tokenizer": tokenizer}] if tokenizer is not None else identity
+    if tokenizer is not None:
+        identity.append({"tokenizer": tokenizer})
+    if config.max_prompt_tokens != JudgeConfig.model_fields["max_prompt_tokens"].default:
+        # a shorter bound cuts long prompts, which the judge then reads otherwise (the default keeps existing keys)
+        identity.append({"max_prompt_tokens": config.max_prompt_tokens})
+    return identity
 
 
 def output_lock(out: Path):
