@@ -11,6 +11,7 @@ import pytest
 
 from conftest import SHARED_DATA, run_cli
 from perpair.eval.judges import (
+    UNCACHED,
     chatml_to_messages,
     fill_template,
     is_switched,
@@ -466,6 +467,42 @@ def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one()
     top = [{"token": "M", "logprob": math.log(0.6)}, {"token": "m", "logprob": math.log(0.4)}]
     full = asyncio.run(judge._one(Client({"token": "m", "logprob": math.log(0.4), "top_logprobs": top}), []))
     assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)
+    assert UNCACHED in alone and UNCACHED not in full  # the server's settings, not a verdict: asked again next run
+
+
+def test_a_reply_without_top_logprobs_is_asked_again_by_the_next_run(tmp_path, monkeypatch):
+    """Such a reply was cached as a null judgment: after the server was set to return top_logprobs, every re-run
+    reused the nulls ("no judged instruction") until the cache was deleted. It is not cached; verdicts are."""
+    import pandas as pd
+
+    from perpair.eval import alpaca_eval
+    from perpair.eval.alpaca_eval import JudgeConfig, judge_alpaca_eval
+    from perpair.eval.cache import ResultCache
+
+    calls = []
+
+    class Judge:
+        batch_size = 8
+
+        def __init__(self, served):
+            self.served = served
+
+        def judge(self, prompts, shared):
+            calls.append(len(prompts))
+            if self.served:
+                return [{"logprobs": {"m": -0.2, "M": -1.0}} for _ in prompts]
+            return [{"logprobs": {}, UNCACHED: "the server returned no top_logprobs"} for _ in prompts]
+
+    reference = pd.DataFrame({"instruction": ["a", "b"], "output": ["x", "y"], "generator": ["base", "base"]})
+    cache = ResultCache(tmp_path / "cache.sqlite")
+    config = JudgeConfig(judge="http://h:9/v1", model_name="j")
+    judged = []
+    for served in (False, True, True):
+        monkeypatch.setattr(alpaca_eval, "load_judge", lambda c, served=served: Judge(served))
+        rows, _ = judge_alpaca_eval(reference, ["p", "q"], "m", config, TEMPLATE, cache, lambda d, t: None)
+        judged.append([r["preference"] for r in rows])
+    assert judged[0] == [None, None] and None not in judged[1] and judged[2] == judged[1]
+    assert calls == [2, 2]  # the third run read the verdicts from the cache
 
 
 def test_a_refused_option_value_is_named_by_its_option(tmp_path):

@@ -23,6 +23,7 @@ from perpair.eval import sources
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, dtype_name, generate_answers
 from perpair.eval.judges import (
+    UNCACHED,
     ApiLogprobJudge,
     LocalLogprobJudge,
     chatml_to_messages,
@@ -298,7 +299,8 @@ def judge_alpaca_eval(reference, outputs: list[str], name: str, judge_config: Ju
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             results = judge.judge([m for _, _, m in chunk], [shared[i] for i, _, _ in chunk])
-            cache.put_many("judgment", [(key, r) for (_, key, _), r in zip(chunk, results, strict=True)])
+            cache.put_many("judgment", [(key, r) for (_, key, _), r in zip(chunk, results, strict=True)
+                                        if UNCACHED not in r])
             for (i, _, _), result in zip(chunk, results, strict=True):
                 _fill(rows[i], result)
             done += len(chunk)

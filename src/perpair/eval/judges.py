@@ -133,6 +133,11 @@ def _run(coro):
     return asyncio.run(coro)
 
 
+# Marks a judgment that is no verdict (an API judge's reply without top log-probabilities): a re-run asks again, where
+# a cached null would stay null after the server is fixed.
+UNCACHED = "uncached"
+
+
 class ApiLogprobJudge:
     """An OpenAI-compatible server as the AlpacaEval judge: ``max_tokens=1``, ``logprobs``, ``top_logprobs=5``,
     temperature 1 (the official completion settings)."""
@@ -154,15 +159,17 @@ class ApiLogprobJudge:
     async def _one(self, client, messages: Messages) -> dict[str, Any]:
         result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
         logprobs: dict[str, float] = {}
-        if result.logprobs:
-            # only the top log-probabilities give P(m) and P(M) (alpaca_eval's logprob_parser reads them alone): the
-            # sampled token by itself (temperature 1) would make a coin flip a certain verdict, so a server that
-            # leaves them out gives no judgment, counted as such
-            for entry in result.logprobs[0].get("top_logprobs") or []:
-                token = entry.get("token")
-                if token in DENOMINATORS and token not in logprobs:
-                    logprobs[token] = float(entry["logprob"])
+        top = (result.logprobs[0].get("top_logprobs") or []) if result.logprobs else []
+        # only the top log-probabilities give P(m) and P(M) (alpaca_eval's logprob_parser reads them alone): the
+        # sampled token by itself (temperature 1) would make a coin flip a certain verdict, so a server that
+        # leaves them out gives no judgment, counted as such
+        for entry in top:
+            token = entry.get("token")
+            if token in DENOMINATORS and token not in logprobs:
+                logprobs[token] = float(entry["logprob"])
         choice = (result.response.get("choices") or [{}])[0]
+        if not top:  # the server's settings, not the judge's verdict: not kept as the judgment of this prompt
+            return {"logprobs": logprobs, "raw_completion": choice, UNCACHED: "the server returned no top_logprobs"}
         return {"logprobs": logprobs, "raw_completion": choice}
 
 
