@@ -488,6 +488,27 @@ def test_sft_on_a_chosen_response_the_ratings_call_worse_is_a_warning(tmp_path):
     assert read_plan(out)[1]["warnings"] == []
 
 
+def test_pairs_flipped_against_their_ratings_and_routed_to_sft_are_named_as_such(tmp_path):
+    """mixdpo with mislabeled.action flip: a pair the teacher calls mislabeled is swapped, its ratings margin negated
+    (as trained), so it falls below τ and is routed to SFT on the response its ratings call worse. The warning told
+    the user to check their labels, which the ratings confirm; it now says the teacher and the ratings disagree."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(9.0, 2.0), (8.0, 3.0), (7.0, 7.0), (9.0, 1.0)], tag="flipped")
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["mislabeled", "style", "style", "style"], [3.0, 1.0, 1.0, 1.0],
+                      [0.9, 0.8, 0.8, 0.8])
+    schedule = tmp_path / "flip.yaml"
+    schedule.write_text("mislabeled:\n  action: flip\n  threshold: 0.5\n")
+    out = tmp_path / "plan.parquet"
+    run_cli("plan", pairs, "--preset", "mixdpo", "--annotations", annotations, "--config", schedule, "-o", out)
+    rows, provenance = read_plan(out)
+    first = next(r for r in rows if r["pair_id"] == ids[0])
+    assert first["flipped"] and first["route"] == "sft"  # the rule as it stands: SFT on the swapped chosen
+    (warning,) = provenance["warnings"]
+    assert warning.startswith("1 pairs routed to sft have a negative margin (the rejected response has the higher")
+    assert "1 of them are pairs mislabeled.action flip swapped against their ratings" in warning, warning
+
+
 def test_a_plan_with_no_preference_pair_is_refused(tmp_path):
     """τ above every margin routes every pair to SFT: β and label smoothing would act on nothing, and the
     'preference' plan would train SFT alone. Refused, saying why, and nothing is written."""

@@ -206,7 +206,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     if same := _one_beta(beta_cfg.kind, beta[route == "preference"], category, annotated):
         raise InputError(same, file=str(annotations_path) if annotations_path else pairs_file, field="beta")
     warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
-                *_routing_warnings(schedule, margin, below_tau, lowest, dropped)]
+                *_routing_warnings(schedule, margin, below_tau, lowest, dropped, flipped)]
 
     # --- curriculum ------------------------------------------------------------------------------
     sequence, bucket = curriculum.curriculum_sequence(
@@ -360,7 +360,7 @@ def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.nd
 
 
 def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndarray, lowest: np.ndarray,
-                      dropped: np.ndarray) -> list[str]:
+                      dropped: np.ndarray, flipped: np.ndarray) -> list[str]:
     """A routing rule that routes no pair changes nothing in the plan: say so, with the margins it met."""
     routing = schedule.routing
     eligible = ~dropped & ~np.isnan(margin)
@@ -383,6 +383,12 @@ def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndar
         better, fix = (("has the higher score", "check their labels, or set routing.action drop") if source == "ratings"
                        else ("is the better one by the teacher (mislabeled)",
                              "mislabeled.action flip or drop keeps them out of SFT"))
+        if source == "ratings" and (turned := int((reversed_ & flipped).sum())):
+            # flipped by the teacher against their ratings: the two disagree, and SFT imitates the response the
+            # ratings call the worse one (the ratings margin of a flipped pair is negated: as trained)
+            fix = (f"{turned:,} of them are pairs mislabeled.action flip swapped against their ratings (the teacher "
+                   "and the ratings disagree); mislabeled.action drop leaves such pairs out, margin.source teacher "
+                   "routes by the teacher, or routing.action drop leaves the routed pairs out")
         warnings.append(f"{int(reversed_.sum()):,} pairs routed to sft have a negative margin (the rejected response "
                         f"{better}): SFT trains the policy on their chosen response, which the margin calls the "
                         f"worse one; {fix}")
