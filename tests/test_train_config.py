@@ -245,3 +245,25 @@ def test_lora_and_a_set_of_its_keys_add_up(tmp_path):
     result = run_cli_inprocess("train", "--model", str(tmp_path / "no-such-model"), "--data", "d.parquet", "--out",
                                str(tmp_path / "o"), "--lora", "--set", "lora.r=8")
     assert result.returncode == 2 and "no such folder" in result.stderr, result.stderr
+
+
+def test_a_loss_of_sft_terms_alone_is_sft_beside_a_plan_and_in_its_routes(tmp_path):
+    """`loss: [sft, sft]` (any weighted sum of sft terms alone) trains every chosen response by SFT, as `loss: sft`
+    does. With a plan it was accepted where `sft` is refused, and trained every preference pair's chosen response
+    (a flipped pair's rejected one) by SFT, the plan's β and ε never read; a `beta` beside it went unread too; and
+    without a plan its pairs ran on the preference route (rejected responses computed, counted as preference)."""
+    from perpair.train.batches import load_data
+    from perpair.train.losses import ROUTE_SFT
+    from plan_helpers import make_pairs
+
+    two = {"loss": ["sft", "sft"], "loss_weights": [1.0, 0.5]}
+    with pytest.raises(PerpairError, match=r"loss '1·sft \+ 0.5·sft' trains every pair's chosen response and would "
+                                           "ignore the plan's beta"):
+        load_config(None, {**BASE, **two, "plan": "p.parquet"})
+    with pytest.raises(PerpairError, match=r"loss '1·sft \+ 0.5·sft' .* would ignore beta; drop it"):
+        load_config(None, {**BASE, **two, "beta": 0.5})
+    load_config(None, {**BASE, "loss": ["sigmoid", "sft"], "plan": "p.parquet"})  # a preference term reads the plan
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0), (7.0, 3.0)])
+    data = load_data(load_config(None, {**BASE, **two, "data": str(pairs)}), accelerator=None)
+    assert data.route.tolist() == [ROUTE_SFT, ROUTE_SFT]

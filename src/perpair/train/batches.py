@@ -82,7 +82,7 @@ def load_data(config: TrainConfig, accelerator) -> PairData:
     n = table.num_rows
     pair_ids = table.column("pair_id").to_pylist()
     if config.plan is None:
-        route = np.full(n, ROUTE_SFT if config.loss == "sft" else ROUTE_PREFERENCE)
+        route = np.full(n, ROUTE_SFT if config.sft_only else ROUTE_PREFERENCE)
         order = shuffled(np.arange(n), config.seed) if config.shuffle else np.arange(n)
         return PairData(path, table, pair_ids, np.full(n, config.beta), np.full(n, config.label_smoothing), route,
                         np.zeros(n, dtype=bool), None, order, "shuffled" if config.shuffle else "file order")

@@ -225,36 +225,42 @@ class TrainConfig(NumbersNotBools):
         """The loss (or weighted sum of losses) the preference pairs train with."""
         return objective(self.loss, self.loss_weights)
 
+    @property
+    def sft_only(self) -> bool:
+        """Every term of the loss is ``sft`` (``sft``, or a weighted sum of sft terms alone such as ``[sft, sft]``):
+        each pair's chosen response alone, by SFT; no β, ε, rejected response or reference."""
+        return set([self.loss] if isinstance(self.loss, str) else self.loss) == {"sft"}
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.tokens_per_forward and self.tokens_per_forward < self.max_length:
             raise ValueError(f"tokens_per_forward ({self.tokens_per_forward}) must be 0 or at least max_length "
                              f"({self.max_length})")
-        if self.loss == "sft" and self.plan is not None:
+        names = [self.loss] if isinstance(self.loss, str) else self.loss
+        if self.sft_only and self.plan is not None:
             # a plan's β, ε, routes and flips say how to train preferences; SFT trains every chosen response
-            raise ValueError("loss 'sft' trains every pair's chosen response and would ignore the plan's beta, "
-                             "label_smoothing, routes and flips; drop the plan, or use a preference loss (the "
-                             "plan's sft route already trains some pairs by SFT)")
+            raise ValueError(f"loss {self.objective.name!r} trains every pair's chosen response and would ignore the "
+                             "plan's beta, label_smoothing, routes and flips; drop the plan, or use a preference loss "
+                             "(the plan's sft route already trains some pairs by SFT)")
         given = [name for name in ("beta", "label_smoothing") if name in self.model_fields_set]
         if self.plan is not None and given:
             # the plan's per-pair values are what trains: a global one beside it would be silently unused
             raise ValueError(f"{' and '.join(given)} would be ignored: the plan gives every pair its own; drop "
                              f"{'them' if len(given) > 1 else 'it'}, or make the plan with other values (perpair "
                              f"plan --beta, the schedule's label_smoothing)")
-        names = [self.loss] if isinstance(self.loss, str) else self.loss
         for option, loss in (("simpo_gamma", "simpo"), ("discopop_tau", "discopop")):
             if option in self.model_fields_set and loss not in names:
                 raise ValueError(f"{option} is used by loss {loss!r} only, not {self.loss!r}; drop it")
         if "f_alpha_divergence_coef" in self.model_fields_set and self.f_divergence_type != "alpha_divergence":
             raise ValueError(f"f_alpha_divergence_coef is the alpha of f_divergence_type alpha_divergence, not "
                              f"{self.f_divergence_type}; drop it")
-        if names == ["sft"]:  # every pair's chosen NLL: no β, no score for an f-divergence, no WPO weight
+        if self.sft_only:  # every pair's chosen NLL: no β, no score for an f-divergence, no WPO weight
             unused = ["beta"] if "beta" in self.model_fields_set else []
             unused += ["f_divergence_type"] if self.f_divergence_type != "reverse_kl" else []
             unused += ["use_weighting"] if self.use_weighting else []
             if unused:
-                raise ValueError(f"loss 'sft' trains each chosen response's length-normalised NLL and would ignore "
-                                 f"{' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
+                raise ValueError(f"loss {self.objective.name!r} trains each chosen response's length-normalised NLL "
+                                 f"and would ignore {' and '.join(unused)}; drop {'them' if len(unused) > 1 else 'it'}")
         named = ["project"] * ("project" in self.model_fields_set) + ["run_name"] * (self.run_name is not None)
         if named and not self.report_to:  # read only when a tracker starts
             raise ValueError(f"{' and '.join(named)} name{'s' if len(named) == 1 else ''} the run on a tracker's "
