@@ -994,6 +994,26 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
+def test_the_models_chat_template_edited_in_place_trains_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """The initial model is keyed by its tokenizer's content too: a chat template edited in place to another text
+    of the same size (another system prompt) left the model folder's names, sizes and weights as they were, and
+    every arm's training and evaluation were 'unchanged, skipped', trained on the old template's prompts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "model"  # a copy: the same model (its key holds no path)
+    shutil.copytree(tiny, model)
+    work, _ = run_of_arm_a
+    shutil.copytree(work, tmp_path / "work")
+    config = _small(tmp_path, model, arms={"a": {"preset": "dpo"}})
+    assert "train.a" in _run(config)[0].skipped  # (the held-out evaluation's config names the model's path)
+    template = model / "chat_template.jinja"
+    text = template.read_text()
+    edited = text.replace("named SmolLM", "named TinyLM")
+    assert edited != text and len(edited) == len(text)
+    template.write_text(edited)
+    result, _ = _run(config)
+    assert set(result.ran) == {"train.a", "eval.a.preference"} and {"prepare", "plan.a"} <= set(result.skipped)
+
+
 def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, monkeypatch):
     """An arm's training stopped by SIGTERM says how to continue: perpair run again (it resumes the arm from its
     checkpoint), not train's --resume, which perpair run does not take; the status stays 143."""

@@ -347,13 +347,15 @@ class _Job:
 
     @property
     def model_key(self) -> str:
-        """Identity of the initial model: a local folder by its files and the contents of its weights and
-        config (weights rewritten in place are another model), a Hub id by itself and the commit it loads."""
+        """Identity of the initial model: a local folder by its files and the contents of its weights, config
+        and tokenizer (weights rewritten in place are another model, as is a chat template edited in place: another
+        prompt for every pair, even at the same size), a Hub id by itself and the commit it loads."""
         if self._model_key is None:
-            from perpair.models import model_fingerprint, resolve_model
+            from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
 
             path = Path(resolve_model(self.config.model))
-            self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path))]
+            self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path)),
+                                                   tokenizer_identity(str(path))]
                                          if path.is_dir() else [str(path), model_fingerprint(str(path))]})
         return self._model_key
 
