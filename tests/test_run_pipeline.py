@@ -760,6 +760,28 @@ def test_a_judge_or_judge_prompt_changed_in_place_or_another_dtype_evaluates_aga
     assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
+def test_the_judge_prompt_installed_with_alpaca_eval_is_keyed_by_content(tmp_path, tiny, monkeypatch):
+    """Neither eval.alpaca_eval.judge_prompt nor a data_dir holding one: the judge reads the prompt installed with
+    alpaca-eval, which the stage's stamp left out; an alpaca-eval whose prompt is another (an upgrade) had the
+    evaluations 'unchanged, skipped', the old prompt's judgments reported. Now that prompt is keyed by content."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    installed = tmp_path / "site" / "alpaca_eval"  # an alpaca-eval package of its own, whose prompt is edited below
+    prompt = installed / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
+    prompt.parent.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    shutil.copy(AE / "judge_prompt_alpaca_eval_clf.txt", prompt)
+    monkeypatch.syspath_prepend(str(installed.parent))
+    monkeypatch.delitem(sys.modules, "alpaca_eval", raising=False)
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"]["preference"] = None
+    config["eval"]["base"] = False
+    config["eval"]["alpaca_eval"].update(judge_prompt=None, data_dir=None)
+    assert "eval.dpo.alpaca_eval" in _run(config)[0].ran
+    assert "eval.dpo.alpaca_eval" in _run(config)[0].skipped
+    prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
+    assert _run(config)[0].ran == ["eval.dpo.alpaca_eval"]
+
+
 def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_keyed(tmp_path, tiny, monkeypatch):
     """The AlpacaEval rows are the reference file's, and the LC reads each instruction's difficulty by its row
     position: a run's reference file was never checked against the official order (perpair run had no data folder),

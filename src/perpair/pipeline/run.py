@@ -12,6 +12,7 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -536,7 +537,7 @@ class _Job:
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval import sources
-        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
+        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity, judge_prompt_template
         from perpair.eval.generate import GenerationConfig, resolved_settings
         from perpair.models import hub_commit, model_fingerprint
 
@@ -577,6 +578,10 @@ class _Job:
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             if not sources.is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
                 material["hub"] = hub_commit(sources.ALPACA_EVAL_REPO, "dataset")
+            if a.judge_prompt is None and sources.data_file(None, a.data_dir, sources.LOCAL_JUDGE_PROMPT) is None:
+                # the judge prompt installed with alpaca-eval (neither given nor in the data folder), by content: an
+                # upgrade that changes it judges again (the keys of a prompt given or in data_dir are as they were)
+                material["judge_prompt"] = hashlib.sha256(judge_prompt_template(None, None).encode()).hexdigest()
             if a.data_dir is not None:  # the data folder's files it reads, by content
                 names = (sources.LOCAL_REFERENCE, sources.LOCAL_JUDGE_PROMPT, sources.LOCAL_DIFFICULTY,
                          sources.LOCAL_GLM_WEIGHTS, sources.LOCAL_LEADERBOARD)
