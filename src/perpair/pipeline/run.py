@@ -501,13 +501,14 @@ class _Job:
 
         # every setting as training reads it, defaults included (a default that changes is another training), and
         # the models by content: the initial one and a reference model of its own (retrained at the same path). The
-        # settings of the logs and checkpoints alone (RECORDING_ONLY) are keyed at the run's defaults: changing one
+        # settings of the logs and checkpoints alone (RECORDING_ONLY), and release_cpu_memory (when the allocator
+        # gives freed memory back: the peak RSS, never a number), are keyed at the run's defaults: changing one
         # trains no arm again, and the stamps made before they were left out still match.
         config = load_config(None, options)
         settings_read = config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
                                                                 "reference_cache"})
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
-                              for name in RECORDING_ONLY}, run_name=arm)
+                              for name in (*RECORDING_ONLY, "release_cpu_memory")}, run_name=arm)
         del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
         material = {"train": settings_read,
                     "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
