@@ -301,6 +301,25 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
         RunConfig.model_validate(_config(tmp_path, tiny, workdir=""))  # not the working directory, silently
 
 
+@pytest.mark.parametrize("key", ["overwrite", "save_model"])
+def test_train_keys_of_the_arms_folder_are_the_runs_own(tmp_path, tiny, key):
+    """train.overwrite: true made the re-run of an arm killed mid-training fail ('resume continues the run in OUT,
+    overwrite replaces it: choose one (from the command line)'), and changing it trained every arm again;
+    save_model: false left the evaluation no model (a Hugging Face traceback after training). perpair run decides
+    both for each arm (it resumes or starts the arm again, it evaluates the saved model): refused, as out is."""
+    from perpair.pipeline import RunConfig
+
+    for place in ("train", "arm"):
+        config = _config(tmp_path, tiny)
+        value = key == "overwrite"
+        if place == "train":
+            config["train"][key] = value
+        else:
+            config["arms"]["dpo"]["train"] = {key: value}
+        with pytest.raises(ValueError, match=rf"train.{key} is set by perpair run itself \(per arm\); remove it"):
+            RunConfig.model_validate(config)
+
+
 def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tiny):
     """An arm's train keys meet its preset's plan at validation: shuffle undoing a curriculum, loss sft ignoring
     the plan, label smoothing a loss ignores; nothing is prepared."""
