@@ -1063,6 +1063,24 @@ def test_the_models_chat_template_edited_in_place_trains_again(tmp_path, tiny, m
     assert set(result.ran) == {"train.a", "eval.a.preference"} and {"prepare", "plan.a"} <= set(result.skipped)
 
 
+def test_a_trained_models_chat_template_edited_by_hand_is_evaluated_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """An arm's evaluation is keyed by the trained model's tokenizer where it is not the initial model's: its chat
+    template edited by hand (at the same size, so that the training's outputs look unchanged) was 'unchanged,
+    skipped', the old template's numbers reported; the model as trained keeps its evaluation's key."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work, _ = run_of_arm_a
+    shutil.copytree(work, tmp_path / "work")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    assert not _run(config)[0].ran
+    template = tmp_path / "work" / "arms" / "a" / "train" / "model" / "chat_template.jinja"
+    text = template.read_text()
+    edited = text.replace("named SmolLM", "named TinyLM")
+    assert edited != text and len(edited) == len(text)
+    template.write_text(edited)
+    result, _ = _run(config)
+    assert result.ran == ["eval.a.preference"]
+
+
 def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, monkeypatch):
     """An arm's training stopped by SIGTERM says how to continue: perpair run again (it resumes the arm from its
     checkpoint), not train's --resume, which perpair run does not take; the status stays 143."""

@@ -320,6 +320,7 @@ class _Job:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self._model_key: str | None = None
+        self._model_tokenizer: str | None = None
 
     def stage(self, name: str, kind: str, material: dict[str, Any], outputs: Callable[[], list[Path]],
               action: Callable[..., dict[str, Any] | None], *args) -> dict[str, Any]:
@@ -359,6 +360,15 @@ class _Job:
                                                    tokenizer_identity(str(path))]
                                          if path.is_dir() else [str(path), model_fingerprint(str(path))]})
         return self._model_key
+
+    @property
+    def model_tokenizer(self) -> str:
+        """Identity of the initial model's tokenizer (a Hub model's too): the one its trained models are saved with."""
+        if self._model_tokenizer is None:
+            from perpair.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+            self._model_tokenizer = tokenizer_fingerprint(load_tokenizer(resolve_model(self.config.model)))
+        return self._model_tokenizer
 
     # ---------------------------------------------------------------------------------------------------
     # stages
@@ -540,14 +550,18 @@ class _Job:
         from perpair.eval import sources
         from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity, judge_prompt_template
         from perpair.eval.generate import GenerationConfig, resolved_settings
-        from perpair.models import hub_commit, model_fingerprint
+        from perpair.models import hub_commit, model_fingerprint, tokenizer_identity
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
         # the trained weights by content, not only the training's key: a model trained again under the same key
-        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again
+        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again;
+        # its tokenizer too where it is not the initial model's (which the training saves with it, and the key holds):
+        # a chat template edited by hand is another prompt (the keys of a model as trained are as they were)
         weights = model_fingerprint(trained["model"]) if arm != "base" else None
+        if arm != "base" and (tokenizer := tokenizer_identity(trained["model"])) != self.model_tokenizer:
+            weights = [weights, tokenizer]
         preference = None
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
