@@ -51,6 +51,28 @@ def test_model_fingerprints_taken_from_several_threads_at_once(tmp_path, monkeyp
     assert len(set(fingerprints)) == 1 and (tmp_path / "cache" / "file_hashes.json").is_file()
 
 
+def test_weights_rewritten_at_the_same_size_and_mtime_are_another_model(tmp_path, monkeypatch):
+    """The remembered file hashes were keyed by path, size and mtime: weights rewritten in place at the same size
+    whose writer set the mtime (extracted from an archive of fixed times, rsync -a, cp -p) kept the old hash, and
+    perpair run skipped every stage of the model, the old weights' numbers reported. The ctime, which no tool sets,
+    is in the key too."""
+    import os
+
+    from perpair.models import model_fingerprint
+
+    monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 64)
+    first = model_fingerprint(str(folder))
+    times = weights.stat()
+    weights.write_bytes(bytes(reversed(range(256))) * 64)  # other weights, the same size
+    os.utime(weights, ns=(times.st_atime_ns, times.st_mtime_ns))  # and the same mtime
+    assert model_fingerprint(str(folder)) != first
+
+
 def test_a_cache_that_is_a_file_is_named(tmp_path, monkeypatch):
     """PERPAIR_CACHE naming a file: one line naming the variable (it was "error: PATH: File exists")."""
     from cli_inprocess import run_cli_inprocess

@@ -301,6 +301,25 @@ def test_bad_config_is_refused_before_any_work(tmp_path, tiny):
         RunConfig.model_validate(_config(tmp_path, tiny, workdir=""))  # not the working directory, silently
 
 
+@pytest.mark.parametrize("key", ["overwrite", "save_model"])
+def test_train_keys_of_the_arms_folder_are_the_runs_own(tmp_path, tiny, key):
+    """train.overwrite: true made the re-run of an arm killed mid-training fail ('resume continues the run in OUT,
+    overwrite replaces it: choose one (from the command line)'), and changing it trained every arm again;
+    save_model: false left the evaluation no model (a Hugging Face traceback after training). perpair run decides
+    both for each arm (it resumes or starts the arm again, it evaluates the saved model): refused, as out is."""
+    from perpair.pipeline import RunConfig
+
+    for place in ("train", "arm"):
+        config = _config(tmp_path, tiny)
+        value = key == "overwrite"
+        if place == "train":
+            config["train"][key] = value
+        else:
+            config["arms"]["dpo"]["train"] = {key: value}
+        with pytest.raises(ValueError, match=rf"train.{key} is set by perpair run itself \(per arm\); remove it"):
+            RunConfig.model_validate(config)
+
+
 def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tiny):
     """An arm's train keys meet its preset's plan at validation: shuffle undoing a curriculum, loss sft ignoring
     the plan, label smoothing a loss ignores; nothing is prepared."""
@@ -760,6 +779,28 @@ def test_a_judge_or_judge_prompt_changed_in_place_or_another_dtype_evaluates_aga
     assert results["n_generated"] == results["n_judged"] == 2  # neither answers nor judgments of float32
 
 
+def test_the_judge_prompt_installed_with_alpaca_eval_is_keyed_by_content(tmp_path, tiny, monkeypatch):
+    """Neither eval.alpaca_eval.judge_prompt nor a data_dir holding one: the judge reads the prompt installed with
+    alpaca-eval, which the stage's stamp left out; an alpaca-eval whose prompt is another (an upgrade) had the
+    evaluations 'unchanged, skipped', the old prompt's judgments reported. Now that prompt is keyed by content."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    installed = tmp_path / "site" / "alpaca_eval"  # an alpaca-eval package of its own, whose prompt is edited below
+    prompt = installed / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo" / "alpaca_eval_clf.txt"
+    prompt.parent.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    shutil.copy(AE / "judge_prompt_alpaca_eval_clf.txt", prompt)
+    monkeypatch.syspath_prepend(str(installed.parent))
+    monkeypatch.delitem(sys.modules, "alpaca_eval", raising=False)
+    config = _config(tmp_path, tiny, annotate=None, arms={"dpo": {"preset": "dpo", "train": {"steps": 1}}})
+    config["eval"]["preference"] = None
+    config["eval"]["base"] = False
+    config["eval"]["alpaca_eval"].update(judge_prompt=None, data_dir=None)
+    assert "eval.dpo.alpaca_eval" in _run(config)[0].ran
+    assert "eval.dpo.alpaca_eval" in _run(config)[0].skipped
+    prompt.write_text(prompt.read_text().replace("highly efficient assistant", "very efficient assistant", 1))
+    assert _run(config)[0].ran == ["eval.dpo.alpaca_eval"]
+
+
 def test_a_reference_file_in_another_order_gets_no_lc_and_its_data_folder_is_keyed(tmp_path, tiny, monkeypatch):
     """The AlpacaEval rows are the reference file's, and the LC reads each instruction's difficulty by its row
     position: a run's reference file was never checked against the official order (perpair run had no data folder),
@@ -980,7 +1021,12 @@ def run_of_arm_a(tmp_path_factory, tiny) -> tuple[Path, Any]:
 def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """Changing when an arm checkpoints or where it logs (save_every, save_every_minutes, keep_checkpoints,
     report_to, project, run_name) changed the train stage's key, and the arm trained again from scratch: an hour
-    lost to a logging change. Those are skipped now; a setting that changes the weights (lr) still trains again."""
+    lost to a logging change. So did release_cpu_memory, which changes the memory the process holds, no number.
+    Those are skipped now; a setting that changes the weights (lr) still trains again."""
+    import torch
+
+    import perpair.train.setup as setup
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
     work, first = run_of_arm_a
@@ -988,10 +1034,51 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     shutil.copytree(work, tmp_path / "work")
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
                        "project": "mine", "run_name": "first", "save_every_minutes": 10}
+    if not torch.cuda.is_available():  # where the arms would read it: on a CPU under glibc's malloc
+        monkeypatch.setattr(setup, "active_allocator", lambda: None)
+        config["train"]["release_cpu_memory"] = False
     result, _ = _run(config)
     assert not result.ran and "train.a" in result.skipped
     config["train"]["lr"] = 2e-3
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+
+
+def test_the_models_chat_template_edited_in_place_trains_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """The initial model is keyed by its tokenizer's content too: a chat template edited in place to another text
+    of the same size (another system prompt) left the model folder's names, sizes and weights as they were, and
+    every arm's training and evaluation were 'unchanged, skipped', trained on the old template's prompts."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "model"  # a copy: the same model (its key holds no path)
+    shutil.copytree(tiny, model)
+    work, _ = run_of_arm_a
+    shutil.copytree(work, tmp_path / "work")
+    config = _small(tmp_path, model, arms={"a": {"preset": "dpo"}})
+    assert "train.a" in _run(config)[0].skipped  # (the held-out evaluation's config names the model's path)
+    template = model / "chat_template.jinja"
+    text = template.read_text()
+    edited = text.replace("named SmolLM", "named TinyLM")
+    assert edited != text and len(edited) == len(text)
+    template.write_text(edited)
+    result, _ = _run(config)
+    assert set(result.ran) == {"train.a", "eval.a.preference"} and {"prepare", "plan.a"} <= set(result.skipped)
+
+
+def test_a_trained_models_chat_template_edited_by_hand_is_evaluated_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """An arm's evaluation is keyed by the trained model's tokenizer where it is not the initial model's: its chat
+    template edited by hand (at the same size, so that the training's outputs look unchanged) was 'unchanged,
+    skipped', the old template's numbers reported; the model as trained keeps its evaluation's key."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work, _ = run_of_arm_a
+    shutil.copytree(work, tmp_path / "work")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    assert not _run(config)[0].ran
+    template = tmp_path / "work" / "arms" / "a" / "train" / "model" / "chat_template.jinja"
+    text = template.read_text()
+    edited = text.replace("named SmolLM", "named TinyLM")
+    assert edited != text and len(edited) == len(text)
+    template.write_text(edited)
+    result, _ = _run(config)
+    assert result.ran == ["eval.a.preference"]
 
 
 def test_an_arm_stopped_by_a_signal_says_a_re_run_continues_it(tmp_path, tiny, monkeypatch):

@@ -279,8 +279,9 @@ def _hub_id(spec: str) -> bool:
 def model_fingerprint(spec: str) -> str:
     """Content hash of a local model folder (config and weight files), so a model retrained at the same path is a
     new model to every cache; a Hub id by the commit its files come from (:func:`hub_commit`), so a repository
-    that moves is another model. File hashes are remembered by (path, size, mtime) in the cache folder, so a
-    500 MB checkpoint is hashed once."""
+    that moves is another model. File hashes are remembered by (path, size, mtime, ctime) in the cache folder, so a
+    500 MB checkpoint is hashed once: the ctime too, which no tool sets back, as a file rewritten at the same size
+    keeps its mtime where the tool writing it sets it (tar or rsync -a of a model whose files carry fixed times)."""
     folder = Path(spec)
     if not folder.is_dir():
         return f"hub:{spec}@{hub_commit(spec) or 'unresolved'}"
@@ -293,7 +294,7 @@ def model_fingerprint(spec: str) -> str:
     for path in sorted(folder.iterdir()):
         if path.suffix in (".safetensors", ".bin") or path.name in ("config.json", "generation_config.json"):
             stat = path.stat()
-            tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+            tag = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
             if tag not in memo:
                 memo[tag] = file_sha256(path)
             digest.update(path.name.encode() + b"\0" + memo[tag].encode())

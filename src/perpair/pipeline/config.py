@@ -19,8 +19,10 @@ from perpair.plan.config import PRESETS, deep_merge
 
 STAGES = ("prepare", "annotate", "plan", "train", "eval")
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-# Train keys the pipeline sets itself (per arm); a config that sets them would be silently overridden.
-_TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "reference_cache"}
+# Train keys the pipeline sets itself (per arm); a config that sets them would be silently overridden, or would
+# break what the run does with the arm's folder: overwrite beside the run's resume of a killed arm ('choose one'),
+# save_model false leaving no model to evaluate.
+_TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "overwrite", "save_model", "reference_cache"}
 
 
 class _Section(NumbersNotBools):

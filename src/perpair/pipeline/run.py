@@ -12,6 +12,7 @@ process (:mod:`perpair.pipeline.workers`); a stage's work is a module-level func
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import time
 from collections.abc import Callable
@@ -319,6 +320,7 @@ class _Job:
         self.ran: list[str] = []
         self.skipped: list[str] = []
         self._model_key: str | None = None
+        self._model_tokenizer: str | None = None
 
     def stage(self, name: str, kind: str, material: dict[str, Any], outputs: Callable[[], list[Path]],
               action: Callable[..., dict[str, Any] | None], *args) -> dict[str, Any]:
@@ -347,15 +349,26 @@ class _Job:
 
     @property
     def model_key(self) -> str:
-        """Identity of the initial model: a local folder by its files and the contents of its weights and
-        config (weights rewritten in place are another model), a Hub id by itself and the commit it loads."""
+        """Identity of the initial model: a local folder by its files and the contents of its weights, config
+        and tokenizer (weights rewritten in place are another model, as is a chat template edited in place: another
+        prompt for every pair, even at the same size), a Hub id by itself and the commit it loads."""
         if self._model_key is None:
-            from perpair.models import model_fingerprint, resolve_model
+            from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
 
             path = Path(resolve_model(self.config.model))
-            self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path))]
+            self._model_key = stage_key({"model": [output_identity(path), model_fingerprint(str(path)),
+                                                   tokenizer_identity(str(path))]
                                          if path.is_dir() else [str(path), model_fingerprint(str(path))]})
         return self._model_key
+
+    @property
+    def model_tokenizer(self) -> str:
+        """Identity of the initial model's tokenizer (a Hub model's too): the one its trained models are saved with."""
+        if self._model_tokenizer is None:
+            from perpair.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+
+            self._model_tokenizer = tokenizer_fingerprint(load_tokenizer(resolve_model(self.config.model)))
+        return self._model_tokenizer
 
     # ---------------------------------------------------------------------------------------------------
     # stages
@@ -498,13 +511,14 @@ class _Job:
 
         # every setting as training reads it, defaults included (a default that changes is another training), and
         # the models by content: the initial one and a reference model of its own (retrained at the same path). The
-        # settings of the logs and checkpoints alone (RECORDING_ONLY) are keyed at the run's defaults: changing one
+        # settings of the logs and checkpoints alone (RECORDING_ONLY), and release_cpu_memory (when the allocator
+        # gives freed memory back: the peak RSS, never a number), are keyed at the run's defaults: changing one
         # trains no arm again, and the stamps made before they were left out still match.
         config = load_config(None, options)
         settings_read = config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
                                                                 "reference_cache"})
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
-                              for name in RECORDING_ONLY}, run_name=arm)
+                              for name in (*RECORDING_ONLY, "release_cpu_memory")}, run_name=arm)
         del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
         material = {"train": settings_read,
                     "pairs": file_sha256(pairs), "plan": file_sha256(plan), "model": self.model_key,
@@ -534,16 +548,20 @@ class _Job:
     def evaluate(self, settings: Settings, arm: str, trained: dict[str, Any], test: Path | None) -> dict[str, Any]:
         """Held-out preference accuracy (arms only) and the AlpacaEval subset, each its own stamped stage."""
         from perpair.eval import sources
-        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity
+        from perpair.eval.alpaca_eval import AlpacaEvalConfig, JudgeConfig, judge_identity, judge_prompt_template
         from perpair.eval.generate import GenerationConfig, resolved_settings
-        from perpair.models import hub_commit, model_fingerprint
+        from perpair.models import hub_commit, model_fingerprint, tokenizer_identity
 
         section = self.config.eval
         folder = self.workdir / ("base" if arm == "base" else f"arms/{arm}") / "eval"
         results: dict[str, Any] = {}
         # the trained weights by content, not only the training's key: a model trained again under the same key
-        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again
+        # (its folder deleted, other threads: other rounding) or edited by hand is another model, evaluated again;
+        # its tokenizer too where it is not the initial model's (which the training saves with it, and the key holds):
+        # a chat template edited by hand is another prompt (the keys of a model as trained are as they were)
         weights = model_fingerprint(trained["model"]) if arm != "base" else None
+        if arm != "base" and (tokenizer := tokenizer_identity(trained["model"])) != self.model_tokenizer:
+            weights = [weights, tokenizer]
         preference = None
         if section.preference is not None and arm != "base" and test is not None:
             config = self._preference_config(settings, arm, trained["model"], test)
@@ -575,6 +593,10 @@ class _Job:
                         "files": {k: file_sha256(getattr(a, k)) for k in EVAL_FILES if getattr(a, k) is not None}}
             if not sources.is_offline(a.offline):  # the reference outputs and difficulties the Hub serves now
                 material["hub"] = hub_commit(sources.ALPACA_EVAL_REPO, "dataset")
+            if a.judge_prompt is None and sources.data_file(None, a.data_dir, sources.LOCAL_JUDGE_PROMPT) is None:
+                # the judge prompt installed with alpaca-eval (neither given nor in the data folder), by content: an
+                # upgrade that changes it judges again (the keys of a prompt given or in data_dir are as they were)
+                material["judge_prompt"] = hashlib.sha256(judge_prompt_template(None, None).encode()).hexdigest()
             if a.data_dir is not None:  # the data folder's files it reads, by content
                 names = (sources.LOCAL_REFERENCE, sources.LOCAL_JUDGE_PROMPT, sources.LOCAL_DIFFICULTY,
                          sources.LOCAL_GLM_WEIGHTS, sources.LOCAL_LEADERBOARD)
