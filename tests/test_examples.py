@@ -85,11 +85,44 @@ def test_mixdpo_recipe_is_the_published_setting():
     assert resolve_schedule("mixdpo", recipe / "plan.yaml") == resolve_schedule("mixdpo")
     schedule = resolve_schedule("mixdpo", recipe / "plan.yaml")
     assert (schedule.beta.beta, schedule.routing.tau, schedule.label_smoothing) == (0.01, 0.5, 0.1)
+    # DESIGN.md: difficulty = the rating margin, margin below τ routed to SFT, one global sort large to small margin
+    assert (schedule.beta.kind, schedule.margin.source, schedule.routing.action, schedule.curriculum.kind) == (
+        "global", "ratings", "sft", "easy_to_hard")
     for name, lr in (("train.yaml", 1e-6), ("train-mistral.yaml", 2e-7)):
         config = load_train(recipe / name)
         assert (config.lr, config.batch_size, config.max_length) == (lr, 160, 1024)
         assert (config.lr_schedule, config.warmup_ratio, config.loss) == ("cosine", 0.1, "sigmoid")
         assert not config.shuffle  # the plan's easy-to-hard order
+
+
+def _readme_plan_commands(recipe: Path) -> list[list[str]]:
+    text = (recipe / "README.md").read_text()
+    return [shlex.split(line) for line in text.splitlines() if line.startswith("perpair plan ")]
+
+
+def test_sp2dpo_recipe_plans_the_papers_controls_around_its_own_beta():
+    """DESIGN.md, SP²DPO: "Controls in the paper: a tuned global-β DPO (swept per model) and random β_i". The
+    README's control commands, with the recipe's plan.yaml, must give those controls: random β_i drawn from the
+    same β_i as the SP²DPO run (same schedule but the kind), and one global β (0.01, or the swept --beta)."""
+    recipe = EXAMPLES / "sp2dpo-llama3-8b"
+    sp2dpo = resolve_schedule("sp2dpo", recipe / "plan.yaml")
+    assert (sp2dpo.beta.kind, sp2dpo.beta.beta, sp2dpo.beta.normalise) == ("semantic", 0.01, True)
+    kinds = {"sp2dpo-random": "random", "dpo": "global"}
+    seen = set()
+    for args in _readme_plan_commands(recipe):
+        preset, config, beta = _option(args, "--preset"), _option(args, "--config"), _option(args, "--beta")
+        if preset not in kinds:
+            continue
+        schedule = resolve_schedule(preset, recipe / config if config else None,
+                                    beta=float(beta) if beta else None)
+        assert schedule.beta.kind == kinds[preset], args
+        if preset == "sp2dpo-random":
+            assert schedule.as_dict() == {**sp2dpo.as_dict(), "beta": {**sp2dpo.as_dict()["beta"], "kind": "random"}}
+            assert "--annotations" in args
+        else:
+            assert schedule.beta.beta == (float(beta) if beta else sp2dpo.beta.beta), args
+        seen.add(preset)
+    assert seen == set(kinds), "README.md must say how to plan both of the paper's controls"
 
 
 def test_combined_recipe_plan_equals_its_preset():
