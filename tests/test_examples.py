@@ -125,6 +125,23 @@ def test_sp2dpo_recipe_plans_the_papers_controls_around_its_own_beta():
     assert seen == set(kinds), "README.md must say how to plan both of the paper's controls"
 
 
+def test_mixdpo_recipe_says_how_to_run_its_dpo_baseline_beside_it():
+    """The DPO baseline (AlpacaEval 2 LC 9.37 in DESIGN.md) at MixDPO's β, planned and trained into files of its
+    own: "train the same" read train.yaml's plan and out, i.e. the MixDPO plan, overwriting the MixDPO model."""
+    recipe = EXAMPLES / "mixdpo-llama3-8b"
+    plans = [a for a in _readme_plan_commands(recipe) if _option(a, "--preset") == "dpo"]
+    assert plans, "README.md must say how to plan the DPO baseline"
+    for args in plans:
+        schedule = resolve_schedule("dpo", beta=float(_option(args, "--beta")))
+        assert (schedule.beta.kind, schedule.beta.beta, schedule.label_smoothing) == ("global", 0.01, 0.0)
+        assert schedule.routing.tau is None and schedule.curriculum.kind == "none"
+    text = re.sub(r"\\\n\s*", " ", (recipe / "README.md").read_text())
+    trains = [shlex.split(line) for line in text.splitlines() if line.startswith("accelerate launch")]
+    mixdpo = load_train(recipe / "train.yaml")
+    assert trains and all(_option(a, "--plan") == _option(plans[0], "-o") and
+                          _option(a, "--out") not in (None, str(mixdpo.out)) for a in trains)
+
+
 def test_combined_recipe_plan_equals_its_preset():
     recipe = EXAMPLES / "sp2dpo-mixdpo-qwen3-4b"
     assert resolve_schedule("sp2dpo+mixdpo", recipe / "plan.yaml") == resolve_schedule("sp2dpo+mixdpo")
