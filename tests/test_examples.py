@@ -142,6 +142,19 @@ def test_mixdpo_recipe_says_how_to_run_its_dpo_baseline_beside_it():
                           _option(a, "--out") not in (None, str(mixdpo.out)) for a in trains)
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_run_sh_evaluates_every_model_it_trains_against_its_starting_point(recipe):
+    """Each trained model (train YAML's out/model) and the checkpoint it started from must be evaluated: the Mistral
+    run of MixDPO was trained (MIXDPO_MISTRAL=1) and never evaluated."""
+    text = (recipe / "run.sh").read_text()
+    evals = "\n".join(line for line in text.splitlines() if "perpair eval" in line or "=" in line)
+    for train, _ in _stage_configs(recipe)["train"]:
+        config = load_train(train)
+        assert f"{config.out}/model" in evals, f"{recipe.name}: {train.name}'s model is never evaluated"
+        assert re.search(rf"^\w+={re.escape(config.model)}\s", text, re.M), \
+            f"{recipe.name}: {train.name}'s starting model {config.model} is not the one run.sh evaluates"
+
+
 def test_combined_recipe_plan_equals_its_preset():
     recipe = EXAMPLES / "sp2dpo-mixdpo-qwen3-4b"
     assert resolve_schedule("sp2dpo+mixdpo", recipe / "plan.yaml") == resolve_schedule("sp2dpo+mixdpo")
