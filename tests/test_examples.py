@@ -85,11 +85,74 @@ def test_mixdpo_recipe_is_the_published_setting():
     assert resolve_schedule("mixdpo", recipe / "plan.yaml") == resolve_schedule("mixdpo")
     schedule = resolve_schedule("mixdpo", recipe / "plan.yaml")
     assert (schedule.beta.beta, schedule.routing.tau, schedule.label_smoothing) == (0.01, 0.5, 0.1)
+    # DESIGN.md: difficulty = the rating margin, margin below τ routed to SFT, one global sort large to small margin
+    assert (schedule.beta.kind, schedule.margin.source, schedule.routing.action, schedule.curriculum.kind) == (
+        "global", "ratings", "sft", "easy_to_hard")
     for name, lr in (("train.yaml", 1e-6), ("train-mistral.yaml", 2e-7)):
         config = load_train(recipe / name)
         assert (config.lr, config.batch_size, config.max_length) == (lr, 160, 1024)
         assert (config.lr_schedule, config.warmup_ratio, config.loss) == ("cosine", 0.1, "sigmoid")
         assert not config.shuffle  # the plan's easy-to-hard order
+
+
+def _readme_plan_commands(recipe: Path) -> list[list[str]]:
+    text = (recipe / "README.md").read_text()
+    return [shlex.split(line) for line in text.splitlines() if line.startswith("perpair plan ")]
+
+
+def test_sp2dpo_recipe_plans_the_papers_controls_around_its_own_beta():
+    """DESIGN.md, SP²DPO: "Controls in the paper: a tuned global-β DPO (swept per model) and random β_i". The
+    README's control commands, with the recipe's plan.yaml, must give those controls: random β_i drawn from the
+    same β_i as the SP²DPO run (same schedule but the kind), and one global β (0.01, or the swept --beta)."""
+    recipe = EXAMPLES / "sp2dpo-llama3-8b"
+    sp2dpo = resolve_schedule("sp2dpo", recipe / "plan.yaml")
+    assert (sp2dpo.beta.kind, sp2dpo.beta.beta, sp2dpo.beta.normalise) == ("semantic", 0.01, True)
+    kinds = {"sp2dpo-random": "random", "dpo": "global"}
+    seen = set()
+    for args in _readme_plan_commands(recipe):
+        preset, config, beta = _option(args, "--preset"), _option(args, "--config"), _option(args, "--beta")
+        if preset not in kinds:
+            continue
+        schedule = resolve_schedule(preset, recipe / config if config else None,
+                                    beta=float(beta) if beta else None)
+        assert schedule.beta.kind == kinds[preset], args
+        if preset == "sp2dpo-random":
+            assert schedule.as_dict() == {**sp2dpo.as_dict(), "beta": {**sp2dpo.as_dict()["beta"], "kind": "random"}}
+            assert "--annotations" in args
+        else:
+            assert schedule.beta.beta == (float(beta) if beta else sp2dpo.beta.beta), args
+        seen.add(preset)
+    assert seen == set(kinds), "README.md must say how to plan both of the paper's controls"
+
+
+def test_mixdpo_recipe_says_how_to_run_its_dpo_baseline_beside_it():
+    """The DPO baseline (AlpacaEval 2 LC 9.37 in DESIGN.md) at MixDPO's β, planned and trained into files of its
+    own: "train the same" read train.yaml's plan and out, i.e. the MixDPO plan, overwriting the MixDPO model."""
+    recipe = EXAMPLES / "mixdpo-llama3-8b"
+    plans = [a for a in _readme_plan_commands(recipe) if _option(a, "--preset") == "dpo"]
+    assert plans, "README.md must say how to plan the DPO baseline"
+    for args in plans:
+        schedule = resolve_schedule("dpo", beta=float(_option(args, "--beta")))
+        assert (schedule.beta.kind, schedule.beta.beta, schedule.label_smoothing) == ("global", 0.01, 0.0)
+        assert schedule.routing.tau is None and schedule.curriculum.kind == "none"
+    text = re.sub(r"\\\n\s*", " ", (recipe / "README.md").read_text())
+    trains = [shlex.split(line) for line in text.splitlines() if line.startswith("accelerate launch")]
+    mixdpo = load_train(recipe / "train.yaml")
+    assert trains and all(_option(a, "--plan") == _option(plans[0], "-o") and
+                          _option(a, "--out") not in (None, str(mixdpo.out)) for a in trains)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_run_sh_evaluates_every_model_it_trains_against_its_starting_point(recipe):
+    """Each trained model (train YAML's out/model) and the checkpoint it started from must be evaluated: the Mistral
+    run of MixDPO was trained (MIXDPO_MISTRAL=1) and never evaluated."""
+    text = (recipe / "run.sh").read_text()
+    evals = "\n".join(line for line in text.splitlines() if "perpair eval" in line or "=" in line)
+    for train, _ in _stage_configs(recipe)["train"]:
+        config = load_train(train)
+        assert f"{config.out}/model" in evals, f"{recipe.name}: {train.name}'s model is never evaluated"
+        assert re.search(rf"^\w+={re.escape(config.model)}\s", text, re.M), \
+            f"{recipe.name}: {train.name}'s starting model {config.model} is not the one run.sh evaluates"
 
 
 def test_combined_recipe_plan_equals_its_preset():

@@ -25,9 +25,15 @@ if [ "${MIXDPO_MISTRAL:-0}" = 1 ]; then
 fi
 
 # 4. evaluate: AlpacaEval 2.0 LC win rate (the paper reports 14.42 for MixDPO vs 9.37 for DPO on Llama-3-8B),
-# Arena-Hard v0.1, held-out preference accuracy; one table with the SFT starting point.
-for name in sft mixdpo; do
-    model=$([ "$name" = sft ] && echo "$STUDENT" || echo work/train-llama3-8b/model)
+# Arena-Hard v0.1, held-out preference accuracy; one table with the SFT starting point (and the Mistral pair).
+MISTRAL=HuggingFaceH4/mistral-7b-sft-beta   # must equal train-mistral.yaml's model
+RUNS="sft=$STUDENT mixdpo=work/train-llama3-8b/model"
+if [ "${MIXDPO_MISTRAL:-0}" = 1 ]; then
+    RUNS="$RUNS mistral-sft=$MISTRAL mixdpo-mistral=work/train-mistral-7b/model"
+fi
+for run in $RUNS; do
+    name=${run%%=*}
+    model=${run#*=}
     perpair eval alpaca-eval --model "$model" --name "$name" --backend vllm --judge https://api.openai.com/v1 \
         --judge-name gpt-4-1106-preview --judge-api-key-env OPENAI_API_KEY -o "work/eval/alpaca-eval-$name"
     perpair eval arena-hard run --model "$model" --name "$name" --judge https://api.openai.com/v1 \
@@ -35,4 +41,8 @@ for name in sft mixdpo; do
 done
 perpair eval preference --model work/train-llama3-8b/model --ref "$STUDENT" --data work/test.parquet --beta 0.01 \
     --max-length 1024 --name mixdpo -o work/eval/preference
-perpair eval report work/eval/alpaca-eval-* work/eval/arena-hard-* work/eval/preference -o work/eval/report
+if [ "${MIXDPO_MISTRAL:-0}" = 1 ]; then
+    perpair eval preference --model work/train-mistral-7b/model --ref "$MISTRAL" --data work/test.parquet \
+        --beta 0.01 --max-length 1024 --name mixdpo-mistral -o work/eval/preference-mistral
+fi
+perpair eval report work/eval/alpaca-eval-* work/eval/arena-hard-* work/eval/preference* -o work/eval/report

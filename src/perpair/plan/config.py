@@ -10,7 +10,8 @@ Where each constant comes from (see DESIGN, "What the papers state"):
 - **Ours** (documented as ours): the mapping itself — ``s = prior(category) · g(magnitude) · confidence``,
   ``β = β_max^(1−s) · β_min^s``, the rescale to a global geometric mean — and every default number of it
   (β_min, β_max, the priors, the g table, the mislabeled threshold and action); the teacher and reference
-  margins; the quantile rule; the ``bucketed``, ``hard_to_easy`` and ``random`` curricula; the seed.
+  margins; the quantile rule; breaking margin ties by pair id; the ``bucketed``, ``hard_to_easy`` and ``random``
+  curricula; the seed.
 """
 
 from __future__ import annotations
@@ -111,8 +112,9 @@ class RoutingConfig(_Strict):
 
 class CurriculumConfig(_Strict):
     kind: Literal["none", "easy_to_hard", "bucketed", "hard_to_easy", "random"] = Field(
-        "none", description="none: file order; easy_to_hard: one global sort by margin, large first, ties "
-        "by pair_id (MixDPO); bucketed: K buckets easy→hard, seeded shuffle inside (ours); hard_to_easy, "
+        "none", description="none: file order; easy_to_hard: one global sort by margin, large first "
+        "(MixDPO), ties by pair_id (ours); bucketed: K buckets easy→hard, seeded shuffle inside (ours); "
+        "hard_to_easy, "
         "random: ablations (ours)")
     buckets: int = Field(4, ge=1, description="K, the number of buckets for `bucketed`")
 

@@ -24,7 +24,7 @@ def id_rank(pair_ids: np.ndarray) -> np.ndarray:
 
 
 def easy_to_hard(indices: np.ndarray, margin: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """``indices`` sorted by margin from large to small (MixDPO), ties by pair id, pairs without a margin
+    """``indices`` sorted by margin from large to small (MixDPO), ties by pair id (ours), pairs without a margin
     last (by pair id)."""
     m = margin[indices]
     missing = np.isnan(m)
