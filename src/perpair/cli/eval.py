@@ -60,6 +60,19 @@ def _judge_config(cls, *, concurrency: int | None, **options):
     return config
 
 
+def _default_output(model: str, benchmark: str, subfolder: str | None = None) -> Path:
+    """The output folder when -o is not given: ``eval/LABEL`` (and ``subfolder``), named after the model's folder, so
+    another model of that name may have written it: its results of ``benchmark`` are refused, not replaced."""
+    from perpair.eval import default_output_dir
+    from perpair.eval.sources import check_results_owner, model_identity
+
+    output = default_output_dir(model)
+    if subfolder:
+        output = output / subfolder
+    check_results_owner(output / "results.json", benchmark, "the default output", model_identity(model))
+    return output
+
+
 def _fmt(value, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "-"
@@ -184,11 +197,9 @@ def alpaca_eval_command(
         AlpacaEvalConfig,
         GenerationConfig,
         JudgeConfig,
-        default_output_dir,
         json_ready,
         run_alpaca_eval,
     )
-    from perpair.eval.sources import check_results_owner, model_identity
 
     judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
                                  concurrency=judge_concurrency, batch_size=judge_batch_size,
@@ -203,9 +214,7 @@ def alpaca_eval_command(
         except OSError as exc:
             raise PerpairError(f"--judge-prefix-cache {judge_prefix_cache}: not a folder that can be created "
                                f"({exc.strerror})") from None
-    if output is None:  # a folder named after the model's: another model of that name may have written it
-        output = default_output_dir(model)
-        check_results_owner(output / "results.json", "alpaca_eval_2", "the default output", model_identity(model))
+    output = output or _default_output(model, "alpaca_eval_2")
     check_output_folder(output, "-o/--output")
     config = _options(
         AlpacaEvalConfig, model=model, name=name, output_dir=output, judge=judge_config,
@@ -251,12 +260,9 @@ def arena_hard_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results row as JSON.")] = False,
 ) -> None:
     """Arena-Hard-Auto v0.1: answer, judge two games per question, Bradley-Terry score with a 95% interval."""
-    from perpair.eval import ArenaHardConfig, GenerationConfig, JudgeConfig, default_output_dir, run_arena_hard
-    from perpair.eval.sources import check_results_owner, model_identity
+    from perpair.eval import ArenaHardConfig, GenerationConfig, JudgeConfig, run_arena_hard
 
-    if output is None:  # a folder named after the model's: another model of that name may have written it
-        output = default_output_dir(model) / "arena_hard"
-        check_results_owner(output / "results.json", "arena_hard_v0.1", "the default output", model_identity(model))
+    output = output or _default_output(model, "arena_hard_v0.1", "arena_hard")
     judge_config = _judge_config(JudgeConfig, judge=judge, model_name=judge_name, api_key_env=judge_api_key_env,
                                  concurrency=judge_concurrency, batch_size=judge_batch_size)
     check_output_folder(output, "-o/--output")
@@ -323,15 +329,12 @@ def preference_command(
 ) -> None:
     """Held-out preference accuracy: implicit-reward accuracy and margin against the reference, and the
     reference-free length-normalised log-prob margin, overall and by annotation category."""
-    from perpair.eval import PreferenceConfig, default_output_dir, json_ready, run_preference, write_results
-    from perpair.eval.sources import check_results_owner, model_identity
+    from perpair.eval import PreferenceConfig, json_ready, run_preference, write_results
+    from perpair.eval.sources import check_results_owner
 
     config = _options(PreferenceConfig, model=model, ref=ref, data=data, annotations=annotations, beta=beta,
                       max_length=max_length, limit=limit, tokens_per_forward=tokens_per_forward, name=name)
-    if output is None:  # a folder named after the model's: another model of that name may have written it
-        output = default_output_dir(model) / "preference"
-        check_results_owner(output / "results.json", "preference_accuracy", "the default output",
-                            model_identity(model))
+    output = output or _default_output(model, "preference_accuracy", "preference")
     if output.suffix == ".json":
         check_output_file(output, "-o/--output", "results.json")
     else:

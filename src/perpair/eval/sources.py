@@ -164,16 +164,16 @@ def check_results_owner(path: Path, benchmark: str | None, option: str, model: s
         what = "a report's table (perpair eval report)"
     else:
         others = sorted(benchmarks - {benchmark})
-        held = sorted({str(row["model_path"]) for row in rows
-                       if row.get("benchmark") == benchmark and row.get("model_path") is not None} - {model})
-        # (a folder that is gone, moved with the project, say, is no other model to keep the results of)
-        held = [h for h in held if Path(h).is_dir() or not Path(h).is_absolute()]
         if others:
             what = f"the results of another evaluation ({', '.join(others)})"
-        elif model is not None and held:
-            what = f"the {benchmark} results of another model ({', '.join(held)}; this one is {model})"
         else:
-            return
+            held = sorted({str(row["model_path"]) for row in rows
+                           if row.get("benchmark") == benchmark and row.get("model_path") is not None} - {model})
+            # (a folder that is gone, moved with the project, say, is no other model to keep the results of)
+            held = [h for h in held if Path(h).is_dir() or not Path(h).is_absolute()]
+            if model is None or not held:
+                return
+            what = f"the {benchmark} results of another model ({', '.join(held)}; this one is {model})"
     where = path.parent if path.name == "results.json" else path
     raise PerpairError(f"{option} {where}: {path.name} there holds {what}, which this command would replace; give "
                        "it another folder" + (" with -o/--output (and --name, to tell the two apart in a report)"
