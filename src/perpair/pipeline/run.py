@@ -365,9 +365,10 @@ class _Job:
     def model_tokenizer(self) -> str:
         """Identity of the initial model's tokenizer (a Hub model's too): the one its trained models are saved with."""
         if self._model_tokenizer is None:
-            from perpair.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+            from perpair.models import load_tokenizer, resolve_model, tokenizer_fingerprint, tokenizer_identity
 
-            self._model_tokenizer = tokenizer_fingerprint(load_tokenizer(resolve_model(self.config.model)))
+            path = resolve_model(self.config.model)  # (a local folder's, as model_key computed it: remembered)
+            self._model_tokenizer = tokenizer_identity(path) or tokenizer_fingerprint(load_tokenizer(path))
         return self._model_tokenizer
 
     # ---------------------------------------------------------------------------------------------------
