@@ -3,32 +3,34 @@
 Workload (issue 5): SmolLM2-135M-Instruct in float32, the first pairs of the UltraFeedback sample in file order,
 batch 2, max length 512, 2 threads, full fine-tuning, AdamW at a constant learning rate.
 
-Variants: ``trl`` (DPOTrainer defaults but fp32: reference model forward at every step), ``trl-bf16`` (TRL's
-own default precision, bf16 autocast, which ``DPOConfig`` turns on even on a CPU), ``trl-precompute``
-(``precompute_ref_log_probs=True``), ``trl-malloc`` (TRL defaults under the allocator perpair's command picks,
-to show how much of the difference is the allocator), ``trl-perpair`` (TRL with perpair's plug-in,
-``perpair.integrations.trl.PerPairDPOTrainer``, given a plan that changes nothing: every pair β = 0.1, file
-order; its cost over ``trl``), ``perpair`` (``perpair train`` as a user runs it, with its
-defaults, which include a preloaded allocator — see ``perpair.allocator``; empty reference cache: the reference
-log-probs are computed in the run), and perpair with one thing changed: ``perpair-bf16`` (``precision: bf16``:
-bf16 autocast, as TRL's default), ``perpair-unpacked`` (one pair per forward and the MLPs recomputed, the defaults
-before issue 17), ``perpair-system`` (glibc's malloc,
-``PERPAIR_MALLOC=system``), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
+Variants: ``trl`` (DPOTrainer defaults but fp32: reference model forward at every step), ``trl-bf16`` (TRL's own
+default precision, bf16 autocast, which ``DPOConfig`` turns on even on a CPU), ``trl-precompute``
+(``precompute_ref_log_probs=True``), ``trl-malloc`` (TRL defaults under the allocator perpair's command picks, to
+show how much of the difference is the allocator), ``trl-preload`` (TRL defaults with everything perpair's command
+preloads: the allocator and, on an AMD CPU, MKL's kernels chosen by the CPU's features, ``perpair.mkl``),
+``trl-perpair`` (TRL with perpair's plug-in, ``perpair.integrations.trl.PerPairDPOTrainer``, given a plan that
+changes nothing: every pair β = 0.1, file order; its cost over ``trl``), ``perpair`` (``perpair train`` as a user
+runs it, with its defaults, which include a preloaded allocator and MKL's dispatch — see ``perpair.preload``; empty
+reference cache: the reference log-probs are computed in the run), and perpair with one thing changed:
+``perpair-bf16`` (``precision: bf16``: bf16 autocast, as TRL's default), ``perpair-unpacked`` (one pair per forward
+and the MLPs recomputed, the defaults before issue 17), ``perpair-system`` (glibc's malloc,
+``PERPAIR_MALLOC=system``), ``perpair-vendor`` (MKL's own choice of kernels, ``PERPAIR_MKL_DISPATCH=vendor``: its
+generic ones on an AMD CPU), ``perpair-heap`` (glibc's malloc keeping freed activations in its heap,
 ``release_cpu_memory=false``), ``perpair-gc`` (``gradient_checkpointing``), ``perpair-saved-mlp``
 (``recompute_mlp=false``: the MLPs save their gate and up projections), ``perpair-nolean``
-(``lean_activations=false``), ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a
-step in one row) and ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length).
+(``lean_activations=false``), ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a step
+in one row) and ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length).
 
-Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state
-step (median s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s
-= 6 × parameters × unique non-padding tokens per second over the steps after the first (their tokens over their
-time; tokens counted the same way for both: prompt once + chosen + rejected, TRL tokenization), as a share of
-the fp32 matmul peak measured in the same run with the same threads (bf16 variants: of the bf16 peak). Each bf16
-variant's losses and mean log-probs are compared with those of its fp32 counterpart, step by step: step 1
-(the same weights) shows what bf16 does to one computation; the largest difference over the steps adds what
-it does to the updates. Also printed: the allocator each perpair variant ran under (its peak memory depends on
-it: tcmalloc's is lower than the mimalloc fallback's), and how far ``perpair``'s fp32 losses are from ``trl``'s
-(same pairs, order and β: they should agree to float noise).
+Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state step (median
+s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s = 6 × parameters ×
+unique non-padding tokens per second over the steps after the first (their tokens over their time; tokens counted
+the same way for both: prompt once + chosen + rejected, TRL tokenization), as a share of the fp32 matmul peak
+measured in the same run with the same threads and perpair's preloads (bf16 variants: of the bf16 peak). Each bf16
+variant's losses and mean log-probs are compared with those of its fp32 counterpart, step by step: step 1 (the same
+weights) shows what bf16 does to one computation; the largest difference over the steps adds what it does to the
+updates. Also printed: the allocator each perpair variant ran under (its peak memory depends on it: tcmalloc's is
+lower than the mimalloc fallback's), and how far ``perpair``'s fp32 losses are from ``trl``'s (same pairs, order and
+β: they should agree to float noise).
 
 ``--bound`` also replays, alone, every matrix multiplication of perpair's steps after the first (captured from a
 real run, same shapes and layouts) and reports the share of the peak perpair would reach if everything else
@@ -57,6 +59,7 @@ PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environm
     "perpair-bf16": ({"precision": "bf16"}, {}),
     "perpair-unpacked": ({"tokens_per_forward": 0, "recompute_mlp": True}, {}),
     "perpair-system": ({}, {"PERPAIR_MALLOC": "system"}),
+    "perpair-vendor": ({}, {"PERPAIR_MKL_DISPATCH": "vendor"}),
     "perpair-heap": ({"release_cpu_memory": False}, {"PERPAIR_MALLOC": "system"}),
     "perpair-gc": ({"gradient_checkpointing": True}, {}),
     "perpair-saved-mlp": ({"recompute_mlp": False}, {}),
@@ -64,7 +67,7 @@ PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environm
     "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
     "perpair-packed4": ({"tokens_per_forward": "4 × max length"}, {}),
 }
-VARIANTS = ("trl", "trl-bf16", "trl-precompute", "trl-malloc", "trl-perpair", *PERPAIR_VARIANTS)
+VARIANTS = ("trl", "trl-bf16", "trl-precompute", "trl-malloc", "trl-preload", "trl-perpair", *PERPAIR_VARIANTS)
 PARAMETERS = 134_515_008  # SmolLM2-135M (tied embeddings counted once)
 
 
@@ -80,6 +83,17 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 10, dtype: str = 
         a @ b
         best = max(best, 2 * size**3 / (time.perf_counter() - t))
     return best / 1e9
+
+
+def preloaded_peaks(threads: int) -> tuple[float, float]:
+    """:func:`matmul_peak` in float32 and bfloat16, measured in a process with what perpair's command preloads
+    (on an AMD CPU MKL's float32 kernels are then those of the CPU's features: ``perpair.mkl``), so a share of it
+    is of the peak of the kernels perpair runs."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LD_PRELOAD": ":".join(perpair_preloads())}
+    result = subprocess.run([sys.executable, __file__, "--worker", "peak", "--threads", str(threads)],
+                            capture_output=True, text=True, env=env, check=True)
+    peaks = json.loads(result.stdout.strip().splitlines()[-1])
+    return peaks["float32"], peaks["bfloat16"]
 
 
 def worker_trl(args, precompute: bool, plugin: bool = False, bf16: bool | None = False) -> dict:
@@ -223,7 +237,10 @@ def perpair_result(tmp: str) -> dict:
     return {"step_seconds": [m["seconds"] for m in metrics], "tokens": [m["tokens"] for m in metrics],
             "losses": [m["loss"] for m in metrics], "logps_chosen": [m["logps_chosen"] for m in metrics],
             "logps_rejected": [m["logps_rejected"] for m in metrics], "reference_seconds": summary["reference_seconds"],
-            "allocator": summary["allocator"], "tokens_per_forward": summary["tokens_per_forward"],
+            # the preloads it ran with (perpair.preload): the allocator, and MKL's dispatch on an AMD CPU
+            "allocator": summary["allocator"] + (" + MKL by CPU features" if summary["mkl_dispatch"] == "cpu features"
+                                                 else ""),
+            "tokens_per_forward": summary["tokens_per_forward"],
             "lean_activations": summary["lean_activations"]}
 
 
@@ -327,6 +344,15 @@ def differences(a: dict, b: dict) -> dict:
             "logps_max": max(d for d, _ in logps), "logps_max_relative": max(r for _, r in logps)}
 
 
+def perpair_preloads() -> list[str]:
+    """The libraries the ``perpair`` command preloads into itself here (``perpair.preload``)."""
+    from perpair import mkl
+    from perpair.allocator import find_allocator
+
+    dispatch = mkl.library() if mkl.wanted() else None
+    return [library for library in (find_allocator("auto"), dispatch) if library]
+
+
 def run_variant(name: str, args, watch=None) -> dict:
     """Run one variant in a fresh process; ``watch(pid, tmp)``, if given, starts a watchdog whose ``stop()`` says
     why it killed the process (a variant it killed gives ``{"killed": why}`` rather than an error)."""
@@ -343,10 +369,12 @@ def run_variant(name: str, args, watch=None) -> dict:
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--threads", str(args.threads), "--pool", str(args.pool),
                    "--model", args.model]
-            if name in ("trl-malloc", "ref-perpair"):  # ref-perpair: under the allocator perpair's command picks
+            if name == "trl-malloc":
                 from perpair.allocator import find_allocator
 
                 env["LD_PRELOAD"] = find_allocator("auto") or ""
+            elif name in ("trl-preload", "ref-perpair", "bound"):  # what perpair's command runs with
+                env["LD_PRELOAD"] = ":".join(perpair_preloads())
         stdout, stderr = Path(tmp) / "stdout", Path(tmp) / "stderr"
         with stdout.open("w") as out, stderr.open("w") as err:  # files, not pipes: nothing blocks the child
             start = time.perf_counter()
@@ -391,10 +419,11 @@ def main() -> None:
     if args.worker:
         runners = {"trl": partial(worker_trl, args, False), "trl-precompute": partial(worker_trl, args, True),
                    "trl-bf16": partial(worker_trl, args, False, bf16=None),
-                   "trl-malloc": partial(worker_trl, args, False),
+                   "trl-malloc": partial(worker_trl, args, False), "trl-preload": partial(worker_trl, args, False),
                    "trl-perpair": partial(worker_trl, args, False, plugin=True), "bound": partial(worker_bound, args),
                    "ref-trl": partial(worker_trl_reference, args),
-                   "ref-perpair": partial(worker_perpair_reference, args)}
+                   "ref-perpair": partial(worker_perpair_reference, args),
+                   "peak": lambda: {dtype: matmul_peak(args.threads, dtype=dtype) for dtype in ("float32", "bfloat16")}}
         print(json.dumps(runners[args.worker]()))
         return
 
@@ -404,7 +433,7 @@ def main() -> None:
         args.pairs = str(Path(tmp) / "uf.parquet")
         prepare([str(UF_TRAIN)], args.pairs, PrepareOptions())
         tokens = unique_tokens(args.pairs, args.steps, args.batch_size, args.max_length)
-        peak, peak16 = matmul_peak(args.threads), matmul_peak(args.threads, dtype="bfloat16")
+        peak, peak16 = preloaded_peaks(args.threads)
         results: dict[str, list[dict]] = {}
         for round_ in range(args.rounds):
             for name in args.variants.split(","):
@@ -414,13 +443,12 @@ def main() -> None:
                 under = f" (allocator: {run['allocator']})" if "allocator" in run else ""
                 print(f"  {name}: run {run['wall_seconds']:.1f} s, s/step {run['step_seconds']}, "
                       f"peak RSS {run['peak_rss_bytes'] / 2**30:.2f} GiB{under}", file=sys.stderr, flush=True)
-                peak = max(peak, matmul_peak(args.threads))
-                peak16 = max(peak16, matmul_peak(args.threads, dtype="bfloat16"))
+                peak, peak16 = (max(pair) for pair in zip((peak, peak16), preloaded_peaks(args.threads), strict=True))
         bound = None
         if args.bound:
             print("matmul-only bound …", file=sys.stderr, flush=True)
             bound = run_variant("bound", args)
-            peak = max(peak, matmul_peak(args.threads))
+            peak = max(peak, preloaded_peaks(args.threads)[0])
 
     steady_tokens = sum(tokens[1:])
     summary = {}
@@ -437,7 +465,8 @@ def main() -> None:
             "allocators": sorted({r["allocator"] for r in runs if "allocator" in r}),  # perpair's; TRL: glibc's
         }
     base, pre = summary.get("trl"), summary.get("trl-precompute")
-    print(f"matmul peak ({args.threads} threads): fp32 {peak:.1f}, bf16 {peak16:.1f} GFLOP/s ({peak16 / peak:.2f}×; "
+    print(f"matmul peak ({args.threads} threads, with perpair's preloads): fp32 {peak:.1f}, bf16 {peak16:.1f} "
+          f"GFLOP/s ({peak16 / peak:.2f}×; "
           f"'% peak' of a bf16 variant is of the bf16 peak); tokens of the steps after the first "
           f"{steady_tokens} (per step {tokens[1:]}); rounds {args.rounds}")
     print(f"{'variant':16}{'run s':>9}{'s/step':>9}{'peak GiB':>10}{'GFLOP/s':>9}{'% peak':>8}"
@@ -456,7 +485,8 @@ def main() -> None:
         trl = [name for name in summary if name.startswith("trl")]
         print("allocators: " + "; ".join(f"{name} {a}" for name, a in allocators.items())
               + ("; TRL's variants glibc's malloc" if trl else "")
-              + (" (trl-malloc: the one perpair's command picks)" if "trl-malloc" in trl else ""))
+              + (" (trl-malloc: the one perpair's command picks)" if "trl-malloc" in trl else "")
+              + ("; trl-preload everything perpair's command preloads" if "trl-preload" in trl else ""))
     if "trl" in results and "perpair" in results:  # the same pairs, order and β: the fp32 losses should agree
         gap = differences(results["perpair"][0], results["trl"][0])["loss_max"]
         print(f"perpair vs trl, fp32, first rounds: each step's loss within {gap:.2e}")

@@ -17,8 +17,9 @@ from perpair.allocator import ALLOCATORS, find_allocator, tcmalloc_hint
 # A child that re-executes itself as the CLI does and reports what it runs with and what its own children inherit.
 PROBE = """
 import os, sys
-from perpair.allocator import active_allocator, reexec_with_allocator
-reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
+from perpair.allocator import active_allocator
+from perpair.preload import reexec_with_preloads
+reexec_with_preloads([sys.executable, *sys.orig_argv[1:]])
 print(active_allocator(), os.environ.get("LD_PRELOAD"), os.getpid())
 """
 

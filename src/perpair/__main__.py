@@ -1,8 +1,9 @@
 """The ``perpair`` program: the console script and ``python -m perpair``.
 
-It chooses the memory allocator first (:mod:`perpair.allocator`), re-executing itself under it before the
-command line's modules are imported, so those imports (about 0.7 s) run once, in the process that does the
-work; then it runs the command line, and exits without tearing the interpreter down (:func:`finish`).
+It chooses what to preload first (a memory allocator, MKL's CPU dispatch: :mod:`perpair.preload`),
+re-executing itself with them before the command line's modules are imported, so those imports (about 0.7 s)
+run once, in the process that does the work; then it runs the command line, and exits without tearing the
+interpreter down (:func:`finish`).
 """
 
 import sys
@@ -10,11 +11,11 @@ import sys
 
 def main() -> None:
     try:
-        from perpair.allocator import reexec_with_allocator
         from perpair.errors import PerpairError
+        from perpair.preload import reexec_with_preloads
 
         try:
-            reexec_with_allocator([sys.executable, *sys.orig_argv[1:]])
+            reexec_with_preloads([sys.executable, *sys.orig_argv[1:]])
         except PerpairError as exc:
             sys.stderr.write(f"error: {exc}\n")
             sys.exit(2)

@@ -8,18 +8,15 @@ at every use: on ``benchmarks/vs_trl.py`` about a million page faults and a thir
 time per optimizer step. tcmalloc, mimalloc and jemalloc reuse freed memory without either cost (the allocators
 PyTorch's CPU performance guide recommends preloading).
 
-How: ``malloc`` can only be replaced when a process starts (the dynamic loader's ``LD_PRELOAD``), so
-:func:`reexec_with_allocator` re-executes the command, before it does any work, with the allocator preloaded. The
-new process removes the preload from its environment again, so the programs it starts (a browser rendering a
-report, a llama.cpp server) keep their own allocator, but for ``perpair run``'s worker processes
-(:func:`children_preloaded`). Choose with ``PERPAIR_MALLOC``: ``auto`` (the default: the
-first found of tcmalloc, mimalloc, jemalloc), ``tcmalloc``, ``mimalloc``, ``jemalloc``, the path of a shared
-library, or ``system`` (glibc's, no re-execution). Linux only; elsewhere nothing changes.
+How: ``malloc`` can only be replaced when a process starts, so the program re-executes itself with the chosen
+allocator preloaded (:mod:`perpair.preload`, which also says what the processes it starts inherit). Choose with
+``PERPAIR_MALLOC``: ``auto`` (the default: the first found of tcmalloc, mimalloc, jemalloc), ``tcmalloc``,
+``mimalloc``, ``jemalloc``, the path of a shared library, or ``system`` (glibc's, no re-execution). Linux only;
+elsewhere nothing changes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes.util
 import os
 import sys
@@ -29,7 +26,6 @@ from pathlib import Path
 from perpair.errors import PerpairError
 
 ENV = "PERPAIR_MALLOC"
-_PRELOADED = "PERPAIR_MALLOC_PRELOADED"  # set for the re-executed process only, which removes it
 # Library names (``ctypes.util.find_library`` spelling) in the order tried by "auto".
 ALLOCATORS = {
     "tcmalloc": ("tcmalloc_minimal", "tcmalloc"),
@@ -81,52 +77,17 @@ def _in_python_prefix(library: str) -> str | None:
     return None
 
 
-_preloaded: str | None = None  # the library this process was re-executed with
-
-
-@contextlib.contextmanager
-def children_preloaded():
-    """Inside, the processes this one starts get its allocator too (``perpair run``'s workers, which do the
-    same work); outside, they keep their own."""
-    if _preloaded is None:
-        yield
-        return
-    before = os.environ.get("LD_PRELOAD")
-    os.environ["LD_PRELOAD"] = ":".join(p for p in (_preloaded, before) if p)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("LD_PRELOAD", None)
-        else:
-            os.environ["LD_PRELOAD"] = before
-
-
-def reexec_with_allocator(argv: list[str]) -> None:
-    """Replace this process by ``argv`` (a command line of this interpreter) with the chosen allocator preloaded;
-    return without doing anything when there is none to use. In the re-executed process, clean the environment."""
-    global _preloaded
-    preloaded = os.environ.pop(_PRELOADED, None)
-    if preloaded is not None:  # this is the re-executed process: children get the environment the user gave
-        _preloaded = preloaded
-        rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != preloaded]
-        if rest:
-            os.environ["LD_PRELOAD"] = ":".join(rest)
-        else:
-            os.environ.pop("LD_PRELOAD", None)
-        return
+def choice_library() -> str | None:
+    """The allocator library the program should preload (:mod:`perpair.preload`) for ``PERPAIR_MALLOC``: ``None``
+    for ``system``, off Linux, where an allocator is already loaded, or where ``auto`` finds none installed."""
     choice = os.environ.get(ENV, "auto").strip() or "auto"
     if sys.platform != "linux" or choice == "system" or active_allocator():
-        return
+        return None
     library = find_allocator(choice)
-    if library is None:
-        if choice != "auto":
-            raise PerpairError(f"{ENV}={choice}: the library is not installed (e.g. apt install "
-                               "libtcmalloc-minimal4, or pip install cmeel-mimalloc)")
-        return
-    preload = ":".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
-    settings = {**COMMON_SETTINGS, **SETTINGS.get(allocator_name(library) or "", {})}
-    os.execve(sys.executable, argv, {**settings, **os.environ, "LD_PRELOAD": preload, _PRELOADED: library})
+    if library is None and choice != "auto":
+        raise PerpairError(f"{ENV}={choice}: the library is not installed (e.g. apt install "
+                           "libtcmalloc-minimal4, or pip install cmeel-mimalloc)")
+    return library
 
 
 def active_allocator() -> str | None:

@@ -23,17 +23,10 @@ from typing import Any
 
 from perpair.artifacts import file_sha256, temporary_beside, write_text_atomic
 from perpair.errors import PerpairError
+from perpair.paths import cache_root
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("PERPAIR_CACHE", Path.home() / ".cache" / "perpair"))
-    if root.exists() and not root.is_dir():
-        raise PerpairError(f"PERPAIR_CACHE {root}: a file, not a folder; point it at a folder (or unset it for "
-                           "~/.cache/perpair)")
-    return root
 
 
 def smollm2_gguf() -> Path:

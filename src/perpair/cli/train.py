@@ -89,6 +89,7 @@ def train_command(
         "--set", metavar="KEY=VALUE", help="Any config key, dotted for nested ones (repeatable).")] = None,
 ) -> None:
     """Train with per-pair beta / route / order (a run without a plan is plain DPO with a global beta)."""
+    from perpair import mkl
     from perpair.allocator import tcmalloc_hint
     from perpair.plan.config import deep_merge
     from perpair.train import load_config, parse_overrides, train
@@ -156,7 +157,7 @@ def train_command(
               f"{_fmt(s['pairs_per_second'])} pairs/s, {_fmt(s['tokens_per_second'], 0)} tokens/s; "
               f"peak memory {s['peak_memory_bytes'] / 2**30:.2f} GiB"
               f"{' (of the whole process: not resettable here)' if s['peak_memory_scope'] == 'process' else ''} "
-              f"(allocator: {s['allocator']}{tcmalloc_hint(s['allocator'], s['device'])})")
+              f"(allocator: {s['allocator']}{tcmalloc_hint(s['allocator'], s['device'])}{mkl.hint(s['device'])})")
     first, computed = s["reference_pairs_from_first_step"], s["reference_pairs_computed"]
     if not s["reference_pairs"]:  # "0 computed (the rest from the cache)" read as a reference there was
         why = (f"loss {cfg.objective.name} uses no reference" if cfg.objective.reference_free

@@ -64,10 +64,10 @@ class Workers:
         if self.workers > 1:
             import multiprocessing
 
-            from perpair.allocator import children_preloaded
+            from perpair.preload import children_preloaded
 
             with contextlib.ExitStack() as stack:
-                stack.enter_context(children_preloaded())  # the workers' malloc is the run's (tcmalloc & co.)
+                stack.enter_context(children_preloaded())  # the workers preload what the run does (tcmalloc & co., MKL)
                 context = multiprocessing.get_context("spawn")
                 _start_resource_tracker()
                 self._queue = context.SimpleQueue()

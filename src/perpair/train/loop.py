@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from perpair import mkl
 from perpair.allocator import active_allocator
 from perpair.artifacts import folder_lock
 from perpair.errors import PerpairError, TrainingStopped
@@ -222,6 +223,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
         "peak_memory_bytes": peak, "peak_memory_scope": peak_scope, "total_seconds": time.perf_counter() - started,
         "processes": accelerator.num_processes, "device": accelerator.device.type,
         "allocator": active_allocator() or "system", **saved,
+        "mkl_dispatch": "cpu features" if mkl.active() else "mkl's own",  # perpair.mkl: preloaded or not
         "lean_activations": lean_counts,  # modules lean at the end, per kind; all 0: the option did nothing (or off)
         # of the MLPs that recompute gate/up, how many keep them instead in the longest forward the run can have
         "mlp_gate_up_kept": {"longest_forward": config.longest_forward, "mlps": kept[0], "of": kept[1]},

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from perpair.artifacts import file_sha256, write_artifact
-from perpair.models import cache_root, model_fingerprint, tokenizer_fingerprint
+from perpair.models import model_fingerprint, tokenizer_fingerprint
+from perpair.paths import cache_root
 from perpair.plan.difficulty import logps_table
 from perpair.plan.reference import part_files, read_cache
 from perpair.train.logprobs import logps_of_tokenized
