@@ -127,3 +127,25 @@ def test_a_script_gets_the_same_preloads_from_the_module(tmp_path):
     libraries = result.stdout.strip().split(":")
     assert allocator_name(libraries[0]) is not None  # an allocator first: mimalloc is a dependency on Linux
     assert libraries[1:] == ([mkl.library()] if mkl.wanted() and mkl.library() is not None else [])
+
+
+def test_float32_layers_stay_unpacked_where_mkl_runs_the_cpus_own_kernels(monkeypatch):
+    """oneDNN's packed float32 layers were for its AVX-512 kernels, which MKL withholds from an AMD CPU: with the
+    library loaded they would only cost copies of the weights (perpair.onednn.supported)."""
+    import torch
+
+    from perpair import onednn
+
+    if not onednn.supported(torch.bfloat16) and not onednn.supported(torch.float32):
+        pytest.skip("oneDNN's packed layers are not available in this PyTorch")
+    onednn.supported.cache_clear()
+    try:
+        monkeypatch.setattr(mkl, "active", lambda: True)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        assert onednn.pack_linears(model) == 0 and type(model[0]) is torch.nn.Linear
+        assert onednn.supported(torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        onednn.supported.cache_clear()
+        monkeypatch.setattr(mkl, "active", lambda: False)
+        assert onednn.pack_linears(model) == 1  # MKL's generic kernels: packed, as before
+    finally:
+        onednn.supported.cache_clear()

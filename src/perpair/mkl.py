@@ -8,12 +8,13 @@ faster (README, "MKL on an AMD CPU"). Matrix products are three quarters of a CP
 
 How: MKL asks its function ``mkl_serv_intel_cpu_true`` whether the CPU is Intel's. A library that defines that
 function to answer yes, preloaded (``LD_PRELOAD``) by :mod:`perpair.preload` when the command starts, is found
-first, so MKL then chooses among its kernels by the CPU's features (cpuid), as it does on Intel's CPUs. The
-library is built once with the system's C compiler into ``$PERPAIR_CACHE/mkl/``; without a compiler nothing
-changes and ``perpair train`` says so beside its peak memory. Only on an AMD x86-64 CPU under Linux, where it
-was measured; on an Intel CPU MKL already does this. Results differ from the generic kernels' in the last bits
-(another summation order), as between any two machines. ``PERPAIR_MKL_DISPATCH``: ``auto`` (the default) or
-``vendor`` (MKL's own rule: its generic kernels on an AMD CPU).
+first, so MKL then chooses among its kernels by the CPU's features (cpuid), as it does on Intel's CPUs. The library
+is built once with the system's C compiler into ``$PERPAIR_CACHE/mkl/``; where it cannot be (no compiler, a
+read-only cache) nothing changes and ``perpair train`` says so beside its peak memory. With it, float32 layers are
+no longer packed for oneDNN (:mod:`perpair.onednn`), whose AVX-512 kernels they were for. Only on an AMD x86-64 CPU
+under Linux, where it was measured; on an Intel CPU MKL already does this. Results differ from the generic kernels'
+in the last bits (another summation order), as between any two machines. ``PERPAIR_MKL_DISPATCH``: ``auto`` (the
+default) or ``vendor`` (MKL's own rule: its generic kernels on an AMD CPU).
 """
 
 from __future__ import annotations
@@ -101,11 +102,11 @@ def active() -> bool:
 
 def hint(device: str) -> str:
     """What to say beside a run's allocator when it trained on a CPU whose MKL ran its generic kernels although
-    :func:`wanted` (no C compiler to build the library). Empty otherwise."""
+    :func:`wanted` (:func:`library` could not build the library). Empty otherwise."""
     try:
         if device != "cpu" or active() or not wanted():
             return ""
     except PerpairError:  # a bad PERPAIR_MKL_DISPATCH, set after the program started: said where it is read
         return ""
-    return ("; MKL ran its generic float32 kernels on this AMD CPU: with a C compiler (apt install gcc) perpair "
-            "lets it use the CPU's own (README, 'MKL on an AMD CPU')")
+    return ("; MKL ran its generic float32 kernels on this AMD CPU: the library that lets it run the CPU's own "
+            "needs a C compiler (apt install gcc) and a writable $PERPAIR_CACHE (README, 'MKL on an AMD CPU')")

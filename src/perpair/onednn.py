@@ -7,10 +7,11 @@ prepacked linear (``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_poin
 compiler emits for frozen CPU models). On the demo's stages, SmolLM2-135M on one core of an AMD EPYC
 (``python benchmarks/packed_linear.py``, medians of 2): generating 8 answers of 96 tokens 1.35x faster (a token
 step's products have 8 rows, where the per-call reorder costs as much as the product), the float32 held-out
-forward 1.21x (oneDNN's kernels against MKL's, which on a non-Intel CPU do not use AVX-512), the bfloat16
-reference pass and judge 1.05x. bfloat16 results were identical to ``F.linear``'s there (the same oneDNN kernels
-without the reorder); float32 ones differ from MKL's in the last bits (another summation order: 1.7e-4 at most on
-log-prob sums of ~300 nats).
+forward 1.21x (oneDNN's kernels against MKL's generic ones, which MKL runs on a non-Intel CPU unless
+:mod:`perpair.mkl`'s library is preloaded: with it, float32 layers are left unpacked, :func:`supported`), the
+bfloat16 reference pass and judge 1.05x. bfloat16 results were identical to ``F.linear``'s there (the same oneDNN
+kernels without the reorder); float32 ones differ from MKL's in the last bits (another summation order: 1.7e-4 at
+most on log-prob sums of ~300 nats).
 
 A packed layer computes packed only where that is the same computation: no gradient wanted, input on the CPU in
 the weight's dtype or, under CPU autocast, in autocast's (the weight is packed once per dtype, as autocast would
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from perpair import mkl
+
 PROMPT_ROWS = 512  # pack_linears' rows for a model that reads whole prompts or pairs per forward
 
 
@@ -39,7 +42,10 @@ def supported(dtype: torch.dtype) -> bool:
             and hasattr(ops, "_linear_pointwise")):
         return False
     if dtype == torch.float32:
-        return True
+        # float32 gains by oneDNN's AVX-512 kernels where MKL runs its generic ones (an AMD CPU); with perpair.mkl's
+        # library preloaded MKL runs the CPU's own, and the reference pass of benchmarks/vs_trl.py took as long
+        # unpacked (runs of 62.9 / 62.9 s against 63.0 / 65.5 s packed, 6 Dec 2026) without the packed copies.
+        return not mkl.active()
     return dtype == torch.bfloat16 and bool(ops._is_mkldnn_bf16_supported())
 
 
