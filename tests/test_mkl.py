@@ -74,6 +74,7 @@ def test_the_library_answers_yes_and_is_built_once(tmp_path, monkeypatch):
                              ".mkl_serv_intel_cpu_true())", built], capture_output=True, text=True, check=True)
     assert answer.stdout.strip() == "1"  # (in a child: loaded here, it would be in this process's maps)
     assert [p.name for p in (tmp_path / "mkl").iterdir()] == [Path(built).name]  # no build folder left behind
+    assert not mkl.active()  # the copy loaded here to check it answers is not a preload of this process
     monkeypatch.setenv("CC", str(tmp_path / "no-compiler"))  # built already: found without compiling
     assert mkl.library() == built
 
@@ -92,6 +93,23 @@ def test_without_a_compiler_nothing_is_preloaded_and_a_cpu_run_hears_of_it(tmp_p
     assert mkl.hint("cuda") == ""
     monkeypatch.setenv(mkl.ENV, "vendor")  # asked for MKL's own rule: nothing to say
     assert mkl.hint("cpu") == ""
+
+
+def test_a_compiler_given_with_arguments_and_a_library_that_does_not_load(tmp_path, monkeypatch):
+    """``CC`` may carry arguments (``ccache gcc``); a "library" the loader cannot map (another architecture's
+    compiler, a cache on a noexec mount) is not kept: preloaded, every process would print the loader's refusal."""
+    if mkl.library() is None:
+        pytest.skip("no C compiler here to build the library")
+    monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", f"env {os.environ.get('CC') or 'cc'}")  # a command with an argument
+    assert mkl.library() is not None
+    bogus = tmp_path / "bogus-cc"  # "compiles" to a file that is not a shared library
+    bogus.write_text('#!/bin/sh\nwhile [ "$1" != -o ]; do shift; done\necho "not an ELF file" > "$2"\n')
+    bogus.chmod(0o755)
+    monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", str(bogus))
+    assert mkl.library() is None
+    assert not list((tmp_path / "other" / "mkl").iterdir())
 
 
 def test_wanted_on_an_amd_x86_cpu_under_linux_only(monkeypatch):

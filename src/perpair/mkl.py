@@ -19,9 +19,11 @@ default) or ``vendor`` (MKL's own rule: its generic kernels on an AMD CPU).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -76,28 +78,38 @@ def library() -> str | None:
     target = cache_root() / "mkl" / f"{LIBRARY_PREFIX}-{digest}.so"
     if target.is_file():
         return str(target)
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))][:1]
+    if not compiler:
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build:
             source, built = Path(build) / "dispatch.c", Path(build) / target.name
             source.write_text(SOURCE)
-            subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
+            subprocess.run([*compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(source)],
                            check=True, capture_output=True, timeout=60)
+            # A library the loader cannot map (another architecture's compiler, a noexec cache) would be refused,
+            # with a message, by every process it is preloaded into: kept only if it loads and answers here.
+            if ctypes.CDLL(str(built)).mkl_serv_intel_cpu_true() != 1:
+                return None
             os.replace(built, target)  # whole or not at all: processes starting side by side each build their own
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, AttributeError, ValueError, subprocess.SubprocessError):
         return None
     return str(target)
 
 
 def active() -> bool:
-    """Whether this process runs with the library preloaded."""
+    """Whether this process runs with the library preloaded: mapped, and the one answering MKL's question in the
+    process's global scope (a copy loaded by :func:`library` to check it, or by anyone with ``ctypes``, is not)."""
     try:
-        return LIBRARY_PREFIX in Path("/proc/self/maps").read_text()
-    except OSError:
+        if LIBRARY_PREFIX not in Path("/proc/self/maps").read_text():
+            return False
+        answer = ctypes.CDLL(None).mkl_serv_intel_cpu_true
+    except (OSError, AttributeError):
         return False
+    answer.restype = ctypes.c_int
+    return answer() == 1
 
 
 def hint(device: str) -> str:
