@@ -38,19 +38,20 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train(model, data, out, *extra, check=True):
+def _train(model, data, out, *extra, check=True, fresh=False):
     from perpair.train.losses import objective
 
     # a cache of the test's own, where the loss reads a reference (a reference-free one refuses the setting)
     loss = str(dict(zip(extra, extra[1:], strict=False)).get("--loss", "sigmoid"))
     cache = () if objective(loss.split(",")).reference_free else ("--set", f"reference_cache={out.parent / 'refcache'}")
     return run_cli("train", "--model", model, "--data", data, "--out", out, "--threads", "1", *cache, *extra,
-                   check=check)
+                   check=check, fresh=fresh)
 
 
 def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
+    # every run a program, as the killed one must be: the same preloads, so the same float32 kernels (perpair.mkl)
     straight = tmp_path / "straight"
-    _train(tiny_model, uf_pairs, straight, *TINY_ARGS)
+    _train(tiny_model, uf_pairs, straight, *TINY_ARGS, fresh=True)
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
            "--out", str(resumed), "--threads", "1", "--set", f"reference_cache={tmp_path / 'refcache'}",
@@ -63,7 +64,7 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert 3 <= len(_metrics(resumed)) < 6
-    _train(tiny_model, uf_pairs, resumed, *TINY_ARGS, "--save-every", "1", "--resume")
+    _train(tiny_model, uf_pairs, resumed, *TINY_ARGS, "--save-every", "1", "--resume", fresh=True)
 
     a, b = _metrics(straight), _metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 7))
