@@ -85,7 +85,7 @@ def test_without_a_compiler_nothing_is_preloaded_and_a_cpu_run_hears_of_it(tmp_p
     assert mkl.library() is None
     assert not list((tmp_path / "mkl").iterdir())  # nothing partial
     monkeypatch.setattr(mkl, "cpu_vendor", lambda: "AuthenticAMD")
-    monkeypatch.setattr(mkl.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(mkl.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
     monkeypatch.setattr(mkl.sys, "platform", "linux")
     monkeypatch.delenv(mkl.ENV, raising=False)
     monkeypatch.setattr(mkl, "active", lambda: False)  # the run's process without the library
@@ -114,13 +114,13 @@ def test_a_compiler_given_with_arguments_and_a_library_that_does_not_load(tmp_pa
 
 def test_wanted_on_an_amd_x86_cpu_under_linux_only(monkeypatch):
     monkeypatch.delenv(mkl.ENV, raising=False)
-    monkeypatch.setattr(mkl.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(mkl.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
     monkeypatch.setattr(mkl.sys, "platform", "linux")
     for vendor, wanted in (("AuthenticAMD", True), ("GenuineIntel", False), (None, False)):
         monkeypatch.setattr(mkl, "cpu_vendor", lambda v=vendor: v)
         assert mkl.wanted() is wanted, vendor
     monkeypatch.setattr(mkl, "cpu_vendor", lambda: "AuthenticAMD")
-    monkeypatch.setattr(mkl.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(mkl.os, "uname", lambda: os.uname_result(("Linux", "h", "6", "1", "aarch64")))
     assert not mkl.wanted()
 
 

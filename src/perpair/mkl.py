@@ -22,12 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from perpair.errors import PerpairError
@@ -67,7 +62,7 @@ def cpu_vendor() -> str | None:
 def wanted() -> bool:
     """Whether this process's programs should run with the library preloaded: an AMD x86-64 CPU under Linux and
     ``PERPAIR_MKL_DISPATCH=auto``."""
-    return (choice() == "auto" and sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+    return (choice() == "auto" and sys.platform == "linux" and os.uname().machine == "x86_64"
             and cpu_vendor() == "AuthenticAMD")
 
 
@@ -78,6 +73,11 @@ def library() -> str | None:
     target = cache_root() / "mkl" / f"{LIBRARY_PREFIX}-{digest}.so"
     if target.is_file():
         return str(target)
+    import shlex  # (here: the program reads this module before it re-executes itself, and builds once)
+    import shutil
+    import subprocess
+    import tempfile
+
     compiler = shlex.split(os.environ.get("CC", "")) or [
         found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))][:1]
     if not compiler:
