@@ -109,6 +109,8 @@ def test_a_compiler_given_with_arguments_and_a_library_that_does_not_load(tmp_pa
     monkeypatch.setenv("PERPAIR_CACHE", str(tmp_path / "other"))
     monkeypatch.setenv("CC", str(bogus))
     assert mkl.library() is None
+    monkeypatch.setenv("CC", 'gcc "-O2')  # a CC shell quoting cannot split: no build, no traceback
+    assert mkl.library() is None
     assert not list((tmp_path / "other" / "mkl").iterdir())
 
 

@@ -78,11 +78,11 @@ def library() -> str | None:
     import subprocess
     import tempfile
 
-    compiler = shlex.split(os.environ.get("CC", "")) or [
-        found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))][:1]
-    if not compiler:
-        return None
     try:
+        compiler = shlex.split(os.environ.get("CC", "")) or [
+            found for name in ("cc", "gcc", "clang") if (found := shutil.which(name))][:1]
+        if not compiler:
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as build:
             source, built = Path(build) / "dispatch.c", Path(build) / target.name
