@@ -346,11 +346,9 @@ def differences(a: dict, b: dict) -> dict:
 
 def perpair_preloads() -> list[str]:
     """The libraries the ``perpair`` command preloads into itself here (``perpair.preload``)."""
-    from perpair import mkl
-    from perpair.allocator import find_allocator
+    from perpair.preload import wanted_preloads
 
-    dispatch = mkl.library() if mkl.wanted() else None
-    return [library for library in (find_allocator("auto"), dispatch) if library]
+    return wanted_preloads()[0]
 
 
 def run_variant(name: str, args, watch=None) -> dict:
