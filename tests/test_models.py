@@ -189,7 +189,7 @@ def test_a_tokenizer_loaded_again_is_a_copy_of_the_folder_as_it_is_now(tmp_path)
     from transformers import AutoTokenizer
 
     from conftest import save_tiny_llama
-    from perpair.models import load_tokenizer
+    from perpair.models import load_tokenizer, tokenizer_fingerprint
 
     folder = str(save_tiny_llama(tmp_path / "model", layers=1))
     fresh = AutoTokenizer.from_pretrained(folder)
@@ -200,6 +200,28 @@ def test_a_tokenizer_loaded_again_is_a_copy_of_the_folder_as_it_is_now(tmp_path)
     assert (fresh.padding_side, fresh.pad_token) != ("left", "<|im_start|>")
     assert second("hello world")["input_ids"] == first("hello world")["input_ids"]
     assert second.name_or_path == folder
+
+    # the copies share one Rust tokenizer (a copy costs no re-read of tokenizer.json), and calls interleaved on two
+    # copies set up differently give what two tokenizers loaded apart give
+    assert second.backend_tokenizer is first.backend_tokenizer
+    apart = AutoTokenizer.from_pretrained(folder)
+    apart.padding_side, apart.pad_token = "left", "<|im_start|>"
+    texts = ["hi", "hello there, world"]
+    for _ in range(2):
+        assert first(texts, padding=True, truncation=True, max_length=3) == apart(texts, padding=True, truncation=True,
+                                                                                  max_length=3)
+        assert second(texts)["input_ids"] == fresh(texts)["input_ids"]
+
+    # what a call leaves in the shared Rust tokenizer (truncation, padding) is no part of the fingerprint, which
+    # keys the reference cache and the stages: the same before and after use, and the call's settings left in place
+    before = tokenizer_fingerprint(second)
+    second.pad_token = fresh.pad_token or "<|im_end|>"
+    second(texts, padding=True, truncation=True, max_length=3)
+    left = (second.backend_tokenizer.truncation, second.backend_tokenizer.padding)
+    assert left[0] is not None and left[1] is not None
+    second.pad_token = fresh.pad_token
+    assert tokenizer_fingerprint(second) == before == tokenizer_fingerprint(fresh)
+    assert (second.backend_tokenizer.truncation, second.backend_tokenizer.padding) == left
 
     second.chat_template = "{% for m in messages %}### {{ m['content'] }}\n{% endfor %}"
     second.save_pretrained(folder)

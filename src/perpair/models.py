@@ -101,10 +101,14 @@ def folder_state(folder: Path) -> tuple:
 
 def load_tokenizer(spec: str):
     """``AutoTokenizer.from_pretrained(spec)``; for a local folder, a copy of the one this process loaded before
-    while none of the folder's files changed (:func:`folder_state`). A load takes ~0.3 s for SmolLM2's 49k
-    vocabulary, a copy ~0.1 s, and `perpair run` loads each model's tokenizer in every stage and evaluation (111 times
-    in a run of the tests' pipeline). Each caller gets its own copy: one that sets its padding side or pad token
-    changes no other's."""
+    while none of the folder's files changed (:func:`folder_state`). `perpair run` loads each model's tokenizer in
+    every stage and evaluation, and a load takes 0.1-0.3 s for SmolLM2's 49k vocabulary.
+
+    Each caller gets its own copy of the Python tokenizer (what one sets, its padding side or pad token, reaches no
+    other) around the one Rust tokenizer they share (``backend_tokenizer``: copying it re-reads its 1.5 MB of JSON,
+    ~0.1 s, where the rest copies in under a millisecond). Sharing it changes no tokens: the only state a call leaves
+    in it, truncation and padding, Transformers sets again from the caller's arguments and padding side on every
+    call, and :func:`tokenizer_fingerprint` leaves it out."""
     folder = Path(spec)
     if folder.is_dir():
         _refuse_tokenizer_files_that_are_none(spec, folder)
@@ -114,7 +118,9 @@ def load_tokenizer(spec: str):
 
             tokenizer = AutoTokenizer.from_pretrained(spec)
         else:
-            tokenizer = copy.deepcopy(_loaded_tokenizer(spec, folder_state(folder)))
+            loaded = _loaded_tokenizer(spec, folder_state(folder))
+            backend = loaded.__dict__.get("_tokenizer")  # (None for a tokenizer without a Rust one: copied whole)
+            tokenizer = copy.deepcopy(loaded, {} if backend is None else {id(backend): backend})
     _refuse_a_blank_chat_template(spec, folder, tokenizer)
     return tokenizer
 
@@ -155,14 +161,33 @@ def _loaded_tokenizer(spec: str, state: tuple):  # (``state``: part of the key o
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of what decides the tokens: the vocabulary and merges, the chat template, the special tokens."""
+    """Hash of what decides the tokens: the vocabulary and merges, the chat template, the special tokens. Not the
+    truncation and padding the last call left in the Rust tokenizer (each call sets its own): a tokenizer hashes
+    alike before and after use."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = {
-        "backend": backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
+        "backend": _stateless_json(backend) if backend is not None else repr(sorted(tokenizer.get_vocab().items())),
         "chat_template": tokenizer.chat_template,
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _stateless_json(backend) -> str:
+    """The Rust tokenizer's JSON with no truncation or padding (as a tokenizer.json without them loads), its own
+    settings put back after."""
+    truncation, padding = backend.truncation, backend.padding
+    if truncation is None and padding is None:
+        return backend.to_str()
+    backend.no_truncation()
+    backend.no_padding()
+    try:
+        return backend.to_str()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**padding)
 
 
 def tokenizer_identity(model_path: str) -> str | None:
