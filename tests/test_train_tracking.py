@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -73,20 +74,37 @@ def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model_dir, uf_pai
 
 
 def _wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline W&B run file. The file is a LevelDB-style log (a 7-byte header ":W&B",
-    magic, version; 32 KiB blocks of records: crc32 u32, length u16, type u8 = full/first/middle/last) of
-    protobuf ``Record`` messages, decoded with wandb's own schema (wandb ≥ 0.20 has no Python reader)."""
+    """The history rows of an offline W&B run file, once W&B has written all of it: its service process writes the
+    file and can still be at it when ``wandb.finish()`` has returned (seen once on a loaded machine: the file read
+    then held no history yet), and its last record is the run's ``exit``."""
+    deadline = time.monotonic() + 60
+    while True:
+        rows, finished = _wandb_records(path.read_bytes())
+        if finished:
+            return rows
+        assert time.monotonic() < deadline, f"{path}: W&B wrote no exit record within 60 s"
+        time.sleep(0.1)
+
+
+def _wandb_records(data: bytes) -> tuple[list[dict], bool]:
+    """The history rows in an offline W&B run file's bytes, and whether its ``exit`` record is among them. The file is
+    a LevelDB-style log (a 7-byte header ":W&B", magic, version; 32 KiB blocks of records: crc32 u32, length u16, type
+    u8 = full/first/middle/last) of protobuf ``Record`` messages, decoded with wandb's own schema (wandb ≥ 0.20 has no
+    Python reader)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = path.read_bytes()
+    if len(data) < 7:  # (the file just created)
+        return [], False
     assert data[:4] == b":W&B"
-    rows, position, pending, block = [], 7, b"", 32768
+    rows, position, pending, block, finished = [], 7, b"", 32768, False
     while position + 7 <= len(data):
         left = block - position % block
         _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
         if left < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
             position += left
             continue
+        if position + 7 + length > len(data):  # a record still being written
+            break
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
@@ -96,7 +114,8 @@ def _wandb_history(path: Path) -> list[dict]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+            finished = finished or record.WhichOneof("record_type") == "exit"
+    return rows, finished
 
 
 def test_a_tracker_whose_package_is_missing_is_refused_at_load(monkeypatch, tmp_path):

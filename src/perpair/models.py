@@ -174,20 +174,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def _stateless_json(backend) -> str:
-    """The Rust tokenizer's JSON with no truncation or padding (as a tokenizer.json without them loads), its own
-    settings put back after."""
-    truncation, padding = backend.truncation, backend.padding
-    if truncation is None and padding is None:
+    """The Rust tokenizer's JSON with no truncation or padding (as a tokenizer.json without them loads). Where a call
+    left some, read from a copy: the tokenizer is shared, and clearing them in place could reach another thread's
+    call in between."""
+    if backend.truncation is None and backend.padding is None:
         return backend.to_str()
-    backend.no_truncation()
-    backend.no_padding()
-    try:
-        return backend.to_str()
-    finally:
-        if truncation is not None:
-            backend.enable_truncation(**truncation)
-        if padding is not None:
-            backend.enable_padding(**padding)
+    clone = copy.deepcopy(backend)
+    clone.no_truncation()
+    clone.no_padding()
+    return clone.to_str()
 
 
 def tokenizer_identity(model_path: str) -> str | None:
