@@ -1043,6 +1043,32 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
 
 
+def test_precision_auto_is_keyed_as_it_resolves(tmp_path, tiny, monkeypatch, run_of_arm_a):
+    """train.precision auto (the default) is bf16 autocast on a GPU that has it and float32 on a CPU, and the train
+    stage keyed it as "auto": a workdir trained on a CPU and run again on a GPU was "unchanged, skipped" (an arm
+    retrained there trained in bf16 beside float32 ones). Now auto is keyed as bf16 where it resolves to bf16, as an
+    explicit bf16 is; where it resolves to float32 the stamps made before still match."""
+    from accelerate.state import AcceleratorState
+
+    import perpair.train.setup as setup
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work, _ = run_of_arm_a  # trained here, on a CPU: auto is float32
+    shutil.copytree(work, tmp_path / "work")
+    config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
+    assert "train.a" in _run(config)[0].skipped
+    # where auto is bf16 (a GPU: here the same CPU, told so; bf16 autocast runs on a CPU too)
+    monkeypatch.setattr(setup, "uses_bf16", lambda c: c.precision in ("auto", "bf16"))
+    AcceleratorState._reset_state(reset_partial_state=True)  # (this process's Accelerate state is float32's)
+    try:
+        assert {"train.a", "eval.a.preference"} <= set(_run(config)[0].ran)
+        assert "train.a" in _run(config)[0].skipped
+        config["train"]["precision"] = "bf16"  # what auto resolved to: the same training
+        assert "train.a" in _run(config)[0].skipped
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_the_models_chat_template_edited_in_place_trains_again(tmp_path, tiny, monkeypatch, run_of_arm_a):
     """The initial model is keyed by its tokenizer's content too: a chat template edited in place to another text
     of the same size (another system prompt) left the model folder's names, sizes and weights as they were, and
