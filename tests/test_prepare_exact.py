@@ -93,6 +93,30 @@ def test_an_implicit_prompt_beside_fields_that_are_not_read_is_refused(tmp_path,
         assert [(p["prompt"], p["chosen"]) for p in pairs(tmp_path)] == [(user("The answer is "), assistant("4"))]
 
 
+@pytest.mark.parametrize(("row", "own", "rival", "other"), [
+    ({"instruction": "Add.", "prompt": Q, **ANSWERS}, "instruction", "prompt", "trl"),
+    ({"instruction": "Add.", "prompt": Q, **ANSWERS, "score_chosen": 8, "score_rejected": 3}, "instruction",
+     "prompt", "ultrafeedback"),
+    ({"conversations": [{"from": "human", "value": Q}], "instruction": "Add.", **ANSWERS}, "conversations",
+     "instruction", "alpaca"),
+])
+def test_a_row_holding_two_layouts_prompts_is_refused(tmp_path, row, own, rival, other):
+    """A TRL file with an 'instruction' column beside 'prompt' was read as alpaca: every pair's prompt the
+    instruction, 'prompt' unread, exit 0. Which one holds the prompt is the user's to say; --format says it."""
+    source, result = prepare(tmp_path, [row])
+    layout = {"instruction": "alpaca", "conversations": "sharegpt"}[own]
+    assert one_error(result) == (
+        f"error: file {source}, row 1: the row has both '{own}' (the {layout} layout's prompt) and '{rival}': which "
+        f"holds the prompt is not clear; name the layout with --format {layout} (prompt from '{own}') or --format "
+        f"{other} (prompt from '{rival}')")
+    assert nothing_written(tmp_path)
+    if own == "instruction":  # either reading, as named
+        for layout_, prompt in ((layout, "Add."), (other, Q)):
+            _, result = prepare(tmp_path, [row], "--format", layout_)
+            assert result.returncode == 0, result.stderr
+            assert pairs(tmp_path)[0]["prompt"] == user(prompt)
+
+
 def test_a_system_column_is_the_prompts_system_message(tmp_path):
     orca = {"system": "You are a pirate.", "question": Q, "chosen": "Arr, 4!", "rejected": "5"}
     _, result = prepare(tmp_path, [orca], "--prompt-col", "question")

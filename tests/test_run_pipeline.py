@@ -320,6 +320,27 @@ def test_train_keys_of_the_arms_folder_are_the_runs_own(tmp_path, tiny, key):
             RunConfig.model_validate(config)
 
 
+def test_an_arm_resumes_a_training_whose_run_key_predates_the_tokenizer(tmp_path, tiny, uf_pairs):
+    """Since run keys cover a model folder's tokenizer, a training stopped under an older perpair holds a run.key
+    without it. The stage's own key covers the tokenizer, so the re-run resumes the arm from its checkpoint, as it
+    did, instead of training it again from the first step."""
+    from perpair.pipeline.run import _train
+    from perpair.train import load_config
+    from perpair.train.checkpoints import run_key
+
+    out = tmp_path / "train"
+    options = {"model": str(tiny), "data": str(uf_pairs), "out": str(out), "steps": 2, "batch_size": 2,
+               "max_length": 96, "threads": 1, "reference_cache": str(tmp_path / "refcache")}
+    lines: list[str] = []
+    _train(options, out, "stage", log=lines.append)
+    old = run_key(load_config(None, {**options, "resume": True}), tokenizer=False)
+    assert (out / "run.key").read_text().strip() != old
+    (out / "run.key").write_text(old + "\n")
+    lines.clear()
+    _train(options, out, "stage", log=lines.append)
+    assert lines[0] == "  resuming from step-00000002" and (out / "run.key").read_text().strip() == old, lines
+
+
 def test_train_rules_that_need_the_plan_are_refused_before_prepare(tmp_path, tiny):
     """An arm's train keys meet its preset's plan at validation: shuffle undoing a curriculum, loss sft ignoring
     the plan, label smoothing a loss ignores; nothing is prepared."""

@@ -486,6 +486,7 @@ def test_mixdpo_plan_routes_sft_pairs_in_plan_order(tiny_model, uf_pairs, tmp_pa
         in_batch = routes[step * 8:(step + 1) * 8]
         assert m["pairs_sft"] == int((in_batch == "sft").sum())
         assert m["pairs_preference"] == int((in_batch == "preference").sum())
+        assert m["categories"] == {"unannotated": 8}  # a plan from ratings: no category (it said {"None": 8})
     assert sum(m["pairs_sft"] for m in metrics) > 0 and sum(m["pairs_preference"] for m in metrics) > 0
 
     # Step 1 runs on the initial weights, which are also the reference: every DPO margin is 0, so a cDPO
@@ -1363,17 +1364,23 @@ def test_a_second_training_into_the_same_out_is_refused_while_the_first_runs(tin
 
 
 def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, uf_pairs, tmp_path):
-    """run.key holds the contents of the data, plan and model files, not only their paths: a file rewritten at the
-    same path (re-planned, re-prepared, retrained) makes another run, which --resume refuses instead of going on
-    with it (steps of two plans, or of two models, in one run)."""
+    """run.key holds the contents of the data, plan and model files and the model folder's tokenizer, not only their
+    paths: a file rewritten at the same path (re-planned, re-prepared, retrained, a chat template edited) makes
+    another run, which --resume refuses instead of going on with it (steps of two plans, two models or two prompt
+    formats in one run; the template was not in the key). A run whose run.key was written before the key covered
+    the tokenizer still resumes."""
     import shutil
+
+    from perpair.train import load_config
+    from perpair.train.checkpoints import run_key
 
     model, data, plan = tmp_path / "model", tmp_path / "pairs.parquet", tmp_path / "plan.parquet"
     shutil.copytree(tiny_model, model)
     shutil.copy(uf_pairs, data)
     run_cli("plan", data, "--preset", "dpo", "-o", plan)
     args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--set", "save_model=false")
-    refused = "holds another run (its run.key differs: other settings, or data, plan or model files changed since)"
+    refused = ("holds another run (its run.key differs: other settings, or data, plan, model or tokenizer files "
+               "changed since)")
 
     def rewrite_plan():
         run_cli("plan", data, "--preset", "dpo", "--beta", "0.3", "-o", plan)
@@ -1385,13 +1392,18 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
     def rewrite_model():
         rewrite_weights(model)
 
+    def rewrite_template():
+        template = model / "chat_template.jinja"
+        assert "You are a helpful AI assistant" in template.read_text()
+        template.write_text(template.read_text().replace("a helpful AI", "a terse AI"))
+
     # a global β or ε beside the plan would be silently unused: refused, nothing written
     for option, name in ((("--beta", "0.5"), "beta"), (("--set", "label_smoothing=0.1"), "label_smoothing")):
         result = _train(str(model), data, tmp_path / "unused", *args, "--plan", str(plan), *option, check=False)
         assert result.returncode == 2 and f"{name} would be ignored: the plan gives every pair its own" \
             in result.stderr and not (tmp_path / "unused").exists()
     for name, rewrite, planned in (("plan", rewrite_plan, True), ("data", rewrite_data, False),
-                                   ("model", rewrite_model, False)):
+                                   ("model", rewrite_model, False), ("template", rewrite_template, False)):
         out = tmp_path / f"out-{name}"
         extra = ("--plan", str(plan)) if planned else ()
         _train(str(model), data, out, *args, *extra)
@@ -1399,6 +1411,15 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
         result = _train(str(model), data, out, *args, *extra, "--resume", check=False)
         assert result.returncode == 2 and refused in result.stderr, (name, result.stderr[-500:])
         assert len(_metrics(out)) == 2
+    # run.key as a run wrote it before it covered the tokenizer: resumed (nothing to train: 0 steps to go)
+    out = tmp_path / "out-template"
+    config = load_config(None, {"model": str(model), "data": str(data), "out": str(out), "steps": 2, "batch_size": 2,
+                                "max_length": 96, "save_model": False, "resume": True})
+    _train(str(model), data, out, *args, "--overwrite")
+    assert (out / "run.key").read_text().strip() == run_key(config) != run_key(config, tokenizer=False)
+    (out / "run.key").write_text(run_key(config, tokenizer=False) + "\n")
+    resumed = _train(str(model), data, out, *args, "--resume")
+    assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr, resumed.stderr[-500:]
 
 
 def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs, tmp_path):
@@ -1472,7 +1493,9 @@ def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_mode
     key), so the adapter had to be trained again. It resumes now, trains nothing and saves the model merged, the
     same weights as a run merged at its end; the metrics stay those of the run."""
     args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--lr", "1e-3", "--lora", "--set", "lora.r=4")
-    _train(tiny_model, uf_pairs, tmp_path / "merged", *args, "--set", "lora.merge=true")
+    merged = _train(tiny_model, uf_pairs, tmp_path / "merged", *args, "--set", "lora.merge=true")
+    # the run's progress without Transformers' bar of the saved model's shards (it was in every run's log)
+    assert "model shards" not in merged.stderr + merged.stdout and (tmp_path / "merged" / "model").is_dir()
     out = tmp_path / "later"
     _train(tiny_model, uf_pairs, out, *args)
     metrics = (out / "metrics.jsonl").read_text()

@@ -267,3 +267,12 @@ def test_a_loss_of_sft_terms_alone_is_sft_beside_a_plan_and_in_its_routes(tmp_pa
     make_pairs(pairs, [(8.0, 2.0), (7.0, 3.0)])
     data = load_data(load_config(None, {**BASE, **two, "data": str(pairs)}), accelerator=None)
     assert data.route.tolist() == [ROUTE_SFT, ROUTE_SFT]
+
+
+def test_the_progress_line_shows_float_noise_as_such():
+    """`perpair train`'s step line: a reward margin of float noise at the first step (the policy is the reference)
+    read "-0.000"; a value too small for three decimals is shown in scientific notation, zero and the rest as before."""
+    from perpair.cli.train import _fmt
+
+    assert [_fmt(v) for v in (-5.5e-6, 4e-4, 0.0, 5e-4, 0.6931, -0.25, None)] == \
+        ["-5.5e-06", "4.0e-04", "0.000", "0.001", "0.693", "-0.250", "–"]

@@ -64,7 +64,8 @@ def smollm2_checkpoint() -> Path:
     # Written to a temporary folder and renamed, so concurrent first uses never see half a checkpoint.
     tmp = temporary_beside(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with no_progress_bars():
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -209,19 +210,27 @@ def load_causal_lm(path: str, **kwargs: Any):
     Without Transformers' "Loading weights" bar: a model that loads can still be refused (LoRA target modules it
     lacks, a sliding window shorter than the data), and then the one ``error:`` line must be all stderr holds."""
     from transformers import AutoModelForCausalLM
+
+    with no_progress_bars(), refused_by_transformers(path, "it"):
+        if (Path(path) / "generation_config.json").is_file():
+            # read alone, as from_pretrained reads it only to fall back on defaults without a word when it is
+            # cut short (the trained model was saved with them, generation ran with them)
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Transformers' progress bars off (its "Loading weights" and "Writing model shards"): perpair's own progress
+    says what matters, and a stage's log, or a refused run's one ``error:`` line, is all stderr holds."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        with refused_by_transformers(path, "it"):
-            if (Path(path) / "generation_config.json").is_file():
-                # read alone, as from_pretrained reads it only to fall back on defaults without a word when it is
-                # cut short (the trained model was saved with them, generation ran with them)
-                from transformers import GenerationConfig
-
-                GenerationConfig.from_pretrained(path)
-            return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+        yield
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -192,4 +192,7 @@ def _duration(seconds: float) -> str:
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "–"
+    # (a margin of float noise, -5.5e-6 at the first step, read "-0.000")
+    return f"{value:.1e}" if 0 < abs(value) < 0.5 * 10 ** -digits else f"{value:.{digits}f}"

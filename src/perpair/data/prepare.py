@@ -507,6 +507,12 @@ def _same_layout(value: dict[str, Any], layout: str) -> None:
                                          f"each layout their own file")
 
 
+# Where each detected layout takes its prompt from; a row that also holds another layout's prompt field is not told
+# apart by its fields (a TRL file with an 'instruction' column beside 'prompt' was read as alpaca, 'prompt' unread).
+PROMPT_FIELDS = {"alpaca": "instruction", "sharegpt": "conversations"}
+RIVAL_PROMPTS = {"alpaca": ("prompt",), "sharegpt": ("prompt", "instruction")}
+
+
 def _layout_of(value: dict[str, Any], source: Source, number: int, options: PrepareOptions,
                entry: DatasetEntry | None) -> str:
     if entry is not None:
@@ -524,6 +530,12 @@ def _layout_of(value: dict[str, Any], source: Source, number: int, options: Prep
             f"cannot tell the layout from the fields {sorted(value)[:12]}; name it with --format "
             f"({', '.join(FORMATS)}) or map columns with --prompt-col/--chosen-col/--rejected-col",
             file=source.spec, row=number)
+    if rivals := [name for name in RIVAL_PROMPTS.get(found, ()) if value.get(name) is not None]:
+        own = PROMPT_FIELDS[found]
+        other = detect_format({k: v for k, v in value.items() if k != own and k not in rivals[1:]}) or "columns"
+        raise InputError(f"the row has both '{own}' (the {found} layout's prompt) and '{rivals[0]}': which holds the "
+                         f"prompt is not clear; name the layout with --format {found} (prompt from '{own}') or "
+                         f"--format {other} (prompt from '{rivals[0]}')", file=source.spec, row=number)
     return found
 
 

@@ -699,7 +699,9 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
     resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
     # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
-    resume = resume and held_key(out) == run_key(load_config(None, {**options, "resume": True}))
+    # (or the key a run wrote before run keys covered the tokenizer: the stage's key covers it)
+    resume = resume and held_key(out) in {run_key(cfg := load_config(None, {**options, "resume": True})),
+                                          run_key(cfg, tokenizer=False)}
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)

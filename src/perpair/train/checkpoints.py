@@ -40,11 +40,13 @@ SHARDS = "shards"  # under FSDP, a checkpoint's folder of every process's shards
 SHARD_FILE_BYTES = 2 << 30
 
 
-def run_key(config: TrainConfig) -> str:
+def run_key(config: TrainConfig, *, tokenizer: bool = True) -> str:
     """The identity of a run: a hash of every setting that changes what it computes, and of the contents of the
-    files it reads (data, plan, models), so a file rewritten at the same path makes another run."""
+    files it reads (data, plan, models, and a local model folder's tokenizer: a chat template edited in place between
+    a stop and ``--resume`` would tokenize the rest of the run otherwise), so a file rewritten at the same path makes
+    another run. ``tokenizer`` False: the key as runs wrote it before it covered the tokenizer."""
     from perpair.artifacts import file_sha256
-    from perpair.models import model_fingerprint, resolve_model
+    from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
 
     def contents(path: str | None) -> str | None:
         return file_sha256(path) if path is not None and Path(path).is_file() else path
@@ -53,6 +55,9 @@ def run_key(config: TrainConfig) -> str:
     options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),
                            **{name: model_fingerprint(resolve_model(spec)) for name, spec in
                               (("model", config.model), ("reference_model", config.reference_model)) if spec}}
+    # (a Hub id's commit covers its tokenizer files already)
+    if tokenizer and (identity := tokenizer_identity(resolve_model(config.model))) is not None:
+        options["contents"]["tokenizer"] = identity
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
@@ -69,6 +74,8 @@ def check_out(config: TrainConfig) -> str:
         # lora.merge only adds OUT/model when the run saves its adapter: the same run (its key as it was written), so
         # that `--resume --set lora.merge=true` merges a finished run's adapter instead of refusing it
         key = held
+    elif held not in (None, key) and held == run_key(config, tokenizer=False):
+        key = held  # a run claimed before run keys covered the tokenizer: still resumable, as it was written
     if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
         # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
         raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
@@ -88,8 +95,8 @@ def check_out(config: TrainConfig) -> str:
         raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
                            "continues it, --overwrite starts it again")
     hint = "--resume continues only the run that wrote them; " if config.resume else ""
-    raise PerpairError(f"--out {out} holds another run (its run.key differs: other settings, or data, plan or model "
-                       f"files changed since); {hint}choose another --out, or --overwrite to replace them")
+    raise PerpairError(f"--out {out} holds another run (its run.key differs: other settings, or data, plan, model or "
+                       f"tokenizer files changed since); {hint}choose another --out, or --overwrite to replace them")
 
 
 def held_key(out: Path) -> str | None:
@@ -590,7 +597,11 @@ def save_model(config: TrainConfig, accelerator, module, tokenizer) -> dict[str,
         # Each rank holds a shard: every rank takes part in gathering the full weights, rank 0 receives them.
         gathered = accelerator.get_state_dict(module)
         state_dict = {name.removeprefix("model."): value for name, value in gathered.items()}  # CompletionLogps.model
-    return on_main_process(accelerator, lambda: _save_model(config, accelerator, module, tokenizer, state_dict)) or {}
+    from perpair.models import no_progress_bars
+
+    with no_progress_bars():  # (Transformers' "Writing model shards" bar amid the run's progress)
+        return on_main_process(accelerator, lambda: _save_model(config, accelerator, module, tokenizer,
+                                                                state_dict)) or {}
 
 
 def _save_model(config: TrainConfig, accelerator, module, tokenizer, state_dict) -> dict[str, str]:

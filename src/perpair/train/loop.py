@@ -412,7 +412,8 @@ def step_metrics(step: int, batch: list[int], sums: dict[str, float], loss: floa
         "beta_max": float(np.max(betas)) if pref_rows else None,
     }
     if data.category is not None:
-        metrics["categories"] = dict(sorted(Counter(str(data.category[r]) for r in batch).items()))
+        # (a pair the plan has no annotation for: "unannotated", as `perpair eval` names it; it was "None")
+        metrics["categories"] = dict(sorted(Counter(data.category[r] or "unannotated" for r in batch).items()))
     return metrics
 
 
