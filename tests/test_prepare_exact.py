@@ -117,6 +117,26 @@ def test_a_row_holding_two_layouts_prompts_is_refused(tmp_path, row, own, rival,
             assert pairs(tmp_path)[0]["prompt"] == user(prompt)
 
 
+def test_fields_that_no_reader_takes_are_named(tmp_path):
+    """Ratings or a system prompt under other names than the layout's were dropped without a word (each pair's
+    meta keeps the row, nothing reads it): the summary names each field that held something and was not read, with
+    its rows, and so does the provenance; a field named by an option is read, an empty one is nothing lost."""
+    row = {"prompt": Q, **ANSWERS, "chosen_rating": 8, "rejected_rating": 3, "system_prompt": "Be brief.",
+           "notes": "", "tags": []}
+    source, result = prepare(tmp_path, [row, {**row, "system_prompt": None}])
+    assert result.returncode == 0, result.stderr
+    assert ("  fields not read: chosen_rating × 2, rejected_rating × 2, system_prompt × 1 (in each pair's meta only; "
+            "scores, a system message or a prompt under other names: --score-chosen-col/--score-rejected-col, "
+            "--system-col, --prompt-col)") in result.stdout.splitlines(), result.stdout
+    [report] = read_header(tmp_path / "out.parquet")["provenance"]["sources"]
+    assert report["unread_fields"] == {"chosen_rating": 2, "rejected_rating": 2, "system_prompt": 1}
+    _, result = prepare(tmp_path, [row], "--score-chosen-col", "chosen_rating", "--score-rejected-col",
+                        "rejected_rating", "--system-col", "system_prompt")
+    assert result.returncode == 0 and "not read" not in result.stdout, result.stdout
+    assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["unread_fields"] == {}
+    assert pairs(tmp_path)[0]["score_chosen"] == 8 and pairs(tmp_path)[0]["prompt"][0]["content"] == "Be brief."
+
+
 def test_a_system_column_is_the_prompts_system_message(tmp_path):
     orca = {"system": "You are a pirate.", "question": Q, "chosen": "Arr, 4!", "rejected": "5"}
     _, result = prepare(tmp_path, [orca], "--prompt-col", "question")

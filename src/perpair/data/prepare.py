@@ -163,12 +163,32 @@ class SourceReport:
     notes: Tally = field(default_factory=Tally)       # kept pairs read in a way worth counting (a function call)
     columns: ColumnMap | None = None                  # for the column layouts: this source's, from its first row
     limited: bool = False                             # --limit was reached before its end
+    unread: dict[str, int] = field(default_factory=dict)  # field → rows read where it held something no reader took
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.source, "format": self.format, "rows_read": self.rows_read,
                 "pairs_kept": self.pairs_kept, "invalid": self.invalid.as_dict(),
                 "degenerate": self.degenerate.as_dict(), "duplicates": self.duplicates.as_dict(),
-                "notes": self.notes.as_dict(), "limit_reached": self.limited}
+                "notes": self.notes.as_dict(), "limit_reached": self.limited,
+                "unread_fields": dict(sorted(self.unread.items()))}
+
+
+class _TakenFields(dict):
+    """A row that remembers which of its fields the reader took (``row[name]``, ``row.get(name)``), so a source's
+    report names the fields that held something and were read by nothing: ratings or a system prompt under
+    another name than the layout's would otherwise be dropped without a word (each pair's ``meta`` keeps the row)."""
+
+    def __init__(self, value: dict[str, Any]):
+        super().__init__(value)
+        self.taken: set[str] = set()
+
+    def __getitem__(self, key):
+        self.taken.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.taken.add(key)
+        return super().get(key, default)
 
 
 @dataclass
@@ -440,7 +460,11 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
         context = ReadContext(source=label, row=number, columns=columns, seed=options.seed,
                               role_map=options.role_map or {}, layout=entry.layout if entry else None)
         check_no_media(value)
-        record = reader_for(report.format)(value, context)
+        fields = _TakenFields(value)
+        record = reader_for(report.format)(fields, context)
+        for name, held in value.items():
+            if name not in fields.taken and held not in (None, "", [], {}):
+                report.unread[name] = report.unread.get(name, 0) + 1
         if entry is None and options.format is None and options.column_map is None:
             _same_layout(value, report.format)
         problem = _generic_degenerate(record)

@@ -700,8 +700,8 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
     resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
     # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
     # (or the key a run wrote before run keys covered the tokenizer: the stage's key covers it)
-    resume = resume and held_key(out) in {run_key(cfg := load_config(None, {**options, "resume": True})),
-                                          run_key(cfg, tokenizer=False)}
+    cfg = load_config(None, {**options, "resume": True})
+    resume = resume and (held_key(out) == run_key(cfg) or held_key(out) == run_key(cfg, tokenizer=False))
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
