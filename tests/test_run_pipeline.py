@@ -72,7 +72,10 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     policy = tmp_path / "policy"  # the trained model's own copy: its weights are rewritten below
     shutil.copytree(tiny, policy)
     config["model"] = str(policy)
-    first, _ = _run(config)
+    first, lines = _run(config)
+    # the sample's one field no reader takes, named in the prepare stage's log
+    assert f"  {UF_TRAIN}: fields not read: source_index × 24 (in each pair's meta only; scores or a system message " \
+           "under other names: data.score_chosen_col/score_rejected_col, data.system_col)" in lines, lines[:6]
     work = tmp_path / "work"
     arms = ["dpo", "sp2dpo", "mixdpo"]
     expected = {"prepare", "annotate", *(f"{s}.{a}" for s in ("plan", "train") for a in arms),

@@ -19,7 +19,6 @@ from perpair.data.prepare import PrepareResult
 from perpair.errors import PerpairError
 
 ROWS_SHOWN = 20
-UNREAD_SHOWN = 8  # fields not read, named per source
 
 
 @app.command("prepare")
@@ -101,11 +100,8 @@ def _print_prepare(result: PrepareResult) -> None:
                 rows = tally.rows[reason]
                 shown = ", ".join(map(str, rows[:ROWS_SHOWN])) + (" …" if tally.counts[reason] > ROWS_SHOWN else "")
                 out.print(f"  {label}: {escape(reason)} × {tally.counts[reason]} (rows {shown})")
-        if report.unread:
-            fields = sorted(report.unread.items(), key=lambda item: (-item[1], item[0]))
-            shown = ", ".join(f"{escape(str(k))} × {n:,}" for k, n in fields[:UNREAD_SHOWN])
-            more = f" and {len(fields) - UNREAD_SHOWN} more" if len(fields) > UNREAD_SHOWN else ""
-            out.print(f"  fields not read: {shown}{more} (in each pair's meta only; scores, a system message or "
+        if unread := report.unread_line():
+            out.print(f"  fields not read: {escape(unread)} (in each pair's meta only; scores, a system message or "
                       "a prompt under other names: --score-chosen-col/--score-rejected-col, --system-col, "
                       "--prompt-col)")
     for name, path in result.outputs.items():

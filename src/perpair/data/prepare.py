@@ -172,6 +172,12 @@ class SourceReport:
                 "notes": self.notes.as_dict(), "limit_reached": self.limited,
                 "unread_fields": dict(sorted(self.unread.items()))}
 
+    def unread_line(self, shown: int = 8) -> str | None:
+        """The fields no reader took, most rows first (``chosen_rating × 994, …``); None when there are none."""
+        fields = sorted(self.unread.items(), key=lambda item: (-item[1], item[0]))
+        more = f" and {len(fields) - shown} more" if len(fields) > shown else ""
+        return ", ".join(f"{k} × {n:,}" for k, n in fields[:shown]) + more if fields else None
+
 
 class _TakenFields(dict):
     """A row that remembers which of its fields the reader took (``row[name]``, ``row.get(name)``), so a source's

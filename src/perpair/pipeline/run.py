@@ -640,7 +640,13 @@ def _source_identity(source: str, revision: str | None = None) -> Any:
 def _prepare(sources: list[str], pairs: Path, options, *, log: Log) -> dict[str, Any]:
     from perpair.data import prepare
 
-    return {"counts": prepare(sources, pairs, options).counts}
+    result = prepare(sources, pairs, options)
+    for report in result.sources:
+        if unread := report.unread_line():
+            name = report.source.get("path") or report.source.get("dataset")
+            log(f"  {name}: fields not read: {unread} (in each pair's meta only; scores or a system message under "
+                "other names: data.score_chosen_col/score_rejected_col, data.system_col)")
+    return {"counts": result.counts}
 
 
 def _annotate(pairs: Path, config, output: Path, cache: Path, *, log: Log) -> dict[str, Any]:
