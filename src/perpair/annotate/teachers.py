@@ -312,19 +312,17 @@ def _quiet_transformers():
     and perpair's own progress and errors say what matters."""
     from transformers.utils import logging as hf_logging
 
+    from perpair.models import no_progress_bars
+
     verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
+        with no_progress_bars(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

@@ -704,10 +704,11 @@ def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *,
 
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
     resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
-    # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
-    # (or the key a run wrote before run keys covered the tokenizer: the stage's key covers it)
-    cfg = load_config(None, {**options, "resume": True})
-    resume = resume and (held_key(out) == run_key(cfg) or held_key(out) == run_key(cfg, tokenizer=False))
+    if resume:
+        # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
+        # (or the key a run wrote before run keys covered the tokenizer: the stage's key covers it)
+        held, same = held_key(out), load_config(None, {**options, "resume": True})
+        resume = held == run_key(same) or held == run_key(same, tokenizer=False)
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
