@@ -123,7 +123,7 @@ def test_a_lora_adapter_folder_is_refused_as_a_model(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, monkeypatch):
+def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, monkeypatch, capsys):
     """A Hub id stood for itself in every key (answers, judgments, annotations, reference log-probs, a run's stages):
     when its repository moved, the old commit's results were served. Now the key holds the commit: online the one
     the Hub serves (what from_pretrained and load_dataset download), offline (or with no answer from the Hub) the
@@ -161,6 +161,11 @@ def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, m
         data = _source_identity("org/data")
         assert before == f"hub:org/model@{'a' * 40}" and data == ["org/data", "c" * 40]
         assert model_fingerprint("org/gone") == f"hub:org/gone@{'e' * 40}"  # the Hub unreachable: the cache's
+        # and the rest of the process reads the Hub's files from the cache, saying so once
+        assert constants.HF_HUB_OFFLINE and capsys.readouterr().err == (
+            "note: the Hugging Face Hub could not be reached (no network): org/gone and every other Hub model or "
+            "dataset are read from the local cache for the rest of this command (HF_HUB_OFFLINE=1 skips asking)\n")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
         served.update({("org/model", "model"): "b" * 40, ("org/data", "dataset"): "d" * 40})  # the repositories move
         hub_commit.cache_clear()  # a new process
@@ -180,6 +185,74 @@ def test_a_hub_model_or_dataset_is_keyed_by_the_commit_it_loads_from(tmp_path, m
         assert model_fingerprint("org/model") == f"hub:org/model@{'9' * 40}" and not asked
     finally:
         hub_commit.cache_clear()
+
+
+def test_only_an_unreachable_hub_with_the_repository_cached_reads_the_cache_from_then_on(tmp_path, monkeypatch):
+    """An answer of the Hub (no such repository, no access), a proxy set wrong, or a repository the cache lacks
+    leave the process online: the loaders then ask, and retry, as they do without perpair."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi, constants
+
+    from perpair.models import hub_commit
+
+    class ProxyError(ConnectionError):
+        pass
+
+    class HubDown(Exception):
+        response = SimpleNamespace(status_code=503)
+
+    class NotFound(Exception):
+        response = SimpleNamespace(status_code=404)
+
+    errors = {"org/refused": NotFound("404"), "org/proxy": ProxyError("proxy"), "org/absent": ConnectionError("x"),
+              "org/down": HubDown("503")}
+
+    def repo_info(self, repo_id, **_):
+        raise errors[repo_id]
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for repo in ("refused", "proxy", "down"):
+        (tmp_path / "hub" / f"models--org--{repo}" / "refs").mkdir(parents=True)
+        (tmp_path / "hub" / f"models--org--{repo}" / "refs" / "main").write_text("e" * 40)
+    hub_commit.cache_clear()
+    try:
+        assert hub_commit("org/refused") == hub_commit("org/proxy") == "e" * 40 and hub_commit("org/absent") is None
+        assert not constants.HF_HUB_OFFLINE
+        assert hub_commit("org/down") == "e" * 40 and constants.HF_HUB_OFFLINE  # the Hub down: unreachable
+    finally:
+        hub_commit.cache_clear()
+
+
+@pytest.mark.slow  # a training in a process of its own: the Hub library reads its endpoint when imported
+def test_a_cached_hub_model_trains_without_asking_an_unreachable_hub_again(tiny_model_dir, uf_pairs, tmp_path):
+    """On a machine without network, `perpair train --model ORG/NAME` of a model in the Hub cache took 3 minutes
+    for one step (SmolLM2, and this tiny model alike), printing 80 lines of retries: Transformers asks for each
+    optional file of a tokenizer, its chat templates folder and an adapter config, five times each. The first
+    unanswered question now reads the rest from the cache, in one note."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    commit = "1" * 40
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / commit
+    shutil.copytree(tiny_model_dir, snapshot)
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text(commit)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")  # nothing answers there
+    result = subprocess.run([sys.executable, "-m", "perpair", "train", "--model", "org/tiny", "--data", str(uf_pairs),
+                             "--steps", "1", "--batch-size", "2", "--max-length", "64", "--threads", "1",
+                             "--out", str(tmp_path / "out"), "--set", f"reference_cache={tmp_path / 'ref'}"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    notes = [line for line in result.stderr.splitlines() if not line.startswith("step ")]  # (the progress lines)
+    assert len(notes) == 1 and notes[0].startswith("note: the Hugging Face Hub could not be reached ("), notes
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 
 def test_a_tokenizer_loaded_again_is_a_copy_of_the_folder_as_it_is_now(tmp_path):

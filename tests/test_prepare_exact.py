@@ -520,6 +520,38 @@ def test_an_openai_input_field_outside_its_layout_is_refused_not_ignored(tmp_pat
     assert excluded(tmp_path, "invalid") == {"unsupported_field": 1}
 
 
+def test_an_openai_empty_tools_list_is_no_tools(tmp_path):
+    # OpenAI's own preference examples write "tools": [] for a conversation without tools. Kept as a list, it went to
+    # the chat template, and a template that renders any list (Llama 3.1's `tools is not none`) put a tool-calling
+    # preamble without a function into the prompt of every such pair.
+    from transformers import AutoTokenizer
+
+    from perpair.models import resolve_model
+    from perpair.train.tokenize import tokenize_pair
+
+    tool = {"type": "function", "function": {"name": "add"}}
+    rows = [{"input": {"messages": user(f"{n}+2?"), "tools": tools, "parallel_tool_calls": True},
+             "preferred_output": assistant("4"), "non_preferred_output": assistant("5")}
+            for n, tools in enumerate(([], [tool], None))]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    read = read_pairs(str(tmp_path / "out.parquet"))[0].to_pylist()
+    assert [p["tools"] for p in read] == [None, json.dumps([tool]), None]
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tok.chat_template = ("{% if tools is not none %}Tools: {{ tools | tojson }}\n{% endif %}"
+                         "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    plain = tokenize_pair(tok, read[0]["prompt"], read[0]["chosen"], read[0]["rejected"], None, read[0]["tools"])
+    assert tok.decode(plain.prompt) == "user: 0+2?\nassistant:"
+    assert tokenize_pair(tok, read[0]["prompt"], read[0]["chosen"], read[0]["rejected"], None, "[]").prompt \
+        != plain.prompt  # what the empty list rendered
+    # the TRL layout's tools column is handed to the template as it is, as TRL's DPOTrainer hands it
+    trl_row = {"prompt": user(Q), "chosen": assistant("4"), "rejected": assistant("5"), "tools": []}
+    _, result = prepare(tmp_path, [trl_row])
+    assert result.returncode == 0
+    assert read_pairs(str(tmp_path / "out.parquet"))[0].column("tools").to_pylist() == ["[]"]
+
+
 def test_hh_rlhf_transcripts_stripped_of_their_leading_newlines_are_read_as_transcripts(tmp_path):
     # Copies that strip the transcripts ("Human: …" for "\n\nHuman: …") were read as TRL's layout: the transcript's
     # start (or the cut prompt) one user message "Human: Hi\n\nAssistant:", exit 0.

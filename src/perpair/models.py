@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -339,12 +340,13 @@ def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = No
     from huggingface_hub.file_download import repo_folder_name
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    unreachable = None
     if not offline:
         try:
             sha = HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision,
                                    timeout=constants.HF_HUB_ETAG_TIMEOUT).sha  # as long as the loaders wait
-        except Exception:  # noqa: BLE001 - no network, no access: the loaders fall back to the cache, so do we
-            sha = None
+        except Exception as exc:  # noqa: BLE001 - no network, no access: the loaders fall back to the cache, so do we
+            sha, unreachable = None, exc if _unreachable(exc) else None
         if sha:
             return sha
     ref = (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs"
@@ -353,4 +355,37 @@ def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = No
         commit = ref.read_text().strip()
     except OSError:
         return None
+    if commit and unreachable is not None:
+        _read_the_hub_from_its_cache(repo_id, unreachable)
     return commit or None
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether ``exc`` of a question to the Hub says it could not be reached (no network, a timeout, the Hub down), as
+    the Hub library decides it before reading its cache; not an answer (no such repository, no access) nor a proxy
+    set wrong. By class name: the Hub library asks with httpx (1.x on) or requests (0.x)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "ProxyError" in names:
+        return False
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return bool(names & {"TransportError", "ConnectionError", "Timeout", "OfflineModeIsEnabled"}) or \
+        (isinstance(status, int) and status >= 500)
+
+
+def _read_the_hub_from_its_cache(repo_id: str, exc: Exception) -> None:
+    """The Hub could not be reached and ``repo_id``'s commit is the local cache's: the rest of this process reads
+    Hub files from the cache alone (the Hub library's offline mode), saying so once. Otherwise each file a loader
+    looks for (Transformers asks for a tokenizer's optional files, its chat templates folder, an adapter config) is
+    asked for again with five retries: a cached model took 3 minutes to load on a machine without network."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    constants.HF_HUB_OFFLINE = True  # read when asked (Transformers' is_offline_mode, hf_hub_download)
+    datasets = sys.modules.get("datasets")  # Datasets copies the setting when it is imported
+    if datasets is not None and hasattr(datasets, "config"):
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    sys.stderr.write(f"note: the Hugging Face Hub could not be reached ({reason}): {repo_id} and every other Hub "
+                     "model or dataset are read from the local cache for the rest of this command (HF_HUB_OFFLINE=1 "
+                     "skips asking)\n")

@@ -250,8 +250,12 @@ def read_openai(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
                          prompt, "preferred_output")
     rejected = _completion(as_messages(get(row, "non_preferred_output"), "non_preferred_output", "assistant",
                                        roles), prompt, "non_preferred_output")
+    tools = as_tools(get(row, "input.tools", required=False), "input.tools")
+    # An empty list is OpenAI's "no tools" (its own examples write `"tools": []` for a conversation without any), not
+    # a list to render: a template that renders any list (Llama 3.1's `tools is not none`) would put a tool-calling
+    # preamble without a function into every such prompt.
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, source=ctx.source, source_row=ctx.row,
-                      tools=as_tools(get(row, "input.tools", required=False), "input.tools"))
+                      tools=None if tools == "[]" else tools)
 
 
 ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
