@@ -194,7 +194,7 @@ def test_only_an_unreachable_hub_with_the_repository_cached_reads_the_cache_from
 
     from huggingface_hub import HfApi, constants
 
-    from perpair.models import hub_commit
+    from perpair.models import hub_commit, resolve_model
 
     class ProxyError(ConnectionError):
         pass
@@ -222,7 +222,10 @@ def test_only_an_unreachable_hub_with_the_repository_cached_reads_the_cache_from
     try:
         assert hub_commit("org/refused") == hub_commit("org/proxy") == "e" * 40 and hub_commit("org/absent") is None
         assert not constants.HF_HUB_OFFLINE
-        assert hub_commit("org/down") == "e" * 40 and constants.HF_HUB_OFFLINE  # the Hub down: unreachable
+        # the Hub down is unreachable too; a Hub id is asked for as it is resolved, before anything loads it (`perpair
+        # run` loaded the tokenizer to check its config first, and took 2 minutes of retries there)
+        assert resolve_model("org/down") == "org/down" and constants.HF_HUB_OFFLINE
+        assert hub_commit("org/down") == "e" * 40
     finally:
         hub_commit.cache_clear()
 

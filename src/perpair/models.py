@@ -256,7 +256,9 @@ def refused_by_transformers(spec: str, what: str):
 
 def resolve_model(spec: str) -> str:
     """A path or Hub id that ``from_pretrained`` accepts; ``smollm2`` becomes the local checkpoint. A local path
-    that is no folder is refused here, by name: ``from_pretrained`` would take it for a malformed Hub id."""
+    that is no folder is refused here, by name: ``from_pretrained`` would take it for a malformed Hub id. A Hub id's
+    commit is asked for here, once per process (:func:`hub_commit`), before anything loads it: where the Hub cannot be
+    reached and the cache has the model, every load after reads the cache alone."""
     if spec.lower() in SMOLLM2_ALIASES:
         return str(smollm2_checkpoint())
     path = Path(spec)
@@ -281,6 +283,8 @@ def resolve_model(spec: str) -> str:
                                  for p in path.iterdir()):
         raise PerpairError(f"model {spec}: the folder holds no weights (model.safetensors, pytorch_model.bin or "
                            "their shards)")
+    if not path.exists():
+        hub_commit(spec)
     return spec
 
 
