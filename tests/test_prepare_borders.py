@@ -125,6 +125,44 @@ def test_a_missing_local_looking_path_is_not_sent_to_the_hub(tmp_path, spec):
         assert f"not looked up as a Hugging Face dataset id; write hub:{spec} for that" in line
 
 
+def test_a_hub_dataset_is_asked_for_before_datasets_loads_it(tmp_path, monkeypatch):
+    """On a machine without network, `perpair prepare hub:ORG/NAME` of a dataset in the Hub cache handed it to Datasets
+    without a word, which asked the Hub again with five retries (24 s) before reading its cache or failing. Asked
+    first (perpair.models.hub_commit), as a model is: Datasets then reads its caches at once, said in one line."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+
+    from perpair.models import hub_commit
+
+    def repo_info(self, repo_id, **_):
+        raise ConnectionError("no network")
+
+    offline_when_loaded = []
+
+    def load_dataset(name, split=None, revision=None):
+        offline_when_loaded.append((name, constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        return datasets.Dataset.from_list([{"prompt": "Hi", "chosen": "Hello", "rejected": "Go"}])
+
+    monkeypatch.setattr(HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    refs = tmp_path / "hub" / "datasets--org--prefs" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("d" * 40)
+    hub_commit.cache_clear()
+    try:
+        result = run_cli_inprocess("prepare", "hub:org/prefs", "-o", tmp_path / "out.parquet")
+    finally:
+        hub_commit.cache_clear()
+    assert result.returncode == 0, result.stderr
+    assert offline_when_loaded == [("org/prefs", True, True)]
+    assert result.stderr.startswith("note: the Hugging Face Hub could not be reached (no network): org/prefs")
+
+
 def test_a_folder_that_is_no_dataset_is_one_short_error_line(tmp_path):
     """The whole data folder, whose files have other columns and whose README the Hub library reads: Datasets'
     error lists every file of the folder, and it and the Hub library print progress bars and notices; the user

@@ -354,6 +354,12 @@ def _iter_dataset(source: Source, provenance: dict[str, Any]) -> Iterator[tuple[
     if saved and source.split != "train":
         raise InputError(f"--split {source.split!r}: this folder, written by Dataset.save_to_disk, holds one dataset, "
                          f"without splits", file=source.spec)
+    if not folder:
+        from perpair.models import hub_commit
+
+        # asked first, as for a model: where the Hub cannot be reached and its cache has the dataset, Datasets reads
+        # its caches at once instead of after five retries (hub_commit says so in one line)
+        hub_commit(name, "dataset", source.revision)
     try:
         with _quiet_datasets() if folder else contextlib.nullcontext():  # a folder: no download to follow
             dataset = datasets.load_from_disk(name) if saved else \
