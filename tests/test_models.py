@@ -230,6 +230,50 @@ def test_only_an_unreachable_hub_with_the_repository_cached_reads_the_cache_from
         hub_commit.cache_clear()
 
 
+def test_a_model_id_the_hub_refuses_is_named_before_any_work(tmp_path, monkeypatch):
+    """`perpair eval alpaca-eval --judge ORG/TYPO` generated every answer, then failed as the judge loaded (and a
+    typo in `perpair run`'s judge passed its checks). The Hub's refusal of the id, no such repository or a gated
+    one, is now said as the id is resolved, in one line; nothing is written."""
+    from huggingface_hub import constants
+
+    from cli_inprocess import run_cli_inprocess
+    from conftest import SHARED_DATA
+    from llama_server import LoopbackServer, Reply
+    from perpair.models import hub_commit
+
+    asked = []
+
+    async def hub(request):  # the Hub's answers to a missing and to a gated repository
+        asked.append(request.path)
+        gated = "gated" in request.path
+        return Reply(status=401 if gated else 404, headers={"X-Error-Code": "GatedRepo" if gated else "RepoNotFound",
+                                                            "X-Error-Message": "refused"})
+
+    ae = SHARED_DATA / "alpaca_eval"
+    args = ("--model", "smollm2", "--limit", "2", "--offline", "--reference",
+            ae / "reference_outputs_gpt4_1106_preview.json.gz", "--judge-prompt",
+            ae / "judge_prompt_alpaca_eval_clf.txt", "--difficulty", ae / "instruction_difficulty_reconstructed.csv",
+            "--data-dir", ae)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with LoopbackServer(hub) as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        hub_commit.cache_clear()
+        try:
+            for judge, said in (("org/typo", "no such folder, and the Hub has no model of that id (or a private "
+                                             "one this machine's Hugging Face token cannot read"),
+                                ("org/gated", "no such folder, and the Hub's model of that id is gated")):
+                out = tmp_path / judge.replace("/", "-")
+                result = run_cli_inprocess("eval", "alpaca-eval", *args, "--judge", judge, "-o", out)
+                assert result.returncode == 2 and result.stderr.startswith(f"error: judge model {judge}: {said}") \
+                    and result.stderr.count("\n") == 1, result.stderr
+                assert not out.exists()
+        finally:
+            hub_commit.cache_clear()
+    assert {"/api/models/org/typo", "/api/models/org/gated"} <= set(asked)
+
+
 @pytest.mark.slow  # a training in a process of its own: the Hub library reads its endpoint when imported
 def test_a_cached_hub_model_trains_without_asking_an_unreachable_hub_again(tiny_model_dir, uf_pairs, tmp_path):
     """On a machine without network, `perpair train --model ORG/NAME` of a model in the Hub cache took 3 minutes

@@ -283,8 +283,8 @@ def resolve_model(spec: str) -> str:
                                  for p in path.iterdir()):
         raise PerpairError(f"model {spec}: the folder holds no weights (model.safetensors, pytorch_model.bin or "
                            "their shards)")
-    if not path.exists():
-        hub_commit(spec)
+    if not path.exists() and hub_commit(spec) is None and (refused := _HUB_REFUSALS.get(spec)) is not None:
+        raise PerpairError(f"model {spec}: no such folder, and {refused}")  # (and not in the Hub's cache either)
     return spec
 
 
@@ -351,6 +351,8 @@ def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = No
                                    timeout=constants.HF_HUB_ETAG_TIMEOUT).sha  # as long as the loaders wait
         except Exception as exc:  # noqa: BLE001 - no network, no access: the loaders fall back to the cache, so do we
             sha, unreachable = None, exc if _unreachable(exc) else None
+            if repo_type == "model" and revision is None and (refused := _refusal(exc)) is not None:
+                _HUB_REFUSALS[repo_id] = refused
         if sha:
             return sha
     ref = (Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type) / "refs"
@@ -362,6 +364,24 @@ def hub_commit(repo_id: str, repo_type: str = "model", revision: str | None = No
     if commit and unreachable is not None:
         _read_the_hub_from_its_cache(repo_id, unreachable)
     return commit or None
+
+
+# Hub id -> what the Hub answered when it refused the model (hub_commit), for resolve_model to say before a load
+_HUB_REFUSALS: dict[str, str] = {}
+
+
+def _refusal(exc: Exception) -> str | None:
+    """What the Hub's refusal of a model id says, in our words: no such repository (or a private one this machine's
+    token cannot read), or a gated one it has not been granted; None for any other failure."""
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return ("the Hub's model of that id is gated: this machine's Hugging Face token has not been granted access "
+                "(ask for it on the model's page, then `hf auth login` or HF_TOKEN)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ("the Hub has no model of that id (or a private one this machine's Hugging Face token cannot read: "
+                "`hf auth login` or HF_TOKEN)")
+    return None
 
 
 def _unreachable(exc: Exception) -> bool:

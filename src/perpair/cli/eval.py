@@ -26,7 +26,8 @@ arena_app = typer.Typer(help="Arena-Hard-Auto v0.1: run (answer, judge, score) o
 eval_app.add_typer(arena_app, name="arena-hard")
 
 BASELINE_ARENA = "gpt-4-0314"
-OFFLINE_HELP = "Never touch the Hub (default: online unless HF_HUB_OFFLINE=1)."
+OFFLINE_HELP = ("The benchmark's files from the paths given or --data-dir, never from the Hub (default: online "
+                "unless HF_HUB_OFFLINE=1, which keeps a Hub-id model or judge off the Hub too).")
 ALPACA_DATA_ENV = "PERPAIR_ALPACA_EVAL_DATA"
 ARENA_DATA_ENV = "PERPAIR_ARENA_HARD_DATA"
 

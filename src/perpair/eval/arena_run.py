@@ -69,7 +69,8 @@ class ArenaHardConfig(BaseModel):
     judge_max_tokens: int = Field(4096, ge=1, description="arena-hard-auto's judge max_tokens.")
     style_control: bool = False
     n_rounds: int = Field(N_BOOTSTRAP, ge=1)
-    offline: bool | None = Field(None, description="Never touch the Hub (None: online unless HF_HUB_OFFLINE=1).")
+    offline: bool | None = Field(None, description="The questions and baseline answers from the paths given or "
+                                 "data_dir, never from the Hub (None: online unless HF_HUB_OFFLINE=1).")
     data_dir: Path | None = Field(None, description="Offline copies, laid out as ../shared/data/arena_hard.")
 
 

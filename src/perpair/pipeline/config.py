@@ -92,7 +92,9 @@ class AlpacaEvalSection(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights of the generating models and of a local judge (auto: bfloat16 on a GPU, "
                             "float32 on a CPU; bfloat16 is several times faster on CPUs with AVX512-BF16/AMX).")
-    offline: bool | None = Field(None, description="Never touch the Hub (default: online unless HF_HUB_OFFLINE=1).")
+    offline: bool | None = Field(None, description="The benchmarks' files from the paths given or data_dir, never "
+                                 "from the Hub (default: online unless HF_HUB_OFFLINE=1, which keeps models off the "
+                                 "Hub too).")
     reference: str | None = Field(None, description="Baseline outputs file (default: the Hub).")
     judge_prompt: str | None = None
     difficulty: str | None = None
