@@ -453,3 +453,118 @@ def test_an_ensemble_template_with_no_valid_answer_exits_3(uf_pairs, tmp_path):
     with Stub() as url:  # both templates answering: exit 0
         assert run_cli("annotate", uf_pairs, "-o", tmp_path / "ok.parquet", "--config", api_config(tmp_path, url),
                        "--template", "gap", "--template", "gap-brief", "--limit", "4").returncode == 0
+
+
+def test_an_answer_cut_at_max_tokens_is_never_ok(uf_pairs, tmp_path):
+    """A reply the server says was cut (finish_reason "length") passed as ok wherever what it held parsed (a draft
+    before the answer it never finished, say). Now it is re-asked, then a failed call saying it was cut."""
+    out = tmp_path / "cut.parquet"
+    stub = Stub(lambda body, request: _completion(**{"choices.0.finish_reason": "length"}))
+    with stub as url:
+        result = run_cli("annotate", uf_pairs, "-o", out, "--config", api_config(tmp_path, url), "--limit", "2",
+                         check=False)
+    assert result.returncode == 3 and len(stub.requests) == 6, result.stdout  # each call asked 1 + 2 re-asks
+    calls = pq.read_table(calls_path(out)).to_pylist()
+    assert {(c["status"], c["reason"]) for c in calls} == {
+        ("failed", "invalid answer after 2 re-asks: the answer was cut at max_tokens=256")}
+    assert "That answer is invalid: the answer was cut at max_tokens=256." in stub.requests[-1].json()["messages"][-1][
+        "content"]
+
+    def cut_first(body, request):  # the re-ask gets the whole answer
+        return _completion(**{"choices.0.finish_reason": "length" if len(body["messages"]) <= 2 else "stop"})
+
+    with Stub(cut_first) as url:
+        run_cli("annotate", uf_pairs, "-o", tmp_path / "again.parquet", "--config", api_config(tmp_path, url),
+                "--limit", "2")
+    calls = pq.read_table(calls_path(tmp_path / "again.parquet")).to_pylist()
+    assert {(c["status"], c["reasks"]) for c in calls} == {("ok", 1)}
+
+
+def test_an_ensemble_teacher_short_of_min_valid_exits_3(uf_pairs, tmp_path):
+    """An API teacher answering a few calls beside a ratings teacher answering all: every pair had a category (the
+    ratings'), so --min-valid 1.0 exited 0. Exit 3 now names the teacher that fell short; the default still exits 0,
+    and a teacher alone is held to the pairs' share only, as before."""
+    def mostly_refused(body, request):
+        return json.dumps(VALID) if request.headers.get("x-client-request-id", "")[-1] in "0123" else Reply(
+            404, b'{"error": "nope"}')
+
+    with Stub(mostly_refused) as url:
+        config = tmp_path / "ensemble.yaml"
+        config.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}"
+                          "  - kind: ratings\n")
+        out = tmp_path / "ann.parquet"
+        assert run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20").returncode == 0
+        statuses = [c["status"] for c in pq.read_table(calls_path(out)).to_pylist() if c["teacher"] == "api:stub"]
+        valid = statuses.count("ok")
+        assert 0 < valid < 20 and read_annotations(out)[0].column("category").null_count == 0
+        strict = run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", "--min-valid", "1.0",
+                         check=False)
+        assert strict.returncode == 3, strict.stdout
+        (line,) = error_lines(strict)
+        assert (f"teacher api:stub gave a valid annotation in {valid} of 20 calls ({valid / 20:.1%}), fewer than the "
+                "100.0% asked for (min_valid_share;") in line and "teacher ratings" not in line
+        enough = str(valid / 20)
+        assert run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", "--min-valid", enough,
+                       check=False).returncode == 0
+
+
+def test_merge_reports_counts_and_exits_3_as_a_run_would(uf_pairs, tmp_path):
+    """`annotate merge` of a shard whose calls all failed printed "merged 2 shards: …" and exited 0. It now counts
+    the merged calls and annotated pairs and applies a run's rule: exit 3 when no pair, or fewer than --min-valid of
+    them, got a valid annotation (the files written)."""
+    good, dead = tmp_path / "good.yaml", tmp_path / "dead.yaml"
+    shards = [tmp_path / f"ann.{i}.parquet" for i in range(2)]
+    with Stub() as url, Stub(lambda body, request: Reply(404, b'{"error": "no such model"}')) as dead_url:
+        good.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}")
+        dead.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{dead_url}]\n{FAST}")
+        run_cli("annotate", uf_pairs, "-o", shards[0], "--config", good, "--limit", "10", "--shard", "0/2")
+        for shard, index in ((shards[1], 1), (tmp_path / "dead.0.parquet", 0)):
+            assert run_cli("annotate", uf_pairs, "-o", shard, "--config", dead, "--limit", "10", "--shard",
+                           f"{index}/2", check=False).returncode == 3
+    annotated = read_annotations(shards[0])[0].num_rows
+    failed = read_annotations(shards[1])[0].num_rows
+    assert annotated and failed and annotated + failed == 10
+    merged = tmp_path / "merged.parquet"
+    result = run_cli("annotate", "merge", *shards, "-o", merged)  # some pairs annotated: exit 0, as a run's default
+    assert (f"merged 2 shards: 10 pairs, 10 teacher calls (failed {failed}, ok {annotated}); {annotated} pairs "
+            f"annotated -> {merged}") in result.stdout
+    strict = run_cli("annotate", "merge", *shards, "-o", tmp_path / "strict.parquet", "--min-valid", "1.0",
+                     check=False)
+    assert strict.returncode == 3 and (tmp_path / "strict.parquet").exists()
+    (line,) = error_lines(strict)
+    assert line == (f"error: {annotated} of 10 pairs ({annotated / 10:.1%}) got a valid annotation, fewer than the "
+                    "100.0% asked for (min_valid_share); the files were written; failed calls are cached in the "
+                    "shards' caches; --retry-failed on those shards asks them again, then merge again")
+    dead = run_cli("annotate", "merge", tmp_path / "dead.0.parquet", shards[1], "-o", tmp_path / "dead.parquet",
+                   check=False)
+    assert dead.returncode == 3 and error_lines(dead)[0].startswith("error: no pair of 10 got a valid annotation; ")
+    assert "min_valid_share 1.5 is not a share" in _refused(
+        run_cli("annotate", "merge", *shards, "-o", tmp_path / "bad.parquet", "--min-valid", "1.5", check=False))
+
+
+def test_a_weight_on_a_ratings_teacher_that_names_no_category_is_refused(tmp_path):
+    """A ratings teacher of an ensemble on overall scores only, each in favour of the chosen response: its answers
+    are all 'unknown', which count only where no other teacher names a category, so its `weight` was accepted and
+    changed nothing. Refused before anything is written; read where it names a category (a tie here)."""
+    from plan_helpers import make_pairs
+
+    pairs = tmp_path / "pairs.parquet"
+    make_pairs(pairs, [(8.0, 2.0), (5.0, 4.0)])
+    with Stub() as url:
+        config = tmp_path / "ensemble.yaml"
+        config.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{FAST}"
+                          "  - kind: ratings\n    weight: 2\n")
+        before = sorted(p.name for p in tmp_path.iterdir())
+        result = run_cli("annotate", pairs, "-o", tmp_path / "ann.parquet", "--config", config, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = error_lines(result)
+        assert line == ("error: teacher ratings: weight 2 would change nothing: it names no category for any of the 2 "
+                        "pairs (they hold overall scores only, each in favour of the chosen response, or no scores), "
+                        "and its 'unknown' answers count only where no other teacher names a category, whatever their "
+                        "weight; drop the weight (its answers still stand in where the other teachers give none)")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+        config.write_text(config.read_text().replace("    weight: 2\n", ""))  # without the weight: read
+        run_cli("annotate", pairs, "-o", tmp_path / "ann.parquet", "--config", config)
+        make_pairs(pairs, [(8.0, 2.0), (5.0, 5.0)])  # a tie: no_clear_gap, a category its weight weighs
+        config.write_text(config.read_text() + "    weight: 2\n")
+        run_cli("annotate", pairs, "-o", tmp_path / "tie.parquet", "--config", config)

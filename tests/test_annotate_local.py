@@ -129,7 +129,8 @@ def test_threads_setting_applies_while_scoring_only(uf_pairs, tmp_path, tiny_mod
 
 def test_calibration_divides_out_the_content_free_label_prior(tiny_model):
     """Calibrated, the content-free pair itself is a uniform tie over the labels; uncalibrated it is not, and on
-    a real pair calibration moves each label's log-probability by exactly the content-free one."""
+    a real pair calibration moves each label's log-probability by exactly the content-free one, in the order the
+    pair is shown (a swapped pair's prompt names "B" as preferred: it was divided by the unswapped prompt's prior)."""
     import math
 
     from perpair.annotate.config import LocalTeacherConfig
@@ -141,22 +142,26 @@ def test_calibration_divides_out_the_content_free_label_prior(tiny_model):
     empty = {"prompt": [{"role": "user", "content": "N/A"}], "chosen": answer, "rejected": answer}
     real = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}],
             "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
-    calls = [Call(key=name, pair_id=name, teacher="t", template="gap-local@v1", swapped=False, pair=pair)
-             for name, pair in (("empty", empty), ("real", real))]
+    calls = [Call(key=f"{name}{'-swapped' * swapped}", pair_id=name, teacher="t", template="gap-local@v1",
+                  swapped=swapped, pair=pair) for name, pair in (("empty", empty), ("real", real))
+             for swapped in (False, True)]
     results = {}
     for calibrate in (True, False):
         teacher = LocalTeacher(LocalTeacherConfig(model="tiny", calibrate=calibrate), model=model, tokenizer=tokenizer)
         results[calibrate] = {r.key: json.loads(r.raw_response)["category"] for r in teacher.annotate_batch(calls)}
-    assert all(p == pytest.approx(1 / len(CATEGORIES), abs=1e-6) for p in results[True]["empty"].values())
-    assert max(results[False]["empty"].values()) > 1 / len(CATEGORIES) + 1e-3
+    for empty_key in ("empty", "empty-swapped"):
+        assert all(p == pytest.approx(1 / len(CATEGORIES), abs=1e-6) for p in results[True][empty_key].values())
+        assert max(results[False][empty_key].values()) > 1 / len(CATEGORIES) + 1e-3
     # on a real pair: softmax(log p(label | pair) - log p(label | content-free pair)), from unrounded scores
     template = get_template("gap-local@v1")
     scorer = teacher._load()
-    real_lp, empty_lp = (teacher._score(scorer, [teacher.prompt_text(template, pair, False)])[0].logprob
-                         for pair in (real, empty))
-    weights = [math.exp(a - b) for a, b in zip(real_lp, empty_lp, strict=True)]
-    expected = [w / sum(weights) for w in weights]
-    assert [results[True]["real"][c] for c in CATEGORIES] == pytest.approx(expected, abs=2e-6)
+    for swapped in (False, True):
+        real_lp, empty_lp = (teacher._score(scorer, [teacher.prompt_text(template, pair, swapped)])[0].logprob
+                             for pair in (real, empty))
+        weights = [math.exp(a - b) for a, b in zip(real_lp, empty_lp, strict=True)]
+        expected = [w / sum(weights) for w in weights]
+        got = results[True]["real-swapped" if swapped else "real"]
+        assert [got[c] for c in CATEGORIES] == pytest.approx(expected, abs=2e-6)
 
 
 def test_shards_of_other_model_files_at_the_same_path_do_not_merge(uf_pairs, tmp_path):

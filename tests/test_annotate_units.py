@@ -11,6 +11,7 @@ import pytest
 from perpair.annotate.aggregate import aggregate_pair
 from perpair.annotate.cache import AnswerCache, CallRecord
 from perpair.annotate.config import RatingsTeacherConfig, load_config, parse_teacher_spec
+from perpair.annotate.runner import shortfall, teacher_calls
 from perpair.annotate.teachers import Call, RatingsTeacher
 from perpair.annotate.templates import GAP_V1, ParseError, get_template, is_swapped, parse_answer
 from perpair.errors import PerpairError
@@ -84,6 +85,54 @@ def test_the_answer_is_never_taken_from_reasoning_or_one_of_two_answers():
         with pytest.raises(ParseError, match=fragment):
             parse_answer(reply, False)
     assert parse_answer(answer(magnitude="3"), False).magnitude == 3.0
+
+
+def test_an_answer_that_does_not_decode_is_invalid_whatever_else_the_reply_holds():
+    """A reply with a clean draft and a final answer that does not decode (a quote left unescaped, or cut at
+    max_tokens) was parsed as the draft, status ok: the broken '{' was passed over for the clean one. An object
+    naming the answer's keys that does not decode is now invalid (re-asked), as two different answers are; a '{' of
+    prose that names none is still passed over."""
+    draft = answer(better="B", category="style", magnitude=1)
+    unescaped = answer(rationale='A says "4", B says "5"').replace('\\"', '"')
+    for reply in (f"Draft: {draft}\nFinal: {unescaped}", f"Draft: {draft}\nFinal: {answer()[:40]}",
+                  f"{unescaped}\nOr as JSON: {draft}", f"First {{better: A, category: factuality}} then {draft}",
+                  f"{{\"notes\": {{\"x\": 1}}, \"better\": \"A\", \"rationale\": \"a \"b\"\"}} {draft}"):
+        with pytest.raises(ParseError, match=r"^the JSON answer is malformed \("):
+            parse_answer(reply, False)
+    assert parse_answer(f"I use {{curly}} braces and say category: style.\n{draft}", False).category == "mislabeled"
+
+
+def test_magnitude_edges_must_increase_from_zero(tmp_path):
+    """magnitude_edges [3, 1] or [-1, 2] were accepted: with low > high no margin is magnitude 2, with low <= 0 none
+    is magnitude 1. Refused naming the key; increasing positive edges are read."""
+    yaml_file = tmp_path / "a.yaml"
+    for edges in ("[3, 1]", "[-1, 2]", "[0, 2]", "[2, 2]", "[1, .inf]"):
+        yaml_file.write_text(f"teachers:\n  - kind: ratings\n    magnitude_edges: {edges}\n")
+        with pytest.raises(PerpairError, match=r"teachers\.0\.ratings\.magnitude_edges: got \[.*\]; give two margins "
+                                               r"with 0 < low < high"):
+            load_config(yaml_file)
+    yaml_file.write_text("teachers:\n  - kind: ratings\n    magnitude_edges: [0.5, 2]\n")
+    teacher = RatingsTeacher(load_config(yaml_file).teachers[0])
+    assert [teacher.magnitude(m) for m in (0.5, 1.0, 2.0, 2.5)] == [1.0, 2.0, 2.0, 3.0]
+
+
+def test_the_shortfall_holds_each_teacher_of_an_ensemble_to_min_valid_share():
+    """An ensemble whose API teacher answered 1 call of 1,000 beside a ratings teacher that answered all: every pair
+    had a category (the ratings'), so even --min-valid 1.0 exited 0; only a teacher with no valid answer at all was
+    named. Now each teacher (and template) of an ensemble is held to min_valid_share; one teacher alone is not."""
+    rows = [("api:m", "gap@v1", "ok" if i == 0 else "failed") for i in range(1000)]
+    rows += [("ratings", "ratings@v1", "ok")] * 1000
+    calls = teacher_calls(rows)
+    assert calls == {"api:m": (1, 1000), "ratings": (1000, 1000)}
+    assert shortfall(1000, 1000, 0.0, calls) is None  # the default asks only that some pair be annotated
+    assert shortfall(1000, 1000, 1.0, calls) == (
+        "teacher api:m gave a valid annotation in 1 of 1,000 calls (0.1%), fewer than the 100.0% asked for "
+        "(min_valid_share; the other pairs' annotations come from the rest of the ensemble alone)")
+    assert shortfall(1000, 1000, 0.001, calls) is None
+    alone = teacher_calls(rows[:1000])
+    assert alone == {} and shortfall(1000, 1, 0.001, alone) is None  # one teacher: the pairs' share, as before
+    templates = teacher_calls([("api:m", "gap@v1", "ok"), ("api:m", "gap-brief@v1", "failed")])
+    assert templates == {"api:m with template gap-brief@v1": (0, 1), "api:m with template gap@v1": (1, 1)}
 
 
 def ratings_call(**pair) -> Call:

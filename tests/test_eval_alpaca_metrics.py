@@ -482,6 +482,42 @@ def test_online_the_official_files_are_downloaded_before_scoring(tmp_path, monke
         hub_commit.cache_clear()
 
 
+def test_an_lc_figure_of_another_judge_says_it_is_not_comparable_to_the_leaderboards(tmp_path):
+    """The LC fit (with the Hub's df_gamed.csv: `fit`, not an approximation) reads rows and difficulties judged by
+    AlpacaEval 2.0's gpt-4-turbo annotator; annotations of another judge got the same figure with no word of it. It
+    is still computed as alpaca_eval computes it, and the row and the printed line say it is not comparable."""
+    import dataclasses
+
+    from perpair.eval.score import score_frame
+
+    inputs = ScoreOptions(offline=True, data_dir=AE).resolve()
+    exact = dataclasses.replace(inputs, gamed=GamedRows.from_frame(_gamed_frame(["alpaca-7b"])))
+    frame = annotations("claude-2.1")
+    rows = {}
+    for annotator in ("weighted_alpaca_eval_gpt4_turbo", "weighted_alpaca_eval:api:gpt-4-1106-preview",
+                      "weighted_alpaca_eval:local:smollm2", "weighted_alpaca_eval:api:gpt-4o", None):
+        judged = frame.assign(annotator=annotator) if annotator else frame.drop(columns="annotator")
+        rows[annotator] = score_frame(judged, exact, name="claude-2.1")
+    for annotator, row in rows.items():
+        assert (row["lc_method"], row["lc_is_approximation"]) == ("fit", False)  # computed as alpaca_eval does
+        assert row["length_controlled_winrate"] == rows["weighted_alpaca_eval_gpt4_turbo"]["length_controlled_winrate"]
+        if annotator in ("weighted_alpaca_eval_gpt4_turbo", "weighted_alpaca_eval:api:gpt-4-1106-preview"):
+            assert row["lc_judge_note"] is None, annotator
+            continue
+        note = row["lc_judge_note"]
+        assert "judged by AlpacaEval 2.0's gpt-4-turbo annotator" in note and "df_gamed.csv" in note, annotator
+        assert "not comparable to the leaderboard's" in note
+        assert (repr(annotator) if annotator else "do not name their judge") in note
+    local = tmp_path / "local.json"
+    records = json.load(gzip.open(AE / "annotations" / "claude-2.1.json.gz"))
+    local.write_text(json.dumps([{**r, "annotator": "weighted_alpaca_eval:local:smollm2"} for r in records]))
+    printed = run_cli("eval", "score", "--offline", "--data-dir", AE, local).stdout
+    assert "not comparable to the leaderboard's" in " ".join(printed.split())
+    official = run_cli("eval", "score", "--json", "--offline", "--data-dir", AE,
+                       AE / "annotations" / "claude-2.1.json.gz").stdout
+    assert json.loads(official)["lc_judge_note"] is None
+
+
 def test_unjudged_instructions_are_said_and_none_judged_is_an_error(tmp_path):
     """A null preference (the judge gave no usable answer) is left out of every figure, as alpaca_eval does; the
     row says how many and the table says so. A file where no instruction is judged has no win rate: exit 2."""

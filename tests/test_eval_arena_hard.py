@@ -303,6 +303,32 @@ def test_bad_judgment_files_are_refused_with_file_and_row(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+def test_judgments_of_arena_hard_v2_or_of_several_judges_are_refused_naming_file_row_and_field(tmp_path):
+    """v2.0's judgment rows (uid, category; per-category baselines, labels like B<A) were scored and printed "vs
+    gpt-4-0314", and a file mixing judges was scored as one judge's: each is refused by file, row and field; a
+    v0.1 file still scores."""
+    path, rows = _judgment_file(tmp_path, "m", 7, n=6)
+    v2 = [{"uid": f"u{i}", "category": "hard_prompt", "judge": "gpt-4.1", "model": "m",
+           "games": [{"score": "B<A", "judgment": {"answer": "…"}, "prompt": []},
+                     {"score": "A<<B", "judgment": {"answer": "…"}, "prompt": []}]} for i in range(3)]
+    cases = {"v2": (v2, "row 1, field 'uid'"),
+             "category": ([*rows[:2], {**rows[2], "category": "creative_writing"}], "row 3, field 'category'"),
+             "no_question_id": ([*rows[:4], {k: v for k, v in rows[4].items() if k != "question_id"}],
+                                "row 5, field 'question_id'"),
+             "judges": ([*rows[:3], {**rows[3], "judge": "gpt-4o"}, *rows[4:]], "row 4, field 'judge'")}
+    for case, (bad_rows, words) in cases.items():
+        bad = tmp_path / case / "m.jsonl"
+        bad.parent.mkdir()
+        bad.write_text("".join(json.dumps(r) + "\n" for r in bad_rows))
+        result = run_cli("eval", "arena-hard", "score", bad, check=False)
+        error = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(error) == 1 and error[0].startswith(f"error: file {bad}, "), case
+        assert words in error[0] and "Traceback" not in result.stderr, (case, result.stderr)
+    assert "v2.0" in run_cli("eval", "arena-hard", "score", tmp_path / "v2" / "m.jsonl", check=False).stderr
+    row = json.loads(run_cli("eval", "arena-hard", "score", "--json", path).stdout)  # v0.1: one judge on every row
+    assert (row["judge"], row["n_questions"]) == ("gpt-4-1106-preview", 6)
+
+
 def test_judgments_without_any_verdict_are_an_error_not_a_null_score(tmp_path):
     """No game with one of the five labels: there is no score to report, so exit 2 (it was exit 0 with a null
     score); one game with a verdict is enough for a score, and the others are counted in the note."""
@@ -429,3 +455,70 @@ def test_a_local_judge_writes_its_judgments_in_the_dtype_they_are_cached_under(t
                                        data_dir=SHARED_DATA / "arena_hard")
     row = arena_run.run_arena_hard(config)
     assert loaded == ["bfloat16"] and row["n_judged"] == 4 and row["score"] == 50.0
+
+
+@pytest.mark.component  # a loopback stub judge and a tiny model (the file's others are unit)
+def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp_path, monkeypatch, tiny_model_dir):
+    """An API judge's empty reply (content null or "": a reasoning judge out of max tokens, a content filter) was
+    cached as the game's verdict-less judgment for good. It counts as no verdict in its run, the note says so, and
+    the next run asks again, as AlpacaEval's judge does with a reply without top log-probs."""
+    import sqlite3
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from perpair.eval import arena_run
+    from perpair.eval.alpaca_eval import JudgeConfig
+
+    empty = [True]  # the server's state: empty replies whenever the model's answer is shown as A, or none
+    asked = []
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["messages"][1]["content"]
+            model_is_a = "<|The Start of Assistant A's Answer|>\nMODEL ANSWER" in prompt
+            asked.append(model_is_a)
+            content = "My final verdict is [[A>B]]" if model_is_a else "My final verdict is [[B>A]]"  # model wins
+            if empty[0] and model_is_a:  # null for question 1's, "" for question 2's
+                content = None if "MODEL ANSWER 0" in prompt else ""
+            payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                               "finish_reason": "length"}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setattr(arena_run, "generate_answers", lambda path, generation, texts, cache, progress: (
+        [f"MODEL ANSWER {k}" for k in range(len(texts))], 0))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "arena"
+    config = arena_run.ArenaHardConfig(
+        model=str(tiny_model_dir), output_dir=out, limit=2, n_rounds=2, offline=True,
+        data_dir=SHARED_DATA / "arena_hard",
+        judge=JudgeConfig(judge=f"http://127.0.0.1:{server.server_address[1]}/v1", model_name="stub"))
+    try:
+        first = arena_run.run_arena_hard(config)
+        with sqlite3.connect(out / "cache.sqlite") as db:
+            cached = db.execute("SELECT COUNT(*) FROM results WHERE kind = 'arena_judgment'").fetchone()[0]
+        empty[0] = False  # the judge answers now
+        second = arena_run.run_arena_hard(config)
+    finally:
+        server.shutdown()
+    # run 1: the two games showing the model as A got empty replies, and the retry's too: no verdict, not cached
+    assert (first["n_judged"], first["n_no_verdict"], first["n_empty_reply"], cached) == (4, 2, 2, 2)
+    assert (first["score"], first["n_battles"]) == (100.0, 2)
+    assert first["note"] == ("2 of 4 games without a verdict (after one retry) weigh 0, as in show_result.py; 2 of "
+                             "them got an empty reply from the judge (content null or \"\"), not cached: a re-run "
+                             "asks the judge again")
+    assert sorted(asked[:6]) == [False, False, True, True, True, True]  # 2 verdicts; 2 empty, each asked twice
+    # run 2 asks those two games again, and only them; the games with a verdict come from the cache
+    assert asked[6:] == [True, True]
+    assert (second["n_judged"], second["n_no_verdict"], second["n_empty_reply"]) == (2, 0, 0)
+    assert (second["score"], second["n_battles"], second["note"]) == (100.0, 4, "")

@@ -133,6 +133,7 @@ def test_cli_end_to_end_on_ultrafeedback(uf_pairs, tmp_path):
     assert row["n_annotated"] == n - by.get("unannotated", {"n": 0})["n"]
     assert sum(v["n_correct"] for v in by.values()) == row["implicit_reward"]["n_correct"]
     assert json.loads(out.read_text())[0]["accuracy"] == row["accuracy"]
+    assert (same["limit"], row["limit"]) == (N, N)  # the report's table says the evaluation was of N pairs only
     markdown = out.with_suffix(".md").read_text()
     assert f"| all | {n} |" in markdown and "| factuality |" in markdown
 
@@ -193,7 +194,7 @@ def test_the_reference_cache_records_the_pairs_too_long_for_max_length(tmp_path)
     model, cache = _tiny(tmp_path / "model", 0), tmp_path / "cache"
     cache_reference(PreferenceConfig(model=str(model), ref=str(model), data=pairs, max_length=64,
                                      reference_cache=cache))
-    table, _ = read_reference_logps(cache, file_sha256(pairs), str(pairs))  # refused: "lacks 1 of the 3 pairs"
+    table, _, _ = read_reference_logps(cache, file_sha256(pairs), str(pairs))  # refused: "lacks 1 of the 3 pairs"
     assert sorted(table.column("pair_id").to_pylist()) == sorted([ids[0], ids[2]])
 
 

@@ -58,6 +58,30 @@ def test_report_from_result_folders(tmp_path, monkeypatch):
     assert "win_rates.png" in page and "helpful_base" in page
 
 
+def test_a_partial_arena_hard_run_does_not_read_as_a_complete_one(tmp_path, monkeypatch):
+    """The tables left out Arena-Hard's games and those without a verdict, the --limit and the notes: a run of 3
+    questions with a third of its games unjudged read like a complete one. The columns there were are kept."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    row = json.loads((arena / "results.json").read_text())[0]
+    note = "2 of 6 games without a verdict (after one retry) weigh 0, as in show_result.py"
+    (arena / "results.json").write_text(json.dumps([{**row, "limit": 3, "n_questions": 3, "n_games": 6,
+                                                     "n_no_verdict": 2, "note": note}]))
+    report = tmp_path / "report"
+    run_cli("eval", "report", alpaca, arena, "-o", report)
+    table = json.loads((report / "results.json").read_text())
+    assert [(r["n_games"], r["n_no_verdict"], r["limit"]) for r in table] == [(None, None, None), (6, 2, 3)]
+    assert list(table[1]) == ["benchmark", "name", "judge", "length_controlled_winrate", "lc_standard_error",
+                              "win_rate", "standard_error", "score", "rating_q025", "rating_q975", "accuracy",
+                              "mean_margin", "margin_se", "n_total", "n_games", "n_no_verdict", "limit",
+                              "avg_length", "lc_method", "folder"]
+    lines = (report / "results.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    arena_cells = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|")), strict=True))
+    assert (arena_cells["n_games"], arena_cells["n_no_verdict"], arena_cells["limit"]) == ("6", "2", "3")
+    assert f"- claude-2.1 (arena_hard_v0.1): {note}" in lines
+
+
 @pytest.mark.parametrize("name", ["$\\alpha$-model $x^$", "[/x] [bold]model"])
 def test_names_that_look_like_markup_are_shown_as_written(tmp_path, monkeypatch, name):
     # matplotlib reads $…$ as mathtext ("$x^$" does not parse); rich reads [..] as markup ("[/x]" closes nothing)

@@ -372,6 +372,72 @@ def test_a_flipped_column_beside_a_plan_is_refused(small_pairs, tmp_path):
     assert plugin.apply_plan(dataset, plan)[1].flipped == 0
 
 
+def test_a_hand_edited_plan_is_refused_as_perpair_train_refuses_it(small_pairs, tmp_path):
+    """A plan edited by hand: a pair given a second row was read with the last row winning (its β, route and order
+    trained, the first row's ignored), and a null flipped was read as not flipped, where ``perpair train`` refuses
+    both; a dataset's own flipped column with a null was read so too."""
+    import pyarrow as pa
+
+    from perpair.artifacts import read_artifact
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    table, provenance = read_artifact(plan, kind="plan", schema_version=1)
+    dataset = _dataset(small_pairs)
+    pid = table.column("pair_id")[0].as_py()
+
+    def edited(name: str, edit) -> Path:
+        path = tmp_path / name
+        write_artifact(path, edit(table), kind="plan", schema_version=1, provenance=provenance)
+        return path
+
+    doubled = edited("doubled.parquet", lambda t: pa.concat_tables([t, t.slice(0, 1)]))
+    with pytest.raises(PerpairError, match=rf"file .*doubled.parquet, row 25, field 'pair_id': pair '{pid}' appears "
+                                           r"twice \(rows 1 and 25\); a plan needs unique pair ids"):
+        plugin.apply_plan(dataset, doubled)
+    flips = [False] * len(table)
+    flips[1] = None
+    unknown = edited("null.parquet", lambda t: t.set_column(t.schema.get_field_index("flipped"), "flipped",
+                                                             pa.array(flips, pa.bool_())))
+    with pytest.raises(PerpairError, match=r"file .*null.parquet, row 2, field 'flipped': pair '\w+' has no flipped "
+                                           r"value \(null\); every pair has one, true or false"):
+        plugin.apply_plan(dataset, unknown)
+    n = len(dataset)
+    carried = dataset.add_column("beta", [0.1] * n).add_column("route", ["preference"] * n)
+    carried = carried.add_column("order", list(range(n))).add_column("label_smoothing", [0.0] * n)
+    with pytest.raises(PerpairError, match=r"train_dataset: pair \w+ \(row 2\) has no flipped value \(null\); a "
+                                           r"flipped column needs one for every pair"):
+        plugin.apply_plan(carried.add_column("flipped", flips), None)
+    assert plugin.apply_plan(carried.add_column("flipped", [False] * n), None)[1].flipped == 0
+
+
+def test_options_that_would_leave_the_plans_order_are_refused(small_pairs, tiny_model, tmp_path, monkeypatch):
+    """Trainer options that change which pairs a step reads, or in which order: auto_find_batch_size (after an
+    out-of-memory error Transformers restarted from the plan's first pair with a batch size its checkpoints did not
+    record), dataloader_drop_last (the plan's last pairs, the hardest of a curriculum, never trained) and
+    dataloader_in_order=False with workers (batches as workers finish them) all trained without a word. Under
+    split_batches one batch is split across the processes, so a checkpoint's pairs a step is not that batch times
+    the processes (which it recorded)."""
+    with pytest.raises(PerpairError, match=r"auto_find_batch_size is not supported: after an out-of-memory error "
+                                           r"Transformers restarts training from the plan's first pair"):
+        plugin.check_config(_args(tmp_path, 2, 64, 1e-3, auto_find_batch_size=True))
+    with pytest.raises(PerpairError, match=r"dataloader_drop_last=True drops the last incomplete batch of every "
+                                           r"epoch: with the plan's order those are the plan's last pairs"):
+        plugin.check_config(_args(tmp_path, 2, 64, 1e-3, dataloader_drop_last=True))
+    with pytest.raises(PerpairError, match=r"dataloader_in_order=False with dataloader_num_workers > 0 yields each "
+                                           r"batch when its worker has it ready, not in the plan's order"):
+        plugin.check_config(_args(tmp_path, 2, 64, 1e-3, dataloader_num_workers=2, dataloader_in_order=False))
+    for options in ({"dataloader_num_workers": 2}, {"dataloader_in_order": False}):  # each alone keeps the order
+        plugin.check_config(_args(tmp_path, 2, 64, 1e-3, **options))
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    split = _construct(tiny_model, _dataset(small_pairs), plan, tmp_path, gradient_accumulation_steps=3,
+                       accelerator_config={"split_batches": True})
+    whole = _construct(tiny_model, _dataset(small_pairs), plan, tmp_path, gradient_accumulation_steps=3)
+    monkeypatch.setattr(type(split.args), "world_size", property(lambda self: 2))  # two processes
+    assert split._pairs_per_step() == 2 * 3  # one batch of 2 a micro-step, split between the two
+    assert whole._pairs_per_step() == 2 * 3 * 2  # one batch of 2 each
+
+
 def test_a_tokenized_dataset_is_refused_by_name(small_pairs, tmp_path):
     """A dataset with TRL's token columns only: there is no text to match the plan by. It was refused as if the plan
     were made from other data (or, with plan columns, a zip() traceback)."""
@@ -466,6 +532,10 @@ def test_evaluate_refuses_plan_columns_as_construction_does(small_pairs, tiny_mo
         trainer.evaluate(held_out.add_column("beta", [0.5, 0.5]))
     with pytest.raises(PerpairError, match=r"probe carries plan columns \(route\)"):
         trainer.evaluate({"probe": held_out.add_column("route", ["sft", "sft"])})
+    # the planned training dataset, with the columns the plug-in added: scored with DPOConfig.beta, silently
+    with pytest.raises(PerpairError, match=r"eval_dataset carries plan columns \(perpair_beta, perpair_sft, "
+                                           r"perpair_label_smoothing, perpair_pair_id\), which evaluation does not"):
+        trainer.evaluate(trainer.train_dataset)
     assert "eval_loss" in trainer.evaluate(held_out)
 
 
@@ -563,6 +633,13 @@ def test_a_training_dataset_reordered_after_construction_is_refused(small_pairs,
                                            r"plan: row \d+ holds pair \w+, which the plan's order puts before pair"):
         trainer.train()
     assert trainer.state.global_step == 0
+    # without the pair ids the shuffle could not be seen: it trained the shuffled pairs
+    trainer.train_dataset = planned.remove_columns([plugin.PAIR]).shuffle(seed=0)
+    with pytest.raises(PerpairError, match=r"trainer.train_dataset keeps perpair_beta, perpair_sft, "
+                                           r"perpair_label_smoothing but lacks perpair_pair_id, which "
+                                           r"PerPairDPOTrainer added with the plan .* keep all of perpair_pair_id, "):
+        trainer.train()
+    assert trainer.state.global_step == 0
     trainer.train_dataset = planned.select(range(1, len(planned), 2))  # every other pair, in the plan's order
     trainer.train()
     assert trainer.state.global_step == 1
@@ -588,7 +665,9 @@ def test_collator_leaves_unplanned_batches_to_trl():
 def test_version_check_range():
     plugin.check_trl_version("1.16.0")
     plugin.check_trl_version("1.16.3")
-    for bad in ("1.15.2", "1.17.0", "2.0.0"):
+    plugin.check_trl_version("1.16.4.dev0")  # a development build of 1.16.x: inside >=1.16,<1.17, as pip reads it
+    # pre-releases of 1.17 (TRL's main branch) sort below 1.17, but pip's <1.17 excludes them
+    for bad in ("1.15.2", "1.16.0rc1", "1.17.0.dev0", "1.17.0rc1", "1.17.0", "2.0.0"):
         with pytest.raises(PerpairError, match=f"found trl {bad}"):
             plugin.check_trl_version(bad)
 

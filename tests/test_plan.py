@@ -274,6 +274,54 @@ def test_quantile_routing_to_drop(files, tmp_path):
     assert sorted(r["order"] for r in rows if r["route"] != "drop") == list(range(N - len(dropped)))
 
 
+def test_a_routing_rule_given_replaces_the_presets(files, tmp_path):
+    """``routing: {quantile: q}`` over mixdpo kept MixDPO's τ = 0.5 beside it, and a pair either rule picks is
+    routed: the lowest q (a subset of the ties here) changed nothing, exit 0, no warning. A rule a layer gives now
+    replaces the rule below it; a layer that gives both keeps both."""
+    pairs, _, _ = files
+    given = resolve_schedule("mixdpo", _config(tmp_path, {"routing": {"quantile": 0.1}}))
+    assert (given.routing.tau, given.routing.quantile, given.routing.action) == (None, 0.1, "sft")
+    result = build_plan(pairs, None, given)
+    assert _col(result, "route").count("sft") == math.floor(0.1 * (N - 1)) < 19  # MixDPO's ties: 19 of the 59
+    both = resolve_schedule("mixdpo", _config(tmp_path, {"routing": {"tau": 0.5, "quantile": 0.1}}))
+    assert (both.routing.tau, both.routing.quantile) == (0.5, 0.1)
+    assert _col(build_plan(pairs, None, both), "route").count("sft") == 19
+    # a run arm's schedule over a schedule file: the same rule
+    layered = resolve_schedule("mixdpo", _config(tmp_path, {"routing": {"tau": 1.0}}), None, {"routing": {
+        "quantile": 0.2}})
+    assert (layered.routing.tau, layered.routing.quantile) == (None, 0.2)
+
+
+def test_pairs_without_a_ratings_margin_are_named_in_a_warning(files, tmp_path):
+    """A pairs file mixing scored and unscored pairs under mixdpo: the unscored ones are never routed and come
+    last in the curriculum; only the summary's count said so (a teacher margin's missing pairs were warned of)."""
+    pairs, _, _ = files
+    warnings = build_plan(pairs, None, resolve_schedule("mixdpo")).provenance["warnings"]
+    assert any(w.startswith("1 of the 60 trained pairs have no ratings margin (score_chosen or score_rejected "
+                            "missing: data without ratings) and are never routed and last in the curriculum")
+               for w in warnings), warnings
+    plain = _config(tmp_path, {"margin": {"source": "ratings"}})  # read by nothing but the difficulty column
+    assert not build_plan(pairs, None, resolve_schedule("dpo", plain)).provenance["warnings"]
+
+
+def test_a_curriculum_or_threshold_that_cannot_act_is_refused_or_warned(files, tmp_path):
+    """``curriculum: {kind: bucketed, buckets: 1}`` was a seeded shuffle called easy to hard, and
+    ``mislabeled.threshold: 1`` can never be exceeded by a confidence: both refused; buckets as many as the pairs
+    order them as easy_to_hard does, which a warning says."""
+    pairs, _, _ = files
+    for values, key, message in (({"curriculum": {"kind": "bucketed", "buckets": 1}}, "curriculum.buckets",
+                                  "greater than or equal to 2"),
+                                 ({"mislabeled": {"threshold": 1.0}}, "mislabeled.threshold", "less than 1")):
+        with pytest.raises(InputError, match=f"{key}.*{message}"):
+            resolve_schedule("sp2dpo+mixdpo", _config(tmp_path, values))
+    many = resolve_schedule("mixdpo", _config(tmp_path, {"curriculum": {"kind": "bucketed", "buckets": N}}))
+    result = build_plan(pairs, None, many)
+    assert any(w.startswith(f"curriculum.buckets {N} is at least the 59 trained pairs with a margin: one pair a "
+                            "bucket") for w in result.provenance["warnings"]), result.provenance["warnings"]
+    easy = build_plan(pairs, None, resolve_schedule("mixdpo"))
+    assert _col(result, "order") == _col(easy, "order")
+
+
 @pytest.mark.parametrize(("routing", "rule"), [({"tau": 0.5}, "difficulty 0.0 < τ = 0.5"),
                                                ({"tau": None, "quantile": 0.25}, "in the lowest q = 0.25 fraction")])
 def test_explain_names_the_rule_that_dropped_a_pair(files, tmp_path, routing, rule):
@@ -445,11 +493,11 @@ def test_presets_resolve_and_overrides_apply_in_order(tmp_path):
     ({"beta": {"priors": {"rudeness": 1.0}}}, "beta.priors.rudeness", "unknown key"),
     ({"beta": {"beta_min": -0.1}}, "beta.beta_min", "greater than 0"),
     ({"beta": {"priors": {"safety": 1.5}}}, "beta.priors.safety", "less than or equal to 1"),
-    ({"mislabeled": {"threshold": 2}}, "mislabeled.threshold", "less than or equal to 1"),
+    ({"mislabeled": {"threshold": 2}}, "mislabeled.threshold", "less than 1"),
     ({"mislabeled": {"action": "burn"}}, "mislabeled.action", "'drop', 'flip' or 'beta_max'"),
     ({"routing": {"quantile": 1.0}}, "routing.quantile", "less than 1"),
     ({"label_smoothing": 0.5}, "label_smoothing", "less than 0.5"),
-    ({"curriculum": {"buckets": 0}}, "curriculum.buckets", "greater than or equal to 1"),
+    ({"curriculum": {"buckets": 0}}, "curriculum.buckets", "greater than or equal to 2"),
     ({"beta": {"magnitude_gain": [0, 0.5, 1]}}, "beta.magnitude_gain", ""),
     ({"beta": {"beta_min": 0.5, "beta_max": 0.4}}, "beta.beta_min", "smaller than beta.beta_max"),
     ({"beta": {"magnitude_gain": [0, 0.8, 0.5, 1]}}, "beta.magnitude_gain", "non-decreasing"),

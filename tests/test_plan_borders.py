@@ -151,6 +151,39 @@ def test_reference_margin_from_the_train_cache(tmp_path):
     assert not (tmp_path / "o.parquet").exists() and other_ids
 
 
+def test_a_plan_names_the_model_whose_reference_log_probs_it_read_and_refuses_ld_dpos(tmp_path):
+    """A folder holding one cache of the pairs gave its margins whichever model computed it, naming only the file
+    (another model's, an LD-DPO run's weighted sums): the model is printed, and LD-DPO's values are refused."""
+    from perpair.train import reference
+
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(8.0, 2.0)] * 4)
+    values = dict(zip(ids, [(-10.0, 5, -30.0, 10), (-8.0, 4, -4.0, 2), (-9.0, 3, -12.0, 6), (-1.0, 1, -7.0, 7)],
+                      strict=True))
+    schedule = tmp_path / "reference.yaml"
+    schedule.write_text("margin:\n  source: reference\n")
+    cases = (("named", None, "/models/other-sft", "model /models/other-sft, max_length 64"),
+             ("earlier", None, None, "model 0123456789abcdef01234567 (the hash of its files), max_length 64"),
+             ("ld", 0.5, "/models/other-sft", None))
+    for folder, ld_alpha, name, shown in cases:
+        key = reference.cache_key(model="0123456789abcdef0123456789abcdef", tokenizer="t",
+                                  pairs_sha256=file_sha256(pairs), max_length=64, ld_alpha=ld_alpha)
+        path = reference.cache_path(tmp_path / folder, key)
+        reference.save_cached(path, key, values, model_name=name)
+        out = tmp_path / f"{folder}.parquet"
+        result = run_cli("plan", pairs, "--preset", "dpo", "--config", schedule, "--reference-logps",
+                         tmp_path / folder, "-o", out, check=False)
+        if shown is None:
+            assert result.returncode == 2 and not out.exists()
+            assert result.stderr.strip() == (
+                f"error: --reference-logps {path}: computed for LD-DPO (ld_alpha 0.5): its values weigh each "
+                "response's tokens past the shorter one's length by ld_alpha, and a margin reads log-probs; train "
+                "once without ld_alpha to cache them"), result.stderr
+        else:
+            assert result.returncode == 0, result.stderr
+            assert f"reference log-probs: {path} ({shown})" in " ".join(result.stderr.split()), result.stderr
+
+
 def test_reference_log_probs_lacking_pairs_are_refused_and_a_stopped_passs_parts_are_read(tmp_path):
     """A cache that lacks pairs of the pairs file (a training of fewer steps than an epoch, or whose reference pass
     was killed) is refused, naming how many and how to compute them: those pairs got no margin, never routed and
@@ -344,6 +377,25 @@ def test_report_names_its_inputs_and_shows_escaped_examples(tmp_path):
         category = row["category"] or "unannotated"
         assert f"<td>{row['route']}</td><td>{category}</td><td><code>{row['pair_id']}</code>" in section
     assert rows[1]["route"] == "sft" and rows[3]["category"] == "unknown"
+
+
+def test_the_reports_examples_show_a_flipped_pair_as_trained(tmp_path):
+    """A pair mislabeled.action flip swaps trains the file's rejected response as chosen (and an SFT route imitates
+    it); the report's examples showed the file's columns under "chosen" and "rejected", the other way round."""
+    pairs = tmp_path / "pairs.parquet"
+    ids = make_pairs(pairs, [(9.0, 1.0), (8.0, 2.0)])
+    annotations = tmp_path / "ann.parquet"
+    write_annotations(annotations, pairs, ids, ["mislabeled", "safety"], [3.0, 3.0], [0.9, 0.9])
+    schedule = tmp_path / "flip.yaml"
+    schedule.write_text("mislabeled:\n  action: flip\n")
+    run_cli("plan", pairs, "--preset", "sp2dpo", "--annotations", annotations, "--config", schedule, "-o",
+            tmp_path / "plan.parquet")
+    section = (tmp_path / "plan_report" / "index.html").read_text().split("Example pairs", 1)[1]
+    assert "<th>chosen (as trained)</th><th>rejected (as trained)</th>" in section
+    flipped, kept = (section[section.index(f"<code>{pid}</code>"):].split("</tr>", 1)[0] for pid in ids)
+    assert section.count("(flipped: the file's rejected response is chosen here)") == 1
+    assert flipped.index("bad answer 0") < flipped.index("good answer 0")  # chosen column first
+    assert kept.index("good answer 1") < kept.index("bad answer 1")
 
 
 def test_json_summary_and_piped_table_width(uf_pairs, tmp_path):

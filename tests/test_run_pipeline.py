@@ -323,6 +323,22 @@ def test_train_keys_of_the_arms_folder_are_the_runs_own(tmp_path, tiny, key):
             RunConfig.model_validate(config)
 
 
+def test_lora_merge_is_the_runs_own(tmp_path, tiny):
+    """``lora: {merge: false}`` in a run's train section was set back to true for the evaluation, without a word;
+    refused, naming where it was given (the merge itself, and the adapter beside it, are the run's)."""
+    from perpair.pipeline import RunConfig
+
+    for place, where in (("train", "train"), ("arm", "arms.dpo.train")):
+        config = _config(tmp_path, tiny)
+        section = config["train"] if place == "train" else config["arms"]["dpo"].setdefault("train", {})
+        section["lora"] = {"r": 4, "merge": False}
+        with pytest.raises(ValueError, match=rf"{re.escape(where)}\.lora\.merge is set by perpair run itself \(its "
+                                             "evaluation reads the model with the adapter merged"):
+            RunConfig.model_validate(config)
+        del section["lora"]["merge"]
+        RunConfig.model_validate(config)
+
+
 def test_an_arm_resumes_a_training_whose_run_key_predates_the_tokenizer(tmp_path, tiny, uf_pairs):
     """Since run keys cover a model folder's tokenizer, a training stopped under an older perpair holds a run.key
     without it. The stage's own key covers the tokenizer, so the re-run resumes the arm from its checkpoint, as it
@@ -1642,3 +1658,15 @@ def test_an_evaluation_taken_out_of_the_config_leaves_the_report(tmp_path, tiny,
     assert (tmp_path / "work" / "arms" / "a" / "eval" / "alpaca_eval" / "results.json").is_file()  # kept, not shown
     assert result.rows[0]["alpaca_wr"] is None
     assert [r["benchmark"] for r in json.loads(report.read_text())] == ["preference_accuracy"]
+
+
+def test_the_comparison_notes_an_lc_of_another_judge_than_alpaca_evals():
+    """perpair run's table showed an AlpacaEval LC judged by a local model beside nothing that said it is not the
+    leaderboard's figure (the GLM's reference rows were judged by gpt-4-turbo): the evaluation's note is carried."""
+    from perpair.pipeline.report import evaluation_notes
+
+    note = "the LC fit's reference rows were judged by gpt-4-turbo"
+    evaluated = {arm: {"alpaca_eval": {"length_controlled_winrate": 50.0, "lc_method": "fit", "n_total": 8,
+                                       "lc_judge_note": note}} for arm in ("dpo", "base")}
+    assert evaluation_notes(evaluated) == [f"dpo, base: AlpacaEval LC: {note}"]
+    assert evaluation_notes({"dpo": {"alpaca_eval": {"lc_method": "fit", "n_total": 8}}}) == []

@@ -3,6 +3,7 @@ packing invariance, two processes, LoRA, bad input and NaN handling."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -49,13 +50,15 @@ def _train(model, data, out, *extra, check=True, fresh=False):
 
 
 def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
-    # every run a program, as the killed one must be: the same preloads, so the same float32 kernels (perpair.mkl)
+    # every run a program, as the killed one must be: the same preloads, so the same float32 kernels (perpair.mkl);
+    # with weight decay, whose two groups of parameters (decayed or not, as TRL's) the checkpoint restores
+    args = (*TINY_ARGS, "--set", "weight_decay=0.05")
     straight = tmp_path / "straight"
-    _train(tiny_model, uf_pairs, straight, *TINY_ARGS, fresh=True)
+    _train(tiny_model, uf_pairs, straight, *args, fresh=True)
     resumed = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "perpair", "train", "--model", str(tiny_model), "--data", str(uf_pairs),
            "--out", str(resumed), "--threads", "1", "--set", f"reference_cache={tmp_path / 'refcache'}",
-           "--save-every", "1", *TINY_ARGS]
+           "--save-every", "1", *args]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = resumed / "checkpoints" / "step-00000003"
     deadline = time.monotonic() + 120
@@ -64,7 +67,7 @@ def test_resume_after_sigkill_is_exact(tiny_model, uf_pairs, tmp_path):
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert 3 <= len(_metrics(resumed)) < 6
-    _train(tiny_model, uf_pairs, resumed, *TINY_ARGS, "--save-every", "1", "--resume", fresh=True)
+    _train(tiny_model, uf_pairs, resumed, *args, "--save-every", "1", "--resume", fresh=True)
 
     a, b = _metrics(straight), _metrics(resumed)
     assert [m["step"] for m in b] == list(range(1, 7))
@@ -193,6 +196,55 @@ def test_sigterm_to_perpair_train_is_one_line_and_exit_143(tiny_model, uf_pairs,
     assert shown.splitlines()[-1:] == [f"stopped by SIGTERM after step {step} of 40: checkpoint {out / 'checkpoints'}/"
                      f"step-{step:08d}; rerun with --resume to continue"], shown[-3000:]
     assert [c.name for c in (out / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+
+
+def test_precision_auto_is_keyed_as_it_resolves_and_earlier_keys_still_resume(tiny_model, uf_pairs, tmp_path,
+                                                                               monkeypatch):
+    """precision auto is bf16 autocast on a GPU with it, float32 elsewhere, and run.key held "auto": a run stopped
+    on a GPU node and resumed on a CPU one (or back) went on in the other precision, half of one and half of the
+    other, exit 0. The key holds the precision as it resolves; a run.key an earlier perpair wrote ("auto") is still
+    this run's, so an upgrade loses no run."""
+    import perpair.train.setup as setup
+    from perpair.train import load_config
+    from perpair.train.checkpoints import check_out, earlier_run_keys, run_key
+
+    out = tmp_path / "out"
+    config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 2,
+                                "batch_size": 2, "resume": True})
+    on_cpu = run_key(config)
+    assert on_cpu == earlier_run_keys(config)[0]  # float32 where it runs: the key as it was
+    monkeypatch.setattr(setup, "uses_bf16", lambda c: c.precision in ("auto", "bf16"))  # as on a GPU with bf16
+    on_gpu = run_key(config)
+    assert on_gpu != on_cpu and on_gpu == run_key(config.model_copy(update={"precision": "bf16"}))
+    out.mkdir()
+    (out / "run.key").write_text(on_cpu + "\n")  # a run claimed by an earlier perpair on this GPU: resumed
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert check_out(config) == on_cpu
+    monkeypatch.undo()
+    (out / "run.key").write_text(on_gpu + "\n")  # claimed on a GPU, resumed on a CPU: another run
+    with pytest.raises(PerpairError, match=r"holds another run \(its run.key differs"):
+        check_out(config)
+
+
+def test_trainings_of_two_precisions_run_one_after_the_other_in_one_process(tiny_model, uf_pairs, tmp_path):
+    """Accelerate keeps one mixed precision per process: a second training in another precision (perpair run's
+    arms in the run's process, a notebook) ended in Accelerate's "AcceleratorState has already been initialized"
+    traceback. Each training now gets its own, and its metrics are those of a training alone in its precision."""
+    from accelerate.state import AcceleratorState
+
+    from perpair.train import load_config, train
+
+    def run(name: str, precision: str) -> list[dict]:
+        train(load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(tmp_path / name),
+                                 "steps": 2, "batch_size": 2, "max_length": 64, "threads": 1, "save_model": False,
+                                 "precision": precision, "reference_cache": str(tmp_path / "ref")}))
+        return _metrics(tmp_path / name)
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # (what the tests before left)
+    fp32, bf16, again = run("fp32", "fp32"), run("bf16", "bf16"), run("fp32-again", "fp32")
+    assert [m["loss"] for m in again] == [m["loss"] for m in fp32]
+    assert [m["loss"] for m in bf16] != [m["loss"] for m in fp32]  # (bf16 autocast: other numbers)
+    assert AcceleratorState().mixed_precision == "no"
 
 
 def test_checkpoints_by_the_clock(tiny_model, uf_pairs, tmp_path, monkeypatch):
@@ -966,6 +1018,34 @@ def test_raw_source_lora_and_adapter(tiny_model, tmp_path):
             torch.testing.assert_close(merged[name], weight + scale * b @ a, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(merged[name], weight), f"{name} changed although it has no adapter"
+
+
+def test_data_converted_on_the_fly_says_what_it_left_and_a_changed_folder_is_another_run(tiny_model, tmp_path):
+    """DATA that perpair train converts itself: prepare's report was dropped (a system prompt under another name went
+    unread without a word, where perpair prepare names it), and a data folder was keyed by its path: rewritten
+    between a stop and --resume, the checkpoint went on over other pairs, exit 0. Now the report is printed, and
+    the folder is keyed by its files, as perpair run keys a folder source."""
+    import datasets
+
+    rows = [json.loads(line) for line in gzip.open(UF_TRAIN, "rt")][:10]
+    folder = tmp_path / "data"
+    datasets.Dataset.from_list([{**row, "system_prompt": "Be brief."} for row in rows[:8]]).save_to_disk(folder)
+    out = tmp_path / "out"
+    args = ("--steps", "3", "--batch-size", "2", "--max-length", "64", "--save-every", "1", "--set",
+            "save_model=false")
+    first = _train(tiny_model, folder, out, *args)
+    said = " ".join(first.stdout.split())
+    assert f"{folder} (" in said and "8 rows read, 8 pairs kept" in said, first.stdout
+    assert re.search(r"fields not read: [^()]*system_prompt × 8[^()]* \(in each pair's meta only; scores, a system "
+                     "message or a prompt under other names: perpair prepare with --score-chosen-col/"
+                     "--score-rejected-col, --system-col, --prompt-col, then perpair train on its pairs file\\) "
+                     f"wrote 8 train pairs to {re.escape(str(out / 'pairs.parquet'))}", said), first.stdout
+    shutil.rmtree(out / "checkpoints" / "step-00000003")  # stopped after step 2
+    datasets.Dataset.from_list(rows[2:10]).save_to_disk(tmp_path / "other")  # the folder rewritten
+    shutil.rmtree(folder)
+    (tmp_path / "other").rename(folder)
+    again = _train(tiny_model, folder, out, *args, "--resume", check=False)
+    assert again.returncode == 2 and "holds another run (its run.key differs" in again.stderr, again.stderr[-400:]
 
 
 def test_an_adapter_names_its_base_by_an_absolute_path_and_merges_to_its_logits(tiny_model, uf_pairs, tmp_path,

@@ -338,3 +338,48 @@ def test_release_cpu_memory_set_where_nothing_reads_it_is_refused(tmp_path, monk
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_decay_spares_the_parameters_trls_trainer_spares(tmp_path):
+    """One AdamW group decayed every parameter, norms and biases too (a norm's weights, about 1, pulled towards 0),
+    where TRL's DPOTrainer (Transformers' Trainer) decays the others only: the decayed parameters are now the ones
+    Trainer.get_decay_parameter_names gives, and weight_decay 0 keeps one group."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    from perpair.train.setup import make_optimizer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, attention_bias=True,
+                                         tie_word_embeddings=True))
+    config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1, "weight_decay": 0.1})
+    optimizer = make_optimizer(config, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    spared = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    expected = set(Trainer.get_decay_parameter_names(None, model)) & set(names.values())
+    assert decayed == expected and spared == set(names.values()) - expected
+    assert any(n.endswith("_proj.bias") for n in spared) and any(n.endswith("layernorm.weight") for n in spared)
+    assert "model.norm.weight" in spared and "model.embed_tokens.weight" in decayed  # (tied to lm_head)
+    plain = make_optimizer(config.model_copy(update={"weight_decay": 0.0}), model)
+    assert len(plain.param_groups) == 1 and len(plain.param_groups[0]["params"]) == len(names)
+
+
+def test_a_launchers_other_mixed_precision_is_named_not_silently_overridden(tmp_path, monkeypatch):
+    """``accelerate launch --mixed_precision fp16`` (or its config file's setting) beside a run whose precision gives
+    another: Accelerate lets the Accelerator's own setting win without a word. A note says which precision trains."""
+    from perpair.train.setup import launcher_precision_note
+
+    config = load_config(None, {"model": "x", "data": "x", "out": str(tmp_path), "steps": 1})
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launcher_precision_note(config, bf16=False) is None  # no launcher
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert launcher_precision_note(config, bf16=False) is None  # the same precision
+    assert launcher_precision_note(config, bf16=True) == (
+        "note: the launcher's mixed precision (no) is not read: this run trains in bf16 autocast, by its precision "
+        "auto (bf16 autocast where the device has it); set precision in the train config to choose (fp32 or bf16)")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    fp32 = config.model_copy(update={"precision": "fp32"})
+    assert launcher_precision_note(fp32, bf16=False) == (
+        "note: the launcher's mixed precision (fp16) is not read: this run trains in float32, by its precision fp32; "
+        "set precision in the train config to choose (fp32 or bf16; fp16 is not one of them)")

@@ -73,6 +73,29 @@ def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model_dir, uf_pai
         [m["loss"] for m in metrics], rel=1e-6)
 
 
+@pytest.mark.skipif(bool(missing_packages(["tensorboard"])), reason="tensorboard not installed")
+def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoint(tiny_model_dir, uf_pairs,
+                                                                                   tmp_path):
+    """A run stopped after logging step 3 but before its checkpoint trains step 3 again when resumed: TensorBoard
+    plotted both (two points at step 3, from two event files). The resumed writer purges from the step after
+    the checkpoint, so the log reads as the run's metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ("--model", tiny_model_dir, "--data", uf_pairs, "--out", out, *ARGS, "--set",
+            f"reference_cache={tmp_path / 'ref'}", "--report-to", "tensorboard", "--save-every", "1")
+    run_cli("train", *args)
+    first = [m["loss"] for m in _metrics(out)]
+    # final_checkpoint false: step 3 logged, its checkpoint never written, as a run stopped between the two
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    time.sleep(1.1)  # (TensorBoard names an event file by the second it was opened in)
+    run_cli("train", *args, "--resume")
+    assert len(list((out / "runs" / "perpair").glob("events.out.tfevents.*"))) == 2
+    scalars = EventAccumulator(str(out / "runs" / "perpair")).Reload().Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3]
+    assert [s.value for s in scalars] == pytest.approx(first, rel=1e-5)
+
+
 def _wandb_history(path: Path) -> list[dict]:
     """The history rows of an offline W&B run file, once W&B has written all of it: its service process writes the
     file and can still be at it when ``wandb.finish()`` has returned (seen once on a loaded machine: the file read

@@ -37,6 +37,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def path_identity(path: str | os.PathLike) -> str | list:
+    """What a file or folder the user gave holds, for a key: a file's SHA-256; a folder's path with the names and
+    SHA-256 of its files (a file of it rewritten in place, added or removed is other data)."""
+    folder = Path(path)
+    if folder.is_file():
+        return file_sha256(folder)
+    return [os.fspath(path), sorted([str(p.relative_to(folder)), file_sha256(p)] for p in folder.rglob("*")
+                                    if p.is_file())]
+
+
 def temporary_beside(path: Path) -> Path:
     """A name beside ``path`` to write it under before renaming it over ``path``: this process's and this thread's
     own, so concurrent writers (processes, or threads of one: ``perpair run``'s arms side by side) never share one."""

@@ -13,7 +13,7 @@ from perpair.annotate.config import (
     load_config,
     parse_teacher_spec,
 )
-from perpair.annotate.runner import AnnotateResult, Progress, annotate, calls_path, merge
+from perpair.annotate.runner import AnnotateResult, MergeResult, Progress, annotate, calls_path, merge
 from perpair.annotate.schema import CATEGORIES, read_annotations
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "AnnotateResult",
     "ApiTeacherConfig",
     "LocalTeacherConfig",
+    "MergeResult",
     "Progress",
     "RatingsTeacherConfig",
     "annotate",

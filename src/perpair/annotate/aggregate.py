@@ -5,7 +5,9 @@ Ours, precisely: a valid call of teacher t votes ``w_t · confidence`` for its c
 category wins a tie: CATEGORIES order); magnitude = the mean of magnitudes weighted by ``w_t · confidence``;
 confidence = the mean of confidences weighted by ``w_t``; agreement = the winning category's share of the
 vote. A single call passes through unchanged (agreement 1). Calls whose category is ``unknown`` (a gap of
-known size, unknown kind) vote only when no call names a category: they say nothing about which one it is.
+known size, unknown kind) vote only when no call names a category: they say nothing about which one it is, so a
+teacher's weight weighs only its calls that name one (a ``weight`` on a ratings teacher that names no category for
+any pair is refused before a run: :func:`perpair.annotate.runner.annotate`).
 Pairs without a valid call get a null category (the plan treats them as unannotated) and the reasons of
 their calls.
 """

@@ -19,6 +19,7 @@ A YAML file says the same as the command line with more options::
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -48,6 +49,15 @@ class RatingsTeacherConfig(_Teacher):
     @property
     def id(self) -> str:
         return self.name or "ratings"
+
+    @field_validator("magnitude_edges")
+    @classmethod
+    def _increasing(cls, edges: tuple[float, float]) -> tuple[float, float]:
+        low, high = edges
+        if not (math.isfinite(high) and 0 < low < high):  # else a magnitude (1 or 2) is never given, or 0 is
+            raise ValueError(f"got [{low:g}, {high:g}]; give two margins with 0 < low < high: a margin up to low "
+                             "is magnitude 1, up to high 2, above high 3 (a margin of 0 is magnitude 0)")
+        return edges
 
     @property
     def templates(self) -> list[str]:
@@ -142,7 +152,8 @@ class AnnotateConfig(NumbersNotBools):
     retry_failed: bool = Field(False, description="Ask again where the cache holds a final failure.")
     min_valid_share: float = Field(0.0, ge=0.0, le=1.0, description="The run fails (exit 3, artifacts still "
                                    "written) when fewer than this share of the pairs got a valid annotation, "
-                                   "or when none did.")
+                                   "or when none did; in an ensemble, also when fewer than this share of one "
+                                   "teacher's (or template's) calls got a valid answer.")
 
     @field_validator("shard")
     @classmethod

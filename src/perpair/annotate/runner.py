@@ -18,7 +18,8 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from perpair.annotate.aggregate import aggregate
 from perpair.annotate.cache import AnswerCache, CallRecord
 from perpair.annotate.config import AnnotateConfig
 from perpair.annotate.schema import KIND, SCHEMA_VERSION, UNKNOWN, read_annotations
-from perpair.annotate.teachers import Call, call_key, make_teacher
+from perpair.annotate.teachers import RATING_COLUMNS, Call, RatingsTeacher, call_key, make_teacher
 from perpair.annotate.templates import TEMPLATES, get_template, is_swapped
 from perpair.artifacts import (
     check_output_file,
@@ -117,26 +118,53 @@ class AnnotateResult:
     retried: int = 0  # cached failures asked again (--retry-failed)
     unknown_pairs: int = 0  # pairs whose category is "unknown" (a gap of known size only)
     min_valid_share: float = 0.0
-    # teacher id (and template, for a teacher of several) -> its calls, none of them valid
-    silent_teachers: dict[str, int] = field(default_factory=dict)
+    # in an ensemble: teacher id (and template, for a teacher of several) -> (its valid calls, its calls)
+    teacher_calls: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def shortfall(self) -> str | None:
-        """Why the run did not give the user what they asked for (no pair, or too few, annotated; or, in an ensemble,
-        a teacher with no valid answer at all, so the annotations are not the ensemble's), or None."""
-        if self.pairs == 0:
-            return None
-        share = self.annotated_pairs / self.pairs
-        if self.annotated_pairs == 0:
-            return f"no pair of {self.pairs:,} got a valid annotation"
-        if share < self.min_valid_share:
-            return (f"{self.annotated_pairs:,} of {self.pairs:,} pairs ({share:.1%}) got a valid annotation, "
-                    f"fewer than the {self.min_valid_share:.1%} asked for (min_valid_share)")
-        if self.silent_teachers:  # the ensemble asked for is not the one the annotations come from
-            return "; ".join(f"teacher {teacher} gave no valid annotation in {calls:,} calls (the pairs' annotations "
-                             "come from the rest of the ensemble alone)"
-                             for teacher, calls in self.silent_teachers.items())
+        """Why the run did not give the user what they asked for, or None: see :func:`shortfall`."""
+        return shortfall(self.pairs, self.annotated_pairs, self.min_valid_share, self.teacher_calls)
+
+
+def shortfall(pairs: int, annotated: int, min_valid_share: float,
+              by_teacher: dict[str, tuple[int, int]]) -> str | None:
+    """Why annotations are not what the user asked for (exit 3), or None: no pair, or fewer than ``min_valid_share``
+    of them, annotated; or, in an ensemble, a teacher (or template) with no valid answer at all, or with valid answers
+    in fewer than ``min_valid_share`` of its calls (the pairs' annotations are then not the ensemble's: any teacher's
+    category counts a pair as annotated). ``by_teacher``: :func:`teacher_calls`."""
+    if pairs == 0:
         return None
+    share = annotated / pairs
+    if annotated == 0:
+        return f"no pair of {pairs:,} got a valid annotation"
+    if share < min_valid_share:
+        return (f"{annotated:,} of {pairs:,} pairs ({share:.1%}) got a valid annotation, "
+                f"fewer than the {min_valid_share:.1%} asked for (min_valid_share)")
+    short = []
+    for teacher, (valid, calls) in by_teacher.items():
+        if not valid:
+            short.append(f"teacher {teacher} gave no valid annotation in {calls:,} calls (the pairs' annotations "
+                         "come from the rest of the ensemble alone)")
+        elif valid / calls < min_valid_share:
+            short.append(f"teacher {teacher} gave a valid annotation in {valid:,} of {calls:,} calls "
+                         f"({valid / calls:.1%}), fewer than the {min_valid_share:.1%} asked for (min_valid_share; "
+                         "the other pairs' annotations come from the rest of the ensemble alone)")
+    return "; ".join(short) or None
+
+
+def teacher_calls(rows: Iterable[tuple[str, str, str]]) -> dict[str, tuple[int, int]]:
+    """From the calls' (teacher, template, status): each teacher's (and template's, for a teacher of several) valid
+    calls and calls, by teacher id and template. Empty for one teacher of one template: its share is the pairs'."""
+    counts: dict[tuple[str, str], tuple[int, int]] = {}
+    for teacher, template, status in rows:
+        valid, calls = counts.get((teacher, template), (0, 0))
+        counts[teacher, template] = (valid + (status == "ok"), calls + 1)
+    if len(counts) < 2:
+        return {}
+    templates = Counter(teacher for teacher, _ in counts)
+    return {(f"{teacher} with template {template}" if templates[teacher] > 1 else teacher): count
+            for (teacher, template), count in sorted(counts.items())}
 
 
 def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str | os.PathLike, *,
@@ -166,6 +194,7 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     teachers = [make_teacher(t, **(teacher_overrides or {}).get(t.id, {})) for t in config.teachers]
     for teacher in teachers:  # before the cache exists: a bad teacher leaves nothing behind
         teacher.check()
+    _refuse_idle_weight(teachers, table if config.limit is None else table.slice(0, config.limit))
 
     calls: list[tuple[Any, Call]] = []
     for pair in pairs:
@@ -228,15 +257,6 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
              "cost": round(sum(r.cost for r in ordered), 10)}
     categories = aggregated.column("category").to_pylist()
     annotated = sum(1 for c in categories if c is not None)
-    # each teacher and template of an ensemble: one that gave no valid answer leaves the annotations to the others
-    asked = {(t.id, template): 0 for t in teachers for template in t.templates}
-    valid = dict(asked)
-    for record in ordered:
-        asked[record.teacher, record.template] += 1
-        valid[record.teacher, record.template] += record.status == "ok"
-    templates = {t.id: len(t.templates) for t in teachers}
-    silent = {(f"{teacher} with template {template}" if templates[teacher] > 1 else teacher): count
-              for (teacher, template), count in asked.items() if count and not valid[teacher, template]}
     provenance = {
         "pairs_sha256": pairs_sha,
         "pairs_file": Path(pairs_path).name,
@@ -257,7 +277,32 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
         completion_tokens=usage["completion_tokens"], cost=usage["cost"],
         requests=sum(s.requests for s in api_stats), elapsed_s=time.monotonic() - started, failures=failures,
         retried=retried, unknown_pairs=categories.count(UNKNOWN), min_valid_share=config.min_valid_share,
-        unanswered=unanswered, silent_teachers=silent if len(asked) > 1 else {})
+        unanswered=unanswered, teacher_calls=teacher_calls((r.teacher, r.template, r.status) for r in ordered))
+
+
+def _refuse_idle_weight(teachers: list, table: pa.Table) -> None:
+    """Refuse a ``weight`` on the ratings teacher of an ensemble where it would change nothing: where the pairs give it
+    no category to vote with (overall scores only, each in favour of the chosen response), its answers are all
+    ``unknown``, which count only where no other teacher names a category (:mod:`perpair.annotate.aggregate`), and
+    a single vote weighs the same whatever its weight. Decided on the pairs of the file (up to ``limit``), not of
+    one shard, so that every shard of a run decides alike."""
+    ratings = [t for t in teachers if isinstance(t, RatingsTeacher)]
+    if len(ratings) != 1 or len(teachers) < 2 or "weight" not in ratings[0].config.model_fields_set:
+        return  # (two ratings teachers weigh their `unknown` votes against each other where no model names one)
+    teacher = ratings[0]
+    columns = [c for c in ("pair_id", *RATING_COLUMNS) if c in table.column_names]
+    for pair in table.select(columns).to_pylist():
+        call = Call(key="", pair_id=pair["pair_id"], teacher=teacher.id, template=teacher.templates[0],
+                    swapped=False, pair=pair)
+        record = teacher.annotate(call)
+        if record.status == "ok" and record.category != UNKNOWN:
+            return
+    if table.num_rows:
+        raise PerpairError(
+            f"teacher {teacher.id}: weight {teacher.weight:g} would change nothing: it names no category for any of "
+            f"the {table.num_rows:,} pairs (they hold overall scores only, each in favour of the chosen response, or "
+            "no scores), and its 'unknown' answers count only where no other teacher names a category, whatever "
+            "their weight; drop the weight (its answers still stand in where the other teachers give none)")
 
 
 def _select_pairs(table: pa.Table, config: AnnotateConfig, file: str) -> list[dict[str, Any]]:
@@ -350,14 +395,36 @@ def _template_sha(template_id: str) -> str | None:
     return get_template(template_id).sha256 if base in TEMPLATES else None
 
 
-def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[int, int]:
+@dataclass
+class MergeResult:
+    output: Path
+    calls_output: Path
+    shards: int
+    pairs: int
+    calls: int
+    status: dict[str, int]  # calls by status (ok, failed, unknown)
+    annotated_pairs: int  # pairs with a category
+    unanswered: dict[str, int] = field(default_factory=dict)  # reason -> count of calls a teacher could not answer
+    min_valid_share: float = 0.0
+    teacher_calls: dict[str, tuple[int, int]] = field(default_factory=dict)  # as AnnotateResult's
+
+    @property
+    def shortfall(self) -> str | None:
+        """What a run of the merged shards' pairs would have exited 3 for, or None: see :func:`shortfall`."""
+        return shortfall(self.pairs, self.annotated_pairs, self.min_valid_share, self.teacher_calls)
+
+
+def merge(outputs: list[str | os.PathLike], target: str | os.PathLike, *, min_valid_share: float = 0.0) -> MergeResult:
     """Join the outputs of ``--shard i/n`` runs (each with its calls table beside it) into ``target``.
 
-    Refuses shards of different pairs files or settings, a missing or repeated shard, and overlapping pairs.
-    Returns (pairs, calls) written.
+    Refuses shards of different pairs files or settings, a missing or repeated shard, and overlapping pairs. The
+    result's :attr:`MergeResult.shortfall` applies a run's rule (``min_valid_share``) to the merged pairs: a
+    shard whose calls all failed makes a merge short as it would have made one run short.
     """
     if not outputs:
         raise PerpairError("merge needs at least one annotations file")
+    if not 0 <= min_valid_share <= 1:
+        raise PerpairError(f"min_valid_share {min_valid_share:g} is not a share of the pairs (0 to 1)")
     check_output_file(Path(target), "-o/--output", "ann.parquet", kind=KIND)
     refuse_overwrite({"output": target, "calls table": calls_path(target)},
                      {f"shard {path}": path for path in outputs})
@@ -402,15 +469,23 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike) -> tuple[
     if len(set(ids)) != len(ids):
         raise PerpairError("the shards overlap: a pair is annotated in two of them")
     status: dict[str, int] = {}
-    for value in merged_calls.column("status").to_pylist():
-        status[value] = status.get(value, 0) + 1
+    unanswered: dict[str, int] = {}
+    rows = merged_calls.select(["teacher", "template", "status", "reason"]).to_pylist()
+    for row in rows:
+        status[row["status"]] = status.get(row["status"], 0) + 1
+        if row["status"] == "unknown":
+            unanswered[row["reason"] or "?"] = unanswered.get(row["reason"] or "?", 0) + 1
+    annotated = sum(1 for c in merged.column("category").to_pylist() if c)
     usage = {key: sum(p["usage"][key] for p in provenances) for key in first["usage"]}
     provenance = {**{k: v for k, v in first.items() if k not in ("shard", "counts", "usage")},
                   "merged_from": [str(s) for s in shards],
-                  "counts": {"pairs": len(ids), "calls": merged_calls.num_rows,
-                             "annotated_pairs": sum(1 for c in merged.column("category").to_pylist() if c), **status},
+                  "counts": {"pairs": len(ids), "calls": merged_calls.num_rows, "annotated_pairs": annotated, **status},
                   "usage": usage, "shard": None}
     write_artifact(target, merged, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
     write_artifact(calls_path(target), merged_calls, kind=CALLS_KIND, schema_version=CALLS_SCHEMA_VERSION,
                    provenance=provenance)
-    return len(ids), merged_calls.num_rows
+    return MergeResult(
+        output=Path(target), calls_output=calls_path(target), shards=len(outputs), pairs=len(ids),
+        calls=merged_calls.num_rows, status=status, annotated_pairs=annotated, unanswered=unanswered,
+        min_valid_share=min_valid_share,
+        teacher_calls=teacher_calls((r["teacher"], r["template"], r["status"]) for r in rows))

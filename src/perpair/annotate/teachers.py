@@ -172,11 +172,13 @@ class LocalTeacher:
         self.id = config.id
         self.weight = config.weight
         self.templates = config.templates
+        # calibrate: "each order" since a swapped pair's prompt is calibrated by the content-free pair in its own
+        # order (before, by the unswapped one's: other answers, so other cache keys)
         self.fingerprint = {"model": config.model, "max_length": config.max_length, "dtype": config.dtype,
-                            "max_chars": config.max_chars, "calibrate": config.calibrate}
+                            "max_chars": config.max_chars, "calibrate": "each order" if config.calibrate else False}
         self._model, self._tokenizer = model, tokenizer
         self._scorer = None
-        self._content_free: dict[str, Any] = {}  # template id -> scores of the content-free pair
+        self._content_free: dict[tuple[str, bool], Any] = {}  # (template id, swapped) -> the content-free pair's
 
     def check(self) -> None:
         """Refuse a model that cannot load, before the run creates its cache (loading the weights waits until
@@ -242,13 +244,16 @@ class LocalTeacher:
         return scorer.score(prompts, [" " + c for c in CATEGORIES], suffix=self.SUFFIX,
                             then=[str(m) for m in range(len(MAGNITUDE_WORDS))])
 
-    def _prior(self, scorer, template: Template):
-        """The label scores of a content-free pair under ``template`` (computed once per template)."""
-        if template.id not in self._content_free:
+    def _prior(self, scorer, template: Template, swapped: bool):
+        """The label scores of a content-free pair under ``template``, shown in the order ``swapped`` says (the prompt
+        names the preferred response, "A" or "B": the content-free input in the pair's own prompt format, as
+        contextual calibration asks; computed once per template and order)."""
+        if (template.id, swapped) not in self._content_free:
             answer = [{"role": "assistant", "content": "N/A"}]
             empty = {"prompt": [{"role": "user", "content": "N/A"}], "chosen": answer, "rejected": answer}
-            self._content_free[template.id] = self._score(scorer, [self.prompt_text(template, empty, False)])[0]
-        return self._content_free[template.id]
+            self._content_free[template.id, swapped] = self._score(
+                scorer, [self.prompt_text(template, empty, swapped)])[0]
+        return self._content_free[template.id, swapped]
 
     @property
     def on_cpu(self) -> bool:
@@ -281,8 +286,8 @@ class LocalTeacher:
             template = _with_limits(get_template(template_id), self.config.max_chars)
             prompts = [self.prompt_text(template, call.pair, call.swapped) for call in group]
             scores = self._score(scorer, prompts)
-            prior = self._prior(scorer, template) if self.config.calibrate else None
             for call, score in zip(group, scores, strict=True):
+                prior = self._prior(scorer, template, call.swapped) if self.config.calibrate else None
                 logprob, then_all = score.logprob, score.then_logprob
                 if prior is not None:  # p(label | pair) / p(label | content-free pair), renormalised below
                     logprob = [a - b for a, b in zip(logprob, prior.logprob, strict=True)]
@@ -463,20 +468,23 @@ class ApiTeacher:
                 # "the answer is empty" twice more, the refusal recorded nowhere
                 return call.record("failed", swapped=call.swapped, raw_response=refusal, reasks=reask,
                                    reason=f"the teacher refused: {refusal.strip()[:200]}", **usage)
+            cut = (f"the answer was cut at max_tokens={self.config.max_tokens}"
+                   if result.finish_reason == "length" else None)
             try:
                 answer = parse_answer(raw, call.swapped)
             except ParseError as exc:
-                reason = str(exc)
-                if result.finish_reason == "length":
-                    reason += f" (the answer was cut at max_tokens={self.config.max_tokens})"
-                messages = [*messages, {"role": "assistant", "content": raw or ""},
-                            {"role": "user", "content": f"That answer is invalid: {reason}. Reply again with the "
-                                                        "corrected JSON object only."}]
-                continue
-            return call.record("ok", category=answer.category, magnitude=answer.magnitude,
-                               confidence=answer.confidence, rationale=answer.rationale, preferred=answer.preferred,
-                               gap_category=answer.gap_category, swapped=call.swapped, raw_response=raw,
-                               reasks=reask, **usage)
+                reason = f"{exc} ({cut})" if cut else str(exc)
+            else:
+                if cut is None:
+                    return call.record("ok", category=answer.category, magnitude=answer.magnitude,
+                                       confidence=answer.confidence, rationale=answer.rationale,
+                                       preferred=answer.preferred, gap_category=answer.gap_category,
+                                       swapped=call.swapped, raw_response=raw, reasks=reask, **usage)
+                # what parses in a reply cut short is not known to be the answer: a draft before it, say
+                reason = cut
+            messages = [*messages, {"role": "assistant", "content": raw or ""},
+                        {"role": "user", "content": f"That answer is invalid: {reason}. Reply again with the "
+                                                    "corrected JSON object only."}]
         return call.record("failed", swapped=call.swapped, raw_response=raw, reasks=self.config.max_reasks,
                            reason=f"invalid answer after {self.config.max_reasks} re-asks: {reason}", **usage)
 

@@ -234,11 +234,16 @@ def parse_answer(content: str | None, swapped: bool) -> Annotation:
 _REASONING_END = re.compile(r"</(think|thinking|reasoning)>", re.IGNORECASE)
 _REASONING_START = re.compile(r"<(think|thinking|reasoning)>", re.IGNORECASE)
 _ANSWER_KEYS = frozenset(RawAnswer.model_fields) - {"rationale"}
+# a key of the answer as a model writes it, quoted or not: what makes a '{' that does not decode a broken answer
+_ANSWER_KEY = re.compile(r"[\"']?\b(" + "|".join(sorted(_ANSWER_KEYS)) + r")\b[\"']?\s*:")
+_BRACE = re.compile(r"[{}]")
 
 
 def _answer_object(content: str) -> Any:
     """The one answer object of a reply: reasoning before it left out; prose, fences and other JSON around it
-    passed over; two answers that differ refused (taking either would be a guess)."""
+    passed over; two answers that differ refused (taking either would be a guess), and so is an answer that does
+    not decode (cut at max_tokens, a quote unescaped), whatever else the reply holds: another answer beside it,
+    a draft say, is not the one the teacher gave."""
     text = content
     ends = list(_REASONING_END.finditer(text))
     if ends:
@@ -255,7 +260,12 @@ def _answer_object(content: str) -> Any:
             # JSON grammar lets them through); anything else malformed is re-asked.
             value, end = decoder.raw_decode(text, start)
         except json.JSONDecodeError as exc:
-            found.append((None, f"the JSON object is malformed ({exc.msg} at character {exc.pos - start})"))
+            problem = f"the JSON object is malformed ({exc.msg} at character {exc.pos - start})"
+            # what this '{' opened: up to the next brace (or the end), or up to where decoding failed if further
+            following = _BRACE.search(text, start + 1)
+            if _ANSWER_KEY.search(text, start, max(exc.pos, following.end() if following else len(text))):
+                raise ParseError(problem.replace("JSON object", "JSON answer", 1)) from None
+            found.append((None, problem))
             position = start + 1
             continue
         except RecursionError:  # a reply, not the user's input: re-asked, not the run's end

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from perpair.annotate import annotate, load_config, merge
-from perpair.annotate.runner import AnnotateResult
+from perpair.annotate.runner import AnnotateResult, MergeResult
 from perpair.annotate.runner import Progress as RunProgress
 from perpair.cli import EXIT_TOO_FEW_ANNOTATED, app, console, given_path, out
 
@@ -59,8 +59,8 @@ def run_command(
                                                "final failure.")] = False,
     min_valid: Annotated[float | None, typer.Option(
         "--min-valid", metavar="SHARE", help="Exit 3 when fewer than this share of the pairs (0-1) got a valid "
-                                             "annotation (default 0: only when none did); the files are "
-                                             "written either way.")] = None,
+                                             "annotation, or, in an ensemble, of one teacher's calls (default 0: "
+                                             "only when none did); the files are written either way.")] = None,
     api_key_env: Annotated[str | None, typer.Option(
         "--api-key-env", metavar="VAR", help="Environment variable holding the API teachers' key (default: "
                                              "no key is sent).")] = None,
@@ -69,8 +69,8 @@ def run_command(
     """Annotate pairs: category, magnitude, confidence and rationale per pair, from one or more teachers.
 
     Exit status: 0 done; 2 bad input or settings (nothing written); 3 fewer pairs than --min-valid (or none)
-    got a valid annotation, or a teacher of an ensemble gave none (the files are written and every answer is
-    cached).
+    got a valid annotation, or a teacher of an ensemble gave valid answers to fewer of its calls (or to none) (the
+    files are written and every answer is cached).
     """
     settings = load_config(config, teachers=teacher, base_urls=base_url, templates=template, concurrency=concurrency,
                            api_key_env=api_key_env, limit=limit, shard=shard, seed=seed,
@@ -109,11 +109,16 @@ def run_command(
 
         result = annotate(pairs, settings, output, cache_path=cache, on_progress=show)
     _print_result(result)
+    _exit_if_short(result, "failed calls are cached; --retry-failed asks them again")
+
+
+def _exit_if_short(result: AnnotateResult | MergeResult, retry: str) -> None:
+    """Exit 3 with one error line when the annotations fall short of what was asked for (``result.shortfall``)."""
     if result.shortfall:
         # what a re-run can change: failed calls (--retry-failed), not a teacher's "cannot answer" (no ratings)
         kept = ["the files were written"]
         if result.status.get("failed"):
-            kept.append("failed calls are cached; --retry-failed asks them again")
+            kept.append(retry)
         if result.unanswered:
             reason, count = max(result.unanswered.items(), key=lambda item: item[1])
             kept.append(f"{count:,} calls got no annotation ({reason}), which asking again does not change")
@@ -156,7 +161,23 @@ def merge_command(
     shards: Annotated[list[Path], typer.Argument(help="Annotations files of --shard i/n runs.")],
     output: Annotated[Path, typer.Option("--output", "-o", parser=given_path("-o/--output"),
                                          help="Merged annotations file (.parquet).")],
+    min_valid: Annotated[float, typer.Option(
+        "--min-valid", metavar="SHARE", help="Exit 3 when fewer than this share of the merged pairs (0-1) got a "
+                                             "valid annotation, or, in an ensemble, of one teacher's calls, as a "
+                                             "run's --min-valid (default 0: only when none did); the files are "
+                                             "written either way.")] = 0.0,
 ) -> None:
-    """Join the outputs of `perpair annotate --shard i/n` runs into one annotations file."""
-    pairs, calls = merge(shards, output)
-    out.print(f"merged {len(shards)} shards: {pairs:,} pairs, {calls:,} teacher calls -> {escape(str(output))}")
+    """Join the outputs of `perpair annotate --shard i/n` runs into one annotations file.
+
+    Exit status: as a run of all the shards' pairs with --min-valid SHARE would have (3: too few pairs, or a teacher of
+    an ensemble too few calls, got a valid annotation; the merged files are written).
+    """
+    result = merge(shards, output, min_valid_share=min_valid)
+    status = ", ".join(f"{k} {v:,}" for k, v in sorted(result.status.items()))
+    out.print(f"merged {result.shards} shards: {result.pairs:,} pairs, {result.calls:,} teacher calls"
+              f"{f' ({status})' if status else ''}; {result.annotated_pairs:,} pairs annotated -> "
+              f"{escape(str(result.output))}")
+    for teacher, (valid, calls) in result.teacher_calls.items():
+        out.print(f"  teacher {escape(teacher)}: {valid:,} of {calls:,} calls valid")
+    _exit_if_short(result, "failed calls are cached in the shards' caches; --retry-failed on those shards asks them "
+                           "again, then merge again")

@@ -69,7 +69,7 @@ def prepare_command(
     with console.status("reading…") as status:
         result = prepare(sources or [], output, options, on_progress=lambda n: status.update(
             f"reading… {n:,} rows ({n / (time.perf_counter() - start):,.0f} rows/s)"))
-    _print_prepare(result)
+    print_prepare(result)
 
 
 def option_errors(exc: ValidationError) -> str:
@@ -83,7 +83,12 @@ def option_errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _print_prepare(result: PrepareResult) -> None:
+_NAMED_OPTIONS = "--score-chosen-col/--score-rejected-col, --system-col, --prompt-col"
+
+
+def print_prepare(result: PrepareResult, *, converted_by: str | None = None) -> None:
+    """What ``perpair prepare`` read, kept, excluded and left unread; or another command (``converted_by``) that
+    converted its data with prepare's defaults, whose fields under other names need ``perpair prepare`` first."""
     # Names, reasons and paths come from the user's data: escaped, so rich reads no markup in them.
     for report in result.sources:
         name = report.source.get("path") or report.source.get("dataset")
@@ -101,9 +106,10 @@ def _print_prepare(result: PrepareResult) -> None:
                 shown = ", ".join(map(str, rows[:ROWS_SHOWN])) + (" …" if tally.counts[reason] > ROWS_SHOWN else "")
                 out.print(f"  {label}: {escape(reason)} × {tally.counts[reason]} (rows {shown})")
         if unread := report.unread_line():
+            how = _NAMED_OPTIONS if converted_by is None else \
+                f"perpair prepare with {_NAMED_OPTIONS}, then {converted_by} on its pairs file"
             out.print(f"  fields not read: {escape(unread)} (in each pair's meta only; scores, a system message or "
-                      "a prompt under other names: --score-chosen-col/--score-rejected-col, --system-col, "
-                      "--prompt-col)")
+                      f"a prompt under other names: {how})")
     for name, path in result.outputs.items():
         out.print(f"wrote {result.counts[name]:,} {name} pairs to {escape(str(path))}")
 

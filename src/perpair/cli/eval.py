@@ -128,6 +128,8 @@ def score_command(
             out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['judgment_note'])}")
         if row["lc_note"]:
             out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_note'])}")
+        if row["lc_judge_note"]:
+            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_judge_note'])}")
         if row["lc_method"] == "published_weights" and row["lc_fit"]:
             fit = row["lc_fit"]
             out.print(f"{escape(row['name'])}: offline refit gives LC {fit['length_controlled_winrate']:.2f} "
@@ -153,6 +155,8 @@ def _print_alpaca_row(row: dict) -> None:
         out.print(f"[yellow]note[/]: {escape(row['judgment_note'])}")
     if row.get("lc_note"):
         out.print(f"[yellow]note[/]: {escape(row['lc_note'])}")
+    if row.get("lc_judge_note"):
+        out.print(f"[yellow]note[/]: {escape(row['lc_judge_note'])}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "
               f"files in {escape(row['output_dir'])}")
 

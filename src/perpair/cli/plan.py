@@ -79,9 +79,10 @@ def plan_command(
         if schedule.margin.source != "reference":
             raise InputError(f"--reference-logps is read only with margin.source: reference (this schedule's "
                              f"is {schedule.margin.source!r}); drop the option or set the margin source")
-        logps, found = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs), "--reference-logps")
-        if found != reference_logps:
-            console.print(f"reference log-probs: {escape(str(found))}", soft_wrap=True)
+        logps, found, computed_by = read_reference_logps(reference_logps, file_sha256(pairs), str(pairs),
+                                                         "--reference-logps")
+        # (the cache's model, named: a folder holding one cache of these pairs gives it, whichever model computed it)
+        console.print(f"reference log-probs: {escape(str(found))} ({escape(computed_by)})", soft_wrap=True)
     with warnings.catch_warnings(), console.status("planning…"):
         warnings.simplefilter("ignore")  # matplotlib's (fonts, layout) are not the user's to act on
         result = plan.build_plan(pairs, annotations, schedule, preset=preset, reference_logps=logps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,6 +92,7 @@ def train_command(
     """Train with per-pair beta / route / order (a run without a plan is plain DPO with a global beta)."""
     from perpair import mkl
     from perpair.allocator import tcmalloc_hint
+    from perpair.cli.data import print_prepare
     from perpair.plan.config import deep_merge
     from perpair.train import load_config, parse_overrides, train
 
@@ -148,7 +150,8 @@ def train_command(
     # Under torchrun / accelerate launch every process runs this command: the first one reports for all
     lead = os.environ.get("RANK", "0") == "0"
     result = train(cfg, on_step=progress if lead else None, on_reference=reference if lead else None,
-                   on_resume=resumed if lead else None, on_steps=steps_known)
+                   on_resume=resumed if lead else None, on_steps=steps_known,
+                   on_prepare=partial(print_prepare, converted_by="perpair train") if lead else None)
     if not lead:
         return
     s = result.summary

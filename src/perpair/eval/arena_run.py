@@ -3,7 +3,8 @@ one retry when no verdict, and score with Bradley–Terry and a bootstrap interv
 
 Files (arena-hard-auto's formats): ``model_answer.jsonl`` (question_id, answer_id, model_id, choices[0].turns),
 ``judgment.jsonl`` (question_id, model, judge, games: user_prompt, judgment, score), ``results.json``, and
-``cache.sqlite`` (every answer and judgment; re-runs and killed runs repeat nothing finished).
+``cache.sqlite`` (every answer and judgment; re-runs and killed runs repeat nothing finished; a game an API judge's
+empty reply left without a verdict is not kept, so a re-run asks again).
 
 Questions and baseline answers: the files given, else the Hub (``lmarena-ai/arena-hard-auto``, the dataset
 repository arena-hard-auto's README clones, via ``hf_hub_download``) when online, else the copies in the data
@@ -39,7 +40,7 @@ from perpair.eval.arena_hard import (
 )
 from perpair.eval.cache import ResultCache, cache_key
 from perpair.eval.generate import GenerationConfig, generate_answers
-from perpair.eval.judges import ApiChatJudge, LocalChatJudge
+from perpair.eval.judges import UNCACHED, ApiChatJudge, LocalChatJudge
 from perpair.eval.sources import (
     check_results_owner,
     data_file,
@@ -192,8 +193,10 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
     battles = battles_from_games([(label, g[1]) for g, label in zip(games, labels, strict=True)],
                                  [style_features(by_qid[g[0]]) for g in games],
                                  [style_features(baseline[g[0]]) for g in games])
-    if len(battles) == 0:  # the judgments are written and cached: nothing done is lost
-        raise PerpairError(f"{_NO_VERDICT.format(n=len(games))}; the judgments are in {out / 'judgment.jsonl'}")
+    n_empty = sum(UNCACHED in j for j in judged)
+    if len(battles) == 0:  # the judgments are written, and cached but for empty replies: nothing done is lost
+        raise PerpairError(f"{_NO_VERDICT.format(n=len(games))}{_empty_note(n_empty)}; the judgments are in "
+                           f"{out / 'judgment.jsonl'}")
     score = arena_score(battles, style_control=config.style_control, n_rounds=config.n_rounds)
     n_no_verdict = sum(label not in OUTCOME_LABELS for label in labels)
     row = {"benchmark": "arena_hard_v0.1", "name": name, "model": config.model,
@@ -202,7 +205,8 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
            "generation": config.generation.model_dump(mode="json"), "limit": config.limit,
            **score.as_dict(), "n_questions": len(questions), "n_games": len(games),
            "n_no_verdict": n_no_verdict, "n_retried": sum(bool(j.get("retried")) for j in judged),
-           "note": " ".join(filter(None, [_note(len(games), n_no_verdict),
+           "n_empty_reply": n_empty,
+           "note": " ".join(filter(None, [_note(len(games), n_no_verdict) + _empty_note(n_empty),
                                           STYLE_NOTE if config.style_control else ""])), **sources,
            "avg_length": int(sum(len(a) for a in answers) / max(len(answers), 1)),
            "n_generated": n_generated, "n_judged": n_judged, "output_dir": str(out)}
@@ -223,9 +227,20 @@ def _note(n_games: int, n_no_verdict: int) -> str:
     return ""
 
 
+def _empty_note(n_empty: int) -> str:
+    """How many of the games without a verdict had an empty reply from an API judge: not cached, so a re-run asks
+    again (an empty reply is the server's failure, a reasoning judge out of max tokens or a content filter, not the
+    judge's verdict-less judgment)."""
+    if not n_empty:
+        return ""
+    return (f"; {n_empty} of them got an empty reply from the judge (content null or \"\"), not cached: "
+            "a re-run asks the judge again")
+
+
 def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str]]], cache: ResultCache,
                  progress: Callable[[int, int], None]) -> tuple[list[dict[str, Any]], int]:
-    """One ``{"judgment", "retried"}`` per conversation (cached), and how many were judged now."""
+    """One ``{"judgment", "retried"}`` per conversation (cached; not a game an API judge's empty reply left without
+    a verdict, which is marked ``UNCACHED``), and how many were judged now."""
     identity = [judge_identity(config.judge), config.judge_max_tokens]
     keys = [cache_key(identity, c) for c in conversations]
     results: list[dict[str, Any] | None] = [cache.get("arena_judgment", key) for key in keys]
@@ -241,16 +256,25 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
         step = judge.batch_size if not config.judge.is_api else max(config.judge.concurrency * 4, 32)
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
-            texts = judge.complete([conversations[i] for i in chunk], config.judge_max_tokens)
+            replies = judge.complete([conversations[i] for i in chunk], config.judge_max_tokens)
+            # an API judge's empty reply (None): no judgment from the server, not the judge's verdict-less one
+            empty = {k for k, t in enumerate(replies) if t is None}
+            texts = [t or "" for t in replies]
             # gen_judgment.py: no verdict → one more turn asking for it; the judgment is both turns joined
             retry = [k for k, t in enumerate(texts) if parse_verdict(t).retry]
             if retry:
                 follow = [conversations[chunk[k]] + [{"role": "assistant", "content": texts[k]},
                                                      {"role": "user", "content": RETRY_MESSAGE}] for k in retry]
                 for k, extra in zip(retry, judge.complete(follow, config.judge_max_tokens), strict=True):
-                    texts[k] = texts[k] + "\n" + extra
+                    if extra is None:
+                        empty.add(k)
+                    texts[k] = texts[k] + "\n" + (extra or "")
             payloads = [{"judgment": t, "retried": k in retry} for k, t in enumerate(texts)]
-            cache.put_many("arena_judgment", [(keys[i], p) for i, p in zip(chunk, payloads, strict=True)])
+            for k in empty:  # a game left without a verdict by an empty reply is asked again by the next run
+                if parse_verdict(texts[k]).label not in OUTCOME_LABELS:
+                    payloads[k][UNCACHED] = "the judge's reply was empty"
+            cache.put_many("arena_judgment", [(keys[i], p) for i, p in zip(chunk, payloads, strict=True)
+                                              if UNCACHED not in p])
             for i, p in zip(chunk, payloads, strict=True):
                 results[i] = p
             done += len(chunk)
@@ -258,18 +282,48 @@ def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str
     return results, len(todo)  # type: ignore[return-value]
 
 
+# arena-hard-auto v2.0's judgment rows: questions by uid, each with its category, judged against that category's
+# baseline (its labels include forms such as B<A and A<<B), not v0.1's gpt-4-0314
+V2_FIELDS = ("uid", "category")
+
+
+def _check_v01_row(row: dict[str, Any], path: Path, number: int) -> None:
+    """A row of arena-hard-auto v0.1's gen_judgment.py (``question_id, model, judge, games``), or refused: a v2.0
+    row was scored as one and said to be "vs gpt-4-0314", its baselines being others."""
+    for field in V2_FIELDS:
+        if field in row:
+            raise InputError(f"a row with {field!r}, as arena-hard-auto v2.0 writes its judgments (per-category "
+                             f"baselines, not {BASELINE}); arena-hard score reads v0.1's judgments only (question_id, "
+                             "model, judge, games)", file=str(path), row=number, field=field)
+    if "question_id" not in row:
+        raise InputError("no question_id: not a judgment row of arena-hard-auto v0.1 (question_id, model, judge, "
+                         "games)", file=str(path), row=number, field="question_id")
+
+
 def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dict[str, Any]:
     """Score an existing judgment file in arena-hard-auto v0.1's layout (``model_judgment/JUDGE/MODEL.jsonl``:
     one line per question with ``model`` and two ``games``, each with its verdict label under ``score``; game 1
     shows the baseline as A, game 2 the model as A) as ``show_result.py`` does: battles weighted by verdict,
-    Bradley–Terry score against the baseline, bootstrap 95% interval. Nothing is generated or judged."""
+    Bradley–Terry score against the baseline, bootstrap 95% interval. Nothing is generated or judged. A row of
+    another layout (v2.0's ``uid``, ``category``; no ``question_id``) and a file whose rows name several judges are
+    refused by file, row and field."""
     path = Path(path)
     rows = read_jsonl(path)
     if not rows:
         raise InputError("no judgments", file=str(path))
     games: list[tuple[str | None, bool]] = []
     models = set()
+    judges: dict[str, int] = {}  # the judge each row names → the first row naming it
     for number, row in enumerate(rows, 1):
+        _check_v01_row(row, path, number)
+        if row.get("judge") is not None:
+            judge_of_row = str(row["judge"])
+            judges.setdefault(judge_of_row, number)
+            if len(judges) > 1:  # one judge per file (model_judgment/JUDGE/MODEL.jsonl): mixed, the score is neither's
+                first = next(iter(judges))
+                raise InputError(f"judged by {judge_of_row!r}, and row {judges[first]} by {first!r}: judgments of "
+                                 "several judges in one file; arena-hard-auto keeps one folder per judge",
+                                 file=str(path), row=number, field="judge")
         pair = row.get("games")
         if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(g, dict) for g in pair):
             raise InputError("expected 'games': a list of the two games' objects", file=str(path), row=number,
@@ -287,8 +341,7 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
     name = models.pop() or name_of_file(path)
     # the judge the rows name (arena-hard-auto and perpair write it on every row), else the folder's name
     # (model_judgment/JUDGE/MODEL.jsonl): perpair's own judgment.jsonl lies in OUT/arena_hard, no judge's name
-    judges = {str(row["judge"]) for row in rows if row.get("judge") is not None}
-    judge = judges.pop() if len(judges) == 1 else path.parent.name
+    judge = next(iter(judges)) if judges else path.parent.name
     battles = battles_from_games(games)
     if len(battles) == 0:
         raise InputError(_NO_VERDICT.format(n=len(games)), file=str(path))

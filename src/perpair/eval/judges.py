@@ -191,19 +191,23 @@ class LocalChatJudge:
 
 
 class ApiChatJudge:
-    """An OpenAI-compatible server writing free-form judgments (Arena-Hard: temperature 0)."""
+    """An OpenAI-compatible server writing free-form judgments (Arena-Hard: temperature 0).
+
+    An empty reply (``content`` null or ``""``: a reasoning judge that spent ``max_tokens`` thinking, a content
+    filter) is ``None``, not ``""``: the server gave no judgment, which a re-run asks for again rather than keeping
+    as the judge's verdict-less one."""
 
     def __init__(self, config):
         self.config = config
         self.name = f"api:{config.model}"
 
-    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str]:
+    def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str | None]:
         from perpair.llm.client import ChatClient
 
-        async def run() -> list[str]:
+        async def run() -> list[str | None]:
             async with ChatClient(self.config) as client:
                 results = await asyncio.gather(*(client.chat(m, max_tokens=max_tokens, temperature=0.0)
                                                  for m in conversations))
-            return [r.content or "" for r in results]
+            return [r.content or None for r in results]
 
         return _run(run())

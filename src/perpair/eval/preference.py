@@ -162,7 +162,8 @@ def score_reference(pairs, config: PreferenceConfig,
     path, key = reference.cache_file(Path(config.reference_cache), spec, tokenizer, config.data, config.max_length)
     reference.reference_logps(path, key, ids, tokenized, lambda: _load(config.ref)[0], device="cpu",
                               tokens_per_forward=config.tokens_per_forward, chunk_size=DEFAULT_CHUNK,
-                              on_progress=on_progress and (lambda done, total: on_progress(done)), left_out=left_out)
+                              on_progress=on_progress and (lambda done, total: on_progress(done)), left_out=left_out,
+                              model_name=spec)
     cached = reference.load_cached(path)  # (chosen, chosen tokens, rejected, rejected tokens) per pair_id
     rows = [cached[i] for i in ids]
     return logps_table(ids, *([r[k] for r in rows] for k in range(4))).to_pandas()
@@ -228,7 +229,7 @@ def run_preference(config: PreferenceConfig,
         "model": config.model, "model_path": model_identity(config.model), "ref": config.ref,
         "data": str(config.data), "beta": config.beta,
         "max_length": config.max_length, "ties": "count half in accuracy; counted as wrong in accuracy_strict",
-        "n_pairs": n, "n_total": summary["n"], "n_skipped": n - summary["n"],
+        "limit": config.limit, "n_pairs": n, "n_total": summary["n"], "n_skipped": n - summary["n"],
         "accuracy": summary["accuracy"], "mean_margin": summary["mean_margin"], "margin_se": summary["margin_se"],
         "length_normalised_accuracy": metrics["length_normalised"]["accuracy"],
         **metrics,

@@ -15,9 +15,11 @@ from perpair.errors import InputError, PerpairError
 from perpair.eval.metrics import win_rate_metrics
 from perpair.eval.sources import read_annotations, read_json_records, read_outputs, write_json_records
 
+# n_games, n_no_verdict: Arena-Hard's games and those without a verdict; limit: the --limit the evaluation ran
+# with (- none), so that a partial evaluation does not read as a complete one
 COLUMNS = ("benchmark", "name", "judge", "length_controlled_winrate", "lc_standard_error", "win_rate",
            "standard_error", "score", "rating_q025", "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total",
-           "avg_length", "lc_method", "folder")
+           "n_games", "n_no_verdict", "limit", "avg_length", "lc_method", "folder")
 
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
@@ -53,8 +55,9 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
 
 BENCHMARKS = ("alpaca_eval_2", "arena_hard_v0.1", "preference_accuracy")
 FIGURES = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "score", "rating_q025",
-           "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "avg_length")
-NOTES = ("judgment_note", "lc_note", "note")
+           "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "n_games", "n_no_verdict", "limit",
+           "avg_length")
+NOTES = ("judgment_note", "lc_note", "lc_judge_note", "note")
 # the plots a report may write: those of an earlier report into the same folder that this one does not draw (its rows
 # have no AlpacaEval or Arena-Hard figures) go, rather than stand beside its table with another report's numbers
 FIGURE_FILES = {"win_rates": "win_rates.png", "lengths": "lengths.png", "per_dataset": "per_dataset.png"}
@@ -91,8 +94,14 @@ def _plain(text: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The table, then each row's notes (what its figures do not say: games without a verdict, instructions without a
+    judgment, an LC that is an approximation or of another judge), as the HTML page shows them."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in rows]
+    notes = [f"- {row.get('_label', row.get('name'))} ({row.get('benchmark')}): {row[key]}" for row in rows
+             for key in NOTES if row.get(key)]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +208,7 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
         plt.close(fig)
 
     notes = "".join(f"<p><b>{html.escape(r['_label'])}</b>: {html.escape(r[key])}</p>" for r in rows
-                    for key in ("judgment_note", "lc_note", "note") if r.get(key))
+                    for key in NOTES if r.get(key))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in COLUMNS) + "</tr>"
                    for r in rows)

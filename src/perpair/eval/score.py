@@ -22,6 +22,13 @@ OFFLINE_NOTE = ("approximation: offline, the GLM is fitted without the two gamed
                 "on the Hub only) and with reconstructed instruction difficulties; such a refit is known to differ "
                 "from the official LC win rate by 0.5 to 3 points")
 BASELINE_NAME = "gpt4_1106_preview"
+# AlpacaEval 2.0's judge, the weighted_alpaca_eval_gpt4_turbo annotator (gpt-4-1106-preview): it judged the gamed
+# baselines' rows the length-controlled GLM is fitted with (df_gamed.csv) and the leaderboard's annotations, on which
+# the instruction difficulties and published weights were fitted. An annotations file names its judge in
+# ``annotator``: alpaca_eval's annotator's name, or perpair's ``weighted_alpaca_eval:api|local:MODEL``.
+OFFICIAL_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
+OFFICIAL_JUDGE_MODEL = "gpt-4-1106-preview"
+OFFICIAL_ANNOTATORS = (OFFICIAL_ANNOTATOR, f"weighted_alpaca_eval:api:{OFFICIAL_JUDGE_MODEL}")
 
 
 class ScoreOptions(BaseModel):
@@ -105,8 +112,8 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         for key in ("length_controlled_winrate", "lc_standard_error"):
             row[key] = math.nan
         row.update({"lc_method": None, "lc_is_approximation": False, "lc_note": f"no LC: {mismatch}",
-            "instruction_difficulty_source": inputs.difficulty_source, "lc_fit": None, "lc_published_weights": None,
-            "glm_preference": None})
+            "lc_judge_note": None, "instruction_difficulty_source": inputs.difficulty_source, "lc_fit": None,
+            "lc_published_weights": None, "glm_preference": None})
         if file:
             row["file"] = file
         return row
@@ -146,6 +153,8 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
     row["lc_method"] = method
     row["lc_is_approximation"] = method not in ("fit", "published_weights")
     row["lc_note"] = note
+    # computed as alpaca_eval 0.6.6 computes it whoever the judge, but measured against gpt-4-turbo's judgments
+    row["lc_judge_note"] = judge_note(frame) if headline is not None else None
     row["instruction_difficulty_source"] = inputs.difficulty_source
     row["lc_fit"] = _lc_dict(fitted) if fitted else None
     if fitted is not None and not exact:
@@ -155,6 +164,19 @@ def score_frame(frame, inputs: sources.LCInputs, *, name: str, fit: bool = True,
         row["file"] = file
     row["glm_preference"] = headline.glm_preference.tolist() if headline else None
     return row
+
+
+def judge_note(frame) -> str | None:
+    """Why an LC figure of these annotations is not comparable to the leaderboard's: their judge (``annotator``) is
+    not AlpacaEval 2.0's, or not named; None when it is."""
+    annotators = sorted(map(str, frame["annotator"].dropna().unique())) if "annotator" in frame else []
+    if annotators and all(a in OFFICIAL_ANNOTATORS for a in annotators):
+        return None
+    judged_by = (f"these annotations were judged by {', '.join(map(repr, annotators))}" if annotators else
+                 "these annotations do not name their judge (no annotator)")
+    return (f"the LC fit's reference rows (df_gamed.csv) and the instruction difficulties were judged by AlpacaEval "
+            f"2.0's gpt-4-turbo annotator ({OFFICIAL_ANNOTATOR}, {OFFICIAL_JUDGE_MODEL}); {judged_by}, so the LC "
+            "figure, computed as alpaca_eval computes it, is not comparable to the leaderboard's")
 
 
 def _not_official(frame, inputs: sources.LCInputs) -> str | None:

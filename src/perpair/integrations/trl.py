@@ -33,17 +33,19 @@ from typing import Any
 import numpy as np
 
 from perpair.data.prepare import _generic_degenerate
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 
 SUPPORTED_TRL = ("1.16", "1.17")  # [low, high): the versions whose DPOTrainer internals this module relies on
 
 
 def check_trl_version(version: str) -> None:
-    """Refuse a TRL outside the supported range with a message, instead of an attribute error mid-training."""
-    from packaging.version import Version
+    """Refuse a TRL outside the supported range with a message, instead of an attribute error mid-training. The
+    range is read as pip reads ``>=1.16,<1.17``: a pre-release of 1.17 (``1.17.0.dev0``, ``1.17.0rc1``, TRL's
+    main branch) is outside it, though it sorts below 1.17; a development build of 1.16.x is inside."""
+    from packaging.specifiers import SpecifierSet
 
     low, high = SUPPORTED_TRL
-    if not Version(low) <= Version(version) < Version(high):
+    if not SpecifierSet(f">={low},<{high}").contains(version, prereleases=True):
         raise PerpairError(f"perpair.integrations.trl supports trl>={low},<{high} (its DPOTrainer internals), "
                            f"found trl {version}; install the supported one with: pip install 'perpair[trl]'")
 
@@ -128,8 +130,21 @@ def read_plan(path: str | Path) -> dict[str, dict[str, Any]]:
     missing = [c for c in ("pair_id", *PLAN_COLUMNS, "flipped") if c not in table.column_names]
     if missing:
         raise PerpairError(f"file {path}: the plan lacks column(s) {', '.join(missing)}")
-    rows = table.select(["pair_id", *PLAN_COLUMNS, "flipped"]).to_pylist()
-    return {r.pop("pair_id"): r for r in rows}
+    # A hand-edited plan is refused where perpair train's reader refuses it (plan.decode._rows, plan.build.load_plan),
+    # not read with its last row winning or a null flipped read as false.
+    values: dict[str, dict[str, Any]] = {}
+    seen: dict[str, int] = {}
+    for row, r in enumerate(table.select(["pair_id", *PLAN_COLUMNS, "flipped"]).to_pylist(), start=1):
+        pid = r.pop("pair_id")
+        if pid in seen:
+            raise InputError(f"pair {pid!r} appears twice (rows {seen[pid]} and {row}); a plan needs unique pair "
+                             "ids", file=str(path), row=row, field="pair_id")
+        if r["flipped"] is None:
+            raise InputError(f"pair {pid!r} has no flipped value (null); every pair has one, true or false",
+                             file=str(path), row=row, field="flipped")
+        seen[pid] = row
+        values[pid] = r
+    return values
 
 
 @dataclass(frozen=True)
@@ -188,6 +203,9 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
         route = v["route"]
         if route not in ROUTES:
             raise PerpairError(f"{where}: pair {pid} (row {row}) has route {route!r}; expected one of {ROUTES}")
+        if "flipped" in v and v["flipped"] is None:  # a column given is read for every pair, never null as false
+            raise PerpairError(f"{where}: pair {pid} (row {row}) has no flipped value (null); a flipped column needs "
+                               "one for every pair, true or false (without the column no pair is flipped)")
         if route == "drop":
             continue
         for name in ("beta", "order", "label_smoothing"):  # columns a user made (a CSV's text, say)
@@ -245,6 +263,24 @@ def check_config(args: DPOConfig) -> None:
     if strategy not in ("random", "sequential"):
         raise PerpairError(f"train_sampling_strategy {strategy!r} reorders the pairs; the plan fixes their order, "
                            "so PerPairDPOTrainer reads them sequentially: leave the default or set 'sequential'")
+    if args.auto_find_batch_size:
+        # Transformers retries its whole training loop with half the batch after an out-of-memory error: from the
+        # plan's first pair again, on weights the failed attempt already updated, and with args'
+        # per_device_train_batch_size unchanged, so a checkpoint would record the wrong number of pairs a step.
+        raise PerpairError("auto_find_batch_size is not supported: after an out-of-memory error Transformers restarts "
+                           "training from the plan's first pair on weights already updated (pairs trained twice), "
+                           "with a batch size its checkpoints do not record, so a resume would skip other pairs of "
+                           "the plan; set per_device_train_batch_size to one that fits (and "
+                           "gradient_accumulation_steps for the effective batch)")
+    if args.dataloader_drop_last:
+        raise PerpairError("dataloader_drop_last=True drops the last incomplete batch of every epoch: with the plan's "
+                           "order those are the plan's last pairs (the hardest of an easy-to-hard curriculum), never "
+                           "trained; leave it False (the last step of an epoch then has fewer pairs), or drop pairs "
+                           "in the plan (route drop)")
+    if args.dataloader_num_workers > 0 and not getattr(args, "dataloader_in_order", True):
+        raise PerpairError("dataloader_in_order=False with dataloader_num_workers > 0 yields each batch when its "
+                           "worker has it ready, not in the plan's order; leave dataloader_in_order True (the "
+                           "default), or set dataloader_num_workers=0")
 
 
 def check_beta(args: DPOConfig, dataset: Dataset, evaluation) -> None:
@@ -283,7 +319,9 @@ def check_eval_dataset(evaluation) -> None:
     """Plan columns in an evaluation dataset would go unread: evaluation scores every pair with DPOConfig.beta,
     as stock TRL does."""
     for name, part in (evaluation.items() if isinstance(evaluation, dict) else [("eval_dataset", evaluation)]):
-        carried = [c for c in CARRIED if c in (getattr(part, "column_names", None) or [])]
+        # (and the columns the plug-in adds: trainer.evaluate(trainer.train_dataset) would score the planned pairs
+        # with DPOConfig.beta)
+        carried = [c for c in (*CARRIED, BETA, SFT, EPS, PAIR) if c in (getattr(part, "column_names", None) or [])]
         if carried:
             raise PerpairError(f"{name} carries plan columns ({', '.join(carried)}), which evaluation does not "
                                "read: it scores every pair with DPOConfig.beta, as stock TRL does; remove them")
@@ -368,10 +406,21 @@ class PerPairDPOTrainer(DPOTrainer):
         """The training dataset, if replaced after construction (``trainer.train_dataset = ...``), must still read the
         planned pairs in the plan's order: the sequential sampler reads its rows as they come, so a shuffle would
         replace the curriculum without a word. A filter or select that keeps the order is fine. False where the
-        dataset carries no plan values (the batch check refuses it)."""
+        dataset carries no plan values (the batch check refuses it); refused where it keeps some of the columns
+        the plug-in added but not all (without perpair_pair_id a shuffle would go unseen)."""
         dataset = self.train_dataset
-        if not isinstance(dataset, Dataset) or not {PAIR, BETA, SFT, EPS} <= set(dataset.column_names):
+        if not isinstance(dataset, Dataset):
             return False
+        added = (PAIR, BETA, SFT, EPS)
+        kept = [c for c in added if c in dataset.column_names]
+        if not {BETA, SFT, EPS} & set(kept):
+            return False
+        if len(kept) < len(added):
+            lacking = ", ".join(c for c in added if c not in kept)
+            raise PerpairError(f"trainer.train_dataset keeps {', '.join(kept)} but lacks {lacking}, which "
+                               f"PerPairDPOTrainer added with the plan ({PAIR} names each row's pair, so that a "
+                               f"change of the plan's order is seen); keep all of {', '.join(added)} when changing "
+                               "the dataset after construction, or pass the dataset to the constructor")
         last, previous = -1, None
         for row, pid in enumerate(dataset[PAIR], start=1):
             position = self._planned.get(pid)
@@ -404,7 +453,15 @@ class PerPairDPOTrainer(DPOTrainer):
         return super().evaluate(eval_dataset, *args, **kwargs)
 
     def _pairs_per_step(self) -> int:
-        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        """Pairs one optimizer step reads, as Transformers counts its batches (``_train_batch_size``, which
+        DataParallel's ``n_gpu`` multiplies, × accumulation × data-parallel processes), except under
+        ``accelerator_config.split_batches``, where one batch of that size is split across the processes, which
+        Transformers' own total does not count."""
+        pairs = self._train_batch_size * self.args.gradient_accumulation_steps
+        if self.args.accelerator_config.split_batches:
+            return pairs
+        total = getattr(self, "get_total_train_batch_size", None)  # (not in older Transformers)
+        return total(self.args) if total is not None else pairs * self.args.world_size
 
     def _check_resumed_plan(self, checkpoint: Path) -> None:
         """Transformers resumes by skipping the batches the checkpoint trained: in this plan's order, that is the
@@ -424,8 +481,8 @@ class PerPairDPOTrainer(DPOTrainer):
         if record["pairs_per_step"] != self._pairs_per_step():
             raise PerpairError(f"checkpoint {checkpoint} trained {record['pairs_per_step']} pairs a step, this run "
                                f"{self._pairs_per_step()} (per_device_train_batch_size × gradient_accumulation_steps"
-                               " × processes): skipping its steps would land elsewhere in the plan's order; resume "
-                               f"with its batch size, {restart}")
+                               " × processes; under split_batches the batch is split across them): skipping its "
+                               f"steps would land elsewhere in the plan's order; resume with its batch size, {restart}")
 
     def _save_checkpoint(self, model, trial):
         if self.args.should_save:  # written first, so that a checkpoint pushed or copied from here has it

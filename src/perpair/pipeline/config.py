@@ -166,6 +166,11 @@ class RunConfig(_Section):
         owned = sorted(_TRAIN_OWNED & (set(self.train) | {k for a in self.arms.values() for k in a.train}))
         if owned:
             raise ValueError(f"train.{owned[0]} is set by perpair run itself (per arm); remove it")
+        sections = {"train": self.train, **{f"arms.{name}.train": a.train for name, a in self.arms.items()}}
+        for where, section in sections.items():
+            if isinstance(section.get("lora"), dict) and "merge" in section["lora"]:
+                raise ValueError(f"{where}.lora.merge is set by perpair run itself (its evaluation reads the model "
+                                 "with the adapter merged; the adapter is kept beside it); remove it")
         if self.eval.preference is not None and self.data.test_fraction == 0:
             raise ValueError("eval.preference needs held-out pairs: set data.test_fraction > 0 "
                              "(or eval.preference: null)")

@@ -83,6 +83,8 @@ def evaluation_notes(evaluated: dict[str, dict[str, Any]]) -> list[str]:
             # the reason the published weights were not used names the arm: the same note for every arm
             note = alpaca["lc_note"].split(". Published weights not used:")[0]
             notes.setdefault(f"AlpacaEval LC: {note}", []).append(arm)
+        if alpaca.get("lc_judge_note"):  # another judge than AlpacaEval 2.0's: not the leaderboard's LC
+            notes.setdefault(f"AlpacaEval LC: {alpaca['lc_judge_note']}", []).append(arm)
     return [f"{', '.join(arms)}: {note}" for note, arms in notes.items()]
 
 

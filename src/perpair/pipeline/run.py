@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perpair.artifacts import file_sha256, folder_lock
+from perpair.artifacts import file_sha256, folder_lock, path_identity
 from perpair.config_files import format_validation_error
 from perpair.errors import InputError, PerpairError, StoppedBySignal, TooFewAnnotated, TrainingStopped
 from perpair.pipeline.config import STAGES, RunConfig, name_the_file
@@ -625,11 +625,8 @@ def _source_identity(source: str, revision: str | None = None) -> Any:
     commit it loads (data.revision, else main, moves when the dataset's repository does)."""
     from perpair.models import hub_commit
 
-    path = Path(source)
-    if path.is_file():
-        return file_sha256(path)
-    if path.is_dir():
-        return [source, sorted([str(p.relative_to(path)), file_sha256(p)] for p in path.rglob("*") if p.is_file())]
+    if Path(source).exists():
+        return path_identity(source)
     return [source, hub_commit(source.removeprefix("hub:"), "dataset", revision)]
 
 
@@ -700,15 +697,15 @@ def _plan(pairs: Path, annotations: Path | None, schedule, preset: str, output: 
 
 def _train(options: dict[str, Any], out: Path, key: str, fresh: bool = False, *, log: Log) -> dict[str, Any]:
     from perpair.train import load_config, train
-    from perpair.train.checkpoints import STAGE_KEY, checkpoints, held_key, run_key
+    from perpair.train.checkpoints import STAGE_KEY, checkpoints, earlier_run_keys, held_key, run_key
 
     marker = out / STAGE_KEY  # the stage's identity (train's own OUT/run.key is its config's)
     resume = not fresh and marker.is_file() and marker.read_text() == key and bool(checkpoints(out))
     if resume:
         # train's own key holds the paths too: a workdir copied or moved trains again rather than refuse to resume
-        # (or the key a run wrote before run keys covered the tokenizer: the stage's key covers it)
+        # (or the key an earlier perpair wrote: the stage's key covers what it lacks)
         held, same = held_key(out), load_config(None, {**options, "resume": True})
-        resume = held == run_key(same) or held == run_key(same, tokenizer=False)
+        resume = held == run_key(same) or held in earlier_run_keys(same)
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -744,4 +741,4 @@ def _alpaca_eval(config, *, log: Log) -> dict[str, Any]:
 
     row = run_alpaca_eval(config)
     return {k: row.get(k) for k in ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error",
-                                    "n_total", "avg_length", "lc_method", "n_unjudged", "lc_note")}
+                                    "n_total", "avg_length", "lc_method", "n_unjudged", "lc_note", "lc_judge_note")}

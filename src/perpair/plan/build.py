@@ -22,7 +22,7 @@ from perpair.data import schema as pairs_schema
 from perpair.errors import ArtifactMismatch, InputError
 from perpair.plan import beta as beta_math
 from perpair.plan import curriculum, difficulty
-from perpair.plan.config import Schedule
+from perpair.plan.config import CurriculumConfig, Schedule
 
 KIND = "plan"
 SCHEMA_VERSION = 1
@@ -206,6 +206,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     if same := _one_beta(beta_cfg.kind, beta[route == "preference"], category, annotated):
         raise InputError(same, file=str(annotations_path) if annotations_path else pairs_file, field="beta")
     warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
+                *_no_ratings_warning(schedule, margin, route),
                 *_routing_warnings(schedule, margin, below_tau, lowest, dropped, flipped)]
 
     # --- curriculum ------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         schedule.curriculum.kind, route != "drop", margin, rank, schedule.curriculum.buckets, schedule.seed)
     order = curriculum.positions(sequence, n)
 
-    warnings += _curriculum_warning(schedule.curriculum.kind, margin[sequence])
+    warnings += _curriculum_warning(schedule.curriculum, margin[sequence])
 
     table = pa.table({
         "pair_id": ids_array,
@@ -359,6 +360,24 @@ def _unannotated_warning(schedule: Schedule, route: np.ndarray, annotated: np.nd
             f"and get {' and '.join(reads)}: {'; '.join(why)}"]
 
 
+def _no_ratings_warning(schedule: Schedule, margin: np.ndarray, route: np.ndarray) -> list[str]:
+    """Trained pairs without a ratings margin (a score missing: a pairs file that mixes scored and unscored data)
+    escape routing and come last in a curriculum by margin, which the summary's count alone does not say. (The
+    teacher's are :func:`_unannotated_warning`'s; a reference cache that lacks pairs is refused.)"""
+    if schedule.margin.source != "ratings":
+        return []
+    missing = (route != "drop") & np.isnan(margin)
+    routed = schedule.routing.tau is not None or schedule.routing.quantile is not None
+    ordered = schedule.curriculum.kind in ("easy_to_hard", "hard_to_easy", "bucketed")
+    if not missing.any() or not (routed or ordered):
+        return []
+    what = [part for part, read in (("never routed", routed), ("last in the curriculum, by pair id", ordered))
+            if read]
+    return [f"{int(missing.sum()):,} of the {int(np.sum(route != 'drop')):,} trained pairs have no ratings margin "
+            f"(score_chosen or score_rejected missing: data without ratings) and are {' and '.join(what)}; "
+            "plan the scored pairs alone, or set margin.source teacher (with --annotations) to give every pair one"]
+
+
 def _routing_warnings(schedule: Schedule, margin: np.ndarray, below_tau: np.ndarray, lowest: np.ndarray,
                       dropped: np.ndarray, flipped: np.ndarray) -> list[str]:
     """A routing rule that routes no pair changes nothing in the plan: say so, with the margins it met."""
@@ -414,16 +433,22 @@ def _no_preference_pair(schedule: Schedule, margin: np.ndarray, route: np.ndarra
             "routing.quantile (for SFT alone: perpair train --loss sft, without a plan)")
 
 
-def _curriculum_warning(kind: str, margins: np.ndarray) -> list[str]:
-    """A curriculum by margin over pairs whose margins are all equal orders them by pair id only."""
+def _curriculum_warning(curriculum: CurriculumConfig, margins: np.ndarray) -> list[str]:
+    """A curriculum by margin over pairs whose margins are all equal orders them by pair id only; buckets as many
+    as the pairs hold one pair each, an easy_to_hard order that no seed shuffles."""
+    kind = curriculum.kind
     if kind not in ("easy_to_hard", "hard_to_easy", "bucketed"):
         return []
     known = margins[~np.isnan(margins)]
-    if len(known) < 2 or np.ptp(known) > 0:
-        return []
-    return [f"curriculum.kind {kind} orders by margin, but every trained pair with a margin has the same one "
-            f"({known[0]:g}): the order is by pair id" + (", shuffled within buckets" if kind == "bucketed" else "")
-            + ", not from easy to hard"]
+    if len(known) >= 2 and np.ptp(known) == 0:
+        return [f"curriculum.kind {kind} orders by margin, but every trained pair with a margin has the same one "
+                f"({known[0]:g}): the order is by pair id" + (", shuffled within buckets" if kind == "bucketed" else "")
+                + ", not from easy to hard"]
+    if kind == "bucketed" and len(known) and curriculum.buckets >= len(known):
+        return [f"curriculum.buckets {curriculum.buckets} is at least the {len(known):,} trained pairs with a margin: "
+                "one pair a bucket, so the order is easy_to_hard's and the seed shuffles nothing; lower "
+                "curriculum.buckets, or set curriculum.kind easy_to_hard"]
+    return []
 
 
 def _check_unique(pair_ids: np.ndarray, file: str) -> None:

@@ -89,7 +89,8 @@ class BetaConfig(_Strict):
 class MislabeledConfig(_Strict):
     """What to do with pairs the teacher calls ``mislabeled`` with confidence above ``threshold`` (ours)."""
 
-    threshold: _Unit = Field(0.7, description="confidence above which a mislabeled pair is acted on")
+    # (< 1: a confidence cannot exceed 1, so a threshold of 1 would act on no pair, and change nothing)
+    threshold: float = Field(0.7, ge=0.0, lt=1.0, description="confidence above which a mislabeled pair is acted on")
     action: Literal["drop", "flip", "beta_max"] = Field(
         "beta_max", description="drop: leave it out; flip: swap chosen and rejected; beta_max: keep it at "
         "signal 0, i.e. β_max before normalisation")
@@ -116,7 +117,8 @@ class CurriculumConfig(_Strict):
         "(MixDPO), ties by pair_id (ours); bucketed: K buckets easy→hard, seeded shuffle inside (ours); "
         "hard_to_easy, "
         "random: ablations (ours)")
-    buckets: int = Field(4, ge=1, description="K, the number of buckets for `bucketed`")
+    # (≥ 2: one bucket is the whole sequence shuffled, curriculum.kind random's order, not easy to hard)
+    buckets: int = Field(4, ge=2, description="K, the number of buckets for `bucketed`")
 
 
 class Schedule(_Strict):
@@ -192,10 +194,23 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _lay(values: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` laid over ``values``; a layer that sets one routing rule (``routing.tau`` or ``routing.quantile``)
+    replaces the rule of the layers below it: ``routing: {quantile: 0.1}`` over ``mixdpo`` routes the lowest tenth
+    by margin, not that and MixDPO's ties (either rule routes a pair: the two together route the larger of the two
+    lowest sets, so the tenth would change nothing where ties are more). A layer that sets both keeps both."""
+    routing = layer.get("routing")
+    if isinstance(routing, dict) and isinstance(values.get("routing"), dict):
+        rules = {"tau", "quantile"} & set(routing)
+        if len(rules) == 1:
+            values = deep_merge(values, {"routing": {({"tau", "quantile"} - rules).pop(): None}})
+    return deep_merge(values, layer)
+
+
 def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
                      beta: float | None = None, overrides: dict[str, Any] | None = None) -> Schedule:
     """The schedule of ``preset``, overridden by the YAML file at ``config_path``, then by ``overrides`` (the
-    same keys, e.g. from a run config), then by ``beta``.
+    same keys, e.g. from a run config), then by ``beta``; a routing rule given replaces the one below (:func:`_lay`).
 
     Unknown keys and out-of-range values raise :class:`~perpair.errors.InputError` naming the file (or
     the option) and the key.
@@ -207,11 +222,11 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     given: list[tuple[dict[str, Any], str | None]] = []  # what the user wrote, and where: the preset's own keys aside
     if config_path is not None:
         in_file = load_yaml(config_path, "schedule")
-        values = deep_merge(values, in_file)
+        values = _lay(values, in_file)
         source = str(config_path)
         given.append((in_file, str(config_path)))
     if overrides:
-        values = deep_merge(values, overrides)
+        values = _lay(values, overrides)
         source = f"{source} with overrides"
         given.append((overrides, None))
     if beta is not None:

@@ -30,11 +30,12 @@ SCHEMA_VERSION = 1
 
 
 def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file: str,
-                         given_as: str = "reference log-probs") -> tuple[pa.Table, Path]:
-    """The reference log-prob table for the pairs file whose SHA-256 is ``pairs_sha256``, and the file it came
-    from. ``path`` is a cache file, or a folder holding cache files (the one of these pairs is taken);
-    ``given_as`` names it in messages (the option that gave it: ``--reference-logps``). A file that lacks pairs of
-    ``pairs_file`` (but those the pass found too long for max_length) is refused."""
+                         given_as: str = "reference log-probs") -> tuple[pa.Table, Path, str]:
+    """The reference log-prob table for the pairs file whose SHA-256 is ``pairs_sha256``, the file it came from,
+    and what computed it (:func:`computed_by`: the model, max length, precision). ``path`` is a cache file, or a
+    folder holding cache files (the one of these pairs is taken); ``given_as`` names it in messages (the option that
+    gave it: ``--reference-logps``). A file that lacks pairs of ``pairs_file`` (but those the pass found too long
+    for max_length) is refused, and so is one of LD-DPO's weighted sums, which are no log-probs."""
     path = Path(path)
     if path.is_dir():
         values, provenance, path = _find(path, pairs_sha256, pairs_file, given_as)
@@ -47,6 +48,10 @@ def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file:
             raise ArtifactMismatch(f"reference log-probs {path} were computed for another pairs file "
                                    f"(pairs_sha256 {str(made_from)[:12]}…), not {pairs_file} ({pairs_sha256[:12]}…); "
                                    f"run perpair train on {pairs_file} to compute them")
+    if (alpha := (provenance["key"] or {}).get("ld_alpha")) is not None:
+        raise InputError(f"{given_as} {path}: computed for LD-DPO (ld_alpha {alpha}): its values weigh each response's "
+                         "tokens past the shorter one's length by ld_alpha, and a margin reads log-probs; train once "
+                         "without ld_alpha to cache them")
     known = values.keys() | set(provenance["left_out"])
     pair_ids = read_parquet(pairs_file, ["pair_id"]).column("pair_id").to_pylist()
     lacking = [pid for pid in pair_ids if pid not in known]
@@ -65,7 +70,16 @@ def read_reference_logps(path: str | os.PathLike, pairs_sha256: str, pairs_file:
                          "lacking, and the cache holds them all once its first step is done")
     ids = sorted(values)
     rows = [values[i] for i in ids]
-    return logps_table(ids, *([r[k] for r in rows] for k in range(4))), path
+    return logps_table(ids, *([r[k] for r in rows] for k in range(4))), path, computed_by(provenance)
+
+
+def computed_by(provenance: dict) -> str:
+    """What computed a cache: ``model M, max_length N`` (and ``bf16`` where it was); the model as the run named it,
+    or, in a cache an earlier perpair wrote, as its key holds it (a folder by a hash of its files)."""
+    key = provenance["key"] if isinstance(provenance.get("key"), dict) else {}
+    model = provenance.get("model_name") or str(key.get("model"))[:24] + " (the hash of its files)"
+    return (f"model {model}, max_length {key.get('max_length')}"
+            + (f", {key['precision']}" if key.get("precision") else ""))
 
 
 def part_files(path: Path) -> list[Path]:
@@ -80,7 +94,7 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
     part made with another key than ``key`` (or than the file's) is refused."""
     values: dict[str, tuple[float, int, float, int]] = {}
     left_out: set[str] = set()
-    found, recorded = False, True
+    found, recorded, model_name = False, True, None
     for file in ([path] if path.is_file() else []) + part_files(path):
         try:
             table, provenance = read_artifact(file, kind=KIND, schema_version=SCHEMA_VERSION)
@@ -111,8 +125,10 @@ def read_cache(path: Path, key: dict | None = None) -> tuple[dict[str, tuple[flo
         values.update((row[0], tuple(row[1:])) for row in zip(*cols, strict=True))
         left_out.update(listed)
         recorded = recorded and "left_out" in provenance
+        model_name = model_name or provenance.get("model_name")
         found = True
-    return values, {"key": key, "left_out": sorted(left_out), "left_out_recorded": recorded} if found else None
+    return values, {"key": key, "left_out": sorted(left_out), "left_out_recorded": recorded,
+                    "model_name": model_name} if found else None
 
 
 def _find(folder: Path, pairs_sha256: str, pairs_file: str, given_as: str) -> tuple[dict, dict, Path]:

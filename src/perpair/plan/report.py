@@ -102,10 +102,12 @@ def _examples(table: pa.Table, pairs_path: str | os.PathLike) -> list[dict[str, 
     for (route, category), members in sorted(groups.items()):
         for i in members:
             pair = pairs.slice(rows[plan[i]["pair_id"]], 1).to_pylist()[0]
+            # as trained: a pair the plan flips trains (and an SFT route imitates) the file's rejected response
+            chosen, rejected = ("rejected", "chosen") if plan[i]["flipped"] else ("chosen", "rejected")
             examples.append({"route": route, "category": category, "pair_id": plan[i]["pair_id"],
                              "beta": plan[i]["beta"], "magnitude": plan[i]["magnitude"],
-                             "prompt": text_of(pair["prompt"]), "chosen": text_of(pair["chosen"]),
-                             "rejected": text_of(pair["rejected"])})
+                             "flipped": bool(plan[i]["flipped"]), "prompt": text_of(pair["prompt"]),
+                             "chosen": text_of(pair[chosen]), "rejected": text_of(pair[rejected])})
     return examples
 
 
@@ -301,12 +303,14 @@ def _examples_html(examples: list[dict[str, Any]]) -> str:
     for e in examples:
         beta = "—" if e["beta"] is None else f"{e['beta']:.4g}"
         magnitude = "—" if e["magnitude"] is None else f"{e['magnitude']:g}"
-        rows.append(f"<tr><td>{esc(e['route'])}</td><td>{esc(e['category'])}</td><td><code>{esc(e['pair_id'])}"
+        route = esc(e["route"]) + ("<br>(flipped: the file's rejected response is chosen here)"
+                                   if e.get("flipped") else "")
+        rows.append(f"<tr><td>{route}</td><td>{esc(e['category'])}</td><td><code>{esc(e['pair_id'])}"
                     f"</code></td><td>{beta}</td><td>{magnitude}</td>"
                     + "".join(f'<td class="text">{esc(_clip(e[k]))}</td>' for k in ("prompt", "chosen", "rejected"))
                     + "</tr>")
     return ("<table>\n<tr><th>route</th><th>category</th><th>pair</th><th>β</th><th>magnitude</th><th>prompt</th>"
-            "<th>chosen</th><th>rejected</th></tr>\n" + "\n".join(rows) + "\n</table>")
+            "<th>chosen (as trained)</th><th>rejected (as trained)</th></tr>\n" + "\n".join(rows) + "\n</table>")
 
 
 def render_html(data: dict[str, np.ndarray], provenance: dict[str, Any], *, pairs_path: str | os.PathLike | None = None,

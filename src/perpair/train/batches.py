@@ -5,7 +5,7 @@ greedy packing of pairs into forwards.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from perpair.artifacts import read_header
 from perpair.data import PrepareOptions, prepare, read_pairs
+from perpair.data.prepare import PrepareResult
 from perpair.data.schema import KIND as PAIRS_KIND
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig, check_plan_fits
@@ -69,14 +70,17 @@ def micro_batches(config: TrainConfig, pairs: list[TokenizedPair]) -> list[list[
     return greedy_groups([pair.tokens for pair in pairs], config.forward_tokens)
 
 
-def load_data(config: TrainConfig, accelerator) -> PairData:
-    """The pairs file (converted with ``prepare`` when DATA is another format) and the plan's per-pair values."""
+def load_data(config: TrainConfig, accelerator, on_prepare: Callable[[PrepareResult], None] | None = None) -> PairData:
+    """The pairs file (converted with ``prepare`` when DATA is another format, its report to ``on_prepare``: what it
+    kept, excluded and left unread) and the plan's per-pair values."""
     path = Path(config.data)
     if not path.exists():
         raise PerpairError(f"file {path}: not found")
     if not is_pairs_file(path):
         target = Path(config.out) / "pairs.parquet"
-        on_main_process(accelerator, lambda: prepare([str(path)], target, PrepareOptions()))
+        prepared = on_main_process(accelerator, lambda: prepare([str(path)], target, PrepareOptions()))
+        if prepared is not None and on_prepare is not None:
+            on_prepare(prepared)
         path = target
     table, _ = read_pairs(str(path))
     n = table.num_rows

@@ -40,18 +40,26 @@ SHARDS = "shards"  # under FSDP, a checkpoint's folder of every process's shards
 SHARD_FILE_BYTES = 2 << 30
 
 
-def run_key(config: TrainConfig, *, tokenizer: bool = True) -> str:
+def run_key(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = True) -> str:
     """The identity of a run: a hash of every setting that changes what it computes, and of the contents of the
     files it reads (data, plan, models, and a local model folder's tokenizer: a chat template edited in place between
     a stop and ``--resume`` would tokenize the rest of the run otherwise), so a file rewritten at the same path makes
-    another run. ``tokenizer`` False: the key as runs wrote it before it covered the tokenizer."""
-    from perpair.artifacts import file_sha256
+    another run. ``precision: auto`` is keyed as it resolves where it runs (bf16 autocast on a GPU with it), so a run
+    stopped on a GPU and resumed on a CPU, or back, is another run, not one trained half in each precision; a data
+    folder (converted on the fly) by the names and contents of its files. ``tokenizer`` False and ``resolved``
+    False: the key as earlier perpairs wrote it (:func:`earlier_run_keys`)."""
+    from perpair.artifacts import path_identity
     from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
+    from perpair.train.setup import uses_bf16
 
-    def contents(path: str | None) -> str | None:
-        return file_sha256(path) if path is not None and Path(path).is_file() else path
+    def contents(path: str | None) -> object:
+        if path is None or not Path(path).exists() or (Path(path).is_dir() and not resolved):
+            return path
+        return path_identity(path)
 
     options = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    if resolved and config.precision == "auto" and uses_bf16(config):  # (auto → float32 keeps "auto", as before)
+        options["precision"] = "bf16"
     options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),
                            **{name: model_fingerprint(resolve_model(spec)) for name, spec in
                               (("model", config.model), ("reference_model", config.reference_model)) if spec}}
@@ -59,6 +67,13 @@ def run_key(config: TrainConfig, *, tokenizer: bool = True) -> str:
     if tokenizer and (identity := tokenizer_identity(resolve_model(config.model))) is not None:
         options["contents"]["tokenizer"] = identity
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def earlier_run_keys(config: TrainConfig) -> tuple[str, str]:
+    """The keys earlier perpairs wrote for this run, still resumed as this run, so that an upgrade loses no run:
+    before 7 Dec 2026 10:00 UTC (``precision: auto`` and a data folder keyed as given), and before 04:00 (nor the
+    tokenizer)."""
+    return run_key(config, resolved=False), run_key(config, tokenizer=False, resolved=False)
 
 
 def check_out(config: TrainConfig) -> str:
@@ -74,8 +89,8 @@ def check_out(config: TrainConfig) -> str:
         # lora.merge only adds OUT/model when the run saves its adapter: the same run (its key as it was written), so
         # that `--resume --set lora.merge=true` merges a finished run's adapter instead of refusing it
         key = held
-    elif held not in (None, key) and held == run_key(config, tokenizer=False):
-        key = held  # a run claimed before run keys covered the tokenizer: still resumable, as it was written
+    elif held not in (None, key) and held in earlier_run_keys(config):
+        key = held  # a run claimed by an earlier perpair: still resumable, as it was written
     if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir() and not config.overwrite:
         # (read as no checkpoints: --resume started again, emptying the metrics, and failed at its first checkpoint)
         raise PerpairError(f"--out {out}: its 'checkpoints' is a file, not the folder of a run's checkpoints; remove "
@@ -401,6 +416,11 @@ def _check_fits(state: dict, weights: dict, tensors: dict, params: dict, optimiz
     by_id = {id(p): n for n, p in params.items()}
     current = [{"names": [by_id[id(p)] for p in group["params"]],
                 **_jsonable({k: v for k, v in group.items() if k != "params"})} for group in optimizer.param_groups]
+    if len(state["param_groups"]) == 1 < len(current):
+        raise PerpairError(f"the checkpoint of step {state.get('step', '?')} holds one group of optimizer state, and "
+                           "this run's optimizer has two (weight_decay spares biases and norms, as TRL's does, since "
+                           "7 Dec 2026): it was written by an earlier perpair, whose weight_decay decayed them too; "
+                           "--overwrite trains the run again")
     if not _shaped_as(state["param_groups"], current) or any(
             saved["names"] != group["names"] for saved, group in zip(state["param_groups"], current, strict=True)):
         raise damaged("state.json's param_groups are not this model's optimizer's")

@@ -105,7 +105,8 @@ class TrainConfig(NumbersNotBools):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate (AdamW).")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay, of every trained parameter "
+                                "but biases and norms (as TRL's Trainer spares them)")
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)

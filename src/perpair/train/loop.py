@@ -37,6 +37,7 @@ import torch
 from perpair import mkl
 from perpair.allocator import active_allocator
 from perpair.artifacts import folder_lock
+from perpair.data.prepare import PrepareResult
 from perpair.errors import PerpairError, TrainingStopped
 from perpair.train.batches import PairData, StepBatches, build_step_batches, load_data, micro_batches
 from perpair.train.checkpoints import (
@@ -91,18 +92,20 @@ class TrainResult:
 def train(config: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None,
           on_reference: Callable[[int, int], None] | None = None,
           on_resume: Callable[[int], None] | None = None,
-          on_steps: Callable[[int], None] | None = None) -> TrainResult:
+          on_steps: Callable[[int], None] | None = None,
+          on_prepare: Callable[[PrepareResult], None] | None = None) -> TrainResult:
     """Train as ``config`` says; returns where the outputs are and a summary (pairs/s, peak memory, …).
+    ``on_prepare(result)`` when DATA is converted into a pairs file first (what was kept, excluded, left unread),
     ``on_steps(steps)`` once the run's steps are known (without ``config.steps``: one epoch's), ``on_step(metrics)``
     after every step, ``on_reference(done, to_compute)`` during the reference pass, ``on_resume(step)`` with
     ``resume``: the checkpoint's step, 0 when OUT has none yet."""
     # OUT's lock, taken once the processes are known, released however the run ends; SIGTERM / SIGUSR1 stop the run
     with ExitStack() as lock, StopSignals() as signals:
-        return _train(config, lock, signals, on_step, on_reference, on_resume, on_steps)
+        return _train(config, lock, signals, on_step, on_reference, on_resume, on_steps, on_prepare)
 
 
 def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, on_reference, on_resume,
-           on_steps) -> TrainResult:
+           on_steps, on_prepare) -> TrainResult:
     started = time.perf_counter()
     out = Path(config.out)
     key = check_out(config)  # before any work: OUT may hold another run
@@ -117,7 +120,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
                     "another --out")))
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
     on_main_process(accelerator, lambda: claim_out(config, key))
-    data = load_data(config, accelerator)
+    data = load_data(config, accelerator, on_prepare)
     batches = build_step_batches(config, data, tokenizer)
     if config.steps is None:  # one epoch: its steps are known now (run.key keeps "one epoch", not their number)
         config = config.model_copy(update={"steps": len(batches.steps)})
@@ -158,7 +161,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     # the steps before the checkpoint, which the summary counts with this process's (the main one's: it writes both)
     earlier = on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step)) or []
     start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
-                   config=config.model_dump(), out=str(out))
+                   config=config.model_dump(), out=str(out), resumed_at=start_step)
 
     # the whole run's training: with a resumed run's steps before its checkpoint (a run resumed to its end counted
     # 0 steps and 0 pairs; a preempted one, its last stretch)

@@ -84,12 +84,16 @@ def load_cached(path: Path) -> dict[str, tuple[float, int, float, int]]:
 
 
 def save_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]],
-                left_out: Collection[str] = ()) -> None:
+                left_out: Collection[str] = (), model_name: str | None = None) -> None:
+    """Write the cache file (or a part) ``path``; ``model_name``: the model as the run named it (its key holds a
+    folder's content hash), which a plan reading the cache prints."""
     ids = sorted(values)
     rows = [values[i] for i in ids]
     table = logps_table(ids, *([r[k] for r in rows] for k in range(4)))
     # (recorded when empty too: a file without the record is an earlier perpair's, see read_reference_logps)
     provenance = {"key": key, "left_out": sorted(left_out)}
+    if model_name is not None:
+        provenance["model_name"] = model_name
     write_artifact(path, table, kind=KIND, schema_version=SCHEMA_VERSION, provenance=provenance)
 
 
@@ -99,7 +103,8 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
                     on_progress=None, ld_alpha: float | None = None,
                     deferred: frozenset[str] = frozenset(), share: tuple[int, int] = (0, 1),
                     agree: Callable[[dict], dict] | None = None, gather: Callable[[dict], dict] | None = None,
-                    write: bool = True, left_out: Collection[str] = ()) -> tuple[np.ndarray, int]:
+                    write: bool = True, left_out: Collection[str] = (),
+                    model_name: str | None = None) -> tuple[np.ndarray, int]:
     """``[n, 2]`` reference log-probs (chosen, rejected) of ``pair_ids`` (tokenized in their own orientation),
     from the cache at ``path``; the missing ones are computed with ``load_model()`` and added to the cache, except
     those of ``deferred`` (the caller gets them otherwise), whose rows are NaN. ``on_progress(done, to_compute)``
@@ -134,7 +139,7 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
             nonlocal done, saved
             done = end
             if time.monotonic() - saved >= SAVE_SECONDS:
-                save_cached(part, key, so_far(), left_out)
+                save_cached(part, key, so_far(), left_out, model_name)
                 saved = time.monotonic()
             if on_progress:
                 on_progress(end, len(mine))
@@ -147,20 +152,20 @@ def reference_logps(path: Path, key: dict[str, object], pair_ids: Sequence[str],
         finally:  # stopped (an error, Ctrl-C), or one of several processes: its values are kept in its part
             computed = so_far()
             if computed and (done < len(mine) or gather is not None or not write):
-                save_cached(part, key, computed, left_out)
+                save_cached(part, key, computed, left_out, model_name)
         del model
     if gather is not None:
         computed = gather(computed)
     cached.update(computed)
     if write and (missing or unsaved):
-        add_cached(path, key, computed, left_out)
+        add_cached(path, key, computed, left_out, model_name)
     nan = (float("nan"), 0, float("nan"), 0)
     values = np.array([[(v := cached.get(pid, nan))[0], v[2]] for pid in pair_ids], dtype=np.float64).reshape(-1, 2)
     return values, len(missing)
 
 
 def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float, int, float, int]],
-               left_out: Collection[str] = ()) -> None:
+               left_out: Collection[str] = (), model_name: str | None = None) -> None:
     """Add ``values`` (pair id → chosen log-prob, tokens, rejected log-prob, tokens) and the ids ``left_out`` to the
     cache at ``path``, with the values of its part files, which are then removed (folded in). A part that another
     pass (a run sharing the cache) rewrote since it was read is kept: it holds values this file lacks, and removed,
@@ -169,7 +174,8 @@ def add_cached(path: Path, key: dict[str, object], values: dict[str, tuple[float
     parts = {part: _version(part) for part in part_files(path)}  # (before the reading: each one removed was read)
     cached, provenance = read_cache(path, key)
     cached.update(values)
-    save_cached(path, key, cached, set(left_out) | set(provenance["left_out"] if provenance else ()))
+    save_cached(path, key, cached, set(left_out) | set(provenance["left_out"] if provenance else ()),
+                model_name or (provenance or {}).get("model_name"))
     for part, read in parts.items():
         if read is not None and _version(part) == read:  # each save renames a new file into place: another inode
             part.unlink(missing_ok=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +37,12 @@ def setup_accelerator(config: TrainConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     bf16 = uses_bf16(config)
+    _forget_another_precision("bf16" if bf16 else "no")
     # cpu=True without CUDA: Accelerate then runs processes started by torchrun / accelerate launch as gloo ranks
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available(),
                               log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
+    if accelerator.is_main_process and (note := launcher_precision_note(config, bf16)):
+        sys.stderr.write(note + "\n")
     set_seed(config.seed)
     if problem := unread_release_cpu_memory(config, accelerator.device.type):
         raise PerpairError(problem)
@@ -45,6 +50,33 @@ def setup_accelerator(config: TrainConfig):
         release_freed_memory()  # glibc's malloc only: tcmalloc & co. (perpair.allocator) need no help
     check_sharding(config, accelerator.distributed_type)
     return accelerator
+
+
+def launcher_precision_note(config: TrainConfig, bf16: bool) -> str | None:
+    """What to say where ``accelerate launch`` (its ``--mixed_precision``, or its config file's) asked for another
+    precision than the run's ``precision`` gives: Accelerate lets the Accelerator's own setting win, without a word.
+    (``accelerate launch`` always passes one, "no" unless told: on a GPU with ``precision: auto`` this says that bf16
+    wins.)"""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if asked is None or asked == ("bf16" if bf16 else "no"):
+        return None
+    runs = "bf16 autocast" if bf16 else "float32"
+    why = f"precision {config.precision}" + (" (bf16 autocast where the device has it)" if config.precision == "auto"
+                                              else "")
+    fp16 = "; fp16 is not one of them" if asked == "fp16" else ""
+    return (f"note: the launcher's mixed precision ({asked}) is not read: this run trains in {runs}, by its "
+            f"{why}; set precision in the train config to choose (fp32 or bf16{fp16})")
+
+
+def _forget_another_precision(wanted: str) -> None:
+    """Accelerate keeps one mixed precision per process and refuses another (a ValueError: "AcceleratorState has
+    already been initialized"), which ended ``perpair run`` in a traceback at its second arm where arms train in
+    the run's process, one precision after another. One process alone (no process group) starts its state anew."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != wanted and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state()
 
 
 def unread_release_cpu_memory(config: TrainConfig, device: str) -> str | None:
@@ -137,8 +169,13 @@ def reference_cache_file(config: TrainConfig, tokenizer, pairs: str | Path, *,
     the key it is named by: the reference model's files, the tokenizer, the pairs file, the length settings and
     the precision."""
     cache_dir = Path(config.reference_cache) if config.reference_cache else reference.default_cache_dir()
-    return reference.cache_file(cache_dir, resolve_model(config.reference_model or config.model), tokenizer, pairs,
+    return reference.cache_file(cache_dir, reference_name(config), tokenizer, pairs,
                                 config.max_length, ld_alpha=config.ld_alpha, precision="bf16" if bf16 else "fp32")
+
+
+def reference_name(config: TrainConfig) -> str:
+    """The reference model as the user named it (resolved: a folder's path, a Hub id), for the cache's readers."""
+    return resolve_model(config.reference_model or config.model)
 
 
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
@@ -185,7 +222,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
     tokens = max(config.forward_tokens, REFERENCE_PACKING * config.max_length)
     options = dict(device=accelerator.device, tokens_per_forward=tokens, chunk_size=config.logits_chunk,
                    autocast_dtype=autocast, ld_alpha=config.ld_alpha, deferred=deferred,
-                   left_out=[data.pair_ids[r] for r in batches.skipped_rows])
+                   left_out=[data.pair_ids[r] for r in batches.skipped_rows], model_name=reference_name(config))
     if accelerator.num_processes > 1:  # every process computes a share: none waits on another's whole pass
         from accelerate.utils import broadcast_object_list, gather_object
 
@@ -215,7 +252,7 @@ def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches,
             if data.flipped[row]:
                 c, r, c_tokens, r_tokens = r, c, r_tokens, c_tokens
             entries[data.pair_ids[row]] = (c, c_tokens, r, r_tokens)
-        reference.add_cached(path, key, entries)
+        reference.add_cached(path, key, entries, model_name=reference_name(config))
 
     run.cache = cache if accelerator.is_main_process else None
     return run
@@ -415,8 +452,20 @@ def own_cpu_weights(model) -> None:
                 p.data = p.data.clone()
 
 
+# The parameters Transformers' Trainer (and so TRL's DPOTrainer) leaves out of weight decay, by name (its
+# get_decay_parameter_names, 5.x): biases and normalisation weights; and every parameter of an nn.LayerNorm.
+NO_DECAY_NAMES = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
 def make_optimizer(config: TrainConfig, model) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list | list[dict] = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay:  # decay as TRL does: not the biases and norms (a norm's weights pulled towards 0)
+        from transformers.trainer_pt_utils import get_parameter_names
+
+        names = set(get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_NAMES)))
+        decayed = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}
+        params = [{"params": [p for p in params if id(p) in decayed]},
+                  {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     kwargs = dict(lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
     try:  # the fused kernel updates in place: fastest, and no temporary copies of the parameters

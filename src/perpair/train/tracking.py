@@ -69,12 +69,17 @@ def hyperparameters(config: dict[str, Any]) -> dict[str, bool | int | float | st
     return flat
 
 
-def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str, Any], out: str) -> None:
-    """Open the trackers the Accelerator was created with (``log_with``); a no-op when there are none."""
+def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str, Any], out: str,
+                   resumed_at: int = 0) -> None:
+    """Open the trackers the Accelerator was created with (``log_with``); a no-op when there are none.
+    ``resumed_at``: the step of the checkpoint a resumed run continues from; TensorBoard hides what the stopped
+    attempt logged after it (its steps are trained again, and would be plotted twice)."""
     if not accelerator.log_with:
         return
     init_kwargs = {"wandb": {"name": run_name, "dir": out}, "trackio": {"name": run_name},
                    "mlflow": {"run_name": run_name}}
+    if resumed_at:
+        init_kwargs["tensorboard"] = {"purge_step": resumed_at + 1}
     # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
     try:
         accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
