@@ -265,11 +265,12 @@ class LoopbackServer:
                 writer.close()
 
 
-def chat_completion(content: str, *, prompt_tokens: int = 10, completion_tokens: int = 5) -> bytes:
-    """An OpenAI-style chat completion body answering ``content``."""
+def chat_completion(content: str | None, *, prompt_tokens: int = 10, completion_tokens: int = 5,
+                    finish_reason: str = "stop") -> bytes:
+    """An OpenAI-style chat completion body answering ``content`` (None: a reply without content)."""
     return json.dumps({
         "id": "stub", "object": "chat.completion", "model": "stub",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason,
                      "logprobs": None}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},

@@ -463,54 +463,35 @@ def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp
     cached as the game's verdict-less judgment for good. It counts as no verdict in its run, the note says so, and
     the next run asks again, as AlpacaEval's judge does with a reply without top log-probs."""
     import sqlite3
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from llama_server import LoopbackServer, Reply, chat_completion
     from perpair.eval import arena_run
     from perpair.eval.alpaca_eval import JudgeConfig
 
     empty = [True]  # the server's state: empty replies whenever the model's answer is shown as A, or none
     asked = []
 
-    class Judge(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][1]["content"]
-            model_is_a = "<|The Start of Assistant A's Answer|>\nMODEL ANSWER" in prompt
-            asked.append(model_is_a)
-            content = "My final verdict is [[A>B]]" if model_is_a else "My final verdict is [[B>A]]"  # model wins
-            if empty[0] and model_is_a:  # null for question 1's, "" for question 2's
-                content = None if "MODEL ANSWER 0" in prompt else ""
-            payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                               "finish_reason": "length"}],
-                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
+    async def judge(request) -> Reply:
+        prompt = request.json()["messages"][1]["content"]
+        model_is_a = "<|The Start of Assistant A's Answer|>\nMODEL ANSWER" in prompt
+        asked.append(model_is_a)
+        content = "My final verdict is [[A>B]]" if model_is_a else "My final verdict is [[B>A]]"  # model wins
+        if empty[0] and model_is_a:  # null for question 1's, "" for question 2's
+            content = None if "MODEL ANSWER 0" in prompt else ""
+        return Reply(body=chat_completion(content, finish_reason="length"))
 
     monkeypatch.setattr(arena_run, "generate_answers", lambda path, generation, texts, cache, progress: (
         [f"MODEL ANSWER {k}" for k in range(len(texts))], 0))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "arena"
-    config = arena_run.ArenaHardConfig(
-        model=str(tiny_model_dir), output_dir=out, limit=2, n_rounds=2, offline=True,
-        data_dir=SHARED_DATA / "arena_hard",
-        judge=JudgeConfig(judge=f"http://127.0.0.1:{server.server_address[1]}/v1", model_name="stub"))
-    try:
+    with LoopbackServer(judge) as url:
+        config = arena_run.ArenaHardConfig(
+            model=str(tiny_model_dir), output_dir=out, limit=2, n_rounds=2, offline=True,
+            data_dir=SHARED_DATA / "arena_hard", judge=JudgeConfig(judge=f"{url}/v1", model_name="stub"))
         first = arena_run.run_arena_hard(config)
         with sqlite3.connect(out / "cache.sqlite") as db:
             cached = db.execute("SELECT COUNT(*) FROM results WHERE kind = 'arena_judgment'").fetchone()[0]
         empty[0] = False  # the judge answers now
         second = arena_run.run_arena_hard(config)
-    finally:
-        server.shutdown()
     # run 1: the two games showing the model as A got empty replies, and the retry's too: no verdict, not cached
     assert (first["n_judged"], first["n_no_verdict"], first["n_empty_reply"], cached) == (4, 2, 2, 2)
     assert (first["score"], first["n_battles"]) == (100.0, 2)
