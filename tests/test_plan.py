@@ -310,8 +310,9 @@ def test_a_curriculum_or_threshold_that_cannot_act_is_refused_or_warned(files, t
     order them as easy_to_hard does, which a warning says."""
     pairs, _, _ = files
     for values, key, message in (({"curriculum": {"kind": "bucketed", "buckets": 1}}, "curriculum.buckets",
-                                  "greater than or equal to 2"),
-                                 ({"mislabeled": {"threshold": 1.0}}, "mislabeled.threshold", "less than 1")):
+                                  "got 1; one bucket is every pair shuffled, curriculum.kind random's order"),
+                                 ({"mislabeled": {"threshold": 1.0}}, "mislabeled.threshold",
+                                  "got 1; a pair is acted on when its confidence exceeds the threshold")):
         with pytest.raises(InputError, match=f"{key}.*{message}"):
             resolve_schedule("sp2dpo+mixdpo", _config(tmp_path, values))
     many = resolve_schedule("mixdpo", _config(tmp_path, {"curriculum": {"kind": "bucketed", "buckets": N}}))
@@ -493,11 +494,11 @@ def test_presets_resolve_and_overrides_apply_in_order(tmp_path):
     ({"beta": {"priors": {"rudeness": 1.0}}}, "beta.priors.rudeness", "unknown key"),
     ({"beta": {"beta_min": -0.1}}, "beta.beta_min", "greater than 0"),
     ({"beta": {"priors": {"safety": 1.5}}}, "beta.priors.safety", "less than or equal to 1"),
-    ({"mislabeled": {"threshold": 2}}, "mislabeled.threshold", "less than 1"),
+    ({"mislabeled": {"threshold": 2}}, "mislabeled.threshold", "give a threshold below 1"),
     ({"mislabeled": {"action": "burn"}}, "mislabeled.action", "'drop', 'flip' or 'beta_max'"),
     ({"routing": {"quantile": 1.0}}, "routing.quantile", "less than 1"),
     ({"label_smoothing": 0.5}, "label_smoothing", "less than 0.5"),
-    ({"curriculum": {"buckets": 0}}, "curriculum.buckets", "greater than or equal to 2"),
+    ({"curriculum": {"buckets": 0}}, "curriculum.buckets", "greater than or equal to 1"),
     ({"beta": {"magnitude_gain": [0, 0.5, 1]}}, "beta.magnitude_gain", ""),
     ({"beta": {"beta_min": 0.5, "beta_max": 0.4}}, "beta.beta_min", "smaller than beta.beta_max"),
     ({"beta": {"magnitude_gain": [0, 0.8, 0.5, 1]}}, "beta.magnitude_gain", "non-decreasing"),

@@ -23,7 +23,7 @@ import math
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from perpair.config_files import NumbersNotBools, format_validation_error, load_yaml
 from perpair.errors import InputError
@@ -89,11 +89,18 @@ class BetaConfig(_Strict):
 class MislabeledConfig(_Strict):
     """What to do with pairs the teacher calls ``mislabeled`` with confidence above ``threshold`` (ours)."""
 
-    # (< 1: a confidence cannot exceed 1, so a threshold of 1 would act on no pair, and change nothing)
-    threshold: float = Field(0.7, ge=0.0, lt=1.0, description="confidence above which a mislabeled pair is acted on")
+    threshold: float = Field(0.7, ge=0.0, description="confidence above which a mislabeled pair is acted on")
     action: Literal["drop", "flip", "beta_max"] = Field(
         "beta_max", description="drop: leave it out; flip: swap chosen and rejected; beta_max: keep it at "
         "signal 0, i.e. β_max before normalisation")
+
+    @field_validator("threshold")
+    @classmethod
+    def _can_act(cls, threshold: float) -> float:
+        if threshold >= 1:
+            raise ValueError(f"got {threshold:g}; a pair is acted on when its confidence exceeds the threshold, and no "
+                             "confidence exceeds 1: give a threshold below 1")
+        return threshold
 
 
 class MarginConfig(_Strict):
@@ -117,8 +124,15 @@ class CurriculumConfig(_Strict):
         "(MixDPO), ties by pair_id (ours); bucketed: K buckets easy→hard, seeded shuffle inside (ours); "
         "hard_to_easy, "
         "random: ablations (ours)")
-    # (≥ 2: one bucket is the whole sequence shuffled, curriculum.kind random's order, not easy to hard)
-    buckets: int = Field(4, ge=2, description="K, the number of buckets for `bucketed`")
+    buckets: int = Field(4, ge=1, description="K, the number of buckets for `bucketed` (2 or more)")
+
+    @field_validator("buckets")
+    @classmethod
+    def _several(cls, buckets: int) -> int:
+        if buckets == 1:
+            raise ValueError("got 1; one bucket is every pair shuffled, curriculum.kind random's order, not easy to "
+                             "hard: give 2 or more")
+        return buckets
 
 
 class Schedule(_Strict):
