@@ -28,6 +28,7 @@ eval_app.add_typer(arena_app, name="arena-hard")
 BASELINE_ARENA = "gpt-4-0314"
 OFFLINE_HELP = ("The benchmark's files from the paths given or --data-dir, never from the Hub (default: online "
                 "unless HF_HUB_OFFLINE=1, which keeps a Hub-id model or judge off the Hub too).")
+ALPACA_NOTES = ("judgment_note", "lc_note", "lc_judge_note")  # what an AlpacaEval row's figures do not say, in order
 ALPACA_DATA_ENV = "PERPAIR_ALPACA_EVAL_DATA"
 ARENA_DATA_ENV = "PERPAIR_ARENA_HARD_DATA"
 
@@ -124,12 +125,8 @@ def score_command(
                       _fmt(row["discrete_win_rate"]), _fmt(row["avg_length"]))
     out.print(table)
     for row in rows:
-        if row["judgment_note"]:
-            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['judgment_note'])}")
-        if row["lc_note"]:
-            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_note'])}")
-        if row["lc_judge_note"]:
-            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(row['lc_judge_note'])}")
+        for note in filter(None, (row[key] for key in ALPACA_NOTES)):
+            out.print(f"[yellow]{escape(row['name'])}[/]: {escape(note)}")
         if row["lc_method"] == "published_weights" and row["lc_fit"]:
             fit = row["lc_fit"]
             out.print(f"{escape(row['name'])}: offline refit gives LC {fit['length_controlled_winrate']:.2f} "
@@ -151,12 +148,8 @@ def _print_alpaca_row(row: dict) -> None:
               f"LC win rate {_fmt(row['length_controlled_winrate'])} (± {_fmt(row['lc_standard_error'])}, "
               f"{row['lc_method'] or 'no LC'}), win rate {_fmt(row['win_rate'])} (± {_fmt(row['standard_error'])}), "
               f"n = {row['n_total']}, avg length {row['avg_length']:,}")
-    if row.get("judgment_note"):
-        out.print(f"[yellow]note[/]: {escape(row['judgment_note'])}")
-    if row.get("lc_note"):
-        out.print(f"[yellow]note[/]: {escape(row['lc_note'])}")
-    if row.get("lc_judge_note"):
-        out.print(f"[yellow]note[/]: {escape(row['lc_judge_note'])}")
+    for note in filter(None, (row.get(key) for key in ALPACA_NOTES)):
+        out.print(f"[yellow]note[/]: {escape(note)}")
     out.print(f"generated {row['n_generated']:,}, judged {row['n_judged']:,} (the rest from the cache); "
               f"files in {escape(row['output_dir'])}")
 
