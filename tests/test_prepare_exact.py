@@ -566,3 +566,140 @@ def test_hh_rlhf_transcripts_stripped_of_their_leading_newlines_are_read_as_tran
             _, result = prepare(tmp_path, [variant])
             assert result.returncode == 0, result.stderr
             assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(tmp_path)] == [want], variant
+
+
+def test_hh_rlhf_transcripts_with_reward_columns_are_read_as_transcripts(tmp_path):
+    """HH-RLHF data with reward columns (`--score-chosen-col reward_chosen`) was read as the `columns` layout: the
+    transcripts' shared start, cut at the first differing character, one user message holding the turns and their
+    markers, exit 0; and --format hh-rlhf refused the score options. Score columns alone keep the transcripts
+    detected as HH-RLHF; any other column layout refuses a field holding a transcript."""
+    rows = [{**HH_WHOLE, "reward_chosen": 2.5, "reward_rejected": -1.0},
+            {"prompt": "\n\nHuman: Hey\n\nAssistant:", "chosen": " Yo", "rejected": " No", "reward_chosen": 1.0,
+             "reward_rejected": 0.5}]
+    scores = ("--score-chosen-col", "reward_chosen", "--score-rejected-col", "reward_rejected")
+    for options in (scores, ("--format", "hh-rlhf", *scores)):
+        _, result = prepare(tmp_path, rows, *options)
+        assert result.returncode == 0, result.stderr
+        assert pairs(tmp_path) == [
+            {"prompt": user("Hi"), "chosen": assistant("Hello"), "rejected": assistant("Go away"),
+             "score_chosen": 2.5, "score_rejected": -1.0},
+            {"prompt": user("Hey"), "chosen": assistant("Yo"), "rejected": assistant("No"),
+             "score_chosen": 1.0, "score_rejected": 0.5}], options
+    for options in (("--format", "trl"), ("--prompt-col", "prompt", *scores), ("--system-col", "sys")):
+        source, result = prepare(tmp_path, rows[1:], *options)
+        assert one_error(result).startswith(f"error: file {source}, row 1, field 'prompt': an HH-RLHF transcript "), \
+            options
+        assert "read the file with --format hh-rlhf" in one_error(result)
+    _, result = prepare(tmp_path, rows, "--format", "hh-rlhf", "--system-col", "sys")
+    assert "--format hh-rlhf does not read --*-col options" in one_error(result)
+
+
+def test_openai_style_turns_named_by_a_dataset_infos_tags_keep_their_fields_or_are_refused(tmp_path):
+    """A dataset_info entry whose tags name the turns' role and content `role` and `content` (LLaMA-Factory's OpenAI
+    style): a turn's tool_calls were dropped without a word, the call an empty assistant message, exit 0 (the
+    same turns found without such tags were refused)."""
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                                "function": {"name": "weather", "arguments": "{}"}}]}
+    rows = [{"messages": [*user("Weather in Paris?"), call, {"role": "tool", "content": "22C"}],
+             "chosen": assistant("It is 22C.")[0], "rejected": assistant("Sunny.")[0]}]
+    write_jsonl(tmp_path / "tools.jsonl", rows)
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "observation_tag": "tool", "system_tag": "system"}
+    info = {"calls": {"file_name": "tools.jsonl", "formatting": "sharegpt", "ranking": True, "tags": tags,
+                      "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "calls",
+                               "-o", tmp_path / "out.parquet")
+    assert "field 'messages[1].tool_calls': message field 'tool_calls' is not read" in one_error(result)
+
+
+def test_a_dataset_info_entrys_split_and_another_split_given_are_refused(tmp_path):
+    """An entry that names its split read that split whatever --split said: `--split test` on an entry of split
+    'train' evaluated on training rows, its provenance saying 'test'."""
+    (tmp_path / "parts").mkdir()
+    write_jsonl(tmp_path / "parts" / "train.jsonl", [{"instruction": Q, **ANSWERS}])
+    info = {"folder": {"file_name": "parts", "ranking": True, "split": "train"}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "folder", "--split", "test",
+                               "-o", tmp_path / "out.parquet")
+    assert one_error(result) == (
+        f"error: file {tmp_path / 'dataset_info.json'}, field 'split': dataset 'folder' names split 'train' itself, "
+        "and --split says 'test': LLaMA-Factory reads the entry's; drop --split, or change the entry's split")
+    result = run_cli_inprocess("prepare", "--dataset-info", tmp_path, "--dataset", "folder", "--split", "train",
+                               "-o", tmp_path / "out.parquet")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_keys_of_a_field_read_in_part_are_named_when_not_read(tmp_path):
+    """`metadata.score_chosen` looked up marked the whole `metadata` field read: a system prompt or ratings beside
+    the scores there (or a `metadata` without scores) went unnamed in "fields not read"."""
+    rows = [{"prompt": Q, **ANSWERS, "metadata": {"score_chosen": 8, "score_rejected": 3,
+                                                  "system_prompt": "Be terse."}},
+            {"prompt": "Q2", **ANSWERS, "metadata": {"score_chosen": 7, "score_rejected": 2,
+                                                     "system_prompt": ""}}]
+    _, result = prepare(tmp_path, rows)
+    assert result.returncode == 0, result.stderr
+    assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["unread_fields"] == {
+        "metadata.system_prompt": 1}
+    assert "fields not read: metadata.system_prompt × 1" in result.stdout
+    _, result = prepare(tmp_path, [{"prompt": Q, **ANSWERS, "metadata": {"note": "x"}}], "--format", "trl")
+    assert read_header(tmp_path / "out.parquet")["provenance"]["sources"][0]["unread_fields"] == {"metadata": 1}
+
+
+def test_one_column_named_for_both_responses_or_both_scores_is_refused(tmp_path):
+    rows = [{"prompt": Q, **ANSWERS, "s": 1.0}]
+    _, result = prepare(tmp_path, rows, "--score-chosen-col", "s", "--score-rejected-col", "s")
+    assert "--score-chosen-col and --score-rejected-col both name 's': every pair's margin would be 0" \
+        in one_error(result)
+    _, result = prepare(tmp_path, rows, "--chosen-col", "chosen", "--rejected-col", "chosen")
+    assert "--chosen-col and --rejected-col both name 'chosen'" in one_error(result)
+
+
+def test_a_pairs_file_given_again_keeps_every_column(tmp_path):
+    """A pairs file given to prepare again (to merge it with another, cut or split it) was read as TRL data: its
+    per-aspect ratings were dropped (a ratings teacher then calls every pair unknown), and its pairs' source, row and
+    meta became the pairs file's own, exit 0. Its pairs are read as they are; options that would re-read its
+    columns are refused beside it."""
+    from conftest import FIXTURES
+
+    first = tmp_path / "first.parquet"
+    assert run_cli_inprocess("prepare", FIXTURES / "ultrafeedback_raw.jsonl", "-o", first).returncode == 0
+    again = tmp_path / "again.parquet"
+    result = run_cli_inprocess("prepare", first, "-o", again)
+    assert result.returncode == 0, result.stderr
+    before, after = read_pairs(str(first))[0].to_pylist(), read_pairs(str(again))[0].to_pylist()
+    assert len(after) >= 2 and after == before
+    assert all(row["ratings_chosen"] for row in after) and after[0]["source"].endswith("ultrafeedback_raw.jsonl")
+    assert "fields not read" not in result.stdout
+    result = run_cli_inprocess("prepare", first, "--format", "trl", "-o", tmp_path / "x.parquet")
+    assert one_error(result) == (f"error: file {first}: a perpair pairs file is read as the pairs it holds, every "
+                                 "column kept: drop --format, the --*-col options and --role-map (or give the data "
+                                 "it was prepared from)")
+
+
+@pytest.mark.parametrize(("field", "row"), [
+    ("prompt[0].content", {"prompt": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+                           "chosen": "4", "rejected": "5"}),
+    ("chosen[0].content", {"prompt": Q, "chosen": "4<|eot_id|>", "rejected": "5<|eot_id|>"}),
+    ("prompt[0].content", {"prompt": [{"role": "user", "content": "[INST] What is 2+2? [/INST]"}], **ANSWERS}),
+])
+def test_text_already_rendered_with_a_chat_template_is_refused(tmp_path, field, row):
+    """Strings templated before they came (a ChatML prompt, responses ending in Llama 3's <|eot_id|>) were read as
+    plain text and rendered with the model's chat template again, the markers read as its special tokens, exit 0."""
+    source, result = prepare(tmp_path, [row, {"prompt": "Q2", **ANSWERS}])
+    assert one_error(result).startswith(f"error: file {source}, row 1, field '{field}': the text holds a chat "
+                                        "template's turn marker")
+    _, result = prepare(tmp_path, [row, {"prompt": "Q2", **ANSWERS}], "--skip-invalid")
+    assert result.returncode == 0 and excluded(tmp_path, "invalid") == {"chat_template_markup": 1}
+
+
+def test_a_revision_given_for_a_local_dataset_folder_is_refused(tmp_path):
+    """`--revision` names a commit of a Hub dataset; given with a local folder it was dropped without a word (the
+    folder read as it is)."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": Q, **ANSWERS}])
+    result = run_cli_inprocess("prepare", tmp_path / "data", "--revision", "v1", "-o", tmp_path / "out.parquet")
+    assert one_error(result) == (f"error: file {tmp_path / 'data'}: --revision 'v1' applies to a Hub dataset, and "
+                                 f"{tmp_path / 'data'} is a local folder, read as it is: drop it (data.revision in a "
+                                 "run config)")
+    assert run_cli_inprocess("prepare", tmp_path / "data", "-o", tmp_path / "out.parquet").returncode == 0

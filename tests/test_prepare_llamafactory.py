@@ -306,5 +306,5 @@ def test_dataset_info_options_go_together_and_alone(tmp_path):
     result = run_cli_inprocess("prepare", LF / "alpaca_pref.jsonl", "--format", "alpaca", "--prompt-col", "x",
                                "-o", out)
     assert result.stderr == "error: invalid options: --format alpaca does not read --*-col options (they apply " \
-                            "to columns, trl, ultrafeedback)\n"
+                            "to columns, trl, ultrafeedback; --score-*-col to hh-rlhf too)\n"
     assert not out.exists()

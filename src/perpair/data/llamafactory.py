@@ -106,7 +106,9 @@ def _turn(value: Any, where: str, layout: Layout, roles: dict[str, str]) -> Mess
     role_tag, content_tag = layout.tags["role_tag"], layout.tags["content_tag"]
     if role_tag not in value and "role" in value and "content" in value:
         role_tag, content_tag = "role", "content"   # OpenAI-style turns in a sharegpt file
-        # their other fields (tool_calls, a tool's name, …) are part of the conversation, as in any message list
+    if (role_tag, content_tag) == ("role", "content"):  # found so, or named so by the entry's tags
+        # OpenAI-style turns' other fields (tool_calls, a tool's name, …) are part of the conversation, as in any
+        # message list
         check_message_fields(value, ("role", "content"), where)
     return {"role": as_role(value.get(role_tag), code, f"{where}.{role_tag}", roles),
             "content": as_content(value.get(content_tag), code, f"{where}.{content_tag}")}

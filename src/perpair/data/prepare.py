@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from perpair.artifacts import read_header, temporary_beside, write_artifact
 from perpair.config_files import NumbersNotBools
 from perpair.data.llamafactory import REQUIRED, DatasetEntry, load_dataset_entry
-from perpair.data.readers import FORMATS, detect_format, reader_for
+from perpair.data.readers import FORMATS, PAIRS_LAYOUT, detect_format, read_pairs_row, reader_for
 from perpair.data.rows import (
     MISSING,
     ROLES,
@@ -43,6 +44,8 @@ from perpair.errors import InputError, PerpairError
 
 # The layouts whose reader takes its column names from --prompt-col/--chosen-col/...
 COLUMN_FORMATS = ("columns", "trl", "ultrafeedback")
+# Layouts of fixed fields whose reader takes the score columns from --score-chosen-col/--score-rejected-col
+SCORE_COLUMN_FORMATS = ("hh-rlhf",)
 # Row numbers kept per reason in the provenance; the count is always exact.
 MAX_ROWS_LISTED = 1000
 # Fields a row with an implicit prompt may have beside its responses without being asked about (see
@@ -96,9 +99,16 @@ class PrepareOptions(NumbersNotBools):
     def _check(self) -> PrepareOptions:
         if (self.score_chosen_col is None) != (self.score_rejected_col is None):
             raise ValueError("give both --score-chosen-col and --score-rejected-col, or neither")
-        if self.column_map is not None and self.format not in (None, *COLUMN_FORMATS):
+        if self.score_chosen_col is not None and self.score_chosen_col == self.score_rejected_col:
+            raise ValueError(f"--score-chosen-col and --score-rejected-col both name '{self.score_chosen_col}': "
+                             "every pair's margin would be 0")
+        if self.chosen_col is not None and self.chosen_col == self.rejected_col:
+            raise ValueError(f"--chosen-col and --rejected-col both name '{self.chosen_col}': every pair would be "
+                             "a response against itself")
+        if self.column_map is not None and self.format not in (None, *COLUMN_FORMATS) and not (
+                self.format in SCORE_COLUMN_FORMATS and self.names_only_scores):
             raise ValueError(f"--format {self.format} does not read --*-col options (they apply to "
-                             f"{', '.join(COLUMN_FORMATS)})")
+                             f"{', '.join(COLUMN_FORMATS)}; --score-*-col to {', '.join(SCORE_COLUMN_FORMATS)} too)")
         for name, role in (self.role_map or {}).items():
             if role not in ROLES:
                 raise ValueError(f"--role-map {name}={role}: the role must be one of {', '.join(ROLES)}")
@@ -120,6 +130,12 @@ class PrepareOptions(NumbersNotBools):
                          rejected=self.rejected_col or "rejected", score_chosen=self.score_chosen_col,
                          score_rejected=self.score_rejected_col, prompt_optional=self.prompt_col is None,
                          system=self.system_col or "system")
+
+    @property
+    def names_only_scores(self) -> bool:
+        """Whether the ``--*-col`` options name the score columns and no other."""
+        return self.score_chosen_col is not None and all(
+            value is None for value in (self.prompt_col, self.chosen_col, self.rejected_col, self.system_col))
 
     def named_columns(self) -> list[tuple[str, str]]:
         """``(column, option)`` for every column the user named, which the data must have."""
@@ -187,6 +203,27 @@ class _TakenFields(dict):
     def __init__(self, value: dict[str, Any]):
         super().__init__(value)
         self.taken: set[str] = set()
+        self.parts: dict[str, set[str]] = {}  # a field of which only some keys were read (metadata.score_chosen)
+
+    def note_read(self, path: str) -> None:
+        top, _, rest = path.partition(".")
+        if rest:
+            self.parts.setdefault(top, set()).add(rest.split(".")[0])
+        else:
+            self.taken.add(top)
+
+    def unread(self) -> list[str]:
+        """The fields that hold something no reader took; of a field read in part, its keys not read."""
+        found = []
+        for name, held in self.items():
+            if name in self.taken or _empty(held):
+                continue
+            if name in self.parts and isinstance(held, dict):
+                found += [f"{name}.{key}" for key, inner in held.items()
+                          if key not in self.parts[name] and not _empty(inner)]
+            else:
+                found.append(name)
+        return found
 
     def __getitem__(self, key):
         self.taken.add(key)
@@ -195,6 +232,10 @@ class _TakenFields(dict):
     def get(self, key, default=None):
         self.taken.add(key)
         return super().get(key, default)
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and not value)
 
 
 @dataclass
@@ -222,6 +263,27 @@ def _generic_degenerate(record: PairRecord) -> Degenerate | None:
     return None
 
 
+# The turn markers of common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma, Zephyr/Phi, GPT-2's end of text):
+# text that holds them was rendered with a template already, and a pair's messages are rendered with the model's.
+TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>|<\|begin_of_text\|>|"
+                             r"<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]|<\|(?:system|user|assistant)\|>|"
+                             r"<\|endoftext\|>")
+
+
+def _template_markup(record: PairRecord) -> RowProblem | None:
+    """A message whose text holds a chat template's turn markers: the data was templated (a ChatML string, say)
+    before it came here, and training would template it again, the markers read as the model's special tokens."""
+    for name in ("prompt", "chosen", "rejected"):
+        for index, message in enumerate(getattr(record, name)):
+            if found := TEMPLATE_MARKUP.search(message["content"]):
+                return RowProblem("chat_template_markup", f"the text holds a chat template's turn marker "
+                                                          f"'{found.group()}': it was rendered with a template "
+                                                          "already, and training renders the pair's messages with "
+                                                          "the model's; give the turns as messages, without the "
+                                                          "template's markers", f"{name}[{index}].content")
+    return None
+
+
 def in_test_split(pair_id: str, seed: int, fraction: float) -> bool:
     """Deterministic split: a pair is in the test split when the SHA-256 of ``"{seed}:{pair_id}"``, read
     as a number in [0, 1), is below ``fraction``. It depends on the pair alone, not on file order."""
@@ -245,6 +307,12 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             raise InputError("--dataset-info names the data itself; give no other source")
         entry = load_dataset_entry(options.dataset_info, options.dataset or "")
         sources = [entry.source]
+        if entry.split and options.split and entry.split != options.split:  # the entry's was read, --split unread
+            info = Path(options.dataset_info)
+            raise InputError(f"dataset '{options.dataset}' names split '{entry.split}' itself, and --split says "
+                             f"'{options.split}': LLaMA-Factory reads the entry's; drop --split, or change the "
+                             f"entry's split", file=str(info / "dataset_info.json" if info.is_dir() else info),
+                             field="split")
     if not sources:
         raise InputError("no source given")
     output = Path(output)
@@ -257,16 +325,26 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
         raise InputError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to a Hub dataset or a dataset "
                          f"folder, not to a file: drop {'them' if len(given) > 1 else 'it'} (data.split, "
                          f"data.revision in a run config)", file=resolved[0].spec)
+    if options.revision and entry is None and all(s.kind == "file" or Path(s.spec).is_dir() for s in resolved):
+        folder = next(s.spec for s in resolved if s.kind != "file")  # (files alone: refused above)
+        raise InputError(f"--revision {options.revision!r} applies to a Hub dataset, and {folder} is a local folder, "
+                         "read as it is: drop it (data.revision in a run config)", file=folder)
     _refuse_overwriting_inputs(resolved, outputs, options.dataset_info)
     in_folder = _entry_folder(resolved[0], options) if entry else None
     resolved = _named_apart(in_folder or [part for source in resolved for part in folder_files(source)])
-    _refuse_other_artifacts(resolved)
+    pairs_files = _refuse_other_artifacts(resolved)
+    if pairs_files and (options.format is not None or options.column_map is not None or options.role_map):
+        raise InputError("a perpair pairs file is read as the pairs it holds, every column kept: drop --format, the "
+                         "--*-col options and --role-map (or give the data it was prepared from)",
+                         file=sorted(pairs_files)[0])
     records: list[PairRecord] = []
     seen: dict[str, tuple] = {}  # pair_id -> the kept pair's scores
     reports = []
     rows_total = 0
     for source in resolved:
         report = SourceReport(describe(source))
+        if source.spec in pairs_files:  # its pairs as they are: ratings, the original source rows and meta kept
+            report.format = PAIRS_LAYOUT
         reports.append(report)
         label = source.label
         unseen = dict(_named_columns(options, entry, required=False))
@@ -284,7 +362,8 @@ def prepare(sources: list[str], output: str | Path, options: PrepareOptions | No
             record = _read_row(source, label, number, value, options, report, entry)
             if record is None:
                 continue
-            record.meta = text if text is not None else _meta(value)
+            if report.format != PAIRS_LAYOUT:  # (a pairs file's pairs keep the rows they were prepared from)
+                record.meta = text if text is not None else _meta(value)
             scores = (record.score_chosen, record.score_rejected, record.ratings_chosen, record.ratings_rejected)
             if record.pair_id in seen:
                 # the same texts with other scores: the first pair's are kept, and the count says so
@@ -391,9 +470,11 @@ def _meta(value: Any) -> str:
     return text
 
 
-def _refuse_other_artifacts(sources: list[Source]) -> None:
+def _refuse_other_artifacts(sources: list[Source]) -> set[str]:
     """A perpair artifact other than pairs (a plan, annotations, their calls) given as data is named as what it is:
-    its columns are no layout, and the error said only that the layout could not be told from them."""
+    its columns are no layout, and the error said only that the layout could not be told from them. Returns the
+    sources that are perpair pairs files."""
+    pairs_files = set()
     for source in sources:
         if source.kind != "file" or not source.spec.lower().endswith(".parquet"):
             continue
@@ -404,6 +485,8 @@ def _refuse_other_artifacts(sources: list[Source]) -> None:
         if kind != KIND:
             raise InputError(f"a perpair {kind} file, not pairs or data of pairs: give the pairs file (perpair "
                              "prepare's output) or the data it was prepared from", file=source.spec)
+        pairs_files.add(source.spec)
+    return pairs_files
 
 
 def _refuse_overwriting_inputs(sources: list[Source], outputs: dict[str, Path], dataset_info: str | None) -> None:
@@ -466,13 +549,14 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
         context = ReadContext(source=label, row=number, columns=columns, seed=options.seed,
                               role_map=options.role_map or {}, layout=entry.layout if entry else None)
         check_no_media(value)
+        if entry is None and options.format is None and options.column_map is None and report.format != PAIRS_LAYOUT:
+            _same_layout(value, report.format)  # (before the reader, whose refusal would say less)
         fields = _TakenFields(value)
-        record = reader_for(report.format)(fields, context)
-        for name, held in value.items():
-            if name not in fields.taken and held not in (None, "", [], {}):
-                report.unread[name] = report.unread.get(name, 0) + 1
-        if entry is None and options.format is None and options.column_map is None:
-            _same_layout(value, report.format)
+        record = (read_pairs_row if report.format == PAIRS_LAYOUT else reader_for(report.format))(fields, context)
+        for name in fields.unread():
+            report.unread[name] = report.unread.get(name, 0) + 1
+        if (markup := _template_markup(record)) is not None:
+            raise markup
         problem = _generic_degenerate(record)
         if problem is not None:
             raise problem
@@ -530,7 +614,7 @@ def _same_layout(value: dict[str, Any], layout: str) -> None:
     source's reader read all the same (a transcript cut before the final turns, ``prompt`` ending
     ``"\\n\\nAssistant:"``, in a TRL file: one user message holding the transcript), is malformed: a file that mixes
     layouts row by row would give such rows wrong pairs."""
-    found = detect_format(value)
+    found = _detected(value)
     if found is not None and SAME_LAYOUT.get(found, found) != SAME_LAYOUT.get(layout, layout):
         raise RowProblem("other_layout", f"the row is in the {found} layout, and the source in the {layout} layout "
                                          f"(from its first row), as which it would be read wrongly: give the rows of "
@@ -550,6 +634,9 @@ def _layout_of(value: dict[str, Any], source: Source, number: int, options: Prep
     if options.format:
         return options.format
     if options.column_map:
+        if options.names_only_scores and _detected(value) in SCORE_COLUMN_FORMATS:
+            # HH-RLHF transcripts with reward columns: read as transcripts, not as one user message each
+            return _detected(value)
         return "columns"
     try:
         found = detect_format(value)
@@ -567,6 +654,13 @@ def _layout_of(value: dict[str, Any], source: Source, number: int, options: Prep
                          f"prompt is not clear; name the layout with --format {found} (prompt from '{own}') or "
                          f"--format {other} (prompt from '{rivals[0]}')", file=source.spec, row=number)
     return found
+
+
+def _detected(value: dict[str, Any]) -> str | None:
+    try:
+        return detect_format(value)
+    except InputError:  # (unpaired rows: refused where the layout they are read as finds no pair)
+        return None
 
 
 def _write(records: list[PairRecord], outputs: dict[str, Path], options: PrepareOptions,

@@ -100,6 +100,12 @@ def read_preference(row: dict[str, Any], ctx: ReadContext, *, scores_required: b
         prompt_raw = get(row, columns.prompt, required=not columns.prompt_optional)
         if prompt_raw is None:
             raise RowProblem(f"missing_field:{columns.prompt}", "field is null", columns.prompt)
+    for name, raw in ((columns.prompt, prompt_raw), (columns.chosen, chosen_raw), (columns.rejected, rejected_raw)):
+        if isinstance(raw, str) and _starts_transcript(raw) and "\n\nAssistant:" in raw:
+            raise RowProblem("hh_transcript", "an HH-RLHF transcript ('\\n\\nHuman: …\\n\\nAssistant: …'), which "
+                                              "this layout reads as one message, its turns and their markers as "
+                                              "text: read the file with --format hh-rlhf (which takes "
+                                              "--score-chosen-col and --score-rejected-col too)", name)
     if prompt_raw is MISSING:
         prompt, chosen, rejected = _split_implicit(chosen_raw, rejected_raw, columns, roles)
     else:
@@ -368,6 +374,39 @@ def detect_format(row: dict[str, Any]) -> str | None:
             return "hh-rlhf"
         return "trl"
     return None
+
+
+# A perpair pairs file given as data (to merge, re-split or cut it): not a layout one names with --format
+PAIRS_LAYOUT = "perpair pairs"
+
+
+def read_pairs_row(row: dict[str, Any], ctx: ReadContext) -> PairRecord:
+    """A row of a perpair pairs file as the pair it is: its messages, scores, per-aspect ratings, tools, and the
+    source row it was prepared from (``source``, ``source_row``, ``meta``), not this file's."""
+    def optional(name: str) -> Any:
+        value = get(row, name, required=False)
+        return None if value is MISSING else value
+
+    def messages(name: str) -> list[Message]:
+        return as_messages(get(row, name), name, "user" if name == "prompt" else "assistant")
+
+    def ratings(name: str) -> dict[str, float] | None:
+        if (value := optional(name)) is None:
+            return None
+        items = value.items() if isinstance(value, dict) else value  # (a Parquet map column reads as pairs)
+        return {str(key): as_score(score, name) for key, score in items}
+
+    origin = {"source": str, "source_row": int, "meta": str}
+    for name, kind in origin.items():
+        if not isinstance(get(row, name), kind):
+            raise RowProblem(f"wrong_type:{name}", f"a pairs file's {name} is a {kind.__name__}", name)
+    optional("pair_id")  # (computed again from the contents)
+    scores = [None if (value := optional(name)) is None else as_score(value, name)
+              for name in ("score_chosen", "score_rejected")]
+    return PairRecord(prompt=messages("prompt"), chosen=messages("chosen"), rejected=messages("rejected"),
+                      source=row["source"], source_row=row["source_row"], meta=row["meta"],
+                      score_chosen=scores[0], score_rejected=scores[1], ratings_chosen=ratings("ratings_chosen"),
+                      ratings_rejected=ratings("ratings_rejected"), tools=optional("tools"))
 
 
 def reader_for(name: str) -> Reader:

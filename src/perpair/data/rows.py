@@ -68,7 +68,9 @@ def get(row: dict[str, Any], path: str, *, required: bool = True) -> Any:
             if required:
                 raise RowProblem(f"missing_field:{path}", "field is missing" + fields_hint(value), path)
             return MISSING
-        value = value[part]
+        value = dict.__getitem__(value, part)
+    if (note := getattr(row, "note_read", None)) is not None:  # a row that keeps count of what was read of it
+        note(path)
     if value is None and required:
         raise RowProblem(f"missing_field:{path}", "field is null", path)
     return value
