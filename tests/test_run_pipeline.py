@@ -74,8 +74,9 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     config["model"] = str(policy)
     first, lines = _run(config)
     # the sample's one field no reader takes, named in the prepare stage's log
-    assert f"  {UF_TRAIN}: fields not read: source_index × 24 (in each pair's meta only; scores or a system message " \
-           "under other names: data.score_chosen_col/score_rejected_col, data.system_col)" in lines, lines[:6]
+    assert f"  {UF_TRAIN}: fields not read: source_index × 24 (in each pair's meta only; scores, a system message " \
+           "or a prompt under other names: data.score_chosen_col/score_rejected_col, data.system_col, " \
+           "data.prompt_col)" in lines, lines[:6]
     work = tmp_path / "work"
     arms = ["dpo", "sp2dpo", "mixdpo"]
     expected = {"prepare", "annotate", *(f"{s}.{a}" for s in ("plan", "train") for a in arms),
@@ -337,6 +338,80 @@ def test_lora_merge_is_the_runs_own(tmp_path, tiny):
             RunConfig.model_validate(config)
         del section["lora"]["merge"]
         RunConfig.model_validate(config)
+
+
+def test_settings_no_arm_would_read_or_that_fail_only_in_training_are_refused_first(tmp_path, tiny):
+    """Found by a review of `perpair run`, each exit 0 (or an error after prepare, annotation and the reference pass):
+    a shared train key that every arm sets too was read by none (`--set train.lr=1e-5` beside each arm's lr: every
+    stage "unchanged", exit 0); a null train key was validated as its default and given to training as null (lr:
+    null failed in the reference pass; max_grad_norm: null, off there, validated as 1.0); an arm whose margin reads
+    the reference log-probs with ld_alpha was refused at its plan, naming an option the run never gave."""
+    from perpair.errors import PerpairError
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    shared = _config(tmp_path, tiny)
+    for arm in shared["arms"].values():
+        arm["train"] = {"lr": 1e-4}
+    with pytest.raises(ValueError, match=re.escape("train.lr is set by every arm too (arms.NAME.train.lr), so no "
+                                                   "arm reads the shared value")):
+        RunConfig.model_validate(shared)
+    del shared["arms"]["dpo"]["train"]  # one arm reads it: allowed
+    RunConfig.model_validate(shared)
+    nested = _config(tmp_path, tiny, train={**_config(tmp_path, tiny)["train"], "lora": {"r": 4}},
+                     arms={"dpo": {"preset": "dpo", "train": {"lora": None}}})
+    with pytest.raises(ValueError, match=re.escape("train.lora.r is set by every arm too")):
+        RunConfig.model_validate(nested)
+
+    null_lr = _config(tmp_path, tiny)
+    null_lr["train"]["lr"] = None
+    with pytest.raises(PerpairError, match=r"^run config, train.lr: "):
+        validate(RunConfig.model_validate(null_lr))
+    no_clip = _config(tmp_path, tiny)
+    no_clip["train"]["max_grad_norm"] = None
+    assert validate(RunConfig.model_validate(no_clip)).train_configs["dpo"].max_grad_norm is None
+
+    ld = _config(tmp_path, tiny, arms={"dpo": {"preset": "dpo", "schedule": {"margin": {"source": "reference"}},
+                                               "train": {"ld_alpha": 0.5}}})
+    with pytest.raises(PerpairError, match=re.escape("run config, arms.dpo: margin.source 'reference' reads the "
+                                                     "reference log-probs the run computes for the arm's training, "
+                                                     "and with ld_alpha 0.5")):
+        validate(RunConfig.model_validate(ld))
+
+
+def test_without_a_held_out_evaluation_the_arms_train_on_every_pair(tmp_path, tiny):
+    """eval.preference null left data.test_fraction at 0.1: a tenth of the pairs was held out for an evaluation
+    that never ran, and every arm trained on the rest, without a word. It is 0 then, unless set."""
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    data = {"sources": [str(UF_TRAIN)], "limit": 24}
+    config = RunConfig.model_validate(_config(tmp_path, tiny, data=data, eval={"preference": None}))
+    assert validate(config).prepare.test_fraction == 0.0
+    config = RunConfig.model_validate(_config(tmp_path, tiny, data=data))  # evaluated: the default held out
+    assert validate(config).prepare.test_fraction == 0.1
+    kept = RunConfig.model_validate(_config(tmp_path, tiny, data={**data, "test_fraction": 0.2},
+                                            eval={"preference": None}))
+    assert validate(kept).prepare.test_fraction == 0.2  # asked for: kept
+
+
+def test_the_data_section_takes_prepares_column_options(tmp_path, tiny):
+    """The prepare stage's log told a run's user to set data.score_chosen_col or data.system_col, keys the run
+    config refused (unknown key): data under other column names could not go through `perpair run`."""
+    import json
+
+    from perpair.pipeline import RunConfig
+    from perpair.pipeline.run import validate
+
+    rows = [{"question": f"Q{i}?", "good": f"A{i}.", "bad": f"B{i}.", "r_good": 8.0, "r_bad": float(i % 3)}
+            for i in range(4)]
+    source = tmp_path / "renamed.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = {"sources": [str(source)], "prompt_col": "question", "chosen_col": "good", "rejected_col": "bad",
+            "score_chosen_col": "r_good", "score_rejected_col": "r_bad", "role_map": "human=user"}
+    prepare = validate(RunConfig.model_validate(_config(tmp_path, tiny, data=data, eval={"preference": None}))).prepare
+    assert (prepare.prompt_col, prepare.score_rejected_col, prepare.role_map) == ("question", "r_bad",
+                                                                                  {"human": "user"})
 
 
 def test_an_arm_resumes_a_training_whose_run_key_predates_the_tokenizer(tmp_path, tiny, uf_pairs):
@@ -1561,6 +1636,22 @@ except KeyboardInterrupt:
     assert result.stdout.strip() == "stopped", result.stderr
 
 
+def test_more_chains_waiting_on_chains_than_default_threads_finish(tmp_path):
+    """Each arm's chain waits for its held-out evaluation, a chain it starts; the chains' thread pool had Python's
+    default bound (cores + 4: 6 threads on 2 cores), so six arms took every thread, each waiting for an evaluation
+    queued behind them, and `perpair run` with workers 2 hung for good, re-runs too. Twelve such chains finish."""
+    script = """
+from perpair.pipeline.workers import Workers
+
+with Workers(2, lambda line: None) as workers:
+    arms = [workers.side(lambda i: workers.side(lambda: i).result(), i) for i in range(12)]
+    print(sum(arm.result() for arm in arms), flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.stdout.strip() == str(sum(range(12))), result.stderr
+
+
 def test_ctrl_c_says_what_is_kept(tmp_path, monkeypatch):
     """Typer turned Ctrl-C into exit 130 without a word; the command line's own message was never printed."""
     import perpair.pipeline.config as run_config
@@ -1670,3 +1761,20 @@ def test_the_comparison_notes_an_lc_of_another_judge_than_alpaca_evals():
                                        "lc_judge_note": note}} for arm in ("dpo", "base")}
     assert evaluation_notes(evaluated) == [f"dpo, base: AlpacaEval LC: {note}"]
     assert evaluation_notes({"dpo": {"alpaca_eval": {"lc_method": "fit", "n_total": 8}}}) == []
+
+
+def test_set_reaches_an_arm_whose_name_has_dots(tmp_path, tiny):
+    """Arm names may hold dots (`dpo-0.05`), and `--set arms.dpo-0.05.train.lr=…` was split at each of them: an
+    arm 'dpo-0' with a key '05', refused as a config error naming neither."""
+    import yaml
+
+    from perpair.pipeline import load_run_config
+    from perpair.train import parse_overrides
+
+    config = _config(tmp_path, tiny, arms={"dpo-0.05": {"preset": "dpo", "beta": 0.05}, "dpo": {"preset": "dpo"}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_run_config(path, parse_overrides(["arms.dpo-0.05.train.lr=0.00001", "arms.dpo.train.max_length=64",
+                                                    "arms.dpo-0.05.schedule.beta.kind=global"]))
+    assert loaded.arms["dpo-0.05"].train == {"lr": 0.00001} and loaded.arms["dpo"].train == {"max_length": 64}
+    assert loaded.arms["dpo-0.05"].schedule == {"beta": {"kind": "global"}} and loaded.arms["dpo-0.05"].beta == 0.05

@@ -25,6 +25,25 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "overwrite", "save_model", "reference_cache"}
 
 
+def _leaves(section: dict[str, Any], within: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The keys of a nested section down to its values (``lora.r``)."""
+    found = []
+    for key, value in section.items():
+        found += _leaves(value, (*within, key)) if isinstance(value, dict) and value else [(*within, key)]
+    return found
+
+
+def _sets(section: dict[str, Any], leaf: tuple[str, ...]) -> bool:
+    """Whether ``section``, laid over another by ``deep_merge``, replaces that one's value at ``leaf``."""
+    for depth, key in enumerate(leaf):
+        if not isinstance(section, dict) or key not in section:
+            return False
+        section = section[key]
+        if depth < len(leaf) - 1 and not isinstance(section, dict):  # a value where the other has a mapping
+            return True
+    return True
+
+
 class _Section(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
@@ -41,6 +60,14 @@ class DataSection(_Section):
     seed: int = 0
     skip_invalid: bool = False
     strict: bool = False
+    # the columns of data in another layout, as perpair prepare's --prompt-col ... --system-col and --role-map
+    prompt_col: str | None = None
+    chosen_col: str | None = None
+    rejected_col: str | None = None
+    score_chosen_col: str | None = None
+    score_rejected_col: str | None = None
+    system_col: str | None = None
+    role_map: str | dict[str, str] | None = None
 
 
 class AnnotateSection(_Section):
@@ -171,9 +198,16 @@ class RunConfig(_Section):
             if isinstance(section.get("lora"), dict) and "merge" in section["lora"]:
                 raise ValueError(f"{where}.lora.merge is set by perpair run itself (its evaluation reads the model "
                                  "with the adapter merged; the adapter is kept beside it); remove it")
+        for leaf in _leaves(self.train):
+            if self.arms and all(_sets(arm.train, leaf) for arm in self.arms.values()):
+                key = ".".join(leaf)
+                raise ValueError(f"train.{key} is set by every arm too (arms.NAME.train.{key}), so no arm reads the "
+                                 f"shared value: remove it from train, or from the arms")
         if self.eval.preference is not None and self.data.test_fraction == 0:
             raise ValueError("eval.preference needs held-out pairs: set data.test_fraction > 0 "
                              "(or eval.preference: null)")
+        if self.eval.preference is None and "test_fraction" not in self.data.model_fields_set:
+            self.data.test_fraction = 0.0  # no held-out evaluation: the arms train on every pair
         return self
 
     def arm_train(self, name: str) -> dict[str, Any]:
@@ -184,6 +218,9 @@ class RunConfig(_Section):
 def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate the run config; ``overrides`` (nested, from ``--set key=value``) win over the file."""
     in_file = load_yaml(path, "run config")
+    arms = in_file.get("arms") if isinstance(in_file, dict) else None
+    if overrides and isinstance(overrides.get("arms"), dict) and isinstance(arms, dict):
+        overrides = {**overrides, "arms": _arm_names_whole(overrides["arms"], [str(name) for name in arms])}
     data = deep_merge(in_file, overrides or {})
     try:
         config = RunConfig.model_validate(data)
@@ -191,6 +228,29 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
         raise invalid_config(exc, "run config", path, overrides, in_file) from None
     config._source = (str(path), in_file, overrides or {})
     return config
+
+
+def _arm_names_whole(arms: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``--set arms.dpo-0.05.train.lr=…`` split at every dot: the keys under ``arms`` put back together where they
+    begin with the name of an arm of the file that has dots (``dpo-0.05``), the longest such name."""
+    def leaves(node: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
+        if isinstance(node, dict) and node:
+            return [leaf for key, value in node.items() for leaf in leaves(value, (*path, str(key)))]
+        return [(path, node)]
+
+    dotted = sorted((name for name in names if "." in name), key=len, reverse=True)
+    if not dotted:
+        return arms
+    joined: dict[str, Any] = {}
+    for path, value in leaves(arms, ()):
+        text = ".".join(path)
+        name = next((n for n in dotted if text == n or text.startswith(n + ".")), None)
+        parts = [name, *path[len(name.split(".")):]] if name else list(path)
+        node = joined
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return joined
 
 
 def name_the_file(config: RunConfig, exc: PerpairError) -> PerpairError:

@@ -147,7 +147,8 @@ def validate(config: RunConfig) -> Settings:
     # the paths the run sets, as placeholders (steps left out: one epoch, counted when the arm trains)
     placeholders = {"model": config.model, "data": "pairs.parquet", "plan": "plan.parquet", "out": "out"}
     try:  # the shared section alone first, so that its mistakes are named there rather than in an arm
-        TrainConfig.model_validate({**placeholders, **{k: v for k, v in config.train.items() if v is not None}})
+        # (a null as training reads it: max_grad_norm null is off, lr null is refused, both now)
+        TrainConfig.model_validate({**placeholders, **config.train})
     except ValidationError as exc:
         raise fail("train", exc) from None
     schedules, train, train_configs = {}, {}, {}
@@ -169,8 +170,7 @@ def validate(config: RunConfig) -> Settings:
                                "or drop it")
         keys = config.arm_train(name)
         try:
-            arm_config = TrainConfig.model_validate({**placeholders, **{k: v for k, v in keys.items()
-                                                                        if v is not None}})
+            arm_config = TrainConfig.model_validate({**placeholders, **keys})
             check_plan_fits(arm_config, schedules[name].curriculum.kind, schedules[name].label_smoothing > 0,
                             f"preset {arm.preset}")
         except (ValidationError, PerpairError) as exc:
@@ -184,6 +184,11 @@ def validate(config: RunConfig) -> Settings:
             raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "
                                f"the run computes for the arm's training, and loss {arm_config.loss!r} uses no "
                                "reference: take another margin source or loss")
+        if schedules[name].margin.source == "reference" and arm_config.ld_alpha is not None:
+            raise PerpairError(f"run config, arms.{name}: margin.source 'reference' reads the reference log-probs "
+                               f"the run computes for the arm's training, and with ld_alpha {arm_config.ld_alpha} "
+                               "they weigh each response's tokens past the shorter one's by ld_alpha: take another "
+                               "margin source, or train without ld_alpha")
         train[name] = keys
         train_configs[name] = arm_config
     for i, source in enumerate(config.data.sources):  # a missing file: named as the key it came from, before prepare
@@ -641,8 +646,9 @@ def _prepare(sources: list[str], pairs: Path, options, *, log: Log) -> dict[str,
     for report in result.sources:
         if unread := report.unread_line():
             name = report.source.get("path") or report.source.get("dataset")
-            log(f"  {name}: fields not read: {unread} (in each pair's meta only; scores or a system message under "
-                "other names: data.score_chosen_col/score_rejected_col, data.system_col)")
+            log(f"  {name}: fields not read: {unread} (in each pair's meta only; scores, a system message or a "
+                "prompt under other names: data.score_chosen_col/score_rejected_col, data.system_col, "
+                "data.prompt_col)")
     return {"counts": result.counts}
 
 

@@ -35,6 +35,7 @@ from perpair.errors import PerpairError, StoppedBySignal
 
 Log = Callable[[str], None]
 
+CHAIN_THREADS = 10_000  # more than any run's chains (each waits on a worker process, or on another chain)
 _log_queue = None  # in a worker process: where its stages' log lines go
 _in_stage = False  # in a worker process: whether a stage runs (a stop signal stops it)
 
@@ -73,7 +74,10 @@ class Workers:
                 self._queue = context.SimpleQueue()
                 self._processes = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_start_worker,
                                                       initargs=(self._queue, self.threads, os.getpid()))
-                self._chains = ThreadPoolExecutor(thread_name_prefix="perpair-chain",
+                # A thread per chain waiting (threads start only when none is idle): a chain waits for the chains it
+                # starts (an arm's for its held-out evaluation), so a bound (the default: cores + 4) let as many arms
+                # take every thread, each waiting for a chain queued behind them, and the run hung
+                self._chains = ThreadPoolExecutor(max_workers=CHAIN_THREADS, thread_name_prefix="perpair-chain",
                                                   initializer=_block_stop_signals)
                 self._printed = threading.Event()
                 self._printer = threading.Thread(target=self._print, name="perpair-log", daemon=True)
