@@ -502,7 +502,7 @@ def test_an_ensemble_teacher_short_of_min_valid_exits_3(uf_pairs, tmp_path):
         assert strict.returncode == 3, strict.stdout
         (line,) = error_lines(strict)
         assert (f"teacher api:stub gave a valid annotation in {valid} of 20 calls ({valid / 20:.1%}), fewer than the "
-                "100.0% asked for (min_valid_share;") in line and "teacher ratings" not in line
+                "100.0% asked for (--min-valid, min_valid_share;") in line and "teacher ratings" not in line
         enough = str(valid / 20)
         assert run_cli("annotate", uf_pairs, "-o", out, "--config", config, "--limit", "20", "--min-valid", enough,
                        check=False).returncode == 0
@@ -533,12 +533,12 @@ def test_merge_reports_counts_and_exits_3_as_a_run_would(uf_pairs, tmp_path):
     assert strict.returncode == 3 and (tmp_path / "strict.parquet").exists()
     (line,) = error_lines(strict)
     assert line == (f"error: {annotated} of 10 pairs ({annotated / 10:.1%}) got a valid annotation, fewer than the "
-                    "100.0% asked for (min_valid_share); the files were written; failed calls are cached in the "
+                    "100.0% asked for (--min-valid); the files were written; failed calls are cached in the "
                     "shards' caches; --retry-failed on those shards asks them again, then merge again")
     dead = run_cli("annotate", "merge", tmp_path / "dead.0.parquet", shards[1], "-o", tmp_path / "dead.parquet",
                    check=False)
     assert dead.returncode == 3 and error_lines(dead)[0].startswith("error: no pair of 10 got a valid annotation; ")
-    assert "min_valid_share 1.5 is not a share" in _refused(
+    assert "--min-valid 1.5 is not a share" in _refused(
         run_cli("annotate", "merge", *shards, "-o", tmp_path / "bad.parquet", "--min-valid", "1.5", check=False))
 
 

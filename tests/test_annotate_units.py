@@ -127,7 +127,7 @@ def test_the_shortfall_holds_each_teacher_of_an_ensemble_to_min_valid_share():
     assert shortfall(1000, 1000, 0.0, calls) is None  # the default asks only that some pair be annotated
     assert shortfall(1000, 1000, 1.0, calls) == (
         "teacher api:m gave a valid annotation in 1 of 1,000 calls (0.1%), fewer than the 100.0% asked for "
-        "(min_valid_share; the other pairs' annotations come from the rest of the ensemble alone)")
+        "(--min-valid, min_valid_share; the other pairs' annotations come from the rest of the ensemble alone)")
     assert shortfall(1000, 1000, 0.001, calls) is None
     alone = teacher_calls(rows[:1000])
     assert alone == {} and shortfall(1000, 1, 0.001, alone) is None  # one teacher: the pairs' share, as before

@@ -503,3 +503,28 @@ def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp
     assert asked[6:] == [True, True]
     assert (second["n_judged"], second["n_no_verdict"], second["n_empty_reply"]) == (2, 0, 0)
     assert (second["score"], second["n_battles"], second["note"]) == (100.0, 4, "")
+
+
+def test_answers_capped_at_arena_hard_autos_length(monkeypatch, tmp_path):
+    """arena-hard-auto v0.1 generates answers up to 4,096 tokens (config/gen_answer_config.yaml, max_tokens); the
+    baseline's answers were too. ``arena-hard run`` and ``ArenaHardConfig`` default to that cap, not to the
+    2,048 of AlpacaEval's generation."""
+    from typer.testing import CliRunner
+
+    import perpair.eval
+    from perpair.cli import app
+    from perpair.eval import ArenaHardConfig, JudgeConfig
+
+    seen = []
+
+    def capture(config, on_progress=None):
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(perpair.eval, "run_arena_hard", capture)
+    result = CliRunner().invoke(app, ["eval", "arena-hard", "run", "--model", "smollm2", "--judge", "smollm2",
+                                      "-o", str(tmp_path / "arena")])
+    assert result.exit_code == 0, result.output
+    assert seen[0].generation.max_new_tokens == 4096
+    config = ArenaHardConfig(model="m", output_dir=tmp_path, judge=JudgeConfig(judge="smollm2"))
+    assert config.generation.max_new_tokens == 4096

@@ -128,11 +128,12 @@ class AnnotateResult:
 
 
 def shortfall(pairs: int, annotated: int, min_valid_share: float,
-              by_teacher: dict[str, tuple[int, int]]) -> str | None:
+              by_teacher: dict[str, tuple[int, int]], setting: str = "--min-valid, min_valid_share") -> str | None:
     """Why annotations are not what the user asked for (exit 3), or None: no pair, or fewer than ``min_valid_share``
     of them, annotated; or, in an ensemble, a teacher (or template) with no valid answer at all, or with valid answers
     in fewer than ``min_valid_share`` of its calls (the pairs' annotations are then not the ensemble's: any teacher's
-    category counts a pair as annotated). ``by_teacher``: :func:`teacher_calls`."""
+    category counts a pair as annotated). ``by_teacher``: :func:`teacher_calls`; ``setting``: the names the user set the
+    share by, as the message says them."""
     if pairs == 0:
         return None
     share = annotated / pairs
@@ -140,7 +141,7 @@ def shortfall(pairs: int, annotated: int, min_valid_share: float,
         return f"no pair of {pairs:,} got a valid annotation"
     if share < min_valid_share:
         return (f"{annotated:,} of {pairs:,} pairs ({share:.1%}) got a valid annotation, "
-                f"fewer than the {min_valid_share:.1%} asked for (min_valid_share)")
+                f"fewer than the {min_valid_share:.1%} asked for ({setting})")
     short = []
     for teacher, (valid, calls) in by_teacher.items():
         if not valid:
@@ -148,7 +149,7 @@ def shortfall(pairs: int, annotated: int, min_valid_share: float,
                          "come from the rest of the ensemble alone)")
         elif valid / calls < min_valid_share:
             short.append(f"teacher {teacher} gave a valid annotation in {valid:,} of {calls:,} calls "
-                         f"({valid / calls:.1%}), fewer than the {min_valid_share:.1%} asked for (min_valid_share; "
+                         f"({valid / calls:.1%}), fewer than the {min_valid_share:.1%} asked for ({setting}; "
                          "the other pairs' annotations come from the rest of the ensemble alone)")
     return "; ".join(short) or None
 
@@ -411,7 +412,7 @@ class MergeResult:
     @property
     def shortfall(self) -> str | None:
         """What a run of the merged shards' pairs would have exited 3 for, or None: see :func:`shortfall`."""
-        return shortfall(self.pairs, self.annotated_pairs, self.min_valid_share, self.teacher_calls)
+        return shortfall(self.pairs, self.annotated_pairs, self.min_valid_share, self.teacher_calls, "--min-valid")
 
 
 def merge(outputs: list[str | os.PathLike], target: str | os.PathLike, *, min_valid_share: float = 0.0) -> MergeResult:
@@ -424,7 +425,7 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike, *, min_va
     if not outputs:
         raise PerpairError("merge needs at least one annotations file")
     if not 0 <= min_valid_share <= 1:
-        raise PerpairError(f"min_valid_share {min_valid_share:g} is not a share of the pairs (0 to 1)")
+        raise PerpairError(f"--min-valid {min_valid_share:g} is not a share of the pairs (0 to 1)")
     check_output_file(Path(target), "-o/--output", "ann.parquet", kind=KIND)
     refuse_overwrite({"output": target, "calls table": calls_path(target)},
                      {f"shard {path}": path for path in outputs})

@@ -248,7 +248,8 @@ def arena_hard_command(
         help="Model name written in the files (default: the model's folder name, or RUN for the model perpair train "
              "saved in RUN/model).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N questions.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length cap in tokens.")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Answer length cap in tokens (arena-hard-auto v0.1 generates up to 4,096).")] = 4096,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 8,
     style_control: Annotated[bool, typer.Option("--style-control", help="Control for length and markdown.")] = False,
     data_dir: Annotated[Path | None, typer.Option(

@@ -54,6 +54,9 @@ from perpair.eval.sources import (
 
 LOCAL_QUESTIONS = "question_v0.1.jsonl.gz"
 LOCAL_BASELINE = "baseline_answers_gpt-4-0314.jsonl.gz"
+# arena-hard-auto v0.1's answer length cap (config/gen_answer_config.yaml: max_tokens 4096): an answer cut shorter
+# loses games to a baseline that was not
+MAX_NEW_TOKENS = 4096
 
 
 class ArenaHardConfig(BaseModel):
@@ -63,7 +66,7 @@ class ArenaHardConfig(BaseModel):
     name: str | None = None
     output_dir: Path
     judge: JudgeConfig
-    generation: GenerationConfig = GenerationConfig()
+    generation: GenerationConfig = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS)
     questions: Path | None = Field(None, description="question.jsonl(.gz) of Arena-Hard-Auto v0.1.")
     baseline_answers: Path | None = Field(None, description="The gpt-4-0314 answers (model_answer format).")
     limit: int | None = Field(None, ge=1)

@@ -460,8 +460,7 @@ class PerPairDPOTrainer(DPOTrainer):
         pairs = self._train_batch_size * self.args.gradient_accumulation_steps
         if self.args.accelerator_config.split_batches:
             return pairs
-        total = getattr(self, "get_total_train_batch_size", None)  # (not in older Transformers)
-        return total(self.args) if total is not None else pairs * self.args.world_size
+        return self.get_total_train_batch_size(self.args)  # (Transformers >= 4.56.2, as TRL 1.16 requires)
 
     def _check_resumed_plan(self, checkpoint: Path) -> None:
         """Transformers resumes by skipping the batches the checkpoint trained: in this plan's order, that is the
