@@ -67,3 +67,22 @@ def test_help_and_no_command_answer_as_before():
         result = run_cli(*args, check=False)
         assert result.returncode == 2 and "Usage: perpair" in result.stdout + result.stderr
         assert "error:" not in result.stderr
+
+
+def test_an_option_given_twice_is_refused_in_every_command(tmp_path):
+    """Click keeps the last of an option given twice: `--chosen-col a … --chosen-col b` read b, `--report …
+    --no-report` the second, without a word. Every command refuses it; options that take several values
+    (`--set`, `--teacher`) still do."""
+    from cli_inprocess import run_cli_inprocess
+    from conftest import UF_TRAIN
+
+    out = tmp_path / "p.parquet"
+    for args in (("prepare", UF_TRAIN, "--limit", "3", "--limit", "4", "-o", out),
+                 ("prepare", UF_TRAIN, "--limit=3", "--limit", "4", "-o", out),
+                 ("plan", out, "--preset", "dpo", "--report", "--no-report", "-o", tmp_path / "plan.parquet")):
+        result = run_cli_inprocess(*args)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: --") and "both given: one would be dropped without a word" in lines[0]
+    assert not out.exists()
+    assert run_cli_inprocess("prepare", UF_TRAIN, "--limit", "3", "-o", out).returncode == 0

@@ -180,7 +180,10 @@ def test_alpaca_eval_command_keeps_the_judge_prefixes_where_told_or_refuses(tmp_
                         (("--judge-batch-size", "4"), "--judge-batch-size is 4"),
                         (("--judge-prefix-cache", tmp_path / "a file"), "not a folder"),
                         (("--judge-prefix-cache", tmp_path / "a file" / "sub"), "not a folder")):
-        result = run_cli(*common, *extra, "-o", tmp_path / "refused", check=False)
+        # the option extra gives again taken out of common, with its value (an option given twice is refused)
+        at = [i for i, part in enumerate(common) if part in extra and str(part).startswith("--")]
+        given = [part for i, part in enumerate(common) if i not in at and i - 1 not in at]
+        result = run_cli(*given, *extra, "-o", tmp_path / "refused", check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --judge-prefix-cache")
         assert says in lines[0] and not (tmp_path / "refused").exists()

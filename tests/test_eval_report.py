@@ -74,7 +74,7 @@ def test_a_partial_arena_hard_run_does_not_read_as_a_complete_one(tmp_path, monk
     assert list(table[1]) == ["benchmark", "name", "judge", "length_controlled_winrate", "lc_standard_error",
                               "win_rate", "standard_error", "score", "rating_q025", "rating_q975", "accuracy",
                               "mean_margin", "margin_se", "n_total", "n_games", "n_no_verdict", "limit",
-                              "avg_length", "lc_method", "folder"]
+                              "avg_length", "lc_method", "folder", "note"]  # (the notes too, as the .md has them)
     lines = (report / "results.md").read_text().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     arena_cells = dict(zip(header, (c.strip() for c in lines[3].strip("|").split("|")), strict=True))
@@ -391,3 +391,41 @@ def test_a_report_into_the_folder_of_an_earlier_one_leaves_none_of_its_plots(tmp
         "accuracy": 0.6, "n_total": 20}]))
     result = run_cli("eval", "report", preference, "-o", report)
     assert sorted(p.name for p in report.iterdir()) == ["report.html", "results.json", "results.md"], result.stdout
+
+
+def test_an_evaluation_named_baseline_keeps_its_own_length_series(tmp_path, monkeypatch):
+    """The reference answers' lengths were drawn under "baseline", which replaced the series of a model (an arm)
+    named baseline: the plot showed the reference's lengths alone, labelled as both."""
+    from perpair.eval.report import collect, length_series
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, _ = _result_folders(tmp_path, "baseline")
+    series = length_series(collect([alpaca]))
+    annotations = json.loads((alpaca / "annotations.json").read_text())
+    assert series == {"baseline": [len(a["output_2"]) for a in annotations],
+                      "baseline (reference outputs)": [len(a["output_1"]) for a in annotations]}
+
+
+def test_a_folder_given_twice_is_refused(tmp_path, monkeypatch):
+    """`perpair eval report eval/dpo eval/*` reported eval/dpo's rows twice, under one label."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    alpaca, arena = _result_folders(tmp_path)
+    result = run_cli("eval", "report", alpaca, arena, alpaca / "results.json", "-o", tmp_path / "report", check=False)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {alpaca / 'results.json'}: given twice (as {alpaca} too): its rows would be reported twice"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_held_out_accuracy_over_fewer_pairs_says_so(tmp_path):
+    """An `eval preference` row whose max_length left pairs out read as complete in the report: two models'
+    accuracies over other subsets of pairs side by side, without a word."""
+    folder = tmp_path / "pref"
+    folder.mkdir()
+    row = {"benchmark": "preference_accuracy", "name": "dpo", "ref": "smollm2", "beta": 0.1, "data": "t.parquet",
+           "max_length": 256, "n_pairs": 25, "n_total": 20, "n_skipped": 5, "accuracy": 0.6, "mean_margin": 0.1,
+           "margin_se": 0.05}
+    (folder / "results.json").write_text(json.dumps([row]))
+    run_cli("eval", "report", folder, "-o", tmp_path / "report")
+    note = "accuracy over 20 of 25 pairs: 5 left out, their prompt filling max_length 256"
+    assert json.loads((tmp_path / "report" / "results.json").read_text())[0]["pairs_note"] == note
+    assert f"- dpo (preference_accuracy): {note}" in (tmp_path / "report" / "results.md").read_text()

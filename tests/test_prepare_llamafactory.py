@@ -169,6 +169,8 @@ def test_role_names_outside_the_four_are_errors_unless_mapped(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in written(tmp_path / "u.parquet")[0]] == [
         ([msg("system", "Be brief."), msg("user", "2+2?")], [msg("assistant", "4")], [msg("assistant", "5")])]
+    result = run_cli_inprocess("prepare", source, "-o", tmp_path / "v.parquet", "--role-map", "human=user,human=system")
+    assert result.returncode == 2 and "human is mapped twice in 'human=user,human=system'" in result.stderr
     result = run_cli_inprocess("prepare", source, "-o", tmp_path / "v.parquet", "--role-map", "human=boss")
     assert result.returncode == 2
     assert "invalid options: --role-map human=boss: the role must be one of system, user, assistant, tool" \

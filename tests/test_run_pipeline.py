@@ -103,7 +103,13 @@ def test_run_all_stages_then_skip_rerun_and_from(tmp_path, tiny, monkeypatch):
     assert "sp2dpo/plan_report/index.html" in report and (work / "report" / "curves.png").is_file()
     plan_page = (work / "arms" / "sp2dpo" / "plan_report" / "index.html").read_text()
     assert "perpair run (arm sp2dpo, preset sp2dpo)" in plan_page and "no pairs file given" not in plan_page
-    assert json.loads((work / "report" / "comparison.json").read_text()) == json.loads(json.dumps(first.rows))
+    described = json.loads((work / "report" / "comparison.json").read_text())
+    # the table's rows, each with the notes about it (the tiny judge's instructions without a judgment, the LC's)
+    assert [{k: v for k, v in r.items() if k not in ("alpaca_n_unjudged", "notes")} for r in described] == \
+        json.loads(json.dumps(first.rows))
+    assert all(isinstance(r["notes"], list) for r in described)
+    markdown = (work / "report" / "comparison.md").read_text()
+    assert all(note.split(": ", 1)[1] in markdown for r in described for note in r["notes"])
     # the local judge's prompts begin alike in the four evaluations: one stored beginning per instruction
     assert len(list((work / "judge_prefixes").glob("*.safetensors"))) == 2
 

@@ -17,7 +17,11 @@ ARGS = ("--steps", "2", "--batch-size", "4", "--max-length", "96", "--lr", "1e-2
 
 
 def _train(model, data, out: Path, *extra, check=True):
-    return run_cli("train", "--model", model, "--data", data, "--out", out, *ARGS,
+    # an option of ARGS that extra gives again is extra's (the command line refuses an option given twice)
+    again = {a for a in extra if isinstance(a, str) and a.startswith("--") and a != "--set"}
+    pairs = [ARGS[i:i + 2] for i in range(0, len(ARGS), 2)]
+    base = [part for pair in pairs if pair[0] not in again for part in pair]
+    return run_cli("train", "--model", model, "--data", data, "--out", out, *base,
                    "--set", f"reference_cache={out.parent / 'refcache'}", *extra, check=check)
 
 

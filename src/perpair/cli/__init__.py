@@ -106,8 +106,40 @@ from perpair.cli import bench as _bench  # noqa: E402,F401
 @functools.cache
 def click_command() -> click.Command:
     """The command tree built from ``app`` (what ``app()`` builds on every call, ~20 ms), built once, so
-    that tests can run the command line in-process many times at the cost of the command alone."""
-    return typer.main.get_command(app)
+    that tests can run the command line in-process many times at the cost of the command alone. Each command
+    refuses an option given twice (Click keeps the last, without a word)."""
+    root = typer.main.get_command(app)
+    _refuse_repeated_options(root)
+    return root
+
+
+def _refuse_repeated_options(command) -> None:
+    """Every command of the tree (groups take no option but ``--version``) refuses a single-valued option given twice,
+    or with its opposite (``--lr 1e-5 … --lr 1e-6``, ``--shuffle … --no-shuffle``): one of the two would be dropped."""
+    for sub in getattr(command, "commands", {}).values():
+        _refuse_repeated_options(sub)
+    if getattr(command, "commands", None) is not None:
+        return
+    names = {}
+    for param in command.params:
+        if param.param_type_name == "option" and not param.multiple and not getattr(param, "count", False):
+            names.update({name: param.name for name in (*param.opts, *param.secondary_opts) if name.startswith("-")})
+    parse = command.parse_args
+
+    def parse_args(ctx, args):
+        given: dict[str, str] = {}
+        for token in args:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0] if token.startswith("--") else token
+            if (param := names.get(name)) is not None:
+                if param in given:
+                    raise PerpairError(f"{given[param]} and {name} both given: one would be dropped without a word; "
+                                       f"give the option once (see '{ctx.command_path} --help')")
+                given[param] = name
+        return parse(ctx, args)
+
+    command.parse_args = parse_args
 
 
 def main() -> None:

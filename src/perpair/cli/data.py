@@ -154,4 +154,6 @@ def inspect_command(
         parts = [f"{kind}: " + ", ".join(f"{r} × {c}" for r, c in reasons.items())
                  for kind, reasons in kinds.items() if reasons]
         if parts:
-            out.print(f"excluded at prepare from {escape(str(source))}: " + escape("; ".join(parts)))
+            # counted as prepare read the source, before any test split: the same counts in both split files
+            out.print(f"excluded at prepare from {escape(str(source))} (before any test split): "
+                      + escape("; ".join(parts)))

@@ -93,6 +93,9 @@ class PrepareOptions(NumbersNotBools):
         pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
         if not pairs or any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
             raise ValueError(f"write it as NAME=ROLE,NAME=ROLE (e.g. human=user,gpt=assistant), got {value!r}")
+        names = [name.strip() for name, _ in pairs]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"{twice[0]} is mapped twice in {value!r}; map each name once")
         return {name.strip(): role.strip() for name, role in pairs}
 
     @model_validator(mode="after")

@@ -24,11 +24,15 @@ COLUMNS = ("benchmark", "name", "judge", "length_controlled_winrate", "lc_standa
 
 def collect(folders: list[Path]) -> list[dict[str, Any]]:
     rows = []
+    given: dict[Path, Path] = {}  # each results file read, by where it is: one given twice was reported twice
     for folder in folders:
         path = folder / "results.json" if folder.is_dir() else folder
         if not path.is_file():
             raise PerpairError(f"{folder}: no results.json (run perpair eval alpaca-eval, arena-hard or "
                                "preference first)")
+        if (where := path.resolve()) in given:
+            raise PerpairError(f"{folder}: given twice (as {given[where]} too): its rows would be reported twice")
+        given[where] = folder
         if (path.parent / "report.html").is_file():  # its results.json is a table of other folders' rows
             raise PerpairError(f"{folder}: a report perpair eval report wrote, not an evaluation's results; give the "
                                "evaluations' folders (a shell glob over them must leave the report's -o out)")
@@ -50,6 +54,11 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         # the plots' series, one per row: two under one name were drawn as one, the last row's figures shown
         row["_label"] = (str(row.get("name")) if names[row.get("benchmark"), row.get("name")] == 1
                          else f"{row.get('name')} ({row['_folder']})")
+        skipped = row.get("n_skipped")
+        if row.get("benchmark") == "preference_accuracy" and isinstance(skipped, int) and skipped > 0:
+            # an accuracy over the pairs that fit max_length: two evaluations' may be over other pairs
+            row["pairs_note"] = (f"accuracy over {row.get('n_total')} of {row.get('n_pairs')} pairs: {skipped} left "
+                                 f"out, their prompt filling max_length {row.get('max_length')}")
     return rows
 
 
@@ -57,7 +66,7 @@ BENCHMARKS = ("alpaca_eval_2", "arena_hard_v0.1", "preference_accuracy")
 FIGURES = ("length_controlled_winrate", "lc_standard_error", "win_rate", "standard_error", "score", "rating_q025",
            "rating_q975", "accuracy", "mean_margin", "margin_se", "n_total", "n_games", "n_no_verdict", "limit",
            "avg_length")
-NOTES = ("judgment_note", "lc_note", "lc_judge_note", "note")
+NOTES = ("judgment_note", "lc_note", "lc_judge_note", "note", "pairs_note")
 # the plots a report may write: those of an earlier report into the same folder that this one does not draw (its rows
 # have no AlpacaEval or Arena-Hard figures) go, rather than stand beside its table with another report's numbers
 FIGURE_FILES = {"win_rates": "win_rates.png", "lengths": "lengths.png", "per_dataset": "per_dataset.png"}
@@ -115,6 +124,28 @@ def per_dataset(folder: Path) -> dict[str, float]:
     return {str(k): win_rate_metrics(g["preference"])["win_rate"] for k, g in frame.groupby("dataset")}
 
 
+def length_series(rows: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The answer lengths (characters) of each AlpacaEval row's model, by its label, and of the baseline."""
+    lengths, baselines = {}, {}
+    for row in rows:
+        path = Path(row["_folder"]) / "model_outputs.json"
+        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
+            lengths[row["_label"]] = read_outputs(path)["output"].str.len().tolist()
+            annotations = Path(row["_folder"]) / "annotations.json"
+            if annotations.is_file():
+                baselines[row["_label"]] = read_annotations(annotations)["output_1"].str.len().tolist()
+    # the baseline's series under a name no row has (an arm named "baseline" lost its own series to the reference's);
+    # one where every evaluation had the same baseline, else each its own (another --limit or reference file: the
+    # first folder's alone stood for every row's)
+    name = next((name for name in ("baseline", "baseline (reference outputs)", "reference outputs")
+                 if not any(name == label or label.startswith(f"{name} (") for label in lengths)), "reference")
+    if len({tuple(values_) for values_ in baselines.values()}) == 1:
+        lengths[name] = next(iter(baselines.values()))
+    else:
+        lengths.update({f"{name} ({label})": values_ for label, values_ in baselines.items()})
+    return lengths
+
+
 def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -123,27 +154,16 @@ def write_report(folders: list[Path], output: Path) -> dict[str, Path]:
 
     rows = collect(folders)
     # every file is read before the report's first is written: a bad one leaves no half report
-    lengths, baselines = {}, {}
-    for row in rows:
-        path = Path(row["_folder"]) / "model_outputs.json"
-        if row.get("benchmark") == "alpaca_eval_2" and path.is_file():
-            lengths[row["_label"]] = read_outputs(path)["output"].str.len().tolist()
-            baseline = Path(row["_folder"]) / "annotations.json"
-            if baseline.is_file():
-                baselines[row["_label"]] = read_annotations(baseline)["output_1"].str.len().tolist()
-    # one baseline where every evaluation had the same; else each its own (another --limit or reference file): the
-    # first folder's alone stood for every row's
-    if len({tuple(values_) for values_ in baselines.values()}) == 1:
-        lengths["baseline"] = next(iter(baselines.values()))
-    else:
-        lengths.update({f"baseline ({label})": values_ for label, values_ in baselines.items()})
+    lengths = length_series(rows)
     breakdown = {row["_label"]: per_dataset(Path(row["_folder"])) for row in rows
                  if row.get("benchmark") == "alpaca_eval_2"}
     breakdown = {k: v for k, v in breakdown.items() if v}
     output.mkdir(parents=True, exist_ok=True)
     for name in FIGURE_FILES.values():
         (output / name).unlink(missing_ok=True)
-    table = [{c: row.get(c) for c in COLUMNS} for row in rows]
+    # with what the figures do not say (the notes, the instructions without a judgment), as the Markdown table has it
+    table = [{**{c: row.get(c) for c in COLUMNS}, **{k: row[k] for k in ("n_unjudged", *NOTES) if row.get(k)}}
+             for row in rows]
     write_json_records(output / "results.json", table)
     (output / "results.md").write_text(markdown_table(rows), encoding="utf-8")
 

@@ -23,7 +23,7 @@ COLUMNS = (
     ("train_loss", "train loss (last 20%)"), ("train_reward_accuracy", "train reward acc. (last 20%)"),
     ("heldout_n", "held-out pairs"), ("heldout_accuracy", "held-out acc."), ("heldout_margin", "held-out margin"),
     ("heldout_ln_accuracy", "held-out LN acc."), ("alpaca_n", "AlpacaEval instr."), ("alpaca_lc", "AlpacaEval LC"),
-    ("alpaca_wr", "AlpacaEval WR"), ("alpaca_length", "avg length"),
+    ("alpaca_wr", "AlpacaEval WR"), ("alpaca_length", "AlpacaEval avg length (chars)"),
 )
 
 
@@ -118,7 +118,14 @@ def write_run_report(workdir: Path, config: RunConfig, rows: list[dict[str, Any]
     notes = evaluation_notes(evaluated)
     (out / "comparison.md").write_text(markdown_table(rows) + "".join(f"\n{n}\n" for n in notes),
                                        encoding="utf-8")
-    (out / "comparison.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    # each row with the notes about it, as the Markdown has them below the table (a reader of the JSON alone read
+    # win rates over the judged instructions as over all)
+    described = []
+    for row in rows:
+        results = evaluated.get(row["arm"], {})
+        described.append({**row, "alpaca_n_unjudged": (results.get("alpaca_eval") or {}).get("n_unjudged"),
+                          "notes": evaluation_notes({row["arm"]: results})})
+    (out / "comparison.json").write_text(json.dumps(described, indent=1), encoding="utf-8")
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for arm, info in trained.items():

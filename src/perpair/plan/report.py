@@ -155,8 +155,8 @@ def beta_histogram(beta: np.ndarray, route: np.ndarray, global_beta: float) -> F
     else:
         ax.bar([0], [len(values)], color=_ROUTE_COLOURS["preference"])
         ax.set_xticks([0], [f"{low:.4g}"])
-    ax.axvline(global_beta, color="black", linestyle="--", label=f"global β = {global_beta:g}")
-    if high > low * (1 + 1e-9):
+    if high > low * (1 + 1e-9):  # (one bar, at 0, has no β axis to mark the global β on: its tick says the value)
+        ax.axvline(global_beta, color="black", linestyle="--", label=f"global β = {global_beta:g}")
         ax.legend()
     ax.set_xlabel("β")
     ax.set_ylabel("pairs")
