@@ -45,7 +45,8 @@ def _train(model, data, out, *extra, check=True, fresh=False):
     # a cache of the test's own, where the loss reads a reference (a reference-free one refuses the setting)
     loss = str(dict(zip(extra, extra[1:], strict=False)).get("--loss", "sigmoid"))
     cache = () if objective(loss.split(",")).reference_free else ("--set", f"reference_cache={out.parent / 'refcache'}")
-    return run_cli("train", "--model", model, "--data", data, "--out", out, "--threads", "1", *cache, *extra,
+    threads = () if "--threads" in extra else ("--threads", "1")  # (an option given twice is refused)
+    return run_cli("train", "--model", model, "--data", data, "--out", out, *threads, *cache, *extra,
                    check=check, fresh=fresh)
 
 
