@@ -637,9 +637,9 @@ def _layout_of(value: dict[str, Any], source: Source, number: int, options: Prep
     if options.format:
         return options.format
     if options.column_map:
-        if options.names_only_scores and _detected(value) in SCORE_COLUMN_FORMATS:
-            # HH-RLHF transcripts with reward columns: read as transcripts, not as one user message each
-            return _detected(value)
+        # HH-RLHF transcripts with reward columns: read as transcripts, not as one user message each
+        if options.names_only_scores and (found := _detected(value)) in SCORE_COLUMN_FORMATS:
+            return found
         return "columns"
     try:
         found = detect_format(value)

@@ -25,11 +25,12 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _TRAIN_OWNED = {"model", "data", "plan", "out", "resume", "overwrite", "save_model", "reference_cache"}
 
 
-def _leaves(section: dict[str, Any], within: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """The keys of a nested section down to its values (``lora.r``)."""
+def _leaves(section: dict[str, Any], within: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """The keys of a nested section down to its values (``("lora", "r")``), each with its value."""
     found = []
     for key, value in section.items():
-        found += _leaves(value, (*within, key)) if isinstance(value, dict) and value else [(*within, key)]
+        path = (*within, str(key))
+        found += _leaves(value, path) if isinstance(value, dict) and value else [(path, value)]
     return found
 
 
@@ -198,7 +199,7 @@ class RunConfig(_Section):
             if isinstance(section.get("lora"), dict) and "merge" in section["lora"]:
                 raise ValueError(f"{where}.lora.merge is set by perpair run itself (its evaluation reads the model "
                                  "with the adapter merged; the adapter is kept beside it); remove it")
-        for leaf in _leaves(self.train):
+        for leaf, _ in _leaves(self.train):
             if self.arms and all(_sets(arm.train, leaf) for arm in self.arms.values()):
                 key = ".".join(leaf)
                 raise ValueError(f"train.{key} is set by every arm too (arms.NAME.train.{key}), so no arm reads the "
@@ -233,16 +234,11 @@ def load_run_config(path: str | os.PathLike, overrides: dict[str, Any] | None = 
 def _arm_names_whole(arms: dict[str, Any], names: list[str]) -> dict[str, Any]:
     """``--set arms.dpo-0.05.train.lr=…`` split at every dot: the keys under ``arms`` put back together where they
     begin with the name of an arm of the file that has dots (``dpo-0.05``), the longest such name."""
-    def leaves(node: Any, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], Any]]:
-        if isinstance(node, dict) and node:
-            return [leaf for key, value in node.items() for leaf in leaves(value, (*path, str(key)))]
-        return [(path, node)]
-
     dotted = sorted((name for name in names if "." in name), key=len, reverse=True)
     if not dotted:
         return arms
     joined: dict[str, Any] = {}
-    for path, value in leaves(arms, ()):
+    for path, value in _leaves(arms):
         text = ".".join(path)
         name = next((n for n in dotted if text == n or text.startswith(n + ".")), None)
         parts = [name, *path[len(name.split(".")):]] if name else list(path)
