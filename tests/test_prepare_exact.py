@@ -693,6 +693,38 @@ def test_text_already_rendered_with_a_chat_template_is_refused(tmp_path, field, 
     assert result.returncode == 0 and excluded(tmp_path, "invalid") == {"chat_template_markup": 1}
 
 
+def test_templated_text_is_kept_on_request_for_trl_and_refused_by_perpair_train(tmp_path, tiny_model_dir):
+    """Data pre-templated for TRL's standard string format (which TRL tokenizes as it is) was refused by prepare, so a
+    TRL user could not make a plan of it; `--keep-template-markup` keeps and counts it, and `perpair train`, which
+    would template it again, refuses it naming the pair and field. So does it a response holding one of the
+    tokenizer's own special tokens, which tokenization would read as that token."""
+    templated = {"prompt": "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+                 "chosen": "4<|im_end|>", "rejected": "5<|im_end|>"}
+    source, result = prepare(tmp_path, [templated, {"prompt": "Q2", **ANSWERS}], "--keep-template-markup")
+    assert result.returncode == 0, result.stderr
+    assert excluded(tmp_path, "notes") == {"chat_template_markup": 1}
+    assert "chat_template_markup × 1 (rows 1)" in result.stdout and "perpair train refuses these pairs" in result.stdout
+    table = read_pairs(str(tmp_path / "out.parquet"))[0]
+    first = table.to_pylist()[0]
+    assert (first["prompt"][0]["content"], first["chosen"][0]["content"]) == (templated["prompt"], "4<|im_end|>")
+    train = run_cli_inprocess("train", "--model", tiny_model_dir, "--data", tmp_path / "out.parquet",
+                              "--out", tmp_path / "run", "--steps", "1", "--batch-size", "1")
+    assert one_error(train) == (f"error: {tmp_path / 'out.parquet'}: pair {first['pair_id']}: field "
+                                "'prompt[0].content': the text holds '<|im_start|>', a chat template's turn marker: "
+                                "the text was rendered with a template already, and perpair renders the pair's "
+                                "messages with the model's chat template; give the turns as messages without the "
+                                "markers, or leave the pair out")
+    source, result = prepare(tmp_path, [{"prompt": "Q2", **ANSWERS},
+                                        {"prompt": Q, "chosen": "Put <file_sep> between files", "rejected": "No"}])
+    assert result.returncode == 0, result.stderr
+    second = read_pairs(str(tmp_path / "out.parquet"))[0].to_pylist()[1]["pair_id"]
+    train = run_cli_inprocess("train", "--model", tiny_model_dir, "--data", tmp_path / "out.parquet",
+                              "--out", tmp_path / "run", "--steps", "1", "--batch-size", "2")
+    assert one_error(train).startswith(f"error: {tmp_path / 'out.parquet'}: pair {second}: field "
+                                       "'chosen[0].content': the text holds '<file_sep>', one of the tokenizer's "
+                                       "special tokens, which tokenization would read as that token, not as text")
+
+
 def test_a_revision_given_for_a_local_dataset_folder_is_refused(tmp_path):
     """`--revision` names a commit of a Hub dataset; given with a local folder it was dropped without a word (the
     folder read as it is)."""

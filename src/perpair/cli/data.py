@@ -48,6 +48,10 @@ def prepare_command(
         "--skip-invalid", help="Skip malformed rows and count them instead of stopping.")] = False,
     strict: Annotated[bool, typer.Option(
         "--strict", help="Stop at the first degenerate pair instead of excluding it.")] = False,
+    keep_template_markup: Annotated[bool, typer.Option(
+        "--keep-template-markup", help="Keep text already rendered with a chat template (<|im_start|>, [INST], …) "
+        "and count it, for a plan used inside TRL, which tokenizes such text as it is; perpair train refuses "
+        "it.")] = False,
     role_map: Annotated[str | None, typer.Option(
         help="Map source role names to system/user/assistant/tool, e.g. human=user,gpt=assistant.")] = None,
     dataset_info: Annotated[str | None, typer.Option(
@@ -58,8 +62,8 @@ def prepare_command(
     values = dict(format=format, split=split, revision=revision, prompt_col=prompt_col, chosen_col=chosen_col,
                   rejected_col=rejected_col, score_chosen_col=score_chosen_col,
                   score_rejected_col=score_rejected_col, system_col=system_col, limit=limit,
-                  test_fraction=test_fraction, seed=seed,
-                  skip_invalid=skip_invalid, strict=strict, role_map=role_map, dataset_info=dataset_info,
+                  test_fraction=test_fraction, seed=seed, skip_invalid=skip_invalid, strict=strict,
+                  keep_template_markup=keep_template_markup, role_map=role_map, dataset_info=dataset_info,
                   dataset=dataset)
     try:
         options = PrepareOptions(**values)
@@ -105,6 +109,10 @@ def print_prepare(result: PrepareResult, *, converted_by: str | None = None) -> 
                 rows = tally.rows[reason]
                 shown = ", ".join(map(str, rows[:ROWS_SHOWN])) + (" …" if tally.counts[reason] > ROWS_SHOWN else "")
                 out.print(f"  {label}: {escape(reason)} × {tally.counts[reason]} (rows {shown})")
+        if "chat_template_markup" in report.notes.counts:
+            out.print("  (chat_template_markup: text rendered with a chat template already, kept as "
+                      "--keep-template-markup asks: TRL's standard format tokenizes it as it is; perpair train "
+                      "refuses these pairs)")
         if unread := report.unread_line():
             how = _NAMED_OPTIONS if converted_by is None else \
                 f"perpair prepare with {_NAMED_OPTIONS}, then {converted_by} on its pairs file"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from perpair.data.rows import (
     fields_hint,
     get,
 )
-from perpair.data.schema import KIND, SCHEMA_VERSION, PairRecord, normalise_text, records_to_table
+from perpair.data.schema import KIND, SCHEMA_VERSION, TEMPLATE_MARKUP, PairRecord, normalise_text, records_to_table
 from perpair.data.sources import RowProblem, Source, describe, folder_files, iter_rows, resolve_source
 from perpair.errors import InputError, PerpairError
 
@@ -72,6 +71,9 @@ class PrepareOptions(NumbersNotBools):
     seed: int = Field(0, description="seed of the test split and of raw UltraFeedback binarization")
     skip_invalid: bool = False
     strict: bool = False
+    # text rendered with a chat template already (TRL's standard string format, tokenized by TRL as it is): kept and
+    # counted instead of refused; perpair train refuses such pairs
+    keep_template_markup: bool = False
     role_map: dict[str, str] | None = Field(
         None, description="source role name -> system/user/assistant/tool ('human=user,gpt=assistant')")
     dataset_info: str | None = Field(None, description="LLaMA-Factory dataset_info.json to read --dataset from")
@@ -266,24 +268,23 @@ def _generic_degenerate(record: PairRecord) -> Degenerate | None:
     return None
 
 
-# The turn markers of common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma, Zephyr/Phi, GPT-2's end of text):
-# text that holds them was rendered with a template already, and a pair's messages are rendered with the model's.
-TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>|<\|begin_of_text\|>|"
-                             r"<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]|<\|(?:system|user|assistant)\|>|"
-                             r"<\|endoftext\|>")
-
-
-def _template_markup(record: PairRecord) -> RowProblem | None:
+def _template_markup(record: PairRecord, keep: bool) -> RowProblem | None:
     """A message whose text holds a chat template's turn markers: the data was templated (a ChatML string, say)
-    before it came here, and training would template it again, the markers read as the model's special tokens."""
+    before it came here, and ``perpair train`` would template it again, the markers read as the model's special
+    tokens. Kept (and counted) with ``keep``: TRL's standard string format tokenizes such text as it is."""
     for name in ("prompt", "chosen", "rejected"):
         for index, message in enumerate(getattr(record, name)):
             if found := TEMPLATE_MARKUP.search(message["content"]):
+                if keep:
+                    record.notes.append("chat_template_markup")
+                    return None
                 return RowProblem("chat_template_markup", f"the text holds a chat template's turn marker "
                                                           f"'{found.group()}': it was rendered with a template "
-                                                          "already, and training renders the pair's messages with "
-                                                          "the model's; give the turns as messages, without the "
-                                                          "template's markers", f"{name}[{index}].content")
+                                                          "already, and perpair train renders the pair's messages "
+                                                          "with the model's; give the turns as messages, without "
+                                                          "the template's markers (or --keep-template-markup for a "
+                                                          "plan used inside TRL, which tokenizes such text as it "
+                                                          "is)", f"{name}[{index}].content")
     return None
 
 
@@ -558,7 +559,7 @@ def _read_row(source: Source, label: str, number: int, value: Any, options: Prep
         record = (read_pairs_row if report.format == PAIRS_LAYOUT else reader_for(report.format))(fields, context)
         for name in fields.unread():
             report.unread[name] = report.unread.get(name, 0) + 1
-        if (markup := _template_markup(record)) is not None:
+        if (markup := _template_markup(record, options.keep_template_markup)) is not None:
             raise markup
         problem = _generic_degenerate(record)
         if problem is not None:

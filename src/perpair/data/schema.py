@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,12 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 KIND = "pairs"
+
+# The turn markers of common chat templates (ChatML, Llama 3, Llama 2/Mistral, Gemma, Zephyr/Phi, GPT-2's end of text):
+# text that holds them was rendered with a template already, where perpair renders a pair's messages with the model's.
+TEMPLATE_MARKUP = re.compile(r"<\|im_start\|>|<\|im_end\|>|<\|start_header_id\|>|<\|eot_id\|>|<\|begin_of_text\|>|"
+                             r"<start_of_turn>|<end_of_turn>|\[INST\]|\[/INST\]|<\|(?:system|user|assistant)\|>|"
+                             r"<\|endoftext\|>")
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)

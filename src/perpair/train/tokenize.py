@@ -7,15 +7,19 @@ prompt alone does not tokenize as a prefix of the full conversation, the complet
 (TRL's ``common_prefix_length``). Truncation is TRL's default ``keep_start`` applied to ``prompt + completion``
 separately for each response; pairs whose prompt alone fills ``max_length`` are skipped, as TRL skips them.
 A pair's ``tools`` (JSON text of tool descriptions) go to the chat template with every rendering, as TRL passes
-a ``tools`` column.
+a ``tools`` column. Text that holds a chat template's turn markers or the tokenizer's special tokens is refused: it
+was rendered with a template already (TRL tokenizes it as it is, templating it twice), and the tokenizer would read
+the markers as its special tokens, not as text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from perpair.data.schema import TEMPLATE_MARKUP
 from perpair.errors import PerpairError
 
 
@@ -57,6 +61,30 @@ def _ids(tokenizer: Any, messages: list[dict[str, str]], tools: list[dict] | Non
     return list(out["input_ids"])
 
 
+def _special_tokens(tokenizer: Any) -> re.Pattern | None:
+    """The tokenizer's special added tokens (``<|im_end|>``, ``</s>``, a model's own), as one pattern: in a
+    message's text, the tokenizer would read them as those tokens."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = sorted({token.content for token in decoder.values() if getattr(token, "special", False) and token.content},
+                   key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def _refuse_markup(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]) -> None:
+    special = _special_tokens(tokenizer)
+    for name, messages in parts.items():
+        for index, message in enumerate(messages or []):
+            if found := TEMPLATE_MARKUP.search(message["content"]):
+                why = ("a chat template's turn marker: the text was rendered with a template already, and perpair "
+                       "renders the pair's messages with the model's chat template")
+            elif special is not None and (found := special.search(message["content"])):
+                why = "one of the tokenizer's special tokens, which tokenization would read as that token, not as text"
+            else:
+                continue
+            raise PerpairError(f"field '{name}[{index}].content': the text holds '{found.group()}', {why}; give the "
+                               "turns as messages without the markers, or leave the pair out")
+
+
 def pair_tools(pairs: Any) -> list[str | None]:
     """Each pair's ``tools`` of a pairs table; None throughout for a pairs file written before the column."""
     return pairs.column("tools").to_pylist() if "tools" in pairs.column_names else [None] * len(pairs)
@@ -77,6 +105,7 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
     """The pair's token ids (TRL-compatible), truncated to ``max_length``; ``None`` when the prompt alone fills
     ``max_length`` (no completion token would be left). ``rejected=None`` skips the rejected response. ``tools``:
     the pair's tool descriptions (JSON text), or None."""
+    _refuse_markup(tokenizer, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
     prompt = [_message(m) for m in prompt]
     described = json.loads(tools) if tools is not None else None
     prompt_ids = _ids(tokenizer, prompt, described, generation_prompt=True)
