@@ -155,6 +155,53 @@ def test_invalid_answers_are_reasked_then_recorded_as_failures(uf_pairs, tmp_pat
         assert table.column("category").to_pylist() == [None] * 4 and "failed × 4" in result.stdout
 
 
+def test_raising_max_reasks_asks_again_only_the_calls_that_ran_out_of_them(uf_pairs, tmp_path):
+    """max_reasks was part of an API teacher's cache key: raising it asked every cached answer again (and paid for
+    it again), the valid ones too. Now the valid answers stay, the failures for want of re-asks are asked again, and
+    answers cached under the keys of before (which held max_reasks) are read, not asked again."""
+    import sqlite3
+
+    from perpair.annotate.config import load_config
+    from perpair.annotate.teachers import call_key, make_teacher
+
+    def config(url, reasks):
+        path = tmp_path / f"teacher{reasks}.yaml"
+        path.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n"
+                        f"    max_reasks: {reasks}\n    backoff_initial_s: 0.001\n    backoff_max_s: 0.002\n")
+        return path
+
+    cache = tmp_path / "answers.sqlite"
+    with Stub() as url:  # two pairs answered at once
+        annotate(uf_pairs, tmp_path / "a.parquet", "--config", config(url, 2), "--cache", cache, "--limit", "2")
+    late = Stub(lambda body, request: json.dumps(VALID if len(body["messages"]) >= 8 else {**VALID, "magnitude": 4}))
+    with late as url:  # valid only at the third re-ask: the two new pairs fail with 2
+        annotate(uf_pairs, tmp_path / "b.parquet", "--config", config(url, 2), "--cache", cache, "--limit", "4")
+        assert len(late.requests) == 2 * 3
+        calls = pq.read_table(calls_path(tmp_path / "b.parquet")).to_pylist()
+        assert sorted(c["status"] for c in calls) == ["failed", "failed", "ok", "ok"]
+        result = annotate(uf_pairs, tmp_path / "c.parquet", "--config", config(url, 3), "--cache", cache,
+                          "--limit", "4")
+        assert len(late.requests) == 2 * 3 + 2 * 4, result.stdout  # the two failures asked again, 1 + 3 each
+        assert "2 cached failures asked again" in result.stdout
+    calls = pq.read_table(calls_path(tmp_path / "c.parquet")).to_pylist()
+    assert sorted((c["status"], c["reasks"]) for c in calls) == [("ok", 0), ("ok", 0), ("ok", 3), ("ok", 3)]
+
+    # a cache written before max_reasks left the key: its answers are read under today's keys
+    [teacher] = [make_teacher(t) for t in load_config(config(url, 3)).teachers]
+    assert teacher.legacy_fingerprint == {"model": "stub", "temperature": 0.0, "max_tokens": 256, "seed": None,
+                                          "max_reasks": 3, "max_chars": teacher.config.max_chars}
+    with sqlite3.connect(cache) as db:
+        rows = db.execute("SELECT key, pair_id, template FROM calls").fetchall()
+        for key, pair_id, template in rows:
+            db.execute("UPDATE calls SET key = ? WHERE key = ?",
+                       (call_key(pair_id, teacher.id, teacher.legacy_fingerprint, template, 0), key))
+    never = Stub(lambda body, request: "no")
+    with never as url:
+        annotate(uf_pairs, tmp_path / "d.parquet", "--config", config(url, 3), "--cache", cache, "--limit", "4")
+    assert never.requests == []
+    assert pq.read_table(calls_path(tmp_path / "d.parquet")).to_pylist() == calls
+
+
 def test_structured_output_falls_back_when_the_server_rejects_a_form(uf_pairs, tmp_path):
     seen_formats = []
 

@@ -20,7 +20,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,8 +210,10 @@ def annotate(pairs_path: str | os.PathLike, config: AnnotateConfig, output: str 
     cache = AnswerCache(cache_path)
     try:
         cached = cache.get_many([c.key for _, c in calls])
+        cached.update(_legacy_answers(cache, [(t, c) for t, c in calls if c.key not in cached], config.seed))
         todo = [(t, c) for t, c in calls
-                if c.key not in cached or (config.retry_failed and cached[c.key].status == "failed")]
+                if c.key not in cached or (config.retry_failed and cached[c.key].status == "failed")
+                or not getattr(t, "reusable", lambda _: True)(cached[c.key])]
         retried = sum(1 for _, c in todo if c.key in cached)
         progress = Progress(total=len(calls), done=len(calls) - len(todo), cached=len(calls) - len(todo))
         report = on_progress or (lambda _: None)
@@ -370,6 +372,17 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
         finally:
             for task in workers:
                 task.cancel()
+
+
+def _legacy_answers(cache: AnswerCache, missing: list[tuple[Any, Call]], seed: int) -> dict[str, CallRecord]:
+    """The answers of ``missing`` calls cached under a teacher's keys of before (``legacy_fingerprint``: an API
+    teacher's held ``max_reasks`` until 7 Dec 2026), stored again under today's keys."""
+    legacy = {call_key(c.pair_id, t.id, t.legacy_fingerprint, c.template, seed,
+                       t.key_material(c.pair) if hasattr(t, "key_material") else None): c.key
+              for t, c in missing if hasattr(t, "legacy_fingerprint")}
+    found = {legacy[key]: replace(record, key=legacy[key]) for key, record in cache.get_many(list(legacy)).items()}
+    cache.put_many(found.values())
+    return found
 
 
 # How a teacher is reached, not what it answers: left out of provenance, so a rerun against another server,

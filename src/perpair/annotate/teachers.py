@@ -51,6 +51,10 @@ class Call:
                           status=status, **values)
 
 
+# How the reason of a call that gave no valid answer within max_reasks begins.
+OUT_OF_REASKS = "invalid answer after"
+
+
 def call_key(pair_id: str, teacher_id: str, fingerprint: dict[str, Any], template_id: str, seed: int,
              material: dict[str, Any] | None = None) -> str:
     """The cache key: everything that changes the answer (never the base URL or the concurrency). ``material``:
@@ -380,12 +384,21 @@ class ApiTeacher:
         self.id = config.id
         self.weight = config.weight
         self.templates = config.templates
+        # max_reasks bounds the tries, it does not shape an answer: out of the key, so raising it re-asks only the
+        # calls that ran out of re-asks (:meth:`reusable`), not every answer already paid for
         self.fingerprint = {"model": config.model, "temperature": config.temperature,
-                            "max_tokens": config.max_tokens, "seed": config.seed, "max_reasks": config.max_reasks,
-                            "max_chars": config.max_chars}
+                            "max_tokens": config.max_tokens, "seed": config.seed, "max_chars": config.max_chars}
+        # the fingerprint of the keys written before 7 Dec 2026, which held max_reasks: their answers are still read
+        self.legacy_fingerprint = {**self.fingerprint, "max_reasks": config.max_reasks}
         self.client = ChatClient(config.client_config(), transport=transport)
         self._mode = "json_schema" if config.structured == "auto" else config.structured
         self._confirmed = config.structured != "auto"
+
+    def reusable(self, record: CallRecord) -> bool:
+        """Whether a cached answer stands under this teacher's settings: all but a failure for want of re-asks made
+        with fewer than ``max_reasks`` (raised since, the call is asked again)."""
+        return not (record.status == "failed" and (record.reason or "").startswith(OUT_OF_REASKS)
+                    and record.reasks < self.config.max_reasks)
 
     def check(self) -> None:
         """Nothing to check before a run: the key variable is checked when the client is built, and a server
@@ -486,7 +499,7 @@ class ApiTeacher:
                         {"role": "user", "content": f"That answer is invalid: {reason}. Reply again with the "
                                                     "corrected JSON object only."}]
         return call.record("failed", swapped=call.swapped, raw_response=raw, reasks=self.config.max_reasks,
-                           reason=f"invalid answer after {self.config.max_reasks} re-asks: {reason}", **usage)
+                           reason=f"{OUT_OF_REASKS} {self.config.max_reasks} re-asks: {reason}", **usage)
 
 
 def _refusal(response: dict[str, Any]) -> str | None:
