@@ -141,10 +141,11 @@ def _perpair_train(model: Path, pairs: Path, plan: Path, out: Path, loss: str, b
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("robust", 0.1)])
+@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("robust", 0.1), ("sigmoid", 0.1)])
 def test_sp2dpo_mixdpo_plan_equals_perpair_train(loss, smoothing, small_pairs, tiny_model, tmp_path):
-    """An SP²DPO+MixDPO plan (per-pair β, τ routing to SFT, flips, a shuffled curriculum; with robust also the
-    plan's ε): three steps through TRL with the plug-in equal ``perpair train`` on the same plan, fp32."""
+    """An SP²DPO+MixDPO plan (per-pair β, τ routing to SFT, flips, a shuffled curriculum; with ε also the plan's
+    label smoothing: rDPO for robust, cDPO for sigmoid, MixDPO's loss, which TRL's sigmoid alone ignores): three
+    steps through TRL with the plug-in equal ``perpair train`` on the same plan, fp32."""
     overrides = {"routing": {"tau": 1.0}, "curriculum": {"kind": "random"}, "label_smoothing": smoothing}
     plan = _plan(small_pairs, tmp_path / "plan.parquet", "sp2dpo+mixdpo", overrides)
     batch, max_length, lr = 4, 192, 1e-3  # 18 of the 24 prompts fit: 3 steps in one epoch
@@ -200,7 +201,9 @@ def test_a_peft_lora_adapter_trains_as_perpair_train_lora(small_pairs, tiny_mode
 
 def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
     """For every TRL loss the plug-in supports: the loss of a batch with distinct β_i (and ε_i) equals the mean of
-    stock TRL's loss on each pair alone with β = β_i, ε = ε_i (TRL called, not a copy of its formulas)."""
+    stock TRL's loss on each pair alone with β = β_i, ε = ε_i (TRL called, not a copy of its formulas); for sigmoid,
+    which reads ε as cDPO, (1 − ε_i) × stock sigmoid on the pair + ε_i × stock sigmoid on it with its responses
+    swapped."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOTrainer
@@ -225,15 +228,25 @@ def test_each_loss_gets_each_pairs_beta(small_pairs, tiny_model, tmp_path):
     assert len(stock.train_dataset) == len(ours.train_dataset) == 2
     batch = next(iter(ours.get_train_dataloader()))
     singles = [stock.data_collator([stock.train_dataset[i]]) for i in range(2)]
+
+    def swapped(example):  # the pair with chosen and rejected exchanged, as stock TRL tokenized it
+        return {k.replace("chosen", "\0").replace("rejected", "chosen").replace("\0", "rejected"): v
+                for k, v in example.items()}
+
+    flipped = [stock.data_collator([swapped(stock.train_dataset[i])]) for i in range(2)]
+    assert any("chosen" in key for key in stock.train_dataset[0])
     for loss in sorted(plugin.PER_PAIR_LOSSES - {"sft"}):
         ours.loss_types = stock.loss_types = [loss]
         ours.loss_weights = stock.loss_weights = [1.0]
         with torch.no_grad():
             got = ours.compute_loss(ours.model, dict(batch)).item()
             expected = []
-            for single, beta, smoothing in zip(singles, betas, eps, strict=True):
+            for single, other, beta, smoothing in zip(singles, flipped, betas, eps, strict=True):
                 stock.beta, stock.label_smoothing = beta, smoothing
                 expected.append(stock.compute_loss(stock.model, dict(single)).item())
+                if loss == "sigmoid":
+                    expected[-1] = (1 - smoothing) * expected[-1] + smoothing * stock.compute_loss(
+                        stock.model, dict(other)).item()
         assert expected[0] != pytest.approx(expected[1], rel=1e-3), loss  # the two pairs differ
         assert got == pytest.approx(sum(expected) / 2, rel=1e-5), loss
 
@@ -324,8 +337,11 @@ def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch
         _construct(tiny_model, edited.select([i for i in range(len(edited)) if i != 5]), plan, tmp_path)
     # the plan's ε reaching a TRL loss that ignores it
     smoothed = _plan(small_pairs, tmp_path / "smoothed.parquet", "mixdpo", {"routing": {"tau": None}})
-    with pytest.raises(PerpairError, match=r"label_smoothing > 0, which TRL's loss_type 'sigmoid' ignores"):
-        _construct(tiny_model, dataset, smoothed, tmp_path)
+    with pytest.raises(PerpairError, match=r"label_smoothing > 0, which TRL's loss_type 'hinge' ignores"):
+        _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["hinge"])
+    with pytest.raises(PerpairError, match=r"with the plan's ε, sigmoid is cDPO, computed by TRL's robust code"):
+        _construct(tiny_model, dataset, smoothed, tmp_path, loss_type=["sigmoid", "robust"])
+    assert _construct(tiny_model, dataset, smoothed, tmp_path).plan_summary.pairs > 0  # sigmoid: cDPO
     with pytest.raises(PerpairError, match=r"no plan: pass plan="):
         _construct(tiny_model, dataset, None, tmp_path)
     # a loss that reads no β; a DPOConfig ε that the plan contradicts, read or ignored by the loss; exo_pair, which
@@ -690,7 +706,7 @@ def test_example_script_runs(small_pairs, tiny_model, tmp_path, layout):
         model = ["--model", str(tiny_model)]
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "trl" / "train_dpo.py"), "--pairs",
-                             str(data), "--plan", str(plan), "--loss-type", "robust", "--output-dir", str(out),
+                             str(data), "--plan", str(plan), "--output-dir", str(out),
                              "--max-steps", "2", "--max-length", "96", *model], capture_output=True, text=True,
                             env={**os.environ, "TQDM_DISABLE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

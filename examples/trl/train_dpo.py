@@ -2,10 +2,10 @@
 
     perpair prepare data.jsonl -o pairs.parquet
     perpair plan pairs.parquet --preset mixdpo -o plan.parquet
-    python examples/trl/train_dpo.py --pairs pairs.parquet --plan plan.parquet --loss-type robust --output-dir out
+    python examples/trl/train_dpo.py --pairs pairs.parquet --plan plan.parquet --output-dir out
 
-MixDPO's plan smooths labels (ε 0.1), which TRL's ``robust`` loss reads and its default ``sigmoid`` ignores (the
-trainer refuses that); an sp2dpo plan trains with either. One epoch reads the curriculum once, easy to hard.
+MixDPO's plan smooths labels (ε 0.1): with TRL's default ``sigmoid`` the trainer makes it cDPO, MixDPO's loss (TRL's
+own sigmoid ignores ε; its ``robust`` is rDPO, another loss). One epoch reads the curriculum once, easy to hard.
 
 Any TRL preference dataset saved as Parquet works in place of the pairs file (prompt/chosen/rejected or an implicit
 prompt, standard or conversational) as long as it holds the pairs the plan was made from: pairs
@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--plan", required=True, help="the plan file (perpair plan)")
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--loss-type", default="sigmoid", help="TRL's loss_type (robust reads the plan's ε)")
+    parser.add_argument("--loss-type", default="sigmoid",
+                        help="TRL's loss_type (sigmoid with the plan's ε is cDPO; robust is rDPO)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
     parser.add_argument("--max-length", type=int, default=1024)

@@ -4,14 +4,17 @@
     trainer = PerPairDPOTrainer(model=model, args=DPOConfig(...), train_dataset=ds, plan="plan.parquet")
 
 Inside TRL's training step each pair gets its plan values: β_i in every loss where β is a per-pair
-multiplier or parameter, ε_i where the loss reads ``label_smoothing`` (robust, exo_pair), the SFT route as
+multiplier or parameter, ε_i where the loss reads ``label_smoothing`` (robust, exo_pair) and in ``sigmoid`` as cDPO
+(perpair's ``sigmoid`` with ε, which TRL 1.16's ignores: MixDPO's loss), the SFT route as
 the length-normalised NLL of the chosen response (perpair's ``sft`` loss), ``drop`` pairs removed and the
 plan's order kept by a sequential sampler. Pairs are matched by perpair's ``pair_id`` (recomputed from the
 dataset rows with perpair's own reader), so a plan made from one copy of the data applies to another.
 
 How β_i gets in without copying TRL's loss code: TRL's ``_compute_loss`` multiplies by ``self.beta`` (and
 reads ``self.label_smoothing``) elementwise, so for the duration of one call they are the batch's per-pair
-tensors; every loss TRL writes as ``β · something`` then gets β_i. Losses that sort the batch (``aot``,
+tensors; every loss TRL writes as ``β · something`` then gets β_i. cDPO, −(1−ε) log σ(βΔ) − ε log σ(−βΔ), is TRL's
+``robust`` loss, (−(1−ε') log σ(βΔ) + ε' log σ(−βΔ)) / (1−2ε'), at ε' = −ε / (1−2ε): a ``sigmoid`` call whose pairs
+have ε > 0 runs TRL's robust code with those ε'. Losses that sort the batch (``aot``,
 ``aot_unpaired``) would pair β_i with another pair's margin, so they are refused.
 
 SFT pairs are taken out of TRL's batch: TRL's forward sees only the preference pairs (it needs chosen,
@@ -71,6 +74,7 @@ REFUSED_LOSSES = {
     "aot_unpaired": "it sorts chosen and rejected log-ratios separately, so β_i belongs to no pair",
 }
 SMOOTHING_LOSSES = frozenset({"robust", "exo_pair"})  # the TRL 1.16 losses that read label_smoothing
+CDPO = "sigmoid"  # with a plan's ε > 0: cDPO, as perpair train's sigmoid (TRL 1.16's own ignores label_smoothing)
 PLAN_COLUMNS = ("beta", "route", "order", "label_smoothing")  # a dataset may carry these instead of a plan
 CARRIED = (*PLAN_COLUMNS, "flipped")  # (flipped: optional)
 ROUTES = ("preference", "sft", "drop")
@@ -299,11 +303,15 @@ def check_beta(args: DPOConfig, dataset: Dataset, evaluation) -> None:
 def check_smoothing(args: DPOConfig, dataset: Dataset) -> None:
     """The plan's ε must reach a loss that reads it, and must not contradict DPOConfig.label_smoothing."""
     eps = np.asarray(dataset[EPS], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
-    readers = [loss for loss in args.loss_type if loss in SMOOTHING_LOSSES]
-    ignoring = [loss for loss in args.loss_type if loss not in SMOOTHING_LOSSES and loss != "sft"]
+    readers = [loss for loss in args.loss_type if loss in SMOOTHING_LOSSES or loss == CDPO]
+    ignoring = [loss for loss in args.loss_type if loss not in readers and loss != "sft"]
     if np.any(eps > 0) and ignoring:
         raise PerpairError(f"the plan sets label_smoothing > 0, which TRL's loss_type {ignoring[0]!r} ignores "
-                           "(TRL 1.16 smooths only robust and exo_pair); use one of those or a plan without ε")
+                           "(TRL 1.16 smooths only robust and exo_pair, and PerPairDPOTrainer makes sigmoid cDPO); "
+                           "use one of those or a plan without ε")
+    if np.any(eps > 0) and CDPO in readers and len(readers) > 1:
+        raise PerpairError(f"loss_type {args.loss_type}: with the plan's ε, sigmoid is cDPO, computed by TRL's robust "
+                           "code at another ε, so it cannot share a step with robust or exo_pair; take one of them")
     if "exo_pair" in readers and (args.label_smoothing <= 0 or np.any(eps != args.label_smoothing)):
         # TRL refuses exo_pair without DPOConfig.label_smoothing > 0 before any pair is seen
         raise PerpairError(f"loss_type 'exo_pair' needs DPOConfig.label_smoothing > 0 (TRL checks it), equal to "
@@ -501,17 +509,21 @@ class PerPairDPOTrainer(DPOTrainer):
 
     @contextlib.contextmanager
     def _per_pair(self, beta: torch.Tensor, eps: torch.Tensor):
-        """``self.beta`` (and ``self.label_smoothing`` where a loss reads it) as per-pair tensors for one call."""
-        saved = self.beta, self.label_smoothing
+        """``self.beta`` (and ``self.label_smoothing`` where a loss reads it) as per-pair tensors for one call;
+        ``sigmoid`` with ε > 0 as cDPO: TRL's robust code at ε' = −ε / (1−2ε) (see the module's docstring)."""
+        saved = self.beta, self.label_smoothing, self.loss_types
         self.beta = beta
         if any(loss in SMOOTHING_LOSSES for loss in self.loss_types):
             self.label_smoothing = eps
+        elif CDPO in self.loss_types and bool((eps > 0).any()):
+            self.loss_types = ["robust" if loss == CDPO else loss for loss in self.loss_types]
+            self.label_smoothing = -eps / (1 - 2 * eps)
         try:
             with warnings.catch_warnings():  # exo_pair wraps label_smoothing in torch.tensor(), harmless here
                 warnings.filterwarnings("ignore", message="To copy construct from a tensor")
                 yield
         finally:
-            self.beta, self.label_smoothing = saved
+            self.beta, self.label_smoothing, self.loss_types = saved
 
     def _compute_loss(self, model, inputs, return_outputs):
         if BETA not in inputs:
