@@ -120,8 +120,9 @@ def test_perpair_train_and_a_constant_beta_plan_reproduce_stock_trl(small_pairs,
         assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
         assert mine["reward_accuracy"] == pytest.approx(theirs["rewards/accuracies"], abs=1e-6)
 
-    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=beta)
-    ours = _train(plugin.PerPairDPOTrainer, model, _args(tmp_path / "ours", batch, max_length, lr, beta=beta),
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=beta)  # (no curriculum: TRL's sampler)
+    ours = _train(plugin.PerPairDPOTrainer, model, _args(tmp_path / "ours", batch, max_length, lr, beta=beta,
+                                                         train_sampling_strategy="sequential"),
                   _dataset(small_pairs), plan=plan)
     assert len(ours) == STEPS
     for mine, theirs in zip(ours, stock, strict=True):
@@ -129,6 +130,38 @@ def test_perpair_train_and_a_constant_beta_plan_reproduce_stock_trl(small_pairs,
             assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
         assert mine["beta/mean"] == pytest.approx(0.1, rel=1e-6)
         assert mine["route/sft_share"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_plan_without_a_curriculum_keeps_trls_shuffled_order(small_pairs, tiny_model, tmp_path):
+    """A plan whose curriculum is none (the dpo, sp2dpo presets: "file order") was read in the pairs file's order by
+    a sequential sampler, where stock TRL shuffles (train_sampling_strategy "random", its default, accepted and
+    ignored). Now such a plan leaves the order to TRL: with β 0.1 for every pair, three steps equal stock TRL's
+    (same seed); a plan with a curriculum is still read in its order."""
+    from torch.utils.data import RandomSampler, SequentialSampler
+    from trl import DPOTrainer
+
+    batch, max_length, lr = 4, 192, 1e-3
+    stock_trainers, ours_trainers = [], []
+    stock = _train(DPOTrainer, tiny_model, _args(tmp_path / "stock", batch, max_length, lr), _dataset(small_pairs),
+                   trainers=stock_trainers)
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    ours = _train(plugin.PerPairDPOTrainer, tiny_model, _args(tmp_path / "ours", batch, max_length, lr),
+                  _dataset(small_pairs), plan=plan, trainers=ours_trainers)
+    assert isinstance(ours_trainers[0]._get_train_sampler(), RandomSampler)
+    assert len(ours) == len(stock) == STEPS
+    for mine, theirs in zip(ours, stock, strict=True):
+        for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
+    sequential = plugin.PerPairDPOTrainer(model=str(tiny_model), args=_args(
+        tmp_path / "seq", batch, max_length, lr, train_sampling_strategy="sequential"), train_dataset=_dataset(
+        small_pairs), plan=plan)
+    assert isinstance(sequential._get_train_sampler(), SequentialSampler)
+    curriculum = _plan(small_pairs, tmp_path / "mixdpo.parquet", "mixdpo", {"routing": {"tau": None}})
+    ordered = plugin.PerPairDPOTrainer(model=str(tiny_model), args=_args(tmp_path / "cur", batch, max_length, lr),
+                                       train_dataset=_dataset(small_pairs), plan=curriculum)
+    assert ordered.plan_summary.curriculum == "easy_to_hard"
+    assert isinstance(ordered._get_train_sampler(), SequentialSampler)
 
 
 def _perpair_train(model: Path, pairs: Path, plan: Path, out: Path, loss: str, batch: int, max_length: int,

@@ -157,6 +157,14 @@ class PlanSummary:
     dropped: int
     sft: int
     flipped: int
+    # the plan file's curriculum kind; None for plan columns the dataset carries (their order is the order asked for)
+    curriculum: str | None = None
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the plan fixes the order the pairs are read in (a curriculum, or an order carried in columns):
+        a plan without a curriculum (``none``) leaves it to TRL's sampler, random unless told, as stock TRL."""
+        return self.curriculum != "none"
 
 
 def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, PlanSummary]:
@@ -247,7 +255,15 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     out = out.add_column(EPS, [float(per_row[i]["label_smoothing"]) if r == "preference" else 0.0
                                for i, r in zip(rows, routes, strict=True)])
     out = out.add_column(PAIR, [ids[i] + (" flipped" if flip else "") for i, flip in zip(rows, flipped, strict=True)])
-    return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped))
+    return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped),
+                            _curriculum(plan) if plan is not None else None)
+
+
+def _curriculum(plan: str | Path) -> str:
+    """The plan file's curriculum kind, from its provenance."""
+    from perpair.artifacts import read_header
+
+    return str(read_header(plan)["provenance"].get("schedule", {}).get("curriculum", {}).get("kind", ""))
 
 
 # --------------------------------------------------------------------------------------------- the trainer
@@ -504,6 +520,8 @@ class PerPairDPOTrainer(DPOTrainer):
         self._signature_columns = [*self._signature_columns, BETA, SFT, EPS]
 
     def _get_train_sampler(self, train_dataset=None):
+        if not self.plan_summary.ordered:  # curriculum none: TRL's own sampler (train_sampling_strategy), as stock
+            return super()._get_train_sampler(train_dataset)
         # The plan's order is the order of the dataset's rows (apply_plan sorted them).
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
