@@ -7,8 +7,9 @@ Inside TRL's training step each pair gets its plan values: β_i in every loss wh
 multiplier or parameter, ε_i where the loss reads ``label_smoothing`` (robust, exo_pair) and in ``sigmoid`` as cDPO
 (perpair's ``sigmoid`` with ε, which TRL 1.16's ignores: MixDPO's loss), the SFT route as
 the length-normalised NLL of the chosen response (perpair's ``sft`` loss), ``drop`` pairs removed and the
-plan's order kept by a sequential sampler. Pairs are matched by perpair's ``pair_id`` (recomputed from the
-dataset rows with perpair's own reader), so a plan made from one copy of the data applies to another.
+plan's curriculum kept by a sequential sampler (a plan without one keeps TRL's sampler). Pairs are matched by
+perpair's ``pair_id`` (recomputed from the dataset rows with perpair's own reader), so a plan made from one copy of
+the data applies to another.
 
 How β_i gets in without copying TRL's loss code: TRL's ``_compute_loss`` multiplies by ``self.beta`` (and
 reads ``self.label_smoothing``) elementwise, so for the duration of one call they are the batch's per-pair
