@@ -352,6 +352,23 @@ def _construct(model_dir: Path, dataset, plan, out: Path, **options):
                                     processing_class=AutoTokenizer.from_pretrained(model_dir), plan=plan)
 
 
+def test_sft_routes_with_several_processes_are_refused_before_trl_prepares_anything(small_pairs, tiny_model,
+                                                                                      tmp_path, monkeypatch):
+    """The refusal came after TRL's constructor: its tokenization, and with precompute_ref_log_probs a reference pass
+    over the whole dataset, done for nothing. Now it comes first (the world size patched: one process here)."""
+    from trl import DPOConfig, DPOTrainer
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}})
+    monkeypatch.setattr(DPOConfig, "world_size", property(lambda self: 2))
+
+    def never(*args, **kwargs):
+        raise AssertionError("TRL's constructor ran")
+
+    monkeypatch.setattr(DPOTrainer, "__init__", never)
+    with pytest.raises(PerpairError, match=r"SFT-routed pairs with several processes are not supported"):
+        _construct(tiny_model, _dataset(small_pairs), plan, tmp_path)
+
+
 def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch):
     plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
     dataset = _dataset(small_pairs)

@@ -81,6 +81,8 @@ CARRIED = (*PLAN_COLUMNS, "flipped")  # (flipped: optional)
 ROUTES = ("preference", "sft", "drop")
 # Columns this module adds to the training dataset; the collator turns them into batch tensors.
 BETA, SFT, EPS = "perpair_beta", "perpair_sft", "perpair_label_smoothing"
+SFT_PROCESSES = ("SFT-routed pairs with several processes are not supported yet; train them on one process, or "
+                 "use a plan without SFT routes")
 PAIR = "perpair_pair_id"  # (not a batch tensor: it identifies the run's pairs for its checkpoints)
 PLAN_RECORD = "perpair_plan.json"  # in each checkpoint: the pairs it trained, so that a resume continues those
 
@@ -408,6 +410,8 @@ class PerPairDPOTrainer(DPOTrainer):
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
         check_beta(args, train_dataset, kwargs.get("eval_dataset"))
         check_smoothing(args, train_dataset)
+        if args.world_size > 1 and self.plan_summary.sft:  # (before TRL's tokenization and reference pass)
+            raise PerpairError(SFT_PROCESSES)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
         if self.aux_loss_enabled and self.plan_summary.sft:
             raise PerpairError("a Mixture-of-Experts router loss with SFT-routed pairs is not supported; set "
@@ -415,8 +419,7 @@ class PerPairDPOTrainer(DPOTrainer):
         if self.accelerator.num_processes > 1 and self.plan_summary.sft:
             # Each process would split its batch differently between TRL's forward and the SFT forward, and
             # TRL's metric gathers inside its forward would then not line up across processes.
-            raise PerpairError("SFT-routed pairs with several processes are not supported yet; train them on one "
-                               "process, or use a plan without SFT routes")
+            raise PerpairError(SFT_PROCESSES)
         self.data_collator = PlanCollator(self.data_collator)
         # The pairs TRL kept (it drops those whose prompt fills max_length), in the plan's order
         self._planned = {pid: position for position, pid in enumerate(self.train_dataset[PAIR])}
