@@ -369,6 +369,28 @@ def test_sft_routes_with_several_processes_are_refused_before_trl_prepares_anyth
         _construct(tiny_model, _dataset(small_pairs), plan, tmp_path)
 
 
+def test_a_pair_the_data_holds_twice_is_trained_once_as_prepare_keeps_it(small_pairs, tmp_path):
+    """`perpair prepare` keeps the first of identical pairs, so a plan made from raw data with a pair twice has it
+    once; the same raw data given to the trainer was refused ("a plan needs each pair once"), the README's workflow
+    failing. Now the later rows are trained once, with a warning naming them; plan columns carried by such data,
+    one row's values against the other's, are still refused."""
+    from datasets import concatenate_datasets
+
+    plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
+    dataset = _dataset(small_pairs)
+    doubled = concatenate_datasets([dataset, dataset.select([2])])
+    with pytest.warns(UserWarning, match=r"train_dataset: 1 row\(s\) repeat an earlier row's pair \(first: pair "
+                                         r"[0-9a-f]{16}, rows 3 and 25\); each pair is trained once"):
+        out, summary = plugin.apply_plan(doubled, plan)
+    single, expected = plugin.apply_plan(dataset, plan)
+    assert (summary.pairs, summary.dropped, summary.repeated) == (expected.pairs, expected.dropped, 1)
+    assert out[plugin.PAIR] == single[plugin.PAIR]
+    carried = doubled.add_column("beta", [0.1] * 25).add_column("route", ["preference"] * 25)
+    carried = carried.add_column("order", list(range(25))).add_column("label_smoothing", [0.0] * 25)
+    with pytest.raises(PerpairError, match=r"appears twice \(rows 3 and 25\); plan columns need each pair once"):
+        plugin.apply_plan(carried, None)
+
+
 def test_refusals_at_construction(small_pairs, tiny_model, tmp_path, monkeypatch):
     plan = _plan(small_pairs, tmp_path / "plan.parquet", "dpo", beta=0.1)
     dataset = _dataset(small_pairs)

@@ -162,6 +162,7 @@ class PlanSummary:
     flipped: int
     # the plan file's curriculum kind; None for plan columns the dataset carries (their order is the order asked for)
     curriculum: str | None = None
+    repeated: int = 0  # rows whose pair an earlier row holds: trained once
 
     @property
     def ordered(self) -> bool:
@@ -177,11 +178,20 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     records = _records(dataset)
     ids = [record.pair_id for record in records]
     first: dict[str, int] = {}
+    repeated: list[int] = []  # rows whose pair an earlier row holds (with a plan file: trained once, as prepare)
     for row, pid in enumerate(ids, start=1):
         if pid in first:
-            raise PerpairError(f"train_dataset: pair {pid} appears twice (rows {first[pid]} and {row}); a plan "
-                               "needs each pair once")
+            if plan is None:  # each row carries its own values: which would be the pair's is not known
+                raise PerpairError(f"train_dataset: pair {pid} appears twice (rows {first[pid]} and {row}); plan "
+                                   "columns need each pair once")
+            repeated.append(row)
+            continue
         first[pid] = row
+    if repeated:
+        pid = ids[repeated[0] - 1]
+        warnings.warn(f"train_dataset: {len(repeated)} row(s) repeat an earlier row's pair (first: pair {pid}, rows "
+                      f"{first[pid]} and {repeated[0]}); each pair is trained once, as perpair prepare keeps the "
+                      "first of identical pairs", stacklevel=3)
     carried = [c for c in PLAN_COLUMNS if c in dataset.column_names]
     if plan is not None:
         if given := [c for c in CARRIED if c in dataset.column_names]:  # a flipped column the plan's would override
@@ -205,6 +215,8 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
             raise PerpairError(f"pair {extra[0]} of {where} is not in train_dataset ({len(extra)} such pair(s)); "
                                "the plan was made from other data")
         per_row = [values[pid] for pid in ids]
+        for row in repeated:
+            per_row[row - 1] = {**per_row[row - 1], "route": "drop"}
     else:
         if len(carried) != len(PLAN_COLUMNS):
             absent = [c for c in PLAN_COLUMNS if c not in carried]
@@ -258,8 +270,8 @@ def apply_plan(dataset: Dataset, plan: str | Path | None) -> tuple[Dataset, Plan
     out = out.add_column(EPS, [float(per_row[i]["label_smoothing"]) if r == "preference" else 0.0
                                for i, r in zip(rows, routes, strict=True)])
     out = out.add_column(PAIR, [ids[i] + (" flipped" if flip else "") for i, flip in zip(rows, flipped, strict=True)])
-    return out, PlanSummary(len(rows), len(ids) - len(rows), routes.count("sft"), sum(flipped),
-                            _curriculum(plan) if plan is not None else None)
+    return out, PlanSummary(len(rows), len(ids) - len(rows) - len(repeated), routes.count("sft"), sum(flipped),
+                            _curriculum(plan) if plan is not None else None, len(repeated))
 
 
 def _curriculum(plan: str | Path) -> str:
