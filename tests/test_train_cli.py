@@ -1633,7 +1633,7 @@ def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pai
 
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
-    the run with a traceback. The model loads before the adapter is refused: Transformers' "Loading weights" bar
+    the run with a traceback; the tracker's refusal came after the reference pass, now before the model loads. The model loads before the adapter is refused: Transformers' "Loading weights" bar
     came before the error line, which must be all stderr holds."""
     args = ("--steps", "1", "--batch-size", "2", "--max-length", "96")
     result = _train(tiny_model, uf_pairs, tmp_path / "lora", *args, "--lora", "--set",
@@ -1654,6 +1654,7 @@ def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, u
                      check=False, fresh=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: report_to wandb: the tracker did not start: ")
+    assert not (tmp_path / "refcache").exists()  # refused before the reference pass (it came after it: hours lost)
 
 
 def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_out(tiny_model, uf_pairs,

@@ -132,6 +132,11 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
                                "final_checkpoint true")
     if on_steps:
         on_steps(config.steps)
+    # before the model and the reference pass: a tracker that cannot start (no W&B login, an MLflow server down) is
+    # refused before hours of work, not after them; a resumed run continues from its latest checkpoint's step
+    resumed_at = int(checkpoints(out)[-1].name.removeprefix("step-")) if config.resume and checkpoints(out) else 0
+    start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
+                   config=config.model_dump(), out=str(out), resumed_at=resumed_at)
 
     model = load_model(config.model, accelerator)
     check_sequence_lengths(model, data, batches)  # one its sliding window or RoPE cannot take: refused before any work
@@ -160,8 +165,6 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     metrics_path = out / METRICS
     # the steps before the checkpoint, which the summary counts with this process's (the main one's: it writes both)
     earlier = on_main_process(accelerator, lambda: truncate_metrics(metrics_path, start_step)) or []
-    start_trackers(accelerator, project=config.project, run_name=config.run_name or out.resolve().name,
-                   config=config.model_dump(), out=str(out), resumed_at=start_step)
 
     # the whole run's training: with a resumed run's steps before its checkpoint (a run resumed to its end counted
     # 0 steps and 0 pairs; a preempted one, its last stretch)
