@@ -1633,8 +1633,9 @@ def test_recompute_mlp_that_an_adapted_mlp_ignores_is_refused(tiny_model, uf_pai
 
 def test_an_adapter_or_tracker_that_cannot_start_is_one_error_line(tiny_model, uf_pairs, tmp_path, monkeypatch):
     """LoRA target modules the model lacks (PEFT's ValueError) and W&B without a login (its UsageError) used to end
-    the run with a traceback; the tracker's refusal came after the reference pass, now before the model loads. The model loads before the adapter is refused: Transformers' "Loading weights" bar
-    came before the error line, which must be all stderr holds."""
+    the run with a traceback; the tracker's refusal came after the reference pass, now before the model loads. The
+    model loads before the adapter is refused: Transformers' "Loading weights" bar came before the error line, which
+    must be all stderr holds."""
     args = ("--steps", "1", "--batch-size", "2", "--max-length", "96")
     result = _train(tiny_model, uf_pairs, tmp_path / "lora", *args, "--lora", "--set",
                     "lora.target_modules=[nonexistent_proj]", check=False)
