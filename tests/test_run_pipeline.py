@@ -433,7 +433,7 @@ def test_an_arm_resumes_a_training_whose_run_key_predates_the_tokenizer(tmp_path
                "max_length": 96, "threads": 1, "reference_cache": str(tmp_path / "refcache")}
     lines: list[str] = []
     _train(options, out, "stage", log=lines.append)
-    old = run_key(load_config(None, {**options, "resume": True}), tokenizer=False)
+    old = run_key(load_config(None, {**options, "resume": True}), tokenizer=False, resolved=False, memory=True)
     assert (out / "run.key").read_text().strip() != old
     (out / "run.key").write_text(old + "\n")
     lines.clear()

@@ -213,14 +213,15 @@ def test_precision_auto_is_keyed_as_it_resolves_and_earlier_keys_still_resume(ti
     config = load_config(None, {"model": str(tiny_model), "data": str(uf_pairs), "out": str(out), "steps": 2,
                                 "batch_size": 2, "resume": True})
     on_cpu = run_key(config)
-    assert on_cpu == earlier_run_keys(config)[0]  # float32 where it runs: the key as it was
+    assert run_key(config, memory=True) == earlier_run_keys(config)[1]  # float32 where it runs: the key as it was
     monkeypatch.setattr(setup, "uses_bf16", lambda c: c.precision in ("auto", "bf16"))  # as on a GPU with bf16
     on_gpu = run_key(config)
     assert on_gpu != on_cpu and on_gpu == run_key(config.model_copy(update={"precision": "bf16"}))
     out.mkdir()
-    (out / "run.key").write_text(on_cpu + "\n")  # a run claimed by an earlier perpair on this GPU: resumed
+    earlier = run_key(config, resolved=False, memory=True)
+    (out / "run.key").write_text(earlier + "\n")  # a run claimed by an earlier perpair on this GPU: resumed
     (out / "metrics.jsonl").write_text("{}\n")
-    assert check_out(config) == on_cpu
+    assert check_out(config) == earlier
     monkeypatch.undo()
     (out / "run.key").write_text(on_gpu + "\n")  # claimed on a GPU, resumed on a CPU: another run
     with pytest.raises(PerpairError, match=r"holds another run \(its run.key differs"):
@@ -1046,7 +1047,8 @@ def test_data_converted_on_the_fly_says_what_it_left_and_a_changed_folder_is_ano
     shutil.rmtree(folder)
     (tmp_path / "other").rename(folder)
     again = _train(tiny_model, folder, out, *args, "--resume", check=False)
-    assert again.returncode == 2 and "holds another run (its run.key differs" in again.stderr, again.stderr[-400:]
+    assert again.returncode == 2 and "holds another run (it differs in data's contents)" in again.stderr, \
+        again.stderr[-400:]
 
 
 def test_an_adapter_names_its_base_by_an_absolute_path_and_merges_to_its_logits(tiny_model, uf_pairs, tmp_path,
@@ -1460,8 +1462,7 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
     shutil.copy(uf_pairs, data)
     run_cli("plan", data, "--preset", "dpo", "-o", plan)
     args = ("--steps", "2", "--batch-size", "2", "--max-length", "96", "--set", "save_model=false")
-    refused = ("holds another run (its run.key differs: other settings, or data, plan, model or tokenizer files "
-               "changed since)")
+    refused = "holds another run (it differs in {}'s contents); --resume continues only the run that wrote them"
 
     def rewrite_plan():
         run_cli("plan", data, "--preset", "dpo", "--beta", "0.3", "-o", plan)
@@ -1484,23 +1485,43 @@ def test_resume_refuses_a_run_whose_files_changed_at_the_same_paths(tiny_model, 
         assert result.returncode == 2 and f"{name} would be ignored: the plan gives every pair its own" \
             in result.stderr and not (tmp_path / "unused").exists()
     for name, rewrite, planned in (("plan", rewrite_plan, True), ("data", rewrite_data, False),
-                                   ("model", rewrite_model, False), ("template", rewrite_template, False)):
+                                   ("model", rewrite_model, False), ("tokenizer", rewrite_template, False)):
         out = tmp_path / f"out-{name}"
         extra = ("--plan", str(plan)) if planned else ()
         _train(str(model), data, out, *args, *extra)
         rewrite()
         result = _train(str(model), data, out, *args, *extra, "--resume", check=False)
-        assert result.returncode == 2 and refused in result.stderr, (name, result.stderr[-500:])
+        assert result.returncode == 2 and refused.format(name) in result.stderr, (name, result.stderr[-500:])
         assert len(_metrics(out)) == 2
     # run.key as a run wrote it before it covered the tokenizer: resumed (nothing to train: 0 steps to go)
-    out = tmp_path / "out-template"
+    out = tmp_path / "out-tokenizer"
     config = load_config(None, {"model": str(model), "data": str(data), "out": str(out), "steps": 2, "batch_size": 2,
                                 "max_length": 96, "save_model": False, "resume": True})
     _train(str(model), data, out, *args, "--overwrite")
     assert (out / "run.key").read_text().strip() == run_key(config) != run_key(config, tokenizer=False)
-    (out / "run.key").write_text(run_key(config, tokenizer=False) + "\n")
+    (out / "run.key").write_text(run_key(config, tokenizer=False, resolved=False, memory=True) + "\n")
     resumed = _train(str(model), data, out, *args, "--resume")
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr, resumed.stderr[-500:]
+
+
+def test_a_run_resumes_with_other_memory_settings_and_a_refusal_names_what_differs(tiny_model, uf_pairs, tmp_path):
+    """Memory-only settings (gradient_checkpointing, lean_activations, recompute_mlp, tokens_per_forward,
+    logits_chunk) were part of the run's key: a run that ran out of memory could not resume with
+    gradient_checkpointing, refused as "another run" without saying which setting made it one. Now they are not in
+    the key, and a refusal names the settings that differ (run.settings.json beside run.key)."""
+    out = tmp_path / "out"
+    args = ("--steps", "3", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set", "save_model=false")
+    _train(tiny_model, uf_pairs, out, *args)
+    shutil.rmtree(out / "checkpoints" / "step-00000003")  # stopped after step 2
+    assert json.loads((out / "run.settings.json").read_text())["beta"] == 0.1
+    resumed = _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "gradient_checkpointing=true",
+                     "--set", "tokens_per_forward=96", "--set", "logits_chunk=64")
+    assert "resumed from the checkpoint of step 2 (1 steps to go)" in resumed.stderr, resumed.stderr[-500:]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+    refused = _train(tiny_model, uf_pairs, out, *args, "--resume", "--beta", "0.2", "--set", "lr=0.001",
+                     check=False)
+    assert refused.returncode == 2 and "holds another run (it differs in beta 0.1 → 0.2; lr 1e-06 → 0.001); " \
+        "--resume continues only the run that wrote them" in refused.stderr, refused.stderr[-500:]
 
 
 def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs, tmp_path):

@@ -29,25 +29,42 @@ STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (rea
 # metrics: `perpair run`'s train stage leaves them out of its key too, so changing one trains no arm again.
 RECORDING_ONLY = frozenset({"save_every", "save_every_minutes", "keep_checkpoints", "final_checkpoint", "report_to",
                             "project", "run_name"})
+# Settings that trade memory for time: the same computation (the same gradients bit for bit, or to float noise where
+# pairs are packed or the vocabulary cut otherwise), so that a run that ran out of memory resumes with less. Keyed
+# until 7 Dec 2026 (:func:`earlier_run_keys`).
+MEMORY_ONLY = frozenset({"gradient_checkpointing", "lean_activations", "recompute_mlp", "tokens_per_forward",
+                         "logits_chunk"})
 # Settings that do not change what a run computes: a run resumed with other values is the same run.
 _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "save_model", "release_cpu_memory",
-                 *RECORDING_ONLY}
+                 *RECORDING_ONLY, *MEMORY_ONLY}
+RUN_SETTINGS = "run.settings.json"  # beside run.key: what it hashes, so that a refusal names the settings that differ
 # What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", "runs", "wandb",
-            RUN_KEY)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
+            RUN_KEY, RUN_SETTINGS)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
 _RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metrics.jsonl: what a run that trained leaves
 SHARDS = "shards"  # under FSDP, a checkpoint's folder of every process's shards
 SHARD_FILE_BYTES = 2 << 30
 
 
-def run_key(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = True) -> str:
+def run_key(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = True, memory: bool = False) -> str:
+    """The hash of :func:`run_identity`."""
+    return _hashed(run_identity(config, tokenizer=tokenizer, resolved=resolved, memory=memory))
+
+
+def _hashed(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = True,
+                 memory: bool = False) -> dict[str, Any]:
     """The identity of a run: a hash of every setting that changes what it computes, and of the contents of the
     files it reads (data, plan, models, and a local model folder's tokenizer: a chat template edited in place between
     a stop and ``--resume`` would tokenize the rest of the run otherwise), so a file rewritten at the same path makes
     another run. ``precision: auto`` is keyed as it resolves where it runs (bf16 autocast on a GPU with it), so a run
     stopped on a GPU and resumed on a CPU, or back, is another run, not one trained half in each precision; a data
     folder (converted on the fly) by the names and contents of its files. ``tokenizer`` False and ``resolved``
-    False: the key as earlier perpairs wrote it (:func:`earlier_run_keys`)."""
+    False, and ``memory`` True (the settings of :data:`MEMORY_ONLY` keyed): the key as earlier perpairs wrote it
+    (:func:`earlier_run_keys`)."""
     from perpair.artifacts import path_identity
     from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
     from perpair.train.setup import uses_bf16
@@ -57,7 +74,7 @@ def run_key(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = Tru
             return path
         return path_identity(path)
 
-    options = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    options = config.model_dump(mode="json", exclude=_NOT_IDENTITY - MEMORY_ONLY if memory else _NOT_IDENTITY)
     if resolved and config.precision == "auto" and uses_bf16(config):  # (auto → float32 keeps "auto", as before)
         options["precision"] = "bf16"
     options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),
@@ -66,14 +83,15 @@ def run_key(config: TrainConfig, *, tokenizer: bool = True, resolved: bool = Tru
     # (a Hub id's commit covers its tokenizer files already)
     if tokenizer and (identity := tokenizer_identity(resolve_model(config.model))) is not None:
         options["contents"]["tokenizer"] = identity
-    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+    return options
 
 
-def earlier_run_keys(config: TrainConfig) -> tuple[str, str]:
+def earlier_run_keys(config: TrainConfig) -> tuple[str, ...]:
     """The keys earlier perpairs wrote for this run, still resumed as this run, so that an upgrade loses no run:
-    before 7 Dec 2026 10:00 UTC (``precision: auto`` and a data folder keyed as given), and before 04:00 (nor the
-    tokenizer)."""
-    return run_key(config, resolved=False), run_key(config, tokenizer=False, resolved=False)
+    before 7 Dec 2026 16:00 UTC (the settings of :data:`MEMORY_ONLY` keyed), before 10:00 (``precision: auto`` and a
+    data folder keyed as given too), and before 04:00 (nor the tokenizer)."""
+    return (run_key(config, memory=True), run_key(config, resolved=False, memory=True),
+            run_key(config, tokenizer=False, resolved=False, memory=True))
 
 
 def check_out(config: TrainConfig) -> str:
@@ -110,8 +128,28 @@ def check_out(config: TrainConfig) -> str:
         raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
                            "continues it, --overwrite starts it again")
     hint = "--resume continues only the run that wrote them; " if config.resume else ""
-    raise PerpairError(f"--out {out} holds another run (its run.key differs: other settings, or data, plan, model or "
-                       f"tokenizer files changed since); {hint}choose another --out, or --overwrite to replace them")
+    raise PerpairError(f"--out {out} holds another run ({_differences(out, config)}); {hint}choose another --out, or "
+                       "--overwrite to replace them")
+
+
+def _differences(out: Path, config: TrainConfig) -> str:
+    """What differs between the run that claimed ``out`` (its run.settings.json, where it wrote one) and ``config``."""
+    try:
+        held = json.loads((out / RUN_SETTINGS).read_text())
+    except (OSError, ValueError):
+        held = None
+    if not isinstance(held, dict):  # (a run of before 7 Dec 2026 16:00 UTC wrote none)
+        return "its run.key differs: other settings, or data, plan, model or tokenizer files changed since"
+    now = run_identity(config)
+    changed = []
+    for name in sorted(set(held) | set(now)):
+        if name == "contents":
+            files = held.get(name) or {}
+            changed += [f"{kind}'s contents" for kind in sorted(set(files) | set(now[name]))
+                        if files.get(kind) != now[name].get(kind)]
+        elif held.get(name) != now.get(name):
+            changed.append(f"{name} {json.dumps(held.get(name))} → {json.dumps(now.get(name))}")
+    return "it differs in " + "; ".join(changed) if changed else "its run.key differs"
 
 
 def held_key(out: Path) -> str | None:
@@ -140,6 +178,9 @@ def claim_out(config: TrainConfig, key: str) -> None:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_KEY).write_text(key + "\n")
+    identity = run_identity(config)
+    if _hashed(identity) == key:  # (not a key of an earlier perpair's, resumed as it was written)
+        (out / RUN_SETTINGS).write_text(json.dumps(identity, sort_keys=True, indent=1) + "\n")
 
 
 def checkpoints(out: Path) -> list[Path]:
