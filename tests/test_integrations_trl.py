@@ -695,10 +695,13 @@ def test_a_dpoconfig_beta_that_no_step_reads_is_refused(small_pairs, tiny_model,
                                            r"0.1"):
         _construct(tiny_model, dataset, plan, tmp_path, beta=0.5)
     assert _construct(tiny_model, dataset, plan, tmp_path, beta=0.3).beta == 0.3
-    trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
-                                       args=_args(tmp_path, 2, 64, 1e-3, beta=0.5), train_dataset=dataset,
-                                       eval_dataset=dataset.select([5, 7]),
-                                       processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
+    # with an evaluation set DPOConfig.beta is read there: taken, and said to differ from the training β
+    with pytest.warns(UserWarning, match=r"evaluation scores every pair with DPOConfig.beta = 0.5, training with the "
+                                         r"plan's β \(0.3\): eval_loss and eval_rewards/\* are on another scale"):
+        trainer = plugin.PerPairDPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model),
+                                           args=_args(tmp_path, 2, 64, 1e-3, beta=0.5), train_dataset=dataset,
+                                           eval_dataset=dataset.select([5, 7]),
+                                           processing_class=AutoTokenizer.from_pretrained(tiny_model), plan=plan)
     assert trainer.beta == 0.5 and set(trainer.train_dataset[plugin.BETA]) == {0.3}
 
 

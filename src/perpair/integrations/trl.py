@@ -324,6 +324,10 @@ def check_beta(args: DPOConfig, dataset: Dataset, evaluation) -> None:
     evaluate, it would change nothing."""
     default = next(f.default for f in fields(DPOConfig) if f.name == "beta")
     beta = np.asarray(dataset[BETA], dtype=float)[~np.asarray(dataset[SFT], dtype=bool)]
+    if evaluation is not None and np.any(beta != args.beta):  # (TRL's eval curves beside the training ones)
+        warnings.warn(f"evaluation scores every pair with DPOConfig.beta = {args.beta:g}, training with the plan's β "
+                      f"({_values(beta)}): eval_loss and eval_rewards/* are on another scale than the training "
+                      "metrics", stacklevel=3)
     if args.beta != default and evaluation is None and np.any(beta != args.beta):
         raise PerpairError(f"DPOConfig.beta = {args.beta:g} would change nothing: the plan gives every preference "
                            f"pair its own β ({_values(beta)}), which training reads, and only evaluation reads "
