@@ -200,6 +200,11 @@ def test_true_or_false_is_not_a_number(tmp_path):
     assert load_config(None, {**train, "steps": 3, "shuffle": True}).shuffle is True
     with pytest.raises(PerpairError, match=r"routing\.tau: expected a number, got true"):
         resolve_schedule("mixdpo", None, None, {"routing": {"tau": True}})
+    # a tuple of bounded numbers (Annotated items): read as (0, 0.4, 0.7, 1) before
+    with pytest.raises(PerpairError, match=r"beta\.magnitude_gain: expected numbers, got false in"):
+        resolve_schedule("sp2dpo", None, None, {"beta": {"magnitude_gain": [False, 0.4, 0.7, True]}})
+    assert resolve_schedule("sp2dpo", None, None, {"beta": {"magnitude_gain": [0, 0.4, 0.7, 1]}}).beta.magnitude_gain \
+        == (0, 0.4, 0.7, 1)
 
 
 def test_true_or_false_is_not_a_number_in_a_teacher_or_prepare_options(tmp_path):

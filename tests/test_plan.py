@@ -162,6 +162,16 @@ def test_a_schedule_key_that_would_change_nothing_is_refused(tmp_path, preset, v
         resolve_schedule(preset, config)
 
 
+def test_a_global_beta_given_in_the_file_and_by_option_is_refused(tmp_path):
+    """--beta silently replaced the schedule file's beta.beta (perpair train refuses --beta beside --set beta=…)."""
+    config = _config(tmp_path, {"beta": {"beta": 0.05}})
+    with pytest.raises(InputError, match=f"^file {config}, field 'beta.beta': beta.beta 0.05 is given here and a "
+                                         "global β 0.2 \\(--beta\\) too: one would be dropped; give one"):
+        resolve_schedule("dpo", config, 0.2)
+    assert resolve_schedule("dpo", config).beta.beta == 0.05
+    assert resolve_schedule("dpo", _config(tmp_path, {"curriculum": {"kind": "random"}}), 0.2).beta.beta == 0.2
+
+
 def test_the_same_keys_where_they_are_read_are_accepted(tmp_path):
     """Each refused key in a schedule that reads it; and a preset's own key left unread by the file's change is
     not the user's (MixDPO's routing.action with routing.tau: null)."""
@@ -239,8 +249,17 @@ def test_beta_max_under_a_global_beta_moves_no_pair(mislabeled_files):
     assert mislabeled_action(result.provenance["counts"]) == "action beta_max: no effect, one global β"  # summary
     per_pair = build_plan(pairs, annotations, resolve_schedule("sp2dpo"), preset="sp2dpo")
     assert per_pair.provenance["counts"]["mislabeled"]["beta_max"] == 1
-    assert mislabeled_action(per_pair.provenance["counts"]) == "action beta_max"
-    assert "no effect" not in explain(per_pair, ids[0])
+    assert "action beta_max: no effect, their signal is 0 already" in explain(per_pair, ids[0])
+    # SP²DPO's prior of a mislabeled pair is 0: its signal is 0, its β β_max, with the action or without (the summary
+    # said "action beta_max", as if it had moved a pair); with a prior, the action moves it
+    assert per_pair.provenance["counts"]["mislabeled"]["beta_max_moved"] == 0
+    assert mislabeled_action(per_pair.provenance["counts"]) == ("action beta_max: no effect, their signal is 0 "
+                                                                "already (β_max; beta.priors.mislabeled 0)")
+    weighted = build_plan(pairs, annotations, resolve_schedule(
+        "sp2dpo", overrides={"beta": {"priors": {"mislabeled": 0.5}}}), preset="sp2dpo")
+    assert weighted.provenance["counts"]["mislabeled"]["beta_max_moved"] == 1
+    assert mislabeled_action(weighted.provenance["counts"]) == "action beta_max"
+    assert "no effect" not in explain(weighted, ids[0])
 
 
 # --- routing -------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import run_cli
 from perpair.artifacts import file_sha256, read_artifact, write_artifact
+from perpair.data import read_pairs
 from perpair.errors import InputError
 from plan_helpers import make_pairs, write_annotations
 
@@ -52,6 +53,12 @@ def test_overall_scores_only_spread_beta_by_margin(uf_pairs, ratings_annotations
     assert betas == pytest.approx([factor * r for r in raw], rel=1e-12) and betas[0] > betas[1] > betas[2]
 
 
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    return line
+
+
 def test_one_beta_for_every_pair_is_refused(uf_pairs, ratings_annotations, tmp_path):
     """A per-pair β schedule whose annotations tell no pair from another gave every pair one β with a warning and
     exit 0: an arm trained on it was plain DPO under SP²DPO's name, beside the DPO arm in the comparison. Refused,
@@ -63,8 +70,22 @@ def test_one_beta_for_every_pair_is_refused(uf_pairs, ratings_annotations, tmp_p
                      "--config", schedule, "-o", out, check=False)
     assert result.returncode == 2 and not out.exists() and not (tmp_path / "flat_report").exists()
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: file {ratings_annotations}, field 'beta': a per-pair β that gives every "
-                           "preference pair β = 0.1") and "unknown 884" in line and "use preset dpo" in line
+    # the schedule's fault (the annotations' magnitudes differ): the annotations file was named, "annotate with a
+    # teacher LLM" advised
+    assert line == ("error: field 'beta': a per-pair β that gives every preference pair β = 0.1: the annotations "
+                    "differ, but the schedule gives each the signal s = 0 (beta.priors × beta.magnitude_gain × "
+                    "confidence), so the plan would be plain DPO with one β; give the categories the annotations "
+                    "hold a prior above 0 (beta.priors), or, for one β, use preset dpo")
+    # every call failed: the cause said (the warning that knew it came after the refusal, never shown)
+    failed = tmp_path / "failed.parquet"
+    ids = read_pairs(str(uf_pairs))[0].column("pair_id").to_pylist()
+    write_annotations(failed, uf_pairs, ids, [None] * len(ids), [None] * len(ids), [None] * len(ids))
+    result = run_cli("plan", uf_pairs, "--preset", "sp2dpo", "--annotations", failed, "-o", out, check=False)
+    assert one_line_error(result) == (
+        f"error: file {failed}, field 'beta': a per-pair β that gives every preference pair β = 0.1: no pair has a "
+        "valid annotation, so the plan would be plain DPO with one β; 994 of the 994 preference pairs are "
+        "unannotated and get the global β 0.1 instead of a per-pair β: 994 got no valid annotation (its reason "
+        "column says why; perpair annotate --retry-failed asks failed calls again)")
     plain = run_cli("plan", uf_pairs, "--preset", "dpo", "-o", tmp_path / "dpo.parquet")  # one β asked for
     assert "warning" not in plain.stderr and read_plan(tmp_path / "dpo.parquet")[1]["warnings"] == []
 
@@ -403,7 +424,13 @@ def test_json_summary_and_piped_table_width(uf_pairs, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["counts"]["routes"] == {"preference": 884, "sft": 110, "drop": 0}
     assert summary["beta_preference"] == {"min": 0.01, "max": 0.01, "geomean": pytest.approx(0.01)}
-    assert summary["plan"] == str(tmp_path / "p.parquet")
+    assert summary["plan"] == str(tmp_path / "p.parquet") and "explain" not in summary
+    # --explain beside --json: the explanation in the JSON (it was printed before it, stdout no JSON then)
+    pair_id = read_pairs(str(uf_pairs))[0].column("pair_id")[0].as_py()
+    result = run_cli("plan", uf_pairs, "--preset", "mixdpo", "-o", tmp_path / "e.parquet", "--json", "--explain",
+                     pair_id)
+    explained = json.loads(result.stdout)["explain"]
+    assert list(explained) == [pair_id] and pair_id in explained[pair_id] and "β" in explained[pair_id]
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"COLUMNS": "30"}
     piped = subprocess.run([sys.executable, "-m", "perpair", "plan", str(uf_pairs), "--preset", "mixdpo", "-o",
                             str(tmp_path / "q.parquet")], capture_output=True, text=True, env=env, check=True)

@@ -55,6 +55,8 @@ def _number_not_bool(annotation: Any) -> bool:
     """Whether a field of this type takes a number and not a truth value (``int``, ``float | None``, …)."""
     if annotation is bool:
         return False
+    if typing.get_origin(annotation) is typing.Annotated:  # (a tuple's items: Annotated[float, Field(ge=0)])
+        return _number_not_bool(typing.get_args(annotation)[0])
     if annotation in (int, float):
         return True
     args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()

@@ -101,13 +101,15 @@ def plan_command(
                                          command=shlex.join(["perpair", *sys.argv[1:]]))
             else:  # the report of the plan this one replaces would describe that plan
                 plan.remove_report(plan.report_dir(output))
-    for pair_id in explain_ids or []:
-        out.print(plan.explain(result, pair_id), markup=False, highlight=False)
+    explained = {pair_id: plan.explain(result, pair_id) for pair_id in explain_ids or []}
+    if not (as_json and output is not None):  # (with --json, in the JSON: stdout holds that alone)
+        for text in explained.values():
+            out.print(text, markup=False, highlight=False)
     for warning in result.provenance["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
     if output is not None:
         if as_json:
-            out.print_json(data=_summary(result, output, page))
+            out.print_json(data={**_summary(result, output, page), **({"explain": explained} if explained else {})})
             return
         _print_summary(result)
         out.print(f"wrote plan to {escape(str(output))}")

@@ -140,6 +140,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     prior = np.array([np.nan if c is None else priors[c] for c in category], dtype=np.float64)
     gain = beta_math.magnitude_gain(magnitude, beta_cfg.magnitude_gain)
     signal = beta_math.signal_strength(prior, gain, confidence)
+    moved = forced_max & (signal != 0)  # (a mislabeled pair's prior is 0 by default: its signal is 0, β_max already)
     signal[forced_max] = 0.0  # β_max before normalisation: as near the reference as the schedule goes
 
     # --- difficulty margin -----------------------------------------------------------------------
@@ -203,10 +204,21 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
     beta[route == "drop"] = np.nan
 
     label_smoothing = np.where(route == "preference", schedule.label_smoothing, 0.0)
-    if same := _one_beta(beta_cfg.kind, beta[route == "preference"], category, annotated):
-        raise InputError(same, file=str(annotations_path) if annotations_path else pairs_file, field="beta")
-    warnings = [*_unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path)),
-                *_no_ratings_warning(schedule, margin, route),
+    unannotated = _unannotated_warning(schedule, route, annotated, no_row, ann_provenance, str(annotations_path))
+    trained = route == "preference"
+    if same := _one_beta(beta_cfg.kind, beta[trained], category, annotated, unannotated):
+        # the annotations' fault, or the schedule's: annotations that differ, each given the same signal
+        told = np.unique(np.stack([magnitude, confidence], 1)[trained & annotated], axis=0)
+        flat = len(np.unique(category[trained & annotated].astype(str))) > 1 or len(told) > 1
+        if flat:
+            same = (f"a per-pair β that gives every preference pair β = {beta[trained][0]:.4g}: the annotations "
+                    f"differ, but the schedule gives each the signal s = {signal[trained & annotated][0]:.4g} "
+                    "(beta.priors × beta.magnitude_gain × confidence), so the plan would be plain DPO with one β; "
+                    "give the categories the annotations hold a prior above 0 (beta.priors), or, for one β, use "
+                    "preset dpo")
+        raise InputError(same, file=None if flat else str(annotations_path) if annotations_path else pairs_file,
+                         field="beta")
+    warnings = [*unannotated, *_no_ratings_warning(schedule, margin, route),
                 *_routing_warnings(schedule, margin, below_tau, lowest, dropped, flipped)]
 
     # --- curriculum ------------------------------------------------------------------------------
@@ -237,7 +249,7 @@ def build_plan(pairs_path: str | os.PathLike, annotations_path: str | os.PathLik
         "unannotated": int(n - annotated.sum()),
         "mislabeled": {"total": int(mislabeled.sum()), "above_threshold": int(acted.sum()), "action": action,
                        "dropped": int(dropped.sum()), "flipped": int(flipped.sum()),
-                       "beta_max": int(forced_max.sum())},
+                       "beta_max": int(forced_max.sum()), "beta_max_moved": int(moved.sum())},
         "no_margin": int(np.sum(np.isnan(margin) & (route != "drop"))) if source != "none" else None,
         "routed_by": {"tau": int(below_tau.sum()), "quantile": int(lowest.sum())},
     }
@@ -315,7 +327,8 @@ def load_plan(plan_path: str | os.PathLike, pairs_path: str | os.PathLike,
     return table, provenance
 
 
-def _one_beta(kind: str, trained: np.ndarray, category: np.ndarray, annotated: np.ndarray) -> str | None:
+def _one_beta(kind: str, trained: np.ndarray, category: np.ndarray, annotated: np.ndarray,
+              unannotated: list[str]) -> str | None:
     """Why a per-pair β schedule that gave every preference pair the same β is refused (None where it did not): the
     plan would be plain DPO under a per-pair method's name, and an arm trained on it a copy of the DPO arm, read
     in a comparison as the method's result."""
@@ -323,6 +336,9 @@ def _one_beta(kind: str, trained: np.ndarray, category: np.ndarray, annotated: n
         return None
     names, counts = np.unique(category[annotated].astype(str), return_counts=True)
     seen = ", ".join(f"{name} {count}" for name, count in zip(names, counts, strict=True)) or "none"
+    if not annotated.any() and unannotated:  # (the warning that says why: calls failed, --limit, a shard)
+        return (f"a per-pair β that gives every preference pair β = {trained[0]:.4g}: no pair has a valid annotation, "
+                f"so the plan would be plain DPO with one β; {unannotated[0]}")
     return (f"a per-pair β that gives every preference pair β = {trained[0]:.4g}: the annotations tell no pair from "
             f"another ({int(annotated.sum())} of {len(category)} pairs annotated; categories: {seen}), so the plan "
             "would be plain DPO with one β. Annotate with a teacher LLM (perpair annotate --teacher local:MODEL or "

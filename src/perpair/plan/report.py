@@ -225,10 +225,17 @@ def percent(count: int, n: int) -> str:
 
 
 def mislabeled_action(counts: dict[str, Any]) -> str:
-    """The mislabeled action as the summary shows it: beta_max under one global β moves no pair's β."""
+    """The mislabeled action as the summary shows it: beta_max under one global β moves no pair's β, nor where the
+    pairs' signal is 0 already (``beta.priors.mislabeled`` 0, the default: β_max by the formula)."""
     mislabeled = counts["mislabeled"]
-    idle = mislabeled["action"] == "beta_max" and mislabeled["above_threshold"] and not mislabeled["beta_max"]
-    return f"action {mislabeled['action']}" + (": no effect, one global β" if idle else "")
+    said = f"action {mislabeled['action']}"
+    if mislabeled["action"] != "beta_max" or not mislabeled["above_threshold"]:
+        return said
+    if not mislabeled["beta_max"]:
+        return said + ": no effect, one global β"
+    if not mislabeled.get("beta_max_moved", mislabeled["beta_max"]):  # (a plan of before 7 Dec 2026: not counted)
+        return said + ": no effect, their signal is 0 already (β_max; beta.priors.mislabeled 0)"
+    return said
 
 
 def routes_figure(route: np.ndarray) -> Figure:
