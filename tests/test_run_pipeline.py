@@ -1149,11 +1149,13 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     import perpair.train.setup as setup
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
     config = _small(tmp_path, tiny, arms={"a": {"preset": "dpo"}})
     work, first = run_of_arm_a
     assert "train.a" in first.ran
     shutil.copytree(work, tmp_path / "work")
-    config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1, "report_to": ["tensorboard"],
+    config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1,
+                       "report_to": ["tensorboard", "wandb"],  # (run_name: a W&B run's; TensorBoard shows none)
                        "project": "mine", "run_name": "first", "save_every_minutes": 10}
     if not torch.cuda.is_available():  # where the arms would read it: on a CPU under glibc's malloc
         monkeypatch.setattr(setup, "active_allocator", lambda: None)

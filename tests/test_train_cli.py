@@ -1129,6 +1129,12 @@ def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_p
     missing = tmp_path / "missing.parquet"  # not Arrow's "[Errno 2] Failed to open local file ..."
     result = run_cli("inspect", missing, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: file {missing}: not found"]
+    # a Hub dataset id, which the help promised ("any source perpair prepare reads"): prepared first, said so
+    for data in ("trl-lib/ultrafeedback_binarized", "hub:trl-lib/ultrafeedback_binarized"):
+        result = _train(tiny_model, data, tmp_path / "hub", "--steps", "1", check=False)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: file {data}: not found; perpair train reads files and folders: for a Hub dataset, perpair "
+            f"prepare {data} -o pairs.parquet, then --data pairs.parquet"]
 
 
 def test_a_damaged_checkpoint_is_refused_naming_it_and_the_one_before_resumes_exactly(tiny_model, uf_pairs,
@@ -1391,7 +1397,7 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
 
     before = snapshot()
     other = (*first, "--beta", "0.2")
-    for extra, message in [((), r"holds another run \(its run\.key differs"),
+    for extra, message in [((), r"holds another run \(it differs in beta 0\.1 → 0\.2\); choose another --out"),
                            (("--resume",), "holds another run .*--resume continues only the run that wrote them"),
                            ((), None)]:
         args = first if message is None else other  # the same run again, without --resume
@@ -1404,7 +1410,7 @@ def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_m
     # where it logs and when it checkpoints change nothing it computes: the same run, resumed
     logged = (*first[:-1], "keep_checkpoints=3")  # (one --set per key: a second would be refused)
     resumed = _train(tiny_model, uf_pairs, out, *logged, "--resume", "--report-to", "tensorboard", "--set",
-                     "project=mine", "--set", "run_name=again")
+                     "project=mine")  # (run_name: not with TensorBoard alone, which shows no run name)
     assert "resumed from the checkpoint of step 2 (0 steps to go)" in resumed.stderr
     key = (out / "run.key").read_text()
     old_events = out / "runs" / "perpair" / "events.out.tfevents.old"  # the replaced run's TensorBoard log
@@ -1522,6 +1528,27 @@ def test_a_run_resumes_with_other_memory_settings_and_a_refusal_names_what_diffe
                      check=False)
     assert refused.returncode == 2 and "holds another run (it differs in beta 0.1 → 0.2; lr 1e-06 → 0.001); " \
         "--resume continues only the run that wrote them" in refused.stderr, refused.stderr[-500:]
+
+
+def test_a_resumed_run_computes_the_reference_of_the_steps_it_trains_only(tiny_model, uf_pairs, tmp_path):
+    """A resumed run computed the reference log-probs of every step's pairs, those of the steps its checkpoint had
+    trained too: with a cold cache (another node's, say) a run resumed at its end to merge an adapter recomputed the
+    whole pass for nothing. Now only the steps left are read; the losses are those of the run in one go."""
+    out, whole = tmp_path / "out", tmp_path / "whole"
+    args = ("--steps", "3", "--batch-size", "2", "--max-length", "96", "--save-every", "1", "--set", "save_model=false")
+    run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", whole, "--threads", "1", *args,
+            "--set", f"reference_cache={tmp_path / 'cache-whole'}")
+    _train(tiny_model, uf_pairs, out, *args)
+    shutil.rmtree(out / "checkpoints" / "step-00000003")  # stopped after step 2
+    resumed = run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", out, "--threads", "1", *args,
+                      "--resume", "--set", f"reference_cache={tmp_path / 'cold'}")
+    assert "resumed from the checkpoint of step 2 (1 steps to go)" in resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference_pairs"] == summary["reference_pairs_computed"] == 2  # step 3's pairs alone
+    assert [m["loss"] for m in _metrics(out)] == pytest.approx([m["loss"] for m in _metrics(whole)], rel=1e-6)
+    again = run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", out, "--threads", "1", *args,
+                    "--resume", "--set", f"reference_cache={tmp_path / 'colder'}")
+    assert "(0 steps to go)" in again.stderr and not (tmp_path / "colder").exists()
 
 
 def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs, tmp_path):
@@ -1697,7 +1724,7 @@ def test_a_wrong_model_path_is_named_and_a_run_that_never_trained_does_not_hold_
     broken.write_bytes(uf_pairs.read_bytes()[:-100] + bytes(100))  # the footer gone: not a Parquet file
     result = _train(tiny_model, broken, out, "--steps", "1", check=False)
     assert result.returncode == 2 and "not a readable Parquet file" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "run.key"]  # (.lock: empty, held by no one)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "run.key", "run.settings.json"]  # (.lock: empty)
     result = _train(tiny_model, uf_pairs, out, "--steps", "1", "--set", "save_model=false", "--resume")
     assert f"--resume: no checkpoint in {out} yet; training from step 1" in result.stderr  # said, not silent
     assert len(_metrics(out)) == 1

@@ -21,6 +21,20 @@ def test_yaml_then_overrides(tmp_path):
                                                                                                   "cosine")
 
 
+def test_an_empty_lora_section_is_refused_not_read_as_full_fine_tuning(tmp_path):
+    """`lora:` with its keys commented out is null in YAML: the run trained every weight and wrote OUT/model, exit
+    0, where an adapter was meant. Refused, naming the file and key; `lora: {}` is an adapter with the defaults, and
+    `--set lora=null` (an override) still turns one off."""
+    path = tmp_path / "train.yaml"
+    path.write_text("model: m\ndata: d.parquet\nout: o\nlora:\n  # r: 16\n")
+    with pytest.raises(PerpairError, match=f"^file {path}, field 'lora': lora is empty \\(null\\), which trains every "
+                                           "weight without an adapter"):
+        load_config(path)
+    assert load_config(path, parse_overrides(["lora=null"])).lora is None
+    path.write_text("model: m\ndata: d.parquet\nout: o\nlora: {}\n")
+    assert load_config(path).lora.r == 16
+
+
 @pytest.mark.parametrize(("update", "message"), [
     ({"loss": "ipo", "label_smoothing": 0.1}, "has no meaning for loss 'ipo'"),
     ({"loss": "simpo", "reference_model": "r"}, "reference-free"),
@@ -141,6 +155,10 @@ def test_lr_schedule_shapes():
                                         "step\\) and lr_schedule linear would never start"),
     ({"steps": 10, "warmup_ratio": 0.95, "lr_schedule": "cosine"}, "warms up for all 10 steps"),
     ({"run_name": "mine", "project": "p"}, "project and run_name name the run .* drop them"),
+    # TensorBoard shows no run name (accepted, unused); NumPy's seeds end at 2³² − 1 (a traceback from set_seed)
+    ({"run_name": "mine", "report_to": ["tensorboard"]}, "run_name names the run on W&B, Trackio or MLflow"),
+    ({"seed": -1}, "seed: Input should be greater than or equal to 0"),
+    ({"seed": 2**32}, "seed: Input should be less than 4294967296"),
 ])
 def test_cross_field_rules_are_refused_when_the_config_is_built(update, message):
     with pytest.raises(PerpairError, match=message):
@@ -168,6 +186,8 @@ def test_the_rules_accept_their_allowed_neighbours():
     load_config(None, {**BASE, "loss": "sigmoid", "reference_cache": "refs"})
     load_config(None, {**BASE, "loss": ["simpo", "sigmoid"], "reference_cache": "refs"})
     load_config(None, {**BASE, "run_name": None})  # unset, as perpair run leaves it without a tracker
+    load_config(None, {**BASE, "run_name": "mine", "report_to": ["tensorboard", "wandb"]})
+    load_config(None, {**BASE, "seed": 2**32 - 1})
     load_config(None, {**BASE, "steps": 10, "warmup_ratio": 0.9})  # 9 steps warm up, the 10th at lr
     load_config(None, {**BASE, "steps": 1, "warmup_ratio": 0.0})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -94,6 +95,13 @@ def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoin
     scalars = EventAccumulator(str(out / "runs" / "perpair")).Reload().Scalars("train/loss")
     assert [s.step for s in scalars] == [1, 2, 3]
     assert [s.value for s in scalars] == pytest.approx(first, rel=1e-5)
+    # killed before its first checkpoint, then run again: from step 1, the first attempt's steps hidden as well (they
+    # were plotted twice: the purge was only for a resumed checkpoint)
+    shutil.rmtree(out / "checkpoints")
+    time.sleep(1.1)
+    run_cli("train", *args, "--resume")
+    scalars = EventAccumulator(str(out / "runs" / "perpair")).Reload().Scalars("train/loss")
+    assert [s.step for s in scalars] == [1, 2, 3]
 
 
 def _wandb_history(path: Path) -> list[dict]:

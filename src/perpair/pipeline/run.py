@@ -503,7 +503,7 @@ class _Job:
         if not objective(keys.get("loss") or TrainConfig.model_fields["loss"].default,
                          keys.get("loss_weights")).reference_free:
             options["reference_cache"] = str(self.workdir / "reference")
-        if keys.get("report_to"):
+        if set(keys.get("report_to") or ()) - {"tensorboard"}:  # (TensorBoard names no run: each arm has its OUT)
             options["run_name"] = keys.get("run_name") or arm  # trackers: one dashboard run per arm
         return options
 

@@ -75,7 +75,10 @@ def load_data(config: TrainConfig, accelerator, on_prepare: Callable[[PrepareRes
     kept, excluded and left unread) and the plan's per-pair values."""
     path = Path(config.data)
     if not path.exists():
-        raise PerpairError(f"file {path}: not found")
+        hub = config.data.startswith("hub:") or config.data.count("/") == 1 and not config.data.startswith((".", "/"))
+        raise PerpairError(f"file {path}: not found" + (
+            "; perpair train reads files and folders: for a Hub dataset, perpair prepare "
+            f"{config.data} -o pairs.parquet, then --data pairs.parquet" if hub else ""))
     if not is_pairs_file(path):
         target = Path(config.out) / "pairs.parquet"
         prepared = on_main_process(accelerator, lambda: prepare([str(path)], target, PrepareOptions()))

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
-from perpair.errors import PerpairError
+from perpair.errors import InputError, PerpairError
 from perpair.plan.config import deep_merge
 from perpair.train.lean import RECOMPUTE_SHARE
 from perpair.train.losses import F_DIVERGENCES, LOSSES, LossSpec, objective
@@ -53,7 +53,8 @@ class TrainConfig(NumbersNotBools):
 
     # --- inputs and outputs ------------------------------------------------------------------------
     model: str = Field(description="Policy to train: a local folder, a Hub id, or 'smollm2'.")
-    data: str = Field(description="A pairs file, or any source `perpair prepare` reads (converted on the fly).")
+    data: str = Field(description="A pairs file, or a data file or folder `perpair prepare` reads (converted on the "
+                                  "fly with its defaults; a Hub dataset: perpair prepare it first).")
     plan: str | None = Field(None, description="A plan (perpair plan) giving per-pair beta, route and order.")
     out: str = Field(description="Output folder: metrics.jsonl, checkpoints/, model/ or adapter/.")
     reference_model: str | None = Field(None, description="Reference model; default: the initial policy.")
@@ -90,7 +91,8 @@ class TrainConfig(NumbersNotBools):
     max_length: int = Field(1024, ge=2, description="Max tokens of prompt + response (TRL keep_start truncation).")
     shuffle: bool = Field(False, description="Shuffle (seeded) instead of file order; with a plan only if its "
                           "curriculum is none (a curriculum fixes the order).")
-    seed: int = Field(0, description="Seed of shuffling, initialisation of adapters and of every RNG.")
+    # (NumPy's seeds are 0 … 2³² − 1: Accelerate's set_seed seeds it too)
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of shuffling, initialisation of adapters and of every RNG.")
     tokens_per_forward: int | None = Field(
         None, ge=0, description=f"Pack several pairs of a step into one forward up to this many tokens; 0 = one pair "
                                 f"per forward; null (default) = {PACK_LENGTHS} × max_length (twice the most one "
@@ -267,6 +269,9 @@ class TrainConfig(NumbersNotBools):
             raise ValueError(f"{' and '.join(named)} name{'s' if len(named) == 1 else ''} the run on a tracker's "
                              f"dashboard, and report_to names no tracker; drop {'it' if len(named) == 1 else 'them'}"
                              ", or add report_to")
+        if self.run_name is not None and set(self.report_to) == {"tensorboard"}:
+            raise ValueError("run_name names the run on W&B, Trackio or MLflow; TensorBoard, the only tracker here, "
+                             "shows none (it writes to OUT/runs/PROJECT): drop run_name, or set project")
         if self.lora is not None and self.lora.merge and not self.save_model:
             raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
         if self.recompute_mlp is not None and not self.lean_activations:
@@ -424,7 +429,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated config from a YAML file and/or overrides (overrides win). Relative paths in the file are
     kept as written (relative to the working directory, like the CLI's)."""
-    data = deep_merge(load_yaml(path, "train config") if path is not None else {}, overrides or {})
+    in_file = load_yaml(path, "train config") if path is not None else {}
+    if "lora" in in_file and in_file["lora"] is None and "lora" not in (overrides or {}):
+        # YAML reads `lora:` with its keys commented out as null: the run would train every weight, not an adapter
+        raise InputError("lora is empty (null), which trains every weight without an adapter: write `lora: {}` for "
+                         "an adapter with the defaults, or remove the key for full fine-tuning", file=str(path),
+                         field="lora")
+    data = deep_merge(in_file, overrides or {})
     try:
         return TrainConfig(**data)
     except ValidationError as exc:

@@ -143,7 +143,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
     check_lora_targets(config, model)  # names that match nothing, or layers an adapter would not train: likewise
     reference_seconds = time.perf_counter()
     reference = compute_reference(config, data, batches, tokenizer, model, accelerator, on_reference,
-                                  from_first_step=not (config.resume and checkpoints(out)))
+                                  from_first_step=not (config.resume and checkpoints(out)), from_step=resumed_at)
     reference_seconds = time.perf_counter() - reference_seconds
     from_first_step = len(reference.from_first_step)
     reference_pairs = len(reference.values) + from_first_step  # every pair whose loss reads one (none: no reference)

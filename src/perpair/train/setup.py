@@ -180,17 +180,18 @@ def reference_name(config: TrainConfig) -> str:
 
 def compute_reference(config: TrainConfig, data: PairData, batches: StepBatches, tokenizer, policy,
                       accelerator, on_progress: Callable[[int, int], None] | None = None,
-                      from_first_step: bool = True) -> reference.RunReference:
+                      from_first_step: bool = True, from_step: int = 0) -> reference.RunReference:
     """Reference log-probs (:class:`~perpair.train.reference.RunReference`, in the trained orientation) of the
     preference pairs of the run (SFT pairs and reference-free losses need none), from the cache, the missing
     ones computed now, except, with ``from_first_step`` (a run starting at its first step), those that step's
     forward gives (:func:`first_step_rows`). Several processes compute a share each (waiting while one process
     computed them all would outlast NCCL's 10-minute collective timeout on a large corpus); the main process
     writes the cache. ``policy``
-    None: the initial model is loaded if a pair is missing (a pass that does not train)."""
+    None: the initial model is loaded if a pair is missing (a pass that does not train). ``from_step``: the step a
+    resumed run continues from; the steps before it are not trained again, and read no reference."""
     if config.objective.reference_free:
         return reference.RunReference()
-    rows = sorted({r for step in batches.steps for r in step if data.route[r] == ROUTE_PREFERENCE})
+    rows = sorted({r for step in batches.steps[from_step:] for r in step if data.route[r] == ROUTE_PREFERENCE})
     if not rows:
         return reference.RunReference()
     path, key = reference_cache_file(config, tokenizer, data.path, bf16=accelerator.mixed_precision == "bf16")

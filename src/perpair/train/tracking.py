@@ -76,10 +76,9 @@ def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str
     attempt logged after it (its steps are trained again, and would be plotted twice)."""
     if not accelerator.log_with:
         return
+    # TensorBoard's purge from step 1 too: a run that starts again without a checkpoint (killed before its first)
     init_kwargs = {"wandb": {"name": run_name, "dir": out}, "trackio": {"name": run_name},
-                   "mlflow": {"run_name": run_name}}
-    if resumed_at:
-        init_kwargs["tensorboard"] = {"purge_step": resumed_at + 1}
+                   "mlflow": {"run_name": run_name}, "tensorboard": {"purge_step": resumed_at + 1}}
     # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
     try:
         accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
