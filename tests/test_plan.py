@@ -162,16 +162,6 @@ def test_a_schedule_key_that_would_change_nothing_is_refused(tmp_path, preset, v
         resolve_schedule(preset, config)
 
 
-def test_a_global_beta_given_in_the_file_and_by_option_is_refused(tmp_path):
-    """--beta silently replaced the schedule file's beta.beta (perpair train refuses --beta beside --set beta=…)."""
-    config = _config(tmp_path, {"beta": {"beta": 0.05}})
-    with pytest.raises(InputError, match=f"^file {config}, field 'beta.beta': beta.beta 0.05 is given here and a "
-                                         "global β 0.2 \\(--beta\\) too: one would be dropped; give one"):
-        resolve_schedule("dpo", config, 0.2)
-    assert resolve_schedule("dpo", config).beta.beta == 0.05
-    assert resolve_schedule("dpo", _config(tmp_path, {"curriculum": {"kind": "random"}}), 0.2).beta.beta == 0.2
-
-
 def test_the_same_keys_where_they_are_read_are_accepted(tmp_path):
     """Each refused key in a schedule that reads it; and a preset's own key left unread by the file's change is
     not the user's (MixDPO's routing.action with routing.tau: null)."""

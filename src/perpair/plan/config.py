@@ -254,10 +254,6 @@ def resolve_schedule(preset: str, config_path: str | os.PathLike | None = None,
     for keys, where in given:
         if problem := unread_setting(schedule, keys):
             raise InputError(problem, file=where)
-        if beta is not None and isinstance(keys.get("beta"), dict) and "beta" in keys["beta"]:
-            # (the later one won without a word; perpair train refuses --beta beside --set beta=… likewise)
-            raise InputError(f"beta.beta {keys['beta']['beta']} is given here and a global β {beta:g} (--beta) too: "
-                             "one would be dropped; give one", file=where, field="beta.beta")
         if beta is None and isinstance(keys.get("beta"), dict) and "beta" in keys["beta"]:
             schedule._beta_given_in = where or ""
     return schedule
