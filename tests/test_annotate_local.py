@@ -70,6 +70,34 @@ def test_a_chat_template_edited_in_place_is_asked_again(uf_pairs, tmp_path):
     assert "3 from the cache" in run_cli(*args).stdout
 
 
+def test_a_tokenizer_that_splits_a_digit_is_refused_before_the_run(tmp_path, monkeypatch):
+    """The local teacher reads each magnitude as one token: a tokenizer that encodes a digit alone as two
+    (SentencePiece's "▁", "0": Llama 2, Mistral) ended in a ValueError traceback after the weights loaded, the
+    answer cache made. Now check() refuses it, naming the teacher and the model."""
+    import perpair.models
+    from conftest import save_tiny_llama
+    from perpair.annotate.teachers import make_teacher
+    from perpair.errors import PerpairError
+
+    folder = save_tiny_llama(tmp_path / "teacher", layers=1)
+    real = perpair.models.load_tokenizer
+
+    def splitting(path):
+        tokenizer = real(path)
+
+        def encode(text, **options):
+            ids = tokenizer(text, **options)["input_ids"]
+            return {"input_ids": [tokenizer.eos_token_id, *ids] if text.isdigit() else ids}
+        return encode
+
+    config = load_config(None, teachers=[f"local:{folder}"]).teachers[0]
+    make_teacher(config).check()  # SmolLM2's tokenizer: one token a digit
+    monkeypatch.setattr(perpair.models, "load_tokenizer", splitting)
+    with pytest.raises(PerpairError, match=f"teacher local:{folder}: the tokenizer of {folder} encodes the "
+                                           "magnitude 0 as more than one token"):
+        make_teacher(config).check()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("template", ["", " \n"])
 def test_a_teacher_whose_chat_template_file_is_empty_is_refused(uf_pairs, tmp_path, template):

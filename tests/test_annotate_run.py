@@ -186,15 +186,16 @@ def test_raising_max_reasks_asks_again_only_the_calls_that_ran_out_of_them(uf_pa
     calls = pq.read_table(calls_path(tmp_path / "c.parquet")).to_pylist()
     assert sorted((c["status"], c["reasks"]) for c in calls) == [("ok", 0), ("ok", 0), ("ok", 3), ("ok", 3)]
 
-    # a cache written before max_reasks left the key: its answers are read under today's keys
+    # a cache written before max_reasks left the key, by a run with max_reasks 2: its answers are read under today's
+    # keys by a run with 3 (the legacy key was looked up with the run's own max_reasks: every answer paid again)
     [teacher] = [make_teacher(t) for t in load_config(config(url, 3)).teachers]
-    assert teacher.legacy_fingerprint == {"model": "stub", "temperature": 0.0, "max_tokens": 256, "seed": None,
-                                          "max_reasks": 3, "max_chars": teacher.config.max_chars}
+    assert teacher.legacy_fingerprints[2] == {"model": "stub", "temperature": 0.0, "max_tokens": 256, "seed": None,
+                                              "max_reasks": 2, "max_chars": teacher.config.max_chars}
     with sqlite3.connect(cache) as db:
         rows = db.execute("SELECT key, pair_id, template FROM calls").fetchall()
         for key, pair_id, template in rows:
             db.execute("UPDATE calls SET key = ? WHERE key = ?",
-                       (call_key(pair_id, teacher.id, teacher.legacy_fingerprint, template, 0), key))
+                       (call_key(pair_id, teacher.id, teacher.legacy_fingerprints[2], template, 0), key))
     never = Stub(lambda body, request: "no")
     with never as url:
         annotate(uf_pairs, tmp_path / "d.parquet", "--config", config(url, 3), "--cache", cache, "--limit", "4")

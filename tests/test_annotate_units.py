@@ -290,9 +290,19 @@ def test_teacher_specs_and_config(tmp_path):
     assert parse_teacher_spec("local:smollm2") == {"kind": "local", "model": "smollm2"}
     assert parse_teacher_spec("api:http://127.0.0.1:8080/v1/smollm2") == {
         "kind": "api", "base_urls": ["http://127.0.0.1:8080/v1"], "model": "smollm2"}
+    # a Hub id as vLLM serves it: the base ended at its first '/' from the right ("…/v1/meta-llama"), every call 404
+    assert parse_teacher_spec("api:http://h:8000/v1/meta-llama/Llama-3.1-8B-Instruct") == {
+        "kind": "api", "base_urls": ["http://h:8000/v1"], "model": "meta-llama/Llama-3.1-8B-Instruct"}
+    assert parse_teacher_spec("api:https://h/openai/deployments/gpt") == {
+        "kind": "api", "base_urls": ["https://h/openai/deployments"], "model": "gpt"}
     for bad in ("api:smollm2", "local:", "magic", "api:http://host"):
         with pytest.raises(PerpairError, match="expected"):
             parse_teacher_spec(bad)
+    # an infinite weight: the votes' sums inf/inf, NaN magnitudes written, exit 0
+    yaml_file = tmp_path / "w.yaml"
+    yaml_file.write_text("teachers:\n  - {kind: ratings, weight: .inf}\n  - {kind: local, model: m}\n")
+    with pytest.raises(PerpairError, match="teachers.0.ratings.weight: Input should be a finite number"):
+        load_config(yaml_file)
     config = load_config(None, teachers=["api:http://h:1/v1/m", "ratings"], base_urls=["http://h:2/v1"],
                          concurrency=3, templates=["gap", "gap-brief"], limit=5, shard="1/4")
     api = config.teachers[0]

@@ -182,3 +182,20 @@ def test_stub_handler_answers_models_and_chat():
             async with ChatClient(config(url)) as client:
                 return await client.chat([{"role": "user", "content": "x"}])
         assert run(go()).content == "hello"
+
+
+def test_a_remote_server_is_reached_through_the_environments_proxy_and_a_local_one_directly():
+    """The client ignored HTTPS_PROXY, SSL_CERT_FILE and .netrc (trust_env off): behind a cluster's proxy every call
+    to a remote teacher or judge timed out, retried, and was recorded as a failure. A server on this machine is
+    still reached directly, whatever a proxy variable says."""
+    async def opened(urls):
+        client = ChatClient(ChatClientConfig(base_urls=urls, model="m"))
+        await client.open()
+        try:
+            return client._http.trust_env
+        finally:
+            await client.close()
+
+    assert asyncio.run(opened(["https://api.example.com/v1"])) is True
+    assert asyncio.run(opened(["http://127.0.0.1:8000/v1", "http://localhost:8001/v1", "http://[::1]:8002/v1"])) \
+        is False

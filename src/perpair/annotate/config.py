@@ -31,12 +31,15 @@ from perpair.config_files import NumbersNotBools, invalid_config, load_yaml
 from perpair.errors import InputError, PerpairError
 from perpair.llm.client import ChatClientConfig
 
+MAX_REASKS = 10  # the most re-asks after an invalid answer a teacher may be given
+
 
 class _Teacher(NumbersNotBools):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="Teacher id in cache keys and rows (default from kind/model).")
-    weight: float = Field(1.0, gt=0, description="Weight of this teacher's votes in the per-pair aggregation.")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False,
+                          description="Weight of this teacher's votes in the per-pair aggregation.")
 
 
 class RatingsTeacherConfig(_Teacher):
@@ -100,7 +103,7 @@ class ApiTeacherConfig(ChatClientConfig, NumbersNotBools):
 
     kind: Literal["api"] = "api"
     name: str | None = None
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     templates: list[str] = Field(default_factory=lambda: ["gap@v1"], min_length=1)
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=16)
@@ -109,7 +112,7 @@ class ApiTeacherConfig(ChatClientConfig, NumbersNotBools):
     seed: int | None = Field(None, description="Sent to servers that honour it.")
     structured: Literal["auto", "json_schema", "json_object", "none"] = Field(
         "auto", description="Structured output: 'auto' tries json_schema, then json_object, then plain text.")
-    max_reasks: int = Field(2, ge=0, le=10, description="Re-asks after an invalid answer.")
+    max_reasks: int = Field(2, ge=0, le=MAX_REASKS, description="Re-asks after an invalid answer.")
 
     @property
     def id(self) -> str:
@@ -212,7 +215,9 @@ def parse_teacher_spec(spec: str) -> dict:
     if kind == "local" and rest:
         return {"kind": "local", "model": rest}
     if kind == "api" and rest:
-        base, _, model = rest.rstrip("/").rpartition("/")
+        # an OpenAI-compatible root ends in /v1: what follows is the model, '/' and all (vLLM serves a Hub id)
+        head, v1, tail = rest.rstrip("/").partition("/v1/")
+        base, _, model = (head + "/v1", "", tail) if v1 else rest.rstrip("/").rpartition("/")
         if base.startswith(("http://", "https://")) and model and "://" not in model:
             return {"kind": "api", "base_urls": [base], "model": model}
     raise PerpairError(f"teacher {spec!r}: expected 'ratings', 'local:MODEL_DIR' or 'api:BASE_URL/MODEL' "

@@ -375,12 +375,20 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
 
 
 def _legacy_answers(cache: AnswerCache, missing: list[tuple[Any, Call]], seed: int) -> dict[str, CallRecord]:
-    """The answers of ``missing`` calls cached under a teacher's keys of before (``legacy_fingerprint``: an API
-    teacher's held ``max_reasks`` until 7 Dec 2026), stored again under today's keys."""
-    legacy = {call_key(c.pair_id, t.id, t.legacy_fingerprint, c.template, seed,
+    """The answers of ``missing`` calls cached under a teacher's keys of before (``legacy_fingerprints``: an API
+    teacher's held ``max_reasks`` until 7 Dec 2026, whatever value the run that wrote them had), stored again under
+    today's keys; of several, a valid answer first, else the failure with the most re-asks."""
+    missing = [(t, c) for t, c in missing if hasattr(t, "legacy_fingerprints")]
+    if not missing or not cache.count():  # (a new cache: nothing of before to find)
+        return {}
+    legacy = {call_key(c.pair_id, t.id, fingerprint, c.template, seed,
                        t.key_material(c.pair) if hasattr(t, "key_material") else None): c.key
-              for t, c in missing if hasattr(t, "legacy_fingerprint")}
-    found = {legacy[key]: replace(record, key=legacy[key]) for key, record in cache.get_many(list(legacy)).items()}
+              for t, c in missing for fingerprint in t.legacy_fingerprints}
+    found: dict[str, CallRecord] = {}
+    for key, record in cache.get_many(list(legacy)).items():
+        best = found.get(legacy[key])
+        if best is None or (record.status == "ok", record.reasks) > (best.status == "ok", best.reasks):
+            found[legacy[key]] = replace(record, key=legacy[key])
     cache.put_many(found.values())
     return found
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from perpair.annotate.cache import CallRecord
-from perpair.annotate.config import ApiTeacherConfig, LocalTeacherConfig, RatingsTeacherConfig
+from perpair.annotate.config import MAX_REASKS, ApiTeacherConfig, LocalTeacherConfig, RatingsTeacherConfig
 from perpair.annotate.schema import CATEGORIES, UNKNOWN
 from perpair.annotate.templates import (
     MAGNITUDE_WORDS,
@@ -215,6 +215,18 @@ class LocalTeacher:
 
         if (tokenizer := tokenizer_identity(spec)) is not None:
             self.fingerprint["tokenizer"] = tokenizer
+        from perpair.models import load_tokenizer
+
+        with _quiet_transformers():
+            encode = load_tokenizer(spec)
+        # the magnitude is read as one token after the category: a tokenizer that encodes a digit alone as two
+        # (SentencePiece's "▁", "0": Llama 2, Mistral) gave a traceback after the weights loaded
+        if split := [m for m in range(len(MAGNITUDE_WORDS)) if len(encode(str(m), add_special_tokens=False)
+                                                                   ["input_ids"]) != 1]:
+            raise PerpairError(f"teacher {self.id}: the tokenizer of {spec} encodes the magnitude {split[0]} as more "
+                               "than one token, and the local teacher reads each magnitude as one; use a model whose "
+                               "tokenizer encodes a digit alone as one token (SmolLM2, Llama 3, Qwen), or an api: "
+                               "teacher")
 
     def _load(self):
         if self._scorer is None:
@@ -230,6 +242,8 @@ class LocalTeacher:
                 with _quiet_transformers():
                     self._tokenizer = load_tokenizer(path)  # (it refuses a blank chat template)
                     self._model = load_causal_lm(path, dtype=dtype)
+                if torch.cuda.is_available():  # (it ran on the CPU whatever the machine had)
+                    self._model = self._model.to("cuda")
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
@@ -261,8 +275,12 @@ class LocalTeacher:
 
     @property
     def on_cpu(self) -> bool:
-        """Whether the model runs on the CPU (the one it loads itself does; an injected one may not)."""
-        return self._model is None or next(self._model.parameters()).device.type == "cpu"
+        """Whether the model runs on the CPU (the one it loads itself does unless a CUDA GPU is there)."""
+        if self._model is None:
+            import torch
+
+            return not torch.cuda.is_available()
+        return next(self._model.parameters()).device.type == "cpu"
 
     @property
     def batch_size(self) -> int:
@@ -388,8 +406,9 @@ class ApiTeacher:
         # calls that ran out of re-asks (:meth:`reusable`), not every answer already paid for
         self.fingerprint = {"model": config.model, "temperature": config.temperature,
                             "max_tokens": config.max_tokens, "seed": config.seed, "max_chars": config.max_chars}
-        # the fingerprint of the keys written before 7 Dec 2026, which held max_reasks: their answers are still read
-        self.legacy_fingerprint = {**self.fingerprint, "max_reasks": config.max_reasks}
+        # the fingerprints of the keys written before 7 Dec 2026, which held max_reasks (any value it can take, as
+        # the run that wrote them had it): their answers are still read
+        self.legacy_fingerprints = [{**self.fingerprint, "max_reasks": n} for n in range(MAX_REASKS + 1)]
         self.client = ChatClient(config.client_config(), transport=transport)
         self._mode = "json_schema" if config.structured == "auto" else config.structured
         self._confirmed = config.structured != "auto"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -38,6 +40,17 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})  # plus every 5xx
 BODY_SHOWN = 300  # characters of an error body quoted in a ChatError
+
+
+def _loopback(url: str) -> bool:
+    """Whether ``url`` names this machine (127.0.0.0/8, ::1, localhost)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ChatClientConfig(BaseModel):
@@ -163,8 +176,11 @@ class ChatClient:
         headers = {"Content-Type": "application/json"}
         if self._secret:
             headers["Authorization"] = f"Bearer {self._secret}"
+        # the environment's proxy, CA bundle and .netrc for a remote server (a cluster behind a proxy timed out
+        # every call); a server on this machine is reached directly, whatever a proxy variable says
+        remote = not all(_loopback(url) for url in cfg.base_urls)
         self._http = httpx.AsyncClient(
-            headers=headers, transport=self._transport, trust_env=False,
+            headers=headers, transport=self._transport, trust_env=remote,
             timeout=httpx.Timeout(cfg.timeout_s, connect=cfg.connect_timeout_s),
             limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency))
         self._semaphore = asyncio.Semaphore(cfg.concurrency)
