@@ -373,6 +373,11 @@ def test_bad_annotation_names_file_row_field(tmp_path):
     with pytest.raises(InputError) as info:
         read_annotations(bad)
     assert (info.value.row, info.value.field) == (5, "dataset") and "expected a string or null" in str(info.value)
+    records[4]["dataset"], records[2]["annotator"] = "helpful_base", ["x"]  # (the LC note's traceback)
+    bad.write_text(json.dumps(records))
+    with pytest.raises(InputError) as info:
+        read_annotations(bad)
+    assert (info.value.row, info.value.field) == (3, "annotator")
 
 
 def test_a_compressed_file_cut_short_or_damaged_is_an_error_naming_it(tmp_path):

@@ -315,7 +315,10 @@ def test_judgments_of_arena_hard_v2_or_of_several_judges_are_refused_naming_file
              "category": ([*rows[:2], {**rows[2], "category": "creative_writing"}], "row 3, field 'category'"),
              "no_question_id": ([*rows[:4], {k: v for k, v in rows[4].items() if k != "question_id"}],
                                 "row 5, field 'question_id'"),
-             "judges": ([*rows[:3], {**rows[3], "judge": "gpt-4o"}, *rows[4:]], "row 4, field 'judge'")}
+             "judges": ([*rows[:3], {**rows[3], "judge": "gpt-4o"}, *rows[4:]], "row 4, field 'judge'"),
+             # a model that is no name (a TypeError traceback)
+             "model": ([*rows[:1], {**rows[1], "model": ["m"]}, *rows[2:]], "row 2, field 'model': expected the "
+                                                                              "model's name or null, got list")}
     for case, (bad_rows, words) in cases.items():
         bad = tmp_path / case / "m.jsonl"
         bad.parent.mkdir()
@@ -399,6 +402,15 @@ def test_a_question_answered_twice_in_the_baseline_file_is_refused_with_file_and
     with pytest.raises(InputError, match="a second answer to question q1") as info:
         arena_run.load_questions(config)
     assert (info.value.file, info.value.row, info.value.field) == (str(baseline), 3, "question_id")
+    # a question_id that is a list, in either file: a TypeError traceback at the lookup
+    for path, rows in ((baseline, [{"question_id": ["q1"], "choices": [{"turns": [{"content": "one"}]}]}]),
+                       (questions, [{"question_id": ["q1"], "turns": [{"content": "Why?"}]}])):
+        if path == questions:
+            baseline.write_text(json.dumps({"question_id": "q1", "choices": [{"turns": [{"content": "a"}]}]}) + "\n")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(InputError, match="expected a string or an integer, got list") as info:
+            arena_run.load_questions(config)
+        assert (info.value.file, info.value.row, info.value.field) == (str(path), 1, "question_id")
 
 
 def test_a_damaged_compressed_judgment_file_is_refused_naming_it(tmp_path):
@@ -461,7 +473,9 @@ def test_a_local_judge_writes_its_judgments_in_the_dtype_they_are_cached_under(t
 def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp_path, monkeypatch, tiny_model_dir):
     """An API judge's empty reply (content null or "": a reasoning judge out of max tokens, a content filter) was
     cached as the game's verdict-less judgment for good. It counts as no verdict in its run, the note says so, and
-    the next run asks again, as AlpacaEval's judge does with a reply without top log-probs."""
+    the next run asks again, as AlpacaEval's judge does with a reply without top log-probs. So does a request the
+    server refuses (HTTP 400, a prompt over its context), which stopped the whole run with the judgments of its
+    chunk lost, and every run after it at the same game."""
     import sqlite3
 
     from llama_server import LoopbackServer, Reply, chat_completion
@@ -476,8 +490,10 @@ def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp
         model_is_a = "<|The Start of Assistant A's Answer|>\nMODEL ANSWER" in prompt
         asked.append(model_is_a)
         content = "My final verdict is [[A>B]]" if model_is_a else "My final verdict is [[B>A]]"  # model wins
-        if empty[0] and model_is_a:  # null for question 1's, "" for question 2's
-            content = None if "MODEL ANSWER 0" in prompt else ""
+        if empty[0] and model_is_a:  # null for question 1's, HTTP 400 for question 2's
+            if "MODEL ANSWER 0" not in prompt:
+                return Reply(status=400, body=b'{"error": {"message": "maximum context length is 8192 tokens"}}')
+            content = None
         return Reply(body=chat_completion(content, finish_reason="length"))
 
     monkeypatch.setattr(arena_run, "generate_answers", lambda path, generation, texts, cache, progress: (
@@ -496,13 +512,16 @@ def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp
     assert (first["n_judged"], first["n_no_verdict"], first["n_empty_reply"], cached) == (4, 2, 2, 2)
     assert (first["score"], first["n_battles"]) == (100.0, 2)
     assert first["note"] == ("2 of 4 games without a verdict (after one retry) weigh 0, as in show_result.py; 2 of "
-                             "them got an empty reply from the judge (content null or \"\"), not cached: a re-run "
-                             "asks the judge again")
+                             "them got an empty reply from the judge (content null or \"\", or a request it refused: "
+                             "HTTP 400), not cached: a re-run asks the judge again")
     assert sorted(asked[:6]) == [False, False, True, True, True, True]  # 2 verdicts; 2 empty, each asked twice
     # run 2 asks those two games again, and only them; the games with a verdict come from the cache
     assert asked[6:] == [True, True]
     assert (second["n_judged"], second["n_no_verdict"], second["n_empty_reply"]) == (2, 0, 0)
     assert (second["score"], second["n_battles"], second["note"]) == (100.0, 4, "")
+    # the judgment rows name the judge by its model, as arena-hard-auto does (they named the server's URL)
+    rows = [json.loads(line) for line in (out / "judgment.jsonl").read_text().splitlines()]
+    assert {row["judge"] for row in rows} == {"stub"}
 
 
 def test_answers_capped_at_arena_hard_autos_length(monkeypatch, tmp_path):

@@ -472,6 +472,22 @@ def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one()
     assert judged_preference(full["logprobs"], switched=False) == pytest.approx(1.6)
     assert UNCACHED in alone and UNCACHED not in full  # the server's settings, not a verdict: asked again next run
 
+    # a request the server refuses (HTTP 400: the prompt over its context) stopped the whole evaluation; now it is
+    # that instruction's missing judgment, asked again next run; a server down (retries spent) still stops it
+    from perpair.llm.client import ChatError
+
+    class Refusing:
+        def __init__(self, retryable):
+            self.retryable = retryable
+
+        async def chat(self, messages, **options):
+            raise ChatError("HTTP 400: maximum context length", status=400, retryable=self.retryable)
+
+    refused = asyncio.run(judge._one(Refusing(False), []))
+    assert refused["logprobs"] == {} and refused[UNCACHED].startswith("the server refused the request: HTTP 400")
+    with pytest.raises(ChatError):
+        asyncio.run(judge._one(Refusing(True), []))
+
 
 def test_a_reply_without_top_logprobs_is_asked_again_by_the_next_run(tmp_path, monkeypatch):
     """Such a reply was cached as a null judgment: after the server was set to return top_logprobs, every re-run
@@ -646,6 +662,14 @@ def test_an_empty_reference_file_is_refused_naming_it(tmp_path, tiny_model_dir):
     result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--max-new-tokens", "2", "--offline",
                      "--data-dir", AE, "--reference", reference, "--judge", tiny_model_dir, "-o", out, check=False)
     assert result.returncode == 2 and result.stderr == f"error: file {reference}: no outputs\n", result.stderr
+    assert not out.exists()
+    # a generator that is no text: refused after every answer was generated and judged, naming perpair's own
+    # annotations file (every run after it ending the same way); now the reference, before any work
+    reference.write_text(json.dumps([{"instruction": "Hi", "output": "Hello", "generator": 5}]))
+    result = run_cli("eval", "alpaca-eval", "--model", tiny_model_dir, "--max-new-tokens", "2", "--offline",
+                     "--data-dir", AE, "--reference", reference, "--judge", tiny_model_dir, "-o", out, check=False)
+    assert result.returncode == 2 and result.stderr == (f"error: file {reference}, row 1, field 'generator': "
+                                                        "expected a string or null, got int\n"), result.stderr
     assert not out.exists()
 
 

@@ -114,6 +114,9 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
         except (KeyError, IndexError, TypeError):
             raise InputError("expected question_id and choices[0].turns[0].content", file=str(baseline_path),
                              row=i + 1) from None
+        if not isinstance(question, str | int) or isinstance(question, bool):  # (a list: a TypeError traceback)
+            raise InputError(f"expected a string or an integer, got {type(question).__name__}",
+                             file=str(baseline_path), row=i + 1, field="question_id")
         if question in baseline:  # the last one was taken, without a word: which answer is the baseline's is unknown
             raise InputError(f"a second answer to question {question}", file=str(baseline_path), row=i + 1,
                              field="question_id")
@@ -131,6 +134,9 @@ def load_questions(config: ArenaHardConfig) -> tuple[list[dict], dict[str, str],
         if not isinstance(text, str):
             raise InputError(f"expected a string, got {type(text).__name__}", file=str(questions_path), row=i + 1,
                              field="turns[0].content")
+        if not isinstance(q.get("question_id"), str | int) or isinstance(q.get("question_id"), bool):
+            raise InputError(f"expected a string or an integer, got {type(q.get('question_id')).__name__}",
+                             file=str(questions_path), row=i + 1, field="question_id")
         if q.get("question_id") not in baseline:
             raise InputError(f"no baseline answer for question {q.get('question_id')}", file=str(questions_path),
                              row=i + 1, field="question_id")
@@ -184,8 +190,11 @@ def _run_arena_hard(config: ArenaHardConfig, out: Path,
     labels = [parse_verdict(j).label for j in judgments]
     records: dict[str, dict[str, Any]] = {}
     for (qid, model_is_a, messages), judgment, label in zip(games, judgments, labels, strict=True):
-        record = records.setdefault(qid, {"question_id": qid, "model": name, "judge": config.judge.judge,
-                                          "games": []})
+        # the judge by its model's name, as arena-hard-auto writes it (an API judge's URL named none, and two judges
+        # served at one URL passed as one)
+        record = records.setdefault(qid, {"question_id": qid, "model": name, "games": [],
+                                          "judge": config.judge.model_name if config.judge.is_api else
+                                          config.judge.judge})
         record["games"].append({"user_prompt": messages[1]["content"], "judgment": judgment, "score": label,
                                 "model_is_a": model_is_a})
     for record, j in zip((g for r in records.values() for g in r["games"]), judged, strict=True):
@@ -236,8 +245,8 @@ def _empty_note(n_empty: int) -> str:
     judge's verdict-less judgment)."""
     if not n_empty:
         return ""
-    return (f"; {n_empty} of them got an empty reply from the judge (content null or \"\"), not cached: "
-            "a re-run asks the judge again")
+    return (f"; {n_empty} of them got an empty reply from the judge (content null or \"\", or a request it "
+            "refused: HTTP 400), not cached: a re-run asks the judge again")
 
 
 def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str]]], cache: ResultCache,
@@ -337,6 +346,9 @@ def score_judgment_file(path: str | Path, *, n_rounds: int = N_BOOTSTRAP) -> dic
                 raise InputError(f"expected a verdict label such as 'A>B' or null, got {label!r}", file=str(path),
                                  row=number, field="games.score")
             games.append((label, model_is_a))
+        if row.get("model") is not None and not isinstance(row["model"], str):  # (a list: a TypeError traceback)
+            raise InputError(f"expected the model's name or null, got {type(row['model']).__name__}",
+                             file=str(path), row=number, field="model")
         models.add(row.get("model"))
     if len(models) > 1:
         raise InputError(f"judgments of several models in one file ({', '.join(sorted(map(str, models)))}); "

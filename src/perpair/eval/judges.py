@@ -157,7 +157,16 @@ class ApiLogprobJudge:
         return _run(run())
 
     async def _one(self, client, messages: Messages) -> dict[str, Any]:
-        result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
+        from perpair.llm.client import ChatError
+
+        try:
+            result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
+        except ChatError as exc:
+            if exc.retryable:  # (the server down, retries spent: every call would fail; stop, as before)
+                raise
+            # one request the server refuses (a prompt over its context, a content filter: HTTP 400) is no verdict
+            # for that instruction, not the end of the evaluation (the others' judgments were lost with it)
+            return {"logprobs": {}, "raw_completion": {}, UNCACHED: f"the server refused the request: {exc}"}
         logprobs: dict[str, float] = {}
         top = (result.logprobs[0].get("top_logprobs") or []) if result.logprobs else []
         # only the top log-probabilities give P(m) and P(M) (alpaca_eval's logprob_parser reads them alone): the
@@ -194,20 +203,26 @@ class ApiChatJudge:
     """An OpenAI-compatible server writing free-form judgments (Arena-Hard: temperature 0).
 
     An empty reply (``content`` null or ``""``: a reasoning judge that spent ``max_tokens`` thinking, a content
-    filter) is ``None``, not ``""``: the server gave no judgment, which a re-run asks for again rather than keeping
-    as the judge's verdict-less one."""
+    filter), or a request the server refuses (HTTP 400: a prompt over its context), is ``None``, not ``""``: the
+    server gave no judgment, which a re-run asks for again rather than keeping as the judge's verdict-less one."""
 
     def __init__(self, config):
         self.config = config
         self.name = f"api:{config.model}"
 
     def complete(self, conversations: Sequence[Messages], max_tokens: int) -> list[str | None]:
-        from perpair.llm.client import ChatClient
+        from perpair.llm.client import ChatClient, ChatError
+
+        async def one(client, messages: Messages) -> str | None:
+            try:
+                return (await client.chat(messages, max_tokens=max_tokens, temperature=0.0)).content or None
+            except ChatError as exc:
+                if exc.retryable:  # (the server down, retries spent: stop, as before)
+                    raise
+                return None  # a request the server refuses (over its context: HTTP 400): no judgment, asked again
 
         async def run() -> list[str | None]:
             async with ChatClient(self.config) as client:
-                results = await asyncio.gather(*(client.chat(m, max_tokens=max_tokens, temperature=0.0)
-                                                 for m in conversations))
-            return [r.content or None for r in results]
+                return list(await asyncio.gather(*(one(client, m) for m in conversations)))
 
         return _run(run())

@@ -200,7 +200,7 @@ def read_annotations(path: str | os.PathLike) -> pd.DataFrame:
             if not isinstance(record[name], str):
                 raise InputError(f"expected a string, got {type(record[name]).__name__}", file=str(path),
                                  row=i + 1, field=name)
-        for name in ("generator_1", "generator_2", "dataset"):  # (a list was pandas' traceback in eval report)
+        for name in ("generator_1", "generator_2", "dataset", "annotator"):  # (a list: pandas' traceback)
             if record.get(name) is not None and not isinstance(record[name], str):
                 raise InputError(f"expected a string or null, got {type(record[name]).__name__}", file=str(path),
                                  row=i + 1, field=name)
@@ -230,6 +230,10 @@ def read_outputs(path: str | os.PathLike) -> pd.DataFrame:
         for name in ("instruction", "output"):
             if not isinstance(record.get(name), str):
                 raise InputError("missing or not a string", file=str(path), row=i + 1, field=name)
+        for name in ("generator", "dataset"):  # (copied into the annotations: refused there, after every judgment)
+            if record.get(name) is not None and not isinstance(record[name], str):
+                raise InputError(f"expected a string or null, got {type(record[name]).__name__}", file=str(path),
+                                 row=i + 1, field=name)
     return pd.DataFrame.from_records(records)
 
 
