@@ -1551,6 +1551,17 @@ def test_a_resumed_run_computes_the_reference_of_the_steps_it_trains_only(tiny_m
     assert "(0 steps to go)" in again.stderr and not (tmp_path / "colder").exists()
 
 
+def test_the_weights_of_a_loss_of_sft_terms_alone_apply(tiny_model, uf_pairs, tmp_path):
+    """`loss: [sft, sft]` with loss_weights [1, 0.5] (or `sft` with [2]) trained plain SFT, the weights dropped
+    (TRL trains 1.5×, 2× the SFT loss): the loss logged and the gradient, against max_grad_norm, were another."""
+    args = ("--model", tiny_model, "--data", uf_pairs, "--threads", "1", "--steps", "1", "--batch-size", "2",
+            "--max-length", "96", "--set", "save_model=false")  # (reference-free: no reference_cache)
+    run_cli("train", *args, "--out", tmp_path / "sft", "--loss", "sft")
+    run_cli("train", *args, "--out", tmp_path / "summed", "--set", "loss=[sft,sft]", "--set", "loss_weights=[1.0,0.5]")
+    [one], [two] = _metrics(tmp_path / "sft"), _metrics(tmp_path / "summed")
+    assert two["loss"] == pytest.approx(1.5 * one["loss"], rel=1e-6) and one["loss"] > 0
+
+
 def test_a_batch_larger_than_the_trainable_pairs_is_refused(tiny_model, uf_pairs, tmp_path):
     """A step never holds a pair twice: a batch_size above the pairs whose prompts fit max_length is refused, naming
     both counts (it used to repeat pairs within the step, exit 0); an empty path is no output folder."""

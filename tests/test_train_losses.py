@@ -100,6 +100,30 @@ def test_routes_pick_the_objective_and_sft_pairs_never_touch_rejected():
     assert torch.allclose(out.losses[~sft_rows], dpo[~sft_rows])
 
 
+def test_a_weighted_sum_reports_the_rewards_of_a_term_that_has_them_and_a_name_keeps_the_wpo_weight():
+    """`loss: [sft, sigmoid]` (RPO with its terms the other way round) reported the sft term's rewards, NaN: the
+    rewards and margins NaN, the accuracy 0 (TRL reports β·log-ratio whatever the order). And routed_losses given a
+    loss by name dropped params.pair_weight (WPO) without a word, where objective() applies it."""
+    from perpair.train.losses import objective
+
+    policy, reference, _, _ = _logps(seed=7)
+    params = LossParams(torch.full((N,), 0.1, dtype=torch.float64), torch.zeros(N, dtype=torch.float64))
+    sigmoid = LOSSES["sigmoid"].fn(policy, reference, params)
+    mixed = objective(["sft", "sigmoid"], [0.5, 1.0]).fn(policy, reference, params)
+    assert torch.equal(mixed.chosen_rewards, sigmoid.chosen_rewards)
+    assert torch.equal(mixed.rejected_rewards, sigmoid.rejected_rewards)
+    weight = torch.linspace(0.5, 2.0, N, dtype=torch.float64)
+    route = torch.full((N,), ROUTE_PREFERENCE)
+    weighted = routed_losses("sigmoid", policy, reference, LossParams(params.beta, params.label_smoothing,
+                                                                       pair_weight=weight), route)
+    assert torch.allclose(weighted.losses, sigmoid.losses * weight)
+    # a loss of sft terms alone, every pair on the SFT route: its weights apply there (they were dropped)
+    sft_route = torch.full((N,), ROUTE_SFT)
+    plain = routed_losses("sigmoid", policy, reference, params, sft_route)
+    summed = routed_losses("sigmoid", policy, reference, params, sft_route, sft=objective(["sft", "sft"], [1.0, 0.5]))
+    assert torch.allclose(summed.losses, 1.5 * plain.losses)
+
+
 def test_chunked_projection_gradients():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)

@@ -63,6 +63,24 @@ def test_full_fine_tuning_trains_weights_of_its_own_not_the_checkpoints_mapping(
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_dropout_is_off_by_default_as_in_trl_and_an_adapters_own_stays(tmp_path):
+    """TRL's DPOConfig.disable_dropout (default true) sets the model's dropout modules to 0; perpair trained with
+    them on (a GPT-2's 0.1): another loss and gradient than TRL's for the same settings, and margins not 0 at step
+    1. Now off unless disable_dropout: false; a LoRA adapter's dropout, which the user sets, still applies."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def rates(config_update):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32))
+        assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}  # the premise
+        config = load_config(None, {"model": "m", "data": "x", "out": str(tmp_path), "steps": 1, **config_update})
+        model = prepare_policy(config, model)
+        return {round(m.p, 6) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+    assert rates({}) == {0.0}
+    assert rates({"disable_dropout": False}) == {0.1}
+    assert rates({"lora": {"r": 2, "dropout": 0.3, "target_modules": ["c_attn"]}}) == {0.0, 0.3}
+
+
 def _train(config):
     from perpair.train import train
 

@@ -526,6 +526,8 @@ class _Job:
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
                               for name in (*RECORDING_ONLY, "release_cpu_memory")}, run_name=arm)
         del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
+        if settings_read["disable_dropout"]:  # (newer too: keyed only when off, TRL's default on)
+            del settings_read["disable_dropout"]
         # precision auto is bf16 autocast on a GPU that has it, float32 elsewhere: keyed as it resolves where it is
         # bf16, so that a workdir trained in float32 on a CPU and run again on a GPU trains again (it was "unchanged,
         # skipped", and an arm retrained there was bf16 beside float32 ones); auto resolving to float32 keeps the key

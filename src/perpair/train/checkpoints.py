@@ -75,6 +75,8 @@ def run_identity(config: TrainConfig, *, tokenizer: bool = True, resolved: bool 
         return path_identity(path)
 
     options = config.model_dump(mode="json", exclude=_NOT_IDENTITY - MEMORY_ONLY if memory else _NOT_IDENTITY)
+    if options.get("disable_dropout") is True:  # (the default since 7 Dec 2026: keyed only when off, so that the keys
+        del options["disable_dropout"]           # written before stay this run's)
     if resolved and config.precision == "auto" and uses_bf16(config):  # (auto → float32 keeps "auto", as before)
         options["precision"] = "bf16"
     options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),

@@ -115,6 +115,8 @@ class TrainConfig(NumbersNotBools):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null = off.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="bf16 autocast where supported (auto: on a CUDA device with bf16), else fp32.")
+    disable_dropout: bool = Field(True, description="Set the model's own dropout modules to 0, as TRL's DPOConfig "
+                                  "does by default (a LoRA adapter's lora.dropout, set here, still applies).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward (less memory).")
     lean_activations: bool = Field(
         True, description="Save only the inputs of SwiGLU MLPs and RMSNorms for the backward and recompute their "

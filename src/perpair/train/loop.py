@@ -356,7 +356,9 @@ def forward_pairs(config, module, packed: Packed, rows: list[int], data: PairDat
     smoothing = torch.tensor(data.label_smoothing[rows], dtype=sums.dtype, device=device)
     params = LossParams(beta, smoothing, config.simpo_gamma, config.f_divergence_type,
                         config.f_alpha_divergence_coef, config.discopop_tau, weight)
-    result = routed_losses(config.objective, policy, ref, params, route)
+    # a loss of sft terms alone (`[sft, sft]`, `sft` with loss_weights) routes every pair to SFT: its weights there
+    result = routed_losses(config.objective, policy, ref, params, route,
+                           sft=config.objective if config.sft_only else None)
     return _StepResult(result.losses, result.chosen_rewards, result.rejected_rewards, policy, route)
 
 

@@ -327,7 +327,8 @@ def wpo_weights(chosen_aligned: Tensor, chosen_tokens: Tensor, rejected_aligned:
 def objective(names: str | Sequence[str], weights: Sequence[float] | None = None) -> LossSpec:
     """The loss a run trains with: one registered loss, or the weighted sum Σ_k w_k·loss_k of several per pair
     (TRL's ``loss_type`` list with ``loss_weights``; e.g. MPO = sigmoid + bco_pair + sft with weights 0.8, 0.2,
-    1.0; RPO = sigmoid + sft with weights 1 and α). The rewards reported are the first loss's. With
+    1.0; RPO = sigmoid + sft with weights 1 and α). The rewards reported are the first loss's that has rewards
+    (an ``sft`` term has none: ``[sft, sigmoid]`` reports sigmoid's). With
     ``params.pair_weight`` (WPO) every pair's total is multiplied by its weight, as TRL weights each term."""
     names = [names] if isinstance(names, str) else list(names)
     weights = [1.0] * len(names) if weights is None else list(weights)
@@ -343,7 +344,8 @@ def objective(names: str | Sequence[str], weights: Sequence[float] | None = None
         total = None
         for spec, weight in zip(specs, weights, strict=True):
             part = spec.fn(policy, reference, params)
-            first = first or part
+            if first is None or (first.chosen_rewards.isnan().all() and not part.chosen_rewards.isnan().all()):
+                first = part
             total = part.losses * weight if total is None else total + part.losses * weight
         assert first is not None and total is not None
         if params.pair_weight is not None:
@@ -365,17 +367,18 @@ ROUTE_SFT = 1
 
 
 def routed_losses(loss: str | LossSpec, policy: Logps, reference: Logps | None, params: LossParams,
-                  route: Tensor) -> PairLosses:
+                  route: Tensor, sft: LossSpec | None = None) -> PairLosses:
     """Per-pair losses where each pair's route picks its objective (MixDPO's hard per-sample switch):
-    route 0 → ``loss`` (a registered name or an :func:`objective`), route 1 → ``sft``. Each objective sees only its
-    own pairs, so the values of the other route's missing fields (an SFT pair has no rejected log-prob) never
-    enter a computation or a gradient."""
-    preference = LOSSES[loss] if isinstance(loss, str) else loss
+    route 0 → ``loss`` (a registered name or an :func:`objective`), route 1 → ``sft`` (default: the ``sft`` loss;
+    a run whose loss is sft terms alone gives its weighted sum). Each objective sees only its own pairs, so the
+    values of the other route's missing fields (an SFT pair has no rejected log-prob) never enter a computation or
+    a gradient."""
+    preference = objective(loss) if isinstance(loss, str) else loss  # (objective: a WPO weight applies)
     n = route.shape[0]
     out_losses = policy.chosen.new_zeros(n)
     out_chosen = policy.chosen.new_full((n,), float("nan")).detach()
     out_rejected = out_chosen.clone()
-    for code, spec in ((ROUTE_PREFERENCE, preference), (ROUTE_SFT, LOSSES["sft"])):
+    for code, spec in ((ROUTE_PREFERENCE, preference), (ROUTE_SFT, sft or LOSSES["sft"])):
         index = torch.nonzero(route == code).flatten()
         if index.numel() == 0:
             continue

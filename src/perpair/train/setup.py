@@ -404,6 +404,10 @@ def check_lora_targets(config: TrainConfig, model) -> None:
 
 def prepare_policy(config: TrainConfig, model, single_process: bool = True):
     """Full fine-tuning, or a LoRA adapter (PEFT) on the frozen model."""
+    if config.disable_dropout:  # TRL's default (disable_dropout_in_model): before an adapter, whose dropout is ours
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name since Transformers 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
