@@ -100,6 +100,29 @@ def test_rerun_sends_no_request_and_shards_merge(uf_pairs, tmp_path):
     assert incomplete.returncode == 2 and "not exactly" in incomplete.stderr
 
 
+def test_shards_that_differ_in_max_reasks_or_prices_merge_and_in_temperature_not(uf_pairs, tmp_path):
+    """max_reasks shapes no answer (it left the cache key): a shard re-run with more re-asks to recover its
+    failures was refused by merge ("its teachers … differs", pointing at model files); so were other prices."""
+    def config(name, url, extra):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"teachers:\n  - kind: api\n    model: stub\n    base_urls: [{url}]\n{extra}")
+        return path
+
+    with Stub() as url:
+        parts = []
+        for i, extra in enumerate(("    max_reasks: 2\n", "    max_reasks: 5\n    price_prompt_per_1k: 0.01\n",
+                                   "    temperature: 0.7\n")):
+            part = tmp_path / f"part{i}.parquet"
+            annotate(uf_pairs, part, "--config", config(f"c{i}", url, extra), "--limit", "8", "--shard",
+                     f"{min(i, 1)}/2")
+            parts.append(part)
+    merged = run_cli("annotate", "merge", *parts[:2], "-o", tmp_path / "merged.parquet", check=False)
+    assert merged.returncode == 0, merged.stderr
+    other = run_cli("annotate", "merge", parts[0], parts[2], "-o", tmp_path / "other.parquet", check=False)
+    assert other.returncode == 2 and "its teachers (their settings, or a local teacher's model files) differs" \
+        in other.stderr, other.stderr
+
+
 def test_merge_refuses_a_shard_of_other_columns_or_shard_naming_the_file(uf_pairs, tmp_path):
     """Shards that read but are not what a --shard run writes (a column gone from the annotations or from the calls
     table beside them, a provenance whose shard is not i/n: another program's or edited files) ended `perpair

@@ -374,6 +374,18 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
                 task.cancel()
 
 
+# A teacher's settings that shape no answer (the bound on re-asks, the prices the cost is counted at): shards that differ
+# in them merge (a shard re-run with more re-asks to recover its failures, say).
+NOT_ANSWERS = frozenset({"max_reasks", "price_prompt_per_1k", "price_completion_per_1k"})
+
+
+def _answering(value: Any, key: str) -> Any:
+    """A provenance entry with the teachers' settings of :data:`NOT_ANSWERS` left out."""
+    if key != "teachers" or not isinstance(value, list):
+        return value
+    return [{k: v for k, v in t.items() if k not in NOT_ANSWERS} if isinstance(t, dict) else t for t in value]
+
+
 def _legacy_answers(cache: AnswerCache, missing: list[tuple[Any, Call]], seed: int) -> dict[str, CallRecord]:
     """The answers of ``missing`` calls cached under a teacher's keys of before (``legacy_fingerprints``: an API
     teacher's held ``max_reasks`` until 7 Dec 2026, whatever value the run that wrote them had), stored again under
@@ -470,7 +482,7 @@ def merge(outputs: list[str | os.PathLike], target: str | os.PathLike, *, min_va
     first = provenances[0]
     for path, provenance in zip(outputs, provenances, strict=True):
         for key in ("pairs_sha256", "teachers", "templates", "seed", "limit"):
-            if provenance.get(key) != first.get(key):
+            if _answering(provenance.get(key), key) != _answering(first.get(key), key):
                 what = " (their settings, or a local teacher's model files)" if key == "teachers" else ""
                 raise PerpairError(f"file {path}: its {key}{what} differs from {outputs[0]}'s; shards must come from "
                                    "one pairs file and one configuration")

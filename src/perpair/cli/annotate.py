@@ -132,8 +132,10 @@ def _print_result(result: AnnotateResult) -> None:
     out.print(f"{result.pairs:,} pairs, {result.calls:,} teacher calls ({status}); {result.cached:,} from the cache"
               f"{retried}; {result.annotated_pairs:,} pairs annotated")
     if result.prompt_tokens or result.completion_tokens:
-        out.print(f"tokens: {result.prompt_tokens:,} prompt + {result.completion_tokens:,} completion; "
-                  f"cost {result.cost:.4f}; {result.requests:,} HTTP requests this run")
+        # (the answers' own usage, cached ones included: what the annotations cost, not what this run spent)
+        out.print(f"tokens of the answers (cached included): {result.prompt_tokens:,} prompt + "
+                  f"{result.completion_tokens:,} completion; cost {result.cost:.4f}; {result.requests:,} HTTP "
+                  "requests this run")
     failed = result.status.get("failed", 0)
     for reason, count in sorted(result.failures.items(), key=lambda item: -item[1])[:10]:
         out.print(f"  failed × {count}: {escape(reason)}")
