@@ -374,8 +374,8 @@ async def _run_async(teacher, work: list[Call], cache: AnswerCache, progress: Pr
                 task.cancel()
 
 
-# A teacher's settings that shape no answer (the bound on re-asks, the prices the cost is counted at): shards that differ
-# in them merge (a shard re-run with more re-asks to recover its failures, say).
+# A teacher's settings that shape no answer (the bound on re-asks, the prices the cost is counted at): shards that
+# differ in them merge (a shard re-run with more re-asks to recover its failures, say).
 NOT_ANSWERS = frozenset({"max_reasks", "price_prompt_per_1k", "price_completion_per_1k"})
 
 
