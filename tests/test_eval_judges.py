@@ -473,20 +473,22 @@ def test_an_api_judge_without_top_logprobs_gives_no_judgment_not_a_certain_one()
     assert UNCACHED in alone and UNCACHED not in full  # the server's settings, not a verdict: asked again next run
 
     # a request the server refuses (HTTP 400: the prompt over its context) stopped the whole evaluation; now it is
-    # that instruction's missing judgment, asked again next run; a server down (retries spent) still stops it
+    # that instruction's missing judgment, asked again next run; a wrong key or model name (401, 404), or a server
+    # down (retries spent: a 503), would fail every request, and still stops it, with its own words
     from perpair.llm.client import ChatError
 
     class Refusing:
-        def __init__(self, retryable):
-            self.retryable = retryable
+        def __init__(self, status):
+            self.status = status
 
         async def chat(self, messages, **options):
-            raise ChatError("HTTP 400: maximum context length", status=400, retryable=self.retryable)
+            raise ChatError(f"HTTP {self.status}: refused", status=self.status, retryable=self.status == 503)
 
-    refused = asyncio.run(judge._one(Refusing(False), []))
+    refused = asyncio.run(judge._one(Refusing(400), []))
     assert refused["logprobs"] == {} and refused[UNCACHED].startswith("the server refused the request: HTTP 400")
-    with pytest.raises(ChatError):
-        asyncio.run(judge._one(Refusing(True), []))
+    for status in (401, 404, 503):
+        with pytest.raises(ChatError, match=f"HTTP {status}"):
+            asyncio.run(judge._one(Refusing(status), []))
 
 
 def test_a_reply_without_top_logprobs_is_asked_again_by_the_next_run(tmp_path, monkeypatch):

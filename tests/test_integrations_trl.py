@@ -508,9 +508,14 @@ def test_options_that_would_leave_the_plans_order_are_refused(small_pairs, tiny_
     with pytest.raises(PerpairError, match=r"auto_find_batch_size is not supported: after an out-of-memory error "
                                            r"Transformers restarts training from the plan's first pair"):
         plugin.check_config(_args(tmp_path, 2, 64, 1e-3, auto_find_batch_size=True))
+    # (with a curriculum; a plan without one leaves the order, and the last batch, to TRL, as stock)
+    curriculum = _plan(small_pairs, tmp_path / "mixdpo.parquet", "mixdpo", {"routing": {"tau": None}})
     with pytest.raises(PerpairError, match=r"dataloader_drop_last=True drops the last incomplete batch of every "
                                            r"epoch: with the plan's order those are the plan's last pairs"):
-        plugin.check_config(_args(tmp_path, 2, 64, 1e-3, dataloader_drop_last=True))
+        _construct(tiny_model, _dataset(small_pairs), curriculum, tmp_path, dataloader_drop_last=True)
+    unordered = _plan(small_pairs, tmp_path / "dpo.parquet", "dpo", beta=0.1)
+    assert _construct(tiny_model, _dataset(small_pairs), unordered, tmp_path, dataloader_drop_last=True).args \
+        .dataloader_drop_last
     with pytest.raises(PerpairError, match=r"dataloader_in_order=False with dataloader_num_workers > 0 yields each "
                                            r"batch when its worker has it ready, not in the plan's order"):
         plugin.check_config(_args(tmp_path, 2, 64, 1e-3, dataloader_num_workers=2, dataloader_in_order=False))

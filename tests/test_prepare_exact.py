@@ -712,17 +712,21 @@ def test_templated_text_is_kept_on_request_for_trl_and_refused_by_perpair_train(
     assert one_error(train) == (f"error: {tmp_path / 'out.parquet'}: pair {first['pair_id']}: field "
                                 "'prompt[0].content': the text holds '<|im_start|>', a chat template's turn marker: "
                                 "the text was rendered with a template already, and perpair renders the pair's "
-                                "messages with the model's chat template; give the turns as messages without the "
-                                "markers, or leave the pair out")
+                                "messages with the model's chat template; 1 pair(s) of the run hold such text; give "
+                                "the turns as messages without the markers, or leave the pairs out")
+    # every such pair named at once (the first stopped the run: one run per pair to find them all)
     source, result = prepare(tmp_path, [{"prompt": "Q2", **ANSWERS},
-                                        {"prompt": Q, "chosen": "Put <file_sep> between files", "rejected": "No"}])
+                                        {"prompt": Q, "chosen": "Put <file_sep> between files", "rejected": "No"},
+                                        {"prompt": "Q3", "chosen": "a", "rejected": "see <filename> b"}])
     assert result.returncode == 0, result.stderr
-    second = read_pairs(str(tmp_path / "out.parquet"))[0].to_pylist()[1]["pair_id"]
+    ids = read_pairs(str(tmp_path / "out.parquet"))[0].column("pair_id").to_pylist()
     train = run_cli_inprocess("train", "--model", tiny_model_dir, "--data", tmp_path / "out.parquet",
                               "--out", tmp_path / "run", "--steps", "1", "--batch-size", "2")
-    assert one_error(train).startswith(f"error: {tmp_path / 'out.parquet'}: pair {second}: field "
-                                       "'chosen[0].content': the text holds '<file_sep>', one of the tokenizer's "
-                                       "special tokens, which tokenization would read as that token, not as text")
+    assert one_error(train) == (f"error: {tmp_path / 'out.parquet'}: pair {ids[1]}: field 'chosen[0].content': the "
+                                "text holds '<file_sep>', one of the tokenizer's special tokens, which tokenization "
+                                "would read as that token, not as text; 2 pair(s) of the run hold such text (the "
+                                f"others: {ids[2]}); give the turns as messages without the markers, or leave the "
+                                "pairs out")
 
 
 def test_a_revision_given_for_a_local_dataset_folder_is_refused(tmp_path):

@@ -1156,7 +1156,9 @@ def test_a_setting_of_the_logs_or_checkpoints_alone_trains_no_arm_again(tmp_path
     shutil.copytree(work, tmp_path / "work")
     config["train"] = {**config["train"], "save_every": 0, "keep_checkpoints": 1,
                        "report_to": ["tensorboard", "wandb"],  # (run_name: a W&B run's; TensorBoard shows none)
-                       "project": "mine", "run_name": "first", "save_every_minutes": 10}
+                       "project": "mine", "run_name": "first", "save_every_minutes": 10,
+                       # and the settings that trade memory for time (an arm that ran out of memory, retrained)
+                       "gradient_checkpointing": True, "logits_chunk": 128}
     if not torch.cuda.is_available():  # where the arms would read it: on a CPU under glibc's malloc
         monkeypatch.setattr(setup, "active_allocator", lambda: None)
         config["train"]["release_cpu_memory"] = False

@@ -1130,7 +1130,8 @@ def test_a_corrupt_pairs_file_is_one_error_naming_it(tiny_model, uf_pairs, tmp_p
     result = run_cli("inspect", missing, check=False)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: file {missing}: not found"]
     # a Hub dataset id, which the help promised ("any source perpair prepare reads"): prepared first, said so
-    for data in ("trl-lib/ultrafeedback_binarized", "hub:trl-lib/ultrafeedback_binarized"):
+    for data in ("trl-lib/ultrafeedback_binarized", "hub:trl-lib/ultrafeedback_binarized",
+                 "allenai/tulu-2.5-preference-data"):
         result = _train(tiny_model, data, tmp_path / "hub", "--steps", "1", check=False)
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [
             f"error: file {data}: not found; perpair train reads files and folders: for a Hub dataset, perpair "
@@ -1549,6 +1550,30 @@ def test_a_resumed_run_computes_the_reference_of_the_steps_it_trains_only(tiny_m
     again = run_cli("train", "--model", tiny_model, "--data", uf_pairs, "--out", out, "--threads", "1", *args,
                     "--resume", "--set", f"reference_cache={tmp_path / 'colder'}")
     assert "(0 steps to go)" in again.stderr and not (tmp_path / "colder").exists()
+
+
+def test_disable_dropout_is_keyed_for_a_model_with_dropout_only(tiny_model, uf_pairs, tmp_path):
+    """Dropout became off by default (TRL's disable_dropout) on 7 Dec 2026. For a model without dropout (SmolLM2,
+    Llama) the setting changes nothing: the run key is the one before, whatever its value. For one with dropout
+    (GPT-2's 0.1) it is keyed, so a run begun before, trained with dropout on, is not resumed with it off: its key is
+    that of disable_dropout false."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from perpair.train import load_config
+    from perpair.train.checkpoints import earlier_run_keys, run_key
+
+    def keys(model):
+        base = {"model": str(model), "data": str(uf_pairs), "out": str(tmp_path / "out"), "steps": 2}
+        on, off = (load_config(None, {**base, "disable_dropout": value}) for value in (True, False))
+        return run_key(on), run_key(off), earlier_run_keys(on), earlier_run_keys(off)
+
+    on, off, earlier_on, earlier_off = keys(tiny_model)
+    assert on == off and earlier_on == earlier_off
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(gpt2)
+    on, off, earlier_on, earlier_off = keys(gpt2)
+    assert on != off and not set(earlier_on) & set(earlier_off)
+    assert on not in earlier_on + earlier_off and off not in earlier_on + earlier_off
 
 
 def test_the_weights_of_a_loss_of_sft_terms_alone_apply(tiny_model, uf_pairs, tmp_path):

@@ -330,6 +330,31 @@ def model_fingerprint(spec: str) -> str:
     return digest.hexdigest()
 
 
+def config_dropout(spec: str) -> bool:
+    """Whether the model's configuration sets a dropout rate above 0 (any ``*dropout*`` or ``*pdrop`` setting, nested
+    ones too: GPT-2's 0.1, OPT's; Llama's, Qwen's, SmolLM2's are 0). True where the configuration cannot be read: a
+    setting that would matter is then kept in keys rather than left out."""
+    folder = Path(resolve_model(spec))
+    try:
+        if folder.is_dir():
+            values = json.loads((folder / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            with no_progress_bars():
+                values = AutoConfig.from_pretrained(str(folder)).to_dict()
+    except Exception:  # noqa: BLE001 - any reason it cannot be read (no file, no network, not JSON)
+        return True
+
+    def rates(value: Any, name: str = "") -> list[float]:
+        if isinstance(value, dict):
+            return [r for key, item in value.items() for r in rates(item, str(key))]
+        hit = ("dropout" in name or name.endswith("pdrop")) and isinstance(value, int | float)
+        return [float(value)] if hit and not isinstance(value, bool) else []
+
+    return any(rate > 0 for rate in rates(values))
+
+
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 

@@ -243,7 +243,11 @@ class LocalTeacher:
                     self._tokenizer = load_tokenizer(path)  # (it refuses a blank chat template)
                     self._model = load_causal_lm(path, dtype=dtype)
                 if torch.cuda.is_available():  # (it ran on the CPU whatever the machine had)
-                    self._model = self._model.to("cuda")
+                    try:
+                        self._model = self._model.to("cuda")
+                    except torch.cuda.OutOfMemoryError:  # a model larger than the GPU: on the CPU, as before
+                        self._model = self._model.to("cpu")
+                        torch.cuda.empty_cache()
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)

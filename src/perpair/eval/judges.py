@@ -136,6 +136,10 @@ def _run(coro):
 # Marks a judgment that is no verdict (an API judge's reply without top log-probabilities): a re-run asks again, where
 # a cached null would stay null after the server is fixed.
 UNCACHED = "uncached"
+# The statuses of a request the server refuses for itself (too long for its context, too large, a content filter's
+# 400): that prompt's missing judgment, asked again next run; any other failure (401, 404: a wrong key or model name)
+# would fail every request, and stops the evaluation
+REFUSED_REQUEST = frozenset({400, 413, 422})
 
 
 class ApiLogprobJudge:
@@ -162,7 +166,7 @@ class ApiLogprobJudge:
         try:
             result = await client.chat(messages, max_tokens=1, temperature=1.0, logprobs=True, top_logprobs=5)
         except ChatError as exc:
-            if exc.retryable:  # (the server down, retries spent: every call would fail; stop, as before)
+            if exc.status not in REFUSED_REQUEST:  # (a wrong key or model, the server down: every call would fail)
                 raise
             # one request the server refuses (a prompt over its context, a content filter: HTTP 400) is no verdict
             # for that instruction, not the end of the evaluation (the others' judgments were lost with it)
@@ -217,7 +221,7 @@ class ApiChatJudge:
             try:
                 return (await client.chat(messages, max_tokens=max_tokens, temperature=0.0)).content or None
             except ChatError as exc:
-                if exc.retryable:  # (the server down, retries spent: stop, as before)
+                if exc.status not in REFUSED_REQUEST:  # (a wrong key or model, the server down: stop, as before)
                     raise
                 return None  # a request the server refuses (over its context: HTTP 400): no judgment, asked again
 

@@ -307,11 +307,6 @@ def check_config(args: DPOConfig) -> None:
                            "with a batch size its checkpoints do not record, so a resume would skip other pairs of "
                            "the plan; set per_device_train_batch_size to one that fits (and "
                            "gradient_accumulation_steps for the effective batch)")
-    if args.dataloader_drop_last:
-        raise PerpairError("dataloader_drop_last=True drops the last incomplete batch of every epoch: with the plan's "
-                           "order those are the plan's last pairs (the hardest of an easy-to-hard curriculum), never "
-                           "trained; leave it False (the last step of an epoch then has fewer pairs), or drop pairs "
-                           "in the plan (route drop)")
     if args.dataloader_num_workers > 0 and not getattr(args, "dataloader_in_order", True):
         raise PerpairError("dataloader_in_order=False with dataloader_num_workers > 0 yields each batch when its "
                            "worker has it ready, not in the plan's order; leave dataloader_in_order True (the "
@@ -424,6 +419,11 @@ class PerPairDPOTrainer(DPOTrainer):
             raise PerpairError("PerPairDPOTrainer does not support vision datasets (their collator differs)")
         check_eval_dataset(kwargs.get("eval_dataset"))
         train_dataset, self.plan_summary = apply_plan(train_dataset, plan)
+        if args.dataloader_drop_last and self.plan_summary.ordered:  # (without a curriculum: TRL's sampler, as stock)
+            raise PerpairError("dataloader_drop_last=True drops the last incomplete batch of every epoch: with the "
+                               "plan's order those are the plan's last pairs (the hardest of an easy-to-hard "
+                               "curriculum), never trained; leave it False (the last step of an epoch then has fewer "
+                               "pairs), or drop pairs in the plan (route drop)")
         check_beta(args, train_dataset, kwargs.get("eval_dataset"))
         check_smoothing(args, train_dataset)
         if args.world_size > 1 and self.plan_summary.sft:  # (before TRL's tokenization and reference pass)
@@ -472,7 +472,7 @@ class PerPairDPOTrainer(DPOTrainer):
                 raise PerpairError(f"trainer.train_dataset row {row} holds pair {pid}, which PerPairDPOTrainer did not "
                                    "plan: the training dataset was changed after the plan was applied to it; pass "
                                    "the dataset to the constructor")
-            if position <= last:
+            if position <= last and self.plan_summary.ordered:  # (without a curriculum the order is TRL's)
                 raise PerpairError(f"trainer.train_dataset was reordered after PerPairDPOTrainer applied the plan: row "
                                    f"{row} holds pair {pid}, which the plan's order puts before pair {previous} of "
                                    f"row {row - 1}; the rows are read as they come, so the plan's curriculum would be "

@@ -513,21 +513,25 @@ class _Job:
         options = {**self._train_options(keys, arm, pairs), "plan": str(plan), "out": str(out)}
         from perpair.models import model_fingerprint, resolve_model
         from perpair.train import TrainConfig, load_config
-        from perpair.train.checkpoints import RECORDING_ONLY
+        from perpair.train.checkpoints import MEMORY_ONLY, RECORDING_ONLY
 
         # every setting as training reads it, defaults included (a default that changes is another training), and
         # the models by content: the initial one and a reference model of its own (retrained at the same path). The
-        # settings of the logs and checkpoints alone (RECORDING_ONLY), and release_cpu_memory (when the allocator
-        # gives freed memory back: the peak RSS, never a number), are keyed at the run's defaults: changing one
-        # trains no arm again, and the stamps made before they were left out still match.
+        # settings of the logs and checkpoints alone (RECORDING_ONLY), those that trade memory for time alone
+        # (MEMORY_ONLY: an arm that ran out of memory resumes with gradient_checkpointing, its checkpoints kept), and
+        # release_cpu_memory (when the allocator gives freed memory back: the peak RSS, never a number), are keyed at
+        # the run's defaults: changing one trains no arm again, and the stamps made before they were left out still
+        # match.
         config = load_config(None, options)
         settings_read = config.model_dump(mode="json", exclude={"model", "data", "plan", "out", "resume",
                                                                 "reference_cache"})
         settings_read.update({name: TrainConfig.model_fields[name].get_default(call_default_factory=True)
-                              for name in (*RECORDING_ONLY, "release_cpu_memory")}, run_name=arm)
+                              for name in (*RECORDING_ONLY, *MEMORY_ONLY, "release_cpu_memory")}, run_name=arm)
         del settings_read["save_every_minutes"]  # newer than the stamps: left out, the stamps made before still match
-        if settings_read["disable_dropout"]:  # (newer too: keyed only when off, TRL's default on)
-            del settings_read["disable_dropout"]
+        from perpair.models import config_dropout
+
+        if not config_dropout(self.config.model):  # (newer too: keyed for a model with dropout only, whose arms
+            del settings_read["disable_dropout"]  # trained before with it on train again)
         # precision auto is bf16 autocast on a GPU that has it, float32 elsewhere: keyed as it resolves where it is
         # bf16, so that a workdir trained in float32 on a CPU and run again on a GPU trains again (it was "unchanged,
         # skipped", and an arm retrained there was bf16 beside float32 ones); auto resolving to float32 keeps the key

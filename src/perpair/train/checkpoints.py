@@ -66,7 +66,7 @@ def run_identity(config: TrainConfig, *, tokenizer: bool = True, resolved: bool 
     False, and ``memory`` True (the settings of :data:`MEMORY_ONLY` keyed): the key as earlier perpairs wrote it
     (:func:`earlier_run_keys`)."""
     from perpair.artifacts import path_identity
-    from perpair.models import model_fingerprint, resolve_model, tokenizer_identity
+    from perpair.models import config_dropout, model_fingerprint, resolve_model, tokenizer_identity
     from perpair.train.setup import uses_bf16
 
     def contents(path: str | None) -> object:
@@ -75,8 +75,10 @@ def run_identity(config: TrainConfig, *, tokenizer: bool = True, resolved: bool 
         return path_identity(path)
 
     options = config.model_dump(mode="json", exclude=_NOT_IDENTITY - MEMORY_ONLY if memory else _NOT_IDENTITY)
-    if options.get("disable_dropout") is True:  # (the default since 7 Dec 2026: keyed only when off, so that the keys
-        del options["disable_dropout"]           # written before stay this run's)
+    # disable_dropout (since 7 Dec 2026; before, a model's dropout trained on): keyed only for a model with dropout,
+    # so that the keys of the others stay; an earlier perpair's key of a model with dropout is that of false
+    if not config_dropout(config.model) or (memory and not config.disable_dropout):
+        del options["disable_dropout"]
     if resolved and config.precision == "auto" and uses_bf16(config):  # (auto → float32 keeps "auto", as before)
         options["precision"] = "bf16"
     options["contents"] = {"data": contents(config.data), "plan": contents(config.plan),
@@ -141,7 +143,12 @@ def _differences(out: Path, config: TrainConfig) -> str:
     except (OSError, ValueError):
         held = None
     if not isinstance(held, dict):  # (a run of before 7 Dec 2026 16:00 UTC wrote none)
-        return "its run.key differs: other settings, or data, plan, model or tokenizer files changed since"
+        from perpair.models import config_dropout
+
+        dropout = ("; the model has dropout, which perpair turns off since 7 Dec 2026, as TRL: a run begun before "
+                   "resumes with disable_dropout: false" if config.disable_dropout and config_dropout(config.model)
+                   else "")
+        return f"its run.key differs: other settings, or data, plan, model or tokenizer files changed since{dropout}"
     now = run_identity(config)
     changed = []
     for name in sorted(set(held) | set(now)):

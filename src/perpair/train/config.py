@@ -273,7 +273,7 @@ class TrainConfig(NumbersNotBools):
                              ", or add report_to")
         if self.run_name is not None and set(self.report_to) == {"tensorboard"}:
             raise ValueError("run_name names the run on W&B, Trackio or MLflow; TensorBoard, the only tracker here, "
-                             "shows none (it writes to OUT/runs/PROJECT): drop run_name, or set project")
+                             "shows none: drop run_name (project names TensorBoard's folder, OUT/runs/PROJECT)")
         if self.lora is not None and self.lora.merge and not self.save_model:
             raise ValueError("lora.merge saves the merged model, and save_model false saves none; drop one")
         if self.recompute_mlp is not None and not self.lean_activations:

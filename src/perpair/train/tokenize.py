@@ -14,6 +14,7 @@ the markers as its special tokens, not as text.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -65,12 +66,18 @@ def _special_tokens(tokenizer: Any) -> re.Pattern | None:
     """The tokenizer's special added tokens (``<|im_end|>``, ``</s>``, a model's own), as one pattern: in a
     message's text, the tokenizer would read them as those tokens."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    texts = sorted({token.content for token in decoder.values() if getattr(token, "special", False) and token.content},
-                   key=len, reverse=True)
+    return _pattern(tuple(sorted({token.content for token in decoder.values()
+                                  if getattr(token, "special", False) and token.content}, key=len, reverse=True)))
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern(texts: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def _refuse_markup(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]) -> None:
+def markup_problem(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]) -> str | None:
+    """Why a pair's messages cannot be tokenized as text (a chat template's turn marker, one of the tokenizer's
+    special tokens), naming the field; None where they can."""
     special = _special_tokens(tokenizer)
     for name, messages in parts.items():
         for index, message in enumerate(messages or []):
@@ -81,8 +88,13 @@ def _refuse_markup(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]
                 why = "one of the tokenizer's special tokens, which tokenization would read as that token, not as text"
             else:
                 continue
-            raise PerpairError(f"field '{name}[{index}].content': the text holds '{found.group()}', {why}; give the "
-                               "turns as messages without the markers, or leave the pair out")
+            return f"field '{name}[{index}].content': the text holds '{found.group()}', {why}"
+    return None
+
+
+def _refuse_markup(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]) -> None:
+    if problem := markup_problem(tokenizer, parts):
+        raise PerpairError(f"{problem}; give the turns as messages without the markers, or leave the pair out")
 
 
 def pair_tools(pairs: Any) -> list[str | None]:
