@@ -513,7 +513,7 @@ def test_an_api_judges_empty_reply_is_not_cached_and_the_next_run_asks_again(tmp
     assert (first["score"], first["n_battles"]) == (100.0, 2)
     assert first["note"] == ("2 of 4 games without a verdict (after one retry) weigh 0, as in show_result.py; 2 of "
                              "them got an empty reply from the judge (content null or \"\", or a request it refused: "
-                             "HTTP 400), not cached: a re-run asks the judge again")
+                             "HTTP 400, 413, 422), not cached: a re-run asks the judge again")
     assert sorted(asked[:6]) == [False, False, True, True, True, True]  # 2 verdicts; 2 empty, each asked twice
     # run 2 asks those two games again, and only them; the games with a verdict come from the cache
     assert asked[6:] == [True, True]

@@ -221,7 +221,8 @@ def parse_teacher_spec(spec: str) -> dict:
         if base.startswith(("http://", "https://")) and model and "://" not in model:
             return {"kind": "api", "base_urls": [base], "model": model}
     raise PerpairError(f"teacher {spec!r}: expected 'ratings', 'local:MODEL_DIR' or 'api:BASE_URL/MODEL' "
-                       "(e.g. api:http://127.0.0.1:8080/v1/smollm2; a model name with '/' needs a YAML config)")
+                       "(e.g. api:http://127.0.0.1:8080/v1/smollm2; after /v1/ the model's name may hold '/'; a root "
+                       "without /v1 and a model name with '/' need a YAML config)")
 
 
 def load_config(path: str | Path | None, *, teachers: list[str] | None = None, base_urls: list[str] | None = None,

@@ -246,7 +246,7 @@ def _empty_note(n_empty: int) -> str:
     if not n_empty:
         return ""
     return (f"; {n_empty} of them got an empty reply from the judge (content null or \"\", or a request it "
-            "refused: HTTP 400), not cached: a re-run asks the judge again")
+            "refused: HTTP 400, 413, 422), not cached: a re-run asks the judge again")
 
 
 def _judge_games(config: ArenaHardConfig, conversations: list[list[dict[str, str]]], cache: ResultCache,
