@@ -345,14 +345,19 @@ def config_dropout(spec: str) -> bool:
                 values = AutoConfig.from_pretrained(str(folder)).to_dict()
     except Exception:  # noqa: BLE001 - any reason it cannot be read (no file, no network, not JSON)
         return True
+    return any(rate > 0 for rate in config_dropout_rates(values))
 
-    def rates(value: Any, name: str = "") -> list[float]:
+
+def config_dropout_rates(values: dict) -> list[float]:
+    """The values of a model configuration's ``*dropout*`` and ``*pdrop`` settings, nested ones included (a
+    multimodal model's text config; attention dropout is a setting, not a module)."""
+    rates = []
+    for name, value in values.items():
         if isinstance(value, dict):
-            return [r for key, item in value.items() for r in rates(item, str(key))]
-        hit = ("dropout" in name or name.endswith("pdrop")) and isinstance(value, int | float)
-        return [float(value)] if hit and not isinstance(value, bool) else []
-
-    return any(rate > 0 for rate in rates(values))
+            rates += config_dropout_rates(value)
+        elif isinstance(name, str) and ("dropout" in name or name.endswith("pdrop")) and isinstance(value, int | float):
+            rates.append(float(value))
+    return rates
 
 
 COMMIT = re.compile(r"[0-9a-f]{40}")

@@ -20,7 +20,7 @@ from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig, check_plan_fits
 from perpair.train.losses import ROUTE_PREFERENCE, ROUTE_SFT
 from perpair.train.processes import on_main_process
-from perpair.train.tokenize import TokenizedPair, markup_problem, pair_tools, tokenize_pair
+from perpair.train.tokenize import TokenizedPair, pair_tools, refuse_markup, tokenize_pair
 
 
 @dataclass
@@ -140,20 +140,6 @@ def is_pairs_file(path: Path) -> bool:
         return False
 
 
-def _refuse_markup(data: PairData, tokenizer, prompts, chosen, rejected) -> None:
-    """Every pair of the run whose text holds a chat template's turn markers or the tokenizer's special tokens, named
-    at once (the first of them stopped the run: one run per pair to find them all)."""
-    marked = [(row, problem) for row in data.order.tolist() if (problem := markup_problem(tokenizer, {
-        "prompt": prompts[row].as_py(), "chosen": chosen[row].as_py(),  # (an SFT pair's rejected is never read)
-        "rejected": None if data.route[row] == ROUTE_SFT else rejected[row].as_py()}))]
-    if marked:
-        row, problem = marked[0]
-        others = ", ".join(data.pair_ids[r] for r, _ in marked[1:6]) + (" …" if len(marked) > 6 else "")
-        raise PerpairError(f"{data.path}: pair {data.pair_ids[row]}: {problem}; {len(marked)} pair(s) of the run hold "
-                           "such text" + (f" (the others: {others})" if others else "") + "; give the turns as "
-                           "messages without the markers, or leave the pairs out")
-
-
 def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBatches:
     """The pairs of every step, in training order, repeating the order (reshuffled when shuffling) when the run
     needs more pairs than one epoch. Only the pairs the run sees are tokenized. Without ``config.steps``: the steps
@@ -163,7 +149,10 @@ def build_step_batches(config: TrainConfig, data: PairData, tokenizer) -> StepBa
     sequence: list[int] = []
     prompts, chosen, rejected = (data.table.column(c) for c in ("prompt", "chosen", "rejected"))
     tools = pair_tools(data.table)
-    _refuse_markup(data, tokenizer, prompts, chosen, rejected)
+    refuse_markup(tokenizer, ((data.pair_ids[row], {
+        "prompt": prompts[row].as_py(), "chosen": chosen[row].as_py(),  # (an SFT pair's rejected is never read)
+        "rejected": None if data.route[row] == ROUTE_SFT else rejected[row].as_py()}) for row in data.order.tolist()),
+        f"{data.path}: ", "of the run")
     epoch = 0
     while needed is None or len(sequence) < needed:
         before = len(sequence)

@@ -98,11 +98,12 @@ def earlier_run_keys(config: TrainConfig) -> tuple[str, ...]:
             run_key(config, tokenizer=False, resolved=False, memory=True))
 
 
-def check_out(config: TrainConfig) -> str:
+def check_out(config: TrainConfig, identity: dict[str, Any] | None = None) -> str:
     """Refuse an OUT that holds files no run claimed (even with ``overwrite``: they are the user's), another run's
     outputs (unless ``overwrite``), or this run's checkpoints without ``resume`` (a fresh start would mix its
-    checkpoints with theirs); returns this run's key. Reads only."""
-    out, key = Path(config.out), run_key(config)
+    checkpoints with theirs); returns this run's key. ``identity``: :func:`run_identity` of ``config``, where the
+    caller has it (it hashes the data and plan files). Reads only."""
+    out, key = Path(config.out), _hashed(identity if identity is not None else run_identity(config))
     if out.exists() and not out.is_dir():
         raise PerpairError(f"--out {out}: a file, not a folder")
     held = held_key(out)
@@ -174,9 +175,10 @@ def trained(out: Path) -> bool:
     return (metrics.is_file() and metrics.stat().st_size > 0) or any((out / name).exists() for name in _RESULTS)
 
 
-def claim_out(config: TrainConfig, key: str) -> None:
+def claim_out(config: TrainConfig, key: str, identity: dict[str, Any]) -> None:
     """Main process, after :func:`check_out`: remove the old run's outputs when overwriting or when the run that
-    claimed OUT never trained, and mark OUT."""
+    claimed OUT never trained, and mark OUT: ``key`` in run.key, ``identity`` (:func:`run_identity`) in
+    run.settings.json where ``key`` is its hash (not an earlier perpair's key, resumed as it was written)."""
     out = Path(config.out)
     if config.overwrite or held_key(out) not in (None, key):
         for name in _OUTPUTS:
@@ -187,8 +189,7 @@ def claim_out(config: TrainConfig, key: str) -> None:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_KEY).write_text(key + "\n")
-    identity = run_identity(config)
-    if _hashed(identity) == key:  # (not a key of an earlier perpair's, resumed as it was written)
+    if _hashed(identity) == key:
         (out / RUN_SETTINGS).write_text(json.dumps(identity, sort_keys=True, indent=1) + "\n")
 
 

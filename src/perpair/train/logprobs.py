@@ -44,7 +44,7 @@ from perpair.plan.difficulty import logps_table
 from perpair.train.attention import Block, TreeLayout, autocast_dtype, use_tree_attention, window_error
 from perpair.train.batches import greedy_groups
 from perpair.train.lean import LEAN_FORWARDS, cached_cast
-from perpair.train.tokenize import TokenizedPair, pair_tools, tokenize_pair
+from perpair.train.tokenize import TokenizedPair, pair_tools, refuse_markup, tokenize_pair
 
 DEFAULT_CHUNK = 256
 
@@ -684,7 +684,9 @@ def tokenize_table(tokenizer, pairs: pa.Table, max_length: int | None) -> tuple[
     """``(pair_ids, tokenized)`` of a pairs table, tokenized as training does; pairs whose prompt alone fills
     ``max_length`` are left out."""
     ids, tokenized = [], []
-    columns = (pairs.column(c).to_pylist() for c in ("pair_id", "prompt", "chosen", "rejected"))
+    columns = [pairs.column(c).to_pylist() for c in ("pair_id", "prompt", "chosen", "rejected")]
+    refuse_markup(tokenizer, ((pair_id, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+                              for pair_id, prompt, chosen, rejected in zip(*columns, strict=True)), "", "given")
     for pair_id, prompt, chosen, rejected, tools in zip(*columns, pair_tools(pairs), strict=True):
         try:
             tok = tokenize_pair(tokenizer, prompt, chosen, rejected, max_length, tools)

@@ -47,6 +47,7 @@ from perpair.train.checkpoints import (
     claim_out,
     drop_resume_points,
     load_checkpoint,
+    run_identity,
     save_checkpoint,
     save_model,
     truncate_metrics,
@@ -108,7 +109,8 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
            on_steps, on_prepare) -> TrainResult:
     started = time.perf_counter()
     out = Path(config.out)
-    key = check_out(config)  # before any work: OUT may hold another run
+    identity = run_identity(config)  # (it hashes the data and plan files: once)
+    key = check_out(config, identity)  # before any work: OUT may hold another run
     tokenizer = load_tokenizer(config)  # a wrong model path is refused before OUT is written
     check_router_loss(config)
     accelerator = setup_accelerator(config)
@@ -119,7 +121,7 @@ def _train(config: TrainConfig, lock: ExitStack, signals: StopSignals, on_step, 
         folder_lock(out, f"--out {out}: another training holds it", "wait for it to finish, or give this one "
                     "another --out")))
     peak_scope = reset_peak_memory(accelerator.device)  # this run's peak, not the process's (perpair run's arms)
-    on_main_process(accelerator, lambda: claim_out(config, key))
+    on_main_process(accelerator, lambda: claim_out(config, key, identity))
     data = load_data(config, accelerator, on_prepare)
     batches = build_step_batches(config, data, tokenizer)
     if config.steps is None:  # one epoch: its steps are known now (run.key keeps "one epoch", not their number)

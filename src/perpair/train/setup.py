@@ -16,7 +16,7 @@ import torch
 
 from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
-from perpair.models import load_causal_lm, refused_by_transformers, resolve_model
+from perpair.models import config_dropout_rates, load_causal_lm, refused_by_transformers, resolve_model
 from perpair.models import load_tokenizer as load_tokenizer_of
 from perpair.onednn import PROMPT_ROWS, pack_linears, unpack_linears
 from perpair.train import reference
@@ -320,16 +320,7 @@ def _dropout_rates(model, config: TrainConfig) -> list[float]:
     rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     if config.lora is not None:
         rates.append(config.lora.dropout)
-
-    def settings(values: dict) -> None:
-        for name, value in values.items():
-            if isinstance(value, dict):
-                settings(value)
-            elif isinstance(name, str) and ("dropout" in name or name.endswith("pdrop")) \
-                    and isinstance(value, int | float):
-                rates.append(float(value))
-
-    settings(model.config.to_dict())
+    rates += config_dropout_rates(model.config.to_dict())
     return [rate for rate in rates if rate > 0]
 
 

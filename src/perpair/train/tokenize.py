@@ -7,9 +7,10 @@ prompt alone does not tokenize as a prefix of the full conversation, the complet
 (TRL's ``common_prefix_length``). Truncation is TRL's default ``keep_start`` applied to ``prompt + completion``
 separately for each response; pairs whose prompt alone fills ``max_length`` are skipped, as TRL skips them.
 A pair's ``tools`` (JSON text of tool descriptions) go to the chat template with every rendering, as TRL passes
-a ``tools`` column. Text that holds a chat template's turn markers or the tokenizer's special tokens is refused: it
-was rendered with a template already (TRL tokenizes it as it is, templating it twice), and the tokenizer would read
-the markers as its special tokens, not as text.
+a ``tools`` column. Text that holds a chat template's turn markers or the tokenizer's special tokens is refused, before
+any pair is tokenized (:func:`refuse_markup`, which the callers run over their pairs): it was rendered with a template
+already (TRL tokenizes it as it is, templating it twice), and the tokenizer would read the markers as its special
+tokens, not as text.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +94,18 @@ def markup_problem(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]
     return None
 
 
-def _refuse_markup(tokenizer: Any, parts: dict[str, list[dict[str, Any]] | None]) -> None:
-    if problem := markup_problem(tokenizer, parts):
-        raise PerpairError(f"{problem}; give the turns as messages without the markers, or leave the pair out")
+def refuse_markup(tokenizer: Any, pairs: Iterable[tuple[str, dict[str, list[dict[str, Any]] | None]]], where: str,
+                  among: str) -> None:
+    """Refuse every pair (``(pair_id, {"prompt": …, "chosen": …, "rejected": …})``) whose text cannot be tokenized as
+    text (:func:`markup_problem`), named at once before any is tokenized (the first of them stopped the run: one run per
+    pair to find them all). ``where`` starts the message (the pairs file); ``among`` says of which pairs they are."""
+    marked = [(pair_id, problem) for pair_id, parts in pairs if (problem := markup_problem(tokenizer, parts))]
+    if marked:
+        pair_id, problem = marked[0]
+        others = ", ".join(p for p, _ in marked[1:6]) + (" …" if len(marked) > 6 else "")
+        raise PerpairError(f"{where}pair {pair_id}: {problem}; {len(marked)} pair(s) {among} hold such text"
+                           + (f" (the others: {others})" if others else "") + "; give the turns as messages without "
+                           "the markers, or leave the pairs out")
 
 
 def pair_tools(pairs: Any) -> list[str | None]:
@@ -117,7 +128,6 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
     """The pair's token ids (TRL-compatible), truncated to ``max_length``; ``None`` when the prompt alone fills
     ``max_length`` (no completion token would be left). ``rejected=None`` skips the rejected response. ``tools``:
     the pair's tool descriptions (JSON text), or None."""
-    _refuse_markup(tokenizer, {"prompt": prompt, "chosen": chosen, "rejected": rejected})
     prompt = [_message(m) for m in prompt]
     described = json.loads(tools) if tools is not None else None
     prompt_ids = _ids(tokenizer, prompt, described, generation_prompt=True)
