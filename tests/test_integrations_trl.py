@@ -369,6 +369,35 @@ def test_sft_routes_with_several_processes_are_refused_before_trl_prepares_anyth
         _construct(tiny_model, _dataset(small_pairs), plan, tmp_path)
 
 
+def test_a_moe_router_loss_with_sft_routes_is_refused_before_trl_prepares_anything(small_pairs, tiny_model,
+                                                                                   tmp_path, monkeypatch):
+    """The router-loss refusal came after TRL's constructor (its tokenization, a reference pass with
+    precompute_ref_log_probs); now it comes first, read from the model's config as TRL reads it; a plan without SFT
+    routes is not refused."""
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from trl import DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True, router_aux_loss_coef=0.02)
+    MixtralForCausalLM(config).save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    routed = _plan(small_pairs, tmp_path / "plan.parquet", "mixdpo", {"routing": {"tau": 1.0}})
+
+    def never(*args, **kwargs):
+        raise AssertionError("TRL's constructor ran")
+
+    monkeypatch.setattr(DPOTrainer, "__init__", never)
+    with pytest.raises(PerpairError, match=r"a Mixture-of-Experts router loss with SFT-routed pairs is not supported"):
+        _construct(tmp_path / "moe", _dataset(small_pairs), routed, tmp_path)
+    assert plugin.router_loss(str(tmp_path / "moe"), _args(tmp_path, 2, 64, 1e-3))  # a model id: its config read
+    assert not plugin.router_loss(str(tmp_path / "moe"), _args(tmp_path, 2, 64, 1e-3, router_aux_loss_coef=0.0))
+    plain = _plan(small_pairs, tmp_path / "plain.parquet", "dpo", beta=0.1)
+    with pytest.raises(AssertionError, match="TRL's constructor ran"):  # no SFT route: on to TRL
+        _construct(tmp_path / "moe", _dataset(small_pairs), plain, tmp_path)
+
+
 def test_a_pair_the_data_holds_twice_is_trained_once_as_prepare_keeps_it(small_pairs, tmp_path):
     """`perpair prepare` keeps the first of identical pairs, so a plan made from raw data with a pair twice has it
     once; the same raw data given to the trainer was refused ("a plan needs each pair once"), the README's workflow

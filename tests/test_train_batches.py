@@ -168,3 +168,29 @@ def test_a_tokenizer_without_a_chat_template_is_one_error_naming_the_pair(templa
                       "rejected": [[{"role": "assistant", "content": "no"}]]})
     with pytest.raises(PerpairError, match="^pair p1: the tokenizer has no chat template"):
         tokenize_table(tokenizer, table, 64)
+
+
+@pytest.mark.parametrize("template, prompt", [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor %}", ""),  # an empty prompt renders as nothing
+    # the prompt rendered alone starts otherwise than prompt + response: no token in common
+    ("{% if messages[-1].role == 'assistant' %}A: {% else %}Q: {% endif %}{% for m in messages %}{{ m['content'] }}"
+     "\n{% endfor %}", "hi"),
+])
+def test_a_pair_whose_template_renders_no_prompt_token_first_is_refused_naming_it(template, prompt):
+    """A pair whose templated conversation has no prompt token before the response would have its first response
+    token scored from the position before the pair (another pair's last token in a packed row): refused, naming the
+    pair, by training's tokenization and the preference evaluation's alike."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from perpair.errors import PerpairError
+    from perpair.models import resolve_model
+    from perpair.train.logprobs import tokenize_table
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tokenizer.chat_template = template
+    table = pa.table({"pair_id": ["p1"], "prompt": [[{"role": "user", "content": prompt}]],
+                      "chosen": [[{"role": "assistant", "content": "yes"}]],
+                      "rejected": [[{"role": "assistant", "content": "no"}]]})
+    with pytest.raises(PerpairError, match="^pair p1: the chat template renders no token of the prompt"):
+        tokenize_table(tokenizer, table, 64)

@@ -104,6 +104,35 @@ def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoin
     assert [s.step for s in scalars] == [1, 2, 3]
 
 
+@pytest.mark.skipif(bool(missing_packages(["wandb"])), reason="wandb not installed")
+def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, uf_pairs, tmp_path, monkeypatch):
+    """A preempted run resumed from its checkpoint logs to the W&B run its first attempt started (a new run at
+    each resume split one training's curve into several runs); --overwrite, another training, starts a new one."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    args = ("--model", tiny_model_dir, "--data", uf_pairs, "--out", out, *ARGS, "--set",
+            f"reference_cache={tmp_path / 'ref'}", "--report-to", "wandb", "--save-every", "1")
+    run_cli("train", *args)
+    first = [m["loss"] for m in _metrics(out)]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    (run,) = (out / "wandb").glob("offline-run-*")
+    run_id = run.name.rsplit("-", 1)[1]
+    time.sleep(1.1)  # (W&B names an offline run's folder by the second it started in)
+    run_cli("train", *args, "--resume")
+    attempts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2
+    assert {a.name.rsplit("-", 1)[1] for a in attempts} == {run_id}  # `wandb sync` uploads both into one run
+    resumed = _wandb_history(attempts[1] / f"run-{run_id}.wandb")
+    assert [row["train/loss"] for row in resumed] == pytest.approx(first[2:], rel=1e-5)  # step 3, trained again
+    assert [row["_step"] for row in resumed] == [3]
+
+    time.sleep(1.1)
+    run_cli("train", *args, "--overwrite")
+    (again,) = (out / "wandb").glob("offline-run-*")  # the old attempts removed with the run they logged
+    assert again.name.rsplit("-", 1)[1] != run_id
+
+
 def _wandb_history(path: Path) -> list[dict]:
     """The history rows of an offline W&B run file, once W&B has written all of it: its service process writes the
     file and can still be at it when ``wandb.finish()`` has returned (seen once on a loaded machine: the file read

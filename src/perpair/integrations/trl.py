@@ -398,6 +398,29 @@ class PlanCollator:
         return batch
 
 
+ROUTER_SFT = ("a Mixture-of-Experts router loss with SFT-routed pairs is not supported; set router_aux_loss_coef=0 "
+              "or use a plan without SFT routes")
+
+
+def router_loss(model: Any, args: Any) -> bool:
+    """Whether TRL's constructor will add a Mixture-of-Experts router loss (its ``aux_loss_enabled``), read before
+    it runs: from the model's config, or the config a model id names (TRL loads the model from it)."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        init = args.model_init_kwargs or {}
+        config = AutoConfig.from_pretrained(model, revision=init.get("revision"),
+                                            trust_remote_code=bool(init.get("trust_remote_code", False)))
+    else:
+        config = getattr(model, "config", None)
+    if config is None:
+        return False
+    text = config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return hasattr(text, "output_router_logits") and coef != 0.0
+
+
 class PerPairDPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` with perpair's per-pair β, ε, routes and order (see the module docstring).
 
@@ -428,10 +451,11 @@ class PerPairDPOTrainer(DPOTrainer):
         check_smoothing(args, train_dataset)
         if args.world_size > 1 and self.plan_summary.sft:  # (before TRL's tokenization and reference pass)
             raise PerpairError(SFT_PROCESSES)
+        if self.plan_summary.sft and router_loss(model, args):  # likewise; TRL's own decision is checked after it
+            raise PerpairError(ROUTER_SFT)
         super().__init__(model, ref_model, args, data_collator, train_dataset, **kwargs)
         if self.aux_loss_enabled and self.plan_summary.sft:
-            raise PerpairError("a Mixture-of-Experts router loss with SFT-routed pairs is not supported; set "
-                               "router_aux_loss_coef=0 or use a plan without SFT routes")
+            raise PerpairError(ROUTER_SFT)
         if self.accelerator.num_processes > 1 and self.plan_summary.sft:
             # Each process would split its batch differently between TRL's forward and the SFT forward, and
             # TRL's metric gathers inside its forward would then not line up across processes.

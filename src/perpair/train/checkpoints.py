@@ -22,6 +22,7 @@ from perpair.artifacts import write_text_atomic
 from perpair.errors import PerpairError
 from perpair.train.config import TrainConfig
 from perpair.train.processes import on_main_process
+from perpair.train.tracking import TRACKER_RUNS
 
 RUN_KEY = "run.key"
 STAGE_KEY = "stage.key"  # `perpair run`'s mark on the train folder it made (read there, not here)
@@ -40,7 +41,7 @@ _NOT_IDENTITY = {"out", "resume", "overwrite", "threads", "reference_cache", "sa
 RUN_SETTINGS = "run.settings.json"  # beside run.key: what it hashes, so that a refusal names the settings that differ
 # What a run writes into OUT (and --overwrite removes; nothing else in the folder is touched).
 _OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "model", "adapter", "pairs.parquet", "runs", "wandb",
-            RUN_KEY, RUN_SETTINGS)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
+            TRACKER_RUNS, RUN_KEY, RUN_SETTINGS)  # (runs/: TensorBoard's event files; wandb/: W&B's offline runs)
 _RESULTS = ("checkpoints", "summary.json", "model", "adapter")  # besides metrics.jsonl: what a run that trained leaves
 SHARDS = "shards"  # under FSDP, a checkpoint's folder of every process's shards
 SHARD_FILE_BYTES = 2 << 30

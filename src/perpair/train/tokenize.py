@@ -143,6 +143,13 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
     cut = _common_prefix(prompt_ids, full_chosen)
     if full_rejected is not None:
         cut = min(cut, _common_prefix(prompt_ids, full_rejected))
+    if cut == 0:
+        # no token before the response: its first token would be scored from whatever precedes the pair in a packed
+        # row (another pair's last token), or not at all
+        raise PerpairError("the chat template renders no token of the prompt before the response (the prompt rendered "
+                           "alone and prompt + response start differently, or the prompt renders as nothing): the "
+                           "response's first token has nothing to be predicted from; use a chat template that "
+                           "renders the prompt first")
     prompt_cut = cut < len(prompt_ids)
     prompt_ids = prompt_ids[:cut]
     chosen_ids = full_chosen[cut:]

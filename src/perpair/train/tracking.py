@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
+from perpair.artifacts import write_text_atomic
 from perpair.errors import PerpairError
 
 # tracker name (as Accelerate and TRL's report_to spell it) -> the package it needs
@@ -36,6 +38,9 @@ TRL_NAMES = {
 # ours alone, logged as train/perpair/NAME
 OWN_NAMES = ("beta_mean", "beta_min", "beta_max", "loss_preference", "loss_sft", "pairs", "tokens", "seconds")
 PREFIX = "train/"
+# OUT's record of the W&B run its training logs to, so that a resumed run (or one started again after it stopped
+# before its first checkpoint) continues that run instead of starting another
+TRACKER_RUNS = "trackers.json"
 
 
 def missing_packages(report_to: list[str]) -> list[str]:
@@ -73,12 +78,19 @@ def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str
                    resumed_at: int = 0) -> None:
     """Open the trackers the Accelerator was created with (``log_with``); a no-op when there are none.
     ``resumed_at``: the step of the checkpoint a resumed run continues from; TensorBoard hides what the stopped
-    attempt logged after it (its steps are trained again, and would be plotted twice)."""
+    attempt logged after it (its steps are trained again, and would be plotted twice). W&B continues the run an
+    earlier attempt of this training logged to (its id in ``out``/:data:`TRACKER_RUNS`)."""
     if not accelerator.log_with:
         return
     # TensorBoard's purge from step 1 too: a run that starts again without a checkpoint (killed before its first)
     init_kwargs = {"wandb": {"name": run_name, "dir": out}, "trackio": {"name": run_name},
                    "mlflow": {"run_name": run_name}, "tensorboard": {"purge_step": resumed_at + 1}}
+    record = Path(out) / TRACKER_RUNS  # (only an attempt of this run wrote it: another run's outputs are removed)
+    earlier = _recorded_runs(record)
+    if earlier.get("wandb"):
+        # the same W&B run: the steps trained again after the checkpoint are logged to it again, and W&B keeps
+        # the first attempt's values of them (the same values: a resumed run is exact), with a warning
+        init_kwargs["wandb"].update(id=earlier["wandb"], resume="allow")
     # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
     try:
         accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
@@ -86,3 +98,22 @@ def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str
         first = " ".join(str(exc).split()) or type(exc).__name__
         raise PerpairError(f"report_to {', '.join(map(str, accelerator.log_with))}: the tracker did not start: "
                            f"{first[:300]}") from None
+    if accelerator.is_main_process and "wandb" in _names(accelerator.log_with):
+        run_id = accelerator.get_tracker("wandb", unwrap=True).id
+        if run_id != earlier.get("wandb"):
+            write_text_atomic(record, json.dumps({**earlier, "wandb": run_id}) + "\n")
+
+
+def _names(log_with) -> set[str]:
+    """The trackers' names (Accelerate keeps a LoggerType, a str enum, or a name)."""
+    return {str(getattr(tracker, "value", tracker)) for tracker in log_with}
+
+
+def _recorded_runs(path: Path) -> dict[str, str]:
+    """The tracker runs recorded in ``path`` (:data:`TRACKER_RUNS`); none where there is no readable record (a new
+    run then: nothing is lost but the continuity of the plot)."""
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in runs.items() if isinstance(v, str)} if isinstance(runs, dict) else {}
