@@ -1381,6 +1381,26 @@ def test_a_non_finite_gradient_stops_before_the_optimizer_step(tiny_model, uf_pa
     assert not (out / "model").exists()
 
 
+def test_a_finished_run_without_a_checkpoint_is_not_trained_again_unasked(tiny_model, uf_pairs, tmp_path):
+    """A finished run with no checkpoint (final_checkpoint false) run again into its OUT, with or without --resume,
+    trained again from step 1 without a word, its old summary and model left in place until the new run ended. It
+    is refused now, OUT untouched; --overwrite trains it again."""
+    out = tmp_path / "out"
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "64", "--set", "final_checkpoint=false")
+    _train(tiny_model, uf_pairs, out, *args)
+    assert (out / "summary.json").is_file() and not (out / "checkpoints").exists()
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    for extra in ((), ("--resume",)):
+        result = _train(tiny_model, uf_pairs, out, *args, *extra, check=False)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (f"error: --out {out} holds this run, finished (summary.json) and with no "
+                                          "checkpoint to resume from; --overwrite trains it again, or choose another "
+                                          "--out")
+        assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    result = _train(tiny_model, uf_pairs, out, *args, "--overwrite")
+    assert (out / "summary.json").stat().st_mtime_ns > before[Path("summary.json")]
+
+
 def test_out_holding_another_run_is_refused_unless_resumed_or_overwritten(tiny_model, uf_pairs, tmp_path):
     """OUT/run.key names the run whose outputs OUT holds: another run's settings are refused (with or without
     --resume) and nothing in OUT changes; the same run needs --resume; --overwrite replaces the old outputs."""

@@ -98,6 +98,7 @@ def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoin
     # killed before its first checkpoint, then run again: from step 1, the first attempt's steps hidden as well (they
     # were plotted twice: the purge was only for a resumed checkpoint)
     shutil.rmtree(out / "checkpoints")
+    (out / "summary.json").unlink()  # (a run killed then has not finished: a finished one is refused)
     time.sleep(1.1)
     run_cli("train", *args, "--resume")
     scalars = EventAccumulator(str(out / "runs" / "perpair")).Reload().Scalars("train/loss")
