@@ -73,10 +73,19 @@ AE := $(SHARED)/alpaca_eval
 OFFLINE := $(if $(wildcard $(DATA)),1)
 OFFLINE_SETS := --set data.split=null --set eval.alpaca_eval.offline=true --set eval.alpaca_eval.data_dir=$(AE)
 
+# configs/demo.yaml computes in bfloat16, several times faster than float32 on a CPU with bfloat16 units
+# (AVX512-BF16 or AMX). Without them bfloat16 is emulated: on an AMD EPYC with AVX2 only, the demo's local teacher
+# ran 6.2x slower in it, the judge 5.1x (benchmarks/demo_precision.py). There the demo computes in float32, with
+# these settings on its command line; DEMO_PRECISION= (empty) keeps bfloat16 whatever the CPU.
+DEMO_FP32 := --set train.precision=fp32 --set eval.alpaca_eval.dtype=float32 \
+	--set 'annotate.teachers=["local:smollm2"]'
+DEMO_PRECISION ?= $(if $(filter False,$(shell $(BIN)/python -c \
+	'from perpair.onednn import bf16_units; print(bf16_units())')),$(DEMO_FP32))
+
 # Online, the AlpacaEval judge prompt comes from the alpaca_eval package (a test extra); offline, from $(SHARED).
 demo: $(if $(OFFLINE),install,$(VENV)/.installed-test)
 	$(if $(OFFLINE),HF_HUB_OFFLINE=1) $(BIN)/perpair run configs/demo.yaml --set workdir=$(OUT) \
-		--set 'data.sources=["$(DATA)"]' $(if $(OFFLINE),$(OFFLINE_SETS))
+		--set 'data.sources=["$(DATA)"]' $(if $(OFFLINE),$(OFFLINE_SETS)) $(DEMO_PRECISION)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks examples

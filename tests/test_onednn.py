@@ -155,3 +155,50 @@ def test_the_inference_stages_load_their_models_packed(tmp_path):
     generator = TransformersGenerator(str(folder), GenerationConfig(dtype="float32"))
     for model in (evaluated, judge.scorer.model, generator.model):
         assert {type(m) for m in linears(model)} == {PackedLinear}
+
+
+@pytest.fixture
+def bf16_units(monkeypatch):
+    """Sets whether this CPU has bfloat16 units, as PyTorch's probes report them."""
+    def set_units(units: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        onednn.bf16_units.cache_clear()
+
+    yield set_units
+    onednn.bf16_units.cache_clear()
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_bfloat16_on_a_cpu_without_its_units_is_noted_by_each_stage_that_computes_in_it(units, bf16_units, tmp_path,
+                                                                                         capsys):
+    """Without bfloat16 units (an AVX2 CPU) bfloat16 products are emulated, several times slower than float32 (the
+    demo's teacher 6.2x): a stage asked to compute in bfloat16 there said nothing of it. Now training, the local
+    teacher, the local judge and generation each say so, naming the setting that computes in float32; on a CPU
+    with the units, and in float32, nothing is said."""
+    from perpair.annotate.config import LocalTeacherConfig
+    from perpair.annotate.teachers import LocalTeacher
+    from perpair.eval.generate import GenerationConfig, TransformersGenerator
+    from perpair.eval.judges import LocalLogprobJudge
+    from perpair.train import load_config
+    from perpair.train.setup import setup_accelerator
+
+    bf16_units(units)
+    folder = save_tiny_llama(tmp_path / "model", hidden=32)
+    for dtype in ("float32", "bfloat16"):
+        LocalTeacher(LocalTeacherConfig(model=str(folder), dtype=dtype))._load()
+        LocalLogprobJudge(str(folder), dtype=dtype).scorer  # noqa: B018 - loads the model
+        TransformersGenerator(str(folder), GenerationConfig(dtype=dtype))
+        precision = "fp32" if dtype == "float32" else "bf16"
+        setup_accelerator(load_config(None, {"model": str(folder), "data": str(tmp_path / "pairs.parquet"),
+                                             "out": str(tmp_path / "out"), "precision": precision}))
+        notes = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 units" in line]
+        if units or dtype == "float32":
+            assert notes == []
+            continue
+        tail = ("computes in bfloat16 on a CPU without bfloat16 units (AVX512-BF16 or AMX), where its products are "
+                "emulated, several times slower than in float32 (6x for the demo's local teacher on an AVX2 CPU); ")
+        assert notes == [f"note: the local teacher {folder} {tail}its dtype: float32 is faster here",
+                         f"note: the local judge {folder} {tail}the judge's dtype float32 is faster here",
+                         f"note: generation with {folder} {tail}dtype float32 is faster here",
+                         f"note: training (precision bf16) {tail}precision: fp32 is faster here"]
