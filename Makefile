@@ -76,11 +76,12 @@ OFFLINE_SETS := --set data.split=null --set eval.alpaca_eval.offline=true --set 
 # configs/demo.yaml computes in bfloat16, several times faster than float32 on a CPU with bfloat16 units
 # (AVX512-BF16 or AMX). Without them bfloat16 is emulated: on an AMD EPYC with AVX2 only, the demo's local teacher
 # ran 6.2x slower in it, the judge 5.1x (benchmarks/demo_precision.py). There the demo computes in float32, with
-# these settings on its command line; DEMO_PRECISION= (empty) keeps bfloat16 whatever the CPU.
+# these settings on its command line (not on a machine with a GPU, where its models run); DEMO_PRECISION= (empty)
+# keeps bfloat16 whatever the CPU.
 DEMO_FP32 := --set train.precision=fp32 --set eval.alpaca_eval.dtype=float32 \
 	--set 'annotate.teachers=["local:smollm2"]'
 DEMO_PRECISION ?= $(if $(filter False,$(shell $(BIN)/python -c \
-	'from perpair.onednn import bf16_units; print(bf16_units())')),$(DEMO_FP32))
+	'import torch; from perpair.onednn import bf16_units; print(torch.cuda.is_available() or bf16_units())')),$(DEMO_FP32))
 
 # Online, the AlpacaEval judge prompt comes from the alpaca_eval package (a test extra); offline, from $(SHARED).
 demo: $(if $(OFFLINE),install,$(VENV)/.installed-test)

@@ -464,7 +464,7 @@ def main() -> None:
         if args.bound:
             print("matmul-only bound …", file=sys.stderr, flush=True)
             bound = run_variant("bound", args)
-            peak = max(peak, preloaded_peaks(args.threads)[0])
+            peak = max(peak, preloaded_peaks(args.threads, bf16=False)[0])
 
     steady_tokens = sum(tokens[1:])
     summary = {}

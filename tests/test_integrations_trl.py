@@ -393,6 +393,10 @@ def test_a_moe_router_loss_with_sft_routes_is_refused_before_trl_prepares_anythi
         _construct(tmp_path / "moe", _dataset(small_pairs), routed, tmp_path)
     assert plugin.router_loss(str(tmp_path / "moe"), _args(tmp_path, 2, 64, 1e-3))  # a model id: its config read
     assert not plugin.router_loss(str(tmp_path / "moe"), _args(tmp_path, 2, 64, 1e-3, router_aux_loss_coef=0.0))
+    # the model's own setting overridden where TRL loads it, and a config that cannot be read (TRL then says why)
+    assert not plugin.router_loss(str(tmp_path / "moe"), _args(tmp_path, 2, 64, 1e-3, model_init_kwargs={
+        "router_aux_loss_coef": 0.0}))
+    assert not plugin.router_loss(str(tmp_path / "nothing"), _args(tmp_path, 2, 64, 1e-3))
     plain = _plan(small_pairs, tmp_path / "plain.parquet", "dpo", beta=0.1)
     with pytest.raises(AssertionError, match="TRL's constructor ran"):  # no SFT route: on to TRL
         _construct(tmp_path / "moe", _dataset(small_pairs), plain, tmp_path)

@@ -161,8 +161,10 @@ def test_the_inference_stages_load_their_models_packed(tmp_path):
 def bf16_units(monkeypatch):
     """Sets whether this CPU has bfloat16 units, as PyTorch's probes report them."""
     def set_units(units: bool) -> None:
+        monkeypatch.setattr(onednn.platform, "machine", lambda: "x86_64")
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: units)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(onednn, "_NOTED", set())
         onednn.bf16_units.cache_clear()
 
     yield set_units
@@ -202,3 +204,15 @@ def test_bfloat16_on_a_cpu_without_its_units_is_noted_by_each_stage_that_compute
                          f"note: the local judge {folder} {tail}the judge's dtype float32 is faster here",
                          f"note: generation with {folder} {tail}dtype float32 is faster here",
                          f"note: training (precision bf16) {tail}precision: fp32 is faster here"]
+    LocalLogprobJudge(str(folder), dtype="bfloat16").scorer  # noqa: B018 - another arm's judge: said once
+    assert "bfloat16 units" not in capsys.readouterr().err
+
+
+def test_bfloat16_units_are_not_judged_off_x86(bf16_units, monkeypatch):
+    """The probes read x86 features: on an ARM CPU with bfloat16 instructions (Graviton 3) they say no, and a note
+    would call it emulated."""
+    bf16_units(False)
+    assert not onednn.bf16_units()
+    monkeypatch.setattr(onednn.platform, "machine", lambda: "aarch64")
+    onednn.bf16_units.cache_clear()
+    assert onednn.bf16_units() and onednn.emulated_bf16_note("training", "precision: fp32") is None

@@ -1672,6 +1672,23 @@ def test_a_lora_run_resumed_as_another_adapter_or_full_fine_tuning_is_refused(ti
     _train(tiny_model, uf_pairs, out, *args, "--resume", "--lora", "--set", "lora.r=4")
 
 
+def test_a_lora_run_without_a_checkpoint_is_told_how_to_merge_its_adapter(tiny_model, uf_pairs, tmp_path):
+    """Without a checkpoint (final_checkpoint false) `--resume --set lora.merge=true` has nothing to resume: it trained
+    the run again, and now is refused; the hint `perpair eval` gives for OUT/model says what works there."""
+    args = ("--steps", "1", "--batch-size", "2", "--max-length", "64", "--lora", "--set", "lora.r=4", "--set",
+            "final_checkpoint=false")
+    out = tmp_path / "run"
+    _train(tiny_model, uf_pairs, out, *args)
+    result = run_cli("eval", "preference", "--model", out / "model", "--ref", tiny_model, "--data", uf_pairs, "-o",
+                     tmp_path / "eval", check=False)
+    assert result.returncode == 2 and result.stderr == (
+        f"error: model {out / 'model'}: no such folder; {out} holds a LoRA adapter alone (adapter/): it kept no "
+        "checkpoint to resume (final_checkpoint false): merge the adapter with PEFT (PeftModel.from_pretrained(base, "
+        "adapter).merge_and_unload()), or train it again with --overwrite --set lora.merge=true\n")
+    result = _train(tiny_model, uf_pairs, out, *args, "--resume", "--set", "lora.merge=true", check=False)
+    assert result.returncode == 2 and "finished (summary.json) and with no checkpoint to resume" in result.stderr
+
+
 def test_a_finished_lora_run_resumed_with_merge_saves_its_merged_model(tiny_model, uf_pairs, tmp_path):
     """`perpair eval` reads OUT/model, which a LoRA run writes only with lora.merge=true. A run finished without it
     could not get one: `--resume --set lora.merge=true` was refused as another run (merge was part of the run's

@@ -134,6 +134,32 @@ def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, uf_pairs, tmp_pat
     assert again.name.rsplit("-", 1)[1] != run_id
 
 
+def test_a_recorded_wandb_run_is_named_where_wandb_refuses_it_and_a_users_run_id_wins(tmp_path, monkeypatch):
+    """A W&B run deleted in its web app cannot be continued: the refusal names OUT/trackers.json, whose removal starts
+    a new run (the only way out was --overwrite, which removes the checkpoints too). A WANDB_RUN_ID the user set is
+    the run W&B logs to, not the recorded one."""
+    from perpair.train.tracking import TRACKER_RUNS, start_trackers
+
+    class Accelerator:
+        log_with, is_main_process, kwargs = ["wandb"], True, None
+
+        def init_trackers(self, project, config, init_kwargs):
+            self.kwargs = init_kwargs
+            raise RuntimeError("run abc123 was previously created and deleted")
+
+    (tmp_path / TRACKER_RUNS).write_text('{"wandb": "abc123"}\n')
+    accelerator = Accelerator()
+    with pytest.raises(PerpairError, match=r"the tracker did not start: run abc123 was previously created and deleted "
+                                           r"\(it continues W&B run abc123, recorded in .*trackers\.json: remove that "
+                                           r"file to start a new W&B run"):
+        start_trackers(accelerator, project="p", run_name="r", config={}, out=str(tmp_path), resumed_at=2)
+    assert (accelerator.kwargs["wandb"]["id"], accelerator.kwargs["wandb"]["resume"]) == ("abc123", "allow")
+    monkeypatch.setenv("WANDB_RUN_ID", "mine")
+    with pytest.raises(PerpairError) as refused:
+        start_trackers(accelerator, project="p", run_name="r", config={}, out=str(tmp_path), resumed_at=2)
+    assert "id" not in accelerator.kwargs["wandb"] and "trackers.json" not in str(refused.value)
+
+
 def _wandb_history(path: Path) -> list[dict]:
     """The history rows of an offline W&B run file, once W&B has written all of it: its service process writes the
     file and can still be at it when ``wandb.finish()`` has returned (seen once on a loaded machine: the file read

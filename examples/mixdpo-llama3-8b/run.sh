@@ -18,10 +18,14 @@ perpair plan work/pairs.parquet --preset mixdpo --config plan.yaml -o work/plan.
 # 3. train: full fine-tuning on 8 GPUs, exactly one epoch in plan order (steps recomputed from the data).
 # ZeRO-3 instead of FSDP: --config_file ../accelerate/zero3.yaml, once the loop supports it (../README.md).
 STEPS=$(python ../one_epoch_steps.py train.yaml)
-accelerate launch --config_file ../accelerate/fsdp-llama.yaml -m perpair train train.yaml --steps "$STEPS"
+if [ ! -f work/train-llama3-8b/summary.json ]; then  # a re-run resumes a stopped training, or skips a finished one
+    accelerate launch --config_file ../accelerate/fsdp-llama.yaml -m perpair train train.yaml --steps "$STEPS" --resume
+fi
 if [ "${MIXDPO_MISTRAL:-0}" = 1 ]; then
     STEPS=$(python ../one_epoch_steps.py train-mistral.yaml)
-    accelerate launch --config_file ../accelerate/fsdp-mistral.yaml -m perpair train train-mistral.yaml --steps "$STEPS"
+    if [ ! -f work/train-mistral-7b/summary.json ]; then  # a re-run resumes a stopped training, or skips a finished one
+        accelerate launch --config_file ../accelerate/fsdp-mistral.yaml -m perpair train train-mistral.yaml --steps "$STEPS" --resume
+    fi
 fi
 
 # 4. evaluate: AlpacaEval 2.0 LC win rate (the paper reports 14.42 for MixDPO vs 9.37 for DPO on Llama-3-8B),

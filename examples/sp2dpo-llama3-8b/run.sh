@@ -37,7 +37,9 @@ perpair plan work/pairs.parquet --preset sp2dpo --annotations work/annotations.p
 # 4. train: full fine-tuning on 8 GPUs, exactly one epoch (train.yaml's steps recomputed from the data).
 # ZeRO-3 instead of FSDP: --config_file ../accelerate/zero3.yaml, once the loop supports it (../README.md).
 STEPS=$(python ../one_epoch_steps.py train.yaml)
-accelerate launch --config_file ../accelerate/fsdp-llama.yaml -m perpair train train.yaml --steps "$STEPS"
+if [ ! -f work/train/summary.json ]; then  # a re-run resumes a stopped training, or skips a finished one
+    accelerate launch --config_file ../accelerate/fsdp-llama.yaml -m perpair train train.yaml --steps "$STEPS" --resume
+fi
 
 # 5. evaluate: AlpacaEval 2.0 (LC win rate, the papers' metric) and Arena-Hard v0.1 with the official GPT-4 Turbo
 # judge, and held-out preference accuracy; then one table for the SFT student and the trained model.

@@ -15,7 +15,9 @@ perpair plan "$SHARED/pairs.parquet" --preset sp2dpo+mixdpo --annotations "$SHAR
 
 # 2. train: full fine-tuning on 8 GPUs, one epoch in plan order
 STEPS=$(python ../one_epoch_steps.py train.yaml)
-accelerate launch --config_file ../accelerate/fsdp-qwen3.yaml -m perpair train train.yaml --steps "$STEPS"
+if [ ! -f work/train/summary.json ]; then  # a re-run resumes a stopped training, or skips a finished one
+    accelerate launch --config_file ../accelerate/fsdp-qwen3.yaml -m perpair train train.yaml --steps "$STEPS" --resume
+fi
 
 # 3. evaluate
 for name in base sp2dpo-mixdpo; do

@@ -266,9 +266,12 @@ def resolve_model(spec: str) -> str:
         raise PerpairError(f"model {spec}: a file; give the folder that holds its config.json and weights")
     if not path.exists() and (path.parent / "adapter" / "adapter_config.json").is_file():
         # OUT/model of a LoRA run that saved its adapter alone (lora.merge false, the default)
-        raise PerpairError(f"model {spec}: no such folder; {path.parent} holds a LoRA adapter alone (adapter/): "
-                           "the same perpair train command with --resume --set lora.merge=true saves the merged "
-                           "model there")
+        checkpoint = (path.parent / "checkpoints").is_dir() and any((path.parent / "checkpoints").glob("step-*"))
+        how = ("the same perpair train command with --resume --set lora.merge=true saves the merged model there"
+               if checkpoint else "it kept no checkpoint to resume (final_checkpoint false): merge the adapter with "
+               "PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload()), or train it again with "
+               "--overwrite --set lora.merge=true")
+        raise PerpairError(f"model {spec}: no such folder; {path.parent} holds a LoRA adapter alone (adapter/): {how}")
     if not path.exists() and not _hub_id(spec):
         raise PerpairError(f"model {spec}: no such folder, and not a Hub id (NAME or OWNER/NAME)")
     if path.is_dir() and (path / "adapter_config.json").is_file() and not any(

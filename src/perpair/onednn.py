@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +37,27 @@ PROMPT_ROWS = 512  # pack_linears' rows for a model that reads whole prompts or 
 
 @functools.cache
 def bf16_units() -> bool:
-    """Whether this CPU has bfloat16 units (AVX512-BF16 or AMX) for oneDNN's bfloat16 products. Without them the
+    """Whether this x86 CPU has bfloat16 units (AVX512-BF16 or AMX) for oneDNN's bfloat16 products. Without them the
     products are emulated: on an AMD EPYC with AVX2 only (Zen 3), bfloat16 against float32, one thread
     (``python benchmarks/demo_precision.py``, 7 Dec 2026): the demo's local teacher 6.2x slower, the judge 5.1x,
-    generation 2.0x. A PyTorch without the probes counts as having them (nothing is said)."""
+    generation 2.0x. Another architecture (an ARM CPU, whose bfloat16 instructions these probes do not see), or a
+    PyTorch without the probes, counts as having them: nothing is said."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return all(probe is None for probe in probes) or any(probe() for probe in probes if probe is not None)
 
 
+_NOTED: set[str] = set()
+
+
 def emulated_bf16_note(what: str, instead: str) -> str | None:
     """The note for ``what`` computing in bfloat16 on this CPU, where it has no bfloat16 units (else None):
-    ``instead``, the setting that computes in float32."""
-    if bf16_units():
+    ``instead``, the setting that computes in float32. Once per process and setting (``perpair run`` loads its
+    judge and generator for every arm)."""
+    if bf16_units() or instead in _NOTED:
         return None
+    _NOTED.add(instead)
     return (f"note: {what} computes in bfloat16 on a CPU without bfloat16 units (AVX512-BF16 or AMX), where its "
             f"products are emulated, several times slower than in float32 (6x for the demo's local teacher on an "
             f"AVX2 CPU); {instead} is faster here")

@@ -404,15 +404,24 @@ ROUTER_SFT = ("a Mixture-of-Experts router loss with SFT-routed pairs is not sup
 
 def router_loss(model: Any, args: Any) -> bool:
     """Whether TRL's constructor will add a Mixture-of-Experts router loss (its ``aux_loss_enabled``), read before
-    it runs: from the model's config, or the config a model id names (TRL loads the model from it)."""
+    it runs: from the model's config, or the config a model id names as TRL loads it (``model_init_kwargs``, whose
+    settings other than loading ones override the file's). Where that config cannot be read here, False: TRL's own
+    decision is checked after its constructor."""
+    config = getattr(model, "config", None)
     if isinstance(model, str):
         from transformers import AutoConfig
 
-        init = args.model_init_kwargs or {}
-        config = AutoConfig.from_pretrained(model, revision=init.get("revision"),
-                                            trust_remote_code=bool(init.get("trust_remote_code", False)))
-    else:
-        config = getattr(model, "config", None)
+        init = dict(args.model_init_kwargs or {})
+        config = init.pop("config", None)
+        loading = {key: init.pop(key) for key in ("revision", "token", "cache_dir") if key in init}
+        try:
+            config = config or AutoConfig.from_pretrained(
+                model, trust_remote_code=init.pop("trust_remote_code", args.trust_remote_code), **loading)
+        except Exception:  # noqa: BLE001 - whatever stops it here stops TRL's own load, which says why
+            return False
+        for key in ("output_router_logits", "router_aux_loss_coef"):
+            if key in init:  # (from_pretrained sets a config attribute named in its keyword arguments)
+                setattr(config, key, init[key])
     if config is None:
         return False
     text = config.get_text_config()

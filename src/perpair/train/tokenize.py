@@ -148,8 +148,8 @@ def tokenize_pair(tokenizer: Any, prompt: list[dict[str, str]], chosen: list[dic
         # row (another pair's last token), or not at all
         raise PerpairError("the chat template renders no token of the prompt before the response (the prompt rendered "
                            "alone and prompt + response start differently, or the prompt renders as nothing): the "
-                           "response's first token has nothing to be predicted from; use a chat template that "
-                           "renders the prompt first")
+                           "response's first token has nothing to be predicted from; give the pair a prompt, or "
+                           "use a chat template that renders the prompt before the response")
     prompt_cut = cut < len(prompt_ids)
     prompt_ids = prompt_ids[:cut]
     chosen_ids = full_chosen[cut:]

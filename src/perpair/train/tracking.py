@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +88,20 @@ def start_trackers(accelerator, *, project: str, run_name: str, config: dict[str
                    "mlflow": {"run_name": run_name}, "tensorboard": {"purge_step": resumed_at + 1}}
     record = Path(out) / TRACKER_RUNS  # (only an attempt of this run wrote it: another run's outputs are removed)
     earlier = _recorded_runs(record)
-    if earlier.get("wandb"):
+    continued = earlier.get("wandb") if not os.environ.get("WANDB_RUN_ID") else None  # (the user's own id wins)
+    if continued:
         # the same W&B run: the steps trained again after the checkpoint are logged to it again, and W&B keeps
-        # the first attempt's values of them (the same values: a resumed run is exact), with a warning
-        init_kwargs["wandb"].update(id=earlier["wandb"], resume="allow")
+        # the first attempt's values of them (the same losses: a resumed run is exact), with a warning
+        init_kwargs["wandb"].update(id=continued, resume="allow")
     # TensorBoard writes to project_dir/<project>: the run's own folder, so two runs never share event files
     try:
         accelerator.init_trackers(project, config=hyperparameters(config), init_kwargs=init_kwargs)
     except Exception as exc:  # noqa: BLE001 - each tracker raises its own types (W&B's UsageError without a login)
         first = " ".join(str(exc).split()) or type(exc).__name__
+        hint = (f" (it continues W&B run {continued}, recorded in {record}: remove that file to start a new W&B run, "
+                "e.g. where that one was deleted)" if continued else "")
         raise PerpairError(f"report_to {', '.join(map(str, accelerator.log_with))}: the tracker did not start: "
-                           f"{first[:300]}") from None
+                           f"{first[:300]}{hint}") from None
     if accelerator.is_main_process and "wandb" in _names(accelerator.log_with):
         run_id = accelerator.get_tracker("wandb", unwrap=True).id
         if run_id != earlier.get("wandb"):
