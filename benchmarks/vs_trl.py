@@ -19,7 +19,9 @@ generic ones on an AMD CPU), ``perpair-heap`` (glibc's malloc keeping freed acti
 ``release_cpu_memory=false``), ``perpair-gc`` (``gradient_checkpointing``), ``perpair-saved-mlp``
 (``recompute_mlp=false``: the MLPs save their gate and up projections), ``perpair-nolean``
 (``lean_activations=false``), ``perpair-packed`` (``tokens_per_forward`` = batch × max length: all pairs of a step
-in one row) and ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length).
+in one row), ``perpair-packed4`` (``tokens_per_forward`` = 4 × max length), and OpenMP's idle threads:
+``perpair-spin`` (``OMP_WAIT_POLICY=ACTIVE``), ``perpair-spin10m`` (``GOMP_SPINCOUNT=10000000``), ``perpair-bind``
+(``OMP_PROC_BIND=close``, ``OMP_PLACES=cores``; benchmarks/RESULTS.md: no gain shown).
 
 Reported per variant: the whole run (process start to end, parent-measured wall time), the steady-state step (median
 s/step over the steps after the first), peak RSS (the child's ``ru_maxrss``), and useful FLOP/s = 6 × parameters ×
@@ -67,6 +69,7 @@ PERPAIR_VARIANTS = {  # variant → (the train settings it changes, the environm
     "perpair-packed": ({"tokens_per_forward": "batch × max length"}, {}),
     "perpair-packed4": ({"tokens_per_forward": "4 × max length"}, {}),
     "perpair-spin": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+    "perpair-spin10m": ({}, {"GOMP_SPINCOUNT": "10000000"}),
     "perpair-bind": ({}, {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}),
 }
 VARIANTS = ("trl", "trl-bf16", "trl-precompute", "trl-malloc", "trl-preload", "trl-perpair", *PERPAIR_VARIANTS)
