@@ -74,6 +74,17 @@ def test_tensorboard_and_wandb_offline_receive_every_step(tiny_model_dir, uf_pai
         [m["loss"] for m in metrics], rel=1e-6)
 
 
+def _stopped_after_logging_step_3(model: Path, pairs: Path, tmp_path: Path, tracker: str):
+    """A 3-step run logging to ``tracker`` whose step 3 was logged and its checkpoint never written (final_checkpoint
+    false), as a run stopped between the two: ``(out, its arguments, its losses)``."""
+    out = tmp_path / "run"
+    args = ("--model", model, "--data", pairs, "--out", out, *ARGS, "--set", f"reference_cache={tmp_path / 'ref'}",
+            "--report-to", tracker, "--save-every", "1")
+    run_cli("train", *args)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    return out, args, [m["loss"] for m in _metrics(out)]
+
+
 @pytest.mark.skipif(bool(missing_packages(["tensorboard"])), reason="tensorboard not installed")
 def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoint(tiny_model_dir, uf_pairs,
                                                                                    tmp_path):
@@ -82,13 +93,7 @@ def test_a_resumed_run_hides_what_the_stopped_attempt_logged_after_its_checkpoin
     the checkpoint, so the log reads as the run's metrics.jsonl does."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = tmp_path / "run"
-    args = ("--model", tiny_model_dir, "--data", uf_pairs, "--out", out, *ARGS, "--set",
-            f"reference_cache={tmp_path / 'ref'}", "--report-to", "tensorboard", "--save-every", "1")
-    run_cli("train", *args)
-    first = [m["loss"] for m in _metrics(out)]
-    # final_checkpoint false: step 3 logged, its checkpoint never written, as a run stopped between the two
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    out, args, first = _stopped_after_logging_step_3(tiny_model_dir, uf_pairs, tmp_path, "tensorboard")
     time.sleep(1.1)  # (TensorBoard names an event file by the second it was opened in)
     run_cli("train", *args, "--resume")
     assert len(list((out / "runs" / "perpair").glob("events.out.tfevents.*"))) == 2
@@ -111,12 +116,7 @@ def test_a_resumed_run_continues_its_wandb_run(tiny_model_dir, uf_pairs, tmp_pat
     each resume split one training's curve into several runs); --overwrite, another training, starts a new one."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    out = tmp_path / "run"
-    args = ("--model", tiny_model_dir, "--data", uf_pairs, "--out", out, *ARGS, "--set",
-            f"reference_cache={tmp_path / 'ref'}", "--report-to", "wandb", "--save-every", "1")
-    run_cli("train", *args)
-    first = [m["loss"] for m in _metrics(out)]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    out, args, first = _stopped_after_logging_step_3(tiny_model_dir, uf_pairs, tmp_path, "wandb")
     (run,) = (out / "wandb").glob("offline-run-*")
     run_id = run.name.rsplit("-", 1)[1]
     time.sleep(1.1)  # (W&B names an offline run's folder by the second it started in)
