@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,12 @@ def emulated_bf16_note(what: str, instead: str) -> str | None:
     return (f"note: {what} computes in bfloat16 on a CPU without bfloat16 units (AVX512-BF16 or AMX), where its "
             f"products are emulated, several times slower than in float32 (6x for the demo's local teacher on an "
             f"AVX2 CPU); {instead} is faster here")
+
+
+def note_emulated_bf16(dtype: torch.dtype, device: torch.device | str, what: str, instead: str) -> None:
+    """On stderr, :func:`emulated_bf16_note` where ``what`` computes in ``dtype`` bfloat16 on a CPU ``device``."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and (note := emulated_bf16_note(what, instead)):
+        sys.stderr.write(note + "\n")
 
 
 @functools.cache

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +234,7 @@ class LocalTeacher:
 
             from perpair.llm.scoring import OptionScorer
             from perpair.models import load_causal_lm, load_tokenizer, resolve_model
-            from perpair.onednn import PROMPT_ROWS, emulated_bf16_note, pack_linears
+            from perpair.onednn import PROMPT_ROWS, note_emulated_bf16, pack_linears
 
             if self._model is None:
                 path = resolve_model(self.config.model)
@@ -250,9 +249,8 @@ class LocalTeacher:
                         self._model = self._model.to("cpu")
                         torch.cuda.empty_cache()
                 pack_linears(self._model, rows=PROMPT_ROWS)  # on a CPU: the scorer only runs forwards
-                if dtype == torch.bfloat16 and self._model.device.type == "cpu" and (note := emulated_bf16_note(
-                        f"the local teacher {self.config.model}", "its dtype: float32")):
-                    sys.stderr.write(note + "\n")
+                note_emulated_bf16(dtype, self._model.device, f"the local teacher {self.config.model}",
+                                   "its dtype: float32")
             self._scorer = OptionScorer(self._model, self._tokenizer, batch_size=self.batch_size,
                                         max_length=self.config.max_length)
         return self._scorer

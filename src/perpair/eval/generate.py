@@ -7,7 +7,6 @@ written to the cache before the next starts (:func:`generate_cached`).
 from __future__ import annotations
 
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -55,7 +54,7 @@ class TransformersGenerator:
         import torch
 
         from perpair.models import load_causal_lm, load_tokenizer
-        from perpair.onednn import emulated_bf16_note, pack_linears
+        from perpair.onednn import note_emulated_bf16, pack_linears
 
         self.name, self.config = model, config
         self.tokenizer = load_tokenizer(model)
@@ -64,9 +63,7 @@ class TransformersGenerator:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_causal_lm(model, dtype=torch_dtype(config.dtype)).to(device).eval()
-        if self.model.dtype == torch.bfloat16 and device == "cpu" and (
-                note := emulated_bf16_note(f"generation with {model}", "dtype float32")):
-            sys.stderr.write(note + "\n")
+        note_emulated_bf16(self.model.dtype, device, f"generation with {model}", "dtype float32")
         pack_linears(self.model, rows=config.batch_size)  # on a CPU: a token step's products have batch_size rows
 
     def format(self, messages: Messages) -> str:

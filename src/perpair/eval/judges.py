@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -82,15 +81,13 @@ def _load_hf(model: str, dtype: str = "auto"):
 
     from perpair.eval.generate import torch_dtype
     from perpair.models import load_causal_lm, load_tokenizer
-    from perpair.onednn import PROMPT_ROWS, emulated_bf16_note, pack_linears
+    from perpair.onednn import PROMPT_ROWS, note_emulated_bf16, pack_linears
 
     tokenizer = load_tokenizer(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model = load_causal_lm(model, dtype=torch_dtype(dtype)).to(device).eval()
     pack_linears(hf_model, rows=PROMPT_ROWS)
-    if hf_model.dtype == torch.bfloat16 and device == "cpu" and (
-            note := emulated_bf16_note(f"the local judge {model}", "the judge's dtype float32")):
-        sys.stderr.write(note + "\n")
+    note_emulated_bf16(hf_model.dtype, device, f"the local judge {model}", "the judge's dtype float32")
     return hf_model, tokenizer
 
 

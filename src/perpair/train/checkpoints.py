@@ -129,14 +129,15 @@ def check_out(config: TrainConfig, identity: dict[str, Any] | None = None) -> st
     if config.overwrite or not occupied or (held is not None and not trained(out)):
         return key  # (the last: a run that stopped before its first step, e.g. on a wrong path, left only its claim)
     if held == key:
-        if not checkpoints(out) and (out / "summary.json").is_file():
+        saved = checkpoints(out)
+        if not saved and (out / "summary.json").is_file():
             # finished, and nothing to resume from (final_checkpoint false, or its checkpoints removed): it trained
             # again from step 1 without a word, its summary and model those of the run before until it ended
             raise PerpairError(f"--out {out} holds this run, finished (summary.json) and with no checkpoint to "
                                "resume from; --overwrite trains it again, or choose another --out")
-        if config.resume or not checkpoints(out):
+        if config.resume or not saved:
             return key
-        raise PerpairError(f"--out {out} holds this run's checkpoints ({checkpoints(out)[-1].name}); --resume "
+        raise PerpairError(f"--out {out} holds this run's checkpoints ({saved[-1].name}); --resume "
                            "continues it, --overwrite starts it again")
     hint = "--resume continues only the run that wrote them; " if config.resume else ""
     raise PerpairError(f"--out {out} holds another run ({_differences(out, config)}); {hint}choose another --out, or "

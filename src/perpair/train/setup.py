@@ -18,7 +18,7 @@ from perpair.allocator import active_allocator
 from perpair.errors import PerpairError
 from perpair.models import config_dropout_rates, load_causal_lm, refused_by_transformers, resolve_model
 from perpair.models import load_tokenizer as load_tokenizer_of
-from perpair.onednn import PROMPT_ROWS, emulated_bf16_note, pack_linears, unpack_linears
+from perpair.onednn import PROMPT_ROWS, note_emulated_bf16, pack_linears, unpack_linears
 from perpair.train import reference
 from perpair.train.batches import PairData, StepBatches
 from perpair.train.config import TrainConfig, launch_sharding, sharding_problem
@@ -43,9 +43,9 @@ def setup_accelerator(config: TrainConfig):
                               log_with=config.report_to or None, project_dir=str(Path(config.out) / "runs"))
     if accelerator.is_main_process and (note := launcher_precision_note(config, bf16)):
         sys.stderr.write(note + "\n")
-    if accelerator.is_main_process and bf16 and accelerator.device.type == "cpu" and (
-            note := emulated_bf16_note("training (precision bf16)", "precision: fp32")):
-        sys.stderr.write(note + "\n")
+    if accelerator.is_main_process:
+        note_emulated_bf16(torch.bfloat16 if bf16 else torch.float32, accelerator.device, "training (precision bf16)",
+                           "precision: fp32")
     set_seed(config.seed)
     if problem := unread_release_cpu_memory(config, accelerator.device.type):
         raise PerpairError(problem)
