@@ -95,13 +95,21 @@ lint: $(VENV)/.installed-test
 # do not need the llama.cpp build. Two pytest-xdist workers, each with half the cores; the tests of the
 # llama.cpp server run after them, alone, as its threads stall when they share cores (tests/llama_server.py).
 PYTEST_WORKERS ?= 2
+# The pytest processes run under the allocator the perpair program re-executes itself with (perpair.allocator), as
+# most tests train, generate and score inside them (the commands run in process: tests/cli_inprocess.py). Under
+# glibc's malloc tests/test_run_pipeline.py's fast tests took 305 s instead of 240 (42 s in the kernel instead of 24;
+# one process, tcmalloc, 7 Dec 2026). Not MKL's dispatch on an AMD CPU (perpair.mkl): with it this process would run
+# float32 inference unpacked and skip the tests of oneDNN's packed layers. tests/conftest.py takes the allocator out of
+# the environment again, so the processes a test starts begin as a user's would.
+PRELOADED = preload="$$($(BIN)/python -c 'from perpair.allocator import choice_library; print(choice_library() or "")')" \
+	&& LD_PRELOAD="$$preload" PERPAIR_TEST_PRELOADED="$$preload"
 
 test: lint install-test
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not llama_server"
-	$(BIN)/python -m pytest -m llama_server
+	$(PRELOADED) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not llama_server"
+	$(PRELOADED) $(BIN)/python -m pytest -m llama_server
 
 test-fast: lint $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not e2e"
+	$(PRELOADED) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not e2e"
 
 bench: install
 	$(BIN)/python benchmarks/prepare_60k.py

@@ -177,7 +177,7 @@ def test_peak_memory_is_the_runs_own_not_the_process(tiny_model_dir, uf_pairs, t
     """``perpair run`` trains its arms one after another in one process: each summary's peak memory is that run's
     (it used to be the process's ``ru_maxrss``, so an arm after a bigger one reported the bigger one's peak).
     Here 1 GiB written and freed before the run is not in its peak."""
-    import numpy as np
+    import mmap
 
     from perpair.train.loop import peak_memory_bytes
 
@@ -185,10 +185,14 @@ def test_peak_memory_is_the_runs_own_not_the_process(tiny_model_dir, uf_pairs, t
         status = Path("/proc/self/status").read_text()
         return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
 
-    big = np.ones(2**27)  # 1 GiB, every page written
+    # 1 GiB, every page written, in a mapping of its own: given back when closed under any allocator (tcmalloc,
+    # which make test preloads, keeps what malloc freed)
+    big = mmap.mmap(-1, 2**30)
+    for offset in range(0, 2**30, mmap.PAGESIZE):
+        big[offset] = 1
     before_free = rss()
-    del big
-    assert rss() < before_free - 2**29  # given back (a mapping of its own), so the process's peak is above now
+    big.close()
+    assert rss() < before_free - 2**29  # given back, so the process's peak is above now
     assert peak_memory_bytes(torch.device("cpu")) >= before_free - 2**26  # (the kernel syncs its counters lazily)
     summary, _ = _train(_config(tiny_model_dir, uf_pairs, tmp_path))
     assert summary["peak_memory_scope"] == "run"

@@ -89,9 +89,9 @@ def score_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per file (leaderboard keys).")] = False,
     data_dir: Annotated[Path | None, typer.Option(
         envvar=ALPACA_DATA_ENV, help="Folder laid out as ../shared/data/alpaca_eval: the offline instruction "
-                                     "difficulties, published GLM weights and leaderboard by their names, and the "
-                                     "reference outputs the rows are checked against (offline, without them: no "
-                                     "LC).")] = None,
+                                     "difficulties (offline, this or --difficulty is required), published GLM "
+                                     "weights and leaderboard by their names, and the reference outputs the rows "
+                                     "are checked against (offline, without them: no LC).")] = None,
     difficulty: Annotated[Path | None, typer.Option(
         help="Instruction difficulties CSV (default: the Hub's online, DATA_DIR's reconstructed copy offline; "
              "given, the LC fit is an approximation).")] = None,
