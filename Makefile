@@ -102,7 +102,7 @@ PYTEST_WORKERS ?= 2
 # float32 inference unpacked and skip the tests of oneDNN's packed layers. tests/conftest.py takes the allocator out of
 # the environment again, so the processes a test starts begin as a user's would.
 PRELOADED = preload="$$($(BIN)/python -c 'from perpair.allocator import choice_library; print(choice_library() or "")')" \
-	&& LD_PRELOAD="$$preload" PERPAIR_TEST_PRELOADED="$$preload"
+	&& LD_PRELOAD="$$preload$${LD_PRELOAD:+:$$LD_PRELOAD}" PERPAIR_TEST_PRELOADED="$$preload"
 
 test: lint install-test
 	$(PRELOADED) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal -m "not llama_server"
