@@ -101,7 +101,9 @@ PYTEST_WORKERS ?= 2
 # one process, tcmalloc, 7 Dec 2026). Not MKL's dispatch on an AMD CPU (perpair.mkl): with it this process would run
 # float32 inference unpacked and skip the tests of oneDNN's packed layers. tests/conftest.py takes the allocator out of
 # the environment again, so the processes a test starts begin as a user's would.
-PRELOADED = preload="$$($(BIN)/python -c 'from perpair.allocator import choice_library; print(choice_library() or "")')" \
+# (a bad PERPAIR_MALLOC stops the target with its one error line)
+PRELOADED = preload="$$($(BIN)/python -c 'import sys; sys.excepthook = lambda kind, error, tb: print(f"error: {error}", \
+	file=sys.stderr); from perpair.allocator import choice_library; print(choice_library() or "")')" \
 	&& LD_PRELOAD="$$preload$${LD_PRELOAD:+:$$LD_PRELOAD}" PERPAIR_TEST_PRELOADED="$$preload"
 
 test: lint install-test
