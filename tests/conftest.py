@@ -215,22 +215,15 @@ def pytest_pycollect_makemodule(module_path: Path, parent):
     return _DataModule.from_parent(parent, path=module_path)
 
 
-def _drop_test_preloads() -> None:
-    """``make test`` runs pytest under the perpair program's allocator (Makefile, ``PRELOADED``): out of the environment
-    of the processes tests start (a fresh ``perpair``, which preloads for itself; a llama.cpp server; a browser)."""
-    libraries = os.environ.pop("PERPAIR_TEST_PRELOADED", "").split(":")
-    rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in libraries]
-    if rest:
-        os.environ["LD_PRELOAD"] = ":".join(rest)
-    else:
-        os.environ.pop("LD_PRELOAD", None)
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    # the controller of pytest-xdist workers keeps the preloads in its environment for the workers it starts
+    # ``make test`` runs pytest under the perpair program's allocator (Makefile, ``PRELOADED``): out of the environment
+    # of the processes tests start (a fresh ``perpair``, which preloads for itself; a llama.cpp server; a browser).
+    # The controller of pytest-xdist workers keeps it in its environment for the workers it starts.
     if "PERPAIR_TEST_PRELOADED" in os.environ and (hasattr(config, "workerinput")
                                                     or not getattr(config.option, "numprocesses", None)):
-        _drop_test_preloads()
+        from perpair.preload import remove_preloads
+
+        remove_preloads(os.environ.pop("PERPAIR_TEST_PRELOADED").split(":"))
     # Under pytest-xdist (``make test``: ``-n 2``) each worker gets its share of the cores, so that two
     # workers' torch threads do not contend (OpenMP threads spin while waiting for a descheduled peer).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

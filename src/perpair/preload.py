@@ -42,11 +42,7 @@ def reexec_with_preloads(argv: list[str]) -> None:
     preloaded = os.environ.pop(_PRELOADED, None)
     if preloaded is not None:  # this is the re-executed process: children get the environment the user gave
         _preloaded = preloaded.split(os.pathsep)
-        rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in _preloaded]
-        if rest:
-            os.environ["LD_PRELOAD"] = ":".join(rest)
-        else:
-            os.environ.pop("LD_PRELOAD", None)
+        remove_preloads(_preloaded)
         return
     if sys.platform != "linux":
         return
@@ -56,6 +52,16 @@ def reexec_with_preloads(argv: list[str]) -> None:
     preload = ":".join(p for p in (*libraries, os.environ.get("LD_PRELOAD", "")) if p)
     os.execve(sys.executable, argv,
               {**settings, **os.environ, "LD_PRELOAD": preload, _PRELOADED: os.pathsep.join(libraries)})
+
+
+def remove_preloads(libraries: list[str]) -> None:
+    """Take ``libraries`` out of this process's ``LD_PRELOAD``, keeping any other: the processes it starts then get
+    the environment the user gave (the libraries stay loaded in this one)."""
+    rest = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p not in libraries]
+    if rest:
+        os.environ["LD_PRELOAD"] = ":".join(rest)
+    else:
+        os.environ.pop("LD_PRELOAD", None)
 
 
 @contextlib.contextmanager
