@@ -227,12 +227,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # Under pytest-xdist (``make test``: ``-n 2``) each worker gets its share of the cores, so that two
     # workers' torch threads do not contend (OpenMP threads spin while waiting for a descheduled peer).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = str(max(1, (os.cpu_count() or 1) // workers))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        share = str(max(1, (os.cpu_count() or 1) // workers))
         os.environ["OMP_NUM_THREADS"] = share  # and every process a test starts
         import torch
 
         torch.set_num_threads(int(share))
+    if workers > 1:
+        # the llama.cpp server a worker starts computes on that worker's share too (tests/llama_server.py)
+        os.environ.setdefault("PERPAIR_TEST_LLAMA_THREADS", share)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -240,16 +243,70 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         item.add_marker(layer_of(item))
         if "llama_server" in getattr(item, "fixturenames", ()):
-            # The llama.cpp server's threads spin at barriers: its tests run alone (make test's second pass).
             item.add_marker(pytest.mark.llama_server)
         if no_data and _needs_data(item):
             item.add_marker(pytest.mark.skip(reason=NO_DATA))
+    server_tests = {_test_name(item.nodeid) for item in items if item.get_closest_marker("llama_server")}
+    if server_tests - LLAMA_SERVER_TESTS:  # the scheduler below would spread them over the workers
+        raise pytest.UsageError("tests/conftest.py LLAMA_SERVER_TESTS lacks tests of the llama.cpp server: "
+                                f"{', '.join(sorted(server_tests - LLAMA_SERVER_TESTS))}")
     # A LAYERS entry naming a test that no longer exists (renamed, removed) would silently stop applying
     modules = {item.path.name: item.module for item in items if isinstance(item, pytest.Function)}
     stale = [name for name in LAYERS if "::" in name and name.split("::")[0] in modules
              and not hasattr(modules[name.split("::")[0]], name.split("::")[1])]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py LAYERS names tests that do not exist: {', '.join(stale)}")
+
+
+# --- make test: one pass on two workers, the llama.cpp server's tests on one of them --------------------------
+
+# The tests that take the ``llama_server`` fixture (pytest_collection_modifyitems refuses a run where one is missing
+# here). Under pytest-xdist's ``--dist worksteal`` (``make test``) one worker runs them all, first, one after the
+# other, so that they share one server and its memo of answers (tests/llama_server.py), with the server computing on
+# that worker's share of the cores (PERPAIR_TEST_LLAMA_THREADS) while the other worker runs the rest of the suite.
+LLAMA_SERVER_TESTS = {
+    "test_annotate_server.py::test_50_pairs_against_llama_cpp",
+    "test_annotate_server.py::test_faults_are_retried_within_the_bound",
+    "test_annotate_server.py::test_sigkill_and_resume_loses_nothing_and_repeats_nothing",
+    "test_eval_alpaca_e2e.py::test_llama_cpp_server_judge",
+}
+
+
+def _test_name(nodeid: str) -> str:
+    """``file.py::test`` of a node id (its folder and parameters left out)."""
+    path, _, name = nodeid.partition("::")
+    return f"{Path(path).name}::{name.split('[')[0]}"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist worksteal`` keeping the llama.cpp server's tests on one worker.
+
+    pytest-xdist's worksteal hands each worker a contiguous share of the tests in file order and, when one runs
+    out, moves the last half of the other's pending tests to it. Its ``loadgroup``, which keeps marked tests on one
+    worker, does so by appending the group to a test's node id, which pytest 9 no longer takes (the group was
+    spread over both workers). So this scheduler puts :data:`LLAMA_SERVER_TESTS` at the start of the last worker's
+    share: that worker runs them first, and a steal, which takes pending tests from the end, leaves them there. The
+    other shares begin with the first files, mostly tests of one process, so the server's core is not also asked
+    for by the launches of two processes that fill the later files."""
+    if config.getoption("dist") != "worksteal":
+        return None
+    from xdist.scheduler import WorkStealingScheduling
+
+    class ServerTestsTogether(WorkStealingScheduling):
+        placed = False
+
+        def check_schedule(self) -> None:
+            if self.collection is not None and not self.placed:  # before the first distribution
+                self.placed = True
+                server = [i for i in self.pending if _test_name(self.collection[i]) in LLAMA_SERVER_TESTS]
+                rest = [i for i in self.pending if i not in server]
+                start, left = 0, len(self.pending)  # where the last share begins, as check_schedule splits
+                for n in range(len(self.node2pending), 1, -1):
+                    start, left = start + left // n, left - left // n
+                self.pending[:] = rest[:start] + server + rest[start:]
+            super().check_schedule()
+
+    return ServerTestsTogether(config, log)
 
 
 def cached_call_keys(cache: Path) -> set[str]:

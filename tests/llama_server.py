@@ -80,11 +80,12 @@ def start_llama_server(*, n_threads: int | None = None, port: int | None = None)
     name, as it costs time on every prompt). Loading the 135M model takes about a second, paid when a request
     names the other alias than the one loaded.
 
-    ``n_threads``: ``PERPAIR_TEST_LLAMA_THREADS`` or 2. Two threads made the annotate tests 1.3-1.9x faster
-    than one on the 2-core CI machine (50 pairs: 168 vs 265 s; faults: 127 vs 242 s; SIGKILL: 240 vs 327 s),
-    where the tests' own processes mostly wait on the server. Set it to 1 when other jobs share the cores:
-    ggml's threads spin at barriers while one of them is descheduled, which once made a 2-thread server 10x
-    slower than a 1-thread one under such load.
+    ``n_threads``: ``PERPAIR_TEST_LLAMA_THREADS`` or 2; under pytest-xdist, tests/conftest.py sets it to a
+    worker's share of the cores (1 on 2 cores), as the other worker runs the rest of the suite beside the server.
+    Alone on the 2-core CI machine two threads made the annotate tests 1.3-1.9x faster than one (50 pairs: 168
+    vs 265 s; faults: 127 vs 242 s; SIGKILL: 240 vs 327 s), for twice the cores. With other jobs on the cores
+    keep it at 1: ggml's threads spin at barriers while one of them is descheduled, which once made a 2-thread
+    server 10x slower than a 1-thread one under such load.
     """
     n_threads = n_threads or int(os.environ.get("PERPAIR_TEST_LLAMA_THREADS", "2"))
     port = port or free_port()
